@@ -1,0 +1,127 @@
+//! The bootstrap record: the first thing a service reads, naming every capability it holds.
+//!
+//! The microkernel writes the record (postcard) into a sealed memfd at descriptor
+//! [`BOOTSTRAP_SLOT`]; every other capability is a descriptor at the slot the record names.
+//! A service has no other way to find anything: no paths, no environment.
+
+use heapless::String;
+use heapless::Vec;
+use serde::Deserialize;
+use serde::Serialize;
+
+use crate::capability::CapabilityKind;
+
+/// Descriptor number of the bootstrap memfd in every service.
+pub const BOOTSTRAP_SLOT: i32 = 3;
+/// First descriptor number used for the capabilities the record lists.
+pub const FIRST_CAPABILITY_SLOT: i32 = 4;
+/// Most capabilities one service can hold; the manifest validator enforces it.
+pub const MAX_CAPABILITIES: usize = 48;
+/// Longest service, endpoint or region name.
+pub const MAX_NAME: usize = 32;
+/// Largest encoded bootstrap record.
+pub const MAX_RECORD: usize = 8192;
+/// `"PVBS"`.
+pub const BOOTSTRAP_MAGIC: u32 = 0x5342_5650;
+
+/// A name with the manifest's length bound.
+pub type Name = String<MAX_NAME>;
+
+/// One granted capability: the descriptor at `slot` is a `kind` named `name`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capability {
+    pub slot: i32,
+    pub kind: CapabilityKind,
+    /// The peer service (for channels), the region or the file name.
+    pub name: Name,
+    /// Size of the mapping or file in bytes, where that applies.
+    pub size: u64,
+}
+
+/// Everything a service is told at start.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bootstrap {
+    pub magic: u32,
+    /// The service's own name, for logs.
+    pub service: Name,
+    /// A `tracing` filter directive (e.g. `info`), from the microkernel's `RUST_LOG`.
+    pub log_filter: String<64>,
+    pub capabilities: Vec<Capability, MAX_CAPABILITIES>,
+}
+
+/// Why a bootstrap record cannot be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootstrapError {
+    /// Not postcard for a [`Bootstrap`], or over a bound.
+    Malformed,
+    /// Decoded, but the magic is wrong (not from our microkernel).
+    BadMagic(u32),
+    /// A slot below [`FIRST_CAPABILITY_SLOT`] or listed twice.
+    BadSlot(i32),
+}
+
+impl core::fmt::Display for BootstrapError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            BootstrapError::Malformed => write!(f, "bootstrap record is not a valid record"),
+            BootstrapError::BadMagic(m) => write!(f, "bootstrap record has magic {m:#x}"),
+            BootstrapError::BadSlot(s) => write!(f, "bootstrap record lists bad slot {s}"),
+        }
+    }
+}
+
+impl Bootstrap {
+    /// Decodes and checks a record.
+    pub fn decode(bytes: &[u8]) -> Result<Bootstrap, BootstrapError> {
+        let record: Bootstrap =
+            postcard::from_bytes(bytes).map_err(|_| BootstrapError::Malformed)?;
+        if record.magic != BOOTSTRAP_MAGIC {
+            return Err(BootstrapError::BadMagic(record.magic));
+        }
+        for (i, cap) in record.capabilities.iter().enumerate() {
+            if cap.slot < FIRST_CAPABILITY_SLOT
+                || record.capabilities[..i].iter().any(|c| c.slot == cap.slot)
+            {
+                return Err(BootstrapError::BadSlot(cap.slot));
+            }
+        }
+        Ok(record)
+    }
+
+    /// The capabilities of a kind.
+    pub fn find(&self, kind: CapabilityKind) -> impl Iterator<Item = &Capability> {
+        self.capabilities.iter().filter(move |c| c.kind == kind)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Interface;
+
+    #[test]
+    fn record_round_trips_and_rejects_garbage() {
+        let mut caps = Vec::new();
+        caps.push(Capability {
+            slot: 4,
+            kind: CapabilityKind::Call(Interface::Vmgs),
+            name: Name::try_from("vmgs").unwrap(),
+            size: 4096,
+        })
+        .unwrap();
+        let rec = Bootstrap {
+            magic: BOOTSTRAP_MAGIC,
+            service: Name::try_from("vtpm").unwrap(),
+            log_filter: String::try_from("info").unwrap(),
+            capabilities: caps,
+        };
+        let bytes = postcard::to_allocvec(&rec).unwrap();
+        assert_eq!(Bootstrap::decode(&bytes), Ok(rec.clone()));
+        assert_eq!(Bootstrap::decode(&bytes[..3]), Err(BootstrapError::Malformed));
+        let mut dup = rec;
+        let first = dup.capabilities[0].clone();
+        dup.capabilities.push(first).unwrap();
+        let bytes = postcard::to_allocvec(&dup).unwrap();
+        assert_eq!(Bootstrap::decode(&bytes), Err(BootstrapError::BadSlot(4)));
+    }
+}

@@ -1,0 +1,96 @@
+//! What a service can be granted, and the interfaces (endpoint kinds) that exist.
+
+use serde::Deserialize;
+use serde::Serialize;
+
+/// An interface that a service can serve and others can call. The manifest names endpoints by
+/// these names; a name not listed here is an unknown endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Interface {
+    /// Exit policy and platform devices.
+    Intercept,
+    /// The guest-state store.
+    Vmgs,
+    /// The TPM.
+    Vtpm,
+    /// Measurements, reports, sealing keys.
+    Attest,
+    /// The guest block device.
+    Storage,
+    /// The guest NIC.
+    Net,
+}
+
+impl Interface {
+    pub const ALL: [Interface; 6] = [
+        Interface::Intercept,
+        Interface::Vmgs,
+        Interface::Vtpm,
+        Interface::Attest,
+        Interface::Storage,
+        Interface::Net,
+    ];
+
+    /// The name used in `manifest.toml` and in diagnostics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Interface::Intercept => "intercept",
+            Interface::Vmgs => "vmgs",
+            Interface::Vtpm => "vtpm",
+            Interface::Attest => "attest",
+            Interface::Storage => "storage",
+            Interface::Net => "net",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Interface> {
+        Interface::ALL.into_iter().find(|i| i.name() == name)
+    }
+}
+
+impl core::fmt::Display for Interface {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How a granted file may be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileAccess {
+    ReadOnly,
+    ReadWrite,
+}
+
+/// The kind of a capability, i.e. of the descriptor at a slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CapabilityKind {
+    /// The serving end of the service's control channel (the microkernel is the client).
+    Control,
+    /// The serving end of a channel for `Interface`, one per client.
+    Serve(Interface),
+    /// The calling end of a channel to `Interface`.
+    Call(Interface),
+    /// A shared-memory region named in the manifest.
+    Region,
+    /// A file opened by the microkernel on the service's behalf.
+    File(FileAccess),
+    /// The service's status page (counters, fault note), also mapped by the supervisor.
+    Status,
+    /// The service's own seccomp program, applied by the runtime before service code runs.
+    SeccompProgram,
+}
+
+impl core::fmt::Display for CapabilityKind {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            CapabilityKind::Control => write!(f, "control"),
+            CapabilityKind::Serve(i) => write!(f, "serve:{i}"),
+            CapabilityKind::Call(i) => write!(f, "call:{i}"),
+            CapabilityKind::Region => write!(f, "region"),
+            CapabilityKind::File(FileAccess::ReadOnly) => write!(f, "file:ro"),
+            CapabilityKind::File(FileAccess::ReadWrite) => write!(f, "file:rw"),
+            CapabilityKind::Status => write!(f, "status"),
+            CapabilityKind::SeccompProgram => write!(f, "seccomp"),
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! The Linux-hosted half of the contract: shared memory, futex waiting, channel ends, and the
+//! runtime every service process starts in.
+//!
+//! `unsafe` is confined to [`sys`] (syscalls) and [`shm`] (the mapping); everything else here
+//! is safe code over their APIs.
+
+pub mod channel;
+pub mod runtime;
+pub mod shm;
+pub mod sys;
+
+pub use channel::CallError;
+pub use channel::ChannelMemory;
+pub use channel::ClientEnd;
+pub use channel::ServerEnd;
+pub use channel::WaitPolicy;
+pub use shm::SharedMemory;

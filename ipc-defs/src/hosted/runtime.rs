@@ -1,0 +1,357 @@
+//! The runtime every service process starts in: it reads the bootstrap record, enters the
+//! service's own seccomp profile, maps the granted channels, and runs the server loop.
+//!
+//! A service's `main` is one call to [`run`] with its interface and a request handler. The
+//! runtime answers the control interface (ping, stats, shutdown, probe) and the common
+//! endpoint ping itself, so every service speaks them identically.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+use std::time::Instant;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::channel::ChannelMemory;
+use super::channel::ClientEnd;
+use super::channel::Incoming;
+use super::channel::ServerEnd;
+use super::channel::WaitPolicy;
+use super::shm::SharedMemory;
+use super::sys;
+use crate::bootstrap::Bootstrap;
+use crate::bootstrap::BOOTSTRAP_SLOT;
+use crate::bootstrap::MAX_RECORD;
+use crate::capability::CapabilityKind;
+use crate::capability::Interface;
+use crate::control;
+use crate::endpoint;
+use crate::endpoint::ErrorCode;
+
+/// How long a reply may wait for a client that does not drain its ring.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a probe waits for the probed endpoint.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an idle server sleeps before looking around on its own.
+const IDLE_RECHECK: Duration = Duration::from_secs(5);
+
+/// The calls a service may make: one client end per endpoint the manifest grants.
+pub type Clients = BTreeMap<Interface, ClientEnd<endpoint::Request<()>, endpoint::Response<()>>>;
+
+/// What a service handler gets besides the request.
+pub struct Context {
+    /// The service's name, from the bootstrap record.
+    pub service: String,
+    /// Calling ends, by endpoint.
+    pub clients: Clients,
+    /// Shared regions granted by the manifest, by name.
+    pub regions: BTreeMap<String, SharedMemory>,
+    /// Files opened by the microkernel for this service, by name.
+    pub files: BTreeMap<String, OwnedFd>,
+}
+
+/// Why a service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("no bootstrap record at descriptor {BOOTSTRAP_SLOT}: {0} (services are started by `paravisor run`, not by hand)")]
+    NoBootstrap(io::Error),
+    #[error("bootstrap record: {0}")]
+    Bootstrap(crate::bootstrap::BootstrapError),
+    #[error("capability {name} at slot {slot}: {reason}")]
+    Capability {
+        name: String,
+        slot: i32,
+        reason: String,
+    },
+    #[error("cannot enter the seccomp profile: {0}")]
+    Seccomp(io::Error),
+    #[error("the bootstrap record grants no control channel")]
+    NoControl,
+}
+
+fn read_bootstrap() -> Result<Bootstrap, StartError> {
+    let fd = sys::take_fd(BOOTSTRAP_SLOT).map_err(StartError::NoBootstrap)?;
+    let mut buf = vec![0u8; MAX_RECORD];
+    let mut len = 0;
+    while len < buf.len() {
+        let n = sys::pread(&fd, &mut buf[len..], len as u64).map_err(StartError::NoBootstrap)?;
+        if n == 0 {
+            break;
+        }
+        len += n;
+    }
+    Bootstrap::decode(&buf[..len]).map_err(StartError::Bootstrap)
+}
+
+fn cap_error(cap: &crate::bootstrap::Capability, reason: impl std::fmt::Display) -> StartError {
+    StartError::Capability {
+        name: cap.name.to_string(),
+        slot: cap.slot,
+        reason: reason.to_string(),
+    }
+}
+
+struct Served {
+    interface: Option<Interface>,
+    end: ServerEnd,
+}
+
+/// Runs a service: `handler` answers its interface's requests (`Q` -> `R`).
+///
+/// Returns when the microkernel asks the service to shut down.
+pub fn run<Q, R>(
+    interface: Interface,
+    mut handler: impl FnMut(&mut Context, Q) -> endpoint::Response<R>,
+) -> ExitCode
+where
+    Q: DeserializeOwned,
+    R: Serialize,
+{
+    let record = match read_bootstrap() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{interface}: cannot start: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&record);
+    let span = tracing::info_span!("service", name = %record.service);
+    let _entered = span.enter();
+    match start(&record) {
+        Ok((mut context, mut served)) => {
+            tracing::info!(
+                serves = served.len() - 1,
+                calls = context.clients.len(),
+                "sandboxed and serving"
+            );
+            serve(interface, &mut context, &mut served, &mut handler);
+            tracing::info!("shut down on request");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("cannot start: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(record: &Bootstrap) {
+    let filter = tracing_subscriber::EnvFilter::try_new(record.log_filter.as_str())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .with_ansi(false)
+        .with_target(false)
+        .try_init();
+}
+
+/// Enters the sandbox profile and maps every capability.
+fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
+    // The status page first, so that a violation from here on is named.
+    for cap in record.find(CapabilityKind::Status) {
+        let fd = sys::take_fd(cap.slot).map_err(|e| cap_error(cap, e))?;
+        let page = SharedMemory::map(fd, true).map_err(|e| cap_error(cap, e))?;
+        let page: &'static SharedMemory = Box::leak(Box::new(page));
+        let note: &'static AtomicU32 = page
+            .atomic_u32(core::mem::offset_of!(crate::layout::StatusPage, violation_syscall))
+            .map_err(|e| cap_error(cap, e))?;
+        sys::report_violations_to(note).map_err(|e| cap_error(cap, e))?;
+    }
+    for cap in record.find(CapabilityKind::SeccompProgram) {
+        let fd = sys::take_fd(cap.slot).map_err(|e| cap_error(cap, e))?;
+        let len = sys::file_size(&fd).map_err(|e| cap_error(cap, e))? as usize;
+        if len == 0 || len % 8 != 0 || len > 8 * u16::MAX as usize {
+            return Err(cap_error(cap, format!("seccomp program of {len} bytes")));
+        }
+        let mut bytes = vec![0u8; len];
+        let n = sys::pread(&fd, &mut bytes, 0).map_err(|e| cap_error(cap, e))?;
+        if n != len {
+            return Err(cap_error(cap, "short read of the seccomp program"));
+        }
+        let program: Vec<sys::SockFilter> = bytes
+            .chunks_exact(8)
+            .map(|c| sys::SockFilter {
+                code: u16::from_ne_bytes([c[0], c[1]]),
+                jt: c[2],
+                jf: c[3],
+                k: u32::from_ne_bytes([c[4], c[5], c[6], c[7]]),
+            })
+            .collect();
+        drop(fd);
+        sys::install_seccomp(&program).map_err(StartError::Seccomp)?;
+    }
+
+    let mut context = Context {
+        service: record.service.to_string(),
+        clients: BTreeMap::new(),
+        regions: BTreeMap::new(),
+        files: BTreeMap::new(),
+    };
+    let mut control = None;
+    let mut served = Vec::new();
+    for cap in record.capabilities.iter() {
+        let open_channel = || -> Result<ChannelMemory, StartError> {
+            let fd = sys::take_fd(cap.slot).map_err(|e| cap_error(cap, e))?;
+            ChannelMemory::open(fd).map_err(|e| cap_error(cap, e))
+        };
+        match cap.kind {
+            CapabilityKind::Control => control = Some(ServerEnd::new(open_channel()?)),
+            CapabilityKind::Serve(i) => served.push(Served {
+                interface: Some(i),
+                end: ServerEnd::new(open_channel()?),
+            }),
+            CapabilityKind::Call(i) => {
+                context
+                    .clients
+                    .insert(i, ClientEnd::new(open_channel()?, WaitPolicy::default()));
+            }
+            CapabilityKind::Region => {
+                let fd = sys::take_fd(cap.slot).map_err(|e| cap_error(cap, e))?;
+                let shm = SharedMemory::map(fd, true).map_err(|e| cap_error(cap, e))?;
+                context.regions.insert(cap.name.to_string(), shm);
+            }
+            CapabilityKind::File(_) => {
+                let fd = sys::take_fd(cap.slot).map_err(|e| cap_error(cap, e))?;
+                context.files.insert(cap.name.to_string(), fd);
+            }
+            CapabilityKind::Status | CapabilityKind::SeccompProgram => {}
+        }
+    }
+    let control = control.ok_or(StartError::NoControl)?;
+    served.insert(
+        0,
+        Served {
+            interface: None,
+            end: control,
+        },
+    );
+    Ok((context, served))
+}
+
+/// The server loop: answers every served channel until told to shut down.
+fn serve<Q, R>(
+    interface: Interface,
+    context: &mut Context,
+    served: &mut [Served],
+    handler: &mut impl FnMut(&mut Context, Q) -> endpoint::Response<R>,
+) where
+    Q: DeserializeOwned,
+    R: Serialize,
+{
+    let mut stats = control::Stats::default();
+    let policy = WaitPolicy::default();
+    loop {
+        let mut did_work = false;
+        for s in served.iter_mut() {
+            loop {
+                let incoming = match s.end.try_next() {
+                    Ok(Some(i)) => i,
+                    Ok(None) => break,
+                    Err(e) => {
+                        stats.malformed += 1;
+                        tracing::warn!(endpoint = ?s.interface, "dropped a bad request: {e}");
+                        continue;
+                    }
+                };
+                did_work = true;
+                stats.requests_in += 1;
+                let outcome = match s.interface {
+                    None => {
+                        let (reply, shutdown) =
+                            control_reply(&s.end, &incoming, context, &mut stats, served_stale(s));
+                        let sent = s.end.reply(&incoming, &reply, REPLY_TIMEOUT);
+                        if shutdown {
+                            return;
+                        }
+                        sent
+                    }
+                    Some(_) => {
+                        let reply = match s.end.decode::<endpoint::Request<Q>>(&incoming) {
+                            Some(endpoint::Request::Ping { nonce }) => {
+                                endpoint::Response::Pong { nonce }
+                            }
+                            Some(endpoint::Request::Service(q)) => handler(context, q),
+                            None => {
+                                stats.malformed += 1;
+                                tracing::warn!(%interface, "malformed request (tag {})", incoming.tag);
+                                endpoint::Response::Error(ErrorCode::Malformed)
+                            }
+                        };
+                        s.end.reply(&incoming, &reply, REPLY_TIMEOUT)
+                    }
+                };
+                match outcome {
+                    Ok(()) => stats.responses_out += 1,
+                    Err(e) => tracing::warn!("reply not delivered: {e}"),
+                }
+            }
+        }
+        if !did_work {
+            let rings: Vec<_> = served.iter().map(|s| s.end.request_ring()).collect();
+            super::channel::wait_any(&rings, policy, IDLE_RECHECK);
+        }
+    }
+}
+
+fn served_stale(s: &Served) -> u64 {
+    s.end.stale_dropped
+}
+
+fn control_reply(
+    end: &ServerEnd,
+    incoming: &Incoming,
+    context: &mut Context,
+    stats: &mut control::Stats,
+    stale: u64,
+) -> (control::Response, bool) {
+    let Some(request) = end.decode::<control::Request>(incoming) else {
+        stats.malformed += 1;
+        return (control::Response::Error(ErrorCode::Malformed), false);
+    };
+    match request {
+        control::Request::Ping { nonce } => (control::Response::Pong { nonce }, false),
+        control::Request::Stats => {
+            let mut s = *stats;
+            s.stale_dropped = stale;
+            (control::Response::Stats(s), false)
+        }
+        control::Request::Shutdown => (control::Response::ShuttingDown, true),
+        control::Request::Probe { endpoint } => {
+            stats.calls_out += 1;
+            (control::Response::Probe(probe(context, endpoint)), false)
+        }
+    }
+}
+
+/// Pings `endpoint` through this service's own capability.
+pub fn probe(context: &mut Context, endpoint: Interface) -> control::ProbeOutcome {
+    let Some(client) = context.clients.get_mut(&endpoint) else {
+        return control::ProbeOutcome::NoCapability;
+    };
+    static NEXT_NONCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let nonce = NEXT_NONCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let start = Instant::now();
+    match client.call(&endpoint::Request::Ping { nonce }, PROBE_TIMEOUT) {
+        Ok(endpoint::Response::Pong { nonce: n }) if n == nonce => control::ProbeOutcome::Reached {
+            epoch: client.epoch(),
+            round_trip_ns: start.elapsed().as_nanos() as u64,
+        },
+        Ok(endpoint::Response::Error(code)) => control::ProbeOutcome::Failed(code),
+        Ok(_) => control::ProbeOutcome::Failed(ErrorCode::Malformed),
+        Err(super::channel::CallError::PeerRestarted { sent_in, now }) => {
+            control::ProbeOutcome::PeerRestarted { sent_in, now }
+        }
+        Err(super::channel::CallError::TimedOut(_)) => control::ProbeOutcome::TimedOut,
+        Err(super::channel::CallError::Ring(_)) | Err(super::channel::CallError::Encode) => {
+            control::ProbeOutcome::Failed(ErrorCode::TooLarge)
+        }
+        Err(super::channel::CallError::MalformedReply) => {
+            control::ProbeOutcome::Failed(ErrorCode::Malformed)
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! Thin, checked wrappers over the Linux syscalls the IPC layer needs.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::fd::FromRawFd;
+use std::os::fd::OwnedFd;
+use std::ptr::NonNull;
+use std::sync::atomic::AtomicPtr;
+use std::sync::atomic::AtomicU32;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+fn cvt(ret: libc::c_long) -> io::Result<libc::c_long> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Creates an anonymous shared-memory file of `len` bytes, sealable.
+pub fn memfd(name: &str, len: u64) -> io::Result<OwnedFd> {
+    let cname = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: `cname` is a valid NUL-terminated string for the duration of the call.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create returned a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: plain syscall on a descriptor we own.
+    cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } as libc::c_long)?;
+    Ok(fd)
+}
+
+/// Seals a memfd against growing and shrinking (its size is part of the contract).
+pub fn seal_size(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: plain fcntl on a descriptor we own.
+    cvt(unsafe {
+        libc::fcntl(
+            fd.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL,
+        )
+    } as libc::c_long)?;
+    Ok(())
+}
+
+/// Seals a memfd completely read-only (for records the receiver must not change).
+pub fn seal_read_only(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: plain fcntl on a descriptor we own.
+    cvt(unsafe {
+        libc::fcntl(
+            fd.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL,
+        )
+    } as libc::c_long)?;
+    Ok(())
+}
+
+/// Size of the file behind `fd`.
+pub fn file_size(fd: &impl AsRawFd) -> io::Result<u64> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    // SAFETY: `st` is a valid out-pointer for one `stat`.
+    cvt(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } as libc::c_long)?;
+    // SAFETY: fstat succeeded, so it filled the struct.
+    Ok(unsafe { st.assume_init() }.st_size as u64)
+}
+
+/// Maps `len` bytes of `fd` shared, readable and (if `writable`) writable.
+pub fn map_shared(fd: &impl AsRawFd, len: usize, writable: bool) -> io::Result<NonNull<u8>> {
+    let prot = if writable {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_READ
+    };
+    // SAFETY: a fresh mapping at an address of the kernel's choosing; it aliases no Rust
+    // object. The caller owns the returned mapping and unmaps it.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            prot,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::from(io::ErrorKind::Other))
+}
+
+/// Unmaps a mapping made by [`map_shared`].
+///
+/// # Safety
+/// `ptr`/`len` must be exactly a live mapping from [`map_shared`], and nothing may use it
+/// afterwards.
+pub unsafe fn unmap(ptr: NonNull<u8>, len: usize) {
+    // SAFETY: per this function's contract.
+    unsafe {
+        libc::munmap(ptr.as_ptr().cast(), len);
+    }
+}
+
+fn timespec(d: Duration) -> libc::timespec {
+    libc::timespec {
+        tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: d.subsec_nanos() as libc::c_long,
+    }
+}
+
+/// Sleeps while `*word == expected`, at most `timeout` (shared, not private: the word lives in
+/// memory shared between processes).
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
+    let ts = timeout.map(timespec);
+    let ts_ptr = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `word` is a live, 4-aligned u32 for the call; `ts_ptr` is null or points to a
+    // timespec on our stack. FUTEX_WAIT only reads both.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            ts_ptr,
+            0usize,
+            0u32,
+        );
+    }
+}
+
+/// Wakes up to `n` sleepers on `word`.
+pub fn futex_wake(word: &AtomicU32, n: i32) {
+    // SAFETY: `word` is a live, 4-aligned u32; FUTEX_WAKE does not dereference further.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            n,
+            0usize,
+            0usize,
+            0u32,
+        );
+    }
+}
+
+/// `struct futex_waitv` of Linux 5.16.
+#[repr(C)]
+struct FutexWaitv {
+    val: u64,
+    uaddr: u64,
+    flags: u32,
+    reserved: u32,
+}
+
+/// `FUTEX2_SIZE_U32`.
+const FUTEX2_SIZE_U32: u32 = 0x02;
+/// `__NR_futex_waitv` on x86_64.
+const SYS_FUTEX_WAITV: libc::c_long = 449;
+/// Most words `futex_waitv` accepts at once.
+pub const FUTEX_WAITV_MAX: usize = 128;
+
+/// Sleeps until any of `words` differs from its expected value (or a wake, or `timeout`).
+pub fn futex_wait_any(words: &[(&AtomicU32, u32)], timeout: Option<Duration>) -> io::Result<()> {
+    let waiters: Vec<FutexWaitv> = words
+        .iter()
+        .take(FUTEX_WAITV_MAX)
+        .map(|(w, v)| FutexWaitv {
+            val: *v as u64,
+            uaddr: w.as_ptr() as u64,
+            flags: FUTEX2_SIZE_U32,
+            reserved: 0,
+        })
+        .collect();
+    let deadline = match timeout {
+        Some(t) => {
+            let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            // SAFETY: `now` is a valid out-pointer.
+            unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+            let total = Duration::new(now.tv_sec as u64, now.tv_nsec as u32) + t;
+            Some(timespec(total))
+        }
+        None => None,
+    };
+    let ts_ptr = deadline
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `waiters` is a live array of `waiters.len()` futex_waitv records whose uaddr
+    // fields point at live shared words; `ts_ptr` is null or a timespec on our stack.
+    let ret = unsafe {
+        libc::syscall(
+            SYS_FUTEX_WAITV,
+            waiters.as_ptr(),
+            waiters.len() as u32,
+            0u32,
+            ts_ptr,
+            libc::CLOCK_MONOTONIC,
+        )
+    };
+    if ret < 0 {
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            // Value changed before we slept, timed out, or interrupted: all mean "look again".
+            Some(libc::EAGAIN) | Some(libc::ETIMEDOUT) | Some(libc::EINTR) => Ok(()),
+            _ => Err(err),
+        }
+    } else {
+        Ok(())
+    }
+}
+
+/// A classic BPF instruction, as `struct sock_filter`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SockFilter {
+    pub code: u16,
+    pub jt: u8,
+    pub jf: u8,
+    pub k: u32,
+}
+
+/// Installs a seccomp filter on the calling thread (and, with TSYNC, on all threads),
+/// after setting no_new_privs.
+pub fn install_seccomp(program: &[SockFilter]) -> io::Result<()> {
+    if program.is_empty() || program.len() > u16::MAX as usize {
+        return Err(io::ErrorKind::InvalidInput.into());
+    }
+    // SAFETY: prctl with integer arguments only.
+    cvt(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } as libc::c_long)?;
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: `fprog` points at `program`, a live array of `len` instructions with the
+    // layout of `struct sock_filter`; the kernel copies it during the call.
+    cvt(unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            libc::SECCOMP_FILTER_FLAG_TSYNC,
+            &fprog as *const libc::sock_fprog,
+        )
+    })?;
+    Ok(())
+}
+
+/// Where the SIGSYS handler writes the refused syscall number (the service's status page).
+static VIOLATION_NOTE: AtomicPtr<AtomicU32> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Offset of `si_syscall` in `siginfo_t` for SIGSYS on x86_64: three ints, padding to 16,
+/// then `void *si_call_addr`, then `int si_syscall`.
+const SI_SYSCALL_OFFSET: usize = 24;
+
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo_t for SIGSYS; we read one int at the offset
+    // the x86_64 ABI gives for si_syscall.
+    let nr = unsafe { info.cast::<u8>().add(SI_SYSCALL_OFFSET).cast::<i32>().read_unaligned() };
+    let note = VIOLATION_NOTE.load(Ordering::Acquire);
+    if !note.is_null() {
+        // SAFETY: the pointer was set from a live mapping of the status page that is never
+        // unmapped while the process runs.
+        unsafe { (*note).store(nr as u32, Ordering::Release) };
+    }
+    // SAFETY: exit_group is async-signal-safe and never returns.
+    unsafe {
+        libc::syscall(libc::SYS_exit_group, crate::layout::VIOLATION_EXIT_STATUS);
+    }
+}
+
+/// Routes seccomp's SIGSYS to a handler that records the syscall in `note` and exits with
+/// [`crate::layout::VIOLATION_EXIT_STATUS`], so that the supervisor can name the violation.
+///
+/// `note` must stay valid for the rest of the process's life.
+pub fn report_violations_to(note: &'static AtomicU32) -> io::Result<()> {
+    VIOLATION_NOTE.store(note as *const AtomicU32 as *mut AtomicU32, Ordering::Release);
+    // SAFETY: zeroed sigaction is a valid starting point; we fill handler and flags.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = on_sigsys as *const () as usize;
+    action.sa_flags = libc::SA_SIGINFO;
+    // SAFETY: installs a handler that only does async-signal-safe work.
+    cvt(unsafe { libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) } as libc::c_long)?;
+    Ok(())
+}
+
+/// Reads up to `buf.len()` bytes at `offset` of `fd`.
+pub fn pread(fd: &impl AsRawFd, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    // SAFETY: `buf` is a valid writable buffer of its length.
+    let n = unsafe {
+        libc::pread(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            offset as libc::off_t,
+        )
+    };
+    Ok(cvt(n as libc::c_long)? as usize)
+}
+
+/// Takes ownership of descriptor `fd` if it is open.
+pub fn take_fd(fd: i32) -> io::Result<OwnedFd> {
+    // SAFETY: F_GETFD only queries the descriptor.
+    cvt(unsafe { libc::fcntl(fd, libc::F_GETFD) } as libc::c_long)?;
+    // SAFETY: the descriptor is open, and the bootstrap protocol gives this process sole
+    // ownership of its capability slots; each slot is taken once by the runtime.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}

@@ -1,0 +1,49 @@
+//! The interfaces of the six services. Each later issue fills its service's enums; until then
+//! an interface has no requests, and its endpoint answers only the common
+//! [`crate::endpoint::Request::Ping`].
+//!
+//! The enums are empty on purpose, not placeholders with fake variants: a request that does
+//! not exist cannot be sent, and one that arrives anyway fails to decode (a typed error).
+
+macro_rules! interface {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        pub mod $name {
+            use serde::Deserialize;
+            use serde::Serialize;
+
+            /// Requests of this interface (none yet).
+            #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+            pub enum Request {}
+
+            /// Responses of this interface (none yet).
+            #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+            pub enum Response {}
+        }
+    };
+}
+
+interface!(
+    /// Exit policy and platform devices (issue 5).
+    intercept
+);
+interface!(
+    /// The encrypted guest-state store (issue 3).
+    vmgs
+);
+interface!(
+    /// The TPM (issue 4).
+    vtpm
+);
+interface!(
+    /// Measurements, reports and sealing keys.
+    attest
+);
+interface!(
+    /// The guest block device.
+    storage
+);
+interface!(
+    /// The guest NIC.
+    net
+);

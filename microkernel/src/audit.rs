@@ -1,0 +1,146 @@
+//! `paravisor audit`: the privilege matrix an auditor reads, one row per service.
+
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use crate::manifest::format_duration;
+use crate::manifest::format_size;
+use crate::manifest::Manifest;
+use crate::profiles;
+use crate::sandbox::Namespaces;
+
+/// One service's privileges, as printed.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub service: String,
+    pub binary: String,
+    pub serves: Vec<String>,
+    /// Services that may call this one, by endpoint.
+    pub callers: Vec<String>,
+    pub calls: Vec<String>,
+    pub regions: Vec<String>,
+    pub files: Vec<String>,
+    pub mmio: Vec<String>,
+    pub pio: Vec<String>,
+    pub memory: String,
+    pub open_files: u64,
+    pub restart: String,
+    pub namespaces: Vec<&'static str>,
+    pub syscalls_base: Vec<&'static str>,
+    pub syscalls_extra: Vec<String>,
+}
+
+pub fn rows(m: &Manifest) -> Vec<Row> {
+    m.services
+        .iter()
+        .map(|s| Row {
+            service: s.name.clone(),
+            binary: s.binary.clone(),
+            serves: s.serves.iter().map(|i| i.name().to_string()).collect(),
+            callers: m
+                .services
+                .iter()
+                .flat_map(|c| {
+                    c.calls
+                        .iter()
+                        .filter(|i| s.serves.contains(i))
+                        .map(move |i| format!("{}->{}", c.name, i))
+                })
+                .collect(),
+            calls: s.calls.iter().map(|i| i.name().to_string()).collect(),
+            regions: s
+                .regions
+                .iter()
+                .map(|r| format!("{} ({})", r.name, format_size(r.size)))
+                .collect(),
+            files: s
+                .files
+                .iter()
+                .map(|f| {
+                    format!(
+                        "{} = {} ({})",
+                        f.name,
+                        f.path.display(),
+                        match f.access {
+                            ipc_defs::capability::FileAccess::ReadOnly => "ro",
+                            ipc_defs::capability::FileAccess::ReadWrite => "rw",
+                        }
+                    )
+                })
+                .collect(),
+            mmio: s
+                .mmio
+                .iter()
+                .map(|r| format!("{:#x}+{:#x}", r.base, r.size))
+                .collect(),
+            pio: s
+                .pio
+                .iter()
+                .map(|r| format!("{:#x}+{:#x}", r.base, r.size))
+                .collect(),
+            memory: format_size(s.limits.memory),
+            open_files: s.limits.open_files,
+            restart: format!(
+                "{} (max {} per {}, back-off {})",
+                s.restart.policy,
+                s.restart.max,
+                format_duration(s.restart.window),
+                format_duration(s.restart.backoff)
+            ),
+            namespaces: Namespaces::all().names(),
+            syscalls_base: profiles::BASE.to_vec(),
+            syscalls_extra: s.syscalls.clone(),
+        })
+        .collect()
+}
+
+fn list(v: &[String]) -> String {
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// The human-readable matrix.
+pub fn text(m: &Manifest) -> String {
+    let rows = rows(m);
+    let mut out = String::new();
+    let _ = writeln!(out, "Privilege matrix of {}", m.path.display());
+    let _ = writeln!(
+        out,
+        "(every service: no_new_privs; fresh {} namespaces; empty read-only root with only shared libraries; seccomp = common base + listed extras; all other syscalls kill the service)\n",
+        Namespaces::all().names().join("/")
+    );
+    let _ = writeln!(
+        out,
+        "{:<10} {:<11} {:<16} {:<22} {:<8} {:>6} {:>5}  {:<38} {}",
+        "SERVICE", "SERVES", "CALLS", "CALLED BY", "MEMORY", "FILES#", "", "RESTART", "SYSCALLS (base +)"
+    );
+    for r in &rows {
+        let _ = writeln!(
+            out,
+            "{:<10} {:<11} {:<16} {:<22} {:<8} {:>6} {:>5}  {:<38} {}",
+            r.service,
+            list(&r.serves),
+            list(&r.calls),
+            list(&r.callers),
+            r.memory,
+            r.open_files,
+            "",
+            r.restart,
+            if r.syscalls_extra.is_empty() { "-".to_string() } else { r.syscalls_extra.join(", ") }
+        );
+    }
+    let _ = writeln!(out);
+    for r in &rows {
+        let _ = writeln!(out, "{} ({}):", r.service, r.binary);
+        let _ = writeln!(out, "  regions: {}", list(&r.regions));
+        let _ = writeln!(out, "  files:   {}", list(&r.files));
+        let _ = writeln!(out, "  mmio:    {}", list(&r.mmio));
+        let _ = writeln!(out, "  pio:     {}", list(&r.pio));
+    }
+    let _ = writeln!(out, "\ncommon syscall base ({}): {}", profiles::BASE.len(), profiles::BASE.join(" "));
+    out
+}

@@ -1,0 +1,132 @@
+//! The control socket of a running instance: how `paravisor ps`, `kill`, `probe` and
+//! `audit --live` talk to `paravisor run`.
+//!
+//! One request per connection, as one line of JSON each way. The socket lives in the state
+//! directory with mode 0600: only the user who runs the paravisor can use it.
+
+use std::io::BufRead;
+use std::io::BufReader;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::Serialize;
+
+/// File name of the control socket inside the state directory.
+pub const SOCKET_NAME: &str = "control.sock";
+/// How long a command waits for the instance.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(SOCKET_NAME)
+}
+
+/// What a command asks of the running instance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum Command {
+    Ps,
+    Kill { service: String, signal: i32 },
+    Probe { service: String, endpoint: String },
+    LiveAudit,
+    Shutdown,
+}
+
+/// One row of `paravisor ps`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceRow {
+    pub name: String,
+    pub pid: Option<i32>,
+    pub state: String,
+    pub restarts: u32,
+    pub uptime_ms: Option<u64>,
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub last_exit: Option<String>,
+    pub namespaces: Vec<String>,
+    /// Epoch of each channel this service serves, by client.
+    pub epochs: Vec<(String, u32)>,
+}
+
+/// One difference found by the live audit.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Finding {
+    pub service: String,
+    pub what: String,
+}
+
+/// The instance's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "kebab-case")]
+pub enum Reply {
+    Ps { services: Vec<ServiceRow> },
+    Done { message: String },
+    Audit { checked: Vec<String>, findings: Vec<Finding> },
+    Error { message: String },
+}
+
+/// Errors of a command-line client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no paravisor is running with state directory {dir} (cannot connect to {socket}: {source}); start one with `paravisor run` or pass --state-dir")]
+    NotRunning {
+        dir: String,
+        socket: String,
+        source: std::io::Error,
+    },
+    #[error("control socket I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("instance sent an unreadable reply: {0}")]
+    Reply(#[from] serde_json::Error),
+}
+
+/// Sends one command to the instance whose state directory is `state_dir`.
+pub fn send(state_dir: &Path, command: &Command) -> Result<Reply, ClientError> {
+    let path = socket_path(state_dir);
+    let mut stream = UnixStream::connect(&path).map_err(|source| ClientError::NotRunning {
+        dir: state_dir.display().to_string(),
+        socket: path.display().to_string(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(COMMAND_TIMEOUT))?;
+    let mut line = serde_json::to_string(command)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply)?;
+    Ok(serde_json::from_str(&reply)?)
+}
+
+/// Reads one command from an accepted connection (server side).
+pub fn read_command(stream: &UnixStream) -> Result<Command, String> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(stream.take_limited())
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    serde_json::from_str(&line).map_err(|e| format!("bad command: {e}"))
+}
+
+/// Writes the reply to an accepted connection (server side).
+pub fn write_reply(mut stream: &UnixStream, reply: &Reply) {
+    if let Ok(mut line) = serde_json::to_string(reply) {
+        line.push('\n');
+        let _ = stream.write_all(line.as_bytes());
+    }
+}
+
+/// A bounded reader, so that a client cannot make the supervisor buffer without end.
+trait TakeLimited {
+    fn take_limited(&self) -> std::io::Take<&UnixStream>;
+}
+
+impl TakeLimited for UnixStream {
+    fn take_limited(&self) -> std::io::Take<&UnixStream> {
+        std::io::Read::take(self, 64 * 1024)
+    }
+}

@@ -1,0 +1,14 @@
+//! The paravisor's privileged core: it reads `manifest.toml`, creates every channel and
+//! region, starts each service in its own sandbox with exactly the capabilities the manifest
+//! grants, supervises and restarts them, and answers the `paravisor` command line.
+//!
+//! It holds no device or service logic: it only builds, hands out and watches capabilities.
+//! `unsafe` lives in [`sandbox`] (process creation) alone; the ring and mapping code it uses
+//! is in `ipc_defs::hosted`.
+
+pub mod audit;
+pub mod control;
+pub mod manifest;
+pub mod profiles;
+pub mod sandbox;
+pub mod supervisor;

@@ -1,0 +1,288 @@
+//! `paravisor`: the command line of the microkernel.
+#![forbid(unsafe_code)]
+
+use std::path::Path;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use clap::Subcommand;
+use microkernel::audit;
+use microkernel::control;
+use microkernel::control::Command;
+use microkernel::control::Reply;
+use microkernel::manifest::Manifest;
+use microkernel::manifest::DEFAULT_MANIFEST;
+use microkernel::supervisor;
+
+/// A microkernel paravisor: every function in its own capability-restricted process.
+#[derive(Parser)]
+#[command(name = "paravisor", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Validate a manifest; exit 0 if it is valid, 1 with diagnostics if not.
+    Check {
+        /// The manifest [default: manifest.toml]
+        manifest: Option<PathBuf>,
+    },
+    /// Print the privilege matrix: what each service serves, calls, holds and may do.
+    Audit {
+        /// The manifest [default: manifest.toml]
+        manifest: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Check the running instance against the manifest instead; exit 1 on any difference.
+        #[arg(long)]
+        live: bool,
+        /// State directory of the running instance (for --live).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Run the paravisor in the foreground: start and supervise every service.
+    Run {
+        /// The manifest [default: manifest.toml]
+        manifest: Option<PathBuf>,
+        /// Directory for the control socket and state files [default: the manifest's state-dir, "state"]
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// List the services of the running instance.
+    Ps {
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// The manifest (only to find the default state directory) [default: manifest.toml]
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+    /// Send a signal to a service of the running instance (fault injection).
+    Kill {
+        /// The service's name, as in the manifest.
+        service: String,
+        /// Signal name or number.
+        #[arg(long, default_value = "KILL")]
+        signal: String,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+    /// Ask SERVICE to ping ENDPOINT through its own capability (checks granted connectivity).
+    Probe {
+        service: String,
+        endpoint: String,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+    /// Stop the running instance (like SIGTERM).
+    Stop {
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+}
+
+fn load(path: Option<&Path>) -> Result<Manifest, ExitCode> {
+    let path = path.unwrap_or(Path::new(DEFAULT_MANIFEST));
+    Manifest::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// The state directory for client commands: the flag, else the manifest's if one is there,
+/// else the default.
+fn client_state_dir(flag: Option<PathBuf>, manifest: Option<&Path>) -> PathBuf {
+    if let Some(dir) = flag {
+        return dir;
+    }
+    let path = manifest.unwrap_or(Path::new(DEFAULT_MANIFEST));
+    match Manifest::load(path) {
+        Ok(m) => m.state_dir,
+        Err(_) => PathBuf::from(microkernel::manifest::DEFAULT_STATE_DIR),
+    }
+}
+
+fn send(state_dir: &Path, command: &Command) -> Result<Reply, ExitCode> {
+    control::send(state_dir, command).map_err(|e| {
+        eprintln!("paravisor: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) | Err(code) => code,
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
+    match cli.command {
+        Cmd::Check { manifest } => {
+            let m = load(manifest.as_deref())?;
+            println!(
+                "{}: valid ({} services, {} channels)",
+                m.path.display(),
+                m.services.len(),
+                m.services.iter().map(|s| s.calls.len()).sum::<usize>()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Audit { manifest, json, live: false, .. } => {
+            let m = load(manifest.as_deref())?;
+            if json {
+                let doc = serde_json::json!({
+                    "manifest": m.path.display().to_string(),
+                    "services": audit::rows(&m),
+                });
+                println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+            } else {
+                print!("{}", audit::text(&m));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Audit { manifest, json, live: true, state_dir } => {
+            let dir = client_state_dir(state_dir, manifest.as_deref());
+            match send(&dir, &Command::LiveAudit)? {
+                Reply::Audit { checked, findings } => {
+                    if json {
+                        println!("{}", serde_json::json!({ "checked": checked, "findings": findings }));
+                    } else {
+                        for f in &findings {
+                            println!("DIFF {}: {}", f.service, f.what);
+                        }
+                        println!(
+                            "live audit: {} services checked ({}), {} difference(s)",
+                            checked.len(),
+                            checked.join(", "),
+                            findings.len()
+                        );
+                    }
+                    Ok(if findings.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+                }
+                other => Err(unexpected(other)),
+            }
+        }
+        Cmd::Run { manifest, state_dir } => {
+            init_logging();
+            let m = load(manifest.as_deref())?;
+            let state_dir = supervisor::state_dir(&m, state_dir.as_deref());
+            let bin_dir = std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf))
+                .unwrap_or_else(|| PathBuf::from("."));
+            let opts = supervisor::Options {
+                manifest: m,
+                state_dir,
+                bin_dir,
+                log_filter: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            };
+            let sup = supervisor::Supervisor::new(&opts).map_err(|e| {
+                eprintln!("paravisor: {e}");
+                ExitCode::FAILURE
+            })?;
+            sup.run().map_err(|e| {
+                eprintln!("paravisor: {e}");
+                ExitCode::FAILURE
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Ps { state_dir, json, manifest } => {
+            let dir = client_state_dir(state_dir, manifest.as_deref());
+            match send(&dir, &Command::Ps)? {
+                Reply::Ps { services } => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&services).unwrap_or_default());
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    println!(
+                        "{:<10} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8}  {}",
+                        "SERVICE", "PID", "STATE", "RESTARTS", "UPTIME", "MSG-IN", "MSG-OUT", "LAST EXIT"
+                    );
+                    for r in services {
+                        println!(
+                            "{:<10} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8}  {}",
+                            r.name,
+                            r.pid.map_or("-".into(), |p| p.to_string()),
+                            r.state,
+                            r.restarts,
+                            r.uptime_ms.map_or("-".into(), uptime),
+                            r.messages_in,
+                            r.messages_out,
+                            r.last_exit.unwrap_or_else(|| "-".into())
+                        );
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                other => Err(unexpected(other)),
+            }
+        }
+        Cmd::Kill { service, signal, state_dir, manifest } => {
+            let Some(sig) = supervisor::parse_signal(&signal) else {
+                eprintln!("paravisor: unknown signal \"{signal}\" (use a name such as KILL, TERM, SEGV or a number)");
+                return Err(ExitCode::FAILURE);
+            };
+            let dir = client_state_dir(state_dir, manifest.as_deref());
+            done(send(&dir, &Command::Kill { service, signal: sig })?)
+        }
+        Cmd::Probe { service, endpoint, state_dir, manifest } => {
+            let dir = client_state_dir(state_dir, manifest.as_deref());
+            done(send(&dir, &Command::Probe { service, endpoint })?)
+        }
+        Cmd::Stop { state_dir, manifest } => {
+            let dir = client_state_dir(state_dir, manifest.as_deref());
+            done(send(&dir, &Command::Shutdown)?)
+        }
+    }
+}
+
+fn done(reply: Reply) -> Result<ExitCode, ExitCode> {
+    match reply {
+        Reply::Done { message } => {
+            println!("{message}");
+            Ok(ExitCode::SUCCESS)
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+fn unexpected(reply: Reply) -> ExitCode {
+    match reply {
+        Reply::Error { message } => eprintln!("paravisor: {message}"),
+        other => eprintln!("paravisor: unexpected reply {other:?}"),
+    }
+    ExitCode::FAILURE
+}
+
+fn uptime(ms: u64) -> String {
+    let s = ms / 1000;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{}.{}s", s, (ms % 1000) / 100)
+    }
+}

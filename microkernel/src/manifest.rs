@@ -1,0 +1,910 @@
+//! `manifest.toml`: the complete statement of what every service may do.
+//!
+//! Parsing is strict (unknown keys are errors) and validation collects every problem at once.
+//! Each [`Diagnostic`] names the file, line and column, says what is wrong and what would be
+//! right. A manifest that passes [`Manifest::load`] is internally consistent: every endpoint
+//! exists and is served exactly once, every call has a server, limits are sane, device ranges
+//! do not overlap and syscall fragments cannot undo the sandbox.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::Path;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipc_defs::bootstrap::MAX_CAPABILITIES;
+use ipc_defs::bootstrap::MAX_NAME;
+use ipc_defs::capability::FileAccess;
+use ipc_defs::layout::MAX_RING_CAPACITY;
+use ipc_defs::layout::MIN_RING_CAPACITY;
+use ipc_defs::Interface;
+use serde::Deserialize;
+use serde::Serialize;
+use toml::Spanned;
+
+/// The manifest every command uses unless told otherwise.
+pub const DEFAULT_MANIFEST: &str = "manifest.toml";
+/// Default state directory, relative to the current directory.
+pub const DEFAULT_STATE_DIR: &str = "state";
+/// Default bytes per ring of each channel.
+pub const DEFAULT_RING_CAPACITY: u32 = 64 << 10;
+/// Smallest memory limit that a Rust service can start in (binary, libc, stacks, rings).
+pub const MIN_MEMORY: u64 = 16 << 20;
+/// Largest memory limit we accept for one service; beyond it a limit is no limit.
+pub const MAX_MEMORY: u64 = 64 << 30;
+/// Largest open-files limit we accept.
+pub const MAX_OPEN_FILES: u64 = 1 << 16;
+/// Descriptors every service needs besides its capabilities: stdio, the bootstrap record and
+/// slack for the runtime.
+pub const BASE_DESCRIPTORS: u64 = 8;
+/// Most restarts a policy may allow per window.
+pub const MAX_RESTARTS: u32 = 1000;
+/// Shortest restart back-off: restart no faster than 1 kHz, so that a crash loop cannot starve
+/// the guest of CPU.
+pub const MIN_BACKOFF: Duration = Duration::from_millis(1);
+/// Longest restart back-off and window we accept.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(600);
+pub const MAX_WINDOW: Duration = Duration::from_secs(86_400);
+
+/// Syscalls that no per-service fragment may grant: each one would let a service leave or
+/// weaken its sandbox (new code, new namespaces, other processes' memory, kernel modules).
+pub const FORBIDDEN_SYSCALLS: &[&str] = &[
+    "execve",
+    "execveat",
+    "fork",
+    "vfork",
+    "clone",
+    "clone3",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "setns",
+    "unshare",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "kexec_load",
+    "kexec_file_load",
+    "bpf",
+    "perf_event_open",
+    "seccomp",
+    "prctl",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "userfaultfd",
+    "reboot",
+    "swapon",
+    "swapoff",
+    "iopl",
+    "ioperm",
+];
+
+/// One problem in a manifest, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Diagnostic {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+    pub help: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: error: {}",
+            self.file, self.line, self.column, self.message
+        )?;
+        if !self.help.is_empty() {
+            write!(f, "\n  help: {}", self.help)?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a manifest cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("cannot read manifest {path}: {source} (pass the manifest's path, or run from the directory that holds manifest.toml)")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{}", .0.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Diagnostic>),
+}
+
+impl ManifestError {
+    pub fn diagnostics(&self) -> &[Diagnostic] {
+        match self {
+            ManifestError::Invalid(d) => d,
+            ManifestError::Read { .. } => &[],
+        }
+    }
+}
+
+// ---- Raw schema (what the TOML says) ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawManifest {
+    #[serde(default)]
+    paravisor: Option<RawParavisor>,
+    #[serde(default)]
+    service: Vec<Spanned<RawService>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawParavisor {
+    state_dir: Option<Spanned<String>>,
+    ring_capacity: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawService {
+    name: Spanned<String>,
+    binary: Spanned<String>,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    serves: Vec<Spanned<String>>,
+    #[serde(default)]
+    calls: Vec<Spanned<RawCall>>,
+    #[serde(default)]
+    files: Vec<Spanned<RawFile>>,
+    #[serde(default)]
+    regions: Vec<Spanned<RawRegion>>,
+    #[serde(default)]
+    mmio: Vec<Spanned<RawRange>>,
+    #[serde(default)]
+    pio: Vec<Spanned<RawRange>>,
+    limits: Spanned<RawLimits>,
+    restart: Spanned<RawRestart>,
+    #[serde(default)]
+    syscalls: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawCall {
+    endpoint: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawFile {
+    name: Spanned<String>,
+    path: Spanned<String>,
+    access: Spanned<String>,
+    #[serde(default)]
+    missing: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawRegion {
+    name: Spanned<String>,
+    size: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawRange {
+    base: Spanned<u64>,
+    size: Spanned<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawLimits {
+    memory: Spanned<String>,
+    open_files: Spanned<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawRestart {
+    policy: Spanned<String>,
+    max: Spanned<i64>,
+    window: Spanned<String>,
+    backoff: Spanned<String>,
+}
+
+// ---- Validated model ----
+
+/// When a service is restarted after it exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// After any exit, clean or not.
+    Always,
+    /// After a crash, a kill or a non-zero exit; a clean exit stays stopped.
+    OnFailure,
+    /// Never; the service stays down.
+    Never,
+}
+
+impl fmt::Display for RestartPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RestartPolicy::Always => "always",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Never => "never",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Restart {
+    pub policy: RestartPolicy,
+    /// Most restarts within `window`; one more marks the service failed.
+    pub max: u32,
+    #[serde(serialize_with = "ser_duration")]
+    pub window: Duration,
+    /// Delay before the first restart; doubles with each restart inside the window.
+    #[serde(serialize_with = "ser_duration")]
+    pub backoff: Duration,
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_duration(*d))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    /// Address-space limit in bytes (RLIMIT_AS).
+    pub memory: u64,
+    /// Descriptor limit (RLIMIT_NOFILE).
+    pub open_files: u64,
+}
+
+/// What a missing granted file means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Missing {
+    /// Refuse to start the service.
+    Error,
+    /// Create it empty (mode 0600).
+    Create,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FileGrant {
+    pub name: String,
+    /// Relative to the state directory.
+    pub path: PathBuf,
+    #[serde(serialize_with = "ser_access")]
+    pub access: FileAccess,
+    pub missing: Missing,
+}
+
+fn ser_access<S: serde::Serializer>(a: &FileAccess, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(match a {
+        FileAccess::ReadOnly => "read-only",
+        FileAccess::ReadWrite => "read-write",
+    })
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RegionGrant {
+    pub name: String,
+    pub size: u64,
+}
+
+/// A guest-physical MMIO range or an I/O-port range a service handles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DeviceRange {
+    pub base: u64,
+    pub size: u64,
+}
+
+impl DeviceRange {
+    fn end(&self) -> u64 {
+        self.base + self.size
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub binary: String,
+    pub args: Vec<String>,
+    #[serde(serialize_with = "ser_interfaces")]
+    pub serves: Vec<Interface>,
+    #[serde(serialize_with = "ser_interfaces")]
+    pub calls: Vec<Interface>,
+    pub files: Vec<FileGrant>,
+    pub regions: Vec<RegionGrant>,
+    pub mmio: Vec<DeviceRange>,
+    pub pio: Vec<DeviceRange>,
+    pub limits: Limits,
+    pub restart: Restart,
+    /// The per-service syscall fragment (added to the common base).
+    pub syscalls: Vec<String>,
+}
+
+fn ser_interfaces<S: serde::Serializer>(v: &[Interface], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|i| i.name()))
+}
+
+/// A validated manifest.
+#[derive(Debug, Clone, Serialize)]
+pub struct Manifest {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// The state directory as written (relative paths are relative to the current directory).
+    pub state_dir: PathBuf,
+    pub ring_capacity: u32,
+    pub services: Vec<ServiceSpec>,
+}
+
+impl Manifest {
+    /// Reads, parses and validates the manifest at `path`.
+    pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
+        let source = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Manifest::parse(path, &source)
+    }
+
+    /// Parses and validates manifest text; `path` names it in diagnostics.
+    pub fn parse(path: &Path, source: &str) -> Result<Manifest, ManifestError> {
+        let mut v = Validator {
+            file: path.display().to_string(),
+            source,
+            diagnostics: Vec::new(),
+        };
+        let raw: RawManifest = match toml::from_str(source) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                let message = e.message().trim().to_string();
+                let help = parse_help(&message);
+                v.error(span, message, help);
+                return Err(ManifestError::Invalid(v.diagnostics));
+            }
+        };
+        let manifest = v.validate(path, raw);
+        if v.diagnostics.is_empty() {
+            Ok(manifest)
+        } else {
+            Err(ManifestError::Invalid(v.diagnostics))
+        }
+    }
+
+    pub fn service(&self, name: &str) -> Option<&ServiceSpec> {
+        self.services.iter().find(|s| s.name == name)
+    }
+
+    /// The service that serves `interface` (validation guarantees exactly one, if any).
+    pub fn server_of(&self, interface: Interface) -> Option<&ServiceSpec> {
+        self.services.iter().find(|s| s.serves.contains(&interface))
+    }
+}
+
+fn parse_help(message: &str) -> String {
+    if message.contains("unknown field") {
+        "remove the key or fix its spelling; the accepted keys are listed in the message".into()
+    } else if message.contains("missing field") {
+        "add the key; every service needs name, binary, limits and restart".into()
+    } else {
+        "see the shipped manifest.toml for the expected shape".into()
+    }
+}
+
+struct Validator<'a> {
+    file: String,
+    source: &'a str,
+    diagnostics: Vec<Diagnostic>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, span: Range<usize>, message: impl Into<String>, help: impl Into<String>) {
+        let (line, column) = line_col(self.source, span.start);
+        self.diagnostics.push(Diagnostic {
+            file: self.file.clone(),
+            line,
+            column,
+            message: message.into(),
+            help: help.into(),
+        });
+    }
+
+    fn validate(&mut self, path: &Path, raw: RawManifest) -> Manifest {
+        let mut state_dir = PathBuf::from(DEFAULT_STATE_DIR);
+        let mut ring_capacity = DEFAULT_RING_CAPACITY;
+        if let Some(p) = raw.paravisor {
+            if let Some(dir) = p.state_dir {
+                if dir.get_ref().is_empty() {
+                    self.error(dir.span(), "state-dir is empty", "name a directory, e.g. \"state\"");
+                } else {
+                    state_dir = PathBuf::from(dir.get_ref());
+                }
+            }
+            if let Some(cap) = p.ring_capacity {
+                match parse_size(cap.get_ref()) {
+                    Some(n)
+                        if n.is_power_of_two()
+                            && (MIN_RING_CAPACITY as u64..=MAX_RING_CAPACITY as u64)
+                                .contains(&n) =>
+                    {
+                        ring_capacity = n as u32
+                    }
+                    _ => self.error(
+                        cap.span(),
+                        format!("ring-capacity \"{}\" is not usable", cap.get_ref()),
+                        format!(
+                            "use a power of two between {}K and {}M, e.g. \"64K\"",
+                            MIN_RING_CAPACITY >> 10,
+                            MAX_RING_CAPACITY >> 20
+                        ),
+                    ),
+                }
+            }
+        }
+
+        if raw.service.is_empty() {
+            self.error(
+                0..0,
+                "the manifest describes no service",
+                "add [[service]] tables, one per service process",
+            );
+        }
+
+        let mut services = Vec::new();
+        let mut names: BTreeMap<String, Range<usize>> = BTreeMap::new();
+        let mut servers: BTreeMap<Interface, (String, Range<usize>)> = BTreeMap::new();
+        let mut pending_calls: Vec<(String, Interface, Range<usize>)> = Vec::new();
+        let mut mmio: Vec<(String, DeviceRange, Range<usize>)> = Vec::new();
+        let mut pio: Vec<(String, DeviceRange, Range<usize>)> = Vec::new();
+
+        for raw_service in raw.service {
+            let service_span = raw_service.span();
+            let s = raw_service.into_inner();
+            let name = s.name.get_ref().clone();
+            if !valid_name(&name) {
+                self.error(
+                    s.name.span(),
+                    format!("service name \"{name}\" is not a valid name"),
+                    format!("use 1 to {MAX_NAME} characters from a-z, 0-9 and '-'"),
+                );
+            }
+            if let Some(first) = names.get(&name) {
+                let (line, _) = line_col(self.source, first.start);
+                self.error(
+                    s.name.span(),
+                    format!("service \"{name}\" is defined twice (first at line {line})"),
+                    "give each service a unique name",
+                );
+            } else {
+                names.insert(name.clone(), s.name.span());
+            }
+            let binary = s.binary.get_ref().clone();
+            if binary.is_empty() || binary.contains('/') || binary.starts_with('.') {
+                self.error(
+                    s.binary.span(),
+                    format!("binary \"{binary}\" must be a plain executable name"),
+                    "binaries are found next to the paravisor executable; write e.g. \"pv-vmgs\"",
+                );
+            }
+
+            let mut serves = Vec::new();
+            for ep in &s.serves {
+                match Interface::from_name(ep.get_ref()) {
+                    Some(i) => {
+                        if let Some((other, first)) = servers.get(&i) {
+                            let (line, _) = line_col(self.source, first.start);
+                            self.error(
+                                ep.span(),
+                                format!(
+                                    "endpoint \"{i}\" is served twice: by \"{other}\" (line {line}) and by \"{name}\""
+                                ),
+                                "exactly one service may serve an endpoint; remove one of the two",
+                            );
+                        } else {
+                            servers.insert(i, (name.clone(), ep.span()));
+                        }
+                        serves.push(i);
+                    }
+                    None => self.unknown_endpoint(ep),
+                }
+            }
+
+            let mut calls = Vec::new();
+            for call in &s.calls {
+                let ep = &call.get_ref().endpoint;
+                match Interface::from_name(ep.get_ref()) {
+                    Some(i) if calls.contains(&i) => self.error(
+                        ep.span(),
+                        format!("service \"{name}\" lists a call to \"{i}\" twice"),
+                        "list each endpoint once",
+                    ),
+                    Some(i) if serves.contains(&i) => self.error(
+                        ep.span(),
+                        format!("service \"{name}\" calls \"{i}\", which it serves itself"),
+                        "a service handles its own endpoint internally; remove the call",
+                    ),
+                    Some(i) => {
+                        calls.push(i);
+                        pending_calls.push((name.clone(), i, ep.span()));
+                    }
+                    None => self.unknown_endpoint(ep),
+                }
+            }
+            if serves.is_empty() && calls.is_empty() {
+                self.error(
+                    s.name.span(),
+                    format!("service \"{name}\" serves nothing and calls nothing"),
+                    "a disconnected service can do nothing useful; give it `serves` or `calls`, or remove it",
+                );
+            }
+
+            let mut files = Vec::new();
+            for f in &s.files {
+                let f = f.get_ref();
+                let fname = f.name.get_ref();
+                if !valid_name(fname) {
+                    self.error(f.name.span(), format!("file name \"{fname}\" is not a valid name"), format!("use 1 to {MAX_NAME} characters from a-z, 0-9 and '-'"));
+                }
+                let p = PathBuf::from(f.path.get_ref());
+                if f.path.get_ref().is_empty()
+                    || p.is_absolute()
+                    || p.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
+                {
+                    self.error(
+                        f.path.span(),
+                        format!("file path \"{}\" must stay inside the state directory", f.path.get_ref()),
+                        "write a relative path without '..', e.g. \"guest.vmgs\"",
+                    );
+                }
+                let access = match f.access.get_ref().as_str() {
+                    "read-only" => FileAccess::ReadOnly,
+                    "read-write" => FileAccess::ReadWrite,
+                    other => {
+                        self.error(f.access.span(), format!("file access \"{other}\" is unknown"), "use \"read-only\" or \"read-write\"");
+                        FileAccess::ReadOnly
+                    }
+                };
+                let missing = match f.missing.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
+                    None | Some(("error", _)) => Missing::Error,
+                    Some(("create", _)) => Missing::Create,
+                    Some((other, span)) => {
+                        self.error(span, format!("missing = \"{other}\" is unknown"), "use \"error\" or \"create\"");
+                        Missing::Error
+                    }
+                };
+                if missing == Missing::Create && access == FileAccess::ReadOnly {
+                    self.error(f.access.span(), "a read-only file cannot be created when missing", "use access = \"read-write\" or missing = \"error\"");
+                }
+                files.push(FileGrant { name: fname.clone(), path: p, access, missing });
+            }
+
+            let mut regions = Vec::new();
+            for r in &s.regions {
+                let r = r.get_ref();
+                let rname = r.name.get_ref();
+                if !valid_name(rname) {
+                    self.error(r.name.span(), format!("region name \"{rname}\" is not a valid name"), format!("use 1 to {MAX_NAME} characters from a-z, 0-9 and '-'"));
+                }
+                if regions.iter().any(|x: &RegionGrant| &x.name == rname) {
+                    self.error(r.name.span(), format!("region \"{rname}\" is listed twice"), "give each region a unique name");
+                }
+                match parse_size(r.size.get_ref()) {
+                    Some(n) if n > 0 && n <= MAX_MEMORY => regions.push(RegionGrant { name: rname.clone(), size: n }),
+                    _ => self.error(r.size.span(), format!("region size \"{}\" is zero, absurd or unreadable", r.size.get_ref()), "write a size such as \"256K\" or \"4M\""),
+                }
+            }
+
+            let ranges = |v: &mut Self, list: &[Spanned<RawRange>], what: &str| -> Vec<(DeviceRange, Range<usize>)> {
+                let mut out = Vec::new();
+                for r in list {
+                    let range = DeviceRange { base: *r.get_ref().base.get_ref(), size: *r.get_ref().size.get_ref() };
+                    let limit = if what == "pio" { 1u64 << 16 } else { 1u64 << 52 };
+                    if range.size == 0 {
+                        v.error(r.span(), format!("{what} range at {:#x} has size 0", range.base), "give the range a non-zero size");
+                    } else if range.base.checked_add(range.size).is_none_or(|end| end > limit) {
+                        v.error(r.span(), format!("{what} range {:#x}+{:#x} runs past the end of the {what} space ({limit:#x})", range.base, range.size), "fix base or size");
+                    } else {
+                        out.push((range, r.span()));
+                    }
+                }
+                out
+            };
+            let my_mmio = ranges(self, &s.mmio, "mmio");
+            let my_pio = ranges(self, &s.pio, "pio");
+            for (r, span) in &my_mmio {
+                mmio.push((name.clone(), *r, span.clone()));
+            }
+            for (r, span) in &my_pio {
+                pio.push((name.clone(), *r, span.clone()));
+            }
+
+            let limits = s.limits.get_ref();
+            let memory = match parse_size(limits.memory.get_ref()) {
+                Some(n) if (MIN_MEMORY..=MAX_MEMORY).contains(&n) => n,
+                Some(0) => {
+                    self.error(limits.memory.span(), "memory limit is zero", format!("give at least {}M", MIN_MEMORY >> 20));
+                    0
+                }
+                Some(n) => {
+                    self.error(
+                        limits.memory.span(),
+                        format!("memory limit {} is absurd", format_size(n)),
+                        format!("use between {}M and {}G", MIN_MEMORY >> 20, MAX_MEMORY >> 30),
+                    );
+                    0
+                }
+                None => {
+                    self.error(limits.memory.span(), format!("memory limit \"{}\" is not a size", limits.memory.get_ref()), "write a size such as \"64M\"");
+                    0
+                }
+            };
+            let capabilities = 3 + serves.len() + calls.len() + files.len() + regions.len();
+            let open_files = *limits.open_files.get_ref();
+            let needed = BASE_DESCRIPTORS + capabilities as u64;
+            if open_files <= 0 {
+                self.error(limits.open_files.span(), format!("open-files limit {open_files} is zero or negative"), format!("this service needs at least {needed}"));
+            } else if open_files as u64 > MAX_OPEN_FILES {
+                self.error(limits.open_files.span(), format!("open-files limit {open_files} is absurd"), format!("use at most {MAX_OPEN_FILES}"));
+            } else if (open_files as u64) < needed {
+                self.error(
+                    limits.open_files.span(),
+                    format!("open-files limit {open_files} is below the {needed} descriptors this service holds"),
+                    format!("raise it to at least {needed}"),
+                );
+            }
+            if capabilities > MAX_CAPABILITIES {
+                self.error(service_span.clone(), format!("service \"{name}\" holds {capabilities} capabilities"), format!("at most {MAX_CAPABILITIES} fit the bootstrap record"));
+            }
+
+            let restart = self.restart(s.restart.get_ref());
+
+            let mut syscalls = Vec::new();
+            for sc in &s.syscalls {
+                let sname = sc.get_ref();
+                if FORBIDDEN_SYSCALLS.contains(&sname.as_str()) {
+                    self.error(
+                        sc.span(),
+                        format!("syscall \"{sname}\" would let the service leave its sandbox"),
+                        "no service may be granted it; do the work in the microkernel and pass a capability instead",
+                    );
+                } else if sname.parse::<syscalls::Sysno>().is_err() {
+                    self.error(sc.span(), format!("\"{sname}\" is not an x86_64 syscall name"), "use the kernel's name, e.g. \"pwrite64\" or \"fdatasync\"");
+                } else if syscalls.contains(sname) {
+                    self.error(sc.span(), format!("syscall \"{sname}\" is listed twice"), "list it once");
+                } else {
+                    syscalls.push(sname.clone());
+                }
+            }
+
+            services.push(ServiceSpec {
+                name,
+                binary,
+                args: s.args,
+                serves,
+                calls,
+                files,
+                regions,
+                mmio: my_mmio.into_iter().map(|(r, _)| r).collect(),
+                pio: my_pio.into_iter().map(|(r, _)| r).collect(),
+                limits: Limits { memory, open_files: open_files.max(0) as u64 },
+                restart,
+                syscalls,
+            });
+        }
+
+        for (client, endpoint, span) in pending_calls {
+            if !servers.contains_key(&endpoint) {
+                self.error(
+                    span,
+                    format!("service \"{client}\" calls \"{endpoint}\", but no service serves it"),
+                    format!("add \"{endpoint}\" to the `serves` of the service that implements it, or remove the call"),
+                );
+            }
+        }
+        self.overlaps(&mmio, "mmio");
+        self.overlaps(&pio, "pio");
+
+        Manifest {
+            path: path.to_path_buf(),
+            state_dir,
+            ring_capacity,
+            services,
+        }
+    }
+
+    fn unknown_endpoint(&mut self, ep: &Spanned<String>) {
+        let known: Vec<&str> = Interface::ALL.iter().map(|i| i.name()).collect();
+        self.error(
+            ep.span(),
+            format!("unknown endpoint \"{}\"", ep.get_ref()),
+            format!("endpoints are the interfaces ipc-defs defines: {}", known.join(", ")),
+        );
+    }
+
+    fn restart(&mut self, r: &RawRestart) -> Restart {
+        let policy = match r.policy.get_ref().as_str() {
+            "always" => RestartPolicy::Always,
+            "on-failure" => RestartPolicy::OnFailure,
+            "never" => RestartPolicy::Never,
+            other => {
+                self.error(r.policy.span(), format!("restart policy \"{other}\" is unknown"), "use \"always\", \"on-failure\" or \"never\"");
+                RestartPolicy::Never
+            }
+        };
+        let max = *r.max.get_ref();
+        if !(0..=MAX_RESTARTS as i64).contains(&max) {
+            self.error(r.max.span(), format!("restart max {max} is out of range"), format!("use 0 to {MAX_RESTARTS}"));
+        }
+        if policy != RestartPolicy::Never && max == 0 {
+            self.error(r.max.span(), format!("policy \"{policy}\" with max = 0 never restarts"), "use policy = \"never\", or allow at least one restart");
+        }
+        let mut duration = |s: &Spanned<String>, what: &str, min: Duration, max: Duration| -> Duration {
+            match parse_duration(s.get_ref()) {
+                Some(d) if d >= min && d <= max => d,
+                Some(d) => {
+                    self.error(s.span(), format!("restart {what} {} is zero or absurd", format_duration(d)), format!("use between {} and {}", format_duration(min), format_duration(max)));
+                    min
+                }
+                None => {
+                    self.error(s.span(), format!("restart {what} \"{}\" is not a duration", s.get_ref()), "write e.g. \"100ms\", \"10s\" or \"5m\"");
+                    min
+                }
+            }
+        };
+        let window = duration(&r.window, "window", Duration::from_secs(1), MAX_WINDOW);
+        let backoff = duration(&r.backoff, "backoff", MIN_BACKOFF, MAX_BACKOFF);
+        Restart { policy, max: max.clamp(0, MAX_RESTARTS as i64) as u32, window, backoff }
+    }
+
+    fn overlaps(&mut self, ranges: &[(String, DeviceRange, Range<usize>)], what: &str) {
+        for (i, (a_name, a, _)) in ranges.iter().enumerate() {
+            for (b_name, b, b_span) in &ranges[i + 1..] {
+                if a.base < b.end() && b.base < a.end() {
+                    self.error(
+                        b_span.clone(),
+                        format!(
+                            "{what} range {:#x}..{:#x} of \"{b_name}\" overlaps {:#x}..{:#x} of \"{a_name}\"",
+                            b.base, b.end(), a.base, a.end()
+                        ),
+                        "an address can be handled by one service only; move or shrink one range",
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// 1-based line and column of byte `offset` in `source`.
+pub fn line_col(source: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(source.len());
+    let before = &source[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// Parses "64M", "256K", "1G", "4096" into bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (digits, shift) = match s.as_bytes().last()? {
+        b'K' | b'k' => (&s[..s.len() - 1], 10),
+        b'M' | b'm' => (&s[..s.len() - 1], 20),
+        b'G' | b'g' => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = digits.trim().parse().ok()?;
+    n.checked_mul(1u64 << shift)
+}
+
+pub fn format_size(n: u64) -> String {
+    if n >= 1 << 30 && n % (1 << 30) == 0 {
+        format!("{}G", n >> 30)
+    } else if n >= 1 << 20 && n % (1 << 20) == 0 {
+        format!("{}M", n >> 20)
+    } else if n >= 1 << 10 && n % (1 << 10) == 0 {
+        format!("{}K", n >> 10)
+    } else {
+        n.to_string()
+    }
+}
+
+/// Parses "10ms", "5s", "2m", "1h".
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let n: u64 = s[..split].parse().ok()?;
+    match &s[split..] {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 3_600_000 == 0 && ms > 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 && ms > 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[[service]]
+name = "a"
+binary = "pv-a"
+serves = ["vmgs"]
+limits = { memory = "64M", open-files = 32 }
+restart = { policy = "always", max = 3, window = "10s", backoff = "10ms" }
+
+[[service]]
+name = "b"
+binary = "pv-b"
+calls = [{ endpoint = "vmgs" }]
+limits = { memory = "64M", open-files = 32 }
+restart = { policy = "on-failure", max = 3, window = "10s", backoff = "10ms" }
+"#;
+
+    fn errors(src: &str) -> Vec<Diagnostic> {
+        match Manifest::parse(Path::new("m.toml"), src) {
+            Ok(_) => panic!("manifest unexpectedly valid"),
+            Err(e) => e.diagnostics().to_vec(),
+        }
+    }
+
+    #[test]
+    fn good_manifest_parses() {
+        let m = Manifest::parse(Path::new("m.toml"), GOOD).unwrap();
+        assert_eq!(m.services.len(), 2);
+        assert_eq!(m.server_of(Interface::Vmgs).unwrap().name, "a");
+        assert_eq!(m.services[1].restart.backoff, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("64M"), Some(64 << 20));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("x"), None);
+        assert_eq!(parse_size("99999999999999999G"), None);
+        assert_eq!(parse_duration("10ms"), Some(Duration::from_millis(10)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(format_duration(Duration::from_secs(60)), "1m");
+    }
+
+    #[test]
+    fn line_and_column_point_at_the_value() {
+        let src = GOOD.replace("serves = [\"vmgs\"]", "serves = [\"vmgz\"]");
+        let d = errors(&src);
+        assert!(d.iter().any(|d| d.line == 5 && d.column == 11 && d.message.contains("unknown endpoint \"vmgz\"")), "{d:?}");
+    }
+}

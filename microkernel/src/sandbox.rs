@@ -1,0 +1,575 @@
+//! Starting a service process inside its sandbox. The only `unsafe` module of the microkernel.
+//!
+//! Everything that allocates is prepared in the parent ([`SpawnPlan`]); the child, between
+//! `clone` and `execveat`, makes only raw syscalls on that prepared data (it may be forked
+//! from a process whose allocator lock another thread holds). In order, the child:
+//! 1. moves the granted descriptors to their slots and closes every other descriptor;
+//! 2. asks to be killed when the microkernel dies (no orphans);
+//! 3. in its fresh mount namespace, pivots into an empty read-only tmpfs that holds only
+//!    read-only bind mounts of the shared-library directories (no host files, no /proc, no
+//!    /dev), and sets its own hostname in its UTS namespace;
+//! 4. applies the manifest's resource limits;
+//! 5. sets no_new_privs and installs the loader seccomp filter;
+//! 6. execs the service binary through its descriptor, with an empty environment.
+//!
+//! A failure in the child is written to a close-on-exec pipe as (step, errno), so the parent
+//! can say exactly what went wrong instead of seeing an anonymous exit.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::fd::FromRawFd;
+use std::os::fd::OwnedFd;
+use std::os::fd::RawFd;
+use std::path::Path;
+
+use bitflags::bitflags;
+
+bitflags! {
+    /// The namespaces a service gets.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Namespaces: u32 {
+        const MOUNT = libc::CLONE_NEWNS as u32;
+        const PID = libc::CLONE_NEWPID as u32;
+        const NET = libc::CLONE_NEWNET as u32;
+        const IPC = libc::CLONE_NEWIPC as u32;
+        const UTS = libc::CLONE_NEWUTS as u32;
+    }
+}
+
+impl Namespaces {
+    /// Names as in `/proc/PID/ns`.
+    pub fn names(self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        for (flag, name) in [
+            (Namespaces::MOUNT, "mnt"),
+            (Namespaces::PID, "pid"),
+            (Namespaces::NET, "net"),
+            (Namespaces::IPC, "ipc"),
+            (Namespaces::UTS, "uts"),
+        ] {
+            if self.contains(flag) {
+                v.push(name);
+            }
+        }
+        v
+    }
+}
+
+/// A bind mount or symlink to recreate inside the new root.
+#[derive(Debug)]
+enum RootEntry {
+    /// Read-only bind mount of a host directory at the same path.
+    Bind { source: CString, target: CString },
+    /// A symlink (e.g. `/lib -> usr/lib` on merged-/usr systems).
+    Symlink { target: CString, link: CString },
+    /// A directory to create.
+    Dir(CString),
+}
+
+/// Everything the child needs, allocated before `clone`.
+pub struct SpawnPlan {
+    /// Descriptor of the service binary (opened by the parent).
+    pub binary: OwnedFd,
+    /// `argv` of the service.
+    argv: Vec<CString>,
+    /// `(source descriptor, slot)` pairs; slots are consecutive from 3.
+    pub slots: Vec<(RawFd, RawFd)>,
+    /// The loader seccomp program.
+    pub loader_filter: Vec<seccompiler::sock_filter>,
+    /// `(resource, limit)` pairs for setrlimit.
+    pub rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
+    /// Empty directory the child mounts its tmpfs root on.
+    new_root: CString,
+    root_entries: Vec<RootEntry>,
+    hostname: Vec<u8>,
+    /// `/dev/null`, for stdin.
+    dev_null: OwnedFd,
+}
+
+/// A started child.
+pub struct Spawned {
+    pub pid: libc::pid_t,
+    pub pidfd: OwnedFd,
+    pub namespaces: Namespaces,
+}
+
+/// Why a service could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot prepare the sandbox: {0}")]
+    Prepare(io::Error),
+    #[error("clone failed: {0}")]
+    Clone(io::Error),
+    #[error("sandbox set-up failed at step \"{step}\": {error}")]
+    Child { step: &'static str, error: io::Error },
+}
+
+/// Steps of the child, reported on failure.
+const STEPS: &[&str] = &[
+    "move descriptors",
+    "parent-death signal",
+    "make mounts private",
+    "mount tmpfs root",
+    "populate root",
+    "pivot_root",
+    "detach old root",
+    "read-only root",
+    "set hostname",
+    "setrlimit",
+    "no_new_privs",
+    "seccomp",
+    "execveat",
+    "signal mask",
+];
+
+/// First descriptor the child uses for its temporary copies; above any slot.
+const SCRATCH_FD: RawFd = 256;
+
+fn cstr(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+impl SpawnPlan {
+    /// Prepares a spawn of `binary` with descriptors `caps` placed at slots 3, 4, ...
+    pub fn new(
+        binary: &Path,
+        args: &[String],
+        caps: &[RawFd],
+        loader_filter: Vec<seccompiler::sock_filter>,
+        rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
+        new_root: &Path,
+        hostname: &str,
+    ) -> Result<SpawnPlan, SpawnError> {
+        let prep = SpawnError::Prepare;
+        let binary_fd = std::fs::File::open(binary).map_err(prep)?.into();
+        let dev_null = std::fs::File::open("/dev/null").map_err(prep)?.into();
+        let name = binary
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut argv = vec![cstr(&name).map_err(prep)?];
+        for a in args {
+            argv.push(cstr(a).map_err(prep)?);
+        }
+        let slots = caps
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| (*fd, 3 + i as RawFd))
+            .collect();
+        std::fs::create_dir_all(new_root).map_err(prep)?;
+        Ok(SpawnPlan {
+            binary: binary_fd,
+            argv,
+            slots,
+            loader_filter,
+            rlimits,
+            new_root: cstr(&new_root.to_string_lossy()).map_err(prep)?,
+            root_entries: library_view().map_err(prep)?,
+            hostname: hostname.as_bytes().to_vec(),
+            dev_null,
+        })
+    }
+
+    /// Slot the binary descriptor occupies in the child (just after the capabilities).
+    pub fn binary_slot(caps: usize) -> RawFd {
+        3 + caps as RawFd
+    }
+
+    /// Clones the child into `namespaces` (falling back to fewer if the kernel refuses) and
+    /// runs it to `execveat`.
+    pub fn spawn(&self, wanted: Namespaces) -> Result<Spawned, SpawnError> {
+        let mut attempts = vec![wanted];
+        if wanted != Namespaces::empty() {
+            attempts.push(Namespaces::empty());
+        }
+        let mut last = None;
+        for ns in attempts {
+            match self.spawn_once(ns) {
+                Err(SpawnError::Clone(e))
+                    if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EINVAL)) =>
+                {
+                    tracing::warn!(namespaces = ?ns.names(), "kernel refused namespaces: {e}; trying without");
+                    last = Some(SpawnError::Clone(e));
+                }
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or_else(|| SpawnError::Clone(io::ErrorKind::Unsupported.into())))
+    }
+
+    fn spawn_once(&self, ns: Namespaces) -> Result<Spawned, SpawnError> {
+        let mut pipe = [0 as RawFd; 2];
+        // SAFETY: `pipe` is a valid out-array of two descriptors.
+        if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(SpawnError::Prepare(io::Error::last_os_error()));
+        }
+        // SAFETY: pipe2 returned two fresh descriptors that we now own.
+        let (err_read, err_write) =
+            unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
+        let mut pidfd: RawFd = -1;
+        let flags = libc::CLONE_PIDFD as libc::c_ulong
+            | ns.bits() as libc::c_ulong
+            | libc::SIGCHLD as libc::c_ulong;
+        // SAFETY: clone without a new stack behaves like fork: the child gets a copy of our
+        // address space and continues here. `pidfd` is a valid out-pointer (CLONE_PIDFD
+        // stores the pidfd through the parent_tid argument).
+        let pid = unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                flags,
+                0usize,
+                &mut pidfd as *mut RawFd,
+                0usize,
+                0usize,
+            )
+        };
+        if pid < 0 {
+            return Err(SpawnError::Clone(io::Error::last_os_error()));
+        }
+        if pid == 0 {
+            // In the child: never returns.
+            self.child(ns, err_write.as_raw_fd());
+        }
+        drop(err_write);
+        // SAFETY: CLONE_PIDFD gave us a fresh pidfd for the child.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+        let mut report = [0u8; 8];
+        // SAFETY: reading into a valid buffer from the pipe we own; EOF (0) means the child
+        // reached execveat successfully (the pipe is close-on-exec).
+        let n = unsafe { libc::read(err_read.as_raw_fd(), report.as_mut_ptr().cast(), 8) };
+        if n == 8 {
+            let step = u32::from_ne_bytes([report[0], report[1], report[2], report[3]]) as usize;
+            let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
+            let mut status = 0;
+            // SAFETY: reaps our own child, which has exited (it wrote its report and exits).
+            unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+            return Err(SpawnError::Child {
+                step: STEPS.get(step).copied().unwrap_or("unknown"),
+                error: io::Error::from_raw_os_error(errno),
+            });
+        }
+        Ok(Spawned {
+            pid: pid as libc::pid_t,
+            pidfd,
+            namespaces: ns,
+        })
+    }
+
+    /// The child side. Only raw syscalls on prepared data from here on.
+    fn child(&self, ns: Namespaces, err_fd: RawFd) -> ! {
+        // SAFETY (whole function): every call below is a raw syscall on data prepared before
+        // clone (CStrings, vectors, descriptors); nothing allocates, locks or unwinds. On any
+        // failure the child reports (step, errno) on the close-on-exec pipe and _exits.
+        unsafe {
+            let fail = |step: usize, err_fd: RawFd| -> ! {
+                let errno = *libc::__errno_location();
+                let mut msg = [0u8; 8];
+                msg[..4].copy_from_slice(&(step as u32).to_ne_bytes());
+                msg[4..].copy_from_slice(&errno.to_ne_bytes());
+                libc::write(err_fd, msg.as_ptr().cast(), 8);
+                libc::_exit(127);
+            };
+
+            // Signals: the parent blocks SIGINT/SIGTERM for its signalfd; start clean.
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
+                fail(13, err_fd);
+            }
+
+            // 1. Descriptors: copy everything we keep above the slot range, then place it.
+            let n = self.slots.len();
+            let binary_slot = Self::binary_slot(n);
+            let err_slot = binary_slot + 1;
+            let mut scratch = [0 as RawFd; 64];
+            for (i, (src, _)) in self.slots.iter().enumerate() {
+                let fd = libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, SCRATCH_FD);
+                if fd < 0 {
+                    fail(0, err_fd);
+                }
+                scratch[i] = fd;
+            }
+            let bin_tmp = libc::fcntl(self.binary.as_raw_fd(), libc::F_DUPFD_CLOEXEC, SCRATCH_FD);
+            let err_tmp = libc::fcntl(err_fd, libc::F_DUPFD_CLOEXEC, SCRATCH_FD);
+            if bin_tmp < 0 || err_tmp < 0 {
+                fail(0, err_fd);
+            }
+            let err_fd = err_tmp;
+            if libc::dup2(self.dev_null.as_raw_fd(), 0) < 0 {
+                fail(0, err_fd);
+            }
+            for (i, (_, slot)) in self.slots.iter().enumerate() {
+                // dup2 clears close-on-exec: the slot survives exec.
+                if libc::dup2(scratch[i], *slot) < 0 {
+                    fail(0, err_fd);
+                }
+            }
+            if libc::dup3(bin_tmp, binary_slot, libc::O_CLOEXEC) < 0
+                || libc::dup3(err_tmp, err_slot, libc::O_CLOEXEC) < 0
+            {
+                fail(0, err_fd);
+            }
+            let err_fd = err_slot;
+            if libc::syscall(libc::SYS_close_range, err_slot as u32 + 1, u32::MAX, 0u32) != 0 {
+                fail(0, err_fd);
+            }
+
+            // 2. Die with the microkernel.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                fail(1, err_fd);
+            }
+
+            // 3. File system view.
+            if ns.contains(Namespaces::MOUNT) {
+                let none = c"none".as_ptr();
+                if libc::mount(none, c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0 {
+                    fail(2, err_fd);
+                }
+                if libc::mount(
+                    c"tmpfs".as_ptr(),
+                    self.new_root.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    c"size=64k,mode=0755".as_ptr().cast(),
+                ) != 0
+                {
+                    fail(3, err_fd);
+                }
+                if libc::chdir(self.new_root.as_ptr()) != 0 {
+                    fail(3, err_fd);
+                }
+                for entry in &self.root_entries {
+                    let ok = match entry {
+                        RootEntry::Dir(path) => libc::mkdir(path.as_ptr(), 0o755) == 0,
+                        RootEntry::Symlink { target, link } => {
+                            libc::symlink(target.as_ptr(), link.as_ptr()) == 0
+                        }
+                        RootEntry::Bind { source, target } => {
+                            libc::mkdir(target.as_ptr(), 0o755);
+                            libc::mount(source.as_ptr(), target.as_ptr(), std::ptr::null(), libc::MS_BIND | libc::MS_REC, std::ptr::null()) == 0
+                                && libc::mount(
+                                    std::ptr::null(),
+                                    target.as_ptr(),
+                                    std::ptr::null(),
+                                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+                                    std::ptr::null(),
+                                ) == 0
+                        }
+                    };
+                    if !ok {
+                        fail(4, err_fd);
+                    }
+                }
+                if libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) != 0 {
+                    fail(5, err_fd);
+                }
+                if libc::umount2(c".".as_ptr(), libc::MNT_DETACH) != 0 {
+                    fail(6, err_fd);
+                }
+                if libc::chdir(c"/".as_ptr()) != 0 {
+                    fail(6, err_fd);
+                }
+                if libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    fail(7, err_fd);
+                }
+            }
+            if ns.contains(Namespaces::UTS)
+                && libc::sethostname(self.hostname.as_ptr().cast(), self.hostname.len()) != 0
+            {
+                fail(8, err_fd);
+            }
+
+            // 4. Resource limits.
+            for (resource, value) in &self.rlimits {
+                let lim = libc::rlimit {
+                    rlim_cur: *value,
+                    rlim_max: *value,
+                };
+                if libc::setrlimit(*resource, &lim) != 0 {
+                    fail(9, err_fd);
+                }
+            }
+
+            // 5. No privilege gain through exec, and the loader filter.
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                fail(10, err_fd);
+            }
+            let prog = libc::sock_fprog {
+                len: self.loader_filter.len() as u16,
+                filter: self.loader_filter.as_ptr() as *mut libc::sock_filter,
+            };
+            if libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0u32, &prog as *const libc::sock_fprog) != 0 {
+                fail(11, err_fd);
+            }
+
+            // 6. Exec through the descriptor; empty environment.
+            let mut argv: [*const libc::c_char; 16] = [std::ptr::null(); 16];
+            for (i, a) in self.argv.iter().take(15).enumerate() {
+                argv[i] = a.as_ptr();
+            }
+            let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+            libc::syscall(
+                libc::SYS_execveat,
+                binary_slot,
+                c"".as_ptr(),
+                argv.as_ptr(),
+                envp.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            );
+            fail(12, err_fd);
+        }
+    }
+}
+
+/// The host directories a dynamically linked service needs (the loader and shared libraries),
+/// as entries to recreate in the new root: real directories are bind-mounted read-only,
+/// symlinks (merged /usr) are recreated.
+fn library_view() -> io::Result<Vec<RootEntry>> {
+    let mut entries = Vec::new();
+    let mut made_dirs: Vec<String> = Vec::new();
+    for path in ["/usr/lib", "/usr/lib64", "/lib", "/lib64"] {
+        let Ok(meta) = std::fs::symlink_metadata(path) else {
+            continue;
+        };
+        let rel = path.trim_start_matches('/');
+        // Parent directories, in order.
+        let mut parent = String::new();
+        let parts: Vec<&str> = rel.split('/').collect();
+        for part in &parts[..parts.len() - 1] {
+            if !parent.is_empty() {
+                parent.push('/');
+            }
+            parent.push_str(part);
+            if !made_dirs.contains(&parent) {
+                made_dirs.push(parent.clone());
+                entries.push(RootEntry::Dir(cstr(&parent)?));
+            }
+        }
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(path)?;
+            entries.push(RootEntry::Symlink {
+                target: cstr(&target.to_string_lossy())?,
+                link: cstr(rel)?,
+            });
+        } else if meta.is_dir() {
+            entries.push(RootEntry::Bind {
+                source: cstr(path)?,
+                target: cstr(rel)?,
+            });
+        }
+    }
+    Ok(entries)
+}
+
+/// Sends `signal` to the process behind `pidfd`.
+pub fn pidfd_signal(pidfd: &OwnedFd, signal: i32) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal with a pidfd we own and no siginfo.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0u32,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// How a child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+/// Reaps the child behind `pidfd` if it has exited.
+pub fn pidfd_reap(pidfd: &OwnedFd) -> io::Result<Option<Exit>> {
+    // SAFETY: zeroed siginfo_t is a valid out-buffer.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid on our own child's pidfd with a valid out-pointer.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: waitid filled `info` (or left si_pid 0 with WNOHANG if nothing exited).
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if pid == 0 {
+        return Ok(None);
+    }
+    Ok(Some(match info.si_code {
+        libc::CLD_EXITED => Exit::Code(status),
+        _ => Exit::Signal(status),
+    }))
+}
+
+/// Blocks `signals` in this thread and returns a signalfd for them.
+pub fn signalfd(signals: &[i32]) -> io::Result<OwnedFd> {
+    // SAFETY: sigset manipulation on a local set; sigprocmask and signalfd with valid pointers.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in signals {
+            libc::sigaddset(&mut set, *s);
+        }
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Reads one pending signal number from a signalfd, if any.
+pub fn read_signal(fd: &OwnedFd) -> Option<i32> {
+    // SAFETY: zeroed signalfd_siginfo is a valid buffer of its size.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: reading at most `size` bytes into `info`.
+    let n = unsafe { libc::read(fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
+    (n == size as isize).then_some(info.ssi_signo as i32)
+}
+
+/// Waits until any descriptor in `fds` is readable or `timeout_ms` passes (-1: forever).
+/// Returns the readiness of each.
+pub fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<bool>> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: *fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `pfds` is a valid array of `len` pollfd records.
+    let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINTR) {
+            return Ok(vec![false; fds.len()]);
+        }
+        return Err(e);
+    }
+    Ok(pfds.iter().map(|p| p.revents != 0).collect())
+}

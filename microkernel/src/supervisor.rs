@@ -1,0 +1,895 @@
+//! `paravisor run`: builds the capability table from the manifest, starts every service in its
+//! sandbox, watches them through pidfds, restarts them by policy, and answers the control
+//! socket. Single-threaded: one `poll` over the signalfd, the control socket and every pidfd.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::path::PathBuf;
+use std::time::Duration;
+use std::time::Instant;
+
+use heapless::String as HString;
+use ipc_defs::bootstrap;
+use ipc_defs::bootstrap::Bootstrap;
+use ipc_defs::bootstrap::Capability;
+use ipc_defs::capability::CapabilityKind;
+use ipc_defs::capability::FileAccess;
+use ipc_defs::control as ctl;
+use ipc_defs::hosted::channel::ChannelMemory;
+use ipc_defs::hosted::ClientEnd;
+use ipc_defs::hosted::SharedMemory;
+use ipc_defs::hosted::WaitPolicy;
+use ipc_defs::layout::Direction;
+use ipc_defs::layout::ServerState;
+use ipc_defs::layout::StatusPage;
+use ipc_defs::layout::NO_VIOLATION;
+use ipc_defs::layout::STATUS_MAGIC;
+use ipc_defs::layout::VIOLATION_EXIT_STATUS;
+use ipc_defs::Interface;
+
+use crate::control::Command;
+use crate::control::Finding;
+use crate::control::Reply;
+use crate::control::ServiceRow;
+use crate::manifest::Manifest;
+use crate::manifest::Missing;
+use crate::manifest::RestartPolicy;
+use crate::manifest::ServiceSpec;
+use crate::profiles;
+use crate::sandbox;
+use crate::sandbox::Exit;
+use crate::sandbox::Namespaces;
+use crate::sandbox::SpawnPlan;
+
+/// How long a new service has to answer its first ping.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a control request to a running service may take.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long services get to exit after a shutdown request before they are killed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// Longest restart back-off after doubling.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Options of `paravisor run`.
+pub struct Options {
+    pub manifest: Manifest,
+    pub state_dir: PathBuf,
+    /// Where the service executables are (next to `paravisor`).
+    pub bin_dir: PathBuf,
+    /// `tracing` filter handed to services.
+    pub log_filter: String,
+}
+
+/// Errors that stop `paravisor run`.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("state directory {0}: {1}")]
+    StateDir(String, io::Error),
+    #[error("another paravisor is already running with state directory {0} (its control socket answers); stop it first or pass a different --state-dir")]
+    AlreadyRunning(String),
+    #[error("service \"{service}\": binary {path} not found ({source}); build with `cargo build --release` so that it sits next to `paravisor`")]
+    Binary {
+        service: String,
+        path: String,
+        source: io::Error,
+    },
+    #[error("service \"{service}\": file \"{file}\" at {path}: {source}")]
+    File {
+        service: String,
+        file: String,
+        path: String,
+        source: io::Error,
+    },
+    #[error("cannot create {what}: {reason}")]
+    Create { what: String, reason: String },
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// The channel between two services.
+struct Link {
+    client: usize,
+    server: usize,
+    interface: Interface,
+    mem: ChannelMemory,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Starting,
+    Running,
+    /// Waiting to be restarted.
+    Backoff,
+    /// Gave up after a crash loop, or could not be started.
+    Failed,
+    /// Exited and not restarted (policy), or stopped at shutdown.
+    Stopped,
+}
+
+impl State {
+    fn name(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Backoff => "backoff",
+            State::Failed => "failed",
+            State::Stopped => "stopped",
+        }
+    }
+}
+
+struct Process {
+    pid: i32,
+    pidfd: OwnedFd,
+    namespaces: Namespaces,
+    started: Instant,
+}
+
+struct Service {
+    spec: ServiceSpec,
+    binary: PathBuf,
+    control: ClientEnd<ctl::Request, ctl::Response>,
+    status: SharedMemory,
+    regions: Vec<(String, SharedMemory)>,
+    service_program: OwnedFd,
+    loader_filter: Vec<seccompiler::sock_filter>,
+    state: State,
+    process: Option<Process>,
+    restarts: u32,
+    recent: VecDeque<Instant>,
+    restart_at: Option<Instant>,
+    last_exit: Option<String>,
+    last_stats: ctl::Stats,
+}
+
+pub struct Supervisor {
+    state_dir: PathBuf,
+    sandbox_root: PathBuf,
+    log_filter: String,
+    services: Vec<Service>,
+    links: Vec<Link>,
+    ring_capacity: u32,
+}
+
+fn create_err(what: impl Into<String>) -> impl FnOnce(String) -> RunError {
+    let what = what.into();
+    move |reason| RunError::Create { what, reason }
+}
+
+impl Supervisor {
+    /// Builds every channel, region and filter the manifest describes; starts nothing yet.
+    pub fn new(opts: &Options) -> Result<Supervisor, RunError> {
+        let m = &opts.manifest;
+        std::fs::create_dir_all(&opts.state_dir)
+            .map_err(|e| RunError::StateDir(opts.state_dir.display().to_string(), e))?;
+        let mut services = Vec::new();
+        for spec in &m.services {
+            let binary = opts.bin_dir.join(&spec.binary);
+            std::fs::metadata(&binary).map_err(|source| RunError::Binary {
+                service: spec.name.clone(),
+                path: binary.display().to_string(),
+                source,
+            })?;
+            let control_mem = ChannelMemory::create(&format!("pv-control-{}", spec.name), m.ring_capacity)
+                .map_err(|e| create_err(format!("control channel of {}", spec.name))(e.to_string()))?;
+            let status = SharedMemory::create(&format!("pv-status-{}", spec.name), 4096)?;
+            init_status(&status)?;
+            let mut regions = Vec::new();
+            for r in &spec.regions {
+                let shm = SharedMemory::create(&format!("pv-region-{}-{}", spec.name, r.name), r.size as usize)?;
+                regions.push((r.name.clone(), shm));
+            }
+            let program = profiles::service_program(&spec.syscalls)
+                .map_err(|e| create_err(format!("seccomp profile of {}", spec.name))(e.to_string()))?;
+            let bytes = profiles::program_bytes(&program);
+            let program_fd = ipc_defs::hosted::sys::memfd(&format!("pv-seccomp-{}", spec.name), bytes.len() as u64)?;
+            write_all_at(&program_fd, &bytes)?;
+            ipc_defs::hosted::sys::seal_read_only(&program_fd)?;
+            let caps = capability_count(spec, m);
+            let loader_filter = profiles::loader_program(&spec.syscalls, SpawnPlan::binary_slot(caps))
+                .map_err(|e| create_err(format!("loader profile of {}", spec.name))(e.to_string()))?;
+            services.push(Service {
+                spec: spec.clone(),
+                binary,
+                control: ClientEnd::new(control_mem, WaitPolicy::default()),
+                status,
+                regions,
+                service_program: program_fd,
+                loader_filter,
+                state: State::Stopped,
+                process: None,
+                restarts: 0,
+                recent: VecDeque::new(),
+                restart_at: None,
+                last_exit: None,
+                last_stats: ctl::Stats::default(),
+            });
+        }
+        let mut links = Vec::new();
+        for (client, spec) in m.services.iter().enumerate() {
+            for interface in &spec.calls {
+                let server = m
+                    .services
+                    .iter()
+                    .position(|s| s.serves.contains(interface))
+                    .ok_or_else(|| RunError::Create {
+                        what: format!("channel {} -> {interface}", spec.name),
+                        reason: "no server (manifest validation should have caught this)".into(),
+                    })?;
+                let mem = ChannelMemory::create(&format!("pv-chan-{}-{interface}", spec.name), m.ring_capacity)
+                    .map_err(|e| create_err(format!("channel {} -> {interface}", spec.name))(e.to_string()))?;
+                links.push(Link {
+                    client,
+                    server,
+                    interface: *interface,
+                    mem,
+                });
+            }
+        }
+        Ok(Supervisor {
+            sandbox_root: opts.state_dir.join(".sandbox-root"),
+            state_dir: opts.state_dir.clone(),
+            log_filter: opts.log_filter.clone(),
+            services,
+            links,
+            ring_capacity: m.ring_capacity,
+        })
+    }
+
+    /// Runs until SIGINT/SIGTERM or a shutdown command; then stops every service.
+    pub fn run(mut self) -> Result<(), RunError> {
+        let signals = sandbox::signalfd(&[libc::SIGINT, libc::SIGTERM])?;
+        let socket = crate::control::socket_path(&self.state_dir);
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            return Err(RunError::AlreadyRunning(self.state_dir.display().to_string()));
+        }
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket)?;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        tracing::info!(
+            services = self.services.len(),
+            channels = self.links.len(),
+            ring_capacity = self.ring_capacity,
+            socket = %socket.display(),
+            "starting"
+        );
+        for i in 0..self.services.len() {
+            self.start(i);
+        }
+        let up = self.services.iter().filter(|s| s.state == State::Running).count();
+        tracing::info!("{up} of {} services running; control socket {}", self.services.len(), socket.display());
+
+        let mut stop = false;
+        while !stop {
+            let mut fds = vec![signals.as_raw_fd(), listener.as_raw_fd()];
+            let watched: Vec<usize> = (0..self.services.len())
+                .filter(|i| self.services[*i].process.is_some())
+                .collect();
+            fds.extend(watched.iter().map(|i| self.services[*i].process.as_ref().map_or(-1, |p| p.pidfd.as_raw_fd())));
+            let now = Instant::now();
+            let next = self.services.iter().filter_map(|s| s.restart_at).min();
+            let timeout = next.map_or(-1, |t| t.saturating_duration_since(now).as_millis().min(60_000) as i32);
+            let ready = sandbox::poll_readable(&fds, timeout)?;
+            if ready[0] {
+                if let Some(sig) = sandbox::read_signal(&signals) {
+                    tracing::info!("received signal {sig}; shutting down");
+                    stop = true;
+                }
+            }
+            for (k, i) in watched.iter().enumerate() {
+                if ready[2 + k] {
+                    self.reap(*i);
+                }
+            }
+            let now = Instant::now();
+            for i in 0..self.services.len() {
+                if self.services[i].restart_at.is_some_and(|t| t <= now) {
+                    self.services[i].restart_at = None;
+                    self.services[i].restarts += 1;
+                    self.start(i);
+                }
+            }
+            if ready[1] {
+                while let Ok((stream, _)) = listener.accept() {
+                    let _ = stream.set_nonblocking(false);
+                    let reply = match crate::control::read_command(&stream) {
+                        Ok(Command::Shutdown) => {
+                            stop = true;
+                            Reply::Done { message: "shutting down".into() }
+                        }
+                        Ok(cmd) => self.command(cmd),
+                        Err(e) => Reply::Error { message: e },
+                    };
+                    crate::control::write_reply(&stream, &reply);
+                }
+            }
+        }
+        self.shutdown();
+        let _ = std::fs::remove_file(&socket);
+        Ok(())
+    }
+
+    /// Starts service `i` (first start or restart).
+    fn start(&mut self, i: usize) {
+        self.services[i].state = State::Starting;
+        match self.spawn(i) {
+            Ok(()) => {}
+            Err(reason) => {
+                tracing::error!(service = %self.services[i].spec.name, "cannot start: {reason}");
+                self.services[i].last_exit = Some(format!("start failed: {reason}"));
+                if let Some(p) = self.services[i].process.take() {
+                    let _ = sandbox::pidfd_signal(&p.pidfd, libc::SIGKILL);
+                    wait_exit(&p.pidfd, Duration::from_secs(2));
+                }
+                self.after_death(i);
+                self.schedule_restart(i, true);
+            }
+        }
+    }
+
+    fn spawn(&mut self, i: usize) -> Result<(), String> {
+        let (record, mut fds) = self.capabilities(i)?;
+        let record_bytes = postcard::to_allocvec(&record).map_err(|e| format!("bootstrap record: {e}"))?;
+        let record_fd = ipc_defs::hosted::sys::memfd(&format!("pv-bootstrap-{}", record.service), record_bytes.len() as u64)
+            .map_err(|e| e.to_string())?;
+        write_all_at(&record_fd, &record_bytes).map_err(|e| e.to_string())?;
+        ipc_defs::hosted::sys::seal_read_only(&record_fd).map_err(|e| e.to_string())?;
+        let mut raw = vec![record_fd.as_raw_fd()];
+        raw.extend(fds.iter().map(|f| f.as_raw()));
+        let s = &self.services[i];
+        let rlimits = vec![
+            (libc::RLIMIT_AS, s.spec.limits.memory),
+            (libc::RLIMIT_NOFILE, s.spec.limits.open_files),
+            (libc::RLIMIT_CORE, 0),
+        ];
+        let plan = SpawnPlan::new(
+            &s.binary,
+            &s.spec.args,
+            &raw,
+            s.loader_filter.clone(),
+            rlimits,
+            &self.sandbox_root,
+            &format!("pv-{}", s.spec.name),
+        )
+        .map_err(|e| e.to_string())?;
+        let spawned = plan.spawn(Namespaces::all()).map_err(|e| e.to_string())?;
+        drop(plan);
+        fds.clear();
+        let name = s.spec.name.clone();
+        self.services[i].process = Some(Process {
+            pid: spawned.pid,
+            pidfd: spawned.pidfd,
+            namespaces: spawned.namespaces,
+            started: Instant::now(),
+        });
+        self.first_ping(i)?;
+        if let Some(problem) = sandbox_problem(spawned.pid) {
+            return Err(format!("sandbox not in force: {problem}"));
+        }
+        for link in &self.links {
+            if link.server == i {
+                link.mem.set_server_state(ServerState::Up);
+            }
+        }
+        self.services[i].state = State::Running;
+        tracing::info!(service = %name, pid = spawned.pid, namespaces = ?spawned.namespaces.names(), "running");
+        Ok(())
+    }
+
+    /// Waits for the first answer of a new service, which proves it is up and inside its own
+    /// profile; notices at once if it dies instead.
+    fn first_ping(&mut self, i: usize) -> Result<(), String> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut nonce = 0;
+        loop {
+            nonce += 1;
+            match self.services[i].control.call(&ctl::Request::Ping { nonce }, Duration::from_millis(50)) {
+                Ok(ctl::Response::Pong { nonce: n }) if n == nonce => return Ok(()),
+                Ok(other) => return Err(format!("answered its first ping with {other:?}")),
+                Err(ipc_defs::hosted::CallError::TimedOut(_)) => {}
+                Err(e) => return Err(format!("did not answer its first ping: {e}")),
+            }
+            let p = self.services[i].process.as_ref().ok_or("no process")?;
+            if let Ok(Some(exit)) = sandbox::pidfd_reap(&p.pidfd) {
+                self.services[i].process = None;
+                return Err(format!("died during start: {}", self.exit_reason(i, exit)));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("did not answer its first ping within {START_TIMEOUT:?}"));
+            }
+        }
+    }
+
+    /// The bootstrap record and the descriptors of service `i`, in slot order (slot 3 is the
+    /// record itself, added by the caller).
+    fn capabilities(&self, i: usize) -> Result<(Bootstrap, Vec<Fd>), String> {
+        let s = &self.services[i];
+        let mut caps: Vec<(CapabilityKind, String, u64, Fd)> = vec![
+            (CapabilityKind::Status, "status".into(), s.status.len() as u64, Fd::Borrowed(s.status.as_raw_fd())),
+            (CapabilityKind::SeccompProgram, "seccomp".into(), 0, Fd::Borrowed(s.service_program.as_raw_fd())),
+            (CapabilityKind::Control, "control".into(), s.control.memory().shm().len() as u64, Fd::Borrowed(s.control.memory().shm().as_raw_fd())),
+        ];
+        for link in &self.links {
+            if link.server == i {
+                caps.push((CapabilityKind::Serve(link.interface), self.services[link.client].spec.name.clone(), link.mem.shm().len() as u64, Fd::Borrowed(link.mem.shm().as_raw_fd())));
+            }
+        }
+        for link in &self.links {
+            if link.client == i {
+                caps.push((CapabilityKind::Call(link.interface), self.services[link.server].spec.name.clone(), link.mem.shm().len() as u64, Fd::Borrowed(link.mem.shm().as_raw_fd())));
+            }
+        }
+        for (name, shm) in &s.regions {
+            caps.push((CapabilityKind::Region, name.clone(), shm.len() as u64, Fd::Borrowed(shm.as_raw_fd())));
+        }
+        for f in &s.spec.files {
+            let path = self.state_dir.join(&f.path);
+            let mut opts = std::fs::OpenOptions::new();
+            opts.read(true).custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW);
+            if f.access == FileAccess::ReadWrite {
+                opts.write(true);
+            }
+            if f.missing == Missing::Create {
+                if let Some(parent) = path.parent() {
+                    let _ = std::fs::create_dir_all(parent);
+                }
+                opts.create(true).mode(0o600);
+            }
+            let file = opts.open(&path).map_err(|e| format!("file \"{}\" at {}: {e}", f.name, path.display()))?;
+            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+            caps.push((CapabilityKind::File(f.access), f.name.clone(), len, Fd::Owned(file.into())));
+        }
+        let mut record = Bootstrap {
+            magic: bootstrap::BOOTSTRAP_MAGIC,
+            service: name16(&s.spec.name),
+            log_filter: HString::try_from(self.log_filter.as_str()).unwrap_or_else(|_| HString::try_from("info").unwrap_or_default()),
+            capabilities: heapless::Vec::new(),
+        };
+        let mut fds = Vec::new();
+        for (k, (kind, name, size, fd)) in caps.into_iter().enumerate() {
+            record
+                .capabilities
+                .push(Capability { slot: bootstrap::FIRST_CAPABILITY_SLOT + k as i32, kind, name: name16(&name), size })
+                .map_err(|_| "too many capabilities for the bootstrap record".to_string())?;
+            fds.push(fd);
+        }
+        Ok((record, fds))
+    }
+
+    /// Service `i`'s pidfd became readable: it died.
+    fn reap(&mut self, i: usize) {
+        let Some(p) = self.services[i].process.as_ref() else { return };
+        let exit = match sandbox::pidfd_reap(&p.pidfd) {
+            Ok(Some(e)) => e,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(service = %self.services[i].spec.name, "cannot reap: {e}");
+                return;
+            }
+        };
+        let uptime = p.started.elapsed();
+        self.services[i].process = None;
+        let reason = self.exit_reason(i, exit);
+        let failure = exit != Exit::Code(0);
+        if failure {
+            tracing::warn!(service = %self.services[i].spec.name, "{reason} after {uptime:.1?}");
+        } else {
+            tracing::info!(service = %self.services[i].spec.name, "{reason}");
+        }
+        self.services[i].last_exit = Some(reason);
+        self.after_death(i);
+        self.schedule_restart(i, failure);
+    }
+
+    fn exit_reason(&self, i: usize, exit: Exit) -> String {
+        let note = self.services[i]
+            .status
+            .atomic_u32(core::mem::offset_of!(StatusPage, violation_syscall))
+            .map(|a| a.swap(NO_VIOLATION, std::sync::atomic::Ordering::AcqRel))
+            .unwrap_or(NO_VIOLATION);
+        match exit {
+            Exit::Code(VIOLATION_EXIT_STATUS) | Exit::Signal(libc::SIGSYS) => {
+                let which = if note == NO_VIOLATION {
+                    "a syscall outside its profile (before its runtime could name it)".to_string()
+                } else {
+                    format!("forbidden syscall {} (#{note})", profiles::syscall_name(note))
+                };
+                format!("policy violation: {which}; killed by its seccomp filter")
+            }
+            Exit::Code(0) => "exited cleanly".into(),
+            Exit::Code(c) => format!("exited with status {c}"),
+            Exit::Signal(s) => format!("killed by {}", signal_name(s)),
+        }
+    }
+
+    /// The process of service `i` is gone: move its channels to a new epoch so that peers
+    /// stop waiting for it, and drop what it left unread.
+    fn after_death(&mut self, i: usize) {
+        let _ = self.services[i].control.memory().restart_epoch(&[Direction::Requests]);
+        for link in &self.links {
+            if link.server == i {
+                link.mem.channel().set_server_state(ServerState::Down);
+                let epoch = link.mem.restart_epoch(&[Direction::Requests]);
+                tracing::info!(channel = %format!("{}->{}", self.services[link.client].spec.name, link.interface), %epoch, "server gone; new epoch");
+            }
+            if link.client == i {
+                let _ = link.mem.restart_epoch(&[Direction::Responses]);
+            }
+        }
+    }
+
+    /// Applies the restart policy after an exit (or a failed start).
+    fn schedule_restart(&mut self, i: usize, failure: bool) {
+        let s = &mut self.services[i];
+        let restart = match s.spec.restart.policy {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => failure,
+            RestartPolicy::Never => false,
+        };
+        if !restart {
+            s.state = if failure { State::Failed } else { State::Stopped };
+            return;
+        }
+        let now = Instant::now();
+        let window = s.spec.restart.window;
+        while s.recent.front().is_some_and(|t| now.duration_since(*t) > window) {
+            s.recent.pop_front();
+        }
+        if s.recent.len() as u32 >= s.spec.restart.max {
+            s.state = State::Failed;
+            let msg = format!(
+                "crash loop: {} restarts within {}; marked failed (the other services keep running)",
+                s.recent.len(),
+                crate::manifest::format_duration(window)
+            );
+            tracing::error!(service = %s.spec.name, "{msg}");
+            s.last_exit = Some(format!("{}; {msg}", s.last_exit.clone().unwrap_or_default()));
+            return;
+        }
+        let doublings = (s.recent.len() as u32).min(16);
+        let delay = s.spec.restart.backoff.saturating_mul(1 << doublings).min(MAX_BACKOFF);
+        s.recent.push_back(now);
+        s.restart_at = Some(now + delay);
+        s.state = State::Backoff;
+        tracing::info!(service = %s.spec.name, "restarting in {delay:?}");
+    }
+
+    fn command(&mut self, cmd: Command) -> Reply {
+        match cmd {
+            Command::Ps => Reply::Ps { services: self.ps() },
+            Command::Kill { service, signal } => {
+                let Some(s) = self.services.iter().find(|s| s.spec.name == service) else {
+                    return Reply::Error { message: format!("no service named \"{service}\"") };
+                };
+                let Some(p) = &s.process else {
+                    return Reply::Error { message: format!("service \"{service}\" is not running ({})", s.state.name()) };
+                };
+                match sandbox::pidfd_signal(&p.pidfd, signal) {
+                    Ok(()) => Reply::Done { message: format!("sent {} to {service} (pid {})", signal_name(signal), p.pid) },
+                    Err(e) => Reply::Error { message: format!("cannot signal {service}: {e}") },
+                }
+            }
+            Command::Probe { service, endpoint } => {
+                let Some(i) = self.services.iter().position(|s| s.spec.name == service) else {
+                    return Reply::Error { message: format!("no service named \"{service}\"") };
+                };
+                let Some(interface) = Interface::from_name(&endpoint) else {
+                    return Reply::Error { message: format!("unknown endpoint \"{endpoint}\"") };
+                };
+                match self.services[i].control.call(&ctl::Request::Probe { endpoint: interface }, CONTROL_TIMEOUT * 2) {
+                    Ok(ctl::Response::Probe(outcome)) => Reply::Done { message: probe_text(&service, interface, outcome) },
+                    Ok(other) => Reply::Error { message: format!("unexpected answer {other:?}") },
+                    Err(e) => Reply::Error { message: format!("{service} did not answer: {e}") },
+                }
+            }
+            Command::LiveAudit => {
+                let (checked, findings) = self.live_audit();
+                Reply::Audit { checked, findings }
+            }
+            Command::Shutdown => Reply::Done { message: "shutting down".into() },
+        }
+    }
+
+    fn ps(&mut self) -> Vec<ServiceRow> {
+        let mut rows = Vec::new();
+        for i in 0..self.services.len() {
+            if self.services[i].state == State::Running {
+                if let Ok(ctl::Response::Stats(st)) = self.services[i].control.call(&ctl::Request::Stats, CONTROL_TIMEOUT) {
+                    self.services[i].last_stats = st;
+                }
+            }
+            let s = &self.services[i];
+            let epochs = self
+                .links
+                .iter()
+                .filter(|l| l.server == i)
+                .map(|l| (self.services[l.client].spec.name.clone(), l.mem.channel().epoch().0))
+                .collect();
+            rows.push(ServiceRow {
+                name: s.spec.name.clone(),
+                pid: s.process.as_ref().map(|p| p.pid),
+                state: s.state.name().into(),
+                restarts: s.restarts,
+                uptime_ms: s.process.as_ref().map(|p| p.started.elapsed().as_millis() as u64),
+                messages_in: s.last_stats.requests_in,
+                messages_out: s.last_stats.responses_out,
+                last_exit: s.last_exit.clone(),
+                namespaces: s.process.as_ref().map(|p| p.namespaces.names().iter().map(|n| n.to_string()).collect()).unwrap_or_default(),
+                epochs,
+            });
+        }
+        rows
+    }
+
+    /// Checks every running service against the manifest: descriptors, seccomp, no_new_privs,
+    /// namespaces, limits.
+    fn live_audit(&self) -> (Vec<String>, Vec<Finding>) {
+        let mut checked = Vec::new();
+        let mut findings = Vec::new();
+        for (i, s) in self.services.iter().enumerate() {
+            let Some(p) = &s.process else {
+                if s.state != State::Stopped {
+                    findings.push(Finding { service: s.spec.name.clone(), what: format!("not running ({})", s.state.name()) });
+                }
+                continue;
+            };
+            checked.push(s.spec.name.clone());
+            let mut expect = ExpectedProcess {
+                namespaces: Namespaces::all(),
+                memory: s.spec.limits.memory,
+                open_files: s.spec.limits.open_files,
+                descriptors: Vec::new(),
+            };
+            // stdio, then the capabilities the runtime keeps open (status, control, channels,
+            // regions, files; the record and the seccomp program are consumed at start).
+            expect.descriptors.push((0, "/dev/null".into()));
+            let n_links_served = self.links.iter().filter(|l| l.server == i).count();
+            let n_links_called = self.links.iter().filter(|l| l.client == i).count();
+            let mut slot = bootstrap::FIRST_CAPABILITY_SLOT;
+            expect.descriptors.push((slot, "memfd:pv-status-".into()));
+            slot += 2; // the seccomp program is closed after use
+            expect.descriptors.push((slot, "memfd:pv-control-".into()));
+            slot += 1;
+            for _ in 0..n_links_served + n_links_called {
+                expect.descriptors.push((slot, "memfd:pv-chan-".into()));
+                slot += 1;
+            }
+            for _ in &s.regions {
+                expect.descriptors.push((slot, "memfd:pv-region-".into()));
+                slot += 1;
+            }
+            for f in &s.spec.files {
+                let path = std::fs::canonicalize(self.state_dir.join(&f.path)).unwrap_or_default();
+                expect.descriptors.push((slot, path.display().to_string()));
+                slot += 1;
+            }
+            for what in check_process(p.pid, &expect) {
+                findings.push(Finding { service: s.spec.name.clone(), what });
+            }
+        }
+        (checked, findings)
+    }
+
+    /// Stops every service: a shutdown request, a grace period, then SIGKILL.
+    fn shutdown(&mut self) {
+        for s in self.services.iter_mut() {
+            s.restart_at = None;
+            if s.process.is_some() && s.state == State::Running {
+                let _ = s.control.call(&ctl::Request::Shutdown, Duration::from_millis(500));
+            }
+        }
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        for s in self.services.iter_mut() {
+            if let Some(p) = s.process.take() {
+                if !wait_exit(&p.pidfd, deadline.saturating_duration_since(Instant::now())) {
+                    tracing::warn!(service = %s.spec.name, "did not stop in time; killing");
+                    let _ = sandbox::pidfd_signal(&p.pidfd, libc::SIGKILL);
+                    wait_exit(&p.pidfd, Duration::from_secs(5));
+                }
+                s.state = State::Stopped;
+            }
+        }
+        tracing::info!("all services stopped");
+    }
+}
+
+/// A descriptor in a capability list: one the supervisor keeps, or one opened for this start.
+enum Fd {
+    Borrowed(i32),
+    Owned(OwnedFd),
+}
+
+impl Fd {
+    fn as_raw(&self) -> i32 {
+        match self {
+            Fd::Borrowed(fd) => *fd,
+            Fd::Owned(fd) => fd.as_raw_fd(),
+        }
+    }
+}
+
+fn name16(s: &str) -> bootstrap::Name {
+    let mut out = bootstrap::Name::new();
+    for c in s.chars() {
+        if out.push(c).is_err() {
+            break;
+        }
+    }
+    out
+}
+
+fn capability_count(spec: &ServiceSpec, m: &Manifest) -> usize {
+    let served = m.services.iter().filter(|c| c.calls.iter().any(|i| spec.serves.contains(i))).count();
+    // bootstrap record + status + seccomp program + control + channels + regions + files
+    1 + 3 + served + spec.calls.len() + spec.regions.len() + spec.files.len()
+}
+
+fn init_status(status: &SharedMemory) -> io::Result<()> {
+    let page = StatusPage {
+        magic: STATUS_MAGIC,
+        violation_syscall: NO_VIOLATION,
+        _reserved: [0; 14],
+    };
+    status.write(0, zerocopy::IntoBytes::as_bytes(&page))
+}
+
+fn write_all_at(fd: &OwnedFd, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::from(fd.try_clone()?);
+    file.write_all_at(bytes, 0)
+}
+
+/// Waits up to `timeout` for the process behind `pidfd` to exit, and reaps it.
+fn wait_exit(pidfd: &OwnedFd, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(_)) = sandbox::pidfd_reap(pidfd) {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let _ = sandbox::poll_readable(&[pidfd.as_raw_fd()], left.as_millis().max(1) as i32);
+    }
+}
+
+pub fn signal_name(sig: i32) -> String {
+    let name = match sig {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGSYS => "SIGSYS",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGILL => "SIGILL",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGSTOP => "SIGSTOP",
+        libc::SIGCONT => "SIGCONT",
+        _ => return format!("signal {sig}"),
+    };
+    name.to_string()
+}
+
+/// Parses "KILL", "SIGKILL", "kill" or "9".
+pub fn parse_signal(s: &str) -> Option<i32> {
+    if let Ok(n) = s.parse::<i32>() {
+        return (1..=64).contains(&n).then_some(n);
+    }
+    let up = s.to_ascii_uppercase();
+    let up = up.strip_prefix("SIG").unwrap_or(&up).to_string();
+    (1..=31).find(|n| signal_name(*n) == format!("SIG{up}"))
+}
+
+fn probe_text(service: &str, endpoint: Interface, outcome: ctl::ProbeOutcome) -> String {
+    match outcome {
+        ctl::ProbeOutcome::Reached { epoch, round_trip_ns } => {
+            format!("{service} -> {endpoint}: reached (epoch {epoch}, round trip {round_trip_ns} ns)")
+        }
+        ctl::ProbeOutcome::NoCapability => {
+            format!("{service} -> {endpoint}: no capability (the manifest does not let {service} call {endpoint})")
+        }
+        ctl::ProbeOutcome::PeerRestarted { sent_in, now } => {
+            format!("{service} -> {endpoint}: peer restarted (sent in epoch {sent_in}, now {now})")
+        }
+        ctl::ProbeOutcome::TimedOut => format!("{service} -> {endpoint}: timed out"),
+        ctl::ProbeOutcome::Failed(code) => format!("{service} -> {endpoint}: failed: {code}"),
+    }
+}
+
+/// What a service process must look like.
+pub struct ExpectedProcess {
+    pub namespaces: Namespaces,
+    pub memory: u64,
+    pub open_files: u64,
+    /// `(descriptor, prefix of its /proc/PID/fd link)`; descriptors 1 and 2 are the
+    /// microkernel's own stdout and stderr and always allowed.
+    pub descriptors: Vec<(i32, String)>,
+}
+
+/// Why a freshly started service is not sandboxed as it must be, if it is not.
+fn sandbox_problem(pid: i32) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+    };
+    if field("NoNewPrivs:").as_deref() != Some("1") {
+        return Some("no_new_privs is not set".into());
+    }
+    if field("Seccomp:").as_deref() != Some("2") {
+        return Some("seccomp filter mode is off".into());
+    }
+    if let Some(n) = field("Seccomp_filters:") {
+        if n.parse::<u32>().unwrap_or(0) < 2 {
+            return Some(format!("only {n} seccomp filter(s): the service profile was not entered"));
+        }
+    }
+    None
+}
+
+/// Compares a live process with what the manifest says; one line per difference.
+pub fn check_process(pid: i32, expect: &ExpectedProcess) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(problem) = sandbox_problem(pid) {
+        out.push(problem);
+    }
+    for ns in ["mnt", "pid", "net", "ipc", "uts"] {
+        let wanted = expect.namespaces.names().contains(&ns);
+        let mine = std::fs::read_link(format!("/proc/self/ns/{ns}")).ok();
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).ok();
+        let separate = mine.is_some() && theirs.is_some() && mine != theirs;
+        if wanted && !separate {
+            out.push(format!("shares the {ns} namespace with the microkernel"));
+        }
+    }
+    if let Ok(limits) = std::fs::read_to_string(format!("/proc/{pid}/limits")) {
+        for (label, want) in [("Max address space", expect.memory), ("Max open files", expect.open_files)] {
+            let line = limits.lines().find(|l| l.starts_with(label));
+            let soft = line.and_then(|l| l[label.len()..].split_whitespace().next().map(str::to_string));
+            if soft.as_deref() != Some(&want.to_string()) {
+                out.push(format!("{label} is {} but the manifest says {want}", soft.unwrap_or_else(|| "unknown".into())));
+            }
+        }
+    } else {
+        out.push("cannot read its limits".into());
+    }
+    match std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        Ok(dir) => {
+            for entry in dir.flatten() {
+                let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+                let target = std::fs::read_link(entry.path()).map(|t| t.display().to_string()).unwrap_or_default();
+                if fd == 1 || fd == 2 {
+                    continue;
+                }
+                match expect.descriptors.iter().find(|(slot, _)| *slot == fd) {
+                    Some((_, prefix)) if target.starts_with(prefix.as_str()) => {}
+                    Some((_, prefix)) => out.push(format!("descriptor {fd} is {target}, expected {prefix}...")),
+                    None => out.push(format!("holds descriptor {fd} ({target}) that the manifest does not grant")),
+                }
+            }
+        }
+        Err(e) => out.push(format!("cannot list its descriptors: {e}")),
+    }
+    out
+}
+
+/// Resolves the state directory: `--state-dir`, else the manifest's, relative to the current
+/// directory.
+pub fn state_dir(manifest: &Manifest, flag: Option<&Path>) -> PathBuf {
+    flag.map(Path::to_path_buf).unwrap_or_else(|| manifest.state_dir.clone())
+}

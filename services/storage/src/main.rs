@@ -1,0 +1,18 @@
+//! `pv-storage`: the guest block device, translated to the backing store. It never sees TPM or VMGS secrets; it only answers storage::Request.
+//!
+//! Capabilities expected (from the bootstrap record): its control channel, the serving end of
+//! one `storage` channel per client the manifest allows, and the calling ends the manifest grants.
+//! The service's own requests arrive with the issue that defines `ipc_defs::services::storage`;
+//! until then its endpoint answers the common ping and the control interface, both handled by
+//! the runtime, and nothing else exists to be asked.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use ipc_defs::hosted::runtime;
+use ipc_defs::services::storage;
+use ipc_defs::Interface;
+
+fn main() -> ExitCode {
+    runtime::run::<storage::Request, storage::Response>(Interface::Storage, |_context, request| match request {})
+}
