@@ -117,7 +117,10 @@ mod tests {
         };
         let bytes = postcard::to_allocvec(&rec).unwrap();
         assert_eq!(Bootstrap::decode(&bytes), Ok(rec.clone()));
-        assert_eq!(Bootstrap::decode(&bytes[..3]), Err(BootstrapError::Malformed));
+        assert_eq!(
+            Bootstrap::decode(&bytes[..3]),
+            Err(BootstrapError::Malformed)
+        );
         let mut dup = rec;
         let first = dup.capabilities[0].clone();
         dup.capabilities.push(first).unwrap();

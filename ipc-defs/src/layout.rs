@@ -279,7 +279,10 @@ mod tests {
             ChannelLayout::new(5000),
             Err(LayoutError::BadCapacity(5000))
         );
-        assert_eq!(ChannelLayout::new(1024), Err(LayoutError::BadCapacity(1024)));
+        assert_eq!(
+            ChannelLayout::new(1024),
+            Err(LayoutError::BadCapacity(1024))
+        );
         assert_eq!(
             ChannelLayout::new(1 << 30),
             Err(LayoutError::BadCapacity(1 << 30))
@@ -302,7 +305,10 @@ mod tests {
         l.initialise(&mut mem).unwrap();
         assert_eq!(ChannelLayout::from_region(&mem), Ok(l));
         mem[0] ^= 1;
-        assert_eq!(ChannelLayout::from_region(&mem), Err(LayoutError::BadHeader));
+        assert_eq!(
+            ChannelLayout::from_region(&mem),
+            Err(LayoutError::BadHeader)
+        );
     }
 }
 

@@ -208,9 +208,7 @@ impl Ring {
     }
 
     fn producer_sleeping(&self) -> &AtomicU32 {
-        self.u32_at(
-            offset_of!(RingHeader, consumer) + offset_of!(ConsumerLine, producer_sleeping),
-        )
+        self.u32_at(offset_of!(RingHeader, consumer) + offset_of!(ConsumerLine, producer_sleeping))
     }
 
     pub fn capacity(&self) -> usize {
@@ -556,7 +554,9 @@ mod tests {
     fn sleeping_consumer_is_reported_for_wakeup() {
         let mut r = Region::new(4096);
         let ring = r.channel().ring(Direction::Requests);
-        let seq = ring.prepare_sleep().expect("empty ring lets the consumer sleep");
+        let seq = ring
+            .prepare_sleep()
+            .expect("empty ring lets the consumer sleep");
         assert_eq!(ring.try_send(Epoch(1), &[1]), Ok(Wake::Peer));
         assert_ne!(ring.data_seq().load(Ordering::Relaxed), seq);
         ring.finish_sleep();

@@ -116,7 +116,15 @@ pub fn text(m: &Manifest) -> String {
     let _ = writeln!(
         out,
         "{:<10} {:<11} {:<16} {:<22} {:<8} {:>6} {:>5}  {:<38} {}",
-        "SERVICE", "SERVES", "CALLS", "CALLED BY", "MEMORY", "FILES#", "", "RESTART", "SYSCALLS (base +)"
+        "SERVICE",
+        "SERVES",
+        "CALLS",
+        "CALLED BY",
+        "MEMORY",
+        "FILES#",
+        "",
+        "RESTART",
+        "SYSCALLS (base +)"
     );
     for r in &rows {
         let _ = writeln!(
@@ -130,7 +138,11 @@ pub fn text(m: &Manifest) -> String {
             r.open_files,
             "",
             r.restart,
-            if r.syscalls_extra.is_empty() { "-".to_string() } else { r.syscalls_extra.join(", ") }
+            if r.syscalls_extra.is_empty() {
+                "-".to_string()
+            } else {
+                r.syscalls_extra.join(", ")
+            }
         );
     }
     let _ = writeln!(out);
@@ -141,6 +153,11 @@ pub fn text(m: &Manifest) -> String {
         let _ = writeln!(out, "  mmio:    {}", list(&r.mmio));
         let _ = writeln!(out, "  pio:     {}", list(&r.pio));
     }
-    let _ = writeln!(out, "\ncommon syscall base ({}): {}", profiles::BASE.len(), profiles::BASE.join(" "));
+    let _ = writeln!(
+        out,
+        "\ncommon syscall base ({}): {}",
+        profiles::BASE.len(),
+        profiles::BASE.join(" ")
+    );
     out
 }

@@ -62,10 +62,19 @@ pub struct Finding {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "kebab-case")]
 pub enum Reply {
-    Ps { services: Vec<ServiceRow> },
-    Done { message: String },
-    Audit { checked: Vec<String>, findings: Vec<Finding> },
-    Error { message: String },
+    Ps {
+        services: Vec<ServiceRow>,
+    },
+    Done {
+        message: String,
+    },
+    Audit {
+        checked: Vec<String>,
+        findings: Vec<Finding>,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// Errors of a command-line client.

@@ -150,7 +150,12 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Audit { manifest, json, live: false, .. } => {
+        Cmd::Audit {
+            manifest,
+            json,
+            live: false,
+            ..
+        } => {
             let m = load(manifest.as_deref())?;
             if json {
                 let doc = serde_json::json!({
@@ -163,12 +168,20 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Audit { manifest, json, live: true, state_dir } => {
+        Cmd::Audit {
+            manifest,
+            json,
+            live: true,
+            state_dir,
+        } => {
             let dir = client_state_dir(state_dir, manifest.as_deref());
             match send(&dir, &Command::LiveAudit)? {
                 Reply::Audit { checked, findings } => {
                     if json {
-                        println!("{}", serde_json::json!({ "checked": checked, "findings": findings }));
+                        println!(
+                            "{}",
+                            serde_json::json!({ "checked": checked, "findings": findings })
+                        );
                     } else {
                         for f in &findings {
                             println!("DIFF {}: {}", f.service, f.what);
@@ -180,12 +193,19 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                             findings.len()
                         );
                     }
-                    Ok(if findings.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+                    Ok(if findings.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    })
                 }
                 other => Err(unexpected(other)),
             }
         }
-        Cmd::Run { manifest, state_dir } => {
+        Cmd::Run {
+            manifest,
+            state_dir,
+        } => {
             init_logging();
             let m = load(manifest.as_deref())?;
             let state_dir = supervisor::state_dir(&m, state_dir.as_deref());
@@ -209,17 +229,31 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Ps { state_dir, json, manifest } => {
+        Cmd::Ps {
+            state_dir,
+            json,
+            manifest,
+        } => {
             let dir = client_state_dir(state_dir, manifest.as_deref());
             match send(&dir, &Command::Ps)? {
                 Reply::Ps { services } => {
                     if json {
-                        println!("{}", serde_json::to_string_pretty(&services).unwrap_or_default());
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&services).unwrap_or_default()
+                        );
                         return Ok(ExitCode::SUCCESS);
                     }
                     println!(
                         "{:<10} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8}  {}",
-                        "SERVICE", "PID", "STATE", "RESTARTS", "UPTIME", "MSG-IN", "MSG-OUT", "LAST EXIT"
+                        "SERVICE",
+                        "PID",
+                        "STATE",
+                        "RESTARTS",
+                        "UPTIME",
+                        "MSG-IN",
+                        "MSG-OUT",
+                        "LAST EXIT"
                     );
                     for r in services {
                         println!(
@@ -239,19 +273,38 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 other => Err(unexpected(other)),
             }
         }
-        Cmd::Kill { service, signal, state_dir, manifest } => {
+        Cmd::Kill {
+            service,
+            signal,
+            state_dir,
+            manifest,
+        } => {
             let Some(sig) = supervisor::parse_signal(&signal) else {
                 eprintln!("paravisor: unknown signal \"{signal}\" (use a name such as KILL, TERM, SEGV or a number)");
                 return Err(ExitCode::FAILURE);
             };
             let dir = client_state_dir(state_dir, manifest.as_deref());
-            done(send(&dir, &Command::Kill { service, signal: sig })?)
+            done(send(
+                &dir,
+                &Command::Kill {
+                    service,
+                    signal: sig,
+                },
+            )?)
         }
-        Cmd::Probe { service, endpoint, state_dir, manifest } => {
+        Cmd::Probe {
+            service,
+            endpoint,
+            state_dir,
+            manifest,
+        } => {
             let dir = client_state_dir(state_dir, manifest.as_deref());
             done(send(&dir, &Command::Probe { service, endpoint })?)
         }
-        Cmd::Stop { state_dir, manifest } => {
+        Cmd::Stop {
+            state_dir,
+            manifest,
+        } => {
             let dir = client_state_dir(state_dir, manifest.as_deref());
             done(send(&dir, &Command::Shutdown)?)
         }

@@ -428,7 +428,11 @@ impl Validator<'_> {
         if let Some(p) = raw.paravisor {
             if let Some(dir) = p.state_dir {
                 if dir.get_ref().is_empty() {
-                    self.error(dir.span(), "state-dir is empty", "name a directory, e.g. \"state\"");
+                    self.error(
+                        dir.span(),
+                        "state-dir is empty",
+                        "name a directory, e.g. \"state\"",
+                    );
                 } else {
                     state_dir = PathBuf::from(dir.get_ref());
                 }
@@ -556,16 +560,24 @@ impl Validator<'_> {
                 let f = f.get_ref();
                 let fname = f.name.get_ref();
                 if !valid_name(fname) {
-                    self.error(f.name.span(), format!("file name \"{fname}\" is not a valid name"), format!("use 1 to {MAX_NAME} characters from a-z, 0-9 and '-'"));
+                    self.error(
+                        f.name.span(),
+                        format!("file name \"{fname}\" is not a valid name"),
+                        format!("use 1 to {MAX_NAME} characters from a-z, 0-9 and '-'"),
+                    );
                 }
                 let p = PathBuf::from(f.path.get_ref());
                 if f.path.get_ref().is_empty()
                     || p.is_absolute()
-                    || p.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
+                    || p.components()
+                        .any(|c| !matches!(c, std::path::Component::Normal(_)))
                 {
                     self.error(
                         f.path.span(),
-                        format!("file path \"{}\" must stay inside the state directory", f.path.get_ref()),
+                        format!(
+                            "file path \"{}\" must stay inside the state directory",
+                            f.path.get_ref()
+                        ),
                         "write a relative path without '..', e.g. \"guest.vmgs\"",
                     );
                 }
@@ -573,7 +585,11 @@ impl Validator<'_> {
                     "read-only" => FileAccess::ReadOnly,
                     "read-write" => FileAccess::ReadWrite,
                     other => {
-                        self.error(f.access.span(), format!("file access \"{other}\" is unknown"), "use \"read-only\" or \"read-write\"");
+                        self.error(
+                            f.access.span(),
+                            format!("file access \"{other}\" is unknown"),
+                            "use \"read-only\" or \"read-write\"",
+                        );
                         FileAccess::ReadOnly
                     }
                 };
@@ -581,14 +597,27 @@ impl Validator<'_> {
                     None | Some(("error", _)) => Missing::Error,
                     Some(("create", _)) => Missing::Create,
                     Some((other, span)) => {
-                        self.error(span, format!("missing = \"{other}\" is unknown"), "use \"error\" or \"create\"");
+                        self.error(
+                            span,
+                            format!("missing = \"{other}\" is unknown"),
+                            "use \"error\" or \"create\"",
+                        );
                         Missing::Error
                     }
                 };
                 if missing == Missing::Create && access == FileAccess::ReadOnly {
-                    self.error(f.access.span(), "a read-only file cannot be created when missing", "use access = \"read-write\" or missing = \"error\"");
+                    self.error(
+                        f.access.span(),
+                        "a read-only file cannot be created when missing",
+                        "use access = \"read-write\" or missing = \"error\"",
+                    );
                 }
-                files.push(FileGrant { name: fname.clone(), path: p, access, missing });
+                files.push(FileGrant {
+                    name: fname.clone(),
+                    path: p,
+                    access,
+                    missing,
+                });
             }
 
             let mut regions = Vec::new();
@@ -596,25 +625,61 @@ impl Validator<'_> {
                 let r = r.get_ref();
                 let rname = r.name.get_ref();
                 if !valid_name(rname) {
-                    self.error(r.name.span(), format!("region name \"{rname}\" is not a valid name"), format!("use 1 to {MAX_NAME} characters from a-z, 0-9 and '-'"));
+                    self.error(
+                        r.name.span(),
+                        format!("region name \"{rname}\" is not a valid name"),
+                        format!("use 1 to {MAX_NAME} characters from a-z, 0-9 and '-'"),
+                    );
                 }
                 if regions.iter().any(|x: &RegionGrant| &x.name == rname) {
-                    self.error(r.name.span(), format!("region \"{rname}\" is listed twice"), "give each region a unique name");
+                    self.error(
+                        r.name.span(),
+                        format!("region \"{rname}\" is listed twice"),
+                        "give each region a unique name",
+                    );
                 }
                 match parse_size(r.size.get_ref()) {
-                    Some(n) if n > 0 && n <= MAX_MEMORY => regions.push(RegionGrant { name: rname.clone(), size: n }),
-                    _ => self.error(r.size.span(), format!("region size \"{}\" is zero, absurd or unreadable", r.size.get_ref()), "write a size such as \"256K\" or \"4M\""),
+                    Some(n) if n > 0 && n <= MAX_MEMORY => regions.push(RegionGrant {
+                        name: rname.clone(),
+                        size: n,
+                    }),
+                    _ => self.error(
+                        r.size.span(),
+                        format!(
+                            "region size \"{}\" is zero, absurd or unreadable",
+                            r.size.get_ref()
+                        ),
+                        "write a size such as \"256K\" or \"4M\"",
+                    ),
                 }
             }
 
-            let ranges = |v: &mut Self, list: &[Spanned<RawRange>], what: &str| -> Vec<(DeviceRange, Range<usize>)> {
+            let ranges = |v: &mut Self,
+                          list: &[Spanned<RawRange>],
+                          what: &str|
+             -> Vec<(DeviceRange, Range<usize>)> {
                 let mut out = Vec::new();
                 for r in list {
-                    let range = DeviceRange { base: *r.get_ref().base.get_ref(), size: *r.get_ref().size.get_ref() };
-                    let limit = if what == "pio" { 1u64 << 16 } else { 1u64 << 52 };
+                    let range = DeviceRange {
+                        base: *r.get_ref().base.get_ref(),
+                        size: *r.get_ref().size.get_ref(),
+                    };
+                    let limit = if what == "pio" {
+                        1u64 << 16
+                    } else {
+                        1u64 << 52
+                    };
                     if range.size == 0 {
-                        v.error(r.span(), format!("{what} range at {:#x} has size 0", range.base), "give the range a non-zero size");
-                    } else if range.base.checked_add(range.size).is_none_or(|end| end > limit) {
+                        v.error(
+                            r.span(),
+                            format!("{what} range at {:#x} has size 0", range.base),
+                            "give the range a non-zero size",
+                        );
+                    } else if range
+                        .base
+                        .checked_add(range.size)
+                        .is_none_or(|end| end > limit)
+                    {
                         v.error(r.span(), format!("{what} range {:#x}+{:#x} runs past the end of the {what} space ({limit:#x})", range.base, range.size), "fix base or size");
                     } else {
                         out.push((range, r.span()));
@@ -635,19 +700,31 @@ impl Validator<'_> {
             let memory = match parse_size(limits.memory.get_ref()) {
                 Some(n) if (MIN_MEMORY..=MAX_MEMORY).contains(&n) => n,
                 Some(0) => {
-                    self.error(limits.memory.span(), "memory limit is zero", format!("give at least {}M", MIN_MEMORY >> 20));
+                    self.error(
+                        limits.memory.span(),
+                        "memory limit is zero",
+                        format!("give at least {}M", MIN_MEMORY >> 20),
+                    );
                     0
                 }
                 Some(n) => {
                     self.error(
                         limits.memory.span(),
                         format!("memory limit {} is absurd", format_size(n)),
-                        format!("use between {}M and {}G", MIN_MEMORY >> 20, MAX_MEMORY >> 30),
+                        format!(
+                            "use between {}M and {}G",
+                            MIN_MEMORY >> 20,
+                            MAX_MEMORY >> 30
+                        ),
                     );
                     0
                 }
                 None => {
-                    self.error(limits.memory.span(), format!("memory limit \"{}\" is not a size", limits.memory.get_ref()), "write a size such as \"64M\"");
+                    self.error(
+                        limits.memory.span(),
+                        format!("memory limit \"{}\" is not a size", limits.memory.get_ref()),
+                        "write a size such as \"64M\"",
+                    );
                     0
                 }
             };
@@ -655,9 +732,17 @@ impl Validator<'_> {
             let open_files = *limits.open_files.get_ref();
             let needed = BASE_DESCRIPTORS + capabilities as u64;
             if open_files <= 0 {
-                self.error(limits.open_files.span(), format!("open-files limit {open_files} is zero or negative"), format!("this service needs at least {needed}"));
+                self.error(
+                    limits.open_files.span(),
+                    format!("open-files limit {open_files} is zero or negative"),
+                    format!("this service needs at least {needed}"),
+                );
             } else if open_files as u64 > MAX_OPEN_FILES {
-                self.error(limits.open_files.span(), format!("open-files limit {open_files} is absurd"), format!("use at most {MAX_OPEN_FILES}"));
+                self.error(
+                    limits.open_files.span(),
+                    format!("open-files limit {open_files} is absurd"),
+                    format!("use at most {MAX_OPEN_FILES}"),
+                );
             } else if (open_files as u64) < needed {
                 self.error(
                     limits.open_files.span(),
@@ -666,7 +751,11 @@ impl Validator<'_> {
                 );
             }
             if capabilities > MAX_CAPABILITIES {
-                self.error(service_span.clone(), format!("service \"{name}\" holds {capabilities} capabilities"), format!("at most {MAX_CAPABILITIES} fit the bootstrap record"));
+                self.error(
+                    service_span.clone(),
+                    format!("service \"{name}\" holds {capabilities} capabilities"),
+                    format!("at most {MAX_CAPABILITIES} fit the bootstrap record"),
+                );
             }
 
             let restart = self.restart(s.restart.get_ref());
@@ -681,9 +770,17 @@ impl Validator<'_> {
                         "no service may be granted it; do the work in the microkernel and pass a capability instead",
                     );
                 } else if sname.parse::<syscalls::Sysno>().is_err() {
-                    self.error(sc.span(), format!("\"{sname}\" is not an x86_64 syscall name"), "use the kernel's name, e.g. \"pwrite64\" or \"fdatasync\"");
+                    self.error(
+                        sc.span(),
+                        format!("\"{sname}\" is not an x86_64 syscall name"),
+                        "use the kernel's name, e.g. \"pwrite64\" or \"fdatasync\"",
+                    );
                 } else if syscalls.contains(sname) {
-                    self.error(sc.span(), format!("syscall \"{sname}\" is listed twice"), "list it once");
+                    self.error(
+                        sc.span(),
+                        format!("syscall \"{sname}\" is listed twice"),
+                        "list it once",
+                    );
                 } else {
                     syscalls.push(sname.clone());
                 }
@@ -699,7 +796,10 @@ impl Validator<'_> {
                 regions,
                 mmio: my_mmio.into_iter().map(|(r, _)| r).collect(),
                 pio: my_pio.into_iter().map(|(r, _)| r).collect(),
-                limits: Limits { memory, open_files: open_files.max(0) as u64 },
+                limits: Limits {
+                    memory,
+                    open_files: open_files.max(0) as u64,
+                },
                 restart,
                 syscalls,
             });
@@ -730,7 +830,10 @@ impl Validator<'_> {
         self.error(
             ep.span(),
             format!("unknown endpoint \"{}\"", ep.get_ref()),
-            format!("endpoints are the interfaces ipc-defs defines: {}", known.join(", ")),
+            format!(
+                "endpoints are the interfaces ipc-defs defines: {}",
+                known.join(", ")
+            ),
         );
     }
 
@@ -740,33 +843,63 @@ impl Validator<'_> {
             "on-failure" => RestartPolicy::OnFailure,
             "never" => RestartPolicy::Never,
             other => {
-                self.error(r.policy.span(), format!("restart policy \"{other}\" is unknown"), "use \"always\", \"on-failure\" or \"never\"");
+                self.error(
+                    r.policy.span(),
+                    format!("restart policy \"{other}\" is unknown"),
+                    "use \"always\", \"on-failure\" or \"never\"",
+                );
                 RestartPolicy::Never
             }
         };
         let max = *r.max.get_ref();
         if !(0..=MAX_RESTARTS as i64).contains(&max) {
-            self.error(r.max.span(), format!("restart max {max} is out of range"), format!("use 0 to {MAX_RESTARTS}"));
+            self.error(
+                r.max.span(),
+                format!("restart max {max} is out of range"),
+                format!("use 0 to {MAX_RESTARTS}"),
+            );
         }
         if policy != RestartPolicy::Never && max == 0 {
-            self.error(r.max.span(), format!("policy \"{policy}\" with max = 0 never restarts"), "use policy = \"never\", or allow at least one restart");
+            self.error(
+                r.max.span(),
+                format!("policy \"{policy}\" with max = 0 never restarts"),
+                "use policy = \"never\", or allow at least one restart",
+            );
         }
-        let mut duration = |s: &Spanned<String>, what: &str, min: Duration, max: Duration| -> Duration {
-            match parse_duration(s.get_ref()) {
-                Some(d) if d >= min && d <= max => d,
-                Some(d) => {
-                    self.error(s.span(), format!("restart {what} {} is zero or absurd", format_duration(d)), format!("use between {} and {}", format_duration(min), format_duration(max)));
-                    min
+        let mut duration =
+            |s: &Spanned<String>, what: &str, min: Duration, max: Duration| -> Duration {
+                match parse_duration(s.get_ref()) {
+                    Some(d) if d >= min && d <= max => d,
+                    Some(d) => {
+                        self.error(
+                            s.span(),
+                            format!("restart {what} {} is zero or absurd", format_duration(d)),
+                            format!(
+                                "use between {} and {}",
+                                format_duration(min),
+                                format_duration(max)
+                            ),
+                        );
+                        min
+                    }
+                    None => {
+                        self.error(
+                            s.span(),
+                            format!("restart {what} \"{}\" is not a duration", s.get_ref()),
+                            "write e.g. \"100ms\", \"10s\" or \"5m\"",
+                        );
+                        min
+                    }
                 }
-                None => {
-                    self.error(s.span(), format!("restart {what} \"{}\" is not a duration", s.get_ref()), "write e.g. \"100ms\", \"10s\" or \"5m\"");
-                    min
-                }
-            }
-        };
+            };
         let window = duration(&r.window, "window", Duration::from_secs(1), MAX_WINDOW);
         let backoff = duration(&r.backoff, "backoff", MIN_BACKOFF, MAX_BACKOFF);
-        Restart { policy, max: max.clamp(0, MAX_RESTARTS as i64) as u32, window, backoff }
+        Restart {
+            policy,
+            max: max.clamp(0, MAX_RESTARTS as i64) as u32,
+            window,
+            backoff,
+        }
     }
 
     fn overlaps(&mut self, ranges: &[(String, DeviceRange, Range<usize>)], what: &str) {
@@ -790,7 +923,9 @@ impl Validator<'_> {
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// 1-based line and column of byte `offset` in `source`.
@@ -905,6 +1040,11 @@ restart = { policy = "on-failure", max = 3, window = "10s", backoff = "10ms" }
     fn line_and_column_point_at_the_value() {
         let src = GOOD.replace("serves = [\"vmgs\"]", "serves = [\"vmgz\"]");
         let d = errors(&src);
-        assert!(d.iter().any(|d| d.line == 5 && d.column == 11 && d.message.contains("unknown endpoint \"vmgz\"")), "{d:?}");
+        assert!(
+            d.iter().any(|d| d.line == 5
+                && d.column == 11
+                && d.message.contains("unknown endpoint \"vmgz\"")),
+            "{d:?}"
+        );
     }
 }

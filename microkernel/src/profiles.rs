@@ -127,15 +127,26 @@ fn compile(
 
 /// The filter a service runs under for good: base plus its manifest fragment.
 pub fn service_program(fragment: &[String]) -> Result<BpfProgram, ProfileError> {
-    compile(BASE.iter().copied().map(String::from).chain(fragment.iter().cloned()), BTreeMap::new())
+    compile(
+        BASE.iter()
+            .copied()
+            .map(String::from)
+            .chain(fragment.iter().cloned()),
+        BTreeMap::new(),
+    )
 }
 
 /// The filter installed before `execveat`: base, fragment, loader needs, and `execveat` of
 /// exactly the service binary's descriptor with `AT_EMPTY_PATH`.
 pub fn loader_program(fragment: &[String], binary_slot: i32) -> Result<BpfProgram, ProfileError> {
     let exec_rule = SeccompRule::new(vec![
-        SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, binary_slot as u64)
-            .map_err(|e| ProfileError::Compile(e.to_string()))?,
+        SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            binary_slot as u64,
+        )
+        .map_err(|e| ProfileError::Compile(e.to_string()))?,
         SeccompCondition::new(
             4,
             SeccompCmpArgLen::Dword,

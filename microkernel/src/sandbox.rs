@@ -102,7 +102,10 @@ pub enum SpawnError {
     #[error("clone failed: {0}")]
     Clone(io::Error),
     #[error("sandbox set-up failed at step \"{step}\": {error}")]
-    Child { step: &'static str, error: io::Error },
+    Child {
+        step: &'static str,
+        error: io::Error,
+    },
 }
 
 /// Steps of the child, reported on failure.
@@ -323,7 +326,14 @@ impl SpawnPlan {
             // 3. File system view.
             if ns.contains(Namespaces::MOUNT) {
                 let none = c"none".as_ptr();
-                if libc::mount(none, c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0 {
+                if libc::mount(
+                    none,
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) != 0
+                {
                     fail(2, err_fd);
                 }
                 if libc::mount(
@@ -347,12 +357,22 @@ impl SpawnPlan {
                         }
                         RootEntry::Bind { source, target } => {
                             libc::mkdir(target.as_ptr(), 0o755);
-                            libc::mount(source.as_ptr(), target.as_ptr(), std::ptr::null(), libc::MS_BIND | libc::MS_REC, std::ptr::null()) == 0
+                            libc::mount(
+                                source.as_ptr(),
+                                target.as_ptr(),
+                                std::ptr::null(),
+                                libc::MS_BIND | libc::MS_REC,
+                                std::ptr::null(),
+                            ) == 0
                                 && libc::mount(
                                     std::ptr::null(),
                                     target.as_ptr(),
                                     std::ptr::null(),
-                                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+                                    libc::MS_BIND
+                                        | libc::MS_REMOUNT
+                                        | libc::MS_RDONLY
+                                        | libc::MS_NOSUID
+                                        | libc::MS_NODEV,
                                     std::ptr::null(),
                                 ) == 0
                         }
@@ -374,7 +394,11 @@ impl SpawnPlan {
                     std::ptr::null(),
                     c"/".as_ptr(),
                     std::ptr::null(),
-                    libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    libc::MS_REMOUNT
+                        | libc::MS_RDONLY
+                        | libc::MS_NOSUID
+                        | libc::MS_NODEV
+                        | libc::MS_NOEXEC,
                     std::ptr::null(),
                 ) != 0
                 {
@@ -406,7 +430,13 @@ impl SpawnPlan {
                 len: self.loader_filter.len() as u16,
                 filter: self.loader_filter.as_ptr() as *mut libc::sock_filter,
             };
-            if libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0u32, &prog as *const libc::sock_fprog) != 0 {
+            if libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0u32,
+                &prog as *const libc::sock_fprog,
+            ) != 0
+            {
                 fail(11, err_fd);
             }
 
@@ -547,7 +577,13 @@ pub fn read_signal(fd: &OwnedFd) -> Option<i32> {
     let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
     let size = std::mem::size_of::<libc::signalfd_siginfo>();
     // SAFETY: reading at most `size` bytes into `info`.
-    let n = unsafe { libc::read(fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
+    let n = unsafe {
+        libc::read(
+            fd.as_raw_fd(),
+            (&mut info as *mut libc::signalfd_siginfo).cast(),
+            size,
+        )
+    };
     (n == size as isize).then_some(info.ssi_signo as i32)
 }
 

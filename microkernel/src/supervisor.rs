@@ -146,6 +146,8 @@ struct Service {
     restart_at: Option<Instant>,
     last_exit: Option<String>,
     last_stats: ctl::Stats,
+    /// `(slot, /proc link)` of every descriptor the last start granted and the service keeps.
+    granted: Vec<(i32, String)>,
 }
 
 pub struct Supervisor {
@@ -176,24 +178,36 @@ impl Supervisor {
                 path: binary.display().to_string(),
                 source,
             })?;
-            let control_mem = ChannelMemory::create(&format!("pv-control-{}", spec.name), m.ring_capacity)
-                .map_err(|e| create_err(format!("control channel of {}", spec.name))(e.to_string()))?;
+            let control_mem =
+                ChannelMemory::create(&format!("pv-control-{}", spec.name), m.ring_capacity)
+                    .map_err(|e| {
+                        create_err(format!("control channel of {}", spec.name))(e.to_string())
+                    })?;
             let status = SharedMemory::create(&format!("pv-status-{}", spec.name), 4096)?;
             init_status(&status)?;
             let mut regions = Vec::new();
             for r in &spec.regions {
-                let shm = SharedMemory::create(&format!("pv-region-{}-{}", spec.name, r.name), r.size as usize)?;
+                let shm = SharedMemory::create(
+                    &format!("pv-region-{}-{}", spec.name, r.name),
+                    r.size as usize,
+                )?;
                 regions.push((r.name.clone(), shm));
             }
-            let program = profiles::service_program(&spec.syscalls)
-                .map_err(|e| create_err(format!("seccomp profile of {}", spec.name))(e.to_string()))?;
+            let program = profiles::service_program(&spec.syscalls).map_err(|e| {
+                create_err(format!("seccomp profile of {}", spec.name))(e.to_string())
+            })?;
             let bytes = profiles::program_bytes(&program);
-            let program_fd = ipc_defs::hosted::sys::memfd(&format!("pv-seccomp-{}", spec.name), bytes.len() as u64)?;
+            let program_fd = ipc_defs::hosted::sys::memfd(
+                &format!("pv-seccomp-{}", spec.name),
+                bytes.len() as u64,
+            )?;
             write_all_at(&program_fd, &bytes)?;
             ipc_defs::hosted::sys::seal_read_only(&program_fd)?;
             let caps = capability_count(spec, m);
-            let loader_filter = profiles::loader_program(&spec.syscalls, SpawnPlan::binary_slot(caps))
-                .map_err(|e| create_err(format!("loader profile of {}", spec.name))(e.to_string()))?;
+            let loader_filter =
+                profiles::loader_program(&spec.syscalls, SpawnPlan::binary_slot(caps)).map_err(
+                    |e| create_err(format!("loader profile of {}", spec.name))(e.to_string()),
+                )?;
             services.push(Service {
                 spec: spec.clone(),
                 binary,
@@ -209,6 +223,7 @@ impl Supervisor {
                 restart_at: None,
                 last_exit: None,
                 last_stats: ctl::Stats::default(),
+                granted: Vec::new(),
             });
         }
         let mut links = Vec::new();
@@ -222,8 +237,13 @@ impl Supervisor {
                         what: format!("channel {} -> {interface}", spec.name),
                         reason: "no server (manifest validation should have caught this)".into(),
                     })?;
-                let mem = ChannelMemory::create(&format!("pv-chan-{}-{interface}", spec.name), m.ring_capacity)
-                    .map_err(|e| create_err(format!("channel {} -> {interface}", spec.name))(e.to_string()))?;
+                let mem = ChannelMemory::create(
+                    &format!("pv-chan-{}-{interface}", spec.name),
+                    m.ring_capacity,
+                )
+                .map_err(|e| {
+                    create_err(format!("channel {} -> {interface}", spec.name))(e.to_string())
+                })?;
                 links.push(Link {
                     client,
                     server,
@@ -247,7 +267,9 @@ impl Supervisor {
         let signals = sandbox::signalfd(&[libc::SIGINT, libc::SIGTERM])?;
         let socket = crate::control::socket_path(&self.state_dir);
         if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-            return Err(RunError::AlreadyRunning(self.state_dir.display().to_string()));
+            return Err(RunError::AlreadyRunning(
+                self.state_dir.display().to_string(),
+            ));
         }
         let _ = std::fs::remove_file(&socket);
         let listener = UnixListener::bind(&socket)?;
@@ -263,8 +285,16 @@ impl Supervisor {
         for i in 0..self.services.len() {
             self.start(i);
         }
-        let up = self.services.iter().filter(|s| s.state == State::Running).count();
-        tracing::info!("{up} of {} services running; control socket {}", self.services.len(), socket.display());
+        let up = self
+            .services
+            .iter()
+            .filter(|s| s.state == State::Running)
+            .count();
+        tracing::info!(
+            "{up} of {} services running; control socket {}",
+            self.services.len(),
+            socket.display()
+        );
 
         let mut stop = false;
         while !stop {
@@ -272,10 +302,17 @@ impl Supervisor {
             let watched: Vec<usize> = (0..self.services.len())
                 .filter(|i| self.services[*i].process.is_some())
                 .collect();
-            fds.extend(watched.iter().map(|i| self.services[*i].process.as_ref().map_or(-1, |p| p.pidfd.as_raw_fd())));
+            fds.extend(watched.iter().map(|i| {
+                self.services[*i]
+                    .process
+                    .as_ref()
+                    .map_or(-1, |p| p.pidfd.as_raw_fd())
+            }));
             let now = Instant::now();
             let next = self.services.iter().filter_map(|s| s.restart_at).min();
-            let timeout = next.map_or(-1, |t| t.saturating_duration_since(now).as_millis().min(60_000) as i32);
+            let timeout = next.map_or(-1, |t| {
+                t.saturating_duration_since(now).as_millis().min(60_000) as i32
+            });
             let ready = sandbox::poll_readable(&fds, timeout)?;
             if ready[0] {
                 if let Some(sig) = sandbox::read_signal(&signals) {
@@ -302,7 +339,9 @@ impl Supervisor {
                     let reply = match crate::control::read_command(&stream) {
                         Ok(Command::Shutdown) => {
                             stop = true;
-                            Reply::Done { message: "shutting down".into() }
+                            Reply::Done {
+                                message: "shutting down".into(),
+                            }
                         }
                         Ok(cmd) => self.command(cmd),
                         Err(e) => Reply::Error { message: e },
@@ -335,10 +374,15 @@ impl Supervisor {
     }
 
     fn spawn(&mut self, i: usize) -> Result<(), String> {
-        let (record, mut fds) = self.capabilities(i)?;
-        let record_bytes = postcard::to_allocvec(&record).map_err(|e| format!("bootstrap record: {e}"))?;
-        let record_fd = ipc_defs::hosted::sys::memfd(&format!("pv-bootstrap-{}", record.service), record_bytes.len() as u64)
-            .map_err(|e| e.to_string())?;
+        let (record, mut fds, expected) = self.capabilities(i)?;
+        self.services[i].granted = expected;
+        let record_bytes =
+            postcard::to_allocvec(&record).map_err(|e| format!("bootstrap record: {e}"))?;
+        let record_fd = ipc_defs::hosted::sys::memfd(
+            &format!("pv-bootstrap-{}", record.service),
+            record_bytes.len() as u64,
+        )
+        .map_err(|e| e.to_string())?;
         write_all_at(&record_fd, &record_bytes).map_err(|e| e.to_string())?;
         ipc_defs::hosted::sys::seal_read_only(&record_fd).map_err(|e| e.to_string())?;
         let mut raw = vec![record_fd.as_raw_fd()];
@@ -390,7 +434,10 @@ impl Supervisor {
         let mut nonce = 0;
         loop {
             nonce += 1;
-            match self.services[i].control.call(&ctl::Request::Ping { nonce }, Duration::from_millis(50)) {
+            match self.services[i]
+                .control
+                .call(&ctl::Request::Ping { nonce }, Duration::from_millis(50))
+            {
                 Ok(ctl::Response::Pong { nonce: n }) if n == nonce => return Ok(()),
                 Ok(other) => return Err(format!("answered its first ping with {other:?}")),
                 Err(ipc_defs::hosted::CallError::TimedOut(_)) => {}
@@ -402,37 +449,68 @@ impl Supervisor {
                 return Err(format!("died during start: {}", self.exit_reason(i, exit)));
             }
             if Instant::now() >= deadline {
-                return Err(format!("did not answer its first ping within {START_TIMEOUT:?}"));
+                return Err(format!(
+                    "did not answer its first ping within {START_TIMEOUT:?}"
+                ));
             }
         }
     }
 
     /// The bootstrap record and the descriptors of service `i`, in slot order (slot 3 is the
     /// record itself, added by the caller).
-    fn capabilities(&self, i: usize) -> Result<(Bootstrap, Vec<Fd>), String> {
+    fn capabilities(&self, i: usize) -> Result<(Bootstrap, Vec<Fd>, Vec<(i32, String)>), String> {
         let s = &self.services[i];
-        let mut caps: Vec<(CapabilityKind, String, u64, Fd)> = vec![
-            (CapabilityKind::Status, "status".into(), s.status.len() as u64, Fd::Borrowed(s.status.as_raw_fd())),
-            (CapabilityKind::SeccompProgram, "seccomp".into(), 0, Fd::Borrowed(s.service_program.as_raw_fd())),
-            (CapabilityKind::Control, "control".into(), s.control.memory().shm().len() as u64, Fd::Borrowed(s.control.memory().shm().as_raw_fd())),
+        let shm_cap = |kind, name: String, shm: &SharedMemory| {
+            (
+                kind,
+                name,
+                shm.len() as u64,
+                Fd::Borrowed(shm.as_raw_fd()),
+                Some(memfd_link(shm)),
+            )
+        };
+        let mut caps: Vec<(CapabilityKind, String, u64, Fd, Option<String>)> = vec![
+            shm_cap(CapabilityKind::Status, "status".into(), &s.status),
+            // The runtime closes the seccomp program once it is installed.
+            (
+                CapabilityKind::SeccompProgram,
+                "seccomp".into(),
+                0,
+                Fd::Borrowed(s.service_program.as_raw_fd()),
+                None,
+            ),
+            shm_cap(
+                CapabilityKind::Control,
+                "control".into(),
+                s.control.memory().shm(),
+            ),
         ];
         for link in &self.links {
             if link.server == i {
-                caps.push((CapabilityKind::Serve(link.interface), self.services[link.client].spec.name.clone(), link.mem.shm().len() as u64, Fd::Borrowed(link.mem.shm().as_raw_fd())));
+                caps.push(shm_cap(
+                    CapabilityKind::Serve(link.interface),
+                    self.services[link.client].spec.name.clone(),
+                    link.mem.shm(),
+                ));
             }
         }
         for link in &self.links {
             if link.client == i {
-                caps.push((CapabilityKind::Call(link.interface), self.services[link.server].spec.name.clone(), link.mem.shm().len() as u64, Fd::Borrowed(link.mem.shm().as_raw_fd())));
+                caps.push(shm_cap(
+                    CapabilityKind::Call(link.interface),
+                    self.services[link.server].spec.name.clone(),
+                    link.mem.shm(),
+                ));
             }
         }
         for (name, shm) in &s.regions {
-            caps.push((CapabilityKind::Region, name.clone(), shm.len() as u64, Fd::Borrowed(shm.as_raw_fd())));
+            caps.push(shm_cap(CapabilityKind::Region, name.clone(), shm));
         }
         for f in &s.spec.files {
             let path = self.state_dir.join(&f.path);
             let mut opts = std::fs::OpenOptions::new();
-            opts.read(true).custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW);
+            opts.read(true)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW);
             if f.access == FileAccess::ReadWrite {
                 opts.write(true);
             }
@@ -442,30 +520,54 @@ impl Supervisor {
                 }
                 opts.create(true).mode(0o600);
             }
-            let file = opts.open(&path).map_err(|e| format!("file \"{}\" at {}: {e}", f.name, path.display()))?;
+            let file = opts
+                .open(&path)
+                .map_err(|e| format!("file \"{}\" at {}: {e}", f.name, path.display()))?;
             let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-            caps.push((CapabilityKind::File(f.access), f.name.clone(), len, Fd::Owned(file.into())));
+            let link = std::fs::canonicalize(&path)
+                .map(|p| p.display().to_string())
+                .ok();
+            caps.push((
+                CapabilityKind::File(f.access),
+                f.name.clone(),
+                len,
+                Fd::Owned(file.into()),
+                link,
+            ));
         }
         let mut record = Bootstrap {
             magic: bootstrap::BOOTSTRAP_MAGIC,
             service: name16(&s.spec.name),
-            log_filter: HString::try_from(self.log_filter.as_str()).unwrap_or_else(|_| HString::try_from("info").unwrap_or_default()),
+            log_filter: HString::try_from(self.log_filter.as_str())
+                .unwrap_or_else(|_| HString::try_from("info").unwrap_or_default()),
             capabilities: heapless::Vec::new(),
         };
         let mut fds = Vec::new();
-        for (k, (kind, name, size, fd)) in caps.into_iter().enumerate() {
+        let mut expected = vec![(0, "/dev/null".to_string())];
+        for (k, (kind, name, size, fd, link)) in caps.into_iter().enumerate() {
+            let slot = bootstrap::FIRST_CAPABILITY_SLOT + k as i32;
             record
                 .capabilities
-                .push(Capability { slot: bootstrap::FIRST_CAPABILITY_SLOT + k as i32, kind, name: name16(&name), size })
+                .push(Capability {
+                    slot,
+                    kind,
+                    name: name16(&name),
+                    size,
+                })
                 .map_err(|_| "too many capabilities for the bootstrap record".to_string())?;
             fds.push(fd);
+            if let Some(link) = link {
+                expected.push((slot, link));
+            }
         }
-        Ok((record, fds))
+        Ok((record, fds, expected))
     }
 
     /// Service `i`'s pidfd became readable: it died.
     fn reap(&mut self, i: usize) {
-        let Some(p) = self.services[i].process.as_ref() else { return };
+        let Some(p) = self.services[i].process.as_ref() else {
+            return;
+        };
         let exit = match sandbox::pidfd_reap(&p.pidfd) {
             Ok(Some(e)) => e,
             Ok(None) => return,
@@ -499,11 +601,21 @@ impl Supervisor {
                 let which = if note == NO_VIOLATION {
                     "a syscall outside its profile (before its runtime could name it)".to_string()
                 } else {
-                    format!("forbidden syscall {} (#{note})", profiles::syscall_name(note))
+                    format!(
+                        "forbidden syscall {} (#{note})",
+                        profiles::syscall_name(note)
+                    )
                 };
                 format!("policy violation: {which}; killed by its seccomp filter")
             }
             Exit::Code(0) => "exited cleanly".into(),
+            // The runtime turns signals that a PID-namespace init would ignore into this
+            // exit status (see ipc_defs::hosted::sys::EXIT_SIGNALS).
+            Exit::Code(c)
+                if c > 128 && ipc_defs::hosted::sys::EXIT_SIGNALS.contains(&(c - 128)) =>
+            {
+                format!("killed by {}", signal_name(c - 128))
+            }
             Exit::Code(c) => format!("exited with status {c}"),
             Exit::Signal(s) => format!("killed by {}", signal_name(s)),
         }
@@ -512,7 +624,10 @@ impl Supervisor {
     /// The process of service `i` is gone: move its channels to a new epoch so that peers
     /// stop waiting for it, and drop what it left unread.
     fn after_death(&mut self, i: usize) {
-        let _ = self.services[i].control.memory().restart_epoch(&[Direction::Requests]);
+        let _ = self.services[i]
+            .control
+            .memory()
+            .restart_epoch(&[Direction::Requests]);
         for link in &self.links {
             if link.server == i {
                 link.mem.channel().set_server_state(ServerState::Down);
@@ -534,12 +649,20 @@ impl Supervisor {
             RestartPolicy::Never => false,
         };
         if !restart {
-            s.state = if failure { State::Failed } else { State::Stopped };
+            s.state = if failure {
+                State::Failed
+            } else {
+                State::Stopped
+            };
             return;
         }
         let now = Instant::now();
         let window = s.spec.restart.window;
-        while s.recent.front().is_some_and(|t| now.duration_since(*t) > window) {
+        while s
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > window)
+        {
             s.recent.pop_front();
         }
         if s.recent.len() as u32 >= s.spec.restart.max {
@@ -550,11 +673,19 @@ impl Supervisor {
                 crate::manifest::format_duration(window)
             );
             tracing::error!(service = %s.spec.name, "{msg}");
-            s.last_exit = Some(format!("{}; {msg}", s.last_exit.clone().unwrap_or_default()));
+            s.last_exit = Some(format!(
+                "{}; {msg}",
+                s.last_exit.clone().unwrap_or_default()
+            ));
             return;
         }
         let doublings = (s.recent.len() as u32).min(16);
-        let delay = s.spec.restart.backoff.saturating_mul(1 << doublings).min(MAX_BACKOFF);
+        let delay = s
+            .spec
+            .restart
+            .backoff
+            .saturating_mul(1 << doublings)
+            .min(MAX_BACKOFF);
         s.recent.push_back(now);
         s.restart_at = Some(now + delay);
         s.state = State::Backoff;
@@ -563,37 +694,71 @@ impl Supervisor {
 
     fn command(&mut self, cmd: Command) -> Reply {
         match cmd {
-            Command::Ps => Reply::Ps { services: self.ps() },
+            Command::Ps => Reply::Ps {
+                services: self.ps(),
+            },
             Command::Kill { service, signal } => {
                 let Some(s) = self.services.iter().find(|s| s.spec.name == service) else {
-                    return Reply::Error { message: format!("no service named \"{service}\"") };
+                    return Reply::Error {
+                        message: format!("no service named \"{service}\""),
+                    };
                 };
                 let Some(p) = &s.process else {
-                    return Reply::Error { message: format!("service \"{service}\" is not running ({})", s.state.name()) };
+                    return Reply::Error {
+                        message: format!(
+                            "service \"{service}\" is not running ({})",
+                            s.state.name()
+                        ),
+                    };
                 };
                 match sandbox::pidfd_signal(&p.pidfd, signal) {
-                    Ok(()) => Reply::Done { message: format!("sent {} to {service} (pid {})", signal_name(signal), p.pid) },
-                    Err(e) => Reply::Error { message: format!("cannot signal {service}: {e}") },
+                    Ok(()) => Reply::Done {
+                        message: format!(
+                            "sent {} to {service} (pid {})",
+                            signal_name(signal),
+                            p.pid
+                        ),
+                    },
+                    Err(e) => Reply::Error {
+                        message: format!("cannot signal {service}: {e}"),
+                    },
                 }
             }
             Command::Probe { service, endpoint } => {
                 let Some(i) = self.services.iter().position(|s| s.spec.name == service) else {
-                    return Reply::Error { message: format!("no service named \"{service}\"") };
+                    return Reply::Error {
+                        message: format!("no service named \"{service}\""),
+                    };
                 };
                 let Some(interface) = Interface::from_name(&endpoint) else {
-                    return Reply::Error { message: format!("unknown endpoint \"{endpoint}\"") };
+                    return Reply::Error {
+                        message: format!("unknown endpoint \"{endpoint}\""),
+                    };
                 };
-                match self.services[i].control.call(&ctl::Request::Probe { endpoint: interface }, CONTROL_TIMEOUT * 2) {
-                    Ok(ctl::Response::Probe(outcome)) => Reply::Done { message: probe_text(&service, interface, outcome) },
-                    Ok(other) => Reply::Error { message: format!("unexpected answer {other:?}") },
-                    Err(e) => Reply::Error { message: format!("{service} did not answer: {e}") },
+                match self.services[i].control.call(
+                    &ctl::Request::Probe {
+                        endpoint: interface,
+                    },
+                    CONTROL_TIMEOUT * 2,
+                ) {
+                    Ok(ctl::Response::Probe(outcome)) => Reply::Done {
+                        message: probe_text(&service, interface, outcome),
+                    },
+                    Ok(other) => Reply::Error {
+                        message: format!("unexpected answer {other:?}"),
+                    },
+                    Err(e) => Reply::Error {
+                        message: format!("{service} did not answer: {e}"),
+                    },
                 }
             }
             Command::LiveAudit => {
                 let (checked, findings) = self.live_audit();
                 Reply::Audit { checked, findings }
             }
-            Command::Shutdown => Reply::Done { message: "shutting down".into() },
+            Command::Shutdown => Reply::Done {
+                message: "shutting down".into(),
+            },
         }
     }
 
@@ -601,7 +766,10 @@ impl Supervisor {
         let mut rows = Vec::new();
         for i in 0..self.services.len() {
             if self.services[i].state == State::Running {
-                if let Ok(ctl::Response::Stats(st)) = self.services[i].control.call(&ctl::Request::Stats, CONTROL_TIMEOUT) {
+                if let Ok(ctl::Response::Stats(st)) = self.services[i]
+                    .control
+                    .call(&ctl::Request::Stats, CONTROL_TIMEOUT)
+                {
                     self.services[i].last_stats = st;
                 }
             }
@@ -610,18 +778,30 @@ impl Supervisor {
                 .links
                 .iter()
                 .filter(|l| l.server == i)
-                .map(|l| (self.services[l.client].spec.name.clone(), l.mem.channel().epoch().0))
+                .map(|l| {
+                    (
+                        self.services[l.client].spec.name.clone(),
+                        l.mem.channel().epoch().0,
+                    )
+                })
                 .collect();
             rows.push(ServiceRow {
                 name: s.spec.name.clone(),
                 pid: s.process.as_ref().map(|p| p.pid),
                 state: s.state.name().into(),
                 restarts: s.restarts,
-                uptime_ms: s.process.as_ref().map(|p| p.started.elapsed().as_millis() as u64),
+                uptime_ms: s
+                    .process
+                    .as_ref()
+                    .map(|p| p.started.elapsed().as_millis() as u64),
                 messages_in: s.last_stats.requests_in,
                 messages_out: s.last_stats.responses_out,
                 last_exit: s.last_exit.clone(),
-                namespaces: s.process.as_ref().map(|p| p.namespaces.names().iter().map(|n| n.to_string()).collect()).unwrap_or_default(),
+                namespaces: s
+                    .process
+                    .as_ref()
+                    .map(|p| p.namespaces.names().iter().map(|n| n.to_string()).collect())
+                    .unwrap_or_default(),
                 epochs,
             });
         }
@@ -633,10 +813,13 @@ impl Supervisor {
     fn live_audit(&self) -> (Vec<String>, Vec<Finding>) {
         let mut checked = Vec::new();
         let mut findings = Vec::new();
-        for (i, s) in self.services.iter().enumerate() {
+        for s in &self.services {
             let Some(p) = &s.process else {
                 if s.state != State::Stopped {
-                    findings.push(Finding { service: s.spec.name.clone(), what: format!("not running ({})", s.state.name()) });
+                    findings.push(Finding {
+                        service: s.spec.name.clone(),
+                        what: format!("not running ({})", s.state.name()),
+                    });
                 }
                 continue;
             };
@@ -647,31 +830,12 @@ impl Supervisor {
                 open_files: s.spec.limits.open_files,
                 descriptors: Vec::new(),
             };
-            // stdio, then the capabilities the runtime keeps open (status, control, channels,
-            // regions, files; the record and the seccomp program are consumed at start).
-            expect.descriptors.push((0, "/dev/null".into()));
-            let n_links_served = self.links.iter().filter(|l| l.server == i).count();
-            let n_links_called = self.links.iter().filter(|l| l.client == i).count();
-            let mut slot = bootstrap::FIRST_CAPABILITY_SLOT;
-            expect.descriptors.push((slot, "memfd:pv-status-".into()));
-            slot += 2; // the seccomp program is closed after use
-            expect.descriptors.push((slot, "memfd:pv-control-".into()));
-            slot += 1;
-            for _ in 0..n_links_served + n_links_called {
-                expect.descriptors.push((slot, "memfd:pv-chan-".into()));
-                slot += 1;
-            }
-            for _ in &s.regions {
-                expect.descriptors.push((slot, "memfd:pv-region-".into()));
-                slot += 1;
-            }
-            for f in &s.spec.files {
-                let path = std::fs::canonicalize(self.state_dir.join(&f.path)).unwrap_or_default();
-                expect.descriptors.push((slot, path.display().to_string()));
-                slot += 1;
-            }
+            expect.descriptors = s.granted.clone();
             for what in check_process(p.pid, &expect) {
-                findings.push(Finding { service: s.spec.name.clone(), what });
+                findings.push(Finding {
+                    service: s.spec.name.clone(),
+                    what,
+                });
             }
         }
         (checked, findings)
@@ -682,7 +846,9 @@ impl Supervisor {
         for s in self.services.iter_mut() {
             s.restart_at = None;
             if s.process.is_some() && s.state == State::Running {
-                let _ = s.control.call(&ctl::Request::Shutdown, Duration::from_millis(500));
+                let _ = s
+                    .control
+                    .call(&ctl::Request::Shutdown, Duration::from_millis(500));
             }
         }
         let deadline = Instant::now() + SHUTDOWN_GRACE;
@@ -706,6 +872,11 @@ enum Fd {
     Owned(OwnedFd),
 }
 
+/// What `/proc/PID/fd/N` shows for a memfd of this name.
+fn memfd_link(shm: &SharedMemory) -> String {
+    format!("/memfd:{} (deleted)", shm.name())
+}
+
 impl Fd {
     fn as_raw(&self) -> i32 {
         match self {
@@ -726,7 +897,11 @@ fn name16(s: &str) -> bootstrap::Name {
 }
 
 fn capability_count(spec: &ServiceSpec, m: &Manifest) -> usize {
-    let served = m.services.iter().filter(|c| c.calls.iter().any(|i| spec.serves.contains(i))).count();
+    let served = m
+        .services
+        .iter()
+        .filter(|c| c.calls.iter().any(|i| spec.serves.contains(i)))
+        .count();
     // bootstrap record + status + seccomp program + control + channels + regions + files
     1 + 3 + served + spec.calls.len() + spec.regions.len() + spec.files.len()
 }
@@ -795,8 +970,13 @@ pub fn parse_signal(s: &str) -> Option<i32> {
 
 fn probe_text(service: &str, endpoint: Interface, outcome: ctl::ProbeOutcome) -> String {
     match outcome {
-        ctl::ProbeOutcome::Reached { epoch, round_trip_ns } => {
-            format!("{service} -> {endpoint}: reached (epoch {epoch}, round trip {round_trip_ns} ns)")
+        ctl::ProbeOutcome::Reached {
+            epoch,
+            round_trip_ns,
+        } => {
+            format!(
+                "{service} -> {endpoint}: reached (epoch {epoch}, round trip {round_trip_ns} ns)"
+            )
         }
         ctl::ProbeOutcome::NoCapability => {
             format!("{service} -> {endpoint}: no capability (the manifest does not let {service} call {endpoint})")
@@ -814,7 +994,7 @@ pub struct ExpectedProcess {
     pub namespaces: Namespaces,
     pub memory: u64,
     pub open_files: u64,
-    /// `(descriptor, prefix of its /proc/PID/fd link)`; descriptors 1 and 2 are the
+    /// `(descriptor, its /proc/PID/fd link)`; descriptors 1 and 2 are the
     /// microkernel's own stdout and stderr and always allowed.
     pub descriptors: Vec<(i32, String)>,
 }
@@ -836,7 +1016,9 @@ fn sandbox_problem(pid: i32) -> Option<String> {
     }
     if let Some(n) = field("Seccomp_filters:") {
         if n.parse::<u32>().unwrap_or(0) < 2 {
-            return Some(format!("only {n} seccomp filter(s): the service profile was not entered"));
+            return Some(format!(
+                "only {n} seccomp filter(s): the service profile was not entered"
+            ));
         }
     }
     None
@@ -858,11 +1040,22 @@ pub fn check_process(pid: i32, expect: &ExpectedProcess) -> Vec<String> {
         }
     }
     if let Ok(limits) = std::fs::read_to_string(format!("/proc/{pid}/limits")) {
-        for (label, want) in [("Max address space", expect.memory), ("Max open files", expect.open_files)] {
+        for (label, want) in [
+            ("Max address space", expect.memory),
+            ("Max open files", expect.open_files),
+        ] {
             let line = limits.lines().find(|l| l.starts_with(label));
-            let soft = line.and_then(|l| l[label.len()..].split_whitespace().next().map(str::to_string));
+            let soft = line.and_then(|l| {
+                l[label.len()..]
+                    .split_whitespace()
+                    .next()
+                    .map(str::to_string)
+            });
             if soft.as_deref() != Some(&want.to_string()) {
-                out.push(format!("{label} is {} but the manifest says {want}", soft.unwrap_or_else(|| "unknown".into())));
+                out.push(format!(
+                    "{label} is {} but the manifest says {want}",
+                    soft.unwrap_or_else(|| "unknown".into())
+                ));
             }
         }
     } else {
@@ -871,15 +1064,23 @@ pub fn check_process(pid: i32, expect: &ExpectedProcess) -> Vec<String> {
     match std::fs::read_dir(format!("/proc/{pid}/fd")) {
         Ok(dir) => {
             for entry in dir.flatten() {
-                let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-                let target = std::fs::read_link(entry.path()).map(|t| t.display().to_string()).unwrap_or_default();
+                let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                let target = std::fs::read_link(entry.path())
+                    .map(|t| t.display().to_string())
+                    .unwrap_or_default();
                 if fd == 1 || fd == 2 {
                     continue;
                 }
                 match expect.descriptors.iter().find(|(slot, _)| *slot == fd) {
-                    Some((_, prefix)) if target.starts_with(prefix.as_str()) => {}
-                    Some((_, prefix)) => out.push(format!("descriptor {fd} is {target}, expected {prefix}...")),
-                    None => out.push(format!("holds descriptor {fd} ({target}) that the manifest does not grant")),
+                    Some((_, want)) if &target == want => {}
+                    Some((_, want)) => out.push(format!(
+                        "descriptor {fd} is {target}, but the manifest grants {want} there"
+                    )),
+                    None => out.push(format!(
+                        "holds descriptor {fd} ({target}) that the manifest does not grant"
+                    )),
                 }
             }
         }
@@ -891,5 +1092,6 @@ pub fn check_process(pid: i32, expect: &ExpectedProcess) -> Vec<String> {
 /// Resolves the state directory: `--state-dir`, else the manifest's, relative to the current
 /// directory.
 pub fn state_dir(manifest: &Manifest, flag: Option<&Path>) -> PathBuf {
-    flag.map(Path::to_path_buf).unwrap_or_else(|| manifest.state_dir.clone())
+    flag.map(Path::to_path_buf)
+        .unwrap_or_else(|| manifest.state_dir.clone())
 }

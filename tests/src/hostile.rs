@@ -1,1 +1,176 @@
-fn main(){}
+//! `pv-hostile`: a deliberately misbehaving service, for the integration tests only.
+//!
+//! It starts like every service (bootstrap record, sandbox, capabilities) and then does what
+//! its first argument (from the test manifest's `args`) says, to prove that the microkernel
+//! and its peers contain it:
+//!
+//! | action              | what it does                                   | expected outcome               |
+//! |---------------------|------------------------------------------------|--------------------------------|
+//! | `open-file`         | opens `/etc/hostname`                          | killed, reported as `openat`   |
+//! | `socket`            | creates a UDP socket                           | killed, reported as `socket`   |
+//! | `forge-slot N`      | maps descriptor N as if it were a channel      | typed error (exit 0)           |
+//! | `torn-frame EP`     | publishes half a frame to EP, then aborts      | EP's server survives           |
+//! | `garbage EP`        | sends bad postcard and an oversized frame to EP| typed errors (exit 0)          |
+//! | `crash`             | exits with status 3 at once                    | restarted, then `failed`       |
+//! | `serve`             | serves normally                                | runs                           |
+//!
+//! Exit status 0 means "every hostile attempt got the typed error it should"; 10 and up
+//! name an attempt that unexpectedly worked.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+use std::time::Duration;
+use std::time::Instant;
+
+use ipc_defs::endpoint;
+use ipc_defs::hosted::channel::ChannelMemory;
+use ipc_defs::hosted::runtime;
+use ipc_defs::hosted::sys;
+use ipc_defs::layout::Direction;
+use ipc_defs::layout::ProducerLine;
+use ipc_defs::layout::RingHeader;
+use ipc_defs::ring::RingError;
+use ipc_defs::Interface;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut started = match runtime::enter() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("pv-hostile: cannot start: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let action = args.first().map(String::as_str).unwrap_or("serve");
+    let endpoint = || {
+        args.get(1)
+            .and_then(|n| Interface::from_name(n))
+            .expect("test manifest names an endpoint")
+    };
+    match action {
+        "open-file" => {
+            let r = std::fs::File::open("/etc/hostname");
+            eprintln!("pv-hostile: open returned {r:?} (should have been killed)");
+            ExitCode::from(10)
+        }
+        "socket" => {
+            let r = std::net::UdpSocket::bind("127.0.0.1:0");
+            eprintln!("pv-hostile: socket returned {r:?} (should have been killed)");
+            ExitCode::from(11)
+        }
+        "forge-slot" => {
+            let slot: i32 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(40);
+            let outcome = sys::take_fd(slot)
+                .map_err(|e| e.to_string())
+                .and_then(|fd| ChannelMemory::open(fd).map_err(|e| e.to_string()));
+            match outcome {
+                Ok(_) => {
+                    eprintln!("pv-hostile: forged slot {slot} opened as a channel");
+                    ExitCode::from(12)
+                }
+                Err(e) => {
+                    eprintln!("pv-hostile: forged slot {slot} refused: {e}");
+                    ExitCode::SUCCESS
+                }
+            }
+        }
+        "torn-frame" => {
+            let ep = endpoint();
+            let client = started
+                .context
+                .clients
+                .get(&ep)
+                .expect("manifest grants the call");
+            let mem = client.memory();
+            let layout = mem.channel().layout();
+            let header = layout.ring_header(Direction::Requests);
+            let data = layout.ring_data(Direction::Requests);
+            let tail_at = header
+                + core::mem::offset_of!(RingHeader, producer)
+                + core::mem::offset_of!(ProducerLine, tail);
+            let mut tail = [0u8; 8];
+            mem.shm().read(tail_at, &mut tail).expect("in bounds");
+            let tail = u64::from_ne_bytes(tail);
+            let at = data + (tail % layout.ring_capacity as u64) as usize;
+            // A header promising 1000 bytes, ten bytes of payload, and the tail published
+            // as if the frame were complete; then die mid-frame.
+            let epoch = mem.channel().epoch().0;
+            let mut frame = Vec::new();
+            frame.extend_from_slice(&1000u32.to_ne_bytes());
+            frame.extend_from_slice(&epoch.to_ne_bytes());
+            frame.extend_from_slice(&[0xee; 8]);
+            let _ = mem.shm().write(at, &frame);
+            let _ = mem
+                .shm()
+                .write(tail_at, &(tail + frame.len() as u64).to_ne_bytes());
+            let _ = sys::futex_wake(mem.channel().ring(Direction::Requests).data_seq(), 1);
+            std::process::abort();
+        }
+        "garbage" => {
+            let ep = endpoint();
+            let client = started
+                .context
+                .clients
+                .get(&ep)
+                .expect("manifest grants the call");
+            let channel = *client.memory().channel();
+            let requests = channel.ring(Direction::Requests);
+            let responses = channel.ring(Direction::Responses);
+            // 1. A frame whose tag decodes but whose body is not postcard for the interface.
+            let garbage = [0x05u8, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f, 0x09];
+            let _ = requests.try_send(channel.epoch(), &garbage);
+            let _ = sys::futex_wake(requests.data_seq(), 1);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut buf = vec![0u8; responses.capacity()];
+            let reply = loop {
+                if let Ok(Some((got, _))) = responses.try_recv(&mut buf) {
+                    break postcard::from_bytes::<endpoint::Envelope<endpoint::Response<()>>>(
+                        &buf[..got.len],
+                    )
+                    .ok();
+                }
+                if Instant::now() > deadline {
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            };
+            match reply {
+                Some(endpoint::Envelope {
+                    tag: 5,
+                    body: endpoint::Response::Error(endpoint::ErrorCode::Malformed),
+                }) => eprintln!("pv-hostile: garbage was refused as malformed"),
+                other => {
+                    eprintln!("pv-hostile: garbage got {other:?}");
+                    return ExitCode::from(13);
+                }
+            }
+            // 2. A frame larger than the ring.
+            let big = vec![0u8; requests.capacity() + 1];
+            match requests.try_send(channel.epoch(), &big) {
+                Err(RingError::FrameTooLarge { .. }) => {
+                    eprintln!("pv-hostile: oversized frame refused")
+                }
+                other => {
+                    eprintln!("pv-hostile: oversized frame got {other:?}");
+                    return ExitCode::from(14);
+                }
+            }
+            // 3. The server still answers properly.
+            let client = started.context.clients.get_mut(&ep).expect("granted");
+            match client.call(
+                &endpoint::Request::Ping { nonce: 77 },
+                Duration::from_secs(5),
+            ) {
+                Ok(endpoint::Response::Pong { nonce: 77 }) => ExitCode::SUCCESS,
+                other => {
+                    eprintln!("pv-hostile: ping after garbage got {other:?}");
+                    ExitCode::from(15)
+                }
+            }
+        }
+        "crash" => ExitCode::from(3),
+        _ => started.serve::<(), ()>(Interface::Intercept, |_, ()| {
+            endpoint::Response::Error(endpoint::ErrorCode::Unsupported)
+        }),
+    }
+}

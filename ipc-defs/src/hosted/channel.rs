@@ -103,9 +103,7 @@ impl ChannelMemory {
         let layout = ChannelLayout::new(ring_capacity).map_err(OpenError::Layout)?;
         let shm = SharedMemory::create(name, layout.region_size())?;
         let mut header = vec![0u8; layout.region_size()];
-        layout
-            .initialise(&mut header)
-            .map_err(OpenError::Layout)?;
+        layout.initialise(&mut header).map_err(OpenError::Layout)?;
         shm.write(0, &header)?;
         // SAFETY: the mapping is page-aligned, `region_size` long, and lives in `shm`, which
         // this struct owns for as long as `channel` is usable.
@@ -118,7 +116,8 @@ impl ChannelMemory {
         let shm = SharedMemory::map(fd, true)?;
         let mut probe = vec![0u8; shm.len().min(64)];
         shm.read(0, &mut probe)?;
-        let layout = crate::layout::ChannelHeader::read_header(&probe).map_err(OpenError::Layout)?;
+        let layout =
+            crate::layout::ChannelHeader::read_header(&probe).map_err(OpenError::Layout)?;
         let layout = ChannelLayout::new(layout).map_err(OpenError::Layout)?;
         if shm.len() < layout.region_size() {
             return Err(OpenError::Layout(LayoutError::RegionTooSmall {
@@ -347,7 +346,11 @@ impl<Q: Serialize, R: DeserializeOwned> ClientEnd<Q, R> {
                 return Err(CallError::TimedOut(timeout));
             }
             if let Some(seq) = ring.prepare_space_sleep(frame_footprint(len)) {
-                sys::futex_wait(ring.space_seq(), seq, Some((deadline - now).min(RECHECK_INTERVAL)));
+                sys::futex_wait(
+                    ring.space_seq(),
+                    seq,
+                    Some((deadline - now).min(RECHECK_INTERVAL)),
+                );
                 ring.finish_space_sleep();
             }
         }
@@ -511,7 +514,11 @@ impl ServerEnd {
                 return Err(ServeError::Ring(RingError::Full));
             }
             if let Some(seq) = ring.prepare_space_sleep(frame_footprint(len)) {
-                sys::futex_wait(ring.space_seq(), seq, Some((deadline - now).min(RECHECK_INTERVAL)));
+                sys::futex_wait(
+                    ring.space_seq(),
+                    seq,
+                    Some((deadline - now).min(RECHECK_INTERVAL)),
+                );
                 ring.finish_space_sleep();
             }
         }

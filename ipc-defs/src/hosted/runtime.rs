@@ -69,6 +69,8 @@ pub enum StartError {
     },
     #[error("cannot enter the seccomp profile: {0}")]
     Seccomp(io::Error),
+    #[error("cannot install the runtime's signal handlers: {0}")]
+    Signals(io::Error),
     #[error("the bootstrap record grants no control channel")]
     NoControl,
 }
@@ -100,40 +102,64 @@ struct Served {
     end: ServerEnd,
 }
 
-/// Runs a service: `handler` answers its interface's requests (`Q` -> `R`).
-///
-/// Returns when the microkernel asks the service to shut down.
+/// A service that has entered its sandbox and mapped its capabilities, ready to serve.
+pub struct Started {
+    pub context: Context,
+    served: Vec<Served>,
+    _span: tracing::span::EnteredSpan,
+}
+
+/// Reads the bootstrap record, sets up logging, enters the service's seccomp profile and maps
+/// every capability. Nothing of the service's own runs before this returns.
+pub fn enter() -> Result<Started, StartError> {
+    let record = read_bootstrap()?;
+    init_logging(&record);
+    let span = tracing::info_span!("service", name = %record.service).entered();
+    let (context, served) = start(&record)?;
+    tracing::info!(
+        clients = served.len() - 1,
+        calls = context.clients.len(),
+        "sandboxed and serving"
+    );
+    Ok(Started {
+        context,
+        served,
+        _span: span,
+    })
+}
+
+impl Started {
+    /// Serves until the microkernel asks for shutdown: `handler` answers the interface's own
+    /// requests (`Q` -> `R`); the runtime answers control and ping.
+    pub fn serve<Q, R>(
+        mut self,
+        interface: Interface,
+        mut handler: impl FnMut(&mut Context, Q) -> endpoint::Response<R>,
+    ) -> ExitCode
+    where
+        Q: DeserializeOwned,
+        R: Serialize,
+    {
+        serve(interface, &mut self.context, &mut self.served, &mut handler);
+        tracing::info!("shut down on request");
+        ExitCode::SUCCESS
+    }
+}
+
+/// Runs a service: enters the sandbox, then serves (see [`enter`] and [`Started::serve`]).
 pub fn run<Q, R>(
     interface: Interface,
-    mut handler: impl FnMut(&mut Context, Q) -> endpoint::Response<R>,
+    handler: impl FnMut(&mut Context, Q) -> endpoint::Response<R>,
 ) -> ExitCode
 where
     Q: DeserializeOwned,
     R: Serialize,
 {
-    let record = match read_bootstrap() {
-        Ok(r) => r,
+    match enter() {
+        Ok(started) => started.serve(interface, handler),
         Err(e) => {
+            // Logging may not be up yet (no record): stderr is always there.
             eprintln!("{interface}: cannot start: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    init_logging(&record);
-    let span = tracing::info_span!("service", name = %record.service);
-    let _entered = span.enter();
-    match start(&record) {
-        Ok((mut context, mut served)) => {
-            tracing::info!(
-                serves = served.len() - 1,
-                calls = context.clients.len(),
-                "sandboxed and serving"
-            );
-            serve(interface, &mut context, &mut served, &mut handler);
-            tracing::info!("shut down on request");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            tracing::error!("cannot start: {e}");
             ExitCode::from(2)
         }
     }
@@ -152,13 +178,17 @@ fn init_logging(record: &Bootstrap) {
 
 /// Enters the sandbox profile and maps every capability.
 fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
+    sys::exit_on_signals().map_err(StartError::Signals)?;
     // The status page first, so that a violation from here on is named.
     for cap in record.find(CapabilityKind::Status) {
         let fd = sys::take_fd(cap.slot).map_err(|e| cap_error(cap, e))?;
         let page = SharedMemory::map(fd, true).map_err(|e| cap_error(cap, e))?;
         let page: &'static SharedMemory = Box::leak(Box::new(page));
         let note: &'static AtomicU32 = page
-            .atomic_u32(core::mem::offset_of!(crate::layout::StatusPage, violation_syscall))
+            .atomic_u32(core::mem::offset_of!(
+                crate::layout::StatusPage,
+                violation_syscall
+            ))
             .map_err(|e| cap_error(cap, e))?;
         sys::report_violations_to(note).map_err(|e| cap_error(cap, e))?;
     }

@@ -17,6 +17,8 @@ pub struct SharedMemory {
     ptr: NonNull<u8>,
     len: usize,
     fd: OwnedFd,
+    /// The memfd name given at creation (empty for received mappings).
+    name: String,
 }
 
 // SAFETY: the mapping is process-wide and not tied to a thread; access goes through raw
@@ -29,7 +31,12 @@ impl SharedMemory {
         let fd = sys::memfd(name, len as u64)?;
         sys::seal_size(&fd)?;
         let ptr = sys::map_shared(&fd, len, true)?;
-        Ok(SharedMemory { ptr, len, fd })
+        Ok(SharedMemory {
+            ptr,
+            len,
+            fd,
+            name: name.to_string(),
+        })
     }
 
     /// Maps all of an existing shared-memory descriptor (received as a capability).
@@ -43,7 +50,17 @@ impl SharedMemory {
         }
         let len = len as usize;
         let ptr = sys::map_shared(&fd, len, writable)?;
-        Ok(SharedMemory { ptr, len, fd })
+        Ok(SharedMemory {
+            ptr,
+            len,
+            fd,
+            name: String::new(),
+        })
+    }
+
+    /// The memfd name given at creation (what `/proc/PID/fd` shows as `/memfd:NAME`).
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     pub fn as_ptr(&self) -> NonNull<u8> {
@@ -64,7 +81,11 @@ impl SharedMemory {
         // SAFETY: bounds checked above; the source is shared memory of plain bytes that a peer
         // may be changing, which is fine for a byte copy whose result is validated by callers.
         unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(offset), buf.as_mut_ptr(), buf.len())
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
         };
         Ok(())
     }

@@ -22,7 +22,8 @@ fn cvt(ret: libc::c_long) -> io::Result<libc::c_long> {
 pub fn memfd(name: &str, len: u64) -> io::Result<OwnedFd> {
     let cname = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
     // SAFETY: `cname` is a valid NUL-terminated string for the duration of the call.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let fd =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -180,7 +181,10 @@ pub fn futex_wait_any(words: &[(&AtomicU32, u32)], timeout: Option<Duration>) ->
         .collect();
     let deadline = match timeout {
         Some(t) => {
-            let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            let mut now = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
             // SAFETY: `now` is a valid out-pointer.
             unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
             let total = Duration::new(now.tv_sec as u64, now.tv_nsec as u32) + t;
@@ -260,7 +264,12 @@ const SI_SYSCALL_OFFSET: usize = 24;
 extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo_t for SIGSYS; we read one int at the offset
     // the x86_64 ABI gives for si_syscall.
-    let nr = unsafe { info.cast::<u8>().add(SI_SYSCALL_OFFSET).cast::<i32>().read_unaligned() };
+    let nr = unsafe {
+        info.cast::<u8>()
+            .add(SI_SYSCALL_OFFSET)
+            .cast::<i32>()
+            .read_unaligned()
+    };
     let note = VIOLATION_NOTE.load(Ordering::Acquire);
     if !note.is_null() {
         // SAFETY: the pointer was set from a live mapping of the status page that is never
@@ -278,13 +287,52 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
 ///
 /// `note` must stay valid for the rest of the process's life.
 pub fn report_violations_to(note: &'static AtomicU32) -> io::Result<()> {
-    VIOLATION_NOTE.store(note as *const AtomicU32 as *mut AtomicU32, Ordering::Release);
+    VIOLATION_NOTE.store(
+        note as *const AtomicU32 as *mut AtomicU32,
+        Ordering::Release,
+    );
     // SAFETY: zeroed sigaction is a valid starting point; we fill handler and flags.
     let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
     action.sa_sigaction = on_sigsys as *const () as usize;
     action.sa_flags = libc::SA_SIGINFO;
     // SAFETY: installs a handler that only does async-signal-safe work.
     cvt(unsafe { libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) } as libc::c_long)?;
+    Ok(())
+}
+
+extern "C" fn exit_with_signal(sig: libc::c_int) {
+    // SAFETY: exit_group is async-signal-safe and never returns.
+    unsafe {
+        libc::syscall(libc::SYS_exit_group, 128 + sig);
+    }
+}
+
+/// Signals a service must die by even though it is the init process of its PID namespace.
+///
+/// The kernel drops signals without a handler that are sent to a namespace's init (only
+/// SIGKILL and SIGSTOP are forced), so `paravisor kill --signal TERM` or the service's own
+/// `abort()` would otherwise do nothing (abort then ends in a fault). The runtime handles
+/// these by exiting at once with status 128 + signal, which the supervisor reports as a
+/// death by that signal.
+pub const EXIT_SIGNALS: &[i32] = &[
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGABRT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+/// Installs the handlers described at [`EXIT_SIGNALS`].
+pub fn exit_on_signals() -> io::Result<()> {
+    for sig in EXIT_SIGNALS {
+        // SAFETY: zeroed sigaction is a valid starting point; we fill the handler.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = exit_with_signal as *const () as usize;
+        // SAFETY: installs a handler that only makes one async-signal-safe syscall.
+        cvt(unsafe { libc::sigaction(*sig, &action, std::ptr::null_mut()) } as libc::c_long)?;
+    }
     Ok(())
 }
 

@@ -14,5 +14,8 @@ use ipc_defs::services::intercept;
 use ipc_defs::Interface;
 
 fn main() -> ExitCode {
-    runtime::run::<intercept::Request, intercept::Response>(Interface::Intercept, |_context, request| match request {})
+    runtime::run::<intercept::Request, intercept::Response>(
+        Interface::Intercept,
+        |_context, request| match request {},
+    )
 }

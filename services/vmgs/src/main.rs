@@ -14,5 +14,8 @@ use ipc_defs::services::vmgs;
 use ipc_defs::Interface;
 
 fn main() -> ExitCode {
-    runtime::run::<vmgs::Request, vmgs::Response>(Interface::Vmgs, |_context, request| match request {})
+    runtime::run::<vmgs::Request, vmgs::Response>(
+        Interface::Vmgs,
+        |_context, request| match request {},
+    )
 }

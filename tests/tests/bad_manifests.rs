@@ -1,0 +1,222 @@
+//! CAmkES-style bad-manifest cases: each one is refused by `paravisor check` with a non-zero
+//! exit and a message that names the line.
+
+mod common;
+
+use common::pv;
+use common::scratch_dir;
+use common::text;
+
+const GOOD: &str = r#"[[service]]
+name = "store"
+binary = "pv-vmgs"
+serves = ["vmgs"]
+limits = { memory = "64M", open-files = 32 }
+restart = { policy = "always", max = 3, window = "10s", backoff = "10ms" }
+
+[[service]]
+name = "tpm"
+binary = "pv-vtpm"
+serves = ["vtpm"]
+calls = [{ endpoint = "vmgs" }]
+mmio = [{ base = 0xfed40000, size = 0x5000 }]
+limits = { memory = "64M", open-files = 32 }
+restart = { policy = "on-failure", max = 3, window = "10s", backoff = "10ms" }
+"#;
+
+/// Checks `manifest`; asserts failure with `needle` in the output at `line`.
+fn refused(manifest: &str, line: usize, needle: &str) {
+    let dir = scratch_dir("bad");
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, manifest).unwrap();
+    let out = pv(&["check", path.to_str().unwrap()]);
+    let msg = text(&out);
+    assert!(
+        !out.status.success(),
+        "accepted a bad manifest:\n{manifest}"
+    );
+    assert!(msg.contains(needle), "message lacks {needle:?}:\n{msg}");
+    let at = format!("bad.toml:{line}:");
+    assert!(
+        msg.contains(&at),
+        "message does not point at line {line}:\n{msg}"
+    );
+    assert!(
+        msg.contains("help:"),
+        "message does not say what would be right:\n{msg}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn good_manifest_and_shipped_manifest_pass() {
+    let dir = scratch_dir("good");
+    let path = dir.join("good.toml");
+    std::fs::write(&path, GOOD).unwrap();
+    let out = pv(&["check", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = pv(&["check", common::shipped_manifest().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn unknown_endpoint_is_refused() {
+    refused(
+        &GOOD.replace("serves = [\"vtpm\"]", "serves = [\"tpmx\"]"),
+        11,
+        "unknown endpoint \"tpmx\"",
+    );
+}
+
+#[test]
+fn endpoint_served_twice_is_refused() {
+    refused(
+        &GOOD.replace("serves = [\"vtpm\"]", "serves = [\"vmgs\"]"),
+        11,
+        "served twice",
+    );
+}
+
+#[test]
+fn call_to_an_endpoint_nobody_serves_is_refused() {
+    refused(
+        &GOOD.replace(
+            "calls = [{ endpoint = \"vmgs\" }]",
+            "calls = [{ endpoint = \"net\" }]",
+        ),
+        12,
+        "no service serves it",
+    );
+}
+
+#[test]
+fn disconnected_service_is_refused() {
+    let m = format!(
+        "{GOOD}\n[[service]]\nname = \"lonely\"\nbinary = \"pv-net\"\nlimits = {{ memory = \"64M\", open-files = 32 }}\nrestart = {{ policy = \"never\", max = 0, window = \"10s\", backoff = \"10ms\" }}\n"
+    );
+    refused(&m, 18, "serves nothing and calls nothing");
+}
+
+#[test]
+fn duplicate_service_names_are_refused() {
+    refused(
+        &GOOD.replace("name = \"tpm\"", "name = \"store\""),
+        9,
+        "defined twice",
+    );
+}
+
+#[test]
+fn zero_memory_limit_is_refused() {
+    refused(
+        &GOOD.replacen("memory = \"64M\"", "memory = \"0\"", 1),
+        5,
+        "memory limit is zero",
+    );
+}
+
+#[test]
+fn absurd_memory_limit_is_refused() {
+    refused(
+        &GOOD.replacen("memory = \"64M\"", "memory = \"9000G\"", 1),
+        5,
+        "absurd",
+    );
+}
+
+#[test]
+fn zero_open_files_is_refused() {
+    refused(
+        &GOOD.replacen("open-files = 32", "open-files = 0", 1),
+        5,
+        "open-files limit 0",
+    );
+}
+
+#[test]
+fn absurd_restart_limits_are_refused() {
+    refused(
+        &GOOD.replacen("max = 3", "max = 100000", 1),
+        6,
+        "restart max 100000",
+    );
+    refused(
+        &GOOD.replacen("backoff = \"10ms\"", "backoff = \"0ms\"", 1),
+        6,
+        "backoff",
+    );
+    refused(
+        &GOOD.replacen("policy = \"always\"", "policy = \"sometimes\"", 1),
+        6,
+        "restart policy \"sometimes\"",
+    );
+}
+
+#[test]
+fn overlapping_device_ranges_are_refused() {
+    let m = GOOD.replacen(
+        "serves = [\"vmgs\"]",
+        "serves = [\"vmgs\"]\nmmio = [{ base = 0xfed44000, size = 0x2000 }]",
+        1,
+    );
+    refused(&m, 14, "overlaps");
+}
+
+#[test]
+fn unknown_keys_are_refused() {
+    refused(
+        &GOOD.replacen(
+            "binary = \"pv-vmgs\"",
+            "binary = \"pv-vmgs\"\nbinray = \"x\"",
+            1,
+        ),
+        4,
+        "unknown field",
+    );
+}
+
+#[test]
+fn syscall_fragments_cannot_undo_the_sandbox() {
+    refused(
+        &GOOD.replacen(
+            "serves = [\"vmgs\"]",
+            "serves = [\"vmgs\"]\nsyscalls = [\"ptrace\"]",
+            1,
+        ),
+        5,
+        "leave its sandbox",
+    );
+    refused(
+        &GOOD.replacen(
+            "serves = [\"vmgs\"]",
+            "serves = [\"vmgs\"]\nsyscalls = [\"frobnicate\"]",
+            1,
+        ),
+        5,
+        "not an x86_64 syscall",
+    );
+}
+
+#[test]
+fn files_must_stay_in_the_state_directory() {
+    refused(
+        &GOOD.replacen(
+            "serves = [\"vmgs\"]",
+            "serves = [\"vmgs\"]\nfiles = [{ name = \"x\", path = \"../etc/passwd\", access = \"read-only\" }]",
+            1,
+        ),
+        5,
+        "inside the state directory",
+    );
+}
+
+#[test]
+fn missing_manifest_names_the_file() {
+    let out = pv(&["check", "/nonexistent/manifest.toml"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("/nonexistent/manifest.toml"),
+        "{}",
+        text(&out)
+    );
+}

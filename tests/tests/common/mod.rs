@@ -1,0 +1,227 @@
+//! Helpers shared by the cross-process tests: find the binaries, run an instance in a
+//! private state directory, talk to it through the `paravisor` command line.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::path::PathBuf;
+use std::process::Child;
+use std::process::Command;
+use std::process::Output;
+use std::process::Stdio;
+use std::sync::atomic::AtomicU32;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use std::time::Instant;
+
+/// The directory holding `paravisor` and the service binaries (`target/<profile>`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .expect("deps dir")
+        .parent()
+        .expect("profile dir");
+    dir.to_path_buf()
+}
+
+pub fn paravisor() -> PathBuf {
+    let p = bin_dir().join("paravisor");
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`",
+        p.display()
+    );
+    p
+}
+
+/// The shipped manifest.
+pub fn shipped_manifest() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifest.toml")
+}
+
+/// A fresh, short directory (control sockets have a 108-byte path limit).
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "pvt-{}-{}-{tag}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// Whether this machine lets us run the sandbox for real (root, for the namespaces and the
+/// mounts). Tests that need it print a loud SKIPPED line and return when it does not.
+pub fn sandbox_available(test: &str) -> bool {
+    // SAFETY-free check: euid via /proc, to keep this crate free of unsafe.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let root = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        == Some("0");
+    if !root {
+        eprintln!("SKIPPED: {test}: needs root for mount/pid namespaces and pivot_root");
+    }
+    root
+}
+
+/// `paravisor ARGS...`
+pub fn pv(args: &[&str]) -> Output {
+    Command::new(paravisor())
+        .args(args)
+        .output()
+        .expect("run paravisor")
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A running `paravisor run` in its own state directory; stopped on drop.
+pub struct Instance {
+    pub dir: PathBuf,
+    pub manifest: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl Instance {
+    /// Starts an instance of `manifest_text` and waits until `expect_running` services run.
+    pub fn start(tag: &str, manifest_text: &str, expect_running: usize) -> Instance {
+        let dir = scratch_dir(tag);
+        let manifest = dir.join("manifest.toml");
+        std::fs::write(&manifest, manifest_text).expect("write manifest");
+        let log = std::fs::File::create(dir.join("paravisor.log")).expect("log");
+        let child = Command::new(paravisor())
+            .arg("run")
+            .arg(&manifest)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn paravisor run");
+        let inst = Instance {
+            dir,
+            manifest,
+            child: Some(child),
+        };
+        inst.wait_until(Duration::from_secs(30), |rows| {
+            rows.iter().filter(|r| r["state"] == "running").count() >= expect_running
+        });
+        inst
+    }
+
+    pub fn state_dir(&self) -> String {
+        self.dir.join("state").display().to_string()
+    }
+
+    /// `paravisor ARGS... --state-dir DIR`
+    pub fn pv(&self, args: &[&str]) -> Output {
+        let dir = self.state_dir();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--state-dir", dir.as_str()]);
+        pv(&all)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("paravisor.log")).unwrap_or_default()
+    }
+
+    /// `paravisor ps --json`, or None while the instance is not answering yet.
+    pub fn ps(&self) -> Option<Vec<serde_json::Value>> {
+        let out = self.pv(&["ps", "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    pub fn row(&self, service: &str) -> serde_json::Value {
+        self.ps()
+            .expect("ps answers")
+            .into_iter()
+            .find(|r| r["name"] == service)
+            .unwrap_or_else(|| panic!("no row for {service}"))
+    }
+
+    /// Polls `ps` until `cond` holds; panics with the log after `timeout`.
+    pub fn wait_until(&self, timeout: Duration, cond: impl Fn(&[serde_json::Value]) -> bool) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(rows) = self.ps() {
+                if cond(&rows) {
+                    return;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "condition not reached in {timeout:?}; ps: {:?}\nlog:\n{}",
+                    self.ps(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self, service: &str) -> i32 {
+        self.row(service)["pid"]
+            .as_i64()
+            .expect("running service has a pid") as i32
+    }
+
+    /// Sends SIGTERM to `paravisor run` and returns its exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("paravisor did not stop on SIGTERM; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Whether a process exists.
+pub fn alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+/// A service entry for test manifests.
+pub fn service(name: &str, binary: &str, body: &str) -> String {
+    format!(
+        "[[service]]\nname = \"{name}\"\nbinary = \"{binary}\"\n{body}\nlimits = {{ memory = \"128M\", open-files = 32 }}\n"
+    )
+}
+
+pub const RESTART_NEVER: &str =
+    "restart = { policy = \"never\", max = 0, window = \"10s\", backoff = \"10ms\" }";
+pub const RESTART_ALWAYS: &str =
+    "restart = { policy = \"always\", max = 5, window = \"60s\", backoff = \"10ms\" }";

@@ -1,0 +1,354 @@
+//! Cross-process tests of the running system: sandboxing, capabilities, restarts, hostile
+//! peers, shutdown. Modelled on Hubris's test_restart / test_fault_* / test_recv_reply_fault
+//! and Firecracker's test_seccomp_*.
+
+mod common;
+
+use std::time::Duration;
+
+use common::alive;
+use common::sandbox_available;
+use common::service;
+use common::shipped_manifest;
+use common::text;
+use common::Instance;
+use common::RESTART_ALWAYS;
+use common::RESTART_NEVER;
+
+const SERVICES: [&str; 6] = ["intercept", "vmgs", "vtpm", "attest", "storage", "net"];
+
+fn shipped() -> String {
+    std::fs::read_to_string(shipped_manifest()).expect("shipped manifest")
+}
+
+/// vmgs served to a hostile client and to an honest one (attest).
+fn with_hostile(args: &str, restart: &str) -> String {
+    let mut m = String::new();
+    m += &service(
+        "vmgs",
+        "pv-vmgs",
+        &format!("serves = [\"vmgs\"]\n{RESTART_ALWAYS}"),
+    );
+    m += &service(
+        "attest",
+        "pv-attest",
+        &format!("serves = [\"attest\"]\ncalls = [{{ endpoint = \"vmgs\" }}]\n{RESTART_ALWAYS}"),
+    );
+    m += &service(
+        "hostile",
+        "pv-hostile",
+        &format!("calls = [{{ endpoint = \"vmgs\" }}]\nargs = [{args}]\n{restart}"),
+    );
+    m
+}
+
+#[test]
+fn shipped_manifest_runs_all_six_sandboxed_and_live_audit_passes() {
+    if !sandbox_available("shipped_manifest_runs_all_six_sandboxed_and_live_audit_passes") {
+        return;
+    }
+    let inst = Instance::start("six", &shipped(), 6);
+    let rows = inst.ps().unwrap();
+    for name in SERVICES {
+        let row = rows.iter().find(|r| r["name"] == name).expect("row");
+        assert_eq!(row["state"], "running", "{row}");
+        assert_eq!(
+            row["namespaces"],
+            serde_json::json!(["mnt", "pid", "net", "ipc", "uts"]),
+            "{name} lacks namespaces"
+        );
+    }
+    let out = inst.pv(&["audit", "--live"]);
+    assert!(
+        out.status.success(),
+        "live audit failed on a fresh instance:\n{}",
+        text(&out)
+    );
+    // Each service's root is empty of host files and its environment is clean.
+    let pid = inst.pid("vmgs");
+    assert!(
+        std::fs::read_dir(format!("/proc/{pid}/root/etc")).is_err(),
+        "service sees /etc"
+    );
+    assert!(
+        std::fs::read_dir(format!("/proc/{pid}/root/proc")).is_err(),
+        "service sees /proc"
+    );
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(
+        environ.is_empty(),
+        "service environment is not clean: {environ:?}"
+    );
+}
+
+#[test]
+fn live_audit_fails_when_a_service_differs_from_the_manifest() {
+    if !sandbox_available("live_audit_fails_when_a_service_differs_from_the_manifest") {
+        return;
+    }
+    let inst = Instance::start("drift", &shipped(), 6);
+    let pid = inst.pid("storage");
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), "--nofile=20:20"])
+        .status()
+        .expect("prlimit (util-linux) is installed");
+    assert!(status.success());
+    let out = inst.pv(&["audit", "--live"]);
+    assert!(
+        !out.status.success(),
+        "live audit missed a changed limit:\n{}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("storage: Max open files is 20"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn service_without_capability_cannot_reach_an_endpoint() {
+    if !sandbox_available("service_without_capability_cannot_reach_an_endpoint") {
+        return;
+    }
+    let inst = Instance::start("caps", &shipped(), 6);
+    let out = inst.pv(&["probe", "vtpm", "vmgs"]);
+    assert!(text(&out).contains("reached"), "{}", text(&out));
+    for (svc, ep) in [
+        ("vtpm", "attest"),
+        ("storage", "vmgs"),
+        ("net", "vtpm"),
+        ("vmgs", "vtpm"),
+    ] {
+        let out = inst.pv(&["probe", svc, ep]);
+        assert!(
+            text(&out).contains("no capability"),
+            "{svc} -> {ep}: {}",
+            text(&out)
+        );
+    }
+}
+
+#[test]
+fn forged_slot_number_gets_an_error() {
+    if !sandbox_available("forged_slot_number_gets_an_error") {
+        return;
+    }
+    // Slot 40 is not open in the service; slot 4 is its status page, not a channel.
+    for slot in ["40", "4"] {
+        let inst = Instance::start(
+            "forge",
+            &with_hostile(&format!("\"forge-slot\", \"{slot}\""), RESTART_NEVER),
+            2,
+        );
+        inst.wait_until(Duration::from_secs(20), |rows| {
+            rows.iter()
+                .any(|r| r["name"] == "hostile" && r["state"] != "starting")
+        });
+        let row = inst.row("hostile");
+        assert!(
+            row["last_exit"].to_string().contains("exited cleanly"),
+            "slot {slot}: {row}\n{}",
+            inst.log()
+        );
+        assert!(
+            inst.log().contains(&format!("forged slot {slot} refused")),
+            "{}",
+            inst.log()
+        );
+    }
+}
+
+#[test]
+fn opening_a_file_kills_the_service_and_is_reported() {
+    if !sandbox_available("opening_a_file_kills_the_service_and_is_reported") {
+        return;
+    }
+    let inst = Instance::start("openf", &with_hostile("\"open-file\"", RESTART_NEVER), 2);
+    inst.wait_until(Duration::from_secs(20), |rows| {
+        rows.iter()
+            .any(|r| r["name"] == "hostile" && r["state"] == "failed")
+    });
+    let exit = inst.row("hostile")["last_exit"].to_string();
+    assert!(
+        exit.contains("policy violation") && exit.contains("openat"),
+        "{exit}"
+    );
+    assert_eq!(inst.row("vmgs")["state"], "running");
+}
+
+#[test]
+fn opening_a_socket_kills_the_service_and_is_reported() {
+    if !sandbox_available("opening_a_socket_kills_the_service_and_is_reported") {
+        return;
+    }
+    let inst = Instance::start("sock", &with_hostile("\"socket\"", RESTART_NEVER), 2);
+    inst.wait_until(Duration::from_secs(20), |rows| {
+        rows.iter()
+            .any(|r| r["name"] == "hostile" && r["state"] == "failed")
+    });
+    let exit = inst.row("hostile")["last_exit"].to_string();
+    assert!(
+        exit.contains("policy violation") && exit.contains("socket"),
+        "{exit}"
+    );
+}
+
+#[test]
+fn kill_9_of_any_service_restarts_it_with_a_new_epoch_and_requests_succeed() {
+    if !sandbox_available("kill_9_of_any_service_restarts_it_with_a_new_epoch_and_requests_succeed")
+    {
+        return;
+    }
+    let inst = Instance::start("kill9", &shipped(), 6);
+    for name in SERVICES {
+        let before = inst.row(name);
+        let old_pid = before["pid"].as_i64().unwrap();
+        let old_epochs = before["epochs"].clone();
+        let out = inst.pv(&["kill", name, "--signal", "KILL"]);
+        assert!(out.status.success(), "{}", text(&out));
+        inst.wait_until(Duration::from_secs(20), |rows| {
+            rows.iter().any(|r| {
+                r["name"] == name && r["state"] == "running" && r["pid"].as_i64() != Some(old_pid)
+            })
+        });
+        let after = inst.row(name);
+        assert_eq!(after["restarts"], before["restarts"].as_u64().unwrap() + 1);
+        assert!(
+            after["last_exit"].to_string().contains("SIGKILL"),
+            "{after}"
+        );
+        // Every channel it serves moved to a later epoch.
+        for (old, new) in old_epochs
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(after["epochs"].as_array().unwrap())
+        {
+            assert!(
+                new[1].as_u64() > old[1].as_u64(),
+                "{name}: epoch {old} -> {new}"
+            );
+        }
+    }
+    // Requests across the restarted services succeed.
+    for (svc, ep) in [
+        ("vtpm", "vmgs"),
+        ("attest", "vmgs"),
+        ("intercept", "vtpm"),
+        ("intercept", "storage"),
+        ("intercept", "net"),
+    ] {
+        let out = inst.pv(&["probe", svc, ep]);
+        assert!(
+            text(&out).contains("reached"),
+            "{svc} -> {ep}: {}",
+            text(&out)
+        );
+    }
+    let out = inst.pv(&["audit", "--live"]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn crash_loop_ends_in_failed_while_the_others_keep_serving() {
+    if !sandbox_available("crash_loop_ends_in_failed_while_the_others_keep_serving") {
+        return;
+    }
+    let restart =
+        "restart = { policy = \"on-failure\", max = 3, window = \"60s\", backoff = \"5ms\" }";
+    let inst = Instance::start("loop", &with_hostile("\"crash\"", restart), 2);
+    inst.wait_until(Duration::from_secs(30), |rows| {
+        rows.iter()
+            .any(|r| r["name"] == "hostile" && r["state"] == "failed")
+    });
+    let row = inst.row("hostile");
+    assert_eq!(row["restarts"], 3, "{row}");
+    assert!(row["last_exit"].to_string().contains("crash loop"), "{row}");
+    let out = inst.pv(&["probe", "attest", "vmgs"]);
+    assert!(text(&out).contains("reached"), "{}", text(&out));
+}
+
+#[test]
+fn peer_dying_mid_frame_does_not_hang_or_crash_the_survivor() {
+    if !sandbox_available("peer_dying_mid_frame_does_not_hang_or_crash_the_survivor") {
+        return;
+    }
+    let inst = Instance::start(
+        "torn",
+        &with_hostile("\"torn-frame\", \"vmgs\"", RESTART_NEVER),
+        2,
+    );
+    inst.wait_until(Duration::from_secs(20), |rows| {
+        rows.iter()
+            .any(|r| r["name"] == "hostile" && r["state"] == "failed")
+    });
+    let exit = inst.row("hostile")["last_exit"].to_string();
+    assert!(exit.contains("SIGABRT"), "{exit}");
+    let vmgs = inst.row("vmgs");
+    assert_eq!(vmgs["state"], "running");
+    assert_eq!(vmgs["restarts"], 0, "vmgs crashed: {vmgs}");
+    let out = inst.pv(&["probe", "attest", "vmgs"]);
+    assert!(text(&out).contains("reached"), "{}", text(&out));
+}
+
+#[test]
+fn malformed_and_oversized_frames_get_typed_errors() {
+    if !sandbox_available("malformed_and_oversized_frames_get_typed_errors") {
+        return;
+    }
+    let inst = Instance::start(
+        "garbage",
+        &with_hostile("\"garbage\", \"vmgs\"", RESTART_NEVER),
+        2,
+    );
+    inst.wait_until(Duration::from_secs(20), |rows| {
+        rows.iter()
+            .any(|r| r["name"] == "hostile" && r["state"] != "running" && r["state"] != "starting")
+    });
+    let row = inst.row("hostile");
+    assert!(
+        row["last_exit"].to_string().contains("exited cleanly"),
+        "{row}\n{}",
+        inst.log()
+    );
+    assert_eq!(inst.row("vmgs")["restarts"], 0);
+}
+
+#[test]
+fn sigterm_and_sigint_stop_everything_cleanly() {
+    if !sandbox_available("sigterm_and_sigint_stop_everything_cleanly") {
+        return;
+    }
+    for signal in ["-TERM", "-INT"] {
+        let mut inst = Instance::start("stop", &shipped(), 6);
+        let pids: Vec<i32> = SERVICES.iter().map(|s| inst.pid(s)).collect();
+        let child = inst.child.as_ref().unwrap().id();
+        std::process::Command::new("kill")
+            .args([signal, &child.to_string()])
+            .status()
+            .unwrap();
+        let status = {
+            let c = inst.child.as_mut().unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Some(s) = c.try_wait().unwrap() {
+                    break s;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "did not stop on {signal}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        inst.child = None;
+        assert_eq!(status.code(), Some(0), "{signal}: {}", inst.log());
+        for pid in pids {
+            assert!(
+                !alive(pid),
+                "{signal}: service pid {pid} outlived the paravisor"
+            );
+        }
+    }
+}
