@@ -2,19 +2,19 @@
 //!
 //! ```text
 //! offset 0                      ChannelHeader   (one cache line: magic, version, epoch, state)
-//! offset 64                     RingHeader      requests  (3 cache lines)
-//! offset 256                    request data    (capacity bytes)
-//! offset 256 + capacity         RingHeader      responses (3 cache lines)
-//! offset 448 + capacity         response data   (capacity bytes)
+//! offset 64                     RingHeader      requests  (4 cache lines)
+//! offset 320                    request data    (capacity bytes)
+//! offset 320 + capacity         RingHeader      responses (4 cache lines)
+//! offset 576 + capacity         response data   (capacity bytes)
 //! ```
 //!
-//! A ring carries *frames*: an 8-byte [`FrameHeader`] followed by the postcard payload, padded
-//! to a multiple of 8. Frames are written contiguously and may wrap around the end of the data
+//! A ring carries *frames*: a 16-byte [`FrameHeader`] followed by the postcard payload,
+//! padded to a multiple of 16. Frames are written contiguously and may wrap around the end of the data
 //! area (the reader copies the two pieces). Indices are free-running `u64` byte counters, so
 //! `tail - head` is the number of bytes in flight and never ambiguous.
 //!
-//! The producer index and the consumer index sit on separate cache lines so that the two
-//! sides never write the same line; the header's static fields sit on a third.
+//! The producer index, the consumer index and the sleep flags sit on separate cache lines so
+//! that the two sides never write the same line; the header's static fields sit on a fourth.
 
 use zerocopy::FromBytes;
 use zerocopy::FromZeros;
@@ -38,10 +38,10 @@ pub const MIN_RING_CAPACITY: u32 = 4096;
 /// rings beyond this size would only hide a design mistake.
 pub const MAX_RING_CAPACITY: u32 = 16 << 20;
 
-/// Value of a frame header's `len` field is the payload length in bytes; this is the header size.
-pub const FRAME_HEADER_SIZE: usize = 8;
-/// Frames start on 8-byte boundaries, so a header never straddles the wrap point.
-pub const FRAME_ALIGN: usize = 8;
+/// Size of a [`FrameHeader`].
+pub const FRAME_HEADER_SIZE: usize = 16;
+/// Frames start on 16-byte boundaries, so a header never straddles the wrap point.
+pub const FRAME_ALIGN: usize = 16;
 
 /// Generation of a channel. It changes whenever either end of the channel is restarted, so a
 /// survivor can tell that replies it waits for will never come.
@@ -98,16 +98,19 @@ pub struct RingInfo {
     pub _reserved: [u32; 14],
 }
 
-/// The producer's cache line: only the producer writes it (and the supervisor, when it resets
-/// the ring of a dead consumer... which it never does to this line).
+/// The producer's cache line: only the producer writes it. The consumer reads it only on its
+/// way to sleep, so in a busy ring the line stays in the producer's cache.
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug)]
 #[repr(C, align(64))]
 pub struct ProducerLine {
     /// Bytes ever published; accessed atomically with release/acquire.
     pub tail: u64,
+    /// The producer's last reading of the consumer's `head` (so that it need not read the
+    /// consumer's line on every send).
+    pub cached_head: u64,
     /// Futex word the consumer sleeps on; the producer bumps it to wake the consumer.
     pub wake_seq: u32,
-    pub _reserved: [u32; 13],
+    pub _reserved: [u32; 11],
 }
 
 /// The consumer's cache line: only the consumer writes it (and the supervisor, after the
@@ -115,30 +118,50 @@ pub struct ProducerLine {
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug)]
 #[repr(C, align(64))]
 pub struct ConsumerLine {
-    /// Bytes ever consumed; accessed atomically with release/acquire.
+    /// Bytes ever released to the producer (read, and zeroed); accessed atomically with
+    /// release/acquire. Everything before `head` may be overwritten by the producer.
     pub head: u64,
-    /// Non-zero while the consumer is (about to be) asleep on the producer's `wake_seq`.
-    pub sleeping: u32,
+    /// Bytes ever read. `[head, read)` has been read but not yet zeroed and released: the
+    /// consumer releases it lazily, off the round trip's critical path.
+    pub read: u64,
     /// Futex word the producer sleeps on when the ring is full; the consumer bumps it.
     pub space_seq: u32,
-    /// Non-zero while the producer is asleep waiting for space.
-    pub producer_sleeping: u32,
     pub _reserved: [u32; 11],
 }
 
-/// Header of one ring: three cache lines, so producer and consumer never share one.
+/// Sleep announcements, on a line of their own: written only when a side goes to sleep, so
+/// checking them on every frame costs no cache-line transfer in a busy ring.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug)]
+#[repr(C, align(64))]
+pub struct SleepLine {
+    /// Non-zero while the consumer is (about to be) asleep on `wake_seq`.
+    pub consumer_sleeping: u32,
+    /// Non-zero while the producer is asleep on `space_seq`, waiting for room.
+    pub producer_sleeping: u32,
+    pub _reserved: [u32; 14],
+}
+
+/// Header of one ring: four cache lines, so that no line is written by both sides.
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug)]
 #[repr(C)]
 pub struct RingHeader {
     pub info: RingInfo,
     pub producer: ProducerLine,
     pub consumer: ConsumerLine,
+    pub sleep: SleepLine,
 }
 
 /// Header of one frame slot in a ring's data area.
+///
+/// The consumer learns that a frame is there from its `stamp`, which the producer writes last:
+/// it equals the frame's ring position plus one, a value that no earlier lap can have left
+/// there (positions never repeat, and consumed bytes are zeroed). So the consumer polls the
+/// very cache line the frame arrives in, and a small message costs one line transfer each way.
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C)]
 pub struct FrameHeader {
+    /// Ring position of this frame + 1; accessed atomically.
+    pub stamp: u64,
     /// Payload bytes that follow (before padding).
     pub len: u32,
     /// Epoch the producer saw when it wrote the frame; frames of an older epoch are stale.
@@ -149,7 +172,8 @@ const _: () = assert!(core::mem::size_of::<ChannelHeader>() == CACHE_LINE);
 const _: () = assert!(core::mem::size_of::<RingInfo>() == CACHE_LINE);
 const _: () = assert!(core::mem::size_of::<ProducerLine>() == CACHE_LINE);
 const _: () = assert!(core::mem::size_of::<ConsumerLine>() == CACHE_LINE);
-const _: () = assert!(core::mem::size_of::<RingHeader>() == 3 * CACHE_LINE);
+const _: () = assert!(core::mem::size_of::<SleepLine>() == CACHE_LINE);
+const _: () = assert!(core::mem::size_of::<RingHeader>() == 4 * CACHE_LINE);
 const _: () = assert!(core::mem::size_of::<FrameHeader>() == FRAME_HEADER_SIZE);
 
 /// Which of a channel's two rings.
@@ -255,6 +279,7 @@ impl ChannelLayout {
                 },
                 producer: ProducerLine::new_zeroed(),
                 consumer: ConsumerLine::new_zeroed(),
+                sleep: SleepLine::new_zeroed(),
             };
             ring.write_to_prefix(&mut mem[self.ring_header(dir)..])
                 .map_err(|_| LayoutError::BadHeader)?;
@@ -295,7 +320,7 @@ mod tests {
         assert_eq!(l.ring_header(Direction::Requests) % CACHE_LINE, 0);
         assert_eq!(l.ring_header(Direction::Responses) % CACHE_LINE, 0);
         assert!(l.ring_data(Direction::Requests) + 8192 <= l.ring_header(Direction::Responses));
-        assert_eq!(l.region_size(), 64 + 2 * (192 + 8192));
+        assert_eq!(l.region_size(), 64 + 2 * (256 + 8192));
     }
 
     #[test]

@@ -22,10 +22,10 @@ use crate::layout::ChannelLayout;
 use crate::layout::ConsumerLine;
 use crate::layout::Direction;
 use crate::layout::Epoch;
-use crate::layout::FrameHeader;
 use crate::layout::ProducerLine;
 use crate::layout::RingHeader;
 use crate::layout::ServerState;
+use crate::layout::SleepLine;
 use crate::layout::FRAME_ALIGN;
 use crate::layout::FRAME_HEADER_SIZE;
 
@@ -189,8 +189,16 @@ impl Ring {
         self.u64_at(offset_of!(RingHeader, producer) + offset_of!(ProducerLine, tail))
     }
 
+    fn cached_head(&self) -> &AtomicU64 {
+        self.u64_at(offset_of!(RingHeader, producer) + offset_of!(ProducerLine, cached_head))
+    }
+
     fn head(&self) -> &AtomicU64 {
         self.u64_at(offset_of!(RingHeader, consumer) + offset_of!(ConsumerLine, head))
+    }
+
+    fn read_pos(&self) -> &AtomicU64 {
+        self.u64_at(offset_of!(RingHeader, consumer) + offset_of!(ConsumerLine, read))
     }
 
     /// The futex word a sleeping consumer waits on.
@@ -199,7 +207,7 @@ impl Ring {
     }
 
     fn consumer_sleeping(&self) -> &AtomicU32 {
-        self.u32_at(offset_of!(RingHeader, consumer) + offset_of!(ConsumerLine, sleeping))
+        self.u32_at(offset_of!(RingHeader, sleep) + offset_of!(SleepLine, consumer_sleeping))
     }
 
     /// The futex word a producer waiting for space sleeps on.
@@ -208,7 +216,15 @@ impl Ring {
     }
 
     fn producer_sleeping(&self) -> &AtomicU32 {
-        self.u32_at(offset_of!(RingHeader, consumer) + offset_of!(ConsumerLine, producer_sleeping))
+        self.u32_at(offset_of!(RingHeader, sleep) + offset_of!(SleepLine, producer_sleeping))
+    }
+
+    /// The stamp word of the frame slot at ring position `pos` (16-aligned).
+    fn stamp_at(&self, pos: u64) -> &AtomicU64 {
+        let offset = (pos % self.capacity as u64) as usize;
+        // SAFETY: `pos` is 16-aligned (callers check) and the capacity is a multiple of 16, so
+        // `offset + 8 <= capacity` and the word is 8-aligned inside the data area.
+        unsafe { AtomicU64::from_ptr(self.data.as_ptr().add(offset).cast::<u64>()) }
     }
 
     pub fn capacity(&self) -> usize {
@@ -232,14 +248,18 @@ impl Ring {
         Ok(used)
     }
 
-    /// Whether a frame is waiting (cheap; for spinning). Corrupt indices count as "something
-    /// to look at", so that the reader goes and reports them.
+    /// Whether a frame is waiting (cheap; for spinning: it reads only the slot the next frame
+    /// arrives in). A misaligned position counts as "something to look at", so that the
+    /// reader goes and reports it.
     pub fn has_data(&self) -> bool {
-        self.tail().load(Ordering::Acquire) != self.head().load(Ordering::Relaxed)
+        let read = self.read_pos().load(Ordering::Relaxed);
+        if read % FRAME_ALIGN as u64 != 0 {
+            return true;
+        }
+        self.stamp_at(read).load(Ordering::Acquire) == read.wrapping_add(1)
     }
 
-    /// Copies `len` bytes from `src` into the data area starting at byte position `pos`,
-    /// wrapping at the end.
+    /// Copies `src` into the data area starting at byte position `pos`, wrapping at the end.
     fn write_wrapped(&self, pos: u64, src: &[u8]) {
         let start = (pos % self.capacity as u64) as usize;
         let first = src.len().min(self.capacity - start);
@@ -253,6 +273,18 @@ impl Ring {
                 self.data.as_ptr(),
                 src.len() - first,
             );
+        }
+    }
+
+    /// Zeroes `len` bytes of the data area from byte position `pos`, wrapping at the end.
+    fn zero_wrapped(&self, pos: u64, len: usize) {
+        let len = len.min(self.capacity);
+        let start = (pos % self.capacity as u64) as usize;
+        let first = len.min(self.capacity - start);
+        // SAFETY: as in `write_wrapped`, both ranges lie inside the data area.
+        unsafe {
+            core::ptr::write_bytes(self.data.as_ptr().add(start), 0, first);
+            core::ptr::write_bytes(self.data.as_ptr(), 0, len - first);
         }
     }
 
@@ -283,23 +315,33 @@ impl Ring {
             });
         }
         let tail = self.tail().load(Ordering::Relaxed);
-        let head = self.head().load(Ordering::Acquire);
-        let used = self.in_flight(head, tail)?;
-        if self.capacity as u64 - used < footprint as u64 {
-            return Err(RingError::Full);
-        }
-        let header = FrameHeader {
-            len: payload.len() as u32,
-            epoch: epoch.0,
+        let cap = self.capacity as u64;
+        let mut head = self.cached_head().load(Ordering::Relaxed);
+        let fits = |head: u64| -> Result<bool, RingError> {
+            let used = self.in_flight(head, tail)?;
+            Ok(cap - used >= footprint as u64)
         };
-        self.write_wrapped(tail, zerocopy::IntoBytes::as_bytes(&header));
+        if !fits(head).unwrap_or(false) {
+            // Only now look at the consumer's line.
+            head = self.head().load(Ordering::Acquire);
+            self.cached_head().store(head, Ordering::Relaxed);
+            if !fits(head)? {
+                return Err(RingError::Full);
+            }
+        }
         self.write_wrapped(tail + FRAME_HEADER_SIZE as u64, payload);
+        let mut rest = [0u8; 8];
+        rest[..4].copy_from_slice(&(payload.len() as u32).to_ne_bytes());
+        rest[4..].copy_from_slice(&epoch.0.to_ne_bytes());
+        self.write_wrapped(tail + 8, &rest);
         self.tail()
             .store(tail + footprint as u64, Ordering::Release);
-        // Pairs with the fence in `prepare_sleep`: either the consumer sees our tail, or we
-        // see its sleeping flag.
-        fence(Ordering::SeqCst);
-        if self.consumer_sleeping().load(Ordering::Relaxed) != 0 {
+        // The stamp goes last: it is what the consumer waits for. The swap is a full barrier
+        // (a locked instruction on x86, cheaper than a fence) that pairs with the fence in
+        // `prepare_sleep`: either the consumer sees our stamp, or we see its sleeping flag.
+        self.stamp_at(tail)
+            .swap(tail.wrapping_add(1), Ordering::SeqCst);
+        if self.consumer_sleeping().load(Ordering::SeqCst) != 0 {
             self.data_seq().fetch_add(1, Ordering::Release);
             return Ok(Wake::Peer);
         }
@@ -308,51 +350,69 @@ impl Ring {
 
     /// Consumer side: takes one frame into `buf` if one is there.
     ///
-    /// A malformed frame is consumed (skipped) together with everything after it, so that the
-    /// reader resynchronises instead of failing forever; the error says what was wrong.
-    pub fn try_recv(&self, buf: &mut [u8]) -> Result<Option<(Received, Wake)>, RingError> {
-        let head = self.head().load(Ordering::Relaxed);
-        let tail = self.tail().load(Ordering::Acquire);
-        if head == tail {
+    /// What it reads is not handed back to the producer until [`Ring::release`]: the caller
+    /// releases after it has answered, so that zeroing the consumed bytes (so that no stale
+    /// byte can pass for a later stamp) is not on the path between a frame's arrival and its
+    /// answer.
+    ///
+    /// A malformed frame is consumed (skipped) together with everything published after it,
+    /// so that the reader resynchronises instead of failing forever; the error says what was
+    /// wrong.
+    pub fn try_recv(&self, buf: &mut [u8]) -> Result<Option<Received>, RingError> {
+        let read = self.read_pos().load(Ordering::Relaxed);
+        if read % FRAME_ALIGN as u64 != 0 {
+            let tail = self.tail().load(Ordering::Acquire);
+            let _ = self.skip_to(tail);
+            return Err(RingError::Corrupt { head: read, tail });
+        }
+        if self.stamp_at(read).load(Ordering::Acquire) != read.wrapping_add(1) {
             return Ok(None);
         }
-        let available = match self.in_flight(head, tail) {
-            Ok(n) => n,
-            Err(e) => {
-                let _ = self.discard_to(tail);
-                return Err(e);
-            }
-        };
-        let mut raw = [0u8; FRAME_HEADER_SIZE];
-        self.read_wrapped(head, &mut raw);
-        let header: FrameHeader = zerocopy::transmute!(raw);
-        let FrameHeader { len, epoch } = header;
-        let footprint = frame_footprint(len as usize) as u64;
-        if footprint > available {
-            let _ = self.discard_to(tail);
-            return Err(RingError::BadLength { len, available });
+        let mut rest = [0u8; 8];
+        self.read_wrapped(read + 8, &mut rest);
+        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]);
+        let epoch = u32::from_ne_bytes([rest[4], rest[5], rest[6], rest[7]]);
+        let footprint = frame_footprint(len as usize);
+        if footprint > self.capacity {
+            let tail = self.tail().load(Ordering::Acquire);
+            let _ = self.skip_to(tail);
+            return Err(RingError::BadLength {
+                len,
+                available: self.capacity as u64,
+            });
         }
         if len as usize > buf.len() {
-            let _ = self.discard_to(head + footprint);
+            let _ = self.skip_to(read + footprint as u64);
             return Err(RingError::BufferTooSmall {
                 len: len as usize,
                 buffer: buf.len(),
             });
         }
-        self.read_wrapped(head + FRAME_HEADER_SIZE as u64, &mut buf[..len as usize]);
-        let wake = self.discard_to(head + footprint);
-        Ok(Some((
-            Received {
-                len: len as usize,
-                epoch: Epoch(epoch),
-            },
-            wake,
-        )))
+        self.read_wrapped(read + FRAME_HEADER_SIZE as u64, &mut buf[..len as usize]);
+        self.read_pos()
+            .store(read + footprint as u64, Ordering::Relaxed);
+        Ok(Some(Received {
+            len: len as usize,
+            epoch: Epoch(epoch),
+        }))
     }
 
-    /// Consumer side: marks everything up to byte position `to` as consumed.
-    fn discard_to(&self, to: u64) -> Wake {
-        self.head().store(to, Ordering::Release);
+    /// Consumer side: zeroes what was read since the last release and hands it back to the
+    /// producer. Returns whether a producer waiting for space must be woken.
+    pub fn release(&self) -> Wake {
+        let head = self.head().load(Ordering::Relaxed);
+        let read = self.read_pos().load(Ordering::Relaxed);
+        if head == read {
+            return Wake::None;
+        }
+        let span = read.wrapping_sub(head);
+        if span <= self.capacity as u64 {
+            self.zero_wrapped(head, span as usize);
+        } else {
+            // Impossible positions (a corrupted line): scrub the whole area.
+            self.zero_wrapped(0, self.capacity);
+        }
+        self.head().store(read, Ordering::Release);
         fence(Ordering::SeqCst);
         if self.producer_sleeping().load(Ordering::Relaxed) != 0 {
             self.space_seq().fetch_add(1, Ordering::Release);
@@ -361,11 +421,17 @@ impl Ring {
         Wake::None
     }
 
+    /// Consumer side: marks everything up to byte position `to` as read and releases it.
+    fn skip_to(&self, to: u64) -> Wake {
+        self.read_pos().store(to, Ordering::Relaxed);
+        self.release()
+    }
+
     /// Drops everything published so far. Used by the supervisor after the consumer died
     /// (nobody else consumes then), so that the next consumer starts clean.
     pub fn discard_all(&self) -> Wake {
         let tail = self.tail().load(Ordering::Acquire);
-        self.discard_to(tail)
+        self.skip_to(tail)
     }
 
     /// Bytes ever published and ever consumed, for statistics.
@@ -470,7 +536,8 @@ mod tests {
         for i in 0..2000u32 {
             let payload: Vec<u8> = (0..(i % 300)).map(|b| (b as u8) ^ (i as u8)).collect();
             let _ = ring.try_send(Epoch(7), &payload).unwrap();
-            let (got, _) = ring.try_recv(&mut buf).unwrap().unwrap();
+            let got = ring.try_recv(&mut buf).unwrap().unwrap();
+            let _ = ring.release();
             assert_eq!(got.epoch, Epoch(7));
             assert_eq!(&buf[..got.len], &payload[..]);
         }
@@ -489,7 +556,13 @@ mod tests {
         assert_eq!(sent, 4);
         assert_eq!(ring.try_send(Epoch(1), &payload), Err(RingError::Full));
         let mut buf = [0u8; 1000];
-        ring.try_recv(&mut buf).unwrap().unwrap();
+        let _ = ring.try_recv(&mut buf).unwrap().unwrap();
+        assert_eq!(
+            ring.try_send(Epoch(1), &payload),
+            Err(RingError::Full),
+            "not released yet"
+        );
+        let _ = ring.release();
         assert!(ring.try_send(Epoch(1), &payload).is_ok());
     }
 
@@ -505,7 +578,7 @@ mod tests {
                 capacity: 4096
             })
         );
-        assert!(ring.try_send(Epoch(1), &big[..4088]).is_ok());
+        assert!(ring.try_send(Epoch(1), &big[..4096 - 16]).is_ok());
     }
 
     #[test]
@@ -517,7 +590,7 @@ mod tests {
         let _ = ring.try_send(Epoch(1), &[1, 2, 3]).unwrap();
         // The hostile producer rewrites the published frame's length.
         let data = layout.ring_data(Direction::Requests);
-        r.bytes()[data..data + 4].copy_from_slice(&5000u32.to_le_bytes());
+        r.bytes()[data + 8..data + 12].copy_from_slice(&5000u32.to_ne_bytes());
         let mut buf = [0u8; 64];
         assert!(matches!(
             ring.try_recv(&mut buf),
@@ -525,8 +598,35 @@ mod tests {
         ));
         assert_eq!(ring.try_recv(&mut buf), Ok(None));
         let _ = ring.try_send(Epoch(1), &[9]).unwrap();
-        let (got, _) = ring.try_recv(&mut buf).unwrap().unwrap();
+        let got = ring.try_recv(&mut buf).unwrap().unwrap();
         assert_eq!(&buf[..got.len], &[9]);
+    }
+
+    #[test]
+    fn stale_bytes_never_pass_for_a_frame() {
+        let mut r = Region::new(4096);
+        let ring = r.channel().ring(Direction::Requests);
+        let mut buf = [0u8; 4096];
+        // Payloads full of what later stamps could be (position + 1 at every 16-byte offset
+        // of the next laps), sent with varying sizes so that frame boundaries move around.
+        for i in 0..500u64 {
+            let (tail, _) = ring.counters();
+            let mut payload = std::vec::Vec::new();
+            for k in 0..(i % 50 + 1) {
+                let future = tail + 4096 * (1 + k % 3) + k * 16 + 1;
+                payload.extend_from_slice(&future.to_ne_bytes());
+                payload.extend_from_slice(&[0u8; 8]);
+            }
+            let _ = ring.try_send(Epoch(1), &payload).unwrap();
+            let got = ring.try_recv(&mut buf).unwrap().unwrap();
+            let _ = ring.release();
+            assert_eq!(&buf[..got.len], &payload[..]);
+            assert_eq!(
+                ring.try_recv(&mut buf),
+                Ok(None),
+                "phantom frame after {i} frames"
+            );
+        }
     }
 
     #[test]
@@ -535,17 +635,20 @@ mod tests {
         let layout = r.layout;
         let ch = r.channel();
         let ring = ch.ring(Direction::Requests);
-        let tail_at = layout.ring_header(Direction::Requests) + 64;
-        r.bytes()[tail_at..tail_at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        let head_at = layout.ring_header(Direction::Requests) + 128;
+        let read_at = head_at + 8;
+        r.bytes()[read_at..read_at + 8].copy_from_slice(&3u64.to_ne_bytes());
         let mut buf = [0u8; 64];
         assert!(matches!(
             ring.try_recv(&mut buf),
             Err(RingError::Corrupt { .. })
         ));
-        // The producer side notices the same when it next sends.
-        r.bytes()[tail_at..tail_at + 8].copy_from_slice(&3u64.to_le_bytes());
+        // A producer that finds an impossible head says so.
+        r.bytes()[head_at..head_at + 8].copy_from_slice(&(1u64 << 40).to_ne_bytes());
+        let big = [0u8; 4000];
+        let _ = ring.try_send(Epoch(1), &big);
         assert!(matches!(
-            ring.try_send(Epoch(1), &[1]),
+            ring.try_send(Epoch(1), &big),
             Err(RingError::Corrupt { .. })
         ));
     }

@@ -7,6 +7,7 @@
 //! is in `ipc_defs::hosted`.
 
 pub mod audit;
+pub mod bench;
 pub mod control;
 pub mod manifest;
 pub mod profiles;

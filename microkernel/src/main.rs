@@ -84,6 +84,28 @@ enum Cmd {
         #[arg(long)]
         manifest: Option<PathBuf>,
     },
+    /// Measure IPC: our rings against the shared-memory floor, eventfd and Unix sockets.
+    Bench {
+        /// What to measure (only `ipc` so far).
+        #[arg(value_parser = ["ipc"], default_value = "ipc")]
+        what: String,
+        /// Samples per latency measurement.
+        #[arg(long, default_value_t = 31)]
+        samples: usize,
+        /// Quick run with fewer samples (for smoke tests).
+        #[arg(long)]
+        quick: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// (internal) The peer side of a benchmark.
+    #[command(name = "__bench-peer", hide = true)]
+    BenchPeer {
+        kind: String,
+        cpu: usize,
+        fds: Vec<i32>,
+    },
     /// Stop the running instance (like SIGTERM).
     Stop {
         #[arg(long)]
@@ -300,6 +322,45 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
         } => {
             let dir = client_state_dir(state_dir, manifest.as_deref());
             done(send(&dir, &Command::Probe { service, endpoint })?)
+        }
+        Cmd::Bench {
+            what: _,
+            samples,
+            quick,
+            json,
+        } => {
+            let mut effort = microkernel::bench::Effort {
+                samples,
+                ..Default::default()
+            };
+            if quick {
+                effort = microkernel::bench::Effort {
+                    samples: 5,
+                    fast_batch: 200,
+                    slow_batch: 20,
+                    idle: std::time::Duration::from_millis(500),
+                };
+            }
+            let report = microkernel::bench::run(effort).map_err(|e| {
+                eprintln!("paravisor: benchmark failed: {e}");
+                ExitCode::FAILURE
+            })?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{}", microkernel::bench::text(&report));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::BenchPeer { kind, cpu, fds } => {
+            microkernel::bench::peer(&kind, cpu, &fds).map_err(|e| {
+                eprintln!("paravisor bench peer {kind}: {e}");
+                ExitCode::FAILURE
+            })?;
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Stop {
             state_dir,

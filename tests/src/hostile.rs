@@ -123,7 +123,8 @@ fn main() -> ExitCode {
             let deadline = Instant::now() + Duration::from_secs(5);
             let mut buf = vec![0u8; responses.capacity()];
             let reply = loop {
-                if let Ok(Some((got, _))) = responses.try_recv(&mut buf) {
+                if let Ok(Some(got)) = responses.try_recv(&mut buf) {
+                    let _ = responses.release();
                     break postcard::from_bytes::<endpoint::Envelope<endpoint::Response<()>>>(
                         &buf[..got.len],
                     )

@@ -37,6 +37,30 @@ pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 /// supervisor wakes every sleeper when an epoch changes).
 pub const RECHECK_INTERVAL: Duration = Duration::from_millis(100);
 
+/// A deadline that reads the clock only once someone has to wait: the fast path of a call
+/// (reply already there after a few polls) never pays for a clock read.
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    timeout: Duration,
+    at: Option<Instant>,
+}
+
+impl Deadline {
+    fn new(timeout: Duration) -> Deadline {
+        Deadline { timeout, at: None }
+    }
+
+    /// Time left (starting the clock on first use).
+    fn remaining(&mut self) -> Duration {
+        let now = Instant::now();
+        let at = *self.at.get_or_insert_with(|| {
+            now.checked_add(self.timeout)
+                .unwrap_or(now + Duration::from_secs(86_400 * 365))
+        });
+        at.saturating_duration_since(now)
+    }
+}
+
 /// How a channel end waits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WaitPolicy {
@@ -183,34 +207,36 @@ fn wake_space(ring: &Ring, wake: Wake) {
 fn wait_for_data(
     ring: &Ring,
     policy: WaitPolicy,
-    deadline: Instant,
+    deadline: &mut Deadline,
     mut stop: impl FnMut() -> bool,
 ) -> bool {
-    let spin_until = Instant::now().checked_add(policy.spin).unwrap_or(deadline);
+    let mut spin_until: Option<Instant> = None;
     let mut i = 0u32;
     loop {
         if ring.has_data() {
             return true;
         }
+        std::hint::spin_loop();
         i = i.wrapping_add(1);
         if i % 64 != 0 {
-            std::hint::spin_loop();
             continue;
         }
         if stop() {
             return false;
         }
-        let now = Instant::now();
-        if now >= deadline {
+        let left = deadline.remaining();
+        if left.is_zero() {
             return false;
         }
-        if policy.spin_only || now < spin_until {
-            std::hint::spin_loop();
+        let now = Instant::now();
+        let spin_end =
+            *spin_until.get_or_insert_with(|| now.checked_add(policy.spin).unwrap_or(now + left));
+        if policy.spin_only || now < spin_end {
             continue;
         }
+        wake_space(ring, ring.release());
         if let Some(seq) = ring.prepare_sleep() {
-            let nap = (deadline - now).min(RECHECK_INTERVAL);
-            sys::futex_wait(ring.data_seq(), seq, Some(nap));
+            sys::futex_wait(ring.data_seq(), seq, Some(left.min(RECHECK_INTERVAL)));
             ring.finish_sleep();
         }
     }
@@ -220,23 +246,29 @@ fn wait_for_data(
 pub fn wait_any(rings: &[Ring], policy: WaitPolicy, timeout: Duration) {
     let start = Instant::now();
     let spin_until = start + policy.spin.min(timeout);
+    let mut i = 0u32;
     loop {
         if rings.iter().any(Ring::has_data) {
             return;
+        }
+        // One pause per poll keeps the reaction time to a few tens of cycles; the clock is
+        // read only every 64 polls.
+        std::hint::spin_loop();
+        i = i.wrapping_add(1);
+        if i % 64 != 0 {
+            continue;
         }
         let now = Instant::now();
         if now.duration_since(start) >= timeout {
             return;
         }
         if policy.spin_only || now < spin_until {
-            for _ in 0..64 {
-                std::hint::spin_loop();
-            }
             continue;
         }
         let mut words: Vec<(&AtomicU32, u32)> = Vec::with_capacity(rings.len());
         let mut ready = false;
         for ring in rings {
+            wake_space(ring, ring.release());
             match ring.prepare_sleep() {
                 Some(seq) => words.push((ring.data_seq(), seq)),
                 None => {
@@ -296,7 +328,7 @@ impl<Q: Serialize, R: DeserializeOwned> ClientEnd<Q, R> {
     /// If the server restarts meanwhile the call fails with [`CallError::PeerRestarted`]; the
     /// caller decides whether the request is idempotent and may be retried.
     pub fn call(&mut self, request: &Q, timeout: Duration) -> Result<R, CallError> {
-        let deadline = Instant::now() + timeout;
+        let mut deadline = Deadline::new(timeout);
         let epoch = self.mem.channel.epoch();
         let tag = self.next_tag;
         self.next_tag = self.next_tag.wrapping_add(1).max(1);
@@ -313,15 +345,15 @@ impl<Q: Serialize, R: DeserializeOwned> ClientEnd<Q, R> {
             }
             Err(_) => return Err(CallError::Encode),
         };
-        self.send_frame(epoch, encoded, deadline, timeout)?;
-        self.await_reply(epoch, tag, deadline, timeout)
+        self.send_frame(epoch, encoded, &mut deadline, timeout)?;
+        self.await_reply(epoch, tag, &mut deadline, timeout)
     }
 
     fn send_frame(
         &mut self,
         epoch: Epoch,
         len: usize,
-        deadline: Instant,
+        deadline: &mut Deadline,
         timeout: Duration,
     ) -> Result<(), CallError> {
         let ring = self.mem.channel.ring(Direction::Requests);
@@ -341,16 +373,12 @@ impl<Q: Serialize, R: DeserializeOwned> ClientEnd<Q, R> {
                     now: now_epoch,
                 });
             }
-            let now = Instant::now();
-            if now >= deadline {
+            let left = deadline.remaining();
+            if left.is_zero() {
                 return Err(CallError::TimedOut(timeout));
             }
             if let Some(seq) = ring.prepare_space_sleep(frame_footprint(len)) {
-                sys::futex_wait(
-                    ring.space_seq(),
-                    seq,
-                    Some((deadline - now).min(RECHECK_INTERVAL)),
-                );
+                sys::futex_wait(ring.space_seq(), seq, Some(left.min(RECHECK_INTERVAL)));
                 ring.finish_space_sleep();
             }
         }
@@ -360,14 +388,15 @@ impl<Q: Serialize, R: DeserializeOwned> ClientEnd<Q, R> {
         &mut self,
         epoch: Epoch,
         tag: u32,
-        deadline: Instant,
+        deadline: &mut Deadline,
         timeout: Duration,
     ) -> Result<R, CallError> {
         let ring = self.mem.channel.ring(Direction::Responses);
         loop {
+            // Hand back the previous reply's bytes while the server works on this request.
+            wake_space(&ring, ring.release());
             match ring.try_recv(&mut self.rx) {
-                Ok(Some((frame, w))) => {
-                    wake_space(&ring, w);
+                Ok(Some(frame)) => {
                     if frame.epoch != epoch {
                         continue; // a reply from before a restart
                     }
@@ -391,7 +420,7 @@ impl<Q: Serialize, R: DeserializeOwned> ClientEnd<Q, R> {
                         now: now_epoch,
                     });
                 }
-                if Instant::now() >= deadline {
+                if deadline.remaining().is_zero() {
                     return Err(CallError::TimedOut(timeout));
                 }
             }
@@ -452,10 +481,11 @@ impl ServerEnd {
     pub fn try_next(&mut self) -> Result<Option<Incoming>, ServeError> {
         let ring = self.mem.channel.ring(Direction::Requests);
         loop {
-            let Some((frame, w)) = ring.try_recv(&mut self.rx).map_err(ServeError::Ring)? else {
+            // The previous request has been answered: hand its bytes back now.
+            wake_space(&ring, ring.release());
+            let Some(frame) = ring.try_recv(&mut self.rx).map_err(ServeError::Ring)? else {
                 return Ok(None);
             };
-            wake_space(&ring, w);
             if frame.epoch != self.mem.channel.epoch() {
                 self.stale_dropped += 1;
                 continue;
@@ -499,7 +529,7 @@ impl ServerEnd {
         let len = postcard::to_slice(&envelope, &mut self.tx[..max])
             .map_err(|_| ServeError::ReplyTooLarge)?
             .len();
-        let deadline = Instant::now() + timeout;
+        let mut deadline = Deadline::new(timeout);
         loop {
             match ring.try_send(incoming.epoch, &self.tx[..len]) {
                 Ok(w) => {
@@ -509,16 +539,12 @@ impl ServerEnd {
                 Err(RingError::Full) => {}
                 Err(e) => return Err(ServeError::Ring(e)),
             }
-            let now = Instant::now();
-            if now >= deadline || self.mem.channel.epoch() != incoming.epoch {
+            let left = deadline.remaining();
+            if left.is_zero() || self.mem.channel.epoch() != incoming.epoch {
                 return Err(ServeError::Ring(RingError::Full));
             }
             if let Some(seq) = ring.prepare_space_sleep(frame_footprint(len)) {
-                sys::futex_wait(
-                    ring.space_seq(),
-                    seq,
-                    Some((deadline - now).min(RECHECK_INTERVAL)),
-                );
+                sys::futex_wait(ring.space_seq(), seq, Some(left.min(RECHECK_INTERVAL)));
                 ring.finish_space_sleep();
             }
         }

@@ -101,6 +101,37 @@ impl SharedMemory {
         Ok(())
     }
 
+    /// Reads `len` bytes at `offset` in place, 8 bytes at a time, folding each word into an
+    /// accumulator (a checksum over data passed by reference, without copying it out).
+    /// `offset` and `len` must be multiples of 8.
+    pub fn fold_words(
+        &self,
+        offset: usize,
+        len: usize,
+        init: u64,
+        f: impl Fn(u64, u64) -> u64,
+    ) -> io::Result<u64> {
+        self.check(offset, len)?;
+        if offset % 8 != 0 || len % 8 != 0 {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        let mut acc = init;
+        for i in (0..len).step_by(8) {
+            // SAFETY: in bounds (checked) and 8-aligned (page-aligned mapping, aligned offset);
+            // a volatile read of a plain word that a peer may be writing yields some value,
+            // which is all a checksum needs.
+            let word = unsafe {
+                self.ptr
+                    .as_ptr()
+                    .add(offset + i)
+                    .cast::<u64>()
+                    .read_volatile()
+            };
+            acc = f(acc, word);
+        }
+        Ok(acc)
+    }
+
     fn check(&self, offset: usize, len: usize) -> io::Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len => Ok(()),

@@ -358,3 +358,84 @@ pub fn take_fd(fd: i32) -> io::Result<OwnedFd> {
     // ownership of its capability slots; each slot is taken once by the runtime.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
+
+/// Duplicates `fd` without close-on-exec, so that a child started with `Command` inherits it
+/// (benchmarks pass their shared memory this way).
+pub fn dup_inheritable(fd: &impl AsRawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD on a descriptor we hold; the result is a fresh descriptor we own.
+    let new = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD, 3) } as libc::c_long)?;
+    // SAFETY: `new` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(new as i32) })
+}
+
+/// Pins the calling thread to one CPU.
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET writes within it for cpu < CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        libc::CPU_SET(cpu, &mut set);
+        cvt(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+                as libc::c_long,
+        )?;
+    }
+    Ok(())
+}
+
+/// A blocking eventfd (counter semantics).
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd with constant flags returns a fresh descriptor or -1.
+    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) } as libc::c_long)?;
+    // SAFETY: fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Adds 1 to an eventfd.
+pub fn eventfd_signal(fd: &impl AsRawFd) -> io::Result<()> {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64.
+    let n = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    cvt(n as libc::c_long).map(|_| ())
+}
+
+/// Blocks until an eventfd is non-zero and resets it.
+pub fn eventfd_wait(fd: &impl AsRawFd) -> io::Result<u64> {
+    let mut v: u64 = 0;
+    // SAFETY: reads 8 bytes into a live u64.
+    let n = unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    cvt(n as libc::c_long).map(|_| v)
+}
+
+/// User plus system CPU time of process `pid`, in clock ticks, from `/proc/PID/stat`.
+pub fn cpu_ticks(pid: u32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or(io::ErrorKind::InvalidData)?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Fields after the command: state is index 0, utime is 11, stime is 12.
+    let utime: u64 = fields
+        .get(11)
+        .and_then(|v| v.parse().ok())
+        .ok_or(io::ErrorKind::InvalidData)?;
+    let stime: u64 = fields
+        .get(12)
+        .and_then(|v| v.parse().ok())
+        .ok_or(io::ErrorKind::InvalidData)?;
+    Ok(utime + stime)
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
+pub fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf with a constant name has no memory effects.
+    let n = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if n > 0 {
+        n as u64
+    } else {
+        100
+    }
+}
