@@ -11,7 +11,6 @@
 
 use core::mem::offset_of;
 use core::ptr::NonNull;
-use core::sync::atomic::fence;
 use core::sync::atomic::AtomicU32;
 use core::sync::atomic::AtomicU64;
 use core::sync::atomic::Ordering;
@@ -350,10 +349,10 @@ impl Ring {
 
     /// Consumer side: takes one frame into `buf` if one is there.
     ///
-    /// What it reads is not handed back to the producer until [`Ring::release`]: the caller
-    /// releases after it has answered, so that zeroing the consumed bytes (so that no stale
-    /// byte can pass for a later stamp) is not on the path between a frame's arrival and its
-    /// answer.
+    /// What it reads is not handed back to the producer until [`Ring::release`], which also
+    /// zeroes it (so that no stale byte can ever pass for a later stamp). The caller releases
+    /// after it has answered, so that this work is not on the path between a frame's arrival
+    /// and its answer.
     ///
     /// A malformed frame is consumed (skipped) together with everything published after it,
     /// so that the reader resynchronises instead of failing forever; the error says what was
@@ -412,9 +411,10 @@ impl Ring {
             // Impossible positions (a corrupted line): scrub the whole area.
             self.zero_wrapped(0, self.capacity);
         }
-        self.head().store(read, Ordering::Release);
-        fence(Ordering::SeqCst);
-        if self.producer_sleeping().load(Ordering::Relaxed) != 0 {
+        // A locked swap is the full barrier the sleep handshake needs, and cheaper than a
+        // fence after a store.
+        self.head().swap(read, Ordering::SeqCst);
+        if self.producer_sleeping().load(Ordering::SeqCst) != 0 {
             self.space_seq().fetch_add(1, Ordering::Release);
             return Wake::Peer;
         }
@@ -434,6 +434,39 @@ impl Ring {
         self.skip_to(tail)
     }
 
+    /// Repairs the producer's side after the producer died (used by the supervisor; nobody
+    /// else produces then, while the consumer may still be reading).
+    ///
+    /// A producer can die between publishing its tail and stamping its frame. The consumer
+    /// then waits at the first slot without a stamp; this walks the stamped frames from the
+    /// consumer's position to that slot, makes it the tail (so that the next producer writes
+    /// exactly where the consumer waits) and zeroes the free space beyond it (so that the
+    /// dead producer's half-written bytes cannot pass for later stamps). Returns the new tail.
+    pub fn recover_producer(&self) -> u64 {
+        let head = self.head().load(Ordering::Acquire);
+        let mut pos = self.read_pos().load(Ordering::Acquire);
+        if pos % FRAME_ALIGN as u64 != 0 || pos.wrapping_sub(head) > self.capacity as u64 {
+            pos = head - head % FRAME_ALIGN as u64;
+        }
+        let start = pos;
+        while pos.wrapping_sub(start) < self.capacity as u64
+            && self.stamp_at(pos).load(Ordering::Acquire) == pos.wrapping_add(1)
+        {
+            let mut len = [0u8; 4];
+            self.read_wrapped(pos + 8, &mut len);
+            let footprint = frame_footprint(u32::from_ne_bytes(len) as usize) as u64;
+            if footprint > self.capacity as u64 {
+                break;
+            }
+            pos += footprint;
+        }
+        let free = (self.capacity as u64).saturating_sub(pos.wrapping_sub(head));
+        self.zero_wrapped(pos, free as usize);
+        self.tail().store(pos, Ordering::Release);
+        self.cached_head().store(head, Ordering::Release);
+        pos
+    }
+
     /// Bytes ever published and ever consumed, for statistics.
     pub fn counters(&self) -> (u64, u64) {
         (
@@ -445,8 +478,7 @@ impl Ring {
     /// Consumer side, before blocking: announces the sleep and returns the futex value to
     /// wait on, or `None` if data arrived meanwhile (then do not sleep).
     pub fn prepare_sleep(&self) -> Option<u32> {
-        self.consumer_sleeping().store(1, Ordering::Relaxed);
-        fence(Ordering::SeqCst);
+        self.consumer_sleeping().swap(1, Ordering::SeqCst);
         let seq = self.data_seq().load(Ordering::Acquire);
         if self.has_data() {
             self.consumer_sleeping().store(0, Ordering::Relaxed);
@@ -462,8 +494,7 @@ impl Ring {
 
     /// Producer side, before blocking on a full ring: like [`Ring::prepare_sleep`].
     pub fn prepare_space_sleep(&self, footprint: usize) -> Option<u32> {
-        self.producer_sleeping().store(1, Ordering::Relaxed);
-        fence(Ordering::SeqCst);
+        self.producer_sleeping().swap(1, Ordering::SeqCst);
         let seq = self.space_seq().load(Ordering::Acquire);
         let tail = self.tail().load(Ordering::Relaxed);
         let head = self.head().load(Ordering::Acquire);
@@ -548,14 +579,15 @@ mod tests {
     fn full_ring_refuses_then_accepts_after_consumption() {
         let mut r = Region::new(4096);
         let ring = r.channel().ring(Direction::Responses);
-        let payload = [0xabu8; 1000];
+        // 990 bytes take 1008 with header and padding: four fit, with the reserved slot.
+        let payload = [0xabu8; 990];
         let mut sent = 0;
         while ring.try_send(Epoch(1), &payload).is_ok() {
             sent += 1;
         }
         assert_eq!(sent, 4);
         assert_eq!(ring.try_send(Epoch(1), &payload), Err(RingError::Full));
-        let mut buf = [0u8; 1000];
+        let mut buf = [0u8; 990];
         let _ = ring.try_recv(&mut buf).unwrap().unwrap();
         assert_eq!(
             ring.try_send(Epoch(1), &payload),
@@ -651,6 +683,32 @@ mod tests {
             ring.try_send(Epoch(1), &big),
             Err(RingError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn recovery_after_producer_death_points_the_next_producer_at_the_waiting_consumer() {
+        let mut r = Region::new(4096);
+        let layout = r.layout;
+        let ring = r.channel().ring(Direction::Requests);
+        let mut buf = [0u8; 64];
+        let _ = ring.try_send(Epoch(1), &[1; 20]).unwrap();
+        let _ = ring.try_send(Epoch(1), &[2; 20]).unwrap();
+        assert!(ring.try_recv(&mut buf).unwrap().is_some());
+        // The producer dies after publishing its tail for a third frame it never stamped.
+        let (tail, _) = ring.counters();
+        let tail_at = layout.ring_header(Direction::Requests) + 64;
+        r.bytes()[tail_at..tail_at + 8].copy_from_slice(&(tail + 48).to_ne_bytes());
+        let recovered = ring.recover_producer();
+        assert_eq!(
+            recovered, tail,
+            "tail moved back to the first unstamped slot"
+        );
+        // The consumer still gets the second frame, then the new producer's frame.
+        assert!(ring.try_recv(&mut buf).unwrap().is_some());
+        let _ = ring.release();
+        let _ = ring.try_send(Epoch(2), &[3; 5]).unwrap();
+        let got = ring.try_recv(&mut buf).unwrap().unwrap();
+        assert_eq!((got.epoch, &buf[..got.len]), (Epoch(2), &[3u8; 5][..]));
     }
 
     #[test]

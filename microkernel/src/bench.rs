@@ -181,7 +181,32 @@ pub fn run(effort: Effort) -> std::io::Result<Report> {
         drop(peer);
     }
 
-    // 2. Our ring with postcard messages, in each wait mode.
+    // 2a. Our ring alone: raw 8-byte frames, no encoding, both sides spinning.
+    {
+        let mem =
+            ChannelMemory::create("pv-bench-raw", BENCH_RING).map_err(std::io::Error::other)?;
+        let peer = spawn_peer("raw", theirs, vec![sys::dup_inheritable(mem.shm())?])?;
+        let requests = mem.channel().ring(Direction::Requests);
+        let responses = mem.channel().ring(Direction::Responses);
+        let mut buf = [0u8; 64];
+        let mut n = 0u64;
+        latencies.push(measure(
+            "ring alone, raw 8-byte frames, spinning",
+            effort.samples,
+            effort.fast_batch,
+            || {
+                n += 1;
+                let _ = responses.release();
+                let _ = requests.try_send(Epoch(1), &n.to_ne_bytes());
+                while !matches!(responses.try_recv(&mut buf), Ok(Some(_))) {
+                    std::hint::spin_loop();
+                }
+            },
+        ));
+        drop(peer);
+    }
+
+    // 2b. Our ring with postcard messages through the channel ends, in each wait mode.
     for (label, kind, policy, batch) in [
         (
             "ring + postcard request/response, spinning",
@@ -526,6 +551,20 @@ pub fn peer(kind: &str, cpu: usize, fds: &[i32]) -> std::io::Result<()> {
                         Duration::from_secs(5),
                     ),
                     Err(_) => {}
+                }
+            }
+        }
+        "raw" => {
+            let mem = ChannelMemory::open(take(0)?).map_err(std::io::Error::other)?;
+            let requests = mem.channel().ring(Direction::Requests);
+            let responses = mem.channel().ring(Direction::Responses);
+            let mut buf = [0u8; 64];
+            loop {
+                if let Ok(Some(got)) = requests.try_recv(&mut buf) {
+                    let _ = responses.try_send(Epoch(1), &buf[..got.len]);
+                    let _ = requests.release();
+                } else {
+                    std::hint::spin_loop();
                 }
             }
         }

@@ -627,15 +627,15 @@ impl Supervisor {
         let _ = self.services[i]
             .control
             .memory()
-            .restart_epoch(&[Direction::Requests]);
+            .restart_epoch(Direction::Requests);
         for link in &self.links {
             if link.server == i {
                 link.mem.channel().set_server_state(ServerState::Down);
-                let epoch = link.mem.restart_epoch(&[Direction::Requests]);
+                let epoch = link.mem.restart_epoch(Direction::Requests);
                 tracing::info!(channel = %format!("{}->{}", self.services[link.client].spec.name, link.interface), %epoch, "server gone; new epoch");
             }
             if link.client == i {
-                let _ = link.mem.restart_epoch(&[Direction::Responses]);
+                let _ = link.mem.restart_epoch(Direction::Responses);
             }
         }
     }

@@ -162,12 +162,16 @@ impl ChannelMemory {
         &self.shm
     }
 
-    /// Supervisor: the end that consumed `dir` died; drop what it left unread and move the
-    /// channel to a new epoch, waking everyone so that survivors notice.
-    pub fn restart_epoch(&self, dead_consumer_of: &[Direction]) -> Epoch {
-        for dir in dead_consumer_of {
-            let _ = self.channel.ring(*dir).discard_all();
-        }
+    /// Supervisor: one end of the channel died. Repair the rings it used (drop what it left
+    /// unread on the ring it consumed; point the ring it produced at the slot its peer waits
+    /// at), move the channel to a new epoch, and wake everyone so that survivors notice.
+    pub fn restart_epoch(&self, consumed: Direction) -> Epoch {
+        let produced = match consumed {
+            Direction::Requests => Direction::Responses,
+            Direction::Responses => Direction::Requests,
+        };
+        let _ = self.channel.ring(consumed).discard_all();
+        let _ = self.channel.ring(produced).recover_producer();
         let next = self.channel.epoch().next();
         self.channel.set_epoch(next);
         self.wake_all();
@@ -244,25 +248,25 @@ fn wait_for_data(
 
 /// Waits until any ring in `rings` has data or `timeout` passes (a server's idle wait).
 pub fn wait_any(rings: &[Ring], policy: WaitPolicy, timeout: Duration) {
-    let start = Instant::now();
-    let spin_until = start + policy.spin.min(timeout);
+    // The clock is first read after 64 polls: a request that arrives at once costs none.
+    let mut started: Option<Instant> = None;
     let mut i = 0u32;
     loop {
         if rings.iter().any(Ring::has_data) {
             return;
         }
-        // One pause per poll keeps the reaction time to a few tens of cycles; the clock is
-        // read only every 64 polls.
         std::hint::spin_loop();
         i = i.wrapping_add(1);
         if i % 64 != 0 {
             continue;
         }
         let now = Instant::now();
-        if now.duration_since(start) >= timeout {
+        let start = *started.get_or_insert(now);
+        let waited = now.duration_since(start);
+        if waited >= timeout {
             return;
         }
-        if policy.spin_only || now < spin_until {
+        if policy.spin_only || waited < policy.spin {
             continue;
         }
         let mut words: Vec<(&AtomicU32, u32)> = Vec::with_capacity(rings.len());
@@ -278,7 +282,7 @@ pub fn wait_any(rings: &[Ring], policy: WaitPolicy, timeout: Duration) {
             }
         }
         if !ready {
-            let _ = sys::futex_wait_any(&words, Some(timeout - now.duration_since(start)));
+            let _ = sys::futex_wait_any(&words, Some(timeout - waited));
         }
         for ring in rings {
             ring.finish_sleep();
