@@ -239,8 +239,8 @@ impl Ring {
     fn in_flight(&self, head: u64, tail: u64) -> Result<u64, RingError> {
         let used = tail.wrapping_sub(head);
         if used > self.capacity as u64
-            || head % FRAME_ALIGN as u64 != 0
-            || tail % FRAME_ALIGN as u64 != 0
+            || !head.is_multiple_of(FRAME_ALIGN as u64)
+            || !tail.is_multiple_of(FRAME_ALIGN as u64)
         {
             return Err(RingError::Corrupt { head, tail });
         }
@@ -252,7 +252,7 @@ impl Ring {
     /// reader goes and reports it.
     pub fn has_data(&self) -> bool {
         let read = self.read_pos().load(Ordering::Relaxed);
-        if read % FRAME_ALIGN as u64 != 0 {
+        if !read.is_multiple_of(FRAME_ALIGN as u64) {
             return true;
         }
         self.stamp_at(read).load(Ordering::Acquire) == read.wrapping_add(1)
@@ -359,7 +359,7 @@ impl Ring {
     /// wrong.
     pub fn try_recv(&self, buf: &mut [u8]) -> Result<Option<Received>, RingError> {
         let read = self.read_pos().load(Ordering::Relaxed);
-        if read % FRAME_ALIGN as u64 != 0 {
+        if !read.is_multiple_of(FRAME_ALIGN as u64) {
             let tail = self.tail().load(Ordering::Acquire);
             let _ = self.skip_to(tail);
             return Err(RingError::Corrupt { head: read, tail });
@@ -445,7 +445,7 @@ impl Ring {
     pub fn recover_producer(&self) -> u64 {
         let head = self.head().load(Ordering::Acquire);
         let mut pos = self.read_pos().load(Ordering::Acquire);
-        if pos % FRAME_ALIGN as u64 != 0 || pos.wrapping_sub(head) > self.capacity as u64 {
+        if !pos.is_multiple_of(FRAME_ALIGN as u64) || pos.wrapping_sub(head) > self.capacity as u64 {
             pos = head - head % FRAME_ALIGN as u64;
         }
         let start = pos;

@@ -115,7 +115,7 @@ pub fn text(m: &Manifest) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<10} {:<11} {:<16} {:<22} {:<8} {:>6} {:>5}  {:<38} {}",
+        "{:<10} {:<11} {:<16} {:<22} {:<8} {:>6} {:>5}  {:<38} SYSCALLS (base +)",
         "SERVICE",
         "SERVES",
         "CALLS",
@@ -123,8 +123,7 @@ pub fn text(m: &Manifest) -> String {
         "MEMORY",
         "FILES#",
         "",
-        "RESTART",
-        "SYSCALLS (base +)"
+        "RESTART"
     );
     for r in &rows {
         let _ = writeln!(

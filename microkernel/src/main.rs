@@ -267,15 +267,14 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                         return Ok(ExitCode::SUCCESS);
                     }
                     println!(
-                        "{:<10} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8}  {}",
+                        "{:<10} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8}  LAST EXIT",
                         "SERVICE",
                         "PID",
                         "STATE",
                         "RESTARTS",
                         "UPTIME",
                         "MSG-IN",
-                        "MSG-OUT",
-                        "LAST EXIT"
+                        "MSG-OUT"
                     );
                     for r in services {
                         println!(

@@ -374,7 +374,11 @@ impl Supervisor {
     }
 
     fn spawn(&mut self, i: usize) -> Result<(), String> {
-        let (record, mut fds, expected) = self.capabilities(i)?;
+        let Grants {
+            record,
+            mut fds,
+            expected,
+        } = self.capabilities(i)?;
         self.services[i].granted = expected;
         let record_bytes =
             postcard::to_allocvec(&record).map_err(|e| format!("bootstrap record: {e}"))?;
@@ -458,7 +462,7 @@ impl Supervisor {
 
     /// The bootstrap record and the descriptors of service `i`, in slot order (slot 3 is the
     /// record itself, added by the caller).
-    fn capabilities(&self, i: usize) -> Result<(Bootstrap, Vec<Fd>, Vec<(i32, String)>), String> {
+    fn capabilities(&self, i: usize) -> Result<Grants, String> {
         let s = &self.services[i];
         let shm_cap = |kind, name: String, shm: &SharedMemory| {
             (
@@ -560,7 +564,11 @@ impl Supervisor {
                 expected.push((slot, link));
             }
         }
-        Ok((record, fds, expected))
+        Ok(Grants {
+            record,
+            fds,
+            expected,
+        })
     }
 
     /// Service `i`'s pidfd became readable: it died.
@@ -864,6 +872,15 @@ impl Supervisor {
         }
         tracing::info!("all services stopped");
     }
+}
+
+/// What one start of a service hands it.
+struct Grants {
+    record: Bootstrap,
+    /// Descriptors in slot order, from slot 4 (the record itself goes to slot 3).
+    fds: Vec<Fd>,
+    /// `(slot, /proc link)` of each descriptor the service keeps, for the live audit.
+    expected: Vec<(i32, String)>,
 }
 
 /// A descriptor in a capability list: one the supervisor keeps, or one opened for this start.

@@ -103,7 +103,7 @@ fn main() -> ExitCode {
             let _ = mem
                 .shm()
                 .write(tail_at, &(tail + frame.len() as u64).to_ne_bytes());
-            let _ = sys::futex_wake(mem.channel().ring(Direction::Requests).data_seq(), 1);
+            sys::futex_wake(mem.channel().ring(Direction::Requests).data_seq(), 1);
             std::process::abort();
         }
         "garbage" => {
@@ -119,7 +119,7 @@ fn main() -> ExitCode {
             // 1. A frame whose tag decodes but whose body is not postcard for the interface.
             let garbage = [0x05u8, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f, 0x09];
             let _ = requests.try_send(channel.epoch(), &garbage);
-            let _ = sys::futex_wake(requests.data_seq(), 1);
+            sys::futex_wake(requests.data_seq(), 1);
             let deadline = Instant::now() + Duration::from_secs(5);
             let mut buf = vec![0u8; responses.capacity()];
             let reply = loop {

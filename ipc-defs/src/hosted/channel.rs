@@ -222,7 +222,7 @@ fn wait_for_data(
         }
         std::hint::spin_loop();
         i = i.wrapping_add(1);
-        if i % 64 != 0 {
+        if !i.is_multiple_of(64) {
             continue;
         }
         if stop() {
@@ -257,7 +257,7 @@ pub fn wait_any(rings: &[Ring], policy: WaitPolicy, timeout: Duration) {
         }
         std::hint::spin_loop();
         i = i.wrapping_add(1);
-        if i % 64 != 0 {
+        if !i.is_multiple_of(64) {
             continue;
         }
         let now = Instant::now();
@@ -552,5 +552,143 @@ impl ServerEnd {
                 ring.finish_space_sleep();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use super::*;
+    use crate::endpoint;
+
+    type Client = ClientEnd<endpoint::Request<u32>, endpoint::Response<u32>>;
+
+    /// Maps the same channel a second time, as another process would.
+    fn second_mapping(mem: &ChannelMemory) -> ChannelMemory {
+        let fd = mem.shm().as_fd().try_clone_to_owned().unwrap();
+        ChannelMemory::open(fd).unwrap()
+    }
+
+    /// A server thread that answers `n` with `n + 1` until told to stop (or forever).
+    fn serve(mem: ChannelMemory, answer: bool) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let mut server = ServerEnd::new(mem);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                match server.try_next() {
+                    Ok(Some(incoming)) => {
+                        let Some(request) = server.decode::<endpoint::Request<u32>>(&incoming)
+                        else {
+                            continue;
+                        };
+                        if !answer {
+                            return; // dies with the request in flight
+                        }
+                        let reply = match request {
+                            endpoint::Request::Service(n) => {
+                                endpoint::Response::Service(n.wrapping_add(1))
+                            }
+                            endpoint::Request::Ping { nonce } => endpoint::Response::Pong { nonce },
+                        };
+                        if n_is_stop(&reply) {
+                            let _ = server.reply(&incoming, &reply, Duration::from_secs(1));
+                            return;
+                        }
+                        let _ = server.reply(&incoming, &reply, Duration::from_secs(1));
+                    }
+                    Ok(None) => wait_any(
+                        &[server.request_ring()],
+                        WaitPolicy::default(),
+                        Duration::from_millis(50),
+                    ),
+                    Err(_) => {}
+                }
+            }
+        })
+    }
+
+    fn n_is_stop(reply: &endpoint::Response<u32>) -> bool {
+        matches!(reply, endpoint::Response::Service(0))
+    }
+
+    #[test]
+    fn calls_round_trip_in_every_wait_mode() {
+        for policy in [
+            WaitPolicy::SPINNING,
+            WaitPolicy::default(),
+            WaitPolicy::BLOCKING,
+        ] {
+            let mem = ChannelMemory::create("test-modes", 4096).unwrap();
+            let server = serve(second_mapping(&mem), true);
+            let mut client: Client = ClientEnd::new(mem, policy);
+            for n in 1..200u32 {
+                let reply = client.call(&endpoint::Request::Service(n), Duration::from_secs(5));
+                assert_eq!(reply, Ok(endpoint::Response::Service(n + 1)), "{policy:?}");
+            }
+            let _ = client.call(
+                &endpoint::Request::Service(u32::MAX),
+                Duration::from_secs(5),
+            );
+            drop(client);
+            let _ = server.join();
+        }
+    }
+
+    #[test]
+    fn server_death_mid_call_is_a_typed_peer_restarted_and_the_retry_reaches_the_new_server() {
+        let mem = ChannelMemory::create("test-restart", 4096).unwrap();
+        let supervisor = second_mapping(&mem);
+        let dying = serve(second_mapping(&mem), false);
+        let mut client: Client = ClientEnd::new(mem, WaitPolicy::default());
+        let before = client.epoch();
+        // The "supervisor" notices the death and moves the channel to a new epoch.
+        let watcher = std::thread::spawn(move || {
+            dying.join().unwrap();
+            let epoch = supervisor.restart_epoch(Direction::Requests);
+            (supervisor, epoch)
+        });
+        let result = client.call(&endpoint::Request::Service(41), Duration::from_secs(5));
+        let (supervisor, epoch) = watcher.join().unwrap();
+        assert_eq!(
+            result,
+            Err(CallError::PeerRestarted {
+                sent_in: before,
+                now: epoch
+            })
+        );
+        // The request was idempotent: retry against the restarted server.
+        let restarted = serve(second_mapping(&supervisor), true);
+        let reply = client.call(&endpoint::Request::Service(41), Duration::from_secs(5));
+        assert_eq!(reply, Ok(endpoint::Response::Service(42)));
+        let _ = client.call(
+            &endpoint::Request::Service(u32::MAX),
+            Duration::from_secs(5),
+        );
+        let _ = restarted.join();
+    }
+
+    #[test]
+    fn a_call_with_nobody_serving_times_out_instead_of_hanging() {
+        let mem = ChannelMemory::create("test-timeout", 4096).unwrap();
+        let mut client: Client = ClientEnd::new(mem, WaitPolicy::default());
+        let start = Instant::now();
+        let result = client.call(&endpoint::Request::Service(1), Duration::from_millis(200));
+        assert_eq!(result, Err(CallError::TimedOut(Duration::from_millis(200))));
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn oversized_request_is_a_typed_error() {
+        let mem = ChannelMemory::create("test-big", 4096).unwrap();
+        let mut client: ClientEnd<Vec<u8>, u32> = ClientEnd::new(mem, WaitPolicy::default());
+        let result = client.call(&vec![0u8; 10_000], Duration::from_millis(100));
+        assert!(
+            matches!(
+                result,
+                Err(CallError::Ring(RingError::FrameTooLarge { .. }))
+            ),
+            "{result:?}"
+        );
     }
 }

@@ -195,7 +195,7 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
     for cap in record.find(CapabilityKind::SeccompProgram) {
         let fd = sys::take_fd(cap.slot).map_err(|e| cap_error(cap, e))?;
         let len = sys::file_size(&fd).map_err(|e| cap_error(cap, e))? as usize;
-        if len == 0 || len % 8 != 0 || len > 8 * u16::MAX as usize {
+        if len == 0 || !len.is_multiple_of(8) || len > 8 * u16::MAX as usize {
             return Err(cap_error(cap, format!("seccomp program of {len} bytes")));
         }
         let mut bytes = vec![0u8; len];

@@ -112,7 +112,7 @@ impl SharedMemory {
         f: impl Fn(u64, u64) -> u64,
     ) -> io::Result<u64> {
         self.check(offset, len)?;
-        if offset % 8 != 0 || len % 8 != 0 {
+        if !offset.is_multiple_of(8) || !len.is_multiple_of(8) {
             return Err(io::ErrorKind::InvalidInput.into());
         }
         let mut acc = init;
@@ -148,7 +148,7 @@ impl SharedMemory {
     /// An atomic u32 inside the region (for status words).
     pub fn atomic_u32(&self, offset: usize) -> io::Result<&std::sync::atomic::AtomicU32> {
         self.check(offset, 4)?;
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             return Err(io::ErrorKind::InvalidInput.into());
         }
         // SAFETY: in bounds and aligned (the mapping is page-aligned); shared memory is only
