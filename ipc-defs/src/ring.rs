@@ -328,13 +328,13 @@ impl Ring {
                 return Err(RingError::Full);
             }
         }
-        self.write_wrapped(tail + FRAME_HEADER_SIZE as u64, payload);
+        self.write_wrapped(tail.wrapping_add(FRAME_HEADER_SIZE as u64), payload);
         let mut rest = [0u8; 8];
         rest[..4].copy_from_slice(&(payload.len() as u32).to_ne_bytes());
         rest[4..].copy_from_slice(&epoch.0.to_ne_bytes());
-        self.write_wrapped(tail + 8, &rest);
+        self.write_wrapped(tail.wrapping_add(8), &rest);
         self.tail()
-            .store(tail + footprint as u64, Ordering::Release);
+            .store(tail.wrapping_add(footprint as u64), Ordering::Release);
         // The stamp goes last: it is what the consumer waits for. The swap is a full barrier
         // (a locked instruction on x86, cheaper than a fence) that pairs with the fence in
         // `prepare_sleep`: either the consumer sees our stamp, or we see its sleeping flag.
@@ -368,7 +368,7 @@ impl Ring {
             return Ok(None);
         }
         let mut rest = [0u8; 8];
-        self.read_wrapped(read + 8, &mut rest);
+        self.read_wrapped(read.wrapping_add(8), &mut rest);
         let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]);
         let epoch = u32::from_ne_bytes([rest[4], rest[5], rest[6], rest[7]]);
         let footprint = frame_footprint(len as usize);
@@ -381,15 +381,18 @@ impl Ring {
             });
         }
         if len as usize > buf.len() {
-            let _ = self.skip_to(read + footprint as u64);
+            let _ = self.skip_to(read.wrapping_add(footprint as u64));
             return Err(RingError::BufferTooSmall {
                 len: len as usize,
                 buffer: buf.len(),
             });
         }
-        self.read_wrapped(read + FRAME_HEADER_SIZE as u64, &mut buf[..len as usize]);
+        self.read_wrapped(
+            read.wrapping_add(FRAME_HEADER_SIZE as u64),
+            &mut buf[..len as usize],
+        );
         self.read_pos()
-            .store(read + footprint as u64, Ordering::Relaxed);
+            .store(read.wrapping_add(footprint as u64), Ordering::Relaxed);
         Ok(Some(Received {
             len: len as usize,
             epoch: Epoch(epoch),
@@ -445,20 +448,21 @@ impl Ring {
     pub fn recover_producer(&self) -> u64 {
         let head = self.head().load(Ordering::Acquire);
         let mut pos = self.read_pos().load(Ordering::Acquire);
-        if !pos.is_multiple_of(FRAME_ALIGN as u64) || pos.wrapping_sub(head) > self.capacity as u64 {
-            pos = head - head % FRAME_ALIGN as u64;
+        if !pos.is_multiple_of(FRAME_ALIGN as u64) || pos.wrapping_sub(head) > self.capacity as u64
+        {
+            pos = head.wrapping_sub(head % FRAME_ALIGN as u64);
         }
         let start = pos;
         while pos.wrapping_sub(start) < self.capacity as u64
             && self.stamp_at(pos).load(Ordering::Acquire) == pos.wrapping_add(1)
         {
             let mut len = [0u8; 4];
-            self.read_wrapped(pos + 8, &mut len);
+            self.read_wrapped(pos.wrapping_add(8), &mut len);
             let footprint = frame_footprint(u32::from_ne_bytes(len) as usize) as u64;
             if footprint > self.capacity as u64 {
                 break;
             }
-            pos += footprint;
+            pos = pos.wrapping_add(footprint);
         }
         let free = (self.capacity as u64).saturating_sub(pos.wrapping_sub(head));
         self.zero_wrapped(pos, free as usize);

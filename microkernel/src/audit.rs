@@ -88,7 +88,7 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
                 format_duration(s.restart.window),
                 format_duration(s.restart.backoff)
             ),
-            namespaces: Namespaces::all().names(),
+            namespaces: (Namespaces::all() - Namespaces::USER).names(),
             syscalls_base: profiles::BASE.to_vec(),
             syscalls_extra: s.syscalls.clone(),
         })
@@ -111,19 +111,12 @@ pub fn text(m: &Manifest) -> String {
     let _ = writeln!(
         out,
         "(every service: no_new_privs; fresh {} namespaces; empty read-only root with only shared libraries; seccomp = common base + listed extras; all other syscalls kill the service)\n",
-        Namespaces::all().names().join("/")
+        (Namespaces::all() - Namespaces::USER).names().join("/")
     );
     let _ = writeln!(
         out,
         "{:<10} {:<11} {:<16} {:<22} {:<8} {:>6} {:>5}  {:<38} SYSCALLS (base +)",
-        "SERVICE",
-        "SERVES",
-        "CALLS",
-        "CALLED BY",
-        "MEMORY",
-        "FILES#",
-        "",
-        "RESTART"
+        "SERVICE", "SERVES", "CALLS", "CALLED BY", "MEMORY", "FILES#", "", "RESTART"
     );
     for r in &rows {
         let _ = writeln!(

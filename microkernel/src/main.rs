@@ -17,7 +17,11 @@ use microkernel::supervisor;
 
 /// A microkernel paravisor: every function in its own capability-restricted process.
 #[derive(Parser)]
-#[command(name = "paravisor", version, about)]
+#[command(
+    name = "paravisor",
+    version,
+    about = "A microkernel paravisor: every function in its own capability-restricted, supervised process."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -268,13 +272,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                     }
                     println!(
                         "{:<10} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8}  LAST EXIT",
-                        "SERVICE",
-                        "PID",
-                        "STATE",
-                        "RESTARTS",
-                        "UPTIME",
-                        "MSG-IN",
-                        "MSG-OUT"
+                        "SERVICE", "PID", "STATE", "RESTARTS", "UPTIME", "MSG-IN", "MSG-OUT"
                     );
                     for r in services {
                         println!(

@@ -34,6 +34,9 @@ bitflags! {
         const NET = libc::CLONE_NEWNET as u32;
         const IPC = libc::CLONE_NEWIPC as u32;
         const UTS = libc::CLONE_NEWUTS as u32;
+        /// Only when the microkernel is not privileged: a user namespace lets an ordinary
+        /// user create the others.
+        const USER = libc::CLONE_NEWUSER as u32;
     }
 }
 
@@ -47,6 +50,7 @@ impl Namespaces {
             (Namespaces::NET, "net"),
             (Namespaces::IPC, "ipc"),
             (Namespaces::UTS, "uts"),
+            (Namespaces::USER, "user"),
         ] {
             if self.contains(flag) {
                 v.push(name);
@@ -184,6 +188,8 @@ impl SpawnPlan {
     pub fn spawn(&self, wanted: Namespaces) -> Result<Spawned, SpawnError> {
         let mut attempts = vec![wanted];
         if wanted != Namespaces::empty() {
+            // Unprivileged: the same namespaces inside a new user namespace, then none.
+            attempts.push(wanted | Namespaces::USER);
             attempts.push(Namespaces::empty());
         }
         let mut last = None;
@@ -192,10 +198,25 @@ impl SpawnPlan {
                 Err(SpawnError::Clone(e))
                     if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EINVAL)) =>
                 {
-                    tracing::warn!(namespaces = ?ns.names(), "kernel refused namespaces: {e}; trying without");
+                    tracing::debug!(namespaces = ?ns.names(), "kernel refused these namespaces: {e}");
                     last = Some(SpawnError::Clone(e));
                 }
-                other => return other,
+                // Inside an unprivileged user namespace some set-up steps may still be refused.
+                Err(e) if ns.contains(Namespaces::USER) => {
+                    tracing::warn!(namespaces = ?ns.names(), "sandbox in a user namespace failed: {e}");
+                    last = Some(e);
+                }
+                Ok(spawned) => {
+                    if !spawned.namespaces.contains(wanted) {
+                        tracing::warn!(
+                            wanted = ?wanted.names(),
+                            got = ?spawned.namespaces.names(),
+                            "service runs without the namespaces it should have (the kernel refused them); `audit --live` will report it"
+                        );
+                    }
+                    return Ok(spawned);
+                }
+                Err(e) => return Err(e),
             }
         }
         Err(last.unwrap_or_else(|| SpawnError::Clone(io::ErrorKind::Unsupported.into())))
@@ -210,6 +231,16 @@ impl SpawnPlan {
         // SAFETY: pipe2 returned two fresh descriptors that we now own.
         let (err_read, err_write) =
             unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
+        // With a user namespace the parent must write the id maps before the child may
+        // create anything; the child waits for one byte on this pipe.
+        let mut sync = [0 as RawFd; 2];
+        // SAFETY: `sync` is a valid out-array of two descriptors.
+        if unsafe { libc::pipe2(sync.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(SpawnError::Prepare(io::Error::last_os_error()));
+        }
+        // SAFETY: pipe2 returned two fresh descriptors that we now own.
+        let (sync_read, sync_write) =
+            unsafe { (OwnedFd::from_raw_fd(sync[0]), OwnedFd::from_raw_fd(sync[1])) };
         let mut pidfd: RawFd = -1;
         let flags = libc::CLONE_PIDFD as libc::c_ulong
             | ns.bits() as libc::c_ulong
@@ -232,11 +263,24 @@ impl SpawnPlan {
         }
         if pid == 0 {
             // In the child: never returns.
-            self.child(ns, err_write.as_raw_fd());
+            self.child(ns, err_write.as_raw_fd(), sync_read.as_raw_fd());
         }
         drop(err_write);
+        drop(sync_read);
         // SAFETY: CLONE_PIDFD gave us a fresh pidfd for the child.
         let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+        if ns.contains(Namespaces::USER) {
+            if let Err(e) = write_id_maps(pid as libc::pid_t) {
+                let _ = pidfd_signal(&pidfd, libc::SIGKILL);
+                let mut status = 0;
+                // SAFETY: reaps our own child, which we just killed.
+                unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+                return Err(SpawnError::Prepare(e));
+            }
+        }
+        // SAFETY: writes one byte from a live buffer to the pipe we own.
+        unsafe { libc::write(sync_write.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+        drop(sync_write);
         let mut report = [0u8; 8];
         // SAFETY: reading into a valid buffer from the pipe we own; EOF (0) means the child
         // reached execveat successfully (the pipe is close-on-exec).
@@ -260,7 +304,7 @@ impl SpawnPlan {
     }
 
     /// The child side. Only raw syscalls on prepared data from here on.
-    fn child(&self, ns: Namespaces, err_fd: RawFd) -> ! {
+    fn child(&self, ns: Namespaces, err_fd: RawFd, sync_fd: RawFd) -> ! {
         // SAFETY (whole function): every call below is a raw syscall on data prepared before
         // clone (CStrings, vectors, descriptors); nothing allocates, locks or unwinds. On any
         // failure the child reports (step, errno) on the close-on-exec pipe and _exits.
@@ -273,6 +317,10 @@ impl SpawnPlan {
                 libc::write(err_fd, msg.as_ptr().cast(), 8);
                 libc::_exit(127);
             };
+
+            // Wait until the parent has written our id maps (or decided not to).
+            let mut byte = [0u8; 1];
+            libc::read(sync_fd, byte.as_mut_ptr().cast(), 1);
 
             // Signals: the parent blocks SIGINT/SIGTERM for its signalfd; start clean.
             let mut set: libc::sigset_t = std::mem::zeroed();
@@ -497,6 +545,17 @@ fn library_view() -> io::Result<Vec<RootEntry>> {
         }
     }
     Ok(entries)
+}
+
+/// Maps root in the child's new user namespace to our own uid and gid (the only mapping an
+/// unprivileged process may write).
+fn write_id_maps(pid: libc::pid_t) -> io::Result<()> {
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    std::fs::write(format!("/proc/{pid}/setgroups"), "deny")?;
+    std::fs::write(format!("/proc/{pid}/uid_map"), format!("0 {uid} 1"))?;
+    std::fs::write(format!("/proc/{pid}/gid_map"), format!("0 {gid} 1"))?;
+    Ok(())
 }
 
 /// Sends `signal` to the process behind `pidfd`.

@@ -407,7 +407,9 @@ impl Supervisor {
             &format!("pv-{}", s.spec.name),
         )
         .map_err(|e| e.to_string())?;
-        let spawned = plan.spawn(Namespaces::all()).map_err(|e| e.to_string())?;
+        let spawned = plan
+            .spawn(Namespaces::all() - Namespaces::USER)
+            .map_err(|e| e.to_string())?;
         drop(plan);
         fds.clear();
         let name = s.spec.name.clone();
@@ -833,7 +835,7 @@ impl Supervisor {
             };
             checked.push(s.spec.name.clone());
             let mut expect = ExpectedProcess {
-                namespaces: Namespaces::all(),
+                namespaces: Namespaces::all() - Namespaces::USER,
                 memory: s.spec.limits.memory,
                 open_files: s.spec.limits.open_files,
                 descriptors: Vec::new(),
