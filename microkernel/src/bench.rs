@@ -481,7 +481,7 @@ pub fn text(r: &Report) -> String {
             .find(|l| l.what.contains(needle))
             .map(|l| l.median_ns)
     };
-    if let (Some(spin), Some(block), Some(efd)) = (get("spinning"), get("blocking"), get("eventfd"))
+    if let (Some(spin), Some(block), Some(efd)) = (get("postcard request/response, spinning"), get("blocking"), get("eventfd"))
     {
         out += &format!(
             "\ntargets: spin round trip {:.2}x floor (target <= 2x): {}; blocking {:.2}x eventfd (target <= 1x): {}\n",

@@ -206,6 +206,16 @@ fn wake_space(ring: &Ring, wake: Wake) {
     }
 }
 
+/// Polls between two looks at the clock: reading it costs about as much as a cross-core
+/// hand-off, so a spinning waiter reads it only every 64 polls; a blocking one looks at once.
+fn polls_between_clock_reads(policy: WaitPolicy) -> u32 {
+    if policy.spin.is_zero() && !policy.spin_only {
+        1
+    } else {
+        64
+    }
+}
+
 /// Waits until `ring` has data, `stop()` says to give up, or `deadline` passes. Returns
 /// whether data is there.
 fn wait_for_data(
@@ -215,6 +225,7 @@ fn wait_for_data(
     mut stop: impl FnMut() -> bool,
 ) -> bool {
     let mut spin_until: Option<Instant> = None;
+    let polls = polls_between_clock_reads(policy);
     let mut i = 0u32;
     loop {
         if ring.has_data() {
@@ -222,7 +233,7 @@ fn wait_for_data(
         }
         std::hint::spin_loop();
         i = i.wrapping_add(1);
-        if !i.is_multiple_of(64) {
+        if !i.is_multiple_of(polls) {
             continue;
         }
         if stop() {
@@ -250,6 +261,7 @@ fn wait_for_data(
 pub fn wait_any(rings: &[Ring], policy: WaitPolicy, timeout: Duration) {
     // The clock is first read after 64 polls: a request that arrives at once costs none.
     let mut started: Option<Instant> = None;
+    let polls = polls_between_clock_reads(policy);
     let mut i = 0u32;
     loop {
         if rings.iter().any(Ring::has_data) {
@@ -257,7 +269,7 @@ pub fn wait_any(rings: &[Ring], policy: WaitPolicy, timeout: Duration) {
         }
         std::hint::spin_loop();
         i = i.wrapping_add(1);
-        if !i.is_multiple_of(64) {
+        if !i.is_multiple_of(polls) {
             continue;
         }
         let now = Instant::now();
@@ -282,7 +294,13 @@ pub fn wait_any(rings: &[Ring], policy: WaitPolicy, timeout: Duration) {
             }
         }
         if !ready {
-            let _ = sys::futex_wait_any(&words, Some(timeout - waited));
+            match words.as_slice() {
+                // One ring: the plain futex wait is the cheaper kernel path.
+                [(word, seq)] => sys::futex_wait(word, *seq, Some(timeout - waited)),
+                _ => {
+                    let _ = sys::futex_wait_any(&words, Some(timeout - waited));
+                }
+            }
         }
         for ring in rings {
             ring.finish_sleep();
