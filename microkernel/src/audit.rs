@@ -26,6 +26,7 @@ pub struct Row {
     pub memory: String,
     pub open_files: u64,
     pub restart: String,
+    pub watchdog: String,
     pub namespaces: Vec<&'static str>,
     pub syscalls_base: Vec<&'static str>,
     pub syscalls_extra: Vec<String>,
@@ -88,6 +89,7 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
                 format_duration(s.restart.window),
                 format_duration(s.restart.backoff)
             ),
+            watchdog: format_duration(s.watchdog),
             namespaces: (Namespaces::all() - Namespaces::USER).names(),
             syscalls_base: profiles::BASE.to_vec(),
             syscalls_extra: s.syscalls.clone(),
@@ -144,6 +146,7 @@ pub fn text(m: &Manifest) -> String {
         let _ = writeln!(out, "  files:   {}", list(&r.files));
         let _ = writeln!(out, "  mmio:    {}", list(&r.mmio));
         let _ = writeln!(out, "  pio:     {}", list(&r.pio));
+        let _ = writeln!(out, "  watchdog: {}", r.watchdog);
     }
     let _ = writeln!(
         out,

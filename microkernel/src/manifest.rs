@@ -47,6 +47,13 @@ pub const MIN_BACKOFF: Duration = Duration::from_millis(1);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(600);
 pub const MAX_WINDOW: Duration = Duration::from_secs(86_400);
 
+/// Default watchdog: long enough for a slow request (an RSA key generation), short enough
+/// that a hung device is noticed while the guest still waits for it.
+pub const DEFAULT_WATCHDOG: Duration = Duration::from_secs(10);
+/// Shortest and longest watchdog we accept.
+pub const MIN_WATCHDOG: Duration = Duration::from_secs(1);
+pub const MAX_WATCHDOG: Duration = Duration::from_secs(3600);
+
 /// Syscalls that no per-service fragment may grant: each one would let a service leave or
 /// weaken its sandbox (new code, new namespaces, other processes' memory, kernel modules).
 pub const FORBIDDEN_SYSCALLS: &[&str] = &[
@@ -173,6 +180,8 @@ struct RawService {
     restart: Spanned<RawRestart>,
     #[serde(default)]
     syscalls: Vec<Spanned<String>>,
+    #[serde(default)]
+    watchdog: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -332,6 +341,10 @@ pub struct ServiceSpec {
     pub restart: Restart,
     /// The per-service syscall fragment (added to the common base).
     pub syscalls: Vec<String>,
+    /// How long the service may leave the supervisor's pings unanswered before it is
+    /// killed as hung (and restarted by its policy).
+    #[serde(serialize_with = "ser_duration")]
+    pub watchdog: Duration,
 }
 
 fn ser_interfaces<S: serde::Serializer>(v: &[Interface], s: S) -> Result<S::Ok, S::Error> {
@@ -786,8 +799,24 @@ impl Validator<'_> {
                 }
             }
 
+            let watchdog = match &s.watchdog {
+                None => DEFAULT_WATCHDOG,
+                Some(w) => match parse_duration(w.get_ref()) {
+                    Some(d) if (MIN_WATCHDOG..=MAX_WATCHDOG).contains(&d) => d,
+                    _ => {
+                        self.error(
+                            w.span(),
+                            format!("watchdog \"{}\" is not a duration between 1s and 1h", w.get_ref()),
+                            "write e.g. \"10s\"; a hung service is killed after this long without answering",
+                        );
+                        DEFAULT_WATCHDOG
+                    }
+                },
+            };
+
             services.push(ServiceSpec {
                 name,
+                watchdog,
                 binary,
                 args: s.args,
                 serves,

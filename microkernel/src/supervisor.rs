@@ -53,6 +53,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long services get to exit after a shutdown request before they are killed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// How often the supervisor pings running services (the watchdog's tick).
+const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// How long one health ping may take.
+const HEALTH_TIMEOUT: Duration = Duration::from_millis(100);
 /// Longest restart back-off after doubling.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -148,6 +152,11 @@ struct Service {
     last_stats: ctl::Stats,
     /// `(slot, /proc link)` of every descriptor the last start granted and the service keeps.
     granted: Vec<(i32, String)>,
+    /// When the service last answered a ping.
+    last_answer: Instant,
+    /// Why the supervisor itself killed the service, if it did (reported instead of the
+    /// bare signal).
+    kill_reason: Option<String>,
 }
 
 pub struct Supervisor {
@@ -224,6 +233,8 @@ impl Supervisor {
                 last_exit: None,
                 last_stats: ctl::Stats::default(),
                 granted: Vec::new(),
+                last_answer: Instant::now(),
+                kill_reason: None,
             });
         }
         let mut links = Vec::new();
@@ -297,6 +308,7 @@ impl Supervisor {
         );
 
         let mut stop = false;
+        let mut next_health = Instant::now() + HEALTH_INTERVAL;
         while !stop {
             let mut fds = vec![signals.as_raw_fd(), listener.as_raw_fd()];
             let watched: Vec<usize> = (0..self.services.len())
@@ -309,7 +321,12 @@ impl Supervisor {
                     .map_or(-1, |p| p.pidfd.as_raw_fd())
             }));
             let now = Instant::now();
-            let next = self.services.iter().filter_map(|s| s.restart_at).min();
+            let next = self
+                .services
+                .iter()
+                .filter_map(|s| s.restart_at)
+                .chain([next_health])
+                .min();
             let timeout = next.map_or(-1, |t| {
                 t.saturating_duration_since(now).as_millis().min(60_000) as i32
             });
@@ -326,6 +343,10 @@ impl Supervisor {
                 }
             }
             let now = Instant::now();
+            if now >= next_health {
+                self.health_check();
+                next_health = Instant::now() + HEALTH_INTERVAL;
+            }
             for i in 0..self.services.len() {
                 if self.services[i].restart_at.is_some_and(|t| t <= now) {
                     self.services[i].restart_at = None;
@@ -429,6 +450,8 @@ impl Supervisor {
             }
         }
         self.services[i].state = State::Running;
+        self.services[i].last_answer = Instant::now();
+        self.services[i].kill_reason = None;
         tracing::info!(service = %name, pid = spawned.pid, namespaces = ?spawned.namespaces.names(), "running");
         Ok(())
     }
@@ -573,6 +596,36 @@ impl Supervisor {
         })
     }
 
+    /// The watchdog: pings every running service; one that has not answered for its
+    /// manifest's `watchdog` is killed as hung (its death is then handled like any other).
+    fn health_check(&mut self) {
+        for s in self.services.iter_mut() {
+            if s.state != State::Running || s.kill_reason.is_some() {
+                continue;
+            }
+            let Some(p) = &s.process else { continue };
+            match s
+                .control
+                .call(&ctl::Request::Ping { nonce: 0 }, HEALTH_TIMEOUT)
+            {
+                Ok(ctl::Response::Pong { .. }) => s.last_answer = Instant::now(),
+                _ => {
+                    let silent = s.last_answer.elapsed();
+                    if silent >= s.spec.watchdog {
+                        let reason = format!(
+                            "unresponsive for {:.1?} (watchdog {}); killed",
+                            silent,
+                            crate::manifest::format_duration(s.spec.watchdog)
+                        );
+                        tracing::error!(service = %s.spec.name, "{reason}");
+                        s.kill_reason = Some(reason);
+                        let _ = sandbox::pidfd_signal(&p.pidfd, libc::SIGKILL);
+                    }
+                }
+            }
+        }
+    }
+
     /// Service `i`'s pidfd became readable: it died.
     fn reap(&mut self, i: usize) {
         let Some(p) = self.services[i].process.as_ref() else {
@@ -588,7 +641,10 @@ impl Supervisor {
         };
         let uptime = p.started.elapsed();
         self.services[i].process = None;
-        let reason = self.exit_reason(i, exit);
+        let reason = match self.services[i].kill_reason.take() {
+            Some(why) => why,
+            None => self.exit_reason(i, exit),
+        };
         let failure = exit != Exit::Code(0);
         if failure {
             tracing::warn!(service = %self.services[i].spec.name, "{reason} after {uptime:.1?}");

@@ -12,6 +12,7 @@
 //! | `torn-frame EP`     | publishes half a frame to EP, then aborts      | EP's server survives           |
 //! | `garbage EP`        | sends bad postcard and an oversized frame to EP| typed errors (exit 0)          |
 //! | `crash`             | exits with status 3 at once                    | restarted, then `failed`       |
+//! | `hang`              | answers the start ping, then spins forever     | killed by the watchdog         |
 //! | `serve`             | serves normally                                | runs                           |
 //!
 //! Exit status 0 means "every hostile attempt got the typed error it should"; 10 and up
@@ -170,6 +171,12 @@ fn main() -> ExitCode {
             }
         }
         "crash" => ExitCode::from(3),
+        "hang" => {
+            started.answer_first_ping();
+            loop {
+                std::hint::spin_loop();
+            }
+        }
         _ => started.serve::<(), ()>(Interface::Intercept, |_, ()| {
             endpoint::Response::Error(endpoint::ErrorCode::Unsupported)
         }),

@@ -352,3 +352,46 @@ fn sigterm_and_sigint_stop_everything_cleanly() {
         }
     }
 }
+
+#[test]
+fn hung_service_is_killed_by_the_watchdog_and_reported() {
+    if !sandbox_available("hung_service_is_killed_by_the_watchdog_and_reported") {
+        return;
+    }
+    let m = with_hostile("\"hang\"", &format!("{RESTART_NEVER}\nwatchdog = \"2s\""));
+    let inst = Instance::start("hang", &m, 3);
+    inst.wait_until(Duration::from_secs(20), |rows| {
+        rows.iter()
+            .any(|r| r["name"] == "hostile" && r["state"] == "failed")
+    });
+    let exit = inst.row("hostile")["last_exit"].to_string();
+    assert!(
+        exit.contains("unresponsive") && exit.contains("watchdog 2s"),
+        "{exit}"
+    );
+    let out = inst.pv(&["probe", "attest", "vmgs"]);
+    assert!(text(&out).contains("reached"), "{}", text(&out));
+}
+
+#[test]
+fn kill_with_term_is_reported_as_sigterm_despite_the_pid_namespace() {
+    if !sandbox_available("kill_with_term_is_reported_as_sigterm_despite_the_pid_namespace") {
+        return;
+    }
+    let inst = Instance::start("term", &shipped(), 6);
+    let old = inst.pid("net");
+    let out = inst.pv(&["kill", "net", "--signal", "TERM"]);
+    assert!(out.status.success(), "{}", text(&out));
+    inst.wait_until(Duration::from_secs(20), |rows| {
+        rows.iter()
+            .any(|r| r["name"] == "net" && r["last_exit"].is_string())
+    });
+    let row = inst.row("net");
+    assert!(row["last_exit"].to_string().contains("SIGTERM"), "{row}");
+    // net restarts on failure only: a death by signal is a failure.
+    inst.wait_until(Duration::from_secs(20), |rows| {
+        rows.iter().any(|r| {
+            r["name"] == "net" && r["state"] == "running" && r["pid"].as_i64() != Some(old as i64)
+        })
+    });
+}

@@ -36,6 +36,8 @@ use crate::endpoint::ErrorCode;
 const REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a probe waits for the probed endpoint.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Requests taken from one channel before the server looks at the next.
+const BATCH: usize = 64;
 /// How long an idle server sleeps before looking around on its own.
 const IDLE_RECHECK: Duration = Duration::from_secs(5);
 
@@ -143,6 +145,36 @@ impl Started {
         serve(interface, &mut self.context, &mut self.served, &mut handler);
         tracing::info!("shut down on request");
         ExitCode::SUCCESS
+    }
+}
+
+impl Started {
+    /// Answers control requests until the first ping (the supervisor's start handshake), and
+    /// nothing else. For test services that must be seen running before they misbehave.
+    pub fn answer_first_ping(&mut self) {
+        let control = &mut self.served[0].end;
+        loop {
+            match control.try_next() {
+                Ok(Some(incoming)) => {
+                    if let Some(control::Request::Ping { nonce }) =
+                        control.decode::<control::Request>(&incoming)
+                    {
+                        let _ = control.reply(
+                            &incoming,
+                            &control::Response::Pong { nonce },
+                            REPLY_TIMEOUT,
+                        );
+                        return;
+                    }
+                }
+                Ok(None) => super::channel::wait_any(
+                    &[control.request_ring()],
+                    WaitPolicy::default(),
+                    IDLE_RECHECK,
+                ),
+                Err(_) => {}
+            }
+        }
     }
 }
 
@@ -278,7 +310,8 @@ fn serve<Q, R>(
     loop {
         let mut did_work = false;
         for s in served.iter_mut() {
-            loop {
+            // A bounded batch per channel, so that one flooding client cannot starve the rest.
+            for _ in 0..BATCH {
                 let incoming = match s.end.try_next() {
                     Ok(Some(i)) => i,
                     Ok(None) => break,
