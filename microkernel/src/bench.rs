@@ -146,6 +146,23 @@ fn spawn_peer(kind: &str, cpu: usize, fds: Vec<OwnedFd>) -> std::io::Result<Peer
     Ok(Peer { child, _fds: fds })
 }
 
+/// Starts a peer that finds its counterpart by name instead of by descriptor.
+#[cfg(feature = "iceoryx2")]
+fn spawn_peer_named(kind: &str, cpu: usize, name: &str) -> std::io::Result<Peer> {
+    let exe = std::env::current_exe()?;
+    let child = Command::new(exe)
+        .arg(PEER_COMMAND)
+        .arg(kind)
+        .arg(cpu.to_string())
+        .env("PV_BENCH_SERVICE", name)
+        .stdin(Stdio::null())
+        .spawn()?;
+    Ok(Peer {
+        child,
+        _fds: Vec::new(),
+    })
+}
+
 fn cpus() -> (usize, usize) {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     (0, if n > 1 { 1 } else { 0 })
@@ -240,6 +257,63 @@ pub fn run(effort: Effort) -> std::io::Result<Report> {
             n += 1;
             let _ = client.call(&endpoint::Request::Service(n), Duration::from_secs(5));
         }));
+        drop(peer);
+    }
+
+    // 2c. iceoryx2 request-response between the same two cores (optional build feature).
+    #[cfg(feature = "iceoryx2")]
+    {
+        use iceoryx2::prelude::*;
+        let name = format!("pv-bench-{}", std::process::id());
+        let peer = spawn_peer_named("iceoryx2", theirs, &name)?;
+        let node = NodeBuilder::new()
+            .create::<ipc::Service>()
+            .map_err(std::io::Error::other)?;
+        let service_name: ServiceName = name.as_str().try_into().map_err(std::io::Error::other)?;
+        let service = node
+            .service_builder(&service_name)
+            .request_response::<u64, u64>()
+            .open_or_create()
+            .map_err(std::io::Error::other)?;
+        let client = service
+            .client_builder()
+            .create()
+            .map_err(std::io::Error::other)?;
+        // Requests sent before the server connects are lost: retry until one is answered.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        'connect: loop {
+            let pending = client.send_copy(0).map_err(std::io::Error::other)?;
+            let until = Instant::now() + Duration::from_millis(20);
+            while Instant::now() < until {
+                if let Ok(Some(_)) = pending.receive() {
+                    break 'connect;
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "iceoryx2 server did not answer",
+                ));
+            }
+        }
+        let mut n = 0u64;
+        latencies.push(measure(
+            "iceoryx2 0.10 request/response, spinning",
+            effort.samples,
+            effort.fast_batch,
+            || {
+                n += 1;
+                if let Ok(pending) = client.send_copy(n) {
+                    loop {
+                        match pending.receive() {
+                            Ok(Some(_)) => break,
+                            Ok(None) => std::hint::spin_loop(),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            },
+        ));
         drop(peer);
     }
 
@@ -652,6 +726,33 @@ pub fn peer(kind: &str, cpu: usize, fds: &[i32]) -> std::io::Result<()> {
                     }
                     Ok(None) => std::hint::spin_loop(),
                     Err(_) => {}
+                }
+            }
+        }
+        #[cfg(feature = "iceoryx2")]
+        "iceoryx2" => {
+            use iceoryx2::prelude::*;
+            let name = std::env::var("PV_BENCH_SERVICE").map_err(std::io::Error::other)?;
+            let node = NodeBuilder::new()
+                .create::<ipc::Service>()
+                .map_err(std::io::Error::other)?;
+            let service_name: ServiceName =
+                name.as_str().try_into().map_err(std::io::Error::other)?;
+            let service = node
+                .service_builder(&service_name)
+                .request_response::<u64, u64>()
+                .open_or_create()
+                .map_err(std::io::Error::other)?;
+            let server = service
+                .server_builder()
+                .create()
+                .map_err(std::io::Error::other)?;
+            loop {
+                match server.receive() {
+                    Ok(Some(request)) => {
+                        let _ = request.send_copy(request.payload().wrapping_add(1));
+                    }
+                    _ => std::hint::spin_loop(),
                 }
             }
         }
