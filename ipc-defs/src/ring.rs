@@ -9,6 +9,7 @@
 //! Waking a sleeping peer needs an OS primitive (a futex on Linux), so the functions here
 //! only *report* that a wake-up is due; the hosted layer performs it.
 
+use core::marker::PhantomData;
 use core::mem::offset_of;
 use core::ptr::NonNull;
 use core::sync::atomic::AtomicU32;
@@ -82,38 +83,44 @@ pub enum Wake {
     Peer,
 }
 
-/// One ring of a channel, seen through a raw mapping.
+/// One ring of a channel, seen through a raw mapping that lives at least for `'a`.
 #[derive(Clone, Copy, Debug)]
-pub struct Ring {
+pub struct Ring<'a> {
     header: NonNull<u8>,
     data: NonNull<u8>,
     capacity: usize,
+    _mapping: PhantomData<&'a [u8]>,
 }
 
-// SAFETY: a Ring is a pair of pointers into a shared mapping that outlives it (the contract
-// of `Channel::from_raw`); all accesses through it are atomic or raw-pointer copies of plain
-// bytes, so moving it to another thread is as safe as the mapping itself.
-unsafe impl Send for Ring {}
+// SAFETY: a Ring is a pair of pointers into a shared mapping that outlives it (the lifetime,
+// from the contract of `Channel::from_raw`); all accesses through it are atomic or raw-pointer
+// copies of plain bytes, so moving it to another thread is as safe as the mapping itself.
+unsafe impl Send for Ring<'_> {}
 
-/// A whole channel region: its header and its two rings.
+/// A whole channel region (its header and its two rings), mapped for at least `'a`.
 #[derive(Clone, Copy, Debug)]
-pub struct Channel {
+pub struct Channel<'a> {
     base: NonNull<u8>,
     layout: ChannelLayout,
+    _mapping: PhantomData<&'a [u8]>,
 }
 
 // SAFETY: as for `Ring`: only atomics and raw copies go through the pointer.
-unsafe impl Send for Channel {}
+unsafe impl Send for Channel<'_> {}
 
-impl Channel {
+impl<'a> Channel<'a> {
     /// Views an initialised channel region.
     ///
     /// # Safety
     /// `base` must point to a mapping of at least `layout.region_size()` bytes, aligned to 64,
-    /// that stays mapped for as long as this value or any [`Ring`] taken from it is used.
-    /// The contents may be changed concurrently by other processes.
-    pub unsafe fn from_raw(base: NonNull<u8>, layout: ChannelLayout) -> Channel {
-        Channel { base, layout }
+    /// that stays mapped for all of `'a` (the lifetime then bounds every [`Ring`] taken from
+    /// it). The contents may be changed concurrently by other processes.
+    pub unsafe fn from_raw(base: NonNull<u8>, layout: ChannelLayout) -> Channel<'a> {
+        Channel {
+            base,
+            layout,
+            _mapping: PhantomData,
+        }
     }
 
     pub fn layout(&self) -> ChannelLayout {
@@ -159,7 +166,7 @@ impl Channel {
     }
 
     /// The ring for `dir`.
-    pub fn ring(&self, dir: Direction) -> Ring {
+    pub fn ring(&self, dir: Direction) -> Ring<'a> {
         // SAFETY: both offsets are inside the region (ChannelLayout computes them from the
         // same capacity that sized the region, per `from_raw`'s contract).
         unsafe {
@@ -167,12 +174,13 @@ impl Channel {
                 header: self.base.add(self.layout.ring_header(dir)),
                 data: self.base.add(self.layout.ring_data(dir)),
                 capacity: self.layout.ring_capacity as usize,
+                _mapping: PhantomData,
             }
         }
     }
 }
 
-impl Ring {
+impl Ring<'_> {
     fn u64_at(&self, offset: usize) -> &AtomicU64 {
         // SAFETY: offset is a field offset inside RingHeader (8-aligned, since the header is
         // 64-aligned and the fields are u64 at 8-aligned offsets), within the live mapping.
@@ -255,7 +263,9 @@ impl Ring {
         if !read.is_multiple_of(FRAME_ALIGN as u64) {
             return true;
         }
-        self.stamp_at(read).load(Ordering::Acquire) == read.wrapping_add(1)
+        // SeqCst: this load is the second half of the sleep handshake in `prepare_sleep`
+        // (a plain load on x86, like Acquire).
+        self.stamp_at(read).load(Ordering::SeqCst) == read.wrapping_add(1)
     }
 
     /// Copies `src` into the data area starting at byte position `pos`, wrapping at the end.
@@ -483,7 +493,7 @@ impl Ring {
     /// wait on, or `None` if data arrived meanwhile (then do not sleep).
     pub fn prepare_sleep(&self) -> Option<u32> {
         self.consumer_sleeping().swap(1, Ordering::SeqCst);
-        let seq = self.data_seq().load(Ordering::Acquire);
+        let seq = self.data_seq().load(Ordering::SeqCst);
         if self.has_data() {
             self.consumer_sleeping().store(0, Ordering::Relaxed);
             return None;
@@ -499,9 +509,9 @@ impl Ring {
     /// Producer side, before blocking on a full ring: like [`Ring::prepare_sleep`].
     pub fn prepare_space_sleep(&self, footprint: usize) -> Option<u32> {
         self.producer_sleeping().swap(1, Ordering::SeqCst);
-        let seq = self.space_seq().load(Ordering::Acquire);
+        let seq = self.space_seq().load(Ordering::SeqCst);
         let tail = self.tail().load(Ordering::Relaxed);
-        let head = self.head().load(Ordering::Acquire);
+        let head = self.head().load(Ordering::SeqCst);
         let free = (self.capacity as u64).saturating_sub(tail.wrapping_sub(head));
         if free >= footprint as u64 {
             self.producer_sleeping().store(0, Ordering::Relaxed);
@@ -547,24 +557,36 @@ mod tests {
             Region { mem, layout }
         }
 
-        fn channel(&mut self) -> Channel {
-            let p = self.mem.as_mut_ptr().cast::<u8>();
-            let off = p.align_offset(64);
-            // SAFETY: the Vec holds region_size bytes after the aligned offset and outlives
-            // the returned Channel within each test.
-            unsafe { Channel::from_raw(NonNull::new(p.add(off)).unwrap(), self.layout) }
+        fn base(&self) -> NonNull<u8> {
+            let p = self.mem.as_ptr().cast::<u8>().cast_mut();
+            // SAFETY: the offset stays inside the over-allocated Vec.
+            NonNull::new(unsafe { p.add(p.align_offset(64)) }).unwrap()
         }
 
-        fn bytes(&mut self) -> &mut [u8] {
-            let p = self.mem.as_mut_ptr().cast::<u8>();
-            let off = p.align_offset(64);
-            &mut zerocopy::IntoBytes::as_mut_bytes(&mut self.mem[..])[off..]
+        fn channel(&self) -> Channel<'_> {
+            // SAFETY: the Vec holds region_size bytes after the aligned offset and the
+            // returned Channel borrows `self`.
+            unsafe { Channel::from_raw(self.base(), self.layout) }
+        }
+
+        /// Writes bytes as a hostile peer would, behind the ring's back.
+        fn poke(&self, offset: usize, data: &[u8]) {
+            assert!(offset + data.len() <= self.layout.region_size());
+            // SAFETY: in bounds (asserted); the test is single-threaded, and the ring code
+            // only ever reads this memory through raw pointers and atomics.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    data.as_ptr(),
+                    self.base().as_ptr().add(offset),
+                    data.len(),
+                )
+            };
         }
     }
 
     #[test]
     fn frames_arrive_in_order_across_the_wrap_point() {
-        let mut r = Region::new(4096);
+        let r = Region::new(4096);
         let ch = r.channel();
         let ring = ch.ring(Direction::Requests);
         let mut buf = vec![0u8; 4096];
@@ -581,7 +603,7 @@ mod tests {
 
     #[test]
     fn full_ring_refuses_then_accepts_after_consumption() {
-        let mut r = Region::new(4096);
+        let r = Region::new(4096);
         let ring = r.channel().ring(Direction::Responses);
         // 990 bytes take 1008 with header and padding: four fit, with the reserved slot.
         let payload = [0xabu8; 990];
@@ -604,7 +626,7 @@ mod tests {
 
     #[test]
     fn frame_larger_than_the_ring_is_a_typed_error() {
-        let mut r = Region::new(4096);
+        let r = Region::new(4096);
         let ring = r.channel().ring(Direction::Requests);
         let big = vec![0u8; 4096];
         assert_eq!(
@@ -619,14 +641,14 @@ mod tests {
 
     #[test]
     fn lying_length_is_reported_and_the_reader_resynchronises() {
-        let mut r = Region::new(4096);
+        let r = Region::new(4096);
         let layout = r.layout;
         let ch = r.channel();
         let ring = ch.ring(Direction::Requests);
         let _ = ring.try_send(Epoch(1), &[1, 2, 3]).unwrap();
         // The hostile producer rewrites the published frame's length.
         let data = layout.ring_data(Direction::Requests);
-        r.bytes()[data + 8..data + 12].copy_from_slice(&5000u32.to_ne_bytes());
+        r.poke(data + 8, &5000u32.to_ne_bytes());
         let mut buf = [0u8; 64];
         assert!(matches!(
             ring.try_recv(&mut buf),
@@ -640,7 +662,7 @@ mod tests {
 
     #[test]
     fn stale_bytes_never_pass_for_a_frame() {
-        let mut r = Region::new(4096);
+        let r = Region::new(4096);
         let ring = r.channel().ring(Direction::Requests);
         let mut buf = [0u8; 4096];
         // Payloads full of what later stamps could be (position + 1 at every 16-byte offset
@@ -667,20 +689,20 @@ mod tests {
 
     #[test]
     fn impossible_indices_are_corruption_not_a_crash() {
-        let mut r = Region::new(4096);
+        let r = Region::new(4096);
         let layout = r.layout;
         let ch = r.channel();
         let ring = ch.ring(Direction::Requests);
         let head_at = layout.ring_header(Direction::Requests) + 128;
         let read_at = head_at + 8;
-        r.bytes()[read_at..read_at + 8].copy_from_slice(&3u64.to_ne_bytes());
+        r.poke(read_at, &3u64.to_ne_bytes());
         let mut buf = [0u8; 64];
         assert!(matches!(
             ring.try_recv(&mut buf),
             Err(RingError::Corrupt { .. })
         ));
         // A producer that finds an impossible head says so.
-        r.bytes()[head_at..head_at + 8].copy_from_slice(&(1u64 << 40).to_ne_bytes());
+        r.poke(head_at, &(1u64 << 40).to_ne_bytes());
         let big = [0u8; 4000];
         let _ = ring.try_send(Epoch(1), &big);
         assert!(matches!(
@@ -691,7 +713,7 @@ mod tests {
 
     #[test]
     fn recovery_after_producer_death_points_the_next_producer_at_the_waiting_consumer() {
-        let mut r = Region::new(4096);
+        let r = Region::new(4096);
         let layout = r.layout;
         let ring = r.channel().ring(Direction::Requests);
         let mut buf = [0u8; 64];
@@ -701,7 +723,7 @@ mod tests {
         // The producer dies after publishing its tail for a third frame it never stamped.
         let (tail, _) = ring.counters();
         let tail_at = layout.ring_header(Direction::Requests) + 64;
-        r.bytes()[tail_at..tail_at + 8].copy_from_slice(&(tail + 48).to_ne_bytes());
+        r.poke(tail_at, &(tail + 48).to_ne_bytes());
         let recovered = ring.recover_producer();
         assert_eq!(
             recovered, tail,
@@ -717,7 +739,7 @@ mod tests {
 
     #[test]
     fn sleeping_consumer_is_reported_for_wakeup() {
-        let mut r = Region::new(4096);
+        let r = Region::new(4096);
         let ring = r.channel().ring(Direction::Requests);
         let seq = ring
             .prepare_sleep()

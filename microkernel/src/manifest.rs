@@ -486,6 +486,7 @@ impl Validator<'_> {
         let mut pending_calls: Vec<(String, Interface, Range<usize>)> = Vec::new();
         let mut mmio: Vec<(String, DeviceRange, Range<usize>)> = Vec::new();
         let mut pio: Vec<(String, DeviceRange, Range<usize>)> = Vec::new();
+        let mut pending_limits: Vec<(String, Spanned<i64>, Range<usize>)> = Vec::new();
 
         for raw_service in raw.service {
             let service_span = raw_service.span();
@@ -741,35 +742,13 @@ impl Validator<'_> {
                     0
                 }
             };
-            let capabilities = 3 + serves.len() + calls.len() + files.len() + regions.len();
+            // Checked once every service is known: the serving channels depend on who calls.
+            pending_limits.push((
+                name.clone(),
+                limits.open_files.clone(),
+                service_span.clone(),
+            ));
             let open_files = *limits.open_files.get_ref();
-            let needed = BASE_DESCRIPTORS + capabilities as u64;
-            if open_files <= 0 {
-                self.error(
-                    limits.open_files.span(),
-                    format!("open-files limit {open_files} is zero or negative"),
-                    format!("this service needs at least {needed}"),
-                );
-            } else if open_files as u64 > MAX_OPEN_FILES {
-                self.error(
-                    limits.open_files.span(),
-                    format!("open-files limit {open_files} is absurd"),
-                    format!("use at most {MAX_OPEN_FILES}"),
-                );
-            } else if (open_files as u64) < needed {
-                self.error(
-                    limits.open_files.span(),
-                    format!("open-files limit {open_files} is below the {needed} descriptors this service holds"),
-                    format!("raise it to at least {needed}"),
-                );
-            }
-            if capabilities > MAX_CAPABILITIES {
-                self.error(
-                    service_span.clone(),
-                    format!("service \"{name}\" holds {capabilities} capabilities"),
-                    format!("at most {MAX_CAPABILITIES} fit the bootstrap record"),
-                );
-            }
 
             let restart = self.restart(s.restart.get_ref());
 
@@ -840,6 +819,40 @@ impl Validator<'_> {
                     span,
                     format!("service \"{client}\" calls \"{endpoint}\", but no service serves it"),
                     format!("add \"{endpoint}\" to the `serves` of the service that implements it, or remove the call"),
+                );
+            }
+        }
+        for (name, open_files_spanned, service_span) in pending_limits {
+            let Some(spec) = services.iter().find(|x: &&ServiceSpec| x.name == name) else {
+                continue;
+            };
+            let capabilities = capability_slots(spec, &services);
+            let open_files = *open_files_spanned.get_ref();
+            let needed = BASE_DESCRIPTORS + capabilities as u64;
+            if open_files <= 0 {
+                self.error(
+                    open_files_spanned.span(),
+                    format!("open-files limit {open_files} is zero or negative"),
+                    format!("this service needs at least {needed}"),
+                );
+            } else if open_files as u64 > MAX_OPEN_FILES {
+                self.error(
+                    open_files_spanned.span(),
+                    format!("open-files limit {open_files} is absurd"),
+                    format!("use at most {MAX_OPEN_FILES}"),
+                );
+            } else if (open_files as u64) < needed {
+                self.error(
+                    open_files_spanned.span(),
+                    format!("open-files limit {open_files} is below the {needed} descriptors this service holds"),
+                    format!("raise it to at least {needed}"),
+                );
+            }
+            if capabilities > MAX_CAPABILITIES {
+                self.error(
+                    service_span,
+                    format!("service \"{name}\" holds {capabilities} capabilities"),
+                    format!("at most {MAX_CAPABILITIES} fit the bootstrap record; split the service or its clients"),
                 );
             }
         }
@@ -947,6 +960,17 @@ impl Validator<'_> {
             }
         }
     }
+}
+
+/// Descriptor slots a service's bootstrap record lists: status page, seccomp program, control
+/// channel, one serving channel per (client, endpoint) link, one per call, regions, files.
+/// The supervisor grants exactly these, in this order.
+pub fn capability_slots(spec: &ServiceSpec, services: &[ServiceSpec]) -> usize {
+    let served_links: usize = services
+        .iter()
+        .map(|c| c.calls.iter().filter(|i| spec.serves.contains(i)).count())
+        .sum();
+    3 + served_links + spec.calls.len() + spec.regions.len() + spec.files.len()
 }
 
 fn valid_name(name: &str) -> bool {

@@ -4,7 +4,7 @@
 //! `clone` and `execveat`, makes only raw syscalls on that prepared data (it may be forked
 //! from a process whose allocator lock another thread holds). In order, the child:
 //! 1. moves the granted descriptors to their slots and closes every other descriptor;
-//! 2. asks to be killed when the microkernel dies (no orphans);
+//! 2. asks to be killed when the microkernel dies (no orphans; set first of all);
 //! 3. in its fresh mount namespace, pivots into an empty read-only tmpfs that holds only
 //!    read-only bind mounts of the shared-library directories (no host files, no /proc, no
 //!    /dev), and sets its own hostname in its UTS namespace;
@@ -263,7 +263,12 @@ impl SpawnPlan {
         }
         if pid == 0 {
             // In the child: never returns.
-            self.child(ns, err_write.as_raw_fd(), sync_read.as_raw_fd());
+            self.child(
+                ns,
+                err_write.as_raw_fd(),
+                sync_read.as_raw_fd(),
+                sync_write.as_raw_fd(),
+            );
         }
         drop(err_write);
         drop(sync_read);
@@ -282,10 +287,27 @@ impl SpawnPlan {
         unsafe { libc::write(sync_write.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
         drop(sync_write);
         let mut report = [0u8; 8];
-        // SAFETY: reading into a valid buffer from the pipe we own; EOF (0) means the child
-        // reached execveat successfully (the pipe is close-on-exec).
-        let n = unsafe { libc::read(err_read.as_raw_fd(), report.as_mut_ptr().cast(), 8) };
-        if n == 8 {
+        let mut got = 0usize;
+        while got < report.len() {
+            // SAFETY: reading into the unfilled tail of a valid buffer from the pipe we own.
+            // EOF (0) means the child reached execveat (the pipe is close-on-exec) or died;
+            // a death before exec shows up as the service's exit, which the supervisor reaps.
+            let n = unsafe {
+                libc::read(
+                    err_read.as_raw_fd(),
+                    report[got..].as_mut_ptr().cast(),
+                    report.len() - got,
+                )
+            };
+            if n > 0 {
+                got += n as usize;
+            } else if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            } else {
+                break;
+            }
+        }
+        if got == report.len() {
             let step = u32::from_ne_bytes([report[0], report[1], report[2], report[3]]) as usize;
             let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
             let mut status = 0;
@@ -304,7 +326,7 @@ impl SpawnPlan {
     }
 
     /// The child side. Only raw syscalls on prepared data from here on.
-    fn child(&self, ns: Namespaces, err_fd: RawFd, sync_fd: RawFd) -> ! {
+    fn child(&self, ns: Namespaces, err_fd: RawFd, sync_fd: RawFd, sync_write: RawFd) -> ! {
         // SAFETY (whole function): every call below is a raw syscall on data prepared before
         // clone (CStrings, vectors, descriptors); nothing allocates, locks or unwinds. On any
         // failure the child reports (step, errno) on the close-on-exec pipe and _exits.
@@ -318,9 +340,24 @@ impl SpawnPlan {
                 libc::_exit(127);
             };
 
-            // Wait until the parent has written our id maps (or decided not to).
+            // Die with the microkernel, from here on (before waiting on it).
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                fail(1, err_fd);
+            }
+            // Wait until the parent has written our id maps (or decided not to). Our copy of
+            // the write end is closed first, so that a parent that died reads as EOF.
+            libc::close(sync_write);
             let mut byte = [0u8; 1];
-            libc::read(sync_fd, byte.as_mut_ptr().cast(), 1);
+            loop {
+                let n = libc::read(sync_fd, byte.as_mut_ptr().cast(), 1);
+                if n == 1 {
+                    break;
+                }
+                if n < 0 && *libc::__errno_location() == libc::EINTR {
+                    continue;
+                }
+                libc::_exit(127);
+            }
 
             // Signals: the parent blocks SIGINT/SIGTERM for its signalfd; start clean.
             let mut set: libc::sigset_t = std::mem::zeroed();
@@ -364,11 +401,6 @@ impl SpawnPlan {
             let err_fd = err_slot;
             if libc::syscall(libc::SYS_close_range, err_slot as u32 + 1, u32::MAX, 0u32) != 0 {
                 fail(0, err_fd);
-            }
-
-            // 2. Die with the microkernel.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                fail(1, err_fd);
             }
 
             // 3. File system view.

@@ -972,13 +972,8 @@ fn name16(s: &str) -> bootstrap::Name {
 }
 
 fn capability_count(spec: &ServiceSpec, m: &Manifest) -> usize {
-    let served = m
-        .services
-        .iter()
-        .filter(|c| c.calls.iter().any(|i| spec.serves.contains(i)))
-        .count();
-    // bootstrap record + status + seccomp program + control + channels + regions + files
-    1 + 3 + served + spec.calls.len() + spec.regions.len() + spec.files.len()
+    // The bootstrap record itself, then the slots it lists.
+    1 + crate::manifest::capability_slots(spec, &m.services)
 }
 
 fn init_status(status: &SharedMemory) -> io::Result<()> {

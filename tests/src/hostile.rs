@@ -114,7 +114,7 @@ fn main() -> ExitCode {
                 .clients
                 .get(&ep)
                 .expect("manifest grants the call");
-            let channel = *client.memory().channel();
+            let channel = client.memory().channel();
             let requests = channel.ring(Direction::Requests);
             let responses = channel.ring(Direction::Responses);
             // 1. A frame whose tag decodes but whose body is not postcard for the interface.

@@ -61,6 +61,9 @@ impl Deadline {
     }
 }
 
+/// Old-epoch frames a server drops in one `try_next` before it turns to other work.
+const MAX_STALE_PER_POLL: usize = 64;
+
 /// How a channel end waits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WaitPolicy {
@@ -118,7 +121,7 @@ pub enum CallError {
 #[derive(Debug)]
 pub struct ChannelMemory {
     shm: SharedMemory,
-    channel: Channel,
+    layout: ChannelLayout,
 }
 
 impl ChannelMemory {
@@ -129,10 +132,7 @@ impl ChannelMemory {
         let mut header = vec![0u8; layout.region_size()];
         layout.initialise(&mut header).map_err(OpenError::Layout)?;
         shm.write(0, &header)?;
-        // SAFETY: the mapping is page-aligned, `region_size` long, and lives in `shm`, which
-        // this struct owns for as long as `channel` is usable.
-        let channel = unsafe { Channel::from_raw(shm.as_ptr(), layout) };
-        Ok(ChannelMemory { shm, channel })
+        Ok(ChannelMemory { shm, layout })
     }
 
     /// Maps a channel received as a capability, checking its header.
@@ -149,13 +149,15 @@ impl ChannelMemory {
                 got: shm.len(),
             }));
         }
-        // SAFETY: as in `create`; the size was checked against the layout just above.
-        let channel = unsafe { Channel::from_raw(shm.as_ptr(), layout) };
-        Ok(ChannelMemory { shm, channel })
+        Ok(ChannelMemory { shm, layout })
     }
 
-    pub fn channel(&self) -> &Channel {
-        &self.channel
+    /// The channel, for as long as this mapping is borrowed.
+    pub fn channel(&self) -> Channel<'_> {
+        // SAFETY: the mapping is page-aligned and at least `layout.region_size()` long
+        // (checked in `create`/`open`), and it lives in `self.shm`, which the returned
+        // channel's lifetime borrows.
+        unsafe { Channel::from_raw(self.shm.as_ptr(), self.layout) }
     }
 
     pub fn shm(&self) -> &SharedMemory {
@@ -170,23 +172,23 @@ impl ChannelMemory {
             Direction::Requests => Direction::Responses,
             Direction::Responses => Direction::Requests,
         };
-        let _ = self.channel.ring(consumed).discard_all();
-        let _ = self.channel.ring(produced).recover_producer();
-        let next = self.channel.epoch().next();
-        self.channel.set_epoch(next);
+        let _ = self.channel().ring(consumed).discard_all();
+        let _ = self.channel().ring(produced).recover_producer();
+        let next = self.channel().epoch().next();
+        self.channel().set_epoch(next);
         self.wake_all();
         next
     }
 
     /// Supervisor: records whether the server runs, and wakes everyone.
     pub fn set_server_state(&self, state: ServerState) {
-        self.channel.set_server_state(state);
+        self.channel().set_server_state(state);
         self.wake_all();
     }
 
     fn wake_all(&self) {
         for dir in [Direction::Requests, Direction::Responses] {
-            let ring = self.channel.ring(dir);
+            let ring = self.channel().ring(dir);
             ring.bump_all();
             sys::futex_wake(ring.data_seq(), i32::MAX);
             sys::futex_wake(ring.space_seq(), i32::MAX);
@@ -194,13 +196,13 @@ impl ChannelMemory {
     }
 }
 
-fn wake(ring: &Ring, wake: Wake) {
+fn wake(ring: &Ring<'_>, wake: Wake) {
     if wake == Wake::Peer {
         sys::futex_wake(ring.data_seq(), 1);
     }
 }
 
-fn wake_space(ring: &Ring, wake: Wake) {
+fn wake_space(ring: &Ring<'_>, wake: Wake) {
     if wake == Wake::Peer {
         sys::futex_wake(ring.space_seq(), 1);
     }
@@ -219,7 +221,7 @@ fn polls_between_clock_reads(policy: WaitPolicy) -> u32 {
 /// Waits until `ring` has data, `stop()` says to give up, or `deadline` passes. Returns
 /// whether data is there.
 fn wait_for_data(
-    ring: &Ring,
+    ring: &Ring<'_>,
     policy: WaitPolicy,
     deadline: &mut Deadline,
     mut stop: impl FnMut() -> bool,
@@ -258,7 +260,7 @@ fn wait_for_data(
 }
 
 /// Waits until any ring in `rings` has data or `timeout` passes (a server's idle wait).
-pub fn wait_any(rings: &[Ring], policy: WaitPolicy, timeout: Duration) {
+pub fn wait_any(rings: &[Ring<'_>], policy: WaitPolicy, timeout: Duration) {
     // The clock is first read after 64 polls: a request that arrives at once costs none.
     let mut started: Option<Instant> = None;
     let polls = polls_between_clock_reads(policy);
@@ -322,7 +324,7 @@ pub struct ClientEnd<Q, R> {
 
 impl<Q: Serialize, R: DeserializeOwned> ClientEnd<Q, R> {
     pub fn new(mem: ChannelMemory, policy: WaitPolicy) -> ClientEnd<Q, R> {
-        let capacity = mem.channel.layout().ring_capacity as usize;
+        let capacity = mem.channel().layout().ring_capacity as usize;
         ClientEnd {
             mem,
             next_tag: 1,
@@ -338,7 +340,7 @@ impl<Q: Serialize, R: DeserializeOwned> ClientEnd<Q, R> {
     }
 
     pub fn epoch(&self) -> Epoch {
-        self.mem.channel.epoch()
+        self.mem.channel().epoch()
     }
 
     pub fn set_policy(&mut self, policy: WaitPolicy) {
@@ -351,11 +353,11 @@ impl<Q: Serialize, R: DeserializeOwned> ClientEnd<Q, R> {
     /// caller decides whether the request is idempotent and may be retried.
     pub fn call(&mut self, request: &Q, timeout: Duration) -> Result<R, CallError> {
         let mut deadline = Deadline::new(timeout);
-        let epoch = self.mem.channel.epoch();
+        let epoch = self.mem.channel().epoch();
         let tag = self.next_tag;
         self.next_tag = self.next_tag.wrapping_add(1).max(1);
         let envelope = Envelope { tag, body: request };
-        let max = self.mem.channel.ring(Direction::Requests).max_payload();
+        let max = self.mem.channel().ring(Direction::Requests).max_payload();
         let encoded = match postcard::to_slice(&envelope, &mut self.tx[..max]) {
             Ok(b) => b.len(),
             Err(postcard::Error::SerializeBufferFull) => {
@@ -378,7 +380,7 @@ impl<Q: Serialize, R: DeserializeOwned> ClientEnd<Q, R> {
         deadline: &mut Deadline,
         timeout: Duration,
     ) -> Result<(), CallError> {
-        let ring = self.mem.channel.ring(Direction::Requests);
+        let ring = self.mem.channel().ring(Direction::Requests);
         loop {
             match ring.try_send(epoch, &self.tx[..len]) {
                 Ok(w) => {
@@ -388,7 +390,7 @@ impl<Q: Serialize, R: DeserializeOwned> ClientEnd<Q, R> {
                 Err(RingError::Full) => {}
                 Err(e) => return Err(CallError::Ring(e)),
             }
-            let now_epoch = self.mem.channel.epoch();
+            let now_epoch = self.mem.channel().epoch();
             if now_epoch != epoch {
                 return Err(CallError::PeerRestarted {
                     sent_in: epoch,
@@ -413,26 +415,30 @@ impl<Q: Serialize, R: DeserializeOwned> ClientEnd<Q, R> {
         deadline: &mut Deadline,
         timeout: Duration,
     ) -> Result<R, CallError> {
-        let ring = self.mem.channel.ring(Direction::Responses);
+        let ring = self.mem.channel().ring(Direction::Responses);
         loop {
             // Hand back the previous reply's bytes while the server works on this request.
             wake_space(&ring, ring.release());
             match ring.try_recv(&mut self.rx) {
                 Ok(Some(frame)) => {
-                    if frame.epoch != epoch {
-                        continue; // a reply from before a restart
+                    if frame.epoch == epoch {
+                        let reply: Envelope<R> = postcard::from_bytes(&self.rx[..frame.len])
+                            .map_err(|_| CallError::MalformedReply)?;
+                        if reply.tag == tag {
+                            return Ok(reply.body);
+                        }
                     }
-                    let reply: Envelope<R> = postcard::from_bytes(&self.rx[..frame.len])
-                        .map_err(|_| CallError::MalformedReply)?;
-                    if reply.tag == tag {
-                        return Ok(reply.body);
+                    // A reply from before a restart, or a late one to a call that gave up.
+                    // A peer that floods such frames must not keep us here past the deadline.
+                    if deadline.remaining().is_zero() {
+                        return Err(CallError::TimedOut(timeout));
                     }
-                    continue; // a late reply to a call that gave up
+                    continue;
                 }
                 Ok(None) => {}
                 Err(e) => return Err(CallError::Ring(e)),
             }
-            let channel = &self.mem.channel;
+            let channel = self.mem.channel();
             let waited = wait_for_data(&ring, self.policy, deadline, || channel.epoch() != epoch);
             if !waited {
                 let now_epoch = channel.epoch();
@@ -481,7 +487,7 @@ pub struct ServerEnd {
 
 impl ServerEnd {
     pub fn new(mem: ChannelMemory) -> ServerEnd {
-        let capacity = mem.channel.layout().ring_capacity as usize;
+        let capacity = mem.channel().layout().ring_capacity as usize;
         ServerEnd {
             mem,
             rx: vec![0; capacity],
@@ -490,8 +496,8 @@ impl ServerEnd {
         }
     }
 
-    pub fn request_ring(&self) -> Ring {
-        self.mem.channel.ring(Direction::Requests)
+    pub fn request_ring(&self) -> Ring<'_> {
+        self.mem.channel().ring(Direction::Requests)
     }
 
     pub fn memory(&self) -> &ChannelMemory {
@@ -501,14 +507,16 @@ impl ServerEnd {
     /// Takes the next current-epoch request, if any. The payload (tag and body, postcard) is
     /// in [`ServerEnd::payload`] until the next call.
     pub fn try_next(&mut self) -> Result<Option<Incoming>, ServeError> {
-        let ring = self.mem.channel.ring(Direction::Requests);
-        loop {
+        let ring = self.mem.channel().ring(Direction::Requests);
+        // Stale frames dropped per call: a client flooding old-epoch frames gets a bounded
+        // share of the server, like any other client.
+        for _ in 0..MAX_STALE_PER_POLL {
             // The previous request has been answered: hand its bytes back now.
             wake_space(&ring, ring.release());
             let Some(frame) = ring.try_recv(&mut self.rx).map_err(ServeError::Ring)? else {
                 return Ok(None);
             };
-            if frame.epoch != self.mem.channel.epoch() {
+            if frame.epoch != self.mem.channel().epoch() {
                 self.stale_dropped += 1;
                 continue;
             }
@@ -520,6 +528,7 @@ impl ServerEnd {
                 len: frame.len,
             }));
         }
+        Ok(None)
     }
 
     /// The payload of the last request [`ServerEnd::try_next`] returned.
@@ -542,7 +551,7 @@ impl ServerEnd {
         body: &B,
         timeout: Duration,
     ) -> Result<(), ServeError> {
-        let ring = self.mem.channel.ring(Direction::Responses);
+        let ring = self.mem.channel().ring(Direction::Responses);
         let envelope = Envelope {
             tag: incoming.tag,
             body,
@@ -562,7 +571,7 @@ impl ServerEnd {
                 Err(e) => return Err(ServeError::Ring(e)),
             }
             let left = deadline.remaining();
-            if left.is_zero() || self.mem.channel.epoch() != incoming.epoch {
+            if left.is_zero() || self.mem.channel().epoch() != incoming.epoch {
                 return Err(ServeError::Ring(RingError::Full));
             }
             if let Some(seq) = ring.prepare_space_sleep(frame_footprint(len)) {

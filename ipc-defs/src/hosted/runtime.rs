@@ -19,6 +19,7 @@ use serde::Serialize;
 use super::channel::ChannelMemory;
 use super::channel::ClientEnd;
 use super::channel::Incoming;
+use super::channel::ServeError;
 use super::channel::ServerEnd;
 use super::channel::WaitPolicy;
 use super::shm::SharedMemory;
@@ -102,6 +103,15 @@ fn cap_error(cap: &crate::bootstrap::Capability, reason: impl std::fmt::Display)
 struct Served {
     interface: Option<Interface>,
     end: ServerEnd,
+    /// The epoch in which the client corrupted this channel's ring: the server ignores the
+    /// channel until the supervisor moves it to a new epoch (the client restarted).
+    broken_in: Option<crate::layout::Epoch>,
+}
+
+impl Served {
+    fn usable(&self) -> bool {
+        self.broken_in != Some(self.end.memory().channel().epoch())
+    }
 }
 
 /// A service that has entered its sandbox and mapped its capabilities, ready to serve.
@@ -266,6 +276,7 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
             CapabilityKind::Serve(i) => served.push(Served {
                 interface: Some(i),
                 end: ServerEnd::new(open_channel()?),
+                broken_in: None,
             }),
             CapabilityKind::Call(i) => {
                 context
@@ -290,6 +301,7 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
         Served {
             interface: None,
             end: control,
+            broken_in: None,
         },
     );
     Ok((context, served))
@@ -310,11 +322,25 @@ fn serve<Q, R>(
     loop {
         let mut did_work = false;
         for s in served.iter_mut() {
+            if !s.usable() {
+                continue;
+            }
             // A bounded batch per channel, so that one flooding client cannot starve the rest.
             for _ in 0..BATCH {
                 let incoming = match s.end.try_next() {
                     Ok(Some(i)) => i,
                     Ok(None) => break,
+                    Err(ServeError::Ring(e)) => {
+                        stats.malformed += 1;
+                        let epoch = s.end.memory().channel().epoch();
+                        tracing::warn!(
+                            endpoint = ?s.interface,
+                            %epoch,
+                            "client corrupted its request ring ({e}); ignoring the channel until the client restarts"
+                        );
+                        s.broken_in = Some(epoch);
+                        break;
+                    }
                     Err(e) => {
                         stats.malformed += 1;
                         tracing::warn!(endpoint = ?s.interface, "dropped a bad request: {e}");
@@ -345,7 +371,9 @@ fn serve<Q, R>(
                                 endpoint::Response::Error(ErrorCode::Malformed)
                             }
                         };
-                        s.end.reply(&incoming, &reply, REPLY_TIMEOUT)
+                        // A client that does not drain its replies loses them rather than
+                        // stalling the server for every other client.
+                        s.end.reply(&incoming, &reply, Duration::ZERO)
                     }
                 };
                 match outcome {
@@ -355,7 +383,11 @@ fn serve<Q, R>(
             }
         }
         if !did_work {
-            let rings: Vec<_> = served.iter().map(|s| s.end.request_ring()).collect();
+            let rings: Vec<_> = served
+                .iter()
+                .filter(|s| s.usable())
+                .map(|s| s.end.request_ring())
+                .collect();
             super::channel::wait_any(&rings, policy, IDLE_RECHECK);
         }
     }
