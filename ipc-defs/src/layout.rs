@@ -214,6 +214,20 @@ impl ChannelLayout {
         Ok(ChannelLayout { ring_capacity })
     }
 
+    /// The layout of a region of exactly `size` bytes.
+    pub fn for_region_size(size: usize) -> Result<Self, LayoutError> {
+        let fixed = core::mem::size_of::<ChannelHeader>() + 2 * core::mem::size_of::<RingHeader>();
+        let capacity = size.checked_sub(fixed).map(|rest| rest / 2).unwrap_or(0);
+        let layout = ChannelLayout::new(u32::try_from(capacity).unwrap_or(0))?;
+        if layout.region_size() != size {
+            return Err(LayoutError::RegionTooSmall {
+                needed: layout.region_size(),
+                got: size,
+            });
+        }
+        Ok(layout)
+    }
+
     /// Offset of the header of the ring for `dir`.
     pub fn ring_header(&self, dir: Direction) -> usize {
         let first = core::mem::size_of::<ChannelHeader>();
@@ -323,6 +337,15 @@ mod tests {
         assert_eq!(l.ring_header(Direction::Responses) % CACHE_LINE, 0);
         assert!(l.ring_data(Direction::Requests) + 8192 <= l.ring_header(Direction::Responses));
         assert_eq!(l.region_size(), 64 + 2 * (256 + 8192));
+    }
+
+    #[test]
+    fn layout_follows_from_the_region_size_alone() {
+        let l = ChannelLayout::new(8192).unwrap();
+        assert_eq!(ChannelLayout::for_region_size(l.region_size()), Ok(l));
+        assert!(ChannelLayout::for_region_size(l.region_size() + 16).is_err());
+        assert!(ChannelLayout::for_region_size(4096).is_err());
+        assert!(ChannelLayout::for_region_size(0).is_err());
     }
 
     #[test]

@@ -386,7 +386,14 @@ impl Supervisor {
                 self.services[i].last_exit = Some(format!("start failed: {reason}"));
                 if let Some(p) = self.services[i].process.take() {
                     let _ = sandbox::pidfd_signal(&p.pidfd, libc::SIGKILL);
-                    wait_exit(&p.pidfd, Duration::from_secs(2));
+                    if !wait_exit(&p.pidfd, Duration::from_secs(2)) {
+                        // Still dying (e.g. stuck in the kernel): its rings are repaired and the
+                        // restart scheduled only when its pidfd reports the exit, never while
+                        // it might still write them.
+                        self.services[i].kill_reason = Some(format!("start failed: {reason}"));
+                        self.services[i].process = Some(p);
+                        return;
+                    }
                 }
                 self.after_death(i);
                 self.schedule_restart(i, true);

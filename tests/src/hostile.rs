@@ -13,6 +13,7 @@
 //! | `garbage EP`        | sends bad postcard and an oversized frame to EP| typed errors (exit 0)          |
 //! | `crash`             | exits with status 3 at once                    | restarted, then `failed`       |
 //! | `hang`              | answers the start ping, then spins forever     | killed by the watchdog         |
+//! | `scribble EP`       | overwrites EP's channel header, then serves    | EP's server still restarts     |
 //! | `serve`             | serves normally                                | runs                           |
 //!
 //! Exit status 0 means "every hostile attempt got the typed error it should"; 10 and up
@@ -171,6 +172,23 @@ fn main() -> ExitCode {
             }
         }
         "crash" => ExitCode::from(3),
+        "scribble" => {
+            let ep = endpoint();
+            let client = started
+                .context
+                .clients
+                .get(&ep)
+                .expect("manifest grants the call");
+            // Magic, version and ring capacity: garbage (the epoch word is left alone).
+            let _ = client.memory().shm().write(0, &[0xff; 8]);
+            let _ = client
+                .memory()
+                .shm()
+                .write(16, &(16u32 << 20).to_ne_bytes());
+            started.serve::<(), ()>(Interface::Intercept, |_, ()| {
+                endpoint::Response::Error(endpoint::ErrorCode::Unsupported)
+            })
+        }
         "hang" => {
             started.answer_first_ping();
             loop {

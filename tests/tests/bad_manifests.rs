@@ -225,5 +225,9 @@ fn missing_manifest_names_the_file() {
 fn open_files_below_the_granted_descriptors_is_refused() {
     // "store" holds status, seccomp program, control and one serving channel per caller:
     // 4 slots + 8 for stdio, the record and the runtime = 12.
-    refused(&GOOD.replacen("open-files = 32", "open-files = 11", 1), 5, "below the 12 descriptors");
+    refused(
+        &GOOD.replacen("open-files = 32", "open-files = 11", 1),
+        5,
+        "below the 12 descriptors",
+    );
 }

@@ -395,3 +395,30 @@ fn kill_with_term_is_reported_as_sigterm_despite_the_pid_namespace() {
         })
     });
 }
+
+#[test]
+fn a_client_scribbling_over_the_channel_header_cannot_stop_its_server_restarting() {
+    if !sandbox_available(
+        "a_client_scribbling_over_the_channel_header_cannot_stop_its_server_restarting",
+    ) {
+        return;
+    }
+    let inst = Instance::start(
+        "scribble",
+        &with_hostile("\"scribble\", \"vmgs\"", RESTART_NEVER),
+        3,
+    );
+    let old = inst.pid("vmgs");
+    let out = inst.pv(&["kill", "vmgs"]);
+    assert!(out.status.success(), "{}", text(&out));
+    inst.wait_until(Duration::from_secs(20), |rows| {
+        rows.iter().any(|r| {
+            r["name"] == "vmgs" && r["state"] == "running" && r["pid"].as_i64() != Some(old as i64)
+        })
+    });
+    assert_eq!(inst.row("vmgs")["restarts"], 1, "{}", inst.log());
+    let out = inst.pv(&["probe", "attest", "vmgs"]);
+    assert!(text(&out).contains("reached"), "{}", text(&out));
+    let out = inst.pv(&["probe", "hostile", "vmgs"]);
+    assert!(text(&out).contains("reached"), "{}", text(&out));
+}

@@ -138,18 +138,28 @@ impl ChannelMemory {
     /// Maps a channel received as a capability, checking its header.
     pub fn open(fd: OwnedFd) -> Result<ChannelMemory, OpenError> {
         let shm = SharedMemory::map(fd, true)?;
-        let mut probe = vec![0u8; shm.len().min(64)];
-        shm.read(0, &mut probe)?;
-        let layout =
-            crate::layout::ChannelHeader::read_header(&probe).map_err(OpenError::Layout)?;
-        let layout = ChannelLayout::new(layout).map_err(OpenError::Layout)?;
-        if shm.len() < layout.region_size() {
-            return Err(OpenError::Layout(LayoutError::RegionTooSmall {
-                needed: layout.region_size(),
-                got: shm.len(),
-            }));
-        }
+        // The layout comes from the region's size, which the microkernel sealed, not from the
+        // header, which the peer can write: a peer that scribbles over the header cannot stop
+        // the other end from (re)attaching.
+        let layout = ChannelLayout::for_region_size(shm.len()).map_err(OpenError::Layout)?;
         Ok(ChannelMemory { shm, layout })
+    }
+
+    /// Supervisor: rewrites the header's static fields (magic, version, capacities), which a
+    /// peer may have scribbled over; the epoch and server state are left as they are.
+    pub fn repair_header(&self) {
+        let mut fresh = vec![0u8; self.layout.region_size()];
+        if self.layout.initialise(&mut fresh).is_err() {
+            return;
+        }
+        // Magic, version (the first 8 bytes), and the capacity word.
+        let _ = self.shm.write(0, &fresh[..8]);
+        let cap = core::mem::offset_of!(crate::layout::ChannelHeader, ring_capacity);
+        let _ = self.shm.write(cap, &fresh[cap..cap + 4]);
+        for dir in [Direction::Requests, Direction::Responses] {
+            let at = self.layout.ring_header(dir);
+            let _ = self.shm.write(at, &fresh[at..at + 8]);
+        }
     }
 
     /// The channel, for as long as this mapping is borrowed.
@@ -172,6 +182,7 @@ impl ChannelMemory {
             Direction::Requests => Direction::Responses,
             Direction::Responses => Direction::Requests,
         };
+        self.repair_header();
         let _ = self.channel().ring(consumed).discard_all();
         let _ = self.channel().ring(produced).recover_producer();
         let next = self.channel().epoch().next();
