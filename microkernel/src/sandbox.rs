@@ -128,6 +128,7 @@ const STEPS: &[&str] = &[
     "seccomp",
     "execveat",
     "signal mask",
+    "new session",
 ];
 
 /// First descriptor the child uses for its temporary copies; above any slot.
@@ -357,6 +358,12 @@ impl SpawnPlan {
                     continue;
                 }
                 libc::_exit(127);
+            }
+
+            // A session of its own: a terminal's Ctrl-C (sent to the foreground process group)
+            // reaches the microkernel, which stops the services in order, not the services.
+            if libc::setsid() < 0 {
+                fail(14, err_fd);
             }
 
             // Signals: the parent blocks SIGINT/SIGTERM for its signalfd; start clean.

@@ -918,7 +918,11 @@ impl Supervisor {
     fn shutdown(&mut self) {
         for s in self.services.iter_mut() {
             s.restart_at = None;
-            if s.process.is_some() && s.state == State::Running {
+            // Skip services that are already gone (their pidfd is readable).
+            let alive = s.process.as_ref().is_some_and(|p| {
+                sandbox::poll_readable(&[p.pidfd.as_raw_fd()], 0).is_ok_and(|r| !r[0])
+            });
+            if alive && s.state == State::Running {
                 let _ = s
                     .control
                     .call(&ctl::Request::Shutdown, Duration::from_millis(500));

@@ -422,3 +422,39 @@ fn a_client_scribbling_over_the_channel_header_cannot_stop_its_server_restarting
     let out = inst.pv(&["probe", "hostile", "vmgs"]);
     assert!(text(&out).contains("reached"), "{}", text(&out));
 }
+
+#[test]
+fn ctrl_c_to_the_whole_process_group_stops_the_services_in_order() {
+    if !sandbox_available("ctrl_c_to_the_whole_process_group_stops_the_services_in_order") {
+        return;
+    }
+    let mut inst = Instance::start("ctrlc", &shipped(), 6);
+    let group = inst.child.as_ref().unwrap().id();
+    // What a terminal does on Ctrl-C: SIGINT to every process of the foreground group.
+    std::process::Command::new("kill")
+        .args(["-INT", "--", &format!("-{group}")])
+        .status()
+        .unwrap();
+    let c = inst.child.as_mut().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = c.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "did not stop on Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    inst.child = None;
+    assert_eq!(status.code(), Some(0));
+    // The services are in sessions of their own: they were asked to stop, not interrupted.
+    let log = inst.log();
+    for name in SERVICES {
+        assert!(
+            log.contains(&format!("service{{name={name}}}: shut down on request")),
+            "{name} was not shut down in order:\n{log}"
+        );
+    }
+}

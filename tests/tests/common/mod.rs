@@ -2,6 +2,7 @@
 //! private state directory, talk to it through the `paravisor` command line.
 #![allow(dead_code)]
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::path::PathBuf;
 use std::process::Child;
@@ -98,7 +99,10 @@ impl Instance {
         let manifest = dir.join("manifest.toml");
         std::fs::write(&manifest, manifest_text).expect("write manifest");
         let log = std::fs::File::create(dir.join("paravisor.log")).expect("log");
+        // Its own process group, as in a terminal, so that a test can send "Ctrl-C" to the
+        // whole group without hitting the test harness.
         let child = Command::new(paravisor())
+            .process_group(0)
             .arg("run")
             .arg(&manifest)
             .arg("--state-dir")
