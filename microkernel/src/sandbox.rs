@@ -328,7 +328,7 @@ impl SpawnPlan {
 
     /// The child side. Only raw syscalls on prepared data from here on.
     fn child(&self, ns: Namespaces, err_fd: RawFd, sync_fd: RawFd, sync_write: RawFd) -> ! {
-        // SAFETY (whole function): every call below is a raw syscall on data prepared before
+        // SAFETY: (whole function) every call below is a raw syscall on data prepared before
         // clone (CStrings, vectors, descriptors); nothing allocates, locks or unwinds. On any
         // failure the child reports (step, errno) on the close-on-exec pipe and _exits.
         unsafe {
