@@ -28,11 +28,23 @@ use ipc_defs::endpoint;
 use ipc_defs::hosted::channel::ChannelMemory;
 use ipc_defs::hosted::runtime;
 use ipc_defs::hosted::sys;
+use ipc_defs::layout::frame_footprint;
 use ipc_defs::layout::Direction;
 use ipc_defs::layout::ProducerLine;
 use ipc_defs::layout::RingHeader;
 use ipc_defs::ring::RingError;
 use ipc_defs::Interface;
+
+/// The calling end the manifest grants this service for `ep`.
+fn granted(
+    context: &runtime::Context,
+    ep: Interface,
+) -> &ipc_defs::hosted::ClientEnd<endpoint::Request<()>, endpoint::Response<()>> {
+    context
+        .clients
+        .get(&ep)
+        .expect("the test manifest grants the call")
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -78,11 +90,7 @@ fn main() -> ExitCode {
         }
         "torn-frame" => {
             let ep = endpoint();
-            let client = started
-                .context
-                .clients
-                .get(&ep)
-                .expect("manifest grants the call");
+            let client = granted(&started.context, ep);
             let mem = client.memory();
             let layout = mem.channel().layout();
             let header = layout.ring_header(Direction::Requests);
@@ -94,27 +102,23 @@ fn main() -> ExitCode {
             mem.shm().read(tail_at, &mut tail).expect("in bounds");
             let tail = u64::from_ne_bytes(tail);
             let at = data + (tail % layout.ring_capacity as u64) as usize;
-            // A header promising 1000 bytes, ten bytes of payload, and the tail published
-            // as if the frame were complete; then die mid-frame.
+            // A frame header promising 1000 bytes and eight bytes of payload, the tail
+            // published past it, and death before the stamp that would make it visible:
+            // exactly a producer killed in the middle of writing a frame.
             let epoch = mem.channel().epoch().0;
-            let mut frame = Vec::new();
+            let mut frame = vec![0u8; 8]; // the stamp, never written
             frame.extend_from_slice(&1000u32.to_ne_bytes());
             frame.extend_from_slice(&epoch.to_ne_bytes());
             frame.extend_from_slice(&[0xee; 8]);
-            let _ = mem.shm().write(at, &frame);
-            let _ = mem
-                .shm()
-                .write(tail_at, &(tail + frame.len() as u64).to_ne_bytes());
+            let _ = mem.shm().write(at + 8, &frame[8..]);
+            let published = tail + frame_footprint(1000) as u64;
+            let _ = mem.shm().write(tail_at, &published.to_ne_bytes());
             sys::futex_wake(mem.channel().ring(Direction::Requests).data_seq(), 1);
             std::process::abort();
         }
         "garbage" => {
             let ep = endpoint();
-            let client = started
-                .context
-                .clients
-                .get(&ep)
-                .expect("manifest grants the call");
+            let client = granted(&started.context, ep);
             let channel = client.memory().channel();
             let requests = channel.ring(Direction::Requests);
             let responses = channel.ring(Direction::Responses);
@@ -174,11 +178,7 @@ fn main() -> ExitCode {
         "crash" => ExitCode::from(3),
         "scribble" => {
             let ep = endpoint();
-            let client = started
-                .context
-                .clients
-                .get(&ep)
-                .expect("manifest grants the call");
+            let client = granted(&started.context, ep);
             // Magic, version and ring capacity: garbage (the epoch word is left alone).
             let _ = client.memory().shm().write(0, &[0xff; 8]);
             let _ = client
