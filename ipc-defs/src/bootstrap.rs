@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde::Serialize;
 
 use crate::capability::CapabilityKind;
+use crate::capability::Grant;
 
 /// Descriptor number of the bootstrap memfd in every service.
 pub const BOOTSTRAP_SLOT: i32 = 3;
@@ -36,6 +37,8 @@ pub struct Capability {
     pub name: Name,
     /// Size of the mapping or file in bytes, where that applies.
     pub size: u64,
+    /// For a served channel: what its client may reach.
+    pub grant: Grant,
 }
 
 /// Everything a service is told at start.
@@ -107,6 +110,7 @@ mod tests {
             kind: CapabilityKind::Call(Interface::Vmgs),
             name: Name::try_from("vmgs").unwrap(),
             size: 4096,
+            grant: Grant::Interface,
         })
         .unwrap();
         let rec = Bootstrap {

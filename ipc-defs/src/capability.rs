@@ -54,6 +54,18 @@ impl core::fmt::Display for Interface {
     }
 }
 
+/// What a served channel lets its client reach, beyond the interface itself. The microkernel
+/// puts it in the server's bootstrap record from the client's `calls` entry; the server
+/// enforces it on every request of that channel. A client never states its own grant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Grant {
+    /// The whole interface (or not a served channel).
+    #[default]
+    Interface,
+    /// A `vmgs` channel limited to these file ids.
+    VmgsFiles(crate::services::vmgs::FileIdSet),
+}
+
 /// How a granted file may be used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FileAccess {
@@ -78,6 +90,9 @@ pub enum CapabilityKind {
     Status,
     /// The service's own seccomp program, applied by the runtime before service code runs.
     SeccompProgram,
+    /// A secret (a sealed memfd holding the key bytes), e.g. the VMGS datastore key. The
+    /// service gets the key, never the file it was kept in.
+    Key,
 }
 
 impl core::fmt::Display for CapabilityKind {
@@ -91,6 +106,7 @@ impl core::fmt::Display for CapabilityKind {
             CapabilityKind::File(FileAccess::ReadWrite) => write!(f, "file:rw"),
             CapabilityKind::Status => write!(f, "status"),
             CapabilityKind::SeccompProgram => write!(f, "seccomp"),
+            CapabilityKind::Key => write!(f, "key"),
         }
     }
 }

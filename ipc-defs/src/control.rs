@@ -38,6 +38,8 @@ pub struct Stats {
     pub stale_dropped: u64,
     /// Frames rejected as malformed (bad length, bad postcard, corrupt ring).
     pub malformed: u64,
+    /// Requests refused because the caller's grant does not cover them.
+    pub refused: u64,
 }
 
 /// How a [`Request::Probe`] went.

@@ -20,6 +20,7 @@ use ipc_defs::bootstrap::Bootstrap;
 use ipc_defs::bootstrap::Capability;
 use ipc_defs::capability::CapabilityKind;
 use ipc_defs::capability::FileAccess;
+use ipc_defs::capability::Grant;
 use ipc_defs::control as ctl;
 use ipc_defs::hosted::channel::ChannelMemory;
 use ipc_defs::hosted::ClientEnd;
@@ -589,6 +590,7 @@ impl Supervisor {
                     kind,
                     name: name16(&name),
                     size,
+                    grant: Grant::Interface,
                 })
                 .map_err(|_| "too many capabilities for the bootstrap record".to_string())?;
             fds.push(fd);

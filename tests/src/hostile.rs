@@ -185,7 +185,7 @@ fn main() -> ExitCode {
                 .memory()
                 .shm()
                 .write(16, &(16u32 << 20).to_ne_bytes());
-            started.serve::<(), ()>(Interface::Intercept, |_, ()| {
+            started.serve::<(), ()>(Interface::Intercept, |_, _, ()| {
                 endpoint::Response::Error(endpoint::ErrorCode::Unsupported)
             })
         }
@@ -195,7 +195,7 @@ fn main() -> ExitCode {
                 std::hint::spin_loop();
             }
         }
-        _ => started.serve::<(), ()>(Interface::Intercept, |_, ()| {
+        _ => started.serve::<(), ()>(Interface::Intercept, |_, _, ()| {
             endpoint::Response::Error(endpoint::ErrorCode::Unsupported)
         }),
     }

@@ -350,6 +350,19 @@ impl<Q: Serialize, R: DeserializeOwned> ClientEnd<Q, R> {
         &self.mem
     }
 
+    /// The same channel, speaking the interface's own message types (the runtime hands out
+    /// calling ends typed for the common ping only).
+    pub fn into_typed<Q2: Serialize, R2: DeserializeOwned>(self) -> ClientEnd<Q2, R2> {
+        ClientEnd {
+            mem: self.mem,
+            next_tag: self.next_tag,
+            tx: self.tx,
+            rx: self.rx,
+            policy: self.policy,
+            _types: PhantomData,
+        }
+    }
+
     pub fn epoch(&self) -> Epoch {
         self.mem.channel().epoch()
     }

@@ -28,6 +28,7 @@ use crate::bootstrap::Bootstrap;
 use crate::bootstrap::BOOTSTRAP_SLOT;
 use crate::bootstrap::MAX_RECORD;
 use crate::capability::CapabilityKind;
+use crate::capability::Grant;
 use crate::capability::Interface;
 use crate::control;
 use crate::endpoint;
@@ -55,6 +56,28 @@ pub struct Context {
     pub regions: BTreeMap<String, SharedMemory>,
     /// Files opened by the microkernel for this service, by name.
     pub files: BTreeMap<String, OwnedFd>,
+    /// Secrets handed over by the microkernel (sealed memfds), by name.
+    pub keys: BTreeMap<String, OwnedFd>,
+}
+
+/// Who sent a request: the client at the other end of the channel it arrived on, as the
+/// microkernel named it in the bootstrap record. Never taken from the message itself.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The client service's name.
+    pub name: String,
+    /// What the manifest lets this client reach through this channel.
+    pub grant: Grant,
+    /// Requests refused as not permitted (summed into the service's stats).
+    pub refused: u64,
+}
+
+impl Caller {
+    /// Counts a refused request and logs it (without its contents).
+    pub fn refuse(&mut self, what: impl std::fmt::Display) {
+        self.refused += 1;
+        tracing::warn!(client = %self.name, refused = self.refused, "refused: {what}");
+    }
 }
 
 /// Why a service could not start.
@@ -102,6 +125,7 @@ fn cap_error(cap: &crate::bootstrap::Capability, reason: impl std::fmt::Display)
 
 struct Served {
     interface: Option<Interface>,
+    caller: Caller,
     end: ServerEnd,
     /// The epoch in which the client corrupted this channel's ring: the server ignores the
     /// channel until the supervisor moves it to a new epoch (the client restarted).
@@ -146,7 +170,7 @@ impl Started {
     pub fn serve<Q, R>(
         mut self,
         interface: Interface,
-        mut handler: impl FnMut(&mut Context, Q) -> endpoint::Response<R>,
+        mut handler: impl FnMut(&mut Context, &mut Caller, Q) -> endpoint::Response<R>,
     ) -> ExitCode
     where
         Q: DeserializeOwned,
@@ -191,7 +215,7 @@ impl Started {
 /// Runs a service: enters the sandbox, then serves (see [`enter`] and [`Started::serve`]).
 pub fn run<Q, R>(
     interface: Interface,
-    handler: impl FnMut(&mut Context, Q) -> endpoint::Response<R>,
+    handler: impl FnMut(&mut Context, &mut Caller, Q) -> endpoint::Response<R>,
 ) -> ExitCode
 where
     Q: DeserializeOwned,
@@ -263,6 +287,7 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
         clients: BTreeMap::new(),
         regions: BTreeMap::new(),
         files: BTreeMap::new(),
+        keys: BTreeMap::new(),
     };
     let mut control = None;
     let mut served = Vec::new();
@@ -275,6 +300,11 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
             CapabilityKind::Control => control = Some(ServerEnd::new(open_channel()?)),
             CapabilityKind::Serve(i) => served.push(Served {
                 interface: Some(i),
+                caller: Caller {
+                    name: cap.name.to_string(),
+                    grant: cap.grant,
+                    refused: 0,
+                },
                 end: ServerEnd::new(open_channel()?),
                 broken_in: None,
             }),
@@ -292,6 +322,10 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
                 let fd = sys::take_fd(cap.slot).map_err(|e| cap_error(cap, e))?;
                 context.files.insert(cap.name.to_string(), fd);
             }
+            CapabilityKind::Key => {
+                let fd = sys::take_fd(cap.slot).map_err(|e| cap_error(cap, e))?;
+                context.keys.insert(cap.name.to_string(), fd);
+            }
             CapabilityKind::Status | CapabilityKind::SeccompProgram => {}
         }
     }
@@ -300,6 +334,11 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
         0,
         Served {
             interface: None,
+            caller: Caller {
+                name: "microkernel".into(),
+                grant: Grant::Interface,
+                refused: 0,
+            },
             end: control,
             broken_in: None,
         },
@@ -312,7 +351,7 @@ fn serve<Q, R>(
     interface: Interface,
     context: &mut Context,
     served: &mut [Served],
-    handler: &mut impl FnMut(&mut Context, Q) -> endpoint::Response<R>,
+    handler: &mut impl FnMut(&mut Context, &mut Caller, Q) -> endpoint::Response<R>,
 ) where
     Q: DeserializeOwned,
     R: Serialize,
@@ -321,6 +360,7 @@ fn serve<Q, R>(
     let policy = WaitPolicy::default();
     loop {
         let mut did_work = false;
+        let refused = served.iter().map(|s| s.caller.refused).sum();
         for s in served.iter_mut() {
             if !s.usable() {
                 continue;
@@ -351,6 +391,7 @@ fn serve<Q, R>(
                 stats.requests_in += 1;
                 let outcome = match s.interface {
                     None => {
+                        stats.refused = refused;
                         let (reply, shutdown) =
                             control_reply(&s.end, &incoming, context, &mut stats, served_stale(s));
                         let sent = s.end.reply(&incoming, &reply, REPLY_TIMEOUT);
@@ -364,7 +405,9 @@ fn serve<Q, R>(
                             Some(endpoint::Request::Ping { nonce }) => {
                                 endpoint::Response::Pong { nonce }
                             }
-                            Some(endpoint::Request::Service(q)) => handler(context, q),
+                            Some(endpoint::Request::Service(q)) => {
+                                handler(context, &mut s.caller, q)
+                            }
                             None => {
                                 stats.malformed += 1;
                                 tracing::warn!(%interface, "malformed request (tag {})", incoming.tag);

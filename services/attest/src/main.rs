@@ -14,7 +14,8 @@ use ipc_defs::services::attest;
 use ipc_defs::Interface;
 
 fn main() -> ExitCode {
-    runtime::run::<attest::Request, attest::Response>(Interface::Attest, |_context, request| {
-        match request {}
-    })
+    runtime::run::<attest::Request, attest::Response>(
+        Interface::Attest,
+        |_context, _caller, request| match request {},
+    )
 }

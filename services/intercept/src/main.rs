@@ -16,6 +16,6 @@ use ipc_defs::Interface;
 fn main() -> ExitCode {
     runtime::run::<intercept::Request, intercept::Response>(
         Interface::Intercept,
-        |_context, request| match request {},
+        |_context, _caller, request| match request {},
     )
 }

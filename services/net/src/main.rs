@@ -14,8 +14,7 @@ use ipc_defs::services::net;
 use ipc_defs::Interface;
 
 fn main() -> ExitCode {
-    runtime::run::<net::Request, net::Response>(
-        Interface::Net,
-        |_context, request| match request {},
-    )
+    runtime::run::<net::Request, net::Response>(Interface::Net, |_context, _caller, request| {
+        match request {}
+    })
 }

@@ -14,7 +14,8 @@ use ipc_defs::services::storage;
 use ipc_defs::Interface;
 
 fn main() -> ExitCode {
-    runtime::run::<storage::Request, storage::Response>(Interface::Storage, |_context, request| {
-        match request {}
-    })
+    runtime::run::<storage::Request, storage::Response>(
+        Interface::Storage,
+        |_context, _caller, request| match request {},
+    )
 }

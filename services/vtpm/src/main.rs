@@ -14,8 +14,7 @@ use ipc_defs::services::vtpm;
 use ipc_defs::Interface;
 
 fn main() -> ExitCode {
-    runtime::run::<vtpm::Request, vtpm::Response>(
-        Interface::Vtpm,
-        |_context, request| match request {},
-    )
+    runtime::run::<vtpm::Request, vtpm::Response>(Interface::Vtpm, |_context, _caller, request| {
+        match request {}
+    })
 }

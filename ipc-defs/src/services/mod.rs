@@ -1,8 +1,7 @@
-//! The interfaces of the six services. Each later issue fills its service's enums; until then
-//! an interface has no requests, and its endpoint answers only the common
-//! [`crate::endpoint::Request::Ping`].
+//! The interfaces of the six services. An interface whose issue has not come yet has no
+//! requests, and its endpoint answers only the common [`crate::endpoint::Request::Ping`].
 //!
-//! The enums are empty on purpose, not placeholders with fake variants: a request that does
+//! Those enums are empty on purpose, not placeholders with fake variants: a request that does
 //! not exist cannot be sent, and one that arrives anyway fails to decode (a typed error).
 
 macro_rules! interface {
@@ -27,10 +26,7 @@ interface!(
     /// Exit policy and platform devices (issue 5).
     intercept
 );
-interface!(
-    /// The encrypted guest-state store (issue 3).
-    vmgs
-);
+pub mod vmgs;
 interface!(
     /// The TPM (issue 4).
     vtpm

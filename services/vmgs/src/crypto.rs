@@ -1,0 +1,149 @@
+//! AES-256-GCM as the format uses it (12-byte nonce, 16-byte tag kept apart from the
+//! ciphertext, no associated data), keys that wipe themselves, and the kernel's CSPRNG.
+
+use aes_gcm::aead::AeadInPlace;
+use aes_gcm::aead::KeyInit;
+use aes_gcm::Aes256Gcm;
+use aes_gcm::Nonce;
+use aes_gcm::Tag;
+use zeroize::Zeroize;
+
+use crate::format::KEY_BYTES;
+use crate::format::NONCE_BYTES;
+use crate::format::TAG_BYTES;
+
+/// A 32-byte AES-256 key. Never printed; wiped on drop.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Key([u8; KEY_BYTES]);
+
+impl Drop for Key {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl Key {
+    pub fn from_bytes(bytes: [u8; KEY_BYTES]) -> Key {
+        Key(bytes)
+    }
+
+    /// A key from a slice that must be exactly 32 bytes.
+    pub fn from_slice(bytes: &[u8]) -> Option<Key> {
+        <[u8; KEY_BYTES]>::try_from(bytes).ok().map(Key)
+    }
+
+    /// A fresh random key (never all zero: that would be the reference writer's defect).
+    pub fn random() -> Key {
+        loop {
+            let mut k = [0u8; KEY_BYTES];
+            fill_random(&mut k);
+            if k.iter().any(|b| *b != 0) {
+                return Key(k);
+            }
+        }
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.0.iter().all(|b| *b == 0)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; KEY_BYTES] {
+        &self.0
+    }
+}
+
+impl core::fmt::Debug for Key {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("Key(<secret>)")
+    }
+}
+
+/// Fills `buf` from getrandom(2). The kernel's CSPRNG does not fail once seeded; if the call
+/// itself fails (a seccomp profile without getrandom) there is no safe way on, so it aborts
+/// rather than hand out a predictable key.
+pub fn fill_random(buf: &mut [u8]) {
+    if let Err(e) = getrandom::getrandom(buf) {
+        panic!("no randomness from the kernel ({e}); refusing to make keys or nonces");
+    }
+}
+
+/// A fresh nonce as the format makes them: four random bytes, then a zero 64-bit counter.
+pub fn new_nonce() -> [u8; NONCE_BYTES] {
+    let mut n = [0u8; NONCE_BYTES];
+    fill_random(&mut n[..4]);
+    n
+}
+
+/// The next nonce for re-wrapping a metadata key in the same slot: new random prefix, counter
+/// (little-endian, bytes 4..12) plus one.
+pub fn next_nonce(previous: &[u8; NONCE_BYTES]) -> [u8; NONCE_BYTES] {
+    let mut counter = [0u8; 8];
+    counter.copy_from_slice(&previous[4..]);
+    let counter = u64::from_le_bytes(counter).wrapping_add(1);
+    let mut n = [0u8; NONCE_BYTES];
+    fill_random(&mut n[..4]);
+    n[4..].copy_from_slice(&counter.to_le_bytes());
+    n
+}
+
+/// Encrypts `data` in place; returns the tag.
+pub fn seal(key: &Key, nonce: &[u8; NONCE_BYTES], data: &mut [u8]) -> [u8; TAG_BYTES] {
+    let cipher = Aes256Gcm::new(key.as_bytes().into());
+    // In-place encryption with a detached tag cannot fail for inputs under GCM's 64 GiB limit,
+    // and VMGS files are at most 4 GiB.
+    let tag = cipher
+        .encrypt_in_place_detached(Nonce::from_slice(nonce), &[], data)
+        .expect("AES-GCM input within its length limit");
+    tag.into()
+}
+
+/// Decrypts `data` in place if the tag authenticates it. On failure `data` is wiped and
+/// `false` returned: unauthenticated plaintext never leaves this function.
+#[must_use]
+pub fn open(key: &Key, nonce: &[u8; NONCE_BYTES], tag: &[u8; TAG_BYTES], data: &mut [u8]) -> bool {
+    let cipher = Aes256Gcm::new(key.as_bytes().into());
+    match cipher.decrypt_in_place_detached(
+        Nonce::from_slice(nonce),
+        &[],
+        data,
+        Tag::from_slice(tag),
+    ) {
+        Ok(()) => true,
+        Err(_) => {
+            data.zeroize();
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_data_opens_only_with_its_key_nonce_and_tag() {
+        let key = Key::random();
+        let nonce = new_nonce();
+        let mut data = *b"guest secrets";
+        let tag = seal(&key, &nonce, &mut data);
+        assert_ne!(&data, b"guest secrets");
+        let mut copy = data;
+        assert!(open(&key, &nonce, &tag, &mut copy));
+        assert_eq!(&copy, b"guest secrets");
+        let mut bad = data;
+        bad[0] ^= 1;
+        assert!(!open(&key, &nonce, &tag, &mut bad));
+        assert_eq!(bad, [0; 13], "failed plaintext is wiped");
+        let mut copy = data;
+        assert!(!open(&Key::random(), &nonce, &tag, &mut copy));
+    }
+
+    #[test]
+    fn nonce_counter_increments_with_carry() {
+        let mut n = [0u8; 12];
+        n[4] = 0xff;
+        let next = next_nonce(&n);
+        assert_eq!(&next[4..], &[0, 1, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&new_nonce()[4..], &[0; 8]);
+    }
+}
