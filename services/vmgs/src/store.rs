@@ -496,6 +496,11 @@ impl<S: Storage> Vmgs<S> {
         self.poisoned
     }
 
+    /// The storage underneath (for inspection; writing to it bypasses every guarantee).
+    pub fn storage_mut(&mut self) -> &mut S {
+        &mut self.storage
+    }
+
     /// The storage, e.g. to reopen it after the handle was poisoned.
     pub fn into_storage(self) -> S {
         self.storage

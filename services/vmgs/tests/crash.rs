@@ -1,0 +1,228 @@
+//! Crash consistency: every update is stopped after each of its writes and flushes in turn;
+//! every image a crash can leave then opens to exactly the old state or exactly the new one.
+
+use std::collections::BTreeMap;
+
+use pv_vmgs::error::Error;
+use pv_vmgs::fault::Fault;
+use pv_vmgs::fault::FaultyStorage;
+use pv_vmgs::FileId;
+use pv_vmgs::Key;
+use pv_vmgs::MemStorage;
+use pv_vmgs::Vmgs;
+
+type State = BTreeMap<FileId, Vec<u8>>;
+
+fn key(byte: u8) -> Key {
+    Key::from_bytes([byte; 32])
+}
+
+fn bytes(n: usize, seed: u8) -> Vec<u8> {
+    (0..n).map(|i| (i as u8) ^ seed).collect()
+}
+
+/// Opens an image with the first key that works and reads every user file.
+fn state_of(image: Vec<u8>, keys: &[Option<Key>]) -> Result<State, String> {
+    let mut last = String::new();
+    for k in keys {
+        match Vmgs::open(MemStorage::new(image.clone()), k.as_ref()) {
+            Ok(mut v) => {
+                let mut state = State::new();
+                for f in v.files() {
+                    if f.id.is_user_file() {
+                        let data = v.read_file(f.id).map_err(|e| e.to_string())?;
+                        state.insert(f.id, data);
+                    }
+                }
+                return Ok(state);
+            }
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(last)
+}
+
+fn base(key: Option<&Key>) -> Vec<u8> {
+    let mut v = Vmgs::create(MemStorage::default(), 256 << 10, key).unwrap();
+    v.write_file(FileId::TPM_NVRAM, &bytes(9000, 1)).unwrap();
+    v.write_file(FileId::TPM_PPI, b"ppi").unwrap();
+    v.into_storage().bytes
+}
+
+/// Runs `update` on `image`, stopping the device at each operation in turn, and checks every
+/// crash image. Returns the number of operations the update performs.
+fn check_every_stop(
+    image: &[u8],
+    open_key: Option<Key>,
+    keys: &[Option<Key>],
+    update: impl Fn(&mut Vmgs<FaultyStorage>) -> Result<(), Error>,
+) -> usize {
+    let old = state_of(image.to_vec(), keys).expect("old state opens");
+    // A clean run: how many operations, and the new state.
+    let mut v = Vmgs::open(FaultyStorage::new(image.to_vec()), open_key.as_ref()).unwrap();
+    v.storage_mut().fail_at(usize::MAX, Fault::Stop);
+    update(&mut v).expect("update succeeds on a healthy device");
+    let ops = v.storage_mut().ops;
+    let new = state_of(v.into_storage().image().to_vec(), keys).expect("new state opens");
+    assert_ne!(old, new, "the update changes something");
+    assert!(ops >= 2, "at least a data write and a header");
+
+    for n in 0..ops {
+        for fault in [Fault::Stop, Fault::Fail] {
+            let mut v = Vmgs::open(FaultyStorage::new(image.to_vec()), open_key.as_ref()).unwrap();
+            v.storage_mut().fail_at(n, fault);
+            let result = update(&mut v);
+            assert!(result.is_err(), "operation {n} failed, so must the update");
+            let poisoned = v.is_poisoned();
+            let dev = v.into_storage();
+            for (i, crash) in dev.crash_images().into_iter().enumerate() {
+                let got = state_of(crash, keys).unwrap_or_else(|e| {
+                    panic!("{fault:?} at op {n}, crash image {i}: unreadable: {e}")
+                });
+                assert!(
+                    got == old || got == new,
+                    "{fault:?} at op {n}, crash image {i}: a mix of old and new"
+                );
+            }
+            if fault == Fault::Fail && !poisoned {
+                // The handle stayed usable: it still holds the old state.
+                let now = state_of(dev.image().to_vec(), keys).unwrap();
+                assert_eq!(
+                    now, old,
+                    "failed op {n}: unpoisoned handle but state changed"
+                );
+            }
+        }
+    }
+    ops
+}
+
+#[test]
+fn writing_a_new_file_is_all_or_nothing_at_every_stop() {
+    let k = key(1);
+    let keys = [Some(k.clone())];
+    let ops = check_every_stop(&base(Some(&k)), Some(k.clone()), &keys, |v| {
+        v.write_file(FileId::ATTEST, &bytes(5000, 3))
+    });
+    // File table, data, extended table, flush, header, flush.
+    assert_eq!(ops, 6);
+    check_every_stop(&base(None), None, &[None], |v| {
+        v.write_file(FileId::ATTEST, b"a")
+    });
+}
+
+#[test]
+fn overwriting_a_file_is_all_or_nothing_at_every_stop() {
+    let k = key(2);
+    check_every_stop(&base(Some(&k)), Some(k.clone()), &[Some(k.clone())], |v| {
+        v.write_file(FileId::TPM_NVRAM, &bytes(12000, 9))
+    });
+    check_every_stop(&base(None), None, &[None], |v| {
+        v.write_file(FileId::TPM_NVRAM, &bytes(12000, 9))
+    });
+}
+
+#[test]
+fn delete_and_move_are_all_or_nothing_at_every_stop() {
+    let k = key(3);
+    check_every_stop(&base(Some(&k)), Some(k.clone()), &[Some(k.clone())], |v| {
+        v.delete_file(FileId::TPM_PPI)
+    });
+    check_every_stop(&base(Some(&k)), Some(k.clone()), &[Some(k.clone())], |v| {
+        v.move_file(FileId::TPM_NVRAM, FileId::TPM_NVRAM_BACKUP, false)
+    });
+}
+
+#[test]
+fn encrypting_a_plain_file_is_all_or_nothing_at_every_stop() {
+    let k = key(4);
+    let image = base(None);
+    let old = state_of(image.clone(), &[None]).unwrap();
+    // Old state opens without a key, new state with it; contents are the same, so mark the
+    // difference by what opens: compare through a wrapper that reports encryption.
+    let mut v = Vmgs::open(FaultyStorage::new(image.clone()), None).unwrap();
+    v.storage_mut().fail_at(usize::MAX, Fault::Stop);
+    v.encrypt(&k).unwrap();
+    let ops = v.storage_mut().ops;
+    for n in 0..ops {
+        let mut v = Vmgs::open(FaultyStorage::new(image.clone()), None).unwrap();
+        v.storage_mut().fail_at(n, Fault::Stop);
+        assert!(v.encrypt(&k).is_err());
+        for crash in v.into_storage().crash_images() {
+            let plain = state_of(crash.clone(), &[None]);
+            let encrypted = state_of(crash, &[Some(k.clone())]);
+            match (plain, encrypted) {
+                (Ok(s), Err(_)) | (Err(_), Ok(s)) => assert_eq!(s, old, "stop at {n}"),
+                other => panic!("stop at {n}: opens as {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn key_rotation_never_loses_the_file_at_any_stop() {
+    let (old_key, new_key) = (key(5), key(6));
+    let image = base(Some(&old_key));
+    let expected = state_of(image.clone(), &[Some(old_key.clone())]).unwrap();
+    let mut v = Vmgs::open(FaultyStorage::new(image.clone()), Some(&old_key)).unwrap();
+    v.storage_mut().fail_at(usize::MAX, Fault::Stop);
+    v.update_key(&new_key).unwrap();
+    let ops = v.storage_mut().ops;
+    let done = v.into_storage().image().to_vec();
+    assert!(
+        state_of(done.clone(), &[Some(old_key.clone())]).is_err(),
+        "old key is refused after rotation"
+    );
+    assert_eq!(state_of(done, &[Some(new_key.clone())]).unwrap(), expected);
+    for n in 0..ops {
+        let mut v = Vmgs::open(FaultyStorage::new(image.clone()), Some(&old_key)).unwrap();
+        v.storage_mut().fail_at(n, Fault::Stop);
+        assert!(v.update_key(&new_key).is_err());
+        for crash in v.into_storage().crash_images() {
+            let got = state_of(crash, &[Some(old_key.clone()), Some(new_key.clone())])
+                .unwrap_or_else(|e| panic!("stop at {n}: {e}"));
+            assert_eq!(got, expected, "stop at {n}");
+        }
+    }
+}
+
+#[test]
+fn torn_active_header_falls_back_to_the_previous_state() {
+    let k = key(8);
+    let mut v = Vmgs::create(MemStorage::default(), 256 << 10, Some(&k)).unwrap();
+    v.write_file(FileId::TPM_NVRAM, b"first").unwrap();
+    v.write_file(FileId::TPM_NVRAM, b"second").unwrap();
+    let active = v.active_slot();
+    let mut image = v.into_storage().bytes;
+    // Half of the active header never reached the disk.
+    let at = active * 512;
+    image[at + 84..at + 168].fill(0);
+    let mut v = Vmgs::open(MemStorage::new(image), Some(&k)).unwrap();
+    assert_eq!(v.read_file(FileId::TPM_NVRAM).unwrap(), b"first");
+    assert!(
+        v.warnings().iter().any(|w| w.contains("invalid")),
+        "{:?}",
+        v.warnings()
+    );
+    // And the next commit goes on from there.
+    v.write_file(FileId::TPM_NVRAM, b"third").unwrap();
+    let image = v.into_storage().bytes;
+    let mut v = Vmgs::open(MemStorage::new(image), Some(&k)).unwrap();
+    assert_eq!(v.read_file(FileId::TPM_NVRAM).unwrap(), b"third");
+}
+
+#[test]
+fn a_long_run_of_commits_survives_sequence_wrap_and_reuses_space() {
+    let mut v = Vmgs::create(MemStorage::default(), 64 << 10, Some(&key(9))).unwrap();
+    // 16 blocks: far fewer than the commits below, so freed extents must be reused.
+    for i in 0..200u32 {
+        v.write_file(FileId::TPM_NVRAM, &i.to_le_bytes().repeat(1000))
+            .unwrap();
+    }
+    let image = v.into_storage().bytes;
+    let mut v = Vmgs::open(MemStorage::new(image), Some(&key(9))).unwrap();
+    assert_eq!(
+        v.read_file(FileId::TPM_NVRAM).unwrap(),
+        199u32.to_le_bytes().repeat(1000)
+    );
+}

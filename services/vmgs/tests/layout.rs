@@ -1,0 +1,328 @@
+//! Files we write are laid out as the reference tool expects: checked by an independent,
+//! minimal reader written here from the format notes (its own CRC, its own structure
+//! offsets, the cipher used directly), not with the library's parser.
+
+use aes_gcm::aead::AeadInPlace;
+use aes_gcm::aead::KeyInit;
+use aes_gcm::Aes256Gcm;
+use pv_vmgs::FileId;
+use pv_vmgs::Key;
+use pv_vmgs::MemStorage;
+use pv_vmgs::Vmgs;
+
+/// Bitwise CRC-32 (IEEE, reflected 0xEDB88320), independent of crc32fast.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
+}
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+fn gcm_open(key: &[u8], nonce: &[u8], tag: &[u8], data: &mut Vec<u8>) -> bool {
+    let cipher = Aes256Gcm::new_from_slice(key).unwrap();
+    cipher
+        .decrypt_in_place_detached(nonce.into(), &[], data, tag.into())
+        .is_ok()
+}
+
+/// What the minimal reader found.
+struct Parsed {
+    image: usize,
+    active_header: usize,
+    sequence: u32,
+    encrypted: bool,
+    metadata_key: Option<Vec<u8>>,
+    ext_nonce: Vec<u8>,
+    files: Vec<(u32, Vec<u8>)>,
+}
+
+/// Reads a whole VMGS file the way the format notes describe it, asserting every rule.
+fn minimal_read(file: &[u8], datastore_key: Option<&[u8]>) -> Parsed {
+    // Container: fixed VHD footer.
+    assert!(file.len() > 512 && file.len() % 512 == 0);
+    let footer = &file[file.len() - 512..];
+    assert_eq!(&footer[0..8], b"conectix");
+    assert_eq!(be32(footer, 8), 2, "features");
+    assert_eq!(be32(footer, 12), 0x0001_0000, "format version");
+    assert_eq!(be64(footer, 16), u64::MAX, "data offset of a fixed disk");
+    let image = be64(footer, 48) as usize;
+    assert_eq!(be64(footer, 40) as usize, image, "original size");
+    assert_eq!(image, file.len() - 512);
+    assert_eq!(be32(footer, 60), 2, "fixed disk");
+    let sum: u32 = footer
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !(64..68).contains(i))
+        .fold(0u32, |s, (_, b)| s.wrapping_add(u32::from(*b)));
+    assert_eq!(be32(footer, 64), !sum, "footer checksum");
+
+    // Headers at 0 and 512.
+    let valid = |h: &[u8]| {
+        let mut z = h[..168].to_vec();
+        z[12..16].fill(0);
+        &h[0..8] == b"GUESTRTS"
+            && le32(h, 8) == 0x0003_0000
+            && le32(h, 20) == 168
+            && le32(h, 28) == 1
+            && le32(h, 24) >= 2
+            && le32(h, 12) == crc32(&z)
+    };
+    let (h1, h2) = (&file[0..168], &file[512..680]);
+    assert!(
+        file[168..512].iter().all(|b| *b == 0),
+        "rest of sector 0 is zero"
+    );
+    let active = match (valid(h1), valid(h2)) {
+        (true, true) => {
+            let (s1, s2) = (le32(h1, 16), le32(h2, 16));
+            if s1 == s2.wrapping_add(1) {
+                0
+            } else {
+                assert_eq!(s2, s1.wrapping_add(1), "consecutive sequences");
+                1
+            }
+        }
+        (true, false) => 0,
+        (false, true) => 1,
+        _ => panic!("no valid header"),
+    };
+    let h = if active == 0 { h1 } else { h2 };
+    let encrypted = match u16::from_le_bytes([h[32], h[33]]) {
+        0 => false,
+        1 => true,
+        other => panic!("algorithm {other}"),
+    };
+
+    // File table.
+    let ft_block = le32(h, 24) as usize;
+    let ft = &file[ft_block * 4096..ft_block * 4096 + 4096];
+    let entry = |i: usize| &ft[i * 64..i * 64 + 64];
+    assert_eq!(
+        le32(entry(0), 0) as usize,
+        ft_block,
+        "entry 0 is the table itself"
+    );
+    assert_eq!(le32(entry(0), 4), 1);
+    assert_eq!(le64(entry(0), 8), 4096);
+    let ext = entry(63);
+    assert!(
+        le32(ext, 4) >= 1,
+        "the extended file table is always allocated"
+    );
+    assert_eq!(le64(ext, 8), 4096);
+
+    // Extents inside the image and disjoint.
+    let mut extents: Vec<(usize, usize)> = (0..64)
+        .map(entry)
+        .filter(|e| le32(e, 4) != 0)
+        .map(|e| (le32(e, 0) as usize, le32(e, 4) as usize))
+        .collect();
+    extents.sort();
+    for (off, len) in &extents {
+        assert!(
+            *off >= 2 && (off + len) * 4096 <= image,
+            "extent {off}+{len}"
+        );
+    }
+    for w in extents.windows(2) {
+        assert!(w[0].0 + w[0].1 <= w[1].0, "overlapping extents {w:?}");
+    }
+
+    // Keys: metadata key from a slot, extended table with it.
+    let mut metadata_key = None;
+    let mut ext_table = vec![0u8; 4096];
+    let eo = le32(ext, 0) as usize * 4096;
+    ext_table.copy_from_slice(&file[eo..eo + 4096]);
+    if encrypted {
+        let ds = datastore_key.expect("encrypted file needs the key");
+        for slot in 0..2 {
+            let s = &h[36 + slot * 64..36 + slot * 64 + 64];
+            let mut wrapped = s[32..64].to_vec();
+            if gcm_open(ds, &s[0..12], &s[16..32], &mut wrapped) {
+                metadata_key = Some(wrapped);
+                break;
+            }
+        }
+        let mk = metadata_key.clone().expect("datastore key opens a slot");
+        assert_eq!(
+            le32(ext, 44) & 3,
+            3,
+            "extended table entry marked encrypted"
+        );
+        assert!(gcm_open(&mk, &ext[16..28], &ext[28..44], &mut ext_table));
+    }
+
+    let mut files = Vec::new();
+    for i in 1..63 {
+        let e = entry(i);
+        if le32(e, 4) == 0 {
+            continue;
+        }
+        let (off, size) = (le32(e, 0) as usize * 4096, le64(e, 8) as usize);
+        assert!(size <= le32(e, 4) as usize * 4096);
+        let mut data = file[off..off + size].to_vec();
+        let attrs = le32(e, 44);
+        if encrypted {
+            assert_eq!(attrs & 3, 3, "file {i} marked encrypted in the table");
+            let x = &ext_table[i * 64..i * 64 + 64];
+            assert_eq!(
+                le32(x, 0) & 3,
+                3,
+                "file {i} marked encrypted in the extended table"
+            );
+            assert!(
+                gcm_open(&x[4..36], &e[16..28], &e[28..44], &mut data),
+                "file {i}"
+            );
+        } else {
+            assert_eq!(attrs, 0);
+        }
+        files.push((i as u32, data));
+    }
+    Parsed {
+        image,
+        active_header: active,
+        sequence: le32(h, 16),
+        encrypted,
+        metadata_key,
+        ext_nonce: ext[16..28].to_vec(),
+        files,
+    }
+}
+
+fn key(byte: u8) -> Key {
+    Key::from_bytes([byte; 32])
+}
+
+fn contents(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn our_plain_files_read_back_with_an_independent_reader() {
+    let mut v = Vmgs::create(MemStorage::default(), 4 << 20, None).unwrap();
+    v.write_file(FileId::TPM_PPI, b"hello-vmgs-interop\n")
+        .unwrap();
+    v.write_file(FileId::TPM_NVRAM, &contents(20000, 1))
+        .unwrap();
+    let file = v.into_storage().bytes;
+    assert_eq!(file.len(), (4 << 20) + 512);
+    let p = minimal_read(&file, None);
+    assert!(!p.encrypted);
+    assert_eq!(p.image, 4 << 20);
+    assert_eq!(
+        p.files,
+        vec![
+            (2, b"hello-vmgs-interop\n".to_vec()),
+            (3, contents(20000, 1))
+        ]
+    );
+    assert_eq!((p.sequence, p.active_header), (3, 0));
+}
+
+#[test]
+fn our_encrypted_files_read_back_with_an_independent_reader() {
+    let k = key(0x42);
+    let mut v = Vmgs::create(MemStorage::default(), 1 << 20, Some(&k)).unwrap();
+    v.write_file(FileId::TPM_PPI, b"small").unwrap();
+    v.write_file(FileId::TPM_NVRAM, &contents(70000, 2))
+        .unwrap();
+    v.write_file(FileId::TPM_PPI, b"replaced").unwrap();
+    v.delete_file(FileId::TPM_PPI).unwrap();
+    v.write_file(FileId::ATTEST, b"").unwrap();
+    let file = v.into_storage().bytes;
+    let p = minimal_read(&file, Some(k.as_bytes()));
+    assert!(p.encrypted);
+    assert_eq!(p.files, vec![(3, contents(70000, 2)), (5, Vec::new())]);
+}
+
+#[test]
+fn metadata_key_is_random_and_never_zero() {
+    let k = key(7);
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let mut v = Vmgs::create(MemStorage::default(), 64 << 10, Some(&k)).unwrap();
+        let p = minimal_read(&v.storage_image(), Some(k.as_bytes()));
+        seen.push(p.metadata_key.clone().unwrap());
+        v.write_file(FileId::TPM_NVRAM, b"x").unwrap();
+        let p = minimal_read(&v.storage_image(), Some(k.as_bytes()));
+        let mk = p.metadata_key.unwrap();
+        assert_ne!(mk, vec![0u8; 32], "metadata key must not be zero");
+        assert_ne!(
+            p.ext_nonce,
+            vec![0u8; 12],
+            "extended table nonce must not be zero"
+        );
+        seen.push(mk);
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 6, "every metadata key is fresh");
+}
+
+#[test]
+fn defective_reference_file_is_rekeyed_on_its_first_change() {
+    // The fixture was written by a reference tool with the zero-metadata-key defect.
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let file = std::fs::read(dir.join("encrypted.vmgs")).unwrap();
+    let ds = std::fs::read(dir.join("datastore.key")).unwrap();
+    assert_eq!(
+        minimal_read(&file, Some(&ds)).metadata_key,
+        Some(vec![0; 32])
+    );
+    let k = Key::from_slice(&ds).unwrap();
+    let mut v = Vmgs::open(MemStorage::new(file), Some(&k)).unwrap();
+    assert!(v.warnings().iter().any(|w| w.contains("all zero")));
+    v.write_file(FileId::ATTEST, b"report").unwrap();
+    let p = minimal_read(&v.storage_image(), Some(&ds));
+    assert_ne!(p.metadata_key, Some(vec![0; 32]));
+    assert_eq!(p.files.len(), 3);
+
+    let file = std::fs::read(dir.join("encrypted.vmgs")).unwrap();
+    let mut v = Vmgs::open(MemStorage::new(file), Some(&k)).unwrap();
+    v.update_key(&key(9)).unwrap();
+    let p = minimal_read(&v.storage_image(), Some(key(9).as_bytes()));
+    assert_ne!(
+        p.metadata_key,
+        Some(vec![0; 32]),
+        "rotation does not wrap the zero key"
+    );
+}
+
+/// Test helper: the bytes of an in-memory store.
+trait Image {
+    fn storage_image(&mut self) -> Vec<u8>;
+}
+
+impl Image for Vmgs<MemStorage> {
+    fn storage_image(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let len = pv_vmgs::Storage::len(self.storage_mut()).unwrap() as usize;
+        out.resize(len, 0);
+        pv_vmgs::Storage::read_at(self.storage_mut(), 0, &mut out).unwrap();
+        out
+    }
+}
