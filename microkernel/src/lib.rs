@@ -13,3 +13,4 @@ pub mod manifest;
 pub mod profiles;
 pub mod sandbox;
 pub mod supervisor;
+pub mod vmgs_cli;

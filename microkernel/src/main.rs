@@ -110,6 +110,11 @@ enum Cmd {
         cpu: usize,
         fds: Vec<i32>,
     },
+    /// VMGS guest-state file tools (the reference vmgstool's commands, options and exit codes).
+    Vmgs {
+        #[command(subcommand)]
+        command: microkernel::vmgs_cli::VmgsCmd,
+    },
     /// Stop the running instance (like SIGTERM).
     Stop {
         #[arg(long)]
@@ -359,6 +364,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Vmgs { command } => Ok(microkernel::vmgs_cli::run(command)),
         Cmd::Stop {
             state_dir,
             manifest,
