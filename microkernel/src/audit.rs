@@ -6,7 +6,9 @@ use serde::Serialize;
 
 use crate::manifest::format_duration;
 use crate::manifest::format_size;
+use crate::manifest::grant_text;
 use crate::manifest::Manifest;
+use crate::manifest::Missing;
 use crate::profiles;
 use crate::sandbox::Namespaces;
 
@@ -21,6 +23,11 @@ pub struct Row {
     pub calls: Vec<String>,
     pub regions: Vec<String>,
     pub files: Vec<String>,
+    pub keys: Vec<String>,
+    /// What each call reaches beyond its endpoint (e.g. `vmgs: file-ids [...]`).
+    pub call_grants: Vec<String>,
+    /// What each client may reach of this service's endpoints (e.g. the vmgs file ids).
+    pub client_grants: Vec<String>,
     pub mmio: Vec<String>,
     pub pio: Vec<String>,
     pub memory: String,
@@ -60,15 +67,41 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
                 .iter()
                 .map(|f| {
                     format!(
-                        "{} = {} ({})",
+                        "{} = {} ({}{})",
                         f.name,
                         f.path.display(),
                         match f.access {
                             ipc_defs::capability::FileAccess::ReadOnly => "ro",
                             ipc_defs::capability::FileAccess::ReadWrite => "rw",
+                        },
+                        match &f.missing {
+                            Missing::Error => String::new(),
+                            Missing::Create => ", created empty if missing".into(),
+                            Missing::CreateVmgs { key, .. } =>
+                                format!(", created as a VMGS encrypted with key {key} if missing"),
                         }
                     )
                 })
+                .collect(),
+            keys: s
+                .keys
+                .iter()
+                .map(|k| format!("{} = {}", k.name, k.path.display()))
+                .collect(),
+            client_grants: m
+                .services
+                .iter()
+                .flat_map(|c| {
+                    c.grants
+                        .iter()
+                        .filter(|(i, _)| s.serves.contains(i))
+                        .map(move |(i, g)| format!("{} on {i}: {}", c.name, grant_text(g)))
+                })
+                .collect(),
+            call_grants: s
+                .grants
+                .iter()
+                .map(|(i, g)| format!("{i}: {}", grant_text(g)))
                 .collect(),
             mmio: s
                 .mmio
@@ -144,6 +177,11 @@ pub fn text(m: &Manifest) -> String {
         let _ = writeln!(out, "{} ({}):", r.service, r.binary);
         let _ = writeln!(out, "  regions: {}", list(&r.regions));
         let _ = writeln!(out, "  files:   {}", list(&r.files));
+        let _ = writeln!(out, "  keys:    {}", list(&r.keys));
+        let _ = writeln!(out, "  grants:  {}", list(&r.call_grants));
+        if !r.client_grants.is_empty() {
+            let _ = writeln!(out, "  clients: {}", r.client_grants.join("; "));
+        }
         let _ = writeln!(out, "  mmio:    {}", list(&r.mmio));
         let _ = writeln!(out, "  pio:     {}", list(&r.pio));
         let _ = writeln!(out, "  watchdog: {}", r.watchdog);

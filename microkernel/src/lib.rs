@@ -14,3 +14,4 @@ pub mod profiles;
 pub mod sandbox;
 pub mod supervisor;
 pub mod vmgs_cli;
+pub mod state_files;

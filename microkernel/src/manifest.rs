@@ -16,6 +16,9 @@ use std::time::Duration;
 use ipc_defs::bootstrap::MAX_CAPABILITIES;
 use ipc_defs::bootstrap::MAX_NAME;
 use ipc_defs::capability::FileAccess;
+use ipc_defs::capability::Grant;
+use ipc_defs::services::vmgs::FileId;
+use ipc_defs::services::vmgs::FileIdSet;
 use ipc_defs::layout::MAX_RING_CAPACITY;
 use ipc_defs::layout::MIN_RING_CAPACITY;
 use ipc_defs::Interface;
@@ -171,6 +174,8 @@ struct RawService {
     #[serde(default)]
     files: Vec<Spanned<RawFile>>,
     #[serde(default)]
+    keys: Vec<Spanned<RawKey>>,
+    #[serde(default)]
     regions: Vec<Spanned<RawRegion>>,
     #[serde(default)]
     mmio: Vec<Spanned<RawRange>>,
@@ -188,6 +193,17 @@ struct RawService {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawCall {
     endpoint: Spanned<String>,
+    #[serde(default)]
+    file_ids: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawKey {
+    name: Spanned<String>,
+    path: Spanned<String>,
+    #[serde(default)]
+    missing: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -198,6 +214,12 @@ struct RawFile {
     access: Spanned<String>,
     #[serde(default)]
     missing: Option<Spanned<String>>,
+    /// For `missing = "create-vmgs"`: the key (of this service) the new file is encrypted with.
+    #[serde(default)]
+    key: Option<Spanned<String>>,
+    /// For `missing = "create-vmgs"`: the image size (default 4M).
+    #[serde(default)]
+    size: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -279,14 +301,40 @@ pub struct Limits {
 }
 
 /// What a missing granted file means.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Missing {
     /// Refuse to start the service.
     Error,
     /// Create it empty (mode 0600).
     Create,
+    /// Create a VMGS file (mode 0600) when the paravisor starts, encrypted with the key of
+    /// this service named `key`.
+    CreateVmgs { key: String, size: u64 },
 }
+
+/// What a missing key file means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MissingKey {
+    /// Refuse to start.
+    Error,
+    /// Make 32 random bytes (mode 0600) when the paravisor starts.
+    Create,
+}
+
+/// A secret the microkernel reads from a file in the state directory and hands to the
+/// service as a sealed memfd: the service gets the key, never the file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyGrant {
+    pub name: String,
+    /// Relative to the state directory.
+    pub path: PathBuf,
+    pub missing: MissingKey,
+}
+
+/// Bytes of a key.
+pub const KEY_BYTES: usize = 32;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FileGrant {
@@ -334,6 +382,11 @@ pub struct ServiceSpec {
     #[serde(serialize_with = "ser_interfaces")]
     pub calls: Vec<Interface>,
     pub files: Vec<FileGrant>,
+    pub keys: Vec<KeyGrant>,
+    /// What each call may reach beyond the interface itself (e.g. the vmgs file ids), for
+    /// the calls that are limited.
+    #[serde(serialize_with = "ser_grants")]
+    pub grants: BTreeMap<Interface, Grant>,
     pub regions: Vec<RegionGrant>,
     pub mmio: Vec<DeviceRange>,
     pub pio: Vec<DeviceRange>,
@@ -345,6 +398,18 @@ pub struct ServiceSpec {
     /// killed as hung (and restarted by its policy).
     #[serde(serialize_with = "ser_duration")]
     pub watchdog: Duration,
+}
+
+fn ser_grants<S: serde::Serializer>(g: &BTreeMap<Interface, Grant>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(g.iter().map(|(i, g)| (i.name(), grant_text(g))))
+}
+
+/// A grant as the manifest and the audit write it.
+pub fn grant_text(g: &Grant) -> String {
+    match g {
+        Grant::Interface => "whole interface".into(),
+        Grant::VmgsFiles(set) => format!("file-ids [{set}]"),
+    }
 }
 
 fn ser_interfaces<S: serde::Serializer>(v: &[Interface], s: S) -> Result<S::Ok, S::Error> {
@@ -484,6 +549,8 @@ impl Validator<'_> {
         let mut names: BTreeMap<String, Range<usize>> = BTreeMap::new();
         let mut servers: BTreeMap<Interface, (String, Range<usize>)> = BTreeMap::new();
         let mut pending_calls: Vec<(String, Interface, Range<usize>)> = Vec::new();
+        let mut file_paths: Vec<(PathBuf, Range<usize>)> = Vec::new();
+        let mut key_paths: Vec<(PathBuf, Range<usize>)> = Vec::new();
         let mut mmio: Vec<(String, DeviceRange, Range<usize>)> = Vec::new();
         let mut pio: Vec<(String, DeviceRange, Range<usize>)> = Vec::new();
         let mut pending_limits: Vec<(String, Spanned<i64>, Range<usize>)> = Vec::new();
@@ -541,6 +608,7 @@ impl Validator<'_> {
             }
 
             let mut calls = Vec::new();
+            let mut grants = BTreeMap::new();
             for call in &s.calls {
                 let ep = &call.get_ref().endpoint;
                 match Interface::from_name(ep.get_ref()) {
@@ -557,6 +625,9 @@ impl Validator<'_> {
                     Some(i) => {
                         calls.push(i);
                         pending_calls.push((name.clone(), i, ep.span()));
+                        if let Some(g) = self.call_grant(i, call.get_ref(), call.span()) {
+                            grants.insert(i, g);
+                        }
                     }
                     None => self.unknown_endpoint(ep),
                 }
@@ -581,20 +652,8 @@ impl Validator<'_> {
                     );
                 }
                 let p = PathBuf::from(f.path.get_ref());
-                if f.path.get_ref().is_empty()
-                    || p.is_absolute()
-                    || p.components()
-                        .any(|c| !matches!(c, std::path::Component::Normal(_)))
-                {
-                    self.error(
-                        f.path.span(),
-                        format!(
-                            "file path \"{}\" must stay inside the state directory",
-                            f.path.get_ref()
-                        ),
-                        "write a relative path without '..', e.g. \"guest.vmgs\"",
-                    );
-                }
+                self.check_state_path(&f.path, "file");
+                file_paths.push((p.clone(), f.path.span()));
                 let access = match f.access.get_ref().as_str() {
                     "read-only" => FileAccess::ReadOnly,
                     "read-write" => FileAccess::ReadWrite,
@@ -610,16 +669,28 @@ impl Validator<'_> {
                 let missing = match f.missing.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
                     None | Some(("error", _)) => Missing::Error,
                     Some(("create", _)) => Missing::Create,
+                    Some(("create-vmgs", span)) => self.create_vmgs(f, span, &s.keys),
                     Some((other, span)) => {
                         self.error(
                             span,
                             format!("missing = \"{other}\" is unknown"),
-                            "use \"error\" or \"create\"",
+                            "use \"error\", \"create\" or \"create-vmgs\"",
                         );
                         Missing::Error
                     }
                 };
-                if missing == Missing::Create && access == FileAccess::ReadOnly {
+                if !matches!(missing, Missing::CreateVmgs { .. }) {
+                    for (what, field) in [("key", &f.key), ("size", &f.size)] {
+                        if let Some(field) = field {
+                            self.error(
+                                field.span(),
+                                format!("`{what}` applies only to missing = \"create-vmgs\""),
+                                "remove it, or set missing = \"create-vmgs\"",
+                            );
+                        }
+                    }
+                }
+                if missing != Missing::Error && access == FileAccess::ReadOnly {
                     self.error(
                         f.access.span(),
                         "a read-only file cannot be created when missing",
@@ -630,6 +701,45 @@ impl Validator<'_> {
                     name: fname.clone(),
                     path: p,
                     access,
+                    missing,
+                });
+            }
+
+            let mut keys = Vec::new();
+            for k in &s.keys {
+                let k = k.get_ref();
+                let kname = k.name.get_ref();
+                if !valid_name(kname) {
+                    self.error(
+                        k.name.span(),
+                        format!("key name \"{kname}\" is not a valid name"),
+                        format!("use 1 to {MAX_NAME} characters from a-z, 0-9 and '-'"),
+                    );
+                }
+                if keys.iter().any(|x: &KeyGrant| &x.name == kname) {
+                    self.error(
+                        k.name.span(),
+                        format!("key \"{kname}\" is listed twice"),
+                        "give each key a unique name",
+                    );
+                }
+                self.check_state_path(&k.path, "key");
+                let missing = match k.missing.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
+                    None | Some(("error", _)) => MissingKey::Error,
+                    Some(("create", _)) => MissingKey::Create,
+                    Some((other, span)) => {
+                        self.error(
+                            span,
+                            format!("missing = \"{other}\" is unknown for a key"),
+                            "use \"error\" or \"create\"",
+                        );
+                        MissingKey::Error
+                    }
+                };
+                key_paths.push((PathBuf::from(k.path.get_ref()), k.path.span()));
+                keys.push(KeyGrant {
+                    name: kname.clone(),
+                    path: PathBuf::from(k.path.get_ref()),
                     missing,
                 });
             }
@@ -801,6 +911,8 @@ impl Validator<'_> {
                 serves,
                 calls,
                 files,
+                keys,
+                grants,
                 regions,
                 mmio: my_mmio.into_iter().map(|(r, _)| r).collect(),
                 pio: my_pio.into_iter().map(|(r, _)| r).collect(),
@@ -858,12 +970,150 @@ impl Validator<'_> {
         }
         self.overlaps(&mmio, "mmio");
         self.overlaps(&pio, "pio");
+        for (path, span) in &file_paths {
+            if key_paths.iter().any(|(k, _)| k == path) {
+                self.error(
+                    span.clone(),
+                    format!("\"{}\" is a key file; it cannot also be granted as a file", path.display()),
+                    "keys reach services only as key capabilities; give the file another path",
+                );
+            }
+        }
+        for (i, (path, span)) in key_paths.iter().enumerate() {
+            if key_paths[..i].iter().any(|(k, _)| k == path) {
+                self.error(
+                    span.clone(),
+                    format!("key file \"{}\" is listed twice", path.display()),
+                    "give each key its own file",
+                );
+            }
+        }
 
         Manifest {
             path: path.to_path_buf(),
             state_dir,
             ring_capacity,
             services,
+        }
+    }
+
+    /// A path that must name something inside the state directory.
+    fn check_state_path(&mut self, path: &Spanned<String>, what: &str) {
+        let p = Path::new(path.get_ref());
+        if path.get_ref().is_empty()
+            || p.is_absolute()
+            || p.components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            self.error(
+                path.span(),
+                format!(
+                    "{what} path \"{}\" must stay inside the state directory",
+                    path.get_ref()
+                ),
+                "write a relative path without '..', e.g. \"guest.vmgs\"",
+            );
+        }
+    }
+
+    /// What a call entry grants beyond the endpoint: `file-ids` for vmgs (required there),
+    /// nothing for the other interfaces.
+    fn call_grant(&mut self, endpoint: Interface, call: &RawCall, span: Range<usize>) -> Option<Grant> {
+        match (endpoint, &call.file_ids) {
+            (Interface::Vmgs, None) => {
+                self.error(
+                    span,
+                    "a call to \"vmgs\" must say which file ids it may use",
+                    "add file-ids = [\"TPM_NVRAM\", ...] (names or numbers of VMGS file ids)",
+                );
+                None
+            }
+            (Interface::Vmgs, Some(ids)) => {
+                let mut set = FileIdSet::EMPTY;
+                for id in ids.get_ref() {
+                    match FileId::parse(id.get_ref()) {
+                        Some(f) if !f.is_user_file() => self.error(
+                            id.span(),
+                            format!("file id {f} is the store's own table and cannot be granted"),
+                            "grant the ids of the files the service keeps, e.g. TPM_NVRAM",
+                        ),
+                        Some(f) if set.contains(f) => self.error(
+                            id.span(),
+                            format!("file id {f} is listed twice"),
+                            "list each file id once",
+                        ),
+                        Some(f) => set = set.with(f),
+                        None => self.error(
+                            id.span(),
+                            format!("\"{}\" is not a VMGS file id", id.get_ref()),
+                            format!(
+                                "use a number 1..=62 or a name: {}",
+                                FileId::NAMED
+                                    .iter()
+                                    .filter(|(f, _)| f.is_user_file())
+                                    .map(|(_, n)| *n)
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                        ),
+                    }
+                }
+                if ids.get_ref().is_empty() {
+                    self.error(
+                        ids.span(),
+                        "file-ids is empty: the call could do nothing",
+                        "list the file ids the service keeps, or remove the call",
+                    );
+                }
+                Some(Grant::VmgsFiles(set))
+            }
+            (other, Some(ids)) => {
+                self.error(
+                    ids.span(),
+                    format!("file-ids applies to calls to \"vmgs\", not to \"{other}\""),
+                    "remove file-ids from this call",
+                );
+                None
+            }
+            (_, None) => None,
+        }
+    }
+
+    /// `missing = "create-vmgs"`: needs `key` naming a key of the same service; `size` is
+    /// optional.
+    fn create_vmgs(&mut self, f: &RawFile, span: Range<usize>, keys: &[Spanned<RawKey>]) -> Missing {
+        let size = match &f.size {
+            None => pv_vmgs::vhd::DEFAULT_IMAGE,
+            Some(text) => match parse_size(text.get_ref()) {
+                Some(n) if pv_vmgs::vhd::check_image_size(n).is_ok() => n,
+                _ => {
+                    self.error(
+                        text.span(),
+                        format!("VMGS size \"{}\" is not usable", text.get_ref()),
+                        "use a multiple of 512 bytes between 16K and 4G, e.g. \"4M\"",
+                    );
+                    pv_vmgs::vhd::DEFAULT_IMAGE
+                }
+            },
+        };
+        let Some(key) = &f.key else {
+            self.error(
+                span,
+                "missing = \"create-vmgs\" needs `key`: the guest-state file is created encrypted",
+                "add key = \"<name of a key in this service's `keys`>\"",
+            );
+            return Missing::Error;
+        };
+        if !keys.iter().any(|k| k.get_ref().name.get_ref() == key.get_ref()) {
+            self.error(
+                key.span(),
+                format!("key \"{}\" is not one of this service's keys", key.get_ref()),
+                "add it to `keys = [{ name = ..., path = ..., missing = \"create\" }]`",
+            );
+        }
+        Missing::CreateVmgs {
+            key: key.get_ref().clone(),
+            size,
         }
     }
 
@@ -963,14 +1213,15 @@ impl Validator<'_> {
 }
 
 /// Descriptor slots a service's bootstrap record lists: status page, seccomp program, control
-/// channel, one serving channel per (client, endpoint) link, one per call, regions, files.
+/// channel, one serving channel per (client, endpoint) link, one per call, regions, files,
+/// keys.
 /// The supervisor grants exactly these, in this order.
 pub fn capability_slots(spec: &ServiceSpec, services: &[ServiceSpec]) -> usize {
     let served_links: usize = services
         .iter()
         .map(|c| c.calls.iter().filter(|i| spec.serves.contains(i)).count())
         .sum();
-    3 + served_links + spec.calls.len() + spec.regions.len() + spec.files.len()
+    3 + served_links + spec.calls.len() + spec.regions.len() + spec.files.len() + spec.keys.len()
 }
 
 fn valid_name(name: &str) -> bool {

@@ -180,6 +180,11 @@ impl Supervisor {
         let m = &opts.manifest;
         std::fs::create_dir_all(&opts.state_dir)
             .map_err(|e| RunError::StateDir(opts.state_dir.display().to_string(), e))?;
+        for line in crate::state_files::prepare(m, &opts.state_dir)
+            .map_err(create_err("state files"))?
+        {
+            tracing::info!("{line}");
+        }
         let mut services = Vec::new();
         for spec in &m.services {
             let binary = opts.bin_dir.join(&spec.binary);
@@ -504,9 +509,11 @@ impl Supervisor {
                 shm.len() as u64,
                 Fd::Borrowed(shm.as_raw_fd()),
                 Some(memfd_link(shm)),
+                Grant::Interface,
             )
         };
-        let mut caps: Vec<(CapabilityKind, String, u64, Fd, Option<String>)> = vec![
+        #[allow(clippy::type_complexity)]
+        let mut caps: Vec<(CapabilityKind, String, u64, Fd, Option<String>, Grant)> = vec![
             shm_cap(CapabilityKind::Status, "status".into(), &s.status),
             // The runtime closes the seccomp program once it is installed.
             (
@@ -515,6 +522,7 @@ impl Supervisor {
                 0,
                 Fd::Borrowed(s.service_program.as_raw_fd()),
                 None,
+                Grant::Interface,
             ),
             shm_cap(
                 CapabilityKind::Control,
@@ -524,11 +532,18 @@ impl Supervisor {
         ];
         for link in &self.links {
             if link.server == i {
-                caps.push(shm_cap(
+                let client = &self.services[link.client].spec;
+                let mut cap = shm_cap(
                     CapabilityKind::Serve(link.interface),
-                    self.services[link.client].spec.name.clone(),
+                    client.name.clone(),
                     link.mem.shm(),
-                ));
+                );
+                cap.5 = client
+                    .grants
+                    .get(&link.interface)
+                    .copied()
+                    .unwrap_or(Grant::Interface);
+                caps.push(cap);
             }
         }
         for link in &self.links {
@@ -551,7 +566,7 @@ impl Supervisor {
             if f.access == FileAccess::ReadWrite {
                 opts.write(true);
             }
-            if f.missing == Missing::Create {
+            if matches!(f.missing, Missing::Create) {
                 if let Some(parent) = path.parent() {
                     let _ = std::fs::create_dir_all(parent);
                 }
@@ -570,6 +585,24 @@ impl Supervisor {
                 len,
                 Fd::Owned(file.into()),
                 link,
+                Grant::Interface,
+            ));
+        }
+        for k in &s.spec.keys {
+            // The key travels as a sealed memfd: the service gets the bytes, not the file.
+            let key = crate::state_files::load_key(&self.state_dir.join(&k.path))?;
+            let fd = ipc_defs::hosted::sys::memfd(&format!("pv-key-{}", k.name), key.0.len() as u64)
+                .map_err(|e| format!("key \"{}\": {e}", k.name))?;
+            write_all_at(&fd, &key.0).map_err(|e| format!("key \"{}\": {e}", k.name))?;
+            ipc_defs::hosted::sys::seal_read_only(&fd).map_err(|e| format!("key \"{}\": {e}", k.name))?;
+            // The service may close it once read, so the live audit does not expect it.
+            caps.push((
+                CapabilityKind::Key,
+                k.name.clone(),
+                key.0.len() as u64,
+                Fd::Owned(fd),
+                None,
+                Grant::Interface,
             ));
         }
         let mut record = Bootstrap {
@@ -581,7 +614,7 @@ impl Supervisor {
         };
         let mut fds = Vec::new();
         let mut expected = vec![(0, "/dev/null".to_string())];
-        for (k, (kind, name, size, fd, link)) in caps.into_iter().enumerate() {
+        for (k, (kind, name, size, fd, link, grant)) in caps.into_iter().enumerate() {
             let slot = bootstrap::FIRST_CAPABILITY_SLOT + k as i32;
             record
                 .capabilities
@@ -590,7 +623,7 @@ impl Supervisor {
                     kind,
                     name: name16(&name),
                     size,
-                    grant: Grant::Interface,
+                    grant,
                 })
                 .map_err(|_| "too many capabilities for the bootstrap record".to_string())?;
             fds.push(fd);

@@ -8,6 +8,7 @@ pub mod channel;
 pub mod runtime;
 pub mod shm;
 pub mod sys;
+pub mod vmgs_client;
 
 pub use channel::CallError;
 pub use channel::ChannelMemory;
