@@ -45,6 +45,9 @@ pub struct ServiceRow {
     pub uptime_ms: Option<u64>,
     pub messages_in: u64,
     pub messages_out: u64,
+    /// Requests refused because the caller's grant does not cover them.
+    #[serde(default)]
+    pub refused: u64,
     pub last_exit: Option<String>,
     pub namespaces: Vec<String>,
     /// Epoch of each channel this service serves, by client.

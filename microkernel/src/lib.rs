@@ -12,6 +12,6 @@ pub mod control;
 pub mod manifest;
 pub mod profiles;
 pub mod sandbox;
+pub mod state_files;
 pub mod supervisor;
 pub mod vmgs_cli;
-pub mod state_files;

@@ -276,12 +276,19 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                         return Ok(ExitCode::SUCCESS);
                     }
                     println!(
-                        "{:<10} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8}  LAST EXIT",
-                        "SERVICE", "PID", "STATE", "RESTARTS", "UPTIME", "MSG-IN", "MSG-OUT"
+                        "{:<10} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8} {:>7}  LAST EXIT",
+                        "SERVICE",
+                        "PID",
+                        "STATE",
+                        "RESTARTS",
+                        "UPTIME",
+                        "MSG-IN",
+                        "MSG-OUT",
+                        "REFUSED"
                     );
                     for r in services {
                         println!(
-                            "{:<10} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8}  {}",
+                            "{:<10} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8} {:>7}  {}",
                             r.name,
                             r.pid.map_or("-".into(), |p| p.to_string()),
                             r.state,
@@ -289,6 +296,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                             r.uptime_ms.map_or("-".into(), uptime),
                             r.messages_in,
                             r.messages_out,
+                            r.refused,
                             r.last_exit.unwrap_or_else(|| "-".into())
                         );
                     }

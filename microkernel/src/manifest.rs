@@ -17,10 +17,10 @@ use ipc_defs::bootstrap::MAX_CAPABILITIES;
 use ipc_defs::bootstrap::MAX_NAME;
 use ipc_defs::capability::FileAccess;
 use ipc_defs::capability::Grant;
-use ipc_defs::services::vmgs::FileId;
-use ipc_defs::services::vmgs::FileIdSet;
 use ipc_defs::layout::MAX_RING_CAPACITY;
 use ipc_defs::layout::MIN_RING_CAPACITY;
+use ipc_defs::services::vmgs::FileId;
+use ipc_defs::services::vmgs::FileIdSet;
 use ipc_defs::Interface;
 use serde::Deserialize;
 use serde::Serialize;
@@ -400,7 +400,10 @@ pub struct ServiceSpec {
     pub watchdog: Duration,
 }
 
-fn ser_grants<S: serde::Serializer>(g: &BTreeMap<Interface, Grant>, s: S) -> Result<S::Ok, S::Error> {
+fn ser_grants<S: serde::Serializer>(
+    g: &BTreeMap<Interface, Grant>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     s.collect_map(g.iter().map(|(i, g)| (i.name(), grant_text(g))))
 }
 
@@ -974,7 +977,10 @@ impl Validator<'_> {
             if key_paths.iter().any(|(k, _)| k == path) {
                 self.error(
                     span.clone(),
-                    format!("\"{}\" is a key file; it cannot also be granted as a file", path.display()),
+                    format!(
+                        "\"{}\" is a key file; it cannot also be granted as a file",
+                        path.display()
+                    ),
                     "keys reach services only as key capabilities; give the file another path",
                 );
             }
@@ -1018,7 +1024,12 @@ impl Validator<'_> {
 
     /// What a call entry grants beyond the endpoint: `file-ids` for vmgs (required there),
     /// nothing for the other interfaces.
-    fn call_grant(&mut self, endpoint: Interface, call: &RawCall, span: Range<usize>) -> Option<Grant> {
+    fn call_grant(
+        &mut self,
+        endpoint: Interface,
+        call: &RawCall,
+        span: Range<usize>,
+    ) -> Option<Grant> {
         match (endpoint, &call.file_ids) {
             (Interface::Vmgs, None) => {
                 self.error(
@@ -1081,7 +1092,12 @@ impl Validator<'_> {
 
     /// `missing = "create-vmgs"`: needs `key` naming a key of the same service; `size` is
     /// optional.
-    fn create_vmgs(&mut self, f: &RawFile, span: Range<usize>, keys: &[Spanned<RawKey>]) -> Missing {
+    fn create_vmgs(
+        &mut self,
+        f: &RawFile,
+        span: Range<usize>,
+        keys: &[Spanned<RawKey>],
+    ) -> Missing {
         let size = match &f.size {
             None => pv_vmgs::vhd::DEFAULT_IMAGE,
             Some(text) => match parse_size(text.get_ref()) {
@@ -1104,10 +1120,16 @@ impl Validator<'_> {
             );
             return Missing::Error;
         };
-        if !keys.iter().any(|k| k.get_ref().name.get_ref() == key.get_ref()) {
+        if !keys
+            .iter()
+            .any(|k| k.get_ref().name.get_ref() == key.get_ref())
+        {
             self.error(
                 key.span(),
-                format!("key \"{}\" is not one of this service's keys", key.get_ref()),
+                format!(
+                    "key \"{}\" is not one of this service's keys",
+                    key.get_ref()
+                ),
                 "add it to `keys = [{ name = ..., path = ..., missing = \"create\" }]`",
             );
         }
@@ -1308,7 +1330,7 @@ restart = { policy = "always", max = 3, window = "10s", backoff = "10ms" }
 [[service]]
 name = "b"
 binary = "pv-b"
-calls = [{ endpoint = "vmgs" }]
+calls = [{ endpoint = "vmgs", file-ids = ["TPM_NVRAM"] }]
 limits = { memory = "64M", open-files = 32 }
 restart = { policy = "on-failure", max = 3, window = "10s", backoff = "10ms" }
 "#;

@@ -23,6 +23,12 @@ use crate::manifest::KEY_BYTES;
 /// A key read from its file; wiped on drop.
 pub struct KeyBytes(pub [u8; KEY_BYTES]);
 
+impl std::fmt::Debug for KeyBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyBytes(<secret>)")
+    }
+}
+
 impl Drop for KeyBytes {
     fn drop(&mut self) {
         self.0.zeroize();
@@ -130,7 +136,10 @@ pub fn prepare(manifest: &Manifest, state_dir: &Path) -> Result<Vec<String>, Str
             let path = state_dir.join(&k.path);
             if !path.exists() && k.missing == MissingKey::Create {
                 create_key(&path)?;
-                made.push(format!("made a new random key {} (mode 0600)", path.display()));
+                made.push(format!(
+                    "made a new random key {} (mode 0600)",
+                    path.display()
+                ));
             }
         }
     }
@@ -159,7 +168,9 @@ mod tests {
             std::os::unix::fs::PermissionsExt::from_mode(0o600),
         )
         .unwrap();
-        assert!(load_key(&dir.join("short")).unwrap_err().contains("31 bytes"));
+        assert!(load_key(&dir.join("short"))
+            .unwrap_err()
+            .contains("31 bytes"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

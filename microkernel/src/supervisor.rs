@@ -180,8 +180,8 @@ impl Supervisor {
         let m = &opts.manifest;
         std::fs::create_dir_all(&opts.state_dir)
             .map_err(|e| RunError::StateDir(opts.state_dir.display().to_string(), e))?;
-        for line in crate::state_files::prepare(m, &opts.state_dir)
-            .map_err(create_err("state files"))?
+        for line in
+            crate::state_files::prepare(m, &opts.state_dir).map_err(create_err("state files"))?
         {
             tracing::info!("{line}");
         }
@@ -591,10 +591,12 @@ impl Supervisor {
         for k in &s.spec.keys {
             // The key travels as a sealed memfd: the service gets the bytes, not the file.
             let key = crate::state_files::load_key(&self.state_dir.join(&k.path))?;
-            let fd = ipc_defs::hosted::sys::memfd(&format!("pv-key-{}", k.name), key.0.len() as u64)
-                .map_err(|e| format!("key \"{}\": {e}", k.name))?;
+            let fd =
+                ipc_defs::hosted::sys::memfd(&format!("pv-key-{}", k.name), key.0.len() as u64)
+                    .map_err(|e| format!("key \"{}\": {e}", k.name))?;
             write_all_at(&fd, &key.0).map_err(|e| format!("key \"{}\": {e}", k.name))?;
-            ipc_defs::hosted::sys::seal_read_only(&fd).map_err(|e| format!("key \"{}\": {e}", k.name))?;
+            ipc_defs::hosted::sys::seal_read_only(&fd)
+                .map_err(|e| format!("key \"{}\": {e}", k.name))?;
             // The service may close it once read, so the live audit does not expect it.
             caps.push((
                 CapabilityKind::Key,
@@ -904,6 +906,7 @@ impl Supervisor {
                     .map(|p| p.started.elapsed().as_millis() as u64),
                 messages_in: s.last_stats.requests_in,
                 messages_out: s.last_stats.responses_out,
+                refused: s.last_stats.refused,
                 last_exit: s.last_exit.clone(),
                 namespaces: s
                     .process

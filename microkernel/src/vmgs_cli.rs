@@ -281,7 +281,8 @@ fn parse_image_size(text: Option<&str>) -> Result<u64, Failure> {
         Some(hex) => u64::from_str_radix(hex, 16).ok(),
         None => crate::manifest::parse_size(t),
     };
-    let size = parsed.ok_or_else(|| Failure::other(1, format!("file size \"{text}\" is not a size in bytes")))?;
+    let size = parsed
+        .ok_or_else(|| Failure::other(1, format!("file size \"{text}\" is not a size in bytes")))?;
     vhd::check_image_size(size).map_err(|e| Failure::other(1, format!("file size: {e}")))?;
     Ok(size)
 }
@@ -329,7 +330,11 @@ fn dispatch(cmd: VmgsCmd) -> Outcome {
                 contents.len(),
                 id.id,
                 file.path.display(),
-                if vmgs.is_encrypted() { " (encrypted)" } else { "" }
+                if vmgs.is_encrypted() {
+                    " (encrypted)"
+                } else {
+                    ""
+                }
             );
             Ok(())
         }
@@ -358,7 +363,12 @@ fn dispatch(cmd: VmgsCmd) -> Outcome {
             .map_err(|e| Failure::new(&file.path, e))?;
             if let Some(out) = data {
                 write_private(&out, &contents)?;
-                eprintln!("{} bytes of {} written to {}", contents.len(), id.id, out.display());
+                eprintln!(
+                    "{} bytes of {} written to {}",
+                    contents.len(),
+                    id.id,
+                    out.display()
+                );
             } else if raw_stdout {
                 std::io::stdout()
                     .write_all(&contents)
@@ -374,9 +384,11 @@ fn dispatch(cmd: VmgsCmd) -> Outcome {
             print!("{}", headers_table(&report));
             match report.active {
                 Ok(_) => Ok(()),
-                Err(_) if report.problems.iter().all(|p| {
-                    matches!(p, Some(pv_vmgs::error::HeaderProblem::Empty))
-                }) =>
+                Err(_)
+                    if report
+                        .problems
+                        .iter()
+                        .all(|p| matches!(p, Some(pv_vmgs::error::HeaderProblem::Empty))) =>
                 {
                     Err(Failure::new(&file.path, Error::Empty))
                 }
@@ -489,7 +501,11 @@ fn create(path: &Path, size: u64, key: Option<&Key>, force: bool) -> Outcome {
         "created {} ({} byte image{})",
         path.display(),
         size,
-        if key.is_some() { ", encrypted with AES-256-GCM" } else { "" }
+        if key.is_some() {
+            ", encrypted with AES-256-GCM"
+        } else {
+            ""
+        }
     );
     Ok(())
 }
@@ -556,7 +572,11 @@ fn hex_dump(bytes: &[u8]) -> String {
         }
         out.push_str("// ");
         for &b in line {
-            out.push(if b.is_ascii_graphic() || b == b' ' { b as char } else { '.' });
+            out.push(if b.is_ascii_graphic() || b == b' ' {
+                b as char
+            } else {
+                '.'
+            });
         }
         out.push('\n');
     }
@@ -564,7 +584,8 @@ fn hex_dump(bytes: &[u8]) -> String {
 }
 
 fn id_name(id: FileId) -> String {
-    id.name().map_or_else(|| format!("({})", id.index()), str::to_string)
+    id.name()
+        .map_or_else(|| format!("({})", id.index()), str::to_string)
 }
 
 fn file_table<S: pv_vmgs::Storage>(vmgs: &Vmgs<S>) -> String {
@@ -593,33 +614,61 @@ fn headers_table(report: &pv_vmgs::store::HeaderReport) -> String {
     let row = |out: &mut String, field: &str, f: &dyn Fn(&Header) -> String| {
         out.push_str(&format!("{field:<22} {:>70} {:>70}\n", f(h1), f(h2)));
     };
-    out.push_str(&format!("{:<22} {:>70} {:>70}\n", "Field", "Header 1", "Header 2"));
-    row(&mut out, "Signature:", &|h| format!("{:#018x}", u64::from_le_bytes(h.signature)));
+    out.push_str(&format!(
+        "{:<22} {:>70} {:>70}\n",
+        "Field", "Header 1", "Header 2"
+    ));
+    row(&mut out, "Signature:", &|h| {
+        format!("{:#018x}", u64::from_le_bytes(h.signature))
+    });
     row(&mut out, "Version:", &|h| {
         let v = h.version.get();
         format!("{}.{}", v >> 16, v & 0xffff)
     });
-    row(&mut out, "Checksum:", &|h| format!("{:#010x}", h.checksum.get()));
+    row(&mut out, "Checksum:", &|h| {
+        format!("{:#010x}", h.checksum.get())
+    });
     row(&mut out, "Sequence:", &|h| h.sequence.get().to_string());
-    row(&mut out, "HeaderSize:", &|h| h.header_size.get().to_string());
-    row(&mut out, "FileTableOffset:", &|h| format!("{:#010x}", h.file_table_offset.get()));
-    row(&mut out, "FileTableSize:", &|h| h.file_table_size.get().to_string());
-    row(&mut out, "EncryptionAlgorithm:", &|h| format!("{:#06x}", h.encryption_algorithm.get()));
-    row(&mut out, "Markers:", &|h| format!("{:#06x}", h.markers.get()));
+    row(&mut out, "HeaderSize:", &|h| {
+        h.header_size.get().to_string()
+    });
+    row(&mut out, "FileTableOffset:", &|h| {
+        format!("{:#010x}", h.file_table_offset.get())
+    });
+    row(&mut out, "FileTableSize:", &|h| {
+        h.file_table_size.get().to_string()
+    });
+    row(&mut out, "EncryptionAlgorithm:", &|h| {
+        format!("{:#06x}", h.encryption_algorithm.get())
+    });
+    row(&mut out, "Markers:", &|h| {
+        format!("{:#06x}", h.markers.get())
+    });
     for slot in 0..2 {
         out.push_str(&format!("MetadataKey{}:\n", slot + 1));
         row(&mut out, "  Nonce:", &|h| hex(&h.key_slots[slot].nonce));
-        row(&mut out, "  Reserved:", &|h| format!("{:#010x}", h.key_slots[slot].reserved.get()));
-        row(&mut out, "  AuthenticationTag:", &|h| hex(&h.key_slots[slot].tag));
-        row(&mut out, "  EncryptionKey:", &|h| hex(&h.key_slots[slot].wrapped_key));
+        row(&mut out, "  Reserved:", &|h| {
+            format!("{:#010x}", h.key_slots[slot].reserved.get())
+        });
+        row(&mut out, "  AuthenticationTag:", &|h| {
+            hex(&h.key_slots[slot].tag)
+        });
+        row(&mut out, "  EncryptionKey:", &|h| {
+            hex(&h.key_slots[slot].wrapped_key)
+        });
     }
-    row(&mut out, "Reserved:", &|h| format!("{:#010x}", h.reserved.get()));
+    row(&mut out, "Reserved:", &|h| {
+        format!("{:#010x}", h.reserved.get())
+    });
     out.push_str(&"-".repeat(164));
     out.push_str("\n\n");
     for (i, p) in report.problems.iter().enumerate() {
         match p {
             None => out.push_str(&format!("Verifying header {}... [VALID]\n", i + 1)),
-            Some(p) => out.push_str(&format!("Verifying header {}... [INVALID] Error: {p}\n", i + 1)),
+            Some(p) => out.push_str(&format!(
+                "Verifying header {}... [INVALID] Error: {p}\n",
+                i + 1
+            )),
         }
     }
     match &report.active {

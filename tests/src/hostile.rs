@@ -14,6 +14,8 @@
 //! | `crash`             | exits with status 3 at once                    | restarted, then `failed`       |
 //! | `hang`              | answers the start ping, then spins forever     | killed by the watchdog         |
 //! | `scribble EP`       | overwrites EP's channel header, then serves    | EP's server still restarts     |
+//! | `vmgs-writer F S`   | writes 1, 2, ... to VMGS file F for S seconds, reading each back | every acknowledged write stays |
+//! | `vmgs-access F`     | writes, reads and lists VMGS file F            | refused unless F is granted    |
 //! | `serve`             | serves normally                                | runs                           |
 //!
 //! Exit status 0 means "every hostile attempt got the typed error it should"; 10 and up
@@ -28,11 +30,13 @@ use ipc_defs::endpoint;
 use ipc_defs::hosted::channel::ChannelMemory;
 use ipc_defs::hosted::runtime;
 use ipc_defs::hosted::sys;
+use ipc_defs::hosted::vmgs_client::VmgsClient;
 use ipc_defs::layout::frame_footprint;
 use ipc_defs::layout::Direction;
 use ipc_defs::layout::ProducerLine;
 use ipc_defs::layout::RingHeader;
 use ipc_defs::ring::RingError;
+use ipc_defs::services::vmgs::FileId;
 use ipc_defs::Interface;
 
 /// The calling end the manifest grants this service for `ep`.
@@ -174,6 +178,86 @@ fn main() -> ExitCode {
                     ExitCode::from(15)
                 }
             }
+        }
+        "vmgs-writer" => {
+            // Writes 1, 2, 3, ... into FILE for SECONDS (40 KiB each, so every write spans
+            // chunks), reading each back: an acknowledged write must survive any restart of
+            // the store.
+            let file = args.get(1).and_then(|f| FileId::parse(f)).expect("file id");
+            let seconds: u64 = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(1);
+            let until = Instant::now() + Duration::from_secs(seconds);
+            started.answer_first_ping();
+            let end = started
+                .context
+                .clients
+                .remove(&Interface::Vmgs)
+                .expect("granted");
+            let mut client = VmgsClient::new(end);
+            let contents = |n: u32| -> Vec<u8> {
+                (0..40_000u32)
+                    .map(|i| (i.wrapping_mul(n) >> 3) as u8 ^ n as u8)
+                    .collect()
+            };
+            let mut count = 0;
+            while Instant::now() < until {
+                if !started.answer_control() {
+                    return ExitCode::SUCCESS;
+                }
+                count += 1;
+                let n = count;
+                if let Err(e) = client.write(file, &contents(n)) {
+                    eprintln!("pv-hostile: vmgs write {n} failed: {e}");
+                    return ExitCode::from(20);
+                }
+                eprintln!("pv-hostile: vmgs acked {n}");
+                match client.read(file) {
+                    Ok(data) if data == contents(n) => {}
+                    Ok(data) => {
+                        eprintln!(
+                            "pv-hostile: vmgs LOST acked write {n} ({} bytes back)",
+                            data.len()
+                        );
+                        return ExitCode::from(21);
+                    }
+                    Err(e) => {
+                        eprintln!("pv-hostile: vmgs read-back {n} failed: {e}");
+                        return ExitCode::from(22);
+                    }
+                }
+            }
+            eprintln!(
+                "pv-hostile: vmgs writer done: {count} writes, {} store restarts seen",
+                client.restarts_seen
+            );
+            started.serve::<(), ()>(Interface::Intercept, |_, _, ()| {
+                endpoint::Response::Error(endpoint::ErrorCode::Unsupported)
+            })
+        }
+        "vmgs-access" => {
+            // Tries to read and write FILE and reports what the store said.
+            let file = args.get(1).and_then(|f| FileId::parse(f)).expect("file id");
+            started.answer_first_ping();
+            let end = started
+                .context
+                .clients
+                .remove(&Interface::Vmgs)
+                .expect("granted");
+            let mut client = VmgsClient::new(end);
+            match client.write(file, b"from the hostile client") {
+                Ok(()) => eprintln!("pv-hostile: vmgs write {file}: ok"),
+                Err(e) => eprintln!("pv-hostile: vmgs write {file}: {e}"),
+            }
+            match client.read(file) {
+                Ok(d) => eprintln!("pv-hostile: vmgs read {file}: {} bytes", d.len()),
+                Err(e) => eprintln!("pv-hostile: vmgs read {file}: {e}"),
+            }
+            match client.list() {
+                Ok(files) => eprintln!("pv-hostile: vmgs list: {} files", files.len()),
+                Err(e) => eprintln!("pv-hostile: vmgs list: {e}"),
+            }
+            started.serve::<(), ()>(Interface::Intercept, |_, _, ()| {
+                endpoint::Response::Error(endpoint::ErrorCode::Unsupported)
+            })
         }
         "crash" => ExitCode::from(3),
         "scribble" => {

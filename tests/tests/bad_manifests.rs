@@ -18,7 +18,7 @@ restart = { policy = "always", max = 3, window = "10s", backoff = "10ms" }
 name = "tpm"
 binary = "pv-vtpm"
 serves = ["vtpm"]
-calls = [{ endpoint = "vmgs" }]
+calls = [{ endpoint = "vmgs", file-ids = ["TPM_NVRAM", "TPM_PPI"] }]
 mmio = [{ base = 0xfed40000, size = 0x5000 }]
 limits = { memory = "64M", open-files = 32 }
 restart = { policy = "on-failure", max = 3, window = "10s", backoff = "10ms" }
@@ -81,7 +81,7 @@ fn endpoint_served_twice_is_refused() {
 fn call_to_an_endpoint_nobody_serves_is_refused() {
     refused(
         &GOOD.replace(
-            "calls = [{ endpoint = \"vmgs\" }]",
+            "calls = [{ endpoint = \"vmgs\", file-ids = [\"TPM_NVRAM\", \"TPM_PPI\"] }]",
             "calls = [{ endpoint = \"net\" }]",
         ),
         12,
@@ -229,5 +229,78 @@ fn open_files_below_the_granted_descriptors_is_refused() {
         &GOOD.replacen("open-files = 32", "open-files = 11", 1),
         5,
         "below the 12 descriptors",
+    );
+}
+
+const VMGS_CALL: &str =
+    "calls = [{ endpoint = \"vmgs\", file-ids = [\"TPM_NVRAM\", \"TPM_PPI\"] }]";
+
+#[test]
+fn vmgs_call_without_file_ids_is_refused() {
+    refused(
+        &GOOD.replace(VMGS_CALL, "calls = [{ endpoint = \"vmgs\" }]"),
+        12,
+        "must say which file ids",
+    );
+}
+
+#[test]
+fn unknown_or_reserved_vmgs_file_ids_are_refused() {
+    refused(
+        &GOOD.replace("\"TPM_PPI\"", "\"TPM_PP\""),
+        12,
+        "\"TPM_PP\" is not a VMGS file id",
+    );
+    refused(
+        &GOOD.replace("\"TPM_PPI\"", "\"FILE_TABLE\""),
+        12,
+        "cannot be granted",
+    );
+    refused(
+        &GOOD.replace("\"TPM_PPI\"", "\"64\""),
+        12,
+        "not a VMGS file id",
+    );
+    refused(&GOOD.replace("\"TPM_PPI\"", "\"3\""), 12, "listed twice");
+}
+
+#[test]
+fn file_ids_on_a_call_to_another_endpoint_are_refused() {
+    let m = GOOD.replace(
+        "serves = [\"vmgs\"]",
+        "serves = [\"vmgs\", \"net\"]",
+    )
+    .replace(
+        VMGS_CALL,
+        "calls = [{ endpoint = \"vmgs\", file-ids = [\"TPM_NVRAM\"] }, { endpoint = \"net\", file-ids = [\"TPM_NVRAM\"] }]",
+    );
+    refused(&m, 12, "file-ids applies to calls to \"vmgs\"");
+}
+
+const STORE_FILES: &str = "serves = [\"vmgs\"]\nfiles = [{ name = \"guest-state\", path = \"guest.vmgs\", access = \"read-write\", missing = \"create-vmgs\", key = \"datastore\" }]\nkeys = [{ name = \"datastore\", path = \"guest.vmgs.key\", missing = \"create\" }]";
+
+#[test]
+fn created_guest_state_needs_a_key_of_its_service() {
+    let good = GOOD.replace("serves = [\"vmgs\"]", STORE_FILES);
+    let dir = scratch_dir("vmgsgood");
+    let path = dir.join("good.toml");
+    std::fs::write(&path, &good).unwrap();
+    let out = pv(&["check", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    refused(&good.replace(", key = \"datastore\"", ""), 5, "needs `key`");
+    refused(
+        &good.replace("key = \"datastore\" }]", "key = \"other\" }]"),
+        5,
+        "not one of this service's keys",
+    );
+    refused(
+        &good.replace("path = \"guest.vmgs.key\"", "path = \"guest.vmgs\""),
+        5,
+        "is a key file",
+    );
+    refused(
+        &good.replace("path = \"guest.vmgs.key\"", "path = \"../guest.vmgs.key\""),
+        6,
+        "must stay inside the state directory",
     );
 }

@@ -14,6 +14,7 @@ use common::text;
 use common::Instance;
 use common::RESTART_ALWAYS;
 use common::RESTART_NEVER;
+use common::VMGS_BODY;
 
 const SERVICES: [&str; 6] = ["intercept", "vmgs", "vtpm", "attest", "storage", "net"];
 
@@ -24,20 +25,16 @@ fn shipped() -> String {
 /// vmgs served to a hostile client and to an honest one (attest).
 fn with_hostile(args: &str, restart: &str) -> String {
     let mut m = String::new();
-    m += &service(
-        "vmgs",
-        "pv-vmgs",
-        &format!("serves = [\"vmgs\"]\n{RESTART_ALWAYS}"),
-    );
+    m += &service("vmgs", "pv-vmgs", &format!("{VMGS_BODY}\n{RESTART_ALWAYS}"));
     m += &service(
         "attest",
         "pv-attest",
-        &format!("serves = [\"attest\"]\ncalls = [{{ endpoint = \"vmgs\" }}]\n{RESTART_ALWAYS}"),
+        &format!("serves = [\"attest\"]\ncalls = [{{ endpoint = \"vmgs\", file-ids = [\"ATTEST\"] }}]\n{RESTART_ALWAYS}"),
     );
     m += &service(
         "hostile",
         "pv-hostile",
-        &format!("calls = [{{ endpoint = \"vmgs\" }}]\nargs = [{args}]\n{restart}"),
+        &format!("calls = [{{ endpoint = \"vmgs\", file-ids = [\"TPM_NVRAM\"] }}]\nargs = [{args}]\n{restart}"),
     );
     m
 }

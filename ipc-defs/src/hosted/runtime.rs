@@ -183,6 +183,35 @@ impl Started {
 }
 
 impl Started {
+    /// Answers whatever control requests are pending (ping, stats, probe), without waiting:
+    /// for a service busy with work of its own between requests. Returns `false` if the
+    /// microkernel asked for shutdown (already acknowledged).
+    pub fn answer_control(&mut self) -> bool {
+        let (control, _) = self.served.split_at_mut(1);
+        let control = &mut control[0];
+        let mut stats = control::Stats::default();
+        for _ in 0..BATCH {
+            let incoming = match control.end.try_next() {
+                Ok(Some(i)) => i,
+                Ok(None) => return true,
+                Err(_) => continue,
+            };
+            let stale = served_stale(control);
+            let (reply, shutdown) = control_reply(
+                &control.end,
+                &incoming,
+                &mut self.context,
+                &mut stats,
+                stale,
+            );
+            let _ = control.end.reply(&incoming, &reply, REPLY_TIMEOUT);
+            if shutdown {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Answers control requests until the first ping (the supervisor's start handshake), and
     /// nothing else. For test services that must be seen running before they misbehave.
     pub fn answer_first_ping(&mut self) {

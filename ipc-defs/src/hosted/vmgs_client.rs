@@ -54,9 +54,7 @@ pub struct VmgsClient {
 
 impl VmgsClient {
     /// Takes the calling end the runtime granted (typed for pings) and speaks vmgs on it.
-    pub fn new(
-        end: ClientEnd<endpoint::Request<()>, endpoint::Response<()>>,
-    ) -> VmgsClient {
+    pub fn new(end: ClientEnd<endpoint::Request<()>, endpoint::Response<()>>) -> VmgsClient {
         VmgsClient {
             end: end.into_typed(),
             restarts_seen: 0,
@@ -66,8 +64,7 @@ impl VmgsClient {
     fn call(&mut self, request: Request) -> Result<Response, VmgsCallError> {
         match self
             .end
-            .call(&endpoint::Request::Service(request), CALL_TIMEOUT)
-            ?
+            .call(&endpoint::Request::Service(request), CALL_TIMEOUT)?
         {
             endpoint::Response::Service(r) => Ok(r),
             endpoint::Response::Error(code) => Err(VmgsCallError::Endpoint(code)),
@@ -101,10 +98,7 @@ impl VmgsClient {
             let mut out = Vec::new();
             loop {
                 let offset = out.len() as u32;
-                match c
-                    .call(Request::Read { file, offset })
-                    ?
-                {
+                match c.call(Request::Read { file, offset })? {
                     Response::Data { total, data } => {
                         out.extend_from_slice(data.as_slice());
                         if out.len() >= total as usize || data.is_empty() {

@@ -229,3 +229,10 @@ pub const RESTART_NEVER: &str =
     "restart = { policy = \"never\", max = 0, window = \"10s\", backoff = \"10ms\" }";
 pub const RESTART_ALWAYS: &str =
     "restart = { policy = \"always\", max = 5, window = \"60s\", backoff = \"10ms\" }";
+
+/// The body of a vmgs service entry: its encrypted guest-state file and key, created on the
+/// first run as in the shipped manifest.
+pub const VMGS_BODY: &str = r#"serves = ["vmgs"]
+files = [{ name = "guest-state", path = "guest.vmgs", access = "read-write", missing = "create-vmgs", key = "datastore", size = "1M" }]
+keys = [{ name = "datastore", path = "guest.vmgs.key", missing = "create" }]
+syscalls = ["pwrite64", "fdatasync", "fsync"]"#;
