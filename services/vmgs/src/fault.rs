@@ -108,8 +108,8 @@ impl FaultyStorage {
 }
 
 impl Storage for FaultyStorage {
-    fn len(&self) -> io::Result<u64> {
-        self.current.len()
+    fn size(&self) -> io::Result<u64> {
+        self.current.size()
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {

@@ -7,7 +7,7 @@ use std::io;
 /// A byte-addressed device with an explicit durability barrier.
 pub trait Storage {
     /// Current length in bytes.
-    fn len(&self) -> io::Result<u64>;
+    fn size(&self) -> io::Result<u64>;
     /// Fills `buf` from `offset`; a short device is an error (`UnexpectedEof`).
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Writes all of `buf` at `offset`, growing the device if needed.
@@ -18,8 +18,8 @@ pub trait Storage {
 }
 
 impl<S: Storage + ?Sized> Storage for &mut S {
-    fn len(&self) -> io::Result<u64> {
-        (**self).len()
+    fn size(&self) -> io::Result<u64> {
+        (**self).size()
     }
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         (**self).read_at(offset, buf)
@@ -51,7 +51,7 @@ fn range(offset: u64, len: usize) -> io::Result<std::ops::Range<usize>> {
 }
 
 impl Storage for MemStorage {
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(self.bytes.len() as u64)
     }
 
@@ -96,7 +96,7 @@ impl FileStorage {
 }
 
 impl Storage for FileStorage {
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
     }
 

@@ -101,7 +101,7 @@ impl<S: Storage> std::fmt::Debug for Vmgs<S> {
 
 /// Reads and checks the VHD footer; returns the image size.
 pub fn image_size<S: Storage>(storage: &mut S) -> Result<u64> {
-    let len = storage.len().map_err(Error::io("reading the file size"))?;
+    let len = storage.size().map_err(Error::io("reading the file size"))?;
     if len == 0 {
         return Err(Error::Empty);
     }

@@ -39,7 +39,7 @@ fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
 }
 
-fn gcm_open(key: &[u8], nonce: &[u8], tag: &[u8], data: &mut Vec<u8>) -> bool {
+fn gcm_open(key: &[u8], nonce: &[u8], tag: &[u8], data: &mut [u8]) -> bool {
     let cipher = Aes256Gcm::new_from_slice(key).unwrap();
     cipher
         .decrypt_in_place_detached(nonce.into(), &[], data, tag.into())
@@ -60,7 +60,7 @@ struct Parsed {
 /// Reads a whole VMGS file the way the format notes describe it, asserting every rule.
 fn minimal_read(file: &[u8], datastore_key: Option<&[u8]>) -> Parsed {
     // Container: fixed VHD footer.
-    assert!(file.len() > 512 && file.len() % 512 == 0);
+    assert!(file.len() > 512 && file.len().is_multiple_of(512));
     let footer = &file[file.len() - 512..];
     assert_eq!(&footer[0..8], b"conectix");
     assert_eq!(be32(footer, 8), 2, "features");
@@ -320,7 +320,7 @@ trait Image {
 impl Image for Vmgs<MemStorage> {
     fn storage_image(&mut self) -> Vec<u8> {
         let mut out = Vec::new();
-        let len = pv_vmgs::Storage::len(self.storage_mut()).unwrap() as usize;
+        let len = pv_vmgs::Storage::size(self.storage_mut()).unwrap() as usize;
         out.resize(len, 0);
         pv_vmgs::Storage::read_at(self.storage_mut(), 0, &mut out).unwrap();
         out
