@@ -123,7 +123,7 @@ fn measure(what: &str, samples: usize, batch: usize, mut round_trip: impl FnMut(
     }
 }
 
-struct Peer {
+pub(crate) struct Peer {
     child: Child,
     _fds: Vec<OwnedFd>,
 }
@@ -135,7 +135,7 @@ impl Drop for Peer {
     }
 }
 
-fn spawn_peer(kind: &str, cpu: usize, fds: Vec<OwnedFd>) -> std::io::Result<Peer> {
+pub(crate) fn spawn_peer(kind: &str, cpu: usize, fds: Vec<OwnedFd>) -> std::io::Result<Peer> {
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
     cmd.arg(PEER_COMMAND).arg(kind).arg(cpu.to_string());
@@ -163,7 +163,7 @@ fn spawn_peer_named(kind: &str, cpu: usize, name: &str) -> std::io::Result<Peer>
     })
 }
 
-fn cpus() -> (usize, usize) {
+pub(crate) fn cpus() -> (usize, usize) {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     (0, if n > 1 { 1 } else { 0 })
 }
@@ -504,8 +504,8 @@ fn wait_ready(word: &std::sync::atomic::AtomicU32, value: u32) -> std::io::Resul
     Ok(())
 }
 
-fn wait_for_server(
-    client: &mut ClientEnd<endpoint::Request<u64>, endpoint::Response<u64>>,
+pub(crate) fn wait_for_server<Q: Serialize, R: serde::de::DeserializeOwned + std::fmt::Debug>(
+    client: &mut ClientEnd<endpoint::Request<Q>, endpoint::Response<R>>,
 ) -> std::io::Result<()> {
     match client.call(
         &endpoint::Request::Ping { nonce: 1 },
@@ -587,6 +587,7 @@ pub fn peer(kind: &str, cpu: usize, fds: &[i32]) -> std::io::Result<()> {
         sys::take_fd(*fds.get(i).ok_or(std::io::ErrorKind::InvalidInput)?)
     };
     match kind {
+        "vmgs-server" => crate::bench_vmgs::serve(take(0)?, take(1)?, take(2)?),
         "line" => {
             let line = SharedMemory::map(take(0)?, true)?;
             let word = line.atomic_u32(0)?;

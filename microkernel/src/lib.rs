@@ -8,6 +8,7 @@
 
 pub mod audit;
 pub mod bench;
+pub mod bench_vmgs;
 pub mod control;
 pub mod manifest;
 pub mod profiles;

@@ -88,11 +88,15 @@ enum Cmd {
         #[arg(long)]
         manifest: Option<PathBuf>,
     },
-    /// Measure IPC: our rings against the shared-memory floor, eventfd and Unix sockets.
+    /// Measure against baselines in the same run: `ipc` (our rings against the shared-memory
+    /// floor, eventfd and Unix sockets) or `vmgs` (the guest-state store against plain file I/O).
     Bench {
-        /// What to measure (only `ipc` so far).
-        #[arg(value_parser = ["ipc"], default_value = "ipc")]
+        /// What to measure.
+        #[arg(value_parser = ["ipc", "vmgs"], default_value = "ipc")]
         what: String,
+        /// For `vmgs`: the directory (file system) to measure in [default: the system's temporary directory].
+        #[arg(long)]
+        dir: Option<PathBuf>,
         /// Samples per latency measurement.
         #[arg(long, default_value_t = 31)]
         samples: usize,
@@ -334,7 +338,31 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             done(send(&dir, &Command::Probe { service, endpoint })?)
         }
         Cmd::Bench {
+            what,
+            dir,
+            samples,
+            quick,
+            json,
+        } if what == "vmgs" => {
+            let dir = dir.unwrap_or_else(std::env::temp_dir);
+            let samples = if quick { 5 } else { samples };
+            let report = microkernel::bench_vmgs::run(&dir, samples).map_err(|e| {
+                eprintln!("paravisor: benchmark failed: {e}");
+                ExitCode::FAILURE
+            })?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{}", microkernel::bench_vmgs::text(&report));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench {
             what: _,
+            dir: _,
             samples,
             quick,
             json,
