@@ -105,6 +105,16 @@ pub fn image_size<S: Storage>(storage: &mut S) -> Result<u64> {
     if len == 0 {
         return Err(Error::Empty);
     }
+    // A version 1 file is a GPT disk, with or without a VHD footer: say so first.
+    if len >= 520 {
+        let mut sig = [0u8; 8];
+        storage
+            .read_at(512, &mut sig)
+            .map_err(Error::io("reading the file"))?;
+        if sig == V1_SIGNATURE {
+            return Err(Error::V1Format);
+        }
+    }
     if len < vhd::FOOTER_BYTES + vhd::MIN_IMAGE || !len.is_multiple_of(vhd::SECTOR) {
         return Err(ContainerError::BadLength(len).into());
     }

@@ -160,9 +160,12 @@ fn zero_length_and_truncated_files_are_typed_errors() {
 fn version_1_files_are_refused_by_name() {
     let mut image = plain_image();
     image[512..520].copy_from_slice(b"EFI PART");
-    let err = open_plain(image).unwrap_err();
+    let err = open_plain(image.clone()).unwrap_err();
     assert!(matches!(err, Error::V1Format));
     assert!(err.to_string().contains("version 1"));
+    // Also as a raw disk without the VHD footer.
+    let raw = image[..image.len() - 512].to_vec();
+    assert!(matches!(open_plain(raw), Err(Error::V1Format)));
 }
 
 #[test]
