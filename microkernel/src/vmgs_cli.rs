@@ -358,7 +358,17 @@ fn dispatch(cmd: VmgsCmd) -> Outcome {
                 );
                 vmgs.read_raw(id.id)
             } else {
-                vmgs.read_file(id.id)
+                match vmgs.read_file(id.id) {
+                    Err(Error::Unauthenticated(_)) => {
+                        eprintln!(
+                            "paravisor vmgs: {}: warning: {} is stored unencrypted in an encrypted file: it is not authenticated",
+                            file.path.display(),
+                            id.id
+                        );
+                        vmgs.read_unauthenticated(id.id)
+                    }
+                    other => other,
+                }
             }
             .map_err(|e| Failure::new(&file.path, e))?;
             if let Some(out) = data {

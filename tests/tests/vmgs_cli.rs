@@ -44,21 +44,64 @@ fn create_write_dump_round_trip_encrypted() {
     let o = vmgs(&["create", "-f", s(&file), "-k", s(&key), "-e", "AES_GCM"]);
     assert_eq!(code(&o), 0, "{}", text(&o));
     assert_eq!(std::fs::metadata(&file).unwrap().len(), (4 << 20) + 512);
-    let o = vmgs(&["write", "-f", s(&file), "-d", s(&data), "-i", "TPM_NVRAM", "-k", s(&key)]);
+    let o = vmgs(&[
+        "write",
+        "-f",
+        s(&file),
+        "-d",
+        s(&data),
+        "-i",
+        "TPM_NVRAM",
+        "-k",
+        s(&key),
+    ]);
     assert_eq!(code(&o), 0, "{}", text(&o));
-    let o = vmgs(&["dump", "-f", s(&file), "-i", "3", "-k", s(&key), "-d", s(&out)]);
+    let o = vmgs(&[
+        "dump",
+        "-f",
+        s(&file),
+        "-i",
+        "3",
+        "-k",
+        s(&key),
+        "-d",
+        s(&out),
+    ]);
     assert_eq!(code(&o), 0, "{}", text(&o));
     assert_eq!(std::fs::read(&out).unwrap(), contents);
-    let o = vmgs(&["dump", "-f", s(&file), "-i", "TPM_NVRAM", "-k", s(&key), "--raw-stdout"]);
+    let o = vmgs(&[
+        "dump",
+        "-f",
+        s(&file),
+        "-i",
+        "TPM_NVRAM",
+        "-k",
+        s(&key),
+        "--raw-stdout",
+    ]);
     assert_eq!(o.stdout, contents);
     let o = vmgs(&["query-size", "-f", s(&file), "-i", "TPM_NVRAM"]);
     assert_eq!(String::from_utf8_lossy(&o.stdout), "50000\n");
     let o = vmgs(&["query-encryption", "-f", s(&file)]);
     assert_eq!(code(&o), 0);
-    assert!(text(&o).contains("is encrypted with AES GCM"), "{}", text(&o));
+    assert!(
+        text(&o).contains("is encrypted with AES GCM"),
+        "{}",
+        text(&o)
+    );
 
     // Writing an existing id needs --allow-overwrite.
-    let o = vmgs(&["write", "-f", s(&file), "-d", s(&key), "-i", "TPM_NVRAM", "-k", s(&key)]);
+    let o = vmgs(&[
+        "write",
+        "-f",
+        s(&file),
+        "-d",
+        s(&key),
+        "-i",
+        "TPM_NVRAM",
+        "-k",
+        s(&key),
+    ]);
     assert_eq!(code(&o), 1);
     assert!(text(&o).contains("--allow-overwrite"), "{}", text(&o));
 
@@ -72,19 +115,56 @@ fn create_write_dump_round_trip_encrypted() {
     assert_ne!(o.stdout, contents);
 
     // Key rotation: the new key opens it, the old one no longer does.
-    let o = vmgs(&["update-key", "-f", s(&file), "-k", s(&key), "-n", s(&wrong), "-e", "AES_GCM"]);
+    let o = vmgs(&[
+        "update-key",
+        "-f",
+        s(&file),
+        "-k",
+        s(&key),
+        "-n",
+        s(&wrong),
+        "-e",
+        "AES_GCM",
+    ]);
     assert_eq!(code(&o), 0, "{}", text(&o));
     let o = vmgs(&["dump", "-f", s(&file), "-i", "3", "-k", s(&key)]);
     assert!(text(&o).contains("wrong key"), "{}", text(&o));
-    let o = vmgs(&["dump", "-f", s(&file), "-i", "3", "-k", s(&wrong), "--raw-stdout"]);
+    let o = vmgs(&[
+        "dump",
+        "-f",
+        s(&file),
+        "-i",
+        "3",
+        "-k",
+        s(&wrong),
+        "--raw-stdout",
+    ]);
     assert_eq!(o.stdout, contents);
 
     // Move and delete.
-    let o = vmgs(&["move", "-f", s(&file), "--src", "3", "--dst", "TPM_NVRAM_BACKUP", "-k", s(&wrong)]);
+    let o = vmgs(&[
+        "move",
+        "-f",
+        s(&file),
+        "--src",
+        "3",
+        "--dst",
+        "TPM_NVRAM_BACKUP",
+        "-k",
+        s(&wrong),
+    ]);
     assert_eq!(code(&o), 0, "{}", text(&o));
     let o = vmgs(&["query-size", "-f", s(&file), "-i", "TPM_NVRAM"]);
     assert_eq!(code(&o), 4, "{}", text(&o));
-    let o = vmgs(&["delete", "-f", s(&file), "-i", "TPM_NVRAM_BACKUP", "-k", s(&wrong)]);
+    let o = vmgs(&[
+        "delete",
+        "-f",
+        s(&file),
+        "-i",
+        "TPM_NVRAM_BACKUP",
+        "-k",
+        s(&wrong),
+    ]);
     assert_eq!(code(&o), 0, "{}", text(&o));
     let o = vmgs(&["dump-file-table", "-f", s(&file)]);
     assert!(!text(&o).contains("TPM_NVRAM_BACKUP"), "{}", text(&o));
@@ -96,7 +176,10 @@ fn reference_fixtures_dump_their_documented_contents() {
     let f = fixtures();
     let dir = scratch_dir("vmgs-fix");
     let out = dir.join("out");
-    for (file, key) in [("plain.vmgs", None), ("encrypted.vmgs", Some("datastore.key"))] {
+    for (file, key) in [
+        ("plain.vmgs", None),
+        ("encrypted.vmgs", Some("datastore.key")),
+    ] {
         for (id, expected) in [("TPM_PPI", "small.bin"), ("TPM_NVRAM", "nvram.bin")] {
             let path = f.join(file);
             let mut args = vec!["dump", "-f", s(&path), "-i", id, "-d", s(&out)];
@@ -106,14 +189,21 @@ fn reference_fixtures_dump_their_documented_contents() {
             }
             let o = vmgs(&args);
             assert_eq!(code(&o), 0, "{file} {id}: {}", text(&o));
-            assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(f.join(expected)).unwrap());
+            assert_eq!(
+                std::fs::read(&out).unwrap(),
+                std::fs::read(f.join(expected)).unwrap()
+            );
         }
     }
     let o = vmgs(&["dump-headers", "-f", s(&f.join("encrypted.vmgs"))]);
     assert_eq!(code(&o), 0);
     assert!(text(&o).contains("Active header is 2"), "{}", text(&o));
     let o = vmgs(&["dump-file-table", "-f", s(&f.join("plain.vmgs"))]);
-    assert!(text(&o).contains("TPM_NVRAM") && text(&o).contains("20000"), "{}", text(&o));
+    assert!(
+        text(&o).contains("TPM_NVRAM") && text(&o).contains("20000"),
+        "{}",
+        text(&o)
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -124,7 +214,15 @@ fn exit_codes_follow_the_reference_tool() {
     // 2: not encrypted (query-encryption, or a key for a plain file).
     let o = vmgs(&["query-encryption", "-f", s(&f.join("plain.vmgs"))]);
     assert_eq!(code(&o), 2, "{}", text(&o));
-    let o = vmgs(&["dump", "-f", s(&f.join("plain.vmgs")), "-i", "3", "-k", s(&f.join("datastore.key"))]);
+    let o = vmgs(&[
+        "dump",
+        "-f",
+        s(&f.join("plain.vmgs")),
+        "-i",
+        "3",
+        "-k",
+        s(&f.join("datastore.key")),
+    ]);
     assert_eq!(code(&o), 2, "{}", text(&o));
     // 3: empty file.
     let empty = dir.join("empty.vmgs");

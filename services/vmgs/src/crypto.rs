@@ -13,7 +13,7 @@ use crate::format::NONCE_BYTES;
 use crate::format::TAG_BYTES;
 
 /// A 32-byte AES-256 key. Never printed; wiped on drop.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Key([u8; KEY_BYTES]);
 
 impl Drop for Key {
@@ -44,7 +44,16 @@ impl Key {
     }
 
     pub fn is_zero(&self) -> bool {
-        self.0.iter().all(|b| *b == 0)
+        self.0.iter().fold(0u8, |acc, b| acc | b) == 0
+    }
+
+    /// Equality in time independent of the contents.
+    pub fn ct_eq(&self, other: &Key) -> bool {
+        self.0
+            .iter()
+            .zip(other.0.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
     }
 
     pub fn as_bytes(&self) -> &[u8; KEY_BYTES] {
@@ -71,6 +80,15 @@ pub fn fill_random(buf: &mut [u8]) {
 pub fn new_nonce() -> [u8; NONCE_BYTES] {
     let mut n = [0u8; NONCE_BYTES];
     fill_random(&mut n[..4]);
+    n
+}
+
+/// A fresh nonce for a header key slot: all 12 bytes random. The datastore key wraps many
+/// metadata keys over a file's life (and across files, and across rollbacks of one file),
+/// so the counter part starts at a random point too; readers take the stored nonce as is.
+pub fn new_slot_nonce() -> [u8; NONCE_BYTES] {
+    let mut n = [0u8; NONCE_BYTES];
+    fill_random(&mut n);
     n
 }
 

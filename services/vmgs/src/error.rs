@@ -96,8 +96,18 @@ pub enum Error {
     OverwriteEncrypted(FileId),
     #[error("{file}: {bytes} bytes do not fit in any free extent of the image")]
     NoSpace { file: FileId, bytes: u64 },
-    #[error("both key slots are in use")]
-    KeySlotsFull,
+    #[error("the file is already encrypted (use update-key to change its key)")]
+    AlreadyEncrypted,
+    #[error("the file's metadata key is all zero (written by a defective reference tool), so anyone with an old copy could forge its contents; retire it with `paravisor vmgs update-key` first")]
+    ZeroMetadataKey,
+    #[error("{0}: stored unencrypted in an encrypted file, so not authenticated (the host could have written it)")]
+    Unauthenticated(FileId),
+    #[error("{file}: {bytes} bytes is more than the {limit} this reader accepts")]
+    TooLarge {
+        file: FileId,
+        bytes: u64,
+        limit: u64,
+    },
     #[error("the new datastore key is the same as the old one")]
     SameKey,
     #[error("the store failed in the middle of a commit; reopen the file to continue")]
@@ -117,7 +127,9 @@ impl Error {
             | Error::NotFound(f)
             | Error::Reserved(f)
             | Error::Exists(f)
-            | Error::OverwriteEncrypted(f) => Some(*f),
+            | Error::OverwriteEncrypted(f)
+            | Error::Unauthenticated(f) => Some(*f),
+            Error::TooLarge { file, .. } => Some(*file),
             _ => None,
         }
     }

@@ -24,6 +24,9 @@ pub enum Fault {
     Stop,
     /// This operation fails with an I/O error; later ones work.
     Fail,
+    /// This operation takes effect (a write lands in the cache, a flush makes it durable)
+    /// but reports an I/O error: the caller cannot tell what happened.
+    FailAfter,
 }
 
 /// A memory device that counts writes and flushes and fails on demand.
@@ -90,19 +93,26 @@ impl FaultyStorage {
         images
     }
 
-    fn next(&mut self) -> io::Result<()> {
+    /// Counts an operation; says whether to perform it and whether to report an error.
+    fn next(&mut self) -> (bool, io::Result<()>) {
         if self.stopped {
-            return Err(io::Error::other("device stopped"));
+            return (false, Err(io::Error::other("device stopped")));
         }
         let n = self.ops;
         self.ops += 1;
         match self.fault_at {
             Some((at, Fault::Stop)) if at == n => {
                 self.stopped = true;
-                Err(io::Error::other("device stopped"))
+                (false, Err(io::Error::other("device stopped")))
             }
-            Some((at, Fault::Fail)) if at == n => Err(io::Error::other("injected I/O error")),
-            _ => Ok(()),
+            Some((at, Fault::Fail)) if at == n => {
+                (false, Err(io::Error::other("injected I/O error")))
+            }
+            Some((at, Fault::FailAfter)) if at == n => (
+                true,
+                Err(io::Error::other("injected I/O error after the fact")),
+            ),
+            _ => (true, Ok(())),
         }
     }
 }
@@ -120,19 +130,23 @@ impl Storage for FaultyStorage {
     }
 
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        self.next()?;
-        self.current.write_at(offset, buf)?;
-        self.pending.push(Op::Write {
-            offset,
-            bytes: buf.to_vec(),
-        });
-        Ok(())
+        let (perform, result) = self.next();
+        if perform {
+            self.current.write_at(offset, buf)?;
+            self.pending.push(Op::Write {
+                offset,
+                bytes: buf.to_vec(),
+            });
+        }
+        result
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.next()?;
-        self.durable = self.current.clone();
-        self.pending.clear();
-        Ok(())
+        let (perform, result) = self.next();
+        if perform {
+            self.durable = self.current.clone();
+            self.pending.clear();
+        }
+        result
     }
 }

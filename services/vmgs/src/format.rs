@@ -105,9 +105,7 @@ pub struct FileEntry {
 
 /// One entry of the extended file table (file id 63), which is itself encrypted.
 #[repr(C)]
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
-)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 pub struct ExtendedFileEntry {
     pub attributes: U32,
     /// The file's own AES-256-GCM key.
@@ -124,7 +122,7 @@ pub struct FileTable {
 
 /// The extended file table: one block, stored encrypted with the metadata key.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 pub struct ExtendedFileTable {
     pub entries: [ExtendedFileEntry; FILE_COUNT],
 }
@@ -176,5 +174,21 @@ impl Default for ExtendedFileTable {
         ExtendedFileTable {
             entries: [ExtendedFileEntry::default(); FILE_COUNT],
         }
+    }
+}
+
+// The extended table holds every file's key: its Debug output never shows them.
+impl core::fmt::Debug for ExtendedFileEntry {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ExtendedFileEntry")
+            .field("attributes", &self.attributes.get())
+            .field("key", &"<secret>")
+            .finish()
+    }
+}
+
+impl core::fmt::Debug for ExtendedFileTable {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("ExtendedFileTable(<secret>)")
     }
 }

@@ -66,7 +66,7 @@ pub fn is_refusal(response: &Response) -> bool {
 impl<S: Storage> Server<S> {
     /// Opens the store on `storage`; `key` unlocks an encrypted one.
     pub fn open(storage: S, key: Option<Key>) -> Result<Server<S>, Error> {
-        let vmgs = Vmgs::open(storage, key.as_ref())?;
+        let vmgs = open_checked(storage, key.as_ref())?;
         Ok(Server {
             vmgs: Some(vmgs),
             key,
@@ -122,7 +122,14 @@ impl<S: Storage> Server<S> {
         let Some(vmgs) = self.vmgs.take() else { return };
         self.clients.clear();
         self.counters.reopens += 1;
-        match Vmgs::open(vmgs.into_storage(), self.key.as_ref()) {
+        // What is read back may be a header that reached only the page cache (a failed
+        // flush can leave it there, marked clean): write it again and flush before anything
+        // is committed on top of it, or give up.
+        let reopened = open_checked(vmgs.into_storage(), self.key.as_ref()).and_then(|mut v| {
+            v.persist_active_header()?;
+            Ok(v)
+        });
+        match reopened {
             Ok(v) => {
                 tracing::warn!("a commit failed midway; reopened the guest-state file");
                 self.vmgs = Some(v);
@@ -134,11 +141,25 @@ impl<S: Storage> Server<S> {
     }
 }
 
+/// Opens the store as the service may use it: not a file with the defective all-zero
+/// metadata key (anyone with an old copy could forge its contents; `paravisor vmgs
+/// update-key` retires it), and never reading more than a client may be sent.
+fn open_checked<S: Storage>(storage: S, key: Option<&Key>) -> Result<Vmgs<S>, Error> {
+    let mut vmgs = Vmgs::open(storage, key)?;
+    if vmgs.has_zero_metadata_key() {
+        return Err(Error::ZeroMetadataKey);
+    }
+    vmgs.set_read_limit(u64::from(MAX_FILE_SIZE));
+    Ok(vmgs)
+}
+
 fn map_error(file: FileId, e: Error) -> VmgsError {
     match e {
         Error::NotFound(_) => VmgsError::NotFound(file),
         Error::Authentication(_) => VmgsError::Authentication(file),
         Error::NoSpace { bytes, .. } => VmgsError::NoSpace { file, bytes },
+        Error::TooLarge { bytes, .. } => VmgsError::TooLarge { file, bytes },
+        Error::Unauthenticated(_) => VmgsError::Authentication(file),
         other => {
             tracing::error!("{file}: {other}");
             VmgsError::Storage(file)

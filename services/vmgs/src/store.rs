@@ -83,6 +83,10 @@ pub struct Vmgs<S: Storage> {
     table: Box<FileTable>,
     unlocked: Option<Unlocked>,
     poisoned: bool,
+    /// The file was unlocked with an all-zero metadata key (the reference writer's defect).
+    zero_metadata_key: bool,
+    /// Largest file `read_raw` reads.
+    read_limit: u64,
     /// Problems found on open that did not stop it (e.g. an invalid older header).
     warnings: Vec<String>,
 }
@@ -140,7 +144,7 @@ fn read_header_pair<S: Storage>(storage: &mut S) -> Result<[Header; 2]> {
     Ok([h(0), h(HEADER_SECTOR)])
 }
 
-fn check_header(h: &Header, blocks: u32) -> std::result::Result<(), HeaderProblem> {
+fn check_header(h: &Header) -> std::result::Result<(), HeaderProblem> {
     if h.as_bytes().iter().all(|b| *b == 0) {
         return Err(HeaderProblem::Empty);
     }
@@ -154,7 +158,7 @@ fn check_header(h: &Header, blocks: u32) -> std::result::Result<(), HeaderProble
         return Err(HeaderProblem::Size(h.header_size.get()));
     }
     let (offset, size) = (h.file_table_offset.get(), h.file_table_size.get());
-    if offset < FIRST_DATA_BLOCK || size != FILE_TABLE_BLOCKS || offset >= blocks {
+    if offset < FIRST_DATA_BLOCK || size != FILE_TABLE_BLOCKS {
         return Err(HeaderProblem::FileTable { offset, size });
     }
     if h.encryption_algorithm.get() > ENCRYPTION_AES_GCM {
@@ -198,12 +202,11 @@ fn choose_active(headers: &[Header; 2], problems: &[Option<HeaderProblem>; 2]) -
 
 /// Both header copies with their problems and the active one, without opening the file.
 pub fn inspect_headers<S: Storage>(storage: &mut S) -> Result<HeaderReport> {
-    let size = image_size(storage)?;
-    let blocks = (size / BLOCK_SIZE) as u32;
+    image_size(storage)?;
     let headers = read_header_pair(storage)?;
     let problems = [
-        check_header(&headers[0], blocks).err(),
-        check_header(&headers[1], blocks).err(),
+        check_header(&headers[0]).err(),
+        check_header(&headers[1]).err(),
     ];
     let active = choose_active(&headers, &problems).map_err(|e| e.to_string());
     Ok(HeaderReport {
@@ -317,8 +320,8 @@ impl<S: Storage> Vmgs<S> {
         let blocks = (image_size / BLOCK_SIZE) as u32;
         let headers = read_header_pair(&mut storage)?;
         let problems = [
-            check_header(&headers[0], blocks).err(),
-            check_header(&headers[1], blocks).err(),
+            check_header(&headers[0]).err(),
+            check_header(&headers[1]).err(),
         ];
         let active_slot = choose_active(&headers, &problems)?;
         let mut warnings = Vec::new();
@@ -332,6 +335,17 @@ impl<S: Storage> Vmgs<S> {
             }
         }
         let header = headers[active_slot];
+        // As the reference reader: a valid header whose table lies outside the image makes
+        // the file corrupt (it is not a reason to fall back).
+        if header.file_table_offset.get() >= blocks {
+            return Err(Error::CorruptEntry {
+                file: FileId::FILE_TABLE,
+                reason: format!(
+                    "the active header puts the file table at block {}, outside the image's {blocks} blocks",
+                    header.file_table_offset.get()
+                ),
+            });
+        }
         let mut table = Box::<FileTable>::default();
         storage
             .read_at(
@@ -349,6 +363,8 @@ impl<S: Storage> Vmgs<S> {
             table,
             unlocked: None,
             poisoned: false,
+            zero_metadata_key: false,
+            read_limit: u64::MAX,
             warnings,
         };
         match (key, vmgs.is_encrypted()) {
@@ -399,9 +415,29 @@ impl<S: Storage> Vmgs<S> {
         ) {
             return Err(Error::Authentication(FileId::EXTENDED_FILE_TABLE));
         }
+        // A file id the authenticated table holds a key for but the (unauthenticated) file
+        // table does not list has been hidden by whoever changed the file table.
+        for (i, x) in ext
+            .0
+            .entries
+            .iter()
+            .enumerate()
+            .take(FILE_COUNT - 1)
+            .skip(1)
+        {
+            if x.attributes.get() & (ATTR_ENCRYPTED | ATTR_AUTHENTICATED) != 0
+                && !self.table.entries[i].exists()
+            {
+                return Err(Error::CorruptEntry {
+                    file: FileId::new(i as u32).expect("64 entries"),
+                    reason: "the extended file table holds its key but the file table does not list it (removed by the host?)".into(),
+                });
+            }
+        }
         if metadata_key.is_zero() {
+            self.zero_metadata_key = true;
             self.warnings.push(
-                "the metadata key is all zero (written by a defective reference tool); the next change re-keys the file"
+                "the metadata key is all zero (written by a defective reference tool): whoever holds an old copy of this file can forge its contents; the next change re-keys it, and `update-key` also retires the datastore key that wrapped the zero key"
                     .into(),
             );
         }
@@ -447,6 +483,8 @@ impl<S: Storage> Vmgs<S> {
             table: Box::<FileTable>::default(),
             unlocked: None,
             poisoned: false,
+            zero_metadata_key: false,
+            read_limit: u64::MAX,
             warnings: Vec::new(),
         };
         // The first commit allocates the file table at block 2 and the extended file table at
@@ -499,6 +537,13 @@ impl<S: Storage> Vmgs<S> {
     /// Problems found on open that did not prevent it.
     pub fn warnings(&self) -> &[String] {
         &self.warnings
+    }
+
+    /// Whether the file was unlocked with the all-zero metadata key of the defective
+    /// reference writer. Such a file's contents can be forged by anyone holding an old copy
+    /// of it (its zero-key extended table can be replayed); the service refuses it.
+    pub fn has_zero_metadata_key(&self) -> bool {
+        self.zero_metadata_key
     }
 
     /// Whether a failed commit left the on-disk state unknown.
@@ -556,12 +601,25 @@ impl<S: Storage> Vmgs<S> {
             .ok_or(Error::NotFound(id))
     }
 
+    /// Refuses to read files larger than `max` bytes (the default is no limit beyond the
+    /// image): a process with a memory budget sets it so a hostile size cannot exhaust it.
+    pub fn set_read_limit(&mut self, max: u64) {
+        self.read_limit = max;
+    }
+
     /// The stored bytes of a file as they are on disk (ciphertext for an encrypted file).
     pub fn read_raw(&mut self, id: FileId) -> Result<Vec<u8>> {
         self.check_usable()?;
         let e = self.table.entries[id.index()];
         if !e.exists() {
             return Err(Error::NotFound(id));
+        }
+        if e.valid_data_size.get() > self.read_limit {
+            return Err(Error::TooLarge {
+                file: id,
+                bytes: e.valid_data_size.get(),
+                limit: self.read_limit,
+            });
         }
         // check_table bounded the size by the image, which the device really holds.
         let mut data = vec![0u8; e.valid_data_size.get() as usize];
@@ -571,8 +629,25 @@ impl<S: Storage> Vmgs<S> {
         Ok(data)
     }
 
-    /// A file's contents, decrypted and authenticated if it is encrypted.
+    /// A file's contents, decrypted and authenticated. In an encrypted file, a file that is
+    /// not encrypted is refused ([`Error::Unauthenticated`]): the host could have put it
+    /// there. [`Vmgs::read_unauthenticated`] reads such a file on purpose.
     pub fn read_file(&mut self, id: FileId) -> Result<Vec<u8>> {
+        if self.is_encrypted()
+            && self.unlocked.is_some()
+            && id.is_user_file()
+            && !self.entry_encrypted(id)
+            && self.table.entries[id.index()].exists()
+        {
+            return Err(Error::Unauthenticated(id));
+        }
+        self.read_unauthenticated(id)
+    }
+
+    /// A file's contents, decrypted and authenticated if it is encrypted, and as stored if it
+    /// is not (even in an encrypted file: e.g. one written without the key by the reference
+    /// tool). For tools that show such files with a warning; never for the guest.
+    pub fn read_unauthenticated(&mut self, id: FileId) -> Result<Vec<u8>> {
         if id == FileId::EXTENDED_FILE_TABLE && self.is_encrypted() {
             // Its plaintext is every file's key.
             return Err(Error::Reserved(id));
@@ -695,7 +770,7 @@ impl<S: Storage> Vmgs<S> {
     pub fn encrypt(&mut self, key: &Key) -> Result<()> {
         self.check_usable()?;
         if self.is_encrypted() {
-            return Err(Error::KeySlotsFull);
+            return Err(Error::AlreadyEncrypted);
         }
         if key.is_zero() {
             return Err(Error::WrongKey);
@@ -716,12 +791,6 @@ impl<S: Storage> Vmgs<S> {
             slot: 0,
             ext: SecretTable(Box::<ExtendedFileTable>::default()),
         });
-        let old_extents: Vec<(u32, u32)> = self
-            .files()
-            .iter()
-            .filter(|f| f.id.is_user_file())
-            .map(|f| (f.offset, f.blocks))
-            .collect();
         if let Err(e) = self.commit(plan, false) {
             if !self.poisoned {
                 self.unlocked = previous;
@@ -729,24 +798,71 @@ impl<S: Storage> Vmgs<S> {
             return Err(e);
         }
         // Both header slots now describe the encrypted state, so no fallback can lead back to
-        // the plaintext, which is then wiped.
+        // the plaintext; then every block outside that state is wiped (old copies of files
+        // from earlier overwrites included). The file is encrypted either way; a failed wipe
+        // is reported, not undone.
         self.commit_header(self.header)?;
-        self.scrub(&old_extents)
+        if let Err(e) = self.scrub_free_blocks() {
+            self.warnings.push(format!(
+                "encrypted, but wiping the old plaintext blocks failed: {e}"
+            ));
+        }
+        Ok(())
     }
 
-    /// Overwrites blocks that no header refers to any more with zeros.
-    fn scrub(&mut self, extents: &[(u32, u32)]) -> Result<()> {
-        let zeros = vec![0u8; BLOCK_SIZE as usize];
-        for &(offset, blocks) in extents {
-            for b in 0..u64::from(blocks) {
+    /// Overwrites every block the active state does not use with zeros.
+    fn scrub_free_blocks(&mut self) -> Result<()> {
+        let mut used: Vec<(u32, u32)> = vec![(self.header.file_table_offset.get(), 1)];
+        used.extend(
+            self.table.entries[1..]
+                .iter()
+                .filter(|e| e.exists())
+                .map(|e| (e.offset.get(), e.allocation_size.get())),
+        );
+        used.sort_unstable();
+        let mut gaps = Vec::new();
+        let mut at = FIRST_DATA_BLOCK;
+        for (offset, len) in used {
+            if offset > at {
+                gaps.push((at, offset));
+            }
+            at = at.max(offset.saturating_add(len));
+        }
+        if at < self.blocks {
+            gaps.push((at, self.blocks));
+        }
+        const WIPE: u32 = 64;
+        let zeros = vec![0u8; (WIPE as u64 * BLOCK_SIZE) as usize];
+        for (start, end) in gaps {
+            let mut b = start;
+            while b < end {
+                let n = WIPE.min(end - b);
                 self.storage
-                    .write_at((u64::from(offset) + b) * BLOCK_SIZE, &zeros)
+                    .write_at(
+                        u64::from(b) * BLOCK_SIZE,
+                        &zeros[..(u64::from(n) * BLOCK_SIZE) as usize],
+                    )
                     .map_err(Error::io("wiping plaintext blocks"))?;
+                b += n;
             }
         }
         self.storage
             .flush()
             .map_err(Error::io("flushing wiped blocks"))
+    }
+
+    /// Writes the active header again into its own slot and flushes: after a failed commit,
+    /// what was read back may have been only in the page cache; this makes it durable (or
+    /// fails) before anything else is committed on top of it.
+    pub fn persist_active_header(&mut self) -> Result<()> {
+        let mut sector = [0u8; HEADER_SECTOR];
+        sector[..HEADER_BYTES as usize].copy_from_slice(self.header.as_bytes());
+        self.storage
+            .write_at(self.active_slot as u64 * vhd::SECTOR, &sector)
+            .map_err(Error::io("rewriting the active header"))?;
+        self.storage
+            .flush()
+            .map_err(Error::io("flushing the active header"))
     }
 
     /// Replaces the datastore key: the new key wraps the metadata key into the other slot (one
@@ -761,7 +877,7 @@ impl<S: Storage> Vmgs<S> {
         if new_key.is_zero() {
             return Err(Error::WrongKey);
         }
-        if *new_key == unlocked.datastore {
+        if new_key.ct_eq(&unlocked.datastore) {
             return Err(Error::SameKey);
         }
         let (old_slot, new_slot) = (unlocked.slot, 1 - unlocked.slot);
@@ -868,7 +984,12 @@ impl<S: Storage> Vmgs<S> {
             let mut bytes = vec![0u8; FILE_TABLE_BYTES];
             if let (true, Some(ext)) = (plan.encrypted, &mut plan.ext) {
                 ext.0.entries[0] = ExtendedFileEntry::default();
-                ext.0.entries[ext_id.index()] = ExtendedFileEntry::default();
+                // As the reference writer: the table's own entry is marked encrypted, with
+                // no key (readers ignore it).
+                ext.0.entries[ext_id.index()] = ExtendedFileEntry {
+                    attributes: U32::new(ATTR_ENCRYPTED | ATTR_AUTHENTICATED),
+                    ..ExtendedFileEntry::default()
+                };
                 bytes.copy_from_slice(ext.0.as_bytes());
                 let metadata_key = Key::random();
                 entry.nonce = crypto::new_nonce();
@@ -918,6 +1039,9 @@ impl<S: Storage> Vmgs<S> {
         if let (Some(u), Some(ext)) = (&mut self.unlocked, plan.ext) {
             u.ext = ext;
         }
+        if plan.encrypted {
+            self.zero_metadata_key = false;
+        }
         Ok(())
     }
 
@@ -947,7 +1071,7 @@ impl<S: Storage> Vmgs<S> {
 /// Wraps `metadata_key` with `datastore` into `slot`, with the slot's next nonce.
 fn wrap_into(slot: &mut KeySlot, datastore: &Key, metadata_key: &Key) {
     let nonce = if slot.nonce == [0; NONCE_BYTES] {
-        crypto::new_nonce()
+        crypto::new_slot_nonce()
     } else {
         crypto::next_nonce(&slot.nonce)
     };

@@ -68,7 +68,7 @@ fn check_every_stop(
     assert!(ops >= 2, "at least a data write and a header");
 
     for n in 0..ops {
-        for fault in [Fault::Stop, Fault::Fail] {
+        for fault in [Fault::Stop, Fault::Fail, Fault::FailAfter] {
             let mut v = Vmgs::open(FaultyStorage::new(image.to_vec()), open_key.as_ref()).unwrap();
             v.storage_mut().fail_at(n, fault);
             let result = update(&mut v);
@@ -147,7 +147,14 @@ fn encrypting_a_plain_file_is_all_or_nothing_at_every_stop() {
     for n in 0..ops {
         let mut v = Vmgs::open(FaultyStorage::new(image.clone()), None).unwrap();
         v.storage_mut().fail_at(n, Fault::Stop);
-        assert!(v.encrypt(&k).is_err());
+        // A stop while wiping the old plaintext leaves the file encrypted: reported as a
+        // warning, not an error.
+        if v.encrypt(&k).is_ok() {
+            assert!(
+                v.warnings().iter().any(|w| w.contains("wiping")),
+                "stop at {n}"
+            );
+        }
         for crash in v.into_storage().crash_images() {
             let plain = state_of(crash.clone(), &[None]);
             let encrypted = state_of(crash, &[Some(k.clone())]);

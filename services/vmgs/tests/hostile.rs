@@ -263,3 +263,80 @@ fn garbage_everywhere_is_an_error_not_a_panic() {
         }
     }
 }
+
+#[test]
+fn a_plaintext_entry_injected_into_an_encrypted_file_is_not_returned() {
+    let (mut image, slot) = encrypted_image();
+    // The host adds an ATTEST entry pointing at blocks it wrote itself, unencrypted.
+    let (nvram_entry, _) = locate(&image, slot, FileId::TPM_NVRAM.index());
+    let (attest_entry, _) = locate(&image, slot, FileId::ATTEST.index());
+    let free_block = 30u32;
+    image[free_block as usize * 4096..][..8].copy_from_slice(b"INJECTED");
+    let mut e = image[nvram_entry..nvram_entry + 64].to_vec();
+    e[0..4].copy_from_slice(&free_block.to_le_bytes());
+    e[4..8].copy_from_slice(&1u32.to_le_bytes());
+    e[8..16].copy_from_slice(&8u64.to_le_bytes());
+    e[16..64].fill(0);
+    image[attest_entry..attest_entry + 64].copy_from_slice(&e);
+    let mut v = Vmgs::open(MemStorage::new(image), Some(&key())).unwrap();
+    let err = v.read_file(FileId::ATTEST).unwrap_err();
+    assert!(
+        matches!(err, Error::Unauthenticated(id) if id == FileId::ATTEST),
+        "{err}"
+    );
+    assert_eq!(v.read_file(FileId::TPM_NVRAM).unwrap(), secret());
+}
+
+#[test]
+fn a_file_hidden_by_removing_its_table_entry_is_noticed() {
+    let (mut image, slot) = encrypted_image();
+    let (entry, _) = locate(&image, slot, FileId::TPM_NVRAM.index());
+    image[entry..entry + 64].fill(0);
+    let err = Vmgs::open(MemStorage::new(image), Some(&key())).unwrap_err();
+    assert!(
+        matches!(&err, Error::CorruptEntry { file, .. } if *file == FileId::TPM_NVRAM),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_store_refuses_a_file_with_the_defective_zero_metadata_key_until_rekeyed() {
+    use pv_vmgs::server::Server;
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let file = std::fs::read(dir.join("encrypted.vmgs")).unwrap();
+    let k = Key::from_slice(&std::fs::read(dir.join("datastore.key")).unwrap()).unwrap();
+    let v = Vmgs::open(MemStorage::new(file.clone()), Some(&k)).unwrap();
+    assert!(v.has_zero_metadata_key());
+    let err = Server::open(MemStorage::new(file.clone()), Some(k.clone()))
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::ZeroMetadataKey), "{err}");
+    // `update-key` retires it.
+    let mut v = Vmgs::open(MemStorage::new(file), Some(&k)).unwrap();
+    let new = Key::from_bytes([3; 32]);
+    v.update_key(&new).unwrap();
+    assert!(!v.has_zero_metadata_key());
+    assert!(Server::open(MemStorage::new(v.into_storage().bytes), Some(new)).is_ok());
+}
+
+#[test]
+fn encrypting_a_plain_file_leaves_no_plaintext_anywhere() {
+    let marker = b"PLAINTEXT-MARKER-0123456789";
+    let mut v = Vmgs::create(MemStorage::default(), 128 << 10, None).unwrap();
+    for i in 0..5u8 {
+        // Overwrites leave older copies in free blocks.
+        let mut data = marker.repeat(100);
+        data.push(i);
+        v.write_file(FileId::TPM_NVRAM, &data).unwrap();
+        v.write_file(FileId::ATTEST, marker).unwrap();
+    }
+    v.encrypt(&key()).unwrap();
+    assert!(v.warnings().is_empty(), "{:?}", v.warnings());
+    let image = v.into_storage().bytes;
+    assert!(
+        !image.windows(marker.len()).any(|w| w == marker),
+        "plaintext survived encryption"
+    );
+    let mut v = Vmgs::open(MemStorage::new(image), Some(&key())).unwrap();
+    assert_eq!(v.read_file(FileId::ATTEST).unwrap(), marker);
+}
