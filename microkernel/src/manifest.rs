@@ -30,6 +30,8 @@ use toml::Spanned;
 pub const DEFAULT_MANIFEST: &str = "manifest.toml";
 /// Default state directory, relative to the current directory.
 pub const DEFAULT_STATE_DIR: &str = "state";
+/// Smallest ring a vmgs channel works with: a full content chunk plus framing.
+pub const MIN_VMGS_RING: u32 = 32 << 10;
 /// Default bytes per ring of each channel.
 pub const DEFAULT_RING_CAPACITY: u32 = 64 << 10;
 /// Smallest memory limit that a Rust service can start in (binary, libc, stacks, rings).
@@ -506,6 +508,8 @@ impl Validator<'_> {
     fn validate(&mut self, path: &Path, raw: RawManifest) -> Manifest {
         let mut state_dir = PathBuf::from(DEFAULT_STATE_DIR);
         let mut ring_capacity = DEFAULT_RING_CAPACITY;
+        let mut ring_span: Option<Range<usize>> = None;
+        let mut call_spans: BTreeMap<String, Range<usize>> = BTreeMap::new();
         if let Some(p) = raw.paravisor {
             if let Some(dir) = p.state_dir {
                 if dir.get_ref().is_empty() {
@@ -519,6 +523,7 @@ impl Validator<'_> {
                 }
             }
             if let Some(cap) = p.ring_capacity {
+                ring_span = Some(cap.span());
                 match parse_size(cap.get_ref()) {
                     Some(n)
                         if n.is_power_of_two()
@@ -630,6 +635,7 @@ impl Validator<'_> {
                         pending_calls.push((name.clone(), i, ep.span()));
                         if let Some(g) = self.call_grant(i, call.get_ref(), call.span()) {
                             grants.insert(i, g);
+                            call_spans.insert(name.clone(), call.span());
                         }
                     }
                     None => self.unknown_endpoint(ep),
@@ -973,7 +979,19 @@ impl Validator<'_> {
         }
         self.overlaps(&mmio, "mmio");
         self.overlaps(&pio, "pio");
-        for (path, span) in &file_paths {
+        for (i, (path, span)) in file_paths.iter().enumerate() {
+            if file_paths[..i].iter().any(|(p, _)| p == path)
+                && services
+                    .iter()
+                    .flat_map(|s| &s.files)
+                    .any(|f| &f.path == path && matches!(f.missing, Missing::CreateVmgs { .. }))
+            {
+                self.error(
+                    span.clone(),
+                    format!("\"{}\" is a guest-state file; it is granted to one service only", path.display()),
+                    "other services reach the guest state through the vmgs endpoint and its file-ids",
+                );
+            }
             if key_paths.iter().any(|(k, _)| k == path) {
                 self.error(
                     span.clone(),
@@ -993,6 +1011,43 @@ impl Validator<'_> {
                     "give each key its own file",
                 );
             }
+        }
+
+        // Each VMGS file id belongs to one client: two clients writing the same id would
+        // overwrite each other (a retried write could even undo the other's newer one).
+        let mut owners: BTreeMap<FileId, String> = BTreeMap::new();
+        for s in &services {
+            if let Some(Grant::VmgsFiles(set)) = s.grants.get(&Interface::Vmgs) {
+                for id in set.iter() {
+                    if let Some(other) = owners.insert(id, s.name.clone()) {
+                        let span = call_spans.get(&s.name).cloned().unwrap_or(0..0);
+                        self.error(
+                            span,
+                            format!(
+                                "file id {id} is granted to both \"{other}\" and \"{}\"",
+                                s.name
+                            ),
+                            "grant each VMGS file id to one client only",
+                        );
+                    }
+                }
+            }
+        }
+        if ring_capacity < MIN_VMGS_RING
+            && services.iter().any(|s| s.serves.contains(&Interface::Vmgs))
+        {
+            self.error(
+                ring_span.clone().unwrap_or(0..0),
+                format!(
+                    "ring-capacity {} is too small for the vmgs endpoint (its chunks need {})",
+                    format_size(ring_capacity.into()),
+                    format_size(MIN_VMGS_RING.into())
+                ),
+                format!(
+                    "set ring-capacity to at least \"{}\"",
+                    format_size(MIN_VMGS_RING.into())
+                ),
+            );
         }
 
         Manifest {

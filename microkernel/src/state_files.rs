@@ -70,23 +70,43 @@ pub fn load_key(path: &Path) -> Result<KeyBytes, String> {
     Ok(key)
 }
 
-/// Makes a new random key file (mode 0600, never replacing an existing one).
+/// Makes a new random key file (mode 0600) atomically: written and synced under a temporary
+/// name, linked into place (which fails rather than replace an existing key), the directory
+/// synced. A crash leaves either no key or the whole key, never a short one.
 fn create_key(path: &Path) -> Result<(), String> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| format!("{}: not a file name", path.display()))?;
+    let tmp = dir.join(format!(".{}.creating", name.to_string_lossy()));
+    let _ = std::fs::remove_file(&tmp);
+    let result = (|| {
+        let mut key = KeyBytes([0; KEY_BYTES]);
+        getrandom::getrandom(&mut key.0).map_err(|e| format!("no randomness for a key: {e}"))?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+            .map_err(|e| format!("key file {}: {e}", tmp.display()))?;
+        file.write_all(&key.0)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| format!("key file {}: {e}", tmp.display()))?;
+        std::fs::hard_link(&tmp, path).map_err(|e| format!("key file {}: {e}", path.display()))?;
+        std::fs::remove_file(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("{}: {e}", dir.display()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    let mut key = KeyBytes([0; KEY_BYTES]);
-    getrandom::getrandom(&mut key.0).map_err(|e| format!("no randomness for a key: {e}"))?;
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| format!("key file {}: {e}", path.display()))?;
-    file.write_all(&key.0)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| format!("key file {}: {e}", path.display()))
+    result
 }
 
 /// Creates what the manifest says to create when missing. Returns a line for each thing

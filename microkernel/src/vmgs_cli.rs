@@ -2,7 +2,8 @@
 //! options and exit codes, on top of the `pv_vmgs` format library.
 //!
 //! Exit codes: 0 success, 1 error, 2 not encrypted, 3 empty file, 4 file id not allocated,
-//! 5 version 1 file.
+//! 5 version 1 file. As with the reference tool, a command-line usage error also exits 2
+//! (clap's convention).
 
 use std::fs::File;
 use std::fs::OpenOptions;
@@ -68,7 +69,7 @@ pub enum VmgsCmd {
         #[command(flatten)]
         key: OptKey,
         /// Write the raw bytes to stdout.
-        #[arg(long = "raw-stdout", alias = "rawstdout")]
+        #[arg(long = "raw-stdout", alias = "rawstdout", conflicts_with = "data")]
         raw_stdout: bool,
     },
     /// Print both headers, check them and say which is active.
@@ -235,8 +236,18 @@ pub fn run(cmd: VmgsCmd) -> ExitCode {
 }
 
 fn read_key(path: &Path) -> Result<Key, Failure> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| Failure::other(1, format!("key file {}: {e}", path.display())))?;
+    let fail = |e: std::io::Error| Failure::other(1, format!("key file {}: {e}", path.display()));
+    let len = std::fs::metadata(path).map_err(fail)?.len();
+    if len != 32 {
+        return Err(Failure::other(
+            1,
+            format!(
+                "key file {} is {len} bytes; a datastore key is exactly 32 bytes",
+                path.display()
+            ),
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(fail)?;
     let key = Key::from_slice(&bytes).ok_or_else(|| {
         Failure::other(
             1,
@@ -320,7 +331,7 @@ fn dispatch(cmd: VmgsCmd) -> Outcome {
             let contents = std::fs::read(&data)
                 .map_err(|e| Failure::other(1, format!("data file {}: {e}", data.display())))?;
             let mut vmgs = open(&file.path, key.as_ref(), true)?;
-            if vmgs.file_info(id.id).is_ok() && !allow_overwrite {
+            if vmgs.file_info(id.id).is_ok_and(|f| f.size > 0) && !allow_overwrite {
                 return Err(Failure::new(&file.path, Error::Exists(id.id)));
             }
             vmgs.write_file(id.id, &contents)
@@ -559,15 +570,21 @@ pub fn create_vmgs_file(path: &Path, size: u64, key: Option<&Key>) -> Result<(),
 
 /// Writes decrypted contents to a new file readable by its owner only.
 fn write_private(path: &Path, contents: &[u8]) -> Outcome {
+    let fail = |e: std::io::Error| Failure::other(1, format!("{}: {e}", path.display()));
+    // Not through a symbolic link, and owner-only even if the file existed with wider
+    // permissions (mode 0600 at creation applies to new files only).
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(false)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
-        .map_err(|e| Failure::other(1, format!("{}: {e}", path.display())))?;
-    f.write_all(contents)
-        .map_err(|e| Failure::other(1, format!("{}: {e}", path.display())))
+        .map_err(fail)?;
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(fail)?;
+    f.set_len(0).map_err(fail)?;
+    f.write_all(contents).map_err(fail)
 }
 
 /// 16 bytes a line: `0x00, 0x01, ...  // ascii`.

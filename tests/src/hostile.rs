@@ -205,6 +205,7 @@ fn main() -> ExitCode {
                 }
                 count += 1;
                 let n = count;
+                let restarts = client.restarts_seen;
                 if let Err(e) = client.write(file, &contents(n)) {
                     eprintln!("pv-hostile: vmgs write {n} failed: {e}");
                     return ExitCode::from(20);
@@ -223,6 +224,9 @@ fn main() -> ExitCode {
                         eprintln!("pv-hostile: vmgs read-back {n} failed: {e}");
                         return ExitCode::from(22);
                     }
+                }
+                if client.restarts_seen != restarts {
+                    eprintln!("pv-hostile: vmgs store restarted during call {n}; retried");
                 }
             }
             eprintln!(

@@ -304,3 +304,28 @@ fn created_guest_state_needs_a_key_of_its_service() {
         "must stay inside the state directory",
     );
 }
+
+#[test]
+fn a_vmgs_file_id_granted_to_two_clients_is_refused() {
+    let m = format!(
+        "{}\n[[service]]\nname = \"other\"\nbinary = \"pv-attest\"\nserves = [\"attest\"]\ncalls = [{{ endpoint = \"vmgs\", file-ids = [\"ATTEST\", \"TPM_PPI\"] }}]\nlimits = {{ memory = \"64M\", open-files = 32 }}\nrestart = {{ policy = \"never\", max = 0, window = \"10s\", backoff = \"10ms\" }}\n",
+        GOOD
+    );
+    refused(&m, 21, "is granted to both");
+}
+
+#[test]
+fn the_guest_state_file_cannot_be_granted_to_another_service() {
+    let good = GOOD.replace("serves = [\"vmgs\"]", STORE_FILES);
+    let m = good.replace(
+        "serves = [\"vtpm\"]",
+        "serves = [\"vtpm\"]\nfiles = [{ name = \"steal\", path = \"guest.vmgs\", access = \"read-only\" }]",
+    );
+    refused(&m, 14, "is a guest-state file");
+}
+
+#[test]
+fn a_ring_too_small_for_vmgs_chunks_is_refused() {
+    let m = format!("[paravisor]\nring-capacity = \"16K\"\n\n{GOOD}");
+    refused(&m, 2, "too small for the vmgs endpoint");
+}

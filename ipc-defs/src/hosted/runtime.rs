@@ -40,6 +40,8 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Requests taken from one channel before the server looks at the next.
 const BATCH: usize = 64;
+/// Refusals logged one by one per client; after that, every thousandth.
+const REFUSALS_LOGGED: u64 = 20;
 /// How long an idle server sleeps before looking around on its own.
 const IDLE_RECHECK: Duration = Duration::from_secs(5);
 
@@ -76,7 +78,10 @@ impl Caller {
     /// Counts a refused request and logs it (without its contents).
     pub fn refuse(&mut self, what: impl std::fmt::Display) {
         self.refused += 1;
-        tracing::warn!(client = %self.name, refused = self.refused, "refused: {what}");
+        // The count is exact; the log is not flooded by a client that keeps trying.
+        if self.refused <= REFUSALS_LOGGED || self.refused.is_multiple_of(1000) {
+            tracing::warn!(client = %self.name, refused = self.refused, "refused: {what}");
+        }
     }
 }
 
@@ -142,6 +147,7 @@ impl Served {
 pub struct Started {
     pub context: Context,
     served: Vec<Served>,
+    stats: control::Stats,
     _span: tracing::span::EnteredSpan,
 }
 
@@ -160,6 +166,7 @@ pub fn enter() -> Result<Started, StartError> {
     Ok(Started {
         context,
         served,
+        stats: control::Stats::default(),
         _span: span,
     })
 }
@@ -176,7 +183,13 @@ impl Started {
         Q: DeserializeOwned,
         R: Serialize,
     {
-        serve(interface, &mut self.context, &mut self.served, &mut handler);
+        serve(
+            interface,
+            &mut self.context,
+            &mut self.served,
+            &mut self.stats,
+            &mut handler,
+        );
         tracing::info!("shut down on request");
         ExitCode::SUCCESS
     }
@@ -189,7 +202,7 @@ impl Started {
     pub fn answer_control(&mut self) -> bool {
         let (control, _) = self.served.split_at_mut(1);
         let control = &mut control[0];
-        let mut stats = control::Stats::default();
+        let stats = &mut self.stats;
         for _ in 0..BATCH {
             let incoming = match control.end.try_next() {
                 Ok(Some(i)) => i,
@@ -197,14 +210,12 @@ impl Started {
                 Err(_) => continue,
             };
             let stale = served_stale(control);
-            let (reply, shutdown) = control_reply(
-                &control.end,
-                &incoming,
-                &mut self.context,
-                &mut stats,
-                stale,
-            );
-            let _ = control.end.reply(&incoming, &reply, REPLY_TIMEOUT);
+            stats.requests_in += 1;
+            let (reply, shutdown) =
+                control_reply(&control.end, &incoming, &mut self.context, stats, stale);
+            if control.end.reply(&incoming, &reply, REPLY_TIMEOUT).is_ok() {
+                stats.responses_out += 1;
+            }
             if shutdown {
                 return false;
             }
@@ -380,12 +391,12 @@ fn serve<Q, R>(
     interface: Interface,
     context: &mut Context,
     served: &mut [Served],
+    stats: &mut control::Stats,
     handler: &mut impl FnMut(&mut Context, &mut Caller, Q) -> endpoint::Response<R>,
 ) where
     Q: DeserializeOwned,
     R: Serialize,
 {
-    let mut stats = control::Stats::default();
     let policy = WaitPolicy::default();
     loop {
         let mut did_work = false;
@@ -422,7 +433,7 @@ fn serve<Q, R>(
                     None => {
                         stats.refused = refused;
                         let (reply, shutdown) =
-                            control_reply(&s.end, &incoming, context, &mut stats, served_stale(s));
+                            control_reply(&s.end, &incoming, context, stats, served_stale(s));
                         let sent = s.end.reply(&incoming, &reply, REPLY_TIMEOUT);
                         if shutdown {
                             return;

@@ -96,12 +96,23 @@ impl VmgsClient {
     pub fn read(&mut self, file: FileId) -> Result<Vec<u8>, VmgsCallError> {
         self.retrying(|c| {
             let mut out = Vec::new();
+            let mut expected: Option<usize> = None;
             loop {
                 let offset = out.len() as u32;
                 match c.call(Request::Read { file, offset })? {
+                    // The store is another process: its sizes are checked, not trusted.
                     Response::Data { total, data } => {
+                        let total = total as usize;
+                        if total > MAX_FILE_SIZE as usize
+                            || expected.is_some_and(|t| t != total)
+                            || out.len() + data.len() > total
+                            || (data.is_empty() && out.len() < total)
+                        {
+                            return Err(VmgsCallError::Unexpected("read (inconsistent sizes)"));
+                        }
+                        expected = Some(total);
                         out.extend_from_slice(data.as_slice());
-                        if out.len() >= total as usize || data.is_empty() {
+                        if out.len() == total {
                             return Ok(out);
                         }
                     }

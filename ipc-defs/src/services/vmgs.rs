@@ -23,9 +23,22 @@ pub const MAX_CHUNK: usize = 24 * 1024;
 /// above any real guest-state file (a vTPM's NVRAM is tens of KiB).
 pub const MAX_FILE_SIZE: u32 = 16 << 20;
 
-/// A VMGS file id: the index of the file's entry in the file table (0..=63).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// A VMGS file id: the index of the file's entry in the file table (0..=63). Every value of
+/// this type is in range: decoding refuses anything else.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct FileId(u8);
+
+impl<'de> Deserialize<'de> for FileId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<FileId, D::Error> {
+        let n = u8::deserialize(d)?;
+        FileId::new(u32::from(n)).ok_or_else(|| {
+            serde::de::Error::invalid_value(
+                serde::de::Unexpected::Unsigned(u64::from(n)),
+                &"a VMGS file id 0..=63",
+            )
+        })
+    }
+}
 
 impl FileId {
     /// Number of entries in a file table.
@@ -371,6 +384,25 @@ mod tests {
         assert_eq!(FileId::parse("64"), None);
         assert_eq!(FileId::parse("NVRAM"), None);
         assert_eq!(FileId::new(12).unwrap().name(), None);
+    }
+
+    #[test]
+    fn file_ids_out_of_range_do_not_decode() {
+        for bad in [64u8, 67, 255] {
+            // Read { file, offset: 0 }
+            assert!(
+                postcard::from_bytes::<Request>(&[1, bad, 0]).is_err(),
+                "{bad}"
+            );
+            assert!(postcard::from_bytes::<Request>(&[3, bad]).is_err(), "{bad}");
+        }
+        assert_eq!(
+            postcard::from_bytes::<Request>(&[1, 63, 0]).unwrap(),
+            Request::Read {
+                file: FileId::EXTENDED_FILE_TABLE,
+                offset: 0
+            }
+        );
     }
 
     #[test]

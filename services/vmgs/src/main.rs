@@ -107,6 +107,11 @@ fn open_store(context: &mut runtime::Context) -> Result<Server<FileStorage>, Str
     let server =
         Server::open(storage, key).map_err(|e| format!("guest-state file \"{name}\": {e}"))?;
     let vmgs = server.store().expect("just opened");
+    if vmgs.is_encrypted() && !vmgs.is_unlocked() {
+        return Err(format!(
+            "guest-state file \"{name}\" is encrypted but the manifest grants this service no key"
+        ));
+    }
     for w in vmgs.warnings() {
         tracing::warn!("guest-state file \"{name}\": {w}");
     }
