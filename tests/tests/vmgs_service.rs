@@ -88,9 +88,9 @@ fn writer_contents(n: u32) -> Vec<u8> {
 /// The last value the writer logged as acknowledged.
 fn last_acked(log: &str) -> u32 {
     log.lines()
+        .rev()
         .filter_map(|l| l.split("vmgs acked ").nth(1))
-        .filter_map(|n| n.trim().parse().ok())
-        .last()
+        .find_map(|n| n.trim().parse().ok())
         .unwrap_or(0)
 }
 
