@@ -1,7 +1,7 @@
 //! AES-256-GCM as the format uses it (12-byte nonce, 16-byte tag kept apart from the
 //! ciphertext, no associated data), keys that wipe themselves, and the kernel's CSPRNG.
 
-use aes_gcm::aead::AeadInPlace;
+use aes_gcm::aead::AeadInOut;
 use aes_gcm::aead::KeyInit;
 use aes_gcm::Aes256Gcm;
 use aes_gcm::Nonce;
@@ -106,11 +106,12 @@ pub fn next_nonce(previous: &[u8; NONCE_BYTES]) -> [u8; NONCE_BYTES] {
 
 /// Encrypts `data` in place; returns the tag.
 pub fn seal(key: &Key, nonce: &[u8; NONCE_BYTES], data: &mut [u8]) -> [u8; TAG_BYTES] {
-    let cipher = Aes256Gcm::new(key.as_bytes().into());
+    let cipher = Aes256Gcm::new(&(*key.as_bytes()).into());
+    let nonce: Nonce<_> = (*nonce).into();
     // In-place encryption with a detached tag cannot fail for inputs under GCM's 64 GiB limit,
     // and VMGS files are at most 4 GiB.
-    let tag = cipher
-        .encrypt_in_place_detached(Nonce::from_slice(nonce), &[], data)
+    let tag: Tag = cipher
+        .encrypt_inout_detached(&nonce, &[], data.into())
         .expect("AES-GCM input within its length limit");
     tag.into()
 }
@@ -119,13 +120,10 @@ pub fn seal(key: &Key, nonce: &[u8; NONCE_BYTES], data: &mut [u8]) -> [u8; TAG_B
 /// `false` returned: unauthenticated plaintext never leaves this function.
 #[must_use]
 pub fn open(key: &Key, nonce: &[u8; NONCE_BYTES], tag: &[u8; TAG_BYTES], data: &mut [u8]) -> bool {
-    let cipher = Aes256Gcm::new(key.as_bytes().into());
-    match cipher.decrypt_in_place_detached(
-        Nonce::from_slice(nonce),
-        &[],
-        data,
-        Tag::from_slice(tag),
-    ) {
+    let cipher = Aes256Gcm::new(&(*key.as_bytes()).into());
+    let nonce: Nonce<_> = (*nonce).into();
+    let tag: Tag = (*tag).into();
+    match cipher.decrypt_inout_detached(&nonce, &[], data.into(), &tag) {
         Ok(()) => true,
         Err(_) => {
             data.zeroize();

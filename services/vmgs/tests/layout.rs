@@ -2,7 +2,7 @@
 //! minimal reader written here from the format notes (its own CRC, its own structure
 //! offsets, the cipher used directly), not with the library's parser.
 
-use aes_gcm::aead::AeadInPlace;
+use aes_gcm::aead::AeadInOut;
 use aes_gcm::aead::KeyInit;
 use aes_gcm::Aes256Gcm;
 use pv_vmgs::FileId;
@@ -41,8 +41,10 @@ fn be64(b: &[u8], at: usize) -> u64 {
 
 fn gcm_open(key: &[u8], nonce: &[u8], tag: &[u8], data: &mut [u8]) -> bool {
     let cipher = Aes256Gcm::new_from_slice(key).unwrap();
+    let nonce: [u8; 12] = nonce.try_into().unwrap();
+    let tag: [u8; 16] = tag.try_into().unwrap();
     cipher
-        .decrypt_in_place_detached(nonce.into(), &[], data, tag.into())
+        .decrypt_inout_detached(&nonce.into(), &[], data.into(), &tag.into())
         .is_ok()
 }
 
