@@ -109,11 +109,15 @@ impl FileId {
             .map(|(_, n)| *n)
     }
 
+    /// Other names the reference sources use for the same ids.
+    pub const ALIASES: [(FileId, &'static str); 1] = [(FileId(14), "HIBERNATION_FIRMWARE")];
+
     /// Parses a name (`TPM_NVRAM`, any case) or a number (`3`, `0x3`).
     pub fn parse(text: &str) -> Option<FileId> {
         let t = text.trim();
         if let Some(&(id, _)) = FileId::NAMED
             .iter()
+            .chain(FileId::ALIASES.iter())
             .find(|(_, n)| n.eq_ignore_ascii_case(t))
         {
             return Some(id);
@@ -382,6 +386,7 @@ mod tests {
         assert_eq!(FileId::parse("3"), Some(FileId::TPM_NVRAM));
         assert_eq!(FileId::parse("0x3f"), Some(FileId::EXTENDED_FILE_TABLE));
         assert_eq!(FileId::parse("64"), None);
+        assert_eq!(FileId::parse("HIBERNATION_FIRMWARE"), FileId::new(14));
         assert_eq!(FileId::parse("NVRAM"), None);
         assert_eq!(FileId::new(12).unwrap().name(), None);
     }
