@@ -346,19 +346,8 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
         } if what == "vmgs" => {
             let dir = dir.unwrap_or_else(std::env::temp_dir);
             let samples = if quick { 5 } else { samples };
-            let report = microkernel::bench_vmgs::run(&dir, samples).map_err(|e| {
-                eprintln!("paravisor: benchmark failed: {e}");
-                ExitCode::FAILURE
-            })?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
-            } else {
-                print!("{}", microkernel::bench_vmgs::text(&report));
-            }
-            Ok(ExitCode::SUCCESS)
+            let report = microkernel::bench_vmgs::run(&dir, samples);
+            print_report(report, json, microkernel::bench_vmgs::text)
         }
         Cmd::Bench {
             what: _,
@@ -379,19 +368,8 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                     idle: std::time::Duration::from_millis(500),
                 };
             }
-            let report = microkernel::bench::run(effort).map_err(|e| {
-                eprintln!("paravisor: benchmark failed: {e}");
-                ExitCode::FAILURE
-            })?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
-            } else {
-                print!("{}", microkernel::bench::text(&report));
-            }
-            Ok(ExitCode::SUCCESS)
+            let report = microkernel::bench::run(effort);
+            print_report(report, json, microkernel::bench::text)
         }
         Cmd::BenchPeer { kind, cpu, fds } => {
             microkernel::bench::peer(&kind, cpu, &fds).map_err(|e| {
@@ -409,6 +387,27 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             done(send(&dir, &Command::Shutdown)?)
         }
     }
+}
+
+/// Prints a benchmark report as text or JSON.
+fn print_report<R: serde::Serialize>(
+    report: std::io::Result<R>,
+    json: bool,
+    text: fn(&R) -> String,
+) -> Result<ExitCode, ExitCode> {
+    let report = report.map_err(|e| {
+        eprintln!("paravisor: benchmark failed: {e}");
+        ExitCode::FAILURE
+    })?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        print!("{}", text(&report));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn done(reply: Reply) -> Result<ExitCode, ExitCode> {

@@ -50,6 +50,18 @@ fn granted(
         .expect("the test manifest grants the call")
 }
 
+/// Answers the start ping, then takes the vmgs capability and the file id argument.
+fn vmgs_client(started: &mut runtime::Started, args: &[String]) -> (FileId, VmgsClient) {
+    let file = args.get(1).and_then(|f| FileId::parse(f)).expect("file id");
+    started.answer_first_ping();
+    let end = started
+        .context
+        .clients
+        .remove(&Interface::Vmgs)
+        .expect("granted");
+    (file, VmgsClient::new(end))
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut started = match runtime::enter() {
@@ -183,16 +195,9 @@ fn main() -> ExitCode {
             // Writes 1, 2, 3, ... into FILE for SECONDS (40 KiB each, so every write spans
             // chunks), reading each back: an acknowledged write must survive any restart of
             // the store.
-            let file = args.get(1).and_then(|f| FileId::parse(f)).expect("file id");
             let seconds: u64 = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(1);
             let until = Instant::now() + Duration::from_secs(seconds);
-            started.answer_first_ping();
-            let end = started
-                .context
-                .clients
-                .remove(&Interface::Vmgs)
-                .expect("granted");
-            let mut client = VmgsClient::new(end);
+            let (file, mut client) = vmgs_client(&mut started, &args);
             let contents = |n: u32| -> Vec<u8> {
                 (0..40_000u32)
                     .map(|i| (i.wrapping_mul(n) >> 3) as u8 ^ n as u8)
@@ -239,14 +244,7 @@ fn main() -> ExitCode {
         }
         "vmgs-access" => {
             // Tries to read and write FILE and reports what the store said.
-            let file = args.get(1).and_then(|f| FileId::parse(f)).expect("file id");
-            started.answer_first_ping();
-            let end = started
-                .context
-                .clients
-                .remove(&Interface::Vmgs)
-                .expect("granted");
-            let mut client = VmgsClient::new(end);
+            let (file, mut client) = vmgs_client(&mut started, &args);
             match client.write(file, b"from the hostile client") {
                 Ok(()) => eprintln!("pv-hostile: vmgs write {file}: ok"),
                 Err(e) => eprintln!("pv-hostile: vmgs write {file}: {e}"),
