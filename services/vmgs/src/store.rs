@@ -718,10 +718,10 @@ impl<S: Storage> Vmgs<S> {
             });
         }
         let mut plan = self.plan()?;
-        plan.files.push(NewFile {
-            id,
-            data: data.to_vec(),
-        });
+        // Room for the block padding up front, so that padding does not copy the data again.
+        let mut copy = Vec::with_capacity(blocks_for(data.len() as u64) as usize * BLOCK_SIZE as usize);
+        copy.extend_from_slice(data);
+        plan.files.push(NewFile { id, data: copy });
         self.commit(plan, false)
     }
 
@@ -1025,7 +1025,10 @@ impl<S: Storage> Vmgs<S> {
             let padded = (bytes.len() as u64).div_ceil(BLOCK_SIZE).max(1) * BLOCK_SIZE;
             bytes.resize(padded as usize, 0);
             let result = self.storage.write_at(offset, &bytes);
-            bytes.zeroize();
+            if !plan.encrypted {
+                // Plaintext contents are not left behind in freed memory (ciphertext may be).
+                bytes.zeroize();
+            }
             result.map_err(Error::io("writing data and tables"))?;
         }
         self.storage
