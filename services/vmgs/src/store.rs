@@ -719,7 +719,8 @@ impl<S: Storage> Vmgs<S> {
         }
         let mut plan = self.plan()?;
         // Room for the block padding up front, so that padding does not copy the data again.
-        let mut copy = Vec::with_capacity(blocks_for(data.len() as u64) as usize * BLOCK_SIZE as usize);
+        let mut copy =
+            Vec::with_capacity(blocks_for(data.len() as u64) as usize * BLOCK_SIZE as usize);
         copy.extend_from_slice(data);
         plan.files.push(NewFile { id, data: copy });
         self.commit(plan, false)
