@@ -26,11 +26,9 @@ interface!(
     /// Exit policy and platform devices (issue 5).
     intercept
 );
+pub mod bytes;
 pub mod vmgs;
-interface!(
-    /// The TPM (issue 4).
-    vtpm
-);
+pub mod vtpm;
 interface!(
     /// Measurements, reports and sealing keys.
     attest

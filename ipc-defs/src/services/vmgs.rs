@@ -9,11 +9,9 @@
 
 use core::fmt;
 
-use serde::de::Visitor;
 use serde::Deserialize;
 use serde::Deserializer;
 use serde::Serialize;
-use serde::Serializer;
 
 /// Most content bytes one request or response carries. A 64 KiB ring (the default) holds a
 /// full chunk with room for a second frame.
@@ -212,58 +210,8 @@ impl fmt::Debug for FileIdSet {
     }
 }
 
-/// Up to [`MAX_CHUNK`] bytes of file content, encoded as one postcard byte string (a length
-/// and the raw bytes, copied in one piece, not byte by byte).
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Chunk(heapless::Vec<u8, MAX_CHUNK>);
-
-impl Chunk {
-    /// The chunk holding `bytes`, or `None` if they are more than [`MAX_CHUNK`].
-    pub fn new(bytes: &[u8]) -> Option<Chunk> {
-        heapless::Vec::from_slice(bytes).ok().map(Chunk)
-    }
-
-    pub fn as_slice(&self) -> &[u8] {
-        &self.0
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Chunk {
-    // Never the bytes: they are guest secrets.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Chunk({} bytes)", self.0.len())
-    }
-}
-
-impl Serialize for Chunk {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for Chunk {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Chunk, D::Error> {
-        struct ChunkVisitor;
-        impl<'de> Visitor<'de> for ChunkVisitor {
-            type Value = Chunk;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "at most {MAX_CHUNK} bytes")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Chunk, E> {
-                Chunk::new(v).ok_or_else(|| E::invalid_length(v.len(), &self))
-            }
-        }
-        d.deserialize_bytes(ChunkVisitor)
-    }
-}
+/// Up to [`MAX_CHUNK`] bytes of file content.
+pub type Chunk = super::bytes::Bytes<MAX_CHUNK>;
 
 /// What a client asks of the store.
 // A chunk is inline (no allocation, `no_std`); a message is decoded once into one value, so

@@ -1,0 +1,263 @@
+//! The TPM service's request handling: commands through the engine, exactly once per client
+//! command number; permanent state durable before the response; a checkpoint of the
+//! volatile state after every command; the platform signals.
+
+use ipc_defs::services::vtpm::Platform;
+use ipc_defs::services::vtpm::Request;
+use ipc_defs::services::vtpm::Response;
+use ipc_defs::services::vtpm::TpmBytes;
+use ipc_defs::services::vtpm::VtpmError;
+use ipc_defs::services::vtpm::MAX_COMMAND;
+
+use crate::libtpms::Engine;
+use crate::state::Checkpoint;
+use crate::state::CheckpointArea;
+use crate::state::CheckpointMemory;
+use crate::state::LastCommand;
+use crate::state::PermanentRecord;
+use crate::state::PermanentStore;
+use crate::state::SharedNv;
+
+/// Size of a TPM 2.0 command or response header (tag, size, code).
+pub const TPM_HEADER: usize = 10;
+/// TPM_ST_NO_SESSIONS.
+const ST_NO_SESSIONS: u16 = 0x8001;
+/// TPM_RC_COMMAND_SIZE: the size field and the bytes received disagree.
+pub const RC_COMMAND_SIZE: u32 = 0x142;
+
+/// A TPM error response with no sessions.
+pub fn error_response(rc: u32) -> Vec<u8> {
+    let mut r = Vec::with_capacity(TPM_HEADER);
+    r.extend_from_slice(&ST_NO_SESSIONS.to_be_bytes());
+    r.extend_from_slice(&(TPM_HEADER as u32).to_be_bytes());
+    r.extend_from_slice(&rc.to_be_bytes());
+    r
+}
+
+/// Counters of the TPM's work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub commands: u64,
+    pub replayed: u64,
+    pub permanent_writes: u64,
+    pub checkpoints: u64,
+}
+
+/// The TPM: engine, state stores, and each client's last command.
+pub struct Tpm<P: PermanentStore, M: CheckpointMemory> {
+    engine: Engine,
+    nv: SharedNv,
+    permanent: P,
+    area: CheckpointArea<M>,
+    checkpoint: Checkpoint,
+    pub counters: Counters,
+    /// Set when the TPM can no longer keep its promises (its state could not be stored):
+    /// the process must exit, so that a restart resumes from what is durable.
+    pub fatal: Option<String>,
+    /// Whether the TPM resumed from a checkpoint (true) or started afresh.
+    pub resumed: bool,
+}
+
+impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
+    /// Loads the permanent state from `permanent` and the newest checkpoint from `memory`,
+    /// and powers the engine on: a TPM with no permanent state is manufactured (and its state
+    /// stored), one with a checkpoint resumes where it was.
+    pub fn start(
+        engine: Engine,
+        nv: SharedNv,
+        mut permanent: P,
+        memory: M,
+    ) -> Result<Self, String> {
+        let record = match permanent.read()? {
+            None => None,
+            Some(bytes) => Some(PermanentRecord::decode(&bytes).ok_or_else(|| {
+                format!(
+                    "TPM_NVRAM holds {} bytes that are not this TPM's state record",
+                    bytes.len()
+                )
+            })?),
+        };
+        let mut area = CheckpointArea::new(memory);
+        let mut checkpoint = area.load().unwrap_or_default();
+        if let Some((client, last)) = record.as_ref().and_then(|r| r.command.clone()) {
+            // The permanent state may be newer than the checkpoint (a crash between the two
+            // writes): its command is then the client's last.
+            if checkpoint
+                .last
+                .get(&client)
+                .is_none_or(|l| l.seq < last.seq)
+            {
+                checkpoint.last.insert(client, last);
+            }
+        }
+        let resumed = checkpoint.volatile.is_some();
+        {
+            let mut n = nv.lock();
+            n.permanent = record.map(|r| r.permall);
+            n.resume_volatile = checkpoint.volatile.clone();
+            n.savestate = checkpoint.savestate.clone();
+        }
+        let mut tpm = Tpm {
+            engine,
+            nv,
+            permanent,
+            area,
+            checkpoint,
+            counters: Counters::default(),
+            fatal: None,
+            resumed,
+        };
+        tpm.engine
+            .power_on()
+            .map_err(|rc| format!("libtpms did not start ({rc:#x})"))?;
+        tpm.persist(None)?;
+        Ok(tpm)
+    }
+
+    pub fn is_powered(&self) -> bool {
+        self.engine.is_powered()
+    }
+
+    /// Writes what the engine produced: permanent state (with the command's record) first,
+    /// then the volatile checkpoint.
+    fn persist(&mut self, command: Option<(&str, &LastCommand)>) -> Result<(), String> {
+        let pending = self.nv.lock().pending_permanent.take();
+        if let Some(permall) = pending {
+            let record = PermanentRecord {
+                command: command.map(|(c, l)| (c.to_string(), l.clone())),
+                permall,
+            };
+            self.permanent.write(&record.encode())?;
+            self.counters.permanent_writes += 1;
+            self.nv.lock().permanent = Some(record.permall);
+        }
+        if let Some((client, last)) = command {
+            self.checkpoint
+                .last
+                .insert(client.to_string(), last.clone());
+        }
+        self.checkpoint.volatile = if self.engine.is_powered() {
+            Some(
+                self.engine
+                    .volatile_state()
+                    .map_err(|rc| format!("volatile state not available ({rc:#x})"))?,
+            )
+        } else {
+            None
+        };
+        self.checkpoint.savestate = self.nv.lock().savestate.clone();
+        self.area.store(&self.checkpoint)?;
+        self.counters.checkpoints += 1;
+        Ok(())
+    }
+
+    fn fail(&mut self, what: String) -> Response {
+        tracing::error!("{what}");
+        self.fatal = Some(what);
+        Response::Error(VtpmError::Storage)
+    }
+
+    /// Answers one request of `client`.
+    pub fn handle(&mut self, client: &str, request: Request) -> Response {
+        match request {
+            Request::Command {
+                seq,
+                locality,
+                command,
+            } => self.command(client, seq, locality, command.as_slice()),
+            Request::Platform(p) => self.platform(p),
+        }
+    }
+
+    fn command(&mut self, client: &str, seq: u64, locality: u8, command: &[u8]) -> Response {
+        if let Some(last) = self.checkpoint.last.get(client) {
+            if seq == last.seq {
+                // Sent again after a restart: it completed before; never run it twice.
+                self.counters.replayed += 1;
+                return tpm_response(&last.response);
+            }
+            if seq < last.seq {
+                return Response::Error(VtpmError::StaleSequence { last: last.seq });
+            }
+        }
+        if locality > 4 {
+            return Response::Error(VtpmError::BadLocality(locality));
+        }
+        if !self.engine.is_powered() {
+            return Response::Error(VtpmError::PoweredOff);
+        }
+        let response = if command.len() < TPM_HEADER
+            || u32::from_be_bytes([command[2], command[3], command[4], command[5]]) as usize
+                != command.len()
+        {
+            error_response(RC_COMMAND_SIZE)
+        } else {
+            match self.engine.process(locality, command) {
+                Ok(r) => r,
+                Err(rc) => return Response::Error(VtpmError::Engine(rc)),
+            }
+        };
+        self.counters.commands += 1;
+        let last = LastCommand { seq, response };
+        if let Err(e) = self.persist(Some((client, &last))) {
+            return self.fail(format!("TPM state not stored: {e}"));
+        }
+        tpm_response(&last.response)
+    }
+
+    fn platform(&mut self, signal: Platform) -> Response {
+        let result = match signal {
+            Platform::PowerOn => self.power_on(),
+            Platform::PowerOff => {
+                self.power_off();
+                Ok(())
+            }
+            Platform::Reset => {
+                self.power_off();
+                self.power_on()
+            }
+            Platform::NvOn | Platform::NvOff | Platform::CancelOff => Ok(()),
+            Platform::CancelOn => {
+                self.engine.cancel();
+                Ok(())
+            }
+            Platform::GetEstablished => return Response::Established(self.engine.established()),
+            Platform::ResetEstablished => self
+                .engine
+                .reset_established_flag()
+                .map_err(|rc| format!("reset of the established flag failed ({rc:#x})")),
+        };
+        if let Err(e) = result {
+            tracing::warn!("{signal:?}: {e}");
+            return Response::Error(VtpmError::Engine(0));
+        }
+        match self.persist(None) {
+            Ok(()) => Response::Done,
+            Err(e) => self.fail(format!("TPM state not stored: {e}")),
+        }
+    }
+
+    fn power_on(&mut self) -> Result<(), String> {
+        self.engine
+            .power_on()
+            .map_err(|rc| format!("power on failed ({rc:#x})"))
+    }
+
+    /// Power off: the volatile state is gone, as at a real power cut; a later power on is a
+    /// fresh boot (TPM2_Startup needed), not a resume.
+    fn power_off(&mut self) {
+        self.engine.power_off();
+        self.nv.lock().resume_volatile = None;
+    }
+}
+
+fn tpm_response(bytes: &[u8]) -> Response {
+    match TpmBytes::new(bytes) {
+        Some(b) => Response::Tpm(b),
+        None => {
+            Response::Tpm(TpmBytes::new(&error_response(RC_COMMAND_SIZE)).expect("header fits"))
+        }
+    }
+}
+
+const _: () = assert!(MAX_COMMAND >= TPM_HEADER);

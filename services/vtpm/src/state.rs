@@ -1,0 +1,317 @@
+//! Where the TPM's state lives, and the record that makes commands exactly-once.
+//!
+//! - **Permanent state** ("permall": seeds, NV indices, persistent objects) goes to VMGS file
+//!   `TPM_NVRAM`, wrapped with the number and response of the command that produced it, so
+//!   that a command whose NV change became durable is answered from the record if it is sent
+//!   again after a crash, never run twice. libtpms hands the blob over during the command;
+//!   it is held back and written once the response exists, before the response is sent.
+//! - **Volatile state** (PCRs, loaded objects, sessions) is checkpointed after every command
+//!   into the checkpoint region, a memory region the microkernel owns and keeps across
+//!   restarts of this service, together with each client's last command number and response.
+//!   Two slots, each with a CRC, written alternately: a crash in the middle of a checkpoint
+//!   leaves the previous one.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde::Serialize;
+
+use crate::libtpms::NvName;
+
+/// One client's last completed command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastCommand {
+    pub seq: u64,
+    pub response: Vec<u8>,
+}
+
+/// The record kept with the permanent state in VMGS.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PermanentRecord {
+    /// The client and command whose execution produced this state, if one did.
+    pub command: Option<(String, LastCommand)>,
+    pub permall: Vec<u8>,
+}
+
+/// `"PVTPMNV1"`: the VMGS TPM_NVRAM file is our record, not a bare libtpms blob.
+pub const PERMANENT_MAGIC: [u8; 8] = *b"PVTPMNV1";
+
+impl PermanentRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = PERMANENT_MAGIC.to_vec();
+        out.extend(postcard::to_allocvec(self).unwrap_or_default());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<PermanentRecord> {
+        let body = bytes.strip_prefix(&PERMANENT_MAGIC)?;
+        postcard::from_bytes(body).ok()
+    }
+}
+
+/// What a checkpoint holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The engine's volatile state; `None` when the TPM is powered off.
+    pub volatile: Option<Vec<u8>>,
+    /// The state TPM2_Shutdown(STATE) saved, for the next TPM2_Startup(STATE).
+    pub savestate: Option<Vec<u8>>,
+    /// Each client's last completed command.
+    pub last: BTreeMap<String, LastCommand>,
+}
+
+/// Bytes of a slot header: magic, generation, length, CRC.
+const SLOT_HEADER: usize = 24;
+/// `"PVCK"`.
+const SLOT_MAGIC: u32 = 0x4b43_5650;
+
+/// A memory a checkpoint can live in (the region capability, or memory in tests).
+pub trait CheckpointMemory {
+    fn len(&self) -> usize;
+    fn read(&self, offset: usize, buf: &mut [u8]) -> bool;
+    fn write(&self, offset: usize, data: &[u8]) -> bool;
+}
+
+impl CheckpointMemory for ipc_defs::hosted::SharedMemory {
+    fn len(&self) -> usize {
+        ipc_defs::hosted::SharedMemory::len(self)
+    }
+    fn read(&self, offset: usize, buf: &mut [u8]) -> bool {
+        ipc_defs::hosted::SharedMemory::read(self, offset, buf).is_ok()
+    }
+    fn write(&self, offset: usize, data: &[u8]) -> bool {
+        ipc_defs::hosted::SharedMemory::write(self, offset, data).is_ok()
+    }
+}
+
+/// The two-slot checkpoint area.
+pub struct CheckpointArea<M: CheckpointMemory> {
+    memory: M,
+    generation: u64,
+}
+
+impl<M: CheckpointMemory> CheckpointArea<M> {
+    pub fn new(memory: M) -> Self {
+        CheckpointArea {
+            memory,
+            generation: 0,
+        }
+    }
+
+    fn slot_size(&self) -> usize {
+        self.memory.len() / 2
+    }
+
+    fn read_slot(&self, slot: usize) -> Option<(u64, Checkpoint)> {
+        let base = slot * self.slot_size();
+        let mut header = [0u8; SLOT_HEADER];
+        if !self.memory.read(base, &mut header) {
+            return None;
+        }
+        let word = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4"));
+        if word(0) != SLOT_MAGIC {
+            return None;
+        }
+        let generation = u64::from_le_bytes(header[8..16].try_into().expect("8"));
+        let len = word(16) as usize;
+        if len > self.slot_size().saturating_sub(SLOT_HEADER) {
+            return None;
+        }
+        let mut body = vec![0u8; len];
+        if !self.memory.read(base + SLOT_HEADER, &mut body) || crc32fast::hash(&body) != word(20) {
+            return None;
+        }
+        postcard::from_bytes(&body).ok().map(|c| (generation, c))
+    }
+
+    /// The newest intact checkpoint, if any.
+    pub fn load(&mut self) -> Option<Checkpoint> {
+        let newest = [0, 1]
+            .into_iter()
+            .filter_map(|s| self.read_slot(s))
+            .max_by_key(|(g, _)| *g)?;
+        self.generation = newest.0;
+        Some(newest.1)
+    }
+
+    /// Writes a checkpoint into the slot the newest one is not in.
+    pub fn store(&mut self, checkpoint: &Checkpoint) -> Result<(), String> {
+        let body = postcard::to_allocvec(checkpoint).map_err(|e| e.to_string())?;
+        if body.len() > self.slot_size().saturating_sub(SLOT_HEADER) {
+            return Err(format!(
+                "checkpoint of {} bytes does not fit a {}-byte slot",
+                body.len(),
+                self.slot_size()
+            ));
+        }
+        let generation = self.generation + 1;
+        let slot = (generation % 2) as usize;
+        let base = slot * self.slot_size();
+        let mut header = [0u8; SLOT_HEADER];
+        header[0..4].copy_from_slice(&SLOT_MAGIC.to_le_bytes());
+        header[8..16].copy_from_slice(&generation.to_le_bytes());
+        header[16..20].copy_from_slice(&(body.len() as u32).to_le_bytes());
+        header[20..24].copy_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        // Invalidate, write the body, then the header: a crash leaves this slot invalid and
+        // the other one (the previous checkpoint) in force.
+        if !self.memory.write(base, &[0u8; 4])
+            || !self.memory.write(base + SLOT_HEADER, &body)
+            || !self.memory.write(base, &header)
+        {
+            return Err("checkpoint region write failed".into());
+        }
+        self.generation = generation;
+        Ok(())
+    }
+}
+
+/// Where libtpms' permanent state is kept durably (VMGS through the vmgs channel).
+pub trait PermanentStore: Send {
+    fn read(&mut self) -> Result<Option<Vec<u8>>, String>;
+    fn write(&mut self, bytes: &[u8]) -> Result<(), String>;
+}
+
+/// What the engine's NVRAM callbacks see: the permanent state as last loaded or stored,
+/// a volatile state to resume from, the savestate; and the permanent blob the running
+/// command produced, held until the server writes it with the command's record.
+#[derive(Default)]
+pub struct EngineNv {
+    pub permanent: Option<Vec<u8>>,
+    pub pending_permanent: Option<Vec<u8>>,
+    pub resume_volatile: Option<Vec<u8>>,
+    pub savestate: Option<Vec<u8>>,
+}
+
+/// The handle the engine's callbacks hold (shared with the server).
+#[derive(Clone, Default)]
+pub struct SharedNv(pub std::sync::Arc<std::sync::Mutex<EngineNv>>);
+
+impl SharedNv {
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, EngineNv> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl crate::libtpms::NvStore for SharedNv {
+    fn load(&mut self, name: NvName) -> Result<Option<Vec<u8>>, ()> {
+        let nv = self.lock();
+        Ok(match name {
+            NvName::Permanent => nv
+                .pending_permanent
+                .clone()
+                .or_else(|| nv.permanent.clone()),
+            NvName::Volatile => nv.resume_volatile.clone(),
+            NvName::SaveState => nv.savestate.clone(),
+        })
+    }
+
+    fn store(&mut self, name: NvName, data: &[u8]) -> Result<(), ()> {
+        let mut nv = self.lock();
+        match name {
+            NvName::Permanent => nv.pending_permanent = Some(data.to_vec()),
+            NvName::Volatile => nv.resume_volatile = Some(data.to_vec()),
+            NvName::SaveState => nv.savestate = Some(data.to_vec()),
+        }
+        Ok(())
+    }
+
+    fn delete(&mut self, name: NvName) -> Result<(), ()> {
+        let mut nv = self.lock();
+        match name {
+            NvName::Permanent => {
+                nv.permanent = None;
+                nv.pending_permanent = None;
+            }
+            NvName::Volatile => nv.resume_volatile = None,
+            NvName::SaveState => nv.savestate = None,
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+
+    struct Mem(RefCell<Vec<u8>>);
+
+    impl CheckpointMemory for &Mem {
+        fn len(&self) -> usize {
+            self.0.borrow().len()
+        }
+        fn read(&self, offset: usize, buf: &mut [u8]) -> bool {
+            let m = self.0.borrow();
+            match m.get(offset..offset + buf.len()) {
+                Some(s) => {
+                    buf.copy_from_slice(s);
+                    true
+                }
+                None => false,
+            }
+        }
+        fn write(&self, offset: usize, data: &[u8]) -> bool {
+            let mut m = self.0.borrow_mut();
+            match m.get_mut(offset..offset + data.len()) {
+                Some(s) => {
+                    s.copy_from_slice(data);
+                    true
+                }
+                None => false,
+            }
+        }
+    }
+
+    fn checkpoint(n: u8) -> Checkpoint {
+        let mut c = Checkpoint {
+            volatile: Some(vec![n; 100]),
+            ..Checkpoint::default()
+        };
+        c.last.insert(
+            "gateway".into(),
+            LastCommand {
+                seq: n.into(),
+                response: vec![n],
+            },
+        );
+        c
+    }
+
+    #[test]
+    fn the_newest_intact_checkpoint_wins_and_a_torn_one_falls_back() {
+        let mem = Mem(RefCell::new(vec![0; 8192]));
+        let mut area = CheckpointArea::new(&mem);
+        assert_eq!(area.load(), None);
+        area.store(&checkpoint(1)).unwrap();
+        area.store(&checkpoint(2)).unwrap();
+        assert_eq!(CheckpointArea::new(&mem).load(), Some(checkpoint(2)));
+        // A torn third checkpoint (a byte of its body flipped): the second one stays.
+        area.store(&checkpoint(3)).unwrap();
+        let slot = 3 % 2 * 4096;
+        mem.0.borrow_mut()[slot + SLOT_HEADER + 5] ^= 0xff;
+        assert_eq!(CheckpointArea::new(&mem).load(), Some(checkpoint(2)));
+        // Too large for a slot: an error, the area unchanged.
+        let big = Checkpoint {
+            volatile: Some(vec![0; 5000]),
+            ..Checkpoint::default()
+        };
+        assert!(area.store(&big).is_err());
+    }
+
+    #[test]
+    fn permanent_records_round_trip_and_bare_blobs_are_not_records() {
+        let r = PermanentRecord {
+            command: Some((
+                "gw".into(),
+                LastCommand {
+                    seq: 7,
+                    response: vec![1, 2],
+                },
+            )),
+            permall: vec![9; 50],
+        };
+        assert_eq!(PermanentRecord::decode(&r.encode()), Some(r));
+        assert_eq!(PermanentRecord::decode(b"garbage"), None);
+    }
+}

@@ -1,0 +1,189 @@
+//! The TPM in-process (libtpms through our wrapper): manufacture, commands, permanent state
+//! through the store, and resuming from a checkpoint after the process is gone.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::sync::Mutex;
+
+use ipc_defs::services::vtpm::Platform;
+use ipc_defs::services::vtpm::Request;
+use ipc_defs::services::vtpm::Response;
+use ipc_defs::services::vtpm::TpmBytes;
+use pv_vtpm::libtpms::Engine;
+use pv_vtpm::server::Tpm;
+use pv_vtpm::state::CheckpointMemory;
+use pv_vtpm::state::PermanentStore;
+use pv_vtpm::state::SharedNv;
+use sha2::Digest;
+use sha2::Sha256;
+
+/// libtpms is one TPM per process: tests take it in turn.
+static ENGINE: Mutex<()> = Mutex::new(());
+
+#[derive(Clone, Default)]
+struct Disk(Arc<Mutex<Option<Vec<u8>>>>);
+
+impl PermanentStore for Disk {
+    fn read(&mut self) -> Result<Option<Vec<u8>>, String> {
+        Ok(self.0.lock().unwrap().clone())
+    }
+    fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
+        *self.0.lock().unwrap() = Some(bytes.to_vec());
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct Region(std::rc::Rc<RefCell<Vec<u8>>>);
+
+impl Region {
+    fn new() -> Region {
+        Region(std::rc::Rc::new(RefCell::new(vec![0; 256 << 10])))
+    }
+}
+
+impl CheckpointMemory for Region {
+    fn len(&self) -> usize {
+        self.0.borrow().len()
+    }
+    fn read(&self, offset: usize, buf: &mut [u8]) -> bool {
+        let m = self.0.borrow();
+        let Some(s) = m.get(offset..offset + buf.len()) else {
+            return false;
+        };
+        buf.copy_from_slice(s);
+        true
+    }
+    fn write(&self, offset: usize, data: &[u8]) -> bool {
+        let mut m = self.0.borrow_mut();
+        let Some(s) = m.get_mut(offset..offset + data.len()) else {
+            return false;
+        };
+        s.copy_from_slice(data);
+        true
+    }
+}
+
+fn start(disk: &Disk, region: &Region) -> Tpm<Disk, Region> {
+    let nv = SharedNv::default();
+    let engine = Engine::take(Box::new(nv.clone()))
+        .expect("free")
+        .expect("TPM 2.0");
+    Tpm::start(engine, nv, disk.clone(), region.clone()).expect("start")
+}
+
+fn cmd(tpm: &mut Tpm<Disk, Region>, seq: u64, bytes: &[u8]) -> Vec<u8> {
+    match tpm.handle(
+        "test",
+        Request::Command {
+            seq,
+            locality: 0,
+            command: TpmBytes::new(bytes).unwrap(),
+        },
+    ) {
+        Response::Tpm(r) => r.as_slice().to_vec(),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn rc(response: &[u8]) -> u32 {
+    u32::from_be_bytes(response[6..10].try_into().unwrap())
+}
+
+const STARTUP_CLEAR: [u8; 12] = [0x80, 1, 0, 0, 0, 12, 0, 0, 1, 0x44, 0, 0];
+const GET_RANDOM_32: [u8; 12] = [0x80, 1, 0, 0, 0, 12, 0, 0, 1, 0x7b, 0, 32];
+const PCR_READ_16: [u8; 20] = [
+    0x80, 1, 0, 0, 0, 20, 0, 0, 1, 0x7e, 0, 0, 0, 1, 0, 0x0b, 3, 0, 0, 1,
+];
+
+fn pcr_extend_16(digest: &[u8; 32]) -> Vec<u8> {
+    let mut c = vec![0x80, 2, 0, 0, 0, 65, 0, 0, 1, 0x82, 0, 0, 0, 16, 0, 0, 0, 9];
+    c.extend_from_slice(&[0x40, 0, 0, 9, 0, 0, 0, 0, 0]);
+    c.extend_from_slice(&[0, 0, 0, 1, 0, 0x0b]);
+    c.extend_from_slice(digest);
+    assert_eq!(c.len(), 65);
+    c
+}
+
+fn pcr16(tpm: &mut Tpm<Disk, Region>, seq: u64) -> Vec<u8> {
+    let r = cmd(tpm, seq, &PCR_READ_16);
+    assert_eq!(rc(&r), 0);
+    r[r.len() - 32..].to_vec()
+}
+
+#[test]
+fn the_tpm_starts_extends_and_resumes_after_a_crash_with_the_same_pcrs() {
+    let _one = ENGINE.lock().unwrap_or_else(|p| p.into_inner());
+    let (disk, region) = (Disk::default(), Region::new());
+    let mut tpm = start(&disk, &region);
+    assert!(!tpm.resumed);
+    assert!(
+        disk.0.lock().unwrap().is_some(),
+        "a manufactured TPM stored its state"
+    );
+    assert_eq!(rc(&cmd(&mut tpm, 1, &STARTUP_CLEAR)), 0);
+    let r = cmd(&mut tpm, 2, &GET_RANDOM_32);
+    assert_eq!((rc(&r), r.len()), (0, 10 + 2 + 32));
+
+    let mut expected = [0u8; 32];
+    for (i, seq) in (3..8).enumerate() {
+        let d: [u8; 32] = Sha256::digest([i as u8]).into();
+        assert_eq!(rc(&cmd(&mut tpm, seq, &pcr_extend_16(&d))), 0);
+        expected = Sha256::new()
+            .chain_update(expected)
+            .chain_update(d)
+            .finalize()
+            .into();
+    }
+    assert_eq!(pcr16(&mut tpm, 8), expected);
+
+    // The process dies; a new one starts from the same VMGS record and checkpoint region.
+    drop(tpm);
+    let mut tpm = start(&disk, &region);
+    assert!(tpm.resumed);
+    assert_eq!(pcr16(&mut tpm, 9), expected, "PCRs survive the restart");
+    // The last command sent again (its reply was lost) is answered, not run again.
+    let d: [u8; 32] = Sha256::digest(b"once").into();
+    let first = cmd(&mut tpm, 10, &pcr_extend_16(&d));
+    drop(tpm);
+    let mut tpm = start(&disk, &region);
+    assert_eq!(cmd(&mut tpm, 10, &pcr_extend_16(&d)), first);
+    assert_eq!(tpm.counters.replayed, 1);
+    expected = Sha256::new()
+        .chain_update(expected)
+        .chain_update(d)
+        .finalize()
+        .into();
+    assert_eq!(pcr16(&mut tpm, 11), expected, "extended exactly once");
+
+    // A power cycle is a fresh boot: PCRs reset, Startup needed again.
+    assert_eq!(
+        tpm.handle("test", Request::Platform(Platform::Reset)),
+        Response::Done
+    );
+    assert_eq!(
+        rc(&cmd(&mut tpm, 12, &PCR_READ_16)),
+        0x100,
+        "TPM_RC_INITIALIZE"
+    );
+    assert_eq!(rc(&cmd(&mut tpm, 13, &STARTUP_CLEAR)), 0);
+    assert_eq!(pcr16(&mut tpm, 14), [0u8; 32]);
+}
+
+#[test]
+fn malformed_commands_get_tpm_errors() {
+    let _one = ENGINE.lock().unwrap_or_else(|p| p.into_inner());
+    let (disk, region) = (Disk::default(), Region::new());
+    let mut tpm = start(&disk, &region);
+    assert_eq!(rc(&cmd(&mut tpm, 1, &STARTUP_CLEAR)), 0);
+    // Size field larger than the data; truncated header; garbage.
+    let mut big = GET_RANDOM_32;
+    big[5] = 40;
+    assert_eq!(rc(&cmd(&mut tpm, 2, &big)), 0x142);
+    assert_eq!(rc(&cmd(&mut tpm, 3, &[0x80, 1, 0])), 0x142);
+    let garbage: Vec<u8> = (0..4000u32).map(|i| (i * 7) as u8).collect();
+    let r = cmd(&mut tpm, 4, &garbage);
+    assert_ne!(rc(&r), 0);
+    // Still working.
+    assert_eq!(rc(&cmd(&mut tpm, 5, &GET_RANDOM_32)), 0);
+}
