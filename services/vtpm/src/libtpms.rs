@@ -84,13 +84,17 @@ impl NvName {
     }
 }
 
+/// A state blob could not be loaded or stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NvError;
+
 /// Where the engine's state blobs live.
 pub trait NvStore: Send {
     /// The blob, `None` if there is none yet, `Err` if it cannot be read.
-    fn load(&mut self, name: NvName) -> Result<Option<Vec<u8>>, ()>;
+    fn load(&mut self, name: NvName) -> Result<Option<Vec<u8>>, NvError>;
     /// Stores the blob durably before returning.
-    fn store(&mut self, name: NvName, data: &[u8]) -> Result<(), ()>;
-    fn delete(&mut self, name: NvName) -> Result<(), ()>;
+    fn store(&mut self, name: NvName, data: &[u8]) -> Result<(), NvError>;
+    fn delete(&mut self, name: NvName) -> Result<(), NvError>;
 }
 
 /// The store the callbacks use (set by the one [`Engine`]).

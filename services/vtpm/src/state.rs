@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde::Serialize;
 
+use crate::libtpms::NvError;
 use crate::libtpms::NvName;
 
 /// One client's last completed command.
@@ -193,7 +194,7 @@ impl SharedNv {
 }
 
 impl crate::libtpms::NvStore for SharedNv {
-    fn load(&mut self, name: NvName) -> Result<Option<Vec<u8>>, ()> {
+    fn load(&mut self, name: NvName) -> Result<Option<Vec<u8>>, NvError> {
         let nv = self.lock();
         Ok(match name {
             NvName::Permanent => nv
@@ -205,7 +206,7 @@ impl crate::libtpms::NvStore for SharedNv {
         })
     }
 
-    fn store(&mut self, name: NvName, data: &[u8]) -> Result<(), ()> {
+    fn store(&mut self, name: NvName, data: &[u8]) -> Result<(), NvError> {
         let mut nv = self.lock();
         match name {
             NvName::Permanent => nv.pending_permanent = Some(data.to_vec()),
@@ -215,7 +216,7 @@ impl crate::libtpms::NvStore for SharedNv {
         Ok(())
     }
 
-    fn delete(&mut self, name: NvName) -> Result<(), ()> {
+    fn delete(&mut self, name: NvName) -> Result<(), NvError> {
         let mut nv = self.lock();
         match name {
             NvName::Permanent => {
