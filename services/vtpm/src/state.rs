@@ -68,13 +68,13 @@ const SLOT_MAGIC: u32 = 0x4b43_5650;
 
 /// A memory a checkpoint can live in (the region capability, or memory in tests).
 pub trait CheckpointMemory {
-    fn len(&self) -> usize;
+    fn size(&self) -> usize;
     fn read(&self, offset: usize, buf: &mut [u8]) -> bool;
     fn write(&self, offset: usize, data: &[u8]) -> bool;
 }
 
 impl CheckpointMemory for ipc_defs::hosted::SharedMemory {
-    fn len(&self) -> usize {
+    fn size(&self) -> usize {
         ipc_defs::hosted::SharedMemory::len(self)
     }
     fn read(&self, offset: usize, buf: &mut [u8]) -> bool {
@@ -100,7 +100,7 @@ impl<M: CheckpointMemory> CheckpointArea<M> {
     }
 
     fn slot_size(&self) -> usize {
-        self.memory.len() / 2
+        self.memory.size() / 2
     }
 
     fn read_slot(&self, slot: usize) -> Option<(u64, Checkpoint)> {
@@ -239,7 +239,7 @@ mod tests {
     struct Mem(RefCell<Vec<u8>>);
 
     impl CheckpointMemory for &Mem {
-        fn len(&self) -> usize {
+        fn size(&self) -> usize {
             self.0.borrow().len()
         }
         fn read(&self, offset: usize, buf: &mut [u8]) -> bool {
@@ -289,7 +289,7 @@ mod tests {
         assert_eq!(CheckpointArea::new(&mem).load(), Some(checkpoint(2)));
         // A torn third checkpoint (a byte of its body flipped): the second one stays.
         area.store(&checkpoint(3)).unwrap();
-        let slot = 3 % 2 * 4096;
+        let slot = 4096; // generation 3 is in slot 1
         mem.0.borrow_mut()[slot + SLOT_HEADER + 5] ^= 0xff;
         assert_eq!(CheckpointArea::new(&mem).load(), Some(checkpoint(2)));
         // Too large for a slot: an error, the area unchanged.

@@ -43,7 +43,7 @@ impl Region {
 }
 
 impl CheckpointMemory for Region {
-    fn len(&self) -> usize {
+    fn size(&self) -> usize {
         self.0.borrow().len()
     }
     fn read(&self, offset: usize, buf: &mut [u8]) -> bool {
