@@ -93,6 +93,9 @@ pub enum CapabilityKind {
     /// A secret (a sealed memfd holding the key bytes), e.g. the VMGS datastore key. The
     /// service gets the key, never the file it was kept in.
     Key,
+    /// A listening socket the microkernel bound (loopback only): the service may accept
+    /// connections on it, but never create, bind or connect a socket of its own.
+    Listener,
 }
 
 impl core::fmt::Display for CapabilityKind {
@@ -107,6 +110,7 @@ impl core::fmt::Display for CapabilityKind {
             CapabilityKind::Status => write!(f, "status"),
             CapabilityKind::SeccompProgram => write!(f, "seccomp"),
             CapabilityKind::Key => write!(f, "key"),
+            CapabilityKind::Listener => write!(f, "listener"),
         }
     }
 }

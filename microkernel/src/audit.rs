@@ -24,6 +24,7 @@ pub struct Row {
     pub regions: Vec<String>,
     pub files: Vec<String>,
     pub keys: Vec<String>,
+    pub listen: Vec<String>,
     /// What each call reaches beyond its endpoint (e.g. `vmgs: file-ids [...]`).
     pub call_grants: Vec<String>,
     /// What each client may reach of this service's endpoints (e.g. the vmgs file ids).
@@ -87,6 +88,11 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
                 .keys
                 .iter()
                 .map(|k| format!("{} = {}", k.name, k.path.display()))
+                .collect(),
+            listen: s
+                .listen
+                .iter()
+                .map(|l| format!("{} = {}", l.name, l.address))
                 .collect(),
             client_grants: m
                 .services
@@ -178,6 +184,7 @@ pub fn text(m: &Manifest) -> String {
         let _ = writeln!(out, "  regions: {}", list(&r.regions));
         let _ = writeln!(out, "  files:   {}", list(&r.files));
         let _ = writeln!(out, "  keys:    {}", list(&r.keys));
+        let _ = writeln!(out, "  listen:  {}", list(&r.listen));
         let _ = writeln!(out, "  grants:  {}", list(&r.call_grants));
         if !r.client_grants.is_empty() {
             let _ = writeln!(out, "  clients: {}", r.client_grants.join("; "));

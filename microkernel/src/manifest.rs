@@ -178,6 +178,8 @@ struct RawService {
     #[serde(default)]
     keys: Vec<Spanned<RawKey>>,
     #[serde(default)]
+    listen: Vec<Spanned<RawListen>>,
+    #[serde(default)]
     regions: Vec<Spanned<RawRegion>>,
     #[serde(default)]
     mmio: Vec<Spanned<RawRange>>,
@@ -197,6 +199,13 @@ struct RawCall {
     endpoint: Spanned<String>,
     #[serde(default)]
     file_ids: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawListen {
+    name: Spanned<String>,
+    address: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -338,6 +347,14 @@ pub struct KeyGrant {
 /// Bytes of a key.
 pub const KEY_BYTES: usize = 32;
 
+/// A TCP socket the microkernel binds and hands to the service as a listener capability.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ListenGrant {
+    pub name: String,
+    /// A loopback address: nothing else is accepted.
+    pub address: std::net::SocketAddr,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FileGrant {
     pub name: String,
@@ -385,6 +402,7 @@ pub struct ServiceSpec {
     pub calls: Vec<Interface>,
     pub files: Vec<FileGrant>,
     pub keys: Vec<KeyGrant>,
+    pub listen: Vec<ListenGrant>,
     /// What each call may reach beyond the interface itself (e.g. the vmgs file ids), for
     /// the calls that are limited.
     #[serde(serialize_with = "ser_grants")]
@@ -558,6 +576,7 @@ impl Validator<'_> {
         let mut servers: BTreeMap<Interface, (String, Range<usize>)> = BTreeMap::new();
         let mut pending_calls: Vec<(String, Interface, Range<usize>)> = Vec::new();
         let mut file_paths: Vec<(PathBuf, Range<usize>)> = Vec::new();
+        let mut addresses: Vec<(String, std::net::SocketAddr)> = Vec::new();
         let mut key_paths: Vec<(PathBuf, Range<usize>)> = Vec::new();
         let mut mmio: Vec<(String, DeviceRange, Range<usize>)> = Vec::new();
         let mut pio: Vec<(String, DeviceRange, Range<usize>)> = Vec::new();
@@ -753,6 +772,44 @@ impl Validator<'_> {
                 });
             }
 
+            let mut listen: Vec<ListenGrant> = Vec::new();
+            for l in &s.listen {
+                let l = l.get_ref();
+                let lname = l.name.get_ref();
+                if !valid_name(lname) || listen.iter().any(|x| &x.name == lname) {
+                    self.error(
+                        l.name.span(),
+                        format!("listener name \"{lname}\" is invalid or listed twice"),
+                        format!(
+                            "use unique names of 1 to {MAX_NAME} characters from a-z, 0-9 and '-'"
+                        ),
+                    );
+                }
+                match l.address.get_ref().parse::<std::net::SocketAddr>() {
+                    Ok(a) if a.ip().is_loopback() && a.port() != 0 => {
+                        if let Some((other, _)) = addresses.iter().find(|(_, x)| *x == a) {
+                            self.error(
+                                l.address.span(),
+                                format!("address {a} is already listened on by \"{other}\""),
+                                "give each listener its own port",
+                            );
+                        }
+                        addresses.push((name.clone(), a));
+                        listen.push(ListenGrant { name: lname.clone(), address: a });
+                    }
+                    Ok(a) => self.error(
+                        l.address.span(),
+                        format!("listen address {a} is not a loopback address with a port"),
+                        "listen on 127.0.0.1:PORT or [::1]:PORT only: the TPM is never exposed to the network",
+                    ),
+                    Err(_) => self.error(
+                        l.address.span(),
+                        format!("\"{}\" is not an address", l.address.get_ref()),
+                        "write e.g. \"127.0.0.1:2321\"",
+                    ),
+                }
+            }
+
             let mut regions = Vec::new();
             for r in &s.regions {
                 let r = r.get_ref();
@@ -921,6 +978,7 @@ impl Validator<'_> {
                 calls,
                 files,
                 keys,
+                listen,
                 grants,
                 regions,
                 mmio: my_mmio.into_iter().map(|(r, _)| r).collect(),
@@ -1291,14 +1349,19 @@ impl Validator<'_> {
 
 /// Descriptor slots a service's bootstrap record lists: status page, seccomp program, control
 /// channel, one serving channel per (client, endpoint) link, one per call, regions, files,
-/// keys.
+/// keys, listeners.
 /// The supervisor grants exactly these, in this order.
 pub fn capability_slots(spec: &ServiceSpec, services: &[ServiceSpec]) -> usize {
     let served_links: usize = services
         .iter()
         .map(|c| c.calls.iter().filter(|i| spec.serves.contains(i)).count())
         .sum();
-    3 + served_links + spec.calls.len() + spec.regions.len() + spec.files.len() + spec.keys.len()
+    3 + served_links
+        + spec.calls.len()
+        + spec.regions.len()
+        + spec.files.len()
+        + spec.keys.len()
+        + spec.listen.len()
 }
 
 fn valid_name(name: &str) -> bool {

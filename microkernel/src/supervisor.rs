@@ -142,6 +142,8 @@ struct Service {
     control: ClientEnd<ctl::Request, ctl::Response>,
     status: SharedMemory,
     regions: Vec<(String, SharedMemory)>,
+    /// Sockets bound for the service, kept across its restarts.
+    listeners: Vec<(String, std::net::TcpListener)>,
     service_program: OwnedFd,
     loader_filter: Vec<seccompiler::sock_filter>,
     state: State,
@@ -208,6 +210,17 @@ impl Supervisor {
                 )?;
                 regions.push((r.name.clone(), shm));
             }
+            let mut listeners = Vec::new();
+            for l in &spec.listen {
+                let sock = std::net::TcpListener::bind(l.address).map_err(|e| {
+                    create_err(format!(
+                        "listener {} of {} on {}",
+                        l.name, spec.name, l.address
+                    ))(e.to_string())
+                })?;
+                tracing::info!(service = %spec.name, listener = %l.name, address = %l.address, "listening");
+                listeners.push((l.name.clone(), sock));
+            }
             let program = profiles::service_program(&spec.syscalls).map_err(|e| {
                 create_err(format!("seccomp profile of {}", spec.name))(e.to_string())
             })?;
@@ -229,6 +242,7 @@ impl Supervisor {
                 control: ClientEnd::new(control_mem, WaitPolicy::default()),
                 status,
                 regions,
+                listeners,
                 service_program: program_fd,
                 loader_filter,
                 state: State::Stopped,
@@ -604,6 +618,19 @@ impl Supervisor {
                 key.0.len() as u64,
                 Fd::Owned(fd),
                 None,
+                Grant::Interface,
+            ));
+        }
+        for (name, sock) in &s.listeners {
+            let link = std::fs::read_link(format!("/proc/self/fd/{}", sock.as_raw_fd()))
+                .ok()
+                .map(|p| p.display().to_string());
+            caps.push((
+                CapabilityKind::Listener,
+                name.clone(),
+                0,
+                Fd::Borrowed(sock.as_raw_fd()),
+                link,
                 Grant::Interface,
             ));
         }

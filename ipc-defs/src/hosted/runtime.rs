@@ -60,6 +60,8 @@ pub struct Context {
     pub files: BTreeMap<String, OwnedFd>,
     /// Secrets handed over by the microkernel (sealed memfds), by name.
     pub keys: BTreeMap<String, OwnedFd>,
+    /// Listening sockets bound by the microkernel, by name.
+    pub listeners: BTreeMap<String, OwnedFd>,
 }
 
 /// Who sent a request: the client at the other end of the channel it arrived on, as the
@@ -328,6 +330,7 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
         regions: BTreeMap::new(),
         files: BTreeMap::new(),
         keys: BTreeMap::new(),
+        listeners: BTreeMap::new(),
     };
     let mut control = None;
     let mut served = Vec::new();
@@ -365,6 +368,10 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
             CapabilityKind::Key => {
                 let fd = sys::take_fd(cap.slot).map_err(|e| cap_error(cap, e))?;
                 context.keys.insert(cap.name.to_string(), fd);
+            }
+            CapabilityKind::Listener => {
+                let fd = sys::take_fd(cap.slot).map_err(|e| cap_error(cap, e))?;
+                context.listeners.insert(cap.name.to_string(), fd);
             }
             CapabilityKind::Status | CapabilityKind::SeccompProgram => {}
         }

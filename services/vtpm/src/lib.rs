@@ -8,6 +8,7 @@
 //! state reaches VMGS only through its vmgs channel (file ids TPM_NVRAM, TPM_PPI).
 #![deny(unsafe_code)]
 
+pub mod gateway;
 pub mod libtpms;
 pub mod server;
 pub mod state;

@@ -62,6 +62,22 @@ extern "C" {
     fn TPM_Free(buffer: *mut c_uchar);
 }
 
+#[link(name = "crypto")]
+extern "C" {
+    fn OPENSSL_init_crypto(opts: u64, settings: *const std::ffi::c_void) -> c_int;
+}
+
+/// `OPENSSL_INIT_LOAD_CONFIG`.
+const OPENSSL_INIT_LOAD_CONFIG: u64 = 0x40;
+
+/// Makes OpenSSL (libtpms' crypto) read its configuration now. It would otherwise open
+/// `openssl.cnf` at its first use, inside the service's seccomp profile, which allows no
+/// `openat`: call this before entering the sandbox.
+pub fn preload_crypto_config() {
+    // SAFETY: plain call; a null settings pointer means the default configuration.
+    unsafe { OPENSSL_init_crypto(OPENSSL_INIT_LOAD_CONFIG, std::ptr::null()) };
+}
+
 /// The state blobs libtpms stores and loads by name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NvName {

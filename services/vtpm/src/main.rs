@@ -45,6 +45,8 @@ impl PermanentStore for VmgsPermanent {
 }
 
 fn main() -> ExitCode {
+    // Before the service's seccomp profile (which allows no openat) is in force.
+    pv_vtpm::libtpms::preload_crypto_config();
     let mut started = match runtime::enter() {
         Ok(s) => s,
         Err(e) => {

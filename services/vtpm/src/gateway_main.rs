@@ -1,0 +1,207 @@
+//! `pv-tpm-gateway`: the TPM's network front ends (mssim and swtpm protocols) in a process of
+//! their own, outside the engine's sandbox. It holds only listening sockets the microkernel
+//! bound on loopback (it cannot create, bind or connect a socket) and a `vtpm` channel.
+//!
+//! Capabilities expected: its control channel; listeners named `mssim-command`,
+//! `mssim-platform`, `swtpm-data`, `swtpm-control` (any subset); the calling end of a
+//! `vtpm` channel. One thread, one poll loop: connections are served in turn.
+#![forbid(unsafe_code)]
+
+use std::io::Read;
+use std::io::Write;
+use std::net::TcpListener;
+use std::net::TcpStream;
+use std::os::fd::AsFd;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use ipc_defs::endpoint;
+use ipc_defs::hosted::runtime;
+use ipc_defs::hosted::sys;
+use ipc_defs::hosted::CallError;
+use ipc_defs::hosted::ClientEnd;
+use ipc_defs::services::vtpm;
+use ipc_defs::services::vtpm::TpmBytes;
+use ipc_defs::Interface;
+use pv_vtpm::gateway::Connection;
+use pv_vtpm::gateway::Protocol;
+use pv_vtpm::gateway::Step;
+use pv_vtpm::server::error_response;
+
+/// Longest a TPM command may take (RSA key generation on a slow machine).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a command is sent again after the TPM restarted under it.
+const RESENDS: usize = 8;
+/// How long the loop sleeps between looks at the control channel.
+const POLL: Duration = Duration::from_millis(50);
+/// TPM_RC_FAILURE, TPM_RC_LOCALITY, TPM_RC_RETRY.
+const RC_FAILURE: u32 = 0x101;
+const RC_LOCALITY: u32 = 0x907;
+const RC_RETRY: u32 = 0x922;
+
+type Tpm = ClientEnd<endpoint::Request<vtpm::Request>, endpoint::Response<vtpm::Response>>;
+
+struct Client {
+    stream: TcpStream,
+    conn: Connection,
+}
+
+fn main() -> ExitCode {
+    let mut started = match runtime::enter() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tpm-gateway: cannot start: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    started.answer_first_ping();
+    let mut listeners = Vec::new();
+    for (name, fd) in std::mem::take(&mut started.context.listeners) {
+        let Some(protocol) = Protocol::from_listener_name(&name) else {
+            tracing::error!("listener \"{name}\" names no TPM protocol (mssim-command, mssim-platform, swtpm-data, swtpm-control)");
+            return ExitCode::FAILURE;
+        };
+        listeners.push((protocol, TcpListener::from(fd)));
+    }
+    let Some(end) = started.context.clients.remove(&Interface::Vtpm) else {
+        tracing::error!("the manifest grants no vtpm channel");
+        return ExitCode::FAILURE;
+    };
+    let mut tpm: Tpm = end.into_typed();
+    // Command numbers increase across restarts of this gateway too: start from the clock.
+    let mut seq = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    let mut swtpm_locality = 0u8;
+    let mut clients: Vec<Client> = Vec::new();
+    tracing::info!(listeners = listeners.len(), "TPM front ends ready");
+    loop {
+        if !started.answer_control() {
+            return ExitCode::SUCCESS;
+        }
+        let ready = {
+            let fds: Vec<_> = listeners
+                .iter()
+                .map(|(_, l)| l.as_fd())
+                .chain(clients.iter().map(|c| c.stream.as_fd()))
+                .collect();
+            match sys::poll_readable(&fds, POLL) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!("poll: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        };
+        for (i, (protocol, listener)) in listeners.iter().enumerate() {
+            if ready[i] {
+                if let Ok((stream, _)) = listener.accept() {
+                    let _ = stream.set_nodelay(true);
+                    clients.push(Client {
+                        stream,
+                        conn: Connection::new(*protocol),
+                    });
+                }
+            }
+        }
+        let mut keep = Vec::with_capacity(clients.len());
+        for (i, mut client) in clients.into_iter().enumerate() {
+            let is_ready = ready.get(listeners.len() + i).copied().unwrap_or(false);
+            if !is_ready || serve(&mut client, &mut tpm, &mut seq, &mut swtpm_locality) {
+                keep.push(client);
+            }
+        }
+        clients = keep;
+    }
+}
+
+/// Reads what a client sent and answers every complete request; `false` to drop it.
+fn serve(client: &mut Client, tpm: &mut Tpm, seq: &mut u64, swtpm_locality: &mut u8) -> bool {
+    let mut buf = [0u8; 8192];
+    let n = match client.stream.read(&mut buf) {
+        Ok(0) | Err(_) => return false,
+        Ok(n) => n,
+    };
+    if !client.conn.feed(&buf[..n]) {
+        return false;
+    }
+    loop {
+        if client.conn.protocol == Protocol::SwtpmData {
+            client.conn.locality = *swtpm_locality;
+        }
+        let Some(step) = client.conn.next_step() else {
+            return true;
+        };
+        let reply = match step {
+            Step::Command { locality, command } => {
+                *seq += 1;
+                let response = run_command(tpm, *seq, locality, &command);
+                client.conn.tpm_reply(&response)
+            }
+            Step::Signal(signal) => {
+                let (ok, established) = match call(tpm, vtpm::Request::Platform(signal)) {
+                    Ok(vtpm::Response::Done) => (true, false),
+                    Ok(vtpm::Response::Established(e)) => (true, e),
+                    _ => (false, false),
+                };
+                client.conn.signal_reply(ok, established)
+            }
+            Step::Reply(bytes) => {
+                if client.conn.protocol == Protocol::SwtpmControl {
+                    *swtpm_locality = client.conn.locality;
+                }
+                bytes
+            }
+            Step::ReplyAndClose(bytes) => {
+                let _ = client.stream.write_all(&bytes);
+                return false;
+            }
+            Step::Close => return false,
+        };
+        if client.stream.write_all(&reply).is_err() {
+            return false;
+        }
+    }
+}
+
+/// One call to the TPM, sent again (same request) if the TPM restarted meanwhile.
+fn call(tpm: &mut Tpm, request: vtpm::Request) -> Result<vtpm::Response, CallError> {
+    let mut tries = 0;
+    loop {
+        match tpm.call(
+            &endpoint::Request::Service(request.clone()),
+            COMMAND_TIMEOUT,
+        ) {
+            Ok(endpoint::Response::Service(r)) => return Ok(r),
+            Ok(_) => return Err(CallError::MalformedReply),
+            Err(CallError::PeerRestarted { .. }) if tries < RESENDS => tries += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Runs a TPM command; always yields a TPM response (an error one if need be). The command
+/// number makes a re-send after a TPM restart safe: never applied twice.
+fn run_command(tpm: &mut Tpm, seq: u64, locality: u8, command: &[u8]) -> Vec<u8> {
+    let Some(bytes) = TpmBytes::new(command) else {
+        return error_response(pv_vtpm::server::RC_COMMAND_SIZE);
+    };
+    let request = vtpm::Request::Command {
+        seq,
+        locality,
+        command: bytes,
+    };
+    match call(tpm, request) {
+        Ok(vtpm::Response::Tpm(r)) => r.as_slice().to_vec(),
+        Ok(vtpm::Response::Error(vtpm::VtpmError::BadLocality(_))) => error_response(RC_LOCALITY),
+        Ok(vtpm::Response::Error(e)) => {
+            tracing::warn!("TPM command failed: {e}");
+            error_response(RC_FAILURE)
+        }
+        Ok(_) => error_response(RC_FAILURE),
+        Err(e) => {
+            tracing::warn!("TPM unreachable: {e}");
+            error_response(RC_RETRY)
+        }
+    }
+}
