@@ -42,7 +42,15 @@ fn check_and_audit_default_to_the_shipped_manifest() {
         .collect();
     assert_eq!(
         names,
-        ["intercept", "vmgs", "vtpm", "attest", "storage", "net"]
+        [
+            "intercept",
+            "vmgs",
+            "vtpm",
+            "tpm-gateway",
+            "attest",
+            "storage",
+            "net"
+        ]
     );
     let vtpm = &doc["services"][2];
     assert_eq!(vtpm["calls"], serde_json::json!(["vmgs"]));

@@ -16,10 +16,18 @@ use common::RESTART_ALWAYS;
 use common::RESTART_NEVER;
 use common::VMGS_BODY;
 
-const SERVICES: [&str; 6] = ["intercept", "vmgs", "vtpm", "attest", "storage", "net"];
+const SERVICES: [&str; 7] = [
+    "intercept",
+    "vmgs",
+    "vtpm",
+    "tpm-gateway",
+    "attest",
+    "storage",
+    "net",
+];
 
 fn shipped() -> String {
-    std::fs::read_to_string(shipped_manifest()).expect("shipped manifest")
+    common::shipped_text()
 }
 
 /// vmgs served to a hostile client and to an honest one (attest).
@@ -44,7 +52,7 @@ fn shipped_manifest_runs_all_six_sandboxed_and_live_audit_passes() {
     if !sandbox_available("shipped_manifest_runs_all_six_sandboxed_and_live_audit_passes") {
         return;
     }
-    let inst = Instance::start("six", &shipped(), 6);
+    let inst = Instance::start("six", &shipped(), SERVICES.len());
     let rows = inst.ps().unwrap();
     for name in SERVICES {
         let row = rows.iter().find(|r| r["name"] == name).expect("row");
@@ -83,7 +91,7 @@ fn live_audit_fails_when_a_service_differs_from_the_manifest() {
     if !sandbox_available("live_audit_fails_when_a_service_differs_from_the_manifest") {
         return;
     }
-    let inst = Instance::start("drift", &shipped(), 6);
+    let inst = Instance::start("drift", &shipped(), SERVICES.len());
     let pid = inst.pid("storage");
     let status = std::process::Command::new("prlimit")
         .args(["--pid", &pid.to_string(), "--nofile=20:20"])
@@ -108,7 +116,7 @@ fn service_without_capability_cannot_reach_an_endpoint() {
     if !sandbox_available("service_without_capability_cannot_reach_an_endpoint") {
         return;
     }
-    let inst = Instance::start("caps", &shipped(), 6);
+    let inst = Instance::start("caps", &shipped(), SERVICES.len());
     let out = inst.pv(&["probe", "vtpm", "vmgs"]);
     assert!(text(&out).contains("reached"), "{}", text(&out));
     for (svc, ep) in [
@@ -197,7 +205,7 @@ fn kill_9_of_any_service_restarts_it_with_a_new_epoch_and_requests_succeed() {
     {
         return;
     }
-    let inst = Instance::start("kill9", &shipped(), 6);
+    let inst = Instance::start("kill9", &shipped(), SERVICES.len());
     for name in SERVICES {
         let before = inst.row(name);
         let old_pid = before["pid"].as_i64().unwrap();
@@ -318,7 +326,7 @@ fn sigterm_and_sigint_stop_everything_cleanly() {
         return;
     }
     for signal in ["-TERM", "-INT"] {
-        let mut inst = Instance::start("stop", &shipped(), 6);
+        let mut inst = Instance::start("stop", &shipped(), SERVICES.len());
         let pids: Vec<i32> = SERVICES.iter().map(|s| inst.pid(s)).collect();
         let child = inst.child.as_ref().unwrap().id();
         std::process::Command::new("kill")
@@ -375,7 +383,7 @@ fn kill_with_term_is_reported_as_sigterm_despite_the_pid_namespace() {
     if !sandbox_available("kill_with_term_is_reported_as_sigterm_despite_the_pid_namespace") {
         return;
     }
-    let inst = Instance::start("term", &shipped(), 6);
+    let inst = Instance::start("term", &shipped(), SERVICES.len());
     let old = inst.pid("net");
     let out = inst.pv(&["kill", "net", "--signal", "TERM"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -425,7 +433,7 @@ fn ctrl_c_to_the_whole_process_group_stops_the_services_in_order() {
     if !sandbox_available("ctrl_c_to_the_whole_process_group_stops_the_services_in_order") {
         return;
     }
-    let mut inst = Instance::start("ctrlc", &shipped(), 6);
+    let mut inst = Instance::start("ctrlc", &shipped(), SERVICES.len());
     let group = inst.child.as_ref().unwrap().id();
     // What a terminal does on Ctrl-C: SIGINT to every process of the foreground group.
     std::process::Command::new("kill")

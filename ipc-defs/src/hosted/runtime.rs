@@ -45,8 +45,13 @@ const REFUSALS_LOGGED: u64 = 20;
 /// How long an idle server sleeps before looking around on its own.
 const IDLE_RECHECK: Duration = Duration::from_secs(5);
 
+/// A calling end as the runtime hands it out (typed for pings; see `ClientEnd::call_with`).
+pub type PlainClient = ClientEnd<endpoint::Request<()>, endpoint::Response<()>>;
 /// The calls a service may make: one client end per endpoint the manifest grants.
-pub type Clients = BTreeMap<Interface, ClientEnd<endpoint::Request<()>, endpoint::Response<()>>>;
+pub type Clients = BTreeMap<Interface, PlainClient>;
+/// A calling end shared between the service's own client code and the runtime (which pings
+/// through it for `paravisor probe`). The service is single-threaded: never borrowed twice.
+pub type SharedClient = std::rc::Rc<std::cell::RefCell<PlainClient>>;
 
 /// What a service handler gets besides the request.
 pub struct Context {
@@ -54,6 +59,8 @@ pub struct Context {
     pub service: String,
     /// Calling ends, by endpoint.
     pub clients: Clients,
+    /// Calling ends the service took with [`Context::share_client`].
+    pub shared: BTreeMap<Interface, SharedClient>,
     /// Shared regions granted by the manifest, by name.
     pub regions: BTreeMap<String, SharedMemory>,
     /// Files opened by the microkernel for this service, by name.
@@ -62,6 +69,17 @@ pub struct Context {
     pub keys: BTreeMap<String, OwnedFd>,
     /// Listening sockets bound by the microkernel, by name.
     pub listeners: BTreeMap<String, OwnedFd>,
+}
+
+impl Context {
+    /// Takes the calling end for `endpoint` for the service's own client code, leaving the
+    /// runtime a share of it (so that probes through the capability keep working).
+    pub fn share_client(&mut self, endpoint: Interface) -> Option<SharedClient> {
+        let end = self.clients.remove(&endpoint)?;
+        let shared = std::rc::Rc::new(std::cell::RefCell::new(end));
+        self.shared.insert(endpoint, shared.clone());
+        Some(shared)
+    }
 }
 
 /// Who sent a request: the client at the other end of the channel it arrived on, as the
@@ -327,6 +345,7 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
     let mut context = Context {
         service: record.service.to_string(),
         clients: BTreeMap::new(),
+        shared: BTreeMap::new(),
         regions: BTreeMap::new(),
         files: BTreeMap::new(),
         keys: BTreeMap::new(),
@@ -515,8 +534,18 @@ fn control_reply(
 
 /// Pings `endpoint` through this service's own capability.
 pub fn probe(context: &mut Context, endpoint: Interface) -> control::ProbeOutcome {
-    let Some(client) = context.clients.get_mut(&endpoint) else {
-        return control::ProbeOutcome::NoCapability;
+    let shared = context.shared.get(&endpoint).cloned();
+    let mut borrowed;
+    let client = match (context.clients.get_mut(&endpoint), &shared) {
+        (Some(c), _) => c,
+        (None, Some(s)) => match s.try_borrow_mut() {
+            Ok(b) => {
+                borrowed = b;
+                &mut *borrowed
+            }
+            Err(_) => return control::ProbeOutcome::TimedOut,
+        },
+        (None, None) => return control::ProbeOutcome::NoCapability,
     };
     static NEXT_NONCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let nonce = NEXT_NONCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -43,7 +43,11 @@ pub enum VmgsCallError {
     TooLarge(FileId, usize),
 }
 
-type Channel = ClientEnd<endpoint::Request<Request>, endpoint::Response<Response>>;
+/// The channel, owned or shared with the runtime.
+enum Channel {
+    Owned(super::runtime::PlainClient),
+    Shared(super::runtime::SharedClient),
+}
 
 /// A typed client of the vmgs store.
 pub struct VmgsClient {
@@ -56,16 +60,26 @@ impl VmgsClient {
     /// Takes the calling end the runtime granted (typed for pings) and speaks vmgs on it.
     pub fn new(end: ClientEnd<endpoint::Request<()>, endpoint::Response<()>>) -> VmgsClient {
         VmgsClient {
-            end: end.into_typed(),
+            end: Channel::Owned(end),
+            restarts_seen: 0,
+        }
+    }
+
+    /// Speaks vmgs on a calling end shared with the runtime (see `Context::share_client`).
+    pub fn shared(end: super::runtime::SharedClient) -> VmgsClient {
+        VmgsClient {
+            end: Channel::Shared(end),
             restarts_seen: 0,
         }
     }
 
     fn call(&mut self, request: Request) -> Result<Response, VmgsCallError> {
-        match self
-            .end
-            .call(&endpoint::Request::Service(request), CALL_TIMEOUT)?
-        {
+        let request = endpoint::Request::Service(request);
+        let reply: endpoint::Response<Response> = match &mut self.end {
+            Channel::Owned(end) => end.call_with(&request, CALL_TIMEOUT)?,
+            Channel::Shared(end) => end.borrow_mut().call_with(&request, CALL_TIMEOUT)?,
+        };
+        match reply {
             endpoint::Response::Service(r) => Ok(r),
             endpoint::Response::Error(code) => Err(VmgsCallError::Endpoint(code)),
             endpoint::Response::Pong { .. } => Err(VmgsCallError::Unexpected("a request")),

@@ -77,6 +77,7 @@ fn main() -> ExitCode {
     tracing::info!(listeners = listeners.len(), "TPM front ends ready");
     loop {
         if !started.answer_control() {
+            tracing::info!("shut down on request");
             return ExitCode::SUCCESS;
         }
         let ready = {

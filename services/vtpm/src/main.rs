@@ -93,12 +93,11 @@ fn start(
         .remove(CHECKPOINT_REGION)
         .ok_or_else(|| format!("the manifest grants no region \"{CHECKPOINT_REGION}\""))?;
     let vmgs = context
-        .clients
-        .remove(&Interface::Vmgs)
+        .share_client(Interface::Vmgs)
         .ok_or("the manifest grants no vmgs channel")?;
     let nv = SharedNv::default();
     let engine = Engine::take(Box::new(nv.clone()))
         .ok_or("the TPM engine is already in use")?
         .map_err(|rc| format!("libtpms refused TPM 2.0 ({rc:#x})"))?;
-    Tpm::start(engine, nv, VmgsPermanent(VmgsClient::new(vmgs)), region)
+    Tpm::start(engine, nv, VmgsPermanent(VmgsClient::shared(vmgs)), region)
 }

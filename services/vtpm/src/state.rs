@@ -167,7 +167,7 @@ impl<M: CheckpointMemory> CheckpointArea<M> {
 }
 
 /// Where libtpms' permanent state is kept durably (VMGS through the vmgs channel).
-pub trait PermanentStore: Send {
+pub trait PermanentStore {
     fn read(&mut self) -> Result<Option<Vec<u8>>, String>;
     fn write(&mut self, bytes: &[u8]) -> Result<(), String>;
 }

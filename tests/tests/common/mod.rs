@@ -40,6 +40,35 @@ pub fn shipped_manifest() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifest.toml")
 }
 
+/// A loopback port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// The shipped manifest's text with every listen address moved to a free port, so that
+/// tests can run instances side by side (and next to a paravisor a developer runs).
+pub fn shipped_text() -> String {
+    let text = std::fs::read_to_string(shipped_manifest()).expect("shipped manifest");
+    let mut out = String::new();
+    let mut rest = text.as_str();
+    // Hold every chosen port until all are chosen, so none is chosen twice.
+    let mut held = Vec::new();
+    while let Some(at) = rest.find("\"127.0.0.1:") {
+        let (head, tail) = rest.split_at(at);
+        out.push_str(head);
+        let end = tail[1..].find('"').expect("closing quote") + 2;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
+        out.push_str(&format!("\"{}\"", l.local_addr().expect("bound")));
+        held.push(l);
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// A fresh, short directory (control sockets have a 108-byte path limit).
 pub fn scratch_dir(tag: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
