@@ -9,7 +9,6 @@ use std::time::Duration;
 use common::alive;
 use common::sandbox_available;
 use common::service;
-use common::shipped_manifest;
 use common::text;
 use common::Instance;
 use common::RESTART_ALWAYS;

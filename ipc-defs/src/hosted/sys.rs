@@ -469,3 +469,22 @@ pub fn poll_readable(
         .map(|p| p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0)
         .collect())
 }
+
+/// Asks the kernel to acknowledge what arrives on a TCP socket at once rather than delay the
+/// ACK: a peer that sends a request in several small writes (the mssim protocol's code,
+/// locality, size, command) would otherwise stall on its Nagle timer for each request. The
+/// flag is not sticky, so it is set after every read.
+pub fn tcp_quickack(fd: &impl AsRawFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt on a descriptor we hold, with a pointer to a live c_int and its size.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } as libc::c_long)?;
+    Ok(())
+}

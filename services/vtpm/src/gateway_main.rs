@@ -123,6 +123,7 @@ fn serve(client: &mut Client, tpm: &mut Tpm, seq: &mut u64, swtpm_locality: &mut
         Ok(0) | Err(_) => return false,
         Ok(n) => n,
     };
+    let _ = sys::tcp_quickack(&client.stream);
     if !client.conn.feed(&buf[..n]) {
         return false;
     }
