@@ -48,21 +48,62 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// Two adjacent free loopback ports (P, P+1), as the mssim and swtpm clients expect.
+pub fn adjacent_ports() -> (u16, u16) {
+    let mut seed = std::process::id().wrapping_mul(2_246_822_519) ^ 0x9e37;
+    loop {
+        seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        let p = 20_000 + (seed >> 8) as u16 % 40_000;
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok()
+        {
+            return (p, p + 1);
+        }
+    }
+}
+
 /// The shipped manifest's text with every listen address moved to a free port, so that
-/// tests can run instances side by side (and next to a paravisor a developer runs).
+/// tests can run instances side by side (and next to a paravisor a developer runs). Ports
+/// that follow each other stay adjacent (the mssim and swtpm clients find the platform and
+/// control ports at the data port + 1).
 pub fn shipped_text() -> String {
     let text = std::fs::read_to_string(shipped_manifest()).expect("shipped manifest");
     let mut out = String::new();
     let mut rest = text.as_str();
     // Hold every chosen port until all are chosen, so none is chosen twice.
-    let mut held = Vec::new();
+    let mut held: Vec<std::net::TcpListener> = Vec::new();
+    let mut last: Option<(u16, u16)> = None; // (old, new)
+    let mut seed = std::process::id().wrapping_mul(2_654_435_761);
     while let Some(at) = rest.find("\"127.0.0.1:") {
         let (head, tail) = rest.split_at(at);
         out.push_str(head);
         let end = tail[1..].find('"').expect("closing quote") + 2;
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
-        out.push_str(&format!("\"{}\"", l.local_addr().expect("bound")));
-        held.push(l);
+        let old: u16 = tail[12..end - 1].parse().expect("a port");
+        let new = match last {
+            Some((o, n))
+                if o.checked_add(1) == Some(old)
+                    && held
+                        .iter()
+                        .any(|l| l.local_addr().is_ok_and(|a| a.port() == n + 1)) =>
+            {
+                n + 1
+            }
+            _ => loop {
+                // A port whose successor is free too.
+                seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                let p = 20_000 + (seed >> 8) as u16 % 40_000;
+                if let (Ok(a), Ok(b)) = (
+                    std::net::TcpListener::bind(("127.0.0.1", p)),
+                    std::net::TcpListener::bind(("127.0.0.1", p + 1)),
+                ) {
+                    held.push(a);
+                    held.push(b);
+                    break p;
+                }
+            },
+        };
+        out.push_str(&format!("\"127.0.0.1:{new}\""));
+        last = Some((old, new));
         rest = &tail[end..];
     }
     out.push_str(rest);
