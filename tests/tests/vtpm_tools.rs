@@ -404,7 +404,7 @@ fn hostile_clients_get_errors_or_closed_connections_never_a_dead_tpm() {
     );
     assert_ne!(&reply[10..14], &[0, 0, 0, 0]);
     let garbage: Vec<u8> = (0..1 << 20)
-        .map(|i: u32| (i * 2_654_435_761u32 >> 24) as u8)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect();
     let _ = exchange(mssim, &garbage);
     // swtpm data: truncated header, size larger than the data, then garbage.
