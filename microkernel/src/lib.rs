@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod bench;
 pub mod bench_vmgs;
+pub mod bench_vtpm;
 pub mod control;
 pub mod manifest;
 pub mod profiles;

@@ -89,10 +89,11 @@ enum Cmd {
         manifest: Option<PathBuf>,
     },
     /// Measure against baselines in the same run: `ipc` (our rings against the shared-memory
-    /// floor, eventfd and Unix sockets) or `vmgs` (the guest-state store against plain file I/O).
+    /// floor, eventfd and Unix sockets), `vmgs` (the guest-state store against plain file
+    /// I/O) or `vtpm` (a running paravisor's TPM against swtpm).
     Bench {
         /// What to measure.
-        #[arg(value_parser = ["ipc", "vmgs"], default_value = "ipc")]
+        #[arg(value_parser = ["ipc", "vmgs", "vtpm"], default_value = "ipc")]
         what: String,
         /// For `vmgs`: the directory (file system) to measure in [default: the system's temporary directory].
         #[arg(long)]
@@ -348,6 +349,17 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             let samples = if quick { 5 } else { samples };
             let report = microkernel::bench_vmgs::run(&dir, samples);
             print_report(report, json, microkernel::bench_vmgs::text)
+        }
+        Cmd::Bench {
+            what,
+            dir,
+            quick,
+            json,
+            ..
+        } if what == "vtpm" => {
+            let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("pv-bench-vtpm"));
+            let report = microkernel::bench_vtpm::run(Path::new(DEFAULT_MANIFEST), &dir, quick);
+            print_report(report, json, microkernel::bench_vtpm::text)
         }
         Cmd::Bench {
             what: _,

@@ -1,0 +1,332 @@
+//! `paravisor bench vtpm`: our vTPM (a whole `paravisor run`: gateway process, vtpm process,
+//! VMGS write-through, checkpoints) against `swtpm` started in the same run, both over one
+//! persistent loopback connection speaking the swtpm data protocol (bare TPM commands).
+//! Also the time from `kill -9` of pv-vtpm to the first successful command afterwards.
+
+use std::io::Read;
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Child;
+use std::process::Command;
+use std::process::Stdio;
+use std::time::Duration;
+use std::time::Instant;
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Rate {
+    pub operation: String,
+    pub ours_per_second: f64,
+    pub swtpm_per_second: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub rates: Vec<Rate>,
+    /// Median over the kills, in milliseconds.
+    pub restart_to_first_command_ms: f64,
+    pub restarts_measured: usize,
+}
+
+/// A child process killed on drop.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+/// One TPM command over a swtpm-protocol data connection.
+fn transact(s: &mut TcpStream, command: &[u8]) -> std::io::Result<Vec<u8>> {
+    s.write_all(command)?;
+    let mut header = [0u8; 10];
+    s.read_exact(&mut header)?;
+    let size = u32::from_be_bytes([header[2], header[3], header[4], header[5]]) as usize;
+    if !(10..=4096).contains(&size) {
+        return Err(err(format!("response of {size} bytes")));
+    }
+    let mut response = header.to_vec();
+    response.resize(size, 0);
+    s.read_exact(&mut response[10..])?;
+    Ok(response)
+}
+
+fn rc(response: &[u8]) -> u32 {
+    u32::from_be_bytes([response[6], response[7], response[8], response[9]])
+}
+
+/// TPM_RC_RETRY: the TPM could not start the command; the client sends it again.
+const RC_RETRY: u32 = 0x922;
+
+fn expect_ok(s: &mut TcpStream, command: &[u8], what: &str) -> std::io::Result<Vec<u8>> {
+    let mut r = transact(s, command)?;
+    for _ in 0..10 {
+        if rc(&r) != RC_RETRY {
+            break;
+        }
+        r = transact(s, command)?;
+    }
+    if rc(&r) != 0 {
+        return Err(err(format!("{what}: TPM error {:#x}", rc(&r))));
+    }
+    Ok(r)
+}
+
+const STARTUP_CLEAR: [u8; 12] = [0x80, 1, 0, 0, 0, 12, 0, 0, 1, 0x44, 0, 0];
+const GET_RANDOM_32: [u8; 12] = [0x80, 1, 0, 0, 0, 12, 0, 0, 1, 0x7b, 0, 32];
+const PCR_READ_16: [u8; 20] = [
+    0x80, 1, 0, 0, 0, 20, 0, 0, 1, 0x7e, 0, 0, 0, 1, 0, 0x0b, 3, 0, 0, 1,
+];
+/// A password session with an empty password (TPM_RS_PW).
+const PASSWORD_SESSION: [u8; 13] = [0, 0, 0, 9, 0x40, 0, 0, 9, 0, 0, 0, 0, 0];
+
+fn with_size(mut c: Vec<u8>) -> Vec<u8> {
+    let len = c.len() as u32;
+    c[2..6].copy_from_slice(&len.to_be_bytes());
+    c
+}
+
+fn pcr_extend_16() -> Vec<u8> {
+    let mut c = vec![0x80, 2, 0, 0, 0, 0, 0, 0, 1, 0x82, 0, 0, 0, 16];
+    c.extend_from_slice(&PASSWORD_SESSION);
+    c.extend_from_slice(&[0, 0, 0, 1, 0, 0x0b]);
+    c.extend_from_slice(&[0x5a; 32]);
+    with_size(c)
+}
+
+/// TPM2_CreatePrimary in the owner hierarchy: a restricted ECDSA P-256 signing key.
+fn create_primary_ecc() -> Vec<u8> {
+    let mut c = vec![0x80, 2, 0, 0, 0, 0, 0, 0, 1, 0x31, 0x40, 0, 0, 1];
+    c.extend_from_slice(&PASSWORD_SESSION);
+    c.extend_from_slice(&[0, 4, 0, 0, 0, 0]); // inSensitive: empty auth and data
+    let public: Vec<u8> = [
+        &[0x00, 0x23, 0x00, 0x0b][..], // ECC, SHA-256 name
+        &0x0005_0072u32.to_be_bytes(), // fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth|restricted|sign
+        &[0, 0],                       // no policy
+        &[0x00, 0x10],                 // no symmetric
+        &[0x00, 0x18, 0x00, 0x0b],     // ECDSA with SHA-256
+        &[0x00, 0x03],                 // NIST P-256
+        &[0x00, 0x10],                 // no KDF
+        &[0, 0, 0, 0],                 // empty unique point
+    ]
+    .concat();
+    c.extend_from_slice(&(public.len() as u16).to_be_bytes());
+    c.extend_from_slice(&public);
+    c.extend_from_slice(&[0, 0, 0, 0, 0, 0]); // outsideInfo, creationPCR
+    with_size(c)
+}
+
+fn quote(handle: u32) -> Vec<u8> {
+    let mut c = vec![0x80, 2, 0, 0, 0, 0, 0, 0, 1, 0x58];
+    c.extend_from_slice(&handle.to_be_bytes());
+    c.extend_from_slice(&PASSWORD_SESSION);
+    c.extend_from_slice(&[0, 4, 1, 2, 3, 4]); // qualifying data
+    c.extend_from_slice(&[0x00, 0x10]); // the key's own scheme
+    c.extend_from_slice(&[0, 0, 0, 1, 0, 0x0b, 3, 1, 0, 0]); // PCR 0, SHA-256
+    with_size(c)
+}
+
+fn flush(handle: u32) -> Vec<u8> {
+    let mut c = vec![0x80, 1, 0, 0, 0, 14, 0, 0, 1, 0x65];
+    c.extend_from_slice(&handle.to_be_bytes());
+    c
+}
+
+/// CreatePrimary(ECC P-256) + Quote + FlushContext.
+fn create_and_quote(s: &mut TcpStream) -> std::io::Result<()> {
+    let r = expect_ok(s, &create_primary_ecc(), "CreatePrimary")?;
+    let handle = u32::from_be_bytes([r[10], r[11], r[12], r[13]]);
+    let q = expect_ok(s, &quote(handle), "Quote");
+    expect_ok(s, &flush(handle), "FlushContext")?;
+    q.map(|_| ())
+}
+
+/// Operations per second: the best of `rounds` timed runs of `n` operations each (the
+/// machine is shared; the best run is the least disturbed one).
+fn rate(
+    s: &mut TcpStream,
+    rounds: usize,
+    n: usize,
+    mut op: impl FnMut(&mut TcpStream) -> std::io::Result<()>,
+) -> std::io::Result<f64> {
+    op(s)?;
+    let mut best: f64 = 0.0;
+    for _ in 0..rounds {
+        let start = Instant::now();
+        for _ in 0..n {
+            op(s)?;
+        }
+        best = best.max(n as f64 / start.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+fn connect(port: u16, deadline: Duration) -> std::io::Result<TcpStream> {
+    let until = Instant::now() + deadline;
+    loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => {
+                s.set_nodelay(true)?;
+                s.set_read_timeout(Some(Duration::from_secs(30)))?;
+                return Ok(s);
+            }
+            Err(e) if Instant::now() > until => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// A free port P with P+1 free too.
+fn adjacent_ports() -> std::io::Result<u16> {
+    for _ in 0..100 {
+        let a = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let p = a.local_addr()?.port();
+        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return Ok(p);
+        }
+    }
+    Err(err("no two adjacent free ports"))
+}
+
+/// Runs the comparison. `manifest` is the manifest to run (its listeners are moved to free
+/// ports); `dir` holds the temporary state.
+pub fn run(manifest: &Path, dir: &Path, quick: bool) -> std::io::Result<Report> {
+    let (rounds, n) = if quick { (2, 50) } else { (5, 400) };
+    let text = std::fs::read_to_string(manifest)?;
+    let (mssim, swtpm_data) = (adjacent_ports()?, adjacent_ports()?);
+    let text = text
+        .replace("127.0.0.1:2321", &format!("127.0.0.1:{mssim}"))
+        .replace("127.0.0.1:2322", &format!("127.0.0.1:{}", mssim + 1))
+        .replace("127.0.0.1:2331", &format!("127.0.0.1:{swtpm_data}"))
+        .replace("127.0.0.1:2332", &format!("127.0.0.1:{}", swtpm_data + 1));
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let run_manifest = dir.join("manifest.toml");
+    std::fs::write(&run_manifest, text)?;
+    let state = dir.join("state");
+    let _paravisor = Guard(
+        Command::new(std::env::current_exe()?)
+            .arg("run")
+            .arg(&run_manifest)
+            .arg("--state-dir")
+            .arg(&state)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("paravisor.log"))?)
+            .spawn()?,
+    );
+    let mut ours = connect(swtpm_data, Duration::from_secs(30))?;
+    // The listener is bound before the TPM is up: wait for the first answer.
+    let _ = transact(&mut ours, &STARTUP_CLEAR)?;
+
+    let reference = match adjacent_ports().and_then(|p| {
+        let child = Command::new("swtpm")
+            .args(["socket", "--tpm2", "--flags", "not-need-init"])
+            .arg("--server")
+            .arg(format!("type=tcp,port={p},bindaddr=127.0.0.1"))
+            .arg("--ctrl")
+            .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", p + 1))
+            .arg("--tpmstate")
+            .arg(format!("dir={}", dir.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let guard = Guard(child);
+        let mut s = connect(p, Duration::from_secs(10))?;
+        expect_ok(&mut s, &STARTUP_CLEAR, "swtpm Startup")?;
+        Ok((guard, s))
+    }) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("swtpm not available ({e}); reporting our rates only");
+            None
+        }
+    };
+    let (_swtpm_guard, mut theirs) = match reference {
+        Some((g, s)) => (Some(g), Some(s)),
+        None => (None, None),
+    };
+
+    let mut rates = Vec::new();
+    type Op = fn(&mut TcpStream) -> std::io::Result<()>;
+    let ops: [(&str, Op, usize); 4] = [
+        ("GetRandom(32)", |s| expect_ok(s, &GET_RANDOM_32, "GetRandom").map(|_| ()), n),
+        ("PCR_Extend(16, SHA-256)", |s| expect_ok(s, &pcr_extend_16(), "PCR_Extend").map(|_| ()), n),
+        ("PCR_Read(16, SHA-256)", |s| expect_ok(s, &PCR_READ_16, "PCR_Read").map(|_| ()), n),
+        ("CreatePrimary(ECC P-256) + Quote", create_and_quote, n / 10),
+    ];
+    for (name, op, count) in ops {
+        let mine = rate(&mut ours, rounds, count, op)?;
+        let other = match &mut theirs {
+            Some(s) => Some(rate(s, rounds, count, op)?),
+            None => None,
+        };
+        rates.push(Rate {
+            operation: name.into(),
+            ours_per_second: mine,
+            swtpm_per_second: other,
+        });
+    }
+
+    // kill -9 of pv-vtpm, then the first successful command.
+    let mut restarts = Vec::new();
+    let kills = if quick { 1 } else { 3 };
+    for _ in 0..kills {
+        let before = Instant::now();
+        let status = Command::new(std::env::current_exe()?)
+            .args(["kill", "vtpm", "--signal", "KILL", "--state-dir"])
+            .arg(&state)
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            return Err(err("paravisor kill vtpm failed"));
+        }
+        expect_ok(&mut ours, &GET_RANDOM_32, "GetRandom after the restart")?;
+        restarts.push(before.elapsed().as_secs_f64() * 1e3);
+        // Let the restart policy's back-off window pass between kills.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    restarts.sort_by(|a, b| a.total_cmp(b));
+    let _ = Command::new(std::env::current_exe()?)
+        .args(["stop", "--state-dir"])
+        .arg(&state)
+        .stdout(Stdio::null())
+        .status();
+    Ok(Report {
+        rates,
+        restart_to_first_command_ms: restarts[restarts.len() / 2],
+        restarts_measured: restarts.len(),
+    })
+}
+
+pub fn text(r: &Report) -> String {
+    let mut out = String::from(
+        "vTPM operations per second over one persistent loopback connection (best of the runs)\n",
+    );
+    out.push_str(&format!(
+        "  {:<36} {:>12} {:>12} {:>8}\n",
+        "operation", "ours", "swtpm", "ratio"
+    ));
+    for rate in &r.rates {
+        let (theirs, ratio) = match rate.swtpm_per_second {
+            Some(t) => (format!("{t:.0}"), format!("{:.2}x", rate.ours_per_second / t)),
+            None => ("-".into(), "-".into()),
+        };
+        out.push_str(&format!(
+            "  {:<36} {:>12.0} {:>12} {:>8}\n",
+            rate.operation, rate.ours_per_second, theirs, ratio
+        ));
+    }
+    out.push_str(&format!(
+        "kill -9 of pv-vtpm to the first successful command: {:.1} ms (median of {})\n",
+        r.restart_to_first_command_ms, r.restarts_measured
+    ));
+    out
+}
