@@ -19,10 +19,60 @@ use serde::Serialize;
 use crate::libtpms::NvError;
 use crate::libtpms::NvName;
 
+/// A byte blob that postcard encodes as one length-prefixed string (a copy), not as a
+/// sequence of separately encoded bytes: the state blobs are tens of KiB and are encoded
+/// after every command.
+pub mod blob {
+    use serde::de::Visitor;
+    use serde::Deserializer;
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+
+    /// The same for an optional blob.
+    pub mod option {
+        use serde::Deserialize;
+        use serde::Deserializer;
+        use serde::Serialize;
+        use serde::Serializer;
+
+        #[derive(Serialize, Deserialize)]
+        struct Wrap(#[serde(with = "super")] Vec<u8>);
+
+        pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+            v.as_ref().map(|b| Wrap(b.clone())).serialize(s)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+            Ok(Option::<Wrap>::deserialize(d)?.map(|w| w.0))
+        }
+    }
+}
+
 /// One client's last completed command.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LastCommand {
     pub seq: u64,
+    #[serde(with = "blob")]
     pub response: Vec<u8>,
 }
 
@@ -31,6 +81,7 @@ pub struct LastCommand {
 pub struct PermanentRecord {
     /// The client and command whose execution produced this state, if one did.
     pub command: Option<(String, LastCommand)>,
+    #[serde(with = "blob")]
     pub permall: Vec<u8>,
 }
 
@@ -54,8 +105,10 @@ impl PermanentRecord {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
     /// The engine's volatile state; `None` when the TPM is powered off.
+    #[serde(with = "blob::option")]
     pub volatile: Option<Vec<u8>>,
     /// The state TPM2_Shutdown(STATE) saved, for the next TPM2_Startup(STATE).
+    #[serde(with = "blob::option")]
     pub savestate: Option<Vec<u8>>,
     /// Each client's last completed command.
     pub last: BTreeMap<String, LastCommand>,
