@@ -257,9 +257,21 @@ pub fn run(manifest: &Path, dir: &Path, quick: bool) -> std::io::Result<Report> 
     let mut rates = Vec::new();
     type Op = fn(&mut TcpStream) -> std::io::Result<()>;
     let ops: [(&str, Op, usize); 4] = [
-        ("GetRandom(32)", |s| expect_ok(s, &GET_RANDOM_32, "GetRandom").map(|_| ()), n),
-        ("PCR_Extend(16, SHA-256)", |s| expect_ok(s, &pcr_extend_16(), "PCR_Extend").map(|_| ()), n),
-        ("PCR_Read(16, SHA-256)", |s| expect_ok(s, &PCR_READ_16, "PCR_Read").map(|_| ()), n),
+        (
+            "GetRandom(32)",
+            |s| expect_ok(s, &GET_RANDOM_32, "GetRandom").map(|_| ()),
+            n,
+        ),
+        (
+            "PCR_Extend(16, SHA-256)",
+            |s| expect_ok(s, &pcr_extend_16(), "PCR_Extend").map(|_| ()),
+            n,
+        ),
+        (
+            "PCR_Read(16, SHA-256)",
+            |s| expect_ok(s, &PCR_READ_16, "PCR_Read").map(|_| ()),
+            n,
+        ),
         ("CreatePrimary(ECC P-256) + Quote", create_and_quote, n / 10),
     ];
     for (name, op, count) in ops {
@@ -316,7 +328,10 @@ pub fn text(r: &Report) -> String {
     ));
     for rate in &r.rates {
         let (theirs, ratio) = match rate.swtpm_per_second {
-            Some(t) => (format!("{t:.0}"), format!("{:.2}x", rate.ours_per_second / t)),
+            Some(t) => (
+                format!("{t:.0}"),
+                format!("{:.2}x", rate.ours_per_second / t),
+            ),
             None => ("-".into(), "-".into()),
         };
         out.push_str(&format!(

@@ -31,6 +31,14 @@ pub enum Request {
     },
     /// A platform signal.
     Platform(Platform),
+    /// A guest access to the TPM's register range (TIS at 0xFED40000): `offset` from the
+    /// range's base, `size` 1, 2 or 4 bytes; `write` carries the value written, `None` is a
+    /// read (answered with [`Response::Register`]).
+    Mmio {
+        offset: u64,
+        size: u8,
+        write: Option<u64>,
+    },
 }
 
 /// Signals from the platform, as the simulator protocols name them.
@@ -63,6 +71,8 @@ pub enum Response {
     Done,
     /// Answer to [`Platform::GetEstablished`].
     Established(bool),
+    /// The value a register read returns.
+    Register(u64),
     Error(VtpmError),
 }
 

@@ -12,3 +12,4 @@ pub mod gateway;
 pub mod libtpms;
 pub mod server;
 pub mod state;
+pub mod tis;

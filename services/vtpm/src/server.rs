@@ -17,6 +17,8 @@ use crate::state::LastCommand;
 use crate::state::PermanentRecord;
 use crate::state::PermanentStore;
 use crate::state::SharedNv;
+use crate::tis::Effect;
+use crate::tis::Tis;
 
 /// Size of a TPM 2.0 command or response header (tag, size, code).
 pub const TPM_HEADER: usize = 10;
@@ -24,6 +26,8 @@ pub const TPM_HEADER: usize = 10;
 const ST_NO_SESSIONS: u16 = 0x8001;
 /// TPM_RC_COMMAND_SIZE: the size field and the bytes received disagree.
 pub const RC_COMMAND_SIZE: u32 = 0x142;
+/// TPM_RC_FAILURE.
+pub const RC_FAILURE: u32 = 0x101;
 
 /// A TPM error response with no sessions.
 pub fn error_response(rc: u32) -> Vec<u8> {
@@ -56,7 +60,12 @@ pub struct Tpm<P: PermanentStore, M: CheckpointMemory> {
     pub fatal: Option<String>,
     /// Whether the TPM resumed from a checkpoint (true) or started afresh.
     pub resumed: bool,
+    /// The guest's register interface.
+    tis: Tis,
 }
+
+/// The client name under which guest (TIS) commands are recorded.
+const TIS_CLIENT: &str = "guest-tis";
 
 impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
     /// Loads the permanent state from `permanent` and the newest checkpoint from `memory`,
@@ -106,6 +115,7 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
             counters: Counters::default(),
             fatal: None,
             resumed,
+            tis: Tis::new(),
         };
         tpm.engine
             .power_on()
@@ -166,7 +176,44 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
                 command,
             } => self.command(client, seq, locality, command.as_slice()),
             Request::Platform(p) => self.platform(p),
+            Request::Mmio {
+                offset,
+                size,
+                write,
+            } => self.mmio(offset, size, write),
         }
+    }
+
+    /// A guest register access. A write of `tpmGo` runs the command in the FIFO; its
+    /// response is in the FIFO when the write returns.
+    fn mmio(&mut self, offset: u64, size: u8, write: Option<u64>) -> Response {
+        if !matches!(size, 1 | 2 | 4) {
+            return Response::Register(u64::MAX);
+        }
+        let Some(value) = write else {
+            self.tis.set_established(self.engine.established());
+            return Response::Register(self.tis.read(offset, size));
+        };
+        match self.tis.write(offset, size, value) {
+            Effect::None => {}
+            Effect::Cancel => self.engine.cancel(),
+            Effect::ResetEstablished => {
+                let _ = self.engine.reset_established_flag();
+            }
+            Effect::Execute { locality, command } => {
+                let seq = self
+                    .checkpoint
+                    .last
+                    .get(TIS_CLIENT)
+                    .map_or(1, |l| l.seq + 1);
+                let response = match self.command(TIS_CLIENT, seq, locality, &command) {
+                    Response::Tpm(bytes) => bytes.as_slice().to_vec(),
+                    _ => error_response(RC_FAILURE),
+                };
+                self.tis.complete(response);
+            }
+        }
+        Response::Done
     }
 
     fn command(&mut self, client: &str, seq: u64, locality: u8, command: &[u8]) -> Response {

@@ -187,3 +187,78 @@ fn malformed_commands_get_tpm_errors() {
     // Still working.
     assert_eq!(rc(&cmd(&mut tpm, 5, &GET_RANDOM_32)), 0);
 }
+
+fn reg(tpm: &mut Tpm<Disk, Region>, offset: u64, size: u8) -> u64 {
+    match tpm.handle(
+        "intercept",
+        Request::Mmio {
+            offset,
+            size,
+            write: None,
+        },
+    ) {
+        Response::Register(v) => v,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn set(tpm: &mut Tpm<Disk, Region>, offset: u64, size: u8, value: u64) {
+    assert_eq!(
+        tpm.handle(
+            "intercept",
+            Request::Mmio {
+                offset,
+                size,
+                write: Some(value)
+            }
+        ),
+        Response::Done
+    );
+}
+
+/// One command through the TIS registers, as Linux's tpm_tis_core drives them.
+fn tis_transmit(tpm: &mut Tpm<Disk, Region>, command: &[u8]) -> Vec<u8> {
+    use pv_vtpm::tis::*;
+    set(tpm, ACCESS, 1, u64::from(ACCESS_REQUEST_USE));
+    assert_ne!(reg(tpm, ACCESS, 1) as u8 & ACCESS_ACTIVE_LOCALITY, 0);
+    set(tpm, STS, 1, u64::from(STS_COMMAND_READY));
+    for (i, b) in command.iter().enumerate() {
+        if i + 1 == command.len() {
+            assert_ne!(reg(tpm, STS, 1) as u32 & STS_EXPECT, 0);
+        }
+        set(tpm, DATA_FIFO, 1, u64::from(*b));
+    }
+    assert_eq!(reg(tpm, STS, 1) as u32 & STS_EXPECT, 0);
+    set(tpm, STS, 1, u64::from(STS_GO));
+    assert_ne!(reg(tpm, STS, 1) as u32 & STS_DATA_AVAIL, 0);
+    let mut r = Vec::new();
+    while reg(tpm, STS, 1) as u32 & STS_DATA_AVAIL != 0 {
+        r.push(reg(tpm, DATA_FIFO, 1) as u8);
+    }
+    set(tpm, STS, 1, u64::from(STS_COMMAND_READY));
+    set(tpm, ACCESS, 1, u64::from(ACCESS_ACTIVE_LOCALITY));
+    r
+}
+
+#[test]
+fn the_guest_register_interface_runs_commands_on_the_engine() {
+    let _one = ENGINE.lock().unwrap_or_else(|p| p.into_inner());
+    let (disk, region) = (Disk::default(), Region::new());
+    let mut tpm = start(&disk, &region);
+    assert_eq!(reg(&mut tpm, pv_vtpm::tis::DID_VID, 4), 0x0001_1014);
+    assert_eq!(rc(&tis_transmit(&mut tpm, &STARTUP_CLEAR)), 0);
+    let r = tis_transmit(&mut tpm, &GET_RANDOM_32);
+    assert_eq!((rc(&r), r.len()), (0, 44));
+    // The guest's commands are recorded like any client's: a restart keeps their effects.
+    let d: [u8; 32] = Sha256::digest(b"guest").into();
+    assert_eq!(rc(&tis_transmit(&mut tpm, &pcr_extend_16(&d))), 0);
+    drop(tpm);
+    let mut tpm = start(&disk, &region);
+    let expected: [u8; 32] = Sha256::new()
+        .chain_update([0u8; 32])
+        .chain_update(d)
+        .finalize()
+        .into();
+    let r = tis_transmit(&mut tpm, &PCR_READ_16);
+    assert_eq!(&r[r.len() - 32..], &expected);
+}
