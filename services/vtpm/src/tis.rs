@@ -56,9 +56,10 @@ const DID_VID_VALUE: u32 = 0x0001_1014;
 /// static (bit 8), interface version TIS 1.3 for TPM 2.0 (bits 28-30 = 011), and no
 /// interrupts offered.
 const INTF_CAPABILITY_VALUE: u32 = (0b011 << 28) | (0b11 << 9) | (1 << 8);
-/// TPM_INTERFACE_ID: FIFO interface for TPM 2.0 (type 0), interface version 0, the
-/// locality-0-only, FIFO-only capabilities.
-const INTERFACE_ID_VALUE: u32 = 0x0000_0000 | (1 << 4) | (1 << 13);
+/// TPM_INTERFACE_ID (PTP): interface type 0 (FIFO for TPM 2.0), version 0; all five
+/// localities (bit 8), transfers up to 64 bytes (bits 9-10), FIFO interface (bit 13),
+/// FIFO selected (bits 17-18 = 0).
+const INTERFACE_ID_VALUE: u32 = (1 << 8) | (0b11 << 9) | (1 << 13);
 
 /// Where the interface is in the command cycle.
 #[derive(Clone, Debug, PartialEq, Eq)]
