@@ -205,7 +205,11 @@ struct RawCall {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawListen {
     name: Spanned<String>,
-    address: Spanned<String>,
+    #[serde(default)]
+    address: Option<Spanned<String>>,
+    /// A Unix socket, relative to the state directory.
+    #[serde(default)]
+    path: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -347,12 +351,30 @@ pub struct KeyGrant {
 /// Bytes of a key.
 pub const KEY_BYTES: usize = 32;
 
-/// A TCP socket the microkernel binds and hands to the service as a listener capability.
+/// A socket the microkernel binds and hands to the service as a listener capability.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ListenGrant {
     pub name: String,
-    /// A loopback address: nothing else is accepted.
-    pub address: std::net::SocketAddr,
+    pub address: ListenAddress,
+}
+
+/// Where a listener listens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ListenAddress {
+    /// A loopback TCP address: nothing else is accepted.
+    Tcp(std::net::SocketAddr),
+    /// A Unix socket (mode 0600), relative to the state directory.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddress::Tcp(a) => write!(f, "{a}"),
+            ListenAddress::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -785,27 +807,44 @@ impl Validator<'_> {
                         ),
                     );
                 }
-                match l.address.get_ref().parse::<std::net::SocketAddr>() {
-                    Ok(a) if a.ip().is_loopback() && a.port() != 0 => {
-                        if let Some((other, _)) = addresses.iter().find(|(_, x)| *x == a) {
-                            self.error(
-                                l.address.span(),
-                                format!("address {a} is already listened on by \"{other}\""),
-                                "give each listener its own port",
-                            );
+                match (&l.address, &l.path) {
+                    (Some(address), None) => match address.get_ref().parse::<std::net::SocketAddr>() {
+                        Ok(a) if a.ip().is_loopback() && a.port() != 0 => {
+                            if let Some((other, _)) = addresses.iter().find(|(_, x)| *x == a) {
+                                self.error(
+                                    address.span(),
+                                    format!("address {a} is already listened on by \"{other}\""),
+                                    "give each listener its own port",
+                                );
+                            }
+                            addresses.push((name.clone(), a));
+                            listen.push(ListenGrant {
+                                name: lname.clone(),
+                                address: ListenAddress::Tcp(a),
+                            });
                         }
-                        addresses.push((name.clone(), a));
-                        listen.push(ListenGrant { name: lname.clone(), address: a });
+                        Ok(a) => self.error(
+                            address.span(),
+                            format!("listen address {a} is not a loopback address with a port"),
+                            "listen on 127.0.0.1:PORT or [::1]:PORT only: the TPM is never exposed to the network",
+                        ),
+                        Err(_) => self.error(
+                            address.span(),
+                            format!("\"{}\" is not an address", address.get_ref()),
+                            "write e.g. \"127.0.0.1:2321\"",
+                        ),
+                    },
+                    (None, Some(path)) => {
+                        self.check_state_path(path, "listener");
+                        listen.push(ListenGrant {
+                            name: lname.clone(),
+                            address: ListenAddress::Unix(PathBuf::from(path.get_ref())),
+                        });
                     }
-                    Ok(a) => self.error(
-                        l.address.span(),
-                        format!("listen address {a} is not a loopback address with a port"),
-                        "listen on 127.0.0.1:PORT or [::1]:PORT only: the TPM is never exposed to the network",
-                    ),
-                    Err(_) => self.error(
-                        l.address.span(),
-                        format!("\"{}\" is not an address", l.address.get_ref()),
-                        "write e.g. \"127.0.0.1:2321\"",
+                    _ => self.error(
+                        l.name.span(),
+                        format!("listener \"{lname}\" needs exactly one of `address` (loopback TCP) and `path` (Unix socket)"),
+                        "write address = \"127.0.0.1:PORT\" or path = \"tpm/swtpm.sock\"",
                     ),
                 }
             }

@@ -34,6 +34,8 @@ use ipc_defs::layout::STATUS_MAGIC;
 use ipc_defs::layout::VIOLATION_EXIT_STATUS;
 use ipc_defs::Interface;
 
+use crate::manifest::ListenAddress;
+
 use crate::control::Command;
 use crate::control::Finding;
 use crate::control::Reply;
@@ -143,7 +145,7 @@ struct Service {
     status: SharedMemory,
     regions: Vec<(String, SharedMemory)>,
     /// Sockets bound for the service, kept across its restarts.
-    listeners: Vec<(String, std::net::TcpListener)>,
+    listeners: Vec<(String, OwnedFd)>,
     service_program: OwnedFd,
     loader_filter: Vec<seccompiler::sock_filter>,
     state: State,
@@ -212,12 +214,32 @@ impl Supervisor {
             }
             let mut listeners = Vec::new();
             for l in &spec.listen {
-                let sock = std::net::TcpListener::bind(l.address).map_err(|e| {
-                    create_err(format!(
-                        "listener {} of {} on {}",
-                        l.name, spec.name, l.address
-                    ))(e.to_string())
-                })?;
+                let what = || format!("listener {} of {} on {}", l.name, spec.name, l.address);
+                let sock: OwnedFd = match &l.address {
+                    ListenAddress::Tcp(a) => std::net::TcpListener::bind(a)
+                        .map(OwnedFd::from)
+                        .map_err(|e| create_err(what())(e.to_string()))?,
+                    ListenAddress::Unix(p) => {
+                        let path = opts.state_dir.join(p);
+                        if let Some(parent) = path.parent() {
+                            let _ = std::fs::create_dir_all(parent);
+                        }
+                        // A socket left by an earlier run (never another kind of file).
+                        if std::fs::symlink_metadata(&path).is_ok_and(|m| {
+                            std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())
+                        }) {
+                            let _ = std::fs::remove_file(&path);
+                        }
+                        let l = std::os::unix::net::UnixListener::bind(&path)
+                            .map_err(|e| create_err(what())(e.to_string()))?;
+                        std::fs::set_permissions(
+                            &path,
+                            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                        )
+                        .map_err(|e| create_err(what())(e.to_string()))?;
+                        OwnedFd::from(l)
+                    }
+                };
                 tracing::info!(service = %spec.name, listener = %l.name, address = %l.address, "listening");
                 listeners.push((l.name.clone(), sock));
             }

@@ -488,3 +488,49 @@ pub fn tcp_quickack(fd: &impl AsRawFd) -> io::Result<()> {
     } as libc::c_long)?;
     Ok(())
 }
+
+/// Reads from a Unix stream socket, also taking any descriptors sent with the bytes
+/// (SCM_RIGHTS): at most `MAX_PASSED_FDS`; more are closed.
+pub fn recv_with_fds(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    const MAX_PASSED_FDS: usize = 4;
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // Room for the control message of MAX_PASSED_FDS descriptors, 8-aligned.
+    let mut control = [0u64; 8];
+    // SAFETY: a zeroed msghdr is a valid "no name, no control" header, filled in below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a size.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE((MAX_PASSED_FDS * 4) as u32) } as usize;
+    // SAFETY: `msg` points at `iov` (valid for `buf.len()` bytes) and at `control`, which
+    // is larger than msg_controllen; both outlive the call. MSG_CMSG_CLOEXEC keeps received
+    // descriptors from leaking across exec.
+    let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut fds = Vec::new();
+    // SAFETY: the CMSG_* macros walk the control buffer the kernel filled, within
+    // msg_controllen; each SCM_RIGHTS payload holds whole c_ints, read unaligned.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
+                let count = ((*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
+                for i in 0..count {
+                    let raw = std::ptr::read_unaligned(data.add(i));
+                    if raw >= 0 {
+                        fds.push(OwnedFd::from_raw_fd(raw));
+                    }
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok((n as usize, fds))
+}

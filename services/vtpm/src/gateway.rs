@@ -36,7 +36,7 @@ impl Protocol {
             "mssim-command" => Some(Protocol::MssimCommand),
             "mssim-platform" => Some(Protocol::MssimPlatform),
             "swtpm-data" => Some(Protocol::SwtpmData),
-            "swtpm-control" => Some(Protocol::SwtpmControl),
+            "swtpm-control" | "swtpm-control-unix" => Some(Protocol::SwtpmControl),
             _ => None,
         }
     }
@@ -85,17 +85,19 @@ pub mod swtpm {
     pub const STOP: u32 = 14;
     pub const GET_CONFIG: u32 = 15;
     pub const SET_BUFFERSIZE: u32 = 17;
-    /// The capability bits of the commands above (bit n-1 for code n, as swtpm reports).
-    pub const CAPABILITIES: u64 = (1 << 0) // INIT
+    pub const SET_DATAFD: u32 = 16;
+    /// What GET_CAPABILITY reports (swtpm's `PTM_CAP_*` bits).
+    pub const CAPABILITIES: u64 = 1 // INIT
         | (1 << 1) // SHUTDOWN
         | (1 << 2) // GET_TPMESTABLISHED
         | (1 << 3) // SET_LOCALITY
-        | (1 << 7) // CANCEL_TPM_CMD
-        | (1 << 8) // STORE_VOLATILE
-        | (1 << 9) // RESET_TPMESTABLISHED
-        | (1 << 12) // STOP
-        | (1 << 13) // GET_CONFIG
-        | (1 << 15); // SET_BUFFERSIZE
+        | (1 << 5) // CANCEL_TPM_CMD
+        | (1 << 6) // STORE_VOLATILE
+        | (1 << 7) // RESET_TPMESTABLISHED
+        | (1 << 10) // STOP
+        | (1 << 11) // GET_CONFIG
+        | (1 << 12) // SET_DATAFD (on the Unix-socket control channel)
+        | (1 << 13); // SET_BUFFERSIZE
     /// `TPM_FAIL` as a control result.
     pub const RESULT_FAIL: u32 = 9;
     /// `TPM_BAD_PARAMETER`.
@@ -115,6 +117,9 @@ pub enum Step {
     ReplyAndClose(Vec<u8>),
     /// Close the connection.
     Close,
+    /// Take the descriptor that came with this message as a new data connection (swtpm's
+    /// CMD_SET_DATAFD, on a Unix-socket control channel), then send these bytes.
+    TakeDataFd(Vec<u8>),
 }
 
 /// A connection's parser: bytes accumulate until a whole request is there.
@@ -289,7 +294,8 @@ impl Connection {
             | swtpm::CANCEL_TPM_CMD
             | swtpm::STORE_VOLATILE
             | swtpm::STOP
-            | swtpm::GET_CONFIG => 0,
+            | swtpm::GET_CONFIG
+            | swtpm::SET_DATAFD => 0,
             _ => {
                 return Some(Step::ReplyAndClose(
                     swtpm::RESULT_FAIL.to_be_bytes().to_vec(),
@@ -300,9 +306,14 @@ impl Connection {
             return None;
         }
         let frame = self.take(4 + input);
+        // swtpm reads one control message per read and ignores what follows its payload;
+        // clients rely on that (QEMU sends whole request unions, e.g. 4 bytes for the
+        // one-byte locality). So does this parser.
+        self.buffer.clear();
         let ok = 0u32.to_be_bytes().to_vec();
         let step = match code {
             swtpm::GET_CAPABILITY => Step::Reply(swtpm::CAPABILITIES.to_be_bytes().to_vec()),
+            swtpm::SET_DATAFD => Step::TakeDataFd(ok),
             swtpm::INIT => Step::Signal(Platform::Reset),
             swtpm::SHUTDOWN | swtpm::STOP => Step::Signal(Platform::PowerOff),
             swtpm::GET_TPMESTABLISHED => Step::Signal(Platform::GetEstablished),
@@ -433,6 +444,16 @@ mod tests {
         k.feed(&m);
         assert_eq!(k.next_step(), Some(Step::Reply(vec![0, 0, 0, 0])));
         assert_eq!(k.locality, 3);
+        // QEMU's form: the locality padded to the 4-byte request union.
+        let mut m = swtpm::SET_LOCALITY.to_be_bytes().to_vec();
+        m.extend_from_slice(&[1, 0, 0, 0]);
+        k.feed(&m);
+        assert_eq!(k.next_step(), Some(Step::Reply(vec![0, 0, 0, 0])));
+        assert_eq!(
+            k.next_step(),
+            None,
+            "the padding is not taken for a command"
+        );
         k.feed(&swtpm::GET_TPMESTABLISHED.to_be_bytes());
         assert_eq!(k.next_step(), Some(Step::Signal(Platform::GetEstablished)));
         assert_eq!(k.signal_reply(true, true), vec![0, 0, 0, 0, 1, 0, 0, 0]);

@@ -12,6 +12,10 @@ use std::io::Write;
 use std::net::TcpListener;
 use std::net::TcpStream;
 use std::os::fd::AsFd;
+use std::os::fd::BorrowedFd;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixListener;
+use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -41,8 +45,77 @@ const RC_RETRY: u32 = 0x922;
 
 type Tpm = ClientEnd<endpoint::Request<vtpm::Request>, endpoint::Response<vtpm::Response>>;
 
+/// A listening socket: TCP on loopback, or a Unix socket in the state directory.
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    /// Tells the two kinds apart by the socket's own address family.
+    fn from_fd(fd: OwnedFd) -> Listener {
+        let unix = UnixListener::from(fd);
+        if unix.local_addr().is_ok() {
+            Listener::Unix(unix)
+        } else {
+            Listener::Tcp(TcpListener::from(OwnedFd::from(unix)))
+        }
+    }
+
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listener::Tcp(l) => l.as_fd(),
+            Listener::Unix(l) => l.as_fd(),
+        }
+    }
+
+    fn accept(&self) -> Option<Stream> {
+        match self {
+            Listener::Tcp(l) => l.accept().ok().map(|(s, _)| {
+                let _ = s.set_nodelay(true);
+                Stream::Tcp(s)
+            }),
+            Listener::Unix(l) => l.accept().ok().map(|(s, _)| Stream::Unix(s)),
+        }
+    }
+}
+
+/// A connection of either kind.
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+        }
+    }
+
+    /// Reads, taking descriptors passed over a Unix socket along.
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
+        match self {
+            Stream::Tcp(s) => {
+                let n = s.read(buf)?;
+                let _ = sys::tcp_quickack(s);
+                Ok((n, Vec::new()))
+            }
+            Stream::Unix(s) => sys::recv_with_fds(s, buf),
+        }
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.write_all(bytes),
+            Stream::Unix(s) => s.write_all(bytes),
+        }
+    }
+}
+
 struct Client {
-    stream: TcpStream,
+    stream: Stream,
     conn: Connection,
 }
 
@@ -61,7 +134,7 @@ fn main() -> ExitCode {
             tracing::error!("listener \"{name}\" names no TPM protocol (mssim-command, mssim-platform, swtpm-data, swtpm-control)");
             return ExitCode::FAILURE;
         };
-        listeners.push((protocol, TcpListener::from(fd)));
+        listeners.push((protocol, Listener::from_fd(fd)));
     }
     let Some(end) = started.context.clients.remove(&Interface::Vtpm) else {
         tracing::error!("the manifest grants no vtpm channel");
@@ -96,8 +169,7 @@ fn main() -> ExitCode {
         };
         for (i, (protocol, listener)) in listeners.iter().enumerate() {
             if ready[i] {
-                if let Ok((stream, _)) = listener.accept() {
-                    let _ = stream.set_nodelay(true);
+                if let Some(stream) = listener.accept() {
                     clients.push(Client {
                         stream,
                         conn: Connection::new(*protocol),
@@ -106,24 +178,43 @@ fn main() -> ExitCode {
             }
         }
         let mut keep = Vec::with_capacity(clients.len());
+        let mut new_data = Vec::new();
         for (i, mut client) in clients.into_iter().enumerate() {
             let is_ready = ready.get(listeners.len() + i).copied().unwrap_or(false);
-            if !is_ready || serve(&mut client, &mut tpm, &mut seq, &mut swtpm_locality) {
+            if !is_ready
+                || serve(
+                    &mut client,
+                    &mut tpm,
+                    &mut seq,
+                    &mut swtpm_locality,
+                    &mut new_data,
+                )
+            {
                 keep.push(client);
             }
         }
+        // Data channels handed over with CMD_SET_DATAFD (QEMU's -tpmdev emulator).
+        keep.extend(new_data.into_iter().map(|fd| Client {
+            stream: Stream::Unix(UnixStream::from(fd)),
+            conn: Connection::new(Protocol::SwtpmData),
+        }));
         clients = keep;
     }
 }
 
 /// Reads what a client sent and answers every complete request; `false` to drop it.
-fn serve(client: &mut Client, tpm: &mut Tpm, seq: &mut u64, swtpm_locality: &mut u8) -> bool {
+fn serve(
+    client: &mut Client,
+    tpm: &mut Tpm,
+    seq: &mut u64,
+    swtpm_locality: &mut u8,
+    new_data: &mut Vec<OwnedFd>,
+) -> bool {
     let mut buf = [0u8; 8192];
-    let n = match client.stream.read(&mut buf) {
-        Ok(0) | Err(_) => return false,
-        Ok(n) => n,
+    let (n, mut passed) = match client.stream.read(&mut buf) {
+        Ok((0, _)) | Err(_) => return false,
+        Ok(r) => r,
     };
-    let _ = sys::tcp_quickack(&client.stream);
     if !client.conn.feed(&buf[..n]) {
         return false;
     }
@@ -141,7 +232,9 @@ fn serve(client: &mut Client, tpm: &mut Tpm, seq: &mut u64, swtpm_locality: &mut
                 client.conn.tpm_reply(&response)
             }
             Step::Signal(signal) => {
-                let (ok, established) = match call(tpm, vtpm::Request::Platform(signal)) {
+                let result = call(tpm, vtpm::Request::Platform(signal));
+                tracing::debug!(?signal, ?result, "platform signal");
+                let (ok, established) = match result {
                     Ok(vtpm::Response::Done) => (true, false),
                     Ok(vtpm::Response::Established(e)) => (true, e),
                     _ => (false, false),
@@ -159,6 +252,18 @@ fn serve(client: &mut Client, tpm: &mut Tpm, seq: &mut u64, swtpm_locality: &mut
                 return false;
             }
             Step::Close => return false,
+            Step::TakeDataFd(ok) => {
+                if passed.is_empty() {
+                    let mut fail = (pv_vtpm::gateway::swtpm::RESULT_FAIL)
+                        .to_be_bytes()
+                        .to_vec();
+                    fail.truncate(4);
+                    fail
+                } else {
+                    new_data.push(passed.remove(0));
+                    ok
+                }
+            }
         };
         if client.stream.write_all(&reply).is_err() {
             return false;
