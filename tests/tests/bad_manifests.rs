@@ -332,11 +332,32 @@ fn a_ring_too_small_for_vmgs_chunks_is_refused() {
 
 #[test]
 fn listeners_only_on_loopback_or_unix_sockets_in_the_state_directory() {
-    let with = |listen: &str| GOOD.replace("serves = [\"vtpm\"]", &format!("serves = [\"vtpm\"]\nlisten = [{listen}]"));
-    refused(&with("{ name = \"mssim-command\", address = \"0.0.0.0:2321\" }"), 12, "not a loopback address");
-    refused(&with("{ name = \"mssim-command\", address = \"10.0.0.1:2321\" }"), 12, "not a loopback address");
-    refused(&with("{ name = \"x\", address = \"127.0.0.1:2321\", path = \"t.sock\" }"), 12, "exactly one of");
-    refused(&with("{ name = \"x\", path = \"../t.sock\" }"), 12, "must stay inside the state directory");
+    let with = |listen: &str| {
+        GOOD.replace(
+            "serves = [\"vtpm\"]",
+            &format!("serves = [\"vtpm\"]\nlisten = [{listen}]"),
+        )
+    };
+    refused(
+        &with("{ name = \"mssim-command\", address = \"0.0.0.0:2321\" }"),
+        12,
+        "not a loopback address",
+    );
+    refused(
+        &with("{ name = \"mssim-command\", address = \"10.0.0.1:2321\" }"),
+        12,
+        "not a loopback address",
+    );
+    refused(
+        &with("{ name = \"x\", address = \"127.0.0.1:2321\", path = \"t.sock\" }"),
+        12,
+        "exactly one of",
+    );
+    refused(
+        &with("{ name = \"x\", path = \"../t.sock\" }"),
+        12,
+        "must stay inside the state directory",
+    );
     refused(
         &with("{ name = \"a\", address = \"127.0.0.1:2321\" }, { name = \"b\", address = \"127.0.0.1:2321\" }"),
         12,

@@ -17,7 +17,11 @@ fn qemu_firmware_measures_into_our_vtpm() {
     if !sandbox_available("qemu_firmware_measures_into_our_vtpm") {
         return;
     }
-    if Command::new("qemu-system-x86_64").arg("--version").output().is_err() {
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         eprintln!("SKIPPED: qemu_firmware_measures_into_our_vtpm: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
         return;
     }
@@ -32,10 +36,25 @@ fn qemu_firmware_measures_into_our_vtpm() {
         .expect("mssim port")
         .to_string();
     let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-nographic", "-machine", "q35", "-m", "128", "-display", "none", "-serial", "none"])
+        .args([
+            "-nographic",
+            "-machine",
+            "q35",
+            "-m",
+            "128",
+            "-display",
+            "none",
+            "-serial",
+            "none",
+        ])
         .arg("-chardev")
         .arg(format!("socket,id=chrtpm,path={}", socket.display()))
-        .args(["-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", "tpm-tis,tpmdev=tpm0"])
+        .args([
+            "-tpmdev",
+            "emulator,id=tpm0,chardev=chrtpm",
+            "-device",
+            "tpm-tis,tpmdev=tpm0",
+        ])
         .args(["-monitor", "stdio"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -51,20 +70,29 @@ fn qemu_firmware_measures_into_our_vtpm() {
             .args(["sha256:0"])
             .env("TPM2TOOLS_TCTI", &tcti)
             .output();
-        let text = out.map(|o| String::from_utf8_lossy(&o.stdout).to_string()).unwrap_or_default();
+        let text = out
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
         if let Some(v) = text.split("0 : 0x").nth(1) {
             let v = v.trim().to_string();
             if v.chars().any(|c| c != '0') {
                 break v;
             }
         }
-        assert!(Instant::now() < deadline, "PCR 0 never extended: {text}\n{}", inst.log());
+        assert!(
+            Instant::now() < deadline,
+            "PCR 0 never extended: {text}\n{}",
+            inst.log()
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     let _ = qemu.stdin.as_mut().map(|s| s.write_all(b"quit\n"));
     let out = qemu.wait_with_output().expect("qemu exits");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("tpm-emulator"), "QEMU complained about the TPM: {stderr}");
+    assert!(
+        !stderr.contains("tpm-emulator"),
+        "QEMU complained about the TPM: {stderr}"
+    );
     assert_eq!(pcr0.len(), 64, "{pcr0}");
     assert_eq!(inst.row("vtpm")["restarts"], 0, "{}", inst.log());
 }

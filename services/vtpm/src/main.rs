@@ -63,6 +63,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // `--startup-clear` (manifest `args`): a fresh TPM is started as firmware would start
+    // it, so that tools can use it at once. Not after a resume: it was started before.
+    if !tpm.resumed && std::env::args().any(|a| a == "--startup-clear") {
+        if let Err(e) = tpm.startup_clear() {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    }
     tracing::info!(
         resumed = tpm.resumed,
         "TPM 2.0 (libtpms) {}",

@@ -66,6 +66,8 @@ pub struct Tpm<P: PermanentStore, M: CheckpointMemory> {
 
 /// The client name under which guest (TIS) commands are recorded.
 const TIS_CLIENT: &str = "guest-tis";
+/// The client name of commands the service sends itself.
+const PLATFORM_CLIENT: &str = "platform";
 
 impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
     /// Loads the permanent state from `permanent` and the newest checkpoint from `memory`,
@@ -126,6 +128,23 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
 
     pub fn is_powered(&self) -> bool {
         self.engine.is_powered()
+    }
+
+    /// Sends TPM2_Startup(CLEAR), as platform firmware would: for a TPM used directly by
+    /// tools rather than by a guest whose firmware starts it. A guest's boot power-cycles
+    /// the TPM (a platform reset), after which its firmware sends its own Startup.
+    pub fn startup_clear(&mut self) -> Result<(), String> {
+        const STARTUP_CLEAR: [u8; 12] = [0x80, 1, 0, 0, 0, 12, 0, 0, 1, 0x44, 0, 0];
+        let seq = self
+            .checkpoint
+            .last
+            .get(PLATFORM_CLIENT)
+            .map_or(1, |l| l.seq + 1);
+        match self.command(PLATFORM_CLIENT, seq, 0, &STARTUP_CLEAR) {
+            Response::Tpm(r) if r.as_slice().get(6..10) == Some(&[0, 0, 0, 0]) => Ok(()),
+            Response::Tpm(r) => Err(format!("TPM2_Startup answered {:02x?}", r.as_slice())),
+            other => Err(format!("TPM2_Startup failed: {other:?}")),
+        }
     }
 
     /// Writes what the engine produced: permanent state (with the command's record) first,
