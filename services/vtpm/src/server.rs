@@ -45,6 +45,30 @@ pub struct Counters {
     pub replayed: u64,
     pub permanent_writes: u64,
     pub checkpoints: u64,
+    /// Commands that left nothing to checkpoint (see [`changes_volatile_state`]).
+    pub checkpoints_skipped: u64,
+}
+
+/// Whether a command may change the volatile state, so that a checkpoint must follow it.
+/// Only session-less commands that read are exempt. GetRandom advances the random number
+/// generator, which is volatile state: a resumed TPM would repeat its output from the last
+/// checkpoint on, so every resume stirs fresh entropy in first ([`Tpm::start`]).
+pub fn changes_volatile_state(command: &[u8]) -> bool {
+    if command.len() < TPM_HEADER || command[0..2] != ST_NO_SESSIONS.to_be_bytes() {
+        return true;
+    }
+    let code = u32::from_be_bytes([command[6], command[7], command[8], command[9]]);
+    !matches!(
+        code,
+        0x17E // PCR_Read
+            | 0x17B // GetRandom
+            | 0x17A // GetCapability
+            | 0x173 // ReadPublic
+            | 0x17C // GetTestResult
+            | 0x169 // NV_ReadPublic
+            | 0x181 // ReadClock
+            | 0x18A // TestParms
+    )
 }
 
 /// The TPM: engine, state stores, and each client's last command.
@@ -122,12 +146,32 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
         tpm.engine
             .power_on()
             .map_err(|rc| format!("libtpms did not start ({rc:#x})"))?;
+        if resumed {
+            tpm.stir_random()?;
+        }
         tpm.persist(None)?;
         Ok(tpm)
     }
 
     pub fn is_powered(&self) -> bool {
         self.engine.is_powered()
+    }
+
+    /// Mixes fresh entropy from the kernel into the TPM's random number generator: after a
+    /// resume its state may be older than the last random bytes it handed out.
+    fn stir_random(&mut self) -> Result<(), String> {
+        let mut command = vec![0x80, 1, 0, 0, 0, 44, 0, 0, 1, 0x46, 0, 32];
+        let mut entropy = [0u8; 32];
+        getrandom::getrandom(&mut entropy).map_err(|e| format!("no entropy: {e}"))?;
+        command.extend_from_slice(&entropy);
+        let r = self
+            .engine
+            .process(0, &command)
+            .map_err(|rc| format!("StirRandom failed ({rc:#x})"))?;
+        if r.get(6..10) != Some(&[0, 0, 0, 0]) {
+            return Err(format!("StirRandom answered {r:02x?}"));
+        }
+        Ok(())
     }
 
     /// Sends TPM2_Startup(CLEAR), as platform firmware would: for a TPM used directly by
@@ -265,8 +309,13 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
         };
         self.counters.commands += 1;
         let last = LastCommand { seq, response };
-        if let Err(e) = self.persist(Some((client, &last))) {
-            return self.fail(format!("TPM state not stored: {e}"));
+        let permanent_changed = self.nv.lock().pending_permanent.is_some();
+        if permanent_changed || changes_volatile_state(command) {
+            if let Err(e) = self.persist(Some((client, &last))) {
+                return self.fail(format!("TPM state not stored: {e}"));
+            }
+        } else {
+            self.counters.checkpoints_skipped += 1;
         }
         tpm_response(&last.response)
     }
