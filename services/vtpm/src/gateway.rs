@@ -207,14 +207,6 @@ impl Connection {
                 r.extend_from_slice(&0u32.to_be_bytes());
                 Some(Step::Reply(r))
             }
-            mssim::SESSION_END => {
-                self.take(4);
-                Some(Step::Close)
-            }
-            mssim::STOP => {
-                self.take(4);
-                Some(Step::ReplyAndClose(0u32.to_be_bytes().to_vec()))
-            }
             // Signals are accepted on the command port too, as the simulator does.
             _ => self.signal_or_close(code),
         }
@@ -225,21 +217,20 @@ impl Connection {
             return None;
         }
         let code = be32(&self.buffer);
-        match code {
+        self.signal_or_close(code)
+    }
+
+    /// The codes both mssim ports take: session end, stop, platform signals.
+    fn signal_or_close(&mut self, code: u32) -> Option<Step> {
+        let signal = match code {
             mssim::SESSION_END => {
                 self.take(4);
-                Some(Step::Close)
+                return Some(Step::Close);
             }
             mssim::STOP => {
                 self.take(4);
-                Some(Step::ReplyAndClose(0u32.to_be_bytes().to_vec()))
+                return Some(Step::ReplyAndClose(0u32.to_be_bytes().to_vec()));
             }
-            _ => self.signal_or_close(code),
-        }
-    }
-
-    fn signal_or_close(&mut self, code: u32) -> Option<Step> {
-        let signal = match code {
             mssim::POWER_ON => Platform::PowerOn,
             mssim::POWER_OFF => Platform::PowerOff,
             mssim::RESET | mssim::RESTART => Platform::Reset,
