@@ -58,7 +58,6 @@ extern "C" {
     fn TPMLIB_VolatileAll_Store(buffer: *mut *mut c_uchar, buflen: *mut u32) -> TpmResult;
     fn TPM_IO_TpmEstablished_Get(established: *mut TpmBool) -> TpmResult;
     fn TPM_IO_TpmEstablished_Reset() -> TpmResult;
-    fn TPM_Malloc(buffer: *mut *mut c_uchar, size: u32) -> TpmResult;
     fn TPM_Free(buffer: *mut c_uchar);
 }
 
@@ -149,10 +148,11 @@ unsafe extern "C" fn cb_nvram_loaddata(
     let Ok(len) = u32::try_from(blob.len()) else {
         return TPM_FAIL;
     };
-    let mut buf: *mut c_uchar = std::ptr::null_mut();
-    // SAFETY: TPM_Malloc writes a fresh allocation of `len` bytes (or fails) into `buf`;
-    // libtpms frees it with TPM_Free once it has read the blob.
-    if unsafe { TPM_Malloc(&mut buf, len.max(1)) } != TPM_SUCCESS || buf.is_null() {
+    // Plain malloc, not TPM_Malloc (which refuses more than 128 KiB, less than a full NV
+    // can need); libtpms releases the blob with TPM_Free, which is free().
+    // SAFETY: malloc of a non-zero size; checked for null below.
+    let buf = unsafe { libc::malloc(len.max(1) as usize) }.cast::<c_uchar>();
+    if buf.is_null() {
         return TPM_FAIL;
     }
     // SAFETY: `buf` holds at least `len` bytes; `blob` is a distinct allocation; the
