@@ -132,6 +132,8 @@ pub struct Connection {
     pub locality: u8,
     /// The control command being answered (for its reply format).
     pending_control: Option<u32>,
+    /// Set by a swtpm SET_LOCALITY until the gateway takes it ([`Connection::take_locality`]).
+    locality_set: bool,
 }
 
 /// Most bytes a connection may hold unparsed: one full mssim command with its framing.
@@ -148,7 +150,18 @@ impl Connection {
             buffer: Vec::new(),
             locality: 0,
             pending_control: None,
+            locality_set: false,
         }
+    }
+
+    /// How many more bytes this connection may buffer (read no more than this).
+    pub fn room(&self) -> usize {
+        MAX_BUFFERED - self.buffer.len()
+    }
+
+    /// The locality a swtpm SET_LOCALITY on this connection chose, once.
+    pub fn take_locality(&mut self) -> Option<u8> {
+        std::mem::take(&mut self.locality_set).then_some(self.locality)
     }
 
     /// Adds bytes read from the socket. `false` if the peer sent more than any request can
@@ -314,6 +327,7 @@ impl Connection {
                     Step::Reply(swtpm::RESULT_BAD_PARAMETER.to_be_bytes().to_vec())
                 } else {
                     self.locality = loc;
+                    self.locality_set = true;
                     Step::Reply(ok)
                 }
             }

@@ -36,12 +36,16 @@ use pv_vtpm::server::error_response;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a command is sent again after the TPM restarted under it.
 const RESENDS: usize = 8;
+/// Most connections served at once (the descriptor limit is 64); more are closed at once.
+const MAX_CLIENTS: usize = 32;
+/// How long a reply may wait for a client that does not read: a client that stalls longer
+/// is dropped rather than stalling everyone else.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the loop sleeps between looks at the control channel.
 const POLL: Duration = Duration::from_millis(50);
-/// TPM_RC_FAILURE, TPM_RC_LOCALITY, TPM_RC_RETRY.
+/// TPM_RC_FAILURE, TPM_RC_LOCALITY.
 const RC_FAILURE: u32 = 0x101;
 const RC_LOCALITY: u32 = 0x907;
-const RC_RETRY: u32 = 0x922;
 
 type Tpm = ClientEnd<endpoint::Request<vtpm::Request>, endpoint::Response<vtpm::Response>>;
 
@@ -73,9 +77,13 @@ impl Listener {
         match self {
             Listener::Tcp(l) => l.accept().ok().map(|(s, _)| {
                 let _ = s.set_nodelay(true);
+                let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
                 Stream::Tcp(s)
             }),
-            Listener::Unix(l) => l.accept().ok().map(|(s, _)| Stream::Unix(s)),
+            Listener::Unix(l) => l.accept().ok().map(|(s, _)| {
+                let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
+                Stream::Unix(s)
+            }),
         }
     }
 }
@@ -170,6 +178,11 @@ fn main() -> ExitCode {
         for (i, (protocol, listener)) in listeners.iter().enumerate() {
             if ready[i] {
                 if let Some(stream) = listener.accept() {
+                    if clients.len() >= MAX_CLIENTS {
+                        tracing::warn!("{MAX_CLIENTS} connections already; refusing another");
+                        drop(stream);
+                        continue;
+                    }
                     clients.push(Client {
                         stream,
                         conn: Connection::new(*protocol),
@@ -194,9 +207,13 @@ fn main() -> ExitCode {
             }
         }
         // Data channels handed over with CMD_SET_DATAFD (QEMU's -tpmdev emulator).
-        keep.extend(new_data.into_iter().map(|fd| Client {
-            stream: Stream::Unix(UnixStream::from(fd)),
-            conn: Connection::new(Protocol::SwtpmData),
+        keep.extend(new_data.into_iter().map(|fd| {
+            let stream = UnixStream::from(fd);
+            let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+            Client {
+                stream: Stream::Unix(stream),
+                conn: Connection::new(Protocol::SwtpmData),
+            }
         }));
         clients = keep;
     }
@@ -211,7 +228,11 @@ fn serve(
     new_data: &mut Vec<OwnedFd>,
 ) -> bool {
     let mut buf = [0u8; 8192];
-    let (n, mut passed) = match client.stream.read(&mut buf) {
+    let room = client.conn.room().min(buf.len());
+    if room == 0 {
+        return false;
+    }
+    let (n, mut passed) = match client.stream.read(&mut buf[..room]) {
         Ok((0, _)) | Err(_) => return false,
         Ok(r) => r,
     };
@@ -227,9 +248,12 @@ fn serve(
         };
         let reply = match step {
             Step::Command { locality, command } => {
-                *seq += 1;
-                let response = run_command(tpm, *seq, locality, &command);
-                client.conn.tpm_reply(&response)
+                match run_command(tpm, seq, locality, &command) {
+                    Some(response) => client.conn.tpm_reply(&response),
+                    // Whether the command ran is unknown: the client must not be told to
+                    // retry it (it could run twice), so the connection ends.
+                    None => return false,
+                }
             }
             Step::Signal(signal) => {
                 let result = call(tpm, vtpm::Request::Platform(signal));
@@ -242,8 +266,8 @@ fn serve(
                 client.conn.signal_reply(ok, established)
             }
             Step::Reply(bytes) => {
-                if client.conn.protocol == Protocol::SwtpmControl {
-                    *swtpm_locality = client.conn.locality;
+                if let Some(l) = client.conn.take_locality() {
+                    *swtpm_locality = l;
                 }
                 bytes
             }
@@ -287,28 +311,41 @@ fn call(tpm: &mut Tpm, request: vtpm::Request) -> Result<vtpm::Response, CallErr
     }
 }
 
-/// Runs a TPM command; always yields a TPM response (an error one if need be). The command
-/// number makes a re-send after a TPM restart safe: never applied twice.
-fn run_command(tpm: &mut Tpm, seq: u64, locality: u8, command: &[u8]) -> Vec<u8> {
+/// Runs a TPM command under the next command number; a TPM response (an error response if
+/// the TPM refused it), or `None` if it is unknown whether the command ran. The number makes
+/// a re-send after a TPM restart safe: never applied twice.
+fn run_command(tpm: &mut Tpm, seq: &mut u64, locality: u8, command: &[u8]) -> Option<Vec<u8>> {
     let Some(bytes) = TpmBytes::new(command) else {
-        return error_response(pv_vtpm::server::RC_COMMAND_SIZE);
+        return Some(error_response(pv_vtpm::server::RC_COMMAND_SIZE));
     };
-    let request = vtpm::Request::Command {
-        seq,
-        locality,
-        command: bytes,
-    };
-    match call(tpm, request) {
-        Ok(vtpm::Response::Tpm(r)) => r.as_slice().to_vec(),
-        Ok(vtpm::Response::Error(vtpm::VtpmError::BadLocality(_))) => error_response(RC_LOCALITY),
-        Ok(vtpm::Response::Error(e)) => {
-            tracing::warn!("TPM command failed: {e}");
-            error_response(RC_FAILURE)
-        }
-        Ok(_) => error_response(RC_FAILURE),
-        Err(e) => {
-            tracing::warn!("TPM unreachable: {e}");
-            error_response(RC_RETRY)
-        }
+    for _ in 0..2 {
+        *seq += 1;
+        let request = vtpm::Request::Command {
+            seq: *seq,
+            locality,
+            command: bytes.clone(),
+        };
+        return match call(tpm, request) {
+            Ok(vtpm::Response::Tpm(r)) => Some(r.as_slice().to_vec()),
+            Ok(vtpm::Response::Error(vtpm::VtpmError::BadLocality(_))) => {
+                Some(error_response(RC_LOCALITY))
+            }
+            // Our numbering is behind the TPM's record (the clock went back across a restart
+            // of this gateway): the command was refused unrun; number it past the record.
+            Ok(vtpm::Response::Error(vtpm::VtpmError::StaleSequence { last })) => {
+                *seq = last;
+                continue;
+            }
+            Ok(vtpm::Response::Error(e)) => {
+                tracing::warn!("TPM command failed: {e}");
+                Some(error_response(RC_FAILURE))
+            }
+            Ok(_) => Some(error_response(RC_FAILURE)),
+            Err(e) => {
+                tracing::warn!("TPM unreachable: {e}; closing the client's connection");
+                None
+            }
+        };
     }
+    Some(error_response(RC_FAILURE))
 }
