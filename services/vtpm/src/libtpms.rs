@@ -124,7 +124,7 @@ fn with_store<T>(f: impl FnOnce(&mut dyn NvStore) -> T) -> Option<T> {
     guard.as_mut().map(|s| f(s.as_mut()))
 }
 
-unsafe extern "C" fn cb_nvram_init() -> TpmResult {
+extern "C" fn cb_nvram_init() -> TpmResult {
     TPM_SUCCESS
 }
 
@@ -206,7 +206,7 @@ unsafe extern "C" fn cb_nvram_deletename(
     }
 }
 
-unsafe extern "C" fn cb_io_init() -> TpmResult {
+extern "C" fn cb_io_init() -> TpmResult {
     TPM_SUCCESS
 }
 
