@@ -614,6 +614,15 @@ impl Validator<'_> {
                     format!("service name \"{name}\" is not a valid name"),
                     format!("use 1 to {MAX_NAME} characters from a-z, 0-9 and '-'"),
                 );
+            } else if RESERVED_NAMES.contains(&name.as_str()) {
+                self.error(
+                    s.name.span(),
+                    format!("service name \"{name}\" is reserved"),
+                    format!(
+                        "the paravisor itself uses {}; pick another name",
+                        RESERVED_NAMES.join(", ")
+                    ),
+                );
             }
             if let Some(first) = names.get(&name) {
                 let (line, _) = line_col(self.source, first.start);
@@ -1402,6 +1411,9 @@ pub fn capability_slots(spec: &ServiceSpec, services: &[ServiceSpec]) -> usize {
         + spec.keys.len()
         + spec.listen.len()
 }
+
+/// Names the vTPM uses for its own command records; no service may have them.
+pub const RESERVED_NAMES: &[&str] = &["platform", "guest-tis", "microkernel"];
 
 fn valid_name(name: &str) -> bool {
     !name.is_empty()

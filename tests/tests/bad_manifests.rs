@@ -364,3 +364,12 @@ fn listeners_only_on_loopback_or_unix_sockets_in_the_state_directory() {
         "already listened on",
     );
 }
+
+#[test]
+fn reserved_service_names_are_refused() {
+    refused(
+        &GOOD.replace("name = \"tpm\"", "name = \"platform\""),
+        9,
+        "is reserved",
+    );
+}

@@ -56,9 +56,12 @@ pub enum Platform {
     /// The cancel line, for long-running commands.
     CancelOn,
     CancelOff,
-    /// The TPM's "established" flag (set by the DRTM sequence), and its reset.
+    /// The TPM's "established" flag (set by the DRTM sequence), and its reset, which the
+    /// TPM allows from locality 3 or 4 only.
     GetEstablished,
-    ResetEstablished,
+    ResetEstablished {
+        locality: u8,
+    },
 }
 
 /// What the TPM answers.

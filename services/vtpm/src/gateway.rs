@@ -333,7 +333,9 @@ impl Connection {
             }
             swtpm::CANCEL_TPM_CMD => Step::Signal(Platform::CancelOn),
             swtpm::STORE_VOLATILE => Step::Reply(ok),
-            swtpm::RESET_TPMESTABLISHED => Step::Signal(Platform::ResetEstablished),
+            swtpm::RESET_TPMESTABLISHED => {
+                Step::Signal(Platform::ResetEstablished { locality: frame[4] })
+            }
             swtpm::GET_CONFIG => {
                 let mut r = ok;
                 r.extend_from_slice(&0u32.to_be_bytes());

@@ -381,7 +381,10 @@ impl Engine {
         flag != 0
     }
 
-    pub fn reset_established_flag(&mut self) -> Result<(), u32> {
+    /// Resets the established flag as requested from `locality` (libtpms reads the locality
+    /// through its callback and refuses below 3).
+    pub fn reset_established_flag(&mut self, locality: u8) -> Result<(), u32> {
+        LOCALITY.store(u32::from(locality), Ordering::Relaxed);
         // SAFETY: plain call.
         let rc = unsafe { TPM_IO_TpmEstablished_Reset() };
         if rc == TPM_SUCCESS {

@@ -65,7 +65,7 @@ fn main() -> ExitCode {
     };
     // `--startup-clear` (manifest `args`): a fresh TPM is started as firmware would start
     // it, so that tools can use it at once. Not after a resume: it was started before.
-    if !tpm.resumed && std::env::args().any(|a| a == "--startup-clear") {
+    if !tpm.continued() && std::env::args().any(|a| a == "--startup-clear") {
         if let Err(e) = tpm.startup_clear() {
             tracing::error!("{e}");
             return ExitCode::FAILURE;

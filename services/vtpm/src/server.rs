@@ -126,6 +126,7 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
             }
         }
         let resumed = checkpoint.volatile.is_some();
+        let powered_off = checkpoint.powered_off;
         {
             let mut n = nv.lock();
             n.permanent = record.map(|r| r.permall);
@@ -143,11 +144,14 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
             resumed,
             tis: Tis::new(),
         };
-        tpm.engine
-            .power_on()
-            .map_err(|rc| format!("libtpms did not start ({rc:#x})"))?;
-        if resumed {
-            tpm.stir_random()?;
+        // A TPM the platform had powered off stays off across a restart of this process.
+        if !powered_off {
+            tpm.engine
+                .power_on()
+                .map_err(|rc| format!("libtpms did not start ({rc:#x})"))?;
+            if resumed {
+                tpm.stir_random()?;
+            }
         }
         tpm.persist(None)?;
         Ok(tpm)
@@ -172,6 +176,12 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
             return Err(format!("StirRandom answered {r:02x?}"));
         }
         Ok(())
+    }
+
+    /// Whether this start continued an earlier run of the service (resumed or kept powered
+    /// off), rather than a fresh power-on.
+    pub fn continued(&self) -> bool {
+        self.resumed || self.checkpoint.powered_off
     }
 
     /// Sends TPM2_Startup(CLEAR), as platform firmware would: for a TPM used directly by
@@ -219,6 +229,7 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
             None
         };
         self.checkpoint.savestate = self.nv.lock().savestate.clone();
+        self.checkpoint.powered_off = !self.engine.is_powered();
         self.area.store(&self.checkpoint)?;
         self.counters.checkpoints += 1;
         Ok(())
@@ -260,8 +271,8 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
         match self.tis.write(offset, size, value) {
             Effect::None => {}
             Effect::Cancel => self.engine.cancel(),
-            Effect::ResetEstablished => {
-                let _ = self.engine.reset_established_flag();
+            Effect::ResetEstablished { locality } => {
+                let _ = self.engine.reset_established_flag(locality);
             }
             Effect::Execute { locality, command } => {
                 let seq = self
@@ -337,9 +348,9 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
                 Ok(())
             }
             Platform::GetEstablished => return Response::Established(self.engine.established()),
-            Platform::ResetEstablished => self
+            Platform::ResetEstablished { locality } => self
                 .engine
-                .reset_established_flag()
+                .reset_established_flag(locality)
                 .map_err(|rc| format!("reset of the established flag failed ({rc:#x})")),
         };
         if let Err(e) = result {

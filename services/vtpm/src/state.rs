@@ -112,6 +112,8 @@ pub struct Checkpoint {
     pub savestate: Option<Vec<u8>>,
     /// Each client's last completed command.
     pub last: BTreeMap<String, LastCommand>,
+    /// The platform powered the TPM off (a restart of the service keeps it off).
+    pub powered_off: bool,
 }
 
 /// Bytes of a slot header: magic, generation, length, CRC.

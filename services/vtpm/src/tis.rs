@@ -112,7 +112,9 @@ pub enum Effect {
     /// Cancel the running command.
     Cancel,
     /// Reset the TPM's established flag (from locality 3 or 4 only).
-    ResetEstablished,
+    ResetEstablished {
+        locality: u8,
+    },
 }
 
 fn expected_len(buf: &[u8]) -> Option<usize> {
@@ -297,7 +299,7 @@ impl Tis {
             return Effect::Cancel;
         }
         if bits & STS_RESET_ESTABLISHMENT != 0 && locality >= 3 {
-            return Effect::ResetEstablished;
+            return Effect::ResetEstablished { locality };
         }
         if bits & STS_COMMAND_READY != 0 {
             self.phase = Phase::Ready;

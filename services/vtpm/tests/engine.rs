@@ -282,3 +282,33 @@ fn a_resumed_tpm_never_repeats_random_output() {
     assert_eq!((rc(&a), rc(&b)), (0, 0));
     assert_ne!(a, b, "the generator state was replayed");
 }
+
+#[test]
+fn a_powered_off_tpm_stays_off_across_a_restart() {
+    let _one = ENGINE.lock().unwrap_or_else(|p| p.into_inner());
+    let (disk, region) = (Disk::default(), Region::new());
+    let mut tpm = start(&disk, &region);
+    assert_eq!(
+        tpm.handle("test", Request::Platform(Platform::PowerOff)),
+        Response::Done
+    );
+    drop(tpm);
+    let mut tpm = start(&disk, &region);
+    assert!(tpm.continued() && !tpm.is_powered());
+    assert!(matches!(
+        tpm.handle(
+            "test",
+            Request::Command {
+                seq: 1,
+                locality: 0,
+                command: TpmBytes::new(&STARTUP_CLEAR).unwrap()
+            }
+        ),
+        Response::Error(_)
+    ));
+    assert_eq!(
+        tpm.handle("test", Request::Platform(Platform::PowerOn)),
+        Response::Done
+    );
+    assert_eq!(rc(&cmd(&mut tpm, 2, &STARTUP_CLEAR)), 0);
+}
