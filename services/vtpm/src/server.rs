@@ -18,7 +18,6 @@ use crate::state::PermanentRecord;
 use crate::state::PermanentStore;
 use crate::state::SharedNv;
 use crate::tis::Effect;
-use crate::tis::Tis;
 
 /// Size of a TPM 2.0 command or response header (tag, size, code).
 pub const TPM_HEADER: usize = 10;
@@ -84,8 +83,6 @@ pub struct Tpm<P: PermanentStore, M: CheckpointMemory> {
     pub fatal: Option<String>,
     /// Whether the TPM resumed from a checkpoint (true) or started afresh.
     pub resumed: bool,
-    /// The guest's register interface.
-    tis: Tis,
 }
 
 /// The client name under which guest (TIS) commands are recorded.
@@ -142,7 +139,6 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
             counters: Counters::default(),
             fatal: None,
             resumed,
-            tis: Tis::new(),
         };
         // A TPM the platform had powered off stays off across a restart of this process.
         if !powered_off {
@@ -152,6 +148,13 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
             if resumed {
                 tpm.stir_random()?;
             }
+        }
+        if let Some((locality, command, seq)) = tpm.checkpoint.tis.in_execution() {
+            // Killed while a guest command ran: answer it from the record if it completed,
+            // run it now if it did not.
+            let seq =
+                seq.unwrap_or_else(|| tpm.checkpoint.last.get(TIS_CLIENT).map_or(1, |l| l.seq + 1));
+            tpm.run_tis_command(seq, locality, &command);
         }
         tpm.persist(None)?;
         Ok(tpm)
@@ -265,10 +268,12 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
             return Response::Register(u64::MAX);
         }
         let Some(value) = write else {
-            self.tis.set_established(self.engine.established());
-            return Response::Register(self.tis.read(offset, size));
+            self.checkpoint
+                .tis
+                .set_established(self.engine.established());
+            return Response::Register(self.checkpoint.tis.read(offset, size));
         };
-        match self.tis.write(offset, size, value) {
+        match self.checkpoint.tis.write(offset, size, value) {
             Effect::None => {}
             Effect::Cancel => self.engine.cancel(),
             Effect::ResetEstablished { locality } => {
@@ -280,14 +285,29 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
                     .last
                     .get(TIS_CLIENT)
                     .map_or(1, |l| l.seq + 1);
-                let response = match self.command(TIS_CLIENT, seq, locality, &command) {
-                    Response::Tpm(bytes) => bytes.as_slice().to_vec(),
-                    _ => error_response(RC_FAILURE),
-                };
-                self.tis.complete(response);
+                self.checkpoint.tis.number(seq);
+                // The command is in the checkpoint before it runs: a restart finishes it.
+                if let Err(e) = self.persist(None) {
+                    return self.fail(format!("TPM state not stored: {e}"));
+                }
+                self.run_tis_command(seq, locality, &command);
             }
         }
         Response::Done
+    }
+
+    /// Runs a guest command with its number and puts the response in the FIFO; the
+    /// interface's state is checkpointed with the command (which records it) and again with
+    /// its response, so a restart at any point neither loses nor repeats it.
+    fn run_tis_command(&mut self, seq: u64, locality: u8, command: &[u8]) {
+        let response = match self.command(TIS_CLIENT, seq, locality, command) {
+            Response::Tpm(bytes) => bytes.as_slice().to_vec(),
+            _ => error_response(RC_FAILURE),
+        };
+        self.checkpoint.tis.complete(response);
+        if let Err(e) = self.persist(None) {
+            self.fail(format!("TPM state not stored: {e}"));
+        }
     }
 
     fn command(&mut self, client: &str, seq: u64, locality: u8, command: &[u8]) -> Response {

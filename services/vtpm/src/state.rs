@@ -114,6 +114,8 @@ pub struct Checkpoint {
     pub last: BTreeMap<String, LastCommand>,
     /// The platform powered the TPM off (a restart of the service keeps it off).
     pub powered_off: bool,
+    /// The guest register interface's state.
+    pub tis: crate::tis::Tis,
 }
 
 /// Bytes of a slot header: magic, generation, length, CRC.

@@ -62,7 +62,7 @@ const INTF_CAPABILITY_VALUE: u32 = (0b011 << 28) | (0b11 << 9) | (1 << 8);
 const INTERFACE_ID_VALUE: u32 = (1 << 8) | (0b11 << 9) | (1 << 13);
 
 /// Where the interface is in the command cycle.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Phase {
     /// After reset: neither ready nor holding anything.
     Idle,
@@ -70,12 +70,20 @@ enum Phase {
     Ready,
     /// Bytes of a command are arriving.
     Reception(Vec<u8>),
+    /// `tpmGo` was written: the command runs (numbered `seq` once the TPM numbers it).
+    Execution {
+        locality: u8,
+        command: Vec<u8>,
+        seq: Option<u64>,
+    },
     /// The response is in the FIFO.
     Completion { response: Vec<u8>, read: usize },
 }
 
-/// The TIS register model.
-#[derive(Debug)]
+/// The TIS register model. Its state is part of the TPM's checkpoint, so that a guest
+/// command survives a restart of the service: one in execution is finished (or answered
+/// from the record) by the restarted TPM, a response not yet read is still there.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Tis {
     active: Option<u8>,
     pending: [bool; 5],
@@ -141,7 +149,7 @@ impl Tis {
     fn sts(&self) -> u32 {
         let mut v = STS_VALID | STS_FAMILY_TPM2 | STS_SELFTEST_DONE;
         let burst = match &self.phase {
-            Phase::Idle => 0,
+            Phase::Idle | Phase::Execution { .. } => 0,
             Phase::Ready => {
                 v |= STS_COMMAND_READY;
                 BURST
@@ -307,9 +315,10 @@ impl Tis {
             if let Phase::Reception(buf) = &self.phase {
                 let command = buf.clone();
                 // Executing: the response replaces it (see `complete`).
-                self.phase = Phase::Completion {
-                    response: Vec::new(),
-                    read: 0,
+                self.phase = Phase::Execution {
+                    locality,
+                    command: command.clone(),
+                    seq: None,
                 };
                 return Effect::Execute { locality, command };
             }
@@ -333,6 +342,26 @@ impl Tis {
     /// The response of the command [`Effect::Execute`] asked for.
     pub fn complete(&mut self, response: Vec<u8>) {
         self.phase = Phase::Completion { response, read: 0 };
+    }
+
+    /// Records the number the TPM gives the command in execution.
+    pub fn number(&mut self, n: u64) {
+        if let Phase::Execution { seq, .. } = &mut self.phase {
+            *seq = Some(n);
+        }
+    }
+
+    /// The command in execution, if the state was saved while one ran: (locality, command,
+    /// its number if it had been given one).
+    pub fn in_execution(&self) -> Option<(u8, Vec<u8>, Option<u64>)> {
+        match &self.phase {
+            Phase::Execution {
+                locality,
+                command,
+                seq,
+            } => Some((*locality, command.clone(), *seq)),
+            _ => None,
+        }
     }
 }
 

@@ -312,3 +312,31 @@ fn a_powered_off_tpm_stays_off_across_a_restart() {
     );
     assert_eq!(rc(&cmd(&mut tpm, 2, &STARTUP_CLEAR)), 0);
 }
+
+#[test]
+fn a_guest_response_not_yet_read_survives_a_restart() {
+    use pv_vtpm::tis::*;
+    let _one = ENGINE.lock().unwrap_or_else(|p| p.into_inner());
+    let (disk, region) = (Disk::default(), Region::new());
+    let mut tpm = start(&disk, &region);
+    assert_eq!(rc(&tis_transmit(&mut tpm, &STARTUP_CLEAR)), 0);
+    // The guest sends GetRandom and writes tpmGo; the service dies before the guest reads.
+    set(&mut tpm, ACCESS, 1, u64::from(ACCESS_REQUEST_USE));
+    set(&mut tpm, STS, 1, u64::from(STS_COMMAND_READY));
+    for b in GET_RANDOM_32 {
+        set(&mut tpm, DATA_FIFO, 1, u64::from(b));
+    }
+    set(&mut tpm, STS, 1, u64::from(STS_GO));
+    drop(tpm);
+    let mut tpm = start(&disk, &region);
+    assert_ne!(
+        reg(&mut tpm, STS, 1) as u32 & STS_DATA_AVAIL,
+        0,
+        "the response is still there"
+    );
+    let mut r = Vec::new();
+    while reg(&mut tpm, STS, 1) as u32 & STS_DATA_AVAIL != 0 {
+        r.push(reg(&mut tpm, DATA_FIFO, 1) as u8);
+    }
+    assert_eq!((rc(&r), r.len()), (0, 44));
+}
