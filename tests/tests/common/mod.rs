@@ -48,9 +48,22 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// A different starting point for every port search (tests of one binary run side by side
+/// in one process: the pid alone would make them all pick the same ports).
+fn port_seed() -> u32 {
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    std::process::id()
+        .wrapping_mul(2_654_435_761)
+        .wrapping_add(CALLS.fetch_add(1, Ordering::Relaxed).wrapping_mul(40_503))
+        ^ nanos
+}
+
 /// Two adjacent free loopback ports (P, P+1), as the mssim and swtpm clients expect.
 pub fn adjacent_ports() -> (u16, u16) {
-    let mut seed = std::process::id().wrapping_mul(2_246_822_519) ^ 0x9e37;
+    let mut seed = port_seed();
     loop {
         seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
         let p = 20_000 + (seed >> 8) as u16 % 40_000;
@@ -73,7 +86,7 @@ pub fn shipped_text() -> String {
     // Hold every chosen port until all are chosen, so none is chosen twice.
     let mut held: Vec<std::net::TcpListener> = Vec::new();
     let mut last: Option<(u16, u16)> = None; // (old, new)
-    let mut seed = std::process::id().wrapping_mul(2_654_435_761);
+    let mut seed = port_seed();
     while let Some(at) = rest.find("\"127.0.0.1:") {
         let (head, tail) = rest.split_at(at);
         out.push_str(head);
