@@ -156,13 +156,13 @@ pub fn text(m: &Manifest) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<10} {:<11} {:<16} {:<22} {:<8} {:>6} {:>5}  {:<38} SYSCALLS (base +)",
+        "{:<12} {:<11} {:<18} {:<36} {:<8} {:>6} {:>5}  {:<40} SYSCALLS (base +)",
         "SERVICE", "SERVES", "CALLS", "CALLED BY", "MEMORY", "FILES#", "", "RESTART"
     );
     for r in &rows {
         let _ = writeln!(
             out,
-            "{:<10} {:<11} {:<16} {:<22} {:<8} {:>6} {:>5}  {:<38} {}",
+            "{:<12} {:<11} {:<18} {:<36} {:<8} {:>6} {:>5}  {:<40} {}",
             r.service,
             list(&r.serves),
             list(&r.calls),
