@@ -142,6 +142,53 @@ impl CheckpointMemory for ipc_defs::hosted::SharedMemory {
     }
 }
 
+/// A checkpoint memory in the process (tests, fuzzing): shared, so a "restarted" TPM can be
+/// given the same memory.
+#[derive(Clone)]
+pub struct MemRegion(pub std::rc::Rc<std::cell::RefCell<Vec<u8>>>);
+
+impl MemRegion {
+    pub fn new(size: usize) -> MemRegion {
+        MemRegion(std::rc::Rc::new(std::cell::RefCell::new(vec![0; size])))
+    }
+}
+
+impl CheckpointMemory for MemRegion {
+    fn size(&self) -> usize {
+        self.0.borrow().len()
+    }
+    fn read(&self, offset: usize, buf: &mut [u8]) -> bool {
+        let m = self.0.borrow();
+        let Some(s) = m.get(offset..offset + buf.len()) else {
+            return false;
+        };
+        buf.copy_from_slice(s);
+        true
+    }
+    fn write(&self, offset: usize, data: &[u8]) -> bool {
+        let mut m = self.0.borrow_mut();
+        let Some(s) = m.get_mut(offset..offset + data.len()) else {
+            return false;
+        };
+        s.copy_from_slice(data);
+        true
+    }
+}
+
+/// A permanent store in the process (tests, fuzzing), shared like [`MemRegion`].
+#[derive(Clone, Default)]
+pub struct MemPermanent(pub std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>>);
+
+impl PermanentStore for MemPermanent {
+    fn read(&mut self) -> Result<Option<Vec<u8>>, String> {
+        Ok(self.0.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+    fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(bytes.to_vec());
+        Ok(())
+    }
+}
+
 /// The two-slot checkpoint area.
 pub struct CheckpointArea<M: CheckpointMemory> {
     memory: M,
@@ -289,37 +336,7 @@ impl crate::libtpms::NvStore for SharedNv {
 
 #[cfg(test)]
 mod tests {
-    use std::cell::RefCell;
-
     use super::*;
-
-    struct Mem(RefCell<Vec<u8>>);
-
-    impl CheckpointMemory for &Mem {
-        fn size(&self) -> usize {
-            self.0.borrow().len()
-        }
-        fn read(&self, offset: usize, buf: &mut [u8]) -> bool {
-            let m = self.0.borrow();
-            match m.get(offset..offset + buf.len()) {
-                Some(s) => {
-                    buf.copy_from_slice(s);
-                    true
-                }
-                None => false,
-            }
-        }
-        fn write(&self, offset: usize, data: &[u8]) -> bool {
-            let mut m = self.0.borrow_mut();
-            match m.get_mut(offset..offset + data.len()) {
-                Some(s) => {
-                    s.copy_from_slice(data);
-                    true
-                }
-                None => false,
-            }
-        }
-    }
 
     fn checkpoint(n: u8) -> Checkpoint {
         let mut c = Checkpoint {
@@ -338,17 +355,17 @@ mod tests {
 
     #[test]
     fn the_newest_intact_checkpoint_wins_and_a_torn_one_falls_back() {
-        let mem = Mem(RefCell::new(vec![0; 8192]));
-        let mut area = CheckpointArea::new(&mem);
+        let mem = MemRegion::new(8192);
+        let mut area = CheckpointArea::new(mem.clone());
         assert_eq!(area.load(), None);
         area.store(&checkpoint(1)).unwrap();
         area.store(&checkpoint(2)).unwrap();
-        assert_eq!(CheckpointArea::new(&mem).load(), Some(checkpoint(2)));
+        assert_eq!(CheckpointArea::new(mem.clone()).load(), Some(checkpoint(2)));
         // A torn third checkpoint (a byte of its body flipped): the second one stays.
         area.store(&checkpoint(3)).unwrap();
         let slot = 4096; // generation 3 is in slot 1
         mem.0.borrow_mut()[slot + SLOT_HEADER + 5] ^= 0xff;
-        assert_eq!(CheckpointArea::new(&mem).load(), Some(checkpoint(2)));
+        assert_eq!(CheckpointArea::new(mem.clone()).load(), Some(checkpoint(2)));
         // Too large for a slot: an error, the area unchanged.
         let big = Checkpoint {
             volatile: Some(vec![0; 5000]),

@@ -1,8 +1,6 @@
 //! The TPM in-process (libtpms through our wrapper): manufacture, commands, permanent state
 //! through the store, and resuming from a checkpoint after the process is gone.
 
-use std::cell::RefCell;
-use std::sync::Arc;
 use std::sync::Mutex;
 
 use ipc_defs::services::vtpm::Platform;
@@ -11,8 +9,8 @@ use ipc_defs::services::vtpm::Response;
 use ipc_defs::services::vtpm::TpmBytes;
 use pv_vtpm::libtpms::Engine;
 use pv_vtpm::server::Tpm;
-use pv_vtpm::state::CheckpointMemory;
-use pv_vtpm::state::PermanentStore;
+use pv_vtpm::state::MemPermanent;
+use pv_vtpm::state::MemRegion;
 use pv_vtpm::state::SharedNv;
 use sha2::Digest;
 use sha2::Sha256;
@@ -20,49 +18,8 @@ use sha2::Sha256;
 /// libtpms is one TPM per process: tests take it in turn.
 static ENGINE: Mutex<()> = Mutex::new(());
 
-#[derive(Clone, Default)]
-struct Disk(Arc<Mutex<Option<Vec<u8>>>>);
-
-impl PermanentStore for Disk {
-    fn read(&mut self) -> Result<Option<Vec<u8>>, String> {
-        Ok(self.0.lock().unwrap().clone())
-    }
-    fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
-        *self.0.lock().unwrap() = Some(bytes.to_vec());
-        Ok(())
-    }
-}
-
-#[derive(Clone)]
-struct Region(std::rc::Rc<RefCell<Vec<u8>>>);
-
-impl Region {
-    fn new() -> Region {
-        Region(std::rc::Rc::new(RefCell::new(vec![0; 256 << 10])))
-    }
-}
-
-impl CheckpointMemory for Region {
-    fn size(&self) -> usize {
-        self.0.borrow().len()
-    }
-    fn read(&self, offset: usize, buf: &mut [u8]) -> bool {
-        let m = self.0.borrow();
-        let Some(s) = m.get(offset..offset + buf.len()) else {
-            return false;
-        };
-        buf.copy_from_slice(s);
-        true
-    }
-    fn write(&self, offset: usize, data: &[u8]) -> bool {
-        let mut m = self.0.borrow_mut();
-        let Some(s) = m.get_mut(offset..offset + data.len()) else {
-            return false;
-        };
-        s.copy_from_slice(data);
-        true
-    }
-}
+type Disk = MemPermanent;
+type Region = MemRegion;
 
 fn start(disk: &Disk, region: &Region) -> Tpm<Disk, Region> {
     let nv = SharedNv::default();
@@ -114,7 +71,7 @@ fn pcr16(tpm: &mut Tpm<Disk, Region>, seq: u64) -> Vec<u8> {
 #[test]
 fn the_tpm_starts_extends_and_resumes_after_a_crash_with_the_same_pcrs() {
     let _one = ENGINE.lock().unwrap_or_else(|p| p.into_inner());
-    let (disk, region) = (Disk::default(), Region::new());
+    let (disk, region) = (Disk::default(), Region::new(256 << 10));
     let mut tpm = start(&disk, &region);
     assert!(!tpm.resumed);
     assert!(
@@ -173,7 +130,7 @@ fn the_tpm_starts_extends_and_resumes_after_a_crash_with_the_same_pcrs() {
 #[test]
 fn malformed_commands_get_tpm_errors() {
     let _one = ENGINE.lock().unwrap_or_else(|p| p.into_inner());
-    let (disk, region) = (Disk::default(), Region::new());
+    let (disk, region) = (Disk::default(), Region::new(256 << 10));
     let mut tpm = start(&disk, &region);
     assert_eq!(rc(&cmd(&mut tpm, 1, &STARTUP_CLEAR)), 0);
     // Size field larger than the data; truncated header; garbage.
@@ -243,7 +200,7 @@ fn tis_transmit(tpm: &mut Tpm<Disk, Region>, command: &[u8]) -> Vec<u8> {
 #[test]
 fn the_guest_register_interface_runs_commands_on_the_engine() {
     let _one = ENGINE.lock().unwrap_or_else(|p| p.into_inner());
-    let (disk, region) = (Disk::default(), Region::new());
+    let (disk, region) = (Disk::default(), Region::new(256 << 10));
     let mut tpm = start(&disk, &region);
     assert_eq!(reg(&mut tpm, pv_vtpm::tis::DID_VID, 4), 0x0001_1014);
     assert_eq!(rc(&tis_transmit(&mut tpm, &STARTUP_CLEAR)), 0);
@@ -266,7 +223,7 @@ fn the_guest_register_interface_runs_commands_on_the_engine() {
 #[test]
 fn a_resumed_tpm_never_repeats_random_output() {
     let _one = ENGINE.lock().unwrap_or_else(|p| p.into_inner());
-    let (disk, region) = (Disk::default(), Region::new());
+    let (disk, region) = (Disk::default(), Region::new(256 << 10));
     let mut tpm = start(&disk, &region);
     assert_eq!(rc(&cmd(&mut tpm, 1, &STARTUP_CLEAR)), 0);
     drop(tpm);
@@ -286,7 +243,7 @@ fn a_resumed_tpm_never_repeats_random_output() {
 #[test]
 fn a_powered_off_tpm_stays_off_across_a_restart() {
     let _one = ENGINE.lock().unwrap_or_else(|p| p.into_inner());
-    let (disk, region) = (Disk::default(), Region::new());
+    let (disk, region) = (Disk::default(), Region::new(256 << 10));
     let mut tpm = start(&disk, &region);
     assert_eq!(
         tpm.handle("test", Request::Platform(Platform::PowerOff)),
@@ -317,7 +274,7 @@ fn a_powered_off_tpm_stays_off_across_a_restart() {
 fn a_guest_response_not_yet_read_survives_a_restart() {
     use pv_vtpm::tis::*;
     let _one = ENGINE.lock().unwrap_or_else(|p| p.into_inner());
-    let (disk, region) = (Disk::default(), Region::new());
+    let (disk, region) = (Disk::default(), Region::new(256 << 10));
     let mut tpm = start(&disk, &region);
     assert_eq!(rc(&tis_transmit(&mut tpm, &STARTUP_CLEAR)), 0);
     // The guest sends GetRandom and writes tpmGo; the service dies before the guest reads.
