@@ -838,13 +838,17 @@ impl Supervisor {
             ));
             return;
         }
-        let doublings = (s.recent.len() as u32).min(16);
-        let delay = s
-            .spec
-            .restart
-            .backoff
-            .saturating_mul(1 << doublings)
-            .min(MAX_BACKOFF);
+        // The first restart within the window is immediate (a single crash costs the
+        // service's clients no wait); repeated ones back off from `backoff`, doubling.
+        let delay = match s.recent.len() as u32 {
+            0 => Duration::ZERO,
+            n => s
+                .spec
+                .restart
+                .backoff
+                .saturating_mul(1 << (n - 1).min(16))
+                .min(MAX_BACKOFF),
+        };
         s.recent.push_back(now);
         s.restart_at = Some(now + delay);
         s.state = State::Backoff;

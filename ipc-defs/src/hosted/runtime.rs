@@ -305,6 +305,8 @@ fn init_logging(record: &Bootstrap) {
 /// Enters the sandbox profile and maps every capability.
 fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
     sys::exit_on_signals().map_err(StartError::Signals)?;
+    // Decided while the system call is still allowed.
+    let _ = crate::hosted::channel::WaitPolicy::default();
     // The status page first, so that a violation from here on is named.
     for cap in record.find(CapabilityKind::Status) {
         let fd = sys::take_fd(cap.slot).map_err(|e| cap_error(cap, e))?;
