@@ -75,12 +75,12 @@ pub struct WaitPolicy {
 
 impl Default for WaitPolicy {
     /// Spin-then-sleep where a peer can run on another CPU at the same time; sleep at once
-    /// where this process may use one CPU only (spinning there only delays the peer it waits
-    /// for by the whole spin). The CPU count is read once per process (a service reads it
-    /// before it enters its sandbox).
+    /// on a machine with one CPU (spinning there only delays the peer it waits for; a spinner
+    /// also yields, see [`spin_yield`], for peers that happen to share its CPU). The CPU count
+    /// is read once per process (a service reads it before it enters its sandbox).
     fn default() -> Self {
         static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-        if *CPUS.get_or_init(sys::usable_cpus) > 1 {
+        if *CPUS.get_or_init(sys::online_cpus) > 1 {
             WaitPolicy {
                 spin: DEFAULT_SPIN,
                 spin_only: false,

@@ -385,16 +385,11 @@ pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     Ok(())
 }
 
-/// How many CPUs this thread may run on (its affinity mask); 1 if that cannot be read.
-pub fn usable_cpus() -> usize {
-    // SAFETY: a zeroed cpu_set_t is a valid out-buffer of the size passed; CPU_COUNT reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return 1;
-        }
-        libc::CPU_COUNT(&set).max(1) as usize
-    }
+/// How many CPUs the system has online (1 if that cannot be read).
+pub fn online_cpus() -> usize {
+    // SAFETY: sysconf has no memory effects.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    n.max(1) as usize
 }
 
 /// A blocking eventfd (counter semantics).

@@ -156,7 +156,7 @@ fn main() -> ExitCode {
     // A TPM command takes from microseconds (GetRandom) to milliseconds (key generation), and
     // a client waits for each one: wait for the answer by spinning (yielding to anything else
     // runnable on this CPU) rather than by sleeping, whose cross-CPU wake-up would add ~47 us
-    // to every command. With one usable CPU the default (sleep at once) stays.
+    // to every command. On a one-CPU machine the default (sleep at once) stays.
     if WaitPolicy::default() != WaitPolicy::BLOCKING {
         tpm.set_policy(WaitPolicy {
             spin: CALL_SPIN,
