@@ -64,6 +64,8 @@ pub enum Grant {
     Interface,
     /// A `vmgs` channel limited to these file ids.
     VmgsFiles(crate::services::vmgs::FileIdSet),
+    /// An `intercept` channel whose client may raise these interrupts (and no others).
+    Interrupts(crate::services::intercept::InterruptSet),
 }
 
 /// How a granted file may be used.
@@ -96,6 +98,9 @@ pub enum CapabilityKind {
     /// A listening socket the microkernel bound (loopback only): the service may accept
     /// connections on it, but never create, bind or connect a socket of its own.
     Listener,
+    /// An eventfd wired to this guest interrupt (KVM irqfd): signalling it raises the
+    /// interrupt. Only intercept holds these; devices ask it.
+    Interrupt(crate::services::intercept::Interrupt),
 }
 
 impl core::fmt::Display for CapabilityKind {
@@ -111,6 +116,7 @@ impl core::fmt::Display for CapabilityKind {
             CapabilityKind::SeccompProgram => write!(f, "seccomp"),
             CapabilityKind::Key => write!(f, "key"),
             CapabilityKind::Listener => write!(f, "listener"),
+            CapabilityKind::Interrupt(i) => write!(f, "interrupt:{i}"),
         }
     }
 }

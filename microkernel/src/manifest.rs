@@ -454,6 +454,13 @@ pub fn grant_text(g: &Grant) -> String {
     match g {
         Grant::Interface => "whole interface".into(),
         Grant::VmgsFiles(set) => format!("file-ids [{set}]"),
+        Grant::Interrupts(set) => format!(
+            "interrupts [{}]",
+            set.iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
 

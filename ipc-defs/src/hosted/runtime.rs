@@ -69,6 +69,8 @@ pub struct Context {
     pub keys: BTreeMap<String, OwnedFd>,
     /// Listening sockets bound by the microkernel, by name.
     pub listeners: BTreeMap<String, OwnedFd>,
+    /// Eventfds wired to guest interrupts (intercept only), by interrupt.
+    pub interrupts: BTreeMap<crate::services::intercept::Interrupt, OwnedFd>,
 }
 
 impl Context {
@@ -352,6 +354,7 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
         files: BTreeMap::new(),
         keys: BTreeMap::new(),
         listeners: BTreeMap::new(),
+        interrupts: BTreeMap::new(),
     };
     let mut control = None;
     let mut served = Vec::new();
@@ -393,6 +396,10 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
             CapabilityKind::Listener => {
                 let fd = sys::take_fd(cap.slot).map_err(|e| cap_error(cap, e))?;
                 context.listeners.insert(cap.name.to_string(), fd);
+            }
+            CapabilityKind::Interrupt(irq) => {
+                let fd = sys::take_fd(cap.slot).map_err(|e| cap_error(cap, e))?;
+                context.interrupts.insert(irq, fd);
             }
             CapabilityKind::Status | CapabilityKind::SeccompProgram => {}
         }

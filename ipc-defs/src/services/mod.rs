@@ -22,11 +22,9 @@ macro_rules! interface {
     };
 }
 
-interface!(
-    /// Exit policy and platform devices (issue 5).
-    intercept
-);
 pub mod bytes;
+pub mod guest;
+pub mod intercept;
 pub mod vmgs;
 pub mod vtpm;
 interface!(
