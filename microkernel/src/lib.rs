@@ -2,9 +2,11 @@
 //! region, starts each service in its own sandbox with exactly the capabilities the manifest
 //! grants, supervises and restarts them, and answers the `paravisor` command line.
 //!
-//! It holds no device or service logic: it only builds, hands out and watches capabilities.
-//! `unsafe` lives in [`sandbox`] (process creation) alone; the ring and mapping code it uses
-//! is in `ipc_defs::hosted`.
+//! It holds no device or service logic: it only builds, hands out and watches capabilities,
+//! and runs the guest partition ([`partition`]: the KVM VM, whose exits it routes to the
+//! services that own them). `unsafe` lives in [`sandbox`] (process creation) and
+//! `partition::kvm` (guest RAM registration, vCPU kicks) alone; the ring and mapping code it
+//! uses is in `ipc_defs::hosted`.
 
 pub mod audit;
 pub mod bench;
@@ -12,6 +14,7 @@ pub mod bench_vmgs;
 pub mod bench_vtpm;
 pub mod control;
 pub mod manifest;
+pub mod partition;
 pub mod profiles;
 pub mod sandbox;
 pub mod state_files;

@@ -31,14 +31,12 @@ pub enum Request {
     },
     /// A platform signal.
     Platform(Platform),
-    /// A guest access to the TPM's register range (TIS at 0xFED40000): `offset` from the
-    /// range's base, `size` 1, 2 or 4 bytes; `write` carries the value written, `None` is a
-    /// read (answered with [`Response::Register`]).
-    Mmio {
-        offset: u64,
-        size: u8,
-        write: Option<u64>,
-    },
+    /// A guest access to the TPM's register range (TIS at 0xFED40000..0xFED45000), from the
+    /// guest partition: a read is answered with [`Response::Register`], a write with
+    /// [`Response::Done`]. The TPM keeps each vCPU's last access number and answer in its
+    /// checkpoint, so an access sent again after a restart is never applied twice (see
+    /// [`crate::services::guest`]).
+    Mmio(crate::services::guest::Access),
 }
 
 /// Signals from the platform, as the simulator protocols name them.

@@ -2,6 +2,8 @@
 //! command number; permanent state durable before the response; a checkpoint of the
 //! volatile state after every command; the platform signals.
 
+use ipc_defs::services::guest::mask;
+use ipc_defs::services::guest::Access;
 use ipc_defs::services::vtpm::Platform;
 use ipc_defs::services::vtpm::Request;
 use ipc_defs::services::vtpm::Response;
@@ -17,6 +19,7 @@ use crate::state::LastCommand;
 use crate::state::PermanentRecord;
 use crate::state::PermanentStore;
 use crate::state::SharedNv;
+use crate::tis;
 use crate::tis::Effect;
 
 /// Size of a TPM 2.0 command or response header (tag, size, code).
@@ -253,27 +256,50 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
                 command,
             } => self.command(client, seq, locality, command.as_slice()),
             Request::Platform(p) => self.platform(p),
-            Request::Mmio {
-                offset,
-                size,
-                write,
-            } => self.mmio(offset, size, write),
+            Request::Mmio(access) => self.mmio(access),
         }
     }
 
     /// A guest register access. A write of `tpmGo` runs the command in the FIFO; its
-    /// response is in the FIFO when the write returns.
-    fn mmio(&mut self, offset: u64, size: u8, write: Option<u64>) -> Response {
-        if !matches!(size, 1 | 2 | 4) {
-            return Response::Register(u64::MAX);
+    /// response is in the FIFO when the write returns. Every access that changes the
+    /// interface (a write, a FIFO read) is in the checkpoint, with its number, before it is
+    /// answered: after a restart a repeat gets the recorded answer and a new access finds the
+    /// interface exactly as the guest left it.
+    fn mmio(&mut self, access: Access) -> Response {
+        let offset = access.address.wrapping_sub(tis::BASE);
+        let answer = |write: bool, value: u64| {
+            if write {
+                Response::Done
+            } else {
+                Response::Register(value)
+            }
+        };
+        if !matches!(access.size, 1 | 2 | 4) || offset >= tis::RANGE {
+            return answer(access.write.is_some(), mask(access.size));
         }
-        let Some(value) = write else {
+        if let Some(&(seq, value)) = self.checkpoint.accesses.get(&access.vcpu) {
+            if access.seq == seq {
+                self.counters.replayed += 1;
+                return answer(access.write.is_some(), value);
+            }
+        }
+        let Some(value) = access.written() else {
             self.checkpoint
                 .tis
                 .set_established(self.engine.established());
-            return Response::Register(self.checkpoint.tis.read(offset, size));
+            let value = self.checkpoint.tis.read(offset, access.size);
+            self.checkpoint
+                .accesses
+                .insert(access.vcpu, (access.seq, value));
+            if tis::read_has_effect(offset) {
+                if let Err(e) = self.store_checkpoint() {
+                    return self.fail(format!("TPM state not stored: {e}"));
+                }
+            }
+            return Response::Register(value);
         };
-        match self.checkpoint.tis.write(offset, size, value) {
+        self.checkpoint.accesses.insert(access.vcpu, (access.seq, 0));
+        match self.checkpoint.tis.write(offset, access.size, value) {
             Effect::None => {}
             Effect::Cancel => self.engine.cancel(),
             Effect::ResetEstablished { locality } => {
@@ -291,9 +317,21 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
                     return self.fail(format!("TPM state not stored: {e}"));
                 }
                 self.run_tis_command(seq, locality, &command);
+                return Response::Done;
             }
         }
+        if let Err(e) = self.store_checkpoint() {
+            return self.fail(format!("TPM state not stored: {e}"));
+        }
         Response::Done
+    }
+
+    /// Stores the checkpoint as it is (the engine's state has not changed since the last
+    /// one: only the register interface has).
+    fn store_checkpoint(&mut self) -> Result<(), String> {
+        self.area.store(&self.checkpoint)?;
+        self.counters.checkpoints += 1;
+        Ok(())
     }
 
     /// Runs a guest command with its number and puts the response in the FIFO; the

@@ -116,6 +116,8 @@ pub struct Checkpoint {
     pub powered_off: bool,
     /// The guest register interface's state.
     pub tis: crate::tis::Tis,
+    /// Each vCPU's last register access: its number and the value it read.
+    pub accesses: BTreeMap<u32, (u64, u64)>,
 }
 
 /// Bytes of a slot header: magic, generation, length, CRC.

@@ -7,6 +7,13 @@
 //! Whatever the guest writes, the model stays within its buffers: oversized commands are
 //! cut off (and answered with a TPM size error), reads outside a register give all ones.
 
+/// Whether a read at `offset` changes the interface (it pops the FIFO): such a read is
+/// checkpointed like a write.
+pub fn read_has_effect(offset: u64) -> bool {
+    let reg = offset % 0x1000;
+    (DATA_FIFO..DATA_FIFO + 4).contains(&reg) || (XDATA_FIFO..XDATA_FIFO + 0x40).contains(&reg)
+}
+
 /// Size of the register range: localities 0..=4, 4 KiB each.
 pub const RANGE: u64 = 0x5000;
 /// Base address Linux and firmware expect.

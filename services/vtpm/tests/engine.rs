@@ -145,15 +145,21 @@ fn malformed_commands_get_tpm_errors() {
     assert_eq!(rc(&cmd(&mut tpm, 5, &GET_RANDOM_32)), 0);
 }
 
+static ACCESS_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn access(offset: u64, size: u8, write: Option<u64>) -> Request {
+    Request::Mmio(ipc_defs::services::guest::Access {
+        vcpu: 0,
+        seq: ACCESS_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        space: ipc_defs::services::guest::Space::Mmio,
+        address: pv_vtpm::tis::BASE + offset,
+        size,
+        write,
+    })
+}
+
 fn reg(tpm: &mut Tpm<Disk, Region>, offset: u64, size: u8) -> u64 {
-    match tpm.handle(
-        "intercept",
-        Request::Mmio {
-            offset,
-            size,
-            write: None,
-        },
-    ) {
+    match tpm.handle("guest", access(offset, size, None)) {
         Response::Register(v) => v,
         other => panic!("{other:?}"),
     }
@@ -161,14 +167,7 @@ fn reg(tpm: &mut Tpm<Disk, Region>, offset: u64, size: u8) -> u64 {
 
 fn set(tpm: &mut Tpm<Disk, Region>, offset: u64, size: u8, value: u64) {
     assert_eq!(
-        tpm.handle(
-            "intercept",
-            Request::Mmio {
-                offset,
-                size,
-                write: Some(value)
-            }
-        ),
+        tpm.handle("guest", access(offset, size, Some(value))),
         Response::Done
     );
 }

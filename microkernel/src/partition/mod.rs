@@ -1,0 +1,330 @@
+//! The guest partition: a KVM VM whose every exit is answered by a service.
+//!
+//! The microkernel creates the VM (in-kernel IOAPIC and local APICs), guest RAM as a memfd,
+//! one thread per vCPU, and an eventfd per guest interrupt a manifest grant names, wired to
+//! the VM as a KVM irqfd and handed to `intercept` (which raises only what each device was
+//! granted). Exits go through the [`router::Router`]: port and MMIO ranges a service owns go to
+//! that service, everything else to `intercept`.
+//!
+//! Guests: the test guest (`tests/guest`, embedded in `paravisor`, the default) or a Linux
+//! bzImage with an optional initrd (64-bit boot protocol, ACPI tables for the IOAPIC and SMP).
+
+pub mod acpi;
+pub mod boot;
+mod kvm;
+pub mod memory;
+pub mod router;
+pub mod vcpu;
+
+use std::os::fd::AsRawFd;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+use ipc_defs::services::intercept::Interrupt;
+use kvm_bindings::kvm_enable_cap;
+use kvm_bindings::kvm_pit_config;
+use kvm_ioctls::Cap;
+use kvm_ioctls::Kvm;
+use kvm_ioctls::VcpuFd;
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::EventFd;
+
+use self::memory::GuestRam;
+use self::router::Router;
+use self::vcpu::Outcome;
+use self::vcpu::VcpuStats;
+
+/// The test guest, built from tests/guest by the build script.
+pub static TEST_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/test-guest.elf"));
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub enum Image {
+    /// The embedded test guest (or another ELF image at `path`), with its command line.
+    TestGuest {
+        path: Option<PathBuf>,
+        command_line: String,
+    },
+    /// A Linux bzImage.
+    Linux {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        command_line: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct GuestConfig {
+    pub image: Image,
+    pub memory: u64,
+    pub vcpus: u32,
+}
+
+/// Default RAM: enough for the test guest; Linux needs more (`--memory`).
+pub const TEST_GUEST_MEMORY: u64 = 64 << 20;
+pub const LINUX_MEMORY: u64 = 512 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PartitionError {
+    #[error("/dev/kvm: {0} (the guest partition needs KVM; `paravisor run --no-guest` runs the services alone)")]
+    Kvm(kvm_ioctls::Error),
+    #[error("KVM lacks {0}")]
+    Missing(&'static str),
+    #[error("{what}: {reason}")]
+    Setup { what: &'static str, reason: String },
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error("reading {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+}
+
+fn setup(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> PartitionError {
+    move |e| PartitionError::Setup {
+        what,
+        reason: e.to_string(),
+    }
+}
+
+/// Whether `/dev/kvm` is KVM on PVM (a software virtualiser, no VMX/SVM): small guests run,
+/// ring-0 code is emulated, a stock Linux kernel does not boot.
+pub fn is_pvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// A VM with its RAM loaded and its vCPUs set up, not yet running.
+pub struct Partition {
+    // Field order is drop order: vCPUs and the VM before the RAM KVM maps.
+    vcpus: Vec<VcpuFd>,
+    interrupts: Vec<(Interrupt, EventFd)>,
+    _vm: VmFd,
+    _kvm: Kvm,
+    _ram: GuestRam,
+    pub config: GuestConfig,
+}
+
+impl Partition {
+    /// Creates the VM, loads the image and wires `interrupts` (IOAPIC lines) as irqfds.
+    pub fn create(config: GuestConfig, interrupts: &[Interrupt]) -> Result<Partition, PartitionError> {
+        let kvm = Kvm::new().map_err(PartitionError::Kvm)?;
+        for (cap, name) in [
+            (Cap::Irqchip, "an in-kernel irqchip"),
+            (Cap::Irqfd, "irqfd"),
+            (Cap::UserMemory, "user memory"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(PartitionError::Missing(name));
+            }
+        }
+        let vm = kvm.create_vm().map_err(setup("creating the VM"))?;
+        vm.create_irq_chip().map_err(setup("creating the irqchip"))?;
+        if matches!(config.image, Image::Linux { .. }) {
+            vm.create_pit2(kvm_pit_config::default())
+                .map_err(setup("creating the PIT"))?;
+        }
+        // MSR accesses KVM does not handle itself reach intercept (deny by default there).
+        if kvm.check_extension(Cap::X86UserSpaceMsr) {
+            let cap = kvm_enable_cap {
+                cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
+                args: [
+                    u64::from(
+                        kvm_bindings::KVM_MSR_EXIT_REASON_INVAL
+                            | kvm_bindings::KVM_MSR_EXIT_REASON_UNKNOWN,
+                    ),
+                    0,
+                    0,
+                    0,
+                ],
+                ..Default::default()
+            };
+            vm.enable_cap(&cap).map_err(setup("routing MSR exits to user space"))?;
+        }
+        let ram = GuestRam::new(config.memory).map_err(|e| PartitionError::Setup {
+            what: "guest RAM",
+            reason: e.to_string(),
+        })?;
+        kvm::register_ram(&vm, &ram).map_err(setup("registering guest RAM"))?;
+
+        let mut wired = Vec::new();
+        for irq in interrupts {
+            let Interrupt::Line(line) = *irq else {
+                return Err(PartitionError::Setup {
+                    what: "wiring interrupts",
+                    reason: format!("{irq}: only IOAPIC lines can be wired yet"),
+                });
+            };
+            let fd = EventFd::new(libc::EFD_CLOEXEC).map_err(|e| PartitionError::Setup {
+                what: "eventfd",
+                reason: e.to_string(),
+            })?;
+            vm.register_irqfd(&fd, u32::from(line))
+                .map_err(setup("registering an irqfd"))?;
+            wired.push((*irq, fd));
+        }
+
+        boot::write_tables(&ram.memory)?;
+        let entry = match &config.image {
+            Image::TestGuest { path, command_line } => {
+                let image = match path {
+                    Some(p) => read(p)?,
+                    None => TEST_GUEST.to_vec(),
+                };
+                boot::load_elf(&ram.memory, &image, command_line)?
+            }
+            Image::Linux {
+                kernel,
+                initrd,
+                command_line,
+            } => {
+                let kernel = read(kernel)?;
+                let initrd = initrd.as_ref().map(|p| read(p)).transpose()?;
+                let rsdp = acpi::write(&ram.memory, config.vcpus).map_err(|e| {
+                    PartitionError::Setup {
+                        what: "ACPI tables",
+                        reason: e.to_string(),
+                    }
+                })?;
+                boot::load_linux(
+                    &ram.memory,
+                    ram.size,
+                    &kernel,
+                    initrd.as_deref(),
+                    command_line,
+                    rsdp,
+                )?
+            }
+        };
+
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(setup("reading the supported CPUID"))?;
+        let mut vcpus = Vec::new();
+        for id in 0..config.vcpus {
+            let vcpu = vm
+                .create_vcpu(u64::from(id))
+                .map_err(setup("creating a vCPU"))?;
+            let mut cpuid = cpuid.clone();
+            for e in cpuid.as_mut_slice() {
+                // The initial APIC id (leaf 1, EBX 31:24) names the vCPU.
+                if e.function == 1 {
+                    e.ebx = (e.ebx & 0x00FF_FFFF) | (id << 24);
+                }
+            }
+            vcpu.set_cpuid2(&cpuid).map_err(setup("setting CPUID"))?;
+            if id == 0 {
+                let mut sregs = vcpu.get_sregs().map_err(setup("reading sregs"))?;
+                boot::long_mode(&mut sregs);
+                vcpu.set_sregs(&sregs).map_err(setup("entering long mode"))?;
+                vcpu.set_regs(&boot::entry_regs(entry))
+                    .map_err(setup("setting registers"))?;
+            }
+            vcpus.push(vcpu);
+        }
+        Ok(Partition {
+            vcpus,
+            interrupts: wired,
+            _vm: vm,
+            _kvm: kvm,
+            _ram: ram,
+            config,
+        })
+    }
+
+    /// The eventfds wired to guest interrupts (for intercept's capabilities).
+    pub fn interrupt_fds(&self) -> Vec<(Interrupt, RawFd)> {
+        self.interrupts
+            .iter()
+            .map(|(i, fd)| (*i, fd.as_raw_fd()))
+            .collect()
+    }
+
+    /// Starts every vCPU thread. `ended` is signalled when the first vCPU's run ends.
+    pub fn start(mut self, router: Router, ended: EventFd) -> std::io::Result<Running> {
+        kvm::install_kick_handler()?;
+        let stop = router.stop.clone();
+        let router = Arc::new(Mutex::new(router));
+        let outcome = Arc::new(Mutex::new(None::<Outcome>));
+        let ended = Arc::new(ended);
+        let mut threads = Vec::new();
+        let mut stats = Vec::new();
+        for (id, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+            let s = Arc::new(VcpuStats::default());
+            stats.push(s.clone());
+            let (router, stop, outcome, ended) =
+                (router.clone(), stop.clone(), outcome.clone(), ended.clone());
+            let (tx, rx) = std::sync::mpsc::channel();
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    let _ = tx.send(kvm::current_thread());
+                    let result = vcpu::run(id as u32, vcpu, &router, &stop, &s);
+                    let mut first = outcome.lock().unwrap_or_else(|p| p.into_inner());
+                    if first.is_none() && result != Outcome::Stopped {
+                        *first = Some(result);
+                        let _ = ended.write(1);
+                    }
+                })?;
+            let thread = rx.recv().map_err(std::io::Error::other)?;
+            threads.push((thread, handle));
+        }
+        Ok(Running {
+            partition: self,
+            router,
+            threads,
+            stop,
+            outcome,
+            stats,
+        })
+    }
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, PartitionError> {
+    std::fs::read(path).map_err(|error| PartitionError::Read {
+        path: path.display().to_string(),
+        error,
+    })
+}
+
+/// A running partition.
+pub struct Running {
+    pub router: Arc<Mutex<Router>>,
+    threads: Vec<(libc::pthread_t, JoinHandle<()>)>,
+    stop: Arc<AtomicBool>,
+    outcome: Arc<Mutex<Option<Outcome>>>,
+    pub stats: Vec<Arc<VcpuStats>>,
+    // Last: the VM outlives the threads that run it.
+    partition: Partition,
+}
+
+impl Running {
+    /// How the run ended, once it has.
+    pub fn outcome(&self) -> Option<Outcome> {
+        self.outcome.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn config(&self) -> &GuestConfig {
+        &self.partition.config
+    }
+
+    /// Stops every vCPU (kicking it out of KVM_RUN) and waits for the threads.
+    pub fn stop(self) -> Option<Outcome> {
+        self.stop.store(true, Ordering::SeqCst);
+        for (thread, handle) in &self.threads {
+            // Kick until the thread is out of KVM_RUN and has seen the flag.
+            while !handle.is_finished() {
+                kvm::kick(*thread);
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        for (_, handle) in self.threads {
+            let _ = handle.join();
+        }
+        let outcome = self.outcome.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        drop(self.partition);
+        outcome
+    }
+}
