@@ -55,6 +55,32 @@ enum Cmd {
         /// Directory for the control socket and state files [default: the manifest's state-dir, "state"]
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// Run the services without a guest, until stopped (Ctrl-C or `paravisor stop`).
+        #[arg(long, conflicts_with_all = ["kernel", "guest", "keep_running"])]
+        no_guest: bool,
+        /// Keep the services running after the guest's run ends.
+        #[arg(long)]
+        keep_running: bool,
+        /// Boot this Linux bzImage instead of the test guest (64-bit boot protocol; needs
+        /// hardware KVM: a stock kernel does not boot on KVM-on-PVM).
+        #[arg(long, conflicts_with = "guest")]
+        kernel: Option<PathBuf>,
+        /// Initial ramdisk for --kernel.
+        #[arg(long, requires = "kernel")]
+        initrd: Option<PathBuf>,
+        /// Command line: the kernel's with --kernel [default: "console=ttyS0 panic=-1"], else
+        /// the test guest's (e.g. "extends=8 bench=0 interrupt=1 tpm=1").
+        #[arg(long)]
+        cmdline: Option<String>,
+        /// Run this ELF image instead of the embedded test guest.
+        #[arg(long)]
+        guest: Option<PathBuf>,
+        /// Guest RAM in MiB [default: 64 for the test guest, 512 for Linux].
+        #[arg(long)]
+        memory: Option<u64>,
+        /// vCPUs (Linux only; the test guest uses one).
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
     },
     /// List the services of the running instance.
     Ps {
@@ -167,6 +193,24 @@ fn init_logging() {
         .try_init();
 }
 
+/// `paravisor run`'s exit status: the guest's own status when it wrote one, 0 without a guest
+/// or after a reset, [`PARTITION_FAILED`] when the partition could not go on.
+fn guest_exit_code(outcome: Option<microkernel::partition::vcpu::Outcome>) -> ExitCode {
+    use microkernel::partition::vcpu::Outcome;
+    match outcome {
+        None | Some(Outcome::Stopped) | Some(Outcome::Reset) => ExitCode::SUCCESS,
+        Some(Outcome::Exited(status)) => ExitCode::from(status),
+        Some(Outcome::Failed(why)) => {
+            eprintln!("paravisor: the guest partition failed: {why}");
+            ExitCode::from(PARTITION_FAILED)
+        }
+    }
+}
+
+/// Exit status when the partition itself failed (as intercept's status for a hypervisor
+/// failure).
+const PARTITION_FAILED: u8 = 0x7e;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -241,7 +285,45 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
         Cmd::Run {
             manifest,
             state_dir,
+            no_guest,
+            keep_running,
+            kernel,
+            initrd,
+            cmdline,
+            guest,
+            memory,
+            vcpus,
         } => {
+            use microkernel::partition;
+            let guest = if no_guest {
+                None
+            } else {
+                let image = match kernel {
+                    Some(kernel) => partition::Image::Linux {
+                        kernel,
+                        initrd,
+                        command_line: cmdline
+                            .unwrap_or_else(|| "console=ttyS0 panic=-1".into()),
+                    },
+                    None => partition::Image::TestGuest {
+                        path: guest,
+                        command_line: cmdline.unwrap_or_default(),
+                    },
+                };
+                let default_memory = match image {
+                    partition::Image::Linux { .. } => partition::LINUX_MEMORY,
+                    partition::Image::TestGuest { .. } => partition::TEST_GUEST_MEMORY,
+                };
+                let vcpus = match image {
+                    partition::Image::Linux { .. } => vcpus.clamp(1, 64),
+                    partition::Image::TestGuest { .. } => 1,
+                };
+                Some(partition::GuestConfig {
+                    image,
+                    memory: memory.map_or(default_memory, |m| m << 20),
+                    vcpus,
+                })
+            };
             init_logging();
             let m = load(manifest.as_deref())?;
             let state_dir = supervisor::state_dir(&m, state_dir.as_deref());
@@ -254,16 +336,18 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 state_dir,
                 bin_dir,
                 log_filter: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+                guest,
+                keep_running,
             };
             let sup = supervisor::Supervisor::new(&opts).map_err(|e| {
                 eprintln!("paravisor: {e}");
                 ExitCode::FAILURE
             })?;
-            sup.run().map_err(|e| {
+            let summary = sup.run().map_err(|e| {
                 eprintln!("paravisor: {e}");
                 ExitCode::FAILURE
             })?;
-            Ok(ExitCode::SUCCESS)
+            Ok(guest_exit_code(summary.guest))
         }
         Cmd::Ps {
             state_dir,

@@ -19,6 +19,8 @@ use ipc_defs::capability::FileAccess;
 use ipc_defs::capability::Grant;
 use ipc_defs::layout::MAX_RING_CAPACITY;
 use ipc_defs::layout::MIN_RING_CAPACITY;
+use ipc_defs::services::intercept::Interrupt;
+use ipc_defs::services::intercept::InterruptSet;
 use ipc_defs::services::vmgs::FileId;
 use ipc_defs::services::vmgs::FileIdSet;
 use ipc_defs::Interface;
@@ -185,6 +187,9 @@ struct RawService {
     mmio: Vec<Spanned<RawRange>>,
     #[serde(default)]
     pio: Vec<Spanned<RawRange>>,
+    /// IOAPIC lines the service's own devices raise (the intercept service only).
+    #[serde(default)]
+    interrupts: Vec<Spanned<i64>>,
     limits: Spanned<RawLimits>,
     restart: Spanned<RawRestart>,
     #[serde(default)]
@@ -199,6 +204,9 @@ struct RawCall {
     endpoint: Spanned<String>,
     #[serde(default)]
     file_ids: Option<Spanned<Vec<Spanned<String>>>>,
+    /// For calls to intercept: the IOAPIC lines the caller may ask it to raise.
+    #[serde(default)]
+    interrupts: Option<Spanned<Vec<Spanned<i64>>>>,
 }
 
 #[derive(Deserialize)]
@@ -432,6 +440,9 @@ pub struct ServiceSpec {
     pub regions: Vec<RegionGrant>,
     pub mmio: Vec<DeviceRange>,
     pub pio: Vec<DeviceRange>,
+    /// Interrupt lines its own devices raise (intercept only).
+    #[serde(serialize_with = "ser_interrupts")]
+    pub interrupts: InterruptSet,
     pub limits: Limits,
     pub restart: Restart,
     /// The per-service syscall fragment (added to the common base).
@@ -462,6 +473,10 @@ pub fn grant_text(g: &Grant) -> String {
                 .join(", ")
         ),
     }
+}
+
+fn ser_interrupts<S: serde::Serializer>(set: &InterruptSet, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(set.iter().map(|i| i.to_string()))
 }
 
 fn ser_interfaces<S: serde::Serializer>(v: &[Interface], s: S) -> Result<S::Ok, S::Error> {
@@ -940,6 +955,36 @@ impl Validator<'_> {
             for (r, span) in &my_pio {
                 pio.push((name.clone(), *r, span.clone()));
             }
+            if !my_mmio.is_empty() || !my_pio.is_empty() {
+                let device_interfaces: Vec<Interface> = serves
+                    .iter()
+                    .copied()
+                    .filter(|i| crate::partition::router::takes_guest_accesses(*i))
+                    .collect();
+                if device_interfaces.len() != 1 {
+                    let span = my_mmio
+                        .first()
+                        .or(my_pio.first())
+                        .map(|(_, s)| s.clone())
+                        .unwrap_or(service_span.clone());
+                    self.error(
+                        span,
+                        format!(
+                            "service \"{name}\" owns guest address ranges but serves {} interface(s) that take guest accesses",
+                            device_interfaces.len()
+                        ),
+                        "a range's accesses go to the one interface of its service that takes them (intercept or vtpm); serve exactly one",
+                    );
+                }
+            }
+            let own_interrupts = self.interrupt_list(&s.interrupts);
+            if !own_interrupts.is_empty() && !serves.contains(&Interface::Intercept) {
+                self.error(
+                    s.interrupts[0].span(),
+                    format!("service \"{name}\" lists interrupts but does not serve intercept"),
+                    "only intercept holds interrupt lines; a device asks it: put `interrupts = [..]` in the device's call to intercept",
+                );
+            }
 
             let limits = s.limits.get_ref();
             let memory = match parse_size(limits.memory.get_ref()) {
@@ -1038,6 +1083,7 @@ impl Validator<'_> {
                 regions,
                 mmio: my_mmio.into_iter().map(|(r, _)| r).collect(),
                 pio: my_pio.into_iter().map(|(r, _)| r).collect(),
+                interrupts: own_interrupts,
                 limits: Limits {
                     memory,
                     open_files: open_files.max(0) as u64,
@@ -1190,14 +1236,55 @@ impl Validator<'_> {
         }
     }
 
+    /// A list of IOAPIC lines (0..24), each once.
+    fn interrupt_list(&mut self, lines: &[Spanned<i64>]) -> InterruptSet {
+        let mut set = InterruptSet::EMPTY;
+        for l in lines {
+            let n = *l.get_ref();
+            let irq = u8::try_from(n).ok().map(Interrupt::Line);
+            match irq {
+                Some(i) if set.contains(i) => self.error(
+                    l.span(),
+                    format!("interrupt line {n} is listed twice"),
+                    "list each line once",
+                ),
+                Some(i) if set.insert(i) => {}
+                _ => self.error(
+                    l.span(),
+                    format!("interrupt line {n} does not exist"),
+                    format!("IOAPIC lines are 0..={}", ipc_defs::services::intercept::IOAPIC_LINES - 1),
+                ),
+            }
+        }
+        set
+    }
+
     /// What a call entry grants beyond the endpoint: `file-ids` for vmgs (required there),
-    /// nothing for the other interfaces.
+    /// `interrupts` for intercept (optional), nothing for the other interfaces.
     fn call_grant(
         &mut self,
         endpoint: Interface,
         call: &RawCall,
         span: Range<usize>,
     ) -> Option<Grant> {
+        if let Some(lines) = &call.interrupts {
+            if endpoint != Interface::Intercept {
+                self.error(
+                    lines.span(),
+                    format!("interrupts applies to calls to \"intercept\", not to \"{endpoint}\""),
+                    "ask intercept for interrupts: move the list to the call to intercept",
+                );
+                return None;
+            }
+            if lines.get_ref().is_empty() {
+                self.error(
+                    lines.span(),
+                    "interrupts is empty",
+                    "list the IOAPIC lines the service raises, or remove the list",
+                );
+            }
+            return Some(Grant::Interrupts(self.interrupt_list(lines.get_ref())));
+        }
         match (endpoint, &call.file_ids) {
             (Interface::Vmgs, None) => {
                 self.error(
@@ -1411,7 +1498,19 @@ pub fn capability_slots(spec: &ServiceSpec, services: &[ServiceSpec]) -> usize {
         .iter()
         .map(|c| c.calls.iter().filter(|i| spec.serves.contains(i)).count())
         .sum();
+    // The guest partition's channel, to a device service or intercept, and intercept's
+    // interrupt eventfds.
+    let guest_link = usize::from(
+        spec.serves.contains(&Interface::Intercept) || !spec.mmio.is_empty() || !spec.pio.is_empty(),
+    );
+    let interrupts = if spec.serves.contains(&Interface::Intercept) {
+        guest_interrupts(services).len()
+    } else {
+        0
+    };
     3 + served_links
+        + guest_link
+        + interrupts
         + spec.calls.len()
         + spec.regions.len()
         + spec.files.len()
@@ -1419,8 +1518,25 @@ pub fn capability_slots(spec: &ServiceSpec, services: &[ServiceSpec]) -> usize {
         + spec.listen.len()
 }
 
-/// Names the vTPM uses for its own command records; no service may have them.
-pub const RESERVED_NAMES: &[&str] = &["platform", "guest-tis", "microkernel"];
+/// Every interrupt the microkernel wires for a guest: intercept's own lines and every line a
+/// call to intercept grants.
+pub fn guest_interrupts(services: &[ServiceSpec]) -> Vec<Interrupt> {
+    let mut set = InterruptSet::EMPTY;
+    for s in services {
+        for i in s.interrupts.iter() {
+            set.insert(i);
+        }
+        if let Some(Grant::Interrupts(g)) = s.grants.get(&Interface::Intercept) {
+            for i in g.iter() {
+                set.insert(i);
+            }
+        }
+    }
+    set.iter().collect()
+}
+
+/// Names the paravisor uses for its own clients and records; no service may have them.
+pub const RESERVED_NAMES: &[&str] = &["platform", "guest-tis", "microkernel", "guest"];
 
 fn valid_name(name: &str) -> bool {
     !name.is_empty()

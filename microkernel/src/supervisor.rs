@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::os::fd::AsFd;
 use std::os::fd::AsRawFd;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
@@ -71,6 +72,17 @@ pub struct Options {
     pub bin_dir: PathBuf,
     /// `tracing` filter handed to services.
     pub log_filter: String,
+    /// The guest to run, if any (`None`: the services alone, `paravisor run --no-guest`).
+    pub guest: Option<crate::partition::GuestConfig>,
+    /// Keep the services up after the guest's run ends (until stopped).
+    pub keep_running: bool,
+}
+
+/// How `paravisor run` ended.
+#[derive(Debug, Default)]
+pub struct RunSummary {
+    /// The guest's run, if there was a guest.
+    pub guest: Option<crate::partition::vcpu::Outcome>,
 }
 
 /// Errors that stop `paravisor run`.
@@ -97,6 +109,32 @@ pub enum RunError {
     Create { what: String, reason: String },
     #[error("{0}")]
     Io(#[from] io::Error),
+    #[error("guest partition: {0}")]
+    Partition(#[from] crate::partition::PartitionError),
+}
+
+/// The channel from the guest partition (client `guest`) to a service that answers guest
+/// accesses: each service that owns ranges, and intercept.
+struct GuestLink {
+    server: usize,
+    interface: Interface,
+    mem: ChannelMemory,
+    exits: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// The guest partition as the supervisor holds it.
+struct Guest {
+    /// Created with the supervisor, started once the services run.
+    partition: Option<crate::partition::Partition>,
+    running: Option<crate::partition::Running>,
+    links: Vec<GuestLink>,
+    /// Readable once the guest's run has ended.
+    ended: vmm_sys_util::eventfd::EventFd,
+    /// The eventfds wired to guest interrupts, handed to intercept.
+    interrupts: Vec<(ipc_defs::services::intercept::Interrupt, i32)>,
+    keep_running: bool,
+    outcome: Option<crate::partition::vcpu::Outcome>,
+    description: String,
 }
 
 /// The channel between two services.
@@ -171,6 +209,7 @@ pub struct Supervisor {
     services: Vec<Service>,
     links: Vec<Link>,
     ring_capacity: u32,
+    guest: Option<Guest>,
 }
 
 fn create_err(what: impl Into<String>) -> impl FnOnce(String) -> RunError {
@@ -305,6 +344,10 @@ impl Supervisor {
                 });
             }
         }
+        let guest = match &opts.guest {
+            None => None,
+            Some(config) => Some(Self::guest(config, m, opts.keep_running)?),
+        };
         Ok(Supervisor {
             sandbox_root: opts.state_dir.join(".sandbox-root"),
             state_dir: opts.state_dir.clone(),
@@ -312,11 +355,154 @@ impl Supervisor {
             services,
             links,
             ring_capacity: m.ring_capacity,
+            guest,
         })
     }
 
+    /// Creates the VM (with the interrupts the manifest grants wired) and the partition's
+    /// channels; the vCPUs start in [`Supervisor::run`], once the services are up.
+    fn guest(
+        config: &crate::partition::GuestConfig,
+        m: &Manifest,
+        keep_running: bool,
+    ) -> Result<Guest, RunError> {
+        use crate::partition::Image;
+        if crate::partition::is_pvm() {
+            if let Image::Linux { .. } = config.image {
+                tracing::warn!(
+                    "/dev/kvm is KVM on PVM (a software virtualiser): a stock Linux kernel does not \
+                     boot on it (its instruction emulator fails on cmpxchg16b, xrstor and int3 in \
+                     early boot); expect the run to end with an emulation failure. Use hardware KVM \
+                     for Linux guests; the test guest runs here."
+                );
+            } else {
+                tracing::info!("/dev/kvm is KVM on PVM: ring-0 guest code is emulated, ring 3 runs natively");
+            }
+        }
+        let interrupts = crate::manifest::guest_interrupts(&m.services);
+        let partition = crate::partition::Partition::create(config.clone(), &interrupts)?;
+        let mut links = Vec::new();
+        for (server, spec) in m.services.iter().enumerate() {
+            let owns_ranges = !spec.mmio.is_empty() || !spec.pio.is_empty();
+            let interface = if spec.serves.contains(&Interface::Intercept) {
+                Some(Interface::Intercept)
+            } else if owns_ranges {
+                spec.serves
+                    .iter()
+                    .copied()
+                    .find(|i| crate::partition::router::takes_guest_accesses(*i))
+            } else {
+                None
+            };
+            let Some(interface) = interface else { continue };
+            let mem = ChannelMemory::create(&format!("pv-guest-{}", spec.name), m.ring_capacity)
+                .map_err(|e| create_err(format!("channel guest -> {}", spec.name))(e.to_string()))?;
+            links.push(GuestLink {
+                server,
+                interface,
+                mem,
+                exits: Default::default(),
+            });
+        }
+        let description = match &config.image {
+            Image::TestGuest { path: None, command_line } => {
+                format!("test guest (embedded) \"{command_line}\"")
+            }
+            Image::TestGuest { path: Some(p), command_line } => {
+                format!("ELF guest {} \"{command_line}\"", p.display())
+            }
+            Image::Linux { kernel, command_line, .. } => {
+                format!("Linux {} \"{command_line}\"", kernel.display())
+            }
+        };
+        Ok(Guest {
+            interrupts: partition.interrupt_fds(),
+            partition: Some(partition),
+            running: None,
+            links,
+            ended: vmm_sys_util::eventfd::EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?,
+            keep_running,
+            outcome: None,
+            description: format!(
+                "{description}, {} MiB, {} vCPU(s)",
+                config.memory >> 20,
+                config.vcpus
+            ),
+        })
+    }
+
+    /// Starts the vCPUs, with a router over the partition's channels.
+    fn start_guest(&mut self) -> Result<(), RunError> {
+        use crate::partition::router;
+        let Some(guest) = self.guest.as_mut() else {
+            return Ok(());
+        };
+        let Some(partition) = guest.partition.take() else {
+            return Ok(());
+        };
+        let mut devices = Vec::new();
+        let mut routes = Vec::new();
+        let mut intercept = None;
+        for link in &guest.links {
+            let fd = link.mem.shm().as_fd().try_clone_to_owned()?;
+            let mem = ChannelMemory::open(fd)
+                .map_err(|e| create_err("partition channel")(e.to_string()))?;
+            // The vCPU waits for the device's answer: spin (yielding) for a while first.
+            let end = ClientEnd::new(
+                mem,
+                WaitPolicy {
+                    spin: Duration::from_millis(2),
+                    spin_only: false,
+                },
+            );
+            let spec = &self.services[link.server].spec;
+            let Some(end) = router::DeviceEnd::for_interface(link.interface, end) else {
+                continue;
+            };
+            let index = devices.len();
+            if link.interface == Interface::Intercept {
+                intercept = Some(index);
+            }
+            for (space, ranges) in [
+                (ipc_defs::services::guest::Space::Mmio, &spec.mmio),
+                (ipc_defs::services::guest::Space::Port, &spec.pio),
+            ] {
+                for r in ranges {
+                    routes.push(router::Route {
+                        space,
+                        base: r.base,
+                        size: r.size,
+                        device: index,
+                    });
+                }
+            }
+            devices.push(router::Device {
+                service: spec.name.clone(),
+                end,
+                exits: link.exits.clone(),
+            });
+        }
+        let ended = guest.ended.try_clone()?;
+        let running = partition.start(router::Router::new(devices, routes, intercept), ended)?;
+        tracing::info!("guest started: {}", guest.description);
+        guest.running = Some(running);
+        Ok(())
+    }
+
+    /// Stops the vCPUs (before the services they wait for).
+    fn stop_guest(&mut self) {
+        if let Some(guest) = self.guest.as_mut() {
+            if let Some(running) = guest.running.take() {
+                let outcome = running.stop();
+                if guest.outcome.is_none() {
+                    guest.outcome = outcome;
+                }
+            }
+        }
+    }
+
     /// Runs until SIGINT/SIGTERM or a shutdown command; then stops every service.
-    pub fn run(mut self) -> Result<(), RunError> {
+    pub fn run(mut self) -> Result<RunSummary, RunError> {
         let signals = sandbox::signalfd(&[libc::SIGINT, libc::SIGTERM])?;
         let socket = crate::control::socket_path(&self.state_dir);
         if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
@@ -348,11 +534,17 @@ impl Supervisor {
             self.services.len(),
             socket.display()
         );
+        if let Err(e) = self.start_guest() {
+            self.shutdown();
+            let _ = std::fs::remove_file(&socket);
+            return Err(e);
+        }
 
         let mut stop = false;
         let mut next_health = Instant::now() + HEALTH_INTERVAL;
         while !stop {
             let mut fds = vec![signals.as_raw_fd(), listener.as_raw_fd()];
+            let guest_fd = self.guest.as_ref().map(|g| g.ended.as_raw_fd());
             let watched: Vec<usize> = (0..self.services.len())
                 .filter(|i| self.services[*i].process.is_some())
                 .collect();
@@ -372,7 +564,13 @@ impl Supervisor {
             let timeout = next.map_or(-1, |t| {
                 t.saturating_duration_since(now).as_millis().min(60_000) as i32
             });
+            if let Some(fd) = guest_fd {
+                fds.push(fd);
+            }
             let ready = sandbox::poll_readable(&fds, timeout)?;
+            if guest_fd.is_some() && ready.last() == Some(&true) && self.guest_ended() {
+                stop = true;
+            }
             if ready[0] {
                 if let Some(sig) = sandbox::read_signal(&signals) {
                     tracing::info!("received signal {sig}; shutting down");
@@ -413,9 +611,42 @@ impl Supervisor {
                 }
             }
         }
+        self.stop_guest();
         self.shutdown();
         let _ = std::fs::remove_file(&socket);
-        Ok(())
+        Ok(RunSummary {
+            guest: self.guest.as_ref().and_then(|g| g.outcome.clone()),
+        })
+    }
+
+    /// The guest's run ended (its `ended` eventfd fired): reports it; whether the paravisor
+    /// stops now.
+    fn guest_ended(&mut self) -> bool {
+        let Some(guest) = self.guest.as_mut() else {
+            return false;
+        };
+        let _ = guest.ended.read();
+        let Some(running) = guest.running.as_ref() else {
+            return false;
+        };
+        let Some(outcome) = running.outcome() else {
+            return false;
+        };
+        if guest.outcome.is_some() {
+            return !guest.keep_running;
+        }
+        use crate::partition::vcpu::Outcome;
+        match &outcome {
+            Outcome::Exited(status) => tracing::info!("guest ended with status {status}"),
+            Outcome::Reset => tracing::warn!("guest asked for a reset; rebooting a guest is not supported, so the run ends"),
+            Outcome::Failed(why) => tracing::error!("guest partition failed: {why}"),
+            Outcome::Stopped => {}
+        }
+        guest.outcome = Some(outcome);
+        if guest.keep_running {
+            tracing::info!("--keep-running: the services stay up; stop with `paravisor stop` or Ctrl-C");
+        }
+        !guest.keep_running
     }
 
     /// Starts service `i` (first start or restart).
@@ -495,6 +726,11 @@ impl Supervisor {
         }
         for link in &self.links {
             if link.server == i {
+                link.mem.set_server_state(ServerState::Up);
+            }
+        }
+        if let Some(guest) = &self.guest {
+            for link in guest.links.iter().filter(|l| l.server == i) {
                 link.mem.set_server_state(ServerState::Up);
             }
         }
@@ -580,6 +816,27 @@ impl Supervisor {
                     .copied()
                     .unwrap_or(Grant::Interface);
                 caps.push(cap);
+            }
+        }
+        if let Some(guest) = &self.guest {
+            for link in guest.links.iter().filter(|l| l.server == i) {
+                caps.push(shm_cap(
+                    CapabilityKind::Serve(link.interface),
+                    "guest".into(),
+                    link.mem.shm(),
+                ));
+                if link.interface == Interface::Intercept {
+                    for (irq, fd) in &guest.interrupts {
+                        caps.push((
+                            CapabilityKind::Interrupt(*irq),
+                            format!("irq-{irq}").replace(' ', "-"),
+                            0,
+                            Fd::Borrowed(*fd),
+                            Some("anon_inode:[eventfd]".into()),
+                            Grant::Interface,
+                        ));
+                    }
+                }
             }
         }
         for link in &self.links {
@@ -795,6 +1052,13 @@ impl Supervisor {
             }
             if link.client == i {
                 let _ = link.mem.restart_epoch(Direction::Responses);
+            }
+        }
+        if let Some(guest) = &self.guest {
+            for link in guest.links.iter().filter(|l| l.server == i) {
+                link.mem.channel().set_server_state(ServerState::Down);
+                let epoch = link.mem.restart_epoch(Direction::Requests);
+                tracing::info!(channel = %format!("guest->{}", link.interface), %epoch, "server gone; new epoch");
             }
         }
     }

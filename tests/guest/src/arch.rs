@@ -18,8 +18,13 @@ pub const UART_VECTOR: u8 = 0x24;
 /// The local APIC's spurious vector.
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 
-/// RFLAGS in ring 3: IOPL 3 (port I/O, cli/sti allowed), reserved bit 1.
-const USER_RFLAGS: u64 = 0x3002;
+/// The system call vector (a DPL-3 gate): ring 3 asks ring 0 for port I/O and for
+/// interrupts on or off. (IOPL 3 would allow those in ring 3 itself, but PVM keeps a guest's
+/// user mode at IOPL 0: `in`/`out` there fault.)
+pub const SYSCALL_VECTOR: u8 = 0x81;
+
+/// RFLAGS in ring 3: interrupts off, reserved bit 1.
+const USER_RFLAGS: u64 = 0x0002;
 
 #[repr(C, align(16))]
 struct Gdt([u64; 7]);
@@ -86,8 +91,8 @@ pub struct TrapFrame {
     pub ss: u64,
 }
 
-// One stub per vector we install: exceptions 0..=31, the UART's vector and the spurious
-// vector. Vectors with a CPU-pushed error code push only their number; the others push a
+// One stub per vector we install: exceptions 0..=31, the UART's vector, the system call and
+// the spurious vector. Vectors with a CPU-pushed error code push only their number; the others push a
 // zero first, so every frame has the same shape.
 global_asm!(
     ".macro TRAP_NOERR n",
@@ -102,7 +107,7 @@ global_asm!(
     "    jmp trap_common",
     ".endm",
     ".section .text",
-    ".irp n, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31,36,255",
+    ".irp n, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31,36,129,255",
     "TRAP_NOERR \\n",
     ".endr",
     ".irp n, 8,10,11,12,13,14,17,21,29,30",
@@ -136,14 +141,14 @@ global_asm!(
     ".balign 8",
     ".global trap_stubs",
     "trap_stubs:",
-    ".irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,36,255",
+    ".irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,36,129,255",
     "    .quad trap_stub_\\n",
     ".endr",
     handler = sym crate::trap,
 );
 
 extern "C" {
-    static trap_stubs: [u64; 34];
+    static trap_stubs: [u64; 35];
 }
 
 fn gate(handler: u64, user_callable: bool) -> [u64; 2] {
@@ -209,7 +214,8 @@ pub unsafe fn setup() {
         (*idt)[vector] = gate(*stub, false);
     }
     (*idt)[usize::from(UART_VECTOR)] = gate(stubs[32], false);
-    (*idt)[usize::from(SPURIOUS_VECTOR)] = gate(stubs[33], false);
+    (*idt)[usize::from(SYSCALL_VECTOR)] = gate(stubs[33], true);
+    (*idt)[usize::from(SPURIOUS_VECTOR)] = gate(stubs[34], false);
     let idt_pointer = DescriptorPointer {
         limit: (core::mem::size_of::<Idt>() - 1) as u16,
         base: idt as u64,
@@ -217,8 +223,7 @@ pub unsafe fn setup() {
     asm!("lidt [{p}]", p = in(reg) &idt_pointer);
 }
 
-/// Leaves ring 0 for good: `entry` runs in ring 3 on `stack_top`, with IOPL 3 and interrupts
-/// off.
+/// Leaves ring 0 for good: `entry` runs in ring 3 on `stack_top`, interrupts off.
 ///
 /// # Safety
 /// After [`setup`]; `stack_top` must be the top of a mapped, user-accessible stack.
