@@ -286,6 +286,7 @@ fn measure(
     let _paravisor = Guard(
         Command::new(std::env::current_exe()?)
             .arg("run")
+            .arg("--no-guest")
             .arg(&run_manifest)
             .arg("--state-dir")
             .arg(&state)

@@ -52,6 +52,30 @@ pub struct ServiceRow {
     pub namespaces: Vec<String>,
     /// Epoch of each channel this service serves, by client.
     pub epochs: Vec<(String, u32)>,
+    /// Guest exits this service answered (a guest runs and the service answers its
+    /// accesses).
+    #[serde(default)]
+    pub guest_exits: Option<u64>,
+}
+
+/// The guest partition in `paravisor ps`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GuestRow {
+    pub image: String,
+    pub vcpus: Vec<VcpuRow>,
+    /// Exits each service answered, by service.
+    pub exits_by_service: Vec<(String, u64)>,
+    /// How the run ended, if it has.
+    pub outcome: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VcpuRow {
+    pub id: u32,
+    pub state: String,
+    pub exits: u64,
+    /// Exits answered in the vCPU thread itself (the benchmark port).
+    pub in_thread: u64,
 }
 
 /// One difference found by the live audit.
@@ -67,6 +91,9 @@ pub struct Finding {
 pub enum Reply {
     Ps {
         services: Vec<ServiceRow>,
+        /// The guest partition, when there is one.
+        #[serde(default)]
+        guest: Option<GuestRow>,
     },
     Done {
         message: String,

@@ -356,7 +356,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
         } => {
             let dir = client_state_dir(state_dir, manifest.as_deref());
             match send(&dir, &Command::Ps)? {
-                Reply::Ps { services } => {
+                Reply::Ps { services, guest } => {
                     if json {
                         println!(
                             "{}",
@@ -364,8 +364,16 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                         );
                         return Ok(ExitCode::SUCCESS);
                     }
+                    let exits = |name: &str| {
+                        guest.as_ref().and_then(|g| {
+                            g.exits_by_service
+                                .iter()
+                                .find(|(s, _)| s == name)
+                                .map(|(_, n)| n.to_string())
+                        })
+                    };
                     println!(
-                        "{:<10} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8} {:>7}  LAST EXIT",
+                        "{:<11} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8} {:>7} {:>9}  LAST EXIT",
                         "SERVICE",
                         "PID",
                         "STATE",
@@ -373,11 +381,12 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                         "UPTIME",
                         "MSG-IN",
                         "MSG-OUT",
-                        "REFUSED"
+                        "REFUSED",
+                        "EXITS"
                     );
                     for r in services {
                         println!(
-                            "{:<10} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8} {:>7}  {}",
+                            "{:<11} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8} {:>7} {:>9}  {}",
                             r.name,
                             r.pid.map_or("-".into(), |p| p.to_string()),
                             r.state,
@@ -386,8 +395,21 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                             r.messages_in,
                             r.messages_out,
                             r.refused,
+                            exits(&r.name).unwrap_or_else(|| "-".into()),
                             r.last_exit.unwrap_or_else(|| "-".into())
                         );
+                    }
+                    if let Some(g) = guest {
+                        println!("\nguest: {}", g.image);
+                        for v in &g.vcpus {
+                            println!(
+                                "  vcpu{} {:<8} {} exits ({} answered in the vCPU thread)",
+                                v.id, v.state, v.exits, v.in_thread
+                            );
+                        }
+                        if let Some(o) = &g.outcome {
+                            println!("  ended: {o}");
+                        }
                     }
                     Ok(ExitCode::SUCCESS)
                 }

@@ -489,6 +489,47 @@ impl Supervisor {
         Ok(())
     }
 
+    fn guest_row(&self) -> Option<crate::control::GuestRow> {
+        use std::sync::atomic::Ordering;
+        let guest = self.guest.as_ref()?;
+        let vcpus = guest
+            .running
+            .as_ref()
+            .map(|r| {
+                r.stats
+                    .iter()
+                    .enumerate()
+                    .map(|(id, s)| crate::control::VcpuRow {
+                        id: id as u32,
+                        state: match s.state.load(Ordering::Relaxed) {
+                            crate::partition::vcpu::STATE_RUNNING => "running",
+                            crate::partition::vcpu::STATE_ENDED => "ended",
+                            _ => "created",
+                        }
+                        .into(),
+                        exits: s.exits.load(Ordering::Relaxed),
+                        in_thread: s.in_thread.load(Ordering::Relaxed),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some(crate::control::GuestRow {
+            image: guest.description.clone(),
+            vcpus,
+            exits_by_service: guest
+                .links
+                .iter()
+                .map(|l| {
+                    (
+                        self.services[l.server].spec.name.clone(),
+                        l.exits.load(Ordering::Relaxed),
+                    )
+                })
+                .collect(),
+            outcome: guest.outcome.as_ref().map(|o| format!("{o:?}")),
+        })
+    }
+
     /// Stops the vCPUs (before the services they wait for).
     fn stop_guest(&mut self) {
         if let Some(guest) = self.guest.as_mut() {
@@ -1123,6 +1164,7 @@ impl Supervisor {
         match cmd {
             Command::Ps => Reply::Ps {
                 services: self.ps(),
+                guest: self.guest_row(),
             },
             Command::Kill { service, signal } => {
                 let Some(s) = self.services.iter().find(|s| s.spec.name == service) else {
@@ -1231,6 +1273,12 @@ impl Supervisor {
                     .map(|p| p.namespaces.names().iter().map(|n| n.to_string()).collect())
                     .unwrap_or_default(),
                 epochs,
+                guest_exits: self.guest.as_ref().and_then(|g| {
+                    g.links
+                        .iter()
+                        .find(|l| l.server == i)
+                        .map(|l| l.exits.load(std::sync::atomic::Ordering::Relaxed))
+                }),
             });
         }
         rows

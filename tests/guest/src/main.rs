@@ -19,7 +19,8 @@
 //!
 //! The boot command line (a NUL-terminated string, its address in RSI at entry) takes
 //! `extends=N` (default 8), `bench=N` (default 0), `interrupt=0|1` (default 1),
-//! `tpm=0|1` (default 1).
+//! `tpm=0|1` (default 1), `unowned=0|1` (default 1: accesses nothing owns),
+//! `triple-fault=1` (runs wild on purpose, first thing).
 #![no_std]
 #![no_main]
 
@@ -149,6 +150,7 @@ const SYS_INL: u64 = 3;
 const SYS_INB_LOOP: u64 = 4;
 const SYS_STI: u64 = 5;
 const SYS_CLI: u64 = 6;
+const SYS_TRIPLE_FAULT: u64 = 7;
 
 fn in_ring0() -> bool {
     let cs: u16;
@@ -400,6 +402,12 @@ fn system_call(frame: &mut arch::TrapFrame) {
             frame.rflags &= !(1 << 9);
             0
         }
+        SYS_TRIPLE_FAULT => {
+            // No IDT at all, then an exception: #UD cannot be delivered, nor #DF: shutdown.
+            let empty = [0u8; 10];
+            // SAFETY: deliberately ends the guest (the test of a guest that runs wild).
+            unsafe { asm!("lidt [{0}]", "ud2", in(reg) &empty, options(noreturn)) }
+        }
         _ => u64::MAX,
     };
 }
@@ -422,6 +430,8 @@ struct Options {
     bench: u64,
     interrupt: bool,
     tpm: bool,
+    unowned: bool,
+    crash: bool,
 }
 
 fn options() -> Options {
@@ -430,6 +440,8 @@ fn options() -> Options {
         bench: 0,
         interrupt: true,
         tpm: true,
+        unowned: true,
+        crash: false,
     };
     let at = COMMAND_LINE.load(Ordering::Relaxed);
     if at == 0 {
@@ -463,6 +475,8 @@ fn options() -> Options {
             b"bench" => o.bench = n,
             b"interrupt" => o.interrupt = n != 0,
             b"tpm" => o.tpm = n != 0,
+            b"unowned" => o.unowned = n != 0,
+            b"triple-fault" => o.crash = n != 0,
             _ => {}
         }
     }
@@ -472,7 +486,14 @@ fn options() -> Options {
 extern "C" fn user_main() -> ! {
     puts("guest: hello from ring 3\n");
     let o = options();
+    if o.crash {
+        puts("guest: triple fault on purpose\n");
+        syscall(SYS_TRIPLE_FAULT, 0, 0);
+    }
     pci_scan();
+    if o.unowned {
+        unowned_checks();
+    }
     if o.tpm {
         tpm_checks(o.extends);
     }
@@ -523,6 +544,23 @@ fn pci_scan() {
         }
     }
     check(bridge, "PCI host bridge at 00:00.0");
+}
+
+/// Nothing owns COM2 or 0xFEB00000: reads give all ones, writes vanish (intercept counts
+/// them).
+fn unowned_checks() {
+    let port = inb(0x2f8 + 7);
+    outb(0x2f8 + 7, 0x5a);
+    let again = inb(0x2f8 + 7);
+    check(port == 0xff && again == 0xff, "unowned port 0x2ff reads 0xff, a write there is dropped");
+    let mmio = 0xFEB0_0000;
+    let value = mmio_read32(mmio);
+    mmio_write32(mmio, 0x1234_5678);
+    let after = mmio_read32(mmio);
+    check(
+        value == 0xffff_ffff && after == 0xffff_ffff,
+        "unowned MMIO 0xfeb00000 reads all ones, a write there is dropped",
+    );
 }
 
 // ---- TPM over TIS ----

@@ -187,6 +187,7 @@ impl Instance {
         let child = Command::new(paravisor())
             .process_group(0)
             .arg("run")
+            .arg("--no-guest")
             .arg(&manifest)
             .arg("--state-dir")
             .arg(dir.join("state"))
