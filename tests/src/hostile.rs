@@ -16,6 +16,7 @@
 //! | `scribble EP`       | overwrites EP's channel header, then serves    | EP's server still restarts     |
 //! | `vmgs-writer F S`   | writes 1, 2, ... to VMGS file F for S seconds, reading each back | every acknowledged write stays |
 //! | `vmgs-access F`     | writes, reads and lists VMGS file F            | refused unless F is granted    |
+//! | `raise-interrupt L..`| asks intercept to raise each IOAPIC line L     | raised if granted, else refused|
 //! | `serve`             | serves normally                                | runs                           |
 //!
 //! Exit status 0 means "every hostile attempt got the typed error it should"; 10 and up
@@ -36,6 +37,7 @@ use ipc_defs::layout::Direction;
 use ipc_defs::layout::ProducerLine;
 use ipc_defs::layout::RingHeader;
 use ipc_defs::ring::RingError;
+use ipc_defs::services::intercept;
 use ipc_defs::services::vmgs::FileId;
 use ipc_defs::Interface;
 
@@ -256,6 +258,32 @@ fn main() -> ExitCode {
             match client.list() {
                 Ok(files) => eprintln!("pv-hostile: vmgs list: {} files", files.len()),
                 Err(e) => eprintln!("pv-hostile: vmgs list: {e}"),
+            }
+            started.serve::<(), ()>(Interface::Intercept, |_, _, ()| {
+                endpoint::Response::Error(endpoint::ErrorCode::Unsupported)
+            })
+        }
+        "raise-interrupt" => {
+            // Asks intercept for each line and reports its answer.
+            started.answer_first_ping();
+            let end = started
+                .context
+                .clients
+                .remove(&Interface::Intercept)
+                .expect("the test manifest grants the call");
+            let mut end: ipc_defs::hosted::ClientEnd<
+                endpoint::Request<intercept::Request>,
+                endpoint::Response<intercept::Response>,
+            > = end.into_typed();
+            for line in args.iter().skip(1).filter_map(|l| l.parse::<u8>().ok()) {
+                let request =
+                    endpoint::Request::Service(intercept::Request::Raise(intercept::Interrupt::Line(line)));
+                match end.call(&request, Duration::from_secs(5)) {
+                    Ok(endpoint::Response::Service(r)) => {
+                        eprintln!("pv-hostile: raise line {line}: {r:?}")
+                    }
+                    other => eprintln!("pv-hostile: raise line {line}: {other:?}"),
+                }
             }
             started.serve::<(), ()>(Interface::Intercept, |_, _, ()| {
                 endpoint::Response::Error(endpoint::ErrorCode::Unsupported)

@@ -1,0 +1,275 @@
+//! The guest partition end to end: `paravisor run` boots the test guest (tests/guest) under
+//! KVM; its exits reach intercept and vtpm in their own processes; its status becomes the
+//! run's exit status.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Child;
+use std::process::Command;
+use std::process::ExitStatus;
+use std::process::Stdio;
+use std::time::Duration;
+use std::time::Instant;
+
+use common::*;
+
+fn kvm_available(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        eprintln!("SKIPPED: no /dev/kvm (or no access to it): {test} needs KVM");
+    }
+    ok && sandbox_available(test)
+}
+
+/// A `paravisor run` with a guest: console (stdout) and log (stderr) in files.
+struct Run {
+    dir: PathBuf,
+    child: Child,
+}
+
+impl Run {
+    fn start(tag: &str, manifest_text: &str, args: &[&str]) -> Run {
+        let dir = scratch_dir(tag);
+        let manifest = dir.join("manifest.toml");
+        std::fs::write(&manifest, manifest_text).unwrap();
+        let child = Command::new(paravisor())
+            .arg("run")
+            .arg(&manifest)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .args(args)
+            .stdout(std::fs::File::create(dir.join("console.txt")).unwrap())
+            .stderr(std::fs::File::create(dir.join("paravisor.log")).unwrap())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn paravisor run");
+        Run { dir, child }
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(self.dir.join("console.txt")).unwrap_or_default()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("paravisor.log")).unwrap_or_default()
+    }
+
+    fn state_dir(&self) -> String {
+        self.dir.join("state").display().to_string()
+    }
+
+    fn wait_for_console(&self, text: &str, timeout: Duration) {
+        let until = Instant::now() + timeout;
+        while !self.console().contains(text) {
+            assert!(
+                Instant::now() < until,
+                "no {text:?} on the console after {timeout:?}:\n{}\n--- log ---\n{}",
+                self.console(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the run to end (killing it after `timeout`).
+    fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let until = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > until {
+                let _ = self.child.kill();
+                panic!(
+                    "the run did not end within {timeout:?}:\n{}\n--- log ---\n{}",
+                    self.console(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn assert_lines(console: &str, log: &str, lines: &[&str]) {
+    for line in lines {
+        assert!(
+            console.contains(line),
+            "missing {line:?} on the console:\n{console}\n--- log ---\n{log}"
+        );
+    }
+}
+
+#[test]
+fn test_guest_boots_runs_its_tpm_session_and_exits_zero() {
+    if !kvm_available("test_guest_boots_runs_its_tpm_session_and_exits_zero") {
+        return;
+    }
+    let started = Instant::now();
+    let mut run = Run::start("guest-boot", &shipped_text(), &[]);
+    let status = run.wait(Duration::from_secs(120));
+    let (console, log) = (run.console(), run.log());
+    assert_eq!(status.code(), Some(0), "{console}\n--- log ---\n{log}");
+    assert_lines(
+        &console,
+        &log,
+        &[
+            "guest: hello from ring 3",
+            "guest: pci 00:00.0 1b36:0008 class 060000",
+            "guest: ok   TPM2_Startup(CLEAR)",
+            "guest: ok   TPM2_GetRandom(16)",
+            "guest: ok   TPM2_PCR_Extend(16)",
+            "guest: ok   PCR16 = SHA-256(old || digest)",
+            "guest: ok   extend loop: PCR16 equals the hash chain",
+            "guest: ok   COM1 interrupt (line 4 -> IOAPIC -> vector 0x24) taken",
+            "guest: all checks passed",
+        ],
+    );
+    assert!(!console.contains("FAIL"), "{console}");
+    eprintln!("guest run: {:?}", started.elapsed());
+}
+
+#[test]
+fn unowned_port_and_mmio_reach_intercept_read_all_ones_and_are_counted() {
+    if !kvm_available("unowned_port_and_mmio_reach_intercept_read_all_ones_and_are_counted") {
+        return;
+    }
+    let mut run = Run::start(
+        "guest-unowned",
+        &shipped_text(),
+        &["--cmdline", "tpm=0 interrupt=0 unowned=1"],
+    );
+    let status = run.wait(Duration::from_secs(60));
+    let (console, log) = (run.console(), run.log());
+    assert_eq!(status.code(), Some(0), "{console}\n{log}");
+    assert_lines(
+        &console,
+        &log,
+        &[
+            "guest: ok   unowned port 0x2ff reads 0xff, a write there is dropped",
+            "guest: ok   unowned MMIO 0xfeb00000 reads all ones, a write there is dropped",
+        ],
+    );
+    // Intercept logged them and counted both kinds (its summary at shutdown).
+    assert!(log.contains("address=0x2ff"), "{log}");
+    assert!(log.contains("address=0xfeb00000"), "{log}");
+    assert!(
+        log.contains("unclaimed: port 2 reads 1 writes, mmio 2 reads 1 writes"),
+        "{log}"
+    );
+}
+
+#[test]
+fn guest_that_triple_faults_ends_the_run_with_a_register_report() {
+    if !kvm_available("guest_that_triple_faults_ends_the_run_with_a_register_report") {
+        return;
+    }
+    let mut run = Run::start("guest-crash", &shipped_text(), &["--cmdline", "triple-fault=1"]);
+    let status = run.wait(Duration::from_secs(60));
+    let log = run.log();
+    // intercept's status for a triple fault.
+    assert_eq!(status.code(), Some(0x7d), "{log}");
+    assert!(log.contains("guest stopped"), "{log}");
+    assert!(log.contains("rip 0x") && log.contains("cr3 0x9000"), "{log}");
+    assert!(log.contains("triple-faulted"), "{log}");
+}
+
+#[test]
+fn killed_vtpm_during_a_guest_extend_loop_loses_and_repeats_no_extend() {
+    if !kvm_available("killed_vtpm_during_a_guest_extend_loop_loses_and_repeats_no_extend") {
+        return;
+    }
+    let mut run = Run::start(
+        "guest-kill-vtpm",
+        &shipped_text(),
+        &["--cmdline", "extends=2500 interrupt=0 unowned=0"],
+    );
+    run.wait_for_console("extend loop of 2500 started", Duration::from_secs(60));
+    let mut kills = 0;
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(600));
+        if run.console().contains("every extend of the loop answered") {
+            break;
+        }
+        let out = pv(&["kill", "vtpm", "--signal", "KILL", "--state-dir", &run.state_dir()]);
+        if out.status.success() {
+            kills += 1;
+        }
+    }
+    let status = run.wait(Duration::from_secs(180));
+    let (console, log) = (run.console(), run.log());
+    assert!(kills >= 1, "no kill landed during the loop:\n{console}");
+    assert_eq!(status.code(), Some(0), "{console}\n--- log ---\n{log}");
+    assert_lines(
+        &console,
+        &log,
+        &[
+            "guest: ok   every extend of the loop answered",
+            "guest: ok   extend loop: PCR16 equals the hash chain",
+        ],
+    );
+    // The TPM really was restarted under the running guest, each time from its checkpoint.
+    assert_eq!(
+        log.matches("resumed from its checkpoint").count(),
+        kills,
+        "{log}"
+    );
+    eprintln!("vtpm killed {kills} times during the loop");
+}
+
+#[test]
+fn device_service_is_refused_an_interrupt_it_was_not_granted() {
+    if !kvm_available("device_service_is_refused_an_interrupt_it_was_not_granted") {
+        return;
+    }
+    let manifest = format!(
+        "{}\n{}\n{RESTART_NEVER}\n",
+        shipped_text(),
+        service(
+            "rogue",
+            "pv-hostile",
+            "args = [\"raise-interrupt\", \"5\", \"6\"]\ncalls = [{ endpoint = \"intercept\", interrupts = [5] }]"
+        )
+    );
+    let mut run = Run::start(
+        "guest-irq-grant",
+        &manifest,
+        &["--keep-running", "--cmdline", "tpm=0 unowned=0"],
+    );
+    let until = Instant::now() + Duration::from_secs(60);
+    while !run.log().contains("raise line 6") {
+        assert!(Instant::now() < until, "{}", run.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = run.log();
+    assert!(log.contains("pv-hostile: raise line 5: Raised"), "{log}");
+    assert!(
+        log.contains("pv-hostile: raise line 6: Error(NotGranted(Line(6)))"),
+        "{log}"
+    );
+    // Intercept reported the refusal with the caller's name, and counted it.
+    assert!(log.contains("rogue"), "{log}");
+    let out = pv(&["ps", "--json", "--state-dir", &run.state_dir()]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("ps json");
+    let intercept = rows.iter().find(|r| r["name"] == "intercept").unwrap();
+    assert!(intercept["refused"].as_u64().unwrap() >= 1, "{intercept}");
+    // ps shows the guest's vCPU and the exits each service answered.
+    let out = pv(&["ps", "--state-dir", &run.state_dir()]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("vcpu0"), "{text}");
+    assert!(intercept["guest_exits"].as_u64().unwrap() > 0, "{intercept}");
+    let _ = pv(&["stop", "--state-dir", &run.state_dir()]);
+    assert_eq!(run.wait(Duration::from_secs(30)).code(), Some(0));
+}
