@@ -1494,6 +1494,12 @@ impl Validator<'_> {
 /// keys, listeners.
 /// The supervisor grants exactly these, in this order.
 pub fn capability_slots(spec: &ServiceSpec, services: &[ServiceSpec]) -> usize {
+    capability_slots_with(spec, services, true)
+}
+
+/// [`capability_slots`] for a run with or without a guest partition (without one there is no
+/// partition channel and no interrupt eventfd).
+pub fn capability_slots_with(spec: &ServiceSpec, services: &[ServiceSpec], guest: bool) -> usize {
     let served_links: usize = services
         .iter()
         .map(|c| c.calls.iter().filter(|i| spec.serves.contains(i)).count())
@@ -1501,9 +1507,12 @@ pub fn capability_slots(spec: &ServiceSpec, services: &[ServiceSpec]) -> usize {
     // The guest partition's channel, to a device service or intercept, and intercept's
     // interrupt eventfds.
     let guest_link = usize::from(
-        spec.serves.contains(&Interface::Intercept) || !spec.mmio.is_empty() || !spec.pio.is_empty(),
+        guest
+            && (spec.serves.contains(&Interface::Intercept)
+                || !spec.mmio.is_empty()
+                || !spec.pio.is_empty()),
     );
-    let interrupts = if spec.serves.contains(&Interface::Intercept) {
+    let interrupts = if guest && spec.serves.contains(&Interface::Intercept) {
         guest_interrupts(services).len()
     } else {
         0

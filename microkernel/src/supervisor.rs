@@ -292,7 +292,7 @@ impl Supervisor {
             )?;
             write_all_at(&program_fd, &bytes)?;
             ipc_defs::hosted::sys::seal_read_only(&program_fd)?;
-            let caps = capability_count(spec, m);
+            let caps = capability_count(spec, m, opts.guest.is_some());
             let loader_filter =
                 profiles::loader_program(&spec.syscalls, SpawnPlan::binary_slot(caps)).map_err(
                     |e| create_err(format!("loader profile of {}", spec.name))(e.to_string()),
@@ -1385,9 +1385,9 @@ fn name16(s: &str) -> bootstrap::Name {
     out
 }
 
-fn capability_count(spec: &ServiceSpec, m: &Manifest) -> usize {
+fn capability_count(spec: &ServiceSpec, m: &Manifest, guest: bool) -> usize {
     // The bootstrap record itself, then the slots it lists.
-    1 + crate::manifest::capability_slots(spec, &m.services)
+    1 + crate::manifest::capability_slots_with(spec, &m.services, guest)
 }
 
 fn init_status(status: &SharedMemory) -> io::Result<()> {
