@@ -241,6 +241,23 @@ fn adjacent_ports() -> std::io::Result<u16> {
     Err(err("no two adjacent free ports"))
 }
 
+/// The shipped manifest's text with its TPM listeners on free ports (kept adjacent); also
+/// the new swtpm data port.
+fn listeners_moved(text: &str) -> std::io::Result<(String, u16)> {
+    let (mssim, swtpm_data) = (adjacent_ports()?, adjacent_ports()?);
+    let text = text
+        .replace("127.0.0.1:2321", &format!("127.0.0.1:{mssim}"))
+        .replace("127.0.0.1:2322", &format!("127.0.0.1:{}", mssim + 1))
+        .replace("127.0.0.1:2331", &format!("127.0.0.1:{swtpm_data}"))
+        .replace("127.0.0.1:2332", &format!("127.0.0.1:{}", swtpm_data + 1));
+    Ok((text, swtpm_data))
+}
+
+/// The shipped manifest's text with its TPM listeners on free ports.
+pub fn free_listeners(text: &str) -> std::io::Result<String> {
+    listeners_moved(text).map(|(t, _)| t)
+}
+
 /// Runs the comparison on all CPUs, then on one. `manifest` is the manifest to run (its
 /// listeners are moved to free ports); `dir` holds the temporary state.
 pub fn run(manifest: &Path, dir: &Path, quick: bool) -> std::io::Result<Report> {
@@ -271,13 +288,7 @@ fn measure(
     kills: bool,
 ) -> std::io::Result<(Vec<Rate>, Vec<f64>)> {
     let (rounds, n) = if quick { (3, 50) } else { (7, 300) };
-    let text = std::fs::read_to_string(manifest)?;
-    let (mssim, swtpm_data) = (adjacent_ports()?, adjacent_ports()?);
-    let text = text
-        .replace("127.0.0.1:2321", &format!("127.0.0.1:{mssim}"))
-        .replace("127.0.0.1:2322", &format!("127.0.0.1:{}", mssim + 1))
-        .replace("127.0.0.1:2331", &format!("127.0.0.1:{swtpm_data}"))
-        .replace("127.0.0.1:2332", &format!("127.0.0.1:{}", swtpm_data + 1));
+    let (text, swtpm_data) = listeners_moved(&std::fs::read_to_string(manifest)?)?;
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     let run_manifest = dir.join("manifest.toml");

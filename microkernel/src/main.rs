@@ -116,10 +116,11 @@ enum Cmd {
     },
     /// Measure against baselines in the same run: `ipc` (our rings against the shared-memory
     /// floor, eventfd and Unix sockets), `vmgs` (the guest-state store against plain file
-    /// I/O) or `vtpm` (a running paravisor's TPM against swtpm).
+    /// I/O), `vtpm` (a running paravisor's TPM against swtpm) or `guest` (a guest exit
+    /// answered by a device service against one answered in the vCPU thread).
     Bench {
         /// What to measure.
-        #[arg(value_parser = ["ipc", "vmgs", "vtpm"], default_value = "ipc")]
+        #[arg(value_parser = ["ipc", "vmgs", "vtpm", "guest"], default_value = "ipc")]
         what: String,
         /// For `vmgs`: the directory (file system) to measure in [default: the system's temporary directory].
         #[arg(long)]
@@ -455,6 +456,17 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             let samples = if quick { 5 } else { samples };
             let report = microkernel::bench_vmgs::run(&dir, samples);
             print_report(report, json, microkernel::bench_vmgs::text)
+        }
+        Cmd::Bench {
+            what,
+            dir,
+            quick,
+            json,
+            ..
+        } if what == "guest" => {
+            let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("pv-bench-guest"));
+            let report = microkernel::bench_guest::run(Path::new(DEFAULT_MANIFEST), &dir, quick);
+            print_report(report, json, microkernel::bench_guest::text)
         }
         Cmd::Bench {
             what,
