@@ -941,6 +941,20 @@ impl Validator<'_> {
                         .is_none_or(|end| end > limit)
                     {
                         v.error(r.span(), format!("{what} range {:#x}+{:#x} runs past the end of the {what} space ({limit:#x})", range.base, range.size), "fix base or size");
+                    } else if what == "pio"
+                        && (range.base..range.base + range.size)
+                            .contains(&u64::from(crate::partition::router::IN_THREAD_PORT))
+                    {
+                        v.error(
+                            r.span(),
+                            format!(
+                                "pio range {:#x}+{:#x} covers port {:#x}, which the partition answers itself",
+                                range.base,
+                                range.size,
+                                crate::partition::router::IN_THREAD_PORT
+                            ),
+                            "that port is the exit benchmark's in-thread baseline; move the range",
+                        );
                     } else {
                         out.push((range, r.span()));
                     }

@@ -373,3 +373,89 @@ fn reserved_service_names_are_refused() {
         "is reserved",
     );
 }
+
+const INTERCEPT: &str = r#"
+[[service]]
+name = "platform-devices"
+binary = "pv-intercept"
+serves = ["intercept"]
+interrupts = [4]
+limits = { memory = "64M", open-files = 32 }
+restart = { policy = "always", max = 3, window = "10s", backoff = "10ms" }
+"#;
+
+#[test]
+fn interrupt_grants_pass_where_they_belong() {
+    let m = format!(
+        "{GOOD}{INTERCEPT}",
+        GOOD = GOOD.replace(
+            "calls = [{ endpoint = \"vmgs\", file-ids = [\"TPM_NVRAM\", \"TPM_PPI\"] }]",
+            "calls = [{ endpoint = \"vmgs\", file-ids = [\"TPM_NVRAM\", \"TPM_PPI\"] }, { endpoint = \"intercept\", interrupts = [5, 6] }]"
+        )
+    );
+    let dir = scratch_dir("irq-good");
+    let path = dir.join("good.toml");
+    std::fs::write(&path, &m).unwrap();
+    let out = pv(&["check", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = pv(&["audit", path.to_str().unwrap()]);
+    assert!(text(&out).contains("interrupts [line 5, line 6]"), "{}", text(&out));
+}
+
+#[test]
+fn interrupt_lines_only_on_intercept_and_in_calls_to_it() {
+    // Own lines on a service that does not serve intercept.
+    refused(
+        &GOOD.replace("serves = [\"vtpm\"]", "serves = [\"vtpm\"]\ninterrupts = [5]"),
+        12,
+        "does not serve intercept",
+    );
+    // A line grant in a call to another endpoint.
+    refused(
+        &GOOD.replace(
+            "file-ids = [\"TPM_NVRAM\", \"TPM_PPI\"] }",
+            "file-ids = [\"TPM_NVRAM\", \"TPM_PPI\"], interrupts = [5] }",
+        ),
+        12,
+        "interrupts applies to calls to \"intercept\"",
+    );
+}
+
+#[test]
+fn interrupt_lines_that_do_not_exist_or_repeat_are_refused() {
+    let m = format!("{GOOD}{}", INTERCEPT.replace("interrupts = [4]", "interrupts = [4, 24]"));
+    refused(&m, 21, "interrupt line 24 does not exist");
+    let m = format!("{GOOD}{}", INTERCEPT.replace("interrupts = [4]", "interrupts = [4, 4]"));
+    refused(&m, 21, "listed twice");
+}
+
+#[test]
+fn a_range_whose_service_takes_no_guest_accesses_is_refused() {
+    let m = GOOD.replacen(
+        "serves = [\"vmgs\"]",
+        "serves = [\"vmgs\"]\npio = [{ base = 0x2f8, size = 8 }]",
+        1,
+    );
+    refused(&m, 5, "owns guest address ranges but serves 0 interface(s)");
+}
+
+#[test]
+fn the_partitions_own_port_cannot_be_claimed() {
+    let m = format!(
+        "{GOOD}{}",
+        INTERCEPT.replace(
+            "interrupts = [4]",
+            "interrupts = [4]\npio = [{ base = 0xf0, size = 0x10 }]"
+        )
+    );
+    refused(&m, 22, "which the partition answers itself");
+}
+
+#[test]
+fn the_partitions_client_name_is_reserved() {
+    refused(
+        &GOOD.replace("name = \"tpm\"", "name = \"guest\""),
+        9,
+        "is reserved",
+    );
+}
