@@ -81,6 +81,11 @@ enum Cmd {
         /// vCPUs (Linux only; the test guest uses one).
         #[arg(long, default_value_t = 1)]
         vcpus: u32,
+        /// End the run with a register report when the guest makes no exit for this many
+        /// seconds (0: never) [default: 30 for the test guest; for Linux 20 on KVM-on-PVM,
+        /// else never].
+        #[arg(long)]
+        guest_watchdog: Option<u64>,
     },
     /// List the services of the running instance.
     Ps {
@@ -294,6 +299,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             guest,
             memory,
             vcpus,
+            guest_watchdog,
         } => {
             use microkernel::partition;
             let guest = if no_guest {
@@ -319,10 +325,21 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                     partition::Image::Linux { .. } => vcpus.clamp(1, 64),
                     partition::Image::TestGuest { .. } => 1,
                 };
+                let watchdog = match (guest_watchdog, &image) {
+                    (Some(0), _) => None,
+                    (Some(s), _) => Some(std::time::Duration::from_secs(s)),
+                    (None, partition::Image::TestGuest { .. }) => {
+                        Some(partition::TEST_GUEST_WATCHDOG)
+                    }
+                    (None, partition::Image::Linux { .. }) => {
+                        partition::is_pvm().then_some(partition::PVM_LINUX_WATCHDOG)
+                    }
+                };
                 Some(partition::GuestConfig {
                     image,
                     memory: memory.map_or(default_memory, |m| m << 20),
                     vcpus,
+                    watchdog,
                 })
             };
             init_logging();

@@ -135,6 +135,9 @@ struct Guest {
     keep_running: bool,
     outcome: Option<crate::partition::vcpu::Outcome>,
     description: String,
+    watchdog: Option<Duration>,
+    /// Exits seen by the watchdog, and since when.
+    progress: Option<(u64, Instant)>,
 }
 
 /// The channel between two services.
@@ -423,12 +426,48 @@ impl Supervisor {
             ended: vmm_sys_util::eventfd::EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?,
             keep_running,
             outcome: None,
+            watchdog: config.watchdog,
+            progress: None,
             description: format!(
                 "{description}, {} MiB, {} vCPU(s)",
                 config.memory >> 20,
                 config.vcpus
             ),
         })
+    }
+
+    fn guest_watchdog_armed(&self) -> bool {
+        self.guest
+            .as_ref()
+            .is_some_and(|g| g.watchdog.is_some() && g.running.is_some() && g.outcome.is_none())
+    }
+
+    /// The partition's watchdog: a guest that made no exit for its period is declared hung
+    /// (its vCPUs end with a register report).
+    fn check_guest_progress(&mut self) {
+        if !self.guest_watchdog_armed() {
+            return;
+        }
+        let Some(guest) = self.guest.as_mut() else {
+            return;
+        };
+        let (Some(period), Some(running)) = (guest.watchdog, guest.running.as_ref()) else {
+            return;
+        };
+        let exits = running.exits();
+        let now = Instant::now();
+        match guest.progress {
+            Some((seen, at)) if seen == exits => {
+                if now.duration_since(at) >= period {
+                    tracing::error!(
+                        "the guest made no exit for {period:?}: declaring it hung"
+                    );
+                    running.declare_hung();
+                    guest.progress = Some((exits, now + Duration::from_secs(3600)));
+                }
+            }
+            _ => guest.progress = Some((exits, now)),
+        }
     }
 
     /// Starts the vCPUs, with a router over the partition's channels.
@@ -602,9 +641,12 @@ impl Supervisor {
                 .filter_map(|s| s.restart_at)
                 .chain([next_health])
                 .min();
-            let timeout = next.map_or(-1, |t| {
+            let mut timeout = next.map_or(-1, |t| {
                 t.saturating_duration_since(now).as_millis().min(60_000) as i32
             });
+            if self.guest_watchdog_armed() {
+                timeout = if timeout < 0 { 1000 } else { timeout.min(1000) };
+            }
             if let Some(fd) = guest_fd {
                 fds.push(fd);
             }
@@ -612,6 +654,7 @@ impl Supervisor {
             if guest_fd.is_some() && ready.last() == Some(&true) && self.guest_ended() {
                 stop = true;
             }
+            self.check_guest_progress();
             if ready[0] {
                 if let Some(sig) = sandbox::read_signal(&signals) {
                     tracing::info!("received signal {sig}; shutting down");

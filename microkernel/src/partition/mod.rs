@@ -63,7 +63,17 @@ pub struct GuestConfig {
     pub image: Image,
     pub memory: u64,
     pub vcpus: u32,
+    /// End the run (with a register report) when the guest makes no exit for this long;
+    /// `None`: never (an idle Linux guest may sit in HLT inside KVM for hours).
+    pub watchdog: Option<std::time::Duration>,
 }
+
+/// The test guest exits all the time (its longest silence is a few seconds of waiting for
+/// an interrupt): silence this long means it is stuck.
+pub const TEST_GUEST_WATCHDOG: std::time::Duration = std::time::Duration::from_secs(30);
+/// A Linux guest on KVM-on-PVM that has made no exit for this long is stuck in KVM's
+/// emulator, not idle.
+pub const PVM_LINUX_WATCHDOG: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Default RAM: enough for the test guest; Linux needs more (`--memory`).
 pub const TEST_GUEST_MEMORY: u64 = 64 << 20;
@@ -246,6 +256,7 @@ impl Partition {
     pub fn start(mut self, router: Router, ended: EventFd) -> std::io::Result<Running> {
         kvm::install_kick_handler()?;
         let stop = router.stop.clone();
+        let hung = Arc::new(AtomicBool::new(false));
         let router = Arc::new(Mutex::new(router));
         let outcome = Arc::new(Mutex::new(None::<Outcome>));
         let ended = Arc::new(ended);
@@ -254,14 +265,19 @@ impl Partition {
         for (id, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let s = Arc::new(VcpuStats::default());
             stats.push(s.clone());
-            let (router, stop, outcome, ended) =
-                (router.clone(), stop.clone(), outcome.clone(), ended.clone());
+            let (router, stop, hung, outcome, ended) = (
+                router.clone(),
+                stop.clone(),
+                hung.clone(),
+                outcome.clone(),
+                ended.clone(),
+            );
             let (tx, rx) = std::sync::mpsc::channel();
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
                     let _ = tx.send(kvm::current_thread());
-                    let result = vcpu::run(id as u32, vcpu, &router, &stop, &s);
+                    let result = vcpu::run(id as u32, vcpu, &router, &stop, &hung, &s);
                     let mut first = outcome.lock().unwrap_or_else(|p| p.into_inner());
                     if first.is_none() && result != Outcome::Stopped {
                         *first = Some(result);
@@ -276,6 +292,7 @@ impl Partition {
             router,
             threads,
             stop,
+            hung,
             outcome,
             stats,
         })
@@ -294,6 +311,7 @@ pub struct Running {
     pub router: Arc<Mutex<Router>>,
     threads: Vec<(libc::pthread_t, JoinHandle<()>)>,
     stop: Arc<AtomicBool>,
+    hung: Arc<AtomicBool>,
     outcome: Arc<Mutex<Option<Outcome>>>,
     pub stats: Vec<Arc<VcpuStats>>,
     // Last: the VM outlives the threads that run it.
@@ -308,6 +326,25 @@ impl Running {
 
     pub fn config(&self) -> &GuestConfig {
         &self.partition.config
+    }
+
+    /// Exits made so far by all vCPUs (the watchdog's measure of progress).
+    pub fn exits(&self) -> u64 {
+        self.stats
+            .iter()
+            .map(|s| s.exits.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// The guest made no exit for the watchdog period: every vCPU ends its run with a
+    /// register report (its `ended` event follows).
+    pub fn declare_hung(&self) {
+        self.hung.store(true, Ordering::SeqCst);
+        for (thread, handle) in &self.threads {
+            if !handle.is_finished() {
+                kvm::kick(*thread);
+            }
+        }
     }
 
     /// Stops every vCPU (kicking it out of KVM_RUN) and waits for the threads.

@@ -104,11 +104,20 @@ pub fn run(
     mut vcpu: VcpuFd,
     router: &Mutex<Router>,
     stop: &AtomicBool,
+    hung: &AtomicBool,
     stats: &Arc<VcpuStats>,
 ) -> Outcome {
     stats.state.store(STATE_RUNNING, Ordering::Relaxed);
     let mut seq = 0u64;
     let outcome = loop {
+        if hung.load(Ordering::Relaxed) {
+            break failed(
+                &vcpu,
+                id,
+                "made no exit for the partition's watchdog period: the guest is stuck inside KVM \
+                 (on KVM-on-PVM this is where a stock kernel ends up)",
+            );
+        }
         if stop.load(Ordering::Relaxed) {
             break Outcome::Stopped;
         }
