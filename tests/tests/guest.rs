@@ -127,6 +127,7 @@ fn test_guest_boots_runs_its_tpm_session_and_exits_zero() {
         &log,
         &[
             "guest: hello from ring 3",
+            "guest: string I/O (rep outsb) reaches the console",
             "guest: pci 00:00.0 1b36:0008 class 060000",
             "guest: ok   TPM2_Startup(CLEAR)",
             "guest: ok   TPM2_GetRandom(16)",

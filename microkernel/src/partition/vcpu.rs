@@ -108,6 +108,7 @@ pub fn run(
     stats: &Arc<VcpuStats>,
 ) -> Outcome {
     stats.state.store(STATE_RUNNING, Ordering::Relaxed);
+    let run_area = super::kvm::RunArea::of(&mut vcpu);
     let mut seq = 0u64;
     let outcome = loop {
         if hung.load(Ordering::Relaxed) {
@@ -152,15 +153,33 @@ pub fn run(
                 stats.in_thread.fetch_add(1, Ordering::Relaxed);
                 Ok(Step::Resume)
             }
+            // String I/O (`rep ins`/`rep outs`) moves several accesses in one exit: each is
+            // its own access, in order, stopping at the first that ends the run.
             VcpuExit::IoIn(port, data) => {
-                access(Space::Port, u64::from(port), data.len(), None).map(|reply| {
-                    fill(data, reply.value);
-                    next_step(reply.next)
-                })
+                let size = run_area.io_size();
+                let mut step = Ok(Step::Resume);
+                for chunk in data.chunks_mut(size) {
+                    step = access(Space::Port, u64::from(port), chunk.len(), None).map(|reply| {
+                        fill(chunk, reply.value);
+                        next_step(reply.next)
+                    });
+                    if !matches!(step, Ok(Step::Resume)) {
+                        break;
+                    }
+                }
+                step
             }
             VcpuExit::IoOut(port, data) => {
-                access(Space::Port, u64::from(port), data.len(), Some(le_value(data)))
-                    .map(|reply| next_step(reply.next))
+                let size = run_area.io_size();
+                let mut step = Ok(Step::Resume);
+                for chunk in data.chunks(size) {
+                    step = access(Space::Port, u64::from(port), chunk.len(), Some(le_value(chunk)))
+                        .map(|reply| next_step(reply.next));
+                    if !matches!(step, Ok(Step::Resume)) {
+                        break;
+                    }
+                }
+                step
             }
             VcpuExit::MmioRead(address, data) => {
                 access(Space::Mmio, address, data.len(), None).map(|reply| {

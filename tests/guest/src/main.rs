@@ -151,6 +151,7 @@ const SYS_INB_LOOP: u64 = 4;
 const SYS_STI: u64 = 5;
 const SYS_CLI: u64 = 6;
 const SYS_TRIPLE_FAULT: u64 = 7;
+const SYS_OUTSB: u64 = 8;
 
 fn in_ring0() -> bool {
     let cs: u16;
@@ -166,6 +167,17 @@ fn syscall(op: u64, a: u64, b: u64) -> u64 {
         asm!("int 0x81", inlateout("rax") op => result, in("rdi") a, in("rsi") b, options(nostack))
     };
     result
+}
+
+/// Writes `bytes` to `port` with one `rep outsb` (string I/O).
+fn outsb(port: u16, bytes: &[u8]) {
+    let result: u64;
+    // SAFETY: the guest's own system call gate, as `syscall`, with the length in RDX.
+    unsafe {
+        asm!("int 0x81", inlateout("rax") SYS_OUTSB => result, in("rdi") u64::from(port),
+             in("rsi") bytes.as_ptr() as u64, in("rdx") bytes.len() as u64, options(nostack))
+    };
+    let _ = result;
 }
 
 fn outb(port: u16, value: u8) {
@@ -402,6 +414,15 @@ fn system_call(frame: &mut arch::TrapFrame) {
             frame.rflags &= !(1 << 9);
             0
         }
+        SYS_OUTSB => {
+            // `rep outsb`: string I/O, several bytes in one exit (RDX holds the length).
+            let (port, from, len) = (a as u16, b, frame.rdx);
+            // SAFETY: the bytes are in the guest's identity-mapped image.
+            unsafe {
+                asm!("rep outsb", in("dx") port, inout("rsi") from => _, inout("rcx") len => _, options(nostack, preserves_flags))
+            };
+            0
+        }
         SYS_TRIPLE_FAULT => {
             // No IDT at all, then an exception: #UD cannot be delivered, nor #DF: shutdown.
             let empty = [0u8; 10];
@@ -485,6 +506,7 @@ fn options() -> Options {
 
 extern "C" fn user_main() -> ! {
     puts("guest: hello from ring 3\n");
+    outsb(COM1, b"guest: string I/O (rep outsb) reaches the console\n");
     let o = options();
     if o.crash {
         puts("guest: triple fault on purpose\n");
