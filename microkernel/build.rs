@@ -16,14 +16,36 @@ fn main() {
     }
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let output = Command::new(rustc)
-        .args(["--edition", "2021", "--crate-type", "bin", "--crate-name", "test_guest"])
-        .args(["-C", "opt-level=2", "-C", "panic=abort", "-C", "debuginfo=0"])
+        .args([
+            "--edition",
+            "2021",
+            "--crate-type",
+            "bin",
+            "--crate-name",
+            "test_guest",
+        ])
+        .args([
+            "-C",
+            "opt-level=2",
+            "-C",
+            "panic=abort",
+            "-C",
+            "debuginfo=0",
+        ])
         .args(["-C", "relocation-model=static", "-C", "code-model=small"])
         .args(["-C", "no-redzone=yes"])
-        .args(["-C", "target-feature=-sse,-sse2,-avx,-avx2,-mmx,-x87,+soft-float"])
+        .args([
+            "-C",
+            "target-feature=-sse,-sse2,-avx,-avx2,-mmx,-x87,+soft-float",
+        ])
         .args(["-C", "no-vectorize-loops", "-C", "no-vectorize-slp"])
         .args(["-C", "link-arg=-nostartfiles", "-C", "link-arg=-static"])
-        .args(["-C", "link-arg=-nostdlib", "-C", "link-arg=-Wl,--build-id=none"])
+        .args([
+            "-C",
+            "link-arg=-nostdlib",
+            "-C",
+            "link-arg=-Wl,--build-id=none",
+        ])
         .arg("-C")
         .arg(format!("link-arg=-T{}", script.display()))
         .args(["--cap-lints", "allow"])

@@ -40,7 +40,11 @@ fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
 
 /// One `paravisor run` of the test guest in benchmark mode: (service, in-thread cycles,
 /// first line, whole run).
-fn one_run(manifest: &Path, dir: &Path, exits: u64) -> std::io::Result<(u64, u64, Duration, Duration)> {
+fn one_run(
+    manifest: &Path,
+    dir: &Path,
+    exits: u64,
+) -> std::io::Result<(u64, u64, Duration, Duration)> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     let text = std::fs::read_to_string(manifest)?;

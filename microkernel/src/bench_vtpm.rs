@@ -358,7 +358,14 @@ fn measure(
         ("CreatePrimary(ECC P-256) + Quote", create_and_quote, n / 10),
     ];
     for (name, op, count) in ops {
-        rates.push(compare(&mut ours, theirs.as_mut(), name, rounds, count, op)?);
+        rates.push(compare(
+            &mut ours,
+            theirs.as_mut(),
+            name,
+            rounds,
+            count,
+            op,
+        )?);
     }
 
     // kill -9 of pv-vtpm, then the first successful command.
@@ -408,7 +415,9 @@ pub fn text(r: &Report) -> String {
             let theirs = rate
                 .swtpm_per_second
                 .map_or_else(|| "-".into(), |t| format!("{t:.0}"));
-            let ratio = rate.ratio.map_or_else(|| "-".into(), |x| format!("{x:.2}x"));
+            let ratio = rate
+                .ratio
+                .map_or_else(|| "-".into(), |x| format!("{x:.2}x"));
             out.push_str(&format!(
                 "  {:<36} {:>10.0} {:>10} {:>8}\n",
                 rate.operation, rate.ours_per_second, theirs, ratio

@@ -309,8 +309,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                     Some(kernel) => partition::Image::Linux {
                         kernel,
                         initrd,
-                        command_line: cmdline
-                            .unwrap_or_else(|| "console=ttyS0 panic=-1".into()),
+                        command_line: cmdline.unwrap_or_else(|| "console=ttyS0 panic=-1".into()),
                     },
                     None => partition::Image::TestGuest {
                         path: guest,

@@ -1266,7 +1266,10 @@ impl Validator<'_> {
                 _ => self.error(
                     l.span(),
                     format!("interrupt line {n} does not exist"),
-                    format!("IOAPIC lines are 0..={}", ipc_defs::services::intercept::IOAPIC_LINES - 1),
+                    format!(
+                        "IOAPIC lines are 0..={}",
+                        ipc_defs::services::intercept::IOAPIC_LINES - 1
+                    ),
                 ),
             }
         }

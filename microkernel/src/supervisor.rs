@@ -379,7 +379,9 @@ impl Supervisor {
                      for Linux guests; the test guest runs here."
                 );
             } else {
-                tracing::info!("/dev/kvm is KVM on PVM: ring-0 guest code is emulated, ring 3 runs natively");
+                tracing::info!(
+                    "/dev/kvm is KVM on PVM: ring-0 guest code is emulated, ring 3 runs natively"
+                );
             }
         }
         let interrupts = crate::manifest::guest_interrupts(&m.services);
@@ -399,7 +401,9 @@ impl Supervisor {
             };
             let Some(interface) = interface else { continue };
             let mem = ChannelMemory::create(&format!("pv-guest-{}", spec.name), m.ring_capacity)
-                .map_err(|e| create_err(format!("channel guest -> {}", spec.name))(e.to_string()))?;
+                .map_err(|e| {
+                    create_err(format!("channel guest -> {}", spec.name))(e.to_string())
+                })?;
             links.push(GuestLink {
                 server,
                 interface,
@@ -408,13 +412,23 @@ impl Supervisor {
             });
         }
         let description = match &config.image {
-            Image::TestGuest { path: None, command_line } => {
+            Image::TestGuest {
+                path: None,
+                command_line,
+            } => {
                 format!("test guest (embedded) \"{command_line}\"")
             }
-            Image::TestGuest { path: Some(p), command_line } => {
+            Image::TestGuest {
+                path: Some(p),
+                command_line,
+            } => {
                 format!("ELF guest {} \"{command_line}\"", p.display())
             }
-            Image::Linux { kernel, command_line, .. } => {
+            Image::Linux {
+                kernel,
+                command_line,
+                ..
+            } => {
                 format!("Linux {} \"{command_line}\"", kernel.display())
             }
         };
@@ -459,9 +473,7 @@ impl Supervisor {
         match guest.progress {
             Some((seen, at)) if seen == exits => {
                 if now.duration_since(at) >= period {
-                    tracing::error!(
-                        "the guest made no exit for {period:?}: declaring it hung"
-                    );
+                    tracing::error!("the guest made no exit for {period:?}: declaring it hung");
                     running.declare_hung();
                     guest.progress = Some((exits, now + Duration::from_secs(3600)));
                 }
@@ -722,13 +734,17 @@ impl Supervisor {
         use crate::partition::vcpu::Outcome;
         match &outcome {
             Outcome::Exited(status) => tracing::info!("guest ended with status {status}"),
-            Outcome::Reset => tracing::warn!("guest asked for a reset; rebooting a guest is not supported, so the run ends"),
+            Outcome::Reset => tracing::warn!(
+                "guest asked for a reset; rebooting a guest is not supported, so the run ends"
+            ),
             Outcome::Failed(why) => tracing::error!("guest partition failed: {why}"),
             Outcome::Stopped => {}
         }
         guest.outcome = Some(outcome);
         if guest.keep_running {
-            tracing::info!("--keep-running: the services stay up; stop with `paravisor stop` or Ctrl-C");
+            tracing::info!(
+                "--keep-running: the services stay up; stop with `paravisor stop` or Ctrl-C"
+            );
         }
         !guest.keep_running
     }

@@ -276,8 +276,9 @@ fn main() -> ExitCode {
                 endpoint::Response<intercept::Response>,
             > = end.into_typed();
             for line in args.iter().skip(1).filter_map(|l| l.parse::<u8>().ok()) {
-                let request =
-                    endpoint::Request::Service(intercept::Request::Raise(intercept::Interrupt::Line(line)));
+                let request = endpoint::Request::Service(intercept::Request::Raise(
+                    intercept::Interrupt::Line(line),
+                ));
                 match end.call(&request, Duration::from_secs(5)) {
                     Ok(endpoint::Response::Service(r)) => {
                         eprintln!("pv-hostile: raise line {line}: {r:?}")

@@ -399,14 +399,21 @@ fn interrupt_grants_pass_where_they_belong() {
     let out = pv(&["check", path.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
     let out = pv(&["audit", path.to_str().unwrap()]);
-    assert!(text(&out).contains("interrupts [line 5, line 6]"), "{}", text(&out));
+    assert!(
+        text(&out).contains("interrupts [line 5, line 6]"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
 fn interrupt_lines_only_on_intercept_and_in_calls_to_it() {
     // Own lines on a service that does not serve intercept.
     refused(
-        &GOOD.replace("serves = [\"vtpm\"]", "serves = [\"vtpm\"]\ninterrupts = [5]"),
+        &GOOD.replace(
+            "serves = [\"vtpm\"]",
+            "serves = [\"vtpm\"]\ninterrupts = [5]",
+        ),
         12,
         "does not serve intercept",
     );
@@ -423,9 +430,15 @@ fn interrupt_lines_only_on_intercept_and_in_calls_to_it() {
 
 #[test]
 fn interrupt_lines_that_do_not_exist_or_repeat_are_refused() {
-    let m = format!("{GOOD}{}", INTERCEPT.replace("interrupts = [4]", "interrupts = [4, 24]"));
+    let m = format!(
+        "{GOOD}{}",
+        INTERCEPT.replace("interrupts = [4]", "interrupts = [4, 24]")
+    );
     refused(&m, 21, "interrupt line 24 does not exist");
-    let m = format!("{GOOD}{}", INTERCEPT.replace("interrupts = [4]", "interrupts = [4, 4]"));
+    let m = format!(
+        "{GOOD}{}",
+        INTERCEPT.replace("interrupts = [4]", "interrupts = [4, 4]")
+    );
     refused(&m, 21, "listed twice");
 }
 

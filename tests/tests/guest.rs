@@ -177,13 +177,20 @@ fn guest_that_triple_faults_ends_the_run_with_a_register_report() {
     if !kvm_available("guest_that_triple_faults_ends_the_run_with_a_register_report") {
         return;
     }
-    let mut run = Run::start("guest-crash", &shipped_text(), &["--cmdline", "triple-fault=1"]);
+    let mut run = Run::start(
+        "guest-crash",
+        &shipped_text(),
+        &["--cmdline", "triple-fault=1"],
+    );
     let status = run.wait(Duration::from_secs(60));
     let log = run.log();
     // intercept's status for a triple fault.
     assert_eq!(status.code(), Some(0x7d), "{log}");
     assert!(log.contains("guest stopped"), "{log}");
-    assert!(log.contains("rip 0x") && log.contains("cr3 0x9000"), "{log}");
+    assert!(
+        log.contains("rip 0x") && log.contains("cr3 0x9000"),
+        "{log}"
+    );
     assert!(log.contains("triple-faulted"), "{log}");
 }
 
@@ -204,7 +211,14 @@ fn killed_vtpm_during_a_guest_extend_loop_loses_and_repeats_no_extend() {
         if run.console().contains("every extend of the loop answered") {
             break;
         }
-        let out = pv(&["kill", "vtpm", "--signal", "KILL", "--state-dir", &run.state_dir()]);
+        let out = pv(&[
+            "kill",
+            "vtpm",
+            "--signal",
+            "KILL",
+            "--state-dir",
+            &run.state_dir(),
+        ]);
         if out.status.success() {
             kills += 1;
         }
@@ -270,7 +284,10 @@ fn device_service_is_refused_an_interrupt_it_was_not_granted() {
     let out = pv(&["ps", "--state-dir", &run.state_dir()]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(text.contains("vcpu0"), "{text}");
-    assert!(intercept["guest_exits"].as_u64().unwrap() > 0, "{intercept}");
+    assert!(
+        intercept["guest_exits"].as_u64().unwrap() > 0,
+        "{intercept}"
+    );
     let _ = pv(&["stop", "--state-dir", &run.state_dir()]);
     assert_eq!(run.wait(Duration::from_secs(30)).code(), Some(0));
 }

@@ -224,7 +224,7 @@ fn a_later_run_reuses_the_guest_state_and_its_key() {
     let log_path = first.dir.join("second.log");
     let mut child = std::process::Command::new(common::paravisor())
         .arg("run")
-            .arg("--no-guest")
+        .arg("--no-guest")
         .arg(&manifest_path)
         .arg("--state-dir")
         .arg(&state)
@@ -273,7 +273,7 @@ fn a_missing_key_for_an_existing_guest_state_file_stops_the_start() {
     assert!(out.status.success(), "{}", text(&out));
     let out = std::process::Command::new(common::paravisor())
         .arg("run")
-            .arg("--no-guest")
+        .arg("--no-guest")
         .arg(&manifest)
         .arg("--state-dir")
         .arg(&state)

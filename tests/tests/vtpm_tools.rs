@@ -272,7 +272,7 @@ fn persistent_objects_and_nv_indices_survive_a_full_restart_and_are_not_on_disk_
     let log = inst.dir.join("second.log");
     let child = Command::new(common::paravisor())
         .arg("run")
-            .arg("--no-guest")
+        .arg("--no-guest")
         .arg(&inst.manifest)
         .arg("--state-dir")
         .arg(inst.dir.join("state"))

@@ -84,7 +84,12 @@ pub fn write(mem: &GuestMemoryMmap, vcpus: u32) -> Result<u64, vm_memory::GuestM
     entries.extend_from_slice(&madt_at.to_le_bytes());
     let xsdt = table(b"XSDT", 1, &entries);
     let xsdt_at = madt_at + 0x400;
-    for (bytes, at) in [(&dsdt, dsdt_at), (&fadt, fadt_at), (&madt, madt_at), (&xsdt, xsdt_at)] {
+    for (bytes, at) in [
+        (&dsdt, dsdt_at),
+        (&fadt, fadt_at),
+        (&madt, madt_at),
+        (&xsdt, xsdt_at),
+    ] {
         mem.write_slice(bytes, GuestAddress(at))?;
     }
     let mut rsdp = Vec::with_capacity(36);
@@ -111,7 +116,10 @@ mod tests {
     fn every_table_sums_to_zero_and_has_its_length() {
         for t in [table(b"DSDT", 2, &[]), fadt(0x1000), madt(4)] {
             assert_eq!(t.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
-            assert_eq!(u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize, t.len());
+            assert_eq!(
+                u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize,
+                t.len()
+            );
         }
         assert_eq!(fadt(0).len(), 276);
         // MADT: 8 bytes of body header, 8 per vCPU, 12 for the IOAPIC, 10 for the override.

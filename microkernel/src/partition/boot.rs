@@ -157,7 +157,11 @@ fn write_command_line(mem: &GuestMemoryMmap, line: &str) -> Result<(), BootError
 }
 
 /// Loads an ELF image (the test guest) and its command line.
-pub fn load_elf(mem: &GuestMemoryMmap, image: &[u8], command_line: &str) -> Result<Entry, BootError> {
+pub fn load_elf(
+    mem: &GuestMemoryMmap,
+    image: &[u8],
+    command_line: &str,
+) -> Result<Entry, BootError> {
     let result = linux_loader::loader::Elf::load(
         mem,
         None,
@@ -193,11 +197,17 @@ pub fn load_linux(
         &mut Cursor::new(kernel),
         Some(GuestAddress(HIGH_MEMORY)),
     )
-    .map_err(|e| BootError::Image(format!("not a bzImage the 64-bit boot protocol can load: {e}")))?;
-    let mut params = boot_params::default();
-    params.hdr = result
-        .setup_header
-        .ok_or_else(|| BootError::Image("bzImage without a setup header".into()))?;
+    .map_err(|e| {
+        BootError::Image(format!(
+            "not a bzImage the 64-bit boot protocol can load: {e}"
+        ))
+    })?;
+    let mut params = boot_params {
+        hdr: result
+            .setup_header
+            .ok_or_else(|| BootError::Image("bzImage without a setup header".into()))?,
+        ..Default::default()
+    };
     // Boot protocol 2.12 or later is needed for the 64-bit entry point (xloadflags bit 0).
     let (version, xloadflags) = (params.hdr.version, params.hdr.xloadflags);
     if version < 0x020c || xloadflags & 1 == 0 {
@@ -219,7 +229,9 @@ pub fn load_linux(
             .checked_sub(len)
             .map(|a| a & !0xfff)
             .filter(|a| *a >= result.kernel_end)
-            .ok_or_else(|| BootError::Image(format!("initrd of {len} bytes does not fit in RAM")))?;
+            .ok_or_else(|| {
+                BootError::Image(format!("initrd of {len} bytes does not fit in RAM"))
+            })?;
         mem.write_slice(initrd, GuestAddress(at)).map_err(mem_err)?;
         params.hdr.ramdisk_image = at as u32;
         params.hdr.ramdisk_size = len as u32;

@@ -20,7 +20,7 @@ pub struct GuestRam {
 impl GuestRam {
     /// `size` bytes of zeroed RAM at guest-physical 0.
     pub fn new(size: u64) -> std::io::Result<GuestRam> {
-        if size == 0 || size > MAX_RAM || size % 4096 != 0 {
+        if size == 0 || size > MAX_RAM || !size.is_multiple_of(4096) {
             return Err(std::io::Error::other(format!(
                 "guest RAM of {size} bytes: give a multiple of 4 KiB up to {} MiB",
                 MAX_RAM >> 20

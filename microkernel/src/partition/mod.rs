@@ -119,7 +119,10 @@ pub struct Partition {
 
 impl Partition {
     /// Creates the VM, loads the image and wires `interrupts` (IOAPIC lines) as irqfds.
-    pub fn create(config: GuestConfig, interrupts: &[Interrupt]) -> Result<Partition, PartitionError> {
+    pub fn create(
+        config: GuestConfig,
+        interrupts: &[Interrupt],
+    ) -> Result<Partition, PartitionError> {
         let kvm = Kvm::new().map_err(PartitionError::Kvm)?;
         for (cap, name) in [
             (Cap::Irqchip, "an in-kernel irqchip"),
@@ -131,7 +134,8 @@ impl Partition {
             }
         }
         let vm = kvm.create_vm().map_err(setup("creating the VM"))?;
-        vm.create_irq_chip().map_err(setup("creating the irqchip"))?;
+        vm.create_irq_chip()
+            .map_err(setup("creating the irqchip"))?;
         if matches!(config.image, Image::Linux { .. }) {
             vm.create_pit2(kvm_pit_config::default())
                 .map_err(setup("creating the PIT"))?;
@@ -151,7 +155,8 @@ impl Partition {
                 ],
                 ..Default::default()
             };
-            vm.enable_cap(&cap).map_err(setup("routing MSR exits to user space"))?;
+            vm.enable_cap(&cap)
+                .map_err(setup("routing MSR exits to user space"))?;
         }
         let ram = GuestRam::new(config.memory).map_err(|e| PartitionError::Setup {
             what: "guest RAM",
@@ -192,12 +197,11 @@ impl Partition {
             } => {
                 let kernel = read(kernel)?;
                 let initrd = initrd.as_ref().map(|p| read(p)).transpose()?;
-                let rsdp = acpi::write(&ram.memory, config.vcpus).map_err(|e| {
-                    PartitionError::Setup {
+                let rsdp =
+                    acpi::write(&ram.memory, config.vcpus).map_err(|e| PartitionError::Setup {
                         what: "ACPI tables",
                         reason: e.to_string(),
-                    }
-                })?;
+                    })?;
                 boot::load_linux(
                     &ram.memory,
                     ram.size,
@@ -228,7 +232,8 @@ impl Partition {
             if id == 0 {
                 let mut sregs = vcpu.get_sregs().map_err(setup("reading sregs"))?;
                 boot::long_mode(&mut sregs);
-                vcpu.set_sregs(&sregs).map_err(setup("entering long mode"))?;
+                vcpu.set_sregs(&sregs)
+                    .map_err(setup("entering long mode"))?;
                 vcpu.set_regs(&boot::entry_regs(entry))
                     .map_err(setup("setting registers"))?;
             }
@@ -321,7 +326,10 @@ pub struct Running {
 impl Running {
     /// How the run ended, once it has.
     pub fn outcome(&self) -> Option<Outcome> {
-        self.outcome.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn config(&self) -> &GuestConfig {
@@ -360,7 +368,11 @@ impl Running {
         for (_, handle) in self.threads {
             let _ = handle.join();
         }
-        let outcome = self.outcome.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let outcome = self
+            .outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         drop(self.partition);
         outcome
     }

@@ -188,18 +188,23 @@ impl Router {
                     }),
                 }
             }
-            DeviceEnd::Vtpm(end) => match call(end, &d.service, vtpm::Request::Mmio(access), &self.stop)? {
-                vtpm::Response::Register(value) => Ok(Reply::read(value & mask(access.size))),
-                vtpm::Response::Done => Ok(Reply::WRITTEN),
-                other => Err(RouteError::BadAnswer {
-                    service: d.service.clone(),
-                    answer: format!("{other:?}"),
-                }),
-            },
+            DeviceEnd::Vtpm(end) => {
+                match call(end, &d.service, vtpm::Request::Mmio(access), &self.stop)? {
+                    vtpm::Response::Register(value) => Ok(Reply::read(value & mask(access.size))),
+                    vtpm::Response::Done => Ok(Reply::WRITTEN),
+                    other => Err(RouteError::BadAnswer {
+                        service: d.service.clone(),
+                        answer: format!("{other:?}"),
+                    }),
+                }
+            }
         }
     }
 
-    fn intercept(&mut self, request: intercept::Request) -> Result<intercept::Response, RouteError> {
+    fn intercept(
+        &mut self,
+        request: intercept::Request,
+    ) -> Result<intercept::Response, RouteError> {
         let Some(i) = self.intercept else {
             return Err(RouteError::NoIntercept {
                 what: format!("{request:?}"),

@@ -80,9 +80,32 @@ pub fn dump(vcpu: &VcpuFd) -> String {
          r8  {:#018x} r9  {:#018x} r10 {:#018x} r11 {:#018x}\n\
          r12 {:#018x} r13 {:#018x} r14 {:#018x} r15 {:#018x}\n\
          cs {:#06x} (dpl {}) ss {:#06x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
-        r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9,
-        r.r10, r.r11, r.r12, r.r13, r.r14, r.r15, s.cs.selector, s.cs.dpl, s.ss.selector, s.cr0,
-        s.cr2, s.cr3, s.cr4, s.efer
+        r.rip,
+        r.rsp,
+        r.rflags,
+        r.rax,
+        r.rbx,
+        r.rcx,
+        r.rdx,
+        r.rsi,
+        r.rdi,
+        r.rbp,
+        r.r8,
+        r.r9,
+        r.r10,
+        r.r11,
+        r.r12,
+        r.r13,
+        r.r14,
+        r.r15,
+        s.cs.selector,
+        s.cs.dpl,
+        s.ss.selector,
+        s.cr0,
+        s.cr2,
+        s.cr3,
+        s.cr4,
+        s.efer
     )
 }
 
@@ -173,20 +196,24 @@ pub fn run(
                 let size = run_area.io_size();
                 let mut step = Ok(Step::Resume);
                 for chunk in data.chunks(size) {
-                    step = access(Space::Port, u64::from(port), chunk.len(), Some(le_value(chunk)))
-                        .map(|reply| next_step(reply.next));
+                    step = access(
+                        Space::Port,
+                        u64::from(port),
+                        chunk.len(),
+                        Some(le_value(chunk)),
+                    )
+                    .map(|reply| next_step(reply.next));
                     if !matches!(step, Ok(Step::Resume)) {
                         break;
                     }
                 }
                 step
             }
-            VcpuExit::MmioRead(address, data) => {
-                access(Space::Mmio, address, data.len(), None).map(|reply| {
+            VcpuExit::MmioRead(address, data) => access(Space::Mmio, address, data.len(), None)
+                .map(|reply| {
                     fill(data, reply.value);
                     next_step(reply.next)
-                })
-            }
+                }),
             VcpuExit::MmioWrite(address, data) => {
                 access(Space::Mmio, address, data.len(), Some(le_value(data)))
                     .map(|reply| next_step(reply.next))
@@ -213,10 +240,11 @@ pub fn run(
             }
             VcpuExit::Hypercall(call) => {
                 let mut r = router.lock().unwrap_or_else(|p| p.into_inner());
-                r.hypercall(id, call.nr, call.args).map(|HypercallOutcome::Return(v)| {
-                    *call.ret = v;
-                    Step::Resume
-                })
+                r.hypercall(id, call.nr, call.args)
+                    .map(|HypercallOutcome::Return(v)| {
+                        *call.ret = v;
+                        Step::Resume
+                    })
             }
             VcpuExit::Shutdown => Ok(Step::Event(Event::Shutdown)),
             VcpuExit::InternalError => Ok(Step::Event(Event::InternalError { suberror: 0 })),
@@ -245,9 +273,9 @@ pub fn run(
                 break match next {
                     Ok(Next::Exit(status)) => Outcome::Exited(status),
                     Ok(Next::Reset) => Outcome::Reset,
-                    Ok(Next::Resume) => {
-                        Outcome::Failed(format!("vCPU {id}: {event:?} cannot be resumed\n{registers}"))
-                    }
+                    Ok(Next::Resume) => Outcome::Failed(format!(
+                        "vCPU {id}: {event:?} cannot be resumed\n{registers}"
+                    )),
                     Err(e) => Outcome::Failed(format!("vCPU {id}: {event:?}; {e}\n{registers}")),
                 };
             }

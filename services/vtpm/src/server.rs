@@ -298,7 +298,9 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
             }
             return Response::Register(value);
         };
-        self.checkpoint.accesses.insert(access.vcpu, (access.seq, 0));
+        self.checkpoint
+            .accesses
+            .insert(access.vcpu, (access.seq, 0));
         match self.checkpoint.tis.write(offset, access.size, value) {
             Effect::None => {}
             Effect::Cancel => self.engine.cancel(),
