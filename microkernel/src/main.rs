@@ -321,8 +321,22 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                     partition::Image::TestGuest { .. } => partition::TEST_GUEST_MEMORY,
                 };
                 let vcpus = match image {
-                    partition::Image::Linux { .. } => vcpus.clamp(1, 64),
+                    partition::Image::Linux { .. } => vcpus,
+                    partition::Image::TestGuest { .. } if vcpus != 1 => {
+                        eprintln!(
+                            "paravisor: the test guest runs on one vCPU (--vcpus is for --kernel)"
+                        );
+                        return Err(ExitCode::from(2));
+                    }
                     partition::Image::TestGuest { .. } => 1,
+                };
+                let memory = match memory.map(|m| m.checked_mul(1 << 20)) {
+                    None => default_memory,
+                    Some(Some(bytes)) => bytes,
+                    Some(None) => {
+                        eprintln!("paravisor: --memory is in MiB; that many does not fit");
+                        return Err(ExitCode::from(2));
+                    }
                 };
                 let watchdog = match (guest_watchdog, &image) {
                     (Some(0), _) => None,
@@ -336,7 +350,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 };
                 Some(partition::GuestConfig {
                     image,
-                    memory: memory.map_or(default_memory, |m| m << 20),
+                    memory,
                     vcpus,
                     watchdog,
                 })

@@ -138,6 +138,7 @@ struct Guest {
     watchdog: Option<Duration>,
     /// Exits seen by the watchdog, and since when.
     progress: Option<(u64, Instant)>,
+    declared_hung: bool,
 }
 
 /// The channel between two services.
@@ -442,6 +443,7 @@ impl Supervisor {
             outcome: None,
             watchdog: config.watchdog,
             progress: None,
+            declared_hung: false,
             description: format!(
                 "{description}, {} MiB, {} vCPU(s)",
                 config.memory >> 20,
@@ -470,12 +472,18 @@ impl Supervisor {
         };
         let exits = running.exits();
         let now = Instant::now();
+        if guest.declared_hung {
+            // Kick again until the vCPUs have ended (a kick can land just before KVM_RUN).
+            running.declare_hung();
+            return;
+        }
         match guest.progress {
-            Some((seen, at)) if seen == exits => {
+            // Waiting for a service (e.g. one restarting) is not being stuck in the guest.
+            Some((seen, at)) if seen == exits && !running.in_call() => {
                 if now.duration_since(at) >= period {
                     tracing::error!("the guest made no exit for {period:?}: declaring it hung");
                     running.declare_hung();
-                    guest.progress = Some((exits, now + Duration::from_secs(3600)));
+                    guest.declared_hung = true;
                 }
             }
             _ => guest.progress = Some((exits, now)),

@@ -1,7 +1,8 @@
 //! ACPI tables for a Linux guest: Debian's cloud kernel has no MP-table support, so the
 //! IOAPIC and every vCPU beyond the first are found only through ACPI. A hardware-reduced
 //! platform (no PM timer, no SCI, no 8042 according to the FADT): RSDP -> XSDT -> FADT (-> an
-//! empty DSDT) and MADT (one local APIC per vCPU, the IOAPIC, the ISA IRQ 0 -> GSI 2 override).
+//! empty DSDT) and MADT (one local APIC per vCPU, the IOAPIC with id 0 as KVM's in-kernel one
+//! reports). No IRQ 0 -> GSI 2 override: KVM's default routing wires the PIT to GSI 0.
 //! Layouts from the ACPI 6.x specification.
 
 use vm_memory::Bytes;
@@ -41,7 +42,7 @@ fn fadt(dsdt: u64) -> Vec<u8> {
     let mut body = vec![0u8; 276 - 36];
     let at = |offset: usize| offset - 36;
     body[at(40)..at(44)].copy_from_slice(&(dsdt as u32).to_le_bytes());
-    // IAPC_BOOT_ARCH (offset 109): bit 2 "VGA not present", bit 4 "MSI not supported" off;
+    // IAPC_BOOT_ARCH (offset 109): bit 2 "VGA not present"; "MSI not supported" (bit 3) off;
     // no 8042 (bit 1 clear), no legacy devices (bit 0 clear).
     body[at(109)..at(111)].copy_from_slice(&(1u16 << 2).to_le_bytes());
     // Flags (offset 112): HW_REDUCED_ACPI (bit 20).
@@ -60,14 +61,10 @@ fn madt(vcpus: u32) -> Vec<u8> {
         body.extend_from_slice(&[0, 8, id as u8, id as u8]);
         body.extend_from_slice(&1u32.to_le_bytes());
     }
-    // IOAPIC: type 1, length 12, id, reserved, address, GSI base.
-    body.extend_from_slice(&[1, 12, vcpus as u8, 0]);
+    // IOAPIC: type 1, length 12, id 0, reserved, address, GSI base.
+    body.extend_from_slice(&[1, 12, 0, 0]);
     body.extend_from_slice(&IOAPIC_ADDRESS.to_le_bytes());
     body.extend_from_slice(&0u32.to_le_bytes());
-    // Interrupt source override: type 2, length 10, bus 0 (ISA), IRQ 0 -> GSI 2, flags 0.
-    body.extend_from_slice(&[2, 10, 0, 0]);
-    body.extend_from_slice(&2u32.to_le_bytes());
-    body.extend_from_slice(&0u16.to_le_bytes());
     table(b"APIC", 5, &body)
 }
 
@@ -122,7 +119,9 @@ mod tests {
             );
         }
         assert_eq!(fadt(0).len(), 276);
-        // MADT: 8 bytes of body header, 8 per vCPU, 12 for the IOAPIC, 10 for the override.
-        assert_eq!(madt(2).len(), 36 + 8 + 16 + 12 + 10);
+        // MADT: 8 bytes of body header, 8 per vCPU, 12 for the IOAPIC.
+        assert_eq!(madt(2).len(), 36 + 8 + 16 + 12);
+        // The layout below has room for the largest partition.
+        assert!(madt(crate::partition::MAX_VCPUS).len() <= 0x400);
     }
 }

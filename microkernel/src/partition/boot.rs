@@ -32,9 +32,10 @@ pub const COMMAND_LINE_MAX: usize = 2048;
 /// Where images start (the classic "high memory" start).
 pub const HIGH_MEMORY: u64 = 0x10_0000;
 
-const CODE_SELECTOR: u16 = 0x08;
-const DATA_SELECTOR: u16 = 0x10;
-const TSS_SELECTOR: u16 = 0x18;
+/// The selectors the 64-bit boot protocol names (`__BOOT_CS`, `__BOOT_DS`).
+const CODE_SELECTOR: u16 = 0x10;
+const DATA_SELECTOR: u16 = 0x18;
+const TSS_SELECTOR: u16 = 0x20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
@@ -81,12 +82,13 @@ pub fn write_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     Ok(())
 }
 
-fn gdt_entries() -> [u64; 4] {
+fn gdt_entries() -> [u64; 5] {
     [
         0,
-        0x00AF_9B00_0000_FFFF, // code: 64-bit, present, DPL 0, accessed
-        0x00CF_9300_0000_FFFF, // data: present, writable, accessed
-        0x0000_8B00_0000_0067, // TSS (busy), base 0: the guest loads its own
+        0,
+        0x00AF_9B00_0000_FFFF, // 0x10 code: 64-bit, present, DPL 0, accessed
+        0x00CF_9300_0000_FFFF, // 0x18 data: present, writable, accessed
+        0x0000_8B00_0000_0067, // 0x20 TSS (busy), base 0: the guest loads its own
     ]
 }
 
@@ -111,9 +113,9 @@ fn segment(selector: u16, entry: u64) -> kvm_segment {
 /// 64-bit mode on the loader's page tables and GDT.
 pub fn long_mode(sregs: &mut kvm_sregs) {
     let gdt = gdt_entries();
-    let code = segment(CODE_SELECTOR, gdt[1]);
-    let data = segment(DATA_SELECTOR, gdt[2]);
-    let mut tss = segment(TSS_SELECTOR, gdt[3]);
+    let code = segment(CODE_SELECTOR, gdt[2]);
+    let data = segment(DATA_SELECTOR, gdt[3]);
+    let mut tss = segment(TSS_SELECTOR, gdt[4]);
     // A TSS limit counts bytes (G = 0).
     tss.g = 0;
     sregs.gdt.base = GDT;
@@ -127,7 +129,7 @@ pub fn long_mode(sregs: &mut kvm_sregs) {
     sregs.gs = data;
     sregs.ss = data;
     sregs.tr = tss;
-    // PE, MP, ET, NE, WP, PG
+    // PE, MP, ET, NE, WP, AM, PG
     sregs.cr0 = 0x8005_0033;
     // PAE, OSFXSR, OSXMMEXCPT
     sregs.cr4 = 0x620;
@@ -215,11 +217,13 @@ pub fn load_linux(
             "the kernel's boot protocol ({version:#x}) has no 64-bit entry point"
         )));
     }
+    let cmdline_limit = params.hdr.cmdline_size;
+    if cmdline_limit != 0 && command_line.len() as u64 >= u64::from(cmdline_limit) {
+        return Err(BootError::CommandLine(command_line.len()));
+    }
     params.hdr.type_of_loader = 0xff;
-    params.hdr.loadflags |= 0x01 | 0x80; // LOADED_HIGH, CAN_USE_HEAP
-    params.hdr.heap_end_ptr = 0xfe00;
+    params.hdr.loadflags |= 0x01; // LOADED_HIGH
     params.hdr.cmd_line_ptr = COMMAND_LINE as u32;
-    params.hdr.cmdline_size = command_line.len() as u32 + 1;
     write_command_line(mem, command_line)?;
     if let Some(initrd) = initrd {
         let initrd_max = params.hdr.initrd_addr_max;

@@ -66,11 +66,9 @@ pub fn register_ram(vm: &VmFd, ram: &GuestRam) -> Result<(), kvm_ioctls::Error> 
     Ok(())
 }
 
-/// Where a vCPU's `kvm_run` structure is mapped (read after an exit by [`io_size`]).
+/// Where a vCPU's `kvm_run` structure is mapped (read after an exit by
+/// [`RunArea::io_size`]). Not `Send`: it belongs to the vCPU's thread.
 pub struct RunArea(*const kvm_bindings::kvm_run);
-
-// SAFETY: the pointer is only read by the thread that owns the vCPU.
-unsafe impl Send for RunArea {}
 
 impl RunArea {
     pub fn of(vcpu: &mut kvm_ioctls::VcpuFd) -> RunArea {
@@ -79,11 +77,14 @@ impl RunArea {
 
     /// The width of one port access of the current KVM_EXIT_IO (string I/O moves `count` of
     /// them in one exit).
-    pub fn io_size(&self) -> usize {
-        // SAFETY: the mapping lives as long as the vCPU, which the caller owns; the exit
-        // reason is KVM_EXIT_IO (the caller is handling an I/O exit), so `io` is the union
-        // field KVM filled.
-        let size = unsafe { (*self.0).__bindgen_anon_1.io.size };
+    ///
+    /// # Safety
+    /// The vCPU this area was taken from must still exist, and its last `KVM_RUN` must have
+    /// ended with KVM_EXIT_IO (so that `io` is the union field KVM filled).
+    pub unsafe fn io_size(&self) -> usize {
+        // SAFETY: per the function's contract: the mapping is alive and holds an I/O exit.
+        let size =
+            unsafe { std::ptr::read_volatile(&raw const (*self.0).__bindgen_anon_1.io.size) };
         usize::from(size).max(1)
     }
 }

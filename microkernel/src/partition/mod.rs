@@ -78,6 +78,8 @@ pub const PVM_LINUX_WATCHDOG: std::time::Duration = std::time::Duration::from_se
 /// Default RAM: enough for the test guest; Linux needs more (`--memory`).
 pub const TEST_GUEST_MEMORY: u64 = 64 << 20;
 pub const LINUX_MEMORY: u64 = 512 << 20;
+/// vCPUs a partition may have (the MADT's room, the APIC ids of one IOAPIC system).
+pub const MAX_VCPUS: u32 = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PartitionError {
@@ -123,6 +125,12 @@ impl Partition {
         config: GuestConfig,
         interrupts: &[Interrupt],
     ) -> Result<Partition, PartitionError> {
+        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+            return Err(PartitionError::Setup {
+                what: "vCPUs",
+                reason: format!("{} vCPUs: give 1 to {MAX_VCPUS}", config.vcpus),
+            });
+        }
         let kvm = Kvm::new().map_err(PartitionError::Kvm)?;
         for (cap, name) in [
             (Cap::Irqchip, "an in-kernel irqchip"),
@@ -282,7 +290,12 @@ impl Partition {
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
                     let _ = tx.send(kvm::current_thread());
-                    let result = vcpu::run(id as u32, vcpu, &router, &stop, &hung, &s);
+                    // A panic in the loop must still end the run (with a report), not leave a
+                    // dead vCPU behind a live paravisor.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        vcpu::run(id as u32, vcpu, &router, &stop, &hung, &s)
+                    }))
+                    .unwrap_or_else(|_| Outcome::Failed(format!("vCPU {id}: its thread panicked")));
                     let mut first = outcome.lock().unwrap_or_else(|p| p.into_inner());
                     if first.is_none() && result != Outcome::Stopped {
                         *first = Some(result);
@@ -355,25 +368,39 @@ impl Running {
         }
     }
 
+    /// Whether any vCPU is waiting for a service's answer (not stuck in the guest).
+    pub fn in_call(&self) -> bool {
+        self.stats.iter().any(|s| s.in_call.load(Ordering::Relaxed))
+    }
+
     /// Stops every vCPU (kicking it out of KVM_RUN) and waits for the threads.
-    pub fn stop(self) -> Option<Outcome> {
+    pub fn stop(mut self) -> Option<Outcome> {
+        self.halt();
+        self.outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn halt(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         for (thread, handle) in &self.threads {
-            // Kick until the thread is out of KVM_RUN and has seen the flag.
+            // Kick until the thread is out of KVM_RUN and has seen the flag (a kick that lands
+            // just before KVM_RUN is lost; the next one is not).
             while !handle.is_finished() {
                 kvm::kick(*thread);
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
         }
-        for (_, handle) in self.threads {
+        for (_, handle) in self.threads.drain(..) {
             let _ = handle.join();
         }
-        let outcome = self
-            .outcome
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        drop(self.partition);
-        outcome
+    }
+}
+
+impl Drop for Running {
+    /// The threads end before the VM and its RAM go.
+    fn drop(&mut self) {
+        self.halt();
     }
 }

@@ -4,9 +4,10 @@
 //! partition is its client `guest`) in the service's own message type; everything else, and
 //! every MSR access, hypercall and vCPU event, goes to `intercept`. A call that fails because
 //! the service restarted is sent again with the same access number (the device answers a
-//! repeat from its record), so the vCPU simply waits out a restart. A service that stays
-//! unreachable past [`GIVE_UP`] gets the unowned behaviour (reads all ones, writes dropped),
-//! counted and logged, rather than a hung guest.
+//! repeat from its record), so the vCPU simply waits out a restart. A device service that
+//! stays unreachable past [`GIVE_UP`], or answers nonsense, gets the unowned behaviour (reads
+//! all ones, writes dropped), counted and logged, rather than a hung or ended guest; without
+//! intercept (its policy) the partition cannot go on and the run ends.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
@@ -32,10 +33,10 @@ use serde::Serialize;
 /// (reads 0, writes dropped). Not a device: nothing else may be placed here.
 pub const IN_THREAD_PORT: u16 = 0xf5;
 
-/// How long one call may take before it is sent again (a device answers in microseconds; a
-/// TPM command run at `go` may take a second).
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the vCPU waits for a restarting service before the access is treated as unowned.
+/// How long the vCPU waits for a service (a device answers in microseconds, a TPM command
+/// run at `go` in up to seconds; a restarting service within its back-off) before the
+/// access is treated as unowned. A call is sent again only after the service restarted
+/// (its old request is then gone), never after a mere timeout (it could still be applied).
 pub const GIVE_UP: Duration = Duration::from_secs(60);
 
 type End<Q, R> = ClientEnd<endpoint::Request<Q>, endpoint::Response<R>>;
@@ -101,6 +102,8 @@ pub struct Router {
     intercept: Option<usize>,
     /// Set when the partition stops: calls waiting for a restarting service give up.
     pub stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Accesses a device could not answer (answered as unowned instead).
+    pub unanswered: Arc<AtomicU64>,
 }
 
 /// One call, sent again (same request) while the service restarts.
@@ -113,7 +116,17 @@ fn call<Q: Serialize, R: DeserializeOwned>(
     let started = Instant::now();
     let request = endpoint::Request::Service(request);
     loop {
-        let reason = match end.call(&request, CALL_TIMEOUT) {
+        if stop.load(Ordering::Relaxed) {
+            return Err(RouteError::Unreachable {
+                service: service.into(),
+                waited: started.elapsed(),
+                reason: "the partition is stopping".into(),
+            });
+        }
+        let left = GIVE_UP
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_millis(1));
+        let reason = match end.call(&request, left) {
             Ok(endpoint::Response::Service(r)) => return Ok(r),
             Ok(endpoint::Response::Error(e)) => {
                 return Err(RouteError::BadAnswer {
@@ -128,9 +141,15 @@ fn call<Q: Serialize, R: DeserializeOwned>(
                 })
             }
             Err(CallError::PeerRestarted { .. }) => "restarted".to_string(),
-            Err(e) => e.to_string(),
+            Err(e) => {
+                return Err(RouteError::Unreachable {
+                    service: service.into(),
+                    waited: started.elapsed(),
+                    reason: e.to_string(),
+                })
+            }
         };
-        if started.elapsed() >= GIVE_UP || stop.load(Ordering::Relaxed) {
+        if started.elapsed() >= GIVE_UP {
             return Err(RouteError::Unreachable {
                 service: service.into(),
                 waited: started.elapsed(),
@@ -149,6 +168,7 @@ impl Router {
             routes,
             intercept,
             stop: Arc::default(),
+            unanswered: Arc::default(),
         }
     }
 
@@ -176,6 +196,29 @@ impl Router {
                 })
             }
         };
+        let is_intercept = Some(device) == self.intercept;
+        let result = self.call_device(device, access);
+        match result {
+            Err(e) if !is_intercept => {
+                // A device that cannot answer (failed, or answering nonsense) gets the unowned
+                // behaviour; the guest runs on. Without intercept's policy it cannot.
+                self.unanswered.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    "{e}: {:?} access at {:#x} answered as unowned",
+                    access.space,
+                    access.address
+                );
+                Ok(if access.write.is_some() {
+                    Reply::WRITTEN
+                } else {
+                    Reply::read(mask(access.size))
+                })
+            }
+            other => other,
+        }
+    }
+
+    fn call_device(&mut self, device: usize, access: Access) -> Result<Reply, RouteError> {
         let d = &mut self.devices[device];
         d.exits.fetch_add(1, Ordering::Relaxed);
         match &mut d.end {

@@ -42,6 +42,9 @@ pub struct VcpuStats {
     pub in_thread: AtomicU64,
     /// 0 created, 1 running, 2 ended.
     pub state: AtomicU8,
+    /// Set while the vCPU waits for a service's answer (the watchdog does not count that
+    /// time as the guest being stuck).
+    pub in_call: AtomicBool,
 }
 
 pub const STATE_RUNNING: u8 = 1;
@@ -132,7 +135,14 @@ pub fn run(
 ) -> Outcome {
     stats.state.store(STATE_RUNNING, Ordering::Relaxed);
     let run_area = super::kvm::RunArea::of(&mut vcpu);
-    let mut seq = 0u64;
+    // Access numbers start at a random point: a device's record of an earlier partition's
+    // access can never match one of this one.
+    let mut seq = {
+        let mut b = [0u8; 8];
+        let _ = getrandom::getrandom(&mut b);
+        u64::from_le_bytes(b) >> 1
+    };
+    let mut again = 0u32;
     let outcome = loop {
         if hung.load(Ordering::Relaxed) {
             break failed(
@@ -155,16 +165,27 @@ pub fn run(
                 size: size as u8,
                 write,
             };
-            router
+            stats.in_call.store(true, Ordering::Relaxed);
+            let result = router
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .access(access)
+                .access(access);
+            stats.in_call.store(false, Ordering::Relaxed);
+            result
         };
         let exit = match vcpu.run() {
             Ok(exit) => exit,
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // A kick, or KVM asking to be called again; never a hot loop.
+                again += 1;
+                if again > 100 {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                continue;
+            }
             Err(e) => break failed(&vcpu, id, format!("KVM_RUN failed: {e}")),
         };
+        again = 0;
         stats.exits.fetch_add(1, Ordering::Relaxed);
         let step: Result<Step, RouteError> = match exit {
             VcpuExit::IoIn(port, data) if port == IN_THREAD_PORT => {
@@ -179,7 +200,8 @@ pub fn run(
             // String I/O (`rep ins`/`rep outs`) moves several accesses in one exit: each is
             // its own access, in order, stopping at the first that ends the run.
             VcpuExit::IoIn(port, data) => {
-                let size = run_area.io_size();
+                // SAFETY: this is a KVM_EXIT_IO of this vCPU's last run.
+                let size = unsafe { run_area.io_size() };
                 let mut step = Ok(Step::Resume);
                 for chunk in data.chunks_mut(size) {
                     step = access(Space::Port, u64::from(port), chunk.len(), None).map(|reply| {
@@ -193,7 +215,8 @@ pub fn run(
                 step
             }
             VcpuExit::IoOut(port, data) => {
-                let size = run_area.io_size();
+                // SAFETY: this is a KVM_EXIT_IO of this vCPU's last run.
+                let size = unsafe { run_area.io_size() };
                 let mut step = Ok(Step::Resume);
                 for chunk in data.chunks(size) {
                     step = access(

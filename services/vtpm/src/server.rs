@@ -15,6 +15,7 @@ use crate::libtpms::Engine;
 use crate::state::Checkpoint;
 use crate::state::CheckpointArea;
 use crate::state::CheckpointMemory;
+use crate::state::LastAccess;
 use crate::state::LastCommand;
 use crate::state::PermanentRecord;
 use crate::state::PermanentStore;
@@ -277,10 +278,16 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
         if !matches!(access.size, 1 | 2 | 4) || offset >= tis::RANGE {
             return answer(access.write.is_some(), mask(access.size));
         }
-        if let Some(&(seq, value)) = self.checkpoint.accesses.get(&access.vcpu) {
-            if access.seq == seq {
+        let record = |value: u64| LastAccess {
+            seq: access.seq,
+            address: access.address,
+            write: access.write.is_some(),
+            value,
+        };
+        if let Some(last) = self.checkpoint.accesses.get(&access.vcpu) {
+            if *last == record(last.value) {
                 self.counters.replayed += 1;
-                return answer(access.write.is_some(), value);
+                return answer(last.write, last.value);
             }
         }
         let Some(value) = access.written() else {
@@ -288,9 +295,7 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
                 .tis
                 .set_established(self.engine.established());
             let value = self.checkpoint.tis.read(offset, access.size);
-            self.checkpoint
-                .accesses
-                .insert(access.vcpu, (access.seq, value));
+            self.checkpoint.accesses.insert(access.vcpu, record(value));
             if tis::read_has_effect(offset) {
                 if let Err(e) = self.store_checkpoint() {
                     return self.fail(format!("TPM state not stored: {e}"));
@@ -298,14 +303,19 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
             }
             return Response::Register(value);
         };
-        self.checkpoint
-            .accesses
-            .insert(access.vcpu, (access.seq, 0));
+        self.checkpoint.accesses.insert(access.vcpu, record(0));
         match self.checkpoint.tis.write(offset, access.size, value) {
             Effect::None => {}
             Effect::Cancel => self.engine.cancel(),
             Effect::ResetEstablished { locality } => {
-                let _ = self.engine.reset_established_flag(locality);
+                if let Err(rc) = self.engine.reset_established_flag(locality) {
+                    tracing::warn!("resetting the established flag: TPM error {rc:#x}");
+                }
+                // The engine's state changed: a full checkpoint, not just the interface's.
+                if let Err(e) = self.persist(None) {
+                    return self.fail(format!("TPM state not stored: {e}"));
+                }
+                return Response::Done;
             }
             Effect::Execute { locality, command } => {
                 let seq = self

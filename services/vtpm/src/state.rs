@@ -116,8 +116,19 @@ pub struct Checkpoint {
     pub powered_off: bool,
     /// The guest register interface's state.
     pub tis: crate::tis::Tis,
-    /// Each vCPU's last register access: its number and the value it read.
-    pub accesses: BTreeMap<u32, (u64, u64)>,
+    /// Each vCPU's last register access.
+    pub accesses: BTreeMap<u32, LastAccess>,
+}
+
+/// A vCPU's last register access: a repeat (same number, address and direction) is answered
+/// with `value` instead of being applied again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastAccess {
+    pub seq: u64,
+    pub address: u64,
+    pub write: bool,
+    /// The value the read returned (0 for a write).
+    pub value: u64,
 }
 
 /// Bytes of a slot header: magic, generation, length, CRC.

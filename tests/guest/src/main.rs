@@ -468,7 +468,7 @@ fn options() -> Options {
     if at == 0 {
         return o;
     }
-    // The loader places at most 256 bytes, NUL-terminated.
+    // The loader places up to 2 KiB, NUL-terminated; options fit in the first 256 bytes.
     let mut line = [0u8; 256];
     let mut len = 0;
     while len < line.len() {
@@ -635,9 +635,14 @@ fn tpm_transact(command: &[u8], response: &mut [u8]) -> Result<usize, &'static s
     }
     let last = command.len() - 1;
     let mut i = 0;
+    let mut polls = 0u32;
     while i < last {
         let burst = burst_count();
         if burst == 0 {
+            polls += 1;
+            if polls > POLLS {
+                return Err("burstCount stayed 0 while sending");
+            }
             continue;
         }
         let mut n = 0;
@@ -660,9 +665,14 @@ fn tpm_transact(command: &[u8], response: &mut [u8]) -> Result<usize, &'static s
     }
     let mut got = 0;
     let mut want = 10;
+    let mut polls = 0u32;
     while got < want {
         let burst = burst_count();
         if burst == 0 {
+            polls += 1;
+            if polls > POLLS {
+                return Err("burstCount stayed 0 while receiving");
+            }
             continue;
         }
         let mut n = 0;
@@ -864,7 +874,6 @@ fn bench(n: u64) {
     let ratio = service * 100 / in_thread.max(1);
     put_dec(ratio / 100);
     putc(b'.');
-    put_hex_digits(0, 0);
     put_dec(ratio % 100 / 10);
     put_dec(ratio % 10);
     putc(b'\n');
