@@ -31,6 +31,10 @@ pub struct Row {
     pub client_grants: Vec<String>,
     pub mmio: Vec<String>,
     pub pio: Vec<String>,
+    /// Guest interrupt lines the service holds (eventfds wired to the VM: intercept only).
+    pub interrupts: Vec<String>,
+    /// What the guest partition sends it, when a guest runs.
+    pub guest: Option<String>,
     pub memory: String,
     pub open_files: u64,
     pub restart: String,
@@ -119,6 +123,25 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
                 .iter()
                 .map(|r| format!("{:#x}+{:#x}", r.base, r.size))
                 .collect(),
+            interrupts: if s.serves.contains(&ipc_defs::Interface::Intercept) {
+                crate::manifest::guest_interrupts(&m.services)
+                    .iter()
+                    .map(|i| i.to_string())
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            guest: if s.serves.contains(&ipc_defs::Interface::Intercept) {
+                Some(
+                    "accesses to its ranges and to every unowned port and MMIO address, MSRs, \
+                     hypercalls, vCPU events"
+                        .into(),
+                )
+            } else if !s.mmio.is_empty() || !s.pio.is_empty() {
+                Some("accesses to its ranges".into())
+            } else {
+                None
+            },
             memory: format_size(s.limits.memory),
             open_files: s.limits.open_files,
             restart: format!(
@@ -191,6 +214,12 @@ pub fn text(m: &Manifest) -> String {
         }
         let _ = writeln!(out, "  mmio:    {}", list(&r.mmio));
         let _ = writeln!(out, "  pio:     {}", list(&r.pio));
+        if !r.interrupts.is_empty() {
+            let _ = writeln!(out, "  interrupts: {} (wired to the guest; raised only as granted)", r.interrupts.join(", "));
+        }
+        if let Some(g) = &r.guest {
+            let _ = writeln!(out, "  guest:   {g}");
+        }
         let _ = writeln!(out, "  watchdog: {}", r.watchdog);
     }
     let _ = writeln!(
