@@ -143,8 +143,8 @@ fn test_guest_boots_runs_its_tpm_session_and_exits_zero() {
 }
 
 #[test]
-fn unowned_port_and_mmio_reach_intercept_read_all_ones_and_are_counted() {
-    if !kvm_available("unowned_port_and_mmio_reach_intercept_read_all_ones_and_are_counted") {
+fn unowned_accesses_and_msrs_reach_intercept_which_applies_its_policy() {
+    if !kvm_available("unowned_accesses_and_msrs_reach_intercept_which_applies_its_policy") {
         return;
     }
     let mut run = Run::start(
@@ -161,8 +161,11 @@ fn unowned_port_and_mmio_reach_intercept_read_all_ones_and_are_counted() {
         &[
             "guest: ok   unowned port 0x2ff reads 0xff, a write there is dropped",
             "guest: ok   unowned MMIO 0xfeb00000 reads all ones, a write there is dropped",
+            "guest: ok   rdmsr of an unknown MSR is denied with #GP",
         ],
     );
+    // The MSR went to intercept, which denied and logged it.
+    assert!(log.contains("MSR denied") && log.contains("msr=0x400000ff"), "{log}");
     // Intercept logged them and counted both kinds (its summary at shutdown).
     assert!(log.contains("address=0x2ff"), "{log}");
     assert!(log.contains("address=0xfeb00000"), "{log}");

@@ -19,7 +19,7 @@
 //!
 //! The boot command line (a NUL-terminated string, its address in RSI at entry) takes
 //! `extends=N` (default 8), `bench=N` (default 0), `interrupt=0|1` (default 1),
-//! `tpm=0|1` (default 1), `unowned=0|1` (default 1: accesses nothing owns),
+//! `tpm=0|1` (default 1), `unowned=0|1` (default 1: accesses nothing owns, an unknown MSR),
 //! `triple-fault=1` (runs wild on purpose, first thing).
 #![no_std]
 #![no_main]
@@ -152,6 +152,12 @@ const SYS_STI: u64 = 5;
 const SYS_CLI: u64 = 6;
 const SYS_TRIPLE_FAULT: u64 = 7;
 const SYS_OUTSB: u64 = 8;
+const SYS_RDMSR: u64 = 9;
+
+/// Set while ring 0 executes an instruction that may take #GP on purpose (an MSR probe):
+/// the #GP handler then skips the 2-byte instruction and records the fault.
+static EXPECTING_GP: AtomicU32 = AtomicU32::new(0);
+static GP_SEEN: AtomicU32 = AtomicU32::new(0);
 
 fn in_ring0() -> bool {
     let cs: u16;
@@ -352,6 +358,11 @@ extern "C" fn trap(frame: &mut arch::TrapFrame) {
         system_call(frame);
         return;
     }
+    if vector == 13 && frame.cs & 3 == 0 && EXPECTING_GP.load(Ordering::SeqCst) != 0 {
+        GP_SEEN.store(1, Ordering::SeqCst);
+        frame.rip += 2;
+        return;
+    }
     // PVM turns `int N` in user mode into #UD: a #UD at our own `int 0x81` is that system
     // call (on hardware KVM the gate above is taken directly).
     if vector == 6 && frame.cs & 3 == 3 {
@@ -422,6 +433,20 @@ fn system_call(frame: &mut arch::TrapFrame) {
                 asm!("rep outsb", in("dx") port, inout("rsi") from => _, inout("rcx") len => _, options(nostack, preserves_flags))
             };
             0
+        }
+        SYS_RDMSR => {
+            // Reads MSR `a`; the result, or u64::MAX with GP_SEEN set if it faulted.
+            GP_SEEN.store(0, Ordering::SeqCst);
+            EXPECTING_GP.store(1, Ordering::SeqCst);
+            let (lo, hi): (u32, u32);
+            // SAFETY: rdmsr in ring 0; a #GP is handled (the instruction is skipped).
+            unsafe { asm!("rdmsr", in("ecx") a as u32, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+            EXPECTING_GP.store(0, Ordering::SeqCst);
+            if GP_SEEN.load(Ordering::SeqCst) != 0 {
+                u64::MAX
+            } else {
+                (u64::from(hi) << 32) | u64::from(lo)
+            }
         }
         SYS_TRIPLE_FAULT => {
             // No IDT at all, then an exception: #UD cannot be delivered, nor #DF: shutdown.
@@ -515,6 +540,7 @@ extern "C" fn user_main() -> ! {
     pci_scan();
     if o.unowned {
         unowned_checks();
+        msr_check();
     }
     if o.tpm {
         tpm_checks(o.extends);
@@ -582,6 +608,16 @@ fn unowned_checks() {
     check(
         value == 0xffff_ffff && after == 0xffff_ffff,
         "unowned MMIO 0xfeb00000 reads all ones, a write there is dropped",
+    );
+}
+
+/// An MSR no one implements: KVM passes the access up, intercept denies it (deny by
+/// default), and the guest gets #GP.
+fn msr_check() {
+    let value = syscall(SYS_RDMSR, 0x4000_00ff, 0);
+    check(
+        value == u64::MAX && GP_SEEN.load(Ordering::SeqCst) != 0,
+        "rdmsr of an unknown MSR is denied with #GP",
     );
 }
 
