@@ -71,6 +71,9 @@ pub enum ServerState {
     Down = 0,
     /// A server process is running.
     Up = 1,
+    /// The supervisor gave up on the server (crash loop, or a policy that does not restart
+    /// it): no process will serve the channel again in this run, so waiting is pointless.
+    Gone = 2,
 }
 
 /// First cache line of a channel region.

@@ -155,6 +155,7 @@ impl<'a> Channel<'a> {
             .load(Ordering::Acquire)
         {
             1 => ServerState::Up,
+            2 => ServerState::Gone,
             _ => ServerState::Down,
         }
     }

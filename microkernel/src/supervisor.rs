@@ -1173,6 +1173,24 @@ impl Supervisor {
 
     /// Applies the restart policy after an exit (or a failed start).
     fn schedule_restart(&mut self, i: usize, failure: bool) {
+        self.decide_restart(i, failure);
+        if matches!(self.services[i].state, State::Failed | State::Stopped) {
+            // No process will serve its channels again: callers stop waiting for one (the new
+            // epoch wakes any that sleep in a call).
+            for link in self.links.iter().filter(|l| l.server == i) {
+                link.mem.channel().set_server_state(ServerState::Gone);
+                let _ = link.mem.restart_epoch(Direction::Requests);
+            }
+            if let Some(guest) = &self.guest {
+                for link in guest.links.iter().filter(|l| l.server == i) {
+                    link.mem.channel().set_server_state(ServerState::Gone);
+                    let _ = link.mem.restart_epoch(Direction::Requests);
+                }
+            }
+        }
+    }
+
+    fn decide_restart(&mut self, i: usize, failure: bool) {
         let s = &mut self.services[i];
         let restart = match s.spec.restart.policy {
             RestartPolicy::Always => true,

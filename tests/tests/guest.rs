@@ -294,3 +294,48 @@ fn device_service_is_refused_an_interrupt_it_was_not_granted() {
     let _ = pv(&["stop", "--state-dir", &run.state_dir()]);
     assert_eq!(run.wait(Duration::from_secs(30)).code(), Some(0));
 }
+
+#[test]
+fn a_failed_device_service_is_answered_as_unowned_and_the_guest_runs_on() {
+    if !kvm_available("a_failed_device_service_is_answered_as_unowned_and_the_guest_runs_on") {
+        return;
+    }
+    // intercept as shipped, and a "TPM" that dies at every start: after its restarts it is
+    // marked failed, and its range must not hang the guest.
+    let intercept = r#"[[service]]
+name = "intercept"
+binary = "pv-intercept"
+serves = ["intercept"]
+pio = [{ base = 0x3f8, size = 8 }, { base = 0xcf8, size = 8 }, { base = 0x60, size = 1 }, { base = 0x64, size = 1 }, { base = 0xf4, size = 1 }]
+interrupts = [4]
+limits = { memory = "128M", open-files = 32 }
+restart = { policy = "always", max = 5, window = "60s", backoff = "50ms" }
+"#;
+    let manifest = format!(
+        "{intercept}\n{}restart = {{ policy = \"on-failure\", max = 1, window = \"60s\", backoff = \"10ms\" }}\n",
+        service(
+            "broken-tpm",
+            "pv-hostile",
+            "args = [\"crash\"]\nserves = [\"vtpm\"]\nmmio = [{ base = 0xfed40000, size = 0x5000 }]"
+        )
+    );
+    let started = Instant::now();
+    let mut run = Run::start(
+        "guest-failed-device",
+        &manifest,
+        &["--cmdline", "extends=0 interrupt=0 unowned=0"],
+    );
+    let status = run.wait(Duration::from_secs(120));
+    let (console, log) = (run.console(), run.log());
+    // The TPM checks fail (the guest reads all ones), the guest ends on its own: status 1.
+    assert_eq!(status.code(), Some(1), "{console}\n--- log ---\n{log}");
+    assert!(console.contains("guest: FAIL"), "{console}");
+    assert!(console.contains("checks failed"), "{console}");
+    assert!(log.contains("answered as unowned"), "{log}");
+    assert!(log.contains("marked failed"), "{log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the guest waited {:?} for a failed service",
+        started.elapsed()
+    );
+}

@@ -18,6 +18,7 @@ use std::time::Instant;
 use ipc_defs::endpoint;
 use ipc_defs::hosted::CallError;
 use ipc_defs::hosted::ClientEnd;
+use ipc_defs::layout::ServerState;
 use ipc_defs::services::guest::mask;
 use ipc_defs::services::guest::Access;
 use ipc_defs::services::guest::Next;
@@ -123,6 +124,13 @@ fn call<Q: Serialize, R: DeserializeOwned>(
                 reason: "the partition is stopping".into(),
             });
         }
+        if end.memory().channel().server_state() == ServerState::Gone {
+            return Err(RouteError::Unreachable {
+                service: service.into(),
+                waited: started.elapsed(),
+                reason: "the supervisor gave up on it (failed)".into(),
+            });
+        }
         let left = GIVE_UP
             .saturating_sub(started.elapsed())
             .max(Duration::from_millis(1));
@@ -202,12 +210,16 @@ impl Router {
             Err(e) if !is_intercept => {
                 // A device that cannot answer (failed, or answering nonsense) gets the unowned
                 // behaviour; the guest runs on. Without intercept's policy it cannot.
-                self.unanswered.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    "{e}: {:?} access at {:#x} answered as unowned",
-                    access.space,
-                    access.address
-                );
+                let n = self.unanswered.fetch_add(1, Ordering::Relaxed) + 1;
+                // Rate-limited: a guest polling a dead device makes thousands of these.
+                if n <= 8 || n.is_power_of_two() {
+                    tracing::error!(
+                        unanswered = n,
+                        "{e}: {:?} access at {:#x} answered as unowned",
+                        access.space,
+                        access.address
+                    );
+                }
                 Ok(if access.write.is_some() {
                     Reply::WRITTEN
                 } else {
