@@ -215,7 +215,11 @@ pub fn text(m: &Manifest) -> String {
         let _ = writeln!(out, "  mmio:    {}", list(&r.mmio));
         let _ = writeln!(out, "  pio:     {}", list(&r.pio));
         if !r.interrupts.is_empty() {
-            let _ = writeln!(out, "  interrupts: {} (wired to the guest; raised only as granted)", r.interrupts.join(", "));
+            let _ = writeln!(
+                out,
+                "  interrupts: {} (wired to the guest; raised only as granted)",
+                r.interrupts.join(", ")
+            );
         }
         if let Some(g) = &r.guest {
             let _ = writeln!(out, "  guest:   {g}");

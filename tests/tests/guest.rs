@@ -165,7 +165,10 @@ fn unowned_accesses_and_msrs_reach_intercept_which_applies_its_policy() {
         ],
     );
     // The MSR went to intercept, which denied and logged it.
-    assert!(log.contains("MSR denied") && log.contains("msr=0x400000ff"), "{log}");
+    assert!(
+        log.contains("MSR denied") && log.contains("msr=0x400000ff"),
+        "{log}"
+    );
     // Intercept logged them and counted both kinds (its summary at shutdown).
     assert!(log.contains("address=0x2ff"), "{log}");
     assert!(log.contains("address=0xfeb00000"), "{log}");
