@@ -213,9 +213,8 @@ fn guest_exit_code(outcome: Option<microkernel::partition::vcpu::Outcome>) -> Ex
     }
 }
 
-/// Exit status when the partition itself failed (as intercept's status for a hypervisor
-/// failure).
-const PARTITION_FAILED: u8 = 0x7e;
+/// Exit status when the partition itself failed (intercept's status for a hypervisor failure).
+const PARTITION_FAILED: u8 = ipc_defs::services::intercept::HYPERVISOR_FAILED;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

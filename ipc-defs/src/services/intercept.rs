@@ -23,6 +23,15 @@ use super::guest::Reply;
 /// placed at 0xF4, but the value is the status itself.
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 
+/// Exit status of a run whose guest triple-faulted (KVM_EXIT_SHUTDOWN): the guest crashed.
+pub const GUEST_CRASHED: u8 = 0x7d;
+/// Exit status of a run the hypervisor could not continue: a KVM internal error, a failed
+/// VM entry, an exit the microkernel's router does not know, or a partition failure.
+pub const HYPERVISOR_FAILED: u8 = 0x7e;
+/// Exit status of a run whose guest halted with interrupts off, so that nothing can wake it
+/// (what Linux does after `halt` or `poweroff` on a machine without ACPI power-off).
+pub const HALTED_FOREVER: u8 = 0x7c;
+
 /// The IOAPIC's inputs (GSIs) a line interrupt can name.
 pub const IOAPIC_LINES: u8 = 24;
 

@@ -27,14 +27,9 @@ use crate::ratelimit::worth_logging;
 use crate::ratelimit::Sightings;
 use crate::server::Counters;
 
-/// Exit status of a run whose guest triple-faulted (KVM_EXIT_SHUTDOWN): the guest crashed.
-pub const GUEST_CRASHED: u8 = 0x7d;
-/// Exit status of a run the hypervisor could not continue: a KVM internal error, a failed
-/// VM entry, or an exit the microkernel's router does not know.
-pub const HYPERVISOR_FAILED: u8 = 0x7e;
-/// Exit status of a run whose guest halted with interrupts off, so that nothing can wake it
-/// (what Linux does after `halt` or `poweroff` on a machine without ACPI power-off).
-pub const HALTED_FOREVER: u8 = 0x7c;
+pub use ipc_defs::services::intercept::GUEST_CRASHED;
+pub use ipc_defs::services::intercept::HALTED_FOREVER;
+pub use ipc_defs::services::intercept::HYPERVISOR_FAILED;
 
 /// The hypercall return value for an unknown hypercall: `-KVM_ENOSYS` (-1000), as KVM itself
 /// answers one (include/uapi/linux/kvm_para.h).
