@@ -66,6 +66,9 @@ pub enum Grant {
     VmgsFiles(crate::services::vmgs::FileIdSet),
     /// An `intercept` channel whose client may raise these interrupts (and no others).
     Interrupts(crate::services::intercept::InterruptSet),
+    /// The partition's `intercept` channel: bit n set = PCI device 00:n is owned by a device
+    /// service (its configuration accesses are forwarded there).
+    PciDevices(u32),
 }
 
 /// How a granted file may be used.

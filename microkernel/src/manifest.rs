@@ -190,6 +190,9 @@ struct RawService {
     /// IOAPIC lines the service's own devices raise (the intercept service only).
     #[serde(default)]
     interrupts: Vec<Spanned<i64>>,
+    /// The PCI device (bus 0, 1..=31) whose configuration space the service answers.
+    #[serde(default)]
+    pci_device: Option<Spanned<i64>>,
     limits: Spanned<RawLimits>,
     restart: Spanned<RawRestart>,
     #[serde(default)]
@@ -443,6 +446,9 @@ pub struct ServiceSpec {
     /// Interrupt lines its own devices raise (intercept only).
     #[serde(serialize_with = "ser_interrupts")]
     pub interrupts: InterruptSet,
+    /// The PCI device (bus 0) it owns: intercept's host bridge forwards that device's
+    /// configuration accesses to it.
+    pub pci_device: Option<u8>,
     pub limits: Limits,
     pub restart: Restart,
     /// The per-service syscall fragment (added to the common base).
@@ -465,6 +471,14 @@ pub fn grant_text(g: &Grant) -> String {
     match g {
         Grant::Interface => "whole interface".into(),
         Grant::VmgsFiles(set) => format!("file-ids [{set}]"),
+        Grant::PciDevices(mask) => format!(
+            "PCI devices [{}]",
+            (0..32)
+                .filter(|d| mask & (1 << d) != 0)
+                .map(|d| format!("00:{d:02x}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
         Grant::Interrupts(set) => format!(
             "interrupts [{}]",
             set.iter()
@@ -625,6 +639,7 @@ impl Validator<'_> {
         let mut mmio: Vec<(String, DeviceRange, Range<usize>)> = Vec::new();
         let mut pio: Vec<(String, DeviceRange, Range<usize>)> = Vec::new();
         let mut pending_limits: Vec<(String, Spanned<i64>, Range<usize>)> = Vec::new();
+        let mut pci_owners: Vec<(String, u8)> = Vec::new();
 
         for raw_service in raw.service {
             let service_span = raw_service.span();
@@ -969,7 +984,31 @@ impl Validator<'_> {
             for (r, span) in &my_pio {
                 pio.push((name.clone(), *r, span.clone()));
             }
-            if !my_mmio.is_empty() || !my_pio.is_empty() {
+            let pci_device = match &s.pci_device {
+                None => None,
+                Some(d) => match u8::try_from(*d.get_ref()) {
+                    Ok(n) if (1..=31).contains(&n) => {
+                        if let Some((other, _)) = pci_owners.iter().find(|(_, x)| *x == n) {
+                            self.error(
+                                d.span(),
+                                format!("PCI device {n} is already owned by \"{other}\""),
+                                "give each device service its own device number",
+                            );
+                        }
+                        pci_owners.push((name.clone(), n));
+                        Some(n)
+                    }
+                    _ => {
+                        self.error(
+                            d.span(),
+                            format!("PCI device {} does not exist on bus 0", d.get_ref()),
+                            "use 1..=31 (00:00 is the host bridge)",
+                        );
+                        None
+                    }
+                },
+            };
+            if !my_mmio.is_empty() || !my_pio.is_empty() || pci_device.is_some() {
                 let device_interfaces: Vec<Interface> = serves
                     .iter()
                     .copied()
@@ -980,11 +1019,12 @@ impl Validator<'_> {
                         .first()
                         .or(my_pio.first())
                         .map(|(_, s)| s.clone())
+                        .or(s.pci_device.as_ref().map(|d| d.span()))
                         .unwrap_or(service_span.clone());
                     self.error(
                         span,
                         format!(
-                            "service \"{name}\" owns guest address ranges but serves {} interface(s) that take guest accesses",
+                            "service \"{name}\" owns guest address ranges or a PCI device but serves {} interface(s) that take guest accesses",
                             device_interfaces.len()
                         ),
                         "a range's accesses go to the one interface of its service that takes them (intercept or vtpm); serve exactly one",
@@ -1098,6 +1138,7 @@ impl Validator<'_> {
                 mmio: my_mmio.into_iter().map(|(r, _)| r).collect(),
                 pio: my_pio.into_iter().map(|(r, _)| r).collect(),
                 interrupts: own_interrupts,
+                pci_device,
                 limits: Limits {
                     memory,
                     open_files: open_files.max(0) as u64,
@@ -1527,7 +1568,8 @@ pub fn capability_slots_with(spec: &ServiceSpec, services: &[ServiceSpec], guest
         guest
             && (spec.serves.contains(&Interface::Intercept)
                 || !spec.mmio.is_empty()
-                || !spec.pio.is_empty()),
+                || !spec.pio.is_empty()
+                || spec.pci_device.is_some()),
     );
     let interrupts = if guest && spec.serves.contains(&Interface::Intercept) {
         guest_interrupts(services).len()

@@ -389,7 +389,8 @@ impl Supervisor {
         let partition = crate::partition::Partition::create(config.clone(), &interrupts)?;
         let mut links = Vec::new();
         for (server, spec) in m.services.iter().enumerate() {
-            let owns_ranges = !spec.mmio.is_empty() || !spec.pio.is_empty();
+            let owns_ranges =
+                !spec.mmio.is_empty() || !spec.pio.is_empty() || spec.pci_device.is_some();
             let interface = if spec.serves.contains(&Interface::Intercept) {
                 Some(Interface::Intercept)
             } else if owns_ranges {
@@ -502,6 +503,7 @@ impl Supervisor {
         let mut devices = Vec::new();
         let mut routes = Vec::new();
         let mut intercept = None;
+        let mut pci_owners = Vec::new();
         for link in &guest.links {
             let fd = link.mem.shm().as_fd().try_clone_to_owned()?;
             let mem = ChannelMemory::open(fd)
@@ -535,6 +537,9 @@ impl Supervisor {
                     });
                 }
             }
+            if let Some(d) = spec.pci_device {
+                pci_owners.push((d, index));
+            }
             devices.push(router::Device {
                 service: spec.name.clone(),
                 end,
@@ -542,7 +547,10 @@ impl Supervisor {
             });
         }
         let ended = guest.ended.try_clone()?;
-        let running = partition.start(router::Router::new(devices, routes, intercept), ended)?;
+        let running = partition.start(
+            router::Router::new(devices, routes, intercept, pci_owners),
+            ended,
+        )?;
         tracing::info!("guest started: {}", guest.description);
         guest.running = Some(running);
         Ok(())
@@ -928,11 +936,21 @@ impl Supervisor {
         }
         if let Some(guest) = &self.guest {
             for link in guest.links.iter().filter(|l| l.server == i) {
-                caps.push(shm_cap(
+                let mut cap = shm_cap(
                     CapabilityKind::Serve(link.interface),
                     "guest".into(),
                     link.mem.shm(),
-                ));
+                );
+                if link.interface == Interface::Intercept {
+                    // Which PCI devices the host bridge forwards instead of answering.
+                    let owned = self
+                        .services
+                        .iter()
+                        .filter_map(|s| s.spec.pci_device)
+                        .fold(0u32, |m, d| m | 1 << d);
+                    cap.5 = Grant::PciDevices(owned);
+                }
+                caps.push(cap);
                 if link.interface == Interface::Intercept {
                     for (irq, fd) in &guest.interrupts {
                         caps.push((

@@ -449,7 +449,11 @@ fn a_range_whose_service_takes_no_guest_accesses_is_refused() {
         "serves = [\"vmgs\"]\npio = [{ base = 0x2f8, size = 8 }]",
         1,
     );
-    refused(&m, 5, "owns guest address ranges but serves 0 interface(s)");
+    refused(
+        &m,
+        5,
+        "owns guest address ranges or a PCI device but serves 0 interface(s)",
+    );
 }
 
 #[test]
@@ -470,5 +474,44 @@ fn the_partitions_client_name_is_reserved() {
         &GOOD.replace("name = \"tpm\"", "name = \"guest\""),
         9,
         "is reserved",
+    );
+}
+
+#[test]
+fn pci_devices_must_exist_and_have_one_owner() {
+    refused(
+        &GOOD.replace(
+            "mmio = [{ base = 0xfed40000, size = 0x5000 }]",
+            "mmio = [{ base = 0xfed40000, size = 0x5000 }]\npci-device = 0",
+        ),
+        14,
+        "PCI device 0 does not exist on bus 0",
+    );
+    refused(
+        &GOOD.replace(
+            "mmio = [{ base = 0xfed40000, size = 0x5000 }]",
+            "mmio = [{ base = 0xfed40000, size = 0x5000 }]\npci-device = 32",
+        ),
+        14,
+        "PCI device 32 does not exist on bus 0",
+    );
+    let m = format!(
+        "{}{}",
+        GOOD.replace(
+            "mmio = [{ base = 0xfed40000, size = 0x5000 }]",
+            "mmio = [{ base = 0xfed40000, size = 0x5000 }]\npci-device = 3"
+        ),
+        INTERCEPT.replace("interrupts = [4]", "interrupts = [4]\npci-device = 3")
+    );
+    refused(&m, 23, "PCI device 3 is already owned by \"tpm\"");
+    // A store has no guest interface: it cannot own a device.
+    refused(
+        &GOOD.replacen(
+            "serves = [\"vmgs\"]",
+            "serves = [\"vmgs\"]\npci-device = 4",
+            1,
+        ),
+        5,
+        "owns guest address ranges or a PCI device",
     );
 }

@@ -342,3 +342,32 @@ restart = { policy = "always", max = 5, window = "60s", backoff = "50ms" }
         started.elapsed()
     );
 }
+
+#[test]
+fn config_accesses_of_a_pci_device_go_to_the_service_that_owns_it() {
+    if !kvm_available("config_accesses_of_a_pci_device_go_to_the_service_that_owns_it") {
+        return;
+    }
+    // vtpm owns device 00:03 (it has no config space: it answers all ones, so the guest
+    // sees no device there); intercept's host bridge forwards instead of answering.
+    let manifest = shipped_text().replacen(
+        "mmio = [{ base = 0xfed40000, size = 0x5000 }]",
+        "mmio = [{ base = 0xfed40000, size = 0x5000 }]\npci-device = 3",
+        1,
+    );
+    assert!(manifest.contains("pci-device = 3"));
+    let mut run = Run::start(
+        "guest-pci-forward",
+        &manifest,
+        &["--cmdline", "tpm=0 interrupt=0 unowned=0"],
+    );
+    let status = run.wait(Duration::from_secs(60));
+    let (console, log) = (run.console(), run.log());
+    assert_eq!(status.code(), Some(0), "{console}\n{log}");
+    assert!(
+        log.contains("PCI config access of 00:03.0 offset 0x0 forwarded to vtpm"),
+        "{log}"
+    );
+    assert!(log.contains("(1 forwarded)"), "{log}");
+    assert!(!console.contains("pci 00:03"), "{console}");
+}

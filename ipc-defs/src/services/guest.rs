@@ -18,6 +18,10 @@ pub enum Space {
     Port,
     /// Memory-mapped I/O: a guest-physical address no RAM is mapped at.
     Mmio,
+    /// The configuration space of a PCI function the service owns, forwarded by intercept's
+    /// host bridge: `address` = bus << 16 | device << 11 | function << 8 | register (byte
+    /// offset).
+    PciConfig,
 }
 
 /// One guest access, as the vCPU made it.
@@ -68,6 +72,10 @@ pub enum Next {
     Exit(u8),
     /// Reset the machine (i8042 reset line, or a triple fault under a reset policy).
     Reset,
+    /// (From intercept's host bridge only.) The access is a configuration access of a PCI
+    /// function another service owns: the partition sends it to that service as a
+    /// [`Space::PciConfig`] access at `address`, and that answer is the access's answer.
+    ForwardPciConfig { address: u32 },
 }
 
 /// The answer to an [`Access`].

@@ -101,10 +101,14 @@ pub struct Router {
     pub devices: Vec<Device>,
     routes: Vec<Route>,
     intercept: Option<usize>,
+    /// Which device answers the configuration space of PCI device 00:n.
+    pci_owners: Vec<(u8, usize)>,
     /// Set when the partition stops: calls waiting for a restarting service give up.
     pub stop: Arc<std::sync::atomic::AtomicBool>,
     /// Accesses a device could not answer (answered as unowned instead).
     pub unanswered: Arc<AtomicU64>,
+    /// PCI configuration accesses forwarded to the owning device service.
+    pub config_forwards: Arc<AtomicU64>,
 }
 
 /// One call, sent again (same request) while the service restarts.
@@ -170,13 +174,20 @@ fn call<Q: Serialize, R: DeserializeOwned>(
 }
 
 impl Router {
-    pub fn new(devices: Vec<Device>, routes: Vec<Route>, intercept: Option<usize>) -> Router {
+    pub fn new(
+        devices: Vec<Device>,
+        routes: Vec<Route>,
+        intercept: Option<usize>,
+        pci_owners: Vec<(u8, usize)>,
+    ) -> Router {
         Router {
             devices,
             routes,
             intercept,
+            pci_owners,
             stop: Arc::default(),
             unanswered: Arc::default(),
+            config_forwards: Arc::default(),
         }
     }
 
@@ -205,7 +216,21 @@ impl Router {
             }
         };
         let is_intercept = Some(device) == self.intercept;
-        let result = self.call_device(device, access);
+        let mut result = self.call_device(device, access);
+        if let Ok(Reply {
+            next: Next::ForwardPciConfig { address },
+            ..
+        }) = result
+        {
+            result = if is_intercept {
+                self.forward_config(access, address)
+            } else {
+                Err(RouteError::BadAnswer {
+                    service: self.devices[device].service.clone(),
+                    answer: "a forward (only intercept's host bridge forwards)".into(),
+                })
+            };
+        }
         match result {
             Err(e) if !is_intercept => {
                 // A device that cannot answer (failed, or answering nonsense) gets the unowned
@@ -226,6 +251,45 @@ impl Router {
                     Reply::read(mask(access.size))
                 })
             }
+            other => other,
+        }
+    }
+
+    /// A configuration access intercept's host bridge hands over: to the owner of the device.
+    fn forward_config(&mut self, access: Access, address: u32) -> Result<Reply, RouteError> {
+        let device = ((address >> 11) & 0x1f) as u8;
+        let Some(&(_, owner)) = self.pci_owners.iter().find(|(d, _)| *d == device) else {
+            // Intercept named a device nobody owns: no device there.
+            return Ok(if access.write.is_some() {
+                Reply::WRITTEN
+            } else {
+                Reply::read(mask(access.size))
+            });
+        };
+        let forwarded = Access {
+            space: Space::PciConfig,
+            address: u64::from(address),
+            ..access
+        };
+        let n = self.config_forwards.fetch_add(1, Ordering::Relaxed) + 1;
+        if n <= 4 || n.is_power_of_two() {
+            tracing::info!(
+                forwards = n,
+                "PCI config access of 00:{device:02x}.{} offset {:#x} forwarded to {}",
+                (address >> 8) & 7,
+                address & 0xff,
+                self.devices[owner].service
+            );
+        }
+        match self.call_device(owner, forwarded) {
+            // The owner's answer stands, except that it cannot forward again.
+            Ok(Reply {
+                next: Next::ForwardPciConfig { .. },
+                ..
+            }) => Err(RouteError::BadAnswer {
+                service: self.devices[owner].service.clone(),
+                answer: "a forward of a forward".into(),
+            }),
             other => other,
         }
     }

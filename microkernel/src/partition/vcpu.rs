@@ -121,6 +121,8 @@ fn next_step(next: Next) -> Step {
         Next::Resume => Step::Resume,
         Next::Exit(status) => Step::End(Outcome::Exited(status)),
         Next::Reset => Step::End(Outcome::Reset),
+        // The router resolves forwards before the vCPU sees an answer.
+        Next::ForwardPciConfig { .. } => Step::Resume,
     }
 }
 
@@ -296,7 +298,7 @@ pub fn run(
                 break match next {
                     Ok(Next::Exit(status)) => Outcome::Exited(status),
                     Ok(Next::Reset) => Outcome::Reset,
-                    Ok(Next::Resume) => Outcome::Failed(format!(
+                    Ok(Next::Resume | Next::ForwardPciConfig { .. }) => Outcome::Failed(format!(
                         "vCPU {id}: {event:?} cannot be resumed\n{registers}"
                     )),
                     Err(e) => Outcome::Failed(format!("vCPU {id}: {event:?}; {e}\n{registers}")),

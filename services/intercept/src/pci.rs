@@ -236,6 +236,17 @@ impl Pci {
         }
     }
 
+    /// If a data-window access reaches a function of a bus-0 device in `owned` (bit n:
+    /// device n, owned by a device service), the configuration address to forward it to
+    /// that service at (bus << 16 | device << 11 | function << 8 | register byte).
+    pub fn owned_target(&self, port: u16, size: u8, owned: u32) -> Option<u32> {
+        let (bdf, offset) = self.target(port, size)?;
+        if bdf.bus() != 0 || owned & (1 << bdf.device()) == 0 || bdf == Bdf::HOST_BRIDGE {
+            return None;
+        }
+        Some(u32::from(bdf.device()) << 11 | u32::from(bdf.function()) << 8 | u32::from(offset))
+    }
+
     /// The function and register offset a data-window access reaches, if it reaches one.
     fn target(&self, port: u16, size: u8) -> Option<(Bdf, u8)> {
         if self.address & ENABLE == 0 {
@@ -291,6 +302,26 @@ mod tests {
         pci.write(CONFIG_ADDRESS, 4, saved);
         // PCI_CLASS_DEVICE (0x0A, 16 bits) of 00:00.0 is PCI_CLASS_BRIDGE_HOST.
         assert_eq!(read(&mut pci, (0, 0, 0), 0x0a, 2), 0x0600);
+    }
+
+    #[test]
+    fn config_accesses_of_an_owned_device_are_forwarded_and_the_bridge_never_is() {
+        let mut pci = Pci::new();
+        let owned = 1 << 3;
+        select(&mut pci, 0, 3, 1, 0x10);
+        assert_eq!(
+            pci.owned_target(CONFIG_DATA + 2, 2, owned),
+            Some(3 << 11 | 1 << 8 | 0x12)
+        );
+        // Not owned, another bus, the host bridge, or the mechanism disabled: answered here.
+        select(&mut pci, 0, 4, 0, 0);
+        assert_eq!(pci.owned_target(CONFIG_DATA, 4, owned), None);
+        select(&mut pci, 1, 3, 0, 0);
+        assert_eq!(pci.owned_target(CONFIG_DATA, 4, owned), None);
+        select(&mut pci, 0, 0, 0, 0);
+        assert_eq!(pci.owned_target(CONFIG_DATA, 4, u32::MAX), None);
+        pci.write(CONFIG_ADDRESS, 4, 3 << 11);
+        assert_eq!(pci.owned_target(CONFIG_DATA, 4, owned), None);
     }
 
     #[test]

@@ -94,8 +94,10 @@ impl Policy {
         let count = match (access.space, access.write.is_some()) {
             (Space::Port, false) => &mut counters.unclaimed_port_reads,
             (Space::Port, true) => &mut counters.unclaimed_port_writes,
-            (Space::Mmio, false) => &mut counters.unclaimed_mmio_reads,
-            (Space::Mmio, true) => &mut counters.unclaimed_mmio_writes,
+            // Config space reaches intercept only through its own host bridge, never as an
+            // access of its own; count it with MMIO.
+            (Space::Mmio | Space::PciConfig, false) => &mut counters.unclaimed_mmio_reads,
+            (Space::Mmio | Space::PciConfig, true) => &mut counters.unclaimed_mmio_writes,
         };
         *count = count.saturating_add(1);
         if let Some(n) = self

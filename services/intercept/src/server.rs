@@ -86,6 +86,8 @@ pub struct Counters {
     pub uart_interrupts_lost: u64,
     /// Accesses to the PCI conf1 ports.
     pub pci_accesses: u64,
+    /// Configuration accesses handed to the device service that owns the function.
+    pub pci_forwarded: u64,
     /// Accesses to the i8042.
     pub i8042_accesses: u64,
     /// Resets the guest asked for (i8042 command 0xFE).
@@ -121,7 +123,7 @@ impl core::fmt::Display for Counters {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(
             f,
-            "uart: {} accesses, {} bytes out, {} interrupts ({} lost); pci: {} accesses; \
+            "uart: {} accesses, {} bytes out, {} interrupts ({} lost); pci: {} accesses ({} forwarded); \
              i8042: {} accesses, {} resets; debug exits: {}; unclaimed: port {} reads {} writes, \
              mmio {} reads {} writes, {} distinct; bad accesses: {}; msrs: {} allowed {} denied; \
              hypercalls: {}; events: {}; interrupts: {} raised, {} not granted, {} not delivered; \
@@ -131,6 +133,7 @@ impl core::fmt::Display for Counters {
             self.uart_interrupts,
             self.uart_interrupts_lost,
             self.pci_accesses,
+            self.pci_forwarded,
             self.i8042_accesses,
             self.resets,
             self.debug_exits,
@@ -226,6 +229,13 @@ impl<S: InterruptSink, C: Console> Intercept<S, C> {
 
     /// Answers `request` from the client `caller`, whose channel carries `grant`.
     pub fn handle(&mut self, caller: &str, grant: Grant, request: Request) -> Response {
+        /// The PCI devices (bus 0) device services own, from the partition's grant.
+        fn owned_pci_devices(grant: Grant) -> u32 {
+            match grant {
+                Grant::PciDevices(mask) => mask,
+                _ => 0,
+            }
+        }
         let from_partition = caller == PARTITION;
         match request {
             Request::Raise(irq) => self.raise_for(caller, grant, irq),
@@ -233,7 +243,7 @@ impl<S: InterruptSink, C: Console> Intercept<S, C> {
                 bump(&mut self.counters.not_the_partition);
                 Response::Error(InterceptError::NotThePartition)
             }
-            Request::Io(access) => match self.access(&access) {
+            Request::Io(access) => match self.access(&access, owned_pci_devices(grant)) {
                 Ok(reply) => Response::Io(reply),
                 Err(e) => Response::Error(e),
             },
@@ -280,7 +290,7 @@ impl<S: InterruptSink, C: Console> Intercept<S, C> {
         }
     }
 
-    fn access(&mut self, access: &Access) -> Result<Reply, InterceptError> {
+    fn access(&mut self, access: &Access, owned: u32) -> Result<Reply, InterceptError> {
         if !access.size_is_valid() {
             bump(&mut self.counters.bad_accesses);
             if worth_logging(self.counters.bad_accesses) {
@@ -296,7 +306,7 @@ impl<S: InterruptSink, C: Console> Intercept<S, C> {
             Space::Port => u16::try_from(access.address)
                 .ok()
                 .and_then(|port| Some((port, device_at(port)?))),
-            Space::Mmio => None,
+            Space::Mmio | Space::PciConfig => None,
         };
         let Some((port, device)) = device else {
             return Ok(self.policy.unclaimed(access, &mut self.counters));
@@ -325,6 +335,14 @@ impl<S: InterruptSink, C: Console> Intercept<S, C> {
             }
             Device::PciConf1 => {
                 bump(&mut self.counters.pci_accesses);
+                if let Some(address) = self.pci.owned_target(port, access.size, owned) {
+                    // A function a device service owns: the partition takes it there.
+                    bump(&mut self.counters.pci_forwarded);
+                    return Ok(Reply {
+                        value: 0,
+                        next: Next::ForwardPciConfig { address },
+                    });
+                }
                 match written {
                     None => Reply::read(self.pci.read(port, access.size)),
                     Some(value) => {

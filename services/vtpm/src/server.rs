@@ -4,6 +4,7 @@
 
 use ipc_defs::services::guest::mask;
 use ipc_defs::services::guest::Access;
+use ipc_defs::services::guest::Space;
 use ipc_defs::services::vtpm::Platform;
 use ipc_defs::services::vtpm::Request;
 use ipc_defs::services::vtpm::Response;
@@ -275,7 +276,9 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
                 Response::Register(value)
             }
         };
-        if !matches!(access.size, 1 | 2 | 4) || offset >= tis::RANGE {
+        // The TPM has no PCI configuration space: a forwarded config access finds nothing.
+        if !matches!(access.size, 1 | 2 | 4) || offset >= tis::RANGE || access.space != Space::Mmio
+        {
             return answer(access.write.is_some(), mask(access.size));
         }
         let record = |value: u64| LastAccess {
