@@ -15,6 +15,7 @@ pub mod bench_vmgs;
 pub mod bench_vtpm;
 pub mod control;
 pub mod manifest;
+pub mod measure;
 pub mod partition;
 pub mod profiles;
 pub mod sandbox;

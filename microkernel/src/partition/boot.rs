@@ -52,7 +52,7 @@ fn mem_err(e: impl std::fmt::Display) -> BootError {
 }
 
 /// The boot vCPU's registers after loading.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {
     pub rip: u64,
     /// RSI at entry: the command line (test guest) or the zero page (Linux).
@@ -136,6 +136,40 @@ pub fn long_mode(sregs: &mut kvm_sregs) {
     sregs.cr3 = PML4;
     // LME, LMA
     sregs.efer = 0x500;
+}
+
+/// Where the boot vCPU will start for `image`, known before anything is loaded (the launch
+/// measurement includes it): the ELF header's entry point with the command line in RSI for
+/// the test guest; the 64-bit entry of a bzImage loaded at 1 MiB with the zero page in RSI.
+pub fn expected_entry(image: &super::Image) -> Entry {
+    match image {
+        super::Image::TestGuest { path, .. } => {
+            let mut header = [0u8; 32];
+            let n = match path {
+                None => {
+                    let n = super::TEST_GUEST.len().min(32);
+                    header[..n].copy_from_slice(&super::TEST_GUEST[..n]);
+                    n
+                }
+                Some(p) => std::fs::File::open(p)
+                    .and_then(|mut f| std::io::Read::read(&mut f, &mut header))
+                    .unwrap_or(0),
+            };
+            let rip = if n >= 32 {
+                u64::from_le_bytes(header[24..32].try_into().unwrap_or([0; 8]))
+            } else {
+                0
+            };
+            Entry {
+                rip,
+                rsi: COMMAND_LINE,
+            }
+        }
+        super::Image::Linux { .. } => Entry {
+            rip: HIGH_MEMORY + 0x200,
+            rsi: ZERO_PAGE,
+        },
+    }
 }
 
 pub fn entry_regs(entry: Entry) -> kvm_regs {

@@ -221,6 +221,18 @@ impl Partition {
             }
         };
 
+        // The launch measurement took the entry from the image before loading: they agree,
+        // or the measurement would describe another start.
+        let expected = boot::expected_entry(&config.image);
+        if entry != expected {
+            return Err(PartitionError::Setup {
+                what: "boot entry",
+                reason: format!(
+                    "the image starts at {:#x} (RSI {:#x}), the measurement expected {:#x} (RSI {:#x})",
+                    entry.rip, entry.rsi, expected.rip, expected.rsi
+                ),
+            });
+        }
         let cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(setup("reading the supported CPUID"))?;
