@@ -55,37 +55,8 @@ enum Cmd {
         /// Directory for the control socket and state files [default: the manifest's state-dir, "state"]
         #[arg(long)]
         state_dir: Option<PathBuf>,
-        /// Run the services without a guest, until stopped (Ctrl-C or `paravisor stop`).
-        #[arg(long, conflicts_with_all = ["kernel", "guest", "keep_running"])]
-        no_guest: bool,
-        /// Keep the services running after the guest's run ends.
-        #[arg(long)]
-        keep_running: bool,
-        /// Boot this Linux bzImage instead of the test guest (64-bit boot protocol; needs
-        /// hardware KVM: a stock kernel does not boot on KVM-on-PVM).
-        #[arg(long, conflicts_with = "guest")]
-        kernel: Option<PathBuf>,
-        /// Initial ramdisk for --kernel.
-        #[arg(long, requires = "kernel")]
-        initrd: Option<PathBuf>,
-        /// Command line: the kernel's with --kernel [default: "console=ttyS0 panic=-1"], else
-        /// the test guest's (e.g. "extends=8 bench=0 interrupt=1 tpm=1").
-        #[arg(long)]
-        cmdline: Option<String>,
-        /// Run this ELF image instead of the embedded test guest.
-        #[arg(long)]
-        guest: Option<PathBuf>,
-        /// Guest RAM in MiB [default: 64 for the test guest, 512 for Linux].
-        #[arg(long)]
-        memory: Option<u64>,
-        /// vCPUs (Linux only; the test guest uses one).
-        #[arg(long, default_value_t = 1)]
-        vcpus: u32,
-        /// End the run with a register report when the guest makes no exit for this many
-        /// seconds (0: never) [default: 30 for the test guest; for Linux 20 on KVM-on-PVM,
-        /// else never].
-        #[arg(long)]
-        guest_watchdog: Option<u64>,
+        #[command(flatten)]
+        guest: GuestArgs,
     },
     /// List the services of the running instance.
     Ps {
@@ -118,6 +89,18 @@ enum Cmd {
         state_dir: Option<PathBuf>,
         #[arg(long)]
         manifest: Option<PathBuf>,
+    },
+    /// Print the launch log and the launch measurement (SNP launch digest) `run` would
+    /// produce for this manifest, binaries and guest, without running anything: a verifier's
+    /// reference value.
+    Measure {
+        /// The manifest [default: manifest.toml]
+        manifest: Option<PathBuf>,
+        #[command(flatten)]
+        guest: GuestArgs,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// Measure against baselines in the same run: `ipc` (our rings against the shared-memory
     /// floor, eventfd and Unix sockets), `vmgs` (the guest-state store against plain file
@@ -169,6 +152,14 @@ fn load(path: Option<&Path>) -> Result<Manifest, ExitCode> {
     })
 }
 
+/// Where `paravisor` and the service executables are.
+fn bin_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
 /// The state directory for client commands: the flag, else the manifest's if one is there,
 /// else the default.
 fn client_state_dir(flag: Option<PathBuf>, manifest: Option<&Path>) -> PathBuf {
@@ -197,6 +188,102 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();
+}
+
+/// What guest a run starts (shared by `run` and `measure`).
+#[derive(clap::Args, Debug)]
+struct GuestArgs {
+    /// Run the services without a guest, until stopped (Ctrl-C or `paravisor stop`).
+    #[arg(long, conflicts_with_all = ["kernel", "guest", "keep_running"])]
+    no_guest: bool,
+    /// Keep the services running after the guest's run ends.
+    #[arg(long)]
+    keep_running: bool,
+    /// Boot this Linux bzImage instead of the test guest (64-bit boot protocol; needs
+    /// hardware KVM: a stock kernel does not boot on KVM-on-PVM).
+    #[arg(long, conflicts_with = "guest")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk for --kernel.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Command line: the kernel's with --kernel [default: "console=ttyS0 panic=-1"], else
+    /// the test guest's (e.g. "extends=8 bench=0 interrupt=1 tpm=1").
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Run this ELF image instead of the embedded test guest.
+    #[arg(long)]
+    guest: Option<PathBuf>,
+    /// Guest RAM in MiB [default: 64 for the test guest, 512 for Linux].
+    #[arg(long)]
+    memory: Option<u64>,
+    /// vCPUs (Linux only; the test guest uses one).
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// End the run with a register report when the guest makes no exit for this many
+    /// seconds (0: never) [default: 30 for the test guest; for Linux 20 on KVM-on-PVM,
+    /// else never].
+    #[arg(long)]
+    guest_watchdog: Option<u64>,
+}
+
+impl GuestArgs {
+    /// The guest to run, or `None` with --no-guest.
+    fn config(&self) -> Result<Option<microkernel::partition::GuestConfig>, ExitCode> {
+        use microkernel::partition;
+        let guest = if self.no_guest {
+            None
+        } else {
+            let cmdline = self.cmdline.clone();
+            let image = match self.kernel.clone() {
+                Some(kernel) => partition::Image::Linux {
+                    kernel,
+                    initrd: self.initrd.clone(),
+                    command_line: cmdline.unwrap_or_else(|| "console=ttyS0 panic=-1".into()),
+                },
+                None => partition::Image::TestGuest {
+                    path: self.guest.clone(),
+                    command_line: cmdline.unwrap_or_default(),
+                },
+            };
+            let default_memory = match image {
+                partition::Image::Linux { .. } => partition::LINUX_MEMORY,
+                partition::Image::TestGuest { .. } => partition::TEST_GUEST_MEMORY,
+            };
+            let vcpus = match image {
+                partition::Image::Linux { .. } => self.vcpus,
+                partition::Image::TestGuest { .. } if self.vcpus != 1 => {
+                    eprintln!(
+                        "paravisor: the test guest runs on one vCPU (--vcpus is for --kernel)"
+                    );
+                    return Err(ExitCode::from(2));
+                }
+                partition::Image::TestGuest { .. } => 1,
+            };
+            let memory = match self.memory.map(|m| m.checked_mul(1 << 20)) {
+                None => default_memory,
+                Some(Some(bytes)) => bytes,
+                Some(None) => {
+                    eprintln!("paravisor: --memory is in MiB; that many does not fit");
+                    return Err(ExitCode::from(2));
+                }
+            };
+            let watchdog = match (self.guest_watchdog, &image) {
+                (Some(0), _) => None,
+                (Some(s), _) => Some(std::time::Duration::from_secs(s)),
+                (None, partition::Image::TestGuest { .. }) => Some(partition::TEST_GUEST_WATCHDOG),
+                (None, partition::Image::Linux { .. }) => {
+                    partition::is_pvm().then_some(partition::PVM_LINUX_WATCHDOG)
+                }
+            };
+            Some(partition::GuestConfig {
+                image,
+                memory,
+                vcpus,
+                watchdog,
+            })
+        };
+        Ok(guest)
+    }
 }
 
 /// `paravisor run`'s exit status: the guest's own status when it wrote one, 0 without a guest
@@ -287,73 +374,32 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 other => Err(unexpected(other)),
             }
         }
+        Cmd::Measure {
+            manifest,
+            guest,
+            json,
+        } => {
+            let m = load(manifest.as_deref())?;
+            let guest = guest.config()?;
+            let log =
+                microkernel::measure::launch(&m, &bin_dir(), guest.as_ref()).map_err(|e| {
+                    eprintln!("paravisor: {e}");
+                    ExitCode::FAILURE
+                })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&log).unwrap_or_default());
+            } else {
+                print!("{}", microkernel::measure::text(&log));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Run {
             manifest,
             state_dir,
-            no_guest,
-            keep_running,
-            kernel,
-            initrd,
-            cmdline,
             guest,
-            memory,
-            vcpus,
-            guest_watchdog,
         } => {
-            use microkernel::partition;
-            let guest = if no_guest {
-                None
-            } else {
-                let image = match kernel {
-                    Some(kernel) => partition::Image::Linux {
-                        kernel,
-                        initrd,
-                        command_line: cmdline.unwrap_or_else(|| "console=ttyS0 panic=-1".into()),
-                    },
-                    None => partition::Image::TestGuest {
-                        path: guest,
-                        command_line: cmdline.unwrap_or_default(),
-                    },
-                };
-                let default_memory = match image {
-                    partition::Image::Linux { .. } => partition::LINUX_MEMORY,
-                    partition::Image::TestGuest { .. } => partition::TEST_GUEST_MEMORY,
-                };
-                let vcpus = match image {
-                    partition::Image::Linux { .. } => vcpus,
-                    partition::Image::TestGuest { .. } if vcpus != 1 => {
-                        eprintln!(
-                            "paravisor: the test guest runs on one vCPU (--vcpus is for --kernel)"
-                        );
-                        return Err(ExitCode::from(2));
-                    }
-                    partition::Image::TestGuest { .. } => 1,
-                };
-                let memory = match memory.map(|m| m.checked_mul(1 << 20)) {
-                    None => default_memory,
-                    Some(Some(bytes)) => bytes,
-                    Some(None) => {
-                        eprintln!("paravisor: --memory is in MiB; that many does not fit");
-                        return Err(ExitCode::from(2));
-                    }
-                };
-                let watchdog = match (guest_watchdog, &image) {
-                    (Some(0), _) => None,
-                    (Some(s), _) => Some(std::time::Duration::from_secs(s)),
-                    (None, partition::Image::TestGuest { .. }) => {
-                        Some(partition::TEST_GUEST_WATCHDOG)
-                    }
-                    (None, partition::Image::Linux { .. }) => {
-                        partition::is_pvm().then_some(partition::PVM_LINUX_WATCHDOG)
-                    }
-                };
-                Some(partition::GuestConfig {
-                    image,
-                    memory,
-                    vcpus,
-                    watchdog,
-                })
-            };
+            let keep_running = guest.keep_running;
+            let guest = guest.config()?;
             init_logging();
             let m = load(manifest.as_deref())?;
             let state_dir = supervisor::state_dir(&m, state_dir.as_deref());
@@ -369,6 +415,21 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 guest,
                 keep_running,
             };
+            // The measured launch: before any service runs.
+            let started = std::time::Instant::now();
+            let log =
+                microkernel::measure::launch(&opts.manifest, &opts.bin_dir, opts.guest.as_ref())
+                    .map_err(|e| {
+                        eprintln!("paravisor: {e}");
+                        ExitCode::FAILURE
+                    })?;
+            tracing::info!(
+                entries = log.entries.len(),
+                bytes = log.bytes,
+                "launch measurement {} ({:.0} ms); `paravisor measure` prints the log",
+                microkernel::measure::hex(&log.measurement),
+                started.elapsed().as_secs_f64() * 1e3
+            );
             let sup = supervisor::Supervisor::new(&opts).map_err(|e| {
                 eprintln!("paravisor: {e}");
                 ExitCode::FAILURE

@@ -506,6 +506,9 @@ pub struct Manifest {
     pub state_dir: PathBuf,
     pub ring_capacity: u32,
     pub services: Vec<ServiceSpec>,
+    /// The text that was validated (what the launch measurement hashes: never read again).
+    #[serde(skip)]
+    pub source: String,
 }
 
 impl Manifest {
@@ -1269,6 +1272,7 @@ impl Validator<'_> {
             state_dir,
             ring_capacity,
             services,
+            source: self.source.to_string(),
         }
     }
 

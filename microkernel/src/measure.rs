@@ -305,28 +305,39 @@ pub fn initial_vcpu_state(guest: &GuestConfig) -> Vec<u8> {
     out
 }
 
-/// Measures a launch: `manifest_bytes` (the file as read), each service binary in manifest
+/// Measures a launch: the manifest's text as validated, each service binary in manifest
 /// order from `bin_dir`, and the guest, if any.
 pub fn launch(
     manifest: &Manifest,
-    manifest_bytes: &[u8],
     bin_dir: &Path,
     guest: Option<&GuestConfig>,
 ) -> Result<LaunchLog, MeasureError> {
     let mut m = Measurer::default();
-    m.item(Kind::Manifest, &manifest.path.display().to_string(), manifest_bytes)
-        .map_err(|error| MeasureError::Read {
-            what: "manifest",
-            path: manifest.path.display().to_string(),
-            error,
-        })?;
+    m.item(
+        Kind::Manifest,
+        &manifest.path.display().to_string(),
+        manifest.source.as_bytes(),
+    )
+    .map_err(|error| MeasureError::Read {
+        what: "manifest",
+        path: manifest.path.display().to_string(),
+        error,
+    })?;
     for s in &manifest.services {
         let path: PathBuf = bin_dir.join(&s.binary);
-        file(&mut m, Kind::Service, &format!("{} ({})", s.name, s.binary), &path)?;
+        file(
+            &mut m,
+            Kind::Service,
+            &format!("{} ({})", s.name, s.binary),
+            &path,
+        )?;
     }
     if let Some(guest) = guest {
         let line = match &guest.image {
-            Image::TestGuest { path: None, command_line } => {
+            Image::TestGuest {
+                path: None,
+                command_line,
+            } => {
                 m.item(
                     Kind::GuestImage,
                     "test guest (embedded)",
@@ -351,7 +362,12 @@ pub fn launch(
                 initrd,
                 command_line,
             } => {
-                file(&mut m, Kind::GuestImage, &kernel.display().to_string(), kernel)?;
+                file(
+                    &mut m,
+                    Kind::GuestImage,
+                    &kernel.display().to_string(),
+                    kernel,
+                )?;
                 if let Some(i) = initrd {
                     file(&mut m, Kind::GuestInitrd, &i.display().to_string(), i)?;
                 }
@@ -390,7 +406,10 @@ pub fn text(log: &LaunchLog) -> String {
             e.name
         ));
     }
-    out.push_str(&format!("measurement (SNP launch digest): {}\n", hex(&log.measurement)));
+    out.push_str(&format!(
+        "measurement (SNP launch digest): {}\n",
+        hex(&log.measurement)
+    ));
     out
 }
 

@@ -1,0 +1,82 @@
+//! The measured launch: `paravisor measure` gives a verifier the reference value that
+//! `paravisor run` reports, and any change to what runs changes it.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+fn measurement(paravisor: &Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(paravisor)
+        .arg("measure")
+        .arg(shipped_manifest())
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("paravisor measure");
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+#[test]
+fn measure_lists_every_item_in_order_and_is_reproducible() {
+    let a = measurement(&paravisor(), &[]);
+    let b = measurement(&paravisor(), &[]);
+    assert_eq!(a["measurement"], b["measurement"]);
+    assert_eq!(a["measurement"].as_str().unwrap().len(), 96);
+    let kinds: Vec<&str> = a["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.first(), Some(&"manifest"));
+    assert_eq!(kinds.iter().filter(|k| **k == "service").count(), 7);
+    assert_eq!(
+        &kinds[kinds.len() - 3..],
+        &["guest-image", "command-line", "vcpu-state"]
+    );
+    // The guest's command line is part of it; without a guest there is no guest part.
+    let other = measurement(&paravisor(), &["--cmdline", "extends=9"]);
+    assert_ne!(a["measurement"], other["measurement"]);
+    let none = measurement(&paravisor(), &["--no-guest"]);
+    assert_eq!(none["entries"].as_array().unwrap().len(), 8);
+}
+
+#[test]
+fn a_changed_service_binary_changes_the_measurement() {
+    // A copy of the installation whose pv-net differs by one byte.
+    let dir = scratch_dir("measure-copy");
+    for entry in std::fs::read_dir(bin_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        if name == "paravisor" || (name.starts_with("pv-") && !name.ends_with(".d")) {
+            std::fs::copy(&path, dir.join(&name)).unwrap();
+        }
+    }
+    let copy = dir.join("paravisor");
+    let before = measurement(&copy, &[]);
+    assert_eq!(
+        before["measurement"],
+        measurement(&paravisor(), &[])["measurement"]
+    );
+    let mut net = std::fs::read(dir.join("pv-net")).unwrap();
+    let last = net.len() - 1;
+    net[last] ^= 1;
+    std::fs::write(dir.join("pv-net"), net).unwrap();
+    let after = measurement(&copy, &[]);
+    assert_ne!(before["measurement"], after["measurement"]);
+    // Only the net entry's hash differs in the log.
+    let differ: Vec<String> = before["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(after["entries"].as_array().unwrap())
+        .filter(|(x, y)| x["sha384"] != y["sha384"])
+        .map(|(x, _)| x["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(differ, vec!["net (pv-net)".to_string()]);
+    let _ = std::fs::remove_dir_all(dir);
+}
