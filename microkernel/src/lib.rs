@@ -17,6 +17,7 @@ pub mod control;
 pub mod manifest;
 pub mod measure;
 pub mod partition;
+pub mod platform;
 pub mod profiles;
 pub mod sandbox;
 pub mod state_files;

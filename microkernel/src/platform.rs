@@ -1,0 +1,426 @@
+//! SIMULATED PLATFORM: the stand-in for the AMD secure processor (PSP), and the only place
+//! that plays hardware. Nothing here is secure: the chip secret is a file.
+//!
+//! `paravisor platform init` provisions a platform identity once, in its own directory
+//! (separate from the paravisor's state): a random chip secret (`chip-secret.INSECURE`, mode
+//! 0600), and a certificate chain in AMD's shape:
+//! - ARK and ASK: RSA-4096, signed with RSASSA-PSS (SHA-384, MGF1-SHA-384, salt 48), ARK
+//!   self-signed, ASK by the ARK. Their private keys are used once and dropped, as AMD keeps
+//!   its own: only the chain remains.
+//! - VCEK: ECDSA P-384, derived from the chip secret and the TCB (as the real one is), signed
+//!   by the ASK, with the key-distribution service's extensions (struct version, product name,
+//!   the TCB components, the hardware id).
+//!
+//! Subjects say SIMULATED; the VCEK's common name does not contain "SEV" (snpguest would take
+//! it for an ASK).
+
+use std::path::Path;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use p384::ecdsa::SigningKey as EcdsaKey;
+use rsa::pss::SigningKey as PssKey;
+use rsa::RsaPrivateKey;
+use sha2::Digest;
+use sha2::Sha384;
+use sha2::Sha512;
+use x509_cert::builder::Builder;
+use x509_cert::builder::CertificateBuilder;
+use x509_cert::builder::Profile;
+use x509_cert::der::asn1::Ia5String;
+use x509_cert::der::asn1::OctetString;
+use x509_cert::der::oid::AssociatedOid;
+use x509_cert::der::oid::ObjectIdentifier;
+use x509_cert::der::Encode;
+use x509_cert::der::EncodePem;
+use x509_cert::ext::AsExtension;
+use x509_cert::ext::Extension;
+use x509_cert::name::Name;
+use x509_cert::serial_number::SerialNumber;
+use x509_cert::spki::EncodePublicKey;
+use x509_cert::spki::SubjectPublicKeyInfoOwned;
+use x509_cert::time::Validity;
+
+/// Files of a platform directory.
+pub const CHIP_SECRET: &str = "chip-secret.INSECURE";
+pub const ARK_PEM: &str = "ark.pem";
+pub const ASK_PEM: &str = "ask.pem";
+pub const VCEK_PEM: &str = "vcek.pem";
+
+/// The product the simulated chip claims to be (a real generation, so that verifiers know
+/// the report layout): AMD EPYC Milan.
+pub const PRODUCT: &str = "Milan";
+/// The TCB the simulated firmware reports: boot loader, TEE, SNP, microcode SPLs.
+pub const TCB: Tcb = Tcb {
+    bootloader: 3,
+    tee: 0,
+    snp: 8,
+    microcode: 115,
+};
+
+/// How long the certificates are valid.
+const VALIDITY: Duration = Duration::from_secs(25 * 365 * 24 * 3600);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tcb {
+    pub bootloader: u8,
+    pub tee: u8,
+    pub snp: u8,
+    pub microcode: u8,
+}
+
+impl Tcb {
+    /// The 64-bit TCB_VERSION of an SNP report (Milan layout: boot loader byte 0, TEE byte 1,
+    /// SNP byte 6, microcode byte 7).
+    pub fn raw(self) -> u64 {
+        u64::from_le_bytes([
+            self.bootloader,
+            self.tee,
+            0,
+            0,
+            0,
+            0,
+            self.snp,
+            self.microcode,
+        ])
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlatformError {
+    #[error("platform directory {path}: {error}")]
+    Io { path: String, error: std::io::Error },
+    #[error("platform directory {0} already holds a platform identity (delete it to make a new one)")]
+    Exists(String),
+    #[error("making the certificates: {0}")]
+    Crypto(String),
+    #[error("{0} is not a platform directory (no {CHIP_SECRET}); run `paravisor platform init`")]
+    Missing(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PlatformError + '_ {
+    move |error| PlatformError::Io {
+        path: path.display().to_string(),
+        error,
+    }
+}
+
+fn crypto(e: impl std::fmt::Display) -> PlatformError {
+    PlatformError::Crypto(e.to_string())
+}
+
+/// A provisioned platform: its chip secret (and what derives from it).
+pub struct Platform {
+    secret: zeroize::Zeroizing<[u8; 64]>,
+    pub dir: PathBuf,
+}
+
+/// A KDS extension of the VCEK: an OID and its DER value.
+struct KdsExtension {
+    oid: ObjectIdentifier,
+    der: Vec<u8>,
+}
+
+impl AssociatedOid for KdsExtension {
+    // Never used: `to_extension` below writes each extension's own OID.
+    const OID: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.4.1.3704.1");
+}
+
+impl x509_cert::der::Encode for KdsExtension {
+    fn encoded_len(&self) -> x509_cert::der::Result<x509_cert::der::Length> {
+        x509_cert::der::Length::try_from(self.der.len())
+    }
+
+    fn encode(&self, writer: &mut impl x509_cert::der::Writer) -> x509_cert::der::Result<()> {
+        writer.write(&self.der)
+    }
+}
+
+impl AsExtension for KdsExtension {
+    fn critical(&self, _: &Name, _: &[Extension]) -> bool {
+        false
+    }
+
+    fn to_extension(&self, _: &Name, _: &[Extension]) -> Result<Extension, x509_cert::der::Error> {
+        Ok(Extension {
+            extn_id: self.oid,
+            critical: false,
+            extn_value: OctetString::new(self.der.clone())?,
+        })
+    }
+}
+
+/// The VCEK's key-distribution-service extensions (OIDs 1.3.6.1.4.1.3704.1.*).
+fn kds_extensions(tcb: Tcb, hw_id: &[u8; 64]) -> Result<Vec<KdsExtension>, PlatformError> {
+    let int = |v: u8| x509_cert::der::asn1::Int::new(&[v]).and_then(|i| i.to_der());
+    let uint = |v: u8| -> Result<Vec<u8>, PlatformError> {
+        // A non-negative INTEGER: a leading zero byte when the top bit is set.
+        if v >= 0x80 {
+            x509_cert::der::asn1::Int::new(&[0, v]).and_then(|i| i.to_der()).map_err(crypto)
+        } else {
+            int(v).map_err(crypto)
+        }
+    };
+    let oid = |s: &str| ObjectIdentifier::from_str(s).map_err(crypto);
+    let mut out = vec![
+        KdsExtension {
+            oid: oid("1.3.6.1.4.1.3704.1.1")?,
+            der: uint(1)?,
+        },
+        KdsExtension {
+            oid: oid("1.3.6.1.4.1.3704.1.2")?,
+            der: Ia5String::new(&format!("{PRODUCT}-B0"))
+                .and_then(|s| s.to_der())
+                .map_err(crypto)?,
+        },
+    ];
+    for (n, v) in [
+        (1, tcb.bootloader),
+        (2, tcb.tee),
+        (3, tcb.snp),
+        (4, 0),
+        (5, 0),
+        (6, 0),
+        (7, 0),
+        (8, tcb.microcode),
+    ] {
+        out.push(KdsExtension {
+            oid: oid(&format!("1.3.6.1.4.1.3704.1.3.{n}"))?,
+            der: uint(v)?,
+        });
+    }
+    out.push(KdsExtension {
+        oid: oid("1.3.6.1.4.1.3704.1.4")?,
+        der: OctetString::new(hw_id.to_vec())
+            .and_then(|o| o.to_der())
+            .map_err(crypto)?,
+    });
+    Ok(out)
+}
+
+fn name(cn: &str) -> Result<Name, PlatformError> {
+    Name::from_str(&format!(
+        "CN={cn},OU=Engineering,O=SIMULATED PSP - NOT AMD,L=Santa Clara,ST=CA,C=US"
+    ))
+    .map_err(crypto)
+}
+
+fn validity() -> Result<Validity, PlatformError> {
+    Validity::from_now(VALIDITY).map_err(crypto)
+}
+
+fn serial() -> Result<SerialNumber, PlatformError> {
+    let mut b = [0u8; 16];
+    getrandom::getrandom(&mut b).map_err(crypto)?;
+    b[0] &= 0x7f;
+    SerialNumber::new(&b).map_err(crypto)
+}
+
+fn pem(cert: &x509_cert::Certificate) -> Result<String, PlatformError> {
+    cert.to_pem(x509_cert::der::pem::LineEnding::LF)
+        .map_err(crypto)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), PlatformError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))?;
+    f.write_all(bytes).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
+impl Platform {
+    /// Provisions a new platform identity in `dir` (which must not hold one).
+    pub fn init(dir: &Path) -> Result<Platform, PlatformError> {
+        if dir.join(CHIP_SECRET).exists() {
+            return Err(PlatformError::Exists(dir.display().to_string()));
+        }
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(io(dir))?;
+        let mut secret = zeroize::Zeroizing::new([0u8; 64]);
+        getrandom::getrandom(&mut secret[..]).map_err(crypto)?;
+        let platform = Platform {
+            secret,
+            dir: dir.to_path_buf(),
+        };
+        let mut rng = rand_core::OsRng;
+        let ark_key = RsaPrivateKey::new(&mut rng, 4096).map_err(crypto)?;
+        let ask_key = RsaPrivateKey::new(&mut rng, 4096).map_err(crypto)?;
+        let ark_signer = PssKey::<Sha384>::new(ark_key.clone());
+        let ask_signer = PssKey::<Sha384>::new(ask_key.clone());
+        let spki = |k: &RsaPrivateKey| {
+            k.to_public_key()
+                .to_public_key_der()
+                .map_err(crypto)
+                .and_then(|d| {
+                    SubjectPublicKeyInfoOwned::try_from(d.as_bytes()).map_err(crypto)
+                })
+        };
+        let ark_name = name(&format!("ARK-{PRODUCT}-SIM"))?;
+        let ask_name = name(&format!("SEV-{PRODUCT}-SIM"))?;
+        let ark = CertificateBuilder::new(
+            Profile::Root,
+            serial()?,
+            validity()?,
+            ark_name.clone(),
+            spki(&ark_key)?,
+            &ark_signer,
+        )
+        .map_err(crypto)?
+        .build_with_rng::<rsa::pss::Signature>(&mut rng)
+        .map_err(crypto)?;
+        let ask = CertificateBuilder::new(
+            Profile::SubCA {
+                issuer: ark_name,
+                path_len_constraint: Some(0),
+            },
+            serial()?,
+            validity()?,
+            ask_name.clone(),
+            spki(&ask_key)?,
+            &ark_signer,
+        )
+        .map_err(crypto)?
+        .build_with_rng::<rsa::pss::Signature>(&mut rng)
+        .map_err(crypto)?;
+        let vcek_key = platform.vcek_key(TCB)?;
+        let vcek_spki = vcek_key
+            .verifying_key()
+            .to_public_key_der()
+            .map_err(crypto)
+            .and_then(|d| SubjectPublicKeyInfoOwned::try_from(d.as_bytes()).map_err(crypto))?;
+        let mut vcek = CertificateBuilder::new(
+            Profile::Leaf {
+                issuer: ask_name,
+                enable_key_agreement: false,
+                enable_key_encipherment: false,
+            },
+            serial()?,
+            validity()?,
+            name("VCEK-SIM")?,
+            vcek_spki,
+            &ask_signer,
+        )
+        .map_err(crypto)?;
+        for ext in kds_extensions(TCB, &platform.chip_id())? {
+            vcek.add_extension(&ext).map_err(crypto)?;
+        }
+        let vcek = vcek
+            .build_with_rng::<rsa::pss::Signature>(&mut rng)
+            .map_err(crypto)?;
+        for (file, cert) in [(ARK_PEM, &ark), (ASK_PEM, &ask), (VCEK_PEM, &vcek)] {
+            let path = dir.join(file);
+            std::fs::write(&path, pem(cert)?).map_err(io(&path))?;
+        }
+        // Last: a directory with a chip secret is a complete platform.
+        write_private(&dir.join(CHIP_SECRET), &platform.secret[..])?;
+        Ok(platform)
+    }
+
+    /// Opens a provisioned platform.
+    pub fn open(dir: &Path) -> Result<Platform, PlatformError> {
+        let path = dir.join(CHIP_SECRET);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(PlatformError::Missing(dir.display().to_string()))
+            }
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let mut secret = zeroize::Zeroizing::new([0u8; 64]);
+        if bytes.len() != 64 {
+            return Err(PlatformError::Crypto(format!(
+                "{} holds {} bytes, not a 64-byte chip secret",
+                path.display(),
+                bytes.len()
+            )));
+        }
+        secret.copy_from_slice(&bytes);
+        Ok(Platform {
+            secret,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The chip id (the report's CHIP_ID and the VCEK's hwID): derived from the secret.
+    pub fn chip_id(&self) -> [u8; 64] {
+        Sha512::new()
+            .chain_update(b"PV-SIM chip id")
+            .chain_update(&self.secret[..])
+            .finalize()
+            .into()
+    }
+
+    /// The VCEK for `tcb`: a P-384 key derived from the chip secret and the TCB (a hash of
+    /// both, counter-extended until it is a valid scalar).
+    pub fn vcek_key(&self, tcb: Tcb) -> Result<EcdsaKey, PlatformError> {
+        for counter in 0u32..64 {
+            let d = Sha384::new()
+                .chain_update(b"PV-SIM VCEK")
+                .chain_update(&self.secret[..])
+                .chain_update(tcb.raw().to_le_bytes())
+                .chain_update(counter.to_le_bytes())
+                .finalize();
+            if let Ok(k) = EcdsaKey::from_slice(&d) {
+                return Ok(k);
+            }
+        }
+        Err(PlatformError::Crypto("no valid P-384 scalar from the chip secret".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sev::certs::snp::ca;
+    use sev::certs::snp::Certificate;
+    use sev::certs::snp::Chain;
+    use sev::certs::snp::Verifiable;
+
+    use super::*;
+
+    fn cert(dir: &Path, file: &str) -> Certificate {
+        Certificate::from_pem(&std::fs::read(dir.join(file)).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_new_platform_has_a_chain_the_sev_crate_verifies() {
+        let dir = std::env::temp_dir().join(format!("pv-platform-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let platform = Platform::init(&dir).expect("init");
+        let chain = Chain {
+            ca: ca::Chain {
+                ark: cert(&dir, ARK_PEM),
+                ask: cert(&dir, ASK_PEM),
+            },
+            vek: cert(&dir, VCEK_PEM),
+        };
+        (&chain).verify().expect("the chain verifies");
+        // A second init refuses; opening gives the same chip.
+        assert!(matches!(Platform::init(&dir), Err(PlatformError::Exists(_))));
+        let again = Platform::open(&dir).unwrap();
+        assert_eq!(again.chip_id(), platform.chip_id());
+        // The VCEK certificate carries the key the chip derives.
+        let vcek_pub = again.vcek_key(TCB).unwrap();
+        let sec1 = vcek_pub.verifying_key().to_encoded_point(false);
+        assert_eq!(chain.vek.public_key_sec1(), sec1.as_bytes());
+        // A chain whose ASK another ARK signed does not verify.
+        let other = dir.join("other");
+        Platform::init(&other).unwrap();
+        let mixed = Chain {
+            ca: ca::Chain {
+                ark: cert(&other, ARK_PEM),
+                ask: cert(&dir, ASK_PEM),
+            },
+            vek: cert(&dir, VCEK_PEM),
+        };
+        assert!((&mixed).verify().is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
