@@ -90,6 +90,11 @@ enum Cmd {
         #[arg(long)]
         manifest: Option<PathBuf>,
     },
+    /// The simulated platform (stands in for the AMD secure processor).
+    Platform {
+        #[command(subcommand)]
+        action: PlatformCmd,
+    },
     /// Print the launch log and the launch measurement (SNP launch digest) `run` would
     /// produce for this manifest, binaries and guest, without running anything: a verifier's
     /// reference value.
@@ -189,6 +194,19 @@ fn init_logging() {
         .with_target(false)
         .try_init();
 }
+
+#[derive(Subcommand, Debug)]
+enum PlatformCmd {
+    /// Provision a platform identity once: chip secret (insecure file) and ARK/ASK/VCEK.
+    Init {
+        /// Where the platform lives (separate from the paravisor's state).
+        #[arg(long, default_value = DEFAULT_PLATFORM_DIR)]
+        platform_dir: PathBuf,
+    },
+}
+
+/// The simulated platform's default directory (next to `state`, never inside it).
+const DEFAULT_PLATFORM_DIR: &str = "platform";
 
 /// What guest a run starts (shared by `run` and `measure`).
 #[derive(clap::Args, Debug)]
@@ -372,6 +390,32 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                     })
                 }
                 other => Err(unexpected(other)),
+            }
+        }
+        Cmd::Platform {
+            action: PlatformCmd::Init { platform_dir },
+        } => {
+            let started = std::time::Instant::now();
+            match microkernel::platform::Platform::init(&platform_dir) {
+                Ok(p) => {
+                    println!(
+                        "SIMULATED platform provisioned in {} ({:.1} s): {}, {}, {} and {} \
+                         (the chip secret is a plain file: this platform is for development \
+                         and tests, never for secrets); chip id {}",
+                        platform_dir.display(),
+                        started.elapsed().as_secs_f64(),
+                        microkernel::platform::ARK_PEM,
+                        microkernel::platform::ASK_PEM,
+                        microkernel::platform::VCEK_PEM,
+                        microkernel::platform::CHIP_SECRET,
+                        &microkernel::measure::hex(&p.chip_id())[..16]
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("paravisor: {e}");
+                    Err(ExitCode::FAILURE)
+                }
             }
         }
         Cmd::Measure {
