@@ -22,4 +22,5 @@ pub mod profiles;
 pub mod sandbox;
 pub mod state_files;
 pub mod supervisor;
+pub mod verify;
 pub mod vmgs_cli;

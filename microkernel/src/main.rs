@@ -95,6 +95,12 @@ enum Cmd {
         #[command(subcommand)]
         action: PlatformCmd,
     },
+    /// Attestation evidence: the certificate chain, and verifying a report as a remote
+    /// verifier does.
+    Attest {
+        #[command(subcommand)]
+        action: AttestCmd,
+    },
     /// Print the launch log and the launch measurement (SNP launch digest) `run` would
     /// produce for this manifest, binaries and guest, without running anything: a verifier's
     /// reference value.
@@ -203,13 +209,68 @@ enum PlatformCmd {
         #[arg(long, default_value = DEFAULT_PLATFORM_DIR)]
         platform_dir: PathBuf,
     },
+    /// SIMULATED hardware call: a report signed by this platform's VCEK, as its secure
+    /// processor would return one (for tests and demonstrations; a running paravisor's
+    /// reports come through its attest service).
+    Report {
+        #[arg(long, default_value = DEFAULT_PLATFORM_DIR)]
+        platform_dir: PathBuf,
+        /// Report data: the nonce itself, zero-padded, up to 64 bytes; its SHA-512 if longer.
+        #[arg(long)]
+        nonce: String,
+        /// The measurement to report (hex) [default: what `paravisor measure` gives].
+        #[arg(long)]
+        measurement: Option<String>,
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AttestCmd {
+    /// Write the platform's chain as ark.pem, ask.pem, vcek.pem (the AMD tools' names).
+    Certs {
+        #[arg(long, default_value = DEFAULT_PLATFORM_DIR)]
+        platform_dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the SHA-256 fingerprint of the ARK in DIR (what a verifier pins).
+    Fingerprint {
+        #[arg(long)]
+        certs: PathBuf,
+    },
+    /// Verify a report: pinned ARK, chain and signature (sev crate), zero reserved bytes,
+    /// the measurement (given, or recomputed from a manifest) and the nonce.
+    Verify {
+        report: PathBuf,
+        #[arg(long)]
+        certs: PathBuf,
+        /// SHA-256 of the ARK certificate (hex).
+        #[arg(long)]
+        ark_fingerprint: String,
+        /// The expected measurement (hex, 48 bytes).
+        #[arg(long, conflicts_with = "manifest")]
+        expected_measurement: Option<String>,
+        /// Recompute the expected measurement from this manifest, its binaries next to
+        /// `paravisor`, and the guest options below (as `paravisor measure`).
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        #[command(flatten)]
+        guest: GuestArgs,
+        /// The nonce the report must carry (hex; see `platform report`).
+        #[arg(long)]
+        nonce: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The simulated platform's default directory (next to `state`, never inside it).
 const DEFAULT_PLATFORM_DIR: &str = "platform";
 
 /// What guest a run starts (shared by `run` and `measure`).
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Default)]
 struct GuestArgs {
     /// Run the services without a guest, until stopped (Ctrl-C or `paravisor stop`).
     #[arg(long, conflicts_with_all = ["kernel", "guest", "keep_running"])]
@@ -268,8 +329,8 @@ impl GuestArgs {
                 partition::Image::TestGuest { .. } => partition::TEST_GUEST_MEMORY,
             };
             let vcpus = match image {
-                partition::Image::Linux { .. } => self.vcpus,
-                partition::Image::TestGuest { .. } if self.vcpus != 1 => {
+                partition::Image::Linux { .. } => self.vcpus.max(1),
+                partition::Image::TestGuest { .. } if self.vcpus > 1 => {
                     eprintln!(
                         "paravisor: the test guest runs on one vCPU (--vcpus is for --kernel)"
                     );
@@ -301,6 +362,105 @@ impl GuestArgs {
             })
         };
         Ok(guest)
+    }
+}
+
+fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
+    let fail = |e: String| {
+        eprintln!("paravisor: {e}");
+        ExitCode::FAILURE
+    };
+    match action {
+        AttestCmd::Certs { platform_dir, out } => {
+            std::fs::create_dir_all(&out).map_err(|e| fail(format!("{}: {e}", out.display())))?;
+            for f in [
+                microkernel::platform::ARK_PEM,
+                microkernel::platform::ASK_PEM,
+                microkernel::platform::VCEK_PEM,
+            ] {
+                std::fs::copy(platform_dir.join(f), out.join(f))
+                    .map_err(|e| fail(format!("{}: {e}", platform_dir.join(f).display())))?;
+            }
+            println!("ark.pem, ask.pem, vcek.pem written to {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        AttestCmd::Fingerprint { certs } => {
+            let f =
+                microkernel::verify::ark_fingerprint(&certs).map_err(|e| fail(e.to_string()))?;
+            println!("{f}");
+            Ok(ExitCode::SUCCESS)
+        }
+        AttestCmd::Verify {
+            report,
+            certs,
+            ark_fingerprint,
+            expected_measurement,
+            manifest,
+            guest,
+            nonce,
+            json,
+        } => {
+            let bytes =
+                std::fs::read(&report).map_err(|e| fail(format!("{}: {e}", report.display())))?;
+            let expected: Option<[u8; 48]> = match (expected_measurement, manifest) {
+                (Some(m), _) => Some(
+                    microkernel::verify::parse_hex(&m)
+                        .and_then(|v| v.try_into().ok())
+                        .ok_or_else(|| {
+                            fail("--expected-measurement is not 48 bytes of hex".into())
+                        })?,
+                ),
+                (None, Some(path)) => {
+                    let m = load(Some(&path))?;
+                    let guest = guest.config()?;
+                    Some(
+                        microkernel::measure::launch(&m, &bin_dir(), guest.as_ref())
+                            .map_err(|e| fail(e.to_string()))?
+                            .measurement,
+                    )
+                }
+                (None, None) => None,
+            };
+            let data = match nonce {
+                Some(n) => Some(microkernel::verify::report_data_for(
+                    &microkernel::verify::parse_hex(&n)
+                        .ok_or_else(|| fail("--nonce is not hex".into()))?,
+                )),
+                None => None,
+            };
+            match microkernel::verify::verify(
+                &bytes,
+                &certs,
+                &ark_fingerprint,
+                expected.as_ref(),
+                data.as_ref(),
+            ) {
+                Ok(claims) => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&claims).unwrap_or_default()
+                        );
+                    } else {
+                        println!("report verified: ARK pinned, chain and signature valid (sev crate), reserved bytes zero{}{}",
+                            if expected.is_some() { ", measurement as expected" } else { " (measurement not checked)" },
+                            if data.is_some() { ", nonce as expected" } else { "" });
+                        println!(
+                            "  version {}  policy {:#x}  vmpl {}  reported TCB {:#018x}",
+                            claims.version, claims.policy, claims.vmpl, claims.reported_tcb
+                        );
+                        println!("  measurement {}", claims.measurement);
+                        println!("  report_data {}", claims.report_data);
+                        println!("  chip_id     {}", claims.chip_id);
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("paravisor: report REFUSED: {e}");
+                    Err(ExitCode::from(1))
+                }
+            }
+        }
     }
 }
 
@@ -418,6 +578,53 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 }
             }
         }
+        Cmd::Platform {
+            action:
+                PlatformCmd::Report {
+                    platform_dir,
+                    nonce,
+                    measurement,
+                    out,
+                },
+        } => {
+            let fail = |e: String| {
+                eprintln!("paravisor: {e}");
+                ExitCode::FAILURE
+            };
+            let platform = microkernel::platform::Platform::open(&platform_dir)
+                .map_err(|e| fail(e.to_string()))?;
+            let nonce = microkernel::verify::parse_hex(&nonce)
+                .ok_or_else(|| fail("--nonce is not hex".into()))?;
+            let measurement: [u8; 48] = match measurement {
+                Some(m) => microkernel::verify::parse_hex(&m)
+                    .and_then(|v| v.try_into().ok())
+                    .ok_or_else(|| fail("--measurement is not 48 bytes of hex".into()))?,
+                None => {
+                    let m = load(None)?;
+                    let guest = GuestArgs::default().config()?;
+                    microkernel::measure::launch(&m, &bin_dir(), guest.as_ref())
+                        .map_err(|e| fail(e.to_string()))?
+                        .measurement
+                }
+            };
+            let report = platform
+                .report(&microkernel::platform::ReportRequest {
+                    report_data: microkernel::verify::report_data_for(&nonce),
+                    measurement,
+                    host_data: [0; 32],
+                    vmpl: 0,
+                    policy: microkernel::platform::POLICY,
+                })
+                .map_err(|e| fail(e.to_string()))?;
+            std::fs::write(&out, report).map_err(|e| fail(format!("{}: {e}", out.display())))?;
+            println!(
+                "{}: SIMULATED SNP report, measurement {}",
+                out.display(),
+                microkernel::measure::hex(&measurement)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Attest { action } => attest(action),
         Cmd::Measure {
             manifest,
             guest,

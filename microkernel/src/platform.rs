@@ -91,7 +91,9 @@ impl Tcb {
 pub enum PlatformError {
     #[error("platform directory {path}: {error}")]
     Io { path: String, error: std::io::Error },
-    #[error("platform directory {0} already holds a platform identity (delete it to make a new one)")]
+    #[error(
+        "platform directory {0} already holds a platform identity (delete it to make a new one)"
+    )]
     Exists(String),
     #[error("making the certificates: {0}")]
     Crypto(String),
@@ -157,7 +159,9 @@ fn kds_extensions(tcb: Tcb, hw_id: &[u8; 64]) -> Result<Vec<KdsExtension>, Platf
     let uint = |v: u8| -> Result<Vec<u8>, PlatformError> {
         // A non-negative INTEGER: a leading zero byte when the top bit is set.
         if v >= 0x80 {
-            x509_cert::der::asn1::Int::new(&[0, v]).and_then(|i| i.to_der()).map_err(crypto)
+            x509_cert::der::asn1::Int::new(&[0, v])
+                .and_then(|i| i.to_der())
+                .map_err(crypto)
         } else {
             int(v).map_err(crypto)
         }
@@ -259,9 +263,7 @@ impl Platform {
             k.to_public_key()
                 .to_public_key_der()
                 .map_err(crypto)
-                .and_then(|d| {
-                    SubjectPublicKeyInfoOwned::try_from(d.as_bytes()).map_err(crypto)
-                })
+                .and_then(|d| SubjectPublicKeyInfoOwned::try_from(d.as_bytes()).map_err(crypto))
         };
         let ark_name = name(&format!("ARK-{PRODUCT}-SIM"))?;
         let ask_name = name(&format!("SEV-{PRODUCT}-SIM"))?;
@@ -372,7 +374,9 @@ impl Platform {
                 return Ok(k);
             }
         }
-        Err(PlatformError::Crypto("no valid P-384 scalar from the chip secret".into()))
+        Err(PlatformError::Crypto(
+            "no valid P-384 scalar from the chip secret".into(),
+        ))
     }
 }
 
@@ -409,7 +413,8 @@ impl Platform {
     pub fn report(&self, req: &ReportRequest) -> Result<[u8; REPORT_LEN], PlatformError> {
         let mut r = [0u8; REPORT_LEN];
         let tcb = TCB.raw().to_le_bytes();
-        let put = |r: &mut [u8; REPORT_LEN], at: usize, b: &[u8]| r[at..at + b.len()].copy_from_slice(b);
+        let put =
+            |r: &mut [u8; REPORT_LEN], at: usize, b: &[u8]| r[at..at + b.len()].copy_from_slice(b);
         put(&mut r, 0x00, &REPORT_VERSION.to_le_bytes());
         put(&mut r, 0x04, &0u32.to_le_bytes()); // guest SVN
         put(&mut r, 0x08, &req.policy.to_le_bytes());
@@ -475,7 +480,10 @@ mod tests {
         };
         (&chain).verify().expect("the chain verifies");
         // A second init refuses; opening gives the same chip.
-        assert!(matches!(Platform::init(&dir), Err(PlatformError::Exists(_))));
+        assert!(matches!(
+            Platform::init(&dir),
+            Err(PlatformError::Exists(_))
+        ));
         let again = Platform::open(&dir).unwrap();
         assert_eq!(again.chip_id(), platform.chip_id());
         // The VCEK certificate carries the key the chip derives.
@@ -503,7 +511,11 @@ mod tests {
             policy: POLICY,
         };
         let raw = platform.report(&req).unwrap();
-        let report = <sev::firmware::guest::AttestationReport as sev::parser::ByteParser<()>>::from_bytes(&raw).expect("parses");
+        let report =
+            <sev::firmware::guest::AttestationReport as sev::parser::ByteParser<()>>::from_bytes(
+                &raw,
+            )
+            .expect("parses");
         assert_eq!(report.report_data, [0x5a; 64]);
         assert_eq!(report.measurement, [0x11; 48]);
         assert_eq!(report.chip_id, platform.chip_id());
@@ -519,7 +531,11 @@ mod tests {
         }
         // Another platform's report does not verify with this chain.
         let foreign = Platform::open(&other).unwrap().report(&req).unwrap();
-        let foreign = <sev::firmware::guest::AttestationReport as sev::parser::ByteParser<()>>::from_bytes(&foreign).unwrap();
+        let foreign =
+            <sev::firmware::guest::AttestationReport as sev::parser::ByteParser<()>>::from_bytes(
+                &foreign,
+            )
+            .unwrap();
         assert!((&chain, &foreign).verify().is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }

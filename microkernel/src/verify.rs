@@ -1,0 +1,182 @@
+//! `paravisor attest verify`: what a remote verifier does with our evidence, using the `sev`
+//! crate for the certificate chain and the report signature. Every input is hostile; every
+//! refusal names its reason.
+
+use std::path::Path;
+
+use sev::certs::snp::ca;
+use sev::certs::snp::Certificate;
+use sev::certs::snp::Chain;
+use sev::certs::snp::Verifiable;
+use sev::firmware::guest::AttestationReport;
+use sev::parser::ByteParser;
+use sha2::Digest;
+
+use crate::measure::hex;
+use crate::platform::REPORT_LEN;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("reading {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    #[error("{file} is not a certificate: {reason}")]
+    Certificate { file: String, reason: String },
+    #[error("the ARK's SHA-256 fingerprint is {found}, not the pinned {pinned}: this chain is not from the platform you trust")]
+    ArkFingerprint { found: String, pinned: String },
+    #[error("the certificate chain does not verify: {0}")]
+    Chain(String),
+    #[error("the report is {0} bytes, not {REPORT_LEN}")]
+    ReportSize(usize),
+    #[error("the report does not parse: {0}")]
+    ReportFormat(String),
+    #[error("reserved bytes {start:#x}..{end:#x} of the report are not zero")]
+    Reserved { start: usize, end: usize },
+    #[error("the report's signature does not verify with the VCEK: {0}")]
+    Signature(String),
+    #[error("measurement mismatch: the report says {found}, expected {expected}")]
+    Measurement { found: String, expected: String },
+    #[error("report_data mismatch: the report says {found}, expected {expected}")]
+    ReportData { found: String, expected: String },
+}
+
+/// Reserved ranges of a version 3 report (must be zero).
+const RESERVED: &[(usize, usize)] = &[
+    (0x4C, 0x50),
+    (0x18B, 0x1A0),
+    (0x1EB, 0x1EC),
+    (0x1EF, 0x1F0),
+    (0x1F8, 0x2A0),
+    (0x330, 0x4A0),
+];
+
+/// What a verified report says.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Claims {
+    pub version: u32,
+    pub policy: u64,
+    pub vmpl: u32,
+    pub measurement: String,
+    pub report_data: String,
+    pub host_data: String,
+    pub chip_id: String,
+    pub reported_tcb: u64,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, VerifyError> {
+    std::fs::read(path).map_err(|error| VerifyError::Read {
+        path: path.display().to_string(),
+        error,
+    })
+}
+
+fn certificate(dir: &Path, file: &str) -> Result<(Certificate, Vec<u8>), VerifyError> {
+    let pem = read(&dir.join(file))?;
+    let cert = Certificate::from_pem(&pem).map_err(|e| VerifyError::Certificate {
+        file: file.into(),
+        reason: e.to_string(),
+    })?;
+    let der = cert.to_der().map_err(|e| VerifyError::Certificate {
+        file: file.into(),
+        reason: e.to_string(),
+    })?;
+    Ok((cert, der))
+}
+
+/// SHA-256 of the ARK certificate (DER), as hex: what a verifier pins.
+pub fn ark_fingerprint(certs: &Path) -> Result<String, VerifyError> {
+    let (_, der) = certificate(certs, crate::platform::ARK_PEM)?;
+    Ok(hex(&sha2::Sha256::digest(&der)))
+}
+
+/// Verifies `report` against the chain in `certs` (ark.pem, ask.pem, vcek.pem) whose ARK
+/// must have the SHA-256 fingerprint `ark_pin`; then the expected measurement and
+/// report_data, when given.
+pub fn verify(
+    report: &[u8],
+    certs: &Path,
+    ark_pin: &str,
+    expected_measurement: Option<&[u8; 48]>,
+    expected_report_data: Option<&[u8; 64]>,
+) -> Result<Claims, VerifyError> {
+    let (ark, ark_der) = certificate(certs, crate::platform::ARK_PEM)?;
+    let found = hex(&sha2::Sha256::digest(&ark_der));
+    let pinned = ark_pin.trim().to_ascii_lowercase().replace(':', "");
+    if found != pinned {
+        return Err(VerifyError::ArkFingerprint { found, pinned });
+    }
+    let (ask, _) = certificate(certs, crate::platform::ASK_PEM)?;
+    let (vcek, _) = certificate(certs, crate::platform::VCEK_PEM)?;
+    let chain = Chain {
+        ca: ca::Chain { ark, ask },
+        vek: vcek,
+    };
+    (&chain)
+        .verify()
+        .map_err(|e| VerifyError::Chain(e.to_string()))?;
+    if report.len() != REPORT_LEN {
+        return Err(VerifyError::ReportSize(report.len()));
+    }
+    for &(start, end) in RESERVED {
+        if report[start..end].iter().any(|b| *b != 0) {
+            return Err(VerifyError::Reserved { start, end });
+        }
+    }
+    let parsed = <AttestationReport as ByteParser<()>>::from_bytes(report)
+        .map_err(|e| VerifyError::ReportFormat(e.to_string()))?;
+    (&chain, &parsed)
+        .verify()
+        .map_err(|e| VerifyError::Signature(e.to_string()))?;
+    if let Some(m) = expected_measurement {
+        if parsed.measurement != *m {
+            return Err(VerifyError::Measurement {
+                found: hex(&parsed.measurement),
+                expected: hex(m),
+            });
+        }
+    }
+    if let Some(d) = expected_report_data {
+        if parsed.report_data != *d {
+            return Err(VerifyError::ReportData {
+                found: hex(&parsed.report_data),
+                expected: hex(d),
+            });
+        }
+    }
+    Ok(Claims {
+        version: parsed.version,
+        policy: u64::from_le_bytes(report[0x08..0x10].try_into().unwrap_or([0; 8])),
+        vmpl: parsed.vmpl,
+        measurement: hex(&parsed.measurement),
+        report_data: hex(&parsed.report_data),
+        host_data: hex(&parsed.host_data),
+        chip_id: hex(&parsed.chip_id),
+        reported_tcb: u64::from_le_bytes(report[0x180..0x188].try_into().unwrap_or([0; 8])),
+    })
+}
+
+/// `report_data` for a nonce: the nonce itself, zero-padded, when it fits in 64 bytes; its
+/// SHA-512 when it is longer.
+pub fn report_data_for(nonce: &[u8]) -> [u8; 64] {
+    let mut d = [0u8; 64];
+    if nonce.len() <= 64 {
+        d[..nonce.len()].copy_from_slice(nonce);
+    } else {
+        d.copy_from_slice(&sha2::Sha512::digest(nonce));
+    }
+    d
+}
+
+/// Parses hex (spaces and colons allowed).
+pub fn parse_hex(s: &str) -> Option<Vec<u8>> {
+    let s: String = s
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != ':')
+        .collect();
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
