@@ -257,7 +257,7 @@ enum AttestCmd {
         #[arg(long)]
         manifest: Option<PathBuf>,
         #[command(flatten)]
-        guest: GuestArgs,
+        guest: Box<GuestArgs>,
         /// The nonce the report must carry (hex; see `platform report`).
         #[arg(long)]
         nonce: Option<String>,
