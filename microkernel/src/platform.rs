@@ -453,6 +453,77 @@ impl Platform {
     }
 }
 
+/// Which launch facts a derived key is bound to (as SNP's GUEST_FIELD_SELECT).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FieldSelect {
+    pub policy: bool,
+    pub measurement: bool,
+    pub guest_svn: bool,
+    pub tcb: bool,
+}
+
+impl FieldSelect {
+    fn bits(self) -> u8 {
+        u8::from(self.policy)
+            | u8::from(self.measurement) << 3
+            | u8::from(self.guest_svn) << 4
+            | u8::from(self.tcb) << 5
+    }
+}
+
+/// The launch facts a derived key can be bound to.
+#[derive(Debug, Clone, Copy)]
+pub struct LaunchFacts {
+    pub measurement: [u8; 48],
+    pub policy: u64,
+    pub guest_svn: u32,
+}
+
+/// SP 800-108 KDF in counter mode with HMAC-SHA-256, one 256-bit block: HMAC(key,
+/// [1]_32 || label || 0x00 || context || [256]_32).
+pub fn kdf_sp800_108(key: &[u8], label: &[u8], context: &[u8]) -> [u8; 32] {
+    use hmac::Mac;
+    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key)
+        .expect("HMAC takes a key of any length");
+    mac.update(&1u32.to_be_bytes());
+    mac.update(label);
+    mac.update(&[0]);
+    mac.update(context);
+    mac.update(&256u32.to_be_bytes());
+    mac.finalize().into_bytes().into()
+}
+
+impl Platform {
+    /// A 32-byte key from the chip secret mixed with the selected launch facts and the
+    /// caller's context: what the hardware's key request gives a guest. The chip and TCB are
+    /// always in it; the measurement only when selected.
+    pub fn derived_key(
+        &self,
+        select: FieldSelect,
+        facts: &LaunchFacts,
+        context: &[u8],
+    ) -> [u8; 32] {
+        let mut ctx = vec![select.bits()];
+        ctx.extend_from_slice(&self.chip_id());
+        ctx.extend_from_slice(&TCB.raw().to_le_bytes());
+        if select.policy {
+            ctx.extend_from_slice(&facts.policy.to_le_bytes());
+        }
+        if select.measurement {
+            ctx.extend_from_slice(&facts.measurement);
+        }
+        if select.guest_svn {
+            ctx.extend_from_slice(&facts.guest_svn.to_le_bytes());
+        }
+        if select.tcb {
+            ctx.extend_from_slice(&TCB.raw().to_le_bytes());
+        }
+        ctx.extend_from_slice(&(context.len() as u32).to_le_bytes());
+        ctx.extend_from_slice(context);
+        kdf_sp800_108(&self.secret[..], b"PV-SIM DERIVED KEY", &ctx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use sev::certs::snp::ca;
@@ -537,6 +608,43 @@ mod tests {
             )
             .unwrap();
         assert!((&chain, &foreign).verify().is_err());
+        // Derived keys: bound to the measurement only when it is selected.
+        let facts = LaunchFacts {
+            measurement: [1; 48],
+            policy: POLICY,
+            guest_svn: 0,
+        };
+        let changed = LaunchFacts {
+            measurement: [2; 48],
+            ..facts
+        };
+        let by_m = FieldSelect {
+            measurement: true,
+            ..Default::default()
+        };
+        let k = platform.derived_key(by_m, &facts, b"VMGSKEY");
+        assert_eq!(k, again.derived_key(by_m, &facts, b"VMGSKEY"));
+        assert_ne!(k, platform.derived_key(by_m, &changed, b"VMGSKEY"));
+        assert_ne!(k, platform.derived_key(by_m, &facts, b"ISOHWKEY"));
+        let chip_only = FieldSelect::default();
+        assert_eq!(
+            platform.derived_key(chip_only, &facts, b"VMGSKEY"),
+            platform.derived_key(chip_only, &changed, b"VMGSKEY")
+        );
+        let foreign = Platform::open(&other).unwrap();
+        assert_ne!(k, foreign.derived_key(by_m, &facts, b"VMGSKEY"));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// SP 800-108 counter mode, HMAC-SHA-256, one block, against an independent computation
+    /// (Python: hmac.new(key, b"\x00\x00\x00\x01" + label + b"\x00" + ctx +
+    /// b"\x00\x00\x01\x00", "sha256")).
+    #[test]
+    fn kdf_matches_an_independent_computation() {
+        let k = kdf_sp800_108(b"key", b"VMGSKEY", b"ctx");
+        assert_eq!(
+            crate::measure::hex(&k),
+            "f843b39f0608d8a98ecc1e63840ec5527474562d613b0105680c9af1b6a90eab"
+        );
     }
 }

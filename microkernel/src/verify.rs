@@ -70,16 +70,40 @@ fn read(path: &Path) -> Result<Vec<u8>, VerifyError> {
 }
 
 fn certificate(dir: &Path, file: &str) -> Result<(Certificate, Vec<u8>), VerifyError> {
-    let pem = read(&dir.join(file))?;
-    let cert = Certificate::from_pem(&pem).map_err(|e| VerifyError::Certificate {
-        file: file.into(),
-        reason: e.to_string(),
-    })?;
+    let cert = parse_certificate(&read(&dir.join(file))?, file)?;
     let der = cert.to_der().map_err(|e| VerifyError::Certificate {
         file: file.into(),
         reason: e.to_string(),
     })?;
     Ok((cert, der))
+}
+
+/// Parses a report from untrusted bytes: size, zero reserved bytes, then the sev crate's
+/// decoder.
+pub fn parse_report(report: &[u8]) -> Result<AttestationReport, VerifyError> {
+    if report.len() != REPORT_LEN {
+        return Err(VerifyError::ReportSize(report.len()));
+    }
+    for &(start, end) in RESERVED {
+        if report[start..end].iter().any(|b| *b != 0) {
+            return Err(VerifyError::Reserved { start, end });
+        }
+    }
+    <AttestationReport as ByteParser<()>>::from_bytes(report)
+        .map_err(|e| VerifyError::ReportFormat(e.to_string()))
+}
+
+/// Parses a certificate (PEM, or DER when it is not PEM) from untrusted bytes.
+pub fn parse_certificate(bytes: &[u8], file: &str) -> Result<Certificate, VerifyError> {
+    let parsed = if bytes.starts_with(b"-----BEGIN") {
+        Certificate::from_pem(bytes)
+    } else {
+        Certificate::from_der(bytes)
+    };
+    parsed.map_err(|e| VerifyError::Certificate {
+        file: file.into(),
+        reason: e.to_string(),
+    })
 }
 
 /// SHA-256 of the ARK certificate (DER), as hex: what a verifier pins.
@@ -113,16 +137,7 @@ pub fn verify(
     (&chain)
         .verify()
         .map_err(|e| VerifyError::Chain(e.to_string()))?;
-    if report.len() != REPORT_LEN {
-        return Err(VerifyError::ReportSize(report.len()));
-    }
-    for &(start, end) in RESERVED {
-        if report[start..end].iter().any(|b| *b != 0) {
-            return Err(VerifyError::Reserved { start, end });
-        }
-    }
-    let parsed = <AttestationReport as ByteParser<()>>::from_bytes(report)
-        .map_err(|e| VerifyError::ReportFormat(e.to_string()))?;
+    let parsed = parse_report(report)?;
     (&chain, &parsed)
         .verify()
         .map_err(|e| VerifyError::Signature(e.to_string()))?;
