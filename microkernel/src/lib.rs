@@ -11,6 +11,7 @@
 pub mod audit;
 pub mod bench;
 pub mod bench_guest;
+pub mod bench_measure;
 pub mod bench_vmgs;
 pub mod bench_vtpm;
 pub mod control;

@@ -119,7 +119,7 @@ enum Cmd {
     /// answered by a device service against one answered in the vCPU thread).
     Bench {
         /// What to measure.
-        #[arg(value_parser = ["ipc", "vmgs", "vtpm", "guest"], default_value = "ipc")]
+        #[arg(value_parser = ["ipc", "vmgs", "vtpm", "guest", "measure"], default_value = "ipc")]
         what: String,
         /// For `vmgs`: the directory (file system) to measure in [default: the system's temporary directory].
         #[arg(long)]
@@ -797,6 +797,13 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             let samples = if quick { 5 } else { samples };
             let report = microkernel::bench_vmgs::run(&dir, samples);
             print_report(report, json, microkernel::bench_vmgs::text)
+        }
+        Cmd::Bench {
+            what, quick, json, ..
+        } if what == "measure" => {
+            let report =
+                microkernel::bench_measure::run(Path::new(DEFAULT_MANIFEST), &bin_dir(), quick);
+            print_report(report, json, microkernel::bench_measure::text)
         }
         Cmd::Bench {
             what,
