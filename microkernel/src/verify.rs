@@ -94,16 +94,25 @@ pub fn parse_report(report: &[u8]) -> Result<AttestationReport, VerifyError> {
 }
 
 /// Parses a certificate (PEM, or DER when it is not PEM) from untrusted bytes.
+///
+/// PEM is decoded to DER in one piece first: the streaming PEM reader of `der` 0.7 (behind
+/// `Certificate::from_pem`) loops forever on some short bodies (fuzzing found "fg==").
 pub fn parse_certificate(bytes: &[u8], file: &str) -> Result<Certificate, VerifyError> {
-    let parsed = if bytes.starts_with(b"-----BEGIN") {
-        Certificate::from_pem(bytes)
-    } else {
-        Certificate::from_der(bytes)
-    };
-    parsed.map_err(|e| VerifyError::Certificate {
+    let bad = |reason: String| VerifyError::Certificate {
         file: file.into(),
-        reason: e.to_string(),
-    })
+        reason,
+    };
+    let der = if bytes.starts_with(b"-----BEGIN") {
+        let (label, der) =
+            x509_cert::der::pem::decode_vec(bytes).map_err(|e| bad(format!("PEM: {e}")))?;
+        if label != "CERTIFICATE" {
+            return Err(bad(format!("a PEM \"{label}\", not a CERTIFICATE")));
+        }
+        der
+    } else {
+        bytes.to_vec()
+    };
+    Certificate::from_der(&der).map_err(|e| bad(e.to_string()))
 }
 
 /// SHA-256 of the ARK certificate (DER), as hex: what a verifier pins.
@@ -194,4 +203,36 @@ pub fn parse_hex(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by fuzzing: `der`'s streaming PEM reader never returns on this body.
+    #[test]
+    fn a_short_pem_body_is_refused_rather_than_hanging() {
+        let pem = b"-----BEGIN CERTIFICATE-----\nfg==\n-----END CERTIFICATE-----\n";
+        assert!(matches!(
+            parse_certificate(pem, "x"),
+            Err(VerifyError::Certificate { .. })
+        ));
+        assert!(parse_certificate(b"-----BEGIN KEY-----\nfg==\n-----END KEY-----\n", "x").is_err());
+        assert!(matches!(
+            parse_report(&[0; 10]),
+            Err(VerifyError::ReportSize(10))
+        ));
+    }
+
+    #[test]
+    fn nonces_longer_than_report_data_are_hashed() {
+        assert_eq!(&report_data_for(b"ab")[..3], b"ab\0");
+        let long = [7u8; 65];
+        assert_eq!(
+            report_data_for(&long).to_vec(),
+            sha2::Sha512::digest(long).to_vec()
+        );
+        assert_eq!(parse_hex("0a:0B 0c"), Some(vec![10, 11, 12]));
+        assert_eq!(parse_hex("abc"), None);
+    }
 }
