@@ -250,8 +250,13 @@ enum AttestCmd {
         #[arg(long)]
         ark_fingerprint: String,
         /// The expected measurement (hex, 48 bytes).
-        #[arg(long, conflicts_with = "manifest")]
+        #[arg(long, conflicts_with_all = ["manifest", "launch_log"])]
         expected_measurement: Option<String>,
+        /// A launch log (`paravisor measure --json`, or `launch-log.json` in a run's state
+        /// directory): the measurement is recomputed from the log alone, and the log's entries
+        /// are printed as claims (check their hashes against the release you trust).
+        #[arg(long, conflicts_with = "manifest")]
+        launch_log: Option<PathBuf>,
         /// Recompute the expected measurement from this manifest, its binaries next to
         /// `paravisor`, and the guest options below (as `paravisor measure`).
         #[arg(long)]
@@ -395,6 +400,7 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
             certs,
             ark_fingerprint,
             expected_measurement,
+            launch_log,
             manifest,
             guest,
             nonce,
@@ -402,7 +408,19 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
         } => {
             let bytes =
                 std::fs::read(&report).map_err(|e| fail(format!("{}: {e}", report.display())))?;
+            let log: Option<microkernel::measure::LaunchLog> = match &launch_log {
+                Some(path) => Some(
+                    std::fs::read(path)
+                        .map_err(|e| e.to_string())
+                        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+                        .map_err(|e| fail(format!("launch log {}: {e}", path.display())))?,
+                ),
+                None => None,
+            };
             let expected: Option<[u8; 48]> = match (expected_measurement, manifest) {
+                _ if log.is_some() => log
+                    .as_ref()
+                    .map(|l| microkernel::measure::digest_of(&l.entries)),
                 (Some(m), _) => Some(
                     microkernel::verify::parse_hex(&m)
                         .and_then(|v| v.try_into().ok())
@@ -452,6 +470,21 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
                         println!("  measurement {}", claims.measurement);
                         println!("  report_data {}", claims.report_data);
                         println!("  chip_id     {}", claims.chip_id);
+                        if let Some(l) = &log {
+                            println!(
+                                "  launch log (its recomputed digest is the report's measurement):"
+                            );
+                            for e in &l.entries {
+                                println!(
+                                    "    {:>3} {:<13} {:>10} {} {}",
+                                    e.seq,
+                                    e.kind.name(),
+                                    e.length,
+                                    microkernel::measure::hex(&e.sha384),
+                                    e.name
+                                );
+                            }
+                        }
                     }
                     Ok(ExitCode::SUCCESS)
                 }
@@ -674,10 +707,18 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                         eprintln!("paravisor: {e}");
                         ExitCode::FAILURE
                     })?;
+            let _ = std::fs::create_dir_all(&opts.state_dir);
+            let log_path = opts.state_dir.join("launch-log.json");
+            if let Err(e) = serde_json::to_vec_pretty(&log)
+                .map_err(std::io::Error::other)
+                .and_then(|b| std::fs::write(&log_path, b))
+            {
+                tracing::warn!("launch log not written to {}: {e}", log_path.display());
+            }
             tracing::info!(
                 entries = log.entries.len(),
                 bytes = log.bytes,
-                "launch measurement {} ({:.0} ms); `paravisor measure` prints the log",
+                "launch measurement {} ({:.0} ms); the log is in launch-log.json of the state directory",
                 microkernel::measure::hex(&log.measurement),
                 started.elapsed().as_secs_f64() * 1e3
             );

@@ -43,7 +43,7 @@ const PAGE_TYPE_VMSA: u8 = 0x02;
 pub type Digest384 = [u8; 48];
 
 /// What an entry measures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Kind {
     Manifest,
@@ -67,13 +67,13 @@ impl Kind {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Entry {
     pub seq: u32,
     pub kind: Kind,
     pub name: String,
     pub length: u64,
-    #[serde(serialize_with = "hex_digest")]
+    #[serde(serialize_with = "hex_digest", deserialize_with = "digest_from_hex")]
     pub sha384: Digest384,
     /// Guest-physical address of its first page in the measured image.
     pub gpa: u64,
@@ -83,15 +83,22 @@ fn hex_digest<S: serde::Serializer>(d: &Digest384, s: S) -> Result<S::Ok, S::Err
     s.serialize_str(&hex(d))
 }
 
+fn digest_from_hex<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Digest384, D::Error> {
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    crate::verify::parse_hex(&s)
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| serde::de::Error::custom("not 48 bytes of hex"))
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct LaunchLog {
     pub entries: Vec<Entry>,
     /// The launch digest: the report's `measurement`.
-    #[serde(serialize_with = "hex_digest")]
+    #[serde(serialize_with = "hex_digest", deserialize_with = "digest_from_hex")]
     pub measurement: Digest384,
     /// Bytes measured.
     pub bytes: u64,

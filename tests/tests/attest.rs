@@ -181,6 +181,30 @@ fn the_measurement_a_verifier_recomputes_from_the_manifest_matches_the_launch() 
         &["--manifest", shipped_manifest().to_str().unwrap()],
     );
     assert!(ok, "{out}");
+    // A verifier holding only the launch log recomputes the measurement from it; a log that
+    // lies about one length gives another measurement.
+    let log = root.join("launch-log.json");
+    std::fs::write(&log, &json).unwrap();
+    let (ok, out) = verify(
+        &r,
+        &a.certs,
+        &a.fingerprint,
+        &["--launch-log", log.to_str().unwrap()],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("vcpu-state"), "{out}");
+    let mut lie = v.clone();
+    lie["entries"][1]["length"] =
+        serde_json::json!(lie["entries"][1]["length"].as_u64().unwrap() + 1);
+    let lie_path = root.join("lie.json");
+    std::fs::write(&lie_path, serde_json::to_vec(&lie).unwrap()).unwrap();
+    let (ok, out) = verify(
+        &r,
+        &a.certs,
+        &a.fingerprint,
+        &["--launch-log", lie_path.to_str().unwrap()],
+    );
+    assert!(!ok && out.contains("measurement mismatch"), "{out}");
     // The same report against another guest command line: a different launch.
     let (ok, out) = verify(
         &r,

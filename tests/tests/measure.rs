@@ -80,3 +80,37 @@ fn a_changed_service_binary_changes_the_measurement() {
     assert_eq!(differ, vec!["net (pv-net)".to_string()]);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn run_records_the_launch_log_that_measure_predicts() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!(
+            "SKIPPED: no /dev/kvm: run_records_the_launch_log_that_measure_predicts needs a guest"
+        );
+        return;
+    }
+    let dir = scratch_dir("measure-run");
+    let manifest = dir.join("manifest.toml");
+    std::fs::write(&manifest, shipped_text()).unwrap();
+    let out = Command::new(paravisor())
+        .arg("run")
+        .arg(&manifest)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(["--cmdline", "tpm=0 interrupt=0 unowned=0"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let recorded: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("state/launch-log.json")).unwrap()).unwrap();
+    let predicted = Command::new(paravisor())
+        .arg("measure")
+        .arg(&manifest)
+        .args(["--cmdline", "tpm=0 interrupt=0 unowned=0", "--json"])
+        .output()
+        .unwrap();
+    let predicted: serde_json::Value = serde_json::from_slice(&predicted.stdout).unwrap();
+    assert_eq!(recorded["measurement"], predicted["measurement"]);
+    assert!(text(&out).contains(recorded["measurement"].as_str().unwrap()));
+    let _ = std::fs::remove_dir_all(dir);
+}
