@@ -706,9 +706,5 @@ fn headers_table(report: &pv_vmgs::store::HeaderReport) -> String {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    let mut s = String::from("0x");
-    for b in bytes {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
+    format!("0x{}", crate::measure::hex(bytes))
 }
