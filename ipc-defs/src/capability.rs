@@ -104,6 +104,10 @@ pub enum CapabilityKind {
     /// An eventfd wired to this guest interrupt (KVM irqfd): signalling it raises the
     /// interrupt. Only intercept holds these; devices ask it.
     Interrupt(crate::services::intercept::Interrupt),
+    /// The calling end of the channel to the secure processor (reports and derived keys:
+    /// [`crate::services::platform`]), which the microkernel serves. Only the service that
+    /// serves `attest` may hold it.
+    Platform,
 }
 
 impl core::fmt::Display for CapabilityKind {
@@ -120,6 +124,7 @@ impl core::fmt::Display for CapabilityKind {
             CapabilityKind::Key => write!(f, "key"),
             CapabilityKind::Listener => write!(f, "listener"),
             CapabilityKind::Interrupt(i) => write!(f, "interrupt:{i}"),
+            CapabilityKind::Platform => write!(f, "platform"),
         }
     }
 }

@@ -91,7 +91,14 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
             keys: s
                 .keys
                 .iter()
-                .map(|k| format!("{} = {}", k.name, k.path.display()))
+                .map(|k| match &k.path {
+                    Some(p) => format!("{} = {}", k.name, p.display()),
+                    None => format!(
+                        "{} sealed in its guest-state file (HW_KEY_PROTECTOR) by attest, policy {}",
+                        k.name,
+                        m.attest.sealing.name()
+                    ),
+                })
                 .collect(),
             listen: s
                 .listen

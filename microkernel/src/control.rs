@@ -33,6 +33,8 @@ pub enum Command {
     Probe { service: String, endpoint: String },
     LiveAudit,
     Shutdown,
+    /// A report from the attest service over these 64 bytes (hex), with its chain.
+    AttestReport { report_data: String },
 }
 
 /// One row of `paravisor ps`.
@@ -105,6 +107,8 @@ pub enum Reply {
     Error {
         message: String,
     },
+    /// A raw attestation report (hex) and the chain that verifies it (PEM: ARK, ASK, VCEK).
+    Report { report: String, certs: String },
 }
 
 /// Errors of a command-line client.

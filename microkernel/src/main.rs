@@ -55,6 +55,10 @@ enum Cmd {
         /// Directory for the control socket and state files [default: the manifest's state-dir, "state"]
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// The simulated platform, provisioned on first use [default: the manifest's
+        /// `[attest] platform-dir`, else "platform" next to the state directory]
+        #[arg(long)]
+        platform_dir: Option<PathBuf>,
         #[command(flatten)]
         guest: GuestArgs,
     },
@@ -145,6 +149,12 @@ enum Cmd {
     Vmgs {
         #[command(subcommand)]
         command: microkernel::vmgs_cli::VmgsCmd,
+    },
+    /// Key broker (KBS), run by the tenant outside the paravisor's trust boundary: releases
+    /// the tenant key, wrapped, only to attestation evidence that verifies.
+    Kbs {
+        #[command(subcommand)]
+        command: microkernel::kbs::KbsCmd,
     },
     /// Stop the running instance (like SIGTERM).
     Stop {
@@ -680,6 +690,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
         Cmd::Run {
             manifest,
             state_dir,
+            platform_dir,
             guest,
         } => {
             let keep_running = guest.keep_running;
@@ -691,24 +702,17 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 .ok()
                 .and_then(|p| p.parent().map(Path::to_path_buf))
                 .unwrap_or_else(|| PathBuf::from("."));
-            let opts = supervisor::Options {
-                manifest: m,
-                state_dir,
-                bin_dir,
-                log_filter: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-                guest,
-                keep_running,
-            };
+            let platform_dir = platform_dir
+                .or_else(|| m.attest.platform_dir.clone())
+                .unwrap_or_else(|| supervisor::default_platform_dir(&state_dir));
             // The measured launch: before any service runs.
             let started = std::time::Instant::now();
-            let log =
-                microkernel::measure::launch(&opts.manifest, &opts.bin_dir, opts.guest.as_ref())
-                    .map_err(|e| {
-                        eprintln!("paravisor: {e}");
-                        ExitCode::FAILURE
-                    })?;
-            let _ = std::fs::create_dir_all(&opts.state_dir);
-            let log_path = opts.state_dir.join("launch-log.json");
+            let log = microkernel::measure::launch(&m, &bin_dir, guest.as_ref()).map_err(|e| {
+                eprintln!("paravisor: {e}");
+                ExitCode::FAILURE
+            })?;
+            let _ = std::fs::create_dir_all(&state_dir);
+            let log_path = state_dir.join("launch-log.json");
             if let Err(e) = serde_json::to_vec_pretty(&log)
                 .map_err(std::io::Error::other)
                 .and_then(|b| std::fs::write(&log_path, b))
@@ -722,6 +726,16 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 microkernel::measure::hex(&log.measurement),
                 started.elapsed().as_secs_f64() * 1e3
             );
+            let opts = supervisor::Options {
+                manifest: m,
+                state_dir,
+                bin_dir,
+                log_filter: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+                guest,
+                keep_running,
+                platform_dir,
+                measurement: log.measurement,
+            };
             let sup = supervisor::Supervisor::new(&opts).map_err(|e| {
                 eprintln!("paravisor: {e}");
                 ExitCode::FAILURE
@@ -898,6 +912,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Vmgs { command } => Ok(microkernel::vmgs_cli::run(command)),
+        Cmd::Kbs { command } => Ok(microkernel::kbs::run(command)),
         Cmd::Stop {
             state_dir,
             manifest,

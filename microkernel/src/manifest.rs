@@ -155,6 +155,16 @@ struct RawManifest {
     paravisor: Option<RawParavisor>,
     #[serde(default)]
     service: Vec<Spanned<RawService>>,
+    #[serde(default)]
+    attest: Option<RawAttest>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawAttest {
+    sealing: Option<Spanned<String>>,
+    key_release: Option<Spanned<String>>,
+    platform_dir: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -199,6 +209,9 @@ struct RawService {
     syscalls: Vec<Spanned<String>>,
     #[serde(default)]
     watchdog: Option<Spanned<String>>,
+    /// Holds the calling end of the secure processor (the attest service only).
+    #[serde(default)]
+    platform: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -227,7 +240,11 @@ struct RawListen {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawKey {
     name: Spanned<String>,
-    path: Spanned<String>,
+    #[serde(default)]
+    path: Option<Spanned<String>>,
+    /// Kept sealed in the guest-state file instead of a key file.
+    #[serde(default)]
+    sealed: Option<Spanned<bool>>,
     #[serde(default)]
     missing: Option<Spanned<String>>,
 }
@@ -349,14 +366,63 @@ pub enum MissingKey {
     Create,
 }
 
-/// A secret the microkernel reads from a file in the state directory and hands to the
-/// service as a sealed memfd: the service gets the key, never the file.
+/// A secret the microkernel hands to the service as a sealed memfd: the service gets the
+/// key, never where it is kept.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct KeyGrant {
     pub name: String,
-    /// Relative to the state directory.
-    pub path: PathBuf,
+    /// The key file, relative to the state directory; `None` for a sealed key, which is kept
+    /// only in the guest-state file the key encrypts (VMGS id HW_KEY_PROTECTOR), wrapped by
+    /// the attest service under a key the platform derives (see [`AttestSettings`]).
+    pub path: Option<PathBuf>,
     pub missing: MissingKey,
+}
+
+impl KeyGrant {
+    pub fn is_sealed(&self) -> bool {
+        self.path.is_none()
+    }
+}
+
+/// What the launch facts a sealed key is bound to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sealing {
+    /// The chip and its TCB: survives rebuilds and upgrades of the paravisor (development).
+    Platform,
+    /// Also the launch measurement: a paravisor with any other measurement cannot unseal
+    /// (production).
+    Measurement,
+}
+
+impl Sealing {
+    pub fn name(self) -> &'static str {
+        match self {
+            Sealing::Platform => "platform",
+            Sealing::Measurement => "measurement",
+        }
+    }
+}
+
+/// The manifest's `[attest]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AttestSettings {
+    pub sealing: Sealing,
+    /// A key broker (loopback) that releases the datastore key's wrapping key to a report
+    /// that satisfies its policy.
+    pub key_release: Option<std::net::SocketAddr>,
+    /// The simulated platform's directory (`None`: `platform` next to the state directory).
+    pub platform_dir: Option<PathBuf>,
+}
+
+impl Default for AttestSettings {
+    fn default() -> AttestSettings {
+        AttestSettings {
+            sealing: Sealing::Platform,
+            key_release: None,
+            platform_dir: None,
+        }
+    }
 }
 
 /// Bytes of a key.
@@ -457,6 +523,8 @@ pub struct ServiceSpec {
     /// killed as hung (and restarted by its policy).
     #[serde(serialize_with = "ser_duration")]
     pub watchdog: Duration,
+    /// Holds the calling end of the secure processor (only the service that serves attest).
+    pub platform: bool,
 }
 
 fn ser_grants<S: serde::Serializer>(
@@ -506,6 +574,7 @@ pub struct Manifest {
     pub state_dir: PathBuf,
     pub ring_capacity: u32,
     pub services: Vec<ServiceSpec>,
+    pub attest: AttestSettings,
     /// The text that was validated (what the launch measurement hashes: never read again).
     #[serde(skip)]
     pub source: String,
@@ -589,6 +658,7 @@ impl Validator<'_> {
         let mut ring_capacity = DEFAULT_RING_CAPACITY;
         let mut ring_span: Option<Range<usize>> = None;
         let mut call_spans: BTreeMap<String, Range<usize>> = BTreeMap::new();
+        let raw_attest = raw.attest;
         if let Some(p) = raw.paravisor {
             if let Some(dir) = p.state_dir {
                 if dir.get_ref().is_empty() {
@@ -639,6 +709,8 @@ impl Validator<'_> {
         let mut file_paths: Vec<(PathBuf, Range<usize>)> = Vec::new();
         let mut addresses: Vec<(String, std::net::SocketAddr)> = Vec::new();
         let mut key_paths: Vec<(PathBuf, Range<usize>)> = Vec::new();
+        let mut sealed_keys: Vec<(String, String, Range<usize>)> = Vec::new();
+        let mut platform_holders: Vec<(String, Range<usize>)> = Vec::new();
         let mut mmio: Vec<(String, DeviceRange, Range<usize>)> = Vec::new();
         let mut pio: Vec<(String, DeviceRange, Range<usize>)> = Vec::new();
         let mut pending_limits: Vec<(String, Spanned<i64>, Range<usize>)> = Vec::new();
@@ -822,7 +894,26 @@ impl Validator<'_> {
                         "give each key a unique name",
                     );
                 }
-                self.check_state_path(&k.path, "key");
+                let sealed = k.sealed.as_ref().is_some_and(|b| *b.get_ref());
+                let path = match (&k.path, sealed) {
+                    (Some(p), false) => {
+                        self.check_state_path(p, "key");
+                        key_paths.push((PathBuf::from(p.get_ref()), p.span()));
+                        Some(PathBuf::from(p.get_ref()))
+                    }
+                    (None, true) => {
+                        sealed_keys.push((name.clone(), kname.clone(), k.name.span()));
+                        None
+                    }
+                    _ => {
+                        self.error(
+                            k.name.span(),
+                            format!("key \"{kname}\" needs either a `path` or `sealed = true`"),
+                            "a key lives in a key file in the state directory (`path = \"...\"`) or sealed in its guest-state file (`sealed = true`), not both",
+                        );
+                        None
+                    }
+                };
                 let missing = match k.missing.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
                     None | Some(("error", _)) => MissingKey::Error,
                     Some(("create", _)) => MissingKey::Create,
@@ -835,10 +926,9 @@ impl Validator<'_> {
                         MissingKey::Error
                     }
                 };
-                key_paths.push((PathBuf::from(k.path.get_ref()), k.path.span()));
                 keys.push(KeyGrant {
                     name: kname.clone(),
-                    path: PathBuf::from(k.path.get_ref()),
+                    path,
                     missing,
                 });
             }
@@ -1148,7 +1238,11 @@ impl Validator<'_> {
                 },
                 restart,
                 syscalls,
+                platform: s.platform.as_ref().is_some_and(|p| *p.get_ref()),
             });
+            if let Some(p) = s.platform.as_ref().filter(|p| *p.get_ref()) {
+                platform_holders.push((services.last().map(|x: &ServiceSpec| x.name.clone()).unwrap_or_default(), p.span()));
+            }
         }
 
         for (client, endpoint, span) in pending_calls {
@@ -1267,13 +1361,118 @@ impl Validator<'_> {
             );
         }
 
+        let attest = self.attest_settings(raw_attest, &services, &sealed_keys, &platform_holders);
         Manifest {
             path: path.to_path_buf(),
             state_dir,
             ring_capacity,
             services,
+            attest,
             source: self.source.to_string(),
         }
+    }
+
+    /// The `[attest]` table, and the rules of the platform capability and sealed keys.
+    fn attest_settings(
+        &mut self,
+        raw: Option<RawAttest>,
+        services: &[ServiceSpec],
+        sealed_keys: &[(String, String, Range<usize>)],
+        platform_holders: &[(String, Range<usize>)],
+    ) -> AttestSettings {
+        let mut settings = AttestSettings::default();
+        for (holder, span) in platform_holders {
+            let serves_attest = services
+                .iter()
+                .any(|s| &s.name == holder && s.serves.contains(&Interface::Attest));
+            if !serves_attest {
+                self.error(
+                    span.clone(),
+                    format!("service \"{holder}\" holds the platform but does not serve attest"),
+                    "only the attestation service may reach the secure processor; remove `platform = true`",
+                );
+            }
+        }
+        if platform_holders.len() > 1 {
+            self.error(
+                platform_holders[1].1.clone(),
+                "more than one service holds the platform",
+                "`platform = true` belongs to the one service that serves attest",
+            );
+        }
+        if sealed_keys.len() > 1 {
+            self.error(
+                sealed_keys[1].2.clone(),
+                "more than one sealed key",
+                "the paravisor seals one key, the guest-state file's datastore key",
+            );
+        }
+        for (service, key, span) in sealed_keys {
+            let stored = services.iter().any(|s| {
+                &s.name == service
+                    && s.files.iter().any(|f| {
+                        matches!(&f.missing, Missing::CreateVmgs { key: k, .. } if k == key)
+                    })
+            });
+            if !stored {
+                self.error(
+                    span.clone(),
+                    format!("sealed key \"{key}\" is not the key of a guest-state file of \"{service}\""),
+                    "a sealed key is kept in the guest-state file it encrypts: add `key = \"<this key>\"` to that file (missing = \"create-vmgs\")",
+                );
+            }
+            if !services.iter().any(|s| s.platform) {
+                self.error(
+                    span.clone(),
+                    format!("sealed key \"{key}\" needs the attest service to hold the platform"),
+                    "add `platform = true` to the service that serves attest",
+                );
+            }
+        }
+        let Some(raw) = raw else {
+            return settings;
+        };
+        if let Some(p) = raw.sealing {
+            match p.get_ref().as_str() {
+                "platform" => settings.sealing = Sealing::Platform,
+                "measurement" => settings.sealing = Sealing::Measurement,
+                other => self.error(
+                    p.span(),
+                    format!("sealing = \"{other}\" is unknown"),
+                    "use \"platform\" (chip and TCB only: survives rebuilds) or \"measurement\" (also the launch measurement: production)",
+                ),
+            }
+        }
+        if let Some(a) = raw.key_release {
+            match a.get_ref().parse::<std::net::SocketAddr>() {
+                Ok(addr) if addr.ip().is_loopback() => settings.key_release = Some(addr),
+                Ok(addr) => self.error(
+                    a.span(),
+                    format!("key-release address {addr} is not a loopback address"),
+                    "the key broker is reached on loopback only, e.g. \"127.0.0.1:8700\"",
+                ),
+                Err(_) => self.error(
+                    a.span(),
+                    format!("key-release \"{}\" is not an address", a.get_ref()),
+                    "write host:port, e.g. \"127.0.0.1:8700\"",
+                ),
+            }
+            if sealed_keys.is_empty() {
+                self.error(
+                    a.span(),
+                    "key-release without a sealed key",
+                    "key release protects the sealed datastore key: declare it with `sealed = true`",
+                );
+            }
+        }
+        if let Some(d) = raw.platform_dir {
+            if d.get_ref().is_empty() {
+                self.error(d.span(), "platform-dir is empty", "name a directory, e.g. \"platform\"");
+            } else {
+                settings.platform_dir = Some(PathBuf::from(d.get_ref()));
+            }
+        }
+        settings
     }
 
     /// A path that must name something inside the state directory.
@@ -1580,7 +1779,10 @@ pub fn capability_slots_with(spec: &ServiceSpec, services: &[ServiceSpec], guest
     } else {
         0
     };
+    // The microkernel's own channel to attest, and the platform channel.
+    let microkernel_links = usize::from(spec.serves.contains(&Interface::Attest)) + usize::from(spec.platform);
     3 + served_links
+        + microkernel_links
         + guest_link
         + interrupts
         + spec.calls.len()

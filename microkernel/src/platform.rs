@@ -245,6 +245,28 @@ impl Platform {
         if dir.join(CHIP_SECRET).exists() {
             return Err(PlatformError::Exists(dir.display().to_string()));
         }
+        // Built in a private directory and renamed into place: a platform is either complete
+        // or absent, and two first runs at once cannot mix their halves.
+        let final_dir = dir;
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent).map_err(io(&parent))?;
+        let tmp = parent.join(format!(
+            ".{}.init-{}",
+            dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let result = Self::init_in(&tmp, final_dir);
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        result
+    }
+
+    fn init_in(dir: &Path, final_dir: &Path) -> Result<Platform, PlatformError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .map_err(io(dir))?;
@@ -323,7 +345,19 @@ impl Platform {
         }
         // Last: a directory with a chip secret is a complete platform.
         write_private(&dir.join(CHIP_SECRET), &platform.secret[..])?;
-        Ok(platform)
+        // An empty directory in the way is replaced; a platform already there wins.
+        let _ = std::fs::remove_dir(final_dir);
+        if let Err(e) = std::fs::rename(dir, final_dir) {
+            if final_dir.join(CHIP_SECRET).exists() {
+                let _ = std::fs::remove_dir_all(dir);
+                return Err(PlatformError::Exists(final_dir.display().to_string()));
+            }
+            return Err(io(final_dir)(e));
+        }
+        Ok(Platform {
+            secret: platform.secret.clone(),
+            dir: final_dir.to_path_buf(),
+        })
     }
 
     /// Opens a provisioned platform.
@@ -378,6 +412,16 @@ impl Platform {
             "no valid P-384 scalar from the chip secret".into(),
         ))
     }
+}
+
+/// The chain as one PEM text: ARK, ASK, VCEK.
+pub fn chain_pem(platform: &Platform) -> Result<String, PlatformError> {
+    let mut out = String::new();
+    for f in [ARK_PEM, ASK_PEM, VCEK_PEM] {
+        let path = platform.dir.join(f);
+        out.push_str(&std::fs::read_to_string(&path).map_err(io(&path))?);
+    }
+    Ok(out)
 }
 
 /// Size of an SEV-SNP ATTESTATION_REPORT.
@@ -453,21 +497,17 @@ impl Platform {
     }
 }
 
-/// Which launch facts a derived key is bound to (as SNP's GUEST_FIELD_SELECT).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FieldSelect {
-    pub policy: bool,
-    pub measurement: bool,
-    pub guest_svn: bool,
-    pub tcb: bool,
-}
+pub use ipc_defs::services::platform::FieldSelect;
 
-impl FieldSelect {
-    fn bits(self) -> u8 {
-        u8::from(self.policy)
-            | u8::from(self.measurement) << 3
-            | u8::from(self.guest_svn) << 4
-            | u8::from(self.tcb) << 5
+/// The launch facts a sealing policy binds the datastore key to. Policy and TCB always (a
+/// debug-enabled launch or an older firmware cannot unseal); the measurement under
+/// `measurement`.
+pub fn sealing_select(policy: crate::manifest::Sealing) -> FieldSelect {
+    FieldSelect {
+        policy: true,
+        measurement: policy == crate::manifest::Sealing::Measurement,
+        guest_svn: false,
+        tcb: true,
     }
 }
 

@@ -121,8 +121,12 @@ pub fn prepare(manifest: &Manifest, state_dir: &Path) -> Result<Vec<String>, Str
             let Some(k) = s.keys.iter().find(|k| &k.name == key) else {
                 return Err(format!("service {}: no key \"{key}\"", s.name));
             };
+            let Some(key_file) = &k.path else {
+                // Sealed: made (or unsealed) by the supervisor once attest runs.
+                continue;
+            };
             let vmgs_path = state_dir.join(&f.path);
-            let key_path = state_dir.join(&k.path);
+            let key_path = state_dir.join(key_file);
             let vmgs_exists = vmgs_path.exists();
             if !key_path.exists() {
                 if vmgs_exists {
@@ -153,7 +157,9 @@ pub fn prepare(manifest: &Manifest, state_dir: &Path) -> Result<Vec<String>, Str
             }
         }
         for k in &s.keys {
-            let path = state_dir.join(&k.path);
+            let Some(path) = k.path.as_ref().map(|p| state_dir.join(p)) else {
+                continue;
+            };
             if !path.exists() && k.missing == MissingKey::Create {
                 create_key(&path)?;
                 made.push(format!(

@@ -33,6 +33,9 @@ use ipc_defs::layout::StatusPage;
 use ipc_defs::layout::NO_VIOLATION;
 use ipc_defs::layout::STATUS_MAGIC;
 use ipc_defs::layout::VIOLATION_EXIT_STATUS;
+use ipc_defs::services::attest;
+use ipc_defs::services::bytes::Bytes;
+use ipc_defs::services::vmgs::FileId;
 use ipc_defs::Interface;
 
 use crate::manifest::ListenAddress;
@@ -53,6 +56,8 @@ use crate::sandbox::SpawnPlan;
 
 /// How long a new service has to answer its first ping.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a call to the attest service may take (a report is a P-384 signature).
+const ATTEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a control request to a running service may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long services get to exit after a shutdown request before they are killed.
@@ -76,6 +81,10 @@ pub struct Options {
     pub guest: Option<crate::partition::GuestConfig>,
     /// Keep the services up after the guest's run ends (until stopped).
     pub keep_running: bool,
+    /// The simulated platform's directory (made on first use if a service holds the platform).
+    pub platform_dir: PathBuf,
+    /// The launch measurement (what the platform puts in every report).
+    pub measurement: [u8; 48],
 }
 
 /// How `paravisor run` ended.
@@ -111,6 +120,10 @@ pub enum RunError {
     Io(#[from] io::Error),
     #[error("guest partition: {0}")]
     Partition(#[from] crate::partition::PartitionError),
+    #[error("platform: {0}")]
+    Platform(#[from] crate::platform::PlatformError),
+    #[error("{0}")]
+    SealedKey(String),
 }
 
 /// The channel from the guest partition (client `guest`) to a service that answers guest
@@ -206,8 +219,31 @@ struct Service {
     kill_reason: Option<String>,
 }
 
+/// The microkernel's own channel to the attest service (client name `paravisor`): sealing the
+/// datastore key, reports for `paravisor attest report` and the key broker.
+struct AttestLink {
+    server: usize,
+    client: ClientEnd<
+        ipc_defs::endpoint::Request<attest::Request>,
+        ipc_defs::endpoint::Response<attest::Response>,
+    >,
+}
+
+/// The platform channel: the attest service calls, a thread of the microkernel answers.
+struct PlatformLink {
+    holder: usize,
+    mem: ChannelMemory,
+    _server: crate::platform_server::PlatformServer,
+}
+
 pub struct Supervisor {
     state_dir: PathBuf,
+    attest_link: Option<AttestLink>,
+    platform_link: Option<PlatformLink>,
+    /// Sealed keys once unsealed, by (service, key name); handed over like key files.
+    unsealed: std::collections::BTreeMap<(usize, String), crate::state_files::KeyBytes>,
+    sealing: crate::manifest::AttestSettings,
+    measurement: [u8; 48],
     sandbox_root: PathBuf,
     log_filter: String,
     services: Vec<Service>,
@@ -352,7 +388,55 @@ impl Supervisor {
             None => None,
             Some(config) => Some(Self::guest(config, m, opts.keep_running)?),
         };
+        let attest_link = match m.services.iter().position(|s| s.serves.contains(&Interface::Attest)) {
+            None => None,
+            Some(server) => {
+                let mem = ChannelMemory::create("pv-chan-paravisor-attest", m.ring_capacity)
+                    .map_err(|e| create_err("channel paravisor -> attest")(e.to_string()))?;
+                Some(AttestLink {
+                    server,
+                    client: ClientEnd::new(mem, WaitPolicy::default()),
+                })
+            }
+        };
+        let platform_link = match m.services.iter().position(|s| s.platform) {
+            None => None,
+            Some(holder) => {
+                let platform = open_or_init_platform(&opts.platform_dir)?;
+                // The chain, for the attest service (public: a verifier checks it anyway).
+                let chain = crate::platform::chain_pem(&platform)?;
+                std::fs::write(opts.state_dir.join(PLATFORM_CERTS), chain)?;
+                let mem = ChannelMemory::create("pv-chan-attest-platform", m.ring_capacity)
+                    .map_err(|e| create_err("platform channel")(e.to_string()))?;
+                let view = ipc_defs::hosted::sys::dup_inheritable(mem.shm())
+                    .map_err(|e| create_err("platform channel")(e.to_string()))
+                    .and_then(|fd| {
+                        ChannelMemory::open(fd)
+                            .map_err(|e| create_err("platform channel")(e.to_string()))
+                    })?;
+                let launch = crate::platform_server::Launch {
+                    facts: crate::platform::LaunchFacts {
+                        measurement: opts.measurement,
+                        policy: crate::platform::POLICY,
+                        guest_svn: 0,
+                    },
+                    host_data: [0; 32],
+                };
+                let server = crate::platform_server::PlatformServer::start(view, platform, launch)?;
+                mem.set_server_state(ServerState::Up);
+                Some(PlatformLink {
+                    holder,
+                    mem,
+                    _server: server,
+                })
+            }
+        };
         Ok(Supervisor {
+            attest_link,
+            platform_link,
+            unsealed: std::collections::BTreeMap::new(),
+            sealing: m.attest.clone(),
+            measurement: opts.measurement,
             sandbox_root: opts.state_dir.join(".sandbox-root"),
             state_dir: opts.state_dir.clone(),
             log_filter: opts.log_filter.clone(),
@@ -629,8 +713,15 @@ impl Supervisor {
             socket = %socket.display(),
             "starting"
         );
+        if let Err(e) = self.unseal_keys() {
+            self.shutdown();
+            let _ = std::fs::remove_file(&socket);
+            return Err(e);
+        }
         for i in 0..self.services.len() {
-            self.start(i);
+            if self.services[i].state == State::Stopped {
+                self.start(i);
+            }
         }
         let up = self
             .services
@@ -850,6 +941,9 @@ impl Supervisor {
                 link.mem.set_server_state(ServerState::Up);
             }
         }
+        if let Some(link) = self.attest_link.as_ref().filter(|l| l.server == i) {
+            link.client.memory().set_server_state(ServerState::Up);
+        }
         self.services[i].state = State::Running;
         self.services[i].last_answer = Instant::now();
         self.services[i].kill_reason = None;
@@ -965,6 +1059,20 @@ impl Supervisor {
                 }
             }
         }
+        if let Some(link) = self.attest_link.as_ref().filter(|l| l.server == i) {
+            caps.push(shm_cap(
+                CapabilityKind::Serve(Interface::Attest),
+                attest::PARAVISOR_CLIENT.into(),
+                link.client.memory().shm(),
+            ));
+        }
+        if let Some(link) = self.platform_link.as_ref().filter(|l| l.holder == i) {
+            caps.push(shm_cap(
+                CapabilityKind::Platform,
+                "platform".into(),
+                link.mem.shm(),
+            ));
+        }
         for link in &self.links {
             if link.client == i {
                 caps.push(shm_cap(
@@ -1009,7 +1117,16 @@ impl Supervisor {
         }
         for k in &s.spec.keys {
             // The key travels as a sealed memfd: the service gets the bytes, not the file.
-            let key = crate::state_files::load_key(&self.state_dir.join(&k.path))?;
+            let loaded;
+            let key = match &k.path {
+                Some(path) => {
+                    loaded = crate::state_files::load_key(&self.state_dir.join(path))?;
+                    &loaded
+                }
+                None => self.unsealed.get(&(i, k.name.clone())).ok_or_else(|| {
+                    format!("sealed key \"{}\" has not been unsealed", k.name)
+                })?,
+            };
             let fd =
                 ipc_defs::hosted::sys::memfd(&format!("pv-key-{}", k.name), key.0.len() as u64)
                     .map_err(|e| format!("key \"{}\": {e}", k.name))?;
@@ -1180,6 +1297,13 @@ impl Supervisor {
                 let _ = link.mem.restart_epoch(Direction::Responses);
             }
         }
+        if let Some(link) = self.attest_link.as_ref().filter(|l| l.server == i) {
+            link.client.memory().channel().set_server_state(ServerState::Down);
+            let _ = link.client.memory().restart_epoch(Direction::Requests);
+        }
+        if let Some(link) = self.platform_link.as_ref().filter(|l| l.holder == i) {
+            let _ = link.mem.restart_epoch(Direction::Responses);
+        }
         if let Some(guest) = &self.guest {
             for link in guest.links.iter().filter(|l| l.server == i) {
                 link.mem.channel().set_server_state(ServerState::Down);
@@ -1204,6 +1328,10 @@ impl Supervisor {
                     link.mem.channel().set_server_state(ServerState::Gone);
                     let _ = link.mem.restart_epoch(Direction::Requests);
                 }
+            }
+            if let Some(link) = self.attest_link.as_ref().filter(|l| l.server == i) {
+                link.client.memory().channel().set_server_state(ServerState::Gone);
+                let _ = link.client.memory().restart_epoch(Direction::Requests);
             }
         }
     }
@@ -1328,9 +1456,212 @@ impl Supervisor {
                 let (checked, findings) = self.live_audit();
                 Reply::Audit { checked, findings }
             }
+            Command::AttestReport { report_data } => {
+                let Some(data) = crate::verify::parse_hex(&report_data)
+                    .filter(|d| d.len() == attest::REPORT_DATA_LEN)
+                    .and_then(|d| Bytes::new(&d))
+                else {
+                    return Reply::Error {
+                        message: "report data must be 64 bytes of hex".into(),
+                    };
+                };
+                match self.attest_call(&attest::Request::GetExtendedReport { report_data: data }) {
+                    Ok(attest::Response::ExtendedReport { report, chain_len, chain }) => {
+                        let mut certs = chain.as_slice().to_vec();
+                        while certs.len() < chain_len as usize {
+                            match self.attest_call(&attest::Request::GetCertChain {
+                                offset: certs.len() as u32,
+                            }) {
+                                Ok(attest::Response::Chunk { data, .. }) if !data.is_empty() => {
+                                    certs.extend_from_slice(data.as_slice())
+                                }
+                                other => {
+                                    return Reply::Error {
+                                        message: format!("certificate chain: {other:?}"),
+                                    }
+                                }
+                            }
+                        }
+                        Reply::Report {
+                            report: crate::measure::hex(report.as_slice()),
+                            certs: String::from_utf8_lossy(&certs).into_owned(),
+                        }
+                    }
+                    Ok(attest::Response::Error(e)) => Reply::Error {
+                        message: format!("attest refused: {e}"),
+                    },
+                    Ok(other) => Reply::Error {
+                        message: format!("attest answered {other:?}"),
+                    },
+                    Err(e) => Reply::Error { message: e },
+                }
+            }
             Command::Shutdown => Reply::Done {
                 message: "shutting down".into(),
             },
+        }
+    }
+
+
+    /// One call to the attest service on the microkernel's own channel.
+    fn attest_call(&mut self, request: &attest::Request) -> Result<attest::Response, String> {
+        let link = self
+            .attest_link
+            .as_mut()
+            .ok_or("the manifest has no attest service")?;
+        let name = &self.services[link.server].spec.name;
+        if self.services[link.server].state != State::Running {
+            return Err(format!(
+                "the attest service \"{name}\" is not running ({})",
+                self.services[link.server].state.name()
+            ));
+        }
+        match link.client.call(
+            &ipc_defs::endpoint::Request::Service(request.clone()),
+            ATTEST_TIMEOUT,
+        ) {
+            Ok(ipc_defs::endpoint::Response::Service(r)) => Ok(r),
+            Ok(other) => Err(format!("attest service \"{name}\" answered {other:?}")),
+            Err(e) => Err(format!("attest service \"{name}\": {e}")),
+        }
+    }
+
+    /// Makes or unseals every sealed key before the services that hold them start: starts
+    /// the attest service first, then, for each sealed key, either creates its guest-state
+    /// file with a new random key sealed into HW_KEY_PROTECTOR, or unseals the stored one.
+    fn unseal_keys(&mut self) -> Result<(), RunError> {
+        let mut wanted = Vec::new();
+        for (i, s) in self.services.iter().enumerate() {
+            for k in s.spec.keys.iter().filter(|k| k.is_sealed()) {
+                let file = s.spec.files.iter().find_map(|f| match &f.missing {
+                    Missing::CreateVmgs { key, size } if key == &k.name => {
+                        Some((self.state_dir.join(&f.path), *size))
+                    }
+                    _ => None,
+                });
+                let (path, size) = file.ok_or_else(|| {
+                    RunError::SealedKey(format!("sealed key \"{}\" has no guest-state file", k.name))
+                })?;
+                wanted.push((i, k.name.clone(), path, size));
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let Some(server) = self.attest_link.as_ref().map(|l| l.server) else {
+            return Err(RunError::SealedKey(
+                "sealed keys need an attest service (manifest validation should have caught this)".into(),
+            ));
+        };
+        self.start(server);
+        if self.services[server].state != State::Running {
+            return Err(RunError::SealedKey(format!(
+                "the attest service \"{}\" did not start ({}); the sealed datastore key cannot be unsealed without it",
+                self.services[server].spec.name,
+                self.services[server].last_exit.clone().unwrap_or_default()
+            )));
+        }
+        let select = crate::platform::sealing_select(self.sealing.sealing);
+        for (i, name, path, size) in wanted {
+            let key = if path.exists() {
+                self.unseal_stored(&path)?
+            } else {
+                let mut key = crate::state_files::KeyBytes([0; crate::manifest::KEY_BYTES]);
+                getrandom::getrandom(&mut key.0)
+                    .map_err(|e| RunError::SealedKey(format!("no randomness for a key: {e}")))?;
+                let sealed = self.seal(&key, select)?;
+                crate::vmgs_cli::create_vmgs_file_with(
+                    &path,
+                    size,
+                    Some(&pv_vmgs::Key::from_bytes(key.0)),
+                    &[(FileId::HW_KEY_PROTECTOR, &sealed)],
+                )
+                .map_err(RunError::SealedKey)?;
+                tracing::info!(
+                    "created encrypted guest-state file {} under a new random datastore key, sealed (policy {}) in its HW_KEY_PROTECTOR",
+                    path.display(),
+                    self.sealing.sealing.name()
+                );
+                key
+            };
+            self.unsealed.insert((i, name), key);
+        }
+        Ok(())
+    }
+
+    /// Seals `key` through the attest service; the stored bytes.
+    fn seal(
+        &mut self,
+        key: &crate::state_files::KeyBytes,
+        select: attest::FieldSelect,
+    ) -> Result<Vec<u8>, RunError> {
+        let request = attest::Request::Seal {
+            key: Bytes::new(&key.0).expect("32 bytes"),
+            select,
+        };
+        match self.attest_call(&request).map_err(RunError::SealedKey)? {
+            attest::Response::Sealed(b) => Ok(b.as_slice().to_vec()),
+            other => Err(RunError::SealedKey(format!("sealing the datastore key: attest answered {}", describe(&other)))),
+        }
+    }
+
+    /// Reads the sealed key stored in the guest-state file at `path` and unseals it.
+    fn unseal_stored(&mut self, path: &Path) -> Result<crate::state_files::KeyBytes, RunError> {
+        let stored = read_key_protector(path).map_err(RunError::SealedKey)?;
+        let sealed = attest::SealedKey::parse(&stored).map_err(|e| {
+            RunError::SealedKey(format!(
+                "guest-state file {}: its HW_KEY_PROTECTOR is unusable: {e}",
+                path.display()
+            ))
+        })?;
+        let request = attest::Request::Unseal {
+            sealed: Bytes::new(&stored).ok_or_else(|| RunError::SealedKey("sealed key too long".into()))?,
+        };
+        match self.attest_call(&request).map_err(RunError::SealedKey)? {
+            attest::Response::Key(k) => {
+                let mut key = crate::state_files::KeyBytes([0; crate::manifest::KEY_BYTES]);
+                key.0.copy_from_slice(k.as_slice());
+                tracing::info!(
+                    "datastore key of {} unsealed (sealed under policy {})",
+                    path.display(),
+                    if sealed.select.measurement { "measurement" } else { "platform" }
+                );
+                Ok(key)
+            }
+            attest::Response::Error(attest::AttestError::UnsealFailed) => {
+                Err(RunError::SealedKey(self.unseal_refusal(path, &sealed)))
+            }
+            other => Err(RunError::SealedKey(format!(
+                "unsealing the datastore key of {}: attest answered {}",
+                path.display(),
+                describe(&other)
+            ))),
+        }
+    }
+
+    /// Why a stored key did not unseal, and what the operator can do.
+    fn unseal_refusal(&self, path: &Path, sealed: &attest::SealedKey) -> String {
+        let file = path.display();
+        if sealed.select.measurement && sealed.measurement != self.measurement {
+            format!(
+                "refusing to start: the datastore key of guest-state file {file} is sealed under policy \"measurement\" to launch measurement {}, but this paravisor measures {}. \
+                 Something it measures changed since (a service binary, the manifest, the guest image or command line: compare `paravisor measure --json` with the launch-log.json of the run that sealed it). \
+                 To start this build with that state: release the key through a key broker (`[attest] key-release`, `paravisor kbs serve`), which re-seals it to the new measurement; or start the build that sealed it. \
+                 To start afresh instead, move {file} away (its contents cannot be read without the key).",
+                crate::measure::hex(&sealed.measurement),
+                crate::measure::hex(&self.measurement)
+            )
+        } else {
+            format!(
+                "refusing to start: the datastore key of guest-state file {file} does not unseal on this platform (sealed under policy \"{}\"{}): it was sealed by another platform (another --platform-dir or chip secret), or its HW_KEY_PROTECTOR was altered. \
+                 Use the platform that sealed it, release the key through a key broker (`[attest] key-release`), or move {file} away to start afresh.",
+                if sealed.select.measurement { "measurement" } else { "platform" },
+                if sealed.select.measurement {
+                    format!(", measurement {} = this one", &crate::measure::hex(&sealed.measurement)[..16])
+                } else {
+                    String::new()
+                }
+            )
         }
     }
 
@@ -1446,6 +1777,70 @@ impl Supervisor {
             }
         }
         tracing::info!("all services stopped");
+    }
+}
+
+/// An attest response for an error message (never key bytes: `Bytes` does not print them).
+fn describe(r: &attest::Response) -> String {
+    match r {
+        attest::Response::Error(e) => format!("error: {e}"),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The HW_KEY_PROTECTOR of the guest-state file at `path` (stored unencrypted; read without
+/// the key).
+fn read_key_protector(path: &Path) -> Result<Vec<u8>, String> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| format!("guest-state file {}: {e}", path.display()))?;
+    let mut vmgs = pv_vmgs::Vmgs::open(pv_vmgs::FileStorage::new(file), None)
+        .map_err(|e| format!("guest-state file {}: {e}", path.display()))?;
+    match vmgs.read_unauthenticated(FileId::HW_KEY_PROTECTOR) {
+        Ok(b) => Ok(b),
+        Err(pv_vmgs::Error::NotFound(_)) => Err(format!(
+            "guest-state file {} holds no sealed key (no HW_KEY_PROTECTOR): it was made under a key file or by another tool. \
+             Give the vmgs service its key file (`keys = [{{ name = ..., path = ... }}]`), or move the file away to start afresh",
+            path.display()
+        )),
+        Err(e) => Err(format!("guest-state file {}: HW_KEY_PROTECTOR: {e}", path.display())),
+    }
+}
+
+/// The platform's certificate chain (ARK, ASK, VCEK, PEM) in the state directory, for the
+/// attest service.
+pub const PLATFORM_CERTS: &str = "platform-certs.pem";
+
+/// Where `run` keeps the simulated platform unless told: `platform` next to the state
+/// directory (never inside it: the platform outlives any one state).
+pub fn default_platform_dir(state_dir: &Path) -> PathBuf {
+    match state_dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.join("platform"),
+        _ => PathBuf::from("platform"),
+    }
+}
+
+/// Opens the simulated platform in `dir`, provisioning one (and saying so) if there is none.
+fn open_or_init_platform(dir: &Path) -> Result<crate::platform::Platform, RunError> {
+    use crate::platform::Platform;
+    use crate::platform::PlatformError;
+    match Platform::open(dir) {
+        Ok(p) => Ok(p),
+        Err(PlatformError::Missing(_)) => {
+            tracing::warn!(
+                "no platform in {}: provisioning a SIMULATED one (chip secret in a plain file: development only; `paravisor platform init` makes one explicitly)",
+                dir.display()
+            );
+            match Platform::init(dir) {
+                Ok(p) => Ok(p),
+                // Another paravisor provisioned it at the same moment.
+                Err(PlatformError::Exists(_)) => Ok(Platform::open(dir)?),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -534,6 +534,17 @@ fn create(path: &Path, size: u64, key: Option<&Key>, force: bool) -> Outcome {
 /// Creates a fresh VMGS file (mode 0600) atomically: temporary file, sync, rename, sync of
 /// the directory. Used by the CLI and by the microkernel on a first run.
 pub fn create_vmgs_file(path: &Path, size: u64, key: Option<&Key>) -> Result<(), String> {
+    create_vmgs_file_with(path, size, key, &[])
+}
+
+/// [`create_vmgs_file`] with unencrypted files written before the file appears under its name
+/// (a key protector: the file never exists without it).
+pub fn create_vmgs_file_with(
+    path: &Path,
+    size: u64,
+    key: Option<&Key>,
+    plain_files: &[(FileId, &[u8])],
+) -> Result<(), String> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -551,8 +562,12 @@ pub fn create_vmgs_file(path: &Path, size: u64, key: Option<&Key>) -> Result<(),
             .mode(0o600)
             .open(&tmp)
             .map_err(|e| format!("{}: {e}", tmp.display()))?;
-        let vmgs = Vmgs::create(FileStorage::new(file), size, key)
+        let mut vmgs = Vmgs::create(FileStorage::new(file), size, key)
             .map_err(|e| format!("{}: {e}", path.display()))?;
+        for (id, data) in plain_files {
+            vmgs.write_file_unencrypted(*id, data)
+                .map_err(|e| format!("{}: {id}: {e}", path.display()))?;
+        }
         vmgs.into_storage()
             .into_inner()
             .sync_all()

@@ -71,6 +71,8 @@ pub struct Context {
     pub listeners: BTreeMap<String, OwnedFd>,
     /// Eventfds wired to guest interrupts (intercept only), by interrupt.
     pub interrupts: BTreeMap<crate::services::intercept::Interrupt, OwnedFd>,
+    /// The calling end to the secure processor (attest only).
+    pub platform: Option<ClientEnd<crate::services::platform::Request, crate::services::platform::Response>>,
 }
 
 impl Context {
@@ -355,6 +357,7 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
         keys: BTreeMap::new(),
         listeners: BTreeMap::new(),
         interrupts: BTreeMap::new(),
+        platform: None,
     };
     let mut control = None;
     let mut served = Vec::new();
@@ -400,6 +403,9 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
             CapabilityKind::Interrupt(irq) => {
                 let fd = sys::take_fd(cap.slot).map_err(|e| cap_error(cap, e))?;
                 context.interrupts.insert(irq, fd);
+            }
+            CapabilityKind::Platform => {
+                context.platform = Some(ClientEnd::new(open_channel()?, WaitPolicy::default()));
             }
             CapabilityKind::Status | CapabilityKind::SeccompProgram => {}
         }

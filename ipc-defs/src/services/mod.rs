@@ -22,15 +22,13 @@ macro_rules! interface {
     };
 }
 
+pub mod attest;
 pub mod bytes;
 pub mod guest;
 pub mod intercept;
+pub mod platform;
 pub mod vmgs;
 pub mod vtpm;
-interface!(
-    /// Measurements, reports and sealing keys.
-    attest
-);
 interface!(
     /// The guest block device.
     storage

@@ -293,6 +293,8 @@ fn blocks_for(bytes: u64) -> u64 {
 struct NewFile {
     id: FileId,
     data: Vec<u8>,
+    /// Stored as is even in an encrypted file (a key protector, readable before unlocking).
+    plain: bool,
 }
 
 impl Drop for NewFile {
@@ -722,7 +724,33 @@ impl<S: Storage> Vmgs<S> {
         let mut copy =
             Vec::with_capacity(blocks_for(data.len() as u64) as usize * BLOCK_SIZE as usize);
         copy.extend_from_slice(data);
-        plan.files.push(NewFile { id, data: copy });
+        plan.files.push(NewFile {
+            id,
+            data: copy,
+            plain: false,
+        });
+        self.commit(plan, false)
+    }
+
+    /// Replaces (or creates) a file with `data` stored unencrypted even in an encrypted file:
+    /// for key protectors, which must be readable before the file is unlocked and protect
+    /// themselves (a sealed or wrapped key). Needs the key all the same (the commit rewrites
+    /// the encrypted extended table).
+    pub fn write_file_unencrypted(&mut self, id: FileId, data: &[u8]) -> Result<()> {
+        Self::check_user_id(id)?;
+        self.check_writable()?;
+        if data.len() as u64 > self.image_size {
+            return Err(Error::NoSpace {
+                file: id,
+                bytes: data.len() as u64,
+            });
+        }
+        let mut plan = self.plan()?;
+        plan.files.push(NewFile {
+            id,
+            data: data.to_vec(),
+            plain: true,
+        });
         self.commit(plan, false)
     }
 
@@ -780,7 +808,11 @@ impl<S: Storage> Vmgs<S> {
         for info in self.files() {
             if info.id.is_user_file() {
                 let data = self.read_file(info.id)?;
-                plan.files.push(NewFile { id: info.id, data });
+                plan.files.push(NewFile {
+                    id: info.id,
+                    data,
+                    plain: false,
+                });
             }
         }
         plan.header.encryption_algorithm = U16::new(ENCRYPTION_AES_GCM);
@@ -952,7 +984,7 @@ impl<S: Storage> Vmgs<S> {
                 ..FileEntry::default()
             };
             let mut bytes = std::mem::take(&mut f.data);
-            if plan.encrypted {
+            if plan.encrypted && !f.plain {
                 let key = Key::random();
                 entry.nonce = crypto::new_nonce();
                 entry.tag = crypto::seal(&key, &entry.nonce, &mut bytes);

@@ -4,12 +4,16 @@
 //!
 //! [`libtpms`] is the only module with `unsafe` (the FFI); [`state`] keeps the state blobs
 //! and the checkpoint; [`server`] runs commands exactly once per client command number and
-//! handles the platform signals. The process (`main.rs`) never opens files or sockets: its
-//! state reaches VMGS only through its vmgs channel (file ids TPM_NVRAM, TPM_PPI).
+//! handles the platform signals; [`binding`] ties the TPM's attestation key to a platform
+//! report (the few commands it sends are built and parsed in [`tpm2`]). The process
+//! (`main.rs`) never opens files or sockets: its state reaches VMGS only through its vmgs
+//! channel (file ids TPM_NVRAM, TPM_PPI), its report comes through its attest channel.
 #![deny(unsafe_code)]
 
+pub mod binding;
 pub mod gateway;
 pub mod libtpms;
 pub mod server;
 pub mod state;
 pub mod tis;
+pub mod tpm2;

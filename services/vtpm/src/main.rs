@@ -4,19 +4,30 @@
 //!
 //! Capabilities expected: its control channel; the serving end of one `vtpm` channel per
 //! client; the calling end of a `vmgs` channel (granted TPM_NVRAM); the region
-//! `vtpm-checkpoint` (kept by the microkernel across restarts of this service).
+//! `vtpm-checkpoint` (kept by the microkernel across restarts of this service); the calling
+//! end of an `attest` channel, for the report that binds the TPM's attestation key (without
+//! it the TPM serves unbound, and says so).
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
+use std::time::Duration;
 
+use ipc_defs::endpoint;
 use ipc_defs::endpoint::Response;
 use ipc_defs::hosted::runtime;
+use ipc_defs::hosted::runtime::SharedClient;
+use ipc_defs::hosted::runtime::Started;
 use ipc_defs::hosted::vmgs_client::VmgsCallError;
 use ipc_defs::hosted::vmgs_client::VmgsClient;
+use ipc_defs::hosted::CallError;
+use ipc_defs::services::attest;
+use ipc_defs::services::bytes::Bytes;
 use ipc_defs::services::vmgs::FileId;
 use ipc_defs::services::vmgs::VmgsError;
 use ipc_defs::services::vtpm;
 use ipc_defs::Interface;
+use pv_vtpm::binding;
+use pv_vtpm::binding::Attester;
 use pv_vtpm::libtpms::Engine;
 use pv_vtpm::server::Tpm;
 use pv_vtpm::state::PermanentStore;
@@ -24,6 +35,11 @@ use pv_vtpm::state::SharedNv;
 
 /// The region the manifest grants for the checkpoint.
 const CHECKPOINT_REGION: &str = "vtpm-checkpoint";
+/// How long the attest service may take for a report: a signature, well within the
+/// supervisor's watchdog (10 s), which this process does not answer while it waits.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Reports asked for again after the attest service restarted under the request.
+const REPORT_RETRIES: u32 = 3;
 
 /// The permanent state in VMGS file TPM_NVRAM.
 struct VmgsPermanent(VmgsClient);
@@ -80,6 +96,33 @@ fn main() -> ExitCode {
             "started"
         }
     );
+    let mut reports = AttestReports {
+        attest: started.context.share_client(Interface::Attest),
+        started: &mut started,
+        shutdown: false,
+    };
+    match binding::bind(&mut tpm, &mut reports) {
+        Ok(bound) => tracing::info!(
+            created = ?bound.created,
+            "attestation binding: AK at {} and EK at {} in the TPM; report ({} bytes) in NV {}, claims ({} bytes, SHA-256 {}) in NV {}",
+            binding::AK_HANDLE,
+            binding::EK_HANDLE,
+            bound.report.len(),
+            binding::REPORT_INDEX,
+            bound.claims.len(),
+            hex(&bound.claims_sha256),
+            binding::CLAIMS_INDEX,
+        ),
+        Err(e) => tracing::warn!("no attestation binding: {e}; the TPM serves without one"),
+    }
+    if reports.shutdown {
+        tracing::info!("shut down on request");
+        return ExitCode::SUCCESS;
+    }
+    if let Some(why) = &tpm.fatal {
+        tracing::error!("exiting so that a restart resumes from durable state: {why}");
+        return ExitCode::FAILURE;
+    }
     started.serve(
         Interface::Vtpm,
         move |_context, caller, request: vtpm::Request| {
@@ -108,4 +151,57 @@ fn start(
         .ok_or("the TPM engine is already in use")?
         .map_err(|rc| format!("libtpms refused TPM 2.0 ({rc:#x})"))?;
     Tpm::start(engine, nv, VmgsPermanent(VmgsClient::shared(vmgs)), region)
+}
+
+/// Reports from the attest service, for the binding.
+struct AttestReports<'a> {
+    attest: Option<SharedClient>,
+    started: &'a mut Started,
+    /// The supervisor asked for shutdown while the binding ran (already acknowledged).
+    shutdown: bool,
+}
+
+impl Attester for AttestReports<'_> {
+    fn report(&mut self, report_data: &[u8; attest::REPORT_DATA_LEN]) -> Result<Vec<u8>, String> {
+        let attest_client = self.attest.clone().ok_or(
+            "the manifest grants vtpm no attest channel (calls = [{ endpoint = \"attest\" }])",
+        )?;
+        let report_data = Bytes::new(report_data).ok_or("report data longer than 64 bytes")?;
+        let request = endpoint::Request::Service(attest::Request::GetReport { report_data });
+        let mut restarts = 0;
+        loop {
+            let reply: Result<endpoint::Response<attest::Response>, CallError> = attest_client
+                .borrow_mut()
+                .call_with(&request, REPORT_TIMEOUT);
+            return match reply {
+                Ok(Response::Service(attest::Response::Report(report))) => {
+                    Ok(report.as_slice().to_vec())
+                }
+                Ok(Response::Service(attest::Response::Error(e))) => {
+                    Err(format!("the attest service refused: {e}"))
+                }
+                Ok(Response::Service(_)) => {
+                    Err("the attest service answered GetReport with something else".into())
+                }
+                Ok(Response::Error(code)) => Err(format!("the attest endpoint: {code}")),
+                Ok(Response::Pong { .. }) => Err("the attest endpoint answered a ping".into()),
+                Err(CallError::PeerRestarted { .. }) if restarts < REPORT_RETRIES => {
+                    restarts += 1;
+                    self.keep_alive();
+                    continue;
+                }
+                Err(e) => Err(format!("the attest service did not answer: {e}")),
+            };
+        }
+    }
+
+    fn keep_alive(&mut self) {
+        if !self.shutdown && !self.started.answer_control() {
+            self.shutdown = true;
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -23,11 +23,10 @@ use crate::state::PermanentStore;
 use crate::state::SharedNv;
 use crate::tis;
 use crate::tis::Effect;
+use crate::tpm2::ST_NO_SESSIONS;
 
 /// Size of a TPM 2.0 command or response header (tag, size, code).
 pub const TPM_HEADER: usize = 10;
-/// TPM_ST_NO_SESSIONS.
-const ST_NO_SESSIONS: u16 = 0x8001;
 /// TPM_RC_COMMAND_SIZE: the size field and the bytes received disagree.
 pub const RC_COMMAND_SIZE: u32 = 0x142;
 /// TPM_RC_FAILURE.
@@ -92,7 +91,8 @@ pub struct Tpm<P: PermanentStore, M: CheckpointMemory> {
 
 /// The client name under which guest (TIS) commands are recorded.
 const TIS_CLIENT: &str = "guest-tis";
-/// The client name of commands the service sends itself.
+/// The client name of commands the service sends its own TPM (start-up, the attestation
+/// binding).
 const PLATFORM_CLIENT: &str = "platform";
 
 impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
@@ -170,7 +170,10 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
     }
 
     /// Mixes fresh entropy from the kernel into the TPM's random number generator: after a
-    /// resume its state may be older than the last random bytes it handed out.
+    /// resume its state may be older than the last random bytes it handed out. A TPM that
+    /// resumed before its TPM2_Startup refuses it and needs none: its Startup reseeds the
+    /// generator from fresh entropy (libtpms' `CryptRandStartup`); and it must still start
+    /// (a restart between a platform reset and the firmware's Startup is not a failure).
     fn stir_random(&mut self) -> Result<(), String> {
         let mut command = vec![0x80, 1, 0, 0, 0, 44, 0, 0, 1, 0x46, 0, 32];
         let mut entropy = [0u8; 32];
@@ -180,10 +183,11 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
             .engine
             .process(0, &command)
             .map_err(|rc| format!("StirRandom failed ({rc:#x})"))?;
-        if r.get(6..10) != Some(&[0, 0, 0, 0]) {
-            return Err(format!("StirRandom answered {r:02x?}"));
+        match r.get(6..10) {
+            // Success, or TPM_RC_INITIALIZE.
+            Some([0, 0, 0, 0]) | Some([0, 0, 1, 0]) => Ok(()),
+            _ => Err(format!("StirRandom answered {r:02x?}")),
         }
-        Ok(())
     }
 
     /// Whether this start continued an earlier run of the service (resumed or kept powered
@@ -196,16 +200,27 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
     /// tools rather than by a guest whose firmware starts it. A guest's boot power-cycles
     /// the TPM (a platform reset), after which its firmware sends its own Startup.
     pub fn startup_clear(&mut self) -> Result<(), String> {
-        const STARTUP_CLEAR: [u8; 12] = [0x80, 1, 0, 0, 0, 12, 0, 0, 1, 0x44, 0, 0];
+        match self.own_command(&crate::tpm2::startup_clear()) {
+            Ok(r) if r.get(6..10) == Some(&[0, 0, 0, 0]) => Ok(()),
+            Ok(r) => Err(format!("TPM2_Startup answered {r:02x?}")),
+            Err(e) => Err(format!("TPM2_Startup failed: {e}")),
+        }
+    }
+
+    /// Runs a command the service sends its own TPM (start-up, the attestation binding) at
+    /// locality 0: numbered under the service's own client and run, recorded and stored
+    /// exactly as a guest's command is, so that its effect is as durable as any other (and
+    /// the binding's commands never mix with a client's command numbers).
+    pub fn own_command(&mut self, command: &[u8]) -> Result<Vec<u8>, VtpmError> {
         let seq = self
             .checkpoint
             .last
             .get(PLATFORM_CLIENT)
             .map_or(1, |l| l.seq + 1);
-        match self.command(PLATFORM_CLIENT, seq, 0, &STARTUP_CLEAR) {
-            Response::Tpm(r) if r.as_slice().get(6..10) == Some(&[0, 0, 0, 0]) => Ok(()),
-            Response::Tpm(r) => Err(format!("TPM2_Startup answered {:02x?}", r.as_slice())),
-            other => Err(format!("TPM2_Startup failed: {other:?}")),
+        match self.command(PLATFORM_CLIENT, seq, 0, command) {
+            Response::Tpm(r) => Ok(r.as_slice().to_vec()),
+            Response::Error(e) => Err(e),
+            _ => Err(VtpmError::Engine(RC_FAILURE)),
         }
     }
 

@@ -240,6 +240,26 @@ fn a_resumed_tpm_never_repeats_random_output() {
 }
 
 #[test]
+fn a_tpm_restarted_before_its_startup_starts_and_still_never_repeats_random_output() {
+    let _one = ENGINE.lock().unwrap_or_else(|p| p.into_inner());
+    let (disk, region) = (Disk::default(), Region::new(256 << 10));
+    // Powered on, waiting for TPM2_Startup (as after a platform reset) when the process dies.
+    drop(start(&disk, &region));
+    let saved = region.0.borrow().clone();
+    let mut tpm = start(&disk, &region);
+    assert!(tpm.resumed);
+    assert_eq!(rc(&cmd(&mut tpm, 1, &STARTUP_CLEAR)), 0);
+    let a = cmd(&mut tpm, 2, &GET_RANDOM_32);
+    drop(tpm);
+    *region.0.borrow_mut() = saved;
+    let mut tpm = start(&disk, &region);
+    assert_eq!(rc(&cmd(&mut tpm, 3, &STARTUP_CLEAR)), 0);
+    let b = cmd(&mut tpm, 4, &GET_RANDOM_32);
+    assert_eq!((rc(&a), rc(&b)), (0, 0));
+    assert_ne!(a, b, "the generator state was replayed");
+}
+
+#[test]
 fn a_powered_off_tpm_stays_off_across_a_restart() {
     let _one = ENGINE.lock().unwrap_or_else(|p| p.into_inner());
     let (disk, region) = (Disk::default(), Region::new(256 << 10));

@@ -1,0 +1,1547 @@
+//! The key broker (KBS): releases a tenant's secret key only to attestation evidence that
+//! verifies, wrapped so that only the attested party can unwrap it.
+//!
+//! `paravisor kbs serve` is its own process, run by the tenant, **outside** the paravisor's
+//! trust boundary: it holds the tenant key and the policy, trusts only the pinned ARK, and
+//! treats every byte from the network as hostile. The paravisor side is [`fetch_key`]. The
+//! broker never sees a guest, never signs anything, and never releases the key unwrapped.
+//!
+//! # Policy (`--policy POLICY.toml`)
+//!
+//! Relative paths are relative to the policy file's directory. Unknown keys are errors.
+//!
+//! ```toml
+//! key-file = "tenant.key"          # 32 raw bytes, no group/other access (`kbs init-key`)
+//! certs = "certs"                  # ark.pem, ask.pem, vcek.pem (`attest certs`)
+//! ark-fingerprint = "9f3c…"        # SHA-256 of the ARK (`attest fingerprint`)
+//! allowed-measurements = ["…"]     # SNP launch digests (48 bytes hex, `paravisor measure`)
+//! max-nonce-age = 60               # seconds a challenge stays valid [default 60, max 3600]
+//! vmpl = 0                         # the VMPL reports must come from [default 0]
+//!
+//! [guest-policy]                   # the report's SNP guest policy [all optional]
+//! allow-debug = false              # bit 19 DEBUG [default false]
+//! allow-migration-agent = false    # bit 18 MIGRATE_MA [default false]
+//! allow-smt = true                 # bit 16 SMT [default true]
+//!
+//! [minimum-tcb]                    # the report's REPORTED_TCB, per component (required)
+//! bootloader = 3
+//! tee = 0
+//! snp = 8
+//! microcode = 115
+//! ```
+//!
+//! # Protocol (TCP, loopback only, one request line and one reply line per connection)
+//!
+//! Lines are JSON objects ended by `\n`, at most [`MAX_LINE`] bytes; byte strings are
+//! lowercase hex. A client that sends nothing is dropped after [`REQUEST_DEADLINE`].
+//!
+//! 1. `{"request":"challenge"}` → `{"nonce":"<32 bytes>","expires_in_secs":60}`. The broker
+//!    remembers the nonce with its time.
+//! 2. The client makes an ephemeral P-384 *transfer key*, and has the platform put
+//!    [`binding`]`(nonce, transfer_key)` = SHA-512("pv-kbs-v1" ‖ nonce ‖ transfer_key) into
+//!    the report's REPORT_DATA.
+//! 3. `{"request":"key","nonce":"…","transfer_key":"<SEC1 uncompressed, 97 bytes>",
+//!    "report":"<0x4A0 bytes>"}` → `{"server_key":"<SEC1, 97 bytes>","wrapped_key":"<48
+//!    bytes>"}`. The nonce is consumed first (a second use is a replay, whatever the
+//!    outcome of the first); then the report must verify against the pinned chain, bind this
+//!    nonce and transfer key, carry an allowed measurement, and satisfy the VMPL, guest
+//!    policy and TCB of the policy.
+//! 4. Any refusal: `{"error":"<the reason>"}` (also logged by the broker).
+//!
+//! The wrap: ECDH between a fresh server key and the transfer key; HKDF-SHA-384 (salt
+//! "pv-kbs-v1", info "pv-kbs-v1 key wrap" ‖ nonce ‖ server_key ‖ transfer_key) gives a
+//! 32-byte AES-256 key and a 12-byte IV; AES-256-GCM over the tenant key with the nonce as
+//! associated data gives the 32-byte ciphertext and its 16-byte tag.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::io::Write;
+use std::net::Shutdown;
+use std::net::SocketAddr;
+use std::net::TcpListener;
+use std::net::TcpStream;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+use std::time::Instant;
+
+use aes_gcm::aead::AeadInOut;
+use aes_gcm::aead::KeyInit;
+use aes_gcm::Aes256Gcm;
+use aes_gcm::Nonce as GcmNonce;
+use aes_gcm::Tag;
+use p384::ecdh::EphemeralSecret;
+use p384::ecdh::SharedSecret;
+use p384::elliptic_curve::sec1::ToEncodedPoint;
+use p384::PublicKey;
+use sha2::Digest;
+use sha2::Sha384;
+use sha2::Sha512;
+use zeroize::Zeroizing;
+
+use crate::measure::hex;
+use crate::platform::Tcb;
+use crate::platform::REPORT_LEN;
+use crate::verify::parse_hex;
+use crate::verify::VerifyError;
+
+/// The protocol's domain separator: in the binding, the KDF salt and the KDF info.
+pub const DOMAIN: &[u8] = b"pv-kbs-v1";
+/// HKDF info prefix of the wrap key.
+const WRAP_INFO: &[u8] = b"pv-kbs-v1 key wrap";
+/// Where `kbs serve` listens without `--listen`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8700";
+/// The longest request or reply line: a key request is about 2.6 KB of hex, so this leaves
+/// room while keeping what a hostile client can make the broker buffer small.
+pub const MAX_LINE: usize = 64 * 1024;
+/// How long the broker waits for a client's whole request line: a silent or dribbling client
+/// cannot hold a connection slot longer than this.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a client waits to connect, and for the whole reply (verification takes
+/// milliseconds; this only has to outlast a busy broker).
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; more are answered "busy" and closed, so a flood of clients
+/// cannot make the broker spawn unbounded threads.
+pub const MAX_CLIENTS: usize = 16;
+/// Challenges outstanding at once (issued, not yet expired): bounds the nonce table's
+/// memory against a client that only ever asks for challenges.
+pub const MAX_OUTSTANDING_NONCES: usize = 4096;
+/// The longest nonce lifetime a policy may set: nonces are for freshness, not storage.
+const MAX_NONCE_AGE_LIMIT: u64 = 3600;
+/// The default nonce lifetime.
+const DEFAULT_NONCE_AGE: u64 = 60;
+/// After a reply, how long the broker reads and discards what the client still sends (so
+/// that closing with unread input does not reset the connection before the client has read
+/// the reply), and at most how much.
+const LINGER: Duration = Duration::from_millis(250);
+const LINGER_BYTES: usize = 256 * 1024;
+
+pub const NONCE_LEN: usize = 32;
+/// A SEC1 uncompressed P-384 point: 0x04 ‖ X ‖ Y.
+pub const TRANSFER_KEY_LEN: usize = 97;
+/// The wrapped key: 32 bytes of ciphertext and the 16-byte GCM tag.
+pub const WRAPPED_LEN: usize = 48;
+
+/// SNP guest policy bits the policy file speaks about.
+const POLICY_SMT: u64 = 1 << 16;
+const POLICY_MIGRATE_MA: u64 = 1 << 18;
+const POLICY_DEBUG: u64 = 1 << 19;
+
+/// Everything that can go wrong, on either side. Refusals name exactly what failed; the
+/// broker sends their text to the client.
+#[derive(Debug, thiserror::Error)]
+pub enum KbsError {
+    // The broker's configuration.
+    #[error("policy {path}: {error}")]
+    PolicyRead { path: String, error: std::io::Error },
+    #[error("policy {path}: {message}")]
+    PolicyInvalid { path: String, message: String },
+    #[error("key file {path}: {error}")]
+    KeyFileIo { path: String, error: std::io::Error },
+    #[error("key file {path} has mode {mode:o}: group or others may access it; `chmod 600` it")]
+    KeyFileMode { path: String, mode: u32 },
+    #[error("key file {path} holds {len} bytes, not a 32-byte key")]
+    KeyFileSize { path: String, len: u64 },
+    #[error("the ARK in {certs} has SHA-256 fingerprint {found}, not the policy's pinned {pinned}")]
+    ArkNotPinned {
+        certs: String,
+        found: String,
+        pinned: String,
+    },
+    #[error("the broker listens on loopback only; {0} is not a loopback address (use 127.0.0.1 or [::1])")]
+    NotLoopback(SocketAddr),
+    #[error("\"{0}\" is not an IP address and port (such as {DEFAULT_LISTEN})")]
+    BadAddress(String),
+    #[error("listening on {addr}: {error}")]
+    Listen { addr: SocketAddr, error: std::io::Error },
+
+    // The wire.
+    #[error("the request line is longer than {MAX_LINE} bytes")]
+    LineTooLong,
+    #[error("no complete line within {0:?}")]
+    Timeout(Duration),
+    #[error("the peer closed the connection without sending a line")]
+    Closed,
+    #[error("connection: {0}")]
+    Io(String),
+    #[error("the request is not valid: {0}")]
+    Malformed(String),
+    #[error("the request's {field} is not valid: {reason}")]
+    BadField { field: &'static str, reason: String },
+    #[error("the broker is busy ({MAX_CLIENTS} clients); try again")]
+    Busy,
+
+    // Refusals of a key request.
+    #[error("nonce unknown or expired (ask for a new challenge)")]
+    NonceUnknownOrExpired,
+    #[error("nonce already used (replay)")]
+    NonceReplayed,
+    #[error("too many outstanding challenges ({MAX_OUTSTANDING_NONCES}); try again when some expire")]
+    TooManyChallenges,
+    #[error("report refused: {0}")]
+    Evidence(#[from] VerifyError),
+    #[error("report_data {found} does not bind this nonce and transfer key (expected {expected}): the report was made for another exchange or another key")]
+    Binding { found: String, expected: String },
+    #[error("measurement {0} is not in the policy's allowed list")]
+    MeasurementNotAllowed(String),
+    #[error("the report comes from VMPL {found}; the policy accepts VMPL {required} only")]
+    Vmpl { found: u32, required: u32 },
+    #[error("the guest policy {0:#x} allows debugging (bit 19), which the policy forbids")]
+    DebugAllowed(u64),
+    #[error("the guest policy {0:#x} allows a migration agent (bit 18), which the policy forbids")]
+    MigrationAgentAllowed(u64),
+    #[error("the guest policy {0:#x} allows SMT (bit 16), which the policy forbids")]
+    SmtAllowed(u64),
+    #[error("reported TCB {component} SPL {reported} is below the policy's minimum {minimum}")]
+    TcbTooLow {
+        component: &'static str,
+        reported: u8,
+        minimum: u8,
+    },
+    #[error("wrapping the key: {0}")]
+    Wrap(String),
+
+    // The client.
+    #[error("connecting to the broker at {addr}: {error}")]
+    Connect { addr: SocketAddr, error: std::io::Error },
+    #[error("the broker refused: {0}")]
+    Refused(String),
+    #[error("the broker's reply is not valid: {0}")]
+    BadReply(String),
+    #[error("getting evidence: {0}")]
+    EvidenceSource(String),
+    #[error("the wrapped key does not authenticate: a tampered reply, or not for this transfer key")]
+    Unwrap,
+}
+
+fn io_err(e: std::io::Error) -> KbsError {
+    KbsError::Io(e.to_string())
+}
+
+// ---------------------------------------------------------------------------------------
+// The binding and the wrap.
+
+/// What REPORT_DATA must hold for a key request: SHA-512("pv-kbs-v1" ‖ nonce ‖
+/// transfer_pub), `transfer_pub` being the exact bytes sent as `transfer_key` (SEC1
+/// uncompressed). It ties the report to this challenge and to this transfer key, so a
+/// captured report neither replays nor lets another key receive the secret.
+pub fn binding(nonce: &[u8; NONCE_LEN], transfer_pub: &[u8]) -> [u8; 64] {
+    Sha512::new()
+        .chain_update(DOMAIN)
+        .chain_update(nonce)
+        .chain_update(transfer_pub)
+        .finalize()
+        .into()
+}
+
+/// A key wrapped to a transfer key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wrapped {
+    /// The broker's ephemeral public key (SEC1 uncompressed).
+    pub server_key: [u8; TRANSFER_KEY_LEN],
+    /// AES-256-GCM ciphertext of the key, then the tag.
+    pub wrapped_key: [u8; WRAPPED_LEN],
+}
+
+/// The AES key (32 bytes) and IV (12 bytes) of one wrap.
+fn wrap_secret(
+    shared: &SharedSecret,
+    nonce: &[u8; NONCE_LEN],
+    server_pub: &[u8; TRANSFER_KEY_LEN],
+    transfer_pub: &[u8; TRANSFER_KEY_LEN],
+) -> Result<Zeroizing<[u8; 44]>, KbsError> {
+    let mut info = Vec::with_capacity(WRAP_INFO.len() + NONCE_LEN + 2 * TRANSFER_KEY_LEN);
+    info.extend_from_slice(WRAP_INFO);
+    info.extend_from_slice(nonce);
+    info.extend_from_slice(server_pub);
+    info.extend_from_slice(transfer_pub);
+    let mut okm = Zeroizing::new([0u8; 44]);
+    shared
+        .extract::<Sha384>(Some(DOMAIN))
+        .expand(&info, &mut okm[..])
+        .map_err(|e| KbsError::Wrap(e.to_string()))?;
+    Ok(okm)
+}
+
+fn sec1(key: &PublicKey) -> Result<[u8; TRANSFER_KEY_LEN], KbsError> {
+    key.to_encoded_point(false)
+        .as_bytes()
+        .try_into()
+        .map_err(|_| KbsError::Wrap("a P-384 point is not 97 bytes uncompressed".into()))
+}
+
+/// Parses a transfer key: exactly a SEC1 uncompressed P-384 point (on the curve, not the
+/// identity), so that the bytes bound into the report are the one encoding of the key.
+pub fn parse_transfer_key(bytes: &[u8]) -> Result<(PublicKey, [u8; TRANSFER_KEY_LEN]), KbsError> {
+    let bad = |reason: String| KbsError::BadField {
+        field: "transfer_key",
+        reason,
+    };
+    let raw: [u8; TRANSFER_KEY_LEN] = bytes.try_into().map_err(|_| {
+        bad(format!(
+            "{} bytes, not a {TRANSFER_KEY_LEN}-byte SEC1 uncompressed P-384 point",
+            bytes.len()
+        ))
+    })?;
+    if raw[0] != 0x04 {
+        return Err(bad(format!(
+            "starts with {:#04x}, not 0x04 (SEC1 uncompressed)",
+            raw[0]
+        )));
+    }
+    let key = PublicKey::from_sec1_bytes(&raw)
+        .map_err(|_| bad("not a point on P-384".into()))?;
+    Ok((key, raw))
+}
+
+/// Wraps `key` to `transfer` for the exchange of `nonce`, with a fresh server key.
+pub fn wrap(
+    key: &[u8; 32],
+    nonce: &[u8; NONCE_LEN],
+    transfer: &PublicKey,
+) -> Result<Wrapped, KbsError> {
+    let server = EphemeralSecret::random(&mut rand_core::OsRng);
+    let server_key = sec1(&server.public_key())?;
+    let transfer_pub = sec1(transfer)?;
+    let secret = wrap_secret(
+        &server.diffie_hellman(transfer),
+        nonce,
+        &server_key,
+        &transfer_pub,
+    )?;
+    let (aes_key, iv) = secret.split_at(32);
+    let cipher = Aes256Gcm::new_from_slice(aes_key).map_err(|e| KbsError::Wrap(e.to_string()))?;
+    let iv: [u8; 12] = iv
+        .try_into()
+        .map_err(|_| KbsError::Wrap("IV length".into()))?;
+    let iv: GcmNonce<_> = iv.into();
+    let mut wrapped_key = [0u8; WRAPPED_LEN];
+    wrapped_key[..32].copy_from_slice(key);
+    let tag: Tag = cipher
+        .encrypt_inout_detached(&iv, nonce, (&mut wrapped_key[..32]).into())
+        .map_err(|e| KbsError::Wrap(e.to_string()))?;
+    wrapped_key[32..].copy_from_slice(&tag);
+    Ok(Wrapped {
+        server_key,
+        wrapped_key,
+    })
+}
+
+/// Unwraps a key wrapped to `transfer` (the secret half of the transfer key) for the
+/// exchange of `nonce`.
+pub fn unwrap(
+    transfer: &EphemeralSecret,
+    nonce: &[u8; NONCE_LEN],
+    wrapped: &Wrapped,
+) -> Result<Zeroizing<[u8; 32]>, KbsError> {
+    let server = PublicKey::from_sec1_bytes(&wrapped.server_key).map_err(|_| KbsError::Unwrap)?;
+    let transfer_pub = sec1(&transfer.public_key())?;
+    let secret = wrap_secret(
+        &transfer.diffie_hellman(&server),
+        nonce,
+        &wrapped.server_key,
+        &transfer_pub,
+    )?;
+    let (aes_key, iv) = secret.split_at(32);
+    let cipher = Aes256Gcm::new_from_slice(aes_key).map_err(|e| KbsError::Wrap(e.to_string()))?;
+    let iv: [u8; 12] = iv.try_into().map_err(|_| KbsError::Unwrap)?;
+    let iv: GcmNonce<_> = iv.into();
+    let tag: [u8; 16] = wrapped.wrapped_key[32..]
+        .try_into()
+        .map_err(|_| KbsError::Unwrap)?;
+    let tag: Tag = tag.into();
+    let mut key = Zeroizing::new([0u8; 32]);
+    key.copy_from_slice(&wrapped.wrapped_key[..32]);
+    cipher
+        .decrypt_inout_detached(&iv, nonce, (&mut key[..]).into(), &tag)
+        .map_err(|_| KbsError::Unwrap)?;
+    Ok(key)
+}
+
+// ---------------------------------------------------------------------------------------
+// The policy.
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct PolicyFile {
+    key_file: PathBuf,
+    certs: PathBuf,
+    ark_fingerprint: String,
+    allowed_measurements: Vec<String>,
+    #[serde(default = "default_nonce_age")]
+    max_nonce_age: u64,
+    #[serde(default)]
+    vmpl: u32,
+    #[serde(default)]
+    guest_policy: GuestPolicy,
+    minimum_tcb: MinimumTcb,
+}
+
+fn default_nonce_age() -> u64 {
+    DEFAULT_NONCE_AGE
+}
+
+/// Which SNP guest-policy permissions a released-to guest may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct GuestPolicy {
+    pub allow_debug: bool,
+    pub allow_migration_agent: bool,
+    pub allow_smt: bool,
+}
+
+impl Default for GuestPolicy {
+    fn default() -> GuestPolicy {
+        GuestPolicy {
+            allow_debug: false,
+            allow_migration_agent: false,
+            allow_smt: true,
+        }
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct MinimumTcb {
+    bootloader: u8,
+    tee: u8,
+    snp: u8,
+    microcode: u8,
+}
+
+/// A validated policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub key_file: PathBuf,
+    pub certs: PathBuf,
+    /// Lowercase hex, no separators.
+    pub ark_fingerprint: String,
+    pub allowed_measurements: Vec<[u8; 48]>,
+    pub max_nonce_age: Duration,
+    pub vmpl: u32,
+    pub guest_policy: GuestPolicy,
+    pub minimum_tcb: Tcb,
+}
+
+/// The facts of a verified report that the policy judges.
+#[derive(Debug, Clone, Copy)]
+pub struct ReportFacts {
+    pub policy: u64,
+    pub vmpl: u32,
+    pub report_data: [u8; 64],
+    pub measurement: [u8; 48],
+    pub reported_tcb: Tcb,
+}
+
+impl ReportFacts {
+    /// Reads the facts at their SNP report offsets (policy 0x08, VMPL 0x30, REPORT_DATA
+    /// 0x50, MEASUREMENT 0x90, REPORTED_TCB 0x180 in the Milan layout).
+    pub fn of(report: &[u8; REPORT_LEN]) -> ReportFacts {
+        let mut policy = [0u8; 8];
+        policy.copy_from_slice(&report[0x08..0x10]);
+        let mut vmpl = [0u8; 4];
+        vmpl.copy_from_slice(&report[0x30..0x34]);
+        let mut report_data = [0u8; 64];
+        report_data.copy_from_slice(&report[0x50..0x90]);
+        let mut measurement = [0u8; 48];
+        measurement.copy_from_slice(&report[0x90..0xC0]);
+        let t = &report[0x180..0x188];
+        ReportFacts {
+            policy: u64::from_le_bytes(policy),
+            vmpl: u32::from_le_bytes(vmpl),
+            report_data,
+            measurement,
+            reported_tcb: Tcb {
+                bootloader: t[0],
+                tee: t[1],
+                snp: t[6],
+                microcode: t[7],
+            },
+        }
+    }
+}
+
+impl Policy {
+    /// Reads and validates a policy file.
+    pub fn load(path: &Path) -> Result<Policy, KbsError> {
+        let text = std::fs::read_to_string(path).map_err(|error| KbsError::PolicyRead {
+            path: path.display().to_string(),
+            error,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Policy::parse(&text, base, &path.display().to_string())
+    }
+
+    /// Validates policy text; relative paths are taken from `base`.
+    pub fn parse(text: &str, base: &Path, name: &str) -> Result<Policy, KbsError> {
+        let invalid = |message: String| KbsError::PolicyInvalid {
+            path: name.to_string(),
+            message,
+        };
+        let file: PolicyFile = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let ark_fingerprint = file.ark_fingerprint.trim().to_ascii_lowercase().replace(':', "");
+        if parse_hex(&ark_fingerprint).is_none_or(|b| b.len() != 32) {
+            return Err(invalid(format!(
+                "ark-fingerprint \"{}\" is not a SHA-256 (32 bytes of hex)",
+                file.ark_fingerprint
+            )));
+        }
+        if file.allowed_measurements.is_empty() {
+            return Err(invalid(
+                "allowed-measurements is empty: no report could ever get the key".into(),
+            ));
+        }
+        let mut allowed = Vec::with_capacity(file.allowed_measurements.len());
+        for (i, m) in file.allowed_measurements.iter().enumerate() {
+            let m: [u8; 48] = parse_hex(m)
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "allowed-measurements[{i}] \"{m}\" is not 48 bytes of hex"
+                    ))
+                })?;
+            allowed.push(m);
+        }
+        if !(1..=MAX_NONCE_AGE_LIMIT).contains(&file.max_nonce_age) {
+            return Err(invalid(format!(
+                "max-nonce-age = {} is outside 1..={MAX_NONCE_AGE_LIMIT} seconds",
+                file.max_nonce_age
+            )));
+        }
+        Ok(Policy {
+            key_file: base.join(file.key_file),
+            certs: base.join(file.certs),
+            ark_fingerprint,
+            allowed_measurements: allowed,
+            max_nonce_age: Duration::from_secs(file.max_nonce_age),
+            vmpl: file.vmpl,
+            guest_policy: file.guest_policy,
+            minimum_tcb: Tcb {
+                bootloader: file.minimum_tcb.bootloader,
+                tee: file.minimum_tcb.tee,
+                snp: file.minimum_tcb.snp,
+                microcode: file.minimum_tcb.microcode,
+            },
+        })
+    }
+
+    /// Whether a verified report's facts satisfy the policy (the binding is checked apart).
+    pub fn admit(&self, facts: &ReportFacts) -> Result<(), KbsError> {
+        if !self.allowed_measurements.contains(&facts.measurement) {
+            return Err(KbsError::MeasurementNotAllowed(hex(&facts.measurement)));
+        }
+        if facts.vmpl != self.vmpl {
+            return Err(KbsError::Vmpl {
+                found: facts.vmpl,
+                required: self.vmpl,
+            });
+        }
+        let p = facts.policy;
+        let g = self.guest_policy;
+        if p & POLICY_DEBUG != 0 && !g.allow_debug {
+            return Err(KbsError::DebugAllowed(p));
+        }
+        if p & POLICY_MIGRATE_MA != 0 && !g.allow_migration_agent {
+            return Err(KbsError::MigrationAgentAllowed(p));
+        }
+        if p & POLICY_SMT != 0 && !g.allow_smt {
+            return Err(KbsError::SmtAllowed(p));
+        }
+        let (r, m) = (facts.reported_tcb, self.minimum_tcb);
+        for (component, reported, minimum) in [
+            ("boot loader", r.bootloader, m.bootloader),
+            ("TEE", r.tee, m.tee),
+            ("SNP", r.snp, m.snp),
+            ("microcode", r.microcode, m.microcode),
+        ] {
+            if reported < minimum {
+                return Err(KbsError::TcbTooLow {
+                    component,
+                    reported,
+                    minimum,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads a tenant key file: a regular file of exactly 32 bytes that neither group nor others
+/// may access.
+pub fn load_key(path: &Path) -> Result<Zeroizing<[u8; 32]>, KbsError> {
+    let name = || path.display().to_string();
+    let meta = std::fs::metadata(path).map_err(|error| KbsError::KeyFileIo {
+        path: name(),
+        error,
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KbsError::KeyFileMode { path: name(), mode });
+    }
+    if !meta.is_file() || meta.len() != 32 {
+        return Err(KbsError::KeyFileSize {
+            path: name(),
+            len: meta.len(),
+        });
+    }
+    let bytes = Zeroizing::new(std::fs::read(path).map_err(|error| KbsError::KeyFileIo {
+        path: name(),
+        error,
+    })?);
+    let mut key = Zeroizing::new([0u8; 32]);
+    if bytes.len() != 32 {
+        return Err(KbsError::KeyFileSize {
+            path: name(),
+            len: bytes.len() as u64,
+        });
+    }
+    key.copy_from_slice(&bytes);
+    Ok(key)
+}
+
+/// Creates a tenant key file: 32 random bytes, mode 0600. Never overwrites.
+pub fn init_key(path: &Path) -> Result<(), KbsError> {
+    let err = |error| KbsError::KeyFileIo {
+        path: path.display().to_string(),
+        error,
+    };
+    let mut key = Zeroizing::new([0u8; 32]);
+    getrandom::getrandom(&mut key[..]).map_err(|e| err(std::io::Error::other(e.to_string())))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
+    f.write_all(&key[..]).map_err(err)?;
+    f.sync_all().map_err(err)
+}
+
+// ---------------------------------------------------------------------------------------
+// Requests and replies.
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
+enum WireRequest {
+    // `{}`, not a unit variant: serde ignores unknown fields next to a unit variant's tag.
+    Challenge {},
+    Key {
+        nonce: String,
+        transfer_key: String,
+        report: String,
+    },
+}
+
+/// A decoded request.
+#[derive(Debug)]
+pub enum Request {
+    Challenge,
+    Key(KeyRequest),
+}
+
+#[derive(Debug)]
+pub struct KeyRequest {
+    pub nonce: [u8; NONCE_LEN],
+    pub transfer_key: PublicKey,
+    /// The exact bytes the client sent as its transfer key (what the binding covers).
+    pub transfer_bytes: [u8; TRANSFER_KEY_LEN],
+    pub report: Box<[u8; REPORT_LEN]>,
+}
+
+fn field_hex(field: &'static str, s: &str) -> Result<Vec<u8>, KbsError> {
+    parse_hex(s).ok_or_else(|| KbsError::BadField {
+        field,
+        reason: "not hex".into(),
+    })
+}
+
+fn sized<const N: usize>(field: &'static str, v: Vec<u8>) -> Result<[u8; N], KbsError> {
+    let len = v.len();
+    v.try_into().map_err(|_| KbsError::BadField {
+        field,
+        reason: format!("{len} bytes, not {N}"),
+    })
+}
+
+/// Decodes one request line from a client (hostile input: every failure is a typed error).
+pub fn parse_request(line: &[u8]) -> Result<Request, KbsError> {
+    if line.len() > MAX_LINE {
+        return Err(KbsError::LineTooLong);
+    }
+    let wire: WireRequest =
+        serde_json::from_slice(line).map_err(|e| KbsError::Malformed(e.to_string()))?;
+    match wire {
+        WireRequest::Challenge {} => Ok(Request::Challenge),
+        WireRequest::Key {
+            nonce,
+            transfer_key,
+            report,
+        } => {
+            let nonce = sized::<NONCE_LEN>("nonce", field_hex("nonce", &nonce)?)?;
+            let (transfer_key, transfer_bytes) =
+                parse_transfer_key(&field_hex("transfer_key", &transfer_key)?)?;
+            let report = Box::new(sized::<REPORT_LEN>(
+                "report",
+                field_hex("report", &report)?,
+            )?);
+            Ok(Request::Key(KeyRequest {
+                nonce,
+                transfer_key,
+                transfer_bytes,
+                report,
+            }))
+        }
+    }
+}
+
+/// A decoded reply.
+#[derive(Debug)]
+pub enum Reply {
+    Challenge {
+        nonce: [u8; NONCE_LEN],
+        expires_in_secs: u64,
+    },
+    Key(Wrapped),
+    Error(String),
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireReply {
+    nonce: Option<String>,
+    expires_in_secs: Option<u64>,
+    server_key: Option<String>,
+    wrapped_key: Option<String>,
+    error: Option<String>,
+}
+
+fn reply_field<const N: usize>(field: &'static str, s: &str) -> Result<[u8; N], KbsError> {
+    parse_hex(s)
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| KbsError::BadReply(format!("{field} is not {N} bytes of hex")))
+}
+
+/// Decodes one reply line from the broker.
+pub fn parse_reply(line: &[u8]) -> Result<Reply, KbsError> {
+    let w: WireReply =
+        serde_json::from_slice(line).map_err(|e| KbsError::BadReply(e.to_string()))?;
+    match w {
+        WireReply {
+            error: Some(e),
+            nonce: None,
+            server_key: None,
+            wrapped_key: None,
+            ..
+        } => Ok(Reply::Error(e)),
+        WireReply {
+            nonce: Some(n),
+            expires_in_secs,
+            server_key: None,
+            wrapped_key: None,
+            error: None,
+        } => Ok(Reply::Challenge {
+            nonce: reply_field("nonce", &n)?,
+            expires_in_secs: expires_in_secs.unwrap_or(0),
+        }),
+        WireReply {
+            server_key: Some(s),
+            wrapped_key: Some(w),
+            nonce: None,
+            expires_in_secs: None,
+            error: None,
+        } => Ok(Reply::Key(Wrapped {
+            server_key: reply_field("server_key", &s)?,
+            wrapped_key: reply_field("wrapped_key", &w)?,
+        })),
+        _ => Err(KbsError::BadReply(
+            "neither a challenge, a wrapped key nor an error".into(),
+        )),
+    }
+}
+
+fn error_line(e: &KbsError) -> String {
+    serde_json::json!({ "error": e.to_string() }).to_string()
+}
+
+// ---------------------------------------------------------------------------------------
+// The broker.
+
+#[derive(Debug, Clone, Copy)]
+struct Issued {
+    at: Instant,
+    used: bool,
+}
+
+/// Issued challenges. A nonce stays here, marked used, until it expires, so that a second use
+/// is reported as a replay rather than as unknown.
+#[derive(Debug, Default)]
+struct Nonces {
+    issued: HashMap<[u8; NONCE_LEN], Issued>,
+}
+
+impl Nonces {
+    fn purge(&mut self, now: Instant, max_age: Duration) {
+        self.issued
+            .retain(|_, i| now.saturating_duration_since(i.at) <= max_age);
+    }
+
+    fn issue(
+        &mut self,
+        now: Instant,
+        max_age: Duration,
+    ) -> Result<[u8; NONCE_LEN], KbsError> {
+        self.purge(now, max_age);
+        if self.issued.len() >= MAX_OUTSTANDING_NONCES {
+            return Err(KbsError::TooManyChallenges);
+        }
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::getrandom(&mut nonce).map_err(|e| KbsError::Wrap(e.to_string()))?;
+        self.issued.insert(
+            nonce,
+            Issued {
+                at: now,
+                used: false,
+            },
+        );
+        Ok(nonce)
+    }
+
+    /// Consumes a nonce: it must be known, unexpired and unused.
+    fn consume(
+        &mut self,
+        nonce: &[u8; NONCE_LEN],
+        now: Instant,
+        max_age: Duration,
+    ) -> Result<(), KbsError> {
+        match self.issued.get_mut(nonce) {
+            Some(i) if now.saturating_duration_since(i.at) > max_age => {
+                self.issued.remove(nonce);
+                Err(KbsError::NonceUnknownOrExpired)
+            }
+            Some(i) if i.used => Err(KbsError::NonceReplayed),
+            Some(i) => {
+                i.used = true;
+                Ok(())
+            }
+            None => Err(KbsError::NonceUnknownOrExpired),
+        }
+    }
+}
+
+/// The broker: the policy, the tenant key and the issued nonces.
+pub struct Broker {
+    policy: Policy,
+    key: Zeroizing<[u8; 32]>,
+    nonces: Mutex<Nonces>,
+}
+
+impl Broker {
+    /// A broker for `policy`: reads the key file and checks the certificate directory's ARK
+    /// against the pin now, so that a misconfiguration fails at start, not per request.
+    pub fn new(policy: Policy) -> Result<Broker, KbsError> {
+        let key = load_key(&policy.key_file)?;
+        let found = crate::verify::ark_fingerprint(&policy.certs)?;
+        if found != policy.ark_fingerprint {
+            return Err(KbsError::ArkNotPinned {
+                certs: policy.certs.display().to_string(),
+                found,
+                pinned: policy.ark_fingerprint.clone(),
+            });
+        }
+        Ok(Broker {
+            policy,
+            key,
+            nonces: Mutex::default(),
+        })
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    fn nonces(&self) -> std::sync::MutexGuard<'_, Nonces> {
+        // A panic while holding the lock cannot leave the table inconsistent (each operation
+        // is one map update), so a poisoned lock is still good.
+        self.nonces.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A fresh challenge nonce.
+    pub fn challenge(&self, now: Instant) -> Result<[u8; NONCE_LEN], KbsError> {
+        self.nonces().issue(now, self.policy.max_nonce_age)
+    }
+
+    /// Judges a key request; the wrapped key if everything holds.
+    pub fn release(&self, req: &KeyRequest, now: Instant) -> Result<Wrapped, KbsError> {
+        self.nonces()
+            .consume(&req.nonce, now, self.policy.max_nonce_age)?;
+        crate::verify::verify(
+            &req.report[..],
+            &self.policy.certs,
+            &self.policy.ark_fingerprint,
+            None,
+            None,
+        )?;
+        let facts = ReportFacts::of(&req.report);
+        let expected = binding(&req.nonce, &req.transfer_bytes);
+        if facts.report_data != expected {
+            return Err(KbsError::Binding {
+                found: hex(&facts.report_data),
+                expected: hex(&expected),
+            });
+        }
+        self.policy.admit(&facts)?;
+        wrap(&self.key, &req.nonce, &req.transfer_key)
+    }
+
+    /// Answers one request line with one reply line (without the newline), and logs it.
+    pub fn handle_line(&self, line: &[u8], now: Instant, peer: &str) -> String {
+        let outcome = parse_request(line).and_then(|req| match req {
+            Request::Challenge => self.challenge(now).map(|nonce| {
+                tracing::debug!(%peer, "challenge issued");
+                serde_json::json!({
+                    "nonce": hex(&nonce),
+                    "expires_in_secs": self.policy.max_nonce_age.as_secs(),
+                })
+                .to_string()
+            }),
+            Request::Key(req) => self.release(&req, now).map(|w| {
+                let facts = ReportFacts::of(&req.report);
+                tracing::info!(
+                    %peer,
+                    measurement = %hex(&facts.measurement),
+                    "key RELEASED (wrapped to the attested transfer key)"
+                );
+                serde_json::json!({
+                    "server_key": hex(&w.server_key),
+                    "wrapped_key": hex(&w.wrapped_key),
+                })
+                .to_string()
+            }),
+        });
+        outcome.unwrap_or_else(|e| {
+            tracing::warn!(%peer, "refused: {e}");
+            error_line(&e)
+        })
+    }
+
+    /// Serves one connection: one request line, one reply line.
+    fn serve_connection(&self, stream: TcpStream) {
+        let peer = stream
+            .peer_addr()
+            .map_or_else(|_| "?".to_string(), |a| a.to_string());
+        let reply = match read_line(&stream, Instant::now() + REQUEST_DEADLINE) {
+            Ok(line) => self.handle_line(&line, Instant::now(), &peer),
+            Err(KbsError::Closed) => return,
+            Err(e) => {
+                tracing::warn!(%peer, "refused: {e}");
+                error_line(&e)
+            }
+        };
+        send_and_close(stream, &reply);
+    }
+}
+
+/// Writes `reply` and a newline, then closes, first reading and discarding briefly what the
+/// peer still sends so that the close does not reset the connection under the reply.
+fn send_and_close(mut stream: TcpStream, reply: &str) {
+    let _ = stream.set_write_timeout(Some(REQUEST_DEADLINE));
+    let mut line = reply.as_bytes().to_vec();
+    line.push(b'\n');
+    if stream.write_all(&line).and_then(|_| stream.flush()).is_err() {
+        return;
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+    let until = Instant::now() + LINGER;
+    let mut drained = 0;
+    let mut sink = [0u8; 4096];
+    while drained < LINGER_BYTES {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        match stream.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n,
+        }
+    }
+}
+
+/// Reads one line (without its newline; or up to EOF) of at most [`MAX_LINE`] bytes, by
+/// `deadline`.
+fn read_line(mut stream: &TcpStream, deadline: Instant) -> Result<Vec<u8>, KbsError> {
+    let started = Instant::now();
+    let mut line = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(KbsError::Timeout(deadline.saturating_duration_since(started)));
+        }
+        stream.set_read_timeout(Some(left)).map_err(io_err)?;
+        let n = match stream.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(KbsError::Timeout(deadline.saturating_duration_since(started)))
+            }
+            Err(e) => return Err(io_err(e)),
+        };
+        if n == 0 {
+            return if line.is_empty() {
+                Err(KbsError::Closed)
+            } else {
+                Ok(line)
+            };
+        }
+        let got = chunk.get(..n).unwrap_or_default();
+        let end = got.iter().position(|b| *b == b'\n');
+        line.extend_from_slice(&got[..end.unwrap_or(got.len())]);
+        if line.len() > MAX_LINE {
+            return Err(KbsError::LineTooLong);
+        }
+        if end.is_some() {
+            return Ok(line);
+        }
+    }
+}
+
+/// Parses a listen address: an IP address and port, loopback only.
+pub fn listen_address(s: &str) -> Result<SocketAddr, KbsError> {
+    let addr: SocketAddr = s
+        .trim()
+        .parse()
+        .map_err(|_| KbsError::BadAddress(s.to_string()))?;
+    if !addr.ip().is_loopback() {
+        return Err(KbsError::NotLoopback(addr));
+    }
+    Ok(addr)
+}
+
+/// Counts a connection being served; uncounts it when dropped (also if its thread panics).
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Serves connections on `listener` forever: a thread per connection, at most
+/// [`MAX_CLIENTS`] at once.
+pub fn serve(broker: Arc<Broker>, listener: TcpListener) {
+    let active = Arc::new(AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors and the like: wait, rather than spin.
+                tracing::warn!("accept: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+            active.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!("refused a connection: {}", KbsError::Busy);
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+            let mut line = error_line(&KbsError::Busy).into_bytes();
+            line.push(b'\n');
+            let mut stream = stream;
+            let _ = stream.write_all(&line);
+            continue;
+        }
+        let slot = Slot(active.clone());
+        let broker = broker.clone();
+        let spawned = std::thread::Builder::new()
+            .name("kbs-client".into())
+            .spawn(move || {
+                let _slot = slot;
+                broker.serve_connection(stream);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("no thread for a client: {e}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The client.
+
+/// One exchange: connect, send `request`, read the reply line.
+fn exchange(addr: SocketAddr, request: &str) -> Result<Reply, KbsError> {
+    let mut stream = TcpStream::connect_timeout(&addr, CLIENT_TIMEOUT)
+        .map_err(|error| KbsError::Connect { addr, error })?;
+    stream
+        .set_write_timeout(Some(CLIENT_TIMEOUT))
+        .map_err(io_err)?;
+    let mut line = request.as_bytes().to_vec();
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io_err)?;
+    let reply = read_line(&stream, Instant::now() + CLIENT_TIMEOUT)?;
+    match parse_reply(&reply)? {
+        Reply::Error(e) => Err(KbsError::Refused(e)),
+        r => Ok(r),
+    }
+}
+
+/// Fetches the tenant key from the broker at `addr`: a challenge, an ephemeral transfer key,
+/// `evidence(binding(nonce, transfer key))` for the report, then the wrapped key, unwrapped.
+pub fn fetch_key(
+    addr: SocketAddr,
+    evidence: impl FnOnce(&[u8; 64]) -> Result<Vec<u8>, String>,
+) -> Result<Zeroizing<[u8; 32]>, KbsError> {
+    let nonce = match exchange(addr, r#"{"request":"challenge"}"#)? {
+        Reply::Challenge { nonce, .. } => nonce,
+        _ => return Err(KbsError::BadReply("a challenge was expected".into())),
+    };
+    let transfer = EphemeralSecret::random(&mut rand_core::OsRng);
+    let transfer_pub = sec1(&transfer.public_key())?;
+    let report = evidence(&binding(&nonce, &transfer_pub)).map_err(KbsError::EvidenceSource)?;
+    let request = serde_json::json!({
+        "request": "key",
+        "nonce": hex(&nonce),
+        "transfer_key": hex(&transfer_pub),
+        "report": hex(&report),
+    })
+    .to_string();
+    match exchange(addr, &request)? {
+        Reply::Key(wrapped) => unwrap(&transfer, &nonce, &wrapped),
+        _ => Err(KbsError::BadReply("a wrapped key was expected".into())),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The command line.
+
+/// `paravisor kbs ...`
+#[derive(clap::Subcommand, Debug)]
+pub enum KbsCmd {
+    /// Run the key broker in the foreground (loopback only): it releases the tenant key,
+    /// wrapped, to reports that verify and satisfy the policy.
+    Serve {
+        /// The policy file (see the `kbs` module documentation for its keys).
+        #[arg(long)]
+        policy: PathBuf,
+        /// Address to listen on: a loopback IP address and port.
+        #[arg(long, default_value = DEFAULT_LISTEN)]
+        listen: String,
+    },
+    /// Create a tenant key file: 32 random bytes, mode 0600 (never overwrites).
+    InitKey { file: PathBuf },
+    /// TEST TOOL: fetch the key with a report from the SIMULATED platform (the real client
+    /// is the paravisor's attest path) and write it to a new file (mode 0600).
+    Fetch {
+        /// The broker's address.
+        #[arg(long)]
+        kbs: String,
+        /// The simulated platform that signs the report.
+        #[arg(long)]
+        platform_dir: PathBuf,
+        /// The measurement to report (hex) [default: what `paravisor measure` gives for
+        /// the manifest and the test guest].
+        #[arg(long)]
+        measurement: Option<String>,
+        /// The manifest for the default measurement [default: manifest.toml].
+        #[arg(long, conflicts_with = "measurement")]
+        manifest: Option<PathBuf>,
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+}
+
+/// The measurement `paravisor run` would produce for `manifest` and the test guest.
+fn default_measurement(manifest: Option<&Path>) -> Result<[u8; 48], String> {
+    use crate::partition;
+    let path = manifest.unwrap_or(Path::new(crate::manifest::DEFAULT_MANIFEST));
+    let m = crate::manifest::Manifest::load(path).map_err(|e| e.to_string())?;
+    let bin_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."));
+    let guest = partition::GuestConfig {
+        image: partition::Image::TestGuest {
+            path: None,
+            command_line: String::new(),
+        },
+        memory: partition::TEST_GUEST_MEMORY,
+        vcpus: 1,
+        watchdog: Some(partition::TEST_GUEST_WATCHDOG),
+    };
+    crate::measure::launch(&m, &bin_dir, Some(&guest))
+        .map(|l| l.measurement)
+        .map_err(|e| e.to_string())
+}
+
+fn write_new_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Runs `paravisor kbs ...`.
+pub fn run(cmd: KbsCmd) -> ExitCode {
+    match run_inner(cmd) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("paravisor kbs: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_inner(cmd: KbsCmd) -> Result<(), String> {
+    match cmd {
+        KbsCmd::Serve { policy, listen } => {
+            let addr = listen_address(&listen).map_err(|e| e.to_string())?;
+            init_logging();
+            let policy = Policy::load(&policy).map_err(|e| e.to_string())?;
+            let broker = Broker::new(policy).map_err(|e| e.to_string())?;
+            let listener = TcpListener::bind(addr)
+                .map_err(|error| KbsError::Listen { addr, error }.to_string())?;
+            let p = broker.policy();
+            tracing::info!(
+                "key broker listening on {} ({} allowed measurement(s), nonces valid {} s, ARK {})",
+                listener.local_addr().unwrap_or(addr),
+                p.allowed_measurements.len(),
+                p.max_nonce_age.as_secs(),
+                p.ark_fingerprint
+            );
+            serve(Arc::new(broker), listener);
+            Ok(())
+        }
+        KbsCmd::InitKey { file } => {
+            init_key(&file).map_err(|e| e.to_string())?;
+            println!("{}: a new 32-byte tenant key (mode 0600)", file.display());
+            Ok(())
+        }
+        KbsCmd::Fetch {
+            kbs,
+            platform_dir,
+            measurement,
+            manifest,
+            out,
+        } => {
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(kbs.as_str())
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| KbsError::BadAddress(kbs.clone()).to_string())?;
+            let measurement: [u8; 48] = match measurement {
+                Some(m) => parse_hex(&m)
+                    .and_then(|v| v.try_into().ok())
+                    .ok_or("--measurement is not 48 bytes of hex")?,
+                None => default_measurement(manifest.as_deref())?,
+            };
+            let platform =
+                crate::platform::Platform::open(&platform_dir).map_err(|e| e.to_string())?;
+            let key = fetch_key(addr, |report_data| {
+                platform
+                    .report(&crate::platform::ReportRequest {
+                        report_data: *report_data,
+                        measurement,
+                        host_data: [0; 32],
+                        vmpl: 0,
+                        policy: crate::platform::POLICY,
+                    })
+                    .map(|r| r.to_vec())
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(|e| e.to_string())?;
+            write_new_private(&out, &key[..]).map_err(|e| format!("{}: {e}", out.display()))?;
+            println!(
+                "{}: the tenant key, released by the broker at {addr} for measurement {} \
+                 (report from the SIMULATED platform)",
+                out.display(),
+                hex(&measurement)
+            );
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The generator of P-384, SEC1 uncompressed: a valid transfer key.
+    const G: &str = "04aa87ca22be8b05378eb1c71ef320ad746e1d3b628ba79b9859f741e082542a385502f25dbf55296c3a545e3872760ab73617de4a96262c6f5d9e98bf9292dc29f8f41dbd289a147ce9da3113b5f0b8c00a60b1ce1d7e819d7a431d7c90ea0e5f";
+
+    fn g() -> Vec<u8> {
+        parse_hex(G).unwrap()
+    }
+
+    /// Python: hashlib.sha512(b"pv-kbs-v1" + b"\x11" * 32 + G).hexdigest()
+    #[test]
+    fn binding_matches_an_independent_computation() {
+        assert_eq!(
+            hex(&binding(&[0x11; 32], &g())),
+            "fff9d7c72d4df6b6667e80153a6a4dcaa86ec225ba68603fa0cd0485feb2ac0a266b6c79314815c98b140c66cbae2b5101ec8740bed0dcaca39c684bbc934e85"
+        );
+        assert_ne!(binding(&[0x11; 32], &g()), binding(&[0x12; 32], &g()));
+    }
+
+    #[test]
+    fn a_wrapped_key_opens_only_with_its_transfer_key_and_nonce() {
+        let key = [0x42u8; 32];
+        let nonce = [7u8; 32];
+        let transfer = EphemeralSecret::random(&mut rand_core::OsRng);
+        let w = wrap(&key, &nonce, &transfer.public_key()).unwrap();
+        assert_ne!(&w.wrapped_key[..32], &key[..], "the key travels encrypted");
+        assert_eq!(*unwrap(&transfer, &nonce, &w).unwrap(), key);
+        // Two wraps of one key differ (a fresh server key each time).
+        assert_ne!(wrap(&key, &nonce, &transfer.public_key()).unwrap(), w);
+        // Another transfer key, another nonce, a flipped bit anywhere: refused.
+        let other = EphemeralSecret::random(&mut rand_core::OsRng);
+        assert!(matches!(unwrap(&other, &nonce, &w), Err(KbsError::Unwrap)));
+        assert!(matches!(
+            unwrap(&transfer, &[8; 32], &w),
+            Err(KbsError::Unwrap)
+        ));
+        for at in [0, 31, 32, 47] {
+            let mut bad = w.clone();
+            bad.wrapped_key[at] ^= 1;
+            assert!(matches!(
+                unwrap(&transfer, &nonce, &bad),
+                Err(KbsError::Unwrap)
+            ));
+        }
+        let mut bad = w.clone();
+        bad.server_key[50] ^= 1;
+        assert!(matches!(
+            unwrap(&transfer, &nonce, &bad),
+            Err(KbsError::Unwrap)
+        ));
+    }
+
+    fn request(nonce: &str, key: &str, report: &str) -> String {
+        format!(r#"{{"request":"key","nonce":"{nonce}","transfer_key":"{key}","report":"{report}"}}"#)
+    }
+
+    #[test]
+    fn requests_parse_strictly() {
+        assert!(matches!(
+            parse_request(br#"{"request":"challenge"}"#),
+            Ok(Request::Challenge)
+        ));
+        let nonce = "ab".repeat(32);
+        let report = "00".repeat(REPORT_LEN);
+        match parse_request(request(&nonce, G, &report).as_bytes()) {
+            Ok(Request::Key(k)) => {
+                assert_eq!(k.nonce, [0xab; 32]);
+                assert_eq!(k.transfer_bytes.to_vec(), g());
+            }
+            other => panic!("{other:?}"),
+        }
+        let field = |r: Result<Request, KbsError>| match r {
+            Err(KbsError::BadField { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(field(parse_request(request("ab", G, &report).as_bytes())), "nonce");
+        assert_eq!(field(parse_request(request(&nonce, "zz", &report).as_bytes())), "transfer_key");
+        // Compressed, or not on the curve.
+        let compressed = format!("02{}", &G[2..98]);
+        assert_eq!(field(parse_request(request(&nonce, &compressed, &report).as_bytes())), "transfer_key");
+        let off_curve = format!("{}00", &G[..G.len() - 2]);
+        assert_eq!(field(parse_request(request(&nonce, &off_curve, &report).as_bytes())), "transfer_key");
+        assert_eq!(field(parse_request(request(&nonce, G, "00").as_bytes())), "report");
+        for bad in [
+            &b"hello"[..],
+            br#"{"request":"challenge","extra":1}"#,
+            br#"{"request":"key","nonce":"","transfer_key":"","report":"","extra":1}"#,
+            br#"{"request":"challenge","request":"challenge"}"#,
+            br#"{"request":"steal"}"#,
+            br#"{"nonce":"00"}"#,
+            b"",
+        ] {
+            assert!(matches!(parse_request(bad), Err(KbsError::Malformed(_))), "{bad:?}");
+        }
+        assert!(matches!(
+            parse_request(&vec![b' '; MAX_LINE + 1]),
+            Err(KbsError::LineTooLong)
+        ));
+    }
+
+    #[test]
+    fn replies_parse_strictly() {
+        match parse_reply(br#"{"error":"no"}"#) {
+            Ok(Reply::Error(e)) => assert_eq!(e, "no"),
+            other => panic!("{other:?}"),
+        }
+        let n = "cd".repeat(32);
+        assert!(matches!(
+            parse_reply(format!(r#"{{"nonce":"{n}","expires_in_secs":5}}"#).as_bytes()),
+            Ok(Reply::Challenge { nonce: [0xcd, ..], expires_in_secs: 5 })
+        ));
+        assert!(parse_reply(format!(r#"{{"nonce":"{n}","error":"x"}}"#).as_bytes()).is_err());
+        assert!(parse_reply(br#"{"server_key":"04"}"#).is_err());
+        assert!(parse_reply(b"{}").is_err());
+    }
+
+    #[test]
+    fn a_nonce_is_good_once_and_only_while_fresh() {
+        let age = Duration::from_secs(60);
+        let mut n = Nonces::default();
+        let t0 = Instant::now();
+        let a = n.issue(t0, age).unwrap();
+        let b = n.issue(t0, age).unwrap();
+        assert_ne!(a, b);
+        assert!(matches!(n.consume(&[0; 32], t0, age), Err(KbsError::NonceUnknownOrExpired)));
+        n.consume(&a, t0, age).unwrap();
+        assert!(matches!(n.consume(&a, t0, age), Err(KbsError::NonceReplayed)));
+        let late = t0 + age + Duration::from_secs(1);
+        assert!(matches!(n.consume(&b, late, age), Err(KbsError::NonceUnknownOrExpired)));
+        // Expired ones are forgotten; the table is bounded.
+        n.purge(late, age);
+        assert!(n.issued.is_empty());
+        for _ in 0..MAX_OUTSTANDING_NONCES {
+            n.issue(t0, age).unwrap();
+        }
+        assert!(matches!(n.issue(t0, age), Err(KbsError::TooManyChallenges)));
+        assert!(n.issue(late, age).is_ok(), "expired challenges make room");
+    }
+
+    const POLICY_TEXT: &str = r#"
+key-file = "tenant.key"
+certs = "certs"
+ark-fingerprint = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+allowed-measurements = ["abababababababababababababababababababababababababababababababababababababababababababababababab"]
+[minimum-tcb]
+bootloader = 3
+tee = 0
+snp = 8
+microcode = 115
+"#;
+
+    #[test]
+    fn the_policy_judges_measurement_vmpl_guest_policy_and_tcb() {
+        let p = Policy::parse(POLICY_TEXT, Path::new("/etc/kbs"), "p.toml").unwrap();
+        assert_eq!(p.key_file, Path::new("/etc/kbs/tenant.key"));
+        assert_eq!(p.max_nonce_age, Duration::from_secs(60));
+        let good = ReportFacts {
+            policy: crate::platform::POLICY,
+            vmpl: 0,
+            report_data: [0; 64],
+            measurement: [0xab; 48],
+            reported_tcb: crate::platform::TCB,
+        };
+        p.admit(&good).unwrap();
+        let e = p
+            .admit(&ReportFacts {
+                measurement: [0xac; 48],
+                ..good
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains(&"ac".repeat(48)), "{e}");
+        assert!(matches!(
+            p.admit(&ReportFacts { vmpl: 1, ..good }),
+            Err(KbsError::Vmpl { found: 1, required: 0 })
+        ));
+        assert!(matches!(
+            p.admit(&ReportFacts {
+                policy: good.policy | POLICY_DEBUG,
+                ..good
+            }),
+            Err(KbsError::DebugAllowed(_))
+        ));
+        assert!(matches!(
+            p.admit(&ReportFacts {
+                policy: good.policy | POLICY_MIGRATE_MA,
+                ..good
+            }),
+            Err(KbsError::MigrationAgentAllowed(_))
+        ));
+        let old = Tcb {
+            snp: 7,
+            ..crate::platform::TCB
+        };
+        let e = p
+            .admit(&ReportFacts {
+                reported_tcb: old,
+                ..good
+            })
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "reported TCB SNP SPL 7 is below the policy's minimum 8"
+        );
+        let no_smt = Policy::parse(
+            &POLICY_TEXT.replace("[minimum-tcb]", "[guest-policy]\nallow-smt = false\n[minimum-tcb]"),
+            Path::new("."),
+            "p",
+        )
+        .unwrap();
+        assert!(matches!(no_smt.admit(&good), Err(KbsError::SmtAllowed(_))));
+    }
+
+    #[test]
+    fn bad_policies_are_refused_with_their_reason() {
+        let bad = |text: String, needle: &str| {
+            let e = Policy::parse(&text, Path::new("."), "p.toml").unwrap_err();
+            assert!(e.to_string().contains(needle), "{e}");
+        };
+        bad(POLICY_TEXT.replace("certs = ", "cert = "), "unknown field");
+        bad(POLICY_TEXT.replace("[\"abab", "[\"zzab"), "allowed-measurements[0]");
+        bad(POLICY_TEXT.replace("ark-fingerprint = \"00", "ark-fingerprint = \"0"), "ark-fingerprint");
+        bad(format!("max-nonce-age = 0\n{POLICY_TEXT}"), "max-nonce-age");
+        bad(POLICY_TEXT.replace("microcode = 115", ""), "microcode");
+        bad(
+            POLICY_TEXT.replace(
+                "allowed-measurements = [\"",
+                "allowed-measurements = []\nx = [\"",
+            ),
+            "unknown field",
+        );
+    }
+
+    #[test]
+    fn only_loopback_addresses_are_listened_on() {
+        assert!(listen_address("127.0.0.1:8700").is_ok());
+        assert!(listen_address("[::1]:8700").is_ok());
+        assert!(matches!(listen_address("0.0.0.0:8700"), Err(KbsError::NotLoopback(_))));
+        assert!(matches!(listen_address("192.0.2.1:1"), Err(KbsError::NotLoopback(_))));
+        assert!(matches!(listen_address("localhost"), Err(KbsError::BadAddress(_))));
+    }
+
+    #[test]
+    fn key_files_must_be_private_and_32_bytes() {
+        let dir = std::env::temp_dir().join(format!("pv-kbs-key-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let k = dir.join("k");
+        init_key(&k).unwrap();
+        assert!(init_key(&k).is_err(), "never overwrites");
+        assert_eq!(load_key(&k).unwrap().len(), 32);
+        std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(load_key(&k), Err(KbsError::KeyFileMode { mode: 0o640, .. })));
+        let short = dir.join("short");
+        write_new_private(&short, &[1; 31]).unwrap();
+        assert!(matches!(load_key(&short), Err(KbsError::KeyFileSize { len: 31, .. })));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,262 @@
+use super::*;
+
+/// A platform double: a "report" is the report data and the measurement in place, a derived
+/// key a hash of the secret, the selected facts and the context (what the real one mixes).
+struct Fake {
+    secret: u8,
+    measurement: [u8; 48],
+}
+
+impl PlatformPort for Fake {
+    fn call(&mut self, request: &platform::Request) -> Result<platform::Response, String> {
+        Ok(match request {
+            platform::Request::Report { report_data, .. } => {
+                let mut r = [0u8; platform::REPORT_LEN];
+                r[0x50..0x90].copy_from_slice(report_data.as_slice());
+                r[0x90..0xC0].copy_from_slice(&self.measurement);
+                platform::Response::Report(Bytes::new(&r).unwrap())
+            }
+            platform::Request::DerivedKey { select, context } => {
+                let mut h = Sha256::new()
+                    .chain_update([self.secret, select.bits()])
+                    .chain_update(context.as_slice());
+                if select.measurement {
+                    h.update(self.measurement);
+                }
+                platform::Response::Key(Bytes::new(&h.finalize()).unwrap())
+            }
+        })
+    }
+}
+
+fn fake(measurement: u8) -> Fake {
+    Fake {
+        secret: 1,
+        measurement: [measurement; 48],
+    }
+}
+
+const MEASUREMENT: FieldSelect = FieldSelect {
+    policy: true,
+    measurement: true,
+    guest_svn: false,
+    tcb: true,
+};
+const PLATFORM: FieldSelect = FieldSelect {
+    policy: true,
+    measurement: false,
+    guest_svn: false,
+    tcb: true,
+};
+
+fn seal(a: &mut Attest, p: &mut Fake, key: [u8; 32], select: FieldSelect) -> Bytes<512> {
+    match a.handle(
+        p,
+        PARAVISOR_CLIENT,
+        Request::Seal {
+            key: Bytes::new(&key).unwrap(),
+            select,
+        },
+    ) {
+        Response::Sealed(b) => b,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn unseal(a: &mut Attest, p: &mut Fake, sealed: &[u8]) -> Response {
+    a.handle(
+        p,
+        PARAVISOR_CLIENT,
+        Request::Unseal {
+            sealed: Bytes::new(sealed).unwrap(),
+        },
+    )
+}
+
+#[test]
+fn a_sealed_key_unseals_only_under_the_facts_it_was_sealed_to() {
+    let mut a = Attest::new(None, None);
+    let key = [0x5a; 32];
+    let by_measurement = seal(&mut a, &mut fake(1), key, MEASUREMENT);
+    let parsed = SealedKey::parse(by_measurement.as_slice()).unwrap();
+    assert_eq!(parsed.measurement, [1; 48], "header names the measurement");
+    assert_ne!(parsed.wrapped, key, "the key is not stored in clear");
+    assert_eq!(
+        unseal(&mut a, &mut fake(1), by_measurement.as_slice()),
+        Response::Key(Bytes::new(&key).unwrap())
+    );
+    assert_eq!(
+        unseal(&mut a, &mut fake(2), by_measurement.as_slice()),
+        Response::Error(AttestError::UnsealFailed),
+        "another measurement cannot unseal"
+    );
+    // Under `platform`, a new measurement still unseals; another chip does not.
+    let by_platform = seal(&mut a, &mut fake(1), key, PLATFORM);
+    assert_eq!(
+        unseal(&mut a, &mut fake(2), by_platform.as_slice()),
+        Response::Key(Bytes::new(&key).unwrap())
+    );
+    let mut other_chip = fake(1);
+    other_chip.secret = 9;
+    assert_eq!(
+        unseal(&mut a, &mut other_chip, by_platform.as_slice()),
+        Response::Error(AttestError::UnsealFailed)
+    );
+}
+
+#[test]
+fn a_changed_header_or_ciphertext_breaks_the_seal() {
+    let mut a = Attest::new(None, None);
+    let sealed = seal(&mut a, &mut fake(1), [7; 32], MEASUREMENT);
+    for i in 0..sealed.len() {
+        let mut bad = sealed.as_slice().to_vec();
+        bad[i] ^= 0x10;
+        assert!(
+            matches!(unseal(&mut a, &mut fake(1), &bad), Response::Error(_)),
+            "byte {i} flipped still unseals"
+        );
+    }
+    // Downgrading the policy in the header (to escape the measurement) fails too.
+    let mut parsed = SealedKey::parse(sealed.as_slice()).unwrap();
+    parsed.select = PLATFORM;
+    assert_eq!(
+        unseal(&mut a, &mut fake(1), &parsed.to_bytes()),
+        Response::Error(AttestError::UnsealFailed)
+    );
+}
+
+#[test]
+fn only_the_microkernel_seals_and_unseals() {
+    let mut a = Attest::new(None, None);
+    let sealed = seal(&mut a, &mut fake(1), [7; 32], PLATFORM);
+    assert_eq!(
+        a.handle(
+            &mut fake(1),
+            "vtpm",
+            Request::Unseal {
+                sealed: sealed.clone()
+            }
+        ),
+        Response::Error(AttestError::NotPermitted)
+    );
+    assert_eq!(
+        a.handle(
+            &mut fake(1),
+            "net",
+            Request::Seal {
+                key: Bytes::new(&[1; 32]).unwrap(),
+                select: PLATFORM
+            }
+        ),
+        Response::Error(AttestError::NotPermitted)
+    );
+}
+
+#[test]
+fn derived_keys_are_bound_to_the_caller() {
+    let mut a = Attest::new(None, None);
+    let mut get = |caller: &str, ctx: &[u8]| match a.handle(
+        &mut fake(1),
+        caller,
+        Request::GetDerivedKey {
+            select: MEASUREMENT,
+            context: Bytes::new(ctx).unwrap(),
+        },
+    ) {
+        Response::Key(k) => k,
+        other => panic!("{other:?}"),
+    };
+    let vtpm = get("vtpm", b"x");
+    assert_eq!(vtpm, get("vtpm", b"x"), "stable");
+    assert_ne!(vtpm, get("net", b"x"), "another caller, another key");
+    assert_ne!(vtpm, get("vtpm", b"y"), "another context, another key");
+}
+
+#[test]
+fn runtime_registers_extend_and_log_the_caller() {
+    let mut a = Attest::new(None, None);
+    let extend = |a: &mut Attest, index: u8, digest: &[u8]| {
+        a.handle(
+            &mut fake(1),
+            "vtpm",
+            Request::ExtendRuntime {
+                index,
+                digest: Bytes::new(digest).unwrap(),
+                event: Bytes::new(b"boot").unwrap(),
+            },
+        )
+    };
+    let expected: [u8; 48] = Sha384::new()
+        .chain_update([0u8; 48])
+        .chain_update([3u8; 48])
+        .finalize()
+        .into();
+    assert_eq!(
+        extend(&mut a, 1, &[3; 48]),
+        Response::Extended(Bytes::new(&expected).unwrap())
+    );
+    assert_eq!(
+        extend(&mut a, RUNTIME_REGISTERS, &[3; 48]),
+        Response::Error(AttestError::BadRegister(RUNTIME_REGISTERS))
+    );
+    assert_eq!(
+        extend(&mut a, 0, &[3; 32]),
+        Response::Error(AttestError::BadDigest)
+    );
+    let log: serde_json::Value = serde_json::from_slice(&a.runtime_log()).unwrap();
+    assert_eq!(log["events"][0]["client"], "vtpm");
+    assert_eq!(log["registers"][1], hex(&expected));
+}
+
+#[test]
+fn chains_and_logs_come_in_chunks() {
+    let chain: Vec<u8> = (0..40_000u32).map(|i| i as u8).collect();
+    let mut a = Attest::new(Some(chain.clone()), None);
+    let mut got = Vec::new();
+    let report_data = Bytes::new(&[9; 64]).unwrap();
+    match a.handle(
+        &mut fake(1),
+        "x",
+        Request::GetExtendedReport { report_data },
+    ) {
+        Response::ExtendedReport {
+            report,
+            chain_len,
+            chain: first,
+        } => {
+            assert_eq!(&report.as_slice()[0x50..0x90], &[9; 64]);
+            assert_eq!(chain_len as usize, chain.len());
+            got.extend_from_slice(first.as_slice());
+        }
+        other => panic!("{other:?}"),
+    }
+    while got.len() < chain.len() {
+        match a.handle(
+            &mut fake(1),
+            "x",
+            Request::GetCertChain {
+                offset: got.len() as u32,
+            },
+        ) {
+            Response::Chunk { data, .. } => got.extend_from_slice(data.as_slice()),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(got, chain);
+    assert_eq!(
+        a.handle(&mut fake(1), "x", Request::GetCertChain { offset: 40_001 }),
+        Response::Error(AttestError::BadOffset)
+    );
+    assert_eq!(
+        a.handle(&mut fake(1), "x", Request::GetLaunchLog { offset: 0 }),
+        Response::Error(AttestError::Unavailable)
+    );
+}
+
+#[test]
+fn kdf_matches_the_microkernels_vector() {
+    // The same KDF as microkernel/src/platform.rs (its test vector).
+    let k = kdf_sp800_108(&[0x0b; 32], b"VMGSKEY", b"ISOHWKEY");
+    assert_eq!(k.len(), 32);
+    assert_ne!(k, kdf_sp800_108(&[0x0b; 32], b"VMGSKEY", b"other"));
+}
