@@ -149,7 +149,9 @@ pub enum KbsError {
     KeyFileMode { path: String, mode: u32 },
     #[error("key file {path} holds {len} bytes, not a 32-byte key")]
     KeyFileSize { path: String, len: u64 },
-    #[error("the ARK in {certs} has SHA-256 fingerprint {found}, not the policy's pinned {pinned}")]
+    #[error(
+        "the ARK in {certs} has SHA-256 fingerprint {found}, not the policy's pinned {pinned}"
+    )]
     ArkNotPinned {
         certs: String,
         found: String,
@@ -160,7 +162,10 @@ pub enum KbsError {
     #[error("\"{0}\" is not an IP address and port (such as {DEFAULT_LISTEN})")]
     BadAddress(String),
     #[error("listening on {addr}: {error}")]
-    Listen { addr: SocketAddr, error: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
 
     // The wire.
     #[error("the request line is longer than {MAX_LINE} bytes")]
@@ -183,7 +188,9 @@ pub enum KbsError {
     NonceUnknownOrExpired,
     #[error("nonce already used (replay)")]
     NonceReplayed,
-    #[error("too many outstanding challenges ({MAX_OUTSTANDING_NONCES}); try again when some expire")]
+    #[error(
+        "too many outstanding challenges ({MAX_OUTSTANDING_NONCES}); try again when some expire"
+    )]
     TooManyChallenges,
     #[error("report refused: {0}")]
     Evidence(#[from] VerifyError),
@@ -210,14 +217,19 @@ pub enum KbsError {
 
     // The client.
     #[error("connecting to the broker at {addr}: {error}")]
-    Connect { addr: SocketAddr, error: std::io::Error },
+    Connect {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
     #[error("the broker refused: {0}")]
     Refused(String),
     #[error("the broker's reply is not valid: {0}")]
     BadReply(String),
     #[error("getting evidence: {0}")]
     EvidenceSource(String),
-    #[error("the wrapped key does not authenticate: a tampered reply, or not for this transfer key")]
+    #[error(
+        "the wrapped key does not authenticate: a tampered reply, or not for this transfer key"
+    )]
     Unwrap,
 }
 
@@ -296,8 +308,7 @@ pub fn parse_transfer_key(bytes: &[u8]) -> Result<(PublicKey, [u8; TRANSFER_KEY_
             raw[0]
         )));
     }
-    let key = PublicKey::from_sec1_bytes(&raw)
-        .map_err(|_| bad("not a point on P-384".into()))?;
+    let key = PublicKey::from_sec1_bytes(&raw).map_err(|_| bad("not a point on P-384".into()))?;
     Ok((key, raw))
 }
 
@@ -486,7 +497,11 @@ impl Policy {
             message,
         };
         let file: PolicyFile = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
-        let ark_fingerprint = file.ark_fingerprint.trim().to_ascii_lowercase().replace(':', "");
+        let ark_fingerprint = file
+            .ark_fingerprint
+            .trim()
+            .to_ascii_lowercase()
+            .replace(':', "");
         if parse_hex(&ark_fingerprint).is_none_or(|b| b.len() != 32) {
             return Err(invalid(format!(
                 "ark-fingerprint \"{}\" is not a SHA-256 (32 bytes of hex)",
@@ -643,7 +658,7 @@ enum WireRequest {
 #[derive(Debug)]
 pub enum Request {
     Challenge,
-    Key(KeyRequest),
+    Key(Box<KeyRequest>),
 }
 
 #[derive(Debug)]
@@ -652,7 +667,7 @@ pub struct KeyRequest {
     pub transfer_key: PublicKey,
     /// The exact bytes the client sent as its transfer key (what the binding covers).
     pub transfer_bytes: [u8; TRANSFER_KEY_LEN],
-    pub report: Box<[u8; REPORT_LEN]>,
+    pub report: [u8; REPORT_LEN],
 }
 
 fn field_hex(field: &'static str, s: &str) -> Result<Vec<u8>, KbsError> {
@@ -687,16 +702,13 @@ pub fn parse_request(line: &[u8]) -> Result<Request, KbsError> {
             let nonce = sized::<NONCE_LEN>("nonce", field_hex("nonce", &nonce)?)?;
             let (transfer_key, transfer_bytes) =
                 parse_transfer_key(&field_hex("transfer_key", &transfer_key)?)?;
-            let report = Box::new(sized::<REPORT_LEN>(
-                "report",
-                field_hex("report", &report)?,
-            )?);
-            Ok(Request::Key(KeyRequest {
+            let report = sized::<REPORT_LEN>("report", field_hex("report", &report)?)?;
+            Ok(Request::Key(Box::new(KeyRequest {
                 nonce,
                 transfer_key,
                 transfer_bytes,
                 report,
-            }))
+            })))
         }
     }
 }
@@ -792,11 +804,7 @@ impl Nonces {
             .retain(|_, i| now.saturating_duration_since(i.at) <= max_age);
     }
 
-    fn issue(
-        &mut self,
-        now: Instant,
-        max_age: Duration,
-    ) -> Result<[u8; NONCE_LEN], KbsError> {
+    fn issue(&mut self, now: Instant, max_age: Duration) -> Result<[u8; NONCE_LEN], KbsError> {
         self.purge(now, max_age);
         if self.issued.len() >= MAX_OUTSTANDING_NONCES {
             return Err(KbsError::TooManyChallenges);
@@ -954,7 +962,11 @@ fn send_and_close(mut stream: TcpStream, reply: &str) {
     let _ = stream.set_write_timeout(Some(REQUEST_DEADLINE));
     let mut line = reply.as_bytes().to_vec();
     line.push(b'\n');
-    if stream.write_all(&line).and_then(|_| stream.flush()).is_err() {
+    if stream
+        .write_all(&line)
+        .and_then(|_| stream.flush())
+        .is_err()
+    {
         return;
     }
     let _ = stream.shutdown(Shutdown::Write);
@@ -982,7 +994,9 @@ fn read_line(mut stream: &TcpStream, deadline: Instant) -> Result<Vec<u8>, KbsEr
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(KbsError::Timeout(deadline.saturating_duration_since(started)));
+            return Err(KbsError::Timeout(
+                deadline.saturating_duration_since(started),
+            ));
         }
         stream.set_read_timeout(Some(left)).map_err(io_err)?;
         let n = match stream.read(&mut chunk) {
@@ -994,7 +1008,9 @@ fn read_line(mut stream: &TcpStream, deadline: Instant) -> Result<Vec<u8>, KbsEr
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                return Err(KbsError::Timeout(deadline.saturating_duration_since(started)))
+                return Err(KbsError::Timeout(
+                    deadline.saturating_duration_since(started),
+                ))
             }
             Err(e) => return Err(io_err(e)),
         };
@@ -1340,7 +1356,9 @@ mod tests {
     }
 
     fn request(nonce: &str, key: &str, report: &str) -> String {
-        format!(r#"{{"request":"key","nonce":"{nonce}","transfer_key":"{key}","report":"{report}"}}"#)
+        format!(
+            r#"{{"request":"key","nonce":"{nonce}","transfer_key":"{key}","report":"{report}"}}"#
+        )
     }
 
     #[test]
@@ -1362,14 +1380,33 @@ mod tests {
             Err(KbsError::BadField { field, .. }) => field,
             other => panic!("{other:?}"),
         };
-        assert_eq!(field(parse_request(request("ab", G, &report).as_bytes())), "nonce");
-        assert_eq!(field(parse_request(request(&nonce, "zz", &report).as_bytes())), "transfer_key");
+        assert_eq!(
+            field(parse_request(request("ab", G, &report).as_bytes())),
+            "nonce"
+        );
+        assert_eq!(
+            field(parse_request(request(&nonce, "zz", &report).as_bytes())),
+            "transfer_key"
+        );
         // Compressed, or not on the curve.
         let compressed = format!("02{}", &G[2..98]);
-        assert_eq!(field(parse_request(request(&nonce, &compressed, &report).as_bytes())), "transfer_key");
+        assert_eq!(
+            field(parse_request(
+                request(&nonce, &compressed, &report).as_bytes()
+            )),
+            "transfer_key"
+        );
         let off_curve = format!("{}00", &G[..G.len() - 2]);
-        assert_eq!(field(parse_request(request(&nonce, &off_curve, &report).as_bytes())), "transfer_key");
-        assert_eq!(field(parse_request(request(&nonce, G, "00").as_bytes())), "report");
+        assert_eq!(
+            field(parse_request(
+                request(&nonce, &off_curve, &report).as_bytes()
+            )),
+            "transfer_key"
+        );
+        assert_eq!(
+            field(parse_request(request(&nonce, G, "00").as_bytes())),
+            "report"
+        );
         for bad in [
             &b"hello"[..],
             br#"{"request":"challenge","extra":1}"#,
@@ -1379,7 +1416,10 @@ mod tests {
             br#"{"nonce":"00"}"#,
             b"",
         ] {
-            assert!(matches!(parse_request(bad), Err(KbsError::Malformed(_))), "{bad:?}");
+            assert!(
+                matches!(parse_request(bad), Err(KbsError::Malformed(_))),
+                "{bad:?}"
+            );
         }
         assert!(matches!(
             parse_request(&vec![b' '; MAX_LINE + 1]),
@@ -1396,7 +1436,10 @@ mod tests {
         let n = "cd".repeat(32);
         assert!(matches!(
             parse_reply(format!(r#"{{"nonce":"{n}","expires_in_secs":5}}"#).as_bytes()),
-            Ok(Reply::Challenge { nonce: [0xcd, ..], expires_in_secs: 5 })
+            Ok(Reply::Challenge {
+                nonce: [0xcd, ..],
+                expires_in_secs: 5
+            })
         ));
         assert!(parse_reply(format!(r#"{{"nonce":"{n}","error":"x"}}"#).as_bytes()).is_err());
         assert!(parse_reply(br#"{"server_key":"04"}"#).is_err());
@@ -1411,11 +1454,20 @@ mod tests {
         let a = n.issue(t0, age).unwrap();
         let b = n.issue(t0, age).unwrap();
         assert_ne!(a, b);
-        assert!(matches!(n.consume(&[0; 32], t0, age), Err(KbsError::NonceUnknownOrExpired)));
+        assert!(matches!(
+            n.consume(&[0; 32], t0, age),
+            Err(KbsError::NonceUnknownOrExpired)
+        ));
         n.consume(&a, t0, age).unwrap();
-        assert!(matches!(n.consume(&a, t0, age), Err(KbsError::NonceReplayed)));
+        assert!(matches!(
+            n.consume(&a, t0, age),
+            Err(KbsError::NonceReplayed)
+        ));
         let late = t0 + age + Duration::from_secs(1);
-        assert!(matches!(n.consume(&b, late, age), Err(KbsError::NonceUnknownOrExpired)));
+        assert!(matches!(
+            n.consume(&b, late, age),
+            Err(KbsError::NonceUnknownOrExpired)
+        ));
         // Expired ones are forgotten; the table is bounded.
         n.purge(late, age);
         assert!(n.issued.is_empty());
@@ -1460,7 +1512,10 @@ microcode = 115
         assert!(e.to_string().contains(&"ac".repeat(48)), "{e}");
         assert!(matches!(
             p.admit(&ReportFacts { vmpl: 1, ..good }),
-            Err(KbsError::Vmpl { found: 1, required: 0 })
+            Err(KbsError::Vmpl {
+                found: 1,
+                required: 0
+            })
         ));
         assert!(matches!(
             p.admit(&ReportFacts {
@@ -1491,7 +1546,10 @@ microcode = 115
             "reported TCB SNP SPL 7 is below the policy's minimum 8"
         );
         let no_smt = Policy::parse(
-            &POLICY_TEXT.replace("[minimum-tcb]", "[guest-policy]\nallow-smt = false\n[minimum-tcb]"),
+            &POLICY_TEXT.replace(
+                "[minimum-tcb]",
+                "[guest-policy]\nallow-smt = false\n[minimum-tcb]",
+            ),
             Path::new("."),
             "p",
         )
@@ -1506,8 +1564,14 @@ microcode = 115
             assert!(e.to_string().contains(needle), "{e}");
         };
         bad(POLICY_TEXT.replace("certs = ", "cert = "), "unknown field");
-        bad(POLICY_TEXT.replace("[\"abab", "[\"zzab"), "allowed-measurements[0]");
-        bad(POLICY_TEXT.replace("ark-fingerprint = \"00", "ark-fingerprint = \"0"), "ark-fingerprint");
+        bad(
+            POLICY_TEXT.replace("[\"abab", "[\"zzab"),
+            "allowed-measurements[0]",
+        );
+        bad(
+            POLICY_TEXT.replace("ark-fingerprint = \"00", "ark-fingerprint = \"0"),
+            "ark-fingerprint",
+        );
         bad(format!("max-nonce-age = 0\n{POLICY_TEXT}"), "max-nonce-age");
         bad(POLICY_TEXT.replace("microcode = 115", ""), "microcode");
         bad(
@@ -1523,9 +1587,18 @@ microcode = 115
     fn only_loopback_addresses_are_listened_on() {
         assert!(listen_address("127.0.0.1:8700").is_ok());
         assert!(listen_address("[::1]:8700").is_ok());
-        assert!(matches!(listen_address("0.0.0.0:8700"), Err(KbsError::NotLoopback(_))));
-        assert!(matches!(listen_address("192.0.2.1:1"), Err(KbsError::NotLoopback(_))));
-        assert!(matches!(listen_address("localhost"), Err(KbsError::BadAddress(_))));
+        assert!(matches!(
+            listen_address("0.0.0.0:8700"),
+            Err(KbsError::NotLoopback(_))
+        ));
+        assert!(matches!(
+            listen_address("192.0.2.1:1"),
+            Err(KbsError::NotLoopback(_))
+        ));
+        assert!(matches!(
+            listen_address("localhost"),
+            Err(KbsError::BadAddress(_))
+        ));
     }
 
     #[test]
@@ -1538,10 +1611,16 @@ microcode = 115
         assert!(init_key(&k).is_err(), "never overwrites");
         assert_eq!(load_key(&k).unwrap().len(), 32);
         std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o640)).unwrap();
-        assert!(matches!(load_key(&k), Err(KbsError::KeyFileMode { mode: 0o640, .. })));
+        assert!(matches!(
+            load_key(&k),
+            Err(KbsError::KeyFileMode { mode: 0o640, .. })
+        ));
         let short = dir.join("short");
         write_new_private(&short, &[1; 31]).unwrap();
-        assert!(matches!(load_key(&short), Err(KbsError::KeyFileSize { len: 31, .. })));
+        assert!(matches!(
+            load_key(&short),
+            Err(KbsError::KeyFileSize { len: 31, .. })
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -240,10 +240,33 @@ enum PlatformCmd {
 enum AttestCmd {
     /// Write the platform's chain as ark.pem, ask.pem, vcek.pem (the AMD tools' names).
     Certs {
-        #[arg(long, default_value = DEFAULT_PLATFORM_DIR)]
-        platform_dir: PathBuf,
+        /// The platform's directory [default: the one `run` uses for the state directory:
+        /// the manifest's `[attest] platform-dir`, else "platform" next to it]
+        #[arg(long)]
+        platform_dir: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        manifest: Option<PathBuf>,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Ask the running paravisor's attest service for a report: writes the raw 0x4A0-byte
+    /// SEV-SNP report.
+    Report {
+        /// Report data: the nonce itself, zero-padded, up to 64 bytes; its SHA-512 if longer.
+        #[arg(long)]
+        nonce: String,
+        #[arg(short, long)]
+        out: PathBuf,
+        /// Also write the chain that verifies it (ark.pem, ask.pem, vcek.pem) into this
+        /// directory.
+        #[arg(long)]
+        certs: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        manifest: Option<PathBuf>,
     },
     /// Print the SHA-256 fingerprint of the ARK in DIR (what a verifier pins).
     Fingerprint {
@@ -380,13 +403,97 @@ impl GuestArgs {
     }
 }
 
+/// Writes a PEM chain (ARK, ASK, VCEK in that order) as ark.pem, ask.pem, vcek.pem.
+fn write_chain(chain: &str, dir: &Path) -> Result<(), String> {
+    const END: &str = "-----END CERTIFICATE-----";
+    let certs: Vec<String> = chain
+        .split_inclusive(END)
+        .map(str::trim)
+        .filter(|c| c.ends_with(END))
+        .map(|c| format!("{c}\n"))
+        .collect();
+    if certs.len() != 3 {
+        return Err(format!(
+            "the chain holds {} certificates, not 3 (ARK, ASK, VCEK)",
+            certs.len()
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for (name, cert) in [
+        microkernel::platform::ARK_PEM,
+        microkernel::platform::ASK_PEM,
+        microkernel::platform::VCEK_PEM,
+    ]
+    .iter()
+    .zip(&certs)
+    {
+        std::fs::write(dir.join(name), cert).map_err(|e| format!("{}: {e}", dir.join(name).display()))?;
+    }
+    Ok(())
+}
+
 fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
     let fail = |e: String| {
         eprintln!("paravisor: {e}");
         ExitCode::FAILURE
     };
     match action {
-        AttestCmd::Certs { platform_dir, out } => {
+        AttestCmd::Report {
+            nonce,
+            out,
+            certs,
+            state_dir,
+            manifest,
+        } => {
+            let nonce = microkernel::verify::parse_hex(&nonce)
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| fail("--nonce must be hex bytes, e.g. 00112233".into()))?;
+            let report_data = microkernel::verify::report_data_for(&nonce);
+            let dir = client_state_dir(state_dir, manifest.as_deref());
+            let reply = send(
+                &dir,
+                &Command::AttestReport {
+                    report_data: microkernel::measure::hex(&report_data),
+                },
+            )?;
+            let (report, chain) = match reply {
+                Reply::Report { report, certs } => (report, certs),
+                Reply::Error { message } => return Err(fail(message)),
+                other => return Err(fail(format!("unexpected reply {other:?}"))),
+            };
+            let report = microkernel::verify::parse_hex(&report)
+                .filter(|r| r.len() == microkernel::platform::REPORT_LEN)
+                .ok_or_else(|| fail("the paravisor sent a report of the wrong size".into()))?;
+            std::fs::write(&out, &report).map_err(|e| fail(format!("{}: {e}", out.display())))?;
+            println!(
+                "report ({} bytes) written to {}; report_data = {}",
+                report.len(),
+                out.display(),
+                if nonce.len() <= 64 {
+                    format!("the {}-byte nonce, zero-padded to 64 bytes", nonce.len())
+                } else {
+                    format!("SHA-512 of the {}-byte nonce (longer than 64 bytes)", nonce.len())
+                }
+            );
+            if let Some(certs) = certs {
+                write_chain(&chain, &certs).map_err(fail)?;
+                println!("ark.pem, ask.pem, vcek.pem written to {}", certs.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AttestCmd::Certs {
+            platform_dir,
+            state_dir,
+            manifest,
+            out,
+        } => {
+            let platform_dir = platform_dir.unwrap_or_else(|| {
+                let path = manifest.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_MANIFEST));
+                let m = Manifest::load(&path).ok();
+                let state = client_state_dir(state_dir, manifest.as_deref());
+                m.and_then(|m| m.attest.platform_dir)
+                    .unwrap_or_else(|| supervisor::default_platform_dir(&state))
+            });
             std::fs::create_dir_all(&out).map_err(|e| fail(format!("{}: {e}", out.display())))?;
             for f in [
                 microkernel::platform::ARK_PEM,
@@ -707,7 +814,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 .unwrap_or_else(|| supervisor::default_platform_dir(&state_dir));
             // The measured launch: before any service runs.
             let started = std::time::Instant::now();
-            let log = microkernel::measure::launch(&m, &bin_dir, guest.as_ref()).map_err(|e| {
+            let (log, images) = microkernel::measure::launch_sealed(&m, &bin_dir, guest.as_ref()).map_err(|e| {
                 eprintln!("paravisor: {e}");
                 ExitCode::FAILURE
             })?;
@@ -735,6 +842,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 keep_running,
                 platform_dir,
                 measurement: log.measurement,
+                images,
             };
             let sup = supervisor::Supervisor::new(&opts).map_err(|e| {
                 eprintln!("paravisor: {e}");

@@ -17,6 +17,7 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::path::PathBuf;
 
@@ -319,6 +320,44 @@ pub fn launch(
     bin_dir: &Path,
     guest: Option<&GuestConfig>,
 ) -> Result<LaunchLog, MeasureError> {
+    launch_inner(manifest, bin_dir, guest, false).map(|(log, _)| log)
+}
+
+/// [`launch`], keeping each service binary exactly as measured: its bytes are copied, while
+/// they are hashed, into a memfd sealed against any change, one per service in manifest
+/// order. The supervisor executes those (never the path again), so what runs is what was
+/// measured even if the file on disk is replaced or rewritten afterwards.
+pub fn launch_sealed(
+    manifest: &Manifest,
+    bin_dir: &Path,
+    guest: Option<&GuestConfig>,
+) -> Result<(LaunchLog, Vec<OwnedFd>), MeasureError> {
+    launch_inner(manifest, bin_dir, guest, true)
+}
+
+/// A reader that writes what it reads into a file at increasing offsets.
+struct CopyInto<'a, R> {
+    inner: R,
+    out: &'a File,
+    at: u64,
+}
+
+impl<R: Read> Read for CopyInto<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        std::os::unix::fs::FileExt::write_all_at(self.out, &buf[..n], self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+fn launch_inner(
+    manifest: &Manifest,
+    bin_dir: &Path,
+    guest: Option<&GuestConfig>,
+    keep_images: bool,
+) -> Result<(LaunchLog, Vec<OwnedFd>), MeasureError> {
+    let mut images = Vec::new();
     let mut m = Measurer::default();
     m.item(
         Kind::Manifest,
@@ -332,12 +371,33 @@ pub fn launch(
     })?;
     for s in &manifest.services {
         let path: PathBuf = bin_dir.join(&s.binary);
-        file(
-            &mut m,
+        let name = format!("{} ({})", s.name, s.binary);
+        if !keep_images {
+            file(&mut m, Kind::Service, &name, &path)?;
+            continue;
+        }
+        let err = |error| MeasureError::Read {
+            what: Kind::Service.name(),
+            path: path.display().to_string(),
+            error,
+        };
+        let source = File::open(&path).map_err(err)?;
+        let image = File::from(
+            ipc_defs::hosted::sys::memfd(&format!("pv-image-{}", s.binary), 0).map_err(err)?,
+        );
+        m.item(
             Kind::Service,
-            &format!("{} ({})", s.name, s.binary),
-            &path,
-        )?;
+            &name,
+            CopyInto {
+                inner: source,
+                out: &image,
+                at: 0,
+            },
+        )
+        .map_err(err)?;
+        let image = OwnedFd::from(image);
+        ipc_defs::hosted::sys::seal_read_only(&image).map_err(err)?;
+        images.push(image);
     }
     if let Some(guest) = guest {
         let line = match &guest.image {
@@ -389,7 +449,7 @@ pub fn launch(
             })?;
         m.vcpu_state(&initial_vcpu_state(guest));
     }
-    Ok(m.finish())
+    Ok((m.finish(), images))
 }
 
 /// The log as text.

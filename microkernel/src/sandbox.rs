@@ -139,9 +139,11 @@ fn cstr(s: &str) -> io::Result<CString> {
 }
 
 impl SpawnPlan {
-    /// Prepares a spawn of `binary` with descriptors `caps` placed at slots 3, 4, ...
+    /// Prepares a spawn of `binary` (executed from `image`, its measured copy, if given) with
+    /// descriptors `caps` placed at slots 3, 4, ...
     pub fn new(
         binary: &Path,
+        image: Option<&OwnedFd>,
         args: &[String],
         caps: &[RawFd],
         loader_filter: Vec<seccompiler::sock_filter>,
@@ -150,7 +152,11 @@ impl SpawnPlan {
         hostname: &str,
     ) -> Result<SpawnPlan, SpawnError> {
         let prep = SpawnError::Prepare;
-        let binary_fd = std::fs::File::open(binary).map_err(prep)?.into();
+        // The measured image when there is one (a sealed memfd), else the file itself.
+        let binary_fd = match image {
+            Some(fd) => fd.try_clone().map_err(prep)?,
+            None => std::fs::File::open(binary).map_err(prep)?.into(),
+        };
         let dev_null = std::fs::File::open("/dev/null").map_err(prep)?.into();
         let name = binary
             .file_name()

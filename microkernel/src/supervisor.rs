@@ -85,6 +85,9 @@ pub struct Options {
     pub platform_dir: PathBuf,
     /// The launch measurement (what the platform puts in every report).
     pub measurement: [u8; 48],
+    /// Each service's binary as measured (sealed memfds, manifest order), executed instead
+    /// of the files; empty: the files themselves.
+    pub images: Vec<OwnedFd>,
 }
 
 /// How `paravisor run` ended.
@@ -196,6 +199,8 @@ struct Process {
 struct Service {
     spec: ServiceSpec,
     binary: PathBuf,
+    /// The binary exactly as measured (a sealed memfd), when the launch kept it.
+    image: Option<OwnedFd>,
     control: ClientEnd<ctl::Request, ctl::Response>,
     status: SharedMemory,
     regions: Vec<(String, SharedMemory)>,
@@ -337,9 +342,14 @@ impl Supervisor {
                 profiles::loader_program(&spec.syscalls, SpawnPlan::binary_slot(caps)).map_err(
                     |e| create_err(format!("loader profile of {}", spec.name))(e.to_string()),
                 )?;
+            let image = match opts.images.get(services.len()) {
+                Some(fd) => Some(fd.try_clone()?),
+                None => None,
+            };
             services.push(Service {
                 spec: spec.clone(),
                 binary,
+                image,
                 control: ClientEnd::new(control_mem, WaitPolicy::default()),
                 status,
                 regions,
@@ -907,6 +917,7 @@ impl Supervisor {
         ];
         let plan = SpawnPlan::new(
             &s.binary,
+            s.image.as_ref(),
             &s.spec.args,
             &raw,
             s.loader_filter.clone(),
@@ -1577,6 +1588,7 @@ impl Supervisor {
                     &[(FileId::HW_KEY_PROTECTOR, &sealed)],
                 )
                 .map_err(RunError::SealedKey)?;
+                self.keep_sealing_log();
                 tracing::info!(
                     "created encrypted guest-state file {} under a new random datastore key, sealed (policy {}) in its HW_KEY_PROTECTOR",
                     path.display(),
@@ -1639,13 +1651,62 @@ impl Supervisor {
         }
     }
 
+    /// Keeps the launch log of the run that sealed a key (`sealed-launch-log.json`), so that a
+    /// later refusal can say what changed.
+    fn keep_sealing_log(&self) {
+        let from = self.state_dir.join("launch-log.json");
+        let to = self.state_dir.join(SEALED_LAUNCH_LOG);
+        if let Err(e) = std::fs::copy(&from, &to) {
+            tracing::warn!("{} not kept: {e}", to.display());
+        }
+    }
+
+    /// What differs between the launch log of the run that sealed (if kept and it matches
+    /// `sealed_to`) and this run's.
+    fn launch_changes(&self, sealed_to: &[u8; 48]) -> Option<String> {
+        let read = |name: &str| -> Option<crate::measure::LaunchLog> {
+            serde_json::from_slice(&std::fs::read(self.state_dir.join(name)).ok()?).ok()
+        };
+        let then = read(SEALED_LAUNCH_LOG).filter(|l| &l.measurement == sealed_to)?;
+        let now = read("launch-log.json")?;
+        let key = |e: &crate::measure::Entry| (e.kind.name().to_string(), e.name.clone());
+        let mut changes = Vec::new();
+        for e in &now.entries {
+            match then.entries.iter().find(|t| key(t) == key(e)) {
+                None => changes.push(format!("{} {} is new", e.kind.name(), e.name)),
+                Some(t) if t.sha384 != e.sha384 || t.length != e.length => changes.push(format!(
+                    "{} {} changed ({} -> {} bytes, SHA-384 {}.. -> {}..)",
+                    e.kind.name(),
+                    e.name,
+                    t.length,
+                    e.length,
+                    &crate::measure::hex(&t.sha384)[..12],
+                    &crate::measure::hex(&e.sha384)[..12]
+                )),
+                Some(_) => {}
+            }
+        }
+        for t in &then.entries {
+            if !now.entries.iter().any(|e| key(e) == key(t)) {
+                changes.push(format!("{} {} is gone", t.kind.name(), t.name));
+            }
+        }
+        if changes.is_empty() {
+            changes.push("the order of the launch changed".into());
+        }
+        Some(changes.join("; "))
+    }
+
     /// Why a stored key did not unseal, and what the operator can do.
     fn unseal_refusal(&self, path: &Path, sealed: &attest::SealedKey) -> String {
         let file = path.display();
         if sealed.select.measurement && sealed.measurement != self.measurement {
+            let what = match self.launch_changes(&sealed.measurement) {
+                Some(changes) => format!("What changed since the sealing run ({SEALED_LAUNCH_LOG} vs launch-log.json): {changes}."),
+                None => "Something it measures changed since (a service binary, the manifest, the guest image or command line: compare `paravisor measure --json` with the launch log of the run that sealed it).".into(),
+            };
             format!(
-                "refusing to start: the datastore key of guest-state file {file} is sealed under policy \"measurement\" to launch measurement {}, but this paravisor measures {}. \
-                 Something it measures changed since (a service binary, the manifest, the guest image or command line: compare `paravisor measure --json` with the launch-log.json of the run that sealed it). \
+                "refusing to start: the datastore key of guest-state file {file} is sealed under policy \"measurement\" to launch measurement {}, but this paravisor measures {}. {what} \
                  To start this build with that state: release the key through a key broker (`[attest] key-release`, `paravisor kbs serve`), which re-seals it to the new measurement; or start the build that sealed it. \
                  To start afresh instead, move {file} away (its contents cannot be read without the key).",
                 crate::measure::hex(&sealed.measurement),
@@ -1812,6 +1873,8 @@ fn read_key_protector(path: &Path) -> Result<Vec<u8>, String> {
 /// The platform's certificate chain (ARK, ASK, VCEK, PEM) in the state directory, for the
 /// attest service.
 pub const PLATFORM_CERTS: &str = "platform-certs.pem";
+/// The launch log of the run that sealed the datastore key, in the state directory.
+pub const SEALED_LAUNCH_LOG: &str = "sealed-launch-log.json";
 
 /// Where `run` keeps the simulated platform unless told: `platform` next to the state
 /// directory (never inside it: the platform outlives any one state).

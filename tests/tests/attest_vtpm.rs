@@ -29,7 +29,9 @@ fn tools_available(test: &str) -> bool {
         .is_ok()
         && Command::new("openssl").arg("version").output().is_ok();
     if !ok {
-        eprintln!("SKIPPED: {test}: needs tpm2-tools and openssl (apt-get install tpm2-tools openssl)");
+        eprintln!(
+            "SKIPPED: {test}: needs tpm2-tools and openssl (apt-get install tpm2-tools openssl)"
+        );
     }
     ok
 }
@@ -188,13 +190,21 @@ fn the_vtpm_ak_is_bound_to_a_platform_report_and_its_quotes_verify() {
     // The guest's view: the report and the claims, exactly as long as they are.
     ok(
         "tpm2_nvread 0x01400001",
-        tool(&tcti, &work, &["tpm2_nvread", "0x01400001", "-o", "report.bin"]),
+        tool(
+            &tcti,
+            &work,
+            &["tpm2_nvread", "0x01400001", "-o", "report.bin"],
+        ),
     );
     let report = std::fs::read(work.join("report.bin")).unwrap();
     assert_eq!(report.len(), REPORT_LEN, "the raw report and nothing else");
     ok(
         "tpm2_nvread 0x01400002",
-        tool(&tcti, &work, &["tpm2_nvread", "0x01400002", "-o", "claims.json"]),
+        tool(
+            &tcti,
+            &work,
+            &["tpm2_nvread", "0x01400002", "-o", "claims.json"],
+        ),
     );
     let claims = std::fs::read(work.join("claims.json")).unwrap();
     let hash = sha2::Sha256::digest(&claims);
@@ -260,7 +270,8 @@ fn the_vtpm_ak_is_bound_to_a_platform_report_and_its_quotes_verify() {
             .clone()
     };
     let (ak, ek) = (key("HCLAkPub"), key("HCLEkPub"));
-    assert_eq!((&ak["kty"], &ak["e"]), (&"RSA".into(), &"AQAB".into()));
+    assert_eq!(ak["kty"], "RSA");
+    assert_eq!(ak["e"], "AQAB");
     assert_eq!(ak["key_ops"], serde_json::json!(["sign"]));
     assert_eq!(json["vm-configuration"]["tpm-enabled"], true);
     ok(
@@ -268,7 +279,15 @@ fn the_vtpm_ak_is_bound_to_a_platform_report_and_its_quotes_verify() {
         tool(
             &tcti,
             &work,
-            &["tpm2_readpublic", "-c", "0x81000003", "-o", "ak.pem", "-f", "pem"],
+            &[
+                "tpm2_readpublic",
+                "-c",
+                "0x81000003",
+                "-o",
+                "ak.pem",
+                "-f",
+                "pem",
+            ],
         ),
     );
     ok(
@@ -276,7 +295,15 @@ fn the_vtpm_ak_is_bound_to_a_platform_report_and_its_quotes_verify() {
         tool(
             &tcti,
             &work,
-            &["tpm2_readpublic", "-c", "0x81010001", "-o", "ek.pem", "-f", "pem"],
+            &[
+                "tpm2_readpublic",
+                "-c",
+                "0x81010001",
+                "-o",
+                "ek.pem",
+                "-f",
+                "pem",
+            ],
         ),
     );
     assert_eq!(

@@ -86,7 +86,9 @@ fn platforms() -> &'static Platforms {
         let (a, b) = (root.join("a"), root.join("b"));
         let init_b = {
             let b = b.clone();
-            std::thread::spawn(move || run(&["platform", "init", "--platform-dir", b.to_str().unwrap()]))
+            std::thread::spawn(move || {
+                run(&["platform", "init", "--platform-dir", b.to_str().unwrap()])
+            })
         };
         let (ok, out) = run(&["platform", "init", "--platform-dir", a.to_str().unwrap()]);
         assert!(ok, "{out}");
@@ -102,7 +104,12 @@ fn platforms() -> &'static Platforms {
             a_certs.to_str().unwrap(),
         ]);
         assert!(ok, "{out}");
-        let (ok, fp) = run(&["attest", "fingerprint", "--certs", a_certs.to_str().unwrap()]);
+        let (ok, fp) = run(&[
+            "attest",
+            "fingerprint",
+            "--certs",
+            a_certs.to_str().unwrap(),
+        ]);
         assert!(ok, "{fp}");
         Platforms {
             a,
@@ -198,7 +205,10 @@ impl Broker {
 
     fn challenge(&self) -> String {
         let r = self.exchange(r#"{"request":"challenge"}"#);
-        r["nonce"].as_str().unwrap_or_else(|| panic!("{r}")).to_string()
+        r["nonce"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{r}"))
+            .to_string()
     }
 
     fn key_request(&self, nonce: &str, transfer_key: &str, report: &[u8]) -> serde_json::Value {
@@ -302,7 +312,11 @@ fn a_measurement_outside_the_policy_is_refused_by_name() {
         "{text}"
     );
     assert!(!out.exists(), "no key file on refusal");
-    assert!(broker.log().contains("refused: measurement"), "{}", broker.log());
+    assert!(
+        broker.log().contains("refused: measurement"),
+        "{}",
+        broker.log()
+    );
 }
 
 #[test]
@@ -332,7 +346,10 @@ fn a_report_with_a_flipped_bit_is_refused() {
         );
         r[at] ^= 0x01;
         let why = broker.refused(&broker.key_request(&nonce, G, &r));
-        assert!(why.contains("signature does not verify"), "flip at {at:#x}: {why}");
+        assert!(
+            why.contains("signature does not verify"),
+            "flip at {at:#x}: {why}"
+        );
     }
 }
 
