@@ -16,6 +16,7 @@ pub mod bench_vmgs;
 pub mod bench_vtpm;
 pub mod control;
 pub mod kbs;
+pub mod key_protector;
 pub mod manifest;
 pub mod measure;
 pub mod partition;

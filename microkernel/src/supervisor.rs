@@ -38,7 +38,11 @@ use ipc_defs::services::bytes::Bytes;
 use ipc_defs::services::vmgs::FileId;
 use ipc_defs::Interface;
 
+use crate::key_protector::read_plain;
+use crate::key_protector::write_plain;
+use crate::key_protector::TenantWrapped;
 use crate::manifest::ListenAddress;
+use crate::state_files::KeyBytes;
 
 use crate::control::Command;
 use crate::control::Finding;
@@ -246,7 +250,7 @@ pub struct Supervisor {
     attest_link: Option<AttestLink>,
     platform_link: Option<PlatformLink>,
     /// Sealed keys once unsealed, by (service, key name); handed over like key files.
-    unsealed: std::collections::BTreeMap<(usize, String), crate::state_files::KeyBytes>,
+    unsealed: std::collections::BTreeMap<(usize, String), KeyBytes>,
     sealing: crate::manifest::AttestSettings,
     measurement: [u8; 48],
     sandbox_root: PathBuf,
@@ -1575,73 +1579,202 @@ impl Supervisor {
         let select = crate::platform::sealing_select(self.sealing.sealing);
         for (i, name, path, size) in wanted {
             let key = if path.exists() {
-                self.unseal_stored(&path)?
+                self.open_sealed(&path, select)?
             } else {
-                let mut key = crate::state_files::KeyBytes([0; crate::manifest::KEY_BYTES]);
-                getrandom::getrandom(&mut key.0)
-                    .map_err(|e| RunError::SealedKey(format!("no randomness for a key: {e}")))?;
-                let sealed = self.seal(&key, select)?;
-                crate::vmgs_cli::create_vmgs_file_with(
-                    &path,
-                    size,
-                    Some(&pv_vmgs::Key::from_bytes(key.0)),
-                    &[(FileId::HW_KEY_PROTECTOR, &sealed)],
-                )
-                .map_err(RunError::SealedKey)?;
-                self.keep_sealing_log();
-                tracing::info!(
-                    "created encrypted guest-state file {} under a new random datastore key, sealed (policy {}) in its HW_KEY_PROTECTOR",
-                    path.display(),
-                    self.sealing.sealing.name()
-                );
-                key
+                self.create_sealed(&path, size, select)?
             };
             self.unsealed.insert((i, name), key);
         }
         Ok(())
     }
 
-    /// Seals `key` through the attest service; the stored bytes.
-    fn seal(
+    /// First start: a new random datastore key, sealed into HW_KEY_PROTECTOR (and, with key
+    /// release, wrapped under the broker's tenant key into KEY_PROTECTOR) of a new
+    /// guest-state file encrypted under it. The file appears only with its protectors.
+    fn create_sealed(
         &mut self,
-        key: &crate::state_files::KeyBytes,
+        path: &Path,
+        size: u64,
         select: attest::FieldSelect,
-    ) -> Result<Vec<u8>, RunError> {
+    ) -> Result<KeyBytes, RunError> {
+        let mut key = KeyBytes([0; crate::manifest::KEY_BYTES]);
+        getrandom::getrandom(&mut key.0)
+            .map_err(|e| RunError::SealedKey(format!("no randomness for a key: {e}")))?;
+        let sealed = self.seal(&key, select)?;
+        let mut protectors = vec![(FileId::HW_KEY_PROTECTOR, sealed)];
+        if let Some(addr) = self.sealing.key_release {
+            let tenant = self.release(addr)?;
+            let wrapped = TenantWrapped::wrap(&tenant, &key.0).map_err(RunError::SealedKey)?;
+            protectors.push((FileId::KEY_PROTECTOR, wrapped.to_bytes().to_vec()));
+        }
+        let plain: Vec<(FileId, &[u8])> =
+            protectors.iter().map(|(id, b)| (*id, b.as_slice())).collect();
+        crate::vmgs_cli::create_vmgs_file_with(
+            path,
+            size,
+            Some(&pv_vmgs::Key::from_bytes(key.0)),
+            &plain,
+        )
+        .map_err(RunError::SealedKey)?;
+        self.keep_sealing_log();
+        tracing::info!(
+            "created encrypted guest-state file {} under a new random datastore key, sealed (policy {}) in its HW_KEY_PROTECTOR{}",
+            path.display(),
+            self.sealing.sealing.name(),
+            if self.sealing.key_release.is_some() {
+                " and wrapped under the key broker's tenant key in its KEY_PROTECTOR"
+            } else {
+                ""
+            }
+        );
+        Ok(key)
+    }
+
+    /// Later starts: unseals HW_KEY_PROTECTOR; if that fails and key release is configured,
+    /// has the broker release the tenant key to this launch, unwraps KEY_PROTECTOR and seals
+    /// the key again to this launch (the rotation to a new measurement).
+    fn open_sealed(
+        &mut self,
+        path: &Path,
+        select: attest::FieldSelect,
+    ) -> Result<KeyBytes, RunError> {
+        let stored = read_plain(path, FileId::HW_KEY_PROTECTOR).map_err(RunError::SealedKey)?;
+        let (unsealed, refusal) = match &stored {
+            None => (
+                None,
+                format!(
+                    "guest-state file {} holds no sealed key (no HW_KEY_PROTECTOR): it was made under a key file or by another tool. \
+                     Give the vmgs service its key file (`keys = [{{ name = ..., path = ... }}]`), or move the file away to start afresh",
+                    path.display()
+                ),
+            ),
+            Some(bytes) => match self.unseal_stored(path, bytes)? {
+                Ok(key) => (Some(key), String::new()),
+                Err(why) => (None, why),
+            },
+        };
+        match (unsealed, self.sealing.key_release) {
+            (Some(key), None) => Ok(key),
+            (Some(key), Some(addr)) => {
+                // Key release added to an existing state: wrap the key for the broker now,
+                // so that a later measurement can be moved to.
+                if read_plain(path, FileId::KEY_PROTECTOR)
+                    .map_err(RunError::SealedKey)?
+                    .is_none()
+                {
+                    let tenant = self.release(addr)?;
+                    let wrapped =
+                        TenantWrapped::wrap(&tenant, &key.0).map_err(RunError::SealedKey)?;
+                    write_plain(path, &key.0, FileId::KEY_PROTECTOR, &wrapped.to_bytes())
+                        .map_err(RunError::SealedKey)?;
+                    tracing::info!(
+                        "datastore key of {} wrapped under the key broker's tenant key (KEY_PROTECTOR)",
+                        path.display()
+                    );
+                }
+                Ok(key)
+            }
+            (None, None) => Err(RunError::SealedKey(refusal)),
+            (None, Some(addr)) => {
+                let Some(kp) = read_plain(path, FileId::KEY_PROTECTOR).map_err(RunError::SealedKey)? else {
+                    return Err(RunError::SealedKey(format!(
+                        "{refusal} (key release is configured, but {} has no KEY_PROTECTOR: it was sealed before key release was, so the broker cannot help)",
+                        path.display()
+                    )));
+                };
+                let kp = TenantWrapped::parse(&kp).map_err(|e| {
+                    RunError::SealedKey(format!("guest-state file {}: KEY_PROTECTOR: {e}", path.display()))
+                })?;
+                tracing::info!(
+                    "the sealed datastore key of {} does not unseal under this launch; asking the key broker at {addr}",
+                    path.display()
+                );
+                let tenant = self.release(addr).map_err(|e| {
+                    RunError::SealedKey(format!("{refusal} Key release failed too: {e}"))
+                })?;
+                let key = kp.unwrap(&tenant).ok_or_else(|| {
+                    RunError::SealedKey(format!(
+                        "the key broker at {addr} released a key that does not open the KEY_PROTECTOR of {} (another tenant key)",
+                        path.display()
+                    ))
+                })?;
+                let key = KeyBytes(*key);
+                let sealed = self.seal(&key, select)?;
+                write_plain(path, &key.0, FileId::HW_KEY_PROTECTOR, &sealed)
+                    .map_err(RunError::SealedKey)?;
+                self.keep_sealing_log();
+                tracing::warn!(
+                    "datastore key of {} released by the key broker at {addr} and re-sealed (policy {}) to launch measurement {}",
+                    path.display(),
+                    self.sealing.sealing.name(),
+                    crate::measure::hex(&self.measurement)
+                );
+                Ok(key)
+            }
+        }
+    }
+
+    /// The tenant key from the broker at `addr`, for a report of this launch.
+    fn release(&mut self, addr: std::net::SocketAddr) -> Result<zeroize::Zeroizing<[u8; 32]>, RunError> {
+        crate::kbs::fetch_key(addr, |report_data| {
+            let request = attest::Request::GetReport {
+                report_data: Bytes::new(report_data).expect("64 bytes"),
+            };
+            match self.attest_call(&request)? {
+                attest::Response::Report(r) => Ok(r.as_slice().to_vec()),
+                other => Err(format!("attest answered {}", describe(&other))),
+            }
+        })
+        .map_err(|e| RunError::SealedKey(format!("key release by the broker at {addr}: {e}")))
+    }
+
+    /// Seals `key` through the attest service; the stored bytes.
+    fn seal(&mut self, key: &KeyBytes, select: attest::FieldSelect) -> Result<Vec<u8>, RunError> {
         let request = attest::Request::Seal {
             key: Bytes::new(&key.0).expect("32 bytes"),
             select,
         };
         match self.attest_call(&request).map_err(RunError::SealedKey)? {
             attest::Response::Sealed(b) => Ok(b.as_slice().to_vec()),
-            other => Err(RunError::SealedKey(format!("sealing the datastore key: attest answered {}", describe(&other)))),
+            other => Err(RunError::SealedKey(format!(
+                "sealing the datastore key: attest answered {}",
+                describe(&other)
+            ))),
         }
     }
 
-    /// Reads the sealed key stored in the guest-state file at `path` and unseals it.
-    fn unseal_stored(&mut self, path: &Path) -> Result<crate::state_files::KeyBytes, RunError> {
-        let stored = read_key_protector(path).map_err(RunError::SealedKey)?;
-        let sealed = attest::SealedKey::parse(&stored).map_err(|e| {
-            RunError::SealedKey(format!(
-                "guest-state file {}: its HW_KEY_PROTECTOR is unusable: {e}",
-                path.display()
-            ))
-        })?;
+    /// Unseals `stored` (the HW_KEY_PROTECTOR of `path`): the key, or why it did not unseal
+    /// (the refusal an operator reads).
+    fn unseal_stored(
+        &mut self,
+        path: &Path,
+        stored: &[u8],
+    ) -> Result<Result<KeyBytes, String>, RunError> {
+        let sealed = match attest::SealedKey::parse(stored) {
+            Ok(s) => s,
+            Err(e) => {
+                return Ok(Err(format!(
+                    "guest-state file {}: its HW_KEY_PROTECTOR is unusable: {e}",
+                    path.display()
+                )))
+            }
+        };
         let request = attest::Request::Unseal {
-            sealed: Bytes::new(&stored).ok_or_else(|| RunError::SealedKey("sealed key too long".into()))?,
+            sealed: Bytes::new(stored).expect("parsed: 118 bytes"),
         };
         match self.attest_call(&request).map_err(RunError::SealedKey)? {
             attest::Response::Key(k) => {
-                let mut key = crate::state_files::KeyBytes([0; crate::manifest::KEY_BYTES]);
+                let mut key = KeyBytes([0; crate::manifest::KEY_BYTES]);
                 key.0.copy_from_slice(k.as_slice());
                 tracing::info!(
                     "datastore key of {} unsealed (sealed under policy {})",
                     path.display(),
                     if sealed.select.measurement { "measurement" } else { "platform" }
                 );
-                Ok(key)
+                Ok(Ok(key))
             }
             attest::Response::Error(attest::AttestError::UnsealFailed) => {
-                Err(RunError::SealedKey(self.unseal_refusal(path, &sealed)))
+                Ok(Err(self.unseal_refusal(path, &sealed)))
             }
             other => Err(RunError::SealedKey(format!(
                 "unsealing the datastore key of {}: attest answered {}",
@@ -1846,27 +1979,6 @@ fn describe(r: &attest::Response) -> String {
     match r {
         attest::Response::Error(e) => format!("error: {e}"),
         other => format!("{other:?}"),
-    }
-}
-
-/// The HW_KEY_PROTECTOR of the guest-state file at `path` (stored unencrypted; read without
-/// the key).
-fn read_key_protector(path: &Path) -> Result<Vec<u8>, String> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|e| format!("guest-state file {}: {e}", path.display()))?;
-    let mut vmgs = pv_vmgs::Vmgs::open(pv_vmgs::FileStorage::new(file), None)
-        .map_err(|e| format!("guest-state file {}: {e}", path.display()))?;
-    match vmgs.read_unauthenticated(FileId::HW_KEY_PROTECTOR) {
-        Ok(b) => Ok(b),
-        Err(pv_vmgs::Error::NotFound(_)) => Err(format!(
-            "guest-state file {} holds no sealed key (no HW_KEY_PROTECTOR): it was made under a key file or by another tool. \
-             Give the vmgs service its key file (`keys = [{{ name = ..., path = ... }}]`), or move the file away to start afresh",
-            path.display()
-        )),
-        Err(e) => Err(format!("guest-state file {}: HW_KEY_PROTECTOR: {e}", path.display())),
     }
 }
 

@@ -45,9 +45,9 @@ fn check_and_audit_default_to_the_shipped_manifest() {
         [
             "intercept",
             "vmgs",
+            "attest",
             "vtpm",
             "tpm-gateway",
-            "attest",
             "storage",
             "net"
         ]

@@ -18,9 +18,9 @@ use common::VMGS_BODY;
 const SERVICES: [&str; 7] = [
     "intercept",
     "vmgs",
+    "attest",
     "vtpm",
     "tpm-gateway",
-    "attest",
     "storage",
     "net",
 ];

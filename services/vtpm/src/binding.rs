@@ -80,8 +80,9 @@ const EK_AUTH_POLICY: [u8; 32] = [
     0xFD, 0x52, 0xD7, 0x6E, 0x06, 0x52, 0x0B, 0x64, 0xF2, 0xA1, 0xDA, 0x1B, 0x33, 0x14, 0x69, 0xAA,
 ];
 
-/// OpenHCL's AK: a restricted RSA-2048 signing key (RSASSA with SHA-256) that cannot leave
-/// the TPM, usable without a policy and exempt from dictionary-attack lockout.
+/// OpenHCL's AK (its `ak_pub_template`): a restricted RSA-2048 signing key (RSASSA with
+/// SHA-256) that cannot leave the TPM, usable without a policy and exempt from
+/// dictionary-attack lockout; `unique` zero-filled, as OpenHCL's.
 pub fn ak_template() -> RsaPublic {
     RsaPublic {
         name_alg: alg::SHA256,
@@ -99,7 +100,7 @@ pub fn ak_template() -> RsaPublic {
         scheme: RsaScheme::Rsassa(alg::SHA256),
         key_bits: 2048,
         exponent: 0,
-        modulus: Vec::new(),
+        modulus: vec![0; 256],
     }
 }
 

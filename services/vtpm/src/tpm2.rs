@@ -179,16 +179,28 @@ impl fmt::Display for Hierarchy {
 }
 
 /// A persistent object's handle (`0x81xxxxxx`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Persistent(pub u32);
 
 /// A loaded (transient) object's handle (`0x80xxxxxx`), as TPM2_CreatePrimary returns it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Transient(pub u32);
 
 /// An NV index's handle (`0x01xxxxxx`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct NvIndex(pub u32);
+
+/// Handles read as hex (as the TPM specification and the tools write them).
+macro_rules! hex_handle {
+    ($($t:ident),*) => {$(
+        impl fmt::Debug for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:#010x})", stringify!($t), self.0)
+            }
+        }
+    )*};
+}
+hex_handle!(Persistent, Transient, NvIndex);
 
 impl fmt::Display for Persistent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
