@@ -843,6 +843,17 @@ impl Nonces {
     }
 }
 
+/// The tenant key's public identity: SHA-256("pv-kbs key id" || key), hex. The paravisor's
+/// manifest pins it (`[attest] key-release-id`, measured with the manifest), so a broker the
+/// host runs in the tenant's place cannot hand over a key of its own choosing: a datastore
+/// key wrapped under that key would be readable by the host.
+pub fn key_id(key: &[u8; 32]) -> String {
+    hex(&sha2::Sha256::new()
+        .chain_update(b"pv-kbs key id")
+        .chain_update(key)
+        .finalize())
+}
+
 /// The broker: the policy, the tenant key and the issued nonces.
 pub struct Broker {
     policy: Policy,
@@ -1243,8 +1254,9 @@ fn run_inner(cmd: KbsCmd) -> Result<(), String> {
                 .map_err(|error| KbsError::Listen { addr, error }.to_string())?;
             let p = broker.policy();
             tracing::info!(
-                "key broker listening on {} ({} allowed measurement(s), nonces valid {} s, ARK {})",
+                "key broker listening on {} (key id {}; {} allowed measurement(s), nonces valid {} s, ARK {})",
                 listener.local_addr().unwrap_or(addr),
+                key_id(&broker.key),
                 p.allowed_measurements.len(),
                 p.max_nonce_age.as_secs(),
                 p.ark_fingerprint
@@ -1254,7 +1266,12 @@ fn run_inner(cmd: KbsCmd) -> Result<(), String> {
         }
         KbsCmd::InitKey { file } => {
             init_key(&file).map_err(|e| e.to_string())?;
-            println!("{}: a new 32-byte tenant key (mode 0600)", file.display());
+            let key = load_key(&file).map_err(|e| e.to_string())?;
+            println!(
+                "{}: a new 32-byte tenant key (mode 0600); key id {} (put it in the paravisor's manifest: `[attest] key-release-id`)",
+                file.display(),
+                key_id(&key)
+            );
             Ok(())
         }
         KbsCmd::Fetch {

@@ -164,6 +164,7 @@ struct RawManifest {
 struct RawAttest {
     sealing: Option<Spanned<String>>,
     key_release: Option<Spanned<String>>,
+    key_release_id: Option<Spanned<String>>,
     platform_dir: Option<Spanned<String>>,
 }
 
@@ -411,6 +412,8 @@ pub struct AttestSettings {
     /// A key broker (loopback) that releases the datastore key's wrapping key to a report
     /// that satisfies its policy.
     pub key_release: Option<std::net::SocketAddr>,
+    /// The tenant key's id the broker must release (`paravisor kbs init-key` prints it).
+    pub key_release_id: Option<String>,
     /// The simulated platform's directory (`None`: `platform` next to the state directory).
     pub platform_dir: Option<PathBuf>,
 }
@@ -420,6 +423,7 @@ impl Default for AttestSettings {
         AttestSettings {
             sealing: Sealing::Platform,
             key_release: None,
+            key_release_id: None,
             platform_dir: None,
         }
     }
@@ -1455,6 +1459,24 @@ impl Validator<'_> {
                     a.span(),
                     format!("key-release \"{}\" is not an address", a.get_ref()),
                     "write host:port, e.g. \"127.0.0.1:8700\"",
+                ),
+            }
+            match &raw.key_release_id {
+                Some(id)
+                    if id.get_ref().len() == 64
+                        && id.get_ref().bytes().all(|b| b.is_ascii_hexdigit()) =>
+                {
+                    settings.key_release_id = Some(id.get_ref().to_ascii_lowercase())
+                }
+                Some(id) => self.error(
+                    id.span(),
+                    "key-release-id is not a key id",
+                    "the 64 hex digits `paravisor kbs init-key` prints for the tenant key",
+                ),
+                None => self.error(
+                    a.span(),
+                    "key-release without key-release-id",
+                    "pin the tenant key's id (`paravisor kbs init-key` prints it): without it, a broker the host runs could hand over a key of its own",
                 ),
             }
             if sealed_keys.is_empty() {

@@ -242,7 +242,14 @@ struct AttestLink {
 struct PlatformLink {
     holder: usize,
     mem: ChannelMemory,
-    _server: crate::platform_server::PlatformServer,
+    /// What the serving thread needs, until `run` starts it (after the signal mask is set:
+    /// a thread started before would take SIGTERM's default action for the whole process).
+    pending: Option<(
+        ChannelMemory,
+        crate::platform::Platform,
+        crate::platform_server::Launch,
+    )>,
+    server: Option<crate::platform_server::PlatformServer>,
 }
 
 pub struct Supervisor {
@@ -436,12 +443,11 @@ impl Supervisor {
                     },
                     host_data: [0; 32],
                 };
-                let server = crate::platform_server::PlatformServer::start(view, platform, launch)?;
-                mem.set_server_state(ServerState::Up);
                 Some(PlatformLink {
                     holder,
                     mem,
-                    _server: server,
+                    pending: Some((view, platform, launch)),
+                    server: None,
                 })
             }
         };
@@ -720,6 +726,14 @@ impl Supervisor {
         let listener = UnixListener::bind(&socket)?;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
+        if let Some(link) = self.platform_link.as_mut() {
+            if let Some((view, platform, launch)) = link.pending.take() {
+                link.server = Some(crate::platform_server::PlatformServer::start(
+                    view, platform, launch,
+                )?);
+                link.mem.set_server_state(ServerState::Up);
+            }
+        }
         tracing::info!(
             services = self.services.len(),
             channels = self.links.len(),
@@ -1716,7 +1730,10 @@ impl Supervisor {
 
     /// The tenant key from the broker at `addr`, for a report of this launch.
     fn release(&mut self, addr: std::net::SocketAddr) -> Result<zeroize::Zeroizing<[u8; 32]>, RunError> {
-        crate::kbs::fetch_key(addr, |report_data| {
+        let pinned = self.sealing.key_release_id.clone().ok_or_else(|| {
+            RunError::SealedKey("key release needs `key-release-id` (manifest validation should have caught this)".into())
+        })?;
+        let key = crate::kbs::fetch_key(addr, |report_data| {
             let request = attest::Request::GetReport {
                 report_data: Bytes::new(report_data).expect("64 bytes"),
             };
@@ -1725,7 +1742,14 @@ impl Supervisor {
                 other => Err(format!("attest answered {}", describe(&other))),
             }
         })
-        .map_err(|e| RunError::SealedKey(format!("key release by the broker at {addr}: {e}")))
+        .map_err(|e| RunError::SealedKey(format!("key release by the broker at {addr}: {e}")))?;
+        let id = crate::kbs::key_id(&key);
+        if id != pinned {
+            return Err(RunError::SealedKey(format!(
+                "the broker at {addr} released a key with id {id}, not the manifest's key-release-id {pinned}: it is not the tenant's broker (or holds another tenant key); nothing was wrapped under it"
+            )));
+        }
+        Ok(key)
     }
 
     /// Seals `key` through the attest service; the stored bytes.
@@ -1947,7 +1971,9 @@ impl Supervisor {
 
     /// Stops every service: a shutdown request, a grace period, then SIGKILL.
     fn shutdown(&mut self) {
-        for s in self.services.iter_mut() {
+        // Clients before the services they call (reverse manifest order): a vTPM still
+        // writing its state reaches vmgs, a service finishing a call reaches attest.
+        for s in self.services.iter_mut().rev() {
             s.restart_at = None;
             // Skip services that are already gone (their pidfd is readable).
             let alive = s.process.as_ref().is_some_and(|p| {

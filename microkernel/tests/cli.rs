@@ -52,8 +52,8 @@ fn check_and_audit_default_to_the_shipped_manifest() {
             "net"
         ]
     );
-    let vtpm = &doc["services"][2];
-    assert_eq!(vtpm["calls"], serde_json::json!(["vmgs"]));
+    let vtpm = &doc["services"][3];
+    assert_eq!(vtpm["calls"], serde_json::json!(["vmgs", "attest"]));
     assert_eq!(
         vtpm["regions"],
         serde_json::json!(["vtpm-checkpoint (256K)"])

@@ -119,7 +119,7 @@ fn service_without_capability_cannot_reach_an_endpoint() {
     let out = inst.pv(&["probe", "vtpm", "vmgs"]);
     assert!(text(&out).contains("reached"), "{}", text(&out));
     for (svc, ep) in [
-        ("vtpm", "attest"),
+        ("attest", "vtpm"),
         ("storage", "vmgs"),
         ("net", "vtpm"),
         ("vmgs", "vtpm"),

@@ -120,7 +120,17 @@ pub fn shipped_text() -> String {
         rest = &tail[end..];
     }
     out.push_str(rest);
-    out
+    // One simulated platform for all tests (provisioning one takes seconds of RSA-4096 key
+    // generation); `run` provisions it atomically, so concurrent first uses are safe.
+    out.replace(
+        "# platform-dir = \"platform\"",
+        &format!("platform-dir = \"{}\"", test_platform_dir().display()),
+    )
+}
+
+/// The simulated platform the tests' instances share.
+pub fn test_platform_dir() -> PathBuf {
+    std::env::temp_dir().join("pv-test-platform")
 }
 
 /// A fresh, short directory (control sockets have a 108-byte path limit).

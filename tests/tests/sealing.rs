@@ -1,0 +1,434 @@
+//! The sealed VMGS datastore key and reports through the running paravisor: `run` makes a
+//! key that exists only sealed in the guest-state file; a changed service binary cannot
+//! unseal it under `sealing = "measurement"` (and the refusal says what changed), but can
+//! under `platform`; `paravisor attest report` gives evidence that `attest verify` accepts.
+
+mod common;
+
+use std::path::Path;
+use std::path::PathBuf;
+use std::process::Child;
+use std::process::Command;
+use std::process::Stdio;
+use std::time::Duration;
+use std::time::Instant;
+
+use common::*;
+
+/// A copy of the built binaries (so that one can be changed) and a manifest for them.
+struct Release {
+    dir: PathBuf,
+    bin: PathBuf,
+    manifest: PathBuf,
+}
+
+fn release(tag: &str, sealing: &str) -> Release {
+    let dir = scratch_dir(tag);
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for entry in std::fs::read_dir(bin_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if (name == "paravisor" || name.starts_with("pv-")) && !name.ends_with(".d") {
+            std::fs::copy(&path, bin.join(&name)).unwrap();
+        }
+    }
+    let text = shipped_text().replace(
+        "sealing = \"measurement\"",
+        &format!("sealing = \"{sealing}\""),
+    );
+    let manifest = dir.join("manifest.toml");
+    std::fs::write(&manifest, text).unwrap();
+    Release { dir, bin, manifest }
+}
+
+impl Release {
+    fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    fn pv(&self, args: &[&str]) -> std::process::Output {
+        Command::new(self.bin.join("paravisor"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// `run --no-guest` in the background, logging to `log`.
+    fn start(&self, log: &str) -> Child {
+        Command::new(self.bin.join("paravisor"))
+            .arg("run")
+            .arg("--no-guest")
+            .arg(&self.manifest)
+            .arg("--state-dir")
+            .arg(self.state())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join(log)).unwrap())
+            .spawn()
+            .unwrap()
+    }
+
+    fn log(&self, log: &str) -> String {
+        std::fs::read_to_string(self.dir.join(log)).unwrap_or_default()
+    }
+
+    /// Starts, waits for every service, stops; the log.
+    fn run_once(&self, log: &str) -> String {
+        let mut child = self.start(log);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = self.pv(&["ps", "--json", "--state-dir", self.state().to_str().unwrap()]);
+            if out.status.success() {
+                let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+                if rows.iter().all(|r| r["state"] == "running") {
+                    break;
+                }
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("run ended early ({status}):\n{}", self.log(log));
+            }
+            assert!(Instant::now() < deadline, "not up:\n{}", self.log(log));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let stop = self.pv(&["stop", "--state-dir", self.state().to_str().unwrap()]);
+        assert!(stop.status.success(), "{}", text(&stop));
+        assert!(child.wait().unwrap().success(), "{}", self.log(log));
+        self.log(log)
+    }
+
+    /// A run that must refuse to start: its exit status and output.
+    fn refused(&self, log: &str) -> String {
+        let mut child = self.start(log);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(!status.success(), "started:\n{}", self.log(log));
+                return self.log(log);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("neither refused nor stopped:\n{}", self.log(log));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn change_binary(&self, binary: &str) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.bin.join(binary))
+            .unwrap();
+        f.write_all(b"\0changed").unwrap();
+    }
+
+    fn vmgs_size(&self, id: &str) -> String {
+        let file = self.state().join("guest.vmgs");
+        let out = self.pv(&["vmgs", "query-size", "-f", file.to_str().unwrap(), "-i", id]);
+        text(&out).trim().to_string()
+    }
+}
+
+fn sandbox_ok(test: &str) -> bool {
+    sandbox_available(test)
+}
+
+#[test]
+fn the_datastore_key_exists_only_sealed_and_a_changed_binary_cannot_unseal_it() {
+    if !sandbox_ok("sealing") {
+        return;
+    }
+    let r = release("seal-m", "measurement");
+    let log = r.run_once("first.log");
+    assert!(log.contains("sealed (policy measurement) in its HW_KEY_PROTECTOR"), "{log}");
+    let vmgs = r.state().join("guest.vmgs");
+    assert!(vmgs.exists());
+    let keyfiles: Vec<_> = std::fs::read_dir(r.state())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("key"))
+        .map(|e| e.file_name())
+        .collect();
+    assert!(keyfiles.is_empty(), "no key file in the state: {keyfiles:?}");
+    assert_eq!(r.vmgs_size("HW_KEY_PROTECTOR"), "118");
+    // The vTPM's state went into the file under that key, and a second start unseals it.
+    let log = r.run_once("second.log");
+    assert!(log.contains("unsealed (sealed under policy measurement)"), "{log}");
+    assert!(log.contains("created=[]"), "the vTPM's keys persisted: {log}");
+
+    let before = std::fs::read(&vmgs).unwrap();
+    r.change_binary("pv-storage");
+    let out = r.refused("third.log");
+    for needle in [
+        "refusing to start",
+        "sealed under policy \"measurement\"",
+        "storage (pv-storage) changed",
+        "key-release",
+        "move",
+    ] {
+        assert!(out.contains(needle), "refusal lacks \"{needle}\":\n{out}");
+    }
+    assert_eq!(std::fs::read(&vmgs).unwrap(), before, "the refused start wrote nothing");
+    let _ = std::fs::remove_dir_all(&r.dir);
+}
+
+#[test]
+fn under_platform_sealing_a_rebuilt_paravisor_still_unseals() {
+    if !sandbox_ok("sealing") {
+        return;
+    }
+    let r = release("seal-p", "platform");
+    let log = r.run_once("first.log");
+    assert!(log.contains("sealed (policy platform)"), "{log}");
+    r.change_binary("pv-net");
+    let log = r.run_once("second.log");
+    assert!(log.contains("unsealed (sealed under policy platform)"), "{log}");
+    let _ = std::fs::remove_dir_all(&r.dir);
+}
+
+#[test]
+fn another_platform_cannot_unseal() {
+    if !sandbox_ok("sealing") {
+        return;
+    }
+    let r = release("seal-x", "platform");
+    r.run_once("first.log");
+    // The same release and state on another chip.
+    let other = r.dir.join("other-platform");
+    let text = std::fs::read_to_string(&r.manifest).unwrap();
+    let text = text.replace(
+        &format!("platform-dir = \"{}\"", test_platform_dir().display()),
+        &format!("platform-dir = \"{}\"", other.display()),
+    );
+    std::fs::write(&r.manifest, text).unwrap();
+    let out = r.refused("second.log");
+    assert!(out.contains("no platform in"), "provisioned on first use, saying so: {out}");
+    assert!(out.contains("does not unseal on this platform"), "{out}");
+    let _ = std::fs::remove_dir_all(&r.dir);
+}
+
+fn verify(r: &Release, report: &Path, certs: &Path, fingerprint: &str, extra: &[&str]) -> (bool, String) {
+    let mut args = vec![
+        "attest",
+        "verify",
+        report.to_str().unwrap(),
+        "--certs",
+        certs.to_str().unwrap(),
+        "--ark-fingerprint",
+        fingerprint,
+    ];
+    args.extend_from_slice(extra);
+    let out = r.pv(&args);
+    (out.status.success(), text(&out))
+}
+
+#[test]
+fn a_report_from_the_running_paravisor_verifies_against_its_launch() {
+    if !sandbox_ok("attest report") {
+        return;
+    }
+    let r = release("report", "measurement");
+    let mut child = r.start("run.log");
+    let state = r.state();
+    let state_s = state.to_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let report = r.dir.join("report.bin");
+    let certs = r.dir.join("certs");
+    let nonce = "5eed0000000000000000000000000000000000000000000000000000000000aa";
+    loop {
+        let out = r.pv(&[
+            "attest", "report", "--nonce", nonce, "-o", report.to_str().unwrap(), "--certs",
+            certs.to_str().unwrap(), "--state-dir", state_s,
+        ]);
+        if out.status.success() {
+            assert!(text(&out).contains("zero-padded"), "{}", text(&out));
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}\n{}", text(&out), r.log("run.log"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(std::fs::metadata(&report).unwrap().len(), 0x4A0);
+    let fp = r.pv(&["attest", "fingerprint", "--certs", certs.to_str().unwrap()]);
+    let fp = String::from_utf8_lossy(&fp.stdout).trim().to_string();
+    let log = state.join("launch-log.json");
+    let (ok, out) = verify(&r, &report, &certs, &fp, &["--launch-log", log.to_str().unwrap(), "--nonce", nonce]);
+    assert!(ok, "{out}");
+    assert!(out.contains("pv-attest"), "the launch log's entries are the claims: {out}");
+    // The reference value a verifier computes from the release alone.
+    let (ok, out) = verify(
+        &r,
+        &report,
+        &certs,
+        &fp,
+        &["--manifest", r.manifest.to_str().unwrap(), "--no-guest", "--nonce", nonce],
+    );
+    assert!(ok, "{out}");
+    // Another nonce (a replayed report) and another release are refused, naming why.
+    let (ok, out) = verify(&r, &report, &certs, &fp, &["--launch-log", log.to_str().unwrap(), "--nonce", "00"]);
+    assert!(!ok && out.contains("nonce"), "{out}");
+    r.change_binary("pv-net");
+    let (ok, out) = verify(
+        &r,
+        &report,
+        &certs,
+        &fp,
+        &["--manifest", r.manifest.to_str().unwrap(), "--no-guest", "--nonce", nonce],
+    );
+    assert!(!ok && out.contains("measurement"), "{out}");
+    // The chain from `attest certs` (no platform dir given: the one the run uses).
+    let certs2 = r.dir.join("certs2");
+    let out = r.pv(&[
+        "attest", "certs", "--out", certs2.to_str().unwrap(), "--manifest", r.manifest.to_str().unwrap(), "--state-dir", state_s,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        std::fs::read(certs.join("vcek.pem")).unwrap(),
+        std::fs::read(certs2.join("vcek.pem")).unwrap()
+    );
+    let stop = r.pv(&["stop", "--state-dir", state_s]);
+    assert!(stop.status.success());
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&r.dir);
+}
+
+/// A key broker process for a release: its own tenant key, policy and port.
+struct Broker {
+    child: Child,
+    port: u16,
+    key_id: String,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn measurement(r: &Release) -> String {
+    let out = r.pv(&["measure", r.manifest.to_str().unwrap(), "--no-guest", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["measurement"].as_str().unwrap().to_string()
+}
+
+/// Starts a broker in `dir` (a tenant key made on first use) releasing to `allowed`.
+fn broker(r: &Release, dir: &str, allowed: &[String], port: u16) -> Broker {
+    let dir = r.dir.join(dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("tenant.key");
+    if !key.exists() {
+        let out = r.pv(&["kbs", "init-key", key.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let out = r.pv(&["kbs", "init-key", key.to_str().unwrap()]);
+    assert!(!out.status.success(), "init-key never overwrites");
+    let certs = dir.join("certs");
+    let out = r.pv(&[
+        "attest", "certs", "--platform-dir", test_platform_dir().to_str().unwrap(), "--out",
+        certs.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let fp = r.pv(&["attest", "fingerprint", "--certs", certs.to_str().unwrap()]);
+    let fp = String::from_utf8_lossy(&fp.stdout).trim().to_string();
+    let list: Vec<String> = allowed.iter().map(|m| format!("\"{m}\"")).collect();
+    let policy = dir.join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "key-file = \"tenant.key\"\ncerts = \"certs\"\nark-fingerprint = \"{fp}\"\n\
+             allowed-measurements = [{}]\n\n[minimum-tcb]\nbootloader = 3\ntee = 0\nsnp = 8\nmicrocode = 115\n",
+            list.join(", ")
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("broker.log")).unwrap();
+    let child = Command::new(r.bin.join("paravisor"))
+        .args(["kbs", "serve", "--policy", policy.to_str().unwrap(), "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let key_id = loop {
+        let text = std::fs::read_to_string(dir.join("broker.log")).unwrap_or_default();
+        if let Some(at) = text.find("key id ") {
+            break text[at + 7..at + 7 + 64].to_string();
+        }
+        assert!(Instant::now() < deadline, "broker did not start: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Broker {
+        child,
+        port,
+        key_id,
+    }
+}
+
+fn use_broker(r: &Release, port: u16, key_id: &str) {
+    let text = std::fs::read_to_string(&r.manifest).unwrap();
+    let mut lines: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with("key-release"))
+        .map(str::to_string)
+        .collect();
+    let at = lines.iter().position(|l| l == "[attest]").unwrap() + 1;
+    lines.insert(at, format!("key-release-id = \"{key_id}\""));
+    lines.insert(at, format!("key-release = \"127.0.0.1:{port}\""));
+    std::fs::write(&r.manifest, lines.join("\n") + "\n").unwrap();
+}
+
+#[test]
+fn the_broker_moves_a_sealed_key_to_a_new_measurement_and_only_the_pinned_tenant_key_counts() {
+    if !sandbox_ok("key release") {
+        return;
+    }
+    let r = release("kbs-run", "measurement");
+    // The broker's key id goes into the manifest, which changes the measurement: first the
+    // broker with its key (releasing to nothing yet), then the manifest, then the policy.
+    let port = free_port();
+    let b = broker(&r, "tenant", &["00".repeat(48)], port);
+    let pinned = b.key_id.clone();
+    use_broker(&r, port, &pinned);
+    let m1 = measurement(&r);
+    drop(b);
+    let b = broker(&r, "tenant", std::slice::from_ref(&m1), port);
+    let log = r.run_once("first.log");
+    assert!(log.contains("wrapped under the key broker's tenant key in its KEY_PROTECTOR"), "{log}");
+    assert_eq!(r.vmgs_size("KEY_PROTECTOR"), "68");
+
+    // A new build: the seal does not open, and the broker's policy does not know it yet.
+    r.change_binary("pv-storage");
+    let m2 = measurement(&r);
+    assert_ne!(m1, m2);
+    let out = r.refused("second.log");
+    assert!(out.contains("Key release failed too"), "{out}");
+    assert!(out.contains(&m2) && out.contains("allowed"), "the broker names the measurement: {out}");
+    drop(b);
+
+    // The tenant accepts the new build: the broker releases, the key is re-sealed to it.
+    let b = broker(&r, "tenant", &[m1.clone(), m2.clone()], port);
+    let log = r.run_once("third.log");
+    assert!(log.contains("released by the key broker") && log.contains(&m2), "{log}");
+    drop(b);
+    // Sealed to the new measurement now: no broker needed.
+    let log = r.run_once("fourth.log");
+    assert!(log.contains("unsealed (sealed under policy measurement)"), "{log}");
+
+    // A broker with another tenant key (one the host could run) is not believed, on a first
+    // start: no guest-state file is made under its key.
+    let fake_port = free_port();
+    let fake = broker(&r, "fake", &[m2.clone()], fake_port);
+    assert_ne!(fake.key_id, pinned);
+    use_broker(&r, fake_port, &pinned);
+    std::fs::remove_dir_all(r.state()).unwrap();
+    let m3 = measurement(&r);
+    drop(fake);
+    let fake = broker(&r, "fake", &[m3], fake_port);
+    let out = r.refused("fifth.log");
+    assert!(out.contains("not the manifest's key-release-id"), "{out}");
+    assert!(!r.state().join("guest.vmgs").exists());
+    drop(fake);
+    let _ = std::fs::remove_dir_all(&r.dir);
+}
