@@ -35,6 +35,8 @@ pub enum Command {
     Shutdown,
     /// A report from the attest service over these 64 bytes (hex), with its chain.
     AttestReport { report_data: String },
+    /// Times reports and derived keys through the attest service and directly (benchmark).
+    AttestBench { samples: usize },
 }
 
 /// One row of `paravisor ps`.
@@ -109,6 +111,7 @@ pub enum Reply {
     },
     /// A raw attestation report (hex) and the chain that verifies it (PEM: ARK, ASK, VCEK).
     Report { report: String, certs: String },
+    AttestBench(crate::bench_attest::Latencies),
 }
 
 /// Errors of a command-line client.

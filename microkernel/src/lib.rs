@@ -10,6 +10,7 @@
 
 pub mod audit;
 pub mod bench;
+pub mod bench_attest;
 pub mod bench_guest;
 pub mod bench_measure;
 pub mod bench_vmgs;

@@ -123,7 +123,7 @@ enum Cmd {
     /// answered by a device service against one answered in the vCPU thread).
     Bench {
         /// What to measure.
-        #[arg(value_parser = ["ipc", "vmgs", "vtpm", "guest", "measure"], default_value = "ipc")]
+        #[arg(value_parser = ["ipc", "vmgs", "vtpm", "guest", "measure", "attest"], default_value = "ipc")]
         what: String,
         /// For `vmgs`: the directory (file system) to measure in [default: the system's temporary directory].
         #[arg(long)]
@@ -960,6 +960,17 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             let samples = if quick { 5 } else { samples };
             let report = microkernel::bench_vmgs::run(&dir, samples);
             print_report(report, json, microkernel::bench_vmgs::text)
+        }
+        Cmd::Bench {
+            what,
+            dir,
+            quick,
+            json,
+            ..
+        } if what == "attest" => {
+            let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("pv-bench-attest"));
+            let report = microkernel::bench_attest::run(Path::new(DEFAULT_MANIFEST), &dir, quick);
+            print_report(report, json, microkernel::bench_attest::text)
         }
         Cmd::Bench {
             what, quick, json, ..

@@ -260,6 +260,7 @@ pub struct Supervisor {
     unsealed: std::collections::BTreeMap<(usize, String), KeyBytes>,
     sealing: crate::manifest::AttestSettings,
     measurement: [u8; 48],
+    platform_dir: PathBuf,
     sandbox_root: PathBuf,
     log_filter: String,
     services: Vec<Service>,
@@ -457,6 +458,7 @@ impl Supervisor {
             unsealed: std::collections::BTreeMap::new(),
             sealing: m.attest.clone(),
             measurement: opts.measurement,
+            platform_dir: opts.platform_dir.clone(),
             sandbox_root: opts.state_dir.join(".sandbox-root"),
             state_dir: opts.state_dir.clone(),
             log_filter: opts.log_filter.clone(),
@@ -1485,6 +1487,10 @@ impl Supervisor {
                 let (checked, findings) = self.live_audit();
                 Reply::Audit { checked, findings }
             }
+            Command::AttestBench { samples } => match self.attest_bench(samples.clamp(1, 10_000)) {
+                Ok(l) => Reply::AttestBench(l),
+                Err(message) => Reply::Error { message },
+            },
             Command::AttestReport { report_data } => {
                 let Some(data) = crate::verify::parse_hex(&report_data)
                     .filter(|d| d.len() == attest::REPORT_DATA_LEN)
@@ -1553,6 +1559,60 @@ impl Supervisor {
             Ok(other) => Err(format!("attest service \"{name}\" answered {other:?}")),
             Err(e) => Err(format!("attest service \"{name}\": {e}")),
         }
+    }
+
+    /// The attest benchmark: each operation through the service, then on the platform
+    /// directly (a second handle on the same platform), alternating.
+    fn attest_bench(&mut self, samples: usize) -> Result<crate::bench_attest::Latencies, String> {
+        use crate::bench_attest::median;
+        let platform = crate::platform::Platform::open(&self.platform_dir).map_err(|e| e.to_string())?;
+        let facts = crate::platform::LaunchFacts {
+            measurement: self.measurement,
+            policy: crate::platform::POLICY,
+            guest_svn: 0,
+        };
+        let select = crate::platform::sealing_select(crate::manifest::Sealing::Measurement);
+        let (mut rs, mut rd, mut ks, mut kd) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for i in 0..samples {
+            let mut data = [0u8; 64];
+            data[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            let t = Instant::now();
+            match self.attest_call(&attest::Request::GetReport {
+                report_data: Bytes::new(&data).expect("64 bytes"),
+            })? {
+                attest::Response::Report(_) => rs.push(t.elapsed().as_secs_f64() * 1e6),
+                other => return Err(describe(&other)),
+            }
+            let t = Instant::now();
+            platform
+                .report(&crate::platform::ReportRequest {
+                    report_data: data,
+                    measurement: self.measurement,
+                    host_data: [0; 32],
+                    vmpl: 0,
+                    policy: crate::platform::POLICY,
+                })
+                .map_err(|e| e.to_string())?;
+            rd.push(t.elapsed().as_secs_f64() * 1e6);
+            let t = Instant::now();
+            match self.attest_call(&attest::Request::GetDerivedKey {
+                select,
+                context: Bytes::new(&data[..8]).expect("8 bytes"),
+            })? {
+                attest::Response::Key(_) => ks.push(t.elapsed().as_secs_f64() * 1e6),
+                other => return Err(describe(&other)),
+            }
+            let t = Instant::now();
+            std::hint::black_box(platform.derived_key(select, &facts, &data[..32]));
+            kd.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok(crate::bench_attest::Latencies {
+            samples,
+            report_service_us: median(rs),
+            report_direct_us: median(rd),
+            key_service_us: median(ks),
+            key_direct_us: median(kd),
+        })
     }
 
     /// Makes or unseals every sealed key before the services that hold them start: starts
