@@ -121,10 +121,12 @@ fn pem_modulus(dir: &Path, pem: &str) -> String {
 }
 
 /// `paravisor run` of the shipped manifest (free ports) on a fresh state directory, with
-/// its simulated platform in `platform` (created on first use).
-fn run_with_platform(tag: &str, platform: &Path) -> (Instance, String) {
+/// its simulated platform in `platform/` of the instance's directory (created on first use).
+/// Everything the test writes goes under that directory, removed when the instance drops.
+fn run_with_platform(tag: &str) -> (Instance, String) {
     let manifest_text = common::shipped_text();
     let dir = scratch_dir(tag);
+    let platform = dir.join("platform");
     let manifest = dir.join("manifest.toml");
     std::fs::write(&manifest, &manifest_text).expect("manifest");
     let log = std::fs::File::create(dir.join("paravisor.log")).expect("log");
@@ -135,7 +137,7 @@ fn run_with_platform(tag: &str, platform: &Path) -> (Instance, String) {
         .arg("--state-dir")
         .arg(dir.join("state"))
         .arg("--platform-dir")
-        .arg(platform)
+        .arg(&platform)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -177,9 +179,10 @@ fn the_vtpm_ak_is_bound_to_a_platform_report_and_its_quotes_verify() {
     if !sandbox_available(test) || !tools_available(test) {
         return;
     }
-    let work = scratch_dir("attest-vtpm-work");
-    let platform = work.join("platform");
-    let (inst, manifest) = run_with_platform("attest-vtpm", &platform);
+    let (inst, manifest) = run_with_platform("attest-vtpm");
+    let platform = inst.dir.join("platform");
+    let work = inst.dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
     wait_for_binding(&inst);
     let tcti = format!(
         "mssim:host=127.0.0.1,port={}",
@@ -371,6 +374,4 @@ fn the_vtpm_ak_is_bound_to_a_platform_report_and_its_quotes_verify() {
         "a quote passed with another nonce:\n{}",
         text(&replayed)
     );
-    drop(inst);
-    let _ = std::fs::remove_dir_all(work);
 }

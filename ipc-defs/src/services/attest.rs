@@ -99,6 +99,8 @@ pub enum AttestError {
     /// Runtime registers are 0..RUNTIME_REGISTERS; digests are 48 bytes.
     BadRegister(u8),
     BadDigest,
+    /// A datastore key is 32 bytes.
+    BadKey,
     /// The offset is past the end.
     BadOffset,
     /// The sealed blob is not one of ours, or was made under other launch facts (another
@@ -118,6 +120,7 @@ impl fmt::Display for AttestError {
                 write!(f, "runtime register {i} does not exist (0..{RUNTIME_REGISTERS})")
             }
             AttestError::BadDigest => f.write_str("a runtime digest is 48 bytes (SHA-384)"),
+            AttestError::BadKey => f.write_str("a datastore key is 32 bytes"),
             AttestError::BadOffset => f.write_str("offset past the end"),
             AttestError::UnsealFailed => f.write_str(
                 "the sealed key does not open under this platform and launch (sealed under another measurement or platform, or altered)",

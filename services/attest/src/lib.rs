@@ -181,7 +181,7 @@ impl Attest {
                 let key: [u8; KEY_LEN] = key
                     .as_slice()
                     .try_into()
-                    .map_err(|_| AttestError::BadDigest)?;
+                    .map_err(|_| AttestError::BadKey)?;
                 let sealed = self.seal(platform, &Zeroizing::new(key), select)?;
                 self.counters.seals += 1;
                 Ok(Response::Sealed(
