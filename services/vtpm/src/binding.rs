@@ -2,10 +2,11 @@
 //! SEV-SNP report, so that a remote verifier who checks the report can trust quotes the
 //! TPM signs.
 //!
-//! - An attestation key (AK, restricted RSA-2048 signing key) at [`AK_HANDLE`] and an
-//!   endorsement key (EK, TCG template L-1) at [`EK_HANDLE`], both primary keys of the
-//!   endorsement hierarchy made persistent. They are derived from the endorsement seed, so
-//!   they are created once, on the first start, and are the same keys for the TPM's life.
+//! - An attestation key (AK, restricted RSA-2048 signing key) at [`AK_HANDLE`], a primary
+//!   key of the endorsement hierarchy made persistent (created on the first start), and the
+//!   endorsement key (EK, TCG template L-1), derived again at each start and not persisted
+//!   (its usual handle [`EK_HANDLE`] stays the guest's). Both come from the endorsement
+//!   seed: the same keys for the TPM's life.
 //! - Runtime claims ([`claims_json`]): both public keys as JWKs and a few facts about the
 //!   TPM, as compact JSON with a fixed key order.
 //! - A report from the attest service whose `REPORT_DATA` is the claims' SHA-256,
@@ -347,7 +348,7 @@ fn bind_started<P: PermanentStore, M: CheckpointMemory>(
     attester.keep_alive();
     let ak = ensure_key(tpm, AK_HANDLE, &ak_template(), &mut created)?;
     attester.keep_alive();
-    let ek = ensure_key(tpm, EK_HANDLE, &ek_template(), &mut created)?;
+    let ek = derive_key(tpm, &ek_template())?;
     attester.keep_alive();
     let claims = claims_json(&ak, &ek);
     if claims.len() > MAX_NV_INDEX_SIZE {
@@ -473,6 +474,37 @@ fn ensure_key<P: PermanentStore, M: CheckpointMemory>(
     tracing::info!("created the key at {handle} and made it persistent");
     created.push(handle);
     Ok(key)
+}
+
+/// The public part of the primary key `template` gives in the endorsement hierarchy, not
+/// kept: the EK is derived again at each start rather than persisted, so that its usual
+/// handle ([`EK_HANDLE`]) stays free for the guest's own provisioning (`tpm2_createek -c
+/// 0x81010001`, `tpm2_evictcontrol ... 0x81010001` work as on a fresh TPM). The endorsement
+/// seed makes it the same key each time, the one `tpm2_createek` makes.
+fn derive_key<P: PermanentStore, M: CheckpointMemory>(
+    tpm: &mut Tpm<P, M>,
+    template: &RsaPublic,
+) -> Result<RsaPublic, BindError> {
+    let (transient, public) = run(
+        tpm,
+        CommandCode::CreatePrimary,
+        &tpm2::create_primary(Hierarchy::Endorsement, template),
+        tpm2::parse_create_primary,
+    )
+    .map_err(|e| e.about(Hierarchy::Endorsement))?;
+    run(
+        tpm,
+        CommandCode::FlushContext,
+        &tpm2::flush_context(transient),
+        tpm2::parse_done,
+    )?;
+    match public {
+        Public::Rsa(key) if key.made_from(template) => Ok(key),
+        _ => Err(BindError::Command {
+            command: CommandCode::CreatePrimary.name(),
+            error: ResponseError::Malformed("the derived key is not of its template"),
+        }),
+    }
 }
 
 /// Bytes per TPM2_NV_Write: what the TPM says (`TPM_PT_NV_BUFFER_MAX`), within reason.

@@ -104,9 +104,8 @@ fn main() -> ExitCode {
     match binding::bind(&mut tpm, &mut reports) {
         Ok(bound) => tracing::info!(
             created = ?bound.created,
-            "attestation binding: AK at {} and EK at {} in the TPM; report ({} bytes) in NV {}, claims ({} bytes, SHA-256 {}) in NV {}",
+            "attestation binding: AK at {} (and the EK, derived) in the claims; report ({} bytes) in NV {}, claims ({} bytes, SHA-256 {}) in NV {}",
             binding::AK_HANDLE,
-            binding::EK_HANDLE,
             bound.report.len(),
             binding::REPORT_INDEX,
             bound.claims.len(),

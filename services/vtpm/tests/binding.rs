@@ -151,7 +151,16 @@ fn assert_evidence(tpm: &mut Tpm<Disk, Region>, bound: &Bound) {
     assert_eq!(&report[0x50..0x70], &hash, "the report is over the claims");
     assert_eq!(&report[0x70..0x90], &[0u8; 32], "zero-padded to 64 bytes");
     let ak = read_key(tpm, binding::AK_HANDLE).expect("AK");
-    let ek = read_key(tpm, binding::EK_HANDLE).expect("EK");
+    assert!(read_key(tpm, binding::EK_HANDLE).is_none(), "the EK's usual handle stays free");
+    let r = guest(
+        tpm,
+        &tpm2::create_primary(Hierarchy::Endorsement, &binding::ek_template()),
+    );
+    let (handle, public) = tpm2::parse_create_primary(&r).expect("EK derived");
+    assert_eq!(rc(&guest(tpm, &tpm2::flush_context(handle))), 0);
+    let Public::Rsa(ek) = public else {
+        panic!("an RSA EK")
+    };
     assert!(ak.made_from(&binding::ak_template()));
     assert!(ek.made_from(&binding::ek_template()));
     assert_eq!(modulus_in_claims(&claims, "HCLAkPub"), ak.modulus);
@@ -167,7 +176,7 @@ fn keys_are_created_once_and_every_launch_writes_a_fresh_report_over_the_same_cl
     let launch1 = region();
     let mut tpm = start_cleared(&disk, &launch1);
     let first = binding::bind(&mut tpm, &mut platform).expect("bound");
-    assert_eq!(first.created, [binding::AK_HANDLE, binding::EK_HANDLE]);
+    assert_eq!(first.created, [binding::AK_HANDLE]);
     assert_eq!(platform.asked.len(), 1);
     assert!(
         platform.pings >= 3,
@@ -203,7 +212,7 @@ fn keys_are_created_once_and_every_launch_writes_a_fresh_report_over_the_same_cl
         .iter()
         .all(|d| d[..32] == first.claims_sha256));
 
-    // The persistent handles hold exactly one AK and one EK.
+    // The persistent handles hold exactly one key: the AK (the EK is derived, not kept).
     let handles = guest(
         &mut tpm,
         &[
@@ -212,7 +221,7 @@ fn keys_are_created_once_and_every_launch_writes_a_fresh_report_over_the_same_cl
     );
     assert_eq!(rc(&handles), 0);
     let count = u32::from_be_bytes(handles[15..19].try_into().unwrap());
-    assert_eq!(count, 2, "{handles:02x?}");
+    assert_eq!(count, 1, "{handles:02x?}");
 }
 
 #[test]
@@ -284,7 +293,7 @@ fn a_tpm_waiting_for_its_firmware_is_bound_and_left_waiting() {
     let disk = Disk::default();
     let mut tpm = start(&disk, &region());
     let bound = binding::bind(&mut tpm, &mut FakePlatform::default()).expect("bound");
-    assert_eq!(bound.created.len(), 2);
+    assert_eq!(bound.created.len(), 1);
     // Still waiting for TPM2_Startup, as the firmware expects.
     let r = guest(&mut tpm, &tpm2::read_public(binding::AK_HANDLE));
     assert_eq!(rc(&r), 0x100, "TPM_RC_INITIALIZE");
@@ -334,7 +343,7 @@ fn the_ek_is_the_standard_one_that_tools_derive() {
     let mut tpm = start_cleared(&disk, &region());
     let bound = binding::bind(&mut tpm, &mut FakePlatform::default()).expect("bound");
     // The EK template, created again by a client (as `tpm2_createek -G rsa` does), gives
-    // the very key the binding persisted: the verifier's EK certificate matches it.
+    // the very key in the claims: the verifier's EK certificate matches it.
     let r = guest(
         &mut tpm,
         &tpm2::create_primary(Hierarchy::Endorsement, &binding::ek_template()),
