@@ -148,7 +148,7 @@ enum Cmd {
     /// VMGS guest-state file tools (the reference vmgstool's commands, options and exit codes).
     Vmgs {
         #[command(subcommand)]
-        command: microkernel::vmgs_cli::VmgsCmd,
+        command: VmgsTop,
     },
     /// Key broker (KBS), run by the tenant outside the paravisor's trust boundary: releases
     /// the tenant key, wrapped, only to attestation evidence that verifies.
@@ -307,6 +307,28 @@ enum AttestCmd {
 /// The simulated platform's default directory (next to `state`, never inside it).
 const DEFAULT_PLATFORM_DIR: &str = "platform";
 
+/// `paravisor vmgs`: the reference tool's commands, and `reseal`.
+#[derive(Subcommand, Debug)]
+enum VmgsTop {
+    /// Unseal the guest-state file's datastore key under this launch and stop: with
+    /// `[attest] key-release`, a key sealed to another measurement is released by the key
+    /// broker and re-sealed to this one (how a state moves to a new release). Takes the
+    /// same arguments as `run` (the measurement must be the one `run` will have).
+    #[command(alias = "rotate")]
+    Reseal {
+        /// The manifest [default: manifest.toml]
+        manifest: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        platform_dir: Option<PathBuf>,
+        #[command(flatten)]
+        guest: GuestArgs,
+    },
+    #[command(flatten)]
+    Tool(microkernel::vmgs_cli::VmgsCmd),
+}
+
 /// What guest a run starts (shared by `run` and `measure`).
 #[derive(clap::Args, Debug, Default)]
 struct GuestArgs {
@@ -401,6 +423,61 @@ impl GuestArgs {
         };
         Ok(guest)
     }
+}
+
+/// What `run` does before the supervisor: load the manifest, measure the launch (keeping the
+/// measured binaries), write the launch log; the supervisor's options.
+fn launch(
+    manifest: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    platform_dir: Option<PathBuf>,
+    guest: GuestArgs,
+) -> Result<supervisor::Options, ExitCode> {
+    let keep_running = guest.keep_running;
+    let guest = guest.config()?;
+    init_logging();
+    let m = load(manifest.as_deref())?;
+    let state_dir = supervisor::state_dir(&m, state_dir.as_deref());
+    let bin_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."));
+    let platform_dir = platform_dir
+        .or_else(|| m.attest.platform_dir.clone())
+        .unwrap_or_else(|| supervisor::default_platform_dir(&state_dir));
+    // The measured launch: before any service runs.
+    let started = std::time::Instant::now();
+    let (log, images) = microkernel::measure::launch_sealed(&m, &bin_dir, guest.as_ref())
+        .map_err(|e| {
+            eprintln!("paravisor: {e}");
+            ExitCode::FAILURE
+        })?;
+    let _ = std::fs::create_dir_all(&state_dir);
+    let log_path = state_dir.join("launch-log.json");
+    if let Err(e) = serde_json::to_vec_pretty(&log)
+        .map_err(std::io::Error::other)
+        .and_then(|b| std::fs::write(&log_path, b))
+    {
+        tracing::warn!("launch log not written to {}: {e}", log_path.display());
+    }
+    tracing::info!(
+        entries = log.entries.len(),
+        bytes = log.bytes,
+        "launch measurement {} ({:.0} ms); the log is in launch-log.json of the state directory",
+        microkernel::measure::hex(&log.measurement),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(supervisor::Options {
+        manifest: m,
+        state_dir,
+        bin_dir,
+        log_filter: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        guest,
+        keep_running,
+        platform_dir,
+        measurement: log.measurement,
+        images,
+    })
 }
 
 /// Writes a PEM chain (ARK, ASK, VCEK in that order) as ark.pem, ask.pem, vcek.pem.
@@ -800,50 +877,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             platform_dir,
             guest,
         } => {
-            let keep_running = guest.keep_running;
-            let guest = guest.config()?;
-            init_logging();
-            let m = load(manifest.as_deref())?;
-            let state_dir = supervisor::state_dir(&m, state_dir.as_deref());
-            let bin_dir = std::env::current_exe()
-                .ok()
-                .and_then(|p| p.parent().map(Path::to_path_buf))
-                .unwrap_or_else(|| PathBuf::from("."));
-            let platform_dir = platform_dir
-                .or_else(|| m.attest.platform_dir.clone())
-                .unwrap_or_else(|| supervisor::default_platform_dir(&state_dir));
-            // The measured launch: before any service runs.
-            let started = std::time::Instant::now();
-            let (log, images) = microkernel::measure::launch_sealed(&m, &bin_dir, guest.as_ref()).map_err(|e| {
-                eprintln!("paravisor: {e}");
-                ExitCode::FAILURE
-            })?;
-            let _ = std::fs::create_dir_all(&state_dir);
-            let log_path = state_dir.join("launch-log.json");
-            if let Err(e) = serde_json::to_vec_pretty(&log)
-                .map_err(std::io::Error::other)
-                .and_then(|b| std::fs::write(&log_path, b))
-            {
-                tracing::warn!("launch log not written to {}: {e}", log_path.display());
-            }
-            tracing::info!(
-                entries = log.entries.len(),
-                bytes = log.bytes,
-                "launch measurement {} ({:.0} ms); the log is in launch-log.json of the state directory",
-                microkernel::measure::hex(&log.measurement),
-                started.elapsed().as_secs_f64() * 1e3
-            );
-            let opts = supervisor::Options {
-                manifest: m,
-                state_dir,
-                bin_dir,
-                log_filter: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-                guest,
-                keep_running,
-                platform_dir,
-                measurement: log.measurement,
-                images,
-            };
+            let opts = launch(manifest, state_dir, platform_dir, guest)?;
             let sup = supervisor::Supervisor::new(&opts).map_err(|e| {
                 eprintln!("paravisor: {e}");
                 ExitCode::FAILURE
@@ -853,6 +887,29 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 ExitCode::FAILURE
             })?;
             Ok(guest_exit_code(summary.guest))
+        }
+        Cmd::Vmgs {
+            command:
+                VmgsTop::Reseal {
+                    manifest,
+                    state_dir,
+                    platform_dir,
+                    guest,
+                },
+        } => {
+            let opts = launch(manifest, state_dir, platform_dir, guest)?;
+            let sup = supervisor::Supervisor::new(&opts).map_err(|e| {
+                eprintln!("paravisor: {e}");
+                ExitCode::FAILURE
+            })?;
+            let lines = sup.reseal().map_err(|e| {
+                eprintln!("paravisor: {e}");
+                ExitCode::FAILURE
+            })?;
+            for line in lines {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Ps {
             state_dir,
@@ -1030,7 +1087,9 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Vmgs { command } => Ok(microkernel::vmgs_cli::run(command)),
+        Cmd::Vmgs {
+            command: VmgsTop::Tool(command),
+        } => Ok(microkernel::vmgs_cli::run(command)),
         Cmd::Kbs { command } => Ok(microkernel::kbs::run(command)),
         Cmd::Stop {
             state_dir,

@@ -728,14 +728,7 @@ impl Supervisor {
         let listener = UnixListener::bind(&socket)?;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
-        if let Some(link) = self.platform_link.as_mut() {
-            if let Some((view, platform, launch)) = link.pending.take() {
-                link.server = Some(crate::platform_server::PlatformServer::start(
-                    view, platform, launch,
-                )?);
-                link.mem.set_server_state(ServerState::Up);
-            }
-        }
+        self.start_platform()?;
         tracing::info!(
             services = self.services.len(),
             channels = self.links.len(),
@@ -850,6 +843,44 @@ impl Supervisor {
         Ok(RunSummary {
             guest: self.guest.as_ref().and_then(|g| g.outcome.clone()),
         })
+    }
+
+    /// Starts the platform's serving thread (after the signal mask: see [`PlatformLink`]).
+    fn start_platform(&mut self) -> Result<(), RunError> {
+        if let Some(link) = self.platform_link.as_mut() {
+            if let Some((view, platform, launch)) = link.pending.take() {
+                link.server = Some(crate::platform_server::PlatformServer::start(
+                    view, platform, launch,
+                )?);
+                link.mem.set_server_state(ServerState::Up);
+            }
+        }
+        Ok(())
+    }
+
+    /// `paravisor reseal`: unseals (re-sealing through the broker if needed) every sealed
+    /// key under this launch, then stops the services it started. What happened, per key.
+    pub fn reseal(mut self) -> Result<Vec<String>, RunError> {
+        let _signals = sandbox::signalfd(&[libc::SIGINT, libc::SIGTERM])?;
+        self.start_platform()?;
+        let result = self.unseal_keys();
+        self.shutdown();
+        result?;
+        if self.unsealed.is_empty() {
+            return Ok(vec!["the manifest declares no sealed key; nothing to do".into()]);
+        }
+        Ok(self
+            .unsealed
+            .keys()
+            .map(|(i, name)| {
+                format!(
+                    "key \"{name}\" of {}: sealed (policy {}) to launch measurement {}",
+                    self.services[*i].spec.name,
+                    self.sealing.sealing.name(),
+                    crate::measure::hex(&self.measurement)
+                )
+            })
+            .collect())
     }
 
     /// The guest's run ended (its `ended` eventfd fired): reports it; whether the paravisor

@@ -406,10 +406,17 @@ fn the_broker_moves_a_sealed_key_to_a_new_measurement_and_only_the_pinned_tenant
     assert!(out.contains(&m2) && out.contains("allowed"), "the broker names the measurement: {out}");
     drop(b);
 
-    // The tenant accepts the new build: the broker releases, the key is re-sealed to it.
+    // The tenant accepts the new build: `paravisor vmgs reseal` (the new release's) has the
+    // broker release the key and seals it to the new measurement.
     let b = broker(&r, "tenant", &[m1.clone(), m2.clone()], port);
-    let log = r.run_once("third.log");
-    assert!(log.contains("released by the key broker") && log.contains(&m2), "{log}");
+    let out = r.pv(&[
+        "vmgs", "reseal", r.manifest.to_str().unwrap(), "--no-guest", "--state-dir",
+        r.state().to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = text(&out);
+    assert!(out.contains("released by the key broker") && out.contains(&m2), "{out}");
+    assert!(out.contains(&format!("sealed (policy measurement) to launch measurement {m2}")), "{out}");
     drop(b);
     // Sealed to the new measurement now: no broker needed.
     let log = r.run_once("fourth.log");

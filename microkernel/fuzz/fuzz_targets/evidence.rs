@@ -1,5 +1,5 @@
-//! Attestation evidence from a hostile source: report and certificate parsing must return a
-//! typed error, never panic.
+//! Attestation evidence and key protectors from a hostile source (the network, the host's
+//! disk): report, certificate and key-protector parsing return a typed error, never panic.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -17,4 +17,12 @@ fuzz_target!(|data: &[u8]| {
     pem.extend_from_slice(data);
     pem.extend_from_slice(b"\n-----END CERTIFICATE-----\n");
     let _ = microkernel::verify::parse_certificate(&pem, "fuzz");
+    // As the key protectors stored in a guest-state file.
+    if let Ok(w) = microkernel::key_protector::TenantWrapped::parse(data) {
+        assert_eq!(w.to_bytes().as_slice(), data);
+        let _ = w.unwrap(&[0; 32]);
+    }
+    if let Ok(k) = ipc_defs::services::attest::SealedKey::parse(data) {
+        assert_eq!(k.to_bytes().as_slice(), data);
+    }
 });
