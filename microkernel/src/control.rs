@@ -29,14 +29,24 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
 #[serde(tag = "command", rename_all = "kebab-case")]
 pub enum Command {
     Ps,
-    Kill { service: String, signal: i32 },
-    Probe { service: String, endpoint: String },
+    Kill {
+        service: String,
+        signal: i32,
+    },
+    Probe {
+        service: String,
+        endpoint: String,
+    },
     LiveAudit,
     Shutdown,
     /// A report from the attest service over these 64 bytes (hex), with its chain.
-    AttestReport { report_data: String },
+    AttestReport {
+        report_data: String,
+    },
     /// Times reports and derived keys through the attest service and directly (benchmark).
-    AttestBench { samples: usize },
+    AttestBench {
+        samples: usize,
+    },
 }
 
 /// One row of `paravisor ps`.
@@ -110,7 +120,10 @@ pub enum Reply {
         message: String,
     },
     /// A raw attestation report (hex) and the chain that verifies it (PEM: ARK, ASK, VCEK).
-    Report { report: String, certs: String },
+    Report {
+        report: String,
+        certs: String,
+    },
     AttestBench(crate::bench_attest::Latencies),
 }
 

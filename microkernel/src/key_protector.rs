@@ -119,9 +119,8 @@ pub fn read_plain(path: &Path, id: FileId) -> Result<Option<Vec<u8>>, String> {
 /// crash-consistent commit (the key unlocks the file: the commit rewrites its tables).
 pub fn write_plain(path: &Path, key: &[u8; 32], id: FileId, data: &[u8]) -> Result<(), String> {
     let vkey = pv_vmgs::Key::from_bytes(*key);
-    let mut vmgs =
-        pv_vmgs::Vmgs::open(pv_vmgs::FileStorage::new(open(path, true)?), Some(&vkey))
-            .map_err(|e| format!("guest-state file {}: {e}", path.display()))?;
+    let mut vmgs = pv_vmgs::Vmgs::open(pv_vmgs::FileStorage::new(open(path, true)?), Some(&vkey))
+        .map_err(|e| format!("guest-state file {}: {e}", path.display()))?;
     vmgs.write_file_unencrypted(id, data)
         .map_err(|e| format!("guest-state file {}: {id}: {e}", path.display()))
 }
@@ -140,7 +139,10 @@ mod tests {
         for i in 8..b.len() {
             let mut bad = b;
             bad[i] ^= 1;
-            assert!(TenantWrapped::parse(&bad).unwrap().unwrap(&[1; 32]).is_none());
+            assert!(TenantWrapped::parse(&bad)
+                .unwrap()
+                .unwrap(&[1; 32])
+                .is_none());
         }
         assert!(TenantWrapped::parse(&b[..67]).is_err());
         let mut bad = b;

@@ -447,8 +447,8 @@ fn launch(
         .unwrap_or_else(|| supervisor::default_platform_dir(&state_dir));
     // The measured launch: before any service runs.
     let started = std::time::Instant::now();
-    let (log, images) = microkernel::measure::launch_sealed(&m, &bin_dir, guest.as_ref())
-        .map_err(|e| {
+    let (log, images) =
+        microkernel::measure::launch_sealed(&m, &bin_dir, guest.as_ref()).map_err(|e| {
             eprintln!("paravisor: {e}");
             ExitCode::FAILURE
         })?;
@@ -504,7 +504,8 @@ fn write_chain(chain: &str, dir: &Path) -> Result<(), String> {
     .iter()
     .zip(&certs)
     {
-        std::fs::write(dir.join(name), cert).map_err(|e| format!("{}: {e}", dir.join(name).display()))?;
+        std::fs::write(dir.join(name), cert)
+            .map_err(|e| format!("{}: {e}", dir.join(name).display()))?;
     }
     Ok(())
 }
@@ -549,7 +550,10 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
                 if nonce.len() <= 64 {
                     format!("the {}-byte nonce, zero-padded to 64 bytes", nonce.len())
                 } else {
-                    format!("SHA-512 of the {}-byte nonce (longer than 64 bytes)", nonce.len())
+                    format!(
+                        "SHA-512 of the {}-byte nonce (longer than 64 bytes)",
+                        nonce.len()
+                    )
                 }
             );
             if let Some(certs) = certs {
@@ -565,7 +569,9 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
             out,
         } => {
             let platform_dir = platform_dir.unwrap_or_else(|| {
-                let path = manifest.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_MANIFEST));
+                let path = manifest
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_MANIFEST));
                 let m = Manifest::load(&path).ok();
                 let state = client_state_dir(state_dir, manifest.as_deref());
                 m.and_then(|m| m.attest.platform_dir)

@@ -1245,7 +1245,13 @@ impl Validator<'_> {
                 platform: s.platform.as_ref().is_some_and(|p| *p.get_ref()),
             });
             if let Some(p) = s.platform.as_ref().filter(|p| *p.get_ref()) {
-                platform_holders.push((services.last().map(|x: &ServiceSpec| x.name.clone()).unwrap_or_default(), p.span()));
+                platform_holders.push((
+                    services
+                        .last()
+                        .map(|x: &ServiceSpec| x.name.clone())
+                        .unwrap_or_default(),
+                    p.span(),
+                ));
             }
         }
 
@@ -1414,9 +1420,9 @@ impl Validator<'_> {
         for (service, key, span) in sealed_keys {
             let stored = services.iter().any(|s| {
                 &s.name == service
-                    && s.files.iter().any(|f| {
-                        matches!(&f.missing, Missing::CreateVmgs { key: k, .. } if k == key)
-                    })
+                    && s.files.iter().any(
+                        |f| matches!(&f.missing, Missing::CreateVmgs { key: k, .. } if k == key),
+                    )
             });
             if !stored {
                 self.error(
@@ -1489,7 +1495,11 @@ impl Validator<'_> {
         }
         if let Some(d) = raw.platform_dir {
             if d.get_ref().is_empty() {
-                self.error(d.span(), "platform-dir is empty", "name a directory, e.g. \"platform\"");
+                self.error(
+                    d.span(),
+                    "platform-dir is empty",
+                    "name a directory, e.g. \"platform\"",
+                );
             } else {
                 settings.platform_dir = Some(PathBuf::from(d.get_ref()));
             }
@@ -1802,7 +1812,8 @@ pub fn capability_slots_with(spec: &ServiceSpec, services: &[ServiceSpec], guest
         0
     };
     // The microkernel's own channel to attest, and the platform channel.
-    let microkernel_links = usize::from(spec.serves.contains(&Interface::Attest)) + usize::from(spec.platform);
+    let microkernel_links =
+        usize::from(spec.serves.contains(&Interface::Attest)) + usize::from(spec.platform);
     3 + served_links
         + microkernel_links
         + guest_link

@@ -255,7 +255,9 @@ impl Platform {
         std::fs::create_dir_all(&parent).map_err(io(&parent))?;
         let tmp = parent.join(format!(
             ".{}.init-{}",
-            dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             std::process::id()
         ));
         let _ = std::fs::remove_dir_all(&tmp);

@@ -45,8 +45,7 @@ pub fn answer(platform: &Platform, launch: &Launch, request: &Request) -> Respon
             if *vmpl > 3 {
                 return Response::Error(PlatformError::BadVmpl(*vmpl));
             }
-            let Ok(report_data) = <[u8; REPORT_DATA_LEN]>::try_from(report_data.as_slice())
-            else {
+            let Ok(report_data) = <[u8; REPORT_DATA_LEN]>::try_from(report_data.as_slice()) else {
                 return Response::Error(PlatformError::BadReportData);
             };
             let req = ReportRequest {
@@ -57,7 +56,9 @@ pub fn answer(platform: &Platform, launch: &Launch, request: &Request) -> Respon
                 policy: launch.facts.policy,
             };
             match platform.report(&req) {
-                Ok(r) => Bytes::new(&r).map_or(Response::Error(PlatformError::Signing), Response::Report),
+                Ok(r) => {
+                    Bytes::new(&r).map_or(Response::Error(PlatformError::Signing), Response::Report)
+                }
                 Err(e) => {
                     tracing::error!("platform: report not signed: {e}");
                     Response::Error(PlatformError::Signing)

@@ -142,8 +142,7 @@ impl SpawnPlan {
     /// Prepares a spawn of `binary` (executed from `image`, its measured copy, if given) with
     /// descriptors `caps` placed at slots 3, 4, ...
     pub fn new(
-        binary: &Path,
-        image: Option<&OwnedFd>,
+        (binary, image): (&Path, Option<&OwnedFd>),
         args: &[String],
         caps: &[RawFd],
         loader_filter: Vec<seccompiler::sock_filter>,

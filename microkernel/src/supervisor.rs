@@ -410,7 +410,11 @@ impl Supervisor {
             None => None,
             Some(config) => Some(Self::guest(config, m, opts.keep_running)?),
         };
-        let attest_link = match m.services.iter().position(|s| s.serves.contains(&Interface::Attest)) {
+        let attest_link = match m
+            .services
+            .iter()
+            .position(|s| s.serves.contains(&Interface::Attest))
+        {
             None => None,
             Some(server) => {
                 let mem = ChannelMemory::create("pv-chan-paravisor-attest", m.ring_capacity)
@@ -867,7 +871,9 @@ impl Supervisor {
         self.shutdown();
         result?;
         if self.unsealed.is_empty() {
-            return Ok(vec!["the manifest declares no sealed key; nothing to do".into()]);
+            return Ok(vec![
+                "the manifest declares no sealed key; nothing to do".into()
+            ]);
         }
         Ok(self
             .unsealed
@@ -967,8 +973,7 @@ impl Supervisor {
             (libc::RLIMIT_CORE, 0),
         ];
         let plan = SpawnPlan::new(
-            &s.binary,
-            s.image.as_ref(),
+            (&s.binary, s.image.as_ref()),
             &s.spec.args,
             &raw,
             s.loader_filter.clone(),
@@ -1185,9 +1190,10 @@ impl Supervisor {
                     loaded = crate::state_files::load_key(&self.state_dir.join(path))?;
                     &loaded
                 }
-                None => self.unsealed.get(&(i, k.name.clone())).ok_or_else(|| {
-                    format!("sealed key \"{}\" has not been unsealed", k.name)
-                })?,
+                None => self
+                    .unsealed
+                    .get(&(i, k.name.clone()))
+                    .ok_or_else(|| format!("sealed key \"{}\" has not been unsealed", k.name))?,
             };
             let fd =
                 ipc_defs::hosted::sys::memfd(&format!("pv-key-{}", k.name), key.0.len() as u64)
@@ -1360,7 +1366,10 @@ impl Supervisor {
             }
         }
         if let Some(link) = self.attest_link.as_ref().filter(|l| l.server == i) {
-            link.client.memory().channel().set_server_state(ServerState::Down);
+            link.client
+                .memory()
+                .channel()
+                .set_server_state(ServerState::Down);
             let _ = link.client.memory().restart_epoch(Direction::Requests);
         }
         if let Some(link) = self.platform_link.as_ref().filter(|l| l.holder == i) {
@@ -1392,7 +1401,10 @@ impl Supervisor {
                 }
             }
             if let Some(link) = self.attest_link.as_ref().filter(|l| l.server == i) {
-                link.client.memory().channel().set_server_state(ServerState::Gone);
+                link.client
+                    .memory()
+                    .channel()
+                    .set_server_state(ServerState::Gone);
                 let _ = link.client.memory().restart_epoch(Direction::Requests);
             }
         }
@@ -1532,7 +1544,11 @@ impl Supervisor {
                     };
                 };
                 match self.attest_call(&attest::Request::GetExtendedReport { report_data: data }) {
-                    Ok(attest::Response::ExtendedReport { report, chain_len, chain }) => {
+                    Ok(attest::Response::ExtendedReport {
+                        report,
+                        chain_len,
+                        chain,
+                    }) => {
                         let mut certs = chain.as_slice().to_vec();
                         while certs.len() < chain_len as usize {
                             match self.attest_call(&attest::Request::GetCertChain {
@@ -1568,7 +1584,6 @@ impl Supervisor {
         }
     }
 
-
     /// One call to the attest service on the microkernel's own channel.
     fn attest_call(&mut self, request: &attest::Request) -> Result<attest::Response, String> {
         let link = self
@@ -1596,7 +1611,8 @@ impl Supervisor {
     /// directly (a second handle on the same platform), alternating.
     fn attest_bench(&mut self, samples: usize) -> Result<crate::bench_attest::Latencies, String> {
         use crate::bench_attest::median;
-        let platform = crate::platform::Platform::open(&self.platform_dir).map_err(|e| e.to_string())?;
+        let platform =
+            crate::platform::Platform::open(&self.platform_dir).map_err(|e| e.to_string())?;
         let facts = crate::platform::LaunchFacts {
             measurement: self.measurement,
             policy: crate::platform::POLICY,
@@ -1660,7 +1676,10 @@ impl Supervisor {
                     _ => None,
                 });
                 let (path, size) = file.ok_or_else(|| {
-                    RunError::SealedKey(format!("sealed key \"{}\" has no guest-state file", k.name))
+                    RunError::SealedKey(format!(
+                        "sealed key \"{}\" has no guest-state file",
+                        k.name
+                    ))
                 })?;
                 wanted.push((i, k.name.clone(), path, size));
             }
@@ -1670,7 +1689,8 @@ impl Supervisor {
         }
         let Some(server) = self.attest_link.as_ref().map(|l| l.server) else {
             return Err(RunError::SealedKey(
-                "sealed keys need an attest service (manifest validation should have caught this)".into(),
+                "sealed keys need an attest service (manifest validation should have caught this)"
+                    .into(),
             ));
         };
         self.start(server);
@@ -1712,8 +1732,10 @@ impl Supervisor {
             let wrapped = TenantWrapped::wrap(&tenant, &key.0).map_err(RunError::SealedKey)?;
             protectors.push((FileId::KEY_PROTECTOR, wrapped.to_bytes().to_vec()));
         }
-        let plain: Vec<(FileId, &[u8])> =
-            protectors.iter().map(|(id, b)| (*id, b.as_slice())).collect();
+        let plain: Vec<(FileId, &[u8])> = protectors
+            .iter()
+            .map(|(id, b)| (*id, b.as_slice()))
+            .collect();
         crate::vmgs_cli::create_vmgs_file_with(
             path,
             size,
@@ -1781,14 +1803,19 @@ impl Supervisor {
             }
             (None, None) => Err(RunError::SealedKey(refusal)),
             (None, Some(addr)) => {
-                let Some(kp) = read_plain(path, FileId::KEY_PROTECTOR).map_err(RunError::SealedKey)? else {
+                let Some(kp) =
+                    read_plain(path, FileId::KEY_PROTECTOR).map_err(RunError::SealedKey)?
+                else {
                     return Err(RunError::SealedKey(format!(
                         "{refusal} (key release is configured, but {} has no KEY_PROTECTOR: it was sealed before key release was, so the broker cannot help)",
                         path.display()
                     )));
                 };
                 let kp = TenantWrapped::parse(&kp).map_err(|e| {
-                    RunError::SealedKey(format!("guest-state file {}: KEY_PROTECTOR: {e}", path.display()))
+                    RunError::SealedKey(format!(
+                        "guest-state file {}: KEY_PROTECTOR: {e}",
+                        path.display()
+                    ))
                 })?;
                 tracing::info!(
                     "the sealed datastore key of {} does not unseal under this launch; asking the key broker at {addr}",
@@ -1820,9 +1847,15 @@ impl Supervisor {
     }
 
     /// The tenant key from the broker at `addr`, for a report of this launch.
-    fn release(&mut self, addr: std::net::SocketAddr) -> Result<zeroize::Zeroizing<[u8; 32]>, RunError> {
+    fn release(
+        &mut self,
+        addr: std::net::SocketAddr,
+    ) -> Result<zeroize::Zeroizing<[u8; 32]>, RunError> {
         let pinned = self.sealing.key_release_id.clone().ok_or_else(|| {
-            RunError::SealedKey("key release needs `key-release-id` (manifest validation should have caught this)".into())
+            RunError::SealedKey(
+                "key release needs `key-release-id` (manifest validation should have caught this)"
+                    .into(),
+            )
         })?;
         let key = crate::kbs::fetch_key(addr, |report_data| {
             let request = attest::Request::GetReport {
@@ -1884,7 +1917,11 @@ impl Supervisor {
                 tracing::info!(
                     "datastore key of {} unsealed (sealed under policy {})",
                     path.display(),
-                    if sealed.select.measurement { "measurement" } else { "platform" }
+                    if sealed.select.measurement {
+                        "measurement"
+                    } else {
+                        "platform"
+                    }
                 );
                 Ok(Ok(key))
             }

@@ -308,7 +308,15 @@ fn the_vtpm_ak_is_bound_to_a_platform_report_and_its_quotes_verify() {
         tool(
             &tcti,
             &work,
-            &["tpm2_readpublic", "-c", "ek.ctx", "-o", "ek.pem", "-f", "pem"],
+            &[
+                "tpm2_readpublic",
+                "-c",
+                "ek.ctx",
+                "-o",
+                "ek.pem",
+                "-f",
+                "pem",
+            ],
         ),
     );
     ok(

@@ -77,7 +77,12 @@ impl Release {
         let mut child = self.start(log);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let out = self.pv(&["ps", "--json", "--state-dir", self.state().to_str().unwrap()]);
+            let out = self.pv(&[
+                "ps",
+                "--json",
+                "--state-dir",
+                self.state().to_str().unwrap(),
+            ]);
             if out.status.success() {
                 let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
                 if rows.iter().all(|r| r["state"] == "running") {
@@ -140,7 +145,10 @@ fn the_datastore_key_exists_only_sealed_and_a_changed_binary_cannot_unseal_it() 
     }
     let r = release("seal-m", "measurement");
     let log = r.run_once("first.log");
-    assert!(log.contains("sealed (policy measurement) in its HW_KEY_PROTECTOR"), "{log}");
+    assert!(
+        log.contains("sealed (policy measurement) in its HW_KEY_PROTECTOR"),
+        "{log}"
+    );
     let vmgs = r.state().join("guest.vmgs");
     assert!(vmgs.exists());
     let keyfiles: Vec<_> = std::fs::read_dir(r.state())
@@ -149,11 +157,17 @@ fn the_datastore_key_exists_only_sealed_and_a_changed_binary_cannot_unseal_it() 
         .filter(|e| e.file_name().to_string_lossy().contains("key"))
         .map(|e| e.file_name())
         .collect();
-    assert!(keyfiles.is_empty(), "no key file in the state: {keyfiles:?}");
+    assert!(
+        keyfiles.is_empty(),
+        "no key file in the state: {keyfiles:?}"
+    );
     assert_eq!(r.vmgs_size("HW_KEY_PROTECTOR"), "118");
     // A second start unseals it.
     let log = r.run_once("second.log");
-    assert!(log.contains("unsealed (sealed under policy measurement)"), "{log}");
+    assert!(
+        log.contains("unsealed (sealed under policy measurement)"),
+        "{log}"
+    );
 
     let before = std::fs::read(&vmgs).unwrap();
     r.change_binary("pv-storage");
@@ -167,7 +181,11 @@ fn the_datastore_key_exists_only_sealed_and_a_changed_binary_cannot_unseal_it() 
     ] {
         assert!(out.contains(needle), "refusal lacks \"{needle}\":\n{out}");
     }
-    assert_eq!(std::fs::read(&vmgs).unwrap(), before, "the refused start wrote nothing");
+    assert_eq!(
+        std::fs::read(&vmgs).unwrap(),
+        before,
+        "the refused start wrote nothing"
+    );
     let _ = std::fs::remove_dir_all(&r.dir);
 }
 
@@ -181,7 +199,10 @@ fn under_platform_sealing_a_rebuilt_paravisor_still_unseals() {
     assert!(log.contains("sealed (policy platform)"), "{log}");
     r.change_binary("pv-net");
     let log = r.run_once("second.log");
-    assert!(log.contains("unsealed (sealed under policy platform)"), "{log}");
+    assert!(
+        log.contains("unsealed (sealed under policy platform)"),
+        "{log}"
+    );
     let _ = std::fs::remove_dir_all(&r.dir);
 }
 
@@ -201,12 +222,21 @@ fn another_platform_cannot_unseal() {
     );
     std::fs::write(&r.manifest, text).unwrap();
     let out = r.refused("second.log");
-    assert!(out.contains("no platform in"), "provisioned on first use, saying so: {out}");
+    assert!(
+        out.contains("no platform in"),
+        "provisioned on first use, saying so: {out}"
+    );
     assert!(out.contains("does not unseal on this platform"), "{out}");
     let _ = std::fs::remove_dir_all(&r.dir);
 }
 
-fn verify(r: &Release, report: &Path, certs: &Path, fingerprint: &str, extra: &[&str]) -> (bool, String) {
+fn verify(
+    r: &Release,
+    report: &Path,
+    certs: &Path,
+    fingerprint: &str,
+    extra: &[&str],
+) -> (bool, String) {
     let mut args = vec![
         "attest",
         "verify",
@@ -236,34 +266,68 @@ fn a_report_from_the_running_paravisor_verifies_against_its_launch() {
     let nonce = "5eed0000000000000000000000000000000000000000000000000000000000aa";
     loop {
         let out = r.pv(&[
-            "attest", "report", "--nonce", nonce, "-o", report.to_str().unwrap(), "--certs",
-            certs.to_str().unwrap(), "--state-dir", state_s,
+            "attest",
+            "report",
+            "--nonce",
+            nonce,
+            "-o",
+            report.to_str().unwrap(),
+            "--certs",
+            certs.to_str().unwrap(),
+            "--state-dir",
+            state_s,
         ]);
         if out.status.success() {
             assert!(text(&out).contains("zero-padded"), "{}", text(&out));
             break;
         }
-        assert!(Instant::now() < deadline, "{}\n{}", text(&out), r.log("run.log"));
+        assert!(
+            Instant::now() < deadline,
+            "{}\n{}",
+            text(&out),
+            r.log("run.log")
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(std::fs::metadata(&report).unwrap().len(), 0x4A0);
     let fp = r.pv(&["attest", "fingerprint", "--certs", certs.to_str().unwrap()]);
     let fp = String::from_utf8_lossy(&fp.stdout).trim().to_string();
     let log = state.join("launch-log.json");
-    let (ok, out) = verify(&r, &report, &certs, &fp, &["--launch-log", log.to_str().unwrap(), "--nonce", nonce]);
+    let (ok, out) = verify(
+        &r,
+        &report,
+        &certs,
+        &fp,
+        &["--launch-log", log.to_str().unwrap(), "--nonce", nonce],
+    );
     assert!(ok, "{out}");
-    assert!(out.contains("pv-attest"), "the launch log's entries are the claims: {out}");
+    assert!(
+        out.contains("pv-attest"),
+        "the launch log's entries are the claims: {out}"
+    );
     // The reference value a verifier computes from the release alone.
     let (ok, out) = verify(
         &r,
         &report,
         &certs,
         &fp,
-        &["--manifest", r.manifest.to_str().unwrap(), "--no-guest", "--nonce", nonce],
+        &[
+            "--manifest",
+            r.manifest.to_str().unwrap(),
+            "--no-guest",
+            "--nonce",
+            nonce,
+        ],
     );
     assert!(ok, "{out}");
     // Another nonce (a replayed report) and another release are refused, naming why.
-    let (ok, out) = verify(&r, &report, &certs, &fp, &["--launch-log", log.to_str().unwrap(), "--nonce", "00"]);
+    let (ok, out) = verify(
+        &r,
+        &report,
+        &certs,
+        &fp,
+        &["--launch-log", log.to_str().unwrap(), "--nonce", "00"],
+    );
     assert!(!ok && out.contains("report_data mismatch"), "{out}");
     r.change_binary("pv-net");
     let (ok, out) = verify(
@@ -271,13 +335,26 @@ fn a_report_from_the_running_paravisor_verifies_against_its_launch() {
         &report,
         &certs,
         &fp,
-        &["--manifest", r.manifest.to_str().unwrap(), "--no-guest", "--nonce", nonce],
+        &[
+            "--manifest",
+            r.manifest.to_str().unwrap(),
+            "--no-guest",
+            "--nonce",
+            nonce,
+        ],
     );
     assert!(!ok && out.contains("measurement"), "{out}");
     // The chain from `attest certs` (no platform dir given: the one the run uses).
     let certs2 = r.dir.join("certs2");
     let out = r.pv(&[
-        "attest", "certs", "--out", certs2.to_str().unwrap(), "--manifest", r.manifest.to_str().unwrap(), "--state-dir", state_s,
+        "attest",
+        "certs",
+        "--out",
+        certs2.to_str().unwrap(),
+        "--manifest",
+        r.manifest.to_str().unwrap(),
+        "--state-dir",
+        state_s,
     ]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(
@@ -293,7 +370,6 @@ fn a_report_from_the_running_paravisor_verifies_against_its_launch() {
 /// A key broker process for a release: its own tenant key, policy and port.
 struct Broker {
     child: Child,
-    port: u16,
     key_id: String,
 }
 
@@ -305,7 +381,12 @@ impl Drop for Broker {
 }
 
 fn measurement(r: &Release) -> String {
-    let out = r.pv(&["measure", r.manifest.to_str().unwrap(), "--no-guest", "--json"]);
+    let out = r.pv(&[
+        "measure",
+        r.manifest.to_str().unwrap(),
+        "--no-guest",
+        "--json",
+    ]);
     assert!(out.status.success(), "{}", text(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     v["measurement"].as_str().unwrap().to_string()
@@ -324,7 +405,11 @@ fn broker(r: &Release, dir: &str, allowed: &[String], port: u16) -> Broker {
     assert!(!out.status.success(), "init-key never overwrites");
     let certs = dir.join("certs");
     let out = r.pv(&[
-        "attest", "certs", "--platform-dir", test_platform_dir().to_str().unwrap(), "--out",
+        "attest",
+        "certs",
+        "--platform-dir",
+        test_platform_dir().to_str().unwrap(),
+        "--out",
         certs.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", text(&out));
@@ -343,7 +428,13 @@ fn broker(r: &Release, dir: &str, allowed: &[String], port: u16) -> Broker {
     .unwrap();
     let log = std::fs::File::create(dir.join("broker.log")).unwrap();
     let child = Command::new(r.bin.join("paravisor"))
-        .args(["kbs", "serve", "--policy", policy.to_str().unwrap(), "--listen"])
+        .args([
+            "kbs",
+            "serve",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--listen",
+        ])
         .arg(format!("127.0.0.1:{port}"))
         .stdout(Stdio::null())
         .stderr(log)
@@ -358,11 +449,7 @@ fn broker(r: &Release, dir: &str, allowed: &[String], port: u16) -> Broker {
         assert!(Instant::now() < deadline, "broker did not start: {text}");
         std::thread::sleep(Duration::from_millis(50));
     };
-    Broker {
-        child,
-        port,
-        key_id,
-    }
+    Broker { child, key_id }
 }
 
 fn use_broker(r: &Release, port: u16, key_id: &str) {
@@ -394,7 +481,10 @@ fn the_broker_moves_a_sealed_key_to_a_new_measurement_and_only_the_pinned_tenant
     drop(b);
     let b = broker(&r, "tenant", std::slice::from_ref(&m1), port);
     let log = r.run_once("first.log");
-    assert!(log.contains("wrapped under the key broker's tenant key in its KEY_PROTECTOR"), "{log}");
+    assert!(
+        log.contains("wrapped under the key broker's tenant key in its KEY_PROTECTOR"),
+        "{log}"
+    );
     assert_eq!(r.vmgs_size("KEY_PROTECTOR"), "68");
 
     // A new build: the seal does not open, and the broker's policy does not know it yet.
@@ -403,29 +493,47 @@ fn the_broker_moves_a_sealed_key_to_a_new_measurement_and_only_the_pinned_tenant
     assert_ne!(m1, m2);
     let out = r.refused("second.log");
     assert!(out.contains("Key release failed too"), "{out}");
-    assert!(out.contains(&m2) && out.contains("allowed"), "the broker names the measurement: {out}");
+    assert!(
+        out.contains(&m2) && out.contains("allowed"),
+        "the broker names the measurement: {out}"
+    );
     drop(b);
 
     // The tenant accepts the new build: `paravisor vmgs reseal` (the new release's) has the
     // broker release the key and seals it to the new measurement.
     let b = broker(&r, "tenant", &[m1.clone(), m2.clone()], port);
     let out = r.pv(&[
-        "vmgs", "reseal", r.manifest.to_str().unwrap(), "--no-guest", "--state-dir",
+        "vmgs",
+        "reseal",
+        r.manifest.to_str().unwrap(),
+        "--no-guest",
+        "--state-dir",
         r.state().to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", text(&out));
     let out = text(&out);
-    assert!(out.contains("released by the key broker") && out.contains(&m2), "{out}");
-    assert!(out.contains(&format!("sealed (policy measurement) to launch measurement {m2}")), "{out}");
+    assert!(
+        out.contains("released by the key broker") && out.contains(&m2),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "sealed (policy measurement) to launch measurement {m2}"
+        )),
+        "{out}"
+    );
     drop(b);
     // Sealed to the new measurement now: no broker needed.
     let log = r.run_once("fourth.log");
-    assert!(log.contains("unsealed (sealed under policy measurement)"), "{log}");
+    assert!(
+        log.contains("unsealed (sealed under policy measurement)"),
+        "{log}"
+    );
 
     // A broker with another tenant key (one the host could run) is not believed, on a first
     // start: no guest-state file is made under its key.
     let fake_port = free_port();
-    let fake = broker(&r, "fake", &[m2.clone()], fake_port);
+    let fake = broker(&r, "fake", std::slice::from_ref(&m2), fake_port);
     assert_ne!(fake.key_id, pinned);
     use_broker(&r, fake_port, &pinned);
     std::fs::remove_dir_all(r.state()).unwrap();

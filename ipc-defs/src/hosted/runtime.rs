@@ -72,7 +72,8 @@ pub struct Context {
     /// Eventfds wired to guest interrupts (intercept only), by interrupt.
     pub interrupts: BTreeMap<crate::services::intercept::Interrupt, OwnedFd>,
     /// The calling end to the secure processor (attest only).
-    pub platform: Option<ClientEnd<crate::services::platform::Request, crate::services::platform::Response>>,
+    pub platform:
+        Option<ClientEnd<crate::services::platform::Request, crate::services::platform::Response>>,
 }
 
 impl Context {

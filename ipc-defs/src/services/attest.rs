@@ -80,7 +80,10 @@ pub enum Response {
         chain: Bytes<MAX_CHUNK>,
     },
     /// A chunk of a certificate chain, launch log or runtime log, and the whole length.
-    Chunk { total: u32, data: Bytes<MAX_CHUNK> },
+    Chunk {
+        total: u32,
+        data: Bytes<MAX_CHUNK>,
+    },
     Key(Bytes<KEY_LEN>),
     /// The register's new value.
     Extended(Bytes<48>),
@@ -257,7 +260,10 @@ mod tests {
         };
         let b = k.to_bytes();
         assert_eq!(SealedKey::parse(&b), Ok(k));
-        assert_eq!(SealedKey::parse(&b[1..]), Err(SealedKeyError::Length(b.len() - 1)));
+        assert_eq!(
+            SealedKey::parse(&b[1..]),
+            Err(SealedKeyError::Length(b.len() - 1))
+        );
         let mut bad = b;
         bad[0] ^= 1;
         assert_eq!(SealedKey::parse(&bad), Err(SealedKeyError::Magic));

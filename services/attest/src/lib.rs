@@ -178,10 +178,8 @@ impl Attest {
                 if caller != PARAVISOR_CLIENT {
                     return Err(AttestError::NotPermitted);
                 }
-                let key: [u8; KEY_LEN] = key
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| AttestError::BadKey)?;
+                let key: [u8; KEY_LEN] =
+                    key.as_slice().try_into().map_err(|_| AttestError::BadKey)?;
                 let sealed = self.seal(platform, &Zeroizing::new(key), select)?;
                 self.counters.seals += 1;
                 Ok(Response::Sealed(
@@ -345,8 +343,8 @@ fn derived_key(
 
 /// SP 800-108 KDF in counter mode with HMAC-SHA-256, one 256-bit block.
 pub fn kdf_sp800_108(key: &[u8], label: &[u8], context: &[u8]) -> [u8; 32] {
-    let mut mac = <hmac::Hmac<Sha256> as Mac>::new_from_slice(key)
-        .expect("HMAC takes a key of any length");
+    let mut mac =
+        <hmac::Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes a key of any length");
     mac.update(&1u32.to_be_bytes());
     mac.update(label);
     mac.update(&[0]);

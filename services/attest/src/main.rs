@@ -30,11 +30,11 @@ struct Channel(Option<ClientEnd<platform::Request, platform::Response>>);
 
 impl PlatformPort for Channel {
     fn call(&mut self, request: &platform::Request) -> Result<platform::Response, String> {
-        let end = self
-            .0
-            .as_mut()
-            .ok_or("no platform capability (the manifest gives this service no `platform = true`)")?;
-        end.call(request, PLATFORM_TIMEOUT).map_err(|e| e.to_string())
+        let end = self.0.as_mut().ok_or(
+            "no platform capability (the manifest gives this service no `platform = true`)",
+        )?;
+        end.call(request, PLATFORM_TIMEOUT)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -82,7 +82,10 @@ fn main() -> ExitCode {
         Interface::Attest,
         move |_context, caller, request| {
             let response = attest.handle(&mut platform, &caller.name, request);
-            if matches!(response, attest::Response::Error(attest::AttestError::NotPermitted)) {
+            if matches!(
+                response,
+                attest::Response::Error(attest::AttestError::NotPermitted)
+            ) {
                 caller.refuse("a request reserved to the microkernel");
             }
             endpoint::Response::Service(response)

@@ -151,7 +151,10 @@ fn assert_evidence(tpm: &mut Tpm<Disk, Region>, bound: &Bound) {
     assert_eq!(&report[0x50..0x70], &hash, "the report is over the claims");
     assert_eq!(&report[0x70..0x90], &[0u8; 32], "zero-padded to 64 bytes");
     let ak = read_key(tpm, binding::AK_HANDLE).expect("AK");
-    assert!(read_key(tpm, binding::EK_HANDLE).is_none(), "the EK's usual handle stays free");
+    assert!(
+        read_key(tpm, binding::EK_HANDLE).is_none(),
+        "the EK's usual handle stays free"
+    );
     let r = guest(
         tpm,
         &tpm2::create_primary(Hierarchy::Endorsement, &binding::ek_template()),
