@@ -515,3 +515,105 @@ fn pci_devices_must_exist_and_have_one_owner() {
         "owns guest address ranges or a PCI device",
     );
 }
+
+/// A manifest with a sealed datastore key and an attest service that holds the platform.
+const SEALED: &str = r#"[attest]
+sealing = "measurement"
+
+[[service]]
+name = "store"
+binary = "pv-vmgs"
+serves = ["vmgs"]
+files = [{ name = "guest-state", path = "guest.vmgs", access = "read-write", missing = "create-vmgs", key = "datastore" }]
+keys = [{ name = "datastore", sealed = true }]
+limits = { memory = "64M", open-files = 32 }
+restart = { policy = "always", max = 3, window = "10s", backoff = "10ms" }
+
+[[service]]
+name = "att"
+binary = "pv-attest"
+serves = ["attest"]
+platform = true
+limits = { memory = "64M", open-files = 32 }
+restart = { policy = "always", max = 3, window = "10s", backoff = "10ms" }
+
+[[service]]
+name = "tpm"
+binary = "pv-vtpm"
+serves = ["vtpm"]
+calls = [{ endpoint = "vmgs", file-ids = ["TPM_NVRAM"] }, { endpoint = "attest" }]
+limits = { memory = "64M", open-files = 32 }
+restart = { policy = "on-failure", max = 3, window = "10s", backoff = "10ms" }
+"#;
+
+/// The 1-based line of the first line of `text` containing `needle`.
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("{needle:?} not in the manifest"))
+        + 1
+}
+
+#[test]
+fn attestation_settings_are_checked() {
+    let dir = scratch_dir("sealed-good");
+    let path = dir.join("good.toml");
+    std::fs::write(&path, SEALED).unwrap();
+    let out = pv(&["check", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = pv(&["audit", path.to_str().unwrap()]);
+    assert!(
+        text(&out).contains(
+            "sealed in its guest-state file (HW_KEY_PROTECTOR) by attest, policy measurement"
+        ),
+        "{}",
+        text(&out)
+    );
+    let _ = std::fs::remove_dir_all(dir);
+
+    // The platform only for the service that serves attest.
+    let m = SEALED.replace(
+        "serves = [\"vtpm\"]",
+        "serves = [\"vtpm\"]\nplatform = true",
+    );
+    refused(
+        &m,
+        line_of(&m, "serves = [\"vtpm\"]") + 1,
+        "holds the platform but does not serve attest",
+    );
+    let m = SEALED.replace("sealing = \"measurement\"", "sealing = \"tpm\"");
+    refused(&m, 2, "sealing = \"tpm\" is unknown");
+    let m = SEALED.replace(
+        "{ name = \"datastore\", sealed = true }",
+        "{ name = \"datastore\", path = \"k\", sealed = true }",
+    );
+    refused(
+        &m,
+        line_of(&m, "sealed = true"),
+        "needs either a `path` or `sealed = true`",
+    );
+    let m = SEALED.replace("platform = true\n", "");
+    refused(
+        &m,
+        line_of(&m, "sealed = true"),
+        "needs the attest service to hold the platform",
+    );
+    let m = SEALED.replace(
+        "sealing = \"measurement\"",
+        &format!(
+            "sealing = \"measurement\"\nkey-release = \"10.0.0.1:8700\"\nkey-release-id = \"{}\"",
+            "ab".repeat(32)
+        ),
+    );
+    refused(&m, 3, "not a loopback address");
+    let m = SEALED.replace(
+        "sealing = \"measurement\"",
+        "sealing = \"measurement\"\nkey-release = \"127.0.0.1:8700\"",
+    );
+    refused(&m, 3, "key-release without key-release-id");
+    let m = SEALED.replace(
+        "sealing = \"measurement\"",
+        "sealing = \"measurement\"\nkey-release = \"127.0.0.1:8700\"\nkey-release-id = \"xyz\"",
+    );
+    refused(&m, 4, "key-release-id is not a key id");
+}
