@@ -476,6 +476,29 @@ fn ensure_key<P: PermanentStore, M: CheckpointMemory>(
     Ok(key)
 }
 
+/// Whether this launch's binding is in place: the AK and both evidence indices exist. On a
+/// restart of the service within a launch ([`Tpm::continued`]) the report written at the
+/// launch's first start still describes it, so the restart need not make a new one (the
+/// restart's latency stays that of the TPM alone).
+pub fn in_place<P: PermanentStore, M: CheckpointMemory>(tpm: &mut Tpm<P, M>) -> bool {
+    let ak = run(
+        tpm,
+        CommandCode::ReadPublic,
+        &tpm2::read_public(AK_HANDLE),
+        tpm2::parse_read_public,
+    );
+    matches!(ak, Ok(Public::Rsa(ref k)) if k.made_from(&ak_template()))
+        && [REPORT_INDEX, CLAIMS_INDEX].into_iter().all(|index| {
+            run(
+                tpm,
+                CommandCode::NvReadPublic,
+                &tpm2::nv_read_public(index),
+                tpm2::parse_nv_read_public,
+            )
+            .is_ok()
+        })
+}
+
 /// The public part of the primary key `template` gives in the endorsement hierarchy, not
 /// kept: the EK is derived again at each start rather than persisted, so that its usual
 /// handle ([`EK_HANDLE`]) stays free for the guest's own provisioning (`tpm2_createek -c

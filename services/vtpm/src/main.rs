@@ -101,8 +101,15 @@ fn main() -> ExitCode {
         started: &mut started,
         shutdown: false,
     };
-    match binding::bind(&mut tpm, &mut reports) {
-        Ok(bound) => tracing::info!(
+    let outcome = if tpm.continued() && binding::in_place(&mut tpm) {
+        tracing::info!("attestation binding of this launch in place (restart within the launch)");
+        None
+    } else {
+        Some(binding::bind(&mut tpm, &mut reports))
+    };
+    match outcome {
+        None => {}
+        Some(Ok(bound)) => tracing::info!(
             created = ?bound.created,
             "attestation binding: AK at {} (and the EK, derived) in the claims; report ({} bytes) in NV {}, claims ({} bytes, SHA-256 {}) in NV {}",
             binding::AK_HANDLE,
@@ -112,7 +119,9 @@ fn main() -> ExitCode {
             hex(&bound.claims_sha256),
             binding::CLAIMS_INDEX,
         ),
-        Err(e) => tracing::warn!("no attestation binding: {e}; the TPM serves without one"),
+        Some(Err(e)) => {
+            tracing::warn!("no attestation binding: {e}; the TPM serves without one")
+        }
     }
     if reports.shutdown {
         tracing::info!("shut down on request");

@@ -178,7 +178,9 @@ fn keys_are_created_once_and_every_launch_writes_a_fresh_report_over_the_same_cl
 
     let launch1 = region();
     let mut tpm = start_cleared(&disk, &launch1);
+    assert!(!binding::in_place(&mut tpm), "nothing bound yet");
     let first = binding::bind(&mut tpm, &mut platform).expect("bound");
+    assert!(binding::in_place(&mut tpm));
     assert_eq!(first.created, [binding::AK_HANDLE]);
     assert_eq!(platform.asked.len(), 1);
     assert!(
@@ -193,6 +195,10 @@ fn keys_are_created_once_and_every_launch_writes_a_fresh_report_over_the_same_cl
     drop(tpm);
     let mut tpm = start(&disk, &launch1);
     assert!(tpm.resumed);
+    assert!(
+        binding::in_place(&mut tpm),
+        "a restart finds this launch's binding"
+    );
     let again = binding::bind(&mut tpm, &mut platform).expect("bound");
     assert!(again.created.is_empty(), "no second AK");
     assert_eq!(again.claims, first.claims);
