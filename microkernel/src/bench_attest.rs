@@ -7,8 +7,6 @@
 //! socket's.
 
 use std::path::Path;
-use std::process::Command;
-use std::process::Stdio;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -40,34 +38,10 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-struct Guard(std::process::Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 pub fn run(manifest: &Path, dir: &Path, quick: bool) -> std::io::Result<Report> {
     let samples = if quick { 20 } else { 301 };
     let text = crate::bench_vtpm::free_listeners(&std::fs::read_to_string(manifest)?)?;
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir)?;
-    let run_manifest = dir.join("manifest.toml");
-    std::fs::write(&run_manifest, text)?;
-    let state = dir.join("state");
-    let _paravisor = Guard(
-        Command::new(std::env::current_exe()?)
-            .arg("run")
-            .arg("--no-guest")
-            .arg(&run_manifest)
-            .arg("--state-dir")
-            .arg(&state)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("paravisor.log"))?)
-            .spawn()?,
-    );
+    let (_paravisor, state) = crate::bench_vtpm::start_instance(&text, dir)?;
     let deadline = Instant::now() + Duration::from_secs(120);
     let latencies = loop {
         match crate::control::send(&state, &crate::control::Command::AttestBench { samples }) {

@@ -47,7 +47,8 @@ pub struct Report {
 }
 
 /// A child process killed on drop.
-struct Guard(Child);
+/// A child process killed when dropped.
+pub struct Guard(Child);
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -253,6 +254,26 @@ fn listeners_moved(text: &str) -> std::io::Result<(String, u16)> {
     Ok((text, swtpm_data))
 }
 
+/// Starts `paravisor run --no-guest` of manifest `text` in `dir` (emptied first; the log in
+/// `dir/paravisor.log`): the process (killed when dropped) and its state directory.
+pub fn start_instance(text: &str, dir: &Path) -> std::io::Result<(Guard, std::path::PathBuf)> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let run_manifest = dir.join("manifest.toml");
+    std::fs::write(&run_manifest, text)?;
+    let state = dir.join("state");
+    let child = Command::new(std::env::current_exe()?)
+        .arg("run")
+        .arg("--no-guest")
+        .arg(&run_manifest)
+        .arg("--state-dir")
+        .arg(&state)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("paravisor.log"))?)
+        .spawn()?;
+    Ok((Guard(child), state))
+}
+
 /// The shipped manifest's text with its TPM listeners on free ports.
 pub fn free_listeners(text: &str) -> std::io::Result<String> {
     listeners_moved(text).map(|(t, _)| t)
@@ -289,22 +310,7 @@ fn measure(
 ) -> std::io::Result<(Vec<Rate>, Vec<f64>)> {
     let (rounds, n) = if quick { (3, 50) } else { (7, 300) };
     let (text, swtpm_data) = listeners_moved(&std::fs::read_to_string(manifest)?)?;
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir)?;
-    let run_manifest = dir.join("manifest.toml");
-    std::fs::write(&run_manifest, text)?;
-    let state = dir.join("state");
-    let _paravisor = Guard(
-        Command::new(std::env::current_exe()?)
-            .arg("run")
-            .arg("--no-guest")
-            .arg(&run_manifest)
-            .arg("--state-dir")
-            .arg(&state)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("paravisor.log"))?)
-            .spawn()?,
-    );
+    let (_paravisor, state) = start_instance(&text, dir)?;
     let mut ours = connect(swtpm_data, Duration::from_secs(30))?;
     // The listener is bound before the TPM is up: wait for the first answer.
     let _ = transact(&mut ours, &STARTUP_CLEAR)?;

@@ -425,6 +425,12 @@ impl GuestArgs {
     }
 }
 
+/// Says why a command failed; its exit code.
+fn failed(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("paravisor: {e}");
+    ExitCode::FAILURE
+}
+
 /// What `run` does before the supervisor: load the manifest, measure the launch (keeping the
 /// measured binaries), write the launch log; the supervisor's options.
 fn launch(
@@ -448,10 +454,7 @@ fn launch(
     // The measured launch: before any service runs.
     let started = std::time::Instant::now();
     let (log, images) =
-        microkernel::measure::launch_sealed(&m, &bin_dir, guest.as_ref()).map_err(|e| {
-            eprintln!("paravisor: {e}");
-            ExitCode::FAILURE
-        })?;
+        microkernel::measure::launch_sealed(&m, &bin_dir, guest.as_ref()).map_err(failed)?;
     let _ = std::fs::create_dir_all(&state_dir);
     let log_path = state_dir.join("launch-log.json");
     if let Err(e) = serde_json::to_vec_pretty(&log)
@@ -884,14 +887,8 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             guest,
         } => {
             let opts = launch(manifest, state_dir, platform_dir, guest)?;
-            let sup = supervisor::Supervisor::new(&opts).map_err(|e| {
-                eprintln!("paravisor: {e}");
-                ExitCode::FAILURE
-            })?;
-            let summary = sup.run().map_err(|e| {
-                eprintln!("paravisor: {e}");
-                ExitCode::FAILURE
-            })?;
+            let sup = supervisor::Supervisor::new(&opts).map_err(failed)?;
+            let summary = sup.run().map_err(failed)?;
             Ok(guest_exit_code(summary.guest))
         }
         Cmd::Vmgs {
@@ -904,14 +901,8 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 },
         } => {
             let opts = launch(manifest, state_dir, platform_dir, guest)?;
-            let sup = supervisor::Supervisor::new(&opts).map_err(|e| {
-                eprintln!("paravisor: {e}");
-                ExitCode::FAILURE
-            })?;
-            let lines = sup.reseal().map_err(|e| {
-                eprintln!("paravisor: {e}");
-                ExitCode::FAILURE
-            })?;
+            let sup = supervisor::Supervisor::new(&opts).map_err(failed)?;
+            let lines = sup.reseal().map_err(failed)?;
             for line in lines {
                 println!("{line}");
             }

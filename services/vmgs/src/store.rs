@@ -711,6 +711,18 @@ impl<S: Storage> Vmgs<S> {
     /// Replaces (or creates) a file with `data`. In an encrypted file the contents are
     /// encrypted with a fresh key and nonce.
     pub fn write_file(&mut self, id: FileId, data: &[u8]) -> Result<()> {
+        self.write(id, data, false)
+    }
+
+    /// Replaces (or creates) a file with `data` stored unencrypted even in an encrypted file:
+    /// for key protectors, which must be readable before the file is unlocked and protect
+    /// themselves (a sealed or wrapped key). Needs the key all the same (the commit rewrites
+    /// the encrypted extended table).
+    pub fn write_file_unencrypted(&mut self, id: FileId, data: &[u8]) -> Result<()> {
+        self.write(id, data, true)
+    }
+
+    fn write(&mut self, id: FileId, data: &[u8], plain: bool) -> Result<()> {
         Self::check_user_id(id)?;
         self.check_writable()?;
         if data.len() as u64 > self.image_size {
@@ -727,29 +739,7 @@ impl<S: Storage> Vmgs<S> {
         plan.files.push(NewFile {
             id,
             data: copy,
-            plain: false,
-        });
-        self.commit(plan, false)
-    }
-
-    /// Replaces (or creates) a file with `data` stored unencrypted even in an encrypted file:
-    /// for key protectors, which must be readable before the file is unlocked and protect
-    /// themselves (a sealed or wrapped key). Needs the key all the same (the commit rewrites
-    /// the encrypted extended table).
-    pub fn write_file_unencrypted(&mut self, id: FileId, data: &[u8]) -> Result<()> {
-        Self::check_user_id(id)?;
-        self.check_writable()?;
-        if data.len() as u64 > self.image_size {
-            return Err(Error::NoSpace {
-                file: id,
-                bytes: data.len() as u64,
-            });
-        }
-        let mut plan = self.plan()?;
-        plan.files.push(NewFile {
-            id,
-            data: data.to_vec(),
-            plain: true,
+            plain,
         });
         self.commit(plan, false)
     }
