@@ -35,6 +35,8 @@ pub struct Row {
     pub interrupts: Vec<String>,
     /// What the guest partition sends it, when a guest runs.
     pub guest: Option<String>,
+    /// What the microkernel itself holds with it: the platform capability, its own channel.
+    pub microkernel: Option<String>,
     pub memory: String,
     pub open_files: u64,
     pub restart: String,
@@ -149,6 +151,20 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
             } else {
                 None
             },
+            microkernel: match (s.platform, s.serves.contains(&ipc_defs::Interface::Attest)) {
+                (true, _) => Some(format!(
+                    "holds the platform (reports and derived keys, served by the microkernel); the microkernel calls it as client `paravisor` (seal/unseal of sealed keys, `attest report`); sealing policy {}{}",
+                    m.attest.sealing.name(),
+                    m.attest
+                        .key_release
+                        .map(|a| format!(", key release by the broker at {a}"))
+                        .unwrap_or_default()
+                )),
+                (false, true) => Some(
+                    "the microkernel calls it as client `paravisor` (no platform capability: reports and keys are refused)".into(),
+                ),
+                _ => None,
+            },
             memory: format_size(s.limits.memory),
             open_files: s.limits.open_files,
             restart: format!(
@@ -230,6 +246,9 @@ pub fn text(m: &Manifest) -> String {
         }
         if let Some(g) = &r.guest {
             let _ = writeln!(out, "  guest:   {g}");
+        }
+        if let Some(k) = &r.microkernel {
+            let _ = writeln!(out, "  microkernel: {k}");
         }
         let _ = writeln!(out, "  watchdog: {}", r.watchdog);
     }

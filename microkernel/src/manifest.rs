@@ -1417,6 +1417,23 @@ impl Validator<'_> {
                 "the paravisor seals one key, the guest-state file's datastore key",
             );
         }
+        if !sealed_keys.is_empty() {
+            // The microkernel writes the key protectors itself; a client holding one could
+            // replace it and lose the key.
+            for s in services {
+                if let Some(Grant::VmgsFiles(set)) = s.grants.get(&Interface::Vmgs) {
+                    for id in [FileId::HW_KEY_PROTECTOR, FileId::KEY_PROTECTOR] {
+                        if set.contains(id) {
+                            self.error(
+                                sealed_keys[0].2.clone(),
+                                format!("service \"{}\" is granted {id}, which holds the sealed datastore key", s.name),
+                                "with a sealed key, HW_KEY_PROTECTOR and KEY_PROTECTOR belong to the microkernel: remove them from the service's file-ids",
+                            );
+                        }
+                    }
+                }
+            }
+        }
         for (service, key, span) in sealed_keys {
             let stored = services.iter().any(|s| {
                 &s.name == service

@@ -616,4 +616,13 @@ fn attestation_settings_are_checked() {
         "sealing = \"measurement\"\nkey-release = \"127.0.0.1:8700\"\nkey-release-id = \"xyz\"",
     );
     refused(&m, 4, "key-release-id is not a key id");
+    let m = SEALED.replace(
+        "file-ids = [\"TPM_NVRAM\"]",
+        "file-ids = [\"TPM_NVRAM\", \"KEY_PROTECTOR\"]",
+    );
+    refused(
+        &m,
+        line_of(&m, "sealed = true"),
+        "which holds the sealed datastore key",
+    );
 }
