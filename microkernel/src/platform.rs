@@ -483,11 +483,19 @@ impl Platform {
         put(&mut r, 0x1E8, &[8, 55, 1]); // current firmware build, minor, major
         put(&mut r, 0x1EC, &[8, 55, 1]); // committed
         put(&mut r, 0x1F0, &tcb); // launch TCB
+        self.sign(&mut r)?;
+        Ok(r)
+    }
+
+    /// Signs bytes 0..0x2A0 of `r` with the VCEK, into its signature field (R and S
+    /// little-endian, zero-padded to 72 bytes, at 0x2A0 and 0x2E8).
+    pub fn sign(&self, r: &mut [u8; REPORT_LEN]) -> Result<(), PlatformError> {
         let key = self.vcek_key(TCB)?;
         let digest = Sha384::new_with_prefix(&r[..SIGNED_LEN]);
         let sig: p384::ecdsa::Signature =
             p384::ecdsa::signature::DigestSigner::try_sign_digest(&key, digest).map_err(crypto)?;
         let (rb, sb) = sig.split_bytes();
+        r[0x2A0..0x330].fill(0);
         let mut le = |at: usize, be: &[u8]| {
             for (i, b) in be.iter().rev().enumerate() {
                 r[at + i] = *b;
@@ -495,7 +503,7 @@ impl Platform {
         };
         le(0x2A0, &rb);
         le(0x2E8, &sb);
-        Ok(r)
+        Ok(())
     }
 }
 
@@ -642,6 +650,20 @@ mod tests {
                 .unwrap_or(false);
             assert!(!ok, "a flip at {at:#x} went unnoticed");
         }
+        // The verifier checks what the VCEK certifies (TCB, chip), as AMD's tools do: a report
+        // signed by the right key that claims another TCB or chip is refused.
+        let pin = crate::verify::ark_fingerprint(&dir).unwrap();
+        crate::verify::verify(&raw, &dir, &pin, None, None).expect("verifies");
+        let mut lie = raw;
+        lie[0x180 + 6] = TCB.snp + 1;
+        platform.sign(&mut lie).unwrap();
+        let e = crate::verify::verify(&lie, &dir, &pin, None, None).unwrap_err();
+        assert!(e.to_string().contains("SNP SPL"), "{e}");
+        let mut lie = raw;
+        lie[0x1A0] ^= 1;
+        platform.sign(&mut lie).unwrap();
+        let e = crate::verify::verify(&lie, &dir, &pin, None, None).unwrap_err();
+        assert!(e.to_string().contains("another chip"), "{e}");
         // Another platform's report does not verify with this chain.
         let foreign = Platform::open(&other).unwrap().report(&req).unwrap();
         let foreign =

@@ -37,6 +37,81 @@ pub enum VerifyError {
     Measurement { found: String, expected: String },
     #[error("report_data mismatch: the report says {found}, expected {expected}")]
     ReportData { found: String, expected: String },
+    #[error("the report's {component} SPL is {report}, but the VCEK certifies {certificate}: a VCEK is issued for one TCB, and this one is not the report's")]
+    Tcb {
+        component: &'static str,
+        report: u8,
+        certificate: u8,
+    },
+    #[error("the report's chip id {report}.. is not the VCEK's hwID {certificate}..: the report is from another chip")]
+    ChipId { report: String, certificate: String },
+    #[error("the VCEK's {0} extension does not parse")]
+    Extension(&'static str),
+}
+
+/// The KDS extensions of a VCEK (AMD's VCEK specification): the TCB components it was issued
+/// for, by the report's REPORTED_TCB byte they match, and the chip's hardware id.
+const TCB_EXTENSIONS: [(&str, &str, usize); 4] = [
+    ("1.3.6.1.4.1.3704.1.3.1", "boot loader", 0),
+    ("1.3.6.1.4.1.3704.1.3.2", "TEE", 1),
+    ("1.3.6.1.4.1.3704.1.3.3", "SNP", 6),
+    ("1.3.6.1.4.1.3704.1.3.8", "microcode", 7),
+];
+const HWID_EXTENSION: &str = "1.3.6.1.4.1.3704.1.4";
+/// Where REPORTED_TCB and CHIP_ID sit in a report.
+const REPORTED_TCB_AT: usize = 0x180;
+const CHIP_ID_AT: usize = 0x1A0;
+
+/// Checks the report's REPORTED_TCB and CHIP_ID against what the VCEK (DER) certifies, as
+/// AMD's tools do: the VCEK is specific to one chip and one TCB. Extensions the certificate
+/// does not carry are not checked (a VLEK carries no hwID).
+fn check_vcek_facts(vcek_der: &[u8], report: &[u8]) -> Result<(), VerifyError> {
+    use x509_cert::der::Decode;
+    let cert =
+        x509_cert::Certificate::from_der(vcek_der).map_err(|e| VerifyError::Certificate {
+            file: crate::platform::VCEK_PEM.into(),
+            reason: e.to_string(),
+        })?;
+    let extensions = cert.tbs_certificate.extensions.unwrap_or_default();
+    let find = |oid: &str| {
+        extensions
+            .iter()
+            .find(|e| e.extn_id.to_string() == oid)
+            .map(|e| e.extn_value.as_bytes().to_vec())
+    };
+    for (oid, component, at) in TCB_EXTENSIONS {
+        let Some(value) = find(oid) else {
+            continue;
+        };
+        let int = x509_cert::der::asn1::Uint::from_der(&value)
+            .map_err(|_| VerifyError::Extension(component))?;
+        let bytes = int.as_bytes();
+        let certificate = match bytes {
+            [v] => *v,
+            [] => 0,
+            _ => return Err(VerifyError::Extension(component)),
+        };
+        let reported = report[REPORTED_TCB_AT + at];
+        if reported != certificate {
+            return Err(VerifyError::Tcb {
+                component,
+                report: reported,
+                certificate,
+            });
+        }
+    }
+    if let Some(value) = find(HWID_EXTENSION) {
+        let hwid = x509_cert::der::asn1::OctetString::from_der(&value)
+            .map_err(|_| VerifyError::Extension("hwID"))?;
+        let chip = &report[CHIP_ID_AT..CHIP_ID_AT + 64];
+        if hwid.as_bytes() != chip {
+            return Err(VerifyError::ChipId {
+                report: hex(&chip[..8]),
+                certificate: hex(&hwid.as_bytes()[..hwid.as_bytes().len().min(8)]),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Reserved ranges of a version 3 report (must be zero).
@@ -138,7 +213,7 @@ pub fn verify(
         return Err(VerifyError::ArkFingerprint { found, pinned });
     }
     let (ask, _) = certificate(certs, crate::platform::ASK_PEM)?;
-    let (vcek, _) = certificate(certs, crate::platform::VCEK_PEM)?;
+    let (vcek, vcek_der) = certificate(certs, crate::platform::VCEK_PEM)?;
     let chain = Chain {
         ca: ca::Chain { ark, ask },
         vek: vcek,
@@ -150,6 +225,7 @@ pub fn verify(
     (&chain, &parsed)
         .verify()
         .map_err(|e| VerifyError::Signature(e.to_string()))?;
+    check_vcek_facts(&vcek_der, report)?;
     if let Some(m) = expected_measurement {
         if parsed.measurement != *m {
             return Err(VerifyError::Measurement {
