@@ -43,7 +43,7 @@ pub fn run(manifest: &Path, bin_dir: &Path, quick: bool) -> std::io::Result<Repo
     for _ in 0..runs {
         let t = Instant::now();
         // What `run` does: hash every byte and keep the sealed copies it executes.
-        let (log, _images) = crate::measure::launch_sealed(&m, bin_dir, Some(&guest))
+        let (log, _sealed) = crate::measure::launch_sealed(&m, bin_dir, Some(&guest))
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         ours.push(t.elapsed().as_secs_f64());
         bytes = log.bytes;

@@ -440,7 +440,7 @@ fn launch(
     guest: GuestArgs,
 ) -> Result<supervisor::Options, ExitCode> {
     let keep_running = guest.keep_running;
-    let guest = guest.config()?;
+    let mut guest = guest.config()?;
     init_logging();
     let m = load(manifest.as_deref())?;
     let state_dir = supervisor::state_dir(&m, state_dir.as_deref());
@@ -453,8 +453,12 @@ fn launch(
         .unwrap_or_else(|| supervisor::default_platform_dir(&state_dir));
     // The measured launch: before any service runs.
     let started = std::time::Instant::now();
-    let (log, images) =
+    let (log, sealed) =
         microkernel::measure::launch_sealed(&m, &bin_dir, guest.as_ref()).map_err(failed)?;
+    // From here on the guest's files are their measured copies.
+    if let Some(g) = guest.as_mut() {
+        sealed.apply(g);
+    }
     let _ = std::fs::create_dir_all(&state_dir);
     let log_path = state_dir.join("launch-log.json");
     if let Err(e) = serde_json::to_vec_pretty(&log)
@@ -479,7 +483,7 @@ fn launch(
         keep_running,
         platform_dir,
         measurement: log.measurement,
-        images,
+        sealed,
     })
 }
 

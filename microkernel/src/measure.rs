@@ -331,8 +331,75 @@ pub fn launch_sealed(
     manifest: &Manifest,
     bin_dir: &Path,
     guest: Option<&GuestConfig>,
-) -> Result<(LaunchLog, Vec<OwnedFd>), MeasureError> {
+) -> Result<(LaunchLog, Sealed), MeasureError> {
     launch_inner(manifest, bin_dir, guest, true)
+}
+
+/// The measured files, kept as sealed memfds: each service binary (manifest order) and each
+/// guest file (image, initrd) with the path it was measured from.
+#[derive(Debug, Default)]
+pub struct Sealed {
+    pub services: Vec<OwnedFd>,
+    pub guest: Vec<(PathBuf, OwnedFd)>,
+}
+
+impl Sealed {
+    /// Points `guest`'s files at their measured copies (`/proc/self/fd/N` of the memfds, which
+    /// must stay open while the partition loads them), so that the guest loaded is the one
+    /// measured whatever happens to the files.
+    pub fn apply(&self, guest: &mut GuestConfig) {
+        use std::os::fd::AsRawFd;
+        let copy = |p: &mut PathBuf| {
+            if let Some((_, fd)) = self.guest.iter().find(|(orig, _)| orig == p) {
+                *p = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+            }
+        };
+        match &mut guest.image {
+            Image::TestGuest { path: Some(p), .. } => copy(p),
+            Image::TestGuest { path: None, .. } => {}
+            Image::Linux { kernel, initrd, .. } => {
+                copy(kernel);
+                if let Some(i) = initrd {
+                    copy(i);
+                }
+            }
+        }
+    }
+}
+
+/// Measures the file at `path`; with `keep`, copies exactly the bytes hashed into a sealed
+/// memfd named `memfd_name` and returns it.
+fn measure_file(
+    m: &mut Measurer,
+    kind: Kind,
+    name: &str,
+    path: &Path,
+    keep: Option<&str>,
+) -> Result<Option<OwnedFd>, MeasureError> {
+    let Some(memfd_name) = keep else {
+        file(m, kind, name, path)?;
+        return Ok(None);
+    };
+    let err = |error| MeasureError::Read {
+        what: kind.name(),
+        path: path.display().to_string(),
+        error,
+    };
+    let source = File::open(path).map_err(err)?;
+    let image = File::from(ipc_defs::hosted::sys::memfd(memfd_name, 0).map_err(err)?);
+    m.item(
+        kind,
+        name,
+        CopyInto {
+            inner: source,
+            out: &image,
+            at: 0,
+        },
+    )
+    .map_err(err)?;
+    let image = OwnedFd::from(image);
+    ipc_defs::hosted::sys::seal_read_only(&image).map_err(err)?;
+    Ok(Some(image))
 }
 
 /// A reader that writes what it reads into a file at increasing offsets.
@@ -356,8 +423,8 @@ fn launch_inner(
     bin_dir: &Path,
     guest: Option<&GuestConfig>,
     keep_images: bool,
-) -> Result<(LaunchLog, Vec<OwnedFd>), MeasureError> {
-    let mut images = Vec::new();
+) -> Result<(LaunchLog, Sealed), MeasureError> {
+    let mut sealed = Sealed::default();
     let mut m = Measurer::default();
     m.item(
         Kind::Manifest,
@@ -372,32 +439,11 @@ fn launch_inner(
     for s in &manifest.services {
         let path: PathBuf = bin_dir.join(&s.binary);
         let name = format!("{} ({})", s.name, s.binary);
-        if !keep_images {
-            file(&mut m, Kind::Service, &name, &path)?;
-            continue;
+        let memfd = format!("pv-image-{}", s.binary);
+        let keep = keep_images.then_some(memfd.as_str());
+        if let Some(fd) = measure_file(&mut m, Kind::Service, &name, &path, keep)? {
+            sealed.services.push(fd);
         }
-        let err = |error| MeasureError::Read {
-            what: Kind::Service.name(),
-            path: path.display().to_string(),
-            error,
-        };
-        let source = File::open(&path).map_err(err)?;
-        let image = File::from(
-            ipc_defs::hosted::sys::memfd(&format!("pv-image-{}", s.binary), 0).map_err(err)?,
-        );
-        m.item(
-            Kind::Service,
-            &name,
-            CopyInto {
-                inner: source,
-                out: &image,
-                at: 0,
-            },
-        )
-        .map_err(err)?;
-        let image = OwnedFd::from(image);
-        ipc_defs::hosted::sys::seal_read_only(&image).map_err(err)?;
-        images.push(image);
     }
     if let Some(guest) = guest {
         let line = match &guest.image {
@@ -421,7 +467,12 @@ fn launch_inner(
                 path: Some(p),
                 command_line,
             } => {
-                file(&mut m, Kind::GuestImage, &p.display().to_string(), p)?;
+                let keep = keep_images.then_some("pv-guest-image");
+                if let Some(fd) =
+                    measure_file(&mut m, Kind::GuestImage, &p.display().to_string(), p, keep)?
+                {
+                    sealed.guest.push((p.clone(), fd));
+                }
                 command_line
             }
             Image::Linux {
@@ -429,14 +480,23 @@ fn launch_inner(
                 initrd,
                 command_line,
             } => {
-                file(
+                let keep = keep_images.then_some("pv-guest-kernel");
+                if let Some(fd) = measure_file(
                     &mut m,
                     Kind::GuestImage,
                     &kernel.display().to_string(),
                     kernel,
-                )?;
+                    keep,
+                )? {
+                    sealed.guest.push((kernel.clone(), fd));
+                }
                 if let Some(i) = initrd {
-                    file(&mut m, Kind::GuestInitrd, &i.display().to_string(), i)?;
+                    let keep = keep_images.then_some("pv-guest-initrd");
+                    if let Some(fd) =
+                        measure_file(&mut m, Kind::GuestInitrd, &i.display().to_string(), i, keep)?
+                    {
+                        sealed.guest.push((i.clone(), fd));
+                    }
                 }
                 command_line
             }
@@ -449,7 +509,7 @@ fn launch_inner(
             })?;
         m.vcpu_state(&initial_vcpu_state(guest));
     }
-    Ok((m.finish(), images))
+    Ok((m.finish(), sealed))
 }
 
 /// The log as text.

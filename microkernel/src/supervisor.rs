@@ -89,9 +89,10 @@ pub struct Options {
     pub platform_dir: PathBuf,
     /// The launch measurement (what the platform puts in every report).
     pub measurement: [u8; 48],
-    /// Each service's binary as measured (sealed memfds, manifest order), executed instead
-    /// of the files; empty: the files themselves.
-    pub images: Vec<OwnedFd>,
+    /// The measured files as sealed memfds: each service's binary (manifest order), executed
+    /// instead of the file (none: the files themselves), and the guest's files (which the
+    /// guest config already points at; kept open here while the partition loads them).
+    pub sealed: crate::measure::Sealed,
 }
 
 /// How `paravisor run` ended.
@@ -354,7 +355,7 @@ impl Supervisor {
                 profiles::loader_program(&spec.syscalls, SpawnPlan::binary_slot(caps)).map_err(
                     |e| create_err(format!("loader profile of {}", spec.name))(e.to_string()),
                 )?;
-            let image = match opts.images.get(services.len()) {
+            let image = match opts.sealed.services.get(services.len()) {
                 Some(fd) => Some(fd.try_clone()?),
                 None => None,
             };
