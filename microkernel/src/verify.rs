@@ -49,23 +49,23 @@ pub enum VerifyError {
     Extension(&'static str),
 }
 
-/// The KDS extensions of a VCEK (AMD's VCEK specification): the TCB components it was issued
-/// for, by the report's REPORTED_TCB byte they match, and the chip's hardware id.
-const TCB_EXTENSIONS: [(&str, &str, usize); 4] = [
-    ("1.3.6.1.4.1.3704.1.3.1", "boot loader", 0),
-    ("1.3.6.1.4.1.3704.1.3.2", "TEE", 1),
-    ("1.3.6.1.4.1.3704.1.3.3", "SNP", 6),
-    ("1.3.6.1.4.1.3704.1.3.8", "microcode", 7),
+/// The KDS extensions of a VCEK (AMD's VCEK specification) naming the TCB components it was
+/// issued for, and the chip's hardware id. Which byte of REPORTED_TCB holds a component
+/// depends on the generation (Turin added FMC and moved the others); the sev crate's decoder
+/// knows, so the report's values come from its parse.
+const TCB_EXTENSIONS: [(&str, &str); 5] = [
+    ("1.3.6.1.4.1.3704.1.3.1", "boot loader"),
+    ("1.3.6.1.4.1.3704.1.3.2", "TEE"),
+    ("1.3.6.1.4.1.3704.1.3.3", "SNP"),
+    ("1.3.6.1.4.1.3704.1.3.8", "microcode"),
+    ("1.3.6.1.4.1.3704.1.3.9", "FMC"),
 ];
 const HWID_EXTENSION: &str = "1.3.6.1.4.1.3704.1.4";
-/// Where REPORTED_TCB and CHIP_ID sit in a report.
-const REPORTED_TCB_AT: usize = 0x180;
-const CHIP_ID_AT: usize = 0x1A0;
 
 /// Checks the report's REPORTED_TCB and CHIP_ID against what the VCEK (DER) certifies, as
 /// AMD's tools do: the VCEK is specific to one chip and one TCB. Extensions the certificate
 /// does not carry are not checked (a VLEK carries no hwID).
-fn check_vcek_facts(vcek_der: &[u8], report: &[u8]) -> Result<(), VerifyError> {
+fn check_vcek_facts(vcek_der: &[u8], report: &AttestationReport) -> Result<(), VerifyError> {
     use x509_cert::der::Decode;
     let cert =
         x509_cert::Certificate::from_der(vcek_der).map_err(|e| VerifyError::Certificate {
@@ -79,7 +79,8 @@ fn check_vcek_facts(vcek_der: &[u8], report: &[u8]) -> Result<(), VerifyError> {
             .find(|e| e.extn_id.to_string() == oid)
             .map(|e| e.extn_value.as_bytes().to_vec())
     };
-    for (oid, component, at) in TCB_EXTENSIONS {
+    let tcb = &report.reported_tcb;
+    for (oid, component) in TCB_EXTENSIONS {
         let Some(value) = find(oid) else {
             continue;
         };
@@ -91,7 +92,16 @@ fn check_vcek_facts(vcek_der: &[u8], report: &[u8]) -> Result<(), VerifyError> {
             [] => 0,
             _ => return Err(VerifyError::Extension(component)),
         };
-        let reported = report[REPORTED_TCB_AT + at];
+        let reported = match component {
+            "boot loader" => tcb.bootloader,
+            "TEE" => tcb.tee,
+            "SNP" => tcb.snp,
+            "microcode" => tcb.microcode,
+            // A report of a generation without FMC against a VCEK that certifies one.
+            _ => tcb
+                .fmc
+                .ok_or(VerifyError::Extension("FMC (the report has none)"))?,
+        };
         if reported != certificate {
             return Err(VerifyError::Tcb {
                 component,
@@ -101,28 +111,47 @@ fn check_vcek_facts(vcek_der: &[u8], report: &[u8]) -> Result<(), VerifyError> {
         }
     }
     if let Some(value) = find(HWID_EXTENSION) {
-        let hwid = x509_cert::der::asn1::OctetString::from_der(&value)
-            .map_err(|_| VerifyError::Extension("hwID"))?;
-        let chip = &report[CHIP_ID_AT..CHIP_ID_AT + 64];
-        if hwid.as_bytes() != chip {
+        // A DER OCTET STRING of 64 bytes; older VCEKs (AMD's KDS before its x509 DER fix, still
+        // in circulation) carry the 64 raw bytes.
+        let hwid = match x509_cert::der::asn1::OctetString::from_der(&value) {
+            Ok(o) if o.as_bytes().len() == 64 => o.as_bytes().to_vec(),
+            _ if value.len() == 64 => value,
+            _ => return Err(VerifyError::Extension("hwID")),
+        };
+        let chip = &report.chip_id[..];
+        if hwid != chip {
             return Err(VerifyError::ChipId {
                 report: hex(&chip[..8]),
-                certificate: hex(&hwid.as_bytes()[..hwid.as_bytes().len().min(8)]),
+                certificate: hex(&hwid[..8]),
             });
         }
     }
     Ok(())
 }
 
-/// Reserved ranges of a version 3 report (must be zero).
+/// Reserved ranges of every report version (must be zero).
 const RESERVED: &[(usize, usize)] = &[
     (0x4C, 0x50),
     (0x18B, 0x1A0),
     (0x1EB, 0x1EC),
     (0x1EF, 0x1F0),
-    (0x1F8, 0x2A0),
     (0x330, 0x4A0),
 ];
+
+/// Reserved ranges that depend on the version: before version 3 the CPUID bytes, before
+/// version 5 the mitigation vectors (0x1F8..0x208) are reserved.
+fn reserved_for(version: u32) -> Vec<(usize, usize)> {
+    let mut r = RESERVED.to_vec();
+    if version < 3 {
+        r.push((0x188, 0x18B));
+    }
+    r.push(if version < 5 {
+        (0x1F8, 0x2A0)
+    } else {
+        (0x208, 0x2A0)
+    });
+    r
+}
 
 /// What a verified report says.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -159,7 +188,8 @@ pub fn parse_report(report: &[u8]) -> Result<AttestationReport, VerifyError> {
     if report.len() != REPORT_LEN {
         return Err(VerifyError::ReportSize(report.len()));
     }
-    for &(start, end) in RESERVED {
+    let version = u32::from_le_bytes([report[0], report[1], report[2], report[3]]);
+    for (start, end) in reserved_for(version) {
         if report[start..end].iter().any(|b| *b != 0) {
             return Err(VerifyError::Reserved { start, end });
         }
@@ -225,7 +255,7 @@ pub fn verify(
     (&chain, &parsed)
         .verify()
         .map_err(|e| VerifyError::Signature(e.to_string()))?;
-    check_vcek_facts(&vcek_der, report)?;
+    check_vcek_facts(&vcek_der, &parsed)?;
     if let Some(m) = expected_measurement {
         if parsed.measurement != *m {
             return Err(VerifyError::Measurement {

@@ -220,3 +220,57 @@ fn the_measurement_a_verifier_recomputes_from_the_manifest_matches_the_launch() 
     assert!(!ok && out.contains("measurement mismatch"), "{out}");
     let _ = std::fs::remove_dir_all(root);
 }
+
+/// Genuine AMD evidence (tests/fixtures/amd-milan: AMD's Milan ARK/ASK, a VCEK from AMD's KDS
+/// and a version 2 report it signed): our verifier accepts what real hardware produced, and
+/// refuses it when a bit changes or when the pinned root is another.
+#[test]
+fn genuine_amd_milan_evidence_verifies() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/amd-milan");
+    let certs = dir.to_str().unwrap();
+    let (ok, fp) = run(&["attest", "fingerprint", "--certs", certs]);
+    assert!(ok, "{fp}");
+    assert_eq!(
+        fp.trim(),
+        "69d063b45344d26a2e94e1f4210de49ef555308287d4c174445c95639a540bcd",
+        "AMD's Milan ARK"
+    );
+    let report = dir.join("report.bin");
+    let (ok, out) = run(&[
+        "attest",
+        "verify",
+        report.to_str().unwrap(),
+        "--certs",
+        certs,
+        "--ark-fingerprint",
+        fp.trim(),
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("version 2"), "{out}");
+    let scratch = scratch_dir("amd");
+    let mut bad = std::fs::read(&report).unwrap();
+    bad[0x90] ^= 1;
+    let bad_path = scratch.join("bad.bin");
+    std::fs::write(&bad_path, &bad).unwrap();
+    let (ok, out) = run(&[
+        "attest",
+        "verify",
+        bad_path.to_str().unwrap(),
+        "--certs",
+        certs,
+        "--ark-fingerprint",
+        fp.trim(),
+    ]);
+    assert!(!ok && out.contains("signature"), "{out}");
+    let (ok, out) = run(&[
+        "attest",
+        "verify",
+        report.to_str().unwrap(),
+        "--certs",
+        certs,
+        "--ark-fingerprint",
+        &"00".repeat(32),
+    ]);
+    assert!(!ok && out.contains("fingerprint"), "{out}");
+    let _ = std::fs::remove_dir_all(scratch);
+}
