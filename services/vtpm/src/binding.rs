@@ -439,13 +439,7 @@ fn ensure_key<P: PermanentStore, M: CheckpointMemory>(
         Err(e) if e.code().is_some_and(|rc| rc.is_handle()) => {}
         Err(e) => return Err(e),
     }
-    let (transient, public) = run(
-        tpm,
-        CommandCode::CreatePrimary,
-        &tpm2::create_primary(Hierarchy::Endorsement, template),
-        tpm2::parse_create_primary,
-    )
-    .map_err(|e| e.about(Hierarchy::Endorsement))?;
+    let (transient, public) = create_primary(tpm, template)?;
     let persisted = run(
         tpm,
         CommandCode::EvictControl,
@@ -499,6 +493,21 @@ pub fn in_place<P: PermanentStore, M: CheckpointMemory>(tpm: &mut Tpm<P, M>) -> 
         })
 }
 
+/// TPM2_CreatePrimary of `template` in the endorsement hierarchy: the loaded key and its
+/// public part.
+fn create_primary<P: PermanentStore, M: CheckpointMemory>(
+    tpm: &mut Tpm<P, M>,
+    template: &RsaPublic,
+) -> Result<(tpm2::Transient, Public), BindError> {
+    run(
+        tpm,
+        CommandCode::CreatePrimary,
+        &tpm2::create_primary(Hierarchy::Endorsement, template),
+        tpm2::parse_create_primary,
+    )
+    .map_err(|e| e.about(Hierarchy::Endorsement))
+}
+
 /// The public part of the primary key `template` gives in the endorsement hierarchy, not
 /// kept: the EK is derived again at each start rather than persisted, so that its usual
 /// handle ([`EK_HANDLE`]) stays free for the guest's own provisioning (`tpm2_createek -c
@@ -508,13 +517,7 @@ fn derive_key<P: PermanentStore, M: CheckpointMemory>(
     tpm: &mut Tpm<P, M>,
     template: &RsaPublic,
 ) -> Result<RsaPublic, BindError> {
-    let (transient, public) = run(
-        tpm,
-        CommandCode::CreatePrimary,
-        &tpm2::create_primary(Hierarchy::Endorsement, template),
-        tpm2::parse_create_primary,
-    )
-    .map_err(|e| e.about(Hierarchy::Endorsement))?;
+    let (transient, public) = create_primary(tpm, template)?;
     run(
         tpm,
         CommandCode::FlushContext,
