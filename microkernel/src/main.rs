@@ -367,6 +367,18 @@ struct GuestArgs {
 
 impl GuestArgs {
     /// The guest to run, or `None` with --no-guest.
+    /// Whether no guest option was given (the default: the embedded test guest).
+    fn is_default(&self) -> bool {
+        !self.no_guest
+            && self.kernel.is_none()
+            && self.initrd.is_none()
+            && self.cmdline.is_none()
+            && self.guest.is_none()
+            && self.memory.is_none()
+            && self.vcpus <= 1
+            && self.guest_watchdog.is_none()
+    }
+
     fn config(&self) -> Result<Option<microkernel::partition::GuestConfig>, ExitCode> {
         use microkernel::partition;
         let guest = if self.no_guest {
@@ -637,12 +649,37 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
                 ),
                 (None, Some(path)) => {
                     let m = load(Some(&path))?;
-                    let guest = guest.config()?;
-                    Some(
-                        microkernel::measure::launch(&m, &bin_dir(), guest.as_ref())
-                            .map_err(|e| fail(e.to_string()))?
-                            .measurement,
-                    )
+                    let measure = |g: &GuestArgs| -> Result<[u8; 48], ExitCode> {
+                        let config = g.config()?;
+                        Ok(
+                            microkernel::measure::launch(&m, &bin_dir(), config.as_ref())
+                                .map_err(|e| fail(e.to_string()))?
+                                .measurement,
+                        )
+                    };
+                    let with_guest = measure(&guest)?;
+                    if guest.is_default() {
+                        // No guest options: this release launched with its test guest, or
+                        // with none (`run --no-guest`); the report says which.
+                        let without = measure(&GuestArgs {
+                            no_guest: true,
+                            ..GuestArgs::default()
+                        })?;
+                        let reported = bytes.get(0x90..0xC0);
+                        if reported == Some(&without[..]) {
+                            eprintln!("(measurement: this release launched without a guest, `run --no-guest`)");
+                            Some(without)
+                        } else {
+                            if reported == Some(&with_guest[..]) {
+                                eprintln!(
+                                    "(measurement: this release launched with its test guest)"
+                                );
+                            }
+                            Some(with_guest)
+                        }
+                    } else {
+                        Some(with_guest)
+                    }
                 }
                 (None, None) => None,
             };
