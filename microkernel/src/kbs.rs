@@ -453,7 +453,7 @@ pub struct ReportFacts {
 
 impl ReportFacts {
     /// Reads the facts at their SNP report offsets (policy 0x08, VMPL 0x30, REPORT_DATA
-    /// 0x50, MEASUREMENT 0x90, REPORTED_TCB 0x180 in the Milan layout).
+    /// 0x50, MEASUREMENT 0x90) and REPORTED_TCB as the report's generation lays it out.
     pub fn of(report: &[u8; REPORT_LEN]) -> ReportFacts {
         let mut policy = [0u8; 8];
         policy.copy_from_slice(&report[0x08..0x10]);
@@ -463,18 +463,28 @@ impl ReportFacts {
         report_data.copy_from_slice(&report[0x50..0x90]);
         let mut measurement = [0u8; 48];
         measurement.copy_from_slice(&report[0x90..0xC0]);
-        let t = &report[0x180..0x188];
+        // REPORTED_TCB's layout depends on the generation (Turin moved the components and
+        // added FMC): the sev crate's decoder knows it. A report that does not parse has
+        // failed verification before its facts are looked at; its TCB reads as zero here.
+        let reported_tcb = crate::verify::parse_report(report)
+            .map(|r| Tcb {
+                bootloader: r.reported_tcb.bootloader,
+                tee: r.reported_tcb.tee,
+                snp: r.reported_tcb.snp,
+                microcode: r.reported_tcb.microcode,
+            })
+            .unwrap_or(Tcb {
+                bootloader: 0,
+                tee: 0,
+                snp: 0,
+                microcode: 0,
+            });
         ReportFacts {
             policy: u64::from_le_bytes(policy),
             vmpl: u32::from_le_bytes(vmpl),
             report_data,
             measurement,
-            reported_tcb: Tcb {
-                bootloader: t[0],
-                tee: t[1],
-                snp: t[6],
-                microcode: t[7],
-            },
+            reported_tcb,
         }
     }
 }
@@ -848,10 +858,16 @@ impl Nonces {
 /// host runs in the tenant's place cannot hand over a key of its own choosing: a datastore
 /// key wrapped under that key would be readable by the host.
 pub fn key_id(key: &[u8; 32]) -> String {
-    hex(&sha2::Sha256::new()
+    hex(&key_id_bytes(key))
+}
+
+/// [`key_id`] as bytes.
+pub fn key_id_bytes(key: &[u8; 32]) -> [u8; 32] {
+    sha2::Sha256::new()
         .chain_update(b"pv-kbs key id")
         .chain_update(key)
-        .finalize())
+        .finalize()
+        .into()
 }
 
 /// The broker: the policy, the tenant key and the issued nonces.

@@ -472,6 +472,8 @@ fn launch(
         sealed.apply(g);
     }
     let _ = std::fs::create_dir_all(&state_dir);
+    // Before anything is written to the state: one paravisor per state directory.
+    let lock = supervisor::lock_state_dir(&state_dir).map_err(failed)?;
     let log_path = state_dir.join("launch-log.json");
     if let Err(e) = serde_json::to_vec_pretty(&log)
         .map_err(std::io::Error::other)
@@ -496,6 +498,7 @@ fn launch(
         platform_dir,
         measurement: log.measurement,
         sealed,
+        lock: Some(lock),
     })
 }
 

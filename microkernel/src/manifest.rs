@@ -1860,7 +1860,14 @@ pub fn guest_interrupts(services: &[ServiceSpec]) -> Vec<Interrupt> {
 }
 
 /// Names the paravisor uses for its own clients and records; no service may have them.
-pub const RESERVED_NAMES: &[&str] = &["platform", "guest-tis", "microkernel", "guest"];
+pub const RESERVED_NAMES: &[&str] = &[
+    "platform",
+    "guest-tis",
+    "microkernel",
+    "guest",
+    // The microkernel's own client name on its channel to attest (it alone may seal).
+    ipc_defs::services::attest::PARAVISOR_CLIENT,
+];
 
 fn valid_name(name: &str) -> bool {
     !name.is_empty()

@@ -60,6 +60,8 @@ use crate::sandbox::SpawnPlan;
 
 /// How long a new service has to answer its first ping.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest certificate chain the microkernel takes from attest.
+const MAX_CHAIN: usize = 64 * 1024;
 /// How long a call to the attest service may take (a report is a P-384 signature).
 const ATTEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a control request to a running service may take.
@@ -93,6 +95,8 @@ pub struct Options {
     /// instead of the file (none: the files themselves), and the guest's files (which the
     /// guest config already points at; kept open here while the partition loads them).
     pub sealed: crate::measure::Sealed,
+    /// The state directory's lock, if the caller took it already ([`lock_state_dir`]).
+    pub lock: Option<std::fs::File>,
 }
 
 /// How `paravisor run` ended.
@@ -107,7 +111,7 @@ pub struct RunSummary {
 pub enum RunError {
     #[error("state directory {0}: {1}")]
     StateDir(String, io::Error),
-    #[error("another paravisor is already running with state directory {0} (its control socket answers); stop it first or pass a different --state-dir")]
+    #[error("another paravisor is already running with state directory {0} (it holds the directory's lock or answers on its control socket); stop it first or pass a different --state-dir")]
     AlreadyRunning(String),
     #[error("service \"{service}\": binary {path} not found ({source}); build with `cargo build --release` so that it sits next to `paravisor`")]
     Binary {
@@ -255,6 +259,9 @@ struct PlatformLink {
 
 pub struct Supervisor {
     state_dir: PathBuf,
+    /// The state directory's lock, held while this supervisor lives: one paravisor per state
+    /// (two would write the same guest-state file).
+    _lock: std::fs::File,
     attest_link: Option<AttestLink>,
     platform_link: Option<PlatformLink>,
     /// Sealed keys once unsealed, by (service, key name); handed over like key files.
@@ -281,6 +288,10 @@ impl Supervisor {
         let m = &opts.manifest;
         std::fs::create_dir_all(&opts.state_dir)
             .map_err(|e| RunError::StateDir(opts.state_dir.display().to_string(), e))?;
+        let lock = match &opts.lock {
+            Some(l) => l.try_clone()?,
+            None => lock_state_dir(&opts.state_dir)?,
+        };
         for line in
             crate::state_files::prepare(m, &opts.state_dir).map_err(create_err("state files"))?
         {
@@ -458,6 +469,7 @@ impl Supervisor {
             }
         };
         Ok(Supervisor {
+            _lock: lock,
             attest_link,
             platform_link,
             unsealed: std::collections::BTreeMap::new(),
@@ -1531,7 +1543,7 @@ impl Supervisor {
                 let (checked, findings) = self.live_audit();
                 Reply::Audit { checked, findings }
             }
-            Command::AttestBench { samples } => match self.attest_bench(samples.clamp(1, 10_000)) {
+            Command::AttestBench { samples } => match self.attest_bench(samples.clamp(1, 1_000)) {
                 Ok(l) => Reply::AttestBench(l),
                 Err(message) => Reply::Error { message },
             },
@@ -1544,18 +1556,29 @@ impl Supervisor {
                         message: "report data must be 64 bytes of hex".into(),
                     };
                 };
-                match self.attest_call(&attest::Request::GetExtendedReport { report_data: data }) {
+                match self.attest_call(&attest::Request::GetExtendedReport {
+                    report_data: data,
+                    vmpl: attest::OUTSIDE_VMPL,
+                }) {
                     Ok(attest::Response::ExtendedReport {
                         report,
                         chain_len,
                         chain,
                     }) => {
+                        // A chain is a few KiB; attest is a service, its numbers are checked.
+                        if chain_len as usize > MAX_CHAIN {
+                            return Reply::Error {
+                                message: format!("attest announced a {chain_len}-byte chain"),
+                            };
+                        }
                         let mut certs = chain.as_slice().to_vec();
                         while certs.len() < chain_len as usize {
                             match self.attest_call(&attest::Request::GetCertChain {
                                 offset: certs.len() as u32,
                             }) {
-                                Ok(attest::Response::Chunk { data, .. }) if !data.is_empty() => {
+                                Ok(attest::Response::Chunk { total, data })
+                                    if !data.is_empty() && total == chain_len =>
+                                {
                                     certs.extend_from_slice(data.as_slice())
                                 }
                                 other => {
@@ -1627,6 +1650,7 @@ impl Supervisor {
             let t = Instant::now();
             match self.attest_call(&attest::Request::GetReport {
                 report_data: Bytes::new(&data).expect("64 bytes"),
+                vmpl: 0,
             })? {
                 attest::Response::Report(_) => rs.push(t.elapsed().as_secs_f64() * 1e6),
                 other => return Err(describe(&other)),
@@ -1703,6 +1727,11 @@ impl Supervisor {
             )));
         }
         let select = crate::platform::sealing_select(self.sealing.sealing);
+        if self.sealing.sealing == crate::manifest::Sealing::Platform {
+            tracing::warn!(
+                "sealing policy \"platform\": any paravisor on this platform (any build, any manifest) can unseal the datastore key; for development only (production: `[attest] sealing = \"measurement\"`)"
+            );
+        }
         for (i, name, path, size) in wanted {
             let key = if path.exists() {
                 self.open_sealed(&path, select)?
@@ -1758,9 +1787,13 @@ impl Supervisor {
         Ok(key)
     }
 
-    /// Later starts: unseals HW_KEY_PROTECTOR; if that fails and key release is configured,
-    /// has the broker release the tenant key to this launch, unwraps KEY_PROTECTOR and seals
-    /// the key again to this launch (the rotation to a new measurement).
+    /// Later starts: unseals HW_KEY_PROTECTOR. A key sealed under another policy than the
+    /// manifest's is rotated to a new key sealed under the manifest's (an old blob of the
+    /// weaker policy must not open the file any more). With key release, a KEY_PROTECTOR that
+    /// is missing or made under another tenant key is re-made; and if the seal does not open
+    /// (a new measurement), the broker releases the tenant key to this launch, which unwraps
+    /// KEY_PROTECTOR and rotates to a new key sealed to itself: an old release's blob opens
+    /// nothing afterwards, so the broker's policy can retire it.
     fn open_sealed(
         &mut self,
         path: &Path,
@@ -1777,19 +1810,34 @@ impl Supervisor {
                 ),
             ),
             Some(bytes) => match self.unseal_stored(path, bytes)? {
-                Ok(key) => (Some(key), String::new()),
+                Ok(opened) => (Some(opened), String::new()),
                 Err(why) => (None, why),
             },
         };
-        match (unsealed, self.sealing.key_release) {
-            (Some(key), None) => Ok(key),
-            (Some(key), Some(addr)) => {
-                // Key release added to an existing state: wrap the key for the broker now,
-                // so that a later measurement can be moved to.
-                if read_plain(path, FileId::KEY_PROTECTOR)
+        let release = self.sealing.key_release;
+        match (unsealed, release) {
+            (Some((key, sealed_select)), _) if sealed_select != select => {
+                tracing::warn!(
+                    "the datastore key of {} is sealed under another policy than the manifest's ({}): rotating to a new key sealed under it",
+                    path.display(),
+                    self.sealing.sealing.name()
+                );
+                let tenant = match release {
+                    Some(addr) => Some(self.release(addr)?),
+                    None => None,
+                };
+                self.rotate(path, &key, select, tenant.as_deref())
+            }
+            (Some((key, _)), None) => Ok(key),
+            (Some((key, _)), Some(addr)) => {
+                let pinned = self.sealing.key_release_id.clone().unwrap_or_default();
+                let current = read_plain(path, FileId::KEY_PROTECTOR)
                     .map_err(RunError::SealedKey)?
-                    .is_none()
-                {
+                    .and_then(|b| TenantWrapped::parse(&b).ok())
+                    .is_some_and(|w| w.key_id_hex() == pinned);
+                if !current {
+                    // Key release added to an existing state, or a protector made under
+                    // another tenant key: wrap the key for the broker now, while it opens.
                     let tenant = self.release(addr)?;
                     let wrapped =
                         TenantWrapped::wrap(&tenant, &key.0).map_err(RunError::SealedKey)?;
@@ -1827,17 +1875,14 @@ impl Supervisor {
                 })?;
                 let key = kp.unwrap(&tenant).ok_or_else(|| {
                     RunError::SealedKey(format!(
-                        "the key broker at {addr} released a key that does not open the KEY_PROTECTOR of {} (another tenant key)",
-                        path.display()
+                        "the key broker at {addr} released a key that does not open the KEY_PROTECTOR of {} (made under tenant key {}, not this one)",
+                        path.display(),
+                        kp.key_id_hex()
                     ))
                 })?;
-                let key = KeyBytes(*key);
-                let sealed = self.seal(&key, select)?;
-                write_plain(path, &key.0, FileId::HW_KEY_PROTECTOR, &sealed)
-                    .map_err(RunError::SealedKey)?;
-                self.keep_sealing_log();
+                let key = self.rotate(path, &KeyBytes(*key), select, Some(&tenant))?;
                 tracing::warn!(
-                    "datastore key of {} released by the key broker at {addr} and re-sealed (policy {}) to launch measurement {}",
+                    "datastore key of {} released by the key broker at {addr}, rotated and re-sealed (policy {}) to launch measurement {}",
                     path.display(),
                     self.sealing.sealing.name(),
                     crate::measure::hex(&self.measurement)
@@ -1845,6 +1890,34 @@ impl Supervisor {
                 Ok(key)
             }
         }
+    }
+
+    /// Replaces the datastore key `old` of the guest-state file at `path` by a new random
+    /// one, sealed under `select` (and wrapped under `tenant`), in a crash-safe sequence
+    /// ([`crate::key_protector::rotate`]).
+    fn rotate(
+        &mut self,
+        path: &Path,
+        old: &KeyBytes,
+        select: attest::FieldSelect,
+        tenant: Option<&[u8; 32]>,
+    ) -> Result<KeyBytes, RunError> {
+        let mut key = KeyBytes([0; crate::manifest::KEY_BYTES]);
+        getrandom::getrandom(&mut key.0)
+            .map_err(|e| RunError::SealedKey(format!("no randomness for a key: {e}")))?;
+        let sealed = self.seal(&key, select)?;
+        let mut protectors = vec![(FileId::HW_KEY_PROTECTOR, sealed)];
+        if let Some(t) = tenant {
+            let wrapped = TenantWrapped::wrap(t, &key.0).map_err(RunError::SealedKey)?;
+            protectors.push((FileId::KEY_PROTECTOR, wrapped.to_bytes().to_vec()));
+        }
+        let plain: Vec<(FileId, &[u8])> = protectors
+            .iter()
+            .map(|(id, b)| (*id, b.as_slice()))
+            .collect();
+        crate::key_protector::rotate(path, &old.0, &key.0, &plain).map_err(RunError::SealedKey)?;
+        self.keep_sealing_log();
+        Ok(key)
     }
 
     /// The tenant key from the broker at `addr`, for a report of this launch.
@@ -1859,8 +1932,10 @@ impl Supervisor {
             )
         })?;
         let key = crate::kbs::fetch_key(addr, |report_data| {
+            // VMPL 0: the paravisor's own evidence, the only kind the broker accepts.
             let request = attest::Request::GetReport {
                 report_data: Bytes::new(report_data).expect("64 bytes"),
+                vmpl: 0,
             };
             match self.attest_call(&request)? {
                 attest::Response::Report(r) => Ok(r.as_slice().to_vec()),
@@ -1898,7 +1973,7 @@ impl Supervisor {
         &mut self,
         path: &Path,
         stored: &[u8],
-    ) -> Result<Result<KeyBytes, String>, RunError> {
+    ) -> Result<Result<(KeyBytes, attest::FieldSelect), String>, RunError> {
         let sealed = match attest::SealedKey::parse(stored) {
             Ok(s) => s,
             Err(e) => {
@@ -1924,7 +1999,7 @@ impl Supervisor {
                         "platform"
                     }
                 );
-                Ok(Ok(key))
+                Ok(Ok((key, sealed.select)))
             }
             attest::Response::Error(attest::AttestError::UnsealFailed) => {
                 Ok(Err(self.unseal_refusal(path, &sealed)))
@@ -1950,8 +2025,15 @@ impl Supervisor {
     /// What differs between the launch log of the run that sealed (if kept and it matches
     /// `sealed_to`) and this run's.
     fn launch_changes(&self, sealed_to: &[u8; 48]) -> Option<String> {
+        // Files of the (untrusted) state directory: bounded, and only a hint for the operator.
         let read = |name: &str| -> Option<crate::measure::LaunchLog> {
-            serde_json::from_slice(&std::fs::read(self.state_dir.join(name)).ok()?).ok()
+            let path = self.state_dir.join(name);
+            if std::fs::metadata(&path).ok()?.len() > 1 << 20 {
+                return None;
+            }
+            let log: crate::measure::LaunchLog =
+                serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+            (log.entries.len() <= 4096).then_some(log)
         };
         let then = read(SEALED_LAUNCH_LOG).filter(|l| &l.measurement == sealed_to)?;
         let now = read("launch-log.json")?;
@@ -1992,7 +2074,7 @@ impl Supervisor {
                 None => "Something it measures changed since (a service binary, the manifest, the guest image or command line: compare `paravisor measure --json` with the launch log of the run that sealed it).".into(),
             };
             format!(
-                "refusing to start: the datastore key of guest-state file {file} is sealed under policy \"measurement\" to launch measurement {}, but this paravisor measures {}. {what} \
+                "refusing to start: the datastore key of guest-state file {file} is sealed under policy \"measurement\" to launch measurement {} (as its header says), but this paravisor measures {}. {what} \
                  To start this build with that state: release the key through a key broker (`[attest] key-release`, `paravisor kbs serve`), which re-seals it to the new measurement; or start the build that sealed it. \
                  To start afresh instead, move {file} away (its contents cannot be read without the key).",
                 crate::measure::hex(&sealed.measurement),
@@ -2126,6 +2208,29 @@ impl Supervisor {
             }
         }
         tracing::info!("all services stopped");
+    }
+}
+
+/// Takes the state directory's lock (`.lock`, an advisory exclusive lock released when the
+/// process ends), or says that another paravisor holds it.
+pub fn lock_state_dir(dir: &Path) -> Result<std::fs::File, RunError> {
+    let path = dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|e| RunError::StateDir(path.display().to_string(), e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(RunError::AlreadyRunning(dir.display().to_string()))
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(RunError::StateDir(path.display().to_string(), e))
+        }
     }
 }
 

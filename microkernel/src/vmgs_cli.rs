@@ -572,7 +572,10 @@ pub fn create_vmgs_file_with(
             .into_inner()
             .sync_all()
             .map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
+        // Linked into place, never renamed over: a file that appeared meanwhile is never
+        // replaced (it may hold a guest's state).
+        std::fs::hard_link(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::remove_file(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
         File::open(&dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| format!("{}: {e}", dir.display()))

@@ -207,6 +207,32 @@ fn under_platform_sealing_a_rebuilt_paravisor_still_unseals() {
 }
 
 #[test]
+fn moving_to_a_stronger_policy_rotates_the_key() {
+    if !sandbox_ok("sealing") {
+        return;
+    }
+    let r = release("seal-up", "platform");
+    r.run_once("first.log");
+    let text = std::fs::read_to_string(&r.manifest).unwrap();
+    std::fs::write(
+        &r.manifest,
+        text.replace("sealing = \"platform\"", "sealing = \"measurement\""),
+    )
+    .unwrap();
+    let log = r.run_once("second.log");
+    assert!(
+        log.contains("rotating to a new key sealed under it"),
+        "{log}"
+    );
+    let log = r.run_once("third.log");
+    assert!(
+        log.contains("unsealed (sealed under policy measurement)"),
+        "{log}"
+    );
+    let _ = std::fs::remove_dir_all(&r.dir);
+}
+
+#[test]
 fn another_platform_cannot_unseal() {
     if !sandbox_ok("sealing") {
         return;
@@ -360,6 +386,21 @@ fn a_report_from_the_running_paravisor_verifies_against_its_launch() {
     assert_eq!(
         std::fs::read(certs.join("vcek.pem")).unwrap(),
         std::fs::read(certs2.join("vcek.pem")).unwrap()
+    );
+    // One paravisor per state directory: a second one (here `vmgs reseal`) is refused before
+    // it writes anything.
+    let out = r.pv(&[
+        "vmgs",
+        "reseal",
+        r.manifest.to_str().unwrap(),
+        "--no-guest",
+        "--state-dir",
+        state_s,
+    ]);
+    assert!(
+        !out.status.success() && text(&out).contains("already running"),
+        "{}",
+        text(&out)
     );
     // kill -9 of attest: the restarted service answers the next report (the platform
     // channel and the microkernel's channel move to a new epoch); kill -9 of vmgs: it comes
@@ -540,7 +581,7 @@ fn the_broker_moves_a_sealed_key_to_a_new_measurement_and_only_the_pinned_tenant
         log.contains("wrapped under the key broker's tenant key in its KEY_PROTECTOR"),
         "{log}"
     );
-    assert_eq!(r.vmgs_size("KEY_PROTECTOR"), "68");
+    assert_eq!(r.vmgs_size("KEY_PROTECTOR"), "100");
 
     // A new build: the seal does not open, and the broker's policy does not know it yet.
     r.change_binary("pv-storage");

@@ -29,18 +29,31 @@ pub const KEY_LEN: usize = 32;
 /// Largest sealed-key blob.
 pub const MAX_SEALED: usize = 512;
 
-/// The client name the microkernel's own channel carries.
+/// The client name the microkernel's own channel carries (a reserved service name).
 pub const PARAVISOR_CLIENT: &str = "paravisor";
+/// The lowest VMPL a service's report carries: a service is not the paravisor's core, so a
+/// compromised one cannot produce VMPL 0 evidence over data of its choosing.
+pub const SERVICE_VMPL: u8 = 1;
+/// The VMPL of a report asked for from outside the paravisor (`paravisor attest report`).
+pub const OUTSIDE_VMPL: u8 = 3;
 
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
-    /// A signed report over `report_data` (at VMPL 0).
-    GetReport { report_data: Bytes<REPORT_DATA_LEN> },
+    /// A signed report over `report_data`, at privilege level `vmpl`. VMPL 0 (the
+    /// paravisor's own evidence, what a key broker releases secrets to) is the microkernel's
+    /// alone: any other client's report carries at least [`SERVICE_VMPL`], whatever it asks.
+    GetReport {
+        report_data: Bytes<REPORT_DATA_LEN>,
+        vmpl: u8,
+    },
     /// A report and, in the same answer, the certificate chain that verifies it (as SNP's
     /// extended guest request). The chain may take several [`Request::GetCertChain`]s if it
     /// is longer than one chunk; `chain_len` says how long it is.
-    GetExtendedReport { report_data: Bytes<REPORT_DATA_LEN> },
+    GetExtendedReport {
+        report_data: Bytes<REPORT_DATA_LEN>,
+        vmpl: u8,
+    },
     /// The certificate chain (ARK, ASK, VCEK, PEM, concatenated) from byte `offset`.
     GetCertChain { offset: u32 },
     /// A 32-byte key bound to the selected launch facts, the caller's identity and `context`.

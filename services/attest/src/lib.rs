@@ -107,12 +107,12 @@ impl Attest {
         request: Request,
     ) -> Result<Response, AttestError> {
         match request {
-            Request::GetReport { report_data } => {
-                let report = self.report(platform, &report_data)?;
+            Request::GetReport { report_data, vmpl } => {
+                let report = self.report(platform, &report_data, vmpl_for(caller, vmpl))?;
                 Ok(Response::Report(report))
             }
-            Request::GetExtendedReport { report_data } => {
-                let report = self.report(platform, &report_data)?;
+            Request::GetExtendedReport { report_data, vmpl } => {
+                let report = self.report(platform, &report_data, vmpl_for(caller, vmpl))?;
                 let chain = self.chain.as_deref().ok_or(AttestError::Unavailable)?;
                 let (total, data) = chunk(chain, 0)?;
                 Ok(Response::ExtendedReport {
@@ -206,6 +206,7 @@ impl Attest {
         &mut self,
         platform: &mut dyn PlatformPort,
         report_data: &Bytes<{ platform::REPORT_DATA_LEN }>,
+        vmpl: u8,
     ) -> Result<Bytes<{ platform::REPORT_LEN }>, AttestError> {
         let mut data = [0u8; platform::REPORT_DATA_LEN];
         // Shorter report data is zero-padded (the hardware takes exactly 64 bytes).
@@ -213,7 +214,7 @@ impl Attest {
         let response = platform
             .call(&platform::Request::Report {
                 report_data: Bytes::new(&data).expect("64 bytes"),
-                vmpl: 0,
+                vmpl,
             })
             .map_err(|e| {
                 tracing::warn!("platform: {e}");
@@ -237,7 +238,7 @@ impl Attest {
     ) -> Result<SealedKey, AttestError> {
         // The measurement goes into the clear header (so that a refusal can name it): this
         // launch's, from a report of our own.
-        let report = self.report(platform, &Bytes::new(&[0; 64]).expect("64 bytes"))?;
+        let report = self.report(platform, &Bytes::new(&[0; 64]).expect("64 bytes"), 0)?;
         let mut measurement = [0u8; 48];
         measurement.copy_from_slice(&report.as_slice()[MEASUREMENT_AT..MEASUREMENT_AT + 48]);
         let mut nonce = [0u8; 12];
@@ -273,6 +274,16 @@ impl Attest {
             "dropped-events": self.dropped_events,
         });
         serde_json::to_vec_pretty(&value).unwrap_or_default()
+    }
+}
+
+/// The VMPL a report for `caller` carries: what the microkernel asks for; for any other
+/// client, at least [`attest::SERVICE_VMPL`].
+fn vmpl_for(caller: &str, asked: u8) -> u8 {
+    if caller == PARAVISOR_CLIENT {
+        asked
+    } else {
+        asked.max(ipc_defs::services::attest::SERVICE_VMPL)
     }
 }
 

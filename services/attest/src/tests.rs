@@ -10,8 +10,9 @@ struct Fake {
 impl PlatformPort for Fake {
     fn call(&mut self, request: &platform::Request) -> Result<platform::Response, String> {
         Ok(match request {
-            platform::Request::Report { report_data, .. } => {
+            platform::Request::Report { report_data, vmpl } => {
                 let mut r = [0u8; platform::REPORT_LEN];
+                r[0x30] = *vmpl;
                 r[0x50..0x90].copy_from_slice(report_data.as_slice());
                 r[0x90..0xC0].copy_from_slice(&self.measurement);
                 platform::Response::Report(Bytes::new(&r).unwrap())
@@ -217,7 +218,10 @@ fn chains_and_logs_come_in_chunks() {
     match a.handle(
         &mut fake(1),
         "x",
-        Request::GetExtendedReport { report_data },
+        Request::GetExtendedReport {
+            report_data,
+            vmpl: 0,
+        },
     ) {
         Response::ExtendedReport {
             report,
@@ -259,4 +263,24 @@ fn kdf_matches_the_microkernels_vector() {
     let k = kdf_sp800_108(&[0x0b; 32], b"VMGSKEY", b"ISOHWKEY");
     assert_eq!(k.len(), 32);
     assert_ne!(k, kdf_sp800_108(&[0x0b; 32], b"VMGSKEY", b"other"));
+}
+
+#[test]
+fn only_the_microkernel_gets_vmpl_0_reports() {
+    let mut a = Attest::new(None, None);
+    let mut vmpl = |caller: &str, asked: u8| match a.handle(
+        &mut fake(1),
+        caller,
+        Request::GetReport {
+            report_data: Bytes::new(&[1; 64]).unwrap(),
+            vmpl: asked,
+        },
+    ) {
+        Response::Report(r) => r.as_slice()[0x30],
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(vmpl(PARAVISOR_CLIENT, 0), 0);
+    assert_eq!(vmpl(PARAVISOR_CLIENT, 3), 3);
+    assert_eq!(vmpl("vtpm", 0), ipc_defs::services::attest::SERVICE_VMPL);
+    assert_eq!(vmpl("vtpm", 2), 2);
 }

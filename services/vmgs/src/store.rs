@@ -711,7 +711,7 @@ impl<S: Storage> Vmgs<S> {
     /// Replaces (or creates) a file with `data`. In an encrypted file the contents are
     /// encrypted with a fresh key and nonce.
     pub fn write_file(&mut self, id: FileId, data: &[u8]) -> Result<()> {
-        self.write(id, data, false)
+        self.write(&[(id, data)], false)
     }
 
     /// Replaces (or creates) a file with `data` stored unencrypted even in an encrypted file:
@@ -719,28 +719,36 @@ impl<S: Storage> Vmgs<S> {
     /// themselves (a sealed or wrapped key). Needs the key all the same (the commit rewrites
     /// the encrypted extended table).
     pub fn write_file_unencrypted(&mut self, id: FileId, data: &[u8]) -> Result<()> {
-        self.write(id, data, true)
+        self.write(&[(id, data)], true)
     }
 
-    fn write(&mut self, id: FileId, data: &[u8], plain: bool) -> Result<()> {
-        Self::check_user_id(id)?;
+    /// [`Vmgs::write_file_unencrypted`] of several files in one commit: all or none.
+    pub fn write_files_unencrypted(&mut self, files: &[(FileId, &[u8])]) -> Result<()> {
+        self.write(files, true)
+    }
+
+    fn write(&mut self, files: &[(FileId, &[u8])], plain: bool) -> Result<()> {
         self.check_writable()?;
-        if data.len() as u64 > self.image_size {
-            return Err(Error::NoSpace {
-                file: id,
-                bytes: data.len() as u64,
+        let mut plan = self.plan()?;
+        for &(id, data) in files {
+            Self::check_user_id(id)?;
+            if data.len() as u64 > self.image_size {
+                return Err(Error::NoSpace {
+                    file: id,
+                    bytes: data.len() as u64,
+                });
+            }
+            // Room for the block padding up front, so that padding does not copy the data
+            // again.
+            let mut copy =
+                Vec::with_capacity(blocks_for(data.len() as u64) as usize * BLOCK_SIZE as usize);
+            copy.extend_from_slice(data);
+            plan.files.push(NewFile {
+                id,
+                data: copy,
+                plain,
             });
         }
-        let mut plan = self.plan()?;
-        // Room for the block padding up front, so that padding does not copy the data again.
-        let mut copy =
-            Vec::with_capacity(blocks_for(data.len() as u64) as usize * BLOCK_SIZE as usize);
-        copy.extend_from_slice(data);
-        plan.files.push(NewFile {
-            id,
-            data: copy,
-            plain,
-        });
         self.commit(plan, false)
     }
 
@@ -893,6 +901,16 @@ impl<S: Storage> Vmgs<S> {
     /// makes the fallback header forget the old slot too. Afterwards the old key opens neither
     /// header. A crash in between leaves a file that the new key opens (and perhaps the old).
     pub fn update_key(&mut self, new_key: &Key) -> Result<()> {
+        self.add_key(new_key)?;
+        self.drop_other_key()
+    }
+
+    /// The first step of [`Vmgs::update_key`]: `new_key` wraps the metadata key into the
+    /// other slot (one header commit) and this handle uses it from now on; the old key still
+    /// opens the file until the next table commit or [`Vmgs::drop_other_key`]. Lets a caller
+    /// store what protects the new key (one commit) before the old one stops working, so that
+    /// a crash at any point leaves a key that opens the file where the caller can find it.
+    pub fn add_key(&mut self, new_key: &Key) -> Result<()> {
         self.check_writable()?;
         let Some(unlocked) = &self.unlocked else {
             return Err(Error::NotEncrypted);
@@ -903,7 +921,7 @@ impl<S: Storage> Vmgs<S> {
         if new_key.ct_eq(&unlocked.datastore) {
             return Err(Error::SameKey);
         }
-        let (old_slot, new_slot) = (unlocked.slot, 1 - unlocked.slot);
+        let new_slot = 1 - unlocked.slot;
         if self.metadata_key()?.is_zero() {
             // A file from the defective reference writer: re-key it first (a table rewrite
             // draws a fresh metadata key), so the new key never wraps a zero key.
@@ -918,6 +936,17 @@ impl<S: Storage> Vmgs<S> {
             u.datastore = new_key.clone();
             u.slot = new_slot;
         }
+        Ok(())
+    }
+
+    /// The second step of [`Vmgs::update_key`]: the slot this handle does not use is
+    /// cleared (a header commit), and once more so that the fallback header forgets it too.
+    pub fn drop_other_key(&mut self) -> Result<()> {
+        self.check_writable()?;
+        let Some(unlocked) = &self.unlocked else {
+            return Err(Error::NotEncrypted);
+        };
+        let old_slot = 1 - unlocked.slot;
         let mut header = self.header;
         header.key_slots[old_slot] = KeySlot::default();
         self.commit_header(header)?;

@@ -175,7 +175,10 @@ impl Attester for AttestReports<'_> {
             "the manifest grants vtpm no attest channel (calls = [{ endpoint = \"attest\" }])",
         )?;
         let report_data = Bytes::new(report_data).ok_or("report data longer than 64 bytes")?;
-        let request = endpoint::Request::Service(attest::Request::GetReport { report_data });
+        let request = endpoint::Request::Service(attest::Request::GetReport {
+            report_data,
+            vmpl: attest::SERVICE_VMPL,
+        });
         let mut restarts = 0;
         loop {
             let reply: Result<endpoint::Response<attest::Response>, CallError> = attest_client
