@@ -2180,11 +2180,35 @@ impl Supervisor {
         (checked, findings)
     }
 
+    /// The services in an order that stops every client before the services it calls (a
+    /// topological order of the `calls` graph); services in a cycle of calls, in reverse
+    /// manifest order.
+    fn stop_order(&self) -> Vec<usize> {
+        let n = self.services.len();
+        let mut stopped = vec![false; n];
+        let mut order = Vec::with_capacity(n);
+        while order.len() < n {
+            // A service none of whose clients still runs.
+            let next = (0..n).rev().find(|&i| {
+                !stopped[i]
+                    && !self
+                        .links
+                        .iter()
+                        .any(|l| l.server == i && l.client != i && !stopped[l.client])
+            });
+            let i = next.unwrap_or_else(|| (0..n).rev().find(|&i| !stopped[i]).expect("one left"));
+            stopped[i] = true;
+            order.push(i);
+        }
+        order
+    }
+
     /// Stops every service: a shutdown request, a grace period, then SIGKILL.
     fn shutdown(&mut self) {
-        // Clients before the services they call (reverse manifest order): a vTPM still
-        // writing its state reaches vmgs, a service finishing a call reaches attest.
-        for s in self.services.iter_mut().rev() {
+        // Clients before the services they call: a vTPM still writing its state reaches
+        // vmgs, a service finishing a call reaches attest.
+        for i in self.stop_order() {
+            let s = &mut self.services[i];
             s.restart_at = None;
             // Skip services that are already gone (their pidfd is readable).
             let alive = s.process.as_ref().is_some_and(|p| {
