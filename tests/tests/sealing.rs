@@ -118,6 +118,13 @@ impl Release {
         }
     }
 
+    /// Replaces `from` by `to` in the release's manifest.
+    fn edit_manifest(&self, from: &str, to: &str) {
+        let text = std::fs::read_to_string(&self.manifest).unwrap();
+        assert!(text.contains(from), "{from} not in the manifest");
+        std::fs::write(&self.manifest, text.replace(from, to)).unwrap();
+    }
+
     fn change_binary(&self, binary: &str) {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()
@@ -213,12 +220,7 @@ fn moving_to_a_stronger_policy_rotates_the_key() {
     }
     let r = release("seal-up", "platform");
     r.run_once("first.log");
-    let text = std::fs::read_to_string(&r.manifest).unwrap();
-    std::fs::write(
-        &r.manifest,
-        text.replace("sealing = \"platform\"", "sealing = \"measurement\""),
-    )
-    .unwrap();
+    r.edit_manifest("sealing = \"platform\"", "sealing = \"measurement\"");
     let log = r.run_once("second.log");
     assert!(
         log.contains("rotating to a new key sealed under it"),
@@ -241,12 +243,10 @@ fn another_platform_cannot_unseal() {
     r.run_once("first.log");
     // The same release and state on another chip.
     let other = r.dir.join("other-platform");
-    let text = std::fs::read_to_string(&r.manifest).unwrap();
-    let text = text.replace(
+    r.edit_manifest(
         &format!("platform-dir = \"{}\"", test_platform_dir().display()),
         &format!("platform-dir = \"{}\"", other.display()),
     );
-    std::fs::write(&r.manifest, text).unwrap();
     let out = r.refused("second.log");
     assert!(
         out.contains("no platform in"),
