@@ -36,9 +36,7 @@ pub fn run(manifest: &Path, bin_dir: &Path, quick: bool) -> std::io::Result<Repo
         vcpus: 1,
         watchdog: None,
     };
-    let files: Vec<_> = std::iter::once(bin_dir.join("paravisor"))
-        .chain(m.services.iter().map(|s| bin_dir.join(&s.binary)))
-        .collect();
+    let files: Vec<_> = m.services.iter().map(|s| bin_dir.join(&s.binary)).collect();
     let runs = if quick { 3 } else { 7 };
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     let mut bytes = 0;
@@ -74,7 +72,7 @@ pub fn text(r: &Report) -> String {
     );
     match (r.sha384sum_ms, r.sha384sum_gb_per_s) {
         (Some(ms), Some(gbs)) => out.push_str(&format!(
-            "  sha384sum of paravisor and the service binaries: {ms:.0} ms, {gbs:.2} GB/s (ours {:.2}x its time)\n",
+            "  sha384sum of the service binaries: {ms:.0} ms, {gbs:.2} GB/s (ours {:.2}x its time)\n",
             r.measure_ms / ms
         )),
         _ => out.push_str("  sha384sum not available: no baseline\n"),

@@ -48,8 +48,6 @@ pub type Digest384 = [u8; 48];
 #[serde(rename_all = "kebab-case")]
 pub enum Kind {
     Manifest,
-    /// The `paravisor` binary itself (the microkernel: supervisor and platform server).
-    Microkernel,
     Service,
     GuestImage,
     GuestInitrd,
@@ -61,7 +59,6 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Manifest => "manifest",
-            Kind::Microkernel => "microkernel",
             Kind::Service => "service",
             Kind::GuestImage => "guest-image",
             Kind::GuestInitrd => "guest-initrd",
@@ -180,7 +177,6 @@ impl Kind {
             Kind::GuestInitrd => 4,
             Kind::CommandLine => 5,
             Kind::VcpuState => 6,
-            Kind::Microkernel => 7,
         }
     }
 }
@@ -440,14 +436,6 @@ fn launch_inner(
         path: manifest.path.display().to_string(),
         error,
     })?;
-    // The microkernel: the executing image itself (not its path, which may have been
-    // replaced since it was started).
-    file(
-        &mut m,
-        Kind::Microkernel,
-        "paravisor (microkernel)",
-        Path::new("/proc/self/exe"),
-    )?;
     for s in &manifest.services {
         let path: PathBuf = bin_dir.join(&s.binary);
         let name = format!("{} ({})", s.name, s.binary);

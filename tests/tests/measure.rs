@@ -32,7 +32,7 @@ fn measure_lists_every_item_in_order_and_is_reproducible() {
         .iter()
         .map(|e| e["kind"].as_str().unwrap())
         .collect();
-    assert_eq!(&kinds[..2], &["manifest", "microkernel"]);
+    assert_eq!(kinds.first(), Some(&"manifest"));
     assert_eq!(kinds.iter().filter(|k| **k == "service").count(), 7);
     assert_eq!(
         &kinds[kinds.len() - 3..],
@@ -42,7 +42,7 @@ fn measure_lists_every_item_in_order_and_is_reproducible() {
     let other = measurement(&paravisor(), &["--cmdline", "extends=9"]);
     assert_ne!(a["measurement"], other["measurement"]);
     let none = measurement(&paravisor(), &["--no-guest"]);
-    assert_eq!(none["entries"].as_array().unwrap().len(), 9);
+    assert_eq!(none["entries"].as_array().unwrap().len(), 8);
 }
 
 #[test]
