@@ -15,6 +15,32 @@ use std::time::Instant;
 
 use common::*;
 
+/// A `paravisor run` of a test, killed if the test fails before stopping it (its services
+/// die with it).
+struct Running(Child);
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// A copy of the built binaries (so that one can be changed) and a manifest for them.
 struct Release {
     dir: PathBuf,
@@ -55,8 +81,8 @@ impl Release {
     }
 
     /// `run --no-guest` in the background, logging to `log`.
-    fn start(&self, log: &str) -> Child {
-        Command::new(self.bin.join("paravisor"))
+    fn start(&self, log: &str) -> Running {
+        let child = Command::new(self.bin.join("paravisor"))
             .arg("run")
             .arg("--no-guest")
             .arg(&self.manifest)
@@ -65,7 +91,8 @@ impl Release {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.dir.join(log)).unwrap())
             .spawn()
-            .unwrap()
+            .unwrap();
+        Running(child)
     }
 
     fn log(&self, log: &str) -> String {
