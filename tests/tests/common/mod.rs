@@ -40,16 +40,65 @@ pub fn shipped_manifest() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifest.toml")
 }
 
-/// A loopback port nothing listens on now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+/// Ports for the tests' listeners. A port chosen by binding port 0 and releasing it lies in
+/// the kernel's ephemeral range, where any outgoing connection (a tpm2-tools client, a
+/// health check, another test) may take it as its source port before the paravisor binds
+/// it; CI saw exactly that ("Address already in use"). So ports come from below that range,
+/// and each is handed out at most once per test binary (tests of one binary run side by
+/// side in one process).
+fn reserve_ports(count: u16) -> u16 {
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let (lo, hi) = listener_port_range();
+    let span = u32::from(hi - lo - count);
+    let mut handed = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let mut seed = port_seed();
+    for _ in 0..100_000 {
+        seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        let p = lo + ((seed >> 8) % span) as u16;
+        let ports = p..p + count;
+        if ports.clone().any(|q| handed.contains(&q)) {
+            continue;
+        }
+        if ports
+            .clone()
+            .all(|q| std::net::TcpListener::bind(("127.0.0.1", q)).is_ok())
+        {
+            handed.extend(ports);
+            return p;
+        }
+    }
+    panic!("no {count} adjacent free loopback ports in {lo}..{hi}");
 }
 
-/// A different starting point for every port search (tests of one binary run side by side
-/// in one process: the pid alone would make them all pick the same ports).
+/// `[lo, hi)`: below the kernel's ephemeral port range when there is room there, else the
+/// range above it.
+fn listener_port_range() -> (u16, u16) {
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| {
+            let mut it = t.split_whitespace().map(|n| n.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    if ephemeral.0 >= 12_000 {
+        (10_000, ephemeral.0)
+    } else if ephemeral.1 <= 63_000 {
+        (ephemeral.1 + 1, 65_535)
+    } else {
+        panic!(
+            "the ephemeral port range {}-{} leaves no room for test listeners",
+            ephemeral.0, ephemeral.1
+        )
+    }
+}
+
+/// A loopback port nothing listens on now, not in the ephemeral range, and not handed to
+/// another test of this binary.
+pub fn free_port() -> u16 {
+    reserve_ports(1)
+}
+
+/// A different starting point for every port search.
 fn port_seed() -> u32 {
     static CALLS: AtomicU32 = AtomicU32::new(0);
     let nanos = std::time::SystemTime::now()
@@ -63,16 +112,8 @@ fn port_seed() -> u32 {
 
 /// Two adjacent free loopback ports (P, P+1), as the mssim and swtpm clients expect.
 pub fn adjacent_ports() -> (u16, u16) {
-    let mut seed = port_seed();
-    loop {
-        seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
-        let p = 20_000 + (seed >> 8) as u16 % 40_000;
-        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
-            && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok()
-        {
-            return (p, p + 1);
-        }
-    }
+    let p = reserve_ports(2);
+    (p, p + 1)
 }
 
 /// The shipped manifest's text with every listen address moved to a free port, so that
@@ -83,40 +124,21 @@ pub fn shipped_text() -> String {
     let text = std::fs::read_to_string(shipped_manifest()).expect("shipped manifest");
     let mut out = String::new();
     let mut rest = text.as_str();
-    // Hold every chosen port until all are chosen, so none is chosen twice.
-    let mut held: Vec<std::net::TcpListener> = Vec::new();
-    let mut last: Option<(u16, u16)> = None; // (old, new)
-    let mut seed = port_seed();
+    // (old port, its new port, whether new + 1 is reserved and still unused)
+    let mut last: Option<(u16, u16, bool)> = None;
     while let Some(at) = rest.find("\"127.0.0.1:") {
         let (head, tail) = rest.split_at(at);
         out.push_str(head);
         let end = tail[1..].find('"').expect("closing quote") + 2;
         let old: u16 = tail[12..end - 1].parse().expect("a port");
-        let new = match last {
-            Some((o, n))
-                if o.checked_add(1) == Some(old)
-                    && held
-                        .iter()
-                        .any(|l| l.local_addr().is_ok_and(|a| a.port() == n + 1)) =>
-            {
-                n + 1
-            }
-            _ => loop {
-                // A port whose successor is free too.
-                seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
-                let p = 20_000 + (seed >> 8) as u16 % 40_000;
-                if let (Ok(a), Ok(b)) = (
-                    std::net::TcpListener::bind(("127.0.0.1", p)),
-                    std::net::TcpListener::bind(("127.0.0.1", p + 1)),
-                ) {
-                    held.push(a);
-                    held.push(b);
-                    break p;
-                }
-            },
+        // Ports are reserved in pairs, so a port that follows its predecessor in the
+        // shipped manifest can stay adjacent to it.
+        let (new, spare) = match last {
+            Some((o, n, true)) if o.checked_add(1) == Some(old) => (n + 1, false),
+            _ => (adjacent_ports().0, true),
         };
         out.push_str(&format!("\"127.0.0.1:{new}\""));
-        last = Some((old, new));
+        last = Some((old, new, spare));
         rest = &tail[end..];
     }
     out.push_str(rest);
