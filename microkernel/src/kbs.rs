@@ -507,11 +507,7 @@ impl Policy {
             message,
         };
         let file: PolicyFile = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
-        let ark_fingerprint = file
-            .ark_fingerprint
-            .trim()
-            .to_ascii_lowercase()
-            .replace(':', "");
+        let ark_fingerprint = crate::verify::normalize_fingerprint(&file.ark_fingerprint);
         if parse_hex(&ark_fingerprint).is_none_or(|b| b.len() != 32) {
             return Err(invalid(format!(
                 "ark-fingerprint \"{}\" is not a SHA-256 (32 bytes of hex)",

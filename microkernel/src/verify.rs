@@ -23,6 +23,8 @@ pub enum VerifyError {
     Certificate { file: String, reason: String },
     #[error("the ARK's SHA-256 fingerprint is {found}, not the pinned {pinned}: this chain is not from the platform you trust")]
     ArkFingerprint { found: String, pinned: String },
+    #[error("the pinned ARK fingerprint \"{0}\" is not a SHA-256 (64 hex digits, colons allowed)")]
+    BadPin(String),
     #[error("the certificate chain does not verify: {0}")]
     Chain(String),
     #[error("the report is {0} bytes, not {REPORT_LEN}")]
@@ -226,6 +228,16 @@ pub fn ark_fingerprint(certs: &Path) -> Result<String, VerifyError> {
     Ok(hex(&sha2::Sha256::digest(&der)))
 }
 
+/// A pinned SHA-256 fingerprint in any of the forms people copy: plain hex, upper or lower
+/// case, colon-separated, or openssl's `sha256 Fingerprint=AB:CD:...` line.
+pub fn normalize_fingerprint(pin: &str) -> String {
+    let pin = pin.rsplit('=').next().unwrap_or(pin);
+    pin.chars()
+        .filter(|c| !c.is_whitespace() && *c != ':')
+        .collect::<String>()
+        .to_ascii_lowercase()
+}
+
 /// Verifies `report` against the chain in `certs` (ark.pem, ask.pem, vcek.pem) whose ARK
 /// must have the SHA-256 fingerprint `ark_pin`; then the expected measurement and
 /// report_data, when given.
@@ -236,9 +248,12 @@ pub fn verify(
     expected_measurement: Option<&[u8; 48]>,
     expected_report_data: Option<&[u8; 64]>,
 ) -> Result<Claims, VerifyError> {
+    let pinned = normalize_fingerprint(ark_pin);
+    if pinned.len() != 64 || !pinned.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(VerifyError::BadPin(ark_pin.to_string()));
+    }
     let (ark, ark_der) = certificate(certs, crate::platform::ARK_PEM)?;
     let found = hex(&sha2::Sha256::digest(&ark_der));
-    let pinned = ark_pin.trim().to_ascii_lowercase().replace(':', "");
     if found != pinned {
         return Err(VerifyError::ArkFingerprint { found, pinned });
     }
@@ -340,5 +355,25 @@ mod tests {
         );
         assert_eq!(parse_hex("0a:0B 0c"), Some(vec![10, 11, 12]));
         assert_eq!(parse_hex("abc"), None);
+    }
+
+    #[test]
+    fn fingerprints_are_taken_in_the_forms_people_copy() {
+        let plain = "ab".repeat(32);
+        let colons = vec!["AB"; 32].join(":");
+        for form in [
+            plain.clone(),
+            plain.to_uppercase(),
+            colons.clone(),
+            format!("sha256 Fingerprint={colons}\n"),
+            format!("  {plain}  "),
+        ] {
+            assert_eq!(normalize_fingerprint(&form), plain, "{form}");
+        }
+        let dir = std::path::Path::new("/nonexistent");
+        assert!(matches!(
+            verify(&[0; REPORT_LEN], dir, "abc", None, None),
+            Err(VerifyError::BadPin(_))
+        ));
     }
 }
