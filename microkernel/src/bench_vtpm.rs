@@ -230,12 +230,25 @@ fn connect(port: u16, deadline: Duration) -> std::io::Result<TcpStream> {
     }
 }
 
-/// A free port P with P+1 free too.
+/// A free port P with P+1 free too, below the kernel's ephemeral range: a port taken from
+/// that range (bind to port 0) may become some client connection's source port before the
+/// instance binds it.
 fn adjacent_ports() -> std::io::Result<u16> {
-    for _ in 0..100 {
-        let a = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let p = a.local_addr()?.port();
-        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768)
+        .max(12_000);
+    let span = u32::from(ephemeral_low - 10_001);
+    let mut seed = std::process::id()
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    for _ in 0..10_000 {
+        seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        let p = 10_000 + ((seed >> 8) % span) as u16;
+        let a = std::net::TcpListener::bind(("127.0.0.1", p));
+        if a.is_ok() && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
             return Ok(p);
         }
     }
@@ -245,7 +258,11 @@ fn adjacent_ports() -> std::io::Result<u16> {
 /// The shipped manifest's text with its TPM listeners on free ports (kept adjacent); also
 /// the new swtpm data port.
 fn listeners_moved(text: &str) -> std::io::Result<(String, u16)> {
-    let (mssim, swtpm_data) = (adjacent_ports()?, adjacent_ports()?);
+    let mssim = adjacent_ports()?;
+    let mut swtpm_data = adjacent_ports()?;
+    while swtpm_data.abs_diff(mssim) < 2 {
+        swtpm_data = adjacent_ports()?;
+    }
     let text = text
         .replace("127.0.0.1:2321", &format!("127.0.0.1:{mssim}"))
         .replace("127.0.0.1:2322", &format!("127.0.0.1:{}", mssim + 1))
