@@ -111,11 +111,11 @@ enum Cmd {
     Measure {
         /// The manifest [default: manifest.toml]
         manifest: Option<PathBuf>,
-        #[command(flatten)]
-        guest: GuestArgs,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        guest: GuestArgs,
     },
     /// Measure against baselines in the same run: `ipc` (our rings against the shared-memory
     /// floor, eventfd and Unix sockets), `vmgs` (the guest-state store against plain file
@@ -294,13 +294,14 @@ enum AttestCmd {
         /// `paravisor`, and the guest options below (as `paravisor measure`).
         #[arg(long)]
         manifest: Option<PathBuf>,
-        #[command(flatten)]
-        guest: Box<GuestArgs>,
         /// The nonce the report must carry (hex; see `platform report`).
         #[arg(long)]
         nonce: Option<String>,
+        /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        guest: Box<GuestArgs>,
     },
 }
 
@@ -329,8 +330,10 @@ enum VmgsTop {
     Tool(microkernel::vmgs_cli::VmgsCmd),
 }
 
-/// What guest a run starts (shared by `run` and `measure`).
+/// What guest a run starts (shared by `run` and `measure`). Under `measure`, `attest
+/// verify`, `vmgs reseal`, they describe the run whose launch is meant.
 #[derive(clap::Args, Debug, Default)]
+#[command(next_help_heading = "Guest options (for measure, attest verify and vmgs reseal: those of the run meant)")]
 struct GuestArgs {
     /// Run the services without a guest, until stopped (Ctrl-C or `paravisor stop`).
     #[arg(long, conflicts_with_all = ["kernel", "guest", "keep_running"])]
@@ -763,6 +766,23 @@ const PARTITION_FAILED: u8 = ipc_defs::services::intercept::HYPERVISOR_FAILED;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let prints_only = matches!(
+        cli.command,
+        Cmd::Check { .. }
+            | Cmd::Audit { live: false, .. }
+            | Cmd::Measure { .. }
+            | Cmd::Attest {
+                action: AttestCmd::Certs { .. }
+                    | AttestCmd::Fingerprint { .. }
+                    | AttestCmd::Verify { .. }
+            }
+            | Cmd::Vmgs {
+                command: VmgsTop::Tool(_)
+            }
+    );
+    if prints_only {
+        microkernel::sandbox::default_sigpipe();
+    }
     match run(cli) {
         Ok(code) | Err(code) => code,
     }

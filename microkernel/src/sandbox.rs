@@ -674,6 +674,18 @@ pub fn signalfd(signals: &[i32]) -> io::Result<OwnedFd> {
     }
 }
 
+/// Lets SIGPIPE end the process, as for any command-line filter: a command that only prints
+/// (`measure --json | head`) then stops quietly when its reader goes away, instead of
+/// panicking in `println!`. Never for commands that talk over sockets: there a vanished
+/// peer must be an error they report, not a silent death.
+pub fn default_sigpipe() {
+    // SAFETY: installs the default disposition for one signal; no handler code runs, and
+    // no other thread exists yet when `main` calls this.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Reads one pending signal number from a signalfd, if any.
 pub fn read_signal(fd: &OwnedFd) -> Option<i32> {
     // SAFETY: zeroed signalfd_siginfo is a valid buffer of its size.
