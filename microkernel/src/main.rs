@@ -631,11 +631,12 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
             nonce,
             json,
         } => {
-            let bytes =
-                std::fs::read(&report).map_err(|e| fail(format!("{}: {e}", report.display())))?;
+            // Any size error is the verifier's to name (a report is exactly 0x4A0 bytes).
+            let bytes = microkernel::verify::read_at_most(&report, 1 << 20)
+                .map_err(|e| fail(format!("{}: {e}", report.display())))?;
             let log: Option<microkernel::measure::LaunchLog> = match &launch_log {
                 Some(path) => Some(
-                    std::fs::read(path)
+                    microkernel::verify::read_at_most(path, 16 << 20)
                         .map_err(|e| e.to_string())
                         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
                         .map_err(|e| fail(format!("launch log {}: {e}", path.display())))?,

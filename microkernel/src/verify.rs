@@ -168,11 +168,31 @@ pub struct Claims {
     pub reported_tcb: u64,
 }
 
+/// The largest certificate file a verifier reads (AMD's are under 3 KiB).
+const MAX_CERTIFICATE_FILE: u64 = 64 * 1024;
+
 fn read(path: &Path) -> Result<Vec<u8>, VerifyError> {
-    std::fs::read(path).map_err(|error| VerifyError::Read {
+    read_at_most(path, MAX_CERTIFICATE_FILE).map_err(|error| VerifyError::Read {
         path: path.display().to_string(),
         error,
     })
+}
+
+/// Reads a file of evidence, refusing one larger than `limit` bytes before reading it all:
+/// evidence comes from whoever sent it, and a verifier must not be made to swallow gigabytes.
+pub fn read_at_most(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(limit + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than the {limit} bytes such a file can be"),
+        ));
+    }
+    Ok(bytes)
 }
 
 fn certificate(dir: &Path, file: &str) -> Result<(Certificate, Vec<u8>), VerifyError> {
