@@ -711,7 +711,7 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
                             serde_json::to_string_pretty(&claims).unwrap_or_default()
                         );
                     } else {
-                        println!("report verified: ARK pinned, chain and signature valid (sev crate), reserved bytes zero{}{}",
+                        println!("report verified: ARK pinned, chain and signature valid (over the raw bytes, and by the sev crate), reserved bytes zero{}{}",
                             if expected.is_some() { ", measurement as expected" } else { " (measurement not checked)" },
                             if data.is_some() { ", nonce as expected" } else { "" });
                         println!(

@@ -35,6 +35,8 @@ pub enum VerifyError {
     Reserved { start: usize, end: usize },
     #[error("the report's signature does not verify with the VCEK: {0}")]
     Signature(String),
+    #[error("the report's signature algorithm is {0}, not 1 (ECDSA P-384 with SHA-384)")]
+    SignatureAlgorithm(u32),
     #[error("measurement mismatch: the report says {found}, expected {expected}")]
     Measurement { found: String, expected: String },
     #[error("report_data mismatch: the report says {found}, expected {expected}")]
@@ -155,6 +157,69 @@ fn reserved_for(version: u32) -> Vec<(usize, usize)> {
     r
 }
 
+/// Where the report's four TCB_VERSION fields are (CURRENT, REPORTED, COMMITTED, LAUNCH).
+const TCB_FIELDS: [usize; 4] = [0x38, 0x180, 0x1E0, 0x1F0];
+
+/// The reserved bytes inside each TCB_VERSION: Milan and Genoa put boot loader and TEE in
+/// bytes 0-1 and SNP and microcode in 6-7 (2..6 reserved); Turin (family 1Ah, reported from
+/// version 3 on) puts FMC, boot loader, TEE, SNP in 0-3 and microcode in 7 (4..7 reserved).
+fn tcb_reserved(report: &[u8], version: u32) -> std::ops::Range<usize> {
+    let turin = version >= 3 && report[0x188] == 0x1A;
+    if turin { 4..7 } else { 2..6 }
+}
+
+/// The report's ECDSA P-384 / SHA-384 signature checked over its raw bytes 0..0x2A0 with the
+/// VCEK's key. The sev crate (8.0.0) checks a re-encoding of its parsed report instead, which
+/// drops the reserved bytes inside the TCB fields: with those flipped its verdict (and
+/// snpguest 0.11.0's) is still "signed". R and S are 72-byte little-endian fields holding
+/// 48-byte values: the 24 bytes above must be zero.
+fn check_raw_signature(vcek_der: &[u8], report: &[u8]) -> Result<(), VerifyError> {
+    use p384::ecdsa::signature::DigestVerifier;
+    use x509_cert::der::Decode;
+    let algorithm = u32::from_le_bytes([report[0x34], report[0x35], report[0x36], report[0x37]]);
+    if algorithm != 1 {
+        return Err(VerifyError::SignatureAlgorithm(algorithm));
+    }
+    let cert =
+        x509_cert::Certificate::from_der(vcek_der).map_err(|e| VerifyError::Certificate {
+            file: crate::platform::VCEK_PEM.into(),
+            reason: e.to_string(),
+        })?;
+    let spki = cert.tbs_certificate.subject_public_key_info;
+    let key = p384::ecdsa::VerifyingKey::from_sec1_bytes(spki.subject_public_key.raw_bytes())
+        .map_err(|_| VerifyError::Certificate {
+            file: crate::platform::VCEK_PEM.into(),
+            reason: "its public key is not an ECDSA P-384 key".into(),
+        })?;
+    let scalar = |at: usize| -> Result<[u8; 48], VerifyError> {
+        let field = &report[at..at + 72];
+        if field[48..].iter().any(|b| *b != 0) {
+            return Err(VerifyError::Signature(format!(
+                "the {} value at {at:#x} is wider than 48 bytes",
+                if at == 0x2A0 { "R" } else { "S" }
+            )));
+        }
+        let mut be = [0u8; 48];
+        for (i, b) in field[..48].iter().rev().enumerate() {
+            be[i] = *b;
+        }
+        Ok(be)
+    };
+    let (r, s) = (scalar(0x2A0)?, scalar(0x2E8)?);
+    let signature = p384::ecdsa::Signature::from_scalars(r, s)
+        .map_err(|_| VerifyError::Signature("R or S is not a valid P-384 scalar".into()))?;
+    key.verify_digest(
+        sha2::Sha384::new_with_prefix(&report[..crate::platform::SIGNED_LEN]),
+        &signature,
+    )
+    .map_err(|_| {
+        VerifyError::Signature(format!(
+            "bytes 0..{:#x} are not what the VCEK signed",
+            crate::platform::SIGNED_LEN
+        ))
+    })
+}
+
 /// What a verified report says.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Claims {
@@ -212,6 +277,13 @@ pub fn parse_report(report: &[u8]) -> Result<AttestationReport, VerifyError> {
     }
     let version = u32::from_le_bytes([report[0], report[1], report[2], report[3]]);
     for (start, end) in reserved_for(version) {
+        if report[start..end].iter().any(|b| *b != 0) {
+            return Err(VerifyError::Reserved { start, end });
+        }
+    }
+    let inner = tcb_reserved(report, version);
+    for field in TCB_FIELDS {
+        let (start, end) = (field + inner.start, field + inner.end);
         if report[start..end].iter().any(|b| *b != 0) {
             return Err(VerifyError::Reserved { start, end });
         }
@@ -283,9 +355,25 @@ pub fn verify(
         ca: ca::Chain { ark, ask },
         vek: vcek,
     };
+    // Link by link first, so that a refusal names the certificate that does not fit; then
+    // the sev crate's whole-chain check.
+    for (signer, signee, what) in [
+        (&chain.ca.ark, &chain.ca.ark, "the ARK is not self-signed"),
+        (&chain.ca.ark, &chain.ca.ask, "the ASK is not signed by the ARK"),
+        (&chain.ca.ask, &chain.vek, "the VCEK is not signed by the ASK"),
+    ] {
+        (signer, signee)
+            .verify()
+            .map_err(|e| VerifyError::Chain(format!("{what} ({e})")))?;
+    }
     (&chain)
         .verify()
         .map_err(|e| VerifyError::Chain(e.to_string()))?;
+    if report.len() != REPORT_LEN {
+        return Err(VerifyError::ReportSize(report.len()));
+    }
+    // The signature first: a tampered report is named as such, whatever field was changed.
+    check_raw_signature(&vcek_der, report)?;
     let parsed = parse_report(report)?;
     (&chain, &parsed)
         .verify()
