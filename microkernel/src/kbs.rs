@@ -1164,13 +1164,38 @@ pub fn fetch_key(
 // ---------------------------------------------------------------------------------------
 // The command line.
 
+/// The policy file's format, for `kbs serve --help`.
+const POLICY_HELP: &str = "\
+Policy file (TOML; relative paths are relative to the policy file; unknown keys are errors):
+
+  key-file = \"tenant.key\"          # 32 raw bytes, mode 0600 (`paravisor kbs init-key`)
+  certs = \"certs\"                  # ark.pem, ask.pem, vcek.pem (`paravisor attest certs`)
+  ark-fingerprint = \"9f3c...\"      # SHA-256 of the ARK (`paravisor attest fingerprint`)
+  allowed-measurements = [\"...\"]   # launch digests, 48 bytes hex (`paravisor measure`)
+  max-nonce-age = 60               # seconds a challenge stays valid [default 60, max 3600]
+  vmpl = 0                         # the VMPL reports must come from [default 0]
+
+  [guest-policy]                   # the report's SNP guest policy bits [all optional]
+  allow-debug = false              # bit 19 DEBUG [default false]
+  allow-migration-agent = false    # bit 18 MIGRATE_MA [default false]
+  allow-smt = true                 # bit 16 SMT [default true]
+
+  [minimum-tcb]                    # the report's REPORTED_TCB, per component (required)
+  bootloader = 3
+  tee = 0
+  snp = 8
+  microcode = 115
+
+Required: key-file, certs, ark-fingerprint, allowed-measurements, minimum-tcb (all four).";
+
 /// `paravisor kbs ...`
 #[derive(clap::Subcommand, Debug)]
 pub enum KbsCmd {
     /// Run the key broker in the foreground (loopback only): it releases the tenant key,
     /// wrapped, to reports that verify and satisfy the policy.
+    #[command(after_help = POLICY_HELP)]
     Serve {
-        /// The policy file (see the `kbs` module documentation for its keys).
+        /// The policy file (TOML; its keys are below).
         #[arg(long)]
         policy: PathBuf,
         /// Address to listen on: a loopback IP address and port.
@@ -1339,6 +1364,25 @@ mod tests {
 
     fn g() -> Vec<u8> {
         parse_hex(G).unwrap()
+    }
+
+    /// The policy format `kbs serve --help` shows parses as shown (placeholders filled in).
+    #[test]
+    fn the_help_texts_policy_example_is_a_valid_policy() {
+        let body = POLICY_HELP
+            .split_once("\n\n")
+            .and_then(|(_, rest)| rest.split_once("\nRequired:"))
+            .map(|(example, _)| example)
+            .unwrap();
+        let text: String = body
+            .lines()
+            .map(|l| format!("{}\n", l.strip_prefix("  ").unwrap_or(l)))
+            .collect::<String>()
+            .replace("9f3c...", &"ab".repeat(32))
+            .replace("[\"...\"]", &format!("[\"{}\"]", "cd".repeat(48)));
+        let p = Policy::parse(&text, Path::new("/etc/kbs"), "help").unwrap();
+        assert_eq!(p.key_file, Path::new("/etc/kbs/tenant.key"));
+        assert_eq!(p.max_nonce_age, Duration::from_secs(60));
     }
 
     /// Python: hashlib.sha512(b"pv-kbs-v1" + b"\x11" * 32 + G).hexdigest()

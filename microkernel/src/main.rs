@@ -291,7 +291,9 @@ enum AttestCmd {
         #[arg(long, conflicts_with = "manifest")]
         launch_log: Option<PathBuf>,
         /// Recompute the expected measurement from this manifest, its binaries next to
-        /// `paravisor`, and the guest options below (as `paravisor measure`).
+        /// `paravisor`, and the guest options below (as `paravisor measure`). With no guest
+        /// option, the launch with the test guest and the launch without a guest are both
+        /// accepted, and the output says which one the report is from.
         #[arg(long)]
         manifest: Option<PathBuf>,
         /// The nonce the report must carry (hex; see `platform report`).
@@ -548,8 +550,9 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
             state_dir,
             manifest,
         } => {
+            // An empty nonce is 64 zero bytes of report data, as `platform report` and
+            // `attest verify` take it.
             let nonce = microkernel::verify::parse_hex(&nonce)
-                .filter(|n| !n.is_empty())
                 .ok_or_else(|| fail("--nonce must be hex bytes, e.g. 00112233".into()))?;
             let report_data = microkernel::verify::report_data_for(&nonce);
             let dir = client_state_dir(state_dir, manifest.as_deref());

@@ -78,6 +78,11 @@ pub struct Entry {
     pub sha384: Digest384,
     /// Guest-physical address of its first page in the measured image.
     pub gpa: u64,
+    /// Where the file was read from, for the reader of the log. Not measured: the same
+    /// release measures the same wherever it is installed and however its paths are spelled
+    /// (`manifest.toml`, `./manifest.toml`, `/srv/pv/manifest.toml`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 fn hex_digest<S: serde::Serializer>(d: &Digest384, s: S) -> Result<S::Ok, S::Error> {
@@ -251,7 +256,15 @@ impl Measurer {
             length,
             sha384,
             gpa,
+            path: None,
         });
+    }
+
+    /// Notes where the last item was read from (not measured).
+    fn read_from(&mut self, path: &Path) {
+        if let Some(e) = self.log.last_mut() {
+            e.path = Some(path.display().to_string());
+        }
     }
 
     /// The boot vCPU's initial state (the last entry; a VMSA page in the digest).
@@ -281,6 +294,7 @@ fn file(m: &mut Measurer, kind: Kind, name: &str, path: &Path) -> Result<(), Mea
     };
     let f = File::open(path).map_err(err)?;
     m.item(kind, name, f).map_err(err)?;
+    m.read_from(path);
     Ok(())
 }
 
@@ -397,6 +411,7 @@ fn measure_file(
         },
     )
     .map_err(err)?;
+    m.read_from(path);
     let image = OwnedFd::from(image);
     ipc_defs::hosted::sys::seal_read_only(&image).map_err(err)?;
     Ok(Some(image))
@@ -426,16 +441,14 @@ fn launch_inner(
 ) -> Result<(LaunchLog, Sealed), MeasureError> {
     let mut sealed = Sealed::default();
     let mut m = Measurer::default();
-    m.item(
-        Kind::Manifest,
-        &manifest.path.display().to_string(),
-        manifest.source.as_bytes(),
-    )
-    .map_err(|error| MeasureError::Read {
-        what: "manifest",
-        path: manifest.path.display().to_string(),
-        error,
-    })?;
+    // Names are part of the measurement, so they never include a path.
+    m.item(Kind::Manifest, "manifest", manifest.source.as_bytes())
+        .map_err(|error| MeasureError::Read {
+            what: "manifest",
+            path: manifest.path.display().to_string(),
+            error,
+        })?;
+    m.read_from(&manifest.path);
     for s in &manifest.services {
         let path: PathBuf = bin_dir.join(&s.binary);
         let name = format!("{} ({})", s.name, s.binary);
@@ -469,7 +482,7 @@ fn launch_inner(
             } => {
                 let keep = keep_images.then_some("pv-guest-image");
                 if let Some(fd) =
-                    measure_file(&mut m, Kind::GuestImage, &p.display().to_string(), p, keep)?
+                    measure_file(&mut m, Kind::GuestImage, "guest image", p, keep)?
                 {
                     sealed.guest.push((p.clone(), fd));
                 }
@@ -481,19 +494,13 @@ fn launch_inner(
                 command_line,
             } => {
                 let keep = keep_images.then_some("pv-guest-kernel");
-                if let Some(fd) = measure_file(
-                    &mut m,
-                    Kind::GuestImage,
-                    &kernel.display().to_string(),
-                    kernel,
-                    keep,
-                )? {
+                if let Some(fd) = measure_file(&mut m, Kind::GuestImage, "kernel", kernel, keep)? {
                     sealed.guest.push((kernel.clone(), fd));
                 }
                 if let Some(i) = initrd {
                     let keep = keep_images.then_some("pv-guest-initrd");
                     if let Some(fd) =
-                        measure_file(&mut m, Kind::GuestInitrd, &i.display().to_string(), i, keep)?
+                        measure_file(&mut m, Kind::GuestInitrd, "initrd", i, keep)?
                     {
                         sealed.guest.push((i.clone(), fd));
                     }
@@ -530,7 +537,10 @@ pub fn text(log: &LaunchLog) -> String {
             e.kind.name(),
             e.length,
             hex(&e.sha384),
-            e.name
+            match &e.path {
+                Some(p) => format!("{}  [{p}]", e.name),
+                None => e.name.clone(),
+            }
         ));
     }
     out.push_str(&format!(

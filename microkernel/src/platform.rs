@@ -210,8 +210,29 @@ fn name(cn: &str) -> Result<Name, PlatformError> {
     .map_err(crypto)
 }
 
+/// From one day before now (a verifier whose clock is a little behind must not see a chain
+/// that is "not yet valid") for 25 years.
 fn validity() -> Result<Validity, PlatformError> {
-    Validity::from_now(VALIDITY).map_err(crypto)
+    const SLACK: Duration = Duration::from_secs(24 * 3600);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(crypto)?;
+    let start = now.saturating_sub(SLACK);
+    // RFC 5280: UTCTime through 2049, GeneralizedTime from 2050 on.
+    const Y2050: Duration = Duration::from_secs(2_524_608_000);
+    let time = |d: Duration| {
+        if d < Y2050 {
+            x509_cert::der::asn1::UtcTime::from_unix_duration(d).map(x509_cert::time::Time::from)
+        } else {
+            x509_cert::der::asn1::GeneralizedTime::from_unix_duration(d)
+                .map(x509_cert::time::Time::from)
+        }
+        .map_err(crypto)
+    };
+    Ok(Validity {
+        not_before: time(start)?,
+        not_after: time(start + SLACK + VALIDITY)?,
+    })
 }
 
 fn serial() -> Result<SerialNumber, PlatformError> {

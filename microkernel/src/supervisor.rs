@@ -443,7 +443,14 @@ impl Supervisor {
                 let platform = open_or_init_platform(&opts.platform_dir)?;
                 // The chain, for the attest service (public: a verifier checks it anyway).
                 let chain = crate::platform::chain_pem(&platform)?;
-                std::fs::write(opts.state_dir.join(PLATFORM_CERTS), chain)?;
+                let certs = opts.state_dir.join(PLATFORM_CERTS);
+                // Rewritten only when it differs (a same-length file is read to compare).
+                let same = std::fs::metadata(&certs)
+                    .is_ok_and(|m| m.len() == chain.len() as u64)
+                    && std::fs::read(&certs).ok().as_deref() == Some(chain.as_bytes());
+                if !same {
+                    std::fs::write(&certs, chain)?;
+                }
                 let mem = ChannelMemory::create("pv-chan-attest-platform", m.ring_capacity)
                     .map_err(|e| create_err("platform channel")(e.to_string()))?;
                 let view = ipc_defs::hosted::sys::dup_inheritable(mem.shm())
@@ -2038,14 +2045,21 @@ impl Supervisor {
         let then = read(SEALED_LAUNCH_LOG).filter(|l| &l.measurement == sealed_to)?;
         let now = read("launch-log.json")?;
         let key = |e: &crate::measure::Entry| (e.kind.name().to_string(), e.name.clone());
+        // "service net (pv-net)", "manifest", "guest-image kernel".
+        let label = |e: &crate::measure::Entry| {
+            if e.name == e.kind.name() {
+                e.name.clone()
+            } else {
+                format!("{} {}", e.kind.name(), e.name)
+            }
+        };
         let mut changes = Vec::new();
         for e in &now.entries {
             match then.entries.iter().find(|t| key(t) == key(e)) {
-                None => changes.push(format!("{} {} is new", e.kind.name(), e.name)),
+                None => changes.push(format!("{} is new", label(e))),
                 Some(t) if t.sha384 != e.sha384 || t.length != e.length => changes.push(format!(
-                    "{} {} changed ({} -> {} bytes, SHA-384 {}.. -> {}..)",
-                    e.kind.name(),
-                    e.name,
+                    "{} changed ({} -> {} bytes, SHA-384 {}.. -> {}..)",
+                    label(e),
                     t.length,
                     e.length,
                     &crate::measure::hex(&t.sha384)[..12],
@@ -2056,7 +2070,7 @@ impl Supervisor {
         }
         for t in &then.entries {
             if !now.entries.iter().any(|e| key(e) == key(t)) {
-                changes.push(format!("{} {} is gone", t.kind.name(), t.name));
+                changes.push(format!("{} is gone", label(t)));
             }
         }
         if changes.is_empty() {

@@ -323,7 +323,11 @@ pub fn ark_fingerprint(certs: &Path) -> Result<String, VerifyError> {
 /// A pinned SHA-256 fingerprint in any of the forms people copy: plain hex, upper or lower
 /// case, colon-separated, or openssl's `sha256 Fingerprint=AB:CD:...` line.
 pub fn normalize_fingerprint(pin: &str) -> String {
-    let pin = pin.rsplit('=').next().unwrap_or(pin);
+    let pin = pin.rsplit('=').next().unwrap_or(pin).trim();
+    let pin = pin
+        .strip_prefix("0x")
+        .or_else(|| pin.strip_prefix("0X"))
+        .unwrap_or(pin);
     pin.chars()
         .filter(|c| !c.is_whitespace() && *c != ':')
         .collect::<String>()
@@ -421,6 +425,11 @@ pub fn report_data_for(nonce: &[u8]) -> [u8; 64] {
 
 /// Parses hex (spaces and colons allowed).
 pub fn parse_hex(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim();
+    let s = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
     let s: String = s
         .chars()
         .filter(|c| !c.is_whitespace() && *c != ':')
@@ -463,6 +472,8 @@ mod tests {
         );
         assert_eq!(parse_hex("0a:0B 0c"), Some(vec![10, 11, 12]));
         assert_eq!(parse_hex("abc"), None);
+        assert_eq!(parse_hex("0x0A0b"), Some(vec![10, 11]));
+        assert_eq!(parse_hex(""), Some(vec![]));
     }
 
     #[test]

@@ -81,6 +81,71 @@ fn a_changed_service_binary_changes_the_measurement() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// The measurement is a function of what runs, not of where it is installed or how its
+/// paths are spelled: the same release measured from another directory, through a relative,
+/// a `./` or an absolute manifest path, and with the guest file named differently, measures
+/// the same (the paths are kept in the log, outside what is measured).
+#[test]
+fn paths_and_working_directory_do_not_change_the_measurement() {
+    let dir = scratch_dir("measure-paths");
+    let install = dir.join("release");
+    std::fs::create_dir_all(&install).unwrap();
+    for entry in std::fs::read_dir(bin_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        if name == "paravisor" || (name.starts_with("pv-") && !name.ends_with(".d")) {
+            std::fs::copy(&path, install.join(&name)).unwrap();
+        }
+    }
+    std::fs::copy(shipped_manifest(), install.join("manifest.toml")).unwrap();
+    let guest = dir.join("kernel-a");
+    std::fs::write(&guest, b"not really a kernel, but measured all the same").unwrap();
+    std::fs::copy(&guest, install.join("other-name")).unwrap();
+    let measure = |cwd: &Path, exe: &Path, args: &[&str]| -> serde_json::Value {
+        let out = Command::new(exe)
+            .current_dir(cwd)
+            .arg("measure")
+            .args(args)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let abs = install.join("manifest.toml");
+    let abs = abs.to_str().unwrap();
+    let exe = install.join("paravisor");
+    let reference = measure(&install, &exe, &[]);
+    for (cwd, args) in [
+        (&install, vec!["manifest.toml"]),
+        (&install, vec!["./manifest.toml"]),
+        (&install, vec![abs]),
+        (&dir, vec!["release/manifest.toml"]),
+        (&dir, vec![abs]),
+    ] {
+        let m = measure(cwd, &exe, &args);
+        assert_eq!(m["measurement"], reference["measurement"], "{args:?} in {cwd:?}");
+    }
+    // The same through the installation's own copy of the shipped binaries elsewhere.
+    assert_eq!(
+        measure(&dir, &paravisor(), &[abs])["measurement"],
+        reference["measurement"]
+    );
+    // A guest file: its contents count, not its name or location; the path is still logged.
+    let a = measure(&dir, &exe, &[abs, "--kernel", "kernel-a"]);
+    let b = measure(&install, &exe, &["manifest.toml", "--kernel", "./other-name"]);
+    assert_eq!(a["measurement"], b["measurement"]);
+    let logged: Vec<&str> = b["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["path"].as_str())
+        .collect();
+    assert!(logged.contains(&"./other-name"), "{logged:?}");
+    assert!(logged.contains(&"manifest.toml"), "{logged:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn run_records_the_launch_log_that_measure_predicts() {
     if !std::path::Path::new("/dev/kvm").exists() {
