@@ -173,9 +173,12 @@ fn tcb_reserved(report: &[u8], version: u32) -> std::ops::Range<usize> {
 /// drops the reserved bytes inside the TCB fields: with those flipped its verdict (and
 /// snpguest 0.11.0's) is still "signed". R and S are 72-byte little-endian fields holding
 /// 48-byte values: the 24 bytes above must be zero.
-fn check_raw_signature(vcek_der: &[u8], report: &[u8]) -> Result<(), VerifyError> {
+pub fn check_raw_signature(vcek_der: &[u8], report: &[u8]) -> Result<(), VerifyError> {
     use p384::ecdsa::signature::DigestVerifier;
     use x509_cert::der::Decode;
+    if report.len() != REPORT_LEN {
+        return Err(VerifyError::ReportSize(report.len()));
+    }
     let algorithm = u32::from_le_bytes([report[0x34], report[0x35], report[0x36], report[0x37]]);
     if algorithm != 1 {
         return Err(VerifyError::SignatureAlgorithm(algorithm));

@@ -4,6 +4,20 @@
 
 use libfuzzer_sys::fuzz_target;
 
+/// The VCEK (DER) and report of tests/fixtures/amd-milan.
+fn milan() -> &'static (Vec<u8>, Vec<u8>) {
+    static EVIDENCE: std::sync::OnceLock<(Vec<u8>, Vec<u8>)> = std::sync::OnceLock::new();
+    EVIDENCE.get_or_init(|| {
+        let pem = include_bytes!("../../../tests/fixtures/amd-milan/vcek.pem");
+        let der = microkernel::verify::parse_certificate(pem, "vcek.pem")
+            .and_then(|c| c.to_der().map_err(|e| panic!("{e}")))
+            .expect("fixture VCEK");
+        let report = include_bytes!("../../../tests/fixtures/amd-milan/report.bin").to_vec();
+        microkernel::verify::check_raw_signature(&der, &report).expect("genuine evidence");
+        (der, report)
+    })
+}
+
 fuzz_target!(|data: &[u8]| {
     // As a report: as given, and padded/cut to the report size with valid reserved bytes.
     let _ = microkernel::verify::parse_report(data);
@@ -11,6 +25,10 @@ fuzz_target!(|data: &[u8]| {
     let n = data.len().min(report.len());
     report[..n].copy_from_slice(&data[..n]);
     let _ = microkernel::verify::parse_report(&report);
+    // As a report whose signature is checked with a genuine VCEK (AMD's Milan test
+    // evidence), and as a VCEK (DER) checking that evidence's report.
+    let _ = microkernel::verify::check_raw_signature(&milan().0, &report);
+    let _ = microkernel::verify::check_raw_signature(data, &milan().1);
     // As a certificate, PEM or DER.
     let _ = microkernel::verify::parse_certificate(data, "fuzz");
     let mut pem = b"-----BEGIN CERTIFICATE-----\n".to_vec();
