@@ -65,8 +65,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicUsize;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -107,8 +105,10 @@ pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 /// How long a client waits to connect, and for the whole reply (verification takes
 /// milliseconds; this only has to outlast a busy broker).
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once; more are answered "busy" and closed, so a flood of clients
-/// cannot make the broker spawn unbounded threads.
+/// Connections served at once. When all are taken, the connection that has waited longest
+/// without a complete request (or lingers after its reply) is closed to make room: idle
+/// connections cannot lock genuine clients out. Only when every one is being verified is a
+/// new one answered "busy"; threads stay bounded either way.
 pub const MAX_CLIENTS: usize = 16;
 /// Challenges outstanding at once (issued, not yet expired): bounds the nonce table's
 /// memory against a client that only ever asks for challenges.
@@ -188,10 +188,6 @@ pub enum KbsError {
     NonceUnknownOrExpired,
     #[error("nonce already used (replay)")]
     NonceReplayed,
-    #[error(
-        "too many outstanding challenges ({MAX_OUTSTANDING_NONCES}); try again when some expire"
-    )]
-    TooManyChallenges,
     #[error("report refused: {0}")]
     Evidence(#[from] VerifyError),
     #[error("report_data {found} does not bind this nonce and transfer key (expected {expected}): the report was made for another exchange or another key")]
@@ -810,10 +806,18 @@ impl Nonces {
             .retain(|_, i| now.saturating_duration_since(i.at) <= max_age);
     }
 
+    /// A new challenge. When the table is full, the oldest entry makes room: a client that
+    /// only asks for challenges cannot lock others out (CI found 4,100 requests in a second
+    /// blocked release for the nonce lifetime), and an evicted nonce is refused as unknown, so
+    /// nothing becomes acceptable that was not. A genuine client answers its challenge within
+    /// milliseconds; evicting it would take MAX_OUTSTANDING_NONCES requests in that time.
     fn issue(&mut self, now: Instant, max_age: Duration) -> Result<[u8; NONCE_LEN], KbsError> {
         self.purge(now, max_age);
         if self.issued.len() >= MAX_OUTSTANDING_NONCES {
-            return Err(KbsError::TooManyChallenges);
+            let oldest = self.issued.iter().min_by_key(|(_, i)| i.at).map(|(n, _)| *n);
+            if let Some(n) = oldest {
+                self.issued.remove(&n);
+            }
         }
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::getrandom(&mut nonce).map_err(|e| KbsError::Wrap(e.to_string()))?;
@@ -962,12 +966,16 @@ impl Broker {
         })
     }
 
-    /// Serves one connection: one request line, one reply line.
-    fn serve_connection(&self, stream: TcpStream) {
+    /// Serves one connection: one request line, one reply line. While it waits for the
+    /// request and after the reply, `seat` lets a newer connection evict it.
+    fn serve_connection(&self, stream: TcpStream, seat: &Seat) {
         let peer = stream
             .peer_addr()
             .map_or_else(|_| "?".to_string(), |a| a.to_string());
-        let reply = match read_line(&stream, Instant::now() + REQUEST_DEADLINE) {
+        seat.evictable(&stream);
+        let read = read_line(&stream, Instant::now() + REQUEST_DEADLINE);
+        seat.working();
+        let reply = match read {
             Ok(line) => self.handle_line(&line, Instant::now(), &peer),
             Err(KbsError::Closed) => return,
             Err(e) => {
@@ -975,6 +983,7 @@ impl Broker {
                 error_line(&e)
             }
         };
+        seat.evictable(&stream);
         send_and_close(stream, &reply);
     }
 }
@@ -1068,19 +1077,71 @@ pub fn listen_address(s: &str) -> Result<SocketAddr, KbsError> {
     Ok(addr)
 }
 
-/// Counts a connection being served; uncounts it when dropped (also if its thread panics).
-struct Slot(Arc<AtomicUsize>);
+/// The connections being served, and which of them may be closed to make room.
+#[derive(Default)]
+struct Seats {
+    active: usize,
+    next_id: u64,
+    /// Connections waiting for their request or lingering after their reply: since when,
+    /// and a handle to shut them down.
+    evictable: HashMap<u64, (Instant, TcpStream)>,
+}
 
-impl Drop for Slot {
+impl Seats {
+    /// Closes the connection that has been evictable longest; false if none is.
+    fn evict_one(&mut self) -> bool {
+        let oldest = self
+            .evictable
+            .iter()
+            .min_by_key(|(_, (since, _))| *since)
+            .map(|(id, _)| *id);
+        match oldest.and_then(|id| self.evictable.remove(&id)) {
+            Some((_, stream)) => {
+                // Its thread's read or linger returns at once and the thread ends.
+                let _ = stream.shutdown(Shutdown::Both);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// One connection's seat; given up when dropped (also if its thread panics).
+struct Seat {
+    seats: Arc<std::sync::Mutex<Seats>>,
+    id: u64,
+}
+
+impl Seat {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Seats> {
+        self.seats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn evictable(&self, stream: &TcpStream) {
+        if let Ok(handle) = stream.try_clone() {
+            self.lock()
+                .evictable
+                .insert(self.id, (Instant::now(), handle));
+        }
+    }
+
+    fn working(&self) {
+        self.lock().evictable.remove(&self.id);
+    }
+}
+
+impl Drop for Seat {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        let mut seats = self.lock();
+        seats.evictable.remove(&self.id);
+        seats.active -= 1;
     }
 }
 
 /// Serves connections on `listener` forever: a thread per connection, at most
-/// [`MAX_CLIENTS`] at once.
+/// [`MAX_CLIENTS`] at once (see there for how room is made).
 pub fn serve(broker: Arc<Broker>, listener: TcpListener) {
-    let active = Arc::new(AtomicUsize::new(0));
+    let seats = Arc::new(std::sync::Mutex::new(Seats::default()));
     for conn in listener.incoming() {
         let stream = match conn {
             Ok(s) => s,
@@ -1091,8 +1152,23 @@ pub fn serve(broker: Arc<Broker>, listener: TcpListener) {
                 continue;
             }
         };
-        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
-            active.fetch_sub(1, Ordering::SeqCst);
+        let admitted = {
+            let mut s = seats.lock().unwrap_or_else(|e| e.into_inner());
+            // An evicted connection keeps its seat until its thread has ended, so the count
+            // can pass the limit briefly, by the connections being closed.
+            let room = s.active < MAX_CLIENTS || s.evict_one();
+            if room {
+                if s.active >= MAX_CLIENTS {
+                    tracing::warn!("all {MAX_CLIENTS} seats taken: closed the connection idle longest");
+                }
+                s.active += 1;
+                s.next_id += 1;
+                Some(s.next_id)
+            } else {
+                None
+            }
+        };
+        let Some(id) = admitted else {
             tracing::warn!("refused a connection: {}", KbsError::Busy);
             let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
             let mut line = error_line(&KbsError::Busy).into_bytes();
@@ -1100,14 +1176,16 @@ pub fn serve(broker: Arc<Broker>, listener: TcpListener) {
             let mut stream = stream;
             let _ = stream.write_all(&line);
             continue;
-        }
-        let slot = Slot(active.clone());
+        };
+        let seat = Seat {
+            seats: seats.clone(),
+            id,
+        };
         let broker = broker.clone();
         let spawned = std::thread::Builder::new()
             .name("kbs-client".into())
             .spawn(move || {
-                let _slot = slot;
-                broker.serve_connection(stream);
+                broker.serve_connection(stream, &seat);
             });
         if let Err(e) = spawned {
             tracing::warn!("no thread for a client: {e}");
@@ -1544,11 +1622,21 @@ mod tests {
         // Expired ones are forgotten; the table is bounded.
         n.purge(late, age);
         assert!(n.issued.is_empty());
-        for _ in 0..MAX_OUTSTANDING_NONCES {
-            n.issue(t0, age).unwrap();
+        let first = n.issue(t0, age).unwrap();
+        for _ in 1..MAX_OUTSTANDING_NONCES {
+            n.issue(t0 + Duration::from_millis(1), age).unwrap();
         }
-        assert!(matches!(n.issue(t0, age), Err(KbsError::TooManyChallenges)));
-        assert!(n.issue(late, age).is_ok(), "expired challenges make room");
+        // Full: the next challenge evicts the oldest, which is then refused as unknown.
+        let newest = n.issue(t0 + Duration::from_millis(2), age).unwrap();
+        assert_eq!(n.issued.len(), MAX_OUTSTANDING_NONCES);
+        let now = t0 + Duration::from_millis(3);
+        assert!(matches!(
+            n.consume(&first, now, age),
+            Err(KbsError::NonceUnknownOrExpired)
+        ));
+        n.consume(&newest, now, age).unwrap();
+        n.issue(late, age).unwrap();
+        assert_eq!(n.issued.len(), 1, "expired challenges are purged");
     }
 
     const POLICY_TEXT: &str = r#"

@@ -472,3 +472,50 @@ fn garbage_oversize_and_silent_clients_are_dropped_and_the_broker_keeps_serving(
     assert!(reply.contains("no complete line"), "{reply:?}");
     assert_eq!(broker.challenge().len(), 64);
 }
+
+/// A local client that floods challenges, or holds more idle connections than the broker
+/// serves at once, must not lock a genuine client out (both did, for the nonce lifetime and
+/// for as long as the connections were held).
+#[test]
+fn a_flood_of_challenges_or_idle_connections_does_not_lock_out_a_genuine_client() {
+    let broker = Broker::start("kbs-flood");
+    let fetch = |name: &str| {
+        let out = broker.dir.join(name);
+        run(&[
+            "kbs",
+            "fetch",
+            "--kbs",
+            &broker.addr(),
+            "--platform-dir",
+            platforms().a.to_str().unwrap(),
+            "--measurement",
+            &allowed(),
+            "-o",
+            out.to_str().unwrap(),
+        ])
+    };
+    // More challenges than the table holds (4096), each on its own connection.
+    let first = broker.challenge();
+    for _ in 0..4200 {
+        broker.challenge();
+    }
+    let (ok, text) = fetch("after-flood.key");
+    assert!(ok, "{text}\n{}", broker.log());
+    // The first challenge made room for later ones: refused as unknown, never accepted.
+    let why = broker.refused(&broker.key_request(&first, G, &[0; 0x4A0]));
+    assert!(why.contains("unknown or expired"), "{why}");
+    // Twice as many idle connections as the broker serves at once (16), held open.
+    let idle: Vec<TcpStream> = (0..32)
+        .map(|_| TcpStream::connect(broker.addr()).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let (ok, text) = fetch("among-idle.key");
+    assert!(ok, "{text}\n{}", broker.log());
+    assert!(
+        broker.log().contains("closed the connection idle longest"),
+        "{}",
+        broker.log()
+    );
+    drop(idle);
+    assert_eq!(broker.challenge().len(), 64);
+}
