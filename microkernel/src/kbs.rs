@@ -168,7 +168,7 @@ pub enum KbsError {
     },
 
     // The wire.
-    #[error("the request line is longer than {MAX_LINE} bytes")]
+    #[error("the line received (a request at the broker, a reply at the client) is longer than {MAX_LINE} bytes")]
     LineTooLong,
     #[error("no complete line within {0:?}")]
     Timeout(Duration),
@@ -526,6 +526,12 @@ impl Policy {
                 })?;
             allowed.push(m);
         }
+        if file.vmpl > 3 {
+            return Err(invalid(format!(
+                "vmpl = {} is not a VMPL (0 to 3; the paravisor's key release uses 0)",
+                file.vmpl
+            )));
+        }
         if !(1..=MAX_NONCE_AGE_LIMIT).contains(&file.max_nonce_age) {
             return Err(invalid(format!(
                 "max-nonce-age = {} is outside 1..={MAX_NONCE_AGE_LIMIT} seconds",
@@ -598,6 +604,15 @@ pub fn load_key(path: &Path) -> Result<Zeroizing<[u8; 32]>, KbsError> {
         path: name(),
         error,
     })?;
+    if !meta.is_file() {
+        return Err(KbsError::KeyFileIo {
+            path: name(),
+            error: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file (`paravisor kbs init-key FILE` makes one)",
+            ),
+        });
+    }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(KbsError::KeyFileMode { path: name(), mode });
@@ -1264,7 +1279,8 @@ Policy file (TOML; relative paths are relative to the policy file; unknown keys 
   snp = 8
   microcode = 115
 
-Required: key-file, certs, ark-fingerprint, allowed-measurements, minimum-tcb (all four).";
+Required: key-file, certs, ark-fingerprint, allowed-measurements, and [minimum-tcb] with all
+four components.";
 
 /// `paravisor kbs ...`
 #[derive(clap::Subcommand, Debug)]
@@ -1416,6 +1432,7 @@ fn run_inner(cmd: KbsCmd) -> Result<(), String> {
                         host_data: [0; 32],
                         vmpl: 0,
                         policy: crate::platform::POLICY,
+                        report_id: crate::platform::new_report_id().map_err(|e| e.to_string())?,
                     })
                     .map(|r| r.to_vec())
                     .map_err(|e| e.to_string())

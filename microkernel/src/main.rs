@@ -183,14 +183,20 @@ fn bin_dir() -> PathBuf {
 
 /// The state directory for client commands: the flag, else the manifest's if one is there,
 /// else the default.
-fn client_state_dir(flag: Option<PathBuf>, manifest: Option<&Path>) -> PathBuf {
+fn client_state_dir(flag: Option<PathBuf>, manifest: Option<&Path>) -> Result<PathBuf, ExitCode> {
     if let Some(dir) = flag {
-        return dir;
+        return Ok(dir);
     }
-    let path = manifest.unwrap_or(Path::new(DEFAULT_MANIFEST));
-    match Manifest::load(path) {
-        Ok(m) => m.state_dir,
-        Err(_) => PathBuf::from(microkernel::manifest::DEFAULT_STATE_DIR),
+    match manifest {
+        // A manifest named on the command line must load: its state directory is meant.
+        Some(path) => Manifest::load(path).map(|m| m.state_dir).map_err(|e| {
+            eprintln!("paravisor: {e}");
+            ExitCode::FAILURE
+        }),
+        None => Ok(match Manifest::load(Path::new(DEFAULT_MANIFEST)) {
+            Ok(m) => m.state_dir,
+            Err(_) => PathBuf::from(microkernel::manifest::DEFAULT_STATE_DIR),
+        }),
     }
 }
 
@@ -476,7 +482,13 @@ fn launch(
     if let Some(g) = guest.as_mut() {
         sealed.apply(g);
     }
-    let _ = std::fs::create_dir_all(&state_dir);
+    std::fs::create_dir_all(&state_dir).map_err(|e| {
+        eprintln!(
+            "paravisor: cannot create state directory {}: {e}",
+            state_dir.display()
+        );
+        ExitCode::FAILURE
+    })?;
     // Before anything is written to the state: one paravisor per state directory.
     let lock = supervisor::lock_state_dir(&state_dir).map_err(failed)?;
     let log_path = state_dir.join("launch-log.json");
@@ -555,7 +567,7 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
             let nonce = microkernel::verify::parse_hex(&nonce)
                 .ok_or_else(|| fail("--nonce must be hex bytes, e.g. 00112233".into()))?;
             let report_data = microkernel::verify::report_data_for(&nonce);
-            let dir = client_state_dir(state_dir, manifest.as_deref());
+            let dir = client_state_dir(state_dir, manifest.as_deref())?;
             let reply = send(
                 &dir,
                 &Command::AttestReport {
@@ -596,15 +608,18 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
             manifest,
             out,
         } => {
-            let platform_dir = platform_dir.unwrap_or_else(|| {
-                let path = manifest
-                    .clone()
-                    .unwrap_or_else(|| PathBuf::from(DEFAULT_MANIFEST));
-                let m = Manifest::load(&path).ok();
-                let state = client_state_dir(state_dir, manifest.as_deref());
-                m.and_then(|m| m.attest.platform_dir)
-                    .unwrap_or_else(|| supervisor::default_platform_dir(&state))
-            });
+            let platform_dir = match platform_dir {
+                Some(dir) => dir,
+                None => {
+                    let path = manifest
+                        .clone()
+                        .unwrap_or_else(|| PathBuf::from(DEFAULT_MANIFEST));
+                    let m = Manifest::load(&path).ok();
+                    let state = client_state_dir(state_dir, manifest.as_deref())?;
+                    m.and_then(|m| m.attest.platform_dir)
+                        .unwrap_or_else(|| supervisor::default_platform_dir(&state))
+                }
+            };
             std::fs::create_dir_all(&out).map_err(|e| fail(format!("{}: {e}", out.display())))?;
             for f in [
                 microkernel::platform::ARK_PEM,
@@ -696,7 +711,7 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
             let data = match nonce {
                 Some(n) => Some(microkernel::verify::report_data_for(
                     &microkernel::verify::parse_hex(&n)
-                        .ok_or_else(|| fail("--nonce is not hex".into()))?,
+                        .ok_or_else(|| fail("--nonce must be hex bytes, e.g. 00112233".into()))?,
                 )),
                 None => None,
             };
@@ -708,6 +723,19 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
                 data.as_ref(),
             ) {
                 Ok(claims) => {
+                    if expected.is_none() {
+                        eprintln!(
+                            "paravisor: WARNING: no reference measurement was given (--manifest, \
+                             --launch-log or --expected-measurement): the report is genuine, \
+                             but what it measured was not checked"
+                        );
+                    }
+                    if data.is_none() {
+                        eprintln!(
+                            "paravisor: WARNING: no --nonce was given: the report's freshness \
+                             was not checked"
+                        );
+                    }
                     if json {
                         println!(
                             "{}",
@@ -828,7 +856,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             live: true,
             state_dir,
         } => {
-            let dir = client_state_dir(state_dir, manifest.as_deref());
+            let dir = client_state_dir(state_dir, manifest.as_deref())?;
             match send(&dir, &Command::LiveAudit)? {
                 Reply::Audit { checked, findings } => {
                     if json {
@@ -898,7 +926,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             let platform = microkernel::platform::Platform::open(&platform_dir)
                 .map_err(|e| fail(e.to_string()))?;
             let nonce = microkernel::verify::parse_hex(&nonce)
-                .ok_or_else(|| fail("--nonce is not hex".into()))?;
+                .ok_or_else(|| fail("--nonce must be hex bytes, e.g. 00112233".into()))?;
             let measurement: [u8; 48] = match measurement {
                 Some(m) => microkernel::verify::parse_hex(&m)
                     .and_then(|v| v.try_into().ok())
@@ -918,6 +946,8 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                     host_data: [0; 32],
                     vmpl: 0,
                     policy: microkernel::platform::POLICY,
+                    report_id: microkernel::platform::new_report_id()
+                        .map_err(|e| fail(e.to_string()))?,
                 })
                 .map_err(|e| fail(e.to_string()))?;
             std::fs::write(&out, report).map_err(|e| fail(format!("{}: {e}", out.display())))?;
@@ -981,7 +1011,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             json,
             manifest,
         } => {
-            let dir = client_state_dir(state_dir, manifest.as_deref());
+            let dir = client_state_dir(state_dir, manifest.as_deref())?;
             match send(&dir, &Command::Ps)? {
                 Reply::Ps { services, guest } => {
                     if json {
@@ -1053,7 +1083,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 eprintln!("paravisor: unknown signal \"{signal}\" (use a name such as KILL, TERM, SEGV or a number)");
                 return Err(ExitCode::FAILURE);
             };
-            let dir = client_state_dir(state_dir, manifest.as_deref());
+            let dir = client_state_dir(state_dir, manifest.as_deref())?;
             done(send(
                 &dir,
                 &Command::Kill {
@@ -1068,7 +1098,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             state_dir,
             manifest,
         } => {
-            let dir = client_state_dir(state_dir, manifest.as_deref());
+            let dir = client_state_dir(state_dir, manifest.as_deref())?;
             done(send(&dir, &Command::Probe { service, endpoint })?)
         }
         Cmd::Bench {
@@ -1160,7 +1190,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             state_dir,
             manifest,
         } => {
-            let dir = client_state_dir(state_dir, manifest.as_deref());
+            let dir = client_state_dir(state_dir, manifest.as_deref())?;
             done(send(&dir, &Command::Shutdown)?)
         }
     }

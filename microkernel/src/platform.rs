@@ -471,6 +471,15 @@ pub struct ReportRequest {
     pub host_data: [u8; 32],
     pub vmpl: u32,
     pub policy: u64,
+    /// REPORT_ID: the guest's, fixed for its lifetime (a launch), as the hardware keeps it.
+    pub report_id: [u8; 32],
+}
+
+/// A new guest's REPORT_ID (random; the hardware assigns one at launch).
+pub fn new_report_id() -> Result<[u8; 32], PlatformError> {
+    let mut id = [0u8; 32];
+    getrandom::getrandom(&mut id).map_err(crypto)?;
+    Ok(id)
 }
 
 impl Platform {
@@ -493,10 +502,7 @@ impl Platform {
         put(&mut r, 0x50, &req.report_data);
         put(&mut r, 0x90, &req.measurement);
         put(&mut r, 0xC0, &req.host_data);
-        // report id: unique per report.
-        let mut id = [0u8; 32];
-        getrandom::getrandom(&mut id).map_err(crypto)?;
-        put(&mut r, 0x140, &id);
+        put(&mut r, 0x140, &req.report_id);
         put(&mut r, 0x180, &tcb); // reported TCB (the VCEK's)
         put(&mut r, 0x188, &[CPUID_FAMILY, CPUID_MODEL, CPUID_STEPPING]);
         put(&mut r, 0x1A0, &self.chip_id());
@@ -651,6 +657,7 @@ mod tests {
             host_data: [0; 32],
             vmpl: 0,
             policy: POLICY,
+            report_id: [7; 32],
         };
         let raw = platform.report(&req).unwrap();
         let report =

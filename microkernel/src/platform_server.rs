@@ -36,6 +36,8 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct Launch {
     pub facts: LaunchFacts,
     pub host_data: [u8; 32],
+    /// The launch's REPORT_ID: the same in every report of this launch.
+    pub report_id: [u8; 32],
 }
 
 /// Answers one request.
@@ -54,6 +56,7 @@ pub fn answer(platform: &Platform, launch: &Launch, request: &Request) -> Respon
                 host_data: launch.host_data,
                 vmpl: u32::from(*vmpl),
                 policy: launch.facts.policy,
+                report_id: launch.report_id,
             };
             match platform.report(&req) {
                 Ok(r) => {

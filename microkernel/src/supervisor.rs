@@ -466,6 +466,7 @@ impl Supervisor {
                         guest_svn: 0,
                     },
                     host_data: [0; 32],
+                    report_id: crate::platform::new_report_id()?,
                 };
                 Some(PlatformLink {
                     holder,
@@ -1670,6 +1671,7 @@ impl Supervisor {
                     host_data: [0; 32],
                     vmpl: 0,
                     policy: crate::platform::POLICY,
+                    report_id: [0; 32],
                 })
                 .map_err(|e| e.to_string())?;
             rd.push(t.elapsed().as_secs_f64() * 1e6);

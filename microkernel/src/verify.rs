@@ -250,6 +250,13 @@ fn read(path: &Path) -> Result<Vec<u8>, VerifyError> {
 /// evidence comes from whoever sent it, and a verifier must not be made to swallow gigabytes.
 pub fn read_at_most(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
+    // Not a FIFO or a device: opening or reading one could block for ever.
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
     let mut bytes = Vec::new();
     std::fs::File::open(path)?
         .take(limit + 1)
@@ -304,9 +311,20 @@ pub fn parse_certificate(bytes: &[u8], file: &str) -> Result<Certificate, Verify
         file: file.into(),
         reason,
     };
-    let der = if bytes.starts_with(b"-----BEGIN") {
+    let begin = b"-----BEGIN";
+    let at = bytes.windows(begin.len()).position(|w| w == begin);
+    let der = if let Some(at) = at {
+        // Text before the block (as `openssl x509 -text` writes) is skipped; a second block
+        // is refused: each file holds one certificate.
+        let pem = &bytes[at..];
+        let blocks = pem.windows(begin.len()).filter(|w| w == begin).count();
+        if blocks > 1 {
+            return Err(bad(format!(
+                "it holds {blocks} PEM blocks; each of ark.pem, ask.pem, vcek.pem holds one certificate"
+            )));
+        }
         let (label, der) =
-            x509_cert::der::pem::decode_vec(bytes).map_err(|e| bad(format!("PEM: {e}")))?;
+            x509_cert::der::pem::decode_vec(pem).map_err(|e| bad(format!("PEM: {e}")))?;
         if label != "CERTIFICATE" {
             return Err(bad(format!("a PEM \"{label}\", not a CERTIFICATE")));
         }

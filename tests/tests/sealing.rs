@@ -343,6 +343,22 @@ fn a_report_from_the_running_paravisor_verifies_against_its_launch() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(std::fs::metadata(&report).unwrap().len(), 0x4A0);
+    // REPORT_ID (0x140..0x160) is the launch's, the same in every report, as on hardware.
+    let second = r.dir.join("second.bin");
+    let out = r.pv(&[
+        "attest",
+        "report",
+        "--nonce",
+        "01",
+        "-o",
+        second.to_str().unwrap(),
+        "--state-dir",
+        state_s,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (a, b) = (std::fs::read(&report).unwrap(), std::fs::read(&second).unwrap());
+    assert_eq!(a[0x140..0x160], b[0x140..0x160]);
+    assert_ne!(a[0x140..0x160], [0; 32]);
     let fp = r.pv(&["attest", "fingerprint", "--certs", certs.to_str().unwrap()]);
     let fp = String::from_utf8_lossy(&fp.stdout).trim().to_string();
     let log = state.join("launch-log.json");
