@@ -105,10 +105,11 @@ pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 /// How long a client waits to connect, and for the whole reply (verification takes
 /// milliseconds; this only has to outlast a busy broker).
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once. When all are taken, the connection that has waited longest
-/// without a complete request (or lingers after its reply) is closed to make room: idle
-/// connections cannot lock genuine clients out. Only when every one is being verified is a
-/// new one answered "busy"; threads stay bounded either way.
+/// Connections served at once. When all are taken, an idle one is closed to make room (one
+/// lingering after its reply first, else the one waiting longest for its request line; what
+/// an evicted connection sent is not worked on): idle connections cannot lock genuine
+/// clients out. Only when every one is being worked on is a new one answered "busy".
+/// Threads stay bounded: evicted ones end at once, and never more than twice this many.
 pub const MAX_CLIENTS: usize = 16;
 /// Challenges outstanding at once (issued, not yet expired): bounds the nonce table's
 /// memory against a client that only ever asks for challenges.
@@ -599,11 +600,20 @@ impl Policy {
 /// Reads a tenant key file: a regular file of exactly 32 bytes that neither group nor others
 /// may access.
 pub fn load_key(path: &Path) -> Result<Zeroizing<[u8; 32]>, KbsError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let name = || path.display().to_string();
-    let meta = std::fs::metadata(path).map_err(|error| KbsError::KeyFileIo {
+    let io = |error| KbsError::KeyFileIo {
         path: name(),
         error,
-    })?;
+    };
+    // Opened without blocking (a FIFO must not hang the broker), then the opened file is
+    // the one checked and read.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
     if !meta.is_file() {
         return Err(KbsError::KeyFileIo {
             path: name(),
@@ -623,10 +633,11 @@ pub fn load_key(path: &Path) -> Result<Zeroizing<[u8; 32]>, KbsError> {
             len: meta.len(),
         });
     }
-    let bytes = Zeroizing::new(std::fs::read(path).map_err(|error| KbsError::KeyFileIo {
-        path: name(),
-        error,
-    })?);
+    let mut bytes = Zeroizing::new(Vec::with_capacity(33));
+    (&mut file)
+        .take(33)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
     let mut key = Zeroizing::new([0u8; 32]);
     if bytes.len() != 32 {
         return Err(KbsError::KeyFileSize {
@@ -987,9 +998,13 @@ impl Broker {
         let peer = stream
             .peer_addr()
             .map_or_else(|_| "?".to_string(), |a| a.to_string());
-        seat.evictable(&stream);
+        seat.waiting(&stream);
         let read = read_line(&stream, Instant::now() + REQUEST_DEADLINE);
-        seat.working();
+        if !seat.working() {
+            // Evicted while waiting: its seat is a newer connection's now, and what it had
+            // sent (a shutdown read returns the buffered bytes) is not worked on.
+            return;
+        }
         let reply = match read {
             Ok(line) => self.handle_line(&line, Instant::now(), &peer),
             Err(KbsError::Closed) => return,
@@ -998,14 +1013,13 @@ impl Broker {
                 error_line(&e)
             }
         };
-        seat.evictable(&stream);
-        send_and_close(stream, &reply);
+        send_and_close(stream, &reply, seat);
     }
 }
 
 /// Writes `reply` and a newline, then closes, first reading and discarding briefly what the
 /// peer still sends so that the close does not reset the connection under the reply.
-fn send_and_close(mut stream: TcpStream, reply: &str) {
+fn send_and_close(mut stream: TcpStream, reply: &str, seat: &Seat) {
     let _ = stream.set_write_timeout(Some(REQUEST_DEADLINE));
     let mut line = reply.as_bytes().to_vec();
     line.push(b'\n');
@@ -1017,6 +1031,8 @@ fn send_and_close(mut stream: TcpStream, reply: &str) {
         return;
     }
     let _ = stream.shutdown(Shutdown::Write);
+    // The reply is out: from here the connection may give its seat away (first of all).
+    seat.lingering(&stream);
     let until = Instant::now() + LINGER;
     let mut drained = 0;
     let mut sink = [0u8; 4096];
@@ -1092,28 +1108,41 @@ pub fn listen_address(s: &str) -> Result<SocketAddr, KbsError> {
     Ok(addr)
 }
 
+/// What an evictable connection is doing; the first kind goes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Idle {
+    /// Answered, draining what the peer still sends.
+    Lingering,
+    /// Waiting for its request line.
+    Waiting,
+}
+
 /// The connections being served, and which of them may be closed to make room.
 #[derive(Default)]
 struct Seats {
     active: usize,
     next_id: u64,
-    /// Connections waiting for their request or lingering after their reply: since when,
-    /// and a handle to shut them down.
-    evictable: HashMap<u64, (Instant, TcpStream)>,
+    /// Connections waiting for their request or lingering after their reply: what, since
+    /// when, and a handle to shut them down. Connections being worked on are never here.
+    evictable: HashMap<u64, (Idle, Instant, TcpStream)>,
+    /// Connections evicted whose threads have not yet noticed.
+    evicted: std::collections::HashSet<u64>,
 }
 
 impl Seats {
-    /// Closes the connection that has been evictable longest; false if none is.
+    /// Closes one idle connection (lingering ones first, then the longest waiting); false if
+    /// none is idle.
     fn evict_one(&mut self) -> bool {
-        let oldest = self
+        let first = self
             .evictable
             .iter()
-            .min_by_key(|(_, (since, _))| *since)
+            .min_by_key(|(_, (idle, since, _))| (*idle, *since))
             .map(|(id, _)| *id);
-        match oldest.and_then(|id| self.evictable.remove(&id)) {
-            Some((_, stream)) => {
+        match first.and_then(|id| self.evictable.remove(&id).map(|e| (id, e))) {
+            Some((id, (_, _, stream))) => {
                 // Its thread's read or linger returns at once and the thread ends.
                 let _ = stream.shutdown(Shutdown::Both);
+                self.evicted.insert(id);
                 true
             }
             None => false,
@@ -1132,16 +1161,30 @@ impl Seat {
         self.seats.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn evictable(&self, stream: &TcpStream) {
+    fn idle(&self, what: Idle, stream: &TcpStream) {
         if let Ok(handle) = stream.try_clone() {
-            self.lock()
-                .evictable
-                .insert(self.id, (Instant::now(), handle));
+            let mut seats = self.lock();
+            if !seats.evicted.contains(&self.id) {
+                seats
+                    .evictable
+                    .insert(self.id, (what, Instant::now(), handle));
+            }
         }
     }
 
-    fn working(&self) {
-        self.lock().evictable.remove(&self.id);
+    fn waiting(&self, stream: &TcpStream) {
+        self.idle(Idle::Waiting, stream);
+    }
+
+    fn lingering(&self, stream: &TcpStream) {
+        self.idle(Idle::Lingering, stream);
+    }
+
+    /// Leaves the evictable set to work on a request; false if evicted already.
+    fn working(&self) -> bool {
+        let mut seats = self.lock();
+        seats.evictable.remove(&self.id);
+        !seats.evicted.contains(&self.id)
     }
 }
 
@@ -1149,6 +1192,7 @@ impl Drop for Seat {
     fn drop(&mut self) {
         let mut seats = self.lock();
         seats.evictable.remove(&self.id);
+        seats.evicted.remove(&self.id);
         seats.active -= 1;
     }
 }
@@ -1167,22 +1211,26 @@ pub fn serve(broker: Arc<Broker>, listener: TcpListener) {
                 continue;
             }
         };
-        let admitted = {
+        let (admitted, evicted) = {
             let mut s = seats.lock().unwrap_or_else(|e| e.into_inner());
-            // An evicted connection keeps its seat until its thread has ended, so the count
-            // can pass the limit briefly, by the connections being closed.
-            let room = s.active < MAX_CLIENTS || s.evict_one();
+            // An evicted connection keeps its seat until its thread has ended (at once: it
+            // does no more work), so the count passes the limit briefly; never past twice it.
+            let (room, evicted) = if s.active < MAX_CLIENTS {
+                (true, false)
+            } else if s.active < 2 * MAX_CLIENTS && s.evict_one() {
+                (true, true)
+            } else {
+                (false, false)
+            };
             if room {
-                if s.active >= MAX_CLIENTS {
-                    tracing::warn!("all {MAX_CLIENTS} seats taken: closed the connection idle longest");
-                }
                 s.active += 1;
                 s.next_id += 1;
-                Some(s.next_id)
-            } else {
-                None
             }
+            (room.then_some(s.next_id), evicted)
         };
+        if evicted {
+            tracing::warn!("all {MAX_CLIENTS} seats taken: closed the connection idle longest");
+        }
         let Some(id) = admitted else {
             tracing::warn!("refused a connection: {}", KbsError::Busy);
             let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
@@ -1459,6 +1507,47 @@ mod tests {
 
     fn g() -> Vec<u8> {
         parse_hex(G).unwrap()
+    }
+
+    /// Seats: lingering connections are evicted before waiting ones, the longest waiting
+    /// first; an evicted connection cannot go on to be worked on; counts balance.
+    #[test]
+    fn seats_evict_idle_connections_in_order_and_evicted_ones_do_no_work() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut conns = Vec::new();
+        for _ in 0..3 {
+            let client = TcpStream::connect(addr).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            conns.push((client, server));
+        }
+        let seats = Arc::new(std::sync::Mutex::new(Seats::default()));
+        let seat = |id| {
+            seats.lock().unwrap().active += 1;
+            Seat {
+                seats: seats.clone(),
+                id,
+            }
+        };
+        let (a, b, c) = (seat(1), seat(2), seat(3));
+        a.waiting(&conns[0].1);
+        b.waiting(&conns[1].1);
+        assert!(c.working(), "c works on a request: not evictable");
+        c.lingering(&conns[2].1);
+        // Lingering c goes first although it became idle last; then a, waiting longest.
+        assert!(seats.lock().unwrap().evict_one());
+        assert!(seats.lock().unwrap().evicted.contains(&3));
+        assert!(seats.lock().unwrap().evict_one());
+        assert!(!a.working(), "evicted while waiting: no work");
+        assert!(b.working());
+        assert!(!seats.lock().unwrap().evict_one(), "nothing idle is left");
+        // The evicted socket was shut down: its peer sees the end.
+        let mut buf = [0u8; 1];
+        conns[0].0.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!((&conns[0].0).read(&mut buf).unwrap(), 0);
+        drop((a, b, c));
+        let s = seats.lock().unwrap();
+        assert_eq!((s.active, s.evictable.len(), s.evicted.len()), (0, 0, 0));
     }
 
     /// The policy format `kbs serve --help` shows parses as shown (placeholders filled in).

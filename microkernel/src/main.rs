@@ -611,10 +611,12 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
             let platform_dir = match platform_dir {
                 Some(dir) => dir,
                 None => {
-                    let path = manifest
-                        .clone()
-                        .unwrap_or_else(|| PathBuf::from(DEFAULT_MANIFEST));
-                    let m = Manifest::load(&path).ok();
+                    // A manifest named on the command line must load; the default one may
+                    // be absent.
+                    let m = match &manifest {
+                        Some(path) => Some(load(Some(path))?),
+                        None => Manifest::load(Path::new(DEFAULT_MANIFEST)).ok(),
+                    };
                     let state = client_state_dir(state_dir, manifest.as_deref())?;
                     m.and_then(|m| m.attest.platform_dir)
                         .unwrap_or_else(|| supervisor::default_platform_dir(&state))
@@ -708,9 +710,9 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
                 }
                 (None, None) => None,
             };
-            let data = match nonce {
+            let data = match &nonce {
                 Some(n) => Some(microkernel::verify::report_data_for(
-                    &microkernel::verify::parse_hex(&n)
+                    &microkernel::verify::parse_hex(n)
                         .ok_or_else(|| fail("--nonce must be hex bytes, e.g. 00112233".into()))?,
                 )),
                 None => None,
@@ -730,11 +732,16 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
                              but what it measured was not checked"
                         );
                     }
-                    if data.is_none() {
-                        eprintln!(
+                    match &nonce {
+                        None => eprintln!(
                             "paravisor: WARNING: no --nonce was given: the report's freshness \
                              was not checked"
-                        );
+                        ),
+                        Some(n) if n.trim().is_empty() => eprintln!(
+                            "paravisor: WARNING: the --nonce given is empty: report_data was \
+                             checked to be all zeros, which proves no freshness"
+                        ),
+                        Some(_) => {}
                     }
                     if json {
                         println!(

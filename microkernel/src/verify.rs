@@ -161,10 +161,18 @@ fn reserved_for(version: u32) -> Vec<(usize, usize)> {
 const TCB_FIELDS: [usize; 4] = [0x38, 0x180, 0x1E0, 0x1F0];
 
 /// The reserved bytes inside each TCB_VERSION: Milan and Genoa put boot loader and TEE in
-/// bytes 0-1 and SNP and microcode in 6-7 (2..6 reserved); Turin (family 1Ah, reported from
-/// version 3 on) puts FMC, boot loader, TEE, SNP in 0-3 and microcode in 7 (4..7 reserved).
+/// bytes 0-1 and SNP and microcode in 6-7 (2..6 reserved); Turin puts FMC, boot loader, TEE,
+/// SNP in 0-3 and microcode in 7 (4..7 reserved). The generation is told as the sev crate
+/// tells it, so both read the same layout: from version 3 on by CPUID family (1Ah: Turin);
+/// in version 2 (no CPUID bytes) by a chip id whose last 56 bytes are zero (Turin's 8-byte
+/// id).
 fn tcb_reserved(report: &[u8], version: u32) -> std::ops::Range<usize> {
-    let turin = version >= 3 && report[0x188] == 0x1A;
+    let chip = &report[0x1A0..0x1E0];
+    let turin = if version >= 3 {
+        report[0x188] == 0x1A
+    } else {
+        chip.iter().any(|b| *b != 0) && chip[8..].iter().all(|b| *b == 0)
+    };
     if turin { 4..7 } else { 2..6 }
 }
 
@@ -250,16 +258,21 @@ fn read(path: &Path) -> Result<Vec<u8>, VerifyError> {
 /// evidence comes from whoever sent it, and a verifier must not be made to swallow gigabytes.
 pub fn read_at_most(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    // Not a FIFO or a device: opening or reading one could block for ever.
-    if !std::fs::metadata(path)?.is_file() {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Not a FIFO or a device: opening or reading one could block for ever. Opened without
+    // blocking, then the opened file is checked (the path may change in between).
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             "not a regular file",
         ));
     }
     let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(limit + 1)
+    file.take(limit + 1)
         .read_to_end(&mut bytes)?;
     if bytes.len() as u64 > limit {
         return Err(std::io::Error::new(
