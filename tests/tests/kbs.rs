@@ -223,6 +223,25 @@ impl Broker {
         )
     }
 
+    /// `paravisor kbs fetch` with a report of platform A for `measurement`, into
+    /// `name` in the broker's directory: (success, output, the key file).
+    fn fetch(&self, measurement: &str, name: &str) -> (bool, String, PathBuf) {
+        let out = self.dir.join(name);
+        let (ok, text) = run(&[
+            "kbs",
+            "fetch",
+            "--kbs",
+            &self.addr(),
+            "--platform-dir",
+            platforms().a.to_str().unwrap(),
+            "--measurement",
+            measurement,
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        (ok, text, out)
+    }
+
     /// The reason of a refusal.
     fn refused(&self, reply: &serde_json::Value) -> String {
         reply["error"]
@@ -261,19 +280,7 @@ fn report(platform: &Path, data: &str, measurement: &str, out: &Path) -> Vec<u8>
 #[test]
 fn the_key_is_released_to_a_verified_report_and_equals_the_tenant_key() {
     let broker = Broker::start("kbs-ok");
-    let out = broker.dir.join("fetched.key");
-    let (ok, text) = run(&[
-        "kbs",
-        "fetch",
-        "--kbs",
-        &broker.addr(),
-        "--platform-dir",
-        platforms().a.to_str().unwrap(),
-        "--measurement",
-        &allowed(),
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let (ok, text, out) = broker.fetch(&allowed(), "fetched.key");
     assert!(ok, "{text}\n{}", broker.log());
     assert_eq!(
         std::fs::read(&out).unwrap(),
@@ -291,19 +298,7 @@ fn the_key_is_released_to_a_verified_report_and_equals_the_tenant_key() {
 fn a_measurement_outside_the_policy_is_refused_by_name() {
     let broker = Broker::start("kbs-meas");
     let other = "cd".repeat(48);
-    let out = broker.dir.join("fetched.key");
-    let (ok, text) = run(&[
-        "kbs",
-        "fetch",
-        "--kbs",
-        &broker.addr(),
-        "--platform-dir",
-        platforms().a.to_str().unwrap(),
-        "--measurement",
-        &other,
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let (ok, text, out) = broker.fetch(&other, "fetched.key");
     assert!(!ok, "{text}");
     assert!(
         text.contains(&format!(
@@ -480,19 +475,8 @@ fn garbage_oversize_and_silent_clients_are_dropped_and_the_broker_keeps_serving(
 fn a_flood_of_challenges_or_idle_connections_does_not_lock_out_a_genuine_client() {
     let broker = Broker::start("kbs-flood");
     let fetch = |name: &str| {
-        let out = broker.dir.join(name);
-        run(&[
-            "kbs",
-            "fetch",
-            "--kbs",
-            &broker.addr(),
-            "--platform-dir",
-            platforms().a.to_str().unwrap(),
-            "--measurement",
-            &allowed(),
-            "-o",
-            out.to_str().unwrap(),
-        ])
+        let (ok, text, _) = broker.fetch(&allowed(), name);
+        (ok, text)
     };
     // More challenges than the table holds (4096), each on its own connection.
     let first = broker.challenge();
