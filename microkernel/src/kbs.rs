@@ -634,10 +634,7 @@ pub fn load_key(path: &Path) -> Result<Zeroizing<[u8; 32]>, KbsError> {
         });
     }
     let mut bytes = Zeroizing::new(Vec::with_capacity(33));
-    (&mut file)
-        .take(33)
-        .read_to_end(&mut bytes)
-        .map_err(io)?;
+    (&mut file).take(33).read_to_end(&mut bytes).map_err(io)?;
     let mut key = Zeroizing::new([0u8; 32]);
     if bytes.len() != 32 {
         return Err(KbsError::KeyFileSize {
@@ -840,7 +837,11 @@ impl Nonces {
     fn issue(&mut self, now: Instant, max_age: Duration) -> Result<[u8; NONCE_LEN], KbsError> {
         self.purge(now, max_age);
         if self.issued.len() >= MAX_OUTSTANDING_NONCES {
-            let oldest = self.issued.iter().min_by_key(|(_, i)| i.at).map(|(n, _)| *n);
+            let oldest = self
+                .issued
+                .iter()
+                .min_by_key(|(_, i)| i.at)
+                .map(|(n, _)| *n);
             if let Some(n) = oldest {
                 self.issued.remove(&n);
             }
@@ -1543,7 +1544,10 @@ mod tests {
         assert!(!seats.lock().unwrap().evict_one(), "nothing idle is left");
         // The evicted socket was shut down: its peer sees the end.
         let mut buf = [0u8; 1];
-        conns[0].0.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        conns[0]
+            .0
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         assert_eq!((&conns[0].0).read(&mut buf).unwrap(), 0);
         drop((a, b, c));
         let s = seats.lock().unwrap();

@@ -341,7 +341,9 @@ enum VmgsTop {
 /// What guest a run starts (shared by `run` and `measure`). Under `measure`, `attest
 /// verify`, `vmgs reseal`, they describe the run whose launch is meant.
 #[derive(clap::Args, Debug, Default)]
-#[command(next_help_heading = "Guest options (for measure, attest verify and vmgs reseal: those of the run meant)")]
+#[command(
+    next_help_heading = "Guest options (for measure, attest verify and vmgs reseal: those of the run meant)"
+)]
 struct GuestArgs {
     /// Run the services without a guest, until stopped (Ctrl-C or `paravisor stop`).
     #[arg(long, conflicts_with_all = ["kernel", "guest", "keep_running"])]

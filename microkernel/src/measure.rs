@@ -481,9 +481,7 @@ fn launch_inner(
                 command_line,
             } => {
                 let keep = keep_images.then_some("pv-guest-image");
-                if let Some(fd) =
-                    measure_file(&mut m, Kind::GuestImage, "guest image", p, keep)?
-                {
+                if let Some(fd) = measure_file(&mut m, Kind::GuestImage, "guest image", p, keep)? {
                     sealed.guest.push((p.clone(), fd));
                 }
                 command_line
@@ -499,9 +497,7 @@ fn launch_inner(
                 }
                 if let Some(i) = initrd {
                     let keep = keep_images.then_some("pv-guest-initrd");
-                    if let Some(fd) =
-                        measure_file(&mut m, Kind::GuestInitrd, "initrd", i, keep)?
-                    {
+                    if let Some(fd) = measure_file(&mut m, Kind::GuestInitrd, "initrd", i, keep)? {
                         sealed.guest.push((i.clone(), fd));
                     }
                 }

@@ -445,8 +445,7 @@ impl Supervisor {
                 let chain = crate::platform::chain_pem(&platform)?;
                 let certs = opts.state_dir.join(PLATFORM_CERTS);
                 // Rewritten only when it differs (a same-length file is read to compare).
-                let same = std::fs::metadata(&certs)
-                    .is_ok_and(|m| m.len() == chain.len() as u64)
+                let same = std::fs::metadata(&certs).is_ok_and(|m| m.len() == chain.len() as u64)
                     && std::fs::read(&certs).ok().as_deref() == Some(chain.as_bytes());
                 if !same {
                     std::fs::write(&certs, chain)?;

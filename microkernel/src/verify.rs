@@ -173,7 +173,11 @@ fn tcb_reserved(report: &[u8], version: u32) -> std::ops::Range<usize> {
     } else {
         chip.iter().any(|b| *b != 0) && chip[8..].iter().all(|b| *b == 0)
     };
-    if turin { 4..7 } else { 2..6 }
+    if turin {
+        4..7
+    } else {
+        2..6
+    }
 }
 
 /// The report's ECDSA P-384 / SHA-384 signature checked over its raw bytes 0..0x2A0 with the
@@ -272,8 +276,7 @@ pub fn read_at_most(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
         ));
     }
     let mut bytes = Vec::new();
-    file.take(limit + 1)
-        .read_to_end(&mut bytes)?;
+    file.take(limit + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > limit {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -397,8 +400,16 @@ pub fn verify(
     // the sev crate's whole-chain check.
     for (signer, signee, what) in [
         (&chain.ca.ark, &chain.ca.ark, "the ARK is not self-signed"),
-        (&chain.ca.ark, &chain.ca.ask, "the ASK is not signed by the ARK"),
-        (&chain.ca.ask, &chain.vek, "the VCEK is not signed by the ASK"),
+        (
+            &chain.ca.ark,
+            &chain.ca.ask,
+            "the ASK is not signed by the ARK",
+        ),
+        (
+            &chain.ca.ask,
+            &chain.vek,
+            "the VCEK is not signed by the ASK",
+        ),
     ] {
         (signer, signee)
             .verify()

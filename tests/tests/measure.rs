@@ -124,7 +124,10 @@ fn paths_and_working_directory_do_not_change_the_measurement() {
         (&dir, vec![abs]),
     ] {
         let m = measure(cwd, &exe, &args);
-        assert_eq!(m["measurement"], reference["measurement"], "{args:?} in {cwd:?}");
+        assert_eq!(
+            m["measurement"], reference["measurement"],
+            "{args:?} in {cwd:?}"
+        );
     }
     // The same through the installation's own copy of the shipped binaries elsewhere.
     assert_eq!(
@@ -133,7 +136,11 @@ fn paths_and_working_directory_do_not_change_the_measurement() {
     );
     // A guest file: its contents count, not its name or location; the path is still logged.
     let a = measure(&dir, &exe, &[abs, "--kernel", "kernel-a"]);
-    let b = measure(&install, &exe, &["manifest.toml", "--kernel", "./other-name"]);
+    let b = measure(
+        &install,
+        &exe,
+        &["manifest.toml", "--kernel", "./other-name"],
+    );
     assert_eq!(a["measurement"], b["measurement"]);
     let logged: Vec<&str> = b["entries"]
         .as_array()

@@ -356,7 +356,10 @@ fn a_report_from_the_running_paravisor_verifies_against_its_launch() {
         state_s,
     ]);
     assert!(out.status.success(), "{}", text(&out));
-    let (a, b) = (std::fs::read(&report).unwrap(), std::fs::read(&second).unwrap());
+    let (a, b) = (
+        std::fs::read(&report).unwrap(),
+        std::fs::read(&second).unwrap(),
+    );
     assert_eq!(a[0x140..0x160], b[0x140..0x160]);
     assert_ne!(a[0x140..0x160], [0; 32]);
     let fp = r.pv(&["attest", "fingerprint", "--certs", certs.to_str().unwrap()]);
