@@ -1110,6 +1110,17 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             let dir = client_state_dir(state_dir, manifest.as_deref())?;
             done(send(&dir, &Command::Probe { service, endpoint })?)
         }
+        Cmd::Bench { what, .. }
+            if ["vtpm", "guest", "measure", "attest"].contains(&what.as_str())
+                && !Path::new(DEFAULT_MANIFEST).is_file() =>
+        {
+            eprintln!(
+                "paravisor: bench {what} runs the {DEFAULT_MANIFEST} of the current directory, \
+                 and there is none here: run it from the directory that holds the shipped \
+                 manifest (the repository's root)"
+            );
+            Err(ExitCode::FAILURE)
+        }
         Cmd::Bench {
             what,
             dir,
