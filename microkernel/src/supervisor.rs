@@ -2195,55 +2195,66 @@ impl Supervisor {
         (checked, findings)
     }
 
-    /// The services in an order that stops every client before the services it calls (a
-    /// topological order of the `calls` graph); services in a cycle of calls, in reverse
-    /// manifest order.
-    fn stop_order(&self) -> Vec<usize> {
+    /// The services in waves that stop every client before the services it calls (a
+    /// layering of the `calls` graph): a wave is every service none of whose clients is in
+    /// a later wave. Services in a cycle of calls go one at a time, in reverse manifest order.
+    fn stop_waves(&self) -> Vec<Vec<usize>> {
         let n = self.services.len();
         let mut stopped = vec![false; n];
-        let mut order = Vec::with_capacity(n);
-        while order.len() < n {
-            // A service none of whose clients still runs.
-            let next = (0..n).rev().find(|&i| {
-                !stopped[i]
-                    && !self
-                        .links
-                        .iter()
-                        .any(|l| l.server == i && l.client != i && !stopped[l.client])
-            });
-            let i = next.unwrap_or_else(|| (0..n).rev().find(|&i| !stopped[i]).expect("one left"));
-            stopped[i] = true;
-            order.push(i);
+        let mut waves = Vec::new();
+        let mut left = n;
+        while left > 0 {
+            let mut wave: Vec<usize> = (0..n)
+                .rev()
+                .filter(|&i| {
+                    !stopped[i]
+                        && !self
+                            .links
+                            .iter()
+                            .any(|l| l.server == i && l.client != i && !stopped[l.client])
+                })
+                .collect();
+            if wave.is_empty() {
+                wave.push((0..n).rev().find(|&i| !stopped[i]).expect("one left"));
+            }
+            for &i in &wave {
+                stopped[i] = true;
+            }
+            left -= wave.len();
+            waves.push(wave);
         }
-        order
+        waves
     }
 
-    /// Stops every service: a shutdown request, a grace period, then SIGKILL.
+    /// Stops every service: a shutdown request, a grace period, then SIGKILL; wave by wave,
+    /// so that a service has exited before the services it calls are asked to stop (a vTPM
+    /// still writing its state reaches vmgs, a call in flight to attest gets its answer).
     fn shutdown(&mut self) {
-        // Clients before the services they call: a vTPM still writing its state reaches
-        // vmgs, a service finishing a call reaches attest.
-        for i in self.stop_order() {
-            let s = &mut self.services[i];
-            s.restart_at = None;
-            // Skip services that are already gone (their pidfd is readable).
-            let alive = s.process.as_ref().is_some_and(|p| {
-                sandbox::poll_readable(&[p.pidfd.as_raw_fd()], 0).is_ok_and(|r| !r[0])
-            });
-            if alive && s.state == State::Running {
-                let _ = s
-                    .control
-                    .call(&ctl::Request::Shutdown, Duration::from_millis(500));
-            }
-        }
-        let deadline = Instant::now() + SHUTDOWN_GRACE;
-        for s in self.services.iter_mut() {
-            if let Some(p) = s.process.take() {
-                if !wait_exit(&p.pidfd, deadline.saturating_duration_since(Instant::now())) {
-                    tracing::warn!(service = %s.spec.name, "did not stop in time; killing");
-                    let _ = sandbox::pidfd_signal(&p.pidfd, libc::SIGKILL);
-                    wait_exit(&p.pidfd, Duration::from_secs(5));
+        for wave in self.stop_waves() {
+            for &i in &wave {
+                let s = &mut self.services[i];
+                s.restart_at = None;
+                // Skip services that are already gone (their pidfd is readable).
+                let alive = s.process.as_ref().is_some_and(|p| {
+                    sandbox::poll_readable(&[p.pidfd.as_raw_fd()], 0).is_ok_and(|r| !r[0])
+                });
+                if alive && s.state == State::Running {
+                    let _ = s
+                        .control
+                        .call(&ctl::Request::Shutdown, Duration::from_millis(500));
                 }
-                s.state = State::Stopped;
+            }
+            let deadline = Instant::now() + SHUTDOWN_GRACE;
+            for &i in &wave {
+                let s = &mut self.services[i];
+                if let Some(p) = s.process.take() {
+                    if !wait_exit(&p.pidfd, deadline.saturating_duration_since(Instant::now())) {
+                        tracing::warn!(service = %s.spec.name, "did not stop in time; killing");
+                        let _ = sandbox::pidfd_signal(&p.pidfd, libc::SIGKILL);
+                        wait_exit(&p.pidfd, Duration::from_secs(5));
+                    }
+                    s.state = State::Stopped;
+                }
             }
         }
         tracing::info!("all services stopped");

@@ -461,4 +461,24 @@ fn ctrl_c_to_the_whole_process_group_stops_the_services_in_order() {
             "{name} was not shut down in order:\n{log}"
         );
     }
+    // Clients have exited before the services they call are asked to stop (CI once caught
+    // a vTPM, stopped during its attestation binding, left waiting on an attest service
+    // that had been stopped under it, and killed).
+    let at = |name: &str| {
+        log.find(&format!("service{{name={name}}}: shut down on request"))
+            .unwrap()
+    };
+    for (client, server) in [
+        ("tpm-gateway", "vtpm"),
+        ("intercept", "vtpm"),
+        ("vtpm", "attest"),
+        ("vtpm", "vmgs"),
+        ("attest", "vmgs"),
+    ] {
+        assert!(
+            at(client) < at(server),
+            "{client} stopped after {server}, which it calls:\n{log}"
+        );
+    }
+    assert!(!log.contains("did not stop in time"), "{log}");
 }

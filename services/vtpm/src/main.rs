@@ -171,6 +171,11 @@ struct AttestReports<'a> {
 
 impl Attester for AttestReports<'_> {
     fn report(&mut self, report_data: &[u8; attest::REPORT_DATA_LEN]) -> Result<Vec<u8>, String> {
+        // Asked to stop (answered while the keys were made): no new call that may wait.
+        self.keep_alive();
+        if self.shutdown {
+            return Err("the supervisor asked this service to stop".into());
+        }
         let attest_client = self.attest.clone().ok_or(
             "the manifest grants vtpm no attest channel (calls = [{ endpoint = \"attest\" }])",
         )?;
