@@ -600,29 +600,14 @@ impl Policy {
 /// Reads a tenant key file: a regular file of exactly 32 bytes that neither group nor others
 /// may access.
 pub fn load_key(path: &Path) -> Result<Zeroizing<[u8; 32]>, KbsError> {
-    use std::os::unix::fs::OpenOptionsExt;
     let name = || path.display().to_string();
     let io = |error| KbsError::KeyFileIo {
         path: name(),
         error,
     };
-    // Opened without blocking (a FIFO must not hang the broker), then the opened file is
-    // the one checked and read.
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(io)?;
+    // The opened file is the one checked and read (`kbs init-key FILE` makes one).
+    let mut file = crate::verify::open_regular(path).map_err(io)?;
     let meta = file.metadata().map_err(io)?;
-    if !meta.is_file() {
-        return Err(KbsError::KeyFileIo {
-            path: name(),
-            error: std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "not a regular file (`paravisor kbs init-key FILE` makes one)",
-            ),
-        });
-    }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(KbsError::KeyFileMode { path: name(), mode });

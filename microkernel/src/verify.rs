@@ -258,13 +258,11 @@ fn read(path: &Path) -> Result<Vec<u8>, VerifyError> {
     })
 }
 
-/// Reads a file of evidence, refusing one larger than `limit` bytes before reading it all:
-/// evidence comes from whoever sent it, and a verifier must not be made to swallow gigabytes.
-pub fn read_at_most(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
+/// Opens a regular file for reading, and nothing else: a FIFO or a device could block for
+/// ever. Opened without blocking, then the opened file is checked (the path may change in
+/// between).
+pub fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    // Not a FIFO or a device: opening or reading one could block for ever. Opened without
-    // blocking, then the opened file is checked (the path may change in between).
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
@@ -275,8 +273,17 @@ pub fn read_at_most(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
             "not a regular file",
         ));
     }
+    Ok(file)
+}
+
+/// Reads a file of evidence, refusing one larger than `limit` bytes before reading it all:
+/// evidence comes from whoever sent it, and a verifier must not be made to swallow gigabytes.
+pub fn read_at_most(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
     let mut bytes = Vec::new();
-    file.take(limit + 1).read_to_end(&mut bytes)?;
+    open_regular(path)?
+        .take(limit + 1)
+        .read_to_end(&mut bytes)?;
     if bytes.len() as u64 > limit {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
