@@ -1,6 +1,7 @@
 //! The measured launch: before any service runs, the microkernel measures what it is about to
-//! start, in order (the manifest, each service executable in manifest order, the guest image(s)
-//! and command line, the boot vCPU's initial state) into
+//! start, in order (its own executable, the manifest, each service executable in manifest
+//! order, the shared code they map: the dynamic loader and every library, by name, the guest
+//! image(s) and command line, the boot vCPU's initial state) into
 //! - a **launch log**: one entry per item (sequence, kind, name, length, SHA-384), and
 //! - a **launch digest** computed the way an AMD SEV-SNP secure processor computes a guest's
 //!   (SNP_LAUNCH_UPDATE): a SHA-384 chain over 4 KiB pages, each step hashing a PAGE_INFO
@@ -25,6 +26,7 @@ use serde::Serialize;
 use sha2::Digest;
 use sha2::Sha384;
 
+use crate::libraries::Library;
 use crate::manifest::Manifest;
 use crate::partition::GuestConfig;
 use crate::partition::Image;
@@ -47,8 +49,12 @@ pub type Digest384 = [u8; 48];
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Kind {
+    /// The running paravisor's own executable (the microkernel).
+    Microkernel,
     Manifest,
     Service,
+    /// A dynamic loader or shared library that the microkernel or a service maps.
+    Library,
     GuestImage,
     GuestInitrd,
     CommandLine,
@@ -58,8 +64,10 @@ pub enum Kind {
 impl Kind {
     pub fn name(self) -> &'static str {
         match self {
+            Kind::Microkernel => "microkernel",
             Kind::Manifest => "manifest",
             Kind::Service => "service",
+            Kind::Library => "library",
             Kind::GuestImage => "guest-image",
             Kind::GuestInitrd => "guest-initrd",
             Kind::CommandLine => "command-line",
@@ -118,6 +126,13 @@ pub enum MeasureError {
         path: String,
         error: std::io::Error,
     },
+    #[error(
+        "refusing to measure a launch with {0} set: these variables load code into the \
+         microkernel or change how it runs, which the measurement cannot tell; unset them"
+    )]
+    Environment(String),
+    #[error("{0}")]
+    Code(String),
 }
 
 /// SNP's launch digest: a SHA-384 chain of PAGE_INFO records.
@@ -182,6 +197,8 @@ impl Kind {
             Kind::GuestInitrd => 4,
             Kind::CommandLine => 5,
             Kind::VcpuState => 6,
+            Kind::Microkernel => 7,
+            Kind::Library => 8,
         }
     }
 }
@@ -349,12 +366,42 @@ pub fn launch_sealed(
     launch_inner(manifest, bin_dir, guest, true)
 }
 
-/// The measured files, kept as sealed memfds: each service binary (manifest order) and each
-/// guest file (image, initrd) with the path it was measured from.
+/// The measured files, kept as sealed memfds: each service binary (manifest order), the
+/// shared code they map, and each guest file (image, initrd) with the path it was measured
+/// from.
 #[derive(Debug, Default)]
 pub struct Sealed {
     pub services: Vec<OwnedFd>,
+    /// Per service (manifest order): its interpreter and libraries, as indexes into
+    /// `libraries`.
+    pub service_code: Vec<Vec<usize>>,
+    /// Every library measured, by name.
+    pub libraries: Vec<SealedLibrary>,
     pub guest: Vec<(PathBuf, OwnedFd)>,
+}
+
+/// A library exactly as measured.
+#[derive(Debug)]
+pub struct SealedLibrary {
+    pub library: Library,
+    pub image: OwnedFd,
+    pub length: u64,
+}
+
+impl Sealed {
+    /// The copies service `index`'s sandbox holds: (sealed image, length, path inside the
+    /// sandbox).
+    pub fn code_of(&self, index: usize) -> Vec<(&OwnedFd, u64, &str)> {
+        self.service_code
+            .get(index)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|&i| self.libraries.get(i))
+                    .map(|l| (&l.image, l.length, l.library.sandbox_path.as_str()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 impl Sealed {
@@ -441,6 +488,58 @@ fn launch_inner(
 ) -> Result<(LaunchLog, Sealed), MeasureError> {
     let mut sealed = Sealed::default();
     let mut m = Measurer::default();
+    let refused = crate::libraries::refused_environment(std::env::vars_os().map(|(k, v)| {
+        (
+            k.to_string_lossy().into_owned(),
+            v.to_string_lossy().into_owned(),
+        )
+    }));
+    if !refused.is_empty() {
+        return Err(MeasureError::Environment(refused.join(", ")));
+    }
+    // The microkernel first: its executable as running, and a check that it maps nothing
+    // but that and its libraries (measured below with the services').
+    let own = Path::new("/proc/self/exe");
+    let own_code = crate::libraries::resolve(own).map_err(|e| MeasureError::Code(e.to_string()))?;
+    crate::libraries::check_own_maps(own, &own_code).map_err(MeasureError::Code)?;
+    let read_err = |what: &'static str, path: &Path| {
+        let path = path.display().to_string();
+        move |error| MeasureError::Read { what, path, error }
+    };
+    let exe = File::open(own).map_err(read_err("microkernel", own))?;
+    m.item(Kind::Microkernel, "paravisor", exe)
+        .map_err(read_err("microkernel", own))?;
+    if let Ok(path) = std::env::current_exe() {
+        m.read_from(&path);
+    }
+    let mut libraries: Vec<Library> = Vec::new();
+    let mut add_code = |code: &crate::libraries::Needs| -> Result<Vec<usize>, MeasureError> {
+        let mut ids = Vec::new();
+        for lib in &code.code {
+            let i = match libraries.iter().position(|l| l.name == lib.name) {
+                Some(i) => {
+                    let same = std::fs::canonicalize(&libraries[i].host_path).ok()
+                        == std::fs::canonicalize(&lib.host_path).ok();
+                    if !same {
+                        return Err(MeasureError::Code(format!(
+                            "two different files are both {}: {} and {}",
+                            lib.name,
+                            libraries[i].host_path.display(),
+                            lib.host_path.display()
+                        )));
+                    }
+                    i
+                }
+                None => {
+                    libraries.push(lib.clone());
+                    libraries.len() - 1
+                }
+            };
+            ids.push(i);
+        }
+        Ok(ids)
+    };
+    add_code(&own_code)?;
     // Names are part of the measurement, so they never include a path.
     m.item(Kind::Manifest, "manifest", manifest.source.as_bytes())
         .map_err(|error| MeasureError::Read {
@@ -456,6 +555,34 @@ fn launch_inner(
         let keep = keep_images.then_some(memfd.as_str());
         if let Some(fd) = measure_file(&mut m, Kind::Service, &name, &path, keep)? {
             sealed.services.push(fd);
+        }
+        let code = crate::libraries::resolve(&path).map_err(|e| {
+            MeasureError::Code(format!("the shared code of service {}: {e}", s.name))
+        })?;
+        sealed.service_code.push(add_code(&code)?);
+    }
+    // The shared code, each file once, by name (the order, and so the log, does not depend
+    // on which service needed it first).
+    let mut order: Vec<usize> = (0..libraries.len()).collect();
+    order.sort_by(|&a, &b| libraries[a].name.cmp(&libraries[b].name));
+    let mut renumber = vec![0; libraries.len()];
+    for (new, &old) in order.iter().enumerate() {
+        renumber[old] = new;
+        let lib = &libraries[old];
+        let keep = keep_images.then_some("pv-library");
+        let image = measure_file(&mut m, Kind::Library, &lib.name, &lib.host_path, keep)?;
+        let length = m.log.last().map_or(0, |e| e.length);
+        if let Some(image) = image {
+            sealed.libraries.push(SealedLibrary {
+                library: lib.clone(),
+                image,
+                length,
+            });
+        }
+    }
+    for ids in &mut sealed.service_code {
+        for i in ids.iter_mut() {
+            *i = renumber[*i];
         }
     }
     if let Some(guest) = guest {

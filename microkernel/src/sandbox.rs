@@ -5,9 +5,10 @@
 //! from a process whose allocator lock another thread holds). In order, the child:
 //! 1. moves the granted descriptors to their slots and closes every other descriptor;
 //! 2. asks to be killed when the microkernel dies (no orphans; set first of all);
-//! 3. in its fresh mount namespace, pivots into an empty read-only tmpfs that holds only
-//!    read-only bind mounts of the shared-library directories (no host files, no /proc, no
-//!    /dev), and sets its own hostname in its UTS namespace;
+//! 3. in its fresh mount namespace, pivots into an empty tmpfs that holds only copies of the
+//!    measured loader and libraries the service needs (written from their sealed memfds, then
+//!    the whole root is made read-only: no host files, no /proc, no /dev), and sets its own
+//!    hostname in its UTS namespace;
 //! 4. applies the manifest's resource limits;
 //! 5. sets no_new_privs and installs the loader seccomp filter;
 //! 6. execs the service binary through its descriptor, with an empty environment.
@@ -60,16 +61,22 @@ impl Namespaces {
     }
 }
 
-/// A bind mount or symlink to recreate inside the new root.
+/// What to create inside the new root (paths relative to it).
 #[derive(Debug)]
 enum RootEntry {
-    /// Read-only bind mount of a host directory at the same path.
-    Bind { source: CString, target: CString },
-    /// A symlink (e.g. `/lib -> usr/lib` on merged-/usr systems).
-    Symlink { target: CString, link: CString },
-    /// A directory to create.
+    /// A directory.
     Dir(CString),
+    /// A copy of a measured library: `length` bytes of the sealed memfd `source`.
+    Copy {
+        source: OwnedFd,
+        target: CString,
+        length: u64,
+    },
 }
+
+/// At most this many libraries per service (the child keeps their descriptors in a fixed
+/// array: it may not allocate).
+const MAX_CODE_FILES: usize = 32;
 
 /// Everything the child needs, allocated before `clone`.
 pub struct SpawnPlan {
@@ -85,6 +92,8 @@ pub struct SpawnPlan {
     pub rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
     /// Empty directory the child mounts its tmpfs root on.
     new_root: CString,
+    /// The tmpfs root's mount options (its size fits the library copies).
+    root_options: CString,
     root_entries: Vec<RootEntry>,
     hostname: Vec<u8>,
     /// `/dev/null`, for stdin.
@@ -140,11 +149,14 @@ fn cstr(s: &str) -> io::Result<CString> {
 
 impl SpawnPlan {
     /// Prepares a spawn of `binary` (executed from `image`, its measured copy, if given) with
-    /// descriptors `caps` placed at slots 3, 4, ...
+    /// descriptors `caps` placed at slots 3, 4, ..., and `code` (sealed image, length, path in
+    /// the sandbox: its loader and libraries) copied into its root.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         (binary, image): (&Path, Option<&OwnedFd>),
         args: &[String],
         caps: &[RawFd],
+        code: &[(&OwnedFd, u64, &str)],
         loader_filter: Vec<seccompiler::sock_filter>,
         rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
         new_root: &Path,
@@ -171,6 +183,7 @@ impl SpawnPlan {
             .map(|(i, fd)| (*fd, 3 + i as RawFd))
             .collect();
         std::fs::create_dir_all(new_root).map_err(prep)?;
+        let (root_entries, root_bytes) = root_view(code).map_err(prep)?;
         Ok(SpawnPlan {
             binary: binary_fd,
             argv,
@@ -178,7 +191,8 @@ impl SpawnPlan {
             loader_filter,
             rlimits,
             new_root: cstr(&new_root.to_string_lossy()).map_err(prep)?,
-            root_entries: library_view().map_err(prep)?,
+            root_options: cstr(&format!("size={}k,mode=0755", root_bytes / 1024)).map_err(prep)?,
+            root_entries,
             hostname: hostname.as_bytes().to_vec(),
             dev_null,
         })
@@ -390,6 +404,19 @@ impl SpawnPlan {
                 }
                 scratch[i] = fd;
             }
+            // The library images, out of the way of the slots too (closed after the copies).
+            let mut code_fds = [-1 as RawFd; MAX_CODE_FILES];
+            let mut copies = 0;
+            for entry in &self.root_entries {
+                if let RootEntry::Copy { source, .. } = entry {
+                    let fd = libc::fcntl(source.as_raw_fd(), libc::F_DUPFD_CLOEXEC, SCRATCH_FD);
+                    if fd < 0 || copies >= MAX_CODE_FILES {
+                        fail(0, err_fd);
+                    }
+                    code_fds[copies] = fd;
+                    copies += 1;
+                }
+            }
             let bin_tmp = libc::fcntl(self.binary.as_raw_fd(), libc::F_DUPFD_CLOEXEC, SCRATCH_FD);
             let err_tmp = libc::fcntl(err_fd, libc::F_DUPFD_CLOEXEC, SCRATCH_FD);
             if bin_tmp < 0 || err_tmp < 0 {
@@ -411,9 +438,6 @@ impl SpawnPlan {
                 fail(0, err_fd);
             }
             let err_fd = err_slot;
-            if libc::syscall(libc::SYS_close_range, err_slot as u32 + 1, u32::MAX, 0u32) != 0 {
-                fail(0, err_fd);
-            }
 
             // 3. File system view.
             if ns.contains(Namespaces::MOUNT) {
@@ -432,8 +456,8 @@ impl SpawnPlan {
                     c"tmpfs".as_ptr(),
                     self.new_root.as_ptr(),
                     c"tmpfs".as_ptr(),
-                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                    c"size=64k,mode=0755".as_ptr().cast(),
+                    libc::MS_NOSUID | libc::MS_NODEV,
+                    self.root_options.as_ptr().cast(),
                 ) != 0
                 {
                     fail(3, err_fd);
@@ -441,32 +465,13 @@ impl SpawnPlan {
                 if libc::chdir(self.new_root.as_ptr()) != 0 {
                     fail(3, err_fd);
                 }
+                let mut copy = 0;
                 for entry in &self.root_entries {
                     let ok = match entry {
                         RootEntry::Dir(path) => libc::mkdir(path.as_ptr(), 0o755) == 0,
-                        RootEntry::Symlink { target, link } => {
-                            libc::symlink(target.as_ptr(), link.as_ptr()) == 0
-                        }
-                        RootEntry::Bind { source, target } => {
-                            libc::mkdir(target.as_ptr(), 0o755);
-                            libc::mount(
-                                source.as_ptr(),
-                                target.as_ptr(),
-                                std::ptr::null(),
-                                libc::MS_BIND | libc::MS_REC,
-                                std::ptr::null(),
-                            ) == 0
-                                && libc::mount(
-                                    std::ptr::null(),
-                                    target.as_ptr(),
-                                    std::ptr::null(),
-                                    libc::MS_BIND
-                                        | libc::MS_REMOUNT
-                                        | libc::MS_RDONLY
-                                        | libc::MS_NOSUID
-                                        | libc::MS_NODEV,
-                                    std::ptr::null(),
-                                ) == 0
+                        RootEntry::Copy { target, length, .. } => {
+                            copy += 1;
+                            copy_file(code_fds[copy - 1], target, *length)
                         }
                     };
                     if !ok {
@@ -486,16 +491,17 @@ impl SpawnPlan {
                     std::ptr::null(),
                     c"/".as_ptr(),
                     std::ptr::null(),
-                    libc::MS_REMOUNT
-                        | libc::MS_RDONLY
-                        | libc::MS_NOSUID
-                        | libc::MS_NODEV
-                        | libc::MS_NOEXEC,
+                    libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
                     std::ptr::null(),
                 ) != 0
                 {
                     fail(7, err_fd);
                 }
+            }
+            // Everything but the slots, the binary and the error pipe is closed from here on
+            // (the library images were needed until their copies were made).
+            if libc::syscall(libc::SYS_close_range, err_slot as u32 + 1, u32::MAX, 0u32) != 0 {
+                fail(0, err_fd);
             }
             if ns.contains(Namespaces::UTS)
                 && libc::sethostname(self.hostname.as_ptr().cast(), self.hostname.len()) != 0
@@ -551,44 +557,77 @@ impl SpawnPlan {
     }
 }
 
-/// The host directories a dynamically linked service needs (the loader and shared libraries),
-/// as entries to recreate in the new root: real directories are bind-mounted read-only,
-/// symlinks (merged /usr) are recreated.
-fn library_view() -> io::Result<Vec<RootEntry>> {
-    let mut entries = Vec::new();
-    let mut made_dirs: Vec<String> = Vec::new();
-    for path in ["/usr/lib", "/usr/lib64", "/lib", "/lib64"] {
-        let Ok(meta) = std::fs::symlink_metadata(path) else {
-            continue;
-        };
-        let rel = path.trim_start_matches('/');
-        // Parent directories, in order.
-        let mut parent = String::new();
-        let parts: Vec<&str> = rel.split('/').collect();
-        for part in &parts[..parts.len() - 1] {
-            if !parent.is_empty() {
-                parent.push('/');
-            }
-            parent.push_str(part);
-            if !made_dirs.contains(&parent) {
-                made_dirs.push(parent.clone());
-                entries.push(RootEntry::Dir(cstr(&parent)?));
-            }
-        }
-        if meta.file_type().is_symlink() {
-            let target = std::fs::read_link(path)?;
-            entries.push(RootEntry::Symlink {
-                target: cstr(&target.to_string_lossy())?,
-                link: cstr(rel)?,
-            });
-        } else if meta.is_dir() {
-            entries.push(RootEntry::Bind {
-                source: cstr(path)?,
-                target: cstr(rel)?,
-            });
-        }
+/// The new root's entries for `code` (the directories, then each copy) and the tmpfs size
+/// they need.
+fn root_view(code: &[(&OwnedFd, u64, &str)]) -> io::Result<(Vec<RootEntry>, u64)> {
+    if code.len() > MAX_CODE_FILES {
+        return Err(io::Error::other(format!(
+            "{} libraries: more than the sandbox takes ({MAX_CODE_FILES})",
+            code.len()
+        )));
     }
-    Ok(entries)
+    let mut entries = Vec::new();
+    let mut dirs: Vec<String> = Vec::new();
+    let mut bytes = 64 * 1024;
+    for (_, length, path) in code {
+        let rel = path.trim_start_matches('/');
+        if rel
+            .split('/')
+            .any(|p| p.is_empty() || p == "." || p == "..")
+        {
+            return Err(io::Error::other(format!("unusable library path {path}")));
+        }
+        let parts: Vec<&str> = rel.split('/').collect();
+        for n in 1..parts.len() {
+            let dir = parts[..n].join("/");
+            if !dirs.contains(&dir) {
+                dirs.push(dir.clone());
+                entries.push(RootEntry::Dir(cstr(&dir)?));
+            }
+        }
+        // tmpfs allocates whole pages.
+        bytes += length.div_ceil(4096) * 4096 + 4096;
+    }
+    for (image, length, path) in code {
+        entries.push(RootEntry::Copy {
+            source: image.try_clone()?,
+            target: cstr(path.trim_start_matches('/'))?,
+            length: *length,
+        });
+    }
+    Ok((entries, bytes))
+}
+
+/// In the child: copies `length` bytes of `source` (from its start, whatever its offset) into
+/// a new file `target`, read-only and executable. Raw syscalls only.
+///
+/// # Safety
+/// Called only in the forked child, with descriptors and a string prepared before the fork.
+unsafe fn copy_file(source: RawFd, target: &CString, length: u64) -> bool {
+    // SAFETY: open/sendfile/close on descriptors the child owns and a valid C string.
+    unsafe {
+        let out = libc::open(
+            target.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+            0o555,
+        );
+        if out < 0 {
+            return false;
+        }
+        let mut offset: libc::off_t = 0;
+        while (offset as u64) < length {
+            let left = (length - offset as u64).min(1 << 30) as usize;
+            let n = libc::sendfile(out, source, &mut offset, left);
+            if n <= 0 {
+                if n < 0 && *libc::__errno_location() == libc::EINTR {
+                    continue;
+                }
+                libc::close(out);
+                return false;
+            }
+        }
+        libc::close(out) == 0
+    }
 }
 
 /// Maps root in the child's new user namespace to our own uid and gid (the only mapping an

@@ -208,6 +208,9 @@ struct Process {
 struct Service {
     spec: ServiceSpec,
     binary: PathBuf,
+    /// Its loader and libraries exactly as measured: (sealed memfd, length, path inside its
+    /// sandbox).
+    code: Vec<(OwnedFd, u64, String)>,
     /// The binary exactly as measured (a sealed memfd), when the launch kept it.
     image: Option<OwnedFd>,
     control: ClientEnd<ctl::Request, ctl::Response>,
@@ -370,10 +373,17 @@ impl Supervisor {
                 Some(fd) => Some(fd.try_clone()?),
                 None => None,
             };
+            let code = opts
+                .sealed
+                .code_of(services.len())
+                .into_iter()
+                .map(|(fd, length, path)| Ok((fd.try_clone()?, length, path.to_string())))
+                .collect::<std::io::Result<Vec<_>>>()?;
             services.push(Service {
                 spec: spec.clone(),
                 binary,
                 image,
+                code,
                 control: ClientEnd::new(control_mem, WaitPolicy::default()),
                 status,
                 regions,
@@ -996,6 +1006,10 @@ impl Supervisor {
             (&s.binary, s.image.as_ref()),
             &s.spec.args,
             &raw,
+            &s.code
+                .iter()
+                .map(|(fd, length, path)| (fd, *length, path.as_str()))
+                .collect::<Vec<_>>(),
             s.loader_filter.clone(),
             rlimits,
             &self.sandbox_root,
@@ -2183,6 +2197,7 @@ impl Supervisor {
                 memory: s.spec.limits.memory,
                 open_files: s.spec.limits.open_files,
                 descriptors: Vec::new(),
+                code: s.code.iter().map(|(_, _, path)| path.clone()).collect(),
             };
             expect.descriptors = s.granted.clone();
             for what in check_process(p.pid, &expect) {
@@ -2464,6 +2479,9 @@ pub struct ExpectedProcess {
     /// `(descriptor, its /proc/PID/fd link)`; descriptors 1 and 2 are the
     /// microkernel's own stdout and stderr and always allowed.
     pub descriptors: Vec<(i32, String)>,
+    /// The files it may map besides memfds: the sandbox paths of its measured loader and
+    /// libraries.
+    pub code: Vec<String>,
 }
 
 /// Why a freshly started service is not sandboxed as it must be, if it is not.
@@ -2552,6 +2570,10 @@ pub fn check_process(pid: i32, expect: &ExpectedProcess) -> Vec<String> {
             }
         }
         Err(e) => out.push(format!("cannot list its descriptors: {e}")),
+    }
+    match crate::libraries::mapped_files(&pid.to_string()) {
+        Ok(mapped) => out.extend(crate::libraries::unexpected_maps(&mapped, &expect.code)),
+        Err(e) => out.push(format!("cannot read what it maps: {e}")),
     }
     out
 }

@@ -32,8 +32,24 @@ fn measure_lists_every_item_in_order_and_is_reproducible() {
         .iter()
         .map(|e| e["kind"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds.first(), Some(&"manifest"));
+    // The microkernel first, then the manifest, the services, the shared code they map.
+    assert_eq!(&kinds[..2], &["microkernel", "manifest"]);
     assert_eq!(kinds.iter().filter(|k| **k == "service").count(), 7);
+    let names: Vec<&str> = a["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "library")
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    for lib in [
+        "ld-linux-x86-64.so.2",
+        "libc.so.6",
+        "libtpms.so.0",
+        "libcrypto.so.3",
+    ] {
+        assert!(names.contains(&lib), "{lib} not measured: {names:?}");
+    }
     assert_eq!(
         &kinds[kinds.len() - 3..],
         &["guest-image", "command-line", "vcpu-state"]
@@ -42,13 +58,15 @@ fn measure_lists_every_item_in_order_and_is_reproducible() {
     let other = measurement(&paravisor(), &["--cmdline", "extends=9"]);
     assert_ne!(a["measurement"], other["measurement"]);
     let none = measurement(&paravisor(), &["--no-guest"]);
-    assert_eq!(none["entries"].as_array().unwrap().len(), 8);
+    assert_eq!(
+        none["entries"].as_array().unwrap().len(),
+        a["entries"].as_array().unwrap().len() - 3
+    );
 }
 
-#[test]
-fn a_changed_service_binary_changes_the_measurement() {
-    // A copy of the installation whose pv-net differs by one byte.
-    let dir = scratch_dir("measure-copy");
+/// A copy of the installation (paravisor and every service binary) in a new directory.
+fn installation_copy(tag: &str) -> std::path::PathBuf {
+    let dir = scratch_dir(tag);
     for entry in std::fs::read_dir(bin_dir()).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_str().unwrap().to_string();
@@ -56,28 +74,147 @@ fn a_changed_service_binary_changes_the_measurement() {
             std::fs::copy(&path, dir.join(&name)).unwrap();
         }
     }
+    dir
+}
+
+/// The names of the entries whose hashes differ between two logs of the same shape.
+fn differing(before: &serde_json::Value, after: &serde_json::Value) -> Vec<String> {
+    let (b, a) = (
+        before["entries"].as_array().unwrap(),
+        after["entries"].as_array().unwrap(),
+    );
+    assert_eq!(b.len(), a.len());
+    b.iter()
+        .zip(a)
+        .filter(|(x, y)| x["sha384"] != y["sha384"])
+        .map(|(x, _)| x["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Flips the last bit of a file (an ELF file still runs).
+fn flip_last_byte(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_changed_service_binary_changes_the_measurement() {
+    // A copy of the installation whose pv-net differs by one byte.
+    let dir = installation_copy("measure-copy");
     let copy = dir.join("paravisor");
     let before = measurement(&copy, &[]);
     assert_eq!(
         before["measurement"],
         measurement(&paravisor(), &[])["measurement"]
     );
-    let mut net = std::fs::read(dir.join("pv-net")).unwrap();
-    let last = net.len() - 1;
-    net[last] ^= 1;
-    std::fs::write(dir.join("pv-net"), net).unwrap();
+    flip_last_byte(&dir.join("pv-net"));
     let after = measurement(&copy, &[]);
     assert_ne!(before["measurement"], after["measurement"]);
     // Only the net entry's hash differs in the log.
-    let differ: Vec<String> = before["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(after["entries"].as_array().unwrap())
-        .filter(|(x, y)| x["sha384"] != y["sha384"])
-        .map(|(x, _)| x["name"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(differ, vec!["net (pv-net)".to_string()]);
+    assert_eq!(differing(&before, &after), vec!["net (pv-net)".to_string()]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The microkernel's own image is the first entry: a paravisor changed by one byte (the red
+/// team's added line) measures differently, and only its entry differs.
+#[test]
+fn a_changed_microkernel_changes_the_measurement() {
+    let dir = installation_copy("measure-mk");
+    let copy = dir.join("paravisor");
+    let before = measurement(&copy, &[]);
+    assert_eq!(before["entries"][0]["kind"], "microkernel");
+    flip_last_byte(&copy);
+    let after = measurement(&copy, &[]);
+    assert_ne!(before["measurement"], after["measurement"]);
+    assert_eq!(differing(&before, &after), vec!["paravisor".to_string()]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The red team's attack: libtpms replaced under /usr/lib in a private mount namespace ran its
+/// own code inside pv-vtpm with the launch measurement unchanged. Every library a service maps
+/// is measured now (and the sandbox holds only those copies): the replacement changes the
+/// measurement, and the log names the library.
+#[test]
+fn a_library_replaced_in_a_private_mount_namespace_changes_the_measurement() {
+    if !sandbox_available("a_library_replaced_in_a_private_mount_namespace") {
+        return;
+    }
+    let dir = scratch_dir("measure-lib");
+    let real = std::fs::canonicalize("/usr/lib/x86_64-linux-gnu/libtpms.so.0").unwrap();
+    let fake = dir.join("libtpms-forwarding.so");
+    std::fs::copy(&real, &fake).unwrap();
+    flip_last_byte(&fake);
+    let before = measurement(&paravisor(), &[]);
+    let out = Command::new("unshare")
+        .arg("-m")
+        .arg("sh")
+        .arg("-c")
+        .arg(format!(
+            "mount --make-rprivate / && mount --bind '{}' '{}' && exec '{}' measure '{}' --json",
+            fake.display(),
+            real.display(),
+            paravisor().display(),
+            shipped_manifest().display()
+        ))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let after: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_ne!(before["measurement"], after["measurement"]);
+    assert_eq!(differing(&before, &after), vec!["libtpms.so.0".to_string()]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `LD_PRELOAD` on paravisor ran the red team's code in the microkernel: such variables are
+/// refused, by name, before anything is measured or started.
+#[test]
+fn a_preloaded_library_is_refused() {
+    for (var, value) in [
+        ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libz.so.1"),
+        ("LD_AUDIT", "/nonexistent/audit.so"),
+        ("GLIBC_TUNABLES", "glibc.malloc.check=3"),
+    ] {
+        for command in ["measure", "run"] {
+            let out = Command::new(paravisor())
+                .arg(command)
+                .arg(shipped_manifest())
+                .arg("--no-guest")
+                .env(var, value)
+                .output()
+                .unwrap();
+            assert!(!out.status.success(), "{var} {command}: {}", text(&out));
+            let said = text(&out);
+            assert!(
+                said.contains("refusing") && said.contains(var),
+                "{var} {command}: {said}"
+            );
+        }
+    }
+}
+
+/// A library found through `LD_LIBRARY_PATH` instead of the system directories is code the
+/// measurement would not cover: the microkernel sees that it maps it and refuses, naming it.
+#[test]
+fn a_library_found_through_ld_library_path_is_refused() {
+    let dir = scratch_dir("measure-ldpath");
+    let real = std::fs::canonicalize("/usr/lib/x86_64-linux-gnu/libgcc_s.so.1").unwrap();
+    let other = dir.join("libgcc_s.so.1");
+    std::fs::copy(&real, &other).unwrap();
+    flip_last_byte(&other);
+    let out = Command::new(paravisor())
+        .arg("measure")
+        .arg(shipped_manifest())
+        .env("LD_LIBRARY_PATH", &dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains(other.to_str().unwrap()) && said.contains("not its measured"),
+        "{said}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -223,6 +223,28 @@ fn the_datastore_key_exists_only_sealed_and_a_changed_binary_cannot_unseal_it() 
     let _ = std::fs::remove_dir_all(&r.dir);
 }
 
+/// The red team's attack: a `paravisor` with one added line printed the unsealed datastore
+/// key, because the microkernel's own image was not measured. It is now the first launch-log
+/// entry: a changed microkernel measures differently and the seal does not open.
+#[test]
+fn a_changed_microkernel_cannot_unseal_the_datastore_key() {
+    if !sandbox_ok("sealing") {
+        return;
+    }
+    let r = release("seal-mk", "measurement");
+    r.run_once("first.log");
+    let vmgs = r.state().join("guest.vmgs");
+    let before = std::fs::read(&vmgs).unwrap();
+    r.change_binary("paravisor");
+    let out = r.refused("second.log");
+    for needle in ["refusing to start", "microkernel paravisor changed"] {
+        assert!(out.contains(needle), "refusal lacks \"{needle}\":\n{out}");
+    }
+    assert!(!out.contains("unsealed"), "{out}");
+    assert_eq!(std::fs::read(&vmgs).unwrap(), before);
+    let _ = std::fs::remove_dir_all(&r.dir);
+}
+
 #[test]
 fn under_platform_sealing_a_rebuilt_paravisor_still_unseals() {
     if !sandbox_ok("sealing") {
