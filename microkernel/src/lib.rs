@@ -20,6 +20,7 @@ pub mod kbs;
 pub mod key_protector;
 pub mod manifest;
 pub mod measure;
+pub mod output;
 pub mod partition;
 pub mod platform;
 pub mod platform_server;
