@@ -857,8 +857,12 @@ impl Supervisor {
                 )
                 .chain([next_health])
                 .min();
+            // Rounded up: a poll that ends before the moment would only spin.
             let mut timeout = next.map_or(-1, |t| {
-                t.saturating_duration_since(now).as_millis().min(60_000) as i32
+                t.saturating_duration_since(now)
+                    .as_micros()
+                    .div_ceil(1000)
+                    .min(60_000) as i32
             });
             if self.guest_watchdog_armed() {
                 timeout = if timeout < 0 { 1000 } else { timeout.min(1000) };
@@ -1221,7 +1225,8 @@ impl Supervisor {
                 .map_or(START_LOOK_INTERVAL, |p| {
                     p.next_look.saturating_duration_since(Instant::now())
                 });
-            let ready = sandbox::poll_readable(&fds, look.as_millis() as i32).unwrap_or_default();
+            let look = look.as_micros().div_ceil(1000) as i32;
+            let ready = sandbox::poll_readable(&fds, look).unwrap_or_default();
             for (k, (stream, _)) in outputs.iter().enumerate() {
                 if ready.get(1 + k) == Some(&true) {
                     self.pump_output(i, *stream);
