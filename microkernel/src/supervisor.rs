@@ -188,6 +188,8 @@ struct Link {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
+    /// Not started yet: its turn in the initial start order has not come.
+    Waiting,
     Starting,
     Running,
     /// Waiting to be restarted.
@@ -201,6 +203,7 @@ enum State {
 impl State {
     fn name(self) -> &'static str {
         match self {
+            State::Waiting => "waiting",
             State::Starting => "starting",
             State::Running => "running",
             State::Backoff => "backoff",
@@ -804,6 +807,9 @@ impl Supervisor {
         let mut initial: VecDeque<usize> = (0..self.services.len())
             .filter(|i| self.services[*i].state == State::Stopped)
             .collect();
+        for &i in &initial {
+            self.services[i].state = State::Waiting;
+        }
         let mut initial_start: Option<usize> = None;
         let mut initial_done = false;
 

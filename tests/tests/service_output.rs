@@ -158,6 +158,11 @@ fn a_service_cannot_read_what_the_operator_types_into_the_terminal() {
     }
     // The paravisor runs on a terminal (a pseudo-terminal that `script` makes), where its
     // descriptors 0, 1 and 2 are that terminal, readable and writable.
+    let script = Command::new("script").arg("--version").output();
+    assert!(
+        script.is_ok_and(|o| o.status.success()),
+        "this test needs `script` (util-linux; Debian's bsdutils) to give the paravisor a terminal"
+    );
     let mut inst = start("tty", &with_hostile("\"read-terminal\""), 1, |pv| {
         let line = std::iter::once(pv.get_program())
             .chain(pv.get_args())

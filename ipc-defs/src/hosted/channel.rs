@@ -806,6 +806,46 @@ mod tests {
     }
 
     #[test]
+    fn a_sent_request_is_looked_for_without_waiting_and_other_replies_are_skipped() {
+        let mem = ChannelMemory::create("test-send", 4096).unwrap();
+        let supervisor = second_mapping(&mem);
+        let mut server = ServerEnd::new(second_mapping(&mem));
+        let mut client: Client = ClientEnd::new(mem, WaitPolicy::default());
+        let first = client.send(&endpoint::Request::Service(1)).unwrap();
+        // Nobody has answered: no reply, and no wait.
+        assert_eq!(client.try_reply(first), Ok(None));
+        let second = client.send(&endpoint::Request::Service(10)).unwrap();
+        for _ in 0..2 {
+            let incoming = server.try_next().unwrap().expect("a request");
+            let Some(endpoint::Request::Service(n)) =
+                server.decode::<endpoint::Request<u32>>(&incoming)
+            else {
+                panic!("not a service request");
+            };
+            server
+                .reply(
+                    &incoming,
+                    &endpoint::Response::<u32>::Service(n + 1),
+                    Duration::from_secs(1),
+                )
+                .unwrap();
+        }
+        // The reply to the first request (given up on) is skipped on the way to the second's.
+        assert_eq!(
+            client.try_reply(second),
+            Ok(Some(endpoint::Response::Service(11)))
+        );
+        assert_eq!(client.try_reply(second), Ok(None));
+        // A server that died meanwhile is a typed error, not an endless None.
+        let third = client.send(&endpoint::Request::Service(5)).unwrap();
+        let now = supervisor.restart_epoch(Direction::Requests);
+        assert!(matches!(
+            client.try_reply(third),
+            Err(CallError::PeerRestarted { now: n, .. }) if n == now
+        ));
+    }
+
+    #[test]
     fn a_call_with_nobody_serving_times_out_instead_of_hanging() {
         let mem = ChannelMemory::create("test-timeout", 4096).unwrap();
         let mut client: Client = ClientEnd::new(mem, WaitPolicy::default());
