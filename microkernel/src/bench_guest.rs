@@ -68,6 +68,11 @@ fn one_run(
     let mut bench_line = None;
     for line in BufReader::new(stdout).lines() {
         let line = line?;
+        // The console reaches stdout as intercept's output, tagged "intercept | ".
+        let line = match line.split_once(" | ") {
+            Some((_, text)) => text.to_string(),
+            None => line,
+        };
         if first_line.is_none() && line.starts_with("guest:") {
             first_line = Some(started.elapsed());
         }

@@ -62,6 +62,9 @@ pub struct ServiceRow {
     /// Requests refused because the caller's grant does not cover them.
     #[serde(default)]
     pub refused: u64,
+    /// Lines of the service's output the rate limit dropped (since the paravisor started).
+    #[serde(default)]
+    pub output_dropped: u64,
     pub last_exit: Option<String>,
     pub namespaces: Vec<String>,
     /// Epoch of each channel this service serves, by client.

@@ -21,6 +21,7 @@ pub mod key_protector;
 pub mod libraries;
 pub mod manifest;
 pub mod measure;
+pub mod output;
 pub mod partition;
 pub mod platform;
 pub mod platform_server;

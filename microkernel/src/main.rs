@@ -1039,7 +1039,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                         })
                     };
                     println!(
-                        "{:<11} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8} {:>7} {:>9}  LAST EXIT",
+                        "{:<11} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8} {:>7} {:>9} {:>7}  LAST EXIT",
                         "SERVICE",
                         "PID",
                         "STATE",
@@ -1048,11 +1048,12 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                         "MSG-IN",
                         "MSG-OUT",
                         "REFUSED",
-                        "EXITS"
+                        "EXITS",
+                        "DROPPED"
                     );
                     for r in services {
                         println!(
-                            "{:<11} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8} {:>7} {:>9}  {}",
+                            "{:<11} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8} {:>7} {:>9} {:>7}  {}",
                             r.name,
                             r.pid.map_or("-".into(), |p| p.to_string()),
                             r.state,
@@ -1062,6 +1063,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                             r.messages_out,
                             r.refused,
                             exits(&r.name).unwrap_or_else(|| "-".into()),
+                            r.output_dropped,
                             r.last_exit.unwrap_or_else(|| "-".into())
                         );
                     }

@@ -3,7 +3,9 @@
 //! Everything that allocates is prepared in the parent ([`SpawnPlan`]); the child, between
 //! `clone` and `execveat`, makes only raw syscalls on that prepared data (it may be forked
 //! from a process whose allocator lock another thread holds). In order, the child:
-//! 1. moves the granted descriptors to their slots and closes every other descriptor;
+//! 1. moves the granted descriptors to their slots and closes every other descriptor: stdin
+//!    is `/dev/null`, stdout and stderr the write ends of the supervisor's pipes for this
+//!    start ([`SpawnPlan::set_output`]), never the microkernel's own terminal or log file;
 //! 2. asks to be killed when the microkernel dies (no orphans; set first of all);
 //! 3. in its fresh mount namespace, pivots into an empty tmpfs that holds only copies of the
 //!    measured loader and libraries the service needs (written from their sealed memfds, then
@@ -96,8 +98,10 @@ pub struct SpawnPlan {
     root_options: CString,
     root_entries: Vec<RootEntry>,
     hostname: Vec<u8>,
-    /// `/dev/null`, for stdin.
+    /// `/dev/null`, for stdin (and stdout and stderr without [`SpawnPlan::set_output`]).
     dev_null: OwnedFd,
+    /// The write ends of the pipes the child's stdout and stderr go to.
+    output: Option<(OwnedFd, OwnedFd)>,
 }
 
 /// A started child.
@@ -195,7 +199,14 @@ impl SpawnPlan {
             root_entries,
             hostname: hostname.as_bytes().to_vec(),
             dev_null,
+            output: None,
         })
+    }
+
+    /// Sends the child's stdout and stderr to these pipes (the write ends of
+    /// [`output_pipe`]s; the plan holds them until it is dropped after the spawn).
+    pub fn set_output(&mut self, stdout: OwnedFd, stderr: OwnedFd) {
+        self.output = Some((stdout, stderr));
     }
 
     /// Slot the binary descriptor occupies in the child (just after the capabilities).
@@ -423,8 +434,24 @@ impl SpawnPlan {
                 fail(0, err_fd);
             }
             let err_fd = err_tmp;
-            if libc::dup2(self.dev_null.as_raw_fd(), 0) < 0 {
-                fail(0, err_fd);
+            // stdin, stdout, stderr: copied first too, so that a pipe end the parent got at
+            // 0, 1 or 2 neither clobbers another nor keeps its close-on-exec flag.
+            let (stdout_src, stderr_src) = match &self.output {
+                Some((out, err)) => (out.as_raw_fd(), err.as_raw_fd()),
+                None => (self.dev_null.as_raw_fd(), self.dev_null.as_raw_fd()),
+            };
+            let stdio = [self.dev_null.as_raw_fd(), stdout_src, stderr_src];
+            let mut stdio_tmp = [0 as RawFd; 3];
+            for (tmp, src) in stdio_tmp.iter_mut().zip(stdio) {
+                *tmp = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, SCRATCH_FD);
+                if *tmp < 0 {
+                    fail(0, err_fd);
+                }
+            }
+            for (target, tmp) in stdio_tmp.iter().enumerate() {
+                if libc::dup2(*tmp, target as RawFd) < 0 {
+                    fail(0, err_fd);
+                }
             }
             for (i, (_, slot)) in self.slots.iter().enumerate() {
                 // dup2 clears close-on-exec: the slot survives exec.
@@ -628,6 +655,28 @@ unsafe fn copy_file(source: RawFd, target: &CString, length: u64) -> bool {
         }
         libc::close(out) == 0
     }
+}
+
+/// A pipe for one of a service's output streams: the read end for the supervisor
+/// (close-on-exec and non-blocking: reading it never waits for the service), the write end for
+/// the child ([`SpawnPlan::set_output`]; close-on-exec here, placed at 1 or 2 in the child).
+pub fn output_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` is a valid out-array of two descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 returned two fresh descriptors that we now own.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: F_GETFL and F_SETFL on a descriptor we own.
+    let nonblocking = unsafe {
+        let flags = libc::fcntl(read.as_raw_fd(), libc::F_GETFL);
+        flags >= 0 && libc::fcntl(read.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+    };
+    if !nonblocking {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((read, write))
 }
 
 /// Maps root in the child's new user namespace to our own uid and gid (the only mapping an

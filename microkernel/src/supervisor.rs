@@ -1,6 +1,8 @@
 //! `paravisor run`: builds the capability table from the manifest, starts every service in its
 //! sandbox, watches them through pidfds, restarts them by policy, and answers the control
-//! socket. Single-threaded: one `poll` over the signalfd, the control socket and every pidfd.
+//! socket. Single-threaded: one `poll` over the signalfd, the control socket, every pidfd and
+//! every service's output pipes ([`crate::output`]). A start is a state of that loop
+//! (`starting`, with a deadline for the first ping), never a wait.
 
 use std::collections::VecDeque;
 use std::io;
@@ -25,6 +27,7 @@ use ipc_defs::capability::Grant;
 use ipc_defs::control as ctl;
 use ipc_defs::hosted::channel::ChannelMemory;
 use ipc_defs::hosted::ClientEnd;
+use ipc_defs::hosted::Sent;
 use ipc_defs::hosted::SharedMemory;
 use ipc_defs::hosted::WaitPolicy;
 use ipc_defs::layout::Direction;
@@ -52,6 +55,8 @@ use crate::manifest::Manifest;
 use crate::manifest::Missing;
 use crate::manifest::RestartPolicy;
 use crate::manifest::ServiceSpec;
+use crate::output::ServiceOutput;
+use crate::output::Stream;
 use crate::profiles;
 use crate::sandbox;
 use crate::sandbox::Exit;
@@ -60,6 +65,13 @@ use crate::sandbox::SpawnPlan;
 
 /// How long a new service has to answer its first ping.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest pause between two looks for a starting service's first answer: a start that is
+/// noticed this late costs the service's clients nothing (their requests queue meanwhile),
+/// and the loop sleeps in between.
+const START_LOOK_INTERVAL: Duration = Duration::from_millis(20);
+/// How long a service killed because its start failed may take to die before a waiting
+/// caller (the sealed keys' attest start) gives up on it.
+const START_KILL_WAIT: Duration = Duration::from_secs(2);
 /// Largest certificate chain the microkernel takes from attest.
 const MAX_CHAIN: usize = 64 * 1024;
 /// How long a call to the attest service may take (a report is a P-384 signature).
@@ -176,6 +188,8 @@ struct Link {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
+    /// Not started yet: its turn in the initial start order has not come.
+    Waiting,
     Starting,
     Running,
     /// Waiting to be restarted.
@@ -189,6 +203,7 @@ enum State {
 impl State {
     fn name(self) -> &'static str {
         match self {
+            State::Waiting => "waiting",
             State::Starting => "starting",
             State::Running => "running",
             State::Backoff => "backoff",
@@ -203,6 +218,16 @@ struct Process {
     pidfd: OwnedFd,
     namespaces: Namespaces,
     started: Instant,
+}
+
+/// A start under way: the first ping is sent, and the main loop looks for its answer until
+/// the deadline.
+struct PendingStart {
+    ping: Sent,
+    nonce: u64,
+    deadline: Instant,
+    /// When the loop looks for the answer next: soon after the spawn, then less often.
+    next_look: Instant,
 }
 
 struct Service {
@@ -234,6 +259,10 @@ struct Service {
     /// Why the supervisor itself killed the service, if it did (reported instead of the
     /// bare signal).
     kill_reason: Option<String>,
+    /// The start under way (state `starting`), until its first ping is answered.
+    starting: Option<PendingStart>,
+    /// Its stdout and stderr: the read ends of this start's pipes, and what is passed on.
+    output: ServiceOutput,
 }
 
 /// The microkernel's own channel to the attest service (client name `paravisor`): sealing the
@@ -278,6 +307,8 @@ pub struct Supervisor {
     links: Vec<Link>,
     ring_capacity: u32,
     guest: Option<Guest>,
+    /// The nonce of the next first ping.
+    ping_nonce: u64,
 }
 
 fn create_err(what: impl Into<String>) -> impl FnOnce(String) -> RunError {
@@ -301,6 +332,7 @@ impl Supervisor {
             tracing::info!("{line}");
         }
         let mut services = Vec::new();
+        let tag_width = m.services.iter().map(|s| s.name.len()).max().unwrap_or(0);
         for spec in &m.services {
             let binary = opts.bin_dir.join(&spec.binary);
             std::fs::metadata(&binary).map_err(|source| RunError::Binary {
@@ -400,6 +432,8 @@ impl Supervisor {
                 granted: Vec::new(),
                 last_answer: Instant::now(),
                 kill_reason: None,
+                starting: None,
+                output: ServiceOutput::new(&spec.name, tag_width),
             });
         }
         let mut links = Vec::new();
@@ -500,6 +534,7 @@ impl Supervisor {
             links,
             ring_capacity: m.ring_capacity,
             guest,
+            ping_nonce: 0,
         })
     }
 
@@ -775,50 +810,75 @@ impl Supervisor {
             let _ = std::fs::remove_file(&socket);
             return Err(e);
         }
-        for i in 0..self.services.len() {
-            if self.services[i].state == State::Stopped {
-                self.start(i);
-            }
+        // The first start of every service not started yet, in manifest order, each once the
+        // one before has answered its first ping or failed (the order the services have
+        // always started in), but as states of the loop below: `ps`, `kill`, `stop`, restarts
+        // and the watchdog are served meanwhile. The guest starts after the last of them.
+        let mut initial: VecDeque<usize> = (0..self.services.len())
+            .filter(|i| self.services[*i].state == State::Stopped)
+            .collect();
+        for &i in &initial {
+            self.services[i].state = State::Waiting;
         }
-        let up = self
-            .services
-            .iter()
-            .filter(|s| s.state == State::Running)
-            .count();
-        tracing::info!(
-            "{up} of {} services running; control socket {}",
-            self.services.len(),
-            socket.display()
-        );
-        if let Err(e) = self.start_guest() {
-            self.shutdown();
-            let _ = std::fs::remove_file(&socket);
-            return Err(e);
-        }
+        let mut initial_start: Option<usize> = None;
+        let mut initial_done = false;
 
         let mut stop = false;
         let mut next_health = Instant::now() + HEALTH_INTERVAL;
         while !stop {
+            if !initial_done {
+                if initial_start.is_some_and(|i| self.services[i].state != State::Starting) {
+                    initial_start = None;
+                }
+                while initial_start.is_none() {
+                    let Some(i) = initial.pop_front() else {
+                        initial_done = true;
+                        if let Err(e) = self.services_started(&socket) {
+                            self.shutdown();
+                            let _ = std::fs::remove_file(&socket);
+                            return Err(e);
+                        }
+                        break;
+                    };
+                    self.start(i);
+                    if self.services[i].state == State::Starting {
+                        initial_start = Some(i);
+                    }
+                }
+            }
             let mut fds = vec![signals.as_raw_fd(), listener.as_raw_fd()];
             let guest_fd = self.guest.as_ref().map(|g| g.ended.as_raw_fd());
-            let watched: Vec<usize> = (0..self.services.len())
-                .filter(|i| self.services[*i].process.is_some())
-                .collect();
-            fds.extend(watched.iter().map(|i| {
-                self.services[*i]
-                    .process
-                    .as_ref()
-                    .map_or(-1, |p| p.pidfd.as_raw_fd())
-            }));
+            // What each descriptor after the first two is.
+            let mut watched: Vec<(usize, Option<Stream>)> = Vec::new();
+            for (i, s) in self.services.iter().enumerate() {
+                if let Some(p) = &s.process {
+                    fds.push(p.pidfd.as_raw_fd());
+                    watched.push((i, None));
+                }
+                for (stream, fd) in s.output.fds() {
+                    fds.push(fd);
+                    watched.push((i, Some(stream)));
+                }
+            }
             let now = Instant::now();
             let next = self
                 .services
                 .iter()
                 .filter_map(|s| s.restart_at)
+                .chain(
+                    self.services
+                        .iter()
+                        .filter_map(|s| s.starting.as_ref())
+                        .map(|p| p.next_look.min(p.deadline)),
+                )
                 .chain([next_health])
                 .min();
+            // Rounded up: a poll that ends before the moment would only spin.
             let mut timeout = next.map_or(-1, |t| {
-                t.saturating_duration_since(now).as_millis().min(60_000) as i32
+                t.saturating_duration_since(now)
+                    .as_micros()
+                    .div_ceil(1000)
+                    .min(60_000) as i32
             });
             if self.guest_watchdog_armed() {
                 timeout = if timeout < 0 { 1000 } else { timeout.min(1000) };
@@ -837,14 +897,24 @@ impl Supervisor {
                     stop = true;
                 }
             }
-            for (k, i) in watched.iter().enumerate() {
-                if ready[2 + k] {
+            // Output first: a death drains what is left before it is reported.
+            for (k, (i, stream)) in watched.iter().enumerate() {
+                if let (true, Some(stream)) = (ready[2 + k], stream) {
+                    self.pump_output(*i, *stream);
+                }
+            }
+            for (k, (i, stream)) in watched.iter().enumerate() {
+                if ready[2 + k] && stream.is_none() {
                     self.reap(*i);
                 }
             }
+            self.check_starts();
             let now = Instant::now();
             if now >= next_health {
                 self.health_check();
+                for i in 0..self.services.len() {
+                    self.report_dropped_output(i);
+                }
                 next_health = Instant::now() + HEALTH_INTERVAL;
             }
             for i in 0..self.services.len() {
@@ -877,6 +947,21 @@ impl Supervisor {
         Ok(RunSummary {
             guest: self.guest.as_ref().and_then(|g| g.outcome.clone()),
         })
+    }
+
+    /// The initial starts have ended: says how many services run and starts the guest.
+    fn services_started(&mut self, socket: &Path) -> Result<(), RunError> {
+        let up = self
+            .services
+            .iter()
+            .filter(|s| s.state == State::Running)
+            .count();
+        tracing::info!(
+            "{up} of {} services running; control socket {}",
+            self.services.len(),
+            socket.display()
+        );
+        self.start_guest()
     }
 
     /// Starts the platform's serving thread (after the signal mask: see [`PlatformLink`]).
@@ -953,28 +1038,12 @@ impl Supervisor {
         !guest.keep_running
     }
 
-    /// Starts service `i` (first start or restart).
+    /// Starts service `i` (first start or restart): spawns it and sends its first ping; the
+    /// main loop ([`Supervisor::check_starts`]) takes it from there.
     fn start(&mut self, i: usize) {
         self.services[i].state = State::Starting;
-        match self.spawn(i) {
-            Ok(()) => {}
-            Err(reason) => {
-                tracing::error!(service = %self.services[i].spec.name, "cannot start: {reason}");
-                self.services[i].last_exit = Some(format!("start failed: {reason}"));
-                if let Some(p) = self.services[i].process.take() {
-                    let _ = sandbox::pidfd_signal(&p.pidfd, libc::SIGKILL);
-                    if !wait_exit(&p.pidfd, Duration::from_secs(2)) {
-                        // Still dying (e.g. stuck in the kernel): its rings are repaired and the
-                        // restart scheduled only when its pidfd reports the exit, never while
-                        // it might still write them.
-                        self.services[i].kill_reason = Some(format!("start failed: {reason}"));
-                        self.services[i].process = Some(p);
-                        return;
-                    }
-                }
-                self.after_death(i);
-                self.schedule_restart(i, true);
-            }
+        if let Err(reason) = self.spawn(i) {
+            self.start_failed(i, reason);
         }
     }
 
@@ -982,8 +1051,18 @@ impl Supervisor {
         let Grants {
             record,
             mut fds,
-            expected,
+            mut expected,
         } = self.capabilities(i)?;
+        // Its stdout and stderr: pipes of this start, read by the supervisor.
+        let (stdout, stdout_end) =
+            sandbox::output_pipe().map_err(|e| format!("output pipe: {e}"))?;
+        let (stderr, stderr_end) =
+            sandbox::output_pipe().map_err(|e| format!("output pipe: {e}"))?;
+        for (slot, pipe) in [(1, &stdout), (2, &stderr)] {
+            let link = std::fs::read_link(format!("/proc/self/fd/{}", pipe.as_raw_fd()))
+                .map_err(|e| format!("output pipe: {e}"))?;
+            expected.push((slot, link.display().to_string()));
+        }
         self.services[i].granted = expected;
         let record_bytes =
             postcard::to_allocvec(&record).map_err(|e| format!("bootstrap record: {e}"))?;
@@ -1002,7 +1081,7 @@ impl Supervisor {
             (libc::RLIMIT_NOFILE, s.spec.limits.open_files),
             (libc::RLIMIT_CORE, 0),
         ];
-        let plan = SpawnPlan::new(
+        let mut plan = SpawnPlan::new(
             (&s.binary, s.image.as_ref()),
             &s.spec.args,
             &raw,
@@ -1016,21 +1095,85 @@ impl Supervisor {
             &format!("pv-{}", s.spec.name),
         )
         .map_err(|e| e.to_string())?;
+        plan.set_output(stdout_end, stderr_end);
         let spawned = plan
             .spawn(Namespaces::all() - Namespaces::USER)
             .map_err(|e| e.to_string())?;
+        // Our copies of the pipes' write ends go with the plan: the service holds the only
+        // ones, so its pipes end when it does.
         drop(plan);
         fds.clear();
-        let name = s.spec.name.clone();
+        self.services[i].output.attach(stdout, stderr);
         self.services[i].process = Some(Process {
             pid: spawned.pid,
             pidfd: spawned.pidfd,
             namespaces: spawned.namespaces,
             started: Instant::now(),
         });
-        self.first_ping(i)?;
-        if let Some(problem) = sandbox_problem(spawned.pid) {
-            return Err(format!("sandbox not in force: {problem}"));
+        self.ping_nonce += 1;
+        let nonce = self.ping_nonce;
+        let ping = self.services[i]
+            .control
+            .send(&ctl::Request::Ping { nonce })
+            .map_err(|e| format!("cannot send its first ping: {e}"))?;
+        let now = Instant::now();
+        self.services[i].starting = Some(PendingStart {
+            ping,
+            nonce,
+            deadline: now + START_TIMEOUT,
+            next_look: now + Duration::from_millis(1),
+        });
+        Ok(())
+    }
+
+    /// Looks for the first answer of every starting service, without waiting. The answer
+    /// proves the service up and inside its own profile: it is then `running`. A start that
+    /// misses its deadline, or gets another answer, fails.
+    fn check_starts(&mut self) {
+        for i in 0..self.services.len() {
+            let Some(p) = &self.services[i].starting else {
+                continue;
+            };
+            let (ping, nonce, deadline) = (p.ping, p.nonce, p.deadline);
+            let now = Instant::now();
+            match self.services[i].control.try_reply(ping) {
+                Ok(Some(ctl::Response::Pong { nonce: n })) if n == nonce => self.started(i),
+                Ok(Some(other)) => {
+                    self.start_failed(i, format!("answered its first ping with {other:?}"))
+                }
+                Ok(None) if now >= deadline => self.start_failed(
+                    i,
+                    format!("did not answer its first ping within {START_TIMEOUT:?}"),
+                ),
+                Ok(None) => {
+                    if let Some(p) = self.services[i]
+                        .starting
+                        .as_mut()
+                        .filter(|p| now >= p.next_look)
+                    {
+                        // Often while a quick start is likely, then every interval.
+                        let waited = now.saturating_duration_since(deadline - START_TIMEOUT);
+                        p.next_look =
+                            now + (waited / 8).clamp(Duration::from_millis(1), START_LOOK_INTERVAL);
+                    }
+                }
+                Err(e) => self.start_failed(i, format!("did not answer its first ping: {e}")),
+            }
+        }
+    }
+
+    /// Service `i` answered its first ping: checks its sandbox, then it serves.
+    fn started(&mut self, i: usize) {
+        self.services[i].starting = None;
+        let Some((pid, namespaces)) = self.services[i]
+            .process
+            .as_ref()
+            .map(|p| (p.pid, p.namespaces))
+        else {
+            return;
+        };
+        if let Some(problem) = sandbox_problem(pid) {
+            return self.start_failed(i, format!("sandbox not in force: {problem}"));
         }
         for link in &self.links {
             if link.server == i {
@@ -1045,38 +1188,143 @@ impl Supervisor {
         if let Some(link) = self.attest_link.as_ref().filter(|l| l.server == i) {
             link.client.memory().set_server_state(ServerState::Up);
         }
-        self.services[i].state = State::Running;
-        self.services[i].last_answer = Instant::now();
-        self.services[i].kill_reason = None;
-        tracing::info!(service = %name, pid = spawned.pid, namespaces = ?spawned.namespaces.names(), "running");
-        Ok(())
+        let s = &mut self.services[i];
+        s.state = State::Running;
+        s.last_answer = Instant::now();
+        s.kill_reason = None;
+        tracing::info!(service = %s.spec.name, pid, namespaces = ?namespaces.names(), "running");
     }
 
-    /// Waits for the first answer of a new service, which proves it is up and inside its own
-    /// profile; notices at once if it dies instead.
-    fn first_ping(&mut self, i: usize) -> Result<(), String> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        let mut nonce = 0;
-        loop {
-            nonce += 1;
-            match self.services[i]
-                .control
-                .call(&ctl::Request::Ping { nonce }, Duration::from_millis(50))
+    /// The start of service `i` failed: a process that exists is killed, and its death
+    /// (through its pidfd and [`Supervisor::reap`]) moves its channels on and applies the
+    /// restart policy, never while it might still write to its rings; without a process that
+    /// happens now.
+    fn start_failed(&mut self, i: usize, reason: String) {
+        let s = &mut self.services[i];
+        s.starting = None;
+        tracing::error!(service = %s.spec.name, "cannot start: {reason}");
+        let reason = format!("start failed: {reason}");
+        s.last_exit = Some(reason.clone());
+        match &s.process {
+            Some(p) => {
+                s.kill_reason = Some(reason);
+                let _ = sandbox::pidfd_signal(&p.pidfd, libc::SIGKILL);
+            }
+            None => {
+                self.after_death(i);
+                self.schedule_restart(i, true);
+            }
+        }
+    }
+
+    /// Runs the start of service `i` to its end (running, or failed and reaped), for the one
+    /// start that must end before anything else happens: attest's, before the sealed keys
+    /// are made or unsealed. Its output is passed on meanwhile.
+    fn wait_for_start(&mut self, i: usize) {
+        let mut failed_at: Option<Instant> = None;
+        while self.services[i].state == State::Starting {
+            let Some(pidfd) = self.services[i]
+                .process
+                .as_ref()
+                .map(|p| p.pidfd.as_raw_fd())
+            else {
+                break;
+            };
+            if self.services[i].starting.is_none()
+                && failed_at.get_or_insert_with(Instant::now).elapsed() >= START_KILL_WAIT
             {
-                Ok(ctl::Response::Pong { nonce: n }) if n == nonce => return Ok(()),
-                Ok(other) => return Err(format!("answered its first ping with {other:?}")),
-                Err(ipc_defs::hosted::CallError::TimedOut(_)) => {}
-                Err(e) => return Err(format!("did not answer its first ping: {e}")),
+                // Killed but not dead yet: the main loop reaps it when it is.
+                break;
             }
-            let p = self.services[i].process.as_ref().ok_or("no process")?;
-            if let Ok(Some(exit)) = sandbox::pidfd_reap(&p.pidfd) {
-                self.services[i].process = None;
-                return Err(format!("died during start: {}", self.exit_reason(i, exit)));
+            let outputs = self.services[i].output.fds();
+            let mut fds = vec![pidfd];
+            fds.extend(outputs.iter().map(|(_, fd)| *fd));
+            let look = self.services[i]
+                .starting
+                .as_ref()
+                .map_or(START_LOOK_INTERVAL, |p| {
+                    p.next_look.saturating_duration_since(Instant::now())
+                });
+            let look = look.as_micros().div_ceil(1000) as i32;
+            let ready = sandbox::poll_readable(&fds, look).unwrap_or_default();
+            for (k, (stream, _)) in outputs.iter().enumerate() {
+                if ready.get(1 + k) == Some(&true) {
+                    self.pump_output(i, *stream);
+                }
             }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "did not answer its first ping within {START_TIMEOUT:?}"
-                ));
+            if ready.first() == Some(&true) {
+                self.reap(i);
+            }
+            self.check_starts();
+        }
+    }
+
+    /// Passes on what service `i` wrote to `stream` (never waiting for more).
+    fn pump_output(&mut self, i: usize, stream: Stream) {
+        // A starting service that writes is about to answer (its runtime logs as it enters
+        // its sandbox): look again soon.
+        if let Some(p) = self.services[i].starting.as_mut() {
+            p.next_look = p.next_look.min(Instant::now() + Duration::from_millis(1));
+        }
+        let output = &mut self.services[i].output;
+        match stream {
+            Stream::Stdout => output.pump(stream, &mut std::io::stdout().lock()),
+            Stream::Stderr => output.pump(stream, &mut std::io::stderr().lock()),
+        }
+    }
+
+    /// Service `i`'s process has ended: passes on everything left in its pipes, and says how
+    /// much of its output was dropped.
+    fn drain_output(&mut self, i: usize) {
+        self.services[i]
+            .output
+            .drain(&mut std::io::stdout().lock(), &mut std::io::stderr().lock());
+        self.report_dropped_output(i);
+    }
+
+    /// The periodic notice of the lines of service `i`'s output the rate limit dropped.
+    fn report_dropped_output(&mut self, i: usize) {
+        let s = &mut self.services[i];
+        let new = s.output.take_unreported();
+        if new > 0 {
+            tracing::warn!(
+                service = %s.spec.name,
+                "{new} lines of its output dropped (more than {} lines at once, or {} per {:?}); {} since the paravisor started",
+                crate::output::BURST_LINES,
+                crate::output::BURST_LINES,
+                crate::output::REFILL_PERIOD,
+                s.output.dropped()
+            );
+        }
+    }
+
+    /// Waits up to `timeout` for the process behind `pidfd` to exit, and reaps it; every
+    /// service's output is passed on meanwhile (a stopping service must not block on a full
+    /// pipe).
+    fn wait_exit_forwarding(&mut self, pidfd: &OwnedFd, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(_)) = sandbox::pidfd_reap(pidfd) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let mut fds = vec![pidfd.as_raw_fd()];
+            let mut outputs = Vec::new();
+            for (i, s) in self.services.iter().enumerate() {
+                for (stream, fd) in s.output.fds() {
+                    fds.push(fd);
+                    outputs.push((i, stream));
+                }
+            }
+            let ready =
+                sandbox::poll_readable(&fds, left.as_millis().max(1) as i32).unwrap_or_default();
+            for (k, (i, stream)) in outputs.into_iter().enumerate() {
+                if ready.get(1 + k) == Some(&true) {
+                    self.pump_output(i, stream);
+                }
             }
         }
     }
@@ -1336,11 +1584,21 @@ impl Supervisor {
         };
         let uptime = p.started.elapsed();
         self.services[i].process = None;
+        // Its last words before the report of its end.
+        self.drain_output(i);
+        // A service that dies before it answers its first ping failed to start, whatever its
+        // exit status.
+        let starting = self.services[i].state == State::Starting;
+        self.services[i].starting = None;
         let reason = match self.services[i].kill_reason.take() {
             Some(why) => why,
+            None if starting => format!(
+                "start failed: died during start: {}",
+                self.exit_reason(i, exit)
+            ),
             None => self.exit_reason(i, exit),
         };
-        let failure = exit != Exit::Code(0);
+        let failure = starting || exit != Exit::Code(0);
         if failure {
             tracing::warn!(service = %self.services[i].spec.name, "{reason} after {uptime:.1?}");
         } else {
@@ -1543,6 +1801,16 @@ impl Supervisor {
                         message: format!("unknown endpoint \"{endpoint}\""),
                     };
                 };
+                // Only a running service answers on its control channel (a starting one's
+                // first answer belongs to its start).
+                if self.services[i].state != State::Running {
+                    return Reply::Error {
+                        message: format!(
+                            "service \"{service}\" is not running ({})",
+                            self.services[i].state.name()
+                        ),
+                    };
+                }
                 match self.services[i].control.call(
                     &ctl::Request::Probe {
                         endpoint: interface,
@@ -1741,6 +2009,7 @@ impl Supervisor {
             ));
         };
         self.start(server);
+        self.wait_for_start(server);
         if self.services[server].state != State::Running {
             return Err(RunError::SealedKey(format!(
                 "the attest service \"{}\" did not start ({}); the sealed datastore key cannot be unsealed without it",
@@ -2158,6 +2427,7 @@ impl Supervisor {
                 messages_in: s.last_stats.requests_in,
                 messages_out: s.last_stats.responses_out,
                 refused: s.last_stats.refused,
+                output_dropped: s.output.dropped(),
                 last_exit: s.last_exit.clone(),
                 namespaces: s
                     .process
@@ -2191,6 +2461,13 @@ impl Supervisor {
                 }
                 continue;
             };
+            if s.state == State::Starting {
+                findings.push(Finding {
+                    service: s.spec.name.clone(),
+                    what: "starting: not checked before it answers its first ping".into(),
+                });
+                continue;
+            }
             checked.push(s.spec.name.clone());
             let mut expect = ExpectedProcess {
                 namespaces: Namespaces::all() - Namespaces::USER,
@@ -2253,7 +2530,9 @@ impl Supervisor {
                 let alive = s.process.as_ref().is_some_and(|p| {
                     sandbox::poll_readable(&[p.pidfd.as_raw_fd()], 0).is_ok_and(|r| !r[0])
                 });
-                if alive && s.state == State::Running {
+                // A starting service gets the request after its first ping, and ends as
+                // soon as it serves.
+                if alive && matches!(s.state, State::Running | State::Starting) {
                     let _ = s
                         .control
                         .call(&ctl::Request::Shutdown, Duration::from_millis(500));
@@ -2261,15 +2540,19 @@ impl Supervisor {
             }
             let deadline = Instant::now() + SHUTDOWN_GRACE;
             for &i in &wave {
-                let s = &mut self.services[i];
-                if let Some(p) = s.process.take() {
-                    if !wait_exit(&p.pidfd, deadline.saturating_duration_since(Instant::now())) {
-                        tracing::warn!(service = %s.spec.name, "did not stop in time; killing");
+                if let Some(p) = self.services[i].process.take() {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if !self.wait_exit_forwarding(&p.pidfd, left) {
+                        let name = &self.services[i].spec.name;
+                        tracing::warn!(service = %name, "did not stop in time; killing");
                         let _ = sandbox::pidfd_signal(&p.pidfd, libc::SIGKILL);
-                        wait_exit(&p.pidfd, Duration::from_secs(5));
+                        self.wait_exit_forwarding(&p.pidfd, Duration::from_secs(5));
                     }
-                    s.state = State::Stopped;
+                    self.services[i].state = State::Stopped;
+                    self.services[i].starting = None;
                 }
+                // Its last words before the services it calls are asked to stop.
+                self.drain_output(i);
             }
         }
         tracing::info!("all services stopped");
@@ -2403,21 +2686,6 @@ fn write_all_at(fd: &OwnedFd, bytes: &[u8]) -> io::Result<()> {
     file.write_all_at(bytes, 0)
 }
 
-/// Waits up to `timeout` for the process behind `pidfd` to exit, and reaps it.
-fn wait_exit(pidfd: &OwnedFd, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(Some(_)) = sandbox::pidfd_reap(pidfd) {
-            return true;
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        let _ = sandbox::poll_readable(&[pidfd.as_raw_fd()], left.as_millis().max(1) as i32);
-    }
-}
-
 pub fn signal_name(sig: i32) -> String {
     let name = match sig {
         libc::SIGKILL => "SIGKILL",
@@ -2476,8 +2744,8 @@ pub struct ExpectedProcess {
     pub namespaces: Namespaces,
     pub memory: u64,
     pub open_files: u64,
-    /// `(descriptor, its /proc/PID/fd link)`; descriptors 1 and 2 are the
-    /// microkernel's own stdout and stderr and always allowed.
+    /// `(descriptor, its /proc/PID/fd link)`, from 0: stdin is `/dev/null`, stdout and stderr
+    /// the pipes of the service's output (never the microkernel's own), then the capabilities.
     pub descriptors: Vec<(i32, String)>,
     /// The files it may map besides memfds: the sandbox paths of its measured loader and
     /// libraries.
@@ -2555,9 +2823,6 @@ pub fn check_process(pid: i32, expect: &ExpectedProcess) -> Vec<String> {
                 let target = std::fs::read_link(entry.path())
                     .map(|t| t.display().to_string())
                     .unwrap_or_default();
-                if fd == 1 || fd == 2 {
-                    continue;
-                }
                 match expect.descriptors.iter().find(|(slot, _)| *slot == fd) {
                     Some((_, want)) if &target == want => {}
                     Some((_, want)) => out.push(format!(

@@ -17,12 +17,21 @@
 //! | `vmgs-writer F S`   | writes 1, 2, ... to VMGS file F for S seconds, reading each back | every acknowledged write stays |
 //! | `vmgs-access F`     | writes, reads and lists VMGS file F            | refused unless F is granted    |
 //! | `raise-interrupt L..`| asks intercept to raise each IOAPIC line L     | raised if granted, else refused|
+//! | `silent-start`      | never answers its first ping (sleeps)          | killed at the start deadline; the supervisor serves meanwhile |
+//! | `read-terminal`     | reads descriptors 0, 1 and 2                    | nothing to read (status 16 if it read anything) |
+//! | `deface-output`     | writes terminal escapes and a forged tag, then seeks descriptors 1 and 2 to 0 and writes | tagged, escaped, appended |
+//! | `flood N`           | writes N lines to stderr as fast as it can (0: forever), then serves | rate-limited, drops counted |
+//! | `long-line N`       | writes N bytes without a newline, then exits   | cut; the supervisor's memory bounded |
 //! | `serve`             | serves normally                                | runs                           |
 //!
 //! Exit status 0 means "every hostile attempt got the typed error it should"; 10 and up
 //! name an attempt that unexpectedly worked.
 #![forbid(unsafe_code)]
 
+use std::io::Read;
+use std::io::Seek;
+use std::io::Write;
+use std::os::fd::IntoRawFd;
 use std::process::ExitCode;
 use std::time::Duration;
 use std::time::Instant;
@@ -309,6 +318,110 @@ fn main() -> ExitCode {
             loop {
                 std::hint::spin_loop();
             }
+        }
+        "silent-start" => {
+            // Hangs before its first ping: the supervisor must go on serving while it waits.
+            eprintln!("pv-hostile: silent at start");
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        "read-terminal" => {
+            // Reads the descriptors a process inherits as its terminal: what the operator
+            // types into the `paravisor run` terminal must not reach a service.
+            started.answer_first_ping();
+            let mut read_something = false;
+            let mut kept = Vec::new();
+            for fd in [0, 1, 2] {
+                let outcome = sys::take_fd(fd).map(std::fs::File::from).and_then(|mut f| {
+                    let mut buf = [0u8; 256];
+                    let n = f.read(&mut buf);
+                    kept.push(f);
+                    n
+                });
+                match outcome {
+                    Ok(0) => eprintln!("pv-hostile: descriptor {fd}: nothing to read"),
+                    Ok(n) => {
+                        eprintln!("pv-hostile: descriptor {fd}: READ {n} bytes");
+                        read_something = true;
+                        break;
+                    }
+                    Err(e) => eprintln!("pv-hostile: descriptor {fd}: refused: {e}"),
+                }
+            }
+            // Descriptors 1 and 2 stay open (this process's output).
+            kept.into_iter().for_each(|f| {
+                let _ = f.into_raw_fd();
+            });
+            if read_something {
+                ExitCode::from(16)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        "deface-output" => {
+            started.answer_first_ping();
+            // Escape sequences: window title, clear screen, cursor home, an 8-bit CSI, a
+            // bidi override, a carriage return that would put a forged tag at the start of
+            // the line, bytes that are not UTF-8.
+            let text = "DEFACE-1 \x1b]0;pv-hostile-title\x07\x1b[2J\x1b[HDEFACE-2\n\
+                        DEFACE-3 \u{9b}31mred\u{202e}desrever\n\
+                        DEFACE-4\rattest      | DEFACE-FORGED-TAG\n";
+            let _ = std::io::stderr().write_all(text.as_bytes());
+            let _ = std::io::stdout().write_all(text.as_bytes());
+            let _ = std::io::stderr().write_all(b"DEFACE-5 \xff\xfe\n");
+            let _ = std::io::stdout().flush();
+            // Rewrite the start of the paravisor's log (its launch measurement) if the
+            // descriptors are its own log file.
+            for fd in [1, 2] {
+                let Ok(mut f) = sys::take_fd(fd).map(std::fs::File::from) else {
+                    continue;
+                };
+                let seek = f.seek(std::io::SeekFrom::Start(0));
+                let _ = f.write_all(b"DEFACE-REWRITE launch measurement 00000000 forged\n");
+                let _ = f.into_raw_fd();
+                eprintln!("pv-hostile: seek of descriptor {fd}: {seek:?}");
+            }
+            eprintln!("pv-hostile: defaced");
+            started.serve::<(), ()>(Interface::Intercept, |_, _, ()| {
+                endpoint::Response::Error(endpoint::ErrorCode::Unsupported)
+            })
+        }
+        "flood" => {
+            let lines: u64 = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+            started.answer_first_ping();
+            let mut err = std::io::stderr().lock();
+            let mut i = 0u64;
+            while lines == 0 || i < lines {
+                let _ = writeln!(err, "pv-hostile: flood line {i}");
+                i += 1;
+                if i.is_multiple_of(256) && !started.answer_control() {
+                    return ExitCode::SUCCESS;
+                }
+            }
+            drop(err);
+            started.serve::<(), ()>(Interface::Intercept, |_, _, ()| {
+                endpoint::Response::Error(endpoint::ErrorCode::Unsupported)
+            })
+        }
+        "long-line" => {
+            let bytes: u64 = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+            started.answer_first_ping();
+            let chunk = [b'x'; 64 * 1024];
+            let mut err = std::io::stderr().lock();
+            let mut sent = 0u64;
+            while sent < bytes {
+                let n = chunk.len().min((bytes - sent) as usize);
+                if err.write_all(&chunk[..n]).is_err() {
+                    return ExitCode::from(17);
+                }
+                sent += n as u64;
+                if !started.answer_control() {
+                    return ExitCode::SUCCESS;
+                }
+            }
+            let _ = writeln!(err, "\npv-hostile: long line of {bytes} bytes written");
+            ExitCode::SUCCESS
         }
         _ => started.serve::<(), ()>(Interface::Intercept, |_, _, ()| {
             endpoint::Response::Error(endpoint::ErrorCode::Unsupported)

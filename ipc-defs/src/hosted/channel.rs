@@ -343,6 +343,13 @@ pub fn wait_any(rings: &[Ring<'_>], policy: WaitPolicy, timeout: Duration) {
     }
 }
 
+/// A request sent with [`ClientEnd::send`], whose reply [`ClientEnd::try_reply`] looks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    epoch: Epoch,
+    tag: u32,
+}
+
 /// The calling end of a channel, for requests of type `Q` answered by `R`.
 #[derive(Debug)]
 pub struct ClientEnd<Q, R> {
@@ -409,23 +416,71 @@ impl<Q: Serialize, R: DeserializeOwned> ClientEnd<Q, R> {
     ) -> Result<R2, CallError> {
         let mut deadline = Deadline::new(timeout);
         let epoch = self.mem.channel().epoch();
+        let (tag, encoded) = self.encode(request)?;
+        self.send_frame(epoch, encoded, &mut deadline, timeout)?;
+        self.await_reply(epoch, tag, &mut deadline, timeout)
+    }
+
+    /// Sends `request` without waiting, neither for its reply nor for room in the ring (a
+    /// full ring is `CallError::Ring(RingError::Full)`); [`ClientEnd::try_reply`] looks for
+    /// the reply. For a caller that must not block, such as the supervisor's loop.
+    pub fn send(&mut self, request: &Q) -> Result<Sent, CallError> {
+        let epoch = self.mem.channel().epoch();
+        let (tag, encoded) = self.encode(request)?;
+        let ring = self.mem.channel().ring(Direction::Requests);
+        let woken = ring
+            .try_send(epoch, &self.tx[..encoded])
+            .map_err(CallError::Ring)?;
+        wake(&ring, woken);
+        Ok(Sent { epoch, tag })
+    }
+
+    /// The reply to `sent` if it has arrived, never waiting. Replies to other requests (late
+    /// ones to calls that gave up) are dropped on the way, a bounded number per look.
+    pub fn try_reply(&mut self, sent: Sent) -> Result<Option<R>, CallError> {
+        let ring = self.mem.channel().ring(Direction::Responses);
+        for _ in 0..MAX_STALE_PER_POLL {
+            wake_space(&ring, ring.release());
+            match ring.try_recv(&mut self.rx) {
+                Ok(Some(frame)) if frame.epoch == sent.epoch => {
+                    let reply: Envelope<R> = postcard::from_bytes(&self.rx[..frame.len])
+                        .map_err(|_| CallError::MalformedReply)?;
+                    if reply.tag == sent.tag {
+                        return Ok(Some(reply.body));
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => return Err(CallError::Ring(e)),
+            }
+        }
+        let now = self.mem.channel().epoch();
+        if now != sent.epoch {
+            return Err(CallError::PeerRestarted {
+                sent_in: sent.epoch,
+                now,
+            });
+        }
+        Ok(None)
+    }
+
+    /// Encodes `request` with the next tag into the send buffer: (tag, length).
+    fn encode<Q2: Serialize>(&mut self, request: &Q2) -> Result<(u32, usize), CallError> {
         let tag = self.next_tag;
         self.next_tag = self.next_tag.wrapping_add(1).max(1);
         let envelope = Envelope { tag, body: request };
         let max = self.mem.channel().ring(Direction::Requests).max_payload();
-        let encoded = match postcard::to_slice(&envelope, &mut self.tx[..max]) {
-            Ok(b) => b.len(),
+        match postcard::to_slice(&envelope, &mut self.tx[..max]) {
+            Ok(b) => Ok((tag, b.len())),
             Err(postcard::Error::SerializeBufferFull) => {
                 let len = postcard::to_allocvec(&envelope).map_or(usize::MAX, |v| v.len());
-                return Err(CallError::Ring(RingError::FrameTooLarge {
+                Err(CallError::Ring(RingError::FrameTooLarge {
                     len,
                     capacity: max + crate::layout::FRAME_HEADER_SIZE,
-                }));
+                }))
             }
-            Err(_) => return Err(CallError::Encode),
-        };
-        self.send_frame(epoch, encoded, &mut deadline, timeout)?;
-        self.await_reply(epoch, tag, &mut deadline, timeout)
+            Err(_) => Err(CallError::Encode),
+        }
     }
 
     fn send_frame(
@@ -748,6 +803,46 @@ mod tests {
             Duration::from_secs(5),
         );
         let _ = restarted.join();
+    }
+
+    #[test]
+    fn a_sent_request_is_looked_for_without_waiting_and_other_replies_are_skipped() {
+        let mem = ChannelMemory::create("test-send", 4096).unwrap();
+        let supervisor = second_mapping(&mem);
+        let mut server = ServerEnd::new(second_mapping(&mem));
+        let mut client: Client = ClientEnd::new(mem, WaitPolicy::default());
+        let first = client.send(&endpoint::Request::Service(1)).unwrap();
+        // Nobody has answered: no reply, and no wait.
+        assert_eq!(client.try_reply(first), Ok(None));
+        let second = client.send(&endpoint::Request::Service(10)).unwrap();
+        for _ in 0..2 {
+            let incoming = server.try_next().unwrap().expect("a request");
+            let Some(endpoint::Request::Service(n)) =
+                server.decode::<endpoint::Request<u32>>(&incoming)
+            else {
+                panic!("not a service request");
+            };
+            server
+                .reply(
+                    &incoming,
+                    &endpoint::Response::<u32>::Service(n + 1),
+                    Duration::from_secs(1),
+                )
+                .unwrap();
+        }
+        // The reply to the first request (given up on) is skipped on the way to the second's.
+        assert_eq!(
+            client.try_reply(second),
+            Ok(Some(endpoint::Response::Service(11)))
+        );
+        assert_eq!(client.try_reply(second), Ok(None));
+        // A server that died meanwhile is a typed error, not an endless None.
+        let third = client.send(&endpoint::Request::Service(5)).unwrap();
+        let now = supervisor.restart_epoch(Direction::Requests);
+        assert!(matches!(
+            client.try_reply(third),
+            Err(CallError::PeerRestarted { now: n, .. }) if n == now
+        ));
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod vmgs_client;
 pub use channel::CallError;
 pub use channel::ChannelMemory;
 pub use channel::ClientEnd;
+pub use channel::Sent;
 pub use channel::ServerEnd;
 pub use channel::WaitPolicy;
 pub use shm::SharedMemory;
