@@ -20,6 +20,7 @@ pub mod kbs;
 pub mod key_protector;
 pub mod manifest;
 pub mod measure;
+pub mod owned_dir;
 pub mod partition;
 pub mod platform;
 pub mod platform_server;
