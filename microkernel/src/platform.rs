@@ -275,7 +275,7 @@ impl Platform {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let parent = crate::owned_dir::ParentDir::open(&parent, "the directory of platform")?;
+        let parent = crate::owned_dir::ParentDir::open(&parent, "parent directory")?;
         // Built in a new private directory and renamed into place: a platform is either
         // complete or absent, and two first runs at once cannot mix their halves.
         let (tmp_name, tmp) =
