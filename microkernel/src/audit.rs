@@ -96,7 +96,7 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
                 .map(|k| match &k.path {
                     Some(p) => format!("{} = {}", k.name, p.display()),
                     None => format!(
-                        "{} sealed in its guest-state file (HW_KEY_PROTECTOR) by attest, policy {}",
+                        "{} sealed in its guest-state file (HW_KEY_PROTECTOR) by the microkernel, policy {}",
                         k.name,
                         m.attest.sealing.name()
                     ),

@@ -1,13 +1,17 @@
 //! The key protectors kept in a guest-state file, unencrypted (each protects itself), so that
 //! the datastore key can be recovered before the file is unlocked:
 //!
-//! - HW_KEY_PROTECTOR (11): the datastore key sealed by the attest service to this platform
-//!   and launch ([`ipc_defs::services::attest::SealedKey`]).
+//! - HW_KEY_PROTECTOR (11): the datastore key sealed by the microkernel to this platform and
+//!   launch ([`SealedKey`]), under a key only the microkernel can have the platform derive:
+//!   its context is one the platform channel refuses
+//!   ([`ipc_defs::services::platform::DATASTORE_KEY_CONTEXT`]), so no service (pv-attest
+//!   included) can obtain it.
 //! - KEY_PROTECTOR (6), with key release: the datastore key wrapped under the tenant key a
 //!   key broker releases to a report its policy accepts ([`TenantWrapped`]). It is what lets
 //!   a new measurement re-seal: the broker releases the tenant key to the new launch, which
 //!   unwraps the datastore key and seals it again.
 
+use std::fs::File;
 use std::path::Path;
 
 use aes_gcm::aead::AeadInOut;
@@ -15,8 +19,176 @@ use aes_gcm::aead::KeyInit;
 use aes_gcm::Aes256Gcm;
 use aes_gcm::Nonce;
 use aes_gcm::Tag;
+use ipc_defs::services::platform::FieldSelect;
+use ipc_defs::services::platform::DATASTORE_KEY_CONTEXT;
 use ipc_defs::services::vmgs::FileId;
 use zeroize::Zeroizing;
+
+use crate::platform::LaunchFacts;
+use crate::platform::Platform;
+
+/// A datastore key.
+pub const KEY_LEN: usize = 32;
+
+/// A sealed datastore key as it is stored (VMGS file id HW_KEY_PROTECTOR, unencrypted: it
+/// protects itself). The header is in clear so that a refusal can say what it was sealed to;
+/// it is authenticated (AES-GCM associated data), so changing it breaks the seal.
+///
+/// Layout: magic `PVSEAL01` (8) | format 1 (1) | GUEST_FIELD_SELECT bits (1) | measurement
+/// at sealing (48) | nonce (12) | wrapped key (32) | GCM tag (16) = 118 bytes. (The blobs
+/// pv-attest made before sealing moved into the microkernel are the same, under the same
+/// wrapping key: they open.)
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SealedKey {
+    pub select: FieldSelect,
+    /// The launch measurement when it was sealed (part of the key only if selected).
+    pub measurement: [u8; 48],
+    pub nonce: [u8; 12],
+    pub wrapped: [u8; KEY_LEN],
+    pub tag: [u8; 16],
+}
+
+impl SealedKey {
+    pub const MAGIC: [u8; 8] = *b"PVSEAL01";
+    pub const FORMAT: u8 = 1;
+    /// Bytes of the authenticated clear header.
+    pub const HEADER_LEN: usize = 8 + 1 + 1 + 48;
+    pub const LEN: usize = Self::HEADER_LEN + 12 + KEY_LEN + 16;
+
+    /// The clear header (the associated data of the seal).
+    pub fn header(&self) -> [u8; Self::HEADER_LEN] {
+        let mut h = [0u8; Self::HEADER_LEN];
+        h[..8].copy_from_slice(&Self::MAGIC);
+        h[8] = Self::FORMAT;
+        h[9] = self.select.bits();
+        h[10..].copy_from_slice(&self.measurement);
+        h
+    }
+
+    pub fn to_bytes(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        let mut at = 0;
+        for part in [
+            &self.header()[..],
+            &self.nonce[..],
+            &self.wrapped[..],
+            &self.tag[..],
+        ] {
+            b[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        b
+    }
+
+    /// Parses stored bytes (hostile: they come from the host's disk).
+    pub fn parse(bytes: &[u8]) -> Result<SealedKey, SealedKeyError> {
+        if bytes.len() != Self::LEN {
+            return Err(SealedKeyError::Length(bytes.len()));
+        }
+        if bytes[..8] != Self::MAGIC {
+            return Err(SealedKeyError::Magic);
+        }
+        if bytes[8] != Self::FORMAT {
+            return Err(SealedKeyError::Format(bytes[8]));
+        }
+        let bits = bytes[9];
+        if bits & !0b0011_1001 != 0 {
+            return Err(SealedKeyError::Select(bits));
+        }
+        let select = FieldSelect {
+            policy: bits & 1 != 0,
+            measurement: bits & (1 << 3) != 0,
+            guest_svn: bits & (1 << 4) != 0,
+            tcb: bits & (1 << 5) != 0,
+        };
+        let take = |at: usize, n: usize| &bytes[at..at + n];
+        let mut k = SealedKey {
+            select,
+            measurement: [0; 48],
+            nonce: [0; 12],
+            wrapped: [0; KEY_LEN],
+            tag: [0; 16],
+        };
+        k.measurement.copy_from_slice(take(10, 48));
+        k.nonce.copy_from_slice(take(58, 12));
+        k.wrapped.copy_from_slice(take(70, KEY_LEN));
+        k.tag.copy_from_slice(take(70 + KEY_LEN, 16));
+        Ok(k)
+    }
+
+    /// Seals `key` to `platform` and the launch facts `select` names (of `facts`, whose
+    /// measurement also goes into the clear header).
+    pub fn seal(
+        platform: &Platform,
+        facts: &LaunchFacts,
+        key: &[u8; KEY_LEN],
+        select: FieldSelect,
+    ) -> Result<SealedKey, String> {
+        let mut nonce = [0u8; 12];
+        getrandom::getrandom(&mut nonce).map_err(|e| format!("no randomness: {e}"))?;
+        let mut sealed = SealedKey {
+            select,
+            measurement: facts.measurement,
+            nonce,
+            wrapped: *key,
+            tag: [0; 16],
+        };
+        let cipher = Aes256Gcm::new(&(*wrapping_key(platform, facts, select)).into());
+        let n: Nonce<_> = sealed.nonce.into();
+        let tag: Tag = cipher
+            .encrypt_inout_detached(&n, &sealed.header(), (&mut sealed.wrapped[..]).into())
+            .map_err(|_| "AES-GCM failed".to_string())?;
+        sealed.tag = tag.into();
+        Ok(sealed)
+    }
+
+    /// The datastore key, if it was sealed on `platform` to these launch facts (those its
+    /// header selects) and nothing changed.
+    pub fn unseal(
+        &self,
+        platform: &Platform,
+        facts: &LaunchFacts,
+    ) -> Option<Zeroizing<[u8; KEY_LEN]>> {
+        let cipher = Aes256Gcm::new(&(*wrapping_key(platform, facts, self.select)).into());
+        let n: Nonce<_> = self.nonce.into();
+        let tag: Tag = self.tag.into();
+        let mut key = Zeroizing::new(self.wrapped);
+        cipher
+            .decrypt_inout_detached(&n, &self.header(), (&mut key[..]).into(), &tag)
+            .ok()?;
+        Some(key)
+    }
+}
+
+/// The key that wraps the datastore key: `KDF(platform key, "VMGSKEY", "ISOHWKEY")` (SP
+/// 800-108, as OpenHCL names its hardware key protector), the platform key being the derived
+/// key for `select` and the reserved context. Asked of the platform in-process: the platform
+/// channel refuses that context.
+fn wrapping_key(
+    platform: &Platform,
+    facts: &LaunchFacts,
+    select: FieldSelect,
+) -> Zeroizing<[u8; 32]> {
+    let platform_key = Zeroizing::new(platform.derived_key(select, facts, &DATASTORE_KEY_CONTEXT));
+    Zeroizing::new(crate::platform::kdf_sp800_108(
+        &platform_key[..],
+        b"VMGSKEY",
+        b"ISOHWKEY",
+    ))
+}
+
+/// Why stored bytes are not a sealed key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SealedKeyError {
+    #[error("{0} bytes, a sealed key is {len}", len = SealedKey::LEN)]
+    Length(usize),
+    #[error("not a sealed key (no PVSEAL01 magic)")]
+    Magic,
+    #[error("unknown sealed-key format {0}")]
+    Format(u8),
+    #[error("unknown field-select bits {0:#04x}")]
+    Select(u8),
+}
 
 /// The datastore key wrapped under a tenant key (AES-256-GCM; the magic and the tenant key's
 /// id are the associated data, so the id cannot be changed without breaking the tag).
@@ -114,13 +286,14 @@ impl TenantWrapped {
     }
 }
 
-/// Replaces the datastore key of the guest-state file at `path` (`old` opens it) by `new`,
-/// with `protectors` (what protects `new`) stored in the same commit that makes the old key
-/// stop opening it: the new key is added to the other header slot first (both open the
-/// file), then the protectors are written (only the new key opens it from this commit on),
-/// then the old slot is cleared. A crash at any point leaves protectors whose key opens the
-/// file.
+/// Replaces the datastore key of the guest-state file `file` (shown as `path`; `old` opens
+/// it) by `new`, with `protectors` (what protects `new`) stored in the same commit that makes
+/// the old key stop opening it: the new key is added to the other header slot first (both
+/// open the file), then the protectors are written (only the new key opens it from this
+/// commit on), then the old slot is cleared. A crash at any point leaves protectors whose key
+/// opens the file.
 pub fn rotate(
+    file: File,
     path: &Path,
     old: &[u8; 32],
     new: &[u8; 32],
@@ -129,8 +302,7 @@ pub fn rotate(
     let err = |e: pv_vmgs::Error| format!("guest-state file {}: key rotation: {e}", path.display());
     let old = pv_vmgs::Key::from_bytes(*old);
     let new = pv_vmgs::Key::from_bytes(*new);
-    let mut vmgs = pv_vmgs::Vmgs::open(pv_vmgs::FileStorage::new(open(path, true)?), Some(&old))
-        .map_err(err)?;
+    let mut vmgs = pv_vmgs::Vmgs::open(pv_vmgs::FileStorage::new(file), Some(&old)).map_err(err)?;
     vmgs.add_key(&new).map_err(err)?;
     vmgs.write_files_unencrypted(protectors).map_err(err)?;
     vmgs.drop_other_key().map_err(err)
@@ -139,20 +311,10 @@ pub fn rotate(
 /// Largest key protector read from a guest-state file.
 pub const MAX_PROTECTOR: usize = 4096;
 
-fn open(path: &Path, write: bool) -> Result<std::fs::File, String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|e| format!("guest-state file {}: {e}", path.display()))
-}
-
-/// An unencrypted file of the guest-state file at `path`, read without the key (`None`: the
-/// file has no such id).
-pub fn read_plain(path: &Path, id: FileId) -> Result<Option<Vec<u8>>, String> {
-    let mut vmgs = pv_vmgs::Vmgs::open(pv_vmgs::FileStorage::new(open(path, false)?), None)
+/// An unencrypted file of the guest-state file `file` (shown as `path`), read without the
+/// key (`None`: the file has no such id).
+pub fn read_plain(file: File, path: &Path, id: FileId) -> Result<Option<Vec<u8>>, String> {
+    let mut vmgs = pv_vmgs::Vmgs::open(pv_vmgs::FileStorage::new(file), None)
         .map_err(|e| format!("guest-state file {}: {e}", path.display()))?;
     // A key protector is a few hundred bytes; the host's disk may claim gigabytes.
     vmgs.set_read_limit(MAX_PROTECTOR as u64);
@@ -163,11 +325,18 @@ pub fn read_plain(path: &Path, id: FileId) -> Result<Option<Vec<u8>>, String> {
     }
 }
 
-/// Replaces file `id` of the guest-state file at `path` with `data`, unencrypted, in one
-/// crash-consistent commit (the key unlocks the file: the commit rewrites its tables).
-pub fn write_plain(path: &Path, key: &[u8; 32], id: FileId, data: &[u8]) -> Result<(), String> {
+/// Replaces file `id` of the guest-state file `file` (shown as `path`) with `data`,
+/// unencrypted, in one crash-consistent commit (the key unlocks the file: the commit
+/// rewrites its tables).
+pub fn write_plain(
+    file: File,
+    path: &Path,
+    key: &[u8; 32],
+    id: FileId,
+    data: &[u8],
+) -> Result<(), String> {
     let vkey = pv_vmgs::Key::from_bytes(*key);
-    let mut vmgs = pv_vmgs::Vmgs::open(pv_vmgs::FileStorage::new(open(path, true)?), Some(&vkey))
+    let mut vmgs = pv_vmgs::Vmgs::open(pv_vmgs::FileStorage::new(file), Some(&vkey))
         .map_err(|e| format!("guest-state file {}: {e}", path.display()))?;
     vmgs.write_file_unencrypted(id, data)
         .map_err(|e| format!("guest-state file {}: {id}: {e}", path.display()))
@@ -214,7 +383,15 @@ mod tests {
             &[(FileId::HW_KEY_PROTECTOR, b"old protector")],
         )
         .unwrap();
+        let open = |write: bool| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(write)
+                .open(&path)
+                .unwrap()
+        };
         rotate(
+            open(true),
             &path,
             &old,
             &new,
@@ -222,14 +399,136 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            read_plain(&path, FileId::HW_KEY_PROTECTOR)
+            read_plain(open(false), &path, FileId::HW_KEY_PROTECTOR)
                 .unwrap()
                 .unwrap(),
             b"new protector"
         );
-        let file = || pv_vmgs::FileStorage::new(open(&path, false).unwrap());
+        let file = || pv_vmgs::FileStorage::new(open(false));
         assert!(pv_vmgs::Vmgs::open(file(), Some(&pv_vmgs::Key::from_bytes(new))).is_ok());
         assert!(pv_vmgs::Vmgs::open(file(), Some(&pv_vmgs::Key::from_bytes(old))).is_err());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+    use crate::platform_server::tests::test_platform;
+
+    const MEASUREMENT: FieldSelect = FieldSelect {
+        policy: true,
+        measurement: true,
+        guest_svn: false,
+        tcb: true,
+    };
+    const PLATFORM: FieldSelect = FieldSelect {
+        policy: true,
+        measurement: false,
+        guest_svn: false,
+        tcb: true,
+    };
+
+    fn facts(measurement: u8) -> LaunchFacts {
+        LaunchFacts {
+            measurement: [measurement; 48],
+            policy: crate::platform::POLICY,
+            guest_svn: 0,
+        }
+    }
+
+    fn hex_bytes(s: &str) -> Vec<u8> {
+        crate::verify::parse_hex(s).unwrap()
+    }
+
+    #[test]
+    fn the_reserved_context_is_the_one_pv_attest_sealed_under() {
+        use sha2::Digest;
+        let expected: [u8; 32] = sha2::Sha256::new()
+            .chain_update(b"paravisor")
+            .chain_update([0])
+            .chain_update(b"VMGS datastore key")
+            .finalize()
+            .into();
+        assert_eq!(DATASTORE_KEY_CONTEXT, expected);
+        assert!(ipc_defs::services::platform::is_reserved_context(&expected));
+    }
+
+    /// A HW_KEY_PROTECTOR that pv-attest sealed (policy "platform") before sealing moved into
+    /// the microkernel, taken from a guest-state file made by that build, with the chip
+    /// secret of the platform it ran on: it opens, so existing sealed state keeps working.
+    #[test]
+    fn a_key_sealed_by_the_old_attest_service_still_unseals() {
+        let secret = hex_bytes(
+            "dca8f82c5f05f29898ed9fd5f6242ddce88191f94f61def732d9d242d06e01c0\
+             52b7304bc773a8081e6da71a69403cef7f1a66ca652e481dda001df6b8cca280",
+        );
+        let blob = hex_bytes(
+            "50565345414c303101217cab20ef6e25ff24faf8502ca37b1c90c90ce7c50cd1\
+             7555d38d7436e9301eb8b792037db2c68cfd74fcf30c8d7303335013732c7642\
+             33b917682dc86646540da9b1ac2dea7631f8901335e112de86acb9f23f682645\
+             01cb000ca8f75561a4512d1489a5756f7dfd4f8d7f26",
+        );
+        let platform = test_platform("old-seal", secret.try_into().unwrap());
+        let sealed = SealedKey::parse(&blob).unwrap();
+        assert_eq!(sealed.select, PLATFORM);
+        // Under "platform" the measurement is not part of the key: any launch opens it.
+        assert!(sealed.unseal(&platform, &facts(9)).is_some());
+        let other = test_platform("old-seal-other", [1; 64]);
+        assert!(sealed.unseal(&other, &facts(9)).is_none());
+    }
+
+    #[test]
+    fn a_sealed_key_unseals_only_under_the_facts_it_was_sealed_to() {
+        let platform = test_platform("seal", [5; 64]);
+        let key = [0x5a; 32];
+        let sealed = SealedKey::seal(&platform, &facts(1), &key, MEASUREMENT).unwrap();
+        assert_eq!(
+            sealed.measurement, [1; 48],
+            "the header names the measurement"
+        );
+        assert_ne!(sealed.wrapped, key, "the key is not stored in clear");
+        let stored = SealedKey::parse(&sealed.to_bytes()).unwrap();
+        assert_eq!(*stored.unseal(&platform, &facts(1)).unwrap(), key);
+        assert!(
+            stored.unseal(&platform, &facts(2)).is_none(),
+            "another measurement cannot unseal"
+        );
+        // Under "platform", a new measurement still unseals; another chip does not.
+        let by_platform = SealedKey::seal(&platform, &facts(1), &key, PLATFORM).unwrap();
+        assert_eq!(*by_platform.unseal(&platform, &facts(2)).unwrap(), key);
+        let other = test_platform("seal-other", [6; 64]);
+        assert!(by_platform.unseal(&other, &facts(1)).is_none());
+        // Any changed byte breaks it, the clear header included; so does a downgraded policy.
+        let bytes = sealed.to_bytes();
+        for i in 0..bytes.len() {
+            let mut bad = bytes;
+            bad[i] ^= 0x10;
+            let opened = SealedKey::parse(&bad)
+                .ok()
+                .and_then(|k| k.unseal(&platform, &facts(1)));
+            assert!(opened.is_none(), "byte {i} flipped still unseals");
+        }
+        let mut downgraded = sealed.clone();
+        downgraded.select = PLATFORM;
+        assert!(downgraded.unseal(&platform, &facts(1)).is_none());
+    }
+
+    #[test]
+    fn sealed_key_round_trips_and_refuses_garbage() {
+        let k = SealedKey {
+            select: MEASUREMENT,
+            measurement: [7; 48],
+            nonce: [1; 12],
+            wrapped: [2; KEY_LEN],
+            tag: [3; 16],
+        };
+        let b = k.to_bytes();
+        assert_eq!(SealedKey::parse(&b), Ok(k));
+        assert_eq!(
+            SealedKey::parse(&b[1..]),
+            Err(SealedKeyError::Length(b.len() - 1))
+        );
+        let mut bad = b;
+        bad[0] ^= 1;
+        assert_eq!(SealedKey::parse(&bad), Err(SealedKeyError::Magic));
+        let mut bad = b;
+        bad[9] = 0x80;
+        assert_eq!(SealedKey::parse(&bad), Err(SealedKeyError::Select(0x80)));
     }
 }

@@ -22,6 +22,7 @@ pub mod libraries;
 pub mod manifest;
 pub mod measure;
 pub mod output;
+pub mod owned_dir;
 pub mod partition;
 pub mod platform;
 pub mod platform_server;

@@ -473,9 +473,10 @@ fn launch(
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
         .unwrap_or_else(|| PathBuf::from("."));
-    let platform_dir = platform_dir
-        .or_else(|| m.attest.platform_dir.clone())
-        .unwrap_or_else(|| supervisor::default_platform_dir(&state_dir));
+    let platform_dir = match platform_dir.or_else(|| m.attest.platform_dir.clone()) {
+        Some(dir) => dir,
+        None => supervisor::default_platform_dir(&state_dir).map_err(failed)?,
+    };
     // The measured launch: before any service runs.
     let started = std::time::Instant::now();
     let (log, sealed) =
@@ -484,21 +485,25 @@ fn launch(
     if let Some(g) = guest.as_mut() {
         sealed.apply(g);
     }
-    std::fs::create_dir_all(&state_dir).map_err(|e| {
-        eprintln!(
-            "paravisor: cannot create state directory {}: {e}",
-            state_dir.display()
-        );
-        ExitCode::FAILURE
-    })?;
+    // Made private (0700) if missing; refused if another user could change it.
+    let state = microkernel::owned_dir::OwnedDir::open(&state_dir, "state directory", true)
+        .map_err(failed)?;
     // Before anything is written to the state: one paravisor per state directory.
-    let lock = supervisor::lock_state_dir(&state_dir).map_err(failed)?;
-    let log_path = state_dir.join("launch-log.json");
-    if let Err(e) = serde_json::to_vec_pretty(&log)
-        .map_err(std::io::Error::other)
-        .and_then(|b| std::fs::write(&log_path, b))
-    {
-        tracing::warn!("launch log not written to {}: {e}", log_path.display());
+    let lock = supervisor::lock_state_dir(&state).map_err(failed)?;
+    let log_path = Path::new(supervisor::LAUNCH_LOG);
+    match serde_json::to_vec_pretty(&log)
+        .map_err(|e| e.to_string())
+        .and_then(|b| {
+            state
+                .replace(log_path, &b, 0o644)
+                .map_err(|e| e.to_string())
+        }) {
+        Ok(None) => {}
+        Ok(Some(was)) => tracing::warn!(
+            "{} was a {was}, not a file of ours: replaced",
+            state.shown(log_path).display()
+        ),
+        Err(e) => tracing::warn!("launch log not written: {e}"),
     }
     tracing::info!(
         entries = log.entries.len(),
@@ -510,6 +515,7 @@ fn launch(
     Ok(supervisor::Options {
         manifest: m,
         state_dir,
+        state,
         bin_dir,
         log_filter: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
         guest,
@@ -620,19 +626,16 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
                         None => Manifest::load(Path::new(DEFAULT_MANIFEST)).ok(),
                     };
                     let state = client_state_dir(state_dir, manifest.as_deref())?;
-                    m.and_then(|m| m.attest.platform_dir)
-                        .unwrap_or_else(|| supervisor::default_platform_dir(&state))
+                    match m.and_then(|m| m.attest.platform_dir) {
+                        Some(dir) => dir,
+                        None => supervisor::default_platform_dir(&state).map_err(fail)?,
+                    }
                 }
             };
-            std::fs::create_dir_all(&out).map_err(|e| fail(format!("{}: {e}", out.display())))?;
-            for f in [
-                microkernel::platform::ARK_PEM,
-                microkernel::platform::ASK_PEM,
-                microkernel::platform::VCEK_PEM,
-            ] {
-                std::fs::copy(platform_dir.join(f), out.join(f))
-                    .map_err(|e| fail(format!("{}: {e}", platform_dir.join(f).display())))?;
-            }
+            // Read as `run` reads it: a platform directory of ours, no links.
+            let chain = microkernel::platform::read_chain(&platform_dir)
+                .map_err(|e| fail(e.to_string()))?;
+            write_chain(&chain, &out).map_err(fail)?;
             println!("ark.pem, ask.pem, vcek.pem written to {}", out.display());
             Ok(ExitCode::SUCCESS)
         }

@@ -374,7 +374,7 @@ pub struct KeyGrant {
     pub name: String,
     /// The key file, relative to the state directory; `None` for a sealed key, which is kept
     /// only in the guest-state file the key encrypts (VMGS id HW_KEY_PROTECTOR), wrapped by
-    /// the attest service under a key the platform derives (see [`AttestSettings`]).
+    /// the microkernel under a key the platform derives (see [`AttestSettings`]).
     pub path: Option<PathBuf>,
     pub missing: MissingKey,
 }

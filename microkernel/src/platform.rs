@@ -2,8 +2,9 @@
 //! that plays hardware. Nothing here is secure: the chip secret is a file.
 //!
 //! `paravisor platform init` provisions a platform identity once, in its own directory
-//! (separate from the paravisor's state): a random chip secret (`chip-secret.INSECURE`, mode
-//! 0600), and a certificate chain in AMD's shape:
+//! (separate from the paravisor's state; private, 0700, and checked like the state directory
+//! on every use: see [`crate::owned_dir`]): a random chip secret (`chip-secret.INSECURE`, mode
+//! 0600, refused unless it is ours and private), and a certificate chain in AMD's shape:
 //! - ARK and ASK: RSA-4096, signed with RSASSA-PSS (SHA-384, MGF1-SHA-384, salt 48), ARK
 //!   self-signed, ASK by the ARK. Their private keys are used once and dropped, as AMD keeps
 //!   its own: only the chain remains.
@@ -14,6 +15,7 @@
 //! Subjects say SIMULATED; the VCEK's common name does not contain "SEV" (snpguest would take
 //! it for an ASK).
 
+use std::io::Read;
 use std::path::Path;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -41,6 +43,8 @@ use x509_cert::serial_number::SerialNumber;
 use x509_cert::spki::EncodePublicKey;
 use x509_cert::spki::SubjectPublicKeyInfoOwned;
 use x509_cert::time::Validity;
+
+use crate::owned_dir::OwnedDir;
 
 /// Files of a platform directory.
 pub const CHIP_SECRET: &str = "chip-secret.INSECURE";
@@ -99,6 +103,8 @@ pub enum PlatformError {
     Crypto(String),
     #[error("{0} is not a platform directory (no {CHIP_SECRET}); run `paravisor platform init`")]
     Missing(String),
+    #[error("{0}")]
+    Dir(#[from] crate::owned_dir::DirError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PlatformError + '_ {
@@ -112,11 +118,14 @@ fn crypto(e: impl std::fmt::Display) -> PlatformError {
     PlatformError::Crypto(e.to_string())
 }
 
-/// A provisioned platform: its chip secret (and what derives from it).
+/// A provisioned platform: its chip secret (and what derives from it), and its directory.
 pub struct Platform {
     secret: zeroize::Zeroizing<[u8; 64]>,
-    pub dir: PathBuf,
+    dir: OwnedDir,
 }
+
+/// Largest certificate read from a platform directory.
+const MAX_CERT: u64 = 64 * 1024;
 
 /// A KDS extension of the VCEK: an OID and its DER value.
 struct KdsExtension {
@@ -247,57 +256,57 @@ fn pem(cert: &x509_cert::Certificate) -> Result<String, PlatformError> {
         .map_err(crypto)
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), PlatformError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io(path))?;
-    f.write_all(bytes).map_err(io(path))?;
-    f.sync_all().map_err(io(path))
-}
-
 impl Platform {
-    /// Provisions a new platform identity in `dir` (which must not hold one).
+    /// Provisions a new platform identity in `dir` (which must not hold one). The directory
+    /// above it may be shared (`/tmp`) but must be safe to make a directory in
+    /// ([`crate::owned_dir::ParentDir`]).
     pub fn init(dir: &Path) -> Result<Platform, PlatformError> {
-        if dir.join(CHIP_SECRET).exists() {
-            return Err(PlatformError::Exists(dir.display().to_string()));
+        match Platform::open(dir) {
+            Ok(_) => return Err(PlatformError::Exists(dir.display().to_string())),
+            Err(PlatformError::Missing(_)) => {}
+            // Someone else's directory (or a link, a file) in the way: refused by name.
+            Err(e) => return Err(e),
         }
-        // Built in a private directory and renamed into place: a platform is either complete
-        // or absent, and two first runs at once cannot mix their halves.
-        let final_dir = dir;
+        let name = dir.file_name().ok_or_else(|| PlatformError::Io {
+            path: dir.display().to_string(),
+            error: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a directory name"),
+        })?;
         let parent = match dir.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-        let tmp = parent.join(format!(
-            ".{}.init-{}",
-            dir.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&tmp);
-        let result = Self::init_in(&tmp, final_dir);
+        let parent = crate::owned_dir::ParentDir::open(&parent, "parent directory")?;
+        // Built in a new private directory and renamed into place: a platform is either
+        // complete or absent, and two first runs at once cannot mix their halves.
+        let (tmp_name, tmp) =
+            parent.new_private_dir(&format!(".{}.init-", name.to_string_lossy()))?;
+        let result = Self::init_in(&tmp).and_then(|()| {
+            // An empty directory in the way is replaced; a platform already there wins.
+            parent.rename(&tmp_name, Path::new(name)).map_err(|e| {
+                if Platform::open(dir).is_ok() {
+                    PlatformError::Exists(dir.display().to_string())
+                } else {
+                    io(dir)(e)
+                }
+            })
+        });
         if result.is_err() {
-            let _ = std::fs::remove_dir_all(&tmp);
+            for f in [ARK_PEM, ASK_PEM, VCEK_PEM, CHIP_SECRET] {
+                let _ = tmp.remove(Path::new(f));
+            }
+            let _ = parent.remove_dir(&tmp_name);
         }
-        result
+        result?;
+        Platform::open(dir)
     }
 
-    fn init_in(dir: &Path, final_dir: &Path) -> Result<Platform, PlatformError> {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .map_err(io(dir))?;
+    /// Writes a new identity into the empty private directory `dir`.
+    fn init_in(dir: &OwnedDir) -> Result<(), PlatformError> {
         let mut secret = zeroize::Zeroizing::new([0u8; 64]);
         getrandom::getrandom(&mut secret[..]).map_err(crypto)?;
         let platform = Platform {
             secret,
-            dir: dir.to_path_buf(),
+            dir: dir.try_clone().map_err(io(dir.path()))?,
         };
         let mut rng = rand_core::OsRng;
         let ark_key = RsaPrivateKey::new(&mut rng, 4096).map_err(crypto)?;
@@ -362,50 +371,53 @@ impl Platform {
         let vcek = vcek
             .build_with_rng::<rsa::pss::Signature>(&mut rng)
             .map_err(crypto)?;
+        let write = |file: &str, bytes: &[u8], mode: u32| {
+            dir.create_new(Path::new(file), mode, |mut f| {
+                std::io::Write::write_all(&mut f, bytes)
+                    .map(|()| f)
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(|e| io(dir.path())(std::io::Error::other(e)))
+        };
         for (file, cert) in [(ARK_PEM, &ark), (ASK_PEM, &ask), (VCEK_PEM, &vcek)] {
-            let path = dir.join(file);
-            std::fs::write(&path, pem(cert)?).map_err(io(&path))?;
+            write(file, pem(cert)?.as_bytes(), 0o644)?;
         }
         // Last: a directory with a chip secret is a complete platform.
-        write_private(&dir.join(CHIP_SECRET), &platform.secret[..])?;
-        // An empty directory in the way is replaced; a platform already there wins.
-        let _ = std::fs::remove_dir(final_dir);
-        if let Err(e) = std::fs::rename(dir, final_dir) {
-            if final_dir.join(CHIP_SECRET).exists() {
-                let _ = std::fs::remove_dir_all(dir);
-                return Err(PlatformError::Exists(final_dir.display().to_string()));
-            }
-            return Err(io(final_dir)(e));
-        }
-        Ok(Platform {
-            secret: platform.secret.clone(),
-            dir: final_dir.to_path_buf(),
-        })
+        write(CHIP_SECRET, &platform.secret[..], 0o600)
     }
 
-    /// Opens a provisioned platform.
+    /// Opens a provisioned platform: its directory must be ours and private (and the
+    /// directories above it safe), the chip secret a regular 0600 file of ours.
     pub fn open(dir: &Path) -> Result<Platform, PlatformError> {
-        let path = dir.join(CHIP_SECRET);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        let d = match OwnedDir::open(dir, "platform directory", false) {
+            Ok(d) => d,
+            Err(e) if e.is_missing() => {
                 return Err(PlatformError::Missing(dir.display().to_string()))
             }
-            Err(e) => return Err(io(&path)(e)),
+            Err(e) => return Err(e.into()),
         };
-        let mut secret = zeroize::Zeroizing::new([0u8; 64]);
+        let path = d.shown(Path::new(CHIP_SECRET));
+        let Some(file) = d.open_secret(Path::new(CHIP_SECRET))? else {
+            return Err(PlatformError::Missing(dir.display().to_string()));
+        };
+        let mut bytes = zeroize::Zeroizing::new(Vec::new());
+        file.take(65).read_to_end(&mut bytes).map_err(io(&path))?;
         if bytes.len() != 64 {
             return Err(PlatformError::Crypto(format!(
-                "{} holds {} bytes, not a 64-byte chip secret",
+                "{} holds {}{} bytes, not a 64-byte chip secret",
                 path.display(),
-                bytes.len()
+                if bytes.len() > 64 { "more than " } else { "" },
+                bytes.len().min(64)
             )));
         }
+        let mut secret = zeroize::Zeroizing::new([0u8; 64]);
         secret.copy_from_slice(&bytes);
-        Ok(Platform {
-            secret,
-            dir: dir.to_path_buf(),
-        })
+        Ok(Platform { secret, dir: d })
+    }
+
+    /// The platform's directory, as it was named.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// The chip id (the report's CHIP_ID and the VCEK's hwID): derived from the secret.
@@ -439,10 +451,26 @@ impl Platform {
 
 /// The chain as one PEM text: ARK, ASK, VCEK.
 pub fn chain_pem(platform: &Platform) -> Result<String, PlatformError> {
+    chain_in(&platform.dir)
+}
+
+/// The chain of the platform directory `dir` (checked as [`Platform::open`] does), for a
+/// verifier: one PEM text, ARK, ASK, VCEK.
+pub fn read_chain(dir: &Path) -> Result<String, PlatformError> {
+    chain_in(&OwnedDir::open(dir, "platform directory", false)?)
+}
+
+fn chain_in(dir: &OwnedDir) -> Result<String, PlatformError> {
     let mut out = String::new();
     for f in [ARK_PEM, ASK_PEM, VCEK_PEM] {
-        let path = platform.dir.join(f);
-        out.push_str(&std::fs::read_to_string(&path).map_err(io(&path))?);
+        let path = dir.shown(Path::new(f));
+        let bytes = dir
+            .read(Path::new(f), MAX_CERT)?
+            .ok_or_else(|| PlatformError::Missing(dir.path().display().to_string()))?;
+        out.push_str(
+            &String::from_utf8(bytes)
+                .map_err(|e| PlatformError::Crypto(format!("{}: {e}", path.display())))?,
+        );
     }
     Ok(out)
 }

@@ -5,6 +5,13 @@
 //! The facts (measurement, policy, host data) come from the measured launch, never from a
 //! request: a service can choose only the report data, the VMPL, and which facts and context
 //! a derived key mixes in, as a guest can on hardware.
+//!
+//! What this channel never gives, whatever the client asks: a VMPL 0 report (the paravisor's
+//! own evidence, what a key broker releases the tenant key to) and a key for a context the
+//! microkernel reserves (`platform::RESERVED_CONTEXTS`: the datastore key's wrapping key).
+//! The microkernel makes those itself with [`Platform`] in-process, a path no channel reaches.
+//! A refusal is a typed error to the client, a warning in the log and a count (the holder's
+//! REFUSED in `paravisor ps`).
 
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
@@ -20,6 +27,7 @@ use ipc_defs::services::bytes::Bytes;
 use ipc_defs::services::platform::PlatformError;
 use ipc_defs::services::platform::Request;
 use ipc_defs::services::platform::Response;
+use ipc_defs::services::platform::MICROKERNEL_VMPL;
 use ipc_defs::services::platform::REPORT_DATA_LEN;
 
 use crate::platform::LaunchFacts;
@@ -40,12 +48,15 @@ pub struct Launch {
     pub report_id: [u8; 32],
 }
 
-/// Answers one request.
+/// Answers one request from the channel's client.
 pub fn answer(platform: &Platform, launch: &Launch, request: &Request) -> Response {
     match request {
         Request::Report { report_data, vmpl } => {
             if *vmpl > 3 {
                 return Response::Error(PlatformError::BadVmpl(*vmpl));
+            }
+            if *vmpl == MICROKERNEL_VMPL {
+                return Response::Error(PlatformError::ReservedVmpl);
             }
             let Ok(report_data) = <[u8; REPORT_DATA_LEN]>::try_from(report_data.as_slice()) else {
                 return Response::Error(PlatformError::BadReportData);
@@ -69,6 +80,9 @@ pub fn answer(platform: &Platform, launch: &Launch, request: &Request) -> Respon
             }
         }
         Request::DerivedKey { select, context } => {
+            if ipc_defs::services::platform::is_reserved_context(context.as_slice()) {
+                return Response::Error(PlatformError::ReservedContext);
+            }
             let key = zeroize::Zeroizing::new(platform.derived_key(
                 *select,
                 &launch.facts,
@@ -79,31 +93,48 @@ pub fn answer(platform: &Platform, launch: &Launch, request: &Request) -> Respon
     }
 }
 
+/// Whether `response` refuses something reserved to the microkernel.
+fn is_reserved_refusal(response: &Response) -> bool {
+    matches!(
+        response,
+        Response::Error(PlatformError::ReservedVmpl | PlatformError::ReservedContext)
+    )
+}
+
+/// Requests answered, and requests refused as reserved to the microkernel.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub answered: AtomicU64,
+    pub refused: AtomicU64,
+}
+
 /// The serving thread.
 pub struct PlatformServer {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    /// Requests answered (for `ps`-style counters and tests).
-    pub answered: Arc<AtomicU64>,
+    /// For `ps` (the holder's REFUSED) and tests.
+    pub counters: Arc<Counters>,
 }
 
 impl PlatformServer {
-    /// Serves the channel `mem` (a second mapping of the channel the attest service calls).
+    /// Serves the channel `mem` (a second mapping of the channel the service `client`, the
+    /// attest service, calls).
     pub fn start(
         mem: ChannelMemory,
-        platform: Platform,
+        platform: Arc<Platform>,
         launch: Launch,
+        client: String,
     ) -> std::io::Result<PlatformServer> {
         let stop = Arc::new(AtomicBool::new(false));
-        let answered = Arc::new(AtomicU64::new(0));
-        let (s, a) = (stop.clone(), answered.clone());
+        let counters = Arc::new(Counters::default());
+        let (s, c) = (stop.clone(), counters.clone());
         let thread = std::thread::Builder::new()
             .name("platform".into())
-            .spawn(move || serve(ServerEnd::new(mem), &platform, &launch, &s, &a))?;
+            .spawn(move || serve(ServerEnd::new(mem), &platform, &launch, &client, &s, &c))?;
         Ok(PlatformServer {
             stop,
             thread: Some(thread),
-            answered,
+            counters,
         })
     }
 }
@@ -121,8 +152,9 @@ fn serve(
     mut end: ServerEnd,
     platform: &Platform,
     launch: &Launch,
+    client: &str,
     stop: &AtomicBool,
-    answered: &AtomicU64,
+    counters: &Counters,
 ) {
     // The epoch in which the ring was found broken: nothing is read until the supervisor
     // moves the channel on (it does when the client restarts).
@@ -147,14 +179,114 @@ fn serve(
                 }
             };
             let response = match end.decode::<Request>(&incoming) {
-                Some(request) => answer(platform, launch, &request),
+                Some(request) => {
+                    let response = answer(platform, launch, &request);
+                    if let Response::Error(e) = &response {
+                        if is_reserved_refusal(&response) {
+                            counters.refused.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(
+                                client,
+                                "platform channel: refused {}: {e}",
+                                match request {
+                                    Request::Report { .. } => "a VMPL 0 report",
+                                    Request::DerivedKey { .. } => "a key for a reserved context",
+                                }
+                            );
+                        }
+                    }
+                    response
+                }
                 None => {
-                    tracing::warn!("platform channel: undecodable request refused");
+                    tracing::warn!(client, "platform channel: undecodable request refused");
                     Response::Error(PlatformError::Malformed)
                 }
             };
             let _ = end.reply(&incoming, &response, REPLY_TIMEOUT);
-            answered.fetch_add(1, Ordering::Relaxed);
+            counters.answered.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use ipc_defs::services::platform::FieldSelect;
+    use ipc_defs::services::platform::DATASTORE_KEY_CONTEXT;
+
+    use super::*;
+
+    /// A platform with a fixed chip secret (no certificates: reports and keys need none).
+    pub(crate) fn test_platform(tag: &str, secret: [u8; 64]) -> Platform {
+        let dir = std::env::temp_dir().join(format!("pv-ps-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let secret_path = dir.join(crate::platform::CHIP_SECRET);
+        std::fs::write(&secret_path, secret).unwrap();
+        std::fs::set_permissions(&secret_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Platform::open(&dir).unwrap()
+    }
+
+    fn launch() -> Launch {
+        Launch {
+            facts: crate::platform::LaunchFacts {
+                measurement: [3; 48],
+                policy: crate::platform::POLICY,
+                guest_svn: 0,
+            },
+            host_data: [0; 32],
+            report_id: [1; 32],
+        }
+    }
+
+    /// What a compromised attest service would ask for to speak as the paravisor (a VMPL 0
+    /// report over data of its choosing) or to open the guest-state file (the datastore
+    /// key's wrapping key): refused on the channel, whatever it selects; what the channel is
+    /// for still works.
+    #[test]
+    fn the_channel_refuses_vmpl_0_and_the_datastore_keys_context() {
+        let platform = test_platform("answer", [7; 64]);
+        let launch = launch();
+        let report = |vmpl| {
+            answer(
+                &platform,
+                &launch,
+                &Request::Report {
+                    report_data: Bytes::new(&[0x5a; 64]).unwrap(),
+                    vmpl,
+                },
+            )
+        };
+        assert_eq!(report(0), Response::Error(PlatformError::ReservedVmpl));
+        assert!(is_reserved_refusal(&report(0)));
+        assert_eq!(report(4), Response::Error(PlatformError::BadVmpl(4)));
+        match report(1) {
+            Response::Report(r) => assert_eq!(r.as_slice()[0x30], 1),
+            other => panic!("{other:?}"),
+        }
+        for bits in 0..16u8 {
+            let select = FieldSelect {
+                policy: bits & 1 != 0,
+                measurement: bits & 2 != 0,
+                guest_svn: bits & 4 != 0,
+                tcb: bits & 8 != 0,
+            };
+            let key = |context: &[u8]| {
+                answer(
+                    &platform,
+                    &launch,
+                    &Request::DerivedKey {
+                        select,
+                        context: Bytes::new(context).unwrap(),
+                    },
+                )
+            };
+            assert_eq!(
+                key(&DATASTORE_KEY_CONTEXT),
+                Response::Error(PlatformError::ReservedContext)
+            );
+            assert!(matches!(key(&[0x39; 32]), Response::Key(_)));
         }
     }
 }

@@ -6,11 +6,8 @@
 //! is created as an encrypted VMGS file under that key. Later runs reuse both. A key is never
 //! made for a guest-state file that already exists: a new key could not open it.
 
-use std::fs::OpenOptions;
 use std::io::Read;
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use zeroize::Zeroize;
@@ -19,6 +16,7 @@ use crate::manifest::Manifest;
 use crate::manifest::Missing;
 use crate::manifest::MissingKey;
 use crate::manifest::KEY_BYTES;
+use crate::owned_dir::OwnedDir;
 
 /// A key read from its file; wiped on drop.
 pub struct KeyBytes(pub [u8; KEY_BYTES]);
@@ -35,33 +33,22 @@ impl Drop for KeyBytes {
     }
 }
 
-/// Reads a key file: a regular file (not a link) of exactly 32 bytes that only its owner can
-/// read or write.
-pub fn load_key(path: &Path) -> Result<KeyBytes, String> {
-    let mut file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| format!("key file {}: {e}", path.display()))?;
-    let meta = file
+/// Reads the key file `rel` of the state directory: a regular file of ours (not a link, not
+/// a FIFO) of exactly 32 bytes that only its owner can read or write.
+pub fn load_key(state: &OwnedDir, rel: &Path) -> Result<KeyBytes, String> {
+    let path = state.shown(rel);
+    let mut file = state
+        .open_secret(rel)
+        .map_err(|e| format!("key: {e}"))?
+        .ok_or_else(|| format!("key file {} does not exist", path.display()))?;
+    let len = file
         .metadata()
-        .map_err(|e| format!("key file {}: {e}", path.display()))?;
-    if !meta.is_file() {
-        return Err(format!("key file {} is not a regular file", path.display()));
-    }
-    if meta.mode() & 0o077 != 0 {
+        .map_err(|e| format!("key file {}: {e}", path.display()))?
+        .len();
+    if len != KEY_BYTES as u64 {
         return Err(format!(
-            "key file {} is accessible to group or others (mode {:04o}); run `chmod 600 {}`",
+            "key file {} is {len} bytes; a key is exactly {KEY_BYTES}",
             path.display(),
-            meta.mode() & 0o7777,
-            path.display()
-        ));
-    }
-    if meta.len() != KEY_BYTES as u64 {
-        return Err(format!(
-            "key file {} is {} bytes; a key is exactly {KEY_BYTES}",
-            path.display(),
-            meta.len()
         ));
     }
     let mut key = KeyBytes([0; KEY_BYTES]);
@@ -70,49 +57,26 @@ pub fn load_key(path: &Path) -> Result<KeyBytes, String> {
     Ok(key)
 }
 
-/// Makes a new random key file (mode 0600) atomically: written and synced under a temporary
-/// name, linked into place (which fails rather than replace an existing key), the directory
-/// synced. A crash leaves either no key or the whole key, never a short one.
-fn create_key(path: &Path) -> Result<(), String> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| format!("{}: not a file name", path.display()))?;
-    let tmp = dir.join(format!(".{}.creating", name.to_string_lossy()));
-    let _ = std::fs::remove_file(&tmp);
-    let result = (|| {
-        let mut key = KeyBytes([0; KEY_BYTES]);
-        getrandom::getrandom(&mut key.0).map_err(|e| format!("no randomness for a key: {e}"))?;
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)
-            .map_err(|e| format!("key file {}: {e}", tmp.display()))?;
-        file.write_all(&key.0)
-            .and_then(|()| file.sync_all())
-            .map_err(|e| format!("key file {}: {e}", tmp.display()))?;
-        std::fs::hard_link(&tmp, path).map_err(|e| format!("key file {}: {e}", path.display()))?;
-        std::fs::remove_file(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| format!("{}: {e}", dir.display()))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+/// Makes a new random key file `rel` (mode 0600) atomically: written and synced under a
+/// temporary name, linked into place (which fails rather than replace an existing key), the
+/// directory synced. A crash leaves either no key or the whole key, never a short one.
+fn create_key(state: &OwnedDir, rel: &Path) -> Result<(), String> {
+    let mut key = KeyBytes([0; KEY_BYTES]);
+    getrandom::getrandom(&mut key.0).map_err(|e| format!("no randomness for a key: {e}"))?;
+    state
+        .create_new(rel, 0o600, |mut file| {
+            file.write_all(&key.0)
+                .map(|()| file)
+                .map_err(|e| format!("key file {}: {e}", state.shown(rel).display()))
+        })
+        .map_err(|e| format!("key {e}"))
 }
 
 /// Creates what the manifest says to create when missing. Returns a line for each thing
 /// created, for the log.
-pub fn prepare(manifest: &Manifest, state_dir: &Path) -> Result<Vec<String>, String> {
+pub fn prepare(manifest: &Manifest, state: &OwnedDir) -> Result<Vec<String>, String> {
     let mut made = Vec::new();
+    let exists = |rel: &Path| state.exists(rel).map_err(|e| e.to_string());
     for s in &manifest.services {
         for f in &s.files {
             let Missing::CreateVmgs { key, size } = &f.missing else {
@@ -122,13 +86,13 @@ pub fn prepare(manifest: &Manifest, state_dir: &Path) -> Result<Vec<String>, Str
                 return Err(format!("service {}: no key \"{key}\"", s.name));
             };
             let Some(key_file) = &k.path else {
-                // Sealed: made (or unsealed) by the supervisor once attest runs.
+                // Sealed: made (or unsealed) by the supervisor with the platform.
                 continue;
             };
-            let vmgs_path = state_dir.join(&f.path);
-            let key_path = state_dir.join(key_file);
-            let vmgs_exists = vmgs_path.exists();
-            if !key_path.exists() {
+            let vmgs_path = state.shown(&f.path);
+            let key_path = state.shown(key_file);
+            let vmgs_exists = exists(&f.path)?;
+            if !exists(key_file)? {
                 if vmgs_exists {
                     return Err(format!(
                         "guest-state file {} exists but its key {} is missing; refusing to make a new key that cannot open it (restore the key, or move the file away to start afresh)",
@@ -137,7 +101,7 @@ pub fn prepare(manifest: &Manifest, state_dir: &Path) -> Result<Vec<String>, Str
                     ));
                 }
                 if k.missing == MissingKey::Create {
-                    create_key(&key_path)?;
+                    create_key(state, key_file)?;
                     made.push(format!(
                         "made a new random datastore key {} (mode 0600)",
                         key_path.display()
@@ -145,9 +109,9 @@ pub fn prepare(manifest: &Manifest, state_dir: &Path) -> Result<Vec<String>, Str
                 }
             }
             if !vmgs_exists {
-                let bytes = load_key(&key_path)?;
+                let bytes = load_key(state, key_file)?;
                 let key = pv_vmgs::Key::from_bytes(bytes.0);
-                crate::vmgs_cli::create_vmgs_file(&vmgs_path, *size, Some(&key))?;
+                crate::vmgs_cli::create_vmgs_in(state, &f.path, *size, Some(&key), &[])?;
                 made.push(format!(
                     "created encrypted guest-state file {} ({} byte image) under key {}",
                     vmgs_path.display(),
@@ -157,14 +121,14 @@ pub fn prepare(manifest: &Manifest, state_dir: &Path) -> Result<Vec<String>, Str
             }
         }
         for k in &s.keys {
-            let Some(path) = k.path.as_ref().map(|p| state_dir.join(p)) else {
+            let Some(rel) = &k.path else {
                 continue;
             };
-            if !path.exists() && k.missing == MissingKey::Create {
-                create_key(&path)?;
+            if !exists(rel)? && k.missing == MissingKey::Create {
+                create_key(state, rel)?;
                 made.push(format!(
                     "made a new random key {} (mode 0600)",
-                    path.display()
+                    state.shown(rel).display()
                 ));
             }
         }
@@ -174,29 +138,32 @@ pub fn prepare(manifest: &Manifest, state_dir: &Path) -> Result<Vec<String>, Str
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]
     fn keys_readable_by_others_are_refused() {
         let dir = std::env::temp_dir().join(format!("pv-keytest-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("k");
-        create_key(&path).unwrap();
-        assert_eq!(load_key(&path).unwrap().0.len(), 32);
-        assert!(create_key(&path).is_err(), "never replaces a key");
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
-            .unwrap();
-        assert!(load_key(&path).unwrap_err().contains("chmod 600"));
+        let state = OwnedDir::open(&dir, "state directory", true).unwrap();
+        let k = Path::new("k");
+        create_key(&state, k).unwrap();
+        assert_eq!(load_key(&state, k).unwrap().0.len(), 32);
+        assert!(create_key(&state, k).is_err(), "never replaces a key");
+        std::fs::set_permissions(dir.join("k"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(load_key(&state, k).unwrap_err().contains("chmod 600"));
         std::fs::write(dir.join("short"), [1u8; 31]).unwrap();
-        std::fs::set_permissions(
-            dir.join("short"),
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )
-        .unwrap();
-        assert!(load_key(&dir.join("short"))
+        std::fs::set_permissions(dir.join("short"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        assert!(load_key(&state, Path::new("short"))
             .unwrap_err()
             .contains("31 bytes"));
+        // A link to a key elsewhere is not a key of this state.
+        std::os::unix::fs::symlink(dir.join("k"), dir.join("link")).unwrap();
+        assert!(load_key(&state, Path::new("link"))
+            .unwrap_err()
+            .contains("symbolic link"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

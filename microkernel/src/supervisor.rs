@@ -9,7 +9,6 @@ use std::io;
 use std::os::fd::AsFd;
 use std::os::fd::AsRawFd;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
@@ -43,8 +42,11 @@ use ipc_defs::Interface;
 
 use crate::key_protector::read_plain;
 use crate::key_protector::write_plain;
+use crate::key_protector::SealedKey;
 use crate::key_protector::TenantWrapped;
 use crate::manifest::ListenAddress;
+use crate::owned_dir::Open;
+use crate::owned_dir::OwnedDir;
 use crate::state_files::KeyBytes;
 
 use crate::control::Command;
@@ -69,9 +71,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// noticed this late costs the service's clients nothing (their requests queue meanwhile),
 /// and the loop sleeps in between.
 const START_LOOK_INTERVAL: Duration = Duration::from_millis(20);
-/// How long a service killed because its start failed may take to die before a waiting
-/// caller (the sealed keys' attest start) gives up on it.
-const START_KILL_WAIT: Duration = Duration::from_secs(2);
 /// Largest certificate chain the microkernel takes from attest.
 const MAX_CHAIN: usize = 64 * 1024;
 /// How long a call to the attest service may take (a report is a P-384 signature).
@@ -91,6 +90,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub struct Options {
     pub manifest: Manifest,
     pub state_dir: PathBuf,
+    /// The state directory, opened and checked ([`OwnedDir`]): every state file goes
+    /// through it.
+    pub state: OwnedDir,
     /// Where the service executables are (next to `paravisor`).
     pub bin_dir: PathBuf,
     /// `tracing` filter handed to services.
@@ -148,6 +150,8 @@ pub enum RunError {
     Platform(#[from] crate::platform::PlatformError),
     #[error("{0}")]
     SealedKey(String),
+    #[error("{0}")]
+    Dir(#[from] crate::owned_dir::DirError),
 }
 
 /// The channel from the guest partition (client `guest`) to a service that answers guest
@@ -265,8 +269,8 @@ struct Service {
     output: ServiceOutput,
 }
 
-/// The microkernel's own channel to the attest service (client name `paravisor`): sealing the
-/// datastore key, reports for `paravisor attest report` and the key broker.
+/// The microkernel's own channel to the attest service (client name `paravisor`): reports for
+/// `paravisor attest report`, the attest benchmark.
 struct AttestLink {
     server: usize,
     client: ClientEnd<
@@ -279,18 +283,22 @@ struct AttestLink {
 struct PlatformLink {
     holder: usize,
     mem: ChannelMemory,
-    /// What the serving thread needs, until `run` starts it (after the signal mask is set:
-    /// a thread started before would take SIGTERM's default action for the whole process).
-    pending: Option<(
-        ChannelMemory,
-        crate::platform::Platform,
-        crate::platform_server::Launch,
-    )>,
+    /// The platform and this launch's facts: the serving thread answers the channel with
+    /// them, and the microkernel's own sealing and VMPL 0 reports use them directly (a path
+    /// no channel reaches).
+    platform: std::sync::Arc<crate::platform::Platform>,
+    launch: crate::platform_server::Launch,
+    /// The serving thread's mapping of the channel, until `run` starts it (after the signal
+    /// mask is set: a thread started before would take SIGTERM's default action for the
+    /// whole process).
+    pending: Option<ChannelMemory>,
     server: Option<crate::platform_server::PlatformServer>,
 }
 
 pub struct Supervisor {
     state_dir: PathBuf,
+    /// The state directory's descriptor: every state file is opened through it.
+    state: OwnedDir,
     /// The state directory's lock, held while this supervisor lives: one paravisor per state
     /// (two would write the same guest-state file).
     _lock: std::fs::File,
@@ -300,7 +308,6 @@ pub struct Supervisor {
     unsealed: std::collections::BTreeMap<(usize, String), KeyBytes>,
     sealing: crate::manifest::AttestSettings,
     measurement: [u8; 48],
-    platform_dir: PathBuf,
     sandbox_root: PathBuf,
     log_filter: String,
     services: Vec<Service>,
@@ -320,15 +327,18 @@ impl Supervisor {
     /// Builds every channel, region and filter the manifest describes; starts nothing yet.
     pub fn new(opts: &Options) -> Result<Supervisor, RunError> {
         let m = &opts.manifest;
-        std::fs::create_dir_all(&opts.state_dir)
-            .map_err(|e| RunError::StateDir(opts.state_dir.display().to_string(), e))?;
+        let state = opts.state.try_clone()?;
         let lock = match &opts.lock {
             Some(l) => l.try_clone()?,
-            None => lock_state_dir(&opts.state_dir)?,
+            None => lock_state_dir(&state)?,
         };
-        for line in
-            crate::state_files::prepare(m, &opts.state_dir).map_err(create_err("state files"))?
-        {
+        // The platform before any state file is made: a platform that is refused (another
+        // user's, a chip secret others can read) leaves the state untouched.
+        let platform = match m.services.iter().any(|s| s.platform) {
+            true => Some(open_or_init_platform(&opts.platform_dir)?),
+            false => None,
+        };
+        for line in crate::state_files::prepare(m, &state).map_err(create_err("state files"))? {
             tracing::info!("{line}");
         }
         let mut services = Vec::new();
@@ -364,8 +374,9 @@ impl Supervisor {
                         .map_err(|e| create_err(what())(e.to_string()))?,
                     ListenAddress::Unix(p) => {
                         let path = opts.state_dir.join(p);
-                        if let Some(parent) = path.parent() {
-                            let _ = std::fs::create_dir_all(parent);
+                        // Its directory made (0700) and checked like the state directory.
+                        if let Some(parent) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                            state.subdir(parent, true)?;
                         }
                         // A socket left by an earlier run (never another kind of file).
                         if std::fs::symlink_metadata(&path).is_ok_and(|m| {
@@ -481,18 +492,24 @@ impl Supervisor {
                 })
             }
         };
-        let platform_link = match m.services.iter().position(|s| s.platform) {
-            None => None,
-            Some(holder) => {
-                let platform = open_or_init_platform(&opts.platform_dir)?;
+        let platform_link = match (m.services.iter().position(|s| s.platform), platform) {
+            (Some(holder), Some(platform)) => {
                 // The chain, for the attest service (public: a verifier checks it anyway).
                 let chain = crate::platform::chain_pem(&platform)?;
-                let certs = opts.state_dir.join(PLATFORM_CERTS);
-                // Rewritten only when it differs (a same-length file is read to compare).
-                let same = std::fs::metadata(&certs).is_ok_and(|m| m.len() == chain.len() as u64)
-                    && std::fs::read(&certs).ok().as_deref() == Some(chain.as_bytes());
+                let certs = Path::new(PLATFORM_CERTS);
+                // Rewritten only when it differs; whatever is not a regular file of ours (a
+                // link, a FIFO) is replaced, never written through.
+                let same = matches!(
+                    state.read(certs, MAX_CHAIN as u64),
+                    Ok(Some(b)) if b == chain.as_bytes()
+                );
                 if !same {
-                    std::fs::write(&certs, chain)?;
+                    if let Some(was) = state.replace(certs, chain.as_bytes(), 0o644)? {
+                        tracing::warn!(
+                            "{} was a {was}, not a file of ours: replaced",
+                            state.shown(certs).display()
+                        );
+                    }
                 }
                 let mem = ChannelMemory::create("pv-chan-attest-platform", m.ring_capacity)
                     .map_err(|e| create_err("platform channel")(e.to_string()))?;
@@ -514,19 +531,22 @@ impl Supervisor {
                 Some(PlatformLink {
                     holder,
                     mem,
-                    pending: Some((view, platform, launch)),
+                    platform: std::sync::Arc::new(platform),
+                    launch,
+                    pending: Some(view),
                     server: None,
                 })
             }
+            _ => None,
         };
         Ok(Supervisor {
+            state,
             _lock: lock,
             attest_link,
             platform_link,
             unsealed: std::collections::BTreeMap::new(),
             sealing: m.attest.clone(),
             measurement: opts.measurement,
-            platform_dir: opts.platform_dir.clone(),
             sandbox_root: opts.state_dir.join(".sandbox-root"),
             state_dir: opts.state_dir.clone(),
             log_filter: opts.log_filter.clone(),
@@ -967,9 +987,12 @@ impl Supervisor {
     /// Starts the platform's serving thread (after the signal mask: see [`PlatformLink`]).
     fn start_platform(&mut self) -> Result<(), RunError> {
         if let Some(link) = self.platform_link.as_mut() {
-            if let Some((view, platform, launch)) = link.pending.take() {
+            if let Some(view) = link.pending.take() {
                 link.server = Some(crate::platform_server::PlatformServer::start(
-                    view, platform, launch,
+                    view,
+                    link.platform.clone(),
+                    link.launch,
+                    self.services[link.holder].spec.name.clone(),
                 )?);
                 link.mem.set_server_state(ServerState::Up);
             }
@@ -1217,48 +1240,6 @@ impl Supervisor {
         }
     }
 
-    /// Runs the start of service `i` to its end (running, or failed and reaped), for the one
-    /// start that must end before anything else happens: attest's, before the sealed keys
-    /// are made or unsealed. Its output is passed on meanwhile.
-    fn wait_for_start(&mut self, i: usize) {
-        let mut failed_at: Option<Instant> = None;
-        while self.services[i].state == State::Starting {
-            let Some(pidfd) = self.services[i]
-                .process
-                .as_ref()
-                .map(|p| p.pidfd.as_raw_fd())
-            else {
-                break;
-            };
-            if self.services[i].starting.is_none()
-                && failed_at.get_or_insert_with(Instant::now).elapsed() >= START_KILL_WAIT
-            {
-                // Killed but not dead yet: the main loop reaps it when it is.
-                break;
-            }
-            let outputs = self.services[i].output.fds();
-            let mut fds = vec![pidfd];
-            fds.extend(outputs.iter().map(|(_, fd)| *fd));
-            let look = self.services[i]
-                .starting
-                .as_ref()
-                .map_or(START_LOOK_INTERVAL, |p| {
-                    p.next_look.saturating_duration_since(Instant::now())
-                });
-            let look = look.as_micros().div_ceil(1000) as i32;
-            let ready = sandbox::poll_readable(&fds, look).unwrap_or_default();
-            for (k, (stream, _)) in outputs.iter().enumerate() {
-                if ready.get(1 + k) == Some(&true) {
-                    self.pump_output(i, *stream);
-                }
-            }
-            if ready.first() == Some(&true) {
-                self.reap(i);
-            }
-            self.check_starts();
-        }
-    }
-
     /// Passes on what service `i` wrote to `stream` (never waiting for more).
     fn pump_output(&mut self, i: usize, stream: Stream) {
         // A starting service that writes is about to answer (its runtime logs as it enters
@@ -1435,24 +1416,19 @@ impl Supervisor {
             caps.push(shm_cap(CapabilityKind::Region, name.clone(), shm));
         }
         for f in &s.spec.files {
-            let path = self.state_dir.join(&f.path);
-            let mut opts = std::fs::OpenOptions::new();
-            opts.read(true)
-                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW);
-            if f.access == FileAccess::ReadWrite {
-                opts.write(true);
-            }
-            if matches!(f.missing, Missing::Create) {
-                if let Some(parent) = path.parent() {
-                    let _ = std::fs::create_dir_all(parent);
-                }
-                opts.create(true).mode(0o600);
-            }
-            let file = opts
-                .open(&path)
-                .map_err(|e| format!("file \"{}\" at {}: {e}", f.name, path.display()))?;
+            // Through the state directory's descriptor: never a link, a FIFO or another
+            // user's file.
+            let how = match (f.access, &f.missing) {
+                (FileAccess::ReadWrite, Missing::Create) => Open::ReadWriteOrCreate(0o600),
+                (FileAccess::ReadWrite, _) => Open::ReadWrite,
+                (_, _) => Open::Read,
+            };
+            let file = self
+                .state
+                .open_file(&f.path, how)
+                .map_err(|e| format!("file \"{}\": {e}", f.name))?;
             let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-            let link = std::fs::canonicalize(&path)
+            let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
                 .map(|p| p.display().to_string())
                 .ok();
             caps.push((
@@ -1469,7 +1445,7 @@ impl Supervisor {
             let loaded;
             let key = match &k.path {
                 Some(path) => {
-                    loaded = crate::state_files::load_key(&self.state_dir.join(path))?;
+                    loaded = crate::state_files::load_key(&self.state, path)?;
                     &loaded
                 }
                 None => self
@@ -1921,25 +1897,21 @@ impl Supervisor {
     }
 
     /// The attest benchmark: each operation through the service, then on the platform
-    /// directly (a second handle on the same platform), alternating.
+    /// directly (the microkernel's own handle), alternating.
     fn attest_bench(&mut self, samples: usize) -> Result<crate::bench_attest::Latencies, String> {
         use crate::bench_attest::median;
-        let platform =
-            crate::platform::Platform::open(&self.platform_dir).map_err(|e| e.to_string())?;
-        let facts = crate::platform::LaunchFacts {
-            measurement: self.measurement,
-            policy: crate::platform::POLICY,
-            guest_svn: 0,
-        };
+        let (platform, launch) = self.own_platform().map_err(|e| e.to_string())?;
+        let facts = launch.facts;
         let select = crate::platform::sealing_select(crate::manifest::Sealing::Measurement);
         let (mut rs, mut rd, mut ks, mut kd) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for i in 0..samples {
             let mut data = [0u8; 64];
             data[..8].copy_from_slice(&(i as u64).to_le_bytes());
             let t = Instant::now();
+            // A service's VMPL: the platform channel signs no VMPL 0.
             match self.attest_call(&attest::Request::GetReport {
                 report_data: Bytes::new(&data).expect("64 bytes"),
-                vmpl: 0,
+                vmpl: attest::SERVICE_VMPL,
             })? {
                 attest::Response::Report(_) => rs.push(t.elapsed().as_secs_f64() * 1e6),
                 other => return Err(describe(&other)),
@@ -1950,7 +1922,7 @@ impl Supervisor {
                     report_data: data,
                     measurement: self.measurement,
                     host_data: [0; 32],
-                    vmpl: 0,
+                    vmpl: u32::from(attest::SERVICE_VMPL),
                     policy: crate::platform::POLICY,
                     report_id: [0; 32],
                 })
@@ -1977,16 +1949,17 @@ impl Supervisor {
         })
     }
 
-    /// Makes or unseals every sealed key before the services that hold them start: starts
-    /// the attest service first, then, for each sealed key, either creates its guest-state
-    /// file with a new random key sealed into HW_KEY_PROTECTOR, or unseals the stored one.
+    /// Makes or unseals every sealed key before the services that hold them start: for each
+    /// sealed key, either creates its guest-state file with a new random key sealed into
+    /// HW_KEY_PROTECTOR, or unseals the stored one. With the platform in-process: no service
+    /// takes part (nor could: the platform channel refuses the context of the wrapping key).
     fn unseal_keys(&mut self) -> Result<(), RunError> {
         let mut wanted = Vec::new();
         for (i, s) in self.services.iter().enumerate() {
             for k in s.spec.keys.iter().filter(|k| k.is_sealed()) {
                 let file = s.spec.files.iter().find_map(|f| match &f.missing {
                     Missing::CreateVmgs { key, size } if key == &k.name => {
-                        Some((self.state_dir.join(&f.path), *size))
+                        Some((f.path.clone(), *size))
                     }
                     _ => None,
                 });
@@ -2002,21 +1975,7 @@ impl Supervisor {
         if wanted.is_empty() {
             return Ok(());
         }
-        let Some(server) = self.attest_link.as_ref().map(|l| l.server) else {
-            return Err(RunError::SealedKey(
-                "sealed keys need an attest service (manifest validation should have caught this)"
-                    .into(),
-            ));
-        };
-        self.start(server);
-        self.wait_for_start(server);
-        if self.services[server].state != State::Running {
-            return Err(RunError::SealedKey(format!(
-                "the attest service \"{}\" did not start ({}); the sealed datastore key cannot be unsealed without it",
-                self.services[server].spec.name,
-                self.services[server].last_exit.clone().unwrap_or_default()
-            )));
-        }
+        self.own_platform()?;
         let select = crate::platform::sealing_select(self.sealing.sealing);
         if self.sealing.sealing == crate::manifest::Sealing::Platform {
             tracing::warn!(
@@ -2024,7 +1983,7 @@ impl Supervisor {
             );
         }
         for (i, name, path, size) in wanted {
-            let key = if path.exists() {
+            let key = if self.state.exists(&path)? {
                 self.open_sealed(&path, select)?
             } else {
                 self.create_sealed(&path, size, select)?
@@ -2057,7 +2016,8 @@ impl Supervisor {
             .iter()
             .map(|(id, b)| (*id, b.as_slice()))
             .collect();
-        crate::vmgs_cli::create_vmgs_file_with(
+        crate::vmgs_cli::create_vmgs_in(
+            &self.state,
             path,
             size,
             Some(&pv_vmgs::Key::from_bytes(key.0)),
@@ -2067,7 +2027,7 @@ impl Supervisor {
         self.keep_sealing_log();
         tracing::info!(
             "created encrypted guest-state file {} under a new random datastore key, sealed (policy {}) in its HW_KEY_PROTECTOR{}",
-            path.display(),
+            self.state.shown(path).display(),
             self.sealing.sealing.name(),
             if self.sealing.key_release.is_some() {
                 " and wrapped under the key broker's tenant key in its KEY_PROTECTOR"
@@ -2090,17 +2050,23 @@ impl Supervisor {
         path: &Path,
         select: attest::FieldSelect,
     ) -> Result<KeyBytes, RunError> {
-        let stored = read_plain(path, FileId::HW_KEY_PROTECTOR).map_err(RunError::SealedKey)?;
+        let shown = self.state.shown(path);
+        let stored = read_plain(
+            self.guest_state(path, false)?,
+            &shown,
+            FileId::HW_KEY_PROTECTOR,
+        )
+        .map_err(RunError::SealedKey)?;
         let (unsealed, refusal) = match &stored {
             None => (
                 None,
                 format!(
                     "guest-state file {} holds no sealed key (no HW_KEY_PROTECTOR): it was made under a key file or by another tool. \
                      Give the vmgs service its key file (`keys = [{{ name = ..., path = ... }}]`), or move the file away to start afresh",
-                    path.display()
+                    shown.display()
                 ),
             ),
-            Some(bytes) => match self.unseal_stored(path, bytes)? {
+            Some(bytes) => match self.unseal_stored(&shown, bytes)? {
                 Ok(opened) => (Some(opened), String::new()),
                 Err(why) => (None, why),
             },
@@ -2110,7 +2076,7 @@ impl Supervisor {
             (Some((key, sealed_select)), _) if sealed_select != select => {
                 tracing::warn!(
                     "the datastore key of {} is sealed under another policy than the manifest's ({}): rotating to a new key sealed under it",
-                    path.display(),
+                    shown.display(),
                     self.sealing.sealing.name()
                 );
                 let tenant = match release {
@@ -2122,44 +2088,58 @@ impl Supervisor {
             (Some((key, _)), None) => Ok(key),
             (Some((key, _)), Some(addr)) => {
                 let pinned = self.sealing.key_release_id.clone().unwrap_or_default();
-                let current = read_plain(path, FileId::KEY_PROTECTOR)
-                    .map_err(RunError::SealedKey)?
-                    .and_then(|b| TenantWrapped::parse(&b).ok())
-                    .is_some_and(|w| w.key_id_hex() == pinned);
+                let current = read_plain(
+                    self.guest_state(path, false)?,
+                    &shown,
+                    FileId::KEY_PROTECTOR,
+                )
+                .map_err(RunError::SealedKey)?
+                .and_then(|b| TenantWrapped::parse(&b).ok())
+                .is_some_and(|w| w.key_id_hex() == pinned);
                 if !current {
                     // Key release added to an existing state, or a protector made under
                     // another tenant key: wrap the key for the broker now, while it opens.
                     let tenant = self.release(addr)?;
                     let wrapped =
                         TenantWrapped::wrap(&tenant, &key.0).map_err(RunError::SealedKey)?;
-                    write_plain(path, &key.0, FileId::KEY_PROTECTOR, &wrapped.to_bytes())
-                        .map_err(RunError::SealedKey)?;
+                    write_plain(
+                        self.guest_state(path, true)?,
+                        &shown,
+                        &key.0,
+                        FileId::KEY_PROTECTOR,
+                        &wrapped.to_bytes(),
+                    )
+                    .map_err(RunError::SealedKey)?;
                     tracing::info!(
                         "datastore key of {} wrapped under the key broker's tenant key (KEY_PROTECTOR)",
-                        path.display()
+                        shown.display()
                     );
                 }
                 Ok(key)
             }
             (None, None) => Err(RunError::SealedKey(refusal)),
             (None, Some(addr)) => {
-                let Some(kp) =
-                    read_plain(path, FileId::KEY_PROTECTOR).map_err(RunError::SealedKey)?
+                let Some(kp) = read_plain(
+                    self.guest_state(path, false)?,
+                    &shown,
+                    FileId::KEY_PROTECTOR,
+                )
+                .map_err(RunError::SealedKey)?
                 else {
                     return Err(RunError::SealedKey(format!(
                         "{refusal} (key release is configured, but {} has no KEY_PROTECTOR: it was sealed before key release was, so the broker cannot help)",
-                        path.display()
+                        shown.display()
                     )));
                 };
                 let kp = TenantWrapped::parse(&kp).map_err(|e| {
                     RunError::SealedKey(format!(
                         "guest-state file {}: KEY_PROTECTOR: {e}",
-                        path.display()
+                        shown.display()
                     ))
                 })?;
                 tracing::info!(
                     "the sealed datastore key of {} does not unseal under this launch; asking the key broker at {addr}",
-                    path.display()
+                    shown.display()
                 );
                 let tenant = self.release(addr).map_err(|e| {
                     RunError::SealedKey(format!("{refusal} Key release failed too: {e}"))
@@ -2167,14 +2147,14 @@ impl Supervisor {
                 let key = kp.unwrap(&tenant).ok_or_else(|| {
                     RunError::SealedKey(format!(
                         "the key broker at {addr} released a key that does not open the KEY_PROTECTOR of {} (made under tenant key {}, not this one)",
-                        path.display(),
+                        shown.display(),
                         kp.key_id_hex()
                     ))
                 })?;
                 let key = self.rotate(path, &KeyBytes(*key), select, Some(&tenant))?;
                 tracing::warn!(
                     "datastore key of {} released by the key broker at {addr}, rotated and re-sealed (policy {}) to launch measurement {}",
-                    path.display(),
+                    shown.display(),
                     self.sealing.sealing.name(),
                     crate::measure::hex(&self.measurement)
                 );
@@ -2206,7 +2186,14 @@ impl Supervisor {
             .iter()
             .map(|(id, b)| (*id, b.as_slice()))
             .collect();
-        crate::key_protector::rotate(path, &old.0, &key.0, &plain).map_err(RunError::SealedKey)?;
+        crate::key_protector::rotate(
+            self.guest_state(path, true)?,
+            &self.state.shown(path),
+            &old.0,
+            &key.0,
+            &plain,
+        )
+        .map_err(RunError::SealedKey)?;
         self.keep_sealing_log();
         Ok(key)
     }
@@ -2222,16 +2209,21 @@ impl Supervisor {
                     .into(),
             )
         })?;
+        let (platform, launch) = self.own_platform()?;
         let key = crate::kbs::fetch_key(addr, |report_data| {
-            // VMPL 0: the paravisor's own evidence, the only kind the broker accepts.
-            let request = attest::Request::GetReport {
-                report_data: Bytes::new(report_data).expect("64 bytes"),
-                vmpl: 0,
-            };
-            match self.attest_call(&request)? {
-                attest::Response::Report(r) => Ok(r.as_slice().to_vec()),
-                other => Err(format!("attest answered {}", describe(&other))),
-            }
+            // VMPL 0: the paravisor's own evidence, the only kind the broker accepts; signed
+            // here, in-process (the platform channel refuses VMPL 0).
+            platform
+                .report(&crate::platform::ReportRequest {
+                    report_data: *report_data,
+                    measurement: launch.facts.measurement,
+                    host_data: launch.host_data,
+                    vmpl: u32::from(ipc_defs::services::platform::MICROKERNEL_VMPL),
+                    policy: launch.facts.policy,
+                    report_id: launch.report_id,
+                })
+                .map(|r| r.to_vec())
+                .map_err(|e| e.to_string())
         })
         .map_err(|e| RunError::SealedKey(format!("key release by the broker at {addr}: {e}")))?;
         let id = crate::kbs::key_id(&key);
@@ -2243,19 +2235,39 @@ impl Supervisor {
         Ok(key)
     }
 
-    /// Seals `key` through the attest service; the stored bytes.
+    /// The platform and this launch's facts, for the microkernel's own use.
+    fn own_platform(
+        &self,
+    ) -> Result<
+        (
+            std::sync::Arc<crate::platform::Platform>,
+            crate::platform_server::Launch,
+        ),
+        RunError,
+    > {
+        self.platform_link
+            .as_ref()
+            .map(|l| (l.platform.clone(), l.launch))
+            .ok_or_else(|| {
+                RunError::SealedKey(
+                    "sealed keys and key release need the platform: give the attest service `platform = true` (manifest validation should have caught this)"
+                        .into(),
+                )
+            })
+    }
+
+    /// The guest-state file `rel` of the state directory, through its descriptor.
+    fn guest_state(&self, rel: &Path, write: bool) -> Result<std::fs::File, RunError> {
+        let how = if write { Open::ReadWrite } else { Open::Read };
+        Ok(self.state.open_file(rel, how)?)
+    }
+
+    /// Seals `key` to this platform and launch (in-process); the stored bytes.
     fn seal(&mut self, key: &KeyBytes, select: attest::FieldSelect) -> Result<Vec<u8>, RunError> {
-        let request = attest::Request::Seal {
-            key: Bytes::new(&key.0).expect("32 bytes"),
-            select,
-        };
-        match self.attest_call(&request).map_err(RunError::SealedKey)? {
-            attest::Response::Sealed(b) => Ok(b.as_slice().to_vec()),
-            other => Err(RunError::SealedKey(format!(
-                "sealing the datastore key: attest answered {}",
-                describe(&other)
-            ))),
-        }
+        let (platform, launch) = self.own_platform()?;
+        let sealed = SealedKey::seal(&platform, &launch.facts, &key.0, select)
+            .map_err(|e| RunError::SealedKey(format!("sealing the datastore key: {e}")))?;
+        Ok(sealed.to_bytes().to_vec())
     }
 
     /// Unseals `stored` (the HW_KEY_PROTECTOR of `path`): the key, or why it did not unseal
@@ -2265,7 +2277,7 @@ impl Supervisor {
         path: &Path,
         stored: &[u8],
     ) -> Result<Result<(KeyBytes, attest::FieldSelect), String>, RunError> {
-        let sealed = match attest::SealedKey::parse(stored) {
+        let sealed = match SealedKey::parse(stored) {
             Ok(s) => s,
             Err(e) => {
                 return Ok(Err(format!(
@@ -2274,13 +2286,10 @@ impl Supervisor {
                 )))
             }
         };
-        let request = attest::Request::Unseal {
-            sealed: Bytes::new(stored).expect("parsed: 118 bytes"),
-        };
-        match self.attest_call(&request).map_err(RunError::SealedKey)? {
-            attest::Response::Key(k) => {
-                let mut key = KeyBytes([0; crate::manifest::KEY_BYTES]);
-                key.0.copy_from_slice(k.as_slice());
+        let (platform, launch) = self.own_platform()?;
+        match sealed.unseal(&platform, &launch.facts) {
+            Some(k) => {
+                let key = KeyBytes(*k);
                 tracing::info!(
                     "datastore key of {} unsealed (sealed under policy {})",
                     path.display(),
@@ -2292,24 +2301,30 @@ impl Supervisor {
                 );
                 Ok(Ok((key, sealed.select)))
             }
-            attest::Response::Error(attest::AttestError::UnsealFailed) => {
-                Ok(Err(self.unseal_refusal(path, &sealed)))
-            }
-            other => Err(RunError::SealedKey(format!(
-                "unsealing the datastore key of {}: attest answered {}",
-                path.display(),
-                describe(&other)
-            ))),
+            None => Ok(Err(self.unseal_refusal(path, &sealed))),
         }
     }
 
     /// Keeps the launch log of the run that sealed a key (`sealed-launch-log.json`), so that a
     /// later refusal can say what changed.
     fn keep_sealing_log(&self) {
-        let from = self.state_dir.join("launch-log.json");
-        let to = self.state_dir.join(SEALED_LAUNCH_LOG);
-        if let Err(e) = std::fs::copy(&from, &to) {
-            tracing::warn!("{} not kept: {e}", to.display());
+        let to = Path::new(SEALED_LAUNCH_LOG);
+        let kept = self
+            .state
+            .read(Path::new(LAUNCH_LOG), MAX_LAUNCH_LOG)
+            .and_then(|log| {
+                let log = log.ok_or_else(|| crate::owned_dir::DirError::Missing {
+                    subject: format!("file {}", self.state.shown(Path::new(LAUNCH_LOG)).display()),
+                })?;
+                self.state.replace(to, &log, 0o644)
+            });
+        match kept {
+            Ok(None) => {}
+            Ok(Some(was)) => tracing::warn!(
+                "{} was a {was}, not a file of ours: replaced",
+                self.state.shown(to).display()
+            ),
+            Err(e) => tracing::warn!("{} not kept: {e}", self.state.shown(to).display()),
         }
     }
 
@@ -2318,16 +2333,12 @@ impl Supervisor {
     fn launch_changes(&self, sealed_to: &[u8; 48]) -> Option<String> {
         // Files of the (untrusted) state directory: bounded, and only a hint for the operator.
         let read = |name: &str| -> Option<crate::measure::LaunchLog> {
-            let path = self.state_dir.join(name);
-            if std::fs::metadata(&path).ok()?.len() > 1 << 20 {
-                return None;
-            }
-            let log: crate::measure::LaunchLog =
-                serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+            let bytes = self.state.read(Path::new(name), MAX_LAUNCH_LOG).ok()??;
+            let log: crate::measure::LaunchLog = serde_json::from_slice(&bytes).ok()?;
             (log.entries.len() <= 4096).then_some(log)
         };
         let then = read(SEALED_LAUNCH_LOG).filter(|l| &l.measurement == sealed_to)?;
-        let now = read("launch-log.json")?;
+        let now = read(LAUNCH_LOG)?;
         let key = |e: &crate::measure::Entry| (e.kind.name().to_string(), e.name.clone());
         // "service net (pv-net)", "manifest", "guest-image kernel".
         let label = |e: &crate::measure::Entry| {
@@ -2364,7 +2375,7 @@ impl Supervisor {
     }
 
     /// Why a stored key did not unseal, and what the operator can do.
-    fn unseal_refusal(&self, path: &Path, sealed: &attest::SealedKey) -> String {
+    fn unseal_refusal(&self, path: &Path, sealed: &SealedKey) -> String {
         let file = path.display();
         if sealed.select.measurement && sealed.measurement != self.measurement {
             let what = match self.launch_changes(&sealed.measurement) {
@@ -2390,6 +2401,19 @@ impl Supervisor {
                 }
             )
         }
+    }
+
+    /// Platform requests of service `i` refused as reserved to the microkernel.
+    fn platform_refusals(&self, i: usize) -> u64 {
+        self.platform_link
+            .as_ref()
+            .filter(|l| l.holder == i)
+            .and_then(|l| l.server.as_ref())
+            .map_or(0, |s| {
+                s.counters
+                    .refused
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
     }
 
     fn ps(&mut self) -> Vec<ServiceRow> {
@@ -2426,7 +2450,7 @@ impl Supervisor {
                     .map(|p| p.started.elapsed().as_millis() as u64),
                 messages_in: s.last_stats.requests_in,
                 messages_out: s.last_stats.responses_out,
-                refused: s.last_stats.refused,
+                refused: s.last_stats.refused + self.platform_refusals(i),
                 output_dropped: s.output.dropped(),
                 last_exit: s.last_exit.clone(),
                 namespaces: s
@@ -2561,20 +2585,13 @@ impl Supervisor {
 
 /// Takes the state directory's lock (`.lock`, an advisory exclusive lock released when the
 /// process ends), or says that another paravisor holds it.
-pub fn lock_state_dir(dir: &Path) -> Result<std::fs::File, RunError> {
-    let path = dir.join(".lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-        .open(&path)
-        .map_err(|e| RunError::StateDir(path.display().to_string(), e))?;
+pub fn lock_state_dir(dir: &OwnedDir) -> Result<std::fs::File, RunError> {
+    let path = dir.shown(Path::new(".lock"));
+    let file = dir.open_file(Path::new(".lock"), Open::ReadWriteOrCreate(0o600))?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => {
-            Err(RunError::AlreadyRunning(dir.display().to_string()))
+            Err(RunError::AlreadyRunning(dir.path().display().to_string()))
         }
         Err(std::fs::TryLockError::Error(e)) => {
             Err(RunError::StateDir(path.display().to_string(), e))
@@ -2595,13 +2612,29 @@ fn describe(r: &attest::Response) -> String {
 pub const PLATFORM_CERTS: &str = "platform-certs.pem";
 /// The launch log of the run that sealed the datastore key, in the state directory.
 pub const SEALED_LAUNCH_LOG: &str = "sealed-launch-log.json";
+/// This run's launch log, in the state directory.
+pub const LAUNCH_LOG: &str = "launch-log.json";
+/// Largest launch log read back from the state directory.
+const MAX_LAUNCH_LOG: u64 = 1 << 20;
 
 /// Where `run` keeps the simulated platform unless told: `platform` next to the state
-/// directory (never inside it: the platform outlives any one state).
-pub fn default_platform_dir(state_dir: &Path) -> PathBuf {
-    match state_dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.join("platform"),
-        _ => PathBuf::from("platform"),
+/// directory (never inside it: the platform outlives any one state). Never in a shared
+/// directory (one others may write to, even sticky like `/tmp`): whoever made `platform`
+/// there first would choose the chip secret, and so sign reports that verify as ours.
+pub fn default_platform_dir(state_dir: &Path) -> Result<PathBuf, String> {
+    let parent = match state_dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    match crate::owned_dir::shared_mode(&parent, "the directory of the state directory") {
+        Ok(None) => Ok(parent.join("platform")),
+        Ok(Some(mode)) => Err(format!(
+            "the state directory {} is in {}, which others may write to (mode {mode:04o}), so its default platform directory (\"platform\" next to it) could have been made by another user. \
+             Name a private platform directory with --platform-dir (or `[attest] platform-dir` in the manifest), or use a state directory whose parent is yours",
+            state_dir.display(),
+            if parent == Path::new(".") { "the current directory".to_string() } else { parent.display().to_string() },
+        )),
+        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -22,6 +22,7 @@
 //! | `deface-output`     | writes terminal escapes and a forged tag, then seeks descriptors 1 and 2 to 0 and writes | tagged, escaped, appended |
 //! | `flood N`           | writes N lines to stderr as fast as it can (0: forever), then serves | rate-limited, drops counted |
 //! | `long-line N`       | writes N bytes without a newline, then exits   | cut; the supervisor's memory bounded |
+//! | `platform-grab`     | as the attest service: asks the platform for a VMPL 0 report and the datastore key's wrapping key, then a VMPL 1 report | the first two refused, the last signed |
 //! | `serve`             | serves normally                                | runs                           |
 //!
 //! Exit status 0 means "every hostile attempt got the typed error it should"; 10 and up
@@ -46,7 +47,9 @@ use ipc_defs::layout::Direction;
 use ipc_defs::layout::ProducerLine;
 use ipc_defs::layout::RingHeader;
 use ipc_defs::ring::RingError;
+use ipc_defs::services::bytes::Bytes;
 use ipc_defs::services::intercept;
+use ipc_defs::services::platform;
 use ipc_defs::services::vmgs::FileId;
 use ipc_defs::Interface;
 
@@ -296,6 +299,54 @@ fn main() -> ExitCode {
                 }
             }
             started.serve::<(), ()>(Interface::Intercept, |_, _, ()| {
+                endpoint::Response::Error(endpoint::ErrorCode::Unsupported)
+            })
+        }
+        "platform-grab" => {
+            // What a compromised attest service would try: evidence that speaks for the
+            // paravisor itself, and the key that unwraps the guest-state file's key.
+            started.answer_first_ping();
+            let mut end = started
+                .context
+                .platform
+                .take()
+                .expect("the test manifest gives this service the platform");
+            let report = |vmpl| platform::Request::Report {
+                report_data: Bytes::new(&[0x66; platform::REPORT_DATA_LEN]).expect("64 bytes"),
+                vmpl,
+            };
+            let attempts = [
+                ("vmpl-0 report", report(0)),
+                (
+                    "datastore-key context",
+                    platform::Request::DerivedKey {
+                        select: platform::FieldSelect {
+                            policy: true,
+                            measurement: true,
+                            guest_svn: false,
+                            tcb: true,
+                        },
+                        context: Bytes::new(&platform::DATASTORE_KEY_CONTEXT).expect("32 bytes"),
+                    },
+                ),
+                ("vmpl-1 report", report(1)),
+            ];
+            for (what, request) in attempts {
+                match end.call(&request, Duration::from_secs(10)) {
+                    Ok(platform::Response::Report(r)) => eprintln!(
+                        "pv-hostile: platform {what}: signed at VMPL {}",
+                        r.as_slice().get(0x30).copied().unwrap_or(0xff)
+                    ),
+                    Ok(platform::Response::Key(_)) => {
+                        eprintln!("pv-hostile: platform {what}: key derived")
+                    }
+                    Ok(platform::Response::Error(e)) => {
+                        eprintln!("pv-hostile: platform {what}: refused: {e:?}")
+                    }
+                    Err(e) => eprintln!("pv-hostile: platform {what}: no answer: {e}"),
+                }
+            }
+            started.serve::<(), ()>(Interface::Attest, |_, _, ()| {
                 endpoint::Response::Error(endpoint::ErrorCode::Unsupported)
             })
         }

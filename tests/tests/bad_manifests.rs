@@ -564,7 +564,7 @@ fn attestation_settings_are_checked() {
     let out = pv(&["audit", path.to_str().unwrap()]);
     assert!(
         text(&out).contains(
-            "sealed in its guest-state file (HW_KEY_PROTECTOR) by attest, policy measurement"
+            "sealed in its guest-state file (HW_KEY_PROTECTOR) by the microkernel, policy measurement"
         ),
         "{}",
         text(&out)

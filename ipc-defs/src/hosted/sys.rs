@@ -368,6 +368,125 @@ pub fn dup_inheritable(fd: &impl AsRawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(new as i32) })
 }
 
+// Directory-relative file operations: the microkernel does all I/O in its state and platform
+// directories through a descriptor of the directory it checked (`microkernel::owned_dir`),
+// never through a path that someone could redirect after the check.
+
+fn c_name(name: &std::path::Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(name.as_os_str().as_bytes())
+        .map_err(|_| io::ErrorKind::InvalidInput.into())
+}
+
+/// openat(2): `name` relative to the directory `dir`, with `flags` (O_CLOEXEC is always
+/// added) and, when it creates, `mode`.
+pub fn openat(
+    dir: &impl AsRawFd,
+    name: &std::path::Path,
+    flags: i32,
+    mode: u32,
+) -> io::Result<OwnedFd> {
+    let cname = c_name(name)?;
+    // SAFETY: `cname` is a valid NUL-terminated string for the duration of the call; the
+    // mode is passed as the variadic argument openat expects with O_CREAT.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            cname.as_ptr(),
+            flags | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    };
+    let fd = cvt(fd as libc::c_long)?;
+    // SAFETY: openat returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// mkdirat(2): a new directory `name` in `dir` (the umask applies to `mode`).
+pub fn mkdirat(dir: &impl AsRawFd, name: &std::path::Path, mode: u32) -> io::Result<()> {
+    let cname = c_name(name)?;
+    // SAFETY: `cname` is a valid NUL-terminated string for the duration of the call.
+    cvt(
+        unsafe { libc::mkdirat(dir.as_raw_fd(), cname.as_ptr(), mode as libc::mode_t) }
+            as libc::c_long,
+    )?;
+    Ok(())
+}
+
+/// renameat(2) within one directory: `from` replaces `to` (whatever `to` is: a symbolic link
+/// is replaced, never followed).
+pub fn renameat(
+    dir: &impl AsRawFd,
+    from: &std::path::Path,
+    to: &std::path::Path,
+) -> io::Result<()> {
+    let (cfrom, cto) = (c_name(from)?, c_name(to)?);
+    // SAFETY: both names are valid NUL-terminated strings for the duration of the call.
+    cvt(unsafe {
+        libc::renameat(
+            dir.as_raw_fd(),
+            cfrom.as_ptr(),
+            dir.as_raw_fd(),
+            cto.as_ptr(),
+        )
+    } as libc::c_long)?;
+    Ok(())
+}
+
+/// linkat(2) within one directory, not following `from` if it is a link: fails if `to`
+/// exists (a way to put a file in place that never replaces one).
+pub fn linkat(dir: &impl AsRawFd, from: &std::path::Path, to: &std::path::Path) -> io::Result<()> {
+    let (cfrom, cto) = (c_name(from)?, c_name(to)?);
+    // SAFETY: both names are valid NUL-terminated strings for the duration of the call.
+    cvt(unsafe {
+        libc::linkat(
+            dir.as_raw_fd(),
+            cfrom.as_ptr(),
+            dir.as_raw_fd(),
+            cto.as_ptr(),
+            0,
+        )
+    } as libc::c_long)?;
+    Ok(())
+}
+
+/// unlinkat(2): removes `name` from `dir` (a directory, which must be empty, if `directory`).
+pub fn unlinkat(dir: &impl AsRawFd, name: &std::path::Path, directory: bool) -> io::Result<()> {
+    let cname = c_name(name)?;
+    let flags = if directory { libc::AT_REMOVEDIR } else { 0 };
+    // SAFETY: `cname` is a valid NUL-terminated string for the duration of the call.
+    cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), cname.as_ptr(), flags) } as libc::c_long)?;
+    Ok(())
+}
+
+/// The target of the symbolic link `link` is a descriptor of (opened with O_PATH |
+/// O_NOFOLLOW): readlinkat(2) with an empty name.
+pub fn readlink_fd(link: &impl AsRawFd) -> io::Result<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStringExt;
+    let mut buf = vec![0u8; libc::PATH_MAX as usize];
+    // SAFETY: the name is a valid empty C string; `buf` is writable for its length.
+    let n = unsafe {
+        libc::readlinkat(
+            link.as_raw_fd(),
+            c"".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    let n = cvt(n as libc::c_long)? as usize;
+    if n >= buf.len() {
+        return Err(io::ErrorKind::InvalidData.into());
+    }
+    buf.truncate(n);
+    Ok(std::ffi::OsString::from_vec(buf).into())
+}
+
+/// The effective user id of this process.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// Pins the calling thread to one CPU.
 pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     // SAFETY: a zeroed cpu_set_t is empty; CPU_SET writes within it for cpu < CPU_SETSIZE.

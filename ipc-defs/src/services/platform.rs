@@ -6,6 +6,12 @@
 //! The microkernel serves this channel itself (the platform is simulated: see
 //! `microkernel/src/platform.rs`); the manifest lets exactly one service, the one that serves
 //! `attest`, hold its calling end ([`crate::capability::CapabilityKind::Platform`]).
+//!
+//! Two things the platform does only for the microkernel itself, in-process, and refuses on
+//! this channel: a report at VMPL 0 (the paravisor's own evidence, the only kind a key broker
+//! releases secrets to) and a key for a context in [`RESERVED_CONTEXTS`] (the datastore key's
+//! wrapping key). So even a compromised attest service can neither speak for the paravisor
+//! nor unwrap the guest-state file's key.
 
 use core::fmt;
 
@@ -20,6 +26,29 @@ pub const REPORT_LEN: usize = 0x4A0;
 pub const REPORT_DATA_LEN: usize = 64;
 /// Most context bytes a derived-key request may mix in.
 pub const MAX_CONTEXT: usize = 128;
+
+/// The context of the platform key that wraps the VMGS datastore key (sealed in its
+/// HW_KEY_PROTECTOR): SHA-256("paravisor" || 0x00 || "VMGS datastore key"). This is the
+/// context pv-attest derived for the microkernel's channel when it did the sealing, kept so
+/// that guest-state files sealed then still open. pv-attest's own contexts are SHA-256(caller
+/// || 0x00 || context) for a service's name, and no service may be called `paravisor`, so
+/// it never produces this one for a service; the platform channel refuses it outright.
+pub const DATASTORE_KEY_CONTEXT: [u8; 32] = [
+    0x39, 0x34, 0x3a, 0xb8, 0xf6, 0xcb, 0x18, 0x9d, 0xe4, 0x76, 0x8a, 0xa8, 0x01, 0x59, 0x49, 0xe2,
+    0xf3, 0x5e, 0xd5, 0x81, 0x28, 0xd3, 0xbf, 0x65, 0xa0, 0x66, 0xa4, 0xcc, 0xb1, 0x1d, 0xb8, 0x7b,
+];
+
+/// Derived-key contexts only the microkernel may use (in-process); the platform channel
+/// refuses a [`Request::DerivedKey`] for any of them, whatever the field selection.
+pub const RESERVED_CONTEXTS: &[[u8; 32]] = &[DATASTORE_KEY_CONTEXT];
+
+/// The VMPL reserved to the microkernel's own evidence; the channel signs VMPL 1..=3 only.
+pub const MICROKERNEL_VMPL: u8 = 0;
+
+/// Whether `context` is one the microkernel reserves.
+pub fn is_reserved_context(context: &[u8]) -> bool {
+    RESERVED_CONTEXTS.iter().any(|r| r.as_slice() == context)
+}
 
 /// Which launch facts a derived key is bound to, as SNP's GUEST_FIELD_SELECT names them. The
 /// chip and its TCB are always in the key.
@@ -43,12 +72,14 @@ impl FieldSelect {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
-    /// A report over `report_data`, at privilege level `vmpl` (0..=3).
+    /// A report over `report_data`, at privilege level `vmpl` (1..=3: VMPL 0 is refused with
+    /// [`PlatformError::ReservedVmpl`]).
     Report {
         report_data: Bytes<REPORT_DATA_LEN>,
         vmpl: u8,
     },
-    /// A 32-byte key from the chip secret, the selected facts and `context`.
+    /// A 32-byte key from the chip secret, the selected facts and `context` (not one of
+    /// [`RESERVED_CONTEXTS`]: refused with [`PlatformError::ReservedContext`]).
     DerivedKey {
         select: FieldSelect,
         context: Bytes<MAX_CONTEXT>,
@@ -73,6 +104,10 @@ pub enum PlatformError {
     Signing,
     /// The request could not be decoded.
     Malformed,
+    /// VMPL 0 is the microkernel's own evidence; this channel signs VMPL 1..=3.
+    ReservedVmpl,
+    /// The derived-key context is reserved to the microkernel (the datastore key's).
+    ReservedContext,
 }
 
 impl fmt::Display for PlatformError {
@@ -82,6 +117,12 @@ impl fmt::Display for PlatformError {
             PlatformError::BadReportData => f.write_str("report data must be exactly 64 bytes"),
             PlatformError::Signing => f.write_str("the platform could not sign the report"),
             PlatformError::Malformed => f.write_str("malformed request"),
+            PlatformError::ReservedVmpl => f.write_str(
+                "VMPL 0 is reserved to the microkernel's own evidence; a report asked on the platform channel is at VMPL 1..=3",
+            ),
+            PlatformError::ReservedContext => f.write_str(
+                "this derived-key context is reserved to the microkernel (the datastore key's wrapping key)",
+            ),
         }
     }
 }

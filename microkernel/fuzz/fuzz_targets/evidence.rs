@@ -40,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(w.to_bytes().as_slice(), data);
         let _ = w.unwrap(&[0; 32]);
     }
-    if let Ok(k) = ipc_defs::services::attest::SealedKey::parse(data) {
+    if let Ok(k) = microkernel::key_protector::SealedKey::parse(data) {
         assert_eq!(k.to_bytes().as_slice(), data);
     }
 });

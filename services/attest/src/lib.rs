@@ -1,41 +1,29 @@
 //! The attestation service's logic, apart from any process or channel code: reports and the
-//! certificate chain, derived keys bound to the caller, runtime measurement registers, the
-//! launch log, and sealing of the VMGS datastore key.
+//! certificate chain, derived keys bound to the caller, runtime measurement registers and the
+//! launch log.
 //!
 //! The platform (the secure processor) is reached through [`PlatformPort`]; in the service it
 //! is the channel the microkernel serves, in tests a fake.
 //!
-//! Sealing: the wrapping key is `KDF(platform key, "VMGSKEY", "ISOHWKEY")` (SP 800-108 counter
-//! mode, HMAC-SHA-256, as OpenHCL names its hardware key protector), where the platform key is
-//! the platform's derived key for the selected launch facts and a context that only the
-//! `paravisor` client's sealing uses. The datastore key is wrapped with AES-256-GCM under a
-//! random nonce, the blob's clear header (what it was sealed to) as associated data.
+//! What it must never do, and cannot: produce VMPL 0 evidence (the paravisor's own, what a key
+//! broker releases secrets to) or a key for a context the microkernel reserves (the VMGS
+//! datastore key's). Its reports are at VMPL 1 or above, and the platform channel refuses the
+//! rest anyway. The datastore key is sealed by the microkernel itself, with the platform
+//! in-process (`microkernel::key_protector`).
 #![forbid(unsafe_code)]
 
-use aes_gcm::aead::AeadInOut;
-use aes_gcm::aead::KeyInit;
-use aes_gcm::Aes256Gcm;
-use aes_gcm::Nonce;
-use aes_gcm::Tag;
-use hmac::Mac;
 use ipc_defs::services::attest::AttestError;
 use ipc_defs::services::attest::FieldSelect;
 use ipc_defs::services::attest::Request;
 use ipc_defs::services::attest::Response;
-use ipc_defs::services::attest::SealedKey;
-use ipc_defs::services::attest::KEY_LEN;
 use ipc_defs::services::attest::MAX_CHUNK;
-use ipc_defs::services::attest::PARAVISOR_CLIENT;
 use ipc_defs::services::attest::RUNTIME_REGISTERS;
 use ipc_defs::services::bytes::Bytes;
 use ipc_defs::services::platform;
 use sha2::Digest;
 use sha2::Sha256;
 use sha2::Sha384;
-use zeroize::Zeroizing;
 
-/// Where the measurement sits in a report.
-const MEASUREMENT_AT: usize = 0x90;
 /// Runtime events kept (the oldest are dropped; the registers keep everything).
 const MAX_EVENTS: usize = 1024;
 
@@ -59,8 +47,6 @@ pub struct Counters {
     pub reports: u64,
     pub keys: u64,
     pub extends: u64,
-    pub seals: u64,
-    pub unseals_failed: u64,
 }
 
 /// The service's state.
@@ -108,11 +94,11 @@ impl Attest {
     ) -> Result<Response, AttestError> {
         match request {
             Request::GetReport { report_data, vmpl } => {
-                let report = self.report(platform, &report_data, vmpl_for(caller, vmpl))?;
+                let report = self.report(platform, &report_data, vmpl_for(vmpl))?;
                 Ok(Response::Report(report))
             }
             Request::GetExtendedReport { report_data, vmpl } => {
-                let report = self.report(platform, &report_data, vmpl_for(caller, vmpl))?;
+                let report = self.report(platform, &report_data, vmpl_for(vmpl))?;
                 let chain = self.chain.as_deref().ok_or(AttestError::Unavailable)?;
                 let (total, data) = chunk(chain, 0)?;
                 Ok(Response::ExtendedReport {
@@ -174,31 +160,6 @@ impl Attest {
                 self.counters.extends += 1;
                 Ok(Response::Extended(Bytes::new(&new).expect("48 bytes")))
             }
-            Request::Seal { key, select } => {
-                if caller != PARAVISOR_CLIENT {
-                    return Err(AttestError::NotPermitted);
-                }
-                let key: [u8; KEY_LEN] =
-                    key.as_slice().try_into().map_err(|_| AttestError::BadKey)?;
-                let sealed = self.seal(platform, &Zeroizing::new(key), select)?;
-                self.counters.seals += 1;
-                Ok(Response::Sealed(
-                    Bytes::new(&sealed.to_bytes()).expect("fits"),
-                ))
-            }
-            Request::Unseal { sealed } => {
-                if caller != PARAVISOR_CLIENT {
-                    return Err(AttestError::NotPermitted);
-                }
-                let sealed = SealedKey::parse(sealed.as_slice()).map_err(|_| {
-                    self.counters.unseals_failed += 1;
-                    AttestError::UnsealFailed
-                })?;
-                let key = unseal(platform, &sealed).inspect_err(|_| {
-                    self.counters.unseals_failed += 1;
-                })?;
-                Ok(Response::Key(Bytes::new(&key[..]).expect("32 bytes")))
-            }
         }
     }
 
@@ -230,37 +191,6 @@ impl Attest {
         }
     }
 
-    fn seal(
-        &mut self,
-        platform: &mut dyn PlatformPort,
-        key: &[u8; KEY_LEN],
-        select: FieldSelect,
-    ) -> Result<SealedKey, AttestError> {
-        // The measurement goes into the clear header (so that a refusal can name it): this
-        // launch's, from a report of our own.
-        let report = self.report(platform, &Bytes::new(&[0; 64]).expect("64 bytes"), 0)?;
-        let mut measurement = [0u8; 48];
-        measurement.copy_from_slice(&report.as_slice()[MEASUREMENT_AT..MEASUREMENT_AT + 48]);
-        let mut nonce = [0u8; 12];
-        getrandom::getrandom(&mut nonce).map_err(|_| AttestError::PlatformUnavailable)?;
-        let mut sealed = SealedKey {
-            select,
-            measurement,
-            nonce,
-            wrapped: [0; KEY_LEN],
-            tag: [0; 16],
-        };
-        let wrapping = wrapping_key(platform, select)?;
-        let cipher = Aes256Gcm::new(&(*wrapping).into());
-        let nonce: Nonce<_> = sealed.nonce.into();
-        sealed.wrapped = *key;
-        let tag: Tag = cipher
-            .encrypt_inout_detached(&nonce, &sealed.header(), (&mut sealed.wrapped[..]).into())
-            .map_err(|_| AttestError::PlatformUnavailable)?;
-        sealed.tag = tag.into();
-        Ok(sealed)
-    }
-
     /// The runtime registers and their events (JSON).
     pub fn runtime_log(&self) -> Vec<u8> {
         let value = serde_json::json!({
@@ -277,44 +207,10 @@ impl Attest {
     }
 }
 
-/// The VMPL a report for `caller` carries: what the microkernel asks for; for any other
-/// client, at least [`attest::SERVICE_VMPL`].
-fn vmpl_for(caller: &str, asked: u8) -> u8 {
-    if caller == PARAVISOR_CLIENT {
-        asked
-    } else {
-        asked.max(ipc_defs::services::attest::SERVICE_VMPL)
-    }
-}
-
-/// Opens a sealed key under this platform and launch.
-fn unseal(
-    platform: &mut dyn PlatformPort,
-    sealed: &SealedKey,
-) -> Result<Zeroizing<[u8; KEY_LEN]>, AttestError> {
-    let wrapping = wrapping_key(platform, sealed.select)?;
-    let cipher = Aes256Gcm::new(&(*wrapping).into());
-    let nonce: Nonce<_> = sealed.nonce.into();
-    let tag: Tag = sealed.tag.into();
-    let mut key = Zeroizing::new(sealed.wrapped);
-    cipher
-        .decrypt_inout_detached(&nonce, &sealed.header(), (&mut key[..]).into(), &tag)
-        .map_err(|_| AttestError::UnsealFailed)?;
-    Ok(key)
-}
-
-/// The key that wraps the datastore key for `select`.
-fn wrapping_key(
-    platform: &mut dyn PlatformPort,
-    select: FieldSelect,
-) -> Result<Zeroizing<[u8; 32]>, AttestError> {
-    let ctx = bound_context(PARAVISOR_CLIENT, b"VMGS datastore key");
-    let platform_key = derived_key(platform, select, &ctx)?;
-    Ok(Zeroizing::new(kdf_sp800_108(
-        &platform_key[..],
-        b"VMGSKEY",
-        b"ISOHWKEY",
-    )))
+/// The VMPL of a report this service asks for: at least [`ipc_defs::services::attest::SERVICE_VMPL`], whoever
+/// asks (the microkernel's own VMPL 0 evidence never goes through a service).
+fn vmpl_for(asked: u8) -> u8 {
+    asked.max(ipc_defs::services::attest::SERVICE_VMPL)
 }
 
 /// The platform context for `caller`'s derived key: SHA-256(caller || 0 || context).
@@ -331,7 +227,7 @@ fn derived_key(
     platform: &mut dyn PlatformPort,
     select: FieldSelect,
     context: &[u8; 32],
-) -> Result<Zeroizing<[u8; 32]>, AttestError> {
+) -> Result<zeroize::Zeroizing<[u8; 32]>, AttestError> {
     let response = platform
         .call(&platform::Request::DerivedKey {
             select,
@@ -343,25 +239,13 @@ fn derived_key(
         })?;
     match response {
         platform::Response::Key(k) if k.len() == 32 => {
-            let mut key = Zeroizing::new([0u8; 32]);
+            let mut key = zeroize::Zeroizing::new([0u8; 32]);
             key.copy_from_slice(k.as_slice());
             Ok(key)
         }
         platform::Response::Error(e) => Err(AttestError::Platform(e)),
         _ => Err(AttestError::PlatformUnavailable),
     }
-}
-
-/// SP 800-108 KDF in counter mode with HMAC-SHA-256, one 256-bit block.
-pub fn kdf_sp800_108(key: &[u8], label: &[u8], context: &[u8]) -> [u8; 32] {
-    let mut mac =
-        <hmac::Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes a key of any length");
-    mac.update(&1u32.to_be_bytes());
-    mac.update(label);
-    mac.update(&[0]);
-    mac.update(context);
-    mac.update(&256u32.to_be_bytes());
-    mac.finalize().into_bytes().into()
 }
 
 /// A piece of `data` from `offset`, with the whole length.
