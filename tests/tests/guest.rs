@@ -322,7 +322,6 @@ restart = { policy = "always", max = 5, window = "60s", backoff = "50ms" }
             "args = [\"crash\"]\nserves = [\"vtpm\"]\nmmio = [{ base = 0xfed40000, size = 0x5000 }]"
         )
     );
-    let started = Instant::now();
     let mut run = Run::start(
         "guest-failed-device",
         &manifest,
@@ -336,11 +335,8 @@ restart = { policy = "always", max = 5, window = "60s", backoff = "50ms" }
     assert!(console.contains("checks failed"), "{console}");
     assert!(log.contains("answered as unowned"), "{log}");
     assert!(log.contains("marked failed"), "{log}");
-    assert!(
-        started.elapsed() < Duration::from_secs(60),
-        "the guest waited {:?} for a failed service",
-        started.elapsed()
-    );
+    // It saw no TPM at all and said so (rather than timing out in a session).
+    assert!(console.contains("no TPM at 0xfed40000"), "{console}");
 }
 
 #[test]
