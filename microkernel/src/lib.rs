@@ -18,6 +18,7 @@ pub mod bench_vtpm;
 pub mod control;
 pub mod kbs;
 pub mod key_protector;
+pub mod listeners;
 pub mod manifest;
 pub mod measure;
 pub mod partition;
