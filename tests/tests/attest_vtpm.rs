@@ -138,6 +138,7 @@ fn run_with_platform(tag: &str) -> (Instance, String) {
         .arg(dir.join("state"))
         .arg("--platform-dir")
         .arg(&platform)
+        .args(["--listen", "mssim-command"])
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

@@ -26,7 +26,12 @@ fn qemu_firmware_measures_into_our_vtpm() {
         return;
     }
     let manifest = common::shipped_text();
-    let inst = Instance::start("qemu", &manifest, 7);
+    let inst = Instance::start_with(
+        "qemu",
+        &manifest,
+        7,
+        &["--listen", "swtpm-control-unix", "--listen", "mssim-command"],
+    );
     let socket = inst.dir.join("state/tpm/swtpm-sock");
     assert!(socket.exists(), "{}", inst.log());
     let mssim = manifest
