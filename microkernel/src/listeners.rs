@@ -268,7 +268,9 @@ pub fn check(b: &Bound) -> Vec<String> {
         out.push(format!(
             "listener {}'s directory {}: {problem}",
             b.name,
-            path.parent().map(|d| d.display().to_string()).unwrap_or_default()
+            path.parent()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default()
         ));
     }
     out
@@ -355,8 +357,7 @@ restart = { policy = "always", max = 3, window = "10s", backoff = "10ms" }
         assert_eq!(check(&bound), Vec::<String>::new());
         drop(bound);
         // A directory others can enter: refused, the socket not bound there.
-        std::fs::set_permissions(base.join("tpm"), std::fs::Permissions::from_mode(0o755))
-            .unwrap();
+        std::fs::set_permissions(base.join("tpm"), std::fs::Permissions::from_mode(0o755)).unwrap();
         let e = bind(&l, &base).err().expect("refused");
         assert!(e.contains("mode 0755"), "{e}");
         let _ = std::fs::remove_dir_all(&base);

@@ -1726,7 +1726,11 @@ impl Validator<'_> {
         for r in rights.get_ref() {
             let name = r.get_ref().as_str();
             if seen.contains(&name) {
-                self.error(r.span(), format!("\"{name}\" is listed twice"), "list it once");
+                self.error(
+                    r.span(),
+                    format!("\"{name}\" is listed twice"),
+                    "list it once",
+                );
                 continue;
             }
             seen.push(name);
@@ -1759,7 +1763,8 @@ impl Validator<'_> {
         let Some(list) = &listen.localities else {
             return Localities::ZERO;
         };
-        let commands = matches!(grants.get(&Interface::Vtpm), Some(Grant::Vtpm(g)) if !g.commands.is_empty());
+        let commands =
+            matches!(grants.get(&Interface::Vtpm), Some(Grant::Vtpm(g)) if !g.commands.is_empty());
         if !commands {
             self.error(
                 list.span(),

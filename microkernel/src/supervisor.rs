@@ -300,8 +300,8 @@ impl Supervisor {
         {
             tracing::info!("{line}");
         }
-        let enabled = crate::listeners::enabled(m, &opts.listen)
-            .map_err(|e| create_err("front ends")(e))?;
+        let enabled =
+            crate::listeners::enabled(m, &opts.listen).map_err(|e| create_err("front ends")(e))?;
         let mut services = Vec::new();
         for spec in &m.services {
             let binary = opts.bin_dir.join(&spec.binary);
@@ -328,7 +328,10 @@ impl Supervisor {
             let mut listeners = Vec::new();
             for l in enabled.iter().filter(|l| l.service == spec.name) {
                 let bound = crate::listeners::bind(l, &opts.state_dir).map_err(|e| {
-                    create_err(format!("listener {} of {} on {}", l.name, spec.name, l.address))(e)
+                    create_err(format!(
+                        "listener {} of {} on {}",
+                        l.name, spec.name, l.address
+                    ))(e)
                 })?;
                 listeners.push(bound);
             }

@@ -42,8 +42,8 @@ use ipc_defs::layout::RingHeader;
 use ipc_defs::ring::RingError;
 use ipc_defs::services::guest;
 use ipc_defs::services::intercept;
-use ipc_defs::services::vtpm;
 use ipc_defs::services::vmgs::FileId;
+use ipc_defs::services::vtpm;
 use ipc_defs::Interface;
 
 /// The calling end the manifest grants this service for `ep`.
@@ -57,8 +57,10 @@ fn granted(
         .expect("the test manifest grants the call")
 }
 
-type VtpmEnd =
-    ipc_defs::hosted::ClientEnd<endpoint::Request<vtpm::Request>, endpoint::Response<vtpm::Response>>;
+type VtpmEnd = ipc_defs::hosted::ClientEnd<
+    endpoint::Request<vtpm::Request>,
+    endpoint::Response<vtpm::Response>,
+>;
 
 /// Answers the start ping, then takes the vtpm capability.
 fn vtpm_client(started: &mut runtime::Started) -> VtpmEnd {
@@ -73,7 +75,10 @@ fn vtpm_client(started: &mut runtime::Started) -> VtpmEnd {
 
 /// One request to vtpm; its answer as the log shows it.
 fn vtpm_call(end: &mut VtpmEnd, request: vtpm::Request) -> Result<vtpm::Response, String> {
-    match end.call(&endpoint::Request::Service(request), Duration::from_secs(10)) {
+    match end.call(
+        &endpoint::Request::Service(request),
+        Duration::from_secs(10),
+    ) {
         Ok(endpoint::Response::Service(r)) => Ok(r),
         other => Err(format!("{other:?}")),
     }
@@ -332,8 +337,8 @@ fn main() -> ExitCode {
         "vtpm-requests" => {
             // What a front end or any other client could try beyond its grant.
             let mut end = vtpm_client(&mut started);
-            let getrandom = vtpm::TpmBytes::new(&[0x80, 1, 0, 0, 0, 12, 0, 0, 1, 0x7b, 0, 8])
-                .expect("fits");
+            let getrandom =
+                vtpm::TpmBytes::new(&[0x80, 1, 0, 0, 0, 12, 0, 0, 1, 0x7b, 0, 8]).expect("fits");
             let seq = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| d.as_nanos() as u64);
@@ -346,10 +351,7 @@ fn main() -> ExitCode {
                 },
             );
             eprintln!("pv-hostile: vtpm command: {r:?}");
-            let r = vtpm_call(
-                &mut end,
-                vtpm::Request::Platform(vtpm::Platform::PowerOff),
-            );
+            let r = vtpm_call(&mut end, vtpm::Request::Platform(vtpm::Platform::PowerOff));
             eprintln!("pv-hostile: vtpm platform power-off: {r:?}");
             let r = vtpm_call(&mut end, tis_access(0, 1, 0, None));
             eprintln!("pv-hostile: vtpm register read: {r:?}");

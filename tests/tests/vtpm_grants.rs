@@ -489,7 +489,12 @@ fn front_ends_are_off_unless_the_host_asks_for_them_and_tcp_is_announced() {
         return;
     }
     let manifest = shipped_text();
-    let tcp = ["mssim-command", "mssim-platform", "swtpm-data", "swtpm-control"];
+    let tcp = [
+        "mssim-command",
+        "mssim-platform",
+        "swtpm-data",
+        "swtpm-control",
+    ];
     let inst = Instance::start("grant-off", &manifest, SHIPPED_SERVICES);
     wait_for(
         || inst.log(),
@@ -528,7 +533,11 @@ fn front_ends_are_off_unless_the_host_asks_for_them_and_tcp_is_announced() {
         "{log}"
     );
     assert_eq!(
-        rc(&mssim_command(port(&manifest, "mssim-command"), 0, &GET_RANDOM_8)),
+        rc(&mssim_command(
+            port(&manifest, "mssim-command"),
+            0,
+            &GET_RANDOM_8
+        )),
         0
     );
     for name in &tcp[1..] {
@@ -580,7 +589,8 @@ fn the_unix_front_end_is_0600_in_a_0700_directory_no_other_user_can_reach() {
         "TPM front ends ready listeners=1",
         Duration::from_secs(30),
     );
-    let mode = |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+    let mode =
+        |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&dir), 0o700);
     assert_eq!(mode(&socket), 0o600);
     // Another user cannot even reach the path.
@@ -669,7 +679,12 @@ fn a_power_off_through_the_platform_port_is_refused_while_the_guest_uses_the_tpm
     const CANCEL_ON: u32 = 9;
     const POWER_ON: u32 = 1;
     for code in [POWER_OFF, RESET, CANCEL_ON] {
-        assert_ne!(signal(code), 0, "signal {code} was applied:\n{}", run.both());
+        assert_ne!(
+            signal(code),
+            0,
+            "signal {code} was applied:\n{}",
+            run.both()
+        );
     }
     assert_eq!(signal(POWER_ON), 0);
     let status = run.wait(Duration::from_secs(240));

@@ -30,7 +30,12 @@ fn qemu_firmware_measures_into_our_vtpm() {
         "qemu",
         &manifest,
         7,
-        &["--listen", "swtpm-control-unix", "--listen", "mssim-command"],
+        &[
+            "--listen",
+            "swtpm-control-unix",
+            "--listen",
+            "mssim-command",
+        ],
     );
     let socket = inst.dir.join("state/tpm/swtpm-sock");
     assert!(socket.exists(), "{}", inst.log());

@@ -553,11 +553,17 @@ mod tests {
             }
         }
         c.feed(&mssim_frame(0, &cmd));
-        assert!(matches!(c.next_step(), Some(Step::Command { locality: 0, .. })));
+        assert!(matches!(
+            c.next_step(),
+            Some(Step::Command { locality: 0, .. })
+        ));
         // Granted [0, 3]: 3 passes, 4 does not.
         let mut c = Connection::granted(Protocol::MssimCommand, Localities::ZERO.with(3));
         c.feed(&mssim_frame(3, &cmd));
-        assert!(matches!(c.next_step(), Some(Step::Command { locality: 3, .. })));
+        assert!(matches!(
+            c.next_step(),
+            Some(Step::Command { locality: 3, .. })
+        ));
         c.feed(&mssim_frame(4, &cmd));
         assert!(matches!(c.next_step(), Some(Step::Refused { .. })));
 

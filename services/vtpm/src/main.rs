@@ -79,7 +79,11 @@ fn main() -> ExitCode {
     };
     // The supervisor's start handshake first: loading the state may take a while.
     started.answer_first_ping();
-    let clients = Clients::from_grants(started.clients().map(|(name, grant)| (name, vtpm_grant(grant))));
+    let clients = Clients::from_grants(
+        started
+            .clients()
+            .map(|(name, grant)| (name, vtpm_grant(grant))),
+    );
     let mut tpm = match start(&mut started.context, clients) {
         Ok(t) => t,
         Err(e) => {
@@ -191,7 +195,13 @@ fn start(
     let engine = Engine::take(Box::new(nv.clone()))
         .ok_or("the TPM engine is already in use")?
         .map_err(|rc| format!("libtpms refused TPM 2.0 ({rc:#x})"))?;
-    Tpm::start(engine, nv, VmgsPermanent(VmgsClient::shared(vmgs)), region, clients)
+    Tpm::start(
+        engine,
+        nv,
+        VmgsPermanent(VmgsClient::shared(vmgs)),
+        region,
+        clients,
+    )
 }
 
 /// Reports from the attest service, for the binding.

@@ -109,7 +109,9 @@ impl Clients {
     /// Whether `client` may have a record of its last command in the checkpoint: a client
     /// granted commands, or one of the TPM's own.
     fn keeps_record(&self, client: &str) -> bool {
-        client == TIS_CLIENT || client == PLATFORM_CLIENT || self.commands.iter().any(|c| c == client)
+        client == TIS_CLIENT
+            || client == PLATFORM_CLIENT
+            || self.commands.iter().any(|c| c == client)
     }
 
     /// The most bytes the checkpoint's tables can take (each entry at its largest, with
@@ -235,7 +237,9 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
         }
         // Records of clients and vCPUs this start does not have are of no use (nobody can send
         // their repeats) and would leave the tables unbounded.
-        checkpoint.last.retain(|client, _| clients.keeps_record(client));
+        checkpoint
+            .last
+            .retain(|client, _| clients.keeps_record(client));
         checkpoint.accesses.retain(|vcpu, _| *vcpu < clients.vcpus);
         let resumed = checkpoint.volatile.is_some();
         let powered_off = checkpoint.powered_off;

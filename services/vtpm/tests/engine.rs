@@ -3,10 +3,10 @@
 
 use std::sync::Mutex;
 
+use ipc_defs::services::vtpm::Localities;
 use ipc_defs::services::vtpm::Platform;
 use ipc_defs::services::vtpm::Request;
 use ipc_defs::services::vtpm::Response;
-use ipc_defs::services::vtpm::Localities;
 use ipc_defs::services::vtpm::Right;
 use ipc_defs::services::vtpm::TpmBytes;
 use ipc_defs::services::vtpm::VtpmError;
@@ -414,7 +414,11 @@ fn every_request_beyond_the_callers_grant_is_refused_and_leaves_the_tpm_as_it_wa
     }
     assert_eq!(tpm.counters.refused, 6);
     assert!(tpm.is_powered());
-    assert_eq!(snapshot(&region), before, "a refusal changed the checkpoint");
+    assert_eq!(
+        snapshot(&region),
+        before,
+        "a refusal changed the checkpoint"
+    );
     // What is granted still works.
     assert_eq!(rc(&cmd(&mut tpm, 6, &GET_RANDOM_32)), 0);
 }
@@ -470,7 +474,11 @@ fn register_accesses_under_invented_vcpu_ids_are_refused_and_cannot_grow_the_che
     // The partition's own vCPUs are served.
     for vcpu in 0..2 {
         assert!(matches!(
-            tpm.handle("guest", &guest, access_of(vcpu, 1, pv_vtpm::tis::ACCESS, None)),
+            tpm.handle(
+                "guest",
+                &guest,
+                access_of(vcpu, 1, pv_vtpm::tis::ACCESS, None)
+            ),
             Response::Register(_)
         ));
     }
@@ -529,8 +537,14 @@ fn a_checkpoint_with_records_of_unknown_clients_and_vcpus_resumes_with_them_drop
     let mut tpm = start_for(&disk, &region, 1);
     assert!(tpm.resumed);
     assert_eq!(rc(&cmd(&mut tpm, 2, &GET_RANDOM_32)), 0);
-    let now = CheckpointArea::new(region.clone()).load().expect("a checkpoint");
-    assert!(now.accesses.keys().all(|v| *v < 1), "{:?}", now.accesses.len());
+    let now = CheckpointArea::new(region.clone())
+        .load()
+        .expect("a checkpoint");
+    assert!(
+        now.accesses.keys().all(|v| *v < 1),
+        "{:?}",
+        now.accesses.len()
+    );
     assert!(now.last.keys().all(|c| !c.starts_with("gone-")));
 }
 
@@ -597,14 +611,19 @@ fn a_tpm_at_its_fullest_checkpoints_within_the_engine_reserve() {
         }
         sessions += 1;
     }
-    assert!(objects >= 3 && sessions >= 3, "{objects} objects, {sessions} sessions");
+    assert!(
+        objects >= 3 && sessions >= 3,
+        "{objects} objects, {sessions} sessions"
+    );
     let d: [u8; 32] = Sha256::digest(b"full").into();
     assert_eq!(rc(&cmd(&mut tpm, next(), &pcr_extend_16(&d))), 0);
     // TPM2_Shutdown(STATE): a savestate, if this libtpms keeps one apart, joins the volatile
     // state in the checkpoint.
     let shutdown_state = [0x80, 1, 0, 0, 0, 12, 0, 0, 1, 0x45, 0, 1];
     assert_eq!(rc(&cmd(&mut tpm, next(), &shutdown_state)), 0);
-    let c = CheckpointArea::new(region.clone()).load().expect("a checkpoint");
+    let c = CheckpointArea::new(region.clone())
+        .load()
+        .expect("a checkpoint");
     let engine = c.volatile.as_ref().map_or(0, Vec::len) + c.savestate.as_ref().map_or(0, Vec::len);
     eprintln!(
         "{objects} objects, {sessions} sessions: volatile {} bytes, savestate {} bytes",
