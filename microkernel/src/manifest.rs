@@ -969,7 +969,7 @@ impl Validator<'_> {
                             "use unique names of 1 to {MAX_NAME} characters from a-z, 0-9 and '-'"
                         ),
                     );
-                } else if let Some((other, _)) = listener_names.iter().find(|(n, _)| n == lname) {
+                } else if let Some((_, other)) = listener_names.iter().find(|(n, _)| n == lname) {
                     self.error(
                         l.name.span(),
                         format!("listener name \"{lname}\" is also a listener of \"{other}\""),
