@@ -30,11 +30,15 @@ fn qemu_firmware_measures_into_our_vtpm() {
         "qemu",
         &manifest,
         7,
+        // QEMU's socket, and the mssim ports tpm2-tools read the PCRs through (its TCTI
+        // connects to the platform port too).
         &[
             "--listen",
             "swtpm-control-unix",
             "--listen",
             "mssim-command",
+            "--listen",
+            "mssim-platform",
         ],
     );
     let socket = inst.dir.join("state/tpm/swtpm-sock");
