@@ -61,7 +61,8 @@ enum Cmd {
         platform_dir: Option<PathBuf>,
         /// Bind this front end (a listener the manifest declares, e.g. mssim-command or
         /// swtpm-control-unix), at its declared address or at ADDRESS (loopback) or PATH (a
-        /// Unix socket); repeatable; `all` binds every declared one. Without it nothing
+        /// Unix socket, relative to the state directory unless absolute; its directory is
+        /// made 0700); repeatable; `all` binds every declared one. Without it nothing
         /// listens. A TCP front end is reachable by every local user.
         #[arg(long, value_name = "NAME[=ADDRESS|PATH]|all")]
         listen: Vec<String>,
