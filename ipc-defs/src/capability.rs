@@ -69,6 +69,12 @@ pub enum Grant {
     /// The partition's `intercept` channel: bit n set = PCI device 00:n is owned by a device
     /// service (its configuration accesses are forwarded there).
     PciDevices(u32),
+    /// A `vtpm` channel: what its client may ask of the TPM (commands at which localities,
+    /// platform signals, the register interface).
+    Vtpm(crate::services::vtpm::VtpmGrant),
+    /// A listener of a TPM front end: its connections' commands may use these localities
+    /// (locality 0 only unless the manifest grants more).
+    Localities(crate::services::vtpm::Localities),
 }
 
 /// How a granted file may be used.

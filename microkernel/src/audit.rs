@@ -105,7 +105,21 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
             listen: s
                 .listen
                 .iter()
-                .map(|l| format!("{} = {}", l.name, l.address))
+                .map(|l| {
+                    format!(
+                        "{} = {} (localities {}; {}; off unless `run --listen {}`)",
+                        l.name,
+                        l.address,
+                        l.localities,
+                        match l.address {
+                            crate::manifest::ListenAddress::Tcp(_) =>
+                                "TCP: every local user can reach it",
+                            crate::manifest::ListenAddress::Unix(_) =>
+                                "socket 0600 in a 0700 directory",
+                        },
+                        l.name
+                    )
+                })
                 .collect(),
             client_grants: m
                 .services
@@ -144,6 +158,17 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
                 Some(
                     "accesses to its ranges and to every unowned port and MMIO address, MSRs, \
                      hypercalls, vCPU events"
+                        .into(),
+                )
+            } else if s.serves.contains(&ipc_defs::Interface::Vtpm)
+                && (!s.mmio.is_empty() || !s.pio.is_empty())
+            {
+                Some(
+                    "accesses to its ranges, as client `guest` (the partition's channel; its grant \
+                     comes from the microkernel, not from a manifest entry): the register interface \
+                     for the partition's own vCPUs only (ids below `run --vcpus`), no commands or \
+                     platform signals of its own; while it runs, front ends' platform signals that \
+                     would change the TPM are refused"
                         .into(),
                 )
             } else if !s.mmio.is_empty() || !s.pio.is_empty() {
@@ -230,7 +255,17 @@ pub fn text(m: &Manifest) -> String {
         let _ = writeln!(out, "  regions: {}", list(&r.regions));
         let _ = writeln!(out, "  files:   {}", list(&r.files));
         let _ = writeln!(out, "  keys:    {}", list(&r.keys));
-        let _ = writeln!(out, "  listen:  {}", list(&r.listen));
+        if r.listen.is_empty() {
+            let _ = writeln!(out, "  listen:  -");
+        } else {
+            let _ = writeln!(
+                out,
+                "  listen:  (declared; bound only those `paravisor run --listen NAME` or `--listen all` asks for)"
+            );
+            for l in &r.listen {
+                let _ = writeln!(out, "           {l}");
+            }
+        }
         let _ = writeln!(out, "  grants:  {}", list(&r.call_grants));
         if !r.client_grants.is_empty() {
             let _ = writeln!(out, "  clients: {}", r.client_grants.join("; "));

@@ -272,8 +272,13 @@ fn listeners_moved(text: &str) -> std::io::Result<(String, u16)> {
 }
 
 /// Starts `paravisor run --no-guest` of manifest `text` in `dir` (emptied first; the log in
-/// `dir/paravisor.log`): the process (killed when dropped) and its state directory.
-pub fn start_instance(text: &str, dir: &Path) -> std::io::Result<(Guard, std::path::PathBuf)> {
+/// `dir/paravisor.log`), with the front ends `listen` names: the process (killed when
+/// dropped) and its state directory.
+pub fn start_instance(
+    text: &str,
+    dir: &Path,
+    listen: &[&str],
+) -> std::io::Result<(Guard, std::path::PathBuf)> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     let run_manifest = dir.join("manifest.toml");
@@ -285,15 +290,11 @@ pub fn start_instance(text: &str, dir: &Path) -> std::io::Result<(Guard, std::pa
         .arg(&run_manifest)
         .arg("--state-dir")
         .arg(&state)
+        .args(listen.iter().flat_map(|l| ["--listen", l]))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("paravisor.log"))?)
         .spawn()?;
     Ok((Guard(child), state))
-}
-
-/// The shipped manifest's text with its TPM listeners on free ports.
-pub fn free_listeners(text: &str) -> std::io::Result<String> {
-    listeners_moved(text).map(|(t, _)| t)
 }
 
 /// Runs the comparison on all CPUs, then on one. `manifest` is the manifest to run (its
@@ -327,7 +328,7 @@ fn measure(
 ) -> std::io::Result<(Vec<Rate>, Vec<f64>)> {
     let (rounds, n) = if quick { (3, 50) } else { (7, 300) };
     let (text, swtpm_data) = listeners_moved(&std::fs::read_to_string(manifest)?)?;
-    let (_paravisor, state) = start_instance(&text, dir)?;
+    let (_paravisor, state) = start_instance(&text, dir, &["swtpm-data"])?;
     let mut ours = connect(swtpm_data, Duration::from_secs(30))?;
     // The listener is bound before the TPM is up: wait for the first answer.
     let _ = transact(&mut ours, &STARTUP_CLEAR)?;

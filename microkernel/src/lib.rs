@@ -19,6 +19,7 @@ pub mod control;
 pub mod kbs;
 pub mod key_protector;
 pub mod libraries;
+pub mod listeners;
 pub mod manifest;
 pub mod measure;
 pub mod output;

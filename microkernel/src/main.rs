@@ -59,6 +59,13 @@ enum Cmd {
         /// `[attest] platform-dir`, else "platform" next to the state directory]
         #[arg(long)]
         platform_dir: Option<PathBuf>,
+        /// Bind this front end (a listener the manifest declares, e.g. mssim-command or
+        /// swtpm-control-unix), at its declared address or at ADDRESS (loopback) or PATH (a
+        /// Unix socket, relative to the state directory unless absolute; its directory is
+        /// made 0700); repeatable; `all` binds every declared one. Without it nothing
+        /// listens. A TCP front end is reachable by every local user.
+        #[arg(long, value_name = "NAME[=ADDRESS|PATH]|all")]
+        listen: Vec<String>,
         #[command(flatten)]
         guest: GuestArgs,
     },
@@ -463,6 +470,7 @@ fn launch(
     state_dir: Option<PathBuf>,
     platform_dir: Option<PathBuf>,
     guest: GuestArgs,
+    listen: &[String],
 ) -> Result<supervisor::Options, ExitCode> {
     let keep_running = guest.keep_running;
     let mut guest = guest.config()?;
@@ -524,6 +532,7 @@ fn launch(
         measurement: log.measurement,
         sealed,
         lock: Some(lock),
+        listen: microkernel::listeners::ListenRequest::parse(listen),
     })
 }
 
@@ -994,9 +1003,10 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             manifest,
             state_dir,
             platform_dir,
+            listen,
             guest,
         } => {
-            let opts = launch(manifest, state_dir, platform_dir, guest)?;
+            let opts = launch(manifest, state_dir, platform_dir, guest, &listen)?;
             let sup = supervisor::Supervisor::new(&opts).map_err(failed)?;
             let summary = sup.run().map_err(failed)?;
             Ok(guest_exit_code(summary.guest))
@@ -1010,7 +1020,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                     guest,
                 },
         } => {
-            let opts = launch(manifest, state_dir, platform_dir, guest)?;
+            let opts = launch(manifest, state_dir, platform_dir, guest, &[])?;
             let sup = supervisor::Supervisor::new(&opts).map_err(failed)?;
             let lines = sup.reseal().map_err(failed)?;
             for line in lines {

@@ -23,6 +23,8 @@ use ipc_defs::services::intercept::Interrupt;
 use ipc_defs::services::intercept::InterruptSet;
 use ipc_defs::services::vmgs::FileId;
 use ipc_defs::services::vmgs::FileIdSet;
+use ipc_defs::services::vtpm::Localities;
+use ipc_defs::services::vtpm::VtpmGrant;
 use ipc_defs::Interface;
 use serde::Deserialize;
 use serde::Serialize;
@@ -224,6 +226,9 @@ struct RawCall {
     /// For calls to intercept: the IOAPIC lines the caller may ask it to raise.
     #[serde(default)]
     interrupts: Option<Spanned<Vec<Spanned<i64>>>>,
+    /// For calls to vtpm: what the caller may ask of the TPM ("commands", "platform").
+    #[serde(default)]
+    tpm: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize)]
@@ -235,6 +240,9 @@ struct RawListen {
     /// A Unix socket, relative to the state directory.
     #[serde(default)]
     path: Option<Spanned<String>>,
+    /// The TPM localities its connections' commands may use (default: 0 only).
+    #[serde(default)]
+    localities: Option<Spanned<Vec<Spanned<i64>>>>,
 }
 
 #[derive(Deserialize)]
@@ -432,11 +440,20 @@ impl Default for AttestSettings {
 /// Bytes of a key.
 pub const KEY_BYTES: usize = 32;
 
-/// A socket the microkernel binds and hands to the service as a listener capability.
+/// A socket the microkernel binds and hands to the service as a listener capability: only
+/// when the host configuration asks for it (`paravisor run --listen NAME`); declared here
+/// with its default address and what its connections may do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ListenGrant {
     pub name: String,
     pub address: ListenAddress,
+    /// The TPM localities its connections' commands may use (locality 0 unless granted more).
+    #[serde(serialize_with = "ser_localities")]
+    pub localities: Localities,
+}
+
+fn ser_localities<S: serde::Serializer>(l: &Localities, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(l.iter())
 }
 
 /// Where a listener listens.
@@ -558,6 +575,8 @@ pub fn grant_text(g: &Grant) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
+        Grant::Vtpm(g) => g.to_string(),
+        Grant::Localities(l) => format!("TPM commands at localities {l}"),
     }
 }
 
@@ -719,6 +738,7 @@ impl Validator<'_> {
         let mut pio: Vec<(String, DeviceRange, Range<usize>)> = Vec::new();
         let mut pending_limits: Vec<(String, Spanned<i64>, Range<usize>)> = Vec::new();
         let mut pci_owners: Vec<(String, u8)> = Vec::new();
+        let mut listener_names: Vec<(String, String)> = Vec::new();
 
         for raw_service in raw.service {
             let service_span = raw_service.span();
@@ -949,7 +969,15 @@ impl Validator<'_> {
                             "use unique names of 1 to {MAX_NAME} characters from a-z, 0-9 and '-'"
                         ),
                     );
+                } else if let Some((_, other)) = listener_names.iter().find(|(n, _)| n == lname) {
+                    self.error(
+                        l.name.span(),
+                        format!("listener name \"{lname}\" is also a listener of \"{other}\""),
+                        "`paravisor run --listen NAME` names a listener: give each one a name of its own",
+                    );
                 }
+                listener_names.push((lname.clone(), name.clone()));
+                let localities = self.localities(l, &name, &grants);
                 match (&l.address, &l.path) {
                     (Some(address), None) => match address.get_ref().parse::<std::net::SocketAddr>() {
                         Ok(a) if a.ip().is_loopback() && a.port() != 0 => {
@@ -964,6 +992,7 @@ impl Validator<'_> {
                             listen.push(ListenGrant {
                                 name: lname.clone(),
                                 address: ListenAddress::Tcp(a),
+                                localities,
                             });
                         }
                         Ok(a) => self.error(
@@ -982,6 +1011,7 @@ impl Validator<'_> {
                         listen.push(ListenGrant {
                             name: lname.clone(),
                             address: ListenAddress::Unix(PathBuf::from(path.get_ref())),
+                            localities,
                         });
                     }
                     _ => self.error(
@@ -1220,6 +1250,14 @@ impl Validator<'_> {
                 },
             };
 
+            // A front end's TPM commands may use the localities its listeners are granted.
+            if let Some(Grant::Vtpm(g)) = grants.get_mut(&Interface::Vtpm) {
+                if !g.commands.is_empty() {
+                    for l in &listen {
+                        g.commands = g.commands.union(l.localities);
+                    }
+                }
+            }
             services.push(ServiceSpec {
                 name,
                 watchdog,
@@ -1577,6 +1615,19 @@ impl Validator<'_> {
         call: &RawCall,
         span: Range<usize>,
     ) -> Option<Grant> {
+        if let Some(rights) = &call.tpm {
+            if endpoint != Interface::Vtpm {
+                self.error(
+                    rights.span(),
+                    format!("tpm applies to calls to \"vtpm\", not to \"{endpoint}\""),
+                    "remove tpm from this call",
+                );
+                return None;
+            }
+        }
+        if endpoint == Interface::Vtpm && call.file_ids.is_none() && call.interrupts.is_none() {
+            return Some(Grant::Vtpm(self.tpm_rights(call.tpm.as_ref())));
+        }
         if let Some(lines) = &call.interrupts {
             if endpoint != Interface::Intercept {
                 self.error(
@@ -1653,6 +1704,99 @@ impl Validator<'_> {
             }
             (_, None) => None,
         }
+    }
+
+    /// `tpm = ["commands", "platform"]` of a call to vtpm: TPM commands (at locality 0, and
+    /// at the localities the caller's listeners are granted) and platform signals. Nothing
+    /// without it: a client of vtpm may only ping it. The register interface is the guest
+    /// partition's and cannot be granted.
+    fn tpm_rights(&mut self, rights: Option<&Spanned<Vec<Spanned<String>>>>) -> VtpmGrant {
+        let mut grant = VtpmGrant::NONE;
+        let Some(rights) = rights else {
+            return grant;
+        };
+        if rights.get_ref().is_empty() {
+            self.error(
+                rights.span(),
+                "tpm is empty: the call could do nothing but ping",
+                "list what the service may ask of the TPM (\"commands\", \"platform\"), or remove tpm",
+            );
+        }
+        let mut seen: Vec<&str> = Vec::new();
+        for r in rights.get_ref() {
+            let name = r.get_ref().as_str();
+            if seen.contains(&name) {
+                self.error(
+                    r.span(),
+                    format!("\"{name}\" is listed twice"),
+                    "list it once",
+                );
+                continue;
+            }
+            seen.push(name);
+            match name {
+                "commands" => grant.commands = Localities::ZERO,
+                "platform" => grant.platform = true,
+                "registers" | "mmio" => self.error(
+                    r.span(),
+                    "the TPM's register interface cannot be granted to a service",
+                    "only the guest partition (client `guest`) drives the registers; the microkernel grants them to its channel alone",
+                ),
+                other => self.error(
+                    r.span(),
+                    format!("\"{other}\" is not something a client may ask of the TPM"),
+                    "use \"commands\" (TPM commands) and/or \"platform\" (power, NV, cancel, established flag)",
+                ),
+            }
+        }
+        grant
+    }
+
+    /// `localities = [...]` of a listener: 0..=4, each once; only for a TPM front end (a
+    /// service whose call to vtpm grants commands). Locality 0 only when absent.
+    fn localities(
+        &mut self,
+        listen: &RawListen,
+        service: &str,
+        grants: &BTreeMap<Interface, Grant>,
+    ) -> Localities {
+        let Some(list) = &listen.localities else {
+            return Localities::ZERO;
+        };
+        let commands =
+            matches!(grants.get(&Interface::Vtpm), Some(Grant::Vtpm(g)) if !g.commands.is_empty());
+        if !commands {
+            self.error(
+                list.span(),
+                format!("localities apply to TPM front ends, but \"{service}\" is granted no TPM commands"),
+                "give the service calls = [{ endpoint = \"vtpm\", tpm = [\"commands\"] }], or remove localities",
+            );
+        }
+        if list.get_ref().is_empty() {
+            self.error(
+                list.span(),
+                "localities is empty: the listener's connections could send no command",
+                "list at least locality 0, or remove localities (locality 0 only)",
+            );
+        }
+        let mut set = Localities::NONE;
+        for l in list.get_ref() {
+            let n = *l.get_ref();
+            match u8::try_from(n) {
+                Ok(x) if set.contains(x) => self.error(
+                    l.span(),
+                    format!("locality {n} is listed twice"),
+                    "list each locality once",
+                ),
+                Ok(x) if set.insert(x) => {}
+                _ => self.error(
+                    l.span(),
+                    format!("locality {n} does not exist"),
+                    "TPM localities are 0..=4 (1-4 are the platform's: 3 and 4 reset and extend the DRTM PCRs 17-22)",
+                ),
+            }
+        }
+        set
     }
 
     /// `missing = "create-vmgs"`: needs `key` naming a key of the same service; `size` is

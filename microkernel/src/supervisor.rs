@@ -44,7 +44,6 @@ use crate::key_protector::read_plain;
 use crate::key_protector::write_plain;
 use crate::key_protector::SealedKey;
 use crate::key_protector::TenantWrapped;
-use crate::manifest::ListenAddress;
 use crate::owned_dir::Open;
 use crate::owned_dir::OwnedDir;
 use crate::state_files::KeyBytes;
@@ -111,6 +110,8 @@ pub struct Options {
     pub sealed: crate::measure::Sealed,
     /// The state directory's lock, if the caller took it already ([`lock_state_dir`]).
     pub lock: Option<std::fs::File>,
+    /// The front ends the host asked for (`--listen`); none are bound otherwise.
+    pub listen: crate::listeners::ListenRequest,
 }
 
 /// How `paravisor run` ended.
@@ -180,6 +181,8 @@ struct Guest {
     /// Exits seen by the watchdog, and since when.
     progress: Option<(u64, Instant)>,
     declared_hung: bool,
+    /// The partition's vCPUs (ids 0..vcpus): the register grant of its vtpm channel.
+    vcpus: u32,
 }
 
 /// The channel between two services.
@@ -245,8 +248,8 @@ struct Service {
     control: ClientEnd<ctl::Request, ctl::Response>,
     status: SharedMemory,
     regions: Vec<(String, SharedMemory)>,
-    /// Sockets bound for the service, kept across its restarts.
-    listeners: Vec<(String, OwnedFd)>,
+    /// Sockets bound for the service (those the host asked for), kept across its restarts.
+    listeners: Vec<crate::listeners::Bound>,
     service_program: OwnedFd,
     loader_filter: Vec<seccompiler::sock_filter>,
     state: State,
@@ -341,6 +344,8 @@ impl Supervisor {
         for line in crate::state_files::prepare(m, &state).map_err(create_err("state files"))? {
             tracing::info!("{line}");
         }
+        let enabled =
+            crate::listeners::enabled(m, &opts.listen).map_err(|e| create_err("front ends")(e))?;
         let mut services = Vec::new();
         let tag_width = m.services.iter().map(|s| s.name.len()).max().unwrap_or(0);
         for spec in &m.services {
@@ -366,36 +371,14 @@ impl Supervisor {
                 regions.push((r.name.clone(), shm));
             }
             let mut listeners = Vec::new();
-            for l in &spec.listen {
-                let what = || format!("listener {} of {} on {}", l.name, spec.name, l.address);
-                let sock: OwnedFd = match &l.address {
-                    ListenAddress::Tcp(a) => std::net::TcpListener::bind(a)
-                        .map(OwnedFd::from)
-                        .map_err(|e| create_err(what())(e.to_string()))?,
-                    ListenAddress::Unix(p) => {
-                        let path = opts.state_dir.join(p);
-                        // Its directory made (0700) and checked like the state directory.
-                        if let Some(parent) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                            state.subdir(parent, true)?;
-                        }
-                        // A socket left by an earlier run (never another kind of file).
-                        if std::fs::symlink_metadata(&path).is_ok_and(|m| {
-                            std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())
-                        }) {
-                            let _ = std::fs::remove_file(&path);
-                        }
-                        let l = std::os::unix::net::UnixListener::bind(&path)
-                            .map_err(|e| create_err(what())(e.to_string()))?;
-                        std::fs::set_permissions(
-                            &path,
-                            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-                        )
-                        .map_err(|e| create_err(what())(e.to_string()))?;
-                        OwnedFd::from(l)
-                    }
-                };
-                tracing::info!(service = %spec.name, listener = %l.name, address = %l.address, "listening");
-                listeners.push((l.name.clone(), sock));
+            for l in enabled.iter().filter(|l| l.service == spec.name) {
+                let bound = crate::listeners::bind(l, &opts.state_dir).map_err(|e| {
+                    create_err(format!(
+                        "listener {} of {} on {}",
+                        l.name, spec.name, l.address
+                    ))(e)
+                })?;
+                listeners.push(bound);
             }
             let program = profiles::service_program(&spec.syscalls).map_err(|e| {
                 create_err(format!("seccomp profile of {}", spec.name))(e.to_string())
@@ -407,7 +390,9 @@ impl Supervisor {
             )?;
             write_all_at(&program_fd, &bytes)?;
             ipc_defs::hosted::sys::seal_read_only(&program_fd)?;
-            let caps = capability_count(spec, m, opts.guest.is_some());
+            // Declared listeners the host did not ask for are not granted.
+            let caps = capability_count(spec, m, opts.guest.is_some()) + listeners.len()
+                - spec.listen.len();
             let loader_filter =
                 profiles::loader_program(&spec.syscalls, SpawnPlan::binary_slot(caps)).map_err(
                     |e| create_err(format!("loader profile of {}", spec.name))(e.to_string()),
@@ -640,6 +625,7 @@ impl Supervisor {
             watchdog: config.watchdog,
             progress: None,
             declared_hung: false,
+            vcpus: config.vcpus,
             description: format!(
                 "{description}, {} MiB, {} vCPU(s)",
                 config.memory >> 20,
@@ -1374,6 +1360,13 @@ impl Supervisor {
                         .fold(0u32, |m, d| m | 1 << d);
                     cap.5 = Grant::PciDevices(owned);
                 }
+                if link.interface == Interface::Vtpm {
+                    // The partition alone drives the TPM's registers, for its own vCPUs.
+                    cap.5 = Grant::Vtpm(ipc_defs::services::vtpm::VtpmGrant {
+                        registers: guest.vcpus,
+                        ..ipc_defs::services::vtpm::VtpmGrant::NONE
+                    });
+                }
                 caps.push(cap);
                 if link.interface == Interface::Intercept {
                     for (irq, fd) in &guest.interrupts {
@@ -1469,17 +1462,17 @@ impl Supervisor {
                 Grant::Interface,
             ));
         }
-        for (name, sock) in &s.listeners {
-            let link = std::fs::read_link(format!("/proc/self/fd/{}", sock.as_raw_fd()))
+        for l in &s.listeners {
+            let link = std::fs::read_link(format!("/proc/self/fd/{}", l.socket.as_raw_fd()))
                 .ok()
                 .map(|p| p.display().to_string());
             caps.push((
                 CapabilityKind::Listener,
-                name.clone(),
+                l.name.clone(),
                 0,
-                Fd::Borrowed(sock.as_raw_fd()),
+                Fd::Borrowed(l.socket.as_raw_fd()),
                 link,
-                Grant::Interface,
+                l.grant,
             ));
         }
         let mut record = Bootstrap {
@@ -2501,7 +2494,10 @@ impl Supervisor {
                 code: s.code.iter().map(|(_, _, path)| path.clone()).collect(),
             };
             expect.descriptors = s.granted.clone();
-            for what in check_process(p.pid, &expect) {
+            for what in check_process(p.pid, &expect)
+                .into_iter()
+                .chain(s.listeners.iter().flat_map(crate::listeners::check))
+            {
                 findings.push(Finding {
                     service: s.spec.name.clone(),
                     what,

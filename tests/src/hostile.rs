@@ -23,6 +23,9 @@
 //! | `flood N`           | writes N lines to stderr as fast as it can (0: forever), then serves | rate-limited, drops counted |
 //! | `long-line N`       | writes N bytes without a newline, then exits   | cut; the supervisor's memory bounded |
 //! | `platform-grab`     | as the attest service: asks the platform for a VMPL 0 report and the datastore key's wrapping key, then a VMPL 1 report | the first two refused, the last signed |
+//! | `vtpm-requests`     | a TPM command, a platform power-off and a register read to vtpm | each refused unless granted |
+//! | `vtpm-seize S`      | for S seconds seizes the TPM's registers (locality 4) and writes its FIFO, as vCPU 0 | refused: the guest's session goes on |
+//! | `vtpm-vcpu-flood N` | N register writes to vtpm under invented vCPU ids 1000.. | refused; the checkpoint stays small |
 //! | `serve`             | serves normally                                | runs                           |
 //!
 //! Exit status 0 means "every hostile attempt got the typed error it should"; 10 and up
@@ -48,9 +51,11 @@ use ipc_defs::layout::ProducerLine;
 use ipc_defs::layout::RingHeader;
 use ipc_defs::ring::RingError;
 use ipc_defs::services::bytes::Bytes;
+use ipc_defs::services::guest;
 use ipc_defs::services::intercept;
 use ipc_defs::services::platform;
 use ipc_defs::services::vmgs::FileId;
+use ipc_defs::services::vtpm;
 use ipc_defs::Interface;
 
 /// The calling end the manifest grants this service for `ep`.
@@ -62,6 +67,45 @@ fn granted(
         .clients
         .get(&ep)
         .expect("the test manifest grants the call")
+}
+
+type VtpmEnd = ipc_defs::hosted::ClientEnd<
+    endpoint::Request<vtpm::Request>,
+    endpoint::Response<vtpm::Response>,
+>;
+
+/// Answers the start ping, then takes the vtpm capability.
+fn vtpm_client(started: &mut runtime::Started) -> VtpmEnd {
+    started.answer_first_ping();
+    started
+        .context
+        .clients
+        .remove(&Interface::Vtpm)
+        .expect("the test manifest grants the call")
+        .into_typed()
+}
+
+/// One request to vtpm; its answer as the log shows it.
+fn vtpm_call(end: &mut VtpmEnd, request: vtpm::Request) -> Result<vtpm::Response, String> {
+    match end.call(
+        &endpoint::Request::Service(request),
+        Duration::from_secs(10),
+    ) {
+        Ok(endpoint::Response::Service(r)) => Ok(r),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+/// A register access of the TPM's TIS range, as vCPU `vcpu` would make it.
+fn tis_access(vcpu: u32, seq: u64, offset: u64, write: Option<u64>) -> vtpm::Request {
+    vtpm::Request::Mmio(guest::Access {
+        vcpu,
+        seq,
+        space: guest::Space::Mmio,
+        address: 0xfed4_0000 + offset,
+        size: 1,
+        write,
+    })
 }
 
 /// Answers the start ping, then takes the vmgs capability and the file id argument.
@@ -347,6 +391,87 @@ fn main() -> ExitCode {
                 }
             }
             started.serve::<(), ()>(Interface::Attest, |_, _, ()| {
+                endpoint::Response::Error(endpoint::ErrorCode::Unsupported)
+            })
+        }
+        "vtpm-requests" => {
+            // What a front end or any other client could try beyond its grant.
+            let mut end = vtpm_client(&mut started);
+            let getrandom =
+                vtpm::TpmBytes::new(&[0x80, 1, 0, 0, 0, 12, 0, 0, 1, 0x7b, 0, 8]).expect("fits");
+            let seq = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64);
+            let r = vtpm_call(
+                &mut end,
+                vtpm::Request::Command {
+                    seq,
+                    locality: 0,
+                    command: getrandom,
+                },
+            );
+            eprintln!("pv-hostile: vtpm command: {r:?}");
+            let r = vtpm_call(&mut end, vtpm::Request::Platform(vtpm::Platform::PowerOff));
+            eprintln!("pv-hostile: vtpm platform power-off: {r:?}");
+            let r = vtpm_call(&mut end, tis_access(0, 1, 0, None));
+            eprintln!("pv-hostile: vtpm register read: {r:?}");
+            started.serve::<(), ()>(Interface::Intercept, |_, _, ()| {
+                endpoint::Response::Error(endpoint::ErrorCode::Unsupported)
+            })
+        }
+        "vtpm-seize" => {
+            // Takes the guest's TPM away from it: seize at locality 4, commandReady, FIFO
+            // bytes, a FIFO read; as vCPU 0, numbered past anything the guest uses.
+            let seconds: u64 = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(1);
+            let mut end = vtpm_client(&mut started);
+            let until = Instant::now() + Duration::from_secs(seconds);
+            let (mut accepted, mut refused, mut seq) = (0u64, 0u64, 1u64 << 40);
+            while Instant::now() < until {
+                if !started.answer_control() {
+                    return ExitCode::SUCCESS;
+                }
+                for (offset, write) in [
+                    (0x4000, Some(0x08)), // locality 4 ACCESS: seize
+                    (0x0000, Some(0x02)), // locality 0 ACCESS: request use
+                    (0x0018, Some(0x40)), // STS: commandReady
+                    (0x0024, Some(0x80)), // FIFO
+                    (0x0024, None),       // FIFO read
+                ] {
+                    seq += 1;
+                    match vtpm_call(&mut end, tis_access(0, seq, offset, write)) {
+                        Ok(vtpm::Response::Error(_)) | Err(_) => refused += 1,
+                        Ok(_) => accepted += 1,
+                    }
+                }
+            }
+            eprintln!(
+                "pv-hostile: vtpm seize done: {accepted} register accesses accepted, {refused} refused"
+            );
+            started.serve::<(), ()>(Interface::Intercept, |_, _, ()| {
+                endpoint::Response::Error(endpoint::ErrorCode::Unsupported)
+            })
+        }
+        "vtpm-vcpu-flood" => {
+            // Register writes under vCPU ids the partition does not have, each a new entry in
+            // an unbounded per-vCPU table of the checkpoint (INT_ENABLE of locality 0: no
+            // effect on the interface itself).
+            let count: u32 = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(1000);
+            let mut end = vtpm_client(&mut started);
+            let (mut accepted, mut refused, mut failed) = (0u64, 0u64, 0u64);
+            for i in 0..count {
+                if !started.answer_control() {
+                    return ExitCode::SUCCESS;
+                }
+                match vtpm_call(&mut end, tis_access(1000 + i, 1, 0x08, Some(0))) {
+                    Ok(vtpm::Response::Error(_)) => refused += 1,
+                    Ok(_) => accepted += 1,
+                    Err(_) => failed += 1,
+                }
+            }
+            eprintln!(
+                "pv-hostile: vtpm vcpu flood done: {accepted} accepted, {refused} refused, {failed} failed calls"
+            );
+            started.serve::<(), ()>(Interface::Intercept, |_, _, ()| {
                 endpoint::Response::Error(endpoint::ErrorCode::Unsupported)
             })
         }

@@ -138,6 +138,8 @@ fn run_with_platform(tag: &str) -> (Instance, String) {
         .arg(dir.join("state"))
         .arg("--platform-dir")
         .arg(&platform)
+        // tpm2-tools' mssim TCTI connects to the platform port too.
+        .args(["--listen", "mssim-command", "--listen", "mssim-platform"])
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

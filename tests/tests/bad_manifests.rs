@@ -626,3 +626,100 @@ fn attestation_settings_are_checked() {
         "which holds the sealed datastore key",
     );
 }
+
+/// GOOD with a front end that calls the TPM (`call`) and listens (`listen`).
+fn with_front_end(call: &str, listen: &str) -> String {
+    format!(
+        "{GOOD}\n[[service]]\nname = \"gw\"\nbinary = \"pv-tpm-gateway\"\ncalls = [{call}]\nlisten = [{listen}]\nlimits = {{ memory = \"64M\", open-files = 32 }}\nrestart = {{ policy = \"always\", max = 3, window = \"10s\", backoff = \"10ms\" }}\n"
+    )
+}
+
+#[test]
+fn what_a_client_may_ask_of_the_tpm_is_checked() {
+    let listen = "{ name = \"mssim-command\", address = \"127.0.0.1:2321\" }";
+    // Line 20 is the call, 21 the listener.
+    refused(
+        &with_front_end(
+            "{ endpoint = \"vtpm\", tpm = [\"commands\", \"registers\"] }",
+            listen,
+        ),
+        20,
+        "the TPM's register interface cannot be granted to a service",
+    );
+    refused(
+        &with_front_end("{ endpoint = \"vtpm\", tpm = [\"power\"] }", listen),
+        20,
+        "\"power\" is not something a client may ask of the TPM",
+    );
+    refused(
+        &with_front_end(
+            "{ endpoint = \"vtpm\", tpm = [\"platform\", \"platform\"] }",
+            listen,
+        ),
+        20,
+        "\"platform\" is listed twice",
+    );
+    refused(
+        &with_front_end("{ endpoint = \"vtpm\", tpm = [] }", listen),
+        20,
+        "tpm is empty",
+    );
+    refused(
+        &with_front_end(
+            "{ endpoint = \"vmgs\", file-ids = [\"ATTEST\"], tpm = [\"commands\"] }",
+            listen,
+        ),
+        20,
+        "tpm applies to calls to \"vtpm\"",
+    );
+}
+
+#[test]
+fn listener_localities_exist_and_belong_to_tpm_front_ends() {
+    let call = "{ endpoint = \"vtpm\", tpm = [\"commands\"] }";
+    refused(
+        &with_front_end(
+            call,
+            "{ name = \"mssim-command\", address = \"127.0.0.1:2321\", localities = [0, 5] }",
+        ),
+        21,
+        "locality 5 does not exist",
+    );
+    refused(
+        &with_front_end(
+            call,
+            "{ name = \"mssim-command\", address = \"127.0.0.1:2321\", localities = [3, 3] }",
+        ),
+        21,
+        "locality 3 is listed twice",
+    );
+    refused(
+        &with_front_end(
+            call,
+            "{ name = \"mssim-command\", address = \"127.0.0.1:2321\", localities = [] }",
+        ),
+        21,
+        "localities is empty",
+    );
+    refused(
+        &with_front_end(
+            "{ endpoint = \"vtpm\" }",
+            "{ name = \"mssim-command\", address = \"127.0.0.1:2321\", localities = [0, 3] }",
+        ),
+        21,
+        "granted no TPM commands",
+    );
+}
+
+#[test]
+fn listener_names_are_unique_across_the_manifest() {
+    let m = with_front_end(
+        "{ endpoint = \"vtpm\", tpm = [\"commands\"] }",
+        "{ name = \"mssim-command\", address = \"127.0.0.1:2321\" }",
+    )
+    .replace(
+        "serves = [\"vtpm\"]",
+        "serves = [\"vtpm\"]\nlisten = [{ name = \"mssim-command\", address = \"127.0.0.1:2400\" }]",
+    );
+    refused(&m, 22, "is also a listener of \"tpm\"");
+}

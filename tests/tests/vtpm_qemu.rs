@@ -26,7 +26,21 @@ fn qemu_firmware_measures_into_our_vtpm() {
         return;
     }
     let manifest = common::shipped_text();
-    let inst = Instance::start("qemu", &manifest, 7);
+    let inst = Instance::start_with(
+        "qemu",
+        &manifest,
+        7,
+        // QEMU's socket, and the mssim ports tpm2-tools read the PCRs through (its TCTI
+        // connects to the platform port too).
+        &[
+            "--listen",
+            "swtpm-control-unix",
+            "--listen",
+            "mssim-command",
+            "--listen",
+            "mssim-platform",
+        ],
+    );
     let socket = inst.dir.join("state/tpm/swtpm-sock");
     assert!(socket.exists(), "{}", inst.log());
     let mssim = manifest

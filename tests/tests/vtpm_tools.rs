@@ -17,6 +17,9 @@ use common::sandbox_available;
 use common::scratch_dir;
 use common::Instance;
 
+/// The front ends these tests use: every one the manifest declares (off unless asked for).
+const FRONT_ENDS: &[&str] = &["--listen", "all"];
+
 /// Whether tpm2-tools are installed (the tests say so loudly if not).
 fn tools_available(test: &str) -> bool {
     let ok = Command::new("tpm2_startup")
@@ -132,7 +135,7 @@ fn tpm2_tools_work_against_our_vtpm_as_against_swtpm() {
         return;
     }
     let manifest = common::shipped_text();
-    let inst = Instance::start("tools", &manifest, 7);
+    let inst = Instance::start_with("tools", &manifest, 7, FRONT_ENDS);
     let (mssim, platform, swtpm_data) = (
         port(&manifest, "mssim-command"),
         port(&manifest, "mssim-platform"),
@@ -223,7 +226,7 @@ fn persistent_objects_and_nv_indices_survive_a_full_restart_and_are_not_on_disk_
         return;
     }
     let manifest = common::shipped_text();
-    let mut inst = Instance::start("tpm-persist", &manifest, 7);
+    let mut inst = Instance::start_with("tpm-persist", &manifest, 7, FRONT_ENDS);
     let tcti = format!(
         "mssim:host=127.0.0.1,port={}",
         port(&manifest, "mssim-command")
@@ -276,6 +279,7 @@ fn persistent_objects_and_nv_indices_survive_a_full_restart_and_are_not_on_disk_
         .arg(&inst.manifest)
         .arg("--state-dir")
         .arg(inst.dir.join("state"))
+        .args(FRONT_ENDS)
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -328,7 +332,7 @@ fn kill_9_of_the_vtpm_during_pcr_extends_loses_and_duplicates_none() {
     }
     use sha2::Digest;
     let manifest = common::shipped_text();
-    let inst = Instance::start("tpm-kill", &manifest, 7);
+    let inst = Instance::start_with("tpm-kill", &manifest, 7, FRONT_ENDS);
     let tcti = format!(
         "mssim:host=127.0.0.1,port={}",
         port(&manifest, "mssim-command")
@@ -391,7 +395,7 @@ fn hostile_clients_get_errors_or_closed_connections_never_a_dead_tpm() {
         return;
     }
     let manifest = common::shipped_text();
-    let inst = Instance::start("tpm-hostile", &manifest, 7);
+    let inst = Instance::start_with("tpm-hostile", &manifest, 7, FRONT_ENDS);
     let (mssim, swtpm) = (
         port(&manifest, "mssim-command"),
         port(&manifest, "swtpm-data"),

@@ -69,6 +69,8 @@ pub struct Context {
     pub keys: BTreeMap<String, OwnedFd>,
     /// Listening sockets bound by the microkernel, by name.
     pub listeners: BTreeMap<String, OwnedFd>,
+    /// What each listener's connections may do (e.g. the TPM localities), by name.
+    pub listener_grants: BTreeMap<String, Grant>,
     /// Eventfds wired to guest interrupts (intercept only), by interrupt.
     pub interrupts: BTreeMap<crate::services::intercept::Interrupt, OwnedFd>,
     /// The calling end to the secure processor (attest only).
@@ -173,6 +175,8 @@ pub struct Started {
     pub context: Context,
     served: Vec<Served>,
     stats: control::Stats,
+    /// Refusals the service counted itself ([`Started::refuse`]), outside a served channel.
+    own_refusals: u64,
     _span: tracing::span::EnteredSpan,
 }
 
@@ -192,6 +196,7 @@ pub fn enter() -> Result<Started, StartError> {
         context,
         served,
         stats: control::Stats::default(),
+        own_refusals: 0,
         _span: span,
     })
 }
@@ -213,6 +218,7 @@ impl Started {
             &mut self.context,
             &mut self.served,
             &mut self.stats,
+            self.own_refusals,
             &mut handler,
         );
         tracing::info!("shut down on request");
@@ -221,10 +227,31 @@ impl Started {
 }
 
 impl Started {
+    /// The clients of the served channels and what each one's channel grants, as the
+    /// bootstrap record names them (for a service that sizes or checks its state by them).
+    pub fn clients(&self) -> impl Iterator<Item = (&str, Grant)> {
+        self.served
+            .iter()
+            .filter(|s| s.interface.is_some())
+            .map(|s| (s.caller.name.as_str(), s.caller.grant))
+    }
+
+    /// Counts a refusal the service made outside a served channel (e.g. a network client of
+    /// a front end), shown with the others in `paravisor ps`, and logs it with `who` (the
+    /// log is not flooded by a client that keeps trying).
+    pub fn refuse(&mut self, who: impl std::fmt::Display, what: impl std::fmt::Display) {
+        self.own_refusals += 1;
+        let n = self.own_refusals;
+        if n <= REFUSALS_LOGGED || n.is_multiple_of(1000) {
+            tracing::warn!(client = %who, refused = n, "refused: {what}");
+        }
+    }
+
     /// Answers whatever control requests are pending (ping, stats, probe), without waiting:
     /// for a service busy with work of its own between requests. Returns `false` if the
     /// microkernel asked for shutdown (already acknowledged).
     pub fn answer_control(&mut self) -> bool {
+        let callers: u64 = self.served.iter().map(|s| s.caller.refused).sum();
         let (control, _) = self.served.split_at_mut(1);
         let control = &mut control[0];
         let stats = &mut self.stats;
@@ -236,6 +263,7 @@ impl Started {
             };
             let stale = served_stale(control);
             stats.requests_in += 1;
+            stats.refused = self.own_refusals + callers;
             let (reply, shutdown) =
                 control_reply(&control.end, &incoming, &mut self.context, stats, stale);
             if control.end.reply(&incoming, &reply, REPLY_TIMEOUT).is_ok() {
@@ -357,6 +385,7 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
         files: BTreeMap::new(),
         keys: BTreeMap::new(),
         listeners: BTreeMap::new(),
+        listener_grants: BTreeMap::new(),
         interrupts: BTreeMap::new(),
         platform: None,
     };
@@ -400,6 +429,9 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
             CapabilityKind::Listener => {
                 let fd = sys::take_fd(cap.slot).map_err(|e| cap_error(cap, e))?;
                 context.listeners.insert(cap.name.to_string(), fd);
+                context
+                    .listener_grants
+                    .insert(cap.name.to_string(), cap.grant);
             }
             CapabilityKind::Interrupt(irq) => {
                 let fd = sys::take_fd(cap.slot).map_err(|e| cap_error(cap, e))?;
@@ -434,6 +466,7 @@ fn serve<Q, R>(
     context: &mut Context,
     served: &mut [Served],
     stats: &mut control::Stats,
+    own_refusals: u64,
     handler: &mut impl FnMut(&mut Context, &mut Caller, Q) -> endpoint::Response<R>,
 ) where
     Q: DeserializeOwned,
@@ -442,7 +475,7 @@ fn serve<Q, R>(
     let policy = WaitPolicy::default();
     loop {
         let mut did_work = false;
-        let refused = served.iter().map(|s| s.caller.refused).sum();
+        let refused = own_refusals + served.iter().map(|s| s.caller.refused).sum::<u64>();
         for s in served.iter_mut() {
             if !s.usable() {
                 continue;

@@ -7,6 +7,10 @@
 //! client whose call failed because the TPM restarted sends the same command with the same
 //! number again: if it had completed, the recorded response comes back; if not, it runs
 //! now. A command is never applied twice.
+//!
+//! Who may ask what is the channel's grant ([`VtpmGrant`], from the bootstrap record), never
+//! the message: TPM commands at the localities granted, platform signals, and the guest's
+//! register interface, which only the guest partition's channel holds, for its own vCPUs.
 
 use core::fmt;
 
@@ -18,6 +22,143 @@ pub const MAX_COMMAND: usize = 4096;
 
 /// A TPM command or response in its wire format.
 pub type TpmBytes = super::bytes::Bytes<MAX_COMMAND>;
+
+/// Localities 0..=4.
+pub const LOCALITIES: u8 = 5;
+
+/// A set of TPM localities (bit n = locality n).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Localities(u8);
+
+impl Localities {
+    pub const NONE: Localities = Localities(0);
+    /// Locality 0 only: what a front end gets unless the manifest grants more.
+    pub const ZERO: Localities = Localities(1);
+    pub const ALL: Localities = Localities((1 << LOCALITIES) - 1);
+
+    /// Adds `locality`; false if it does not exist (above 4).
+    pub fn insert(&mut self, locality: u8) -> bool {
+        if locality >= LOCALITIES {
+            return false;
+        }
+        self.0 |= 1 << locality;
+        true
+    }
+
+    pub const fn with(self, locality: u8) -> Localities {
+        if locality >= LOCALITIES {
+            self
+        } else {
+            Localities(self.0 | 1 << locality)
+        }
+    }
+
+    pub fn contains(self, locality: u8) -> bool {
+        locality < LOCALITIES && self.0 & (1 << locality) != 0
+    }
+
+    pub fn union(self, other: Localities) -> Localities {
+        Localities(self.0 | other.0)
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = u8> {
+        (0..LOCALITIES).filter(move |l| self.contains(*l))
+    }
+}
+
+impl fmt::Display for Localities {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[")?;
+        for (i, l) in self.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{l}")?;
+        }
+        f.write_str("]")
+    }
+}
+
+/// What one client of the TPM may do: its channel's grant, put in the TPM's bootstrap record
+/// by the microkernel (from the client's `calls = [{ endpoint = "vtpm", tpm = [...] }]`, or,
+/// for the guest partition's channel, from the partition itself). Everything not granted is
+/// refused with [`VtpmError::NotGranted`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VtpmGrant {
+    /// [`Request::Command`] at these localities (none: no commands).
+    pub commands: Localities,
+    /// [`Request::Platform`] signals (power, NV, cancel, the established flag).
+    pub platform: bool,
+    /// [`Request::Mmio`]: the guest partition's register interface, for vCPUs
+    /// `0..registers` (0: no register access). Only the partition's channel has it.
+    pub registers: u32,
+}
+
+impl VtpmGrant {
+    /// Nothing beyond the endpoint's ping.
+    pub const NONE: VtpmGrant = VtpmGrant {
+        commands: Localities::NONE,
+        platform: false,
+        registers: 0,
+    };
+
+    pub fn is_none(&self) -> bool {
+        *self == VtpmGrant::NONE
+    }
+}
+
+impl fmt::Display for VtpmGrant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_none() {
+            return f.write_str("nothing beyond ping");
+        }
+        let mut sep = "";
+        if !self.commands.is_empty() {
+            write!(f, "TPM commands at localities {}", self.commands)?;
+            sep = ", ";
+        }
+        if self.platform {
+            write!(f, "{sep}platform signals")?;
+            sep = ", ";
+        }
+        if self.registers > 0 {
+            write!(
+                f,
+                "{sep}the register interface for vCPUs 0..{}",
+                self.registers
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// What a grant can lack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Right {
+    /// TPM commands at all.
+    Commands,
+    /// TPM commands at this locality.
+    Locality(u8),
+    /// Platform signals.
+    Platform,
+    /// The guest's register interface.
+    Registers,
+}
+
+impl fmt::Display for Right {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Right::Commands => f.write_str("TPM commands"),
+            Right::Locality(l) => write!(f, "TPM commands at locality {l}"),
+            Right::Platform => f.write_str("platform signals"),
+            Right::Registers => f.write_str("the guest's register interface"),
+        }
+    }
+}
 
 /// What a client asks of the TPM.
 #[allow(clippy::large_enum_variant)]
@@ -92,6 +233,13 @@ pub enum VtpmError {
     Engine(u32),
     /// The TPM's permanent state could not be stored; the command's effect is not durable.
     Storage,
+    /// The caller's grant does not include this (see [`VtpmGrant`]).
+    NotGranted(Right),
+    /// A register access from a vCPU the partition does not have (ids are `0..vcpus`).
+    NoSuchVcpu { vcpu: u32, vcpus: u32 },
+    /// A platform signal that would change the TPM under the guest partition, which uses it
+    /// (power, NV, cancel, the established flag): refused while the partition has the TPM.
+    GuestUsesTpm,
 }
 
 impl fmt::Display for VtpmError {
@@ -105,6 +253,17 @@ impl fmt::Display for VtpmError {
             }
             VtpmError::Engine(rc) => write!(f, "TPM engine failure {rc:#x}"),
             VtpmError::Storage => f.write_str("TPM state could not be stored"),
+            VtpmError::NotGranted(r) => {
+                write!(f, "{r} not granted to this caller by the manifest")
+            }
+            VtpmError::NoSuchVcpu { vcpu, vcpus } => write!(
+                f,
+                "register access from vCPU {vcpu}, but the partition has vCPUs 0..{vcpus}"
+            ),
+            VtpmError::GuestUsesTpm => f.write_str(
+                "the guest partition uses this TPM: platform signals (power, NV, cancel, \
+                 established flag) are refused while it does",
+            ),
         }
     }
 }

@@ -43,7 +43,11 @@ fn main() -> ExitCode {
         move |_context, caller, request: vmgs::Request| {
             let granted = match caller.grant {
                 Grant::VmgsFiles(set) => set,
-                Grant::Interface | Grant::Interrupts(_) | Grant::PciDevices(_) => FileIdSet::EMPTY,
+                Grant::Interface
+                | Grant::Interrupts(_)
+                | Grant::PciDevices(_)
+                | Grant::Vtpm(_)
+                | Grant::Localities(_) => FileIdSet::EMPTY,
             };
             let what = describe(&request);
             let response = server.handle(&caller.name, granted, request);

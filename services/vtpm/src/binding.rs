@@ -29,7 +29,6 @@ use base64::Engine as _;
 use ipc_defs::services::attest::REPORT_DATA_LEN;
 use ipc_defs::services::attest::REPORT_LEN;
 use ipc_defs::services::vtpm::Platform;
-use ipc_defs::services::vtpm::Request;
 use ipc_defs::services::vtpm::Response;
 use ipc_defs::services::vtpm::VtpmError;
 use serde::Serialize;
@@ -326,7 +325,7 @@ fn shut_down_and_reset<P: PermanentStore, M: CheckpointMemory>(
         &tpm2::shutdown_clear(),
         tpm2::parse_done,
     )?;
-    match tpm.handle("platform", Request::Platform(Platform::Reset)) {
+    match tpm.own_signal(Platform::Reset) {
         Response::Done => Ok(()),
         Response::Error(error) => Err(BindError::Engine {
             command: "platform reset",

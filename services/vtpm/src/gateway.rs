@@ -16,7 +16,15 @@
 //! Everything read is hostile: a size beyond the TPM's buffer, an unknown code or a bad
 //! locality closes the connection or gets a TPM error; nothing can make the parser allocate
 //! more than one command or loop.
+//!
+//! Localities: a connection may use only the localities its listener is granted (manifest
+//! `listen = [{ ..., localities = [0, 3] }]`; locality 0 only by default). A command at
+//! another (mssim's locality byte, or the swtpm locality a control connection set), a swtpm
+//! `SET_LOCALITY` or `RESET_TPMESTABLISHED` naming another, is refused here
+//! ([`Step::Refused`]: a TPM error, counted and logged by the process) and never reaches the
+//! TPM. Localities 1-4 are the platform's (3 and 4: DRTM, PCRs 17-22).
 
+use ipc_defs::services::vtpm::Localities;
 use ipc_defs::services::vtpm::Platform;
 use ipc_defs::services::vtpm::MAX_COMMAND;
 
@@ -102,6 +110,8 @@ pub mod swtpm {
     pub const RESULT_FAIL: u32 = 9;
     /// `TPM_BAD_PARAMETER`.
     pub const RESULT_BAD_PARAMETER: u32 = 3;
+    /// `TPM_BAD_LOCALITY`: a locality the connection's listener is not granted.
+    pub const RESULT_BAD_LOCALITY: u32 = 0x3d;
 }
 
 /// What a connection asks for next.
@@ -120,6 +130,20 @@ pub enum Step {
     /// Take the descriptor that came with this message as a new data connection (swtpm's
     /// CMD_SET_DATAFD, on a Unix-socket control channel), then send these bytes.
     TakeDataFd(Vec<u8>),
+    /// A request beyond the connection's grant (a locality its listener is not granted):
+    /// count and log the refusal (`what`), send `reply` (a TPM error), go on.
+    Refused { what: String, reply: Vec<u8> },
+}
+
+/// TPM_RC_LOCALITY.
+pub const RC_LOCALITY: u32 = 0x907;
+
+/// A TPM error response (no sessions) with `rc`.
+fn tpm_error(rc: u32) -> Vec<u8> {
+    let mut r = 0x8001u16.to_be_bytes().to_vec();
+    r.extend_from_slice(&10u32.to_be_bytes());
+    r.extend_from_slice(&rc.to_be_bytes());
+    r
 }
 
 /// A connection's parser: bytes accumulate until a whole request is there.
@@ -134,6 +158,8 @@ pub struct Connection {
     pending_control: Option<u32>,
     /// Set by a swtpm SET_LOCALITY until the gateway takes it ([`Connection::take_locality`]).
     locality_set: bool,
+    /// The localities this connection's listener is granted.
+    pub granted: Localities,
 }
 
 /// Most bytes a connection may hold unparsed: one full mssim command with its framing.
@@ -144,13 +170,35 @@ fn be32(b: &[u8]) -> u32 {
 }
 
 impl Connection {
+    /// A connection of a listener granted locality 0 only (the default).
     pub fn new(protocol: Protocol) -> Connection {
+        Connection::granted(protocol, Localities::ZERO)
+    }
+
+    /// A connection of a listener granted `localities`.
+    pub fn granted(protocol: Protocol, localities: Localities) -> Connection {
         Connection {
             protocol,
             buffer: Vec::new(),
             locality: 0,
             pending_control: None,
             locality_set: false,
+            granted: localities,
+        }
+    }
+
+    /// A TPM command at `locality`, unless the listener is not granted it.
+    fn command_at(&self, locality: u8, command: Vec<u8>) -> Step {
+        if self.granted.contains(locality) {
+            Step::Command { locality, command }
+        } else {
+            Step::Refused {
+                what: format!(
+                    "TPM command at locality {locality} (the listener is granted localities {})",
+                    self.granted
+                ),
+                reply: self.tpm_reply(&tpm_error(RC_LOCALITY)),
+            }
         }
     }
 
@@ -208,7 +256,7 @@ impl Connection {
                 }
                 let mut frame = self.take(9 + size);
                 let command = frame.split_off(9);
-                Some(Step::Command { locality, command })
+                Some(self.command_at(locality, command))
             }
             mssim::REMOTE_HANDSHAKE => {
                 if self.buffer.len() < 8 {
@@ -278,10 +326,7 @@ impl Connection {
             return None;
         }
         let command = self.take(size);
-        Some(Step::Command {
-            locality: self.locality,
-            command,
-        })
+        Some(self.command_at(self.locality, command))
     }
 
     fn swtpm_control(&mut self) -> Option<Step> {
@@ -325,6 +370,14 @@ impl Connection {
                 let loc = frame[4];
                 if loc > 4 {
                     Step::Reply(swtpm::RESULT_BAD_PARAMETER.to_be_bytes().to_vec())
+                } else if !self.granted.contains(loc) {
+                    Step::Refused {
+                        what: format!(
+                            "SET_LOCALITY {loc} (the listener is granted localities {})",
+                            self.granted
+                        ),
+                        reply: swtpm::RESULT_BAD_LOCALITY.to_be_bytes().to_vec(),
+                    }
                 } else {
                     self.locality = loc;
                     self.locality_set = true;
@@ -333,6 +386,13 @@ impl Connection {
             }
             swtpm::CANCEL_TPM_CMD => Step::Signal(Platform::CancelOn),
             swtpm::STORE_VOLATILE => Step::Reply(ok),
+            swtpm::RESET_TPMESTABLISHED if !self.granted.contains(frame[4]) => Step::Refused {
+                what: format!(
+                    "RESET_TPMESTABLISHED at locality {} (the listener is granted localities {})",
+                    frame[4], self.granted
+                ),
+                reply: swtpm::RESULT_BAD_LOCALITY.to_be_bytes().to_vec(),
+            },
             swtpm::RESET_TPMESTABLISHED => {
                 Step::Signal(Platform::ResetEstablished { locality: frame[4] })
             }
@@ -392,7 +452,7 @@ mod tests {
 
     #[test]
     fn mssim_commands_are_framed_and_partial_input_waits() {
-        let mut c = Connection::new(Protocol::MssimCommand);
+        let mut c = Connection::granted(Protocol::MssimCommand, Localities::ZERO.with(3));
         let cmd = [0x80, 1, 0, 0, 0, 12, 0, 0, 1, 0x44, 0, 0];
         let mut frame = mssim::SEND_COMMAND.to_be_bytes().to_vec();
         frame.push(3);
@@ -431,7 +491,7 @@ mod tests {
 
     #[test]
     fn swtpm_data_and_control() {
-        let mut c = Connection::new(Protocol::SwtpmData);
+        let mut c = Connection::granted(Protocol::SwtpmData, Localities::ALL);
         c.locality = 2;
         let cmd = [0x80, 1, 0, 0, 0, 12, 0, 0, 1, 0x7b, 0, 8];
         c.feed(&cmd);
@@ -445,7 +505,7 @@ mod tests {
         c.feed(&[0x80, 1, 0xff, 0xff, 0xff, 0xff, 0, 0, 1, 0x7b]);
         assert_eq!(c.next_step(), Some(Step::Close));
 
-        let mut k = Connection::new(Protocol::SwtpmControl);
+        let mut k = Connection::granted(Protocol::SwtpmControl, Localities::ALL);
         let mut m = swtpm::SET_LOCALITY.to_be_bytes().to_vec();
         m.push(3);
         k.feed(&m);
@@ -466,5 +526,68 @@ mod tests {
         assert_eq!(k.signal_reply(true, true), vec![0, 0, 0, 0, 1, 0, 0, 0]);
         k.feed(&77u32.to_be_bytes());
         assert!(matches!(k.next_step(), Some(Step::ReplyAndClose(_))));
+    }
+
+    fn mssim_frame(locality: u8, command: &[u8]) -> Vec<u8> {
+        let mut frame = mssim::SEND_COMMAND.to_be_bytes().to_vec();
+        frame.push(locality);
+        frame.extend_from_slice(&(command.len() as u32).to_be_bytes());
+        frame.extend_from_slice(command);
+        frame
+    }
+
+    #[test]
+    fn a_command_at_a_locality_the_listener_is_not_granted_never_reaches_the_tpm() {
+        let cmd = [0x80, 1, 0, 0, 0, 12, 0, 0, 1, 0x7b, 0, 8];
+        // The default: locality 0 only. Localities 1-4 (and 9, which does not exist) are
+        // answered with TPM_RC_LOCALITY in the mssim framing, and the connection goes on.
+        let mut c = Connection::new(Protocol::MssimCommand);
+        for locality in [1, 2, 3, 4, 9] {
+            c.feed(&mssim_frame(locality, &cmd));
+            match c.next_step() {
+                Some(Step::Refused { reply, what }) => {
+                    assert_eq!(&reply[4..14], &tpm_error(RC_LOCALITY)[..], "{what}");
+                    assert!(what.contains(&format!("locality {locality}")), "{what}");
+                }
+                other => panic!("locality {locality}: {other:?}"),
+            }
+        }
+        c.feed(&mssim_frame(0, &cmd));
+        assert!(matches!(
+            c.next_step(),
+            Some(Step::Command { locality: 0, .. })
+        ));
+        // Granted [0, 3]: 3 passes, 4 does not.
+        let mut c = Connection::granted(Protocol::MssimCommand, Localities::ZERO.with(3));
+        c.feed(&mssim_frame(3, &cmd));
+        assert!(matches!(
+            c.next_step(),
+            Some(Step::Command { locality: 3, .. })
+        ));
+        c.feed(&mssim_frame(4, &cmd));
+        assert!(matches!(c.next_step(), Some(Step::Refused { .. })));
+
+        // swtpm: SET_LOCALITY to an ungranted locality is refused and changes nothing; a data
+        // command at a locality set elsewhere (the gateway shares it) is refused too.
+        let mut k = Connection::new(Protocol::SwtpmControl);
+        let mut m = swtpm::SET_LOCALITY.to_be_bytes().to_vec();
+        m.push(4);
+        k.feed(&m);
+        assert!(matches!(
+            k.next_step(),
+            Some(Step::Refused { ref reply, .. }) if reply == &swtpm::RESULT_BAD_LOCALITY.to_be_bytes()
+        ));
+        assert_eq!(k.take_locality(), None);
+        let mut m = swtpm::RESET_TPMESTABLISHED.to_be_bytes().to_vec();
+        m.push(3);
+        k.feed(&m);
+        assert!(matches!(k.next_step(), Some(Step::Refused { .. })));
+        let mut d = Connection::new(Protocol::SwtpmData);
+        d.locality = 2;
+        d.feed(&cmd);
+        match d.next_step() {
+            Some(Step::Refused { reply, .. }) => assert_eq!(reply, tpm_error(RC_LOCALITY)),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -3,8 +3,15 @@
 //! bound on loopback (it cannot create, bind or connect a socket) and a `vtpm` channel.
 //!
 //! Capabilities expected: its control channel; listeners named `mssim-command`,
-//! `mssim-platform`, `swtpm-data`, `swtpm-control` (any subset); the calling end of a
-//! `vtpm` channel. One thread, one poll loop: connections are served in turn.
+//! `mssim-platform`, `swtpm-data`, `swtpm-control`, `swtpm-control-unix` (any subset: the
+//! microkernel binds only those the host asked for, `paravisor run --listen`), each with the
+//! localities its connections may use (locality 0 only unless the manifest grants more); the
+//! calling end of a `vtpm` channel. One thread, one poll loop: connections are served in turn.
+//!
+//! A command at a locality its listener is not granted is answered with TPM_RC_LOCALITY and
+//! never reaches the TPM; the refusal is counted (REFUSED in `paravisor ps`) and logged with the
+//! listener's name. Platform signals go to the TPM, which refuses them while the guest
+//! partition uses it.
 #![forbid(unsafe_code)]
 
 use std::io::Read;
@@ -19,6 +26,7 @@ use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use ipc_defs::capability::Grant;
 use ipc_defs::endpoint;
 use ipc_defs::hosted::runtime;
 use ipc_defs::hosted::sys;
@@ -26,11 +34,13 @@ use ipc_defs::hosted::CallError;
 use ipc_defs::hosted::ClientEnd;
 use ipc_defs::hosted::WaitPolicy;
 use ipc_defs::services::vtpm;
+use ipc_defs::services::vtpm::Localities;
 use ipc_defs::services::vtpm::TpmBytes;
 use ipc_defs::Interface;
 use pv_vtpm::gateway::Connection;
 use pv_vtpm::gateway::Protocol;
 use pv_vtpm::gateway::Step;
+use pv_vtpm::gateway::RC_LOCALITY;
 use pv_vtpm::server::error_response;
 
 /// Longest a TPM command may take (RSA key generation on a slow machine).
@@ -47,9 +57,8 @@ const CALL_SPIN: Duration = Duration::from_millis(2);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the loop sleeps between looks at the control channel.
 const POLL: Duration = Duration::from_millis(50);
-/// TPM_RC_FAILURE, TPM_RC_LOCALITY.
+/// TPM_RC_FAILURE.
 const RC_FAILURE: u32 = 0x101;
-const RC_LOCALITY: u32 = 0x907;
 
 type Tpm = ClientEnd<endpoint::Request<vtpm::Request>, endpoint::Response<vtpm::Response>>;
 
@@ -129,6 +138,8 @@ impl Stream {
 struct Client {
     stream: Stream,
     conn: Connection,
+    /// The listener it came through, for logs.
+    listener: String,
 }
 
 fn main() -> ExitCode {
@@ -146,7 +157,12 @@ fn main() -> ExitCode {
             tracing::error!("listener \"{name}\" names no TPM protocol (mssim-command, mssim-platform, swtpm-data, swtpm-control)");
             return ExitCode::FAILURE;
         };
-        listeners.push((protocol, Listener::from_fd(fd)));
+        let localities = match started.context.listener_grants.get(&name) {
+            Some(Grant::Localities(l)) => *l,
+            _ => Localities::ZERO,
+        };
+        tracing::info!(listener = %name, localities = %localities, "front end");
+        listeners.push((protocol, localities, name, Listener::from_fd(fd)));
     }
     let Some(end) = started.context.clients.remove(&Interface::Vtpm) else {
         tracing::error!("the manifest grants no vtpm channel");
@@ -178,7 +194,7 @@ fn main() -> ExitCode {
         let ready = {
             let fds: Vec<_> = listeners
                 .iter()
-                .map(|(_, l)| l.as_fd())
+                .map(|(_, _, _, l)| l.as_fd())
                 .chain(clients.iter().map(|c| c.stream.as_fd()))
                 .collect();
             match sys::poll_readable(&fds, POLL) {
@@ -189,7 +205,7 @@ fn main() -> ExitCode {
                 }
             }
         };
-        for (i, (protocol, listener)) in listeners.iter().enumerate() {
+        for (i, (protocol, localities, name, listener)) in listeners.iter().enumerate() {
             if ready[i] {
                 if let Some(stream) = listener.accept() {
                     if clients.len() >= MAX_CLIENTS {
@@ -199,7 +215,8 @@ fn main() -> ExitCode {
                     }
                     clients.push(Client {
                         stream,
-                        conn: Connection::new(*protocol),
+                        conn: Connection::granted(*protocol, *localities),
+                        listener: name.clone(),
                     });
                 }
             }
@@ -211,6 +228,7 @@ fn main() -> ExitCode {
             if !is_ready
                 || serve(
                     &mut client,
+                    &mut started,
                     &mut tpm,
                     &mut seq,
                     &mut swtpm_locality,
@@ -220,26 +238,32 @@ fn main() -> ExitCode {
                 keep.push(client);
             }
         }
-        // Data channels handed over with CMD_SET_DATAFD (QEMU's -tpmdev emulator).
-        keep.extend(new_data.into_iter().map(|fd| {
+        // Data channels handed over with CMD_SET_DATAFD (QEMU's -tpmdev emulator): granted
+        // what the control connection's listener is.
+        keep.extend(new_data.into_iter().map(|(fd, localities, listener)| {
             let stream = UnixStream::from(fd);
             let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
             Client {
                 stream: Stream::Unix(stream),
-                conn: Connection::new(Protocol::SwtpmData),
+                conn: Connection::granted(Protocol::SwtpmData, localities),
+                listener,
             }
         }));
         clients = keep;
     }
 }
 
+/// A data connection handed over on a control connection, with that one's grant.
+type NewData = (OwnedFd, Localities, String);
+
 /// Reads what a client sent and answers every complete request; `false` to drop it.
 fn serve(
     client: &mut Client,
+    started: &mut runtime::Started,
     tpm: &mut Tpm,
     seq: &mut u64,
     swtpm_locality: &mut u8,
-    new_data: &mut Vec<OwnedFd>,
+    new_data: &mut Vec<NewData>,
 ) -> bool {
     let mut buf = [0u8; 8192];
     let room = client.conn.room().min(buf.len());
@@ -269,9 +293,20 @@ fn serve(
                     None => return false,
                 }
             }
+            Step::Refused { what, reply } => {
+                started.refuse(format_args!("a client of {}", client.listener), what);
+                reply
+            }
             Step::Signal(signal) => {
                 let result = call(tpm, vtpm::Request::Platform(signal));
-                tracing::debug!(?signal, ?result, "platform signal");
+                match &result {
+                    // The TPM refused it, counted and logged it (with this gateway's name).
+                    Ok(vtpm::Response::Error(e)) => tracing::debug!(
+                        listener = %client.listener,
+                        "platform signal {signal:?} refused by the TPM: {e}"
+                    ),
+                    _ => tracing::debug!(?signal, ?result, "platform signal"),
+                }
                 let (ok, established) = match result {
                     Ok(vtpm::Response::Done) => (true, false),
                     Ok(vtpm::Response::Established(e)) => (true, e),
@@ -298,7 +333,11 @@ fn serve(
                     fail.truncate(4);
                     fail
                 } else {
-                    new_data.push(passed.remove(0));
+                    new_data.push((
+                        passed.remove(0),
+                        client.conn.granted,
+                        format!("{} (data)", client.listener),
+                    ));
                     ok
                 }
             }
@@ -341,9 +380,10 @@ fn run_command(tpm: &mut Tpm, seq: &mut u64, locality: u8, command: &[u8]) -> Op
         };
         return match call(tpm, request) {
             Ok(vtpm::Response::Tpm(r)) => Some(r.as_slice().to_vec()),
-            Ok(vtpm::Response::Error(vtpm::VtpmError::BadLocality(_))) => {
-                Some(error_response(RC_LOCALITY))
-            }
+            Ok(vtpm::Response::Error(
+                vtpm::VtpmError::BadLocality(_)
+                | vtpm::VtpmError::NotGranted(vtpm::Right::Locality(_)),
+            )) => Some(error_response(RC_LOCALITY)),
             // Our numbering is behind the TPM's record (the clock went back across a restart
             // of this gateway): the command was refused unrun; number it past the record.
             Ok(vtpm::Response::Error(vtpm::VtpmError::StaleSequence { last })) => {

@@ -3,7 +3,10 @@
 //! region after every command.
 //!
 //! Capabilities expected: its control channel; the serving end of one `vtpm` channel per
-//! client; the calling end of a `vmgs` channel (granted TPM_NVRAM); the region
+//! client, each with its grant (commands at which localities, platform signals; the guest
+//! partition's channel: the register interface for its vCPUs), which every request is checked
+//! against, refusals counted and logged with the client's name; the calling end of a `vmgs`
+//! channel (granted TPM_NVRAM); the region
 //! `vtpm-checkpoint` (kept by the microkernel across restarts of this service); the calling
 //! end of an `attest` channel, for the report that binds the TPM's attestation key (without
 //! it the TPM serves unbound, and says so).
@@ -12,6 +15,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use ipc_defs::capability::Grant;
 use ipc_defs::endpoint;
 use ipc_defs::endpoint::Response;
 use ipc_defs::hosted::runtime;
@@ -25,10 +29,13 @@ use ipc_defs::services::bytes::Bytes;
 use ipc_defs::services::vmgs::FileId;
 use ipc_defs::services::vmgs::VmgsError;
 use ipc_defs::services::vtpm;
+use ipc_defs::services::vtpm::VtpmGrant;
 use ipc_defs::Interface;
 use pv_vtpm::binding;
 use pv_vtpm::binding::Attester;
 use pv_vtpm::libtpms::Engine;
+use pv_vtpm::server::is_refusal;
+use pv_vtpm::server::Clients;
 use pv_vtpm::server::Tpm;
 use pv_vtpm::state::PermanentStore;
 use pv_vtpm::state::SharedNv;
@@ -72,7 +79,12 @@ fn main() -> ExitCode {
     };
     // The supervisor's start handshake first: loading the state may take a while.
     started.answer_first_ping();
-    let mut tpm = match start(&mut started.context) {
+    let clients = Clients::from_grants(
+        started
+            .clients()
+            .map(|(name, grant)| (name, vtpm_grant(grant))),
+    );
+    let mut tpm = match start(&mut started.context, clients) {
         Ok(t) => t,
         Err(e) => {
             tracing::error!("{e}");
@@ -134,7 +146,14 @@ fn main() -> ExitCode {
     started.serve(
         Interface::Vtpm,
         move |_context, caller, request: vtpm::Request| {
-            let response = tpm.handle(&caller.name, request);
+            let what = describe(&request);
+            let grant = vtpm_grant(caller.grant);
+            let response = tpm.handle(&caller.name, &grant, request);
+            if let vtpm::Response::Error(e) = &response {
+                if is_refusal(&response) {
+                    caller.refuse(format_args!("{what}: {e} (grants: {grant})"));
+                }
+            }
             if let Some(why) = &tpm.fatal {
                 tracing::error!("exiting so that a restart resumes from durable state: {why}");
                 std::process::exit(1);
@@ -144,8 +163,26 @@ fn main() -> ExitCode {
     )
 }
 
+/// What a channel's grant lets its client ask of the TPM: nothing unless it is a vtpm grant.
+fn vtpm_grant(grant: Grant) -> VtpmGrant {
+    match grant {
+        Grant::Vtpm(g) => g,
+        _ => VtpmGrant::NONE,
+    }
+}
+
+/// The request without its contents, for logs.
+fn describe(request: &vtpm::Request) -> String {
+    match request {
+        vtpm::Request::Command { locality, .. } => format!("TPM command at locality {locality}"),
+        vtpm::Request::Platform(p) => format!("platform signal {p:?}"),
+        vtpm::Request::Mmio(a) => format!("register access at {:#x} (vCPU {})", a.address, a.vcpu),
+    }
+}
+
 fn start(
     context: &mut runtime::Context,
+    clients: Clients,
 ) -> Result<Tpm<VmgsPermanent, ipc_defs::hosted::SharedMemory>, String> {
     let region = context
         .regions
@@ -158,7 +195,13 @@ fn start(
     let engine = Engine::take(Box::new(nv.clone()))
         .ok_or("the TPM engine is already in use")?
         .map_err(|rc| format!("libtpms refused TPM 2.0 ({rc:#x})"))?;
-    Tpm::start(engine, nv, VmgsPermanent(VmgsClient::shared(vmgs)), region)
+    Tpm::start(
+        engine,
+        nv,
+        VmgsPermanent(VmgsClient::shared(vmgs)),
+        region,
+        clients,
+    )
 }
 
 /// Reports from the attest service, for the binding.

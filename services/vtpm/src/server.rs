@@ -1,6 +1,19 @@
 //! The TPM service's request handling: commands through the engine, exactly once per client
 //! command number; permanent state durable before the response; a checkpoint of the
 //! volatile state after every command; the platform signals.
+//!
+//! Every request is checked against the caller's channel grant ([`VtpmGrant`]) first:
+//! commands only at granted localities, platform signals only if granted, register accesses
+//! only from the guest partition's channel and only for its vCPUs. While a guest partition
+//! has the TPM, platform signals that would change the TPM under it are refused. A refusal
+//! leaves nothing in the checkpoint.
+//!
+//! The checkpoint must always fit its region, or no restart could resume from it. Each of its
+//! tables is bounded by what the bootstrap record says ([`Clients`]): one last command per
+//! client granted commands (plus the guest's TIS client and the service's own), one last
+//! access per vCPU of the partition; [`Tpm::start`] refuses a region too small for the
+//! tables at their fullest plus [`ENGINE_STATE_RESERVE`], and drops entries of clients or
+//! vCPUs that are not there (a checkpoint written by another configuration).
 
 use ipc_defs::services::guest::mask;
 use ipc_defs::services::guest::Access;
@@ -8,8 +21,10 @@ use ipc_defs::services::guest::Space;
 use ipc_defs::services::vtpm::Platform;
 use ipc_defs::services::vtpm::Request;
 use ipc_defs::services::vtpm::Response;
+use ipc_defs::services::vtpm::Right;
 use ipc_defs::services::vtpm::TpmBytes;
 use ipc_defs::services::vtpm::VtpmError;
+use ipc_defs::services::vtpm::VtpmGrant;
 use ipc_defs::services::vtpm::MAX_COMMAND;
 
 use crate::libtpms::Engine;
@@ -21,6 +36,7 @@ use crate::state::LastCommand;
 use crate::state::PermanentRecord;
 use crate::state::PermanentStore;
 use crate::state::SharedNv;
+use crate::state::SLOT_HEADER;
 use crate::tis;
 use crate::tis::Effect;
 use crate::tpm2::ST_NO_SESSIONS;
@@ -50,7 +66,82 @@ pub struct Counters {
     pub checkpoints: u64,
     /// Commands that left nothing to checkpoint (see [`changes_volatile_state`]).
     pub checkpoints_skipped: u64,
+    /// Requests refused: not granted, a vCPU the partition lacks, a platform signal while
+    /// the guest uses the TPM.
+    pub refused: u64,
 }
+
+/// Whether `response` refuses the caller something its grant or the guest's use of the TPM
+/// does not allow (the shell counts and logs these with the caller's name).
+pub fn is_refusal(response: &Response) -> bool {
+    matches!(
+        response,
+        Response::Error(
+            VtpmError::NotGranted(_) | VtpmError::NoSuchVcpu { .. } | VtpmError::GuestUsesTpm
+        )
+    )
+}
+
+/// Who the TPM serves, from its bootstrap record: what bounds the tables of its checkpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Clients {
+    /// The clients granted commands (by channel name): each keeps its last command and
+    /// response in the checkpoint.
+    pub commands: Vec<String>,
+    /// The guest partition's vCPUs (0: no guest partition): each keeps its last register
+    /// access in the checkpoint. Set, the guest uses the TPM.
+    pub vcpus: u32,
+}
+
+impl Clients {
+    /// The clients of a bootstrap record's served channels, by their grants.
+    pub fn from_grants<'a>(grants: impl IntoIterator<Item = (&'a str, VtpmGrant)>) -> Clients {
+        let mut clients = Clients::default();
+        for (name, grant) in grants {
+            if !grant.commands.is_empty() {
+                clients.commands.push(name.to_string());
+            }
+            clients.vcpus = clients.vcpus.max(grant.registers);
+        }
+        clients
+    }
+
+    /// Whether `client` may have a record of its last command in the checkpoint: a client
+    /// granted commands, or one of the TPM's own.
+    fn keeps_record(&self, client: &str) -> bool {
+        client == TIS_CLIENT
+            || client == PLATFORM_CLIENT
+            || self.commands.iter().any(|c| c == client)
+    }
+
+    /// The most bytes the checkpoint's tables can take (each entry at its largest, with
+    /// postcard's length prefixes), besides the engine's own state.
+    pub fn tables_max(&self) -> usize {
+        let record = |name: &str| name.len() + RECORD_OVERHEAD + MAX_COMMAND;
+        let records: usize = self
+            .commands
+            .iter()
+            .map(|c| record(c))
+            .chain([record(TIS_CLIENT), record(PLATFORM_CLIENT)])
+            .sum();
+        records + self.vcpus as usize * ACCESS_MAX + TIS_MAX
+    }
+}
+
+/// Room in each checkpoint slot for the engine's volatile state and savestate: libtpms 0.9's
+/// volatile state with every object slot holding an RSA-3072 key and every session slot
+/// taken is 13.9 KiB (`a_tpm_at_its_fullest_checkpoints_within_the_engine_reserve` measures it
+/// and fails if it passes half of this), and it keeps no separate savestate; the rest is
+/// room for libtpms versions that keep more.
+pub const ENGINE_STATE_RESERVE: usize = 64 << 10;
+/// Bytes a command record takes besides its client name and response: length prefixes, the
+/// sequence number (a varint of at most 10 bytes), the map's own prefix share.
+const RECORD_OVERHEAD: usize = 32;
+/// Largest encoded last access of one vCPU (key and four varints, the bool).
+const ACCESS_MAX: usize = 5 + 10 + 10 + 1 + 10;
+/// Largest encoded register interface: a command or a response of the TPM's buffer, with its
+/// phase and the fixed registers.
+const TIS_MAX: usize = 2 * MAX_COMMAND + 64;
 
 /// Whether a command may change the volatile state, so that a checkpoint must follow it.
 /// Only session-less commands that read are exempt. GetRandom advances the random number
@@ -87,6 +178,8 @@ pub struct Tpm<P: PermanentStore, M: CheckpointMemory> {
     pub fatal: Option<String>,
     /// Whether the TPM resumed from a checkpoint (true) or started afresh.
     pub resumed: bool,
+    /// Who it serves (the bounds of the checkpoint's tables).
+    clients: Clients,
 }
 
 /// The client name under which guest (TIS) commands are recorded.
@@ -98,13 +191,28 @@ const PLATFORM_CLIENT: &str = "platform";
 impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
     /// Loads the permanent state from `permanent` and the newest checkpoint from `memory`,
     /// and powers the engine on: a TPM with no permanent state is manufactured (and its state
-    /// stored), one with a checkpoint resumes where it was.
+    /// stored), one with a checkpoint resumes where it was. `clients` bounds the checkpoint's
+    /// tables: a region too small for them at their fullest is refused.
     pub fn start(
         engine: Engine,
         nv: SharedNv,
         mut permanent: P,
         memory: M,
+        clients: Clients,
     ) -> Result<Self, String> {
+        let needed = 2 * (SLOT_HEADER + clients.tables_max() + ENGINE_STATE_RESERVE);
+        if memory.size() < needed {
+            return Err(format!(
+                "the checkpoint region ({} bytes) cannot hold a checkpoint of {} command client(s) \
+                 and {} vCPU(s) at its fullest: give the region at least {} KiB in the manifest \
+                 (regions = [{{ name = \"vtpm-checkpoint\", size = \"{}K\" }}])",
+                memory.size(),
+                clients.commands.len(),
+                clients.vcpus,
+                needed.div_ceil(1024),
+                needed.div_ceil(1024)
+            ));
+        }
         let record = match permanent.read()? {
             None => None,
             Some(bytes) => Some(PermanentRecord::decode(&bytes).ok_or_else(|| {
@@ -127,6 +235,12 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
                 checkpoint.last.insert(client, last);
             }
         }
+        // Records of clients and vCPUs this start does not have are of no use (nobody can send
+        // their repeats) and would leave the tables unbounded.
+        checkpoint
+            .last
+            .retain(|client, _| clients.keeps_record(client));
+        checkpoint.accesses.retain(|vcpu, _| *vcpu < clients.vcpus);
         let resumed = checkpoint.volatile.is_some();
         let powered_off = checkpoint.powered_off;
         {
@@ -144,6 +258,7 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
             counters: Counters::default(),
             fatal: None,
             resumed,
+            clients,
         };
         // A TPM the platform had powered off stays off across a restart of this process.
         if !powered_off {
@@ -264,16 +379,76 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
         Response::Error(VtpmError::Storage)
     }
 
-    /// Answers one request of `client`.
-    pub fn handle(&mut self, client: &str, request: Request) -> Response {
-        match request {
+    /// Whether a guest partition uses this TPM (it has the register interface).
+    pub fn guest_uses_it(&self) -> bool {
+        self.clients.vcpus > 0
+    }
+
+    /// Answers one request of `client`, whose channel carries `grant`.
+    pub fn handle(&mut self, client: &str, grant: &VtpmGrant, request: Request) -> Response {
+        let response = match request {
             Request::Command {
                 seq,
                 locality,
                 command,
-            } => self.command(client, seq, locality, command.as_slice()),
-            Request::Platform(p) => self.platform(p),
-            Request::Mmio(access) => self.mmio(access),
+            } => {
+                if grant.commands.is_empty() || !self.clients.keeps_record(client) {
+                    Response::Error(VtpmError::NotGranted(Right::Commands))
+                } else if locality > 4 {
+                    Response::Error(VtpmError::BadLocality(locality))
+                } else if !grant.commands.contains(locality) {
+                    Response::Error(VtpmError::NotGranted(Right::Locality(locality)))
+                } else {
+                    self.command(client, seq, locality, command.as_slice())
+                }
+            }
+            Request::Platform(signal) => {
+                if !grant.platform {
+                    Response::Error(VtpmError::NotGranted(Right::Platform))
+                } else if self.guest_uses_it() && !self.leaves_tpm_as_it_is(signal) {
+                    Response::Error(VtpmError::GuestUsesTpm)
+                } else {
+                    self.platform(signal)
+                }
+            }
+            Request::Mmio(access) => {
+                let vcpus = grant.registers.min(self.clients.vcpus);
+                if grant.registers == 0 {
+                    Response::Error(VtpmError::NotGranted(Right::Registers))
+                } else if access.vcpu >= vcpus {
+                    Response::Error(VtpmError::NoSuchVcpu {
+                        vcpu: access.vcpu,
+                        vcpus,
+                    })
+                } else {
+                    self.mmio(access)
+                }
+            }
+        };
+        if is_refusal(&response) {
+            self.counters.refused += 1;
+        }
+        response
+    }
+
+    /// A platform signal from the service itself (the attestation binding's reset): trusted,
+    /// not subject to a grant.
+    pub fn own_signal(&mut self, signal: Platform) -> Response {
+        self.platform(signal)
+    }
+
+    /// Whether a platform signal would leave the TPM exactly as it is: what a front-end
+    /// client may still send while the guest uses the TPM (tpm2-tools' mssim TCTI sends power
+    /// on and NV on whenever it connects).
+    fn leaves_tpm_as_it_is(&self, signal: Platform) -> bool {
+        match signal {
+            Platform::PowerOn => self.engine.is_powered(),
+            Platform::NvOn | Platform::CancelOff | Platform::GetEstablished => true,
+            Platform::PowerOff
+            | Platform::Reset
+            | Platform::NvOff
+            | Platform::CancelOn
+            | Platform::ResetEstablished { .. } => false,
         }
     }
 

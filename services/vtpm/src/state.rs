@@ -132,7 +132,7 @@ pub struct LastAccess {
 }
 
 /// Bytes of a slot header: magic, generation, length, CRC.
-const SLOT_HEADER: usize = 24;
+pub const SLOT_HEADER: usize = 24;
 /// `"PVCK"`.
 const SLOT_MAGIC: u32 = 0x4b43_5650;
 

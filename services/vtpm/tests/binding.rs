@@ -9,15 +9,18 @@ use std::sync::Mutex;
 use base64::Engine as _;
 use ipc_defs::services::attest::REPORT_DATA_LEN;
 use ipc_defs::services::attest::REPORT_LEN;
+use ipc_defs::services::vtpm::Localities;
 use ipc_defs::services::vtpm::Platform;
 use ipc_defs::services::vtpm::Request;
 use ipc_defs::services::vtpm::Response;
 use ipc_defs::services::vtpm::TpmBytes;
+use ipc_defs::services::vtpm::VtpmGrant;
 use pv_vtpm::binding;
 use pv_vtpm::binding::Attester;
 use pv_vtpm::binding::BindError;
 use pv_vtpm::binding::Bound;
 use pv_vtpm::libtpms::Engine;
+use pv_vtpm::server::Clients;
 use pv_vtpm::server::Tpm;
 use pv_vtpm::state::MemPermanent;
 use pv_vtpm::state::MemRegion;
@@ -46,8 +49,19 @@ fn start(disk: &Disk, region: &Region) -> Tpm<Disk, Region> {
     let engine = Engine::take(Box::new(nv.clone()))
         .expect("free")
         .expect("TPM 2.0");
-    Tpm::start(engine, nv, disk.clone(), region.clone()).expect("start")
+    let clients = Clients {
+        commands: vec!["client".into()],
+        vcpus: 0,
+    };
+    Tpm::start(engine, nv, disk.clone(), region.clone(), clients).expect("start")
 }
+
+/// The client's grant: commands at every locality, platform signals.
+const CLIENT: VtpmGrant = VtpmGrant {
+    commands: Localities::ALL,
+    platform: true,
+    registers: 0,
+};
 
 /// A fresh launch started as the shipped manifest starts it (`--startup-clear`).
 fn start_cleared(disk: &Disk, region: &Region) -> Tpm<Disk, Region> {
@@ -87,7 +101,8 @@ static SEQ: AtomicU64 = AtomicU64::new(1);
 /// A command from a client of the TPM (as the gateway sends a tool's).
 fn guest(tpm: &mut Tpm<Disk, Region>, command: &[u8]) -> Vec<u8> {
     match tpm.handle(
-        "guest",
+        "client",
+        &CLIENT,
         Request::Command {
             seq: SEQ.fetch_add(1, Ordering::Relaxed),
             locality: 0,
@@ -318,7 +333,7 @@ fn a_tpm_waiting_for_its_firmware_is_bound_and_left_waiting() {
     let e = binding::bind(&mut tpm, &mut FakePlatform::default()).unwrap_err();
     assert!(matches!(e, BindError::NotStarted), "{e}");
     // And a TPM the platform powered off is not touched.
-    tpm.handle("test", Request::Platform(Platform::PowerOff));
+    tpm.handle("client", &CLIENT, Request::Platform(Platform::PowerOff));
     let e = binding::bind(&mut tpm, &mut FakePlatform::default()).unwrap_err();
     assert!(matches!(e, BindError::PoweredOff), "{e}");
 }

@@ -3,11 +3,16 @@
 
 use std::sync::Mutex;
 
+use ipc_defs::services::vtpm::Localities;
 use ipc_defs::services::vtpm::Platform;
 use ipc_defs::services::vtpm::Request;
 use ipc_defs::services::vtpm::Response;
+use ipc_defs::services::vtpm::Right;
 use ipc_defs::services::vtpm::TpmBytes;
+use ipc_defs::services::vtpm::VtpmError;
+use ipc_defs::services::vtpm::VtpmGrant;
 use pv_vtpm::libtpms::Engine;
+use pv_vtpm::server::Clients;
 use pv_vtpm::server::Tpm;
 use pv_vtpm::state::MemPermanent;
 use pv_vtpm::state::MemRegion;
@@ -21,17 +26,45 @@ static ENGINE: Mutex<()> = Mutex::new(());
 type Disk = MemPermanent;
 type Region = MemRegion;
 
+/// The test's own client: commands at every locality and platform signals.
+const TEST: VtpmGrant = VtpmGrant {
+    commands: Localities::ALL,
+    platform: true,
+    registers: 0,
+};
+/// The guest partition's channel, one vCPU.
+const GUEST: VtpmGrant = VtpmGrant {
+    commands: Localities::NONE,
+    platform: false,
+    registers: 1,
+};
+
+/// A TPM serving the client "test" and no guest partition.
 fn start(disk: &Disk, region: &Region) -> Tpm<Disk, Region> {
+    start_for(disk, region, 0)
+}
+
+/// A TPM serving the client "test" and a guest partition of `vcpus` vCPUs.
+fn start_for(disk: &Disk, region: &Region, vcpus: u32) -> Tpm<Disk, Region> {
+    try_start(disk, region, vcpus).expect("start")
+}
+
+fn try_start(disk: &Disk, region: &Region, vcpus: u32) -> Result<Tpm<Disk, Region>, String> {
     let nv = SharedNv::default();
     let engine = Engine::take(Box::new(nv.clone()))
         .expect("free")
         .expect("TPM 2.0");
-    Tpm::start(engine, nv, disk.clone(), region.clone()).expect("start")
+    let clients = Clients {
+        commands: vec!["test".into()],
+        vcpus,
+    };
+    Tpm::start(engine, nv, disk.clone(), region.clone(), clients)
 }
 
 fn cmd(tpm: &mut Tpm<Disk, Region>, seq: u64, bytes: &[u8]) -> Vec<u8> {
     match tpm.handle(
         "test",
+        &TEST,
         Request::Command {
             seq,
             locality: 0,
@@ -115,7 +148,7 @@ fn the_tpm_starts_extends_and_resumes_after_a_crash_with_the_same_pcrs() {
 
     // A power cycle is a fresh boot: PCRs reset, Startup needed again.
     assert_eq!(
-        tpm.handle("test", Request::Platform(Platform::Reset)),
+        tpm.handle("test", &TEST, Request::Platform(Platform::Reset)),
         Response::Done
     );
     assert_eq!(
@@ -159,7 +192,7 @@ fn access(offset: u64, size: u8, write: Option<u64>) -> Request {
 }
 
 fn reg(tpm: &mut Tpm<Disk, Region>, offset: u64, size: u8) -> u64 {
-    match tpm.handle("guest", access(offset, size, None)) {
+    match tpm.handle("guest", &GUEST, access(offset, size, None)) {
         Response::Register(v) => v,
         other => panic!("{other:?}"),
     }
@@ -167,7 +200,7 @@ fn reg(tpm: &mut Tpm<Disk, Region>, offset: u64, size: u8) -> u64 {
 
 fn set(tpm: &mut Tpm<Disk, Region>, offset: u64, size: u8, value: u64) {
     assert_eq!(
-        tpm.handle("guest", access(offset, size, Some(value))),
+        tpm.handle("guest", &GUEST, access(offset, size, Some(value))),
         Response::Done
     );
 }
@@ -200,7 +233,7 @@ fn tis_transmit(tpm: &mut Tpm<Disk, Region>, command: &[u8]) -> Vec<u8> {
 fn the_guest_register_interface_runs_commands_on_the_engine() {
     let _one = ENGINE.lock().unwrap_or_else(|p| p.into_inner());
     let (disk, region) = (Disk::default(), Region::new(256 << 10));
-    let mut tpm = start(&disk, &region);
+    let mut tpm = start_for(&disk, &region, 1);
     assert_eq!(reg(&mut tpm, pv_vtpm::tis::DID_VID, 4), 0x0001_1014);
     assert_eq!(rc(&tis_transmit(&mut tpm, &STARTUP_CLEAR)), 0);
     let r = tis_transmit(&mut tpm, &GET_RANDOM_32);
@@ -209,7 +242,7 @@ fn the_guest_register_interface_runs_commands_on_the_engine() {
     let d: [u8; 32] = Sha256::digest(b"guest").into();
     assert_eq!(rc(&tis_transmit(&mut tpm, &pcr_extend_16(&d))), 0);
     drop(tpm);
-    let mut tpm = start(&disk, &region);
+    let mut tpm = start_for(&disk, &region, 1);
     let expected: [u8; 32] = Sha256::new()
         .chain_update([0u8; 32])
         .chain_update(d)
@@ -265,7 +298,7 @@ fn a_powered_off_tpm_stays_off_across_a_restart() {
     let (disk, region) = (Disk::default(), Region::new(256 << 10));
     let mut tpm = start(&disk, &region);
     assert_eq!(
-        tpm.handle("test", Request::Platform(Platform::PowerOff)),
+        tpm.handle("test", &TEST, Request::Platform(Platform::PowerOff)),
         Response::Done
     );
     drop(tpm);
@@ -274,6 +307,7 @@ fn a_powered_off_tpm_stays_off_across_a_restart() {
     assert!(matches!(
         tpm.handle(
             "test",
+            &TEST,
             Request::Command {
                 seq: 1,
                 locality: 0,
@@ -283,7 +317,7 @@ fn a_powered_off_tpm_stays_off_across_a_restart() {
         Response::Error(_)
     ));
     assert_eq!(
-        tpm.handle("test", Request::Platform(Platform::PowerOn)),
+        tpm.handle("test", &TEST, Request::Platform(Platform::PowerOn)),
         Response::Done
     );
     assert_eq!(rc(&cmd(&mut tpm, 2, &STARTUP_CLEAR)), 0);
@@ -294,7 +328,7 @@ fn a_guest_response_not_yet_read_survives_a_restart() {
     use pv_vtpm::tis::*;
     let _one = ENGINE.lock().unwrap_or_else(|p| p.into_inner());
     let (disk, region) = (Disk::default(), Region::new(256 << 10));
-    let mut tpm = start(&disk, &region);
+    let mut tpm = start_for(&disk, &region, 1);
     assert_eq!(rc(&tis_transmit(&mut tpm, &STARTUP_CLEAR)), 0);
     // The guest sends GetRandom and writes tpmGo; the service dies before the guest reads.
     set(&mut tpm, ACCESS, 1, u64::from(ACCESS_REQUEST_USE));
@@ -304,7 +338,7 @@ fn a_guest_response_not_yet_read_survives_a_restart() {
     }
     set(&mut tpm, STS, 1, u64::from(STS_GO));
     drop(tpm);
-    let mut tpm = start(&disk, &region);
+    let mut tpm = start_for(&disk, &region, 1);
     assert_ne!(
         reg(&mut tpm, STS, 1) as u32 & STS_DATA_AVAIL,
         0,
@@ -315,4 +349,289 @@ fn a_guest_response_not_yet_read_survives_a_restart() {
         r.push(reg(&mut tpm, DATA_FIFO, 1) as u8);
     }
     assert_eq!((rc(&r), r.len()), (0, 44));
+}
+
+/// The checkpoint region's bytes.
+fn snapshot(region: &Region) -> Vec<u8> {
+    region.0.borrow().clone()
+}
+
+fn access_of(vcpu: u32, seq: u64, offset: u64, write: Option<u64>) -> Request {
+    Request::Mmio(ipc_defs::services::guest::Access {
+        vcpu,
+        seq,
+        space: ipc_defs::services::guest::Space::Mmio,
+        address: pv_vtpm::tis::BASE + offset,
+        size: 1,
+        write,
+    })
+}
+
+#[test]
+fn every_request_beyond_the_callers_grant_is_refused_and_leaves_the_tpm_as_it_was() {
+    let _one = ENGINE.lock().unwrap_or_else(|p| p.into_inner());
+    let (disk, region) = (Disk::default(), Region::new(256 << 10));
+    let mut tpm = start(&disk, &region);
+    assert_eq!(rc(&cmd(&mut tpm, 1, &STARTUP_CLEAR)), 0);
+    let before = snapshot(&region);
+    let command = |seq, locality| Request::Command {
+        seq,
+        locality,
+        command: TpmBytes::new(&GET_RANDOM_32).unwrap(),
+    };
+    let nothing = VtpmGrant::NONE;
+    let locality_0 = VtpmGrant {
+        commands: Localities::ZERO,
+        ..VtpmGrant::NONE
+    };
+    for (client, grant, request, refusal) in [
+        // A client of vtpm with no grant: no commands, signals or registers.
+        ("test", nothing, command(2, 0), Right::Commands),
+        (
+            "test",
+            nothing,
+            Request::Platform(Platform::PowerOff),
+            Right::Platform,
+        ),
+        (
+            "test",
+            nothing,
+            access_of(0, 1, pv_vtpm::tis::ACCESS, Some(0x08)),
+            Right::Registers,
+        ),
+        // Commands granted at locality 0 only: 2 and 4 (the DRTM PCRs' localities) refused.
+        ("test", locality_0, command(3, 2), Right::Locality(2)),
+        ("test", locality_0, command(4, 4), Right::Locality(4)),
+        // A name the TPM was not started for, whatever its grant says: nothing of it
+        // goes into the checkpoint.
+        ("stranger", TEST, command(5, 0), Right::Commands),
+    ] {
+        assert_eq!(
+            tpm.handle(client, &grant, request.clone()),
+            Response::Error(VtpmError::NotGranted(refusal)),
+            "{request:?}"
+        );
+    }
+    assert_eq!(tpm.counters.refused, 6);
+    assert!(tpm.is_powered());
+    assert_eq!(
+        snapshot(&region),
+        before,
+        "a refusal changed the checkpoint"
+    );
+    // What is granted still works.
+    assert_eq!(rc(&cmd(&mut tpm, 6, &GET_RANDOM_32)), 0);
+}
+
+#[test]
+fn platform_signals_that_would_change_the_tpm_are_refused_while_a_guest_uses_it() {
+    let _one = ENGINE.lock().unwrap_or_else(|p| p.into_inner());
+    let (disk, region) = (Disk::default(), Region::new(256 << 10));
+    let mut tpm = start_for(&disk, &region, 1);
+    assert!(tpm.guest_uses_it());
+    for signal in [
+        Platform::PowerOff,
+        Platform::Reset,
+        Platform::NvOff,
+        Platform::CancelOn,
+        Platform::ResetEstablished { locality: 4 },
+    ] {
+        assert_eq!(
+            tpm.handle("test", &TEST, Request::Platform(signal)),
+            Response::Error(VtpmError::GuestUsesTpm),
+            "{signal:?}"
+        );
+    }
+    // What leaves the TPM as it is (what tpm2-tools' mssim TCTI sends on connecting) is
+    // answered.
+    for signal in [
+        Platform::PowerOn,
+        Platform::NvOn,
+        Platform::CancelOff,
+        Platform::GetEstablished,
+    ] {
+        assert!(
+            !matches!(
+                tpm.handle("test", &TEST, Request::Platform(signal)),
+                Response::Error(_)
+            ),
+            "{signal:?}"
+        );
+    }
+    assert!(tpm.is_powered());
+    assert_eq!(tpm.counters.refused, 5);
+}
+
+#[test]
+fn register_accesses_under_invented_vcpu_ids_are_refused_and_cannot_grow_the_checkpoint() {
+    let _one = ENGINE.lock().unwrap_or_else(|p| p.into_inner());
+    let (disk, region) = (Disk::default(), Region::new(256 << 10));
+    let mut tpm = start_for(&disk, &region, 2);
+    let guest = VtpmGrant {
+        registers: 2,
+        ..VtpmGrant::NONE
+    };
+    // The partition's own vCPUs are served.
+    for vcpu in 0..2 {
+        assert!(matches!(
+            tpm.handle(
+                "guest",
+                &guest,
+                access_of(vcpu, 1, pv_vtpm::tis::ACCESS, None)
+            ),
+            Response::Register(_)
+        ));
+    }
+    let before = snapshot(&region);
+    for (i, vcpu) in (2..20_002u32).enumerate() {
+        let r = tpm.handle(
+            "guest",
+            &guest,
+            access_of(vcpu, i as u64, pv_vtpm::tis::INT_ENABLE, Some(0)),
+        );
+        assert_eq!(r, Response::Error(VtpmError::NoSuchVcpu { vcpu, vcpus: 2 }));
+    }
+    assert_eq!(tpm.counters.refused, 20_000);
+    assert_eq!(snapshot(&region), before);
+    // And a restart from the region succeeds.
+    drop(tpm);
+    let tpm = start_for(&disk, &region, 2);
+    assert!(tpm.resumed);
+}
+
+#[test]
+fn a_checkpoint_with_records_of_unknown_clients_and_vcpus_resumes_with_them_dropped() {
+    use pv_vtpm::state::CheckpointArea;
+    use pv_vtpm::state::LastAccess;
+    use pv_vtpm::state::LastCommand;
+    let _one = ENGINE.lock().unwrap_or_else(|p| p.into_inner());
+    let (disk, region) = (Disk::default(), Region::new(256 << 10));
+    let mut tpm = start_for(&disk, &region, 1);
+    assert_eq!(rc(&cmd(&mut tpm, 1, &STARTUP_CLEAR)), 0);
+    drop(tpm);
+    // What an unbounded table left behind (as the code before the grants let any client
+    // write): thousands of vCPUs and clients that are not there. It still fits its slot.
+    let mut area = CheckpointArea::new(region.clone());
+    let mut bloated = area.load().expect("a checkpoint");
+    for vcpu in 1..6000 {
+        bloated.accesses.insert(
+            vcpu,
+            LastAccess {
+                seq: 1,
+                address: pv_vtpm::tis::BASE,
+                write: true,
+                value: 0,
+            },
+        );
+    }
+    for n in 0..5 {
+        bloated.last.insert(
+            format!("gone-{n}"),
+            LastCommand {
+                seq: 1,
+                response: vec![0; 4000],
+            },
+        );
+    }
+    area.store(&bloated).expect("fits its slot");
+    let mut tpm = start_for(&disk, &region, 1);
+    assert!(tpm.resumed);
+    assert_eq!(rc(&cmd(&mut tpm, 2, &GET_RANDOM_32)), 0);
+    let now = CheckpointArea::new(region.clone())
+        .load()
+        .expect("a checkpoint");
+    assert!(
+        now.accesses.keys().all(|v| *v < 1),
+        "{:?}",
+        now.accesses.len()
+    );
+    assert!(now.last.keys().all(|c| !c.starts_with("gone-")));
+}
+
+#[test]
+fn a_region_too_small_for_the_tables_at_their_fullest_is_refused_at_start() {
+    let _one = ENGINE.lock().unwrap_or_else(|p| p.into_inner());
+    let (disk, region) = (Disk::default(), Region::new(64 << 10));
+    let e = try_start(&disk, &region, 1).err().expect("refused");
+    assert!(
+        e.contains("checkpoint region (65536 bytes)") && e.contains("vtpm-checkpoint"),
+        "{e}"
+    );
+}
+
+/// TPM2_StartAuthSession: an unbound, unsalted HMAC session.
+fn start_auth_session() -> Vec<u8> {
+    let mut c = vec![0x80, 1, 0, 0, 0, 0, 0, 0, 1, 0x76];
+    c.extend_from_slice(&0x4000_0007u32.to_be_bytes()); // tpmKey: TPM_RH_NULL
+    c.extend_from_slice(&0x4000_0007u32.to_be_bytes()); // bind: TPM_RH_NULL
+    c.extend_from_slice(&32u16.to_be_bytes());
+    c.extend_from_slice(&[7; 32]); // nonceCaller
+    c.extend_from_slice(&0u16.to_be_bytes()); // encryptedSalt
+    c.push(0); // TPM_SE_HMAC
+    c.extend_from_slice(&0x0010u16.to_be_bytes()); // symmetric: TPM_ALG_NULL
+    c.extend_from_slice(&0x000bu16.to_be_bytes()); // authHash: SHA-256
+    let len = c.len() as u32;
+    c[2..6].copy_from_slice(&len.to_be_bytes());
+    c
+}
+
+#[test]
+fn a_tpm_at_its_fullest_checkpoints_within_the_engine_reserve() {
+    use pv_vtpm::server::ENGINE_STATE_RESERVE;
+    use pv_vtpm::state::CheckpointArea;
+    let _one = ENGINE.lock().unwrap_or_else(|p| p.into_inner());
+    let (disk, region) = (Disk::default(), Region::new(256 << 10));
+    let mut tpm = start(&disk, &region);
+    assert_eq!(rc(&cmd(&mut tpm, 1, &STARTUP_CLEAR)), 0);
+    let mut seq = 2;
+    let mut next = || {
+        seq += 1;
+        seq
+    };
+    // Every object slot loaded (RSA-3072 primaries, the largest keys this libtpms makes),
+    // every session slot taken, a PCR extended.
+    let mut template = pv_vtpm::binding::ak_template();
+    template.key_bits = 3072;
+    template.modulus = vec![0; 384];
+    let create = pv_vtpm::tpm2::create_primary(pv_vtpm::tpm2::Hierarchy::Owner, &template);
+    let mut objects = 0;
+    while objects < 16 {
+        let r = cmd(&mut tpm, next(), &create);
+        if rc(&r) != 0 {
+            assert_eq!(rc(&r), 0x902, "TPM_RC_OBJECT_MEMORY");
+            break;
+        }
+        objects += 1;
+    }
+    let mut sessions = 0;
+    while sessions < 128 {
+        let r = cmd(&mut tpm, next(), &start_auth_session());
+        if rc(&r) != 0 {
+            break;
+        }
+        sessions += 1;
+    }
+    assert!(
+        objects >= 3 && sessions >= 3,
+        "{objects} objects, {sessions} sessions"
+    );
+    let d: [u8; 32] = Sha256::digest(b"full").into();
+    assert_eq!(rc(&cmd(&mut tpm, next(), &pcr_extend_16(&d))), 0);
+    // TPM2_Shutdown(STATE): a savestate, if this libtpms keeps one apart, joins the volatile
+    // state in the checkpoint.
+    let shutdown_state = [0x80, 1, 0, 0, 0, 12, 0, 0, 1, 0x45, 0, 1];
+    assert_eq!(rc(&cmd(&mut tpm, next(), &shutdown_state)), 0);
+    let c = CheckpointArea::new(region.clone())
+        .load()
+        .expect("a checkpoint");
+    let engine = c.volatile.as_ref().map_or(0, Vec::len) + c.savestate.as_ref().map_or(0, Vec::len);
+    eprintln!(
+        "{objects} objects, {sessions} sessions: volatile {} bytes, savestate {} bytes",
+        c.volatile.as_ref().map_or(0, Vec::len),
+        c.savestate.as_ref().map_or(0, Vec::len)
+    );
+    assert!(
+        engine <= ENGINE_STATE_RESERVE / 2,
+        "the engine's state ({engine} bytes) leaves the reserve ({ENGINE_STATE_RESERVE}) less than half spare"
+    );
 }

@@ -210,6 +210,16 @@ pub struct Instance {
 impl Instance {
     /// Starts an instance of `manifest_text` and waits until `expect_running` services run.
     pub fn start(tag: &str, manifest_text: &str, expect_running: usize) -> Instance {
+        Instance::start_with(tag, manifest_text, expect_running, &[])
+    }
+
+    /// [`Instance::start`] with more `paravisor run` arguments (e.g. `--listen all`).
+    pub fn start_with(
+        tag: &str,
+        manifest_text: &str,
+        expect_running: usize,
+        args: &[&str],
+    ) -> Instance {
         let dir = scratch_dir(tag);
         let manifest = dir.join("manifest.toml");
         std::fs::write(&manifest, manifest_text).expect("write manifest");
@@ -223,6 +233,7 @@ impl Instance {
             .arg(&manifest)
             .arg("--state-dir")
             .arg(dir.join("state"))
+            .args(args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -2,6 +2,7 @@
 //! parser yields steps or asks to close, never panics, never holds more than one command.
 #![no_main]
 
+use ipc_defs::services::vtpm::Localities;
 use libfuzzer_sys::fuzz_target;
 use pv_vtpm::gateway::Connection;
 use pv_vtpm::gateway::Protocol;
@@ -15,7 +16,13 @@ fuzz_target!(|data: &[u8]| {
         2 => Protocol::SwtpmData,
         _ => Protocol::SwtpmControl,
     };
-    let mut conn = Connection::new(protocol);
+    // Locality 0 only (the default), or every locality.
+    let granted = if selector & 0x80 != 0 {
+        Localities::ALL
+    } else {
+        Localities::ZERO
+    };
+    let mut conn = Connection::granted(protocol, granted);
     // Pieces of varying size, as reads would deliver them.
     let mut at = 0;
     let mut piece = 1 + (selector as usize >> 2);
@@ -38,7 +45,7 @@ fuzz_target!(|data: &[u8]| {
                 Some(Step::Signal(_)) => {
                     let _ = conn.signal_reply(true, false);
                 }
-                Some(Step::Reply(_)) | Some(Step::TakeDataFd(_)) => {}
+                Some(Step::Reply(_)) | Some(Step::TakeDataFd(_)) | Some(Step::Refused { .. }) => {}
             }
         }
     }
