@@ -158,35 +158,70 @@ struct Elf {
     needed: Vec<String>,
     /// Absolute `DT_RUNPATH` / `DT_RPATH` directories.
     search: Vec<PathBuf>,
-    machine: u16,
+    machine: object::elf::Machine,
 }
 
+/// Reads only the headers, the interpreter and the dynamic section (through a read cache, not
+/// the whole file: executables with debug information are tens of megabytes).
 fn parse(path: &Path) -> Result<Elf, LibraryError> {
-    let bytes = std::fs::read(path).map_err(|error| LibraryError::Read {
+    use object::read::elf::Dyn;
+    use object::read::elf::FileHeader;
+    use object::read::elf::ProgramHeader;
+    let file = std::fs::File::open(path).map_err(|error| LibraryError::Read {
         path: path.display().to_string(),
         error,
     })?;
-    let elf = goblin::elf::Elf::parse(&bytes).map_err(|e| LibraryError::NotElf {
+    let not_elf = |e: object::read::Error| LibraryError::NotElf {
         path: path.display().to_string(),
         why: e.to_string(),
-    })?;
-    let mut search = Vec::new();
-    for runpath in elf.runpaths.iter().chain(elf.rpaths.iter()) {
-        for dir in runpath.split(':').filter(|d| !d.is_empty()) {
-            if !dir.starts_with('/') || dir.contains('$') {
-                return Err(LibraryError::RelativeSearchPath {
-                    path: path.display().to_string(),
-                    runpath: runpath.to_string(),
-                });
+    };
+    let data = object::read::ReadCache::new(file);
+    let header = object::elf::FileHeader64::<object::Endianness>::parse(&data).map_err(not_elf)?;
+    let endian = header.endian().map_err(not_elf)?;
+    let mut interpreter = None;
+    for ph in header.program_headers(endian, &data).map_err(not_elf)? {
+        if let Some(i) = ph.interpreter(endian, &data).map_err(not_elf)? {
+            interpreter = Some(String::from_utf8_lossy(i).into_owned());
+        }
+    }
+    let sections = header.sections(endian, &data).map_err(not_elf)?;
+    let (mut needed, mut search) = (Vec::new(), Vec::new());
+    if let Some((entries, link)) = sections.dynamic(endian, &data).map_err(not_elf)? {
+        let strings = sections.strings(endian, &data, link).map_err(not_elf)?;
+        for d in entries {
+            let tag = d.d_tag(endian);
+            let is_path = tag == object::elf::DT_RUNPATH || tag == object::elf::DT_RPATH;
+            if tag != object::elf::DT_NEEDED && !is_path {
+                continue;
             }
-            search.push(PathBuf::from(dir));
+            let value = u32::try_from(d.d_val(endian))
+                .ok()
+                .and_then(|at| strings.get(at).ok())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .ok_or_else(|| LibraryError::NotElf {
+                    path: path.display().to_string(),
+                    why: "a dynamic entry names no string".into(),
+                })?;
+            if !is_path {
+                needed.push(value);
+                continue;
+            }
+            for dir in value.split(':').filter(|d| !d.is_empty()) {
+                if !dir.starts_with('/') || dir.contains('$') {
+                    return Err(LibraryError::RelativeSearchPath {
+                        path: path.display().to_string(),
+                        runpath: value.clone(),
+                    });
+                }
+                search.push(PathBuf::from(dir));
+            }
         }
     }
     Ok(Elf {
-        interpreter: elf.interpreter.map(str::to_string),
-        needed: elf.libraries.iter().map(|s| s.to_string()).collect(),
+        interpreter,
+        needed,
         search,
-        machine: elf.header.e_machine,
+        machine: header.e_machine(endian),
     })
 }
 
