@@ -231,6 +231,8 @@ struct Service {
     /// Why the supervisor itself killed the service, if it did (reported instead of the
     /// bare signal).
     kill_reason: Option<String>,
+    /// Who it runs as (uid, gid, no capabilities): applied at spawn, checked after.
+    privilege: crate::privilege::ServicePrivilege,
 }
 
 /// The microkernel's own channel to the attest service (client name `paravisor`): sealing the
@@ -275,6 +277,11 @@ pub struct Supervisor {
     links: Vec<Link>,
     ring_capacity: u32,
     guest: Option<Guest>,
+    /// The microkernel's own threads' seccomp filters, compiled at start.
+    filters: crate::thread_filters::ThreadFilters,
+    /// The thread that clones services (started with the platform's, before the supervisor
+    /// confines itself).
+    spawner: Option<crate::spawner::Spawner>,
 }
 
 fn create_err(what: impl Into<String>) -> impl FnOnce(String) -> RunError {
@@ -298,6 +305,11 @@ impl Supervisor {
             tracing::info!("{line}");
         }
         let mut services = Vec::new();
+        // Who each service runs as: computed once, here, for spawn and the live audit.
+        let mut privileges =
+            crate::privilege::plan(m, &crate::privilege::Runner::current()).into_iter();
+        let filters = crate::thread_filters::ThreadFilters::compile(m, std::process::id())
+            .map_err(|e| create_err("the microkernel's thread filters")(e.to_string()))?;
         for spec in &m.services {
             let binary = opts.bin_dir.join(&spec.binary);
             std::fs::metadata(&binary).map_err(|source| RunError::Binary {
@@ -390,6 +402,9 @@ impl Supervisor {
                 granted: Vec::new(),
                 last_answer: Instant::now(),
                 kill_reason: None,
+                privilege: privileges.next().ok_or_else(|| {
+                    create_err(format!("identity of {}", spec.name))("no plan".into())
+                })?,
             });
         }
         let mut links = Vec::new();
@@ -490,6 +505,8 @@ impl Supervisor {
             links,
             ring_capacity: m.ring_capacity,
             guest,
+            filters,
+            spawner: None,
         })
     }
 
@@ -680,6 +697,7 @@ impl Supervisor {
         let running = partition.start(
             router::Router::new(devices, routes, intercept, pci_owners),
             ended,
+            self.filters.vcpu.clone(),
         )?;
         tracing::info!("guest started: {}", guest.description);
         guest.running = Some(running);
@@ -752,7 +770,7 @@ impl Supervisor {
         let listener = UnixListener::bind(&socket)?;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
-        self.start_platform()?;
+        self.confine()?;
         tracing::info!(
             services = self.services.len(),
             channels = self.links.len(),
@@ -869,12 +887,40 @@ impl Supervisor {
         })
     }
 
+    /// Starts the spawner and platform threads, each under its own seccomp filter, then
+    /// confines this thread (see [`crate::thread_filters`] for the order). After the signal
+    /// mask is set: the threads inherit it.
+    fn confine(&mut self) -> Result<(), RunError> {
+        if self.spawner.is_none() {
+            self.spawner = Some(crate::spawner::Spawner::start(
+                self.filters.spawner.clone(),
+            )?);
+        }
+        self.start_platform()?;
+        crate::thread_filters::install(&self.filters.supervisor).map_err(|e| RunError::Create {
+            what: "the supervisor's seccomp filter".into(),
+            reason: e.to_string(),
+        })?;
+        tracing::info!(
+            "microkernel threads confined: supervisor, spawner{}, vCPUs at start",
+            if self.platform_link.is_some() {
+                ", platform"
+            } else {
+                ""
+            }
+        );
+        Ok(())
+    }
+
     /// Starts the platform's serving thread (after the signal mask: see [`PlatformLink`]).
     fn start_platform(&mut self) -> Result<(), RunError> {
         if let Some(link) = self.platform_link.as_mut() {
             if let Some((view, platform, launch)) = link.pending.take() {
                 link.server = Some(crate::platform_server::PlatformServer::start(
-                    view, platform, launch,
+                    view,
+                    platform,
+                    launch,
+                    self.filters.platform.clone(),
                 )?);
                 link.mem.set_server_state(ServerState::Up);
             }
@@ -886,7 +932,7 @@ impl Supervisor {
     /// key under this launch, then stops the services it started. What happened, per key.
     pub fn reseal(mut self) -> Result<Vec<String>, RunError> {
         let _signals = sandbox::signalfd(&[libc::SIGINT, libc::SIGTERM])?;
-        self.start_platform()?;
+        self.confine()?;
         let result = self.unseal_keys();
         self.shutdown();
         result?;
@@ -1001,11 +1047,15 @@ impl Supervisor {
             &self.sandbox_root,
             &format!("pv-{}", s.spec.name),
         )
-        .map_err(|e| e.to_string())?;
-        let spawned = plan
-            .spawn(Namespaces::all() - Namespaces::USER)
+        .map_err(|e| e.to_string())?
+        .run_as(sandbox::Identity::of(&s.privilege));
+        let spawner = self
+            .spawner
+            .as_ref()
+            .ok_or("the spawner thread is not running")?;
+        let spawned = spawner
+            .spawn(plan, Namespaces::all() - Namespaces::USER)
             .map_err(|e| e.to_string())?;
-        drop(plan);
         fds.clear();
         let name = s.spec.name.clone();
         self.services[i].process = Some(Process {
@@ -1015,7 +1065,7 @@ impl Supervisor {
             started: Instant::now(),
         });
         self.first_ping(i)?;
-        if let Some(problem) = sandbox_problem(spawned.pid) {
+        if let Some(problem) = sandbox_problem(spawned.pid, &self.services[i].privilege) {
             return Err(format!("sandbox not in force: {problem}"));
         }
         for link in &self.links {
@@ -1034,7 +1084,7 @@ impl Supervisor {
         self.services[i].state = State::Running;
         self.services[i].last_answer = Instant::now();
         self.services[i].kill_reason = None;
-        tracing::info!(service = %name, pid = spawned.pid, namespaces = ?spawned.namespaces.names(), "running");
+        tracing::info!(service = %name, pid = spawned.pid, uid = self.services[i].privilege.uid, namespaces = ?spawned.namespaces.names(), "running");
         Ok(())
     }
 
@@ -1547,8 +1597,12 @@ impl Supervisor {
                 }
             }
             Command::LiveAudit => {
-                let (checked, findings) = self.live_audit();
-                Reply::Audit { checked, findings }
+                let (checked, checks, findings) = self.live_audit();
+                Reply::Audit {
+                    checked,
+                    checks,
+                    findings,
+                }
             }
             Command::AttestBench { samples } => match self.attest_bench(samples.clamp(1, 1_000)) {
                 Ok(l) => Reply::AttestBench(l),
@@ -2162,11 +2216,34 @@ impl Supervisor {
         rows
     }
 
-    /// Checks every running service against the manifest: descriptors, seccomp, no_new_privs,
-    /// namespaces, limits.
-    fn live_audit(&self) -> (Vec<String>, Vec<Finding>) {
+    /// Checks every running service against the manifest: identity, capabilities,
+    /// no_new_privs, seccomp (each listed as a check made), descriptors, namespaces, limits;
+    /// and the microkernel's own threads' filters.
+    fn live_audit(&self) -> (Vec<String>, Vec<crate::control::Checked>, Vec<Finding>) {
         let mut checked = Vec::new();
+        let mut checks = Vec::new();
         let mut findings = Vec::new();
+        let record = |checks: &mut Vec<_>, findings: &mut Vec<_>, service: &str, c| {
+            let c: crate::privilege::Check = c;
+            if !c.ok {
+                findings.push(Finding {
+                    service: service.to_string(),
+                    what: c.difference(),
+                });
+            }
+            checks.push(crate::control::Checked {
+                service: service.to_string(),
+                check: c,
+            });
+        };
+        for c in crate::thread_filters::check_threads(
+            self.spawner.is_some(),
+            self.platform_link
+                .as_ref()
+                .is_some_and(|l| l.server.is_some()),
+        ) {
+            record(&mut checks, &mut findings, "paravisor", c);
+        }
         for s in &self.services {
             let Some(p) = &s.process else {
                 if s.state != State::Stopped {
@@ -2178,6 +2255,9 @@ impl Supervisor {
                 continue;
             };
             checked.push(s.spec.name.clone());
+            for c in crate::privilege::check_pid(p.pid, &s.privilege) {
+                record(&mut checks, &mut findings, &s.spec.name, c);
+            }
             let mut expect = ExpectedProcess {
                 namespaces: Namespaces::all() - Namespaces::USER,
                 memory: s.spec.limits.memory,
@@ -2192,7 +2272,7 @@ impl Supervisor {
                 });
             }
         }
-        (checked, findings)
+        (checked, checks, findings)
     }
 
     /// The services in waves that stop every client before the services it calls (a
@@ -2466,37 +2546,20 @@ pub struct ExpectedProcess {
     pub descriptors: Vec<(i32, String)>,
 }
 
-/// Why a freshly started service is not sandboxed as it must be, if it is not.
-fn sandbox_problem(pid: i32) -> Option<String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(|v| v.trim().to_string())
-    };
-    if field("NoNewPrivs:").as_deref() != Some("1") {
-        return Some("no_new_privs is not set".into());
-    }
-    if field("Seccomp:").as_deref() != Some("2") {
-        return Some("seccomp filter mode is off".into());
-    }
-    if let Some(n) = field("Seccomp_filters:") {
-        if n.parse::<u32>().unwrap_or(0) < 2 {
-            return Some(format!(
-                "only {n} seccomp filter(s): the service profile was not entered"
-            ));
-        }
-    }
-    None
+/// Why a freshly started service is not sandboxed as it must be, if it is not: the first of
+/// its privilege checks that fails (identity, capabilities, no_new_privs, its seccomp
+/// filters: a service that skipped its own profile has one filter too few).
+fn sandbox_problem(pid: i32, plan: &crate::privilege::ServicePrivilege) -> Option<String> {
+    crate::privilege::check_pid(pid, plan)
+        .into_iter()
+        .find(|c| !c.ok)
+        .map(|c| c.difference())
 }
 
 /// Compares a live process with what the manifest says; one line per difference.
+/// (Identity, capabilities and seccomp: [`crate::privilege::check_pid`].)
 pub fn check_process(pid: i32, expect: &ExpectedProcess) -> Vec<String> {
     let mut out = Vec::new();
-    if let Some(problem) = sandbox_problem(pid) {
-        out.push(problem);
-    }
     for ns in ["mnt", "pid", "net", "ipc", "uts"] {
         let wanted = expect.namespaces.names().contains(&ns);
         let mine = std::fs::read_link(format!("/proc/self/ns/{ns}")).ok();

@@ -254,6 +254,15 @@ pub fn install_seccomp(program: &[SockFilter]) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes the calling process non-dumpable: no core file, and no other process of its uid may
+/// trace it or read its memory (its `/proc/PID` then belongs to root). A service runs under
+/// a uid of its own, and exec made it dumpable again.
+pub fn set_not_dumpable() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    cvt(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } as libc::c_long)?;
+    Ok(())
+}
+
 /// Where the SIGSYS handler writes the refused syscall number (the service's status page).
 static VIOLATION_NOTE: AtomicPtr<AtomicU32> = AtomicPtr::new(std::ptr::null_mut());
 
