@@ -852,6 +852,9 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 let doc = serde_json::json!({
                     "manifest": m.path.display().to_string(),
                     "services": audit::rows(&m),
+                    "runner": microkernel::privilege::Runner::current().describe(),
+                    "securebits": microkernel::privilege::SECUREBIT_NAMES,
+                    "threads": audit::thread_profiles(&m),
                 });
                 println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
             } else {

@@ -901,3 +901,52 @@ pub fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<bool>> {
     }
     Ok(pfds.iter().map(|p| p.revents != 0).collect())
 }
+
+/// Test support: how a forked child ends that installs `programs` on itself and then makes
+/// syscall `nr` with `args`: `Exit::Signal(SIGSYS)` if a filter killed or trapped it, else
+/// `Exit::Code` of the errno the call returned (0 if it succeeded).
+#[cfg(test)]
+pub(crate) fn syscall_under_filters(
+    programs: &[seccompiler::BpfProgram],
+    nr: libc::c_long,
+    args: [u64; 6],
+) -> Exit {
+    let progs: Vec<libc::sock_fprog> = programs
+        .iter()
+        .map(|p| libc::sock_fprog {
+            len: p.len() as u16,
+            filter: p.as_ptr() as *mut libc::sock_filter,
+        })
+        .collect();
+    // SAFETY: the child makes raw syscalls only, on data prepared before the fork (the
+    // programs outlive it), and ends with _exit; the parent only waits for it.
+    unsafe {
+        let pid = libc::fork();
+        assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+        if pid == 0 {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                libc::_exit(200);
+            }
+            for p in &progs {
+                if libc::syscall(
+                    libc::SYS_seccomp,
+                    libc::SECCOMP_SET_MODE_FILTER,
+                    0u32,
+                    p as *const libc::sock_fprog,
+                ) != 0
+                {
+                    libc::_exit(201);
+                }
+            }
+            let r = libc::syscall(nr, args[0], args[1], args[2], args[3], args[4], args[5]);
+            libc::_exit(if r < 0 { *libc::__errno_location() } else { 0 });
+        }
+        let mut status = 0;
+        libc::waitpid(pid, &mut status, 0);
+        if libc::WIFSIGNALED(status) {
+            Exit::Signal(libc::WTERMSIG(status))
+        } else {
+            Exit::Code(libc::WEXITSTATUS(status))
+        }
+    }
+}

@@ -435,8 +435,23 @@ pub fn supervisor(pid: u32, key_release: bool) -> ThreadProfile {
     }
     if key_release {
         p = p.allow(KEY_RELEASE);
-        for (name, family) in [("AF_INET", libc::AF_INET), ("AF_INET6", libc::AF_INET6)] {
-            p = p.allow_only("socket", name, vec![eq(0, family as u64)]);
+        for (name, family) in [
+            ("AF_INET, SOCK_STREAM", libc::AF_INET),
+            ("AF_INET6, SOCK_STREAM", libc::AF_INET6),
+        ] {
+            p = p.allow_only(
+                "socket",
+                name,
+                vec![
+                    eq(0, family as u64),
+                    (
+                        1,
+                        SeccompCmpArgLen::Dword,
+                        SeccompCmpOp::MaskedEq(0xf),
+                        libc::SOCK_STREAM as u64,
+                    ),
+                ],
+            );
         }
     }
     p.refused.push("clone3".into());
@@ -630,4 +645,215 @@ pub fn install(programs: &[BpfProgram]) -> std::io::Result<()> {
         seccompiler::apply_filter(p).map_err(std::io::Error::other)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::syscall_under_filters;
+    use crate::sandbox::Exit;
+
+    const KILLED: Exit = Exit::Signal(libc::SIGSYS);
+
+    fn run(programs: &[BpfProgram], nr: libc::c_long, args: [u64; 6]) -> Exit {
+        syscall_under_filters(programs, nr, args)
+    }
+
+    fn request(name: &str) -> u64 {
+        vcpu_ioctls()
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, r)| *r)
+            .unwrap()
+    }
+
+    #[test]
+    fn vcpu_requests_match_the_kernel_headers() {
+        // KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS as <linux/kvm.h> defines them on x86_64.
+        assert_eq!(request("KVM_RUN"), 0xae80);
+        assert_eq!(request("KVM_GET_REGS"), 0x8090_ae81);
+        assert_eq!(request("KVM_GET_SREGS"), 0x8138_ae83);
+    }
+
+    #[test]
+    fn a_vcpu_thread_may_run_its_vcpu_and_nothing_else() {
+        let vcpu = vcpu().compile().unwrap();
+        let ebadf = Exit::Code(libc::EBADF);
+        let fd = u64::MAX; // -1: every allowed ioctl fails with EBADF instead of acting
+        assert_eq!(
+            run(&vcpu, libc::SYS_ioctl, [fd, request("KVM_RUN"), 0, 0, 0, 0]),
+            ebadf
+        );
+        assert_eq!(
+            run(
+                &vcpu,
+                libc::SYS_ioctl,
+                [fd, request("KVM_GET_REGS"), 0, 0, 0, 0]
+            ),
+            ebadf
+        );
+        // Another vCPU request (KVM_SET_REGS), a terminal's, and every file, socket or
+        // process call: the whole paravisor dies.
+        assert_eq!(
+            run(&vcpu, libc::SYS_ioctl, [fd, 0x4090_ae82, 0, 0, 0, 0]),
+            KILLED
+        );
+        assert_eq!(
+            run(&vcpu, libc::SYS_ioctl, [fd, libc::TIOCSTI, 0, 0, 0, 0]),
+            KILLED
+        );
+        for nr in [
+            libc::SYS_openat,
+            libc::SYS_socket,
+            libc::SYS_execve,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_ptrace,
+            libc::SYS_mount,
+            libc::SYS_setresuid,
+            libc::SYS_kill,
+        ] {
+            assert_eq!(run(&vcpu, nr, [0; 6]), KILLED, "syscall {nr}");
+        }
+    }
+
+    #[test]
+    fn the_supervisor_may_not_mount_change_identity_exec_or_fork() {
+        let pid = std::process::id();
+        let sup = supervisor(pid, false).compile().unwrap();
+        assert_eq!(sup.len(), 2, "allowlist and the clone3 refusal");
+        for nr in [
+            libc::SYS_execve,
+            libc::SYS_execveat,
+            libc::SYS_mount,
+            libc::SYS_umount2,
+            libc::SYS_pivot_root,
+            libc::SYS_setresuid,
+            libc::SYS_setuid,
+            libc::SYS_capset,
+            libc::SYS_ptrace,
+            libc::SYS_process_vm_readv,
+            libc::SYS_init_module,
+            libc::SYS_unshare,
+            libc::SYS_setns,
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_kill,
+        ] {
+            assert_eq!(run(&sup, nr, [0; 6]), KILLED, "syscall {nr}");
+        }
+        // A new process (fork-like clone flags), and a signal to another process.
+        assert_eq!(
+            run(&sup, libc::SYS_clone, [libc::SIGCHLD as u64, 0, 0, 0, 0, 0]),
+            KILLED
+        );
+        assert_eq!(run(&sup, libc::SYS_tgkill, [1, 1, 0, 0, 0, 0]), KILLED);
+        // clone3 answers ENOSYS (glibc then creates threads with clone, whose flags are
+        // checked); ioctl only for FIONBIO and the vCPU requests.
+        assert_eq!(
+            run(&sup, libc::SYS_clone3, [0; 6]),
+            Exit::Code(libc::ENOSYS)
+        );
+        let fd = u64::MAX;
+        assert_eq!(
+            run(&sup, libc::SYS_ioctl, [fd, request("KVM_RUN"), 0, 0, 0, 0]),
+            Exit::Code(libc::EBADF)
+        );
+        assert_eq!(
+            run(&sup, libc::SYS_ioctl, [fd, libc::TIOCSTI, 0, 0, 0, 0]),
+            KILLED
+        );
+        // Files stay open to it (the state directory, /proc for the live audit).
+        assert_eq!(
+            run(
+                &sup,
+                libc::SYS_openat,
+                [libc::AT_FDCWD as u64, 0, 0, 0, 0, 0]
+            ),
+            Exit::Code(libc::EFAULT)
+        );
+        // With a key broker, TCP sockets; never raw or packet ones.
+        let kbs = supervisor(pid, true).compile().unwrap();
+        let tcp = [libc::AF_INET as u64, libc::SOCK_STREAM as u64, 0, 0, 0, 0];
+        assert_eq!(run(&kbs, libc::SYS_socket, tcp), Exit::Code(0));
+        let raw = [libc::AF_INET as u64, libc::SOCK_RAW as u64, 1, 0, 0, 0];
+        assert_eq!(run(&kbs, libc::SYS_socket, raw), KILLED);
+        let packet = [libc::AF_PACKET as u64, libc::SOCK_RAW as u64, 0, 0, 0, 0];
+        assert_eq!(run(&kbs, libc::SYS_socket, packet), KILLED);
+        assert_eq!(
+            run(&sup, libc::SYS_socket, tcp),
+            KILLED,
+            "no broker: no socket"
+        );
+    }
+
+    #[test]
+    fn the_platform_thread_may_only_wait_and_answer() {
+        let platform = platform().compile().unwrap();
+        for nr in [
+            libc::SYS_openat,
+            libc::SYS_socket,
+            libc::SYS_ioctl,
+            libc::SYS_execve,
+            libc::SYS_clone,
+            libc::SYS_mount,
+        ] {
+            assert_eq!(run(&platform, nr, [0; 6]), KILLED, "syscall {nr}");
+        }
+        assert_eq!(run(&platform, libc::SYS_getpid, [0; 6]), Exit::Code(0));
+    }
+
+    #[test]
+    fn the_spawner_allows_the_sandbox_and_the_services_but_no_thread_or_other_exec() {
+        let m = Manifest::parse(
+            std::path::Path::new("m.toml"),
+            r#"
+[[service]]
+name = "a"
+binary = "pv-a"
+serves = ["vmgs"]
+syscalls = ["pwrite64", "accept4"]
+limits = { memory = "64M", open-files = 32 }
+restart = { policy = "always", max = 3, window = "10s", backoff = "10ms" }
+"#,
+        )
+        .unwrap();
+        let p = spawner(&m);
+        for needed in [
+            "mount",
+            "pivot_root",
+            "setresuid",
+            "capset",
+            "seccomp",
+            "accept4",
+        ] {
+            assert!(p.allowed.iter().any(|a| a.syscall == needed), "{needed}");
+        }
+        let spawner = p.compile().unwrap();
+        // Traps (SIGSYS: a service's runtime names the call; here nothing handles it).
+        for nr in [
+            libc::SYS_socket,
+            libc::SYS_ptrace,
+            libc::SYS_init_module,
+            libc::SYS_bpf,
+        ] {
+            assert_eq!(run(&spawner, nr, [0; 6]), KILLED, "syscall {nr}");
+        }
+        let thread = (libc::CLONE_VM | libc::CLONE_THREAD | libc::CLONE_SIGHAND) as u64;
+        assert_eq!(
+            run(&spawner, libc::SYS_clone, [thread, 0, 0, 0, 0, 0]),
+            KILLED
+        );
+        // execveat through a descriptor only (-1 here: EBADF), never by path.
+        let empty = c"".as_ptr() as u64;
+        let by_fd = [u64::MAX, empty, 0, 0, libc::AT_EMPTY_PATH as u64, 0];
+        assert_eq!(
+            run(&spawner, libc::SYS_execveat, by_fd),
+            Exit::Code(libc::EBADF)
+        );
+        assert_eq!(
+            run(&spawner, libc::SYS_execveat, [u64::MAX, empty, 0, 0, 0, 0]),
+            KILLED
+        );
+    }
 }
