@@ -109,6 +109,8 @@ const SUPERVISOR: &[&str] = &[
     "ftruncate",
     "fallocate",
     "copy_file_range",
+    // std::fs::copy's fallback where copy_file_range is refused.
+    "sendfile",
     "flock",
     "memfd_create",
     "dup",
@@ -161,6 +163,8 @@ pub const SANDBOX_CHILD: &[&str] = &[
     "chdir",
     "mkdir",
     "symlink",
+    // Files the child writes into its new root (copies of the libraries it may map).
+    "sendfile",
     "sethostname",
     "prlimit64",
     "setrlimit",

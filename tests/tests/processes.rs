@@ -104,7 +104,13 @@ fn live_audit_fails_when_a_service_differs_from_the_manifest() {
             .to_string()
     };
     let status = std::process::Command::new("setpriv")
-        .args(["--reuid", &id("Uid:"), "--regid", &id("Gid:"), "--clear-groups"])
+        .args([
+            "--reuid",
+            &id("Uid:"),
+            "--regid",
+            &id("Gid:"),
+            "--clear-groups",
+        ])
         .args(["prlimit", "--pid", &pid.to_string(), "--nofile=20:20"])
         .status()
         .expect("setpriv and prlimit (util-linux) are installed");
