@@ -100,7 +100,11 @@ pub struct SpawnPlan {
 /// The identity the child takes on before exec (from [`crate::privilege::plan`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Identity {
-    /// As the host sees them; in a user namespace they are mapped to themselves.
+    /// As the host sees them. In a user namespace the only ids mapped are these: to
+    /// themselves when the microkernel is root; from root inside when it is not (the only
+    /// mapping an unprivileged process may write, and the one that lets it read a
+    /// non-dumpable service's `/proc/PID/fd` for the live audit: those files belong to the
+    /// namespace's root).
     pub uid: u32,
     pub gid: u32,
     /// Empty the supplementary groups (root only: an unprivileged user namespace forbids it).
@@ -633,10 +637,17 @@ impl SpawnPlan {
             {
                 fail(18, err_fd);
             }
-            if libc::syscall(libc::SYS_setresgid, id.gid, id.gid, id.gid) != 0 {
+            // The ids as this process names them: in an unprivileged user namespace the
+            // service's ids are its root (see `Identity`), whose privilege is gone below.
+            let (uid, gid) = if !id.root && ns.contains(Namespaces::USER) {
+                (0, 0)
+            } else {
+                (id.uid, id.gid)
+            };
+            if libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0 {
                 fail(19, err_fd);
             }
-            if libc::syscall(libc::SYS_setresuid, id.uid, id.uid, id.uid) != 0 {
+            if libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0 {
                 fail(20, err_fd);
             }
             // Leaving uid 0 cleared the permitted, effective and ambient sets; the
@@ -766,16 +777,24 @@ fn library_view() -> io::Result<Vec<RootEntry>> {
     Ok(entries)
 }
 
-/// Maps the service's uid and gid to themselves in the child's new user namespace, and
-/// nothing else: not even root exists there. Unprivileged, they are our own ids (the only
-/// mapping such a process may write, and only with setgroups denied); as root, the service's.
+/// Maps the service's uid and gid, and nothing else, in the child's new user namespace: as
+/// root, to themselves (no root exists inside); unprivileged, our own ids from root inside
+/// (the only mapping such a process may write, and only with setgroups denied). Root inside
+/// holds no capability and gains none at exec (securebits `noroot`, locked).
 fn write_id_maps(pid: libc::pid_t, identity: Option<Identity>) -> io::Result<()> {
     let id = identity.ok_or(io::ErrorKind::InvalidInput)?;
+    let (uid_inside, gid_inside) = if id.root { (id.uid, id.gid) } else { (0, 0) };
     if !id.root {
         std::fs::write(format!("/proc/{pid}/setgroups"), "deny")?;
     }
-    std::fs::write(format!("/proc/{pid}/uid_map"), format!("{0} {0} 1", id.uid))?;
-    std::fs::write(format!("/proc/{pid}/gid_map"), format!("{0} {0} 1", id.gid))?;
+    std::fs::write(
+        format!("/proc/{pid}/uid_map"),
+        format!("{uid_inside} {} 1", id.uid),
+    )?;
+    std::fs::write(
+        format!("/proc/{pid}/gid_map"),
+        format!("{gid_inside} {} 1", id.gid),
+    )?;
     Ok(())
 }
 
