@@ -44,12 +44,35 @@ pub struct Row {
     pub namespaces: Vec<&'static str>,
     pub syscalls_base: Vec<&'static str>,
     pub syscalls_extra: Vec<String>,
+    /// The uid and gid it runs as, and where they come from.
+    pub uid: u32,
+    pub gid: u32,
+    pub ids: crate::privilege::IdSource,
+    /// Supplementary groups (none as root).
+    pub groups: Vec<u32>,
+    /// The capability sets, each empty.
+    pub capabilities: Vec<String>,
+    pub securebits: Vec<&'static str>,
+    /// Seccomp filters stacked on it (spawner's, loader, its own).
+    pub seccomp_filters: u32,
 }
 
 pub fn rows(m: &Manifest) -> Vec<Row> {
+    let plan = crate::privilege::plan(m, &crate::privilege::Runner::current());
     m.services
         .iter()
-        .map(|s| Row {
+        .zip(plan)
+        .map(|(s, p)| Row {
+            uid: p.uid,
+            gid: p.gid,
+            ids: p.source,
+            groups: p.groups.clone(),
+            capabilities: crate::privilege::CAPABILITY_SETS
+                .iter()
+                .map(|c| format!("{c}: none"))
+                .collect(),
+            securebits: crate::privilege::SECUREBIT_NAMES.to_vec(),
+            seccomp_filters: p.filters,
             service: s.name.clone(),
             binary: s.binary.clone(),
             serves: s.serves.iter().map(|i| i.name().to_string()).collect(),
@@ -222,7 +245,7 @@ pub fn text(m: &Manifest) -> String {
     let _ = writeln!(out, "Privilege matrix of {}", m.path.display());
     let _ = writeln!(
         out,
-        "(every service: no_new_privs; fresh {} namespaces; empty read-only root with only shared libraries; seccomp = common base + listed extras; all other syscalls kill the service)\n",
+        "(every service: its own uid and gid, no capabilities, no_new_privs; fresh {} namespaces; empty read-only root with only shared libraries; seccomp = common base + listed extras; all other syscalls kill the service)\n",
         (Namespaces::all() - Namespaces::USER).names().join("/")
     );
     let _ = writeln!(
@@ -286,6 +309,27 @@ pub fn text(m: &Manifest) -> String {
             let _ = writeln!(out, "  microkernel: {k}");
         }
         let _ = writeln!(out, "  watchdog: {}", r.watchdog);
+        let _ = writeln!(
+            out,
+            "  runs as: uid {} gid {} ({}), supplementary groups: {}; no capability in any set; {} seccomp filters",
+            r.uid,
+            r.gid,
+            match r.ids {
+                crate::privilege::IdSource::Derived => "derived from its name",
+                crate::privilege::IdSource::Manifest => "the manifest's `user`",
+                crate::privilege::IdSource::Microkernel => "the paravisor's own: not root",
+            },
+            if r.groups.is_empty() {
+                "none".to_string()
+            } else {
+                r.groups
+                    .iter()
+                    .map(|g| g.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            },
+            r.seccomp_filters
+        );
     }
     let _ = writeln!(
         out,
@@ -293,5 +337,38 @@ pub fn text(m: &Manifest) -> String {
         profiles::BASE.len(),
         profiles::BASE.join(" ")
     );
+    let _ = writeln!(
+        out,
+        "\nidentity of every service: {}; capabilities: inheritable, permitted, effective, bounding and ambient sets empty; securebits: {} (all locked); not dumpable",
+        crate::privilege::Runner::current().describe(),
+        crate::privilege::SECUREBIT_NAMES.join(", ")
+    );
+    let _ = writeln!(
+        out,
+        "\nthe microkernel's threads, each under a seccomp filter of its own (services are cloned by the spawner and inherit its filter; vCPU threads inherit the supervisor's):"
+    );
+    for t in thread_profiles(m) {
+        let names = t.names();
+        let _ = writeln!(
+            out,
+            "  {:?} ({} filter(s); outside the list: {}): {} syscalls: {}{}",
+            t.thread,
+            t.thread.filters(),
+            t.violation,
+            names.len(),
+            names.join(" "),
+            if t.refused.is_empty() {
+                String::new()
+            } else {
+                format!("; refused with ENOSYS: {}", t.refused.join(" "))
+            }
+        );
+    }
     out
+}
+
+/// The microkernel's thread filters a run of `m` installs (the pid a supervisor may
+/// signal is its own; shown as 0 here).
+pub fn thread_profiles(m: &Manifest) -> Vec<crate::thread_filters::ThreadProfile> {
+    crate::thread_filters::all(m, 0)
 }

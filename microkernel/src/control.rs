@@ -102,6 +102,15 @@ pub struct Finding {
     pub what: String,
 }
 
+/// One comparison the live audit made (and passed or not).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Checked {
+    /// The service, or `paravisor` for the microkernel's own threads.
+    pub service: String,
+    #[serde(flatten)]
+    pub check: crate::privilege::Check,
+}
+
 /// The instance's answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "kebab-case")]
@@ -117,6 +126,9 @@ pub enum Reply {
     },
     Audit {
         checked: Vec<String>,
+        /// Every comparison made, with its result.
+        #[serde(default)]
+        checks: Vec<Checked>,
         findings: Vec<Finding>,
     },
     Error {

@@ -864,6 +864,9 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 let doc = serde_json::json!({
                     "manifest": m.path.display().to_string(),
                     "services": audit::rows(&m),
+                    "runner": microkernel::privilege::Runner::current().describe(),
+                    "securebits": microkernel::privilege::SECUREBIT_NAMES,
+                    "threads": audit::thread_profiles(&m),
                 });
                 println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
             } else {
@@ -879,20 +882,41 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
         } => {
             let dir = client_state_dir(state_dir, manifest.as_deref())?;
             match send(&dir, &Command::LiveAudit)? {
-                Reply::Audit { checked, findings } => {
+                Reply::Audit {
+                    checked,
+                    checks,
+                    findings,
+                } => {
                     if json {
                         println!(
                             "{}",
-                            serde_json::json!({ "checked": checked, "findings": findings })
+                            serde_json::json!({ "checked": checked, "checks": checks, "findings": findings })
                         );
                     } else {
+                        let mut last = None;
+                        for c in &checks {
+                            if last != Some(&c.service) {
+                                println!("{}:", c.service);
+                                last = Some(&c.service);
+                            }
+                            let c = &c.check;
+                            if c.ok {
+                                println!("  ok    {} = {}", c.what, c.expected);
+                            } else {
+                                println!(
+                                    "  FAIL  {} = {} (plan: {})",
+                                    c.what, c.actual, c.expected
+                                );
+                            }
+                        }
                         for f in &findings {
                             println!("DIFF {}: {}", f.service, f.what);
                         }
                         println!(
-                            "live audit: {} services checked ({}), {} difference(s)",
+                            "live audit: {} services checked ({}), {} checks of identity, capabilities and seccomp listed above (namespaces, limits and descriptors too), {} difference(s)",
                             checked.len(),
                             checked.join(", "),
+                            checks.len(),
                             findings.len()
                         );
                     }

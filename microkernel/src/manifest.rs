@@ -30,6 +30,8 @@ use serde::Deserialize;
 use serde::Serialize;
 use toml::Spanned;
 
+use crate::privilege::UserSpec;
+
 /// The manifest every command uses unless told otherwise.
 pub const DEFAULT_MANIFEST: &str = "manifest.toml";
 /// Default state directory, relative to the current directory.
@@ -62,6 +64,9 @@ pub const DEFAULT_WATCHDOG: Duration = Duration::from_secs(10);
 /// Shortest and longest watchdog we accept.
 pub const MIN_WATCHDOG: Duration = Duration::from_secs(1);
 pub const MAX_WATCHDOG: Duration = Duration::from_secs(3600);
+/// Most services a manifest may describe: far fewer than the 4336 ids of the dynamic-user
+/// range, so that a service's derived uid is free within a few attempts.
+pub const MAX_SERVICES: usize = 256;
 
 /// Syscalls that no per-service fragment may grant: each one would let a service leave or
 /// weaken its sandbox (new code, new namespaces, other processes' memory, kernel modules).
@@ -215,6 +220,21 @@ struct RawService {
     /// Holds the calling end of the secure processor (the attest service only).
     #[serde(default)]
     platform: Option<Spanned<bool>>,
+    /// The uid and gid it runs as (default: derived from its name).
+    #[serde(default)]
+    user: Option<Spanned<RawUser>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawUser {
+    uid: Spanned<i64>,
+    /// Default: the uid.
+    #[serde(default)]
+    gid: Option<Spanned<i64>>,
+    /// Other services that say so too may share these ids.
+    #[serde(default)]
+    shared: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -546,6 +566,9 @@ pub struct ServiceSpec {
     pub watchdog: Duration,
     /// Holds the calling end of the secure processor (only the service that serves attest).
     pub platform: bool,
+    /// The uid and gid it runs as when the microkernel is root (`None`: derived from its
+    /// name; see [`crate::privilege`]).
+    pub user: Option<UserSpec>,
 }
 
 fn ser_grants<S: serde::Serializer>(
@@ -739,6 +762,7 @@ impl Validator<'_> {
         let mut pending_limits: Vec<(String, Spanned<i64>, Range<usize>)> = Vec::new();
         let mut pci_owners: Vec<(String, u8)> = Vec::new();
         let mut listener_names: Vec<(String, String)> = Vec::new();
+        let mut users: Vec<(String, UserSpec, Range<usize>)> = Vec::new();
 
         for raw_service in raw.service {
             let service_span = raw_service.span();
@@ -1258,7 +1282,12 @@ impl Validator<'_> {
                     }
                 }
             }
+            let user = s.user.as_ref().and_then(|u| self.user(u));
+            if let (Some(spec), Some(raw)) = (user, &s.user) {
+                users.push((name.clone(), spec, raw.span()));
+            }
             services.push(ServiceSpec {
+                user,
                 name,
                 watchdog,
                 binary,
@@ -1338,6 +1367,14 @@ impl Validator<'_> {
         }
         self.overlaps(&mmio, "mmio");
         self.overlaps(&pio, "pio");
+        self.shared_ids(&users);
+        if services.len() > MAX_SERVICES {
+            self.error(
+                0..0,
+                format!("the manifest describes {} services", services.len()),
+                format!("at most {MAX_SERVICES}: each runs under a uid of its own"),
+            );
+        }
         for (i, (path, span)) in file_paths.iter().enumerate() {
             if file_paths[..i].iter().any(|(p, _)| p == path)
                 && services
@@ -1560,6 +1597,74 @@ impl Validator<'_> {
             }
         }
         settings
+    }
+
+    /// `user = { uid = N, gid = N, shared = true }`: ids that are not root's, not the
+    /// overflow id and not -1.
+    fn user(&mut self, raw: &Spanned<RawUser>) -> Option<UserSpec> {
+        let u = raw.get_ref();
+        let mut id = |v: &Spanned<i64>, what: &str| -> Option<u32> {
+            match u32::try_from(*v.get_ref()) {
+                Ok(0) => {
+                    self.error(
+                        v.span(),
+                        format!("{what} 0 is root's"),
+                        "a service never runs as root: pick an unused id, or remove `user` to derive one from the service's name",
+                    );
+                    None
+                }
+                Ok(crate::privilege::OVERFLOW_ID) => {
+                    self.error(
+                        v.span(),
+                        format!("{what} {} is the overflow id (nobody/nogroup), shared by unrelated daemons", crate::privilege::OVERFLOW_ID),
+                        "pick an id of the service's own",
+                    );
+                    None
+                }
+                Ok(n) if n != u32::MAX => Some(n),
+                _ => {
+                    self.error(
+                        v.span(),
+                        format!("{what} {} is not a usable id", v.get_ref()),
+                        format!(
+                            "use 1 to {} (not {})",
+                            u32::MAX - 1,
+                            crate::privilege::OVERFLOW_ID
+                        ),
+                    );
+                    None
+                }
+            }
+        };
+        let uid = id(&u.uid, "uid");
+        let gid = match &u.gid {
+            Some(g) => id(g, "gid"),
+            None => uid,
+        };
+        Some(UserSpec {
+            uid: uid?,
+            gid: gid?,
+            shared: u.shared.as_ref().is_some_and(|b| *b.get_ref()),
+        })
+    }
+
+    /// Two services with the same uid or gid could signal and trace each other: an error
+    /// unless both say `shared = true`.
+    fn shared_ids(&mut self, users: &[(String, UserSpec, Range<usize>)]) {
+        for (i, (name, spec, span)) in users.iter().enumerate() {
+            for (other, o, first) in &users[..i] {
+                for (what, mine, theirs) in [("uid", spec.uid, o.uid), ("gid", spec.gid, o.gid)] {
+                    if mine == theirs && !(spec.shared && o.shared) {
+                        let (line, _) = line_col(self.source, first.start);
+                        self.error(
+                            span.clone(),
+                            format!("service \"{name}\" has {what} {mine}, as \"{other}\" (line {line}) has"),
+                            "give each service ids of its own (or remove `user` to derive them), or write `shared = true` in both if they must share",
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// A path that must name something inside the state directory.

@@ -118,19 +118,35 @@ pub struct PlatformServer {
 
 impl PlatformServer {
     /// Serves the channel `mem` (a second mapping of the channel the service `client`, the
-    /// attest service, calls).
+    /// attest service, calls), in a thread confined by `filters` (installed before it reads a
+    /// request; see [`crate::thread_filters::platform`]).
     pub fn start(
         mem: ChannelMemory,
         platform: Arc<Platform>,
         launch: Launch,
         client: String,
+        filters: Vec<seccompiler::BpfProgram>,
     ) -> std::io::Result<PlatformServer> {
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
         let (s, c) = (stop.clone(), counters.clone());
+        let (ready, confined) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("platform".into())
-            .spawn(move || serve(ServerEnd::new(mem), &platform, &launch, &client, &s, &c))?;
+            .spawn(move || {
+                let installed = crate::thread_filters::install(&filters);
+                let ok = installed.is_ok();
+                let _ = ready.send(installed);
+                if ok {
+                    serve(ServerEnd::new(mem), &platform, &launch, &client, &s, &c);
+                }
+            })?;
+        confined
+            .recv()
+            .map_err(|_| std::io::Error::other("the platform thread ended at start"))?
+            .map_err(|e| {
+                std::io::Error::other(format!("cannot confine the platform thread: {e}"))
+            })?;
         Ok(PlatformServer {
             stop,
             thread: Some(thread),

@@ -12,8 +12,12 @@
 //!    the whole root is made read-only: no host files, no /proc, no /dev), and sets its own
 //!    hostname in its UTS namespace;
 //! 4. applies the manifest's resource limits;
-//! 5. sets no_new_privs and installs the loader seccomp filter;
-//! 6. execs the service binary through its descriptor, with an empty environment.
+//! 5. takes on the service's identity ([`crate::privilege`]): locked securebits, an empty
+//!    bounding and ambient set, no supplementary groups, its own gid and uid, no capability
+//!    left in any set (checked), and the parent-death signal armed again (a change of
+//!    identity clears it);
+//! 6. sets no_new_privs and installs the loader seccomp filter;
+//! 7. execs the service binary through its descriptor, with an empty environment.
 //!
 //! A failure in the child is written to a close-on-exec pipe as (step, errno), so the parent
 //! can say exactly what went wrong instead of seeing an anonymous exit.
@@ -102,7 +106,61 @@ pub struct SpawnPlan {
     dev_null: OwnedFd,
     /// The write ends of the pipes the child's stdout and stderr go to.
     output: Option<(OwnedFd, OwnedFd)>,
+    /// Who the service runs as ([`SpawnPlan::run_as`]); required.
+    identity: Option<Identity>,
 }
+
+/// The identity the child takes on before exec (from [`crate::privilege::plan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    /// As the host sees them. In a user namespace the only ids mapped are these: to
+    /// themselves when the microkernel is root; from root inside when it is not (the only
+    /// mapping an unprivileged process may write, and the one that lets it read a
+    /// non-dumpable service's `/proc/PID/fd` for the live audit: those files belong to the
+    /// namespace's root).
+    pub uid: u32,
+    pub gid: u32,
+    /// Empty the supplementary groups (root only: an unprivileged user namespace forbids it).
+    pub drop_groups: bool,
+    /// The microkernel is root (it may map any id into a user namespace it falls back to).
+    pub root: bool,
+    pub securebits: u32,
+}
+
+impl Identity {
+    /// The identity of a service in `plan`, run by `runner`.
+    pub fn of(plan: &crate::privilege::ServicePrivilege) -> Identity {
+        Identity {
+            uid: plan.uid,
+            gid: plan.gid,
+            drop_groups: plan.drop_groups,
+            root: !plan.user_namespace,
+            securebits: plan.securebits,
+        }
+    }
+}
+
+/// `struct __user_cap_header_struct` for capset/capget.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+/// `struct __user_cap_data_struct`; version 3 takes two (capabilities 0-31 and 32-63).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// _LINUX_CAPABILITY_VERSION_3.
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+/// Highest capability number the bounding-set loop tries (the kernel answers EINVAL past
+/// its own last one).
+const LAST_CAPABILITY: libc::c_ulong = 63;
 
 /// A started child.
 pub struct Spawned {
@@ -142,6 +200,14 @@ const STEPS: &[&str] = &[
     "execveat",
     "signal mask",
     "new session",
+    "securebits",
+    "empty the bounding set",
+    "empty the ambient set",
+    "setgroups",
+    "setresgid",
+    "setresuid",
+    "capset",
+    "verify no capabilities",
 ];
 
 /// First descriptor the child uses for its temporary copies; above any slot.
@@ -200,6 +266,7 @@ impl SpawnPlan {
             hostname: hostname.as_bytes().to_vec(),
             dev_null,
             output: None,
+            identity: None,
         })
     }
 
@@ -207,6 +274,12 @@ impl SpawnPlan {
     /// [`output_pipe`]s; the plan holds them until it is dropped after the spawn).
     pub fn set_output(&mut self, stdout: OwnedFd, stderr: OwnedFd) {
         self.output = Some((stdout, stderr));
+    }
+
+    /// The service runs as `identity` (see [`Identity`]).
+    pub fn run_as(mut self, identity: Identity) -> SpawnPlan {
+        self.identity = Some(identity);
+        self
     }
 
     /// Slot the binary descriptor occupies in the child (just after the capabilities).
@@ -217,6 +290,12 @@ impl SpawnPlan {
     /// Clones the child into `namespaces` (falling back to fewer if the kernel refuses) and
     /// runs it to `execveat`.
     pub fn spawn(&self, wanted: Namespaces) -> Result<Spawned, SpawnError> {
+        if self.identity.is_none() {
+            return Err(SpawnError::Prepare(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no identity for the service (SpawnPlan::run_as)",
+            )));
+        }
         let mut attempts = vec![wanted];
         if wanted != Namespaces::empty() {
             // Unprivileged: the same namespaces inside a new user namespace, then none.
@@ -306,7 +385,7 @@ impl SpawnPlan {
         // SAFETY: CLONE_PIDFD gave us a fresh pidfd for the child.
         let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
         if ns.contains(Namespaces::USER) {
-            if let Err(e) = write_id_maps(pid as libc::pid_t) {
+            if let Err(e) = write_id_maps(pid as libc::pid_t, self.identity) {
                 let _ = pidfd_signal(&pidfd, libc::SIGKILL);
                 let mut status = 0;
                 // SAFETY: reaps our own child, which we just killed.
@@ -547,7 +626,114 @@ impl SpawnPlan {
                 }
             }
 
-            // 5. No privilege gain through exec, and the loader filter.
+            // 5. The service's identity, with no capability in any set. After the mounts and
+            // the hostname (they need privilege), before the loader filter (it allows none of
+            // this). Raw syscalls: glibc's set*id wrappers would try to reach the parent's
+            // other threads, which glibc still believes are ours.
+            let Some(id) = self.identity else {
+                fail(22, err_fd);
+            };
+            // Without privilege and without a user namespace there is nothing to drop or lock
+            // (and no CAP_SETPCAP to do it with); the checks below still apply.
+            let privileged = id.root || ns.contains(Namespaces::USER);
+            if privileged {
+                if libc::prctl(
+                    libc::PR_SET_SECUREBITS,
+                    id.securebits as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
+                    fail(15, err_fd);
+                }
+                for cap in 0..=LAST_CAPABILITY {
+                    if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
+                        && *libc::__errno_location() != libc::EINVAL
+                    {
+                        fail(16, err_fd);
+                    }
+                }
+            }
+            if libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                fail(17, err_fd);
+            }
+            if id.drop_groups
+                && libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) != 0
+            {
+                fail(18, err_fd);
+            }
+            // The ids as this process names them: in an unprivileged user namespace the
+            // service's ids are its root (see `Identity`), whose privilege is gone below.
+            let (uid, gid) = if !id.root && ns.contains(Namespaces::USER) {
+                (0, 0)
+            } else {
+                (id.uid, id.gid)
+            };
+            if libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0 {
+                fail(19, err_fd);
+            }
+            if libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0 {
+                fail(20, err_fd);
+            }
+            // Leaving uid 0 cleared the permitted, effective and ambient sets; the
+            // inheritable set (and the others, in a user namespace) go here.
+            let header = CapHeader {
+                version: CAPABILITY_VERSION_3,
+                pid: 0,
+            };
+            let none = [CapData {
+                effective: 0,
+                permitted: 0,
+                inheritable: 0,
+            }; 2];
+            if libc::syscall(libc::SYS_capset, &header, none.as_ptr()) != 0 {
+                fail(21, err_fd);
+            }
+            let mut held = [CapData {
+                effective: u32::MAX,
+                permitted: u32::MAX,
+                inheritable: u32::MAX,
+            }; 2];
+            let header = CapHeader {
+                version: CAPABILITY_VERSION_3,
+                pid: 0,
+            };
+            let kept = libc::syscall(libc::SYS_capget, &header, held.as_mut_ptr()) != 0
+                || held
+                    .iter()
+                    .any(|d| d.effective | d.permitted | d.inheritable != 0)
+                || (privileged
+                    && (libc::prctl(libc::PR_CAPBSET_READ, 0, 0, 0, 0) != 0
+                        || libc::prctl(libc::PR_GET_SECUREBITS, 0, 0, 0, 0)
+                            != id.securebits as i32));
+            if kept {
+                *libc::__errno_location() = libc::EPERM;
+                fail(22, err_fd);
+            }
+            // A change of identity clears the parent-death signal: arm it again, then make
+            // sure the parent did not die in between (its end of the error pipe, held until
+            // we exec, would be gone).
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                fail(1, err_fd);
+            }
+            let mut parent = libc::pollfd {
+                fd: err_fd,
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            if libc::poll(&mut parent, 1, 0) < 0 || parent.revents & libc::POLLERR != 0 {
+                libc::_exit(127);
+            }
+
+            // 6. No privilege gain through exec, and the loader filter.
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 fail(10, err_fd);
             }
@@ -565,7 +751,7 @@ impl SpawnPlan {
                 fail(11, err_fd);
             }
 
-            // 6. Exec through the descriptor; empty environment.
+            // 7. Exec through the descriptor; empty environment.
             let mut argv: [*const libc::c_char; 16] = [std::ptr::null(); 16];
             for (i, a) in self.argv.iter().take(15).enumerate() {
                 argv[i] = a.as_ptr();
@@ -679,14 +865,24 @@ pub fn output_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((read, write))
 }
 
-/// Maps root in the child's new user namespace to our own uid and gid (the only mapping an
-/// unprivileged process may write).
-fn write_id_maps(pid: libc::pid_t) -> io::Result<()> {
-    // SAFETY: getuid/getgid have no preconditions.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    std::fs::write(format!("/proc/{pid}/setgroups"), "deny")?;
-    std::fs::write(format!("/proc/{pid}/uid_map"), format!("0 {uid} 1"))?;
-    std::fs::write(format!("/proc/{pid}/gid_map"), format!("0 {gid} 1"))?;
+/// Maps the service's uid and gid, and nothing else, in the child's new user namespace: as
+/// root, to themselves (no root exists inside); unprivileged, our own ids from root inside
+/// (the only mapping such a process may write, and only with setgroups denied). Root inside
+/// holds no capability and gains none at exec (securebits `noroot`, locked).
+fn write_id_maps(pid: libc::pid_t, identity: Option<Identity>) -> io::Result<()> {
+    let id = identity.ok_or(io::ErrorKind::InvalidInput)?;
+    let (uid_inside, gid_inside) = if id.root { (id.uid, id.gid) } else { (0, 0) };
+    if !id.root {
+        std::fs::write(format!("/proc/{pid}/setgroups"), "deny")?;
+    }
+    std::fs::write(
+        format!("/proc/{pid}/uid_map"),
+        format!("{uid_inside} {} 1", id.uid),
+    )?;
+    std::fs::write(
+        format!("/proc/{pid}/gid_map"),
+        format!("{gid_inside} {} 1", id.gid),
+    )?;
     Ok(())
 }
 
@@ -811,4 +1007,53 @@ pub fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<bool>> {
         return Err(e);
     }
     Ok(pfds.iter().map(|p| p.revents != 0).collect())
+}
+
+/// Test support: how a forked child ends that installs `programs` on itself and then makes
+/// syscall `nr` with `args`: `Exit::Signal(SIGSYS)` if a filter killed or trapped it, else
+/// `Exit::Code` of the errno the call returned (0 if it succeeded).
+#[cfg(test)]
+pub(crate) fn syscall_under_filters(
+    programs: &[seccompiler::BpfProgram],
+    nr: libc::c_long,
+    args: [u64; 6],
+) -> Exit {
+    let progs: Vec<libc::sock_fprog> = programs
+        .iter()
+        .map(|p| libc::sock_fprog {
+            len: p.len() as u16,
+            filter: p.as_ptr() as *mut libc::sock_filter,
+        })
+        .collect();
+    // SAFETY: the child makes raw syscalls only, on data prepared before the fork (the
+    // programs outlive it), and ends with _exit; the parent only waits for it.
+    unsafe {
+        let pid = libc::fork();
+        assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+        if pid == 0 {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                libc::_exit(200);
+            }
+            for p in &progs {
+                if libc::syscall(
+                    libc::SYS_seccomp,
+                    libc::SECCOMP_SET_MODE_FILTER,
+                    0u32,
+                    p as *const libc::sock_fprog,
+                ) != 0
+                {
+                    libc::_exit(201);
+                }
+            }
+            let r = libc::syscall(nr, args[0], args[1], args[2], args[3], args[4], args[5]);
+            libc::_exit(if r < 0 { *libc::__errno_location() } else { 0 });
+        }
+        let mut status = 0;
+        libc::waitpid(pid, &mut status, 0);
+        if libc::WIFSIGNALED(status) {
+            Exit::Signal(libc::WTERMSIG(status))
+        } else {
+            Exit::Code(libc::WEXITSTATUS(status))
+        }
+    }
 }

@@ -270,6 +270,8 @@ struct Service {
     starting: Option<PendingStart>,
     /// Its stdout and stderr: the read ends of this start's pipes, and what is passed on.
     output: ServiceOutput,
+    /// Who it runs as (uid, gid, no capabilities): applied at spawn, checked after.
+    privilege: crate::privilege::ServicePrivilege,
 }
 
 /// The microkernel's own channel to the attest service (client name `paravisor`): reports for
@@ -319,6 +321,11 @@ pub struct Supervisor {
     guest: Option<Guest>,
     /// The nonce of the next first ping.
     ping_nonce: u64,
+    /// The microkernel's own threads' seccomp filters, compiled at start.
+    filters: crate::thread_filters::ThreadFilters,
+    /// The thread that clones services (started with the platform's, before the supervisor
+    /// confines itself).
+    spawner: Option<crate::spawner::Spawner>,
 }
 
 fn create_err(what: impl Into<String>) -> impl FnOnce(String) -> RunError {
@@ -348,6 +355,11 @@ impl Supervisor {
             crate::listeners::enabled(m, &opts.listen).map_err(|e| create_err("front ends")(e))?;
         let mut services = Vec::new();
         let tag_width = m.services.iter().map(|s| s.name.len()).max().unwrap_or(0);
+        // Who each service runs as: computed once, here, for spawn and the live audit.
+        let mut privileges =
+            crate::privilege::plan(m, &crate::privilege::Runner::current()).into_iter();
+        let filters = crate::thread_filters::ThreadFilters::compile(m, std::process::id())
+            .map_err(|e| create_err("the microkernel's thread filters")(e.to_string()))?;
         for spec in &m.services {
             let binary = opts.bin_dir.join(&spec.binary);
             std::fs::metadata(&binary).map_err(|source| RunError::Binary {
@@ -430,6 +442,9 @@ impl Supervisor {
                 kill_reason: None,
                 starting: None,
                 output: ServiceOutput::new(&spec.name, tag_width),
+                privilege: privileges.next().ok_or_else(|| {
+                    create_err(format!("identity of {}", spec.name))("no plan".into())
+                })?,
             });
         }
         let mut links = Vec::new();
@@ -540,6 +555,8 @@ impl Supervisor {
             ring_capacity: m.ring_capacity,
             guest,
             ping_nonce: 0,
+            filters,
+            spawner: None,
         })
     }
 
@@ -731,6 +748,7 @@ impl Supervisor {
         let running = partition.start(
             router::Router::new(devices, routes, intercept, pci_owners),
             ended,
+            self.filters.vcpu.clone(),
         )?;
         tracing::info!("guest started: {}", guest.description);
         guest.running = Some(running);
@@ -803,7 +821,7 @@ impl Supervisor {
         let listener = UnixListener::bind(&socket)?;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
-        self.start_platform()?;
+        self.confine()?;
         tracing::info!(
             services = self.services.len(),
             channels = self.links.len(),
@@ -970,6 +988,31 @@ impl Supervisor {
         self.start_guest()
     }
 
+    /// Starts the spawner and platform threads, each under its own seccomp filter, then
+    /// confines this thread (see [`crate::thread_filters`] for the order). After the signal
+    /// mask is set: the threads inherit it.
+    fn confine(&mut self) -> Result<(), RunError> {
+        if self.spawner.is_none() {
+            self.spawner = Some(crate::spawner::Spawner::start(
+                self.filters.spawner.clone(),
+            )?);
+        }
+        self.start_platform()?;
+        crate::thread_filters::install(&self.filters.supervisor).map_err(|e| RunError::Create {
+            what: "the supervisor's seccomp filter".into(),
+            reason: e.to_string(),
+        })?;
+        tracing::info!(
+            "microkernel threads confined: supervisor, spawner{}, vCPUs at start",
+            if self.platform_link.is_some() {
+                ", platform"
+            } else {
+                ""
+            }
+        );
+        Ok(())
+    }
+
     /// Starts the platform's serving thread (after the signal mask: see [`PlatformLink`]).
     fn start_platform(&mut self) -> Result<(), RunError> {
         if let Some(link) = self.platform_link.as_mut() {
@@ -979,6 +1022,7 @@ impl Supervisor {
                     link.platform.clone(),
                     link.launch,
                     self.services[link.holder].spec.name.clone(),
+                    self.filters.platform.clone(),
                 )?);
                 link.mem.set_server_state(ServerState::Up);
             }
@@ -990,7 +1034,7 @@ impl Supervisor {
     /// key under this launch, then stops the services it started. What happened, per key.
     pub fn reseal(mut self) -> Result<Vec<String>, RunError> {
         let _signals = sandbox::signalfd(&[libc::SIGINT, libc::SIGTERM])?;
-        self.start_platform()?;
+        self.confine()?;
         let result = self.unseal_keys();
         self.shutdown();
         result?;
@@ -1103,14 +1147,19 @@ impl Supervisor {
             &self.sandbox_root,
             &format!("pv-{}", s.spec.name),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        .run_as(sandbox::Identity::of(&s.privilege));
         plan.set_output(stdout_end, stderr_end);
-        let spawned = plan
-            .spawn(Namespaces::all() - Namespaces::USER)
+        let spawner = self
+            .spawner
+            .as_ref()
+            .ok_or("the spawner thread is not running")?;
+        // The plan (with our copies of the pipes' write ends) is dropped on the spawner
+        // thread after the spawn: the service holds the only ones, so its pipes end when it
+        // does.
+        let spawned = spawner
+            .spawn(plan, Namespaces::all() - Namespaces::USER)
             .map_err(|e| e.to_string())?;
-        // Our copies of the pipes' write ends go with the plan: the service holds the only
-        // ones, so its pipes end when it does.
-        drop(plan);
         fds.clear();
         self.services[i].output.attach(stdout, stderr);
         self.services[i].process = Some(Process {
@@ -1181,7 +1230,7 @@ impl Supervisor {
         else {
             return;
         };
-        if let Some(problem) = sandbox_problem(pid) {
+        if let Some(problem) = sandbox_problem(pid, &self.services[i].privilege) {
             return self.start_failed(i, format!("sandbox not in force: {problem}"));
         }
         for link in &self.links {
@@ -1201,7 +1250,7 @@ impl Supervisor {
         s.state = State::Running;
         s.last_answer = Instant::now();
         s.kill_reason = None;
-        tracing::info!(service = %s.spec.name, pid, namespaces = ?namespaces.names(), "running");
+        tracing::info!(service = %s.spec.name, pid, uid = s.privilege.uid, namespaces = ?namespaces.names(), "running");
     }
 
     /// The start of service `i` failed: a process that exists is killed, and its death
@@ -1798,8 +1847,12 @@ impl Supervisor {
                 }
             }
             Command::LiveAudit => {
-                let (checked, findings) = self.live_audit();
-                Reply::Audit { checked, findings }
+                let (checked, checks, findings) = self.live_audit();
+                Reply::Audit {
+                    checked,
+                    checks,
+                    findings,
+                }
             }
             Command::AttestBench { samples } => match self.attest_bench(samples.clamp(1, 1_000)) {
                 Ok(l) => Reply::AttestBench(l),
@@ -2463,11 +2516,34 @@ impl Supervisor {
         rows
     }
 
-    /// Checks every running service against the manifest: descriptors, seccomp, no_new_privs,
-    /// namespaces, limits.
-    fn live_audit(&self) -> (Vec<String>, Vec<Finding>) {
+    /// Checks every running service against the manifest: identity, capabilities,
+    /// no_new_privs, seccomp (each listed as a check made), descriptors, namespaces, limits;
+    /// and the microkernel's own threads' filters.
+    fn live_audit(&self) -> (Vec<String>, Vec<crate::control::Checked>, Vec<Finding>) {
         let mut checked = Vec::new();
+        let mut checks = Vec::new();
         let mut findings = Vec::new();
+        let record = |checks: &mut Vec<_>, findings: &mut Vec<_>, service: &str, c| {
+            let c: crate::privilege::Check = c;
+            if !c.ok {
+                findings.push(Finding {
+                    service: service.to_string(),
+                    what: c.difference(),
+                });
+            }
+            checks.push(crate::control::Checked {
+                service: service.to_string(),
+                check: c,
+            });
+        };
+        for c in crate::thread_filters::check_threads(
+            self.spawner.is_some(),
+            self.platform_link
+                .as_ref()
+                .is_some_and(|l| l.server.is_some()),
+        ) {
+            record(&mut checks, &mut findings, "paravisor", c);
+        }
         for s in &self.services {
             let Some(p) = &s.process else {
                 if s.state != State::Stopped {
@@ -2486,6 +2562,9 @@ impl Supervisor {
                 continue;
             }
             checked.push(s.spec.name.clone());
+            for c in crate::privilege::check_pid(p.pid, &s.privilege) {
+                record(&mut checks, &mut findings, &s.spec.name, c);
+            }
             let mut expect = ExpectedProcess {
                 namespaces: Namespaces::all() - Namespaces::USER,
                 memory: s.spec.limits.memory,
@@ -2504,7 +2583,7 @@ impl Supervisor {
                 });
             }
         }
-        (checked, findings)
+        (checked, checks, findings)
     }
 
     /// The services in waves that stop every client before the services it calls (a
@@ -2781,37 +2860,20 @@ pub struct ExpectedProcess {
     pub code: Vec<String>,
 }
 
-/// Why a freshly started service is not sandboxed as it must be, if it is not.
-fn sandbox_problem(pid: i32) -> Option<String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(|v| v.trim().to_string())
-    };
-    if field("NoNewPrivs:").as_deref() != Some("1") {
-        return Some("no_new_privs is not set".into());
-    }
-    if field("Seccomp:").as_deref() != Some("2") {
-        return Some("seccomp filter mode is off".into());
-    }
-    if let Some(n) = field("Seccomp_filters:") {
-        if n.parse::<u32>().unwrap_or(0) < 2 {
-            return Some(format!(
-                "only {n} seccomp filter(s): the service profile was not entered"
-            ));
-        }
-    }
-    None
+/// Why a freshly started service is not sandboxed as it must be, if it is not: the first of
+/// its privilege checks that fails (identity, capabilities, no_new_privs, its seccomp
+/// filters: a service that skipped its own profile has one filter too few).
+fn sandbox_problem(pid: i32, plan: &crate::privilege::ServicePrivilege) -> Option<String> {
+    crate::privilege::check_pid(pid, plan)
+        .into_iter()
+        .find(|c| !c.ok)
+        .map(|c| c.difference())
 }
 
 /// Compares a live process with what the manifest says; one line per difference.
+/// (Identity, capabilities and seccomp: [`crate::privilege::check_pid`].)
 pub fn check_process(pid: i32, expect: &ExpectedProcess) -> Vec<String> {
     let mut out = Vec::new();
-    if let Some(problem) = sandbox_problem(pid) {
-        out.push(problem);
-    }
     for ns in ["mnt", "pid", "net", "ipc", "uts"] {
         let wanted = expect.namespaces.names().contains(&ns);
         let mine = std::fs::read_link(format!("/proc/self/ns/{ns}")).ok();

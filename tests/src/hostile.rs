@@ -26,6 +26,7 @@
 //! | `vtpm-requests`     | a TPM command, a platform power-off and a register read to vtpm | each refused unless granted |
 //! | `vtpm-seize S`      | for S seconds seizes the TPM's registers (locality 4) and writes its FIFO, as vCPU 0 | refused: the guest's session goes on |
 //! | `vtpm-vcpu-flood N` | N register writes to vtpm under invented vCPU ids 1000.. | refused; the checkpoint stays small |
+//! | `privileges`        | reads /proc/1/environ, then tries setuid(0), setresuid, setresgid, setgroups, capset, chown, chmod, a raw socket, raising a limit, sethostname, settimeofday (its manifest grants these syscalls, so the kernel answers, not seccomp); last init_module | each refused; killed at init_module |
 //! | `serve`             | serves normally                                | runs                           |
 //!
 //! Exit status 0 means "every hostile attempt got the typed error it should"; 10 and up
@@ -474,6 +475,40 @@ fn main() -> ExitCode {
             started.serve::<(), ()>(Interface::Intercept, |_, _, ()| {
                 endpoint::Response::Error(endpoint::ErrorCode::Unsupported)
             })
+        }
+        "privileges" => {
+            started.answer_first_ping();
+            match std::fs::read("/proc/1/environ") {
+                Ok(b) => {
+                    eprintln!(
+                        "pv-hostile: read /proc/1/environ: SUCCEEDED ({} bytes)",
+                        b.len()
+                    );
+                    return ExitCode::from(29);
+                }
+                Err(e) => eprintln!("pv-hostile: read /proc/1/environ: refused ({e})"),
+            }
+            let mut first_success = None;
+            for (i, op) in sys::Privileged::ALL.iter().enumerate() {
+                if *op == sys::Privileged::LoadModule {
+                    continue;
+                }
+                match sys::attempt(*op) {
+                    Ok(()) => {
+                        eprintln!("pv-hostile: privilege {op:?}: SUCCEEDED");
+                        first_success.get_or_insert(30 + i as u8);
+                    }
+                    Err(e) => eprintln!("pv-hostile: privilege {op:?}: refused ({e})"),
+                }
+            }
+            if let Some(code) = first_success {
+                return ExitCode::from(code);
+            }
+            // Outside every service profile: the service is killed here.
+            eprintln!("pv-hostile: privilege LoadModule: attempting");
+            let r = sys::attempt(sys::Privileged::LoadModule);
+            eprintln!("pv-hostile: privilege LoadModule: returned {r:?} (should have been killed)");
+            ExitCode::from(42)
         }
         "crash" => ExitCode::from(3),
         "scribble" => {

@@ -723,3 +723,57 @@ fn listener_names_are_unique_across_the_manifest() {
     );
     refused(&m, 22, "is also a listener of \"tpm\"");
 }
+
+#[test]
+fn a_service_user_must_not_be_root_nobody_or_another_services() {
+    for (user, needle) in [
+        ("user = { uid = 0 }", "uid 0 is root's"),
+        ("user = { uid = 61000, gid = 0 }", "gid 0 is root's"),
+        ("user = { uid = 65534 }", "is the overflow id"),
+        ("user = { uid = 4294967295 }", "is not a usable id"),
+        ("user = { uid = -5 }", "is not a usable id"),
+        ("user = { uid = 61000, name = \"x\" }", "unknown field"),
+    ] {
+        refused(
+            &GOOD.replace(
+                "serves = [\"vtpm\"]",
+                &format!("serves = [\"vtpm\"]\n{user}"),
+            ),
+            12,
+            needle,
+        );
+    }
+    // One uid (or gid) for two services: they could signal and trace each other.
+    let both = GOOD
+        .replace(
+            "serves = [\"vmgs\"]",
+            "serves = [\"vmgs\"]\nuser = { uid = 61000 }",
+        )
+        .replace(
+            "serves = [\"vtpm\"]",
+            "serves = [\"vtpm\"]\nuser = { uid = 61000, gid = 61001 }",
+        );
+    refused(
+        &both,
+        line_of(&both, "gid = 61001"),
+        "has uid 61000, as \"store\" (line 5) has",
+    );
+    let gids = both.replace("uid = 61000, gid = 61001", "uid = 61002, gid = 61000");
+    refused(&gids, line_of(&gids, "uid = 61002"), "has gid 61000");
+    // Unless the operator says so for both.
+    let shared = both
+        .replace("{ uid = 61000 }", "{ uid = 61000, shared = true }")
+        .replace("gid = 61001 }", "gid = 61001, shared = true }");
+    let dir = scratch_dir("user-shared");
+    let path = dir.join("shared.toml");
+    std::fs::write(&path, &shared).unwrap();
+    let out = pv(&["check", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = pv(&["audit", path.to_str().unwrap()]);
+    assert!(
+        text(&out).contains("runs as: uid 61000 gid 61001 (the manifest's `user`)"),
+        "{}",
+        text(&out)
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

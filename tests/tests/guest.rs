@@ -367,3 +367,48 @@ fn config_accesses_of_a_pci_device_go_to_the_service_that_owns_it() {
     assert!(log.contains("(1 forwarded)"), "{log}");
     assert!(!console.contains("pci 00:03"), "{console}");
 }
+
+#[test]
+fn the_vcpu_thread_reads_guest_exits_only_under_a_seccomp_filter_of_its_own() {
+    if !kvm_available("the_vcpu_thread_reads_guest_exits_only_under_a_seccomp_filter_of_its_own") {
+        return;
+    }
+    let mut run = Run::start(
+        "guest-vcpu-filter",
+        &shipped_text(),
+        &[
+            "--keep-running",
+            "--cmdline",
+            "extends=100000 interrupt=0 unowned=0",
+        ],
+    );
+    run.wait_for_console("extend loop of 100000 started", Duration::from_secs(60));
+    let pid = run.child.id();
+    let vcpu = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| t.unwrap().path())
+        .find(|t| std::fs::read_to_string(t.join("comm")).unwrap_or_default() == "vcpu0\n")
+        .expect("a vcpu0 thread");
+    let status = std::fs::read_to_string(vcpu.join("status")).unwrap();
+    // Its own filter on top of the two it inherits from the supervisor.
+    for line in ["NoNewPrivs:\t1", "Seccomp:\t2", "Seccomp_filters:\t3"] {
+        assert!(status.lines().any(|l| l == line), "{line}:\n{status}");
+    }
+    let out = pv(&["audit", "--live", "--json", "--state-dir", &run.state_dir()]);
+    let live: serde_json::Value = serde_json::from_slice(&out.stdout).expect("audit json");
+    assert!(out.status.success(), "{live}");
+    let check = live["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["service"] == "paravisor" && c["what"] == "vcpu0 Seccomp_filters")
+        .unwrap_or_else(|| panic!("the live audit did not check the vCPU thread: {live}"));
+    assert_eq!(check["ok"], true, "{check}");
+    let _ = pv(&["stop", "--state-dir", &run.state_dir()]);
+    assert_eq!(
+        run.wait(Duration::from_secs(30)).code(),
+        Some(0),
+        "{}",
+        run.log()
+    );
+}

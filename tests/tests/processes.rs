@@ -92,10 +92,28 @@ fn live_audit_fails_when_a_service_differs_from_the_manifest() {
     }
     let inst = Instance::start("drift", &shipped(), SERVICES.len());
     let pid = inst.pid("storage");
-    let status = std::process::Command::new("prlimit")
-        .args(["--pid", &pid.to_string(), "--nofile=20:20"])
+    // As the service's own uid: changing another user's limits takes CAP_SYS_RESOURCE,
+    // which root may lack (a container's bounding set), and the service is not root.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let id = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .unwrap()
+            .to_string()
+    };
+    let status = std::process::Command::new("setpriv")
+        .args([
+            "--reuid",
+            &id("Uid:"),
+            "--regid",
+            &id("Gid:"),
+            "--clear-groups",
+        ])
+        .args(["prlimit", "--pid", &pid.to_string(), "--nofile=20:20"])
         .status()
-        .expect("prlimit (util-linux) is installed");
+        .expect("setpriv and prlimit (util-linux) are installed");
     assert!(status.success());
     let out = inst.pv(&["audit", "--live"]);
     assert!(

@@ -129,6 +129,8 @@ pub enum StartError {
     Seccomp(io::Error),
     #[error("cannot install the runtime's signal handlers: {0}")]
     Signals(io::Error),
+    #[error("cannot make the process non-dumpable: {0}")]
+    Dumpable(io::Error),
     #[error("the bootstrap record grants no control channel")]
     NoControl,
 }
@@ -337,6 +339,8 @@ fn init_logging(record: &Bootstrap) {
 
 /// Enters the sandbox profile and maps every capability.
 fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
+    // Before the service's profile (which has no prctl); the supervisor checks it.
+    sys::set_not_dumpable().map_err(StartError::Dumpable)?;
     sys::exit_on_signals().map_err(StartError::Signals)?;
     // Decided while the system call is still allowed.
     let _ = crate::hosted::channel::WaitPolicy::default();

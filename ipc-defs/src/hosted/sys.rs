@@ -254,6 +254,15 @@ pub fn install_seccomp(program: &[SockFilter]) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes the calling process non-dumpable: no core file, and no other process of its uid may
+/// trace it or read its memory (its `/proc/PID` then belongs to root). A service runs under
+/// a uid of its own, and exec made it dumpable again.
+pub fn set_not_dumpable() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    cvt(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } as libc::c_long)?;
+    Ok(())
+}
+
 /// Where the SIGSYS handler writes the refused syscall number (the service's status page).
 static VIOLATION_NOTE: AtomicPtr<AtomicU32> = AtomicPtr::new(std::ptr::null_mut());
 
@@ -659,4 +668,185 @@ pub fn recv_with_fds(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<(usize, Ve
         }
     }
     Ok((n as usize, fds))
+}
+
+/// A privileged operation, attempted by `pv-hostile` to show that a service holds no
+/// privilege: each needs uid 0 or a capability that the sandbox takes away, and each is
+/// harmless if it does succeed (it changes nothing outside the service's own namespaces).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Privileged {
+    /// setuid(0) (CAP_SETUID).
+    SetUidRoot,
+    /// setresuid(0, 0, 0) (CAP_SETUID).
+    SetResUidRoot,
+    /// setresgid(0, 0, 0) (CAP_SETGID).
+    SetResGidRoot,
+    /// setgroups([0]) (CAP_SETGID).
+    JoinGroupRoot,
+    /// capset: every capability into the permitted and effective sets (only a subset of
+    /// the permitted set may be set).
+    RaiseAllCapabilities,
+    /// fchown(0, 0, 0): /dev/null, root's, to root (CAP_CHOWN: not the owner).
+    ChownNotOwned,
+    /// fchmod(0, 0666): /dev/null's own mode (CAP_FOWNER: not the owner).
+    ChmodNotOwned,
+    /// socket(AF_INET, SOCK_RAW, IPPROTO_ICMP) (CAP_NET_RAW).
+    RawSocket,
+    /// setrlimit(RLIMIT_NOFILE) one above the hard limit (CAP_SYS_RESOURCE).
+    RaiseOpenFiles,
+    /// sethostname in its own UTS namespace (CAP_SYS_ADMIN over that namespace).
+    SetHostname,
+    /// settimeofday(NULL, NULL): checks CAP_SYS_TIME, sets nothing.
+    SetClock,
+    /// init_module of an empty image (CAP_SYS_MODULE; outside every service profile).
+    LoadModule,
+}
+
+impl Privileged {
+    /// Every operation, module loading last (the service profile kills the process there).
+    pub const ALL: [Privileged; 12] = [
+        Privileged::SetUidRoot,
+        Privileged::SetResUidRoot,
+        Privileged::SetResGidRoot,
+        Privileged::JoinGroupRoot,
+        Privileged::RaiseAllCapabilities,
+        Privileged::ChownNotOwned,
+        Privileged::ChmodNotOwned,
+        Privileged::RawSocket,
+        Privileged::RaiseOpenFiles,
+        Privileged::SetHostname,
+        Privileged::SetClock,
+        Privileged::LoadModule,
+    ];
+}
+
+/// Attempts `op` with raw syscalls (this process is single-threaded; glibc's set*id
+/// wrappers would be the same here); the kernel's answer.
+pub fn attempt(op: Privileged) -> io::Result<()> {
+    #[repr(C)]
+    struct CapHeader {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    struct CapData {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let ret: libc::c_long = match op {
+        // SAFETY: integer arguments only.
+        Privileged::SetUidRoot => unsafe { libc::syscall(libc::SYS_setuid, 0) },
+        // SAFETY: integer arguments only.
+        Privileged::SetResUidRoot => unsafe { libc::syscall(libc::SYS_setresuid, 0, 0, 0) },
+        // SAFETY: integer arguments only.
+        Privileged::SetResGidRoot => unsafe { libc::syscall(libc::SYS_setresgid, 0, 0, 0) },
+        Privileged::JoinGroupRoot => {
+            let groups: [libc::gid_t; 1] = [0];
+            // SAFETY: `groups` holds the one gid the call reads.
+            unsafe { libc::syscall(libc::SYS_setgroups, 1usize, groups.as_ptr()) }
+        }
+        Privileged::RaiseAllCapabilities => {
+            let header = CapHeader {
+                version: 0x2008_0522,
+                pid: 0,
+            };
+            let all = [
+                CapData {
+                    effective: u32::MAX,
+                    permitted: u32::MAX,
+                    inheritable: 0,
+                },
+                CapData {
+                    effective: u32::MAX,
+                    permitted: u32::MAX,
+                    inheritable: 0,
+                },
+            ];
+            // SAFETY: a version-3 header and the two data records it says follow.
+            unsafe { libc::syscall(libc::SYS_capset, &header, all.as_ptr()) }
+        }
+        // SAFETY: integer arguments only.
+        Privileged::ChownNotOwned => unsafe { libc::syscall(libc::SYS_fchown, 0, 0, 0) },
+        // SAFETY: integer arguments only.
+        Privileged::ChmodNotOwned => unsafe { libc::syscall(libc::SYS_fchmod, 0, 0o666) },
+        Privileged::RawSocket => {
+            // SAFETY: integer arguments only.
+            let fd = unsafe {
+                libc::syscall(
+                    libc::SYS_socket,
+                    libc::AF_INET,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    libc::IPPROTO_ICMP,
+                )
+            };
+            if fd >= 0 {
+                // SAFETY: the descriptor was just created by this call and is ours.
+                drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+                0
+            } else {
+                fd
+            }
+        }
+        Privileged::RaiseOpenFiles => {
+            let mut old = libc::rlimit64 {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: reads the limit into `old` (no new limit given).
+            let got = unsafe {
+                libc::syscall(
+                    libc::SYS_prlimit64,
+                    0,
+                    libc::RLIMIT_NOFILE,
+                    std::ptr::null::<libc::rlimit64>(),
+                    &mut old,
+                )
+            };
+            if got < 0 {
+                got
+            } else {
+                let new = libc::rlimit64 {
+                    rlim_cur: old.rlim_max.saturating_add(1),
+                    rlim_max: old.rlim_max.saturating_add(1),
+                };
+                // SAFETY: sets the limit from `new`; no old value asked.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_prlimit64,
+                        0,
+                        libc::RLIMIT_NOFILE,
+                        &new,
+                        std::ptr::null_mut::<libc::rlimit64>(),
+                    )
+                }
+            }
+        }
+        Privileged::SetHostname => {
+            let name = b"pwned";
+            // SAFETY: `name` is valid for the length given.
+            unsafe { libc::syscall(libc::SYS_sethostname, name.as_ptr(), name.len()) }
+        }
+        // SAFETY: both pointers null: the call only checks the capability.
+        Privileged::SetClock => unsafe {
+            libc::syscall(
+                libc::SYS_settimeofday,
+                std::ptr::null::<libc::timeval>(),
+                std::ptr::null::<libc::c_void>(),
+            )
+        },
+        Privileged::LoadModule => {
+            let params = c"";
+            // SAFETY: an empty image (null, length 0) and an empty parameter string.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_init_module,
+                    std::ptr::null::<u8>(),
+                    0usize,
+                    params.as_ptr(),
+                )
+            }
+        }
+    };
+    cvt(ret).map(|_| ())
 }

@@ -277,8 +277,15 @@ impl Partition {
             .collect()
     }
 
-    /// Starts every vCPU thread. `ended` is signalled when the first vCPU's run ends.
-    pub fn start(mut self, router: Router, ended: EventFd) -> std::io::Result<Running> {
+    /// Starts every vCPU thread. `ended` is signalled when the first vCPU's run ends. Each
+    /// thread installs `filters` (see [`crate::thread_filters::vcpu`]) before its first
+    /// `KVM_RUN`; a thread that cannot ends its run as failed instead of running the guest.
+    pub fn start(
+        mut self,
+        router: Router,
+        ended: EventFd,
+        filters: Vec<seccompiler::BpfProgram>,
+    ) -> std::io::Result<Running> {
         kvm::install_kick_handler()?;
         let stop = router.stop.clone();
         let hung = Arc::new(AtomicBool::new(false));
@@ -290,12 +297,13 @@ impl Partition {
         for (id, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let s = Arc::new(VcpuStats::default());
             stats.push(s.clone());
-            let (router, stop, hung, outcome, ended) = (
+            let (router, stop, hung, outcome, ended, filters) = (
                 router.clone(),
                 stop.clone(),
                 hung.clone(),
                 outcome.clone(),
                 ended.clone(),
+                filters.clone(),
             );
             let (tx, rx) = std::sync::mpsc::channel();
             let handle = std::thread::Builder::new()
@@ -304,10 +312,18 @@ impl Partition {
                     let _ = tx.send(kvm::current_thread());
                     // A panic in the loop must still end the run (with a report), not leave a
                     // dead vCPU behind a live paravisor.
-                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        vcpu::run(id as u32, vcpu, &router, &stop, &hung, &s)
-                    }))
-                    .unwrap_or_else(|_| Outcome::Failed(format!("vCPU {id}: its thread panicked")));
+                    // The guest's exit data is read from here on: confined first.
+                    let result = match crate::thread_filters::install(&filters) {
+                        Err(e) => Outcome::Failed(format!(
+                            "vCPU {id}: cannot install its seccomp filter: {e}"
+                        )),
+                        Ok(()) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            vcpu::run(id as u32, vcpu, &router, &stop, &hung, &s)
+                        }))
+                        .unwrap_or_else(|_| {
+                            Outcome::Failed(format!("vCPU {id}: its thread panicked"))
+                        }),
+                    };
                     let mut first = outcome.lock().unwrap_or_else(|p| p.into_inner());
                     if first.is_none() && result != Outcome::Stopped {
                         *first = Some(result);

@@ -1,0 +1,84 @@
+//! The spawner: the microkernel thread that clones every service process.
+//!
+//! Seccomp filters are inherited by a clone, so a service starts under the filter of the
+//! thread that cloned it. The supervisor's own filter allows no mount, no change of identity
+//! and no exec; the sandbox child needs all three before its `execveat`. So services are
+//! cloned here instead, by a thread whose filter allows what the sandbox child does and what
+//! any service of the manifest may do (see [`crate::thread_filters::spawner`]); the loader and
+//! service filters then confine each service to its own profile.
+//!
+//! The thread takes a prepared [`SpawnPlan`] (made by the supervisor, which also keeps the
+//! descriptors it names open until the answer), runs [`SpawnPlan::spawn`] and hands back the
+//! [`Spawned`] child. It never ends while the process lives: a child's parent-death signal
+//! fires when the *thread* that cloned it ends, and services must die with the microkernel,
+//! not with a helper thread.
+
+use std::io;
+use std::sync::mpsc;
+
+use seccompiler::BpfProgram;
+
+use crate::sandbox::Namespaces;
+use crate::sandbox::SpawnError;
+use crate::sandbox::SpawnPlan;
+use crate::sandbox::Spawned;
+
+struct Request {
+    plan: SpawnPlan,
+    namespaces: Namespaces,
+    reply: mpsc::SyncSender<Result<Spawned, SpawnError>>,
+}
+
+/// The handle of the spawner thread.
+pub struct Spawner {
+    requests: mpsc::Sender<Request>,
+}
+
+impl Spawner {
+    /// Starts the thread, which installs `filters` before it takes a request; fails if it
+    /// cannot. Call with the signals the process handles itself already blocked (the thread
+    /// inherits the mask).
+    pub fn start(filters: Vec<BpfProgram>) -> io::Result<Spawner> {
+        let (requests, incoming) = mpsc::channel::<Request>();
+        let (ready, confined) = mpsc::channel();
+        std::thread::Builder::new()
+            .name(crate::thread_filters::SPAWNER_THREAD.into())
+            .spawn(move || {
+                let installed = crate::thread_filters::install(&filters);
+                let confined = installed.is_ok();
+                let _ = ready.send(installed);
+                while let Some(Ok(Request {
+                    plan,
+                    namespaces,
+                    reply,
+                })) = confined.then(|| incoming.recv())
+                {
+                    let result = plan.spawn(namespaces);
+                    drop(plan);
+                    let _ = reply.send(result);
+                }
+                loop {
+                    std::thread::park();
+                }
+            })?;
+        confined
+            .recv()
+            .map_err(|_| io::Error::other("the spawner thread ended at start"))?
+            .map_err(|e| io::Error::other(format!("cannot confine the spawner thread: {e}")))?;
+        Ok(Spawner { requests })
+    }
+
+    /// Spawns `plan` (see [`SpawnPlan::spawn`]) on the spawner thread and waits for it.
+    pub fn spawn(&self, plan: SpawnPlan, namespaces: Namespaces) -> Result<Spawned, SpawnError> {
+        let gone = || SpawnError::Prepare(io::Error::other("the spawner thread is gone"));
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.requests
+            .send(Request {
+                plan,
+                namespaces,
+                reply,
+            })
+            .map_err(|_| gone())?;
+        answer.recv().map_err(|_| gone())?
+    }
+}
