@@ -112,6 +112,11 @@ const SUPERVISOR: &[&str] = &[
     // std::fs::copy's fallback where copy_file_range is refused.
     "sendfile",
     "flock",
+    // The owner checks of the state directory's files (owned_dir) compare with these.
+    "geteuid",
+    "getuid",
+    "getegid",
+    "getgid",
     "memfd_create",
     "dup",
     "pipe2",
