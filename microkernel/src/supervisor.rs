@@ -76,6 +76,10 @@ const MAX_CHAIN: usize = 64 * 1024;
 const ATTEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a control request to a running service may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `ps` waits for one service's counters before it shows the last ones it has: a
+/// busy or hung service must not hold up the supervisor's loop (a service blocked writing its
+/// output, waiting for that loop to read it, would never answer).
+const STATS_TIMEOUT: Duration = Duration::from_millis(50);
 /// How long services get to exit after a shutdown request before they are killed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// How often the supervisor pings running services (the watchdog's tick).
@@ -2465,10 +2469,15 @@ impl Supervisor {
     fn ps(&mut self) -> Vec<ServiceRow> {
         let mut rows = Vec::new();
         for i in 0..self.services.len() {
-            if self.services[i].state == State::Running {
+            // A service that missed its last health pings shows the counters it last gave:
+            // asking it again would hold up the loop (and every service's output, restarts
+            // and the watchdog) for nothing.
+            let answering =
+                self.services[i].last_answer.elapsed() < HEALTH_INTERVAL * 2 + HEALTH_TIMEOUT;
+            if self.services[i].state == State::Running && answering {
                 if let Ok(ctl::Response::Stats(st)) = self.services[i]
                     .control
-                    .call(&ctl::Request::Stats, CONTROL_TIMEOUT)
+                    .call(&ctl::Request::Stats, STATS_TIMEOUT)
                 {
                     self.services[i].last_stats = st;
                 }
