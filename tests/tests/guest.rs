@@ -4,104 +4,10 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Child;
-use std::process::Command;
-use std::process::ExitStatus;
-use std::process::Stdio;
 use std::time::Duration;
 use std::time::Instant;
 
 use common::*;
-
-fn kvm_available(test: &str) -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("SKIPPED: no /dev/kvm (or no access to it): {test} needs KVM");
-    }
-    ok && sandbox_available(test)
-}
-
-/// A `paravisor run` with a guest: console (stdout) and log (stderr) in files.
-struct Run {
-    dir: PathBuf,
-    child: Child,
-}
-
-impl Run {
-    fn start(tag: &str, manifest_text: &str, args: &[&str]) -> Run {
-        let dir = scratch_dir(tag);
-        let manifest = dir.join("manifest.toml");
-        std::fs::write(&manifest, manifest_text).unwrap();
-        let child = Command::new(paravisor())
-            .arg("run")
-            .arg(&manifest)
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .args(args)
-            .stdout(std::fs::File::create(dir.join("console.txt")).unwrap())
-            .stderr(std::fs::File::create(dir.join("paravisor.log")).unwrap())
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn paravisor run");
-        Run { dir, child }
-    }
-
-    fn console(&self) -> String {
-        std::fs::read_to_string(self.dir.join("console.txt")).unwrap_or_default()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("paravisor.log")).unwrap_or_default()
-    }
-
-    fn state_dir(&self) -> String {
-        self.dir.join("state").display().to_string()
-    }
-
-    fn wait_for_console(&self, text: &str, timeout: Duration) {
-        let until = Instant::now() + timeout;
-        while !self.console().contains(text) {
-            assert!(
-                Instant::now() < until,
-                "no {text:?} on the console after {timeout:?}:\n{}\n--- log ---\n{}",
-                self.console(),
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits for the run to end (killing it after `timeout`).
-    fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let until = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > until {
-                let _ = self.child.kill();
-                panic!(
-                    "the run did not end within {timeout:?}:\n{}\n--- log ---\n{}",
-                    self.console(),
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn assert_lines(console: &str, log: &str, lines: &[&str]) {
     for line in lines {
@@ -118,7 +24,7 @@ fn test_guest_boots_runs_its_tpm_session_and_exits_zero() {
         return;
     }
     let started = Instant::now();
-    let mut run = Run::start("guest-boot", &shipped_text(), &[]);
+    let mut run = GuestRun::start("guest-boot", &shipped_text(), &[]);
     let status = run.wait(Duration::from_secs(120));
     let (console, log) = (run.console(), run.log());
     assert_eq!(status.code(), Some(0), "{console}\n--- log ---\n{log}");
@@ -147,7 +53,7 @@ fn unowned_accesses_and_msrs_reach_intercept_which_applies_its_policy() {
     if !kvm_available("unowned_accesses_and_msrs_reach_intercept_which_applies_its_policy") {
         return;
     }
-    let mut run = Run::start(
+    let mut run = GuestRun::start(
         "guest-unowned",
         &shipped_text(),
         &["--cmdline", "tpm=0 interrupt=0 unowned=1"],
@@ -183,7 +89,7 @@ fn guest_that_triple_faults_ends_the_run_with_a_register_report() {
     if !kvm_available("guest_that_triple_faults_ends_the_run_with_a_register_report") {
         return;
     }
-    let mut run = Run::start(
+    let mut run = GuestRun::start(
         "guest-crash",
         &shipped_text(),
         &["--cmdline", "triple-fault=1"],
@@ -205,7 +111,7 @@ fn killed_vtpm_during_a_guest_extend_loop_loses_and_repeats_no_extend() {
     if !kvm_available("killed_vtpm_during_a_guest_extend_loop_loses_and_repeats_no_extend") {
         return;
     }
-    let mut run = Run::start(
+    let mut run = GuestRun::start(
         "guest-kill-vtpm",
         &shipped_text(),
         &["--cmdline", "extends=2500 interrupt=0 unowned=0"],
@@ -264,7 +170,7 @@ fn device_service_is_refused_an_interrupt_it_was_not_granted() {
             "args = [\"raise-interrupt\", \"5\", \"6\"]\ncalls = [{ endpoint = \"intercept\", interrupts = [5] }]"
         )
     );
-    let mut run = Run::start(
+    let mut run = GuestRun::start(
         "guest-irq-grant",
         &manifest,
         &["--keep-running", "--cmdline", "tpm=0 unowned=0"],
@@ -322,7 +228,7 @@ restart = { policy = "always", max = 5, window = "60s", backoff = "50ms" }
             "args = [\"crash\"]\nserves = [\"vtpm\"]\nmmio = [{ base = 0xfed40000, size = 0x5000 }]"
         )
     );
-    let mut run = Run::start(
+    let mut run = GuestRun::start(
         "guest-failed-device",
         &manifest,
         &["--cmdline", "extends=0 interrupt=0 unowned=0"],
@@ -352,7 +258,7 @@ fn config_accesses_of_a_pci_device_go_to_the_service_that_owns_it() {
         1,
     );
     assert!(manifest.contains("pci-device = 3"));
-    let mut run = Run::start(
+    let mut run = GuestRun::start(
         "guest-pci-forward",
         &manifest,
         &["--cmdline", "tpm=0 interrupt=0 unowned=0"],
@@ -373,7 +279,7 @@ fn the_vcpu_thread_reads_guest_exits_only_under_a_seccomp_filter_of_its_own() {
     if !kvm_available("the_vcpu_thread_reads_guest_exits_only_under_a_seccomp_filter_of_its_own") {
         return;
     }
-    let mut run = Run::start(
+    let mut run = GuestRun::start(
         "guest-vcpu-filter",
         &shipped_text(),
         &[

@@ -11,11 +11,7 @@ use std::io::Read;
 use std::io::Write;
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
-use std::process::Child;
 use std::process::Command;
-use std::process::ExitStatus;
-use std::process::Stdio;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -23,18 +19,6 @@ use common::*;
 
 /// All seven services of the shipped manifest.
 const SHIPPED_SERVICES: usize = 7;
-
-fn kvm_available(test: &str) -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("SKIPPED: no /dev/kvm (or no access to it): {test} needs KVM");
-    }
-    ok && sandbox_available(test)
-}
 
 /// The port the manifest text gives a listener.
 fn port(manifest: &str, listener: &str) -> u16 {
@@ -146,66 +130,6 @@ fn pcr_command(code: u32, pcr: u8, digest: Option<[u8; 32]>) -> Vec<u8> {
 
 const PCR_RESET: u32 = 0x13d;
 const PCR_EXTEND: u32 = 0x182;
-
-/// A `paravisor run` with the test guest: console and log in files; killed on drop.
-struct GuestRun {
-    dir: PathBuf,
-    child: Child,
-}
-
-impl GuestRun {
-    fn start(tag: &str, manifest_text: &str, args: &[&str]) -> GuestRun {
-        let dir = scratch_dir(tag);
-        let manifest = dir.join("manifest.toml");
-        std::fs::write(&manifest, manifest_text).unwrap();
-        let child = Command::new(paravisor())
-            .arg("run")
-            .arg(&manifest)
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .args(args)
-            .stdout(std::fs::File::create(dir.join("console.txt")).unwrap())
-            .stderr(std::fs::File::create(dir.join("paravisor.log")).unwrap())
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn paravisor run");
-        GuestRun { dir, child }
-    }
-
-    fn console(&self) -> String {
-        std::fs::read_to_string(self.dir.join("console.txt")).unwrap_or_default()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("paravisor.log")).unwrap_or_default()
-    }
-
-    fn both(&self) -> String {
-        format!("{}\n--- log ---\n{}", self.console(), self.log())
-    }
-
-    fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let until = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > until {
-                let _ = self.child.kill();
-                panic!("the run did not end within {timeout:?}:\n{}", self.both());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for GuestRun {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 #[test]
 fn a_client_without_the_register_grant_cannot_take_the_guests_tpm_away() {

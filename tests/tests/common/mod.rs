@@ -363,3 +363,98 @@ pub const VMGS_BODY: &str = r#"serves = ["vmgs"]
 files = [{ name = "guest-state", path = "guest.vmgs", access = "read-write", missing = "create-vmgs", key = "datastore", size = "1M" }]
 keys = [{ name = "datastore", path = "guest.vmgs.key", missing = "create" }]
 syscalls = ["pwrite64", "fdatasync", "fsync"]"#;
+
+/// Whether `/dev/kvm` can be opened (and the sandbox runs): tests of the guest partition say
+/// SKIPPED and return otherwise.
+pub fn kvm_available(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        eprintln!("SKIPPED: no /dev/kvm (or no access to it): {test} needs KVM");
+    }
+    ok && sandbox_available(test)
+}
+
+/// A `paravisor run` with a guest: console (stdout) and log (stderr) in files; killed on
+/// drop, its directory removed unless the test failed.
+pub struct GuestRun {
+    pub dir: PathBuf,
+    pub child: Child,
+}
+
+impl GuestRun {
+    pub fn start(tag: &str, manifest_text: &str, args: &[&str]) -> GuestRun {
+        let dir = scratch_dir(tag);
+        let manifest = dir.join("manifest.toml");
+        std::fs::write(&manifest, manifest_text).unwrap();
+        let child = Command::new(paravisor())
+            .arg("run")
+            .arg(&manifest)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .args(args)
+            .stdout(std::fs::File::create(dir.join("console.txt")).unwrap())
+            .stderr(std::fs::File::create(dir.join("paravisor.log")).unwrap())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn paravisor run");
+        GuestRun { dir, child }
+    }
+
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(self.dir.join("console.txt")).unwrap_or_default()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("paravisor.log")).unwrap_or_default()
+    }
+
+    /// Console and log, for a failure message.
+    pub fn both(&self) -> String {
+        format!("{}\n--- log ---\n{}", self.console(), self.log())
+    }
+
+    pub fn state_dir(&self) -> String {
+        self.dir.join("state").display().to_string()
+    }
+
+    pub fn wait_for_console(&self, text: &str, timeout: Duration) {
+        let until = Instant::now() + timeout;
+        while !self.console().contains(text) {
+            assert!(
+                Instant::now() < until,
+                "no {text:?} on the console after {timeout:?}:\n{}",
+                self.both()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the run to end (killing it after `timeout`, which only catches hangs).
+    pub fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let until = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > until {
+                let _ = self.child.kill();
+                panic!("the run did not end within {timeout:?}:\n{}", self.both());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for GuestRun {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
