@@ -272,11 +272,28 @@ pub fn check_own_maps(exe: &Path, needs: &Needs) -> Result<(), String> {
     let mut odd = Vec::new();
     for line in maps.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() < 6 {
+        if fields.len() < 5 {
             continue;
         }
         let path = fields[5..].join(" ");
-        if path.starts_with('[') || path.starts_with("/memfd:") || fields[4] == "0" {
+        let executable = fields[1].contains('x');
+        if fields[4] == "0" || path.starts_with("/memfd:") || path.starts_with('[') {
+            // Code the kernel maps is fine; code in anonymous memory or a memfd is what a
+            // library that unmapped its own file after loading would leave.
+            let kernel = path == "[vdso]" || path == "[vsyscall]";
+            if executable && !kernel {
+                let what = if path.is_empty() {
+                    format!("anonymous executable memory at {}", fields[0])
+                } else {
+                    format!("executable {path} at {}", fields[0])
+                };
+                if !odd.contains(&what) {
+                    odd.push(what);
+                }
+            }
+            continue;
+        }
+        if fields.len() < 6 {
             continue;
         }
         let Ok(ino) = fields[4].parse::<u64>() else {

@@ -475,6 +475,14 @@ fn launch(
     let keep_running = guest.keep_running;
     let mut guest = guest.config()?;
     init_logging();
+    // Before the platform or any key is loaded: nothing of this process ends up in a core
+    // file.
+    let root = ipc_defs::hosted::sys::effective_uid() == 0;
+    microkernel::sandbox::no_core_dumps(root)
+        .map_err(|e| failed(format!("cannot turn core dumps off: {e}")))?;
+    // A panic prints its message only: the default hook's backtrace (RUST_BACKTRACE) opens
+    // files, which the vCPU and platform threads' filters answer by killing the process.
+    std::panic::set_hook(Box::new(|info| eprintln!("paravisor: {info}")));
     let m = load(manifest.as_deref())?;
     let state_dir = supervisor::state_dir(&m, state_dir.as_deref());
     let bin_dir = std::env::current_exe()

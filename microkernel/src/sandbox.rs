@@ -287,8 +287,10 @@ impl SpawnPlan {
         3 + caps as RawFd
     }
 
-    /// Clones the child into `namespaces` (falling back to fewer if the kernel refuses) and
-    /// runs it to `execveat`.
+    /// Clones the child into `namespaces` (inside a new user namespace if the kernel refuses
+    /// them outright, as it does an ordinary user) and runs it to `execveat`. Never with
+    /// fewer: without its mount namespace a service would map the host's libraries instead of
+    /// the measured copies, and see the host's files.
     pub fn spawn(&self, wanted: Namespaces) -> Result<Spawned, SpawnError> {
         if self.identity.is_none() {
             return Err(SpawnError::Prepare(io::Error::new(
@@ -298,9 +300,8 @@ impl SpawnPlan {
         }
         let mut attempts = vec![wanted];
         if wanted != Namespaces::empty() {
-            // Unprivileged: the same namespaces inside a new user namespace, then none.
+            // Unprivileged: the same namespaces inside a new user namespace.
             attempts.push(wanted | Namespaces::USER);
-            attempts.push(Namespaces::empty());
         }
         let mut last = None;
         for ns in attempts {
@@ -545,7 +546,9 @@ impl SpawnPlan {
             }
             let err_fd = err_slot;
 
-            // 3. File system view.
+            // 3. File system view. The copies must be readable by the service's own uid
+            // whatever the operator's umask.
+            libc::umask(0o022);
             if ns.contains(Namespaces::MOUNT) {
                 let none = c"none".as_ptr();
                 if libc::mount(
@@ -956,6 +959,26 @@ pub fn signalfd(signals: &[i32]) -> io::Result<OwnedFd> {
         }
         Ok(OwnedFd::from_raw_fd(fd))
     }
+}
+
+/// No core dump of the microkernel, which holds the platform's chip secret, unsealed keys and
+/// guest memory (a seccomp kill would otherwise dump it); as root also not dumpable, so that
+/// no other process of its uid may trace it or read its memory. (Unprivileged it must stay
+/// dumpable: it writes its children's user-namespace id maps, which that would forbid.)
+pub fn no_core_dumps(root: bool) -> io::Result<()> {
+    let none = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit with a valid rlimit record.
+    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &none) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: prctl(PR_SET_DUMPABLE, 0) has no pointer arguments.
+    if root && unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Lets SIGPIPE end the process, as for any command-line filter: a command that only prints

@@ -156,6 +156,7 @@ const SPAWNER: &[&str] = &["pipe2", "openat", "wait4", "waitid", "pidfd_send_sig
 
 /// What the sandbox child does between `clone` and `execveat` (see [`crate::sandbox`]).
 pub const SANDBOX_CHILD: &[&str] = &[
+    "umask",
     "dup2",
     "dup3",
     "fcntl",

@@ -273,3 +273,33 @@ fn services_die_with_the_microkernel_although_their_identity_changed() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The measured library copies in a service's root are made by the sandbox child as root, and
+/// read by the service under its own uid: an operator's restrictive umask must not make them
+/// unreadable (every dynamically linked service would then fail at exec).
+#[test]
+fn services_start_under_a_restrictive_umask() {
+    let test = "services_start_under_a_restrictive_umask";
+    if !common::kvm_available(test) {
+        return;
+    }
+    let dir = common::scratch_dir("umask");
+    let manifest = dir.join("manifest.toml");
+    std::fs::write(&manifest, common::shipped_text()).unwrap();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("umask 077 && exec \"$@\"")
+        .arg("sh")
+        .arg(common::paravisor())
+        .arg("run")
+        .arg(&manifest)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(["--cmdline", "extends=0 interrupt=0 unowned=0"])
+        .output()
+        .unwrap();
+    // The guest's TPM session needs vtpm, vmgs and attest up: exit status 0.
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("all checks passed"), "{}", text(&out));
+    let _ = std::fs::remove_dir_all(dir);
+}
