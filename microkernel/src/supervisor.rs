@@ -1394,6 +1394,20 @@ impl Supervisor {
                     .get(&link.interface)
                     .copied()
                     .unwrap_or(Grant::Interface);
+                // A front end's commands: locality 0 and the localities of the listeners this
+                // run bound (`--listen`), not of every listener the manifest declares.
+                if let Grant::Vtpm(g) = &mut cap.5 {
+                    if !g.commands.is_empty() {
+                        let zero = ipc_defs::services::vtpm::Localities::ZERO;
+                        g.commands = self.services[link.client].listeners.iter().fold(
+                            zero,
+                            |all, l| match l.grant {
+                                Grant::Localities(these) => all.union(these),
+                                _ => all,
+                            },
+                        );
+                    }
+                }
                 caps.push(cap);
             }
         }

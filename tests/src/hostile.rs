@@ -23,7 +23,7 @@
 //! | `flood N`           | writes N lines to stderr as fast as it can (0: forever), then serves | rate-limited, drops counted |
 //! | `long-line N`       | writes N bytes without a newline, then exits   | cut; the supervisor's memory bounded |
 //! | `platform-grab`     | as the attest service: asks the platform for a VMPL 0 report and the datastore key's wrapping key, then a VMPL 1 report | the first two refused, the last signed |
-//! | `vtpm-requests`     | a TPM command, a platform power-off and a register read to vtpm | each refused unless granted |
+//! | `vtpm-requests [L]` | a TPM command (at locality L, default 0), a platform power-off and a register read to vtpm | each refused unless granted |
 //! | `vtpm-seize S`      | for S seconds seizes the TPM's registers (locality 4) and writes its FIFO, as vCPU 0 | refused: the guest's session goes on |
 //! | `vtpm-vcpu-flood N` | N register writes to vtpm under invented vCPU ids 1000.. | refused; the checkpoint stays small |
 //! | `privileges`        | reads /proc/1/environ, then tries setuid(0), setresuid, setresgid, setgroups, capset, chown, chmod, a raw socket, raising a limit, sethostname, settimeofday (its manifest grants these syscalls, so the kernel answers, not seccomp); last init_module | each refused; killed at init_module |
@@ -403,11 +403,13 @@ fn main() -> ExitCode {
             let seq = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| d.as_nanos() as u64);
+            // At the locality the second argument names (default 0).
+            let locality: u8 = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(0);
             let r = vtpm_call(
                 &mut end,
                 vtpm::Request::Command {
                     seq,
-                    locality: 0,
+                    locality,
                     command: getrandom,
                 },
             );

@@ -240,7 +240,7 @@ fn a_client_not_granted_commands_or_platform_signals_is_refused_them() {
         Duration::from_secs(30),
     );
     for line in [
-        "pv-hostile: vtpm command: Ok(Error(NotGranted(Commands)))",
+        "pv-hostile: vtpm command: Ok(Error(NotGranted(Locality(4))))",
         "pv-hostile: vtpm platform power-off: Ok(Error(NotGranted(Platform)))",
         "pv-hostile: vtpm register read: Ok(Error(NotGranted(Registers)))",
     ] {
@@ -622,4 +622,47 @@ fn a_power_off_through_the_platform_port_is_refused_while_the_guest_uses_the_tpm
         all.contains("client=tpm-gateway") && all.contains("the guest partition uses this TPM"),
         "{all}"
     );
+}
+
+/// A front end's channel to the TPM carries the localities of the listeners this run bound,
+/// not of every listener the manifest declares: a compromised front end gets no locality the
+/// host did not enable (its command at locality 4 is refused by vtpm itself unless the
+/// listener granting 4 was asked for with `--listen`).
+#[test]
+fn a_front_end_gets_only_the_localities_of_the_listeners_the_host_enabled() {
+    let test = "a_front_end_gets_only_the_localities_of_the_listeners_the_host_enabled";
+    if !sandbox_available(test) {
+        return;
+    }
+    let port = free_port();
+    let manifest = format!(
+        "{}\n{}",
+        shipped_text(),
+        service(
+            "hostile",
+            "pv-hostile",
+            &format!(
+                "calls = [{{ endpoint = \"vtpm\", tpm = [\"commands\"] }}]\nlisten = [{{ name = \"hostile-drtm\", address = \"127.0.0.1:{port}\", localities = [0, 4] }}]\nargs = [\"vtpm-requests\", \"4\"]\nwatchdog = \"60s\"\n{RESTART_NEVER}"
+            ),
+        )
+    );
+    for (args, expect) in [
+        (
+            &[][..],
+            "pv-hostile: vtpm command: Ok(Error(NotGranted(Locality(4))))",
+        ),
+        (
+            &["--listen", "hostile-drtm"][..],
+            "pv-hostile: vtpm command: Ok(Tpm(",
+        ),
+    ] {
+        let mut inst = Instance::start_with("grant-enabled-loc", &manifest, SHIPPED_SERVICES, args);
+        let log = wait_for(
+            || inst.log(),
+            "pv-hostile: vtpm command:",
+            Duration::from_secs(60),
+        );
+        assert!(log.contains(expect), "{args:?}: want {expect:?}:\n{log}");
+        assert_eq!(inst.stop().code(), Some(0), "{}", inst.log());
+    }
 }
