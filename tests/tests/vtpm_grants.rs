@@ -240,7 +240,7 @@ fn a_client_not_granted_commands_or_platform_signals_is_refused_them() {
         Duration::from_secs(30),
     );
     for line in [
-        "pv-hostile: vtpm command: Ok(Error(NotGranted(Locality(4))))",
+        "pv-hostile: vtpm command: Ok(Error(NotGranted(Commands)))",
         "pv-hostile: vtpm platform power-off: Ok(Error(NotGranted(Platform)))",
         "pv-hostile: vtpm register read: Ok(Error(NotGranted(Registers)))",
     ] {
