@@ -818,7 +818,8 @@ fn root_view(code: &[(&OwnedFd, u64, &str)]) -> io::Result<(Vec<RootEntry>, u64)
 /// a new file `target`, read-only and executable. Raw syscalls only.
 ///
 /// # Safety
-/// Called only in the forked child, with descriptors and a string prepared before the fork.
+/// SAFETY: called only in the forked child, with descriptors and a string prepared before
+/// the fork.
 unsafe fn copy_file(source: RawFd, target: &CString, length: u64) -> bool {
     // SAFETY: open/sendfile/close on descriptors the child owns and a valid C string.
     unsafe {

@@ -13,6 +13,7 @@ use std::process::Stdio;
 use std::time::Duration;
 use std::time::Instant;
 
+use common::port;
 use common::sandbox_available;
 use common::scratch_dir;
 use common::Instance;
@@ -34,22 +35,6 @@ fn tools_available(test: &str) -> bool {
         );
     }
     ok
-}
-
-/// The port the manifest text gives a listener.
-fn port(manifest: &str, listener: &str) -> u16 {
-    let at = manifest
-        .find(&format!("name = \"{listener}\""))
-        .expect("listener in the manifest");
-    let addr = manifest[at..]
-        .split("address = \"")
-        .nth(1)
-        .expect("address");
-    addr[..addr.find('"').expect("quote")]
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("port")
 }
 
 fn text(o: &Output) -> String {

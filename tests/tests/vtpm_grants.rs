@@ -20,20 +20,6 @@ use common::*;
 /// All seven services of the shipped manifest.
 const SHIPPED_SERVICES: usize = 7;
 
-/// The port the manifest text gives a listener.
-fn port(manifest: &str, listener: &str) -> u16 {
-    let at = manifest
-        .find(&format!("name = \"{listener}\""))
-        .expect("listener in the manifest");
-    let rest = &manifest[at..];
-    let addr = rest.split("address = \"").nth(1).expect("address");
-    addr[..addr.find('"').expect("quote")]
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("port")
-}
-
 /// A hostile vtpm client (pv-hostile) with a plain `calls = [{ endpoint = "vtpm" }]`.
 fn hostile_vtpm_client(name: &str, args: &str) -> String {
     service(

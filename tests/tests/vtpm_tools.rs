@@ -13,6 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 use std::time::Instant;
 
+use common::port;
 use common::sandbox_available;
 use common::scratch_dir;
 use common::Instance;
@@ -30,20 +31,6 @@ fn tools_available(test: &str) -> bool {
         eprintln!("SKIPPED: {test}: tpm2-tools are not installed (apt-get install tpm2-tools)");
     }
     ok
-}
-
-/// The port the manifest text gives a listener.
-fn port(manifest: &str, listener: &str) -> u16 {
-    let at = manifest
-        .find(&format!("name = \"{listener}\""))
-        .expect("listener in the manifest");
-    let rest = &manifest[at..];
-    let addr = rest.split("address = \"").nth(1).expect("address");
-    addr[..addr.find('"').expect("quote")]
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("port")
 }
 
 fn script() -> &'static Path {

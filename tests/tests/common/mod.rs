@@ -458,3 +458,19 @@ impl Drop for GuestRun {
         }
     }
 }
+
+/// The port the manifest text gives a listener.
+pub fn port(manifest: &str, listener: &str) -> u16 {
+    let at = manifest
+        .find(&format!("name = \"{listener}\""))
+        .expect("listener in the manifest");
+    let addr = manifest[at..]
+        .split("address = \"")
+        .nth(1)
+        .expect("address");
+    addr[..addr.find('"').expect("quote")]
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port")
+}
