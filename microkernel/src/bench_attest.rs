@@ -41,7 +41,8 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(manifest: &Path, dir: &Path, quick: bool) -> std::io::Result<Report> {
     let samples = if quick { 20 } else { 301 };
     let text = std::fs::read_to_string(manifest)?;
-    let (_paravisor, state) = crate::bench_vtpm::start_instance(&text, dir, &[])?;
+    let (_paravisor, state) =
+        crate::bench_vtpm::start_instance(&text, &dir.join("instance"), &[])?;
     let deadline = Instant::now() + Duration::from_secs(120);
     let latencies = loop {
         match crate::control::send(&state, &crate::control::Command::AttestBench { samples }) {
@@ -51,14 +52,13 @@ pub fn run(manifest: &Path, dir: &Path, quick: bool) -> std::io::Result<Report> 
             }
             _ if Instant::now() > deadline => {
                 return Err(std::io::Error::other(format!(
-                    "the paravisor did not answer; see {}",
-                    dir.join("paravisor.log").display()
+                    "the paravisor did not answer; its log ends:\n{}",
+                    crate::bench_guest::log_tail(&dir.join("instance/paravisor.log"))
                 )))
             }
             _ => std::thread::sleep(Duration::from_millis(100)),
         }
     };
-    let _ = crate::control::send(&state, &crate::control::Command::Shutdown);
     Ok(Report {
         report_ratio: latencies.report_service_us / latencies.report_direct_us,
         key_ratio: latencies.key_service_us / latencies.key_direct_us,

@@ -46,14 +46,38 @@ pub struct Report {
     pub restart_to_first_command_ms: Vec<f64>,
 }
 
-/// A child process killed on drop.
-/// A child process killed when dropped.
-pub struct Guard(Child);
+/// How long a benchmark's paravisor gets to stop its services when asked.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// A child process, ended when dropped: a paravisor (`state`: its state directory) is asked to
+/// stop first, so that it stops and reaps its services (their CPU time then counts as this
+/// process's, see `bench_env::MachineLoad`); anything else is killed.
+pub struct Guard {
+    child: Child,
+    state: Option<std::path::PathBuf>,
+}
+
+impl Guard {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if let Some(state) = &self.state {
+            if crate::control::send(state, &crate::control::Command::Shutdown).is_ok() {
+                let until = Instant::now() + STOP_GRACE;
+                while Instant::now() < until {
+                    if let Ok(Some(_)) = self.child.try_wait() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -271,16 +295,15 @@ fn listeners_moved(text: &str) -> std::io::Result<(String, u16)> {
     Ok((text, swtpm_data))
 }
 
-/// Starts `paravisor run --no-guest` of manifest `text` in `dir` (emptied first; the log in
-/// `dir/paravisor.log`), with the front ends `listen` names: the process (killed when
-/// dropped) and its state directory.
+/// Starts `paravisor run --no-guest` of manifest `text` in `dir` (made here; it must not
+/// exist yet; the log in `dir/paravisor.log`), with the front ends `listen` names: the process
+/// (stopped when dropped) and its state directory.
 pub fn start_instance(
     text: &str,
     dir: &Path,
     listen: &[&str],
 ) -> std::io::Result<(Guard, std::path::PathBuf)> {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir)?;
+    std::fs::create_dir(dir)?;
     let run_manifest = dir.join("manifest.toml");
     std::fs::write(&run_manifest, text)?;
     let state = dir.join("state");
@@ -294,16 +317,23 @@ pub fn start_instance(
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("paravisor.log"))?)
         .spawn()?;
-    Ok((Guard(child), state))
+    Ok((
+        Guard {
+            child,
+            state: Some(state.clone()),
+        },
+        state,
+    ))
 }
 
 /// Runs the comparison on all CPUs, then on one. `manifest` is the manifest to run (its
-/// listeners are moved to free ports); `dir` holds the temporary state.
+/// listeners are moved to free ports); `dir` (a fresh directory of the benchmark's own) holds
+/// the temporary state.
 pub fn run(manifest: &Path, dir: &Path, quick: bool) -> std::io::Result<Report> {
-    let (all, restarts) = measure(manifest, dir, quick, true)?;
+    let (all, restarts) = measure(manifest, &dir.join("all-cpus"), quick, true)?;
     // Pinned last: the pin is inherited by everything started from here on.
     ipc_defs::hosted::sys::pin_to_cpu(0)?;
-    let (one, _) = measure(manifest, dir, quick, false)?;
+    let (one, _) = measure(manifest, &dir.join("one-cpu"), quick, false)?;
     Ok(Report {
         placements: vec![
             Placement {
@@ -345,7 +375,7 @@ fn measure(
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
-        let guard = Guard(child);
+        let guard = Guard { child, state: None };
         let mut s = connect(p, Duration::from_secs(10))?;
         expect_ok(&mut s, &STARTUP_CLEAR, "swtpm Startup")?;
         Ok((guard, s))

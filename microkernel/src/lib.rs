@@ -11,8 +11,10 @@
 pub mod audit;
 pub mod bench;
 pub mod bench_attest;
+pub mod bench_env;
 pub mod bench_guest;
 pub mod bench_measure;
+pub mod bench_memory;
 pub mod bench_vmgs;
 pub mod bench_vtpm;
 pub mod control;
@@ -20,6 +22,7 @@ pub mod kbs;
 pub mod key_protector;
 pub mod libraries;
 pub mod listeners;
+pub mod logging;
 pub mod manifest;
 pub mod measure;
 pub mod output;

@@ -67,6 +67,8 @@ enum Cmd {
         #[arg(long, value_name = "NAME[=ADDRESS|PATH]|all")]
         listen: Vec<String>,
         #[command(flatten)]
+        log: LogArgs,
+        #[command(flatten)]
         guest: GuestArgs,
     },
     /// List the services of the running instance.
@@ -126,13 +128,16 @@ enum Cmd {
     },
     /// Measure against baselines in the same run: `ipc` (our rings against the shared-memory
     /// floor, eventfd and Unix sockets), `vmgs` (the guest-state store against plain file
-    /// I/O), `vtpm` (a running paravisor's TPM against swtpm) or `guest` (a guest exit
-    /// answered by a device service against one answered in the vCPU thread).
+    /// I/O), `vtpm` (a running paravisor's TPM against swtpm), `guest` (a guest exit
+    /// answered by a device service against one answered in the vCPU thread) or `memory`
+    /// (an idle instance's footprint against Firecracker's). Warns when other processes kept
+    /// the machine busy meanwhile.
     Bench {
         /// What to measure.
-        #[arg(value_parser = ["ipc", "vmgs", "vtpm", "guest", "measure", "attest"], default_value = "ipc")]
+        #[arg(value_parser = ["ipc", "vmgs", "vtpm", "guest", "measure", "attest", "memory"], default_value = "ipc")]
         what: String,
-        /// For `vmgs`: the directory (file system) to measure in [default: the system's temporary directory].
+        /// Where the benchmark makes its temporary directory (unique, removed at the end; for
+        /// `vmgs`, the file system measured) [default: the system's temporary directory].
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Samples per latency measurement.
@@ -214,14 +219,26 @@ fn send(state_dir: &Path, command: &Command) -> Result<Reply, ExitCode> {
     })
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+/// Where `run` logs and how (`microkernel::logging`).
+#[derive(clap::Args, Debug, Default)]
+struct LogArgs {
+    /// How the log looks: text (coloured only on a terminal) or json (one object per line,
+    /// the services' lines and the console included).
+    #[arg(long, value_enum, default_value_t = microkernel::logging::LogFormat::Text)]
+    log_format: microkernel::logging::LogFormat,
+    /// Append the log (the microkernel's and the services' stderr lines) to this file instead
+    /// of stderr: created 0600 if missing, refused if it is a link or another user's.
+    #[arg(long)]
+    log_file: Option<PathBuf>,
+}
+
+impl LogArgs {
+    fn options(&self) -> microkernel::logging::LogOptions {
+        microkernel::logging::LogOptions {
+            format: self.log_format,
+            file: self.log_file.clone(),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -471,10 +488,11 @@ fn launch(
     platform_dir: Option<PathBuf>,
     guest: GuestArgs,
     listen: &[String],
+    log: &microkernel::logging::LogOptions,
 ) -> Result<supervisor::Options, ExitCode> {
     let keep_running = guest.keep_running;
     let mut guest = guest.config()?;
-    init_logging();
+    microkernel::logging::init(log).map_err(failed)?;
     // Before the platform or any key is loaded: nothing of this process ends up in a core
     // file.
     let root = ipc_defs::hosted::sys::effective_uid() == 0;
@@ -844,15 +862,29 @@ fn main() -> ExitCode {
     if prints_only {
         microkernel::sandbox::default_sigpipe();
     }
-    match run(cli) {
+    // Every child of a benchmark is waited for when `run` returns: its CPU time is ours.
+    let load = matches!(cli.command, Cmd::Bench { .. })
+        .then(microkernel::bench_env::MachineLoad::start);
+    let code = match run(cli) {
         Ok(code) | Err(code) => code,
+    };
+    if let Some(warning) = load.and_then(|l| l.warning()) {
+        eprintln!("paravisor: {warning}");
     }
+    code
 }
 
 fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
     match cli.command {
         Cmd::Check { manifest } => {
             let m = load(manifest.as_deref())?;
+            let missing = m.missing_binaries(&bin_dir());
+            if !missing.is_empty() {
+                for d in &missing {
+                    eprintln!("{d}");
+                }
+                return Err(ExitCode::FAILURE);
+            }
             println!(
                 "{}: valid ({} services, {} channels)",
                 m.path.display(),
@@ -1036,9 +1068,10 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             state_dir,
             platform_dir,
             listen,
+            log,
             guest,
         } => {
-            let opts = launch(manifest, state_dir, platform_dir, guest, &listen)?;
+            let opts = launch(manifest, state_dir, platform_dir, guest, &listen, &log.options())?;
             let sup = supervisor::Supervisor::new(&opts).map_err(failed)?;
             let summary = sup.run().map_err(failed)?;
             Ok(guest_exit_code(summary.guest))
@@ -1052,7 +1085,14 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                     guest,
                 },
         } => {
-            let opts = launch(manifest, state_dir, platform_dir, guest, &[])?;
+            let opts = launch(
+                manifest,
+                state_dir,
+                platform_dir,
+                guest,
+                &[],
+                &Default::default(),
+            )?;
             let sup = supervisor::Supervisor::new(&opts).map_err(failed)?;
             let lines = sup.reseal().map_err(failed)?;
             for line in lines {
@@ -1158,7 +1198,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             done(send(&dir, &Command::Probe { service, endpoint })?)
         }
         Cmd::Bench { what, .. }
-            if ["vtpm", "guest", "measure", "attest"].contains(&what.as_str())
+            if ["vtpm", "guest", "measure", "attest", "memory"].contains(&what.as_str())
                 && !Path::new(DEFAULT_MANIFEST).is_file() =>
         {
             eprintln!(
@@ -1175,21 +1215,10 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             quick,
             json,
         } if what == "vmgs" => {
-            let dir = dir.unwrap_or_else(std::env::temp_dir);
+            let dir = bench_dir(&what, dir.as_deref())?;
             let samples = if quick { 5 } else { samples };
-            let report = microkernel::bench_vmgs::run(&dir, samples);
+            let report = microkernel::bench_vmgs::run(dir.path(), samples);
             print_report(report, json, microkernel::bench_vmgs::text)
-        }
-        Cmd::Bench {
-            what,
-            dir,
-            quick,
-            json,
-            ..
-        } if what == "attest" => {
-            let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("pv-bench-attest"));
-            let report = microkernel::bench_attest::run(Path::new(DEFAULT_MANIFEST), &dir, quick);
-            print_report(report, json, microkernel::bench_attest::text)
         }
         Cmd::Bench {
             what, quick, json, ..
@@ -1204,21 +1233,31 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             quick,
             json,
             ..
-        } if what == "guest" => {
-            let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("pv-bench-guest"));
-            let report = microkernel::bench_guest::run(Path::new(DEFAULT_MANIFEST), &dir, quick);
-            print_report(report, json, microkernel::bench_guest::text)
-        }
-        Cmd::Bench {
-            what,
-            dir,
-            quick,
-            json,
-            ..
-        } if what == "vtpm" => {
-            let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("pv-bench-vtpm"));
-            let report = microkernel::bench_vtpm::run(Path::new(DEFAULT_MANIFEST), &dir, quick);
-            print_report(report, json, microkernel::bench_vtpm::text)
+        } if ["attest", "guest", "vtpm", "memory"].contains(&what.as_str()) => {
+            let dir = bench_dir(&what, dir.as_deref())?;
+            let manifest = Path::new(DEFAULT_MANIFEST);
+            match what.as_str() {
+                "attest" => print_report(
+                    microkernel::bench_attest::run(manifest, dir.path(), quick),
+                    json,
+                    microkernel::bench_attest::text,
+                ),
+                "guest" => print_report(
+                    microkernel::bench_guest::run(manifest, dir.path(), quick),
+                    json,
+                    microkernel::bench_guest::text,
+                ),
+                "vtpm" => print_report(
+                    microkernel::bench_vtpm::run(manifest, dir.path(), quick),
+                    json,
+                    microkernel::bench_vtpm::text,
+                ),
+                _ => print_report(
+                    microkernel::bench_memory::run(manifest, dir.path(), &bin_dir()),
+                    json,
+                    microkernel::bench_memory::text,
+                ),
+            }
         }
         Cmd::Bench {
             what: _,
@@ -1261,6 +1300,17 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             done(send(&dir, &Command::Shutdown)?)
         }
     }
+}
+
+/// A benchmark's own temporary directory (removed when dropped).
+fn bench_dir(
+    what: &str,
+    parent: Option<&Path>,
+) -> Result<microkernel::bench_env::BenchDir, ExitCode> {
+    microkernel::bench_env::BenchDir::new(what, parent).map_err(|e| {
+        eprintln!("paravisor: benchmark directory: {e}");
+        ExitCode::FAILURE
+    })
 }
 
 /// Prints a benchmark report as text or JSON.

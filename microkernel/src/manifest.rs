@@ -669,6 +669,54 @@ impl Manifest {
     pub fn server_of(&self, interface: Interface) -> Option<&ServiceSpec> {
         self.services.iter().find(|s| s.serves.contains(&interface))
     }
+
+    /// The services whose executable is not an executable file in `bin_dir` (where `run`
+    /// finds them), each pointing at its `binary` line.
+    pub fn missing_binaries(&self, bin_dir: &Path) -> Vec<Diagnostic> {
+        use std::os::unix::fs::PermissionsExt;
+        /// Only where each `binary` is (the text was validated already).
+        #[derive(Deserialize)]
+        struct Binaries {
+            #[serde(default)]
+            service: Vec<BinaryAt>,
+        }
+        #[derive(Deserialize)]
+        struct BinaryAt {
+            binary: Spanned<String>,
+        }
+        let spans: Vec<Range<usize>> = toml::from_str::<Binaries>(&self.source)
+            .map(|b| b.service.iter().map(|s| s.binary.span()).collect())
+            .unwrap_or_default();
+        let mut v = Validator {
+            file: self.path.display().to_string(),
+            source: &self.source,
+            diagnostics: Vec::new(),
+        };
+        for (i, s) in self.services.iter().enumerate() {
+            let path = bin_dir.join(&s.binary);
+            let problem = match std::fs::metadata(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => "does not exist",
+                Err(_) => "cannot be read",
+                Ok(m) if !m.is_file() => "is not a file",
+                Ok(m) if m.permissions().mode() & 0o111 == 0 => "is not executable",
+                Ok(_) => continue,
+            };
+            v.error(
+                spans.get(i).cloned().unwrap_or(0..0),
+                format!(
+                    "binary \"{}\" of service \"{}\": {} {problem}",
+                    s.binary,
+                    s.name,
+                    path.display()
+                ),
+                format!(
+                    "services run the executables next to paravisor ({}): build them (cargo build --release) or fix the name",
+                    bin_dir.display()
+                ),
+            );
+        }
+        v.diagnostics
+    }
 }
 
 fn parse_help(message: &str) -> String {

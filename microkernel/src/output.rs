@@ -112,6 +112,9 @@ struct StreamState {
 #[derive(Debug)]
 pub struct ServiceOutput {
     tag: Vec<u8>,
+    /// The service's name, for JSON lines.
+    name: String,
+    format: crate::logging::LogFormat,
     streams: [StreamState; 2],
     dropped: u64,
     unreported: u64,
@@ -129,10 +132,18 @@ impl ServiceOutput {
         };
         ServiceOutput {
             tag: format!("{name:<width$} | ").into_bytes(),
+            name: name.to_string(),
+            format: crate::logging::LogFormat::Text,
             streams: [stream(), stream()],
             dropped: 0,
             unreported: 0,
         }
+    }
+
+    /// Its lines as `format` says (text, tagged, by default; JSON lines: see `logging.rs`).
+    pub fn with_format(mut self, format: crate::logging::LogFormat) -> ServiceOutput {
+        self.format = format;
+        self
     }
 
     /// Takes the read ends of a new start's pipes (non-blocking).
@@ -288,12 +299,29 @@ impl ServiceOutput {
             self.unreported += 1;
             return;
         }
-        out.extend_from_slice(&self.tag);
         let text = if cut {
             text
         } else {
             text.strip_suffix(b"\r").unwrap_or(text)
         };
+        if self.format == crate::logging::LogFormat::Json {
+            let mut escaped = Vec::new();
+            escape(text, &mut escaped);
+            let stream = match stream {
+                Stream::Stdout => "stdout",
+                Stream::Stderr => "stderr",
+            };
+            let line = crate::logging::service_line_json(
+                &self.name,
+                stream,
+                &String::from_utf8_lossy(&escaped),
+                cut,
+            );
+            out.extend_from_slice(line.as_bytes());
+            out.push(b'\n');
+            return;
+        }
+        out.extend_from_slice(&self.tag);
         escape(text, out);
         if cut {
             out.extend_from_slice(format!(" [cut: longer than {MAX_LINE} bytes]").as_bytes());
@@ -406,6 +434,23 @@ mod tests {
             lines(&mut o, Stream::Stdout, &bytes, now),
             "x | \\x1b]0\\xff\\xc3;title\\x07\\x1b[2Jé\tok\\x0dx | forged\\xc2\\x9b31m\\u{202e}rev\\u{2028}\\x7f\n"
         );
+    }
+
+    #[test]
+    fn json_lines_carry_the_service_stream_and_escaped_text() {
+        let mut o = ServiceOutput::new("vtpm", 6).with_format(crate::logging::LogFormat::Json);
+        let now = Instant::now();
+        let out = lines(&mut o, Stream::Stderr, b"hello \x1b[31mred\r\nsecond\n", now);
+        let rows: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect();
+        assert_eq!(rows.len(), 2, "{out}");
+        assert_eq!(rows[0]["service"], "vtpm");
+        assert_eq!(rows[0]["stream"], "stderr");
+        assert_eq!(rows[0]["message"], "hello \\x1b[31mred");
+        assert_eq!(rows[1]["message"], "second");
+        assert!(!out.contains('\x1b'));
     }
 
     #[test]

@@ -445,7 +445,8 @@ impl Supervisor {
                 last_answer: Instant::now(),
                 kill_reason: None,
                 starting: None,
-                output: ServiceOutput::new(&spec.name, tag_width),
+                output: ServiceOutput::new(&spec.name, tag_width)
+                    .with_format(crate::logging::format()),
                 privilege: privileges.next().ok_or_else(|| {
                     create_err(format!("identity of {}", spec.name))("no plan".into())
                 })?,
@@ -1289,7 +1290,7 @@ impl Supervisor {
         let output = &mut self.services[i].output;
         match stream {
             Stream::Stdout => output.pump(stream, &mut std::io::stdout().lock()),
-            Stream::Stderr => output.pump(stream, &mut std::io::stderr().lock()),
+            Stream::Stderr => output.pump(stream, &mut crate::logging::log_writer()),
         }
     }
 
@@ -1298,7 +1299,7 @@ impl Supervisor {
     fn drain_output(&mut self, i: usize) {
         self.services[i]
             .output
-            .drain(&mut std::io::stdout().lock(), &mut std::io::stderr().lock());
+            .drain(&mut std::io::stdout().lock(), &mut crate::logging::log_writer());
         self.report_dropped_output(i);
     }
 

@@ -777,3 +777,30 @@ fn a_service_user_must_not_be_root_nobody_or_another_services() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn check_fails_when_a_service_binary_does_not_exist() {
+    // Valid in every other way: only the executable is missing (a typo, or not built).
+    refused(
+        &GOOD.replace("binary = \"pv-vtpm\"", "binary = \"pv-vtmp\""),
+        9,
+        "binary \"pv-vtmp\" of service \"tpm\"",
+    );
+    let dir = scratch_dir("missing-binary");
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, GOOD.replace("binary = \"pv-vtpm\"", "binary = \"pv-vtmp\"")).unwrap();
+    let out = pv(&["check", path.to_str().unwrap()]);
+    let msg = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{msg}");
+    assert!(msg.contains("pv-vtmp does not exist"), "{msg}");
+    assert!(!msg.contains("valid"), "{msg}");
+    // A file that is there but not executable is refused too.
+    let fake = common::bin_dir().join("pv-not-executable-check");
+    std::fs::write(&fake, b"#!/bin/sh\n").unwrap();
+    std::fs::write(&path, GOOD.replace("binary = \"pv-vtpm\"", "binary = \"pv-not-executable-check\"")).unwrap();
+    let out = pv(&["check", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&fake);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("is not executable"), "{}", text(&out));
+    let _ = std::fs::remove_dir_all(dir);
+}
