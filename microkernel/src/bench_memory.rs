@@ -149,14 +149,25 @@ fn held_memfds(pid: i32, holder: &str, objects: &mut Objects) -> std::io::Result
     Ok(())
 }
 
-/// The devices (`major:minor`) of process `pid`'s tmpfs mounts.
-fn tmpfs_devices(pid: i32) -> Vec<String> {
+/// A device as (major, minor): `mountinfo` writes them in decimal, `maps` in hexadecimal.
+fn device(text: &str, radix: u32) -> Option<(u32, u32)> {
+    let (major, minor) = text.split_once(':')?;
+    Some((
+        u32::from_str_radix(major, radix).ok()?,
+        u32::from_str_radix(minor, radix).ok()?,
+    ))
+}
+
+/// The devices of process `pid`'s tmpfs mounts.
+fn tmpfs_devices(pid: i32) -> Vec<(u32, u32)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
     text.lines()
         .filter_map(|l| {
             let (head, tail) = l.split_once(" - ")?;
-            (tail.split_whitespace().next()? == "tmpfs")
-                .then(|| head.split_whitespace().nth(2).map(str::to_string))?
+            if tail.split_whitespace().next()? != "tmpfs" {
+                return None;
+            }
+            device(head.split_whitespace().nth(2)?, 10)
         })
         .collect()
 }
@@ -177,7 +188,7 @@ fn mapped_shmem(pid: i32, holder: &str, objects: &mut Objects) -> std::io::Resul
         }
         let kind = if let Some(name) = path.strip_prefix("/memfd:") {
             memfd_kind(name.trim_end_matches(" (deleted)"))
-        } else if tmpfs.iter().any(|d| d == dev) {
+        } else if device(dev, 16).is_some_and(|d| tmpfs.contains(&d)) {
             "service root library copy"
         } else {
             continue;
@@ -363,6 +374,14 @@ mod tests {
             (m.pss_kib, m.pss_anon_kib, m.pss_file_kib, m.pss_shmem_kib),
             (1234, 700, 500, 34)
         );
+    }
+
+    #[test]
+    fn devices_are_read_in_decimal_from_mountinfo_and_in_hexadecimal_from_maps() {
+        assert_eq!(device("0:26", 10), Some((0, 26)));
+        assert_eq!(device("00:1a", 16), Some((0, 26)));
+        assert_eq!(device("fd:01", 16), Some((253, 1)));
+        assert_eq!(device("x", 16), None);
     }
 
     #[test]
