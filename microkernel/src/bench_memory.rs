@@ -264,7 +264,7 @@ pub fn run(manifest: &Path, dir: &Path, bin_dir: &Path) -> std::io::Result<Repor
     let text = std::fs::read_to_string(manifest)?;
     let m = crate::manifest::Manifest::parse(manifest, &text).map_err(err)?;
     let instance_dir = dir.join("instance");
-    let (paravisor, state) = crate::bench_vtpm::start_instance(&text, &instance_dir, &[])?;
+    let (mut paravisor, state) = crate::bench_vtpm::start_instance(&text, &instance_dir, &[])?;
     let deadline = Instant::now() + START_TIMEOUT;
     let services = loop {
         if let Ok(crate::control::Reply::Ps { services, .. }) =
@@ -275,6 +275,12 @@ pub fn run(manifest: &Path, dir: &Path, bin_dir: &Path) -> std::io::Result<Repor
             {
                 break services;
             }
+        }
+        if let Some(status) = paravisor.exited() {
+            return Err(err(format!(
+                "paravisor run exited with {status}; its log ends:\n{}",
+                crate::bench_guest::log_tail(&instance_dir.join("paravisor.log"))
+            )));
         }
         if Instant::now() > deadline {
             return Err(err(format!(

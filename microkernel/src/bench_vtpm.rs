@@ -61,6 +61,11 @@ impl Guard {
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }
+
+    /// How the process ended, if it has.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
 }
 
 impl Drop for Guard {

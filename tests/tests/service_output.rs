@@ -196,6 +196,10 @@ fn a_service_cannot_read_what_the_operator_types_into_the_terminal() {
     assert!(out.contains("descriptor 0: nothing to read"), "{out}");
     assert!(out.contains("descriptor 1: refused"), "{out}");
     assert!(out.contains("descriptor 2: refused"), "{out}");
+    // On a terminal the microkernel colours its lines; the services' lines carry no colour
+    // (their stderr is a pipe: they write none, and it would show escaped).
+    assert!(out.contains("\u{1b}["), "no colour on a terminal:\n{out:?}");
+    assert!(!out.contains("\\x1b["), "a service coloured its lines:\n{out}");
     // Stop it through its control socket, then `script` ends with it.
     let stop = inst.pv(&["stop"]);
     assert!(stop.status.success(), "{}", text(&stop));

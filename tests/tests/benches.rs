@@ -1,0 +1,164 @@
+//! The benchmarks as a user runs them (issue 13, items 4 and 6): each works in a temporary
+//! directory of its own and removes it, whatever happens; `bench memory` reports every process
+//! and the shared memory of an idle instance; a benchmark says when the machine was busy.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::process::Output;
+use std::process::Stdio;
+
+use common::kvm_available;
+use common::paravisor;
+use common::sandbox_available;
+use common::scratch_dir;
+use common::text;
+
+/// `paravisor bench ARGS...` run from `cwd` (benchmarks run the manifest.toml found there).
+fn bench(cwd: &Path, args: &[&str]) -> Output {
+    Command::new(paravisor())
+        .current_dir(cwd)
+        .arg("bench")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run paravisor bench")
+}
+
+/// The repository's root, which holds the shipped manifest.
+fn repository() -> std::path::PathBuf {
+    common::shipped_manifest()
+        .parent()
+        .expect("repository")
+        .to_path_buf()
+}
+
+/// What is left in `dir`.
+fn left_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("the directory given with --dir is still there")
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn bench_memory_reports_every_process_and_the_shared_memory_once_and_adds_up() {
+    if !sandbox_available("bench_memory_reports_every_process_and_the_shared_memory_once_and_adds_up") {
+        return;
+    }
+    let parent = scratch_dir("bench-memory");
+    let out = bench(
+        &repository(),
+        &["memory", "--json", "--dir", parent.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let names: Vec<&str> = r["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    let manifest = std::fs::read_to_string(common::shipped_manifest()).unwrap();
+    let services = manifest.matches("[[service]]").count();
+    assert_eq!(names.len(), 1 + services, "{names:?}");
+    assert_eq!(names[0], "paravisor");
+    for service in ["intercept", "vmgs", "vtpm", "attest"] {
+        assert!(names.contains(&service), "{names:?}");
+    }
+    for p in r["processes"].as_array().unwrap() {
+        let kib = |k: &str| p[k].as_u64().unwrap_or_else(|| panic!("{k} in {p}"));
+        assert!(kib("pss_kib") > 0, "{p}");
+        assert!(kib("pss_anon_kib") + kib("pss_file_kib") + kib("pss_shmem_kib") <= kib("pss_kib") + 3, "{p}");
+        assert!(p["pid"].as_i64().unwrap() > 1, "{p}");
+    }
+    // Each service's sealed executable, once; their root copies of libraries.
+    let shared = r["shared"].as_array().unwrap();
+    let of_kind = |kind: &str| shared.iter().filter(|o| o["kind"] == kind).count();
+    assert_eq!(of_kind("sealed service binary"), services, "{shared:?}");
+    assert!(of_kind("sealed library") >= 1, "{shared:?}");
+    assert!(of_kind("service root library copy") >= services, "{shared:?}");
+    assert!(of_kind("channels, status pages, records") >= services, "{shared:?}");
+    let sum: u64 = shared.iter().map(|o| o["kib"].as_u64().unwrap()).sum();
+    assert_eq!(r["shared_kib"].as_u64(), Some(sum));
+    assert_eq!(
+        r["total_kib"].as_u64(),
+        Some(r["processes_own_kib"].as_u64().unwrap() + sum)
+    );
+    assert_eq!(r["goal_kib"], 32 * 1024);
+    assert_eq!(r["firecracker_kib"], 5 * 1024);
+    // The instance was stopped and its directory (a platform's chip secret in it) removed.
+    assert!(left_in(&parent).is_empty(), "{:?}", left_in(&parent));
+    let _ = std::fs::remove_dir_all(parent);
+}
+
+#[test]
+fn a_failed_benchmark_removes_its_directory_too() {
+    if !sandbox_available("a_failed_benchmark_removes_its_directory_too") {
+        return;
+    }
+    // A manifest whose vmgs executable is missing: the instance cannot start.
+    let cwd = scratch_dir("bench-fails");
+    let manifest = std::fs::read_to_string(common::shipped_manifest())
+        .unwrap()
+        .replace("binary = \"pv-vmgs\"", "binary = \"pv-vmgs-missing\"");
+    std::fs::write(cwd.join("manifest.toml"), manifest).unwrap();
+    let parent = cwd.join("benches");
+    std::fs::create_dir(&parent).unwrap();
+    let out = bench(&cwd, &["memory", "--dir", parent.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("pv-vmgs-missing"), "{}", text(&out));
+    assert!(left_in(&parent).is_empty(), "{:?}", left_in(&parent));
+    let _ = std::fs::remove_dir_all(cwd);
+}
+
+#[test]
+fn bench_guest_provisions_once_in_its_own_directory_and_leaves_nothing() {
+    if !kvm_available("bench_guest_provisions_once_in_its_own_directory_and_leaves_nothing") {
+        return;
+    }
+    let parent = scratch_dir("bench-guest");
+    // Something of the user's in the directory given: left alone.
+    std::fs::write(parent.join("mine.txt"), "keep me").unwrap();
+    let out = bench(
+        &repository(),
+        &["guest", "--quick", "--json", "--dir", parent.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(r["runs"], 1);
+    assert!(r["service_cycles"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["first_line_ms"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["provisioning_run_first_line_ms"].as_f64().unwrap() > 0.0, "{r}");
+    assert_eq!(left_in(&parent), ["mine.txt"]);
+    assert_eq!(std::fs::read_to_string(parent.join("mine.txt")).unwrap(), "keep me");
+    let _ = std::fs::remove_dir_all(parent);
+}
+
+#[test]
+fn a_benchmark_on_a_busy_machine_says_so() {
+    // Other processes (not the benchmark's children) keep every CPU busy meanwhile.
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut spinners: Vec<std::process::Child> = (0..cpus)
+        .map(|_| {
+            Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .spawn()
+                .expect("spawn a busy loop")
+        })
+        .collect();
+    let out = bench(&repository(), &["measure", "--quick"]);
+    for s in &mut spinners {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    assert!(out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("WARNING: the machine was busy during this benchmark"),
+        "{err}"
+    );
+    // The report itself is on stdout, unchanged.
+    assert!(String::from_utf8_lossy(&out.stdout).contains("launch measurement"), "{}", text(&out));
+}
