@@ -783,7 +783,7 @@ fn check_fails_when_a_service_binary_does_not_exist() {
     // Valid in every other way: only the executable is missing (a typo, or not built).
     refused(
         &GOOD.replace("binary = \"pv-vtpm\"", "binary = \"pv-vtmp\""),
-        9,
+        10,
         "binary \"pv-vtmp\" of service \"tpm\"",
     );
     let dir = scratch_dir("missing-binary");
