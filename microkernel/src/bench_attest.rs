@@ -41,8 +41,7 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(manifest: &Path, dir: &Path, quick: bool) -> std::io::Result<Report> {
     let samples = if quick { 20 } else { 301 };
     let text = std::fs::read_to_string(manifest)?;
-    let (_paravisor, state) =
-        crate::bench_vtpm::start_instance(&text, &dir.join("instance"), &[])?;
+    let (_paravisor, state) = crate::bench_vtpm::start_instance(&text, &dir.join("instance"), &[])?;
     let deadline = Instant::now() + Duration::from_secs(120);
     let latencies = loop {
         match crate::control::send(&state, &crate::control::Command::AttestBench { samples }) {

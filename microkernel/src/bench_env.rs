@@ -26,7 +26,12 @@ impl BenchDir {
             match std::fs::DirBuilder::new().mode(0o700).create(&path) {
                 Ok(()) => return Ok(BenchDir { path }),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+                Err(e) => {
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!("{}: {e}", path.display()),
+                    ))
+                }
             }
         }
         Err(std::io::Error::other(format!(
@@ -200,6 +205,9 @@ mod tests {
     #[test]
     fn the_machine_load_of_this_process_can_be_read() {
         let load = MachineLoad::start();
-        assert!(load.start.is_some(), "/proc/stat or /proc/self/stat unreadable");
+        assert!(
+            load.start.is_some(),
+            "/proc/stat or /proc/self/stat unreadable"
+        );
     }
 }

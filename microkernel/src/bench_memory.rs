@@ -271,7 +271,9 @@ pub fn run(manifest: &Path, dir: &Path, bin_dir: &Path) -> std::io::Result<Repor
             crate::control::send(&state, &crate::control::Command::Ps)
         {
             if services.len() == m.services.len()
-                && services.iter().all(|s| s.state == "running" && s.pid.is_some())
+                && services
+                    .iter()
+                    .all(|s| s.state == "running" && s.pid.is_some())
             {
                 break services;
             }
@@ -367,7 +369,8 @@ mod tests {
 
     #[test]
     fn the_pss_lines_of_smaps_rollup_are_read_in_kib() {
-        let text = "00400000-7ffd00000000 ---p 00000000 00:00 0                          [rollup]\n\
+        let text =
+            "00400000-7ffd00000000 ---p 00000000 00:00 0                          [rollup]\n\
                     Rss:                4120 kB\n\
                     Pss:                1234 kB\n\
                     Pss_Dirty:           800 kB\n\
@@ -394,7 +397,10 @@ mod tests {
     fn memfds_are_classified_by_the_names_the_microkernel_gives_them() {
         assert_eq!(memfd_kind("pv-image-pv-vtpm"), "sealed service binary");
         assert_eq!(memfd_kind("pv-library"), "sealed library");
-        assert_eq!(memfd_kind("pv-chan-vtpm-vmgs"), "channels, status pages, records");
+        assert_eq!(
+            memfd_kind("pv-chan-vtpm-vmgs"),
+            "channels, status pages, records"
+        );
     }
 
     #[test]
@@ -415,7 +421,10 @@ mod tests {
         assert_eq!(found[0].kib, 64);
         // Seen again (as another holder): still one object.
         held_memfds(me, "again", &mut objects).unwrap();
-        let o = objects.values().find(|o| o.name == "pv-image-unit").unwrap();
+        let o = objects
+            .values()
+            .find(|o| o.name == "pv-image-unit")
+            .unwrap();
         assert_eq!(o.held_by, ["me", "again"]);
     }
 }

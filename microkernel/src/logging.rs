@@ -161,8 +161,9 @@ impl Write for LogWriter {
 pub fn service_line_json(service: &str, stream: &str, text: &str, cut: bool) -> String {
     use tracing_subscriber::fmt::time::FormatTime;
     let mut timestamp = String::new();
-    let _ = tracing_subscriber::fmt::time::SystemTime
-        .format_time(&mut tracing_subscriber::fmt::format::Writer::new(&mut timestamp));
+    let _ = tracing_subscriber::fmt::time::SystemTime.format_time(
+        &mut tracing_subscriber::fmt::format::Writer::new(&mut timestamp),
+    );
     let mut line = serde_json::json!({
         "timestamp": timestamp,
         "service": service,

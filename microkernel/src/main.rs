@@ -863,8 +863,8 @@ fn main() -> ExitCode {
         microkernel::sandbox::default_sigpipe();
     }
     // Every child of a benchmark is waited for when `run` returns: its CPU time is ours.
-    let load = matches!(cli.command, Cmd::Bench { .. })
-        .then(microkernel::bench_env::MachineLoad::start);
+    let load =
+        matches!(cli.command, Cmd::Bench { .. }).then(microkernel::bench_env::MachineLoad::start);
     let code = match run(cli) {
         Ok(code) | Err(code) => code,
     };
@@ -1071,7 +1071,14 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             log,
             guest,
         } => {
-            let opts = launch(manifest, state_dir, platform_dir, guest, &listen, &log.options())?;
+            let opts = launch(
+                manifest,
+                state_dir,
+                platform_dir,
+                guest,
+                &listen,
+                &log.options(),
+            )?;
             let sup = supervisor::Supervisor::new(&opts).map_err(failed)?;
             let summary = sup.run().map_err(failed)?;
             Ok(guest_exit_code(summary.guest))

@@ -440,7 +440,12 @@ mod tests {
     fn json_lines_carry_the_service_stream_and_escaped_text() {
         let mut o = ServiceOutput::new("vtpm", 6).with_format(crate::logging::LogFormat::Json);
         let now = Instant::now();
-        let out = lines(&mut o, Stream::Stderr, b"hello \x1b[31mred\r\nsecond\n", now);
+        let out = lines(
+            &mut o,
+            Stream::Stderr,
+            b"hello \x1b[31mred\r\nsecond\n",
+            now,
+        );
         let rows: Vec<serde_json::Value> = out
             .lines()
             .map(|l| serde_json::from_str(l).expect("a JSON line"))

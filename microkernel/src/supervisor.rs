@@ -1297,9 +1297,10 @@ impl Supervisor {
     /// Service `i`'s process has ended: passes on everything left in its pipes, and says how
     /// much of its output was dropped.
     fn drain_output(&mut self, i: usize) {
-        self.services[i]
-            .output
-            .drain(&mut std::io::stdout().lock(), &mut crate::logging::log_writer());
+        self.services[i].output.drain(
+            &mut std::io::stdout().lock(),
+            &mut crate::logging::log_writer(),
+        );
         self.report_dropped_output(i);
     }
 

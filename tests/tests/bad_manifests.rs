@@ -788,7 +788,11 @@ fn check_fails_when_a_service_binary_does_not_exist() {
     );
     let dir = scratch_dir("missing-binary");
     let path = dir.join("bad.toml");
-    std::fs::write(&path, GOOD.replace("binary = \"pv-vtpm\"", "binary = \"pv-vtmp\"")).unwrap();
+    std::fs::write(
+        &path,
+        GOOD.replace("binary = \"pv-vtpm\"", "binary = \"pv-vtmp\""),
+    )
+    .unwrap();
     let out = pv(&["check", path.to_str().unwrap()]);
     let msg = text(&out);
     assert_eq!(out.status.code(), Some(1), "{msg}");
@@ -797,7 +801,14 @@ fn check_fails_when_a_service_binary_does_not_exist() {
     // A file that is there but not executable is refused too.
     let fake = common::bin_dir().join("pv-not-executable-check");
     std::fs::write(&fake, b"#!/bin/sh\n").unwrap();
-    std::fs::write(&path, GOOD.replace("binary = \"pv-vtpm\"", "binary = \"pv-not-executable-check\"")).unwrap();
+    std::fs::write(
+        &path,
+        GOOD.replace(
+            "binary = \"pv-vtpm\"",
+            "binary = \"pv-not-executable-check\"",
+        ),
+    )
+    .unwrap();
     let out = pv(&["check", path.to_str().unwrap()]);
     let _ = std::fs::remove_file(&fake);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));

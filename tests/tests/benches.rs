@@ -44,7 +44,9 @@ fn left_in(dir: &Path) -> Vec<String> {
 
 #[test]
 fn bench_memory_reports_every_process_and_the_shared_memory_once_and_adds_up() {
-    if !sandbox_available("bench_memory_reports_every_process_and_the_shared_memory_once_and_adds_up") {
+    if !sandbox_available(
+        "bench_memory_reports_every_process_and_the_shared_memory_once_and_adds_up",
+    ) {
         return;
     }
     let parent = scratch_dir("bench-memory");
@@ -70,7 +72,10 @@ fn bench_memory_reports_every_process_and_the_shared_memory_once_and_adds_up() {
     for p in r["processes"].as_array().unwrap() {
         let kib = |k: &str| p[k].as_u64().unwrap_or_else(|| panic!("{k} in {p}"));
         assert!(kib("pss_kib") > 0, "{p}");
-        assert!(kib("pss_anon_kib") + kib("pss_file_kib") + kib("pss_shmem_kib") <= kib("pss_kib") + 3, "{p}");
+        assert!(
+            kib("pss_anon_kib") + kib("pss_file_kib") + kib("pss_shmem_kib") <= kib("pss_kib") + 3,
+            "{p}"
+        );
         assert!(p["pid"].as_i64().unwrap() > 1, "{p}");
     }
     // Each service's sealed executable, once; their root copies of libraries.
@@ -78,8 +83,14 @@ fn bench_memory_reports_every_process_and_the_shared_memory_once_and_adds_up() {
     let of_kind = |kind: &str| shared.iter().filter(|o| o["kind"] == kind).count();
     assert_eq!(of_kind("sealed service binary"), services, "{shared:?}");
     assert!(of_kind("sealed library") >= 1, "{shared:?}");
-    assert!(of_kind("service root library copy") >= services, "{shared:?}");
-    assert!(of_kind("channels, status pages, records") >= services, "{shared:?}");
+    assert!(
+        of_kind("service root library copy") >= services,
+        "{shared:?}"
+    );
+    assert!(
+        of_kind("channels, status pages, records") >= services,
+        "{shared:?}"
+    );
     let sum: u64 = shared.iter().map(|o| o["kib"].as_u64().unwrap()).sum();
     assert_eq!(r["shared_kib"].as_u64(), Some(sum));
     assert_eq!(
@@ -123,16 +134,28 @@ fn bench_guest_provisions_once_in_its_own_directory_and_leaves_nothing() {
     std::fs::write(parent.join("mine.txt"), "keep me").unwrap();
     let out = bench(
         &repository(),
-        &["guest", "--quick", "--json", "--dir", parent.to_str().unwrap()],
+        &[
+            "guest",
+            "--quick",
+            "--json",
+            "--dir",
+            parent.to_str().unwrap(),
+        ],
     );
     assert!(out.status.success(), "{}", text(&out));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
     assert_eq!(r["runs"], 1);
     assert!(r["service_cycles"].as_u64().unwrap() > 0, "{r}");
     assert!(r["first_line_ms"].as_f64().unwrap() > 0.0, "{r}");
-    assert!(r["provisioning_run_first_line_ms"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(
+        r["provisioning_run_first_line_ms"].as_f64().unwrap() > 0.0,
+        "{r}"
+    );
     assert_eq!(left_in(&parent), ["mine.txt"]);
-    assert_eq!(std::fs::read_to_string(parent.join("mine.txt")).unwrap(), "keep me");
+    assert_eq!(
+        std::fs::read_to_string(parent.join("mine.txt")).unwrap(),
+        "keep me"
+    );
     let _ = std::fs::remove_dir_all(parent);
 }
 
@@ -160,5 +183,9 @@ fn a_benchmark_on_a_busy_machine_says_so() {
         "{err}"
     );
     // The report itself is on stdout, unchanged.
-    assert!(String::from_utf8_lossy(&out.stdout).contains("launch measurement"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("launch measurement"),
+        "{}",
+        text(&out)
+    );
 }

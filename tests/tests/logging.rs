@@ -35,7 +35,9 @@ fn kill_and_wait_for_restart(inst: &Instance) {
 
 #[test]
 fn without_a_terminal_neither_the_microkernel_nor_a_service_writes_ansi_escapes() {
-    if !sandbox_available("without_a_terminal_neither_the_microkernel_nor_a_service_writes_ansi_escapes") {
+    if !sandbox_available(
+        "without_a_terminal_neither_the_microkernel_nor_a_service_writes_ansi_escapes",
+    ) {
         return;
     }
     // stderr is a file (Instance): not a terminal.
@@ -46,15 +48,24 @@ fn without_a_terminal_neither_the_microkernel_nor_a_service_writes_ansi_escapes(
     // The microkernel's own lines (with their levels, which a terminal gets coloured)...
     assert!(log.contains(" WARN "), "{log}");
     // ...and the service's own tracing lines, tagged.
-    assert!(log.lines().any(|l| l.starts_with("vmgs | ") && l.contains(" INFO ")), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with("vmgs | ") && l.contains(" INFO ")),
+        "{log}"
+    );
     assert!(!log.contains('\u{1b}'), "a raw escape in the log:\n{log:?}");
     // A service that coloured its lines would show as escaped escapes.
-    assert!(!log.contains("\\x1b["), "a service coloured its lines:\n{log}");
+    assert!(
+        !log.contains("\\x1b["),
+        "a service coloured its lines:\n{log}"
+    );
 }
 
 #[test]
 fn json_log_format_makes_every_log_line_a_json_object_the_services_lines_too() {
-    if !sandbox_available("json_log_format_makes_every_log_line_a_json_object_the_services_lines_too") {
+    if !sandbox_available(
+        "json_log_format_makes_every_log_line_a_json_object_the_services_lines_too",
+    ) {
         return;
     }
     let mut inst = Instance::start_with("log-json", &manifest(), 1, &["--log-format", "json"]);
@@ -78,21 +89,29 @@ fn json_log_format_makes_every_log_line_a_json_object_the_services_lines_too() {
         .filter(|r| r["service"] == "vmgs" && r["stream"] == "stderr")
         .collect();
     assert!(!theirs.is_empty(), "no line of the service:\n{log}");
-    assert!(theirs.iter().all(|r| r["message"].is_string() && r["timestamp"].is_string()));
+    assert!(theirs
+        .iter()
+        .all(|r| r["message"].is_string() && r["timestamp"].is_string()));
     assert!(!log.contains('\u{1b}'), "{log:?}");
 }
 
 #[test]
 fn a_log_file_is_appended_private_and_refused_through_a_link_or_when_another_user_owns_it() {
-    if !sandbox_available("a_log_file_is_appended_private_and_refused_through_a_link_or_when_another_user_owns_it") {
+    if !sandbox_available(
+        "a_log_file_is_appended_private_and_refused_through_a_link_or_when_another_user_owns_it",
+    ) {
         return;
     }
     let files = scratch_dir("log-file");
     let path = files.join("paravisor.log");
     let file = path.to_str().unwrap();
     for run in 0..2 {
-        let mut inst =
-            Instance::start_with(&format!("log-file-{run}"), &manifest(), 1, &["--log-file", file]);
+        let mut inst = Instance::start_with(
+            &format!("log-file-{run}"),
+            &manifest(),
+            1,
+            &["--log-file", file],
+        );
         assert_eq!(inst.stop().code(), Some(0));
         // The log went to the file, not to stderr.
         assert!(!inst.log().contains("launch measurement"), "{}", inst.log());

@@ -199,7 +199,10 @@ fn a_service_cannot_read_what_the_operator_types_into_the_terminal() {
     // On a terminal the microkernel colours its lines; the services' lines carry no colour
     // (their stderr is a pipe: they write none, and it would show escaped).
     assert!(out.contains("\u{1b}["), "no colour on a terminal:\n{out:?}");
-    assert!(!out.contains("\\x1b["), "a service coloured its lines:\n{out}");
+    assert!(
+        !out.contains("\\x1b["),
+        "a service coloured its lines:\n{out}"
+    );
     // Stop it through its control socket, then `script` ends with it.
     let stop = inst.pv(&["stop"]);
     assert!(stop.status.success(), "{}", text(&stop));
