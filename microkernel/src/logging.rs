@@ -5,8 +5,8 @@
 //! stderr (tagged by `output.rs`); the services' stdout (the guest's console) stays on stdout.
 //! - `text`: human lines. Colour (ANSI escapes) only when the line goes to a terminal; a pipe
 //!   or a file gets plain text. Services never colour their lines (their stderr is a pipe).
-//! - `json`: one JSON object per line. The microkernel's events as `tracing`'s JSON
-//!   (`timestamp`, `level`, `message` and the event's fields); a service's line as
+//! - `json`: one JSON object per line. The microkernel's events as `timestamp`, `level`,
+//!   `message` and the event's fields; a service's line as
 //!   `{"timestamp", "service", "stream", "message"}` (the message escaped as in text mode;
 //!   `"cut": true` when it was cut). On stdout too, so that a consumer reads one format.
 //! - `--log-file PATH`: the log is appended to PATH instead of stderr: created 0600 if
@@ -109,14 +109,69 @@ pub fn init(options: &LogOptions) -> Result<(), LogError> {
         .with_target(false);
     let _ = match options.format {
         LogFormat::Text => builder.with_ansi(ansi).try_init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .try_init(),
+        LogFormat::Json => builder.with_ansi(false).event_format(JsonLines).try_init(),
     };
     Ok(())
+}
+
+/// The microkernel's events as JSON lines: `timestamp`, `level`, `message` and the event's
+/// own fields. (Ours rather than tracing-subscriber's `json` feature: that feature would put
+/// serde_json into every service's build, whose tests compare numbers with `.into()`.)
+struct JsonLines;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for JsonLines
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let mut fields = serde_json::Map::new();
+        fields.insert("timestamp".into(), timestamp().into());
+        fields.insert("level".into(), event.metadata().level().as_str().into());
+        event.record(&mut JsonFields(&mut fields));
+        writeln!(writer, "{}", serde_json::Value::Object(fields))
+    }
+}
+
+/// Collects an event's fields as JSON values.
+struct JsonFields<'a>(&'a mut serde_json::Map<String, serde_json::Value>);
+
+impl tracing::field::Visit for JsonFields<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .insert(field.name().into(), format!("{value:?}").into());
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
+}
+
+/// Now, as tracing's text lines show it (RFC 3339, UTC).
+fn timestamp() -> String {
+    use tracing_subscriber::fmt::time::FormatTime;
+    let mut timestamp = String::new();
+    let _ = tracing_subscriber::fmt::time::SystemTime.format_time(
+        &mut tracing_subscriber::fmt::format::Writer::new(&mut timestamp),
+    );
+    timestamp
 }
 
 /// The format [`init`] chose (text before it ran).
@@ -159,13 +214,8 @@ impl Write for LogWriter {
 
 /// A service's output line as a JSON line: `text` is already escaped (`output::escape`).
 pub fn service_line_json(service: &str, stream: &str, text: &str, cut: bool) -> String {
-    use tracing_subscriber::fmt::time::FormatTime;
-    let mut timestamp = String::new();
-    let _ = tracing_subscriber::fmt::time::SystemTime.format_time(
-        &mut tracing_subscriber::fmt::format::Writer::new(&mut timestamp),
-    );
     let mut line = serde_json::json!({
-        "timestamp": timestamp,
+        "timestamp": timestamp(),
         "service": service,
         "stream": stream,
         "message": text,
