@@ -378,6 +378,10 @@ pub fn kvm_available(test: &str) -> bool {
     ok && sandbox_available(test)
 }
 
+/// The longest a guest run may take in all, however busy the machine (a backstop: runs are
+/// judged hung by their silence, see [`GuestRun::wait`]).
+pub const GUEST_RUN_LIMIT: Duration = Duration::from_secs(1800);
+
 /// A `paravisor run` with a guest: console (stdout) and log (stderr) in files; killed on
 /// drop, its directory removed unless the test failed.
 pub struct GuestRun {
@@ -433,16 +437,29 @@ impl GuestRun {
         }
     }
 
-    /// Waits for the run to end (killing it after `timeout`, which only catches hangs).
-    pub fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let until = Instant::now() + timeout;
+    /// Waits for the run to end. It is killed as hung when its console stays silent for
+    /// `quiet` (the test guest prints each step, and its long loops their progress: a run
+    /// that is only slow, on a busy machine, keeps printing), or after [`GUEST_RUN_LIMIT`].
+    pub fn wait(&mut self, quiet: Duration) -> std::process::ExitStatus {
+        let started = Instant::now();
+        let console = self.dir.join("console.txt");
+        let (mut printed, mut last_output) = (0, Instant::now());
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            if Instant::now() > until {
+            let now = std::fs::metadata(&console).map_or(0, |m| m.len());
+            if now != printed {
+                (printed, last_output) = (now, Instant::now());
+            }
+            if last_output.elapsed() > quiet || started.elapsed() > GUEST_RUN_LIMIT {
                 let _ = self.child.kill();
-                panic!("the run did not end within {timeout:?}:\n{}", self.both());
+                panic!(
+                    "the run printed nothing for {:?} ({:?} in all):\n{}",
+                    last_output.elapsed(),
+                    started.elapsed(),
+                    self.both()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
