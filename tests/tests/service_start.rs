@@ -39,7 +39,12 @@ fn a_service_silent_at_start_does_not_delay_ps_or_a_kill_of_another_service() {
         return;
     }
     let inst = Instance::start("silent", &with_silent_start(), 2);
-    // `ps` answers while the silent service is still starting.
+    // `ps` answers while the silent service is still starting. (Its start follows the
+    // others': on a busy machine `ps` may first see it still waiting for its turn.)
+    inst.wait_until(Duration::from_secs(60), |rows| {
+        rows.iter()
+            .any(|r| r["name"] == "silent" && r["state"] != "waiting")
+    });
     let row = inst.row("silent");
     assert_eq!(
         row["state"],
