@@ -16,6 +16,7 @@ pub mod bench_measure;
 pub mod bench_vmgs;
 pub mod bench_vtpm;
 pub mod control;
+pub mod host_config;
 pub mod kbs;
 pub mod key_protector;
 pub mod libraries;

@@ -66,6 +66,11 @@ enum Cmd {
         /// listens. A TCP front end is reachable by every local user.
         #[arg(long, value_name = "NAME[=ADDRESS|PATH]|all")]
         listen: Vec<String>,
+        /// The host configuration: state-dir, platform-dir, key-release, listen, log-format,
+        /// log-file (TOML; not measured: see `paravisor audit`). The flags above override it;
+        /// it overrides the manifest's defaults.
+        #[arg(long, value_name = "FILE")]
+        host: Option<PathBuf>,
         #[command(flatten)]
         guest: GuestArgs,
     },
@@ -338,6 +343,10 @@ enum VmgsTop {
         state_dir: Option<PathBuf>,
         #[arg(long)]
         platform_dir: Option<PathBuf>,
+        /// The host configuration `run` uses (its listeners are never bound here: reseal is
+        /// offline).
+        #[arg(long, value_name = "FILE")]
+        host: Option<PathBuf>,
         #[command(flatten)]
         guest: GuestArgs,
     },
@@ -463,14 +472,15 @@ fn failed(e: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// What `run` does before the supervisor: load the manifest, measure the launch (keeping the
-/// measured binaries), write the launch log; the supervisor's options.
+/// What `run` does before the supervisor: load the manifest and the host's settings, measure
+/// the launch (keeping the measured binaries); the supervisor's options. Nothing is written to
+/// the state directory here: the launch log is written once the start is not refused.
 fn launch(
     manifest: Option<PathBuf>,
-    state_dir: Option<PathBuf>,
-    platform_dir: Option<PathBuf>,
+    host: Option<&Path>,
+    flags: microkernel::host_config::Flags,
     guest: GuestArgs,
-    listen: &[String],
+    offline: bool,
 ) -> Result<supervisor::Options, ExitCode> {
     let keep_running = guest.keep_running;
     let mut guest = guest.config()?;
@@ -483,13 +493,23 @@ fn launch(
     // A panic prints its message only: the default hook's backtrace (RUST_BACKTRACE) opens
     // files, which the vCPU and platform threads' filters answer by killing the process.
     std::panic::set_hook(Box::new(|info| eprintln!("paravisor: {info}")));
-    let m = load(manifest.as_deref())?;
-    let state_dir = supervisor::state_dir(&m, state_dir.as_deref());
+    let mut m = load(manifest.as_deref())?;
+    let host = match host {
+        Some(path) => microkernel::host_config::HostConfig::load(path).map_err(failed)?,
+        None => microkernel::host_config::HostConfig::default(),
+    };
+    let mut settings = host.settle(&m, &flags).map_err(failed)?;
+    if offline {
+        // `vmgs reseal` opens no listener, whatever the host file asks `run` for.
+        settings.listen.clear();
+    }
+    settings.apply(&mut m);
+    let state_dir = settings.state_dir.clone();
     let bin_dir = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
         .unwrap_or_else(|| PathBuf::from("."));
-    let platform_dir = match platform_dir.or_else(|| m.attest.platform_dir.clone()) {
+    let platform_dir = match settings.platform_dir.clone() {
         Some(dir) => dir,
         None => supervisor::default_platform_dir(&state_dir).map_err(failed)?,
     };
@@ -506,27 +526,13 @@ fn launch(
         .map_err(failed)?;
     // Before anything is written to the state: one paravisor per state directory.
     let lock = supervisor::lock_state_dir(&state).map_err(failed)?;
-    let log_path = Path::new(supervisor::LAUNCH_LOG);
-    match serde_json::to_vec_pretty(&log)
-        .map_err(|e| e.to_string())
-        .and_then(|b| {
-            state
-                .replace(log_path, &b, 0o644)
-                .map_err(|e| e.to_string())
-        }) {
-        Ok(None) => {}
-        Ok(Some(was)) => tracing::warn!(
-            "{} was a {was}, not a file of ours: replaced",
-            state.shown(log_path).display()
-        ),
-        Err(e) => tracing::warn!("launch log not written: {e}"),
-    }
     tracing::info!(
         entries = log.entries.len(),
         bytes = log.bytes,
-        "launch measurement {} ({:.0} ms); the log is in launch-log.json of the state directory",
+        "launch measurement {} ({:.0} ms; paravisor {}); the log goes to launch-log.json of the state directory",
         microkernel::measure::hex(&log.measurement),
-        started.elapsed().as_secs_f64() * 1e3
+        started.elapsed().as_secs_f64() * 1e3,
+        &microkernel::measure::hex(&log.paravisor_measurement())[..16],
     );
     Ok(supervisor::Options {
         manifest: m,
@@ -537,10 +543,10 @@ fn launch(
         guest,
         keep_running,
         platform_dir,
-        measurement: log.measurement,
+        launch_log: log,
         sealed,
         lock: Some(lock),
-        listen: microkernel::listeners::ListenRequest::parse(listen),
+        listen: microkernel::listeners::ListenRequest::parse(&settings.listen),
     })
 }
 
@@ -1036,9 +1042,16 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             state_dir,
             platform_dir,
             listen,
+            host,
             guest,
         } => {
-            let opts = launch(manifest, state_dir, platform_dir, guest, &listen)?;
+            let flags = microkernel::host_config::Flags {
+                state_dir,
+                platform_dir,
+                listen,
+                ..Default::default()
+            };
+            let opts = launch(manifest, host.as_deref(), flags, guest, false)?;
             let sup = supervisor::Supervisor::new(&opts).map_err(failed)?;
             let summary = sup.run().map_err(failed)?;
             Ok(guest_exit_code(summary.guest))
@@ -1049,10 +1062,16 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                     manifest,
                     state_dir,
                     platform_dir,
+                    host,
                     guest,
                 },
         } => {
-            let opts = launch(manifest, state_dir, platform_dir, guest, &[])?;
+            let flags = microkernel::host_config::Flags {
+                state_dir,
+                platform_dir,
+                ..Default::default()
+            };
+            let opts = launch(manifest, host.as_deref(), flags, guest, true)?;
             let sup = supervisor::Supervisor::new(&opts).map_err(failed)?;
             let lines = sup.reseal().map_err(failed)?;
             for line in lines {

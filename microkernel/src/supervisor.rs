@@ -106,8 +106,10 @@ pub struct Options {
     pub keep_running: bool,
     /// The simulated platform's directory (made on first use if a service holds the platform).
     pub platform_dir: PathBuf,
-    /// The launch measurement (what the platform puts in every report).
-    pub measurement: [u8; 48],
+    /// The launch log: its measurement is what the platform puts in every report; its
+    /// paravisor measurement is what sealed keys are bound to. Written to the state
+    /// directory only once the start is not refused.
+    pub launch_log: crate::measure::LaunchLog,
     /// The measured files as sealed memfds: each service's binary (manifest order), executed
     /// instead of the file (none: the files themselves), and the guest's files (which the
     /// guest config already points at; kept open here while the partition loads them).
@@ -316,7 +318,14 @@ pub struct Supervisor {
     /// Sealed keys once unsealed, by (service, key name); handed over like key files.
     unsealed: std::collections::BTreeMap<(usize, String), KeyBytes>,
     sealing: crate::manifest::AttestSettings,
+    /// What the state files are made from ([`Supervisor::write_state`]).
+    manifest: Manifest,
     measurement: [u8; 48],
+    /// What sealed keys are bound to: the paravisor's measurement, without the guest
+    /// ([`crate::measure::LaunchLog::paravisor_measurement`]).
+    sealing_measurement: [u8; 48],
+    /// This launch's log, written to the state directory once the start is not refused.
+    launch_log: crate::measure::LaunchLog,
     sandbox_root: PathBuf,
     log_filter: String,
     services: Vec<Service>,
@@ -352,9 +361,6 @@ impl Supervisor {
             true => Some(open_or_init_platform(&opts.platform_dir)?),
             false => None,
         };
-        for line in crate::state_files::prepare(m, &state).map_err(create_err("state files"))? {
-            tracing::info!("{line}");
-        }
         let enabled =
             crate::listeners::enabled(m, &opts.listen).map_err(|e| create_err("front ends")(e))?;
         let mut services = Vec::new();
@@ -498,23 +504,6 @@ impl Supervisor {
         };
         let platform_link = match (m.services.iter().position(|s| s.platform), platform) {
             (Some(holder), Some(platform)) => {
-                // The chain, for the attest service (public: a verifier checks it anyway).
-                let chain = crate::platform::chain_pem(&platform)?;
-                let certs = Path::new(PLATFORM_CERTS);
-                // Rewritten only when it differs; whatever is not a regular file of ours (a
-                // link, a FIFO) is replaced, never written through.
-                let same = matches!(
-                    state.read(certs, MAX_CHAIN as u64),
-                    Ok(Some(b)) if b == chain.as_bytes()
-                );
-                if !same {
-                    if let Some(was) = state.replace(certs, chain.as_bytes(), 0o644)? {
-                        tracing::warn!(
-                            "{} was a {was}, not a file of ours: replaced",
-                            state.shown(certs).display()
-                        );
-                    }
-                }
                 let mem = ChannelMemory::create("pv-chan-attest-platform", m.ring_capacity)
                     .map_err(|e| create_err("platform channel")(e.to_string()))?;
                 let view = ipc_defs::hosted::sys::dup_inheritable(mem.shm())
@@ -525,7 +514,7 @@ impl Supervisor {
                     })?;
                 let launch = crate::platform_server::Launch {
                     facts: crate::platform::LaunchFacts {
-                        measurement: opts.measurement,
+                        measurement: opts.launch_log.measurement,
                         policy: crate::platform::POLICY,
                         guest_svn: 0,
                     },
@@ -550,7 +539,10 @@ impl Supervisor {
             platform_link,
             unsealed: std::collections::BTreeMap::new(),
             sealing: m.attest.clone(),
-            measurement: opts.measurement,
+            manifest: m.clone(),
+            measurement: opts.launch_log.measurement,
+            sealing_measurement: opts.launch_log.paravisor_measurement(),
+            launch_log: opts.launch_log.clone(),
             sandbox_root: opts.state_dir.join(".sandbox-root"),
             state_dir: opts.state_dir.clone(),
             log_filter: opts.log_filter.clone(),
@@ -833,7 +825,10 @@ impl Supervisor {
             socket = %socket.display(),
             "starting"
         );
-        if let Err(e) = self.unseal_keys() {
+        if let Err(e) = self.unseal_keys().and_then(|()| self.write_state()) {
+            if let RunError::SealedKey(why) = &e {
+                self.record_refusal(why);
+            }
             self.shutdown();
             let _ = std::fs::remove_file(&socket);
             return Err(e);
@@ -1040,6 +1035,9 @@ impl Supervisor {
         let _signals = sandbox::signalfd(&[libc::SIGINT, libc::SIGTERM])?;
         self.confine()?;
         let result = self.unseal_keys();
+        if let Err(RunError::SealedKey(why)) = &result {
+            self.record_refusal(why);
+        }
         self.shutdown();
         result?;
         if self.unsealed.is_empty() {
@@ -1052,10 +1050,10 @@ impl Supervisor {
             .keys()
             .map(|(i, name)| {
                 format!(
-                    "key \"{name}\" of {}: sealed (policy {}) to launch measurement {}",
+                    "key \"{name}\" of {}: sealed (policy {}) to paravisor measurement {}",
                     self.services[*i].spec.name,
                     self.sealing.sealing.name(),
-                    crate::measure::hex(&self.measurement)
+                    crate::measure::hex(&self.sealing_measurement)
                 )
             })
             .collect())
@@ -2217,10 +2215,10 @@ impl Supervisor {
                 })?;
                 let key = self.rotate(path, &KeyBytes(*key), select, Some(&tenant))?;
                 tracing::warn!(
-                    "datastore key of {} released by the key broker at {addr}, rotated and re-sealed (policy {}) to launch measurement {}",
+                    "datastore key of {} released by the key broker at {addr}, rotated and re-sealed (policy {}) to paravisor measurement {}",
                     shown.display(),
                     self.sealing.sealing.name(),
-                    crate::measure::hex(&self.measurement)
+                    crate::measure::hex(&self.sealing_measurement)
                 );
                 Ok(key)
             }
@@ -2320,6 +2318,18 @@ impl Supervisor {
             })
     }
 
+    /// The launch facts a key is sealed to: this launch's, with the paravisor's own
+    /// measurement (the guest it boots is not part of what opens its state).
+    fn sealing_facts(
+        &self,
+        launch: &crate::platform_server::Launch,
+    ) -> crate::platform::LaunchFacts {
+        crate::platform::LaunchFacts {
+            measurement: self.sealing_measurement,
+            ..launch.facts
+        }
+    }
+
     /// The guest-state file `rel` of the state directory, through its descriptor.
     fn guest_state(&self, rel: &Path, write: bool) -> Result<std::fs::File, RunError> {
         let how = if write { Open::ReadWrite } else { Open::Read };
@@ -2329,7 +2339,7 @@ impl Supervisor {
     /// Seals `key` to this platform and launch (in-process); the stored bytes.
     fn seal(&mut self, key: &KeyBytes, select: attest::FieldSelect) -> Result<Vec<u8>, RunError> {
         let (platform, launch) = self.own_platform()?;
-        let sealed = SealedKey::seal(&platform, &launch.facts, &key.0, select)
+        let sealed = SealedKey::seal(&platform, &self.sealing_facts(&launch), &key.0, select)
             .map_err(|e| RunError::SealedKey(format!("sealing the datastore key: {e}")))?;
         Ok(sealed.to_bytes().to_vec())
     }
@@ -2351,7 +2361,7 @@ impl Supervisor {
             }
         };
         let (platform, launch) = self.own_platform()?;
-        match sealed.unseal(&platform, &launch.facts) {
+        match sealed.unseal(&platform, &self.sealing_facts(&launch)) {
             Some(k) => {
                 let key = KeyBytes(*k);
                 tracing::info!(
@@ -2372,15 +2382,17 @@ impl Supervisor {
     /// Keeps the launch log of the run that sealed a key (`sealed-launch-log.json`), so that a
     /// later refusal can say what changed.
     fn keep_sealing_log(&self) {
-        let to = Path::new(SEALED_LAUNCH_LOG);
-        let kept = self
-            .state
-            .read(Path::new(LAUNCH_LOG), MAX_LAUNCH_LOG)
-            .and_then(|log| {
-                let log = log.ok_or_else(|| crate::owned_dir::DirError::Missing {
-                    subject: format!("file {}", self.state.shown(Path::new(LAUNCH_LOG)).display()),
-                })?;
-                self.state.replace(to, &log, 0o644)
+        self.write_log(Path::new(SEALED_LAUNCH_LOG), &self.launch_log);
+    }
+
+    /// Writes a launch log into the state directory (public: 0644); a failure is logged.
+    fn write_log(&self, to: &Path, log: &crate::measure::LaunchLog) {
+        let kept = serde_json::to_vec_pretty(log)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                self.state
+                    .replace(to, &bytes, 0o644)
+                    .map_err(|e| e.to_string())
             });
         match kept {
             Ok(None) => {}
@@ -2388,84 +2400,113 @@ impl Supervisor {
                 "{} was a {was}, not a file of ours: replaced",
                 self.state.shown(to).display()
             ),
-            Err(e) => tracing::warn!("{} not kept: {e}", self.state.shown(to).display()),
+            Err(e) => tracing::warn!("{} not written: {e}", self.state.shown(to).display()),
         }
     }
 
     /// What differs between the launch log of the run that sealed (if kept and it matches
-    /// `sealed_to`) and this run's.
-    fn launch_changes(&self, sealed_to: &[u8; 48]) -> Option<String> {
-        // Files of the (untrusted) state directory: bounded, and only a hint for the operator.
-        let read = |name: &str| -> Option<crate::measure::LaunchLog> {
-            let bytes = self.state.read(Path::new(name), MAX_LAUNCH_LOG).ok()??;
-            let log: crate::measure::LaunchLog = serde_json::from_slice(&bytes).ok()?;
-            (log.entries.len() <= 4096).then_some(log)
-        };
-        let then = read(SEALED_LAUNCH_LOG).filter(|l| &l.measurement == sealed_to)?;
-        let now = read(LAUNCH_LOG)?;
-        let key = |e: &crate::measure::Entry| (e.kind.name().to_string(), e.name.clone());
-        // "service net (pv-net)", "manifest", "guest-image kernel".
-        let label = |e: &crate::measure::Entry| {
-            if e.name == e.kind.name() {
-                e.name.clone()
-            } else {
-                format!("{} {}", e.kind.name(), e.name)
+    /// `sealed_to`) and this run's paravisor.
+    fn launch_changes(&self, sealed_to: &[u8; 48]) -> Option<Vec<String>> {
+        // A file of the (untrusted) state directory: bounded, and only a hint for the operator.
+        let bytes = self
+            .state
+            .read(Path::new(SEALED_LAUNCH_LOG), MAX_LAUNCH_LOG)
+            .ok()??;
+        let then: crate::measure::LaunchLog = serde_json::from_slice(&bytes).ok()?;
+        if then.entries.len() > 4096 || &then.paravisor_measurement() != sealed_to {
+            return None;
+        }
+        let changes = crate::measure::paravisor_changes(&then, &self.launch_log);
+        (!changes.is_empty()).then_some(changes)
+    }
+
+    /// After a refused start: `refused/` of the state directory holds the refused launch's
+    /// log and why (the only thing a refused start writes).
+    fn record_refusal(&self, why: &str) {
+        let dir = match self.state.subdir(Path::new(REFUSED_DIR), true) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!("refusal not recorded in {REFUSED_DIR}/: {e}");
+                return;
             }
         };
-        let mut changes = Vec::new();
-        for e in &now.entries {
-            match then.entries.iter().find(|t| key(t) == key(e)) {
-                None => changes.push(format!("{} is new", label(e))),
-                Some(t) if t.sha384 != e.sha384 || t.length != e.length => changes.push(format!(
-                    "{} changed ({} -> {} bytes, SHA-384 {}.. -> {}..)",
-                    label(e),
-                    t.length,
-                    e.length,
-                    &crate::measure::hex(&t.sha384)[..12],
-                    &crate::measure::hex(&e.sha384)[..12]
-                )),
-                Some(_) => {}
+        let log = serde_json::to_vec_pretty(&self.launch_log).unwrap_or_default();
+        for (name, bytes) in [(LAUNCH_LOG, log), ("reason.txt", format!("{why}\n").into_bytes())] {
+            if let Err(e) = dir.replace(Path::new(name), &bytes, 0o644) {
+                tracing::warn!("{} not written: {e}", dir.shown(Path::new(name)).display());
             }
         }
-        for t in &then.entries {
-            if !now.entries.iter().any(|e| key(e) == key(t)) {
-                changes.push(format!("{} is gone", label(t)));
+    }
+
+    /// Once the start is not refused: the launch log (for the attest service and readers),
+    /// the platform's chain, and the state files the manifest creates when missing.
+    fn write_state(&mut self) -> Result<(), RunError> {
+        self.write_log(Path::new(LAUNCH_LOG), &self.launch_log);
+        if let Some(link) = &self.platform_link {
+            // The chain, for the attest service (public: a verifier checks it anyway).
+            let chain = crate::platform::chain_pem(&link.platform)?;
+            let certs = Path::new(PLATFORM_CERTS);
+            // Rewritten only when it differs; whatever is not a regular file of ours (a
+            // link, a FIFO) is replaced, never written through.
+            let same = matches!(
+                self.state.read(certs, MAX_CHAIN as u64),
+                Ok(Some(b)) if b == chain.as_bytes()
+            );
+            if !same {
+                if let Some(was) = self.state.replace(certs, chain.as_bytes(), 0o644)? {
+                    tracing::warn!(
+                        "{} was a {was}, not a file of ours: replaced",
+                        self.state.shown(certs).display()
+                    );
+                }
             }
         }
-        if changes.is_empty() {
-            changes.push("the order of the launch changed".into());
+        for line in crate::state_files::prepare(&self.manifest, &self.state)
+            .map_err(create_err("state files"))?
+        {
+            tracing::info!("{line}");
         }
-        Some(changes.join("; "))
+        Ok(())
     }
 
     /// Why a stored key did not unseal, and what the operator can do.
     fn unseal_refusal(&self, path: &Path, sealed: &SealedKey) -> String {
         let file = path.display();
-        if sealed.select.measurement && sealed.measurement != self.measurement {
+        let refused = self.state.shown(Path::new(REFUSED_DIR));
+        if sealed.select.measurement && sealed.measurement != self.sealing_measurement {
             let what = match self.launch_changes(&sealed.measurement) {
-                Some(changes) => format!("What changed since the sealing run ({SEALED_LAUNCH_LOG} vs launch-log.json): {changes}."),
-                None => "Something it measures changed since (a service binary, the manifest, the guest image or command line: compare `paravisor measure --json` with the launch log of the run that sealed it).".into(),
+                Some(changes) => format!(
+                    "What changed since the sealing run ({SEALED_LAUNCH_LOG} vs this launch):\n{}",
+                    changes.iter().map(|c| format!("  - {c}\n")).collect::<String>()
+                ),
+                None => "Something it measures changed since (the microkernel, a service binary or library, the measured configuration: compare `paravisor measure --json` with the launch log of the run that sealed it).\n".into(),
             };
             format!(
-                "refusing to start: the datastore key of guest-state file {file} is sealed under policy \"measurement\" to launch measurement {} (as its header says), but this paravisor measures {}. {what} \
-                 To start this build with that state: release the key through a key broker (`[attest] key-release`, `paravisor kbs serve`), which re-seals it to the new measurement; or start the build that sealed it. \
-                 To start afresh instead, move {file} away (its contents cannot be read without the key).",
+                "refusing to start: the datastore key of guest-state file {file} is sealed under policy \"measurement\" to paravisor measurement {} (as its header says), but this paravisor measures {}.\n{what}\
+                 Three ways out:\n\
+                 \x20 1. key release: a key broker whose policy accepts this launch (`paravisor kbs serve`), named by `[attest] key-release-id` (and its address, `key-release`): the start re-seals the key to this measurement;\n\
+                 \x20 2. `paravisor vmgs reseal` (with key release configured): the same, offline, before starting;\n\
+                 \x20 3. a new state directory (`--state-dir NEW`): a fresh start; {file} cannot be read without its key (move it away to start afresh here).\n\
+                 Or start the build and configuration that sealed it. Nothing was written but {} (this launch's log and this message).",
                 crate::measure::hex(&sealed.measurement),
-                crate::measure::hex(&self.measurement)
+                crate::measure::hex(&self.sealing_measurement),
+                refused.display()
             )
         } else {
             format!(
                 "refusing to start: the datastore key of guest-state file {file} does not unseal on this platform (sealed under policy \"{}\"{}): it was sealed by another platform (another --platform-dir or chip secret), or its HW_KEY_PROTECTOR was altered. \
-                 Use the platform that sealed it, release the key through a key broker (`[attest] key-release`), or move {file} away to start afresh.",
+                 Use the platform that sealed it, release the key through a key broker (`[attest] key-release-id`, `paravisor vmgs reseal`), or start afresh with a new state directory (`--state-dir NEW`, or move {file} away). Nothing was written but {}.",
                 if sealed.select.measurement { "measurement" } else { "platform" },
                 if sealed.select.measurement {
                     format!(", measurement {} = this one", &crate::measure::hex(&sealed.measurement)[..16])
                 } else {
                     String::new()
-                }
+                },
+                refused.display()
             )
         }
     }
+
 
     /// Platform requests of service `i` refused as reserved to the microkernel.
     fn platform_refusals(&self, i: usize) -> u64 {
@@ -2712,6 +2753,8 @@ pub const PLATFORM_CERTS: &str = "platform-certs.pem";
 pub const SEALED_LAUNCH_LOG: &str = "sealed-launch-log.json";
 /// This run's launch log, in the state directory.
 pub const LAUNCH_LOG: &str = "launch-log.json";
+/// Where a refused start leaves its launch log and reason (in the state directory).
+pub const REFUSED_DIR: &str = "refused";
 /// Largest launch log read back from the state directory.
 const MAX_LAUNCH_LOG: u64 = 1 << 20;
 
