@@ -364,7 +364,98 @@ pub fn text(m: &Manifest) -> String {
             }
         );
     }
+    out.push_str(&configuration_text(m));
     out
+}
+
+/// Which of the configuration is measured and which the host chooses (`paravisor audit`).
+pub fn configuration_text(m: &Manifest) -> String {
+    let c = configuration(m);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nmeasured configuration (the launch log's \"manifest\" entry is the SHA-384 of its canonical form, {} bytes, SHA-384 {}..; `paravisor measure --json` prints it as \"config\"; comments, layout and key order do not count):",
+        c["measured_bytes"], &c["measured_sha384"].as_str().unwrap_or_default()[..16]
+    );
+    let _ = writeln!(out, "  top level: {}", list_of(&c["measured"]));
+    let _ = writeln!(out, "  per service: {}", list_of(&c["measured_per_service"]));
+    let _ = writeln!(
+        out,
+        "host settings (not measured; the manifest's value is a default, `paravisor run --host FILE` overrides it, flags override both):"
+    );
+    for h in c["host_settings"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  {:<13} {} (default: {})",
+            h["key"].as_str().unwrap_or_default(),
+            h["what"].as_str().unwrap_or_default(),
+            h["manifest_default"].as_str().unwrap_or("none")
+        );
+    }
+    out
+}
+
+fn list_of(v: &serde_json::Value) -> String {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|k| k.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// [`configuration_text`] for machines: the measured keys, the canonical form's length and
+/// SHA-384, and each host setting with the manifest's default.
+pub fn configuration(m: &Manifest) -> serde_json::Value {
+    use sha2::Digest;
+    let measured = m.measured_config();
+    let bytes = m.measured_bytes();
+    let keys = |v: &serde_json::Value| -> Vec<String> {
+        v.as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let per_service = measured["services"]
+        .get(0)
+        .map(keys)
+        .unwrap_or_default();
+    let listeners: Vec<String> = m
+        .services
+        .iter()
+        .flat_map(|s| s.listen.iter().map(|l| format!("{} {}", l.name, l.address)))
+        .collect();
+    let defaults = |key: &str| -> Option<String> {
+        match key {
+            "state-dir" => Some(m.state_dir.display().to_string()),
+            "platform-dir" => Some(
+                m.attest
+                    .platform_dir
+                    .as_ref()
+                    .map_or("\"platform\" next to the state directory".into(), |d| {
+                        d.display().to_string()
+                    }),
+            ),
+            "key-release" => m.attest.key_release.map(|a| a.to_string()),
+            "listen" => Some(if listeners.is_empty() {
+                "none declared".into()
+            } else {
+                format!("none bound unless asked; declared: {}", listeners.join(", "))
+            }),
+            "log-format" => Some("text".into()),
+            _ => None,
+        }
+    };
+    serde_json::json!({
+        "measured": keys(&measured),
+        "measured_per_service": per_service,
+        "measured_bytes": bytes.len(),
+        "measured_sha384": crate::measure::hex(&sha2::Sha384::digest(&bytes)),
+        "host_settings": crate::manifest::HOST_SETTINGS.iter().map(|(key, what)| serde_json::json!({
+            "key": key,
+            "what": what,
+            "manifest_default": defaults(key),
+        })).collect::<Vec<_>>(),
+    })
 }
 
 /// The microkernel's thread filters a run of `m` installs (the pid a supervisor may

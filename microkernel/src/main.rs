@@ -881,6 +881,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                     "runner": microkernel::privilege::Runner::current().describe(),
                     "securebits": microkernel::privilege::SECUREBIT_NAMES,
                     "threads": audit::thread_profiles(&m),
+                    "configuration": audit::configuration(&m),
                 });
                 println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
             } else {

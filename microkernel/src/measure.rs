@@ -864,6 +864,10 @@ pub fn text(log: &LaunchLog) -> String {
         "measurement (SNP launch digest): {}\n",
         hex(&log.measurement)
     ));
+    out.push_str(&format!(
+        "paravisor measurement (its entries without the guest; what sealed state is bound to): {}\n",
+        hex(&log.paravisor_measurement())
+    ));
     out
 }
 
