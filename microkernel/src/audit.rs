@@ -262,7 +262,7 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
                         .map(move |(i, g)| ClientGrant {
                             client: c.name.clone(),
                             endpoint: i.name(),
-                            grant: g.clone(),
+                            grant: *g,
                         })
                 })
                 .collect(),
@@ -271,7 +271,7 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
                 .iter()
                 .map(|(i, g)| CallGrant {
                     endpoint: i.name(),
-                    grant: g.clone(),
+                    grant: *g,
                 })
                 .collect(),
             mmio: s.mmio.clone(),

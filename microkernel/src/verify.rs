@@ -739,5 +739,46 @@ mod tests {
             verify(&[0; REPORT_LEN], dir, "abc", None, None),
             Err(VerifyError::BadPin(_))
         ));
+        // The refusal is the last check listed.
+        let v = verify_checked(&[0; REPORT_LEN], dir, "abc", None, None);
+        assert_eq!(
+            v.checks.iter().map(|c| (c.name, c.ok)).collect::<Vec<_>>(),
+            [("ark-fingerprint", false)]
+        );
+        assert!(v.checks[0].detail.contains("abc"), "{:?}", v.checks);
+    }
+
+    #[test]
+    fn missing_references_name_what_a_genuine_report_does_not_prove() {
+        let names = |v: Vec<Check>| v.into_iter().map(|c| c.name).collect::<Vec<_>>();
+        assert!(names(missing_references(true, Some(b"n"))).is_empty());
+        assert_eq!(
+            names(missing_references(false, Some(b"n"))),
+            ["measurement"]
+        );
+        assert_eq!(names(missing_references(true, None)), ["nonce"]);
+        assert_eq!(names(missing_references(true, Some(b""))), ["nonce"]);
+        assert_eq!(
+            names(missing_references(false, None)),
+            ["measurement", "nonce"]
+        );
+    }
+
+    #[test]
+    fn sixty_four_bit_claims_are_hex_strings_in_json() {
+        let claims = Claims {
+            version: 2,
+            policy: 0x30000,
+            vmpl: 0,
+            measurement: String::new(),
+            report_data: String::new(),
+            host_data: String::new(),
+            chip_id: String::new(),
+            reported_tcb: 0x7308_0000_0000_0003,
+        };
+        let v = serde_json::to_value(&claims).unwrap();
+        assert_eq!(v["reported_tcb"], "0x7308000000000003");
+        assert_eq!(v["policy"], "0x0000000000030000");
+        assert_eq!(v["version"], 2);
     }
 }
