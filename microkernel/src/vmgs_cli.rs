@@ -141,7 +141,8 @@ pub enum VmgsCmd {
         #[command(flatten)]
         alg: Alg,
     },
-    /// Remove a file id.
+    /// Remove a file id (no key needed, as with the reference tool: on an encrypted file
+    /// without -k only the file table changes).
     Delete {
         #[command(flatten)]
         file: FileArg,
