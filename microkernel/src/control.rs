@@ -140,6 +140,54 @@ pub enum Reply {
         certs: String,
     },
     AttestBench(crate::bench_attest::Latencies),
+    /// What a probe found, and the line that says so.
+    Probe {
+        result: ProbeResult,
+        message: String,
+    },
+}
+
+/// What `paravisor probe SERVICE ENDPOINT` found; each has its own exit status, so that a
+/// script can tell "not granted" from "granted but not answering".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProbeResult {
+    /// The endpoint answered through the service's own capability: exit 0.
+    Reached,
+    /// The manifest grants the service no capability to call the endpoint: exit 3.
+    NoCapability,
+    /// No answer before the service's deadline: exit 4.
+    TimedOut,
+    /// The endpoint's server restarted while the probe was in flight: exit 5.
+    PeerRestarted,
+    /// The channel failed otherwise (an error answer, a malformed reply): exit 6.
+    Failed,
+}
+
+impl ProbeResult {
+    pub fn of(outcome: &ipc_defs::control::ProbeOutcome) -> ProbeResult {
+        use ipc_defs::control::ProbeOutcome;
+        match outcome {
+            ProbeOutcome::Reached { .. } => ProbeResult::Reached,
+            ProbeOutcome::NoCapability => ProbeResult::NoCapability,
+            ProbeOutcome::TimedOut => ProbeResult::TimedOut,
+            ProbeOutcome::PeerRestarted { .. } => ProbeResult::PeerRestarted,
+            ProbeOutcome::Failed(_) => ProbeResult::Failed,
+        }
+    }
+
+    /// The exit status of `paravisor probe` (1 is left for "could not probe at all": no
+    /// instance, no such service or endpoint, the service not running or not answering; 2
+    /// for a usage error).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            ProbeResult::Reached => 0,
+            ProbeResult::NoCapability => 3,
+            ProbeResult::TimedOut => 4,
+            ProbeResult::PeerRestarted => 5,
+            ProbeResult::Failed => 6,
+        }
+    }
 }
 
 /// Errors of a command-line client.

@@ -317,7 +317,12 @@ enum AttestCmd {
         /// The nonce the report must carry (hex; see `platform report`).
         #[arg(long)]
         nonce: Option<String>,
-        /// Machine-readable output.
+        /// Refuse the report (exit 1) unless a reference measurement and a non-empty nonce
+        /// were given: without them a genuine report proves neither what ran nor when.
+        #[arg(long)]
+        strict: bool,
+        /// Machine-readable output: every check made with its result, what was not checked,
+        /// and the claims (64-bit fields as hex strings); printed on refusal too.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -677,6 +682,7 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
             manifest,
             guest,
             nonce,
+            strict,
             json,
         } => {
             // Any size error is the verifier's to name (a report is exactly 0x4A0 bytes).
@@ -738,80 +744,124 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
                 }
                 (None, None) => None,
             };
-            let data = match &nonce {
-                Some(n) => Some(microkernel::verify::report_data_for(
-                    &microkernel::verify::parse_hex(n)
+            let nonce = match &nonce {
+                Some(n) => Some(
+                    microkernel::verify::parse_hex(n)
                         .ok_or_else(|| fail("--nonce must be hex bytes, e.g. 00112233".into()))?,
-                )),
+                ),
                 None => None,
             };
-            match microkernel::verify::verify(
+            let data = nonce.as_deref().map(microkernel::verify::report_data_for);
+            let verification = microkernel::verify::verify_checked(
                 &bytes,
                 &certs,
                 &ark_fingerprint,
                 expected.as_ref(),
                 data.as_ref(),
-            ) {
-                Ok(claims) => {
-                    if expected.is_none() {
-                        eprintln!(
-                            "paravisor: WARNING: no reference measurement was given (--manifest, \
-                             --launch-log or --expected-measurement): the report is genuine, \
-                             but what it measured was not checked"
-                        );
-                    }
-                    match &nonce {
-                        None => eprintln!(
-                            "paravisor: WARNING: no --nonce was given: the report's freshness \
-                             was not checked"
-                        ),
-                        Some(n) if n.trim().is_empty() => eprintln!(
-                            "paravisor: WARNING: the --nonce given is empty: report_data was \
-                             checked to be all zeros, which proves no freshness"
-                        ),
-                        Some(_) => {}
-                    }
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&claims).unwrap_or_default()
-                        );
-                    } else {
-                        println!("report verified: ARK pinned, chain and signature valid (over the raw bytes, and by the sev crate), reserved bytes zero{}{}",
-                            if expected.is_some() { ", measurement as expected" } else { " (measurement not checked)" },
-                            if data.is_some() { ", nonce as expected" } else { "" });
-                        println!(
-                            "  version {}  policy {:#x}  vmpl {}  reported TCB {:#018x}",
-                            claims.version, claims.policy, claims.vmpl, claims.reported_tcb
-                        );
-                        println!("  measurement {}", claims.measurement);
-                        println!("  report_data {}", claims.report_data);
-                        println!("  chip_id     {}", claims.chip_id);
-                        if let Some(l) = &log {
-                            println!(
-                                "  launch log (its recomputed digest is the report's measurement):"
-                            );
-                            for e in &l.entries {
-                                println!(
-                                    "    {:>3} {:<13} {:>10} {} {}",
-                                    e.seq,
-                                    e.kind.name(),
-                                    e.length,
-                                    microkernel::measure::hex(&e.sha384),
-                                    e.name
-                                );
-                            }
-                        }
-                    }
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => {
-                    eprintln!("paravisor: report REFUSED: {e}");
-                    Err(ExitCode::from(1))
-                }
+            );
+            report_verification(
+                verification,
+                VerifyRequest {
+                    measurement_given: expected.is_some(),
+                    nonce: nonce.as_deref(),
+                    strict,
+                    json,
+                    log: log.as_ref(),
+                },
+            )
+        }
+    }
+}
+
+/// What `attest verify` was asked, for [`report_verification`].
+struct VerifyRequest<'a> {
+    measurement_given: bool,
+    nonce: Option<&'a [u8]>,
+    strict: bool,
+    json: bool,
+    log: Option<&'a microkernel::measure::LaunchLog>,
+}
+
+/// Prints a verification (text, or JSON with every check) and gives the exit status: 0
+/// verified, 1 refused (also, under --strict, for a missing measurement or nonce).
+fn report_verification(
+    mut verification: microkernel::verify::Verification,
+    req: VerifyRequest,
+) -> Result<ExitCode, ExitCode> {
+    let VerifyRequest {
+        measurement_given,
+        nonce,
+        strict,
+        json,
+        log,
+    } = req;
+    let missing = microkernel::verify::missing_references(measurement_given, nonce);
+    let refused_strict = strict && !missing.is_empty();
+    let not_checked = if strict {
+        verification
+            .checks
+            .extend(missing.iter().map(|c| microkernel::verify::Check {
+                detail: format!("--strict: {}", c.detail),
+                ..c.clone()
+            }));
+        Vec::new()
+    } else {
+        missing.clone()
+    };
+    if json {
+        let doc = serde_json::json!({
+            "verified": verification.outcome.is_ok() && !refused_strict,
+            "strict": strict,
+            "checks": verification.checks,
+            "not_checked": not_checked,
+            "claims": verification.outcome.as_ref().ok(),
+            "error": verification.outcome.as_ref().err().map(|e| e.to_string()),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    }
+    let claims = match verification.outcome {
+        Ok(claims) => claims,
+        Err(e) => {
+            eprintln!("paravisor: report REFUSED: {e}");
+            return Err(ExitCode::FAILURE);
+        }
+    };
+    for c in &missing {
+        if strict {
+            eprintln!("paravisor: report REFUSED (--strict): {}", c.detail);
+        } else {
+            eprintln!("paravisor: WARNING: {}", c.detail);
+        }
+    }
+    if refused_strict {
+        return Err(ExitCode::FAILURE);
+    }
+    if !json {
+        println!("report verified: ARK pinned, chain and signature valid (over the raw bytes, and by the sev crate), reserved bytes zero{}{}",
+            if measurement_given { ", measurement as expected" } else { " (measurement not checked)" },
+            if nonce.is_some() { ", nonce as expected" } else { "" });
+        println!(
+            "  version {}  policy {:#x}  vmpl {}  reported TCB {:#018x}",
+            claims.version, claims.policy, claims.vmpl, claims.reported_tcb
+        );
+        println!("  measurement {}", claims.measurement);
+        println!("  report_data {}", claims.report_data);
+        println!("  chip_id     {}", claims.chip_id);
+        if let Some(l) = log {
+            println!("  launch log (its recomputed digest is the report's measurement):");
+            for e in &l.entries {
+                println!(
+                    "    {:>3} {:<13} {:>10} {} {}",
+                    e.seq,
+                    e.kind.name(),
+                    e.length,
+                    microkernel::measure::hex(&e.sha384),
+                    e.name
+                );
             }
         }
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `paravisor run`'s exit status: the guest's own status when it wrote one, 0 without a guest
@@ -832,7 +882,10 @@ fn guest_exit_code(outcome: Option<microkernel::partition::vcpu::Outcome>) -> Ex
 const PARTITION_FAILED: u8 = ipc_defs::services::intercept::HYPERVISOR_FAILED;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     let prints_only = matches!(
         cli.command,
         Cmd::Check { .. }
@@ -852,6 +905,19 @@ fn main() -> ExitCode {
     }
     match run(cli) {
         Ok(code) | Err(code) => code,
+    }
+}
+
+/// Prints a command-line error (or the help) and gives clap's exit code, except under
+/// `vmgs`: there 2 means "not encrypted" to scripts written for the reference tool, so a
+/// usage error is [`microkernel::vmgs_cli::exit::USAGE`].
+fn usage_error(e: &clap::Error) -> ExitCode {
+    let _ = e.print();
+    let under_vmgs = std::env::args_os().nth(1).is_some_and(|a| a == "vmgs");
+    match e.exit_code() {
+        0 => ExitCode::SUCCESS,
+        _ if under_vmgs => ExitCode::from(microkernel::vmgs_cli::exit::USAGE),
+        code => ExitCode::from(u8::try_from(code).unwrap_or(2)),
     }
 }
 
@@ -1067,6 +1133,10 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                     guest,
                 },
         } => {
+            // A guest option that does not fit (2 under `run`) is a usage error here too.
+            if guest.config().is_err() {
+                return Err(ExitCode::from(microkernel::vmgs_cli::exit::USAGE));
+            }
             let flags = microkernel::host_config::Flags {
                 state_dir,
                 platform_dir,
@@ -1175,7 +1245,13 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             manifest,
         } => {
             let dir = client_state_dir(state_dir, manifest.as_deref())?;
-            done(send(&dir, &Command::Probe { service, endpoint })?)
+            match send(&dir, &Command::Probe { service, endpoint })? {
+                Reply::Probe { result, message } => {
+                    println!("{message}");
+                    Ok(ExitCode::from(result.exit_code()))
+                }
+                other => Err(unexpected(other)),
+            }
         }
         Cmd::Bench { what, .. }
             if ["vtpm", "guest", "measure", "attest"].contains(&what.as_str())

@@ -1851,7 +1851,8 @@ impl Supervisor {
                     },
                     CONTROL_TIMEOUT * 2,
                 ) {
-                    Ok(ctl::Response::Probe(outcome)) => Reply::Done {
+                    Ok(ctl::Response::Probe(outcome)) => Reply::Probe {
+                        result: crate::control::ProbeResult::of(&outcome),
                         message: probe_text(&service, interface, outcome),
                     },
                     Ok(other) => Reply::Error {

@@ -532,6 +532,14 @@ fn main() -> ExitCode {
                 std::hint::spin_loop();
             }
         }
+        "deaf" => {
+            // Serves its endpoint in name only: answers the start ping, then nothing, asleep
+            // (its callers' requests time out).
+            started.answer_first_ping();
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
         "silent-start" => {
             // Hangs before its first ping: the supervisor must go on serving while it waits.
             eprintln!("pv-hostile: silent at start");
