@@ -2636,6 +2636,7 @@ impl Supervisor {
                 open_files: s.spec.limits.open_files,
                 descriptors: Vec::new(),
                 code: s.code.iter().map(|(_, _, path)| path.clone()).collect(),
+                listening: s.listeners.iter().map(|b| b.listening()).collect(),
             };
             expect.descriptors = s.granted.clone();
             for what in check_process(p.pid, &expect)
@@ -2925,6 +2926,9 @@ pub struct ExpectedProcess {
     /// The files it may map besides memfds: the sandbox paths of its measured loader and
     /// libraries.
     pub code: Vec<String>,
+    /// Its listeners: it may hold connections accepted from them too
+    /// ([`crate::listeners::accepted_sockets`]).
+    pub listening: Vec<crate::listeners::Listening>,
 }
 
 /// Why a freshly started service is not sandboxed as it must be, if it is not: the first of
@@ -2974,6 +2978,8 @@ pub fn check_process(pid: i32, expect: &ExpectedProcess) -> Vec<String> {
     }
     match std::fs::read_dir(format!("/proc/{pid}/fd")) {
         Ok(dir) => {
+            // Read after its descriptors are listed: a connection it holds is in the tables.
+            let mut accepted_sockets = None;
             for entry in dir.flatten() {
                 let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
                     continue;
@@ -2981,8 +2987,25 @@ pub fn check_process(pid: i32, expect: &ExpectedProcess) -> Vec<String> {
                 let target = std::fs::read_link(entry.path())
                     .map(|t| t.display().to_string())
                     .unwrap_or_default();
+                let accepted = target
+                    .strip_prefix("socket:[")
+                    .and_then(|t| t.strip_suffix(']'))
+                    .and_then(|i| i.parse::<u64>().ok())
+                    .is_some_and(|i| {
+                        // Read again on a miss: it may have accepted since the last read.
+                        let known = accepted_sockets
+                            .as_ref()
+                            .is_some_and(|s: &std::collections::BTreeSet<u64>| s.contains(&i));
+                        known || {
+                            let now = crate::listeners::accepted_sockets(&expect.listening);
+                            let found = now.contains(&i);
+                            accepted_sockets = Some(now);
+                            found
+                        }
+                    });
                 match expect.descriptors.iter().find(|(slot, _)| *slot == fd) {
                     Some((_, want)) if &target == want => {}
+                    _ if accepted => {}
                     Some((_, want)) => out.push(format!(
                         "descriptor {fd} is {target}, but the manifest grants {want} there"
                     )),
