@@ -216,11 +216,12 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
             memory: format_size(s.limits.memory),
             open_files: s.limits.open_files,
             restart: format!(
-                "{} (max {} per {}, back-off {})",
+                "{} (max {} per {}, back-off {} up to {})",
                 s.restart.policy,
                 s.restart.max,
                 format_duration(s.restart.window),
-                format_duration(s.restart.backoff)
+                format_duration(s.restart.backoff),
+                format_duration(s.restart.max_backoff)
             ),
             watchdog: format_duration(s.watchdog),
             namespaces: (Namespaces::all() - Namespaces::USER).names(),

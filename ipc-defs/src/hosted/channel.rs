@@ -343,11 +343,22 @@ pub fn wait_any(rings: &[Ring<'_>], policy: WaitPolicy, timeout: Duration) {
     }
 }
 
-/// A request sent with [`ClientEnd::send`], whose reply [`ClientEnd::try_reply`] looks for.
+/// A request sent with [`ClientEnd::send`] or [`ClientEnd::start`], whose reply
+/// [`ClientEnd::try_reply`] or [`ClientEnd::wait_reply`] looks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sent {
     epoch: Epoch,
     tag: u32,
+    /// The request ring's byte position just past the frame: the server has taken the
+    /// request once its read position reaches it.
+    end: u64,
+}
+
+impl Sent {
+    /// The epoch it was sent in.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
 }
 
 /// The calling end of a channel, for requests of type `Q` answered by `R`.
@@ -432,7 +443,51 @@ impl<Q: Serialize, R: DeserializeOwned> ClientEnd<Q, R> {
             .try_send(epoch, &self.tx[..encoded])
             .map_err(CallError::Ring)?;
         wake(&ring, woken);
-        Ok(Sent { epoch, tag })
+        Ok(Sent {
+            epoch,
+            tag,
+            end: ring.counters().0,
+        })
+    }
+
+    /// Sends `request`, waiting up to `timeout` for room in the ring but not for the reply,
+    /// which [`ClientEnd::wait_reply`] waits for: for a caller with other work between looks
+    /// (answering its own control channel, say).
+    pub fn start(&mut self, request: &Q, timeout: Duration) -> Result<Sent, CallError> {
+        let mut deadline = Deadline::new(timeout);
+        let epoch = self.mem.channel().epoch();
+        let (tag, encoded) = self.encode(request)?;
+        self.send_frame(epoch, encoded, &mut deadline, timeout)?;
+        Ok(Sent {
+            epoch,
+            tag,
+            end: self.mem.channel().ring(Direction::Requests).counters().0,
+        })
+    }
+
+    /// Waits up to `timeout` for the reply to `sent`: `None` if it has not come yet (ask
+    /// again), [`CallError::PeerRestarted`] if the server restarted since it was sent.
+    pub fn wait_reply(&mut self, sent: Sent, timeout: Duration) -> Result<Option<R>, CallError> {
+        let mut deadline = Deadline::new(timeout);
+        self.reply_within(sent.epoch, sent.tag, &mut deadline)
+    }
+
+    /// Whether the server has taken `sent` off the ring (it may not have answered yet). Only
+    /// meaningful while the epoch is `sent`'s: a restart discards what was not taken.
+    pub fn taken(&self, sent: Sent) -> bool {
+        let read = self
+            .mem
+            .channel()
+            .ring(Direction::Requests)
+            .read_position();
+        // Positions only grow (wrapping after 2^64 bytes): `read` is at or past `end` when
+        // the distance from `end` to it is "small".
+        read.wrapping_sub(sent.end) < 1 << 63
+    }
+
+    /// What the supervisor says of the server: up, down (restarting) or gone for good.
+    pub fn server_state(&self) -> ServerState {
+        self.mem.channel().server_state()
     }
 
     /// The reply to `sent` if it has arrived, never waiting. Replies to other requests (late
@@ -525,6 +580,17 @@ impl<Q: Serialize, R: DeserializeOwned> ClientEnd<Q, R> {
         deadline: &mut Deadline,
         timeout: Duration,
     ) -> Result<R2, CallError> {
+        self.reply_within(epoch, tag, deadline)?
+            .ok_or(CallError::TimedOut(timeout))
+    }
+
+    /// The reply tagged `tag` of `epoch`, if it comes before `deadline` (`None` if not).
+    fn reply_within<R2: DeserializeOwned>(
+        &mut self,
+        epoch: Epoch,
+        tag: u32,
+        deadline: &mut Deadline,
+    ) -> Result<Option<R2>, CallError> {
         let ring = self.mem.channel().ring(Direction::Responses);
         loop {
             // Hand back the previous reply's bytes while the server works on this request.
@@ -535,13 +601,13 @@ impl<Q: Serialize, R: DeserializeOwned> ClientEnd<Q, R> {
                         let reply: Envelope<R2> = postcard::from_bytes(&self.rx[..frame.len])
                             .map_err(|_| CallError::MalformedReply)?;
                         if reply.tag == tag {
-                            return Ok(reply.body);
+                            return Ok(Some(reply.body));
                         }
                     }
                     // A reply from before a restart, or a late one to a call that gave up.
                     // A peer that floods such frames must not keep us here past the deadline.
                     if deadline.remaining().is_zero() {
-                        return Err(CallError::TimedOut(timeout));
+                        return Ok(None);
                     }
                     continue;
                 }
@@ -559,7 +625,7 @@ impl<Q: Serialize, R: DeserializeOwned> ClientEnd<Q, R> {
                     });
                 }
                 if deadline.remaining().is_zero() {
-                    return Err(CallError::TimedOut(timeout));
+                    return Ok(None);
                 }
             }
         }
