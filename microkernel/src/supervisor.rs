@@ -1677,7 +1677,6 @@ impl Supervisor {
                     crate::manifest::format_duration(s.spec.watchdog)
                 );
                 tracing::error!(service = %s.spec.name, "{reason}");
-                s.output.note(reason.clone());
                 s.kill_reason = Some(reason);
                 if let Some(p) = &s.process {
                     let _ = sandbox::pidfd_signal(&p.pidfd, libc::SIGKILL);

@@ -912,6 +912,49 @@ mod tests {
     }
 
     #[test]
+    fn a_started_request_is_known_untaken_until_the_server_takes_it_and_its_reply_awaited() {
+        let mem = ChannelMemory::create("test-taken", 4096).unwrap();
+        let supervisor = second_mapping(&mem);
+        let mut server = ServerEnd::new(second_mapping(&mem));
+        let mut client: Client = ClientEnd::new(mem, WaitPolicy::default());
+        let first = client
+            .start(&endpoint::Request::Service(1), Duration::from_secs(1))
+            .unwrap();
+        let second = client
+            .start(&endpoint::Request::Service(2), Duration::from_secs(1))
+            .unwrap();
+        // Nobody took them: not taken, and no reply within a short wait.
+        assert!(!client.taken(first) && !client.taken(second));
+        assert_eq!(
+            client.wait_reply(first, Duration::from_millis(20)),
+            Ok(None)
+        );
+        // The server takes the first (and only the first).
+        let incoming = server.try_next().unwrap().expect("a request");
+        assert!(client.taken(first));
+        assert!(!client.taken(second));
+        server
+            .reply(
+                &incoming,
+                &endpoint::Response::<u32>::Service(10),
+                Duration::from_secs(1),
+            )
+            .unwrap();
+        assert_eq!(
+            client.wait_reply(first, Duration::from_secs(5)),
+            Ok(Some(endpoint::Response::Service(10)))
+        );
+        // A restart discards what was not taken, and says so to whoever waits for it.
+        let now = supervisor.restart_epoch(Direction::Requests);
+        assert_eq!(second.epoch().next(), now);
+        assert!(matches!(
+            client.wait_reply(second, Duration::from_secs(5)),
+            Err(CallError::PeerRestarted { now: n, .. }) if n == now
+        ));
+        assert_eq!(server.try_next(), Ok(None));
+    }
+
+    #[test]
     fn a_call_with_nobody_serving_times_out_instead_of_hanging() {
         let mem = ChannelMemory::create("test-timeout", 4096).unwrap();
         let mut client: Client = ClientEnd::new(mem, WaitPolicy::default());

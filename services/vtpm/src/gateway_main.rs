@@ -194,6 +194,7 @@ fn main() -> ExitCode {
     let mut tpm = TpmLink {
         end: end.into_typed(),
         abandoned: None,
+        powered: None,
     };
     // A TPM command takes from microseconds (GetRandom) to milliseconds (key generation), and
     // a client waits for each one: wait for the answer by spinning (yielding to anything else
@@ -342,11 +343,21 @@ fn serve(
                 reply
             }
             Step::Signal(signal) => {
-                let result =
-                    tpm.call(started, |start_by| vtpm::Request::Platform {
-                        signal,
-                        start_by,
-                    });
+                let mut result = tpm.call(started, |start_by| vtpm::Request::Platform {
+                    signal,
+                    start_by,
+                });
+                if let Outcome::NotStarted = result {
+                    // A TPM that takes nothing (stopped) will never apply it. Power on of a TPM
+                    // known to be on, NV on and cancel off change nothing, so the TPM is as
+                    // asked: what an mssim client sends whenever it connects is answered, and
+                    // the client gets to its command (and to TPM_RC_RETRY) instead of failing
+                    // to connect.
+                    if tpm.changes_nothing(signal) {
+                        result = Outcome::Answer(vtpm::Response::Done);
+                    }
+                }
+                tpm.observe(signal, &result);
                 match &result {
                     // The TPM refused it, counted and logged it (with this gateway's name).
                     Outcome::Answer(vtpm::Response::Error(e)) => tracing::debug!(
@@ -405,6 +416,9 @@ struct TpmLink {
     /// (same epoch, not taken), the TPM takes nothing: requests are not sent but answered
     /// "not started" at once.
     abandoned: Option<Sent>,
+    /// Whether the TPM is powered on, as the last power signal it answered left it (`None`:
+    /// not known, e.g. before any).
+    powered: Option<bool>,
 }
 
 /// How a request to the TPM ended.
@@ -423,6 +437,26 @@ enum Outcome {
 }
 
 impl TpmLink {
+    /// Whether `signal` would leave the TPM exactly as it is (as far as the gateway knows).
+    fn changes_nothing(&self, signal: vtpm::Platform) -> bool {
+        match signal {
+            vtpm::Platform::NvOn | vtpm::Platform::CancelOff => true,
+            vtpm::Platform::PowerOn => self.powered == Some(true),
+            _ => false,
+        }
+    }
+
+    /// Keeps track of the power state from the answers to power signals.
+    fn observe(&mut self, signal: vtpm::Platform, outcome: &Outcome) {
+        if let Outcome::Answer(vtpm::Response::Done) = outcome {
+            match signal {
+                vtpm::Platform::PowerOn | vtpm::Platform::Reset => self.powered = Some(true),
+                vtpm::Platform::PowerOff => self.powered = Some(false),
+                _ => {}
+            }
+        }
+    }
+
     /// Whether an abandoned request still blocks the ring (the TPM has taken nothing since).
     fn stalled(&mut self) -> bool {
         match self.abandoned {
