@@ -1901,8 +1901,10 @@ impl Supervisor {
                 crate::manifest::format_duration(window)
             );
             tracing::error!(service = %s.spec.name, "{msg}");
-            s.output
-                .note(format!("{msg}; `paravisor restart {}` revives it", s.spec.name));
+            s.output.note(format!(
+                "{msg}; `paravisor restart {}` revives it",
+                s.spec.name
+            ));
             s.last_exit = Some(format!(
                 "{}; {msg}",
                 s.last_exit.clone().unwrap_or_default()

@@ -235,7 +235,10 @@ fn restart_starts_a_running_service_again_and_revives_a_failed_one_with_a_fresh_
     assert_eq!(state, "running");
     assert_ne!(pid, Some(i64::from(old)));
     assert_eq!(restarts, 1);
-    assert!(last_exit.contains("restarted by the operator"), "{last_exit}");
+    assert!(
+        last_exit.contains("restarted by the operator"),
+        "{last_exit}"
+    );
     assert!(
         text(&out).contains(&format!("vtpm running (pid {})", pid.unwrap())),
         "{}",
@@ -269,7 +272,11 @@ fn restart_starts_a_running_service_again_and_revives_a_failed_one_with_a_fresh_
     // Unknown names are errors.
     let out = inst.pv(&["restart", "nosuch"]);
     assert!(!out.status.success());
-    assert!(text(&out).contains("no service named \"nosuch\""), "{}", text(&out));
+    assert!(
+        text(&out).contains("no service named \"nosuch\""),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -352,7 +359,15 @@ fn ps_watch_lists_again_until_its_count_or_until_the_instance_stops() {
     assert_eq!(listing.matches("SERVICE").count(), 3, "{listing}");
     assert_eq!(listing.matches("tpm-gateway").count(), 3, "{listing}");
     // JSON: one array per listing.
-    let out = inst.pv(&["ps", "--json", "--watch", "--count", "2", "--interval", "0.1"]);
+    let out = inst.pv(&[
+        "ps",
+        "--json",
+        "--watch",
+        "--count",
+        "2",
+        "--interval",
+        "0.1",
+    ]);
     let json = String::from_utf8_lossy(&out.stdout).to_string();
     let arrays: Vec<serde_json::Value> = serde_json::Deserializer::from_str(&json)
         .into_iter()
@@ -539,18 +554,31 @@ fn a_stopped_vtpm_gets_its_clients_a_retry_within_the_watchdog_period_and_only_i
 
     // Stopped, not dead: the extend sits in its ring.
     let pid = inst.pid("vtpm");
-    assert!(inst.pv(&["kill", "vtpm", "--signal", "STOP"]).status.success());
+    assert!(inst
+        .pv(&["kill", "vtpm", "--signal", "STOP"])
+        .status
+        .success());
     let response = mssim.command(&pcr_extend(16, &digest)).expect("an answer");
     assert_eq!(rc(&response), RC_RETRY, "{response:02x?}\n{}", inst.log());
     // The answer came before the watchdog acted: the same process, still stopped.
     let (state, now_pid, restarts, _) = status(&inst, "vtpm");
-    assert_eq!((state.as_str(), now_pid, restarts), ("running", Some(i64::from(pid)), 0));
-    assert!(inst.row("vtpm")["unresponsive"].as_bool().unwrap(), "{}", inst.row("vtpm"));
+    assert_eq!(
+        (state.as_str(), now_pid, restarts),
+        ("running", Some(i64::from(pid)), 0)
+    );
+    assert!(
+        inst.row("vtpm")["unresponsive"].as_bool().unwrap(),
+        "{}",
+        inst.row("vtpm")
+    );
     // Other clients are told the same at once, on either front end.
     assert_eq!(rc(&swtpm.command(&pcr_read(16)).unwrap()), RC_RETRY);
     // Continued: the command it was told did not start never runs. (Until the TPM has taken
     // up its ring again, it is still "retry", which clients do.)
-    assert!(inst.pv(&["kill", "vtpm", "--signal", "CONT"]).status.success());
+    assert!(inst
+        .pv(&["kill", "vtpm", "--signal", "CONT"])
+        .status
+        .success());
     assert_eq!(pcr_value(&started(&mut swtpm, &pcr_read(16))), before);
     assert_eq!(rc(&mssim.command(&pcr_extend(16, &digest)).unwrap()), 0);
     let once = sha256(&[&before, &digest]);
@@ -558,16 +586,29 @@ fn a_stopped_vtpm_gets_its_clients_a_retry_within_the_watchdog_period_and_only_i
 
     // Stopped for good: the client is told to retry, then the watchdog kills vtpm (and only
     // vtpm), and the TPM answers again with its state.
-    assert!(inst.pv(&["kill", "vtpm", "--signal", "STOP"]).status.success());
+    assert!(inst
+        .pv(&["kill", "vtpm", "--signal", "STOP"])
+        .status
+        .success());
     let response = swtpm.command(&pcr_extend(16, &digest)).expect("an answer");
     assert_eq!(rc(&response), RC_RETRY, "{response:02x?}");
     // What a tpm2-tools user sees meanwhile: the TPM's own "not able to start" (tpm2-tss
     // resubmits a few times), through either front end.
-    if Command::new("tpm2_pcrextend").arg("--version").output().is_ok() {
+    if Command::new("tpm2_pcrextend")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
         let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
         for tcti in [
-            format!("mssim:host=127.0.0.1,port={}", port(&manifest, "mssim-command")),
-            format!("swtpm:host=127.0.0.1,port={}", port(&manifest, "swtpm-data")),
+            format!(
+                "mssim:host=127.0.0.1,port={}",
+                port(&manifest, "mssim-command")
+            ),
+            format!(
+                "swtpm:host=127.0.0.1,port={}",
+                port(&manifest, "swtpm-data")
+            ),
         ] {
             let out = Command::new("tpm2_pcrextend")
                 .arg(format!("16:sha256={hex}"))
@@ -581,7 +622,11 @@ fn a_stopped_vtpm_gets_its_clients_a_retry_within_the_watchdog_period_and_only_i
                 "{tcti}: {said}"
             );
         }
-        assert_eq!(status(&inst, "vtpm").2, 0, "the answers came before the watchdog acted");
+        assert_eq!(
+            status(&inst, "vtpm").2,
+            0,
+            "the answers came before the watchdog acted"
+        );
     } else {
         eprintln!("SKIPPED (part): tpm2-tools are not installed");
     }
@@ -712,7 +757,10 @@ fn random_kills_of_vmgs_vtpm_and_attest_cost_tpm_clients_nothing() {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let results: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
-    eprintln!("kills (vmgs, vtpm, attest): {kills:?}; extends: {:?}", results.iter().map(|r| r.0.len()).collect::<Vec<_>>());
+    eprintln!(
+        "kills (vmgs, vtpm, attest): {kills:?}; extends: {:?}",
+        results.iter().map(|r| r.0.len()).collect::<Vec<_>>()
+    );
 
     let rows = inst.ps().expect("ps");
     let failed: Vec<_> = rows.iter().filter(|r| r["state"] == "failed").collect();
@@ -729,10 +777,16 @@ fn random_kills_of_vmgs_vtpm_and_attest_cost_tpm_clients_nothing() {
     assert!(!inst.log().contains("unresponsive for"), "{}", inst.log());
     // Each PCR is exactly the chain of the extends its client was told succeeded.
     let mut reader = TpmClient::connect(port(&manifest, "mssim-command"), true);
-    for ((pcr, start), (extended, _)) in [(16u8, start16), (23, start23)].into_iter().zip(&results) {
+    for ((pcr, start), (extended, _)) in [(16u8, start16), (23, start23)].into_iter().zip(&results)
+    {
         assert!(!extended.is_empty());
         let expected = extended.iter().fold(start, |v, d| sha256(&[&v, d]));
         let got = pcr_value(&reader.command(&pcr_read(pcr)).unwrap());
-        assert_eq!(got, expected, "seed {seed}: PCR {pcr} after {} extends", extended.len());
+        assert_eq!(
+            got,
+            expected,
+            "seed {seed}: PCR {pcr} after {} extends",
+            extended.len()
+        );
     }
 }

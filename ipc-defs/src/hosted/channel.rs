@@ -475,11 +475,7 @@ impl<Q: Serialize, R: DeserializeOwned> ClientEnd<Q, R> {
     /// Whether the server has taken `sent` off the ring (it may not have answered yet). Only
     /// meaningful while the epoch is `sent`'s: a restart discards what was not taken.
     pub fn taken(&self, sent: Sent) -> bool {
-        let read = self
-            .mem
-            .channel()
-            .ring(Direction::Requests)
-            .read_position();
+        let read = self.mem.channel().ring(Direction::Requests).read_position();
         // Positions only grow (wrapping after 2^64 bytes): `read` is at or past `end` when
         // the distance from `end` to it is "small".
         read.wrapping_sub(sent.end) < 1 << 63

@@ -294,9 +294,7 @@ impl fmt::Display for VtpmError {
                 "the guest partition uses this TPM: platform signals (power, NV, cancel, \
                  established flag) are refused while it does",
             ),
-            VtpmError::Expired => {
-                f.write_str("taken after its deadline to start: not carried out")
-            }
+            VtpmError::Expired => f.write_str("taken after its deadline to start: not carried out"),
         }
     }
 }
