@@ -1643,7 +1643,8 @@ impl Supervisor {
         }
         let waiting_for = self.waiting_for_down_servers(&silent);
         for i in 0..self.services.len() {
-            if self.services[i].state != State::Running {
+            // Not pinged: not running, or being killed already (its death decides).
+            if self.services[i].state != State::Running || self.services[i].kill_reason.is_some() {
                 continue;
             }
             let unresponsive = silent[i] && waiting_for[i].is_none();

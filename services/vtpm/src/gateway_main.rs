@@ -504,13 +504,13 @@ impl TpmLink {
             };
             let waited_since = std::time::Instant::now();
             let answer = loop {
-                if !started.answer_control() {
-                    return Outcome::Shutdown;
-                }
                 match self.end.wait_reply(sent, CONTROL_EVERY) {
                     Ok(Some(answer)) => break Ok(answer),
                     Ok(None) => {}
                     Err(e) => break Err(e),
+                }
+                if !started.answer_control() {
+                    return Outcome::Shutdown;
                 }
                 if let Some(by) = start_by {
                     if ipc_defs::hosted::sys::monotonic_ns() > by
