@@ -146,6 +146,7 @@ pub struct RestartRow {
     pub max: u32,
     pub window_ms: u64,
     pub backoff_ms: u64,
+    pub max_backoff_ms: u64,
 }
 
 /// A grant as data: `{"kind": "file-ids", "file_ids": [...]}`, `{"kind": "vtpm",
@@ -327,6 +328,7 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
                 max: s.restart.max,
                 window_ms: millis(s.restart.window),
                 backoff_ms: millis(s.restart.backoff),
+                max_backoff_ms: millis(s.restart.max_backoff),
             },
             watchdog_ms: millis(s.watchdog),
             namespaces: (Namespaces::all() - Namespaces::USER).names(),
@@ -426,11 +428,12 @@ impl Row {
         let r = &self.restart;
         let ms = |n: u64| format_duration(std::time::Duration::from_millis(n));
         format!(
-            "{} (max {} per {}, back-off {})",
+            "{} (max {} per {}, back-off {} up to {})",
             r.policy,
             r.max,
             ms(r.window_ms),
-            ms(r.backoff_ms)
+            ms(r.backoff_ms),
+            ms(r.max_backoff_ms)
         )
     }
 }

@@ -23,6 +23,7 @@ pub mod libraries;
 pub mod listeners;
 pub mod manifest;
 pub mod measure;
+pub mod operator;
 pub mod output;
 pub mod owned_dir;
 pub mod partition;

@@ -81,6 +81,15 @@ enum Cmd {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Print again every --interval until the instance stops (or --count times).
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: stop after this many listings.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// With --watch: seconds between listings.
+        #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+        interval: f64,
         /// The manifest (only to find the default state directory) [default: manifest.toml]
         #[arg(long)]
         manifest: Option<PathBuf>,
@@ -92,6 +101,36 @@ enum Cmd {
         /// Signal name or number.
         #[arg(long, default_value = "KILL")]
         signal: String,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+    /// Start a service of the running instance again: a running one is killed and started at
+    /// once, a failed one (crash loop) is revived with a fresh restart count; waits until it
+    /// runs.
+    Restart {
+        /// The service's name, as in the manifest.
+        service: String,
+        /// Return once the restart is under way, without waiting for the service to run.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+    /// Print a service's recent output (kept by the running instance, with its notes about
+    /// the service: started, exited, restarting in ...).
+    Logs {
+        /// The service's name, as in the manifest.
+        service: String,
+        /// Keep printing new lines until the instance stops.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// How many of the last lines to print first.
+        #[arg(long, short = 'n', default_value_t = 100)]
+        lines: usize,
         #[arg(long)]
         state_dir: Option<PathBuf>,
         #[arg(long)]
@@ -1154,70 +1193,42 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             state_dir,
             json,
             manifest,
+            watch,
+            count,
+            interval,
         } => {
             let dir = client_state_dir(state_dir, manifest.as_deref())?;
-            match send(&dir, &Command::Ps)? {
-                Reply::Ps { services, guest } => {
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&services).unwrap_or_default()
-                        );
-                        return Ok(ExitCode::SUCCESS);
-                    }
-                    let exits = |name: &str| {
-                        guest.as_ref().and_then(|g| {
-                            g.exits_by_service
-                                .iter()
-                                .find(|(s, _)| s == name)
-                                .map(|(_, n)| n.to_string())
-                        })
-                    };
-                    println!(
-                        "{:<11} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8} {:>7} {:>9} {:>7}  LAST EXIT",
-                        "SERVICE",
-                        "PID",
-                        "STATE",
-                        "RESTARTS",
-                        "UPTIME",
-                        "MSG-IN",
-                        "MSG-OUT",
-                        "REFUSED",
-                        "EXITS",
-                        "DROPPED"
-                    );
-                    for r in services {
-                        println!(
-                            "{:<11} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8} {:>7} {:>9} {:>7}  {}",
-                            r.name,
-                            r.pid.map_or("-".into(), |p| p.to_string()),
-                            r.state,
-                            r.restarts,
-                            r.uptime_ms.map_or("-".into(), uptime),
-                            r.messages_in,
-                            r.messages_out,
-                            r.refused,
-                            exits(&r.name).unwrap_or_else(|| "-".into()),
-                            r.output_dropped,
-                            r.last_exit.unwrap_or_else(|| "-".into())
-                        );
-                    }
-                    if let Some(g) = guest {
-                        println!("\nguest: {}", g.image);
-                        for v in &g.vcpus {
-                            println!(
-                                "  vcpu{} {:<8} {} exits ({} answered in the vCPU thread)",
-                                v.id, v.state, v.exits, v.in_thread
-                            );
-                        }
-                        if let Some(o) = &g.outcome {
-                            println!("  ended: {o}");
-                        }
-                    }
-                    Ok(ExitCode::SUCCESS)
-                }
-                other => Err(unexpected(other)),
+            if !watch {
+                return print_ps(send(&dir, &Command::Ps)?, json);
             }
+            microkernel::operator::watch(&dir, count, interval, |reply| {
+                print_ps(reply, json).map(|_| ())
+            })
+        }
+        Cmd::Restart {
+            service,
+            no_wait,
+            state_dir,
+            manifest,
+        } => {
+            let dir = client_state_dir(state_dir, manifest.as_deref())?;
+            microkernel::operator::restart(&dir, &service, !no_wait).map_err(|e| {
+                eprintln!("paravisor: {e}");
+                ExitCode::FAILURE
+            })
+        }
+        Cmd::Logs {
+            service,
+            follow,
+            lines,
+            state_dir,
+            manifest,
+        } => {
+            let dir = client_state_dir(state_dir, manifest.as_deref())?;
+            microkernel::operator::logs(&dir, &service, lines, follow).map_err(|e| {
+                eprintln!("paravisor: {e}");
+                ExitCode::FAILURE
+            })
         }
         Cmd::Kill {
             service,
@@ -1356,6 +1367,72 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             let dir = client_state_dir(state_dir, manifest.as_deref())?;
             done(send(&dir, &Command::Shutdown)?)
         }
+    }
+}
+
+/// Prints a `ps` reply as the table (or JSON).
+fn print_ps(reply: Reply, json: bool) -> Result<ExitCode, ExitCode> {
+    match reply {
+        Reply::Ps { services, guest } => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&services).unwrap_or_default()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let exits = |name: &str| {
+                guest.as_ref().and_then(|g| {
+                    g.exits_by_service
+                        .iter()
+                        .find(|(s, _)| s == name)
+                        .map(|(_, n)| n.to_string())
+                })
+            };
+            println!(
+                "{:<11} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8} {:>7} {:>9} {:>7}  LAST EXIT",
+                "SERVICE",
+                "PID",
+                "STATE",
+                "RESTARTS",
+                "UPTIME",
+                "MSG-IN",
+                "MSG-OUT",
+                "REFUSED",
+                "EXITS",
+                "DROPPED"
+            );
+            for r in services {
+                println!(
+                    "{:<11} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8} {:>7} {:>9} {:>7}  {}",
+                    r.name,
+                    r.pid.map_or("-".into(), |p| p.to_string()),
+                    r.state,
+                    r.restarts,
+                    r.uptime_ms.map_or("-".into(), uptime),
+                    r.messages_in,
+                    r.messages_out,
+                    r.refused,
+                    exits(&r.name).unwrap_or_else(|| "-".into()),
+                    r.output_dropped,
+                    r.last_exit.unwrap_or_else(|| "-".into())
+                );
+            }
+            if let Some(g) = guest {
+                println!("\nguest: {}", g.image);
+                for v in &g.vcpus {
+                    println!(
+                        "  vcpu{} {:<8} {} exits ({} answered in the vCPU thread)",
+                        v.id, v.state, v.exits, v.in_thread
+                    );
+                }
+                if let Some(o) = &g.outcome {
+                    println!("  ended: {o}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        other => Err(unexpected(other)),
     }
 }
 

@@ -56,6 +56,10 @@ pub const MAX_RESTARTS: u32 = 1000;
 pub const MIN_BACKOFF: Duration = Duration::from_millis(1);
 /// Longest restart back-off and window we accept.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(600);
+/// Default ceiling of the doubling back-off (`max-backoff`): a service that keeps dying is
+/// back within a second of its last death, so that its clients, who wait for it rather than
+/// fail, wait at most about that long; `max` per `window` still ends a crash loop.
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(1);
 pub const MAX_WINDOW: Duration = Duration::from_secs(86_400);
 
 /// Default watchdog: long enough for a slow request (an RSA key generation), short enough
@@ -322,6 +326,8 @@ struct RawRestart {
     max: Spanned<i64>,
     window: Spanned<String>,
     backoff: Spanned<String>,
+    #[serde(default)]
+    max_backoff: Option<Spanned<String>>,
 }
 
 // ---- Validated model ----
@@ -355,9 +361,28 @@ pub struct Restart {
     pub max: u32,
     #[serde(serialize_with = "ser_duration")]
     pub window: Duration,
-    /// Delay before the first restart; doubles with each restart inside the window.
+    /// Delay before the second restart inside the window (the first is immediate); doubles
+    /// with each further one...
     #[serde(serialize_with = "ser_duration")]
     pub backoff: Duration,
+    /// ...up to this ceiling (`max-backoff`, default [`DEFAULT_MAX_BACKOFF`] or `backoff` if
+    /// that is longer).
+    #[serde(serialize_with = "ser_duration")]
+    pub max_backoff: Duration,
+}
+
+impl Restart {
+    /// The delay before restart number `n` inside the window (0: the first, which is
+    /// immediate): `backoff` doubling from the second on, never above `max_backoff`.
+    pub fn delay(&self, n: u32) -> Duration {
+        match n {
+            0 => Duration::ZERO,
+            n => self
+                .backoff
+                .saturating_mul(1 << (n - 1).min(30))
+                .min(self.max_backoff),
+        }
+    }
 }
 
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -2104,11 +2129,30 @@ impl Validator<'_> {
             };
         let window = duration(&r.window, "window", Duration::from_secs(1), MAX_WINDOW);
         let backoff = duration(&r.backoff, "backoff", MIN_BACKOFF, MAX_BACKOFF);
+        let max_backoff = match &r.max_backoff {
+            None => DEFAULT_MAX_BACKOFF.max(backoff),
+            Some(m) => {
+                let ceiling = duration(m, "max-backoff", MIN_BACKOFF, MAX_BACKOFF);
+                if ceiling < backoff {
+                    self.error(
+                        m.span(),
+                        format!(
+                            "restart max-backoff {} is below backoff {}",
+                            format_duration(ceiling),
+                            format_duration(backoff)
+                        ),
+                        "the back-off doubles from `backoff` up to `max-backoff`: make it at least `backoff`",
+                    );
+                }
+                ceiling.max(backoff)
+            }
+        };
         Restart {
             policy,
             max: max.clamp(0, MAX_RESTARTS as i64) as u32,
             window,
             backoff,
+            max_backoff,
         }
     }
 
@@ -2377,6 +2421,41 @@ restart = { policy = "on-failure", max = 3, window = "10s", backoff = "10ms" }
         assert_eq!(m.services.len(), 2);
         assert_eq!(m.server_of(Interface::Vmgs).unwrap().name, "a");
         assert_eq!(m.services[1].restart.backoff, Duration::from_millis(10));
+        assert_eq!(m.services[1].restart.max_backoff, DEFAULT_MAX_BACKOFF);
+    }
+
+    #[test]
+    fn the_back_off_doubles_up_to_its_ceiling() {
+        let src = GOOD.replacen(
+            "backoff = \"10ms\" }",
+            "backoff = \"10ms\", max-backoff = \"50ms\" }",
+            1,
+        );
+        let m = Manifest::parse(Path::new("m.toml"), &src).unwrap();
+        let r = &m.services[0].restart;
+        let delays: Vec<u64> = (0..8).map(|n| r.delay(n).as_millis() as u64).collect();
+        assert_eq!(delays, [0, 10, 20, 40, 50, 50, 50, 50]);
+        // Without one, the ceiling is a second (or the back-off itself, if longer).
+        let m = Manifest::parse(Path::new("m.toml"), GOOD).unwrap();
+        assert_eq!(m.services[0].restart.delay(30), DEFAULT_MAX_BACKOFF);
+        let slow = GOOD.replacen("backoff = \"10ms\"", "backoff = \"5s\"", 1);
+        let m = Manifest::parse(Path::new("m.toml"), &slow).unwrap();
+        assert_eq!(m.services[0].restart.max_backoff, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_ceiling_below_the_back_off_is_refused_where_it_is_written() {
+        let src = GOOD.replacen(
+            "backoff = \"10ms\" }",
+            "backoff = \"10ms\", max-backoff = \"5ms\" }",
+            1,
+        );
+        let d = errors(&src);
+        assert!(
+            d.iter().any(|d| d.line == 7
+                && d.message.contains("max-backoff 5ms is below backoff 10ms")),
+            "{d:?}"
+        );
     }
 
     #[test]

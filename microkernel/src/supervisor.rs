@@ -86,8 +86,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 /// How long one health ping may take.
 const HEALTH_TIMEOUT: Duration = Duration::from_millis(100);
-/// Longest restart back-off after doubling.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Most text one `paravisor logs` reply carries (escaped, so its JSON is at most a few times
+/// that): far below a Unix socket's send buffer, so that writing the reply never waits for
+/// the client, however slowly it reads; a follower asks again for the rest.
+const LOGS_REPLY_BYTES: usize = 32 << 10;
 
 /// Options of `paravisor run`.
 pub struct Options {
@@ -263,12 +265,24 @@ struct Service {
     restarts: u32,
     recent: VecDeque<Instant>,
     restart_at: Option<Instant>,
+    /// The delay before the restart pending or last scheduled (its back-off).
+    backoff: Option<Duration>,
+    /// Killed by `paravisor restart`: started again at once when it is reaped, outside the
+    /// restart policy.
+    operator_restart: bool,
     last_exit: Option<String>,
     last_stats: ctl::Stats,
     /// `(slot, /proc link)` of every descriptor the last start granted and the service keeps.
     granted: Vec<(i32, String)>,
     /// When the service last answered a ping.
     last_answer: Instant,
+    /// Since when its silence counts for the watchdog: its last answer, or the last health
+    /// check at which it waited for a server that was not up (see
+    /// [`Supervisor::health_check`]).
+    silence_counted_from: Instant,
+    /// It missed its last health ping while nothing it calls was down: its channels say
+    /// `Unresponsive`.
+    unresponsive: bool,
     /// Why the supervisor itself killed the service, if it did (reported instead of the
     /// bare signal).
     kill_reason: Option<String>,
@@ -445,10 +459,14 @@ impl Supervisor {
                 restarts: 0,
                 recent: VecDeque::new(),
                 restart_at: None,
+                backoff: None,
+                operator_restart: false,
                 last_exit: None,
                 last_stats: ctl::Stats::default(),
                 granted: Vec::new(),
                 last_answer: Instant::now(),
+                silence_counted_from: Instant::now(),
+                unresponsive: false,
                 kill_reason: None,
                 starting: None,
                 output: ServiceOutput::new(&spec.name, tag_width),
@@ -1248,10 +1266,27 @@ impl Supervisor {
         if let Some(link) = self.attest_link.as_ref().filter(|l| l.server == i) {
             link.client.memory().set_server_state(ServerState::Up);
         }
+        // Its clients, and theirs, may have waited for it: their silence counts from now,
+        // so that each has its whole watchdog period to finish the call it was blocked in.
+        let now = Instant::now();
+        let mut waiting = vec![i];
+        let mut seen = vec![false; self.services.len()];
+        while let Some(server) = waiting.pop() {
+            for l in self.links.iter().filter(|l| l.server == server) {
+                if !std::mem::replace(&mut seen[l.client], true) {
+                    let c = &mut self.services[l.client];
+                    c.silence_counted_from = c.silence_counted_from.max(now);
+                    waiting.push(l.client);
+                }
+            }
+        }
         let s = &mut self.services[i];
         s.state = State::Running;
         s.last_answer = Instant::now();
+        s.silence_counted_from = s.last_answer;
+        s.unresponsive = false;
         s.kill_reason = None;
+        s.output.note(format!("running (pid {pid})"));
         tracing::info!(service = %s.spec.name, pid, uid = s.privilege.uid, namespaces = ?namespaces.names(), "running");
     }
 
@@ -1575,30 +1610,114 @@ impl Supervisor {
 
     /// The watchdog: pings every running service; one that has not answered for its
     /// manifest's `watchdog` is killed as hung (its death is then handled like any other).
+    ///
+    /// Silence is not counted while the service waits for a server that is not up: one it
+    /// calls is starting, in its restart back-off or not started yet, or is itself silent for
+    /// that reason. A service blocked in a call cannot answer a ping, and killing it would only
+    /// spread one service's fault to its clients (and theirs): a vTPM killed four times while
+    /// the store it writes to sat in a long back-off. Which call it is blocked in cannot be
+    /// seen from here, so any server of its that is down explains its silence; once every
+    /// server is up again it has its whole watchdog period to answer. A service silent while
+    /// its servers are up is marked `Unresponsive` on the channels it serves (its clients may
+    /// stop waiting for it, see `ServerState`) and killed after its period. Services silent
+    /// in a cycle of calls with nothing down explain nothing: each is killed in turn.
     fn health_check(&mut self) {
-        for s in self.services.iter_mut() {
-            if s.state != State::Running || s.kill_reason.is_some() {
+        let now = Instant::now();
+        let mut silent = vec![false; self.services.len()];
+        for (i, s) in self.services.iter_mut().enumerate() {
+            if s.state != State::Running || s.kill_reason.is_some() || s.process.is_none() {
                 continue;
             }
-            let Some(p) = &s.process else { continue };
             match s
                 .control
                 .call(&ctl::Request::Ping { nonce: 0 }, HEALTH_TIMEOUT)
             {
-                Ok(ctl::Response::Pong { .. }) => s.last_answer = Instant::now(),
-                _ => {
-                    let silent = s.last_answer.elapsed();
-                    if silent >= s.spec.watchdog {
-                        let reason = format!(
-                            "unresponsive for {:.1?} (watchdog {}); killed",
-                            silent,
-                            crate::manifest::format_duration(s.spec.watchdog)
-                        );
-                        tracing::error!(service = %s.spec.name, "{reason}");
-                        s.kill_reason = Some(reason);
-                        let _ = sandbox::pidfd_signal(&p.pidfd, libc::SIGKILL);
-                    }
+                Ok(ctl::Response::Pong { .. }) => {
+                    s.last_answer = Instant::now();
+                    s.silence_counted_from = s.last_answer;
                 }
+                _ => silent[i] = true,
+            }
+        }
+        let waiting_for = self.waiting_for_down_servers(&silent);
+        for i in 0..self.services.len() {
+            // Not pinged: not running, or being killed already (its death decides).
+            if self.services[i].state != State::Running || self.services[i].kill_reason.is_some() {
+                continue;
+            }
+            let unresponsive = silent[i] && waiting_for[i].is_none();
+            if unresponsive != self.services[i].unresponsive {
+                self.services[i].unresponsive = unresponsive;
+                let state = if unresponsive {
+                    ServerState::Unresponsive
+                } else {
+                    ServerState::Up
+                };
+                for link in self.links.iter().filter(|l| l.server == i) {
+                    link.mem.set_server_state(state);
+                }
+            }
+            if !silent[i] {
+                continue;
+            }
+            if let Some(j) = waiting_for[i] {
+                let server = self.services[j].spec.name.clone();
+                let s = &mut self.services[i];
+                s.silence_counted_from = now;
+                tracing::debug!(service = %s.spec.name, "silent while {server} is not up: not counted");
+                continue;
+            }
+            let s = &mut self.services[i];
+            let silent_for = now.saturating_duration_since(s.silence_counted_from);
+            if silent_for >= s.spec.watchdog {
+                let reason = format!(
+                    "unresponsive for {:.1?} (watchdog {}); killed",
+                    silent_for,
+                    crate::manifest::format_duration(s.spec.watchdog)
+                );
+                tracing::error!(service = %s.spec.name, "{reason}");
+                s.kill_reason = Some(reason);
+                if let Some(p) = &s.process {
+                    let _ = sandbox::pidfd_signal(&p.pidfd, libc::SIGKILL);
+                }
+            }
+        }
+    }
+
+    /// For each service that is `silent`, the server that is not up (starting, in back-off,
+    /// not started yet) that it waits for, directly or through servers silent for the same
+    /// reason; `None` if its silence is its own.
+    fn waiting_for_down_servers(&self, silent: &[bool]) -> Vec<Option<usize>> {
+        let down = |j: usize| {
+            matches!(
+                self.services[j].state,
+                State::Starting | State::Backoff | State::Waiting
+            )
+        };
+        let mut cause: Vec<Option<usize>> = vec![None; self.services.len()];
+        // Each round explains at least one more service, or ends: at most one round per
+        // service.
+        loop {
+            let mut changed = false;
+            for l in &self.links {
+                let (i, j) = (l.client, l.server);
+                if !silent[i] || cause[i].is_some() || i == j {
+                    continue;
+                }
+                let why = if down(j) {
+                    Some(j)
+                } else if silent[j] {
+                    cause[j]
+                } else {
+                    None
+                };
+                if why.is_some() {
+                    cause[i] = why;
+                    changed = true;
+                }
+            }
+            if !changed {
+                return cause;
             }
         }
     }
@@ -1638,8 +1757,19 @@ impl Supervisor {
         } else {
             tracing::info!(service = %self.services[i].spec.name, "{reason}");
         }
+        self.services[i]
+            .output
+            .note(format!("{reason} after {uptime:.1?}"));
         self.services[i].last_exit = Some(reason);
         self.after_death(i);
+        if std::mem::take(&mut self.services[i].operator_restart) {
+            // `paravisor restart`: at once, outside the policy (and its crash-loop count).
+            let s = &mut self.services[i];
+            s.restart_at = Some(Instant::now());
+            s.backoff = Some(Duration::ZERO);
+            s.state = State::Backoff;
+            return;
+        }
         self.schedule_restart(i, failure);
     }
 
@@ -1677,6 +1807,8 @@ impl Supervisor {
     /// The process of service `i` is gone: move its channels to a new epoch so that peers
     /// stop waiting for it, and drop what it left unread.
     fn after_death(&mut self, i: usize) {
+        // Its channels say `Down` now, whatever the watchdog said of it.
+        self.services[i].unresponsive = false;
         let _ = self.services[i]
             .control
             .memory()
@@ -1768,6 +1900,10 @@ impl Supervisor {
                 crate::manifest::format_duration(window)
             );
             tracing::error!(service = %s.spec.name, "{msg}");
+            s.output.note(format!(
+                "{msg}; `paravisor restart {}` revives it",
+                s.spec.name
+            ));
             s.last_exit = Some(format!(
                 "{}; {msg}",
                 s.last_exit.clone().unwrap_or_default()
@@ -1775,20 +1911,110 @@ impl Supervisor {
             return;
         }
         // The first restart within the window is immediate (a single crash costs the
-        // service's clients no wait); repeated ones back off from `backoff`, doubling.
-        let delay = match s.recent.len() as u32 {
-            0 => Duration::ZERO,
-            n => s
-                .spec
-                .restart
-                .backoff
-                .saturating_mul(1 << (n - 1).min(16))
-                .min(MAX_BACKOFF),
-        };
+        // service's clients no wait); repeated ones back off from `backoff`, doubling up to
+        // `max-backoff` (clients wait for a restarting server rather than fail, so the
+        // ceiling bounds their wait).
+        let delay = s.spec.restart.delay(s.recent.len() as u32);
         s.recent.push_back(now);
         s.restart_at = Some(now + delay);
+        s.backoff = Some(delay);
         s.state = State::Backoff;
+        s.output.note(format!(
+            "restarting in {}",
+            crate::manifest::format_duration(delay)
+        ));
         tracing::info!(service = %s.spec.name, "restarting in {delay:?}");
+    }
+
+    /// `paravisor restart SERVICE`: a running service is killed and started again at once; one
+    /// in its back-off starts now; a failed or stopped one is started again with a fresh
+    /// crash-loop count (its clients wait for it again instead of failing at once). None of
+    /// these counts against its restart policy.
+    fn operator_restart(&mut self, service: &str) -> Reply {
+        let Some(i) = self.services.iter().position(|s| s.spec.name == service) else {
+            return Reply::Error {
+                message: format!("no service named \"{service}\""),
+            };
+        };
+        let s = &mut self.services[i];
+        let was = s.state;
+        let message = match was {
+            State::Waiting => {
+                return Reply::Error {
+                    message: format!(
+                        "service \"{service}\" has not been started yet (the first starts go in manifest order)"
+                    ),
+                }
+            }
+            State::Running | State::Starting => {
+                let Some(p) = &s.process else {
+                    return Reply::Error {
+                        message: format!("service \"{service}\" has no process"),
+                    };
+                };
+                if let Err(e) = sandbox::pidfd_signal(&p.pidfd, libc::SIGKILL) {
+                    return Reply::Error {
+                        message: format!("cannot stop {service}: {e}"),
+                    };
+                }
+                // Its death (reaped as any other) starts it again.
+                s.operator_restart = true;
+                s.kill_reason = Some("restarted by the operator (`paravisor restart`)".into());
+                format!("restarting {service} (pid {} killed)", p.pid)
+            }
+            State::Backoff => {
+                s.restart_at = Some(Instant::now());
+                format!("restarting {service} now (it was in its restart back-off)")
+            }
+            State::Failed | State::Stopped => {
+                s.restart_at = Some(Instant::now());
+                s.backoff = Some(Duration::ZERO);
+                s.state = State::Backoff;
+                // Its clients wait for it again (they stopped waiting when it was given up).
+                for link in self.links.iter().filter(|l| l.server == i) {
+                    link.mem.set_server_state(ServerState::Down);
+                }
+                if let Some(guest) = &self.guest {
+                    for link in guest.links.iter().filter(|l| l.server == i) {
+                        link.mem.set_server_state(ServerState::Down);
+                    }
+                }
+                if let Some(link) = self.attest_link.as_ref().filter(|l| l.server == i) {
+                    link.client.memory().set_server_state(ServerState::Down);
+                }
+                format!("restarting {service} (it was {})", was.name())
+            }
+        };
+        let s = &mut self.services[i];
+        // A fresh crash-loop count: the operator revived it.
+        s.recent.clear();
+        s.output.note(format!("{message}, asked by the operator"));
+        tracing::info!(service = %service, "{message}, asked by the operator");
+        Reply::Done { message }
+    }
+
+    /// `paravisor logs SERVICE`: its recent lines after `after`, or its last `tail`.
+    fn logs(&self, service: &str, after: Option<u64>, tail: usize) -> Reply {
+        let Some(s) = self.services.iter().find(|s| s.spec.name == service) else {
+            return Reply::Error {
+                message: format!("no service named \"{service}\""),
+            };
+        };
+        let page = s.output.history(after, tail, LOGS_REPLY_BYTES);
+        Reply::Logs {
+            lines: page
+                .lines
+                .into_iter()
+                .map(|l| crate::control::LogLine {
+                    seq: l.seq,
+                    source: l.source.name().into(),
+                    text: l.text,
+                })
+                .collect(),
+            missed: page.missed,
+            last: page.last,
+            state: s.state.name().into(),
+        }
     }
 
     fn command(&mut self, cmd: Command) -> Reply {
@@ -1797,6 +2023,12 @@ impl Supervisor {
                 services: self.ps(),
                 guest: self.guest_row(),
             },
+            Command::Restart { service } => self.operator_restart(&service),
+            Command::Logs {
+                service,
+                after,
+                tail,
+            } => self.logs(&service, after, tail),
             Command::Kill { service, signal } => {
                 let Some(s) = self.services.iter().find(|s| s.spec.name == service) else {
                     return Reply::Error {
@@ -2576,6 +2808,11 @@ impl Supervisor {
                         .find(|l| l.server == i)
                         .map(|l| l.exits.load(std::sync::atomic::Ordering::Relaxed))
                 }),
+                backoff_ms: s.backoff.map(|d| d.as_millis() as u64),
+                restart_in_ms: s
+                    .restart_at
+                    .map(|t| t.saturating_duration_since(Instant::now()).as_millis() as u64),
+                unresponsive: s.unresponsive,
             });
         }
         rows

@@ -411,10 +411,11 @@ fn main() -> ExitCode {
                     seq,
                     locality,
                     command: getrandom,
+                    start_by: None,
                 },
             );
             eprintln!("pv-hostile: vtpm command: {r:?}");
-            let r = vtpm_call(&mut end, vtpm::Request::Platform(vtpm::Platform::PowerOff));
+            let r = vtpm_call(&mut end, vtpm::Request::platform(vtpm::Platform::PowerOff));
             eprintln!("pv-hostile: vtpm platform power-off: {r:?}");
             let r = vtpm_call(&mut end, tis_access(0, 1, 0, None));
             eprintln!("pv-hostile: vtpm register read: {r:?}");
