@@ -337,7 +337,7 @@ fn static_audit_json_gives_numbers_and_structured_ranges() {
     assert_eq!(vtpm["open_files"], 32);
     assert_eq!(
         vtpm["restart"],
-        serde_json::json!({ "policy": "always", "max": 5, "window_ms": 60_000, "backoff_ms": 50 })
+        serde_json::json!({ "policy": "always", "max": 5, "window_ms": 60_000, "backoff_ms": 50, "max_backoff_ms": 1_000 })
     );
     assert_eq!(vtpm["watchdog_ms"], 10_000);
     assert_eq!(
@@ -372,7 +372,7 @@ fn static_audit_json_gives_numbers_and_structured_ranges() {
     let matrix = text(&out);
     assert!(matrix.contains("mmio:    0xfed40000+0x5000"), "{matrix}");
     assert!(
-        matrix.contains("always (max 5 per 1m, back-off 50ms)"),
+        matrix.contains("always (max 5 per 1m, back-off 50ms up to 1s)"),
         "{matrix}"
     );
     assert!(matrix.contains("vtpm-checkpoint (256K)"), "{matrix}");
