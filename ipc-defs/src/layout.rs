@@ -74,6 +74,10 @@ pub enum ServerState {
     /// The supervisor gave up on the server (crash loop, or a policy that does not restart
     /// it): no process will serve the channel again in this run, so waiting is pointless.
     Gone = 2,
+    /// A server process runs but missed the supervisor's last watchdog ping while nothing it
+    /// calls was down (stopped with SIGSTOP, wedged, or busy with one long request): a request
+    /// it has not taken may wait until its watchdog kills it. Back to `Up` when it answers.
+    Unresponsive = 3,
 }
 
 /// First cache line of a channel region.

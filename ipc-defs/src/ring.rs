@@ -156,6 +156,7 @@ impl<'a> Channel<'a> {
         {
             1 => ServerState::Up,
             2 => ServerState::Gone,
+            3 => ServerState::Unresponsive,
             _ => ServerState::Down,
         }
     }
@@ -480,6 +481,13 @@ impl Ring<'_> {
         self.tail().store(pos, Ordering::Release);
         self.cached_head().store(head, Ordering::Release);
         pos
+    }
+
+    /// How far the consumer has taken frames off the ring (a byte position, as the tail): a
+    /// frame that ends at or before it has been taken. The producer's view of the consumer's
+    /// progress (as trustworthy as the consumer).
+    pub fn read_position(&self) -> u64 {
+        self.read_pos().load(Ordering::Acquire)
     }
 
     /// Bytes ever published and ever consumed, for statistics.

@@ -1,46 +1,69 @@
 //! `paravisor audit`: the privilege matrix an auditor reads, one row per service.
+//!
+//! A [`Row`] holds the facts as data (numbers, ranges, the manifest's own grant records); the
+//! text matrix is rendered from it and `--json` serializes it as it is, so the two cannot
+//! disagree and a script never parses a display string.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use ipc_defs::capability::Grant;
+use ipc_defs::services::intercept::Interrupt;
 use serde::Serialize;
 
 use crate::manifest::format_duration;
 use crate::manifest::format_size;
 use crate::manifest::grant_text;
+use crate::manifest::DeviceRange;
+use crate::manifest::FileGrant;
+use crate::manifest::KeyGrant;
+use crate::manifest::ListenAddress;
+use crate::manifest::ListenGrant;
 use crate::manifest::Manifest;
 use crate::manifest::Missing;
+use crate::manifest::RegionGrant;
+use crate::manifest::RestartPolicy;
+use crate::manifest::Sealing;
 use crate::profiles;
 use crate::sandbox::Namespaces;
 
-/// One service's privileges, as printed.
+/// One service's privileges.
 #[derive(Debug, Serialize)]
 pub struct Row {
     pub service: String,
     pub binary: String,
-    pub serves: Vec<String>,
+    pub serves: Vec<&'static str>,
     /// Services that may call this one, by endpoint.
-    pub callers: Vec<String>,
-    pub calls: Vec<String>,
-    pub regions: Vec<String>,
-    pub files: Vec<String>,
-    pub keys: Vec<String>,
-    pub listen: Vec<String>,
-    /// What each call reaches beyond its endpoint (e.g. `vmgs: file-ids [...]`).
-    pub call_grants: Vec<String>,
-    /// What each client may reach of this service's endpoints (e.g. the vmgs file ids).
-    pub client_grants: Vec<String>,
-    pub mmio: Vec<String>,
-    pub pio: Vec<String>,
+    pub callers: Vec<Caller>,
+    pub calls: Vec<&'static str>,
+    /// Shared regions: name and size in bytes.
+    pub regions: Vec<RegionGrant>,
+    /// Granted files: name, path, access ("read-only", "read-write"), what a missing one
+    /// means.
+    pub files: Vec<FileGrant>,
+    pub keys: Vec<KeyRow>,
+    /// Declared TPM front ends: name, address (`{"tcp": "IP:PORT"}` or `{"unix": PATH}`),
+    /// localities.
+    pub listen: Vec<ListenGrant>,
+    /// What each call reaches beyond its endpoint (e.g. the vmgs file ids).
+    pub call_grants: Vec<CallGrant>,
+    /// What each client may reach of this service's endpoints.
+    pub client_grants: Vec<ClientGrant>,
+    /// Guest-physical MMIO ranges: base and size in bytes.
+    pub mmio: Vec<DeviceRange>,
+    /// I/O-port ranges: base and size.
+    pub pio: Vec<DeviceRange>,
     /// Guest interrupt lines the service holds (eventfds wired to the VM: intercept only).
-    pub interrupts: Vec<String>,
+    pub interrupts: Vec<InterruptRow>,
     /// What the guest partition sends it, when a guest runs.
     pub guest: Option<String>,
     /// What the microkernel itself holds with it: the platform capability, its own channel.
     pub microkernel: Option<String>,
-    pub memory: String,
+    /// Address-space limit in bytes.
+    pub memory_bytes: u64,
     pub open_files: u64,
-    pub restart: String,
-    pub watchdog: String,
+    pub restart: RestartRow,
+    pub watchdog_ms: u64,
     pub namespaces: Vec<&'static str>,
     pub syscalls_base: Vec<&'static str>,
     pub syscalls_extra: Vec<String>,
@@ -50,11 +73,139 @@ pub struct Row {
     pub ids: crate::privilege::IdSource,
     /// Supplementary groups (none as root).
     pub groups: Vec<u32>,
-    /// The capability sets, each empty.
-    pub capabilities: Vec<String>,
+    /// The capability sets by name, each empty.
+    pub capabilities: BTreeMap<&'static str, Vec<String>>,
     pub securebits: Vec<&'static str>,
     /// Seccomp filters stacked on it (spawner's, loader, its own).
     pub seccomp_filters: u32,
+}
+
+/// A service that may call an endpoint of this one.
+#[derive(Debug, Serialize)]
+pub struct Caller {
+    pub service: String,
+    pub endpoint: &'static str,
+}
+
+/// A key the service holds: the manifest's record, and for a sealed key the sealing policy.
+#[derive(Debug, Serialize)]
+pub struct KeyRow {
+    #[serde(flatten)]
+    pub key: KeyGrant,
+    pub sealed: bool,
+    pub sealing: Option<Sealing>,
+}
+
+/// A call's grant.
+#[derive(Debug, Serialize)]
+pub struct CallGrant {
+    pub endpoint: &'static str,
+    #[serde(serialize_with = "ser_grant")]
+    pub grant: Grant,
+}
+
+/// A client's grant on one of this service's endpoints.
+#[derive(Debug, Serialize)]
+pub struct ClientGrant {
+    pub client: String,
+    pub endpoint: &'static str,
+    #[serde(serialize_with = "ser_grant")]
+    pub grant: Grant,
+}
+
+/// An interrupt: `{"line": 4}` or `{"msi": 32}`.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InterruptRow {
+    Line(u8),
+    Msi(u8),
+}
+
+impl From<Interrupt> for InterruptRow {
+    fn from(i: Interrupt) -> InterruptRow {
+        match i {
+            Interrupt::Line(l) => InterruptRow::Line(l),
+            Interrupt::Msi(v) => InterruptRow::Msi(v),
+        }
+    }
+}
+
+impl From<InterruptRow> for Interrupt {
+    fn from(i: InterruptRow) -> Interrupt {
+        match i {
+            InterruptRow::Line(l) => Interrupt::Line(l),
+            InterruptRow::Msi(v) => Interrupt::Msi(v),
+        }
+    }
+}
+
+/// The restart policy, with its durations in milliseconds.
+#[derive(Debug, Serialize)]
+pub struct RestartRow {
+    pub policy: RestartPolicy,
+    pub max: u32,
+    pub window_ms: u64,
+    pub backoff_ms: u64,
+    pub max_backoff_ms: u64,
+}
+
+/// A grant as data: `{"kind": "file-ids", "file_ids": [...]}`, `{"kind": "vtpm",
+/// "command_localities": [...], "platform": bool, "register_vcpus": n}`, ...
+fn ser_grant<S: serde::Serializer>(g: &Grant, s: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    #[serde(tag = "kind", rename_all = "kebab-case")]
+    enum Data {
+        Interface,
+        FileIds {
+            file_ids: Vec<String>,
+        },
+        /// Devices 00:NN on the PCI bus.
+        PciDevices {
+            devices: Vec<u8>,
+        },
+        Interrupts {
+            interrupts: Vec<InterruptRow>,
+        },
+        Vtpm {
+            command_localities: Vec<u8>,
+            platform: bool,
+            register_vcpus: u32,
+        },
+        Localities {
+            localities: Vec<u8>,
+        },
+    }
+    let data = match g {
+        Grant::Interface => Data::Interface,
+        Grant::VmgsFiles(set) => Data::FileIds {
+            file_ids: set
+                .iter()
+                .map(|id| {
+                    id.name()
+                        .map_or_else(|| id.index().to_string(), str::to_string)
+                })
+                .collect(),
+        },
+        Grant::PciDevices(mask) => Data::PciDevices {
+            devices: (0..32u8).filter(|d| mask & (1 << d) != 0).collect(),
+        },
+        Grant::Interrupts(set) => Data::Interrupts {
+            interrupts: set.iter().map(InterruptRow::from).collect(),
+        },
+        Grant::Vtpm(v) => Data::Vtpm {
+            command_localities: v.commands.iter().collect(),
+            platform: v.platform,
+            register_vcpus: v.registers,
+        },
+        Grant::Localities(l) => Data::Localities {
+            localities: l.iter().collect(),
+        },
+    };
+    data.serialize(s)
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 pub fn rows(m: &Manifest) -> Vec<Row> {
@@ -69,13 +220,13 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
             groups: p.groups.clone(),
             capabilities: crate::privilege::CAPABILITY_SETS
                 .iter()
-                .map(|c| format!("{c}: none"))
+                .map(|c| (*c, Vec::new()))
                 .collect(),
             securebits: crate::privilege::SECUREBIT_NAMES.to_vec(),
             seccomp_filters: p.filters,
             service: s.name.clone(),
             binary: s.binary.clone(),
-            serves: s.serves.iter().map(|i| i.name().to_string()).collect(),
+            serves: s.serves.iter().map(|i| i.name()).collect(),
             callers: m
                 .services
                 .iter()
@@ -83,67 +234,25 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
                     c.calls
                         .iter()
                         .filter(|i| s.serves.contains(i))
-                        .map(move |i| format!("{}->{}", c.name, i))
+                        .map(move |i| Caller {
+                            service: c.name.clone(),
+                            endpoint: i.name(),
+                        })
                 })
                 .collect(),
-            calls: s.calls.iter().map(|i| i.name().to_string()).collect(),
-            regions: s
-                .regions
-                .iter()
-                .map(|r| format!("{} ({})", r.name, format_size(r.size)))
-                .collect(),
-            files: s
-                .files
-                .iter()
-                .map(|f| {
-                    format!(
-                        "{} = {} ({}{})",
-                        f.name,
-                        f.path.display(),
-                        match f.access {
-                            ipc_defs::capability::FileAccess::ReadOnly => "ro",
-                            ipc_defs::capability::FileAccess::ReadWrite => "rw",
-                        },
-                        match &f.missing {
-                            Missing::Error => String::new(),
-                            Missing::Create => ", created empty if missing".into(),
-                            Missing::CreateVmgs { key, .. } =>
-                                format!(", created as a VMGS encrypted with key {key} if missing"),
-                        }
-                    )
-                })
-                .collect(),
+            calls: s.calls.iter().map(|i| i.name()).collect(),
+            regions: s.regions.clone(),
+            files: s.files.clone(),
             keys: s
                 .keys
                 .iter()
-                .map(|k| match &k.path {
-                    Some(p) => format!("{} = {}", k.name, p.display()),
-                    None => format!(
-                        "{} sealed in its guest-state file (HW_KEY_PROTECTOR) by the microkernel, policy {}",
-                        k.name,
-                        m.attest.sealing.name()
-                    ),
+                .map(|k| KeyRow {
+                    key: k.clone(),
+                    sealed: k.is_sealed(),
+                    sealing: k.is_sealed().then_some(m.attest.sealing),
                 })
                 .collect(),
-            listen: s
-                .listen
-                .iter()
-                .map(|l| {
-                    format!(
-                        "{} = {} (localities {}; {}; off unless `run --listen {}`)",
-                        l.name,
-                        l.address,
-                        l.localities,
-                        match l.address {
-                            crate::manifest::ListenAddress::Tcp(_) =>
-                                "TCP: every local user can reach it",
-                            crate::manifest::ListenAddress::Unix(_) =>
-                                "socket 0600 in a 0700 directory",
-                        },
-                        l.name
-                    )
-                })
-                .collect(),
+            listen: s.listen.clone(),
             client_grants: m
                 .services
                 .iter()
@@ -151,28 +260,27 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
                     c.grants
                         .iter()
                         .filter(|(i, _)| s.serves.contains(i))
-                        .map(move |(i, g)| format!("{} on {i}: {}", c.name, grant_text(g)))
+                        .map(move |(i, g)| ClientGrant {
+                            client: c.name.clone(),
+                            endpoint: i.name(),
+                            grant: *g,
+                        })
                 })
                 .collect(),
             call_grants: s
                 .grants
                 .iter()
-                .map(|(i, g)| format!("{i}: {}", grant_text(g)))
+                .map(|(i, g)| CallGrant {
+                    endpoint: i.name(),
+                    grant: *g,
+                })
                 .collect(),
-            mmio: s
-                .mmio
-                .iter()
-                .map(|r| format!("{:#x}+{:#x}", r.base, r.size))
-                .collect(),
-            pio: s
-                .pio
-                .iter()
-                .map(|r| format!("{:#x}+{:#x}", r.base, r.size))
-                .collect(),
+            mmio: s.mmio.clone(),
+            pio: s.pio.clone(),
             interrupts: if s.serves.contains(&ipc_defs::Interface::Intercept) {
                 crate::manifest::guest_interrupts(&m.services)
-                    .iter()
-                    .map(|i| i.to_string())
+                    .into_iter()
+                    .map(InterruptRow::from)
                     .collect()
             } else {
                 Vec::new()
@@ -213,21 +321,132 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
                 ),
                 _ => None,
             },
-            memory: format_size(s.limits.memory),
+            memory_bytes: s.limits.memory,
             open_files: s.limits.open_files,
-            restart: format!(
-                "{} (max {} per {}, back-off {})",
-                s.restart.policy,
-                s.restart.max,
-                format_duration(s.restart.window),
-                format_duration(s.restart.backoff)
-            ),
-            watchdog: format_duration(s.watchdog),
+            restart: RestartRow {
+                policy: s.restart.policy,
+                max: s.restart.max,
+                window_ms: millis(s.restart.window),
+                backoff_ms: millis(s.restart.backoff),
+                max_backoff_ms: millis(s.restart.max_backoff),
+            },
+            watchdog_ms: millis(s.watchdog),
             namespaces: (Namespaces::all() - Namespaces::USER).names(),
             syscalls_base: profiles::BASE.to_vec(),
             syscalls_extra: s.syscalls.clone(),
         })
         .collect()
+}
+
+/// The text forms of a row's lists, as the matrix prints them.
+impl Row {
+    fn callers_text(&self) -> Vec<String> {
+        self.callers
+            .iter()
+            .map(|c| format!("{}->{}", c.service, c.endpoint))
+            .collect()
+    }
+
+    fn regions_text(&self) -> Vec<String> {
+        self.regions
+            .iter()
+            .map(|r| format!("{} ({})", r.name, format_size(r.size)))
+            .collect()
+    }
+
+    fn files_text(&self) -> Vec<String> {
+        self.files
+            .iter()
+            .map(|f| {
+                format!(
+                    "{} = {} ({}{})",
+                    f.name,
+                    f.path.display(),
+                    match f.access {
+                        ipc_defs::capability::FileAccess::ReadOnly => "ro",
+                        ipc_defs::capability::FileAccess::ReadWrite => "rw",
+                    },
+                    match &f.missing {
+                        Missing::Error => String::new(),
+                        Missing::Create => ", created empty if missing".into(),
+                        Missing::CreateVmgs { key, .. } =>
+                            format!(", created as a VMGS encrypted with key {key} if missing"),
+                    }
+                )
+            })
+            .collect()
+    }
+
+    fn keys_text(&self) -> Vec<String> {
+        self.keys
+            .iter()
+            .map(|k| match (&k.key.path, k.sealing) {
+                (Some(p), _) => format!("{} = {}", k.key.name, p.display()),
+                (None, sealing) => format!(
+                    "{} sealed in its guest-state file (HW_KEY_PROTECTOR) by the microkernel, policy {}",
+                    k.key.name,
+                    sealing.map_or("-", Sealing::name)
+                ),
+            })
+            .collect()
+    }
+
+    fn listen_text(&self) -> Vec<String> {
+        self.listen
+            .iter()
+            .map(|l| {
+                format!(
+                    "{} = {} (localities {}; {}; off unless `run --listen {}`)",
+                    l.name,
+                    l.address,
+                    l.localities,
+                    match l.address {
+                        ListenAddress::Tcp(_) => "TCP: every local user can reach it",
+                        ListenAddress::Unix(_) => "socket 0600 in a 0700 directory",
+                    },
+                    l.name
+                )
+            })
+            .collect()
+    }
+
+    fn call_grants_text(&self) -> Vec<String> {
+        self.call_grants
+            .iter()
+            .map(|g| format!("{}: {}", g.endpoint, grant_text(&g.grant)))
+            .collect()
+    }
+
+    fn client_grants_text(&self) -> Vec<String> {
+        self.client_grants
+            .iter()
+            .map(|g| format!("{} on {}: {}", g.client, g.endpoint, grant_text(&g.grant)))
+            .collect()
+    }
+
+    fn restart_text(&self) -> String {
+        let r = &self.restart;
+        let ms = |n: u64| format_duration(std::time::Duration::from_millis(n));
+        format!(
+            "{} (max {} per {}, back-off {} up to {})",
+            r.policy,
+            r.max,
+            ms(r.window_ms),
+            ms(r.backoff_ms),
+            ms(r.max_backoff_ms)
+        )
+    }
+}
+
+fn ranges_text(ranges: &[DeviceRange]) -> Vec<String> {
+    ranges
+        .iter()
+        .map(|r| format!("{:#x}+{:#x}", r.base, r.size))
+        .collect()
+}
+
+fn strs(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
 }
 
 fn list(v: &[String]) -> String {
@@ -258,13 +477,13 @@ pub fn text(m: &Manifest) -> String {
             out,
             "{:<12} {:<11} {:<18} {:<36} {:<8} {:>6} {:>5}  {:<40} {}",
             r.service,
-            list(&r.serves),
-            list(&r.calls),
-            list(&r.callers),
-            r.memory,
+            list(&strs(&r.serves)),
+            list(&strs(&r.calls)),
+            list(&r.callers_text()),
+            format_size(r.memory_bytes),
             r.open_files,
             "",
-            r.restart,
+            r.restart_text(),
             if r.syscalls_extra.is_empty() {
                 "-".to_string()
             } else {
@@ -275,9 +494,9 @@ pub fn text(m: &Manifest) -> String {
     let _ = writeln!(out);
     for r in &rows {
         let _ = writeln!(out, "{} ({}):", r.service, r.binary);
-        let _ = writeln!(out, "  regions: {}", list(&r.regions));
-        let _ = writeln!(out, "  files:   {}", list(&r.files));
-        let _ = writeln!(out, "  keys:    {}", list(&r.keys));
+        let _ = writeln!(out, "  regions: {}", list(&r.regions_text()));
+        let _ = writeln!(out, "  files:   {}", list(&r.files_text()));
+        let _ = writeln!(out, "  keys:    {}", list(&r.keys_text()));
         if r.listen.is_empty() {
             let _ = writeln!(out, "  listen:  -");
         } else {
@@ -285,21 +504,25 @@ pub fn text(m: &Manifest) -> String {
                 out,
                 "  listen:  (declared; bound only those `paravisor run --listen NAME` or `--listen all` asks for)"
             );
-            for l in &r.listen {
+            for l in &r.listen_text() {
                 let _ = writeln!(out, "           {l}");
             }
         }
-        let _ = writeln!(out, "  grants:  {}", list(&r.call_grants));
+        let _ = writeln!(out, "  grants:  {}", list(&r.call_grants_text()));
         if !r.client_grants.is_empty() {
-            let _ = writeln!(out, "  clients: {}", r.client_grants.join("; "));
+            let _ = writeln!(out, "  clients: {}", r.client_grants_text().join("; "));
         }
-        let _ = writeln!(out, "  mmio:    {}", list(&r.mmio));
-        let _ = writeln!(out, "  pio:     {}", list(&r.pio));
+        let _ = writeln!(out, "  mmio:    {}", list(&ranges_text(&r.mmio)));
+        let _ = writeln!(out, "  pio:     {}", list(&ranges_text(&r.pio)));
         if !r.interrupts.is_empty() {
             let _ = writeln!(
                 out,
                 "  interrupts: {} (wired to the guest; raised only as granted)",
-                r.interrupts.join(", ")
+                r.interrupts
+                    .iter()
+                    .map(|i| Interrupt::from(*i).to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
         if let Some(g) = &r.guest {
@@ -308,7 +531,11 @@ pub fn text(m: &Manifest) -> String {
         if let Some(k) = &r.microkernel {
             let _ = writeln!(out, "  microkernel: {k}");
         }
-        let _ = writeln!(out, "  watchdog: {}", r.watchdog);
+        let _ = writeln!(
+            out,
+            "  watchdog: {}",
+            format_duration(std::time::Duration::from_millis(r.watchdog_ms))
+        );
         let _ = writeln!(
             out,
             "  runs as: uid {} gid {} ({}), supplementary groups: {}; no capability in any set; {} seccomp filters",
@@ -364,7 +591,98 @@ pub fn text(m: &Manifest) -> String {
             }
         );
     }
+    out.push_str(&configuration_text(m));
     out
+}
+
+/// Which of the configuration is measured and which the host chooses (`paravisor audit`).
+pub fn configuration_text(m: &Manifest) -> String {
+    let c = configuration(m);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nmeasured configuration (the launch log's \"manifest\" entry is the SHA-384 of its canonical form, {} bytes, SHA-384 {}..; `paravisor measure --json` prints it as \"config\"; comments, layout and key order do not count):",
+        c["measured_bytes"], &c["measured_sha384"].as_str().unwrap_or_default()[..16]
+    );
+    let _ = writeln!(out, "  top level: {}", list_of(&c["measured"]));
+    let _ = writeln!(out, "  per service: {}", list_of(&c["measured_per_service"]));
+    let _ = writeln!(
+        out,
+        "host settings (not measured; the manifest's value is a default, `paravisor run --host FILE` overrides it, flags override both):"
+    );
+    for h in c["host_settings"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  {:<13} {} (default: {})",
+            h["key"].as_str().unwrap_or_default(),
+            h["what"].as_str().unwrap_or_default(),
+            h["manifest_default"].as_str().unwrap_or("none")
+        );
+    }
+    out
+}
+
+fn list_of(v: &serde_json::Value) -> String {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|k| k.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// [`configuration_text`] for machines: the measured keys, the canonical form's length and
+/// SHA-384, and each host setting with the manifest's default.
+pub fn configuration(m: &Manifest) -> serde_json::Value {
+    use sha2::Digest;
+    let measured = m.measured_config();
+    let bytes = m.measured_bytes();
+    let keys = |v: &serde_json::Value| -> Vec<String> {
+        v.as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let per_service = measured["services"]
+        .get(0)
+        .map(keys)
+        .unwrap_or_default();
+    let listeners: Vec<String> = m
+        .services
+        .iter()
+        .flat_map(|s| s.listen.iter().map(|l| format!("{} {}", l.name, l.address)))
+        .collect();
+    let defaults = |key: &str| -> Option<String> {
+        match key {
+            "state-dir" => Some(m.state_dir.display().to_string()),
+            "platform-dir" => Some(
+                m.attest
+                    .platform_dir
+                    .as_ref()
+                    .map_or("\"platform\" next to the state directory".into(), |d| {
+                        d.display().to_string()
+                    }),
+            ),
+            "key-release" => m.attest.key_release.map(|a| a.to_string()),
+            "listen" => Some(if listeners.is_empty() {
+                "none declared".into()
+            } else {
+                format!("none bound unless asked; declared: {}", listeners.join(", "))
+            }),
+            "log-format" => Some("text".into()),
+            _ => None,
+        }
+    };
+    serde_json::json!({
+        "measured": keys(&measured),
+        "measured_per_service": per_service,
+        "measured_bytes": bytes.len(),
+        "measured_sha384": crate::measure::hex(&sha2::Sha384::digest(&bytes)),
+        "host_settings": crate::manifest::HOST_SETTINGS.iter().map(|(key, what)| serde_json::json!({
+            "key": key,
+            "what": what,
+            "manifest_default": defaults(key),
+        })).collect::<Vec<_>>(),
+    })
 }
 
 /// The microkernel's thread filters a run of `m` installs (the pid a supervisor may

@@ -1,8 +1,10 @@
-//! The control socket of a running instance: how `paravisor ps`, `kill`, `probe` and
-//! `audit --live` talk to `paravisor run`.
+//! The control socket of a running instance: how `paravisor ps`, `kill`, `restart`, `logs`,
+//! `probe` and `audit --live` talk to `paravisor run`.
 //!
 //! One request per connection, as one line of JSON each way. The socket lives in the state
-//! directory with mode 0600: only the user who runs the paravisor can use it.
+//! directory with mode 0600: only the user who runs the paravisor can use it. Nothing is
+//! pushed: `logs --follow` and `ps --watch` ask again, so a slow reader never holds up the
+//! supervisor (every reply is small, and written with a timeout).
 
 use std::io::BufRead;
 use std::io::BufReader;
@@ -32,6 +34,20 @@ pub enum Command {
     Kill {
         service: String,
         signal: i32,
+    },
+    /// Start a service again now: a running one is killed first; a failed one gets a fresh
+    /// crash-loop count.
+    Restart {
+        service: String,
+    },
+    /// A service's recent output and the supervisor's notes about it: the lines after number
+    /// `after`, or (without it) the last `tail`.
+    Logs {
+        service: String,
+        #[serde(default)]
+        after: Option<u64>,
+        #[serde(default)]
+        tail: usize,
     },
     Probe {
         service: String,
@@ -73,6 +89,26 @@ pub struct ServiceRow {
     /// accesses).
     #[serde(default)]
     pub guest_exits: Option<u64>,
+    /// The delay before its pending restart, or before its last one (its back-off).
+    #[serde(default)]
+    pub backoff_ms: Option<u64>,
+    /// While it waits out its back-off: how long until it is started again.
+    #[serde(default)]
+    pub restart_in_ms: Option<u64>,
+    /// It missed its last watchdog ping while nothing it calls was down.
+    #[serde(default)]
+    pub unresponsive: bool,
+}
+
+/// One line of `paravisor logs`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogLine {
+    /// Numbered per service from 1.
+    pub seq: u64,
+    /// "stdout", "stderr", or "paravisor" (the supervisor's note about the service).
+    pub source: String,
+    /// Escaped as when passed on: no terminal controls.
+    pub text: String,
 }
 
 /// The guest partition in `paravisor ps`.
@@ -134,12 +170,70 @@ pub enum Reply {
     Error {
         message: String,
     },
+    /// Lines of a service's history.
+    Logs {
+        lines: Vec<LogLine>,
+        /// Lines after the one asked from that are no longer kept.
+        missed: u64,
+        /// The number of the last line given (or of the newest, if none): ask after it next.
+        last: u64,
+        /// The service's state now.
+        state: String,
+    },
     /// A raw attestation report (hex) and the chain that verifies it (PEM: ARK, ASK, VCEK).
     Report {
         report: String,
         certs: String,
     },
     AttestBench(crate::bench_attest::Latencies),
+    /// What a probe found, and the line that says so.
+    Probe {
+        result: ProbeResult,
+        message: String,
+    },
+}
+
+/// What `paravisor probe SERVICE ENDPOINT` found; each has its own exit status, so that a
+/// script can tell "not granted" from "granted but not answering".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProbeResult {
+    /// The endpoint answered through the service's own capability: exit 0.
+    Reached,
+    /// The manifest grants the service no capability to call the endpoint: exit 3.
+    NoCapability,
+    /// No answer before the service's deadline: exit 4.
+    TimedOut,
+    /// The endpoint's server restarted while the probe was in flight: exit 5.
+    PeerRestarted,
+    /// The channel failed otherwise (an error answer, a malformed reply): exit 6.
+    Failed,
+}
+
+impl ProbeResult {
+    pub fn of(outcome: &ipc_defs::control::ProbeOutcome) -> ProbeResult {
+        use ipc_defs::control::ProbeOutcome;
+        match outcome {
+            ProbeOutcome::Reached { .. } => ProbeResult::Reached,
+            ProbeOutcome::NoCapability => ProbeResult::NoCapability,
+            ProbeOutcome::TimedOut => ProbeResult::TimedOut,
+            ProbeOutcome::PeerRestarted { .. } => ProbeResult::PeerRestarted,
+            ProbeOutcome::Failed(_) => ProbeResult::Failed,
+        }
+    }
+
+    /// The exit status of `paravisor probe` (1 is left for "could not probe at all": no
+    /// instance, no such service or endpoint, the service not running or not answering; 2
+    /// for a usage error).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            ProbeResult::Reached => 0,
+            ProbeResult::NoCapability => 3,
+            ProbeResult::TimedOut => 4,
+            ProbeResult::PeerRestarted => 5,
+            ProbeResult::Failed => 6,
+        }
+    }
 }
 
 /// Errors of a command-line client.
@@ -186,8 +280,13 @@ pub fn read_command(stream: &UnixStream) -> Result<Command, String> {
     serde_json::from_str(&line).map_err(|e| format!("bad command: {e}"))
 }
 
+/// How long the instance waits for a client to take its reply: a client that does not read
+/// cannot hold up the supervisor's loop for longer.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Writes the reply to an accepted connection (server side).
 pub fn write_reply(mut stream: &UnixStream, reply: &Reply) {
+    let _ = stream.set_write_timeout(Some(REPLY_TIMEOUT));
     if let Ok(mut line) = serde_json::to_string(reply) {
         line.push('\n');
         let _ = stream.write_all(line.as_bytes());

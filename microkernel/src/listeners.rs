@@ -276,6 +276,76 @@ pub fn check(b: &Bound) -> Vec<String> {
     out
 }
 
+/// Where a bound listener listens, as the live audit needs it: its TCP port or Unix path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listening {
+    Tcp(u16),
+    Unix(String),
+}
+
+impl Bound {
+    pub fn listening(&self) -> Listening {
+        match (&self.address, &self.path) {
+            (ListenAddress::Tcp(a), _) => Listening::Tcp(a.port()),
+            (ListenAddress::Unix(p), None) => Listening::Unix(p.display().to_string()),
+            (ListenAddress::Unix(_), Some(path)) => Listening::Unix(path.display().to_string()),
+        }
+    }
+}
+
+/// The socket inodes of connections accepted from `bound` (the live audit lets a front end
+/// hold those besides its capabilities): TCP sockets whose local port is a listener's (an
+/// accepted connection shares it), Unix sockets named by a listener's path. Read from the
+/// microkernel's own network namespace, where the listeners were bound.
+pub fn accepted_sockets(bound: &[Listening]) -> std::collections::BTreeSet<u64> {
+    let mut inodes = std::collections::BTreeSet::new();
+    let ports: Vec<u16> = bound
+        .iter()
+        .filter_map(|b| match b {
+            Listening::Tcp(p) => Some(*p),
+            Listening::Unix(_) => None,
+        })
+        .collect();
+    if !ports.is_empty() {
+        for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+            let text = std::fs::read_to_string(table).unwrap_or_default();
+            for line in text.lines().skip(1) {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let port = f
+                    .get(1)
+                    .and_then(|a| a.rsplit_once(':'))
+                    .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+                let inode = f.get(9).and_then(|i| i.parse::<u64>().ok());
+                if let (Some(port), Some(inode)) = (port, inode) {
+                    if inode != 0 && ports.contains(&port) {
+                        inodes.insert(inode);
+                    }
+                }
+            }
+        }
+    }
+    let paths: Vec<&String> = bound
+        .iter()
+        .filter_map(|b| match b {
+            Listening::Unix(p) => Some(p),
+            Listening::Tcp(_) => None,
+        })
+        .collect();
+    if !paths.is_empty() {
+        let text = std::fs::read_to_string("/proc/self/net/unix").unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if let (Some(inode), Some(path)) = (f.get(6).and_then(|i| i.parse::<u64>().ok()), f.get(7))
+            {
+                if paths.iter().any(|p| p.as_str() == *path) {
+                    inodes.insert(inode);
+                }
+            }
+        }
+    }
+    inodes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

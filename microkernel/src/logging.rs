@@ -27,8 +27,19 @@ use std::path::Path;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-/// How log lines look.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+/// How log lines look (a `run` flag, or the host file's `log-format`).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Deserialize,
+    serde::Serialize,
+)]
+#[serde(rename_all = "kebab-case")]
 pub enum LogFormat {
     /// Human lines (coloured only on a terminal).
     #[default]
@@ -37,7 +48,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// The log settings of a run (command-line flags today; host configuration may fill them).
+/// The log settings of a run (the host file's, overridden by `run`'s flags: `host_config`).
 #[derive(Clone, Debug, Default)]
 pub struct LogOptions {
     pub format: LogFormat,

@@ -66,6 +66,11 @@ enum Cmd {
         /// listens. A TCP front end is reachable by every local user.
         #[arg(long, value_name = "NAME[=ADDRESS|PATH]|all")]
         listen: Vec<String>,
+        /// The host configuration: state-dir, platform-dir, key-release, listen, log-format,
+        /// log-file (TOML; not measured: see `paravisor audit`). The flags above override it;
+        /// it overrides the manifest's defaults.
+        #[arg(long, value_name = "FILE")]
+        host: Option<PathBuf>,
         #[command(flatten)]
         log: LogArgs,
         #[command(flatten)]
@@ -78,6 +83,15 @@ enum Cmd {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Print again every --interval until the instance stops (or --count times).
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: stop after this many listings.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// With --watch: seconds between listings.
+        #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+        interval: f64,
         /// The manifest (only to find the default state directory) [default: manifest.toml]
         #[arg(long)]
         manifest: Option<PathBuf>,
@@ -89,6 +103,36 @@ enum Cmd {
         /// Signal name or number.
         #[arg(long, default_value = "KILL")]
         signal: String,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+    /// Start a service of the running instance again: a running one is killed and started at
+    /// once, a failed one (crash loop) is revived with a fresh restart count; waits until it
+    /// runs.
+    Restart {
+        /// The service's name, as in the manifest.
+        service: String,
+        /// Return once the restart is under way, without waiting for the service to run.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+    /// Print a service's recent output (kept by the running instance, with its notes about
+    /// the service: started, exited, restarting in ...).
+    Logs {
+        /// The service's name, as in the manifest.
+        service: String,
+        /// Keep printing new lines until the instance stops.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// How many of the last lines to print first.
+        #[arg(long, short = 'n', default_value_t = 100)]
+        lines: usize,
         #[arg(long)]
         state_dir: Option<PathBuf>,
         #[arg(long)]
@@ -223,22 +267,14 @@ fn send(state_dir: &Path, command: &Command) -> Result<Reply, ExitCode> {
 #[derive(clap::Args, Debug, Default)]
 struct LogArgs {
     /// How the log looks: text (coloured only on a terminal) or json (one object per line,
-    /// the services' lines and the console included).
-    #[arg(long, value_enum, default_value_t = microkernel::logging::LogFormat::Text)]
-    log_format: microkernel::logging::LogFormat,
+    /// the services' lines and the console included) [default: the host file's, else text]
+    #[arg(long, value_enum)]
+    log_format: Option<microkernel::logging::LogFormat>,
     /// Append the log (the microkernel's and the services' stderr lines) to this file instead
-    /// of stderr: created 0600 if missing, refused if it is a link or another user's.
+    /// of stderr: created 0600 if missing, refused if it is a link or another user's
+    /// [default: the host file's]
     #[arg(long)]
     log_file: Option<PathBuf>,
-}
-
-impl LogArgs {
-    fn options(&self) -> microkernel::logging::LogOptions {
-        microkernel::logging::LogOptions {
-            format: self.log_format,
-            file: self.log_file.clone(),
-        }
-    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -329,7 +365,12 @@ enum AttestCmd {
         /// The nonce the report must carry (hex; see `platform report`).
         #[arg(long)]
         nonce: Option<String>,
-        /// Machine-readable output.
+        /// Refuse the report (exit 1) unless a reference measurement and a non-empty nonce
+        /// were given: without them a genuine report proves neither what ran nor when.
+        #[arg(long)]
+        strict: bool,
+        /// Machine-readable output: every check made with its result, what was not checked,
+        /// and the claims (64-bit fields as hex strings); printed on refusal too.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -355,6 +396,10 @@ enum VmgsTop {
         state_dir: Option<PathBuf>,
         #[arg(long)]
         platform_dir: Option<PathBuf>,
+        /// The host configuration `run` uses (its listeners are never bound here: reseal is
+        /// offline).
+        #[arg(long, value_name = "FILE")]
+        host: Option<PathBuf>,
         #[command(flatten)]
         guest: GuestArgs,
     },
@@ -480,19 +525,18 @@ fn failed(e: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// What `run` does before the supervisor: load the manifest, measure the launch (keeping the
-/// measured binaries), write the launch log; the supervisor's options.
+/// What `run` does before the supervisor: load the manifest and the host's settings, measure
+/// the launch (keeping the measured binaries); the supervisor's options. Nothing is written to
+/// the state directory here: the launch log is written once the start is not refused.
 fn launch(
     manifest: Option<PathBuf>,
-    state_dir: Option<PathBuf>,
-    platform_dir: Option<PathBuf>,
+    host: Option<&Path>,
+    flags: microkernel::host_config::Flags,
     guest: GuestArgs,
-    listen: &[String],
-    log: &microkernel::logging::LogOptions,
+    offline: bool,
 ) -> Result<supervisor::Options, ExitCode> {
     let keep_running = guest.keep_running;
     let mut guest = guest.config()?;
-    microkernel::logging::init(log).map_err(failed)?;
     // Before the platform or any key is loaded: nothing of this process ends up in a core
     // file.
     let root = ipc_defs::hosted::sys::effective_uid() == 0;
@@ -501,13 +545,28 @@ fn launch(
     // A panic prints its message only: the default hook's backtrace (RUST_BACKTRACE) opens
     // files, which the vCPU and platform threads' filters answer by killing the process.
     std::panic::set_hook(Box::new(|info| eprintln!("paravisor: {info}")));
-    let m = load(manifest.as_deref())?;
-    let state_dir = supervisor::state_dir(&m, state_dir.as_deref());
+    let mut m = load(manifest.as_deref())?;
+    let host = match host {
+        Some(path) => microkernel::host_config::HostConfig::load(path).map_err(failed)?,
+        None => microkernel::host_config::HostConfig::default(),
+    };
+    let mut settings = host.settle(&m, &flags).map_err(failed)?;
+    if offline {
+        // `vmgs reseal` opens no listener, whatever the host file asks `run` for.
+        settings.listen.clear();
+    }
+    settings.apply(&mut m);
+    microkernel::logging::init(&microkernel::logging::LogOptions {
+        format: settings.log_format,
+        file: settings.log_file.clone(),
+    })
+    .map_err(failed)?;
+    let state_dir = settings.state_dir.clone();
     let bin_dir = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
         .unwrap_or_else(|| PathBuf::from("."));
-    let platform_dir = match platform_dir.or_else(|| m.attest.platform_dir.clone()) {
+    let platform_dir = match settings.platform_dir.clone() {
         Some(dir) => dir,
         None => supervisor::default_platform_dir(&state_dir).map_err(failed)?,
     };
@@ -524,27 +583,13 @@ fn launch(
         .map_err(failed)?;
     // Before anything is written to the state: one paravisor per state directory.
     let lock = supervisor::lock_state_dir(&state).map_err(failed)?;
-    let log_path = Path::new(supervisor::LAUNCH_LOG);
-    match serde_json::to_vec_pretty(&log)
-        .map_err(|e| e.to_string())
-        .and_then(|b| {
-            state
-                .replace(log_path, &b, 0o644)
-                .map_err(|e| e.to_string())
-        }) {
-        Ok(None) => {}
-        Ok(Some(was)) => tracing::warn!(
-            "{} was a {was}, not a file of ours: replaced",
-            state.shown(log_path).display()
-        ),
-        Err(e) => tracing::warn!("launch log not written: {e}"),
-    }
     tracing::info!(
         entries = log.entries.len(),
         bytes = log.bytes,
-        "launch measurement {} ({:.0} ms); the log is in launch-log.json of the state directory",
+        "launch measurement {} ({:.0} ms; paravisor {}); the log goes to launch-log.json of the state directory",
         microkernel::measure::hex(&log.measurement),
-        started.elapsed().as_secs_f64() * 1e3
+        started.elapsed().as_secs_f64() * 1e3,
+        &microkernel::measure::hex(&log.paravisor_measurement())[..16],
     );
     Ok(supervisor::Options {
         manifest: m,
@@ -555,10 +600,10 @@ fn launch(
         guest,
         keep_running,
         platform_dir,
-        measurement: log.measurement,
+        launch_log: log,
         sealed,
         lock: Some(lock),
-        listen: microkernel::listeners::ListenRequest::parse(listen),
+        listen: microkernel::listeners::ListenRequest::parse(&settings.listen),
     })
 }
 
@@ -689,6 +734,7 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
             manifest,
             guest,
             nonce,
+            strict,
             json,
         } => {
             // Any size error is the verifier's to name (a report is exactly 0x4A0 bytes).
@@ -750,80 +796,124 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
                 }
                 (None, None) => None,
             };
-            let data = match &nonce {
-                Some(n) => Some(microkernel::verify::report_data_for(
-                    &microkernel::verify::parse_hex(n)
+            let nonce = match &nonce {
+                Some(n) => Some(
+                    microkernel::verify::parse_hex(n)
                         .ok_or_else(|| fail("--nonce must be hex bytes, e.g. 00112233".into()))?,
-                )),
+                ),
                 None => None,
             };
-            match microkernel::verify::verify(
+            let data = nonce.as_deref().map(microkernel::verify::report_data_for);
+            let verification = microkernel::verify::verify_checked(
                 &bytes,
                 &certs,
                 &ark_fingerprint,
                 expected.as_ref(),
                 data.as_ref(),
-            ) {
-                Ok(claims) => {
-                    if expected.is_none() {
-                        eprintln!(
-                            "paravisor: WARNING: no reference measurement was given (--manifest, \
-                             --launch-log or --expected-measurement): the report is genuine, \
-                             but what it measured was not checked"
-                        );
-                    }
-                    match &nonce {
-                        None => eprintln!(
-                            "paravisor: WARNING: no --nonce was given: the report's freshness \
-                             was not checked"
-                        ),
-                        Some(n) if n.trim().is_empty() => eprintln!(
-                            "paravisor: WARNING: the --nonce given is empty: report_data was \
-                             checked to be all zeros, which proves no freshness"
-                        ),
-                        Some(_) => {}
-                    }
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&claims).unwrap_or_default()
-                        );
-                    } else {
-                        println!("report verified: ARK pinned, chain and signature valid (over the raw bytes, and by the sev crate), reserved bytes zero{}{}",
-                            if expected.is_some() { ", measurement as expected" } else { " (measurement not checked)" },
-                            if data.is_some() { ", nonce as expected" } else { "" });
-                        println!(
-                            "  version {}  policy {:#x}  vmpl {}  reported TCB {:#018x}",
-                            claims.version, claims.policy, claims.vmpl, claims.reported_tcb
-                        );
-                        println!("  measurement {}", claims.measurement);
-                        println!("  report_data {}", claims.report_data);
-                        println!("  chip_id     {}", claims.chip_id);
-                        if let Some(l) = &log {
-                            println!(
-                                "  launch log (its recomputed digest is the report's measurement):"
-                            );
-                            for e in &l.entries {
-                                println!(
-                                    "    {:>3} {:<13} {:>10} {} {}",
-                                    e.seq,
-                                    e.kind.name(),
-                                    e.length,
-                                    microkernel::measure::hex(&e.sha384),
-                                    e.name
-                                );
-                            }
-                        }
-                    }
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => {
-                    eprintln!("paravisor: report REFUSED: {e}");
-                    Err(ExitCode::from(1))
-                }
+            );
+            report_verification(
+                verification,
+                VerifyRequest {
+                    measurement_given: expected.is_some(),
+                    nonce: nonce.as_deref(),
+                    strict,
+                    json,
+                    log: log.as_ref(),
+                },
+            )
+        }
+    }
+}
+
+/// What `attest verify` was asked, for [`report_verification`].
+struct VerifyRequest<'a> {
+    measurement_given: bool,
+    nonce: Option<&'a [u8]>,
+    strict: bool,
+    json: bool,
+    log: Option<&'a microkernel::measure::LaunchLog>,
+}
+
+/// Prints a verification (text, or JSON with every check) and gives the exit status: 0
+/// verified, 1 refused (also, under --strict, for a missing measurement or nonce).
+fn report_verification(
+    mut verification: microkernel::verify::Verification,
+    req: VerifyRequest,
+) -> Result<ExitCode, ExitCode> {
+    let VerifyRequest {
+        measurement_given,
+        nonce,
+        strict,
+        json,
+        log,
+    } = req;
+    let missing = microkernel::verify::missing_references(measurement_given, nonce);
+    let refused_strict = strict && !missing.is_empty();
+    let not_checked = if strict {
+        verification
+            .checks
+            .extend(missing.iter().map(|c| microkernel::verify::Check {
+                detail: format!("--strict: {}", c.detail),
+                ..c.clone()
+            }));
+        Vec::new()
+    } else {
+        missing.clone()
+    };
+    if json {
+        let doc = serde_json::json!({
+            "verified": verification.outcome.is_ok() && !refused_strict,
+            "strict": strict,
+            "checks": verification.checks,
+            "not_checked": not_checked,
+            "claims": verification.outcome.as_ref().ok(),
+            "error": verification.outcome.as_ref().err().map(|e| e.to_string()),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    }
+    let claims = match verification.outcome {
+        Ok(claims) => claims,
+        Err(e) => {
+            eprintln!("paravisor: report REFUSED: {e}");
+            return Err(ExitCode::FAILURE);
+        }
+    };
+    for c in &missing {
+        if strict {
+            eprintln!("paravisor: report REFUSED (--strict): {}", c.detail);
+        } else {
+            eprintln!("paravisor: WARNING: {}", c.detail);
+        }
+    }
+    if refused_strict {
+        return Err(ExitCode::FAILURE);
+    }
+    if !json {
+        println!("report verified: ARK pinned, chain and signature valid (over the raw bytes, and by the sev crate), reserved bytes zero{}{}",
+            if measurement_given { ", measurement as expected" } else { " (measurement not checked)" },
+            if nonce.is_some() { ", nonce as expected" } else { "" });
+        println!(
+            "  version {}  policy {:#x}  vmpl {}  reported TCB {:#018x}",
+            claims.version, claims.policy, claims.vmpl, claims.reported_tcb
+        );
+        println!("  measurement {}", claims.measurement);
+        println!("  report_data {}", claims.report_data);
+        println!("  chip_id     {}", claims.chip_id);
+        if let Some(l) = log {
+            println!("  launch log (its recomputed digest is the report's measurement):");
+            for e in &l.entries {
+                println!(
+                    "    {:>3} {:<13} {:>10} {} {}",
+                    e.seq,
+                    e.kind.name(),
+                    e.length,
+                    microkernel::measure::hex(&e.sha384),
+                    e.name
+                );
             }
         }
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `paravisor run`'s exit status: the guest's own status when it wrote one, 0 without a guest
@@ -844,7 +934,10 @@ fn guest_exit_code(outcome: Option<microkernel::partition::vcpu::Outcome>) -> Ex
 const PARTITION_FAILED: u8 = ipc_defs::services::intercept::HYPERVISOR_FAILED;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     let prints_only = matches!(
         cli.command,
         Cmd::Check { .. }
@@ -872,6 +965,19 @@ fn main() -> ExitCode {
         eprintln!("paravisor: {warning}");
     }
     code
+}
+
+/// Prints a command-line error (or the help) and gives clap's exit code, except under
+/// `vmgs`: there 2 means "not encrypted" to scripts written for the reference tool, so a
+/// usage error is [`microkernel::vmgs_cli::exit::USAGE`].
+fn usage_error(e: &clap::Error) -> ExitCode {
+    let _ = e.print();
+    let under_vmgs = std::env::args_os().nth(1).is_some_and(|a| a == "vmgs");
+    match e.exit_code() {
+        0 => ExitCode::SUCCESS,
+        _ if under_vmgs => ExitCode::from(microkernel::vmgs_cli::exit::USAGE),
+        code => ExitCode::from(u8::try_from(code).unwrap_or(2)),
+    }
 }
 
 fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
@@ -907,6 +1013,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                     "runner": microkernel::privilege::Runner::current().describe(),
                     "securebits": microkernel::privilege::SECUREBIT_NAMES,
                     "threads": audit::thread_profiles(&m),
+                    "configuration": audit::configuration(&m),
                 });
                 println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
             } else {
@@ -1068,17 +1175,18 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             state_dir,
             platform_dir,
             listen,
+            host,
             log,
             guest,
         } => {
-            let opts = launch(
-                manifest,
+            let flags = microkernel::host_config::Flags {
                 state_dir,
                 platform_dir,
-                guest,
-                &listen,
-                &log.options(),
-            )?;
+                listen,
+                log_format: log.log_format,
+                log_file: log.log_file,
+            };
+            let opts = launch(manifest, host.as_deref(), flags, guest, false)?;
             let sup = supervisor::Supervisor::new(&opts).map_err(failed)?;
             let summary = sup.run().map_err(failed)?;
             Ok(guest_exit_code(summary.guest))
@@ -1089,17 +1197,20 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                     manifest,
                     state_dir,
                     platform_dir,
+                    host,
                     guest,
                 },
         } => {
-            let opts = launch(
-                manifest,
+            // A guest option that does not fit (2 under `run`) is a usage error here too.
+            if guest.config().is_err() {
+                return Err(ExitCode::from(microkernel::vmgs_cli::exit::USAGE));
+            }
+            let flags = microkernel::host_config::Flags {
                 state_dir,
                 platform_dir,
-                guest,
-                &[],
-                &Default::default(),
-            )?;
+                ..Default::default()
+            };
+            let opts = launch(manifest, host.as_deref(), flags, guest, true)?;
             let sup = supervisor::Supervisor::new(&opts).map_err(failed)?;
             let lines = sup.reseal().map_err(failed)?;
             for line in lines {
@@ -1111,70 +1222,42 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             state_dir,
             json,
             manifest,
+            watch,
+            count,
+            interval,
         } => {
             let dir = client_state_dir(state_dir, manifest.as_deref())?;
-            match send(&dir, &Command::Ps)? {
-                Reply::Ps { services, guest } => {
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&services).unwrap_or_default()
-                        );
-                        return Ok(ExitCode::SUCCESS);
-                    }
-                    let exits = |name: &str| {
-                        guest.as_ref().and_then(|g| {
-                            g.exits_by_service
-                                .iter()
-                                .find(|(s, _)| s == name)
-                                .map(|(_, n)| n.to_string())
-                        })
-                    };
-                    println!(
-                        "{:<11} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8} {:>7} {:>9} {:>7}  LAST EXIT",
-                        "SERVICE",
-                        "PID",
-                        "STATE",
-                        "RESTARTS",
-                        "UPTIME",
-                        "MSG-IN",
-                        "MSG-OUT",
-                        "REFUSED",
-                        "EXITS",
-                        "DROPPED"
-                    );
-                    for r in services {
-                        println!(
-                            "{:<11} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8} {:>7} {:>9} {:>7}  {}",
-                            r.name,
-                            r.pid.map_or("-".into(), |p| p.to_string()),
-                            r.state,
-                            r.restarts,
-                            r.uptime_ms.map_or("-".into(), uptime),
-                            r.messages_in,
-                            r.messages_out,
-                            r.refused,
-                            exits(&r.name).unwrap_or_else(|| "-".into()),
-                            r.output_dropped,
-                            r.last_exit.unwrap_or_else(|| "-".into())
-                        );
-                    }
-                    if let Some(g) = guest {
-                        println!("\nguest: {}", g.image);
-                        for v in &g.vcpus {
-                            println!(
-                                "  vcpu{} {:<8} {} exits ({} answered in the vCPU thread)",
-                                v.id, v.state, v.exits, v.in_thread
-                            );
-                        }
-                        if let Some(o) = &g.outcome {
-                            println!("  ended: {o}");
-                        }
-                    }
-                    Ok(ExitCode::SUCCESS)
-                }
-                other => Err(unexpected(other)),
+            if !watch {
+                return print_ps(send(&dir, &Command::Ps)?, json);
             }
+            microkernel::operator::watch(&dir, count, interval, |reply| {
+                print_ps(reply, json).map(|_| ())
+            })
+        }
+        Cmd::Restart {
+            service,
+            no_wait,
+            state_dir,
+            manifest,
+        } => {
+            let dir = client_state_dir(state_dir, manifest.as_deref())?;
+            microkernel::operator::restart(&dir, &service, !no_wait).map_err(|e| {
+                eprintln!("paravisor: {e}");
+                ExitCode::FAILURE
+            })
+        }
+        Cmd::Logs {
+            service,
+            follow,
+            lines,
+            state_dir,
+            manifest,
+        } => {
+            let dir = client_state_dir(state_dir, manifest.as_deref())?;
+            microkernel::operator::logs(&dir, &service, lines, follow).map_err(|e| {
+                eprintln!("paravisor: {e}");
+                ExitCode::FAILURE
+            })
         }
         Cmd::Kill {
             service,
@@ -1202,7 +1285,13 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             manifest,
         } => {
             let dir = client_state_dir(state_dir, manifest.as_deref())?;
-            done(send(&dir, &Command::Probe { service, endpoint })?)
+            match send(&dir, &Command::Probe { service, endpoint })? {
+                Reply::Probe { result, message } => {
+                    println!("{message}");
+                    Ok(ExitCode::from(result.exit_code()))
+                }
+                other => Err(unexpected(other)),
+            }
         }
         Cmd::Bench { what, .. }
             if ["vtpm", "guest", "measure", "attest", "memory"].contains(&what.as_str())
@@ -1318,6 +1407,72 @@ fn bench_dir(
         eprintln!("paravisor: benchmark directory: {e}");
         ExitCode::FAILURE
     })
+}
+
+/// Prints a `ps` reply as the table (or JSON).
+fn print_ps(reply: Reply, json: bool) -> Result<ExitCode, ExitCode> {
+    match reply {
+        Reply::Ps { services, guest } => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&services).unwrap_or_default()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let exits = |name: &str| {
+                guest.as_ref().and_then(|g| {
+                    g.exits_by_service
+                        .iter()
+                        .find(|(s, _)| s == name)
+                        .map(|(_, n)| n.to_string())
+                })
+            };
+            println!(
+                "{:<11} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8} {:>7} {:>9} {:>7}  LAST EXIT",
+                "SERVICE",
+                "PID",
+                "STATE",
+                "RESTARTS",
+                "UPTIME",
+                "MSG-IN",
+                "MSG-OUT",
+                "REFUSED",
+                "EXITS",
+                "DROPPED"
+            );
+            for r in services {
+                println!(
+                    "{:<11} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8} {:>7} {:>9} {:>7}  {}",
+                    r.name,
+                    r.pid.map_or("-".into(), |p| p.to_string()),
+                    r.state,
+                    r.restarts,
+                    r.uptime_ms.map_or("-".into(), uptime),
+                    r.messages_in,
+                    r.messages_out,
+                    r.refused,
+                    exits(&r.name).unwrap_or_else(|| "-".into()),
+                    r.output_dropped,
+                    r.last_exit.unwrap_or_else(|| "-".into())
+                );
+            }
+            if let Some(g) = guest {
+                println!("\nguest: {}", g.image);
+                for v in &g.vcpus {
+                    println!(
+                        "  vcpu{} {:<8} {} exits ({} answered in the vCPU thread)",
+                        v.id, v.state, v.exits, v.in_thread
+                    );
+                }
+                if let Some(o) = &g.outcome {
+                    println!("  ended: {o}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        other => Err(unexpected(other)),
+    }
 }
 
 /// Prints a benchmark report as text or JSON.

@@ -56,6 +56,10 @@ pub const MAX_RESTARTS: u32 = 1000;
 pub const MIN_BACKOFF: Duration = Duration::from_millis(1);
 /// Longest restart back-off and window we accept.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(600);
+/// Default ceiling of the doubling back-off (`max-backoff`): a service that keeps dying is
+/// back within a second of its last death, so that its clients, who wait for it rather than
+/// fail, wait at most about that long; `max` per `window` still ends a crash loop.
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(1);
 pub const MAX_WINDOW: Duration = Duration::from_secs(86_400);
 
 /// Default watchdog: long enough for a slow request (an RSA key generation), short enough
@@ -322,6 +326,8 @@ struct RawRestart {
     max: Spanned<i64>,
     window: Spanned<String>,
     backoff: Spanned<String>,
+    #[serde(default)]
+    max_backoff: Option<Spanned<String>>,
 }
 
 // ---- Validated model ----
@@ -355,9 +361,28 @@ pub struct Restart {
     pub max: u32,
     #[serde(serialize_with = "ser_duration")]
     pub window: Duration,
-    /// Delay before the first restart; doubles with each restart inside the window.
+    /// Delay before the second restart inside the window (the first is immediate); doubles
+    /// with each further one...
     #[serde(serialize_with = "ser_duration")]
     pub backoff: Duration,
+    /// ...up to this ceiling (`max-backoff`, default [`DEFAULT_MAX_BACKOFF`] or `backoff` if
+    /// that is longer).
+    #[serde(serialize_with = "ser_duration")]
+    pub max_backoff: Duration,
+}
+
+impl Restart {
+    /// The delay before restart number `n` inside the window (0: the first, which is
+    /// immediate): `backoff` doubling from the second on, never above `max_backoff`.
+    pub fn delay(&self, n: u32) -> Duration {
+        match n {
+            0 => Duration::ZERO,
+            n => self
+                .backoff
+                .saturating_mul(1 << (n - 1).min(30))
+                .min(self.max_backoff),
+        }
+    }
 }
 
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -716,6 +741,95 @@ impl Manifest {
             );
         }
         v.diagnostics
+    }
+
+    /// The measured configuration: everything in the manifest that decides what runs and
+    /// what it may do (services, binaries, grants, syscalls, limits, restart policy, the
+    /// sealing policy, the tenant key's id), in the validated form with every default
+    /// spelled out. Host settings ([`HOST_SETTINGS`]) are left out: where files live, which
+    /// front ends listen where and where the key broker is are the host's choice, not the
+    /// paravisor's identity.
+    pub fn measured_config(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        if let Some(top) = v.as_object_mut() {
+            top.remove("path");
+            top.remove("state_dir");
+            if let Some(a) = top.get_mut("attest").and_then(|a| a.as_object_mut()) {
+                a.remove("platform_dir");
+                a.remove("key_release");
+            }
+            if let Some(services) = top.get_mut("services").and_then(|s| s.as_array_mut()) {
+                for l in services
+                    .iter_mut()
+                    .filter_map(|s| s.get_mut("listen").and_then(|l| l.as_array_mut()))
+                    .flatten()
+                    .filter_map(|l| l.as_object_mut())
+                {
+                    l.remove("address");
+                }
+            }
+            top.insert(
+                "format".into(),
+                serde_json::Value::String(MEASURED_CONFIG_FORMAT.into()),
+            );
+        }
+        v
+    }
+
+    /// [`Manifest::measured_config`] in its canonical bytes (what the launch measures):
+    /// compact JSON, object keys sorted, so comments, whitespace, key order and the
+    /// spelling of numbers and sizes in `manifest.toml` do not change it.
+    pub fn measured_bytes(&self) -> Vec<u8> {
+        canonical_json(&self.measured_config())
+    }
+}
+
+/// Names the canonical form of the measured configuration (changes if the form does).
+pub const MEASURED_CONFIG_FORMAT: &str = "pv-measured-config-1";
+
+/// What the manifest may name as a default but the host chooses, never measured: (key as
+/// written in the manifest or the host file, what it is).
+pub const HOST_SETTINGS: &[(&str, &str)] = &[
+    ("state-dir", "the state directory"),
+    ("platform-dir", "the simulated secure processor's directory"),
+    ("key-release", "the key broker's loopback address (the tenant key's id is measured)"),
+    ("listen", "which front ends are bound, and their addresses and socket paths (a listener's name and localities are measured)"),
+    ("log-format", "text or json"),
+    ("log-file", "a file the log is appended to"),
+];
+
+/// JSON with object keys sorted and no whitespace: one byte string per value.
+pub fn canonical_json(v: &serde_json::Value) -> Vec<u8> {
+    fn sorted(v: &serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(m) => {
+                let ordered: BTreeMap<&String, serde_json::Value> =
+                    m.iter().map(|(k, v)| (k, sorted(v))).collect();
+                serde_json::Value::Object(
+                    ordered.into_iter().map(|(k, v)| (k.clone(), v)).collect(),
+                )
+            }
+            serde_json::Value::Array(a) => serde_json::Value::Array(a.iter().map(sorted).collect()),
+            other => other.clone(),
+        }
+    }
+    // Keys are sorted whether or not serde_json keeps insertion order: the map is rebuilt
+    // from a sorted one either way.
+    serde_json::to_vec(&sorted(v)).unwrap_or_default()
+}
+
+/// A key broker's address: loopback only.
+pub fn parse_key_release(text: &str) -> Result<std::net::SocketAddr, (String, String)> {
+    match text.parse::<std::net::SocketAddr>() {
+        Ok(addr) if addr.ip().is_loopback() => Ok(addr),
+        Ok(addr) => Err((
+            format!("key-release address {addr} is not a loopback address"),
+            "the key broker is reached on loopback only, e.g. \"127.0.0.1:8700\"".into(),
+        )),
+        Err(_) => Err((
+            format!("key-release \"{text}\" is not an address"),
+            "write host:port, e.g. \"127.0.0.1:8700\"".into(),
+        )),
     }
 }
 
@@ -1593,42 +1707,35 @@ impl Validator<'_> {
                 ),
             }
         }
-        if let Some(a) = raw.key_release {
-            match a.get_ref().parse::<std::net::SocketAddr>() {
-                Ok(addr) if addr.ip().is_loopback() => settings.key_release = Some(addr),
-                Ok(addr) => self.error(
-                    a.span(),
-                    format!("key-release address {addr} is not a loopback address"),
-                    "the key broker is reached on loopback only, e.g. \"127.0.0.1:8700\"",
-                ),
-                Err(_) => self.error(
-                    a.span(),
-                    format!("key-release \"{}\" is not an address", a.get_ref()),
-                    "write host:port, e.g. \"127.0.0.1:8700\"",
-                ),
+        // Key release: the tenant key's id is measured (it decides which key may open the
+        // state); the broker's address is a host setting (a default here, `--host` overrides).
+        if let Some(a) = &raw.key_release {
+            match parse_key_release(a.get_ref()) {
+                Ok(addr) => settings.key_release = Some(addr),
+                Err((message, help)) => self.error(a.span(), message, help),
             }
-            match &raw.key_release_id {
-                Some(id)
-                    if id.get_ref().len() == 64
-                        && id.get_ref().bytes().all(|b| b.is_ascii_hexdigit()) =>
-                {
-                    settings.key_release_id = Some(id.get_ref().to_ascii_lowercase())
-                }
-                Some(id) => self.error(
-                    id.span(),
-                    "key-release-id is not a key id",
-                    "the 64 hex digits `paravisor kbs init-key` prints for the tenant key",
-                ),
-                None => self.error(
+            if raw.key_release_id.is_none() {
+                self.error(
                     a.span(),
                     "key-release without key-release-id",
                     "pin the tenant key's id (`paravisor kbs init-key` prints it): without it, a broker the host runs could hand over a key of its own",
-                ),
+                );
+            }
+        }
+        if let Some(id) = &raw.key_release_id {
+            if id.get_ref().len() == 64 && id.get_ref().bytes().all(|b| b.is_ascii_hexdigit()) {
+                settings.key_release_id = Some(id.get_ref().to_ascii_lowercase());
+            } else {
+                self.error(
+                    id.span(),
+                    "key-release-id is not a key id",
+                    "the 64 hex digits `paravisor kbs init-key` prints for the tenant key",
+                );
             }
             if sealed_keys.is_empty() {
                 self.error(
-                    a.span(),
-                    "key-release without a sealed key",
+                    id.span(),
+                    "key release without a sealed key",
                     "key release protects the sealed datastore key: declare it with `sealed = true`",
                 );
             }
@@ -2070,11 +2177,30 @@ impl Validator<'_> {
             };
         let window = duration(&r.window, "window", Duration::from_secs(1), MAX_WINDOW);
         let backoff = duration(&r.backoff, "backoff", MIN_BACKOFF, MAX_BACKOFF);
+        let max_backoff = match &r.max_backoff {
+            None => DEFAULT_MAX_BACKOFF.max(backoff),
+            Some(m) => {
+                let ceiling = duration(m, "max-backoff", MIN_BACKOFF, MAX_BACKOFF);
+                if ceiling < backoff {
+                    self.error(
+                        m.span(),
+                        format!(
+                            "restart max-backoff {} is below backoff {}",
+                            format_duration(ceiling),
+                            format_duration(backoff)
+                        ),
+                        "the back-off doubles from `backoff` up to `max-backoff`: make it at least `backoff`",
+                    );
+                }
+                ceiling.max(backoff)
+            }
+        };
         Restart {
             policy,
             max: max.clamp(0, MAX_RESTARTS as i64) as u32,
             window,
             backoff,
+            max_backoff,
         }
     }
 
@@ -2239,6 +2365,81 @@ pub fn format_duration(d: Duration) -> String {
 mod tests {
     use super::*;
 
+    fn shipped() -> String {
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifest.toml")).unwrap()
+    }
+
+    fn measured(text: &str) -> Vec<u8> {
+        Manifest::parse(Path::new("m.toml"), text)
+            .unwrap()
+            .measured_bytes()
+    }
+
+    /// Comments, layout, key order, number spelling and host settings leave the measured
+    /// configuration as it is; anything the services may do changes it.
+    #[test]
+    fn the_measured_configuration_is_canonical_and_leaves_host_settings_out() {
+        let text = shipped();
+        let base = measured(&text);
+        // Comments and blank lines gone, a comment added, whitespace changed.
+        let stripped: String = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(measured(&stripped), base);
+        assert_eq!(measured(&format!("# a note\n{text}\n\n# end\n")), base);
+        let spaced = text.replace("restart = { policy", "restart   =   {   policy");
+        assert_ne!(spaced, text);
+        assert_eq!(measured(&spaced), base);
+        // Key order inside a table; a size and a number spelt differently.
+        let reordered = text.replace(
+            "limits = { memory = \"128M\", open-files = 32 }",
+            "limits = { open-files = 0x20, memory = \"131072K\" }",
+        );
+        assert_ne!(reordered, text);
+        assert_eq!(measured(&reordered), base);
+        // Host settings: state and platform directories, a listener's address.
+        let host = text
+            .replace("state-dir = \"state\"", "state-dir = \"/srv/elsewhere\"")
+            .replace("# platform-dir = \"platform\"", "platform-dir = \"/srv/p\"")
+            .replace("127.0.0.1:2321", "127.0.0.1:12321");
+        assert_ne!(host, text);
+        assert_eq!(measured(&host), base);
+        // What a service may do is measured: a limit, a grant, the sealing policy.
+        for (from, to) in [
+            ("memory = \"128M\", open-files = 32 }", "memory = \"256M\", open-files = 32 }"),
+            ("sealing = \"measurement\"", "sealing = \"platform\""),
+            ("backoff = \"50ms\"", "backoff = \"60ms\""),
+        ] {
+            assert!(text.contains(from), "{from}");
+            assert_ne!(measured(&text.replacen(from, to, 1)), base, "{from} -> {to}");
+        }
+        let json: serde_json::Value = serde_json::from_slice(&base).unwrap();
+        assert_eq!(json["format"], MEASURED_CONFIG_FORMAT);
+        assert!(json.get("state_dir").is_none() && json.get("path").is_none());
+        assert!(json["attest"].get("platform_dir").is_none());
+        assert!(json["attest"].get("key_release").is_none());
+        let vtpm = json["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "vtpm")
+            .unwrap();
+        for l in vtpm["listen"].as_array().unwrap() {
+            assert!(l.get("address").is_none() && l.get("name").is_some(), "{l}");
+        }
+    }
+
+    #[test]
+    fn canonical_json_sorts_keys_at_every_depth() {
+        let a: serde_json::Value = serde_json::from_str(r#"{"b":1,"a":{"d":[{"y":1,"x":2}],"c":null}}"#).unwrap();
+        assert_eq!(
+            String::from_utf8(canonical_json(&a)).unwrap(),
+            r#"{"a":{"c":null,"d":[{"x":2,"y":1}]},"b":1}"#
+        );
+    }
+
     const GOOD: &str = r#"
 [[service]]
 name = "a"
@@ -2268,6 +2469,41 @@ restart = { policy = "on-failure", max = 3, window = "10s", backoff = "10ms" }
         assert_eq!(m.services.len(), 2);
         assert_eq!(m.server_of(Interface::Vmgs).unwrap().name, "a");
         assert_eq!(m.services[1].restart.backoff, Duration::from_millis(10));
+        assert_eq!(m.services[1].restart.max_backoff, DEFAULT_MAX_BACKOFF);
+    }
+
+    #[test]
+    fn the_back_off_doubles_up_to_its_ceiling() {
+        let src = GOOD.replacen(
+            "backoff = \"10ms\" }",
+            "backoff = \"10ms\", max-backoff = \"50ms\" }",
+            1,
+        );
+        let m = Manifest::parse(Path::new("m.toml"), &src).unwrap();
+        let r = &m.services[0].restart;
+        let delays: Vec<u64> = (0..8).map(|n| r.delay(n).as_millis() as u64).collect();
+        assert_eq!(delays, [0, 10, 20, 40, 50, 50, 50, 50]);
+        // Without one, the ceiling is a second (or the back-off itself, if longer).
+        let m = Manifest::parse(Path::new("m.toml"), GOOD).unwrap();
+        assert_eq!(m.services[0].restart.delay(30), DEFAULT_MAX_BACKOFF);
+        let slow = GOOD.replacen("backoff = \"10ms\"", "backoff = \"5s\"", 1);
+        let m = Manifest::parse(Path::new("m.toml"), &slow).unwrap();
+        assert_eq!(m.services[0].restart.max_backoff, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_ceiling_below_the_back_off_is_refused_where_it_is_written() {
+        let src = GOOD.replacen(
+            "backoff = \"10ms\" }",
+            "backoff = \"10ms\", max-backoff = \"5ms\" }",
+            1,
+        );
+        let d = errors(&src);
+        assert!(
+            d.iter().any(|d| d.line == 7
+                && d.message.contains("max-backoff 5ms is below backoff 10ms")),
+            "{d:?}"
+        );
     }
 
     #[test]

@@ -62,6 +62,14 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Whether the entry measures the guest (not the paravisor itself).
+    pub fn is_guest(self) -> bool {
+        matches!(
+            self,
+            Kind::GuestImage | Kind::GuestInitrd | Kind::CommandLine | Kind::VcpuState
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Kind::Microkernel => "microkernel",
@@ -116,6 +124,39 @@ pub struct LaunchLog {
     pub measurement: Digest384,
     /// Bytes measured.
     pub bytes: u64,
+    /// The measured configuration (the manifest entry measures its canonical bytes,
+    /// [`crate::manifest::canonical_json`]): for the reader, and for a refusal's field-level
+    /// diff. Not trusted when read back: [`LaunchLog::checked_config`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<serde_json::Value>,
+}
+
+impl LaunchLog {
+    /// The configuration, if it is the one the manifest entry measured.
+    pub fn checked_config(&self) -> Option<&serde_json::Value> {
+        let config = self.config.as_ref()?;
+        let entry = self.entries.iter().find(|e| e.kind == Kind::Manifest)?;
+        let bytes = crate::manifest::canonical_json(config);
+        (bytes.len() as u64 == entry.length && Sha384::digest(&bytes)[..] == entry.sha384[..])
+            .then_some(config)
+    }
+
+    /// The paravisor's own measurement: the launch digest of its entries alone (the
+    /// microkernel, the measured configuration, the services and their libraries), without
+    /// the guest it boots. What `sealing = "measurement"` binds the guest-state key to: the
+    /// same paravisor opens its state whichever guest it runs (the guest is in the report's
+    /// full measurement, and measures itself into the vTPM). On hardware this is the
+    /// paravisor's image as the secure processor measures it, with the guest loaded after
+    /// launch (as OpenHCL loads the guest's firmware and OS).
+    pub fn paravisor_measurement(&self) -> Digest384 {
+        let own: Vec<Entry> = self
+            .entries
+            .iter()
+            .filter(|e| !e.kind.is_guest())
+            .cloned()
+            .collect();
+        digest_of(&own)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -299,6 +340,7 @@ impl Measurer {
             measurement: digest_of(&self.log),
             entries: self.log,
             bytes: self.bytes,
+            config: None,
         }
     }
 }
@@ -541,7 +583,9 @@ fn launch_inner(
     };
     add_code(&own_code)?;
     // Names are part of the measurement, so they never include a path.
-    m.item(Kind::Manifest, "manifest", manifest.source.as_bytes())
+    // The measured configuration in its canonical form, not the file's text: comments,
+    // layout and host settings do not change the launch.
+    m.item(Kind::Manifest, "manifest", &manifest.measured_bytes()[..])
         .map_err(|error| MeasureError::Read {
             what: "manifest",
             path: manifest.path.display().to_string(),
@@ -639,7 +683,157 @@ fn launch_inner(
             })?;
         m.vcpu_state(&initial_vcpu_state(guest));
     }
-    Ok((m.finish(), sealed))
+    let mut log = m.finish();
+    log.config = Some(manifest.measured_config());
+    Ok((log, sealed))
+}
+
+/// The fields that differ between two measured configurations, one line each:
+/// `services[vtpm].limits.memory: 134217728 -> 268435456`, `services[net] is new`. Lists of
+/// named things (services, files, keys, listeners) are matched by name, so a reordering
+/// reads as what it is.
+pub fn config_diff(then: &serde_json::Value, now: &serde_json::Value) -> Vec<String> {
+    use serde_json::Value;
+    fn short(v: &Value) -> String {
+        let t = v.to_string();
+        match t.char_indices().nth(96) {
+            Some((cut, _)) => format!("{}..", &t[..cut]),
+            None => t,
+        }
+    }
+    fn named(a: &[Value]) -> Option<Vec<(&str, &Value)>> {
+        let names: Vec<(&str, &Value)> = a
+            .iter()
+            .map(|v| v.get("name").and_then(Value::as_str).map(|n| (n, v)))
+            .collect::<Option<_>>()?;
+        let unique = names
+            .iter()
+            .map(|(n, _)| *n)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            == names.len();
+        unique.then_some(names)
+    }
+    fn walk(path: &str, then: &Value, now: &Value, out: &mut Vec<String>) {
+        if out.len() >= 64 {
+            return;
+        }
+        let join = |k: &str| {
+            if path.is_empty() {
+                k.to_string()
+            } else {
+                format!("{path}.{k}")
+            }
+        };
+        match (then, now) {
+            (Value::Object(a), Value::Object(b)) => {
+                for (k, v) in b {
+                    match a.get(k) {
+                        Some(old) => walk(&join(k), old, v, out),
+                        None => out.push(format!("{}: (not set) -> {}", join(k), short(v))),
+                    }
+                }
+                for (k, v) in a {
+                    if !b.contains_key(k) {
+                        out.push(format!("{}: {} -> (not set)", join(k), short(v)));
+                    }
+                }
+            }
+            (Value::Array(a), Value::Array(b)) => match (named(a), named(b)) {
+                (Some(na), Some(nb)) => {
+                    for (n, v) in &nb {
+                        match na.iter().find(|(m, _)| m == n) {
+                            Some((_, old)) => walk(&format!("{path}[{n}]"), old, v, out),
+                            None => out.push(format!("{path}[{n}] is new")),
+                        }
+                    }
+                    for (n, _) in &na {
+                        if !nb.iter().any(|(m, _)| m == n) {
+                            out.push(format!("{path}[{n}] is gone"));
+                        }
+                    }
+                    fn common<'a>(x: &[(&'a str, &Value)], y: &[(&str, &Value)]) -> Vec<&'a str> {
+                        x.iter()
+                            .map(|(n, _)| *n)
+                            .filter(|n| y.iter().any(|(m, _)| m == n))
+                            .collect()
+                    }
+                    if common(&na, &nb) != common(&nb, &na) {
+                        out.push(format!("{path}: the order changed"));
+                    }
+                }
+                _ if a.len() == b.len() => {
+                    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                        walk(&format!("{path}[{i}]"), x, y, out);
+                    }
+                }
+                _ => out.push(format!("{path}: {} -> {}", short(then), short(now))),
+            },
+            _ if then != now => out.push(format!("{path}: {} -> {}", short(then), short(now))),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk("", then, now, &mut out);
+    out
+}
+
+/// What differs between the paravisor entries of two launch logs (the guest's are not part
+/// of a seal), with the measured configuration compared field by field when both logs hold
+/// it intact. Empty when they measure the same paravisor.
+pub fn paravisor_changes(then: &LaunchLog, now: &LaunchLog) -> Vec<String> {
+    let key = |e: &Entry| (e.kind.name().to_string(), e.name.clone());
+    // "service net (pv-net)", "manifest", "microkernel paravisor".
+    let label = |e: &Entry| {
+        if e.name == e.kind.name() {
+            e.name.clone()
+        } else {
+            format!("{} {}", e.kind.name(), e.name)
+        }
+    };
+    let own = |l: &LaunchLog| -> Vec<Entry> {
+        l.entries.iter().filter(|e| !e.kind.is_guest()).cloned().collect()
+    };
+    let (old, new) = (own(then), own(now));
+    let mut changes = Vec::new();
+    for e in &new {
+        match old.iter().find(|t| key(t) == key(e)) {
+            None => changes.push(format!("{} is new", label(e))),
+            Some(t) if t.sha384 != e.sha384 || t.length != e.length => {
+                match (e.kind, then.checked_config(), now.checked_config()) {
+                    (Kind::Manifest, Some(a), Some(b)) => {
+                        let fields = config_diff(a, b);
+                        changes.push(format!(
+                            "the measured configuration changed: {}",
+                            if fields.is_empty() {
+                                "(its form changed)".to_string()
+                            } else {
+                                fields.join(", ")
+                            }
+                        ))
+                    }
+                    _ => changes.push(format!(
+                        "{} changed ({} -> {} bytes, SHA-384 {}.. -> {}..)",
+                        label(e),
+                        t.length,
+                        e.length,
+                        &hex(&t.sha384)[..12],
+                        &hex(&e.sha384)[..12]
+                    )),
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    for t in &old {
+        if !new.iter().any(|e| key(e) == key(t)) {
+            changes.push(format!("{} is gone", label(t)));
+        }
+    }
+    if changes.is_empty() && digest_of(&old) != digest_of(&new) {
+        changes.push("the order of the launch changed".into());
+    }
+    changes
 }
 
 /// The log as text.
@@ -670,12 +864,103 @@ pub fn text(log: &LaunchLog) -> String {
         "measurement (SNP launch digest): {}\n",
         hex(&log.measurement)
     ));
+    out.push_str(&format!(
+        "paravisor measurement (its entries without the guest; what sealed state is bound to): {}\n",
+        hex(&log.paravisor_measurement())
+    ));
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_config_diff_names_each_changed_field_and_matches_lists_by_name() {
+        let then = serde_json::json!({
+            "services": [
+                {"name": "vmgs", "limits": {"memory": 1, "open_files": 32}, "syscalls": ["a"]},
+                {"name": "vtpm", "limits": {"memory": 2, "open_files": 32}},
+                {"name": "net", "limits": {"memory": 3, "open_files": 32}},
+            ],
+            "attest": {"sealing": "measurement"},
+        });
+        let now = serde_json::json!({
+            "services": [
+                {"name": "vtpm", "limits": {"memory": 4, "open_files": 32}},
+                {"name": "vmgs", "limits": {"memory": 1, "open_files": 32}, "syscalls": ["a", "b"]},
+                {"name": "disk", "limits": {"memory": 3, "open_files": 32}},
+            ],
+            "attest": {"sealing": "platform", "key_release_id": "ab"},
+        });
+        let d = config_diff(&then, &now);
+        for want in [
+            "services[vtpm].limits.memory: 2 -> 4",
+            "services[vmgs].syscalls: [\"a\"] -> [\"a\",\"b\"]",
+            "services[disk] is new",
+            "services[net] is gone",
+            "services: the order changed",
+            "attest.sealing: \"measurement\" -> \"platform\"",
+            "attest.key_release_id: (not set) -> \"ab\"",
+        ] {
+            assert!(d.iter().any(|l| l == want), "{want} not in {d:#?}");
+        }
+        assert_eq!(d.len(), 7, "{d:#?}");
+        assert!(config_diff(&then, &then).is_empty());
+    }
+
+    fn log_of(items: &[(Kind, &str, &[u8])], config: Option<serde_json::Value>) -> LaunchLog {
+        let mut m = Measurer::default();
+        for (kind, name, bytes) in items {
+            m.item(*kind, name, *bytes).unwrap();
+        }
+        let mut log = m.finish();
+        log.config = config;
+        log
+    }
+
+    /// The seal binds the paravisor's entries; the guest it boots changes the report's
+    /// measurement only.
+    #[test]
+    fn the_paravisor_measurement_leaves_the_guest_out() {
+        let config = serde_json::json!({"services": [{"name": "a", "max": 1}]});
+        let bytes = crate::manifest::canonical_json(&config);
+        let own: Vec<(Kind, &str, &[u8])> = vec![
+            (Kind::Microkernel, "paravisor", b"mk"),
+            (Kind::Manifest, "manifest", &bytes),
+            (Kind::Service, "a (pv-a)", b"a"),
+        ];
+        let alone = log_of(&own, Some(config.clone()));
+        let mut with_guest = own.clone();
+        with_guest.push((Kind::GuestImage, "guest image", b"guest"));
+        with_guest.push((Kind::CommandLine, "command line", b"console=ttyS0"));
+        let guest = log_of(&with_guest, Some(config.clone()));
+        assert_eq!(alone.measurement, alone.paravisor_measurement());
+        assert_ne!(guest.measurement, alone.measurement);
+        assert_eq!(guest.paravisor_measurement(), alone.paravisor_measurement());
+        assert!(paravisor_changes(&alone, &guest).is_empty());
+        // A changed service or configuration is a change of the paravisor, named.
+        let other = serde_json::json!({"services": [{"name": "a", "max": 2}]});
+        let other_bytes = crate::manifest::canonical_json(&other);
+        let changed = log_of(
+            &[
+                (Kind::Microkernel, "paravisor", b"mk"),
+                (Kind::Manifest, "manifest", &other_bytes),
+                (Kind::Service, "a (pv-a)", b"a2"),
+            ],
+            Some(other),
+        );
+        assert_ne!(changed.paravisor_measurement(), alone.paravisor_measurement());
+        let c = paravisor_changes(&alone, &changed);
+        assert_eq!(c.len(), 2, "{c:#?}");
+        assert_eq!(c[0], "the measured configuration changed: services[a].max: 1 -> 2");
+        assert!(c[1].starts_with("service a (pv-a) changed (1 -> 2 bytes"), "{c:#?}");
+        // A config that is not the measured one is not believed: the entry is named instead.
+        let mut forged = changed.clone();
+        forged.config = Some(config);
+        assert!(forged.checked_config().is_none());
+        assert!(paravisor_changes(&alone, &forged)[0].starts_with("manifest changed ("));
+    }
 
     #[test]
     fn the_digest_chains_page_info_records() {

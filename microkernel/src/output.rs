@@ -19,7 +19,14 @@
 //! of the supervisor's loop, and holds at most one unfinished line per stream: what a service
 //! writes cannot stall the supervisor or grow its memory. After a service's death its pipes
 //! are drained before its exit is reported, so its last words come before the report.
+//!
+//! The lines passed on (escaped, after the rate limit) are also kept, with the supervisor's
+//! own notes about the service (started, exited, restarting in ...), in a per-service history
+//! for `paravisor logs`: at most [`HISTORY_LINES`] lines and [`HISTORY_BYTES`] bytes, the
+//! oldest dropped first, each numbered so that a follower asks for what came after the last
+//! line it saw and is told how many it missed.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::ErrorKind;
 use std::io::Read;
@@ -44,6 +51,106 @@ pub const REFILL_PERIOD: Duration = Duration::from_secs(30);
 pub const READ_BUDGET: usize = 64 * 1024;
 /// Most bytes read from the pipes of a service that has ended (more than a pipe holds).
 const DRAIN_LIMIT: usize = 16 << 20;
+/// Lines of a service's history kept for `paravisor logs`...
+pub const HISTORY_LINES: usize = 2000;
+/// ...and at most this many bytes of them (a few hundred typical log lines; 7 services keep
+/// under 2 MiB however long their lines are).
+pub const HISTORY_BYTES: usize = 256 << 10;
+
+/// Where a line of a service's history came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Stdout,
+    Stderr,
+    /// The supervisor's note about the service (started, exited, restarting ...).
+    Paravisor,
+}
+
+impl Source {
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Stdout => "stdout",
+            Source::Stderr => "stderr",
+            Source::Paravisor => "paravisor",
+        }
+    }
+}
+
+/// One line of a service's history: escaped (safe for a terminal), without the tag.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryLine {
+    /// Numbered from 1 per service, never reused.
+    pub seq: u64,
+    pub source: Source,
+    pub text: String,
+}
+
+/// What a `logs` request gets from the history.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HistoryPage {
+    pub lines: Vec<HistoryLine>,
+    /// Lines after the one asked from that are no longer kept (the follower was too slow,
+    /// or asked for more than is kept).
+    pub missed: u64,
+    /// The number of the last line kept so far (0: none yet): where to ask from next.
+    pub last: u64,
+}
+
+/// The bounded history of one service's lines.
+#[derive(Debug, Default)]
+struct History {
+    lines: VecDeque<HistoryLine>,
+    bytes: usize,
+    last: u64,
+}
+
+impl History {
+    fn push(&mut self, source: Source, text: String) {
+        self.last += 1;
+        self.bytes += text.len();
+        self.lines.push_back(HistoryLine {
+            seq: self.last,
+            source,
+            text,
+        });
+        while self.lines.len() > HISTORY_LINES || self.bytes > HISTORY_BYTES {
+            match self.lines.pop_front() {
+                Some(old) => self.bytes -= old.text.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// The lines after number `after` (the last `tail` kept if `after` is `None`), at most
+    /// `max_bytes` of text (at least one line).
+    fn page(&self, after: Option<u64>, tail: usize, max_bytes: usize) -> HistoryPage {
+        let first_kept = self.lines.front().map_or(self.last + 1, |l| l.seq);
+        let from = match after {
+            Some(a) => a.saturating_add(1),
+            None => self.last.saturating_sub(tail as u64) + 1,
+        };
+        let missed = match after {
+            Some(_) => first_kept.saturating_sub(from),
+            None => 0,
+        };
+        let mut lines = Vec::new();
+        let mut bytes = 0;
+        for l in self.lines.iter().filter(|l| l.seq >= from) {
+            if !lines.is_empty() && bytes + l.text.len() > max_bytes {
+                break;
+            }
+            bytes += l.text.len();
+            lines.push(l.clone());
+        }
+        // Nothing (more) to give: everything up to the newest has been given or missed.
+        let last = lines.last().map_or(self.last, |l| l.seq);
+        HistoryPage {
+            lines,
+            missed,
+            last,
+        }
+    }
+}
 
 /// One of a service's two output streams.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,6 +225,7 @@ pub struct ServiceOutput {
     streams: [StreamState; 2],
     dropped: u64,
     unreported: u64,
+    history: History,
 }
 
 impl ServiceOutput {
@@ -137,6 +245,7 @@ impl ServiceOutput {
             streams: [stream(), stream()],
             dropped: 0,
             unreported: 0,
+            history: History::default(),
         }
     }
 
@@ -144,6 +253,17 @@ impl ServiceOutput {
     pub fn with_format(mut self, format: crate::logging::LogFormat) -> ServiceOutput {
         self.format = format;
         self
+    }
+
+    /// Adds the supervisor's own note about the service to its history (not printed: the
+    /// supervisor's log has it already).
+    pub fn note(&mut self, text: impl Into<String>) {
+        self.history.push(Source::Paravisor, text.into());
+    }
+
+    /// The history after line `after`, or its last `tail` lines; at most `max_bytes` of text.
+    pub fn history(&self, after: Option<u64>, tail: usize, max_bytes: usize) -> HistoryPage {
+        self.history.page(after, tail, max_bytes)
     }
 
     /// Takes the read ends of a new start's pipes (non-blocking).
@@ -292,7 +412,8 @@ impl ServiceOutput {
         s.cutting = false;
     }
 
-    /// One line to `out`, tagged and escaped, if the rate limit lets it through.
+    /// One line to `out`, tagged and escaped (or as a JSON line), if the rate limit lets it
+    /// through; into the history, escaped, either way.
     fn emit(&mut self, stream: Stream, text: &[u8], cut: bool, now: Instant, out: &mut Vec<u8>) {
         if !self.streams[stream.index()].bucket.take(now) {
             self.dropped += 1;
@@ -304,29 +425,31 @@ impl ServiceOutput {
         } else {
             text.strip_suffix(b"\r").unwrap_or(text)
         };
-        if self.format == crate::logging::LogFormat::Json {
-            let mut escaped = Vec::new();
-            escape(text, &mut escaped);
-            let stream = match stream {
-                Stream::Stdout => "stdout",
-                Stream::Stderr => "stderr",
-            };
-            let line = crate::logging::service_line_json(
-                &self.name,
-                stream,
-                &String::from_utf8_lossy(&escaped),
-                cut,
-            );
-            out.extend_from_slice(line.as_bytes());
-            out.push(b'\n');
-            return;
-        }
-        out.extend_from_slice(&self.tag);
-        escape(text, out);
-        if cut {
-            out.extend_from_slice(format!(" [cut: longer than {MAX_LINE} bytes]").as_bytes());
+        let mut escaped = Vec::new();
+        escape(text, &mut escaped);
+        // Escaped text is UTF-8.
+        let escaped = String::from_utf8_lossy(&escaped).into_owned();
+        let cut_note = if cut {
+            format!(" [cut: longer than {MAX_LINE} bytes]")
+        } else {
+            String::new()
+        };
+        let (source, name) = match stream {
+            Stream::Stdout => (Source::Stdout, "stdout"),
+            Stream::Stderr => (Source::Stderr, "stderr"),
+        };
+        match self.format {
+            crate::logging::LogFormat::Json => out.extend_from_slice(
+                crate::logging::service_line_json(&self.name, name, &escaped, cut).as_bytes(),
+            ),
+            crate::logging::LogFormat::Text => {
+                out.extend_from_slice(&self.tag);
+                out.extend_from_slice(escaped.as_bytes());
+                out.extend_from_slice(cut_note.as_bytes());
+            }
         }
         out.push(b'\n');
+        self.history.push(source, escaped + &cut_note);
     }
 }
 
@@ -502,6 +625,57 @@ mod tests {
             o.dropped(),
             500 + (BURST_LINES as u64 + 500) - u64::from(BURST_LINES) / 10
         );
+    }
+
+    #[test]
+    fn the_history_keeps_the_last_lines_within_its_bounds_and_numbers_them() {
+        let mut o = ServiceOutput::new("h", 1);
+        let now = Instant::now();
+        lines(&mut o, Stream::Stderr, b"one\n\x1b[2Jtwo\n", now);
+        o.note("restarting in 50ms");
+        lines(&mut o, Stream::Stdout, b"three\n", now);
+        let page = o.history(None, 10, usize::MAX);
+        let got: Vec<(u64, Source, &str)> = page
+            .lines
+            .iter()
+            .map(|l| (l.seq, l.source, l.text.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (1, Source::Stderr, "one"),
+                (2, Source::Stderr, "\\x1b[2Jtwo"),
+                (3, Source::Paravisor, "restarting in 50ms"),
+                (4, Source::Stdout, "three"),
+            ]
+        );
+        assert_eq!((page.missed, page.last), (0, 4));
+        // The last two; what came after line 3; nothing new after 4.
+        assert_eq!(o.history(None, 2, usize::MAX).lines[0].seq, 3);
+        assert_eq!(o.history(Some(3), 0, usize::MAX).lines.len(), 1);
+        let idle = o.history(Some(4), 0, usize::MAX);
+        assert!(idle.lines.is_empty());
+        assert_eq!((idle.missed, idle.last), (0, 4));
+        // A page stops at its byte budget (but holds at least one line).
+        let page = o.history(Some(0), 0, 4);
+        assert_eq!(page.lines.len(), 1);
+        assert_eq!(page.last, 1);
+
+        // Bounded in lines: a flood keeps the newest, and a slow follower learns what it
+        // missed.
+        let flood = "x\n".repeat(HISTORY_LINES + 100);
+        lines(&mut o, Stream::Stderr, flood.as_bytes(), now);
+        let page = o.history(Some(4), 0, usize::MAX);
+        assert_eq!(page.missed, 100);
+        assert_eq!(page.lines.len(), HISTORY_LINES);
+        assert_eq!(page.last, 4 + HISTORY_LINES as u64 + 100);
+        // Bounded in bytes: long lines push out old ones.
+        let long = format!("{}\n", "y".repeat(MAX_LINE));
+        lines(&mut o, Stream::Stderr, long.repeat(100).as_bytes(), now);
+        let kept = o.history(None, usize::MAX, usize::MAX).lines;
+        let bytes: usize = kept.iter().map(|l| l.text.len()).sum();
+        assert!(bytes <= HISTORY_BYTES, "{bytes}");
+        assert!(kept.len() >= HISTORY_BYTES / MAX_LINE - 1);
     }
 
     #[test]

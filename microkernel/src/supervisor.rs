@@ -86,8 +86,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 /// How long one health ping may take.
 const HEALTH_TIMEOUT: Duration = Duration::from_millis(100);
-/// Longest restart back-off after doubling.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Most text one `paravisor logs` reply carries (escaped, so its JSON is at most a few times
+/// that): far below a Unix socket's send buffer, so that writing the reply never waits for
+/// the client, however slowly it reads; a follower asks again for the rest.
+const LOGS_REPLY_BYTES: usize = 32 << 10;
 
 /// Options of `paravisor run`.
 pub struct Options {
@@ -106,8 +108,10 @@ pub struct Options {
     pub keep_running: bool,
     /// The simulated platform's directory (made on first use if a service holds the platform).
     pub platform_dir: PathBuf,
-    /// The launch measurement (what the platform puts in every report).
-    pub measurement: [u8; 48],
+    /// The launch log: its measurement is what the platform puts in every report; its
+    /// paravisor measurement is what sealed keys are bound to. Written to the state
+    /// directory only once the start is not refused.
+    pub launch_log: crate::measure::LaunchLog,
     /// The measured files as sealed memfds: each service's binary (manifest order), executed
     /// instead of the file (none: the files themselves), and the guest's files (which the
     /// guest config already points at; kept open here while the partition loads them).
@@ -261,12 +265,24 @@ struct Service {
     restarts: u32,
     recent: VecDeque<Instant>,
     restart_at: Option<Instant>,
+    /// The delay before the restart pending or last scheduled (its back-off).
+    backoff: Option<Duration>,
+    /// Killed by `paravisor restart`: started again at once when it is reaped, outside the
+    /// restart policy.
+    operator_restart: bool,
     last_exit: Option<String>,
     last_stats: ctl::Stats,
     /// `(slot, /proc link)` of every descriptor the last start granted and the service keeps.
     granted: Vec<(i32, String)>,
     /// When the service last answered a ping.
     last_answer: Instant,
+    /// Since when its silence counts for the watchdog: its last answer, or the last health
+    /// check at which it waited for a server that was not up (see
+    /// [`Supervisor::health_check`]).
+    silence_counted_from: Instant,
+    /// It missed its last health ping while nothing it calls was down: its channels say
+    /// `Unresponsive`.
+    unresponsive: bool,
     /// Why the supervisor itself killed the service, if it did (reported instead of the
     /// bare signal).
     kill_reason: Option<String>,
@@ -316,7 +332,14 @@ pub struct Supervisor {
     /// Sealed keys once unsealed, by (service, key name); handed over like key files.
     unsealed: std::collections::BTreeMap<(usize, String), KeyBytes>,
     sealing: crate::manifest::AttestSettings,
+    /// What the state files are made from ([`Supervisor::write_state`]).
+    manifest: Manifest,
     measurement: [u8; 48],
+    /// What sealed keys are bound to: the paravisor's measurement, without the guest
+    /// ([`crate::measure::LaunchLog::paravisor_measurement`]).
+    sealing_measurement: [u8; 48],
+    /// This launch's log, written to the state directory once the start is not refused.
+    launch_log: crate::measure::LaunchLog,
     sandbox_root: PathBuf,
     log_filter: String,
     services: Vec<Service>,
@@ -352,9 +375,6 @@ impl Supervisor {
             true => Some(open_or_init_platform(&opts.platform_dir)?),
             false => None,
         };
-        for line in crate::state_files::prepare(m, &state).map_err(create_err("state files"))? {
-            tracing::info!("{line}");
-        }
         let enabled =
             crate::listeners::enabled(m, &opts.listen).map_err(|e| create_err("front ends")(e))?;
         let mut services = Vec::new();
@@ -439,10 +459,14 @@ impl Supervisor {
                 restarts: 0,
                 recent: VecDeque::new(),
                 restart_at: None,
+                backoff: None,
+                operator_restart: false,
                 last_exit: None,
                 last_stats: ctl::Stats::default(),
                 granted: Vec::new(),
                 last_answer: Instant::now(),
+                silence_counted_from: Instant::now(),
+                unresponsive: false,
                 kill_reason: None,
                 starting: None,
                 output: ServiceOutput::new(&spec.name, tag_width)
@@ -499,23 +523,6 @@ impl Supervisor {
         };
         let platform_link = match (m.services.iter().position(|s| s.platform), platform) {
             (Some(holder), Some(platform)) => {
-                // The chain, for the attest service (public: a verifier checks it anyway).
-                let chain = crate::platform::chain_pem(&platform)?;
-                let certs = Path::new(PLATFORM_CERTS);
-                // Rewritten only when it differs; whatever is not a regular file of ours (a
-                // link, a FIFO) is replaced, never written through.
-                let same = matches!(
-                    state.read(certs, MAX_CHAIN as u64),
-                    Ok(Some(b)) if b == chain.as_bytes()
-                );
-                if !same {
-                    if let Some(was) = state.replace(certs, chain.as_bytes(), 0o644)? {
-                        tracing::warn!(
-                            "{} was a {was}, not a file of ours: replaced",
-                            state.shown(certs).display()
-                        );
-                    }
-                }
                 let mem = ChannelMemory::create("pv-chan-attest-platform", m.ring_capacity)
                     .map_err(|e| create_err("platform channel")(e.to_string()))?;
                 let view = ipc_defs::hosted::sys::dup_inheritable(mem.shm())
@@ -526,7 +533,7 @@ impl Supervisor {
                     })?;
                 let launch = crate::platform_server::Launch {
                     facts: crate::platform::LaunchFacts {
-                        measurement: opts.measurement,
+                        measurement: opts.launch_log.measurement,
                         policy: crate::platform::POLICY,
                         guest_svn: 0,
                     },
@@ -551,7 +558,10 @@ impl Supervisor {
             platform_link,
             unsealed: std::collections::BTreeMap::new(),
             sealing: m.attest.clone(),
-            measurement: opts.measurement,
+            manifest: m.clone(),
+            measurement: opts.launch_log.measurement,
+            sealing_measurement: opts.launch_log.paravisor_measurement(),
+            launch_log: opts.launch_log.clone(),
             sandbox_root: opts.state_dir.join(".sandbox-root"),
             state_dir: opts.state_dir.clone(),
             log_filter: opts.log_filter.clone(),
@@ -834,7 +844,10 @@ impl Supervisor {
             socket = %socket.display(),
             "starting"
         );
-        if let Err(e) = self.unseal_keys() {
+        if let Err(e) = self.unseal_keys().and_then(|()| self.write_state()) {
+            if let RunError::SealedKey(why) = &e {
+                self.record_refusal(why);
+            }
             self.shutdown();
             let _ = std::fs::remove_file(&socket);
             return Err(e);
@@ -1041,6 +1054,9 @@ impl Supervisor {
         let _signals = sandbox::signalfd(&[libc::SIGINT, libc::SIGTERM])?;
         self.confine()?;
         let result = self.unseal_keys();
+        if let Err(RunError::SealedKey(why)) = &result {
+            self.record_refusal(why);
+        }
         self.shutdown();
         result?;
         if self.unsealed.is_empty() {
@@ -1053,10 +1069,10 @@ impl Supervisor {
             .keys()
             .map(|(i, name)| {
                 format!(
-                    "key \"{name}\" of {}: sealed (policy {}) to launch measurement {}",
+                    "key \"{name}\" of {}: sealed (policy {}) to paravisor measurement {}",
                     self.services[*i].spec.name,
                     self.sealing.sealing.name(),
-                    crate::measure::hex(&self.measurement)
+                    crate::measure::hex(&self.sealing_measurement)
                 )
             })
             .collect())
@@ -1251,10 +1267,27 @@ impl Supervisor {
         if let Some(link) = self.attest_link.as_ref().filter(|l| l.server == i) {
             link.client.memory().set_server_state(ServerState::Up);
         }
+        // Its clients, and theirs, may have waited for it: their silence counts from now,
+        // so that each has its whole watchdog period to finish the call it was blocked in.
+        let now = Instant::now();
+        let mut waiting = vec![i];
+        let mut seen = vec![false; self.services.len()];
+        while let Some(server) = waiting.pop() {
+            for l in self.links.iter().filter(|l| l.server == server) {
+                if !std::mem::replace(&mut seen[l.client], true) {
+                    let c = &mut self.services[l.client];
+                    c.silence_counted_from = c.silence_counted_from.max(now);
+                    waiting.push(l.client);
+                }
+            }
+        }
         let s = &mut self.services[i];
         s.state = State::Running;
         s.last_answer = Instant::now();
+        s.silence_counted_from = s.last_answer;
+        s.unresponsive = false;
         s.kill_reason = None;
+        s.output.note(format!("running (pid {pid})"));
         tracing::info!(service = %s.spec.name, pid, uid = s.privilege.uid, namespaces = ?namespaces.names(), "running");
     }
 
@@ -1579,30 +1612,114 @@ impl Supervisor {
 
     /// The watchdog: pings every running service; one that has not answered for its
     /// manifest's `watchdog` is killed as hung (its death is then handled like any other).
+    ///
+    /// Silence is not counted while the service waits for a server that is not up: one it
+    /// calls is starting, in its restart back-off or not started yet, or is itself silent for
+    /// that reason. A service blocked in a call cannot answer a ping, and killing it would only
+    /// spread one service's fault to its clients (and theirs): a vTPM killed four times while
+    /// the store it writes to sat in a long back-off. Which call it is blocked in cannot be
+    /// seen from here, so any server of its that is down explains its silence; once every
+    /// server is up again it has its whole watchdog period to answer. A service silent while
+    /// its servers are up is marked `Unresponsive` on the channels it serves (its clients may
+    /// stop waiting for it, see `ServerState`) and killed after its period. Services silent
+    /// in a cycle of calls with nothing down explain nothing: each is killed in turn.
     fn health_check(&mut self) {
-        for s in self.services.iter_mut() {
-            if s.state != State::Running || s.kill_reason.is_some() {
+        let now = Instant::now();
+        let mut silent = vec![false; self.services.len()];
+        for (i, s) in self.services.iter_mut().enumerate() {
+            if s.state != State::Running || s.kill_reason.is_some() || s.process.is_none() {
                 continue;
             }
-            let Some(p) = &s.process else { continue };
             match s
                 .control
                 .call(&ctl::Request::Ping { nonce: 0 }, HEALTH_TIMEOUT)
             {
-                Ok(ctl::Response::Pong { .. }) => s.last_answer = Instant::now(),
-                _ => {
-                    let silent = s.last_answer.elapsed();
-                    if silent >= s.spec.watchdog {
-                        let reason = format!(
-                            "unresponsive for {:.1?} (watchdog {}); killed",
-                            silent,
-                            crate::manifest::format_duration(s.spec.watchdog)
-                        );
-                        tracing::error!(service = %s.spec.name, "{reason}");
-                        s.kill_reason = Some(reason);
-                        let _ = sandbox::pidfd_signal(&p.pidfd, libc::SIGKILL);
-                    }
+                Ok(ctl::Response::Pong { .. }) => {
+                    s.last_answer = Instant::now();
+                    s.silence_counted_from = s.last_answer;
                 }
+                _ => silent[i] = true,
+            }
+        }
+        let waiting_for = self.waiting_for_down_servers(&silent);
+        for i in 0..self.services.len() {
+            // Not pinged: not running, or being killed already (its death decides).
+            if self.services[i].state != State::Running || self.services[i].kill_reason.is_some() {
+                continue;
+            }
+            let unresponsive = silent[i] && waiting_for[i].is_none();
+            if unresponsive != self.services[i].unresponsive {
+                self.services[i].unresponsive = unresponsive;
+                let state = if unresponsive {
+                    ServerState::Unresponsive
+                } else {
+                    ServerState::Up
+                };
+                for link in self.links.iter().filter(|l| l.server == i) {
+                    link.mem.set_server_state(state);
+                }
+            }
+            if !silent[i] {
+                continue;
+            }
+            if let Some(j) = waiting_for[i] {
+                let server = self.services[j].spec.name.clone();
+                let s = &mut self.services[i];
+                s.silence_counted_from = now;
+                tracing::debug!(service = %s.spec.name, "silent while {server} is not up: not counted");
+                continue;
+            }
+            let s = &mut self.services[i];
+            let silent_for = now.saturating_duration_since(s.silence_counted_from);
+            if silent_for >= s.spec.watchdog {
+                let reason = format!(
+                    "unresponsive for {:.1?} (watchdog {}); killed",
+                    silent_for,
+                    crate::manifest::format_duration(s.spec.watchdog)
+                );
+                tracing::error!(service = %s.spec.name, "{reason}");
+                s.kill_reason = Some(reason);
+                if let Some(p) = &s.process {
+                    let _ = sandbox::pidfd_signal(&p.pidfd, libc::SIGKILL);
+                }
+            }
+        }
+    }
+
+    /// For each service that is `silent`, the server that is not up (starting, in back-off,
+    /// not started yet) that it waits for, directly or through servers silent for the same
+    /// reason; `None` if its silence is its own.
+    fn waiting_for_down_servers(&self, silent: &[bool]) -> Vec<Option<usize>> {
+        let down = |j: usize| {
+            matches!(
+                self.services[j].state,
+                State::Starting | State::Backoff | State::Waiting
+            )
+        };
+        let mut cause: Vec<Option<usize>> = vec![None; self.services.len()];
+        // Each round explains at least one more service, or ends: at most one round per
+        // service.
+        loop {
+            let mut changed = false;
+            for l in &self.links {
+                let (i, j) = (l.client, l.server);
+                if !silent[i] || cause[i].is_some() || i == j {
+                    continue;
+                }
+                let why = if down(j) {
+                    Some(j)
+                } else if silent[j] {
+                    cause[j]
+                } else {
+                    None
+                };
+                if why.is_some() {
+                    cause[i] = why;
+                    changed = true;
+                }
+            }
+            if !changed {
+                return cause;
             }
         }
     }
@@ -1642,8 +1759,19 @@ impl Supervisor {
         } else {
             tracing::info!(service = %self.services[i].spec.name, "{reason}");
         }
+        self.services[i]
+            .output
+            .note(format!("{reason} after {uptime:.1?}"));
         self.services[i].last_exit = Some(reason);
         self.after_death(i);
+        if std::mem::take(&mut self.services[i].operator_restart) {
+            // `paravisor restart`: at once, outside the policy (and its crash-loop count).
+            let s = &mut self.services[i];
+            s.restart_at = Some(Instant::now());
+            s.backoff = Some(Duration::ZERO);
+            s.state = State::Backoff;
+            return;
+        }
         self.schedule_restart(i, failure);
     }
 
@@ -1681,6 +1809,8 @@ impl Supervisor {
     /// The process of service `i` is gone: move its channels to a new epoch so that peers
     /// stop waiting for it, and drop what it left unread.
     fn after_death(&mut self, i: usize) {
+        // Its channels say `Down` now, whatever the watchdog said of it.
+        self.services[i].unresponsive = false;
         let _ = self.services[i]
             .control
             .memory()
@@ -1772,6 +1902,10 @@ impl Supervisor {
                 crate::manifest::format_duration(window)
             );
             tracing::error!(service = %s.spec.name, "{msg}");
+            s.output.note(format!(
+                "{msg}; `paravisor restart {}` revives it",
+                s.spec.name
+            ));
             s.last_exit = Some(format!(
                 "{}; {msg}",
                 s.last_exit.clone().unwrap_or_default()
@@ -1779,20 +1913,110 @@ impl Supervisor {
             return;
         }
         // The first restart within the window is immediate (a single crash costs the
-        // service's clients no wait); repeated ones back off from `backoff`, doubling.
-        let delay = match s.recent.len() as u32 {
-            0 => Duration::ZERO,
-            n => s
-                .spec
-                .restart
-                .backoff
-                .saturating_mul(1 << (n - 1).min(16))
-                .min(MAX_BACKOFF),
-        };
+        // service's clients no wait); repeated ones back off from `backoff`, doubling up to
+        // `max-backoff` (clients wait for a restarting server rather than fail, so the
+        // ceiling bounds their wait).
+        let delay = s.spec.restart.delay(s.recent.len() as u32);
         s.recent.push_back(now);
         s.restart_at = Some(now + delay);
+        s.backoff = Some(delay);
         s.state = State::Backoff;
+        s.output.note(format!(
+            "restarting in {}",
+            crate::manifest::format_duration(delay)
+        ));
         tracing::info!(service = %s.spec.name, "restarting in {delay:?}");
+    }
+
+    /// `paravisor restart SERVICE`: a running service is killed and started again at once; one
+    /// in its back-off starts now; a failed or stopped one is started again with a fresh
+    /// crash-loop count (its clients wait for it again instead of failing at once). None of
+    /// these counts against its restart policy.
+    fn operator_restart(&mut self, service: &str) -> Reply {
+        let Some(i) = self.services.iter().position(|s| s.spec.name == service) else {
+            return Reply::Error {
+                message: format!("no service named \"{service}\""),
+            };
+        };
+        let s = &mut self.services[i];
+        let was = s.state;
+        let message = match was {
+            State::Waiting => {
+                return Reply::Error {
+                    message: format!(
+                        "service \"{service}\" has not been started yet (the first starts go in manifest order)"
+                    ),
+                }
+            }
+            State::Running | State::Starting => {
+                let Some(p) = &s.process else {
+                    return Reply::Error {
+                        message: format!("service \"{service}\" has no process"),
+                    };
+                };
+                if let Err(e) = sandbox::pidfd_signal(&p.pidfd, libc::SIGKILL) {
+                    return Reply::Error {
+                        message: format!("cannot stop {service}: {e}"),
+                    };
+                }
+                // Its death (reaped as any other) starts it again.
+                s.operator_restart = true;
+                s.kill_reason = Some("restarted by the operator (`paravisor restart`)".into());
+                format!("restarting {service} (pid {} killed)", p.pid)
+            }
+            State::Backoff => {
+                s.restart_at = Some(Instant::now());
+                format!("restarting {service} now (it was in its restart back-off)")
+            }
+            State::Failed | State::Stopped => {
+                s.restart_at = Some(Instant::now());
+                s.backoff = Some(Duration::ZERO);
+                s.state = State::Backoff;
+                // Its clients wait for it again (they stopped waiting when it was given up).
+                for link in self.links.iter().filter(|l| l.server == i) {
+                    link.mem.set_server_state(ServerState::Down);
+                }
+                if let Some(guest) = &self.guest {
+                    for link in guest.links.iter().filter(|l| l.server == i) {
+                        link.mem.set_server_state(ServerState::Down);
+                    }
+                }
+                if let Some(link) = self.attest_link.as_ref().filter(|l| l.server == i) {
+                    link.client.memory().set_server_state(ServerState::Down);
+                }
+                format!("restarting {service} (it was {})", was.name())
+            }
+        };
+        let s = &mut self.services[i];
+        // A fresh crash-loop count: the operator revived it.
+        s.recent.clear();
+        s.output.note(format!("{message}, asked by the operator"));
+        tracing::info!(service = %service, "{message}, asked by the operator");
+        Reply::Done { message }
+    }
+
+    /// `paravisor logs SERVICE`: its recent lines after `after`, or its last `tail`.
+    fn logs(&self, service: &str, after: Option<u64>, tail: usize) -> Reply {
+        let Some(s) = self.services.iter().find(|s| s.spec.name == service) else {
+            return Reply::Error {
+                message: format!("no service named \"{service}\""),
+            };
+        };
+        let page = s.output.history(after, tail, LOGS_REPLY_BYTES);
+        Reply::Logs {
+            lines: page
+                .lines
+                .into_iter()
+                .map(|l| crate::control::LogLine {
+                    seq: l.seq,
+                    source: l.source.name().into(),
+                    text: l.text,
+                })
+                .collect(),
+            missed: page.missed,
+            last: page.last,
+            state: s.state.name().into(),
+        }
     }
 
     fn command(&mut self, cmd: Command) -> Reply {
@@ -1801,6 +2025,12 @@ impl Supervisor {
                 services: self.ps(),
                 guest: self.guest_row(),
             },
+            Command::Restart { service } => self.operator_restart(&service),
+            Command::Logs {
+                service,
+                after,
+                tail,
+            } => self.logs(&service, after, tail),
             Command::Kill { service, signal } => {
                 let Some(s) = self.services.iter().find(|s| s.spec.name == service) else {
                     return Reply::Error {
@@ -1855,7 +2085,8 @@ impl Supervisor {
                     },
                     CONTROL_TIMEOUT * 2,
                 ) {
-                    Ok(ctl::Response::Probe(outcome)) => Reply::Done {
+                    Ok(ctl::Response::Probe(outcome)) => Reply::Probe {
+                        result: crate::control::ProbeResult::of(&outcome),
                         message: probe_text(&service, interface, outcome),
                     },
                     Ok(other) => Reply::Error {
@@ -2219,10 +2450,10 @@ impl Supervisor {
                 })?;
                 let key = self.rotate(path, &KeyBytes(*key), select, Some(&tenant))?;
                 tracing::warn!(
-                    "datastore key of {} released by the key broker at {addr}, rotated and re-sealed (policy {}) to launch measurement {}",
+                    "datastore key of {} released by the key broker at {addr}, rotated and re-sealed (policy {}) to paravisor measurement {}",
                     shown.display(),
                     self.sealing.sealing.name(),
-                    crate::measure::hex(&self.measurement)
+                    crate::measure::hex(&self.sealing_measurement)
                 );
                 Ok(key)
             }
@@ -2322,6 +2553,18 @@ impl Supervisor {
             })
     }
 
+    /// The launch facts a key is sealed to: this launch's, with the paravisor's own
+    /// measurement (the guest it boots is not part of what opens its state).
+    fn sealing_facts(
+        &self,
+        launch: &crate::platform_server::Launch,
+    ) -> crate::platform::LaunchFacts {
+        crate::platform::LaunchFacts {
+            measurement: self.sealing_measurement,
+            ..launch.facts
+        }
+    }
+
     /// The guest-state file `rel` of the state directory, through its descriptor.
     fn guest_state(&self, rel: &Path, write: bool) -> Result<std::fs::File, RunError> {
         let how = if write { Open::ReadWrite } else { Open::Read };
@@ -2331,7 +2574,7 @@ impl Supervisor {
     /// Seals `key` to this platform and launch (in-process); the stored bytes.
     fn seal(&mut self, key: &KeyBytes, select: attest::FieldSelect) -> Result<Vec<u8>, RunError> {
         let (platform, launch) = self.own_platform()?;
-        let sealed = SealedKey::seal(&platform, &launch.facts, &key.0, select)
+        let sealed = SealedKey::seal(&platform, &self.sealing_facts(&launch), &key.0, select)
             .map_err(|e| RunError::SealedKey(format!("sealing the datastore key: {e}")))?;
         Ok(sealed.to_bytes().to_vec())
     }
@@ -2353,7 +2596,7 @@ impl Supervisor {
             }
         };
         let (platform, launch) = self.own_platform()?;
-        match sealed.unseal(&platform, &launch.facts) {
+        match sealed.unseal(&platform, &self.sealing_facts(&launch)) {
             Some(k) => {
                 let key = KeyBytes(*k);
                 tracing::info!(
@@ -2374,15 +2617,17 @@ impl Supervisor {
     /// Keeps the launch log of the run that sealed a key (`sealed-launch-log.json`), so that a
     /// later refusal can say what changed.
     fn keep_sealing_log(&self) {
-        let to = Path::new(SEALED_LAUNCH_LOG);
-        let kept = self
-            .state
-            .read(Path::new(LAUNCH_LOG), MAX_LAUNCH_LOG)
-            .and_then(|log| {
-                let log = log.ok_or_else(|| crate::owned_dir::DirError::Missing {
-                    subject: format!("file {}", self.state.shown(Path::new(LAUNCH_LOG)).display()),
-                })?;
-                self.state.replace(to, &log, 0o644)
+        self.write_log(Path::new(SEALED_LAUNCH_LOG), &self.launch_log);
+    }
+
+    /// Writes a launch log into the state directory (public: 0644); a failure is logged.
+    fn write_log(&self, to: &Path, log: &crate::measure::LaunchLog) {
+        let kept = serde_json::to_vec_pretty(log)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                self.state
+                    .replace(to, &bytes, 0o644)
+                    .map_err(|e| e.to_string())
             });
         match kept {
             Ok(None) => {}
@@ -2390,84 +2635,113 @@ impl Supervisor {
                 "{} was a {was}, not a file of ours: replaced",
                 self.state.shown(to).display()
             ),
-            Err(e) => tracing::warn!("{} not kept: {e}", self.state.shown(to).display()),
+            Err(e) => tracing::warn!("{} not written: {e}", self.state.shown(to).display()),
         }
     }
 
     /// What differs between the launch log of the run that sealed (if kept and it matches
-    /// `sealed_to`) and this run's.
-    fn launch_changes(&self, sealed_to: &[u8; 48]) -> Option<String> {
-        // Files of the (untrusted) state directory: bounded, and only a hint for the operator.
-        let read = |name: &str| -> Option<crate::measure::LaunchLog> {
-            let bytes = self.state.read(Path::new(name), MAX_LAUNCH_LOG).ok()??;
-            let log: crate::measure::LaunchLog = serde_json::from_slice(&bytes).ok()?;
-            (log.entries.len() <= 4096).then_some(log)
-        };
-        let then = read(SEALED_LAUNCH_LOG).filter(|l| &l.measurement == sealed_to)?;
-        let now = read(LAUNCH_LOG)?;
-        let key = |e: &crate::measure::Entry| (e.kind.name().to_string(), e.name.clone());
-        // "service net (pv-net)", "manifest", "guest-image kernel".
-        let label = |e: &crate::measure::Entry| {
-            if e.name == e.kind.name() {
-                e.name.clone()
-            } else {
-                format!("{} {}", e.kind.name(), e.name)
+    /// `sealed_to`) and this run's paravisor.
+    fn launch_changes(&self, sealed_to: &[u8; 48]) -> Option<Vec<String>> {
+        // A file of the (untrusted) state directory: bounded, and only a hint for the operator.
+        let bytes = self
+            .state
+            .read(Path::new(SEALED_LAUNCH_LOG), MAX_LAUNCH_LOG)
+            .ok()??;
+        let then: crate::measure::LaunchLog = serde_json::from_slice(&bytes).ok()?;
+        if then.entries.len() > 4096 || &then.paravisor_measurement() != sealed_to {
+            return None;
+        }
+        let changes = crate::measure::paravisor_changes(&then, &self.launch_log);
+        (!changes.is_empty()).then_some(changes)
+    }
+
+    /// After a refused start: `refused/` of the state directory holds the refused launch's
+    /// log and why (the only thing a refused start writes).
+    fn record_refusal(&self, why: &str) {
+        let dir = match self.state.subdir(Path::new(REFUSED_DIR), true) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!("refusal not recorded in {REFUSED_DIR}/: {e}");
+                return;
             }
         };
-        let mut changes = Vec::new();
-        for e in &now.entries {
-            match then.entries.iter().find(|t| key(t) == key(e)) {
-                None => changes.push(format!("{} is new", label(e))),
-                Some(t) if t.sha384 != e.sha384 || t.length != e.length => changes.push(format!(
-                    "{} changed ({} -> {} bytes, SHA-384 {}.. -> {}..)",
-                    label(e),
-                    t.length,
-                    e.length,
-                    &crate::measure::hex(&t.sha384)[..12],
-                    &crate::measure::hex(&e.sha384)[..12]
-                )),
-                Some(_) => {}
+        let log = serde_json::to_vec_pretty(&self.launch_log).unwrap_or_default();
+        for (name, bytes) in [(LAUNCH_LOG, log), ("reason.txt", format!("{why}\n").into_bytes())] {
+            if let Err(e) = dir.replace(Path::new(name), &bytes, 0o644) {
+                tracing::warn!("{} not written: {e}", dir.shown(Path::new(name)).display());
             }
         }
-        for t in &then.entries {
-            if !now.entries.iter().any(|e| key(e) == key(t)) {
-                changes.push(format!("{} is gone", label(t)));
+    }
+
+    /// Once the start is not refused: the launch log (for the attest service and readers),
+    /// the platform's chain, and the state files the manifest creates when missing.
+    fn write_state(&mut self) -> Result<(), RunError> {
+        self.write_log(Path::new(LAUNCH_LOG), &self.launch_log);
+        if let Some(link) = &self.platform_link {
+            // The chain, for the attest service (public: a verifier checks it anyway).
+            let chain = crate::platform::chain_pem(&link.platform)?;
+            let certs = Path::new(PLATFORM_CERTS);
+            // Rewritten only when it differs; whatever is not a regular file of ours (a
+            // link, a FIFO) is replaced, never written through.
+            let same = matches!(
+                self.state.read(certs, MAX_CHAIN as u64),
+                Ok(Some(b)) if b == chain.as_bytes()
+            );
+            if !same {
+                if let Some(was) = self.state.replace(certs, chain.as_bytes(), 0o644)? {
+                    tracing::warn!(
+                        "{} was a {was}, not a file of ours: replaced",
+                        self.state.shown(certs).display()
+                    );
+                }
             }
         }
-        if changes.is_empty() {
-            changes.push("the order of the launch changed".into());
+        for line in crate::state_files::prepare(&self.manifest, &self.state)
+            .map_err(create_err("state files"))?
+        {
+            tracing::info!("{line}");
         }
-        Some(changes.join("; "))
+        Ok(())
     }
 
     /// Why a stored key did not unseal, and what the operator can do.
     fn unseal_refusal(&self, path: &Path, sealed: &SealedKey) -> String {
         let file = path.display();
-        if sealed.select.measurement && sealed.measurement != self.measurement {
+        let refused = self.state.shown(Path::new(REFUSED_DIR));
+        if sealed.select.measurement && sealed.measurement != self.sealing_measurement {
             let what = match self.launch_changes(&sealed.measurement) {
-                Some(changes) => format!("What changed since the sealing run ({SEALED_LAUNCH_LOG} vs launch-log.json): {changes}."),
-                None => "Something it measures changed since (a service binary, the manifest, the guest image or command line: compare `paravisor measure --json` with the launch log of the run that sealed it).".into(),
+                Some(changes) => format!(
+                    "What changed since the sealing run ({SEALED_LAUNCH_LOG} vs this launch):\n{}",
+                    changes.iter().map(|c| format!("  - {c}\n")).collect::<String>()
+                ),
+                None => "Something it measures changed since (the microkernel, a service binary or library, the measured configuration: compare `paravisor measure --json` with the launch log of the run that sealed it).\n".into(),
             };
             format!(
-                "refusing to start: the datastore key of guest-state file {file} is sealed under policy \"measurement\" to launch measurement {} (as its header says), but this paravisor measures {}. {what} \
-                 To start this build with that state: release the key through a key broker (`[attest] key-release`, `paravisor kbs serve`), which re-seals it to the new measurement; or start the build that sealed it. \
-                 To start afresh instead, move {file} away (its contents cannot be read without the key).",
+                "refusing to start: the datastore key of guest-state file {file} is sealed under policy \"measurement\" to paravisor measurement {} (as its header says), but this paravisor measures {}.\n{what}\
+                 Three ways out:\n\
+                 \x20 1. key release: a key broker whose policy accepts this launch (`paravisor kbs serve`), named by `[attest] key-release-id` (and its address, `key-release`): the start re-seals the key to this measurement;\n\
+                 \x20 2. `paravisor vmgs reseal` (with key release configured): the same, offline, before starting;\n\
+                 \x20 3. a new state directory (`--state-dir NEW`): a fresh start; {file} cannot be read without its key (move it away to start afresh here).\n\
+                 Or start the build and configuration that sealed it. Nothing was written but {} (this launch's log and this message).",
                 crate::measure::hex(&sealed.measurement),
-                crate::measure::hex(&self.measurement)
+                crate::measure::hex(&self.sealing_measurement),
+                refused.display()
             )
         } else {
             format!(
                 "refusing to start: the datastore key of guest-state file {file} does not unseal on this platform (sealed under policy \"{}\"{}): it was sealed by another platform (another --platform-dir or chip secret), or its HW_KEY_PROTECTOR was altered. \
-                 Use the platform that sealed it, release the key through a key broker (`[attest] key-release`), or move {file} away to start afresh.",
+                 Use the platform that sealed it, release the key through a key broker (`[attest] key-release-id`, `paravisor vmgs reseal`), or start afresh with a new state directory (`--state-dir NEW`, or move {file} away). Nothing was written but {}.",
                 if sealed.select.measurement { "measurement" } else { "platform" },
                 if sealed.select.measurement {
                     format!(", measurement {} = this one", &crate::measure::hex(&sealed.measurement)[..16])
                 } else {
                     String::new()
-                }
+                },
+                refused.display()
             )
         }
     }
+
 
     /// Platform requests of service `i` refused as reserved to the microkernel.
     fn platform_refusals(&self, i: usize) -> u64 {
@@ -2536,6 +2810,11 @@ impl Supervisor {
                         .find(|l| l.server == i)
                         .map(|l| l.exits.load(std::sync::atomic::Ordering::Relaxed))
                 }),
+                backoff_ms: s.backoff.map(|d| d.as_millis() as u64),
+                restart_in_ms: s
+                    .restart_at
+                    .map(|t| t.saturating_duration_since(Instant::now()).as_millis() as u64),
+                unresponsive: s.unresponsive,
             });
         }
         rows
@@ -2596,6 +2875,7 @@ impl Supervisor {
                 open_files: s.spec.limits.open_files,
                 descriptors: Vec::new(),
                 code: s.code.iter().map(|(_, _, path)| path.clone()).collect(),
+                listening: s.listeners.iter().map(|b| b.listening()).collect(),
             };
             expect.descriptors = s.granted.clone();
             for what in check_process(p.pid, &expect)
@@ -2714,6 +2994,8 @@ pub const PLATFORM_CERTS: &str = "platform-certs.pem";
 pub const SEALED_LAUNCH_LOG: &str = "sealed-launch-log.json";
 /// This run's launch log, in the state directory.
 pub const LAUNCH_LOG: &str = "launch-log.json";
+/// Where a refused start leaves its launch log and reason (in the state directory).
+pub const REFUSED_DIR: &str = "refused";
 /// Largest launch log read back from the state directory.
 const MAX_LAUNCH_LOG: u64 = 1 << 20;
 
@@ -2883,6 +3165,9 @@ pub struct ExpectedProcess {
     /// The files it may map besides memfds: the sandbox paths of its measured loader and
     /// libraries.
     pub code: Vec<String>,
+    /// Its listeners: it may hold connections accepted from them too
+    /// ([`crate::listeners::accepted_sockets`]).
+    pub listening: Vec<crate::listeners::Listening>,
 }
 
 /// Why a freshly started service is not sandboxed as it must be, if it is not: the first of
@@ -2932,6 +3217,8 @@ pub fn check_process(pid: i32, expect: &ExpectedProcess) -> Vec<String> {
     }
     match std::fs::read_dir(format!("/proc/{pid}/fd")) {
         Ok(dir) => {
+            // Read after its descriptors are listed: a connection it holds is in the tables.
+            let mut accepted_sockets = None;
             for entry in dir.flatten() {
                 let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
                     continue;
@@ -2939,8 +3226,25 @@ pub fn check_process(pid: i32, expect: &ExpectedProcess) -> Vec<String> {
                 let target = std::fs::read_link(entry.path())
                     .map(|t| t.display().to_string())
                     .unwrap_or_default();
+                let accepted = target
+                    .strip_prefix("socket:[")
+                    .and_then(|t| t.strip_suffix(']'))
+                    .and_then(|i| i.parse::<u64>().ok())
+                    .is_some_and(|i| {
+                        // Read again on a miss: it may have accepted since the last read.
+                        let known = accepted_sockets
+                            .as_ref()
+                            .is_some_and(|s: &std::collections::BTreeSet<u64>| s.contains(&i));
+                        known || {
+                            let now = crate::listeners::accepted_sockets(&expect.listening);
+                            let found = now.contains(&i);
+                            accepted_sockets = Some(now);
+                            found
+                        }
+                    });
                 match expect.descriptors.iter().find(|(slot, _)| *slot == fd) {
                     Some((_, want)) if &target == want => {}
+                    _ if accepted => {}
                     Some((_, want)) => out.push(format!(
                         "descriptor {fd} is {target}, but the manifest grants {want} there"
                     )),

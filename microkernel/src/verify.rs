@@ -239,13 +239,61 @@ pub fn check_raw_signature(vcek_der: &[u8], report: &[u8]) -> Result<(), VerifyE
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Claims {
     pub version: u32,
+    /// A 64-bit field: in JSON a hex string, since JSON numbers above 2^53 lose bits in
+    /// most readers.
+    #[serde(serialize_with = "hex_u64")]
     pub policy: u64,
     pub vmpl: u32,
     pub measurement: String,
     pub report_data: String,
     pub host_data: String,
     pub chip_id: String,
+    /// A 64-bit field (microcode SPL in its top byte): in JSON a hex string.
+    #[serde(serialize_with = "hex_u64")]
     pub reported_tcb: u64,
+}
+
+/// A 64-bit value as `0x` and 16 hex digits.
+fn hex_u64<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{v:#018x}"))
+}
+
+/// One check a verification made, and its result (`attest verify --json` lists them).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    /// What was found (and, for a failed check, why it is refused).
+    pub detail: String,
+}
+
+/// Everything a verification did: the checks in the order they were made (the last one
+/// failed if the verification did), and the claims if every check passed.
+#[derive(Debug)]
+pub struct Verification {
+    pub checks: Vec<Check>,
+    pub outcome: Result<Claims, VerifyError>,
+}
+
+/// Records each check as it is made.
+#[derive(Default)]
+struct Checks(Vec<Check>);
+
+impl Checks {
+    /// Records `result` under `name`: `detail` of the value if it passed, the error if not.
+    fn record<T>(
+        &mut self,
+        name: &'static str,
+        result: Result<T, VerifyError>,
+        detail: impl FnOnce(&T) -> String,
+    ) -> Result<T, VerifyError> {
+        let (ok, detail) = match &result {
+            Ok(v) => (true, detail(v)),
+            Err(e) => (false, e.to_string()),
+        };
+        self.0.push(Check { name, ok, detail });
+        result
+    }
 }
 
 /// The largest certificate file a verifier reads (AMD's are under 3 KiB).
@@ -305,6 +353,12 @@ fn certificate(dir: &Path, file: &str) -> Result<(Certificate, Vec<u8>), VerifyE
 /// Parses a report from untrusted bytes: size, zero reserved bytes, then the sev crate's
 /// decoder.
 pub fn parse_report(report: &[u8]) -> Result<AttestationReport, VerifyError> {
+    check_reserved(report)?;
+    decode_report(report)
+}
+
+/// The report's size, and that every reserved byte of its version is zero; its version.
+fn check_reserved(report: &[u8]) -> Result<u32, VerifyError> {
     if report.len() != REPORT_LEN {
         return Err(VerifyError::ReportSize(report.len()));
     }
@@ -321,6 +375,11 @@ pub fn parse_report(report: &[u8]) -> Result<AttestationReport, VerifyError> {
             return Err(VerifyError::Reserved { start, end });
         }
     }
+    Ok(version)
+}
+
+/// The sev crate's decoder.
+fn decode_report(report: &[u8]) -> Result<AttestationReport, VerifyError> {
     <AttestationReport as ByteParser<()>>::from_bytes(report)
         .map_err(|e| VerifyError::ReportFormat(e.to_string()))
 }
@@ -388,68 +447,168 @@ pub fn verify(
     expected_measurement: Option<&[u8; 48]>,
     expected_report_data: Option<&[u8; 64]>,
 ) -> Result<Claims, VerifyError> {
-    let pinned = normalize_fingerprint(ark_pin);
-    if pinned.len() != 64 || !pinned.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(VerifyError::BadPin(ark_pin.to_string()));
+    verify_checked(
+        report,
+        certs,
+        ark_pin,
+        expected_measurement,
+        expected_report_data,
+    )
+    .outcome
+}
+
+/// [`verify`], with the list of checks it made (up to the first that failed).
+pub fn verify_checked(
+    report: &[u8],
+    certs: &Path,
+    ark_pin: &str,
+    expected_measurement: Option<&[u8; 48]>,
+    expected_report_data: Option<&[u8; 64]>,
+) -> Verification {
+    let mut checks = Checks::default();
+    let outcome = run_checks(
+        &mut checks,
+        report,
+        certs,
+        ark_pin,
+        expected_measurement,
+        expected_report_data,
+    );
+    Verification {
+        checks: checks.0,
+        outcome,
     }
-    let (ark, ark_der) = certificate(certs, crate::platform::ARK_PEM)?;
-    let found = hex(&sha2::Sha256::digest(&ark_der));
-    if found != pinned {
-        return Err(VerifyError::ArkFingerprint { found, pinned });
-    }
-    let (ask, _) = certificate(certs, crate::platform::ASK_PEM)?;
-    let (vcek, vcek_der) = certificate(certs, crate::platform::VCEK_PEM)?;
+}
+
+fn run_checks(
+    checks: &mut Checks,
+    report: &[u8],
+    certs: &Path,
+    ark_pin: &str,
+    expected_measurement: Option<&[u8; 48]>,
+    expected_report_data: Option<&[u8; 64]>,
+) -> Result<Claims, VerifyError> {
+    let ark = (|| {
+        let pinned = normalize_fingerprint(ark_pin);
+        if pinned.len() != 64 || !pinned.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(VerifyError::BadPin(ark_pin.to_string()));
+        }
+        let (ark, ark_der) = certificate(certs, crate::platform::ARK_PEM)?;
+        let found = hex(&sha2::Sha256::digest(&ark_der));
+        if found != pinned {
+            return Err(VerifyError::ArkFingerprint { found, pinned });
+        }
+        Ok((ark, pinned))
+    })();
+    let (ark, _) = checks.record("ark-fingerprint", ark, |(_, pinned)| {
+        format!("the ARK's SHA-256 is the pinned {pinned}")
+    })?;
+    let (ask, vcek, vcek_der) = checks.record(
+        "certificates",
+        (|| {
+            let (ask, _) = certificate(certs, crate::platform::ASK_PEM)?;
+            let (vcek, vcek_der) = certificate(certs, crate::platform::VCEK_PEM)?;
+            Ok((ask, vcek, vcek_der))
+        })(),
+        |_| "ask.pem and vcek.pem are certificates".into(),
+    )?;
     let chain = Chain {
         ca: ca::Chain { ark, ask },
         vek: vcek,
     };
     // Link by link first, so that a refusal names the certificate that does not fit; then
     // the sev crate's whole-chain check.
-    for (signer, signee, what) in [
-        (&chain.ca.ark, &chain.ca.ark, "the ARK is not self-signed"),
+    for (signer, signee, name, what) in [
+        (
+            &chain.ca.ark,
+            &chain.ca.ark,
+            "ark-self-signed",
+            "the ARK is not self-signed",
+        ),
         (
             &chain.ca.ark,
             &chain.ca.ask,
+            "ask-signed-by-ark",
             "the ASK is not signed by the ARK",
         ),
         (
             &chain.ca.ask,
             &chain.vek,
+            "vcek-signed-by-ask",
             "the VCEK is not signed by the ASK",
         ),
     ] {
-        (signer, signee)
+        let link = (signer, signee)
             .verify()
-            .map_err(|e| VerifyError::Chain(format!("{what} ({e})")))?;
+            .map_err(|e| VerifyError::Chain(format!("{what} ({e})")));
+        checks.record(name, link, |_| "signature valid".into())?;
     }
-    (&chain)
-        .verify()
-        .map_err(|e| VerifyError::Chain(e.to_string()))?;
-    if report.len() != REPORT_LEN {
-        return Err(VerifyError::ReportSize(report.len()));
-    }
+    checks.record(
+        "chain",
+        (&chain)
+            .verify()
+            .map_err(|e| VerifyError::Chain(e.to_string())),
+        |_| "ARK -> ASK -> VCEK verifies (sev crate)".into(),
+    )?;
+    checks.record(
+        "report-size",
+        if report.len() == REPORT_LEN {
+            Ok(())
+        } else {
+            Err(VerifyError::ReportSize(report.len()))
+        },
+        |_| format!("{REPORT_LEN} bytes"),
+    )?;
     // The signature first: a tampered report is named as such, whatever field was changed.
-    check_raw_signature(&vcek_der, report)?;
-    let parsed = parse_report(report)?;
-    (&chain, &parsed)
-        .verify()
-        .map_err(|e| VerifyError::Signature(e.to_string()))?;
-    check_vcek_facts(&vcek_der, &parsed)?;
+    checks.record("signature", check_raw_signature(&vcek_der, report), |_| {
+        format!(
+            "ECDSA P-384 over bytes 0..{:#x} verifies with the VCEK",
+            crate::platform::SIGNED_LEN
+        )
+    })?;
+    let version = checks.record("reserved-bytes", check_reserved(report), |_| {
+        "every reserved byte of the report's version is zero".into()
+    })?;
+    let parsed = checks.record("report-format", decode_report(report), |_| {
+        format!("version {version} report decodes (sev crate)")
+    })?;
+    checks.record(
+        "signature-sev",
+        (&chain, &parsed)
+            .verify()
+            .map_err(|e| VerifyError::Signature(e.to_string())),
+        |_| "the sev crate's check of the parsed report agrees".into(),
+    )?;
+    checks.record(
+        "vcek-tcb-and-chip",
+        check_vcek_facts(&vcek_der, &parsed),
+        |_| {
+            "the report's TCB and chip id are those the VCEK certifies (where it names them)".into()
+        },
+    )?;
     if let Some(m) = expected_measurement {
-        if parsed.measurement != *m {
-            return Err(VerifyError::Measurement {
+        let result = if parsed.measurement == *m {
+            Ok(())
+        } else {
+            Err(VerifyError::Measurement {
                 found: hex(&parsed.measurement),
                 expected: hex(m),
-            });
-        }
+            })
+        };
+        checks.record("measurement", result, |_| format!("{} as expected", hex(m)))?;
     }
     if let Some(d) = expected_report_data {
-        if parsed.report_data != *d {
-            return Err(VerifyError::ReportData {
+        let result = if parsed.report_data == *d {
+            Ok(())
+        } else {
+            Err(VerifyError::ReportData {
                 found: hex(&parsed.report_data),
                 expected: hex(d),
-            });
-        }
+            })
+        };
+        checks.record("report-data", result, |_| {
+            format!("{} as expected (the nonce)", hex(d))
+        })?;
     }
     Ok(Claims {
         version: parsed.version,
@@ -461,6 +620,40 @@ pub fn verify(
         chip_id: hex(&parsed.chip_id),
         reported_tcb: u64::from_le_bytes(report[0x180..0x188].try_into().unwrap_or([0; 8])),
     })
+}
+
+/// The references a verification was not given, each as a failed check that says what is
+/// left unproven: without a measurement the report does not say what was launched, without
+/// a nonce (or with an empty one) not when. `attest verify` warns of them, and with
+/// `--strict` refuses the report for them.
+pub fn missing_references(measurement_given: bool, nonce: Option<&[u8]>) -> Vec<Check> {
+    let mut missing = Vec::new();
+    if !measurement_given {
+        missing.push(Check {
+            name: "measurement",
+            ok: false,
+            detail: "no reference measurement was given (--manifest, --launch-log or \
+                     --expected-measurement): the report is genuine, but what it measured was \
+                     not checked"
+                .into(),
+        });
+    }
+    let nonce = match nonce {
+        None => Some("no --nonce was given: the report's freshness was not checked"),
+        Some([]) => Some(
+            "the --nonce given is empty: report_data was checked to be all zeros, which \
+             proves no freshness",
+        ),
+        Some(_) => None,
+    };
+    if let Some(why) = nonce {
+        missing.push(Check {
+            name: "nonce",
+            ok: false,
+            detail: why.into(),
+        });
+    }
+    missing
 }
 
 /// `report_data` for a nonce: the nonce itself, zero-padded, when it fits in 64 bytes; its
@@ -546,5 +739,46 @@ mod tests {
             verify(&[0; REPORT_LEN], dir, "abc", None, None),
             Err(VerifyError::BadPin(_))
         ));
+        // The refusal is the last check listed.
+        let v = verify_checked(&[0; REPORT_LEN], dir, "abc", None, None);
+        assert_eq!(
+            v.checks.iter().map(|c| (c.name, c.ok)).collect::<Vec<_>>(),
+            [("ark-fingerprint", false)]
+        );
+        assert!(v.checks[0].detail.contains("abc"), "{:?}", v.checks);
+    }
+
+    #[test]
+    fn missing_references_name_what_a_genuine_report_does_not_prove() {
+        let names = |v: Vec<Check>| v.into_iter().map(|c| c.name).collect::<Vec<_>>();
+        assert!(names(missing_references(true, Some(b"n"))).is_empty());
+        assert_eq!(
+            names(missing_references(false, Some(b"n"))),
+            ["measurement"]
+        );
+        assert_eq!(names(missing_references(true, None)), ["nonce"]);
+        assert_eq!(names(missing_references(true, Some(b""))), ["nonce"]);
+        assert_eq!(
+            names(missing_references(false, None)),
+            ["measurement", "nonce"]
+        );
+    }
+
+    #[test]
+    fn sixty_four_bit_claims_are_hex_strings_in_json() {
+        let claims = Claims {
+            version: 2,
+            policy: 0x30000,
+            vmpl: 0,
+            measurement: String::new(),
+            report_data: String::new(),
+            host_data: String::new(),
+            chip_id: String::new(),
+            reported_tcb: 0x7308_0000_0000_0003,
+        };
+        let v = serde_json::to_value(&claims).unwrap();
+        assert_eq!(v["reported_tcb"], "0x7308000000000003");
+        assert_eq!(v["policy"], "0x0000000000030000");
+        assert_eq!(v["version"], 2);
     }
 }

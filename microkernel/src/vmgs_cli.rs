@@ -1,9 +1,8 @@
 //! `paravisor vmgs ...`: VMGS file tools with the reference `vmgstool`'s command names,
 //! options and exit codes, on top of the `pv_vmgs` format library.
 //!
-//! Exit codes: 0 success, 1 error, 2 not encrypted, 3 empty file, 4 file id not allocated,
-//! 5 version 1 file. As with the reference tool, a command-line usage error also exits 2
-//! (clap's convention).
+//! Exit codes ([`exit`]): the reference tool's, which automation relies on, and 64 for a
+//! command-line usage error (clap's 2 would read as "not encrypted").
 
 use std::fs::File;
 use std::fs::OpenOptions;
@@ -23,6 +22,29 @@ use pv_vmgs::FileId;
 use pv_vmgs::FileStorage;
 use pv_vmgs::Key;
 use pv_vmgs::Vmgs;
+
+/// The exit codes of `paravisor vmgs`: the reference vmgstool's (its `ExitCode`), and one of
+/// ours for usage errors that none of its codes means.
+pub mod exit {
+    /// Any other error.
+    pub const ERROR: u8 = 1;
+    /// `query-encryption` of a plain file, or a key given for one.
+    pub const NOT_ENCRYPTED: u8 = 2;
+    /// A zero-length file, or one with no header written.
+    pub const EMPTY: u8 = 3;
+    /// The file id is not allocated.
+    pub const NOT_FOUND: u8 = 4;
+    /// A VMGS version 1 file.
+    pub const V1_FORMAT: u8 = 5;
+    /// `query-encryption`: encrypted, with VM_UNIQUE_ID but no KEY_PROTECTOR (the
+    /// reference's "GspById").
+    pub const GSP_BY_ID: u8 = 6;
+    /// `query-encryption`: encrypted, with neither KEY_PROTECTOR nor VM_UNIQUE_ID (the
+    /// reference's "unknown encryption scheme").
+    pub const GSP_UNKNOWN: u8 = 7;
+    /// The command line is wrong (sysexits' EX_USAGE).
+    pub const USAGE: u8 = 64;
+}
 
 /// The subcommands.
 #[derive(Subcommand, Debug)]
@@ -119,7 +141,8 @@ pub enum VmgsCmd {
         #[command(flatten)]
         alg: Alg,
     },
-    /// Remove a file id.
+    /// Remove a file id (no key needed, as with the reference tool: on an encrypted file
+    /// without -k only the file table changes).
     Delete {
         #[command(flatten)]
         file: FileArg,
@@ -200,11 +223,11 @@ struct Failure {
 impl Failure {
     fn new(path: &Path, e: Error) -> Failure {
         let code = match e {
-            Error::NotEncrypted => 2,
-            Error::Empty => 3,
-            Error::NotFound(_) => 4,
-            Error::V1Format => 5,
-            _ => 1,
+            Error::NotEncrypted => exit::NOT_ENCRYPTED,
+            Error::Empty => exit::EMPTY,
+            Error::NotFound(_) => exit::NOT_FOUND,
+            Error::V1Format => exit::V1_FORMAT,
+            _ => exit::ERROR,
         };
         let hint = match e {
             Error::NeedsKey => " (give the datastore key with -k)",
@@ -236,11 +259,13 @@ pub fn run(cmd: VmgsCmd) -> ExitCode {
 }
 
 fn read_key(path: &Path) -> Result<Key, Failure> {
-    let fail = |e: std::io::Error| Failure::other(1, format!("key file {}: {e}", path.display()));
+    let fail = |e: std::io::Error| {
+        Failure::other(exit::ERROR, format!("key file {}: {e}", path.display()))
+    };
     let len = std::fs::metadata(path).map_err(fail)?.len();
     if len != 32 {
         return Err(Failure::other(
-            1,
+            exit::ERROR,
             format!(
                 "key file {} is {len} bytes; a datastore key is exactly 32 bytes",
                 path.display()
@@ -250,7 +275,7 @@ fn read_key(path: &Path) -> Result<Key, Failure> {
     let bytes = std::fs::read(path).map_err(fail)?;
     let key = Key::from_slice(&bytes).ok_or_else(|| {
         Failure::other(
-            1,
+            exit::ERROR,
             format!(
                 "key file {} is {} bytes; a datastore key is exactly 32 bytes",
                 path.display(),
@@ -271,7 +296,7 @@ fn open_file(path: &Path, write: bool) -> Result<FileStorage, Failure> {
         .read(true)
         .write(write)
         .open(path)
-        .map_err(|e| Failure::other(1, format!("{}: {e}", path.display())))?;
+        .map_err(|e| Failure::other(exit::ERROR, format!("{}: {e}", path.display())))?;
     Ok(FileStorage::new(file))
 }
 
@@ -292,9 +317,14 @@ fn parse_image_size(text: Option<&str>) -> Result<u64, Failure> {
         Some(hex) => u64::from_str_radix(hex, 16).ok(),
         None => crate::manifest::parse_size(t),
     };
-    let size = parsed
-        .ok_or_else(|| Failure::other(1, format!("file size \"{text}\" is not a size in bytes")))?;
-    vhd::check_image_size(size).map_err(|e| Failure::other(1, format!("file size: {e}")))?;
+    let size = parsed.ok_or_else(|| {
+        Failure::other(
+            exit::ERROR,
+            format!("file size \"{text}\" is not a size in bytes"),
+        )
+    })?;
+    vhd::check_image_size(size)
+        .map_err(|e| Failure::other(exit::ERROR, format!("file size: {e}")))?;
     Ok(size)
 }
 
@@ -312,10 +342,13 @@ fn dispatch(cmd: VmgsCmd) -> Outcome {
                 (Some(k), Some("AES_GCM")) => Some(k),
                 (None, None | Some("NONE")) => None,
                 (Some(_), _) => {
-                    return Err(Failure::other(1, "-k needs -e AES_GCM".into()));
+                    return Err(Failure::other(exit::ERROR, "-k needs -e AES_GCM".into()));
                 }
                 (None, Some(_)) => {
-                    return Err(Failure::other(1, "-e AES_GCM needs a key file (-k)".into()));
+                    return Err(Failure::other(
+                        exit::ERROR,
+                        "-e AES_GCM needs a key file (-k)".into(),
+                    ));
                 }
             };
             create(&file.path, size, key.as_ref(), force)
@@ -328,8 +361,9 @@ fn dispatch(cmd: VmgsCmd) -> Outcome {
             allow_overwrite,
         } => {
             let key = opt_key(&key)?;
-            let contents = std::fs::read(&data)
-                .map_err(|e| Failure::other(1, format!("data file {}: {e}", data.display())))?;
+            let contents = std::fs::read(&data).map_err(|e| {
+                Failure::other(exit::ERROR, format!("data file {}: {e}", data.display()))
+            })?;
             let mut vmgs = open(&file.path, key.as_ref(), true)?;
             if vmgs.file_info(id.id).is_ok_and(|f| f.size > 0) && !allow_overwrite {
                 return Err(Failure::new(&file.path, Error::Exists(id.id)));
@@ -361,25 +395,21 @@ fn dispatch(cmd: VmgsCmd) -> Outcome {
             let info = vmgs
                 .file_info(id.id)
                 .map_err(|e| Failure::new(&file.path, e))?;
-            let contents = if info.encrypted && !vmgs.is_unlocked() {
-                eprintln!(
-                    "paravisor vmgs: {}: {} is encrypted and no key was given; dumping the stored (encrypted) bytes",
-                    file.path.display(),
-                    id.id
-                );
-                vmgs.read_raw(id.id)
-            } else {
-                match vmgs.read_file(id.id) {
-                    Err(Error::Unauthenticated(_)) => {
-                        eprintln!(
-                            "paravisor vmgs: {}: warning: {} is stored unencrypted in an encrypted file: it is not authenticated",
-                            file.path.display(),
-                            id.id
-                        );
-                        vmgs.read_unauthenticated(id.id)
-                    }
-                    other => other,
+            // Ciphertext is never dumped as if it were the contents (the reference tool does,
+            // with a warning a script does not see).
+            if info.encrypted && !vmgs.is_unlocked() {
+                return Err(Failure::new(&file.path, Error::NeedsKey));
+            }
+            let contents = match vmgs.read_file(id.id) {
+                Err(Error::Unauthenticated(_)) => {
+                    eprintln!(
+                        "paravisor vmgs: {}: warning: {} is stored unencrypted in an encrypted file: it is not authenticated",
+                        file.path.display(),
+                        id.id
+                    );
+                    vmgs.read_unauthenticated(id.id)
                 }
+                other => other,
             }
             .map_err(|e| Failure::new(&file.path, e))?;
             if let Some(out) = data {
@@ -393,7 +423,7 @@ fn dispatch(cmd: VmgsCmd) -> Outcome {
             } else if raw_stdout {
                 std::io::stdout()
                     .write_all(&contents)
-                    .map_err(|e| Failure::other(1, format!("stdout: {e}")))?;
+                    .map_err(|e| Failure::other(exit::ERROR, format!("stdout: {e}")))?;
             } else {
                 print!("{}", hex_dump(&contents));
             }
@@ -413,7 +443,10 @@ fn dispatch(cmd: VmgsCmd) -> Outcome {
                 {
                     Err(Failure::new(&file.path, Error::Empty))
                 }
-                Err(e) => Err(Failure::other(1, format!("{}: {e}", file.path.display()))),
+                Err(e) => Err(Failure::other(
+                    exit::ERROR,
+                    format!("{}: {e}", file.path.display()),
+                )),
             }
         }
         VmgsCmd::DumpFileTable { file, key } => {
@@ -436,18 +469,31 @@ fn dispatch(cmd: VmgsCmd) -> Outcome {
             let path = file.path.display();
             if !vmgs.is_encrypted() {
                 println!("{path} is not encrypted (encryption scheme: None)");
-                return Err(Failure::other(2, format!("{path}: not encrypted")));
+                return Err(Failure::other(
+                    exit::NOT_ENCRYPTED,
+                    format!("{path}: not encrypted"),
+                ));
             }
+            // As the reference decides it: by which key protector file is allocated.
             let has = |id| vmgs.file_info(id).is_ok();
-            let scheme = if has(FileId::KEY_PROTECTOR) {
-                "GspKey"
+            let (scheme, code) = if has(FileId::KEY_PROTECTOR) {
+                ("GspKey", None)
             } else if has(FileId::VM_UNIQUE_ID) {
-                "GspById"
+                ("GspById", Some(exit::GSP_BY_ID))
             } else {
-                "a datastore key"
+                ("an unknown encryption scheme", Some(exit::GSP_UNKNOWN))
             };
             println!("{path} is encrypted with AES GCM encryption algorithm using {scheme}");
-            Ok(())
+            if has(FileId::HW_KEY_PROTECTOR) {
+                eprintln!("{path}: its datastore key is sealed to the platform (HW_KEY_PROTECTOR)");
+            }
+            match code {
+                None => Ok(()),
+                Some(code) => Err(Failure::other(
+                    code,
+                    format!("{path}: encrypted using {scheme}"),
+                )),
+            }
         }
         VmgsCmd::UpdateKey {
             file,
@@ -468,7 +514,7 @@ fn dispatch(cmd: VmgsCmd) -> Outcome {
             let mut vmgs = open(&file.path, None, true)?;
             if vmgs.is_encrypted() {
                 return Err(Failure::other(
-                    1,
+                    exit::ERROR,
                     format!(
                         "{}: already encrypted (use update-key to change its key)",
                         file.path.display()
@@ -486,6 +532,15 @@ fn dispatch(cmd: VmgsCmd) -> Outcome {
             vmgs.delete_file(id.id)
                 .map_err(|e| Failure::new(&file.path, e))?;
             eprintln!("{}: deleted {}", file.path.display(), id.id);
+            if vmgs.is_encrypted() && !vmgs.is_unlocked() {
+                // As the reference tool's delete: the file table changes, the encrypted
+                // extended table cannot.
+                eprintln!(
+                    "{}: (without the key: {}'s key stays in the encrypted extended file table until the next change made with the key)",
+                    file.path.display(),
+                    id.id
+                );
+            }
             Ok(())
         }
         VmgsCmd::Move {
@@ -510,14 +565,14 @@ fn dispatch(cmd: VmgsCmd) -> Outcome {
 fn create(path: &Path, size: u64, key: Option<&Key>, force: bool) -> Outcome {
     if path.exists() && !force {
         return Err(Failure::other(
-            1,
+            exit::ERROR,
             format!(
                 "{}: already exists (use --force-create to replace it)",
                 path.display()
             ),
         ));
     }
-    create_vmgs_file(path, size, key).map_err(|e| Failure::other(1, e))?;
+    create_vmgs_file(path, size, key).map_err(|e| Failure::other(exit::ERROR, e))?;
     eprintln!(
         "created {} ({} byte image{})",
         path.display(),
@@ -614,7 +669,7 @@ pub fn create_vmgs_in(
 
 /// Writes decrypted contents to a new file readable by its owner only.
 fn write_private(path: &Path, contents: &[u8]) -> Outcome {
-    let fail = |e: std::io::Error| Failure::other(1, format!("{}: {e}", path.display()));
+    let fail = |e: std::io::Error| Failure::other(exit::ERROR, format!("{}: {e}", path.display()));
     // Not through a symbolic link, and owner-only even if the file existed with wider
     // permissions (mode 0600 at creation applies to new files only).
     let mut f = OpenOptions::new()

@@ -56,7 +56,7 @@ fn check_and_audit_default_to_the_shipped_manifest() {
     assert_eq!(vtpm["calls"], serde_json::json!(["vmgs", "attest"]));
     assert_eq!(
         vtpm["regions"],
-        serde_json::json!(["vtpm-checkpoint (256K)"])
+        serde_json::json!([{ "name": "vtpm-checkpoint", "size": 256 * 1024 }])
     );
 }
 

@@ -411,10 +411,11 @@ fn main() -> ExitCode {
                     seq,
                     locality,
                     command: getrandom,
+                    start_by: None,
                 },
             );
             eprintln!("pv-hostile: vtpm command: {r:?}");
-            let r = vtpm_call(&mut end, vtpm::Request::Platform(vtpm::Platform::PowerOff));
+            let r = vtpm_call(&mut end, vtpm::Request::platform(vtpm::Platform::PowerOff));
             eprintln!("pv-hostile: vtpm platform power-off: {r:?}");
             let r = vtpm_call(&mut end, tis_access(0, 1, 0, None));
             eprintln!("pv-hostile: vtpm register read: {r:?}");
@@ -530,6 +531,14 @@ fn main() -> ExitCode {
             started.answer_first_ping();
             loop {
                 std::hint::spin_loop();
+            }
+        }
+        "deaf" => {
+            // Serves its endpoint in name only: answers the start ping, then nothing, asleep
+            // (its callers' requests time out).
+            started.answer_first_ping();
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
             }
         }
         "silent-start" => {

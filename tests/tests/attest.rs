@@ -163,6 +163,183 @@ fn reports_verify_and_every_tampering_is_refused_with_its_reason() {
     let _ = std::fs::remove_dir_all(root);
 }
 
+/// `--json` on stdout as a value, and whether the command succeeded.
+fn verify_json(report: &Path, p: &Platform, extra: &[&str]) -> (bool, serde_json::Value) {
+    let mut args = vec![
+        "attest",
+        "verify",
+        report.to_str().unwrap(),
+        "--certs",
+        p.certs.to_str().unwrap(),
+        "--ark-fingerprint",
+        &p.fingerprint,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let out = pv(&args);
+    let doc = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    (out.status.success(), doc)
+}
+
+fn check_names(doc: &serde_json::Value) -> Vec<(String, bool)> {
+    doc["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            assert!(c["detail"].as_str().is_some_and(|d| !d.is_empty()), "{c}");
+            (
+                c["name"].as_str().unwrap().to_string(),
+                c["ok"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The checks of a genuine report, in the order they are made.
+const ALL_CHECKS: [&str; 13] = [
+    "ark-fingerprint",
+    "certificates",
+    "ark-self-signed",
+    "ask-signed-by-ark",
+    "vcek-signed-by-ask",
+    "chain",
+    "report-size",
+    "signature",
+    "reserved-bytes",
+    "report-format",
+    "signature-sev",
+    "vcek-tcb-and-chip",
+    "measurement",
+];
+
+#[test]
+fn verify_json_lists_every_check_made_and_its_result() {
+    let root = scratch_dir("attest-json");
+    let a = platform(&root, "a");
+    let m = "ab".repeat(48);
+    let r = root.join("r.bin");
+    report(&a, "c0ffee", &m, &r);
+
+    let (ok, doc) = verify_json(&r, &a, &["--expected-measurement", &m, "--nonce", "c0ffee"]);
+    assert!(ok, "{doc:#}");
+    assert_eq!(doc["verified"], true, "{doc:#}");
+    let mut expected: Vec<(String, bool)> =
+        ALL_CHECKS.iter().map(|n| (n.to_string(), true)).collect();
+    expected.push(("report-data".into(), true));
+    assert_eq!(check_names(&doc), expected);
+    assert_eq!(doc["not_checked"], serde_json::json!([]));
+    assert_eq!(doc["error"], serde_json::Value::Null);
+    assert_eq!(doc["claims"]["measurement"], m);
+    // 64-bit fields are hex strings: the report's own bytes.
+    let bytes = std::fs::read(&r).unwrap();
+    let tcb = u64::from_le_bytes(bytes[0x180..0x188].try_into().unwrap());
+    assert_eq!(doc["claims"]["reported_tcb"], format!("{tcb:#018x}"));
+    let policy = u64::from_le_bytes(bytes[0x08..0x10].try_into().unwrap());
+    assert_eq!(doc["claims"]["policy"], format!("{policy:#018x}"));
+    assert!(doc["claims"]["vmpl"].is_u64(), "{doc:#}");
+
+    // Refused: the JSON still says what was checked, up to the check that failed.
+    let (ok, doc) = verify_json(&r, &a, &["--expected-measurement", &"ac".repeat(48)]);
+    assert!(!ok);
+    assert_eq!(doc["verified"], false);
+    let names = check_names(&doc);
+    assert_eq!(names.last().unwrap(), &("measurement".to_string(), false));
+    assert!(
+        names[..names.len() - 1].iter().all(|(_, ok)| *ok),
+        "{names:?}"
+    );
+    assert_eq!(doc["claims"], serde_json::Value::Null);
+    assert!(
+        doc["error"]
+            .as_str()
+            .unwrap()
+            .contains("measurement mismatch"),
+        "{doc:#}"
+    );
+    let pinned_elsewhere = Platform {
+        fingerprint: "00".repeat(32),
+        dir: a.dir.clone(),
+        certs: a.certs.clone(),
+    };
+    let (ok, doc) = verify_json(&r, &pinned_elsewhere, &[]);
+    assert!(!ok);
+    assert_eq!(check_names(&doc), [("ark-fingerprint".to_string(), false)]);
+
+    // Not strict: what was not checked is listed, and the report is accepted.
+    let (ok, doc) = verify_json(&r, &a, &[]);
+    assert!(ok, "{doc:#}");
+    assert_eq!(doc["verified"], true);
+    let not: Vec<&str> = doc["not_checked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(not, ["measurement", "nonce"]);
+    let _ = std::fs::remove_dir_all(root);
+}
+
+#[test]
+fn strict_verification_refuses_a_report_checked_without_measurement_or_nonce() {
+    let root = scratch_dir("attest-strict");
+    let a = platform(&root, "a");
+    let m = "cd".repeat(48);
+    let r = root.join("r.bin");
+    report(&a, "0badcafe", &m, &r);
+    let both = ["--expected-measurement", m.as_str(), "--nonce", "0badcafe"];
+    let (ok, out) = verify(
+        &r,
+        &a.certs,
+        &a.fingerprint,
+        &[&both[..], &["--strict"]].concat(),
+    );
+    assert!(ok, "{out}");
+    for (extra, missing) in [
+        (vec!["--nonce", "0badcafe"], "measurement"),
+        (vec!["--expected-measurement", m.as_str()], "nonce"),
+        (vec![], "measurement"),
+    ] {
+        // Accepted with a warning without --strict, refused with it.
+        let (ok, out) = verify(&r, &a.certs, &a.fingerprint, &extra);
+        assert!(ok && out.contains("WARNING"), "{extra:?}: {out}");
+        let mut strict = extra.clone();
+        strict.push("--strict");
+        let (ok, out) = verify(&r, &a.certs, &a.fingerprint, &strict);
+        assert!(
+            !ok && out.contains("REFUSED (--strict)"),
+            "{strict:?}: {out}"
+        );
+        let (ok, doc) = verify_json(&r, &a, &strict);
+        assert!(!ok);
+        assert_eq!(doc["verified"], false);
+        assert!(
+            check_names(&doc).contains(&(missing.to_string(), false)),
+            "{strict:?}: {doc:#}"
+        );
+        assert!(doc["claims"].is_object(), "the report itself is genuine");
+    }
+    // An empty nonce proves no freshness: refused under --strict although report_data
+    // matches it.
+    let empty = root.join("empty.bin");
+    report(&a, "", &m, &empty);
+    let (ok, out) = verify(
+        &empty,
+        &a.certs,
+        &a.fingerprint,
+        &["--expected-measurement", &m, "--nonce", ""],
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = verify(
+        &empty,
+        &a.certs,
+        &a.fingerprint,
+        &["--expected-measurement", &m, "--nonce", "", "--strict"],
+    );
+    assert!(!ok && out.contains("empty"), "{out}");
+    let _ = std::fs::remove_dir_all(root);
+}
+
 #[test]
 fn the_measurement_a_verifier_recomputes_from_the_manifest_matches_the_launch() {
     let root = scratch_dir("attest-measure");
@@ -247,6 +424,23 @@ fn genuine_amd_milan_evidence_verifies() {
     ]);
     assert!(ok, "{out}");
     assert!(out.contains("version 2"), "{out}");
+    // Its REPORTED_TCB (microcode SPL 0x73 in the top byte) is above 2^53: a JSON number
+    // would lose its low bits, the hex string keeps them.
+    let out = pv(&[
+        "attest",
+        "verify",
+        report.to_str().unwrap(),
+        "--certs",
+        certs,
+        "--ark-fingerprint",
+        fp.trim(),
+        "--json",
+    ]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        doc["claims"]["reported_tcb"], "0x7308000000000003",
+        "{doc:#}"
+    );
     let scratch = scratch_dir("amd");
     let mut bad = std::fs::read(&report).unwrap();
     bad[0x90] ^= 1;

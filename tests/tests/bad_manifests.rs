@@ -150,6 +150,34 @@ fn absurd_restart_limits_are_refused() {
         6,
         "restart policy \"sometimes\"",
     );
+    // The back-off's ceiling: a duration, not absurd, not below the back-off itself.
+    refused(
+        &GOOD.replacen(
+            "backoff = \"10ms\" }",
+            "backoff = \"10ms\", max-backoff = \"5ms\" }",
+            1,
+        ),
+        6,
+        "restart max-backoff 5ms is below backoff 10ms",
+    );
+    refused(
+        &GOOD.replacen(
+            "backoff = \"10ms\" }",
+            "backoff = \"10ms\", max-backoff = \"1y\" }",
+            1,
+        ),
+        6,
+        "restart max-backoff \"1y\" is not a duration",
+    );
+    refused(
+        &GOOD.replacen(
+            "backoff = \"10ms\" }",
+            "backoff = \"10ms\", max-backof = \"1s\" }",
+            1,
+        ),
+        6,
+        "max-backof",
+    );
 }
 
 #[test]

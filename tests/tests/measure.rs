@@ -323,3 +323,43 @@ fn run_records_the_launch_log_that_measure_predicts() {
     assert!(text(&out).contains(recorded["measurement"].as_str().unwrap()));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `paravisor audit` says what is measured and what the host chooses, and the canonical
+/// configuration it describes is the one the launch log's manifest entry measures.
+#[test]
+fn audit_says_which_settings_are_measured_and_which_the_host_chooses() {
+    let out = pv(&["audit", "--json", shipped_manifest().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let audit: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let c = &audit["configuration"];
+    let measured: Vec<&str> = c["measured"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    assert!(measured.contains(&"services") && measured.contains(&"attest"), "{measured:?}");
+    assert!(!measured.contains(&"state_dir"), "{measured:?}");
+    let host: Vec<&str> = c["host_settings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["key"].as_str().unwrap())
+        .collect();
+    for key in ["state-dir", "platform-dir", "key-release", "listen", "log-format", "log-file"] {
+        assert!(host.contains(&key), "{key} not among {host:?}");
+    }
+    let log = measurement(&paravisor(), &["--no-guest"]);
+    let entry = log["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "manifest")
+        .unwrap();
+    assert_eq!(entry["sha384"], c["measured_sha384"]);
+    assert_eq!(entry["length"], c["measured_bytes"]);
+    assert_eq!(log["config"]["format"], "pv-measured-config-1");
+    let out = pv(&["audit", shipped_manifest().to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("host settings (not measured"), "{text}");
+}

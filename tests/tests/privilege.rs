@@ -303,3 +303,77 @@ fn services_start_under_a_restrictive_umask() {
     assert!(text(&out).contains("all checks passed"), "{}", text(&out));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `audit --json` is data a script reads without parsing display strings: sizes, limits and
+/// durations are numbers, ranges are `{base, size}`, grants and interrupts are structured.
+#[test]
+fn static_audit_json_gives_numbers_and_structured_ranges() {
+    let out = common::pv(&[
+        "audit",
+        "--json",
+        common::shipped_manifest().to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let audit: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = |name: &str| {
+        audit["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["service"] == name)
+            .unwrap_or_else(|| panic!("no row for {name}"))
+            .clone()
+    };
+    let vtpm = row("vtpm");
+    assert_eq!(
+        vtpm["mmio"],
+        serde_json::json!([{ "base": 0xfed4_0000u64, "size": 0x5000 }])
+    );
+    assert_eq!(
+        vtpm["regions"],
+        serde_json::json!([{ "name": "vtpm-checkpoint", "size": 256 * 1024 }])
+    );
+    assert_eq!(vtpm["memory_bytes"], 128 << 20);
+    assert_eq!(vtpm["open_files"], 32);
+    assert_eq!(
+        vtpm["restart"],
+        serde_json::json!({ "policy": "always", "max": 5, "window_ms": 60_000, "backoff_ms": 50, "max_backoff_ms": 1_000 })
+    );
+    assert_eq!(vtpm["watchdog_ms"], 10_000);
+    assert_eq!(
+        vtpm["call_grants"][0],
+        serde_json::json!({ "endpoint": "vmgs", "grant": { "kind": "file-ids", "file_ids": ["TPM_PPI", "TPM_NVRAM"] } })
+    );
+    assert!(vtpm["callers"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!({ "service": "intercept", "endpoint": "vtpm" })));
+    let intercept = row("intercept");
+    assert_eq!(
+        intercept["pio"][0],
+        serde_json::json!({ "base": 0x3f8, "size": 8 })
+    );
+    assert_eq!(intercept["interrupts"], serde_json::json!([{ "line": 4 }]));
+    let gateway = row("tpm-gateway");
+    assert_eq!(
+        gateway["call_grants"][0]["grant"],
+        serde_json::json!({ "kind": "vtpm", "command_localities": [0], "platform": true, "register_vcpus": 0 })
+    );
+    let vmgs = row("vmgs");
+    assert_eq!(vmgs["files"][0]["access"], "read-write");
+    assert_eq!(vmgs["keys"][0]["sealed"], true);
+    assert_eq!(
+        vmgs["capabilities"]["CapEff"],
+        serde_json::json!([]),
+        "{vmgs}"
+    );
+    // The text matrix is rendered from the same rows.
+    let out = common::pv(&["audit", common::shipped_manifest().to_str().unwrap()]);
+    let matrix = text(&out);
+    assert!(matrix.contains("mmio:    0xfed40000+0x5000"), "{matrix}");
+    assert!(
+        matrix.contains("always (max 5 per 1m, back-off 50ms up to 1s)"),
+        "{matrix}"
+    );
+    assert!(matrix.contains("vtpm-checkpoint (256K)"), "{matrix}");
+}

@@ -136,6 +136,7 @@ fn service_without_capability_cannot_reach_an_endpoint() {
     let inst = Instance::start("caps", &shipped(), SERVICES.len());
     let out = inst.pv(&["probe", "vtpm", "vmgs"]);
     assert!(text(&out).contains("reached"), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     for (svc, ep) in [
         ("attest", "vtpm"),
         ("storage", "vmgs"),
@@ -148,7 +149,33 @@ fn service_without_capability_cannot_reach_an_endpoint() {
             "{svc} -> {ep}: {}",
             text(&out)
         );
+        // A script tells "not granted" by the exit status alone.
+        assert_eq!(out.status.code(), Some(3), "{svc} -> {ep}: {}", text(&out));
     }
+    // Could not probe at all: 1.
+    let out = inst.pv(&["probe", "nobody", "vmgs"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+}
+
+#[test]
+fn a_probe_of_an_endpoint_that_never_answers_times_out_with_exit_4() {
+    if !sandbox_available("a_probe_of_an_endpoint_that_never_answers_times_out_with_exit_4") {
+        return;
+    }
+    let mut m = service(
+        "deaf",
+        "pv-hostile",
+        &format!("serves = [\"storage\"]\nargs = [\"deaf\"]\nwatchdog = \"1h\"\n{RESTART_NEVER}"),
+    );
+    m += &service(
+        "caller",
+        "pv-hostile",
+        &format!("calls = [{{ endpoint = \"storage\" }}]\nargs = [\"serve\"]\n{RESTART_NEVER}"),
+    );
+    let inst = Instance::start("deaf", &m, 2);
+    let out = inst.pv(&["probe", "caller", "storage"]);
+    assert!(text(&out).contains("timed out"), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
 }
 
 #[test]

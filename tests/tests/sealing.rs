@@ -82,12 +82,18 @@ impl Release {
 
     /// `run --no-guest` in the background, logging to `log`.
     fn start(&self, log: &str) -> Running {
+        self.start_in(log, &self.state(), &[])
+    }
+
+    /// `run --no-guest` with state directory `state` and more arguments.
+    fn start_in(&self, log: &str, state: &Path, args: &[&str]) -> Running {
         let child = Command::new(self.bin.join("paravisor"))
             .arg("run")
             .arg("--no-guest")
             .arg(&self.manifest)
             .arg("--state-dir")
-            .arg(self.state())
+            .arg(state)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.dir.join(log)).unwrap())
             .spawn()
@@ -102,14 +108,15 @@ impl Release {
     /// Starts, waits for every service, stops; the log.
     fn run_once(&self, log: &str) -> String {
         let mut child = self.start(log);
-        let deadline = Instant::now() + Duration::from_secs(60);
+        self.wait_up(&mut child, log, &self.state());
+        self.stop(child, log, &self.state())
+    }
+
+    /// Waits until every service of the run with state `state` is running.
+    fn wait_up(&self, child: &mut Running, log: &str, state: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let out = self.pv(&[
-                "ps",
-                "--json",
-                "--state-dir",
-                self.state().to_str().unwrap(),
-            ]);
+            let out = self.pv(&["ps", "--json", "--state-dir", state.to_str().unwrap()]);
             if out.status.success() {
                 let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
                 if rows.iter().all(|r| r["state"] == "running") {
@@ -122,7 +129,11 @@ impl Release {
             assert!(Instant::now() < deadline, "not up:\n{}", self.log(log));
             std::thread::sleep(Duration::from_millis(50));
         }
-        let stop = self.pv(&["stop", "--state-dir", self.state().to_str().unwrap()]);
+    }
+
+    /// Stops the run with state `state`; its log.
+    fn stop(&self, mut child: Running, log: &str, state: &Path) -> String {
+        let stop = self.pv(&["stop", "--state-dir", state.to_str().unwrap()]);
         assert!(stop.status.success(), "{}", text(&stop));
         assert!(child.wait().unwrap().success(), "{}", self.log(log));
         self.log(log)
@@ -143,6 +154,27 @@ impl Release {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// `paravisor ARGS` that must fail (bounded by a hang timeout); its output.
+    fn refused_with(&self, args: &[&str]) -> String {
+        let mut child = Command::new(self.bin.join("paravisor"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("paravisor {args:?} neither failed nor stopped");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success(), "paravisor {args:?} succeeded: {}", text(&out));
+        text(&out)
     }
 
     /// Replaces `from` by `to` in the release's manifest.
@@ -682,7 +714,7 @@ fn the_broker_moves_a_sealed_key_to_a_new_measurement_and_only_the_pinned_tenant
     );
     assert!(
         out.contains(&format!(
-            "sealed (policy measurement) to launch measurement {m2}"
+            "sealed (policy measurement) to paravisor measurement {m2}"
         )),
         "{out}"
     );
@@ -708,5 +740,247 @@ fn the_broker_moves_a_sealed_key_to_a_new_measurement_and_only_the_pinned_tenant
     assert!(out.contains("not the manifest's key-release-id"), "{out}");
     assert!(!r.state().join("guest.vmgs").exists());
     drop(fake);
+    let _ = std::fs::remove_dir_all(&r.dir);
+}
+
+/// Every file under `dir` (recursively) and its contents, but the control socket.
+fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let t = e.file_type().unwrap();
+            let rel = e.path().strip_prefix(dir).unwrap().to_path_buf();
+            if t.is_dir() {
+                out.insert(rel, b"<dir>".to_vec());
+                todo.push(e.path());
+            } else if t.is_file() {
+                out.insert(rel, std::fs::read(e.path()).unwrap());
+            } else {
+                out.insert(rel, b"<other>".to_vec());
+            }
+        }
+    }
+    out
+}
+
+/// A changed limit is a new paravisor: the refusal names the field that changed (not just
+/// "the manifest"), says the three ways out, and writes nothing but `refused/`.
+#[test]
+fn a_refused_start_names_the_changed_field_writes_only_refused_and_gives_three_ways_out() {
+    if !sandbox_ok("sealing") {
+        return;
+    }
+    let r = release("seal-diff", "measurement");
+    r.run_once("first.log");
+    let before = snapshot(&r.state());
+    r.edit_manifest(
+        "limits = { memory = \"128M\", open-files = 32 }",
+        "limits = { memory = \"256M\", open-files = 32 }",
+    );
+    let out = r.refused("second.log");
+    for needle in [
+        "refusing to start",
+        "the measured configuration changed: services[intercept].limits.memory: 134217728 -> 268435456",
+        "Three ways out",
+        "key release",
+        "paravisor vmgs reseal",
+        "--state-dir NEW",
+        "refused",
+    ] {
+        assert!(out.contains(needle), "refusal lacks \"{needle}\":\n{out}");
+    }
+    assert!(!out.contains("service intercept"), "only the field: {out}");
+    let mut after = snapshot(&r.state());
+    let refused: Vec<PathBuf> = after
+        .keys()
+        .filter(|p| p.starts_with("refused"))
+        .cloned()
+        .collect();
+    let record: std::collections::BTreeMap<_, _> = refused
+        .iter()
+        .map(|p| (p.clone(), after.remove(p).unwrap()))
+        .collect();
+    assert_eq!(after, before, "a refused start changed the state outside refused/");
+    let reason = String::from_utf8(record[Path::new("refused/reason.txt")].clone()).unwrap();
+    assert!(reason.contains("services[intercept].limits.memory"), "{reason}");
+    let log: serde_json::Value =
+        serde_json::from_slice(&record[Path::new("refused/launch-log.json")]).unwrap();
+    let intercept = &log["config"]["services"][0];
+    assert_eq!(intercept["name"], "intercept");
+    assert_eq!(intercept["limits"]["memory"], 268435456u64);
+    let _ = std::fs::remove_dir_all(&r.dir);
+}
+
+/// What the host chooses is not measured: comments, layout, a listener's address in the
+/// manifest, `--listen`, `--host` leave the seal opening.
+#[test]
+fn comments_layout_and_host_settings_leave_the_seal_opening() {
+    if !sandbox_ok("sealing") {
+        return;
+    }
+    let r = release("seal-host", "measurement");
+    r.run_once("first.log");
+    r.edit_manifest("state-dir = \"state\"", "state-dir = \"elsewhere\"");
+    r.edit_manifest("path = \"tpm/swtpm-sock\"", "path = \"tpm/other-sock\"");
+    r.edit_manifest(
+        "restart = { policy = \"always\", max = 5, window = \"60s\", backoff = \"50ms\" }",
+        "# a comment\nrestart   = { backoff = \"50ms\", window = \"60s\", max = 5, policy = \"always\" }",
+    );
+    let port = free_port();
+    let host = r.dir.join("host.toml");
+    std::fs::write(
+        &host,
+        format!(
+            "listen = [\"swtpm-data=127.0.0.1:{port}\"]\nplatform-dir = \"{}\"\n",
+            test_platform_dir().display()
+        ),
+    )
+    .unwrap();
+    let mut child = r.start_in("second.log", &r.state(), &["--host", host.to_str().unwrap()]);
+    r.wait_up(&mut child, "second.log", &r.state());
+    // The host file's listener is bound.
+    let random = swtpm_get_random(port);
+    assert_eq!(&random[6..10], &[0, 0, 0, 0], "TPM_RC_SUCCESS: {random:?}");
+    let log = r.stop(child, "second.log", &r.state());
+    assert!(log.contains("unsealed (sealed under policy measurement)"), "{log}");
+    let _ = std::fs::remove_dir_all(&r.dir);
+}
+
+/// TPM2_GetRandom(8) on a swtpm data port; the response.
+fn swtpm_get_random(port: u16) -> Vec<u8> {
+    use std::io::Read;
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("swtpm data port");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(&[0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 8])
+        .unwrap();
+    let mut header = [0u8; 10];
+    s.read_exact(&mut header).unwrap();
+    let size = u32::from_be_bytes(header[2..6].try_into().unwrap()) as usize;
+    let mut rest = vec![0u8; size.saturating_sub(10)];
+    s.read_exact(&mut rest).unwrap();
+    [header.to_vec(), rest].concat()
+}
+
+/// Two instances from one manifest, side by side: other state directories and ports (one
+/// from a host file, one from flags), one measurement, each serving its own TPM.
+#[test]
+fn two_instances_run_side_by_side_from_one_manifest() {
+    if !sandbox_ok("sealing") {
+        return;
+    }
+    let r = release("two-instances", "measurement");
+    let (a, b) = (r.dir.join("a"), r.dir.join("b"));
+    let (pa, pb) = (free_port(), free_port());
+    let host = r.dir.join("host-a.toml");
+    std::fs::write(&host, format!("listen = [\"swtpm-data=127.0.0.1:{pa}\"]\n")).unwrap();
+    let mut ca = r.start_in("a.log", &a, &["--host", host.to_str().unwrap()]);
+    let listen_b = format!("swtpm-data=127.0.0.1:{pb}");
+    let mut cb = r.start_in("b.log", &b, &["--listen", &listen_b]);
+    r.wait_up(&mut ca, "a.log", &a);
+    r.wait_up(&mut cb, "b.log", &b);
+    for port in [pa, pb] {
+        let random = swtpm_get_random(port);
+        assert_eq!(&random[6..10], &[0, 0, 0, 0], "port {port}: {random:?}");
+    }
+    let measurement = |dir: &Path| -> String {
+        let log: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("launch-log.json")).unwrap()).unwrap();
+        log["measurement"].as_str().unwrap().to_string()
+    };
+    assert_eq!(measurement(&a), measurement(&b), "one release, one measurement");
+    let (pid_a, pid_b) = (
+        serde_json::from_slice::<Vec<serde_json::Value>>(
+            &r.pv(&["ps", "--json", "--state-dir", a.to_str().unwrap()]).stdout,
+        )
+        .unwrap()[0]["pid"]
+            .clone(),
+        serde_json::from_slice::<Vec<serde_json::Value>>(
+            &r.pv(&["ps", "--json", "--state-dir", b.to_str().unwrap()]).stdout,
+        )
+        .unwrap()[0]["pid"]
+            .clone(),
+    );
+    assert_ne!(pid_a, pid_b, "each instance has its own services");
+    r.stop(ca, "a.log", &a);
+    // b serves on after a stopped.
+    let random = swtpm_get_random(pb);
+    assert_eq!(&random[6..10], &[0, 0, 0, 0]);
+    r.stop(cb, "b.log", &b);
+    let _ = std::fs::remove_dir_all(&r.dir);
+}
+
+/// `vmgs reseal` is offline: a host file that makes `run` bind a port makes reseal bind
+/// nothing (the port is held by the test: a bind would fail).
+#[test]
+fn vmgs_reseal_opens_no_listener() {
+    if !sandbox_ok("sealing") {
+        return;
+    }
+    let r = release("reseal-offline", "measurement");
+    r.run_once("first.log");
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let host = r.dir.join("host.toml");
+    std::fs::write(&host, format!("listen = [\"swtpm-data=127.0.0.1:{port}\"]\n")).unwrap();
+    let state = r.state();
+    let args = [
+        r.manifest.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--host",
+        host.to_str().unwrap(),
+    ];
+    let run = r.refused_with(&[&["run", "--no-guest"][..], &args[..]].concat());
+    assert!(run.contains(&port.to_string()), "run binds the host file's port: {run}");
+    let out = r.pv(&[&["vmgs", "reseal", "--no-guest"][..], &args[..]].concat());
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("sealed (policy measurement) to paravisor measurement"),
+        "{}",
+        text(&out)
+    );
+    drop(held);
+    let _ = std::fs::remove_dir_all(&r.dir);
+}
+
+/// The README's order: `paravisor run` (the test guest) and then `paravisor run --no-guest`
+/// on the same state. The guest is not part of what the seal binds (it is in the report's
+/// measurement and measures itself into the vTPM), so the second start unseals.
+#[test]
+fn run_with_the_guest_then_without_shares_the_sealed_state() {
+    if !kvm_available("run_with_the_guest_then_without_shares_the_sealed_state") {
+        return;
+    }
+    let r = release("readme-order", "measurement");
+    let mut child = Running(
+        Command::new(r.bin.join("paravisor"))
+            .arg("run")
+            .arg(&r.manifest)
+            .arg("--state-dir")
+            .arg(r.state())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(r.dir.join("guest.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the guest run hangs:\n{}", r.log("guest.log"));
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let first = r.log("guest.log");
+    assert!(status.success(), "the guest run failed ({status}):\n{first}");
+    assert!(first.contains("sealed (policy measurement) in its HW_KEY_PROTECTOR"), "{first}");
+    let second = r.run_once("no-guest.log");
+    assert!(
+        second.contains("unsealed (sealed under policy measurement)"),
+        "{second}"
+    );
     let _ = std::fs::remove_dir_all(&r.dir);
 }

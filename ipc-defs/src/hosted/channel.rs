@@ -343,11 +343,22 @@ pub fn wait_any(rings: &[Ring<'_>], policy: WaitPolicy, timeout: Duration) {
     }
 }
 
-/// A request sent with [`ClientEnd::send`], whose reply [`ClientEnd::try_reply`] looks for.
+/// A request sent with [`ClientEnd::send`] or [`ClientEnd::start`], whose reply
+/// [`ClientEnd::try_reply`] or [`ClientEnd::wait_reply`] looks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sent {
     epoch: Epoch,
     tag: u32,
+    /// The request ring's byte position just past the frame: the server has taken the
+    /// request once its read position reaches it.
+    end: u64,
+}
+
+impl Sent {
+    /// The epoch it was sent in.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
 }
 
 /// The calling end of a channel, for requests of type `Q` answered by `R`.
@@ -432,7 +443,47 @@ impl<Q: Serialize, R: DeserializeOwned> ClientEnd<Q, R> {
             .try_send(epoch, &self.tx[..encoded])
             .map_err(CallError::Ring)?;
         wake(&ring, woken);
-        Ok(Sent { epoch, tag })
+        Ok(Sent {
+            epoch,
+            tag,
+            end: ring.counters().0,
+        })
+    }
+
+    /// Sends `request`, waiting up to `timeout` for room in the ring but not for the reply,
+    /// which [`ClientEnd::wait_reply`] waits for: for a caller with other work between looks
+    /// (answering its own control channel, say).
+    pub fn start(&mut self, request: &Q, timeout: Duration) -> Result<Sent, CallError> {
+        let mut deadline = Deadline::new(timeout);
+        let epoch = self.mem.channel().epoch();
+        let (tag, encoded) = self.encode(request)?;
+        self.send_frame(epoch, encoded, &mut deadline, timeout)?;
+        Ok(Sent {
+            epoch,
+            tag,
+            end: self.mem.channel().ring(Direction::Requests).counters().0,
+        })
+    }
+
+    /// Waits up to `timeout` for the reply to `sent`: `None` if it has not come yet (ask
+    /// again), [`CallError::PeerRestarted`] if the server restarted since it was sent.
+    pub fn wait_reply(&mut self, sent: Sent, timeout: Duration) -> Result<Option<R>, CallError> {
+        let mut deadline = Deadline::new(timeout);
+        self.reply_within(sent.epoch, sent.tag, &mut deadline)
+    }
+
+    /// Whether the server has taken `sent` off the ring (it may not have answered yet). Only
+    /// meaningful while the epoch is `sent`'s: a restart discards what was not taken.
+    pub fn taken(&self, sent: Sent) -> bool {
+        let read = self.mem.channel().ring(Direction::Requests).read_position();
+        // Positions only grow (wrapping after 2^64 bytes): `read` is at or past `end` when
+        // the distance from `end` to it is "small".
+        read.wrapping_sub(sent.end) < 1 << 63
+    }
+
+    /// What the supervisor says of the server: up, down (restarting) or gone for good.
+    pub fn server_state(&self) -> ServerState {
+        self.mem.channel().server_state()
     }
 
     /// The reply to `sent` if it has arrived, never waiting. Replies to other requests (late
@@ -525,6 +576,17 @@ impl<Q: Serialize, R: DeserializeOwned> ClientEnd<Q, R> {
         deadline: &mut Deadline,
         timeout: Duration,
     ) -> Result<R2, CallError> {
+        self.reply_within(epoch, tag, deadline)?
+            .ok_or(CallError::TimedOut(timeout))
+    }
+
+    /// The reply tagged `tag` of `epoch`, if it comes before `deadline` (`None` if not).
+    fn reply_within<R2: DeserializeOwned>(
+        &mut self,
+        epoch: Epoch,
+        tag: u32,
+        deadline: &mut Deadline,
+    ) -> Result<Option<R2>, CallError> {
         let ring = self.mem.channel().ring(Direction::Responses);
         loop {
             // Hand back the previous reply's bytes while the server works on this request.
@@ -535,13 +597,13 @@ impl<Q: Serialize, R: DeserializeOwned> ClientEnd<Q, R> {
                         let reply: Envelope<R2> = postcard::from_bytes(&self.rx[..frame.len])
                             .map_err(|_| CallError::MalformedReply)?;
                         if reply.tag == tag {
-                            return Ok(reply.body);
+                            return Ok(Some(reply.body));
                         }
                     }
                     // A reply from before a restart, or a late one to a call that gave up.
                     // A peer that floods such frames must not keep us here past the deadline.
                     if deadline.remaining().is_zero() {
-                        return Err(CallError::TimedOut(timeout));
+                        return Ok(None);
                     }
                     continue;
                 }
@@ -559,7 +621,7 @@ impl<Q: Serialize, R: DeserializeOwned> ClientEnd<Q, R> {
                     });
                 }
                 if deadline.remaining().is_zero() {
-                    return Err(CallError::TimedOut(timeout));
+                    return Ok(None);
                 }
             }
         }
@@ -843,6 +905,49 @@ mod tests {
             client.try_reply(third),
             Err(CallError::PeerRestarted { now: n, .. }) if n == now
         ));
+    }
+
+    #[test]
+    fn a_started_request_is_known_untaken_until_the_server_takes_it_and_its_reply_awaited() {
+        let mem = ChannelMemory::create("test-taken", 4096).unwrap();
+        let supervisor = second_mapping(&mem);
+        let mut server = ServerEnd::new(second_mapping(&mem));
+        let mut client: Client = ClientEnd::new(mem, WaitPolicy::default());
+        let first = client
+            .start(&endpoint::Request::Service(1), Duration::from_secs(1))
+            .unwrap();
+        let second = client
+            .start(&endpoint::Request::Service(2), Duration::from_secs(1))
+            .unwrap();
+        // Nobody took them: not taken, and no reply within a short wait.
+        assert!(!client.taken(first) && !client.taken(second));
+        assert_eq!(
+            client.wait_reply(first, Duration::from_millis(20)),
+            Ok(None)
+        );
+        // The server takes the first (and only the first).
+        let incoming = server.try_next().unwrap().expect("a request");
+        assert!(client.taken(first));
+        assert!(!client.taken(second));
+        server
+            .reply(
+                &incoming,
+                &endpoint::Response::<u32>::Service(10),
+                Duration::from_secs(1),
+            )
+            .unwrap();
+        assert_eq!(
+            client.wait_reply(first, Duration::from_secs(5)),
+            Ok(Some(endpoint::Response::Service(10)))
+        );
+        // A restart discards what was not taken, and says so to whoever waits for it.
+        let now = supervisor.restart_epoch(Direction::Requests);
+        assert_eq!(second.epoch().next(), now);
+        assert!(matches!(
+            client.wait_reply(second, Duration::from_secs(5)),
+            Err(CallError::PeerRestarted { now: n, .. }) if n == now
+        ));
+        assert_eq!(server.try_next(), Ok(None));
     }
 
     #[test]

@@ -513,6 +513,21 @@ pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// `CLOCK_MONOTONIC` in nanoseconds: the one clock every process of the machine reads alike
+/// (services share the host's time namespace), so that a deadline one process sets another
+/// can check.
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid out-pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    (now.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(now.tv_nsec as u64)
+}
+
 /// How many CPUs the system has online (1 if that cannot be read).
 pub fn online_cpus() -> usize {
     // SAFETY: sysconf has no memory effects.

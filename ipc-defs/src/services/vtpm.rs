@@ -160,24 +160,52 @@ impl fmt::Display for Right {
     }
 }
 
+/// The latest moment at which the TPM may take a request off its ring and still carry it
+/// out, in nanoseconds of `CLOCK_MONOTONIC` (one clock for every process of the machine).
+/// A request taken later is answered [`VtpmError::Expired`] and not carried out, so a client
+/// that finds its request still in the ring after that moment knows it never will be: it can
+/// tell its own client "not started, retry" (TPM_RC_RETRY) truthfully, even while the TPM is
+/// stopped (SIGSTOP) rather than dead.
+pub type StartBy = Option<u64>;
+
 /// What a client asks of the TPM.
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
-    /// Runs one TPM command at `locality` (0..=4).
+    /// Runs one TPM command at `locality` (0..=4), unless taken after `start_by`.
     Command {
         seq: u64,
         locality: u8,
         command: TpmBytes,
+        start_by: StartBy,
     },
-    /// A platform signal.
-    Platform(Platform),
+    /// A platform signal, unless taken after `start_by`.
+    Platform { signal: Platform, start_by: StartBy },
     /// A guest access to the TPM's register range (TIS at 0xFED40000..0xFED45000), from the
     /// guest partition: a read is answered with [`Response::Register`], a write with
     /// [`Response::Done`]. The TPM keeps each vCPU's last access number and answer in its
     /// checkpoint, so an access sent again after a restart is never applied twice (see
     /// [`crate::services::guest`]).
     Mmio(crate::services::guest::Access),
+}
+
+impl Request {
+    /// A platform signal without a deadline.
+    pub const fn platform(signal: Platform) -> Request {
+        Request::Platform {
+            signal,
+            start_by: None,
+        }
+    }
+
+    /// Its deadline to start, if it has one (checked by the serving process, which reads the
+    /// clock, when it takes the request off its ring).
+    pub fn start_by(&self) -> StartBy {
+        match self {
+            Request::Command { start_by, .. } | Request::Platform { start_by, .. } => *start_by,
+            Request::Mmio(_) => None,
+        }
+    }
 }
 
 /// Signals from the platform, as the simulator protocols name them.
@@ -240,6 +268,8 @@ pub enum VtpmError {
     /// A platform signal that would change the TPM under the guest partition, which uses it
     /// (power, NV, cancel, the established flag): refused while the partition has the TPM.
     GuestUsesTpm,
+    /// Taken off the ring after its [`StartBy`] moment: not carried out.
+    Expired,
 }
 
 impl fmt::Display for VtpmError {
@@ -264,6 +294,7 @@ impl fmt::Display for VtpmError {
                 "the guest partition uses this TPM: platform signals (power, NV, cancel, \
                  established flag) are refused while it does",
             ),
+            VtpmError::Expired => f.write_str("taken after its deadline to start: not carried out"),
         }
     }
 }

@@ -265,6 +265,39 @@ fn check_table(table: &FileTable, header: &Header, blocks: u32) -> Result<()> {
     Ok(())
 }
 
+/// Clears the extended-table entries of ids the file table does not allocate, and returns
+/// those ids.
+///
+/// The reference tool's `delete` takes no key: it removes the id from the file table and
+/// leaves its entry (attributes and key) in the encrypted extended table, and its reader
+/// ignores such an entry. So do we, rather than refuse the file: a host can always delete
+/// a file (or roll the whole file back), so an unlisted id is a deletion, never a forgery,
+/// and the key is wiped here so that nothing can use it (a later entry for the id gets a
+/// fresh key, or none). An entry that is not one our or the reference's writer makes
+/// (attribute bits beyond encrypted/authenticated, reserved bytes set) is still corruption.
+fn forget_stale_entries(ext: &mut SecretTable, table: &FileTable) -> Result<Vec<FileId>> {
+    let mut stale = Vec::new();
+    for i in 1..FILE_COUNT - 1 {
+        let x = &mut ext.0.entries[i];
+        if table.entries[i].exists() || *x == ExtendedFileEntry::default() {
+            continue;
+        }
+        let id = FileId::new(i as u32).expect("64 entries");
+        let attributes = x.attributes.get();
+        if attributes & !(ATTR_ENCRYPTED | ATTR_AUTHENTICATED) != 0 || x.reserved != [0; 28] {
+            return Err(Error::CorruptEntry {
+                file: id,
+                reason: format!(
+                    "the extended file table holds a malformed entry (attributes {attributes:#x}) for an id the file table does not allocate"
+                ),
+            });
+        }
+        x.as_mut_bytes().zeroize();
+        stale.push(id);
+    }
+    Ok(stale)
+}
+
 /// Finds `need` free blocks: the smallest gap that fits, the lowest such on a tie.
 fn best_fit(used: &[(u32, u32)], need: u32, blocks: u32) -> Option<u32> {
     let mut sorted: Vec<(u32, u32)> = used.to_vec();
@@ -417,24 +450,16 @@ impl<S: Storage> Vmgs<S> {
         ) {
             return Err(Error::Authentication(FileId::EXTENDED_FILE_TABLE));
         }
-        // A file id the authenticated table holds a key for but the (unauthenticated) file
-        // table does not list has been hidden by whoever changed the file table.
-        for (i, x) in ext
-            .0
-            .entries
-            .iter()
-            .enumerate()
-            .take(FILE_COUNT - 1)
-            .skip(1)
-        {
-            if x.attributes.get() & (ATTR_ENCRYPTED | ATTR_AUTHENTICATED) != 0
-                && !self.table.entries[i].exists()
-            {
-                return Err(Error::CorruptEntry {
-                    file: FileId::new(i as u32).expect("64 entries"),
-                    reason: "the extended file table holds its key but the file table does not list it (removed by the host?)".into(),
-                });
-            }
+        let stale = forget_stale_entries(&mut ext, &self.table)?;
+        if !stale.is_empty() {
+            self.warnings.push(format!(
+                "the extended file table still holds a key for {} (the reference tool's keyless `delete` leaves it): not allocated; the key is ignored and dropped by the next change",
+                stale
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
         }
         if metadata_key.is_zero() {
             self.zero_metadata_key = true;
@@ -563,16 +588,17 @@ impl<S: Storage> Vmgs<S> {
         self.storage
     }
 
-    fn ext_encrypted(&self, id: FileId) -> bool {
-        self.unlocked.as_ref().is_some_and(|u| {
-            u.ext.0.entries[id.index()].attributes.get() & (ATTR_ENCRYPTED | ATTR_AUTHENTICATED)
-                != 0
-        })
-    }
-
+    /// Whether a file is stored encrypted. Unlocked, only the authenticated extended table
+    /// says so, as in the reference reader: the file table's attributes are the host's to
+    /// write, and an entry it marks encrypted for an id the extended table holds no key for
+    /// would otherwise be "decrypted" with the all-zero key (contents anyone can forge).
+    /// Locked, the file table's attributes are all there is (for listing only).
     fn entry_encrypted(&self, id: FileId) -> bool {
-        let e = &self.table.entries[id.index()];
-        e.attributes.get() & (ATTR_ENCRYPTED | ATTR_AUTHENTICATED) != 0 || self.ext_encrypted(id)
+        let attributes = match &self.unlocked {
+            Some(u) => u.ext.0.entries[id.index()].attributes.get(),
+            None => self.table.entries[id.index()].attributes.get(),
+        };
+        attributes & (ATTR_ENCRYPTED | ATTR_AUTHENTICATED) != 0
     }
 
     /// Every allocated file, the two tables included, in id order.
@@ -752,10 +778,13 @@ impl<S: Storage> Vmgs<S> {
         self.commit(plan, false)
     }
 
-    /// Removes a file.
+    /// Removes a file. An encrypted file opened without its key can lose a file too, as the
+    /// reference tool's `delete` does it: only the file table changes, and the id's entry
+    /// stays in the extended table (which needs the key to rewrite) until the next keyed
+    /// change; opening ignores it (see [`forget_stale_entries`]).
     pub fn delete_file(&mut self, id: FileId) -> Result<()> {
         Self::check_user_id(id)?;
-        self.check_writable()?;
+        self.check_usable()?;
         if !self.table.entries[id.index()].exists() {
             return Err(Error::NotFound(id));
         }

@@ -287,16 +287,151 @@ fn a_plaintext_entry_injected_into_an_encrypted_file_is_not_returned() {
     assert_eq!(v.read_file(FileId::TPM_NVRAM).unwrap(), secret());
 }
 
+/// Removing an id's table entry leaves its key in the extended table, as the reference
+/// tool's keyless `delete` does: the file opens, the id is gone, and the leftover key is never
+/// used, even when the host later puts an entry for that id back by hand.
 #[test]
-fn a_file_hidden_by_removing_its_table_entry_is_noticed() {
+fn a_removed_table_entry_is_a_deletion_whose_leftover_key_is_never_used() {
     let (mut image, slot) = encrypted_image();
-    let (entry, _) = locate(&image, slot, FileId::TPM_NVRAM.index());
+    let (entry, data_at) = locate(&image, slot, FileId::TPM_NVRAM.index());
+    let original = image[entry..entry + 64].to_vec();
+    let ciphertext = image[data_at..data_at + SECRET_LEN].to_vec();
     image[entry..entry + 64].fill(0);
-    let err = Vmgs::open(MemStorage::new(image), Some(&key())).unwrap_err();
+    let mut v = Vmgs::open(MemStorage::new(image.clone()), Some(&key())).unwrap();
+    assert!(matches!(
+        v.read_file(FileId::TPM_NVRAM),
+        Err(Error::NotFound(FileId::TPM_NVRAM))
+    ));
     assert!(
-        matches!(&err, Error::CorruptEntry { file, .. } if *file == FileId::TPM_NVRAM),
+        v.warnings().iter().any(|w| w.contains("TPM_NVRAM")),
+        "{:?}",
+        v.warnings()
+    );
+    // A later change does not carry the leftover key: the entry put back afterwards (the
+    // old ciphertext, in a free block, with its old nonce, tag and attributes) no longer
+    // decrypts.
+    v.write_file(FileId::ATTEST, b"report").unwrap();
+    let slot = v.active_slot();
+    let mut image = v.into_storage().bytes;
+    let (entry, _) = locate(&image, slot, FileId::TPM_NVRAM.index());
+    let free_block = 31usize;
+    image[free_block * 4096..][..SECRET_LEN].copy_from_slice(&ciphertext);
+    image[entry..entry + 64].copy_from_slice(&original);
+    image[entry..entry + 4].copy_from_slice(&(free_block as u32).to_le_bytes());
+    let mut v = Vmgs::open(MemStorage::new(image), Some(&key())).unwrap();
+    assert_eq!(v.read_file(FileId::ATTEST).unwrap(), b"report");
+    assert!(v.warnings().is_empty(), "{:?}", v.warnings());
+    assert!(
+        matches!(
+            v.read_file(FileId::TPM_NVRAM),
+            Err(Error::Unauthenticated(FileId::TPM_NVRAM))
+        ),
+        "the dropped key was used"
+    );
+}
+
+/// The host marks an entry it made "encrypted" in the (unauthenticated) file table, with
+/// contents sealed under the all-zero key, for an id the extended table holds no key for: it
+/// is refused as unauthenticated, never opened with the zero key.
+#[test]
+fn an_entry_the_host_marks_encrypted_without_a_key_is_not_opened_with_the_zero_key() {
+    use aes_gcm::aead::AeadInOut;
+    use aes_gcm::aead::KeyInit;
+    let (mut image, slot) = encrypted_image();
+    let (nvram_entry, _) = locate(&image, slot, FileId::TPM_NVRAM.index());
+    let (attest_entry, _) = locate(&image, slot, FileId::ATTEST.index());
+    let free_block = 30usize;
+    let mut forged = *b"FORGED!!";
+    let nonce = [9u8; 12];
+    let tag = aes_gcm::Aes256Gcm::new_from_slice(&[0; 32])
+        .unwrap()
+        .encrypt_inout_detached(&nonce.into(), &[], forged.as_mut_slice().into())
+        .unwrap();
+    image[free_block * 4096..][..8].copy_from_slice(&forged);
+    let mut e = image[nvram_entry..nvram_entry + 64].to_vec();
+    e[0..4].copy_from_slice(&(free_block as u32).to_le_bytes());
+    e[4..8].copy_from_slice(&1u32.to_le_bytes());
+    e[8..16].copy_from_slice(&8u64.to_le_bytes());
+    e[16..28].copy_from_slice(&nonce);
+    e[28..44].copy_from_slice(&tag);
+    e[44..48].copy_from_slice(&3u32.to_le_bytes());
+    image[attest_entry..attest_entry + 64].copy_from_slice(&e);
+    let mut v = Vmgs::open(MemStorage::new(image), Some(&key())).unwrap();
+    let err = v.read_file(FileId::ATTEST).unwrap_err();
+    assert!(
+        matches!(err, Error::Unauthenticated(FileId::ATTEST)),
         "{err}"
     );
+    assert_eq!(v.read_file(FileId::TPM_NVRAM).unwrap(), secret());
+}
+
+/// Rewrites the encrypted extended table of `image` (active header `slot`) with `change`
+/// applied to its plaintext, as only a holder of the datastore key could.
+fn rewrite_extended_table(image: &mut [u8], slot: usize, change: impl FnOnce(&mut [u8])) {
+    use aes_gcm::aead::AeadInOut;
+    use aes_gcm::aead::KeyInit;
+    let gcm = |k: &[u8]| aes_gcm::Aes256Gcm::new_from_slice(k).unwrap();
+    let h = Header::read_from_bytes(&image[slot * 512..slot * 512 + 168]).unwrap();
+    let ks = h.key_slots.iter().find(|s| !s.is_empty()).unwrap();
+    let mut metadata_key = ks.wrapped_key;
+    gcm(key().as_bytes())
+        .decrypt_inout_detached(
+            &ks.nonce.into(),
+            &[],
+            metadata_key.as_mut_slice().into(),
+            &ks.tag.into(),
+        )
+        .unwrap();
+    let (entry, at) = locate(image, slot, FileId::EXTENDED_FILE_TABLE.index());
+    let nonce: [u8; 12] = image[entry + 16..entry + 28].try_into().unwrap();
+    let tag: [u8; 16] = image[entry + 28..entry + 44].try_into().unwrap();
+    let table = &mut image[at..at + 4096];
+    gcm(&metadata_key)
+        .decrypt_inout_detached(&nonce.into(), &[], table.into(), &tag.into())
+        .unwrap();
+    change(table);
+    let tag = gcm(&metadata_key)
+        .encrypt_inout_detached(&nonce.into(), &[], table.into())
+        .unwrap();
+    image[entry + 28..entry + 44].copy_from_slice(&tag);
+}
+
+/// A leftover extended entry is accepted as the reference tool leaves it, and still refused
+/// when it is not one a writer makes.
+#[test]
+fn a_leftover_extended_entry_is_accepted_only_when_well_formed() {
+    let k = key();
+    let mut v = Vmgs::create(MemStorage::default(), 128 << 10, Some(&k)).unwrap();
+    v.write_file(FileId::TPM_NVRAM, &secret()).unwrap();
+    v.write_file(FileId::ATTEST, b"a").unwrap();
+    // Deleted without the key: the leftover entry is the one the writer made.
+    let image = v.into_storage().bytes;
+    let mut locked = Vmgs::open(MemStorage::new(image), None).unwrap();
+    locked.delete_file(FileId::TPM_NVRAM).unwrap();
+    let slot = locked.active_slot();
+    let image = locked.into_storage().bytes;
+    let mut v = Vmgs::open(MemStorage::new(image.clone()), Some(&k)).unwrap();
+    assert_eq!(v.read_file(FileId::ATTEST).unwrap(), b"a");
+    let at = FileId::TPM_NVRAM.index() * 64;
+    for (what, change) in [
+        (
+            "unknown attribute",
+            Box::new(|t: &mut [u8]| t[at] |= 4) as Box<dyn Fn(&mut [u8])>,
+        ),
+        ("reserved byte", Box::new(|t: &mut [u8]| t[at + 63] = 1)),
+    ] {
+        let mut bad = image.clone();
+        rewrite_extended_table(&mut bad, slot, change);
+        let err = Vmgs::open(MemStorage::new(bad), Some(&k)).unwrap_err();
+        assert!(
+            matches!(&err, Error::CorruptEntry { file, .. } if *file == FileId::TPM_NVRAM),
+            "{what}: {err}"
+        );
+    }
+    // An unchanged rewrite opens: the refusals above come from the changes, not the helper.
+    let mut same = image.clone();
+    rewrite_extended_table(&mut same, slot, |_| {});
+    assert!(Vmgs::open(MemStorage::new(same), Some(&k)).is_ok());
 }
 
 #[test]

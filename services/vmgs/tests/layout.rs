@@ -56,6 +56,8 @@ struct Parsed {
     encrypted: bool,
     metadata_key: Option<Vec<u8>>,
     ext_nonce: Vec<u8>,
+    /// The extended file table in the clear (as stored, for a plain file).
+    ext_table: Vec<u8>,
     files: Vec<(u32, Vec<u8>)>,
 }
 
@@ -209,6 +211,7 @@ fn minimal_read(file: &[u8], datastore_key: Option<&[u8]>) -> Parsed {
         encrypted,
         metadata_key,
         ext_nonce: ext[16..28].to_vec(),
+        ext_table,
         files,
     }
 }
@@ -312,6 +315,91 @@ fn defective_reference_file_is_rekeyed_on_its_first_change() {
         Some(vec![0; 32]),
         "rotation does not wrap the zero key"
     );
+}
+
+/// What the reference tool's `delete -f FILE -i ID` (no key) does to a file, done here from
+/// the format notes alone: a copy of the active file table without `id`, written to a free
+/// block, and a header with sequence + 1 (its CRC recomputed) in the inactive slot; the
+/// encrypted extended file table, which needs the key, is left as it is.
+fn reference_delete(file: &mut [u8], id: usize, datastore_key: &[u8]) {
+    // (The key only lets the minimal reader check the whole file first.)
+    let active = minimal_read(file, Some(datastore_key)).active_header;
+    let h = file[active * 512..active * 512 + 168].to_vec();
+    let ft = le32(&h, 24) as usize;
+    let mut table = file[ft * 4096..ft * 4096 + 4096].to_vec();
+    table[id * 64..id * 64 + 64].fill(0);
+    // The lowest block no live extent (the old table included) uses.
+    let used: Vec<(usize, usize)> = (0..64)
+        .map(|i| &table[i * 64..i * 64 + 64])
+        .filter(|e| le32(e, 4) != 0)
+        .map(|e| (le32(e, 0) as usize, le32(e, 4) as usize))
+        .chain([(ft, 1)])
+        .collect();
+    let free = (2..)
+        .find(|b| used.iter().all(|(o, n)| !(o..&(o + n)).contains(&b)))
+        .unwrap();
+    table[0..4].copy_from_slice(&(free as u32).to_le_bytes());
+    file[free * 4096..free * 4096 + 4096].copy_from_slice(&table);
+    let mut header = h.clone();
+    header[16..20].copy_from_slice(&le32(&h, 16).wrapping_add(1).to_le_bytes());
+    header[24..28].copy_from_slice(&(free as u32).to_le_bytes());
+    header[12..16].fill(0);
+    let crc = crc32(&header);
+    header[12..16].copy_from_slice(&crc.to_le_bytes());
+    let inactive = 1 - active;
+    file[inactive * 512..inactive * 512 + 168].copy_from_slice(&header);
+}
+
+/// The reference tool deletes from an encrypted file without its key and leaves the id's
+/// key in the extended table; it reads such a file, and so must we: the id is not
+/// allocated, the others read, and our next keyed change writes a clean extended table.
+/// Our own keyless delete leaves the same state.
+#[test]
+fn the_state_the_reference_delete_leaves_is_read_and_cleaned_by_the_next_write() {
+    let k = key(0x42);
+    let mut v = Vmgs::create(MemStorage::default(), 1 << 20, Some(&k)).unwrap();
+    v.write_file(FileId::TPM_PPI, b"small").unwrap();
+    v.write_file(FileId::TPM_NVRAM, &contents(9000, 3)).unwrap();
+    let before = v.storage_image();
+    let nvram_key = minimal_read(&before, Some(k.as_bytes())).ext_table[3 * 64..4 * 64].to_vec();
+    assert_ne!(nvram_key, vec![0u8; 64]);
+
+    let mut deleted = before.clone();
+    reference_delete(&mut deleted, FileId::TPM_NVRAM.index(), k.as_bytes());
+    let p = minimal_read(&deleted, Some(k.as_bytes()));
+    assert_eq!(p.files, vec![(2, b"small".to_vec())]);
+    assert_eq!(
+        p.ext_table[3 * 64..4 * 64],
+        nvram_key[..],
+        "the leftover key the reference leaves"
+    );
+
+    let mut v = Vmgs::open(MemStorage::new(deleted.clone()), Some(&k)).unwrap();
+    assert!(matches!(
+        v.file_info(FileId::TPM_NVRAM),
+        Err(pv_vmgs::Error::NotFound(FileId::TPM_NVRAM))
+    ));
+    assert_eq!(v.read_file(FileId::TPM_PPI).unwrap(), b"small");
+    v.write_file(FileId::ATTEST, b"report").unwrap();
+    let p = minimal_read(&v.storage_image(), Some(k.as_bytes()));
+    assert_eq!(
+        p.files,
+        vec![(2, b"small".to_vec()), (5, b"report".to_vec())]
+    );
+    assert_eq!(
+        p.ext_table[3 * 64..4 * 64],
+        [0u8; 64],
+        "the next write drops the leftover key"
+    );
+
+    // Our keyless delete: the same tables as the reference's.
+    let mut locked = Vmgs::open(MemStorage::new(before), None).unwrap();
+    locked.delete_file(FileId::TPM_NVRAM).unwrap();
+    let ours = minimal_read(&locked.storage_image(), Some(k.as_bytes()));
+    let theirs = minimal_read(&deleted, Some(k.as_bytes()));
+    assert_eq!(ours.files, theirs.files);
+    assert_eq!(ours.ext_table, theirs.ext_table);
+    assert_eq!(ours.sequence, theirs.sequence);
 }
 
 /// Test helper: the bytes of an in-memory store.

@@ -12,6 +12,16 @@
 //! never reaches the TPM; the refusal is counted (REFUSED in `paravisor ps`) and logged with the
 //! listener's name. Platform signals go to the TPM, which refuses them while the guest
 //! partition uses it.
+//!
+//! While it waits for the TPM the gateway keeps answering its own control channel, so that a
+//! TPM that is restarting (or in its restart back-off) never makes the supervisor's watchdog
+//! kill the gateway too. A command the TPM restarted under is sent again with its number
+//! (answered from the TPM's record if it had run: never twice). A TPM that is up but does not
+//! take commands (stopped with SIGSTOP, wedged: the supervisor marks its channel
+//! `Unresponsive`) gets each command with a deadline to start; once that has passed with the
+//! command still in the ring, the TPM will refuse it unrun, so the client is told
+//! TPM_RC_RETRY ("not started") within the deadline instead of waiting for the watchdog, and
+//! later commands get the same answer at once until the TPM takes commands again.
 #![forbid(unsafe_code)]
 
 use std::io::Read;
@@ -32,7 +42,9 @@ use ipc_defs::hosted::runtime;
 use ipc_defs::hosted::sys;
 use ipc_defs::hosted::CallError;
 use ipc_defs::hosted::ClientEnd;
+use ipc_defs::hosted::Sent;
 use ipc_defs::hosted::WaitPolicy;
+use ipc_defs::layout::ServerState;
 use ipc_defs::services::vtpm;
 use ipc_defs::services::vtpm::Localities;
 use ipc_defs::services::vtpm::TpmBytes;
@@ -43,10 +55,21 @@ use pv_vtpm::gateway::Step;
 use pv_vtpm::gateway::RC_LOCALITY;
 use pv_vtpm::server::error_response;
 
-/// Longest a TPM command may take (RSA key generation on a slow machine).
+/// Longest a TPM command may take (RSA key generation on a slow machine); the TPM's own
+/// watchdog (10 s by default) ends a longer one first.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
-/// How often a command is sent again after the TPM restarted under it.
-const RESENDS: usize = 8;
+/// How often a request is sent again after the TPM restarted under it: a TPM in a crash loop
+/// is marked failed by the supervisor long before (its channel then says `Gone`).
+const RESENDS: usize = 64;
+/// How long a request may wait in the ring of a TPM marked unresponsive before its client is
+/// told TPM_RC_RETRY: well within the default watchdog (10 s), far longer than a command
+/// waits behind another.
+const START_WITHIN: Duration = Duration::from_secs(3);
+/// Longest wait for the TPM's answer between two looks at the control channel: the
+/// supervisor pings every second and gives the answer 100 ms.
+const CONTROL_EVERY: Duration = Duration::from_millis(20);
+/// TPM_RC_RETRY: "the TPM was not able to start the command".
+const RC_RETRY: u32 = 0x922;
 /// Most connections served at once (the descriptor limit is 64); more are closed at once.
 const MAX_CLIENTS: usize = 32;
 /// How long the gateway spins for the TPM's answer before it sleeps (about one RSA-2048
@@ -168,13 +191,17 @@ fn main() -> ExitCode {
         tracing::error!("the manifest grants no vtpm channel");
         return ExitCode::FAILURE;
     };
-    let mut tpm: Tpm = end.into_typed();
+    let mut tpm = TpmLink {
+        end: end.into_typed(),
+        abandoned: None,
+        powered: None,
+    };
     // A TPM command takes from microseconds (GetRandom) to milliseconds (key generation), and
     // a client waits for each one: wait for the answer by spinning (yielding to anything else
     // runnable on this CPU) rather than by sleeping, whose cross-CPU wake-up would add ~47 us
     // to every command. On a one-CPU machine the default (sleep at once) stays.
     if WaitPolicy::default() != WaitPolicy::BLOCKING {
-        tpm.set_policy(WaitPolicy {
+        tpm.end.set_policy(WaitPolicy {
             spin: CALL_SPIN,
             spin_only: false,
         });
@@ -223,20 +250,29 @@ fn main() -> ExitCode {
         }
         let mut keep = Vec::with_capacity(clients.len());
         let mut new_data = Vec::new();
+        let mut shutdown = false;
         for (i, mut client) in clients.into_iter().enumerate() {
             let is_ready = ready.get(listeners.len() + i).copied().unwrap_or(false);
-            if !is_ready
-                || serve(
-                    &mut client,
-                    &mut started,
-                    &mut tpm,
-                    &mut seq,
-                    &mut swtpm_locality,
-                    &mut new_data,
-                )
-            {
+            if shutdown || !is_ready {
                 keep.push(client);
+                continue;
             }
+            match serve(
+                &mut client,
+                &mut started,
+                &mut tpm,
+                &mut seq,
+                &mut swtpm_locality,
+                &mut new_data,
+            ) {
+                Served::Keep => keep.push(client),
+                Served::Drop => {}
+                Served::Shutdown => shutdown = true,
+            }
+        }
+        if shutdown {
+            tracing::info!("shut down on request");
+            return ExitCode::SUCCESS;
         }
         // Data channels handed over with CMD_SET_DATAFD (QEMU's -tpmdev emulator): granted
         // what the control connection's listener is.
@@ -256,41 +292,50 @@ fn main() -> ExitCode {
 /// A data connection handed over on a control connection, with that one's grant.
 type NewData = (OwnedFd, Localities, String);
 
-/// Reads what a client sent and answers every complete request; `false` to drop it.
+/// What became of a client after its requests were answered.
+enum Served {
+    Keep,
+    Drop,
+    /// The supervisor asked the gateway to stop while it waited for the TPM.
+    Shutdown,
+}
+
+/// Reads what a client sent and answers every complete request.
 fn serve(
     client: &mut Client,
     started: &mut runtime::Started,
-    tpm: &mut Tpm,
+    tpm: &mut TpmLink,
     seq: &mut u64,
     swtpm_locality: &mut u8,
     new_data: &mut Vec<NewData>,
-) -> bool {
+) -> Served {
     let mut buf = [0u8; 8192];
     let room = client.conn.room().min(buf.len());
     if room == 0 {
-        return false;
+        return Served::Drop;
     }
     let (n, mut passed) = match client.stream.read(&mut buf[..room]) {
-        Ok((0, _)) | Err(_) => return false,
+        Ok((0, _)) | Err(_) => return Served::Drop,
         Ok(r) => r,
     };
     if !client.conn.feed(&buf[..n]) {
-        return false;
+        return Served::Drop;
     }
     loop {
         if client.conn.protocol == Protocol::SwtpmData {
             client.conn.locality = *swtpm_locality;
         }
         let Some(step) = client.conn.next_step() else {
-            return true;
+            return Served::Keep;
         };
         let reply = match step {
             Step::Command { locality, command } => {
-                match run_command(tpm, seq, locality, &command) {
-                    Some(response) => client.conn.tpm_reply(&response),
+                match run_command(tpm, started, seq, locality, &command) {
+                    Ok(response) => client.conn.tpm_reply(&response),
                     // Whether the command ran is unknown: the client must not be told to
                     // retry it (it could run twice), so the connection ends.
-                    None => return false,
+                    Err(Unanswered::Unknown) => return Served::Drop,
+                    Err(Unanswered::Shutdown) => return Served::Shutdown,
                 }
             }
             Step::Refused { what, reply } => {
@@ -298,18 +343,33 @@ fn serve(
                 reply
             }
             Step::Signal(signal) => {
-                let result = call(tpm, vtpm::Request::Platform(signal));
+                let mut result = tpm.call(started, |start_by| vtpm::Request::Platform {
+                    signal,
+                    start_by,
+                });
+                if let Outcome::NotStarted = result {
+                    // A TPM that takes nothing (stopped) will never apply it. Power on of a TPM
+                    // known to be on, NV on and cancel off change nothing, so the TPM is as
+                    // asked: what an mssim client sends whenever it connects is answered, and
+                    // the client gets to its command (and to TPM_RC_RETRY) instead of failing
+                    // to connect.
+                    if tpm.changes_nothing(signal) {
+                        result = Outcome::Answer(vtpm::Response::Done);
+                    }
+                }
+                tpm.observe(signal, &result);
                 match &result {
                     // The TPM refused it, counted and logged it (with this gateway's name).
-                    Ok(vtpm::Response::Error(e)) => tracing::debug!(
+                    Outcome::Answer(vtpm::Response::Error(e)) => tracing::debug!(
                         listener = %client.listener,
                         "platform signal {signal:?} refused by the TPM: {e}"
                     ),
+                    Outcome::Shutdown => return Served::Shutdown,
                     _ => tracing::debug!(?signal, ?result, "platform signal"),
                 }
                 let (ok, established) = match result {
-                    Ok(vtpm::Response::Done) => (true, false),
-                    Ok(vtpm::Response::Established(e)) => (true, e),
+                    Outcome::Answer(vtpm::Response::Done) => (true, false),
+                    Outcome::Answer(vtpm::Response::Established(e)) => (true, e),
                     _ => (false, false),
                 };
                 client.conn.signal_reply(ok, established)
@@ -322,9 +382,9 @@ fn serve(
             }
             Step::ReplyAndClose(bytes) => {
                 let _ = client.stream.write_all(&bytes);
-                return false;
+                return Served::Drop;
             }
-            Step::Close => return false,
+            Step::Close => return Served::Drop,
             Step::TakeDataFd(ok) => {
                 if passed.is_empty() {
                     let mut fail = (pv_vtpm::gateway::swtpm::RESULT_FAIL)
@@ -343,63 +403,215 @@ fn serve(
             }
         };
         if client.stream.write_all(&reply).is_err() {
-            return false;
+            return Served::Drop;
         }
     }
 }
 
-/// One call to the TPM, sent again (same request) if the TPM restarted meanwhile.
-fn call(tpm: &mut Tpm, request: vtpm::Request) -> Result<vtpm::Response, CallError> {
-    let mut tries = 0;
-    loop {
-        match tpm.call(
-            &endpoint::Request::Service(request.clone()),
-            COMMAND_TIMEOUT,
-        ) {
-            Ok(endpoint::Response::Service(r)) => return Ok(r),
-            Ok(_) => return Err(CallError::MalformedReply),
-            Err(CallError::PeerRestarted { .. }) if tries < RESENDS => tries += 1,
-            Err(e) => return Err(e),
+/// The TPM's channel as the gateway uses it.
+struct TpmLink {
+    end: Tpm,
+    /// A request the gateway stopped waiting for while the TPM had not taken it, past its
+    /// deadline to start (its client was told TPM_RC_RETRY). While it is still in the ring
+    /// (same epoch, not taken), the TPM takes nothing: requests are not sent but answered
+    /// "not started" at once.
+    abandoned: Option<Sent>,
+    /// Whether the TPM is powered on, as the last power signal it answered left it (`None`:
+    /// not known, e.g. before any).
+    powered: Option<bool>,
+}
+
+/// How a request to the TPM ended (returned once per request, never stored: its size, a
+/// response's, costs nothing).
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+enum Outcome {
+    /// The TPM's answer.
+    Answer(vtpm::Response),
+    /// The TPM did not start it and never will (it is up but takes nothing): the client may
+    /// send it again.
+    NotStarted,
+    /// Whether it was carried out is unknown (the TPM is gone for good, or the channel
+    /// failed).
+    Unknown(CallError),
+    /// The supervisor asked the gateway to stop meanwhile (already acknowledged).
+    Shutdown,
+}
+
+impl TpmLink {
+    /// Whether `signal` would leave the TPM exactly as it is (as far as the gateway knows).
+    fn changes_nothing(&self, signal: vtpm::Platform) -> bool {
+        match signal {
+            vtpm::Platform::NvOn | vtpm::Platform::CancelOff => true,
+            vtpm::Platform::PowerOn => self.powered == Some(true),
+            _ => false,
         }
     }
+
+    /// Keeps track of the power state from the answers to power signals.
+    fn observe(&mut self, signal: vtpm::Platform, outcome: &Outcome) {
+        if let Outcome::Answer(vtpm::Response::Done) = outcome {
+            match signal {
+                vtpm::Platform::PowerOn | vtpm::Platform::Reset => self.powered = Some(true),
+                vtpm::Platform::PowerOff => self.powered = Some(false),
+                _ => {}
+            }
+        }
+    }
+
+    /// Whether an abandoned request still blocks the ring (the TPM has taken nothing since).
+    fn stalled(&mut self) -> bool {
+        match self.abandoned {
+            Some(sent) if self.end.epoch() == sent.epoch() && !self.end.taken(sent) => true,
+            _ => {
+                self.abandoned = None;
+                false
+            }
+        }
+    }
+
+    /// One request, made by `request` with its deadline to start: sent again if the TPM
+    /// restarted under it (then without a deadline: it may have been carried out, and only
+    /// its answer, from the TPM's record, may tell) or let the deadline pass before taking it
+    /// (it was not carried out). Its answer is awaited while the gateway answers its own
+    /// control channel.
+    fn call(
+        &mut self,
+        started: &mut runtime::Started,
+        request: impl Fn(vtpm::StartBy) -> vtpm::Request,
+    ) -> Outcome {
+        if self.stalled() {
+            return Outcome::NotStarted;
+        }
+        let mut resends = 0;
+        // Whether this request may have been carried out already (the TPM restarted while it
+        // was in flight): then it is never reported as not started.
+        let mut maybe_ran = false;
+        loop {
+            let start_by = (!maybe_ran).then(|| {
+                ipc_defs::hosted::sys::monotonic_ns().saturating_add(START_WITHIN.as_nanos() as u64)
+            });
+            let sent = match self.end.start(
+                &endpoint::Request::Service(request(start_by)),
+                COMMAND_TIMEOUT,
+            ) {
+                Ok(sent) => sent,
+                Err(CallError::PeerRestarted { .. }) if resends < RESENDS => {
+                    resends += 1;
+                    continue;
+                }
+                Err(e) => return Outcome::Unknown(e),
+            };
+            let waited_since = std::time::Instant::now();
+            let answer = loop {
+                match self.end.wait_reply(sent, CONTROL_EVERY) {
+                    Ok(Some(answer)) => break Ok(answer),
+                    Ok(None) => {}
+                    Err(e) => break Err(e),
+                }
+                if !started.answer_control() {
+                    return Outcome::Shutdown;
+                }
+                if let Some(by) = start_by {
+                    if ipc_defs::hosted::sys::monotonic_ns() > by
+                        && self.end.server_state() == ServerState::Unresponsive
+                        && !self.end.taken(sent)
+                    {
+                        // Past its deadline and not taken: the TPM will refuse it unrun.
+                        tracing::warn!(
+                            "the TPM is unresponsive and has not taken a request in {:.1?}: its client is told to retry",
+                            waited_since.elapsed()
+                        );
+                        self.abandoned = Some(sent);
+                        return Outcome::NotStarted;
+                    }
+                }
+                if self.end.server_state() == ServerState::Gone {
+                    break Err(CallError::PeerRestarted {
+                        sent_in: sent.epoch(),
+                        now: self.end.epoch(),
+                    });
+                }
+                if waited_since.elapsed() > COMMAND_TIMEOUT {
+                    break Err(CallError::TimedOut(COMMAND_TIMEOUT));
+                }
+            };
+            match answer {
+                Ok(endpoint::Response::Service(vtpm::Response::Error(
+                    vtpm::VtpmError::Expired,
+                ))) if resends < RESENDS => {
+                    // Taken after its deadline (the TPM was slow, not stopped): not carried
+                    // out; send it again.
+                    resends += 1;
+                }
+                Ok(endpoint::Response::Service(r)) => return Outcome::Answer(r),
+                Ok(_) => return Outcome::Unknown(CallError::MalformedReply),
+                Err(CallError::PeerRestarted { .. })
+                    if resends < RESENDS && self.end.server_state() != ServerState::Gone =>
+                {
+                    resends += 1;
+                    maybe_ran = true;
+                }
+                Err(e) => return Outcome::Unknown(e),
+            }
+        }
+    }
+}
+
+/// Why a command got no TPM response.
+enum Unanswered {
+    /// Whether it ran is unknown.
+    Unknown,
+    /// The gateway is stopping.
+    Shutdown,
 }
 
 /// Runs a TPM command under the next command number; a TPM response (an error response if
-/// the TPM refused it), or `None` if it is unknown whether the command ran. The number makes
-/// a re-send after a TPM restart safe: never applied twice.
-fn run_command(tpm: &mut Tpm, seq: &mut u64, locality: u8, command: &[u8]) -> Option<Vec<u8>> {
+/// the TPM refused it or did not start it). The number makes a re-send after a TPM restart
+/// safe: never applied twice.
+fn run_command(
+    tpm: &mut TpmLink,
+    started: &mut runtime::Started,
+    seq: &mut u64,
+    locality: u8,
+    command: &[u8],
+) -> Result<Vec<u8>, Unanswered> {
     let Some(bytes) = TpmBytes::new(command) else {
-        return Some(error_response(pv_vtpm::server::RC_COMMAND_SIZE));
+        return Ok(error_response(pv_vtpm::server::RC_COMMAND_SIZE));
     };
     for _ in 0..2 {
         *seq += 1;
-        let request = vtpm::Request::Command {
-            seq: *seq,
+        let number = *seq;
+        let outcome = tpm.call(started, |start_by| vtpm::Request::Command {
+            seq: number,
             locality,
             command: bytes.clone(),
-        };
-        return match call(tpm, request) {
-            Ok(vtpm::Response::Tpm(r)) => Some(r.as_slice().to_vec()),
-            Ok(vtpm::Response::Error(
+            start_by,
+        });
+        return match outcome {
+            Outcome::Answer(vtpm::Response::Tpm(r)) => Ok(r.as_slice().to_vec()),
+            Outcome::Answer(vtpm::Response::Error(
                 vtpm::VtpmError::BadLocality(_)
                 | vtpm::VtpmError::NotGranted(vtpm::Right::Locality(_)),
-            )) => Some(error_response(RC_LOCALITY)),
+            )) => Ok(error_response(RC_LOCALITY)),
             // Our numbering is behind the TPM's record (the clock went back across a restart
             // of this gateway): the command was refused unrun; number it past the record.
-            Ok(vtpm::Response::Error(vtpm::VtpmError::StaleSequence { last })) => {
+            Outcome::Answer(vtpm::Response::Error(vtpm::VtpmError::StaleSequence { last })) => {
                 *seq = last;
                 continue;
             }
-            Ok(vtpm::Response::Error(e)) => {
+            Outcome::Answer(vtpm::Response::Error(e)) => {
                 tracing::warn!("TPM command failed: {e}");
-                Some(error_response(RC_FAILURE))
+                Ok(error_response(RC_FAILURE))
             }
-            Ok(_) => Some(error_response(RC_FAILURE)),
-            Err(e) => {
+            Outcome::Answer(_) => Ok(error_response(RC_FAILURE)),
+            Outcome::NotStarted => Ok(error_response(RC_RETRY)),
+            Outcome::Shutdown => Err(Unanswered::Shutdown),
+            Outcome::Unknown(e) => {
                 tracing::warn!("TPM unreachable: {e}; closing the client's connection");
-                None
+                Err(Unanswered::Unknown)
             }
         };
     }
-    Some(error_response(RC_FAILURE))
+    Ok(error_response(RC_FAILURE))
 }

@@ -146,6 +146,14 @@ fn main() -> ExitCode {
     started.serve(
         Interface::Vtpm,
         move |_context, caller, request: vtpm::Request| {
+            // Taken after its deadline to start: its client has told its own client that it
+            // did not start (TPM_RC_RETRY), so it must not.
+            if request
+                .start_by()
+                .is_some_and(|by| ipc_defs::hosted::sys::monotonic_ns() > by)
+            {
+                return Response::Service(vtpm::Response::Error(vtpm::VtpmError::Expired));
+            }
             let what = describe(&request);
             let grant = vtpm_grant(caller.grant);
             let response = tpm.handle(&caller.name, &grant, request);
@@ -175,7 +183,7 @@ fn vtpm_grant(grant: Grant) -> VtpmGrant {
 fn describe(request: &vtpm::Request) -> String {
     match request {
         vtpm::Request::Command { locality, .. } => format!("TPM command at locality {locality}"),
-        vtpm::Request::Platform(p) => format!("platform signal {p:?}"),
+        vtpm::Request::Platform { signal, .. } => format!("platform signal {signal:?}"),
         vtpm::Request::Mmio(a) => format!("register access at {:#x} (vCPU {})", a.address, a.vcpu),
     }
 }

@@ -387,10 +387,13 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
     /// Answers one request of `client`, whose channel carries `grant`.
     pub fn handle(&mut self, client: &str, grant: &VtpmGrant, request: Request) -> Response {
         let response = match request {
+            // The deadline to start is checked by the process that takes the request off its
+            // ring (it reads the clock); the library runs what it is given.
             Request::Command {
                 seq,
                 locality,
                 command,
+                start_by: _,
             } => {
                 if grant.commands.is_empty() || !self.clients.keeps_record(client) {
                     Response::Error(VtpmError::NotGranted(Right::Commands))
@@ -402,7 +405,7 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
                     self.command(client, seq, locality, command.as_slice())
                 }
             }
-            Request::Platform(signal) => {
+            Request::Platform { signal, .. } => {
                 if !grant.platform {
                     Response::Error(VtpmError::NotGranted(Right::Platform))
                 } else if self.guest_uses_it() && !self.leaves_tpm_as_it_is(signal) {

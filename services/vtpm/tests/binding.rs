@@ -107,6 +107,7 @@ fn guest(tpm: &mut Tpm<Disk, Region>, command: &[u8]) -> Vec<u8> {
             seq: SEQ.fetch_add(1, Ordering::Relaxed),
             locality: 0,
             command: TpmBytes::new(command).expect("fits"),
+            start_by: None,
         },
     ) {
         Response::Tpm(r) => r.as_slice().to_vec(),
@@ -333,7 +334,7 @@ fn a_tpm_waiting_for_its_firmware_is_bound_and_left_waiting() {
     let e = binding::bind(&mut tpm, &mut FakePlatform::default()).unwrap_err();
     assert!(matches!(e, BindError::NotStarted), "{e}");
     // And a TPM the platform powered off is not touched.
-    tpm.handle("client", &CLIENT, Request::Platform(Platform::PowerOff));
+    tpm.handle("client", &CLIENT, Request::platform(Platform::PowerOff));
     let e = binding::bind(&mut tpm, &mut FakePlatform::default()).unwrap_err();
     assert!(matches!(e, BindError::PoweredOff), "{e}");
 }

@@ -69,6 +69,7 @@ fn cmd(tpm: &mut Tpm<Disk, Region>, seq: u64, bytes: &[u8]) -> Vec<u8> {
             seq,
             locality: 0,
             command: TpmBytes::new(bytes).unwrap(),
+            start_by: None,
         },
     ) {
         Response::Tpm(r) => r.as_slice().to_vec(),
@@ -148,7 +149,7 @@ fn the_tpm_starts_extends_and_resumes_after_a_crash_with_the_same_pcrs() {
 
     // A power cycle is a fresh boot: PCRs reset, Startup needed again.
     assert_eq!(
-        tpm.handle("test", &TEST, Request::Platform(Platform::Reset)),
+        tpm.handle("test", &TEST, Request::platform(Platform::Reset)),
         Response::Done
     );
     assert_eq!(
@@ -298,7 +299,7 @@ fn a_powered_off_tpm_stays_off_across_a_restart() {
     let (disk, region) = (Disk::default(), Region::new(256 << 10));
     let mut tpm = start(&disk, &region);
     assert_eq!(
-        tpm.handle("test", &TEST, Request::Platform(Platform::PowerOff)),
+        tpm.handle("test", &TEST, Request::platform(Platform::PowerOff)),
         Response::Done
     );
     drop(tpm);
@@ -311,13 +312,14 @@ fn a_powered_off_tpm_stays_off_across_a_restart() {
             Request::Command {
                 seq: 1,
                 locality: 0,
-                command: TpmBytes::new(&STARTUP_CLEAR).unwrap()
+                command: TpmBytes::new(&STARTUP_CLEAR).unwrap(),
+                start_by: None,
             }
         ),
         Response::Error(_)
     ));
     assert_eq!(
-        tpm.handle("test", &TEST, Request::Platform(Platform::PowerOn)),
+        tpm.handle("test", &TEST, Request::platform(Platform::PowerOn)),
         Response::Done
     );
     assert_eq!(rc(&cmd(&mut tpm, 2, &STARTUP_CLEAR)), 0);
@@ -378,6 +380,7 @@ fn every_request_beyond_the_callers_grant_is_refused_and_leaves_the_tpm_as_it_wa
         seq,
         locality,
         command: TpmBytes::new(&GET_RANDOM_32).unwrap(),
+        start_by: None,
     };
     let nothing = VtpmGrant::NONE;
     let locality_0 = VtpmGrant {
@@ -390,7 +393,7 @@ fn every_request_beyond_the_callers_grant_is_refused_and_leaves_the_tpm_as_it_wa
         (
             "test",
             nothing,
-            Request::Platform(Platform::PowerOff),
+            Request::platform(Platform::PowerOff),
             Right::Platform,
         ),
         (
@@ -437,7 +440,7 @@ fn platform_signals_that_would_change_the_tpm_are_refused_while_a_guest_uses_it(
         Platform::ResetEstablished { locality: 4 },
     ] {
         assert_eq!(
-            tpm.handle("test", &TEST, Request::Platform(signal)),
+            tpm.handle("test", &TEST, Request::platform(signal)),
             Response::Error(VtpmError::GuestUsesTpm),
             "{signal:?}"
         );
@@ -452,7 +455,7 @@ fn platform_signals_that_would_change_the_tpm_are_refused_while_a_guest_uses_it(
     ] {
         assert!(
             !matches!(
-                tpm.handle("test", &TEST, Request::Platform(signal)),
+                tpm.handle("test", &TEST, Request::platform(signal)),
                 Response::Error(_)
             ),
             "{signal:?}"
