@@ -105,13 +105,12 @@ fn a_log_file_is_appended_private_and_refused_through_a_link_or_when_another_use
     let files = scratch_dir("log-file");
     let path = files.join("paravisor.log");
     let file = path.to_str().unwrap();
-    for run in 0..2 {
-        let mut inst = Instance::start_with(
-            &format!("log-file-{run}"),
-            &manifest(),
-            1,
-            &["--log-file", file],
-        );
+    // The second run has it from a host file (`run --host`), as an installation sets it.
+    let host = files.join("host.toml");
+    std::fs::write(&host, format!("log-file = \"{file}\"\n")).unwrap();
+    let host = host.to_str().unwrap();
+    for (run, args) in [["--log-file", file], ["--host", host]].iter().enumerate() {
+        let mut inst = Instance::start_with(&format!("log-file-{run}"), &manifest(), 1, args);
         assert_eq!(inst.stop().code(), Some(0));
         // The log went to the file, not to stderr.
         assert!(!inst.log().contains("launch measurement"), "{}", inst.log());
