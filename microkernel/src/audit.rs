@@ -605,7 +605,11 @@ pub fn configuration_text(m: &Manifest) -> String {
         c["measured_bytes"], &c["measured_sha384"].as_str().unwrap_or_default()[..16]
     );
     let _ = writeln!(out, "  top level: {}", list_of(&c["measured"]));
-    let _ = writeln!(out, "  per service: {}", list_of(&c["measured_per_service"]));
+    let _ = writeln!(
+        out,
+        "  per service: {}",
+        list_of(&c["measured_per_service"])
+    );
     let _ = writeln!(
         out,
         "host settings (not measured; the manifest's value is a default, `paravisor run --host FILE` overrides it, flags override both):"
@@ -642,10 +646,7 @@ pub fn configuration(m: &Manifest) -> serde_json::Value {
             .map(|o| o.keys().cloned().collect())
             .unwrap_or_default()
     };
-    let per_service = measured["services"]
-        .get(0)
-        .map(keys)
-        .unwrap_or_default();
+    let per_service = measured["services"].get(0).map(keys).unwrap_or_default();
     let listeners: Vec<String> = m
         .services
         .iter()
@@ -666,7 +667,10 @@ pub fn configuration(m: &Manifest) -> serde_json::Value {
             "listen" => Some(if listeners.is_empty() {
                 "none declared".into()
             } else {
-                format!("none bound unless asked; declared: {}", listeners.join(", "))
+                format!(
+                    "none bound unless asked; declared: {}",
+                    listeners.join(", ")
+                )
             }),
             "log-format" => Some("text".into()),
             _ => None,

@@ -179,8 +179,9 @@ mod tests {
     const KEY_ID: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 
     fn manifest(attest: &str) -> Manifest {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifest.toml"))
-            .unwrap();
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifest.toml"))
+                .unwrap();
         let text = text.replacen("\n[attest]\n", &format!("\n[attest]\n{attest}\n"), 1);
         Manifest::parse(Path::new("manifest.toml"), &text).unwrap()
     }

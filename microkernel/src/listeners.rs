@@ -335,7 +335,8 @@ pub fn accepted_sockets(bound: &[Listening]) -> std::collections::BTreeSet<u64> 
         let text = std::fs::read_to_string("/proc/self/net/unix").unwrap_or_default();
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
-            if let (Some(inode), Some(path)) = (f.get(6).and_then(|i| i.parse::<u64>().ok()), f.get(7))
+            if let (Some(inode), Some(path)) =
+                (f.get(6).and_then(|i| i.parse::<u64>().ok()), f.get(7))
             {
                 if paths.iter().any(|p| p.as_str() == *path) {
                     inodes.insert(inode);

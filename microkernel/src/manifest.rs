@@ -2408,12 +2408,19 @@ mod tests {
         assert_eq!(measured(&host), base);
         // What a service may do is measured: a limit, a grant, the sealing policy.
         for (from, to) in [
-            ("memory = \"128M\", open-files = 32 }", "memory = \"256M\", open-files = 32 }"),
+            (
+                "memory = \"128M\", open-files = 32 }",
+                "memory = \"256M\", open-files = 32 }",
+            ),
             ("sealing = \"measurement\"", "sealing = \"platform\""),
             ("backoff = \"50ms\"", "backoff = \"60ms\""),
         ] {
             assert!(text.contains(from), "{from}");
-            assert_ne!(measured(&text.replacen(from, to, 1)), base, "{from} -> {to}");
+            assert_ne!(
+                measured(&text.replacen(from, to, 1)),
+                base,
+                "{from} -> {to}"
+            );
         }
         let json: serde_json::Value = serde_json::from_slice(&base).unwrap();
         assert_eq!(json["format"], MEASURED_CONFIG_FORMAT);
@@ -2433,7 +2440,8 @@ mod tests {
 
     #[test]
     fn canonical_json_sorts_keys_at_every_depth() {
-        let a: serde_json::Value = serde_json::from_str(r#"{"b":1,"a":{"d":[{"y":1,"x":2}],"c":null}}"#).unwrap();
+        let a: serde_json::Value =
+            serde_json::from_str(r#"{"b":1,"a":{"d":[{"y":1,"x":2}],"c":null}}"#).unwrap();
         assert_eq!(
             String::from_utf8(canonical_json(&a)).unwrap(),
             r#"{"a":{"c":null,"d":[{"x":2,"y":1}]},"b":1}"#

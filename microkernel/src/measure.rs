@@ -792,7 +792,11 @@ pub fn paravisor_changes(then: &LaunchLog, now: &LaunchLog) -> Vec<String> {
         }
     };
     let own = |l: &LaunchLog| -> Vec<Entry> {
-        l.entries.iter().filter(|e| !e.kind.is_guest()).cloned().collect()
+        l.entries
+            .iter()
+            .filter(|e| !e.kind.is_guest())
+            .cloned()
+            .collect()
     };
     let (old, new) = (own(then), own(now));
     let mut changes = Vec::new();
@@ -950,11 +954,20 @@ mod tests {
             ],
             Some(other),
         );
-        assert_ne!(changed.paravisor_measurement(), alone.paravisor_measurement());
+        assert_ne!(
+            changed.paravisor_measurement(),
+            alone.paravisor_measurement()
+        );
         let c = paravisor_changes(&alone, &changed);
         assert_eq!(c.len(), 2, "{c:#?}");
-        assert_eq!(c[0], "the measured configuration changed: services[a].max: 1 -> 2");
-        assert!(c[1].starts_with("service a (pv-a) changed (1 -> 2 bytes"), "{c:#?}");
+        assert_eq!(
+            c[0],
+            "the measured configuration changed: services[a].max: 1 -> 2"
+        );
+        assert!(
+            c[1].starts_with("service a (pv-a) changed (1 -> 2 bytes"),
+            "{c:#?}"
+        );
         // A config that is not the measured one is not believed: the entry is named instead.
         let mut forged = changed.clone();
         forged.config = Some(config);

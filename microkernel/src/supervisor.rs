@@ -2666,7 +2666,10 @@ impl Supervisor {
             }
         };
         let log = serde_json::to_vec_pretty(&self.launch_log).unwrap_or_default();
-        for (name, bytes) in [(LAUNCH_LOG, log), ("reason.txt", format!("{why}\n").into_bytes())] {
+        for (name, bytes) in [
+            (LAUNCH_LOG, log),
+            ("reason.txt", format!("{why}\n").into_bytes()),
+        ] {
             if let Err(e) = dir.replace(Path::new(name), &bytes, 0o644) {
                 tracing::warn!("{} not written: {e}", dir.shown(Path::new(name)).display());
             }
@@ -2741,7 +2744,6 @@ impl Supervisor {
             )
         }
     }
-
 
     /// Platform requests of service `i` refused as reserved to the microkernel.
     fn platform_refusals(&self, i: usize) -> u64 {

@@ -338,7 +338,10 @@ fn audit_says_which_settings_are_measured_and_which_the_host_chooses() {
         .iter()
         .map(|k| k.as_str().unwrap())
         .collect();
-    assert!(measured.contains(&"services") && measured.contains(&"attest"), "{measured:?}");
+    assert!(
+        measured.contains(&"services") && measured.contains(&"attest"),
+        "{measured:?}"
+    );
     assert!(!measured.contains(&"state_dir"), "{measured:?}");
     let host: Vec<&str> = c["host_settings"]
         .as_array()
@@ -346,7 +349,14 @@ fn audit_says_which_settings_are_measured_and_which_the_host_chooses() {
         .iter()
         .map(|h| h["key"].as_str().unwrap())
         .collect();
-    for key in ["state-dir", "platform-dir", "key-release", "listen", "log-format", "log-file"] {
+    for key in [
+        "state-dir",
+        "platform-dir",
+        "key-release",
+        "listen",
+        "log-format",
+        "log-file",
+    ] {
         assert!(host.contains(&key), "{key} not among {host:?}");
     }
     let log = measurement(&paravisor(), &["--no-guest"]);

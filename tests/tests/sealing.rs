@@ -173,7 +173,11 @@ impl Release {
             std::thread::sleep(Duration::from_millis(50));
         }
         let out = child.wait_with_output().unwrap();
-        assert!(!out.status.success(), "paravisor {args:?} succeeded: {}", text(&out));
+        assert!(
+            !out.status.success(),
+            "paravisor {args:?} succeeded: {}",
+            text(&out)
+        );
         text(&out)
     }
 
@@ -802,9 +806,15 @@ fn a_refused_start_names_the_changed_field_writes_only_refused_and_gives_three_w
         .iter()
         .map(|p| (p.clone(), after.remove(p).unwrap()))
         .collect();
-    assert_eq!(after, before, "a refused start changed the state outside refused/");
+    assert_eq!(
+        after, before,
+        "a refused start changed the state outside refused/"
+    );
     let reason = String::from_utf8(record[Path::new("refused/reason.txt")].clone()).unwrap();
-    assert!(reason.contains("services[intercept].limits.memory"), "{reason}");
+    assert!(
+        reason.contains("services[intercept].limits.memory"),
+        "{reason}"
+    );
     let log: serde_json::Value =
         serde_json::from_slice(&record[Path::new("refused/launch-log.json")]).unwrap();
     let intercept = &log["config"]["services"][0];
@@ -838,13 +848,20 @@ fn comments_layout_and_host_settings_leave_the_seal_opening() {
         ),
     )
     .unwrap();
-    let mut child = r.start_in("second.log", &r.state(), &["--host", host.to_str().unwrap()]);
+    let mut child = r.start_in(
+        "second.log",
+        &r.state(),
+        &["--host", host.to_str().unwrap()],
+    );
     r.wait_up(&mut child, "second.log", &r.state());
     // The host file's listener is bound.
     let random = swtpm_get_random(port);
     assert_eq!(&random[6..10], &[0, 0, 0, 0], "TPM_RC_SUCCESS: {random:?}");
     let log = r.stop(child, "second.log", &r.state());
-    assert!(log.contains("unsealed (sealed under policy measurement)"), "{log}");
+    assert!(
+        log.contains("unsealed (sealed under policy measurement)"),
+        "{log}"
+    );
     let _ = std::fs::remove_dir_all(&r.dir);
 }
 
@@ -890,15 +907,21 @@ fn two_instances_run_side_by_side_from_one_manifest() {
             serde_json::from_slice(&std::fs::read(dir.join("launch-log.json")).unwrap()).unwrap();
         log["measurement"].as_str().unwrap().to_string()
     };
-    assert_eq!(measurement(&a), measurement(&b), "one release, one measurement");
+    assert_eq!(
+        measurement(&a),
+        measurement(&b),
+        "one release, one measurement"
+    );
     let (pid_a, pid_b) = (
         serde_json::from_slice::<Vec<serde_json::Value>>(
-            &r.pv(&["ps", "--json", "--state-dir", a.to_str().unwrap()]).stdout,
+            &r.pv(&["ps", "--json", "--state-dir", a.to_str().unwrap()])
+                .stdout,
         )
         .unwrap()[0]["pid"]
             .clone(),
         serde_json::from_slice::<Vec<serde_json::Value>>(
-            &r.pv(&["ps", "--json", "--state-dir", b.to_str().unwrap()]).stdout,
+            &r.pv(&["ps", "--json", "--state-dir", b.to_str().unwrap()])
+                .stdout,
         )
         .unwrap()[0]["pid"]
             .clone(),
@@ -924,7 +947,11 @@ fn vmgs_reseal_opens_no_listener() {
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = held.local_addr().unwrap().port();
     let host = r.dir.join("host.toml");
-    std::fs::write(&host, format!("listen = [\"swtpm-data=127.0.0.1:{port}\"]\n")).unwrap();
+    std::fs::write(
+        &host,
+        format!("listen = [\"swtpm-data=127.0.0.1:{port}\"]\n"),
+    )
+    .unwrap();
     let state = r.state();
     let args = [
         r.manifest.to_str().unwrap(),
@@ -934,7 +961,10 @@ fn vmgs_reseal_opens_no_listener() {
         host.to_str().unwrap(),
     ];
     let run = r.refused_with(&[&["run", "--no-guest"][..], &args[..]].concat());
-    assert!(run.contains(&port.to_string()), "run binds the host file's port: {run}");
+    assert!(
+        run.contains(&port.to_string()),
+        "run binds the host file's port: {run}"
+    );
     let out = r.pv(&[&["vmgs", "reseal", "--no-guest"][..], &args[..]].concat());
     assert!(out.status.success(), "{}", text(&out));
     assert!(
@@ -971,12 +1001,22 @@ fn run_with_the_guest_then_without_shares_the_sealed_state() {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        assert!(Instant::now() < deadline, "the guest run hangs:\n{}", r.log("guest.log"));
+        assert!(
+            Instant::now() < deadline,
+            "the guest run hangs:\n{}",
+            r.log("guest.log")
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     let first = r.log("guest.log");
-    assert!(status.success(), "the guest run failed ({status}):\n{first}");
-    assert!(first.contains("sealed (policy measurement) in its HW_KEY_PROTECTOR"), "{first}");
+    assert!(
+        status.success(),
+        "the guest run failed ({status}):\n{first}"
+    );
+    assert!(
+        first.contains("sealed (policy measurement) in its HW_KEY_PROTECTOR"),
+        "{first}"
+    );
     let second = r.run_once("no-guest.log");
     assert!(
         second.contains("unsealed (sealed under policy measurement)"),

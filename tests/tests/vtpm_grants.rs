@@ -459,7 +459,8 @@ fn front_ends_are_off_unless_the_host_asks_for_them_and_tcp_is_announced() {
     // accepted from its listener, which the audit knows from any other descriptor (it was
     // flagged, at random, when a test's connection had not been closed yet).
     let mut held = TcpStream::connect(("127.0.0.1", port(&manifest, "mssim-command"))).unwrap();
-    held.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let mut frame = 8u32.to_be_bytes().to_vec();
     frame.push(0);
     frame.extend_from_slice(&(GET_RANDOM_8.len() as u32).to_be_bytes());

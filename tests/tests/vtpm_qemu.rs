@@ -80,7 +80,10 @@ fn qemus_default_firmware_measures_pcrs_0_to_7_into_our_tpm() {
         .contains("No bootable device")
     {
         if let Some(status) = qemu.0.try_wait().unwrap() {
-            panic!("qemu ended ({status}) before its firmware was done:\n{}", inst.log());
+            panic!(
+                "qemu ended ({status}) before its firmware was done:\n{}",
+                inst.log()
+            );
         }
         assert!(Instant::now() < deadline, "SeaBIOS hangs:\n{}", inst.log());
         std::thread::sleep(Duration::from_millis(100));
