@@ -29,6 +29,7 @@ use std::os::fd::FromRawFd;
 use std::os::fd::OwnedFd;
 use std::os::fd::RawFd;
 use std::path::Path;
+use std::path::PathBuf;
 
 use bitflags::bitflags;
 
@@ -101,6 +102,9 @@ pub struct SpawnPlan {
     /// The tmpfs root's mount options (its size fits the library copies).
     root_options: CString,
     root_entries: Vec<RootEntry>,
+    /// For each copy in `root_entries`, in order: the file of the [`LibraryStore`] to
+    /// bind-mount instead ([`SpawnPlan::bind_from`]); empty: the child copies.
+    bind_sources: Vec<CString>,
     hostname: Vec<u8>,
     /// `/dev/null`, for stdin (and stdout and stderr without [`SpawnPlan::set_output`]).
     dev_null: OwnedFd,
@@ -263,6 +267,7 @@ impl SpawnPlan {
             new_root: cstr(&new_root.to_string_lossy()).map_err(prep)?,
             root_options: cstr(&format!("size={}k,mode=0755", root_bytes / 1024)).map_err(prep)?,
             root_entries,
+            bind_sources: Vec::new(),
             hostname: hostname.as_bytes().to_vec(),
             dev_null,
             output: None,
@@ -274,6 +279,21 @@ impl SpawnPlan {
     /// [`output_pipe`]s; the plan holds them until it is dropped after the spawn).
     pub fn set_output(&mut self, stdout: OwnedFd, stderr: OwnedFd) {
         self.output = Some((stdout, stderr));
+    }
+
+    /// The child binds its libraries from `store` instead of copying them (all or none: only
+    /// if the store holds every one).
+    pub fn bind_from(&mut self, store: &LibraryStore) {
+        let sources: Option<Vec<CString>> = self
+            .root_entries
+            .iter()
+            .filter_map(|e| match e {
+                RootEntry::Copy { target, .. } => Some(target),
+                RootEntry::Dir(_) => None,
+            })
+            .map(|target| store.source_of(target))
+            .collect();
+        self.bind_sources = sources.unwrap_or_default();
     }
 
     /// The service runs as `identity` (see [`Identity`]).
@@ -580,7 +600,10 @@ impl SpawnPlan {
                         RootEntry::Dir(path) => libc::mkdir(path.as_ptr(), 0o755) == 0,
                         RootEntry::Copy { target, length, .. } => {
                             copy += 1;
-                            copy_file(code_fds[copy - 1], target, *length)
+                            match self.bind_sources.get(copy - 1) {
+                                Some(source) => bind_file(source, target),
+                                None => copy_file(code_fds[copy - 1], target, *length),
+                            }
                         }
                     };
                     if !ok {
@@ -844,6 +867,169 @@ unsafe fn copy_file(source: RawFd, target: &CString, length: u64) -> bool {
             }
         }
         libc::close(out) == 0
+    }
+}
+
+/// In the child: an empty file `target` with `source` bind-mounted over it. Raw syscalls
+/// only.
+///
+/// # Safety
+/// SAFETY: called only in the forked child, with strings prepared before the fork.
+unsafe fn bind_file(source: &CString, target: &CString) -> bool {
+    // SAFETY: open/close/mount with valid C strings.
+    unsafe {
+        let out = libc::open(
+            target.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+            0o555,
+        );
+        if out < 0 || libc::close(out) != 0 {
+            return false;
+        }
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        ) == 0
+    }
+}
+
+/// One read-only tmpfs holding a single copy of every library the services map, which
+/// each service's root binds its libraries from instead of holding copies of its own (one
+/// libc for all services instead of one each).
+///
+/// It lives in a mount namespace of the spawner thread's own (`unshare(CLONE_FS |
+/// CLONE_NEWNS)`), so the host never sees it and it goes with the process; each service is
+/// cloned from that thread, so its namespace starts as a copy that holds the store. Filled
+/// from the sealed images of the measured libraries, then made read-only (the superblock,
+/// so every bind of it is read-only too). Needs root: an unprivileged microkernel cannot
+/// make a mount namespace outside a user namespace, and its services copy as before.
+pub struct LibraryStore {
+    /// Where it is mounted (absolute).
+    dir: PathBuf,
+    /// The sandbox paths it holds (relative, as [`RootEntry::Copy`] targets are).
+    files: Vec<CString>,
+}
+
+impl LibraryStore {
+    /// Makes the store at `dir` with `libraries` (sealed image, length, sandbox path) in
+    /// the calling thread's new mount namespace. Call on the spawner thread, before its
+    /// filter (which has no unshare).
+    pub fn create(dir: &Path, libraries: &[(OwnedFd, u64, String)]) -> io::Result<LibraryStore> {
+        let os = |what: &str| {
+            let e = io::Error::last_os_error();
+            io::Error::new(e.kind(), format!("{what}: {e}"))
+        };
+        std::fs::create_dir_all(dir)?;
+        let dir = std::fs::canonicalize(dir)?;
+        // SAFETY: unshare on the calling thread only (CLONE_FS makes its root, cwd and umask
+        // its own, which a new mount namespace needs in a process with other threads).
+        if unsafe { libc::unshare(libc::CLONE_FS | libc::CLONE_NEWNS) } != 0 {
+            return Err(os("unshare(CLONE_FS | CLONE_NEWNS)"));
+        }
+        // SAFETY: a valid mode; affects this thread's fs only (just unshared).
+        unsafe { libc::umask(0o022) };
+        // SAFETY: valid C strings and null data, as mount(2) takes them.
+        if unsafe {
+            libc::mount(
+                c"none".as_ptr(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            )
+        } != 0
+        {
+            return Err(os("making the spawner's mounts private"));
+        }
+        let mut unique: Vec<&(OwnedFd, u64, String)> = Vec::new();
+        for l in libraries {
+            if !unique.iter().any(|u| u.2 == l.2) {
+                unique.push(l);
+            }
+        }
+        let bytes: u64 = 64 * 1024
+            + unique
+                .iter()
+                .map(|(_, length, _)| length.div_ceil(4096) * 4096 + 4096)
+                .sum::<u64>();
+        let c_dir = cstr(&dir.to_string_lossy())?;
+        let options = cstr(&format!("size={}k,mode=0755", bytes / 1024))?;
+        // SAFETY: valid C strings, as mount(2) takes them.
+        if unsafe {
+            libc::mount(
+                c"pv-library-store".as_ptr(),
+                c_dir.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                options.as_ptr().cast(),
+            )
+        } != 0
+        {
+            return Err(os("mounting the library store"));
+        }
+        let mut files = Vec::new();
+        for (image, length, path) in unique {
+            let rel = path.trim_start_matches('/');
+            if rel
+                .split('/')
+                .any(|p| p.is_empty() || p == "." || p == "..")
+            {
+                return Err(io::Error::other(format!("unusable library path {path}")));
+            }
+            let target = dir.join(rel);
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let c_target = cstr(&target.to_string_lossy())?;
+            // SAFETY: a descriptor we hold and a valid C string; copy_file only uses raw
+            // syscalls and reads the image from offset 0 without moving its offset.
+            if !unsafe { copy_file(image.as_raw_fd(), &c_target, *length) } {
+                return Err(os(&format!("copying {path} into the library store")));
+            }
+            files.push(cstr(rel)?);
+        }
+        // SAFETY: valid C strings, as mount(2) takes them.
+        if unsafe {
+            libc::mount(
+                std::ptr::null(),
+                c_dir.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+                std::ptr::null(),
+            )
+        } != 0
+        {
+            return Err(os("making the library store read-only"));
+        }
+        Ok(LibraryStore { dir, files })
+    }
+
+    /// The store's file for sandbox path `target` (relative), if it holds it.
+    fn source_of(&self, target: &CString) -> Option<CString> {
+        self.files
+            .contains(target)
+            .then(|| {
+                cstr(
+                    &self
+                        .dir
+                        .join(target.to_string_lossy().as_ref())
+                        .to_string_lossy(),
+                )
+                .ok()
+            })
+            .flatten()
+    }
+
+    /// Files it holds.
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
     }
 }
 

@@ -18,6 +18,7 @@ use std::sync::mpsc;
 
 use seccompiler::BpfProgram;
 
+use crate::sandbox::LibraryStore;
 use crate::sandbox::Namespaces;
 use crate::sandbox::SpawnError;
 use crate::sandbox::SpawnPlan;
@@ -37,13 +38,33 @@ pub struct Spawner {
 impl Spawner {
     /// Starts the thread, which installs `filters` before it takes a request; fails if it
     /// cannot. Call with the signals the process handles itself already blocked (the thread
-    /// inherits the mask).
-    pub fn start(filters: Vec<BpfProgram>) -> io::Result<Spawner> {
+    /// inherits the mask). With `store` (a directory and the libraries: sealed image, length,
+    /// sandbox path), the thread first makes a [`LibraryStore`] there that every service
+    /// binds its libraries from; where it cannot (not root), services copy them as before.
+    pub fn start(
+        filters: Vec<BpfProgram>,
+        store: Option<(std::path::PathBuf, Vec<(std::os::fd::OwnedFd, u64, String)>)>,
+    ) -> io::Result<Spawner> {
         let (requests, incoming) = mpsc::channel::<Request>();
         let (ready, confined) = mpsc::channel();
         std::thread::Builder::new()
             .name(crate::thread_filters::SPAWNER_THREAD.into())
             .spawn(move || {
+                let store = store.and_then(|(dir, libraries)| {
+                    match LibraryStore::create(&dir, &libraries) {
+                        Ok(store) => {
+                            tracing::info!(
+                                libraries = store.len(),
+                                "library store made: services bind their libraries from one read-only copy"
+                            );
+                            Some(store)
+                        }
+                        Err(e) => {
+                            tracing::info!("no library store ({e}): each service root holds copies of its libraries");
+                            None
+                        }
+                    }
+                });
                 let installed = crate::thread_filters::install(&filters);
                 let confined = installed.is_ok();
                 let _ = ready.send(installed);
@@ -53,6 +74,10 @@ impl Spawner {
                     reply,
                 })) = confined.then(|| incoming.recv())
                 {
+                    let mut plan = plan;
+                    if let Some(store) = &store {
+                        plan.bind_from(store);
+                    }
                     let result = plan.spawn(namespaces);
                     drop(plan);
                     let _ = reply.send(result);

@@ -1011,8 +1011,16 @@ impl Supervisor {
     /// mask is set: the threads inherit it.
     fn confine(&mut self) -> Result<(), RunError> {
         if self.spawner.is_none() {
+            // One copy of every service's libraries, for all of them (see LibraryStore).
+            let mut libraries = Vec::new();
+            for s in &self.services {
+                for (fd, length, path) in &s.code {
+                    libraries.push((fd.try_clone()?, *length, path.clone()));
+                }
+            }
             self.spawner = Some(crate::spawner::Spawner::start(
                 self.filters.spawner.clone(),
+                Some((self.state_dir.join(".sandbox-store"), libraries)),
             )?);
         }
         self.start_platform()?;

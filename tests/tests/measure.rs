@@ -9,13 +9,13 @@ use std::process::Command;
 use common::*;
 
 fn measurement(paravisor: &Path, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(paravisor)
-        .arg("measure")
-        .arg(shipped_manifest())
-        .args(args)
-        .arg("--json")
-        .output()
-        .expect("paravisor measure");
+    let out = output_of(
+        Command::new(paravisor)
+            .arg("measure")
+            .arg(shipped_manifest())
+            .args(args)
+            .arg("--json"),
+    );
     assert!(out.status.success(), "{}", text(&out));
     serde_json::from_slice(&out.stdout).expect("json")
 }
@@ -239,13 +239,13 @@ fn paths_and_working_directory_do_not_change_the_measurement() {
     std::fs::write(&guest, b"not really a kernel, but measured all the same").unwrap();
     std::fs::copy(&guest, install.join("other-name")).unwrap();
     let measure = |cwd: &Path, exe: &Path, args: &[&str]| -> serde_json::Value {
-        let out = Command::new(exe)
-            .current_dir(cwd)
-            .arg("measure")
-            .args(args)
-            .arg("--json")
-            .output()
-            .unwrap();
+        let out = output_of(
+            Command::new(exe)
+                .current_dir(cwd)
+                .arg("measure")
+                .args(args)
+                .arg("--json"),
+        );
         assert!(out.status.success(), "{}", text(&out));
         serde_json::from_slice(&out.stdout).unwrap()
     };

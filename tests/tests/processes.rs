@@ -85,6 +85,63 @@ fn shipped_manifest_runs_all_six_sandboxed_and_live_audit_passes() {
     );
 }
 
+/// "device inode" of the file process `pid` maps at `path`.
+fn mapped_file(pid: i32, path: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .ok()?
+        .lines()
+        .find(|l| l.ends_with(path))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            format!("{} {}", f[3], f[4])
+        })
+}
+
+/// As root, the services' libraries are one read-only copy (the spawner's library store)
+/// that every root binds from, not one copy per service; the host never sees the store.
+#[test]
+fn services_share_one_read_only_copy_of_their_libraries() {
+    let test = "services_share_one_read_only_copy_of_their_libraries";
+    // (Root, as the store needs: unprivileged runs copy.)
+    if !sandbox_available(test) {
+        return;
+    }
+    let inst = Instance::start("store", &shipped(), SERVICES.len());
+    let libc_path = "/lib/x86_64-linux-gnu/libc.so.6";
+    let files: Vec<String> = SERVICES
+        .iter()
+        .map(|s| mapped_file(inst.pid(s), libc_path).unwrap_or_else(|| panic!("{s} maps no libc")))
+        .collect();
+    assert!(
+        files.iter().all(|f| f == &files[0]),
+        "one libc for all: {files:?}"
+    );
+    // Read-only, in the service's view, and bound from the store.
+    let pid = inst.pid("vtpm");
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let libc_mount = mountinfo
+        .lines()
+        .find(|l| l.split_whitespace().nth(4) == Some(libc_path))
+        .unwrap_or_else(|| panic!("libc is not a mount of its own:\n{mountinfo}"));
+    assert!(
+        libc_mount.contains(" ro,") && libc_mount.contains("pv-library-store"),
+        "{libc_mount}"
+    );
+    // Nothing of it on the host.
+    let host = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !host.contains("pv-library-store"),
+        "the store is visible on the host"
+    );
+    let out = inst.pv(&["audit", "--live"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // A restarted service binds the same copy.
+    let before = mapped_file(inst.pid("vmgs"), libc_path);
+    let out = inst.pv(&["restart", "vmgs"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(mapped_file(inst.pid("vmgs"), libc_path), before);
+}
+
 #[test]
 fn live_audit_fails_when_a_service_differs_from_the_manifest() {
     if !sandbox_available("live_audit_fails_when_a_service_differs_from_the_manifest") {

@@ -74,10 +74,7 @@ impl Release {
     }
 
     fn pv(&self, args: &[&str]) -> std::process::Output {
-        Command::new(self.bin.join("paravisor"))
-            .args(args)
-            .output()
-            .unwrap()
+        output_of(Command::new(self.bin.join("paravisor")).args(args))
     }
 
     /// `run --no-guest` in the background, logging to `log`.
@@ -87,17 +84,17 @@ impl Release {
 
     /// `run --no-guest` with state directory `state` and more arguments.
     fn start_in(&self, log: &str, state: &Path, args: &[&str]) -> Running {
-        let child = Command::new(self.bin.join("paravisor"))
-            .arg("run")
-            .arg("--no-guest")
-            .arg(&self.manifest)
-            .arg("--state-dir")
-            .arg(state)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.join(log)).unwrap())
-            .spawn()
-            .unwrap();
+        let child = spawn_of(
+            &mut Command::new(self.bin.join("paravisor"))
+                .arg("run")
+                .arg("--no-guest")
+                .arg(&self.manifest)
+                .arg("--state-dir")
+                .arg(state)
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(self.dir.join(log)).unwrap()),
+        );
         Running(child)
     }
 
@@ -158,12 +155,12 @@ impl Release {
 
     /// `paravisor ARGS` that must fail (bounded by a hang timeout); its output.
     fn refused_with(&self, args: &[&str]) -> String {
-        let mut child = Command::new(self.bin.join("paravisor"))
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_of(
+            &mut Command::new(self.bin.join("paravisor"))
+                .args(args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        );
         let deadline = Instant::now() + Duration::from_secs(120);
         while child.try_wait().unwrap().is_none() {
             if Instant::now() > deadline {
@@ -985,17 +982,15 @@ fn run_with_the_guest_then_without_shares_the_sealed_state() {
         return;
     }
     let r = release("readme-order", "measurement");
-    let mut child = Running(
-        Command::new(r.bin.join("paravisor"))
+    let mut child = Running(spawn_of(
+        &mut Command::new(r.bin.join("paravisor"))
             .arg("run")
             .arg(&r.manifest)
             .arg("--state-dir")
             .arg(r.state())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(r.dir.join("guest.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+            .stderr(std::fs::File::create(r.dir.join("guest.log")).unwrap()),
+    ));
     let deadline = Instant::now() + Duration::from_secs(600);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {

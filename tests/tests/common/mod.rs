@@ -184,6 +184,31 @@ pub fn sandbox_available(test: &str) -> bool {
     root
 }
 
+/// Runs `cmd`, retrying while the kernel says its executable is busy: a test that has just
+/// copied an executable can see ETXTBSY when another test thread forked while the copy's
+/// descriptor was open (the child holds it until its exec).
+pub fn output_of(cmd: &mut Command) -> Output {
+    spawn_retrying(cmd, |c| c.output())
+}
+
+/// [`output_of`] for a child that keeps running.
+pub fn spawn_of(cmd: &mut Command) -> Child {
+    spawn_retrying(cmd, |c| c.spawn())
+}
+
+fn spawn_retrying<T>(cmd: &mut Command, run: impl Fn(&mut Command) -> std::io::Result<T>) -> T {
+    let mut tries = 0;
+    loop {
+        match run(cmd) {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 500 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other.unwrap_or_else(|e| panic!("{cmd:?}: {e}")),
+        }
+    }
+}
+
 /// `paravisor ARGS...`
 pub fn pv(args: &[&str]) -> Output {
     Command::new(paravisor())
