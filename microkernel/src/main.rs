@@ -1186,8 +1186,11 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 log_format: log.log_format,
                 log_file: log.log_file,
             };
-            let opts = launch(manifest, host.as_deref(), flags, guest, false)?;
+            let mut opts = launch(manifest, host.as_deref(), flags, guest, false)?;
             let sup = supervisor::Supervisor::new(&opts).map_err(failed)?;
+            // The supervisor holds what it needs of the measured libraries; the rest (the
+            // microkernel's own, measured only) is let go.
+            opts.sealed.libraries.clear();
             let summary = sup.run().map_err(failed)?;
             Ok(guest_exit_code(summary.guest))
         }

@@ -73,9 +73,10 @@ impl Namespaces {
 enum RootEntry {
     /// A directory.
     Dir(CString),
-    /// A copy of a measured library: `length` bytes of the sealed memfd `source`.
+    /// A measured library: a copy of `length` bytes of the sealed memfd `source`, or, with
+    /// a [`LibraryStore`], a bind of the store's copy (`source` may then be gone).
     Copy {
-        source: OwnedFd,
+        source: Option<OwnedFd>,
         target: CString,
         length: u64,
     },
@@ -230,7 +231,7 @@ impl SpawnPlan {
         (binary, image): (&Path, Option<&OwnedFd>),
         args: &[String],
         caps: &[RawFd],
-        code: &[(&OwnedFd, u64, &str)],
+        code: &[(Option<&OwnedFd>, u64, &str)],
         loader_filter: Vec<seccompiler::sock_filter>,
         rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
         new_root: &Path,
@@ -520,11 +521,17 @@ impl SpawnPlan {
             let mut copies = 0;
             for entry in &self.root_entries {
                 if let RootEntry::Copy { source, .. } = entry {
-                    let fd = libc::fcntl(source.as_raw_fd(), libc::F_DUPFD_CLOEXEC, SCRATCH_FD);
-                    if fd < 0 || copies >= MAX_CODE_FILES {
+                    if copies >= MAX_CODE_FILES {
                         fail(0, err_fd);
                     }
-                    code_fds[copies] = fd;
+                    // No image: bound from the store (a missing bind fails "populate root").
+                    if let Some(source) = source {
+                        let fd = libc::fcntl(source.as_raw_fd(), libc::F_DUPFD_CLOEXEC, SCRATCH_FD);
+                        if fd < 0 {
+                            fail(0, err_fd);
+                        }
+                        code_fds[copies] = fd;
+                    }
                     copies += 1;
                 }
             }
@@ -798,7 +805,7 @@ impl SpawnPlan {
 
 /// The new root's entries for `code` (the directories, then each copy) and the tmpfs size
 /// they need.
-fn root_view(code: &[(&OwnedFd, u64, &str)]) -> io::Result<(Vec<RootEntry>, u64)> {
+fn root_view(code: &[(Option<&OwnedFd>, u64, &str)]) -> io::Result<(Vec<RootEntry>, u64)> {
     if code.len() > MAX_CODE_FILES {
         return Err(io::Error::other(format!(
             "{} libraries: more than the sandbox takes ({MAX_CODE_FILES})",
@@ -829,7 +836,7 @@ fn root_view(code: &[(&OwnedFd, u64, &str)]) -> io::Result<(Vec<RootEntry>, u64)
     }
     for (image, length, path) in code {
         entries.push(RootEntry::Copy {
-            source: image.try_clone()?,
+            source: image.map(|i| i.try_clone()).transpose()?,
             target: cstr(path.trim_start_matches('/'))?,
             length: *length,
         });

@@ -33,6 +33,8 @@ struct Request {
 /// The handle of the spawner thread.
 pub struct Spawner {
     requests: mpsc::Sender<Request>,
+    /// It made a [`LibraryStore`]: services bind their libraries from it.
+    store: bool,
 }
 
 impl Spawner {
@@ -67,7 +69,7 @@ impl Spawner {
                 });
                 let installed = crate::thread_filters::install(&filters);
                 let confined = installed.is_ok();
-                let _ = ready.send(installed);
+                let _ = ready.send(installed.map(|()| store.is_some()));
                 while let Some(Ok(Request {
                     plan,
                     namespaces,
@@ -86,11 +88,16 @@ impl Spawner {
                     std::thread::park();
                 }
             })?;
-        confined
+        let store = confined
             .recv()
             .map_err(|_| io::Error::other("the spawner thread ended at start"))?
             .map_err(|e| io::Error::other(format!("cannot confine the spawner thread: {e}")))?;
-        Ok(Spawner { requests })
+        Ok(Spawner { requests, store })
+    }
+
+    /// Whether services bind their libraries from a [`LibraryStore`].
+    pub fn has_store(&self) -> bool {
+        self.store
     }
 
     /// Spawns `plan` (see [`SpawnPlan::spawn`]) on the spawner thread and waits for it.

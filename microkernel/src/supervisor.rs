@@ -249,8 +249,8 @@ struct Service {
     spec: ServiceSpec,
     binary: PathBuf,
     /// Its loader and libraries exactly as measured: (sealed memfd, length, path inside its
-    /// sandbox).
-    code: Vec<(OwnedFd, u64, String)>,
+    /// sandbox). The memfds are let go once the library store holds the libraries.
+    code: Vec<(Option<OwnedFd>, u64, String)>,
     /// The binary exactly as measured (a sealed memfd), when the launch kept it.
     image: Option<OwnedFd>,
     control: ClientEnd<ctl::Request, ctl::Response>,
@@ -441,7 +441,7 @@ impl Supervisor {
                 .sealed
                 .code_of(services.len())
                 .into_iter()
-                .map(|(fd, length, path)| Ok((fd.try_clone()?, length, path.to_string())))
+                .map(|(fd, length, path)| Ok((Some(fd.try_clone()?), length, path.to_string())))
                 .collect::<std::io::Result<Vec<_>>>()?;
             services.push(Service {
                 spec: spec.clone(),
@@ -1015,13 +1015,25 @@ impl Supervisor {
             let mut libraries = Vec::new();
             for s in &self.services {
                 for (fd, length, path) in &s.code {
-                    libraries.push((fd.try_clone()?, *length, path.clone()));
+                    if let Some(fd) = fd {
+                        libraries.push((fd.try_clone()?, *length, path.clone()));
+                    }
                 }
             }
-            self.spawner = Some(crate::spawner::Spawner::start(
+            let spawner = crate::spawner::Spawner::start(
                 self.filters.spawner.clone(),
                 Some((self.state_dir.join(".sandbox-store"), libraries)),
-            )?);
+            )?;
+            if spawner.has_store() {
+                // The store is the measured copy every start binds from: the images are
+                // not needed any more (their memory is the instance's largest share).
+                for s in &mut self.services {
+                    for (fd, _, _) in &mut s.code {
+                        *fd = None;
+                    }
+                }
+            }
+            self.spawner = Some(spawner);
         }
         self.start_platform()?;
         crate::thread_filters::install(&self.filters.supervisor).map_err(|e| RunError::Create {
@@ -1169,7 +1181,7 @@ impl Supervisor {
             &raw,
             &s.code
                 .iter()
-                .map(|(fd, length, path)| (fd, *length, path.as_str()))
+                .map(|(fd, length, path)| (fd.as_ref(), *length, path.as_str()))
                 .collect::<Vec<_>>(),
             s.loader_filter.clone(),
             rlimits,
