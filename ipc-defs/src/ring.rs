@@ -676,11 +676,14 @@ mod tests {
         let mut buf = [0u8; 4096];
         // Payloads full of what later stamps could be (position + 1 at every 16-byte offset
         // of the next laps), sent with varying sizes so that frame boundaries move around.
+        // The payload starts after the frame header: its byte k * 16 is at ring position
+        // tail + FRAME_HEADER_SIZE + k * 16, and a stamp there one to three laps on would
+        // read that position + 1.
         for i in 0..500u64 {
             let (tail, _) = ring.counters();
             let mut payload = std::vec::Vec::new();
             for k in 0..(i % 50 + 1) {
-                let future = tail + 4096 * (1 + k % 3) + k * 16 + 1;
+                let future = tail + FRAME_HEADER_SIZE as u64 + 4096 * (1 + k % 3) + k * 16 + 1;
                 payload.extend_from_slice(&future.to_ne_bytes());
                 payload.extend_from_slice(&[0u8; 8]);
             }
