@@ -216,6 +216,10 @@ impl Router {
             }
         };
         let is_intercept = Some(device) == self.intercept;
+        // Whether a failure to answer ends the run: only intercept's own (its policy is the
+        // partition's); a device's, also when intercept handed it a configuration access,
+        // gets the unowned behaviour.
+        let mut fatal = is_intercept;
         let mut result = self.call_device(device, access);
         if let Ok(Reply {
             next: Next::ForwardPciConfig { address },
@@ -223,6 +227,7 @@ impl Router {
         }) = result
         {
             result = if is_intercept {
+                fatal = false;
                 self.forward_config(access, address)
             } else {
                 Err(RouteError::BadAnswer {
@@ -232,7 +237,7 @@ impl Router {
             };
         }
         match result {
-            Err(e) if !is_intercept => {
+            Err(e) if !fatal => {
                 // A device that cannot answer (failed, or answering nonsense) gets the unowned
                 // behaviour; the guest runs on. Without intercept's policy it cannot.
                 let n = self.unanswered.fetch_add(1, Ordering::Relaxed) + 1;
@@ -375,5 +380,536 @@ impl Router {
                 answer: format!("{other:?}"),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The router against services played by threads on real channels: which service gets
+    //! each access, what it receives, and what the guest sees when a service fails.
+
+    use std::os::fd::AsFd;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::mpsc;
+    use std::thread::JoinHandle;
+
+    use ipc_defs::hosted::channel::wait_any;
+    use ipc_defs::hosted::channel::ChannelMemory;
+    use ipc_defs::hosted::channel::ServerEnd;
+    use ipc_defs::hosted::channel::WaitPolicy;
+    use ipc_defs::layout::Direction;
+    use ipc_defs::services::intercept::Event;
+    use ipc_defs::services::intercept::HypercallOutcome;
+    use ipc_defs::services::intercept::InterceptError;
+    use ipc_defs::services::intercept::MsrOutcome;
+    use ipc_defs::services::vtpm::VtpmError;
+
+    use super::*;
+
+    /// A service played by a thread: answers each request with `answer`, and reports what it
+    /// received. It stops when the test ends (`done`).
+    struct Played<Q> {
+        received: mpsc::Receiver<Q>,
+        thread: Option<JoinHandle<()>>,
+        done: Arc<AtomicBool>,
+        /// A second mapping of the channel, as the supervisor holds.
+        supervisor: ChannelMemory,
+    }
+
+    impl<Q> Drop for Played<Q> {
+        fn drop(&mut self) {
+            self.done.store(true, Ordering::Relaxed);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    fn second_mapping(mem: &ChannelMemory) -> ChannelMemory {
+        let fd = mem.shm().as_fd().try_clone_to_owned().unwrap();
+        ChannelMemory::open(fd).unwrap()
+    }
+
+    fn play<Q, R>(
+        answer: impl Fn(&Q) -> Option<endpoint::Response<R>> + Send + 'static,
+    ) -> (End<Q, R>, Played<Q>)
+    where
+        Q: Serialize + DeserializeOwned + Send + 'static,
+        R: Serialize + DeserializeOwned + Send + 'static,
+    {
+        let mem = ChannelMemory::create("test-router", 4096).unwrap();
+        let server_mem = second_mapping(&mem);
+        let supervisor = second_mapping(&mem);
+        let (tx, received) = mpsc::channel();
+        let done = Arc::new(AtomicBool::new(false));
+        let stop = done.clone();
+        let thread = std::thread::spawn(move || {
+            let mut server = ServerEnd::new(server_mem);
+            while !stop.load(Ordering::Relaxed) {
+                match server.try_next() {
+                    Ok(Some(incoming)) => {
+                        let Some(endpoint::Request::Service(q)) =
+                            server.decode::<endpoint::Request<Q>>(&incoming)
+                        else {
+                            continue;
+                        };
+                        let reply = answer(&q);
+                        let _ = tx.send(q);
+                        // `None`: the service dies with the request unanswered.
+                        let Some(reply) = reply else { return };
+                        let _ = server.reply(&incoming, &reply, Duration::from_secs(10));
+                    }
+                    Ok(None) => wait_any(
+                        &[server.request_ring()],
+                        WaitPolicy::default(),
+                        Duration::from_millis(20),
+                    ),
+                    Err(_) => {}
+                }
+            }
+        });
+        let end = ClientEnd::new(mem, WaitPolicy::default());
+        let played = Played {
+            received,
+            thread: Some(thread),
+            done,
+            supervisor,
+        };
+        (end, played)
+    }
+
+    type InterceptAnswer =
+        Box<dyn Fn(&intercept::Request) -> Option<endpoint::Response<intercept::Response>> + Send>;
+
+    /// Intercept answering port and MMIO accesses with `value`, except what `special` answers.
+    fn intercept_answering(
+        value: u64,
+        special: impl Fn(&intercept::Request) -> Option<intercept::Response> + Send + 'static,
+    ) -> InterceptAnswer {
+        Box::new(move |q| {
+            Some(endpoint::Response::Service(special(q).unwrap_or(match q {
+                intercept::Request::Io(_) => intercept::Response::Io(Reply::read(value)),
+                intercept::Request::Msr { .. } => intercept::Response::Msr(MsrOutcome::Fault),
+                intercept::Request::Hypercall { .. } => {
+                    intercept::Response::Hypercall(HypercallOutcome::Return(7))
+                }
+                intercept::Request::Event { .. } => intercept::Response::Next(Next::Exit(3)),
+                intercept::Request::Raise(_) => intercept::Response::Raised,
+            })))
+        })
+    }
+
+    fn device(service: &str, end: DeviceEnd) -> Device {
+        Device {
+            service: service.into(),
+            end,
+            exits: Arc::default(),
+        }
+    }
+
+    fn access(space: Space, address: u64, size: u8, write: Option<u64>) -> Access {
+        Access {
+            vcpu: 0,
+            seq: 1,
+            space,
+            address,
+            size,
+            write,
+        }
+    }
+
+    const TPM_BASE: u64 = 0xfed4_0000;
+    const TPM_SIZE: u64 = 0x5000;
+
+    /// Intercept (device 0) and a vTPM (device 1) owning `TPM_BASE..+TPM_SIZE` and PCI 00:05.
+    fn tpm_router(
+        intercept_answer: InterceptAnswer,
+        tpm_answer: impl Fn(&vtpm::Request) -> Option<endpoint::Response<vtpm::Response>>
+            + Send
+            + 'static,
+    ) -> (Router, Played<intercept::Request>, Played<vtpm::Request>) {
+        let (i_end, i) = play(intercept_answer);
+        let (t_end, t) = play(tpm_answer);
+        let router = Router::new(
+            vec![
+                device("intercept", DeviceEnd::Intercept(i_end)),
+                device("tpm", DeviceEnd::Vtpm(t_end)),
+            ],
+            vec![Route {
+                space: Space::Mmio,
+                base: TPM_BASE,
+                size: TPM_SIZE,
+                device: 1,
+            }],
+            Some(0),
+            vec![(5, 1)],
+        );
+        (router, i, t)
+    }
+
+    fn tpm_register(
+        value: u64,
+    ) -> impl Fn(&vtpm::Request) -> Option<endpoint::Response<vtpm::Response>> {
+        move |q| {
+            Some(endpoint::Response::Service(match q {
+                vtpm::Request::Mmio(a) if a.write.is_some() => vtpm::Response::Done,
+                _ => vtpm::Response::Register(value),
+            }))
+        }
+    }
+
+    fn received<Q>(p: &Played<Q>) -> Q {
+        p.received
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the service received the request")
+    }
+
+    #[test]
+    fn an_access_goes_to_the_service_that_owns_its_range_and_everything_else_to_intercept() {
+        let (mut r, i, t) = tpm_router(intercept_answering(0x11, |_| None), tpm_register(0x22));
+        let owned = [TPM_BASE, TPM_BASE + 1, TPM_BASE + TPM_SIZE - 1];
+        for address in owned {
+            assert_eq!(r.owner(Space::Mmio, address), Some("tpm"));
+            let reply = r.access(access(Space::Mmio, address, 4, None)).unwrap();
+            assert_eq!(reply, Reply::read(0x22), "{address:#x}");
+            let got = received(&t);
+            assert_eq!(
+                got,
+                vtpm::Request::Mmio(access(Space::Mmio, address, 4, None))
+            );
+        }
+        // Just outside the range, and the same address in another space: intercept's.
+        for (space, address) in [
+            (Space::Mmio, TPM_BASE - 1),
+            (Space::Mmio, TPM_BASE + TPM_SIZE),
+            (Space::Port, TPM_BASE),
+            (Space::Port, 0x3f8),
+        ] {
+            assert_eq!(r.owner(space, address), Some("intercept"));
+            let reply = r.access(access(space, address, 2, None)).unwrap();
+            assert_eq!(reply, Reply::read(0x11), "{space:?} {address:#x}");
+            let got = received(&i);
+            assert_eq!(got, intercept::Request::Io(access(space, address, 2, None)));
+        }
+        assert_eq!(r.devices[0].exits.load(Ordering::Relaxed), 4);
+        assert_eq!(r.devices[1].exits.load(Ordering::Relaxed), 3);
+        assert_eq!(r.unanswered.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_register_value_is_cut_to_the_access_size_and_a_write_is_acknowledged() {
+        let (mut r, _i, t) = tpm_router(
+            intercept_answering(0, |_| None),
+            tpm_register(0x8877_6655_4433_2211),
+        );
+        for (size, value) in [(1, 0x11), (2, 0x2211), (4, 0x4433_2211)] {
+            let reply = r.access(access(Space::Mmio, TPM_BASE, size, None)).unwrap();
+            assert_eq!(reply, Reply::read(value), "size {size}");
+            received(&t);
+        }
+        let reply = r.access(access(Space::Mmio, TPM_BASE, 4, Some(5))).unwrap();
+        assert_eq!(reply, Reply::WRITTEN);
+        assert_eq!(
+            received(&t),
+            vtpm::Request::Mmio(access(Space::Mmio, TPM_BASE, 4, Some(5)))
+        );
+    }
+
+    #[test]
+    fn a_config_access_intercept_hands_over_reaches_the_owner_of_that_pci_device_only() {
+        // 00:05.2 offset 0x10 (owned by tpm); 00:06.0 (nobody's).
+        let owned = 5 << 11 | 2 << 8 | 0x10;
+        let unowned = 6 << 11;
+        let (mut r, i, t) = tpm_router(
+            intercept_answering(0, move |q| match q {
+                intercept::Request::Io(a) if a.address == 0xcfc => {
+                    Some(intercept::Response::Io(Reply {
+                        value: 0,
+                        next: Next::ForwardPciConfig {
+                            address: if a.vcpu == 0 { owned } else { unowned },
+                        },
+                    }))
+                }
+                _ => None,
+            }),
+            tpm_register(0xabcd),
+        );
+        let reply = r.access(access(Space::Port, 0xcfc, 2, None)).unwrap();
+        assert_eq!(reply, Reply::read(0xabcd));
+        received(&i);
+        assert_eq!(
+            received(&t),
+            vtpm::Request::Mmio(access(Space::PciConfig, owned.into(), 2, None))
+        );
+        assert_eq!(r.config_forwards.load(Ordering::Relaxed), 1);
+        // A write is handed over the same way.
+        let reply = r.access(access(Space::Port, 0xcfc, 4, Some(9))).unwrap();
+        assert_eq!(reply, Reply::WRITTEN);
+        received(&i);
+        assert_eq!(
+            received(&t),
+            vtpm::Request::Mmio(access(Space::PciConfig, owned.into(), 4, Some(9)))
+        );
+        // A device nobody owns: no function there (all ones, writes dropped), nobody asked.
+        let mut read = access(Space::Port, 0xcfc, 2, None);
+        read.vcpu = 1;
+        assert_eq!(r.access(read).unwrap(), Reply::read(0xffff));
+        let mut write = access(Space::Port, 0xcfc, 1, Some(1));
+        write.vcpu = 1;
+        assert_eq!(r.access(write).unwrap(), Reply::WRITTEN);
+        received(&i);
+        received(&i);
+        assert!(
+            t.received.try_recv().is_err(),
+            "the owner of 00:05 was asked about 00:06"
+        );
+        assert_eq!(r.config_forwards.load(Ordering::Relaxed), 2);
+        assert_eq!(r.unanswered.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn only_intercept_may_hand_an_access_over_and_never_twice() {
+        // The owner of 00:05 answers a forwarded access with another forward: refused, and
+        // the guest gets the unowned answer. A device answering an MMIO access with a forward
+        // likewise.
+        let (i_end, _i) = play(intercept_answering(0, |q| match q {
+            intercept::Request::Io(a) if a.address == 0xcfc => {
+                Some(intercept::Response::Io(Reply {
+                    value: 0,
+                    next: Next::ForwardPciConfig { address: 5 << 11 },
+                }))
+            }
+            _ => None,
+        }));
+        let (d_end, d) = play(|_: &intercept::Request| {
+            Some(endpoint::Response::Service(intercept::Response::Io(
+                Reply {
+                    value: 0x55,
+                    next: Next::ForwardPciConfig { address: 5 << 11 },
+                },
+            )))
+        });
+        // A second intercept-typed service (as a device would be) owning 00:05 and a range.
+        let mut r = Router::new(
+            vec![
+                device("intercept", DeviceEnd::Intercept(i_end)),
+                device("nic", DeviceEnd::Intercept(d_end)),
+            ],
+            vec![Route {
+                space: Space::Mmio,
+                base: 0x1000,
+                size: 0x1000,
+                device: 1,
+            }],
+            Some(0),
+            vec![(5, 1)],
+        );
+        assert_eq!(
+            r.access(access(Space::Port, 0xcfc, 4, None)).unwrap(),
+            Reply::read(0xffff_ffff)
+        );
+        received(&d);
+        assert_eq!(r.unanswered.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            r.access(access(Space::Mmio, 0x1800, 1, None)).unwrap(),
+            Reply::read(0xff)
+        );
+        assert_eq!(
+            received(&d),
+            intercept::Request::Io(access(Space::Mmio, 0x1800, 1, None))
+        );
+        assert_eq!(r.unanswered.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_failing_device_reads_as_unowned_but_a_failing_intercept_ends_the_run() {
+        let (mut r, _i, t) = tpm_router(
+            Box::new(|_| {
+                Some(endpoint::Response::Service(intercept::Response::Error(
+                    InterceptError::BadAccess { size: 3 },
+                )))
+            }),
+            |_| {
+                Some(endpoint::Response::Service(vtpm::Response::Error(
+                    VtpmError::PoweredOff,
+                )))
+            },
+        );
+        let reply = r.access(access(Space::Mmio, TPM_BASE, 4, None)).unwrap();
+        assert_eq!(reply, Reply::read(0xffff_ffff));
+        let reply = r.access(access(Space::Mmio, TPM_BASE, 2, Some(1))).unwrap();
+        assert_eq!(reply, Reply::WRITTEN);
+        received(&t);
+        received(&t);
+        assert_eq!(r.unanswered.load(Ordering::Relaxed), 2);
+        let e = r.access(access(Space::Port, 0x80, 1, None)).unwrap_err();
+        assert!(
+            matches!(&e, RouteError::BadAnswer { service, .. } if service == "intercept"),
+            "{e}"
+        );
+        assert_eq!(r.unanswered.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn msrs_hypercalls_and_events_go_to_intercept_and_a_wrong_answer_is_an_error() {
+        let (mut r, i, _t) = tpm_router(intercept_answering(0, |_| None), tpm_register(0));
+        assert_eq!(r.msr(1, 0x10, None).unwrap(), MsrOutcome::Fault);
+        assert_eq!(
+            received(&i),
+            intercept::Request::Msr {
+                vcpu: 1,
+                index: 0x10,
+                write: None
+            }
+        );
+        assert_eq!(
+            r.hypercall(2, 9, [1, 2, 3, 4, 5, 6]).unwrap(),
+            HypercallOutcome::Return(7)
+        );
+        assert_eq!(
+            received(&i),
+            intercept::Request::Hypercall {
+                vcpu: 2,
+                nr: 9,
+                args: [1, 2, 3, 4, 5, 6]
+            }
+        );
+        assert_eq!(r.event(0, Event::Shutdown).unwrap(), Next::Exit(3));
+        received(&i);
+        assert_eq!(r.devices[0].exits.load(Ordering::Relaxed), 3);
+
+        // An intercept that answers every request with the wrong kind of answer.
+        let (mut r, _i, _t) = tpm_router(
+            Box::new(|_| Some(endpoint::Response::Service(intercept::Response::Raised))),
+            tpm_register(0),
+        );
+        assert!(matches!(
+            r.msr(0, 1, None),
+            Err(RouteError::BadAnswer { .. })
+        ));
+        assert!(matches!(
+            r.hypercall(0, 1, [0; 6]),
+            Err(RouteError::BadAnswer { .. })
+        ));
+        assert!(matches!(
+            r.event(0, Event::Shutdown),
+            Err(RouteError::BadAnswer { .. })
+        ));
+        assert!(matches!(
+            r.access(access(Space::Port, 0x80, 1, None)),
+            Err(RouteError::BadAnswer { .. })
+        ));
+    }
+
+    #[test]
+    fn without_intercept_an_unowned_access_or_an_msr_has_nowhere_to_go() {
+        let (t_end, t) = play(tpm_register(0x7));
+        let mut r = Router::new(
+            vec![device("tpm", DeviceEnd::Vtpm(t_end))],
+            vec![Route {
+                space: Space::Mmio,
+                base: TPM_BASE,
+                size: TPM_SIZE,
+                device: 0,
+            }],
+            None,
+            vec![],
+        );
+        assert_eq!(r.owner(Space::Mmio, TPM_BASE - 1), None);
+        assert_eq!(
+            r.access(access(Space::Mmio, TPM_BASE, 1, None)).unwrap(),
+            Reply::read(0x7)
+        );
+        received(&t);
+        assert!(matches!(
+            r.access(access(Space::Mmio, TPM_BASE - 1, 1, None)),
+            Err(RouteError::NoIntercept { .. })
+        ));
+        assert!(matches!(
+            r.msr(0, 1, None),
+            Err(RouteError::NoIntercept { .. })
+        ));
+        assert!(matches!(
+            r.hypercall(0, 1, [0; 6]),
+            Err(RouteError::NoIntercept { .. })
+        ));
+        assert!(matches!(
+            r.event(0, Event::Shutdown),
+            Err(RouteError::NoIntercept { .. })
+        ));
+    }
+
+    #[test]
+    fn a_call_to_a_restarted_service_is_sent_again_and_a_given_up_service_is_not_waited_for() {
+        // The first tpm dies holding the request; the supervisor moves the channel to a new
+        // epoch (as after a restart) and a new tpm answers the same request.
+        let (t_end, dying) = play(|_: &vtpm::Request| None);
+        let supervisor = second_mapping(&dying.supervisor);
+        let (i_end, _i) = play(intercept_answering(0, |_| None));
+        let mut r = Router::new(
+            vec![
+                device("intercept", DeviceEnd::Intercept(i_end)),
+                device("tpm", DeviceEnd::Vtpm(t_end)),
+            ],
+            vec![Route {
+                space: Space::Mmio,
+                base: TPM_BASE,
+                size: TPM_SIZE,
+                device: 1,
+            }],
+            Some(0),
+            vec![],
+        );
+        let restarter = std::thread::spawn(move || {
+            let first = received(&dying);
+            drop(dying);
+            supervisor.restart_epoch(Direction::Requests);
+            // The restarted service, on the same channel.
+            let mem = second_mapping(&supervisor);
+            let mut server = ServerEnd::new(mem);
+            loop {
+                if let Ok(Some(incoming)) = server.try_next() {
+                    let Some(endpoint::Request::Service(q)) =
+                        server.decode::<endpoint::Request<vtpm::Request>>(&incoming)
+                    else {
+                        continue;
+                    };
+                    let reply: endpoint::Response<vtpm::Response> =
+                        endpoint::Response::Service(vtpm::Response::Register(0x99));
+                    server
+                        .reply(&incoming, &reply, Duration::from_secs(10))
+                        .unwrap();
+                    return (first, q, supervisor);
+                }
+                wait_any(
+                    &[server.request_ring()],
+                    WaitPolicy::default(),
+                    Duration::from_millis(20),
+                );
+            }
+        });
+        let reply = r.access(access(Space::Mmio, TPM_BASE, 4, None)).unwrap();
+        assert_eq!(reply, Reply::read(0x99));
+        let (first, again, supervisor) = restarter.join().unwrap();
+        assert_eq!(first, again, "the restarted service got the same access");
+        assert_eq!(r.unanswered.load(Ordering::Relaxed), 0);
+
+        // The supervisor gave up on it: the access is answered as unowned at once.
+        supervisor.set_server_state(ServerState::Gone);
+        let reply = r.access(access(Space::Mmio, TPM_BASE, 2, None)).unwrap();
+        assert_eq!(reply, Reply::read(0xffff));
+        assert_eq!(r.unanswered.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_stopping_partition_does_not_wait_for_a_service() {
+        // A tpm that never answers (it takes the request and dies), and a partition stopping.
+        let (mut r, _i, _t) = tpm_router(intercept_answering(0, |_| None), |_| None);
+        r.stop.store(true, Ordering::Relaxed);
+        let reply = r.access(access(Space::Mmio, TPM_BASE, 1, None)).unwrap();
+        assert_eq!(reply, Reply::read(0xff));
+        assert_eq!(r.unanswered.load(Ordering::Relaxed), 1);
+        let e = r.msr(0, 1, None).unwrap_err();
+        assert!(matches!(e, RouteError::Unreachable { .. }), "{e}");
     }
 }

@@ -721,6 +721,70 @@ mod tests {
     }
 
     #[test]
+    fn config_accesses_of_a_granted_device_are_handed_to_its_owner_and_no_other() {
+        let mut i = intercept();
+        // The partition's channel says device services own 00:03 and 00:1f.
+        let owned = Grant::PciDevices(1 << 3 | 1 << 31);
+        let config = |device: u32, function: u32, register: u32| {
+            0x8000_0000u32 | device << 11 | function << 8 | register
+        };
+        let mut handle = |i: &mut Tested, port: u16, size: u8, write: Option<u64>| match i.handle(
+            PARTITION,
+            owned,
+            io(Space::Port, port.into(), size, write),
+        ) {
+            Response::Io(reply) => reply,
+            other => panic!("{other:?}"),
+        };
+        for (device, function, register, size) in [(3, 0, 0, 4), (3, 2, 0x11, 1), (31, 7, 0x3e, 2)]
+        {
+            let address = config(device, function, register & !3);
+            handle(&mut i, pci::CONFIG_ADDRESS, 4, Some(address.into()));
+            let port = pci::CONFIG_DATA + (register & 3) as u16;
+            for write in [None, Some(0x1234)] {
+                let reply = handle(&mut i, port, size, write);
+                assert_eq!(
+                    reply.next,
+                    Next::ForwardPciConfig {
+                        address: device << 11 | function << 8 | register
+                    },
+                    "00:{device:02x}.{function} register {register:#x}"
+                );
+            }
+        }
+        assert_eq!(i.counters.pci_forwarded, 6);
+        // The host bridge and devices nobody owns are answered here, never handed over.
+        for device in [0, 2, 4, 30] {
+            handle(
+                &mut i,
+                pci::CONFIG_ADDRESS,
+                4,
+                Some(config(device, 0, 0).into()),
+            );
+            let reply = handle(&mut i, pci::CONFIG_DATA, 4, None);
+            assert_eq!(reply.next, Next::Resume, "00:{device:02x}");
+            let expected = if device == 0 {
+                0x0008_1b36
+            } else {
+                0xffff_ffff
+            };
+            assert_eq!(reply.value, expected, "00:{device:02x}");
+        }
+        // The address register itself is intercept's, owned device or not.
+        handle(&mut i, pci::CONFIG_ADDRESS, 4, Some(config(3, 0, 0).into()));
+        let reply = handle(&mut i, pci::CONFIG_ADDRESS, 4, None);
+        assert_eq!(reply.next, Next::Resume);
+        assert_eq!(reply.value, u64::from(config(3, 0, 0)));
+        assert_eq!(i.counters.pci_forwarded, 6);
+        // Without the grant the same access is not forwarded: another client's channel (or
+        // the partition's plain one) names no owned devices.
+        handle(&mut i, pci::CONFIG_ADDRESS, 4, Some(config(3, 0, 0).into()));
+        let r = guest(&mut i, io(Space::Port, pci::CONFIG_DATA.into(), 4, None));
+        assert_eq!(r, Response::Io(Reply::read(0xffff_ffff)));
+        assert_eq!(i.counters.pci_forwarded, 6);
+    }
+
+    #[test]
     fn only_the_partition_may_send_exits() {
         let mut i = intercept();
         let exits = [
