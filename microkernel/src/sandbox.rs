@@ -1274,3 +1274,136 @@ pub(crate) fn syscall_under_filters(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dirs_and_copies(entries: &[RootEntry]) -> (Vec<String>, Vec<(String, u64)>) {
+        let mut dirs = Vec::new();
+        let mut copies = Vec::new();
+        for e in entries {
+            match e {
+                RootEntry::Dir(d) => {
+                    assert!(copies.is_empty(), "a directory after a copy: {entries:?}");
+                    dirs.push(d.to_string_lossy().into_owned());
+                }
+                RootEntry::Copy { target, length, .. } => {
+                    copies.push((target.to_string_lossy().into_owned(), *length))
+                }
+            }
+        }
+        (dirs, copies)
+    }
+
+    #[test]
+    fn the_root_holds_each_library_at_its_path_under_directories_made_once_first() {
+        let code = [
+            (None, 5000, "/lib64/ld-linux-x86-64.so.2"),
+            (None, 4096, "/lib/x86_64-linux-gnu/libc.so.6"),
+            (None, 1, "/lib/x86_64-linux-gnu/libm.so.6"),
+            (None, 0, "/top"),
+        ];
+        let (entries, bytes) = root_view(&code).unwrap();
+        let (dirs, copies) = dirs_and_copies(&entries);
+        assert_eq!(dirs, ["lib64", "lib", "lib/x86_64-linux-gnu"]);
+        assert_eq!(
+            copies,
+            [
+                ("lib64/ld-linux-x86-64.so.2".to_string(), 5000),
+                ("lib/x86_64-linux-gnu/libc.so.6".to_string(), 4096),
+                ("lib/x86_64-linux-gnu/libm.so.6".to_string(), 1),
+                ("top".to_string(), 0),
+            ]
+        );
+        // 64 KiB of slack, then each file in whole pages plus a page for its inode.
+        let pages = (2 + 1) + (1 + 1) + (1 + 1) + 1;
+        assert_eq!(bytes, 64 * 1024 + pages * 4096);
+        let (entries, bytes) = root_view(&[]).unwrap();
+        assert!(entries.is_empty());
+        assert_eq!(bytes, 64 * 1024);
+    }
+
+    #[test]
+    fn a_library_path_that_could_leave_the_root_or_names_nothing_is_refused() {
+        for path in [
+            "/lib/../etc/shadow",
+            "/lib/./x",
+            "/lib//x",
+            "/lib/",
+            "..",
+            "/",
+        ] {
+            let e = root_view(&[(None, 1, path)]).unwrap_err();
+            assert!(
+                e.to_string().contains("unusable library path"),
+                "{path}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_more_libraries_than_the_child_can_hold_without_allocating() {
+        let paths: Vec<String> = (0..=MAX_CODE_FILES)
+            .map(|n| format!("/lib/l{n}.so"))
+            .collect();
+        let code: Vec<(Option<&OwnedFd>, u64, &str)> =
+            paths.iter().map(|p| (None, 1, p.as_str())).collect();
+        assert!(root_view(&code[..MAX_CODE_FILES]).is_ok());
+        let e = root_view(&code).unwrap_err();
+        assert!(e.to_string().contains("more than the sandbox takes"), "{e}");
+    }
+
+    #[test]
+    fn the_binary_sits_just_after_the_capability_slots() {
+        // Capabilities occupy 3, 4, ... (after stdin, stdout, stderr).
+        assert_eq!(SpawnPlan::binary_slot(0), 3);
+        assert_eq!(SpawnPlan::binary_slot(5), 8);
+    }
+
+    #[test]
+    fn namespaces_are_named_as_in_proc() {
+        assert!(Namespaces::empty().names().is_empty());
+        assert_eq!(
+            Namespaces::all().names(),
+            ["mnt", "pid", "net", "ipc", "uts", "user"]
+        );
+        assert_eq!(
+            (Namespaces::NET | Namespaces::USER).names(),
+            ["net", "user"]
+        );
+    }
+
+    #[test]
+    fn a_service_takes_the_identity_its_privilege_plan_gives() {
+        let plan = crate::privilege::ServicePrivilege {
+            service: "tpm".into(),
+            uid: 61234,
+            gid: 61235,
+            source: crate::privilege::IdSource::Derived,
+            groups: vec![],
+            drop_groups: true,
+            user_namespace: false,
+            securebits: 0x2f,
+            filters: 2,
+        };
+        let id = Identity::of(&plan);
+        assert_eq!(
+            id,
+            Identity {
+                uid: 61234,
+                gid: 61235,
+                drop_groups: true,
+                root: true,
+                securebits: 0x2f,
+            }
+        );
+        let unprivileged = crate::privilege::ServicePrivilege {
+            drop_groups: false,
+            user_namespace: true,
+            ..plan
+        };
+        let id = Identity::of(&unprivileged);
+        assert!(!id.root && !id.drop_groups);
+    }
+}
