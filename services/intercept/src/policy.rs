@@ -289,4 +289,30 @@ mod tests {
         assert_ne!(GUEST_CRASHED, HALTED_FOREVER);
         assert_ne!(HYPERVISOR_FAILED, HALTED_FOREVER);
     }
+
+    #[test]
+    fn each_ending_is_explained_to_the_operator_in_kvm_terms() {
+        let said = |e: Event| describe(&e);
+        assert!(said(Event::Shutdown).contains("triple-faulted"));
+        assert!(said(Event::HaltedForever).contains("halted with interrupts off"));
+        for (suberror, meaning) in [
+            (1, "instruction emulation failed"),
+            (2, "an exception occurred while delivering another"),
+            (3, "event delivery hit an exit"),
+            (4, "unexpected exit reason"),
+            (5, "unknown suberror"),
+        ] {
+            let text = said(Event::InternalError { suberror });
+            assert_eq!(text, format!("KVM internal error {suberror}: {meaning}"));
+        }
+        let text = said(Event::FailEntry {
+            reason: 0x8000_0021,
+        });
+        assert!(
+            text.contains("could not enter") && text.contains("0x80000021"),
+            "{text}"
+        );
+        let text = said(Event::Unhandled { reason: 99 });
+        assert!(text.contains("exit reason 99"), "{text}");
+    }
 }
