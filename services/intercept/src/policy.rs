@@ -315,4 +315,11 @@ mod tests {
         let text = said(Event::Unhandled { reason: 99 });
         assert!(text.contains("exit reason 99"), "{text}");
     }
+
+    #[test]
+    fn a_logged_value_is_hex_and_a_read_has_none() {
+        assert_eq!(hex(None), "-");
+        assert_eq!(hex(Some(0)), "0x0");
+        assert_eq!(hex(Some(0xfed4_0000)), "0xfed40000");
+    }
 }

@@ -728,7 +728,7 @@ mod tests {
         let config = |device: u32, function: u32, register: u32| {
             0x8000_0000u32 | device << 11 | function << 8 | register
         };
-        let mut handle = |i: &mut Tested, port: u16, size: u8, write: Option<u64>| match i.handle(
+        let handle = |i: &mut Tested, port: u16, size: u8, write: Option<u64>| match i.handle(
             PARTITION,
             owned,
             io(Space::Port, port.into(), size, write),
@@ -782,6 +782,18 @@ mod tests {
         let r = guest(&mut i, io(Space::Port, pci::CONFIG_DATA.into(), 4, None));
         assert_eq!(r, Response::Io(Reply::read(0xffff_ffff)));
         assert_eq!(i.counters.pci_forwarded, 6);
+    }
+
+    #[test]
+    fn the_shutdown_log_line_gives_every_counter() {
+        let mut i = intercept();
+        out(&mut i, uart::COM1, 1, u64::from(b'x'));
+        inb(&mut i, 0x80);
+        out(&mut i, 0x84, 1, 1);
+        let line = i.counters.to_string();
+        assert!(line.starts_with("uart: 1 accesses, 1 bytes out,"), "{line}");
+        assert!(line.contains("unclaimed: port 1 reads 1 writes"), "{line}");
+        assert!(line.ends_with("not the partition: 0"), "{line}");
     }
 
     #[test]
