@@ -889,15 +889,23 @@ mod tests {
     #[test]
     fn granted_interrupt_is_raised() {
         let mut i = intercept();
-        let grant = granted(&[Interrupt::Line(5), Interrupt::Msi(0x40)]);
-        for irq in [Interrupt::Line(5), Interrupt::Msi(0x40)] {
+        // A line, and an MSI vector in each 64-vector word of the set.
+        let irqs = [
+            Interrupt::Line(5),
+            Interrupt::Msi(0x10),
+            Interrupt::Msi(0x40),
+            Interrupt::Msi(0x80),
+            Interrupt::Msi(0xff),
+        ];
+        let grant = granted(&irqs);
+        for irq in irqs {
             assert_eq!(
                 i.handle("storage", grant, Request::Raise(irq)),
                 Response::Raised
             );
         }
-        assert_eq!(i.sink().raised, [Interrupt::Line(5), Interrupt::Msi(0x40)]);
-        assert_eq!(i.counters.interrupts_raised, 2);
+        assert_eq!(i.sink().raised, irqs);
+        assert_eq!(i.counters.interrupts_raised, 5);
     }
 
     #[test]
