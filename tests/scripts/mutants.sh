@@ -122,6 +122,10 @@ run_group() {
 }
 
 mkdir -p "$out"
+# One target directory for every copy of the tree cargo-mutants makes and for the check of the
+# unmutated tree: the dependencies are built once (the workspace's crates are rebuilt per copy,
+# their paths differ).
+export CARGO_TARGET_DIR="$out/build"
 if ! $summary_only; then
     for g in "${groups[@]}"; do
         IFS='|' read -r name package tests files <<<"$g"
