@@ -9,7 +9,7 @@
 #
 # Each group runs cargo-mutants (https://mutants.rs) on its files with its crate's tests, in a
 # copy of the tree (this tree is never modified), with the `mutants` cargo profile (see
-# Cargo.toml). Results go to target/mutants/<group>/. At the end it prints, per file, the
+# Cargo.toml). Results go to target/mutation/<group>/. At the end it prints, per file, the
 # mutants caught, missed, timed out and unviable, and the score: caught / (caught + missed),
 # where a miss listed in tests/scripts/mutants-equivalent.txt (reviewed: no behaviour can tell
 # it from the original, each with its reason) does not count. Every other miss is printed as a
@@ -22,7 +22,7 @@ set -euo pipefail
 
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
-out="$root/target/mutants"
+out="$root/target/mutation"
 equivalent="$root/tests/scripts/mutants-equivalent.txt"
 
 # name | package | test selection (cargo test arguments; empty: the package's own tests) |
