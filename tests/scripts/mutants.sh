@@ -80,7 +80,13 @@ run_group() {
         # is checked here instead: a test failing without any mutant would count every mutant
         # as caught.
         read -r -a test_args <<<"$tests"
-        echo "== $name: the selected tests must pass on the unmutated tree"
+        # Tests that run `paravisor check` need the service executables next to it (in the
+        # shared target directory; each copy's build puts its own paravisor beside them).
+        echo "== $name: building the workspace's executables, then the selected tests must pass on the unmutated tree"
+        cargo build --profile mutants --workspace --bins >"$out/$name.build.log" 2>&1 || {
+            echo "mutants.sh: the workspace does not build: see $out/$name.build.log" >&2
+            exit 1
+        }
         cargo test --profile mutants "${test_args[@]}" >"$out/$name.baseline.log" 2>&1 || {
             echo "mutants.sh: the tests of group $name fail without a mutant: see $out/$name.baseline.log" >&2
             exit 1
