@@ -7,9 +7,10 @@
 #   tests/scripts/mutants.sh --iterate vmgs   re-test only what the last run did not catch
 #   tests/scripts/mutants.sh --summary        print the table of the last runs, run nothing
 #
-# Each group runs cargo-mutants (https://mutants.rs) on its files with its crate's tests, in a
-# copy of the tree (this tree is never modified), with the `mutants` cargo profile (see
-# Cargo.toml). Results go to target/mutation/<group>/. At the end it prints, per file, the
+# Each group runs cargo-mutants (https://mutants.rs) on its files with its crate's tests, with
+# the `mutants` cargo profile (see Cargo.toml), in a scratch copy of this tree at
+# target/mutation/tree (this tree is never modified; the copy keeps its path and its build
+# between runs, so only what changed is rebuilt). Results go to target/mutation/<group>/. At the end it prints, per file, the
 # mutants caught, missed, timed out and unviable, and the score: caught / (caught + missed),
 # where a miss listed in tests/scripts/mutants-equivalent.txt (reviewed: no behaviour can tell
 # it from the original, each with its reason) does not count. Every other miss is printed as a
@@ -17,7 +18,7 @@
 # equivalent, add it to that list with the reason.
 #
 # Not run by CI: a full run takes hours on two cores (each mutant is a build and a test run).
-# Needs cargo-mutants: `cargo install --locked cargo-mutants` (tested with 27.1).
+# Needs cargo-mutants (`cargo install --locked cargo-mutants`, tested with 27.1) and rsync.
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -61,11 +62,15 @@ if ! $summary_only && ! cargo mutants --version >/dev/null 2>&1; then
     echo "mutants.sh: cargo-mutants is not installed: cargo install --locked cargo-mutants" >&2
     exit 69
 fi
+if ! $summary_only && ! command -v rsync >/dev/null; then
+    echo "mutants.sh: rsync is not installed: apt-get install -y rsync" >&2
+    exit 69
+fi
 
 run_group() {
     local name="$1" package="$2" tests="$3" files="$4"
     local dir="$out/$name"
-    local args=(--profile mutants --line-col false -j "${MUTANTS_JOBS:-1}"
+    local args=(--in-place --profile mutants --line-col false
         --timeout "${MUTANTS_TIMEOUT:-600}" -o "$dir")
     local selection=(-p "$package")
     local f
@@ -81,14 +86,14 @@ run_group() {
         # is checked here instead: a test failing without any mutant would count every mutant
         # as caught.
         read -r -a test_args <<<"$tests"
-        # Tests that run `paravisor check` need the service executables next to it (in the
-        # shared target directory; each copy's build puts its own paravisor beside them).
+        # Tests that run `paravisor check` need the service executables next to it (each
+        # mutant's build then replaces paravisor beside them).
         echo "== $name: building the workspace's executables, then the selected tests must pass on the unmutated tree"
-        cargo build --profile mutants --workspace --bins >"$out/$name.build.log" 2>&1 || {
+        (cd "$tree" && cargo build --profile mutants --workspace --bins) >"$out/$name.build.log" 2>&1 || {
             echo "mutants.sh: the workspace does not build: see $out/$name.build.log" >&2
             exit 1
         }
-        cargo test --profile mutants "${test_args[@]}" >"$out/$name.baseline.log" 2>&1 || {
+        (cd "$tree" && cargo test --profile mutants "${test_args[@]}") >"$out/$name.baseline.log" 2>&1 || {
             echo "mutants.sh: the tests of group $name fail without a mutant: see $out/$name.baseline.log" >&2
             exit 1
         }
@@ -122,21 +127,26 @@ run_group() {
     echo "== $name: cargo mutants ${args[*]}"
     # Exit 2: some mutant was missed; 3: some timed out. The summary judges those.
     local status=0
-    cargo mutants "${args[@]}" || status=$?
+    (cd "$tree" && cargo mutants "${args[@]}") || status=$?
     if [[ $status -ne 0 && $status -ne 2 && $status -ne 3 ]]; then
         echo "mutants.sh: cargo mutants failed for group $name (exit $status)" >&2
         exit 1
     fi
     python3 "$root/tests/scripts/mutants_summary.py" merge "$dir"
     # What exists now (a record of an --iterate run may name mutants of code since changed).
-    cargo mutants --list "${selection[@]}" >"$dir/current.txt"
+    (cd "$tree" && cargo mutants --list "${selection[@]}") >"$dir/current.txt"
 }
 
 mkdir -p "$out"
-# One target directory for every copy of the tree cargo-mutants makes and for the check of the
-# unmutated tree: the dependencies are built once (the workspace's crates are rebuilt per copy,
-# their paths differ).
-export CARGO_TARGET_DIR="$out/build"
+tree="$out/tree"
+if ! $summary_only; then
+    # The scratch copy: this tree as it is now (committed or not), without build output.
+    # cargo-mutants mutates it in place, one mutant at a time, and restores each file; the
+    # next run starts from a fresh copy in any case.
+    mkdir -p "$tree"
+    rsync -a --delete --exclude /target/ --exclude /.git/ --exclude 'fuzz/target/' \
+        --exclude 'fuzz/corpus/' "$root/" "$tree/"
+fi
 if ! $summary_only; then
     for g in "${groups[@]}"; do
         IFS='|' read -r name package tests files <<<"$g"
