@@ -9,8 +9,8 @@
 #
 # Each group runs cargo-mutants (https://mutants.rs) on its files with its crate's tests, with
 # the `mutants` cargo profile (see Cargo.toml), in a scratch copy of this tree at
-# target/mutation/tree (this tree is never modified; the copy keeps its path and its build
-# between runs, so only what changed is rebuilt). Results go to target/mutation/<group>/. At the end it prints, per file, the
+# target/mutation/tree-<package> (this tree is never modified; the copy keeps its path and its
+# build between runs, so only what changed is rebuilt). Results go to target/mutation/<group>/. At the end it prints, per file, the
 # mutants caught, missed, timed out and unviable, and the score: caught / (caught + missed),
 # where a miss listed in tests/scripts/mutants-equivalent.txt (reviewed: no behaviour can tell
 # it from the original, each with its reason) does not count. Every other miss is printed as a
@@ -142,19 +142,24 @@ run_group() {
 }
 
 mkdir -p "$out"
-tree="$out/tree"
-if ! $summary_only; then
-    # The scratch copy: this tree as it is now (committed or not), without build output.
-    # cargo-mutants mutates it in place, one mutant at a time, and restores each file; the
-    # next run starts from a fresh copy in any case.
+# The scratch copy of this tree (as it is now, committed or not, without build output) that
+# cargo-mutants mutates in place, one mutant at a time, restoring each file. One per package:
+# groups of different packages can run at the same time, and each keeps its build.
+scratch_copy() {
+    local tree="$out/tree-$1"
     mkdir -p "$tree"
     rsync -a --delete --exclude /target/ --exclude /.git/ --exclude 'fuzz/target/' \
         --exclude 'fuzz/corpus/' "$root/" "$tree/"
-fi
+    echo "$tree"
+}
+
 if ! $summary_only; then
     for g in "${groups[@]}"; do
         IFS='|' read -r name package tests files <<<"$g"
-        selected "$name" && run_group "$name" "$package" "$tests" "$files"
+        if selected "$name"; then
+            tree="$(scratch_copy "$package")"
+            run_group "$name" "$package" "$tests" "$files"
+        fi
     done
 fi
 names=()
