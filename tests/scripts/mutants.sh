@@ -99,6 +99,7 @@ run_group() {
         }
         (cd "$tree" && cargo test --profile mutants "${test_args[@]}") >"$out/$name.baseline.log" 2>&1 || {
             echo "mutants.sh: the tests of group $name fail without a mutant: see $out/$name.baseline.log" >&2
+            echo "  (if they name another directory, the tree moved: rm -rf $out/tree-*)" >&2
             exit 1
         }
         args+=(--baseline skip)
