@@ -27,7 +27,8 @@ out="$root/target/mutation"
 equivalent="$root/tests/scripts/mutants-equivalent.txt"
 
 # name | package | test selection (cargo test arguments; empty: the package's own tests) |
-# files, each optionally with ::REGEX to mutate only the functions whose mutant names match.
+# files, each optionally with ::REGEX (no spaces) to mutate only the mutants whose names match
+# (the regex applies to the whole group).
 groups=(
     "vmgs|pv-vmgs||services/vmgs/src/crypto.rs services/vmgs/src/format.rs services/vmgs/src/store.rs"
     "ring|ipc-defs||ipc-defs/src/ring.rs"
@@ -41,7 +42,7 @@ groups=(
     # The manifest's validation, tested through `paravisor check` (pv-tests' bad_manifests)
     # as well as by unit tests. (Its serialisation for audit and the measured configuration
     # are left to the measure and audit tests.)
-    "manifest|microkernel|-p microkernel -p pv-tests --lib --test cli --test bad_manifests -- --skip platform::|microkernel/src/manifest.rs::(Validator|capability_slots|guest_interrupts|valid_name|parse_size|parse_duration|line_col|Restart::delay|DeviceRange::end|parse_key_release|manifest.rs:[0-9]+:[0-9]+: replace << with >>)"
+    "manifest|microkernel|-p microkernel -p pv-tests --lib --test cli --test bad_manifests -- --skip platform::|microkernel/src/manifest.rs::(Validator|capability_slots|guest_interrupts|valid_name|parse_size|parse_duration|line_col|Restart::delay|DeviceRange::end|parse_key_release|manifest.rs:[0-9]+:[0-9]+:\sreplace\s<<)"
 )
 
 iterate=false
@@ -77,8 +78,9 @@ run_group() {
     local args=(--in-place --profile mutants --line-col false
         --timeout "${MUTANTS_TIMEOUT:-600}" -o "$dir")
     local selection=(-p "$package")
-    local f
-    for f in $files; do
+    local f file_list
+    read -r -a file_list <<<"$files"
+    for f in "${file_list[@]}"; do
         selection+=(-f "${f%%::*}")
         [[ "$f" == *::* ]] && selection+=(-F "${f#*::}")
     done
