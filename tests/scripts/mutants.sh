@@ -130,7 +130,9 @@ run_group() {
         python3 "$root/tests/scripts/mutants_summary.py" merge "$dir"
     fi
     mkdir -p "$dir"
-    [[ ${#harness[@]} -gt 0 ]] && args+=(-- "${harness[@]}")
+    # cargo-mutants appends what follows its `--` to cargo test's own arguments: the test
+    # harness's need a second `--`.
+    [[ ${#harness[@]} -gt 0 ]] && args+=(-- -- "${harness[@]}")
     echo "== $name: cargo mutants ${args[*]}"
     # Exit 2: some mutant was missed; 3: some timed out. The summary judges those.
     local status=0

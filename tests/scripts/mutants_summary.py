@@ -47,6 +47,13 @@ def merge(group_dir):
             if kind is None:
                 continue
             m = scenario["Mutant"]
+            if kind == "caught":
+                # Caught means the test command failed. Only cargo test's exit status for a
+                # failing test (101) counts: a usage error (1) would "catch" every mutant.
+                test = [p for p in o["phase_results"] if p["phase"] == "Test"]
+                status = test[-1]["process_status"] if test else None
+                if status != {"Failure": 101}:
+                    kind = "broken"
             record[m["name"]] = {"file": m["file"], "outcome": kind}
     with open(record_path + ".new", "w") as f:
         json.dump(record, f, indent=1, sort_keys=True)
@@ -74,6 +81,7 @@ def report(equivalent_path, group_dirs):
     per_file = defaultdict(lambda: defaultdict(int))
     survivors = []
     not_run = []
+    broken = []
     for group_dir in group_dirs:
         record_path = os.path.join(group_dir, "record.json")
         current_path = os.path.join(group_dir, "current.txt")
@@ -93,6 +101,10 @@ def report(equivalent_path, group_dirs):
                 per_file[file]["not run"] += 1
                 continue
             kind = entry["outcome"]
+            if kind == "broken":
+                broken.append(name)
+                per_file[file]["not run"] += 1
+                continue
             if kind == "missed" and short in equivalent:
                 used.add(short)
                 per_file[file]["equivalent"] += 1
@@ -126,6 +138,13 @@ def report(equivalent_path, group_dirs):
             print(f"  {name}")
     if not_run:
         print(f"\n{len(not_run)} mutants have no result (run interrupted?)")
+    if broken:
+        print(f"\n{len(broken)} mutants were 'caught' by a test command that did not run the "
+              "tests (its exit status was not a test failure's): see their logs in "
+              "mutants.out/log. They are counted as not run.")
+        for name in broken[:10]:
+            print(f"  BROKEN {name}")
+        return 1
     if survivors:
         print(f"\n{len(survivors)} SURVIVORS: no test notices these changes. Write the test, or "
               f"if no behaviour can tell one from the original, add it to {equivalent_path}:")
