@@ -490,4 +490,64 @@ mod tests {
         assert_eq!(SECUREBITS & (1 << 2), 0, "the setuid fix-up must stay on");
         assert_eq!(SECUREBITS, 0xeb);
     }
+
+    fn shipped() -> Manifest {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifest.toml"))
+                .unwrap();
+        Manifest::parse(std::path::Path::new("manifest.toml"), &text).unwrap()
+    }
+
+    #[test]
+    fn as_root_each_service_gets_its_own_ids_no_groups_and_every_restriction() {
+        let m = shipped();
+        let plans = plan(&m, &Runner::Root);
+        let ids = assign_ids(m.services.iter().map(|s| (s.name.as_str(), s.user)));
+        let names: Vec<&str> = plans.iter().map(|p| p.service.as_str()).collect();
+        let expected: Vec<&str> = m.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, expected, "manifest order");
+        for p in &plans {
+            assert_eq!((p.uid, p.gid, p.source), ids[&p.service], "{}", p.service);
+            assert!(p.groups.is_empty() && p.drop_groups && !p.user_namespace);
+            assert_eq!((p.securebits, p.filters), (SECUREBITS, SERVICE_FILTERS));
+        }
+    }
+
+    #[test]
+    fn as_a_user_every_service_runs_as_that_user_in_a_user_namespace() {
+        let m = shipped();
+        let runner = Runner::User {
+            uid: 1000,
+            gid: 1001,
+            groups: vec![1001, 27],
+        };
+        let plans = plan(&m, &runner);
+        assert_eq!(plans.len(), m.services.len());
+        for p in &plans {
+            assert_eq!(
+                (p.uid, p.gid, p.source),
+                (1000, 1001, IdSource::Microkernel)
+            );
+            assert_eq!(p.groups, [1001, 27], "its groups cannot be dropped");
+            assert!(!p.drop_groups && p.user_namespace);
+            assert_eq!((p.securebits, p.filters), (SECUREBITS, SERVICE_FILTERS));
+        }
+    }
+
+    #[test]
+    fn the_runner_is_described_with_what_it_means_for_the_services() {
+        assert!(Runner::Root
+            .describe()
+            .contains("each service under its own uid"));
+        let user = Runner::User {
+            uid: 1000,
+            gid: 1001,
+            groups: vec![],
+        };
+        let text = user.describe();
+        assert!(
+            text.contains("uid 1000 (not root)") && text.contains("gid 1001"),
+            "{text}"
+        );
+    }
 }
