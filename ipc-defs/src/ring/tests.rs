@@ -324,6 +324,18 @@ fn a_frame_larger_than_the_callers_buffer_is_skipped_with_a_typed_error() {
 }
 
 #[test]
+fn a_received_frame_fills_the_buffer_up_to_its_length_and_not_a_byte_beyond() {
+    let r = Region::new(CAPACITY);
+    let ring = r.ring(Direction::Requests);
+    let sent = payload(20, 1);
+    let _ = ring.try_send(Epoch(1), &sent).unwrap();
+    let mut buf = [0xeeu8; 64];
+    let got = ring.try_recv(&mut buf).unwrap().unwrap();
+    assert_eq!(&buf[..got.len], &sent[..]);
+    assert!(buf[got.len..].iter().all(|&b| b == 0xee), "{buf:?}");
+}
+
+#[test]
 fn lying_length_is_reported_and_the_reader_resynchronises() {
     let r = Region::new(CAPACITY);
     let ring = r.ring(Direction::Requests);
