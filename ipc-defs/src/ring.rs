@@ -3,8 +3,11 @@
 //! This module is the only place that touches ring memory. It never forms a Rust reference
 //! to shared bytes (the peer may change them at any time); it reads and writes through raw
 //! pointers and atomics, and it treats every value it reads as hostile: indices that cannot
-//! be right, frame lengths that point past what was published, and frames larger than the
-//! ring are typed errors ([`RingError`]), never a panic, an out-of-bounds access or a hang.
+//! be right, frames longer than the ring and frames larger than the caller's buffer are typed
+//! errors ([`RingError`]), never a panic, an out-of-bounds access or a hang. (A frame's length
+//! is checked against the ring, not against the producer's tail: the consumer does not read
+//! the tail on its fast path, and a producer that lies about a length garbles only the frames
+//! it sends itself.)
 //!
 //! Waking a sleeping peer needs an OS primitive (a futex on Linux), so the functions here
 //! only *report* that a wake-up is due; the hosted layer performs it.
@@ -39,7 +42,7 @@ pub enum RingError {
     /// The indices in shared memory are impossible (the peer wrote garbage or is not
     /// speaking this protocol). The ring is unusable until the supervisor resets it.
     Corrupt { head: u64, tail: u64 },
-    /// A frame header claims `len` payload bytes but only `available` were published.
+    /// A frame header claims `len` payload bytes, more than a ring of `available` bytes holds.
     BadLength { len: u32, available: u64 },
     /// The caller's buffer is smaller than the frame; the frame was skipped.
     BufferTooSmall { len: usize, buffer: usize },
@@ -58,7 +61,7 @@ impl core::fmt::Display for RingError {
             }
             RingError::BadLength { len, available } => write!(
                 f,
-                "frame header claims {len} bytes but only {available} were published"
+                "frame header claims {len} bytes but the ring holds only {available}"
             ),
             RingError::BufferTooSmall { len, buffer } => {
                 write!(f, "frame of {len} bytes does not fit a {buffer}-byte buffer")
