@@ -550,4 +550,15 @@ mod tests {
             "{text}"
         );
     }
+
+    #[test]
+    fn derived_ids_reach_both_ends_of_the_dynamic_range_and_never_leave_it() {
+        // 50,000 names over 4,336 ids: every id, the first and the last included, is hit.
+        let ids: BTreeSet<u32> = (0..50_000)
+            .map(|i| derived_id(&format!("s{i}"), 0))
+            .collect();
+        assert_eq!(ids.first(), Some(&DYNAMIC_FIRST));
+        assert_eq!(ids.last(), Some(&DYNAMIC_LAST));
+        assert_eq!(ids.len() as u32, DYNAMIC_LAST - DYNAMIC_FIRST + 1);
+    }
 }
