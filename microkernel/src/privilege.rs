@@ -561,4 +561,69 @@ mod tests {
         assert_eq!(ids.last(), Some(&DYNAMIC_LAST));
         assert_eq!(ids.len() as u32, DYNAMIC_LAST - DYNAMIC_FIRST + 1);
     }
+
+    #[test]
+    fn a_difference_names_what_was_found_and_what_was_planned() {
+        let c = Check::new(
+            "CapEff",
+            "0000000000000000".into(),
+            Some("00000000a80425fb".into()),
+        );
+        assert!(!c.ok);
+        assert_eq!(
+            c.difference(),
+            "CapEff is 00000000a80425fb but the plan says 0000000000000000"
+        );
+        assert_eq!(Check::new("Seccomp", "2".into(), None).actual, "(missing)");
+    }
+
+    #[test]
+    fn a_live_process_is_checked_field_by_field_and_for_dumpability_as_root() {
+        use std::os::unix::fs::MetadataExt;
+        let me = std::process::id() as i32;
+        let checks = check_pid(me, &planned());
+        let what: Vec<&str> = checks.iter().map(|c| c.what.as_str()).collect();
+        assert_eq!(
+            what,
+            [
+                "Uid",
+                "Gid",
+                "Groups",
+                "CapInh",
+                "CapPrm",
+                "CapEff",
+                "CapBnd",
+                "CapAmb",
+                "NoNewPrivs",
+                "Seccomp",
+                "Seccomp_filters",
+                "Dumpable"
+            ]
+        );
+        // This test process is dumpable: its /proc files belong to its own uid.
+        let owner = std::fs::metadata(format!("/proc/{me}/status"))
+            .unwrap()
+            .uid();
+        let dumpable = checks.last().unwrap();
+        if owner == 0 {
+            assert_eq!(dumpable.actual, "no (/proc/PID/status owned by uid 0)");
+            assert!(dumpable.ok);
+        } else {
+            assert_eq!(
+                dumpable.actual,
+                format!("yes (/proc/PID/status owned by uid {owner})")
+            );
+            assert!(!dumpable.ok);
+        }
+        // In a user namespace ownership says nothing: not checked.
+        let in_namespace = ServicePrivilege {
+            user_namespace: true,
+            ..planned()
+        };
+        assert_eq!(check_pid(me, &in_namespace).len(), 11);
+        // A process that is gone fails its checks; it is not a panic.
+        let gone = check_pid(i32::MAX, &planned());
+        assert_eq!(gone[0].what, "status");
+        assert!(gone.iter().all(|c| !c.ok), "{gone:?}");
+    }
 }

@@ -37,16 +37,17 @@ pub struct Spawner {
     store: bool,
 }
 
+/// Where to make the [`LibraryStore`] and the libraries it holds (sealed image, length,
+/// sandbox path).
+pub type StoreRequest = (std::path::PathBuf, Vec<(std::os::fd::OwnedFd, u64, String)>);
+
 impl Spawner {
     /// Starts the thread, which installs `filters` before it takes a request; fails if it
     /// cannot. Call with the signals the process handles itself already blocked (the thread
     /// inherits the mask). With `store` (a directory and the libraries: sealed image, length,
     /// sandbox path), the thread first makes a [`LibraryStore`] there that every service
     /// binds its libraries from; where it cannot (not root), services copy them as before.
-    pub fn start(
-        filters: Vec<BpfProgram>,
-        store: Option<(std::path::PathBuf, Vec<(std::os::fd::OwnedFd, u64, String)>)>,
-    ) -> io::Result<Spawner> {
+    pub fn start(filters: Vec<BpfProgram>, store: Option<StoreRequest>) -> io::Result<Spawner> {
         let (requests, incoming) = mpsc::channel::<Request>();
         let (ready, confined) = mpsc::channel();
         std::thread::Builder::new()

@@ -912,4 +912,28 @@ mod tests {
         let e = r.msr(0, 1, None).unwrap_err();
         assert!(matches!(e, RouteError::Unreachable { .. }), "{e}");
     }
+
+    #[test]
+    fn only_intercept_and_the_vtpm_take_guest_accesses() {
+        for interface in [
+            Interface::Intercept,
+            Interface::Vtpm,
+            Interface::Vmgs,
+            Interface::Attest,
+            Interface::Storage,
+            Interface::Net,
+        ] {
+            let takes = matches!(interface, Interface::Intercept | Interface::Vtpm);
+            assert_eq!(takes_guest_accesses(interface), takes, "{interface:?}");
+            let mem = ChannelMemory::create("test-router-end", 4096).unwrap();
+            let end =
+                DeviceEnd::for_interface(interface, ClientEnd::new(mem, WaitPolicy::default()));
+            match (interface, end) {
+                (Interface::Intercept, Some(DeviceEnd::Intercept(_))) => {}
+                (Interface::Vtpm, Some(DeviceEnd::Vtpm(_))) => {}
+                (_, None) if !takes => {}
+                (i, _) => panic!("{i:?} got the wrong end"),
+            }
+        }
+    }
 }
