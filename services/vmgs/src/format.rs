@@ -155,10 +155,6 @@ impl FileEntry {
     pub fn exists(&self) -> bool {
         self.allocation_size.get() != 0
     }
-
-    pub fn is_encrypted(&self) -> bool {
-        self.attributes.get() & ATTR_ENCRYPTED != 0
-    }
 }
 
 impl Default for FileTable {

@@ -475,3 +475,127 @@ fn encrypting_a_plain_file_leaves_no_plaintext_anywhere() {
     let mut v = Vmgs::open(MemStorage::new(image), Some(&key())).unwrap();
     assert_eq!(v.read_file(FileId::ATTEST).unwrap(), marker);
 }
+
+/// Every block outside the encrypted state is zero after `encrypt`: the gaps between files
+/// and the free tail after the last used block alike, wherever earlier writes, overwrites and
+/// deletions left plaintext.
+#[test]
+fn encrypting_wipes_every_block_the_encrypted_state_does_not_use() {
+    let mut v = Vmgs::create(MemStorage::default(), 512 << 10, None).unwrap();
+    v.write_file(FileId::TPM_NVRAM, &[0xaa; 5000]).unwrap();
+    v.write_file(FileId::ATTEST, &[0xbb; 9000]).unwrap();
+    v.write_file(FileId::TPM_NVRAM, &[0xcc; 5000]).unwrap();
+    // A large file near the end, then deleted: its plaintext lies in the free tail, which is
+    // longer than one wiping write.
+    v.write_file(FileId::GUEST_FIRMWARE, &[0xdd; 300_000])
+        .unwrap();
+    v.delete_file(FileId::GUEST_FIRMWARE).unwrap();
+    let before = v.storage_mut().bytes.clone();
+    v.encrypt(&key()).unwrap();
+    assert!(v.warnings().is_empty(), "{:?}", v.warnings());
+
+    let blocks = (v.image_size() / 4096) as usize;
+    let mut used = vec![false; blocks];
+    for f in v.files() {
+        for b in f.offset..f.offset + f.blocks {
+            used[b as usize] = true;
+        }
+    }
+    let image = v.into_storage().bytes;
+    let block = |img: &[u8], b: usize| img[b * 4096..(b + 1) * 4096].to_vec();
+    let last_used = (0..blocks).rev().find(|b| used[*b]).unwrap();
+    assert!(
+        (last_used + 1..blocks).any(|b| block(&before, b) != [0; 4096]),
+        "the test leaves no plaintext in the free tail (last used block {last_used})"
+    );
+    for b in (2..blocks).filter(|b| !used[*b]) {
+        assert_eq!(block(&image, b), [0; 4096], "free block {b} not wiped");
+    }
+    let mut v = Vmgs::open(MemStorage::new(image), Some(&key())).unwrap();
+    assert_eq!(v.read_file(FileId::TPM_NVRAM).unwrap(), [0xcc; 5000]);
+    assert_eq!(v.read_file(FileId::ATTEST).unwrap(), [0xbb; 9000]);
+}
+
+/// The host chooses a file's size (up to its allocation): a reader with a memory budget
+/// sets a read limit, and a size over it is refused before anything is allocated or read.
+/// A file of exactly the limit reads.
+#[test]
+fn a_file_size_over_the_read_limit_is_refused_before_reading() {
+    // TPM_PPI claims 10 whole blocks (6..16, all inside the image).
+    let mut v = with_entry(2, |e| {
+        e[0..4].copy_from_slice(&6u32.to_le_bytes());
+        e[4..8].copy_from_slice(&10u32.to_le_bytes());
+        e[8..16].copy_from_slice(&40960u64.to_le_bytes());
+    })
+    .unwrap();
+    v.set_read_limit(4096);
+    let err = v.read_file(FileId::TPM_PPI).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::TooLarge {
+                file: FileId::TPM_PPI,
+                bytes: 40960,
+                limit: 4096
+            }
+        ),
+        "{err}"
+    );
+    v.set_read_limit(40959);
+    assert!(matches!(
+        v.read_raw(FileId::TPM_PPI),
+        Err(Error::TooLarge { .. })
+    ));
+    v.set_read_limit(40960);
+    assert_eq!(v.read_file(FileId::TPM_PPI).unwrap().len(), 40960);
+}
+
+/// An entry may end exactly at the image's last block; one block further is corruption.
+#[test]
+fn an_entry_ending_one_block_past_the_image_is_refused() {
+    // The 64 KiB image has blocks 0..16; TPM_PPI gets two blocks at its end.
+    let at = |offset: u32| {
+        move |e: &mut [u8]| {
+            e[0..4].copy_from_slice(&offset.to_le_bytes());
+            e[4..8].copy_from_slice(&2u32.to_le_bytes());
+        }
+    };
+    let mut v = with_entry(2, at(14)).unwrap();
+    assert_eq!(v.read_file(FileId::TPM_PPI).unwrap(), [0; 3]);
+    let err = with_entry(2, at(15)).unwrap_err();
+    assert!(
+        matches!(&err, Error::CorruptEntry { file, .. } if *file == FileId::TPM_PPI),
+        "{err}"
+    );
+}
+
+/// A header whose file table would lie in the header blocks (0 or 1), or span other than one
+/// block, is not a valid header, even with a correct checksum: the older header is used.
+#[test]
+fn a_header_whose_file_table_overlaps_the_header_blocks_is_invalid() {
+    use pv_vmgs::error::HeaderProblem;
+    let image = plain_image();
+    let slot = open_plain(image.clone()).unwrap().active_slot();
+    for (offset, size) in [(0u32, 1u32), (1, 1), (4, 2), (4, 0)] {
+        let mut bad = image.clone();
+        let at = slot * 512;
+        let mut h = Header::read_from_bytes(&bad[at..at + 168]).unwrap();
+        h.file_table_offset.set(offset);
+        h.file_table_size.set(size);
+        bad[at..at + 168].copy_from_slice(h.as_bytes());
+        fix_checksum(&mut bad, slot);
+        let report = pv_vmgs::store::inspect_headers(&mut MemStorage::new(bad.clone())).unwrap();
+        assert_eq!(
+            report.problems[slot],
+            Some(HeaderProblem::FileTable { offset, size }),
+            "table at block {offset}, {size} blocks"
+        );
+        assert_eq!(report.active, Ok(1 - slot));
+        let mut v = open_plain(bad).unwrap();
+        assert_eq!(v.active_slot(), 1 - slot);
+        assert!(matches!(
+            v.read_file(FileId::TPM_PPI),
+            Err(Error::NotFound(_))
+        ));
+    }
+}
