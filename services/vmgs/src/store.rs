@@ -1183,4 +1183,28 @@ mod tests {
         assert_eq!(best_fit(&used, 11, 20), None);
         assert_eq!(best_fit(&[], 3, 20), Some(2));
     }
+
+    #[test]
+    fn best_fit_prefers_a_smaller_later_gap_and_the_lowest_of_equal_gaps() {
+        // Gaps 2..10 (8) and 11..13 (2): the later, smaller one.
+        assert_eq!(best_fit(&[(10, 1)], 2, 13), Some(11));
+        // Gaps 2..4, 5..7 and 8..10, all of 2 blocks: the lowest.
+        assert_eq!(best_fit(&[(4, 1), (7, 1)], 2, 10), Some(2));
+    }
+
+    #[test]
+    fn debug_output_shows_the_state_but_no_key_material() {
+        let key = Key::from_bytes([0xab; KEY_BYTES]);
+        let v = Vmgs::create(crate::MemStorage::default(), 64 << 10, Some(&key)).unwrap();
+        let shown = format!("{v:?}");
+        for field in [
+            "active_slot: 0",
+            "sequence: 1",
+            "encrypted: true",
+            "unlocked: true",
+        ] {
+            assert!(shown.contains(field), "{field} missing from {shown}");
+        }
+        assert!(!shown.contains("171"), "{shown}");
+    }
 }

@@ -166,6 +166,56 @@ fn encrypting_a_plain_file_is_all_or_nothing_at_every_stop() {
     }
 }
 
+/// An `encrypt` that fails before its header lands leaves the handle as it was: plain, not
+/// unlocked, usable, and able to try again.
+#[test]
+fn a_failed_encrypt_leaves_the_handle_plain_and_usable() {
+    let k = key(16);
+    let image = base(None);
+    let mut v = Vmgs::open(FaultyStorage::new(image.clone()), None).unwrap();
+    // The first data write fails; nothing of the new state is referenced.
+    v.storage_mut().fail_at(0, Fault::Fail);
+    assert!(v.encrypt(&k).is_err());
+    assert!(!v.is_poisoned());
+    assert!(!v.is_encrypted());
+    assert!(!v.is_unlocked(), "a plain file handle holds no key");
+    assert_eq!(
+        state_of(v.storage_mut().image().to_vec(), &[None]).unwrap(),
+        state_of(image.clone(), &[None]).unwrap()
+    );
+    v.storage_mut().fail_at(usize::MAX, Fault::Stop);
+    v.encrypt(&k).unwrap();
+    assert!(v.is_unlocked());
+    let image_after = v.into_storage().image().to_vec();
+    assert_eq!(
+        state_of(image_after, &[Some(k.clone())]).unwrap(),
+        state_of(image, &[None]).unwrap()
+    );
+}
+
+/// `create` on storage that still holds an old file (a caller that did not truncate it)
+/// clears both old headers first: the new file opens as new, without a warning, and no
+/// fallback can lead back to the old state.
+#[test]
+fn a_file_created_over_an_old_one_never_falls_back_to_it() {
+    let mut old = Vmgs::open(MemStorage::new(base(None)), None).unwrap();
+    old.write_file(FileId::ATTEST, b"old").unwrap();
+    let old = old.into_storage();
+    assert!(
+        old.bytes[512..520] == *b"GUESTRTS",
+        "the old file has a header in slot 2"
+    );
+    let v = Vmgs::create(old, 256 << 10, None).unwrap();
+    let image = v.into_storage().bytes;
+    assert!(
+        image[512..1024].iter().all(|b| *b == 0),
+        "old slot 2 cleared"
+    );
+    let v = Vmgs::open(MemStorage::new(image.clone()), None).unwrap();
+    assert!(v.warnings().is_empty(), "{:?}", v.warnings());
+    assert_eq!(state_of(image, &[None]).unwrap(), State::new());
+}
+
 #[test]
 fn key_rotation_never_loses_the_file_at_any_stop() {
     let (old_key, new_key) = (key(5), key(6));

@@ -3,6 +3,7 @@
 
 use pv_vmgs::error::ContainerError;
 use pv_vmgs::error::Error;
+use pv_vmgs::error::HeaderProblem;
 use pv_vmgs::format::Header;
 use pv_vmgs::FileId;
 use pv_vmgs::Key;
@@ -156,6 +157,28 @@ fn zero_length_and_truncated_files_are_typed_errors() {
     ));
 }
 
+/// The container is whole 512-byte sectors: a valid footer after a length that is not is
+/// still refused. The smallest image the format allows (16 KiB) is made and opens.
+#[test]
+fn the_container_is_whole_sectors_from_the_smallest_image_up() {
+    let image = plain_image();
+    let (data, footer) = image.split_at(image.len() - 512);
+    let mut odd = data.to_vec();
+    odd.push(0);
+    odd.extend_from_slice(footer);
+    let err = open_plain(odd.clone()).unwrap_err();
+    assert!(
+        matches!(err, Error::Container(ContainerError::BadLength(n)) if n == odd.len() as u64),
+        "{err}"
+    );
+
+    let smallest = Vmgs::create(MemStorage::default(), 16 << 10, None).unwrap();
+    let bytes = smallest.into_storage().bytes;
+    assert_eq!(bytes.len(), (16 << 10) + 512);
+    let v = open_plain(bytes).unwrap();
+    assert_eq!(v.image_size(), 16 << 10);
+}
+
 #[test]
 fn version_1_files_are_refused_by_name() {
     let mut image = plain_image();
@@ -175,6 +198,41 @@ fn both_headers_corrupt_is_a_typed_error() {
     image[512 + 20] ^= 1;
     let err = open_plain(image).unwrap_err();
     assert!(matches!(err, Error::NoValidHeader { .. }), "{err}");
+}
+
+/// A header slot never written (all zero) is not a problem: a new file has one, opens, and
+/// warns of nothing. A corrupt header is one, even when the other slot is blank (the file is
+/// then corrupt, not empty); only two blank slots make an empty file.
+#[test]
+fn a_blank_header_slot_is_not_corruption_but_a_corrupt_one_is() {
+    let new = Vmgs::create(MemStorage::default(), 64 << 10, None)
+        .unwrap()
+        .into_storage()
+        .bytes;
+    assert!(
+        new[512..1024].iter().all(|b| *b == 0),
+        "slot 2 never written"
+    );
+    let v = open_plain(new.clone()).unwrap();
+    assert!(v.warnings().is_empty(), "{:?}", v.warnings());
+
+    let mut corrupt = new.clone();
+    corrupt[3] ^= 1;
+    let err = open_plain(corrupt).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::NoValidHeader {
+                header1: HeaderProblem::Signature,
+                header2: HeaderProblem::Empty
+            }
+        ),
+        "{err}"
+    );
+
+    let mut blank = new;
+    blank[..512].fill(0);
+    assert!(matches!(open_plain(blank), Err(Error::Empty)));
 }
 
 #[test]
@@ -573,7 +631,6 @@ fn an_entry_ending_one_block_past_the_image_is_refused() {
 /// block, is not a valid header, even with a correct checksum: the older header is used.
 #[test]
 fn a_header_whose_file_table_overlaps_the_header_blocks_is_invalid() {
-    use pv_vmgs::error::HeaderProblem;
     let image = plain_image();
     let slot = open_plain(image.clone()).unwrap().active_slot();
     for (offset, size) in [(0u32, 1u32), (1, 1), (4, 2), (4, 0)] {
@@ -597,5 +654,26 @@ fn a_header_whose_file_table_overlaps_the_header_blocks_is_invalid() {
             v.read_file(FileId::TPM_PPI),
             Err(Error::NotFound(_))
         ));
+    }
+}
+
+/// An encrypted file's extended table is one whole 4096-byte table: an entry that says
+/// otherwise (a valid size the host shortened, or no allocation) is corruption, even though
+/// the table's ciphertext itself is intact and authenticates.
+#[test]
+fn an_extended_table_entry_that_is_not_one_whole_table_is_refused() {
+    let (image, slot) = encrypted_image();
+    let (entry, _) = locate(&image, slot, FileId::EXTENDED_FILE_TABLE.index());
+    for (what, field, value) in [
+        ("valid size 4095", 8..16, 4095u64.to_le_bytes().to_vec()),
+        ("no allocation", 4..8, 0u32.to_le_bytes().to_vec()),
+    ] {
+        let mut bad = image.clone();
+        bad[entry + field.start..entry + field.end].copy_from_slice(&value);
+        let err = Vmgs::open(MemStorage::new(bad), Some(&key())).unwrap_err();
+        assert!(
+            matches!(&err, Error::CorruptEntry { file, .. } if *file == FileId::EXTENDED_FILE_TABLE),
+            "{what}: {err}"
+        );
     }
 }

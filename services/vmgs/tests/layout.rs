@@ -262,6 +262,15 @@ fn our_encrypted_files_read_back_with_an_independent_reader() {
     let p = minimal_read(&file, Some(k.as_bytes()));
     assert!(p.encrypted);
     assert_eq!(p.files, vec![(3, contents(70000, 2)), (5, Vec::new())]);
+    // As the reference writer: the extended table's own entry (63) is marked encrypted and
+    // authenticated, with no key; entry 0 (the file table) is empty.
+    let own = &p.ext_table[63 * 64..64 * 64];
+    assert_eq!(le32(own, 0), 3, "attributes of the table's own entry");
+    assert!(
+        own[4..].iter().all(|b| *b == 0),
+        "no key for the table itself"
+    );
+    assert!(p.ext_table[..64].iter().all(|b| *b == 0));
 }
 
 #[test]

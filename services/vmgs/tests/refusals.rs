@@ -172,3 +172,22 @@ fn rotating_to_the_same_or_the_zero_key_is_refused() {
     let mut v = Vmgs::open(MemStorage::new(image), Some(&k)).unwrap();
     v.update_key(&Key::from_bytes(bytes)).unwrap();
 }
+
+/// A write larger than the whole image is refused up front, naming the file and its size,
+/// even in an image with no free block left (where the allocation would first fail on the
+/// new file table).
+#[test]
+fn a_write_larger_than_the_image_is_refused_naming_the_file() {
+    // The smallest image holds its two tables and nothing else.
+    let image = Vmgs::create(MemStorage::default(), 16 << 10, None)
+        .unwrap()
+        .into_storage()
+        .bytes;
+    let big = vec![7u8; (16 << 10) + 1];
+    refused(
+        &image,
+        None,
+        &[("write_file", &|v| v.write_file(FileId::ATTEST, &big))],
+        |e| matches!(e, Error::NoSpace { file: FileId::ATTEST, bytes } if *bytes == big.len() as u64),
+    );
+}
