@@ -188,3 +188,25 @@ impl core::fmt::Debug for ExtendedFileTable {
         f.write_str("ExtendedFileTable(<secret>)")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_of_the_extended_table_names_it_but_never_shows_a_key() {
+        let entry = ExtendedFileEntry {
+            attributes: U32::new(ATTR_ENCRYPTED | ATTR_AUTHENTICATED),
+            key: [0xab; KEY_BYTES],
+            reserved: [0; 28],
+        };
+        assert_eq!(
+            format!("{entry:?}"),
+            r#"ExtendedFileEntry { attributes: 3, key: "<secret>" }"#
+        );
+        let table = ExtendedFileTable {
+            entries: [entry; FILE_COUNT],
+        };
+        assert_eq!(format!("{table:?}"), "ExtendedFileTable(<secret>)");
+    }
+}
