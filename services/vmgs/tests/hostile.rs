@@ -293,6 +293,44 @@ fn entries_pointing_outside_the_image_or_overlapping_are_refused() {
     assert!(matches!(err, Error::Overlap { .. }), "{err}");
 }
 
+/// The file table's own entry (id 0) must say what the header says: one block at the
+/// header's table offset. Where a table has no entry 0, its block still counts as used, and
+/// an entry over it is an overlap.
+#[test]
+fn the_file_tables_own_entry_must_agree_with_the_header() {
+    let set32 =
+        |at: usize, v: u32| move |e: &mut [u8]| e[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    // Block 10 is free in the plain image; 1 block there, or 2 blocks at the right place.
+    for (what, r) in [
+        ("elsewhere", with_entry(0, set32(0, 10))),
+        ("two blocks", with_entry(0, set32(4, 2))),
+    ] {
+        let err = r.unwrap_err();
+        assert!(
+            matches!(&err, Error::CorruptEntry { file, .. } if *file == FileId::FILE_TABLE),
+            "{what}: {err}"
+        );
+    }
+    // Without entry 0, TPM_PPI moved onto the table's block.
+    let image = plain_image();
+    let slot = open_plain(image.clone()).unwrap().active_slot();
+    let ft = Header::read_from_bytes(&image[slot * 512..slot * 512 + 168])
+        .unwrap()
+        .file_table_offset
+        .get();
+    let mut bad = image.clone();
+    let (own, _) = locate(&image, slot, 0);
+    bad[own..own + 64].fill(0);
+    assert!(
+        open_plain(bad.clone()).is_ok(),
+        "a table without entry 0 opens"
+    );
+    let (ppi, _) = locate(&image, slot, FileId::TPM_PPI.index());
+    bad[ppi..ppi + 4].copy_from_slice(&ft.to_le_bytes());
+    let err = open_plain(bad).unwrap_err();
+    assert!(matches!(err, Error::Overlap { .. }), "{err}");
+}
+
 #[test]
 fn an_absurd_footer_size_is_refused_without_allocating_it() {
     let mut image = plain_image();
