@@ -162,4 +162,22 @@ mod tests {
         assert_eq!(&next[4..], &[0, 1, 0, 0, 0, 0, 0, 0]);
         assert_eq!(&new_nonce()[4..], &[0; 8]);
     }
+
+    #[test]
+    fn debug_output_names_a_key_but_never_shows_it() {
+        let key = Key::from_bytes([0xab; KEY_BYTES]);
+        assert_eq!(format!("{key:?}"), "Key(<secret>)");
+    }
+
+    /// Only the all-zero key is redrawn: every other key is as likely as any other. Of 200
+    /// uniform keys about 12% hold a zero byte (1 - (255/256)^32); more than half is a bias
+    /// that a uniform draw shows with probability far below 1e-20.
+    #[test]
+    fn random_keys_are_uniform_not_only_nonzero() {
+        let with_a_zero_byte = (0..200)
+            .map(|_| Key::random())
+            .filter(|k| k.as_bytes().contains(&0))
+            .count();
+        assert!(with_a_zero_byte < 100, "{with_a_zero_byte} of 200");
+    }
 }

@@ -155,10 +155,6 @@ impl FileEntry {
     pub fn exists(&self) -> bool {
         self.allocation_size.get() != 0
     }
-
-    pub fn is_encrypted(&self) -> bool {
-        self.attributes.get() & ATTR_ENCRYPTED != 0
-    }
 }
 
 impl Default for FileTable {
@@ -190,5 +186,27 @@ impl core::fmt::Debug for ExtendedFileEntry {
 impl core::fmt::Debug for ExtendedFileTable {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str("ExtendedFileTable(<secret>)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_of_the_extended_table_names_it_but_never_shows_a_key() {
+        let entry = ExtendedFileEntry {
+            attributes: U32::new(ATTR_ENCRYPTED | ATTR_AUTHENTICATED),
+            key: [0xab; KEY_BYTES],
+            reserved: [0; 28],
+        };
+        assert_eq!(
+            format!("{entry:?}"),
+            r#"ExtendedFileEntry { attributes: 3, key: "<secret>" }"#
+        );
+        let table = ExtendedFileTable {
+            entries: [entry; FILE_COUNT],
+        };
+        assert_eq!(format!("{table:?}"), "ExtendedFileTable(<secret>)");
     }
 }

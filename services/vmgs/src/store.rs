@@ -32,6 +32,10 @@ use crate::vhd::Footer;
 /// Bytes of a header slot on disk (one 512-byte sector; the rest after 168 bytes is zero).
 const HEADER_SECTOR: usize = vhd::SECTOR as usize;
 
+// The smallest image the container allows holds the two header blocks, a file table and an
+// extended file table: what `create` writes. (Checked here once, not at every create.)
+const _: () = assert!(vhd::MIN_IMAGE / BLOCK_SIZE >= FIRST_DATA_BLOCK as u64 + 2);
+
 /// What a caller may learn about one file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FileInfo {
@@ -482,9 +486,6 @@ impl<S: Storage> Vmgs<S> {
     pub fn create(mut storage: S, image_size: u64, key: Option<&Key>) -> Result<Vmgs<S>> {
         vhd::check_image_size(image_size)?;
         let blocks = (image_size / BLOCK_SIZE) as u32;
-        if blocks < FIRST_DATA_BLOCK + 2 {
-            return Err(ContainerError::ImageSize(image_size).into());
-        }
         let mut unique_id = [0u8; 16];
         crypto::fill_random(&mut unique_id);
         let footer = Footer::new(image_size, unique_id);
@@ -1182,5 +1183,29 @@ mod tests {
         assert_eq!(best_fit(&used, 5, 20), Some(10));
         assert_eq!(best_fit(&used, 11, 20), None);
         assert_eq!(best_fit(&[], 3, 20), Some(2));
+    }
+
+    #[test]
+    fn best_fit_prefers_a_smaller_later_gap_and_the_lowest_of_equal_gaps() {
+        // Gaps 2..10 (8) and 11..13 (2): the later, smaller one.
+        assert_eq!(best_fit(&[(10, 1)], 2, 13), Some(11));
+        // Gaps 2..4, 5..7 and 8..10, all of 2 blocks: the lowest.
+        assert_eq!(best_fit(&[(4, 1), (7, 1)], 2, 10), Some(2));
+    }
+
+    #[test]
+    fn debug_output_shows_the_state_but_no_key_material() {
+        let key = Key::from_bytes([0xab; KEY_BYTES]);
+        let v = Vmgs::create(crate::MemStorage::default(), 64 << 10, Some(&key)).unwrap();
+        let shown = format!("{v:?}");
+        for field in [
+            "active_slot: 0",
+            "sequence: 1",
+            "encrypted: true",
+            "unlocked: true",
+        ] {
+            assert!(shown.contains(field), "{field} missing from {shown}");
+        }
+        assert!(!shown.contains("171"), "{shown}");
     }
 }

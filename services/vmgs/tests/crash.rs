@@ -166,6 +166,56 @@ fn encrypting_a_plain_file_is_all_or_nothing_at_every_stop() {
     }
 }
 
+/// An `encrypt` that fails before its header lands leaves the handle as it was: plain, not
+/// unlocked, usable, and able to try again.
+#[test]
+fn a_failed_encrypt_leaves_the_handle_plain_and_usable() {
+    let k = key(16);
+    let image = base(None);
+    let mut v = Vmgs::open(FaultyStorage::new(image.clone()), None).unwrap();
+    // The first data write fails; nothing of the new state is referenced.
+    v.storage_mut().fail_at(0, Fault::Fail);
+    assert!(v.encrypt(&k).is_err());
+    assert!(!v.is_poisoned());
+    assert!(!v.is_encrypted());
+    assert!(!v.is_unlocked(), "a plain file handle holds no key");
+    assert_eq!(
+        state_of(v.storage_mut().image().to_vec(), &[None]).unwrap(),
+        state_of(image.clone(), &[None]).unwrap()
+    );
+    v.storage_mut().fail_at(usize::MAX, Fault::Stop);
+    v.encrypt(&k).unwrap();
+    assert!(v.is_unlocked());
+    let image_after = v.into_storage().image().to_vec();
+    assert_eq!(
+        state_of(image_after, &[Some(k.clone())]).unwrap(),
+        state_of(image, &[None]).unwrap()
+    );
+}
+
+/// `create` on storage that still holds an old file (a caller that did not truncate it)
+/// clears both old headers first: the new file opens as new, without a warning, and no
+/// fallback can lead back to the old state.
+#[test]
+fn a_file_created_over_an_old_one_never_falls_back_to_it() {
+    let mut old = Vmgs::open(MemStorage::new(base(None)), None).unwrap();
+    old.write_file(FileId::ATTEST, b"old").unwrap();
+    let old = old.into_storage();
+    assert!(
+        old.bytes[512..520] == *b"GUESTRTS",
+        "the old file has a header in slot 2"
+    );
+    let v = Vmgs::create(old, 256 << 10, None).unwrap();
+    let image = v.into_storage().bytes;
+    assert!(
+        image[512..1024].iter().all(|b| *b == 0),
+        "old slot 2 cleared"
+    );
+    let v = Vmgs::open(MemStorage::new(image.clone()), None).unwrap();
+    assert!(v.warnings().is_empty(), "{:?}", v.warnings());
+    assert_eq!(state_of(image, &[None]).unwrap(), State::new());
+}
+
 #[test]
 fn key_rotation_never_loses_the_file_at_any_stop() {
     let (old_key, new_key) = (key(5), key(6));
@@ -190,6 +240,135 @@ fn key_rotation_never_loses_the_file_at_any_stop() {
                 .unwrap_or_else(|e| panic!("stop at {n}: {e}"));
             assert_eq!(got, expected, "stop at {n}");
         }
+    }
+}
+
+/// A rotation from the second key slot (the state the first rotation leaves) goes back to
+/// the first slot, never loses the file at any stop, and leaves only the newest key working.
+#[test]
+fn a_second_rotation_from_the_second_slot_never_loses_the_file_at_any_stop() {
+    let (first, second, third) = (key(10), key(11), key(12));
+    let mut v = Vmgs::open(MemStorage::new(base(Some(&first))), Some(&first)).unwrap();
+    v.update_key(&second).unwrap();
+    let image = v.into_storage().bytes;
+    let expected = state_of(image.clone(), &[Some(second.clone())]).unwrap();
+
+    let mut v = Vmgs::open(FaultyStorage::new(image.clone()), Some(&second)).unwrap();
+    v.storage_mut().fail_at(usize::MAX, Fault::Stop);
+    v.update_key(&third).unwrap();
+    let ops = v.storage_mut().ops;
+    let done = v.into_storage().image().to_vec();
+    for old in [&first, &second] {
+        assert!(
+            state_of(done.clone(), &[Some(old.clone())]).is_err(),
+            "an old key still opens the file"
+        );
+    }
+    assert_eq!(state_of(done, &[Some(third.clone())]).unwrap(), expected);
+    for n in 0..ops {
+        let mut v = Vmgs::open(FaultyStorage::new(image.clone()), Some(&second)).unwrap();
+        v.storage_mut().fail_at(n, Fault::Stop);
+        assert!(v.update_key(&third).is_err());
+        for crash in v.into_storage().crash_images() {
+            let got = state_of(crash, &[Some(second.clone()), Some(third.clone())])
+                .unwrap_or_else(|e| panic!("stop at {n}: {e}"));
+            assert_eq!(got, expected, "stop at {n}");
+        }
+    }
+}
+
+/// A commit whose header write failed leaves the on-disk state unknown: the handle then
+/// refuses every read and change (and touches the device no more) until the file is reopened.
+#[test]
+fn a_poisoned_handle_refuses_reads_and_changes_until_reopened() {
+    let k = key(13);
+    let image = base(Some(&k));
+    let old = state_of(image.clone(), &[Some(k.clone())]).unwrap();
+    let mut v = Vmgs::open(FaultyStorage::new(image), Some(&k)).unwrap();
+    // Operations of a write: table, data, extended table, flush, header, flush.
+    v.storage_mut().fail_at(4, Fault::Fail);
+    assert!(v.write_file(FileId::ATTEST, b"lost").is_err());
+    assert!(v.is_poisoned());
+    let ops = v.storage_mut().ops;
+    let after_failure = v.storage_mut().image().to_vec();
+
+    let poisoned = |r: Result<(), Error>, what: &str| {
+        assert!(matches!(r, Err(Error::Poisoned)), "{what}: {r:?}");
+    };
+    let nvram = FileId::TPM_NVRAM;
+    poisoned(v.read_file(nvram).map(drop), "read_file");
+    poisoned(v.read_raw(nvram).map(drop), "read_raw");
+    poisoned(
+        v.read_unauthenticated(nvram).map(drop),
+        "read_unauthenticated",
+    );
+    poisoned(v.write_file(nvram, b"x"), "write_file");
+    poisoned(
+        v.write_file_unencrypted(FileId::KEY_PROTECTOR, b"x"),
+        "write_file_unencrypted",
+    );
+    poisoned(v.delete_file(FileId::TPM_PPI), "delete_file");
+    poisoned(
+        v.move_file(nvram, FileId::TPM_NVRAM_BACKUP, false),
+        "move_file",
+    );
+    poisoned(v.encrypt(&key(14)), "encrypt");
+    poisoned(v.add_key(&key(14)), "add_key");
+    poisoned(v.drop_other_key(), "drop_other_key");
+    poisoned(v.update_key(&key(14)), "update_key");
+    assert_eq!(
+        v.storage_mut().ops,
+        ops,
+        "the poisoned handle wrote or flushed"
+    );
+    let dev = v.into_storage();
+    assert_eq!(dev.image(), &after_failure[..]);
+
+    // Reopened, the file is the old state and takes changes again.
+    let mut v = Vmgs::open(dev, Some(&k)).unwrap();
+    assert_eq!(
+        state_of(v.storage_mut().image().to_vec(), &[Some(k.clone())]),
+        Ok(old)
+    );
+    v.write_file(FileId::ATTEST, b"kept").unwrap();
+    assert_eq!(v.read_file(FileId::ATTEST).unwrap(), b"kept");
+}
+
+/// After a commit whose final flush failed, the new header may be only in the page cache.
+/// The recovery (reopen, then `persist_active_header`) writes that header again into its own
+/// slot and flushes: from then on every crash leaves the state the reopened handle reads, and
+/// later commits build on it. Checked with the recovered header in either slot.
+#[test]
+fn the_header_a_recovery_reads_back_is_made_durable_in_its_own_slot() {
+    let k = key(15);
+    let mut one_more = Vmgs::open(MemStorage::new(base(Some(&k))), Some(&k)).unwrap();
+    one_more.write_file(FileId::ATTEST, b"parity").unwrap();
+    for image in [base(Some(&k)), one_more.into_storage().bytes] {
+        let mut v = Vmgs::open(FaultyStorage::new(image), Some(&k)).unwrap();
+        // Operations of a write: table, data, extended table, flush, header, flush. The
+        // final flush fails and does nothing: the header is written but not durable.
+        v.storage_mut().fail_at(5, Fault::Fail);
+        assert!(v.write_file(FileId::TPM_NVRAM, b"new").is_err());
+        assert!(v.is_poisoned());
+
+        let mut v = Vmgs::open(v.into_storage(), Some(&k)).unwrap();
+        let slot = v.active_slot();
+        assert_eq!(v.read_file(FileId::TPM_NVRAM).unwrap(), b"new");
+        let recovered = state_of(v.storage_mut().image().to_vec(), &[Some(k.clone())]).unwrap();
+        v.persist_active_header().unwrap();
+        for (i, crash) in v.storage_mut().crash_images().into_iter().enumerate() {
+            assert_eq!(
+                state_of(crash, &[Some(k.clone())]),
+                Ok(recovered.clone()),
+                "slot {slot}, crash image {i}"
+            );
+        }
+
+        v.write_file(FileId::TPM_NVRAM, b"newer").unwrap();
+        let mut v =
+            Vmgs::open(MemStorage::new(v.into_storage().image().to_vec()), Some(&k)).unwrap();
+        assert_eq!(v.read_file(FileId::TPM_NVRAM).unwrap(), b"newer");
+        assert_eq!(v.active_slot(), 1 - slot);
     }
 }
 

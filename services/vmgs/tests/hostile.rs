@@ -3,6 +3,7 @@
 
 use pv_vmgs::error::ContainerError;
 use pv_vmgs::error::Error;
+use pv_vmgs::error::HeaderProblem;
 use pv_vmgs::format::Header;
 use pv_vmgs::FileId;
 use pv_vmgs::Key;
@@ -156,6 +157,28 @@ fn zero_length_and_truncated_files_are_typed_errors() {
     ));
 }
 
+/// The container is whole 512-byte sectors: a valid footer after a length that is not is
+/// still refused. The smallest image the format allows (16 KiB) is made and opens.
+#[test]
+fn the_container_is_whole_sectors_from_the_smallest_image_up() {
+    let image = plain_image();
+    let (data, footer) = image.split_at(image.len() - 512);
+    let mut odd = data.to_vec();
+    odd.push(0);
+    odd.extend_from_slice(footer);
+    let err = open_plain(odd.clone()).unwrap_err();
+    assert!(
+        matches!(err, Error::Container(ContainerError::BadLength(n)) if n == odd.len() as u64),
+        "{err}"
+    );
+
+    let smallest = Vmgs::create(MemStorage::default(), 16 << 10, None).unwrap();
+    let bytes = smallest.into_storage().bytes;
+    assert_eq!(bytes.len(), (16 << 10) + 512);
+    let v = open_plain(bytes).unwrap();
+    assert_eq!(v.image_size(), 16 << 10);
+}
+
 #[test]
 fn version_1_files_are_refused_by_name() {
     let mut image = plain_image();
@@ -175,6 +198,41 @@ fn both_headers_corrupt_is_a_typed_error() {
     image[512 + 20] ^= 1;
     let err = open_plain(image).unwrap_err();
     assert!(matches!(err, Error::NoValidHeader { .. }), "{err}");
+}
+
+/// A header slot never written (all zero) is not a problem: a new file has one, opens, and
+/// warns of nothing. A corrupt header is one, even when the other slot is blank (the file is
+/// then corrupt, not empty); only two blank slots make an empty file.
+#[test]
+fn a_blank_header_slot_is_not_corruption_but_a_corrupt_one_is() {
+    let new = Vmgs::create(MemStorage::default(), 64 << 10, None)
+        .unwrap()
+        .into_storage()
+        .bytes;
+    assert!(
+        new[512..1024].iter().all(|b| *b == 0),
+        "slot 2 never written"
+    );
+    let v = open_plain(new.clone()).unwrap();
+    assert!(v.warnings().is_empty(), "{:?}", v.warnings());
+
+    let mut corrupt = new.clone();
+    corrupt[3] ^= 1;
+    let err = open_plain(corrupt).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::NoValidHeader {
+                header1: HeaderProblem::Signature,
+                header2: HeaderProblem::Empty
+            }
+        ),
+        "{err}"
+    );
+
+    let mut blank = new;
+    blank[..512].fill(0);
+    assert!(matches!(open_plain(blank), Err(Error::Empty)));
 }
 
 #[test]
@@ -232,6 +290,44 @@ fn entries_pointing_outside_the_image_or_overlapping_are_refused() {
         .file_table_offset
         .get();
     let err = with_entry(2, set32(0, ft)).unwrap_err();
+    assert!(matches!(err, Error::Overlap { .. }), "{err}");
+}
+
+/// The file table's own entry (id 0) must say what the header says: one block at the
+/// header's table offset. Where a table has no entry 0, its block still counts as used, and
+/// an entry over it is an overlap.
+#[test]
+fn the_file_tables_own_entry_must_agree_with_the_header() {
+    let set32 =
+        |at: usize, v: u32| move |e: &mut [u8]| e[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    // Block 10 is free in the plain image; 1 block there, or 2 blocks at the right place.
+    for (what, r) in [
+        ("elsewhere", with_entry(0, set32(0, 10))),
+        ("two blocks", with_entry(0, set32(4, 2))),
+    ] {
+        let err = r.unwrap_err();
+        assert!(
+            matches!(&err, Error::CorruptEntry { file, .. } if *file == FileId::FILE_TABLE),
+            "{what}: {err}"
+        );
+    }
+    // Without entry 0, TPM_PPI moved onto the table's block.
+    let image = plain_image();
+    let slot = open_plain(image.clone()).unwrap().active_slot();
+    let ft = Header::read_from_bytes(&image[slot * 512..slot * 512 + 168])
+        .unwrap()
+        .file_table_offset
+        .get();
+    let mut bad = image.clone();
+    let (own, _) = locate(&image, slot, 0);
+    bad[own..own + 64].fill(0);
+    assert!(
+        open_plain(bad.clone()).is_ok(),
+        "a table without entry 0 opens"
+    );
+    let (ppi, _) = locate(&image, slot, FileId::TPM_PPI.index());
+    bad[ppi..ppi + 4].copy_from_slice(&ft.to_le_bytes());
+    let err = open_plain(bad).unwrap_err();
     assert!(matches!(err, Error::Overlap { .. }), "{err}");
 }
 
@@ -474,4 +570,148 @@ fn encrypting_a_plain_file_leaves_no_plaintext_anywhere() {
     );
     let mut v = Vmgs::open(MemStorage::new(image), Some(&key())).unwrap();
     assert_eq!(v.read_file(FileId::ATTEST).unwrap(), marker);
+}
+
+/// Every block outside the encrypted state is zero after `encrypt`: the gaps between files
+/// and the free tail after the last used block alike, wherever earlier writes, overwrites and
+/// deletions left plaintext.
+#[test]
+fn encrypting_wipes_every_block_the_encrypted_state_does_not_use() {
+    let mut v = Vmgs::create(MemStorage::default(), 512 << 10, None).unwrap();
+    v.write_file(FileId::TPM_NVRAM, &[0xaa; 5000]).unwrap();
+    v.write_file(FileId::ATTEST, &[0xbb; 9000]).unwrap();
+    v.write_file(FileId::TPM_NVRAM, &[0xcc; 5000]).unwrap();
+    // A large file near the end, then deleted: its plaintext lies in the free tail, which is
+    // longer than one wiping write.
+    v.write_file(FileId::GUEST_FIRMWARE, &[0xdd; 300_000])
+        .unwrap();
+    v.delete_file(FileId::GUEST_FIRMWARE).unwrap();
+    let before = v.storage_mut().bytes.clone();
+    v.encrypt(&key()).unwrap();
+    assert!(v.warnings().is_empty(), "{:?}", v.warnings());
+
+    let blocks = (v.image_size() / 4096) as usize;
+    let mut used = vec![false; blocks];
+    for f in v.files() {
+        for b in f.offset..f.offset + f.blocks {
+            used[b as usize] = true;
+        }
+    }
+    let image = v.into_storage().bytes;
+    let block = |img: &[u8], b: usize| img[b * 4096..(b + 1) * 4096].to_vec();
+    let last_used = (0..blocks).rev().find(|b| used[*b]).unwrap();
+    assert!(
+        (last_used + 1..blocks).any(|b| block(&before, b) != [0; 4096]),
+        "the test leaves no plaintext in the free tail (last used block {last_used})"
+    );
+    for b in (2..blocks).filter(|b| !used[*b]) {
+        assert_eq!(block(&image, b), [0; 4096], "free block {b} not wiped");
+    }
+    let mut v = Vmgs::open(MemStorage::new(image), Some(&key())).unwrap();
+    assert_eq!(v.read_file(FileId::TPM_NVRAM).unwrap(), [0xcc; 5000]);
+    assert_eq!(v.read_file(FileId::ATTEST).unwrap(), [0xbb; 9000]);
+}
+
+/// The host chooses a file's size (up to its allocation): a reader with a memory budget
+/// sets a read limit, and a size over it is refused before anything is allocated or read.
+/// A file of exactly the limit reads.
+#[test]
+fn a_file_size_over_the_read_limit_is_refused_before_reading() {
+    // TPM_PPI claims 10 whole blocks (6..16, all inside the image).
+    let mut v = with_entry(2, |e| {
+        e[0..4].copy_from_slice(&6u32.to_le_bytes());
+        e[4..8].copy_from_slice(&10u32.to_le_bytes());
+        e[8..16].copy_from_slice(&40960u64.to_le_bytes());
+    })
+    .unwrap();
+    v.set_read_limit(4096);
+    let err = v.read_file(FileId::TPM_PPI).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::TooLarge {
+                file: FileId::TPM_PPI,
+                bytes: 40960,
+                limit: 4096
+            }
+        ),
+        "{err}"
+    );
+    v.set_read_limit(40959);
+    assert!(matches!(
+        v.read_raw(FileId::TPM_PPI),
+        Err(Error::TooLarge { .. })
+    ));
+    v.set_read_limit(40960);
+    assert_eq!(v.read_file(FileId::TPM_PPI).unwrap().len(), 40960);
+}
+
+/// An entry may end exactly at the image's last block; one block further is corruption.
+#[test]
+fn an_entry_ending_one_block_past_the_image_is_refused() {
+    // The 64 KiB image has blocks 0..16; TPM_PPI gets two blocks at its end.
+    let at = |offset: u32| {
+        move |e: &mut [u8]| {
+            e[0..4].copy_from_slice(&offset.to_le_bytes());
+            e[4..8].copy_from_slice(&2u32.to_le_bytes());
+        }
+    };
+    let mut v = with_entry(2, at(14)).unwrap();
+    assert_eq!(v.read_file(FileId::TPM_PPI).unwrap(), [0; 3]);
+    let err = with_entry(2, at(15)).unwrap_err();
+    assert!(
+        matches!(&err, Error::CorruptEntry { file, .. } if *file == FileId::TPM_PPI),
+        "{err}"
+    );
+}
+
+/// A header whose file table would lie in the header blocks (0 or 1), or span other than one
+/// block, is not a valid header, even with a correct checksum: the older header is used.
+#[test]
+fn a_header_whose_file_table_overlaps_the_header_blocks_is_invalid() {
+    let image = plain_image();
+    let slot = open_plain(image.clone()).unwrap().active_slot();
+    for (offset, size) in [(0u32, 1u32), (1, 1), (4, 2), (4, 0)] {
+        let mut bad = image.clone();
+        let at = slot * 512;
+        let mut h = Header::read_from_bytes(&bad[at..at + 168]).unwrap();
+        h.file_table_offset.set(offset);
+        h.file_table_size.set(size);
+        bad[at..at + 168].copy_from_slice(h.as_bytes());
+        fix_checksum(&mut bad, slot);
+        let report = pv_vmgs::store::inspect_headers(&mut MemStorage::new(bad.clone())).unwrap();
+        assert_eq!(
+            report.problems[slot],
+            Some(HeaderProblem::FileTable { offset, size }),
+            "table at block {offset}, {size} blocks"
+        );
+        assert_eq!(report.active, Ok(1 - slot));
+        let mut v = open_plain(bad).unwrap();
+        assert_eq!(v.active_slot(), 1 - slot);
+        assert!(matches!(
+            v.read_file(FileId::TPM_PPI),
+            Err(Error::NotFound(_))
+        ));
+    }
+}
+
+/// An encrypted file's extended table is one whole 4096-byte table: an entry that says
+/// otherwise (a valid size the host shortened, or no allocation) is corruption, even though
+/// the table's ciphertext itself is intact and authenticates.
+#[test]
+fn an_extended_table_entry_that_is_not_one_whole_table_is_refused() {
+    let (image, slot) = encrypted_image();
+    let (entry, _) = locate(&image, slot, FileId::EXTENDED_FILE_TABLE.index());
+    for (what, field, value) in [
+        ("valid size 4095", 8..16, 4095u64.to_le_bytes().to_vec()),
+        ("no allocation", 4..8, 0u32.to_le_bytes().to_vec()),
+    ] {
+        let mut bad = image.clone();
+        bad[entry + field.start..entry + field.end].copy_from_slice(&value);
+        let err = Vmgs::open(MemStorage::new(bad), Some(&key())).unwrap_err();
+        assert!(
+            matches!(&err, Error::CorruptEntry { file, .. } if *file == FileId::EXTENDED_FILE_TABLE),
+            "{what}: {err}"
+        );
+    }
 }

@@ -262,6 +262,15 @@ fn our_encrypted_files_read_back_with_an_independent_reader() {
     let p = minimal_read(&file, Some(k.as_bytes()));
     assert!(p.encrypted);
     assert_eq!(p.files, vec![(3, contents(70000, 2)), (5, Vec::new())]);
+    // As the reference writer: the extended table's own entry (63) is marked encrypted and
+    // authenticated, with no key; entry 0 (the file table) is empty.
+    let own = &p.ext_table[63 * 64..64 * 64];
+    assert_eq!(le32(own, 0), 3, "attributes of the table's own entry");
+    assert!(
+        own[4..].iter().all(|b| *b == 0),
+        "no key for the table itself"
+    );
+    assert!(p.ext_table[..64].iter().all(|b| *b == 0));
 }
 
 #[test]
@@ -314,6 +323,86 @@ fn defective_reference_file_is_rekeyed_on_its_first_change() {
         p.metadata_key,
         Some(vec![0; 32]),
         "rotation does not wrap the zero key"
+    );
+}
+
+/// The key slots of the active header as stored (nonce, reserved, tag, wrapped key) that
+/// hold a key; the file is read whole by the minimal reader with `datastore_key` first.
+fn active_key_slots(file: &[u8], datastore_key: &Key) -> Vec<Vec<u8>> {
+    let active = minimal_read(file, Some(datastore_key.as_bytes())).active_header;
+    let h = &file[active * 512..active * 512 + 168];
+    (0..2)
+        .map(|slot| h[36 + slot * 64..36 + slot * 64 + 64].to_vec())
+        .filter(|s| s.iter().any(|b| *b != 0))
+        .collect()
+}
+
+/// One datastore key wraps a metadata key at every commit of every file it protects: no two
+/// of those wraps may share an AES-GCM nonce (a repeat under one key leaks the XOR of the
+/// wrapped keys and the GHASH key). Checked over commits, a rotation to the key, an
+/// encryption with it and several files.
+#[test]
+fn slot_nonces_never_repeat_across_commits_and_files() {
+    let k = key(0x33);
+    let mut wraps: Vec<Vec<u8>> = Vec::new();
+    let mut record =
+        |v: &mut Vmgs<MemStorage>| wraps.extend(active_key_slots(&v.storage_image(), &k));
+    for file in 0..3u8 {
+        let mut v = Vmgs::create(MemStorage::default(), 64 << 10, Some(&k)).unwrap();
+        record(&mut v);
+        for i in 0..4u8 {
+            v.write_file(FileId::TPM_NVRAM, &[file, i]).unwrap();
+            record(&mut v);
+        }
+    }
+    let mut v = Vmgs::create(MemStorage::default(), 64 << 10, None).unwrap();
+    v.write_file(FileId::TPM_NVRAM, b"plain").unwrap();
+    v.encrypt(&k).unwrap();
+    record(&mut v);
+    v.write_file(FileId::TPM_NVRAM, b"again").unwrap();
+    record(&mut v);
+    let mut v = Vmgs::create(MemStorage::default(), 64 << 10, Some(&key(0x34))).unwrap();
+    v.update_key(&k).unwrap();
+    record(&mut v);
+    v.write_file(FileId::TPM_NVRAM, b"rotated").unwrap();
+    record(&mut v);
+
+    // A header commit that re-wraps nothing shows the same slot again: count wraps once.
+    wraps.sort();
+    wraps.dedup();
+    assert!(wraps.len() >= 3 * 5 + 4, "{} wraps", wraps.len());
+    let mut nonces: Vec<&[u8]> = wraps.iter().map(|s| &s[0..12]).collect();
+    nonces.sort();
+    let total = nonces.len();
+    nonces.dedup();
+    assert_eq!(nonces.len(), total, "a slot nonce was used twice");
+}
+
+/// The first wrap into an empty slot (a new file, or the new slot of a rotation) has no
+/// previous nonce to count on from, so all 96 bits of its nonce are random, not only the
+/// 32-bit prefix of a re-wrap: files protected by one datastore key must not collide.
+#[test]
+fn a_fresh_key_slot_nonce_is_random_in_all_96_bits() {
+    let k = key(0x35);
+    let mut counters = Vec::new();
+    for _ in 0..4 {
+        let mut v = Vmgs::create(MemStorage::default(), 64 << 10, Some(&k)).unwrap();
+        let slots = active_key_slots(&v.storage_image(), &k);
+        assert_eq!(slots.len(), 1);
+        counters.push(slots[0][4..12].to_vec());
+        // The new key's slot after a rotation is a first wrap too.
+        v.update_key(&key(0x36)).unwrap();
+        let slots = active_key_slots(&v.storage_image(), &key(0x36));
+        assert_eq!(slots.len(), 1);
+        counters.push(slots[0][4..12].to_vec());
+    }
+    let total = counters.len();
+    counters.sort();
+    counters.dedup();
+    assert_eq!(
+        counters.len(),
+        total,
+        "the counter half of first nonces repeats: {counters:02x?}"
     );
 }
 
