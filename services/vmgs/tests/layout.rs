@@ -326,6 +326,53 @@ fn defective_reference_file_is_rekeyed_on_its_first_change() {
     );
 }
 
+/// Key protectors are stored in the clear in an encrypted file (they protect themselves and
+/// must be read before the file can be unlocked): one alone or several in one commit. The
+/// store reads them without the key; with the key, only as unauthenticated data; the other
+/// files stay encrypted.
+#[test]
+fn key_protectors_are_stored_in_the_clear_and_read_before_unlocking() {
+    let k = key(0x37);
+    let mut v = Vmgs::create(MemStorage::default(), 256 << 10, Some(&k)).unwrap();
+    v.write_file(FileId::TPM_NVRAM, b"sealed-nvram").unwrap();
+    v.write_file_unencrypted(FileId::VM_UNIQUE_ID, b"unique-id")
+        .unwrap();
+    v.write_files_unencrypted(&[
+        (FileId::KEY_PROTECTOR, b"protector-2"),
+        (FileId::HW_KEY_PROTECTOR, b"hw-protector"),
+    ])
+    .unwrap();
+    let file = v.storage_image();
+    assert!(!file.windows(12).any(|w| w == b"sealed-nvram"));
+
+    let mut locked = Vmgs::open(MemStorage::new(file.clone()), None).unwrap();
+    for (id, clear) in [
+        (FileId::VM_UNIQUE_ID, &b"unique-id"[..]),
+        (FileId::KEY_PROTECTOR, b"protector-2"),
+        (FileId::HW_KEY_PROTECTOR, b"hw-protector"),
+    ] {
+        assert_eq!(locked.read_unauthenticated(id).unwrap(), clear);
+        let info = locked.file_info(id).unwrap();
+        let at = info.offset as usize * 4096;
+        assert_eq!(&file[at..at + clear.len()], clear, "{id} as stored");
+    }
+    let mut unlocked = Vmgs::open(MemStorage::new(file), Some(&k)).unwrap();
+    assert!(matches!(
+        unlocked.read_file(FileId::KEY_PROTECTOR),
+        Err(pv_vmgs::Error::Unauthenticated(FileId::KEY_PROTECTOR))
+    ));
+    assert_eq!(
+        unlocked
+            .read_unauthenticated(FileId::KEY_PROTECTOR)
+            .unwrap(),
+        b"protector-2"
+    );
+    assert_eq!(
+        unlocked.read_file(FileId::TPM_NVRAM).unwrap(),
+        b"sealed-nvram"
+    );
+}
+
 /// The key slots of the active header as stored (nonce, reserved, tag, wrapped key) that
 /// hold a key; the file is read whole by the minimal reader with `datastore_key` first.
 fn active_key_slots(file: &[u8], datastore_key: &Key) -> Vec<Vec<u8>> {
