@@ -113,6 +113,9 @@ def report(equivalent_path, group_dirs):
                 if kind == "missed":
                     survivors.append(name)
 
+    if not per_file:
+        print("no results: run the groups first")
+        return 1
     header = ("file", "caught", "missed", "equivalent", "timeout", "unviable", "not run", "score")
     rows = []
     for file in sorted(per_file):
