@@ -32,10 +32,6 @@ use crate::vhd::Footer;
 /// Bytes of a header slot on disk (one 512-byte sector; the rest after 168 bytes is zero).
 const HEADER_SECTOR: usize = vhd::SECTOR as usize;
 
-// The smallest image the container allows holds the two header blocks, a file table and an
-// extended file table: what `create` writes. (Checked here once, not at every create.)
-const _: () = assert!(vhd::MIN_IMAGE / BLOCK_SIZE >= FIRST_DATA_BLOCK as u64 + 2);
-
 /// What a caller may learn about one file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FileInfo {
@@ -486,6 +482,9 @@ impl<S: Storage> Vmgs<S> {
     pub fn create(mut storage: S, image_size: u64, key: Option<&Key>) -> Result<Vmgs<S>> {
         vhd::check_image_size(image_size)?;
         let blocks = (image_size / BLOCK_SIZE) as u32;
+        // The smallest image the check above allows holds what the first commit writes: the
+        // two header blocks, the file table and the extended file table.
+        const _: () = assert!(vhd::MIN_IMAGE / BLOCK_SIZE >= FIRST_DATA_BLOCK as u64 + 2);
         let mut unique_id = [0u8; 16];
         crypto::fill_random(&mut unique_id);
         let footer = Footer::new(image_size, unique_id);

@@ -132,6 +132,32 @@ fn flipping_any_byte_of_a_key_slot_is_detected() {
     never_returns_tampered_data(bad, "key slot without checksum");
 }
 
+/// A key slot is empty only when all of it is zero: its reserved word is no part of the
+/// wrapped key, so a slot whose reserved word is set (and whose other bytes happen to hold no
+/// zero) still opens.
+#[test]
+fn a_key_slot_with_its_reserved_word_set_still_opens() {
+    // Nonce, tag and wrapped key are random: find a file where none of their 60 bytes is zero
+    // (about four files in five).
+    let (mut image, slot) = (0..64)
+        .map(|_| encrypted_image())
+        .find(|(image, slot)| {
+            let at = slot * 512 + 36;
+            image[at..at + 12]
+                .iter()
+                .chain(&image[at + 16..at + 64])
+                .all(|b| *b != 0)
+        })
+        .expect("a key slot without zero bytes");
+    let at = slot * 512 + 36;
+    image[at + 12..at + 16].copy_from_slice(&[0xff; 4]);
+    fix_checksum(&mut image, slot);
+    assert_eq!(
+        never_returns_tampered_data(image, "reserved word").map(|e| e.to_string()),
+        None
+    );
+}
+
 fn open_plain(image: Vec<u8>) -> Result<Vmgs<MemStorage>, Error> {
     Vmgs::open(MemStorage::new(image), None)
 }
