@@ -159,7 +159,10 @@ mkdir -p "$out"
 scratch_copy() {
     local tree="$out/tree-$1"
     mkdir -p "$tree"
-    rsync -a --delete --exclude /target/ --exclude /.git/ --exclude 'fuzz/target/' \
+    # By content, and without the source's times: a file copied with its old time would look
+    # older than what the copy's last build (of a mutant) made from it, and cargo would keep
+    # that mutant's build. Files that did not change keep their time in the copy.
+    rsync -rlpD --checksum --delete --exclude /target/ --exclude /.git/ --exclude 'fuzz/target/' \
         --exclude 'fuzz/corpus/' "$root/" "$tree/"
     echo "$tree"
 }
