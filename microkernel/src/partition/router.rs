@@ -521,16 +521,14 @@ mod tests {
     const TPM_BASE: u64 = 0xfed4_0000;
     const TPM_SIZE: u64 = 0x5000;
 
-    /// Intercept (device 0) and a vTPM (device 1) owning `TPM_BASE..+TPM_SIZE` and PCI 00:05.
-    fn tpm_router(
-        intercept_answer: InterceptAnswer,
-        tpm_answer: impl Fn(&vtpm::Request) -> Option<endpoint::Response<vtpm::Response>>
-            + Send
-            + 'static,
-    ) -> (Router, Played<intercept::Request>, Played<vtpm::Request>) {
-        let (i_end, i) = play(intercept_answer);
-        let (t_end, t) = play(tpm_answer);
-        let router = Router::new(
+    /// Intercept (device 0) and a vTPM (device 1) owning `TPM_BASE..+TPM_SIZE` and the PCI
+    /// devices in `pci_owners`, on these ends.
+    fn router_of(
+        i_end: End<intercept::Request, intercept::Response>,
+        t_end: End<vtpm::Request, vtpm::Response>,
+        pci_owners: Vec<(u8, usize)>,
+    ) -> Router {
+        Router::new(
             vec![
                 device("intercept", DeviceEnd::Intercept(i_end)),
                 device("tpm", DeviceEnd::Vtpm(t_end)),
@@ -542,8 +540,20 @@ mod tests {
                 device: 1,
             }],
             Some(0),
-            vec![(5, 1)],
-        );
+            pci_owners,
+        )
+    }
+
+    /// Intercept (device 0) and a vTPM (device 1) owning `TPM_BASE..+TPM_SIZE` and PCI 00:05.
+    fn tpm_router(
+        intercept_answer: InterceptAnswer,
+        tpm_answer: impl Fn(&vtpm::Request) -> Option<endpoint::Response<vtpm::Response>>
+            + Send
+            + 'static,
+    ) -> (Router, Played<intercept::Request>, Played<vtpm::Request>) {
+        let (i_end, i) = play(intercept_answer);
+        let (t_end, t) = play(tpm_answer);
+        let router = router_of(i_end, t_end, vec![(5, 1)]);
         (router, i, t)
     }
 
@@ -846,20 +856,7 @@ mod tests {
         let (t_end, dying) = play(|_: &vtpm::Request| None);
         let supervisor = second_mapping(&dying.supervisor);
         let (i_end, _i) = play(intercept_answering(0, |_| None));
-        let mut r = Router::new(
-            vec![
-                device("intercept", DeviceEnd::Intercept(i_end)),
-                device("tpm", DeviceEnd::Vtpm(t_end)),
-            ],
-            vec![Route {
-                space: Space::Mmio,
-                base: TPM_BASE,
-                size: TPM_SIZE,
-                device: 1,
-            }],
-            Some(0),
-            vec![],
-        );
+        let mut r = router_of(i_end, t_end, vec![]);
         let restarter = std::thread::spawn(move || {
             let first = received(&dying);
             drop(dying);
