@@ -2471,6 +2471,135 @@ restart = { policy = "on-failure", max = 3, window = "10s", backoff = "10ms" }
         }
     }
 
+    /// Asserts that `src` is refused with a diagnostic at `line` whose message holds `needle`.
+    fn refused_at(src: &str, line: usize, needle: &str) {
+        let d = errors(src);
+        assert!(
+            d.iter()
+                .any(|d| d.line == line && d.message.contains(needle)),
+            "no diagnostic at line {line} with {needle:?}: {d:?}\n{src}"
+        );
+    }
+
+    fn accepted(src: &str) -> Manifest {
+        Manifest::parse(Path::new("m.toml"), src)
+            .unwrap_or_else(|e| panic!("refused: {:?}\n{src}", e.diagnostics()))
+    }
+
+    #[test]
+    fn the_ring_capacity_is_a_power_of_two_within_the_layouts_bounds() {
+        let with = |cap: &str| format!("[paravisor]\nring-capacity = \"{cap}\"\n{GOOD}");
+        assert_eq!(accepted(&with("64K")).ring_capacity, 64 << 10);
+        assert_eq!(
+            accepted(&with("16M")).ring_capacity,
+            ipc_defs::layout::MAX_RING_CAPACITY
+        );
+        // In range but not a power of two; a power of two above the range; unreadable.
+        for bad in ["96K", "32M", "lots"] {
+            refused_at(
+                &with(bad),
+                2,
+                &format!("ring-capacity \"{bad}\" is not usable"),
+            );
+        }
+    }
+
+    #[test]
+    fn a_binary_is_a_plain_name_next_to_the_paravisor() {
+        for bad in ["", "bin/pv-a", "/usr/bin/pv-a", ".pv-a"] {
+            let src = GOOD.replacen("binary = \"pv-a\"", &format!("binary = \"{bad}\""), 1);
+            refused_at(&src, 4, "must be a plain executable name");
+        }
+        accepted(&GOOD.replacen("pv-a", "pv-a.v2", 1));
+    }
+
+    #[test]
+    fn a_call_is_listed_once_and_never_to_the_callers_own_endpoint() {
+        let twice = GOOD.replace(
+            "calls = [{ endpoint = \"vmgs\", file-ids = [\"TPM_NVRAM\"] }]",
+            "calls = [{ endpoint = \"vmgs\", file-ids = [\"TPM_NVRAM\"] }, { endpoint = \"vmgs\", file-ids = [\"TPM_PPI\"] }]",
+        );
+        refused_at(&twice, 12, "lists a call to \"vmgs\" twice");
+        let own = GOOD.replace(
+            "serves = [\"vmgs\"]",
+            "serves = [\"vmgs\"]\ncalls = [{ endpoint = \"vmgs\", file-ids = [\"TPM_PPI\"] }]",
+        );
+        refused_at(&own, 6, "calls \"vmgs\", which it serves itself");
+    }
+
+    /// Keys, listeners and regions: distinct names pass, a repeated one is refused where it
+    /// is repeated.
+    #[test]
+    fn names_within_a_service_are_unique() {
+        let with = |line: &str| {
+            GOOD.replacen(
+                "serves = [\"vmgs\"]\n",
+                &format!("serves = [\"vmgs\"]\n{line}\n"),
+                1,
+            )
+        };
+        let keys = |a: &str, b: &str| {
+            with(&format!(
+                "keys = [{{ name = \"{a}\", path = \"{a}.key\" }}, {{ name = \"{b}\", path = \"{b}2.key\" }}]"
+            ))
+        };
+        let m = accepted(&keys("k1", "k2"));
+        assert_eq!(m.services[0].keys.len(), 2);
+        refused_at(&keys("k1", "k1"), 6, "key \"k1\" is listed twice");
+
+        let listen = |a: &str, b: &str| {
+            with(&format!(
+                "listen = [{{ name = \"{a}\", address = \"127.0.0.1:1\" }}, {{ name = \"{b}\", address = \"127.0.0.1:2\" }}]"
+            ))
+        };
+        let m = accepted(&listen("l1", "l2"));
+        assert_eq!(m.services[0].listen.len(), 2);
+        refused_at(
+            &listen("l1", "l1"),
+            6,
+            "listener name \"l1\" is invalid or listed twice",
+        );
+        refused_at(
+            &listen("l1", "L 2"),
+            6,
+            "listener name \"L 2\" is invalid or listed twice",
+        );
+
+        let regions = |a: &str, b: &str| {
+            with(&format!(
+                "regions = [{{ name = \"{a}\", size = \"4K\" }}, {{ name = \"{b}\", size = \"8K\" }}]"
+            ))
+        };
+        let m = accepted(&regions("r1", "r2"));
+        assert_eq!(m.services[0].regions.len(), 2);
+        refused_at(&regions("r1", "r1"), 6, "region \"r1\" is listed twice");
+    }
+
+    #[test]
+    fn a_region_is_neither_empty_nor_larger_than_any_memory_limit() {
+        let with = |size: &str| {
+            GOOD.replacen(
+                "serves = [\"vmgs\"]\n",
+                &format!(
+                    "serves = [\"vmgs\"]\nregions = [{{ name = \"r\", size = \"{size}\" }}]\n"
+                ),
+                1,
+            )
+        };
+        assert_eq!(
+            accepted(&with("64G")).services[0].regions[0].size,
+            MAX_MEMORY
+        );
+        assert_eq!(accepted(&with("1")).services[0].regions[0].size, 1);
+        for bad in ["0", "65G", "big"] {
+            refused_at(
+                &with(bad),
+                6,
+                &format!("region size \"{bad}\" is zero, absurd or unreadable"),
+            );
+        }
+    }
+
     #[test]
     fn good_manifest_parses() {
         let m = Manifest::parse(Path::new("m.toml"), GOOD).unwrap();
