@@ -2600,6 +2600,130 @@ restart = { policy = "on-failure", max = 3, window = "10s", backoff = "10ms" }
         }
     }
 
+    /// The vTPM with a device range, and a TPM front end with one listener.
+    const TPM: &str = r#"
+[[service]]
+name = "tpm"
+binary = "pv-vtpm"
+serves = ["vtpm"]
+mmio = [{ base = 0xfed40000, size = 0x5000 }]
+limits = { memory = "64M", open-files = 32 }
+restart = { policy = "always", max = 3, window = "10s", backoff = "10ms" }
+
+[[service]]
+name = "gw"
+binary = "pv-tpm-gateway"
+calls = [{ endpoint = "vtpm", tpm = ["commands"] }]
+listen = [{ name = "mssim-command", address = "127.0.0.1:2321", localities = [0, 3] }]
+limits = { memory = "64M", open-files = 32 }
+restart = { policy = "always", max = 3, window = "10s", backoff = "10ms" }
+"#;
+
+    fn tpm_grant(m: &Manifest) -> ipc_defs::services::vtpm::VtpmGrant {
+        match m.service("gw").unwrap().grants.get(&Interface::Vtpm) {
+            Some(Grant::Vtpm(g)) => *g,
+            other => panic!("no vtpm grant: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_front_end_gets_its_listeners_localities_only_if_it_may_send_commands() {
+        let m = accepted(TPM);
+        assert_eq!(
+            tpm_grant(&m).commands,
+            ipc_defs::services::vtpm::Localities::ZERO.with(3)
+        );
+        // Platform signals only: its listener's localities must not grant it commands.
+        let m = accepted(&TPM.replace(
+            "tpm = [\"commands\"] }]\nlisten = [{ name = \"mssim-command\", address = \"127.0.0.1:2321\", localities = [0, 3] }]",
+            "tpm = [\"platform\"] }]\nlisten = [{ name = \"mssim-platform\", address = \"127.0.0.1:2322\" }]",
+        ));
+        let g = tpm_grant(&m);
+        assert!(g.commands.is_empty(), "{g:?}");
+        assert!(g.platform);
+    }
+
+    #[test]
+    fn a_device_range_ends_within_its_address_space() {
+        let with = |range: &str| TPM.replace("{ base = 0xfed40000, size = 0x5000 }", range);
+        // Up to the last byte of each space, not one past it.
+        let m = accepted(&with("{ base = 0xffffffffff000, size = 0x1000 }"));
+        assert_eq!(m.service("tpm").unwrap().mmio[0].end(), 1 << 52);
+        for bad in [
+            "{ base = 0xffffffffff000, size = 0x1001 }",
+            "{ base = 0xffffffffff000, size = 0x100000 }",
+            "{ base = 0x10000000000000, size = 1 }",
+        ] {
+            refused_at(
+                &with(bad),
+                6,
+                "runs past the end of the mmio space (0x10000000000000)",
+            );
+        }
+        let pio = |range: &str| {
+            TPM.replace(
+                "mmio = [{ base = 0xfed40000, size = 0x5000 }]",
+                &format!("pio = [{range}]"),
+            )
+        };
+        accepted(&pio("{ base = 0xfff0, size = 0x10 }"));
+        refused_at(
+            &pio("{ base = 0xfff0, size = 0x11 }"),
+            6,
+            "runs past the end of the pio space (0x10000)",
+        );
+        // The partition's own port, whether the range starts at it, ends at it or spans it.
+        let port = crate::partition::router::IN_THREAD_PORT as u64;
+        for (base, size) in [(port, 1), (port - 1, 2), (port - 3, 4), (port, 0x10)] {
+            refused_at(
+                &pio(&format!("{{ base = {base:#x}, size = {size:#x} }}")),
+                6,
+                "which the partition answers itself",
+            );
+        }
+        accepted(&pio(&format!("{{ base = {:#x}, size = 1 }}", port + 1)));
+        accepted(&pio(&format!("{{ base = {:#x}, size = 1 }}", port - 1)));
+    }
+
+    #[test]
+    fn a_watchdog_is_between_a_second_and_an_hour() {
+        let with =
+            |w: &str| TPM.replacen("limits = {", &format!("watchdog = \"{w}\"\nlimits = {{"), 1);
+        for (w, d) in [("1s", 1), ("90s", 90), ("1h", 3600)] {
+            assert_eq!(
+                accepted(&with(w)).service("tpm").unwrap().watchdog,
+                Duration::from_secs(d)
+            );
+        }
+        assert_eq!(
+            accepted(TPM).service("tpm").unwrap().watchdog,
+            DEFAULT_WATCHDOG
+        );
+        for bad in ["0s", "999ms", "61m", "2h", "soon"] {
+            refused_at(
+                &with(bad),
+                7,
+                &format!("watchdog \"{bad}\" is not a duration between 1s and 1h"),
+            );
+        }
+    }
+
+    #[test]
+    fn open_files_is_at_most_the_ceiling() {
+        let with = |n: u64| TPM.replacen("open-files = 32", &format!("open-files = {n}"), 1);
+        assert_eq!(
+            accepted(&with(MAX_OPEN_FILES))
+                .service("tpm")
+                .unwrap()
+                .limits
+                .open_files,
+            MAX_OPEN_FILES
+        );
+        for bad in [MAX_OPEN_FILES + 1, MAX_OPEN_FILES * 4] {
+            refused_at(&with(bad), 7, &format!("open-files limit {bad} is absurd"));
+        }
+    }
+
     #[test]
     fn good_manifest_parses() {
         let m = Manifest::parse(Path::new("m.toml"), GOOD).unwrap();
