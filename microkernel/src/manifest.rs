@@ -2724,6 +2724,332 @@ restart = { policy = "always", max = 3, window = "10s", backoff = "10ms" }
         }
     }
 
+    /// The 1-based line of the first line of `src` that holds `needle`.
+    fn line_of(src: &str, needle: &str) -> usize {
+        1 + src
+            .lines()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("{needle:?} is not in the manifest"))
+    }
+
+    /// Each service's descriptor slots, counted by hand from the shipped manifest: 3 (status
+    /// page, seccomp program, control channel) + one per client link it serves + the
+    /// microkernel's attest and platform channels + the guest partition's channel (intercept,
+    /// or a device with ranges) + intercept's interrupt eventfds + calls, regions, files, keys
+    /// and listeners.
+    #[test]
+    fn capability_slots_count_every_descriptor_a_service_holds() {
+        let m = accepted(&shipped());
+        let slots = |name: &str, guest: bool| {
+            capability_slots_with(m.service(name).unwrap(), &m.services, guest)
+        };
+        // (name, with a guest, without one)
+        let expected = [
+            ("intercept", 3 + 1 + 1 + 3, 3 + 3), // guest channel, interrupt 4, 3 calls
+            ("vmgs", 3 + 2 + 1 + 1, 3 + 2 + 1 + 1), // served to attest and vtpm, a file, a key
+            ("attest", 3 + 1 + 2 + 1 + 2, 3 + 1 + 2 + 1 + 2), // served to vtpm, microkernel and platform, a call, 2 files
+            ("vtpm", 3 + 2 + 1 + 2 + 1, 3 + 2 + 2 + 1), // served to intercept and the gateway, mmio, 2 calls, a region
+            ("tpm-gateway", 3 + 1 + 5, 3 + 1 + 5),      // a call, 5 listeners
+            ("storage", 3 + 1, 3 + 1),                  // served to intercept
+        ];
+        for (name, with_guest, without) in expected {
+            assert_eq!(slots(name, true), with_guest, "{name} with a guest");
+            assert_eq!(slots(name, false), without, "{name} without a guest");
+            assert_eq!(
+                capability_slots(m.service(name).unwrap(), &m.services),
+                with_guest
+            );
+        }
+        // A device reached through port ranges only, or through its PCI function only, has
+        // the guest partition's channel too.
+        let pio = TPM.replace(
+            "mmio = [{ base = 0xfed40000, size = 0x5000 }]",
+            "pio = [{ base = 0x2f8, size = 8 }]",
+        );
+        let pci = TPM.replace(
+            "mmio = [{ base = 0xfed40000, size = 0x5000 }]",
+            "pci-device = 3",
+        );
+        for src in [TPM.to_string(), pio, pci] {
+            let m = accepted(&src);
+            let tpm = m.service("tpm").unwrap();
+            assert_eq!(
+                capability_slots_with(tpm, &m.services, true),
+                3 + 1 + 1,
+                "{src}"
+            );
+            assert_eq!(
+                capability_slots_with(tpm, &m.services, false),
+                3 + 1,
+                "{src}"
+            );
+        }
+    }
+
+    #[test]
+    fn guest_interrupts_are_intercepts_lines_and_those_its_callers_are_granted() {
+        let m = accepted(&shipped());
+        assert_eq!(guest_interrupts(&m.services), [Interrupt::Line(4)]);
+        let src = shipped()
+            .replacen(
+                "serves = [\"storage\"]",
+                "serves = [\"storage\"]\ncalls = [{ endpoint = \"intercept\", interrupts = [10, 5] }]",
+                1,
+            )
+            .replacen(
+                "serves = [\"net\"]",
+                "serves = [\"net\"]\ncalls = [{ endpoint = \"intercept\", interrupts = [11] }]",
+                1,
+            );
+        let m = accepted(&src);
+        assert_eq!(
+            guest_interrupts(&m.services),
+            [4, 5, 10, 11].map(Interrupt::Line)
+        );
+    }
+
+    #[test]
+    fn descriptors_and_capabilities_have_their_bounds() {
+        let needed = |src: &str| {
+            let m = accepted(src);
+            BASE_DESCRIPTORS as usize + capability_slots(m.service("tpm").unwrap(), &m.services)
+        };
+        let n = needed(TPM);
+        let with = |n: usize| TPM.replacen("open-files = 32", &format!("open-files = {n}"), 1);
+        accepted(&with(n));
+        refused_at(
+            &with(n - 1),
+            7,
+            &format!("is below the {n} descriptors this service holds"),
+        );
+
+        // Regions until the bootstrap record is exactly full, then one more.
+        let regions = |count: usize| {
+            let list: Vec<String> = (0..count)
+                .map(|i| format!("{{ name = \"r{i}\", size = \"4K\" }}"))
+                .collect();
+            TPM.replacen(
+                "serves = [\"vtpm\"]",
+                &format!("serves = [\"vtpm\"]\nregions = [{}]", list.join(", ")),
+                1,
+            )
+            .replacen("open-files = 32", "open-files = 1000", 1)
+        };
+        let base = {
+            let m = accepted(TPM);
+            capability_slots(m.service("tpm").unwrap(), &m.services)
+        };
+        let full = MAX_CAPABILITIES - base;
+        let m = accepted(&regions(full));
+        assert_eq!(
+            capability_slots(m.service("tpm").unwrap(), &m.services),
+            MAX_CAPABILITIES
+        );
+        for over in [full + 1, full + 5] {
+            refused_at(
+                &regions(over),
+                2,
+                &format!("holds {} capabilities", MAX_CAPABILITIES + over - full),
+            );
+        }
+    }
+
+    #[test]
+    fn a_manifest_holds_at_most_max_services() {
+        let with = |clients: usize| {
+            let mut src = TPM.to_string();
+            for i in 0..clients {
+                src.push_str(&format!(
+                    "\n[[service]]\nname = \"c{i}\"\nbinary = \"pv-c\"\ncalls = [{{ endpoint = \"vtpm\", tpm = [\"platform\"] }}]\nlimits = {{ memory = \"64M\", open-files = 32 }}\nrestart = {{ policy = \"never\", max = 0, window = \"10s\", backoff = \"10ms\" }}\n"
+                ));
+            }
+            src
+        };
+        // TPM has two services; the vTPM serves one link per client, so its own bootstrap
+        // record overflows long before MAX_SERVICES: only the count's diagnostic is looked at.
+        let count = |src: &str| -> Vec<Diagnostic> {
+            match Manifest::parse(Path::new("m.toml"), src) {
+                Ok(_) => Vec::new(),
+                Err(e) => e
+                    .diagnostics()
+                    .iter()
+                    .filter(|d| d.message.contains("services"))
+                    .cloned()
+                    .collect(),
+            }
+        };
+        assert!(count(&with(MAX_SERVICES - 2)).is_empty());
+        for over in [MAX_SERVICES - 1, MAX_SERVICES + 3] {
+            let d = count(&with(over));
+            assert!(
+                d.iter()
+                    .any(|d| d.message == format!("the manifest describes {} services", over + 2)),
+                "{d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn files_other_than_guest_state_may_be_shared_and_paths_stay_inside_the_state_dir() {
+        let shared = shipped().replace(
+            "serves = [\"storage\"]",
+            "serves = [\"storage\"]\nfiles = [{ name = \"certs\", path = \"platform-certs.pem\", access = \"read-only\" }]",
+        );
+        accepted(&shared);
+        let with = |path: &str| {
+            shipped().replace(
+                "serves = [\"storage\"]",
+                &format!("serves = [\"storage\"]\nfiles = [{{ name = \"f\", path = \"{path}\", access = \"read-only\" }}]"),
+            )
+        };
+        for bad in ["", "/etc/shadow", "../x", "a/../../x", "./x"] {
+            let src = with(bad);
+            refused_at(&src, line_of(&src, "name = \"f\""), &format!("\"{bad}\""));
+        }
+        accepted(&with("sub/dir/x"));
+    }
+
+    #[test]
+    fn a_vmgs_ring_needs_room_for_its_chunks() {
+        let src = |cap: u32| {
+            let s = shipped();
+            s.replace(
+                "ring-capacity = \"64K\"",
+                &format!("ring-capacity = \"{}K\"", cap >> 10),
+            )
+        };
+        assert_eq!(accepted(&src(MIN_VMGS_RING)).ring_capacity, MIN_VMGS_RING);
+        let small = src(MIN_VMGS_RING / 2);
+        refused_at(
+            &small,
+            line_of(&small, "ring-capacity"),
+            "too small for the vmgs endpoint",
+        );
+    }
+
+    #[test]
+    fn a_sealed_key_is_the_key_of_its_own_guest_state_file() {
+        let src = shipped().replace(
+            "serves = [\"storage\"]",
+            "serves = [\"storage\"]\nkeys = [{ name = \"datastore\", sealed = true }]",
+        );
+        refused_at(
+            &src,
+            line_of(&src, "serves = [\"storage\"]") + 1,
+            "sealed key \"datastore\" is not the key of a guest-state file of \"storage\"",
+        );
+        let size = |size: &str| shipped().replace("size = \"4M\"", &format!("size = \"{size}\""));
+        accepted(&size("16K"));
+        for bad in ["1K", "8G", "4M1"] {
+            let src = size(bad);
+            refused_at(
+                &src,
+                line_of(&src, "guest.vmgs"),
+                &format!("VMGS size \"{bad}\" is not usable"),
+            );
+        }
+    }
+
+    #[test]
+    fn a_key_release_id_is_64_hex_digits() {
+        let with = |id: &str| {
+            shipped().replace(
+                "sealing = \"measurement\"",
+                &format!("sealing = \"measurement\"\nkey-release = \"127.0.0.1:8700\"\nkey-release-id = \"{id}\""),
+            )
+        };
+        let good = "0123456789abcdefABCDEF0123456789abcdef0123456789abcdef0123456789";
+        assert_eq!(
+            accepted(&with(good)).attest.key_release_id.as_deref(),
+            Some(good.to_ascii_lowercase().as_str())
+        );
+        for bad in [
+            &good[1..],
+            &format!("{good}0"),
+            &good.replace('0', "g"),
+            "0123",
+        ] {
+            let src = with(bad);
+            refused_at(
+                &src,
+                line_of(&src, "key-release-id"),
+                "key-release-id is not a key id",
+            );
+        }
+    }
+
+    #[test]
+    fn a_shared_uid_needs_both_services_to_say_so() {
+        let with = |a: &str, b: &str| {
+            TPM.replacen(
+                "serves = [\"vtpm\"]",
+                &format!("serves = [\"vtpm\"]\nuser = {a}"),
+                1,
+            )
+            .replacen("calls = [", &format!("user = {b}\ncalls = ["), 1)
+        };
+        accepted(&with(
+            "{ uid = 61000, shared = true }",
+            "{ uid = 61000, shared = true }",
+        ));
+        for (a, b) in [
+            ("{ uid = 61000, shared = true }", "{ uid = 61000 }"),
+            ("{ uid = 61000 }", "{ uid = 61000, shared = true }"),
+            ("{ uid = 61000 }", "{ uid = 61000 }"),
+        ] {
+            refused_at(&with(a, b), 14, "has uid 61000, as \"tpm\" (line 6) has");
+        }
+    }
+
+    #[test]
+    fn restart_rules() {
+        let with = |r: &str| {
+            TPM.replacen(
+                "restart = { policy = \"always\", max = 3, window = \"10s\", backoff = \"10ms\" }",
+                &format!("restart = {{ {r} }}"),
+                1,
+            )
+        };
+        accepted(&with(
+            "policy = \"never\", max = 0, window = \"10s\", backoff = \"10ms\"",
+        ));
+        for policy in ["always", "on-failure"] {
+            refused_at(
+                &with(&format!(
+                    "policy = \"{policy}\", max = 0, window = \"10s\", backoff = \"10ms\""
+                )),
+                8,
+                "with max = 0 never restarts",
+            );
+        }
+        // A ceiling equal to the back-off is a constant back-off.
+        let m = accepted(&with(
+            "policy = \"always\", max = 3, window = \"10s\", backoff = \"20ms\", max-backoff = \"20ms\"",
+        ));
+        assert_eq!(
+            m.service("tpm").unwrap().restart.delay(5),
+            Duration::from_millis(20)
+        );
+    }
+
+    #[test]
+    fn adjacent_device_ranges_do_not_overlap() {
+        let with = |a: &str, b: &str| {
+            TPM.replace(
+                "mmio = [{ base = 0xfed40000, size = 0x5000 }]",
+                &format!("mmio = [{a}, {b}]"),
+            )
+        };
+        let low = "{ base = 0x1000, size = 0x1000 }";
+        let high = "{ base = 0x2000, size = 0x1000 }";
+        accepted(&with(low, high));
+        accepted(&with(high, low));
+        let across = "{ base = 0x1fff, size = 2 }";
+        refused_at(&with(low, across), 6, "overlaps");
+        refused_at(&with(across, low), 6, "overlaps");
+        refused_at(&with(high, across), 6, "overlaps");
+    }
+
     #[test]
     fn good_manifest_parses() {
         let m = Manifest::parse(Path::new("m.toml"), GOOD).unwrap();
@@ -2775,8 +3101,22 @@ restart = { policy = "always", max = 3, window = "10s", backoff = "10ms" }
         assert_eq!(parse_size("99999999999999999G"), None);
         assert_eq!(parse_duration("10ms"), Some(Duration::from_millis(10)));
         assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
         assert_eq!(parse_duration("10"), None);
         assert_eq!(format_duration(Duration::from_secs(60)), "1m");
+        for (n, text) in [
+            (3 << 30, "3G"),
+            (1 << 30, "1G"),
+            (5 << 20, "5M"),
+            ((1 << 30) + (1 << 20), "1025M"),
+            (7 << 10, "7K"),
+            ((1 << 20) + (1 << 10), "1025K"),
+            (1023, "1023"),
+            (1025, "1025"),
+            (0, "0"),
+        ] {
+            assert_eq!(format_size(n), text, "{n}");
+        }
     }
 
     #[test]
