@@ -12,7 +12,13 @@
 //!
 //! This crate never trusts a peer: every decode of shared memory or of a frame is checked and
 //! returns a typed error.
+//!
+//! `unsafe` is denied crate-wide and allowed, each block with a `// SAFETY:` note, only where
+//! raw memory or syscalls are unavoidable: [`ring`] (atomics over the shared mapping) and, in
+//! the hosted half, `hosted::sys` (syscalls), `hosted::shm` (the mapping) and
+//! `hosted::channel` (one place that views a mapping as a channel).
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
+#![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
 #[cfg(any(feature = "std", test))]
@@ -23,6 +29,7 @@ pub mod capability;
 pub mod control;
 pub mod endpoint;
 pub mod layout;
+#[allow(unsafe_code)]
 pub mod ring;
 pub mod services;
 

@@ -4,9 +4,14 @@
 //!
 //! It holds no device or service logic: it only builds, hands out and watches capabilities,
 //! and runs the guest partition ([`partition`]: the KVM VM, whose exits it routes to the
-//! services that own them). `unsafe` lives in [`sandbox`] (process creation) and
-//! `partition::kvm` (guest RAM registration, vCPU kicks) alone; the ring and mapping code it
-//! uses is in `ipc_defs::hosted`.
+//! services that own them).
+//!
+//! `unsafe` is denied crate-wide and allowed, each block with a `// SAFETY:` note, in three
+//! modules only: [`sandbox`] (process creation: clone, pivot_root, execveat), `partition::kvm`
+//! (guest RAM registration, vCPU kicks) and [`partition::vcpu`] (reading the width of a port
+//! exit from the vCPU's `kvm_run` page). The ring and mapping code it uses is in
+//! `ipc_defs::hosted`.
+#![deny(unsafe_code)]
 
 pub mod audit;
 pub mod bench;
@@ -34,6 +39,7 @@ pub mod platform;
 pub mod platform_server;
 pub mod privilege;
 pub mod profiles;
+#[allow(unsafe_code)]
 pub mod sandbox;
 pub mod spawner;
 pub mod state_files;

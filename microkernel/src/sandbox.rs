@@ -1,4 +1,5 @@
-//! Starting a service process inside its sandbox. The only `unsafe` module of the microkernel.
+//! Starting a service process inside its sandbox: the microkernel's main `unsafe` module (see
+//! the crate docs for the other two).
 //!
 //! Everything that allocates is prepared in the parent ([`SpawnPlan`]); the child, between
 //! `clone` and `execveat`, makes only raw syscalls on that prepared data (it may be forked

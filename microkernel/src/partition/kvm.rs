@@ -1,5 +1,5 @@
-//! The partition's only `unsafe`: telling KVM where guest RAM lives, and kicking a vCPU thread
-//! out of `KVM_RUN` with a signal.
+//! Most of the partition's `unsafe`: telling KVM where guest RAM lives, and kicking a vCPU
+//! thread out of `KVM_RUN` with a signal (the rest: `vcpu` reads a port exit's width).
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;

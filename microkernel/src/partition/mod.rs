@@ -11,9 +11,11 @@
 
 pub mod acpi;
 pub mod boot;
+#[allow(unsafe_code)]
 mod kvm;
 pub mod memory;
 pub mod router;
+#[allow(unsafe_code)]
 pub mod vcpu;
 
 use std::os::fd::AsRawFd;
