@@ -85,7 +85,7 @@ impl Release {
     /// `run --no-guest` with state directory `state` and more arguments.
     fn start_in(&self, log: &str, state: &Path, args: &[&str]) -> Running {
         let child = spawn_of(
-            &mut Command::new(self.bin.join("paravisor"))
+            Command::new(self.bin.join("paravisor"))
                 .arg("run")
                 .arg("--no-guest")
                 .arg(&self.manifest)
@@ -156,7 +156,7 @@ impl Release {
     /// `paravisor ARGS` that must fail (bounded by a hang timeout); its output.
     fn refused_with(&self, args: &[&str]) -> String {
         let mut child = spawn_of(
-            &mut Command::new(self.bin.join("paravisor"))
+            Command::new(self.bin.join("paravisor"))
                 .args(args)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped()),
@@ -983,7 +983,7 @@ fn run_with_the_guest_then_without_shares_the_sealed_state() {
     }
     let r = release("readme-order", "measurement");
     let mut child = Running(spawn_of(
-        &mut Command::new(r.bin.join("paravisor"))
+        Command::new(r.bin.join("paravisor"))
             .arg("run")
             .arg(&r.manifest)
             .arg("--state-dir")
