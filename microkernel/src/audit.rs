@@ -680,7 +680,7 @@ pub fn configuration(m: &Manifest) -> serde_json::Value {
         "measured": keys(&measured),
         "measured_per_service": per_service,
         "measured_bytes": bytes.len(),
-        "measured_sha384": crate::measure::hex(&sha2::Sha384::digest(&bytes)),
+        "measured_sha384": crate::util::hex(&sha2::Sha384::digest(&bytes)),
         "host_settings": crate::manifest::HOST_SETTINGS.iter().map(|(key, what)| serde_json::json!({
             "key": key,
             "what": what,

@@ -84,10 +84,10 @@ use sha2::Sha384;
 use sha2::Sha512;
 use zeroize::Zeroizing;
 
-use crate::measure::hex;
 use crate::platform::Tcb;
 use crate::platform::REPORT_LEN;
-use crate::verify::parse_hex;
+use crate::util::hex;
+use crate::util::parse_hex;
 use crate::verify::VerifyError;
 
 /// The protocol's domain separator: in the binding, the KDF salt and the KDF info.
@@ -606,7 +606,7 @@ pub fn load_key(path: &Path) -> Result<Zeroizing<[u8; 32]>, KbsError> {
         error,
     };
     // The opened file is the one checked and read (`kbs init-key FILE` makes one).
-    let mut file = crate::verify::open_regular(path).map_err(io)?;
+    let mut file = crate::util::open_regular(path).map_err(io)?;
     let meta = file.metadata().map_err(io)?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {

@@ -247,7 +247,7 @@ impl TenantWrapped {
 
     /// The id of the tenant key it says it was wrapped under (hex, as `kbs::key_id`).
     pub fn key_id_hex(&self) -> String {
-        crate::measure::hex(&self.key_id)
+        crate::util::hex(&self.key_id)
     }
 
     pub fn to_bytes(&self) -> [u8; Self::LEN] {
@@ -433,7 +433,7 @@ mod tests {
     }
 
     fn hex_bytes(s: &str) -> Vec<u8> {
-        crate::verify::parse_hex(s).unwrap()
+        crate::util::parse_hex(s).unwrap()
     }
 
     #[test]

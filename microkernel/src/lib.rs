@@ -45,5 +45,6 @@ pub mod spawner;
 pub mod state_files;
 pub mod supervisor;
 pub mod thread_filters;
+pub mod util;
 pub mod verify;
 pub mod vmgs_cli;

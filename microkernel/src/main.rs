@@ -587,9 +587,9 @@ fn launch(
         entries = log.entries.len(),
         bytes = log.bytes,
         "launch measurement {} ({:.0} ms; paravisor {}); the log goes to launch-log.json of the state directory",
-        microkernel::measure::hex(&log.measurement),
+        microkernel::util::hex(&log.measurement),
         started.elapsed().as_secs_f64() * 1e3,
-        &microkernel::measure::hex(&log.paravisor_measurement())[..16],
+        &microkernel::util::hex(&log.paravisor_measurement())[..16],
     );
     Ok(supervisor::Options {
         manifest: m,
@@ -652,14 +652,14 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
         } => {
             // An empty nonce is 64 zero bytes of report data, as `platform report` and
             // `attest verify` take it.
-            let nonce = microkernel::verify::parse_hex(&nonce)
+            let nonce = microkernel::util::parse_hex(&nonce)
                 .ok_or_else(|| fail("--nonce must be hex bytes, e.g. 00112233".into()))?;
             let report_data = microkernel::verify::report_data_for(&nonce);
             let dir = client_state_dir(state_dir, manifest.as_deref())?;
             let reply = send(
                 &dir,
                 &Command::AttestReport {
-                    report_data: microkernel::measure::hex(&report_data),
+                    report_data: microkernel::util::hex(&report_data),
                 },
             )?;
             let (report, chain) = match reply {
@@ -667,7 +667,7 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
                 Reply::Error { message } => return Err(fail(message)),
                 other => return Err(fail(format!("unexpected reply {other:?}"))),
             };
-            let report = microkernel::verify::parse_hex(&report)
+            let report = microkernel::util::parse_hex(&report)
                 .filter(|r| r.len() == microkernel::platform::REPORT_LEN)
                 .ok_or_else(|| fail("the paravisor sent a report of the wrong size".into()))?;
             std::fs::write(&out, &report).map_err(|e| fail(format!("{}: {e}", out.display())))?;
@@ -738,11 +738,11 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
             json,
         } => {
             // Any size error is the verifier's to name (a report is exactly 0x4A0 bytes).
-            let bytes = microkernel::verify::read_at_most(&report, 1 << 20)
+            let bytes = microkernel::util::read_at_most(&report, 1 << 20)
                 .map_err(|e| fail(format!("{}: {e}", report.display())))?;
             let log: Option<microkernel::measure::LaunchLog> = match &launch_log {
                 Some(path) => Some(
-                    microkernel::verify::read_at_most(path, 16 << 20)
+                    microkernel::util::read_at_most(path, 16 << 20)
                         .map_err(|e| e.to_string())
                         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
                         .map_err(|e| fail(format!("launch log {}: {e}", path.display())))?,
@@ -754,7 +754,7 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
                     .as_ref()
                     .map(|l| microkernel::measure::digest_of(&l.entries)),
                 (Some(m), _) => Some(
-                    microkernel::verify::parse_hex(&m)
+                    microkernel::util::parse_hex(&m)
                         .and_then(|v| v.try_into().ok())
                         .ok_or_else(|| {
                             fail("--expected-measurement is not 48 bytes of hex".into())
@@ -798,7 +798,7 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
             };
             let nonce = match &nonce {
                 Some(n) => Some(
-                    microkernel::verify::parse_hex(n)
+                    microkernel::util::parse_hex(n)
                         .ok_or_else(|| fail("--nonce must be hex bytes, e.g. 00112233".into()))?,
                 ),
                 None => None,
@@ -907,7 +907,7 @@ fn report_verification(
                     e.seq,
                     e.kind.name(),
                     e.length,
-                    microkernel::measure::hex(&e.sha384),
+                    microkernel::util::hex(&e.sha384),
                     e.name
                 );
             }
@@ -1092,7 +1092,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                         microkernel::platform::ASK_PEM,
                         microkernel::platform::VCEK_PEM,
                         microkernel::platform::CHIP_SECRET,
-                        &microkernel::measure::hex(&p.chip_id())[..16]
+                        &microkernel::util::hex(&p.chip_id())[..16]
                     );
                     Ok(ExitCode::SUCCESS)
                 }
@@ -1117,10 +1117,10 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             };
             let platform = microkernel::platform::Platform::open(&platform_dir)
                 .map_err(|e| fail(e.to_string()))?;
-            let nonce = microkernel::verify::parse_hex(&nonce)
+            let nonce = microkernel::util::parse_hex(&nonce)
                 .ok_or_else(|| fail("--nonce must be hex bytes, e.g. 00112233".into()))?;
             let measurement: [u8; 48] = match measurement {
-                Some(m) => microkernel::verify::parse_hex(&m)
+                Some(m) => microkernel::util::parse_hex(&m)
                     .and_then(|v| v.try_into().ok())
                     .ok_or_else(|| fail("--measurement is not 48 bytes of hex".into()))?,
                 None => {
@@ -1146,7 +1146,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             println!(
                 "{}: SIMULATED SNP report, measurement {}",
                 out.display(),
-                microkernel::measure::hex(&measurement)
+                microkernel::util::hex(&measurement)
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -30,6 +30,7 @@ use crate::libraries::Library;
 use crate::manifest::Manifest;
 use crate::partition::GuestConfig;
 use crate::partition::Image;
+use crate::util::hex;
 
 /// Where the measured image starts (guest-physical, above 4 GiB: outside any real guest RAM
 /// layout, so it can never be confused with one).
@@ -107,13 +108,9 @@ fn hex_digest<S: serde::Serializer>(d: &Digest384, s: S) -> Result<S::Ok, S::Err
 
 fn digest_from_hex<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Digest384, D::Error> {
     let s = <String as serde::Deserialize>::deserialize(d)?;
-    crate::verify::parse_hex(&s)
+    crate::util::parse_hex(&s)
         .and_then(|v| v.try_into().ok())
         .ok_or_else(|| serde::de::Error::custom("not 48 bytes of hex"))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]

@@ -592,7 +592,7 @@ impl OwnedDir {
         let tmp = PathBuf::from(format!(
             ".{}.{}.tmp",
             name.to_string_lossy(),
-            crate::measure::hex(&random)
+            crate::util::hex(&random)
         ));
         let file = sys::openat(
             &dir.dir,
@@ -712,7 +712,7 @@ impl ParentDir {
         let subject = format!("a new directory in {}", self.path.display());
         getrandom::getrandom(&mut random)
             .map_err(|e| io_error(&subject)(io::Error::other(e.to_string())))?;
-        let name = PathBuf::from(format!("{prefix}{}", crate::measure::hex(&random)));
+        let name = PathBuf::from(format!("{prefix}{}", crate::util::hex(&random)));
         sys::mkdirat(&self.dir, &name, PRIVATE_DIR_MODE).map_err(io_error(&subject))?;
         let dir = File::from(
             sys::openat(

@@ -1092,7 +1092,7 @@ impl Supervisor {
                     "key \"{name}\" of {}: sealed (policy {}) to paravisor measurement {}",
                     self.services[*i].spec.name,
                     self.sealing.sealing.name(),
-                    crate::measure::hex(&self.sealing_measurement)
+                    crate::util::hex(&self.sealing_measurement)
                 )
             })
             .collect())
@@ -2130,7 +2130,7 @@ impl Supervisor {
                 Err(message) => Reply::Error { message },
             },
             Command::AttestReport { report_data } => {
-                let Some(data) = crate::verify::parse_hex(&report_data)
+                let Some(data) = crate::util::parse_hex(&report_data)
                     .filter(|d| d.len() == attest::REPORT_DATA_LEN)
                     .and_then(|d| Bytes::new(&d))
                 else {
@@ -2171,7 +2171,7 @@ impl Supervisor {
                             }
                         }
                         Reply::Report {
-                            report: crate::measure::hex(report.as_slice()),
+                            report: crate::util::hex(report.as_slice()),
                             certs: String::from_utf8_lossy(&certs).into_owned(),
                         }
                     }
@@ -2473,7 +2473,7 @@ impl Supervisor {
                     "datastore key of {} released by the key broker at {addr}, rotated and re-sealed (policy {}) to paravisor measurement {}",
                     shown.display(),
                     self.sealing.sealing.name(),
-                    crate::measure::hex(&self.sealing_measurement)
+                    crate::util::hex(&self.sealing_measurement)
                 );
                 Ok(key)
             }
@@ -2746,8 +2746,8 @@ impl Supervisor {
                  \x20 2. `paravisor vmgs reseal` (with key release configured): the same, offline, before starting;\n\
                  \x20 3. a new state directory (`--state-dir NEW`): a fresh start; {file} cannot be read without its key (move it away to start afresh here).\n\
                  Or start the build and configuration that sealed it. Nothing was written but {} (this launch's log and this message).",
-                crate::measure::hex(&sealed.measurement),
-                crate::measure::hex(&self.sealing_measurement),
+                crate::util::hex(&sealed.measurement),
+                crate::util::hex(&self.sealing_measurement),
                 refused.display()
             )
         } else {
@@ -2756,7 +2756,7 @@ impl Supervisor {
                  Use the platform that sealed it, release the key through a key broker (`[attest] key-release-id`, `paravisor vmgs reseal`), or start afresh with a new state directory (`--state-dir NEW`, or move {file} away). Nothing was written but {}.",
                 if sealed.select.measurement { "measurement" } else { "platform" },
                 if sealed.select.measurement {
-                    format!(", measurement {} = this one", &crate::measure::hex(&sealed.measurement)[..16])
+                    format!(", measurement {} = this one", &crate::util::hex(&sealed.measurement)[..16])
                 } else {
                     String::new()
                 },

@@ -12,8 +12,9 @@ use sev::firmware::guest::AttestationReport;
 use sev::parser::ByteParser;
 use sha2::Digest;
 
-use crate::measure::hex;
 use crate::platform::REPORT_LEN;
+use crate::util::hex;
+use crate::util::read_at_most;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -304,41 +305,6 @@ fn read(path: &Path) -> Result<Vec<u8>, VerifyError> {
         path: path.display().to_string(),
         error,
     })
-}
-
-/// Opens a regular file for reading, and nothing else: a FIFO or a device could block for
-/// ever. Opened without blocking, then the opened file is checked (the path may change in
-/// between).
-pub fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)?;
-    if !file.metadata()?.is_file() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ));
-    }
-    Ok(file)
-}
-
-/// Reads a file of evidence, refusing one larger than `limit` bytes before reading it all:
-/// evidence comes from whoever sent it, and a verifier must not be made to swallow gigabytes.
-pub fn read_at_most(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    open_regular(path)?
-        .take(limit + 1)
-        .read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > limit {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("larger than the {limit} bytes such a file can be"),
-        ));
-    }
-    Ok(bytes)
 }
 
 fn certificate(dir: &Path, file: &str) -> Result<(Certificate, Vec<u8>), VerifyError> {
@@ -668,26 +634,6 @@ pub fn report_data_for(nonce: &[u8]) -> [u8; 64] {
     d
 }
 
-/// Parses hex (spaces and colons allowed).
-pub fn parse_hex(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim();
-    let s = s
-        .strip_prefix("0x")
-        .or_else(|| s.strip_prefix("0X"))
-        .unwrap_or(s);
-    let s: String = s
-        .chars()
-        .filter(|c| !c.is_whitespace() && *c != ':')
-        .collect();
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -715,10 +661,6 @@ mod tests {
             report_data_for(&long).to_vec(),
             sha2::Sha512::digest(long).to_vec()
         );
-        assert_eq!(parse_hex("0a:0B 0c"), Some(vec![10, 11, 12]));
-        assert_eq!(parse_hex("abc"), None);
-        assert_eq!(parse_hex("0x0A0b"), Some(vec![10, 11]));
-        assert_eq!(parse_hex(""), Some(vec![]));
     }
 
     #[test]

@@ -805,5 +805,5 @@ fn headers_table(report: &pv_vmgs::store::HeaderReport) -> String {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    format!("0x{}", crate::measure::hex(bytes))
+    format!("0x{}", crate::util::hex(bytes))
 }
