@@ -10,32 +10,15 @@ use std::path::Path;
 use std::time::Duration;
 use std::time::Instant;
 
-use serde::Deserialize;
 use serde::Serialize;
 
-/// Medians in microseconds, measured by the supervisor.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Latencies {
-    pub samples: usize,
-    pub report_service_us: f64,
-    pub report_direct_us: f64,
-    pub key_service_us: f64,
-    pub key_direct_us: f64,
-}
+use crate::control::Latencies;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub latencies: Latencies,
     pub report_ratio: f64,
     pub key_ratio: f64,
-}
-
-pub fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 pub fn run(manifest: &Path, dir: &Path, quick: bool) -> std::io::Result<Report> {

@@ -185,7 +185,8 @@ pub enum Reply {
         report: String,
         certs: String,
     },
-    AttestBench(crate::bench_attest::Latencies),
+    /// `bench attest`'s timings, taken by the supervisor over its own channel to attest.
+    AttestBench(Latencies),
     /// What a probe found, and the line that says so.
     Probe {
         result: ProbeResult,
@@ -302,4 +303,24 @@ impl TakeLimited for UnixStream {
     fn take_limited(&self) -> std::io::Take<&UnixStream> {
         std::io::Read::take(self, 64 * 1024)
     }
+}
+
+/// `bench attest`'s medians in microseconds: an attestation report and a derived key, each
+/// through the attest service and from the platform directly, in the same run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Latencies {
+    pub samples: usize,
+    pub report_service_us: f64,
+    pub report_direct_us: f64,
+    pub key_service_us: f64,
+    pub key_direct_us: f64,
+}
+
+/// The median of `v` (the upper one of an even count; 0 for none).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
 }

@@ -2215,8 +2215,8 @@ impl Supervisor {
 
     /// The attest benchmark: each operation through the service, then on the platform
     /// directly (the microkernel's own handle), alternating.
-    fn attest_bench(&mut self, samples: usize) -> Result<crate::bench_attest::Latencies, String> {
-        use crate::bench_attest::median;
+    fn attest_bench(&mut self, samples: usize) -> Result<crate::control::Latencies, String> {
+        use crate::control::median;
         let (platform, launch) = self.own_platform().map_err(|e| e.to_string())?;
         let facts = launch.facts;
         let select = crate::platform::sealing_select(crate::manifest::Sealing::Measurement);
@@ -2257,7 +2257,7 @@ impl Supervisor {
             std::hint::black_box(platform.derived_key(select, &facts, &data[..32]));
             kd.push(t.elapsed().as_secs_f64() * 1e6);
         }
-        Ok(crate::bench_attest::Latencies {
+        Ok(crate::control::Latencies {
             samples,
             report_service_us: median(rs),
             report_direct_us: median(rd),
