@@ -376,7 +376,14 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("g.vmgs");
         let (old, new) = ([7u8; 32], [9u8; 32]);
-        crate::vmgs_cli::create_vmgs_file_with(
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        crate::state_files::fill_vmgs(
+            file,
             &path,
             1 << 20,
             Some(&pv_vmgs::Key::from_bytes(old)),

@@ -111,7 +111,7 @@ pub fn prepare(manifest: &Manifest, state: &OwnedDir) -> Result<Vec<String>, Str
             if !vmgs_exists {
                 let bytes = load_key(state, key_file)?;
                 let key = pv_vmgs::Key::from_bytes(bytes.0);
-                crate::vmgs_cli::create_vmgs_in(state, &f.path, *size, Some(&key), &[])?;
+                create_vmgs_in(state, &f.path, *size, Some(&key), &[])?;
                 made.push(format!(
                     "created encrypted guest-state file {} ({} byte image) under key {}",
                     vmgs_path.display(),
@@ -134,6 +134,40 @@ pub fn prepare(manifest: &Manifest, state: &OwnedDir) -> Result<Vec<String>, Str
         }
     }
     Ok(made)
+}
+
+/// A new VMGS image of `size` bytes in the empty `file` (shown as `path`), encrypted under
+/// `key`, with `plain_files` written unencrypted.
+pub fn fill_vmgs(
+    file: std::fs::File,
+    path: &Path,
+    size: u64,
+    key: Option<&pv_vmgs::Key>,
+    plain_files: &[(pv_vmgs::FileId, &[u8])],
+) -> Result<std::fs::File, String> {
+    let mut vmgs = pv_vmgs::Vmgs::create(pv_vmgs::FileStorage::new(file), size, key)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    for (id, data) in plain_files {
+        vmgs.write_file_unencrypted(*id, data)
+            .map_err(|e| format!("{}: {id}: {e}", path.display()))?;
+    }
+    Ok(vmgs.into_storage().into_inner())
+}
+
+/// Creates the guest-state file `rel` of the state directory, encrypted under `key`, with
+/// `plain_files` (key protectors) written unencrypted before it appears: made through the
+/// directory's descriptor (a temporary file linked into place, never replacing a file).
+pub fn create_vmgs_in(
+    state: &OwnedDir,
+    rel: &Path,
+    size: u64,
+    key: Option<&pv_vmgs::Key>,
+    plain_files: &[(pv_vmgs::FileId, &[u8])],
+) -> Result<(), String> {
+    let shown = state.shown(rel);
+    state.create_new(rel, 0o600, |file| {
+        fill_vmgs(file, &shown, size, key, plain_files)
+    })
 }
 
 #[cfg(test)]

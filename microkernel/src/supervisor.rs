@@ -2333,7 +2333,7 @@ impl Supervisor {
             .iter()
             .map(|(id, b)| (*id, b.as_slice()))
             .collect();
-        crate::vmgs_cli::create_vmgs_in(
+        crate::state_files::create_vmgs_in(
             &self.state,
             path,
             size,

@@ -617,7 +617,7 @@ pub fn create_vmgs_file_with(
             .mode(0o600)
             .open(&tmp)
             .map_err(|e| format!("{}: {e}", tmp.display()))?;
-        fill_vmgs(file, path, size, key, plain_files)?
+        crate::state_files::fill_vmgs(file, path, size, key, plain_files)?
             .sync_all()
             .map_err(|e| format!("{}: {e}", tmp.display()))?;
         // Linked into place, never renamed over: a file that appeared meanwhile is never
@@ -632,39 +632,6 @@ pub fn create_vmgs_file_with(
         let _ = std::fs::remove_file(&tmp);
     }
     result
-}
-
-/// A new VMGS image of `size` bytes in the empty `file` (shown as `path`), encrypted under
-/// `key`, with `plain_files` written unencrypted.
-fn fill_vmgs(
-    file: File,
-    path: &Path,
-    size: u64,
-    key: Option<&Key>,
-    plain_files: &[(FileId, &[u8])],
-) -> Result<File, String> {
-    let mut vmgs = Vmgs::create(FileStorage::new(file), size, key)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    for (id, data) in plain_files {
-        vmgs.write_file_unencrypted(*id, data)
-            .map_err(|e| format!("{}: {id}: {e}", path.display()))?;
-    }
-    Ok(vmgs.into_storage().into_inner())
-}
-
-/// [`create_vmgs_file_with`] for the guest-state file `rel` of the state directory: made
-/// through its descriptor (a temporary file linked into place, never replacing a file).
-pub fn create_vmgs_in(
-    state: &crate::owned_dir::OwnedDir,
-    rel: &Path,
-    size: u64,
-    key: Option<&Key>,
-    plain_files: &[(FileId, &[u8])],
-) -> Result<(), String> {
-    let shown = state.shown(rel);
-    state.create_new(rel, 0o600, |file| {
-        fill_vmgs(file, &shown, size, key, plain_files)
-    })
 }
 
 /// Writes decrypted contents to a new file readable by its owner only.
