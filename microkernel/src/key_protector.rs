@@ -218,7 +218,7 @@ impl TenantWrapped {
     pub fn wrap(tenant: &[u8; 32], key: &[u8; 32]) -> Result<TenantWrapped, String> {
         let mut nonce = [0u8; 12];
         getrandom::getrandom(&mut nonce).map_err(|e| format!("no randomness: {e}"))?;
-        let key_id = crate::kbs::key_id_bytes(tenant);
+        let key_id = crate::key_release::key_id_bytes(tenant);
         let mut wrapped = *key;
         let cipher = Aes256Gcm::new(&(*tenant).into());
         let n: Nonce<_> = nonce.into();
@@ -349,7 +349,7 @@ mod tests {
     #[test]
     fn tenant_wrap_round_trips_and_refuses_the_wrong_key_or_a_change() {
         let w = TenantWrapped::wrap(&[1; 32], &[2; 32]).unwrap();
-        assert_eq!(w.key_id_hex(), crate::kbs::key_id(&[1; 32]));
+        assert_eq!(w.key_id_hex(), crate::key_release::key_id(&[1; 32]));
         let b = w.to_bytes();
         let p = TenantWrapped::parse(&b).unwrap();
         assert_eq!(*p.unwrap(&[1; 32]).unwrap(), [2; 32]);

@@ -26,6 +26,7 @@ pub mod control;
 pub mod host_config;
 pub mod kbs;
 pub mod key_protector;
+pub mod key_release;
 pub mod libraries;
 pub mod listeners;
 pub mod logging;

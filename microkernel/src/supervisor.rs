@@ -2527,7 +2527,7 @@ impl Supervisor {
             )
         })?;
         let (platform, launch) = self.own_platform()?;
-        let key = crate::kbs::fetch_key(addr, |report_data| {
+        let key = crate::key_release::fetch_key(addr, |report_data| {
             // VMPL 0: the paravisor's own evidence, the only kind the broker accepts; signed
             // here, in-process (the platform channel refuses VMPL 0).
             platform
@@ -2543,7 +2543,7 @@ impl Supervisor {
                 .map_err(|e| e.to_string())
         })
         .map_err(|e| RunError::SealedKey(format!("key release by the broker at {addr}: {e}")))?;
-        let id = crate::kbs::key_id(&key);
+        let id = crate::key_release::key_id(&key);
         if id != pinned {
             return Err(RunError::SealedKey(format!(
                 "the broker at {addr} released a key with id {id}, not the manifest's key-release-id {pinned}: it is not the tenant's broker (or holds another tenant key); nothing was wrapped under it"
