@@ -72,8 +72,8 @@ use std::time::Instant;
 
 use zeroize::Zeroizing;
 
-use crate::platform::Tcb;
-use crate::platform::REPORT_LEN;
+use crate::snp::Tcb;
+use crate::snp::REPORT_LEN;
 use crate::util::hex;
 use crate::util::parse_hex;
 use crate::verify::VerifyError;
@@ -946,12 +946,12 @@ fn run_inner(cmd: KbsCmd) -> Result<(), String> {
                 crate::platform::Platform::open(&platform_dir).map_err(|e| e.to_string())?;
             let key = fetch_key(addr, |report_data| {
                 platform
-                    .report(&crate::platform::ReportRequest {
+                    .report(&crate::snp::ReportRequest {
                         report_data: *report_data,
                         measurement,
                         host_data: [0; 32],
                         vmpl: 0,
-                        policy: crate::platform::POLICY,
+                        policy: crate::snp::POLICY,
                         report_id: crate::platform::new_report_id().map_err(|e| e.to_string())?,
                     })
                     .map(|r| r.to_vec())
@@ -1239,7 +1239,7 @@ microcode = 115
         assert_eq!(p.key_file, Path::new("/etc/kbs/tenant.key"));
         assert_eq!(p.max_nonce_age, Duration::from_secs(60));
         let good = ReportFacts {
-            policy: crate::platform::POLICY,
+            policy: crate::snp::POLICY,
             vmpl: 0,
             report_data: [0; 64],
             measurement: [0xab; 48],

@@ -24,8 +24,8 @@ use ipc_defs::services::platform::DATASTORE_KEY_CONTEXT;
 use ipc_defs::services::vmgs::FileId;
 use zeroize::Zeroizing;
 
-use crate::platform::LaunchFacts;
 use crate::platform::Platform;
+use crate::snp::LaunchFacts;
 
 /// A datastore key.
 pub const KEY_LEN: usize = 32;
@@ -170,7 +170,7 @@ fn wrapping_key(
     select: FieldSelect,
 ) -> Zeroizing<[u8; 32]> {
     let platform_key = Zeroizing::new(platform.derived_key(select, facts, &DATASTORE_KEY_CONTEXT));
-    Zeroizing::new(crate::platform::kdf_sp800_108(
+    Zeroizing::new(crate::snp::kdf_sp800_108(
         &platform_key[..],
         b"VMGSKEY",
         b"ISOHWKEY",
@@ -342,6 +342,18 @@ pub fn write_plain(
         .map_err(|e| format!("guest-state file {}: {id}: {e}", path.display()))
 }
 
+/// The launch facts a sealing policy binds the datastore key to. Policy and TCB always (a
+/// debug-enabled launch or an older firmware cannot unseal); the measurement under
+/// `measurement`.
+pub fn sealing_select(policy: crate::manifest::Sealing) -> FieldSelect {
+    FieldSelect {
+        policy: true,
+        measurement: policy == crate::manifest::Sealing::Measurement,
+        guest_svn: false,
+        tcb: true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -434,7 +446,7 @@ mod tests {
     fn facts(measurement: u8) -> LaunchFacts {
         LaunchFacts {
             measurement: [measurement; 48],
-            policy: crate::platform::POLICY,
+            policy: crate::snp::POLICY,
             guest_svn: 0,
         }
     }

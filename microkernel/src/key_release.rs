@@ -28,7 +28,7 @@ use sha2::Sha384;
 use sha2::Sha512;
 use zeroize::Zeroizing;
 
-use crate::platform::REPORT_LEN;
+use crate::snp::REPORT_LEN;
 use crate::util::hex;
 use crate::util::parse_hex;
 

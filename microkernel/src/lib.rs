@@ -42,6 +42,7 @@ pub mod privilege;
 pub mod profiles;
 #[allow(unsafe_code)]
 pub mod sandbox;
+pub mod snp;
 pub mod spawner;
 pub mod state_files;
 pub mod supervisor;

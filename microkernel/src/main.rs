@@ -624,9 +624,9 @@ fn write_chain(chain: &str, dir: &Path) -> Result<(), String> {
     }
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     for (name, cert) in [
-        microkernel::platform::ARK_PEM,
-        microkernel::platform::ASK_PEM,
-        microkernel::platform::VCEK_PEM,
+        microkernel::snp::ARK_PEM,
+        microkernel::snp::ASK_PEM,
+        microkernel::snp::VCEK_PEM,
     ]
     .iter()
     .zip(&certs)
@@ -668,7 +668,7 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
                 other => return Err(fail(format!("unexpected reply {other:?}"))),
             };
             let report = microkernel::util::parse_hex(&report)
-                .filter(|r| r.len() == microkernel::platform::REPORT_LEN)
+                .filter(|r| r.len() == microkernel::snp::REPORT_LEN)
                 .ok_or_else(|| fail("the paravisor sent a report of the wrong size".into()))?;
             std::fs::write(&out, &report).map_err(|e| fail(format!("{}: {e}", out.display())))?;
             println!(
@@ -1088,9 +1088,9 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                          and tests, never for secrets); chip id {}",
                         platform_dir.display(),
                         started.elapsed().as_secs_f64(),
-                        microkernel::platform::ARK_PEM,
-                        microkernel::platform::ASK_PEM,
-                        microkernel::platform::VCEK_PEM,
+                        microkernel::snp::ARK_PEM,
+                        microkernel::snp::ASK_PEM,
+                        microkernel::snp::VCEK_PEM,
                         microkernel::platform::CHIP_SECRET,
                         &microkernel::util::hex(&p.chip_id())[..16]
                     );
@@ -1132,12 +1132,12 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 }
             };
             let report = platform
-                .report(&microkernel::platform::ReportRequest {
+                .report(&microkernel::snp::ReportRequest {
                     report_data: microkernel::verify::report_data_for(&nonce),
                     measurement,
                     host_data: [0; 32],
                     vmpl: 0,
-                    policy: microkernel::platform::POLICY,
+                    policy: microkernel::snp::POLICY,
                     report_id: microkernel::platform::new_report_id()
                         .map_err(|e| fail(e.to_string()))?,
                 })

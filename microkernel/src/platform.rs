@@ -45,12 +45,11 @@ use x509_cert::spki::SubjectPublicKeyInfoOwned;
 use x509_cert::time::Validity;
 
 use crate::owned_dir::OwnedDir;
+// The SEV-SNP facts this simulator shares with the paravisor and the verifier.
+pub use crate::snp::*;
 
 /// Files of a platform directory.
 pub const CHIP_SECRET: &str = "chip-secret.INSECURE";
-pub const ARK_PEM: &str = "ark.pem";
-pub const ASK_PEM: &str = "ask.pem";
-pub const VCEK_PEM: &str = "vcek.pem";
 
 /// The product the simulated chip claims to be (a real generation, so that verifiers know
 /// the report layout): AMD EPYC Milan.
@@ -65,31 +64,6 @@ pub const TCB: Tcb = Tcb {
 
 /// How long the certificates are valid.
 const VALIDITY: Duration = Duration::from_secs(25 * 365 * 24 * 3600);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Tcb {
-    pub bootloader: u8,
-    pub tee: u8,
-    pub snp: u8,
-    pub microcode: u8,
-}
-
-impl Tcb {
-    /// The 64-bit TCB_VERSION of an SNP report (Milan layout: boot loader byte 0, TEE byte 1,
-    /// SNP byte 6, microcode byte 7).
-    pub fn raw(self) -> u64 {
-        u64::from_le_bytes([
-            self.bootloader,
-            self.tee,
-            0,
-            0,
-            0,
-            0,
-            self.snp,
-            self.microcode,
-        ])
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlatformError {
@@ -475,33 +449,12 @@ fn chain_in(dir: &OwnedDir) -> Result<String, PlatformError> {
     Ok(out)
 }
 
-/// Size of an SEV-SNP ATTESTATION_REPORT.
-pub const REPORT_LEN: usize = 0x4A0;
-/// The signed part: bytes 0..0x2A0.
-pub const SIGNED_LEN: usize = 0x2A0;
 /// SIGNATURE_ALGO: ECDSA P-384 with SHA-384.
 const SIG_ALGO_ECDSA_P384_SHA384: u32 = 1;
-/// The report version we produce (carries the CPUID fields of the generation).
-pub const REPORT_VERSION: u32 = 3;
 /// CPUID family / model / stepping of the claimed generation (Milan: family 19h, model 01h).
 const CPUID_FAMILY: u8 = 0x19;
 const CPUID_MODEL: u8 = 0x01;
 const CPUID_STEPPING: u8 = 0x01;
-/// The guest policy the simulated launch uses: ABI 0.0, SMT allowed (bit 16), the reserved
-/// bit 17 that must be one, debugging not allowed.
-pub const POLICY: u64 = (1 << 16) | (1 << 17);
-
-/// What a report request carries (the rest the platform fills in).
-#[derive(Debug, Clone)]
-pub struct ReportRequest {
-    pub report_data: [u8; 64],
-    pub measurement: [u8; 48],
-    pub host_data: [u8; 32],
-    pub vmpl: u32,
-    pub policy: u64,
-    /// REPORT_ID: the guest's, fixed for its lifetime (a launch), as the hardware keeps it.
-    pub report_id: [u8; 32],
-}
 
 /// A new guest's REPORT_ID (random; the hardware assigns one at launch).
 pub fn new_report_id() -> Result<[u8; 32], PlatformError> {
@@ -560,42 +513,6 @@ impl Platform {
         le(0x2E8, &sb);
         Ok(())
     }
-}
-
-pub use ipc_defs::services::platform::FieldSelect;
-
-/// The launch facts a sealing policy binds the datastore key to. Policy and TCB always (a
-/// debug-enabled launch or an older firmware cannot unseal); the measurement under
-/// `measurement`.
-pub fn sealing_select(policy: crate::manifest::Sealing) -> FieldSelect {
-    FieldSelect {
-        policy: true,
-        measurement: policy == crate::manifest::Sealing::Measurement,
-        guest_svn: false,
-        tcb: true,
-    }
-}
-
-/// The launch facts a derived key can be bound to.
-#[derive(Debug, Clone, Copy)]
-pub struct LaunchFacts {
-    pub measurement: [u8; 48],
-    pub policy: u64,
-    pub guest_svn: u32,
-}
-
-/// SP 800-108 KDF in counter mode with HMAC-SHA-256, one 256-bit block: HMAC(key,
-/// [1]_32 || label || 0x00 || context || [256]_32).
-pub fn kdf_sp800_108(key: &[u8], label: &[u8], context: &[u8]) -> [u8; 32] {
-    use hmac::Mac;
-    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key)
-        .expect("HMAC takes a key of any length");
-    mac.update(&1u32.to_be_bytes());
-    mac.update(label);
-    mac.update(&[0]);
-    mac.update(context);
-    mac.update(&256u32.to_be_bytes());
-    mac.finalize().into_bytes().into()
 }
 
 impl Platform {

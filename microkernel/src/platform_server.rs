@@ -30,9 +30,9 @@ use ipc_defs::services::platform::Response;
 use ipc_defs::services::platform::MICROKERNEL_VMPL;
 use ipc_defs::services::platform::REPORT_DATA_LEN;
 
-use crate::platform::LaunchFacts;
 use crate::platform::Platform;
-use crate::platform::ReportRequest;
+use crate::snp::LaunchFacts;
+use crate::snp::ReportRequest;
 
 /// How long the thread sleeps between looks at its stop flag when idle.
 const IDLE: Duration = Duration::from_millis(200);
@@ -246,9 +246,9 @@ pub(crate) mod tests {
 
     fn launch() -> Launch {
         Launch {
-            facts: crate::platform::LaunchFacts {
+            facts: crate::snp::LaunchFacts {
                 measurement: [3; 48],
-                policy: crate::platform::POLICY,
+                policy: crate::snp::POLICY,
                 guest_svn: 0,
             },
             host_data: [0; 32],

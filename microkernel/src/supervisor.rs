@@ -532,9 +532,9 @@ impl Supervisor {
                             .map_err(|e| create_err("platform channel")(e.to_string()))
                     })?;
                 let launch = crate::platform_server::Launch {
-                    facts: crate::platform::LaunchFacts {
+                    facts: crate::snp::LaunchFacts {
                         measurement: opts.launch_log.measurement,
-                        policy: crate::platform::POLICY,
+                        policy: crate::snp::POLICY,
                         guest_svn: 0,
                     },
                     host_data: [0; 32],
@@ -2219,7 +2219,7 @@ impl Supervisor {
         use crate::control::median;
         let (platform, launch) = self.own_platform().map_err(|e| e.to_string())?;
         let facts = launch.facts;
-        let select = crate::platform::sealing_select(crate::manifest::Sealing::Measurement);
+        let select = crate::key_protector::sealing_select(crate::manifest::Sealing::Measurement);
         let (mut rs, mut rd, mut ks, mut kd) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for i in 0..samples {
             let mut data = [0u8; 64];
@@ -2235,12 +2235,12 @@ impl Supervisor {
             }
             let t = Instant::now();
             platform
-                .report(&crate::platform::ReportRequest {
+                .report(&crate::snp::ReportRequest {
                     report_data: data,
                     measurement: self.measurement,
                     host_data: [0; 32],
                     vmpl: u32::from(attest::SERVICE_VMPL),
-                    policy: crate::platform::POLICY,
+                    policy: crate::snp::POLICY,
                     report_id: [0; 32],
                 })
                 .map_err(|e| e.to_string())?;
@@ -2293,7 +2293,7 @@ impl Supervisor {
             return Ok(());
         }
         self.own_platform()?;
-        let select = crate::platform::sealing_select(self.sealing.sealing);
+        let select = crate::key_protector::sealing_select(self.sealing.sealing);
         if self.sealing.sealing == crate::manifest::Sealing::Platform {
             tracing::warn!(
                 "sealing policy \"platform\": any paravisor on this platform (any build, any manifest) can unseal the datastore key; for development only (production: `[attest] sealing = \"measurement\"`)"
@@ -2531,7 +2531,7 @@ impl Supervisor {
             // VMPL 0: the paravisor's own evidence, the only kind the broker accepts; signed
             // here, in-process (the platform channel refuses VMPL 0).
             platform
-                .report(&crate::platform::ReportRequest {
+                .report(&crate::snp::ReportRequest {
                     report_data: *report_data,
                     measurement: launch.facts.measurement,
                     host_data: launch.host_data,
@@ -2575,11 +2575,8 @@ impl Supervisor {
 
     /// The launch facts a key is sealed to: this launch's, with the paravisor's own
     /// measurement (the guest it boots is not part of what opens its state).
-    fn sealing_facts(
-        &self,
-        launch: &crate::platform_server::Launch,
-    ) -> crate::platform::LaunchFacts {
-        crate::platform::LaunchFacts {
+    fn sealing_facts(&self, launch: &crate::platform_server::Launch) -> crate::snp::LaunchFacts {
+        crate::snp::LaunchFacts {
             measurement: self.sealing_measurement,
             ..launch.facts
         }
