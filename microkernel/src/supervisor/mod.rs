@@ -1,0 +1,1154 @@
+//! `paravisor run`: builds the capability table from the manifest, starts every service in its
+//! sandbox, watches them through pidfds, restarts them by policy, and answers the control
+//! socket. Single-threaded: one `poll` over the signalfd, the control socket, every pidfd and
+//! every service's output pipes ([`crate::output`]). A start is a state of that loop
+//! (`starting`, with a deadline for the first ping), never a wait.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::AsFd;
+use std::os::fd::AsRawFd;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::path::PathBuf;
+use std::time::Duration;
+use std::time::Instant;
+
+use heapless::String as HString;
+use ipc_defs::bootstrap;
+use ipc_defs::bootstrap::Bootstrap;
+use ipc_defs::bootstrap::Capability;
+use ipc_defs::capability::CapabilityKind;
+use ipc_defs::capability::FileAccess;
+use ipc_defs::capability::Grant;
+use ipc_defs::control as ctl;
+use ipc_defs::hosted::channel::ChannelMemory;
+use ipc_defs::hosted::ClientEnd;
+use ipc_defs::hosted::Sent;
+use ipc_defs::hosted::SharedMemory;
+use ipc_defs::hosted::WaitPolicy;
+use ipc_defs::layout::Direction;
+use ipc_defs::layout::ServerState;
+use ipc_defs::layout::StatusPage;
+use ipc_defs::layout::NO_VIOLATION;
+use ipc_defs::layout::STATUS_MAGIC;
+use ipc_defs::layout::VIOLATION_EXIT_STATUS;
+use ipc_defs::services::attest;
+use ipc_defs::services::bytes::Bytes;
+use ipc_defs::services::vmgs::FileId;
+use ipc_defs::Interface;
+
+use crate::key_protector::read_plain;
+use crate::key_protector::write_plain;
+use crate::key_protector::SealedKey;
+use crate::key_protector::TenantWrapped;
+use crate::owned_dir::Open;
+use crate::owned_dir::OwnedDir;
+use crate::state_files::KeyBytes;
+
+use crate::control::Command;
+use crate::control::Finding;
+use crate::control::Reply;
+use crate::control::ServiceRow;
+use crate::manifest::Manifest;
+use crate::manifest::Missing;
+use crate::manifest::RestartPolicy;
+use crate::manifest::ServiceSpec;
+use crate::output::ServiceOutput;
+use crate::output::Stream;
+use crate::profiles;
+use crate::sandbox;
+use crate::sandbox::Exit;
+use crate::sandbox::Namespaces;
+use crate::sandbox::SpawnPlan;
+
+mod capabilities;
+mod control;
+mod guest;
+mod restart;
+mod sealing;
+mod shutdown;
+
+pub use control::check_process;
+pub use control::parse_signal;
+pub use control::signal_name;
+pub use control::ExpectedProcess;
+pub use sealing::default_platform_dir;
+
+use capabilities::capability_count;
+use capabilities::init_status;
+use capabilities::write_all_at;
+use capabilities::Grants;
+use control::sandbox_problem;
+use sealing::open_or_init_platform;
+
+/// How long a new service has to answer its first ping.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest pause between two looks for a starting service's first answer: a start that is
+/// noticed this late costs the service's clients nothing (their requests queue meanwhile),
+/// and the loop sleeps in between.
+const START_LOOK_INTERVAL: Duration = Duration::from_millis(20);
+/// Largest certificate chain the microkernel takes from attest.
+const MAX_CHAIN: usize = 64 * 1024;
+/// How long a call to the attest service may take (a report is a P-384 signature).
+const ATTEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a control request to a running service may take.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `ps` waits for one service's counters before it shows the last ones it has: a
+/// busy or hung service must not hold up the supervisor's loop (a service blocked writing its
+/// output, waiting for that loop to read it, would never answer).
+const STATS_TIMEOUT: Duration = Duration::from_millis(50);
+/// How long services get to exit after a shutdown request before they are killed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// How often the supervisor pings running services (the watchdog's tick).
+const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// How long one health ping may take.
+const HEALTH_TIMEOUT: Duration = Duration::from_millis(100);
+/// Most text one `paravisor logs` reply carries (escaped, so its JSON is at most a few times
+/// that): far below a Unix socket's send buffer, so that writing the reply never waits for
+/// the client, however slowly it reads; a follower asks again for the rest.
+const LOGS_REPLY_BYTES: usize = 32 << 10;
+
+/// Options of `paravisor run`.
+pub struct Options {
+    pub manifest: Manifest,
+    pub state_dir: PathBuf,
+    /// The state directory, opened and checked ([`OwnedDir`]): every state file goes
+    /// through it.
+    pub state: OwnedDir,
+    /// Where the service executables are (next to `paravisor`).
+    pub bin_dir: PathBuf,
+    /// `tracing` filter handed to services.
+    pub log_filter: String,
+    /// The guest to run, if any (`None`: the services alone, `paravisor run --no-guest`).
+    pub guest: Option<crate::partition::GuestConfig>,
+    /// Keep the services up after the guest's run ends (until stopped).
+    pub keep_running: bool,
+    /// The simulated platform's directory (made on first use if a service holds the platform).
+    pub platform_dir: PathBuf,
+    /// The launch log: its measurement is what the platform puts in every report; its
+    /// paravisor measurement is what sealed keys are bound to. Written to the state
+    /// directory only once the start is not refused.
+    pub launch_log: crate::measure::LaunchLog,
+    /// The measured files as sealed memfds: each service's binary (manifest order), executed
+    /// instead of the file (none: the files themselves), and the guest's files (which the
+    /// guest config already points at; kept open here while the partition loads them).
+    pub sealed: crate::measure::Sealed,
+    /// The state directory's lock, if the caller took it already ([`lock_state_dir`]).
+    pub lock: Option<std::fs::File>,
+    /// The front ends the host asked for (`--listen`); none are bound otherwise.
+    pub listen: crate::listeners::ListenRequest,
+}
+
+/// How `paravisor run` ended.
+#[derive(Debug, Default)]
+pub struct RunSummary {
+    /// The guest's run, if there was a guest.
+    pub guest: Option<crate::partition::vcpu::Outcome>,
+}
+
+/// Errors that stop `paravisor run`.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("state directory {0}: {1}")]
+    StateDir(String, io::Error),
+    #[error("another paravisor is already running with state directory {0} (it holds the directory's lock or answers on its control socket); stop it first or pass a different --state-dir")]
+    AlreadyRunning(String),
+    #[error("service \"{service}\": binary {path} not found ({source}); build with `cargo build --release` so that it sits next to `paravisor`")]
+    Binary {
+        service: String,
+        path: String,
+        source: io::Error,
+    },
+    #[error("service \"{service}\": file \"{file}\" at {path}: {source}")]
+    File {
+        service: String,
+        file: String,
+        path: String,
+        source: io::Error,
+    },
+    #[error("cannot create {what}: {reason}")]
+    Create { what: String, reason: String },
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("guest partition: {0}")]
+    Partition(#[from] crate::partition::PartitionError),
+    #[error("platform: {0}")]
+    Platform(#[from] crate::platform::PlatformError),
+    #[error("{0}")]
+    SealedKey(String),
+    #[error("{0}")]
+    Dir(#[from] crate::owned_dir::DirError),
+}
+
+/// The channel from the guest partition (client `guest`) to a service that answers guest
+/// accesses: each service that owns ranges, and intercept.
+struct GuestLink {
+    server: usize,
+    interface: Interface,
+    mem: ChannelMemory,
+    exits: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// The guest partition as the supervisor holds it.
+struct Guest {
+    /// Created with the supervisor, started once the services run.
+    partition: Option<crate::partition::Partition>,
+    running: Option<crate::partition::Running>,
+    links: Vec<GuestLink>,
+    /// Readable once the guest's run has ended.
+    ended: vmm_sys_util::eventfd::EventFd,
+    /// The eventfds wired to guest interrupts, handed to intercept.
+    interrupts: Vec<(ipc_defs::services::intercept::Interrupt, i32)>,
+    keep_running: bool,
+    outcome: Option<crate::partition::vcpu::Outcome>,
+    description: String,
+    watchdog: Option<Duration>,
+    /// Exits seen by the watchdog, and since when.
+    progress: Option<(u64, Instant)>,
+    declared_hung: bool,
+    /// The partition's vCPUs (ids 0..vcpus): the register grant of its vtpm channel.
+    vcpus: u32,
+}
+
+/// The channel between two services.
+struct Link {
+    client: usize,
+    server: usize,
+    interface: Interface,
+    mem: ChannelMemory,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Not started yet: its turn in the initial start order has not come.
+    Waiting,
+    Starting,
+    Running,
+    /// Waiting to be restarted.
+    Backoff,
+    /// Gave up after a crash loop, or could not be started.
+    Failed,
+    /// Exited and not restarted (policy), or stopped at shutdown.
+    Stopped,
+}
+
+impl State {
+    fn name(self) -> &'static str {
+        match self {
+            State::Waiting => "waiting",
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Backoff => "backoff",
+            State::Failed => "failed",
+            State::Stopped => "stopped",
+        }
+    }
+}
+
+struct Process {
+    pid: i32,
+    pidfd: OwnedFd,
+    namespaces: Namespaces,
+    started: Instant,
+}
+
+/// A start under way: the first ping is sent, and the main loop looks for its answer until
+/// the deadline.
+struct PendingStart {
+    ping: Sent,
+    nonce: u64,
+    deadline: Instant,
+    /// When the loop looks for the answer next: soon after the spawn, then less often.
+    next_look: Instant,
+}
+
+struct Service {
+    spec: ServiceSpec,
+    binary: PathBuf,
+    /// Its loader and libraries exactly as measured: (sealed memfd, length, path inside its
+    /// sandbox). The memfds are let go once the library store holds the libraries.
+    code: Vec<(Option<OwnedFd>, u64, String)>,
+    /// The binary exactly as measured (a sealed memfd), when the launch kept it.
+    image: Option<OwnedFd>,
+    control: ClientEnd<ctl::Request, ctl::Response>,
+    status: SharedMemory,
+    regions: Vec<(String, SharedMemory)>,
+    /// Sockets bound for the service (those the host asked for), kept across its restarts.
+    listeners: Vec<crate::listeners::Bound>,
+    service_program: OwnedFd,
+    loader_filter: Vec<seccompiler::sock_filter>,
+    state: State,
+    process: Option<Process>,
+    restarts: u32,
+    recent: VecDeque<Instant>,
+    restart_at: Option<Instant>,
+    /// The delay before the restart pending or last scheduled (its back-off).
+    backoff: Option<Duration>,
+    /// Killed by `paravisor restart`: started again at once when it is reaped, outside the
+    /// restart policy.
+    operator_restart: bool,
+    last_exit: Option<String>,
+    last_stats: ctl::Stats,
+    /// `(slot, /proc link)` of every descriptor the last start granted and the service keeps.
+    granted: Vec<(i32, String)>,
+    /// When the service last answered a ping.
+    last_answer: Instant,
+    /// Since when its silence counts for the watchdog: its last answer, or the last health
+    /// check at which it waited for a server that was not up (see
+    /// [`Supervisor::health_check`]).
+    silence_counted_from: Instant,
+    /// It missed its last health ping while nothing it calls was down: its channels say
+    /// `Unresponsive`.
+    unresponsive: bool,
+    /// Why the supervisor itself killed the service, if it did (reported instead of the
+    /// bare signal).
+    kill_reason: Option<String>,
+    /// The start under way (state `starting`), until its first ping is answered.
+    starting: Option<PendingStart>,
+    /// Its stdout and stderr: the read ends of this start's pipes, and what is passed on.
+    output: ServiceOutput,
+    /// Who it runs as (uid, gid, no capabilities): applied at spawn, checked after.
+    privilege: crate::privilege::ServicePrivilege,
+}
+
+/// The microkernel's own channel to the attest service (client name `paravisor`): reports for
+/// `paravisor attest report`, the attest benchmark.
+struct AttestLink {
+    server: usize,
+    client: ClientEnd<
+        ipc_defs::endpoint::Request<attest::Request>,
+        ipc_defs::endpoint::Response<attest::Response>,
+    >,
+}
+
+/// The platform channel: the attest service calls, a thread of the microkernel answers.
+struct PlatformLink {
+    holder: usize,
+    mem: ChannelMemory,
+    /// The platform and this launch's facts: the serving thread answers the channel with
+    /// them, and the microkernel's own sealing and VMPL 0 reports use them directly (a path
+    /// no channel reaches).
+    platform: std::sync::Arc<crate::platform::Platform>,
+    launch: crate::platform_server::Launch,
+    /// The serving thread's mapping of the channel, until `run` starts it (after the signal
+    /// mask is set: a thread started before would take SIGTERM's default action for the
+    /// whole process).
+    pending: Option<ChannelMemory>,
+    server: Option<crate::platform_server::PlatformServer>,
+}
+
+pub struct Supervisor {
+    state_dir: PathBuf,
+    /// The state directory's descriptor: every state file is opened through it.
+    state: OwnedDir,
+    /// The state directory's lock, held while this supervisor lives: one paravisor per state
+    /// (two would write the same guest-state file).
+    _lock: std::fs::File,
+    attest_link: Option<AttestLink>,
+    platform_link: Option<PlatformLink>,
+    /// Sealed keys once unsealed, by (service, key name); handed over like key files.
+    unsealed: std::collections::BTreeMap<(usize, String), KeyBytes>,
+    sealing: crate::manifest::AttestSettings,
+    /// What the state files are made from ([`Supervisor::write_state`]).
+    manifest: Manifest,
+    measurement: [u8; 48],
+    /// What sealed keys are bound to: the paravisor's measurement, without the guest
+    /// ([`crate::measure::LaunchLog::paravisor_measurement`]).
+    sealing_measurement: [u8; 48],
+    /// This launch's log, written to the state directory once the start is not refused.
+    launch_log: crate::measure::LaunchLog,
+    sandbox_root: PathBuf,
+    log_filter: String,
+    services: Vec<Service>,
+    links: Vec<Link>,
+    ring_capacity: u32,
+    guest: Option<Guest>,
+    /// The nonce of the next first ping.
+    ping_nonce: u64,
+    /// The microkernel's own threads' seccomp filters, compiled at start.
+    filters: crate::thread_filters::ThreadFilters,
+    /// The thread that clones services (started with the platform's, before the supervisor
+    /// confines itself).
+    spawner: Option<crate::spawner::Spawner>,
+}
+
+fn create_err(what: impl Into<String>) -> impl FnOnce(String) -> RunError {
+    let what = what.into();
+    move |reason| RunError::Create { what, reason }
+}
+
+impl Supervisor {
+    /// Builds every channel, region and filter the manifest describes; starts nothing yet.
+    pub fn new(opts: &Options) -> Result<Supervisor, RunError> {
+        let m = &opts.manifest;
+        let state = opts.state.try_clone()?;
+        let lock = match &opts.lock {
+            Some(l) => l.try_clone()?,
+            None => lock_state_dir(&state)?,
+        };
+        // The platform before any state file is made: a platform that is refused (another
+        // user's, a chip secret others can read) leaves the state untouched.
+        let platform = match m.services.iter().any(|s| s.platform) {
+            true => Some(open_or_init_platform(&opts.platform_dir)?),
+            false => None,
+        };
+        let enabled =
+            crate::listeners::enabled(m, &opts.listen).map_err(|e| create_err("front ends")(e))?;
+        let mut services = Vec::new();
+        let tag_width = m.services.iter().map(|s| s.name.len()).max().unwrap_or(0);
+        // Who each service runs as: computed once, here, for spawn and the live audit.
+        let mut privileges =
+            crate::privilege::plan(m, &crate::privilege::Runner::current()).into_iter();
+        let filters = crate::thread_filters::ThreadFilters::compile(m, std::process::id())
+            .map_err(|e| create_err("the microkernel's thread filters")(e.to_string()))?;
+        for spec in &m.services {
+            let binary = opts.bin_dir.join(&spec.binary);
+            std::fs::metadata(&binary).map_err(|source| RunError::Binary {
+                service: spec.name.clone(),
+                path: binary.display().to_string(),
+                source,
+            })?;
+            let control_mem =
+                ChannelMemory::create(&format!("pv-control-{}", spec.name), m.ring_capacity)
+                    .map_err(|e| {
+                        create_err(format!("control channel of {}", spec.name))(e.to_string())
+                    })?;
+            let status = SharedMemory::create(&format!("pv-status-{}", spec.name), 4096)?;
+            init_status(&status)?;
+            let mut regions = Vec::new();
+            for r in &spec.regions {
+                let shm = SharedMemory::create(
+                    &format!("pv-region-{}-{}", spec.name, r.name),
+                    r.size as usize,
+                )?;
+                regions.push((r.name.clone(), shm));
+            }
+            let mut listeners = Vec::new();
+            for l in enabled.iter().filter(|l| l.service == spec.name) {
+                let bound = crate::listeners::bind(l, &opts.state_dir).map_err(|e| {
+                    create_err(format!(
+                        "listener {} of {} on {}",
+                        l.name, spec.name, l.address
+                    ))(e)
+                })?;
+                listeners.push(bound);
+            }
+            let program = profiles::service_program(&spec.syscalls).map_err(|e| {
+                create_err(format!("seccomp profile of {}", spec.name))(e.to_string())
+            })?;
+            let bytes = profiles::program_bytes(&program);
+            let program_fd = ipc_defs::hosted::sys::memfd(
+                &format!("pv-seccomp-{}", spec.name),
+                bytes.len() as u64,
+            )?;
+            write_all_at(&program_fd, &bytes)?;
+            ipc_defs::hosted::sys::seal_read_only(&program_fd)?;
+            // Declared listeners the host did not ask for are not granted.
+            let caps = capability_count(spec, m, opts.guest.is_some()) + listeners.len()
+                - spec.listen.len();
+            let loader_filter =
+                profiles::loader_program(&spec.syscalls, SpawnPlan::binary_slot(caps)).map_err(
+                    |e| create_err(format!("loader profile of {}", spec.name))(e.to_string()),
+                )?;
+            let image = match opts.sealed.services.get(services.len()) {
+                Some(fd) => Some(fd.try_clone()?),
+                None => None,
+            };
+            let code = opts
+                .sealed
+                .code_of(services.len())
+                .into_iter()
+                .map(|(fd, length, path)| Ok((Some(fd.try_clone()?), length, path.to_string())))
+                .collect::<std::io::Result<Vec<_>>>()?;
+            services.push(Service {
+                spec: spec.clone(),
+                binary,
+                image,
+                code,
+                control: ClientEnd::new(control_mem, WaitPolicy::default()),
+                status,
+                regions,
+                listeners,
+                service_program: program_fd,
+                loader_filter,
+                state: State::Stopped,
+                process: None,
+                restarts: 0,
+                recent: VecDeque::new(),
+                restart_at: None,
+                backoff: None,
+                operator_restart: false,
+                last_exit: None,
+                last_stats: ctl::Stats::default(),
+                granted: Vec::new(),
+                last_answer: Instant::now(),
+                silence_counted_from: Instant::now(),
+                unresponsive: false,
+                kill_reason: None,
+                starting: None,
+                output: ServiceOutput::new(&spec.name, tag_width)
+                    .with_format(crate::logging::format()),
+                privilege: privileges.next().ok_or_else(|| {
+                    create_err(format!("identity of {}", spec.name))("no plan".into())
+                })?,
+            });
+        }
+        let mut links = Vec::new();
+        for (client, spec) in m.services.iter().enumerate() {
+            for interface in &spec.calls {
+                let server = m
+                    .services
+                    .iter()
+                    .position(|s| s.serves.contains(interface))
+                    .ok_or_else(|| RunError::Create {
+                        what: format!("channel {} -> {interface}", spec.name),
+                        reason: "no server (manifest validation should have caught this)".into(),
+                    })?;
+                let mem = ChannelMemory::create(
+                    &format!("pv-chan-{}-{interface}", spec.name),
+                    m.ring_capacity,
+                )
+                .map_err(|e| {
+                    create_err(format!("channel {} -> {interface}", spec.name))(e.to_string())
+                })?;
+                links.push(Link {
+                    client,
+                    server,
+                    interface: *interface,
+                    mem,
+                });
+            }
+        }
+        let guest = match &opts.guest {
+            None => None,
+            Some(config) => Some(Self::guest(config, m, opts.keep_running)?),
+        };
+        let attest_link = match m
+            .services
+            .iter()
+            .position(|s| s.serves.contains(&Interface::Attest))
+        {
+            None => None,
+            Some(server) => {
+                let mem = ChannelMemory::create("pv-chan-paravisor-attest", m.ring_capacity)
+                    .map_err(|e| create_err("channel paravisor -> attest")(e.to_string()))?;
+                Some(AttestLink {
+                    server,
+                    client: ClientEnd::new(mem, WaitPolicy::default()),
+                })
+            }
+        };
+        let platform_link = match (m.services.iter().position(|s| s.platform), platform) {
+            (Some(holder), Some(platform)) => {
+                let mem = ChannelMemory::create("pv-chan-attest-platform", m.ring_capacity)
+                    .map_err(|e| create_err("platform channel")(e.to_string()))?;
+                let view = ipc_defs::hosted::sys::dup_inheritable(mem.shm())
+                    .map_err(|e| create_err("platform channel")(e.to_string()))
+                    .and_then(|fd| {
+                        ChannelMemory::open(fd)
+                            .map_err(|e| create_err("platform channel")(e.to_string()))
+                    })?;
+                let launch = crate::platform_server::Launch {
+                    facts: crate::snp::LaunchFacts {
+                        measurement: opts.launch_log.measurement,
+                        policy: crate::snp::POLICY,
+                        guest_svn: 0,
+                    },
+                    host_data: [0; 32],
+                    report_id: crate::platform::new_report_id()?,
+                };
+                Some(PlatformLink {
+                    holder,
+                    mem,
+                    platform: std::sync::Arc::new(platform),
+                    launch,
+                    pending: Some(view),
+                    server: None,
+                })
+            }
+            _ => None,
+        };
+        Ok(Supervisor {
+            state,
+            _lock: lock,
+            attest_link,
+            platform_link,
+            unsealed: std::collections::BTreeMap::new(),
+            sealing: m.attest.clone(),
+            manifest: m.clone(),
+            measurement: opts.launch_log.measurement,
+            sealing_measurement: opts.launch_log.paravisor_measurement(),
+            launch_log: opts.launch_log.clone(),
+            sandbox_root: opts.state_dir.join(".sandbox-root"),
+            state_dir: opts.state_dir.clone(),
+            log_filter: opts.log_filter.clone(),
+            services,
+            links,
+            ring_capacity: m.ring_capacity,
+            guest,
+            ping_nonce: 0,
+            filters,
+            spawner: None,
+        })
+    }
+
+    /// Runs until SIGINT/SIGTERM or a shutdown command; then stops every service.
+    pub fn run(mut self) -> Result<RunSummary, RunError> {
+        let signals = sandbox::signalfd(&[libc::SIGINT, libc::SIGTERM])?;
+        let socket = crate::control::socket_path(&self.state_dir);
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            return Err(RunError::AlreadyRunning(
+                self.state_dir.display().to_string(),
+            ));
+        }
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket)?;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        self.confine()?;
+        tracing::info!(
+            services = self.services.len(),
+            channels = self.links.len(),
+            ring_capacity = self.ring_capacity,
+            socket = %socket.display(),
+            "starting"
+        );
+        if let Err(e) = self.unseal_keys().and_then(|()| self.write_state()) {
+            if let RunError::SealedKey(why) = &e {
+                self.record_refusal(why);
+            }
+            self.shutdown();
+            let _ = std::fs::remove_file(&socket);
+            return Err(e);
+        }
+        // The first start of every service not started yet, in manifest order, each once the
+        // one before has answered its first ping or failed (the order the services have
+        // always started in), but as states of the loop below: `ps`, `kill`, `stop`, restarts
+        // and the watchdog are served meanwhile. The guest starts after the last of them.
+        let mut initial: VecDeque<usize> = (0..self.services.len())
+            .filter(|i| self.services[*i].state == State::Stopped)
+            .collect();
+        for &i in &initial {
+            self.services[i].state = State::Waiting;
+        }
+        let mut initial_start: Option<usize> = None;
+        let mut initial_done = false;
+
+        let mut stop = false;
+        let mut next_health = Instant::now() + HEALTH_INTERVAL;
+        while !stop {
+            if !initial_done {
+                if initial_start.is_some_and(|i| self.services[i].state != State::Starting) {
+                    initial_start = None;
+                }
+                while initial_start.is_none() {
+                    let Some(i) = initial.pop_front() else {
+                        initial_done = true;
+                        if let Err(e) = self.services_started(&socket) {
+                            self.shutdown();
+                            let _ = std::fs::remove_file(&socket);
+                            return Err(e);
+                        }
+                        break;
+                    };
+                    self.start(i);
+                    if self.services[i].state == State::Starting {
+                        initial_start = Some(i);
+                    }
+                }
+            }
+            let mut fds = vec![signals.as_raw_fd(), listener.as_raw_fd()];
+            let guest_fd = self.guest.as_ref().map(|g| g.ended.as_raw_fd());
+            // What each descriptor after the first two is.
+            let mut watched: Vec<(usize, Option<Stream>)> = Vec::new();
+            for (i, s) in self.services.iter().enumerate() {
+                if let Some(p) = &s.process {
+                    fds.push(p.pidfd.as_raw_fd());
+                    watched.push((i, None));
+                }
+                for (stream, fd) in s.output.fds() {
+                    fds.push(fd);
+                    watched.push((i, Some(stream)));
+                }
+            }
+            let now = Instant::now();
+            let next = self
+                .services
+                .iter()
+                .filter_map(|s| s.restart_at)
+                .chain(
+                    self.services
+                        .iter()
+                        .filter_map(|s| s.starting.as_ref())
+                        .map(|p| p.next_look.min(p.deadline)),
+                )
+                .chain([next_health])
+                .min();
+            // Rounded up: a poll that ends before the moment would only spin.
+            let mut timeout = next.map_or(-1, |t| {
+                t.saturating_duration_since(now)
+                    .as_micros()
+                    .div_ceil(1000)
+                    .min(60_000) as i32
+            });
+            if self.guest_watchdog_armed() {
+                timeout = if timeout < 0 { 1000 } else { timeout.min(1000) };
+            }
+            if let Some(fd) = guest_fd {
+                fds.push(fd);
+            }
+            let ready = sandbox::poll_readable(&fds, timeout)?;
+            if guest_fd.is_some() && ready.last() == Some(&true) && self.guest_ended() {
+                stop = true;
+            }
+            self.check_guest_progress();
+            if ready[0] {
+                if let Some(sig) = sandbox::read_signal(&signals) {
+                    tracing::info!("received signal {sig}; shutting down");
+                    stop = true;
+                }
+            }
+            // Output first: a death drains what is left before it is reported.
+            for (k, (i, stream)) in watched.iter().enumerate() {
+                if let (true, Some(stream)) = (ready[2 + k], stream) {
+                    self.pump_output(*i, *stream);
+                }
+            }
+            for (k, (i, stream)) in watched.iter().enumerate() {
+                if ready[2 + k] && stream.is_none() {
+                    self.reap(*i);
+                }
+            }
+            self.check_starts();
+            let now = Instant::now();
+            if now >= next_health {
+                self.health_check();
+                for i in 0..self.services.len() {
+                    self.report_dropped_output(i);
+                }
+                next_health = Instant::now() + HEALTH_INTERVAL;
+            }
+            for i in 0..self.services.len() {
+                if self.services[i].restart_at.is_some_and(|t| t <= now) {
+                    self.services[i].restart_at = None;
+                    self.services[i].restarts += 1;
+                    self.start(i);
+                }
+            }
+            if ready[1] {
+                while let Ok((stream, _)) = listener.accept() {
+                    let _ = stream.set_nonblocking(false);
+                    let reply = match crate::control::read_command(&stream) {
+                        Ok(Command::Shutdown) => {
+                            stop = true;
+                            Reply::Done {
+                                message: "shutting down".into(),
+                            }
+                        }
+                        Ok(cmd) => self.command(cmd),
+                        Err(e) => Reply::Error { message: e },
+                    };
+                    crate::control::write_reply(&stream, &reply);
+                }
+            }
+        }
+        self.stop_guest();
+        self.shutdown();
+        let _ = std::fs::remove_file(&socket);
+        Ok(RunSummary {
+            guest: self.guest.as_ref().and_then(|g| g.outcome.clone()),
+        })
+    }
+
+    /// The initial starts have ended: says how many services run and starts the guest.
+    fn services_started(&mut self, socket: &Path) -> Result<(), RunError> {
+        let up = self
+            .services
+            .iter()
+            .filter(|s| s.state == State::Running)
+            .count();
+        tracing::info!(
+            "{up} of {} services running; control socket {}",
+            self.services.len(),
+            socket.display()
+        );
+        self.start_guest()
+    }
+
+    /// Starts the spawner and platform threads, each under its own seccomp filter, then
+    /// confines this thread (see [`crate::thread_filters`] for the order). After the signal
+    /// mask is set: the threads inherit it.
+    fn confine(&mut self) -> Result<(), RunError> {
+        if self.spawner.is_none() {
+            // One copy of every service's libraries, for all of them (see LibraryStore).
+            let mut libraries = Vec::new();
+            for s in &self.services {
+                for (fd, length, path) in &s.code {
+                    if let Some(fd) = fd {
+                        libraries.push((fd.try_clone()?, *length, path.clone()));
+                    }
+                }
+            }
+            let spawner = crate::spawner::Spawner::start(
+                self.filters.spawner.clone(),
+                Some((self.state_dir.join(".sandbox-store"), libraries)),
+            )?;
+            if spawner.has_store() {
+                // The store is the measured copy every start binds from: the images are
+                // not needed any more (their memory is the instance's largest share).
+                for s in &mut self.services {
+                    for (fd, _, _) in &mut s.code {
+                        *fd = None;
+                    }
+                }
+            }
+            self.spawner = Some(spawner);
+        }
+        self.start_platform()?;
+        crate::thread_filters::install(&self.filters.supervisor).map_err(|e| RunError::Create {
+            what: "the supervisor's seccomp filter".into(),
+            reason: e.to_string(),
+        })?;
+        tracing::info!(
+            "microkernel threads confined: supervisor, spawner{}, vCPUs at start",
+            if self.platform_link.is_some() {
+                ", platform"
+            } else {
+                ""
+            }
+        );
+        Ok(())
+    }
+
+    /// Starts the platform's serving thread (after the signal mask: see [`PlatformLink`]).
+    fn start_platform(&mut self) -> Result<(), RunError> {
+        if let Some(link) = self.platform_link.as_mut() {
+            if let Some(view) = link.pending.take() {
+                link.server = Some(crate::platform_server::PlatformServer::start(
+                    view,
+                    link.platform.clone(),
+                    link.launch,
+                    self.services[link.holder].spec.name.clone(),
+                    self.filters.platform.clone(),
+                )?);
+                link.mem.set_server_state(ServerState::Up);
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts service `i` (first start or restart): spawns it and sends its first ping; the
+    /// main loop ([`Supervisor::check_starts`]) takes it from there.
+    fn start(&mut self, i: usize) {
+        self.services[i].state = State::Starting;
+        if let Err(reason) = self.spawn(i) {
+            self.start_failed(i, reason);
+        }
+    }
+
+    fn spawn(&mut self, i: usize) -> Result<(), String> {
+        let Grants {
+            record,
+            mut fds,
+            mut expected,
+        } = self.capabilities(i)?;
+        // Its stdout and stderr: pipes of this start, read by the supervisor.
+        let (stdout, stdout_end) =
+            sandbox::output_pipe().map_err(|e| format!("output pipe: {e}"))?;
+        let (stderr, stderr_end) =
+            sandbox::output_pipe().map_err(|e| format!("output pipe: {e}"))?;
+        for (slot, pipe) in [(1, &stdout), (2, &stderr)] {
+            let link = std::fs::read_link(format!("/proc/self/fd/{}", pipe.as_raw_fd()))
+                .map_err(|e| format!("output pipe: {e}"))?;
+            expected.push((slot, link.display().to_string()));
+        }
+        self.services[i].granted = expected;
+        let record_bytes =
+            postcard::to_allocvec(&record).map_err(|e| format!("bootstrap record: {e}"))?;
+        let record_fd = ipc_defs::hosted::sys::memfd(
+            &format!("pv-bootstrap-{}", record.service),
+            record_bytes.len() as u64,
+        )
+        .map_err(|e| e.to_string())?;
+        write_all_at(&record_fd, &record_bytes).map_err(|e| e.to_string())?;
+        ipc_defs::hosted::sys::seal_read_only(&record_fd).map_err(|e| e.to_string())?;
+        let mut raw = vec![record_fd.as_raw_fd()];
+        raw.extend(fds.iter().map(|f| f.as_raw()));
+        let s = &self.services[i];
+        let rlimits = vec![
+            (libc::RLIMIT_AS, s.spec.limits.memory),
+            (libc::RLIMIT_NOFILE, s.spec.limits.open_files),
+            (libc::RLIMIT_CORE, 0),
+        ];
+        let mut plan = SpawnPlan::new(
+            (&s.binary, s.image.as_ref()),
+            &s.spec.args,
+            &raw,
+            &s.code
+                .iter()
+                .map(|(fd, length, path)| (fd.as_ref(), *length, path.as_str()))
+                .collect::<Vec<_>>(),
+            s.loader_filter.clone(),
+            rlimits,
+            &self.sandbox_root,
+            &format!("pv-{}", s.spec.name),
+        )
+        .map_err(|e| e.to_string())?
+        .run_as(sandbox::Identity::of(&s.privilege));
+        plan.set_output(stdout_end, stderr_end);
+        let spawner = self
+            .spawner
+            .as_ref()
+            .ok_or("the spawner thread is not running")?;
+        // The plan (with our copies of the pipes' write ends) is dropped on the spawner
+        // thread after the spawn: the service holds the only ones, so its pipes end when it
+        // does.
+        let spawned = spawner
+            .spawn(plan, Namespaces::all() - Namespaces::USER)
+            .map_err(|e| e.to_string())?;
+        fds.clear();
+        self.services[i].output.attach(stdout, stderr);
+        self.services[i].process = Some(Process {
+            pid: spawned.pid,
+            pidfd: spawned.pidfd,
+            namespaces: spawned.namespaces,
+            started: Instant::now(),
+        });
+        self.ping_nonce += 1;
+        let nonce = self.ping_nonce;
+        let ping = self.services[i]
+            .control
+            .send(&ctl::Request::Ping { nonce })
+            .map_err(|e| format!("cannot send its first ping: {e}"))?;
+        let now = Instant::now();
+        self.services[i].starting = Some(PendingStart {
+            ping,
+            nonce,
+            deadline: now + START_TIMEOUT,
+            next_look: now + Duration::from_millis(1),
+        });
+        Ok(())
+    }
+
+    /// Looks for the first answer of every starting service, without waiting. The answer
+    /// proves the service up and inside its own profile: it is then `running`. A start that
+    /// misses its deadline, or gets another answer, fails.
+    fn check_starts(&mut self) {
+        for i in 0..self.services.len() {
+            let Some(p) = &self.services[i].starting else {
+                continue;
+            };
+            let (ping, nonce, deadline) = (p.ping, p.nonce, p.deadline);
+            let now = Instant::now();
+            match self.services[i].control.try_reply(ping) {
+                Ok(Some(ctl::Response::Pong { nonce: n })) if n == nonce => self.started(i),
+                Ok(Some(other)) => {
+                    self.start_failed(i, format!("answered its first ping with {other:?}"))
+                }
+                Ok(None) if now >= deadline => self.start_failed(
+                    i,
+                    format!("did not answer its first ping within {START_TIMEOUT:?}"),
+                ),
+                Ok(None) => {
+                    if let Some(p) = self.services[i]
+                        .starting
+                        .as_mut()
+                        .filter(|p| now >= p.next_look)
+                    {
+                        // Often while a quick start is likely, then every interval.
+                        let waited = now.saturating_duration_since(deadline - START_TIMEOUT);
+                        p.next_look =
+                            now + (waited / 8).clamp(Duration::from_millis(1), START_LOOK_INTERVAL);
+                    }
+                }
+                Err(e) => self.start_failed(i, format!("did not answer its first ping: {e}")),
+            }
+        }
+    }
+
+    /// Service `i` answered its first ping: checks its sandbox, then it serves.
+    fn started(&mut self, i: usize) {
+        self.services[i].starting = None;
+        let Some((pid, namespaces)) = self.services[i]
+            .process
+            .as_ref()
+            .map(|p| (p.pid, p.namespaces))
+        else {
+            return;
+        };
+        if let Some(problem) = sandbox_problem(pid, &self.services[i].privilege) {
+            return self.start_failed(i, format!("sandbox not in force: {problem}"));
+        }
+        for link in &self.links {
+            if link.server == i {
+                link.mem.set_server_state(ServerState::Up);
+            }
+        }
+        if let Some(guest) = &self.guest {
+            for link in guest.links.iter().filter(|l| l.server == i) {
+                link.mem.set_server_state(ServerState::Up);
+            }
+        }
+        if let Some(link) = self.attest_link.as_ref().filter(|l| l.server == i) {
+            link.client.memory().set_server_state(ServerState::Up);
+        }
+        // Its clients, and theirs, may have waited for it: their silence counts from now,
+        // so that each has its whole watchdog period to finish the call it was blocked in.
+        let now = Instant::now();
+        let mut waiting = vec![i];
+        let mut seen = vec![false; self.services.len()];
+        while let Some(server) = waiting.pop() {
+            for l in self.links.iter().filter(|l| l.server == server) {
+                if !std::mem::replace(&mut seen[l.client], true) {
+                    let c = &mut self.services[l.client];
+                    c.silence_counted_from = c.silence_counted_from.max(now);
+                    waiting.push(l.client);
+                }
+            }
+        }
+        let s = &mut self.services[i];
+        s.state = State::Running;
+        s.last_answer = Instant::now();
+        s.silence_counted_from = s.last_answer;
+        s.unresponsive = false;
+        s.kill_reason = None;
+        s.output.note(format!("running (pid {pid})"));
+        tracing::info!(service = %s.spec.name, pid, uid = s.privilege.uid, namespaces = ?namespaces.names(), "running");
+    }
+
+    /// The start of service `i` failed: a process that exists is killed, and its death
+    /// (through its pidfd and [`Supervisor::reap`]) moves its channels on and applies the
+    /// restart policy, never while it might still write to its rings; without a process that
+    /// happens now.
+    fn start_failed(&mut self, i: usize, reason: String) {
+        let s = &mut self.services[i];
+        s.starting = None;
+        tracing::error!(service = %s.spec.name, "cannot start: {reason}");
+        let reason = format!("start failed: {reason}");
+        s.last_exit = Some(reason.clone());
+        match &s.process {
+            Some(p) => {
+                s.kill_reason = Some(reason);
+                let _ = sandbox::pidfd_signal(&p.pidfd, libc::SIGKILL);
+            }
+            None => {
+                self.after_death(i);
+                self.schedule_restart(i, true);
+            }
+        }
+    }
+
+    /// Passes on what service `i` wrote to `stream` (never waiting for more).
+    fn pump_output(&mut self, i: usize, stream: Stream) {
+        // A starting service that writes is about to answer (its runtime logs as it enters
+        // its sandbox): look again soon.
+        if let Some(p) = self.services[i].starting.as_mut() {
+            p.next_look = p.next_look.min(Instant::now() + Duration::from_millis(1));
+        }
+        let output = &mut self.services[i].output;
+        match stream {
+            Stream::Stdout => output.pump(stream, &mut std::io::stdout().lock()),
+            Stream::Stderr => output.pump(stream, &mut crate::logging::log_writer()),
+        }
+    }
+
+    /// Service `i`'s process has ended: passes on everything left in its pipes, and says how
+    /// much of its output was dropped.
+    fn drain_output(&mut self, i: usize) {
+        self.services[i].output.drain(
+            &mut std::io::stdout().lock(),
+            &mut crate::logging::log_writer(),
+        );
+        self.report_dropped_output(i);
+    }
+
+    /// The periodic notice of the lines of service `i`'s output the rate limit dropped.
+    fn report_dropped_output(&mut self, i: usize) {
+        let s = &mut self.services[i];
+        let new = s.output.take_unreported();
+        if new > 0 {
+            tracing::warn!(
+                service = %s.spec.name,
+                "{new} lines of its output dropped (more than {} lines at once, or {} per {:?}); {} since the paravisor started",
+                crate::output::BURST_LINES,
+                crate::output::BURST_LINES,
+                crate::output::REFILL_PERIOD,
+                s.output.dropped()
+            );
+        }
+    }
+
+    /// Waits up to `timeout` for the process behind `pidfd` to exit, and reaps it; every
+    /// service's output is passed on meanwhile (a stopping service must not block on a full
+    /// pipe).
+    fn wait_exit_forwarding(&mut self, pidfd: &OwnedFd, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(_)) = sandbox::pidfd_reap(pidfd) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let mut fds = vec![pidfd.as_raw_fd()];
+            let mut outputs = Vec::new();
+            for (i, s) in self.services.iter().enumerate() {
+                for (stream, fd) in s.output.fds() {
+                    fds.push(fd);
+                    outputs.push((i, stream));
+                }
+            }
+            let ready =
+                sandbox::poll_readable(&fds, left.as_millis().max(1) as i32).unwrap_or_default();
+            for (k, (i, stream)) in outputs.into_iter().enumerate() {
+                if ready.get(1 + k) == Some(&true) {
+                    self.pump_output(i, stream);
+                }
+            }
+        }
+    }
+}
+
+/// Takes the state directory's lock (`.lock`, an advisory exclusive lock released when the
+/// process ends), or says that another paravisor holds it.
+pub fn lock_state_dir(dir: &OwnedDir) -> Result<std::fs::File, RunError> {
+    let path = dir.shown(Path::new(".lock"));
+    let file = dir.open_file(Path::new(".lock"), Open::ReadWriteOrCreate(0o600))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(RunError::AlreadyRunning(dir.path().display().to_string()))
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(RunError::StateDir(path.display().to_string(), e))
+        }
+    }
+}
+
+/// An attest response for an error message (never key bytes: `Bytes` does not print them).
+fn describe(r: &attest::Response) -> String {
+    match r {
+        attest::Response::Error(e) => format!("error: {e}"),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The platform's certificate chain (ARK, ASK, VCEK, PEM) in the state directory, for the
+/// attest service.
+pub const PLATFORM_CERTS: &str = "platform-certs.pem";
+/// The launch log of the run that sealed the datastore key, in the state directory.
+pub const SEALED_LAUNCH_LOG: &str = "sealed-launch-log.json";
+/// This run's launch log, in the state directory.
+pub const LAUNCH_LOG: &str = "launch-log.json";
+/// Where a refused start leaves its launch log and reason (in the state directory).
+pub const REFUSED_DIR: &str = "refused";
+/// Resolves the state directory: `--state-dir`, else the manifest's, relative to the current
+/// directory.
+pub fn state_dir(manifest: &Manifest, flag: Option<&Path>) -> PathBuf {
+    flag.map(Path::to_path_buf)
+        .unwrap_or_else(|| manifest.state_dir.clone())
+}
