@@ -79,3 +79,15 @@ pub fn kdf_sp800_108(key: &[u8], label: &[u8], context: &[u8]) -> [u8; 32] {
     mac.update(&256u32.to_be_bytes());
     mac.finalize().into_bytes().into()
 }
+
+/// `report_data` for a nonce: the nonce itself, zero-padded, when it fits in 64 bytes; its
+/// SHA-512 when it is longer.
+pub fn report_data_for(nonce: &[u8]) -> [u8; 64] {
+    let mut d = [0u8; 64];
+    if nonce.len() <= 64 {
+        d[..nonce.len()].copy_from_slice(nonce);
+    } else {
+        d.copy_from_slice(&<sha2::Sha512 as sha2::Digest>::digest(nonce));
+    }
+    d
+}

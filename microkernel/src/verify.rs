@@ -622,21 +622,10 @@ pub fn missing_references(measurement_given: bool, nonce: Option<&[u8]>) -> Vec<
     missing
 }
 
-/// `report_data` for a nonce: the nonce itself, zero-padded, when it fits in 64 bytes; its
-/// SHA-512 when it is longer.
-pub fn report_data_for(nonce: &[u8]) -> [u8; 64] {
-    let mut d = [0u8; 64];
-    if nonce.len() <= 64 {
-        d[..nonce.len()].copy_from_slice(nonce);
-    } else {
-        d.copy_from_slice(&sha2::Sha512::digest(nonce));
-    }
-    d
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::snp::report_data_for;
 
     /// Found by fuzzing: `der`'s streaming PEM reader never returns on this body.
     #[test]

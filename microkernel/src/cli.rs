@@ -1,0 +1,544 @@
+//! The `paravisor` command line: every command's arguments (clap), shared by the core
+//! binary (`paravisor`, which runs the commands of the trusted core) and the tools binary
+//! (`pv-tools`, which `paravisor` hands the tools' commands to: verifier, key broker, vmgs
+//! tool, benchmarks), so that both parse a command line the same way and a usage error is
+//! the same whoever reports it.
+
+use std::path::Path;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use clap::Subcommand;
+
+use crate::control;
+use crate::control::Command;
+use crate::control::Reply;
+use crate::manifest::Manifest;
+use crate::manifest::DEFAULT_MANIFEST;
+
+/// A microkernel paravisor: every function in its own capability-restricted process.
+#[derive(Parser)]
+#[command(
+    name = "paravisor",
+    version,
+    about = "A microkernel paravisor: every function in its own capability-restricted, supervised process."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Validate a manifest; exit 0 if it is valid, 1 with diagnostics if not.
+    Check {
+        /// The manifest [default: manifest.toml]
+        manifest: Option<PathBuf>,
+    },
+    /// Print the privilege matrix: what each service serves, calls, holds and may do.
+    Audit {
+        /// The manifest [default: manifest.toml]
+        manifest: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Check the running instance against the manifest instead; exit 1 on any difference.
+        #[arg(long)]
+        live: bool,
+        /// State directory of the running instance (for --live).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Run the paravisor in the foreground: start and supervise every service.
+    Run {
+        /// The manifest [default: manifest.toml]
+        manifest: Option<PathBuf>,
+        /// Directory for the control socket and state files [default: the manifest's state-dir, "state"]
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// The simulated platform, provisioned on first use [default: the manifest's
+        /// `[attest] platform-dir`, else "platform" next to the state directory]
+        #[arg(long)]
+        platform_dir: Option<PathBuf>,
+        /// Bind this front end (a listener the manifest declares, e.g. mssim-command or
+        /// swtpm-control-unix), at its declared address or at ADDRESS (loopback) or PATH (a
+        /// Unix socket, relative to the state directory unless absolute; its directory is
+        /// made 0700); repeatable; `all` binds every declared one. Without it nothing
+        /// listens. A TCP front end is reachable by every local user.
+        #[arg(long, value_name = "NAME[=ADDRESS|PATH]|all")]
+        listen: Vec<String>,
+        /// The host configuration: state-dir, platform-dir, key-release, listen, log-format,
+        /// log-file (TOML; not measured: see `paravisor audit`). The flags above override it;
+        /// it overrides the manifest's defaults.
+        #[arg(long, value_name = "FILE")]
+        host: Option<PathBuf>,
+        #[command(flatten)]
+        log: LogArgs,
+        #[command(flatten)]
+        guest: GuestArgs,
+    },
+    /// List the services of the running instance.
+    Ps {
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Print again every --interval until the instance stops (or --count times).
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: stop after this many listings.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// With --watch: seconds between listings.
+        #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+        interval: f64,
+        /// The manifest (only to find the default state directory) [default: manifest.toml]
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+    /// Send a signal to a service of the running instance (fault injection).
+    Kill {
+        /// The service's name, as in the manifest.
+        service: String,
+        /// Signal name or number.
+        #[arg(long, default_value = "KILL")]
+        signal: String,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+    /// Start a service of the running instance again: a running one is killed and started at
+    /// once, a failed one (crash loop) is revived with a fresh restart count; waits until it
+    /// runs.
+    Restart {
+        /// The service's name, as in the manifest.
+        service: String,
+        /// Return once the restart is under way, without waiting for the service to run.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+    /// Print a service's recent output (kept by the running instance, with its notes about
+    /// the service: started, exited, restarting in ...).
+    Logs {
+        /// The service's name, as in the manifest.
+        service: String,
+        /// Keep printing new lines until the instance stops.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// How many of the last lines to print first.
+        #[arg(long, short = 'n', default_value_t = 100)]
+        lines: usize,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+    /// Ask SERVICE to ping ENDPOINT through its own capability (checks granted connectivity).
+    Probe {
+        service: String,
+        endpoint: String,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+    /// The simulated platform (stands in for the AMD secure processor).
+    Platform {
+        #[command(subcommand)]
+        action: PlatformCmd,
+    },
+    /// Attestation evidence: the certificate chain, and verifying a report as a remote
+    /// verifier does.
+    Attest {
+        #[command(subcommand)]
+        action: AttestCmd,
+    },
+    /// Print the launch log and the launch measurement (SNP launch digest) `run` would
+    /// produce for this manifest, binaries and guest, without running anything: a verifier's
+    /// reference value.
+    Measure {
+        /// The manifest [default: manifest.toml]
+        manifest: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        guest: GuestArgs,
+    },
+    /// Measure against baselines in the same run: `ipc` (our rings against the shared-memory
+    /// floor, eventfd and Unix sockets), `vmgs` (the guest-state store against plain file
+    /// I/O), `vtpm` (a running paravisor's TPM against swtpm), `guest` (a guest exit
+    /// answered by a device service against one answered in the vCPU thread) or `memory`
+    /// (an idle instance's footprint against Firecracker's). Warns when other processes kept
+    /// the machine busy meanwhile.
+    Bench {
+        /// What to measure.
+        #[arg(value_parser = ["ipc", "vmgs", "vtpm", "guest", "measure", "attest", "memory"], default_value = "ipc")]
+        what: String,
+        /// Where the benchmark makes its temporary directory (unique, removed at the end; for
+        /// `vmgs`, the file system measured) [default: the system's temporary directory].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Samples per latency measurement.
+        #[arg(long, default_value_t = 31)]
+        samples: usize,
+        /// Quick run with fewer samples (for smoke tests).
+        #[arg(long)]
+        quick: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// (internal) The peer side of a benchmark.
+    #[command(name = "__bench-peer", hide = true)]
+    BenchPeer {
+        kind: String,
+        cpu: usize,
+        fds: Vec<i32>,
+    },
+    /// VMGS guest-state file tools (the reference vmgstool's commands, options and exit codes).
+    Vmgs {
+        #[command(subcommand)]
+        command: VmgsTop,
+    },
+    /// Key broker (KBS), run by the tenant outside the paravisor's trust boundary: releases
+    /// the tenant key, wrapped, only to attestation evidence that verifies.
+    Kbs {
+        #[command(subcommand)]
+        command: crate::kbs_args::KbsCmd,
+    },
+    /// Stop the running instance (like SIGTERM).
+    Stop {
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+}
+
+pub fn load(path: Option<&Path>) -> Result<Manifest, ExitCode> {
+    let path = path.unwrap_or(Path::new(DEFAULT_MANIFEST));
+    Manifest::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// Where `paravisor` and the service executables are.
+pub fn bin_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The state directory for client commands: the flag, else the manifest's if one is there,
+/// else the default.
+pub fn client_state_dir(
+    flag: Option<PathBuf>,
+    manifest: Option<&Path>,
+) -> Result<PathBuf, ExitCode> {
+    if let Some(dir) = flag {
+        return Ok(dir);
+    }
+    match manifest {
+        // A manifest named on the command line must load: its state directory is meant.
+        Some(path) => Manifest::load(path).map(|m| m.state_dir).map_err(|e| {
+            eprintln!("paravisor: {e}");
+            ExitCode::FAILURE
+        }),
+        None => Ok(match Manifest::load(Path::new(DEFAULT_MANIFEST)) {
+            Ok(m) => m.state_dir,
+            Err(_) => PathBuf::from(crate::manifest::DEFAULT_STATE_DIR),
+        }),
+    }
+}
+
+pub fn send(state_dir: &Path, command: &Command) -> Result<Reply, ExitCode> {
+    control::send(state_dir, command).map_err(|e| {
+        eprintln!("paravisor: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// Where `run` logs and how (`crate::logging`).
+#[derive(clap::Args, Debug, Default)]
+pub struct LogArgs {
+    /// How the log looks: text (coloured only on a terminal) or json (one object per line,
+    /// the services' lines and the console included) [default: the host file's, else text]
+    #[arg(long, value_enum)]
+    pub log_format: Option<crate::logging::LogFormat>,
+    /// Append the log (the microkernel's and the services' stderr lines) to this file instead
+    /// of stderr: created 0600 if missing, refused if it is a link or another user's
+    /// [default: the host file's]
+    #[arg(long)]
+    pub log_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PlatformCmd {
+    /// Provision a platform identity once: chip secret (insecure file) and ARK/ASK/VCEK.
+    Init {
+        /// Where the platform lives (separate from the paravisor's state).
+        #[arg(long, default_value = DEFAULT_PLATFORM_DIR)]
+        platform_dir: PathBuf,
+    },
+    /// SIMULATED hardware call: a report signed by this platform's VCEK, as its secure
+    /// processor would return one (for tests and demonstrations; a running paravisor's
+    /// reports come through its attest service).
+    Report {
+        #[arg(long, default_value = DEFAULT_PLATFORM_DIR)]
+        platform_dir: PathBuf,
+        /// Report data: the nonce itself, zero-padded, up to 64 bytes; its SHA-512 if longer.
+        #[arg(long)]
+        nonce: String,
+        /// The measurement to report (hex) [default: what `paravisor measure` gives].
+        #[arg(long)]
+        measurement: Option<String>,
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AttestCmd {
+    /// Write the platform's chain as ark.pem, ask.pem, vcek.pem (the AMD tools' names).
+    Certs {
+        /// The platform's directory [default: the one `run` uses for the state directory:
+        /// the manifest's `[attest] platform-dir`, else "platform" next to it]
+        #[arg(long)]
+        platform_dir: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Ask the running paravisor's attest service for a report: writes the raw 0x4A0-byte
+    /// SEV-SNP report.
+    Report {
+        /// Report data: the nonce itself, zero-padded, up to 64 bytes; its SHA-512 if longer.
+        #[arg(long)]
+        nonce: String,
+        #[arg(short, long)]
+        out: PathBuf,
+        /// Also write the chain that verifies it (ark.pem, ask.pem, vcek.pem) into this
+        /// directory.
+        #[arg(long)]
+        certs: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+    /// Print the SHA-256 fingerprint of the ARK in DIR (what a verifier pins).
+    Fingerprint {
+        #[arg(long)]
+        certs: PathBuf,
+    },
+    /// Verify a report: pinned ARK, chain and signature (sev crate), zero reserved bytes,
+    /// the measurement (given, or recomputed from a manifest) and the nonce.
+    Verify {
+        report: PathBuf,
+        #[arg(long)]
+        certs: PathBuf,
+        /// SHA-256 of the ARK certificate (hex).
+        #[arg(long)]
+        ark_fingerprint: String,
+        /// The expected measurement (hex, 48 bytes).
+        #[arg(long, conflicts_with_all = ["manifest", "launch_log"])]
+        expected_measurement: Option<String>,
+        /// A launch log (`paravisor measure --json`, or `launch-log.json` in a run's state
+        /// directory): the measurement is recomputed from the log alone, and the log's entries
+        /// are printed as claims (check their hashes against the release you trust).
+        #[arg(long, conflicts_with = "manifest")]
+        launch_log: Option<PathBuf>,
+        /// Recompute the expected measurement from this manifest, its binaries next to
+        /// `paravisor`, and the guest options below (as `paravisor measure`). With no guest
+        /// option, the launch with the test guest and the launch without a guest are both
+        /// accepted, and the output says which one the report is from.
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// The nonce the report must carry (hex; see `platform report`).
+        #[arg(long)]
+        nonce: Option<String>,
+        /// Refuse the report (exit 1) unless a reference measurement and a non-empty nonce
+        /// were given: without them a genuine report proves neither what ran nor when.
+        #[arg(long)]
+        strict: bool,
+        /// Machine-readable output: every check made with its result, what was not checked,
+        /// and the claims (64-bit fields as hex strings); printed on refusal too.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        guest: Box<GuestArgs>,
+    },
+}
+
+/// The simulated platform's default directory (next to `state`, never inside it).
+pub const DEFAULT_PLATFORM_DIR: &str = "platform";
+
+/// `paravisor vmgs`: the reference tool's commands, and `reseal`.
+#[derive(Subcommand, Debug)]
+pub enum VmgsTop {
+    /// Unseal the guest-state file's datastore key under this launch and stop: with
+    /// `[attest] key-release`, a key sealed to another measurement is released by the key
+    /// broker and re-sealed to this one (how a state moves to a new release). Takes the
+    /// same arguments as `run` (the measurement must be the one `run` will have).
+    #[command(alias = "rotate")]
+    Reseal {
+        /// The manifest [default: manifest.toml]
+        manifest: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        platform_dir: Option<PathBuf>,
+        /// The host configuration `run` uses (its listeners are never bound here: reseal is
+        /// offline).
+        #[arg(long, value_name = "FILE")]
+        host: Option<PathBuf>,
+        #[command(flatten)]
+        guest: GuestArgs,
+    },
+    #[command(flatten)]
+    Tool(crate::vmgs_args::VmgsCmd),
+}
+
+/// What guest a run starts (shared by `run` and `measure`). Under `measure`, `attest
+/// verify`, `vmgs reseal`, they describe the run whose launch is meant.
+#[derive(clap::Args, Debug, Default)]
+#[command(
+    next_help_heading = "Guest options (for measure, attest verify and vmgs reseal: those of the run meant)"
+)]
+pub struct GuestArgs {
+    /// Run the services without a guest, until stopped (Ctrl-C or `paravisor stop`).
+    #[arg(long, conflicts_with_all = ["kernel", "guest", "keep_running"])]
+    pub no_guest: bool,
+    /// Keep the services running after the guest's run ends.
+    #[arg(long)]
+    pub keep_running: bool,
+    /// Boot this Linux bzImage instead of the test guest (64-bit boot protocol; needs
+    /// hardware KVM: a stock kernel does not boot on KVM-on-PVM).
+    #[arg(long, conflicts_with = "guest")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk for --kernel.
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// Command line: the kernel's with --kernel [default: "console=ttyS0 panic=-1"], else
+    /// the test guest's (e.g. "extends=8 bench=0 interrupt=1 tpm=1").
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Run this ELF image instead of the embedded test guest.
+    #[arg(long)]
+    pub guest: Option<PathBuf>,
+    /// Guest RAM in MiB [default: 64 for the test guest, 512 for Linux].
+    #[arg(long)]
+    pub memory: Option<u64>,
+    /// vCPUs (Linux only; the test guest uses one).
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// End the run with a register report when the guest makes no exit for this many
+    /// seconds (0: never) [default: 30 for the test guest; for Linux 20 on KVM-on-PVM,
+    /// else never].
+    #[arg(long)]
+    pub guest_watchdog: Option<u64>,
+}
+
+impl GuestArgs {
+    /// The guest to run, or `None` with --no-guest.
+    /// Whether no guest option was given (the default: the embedded test guest).
+    pub fn is_default(&self) -> bool {
+        !self.no_guest
+            && self.kernel.is_none()
+            && self.initrd.is_none()
+            && self.cmdline.is_none()
+            && self.guest.is_none()
+            && self.memory.is_none()
+            && self.vcpus <= 1
+            && self.guest_watchdog.is_none()
+    }
+
+    pub fn config(&self) -> Result<Option<crate::partition::GuestConfig>, ExitCode> {
+        use crate::partition;
+        let guest = if self.no_guest {
+            None
+        } else {
+            let cmdline = self.cmdline.clone();
+            let image = match self.kernel.clone() {
+                Some(kernel) => partition::Image::Linux {
+                    kernel,
+                    initrd: self.initrd.clone(),
+                    command_line: cmdline.unwrap_or_else(|| "console=ttyS0 panic=-1".into()),
+                },
+                None => partition::Image::TestGuest {
+                    path: self.guest.clone(),
+                    command_line: cmdline.unwrap_or_default(),
+                },
+            };
+            let default_memory = match image {
+                partition::Image::Linux { .. } => partition::LINUX_MEMORY,
+                partition::Image::TestGuest { .. } => partition::TEST_GUEST_MEMORY,
+            };
+            let vcpus = match image {
+                partition::Image::Linux { .. } => self.vcpus.max(1),
+                partition::Image::TestGuest { .. } if self.vcpus > 1 => {
+                    eprintln!(
+                        "paravisor: the test guest runs on one vCPU (--vcpus is for --kernel)"
+                    );
+                    return Err(ExitCode::from(2));
+                }
+                partition::Image::TestGuest { .. } => 1,
+            };
+            let memory = match self.memory.map(|m| m.checked_mul(1 << 20)) {
+                None => default_memory,
+                Some(Some(bytes)) => bytes,
+                Some(None) => {
+                    eprintln!("paravisor: --memory is in MiB; that many does not fit");
+                    return Err(ExitCode::from(2));
+                }
+            };
+            let watchdog = match (self.guest_watchdog, &image) {
+                (Some(0), _) => None,
+                (Some(s), _) => Some(std::time::Duration::from_secs(s)),
+                (None, partition::Image::TestGuest { .. }) => Some(partition::TEST_GUEST_WATCHDOG),
+                (None, partition::Image::Linux { .. }) => {
+                    partition::is_pvm().then_some(partition::PVM_LINUX_WATCHDOG)
+                }
+            };
+            Some(partition::GuestConfig {
+                image,
+                memory,
+                vcpus,
+                watchdog,
+            })
+        };
+        Ok(guest)
+    }
+}
+
+/// Says why a command failed; its exit code.
+pub fn failed(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("paravisor: {e}");
+    ExitCode::FAILURE
+}
+
+/// Prints a command-line error (or the help) and gives clap's exit code, except under
+/// `vmgs`: there 2 means "not encrypted" to scripts written for the reference tool, so a
+/// usage error is [`crate::vmgs_args::exit::USAGE`].
+pub fn usage_error(e: &clap::Error) -> ExitCode {
+    let _ = e.print();
+    let under_vmgs = std::env::args_os().nth(1).is_some_and(|a| a == "vmgs");
+    match e.exit_code() {
+        0 => ExitCode::SUCCESS,
+        _ if under_vmgs => ExitCode::from(crate::vmgs_args::exit::USAGE),
+        code => ExitCode::from(u8::try_from(code).unwrap_or(2)),
+    }
+}

@@ -1,0 +1,68 @@
+//! `paravisor kbs ...`'s arguments. The key broker runs in the tools binary (`pv-tools`):
+//! it belongs to the tenant, outside the paravisor's trust boundary.
+
+use std::path::PathBuf;
+
+use crate::key_release::DEFAULT_LISTEN;
+
+/// The policy file's format, for `kbs serve --help`.
+pub const POLICY_HELP: &str = "\
+Policy file (TOML; relative paths are relative to the policy file; unknown keys are errors):
+
+  key-file = \"tenant.key\"          # 32 raw bytes, mode 0600 (`paravisor kbs init-key`)
+  certs = \"certs\"                  # ark.pem, ask.pem, vcek.pem (`paravisor attest certs`)
+  ark-fingerprint = \"9f3c...\"      # SHA-256 of the ARK (`paravisor attest fingerprint`)
+  allowed-measurements = [\"...\"]   # launch digests, 48 bytes hex (`paravisor measure`)
+  max-nonce-age = 60               # seconds a challenge stays valid [default 60, max 3600]
+  vmpl = 0                         # the VMPL reports must come from [default 0]
+
+  [guest-policy]                   # the report's SNP guest policy bits [all optional]
+  allow-debug = false              # bit 19 DEBUG [default false]
+  allow-migration-agent = false    # bit 18 MIGRATE_MA [default false]
+  allow-smt = true                 # bit 16 SMT [default true]
+
+  [minimum-tcb]                    # the report's REPORTED_TCB, per component (required)
+  bootloader = 3
+  tee = 0
+  snp = 8
+  microcode = 115
+
+Required: key-file, certs, ark-fingerprint, allowed-measurements, and [minimum-tcb] with all
+four components.";
+
+/// `paravisor kbs ...`
+#[derive(clap::Subcommand, Debug)]
+pub enum KbsCmd {
+    /// Run the key broker in the foreground (loopback only): it releases the tenant key,
+    /// wrapped, to reports that verify and satisfy the policy.
+    #[command(after_help = POLICY_HELP)]
+    Serve {
+        /// The policy file (TOML; its keys are below).
+        #[arg(long)]
+        policy: PathBuf,
+        /// Address to listen on: a loopback IP address and port.
+        #[arg(long, default_value = DEFAULT_LISTEN)]
+        listen: String,
+    },
+    /// Create a tenant key file: 32 random bytes, mode 0600 (never overwrites).
+    InitKey { file: PathBuf },
+    /// TEST TOOL: fetch the key with a report from the SIMULATED platform (the real client
+    /// is the paravisor's attest path) and write it to a new file (mode 0600).
+    Fetch {
+        /// The broker's address.
+        #[arg(long)]
+        kbs: String,
+        /// The simulated platform that signs the report.
+        #[arg(long)]
+        platform_dir: PathBuf,
+        /// The measurement to report (hex) [default: what `paravisor measure` gives for
+        /// the manifest and the test guest].
+        #[arg(long)]
+        measurement: Option<String>,
+        /// The manifest for the default measurement [default: manifest.toml].
+        #[arg(long, conflicts_with = "measurement")]
+        manifest: Option<PathBuf>,
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+}
