@@ -17,6 +17,9 @@ use crate::control::Reply;
 use crate::manifest::Manifest;
 use crate::manifest::DEFAULT_MANIFEST;
 
+/// The tools binary, next to `paravisor`: it runs the commands [`Cmd::is_tool`] names.
+pub const TOOLS_BINARY: &str = "pv-tools";
+
 /// A microkernel paravisor: every function in its own capability-restricted process.
 #[derive(Parser)]
 #[command(
@@ -229,6 +232,12 @@ pub fn load(path: Option<&Path>) -> Result<Manifest, ExitCode> {
         eprintln!("{e}");
         ExitCode::FAILURE
     })
+}
+
+/// The core binary, `paravisor`, in [`bin_dir`] (what the tools start for `run`, `kill`,
+/// `stop`).
+pub fn paravisor() -> PathBuf {
+    bin_dir().join("paravisor")
 }
 
 /// Where `paravisor` and the service executables are.
@@ -540,5 +549,24 @@ pub fn usage_error(e: &clap::Error) -> ExitCode {
         0 => ExitCode::SUCCESS,
         _ if under_vmgs => ExitCode::from(crate::vmgs_args::exit::USAGE),
         code => ExitCode::from(u8::try_from(code).unwrap_or(2)),
+    }
+}
+
+impl Cmd {
+    /// The commands that are not the trusted core's: the verifier (`attest verify`,
+    /// `attest fingerprint`), the key broker, the vmgs file tool and the benchmarks.
+    /// `paravisor` runs them through [`TOOLS_BINARY`].
+    pub fn is_tool(&self) -> bool {
+        matches!(
+            self,
+            Cmd::Attest {
+                action: AttestCmd::Fingerprint { .. } | AttestCmd::Verify { .. }
+            } | Cmd::Bench { .. }
+                | Cmd::BenchPeer { .. }
+                | Cmd::Kbs { .. }
+                | Cmd::Vmgs {
+                    command: VmgsTop::Tool(_)
+                }
+        )
     }
 }

@@ -14,18 +14,9 @@
 #![deny(unsafe_code)]
 
 pub mod audit;
-pub mod bench;
-pub mod bench_attest;
-pub mod bench_env;
-pub mod bench_guest;
-pub mod bench_measure;
-pub mod bench_memory;
-pub mod bench_vmgs;
-pub mod bench_vtpm;
 pub mod cli;
 pub mod control;
 pub mod host_config;
-pub mod kbs;
 pub mod kbs_args;
 pub mod key_protector;
 pub mod key_release;
@@ -50,6 +41,4 @@ pub mod state_files;
 pub mod supervisor;
 pub mod thread_filters;
 pub mod util;
-pub mod verify;
 pub mod vmgs_args;
-pub mod vmgs_cli;

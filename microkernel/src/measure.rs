@@ -536,11 +536,20 @@ fn launch_inner(
     if !refused.is_empty() {
         return Err(MeasureError::Environment(refused.join(", ")));
     }
-    // The microkernel first: its executable as running, and a check that it maps nothing
-    // but that and its libraries (measured below with the services').
-    let own = Path::new("/proc/self/exe");
+    // The microkernel first. A run measures its executable as running, and checks that it
+    // maps nothing but that and its libraries (measured below with the services'). A
+    // reference value (`measure`, a verifier, a tool) measures the `paravisor` file in
+    // `bin_dir`: what a run from there would be.
+    let path = if keep_images {
+        PathBuf::from("/proc/self/exe")
+    } else {
+        bin_dir.join("paravisor")
+    };
+    let own = path.as_path();
     let own_code = crate::libraries::resolve(own).map_err(|e| MeasureError::Code(e.to_string()))?;
-    crate::libraries::check_own_maps(own, &own_code).map_err(MeasureError::Code)?;
+    if keep_images {
+        crate::libraries::check_own_maps(own, &own_code).map_err(MeasureError::Code)?;
+    }
     let read_err = |what: &'static str, path: &Path| {
         let path = path.display().to_string();
         move |error| MeasureError::Read { what, path, error }
@@ -548,8 +557,12 @@ fn launch_inner(
     let exe = File::open(own).map_err(read_err("microkernel", own))?;
     m.item(Kind::Microkernel, "paravisor", exe)
         .map_err(read_err("microkernel", own))?;
-    if let Ok(path) = std::env::current_exe() {
-        m.read_from(&path);
+    if keep_images {
+        if let Ok(path) = std::env::current_exe() {
+            m.read_from(&path);
+        }
+    } else {
+        m.read_from(own);
     }
     let mut libraries: Vec<Library> = Vec::new();
     let mut add_code = |code: &crate::libraries::Needs| -> Result<Vec<usize>, MeasureError> {

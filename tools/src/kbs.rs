@@ -72,16 +72,16 @@ use std::time::Instant;
 
 use zeroize::Zeroizing;
 
-use crate::snp::Tcb;
-use crate::snp::REPORT_LEN;
-use crate::util::hex;
-use crate::util::parse_hex;
 use crate::verify::VerifyError;
+use microkernel::snp::Tcb;
+use microkernel::snp::REPORT_LEN;
+use microkernel::util::hex;
+use microkernel::util::parse_hex;
 
 // The protocol and the client half live with the paravisor; the broker is built on them, and
 // their old paths (`kbs::parse_request`, `kbs::KbsError`...) stay valid.
-pub use crate::kbs_args::KbsCmd;
-pub use crate::key_release::*;
+pub use microkernel::kbs_args::KbsCmd;
+pub use microkernel::key_release::*;
 
 /// How long the broker waits for a client's whole request line: a silent or dribbling client
 /// cannot hold a connection slot longer than this.
@@ -343,7 +343,7 @@ pub fn load_key(path: &Path) -> Result<Zeroizing<[u8; 32]>, KbsError> {
         error,
     };
     // The opened file is the one checked and read (`kbs init-key FILE` makes one).
-    let mut file = crate::util::open_regular(path).map_err(io)?;
+    let mut file = microkernel::util::open_regular(path).map_err(io)?;
     let meta = file.metadata().map_err(io)?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
@@ -791,9 +791,9 @@ fn init_logging() {
 
 /// The measurement `paravisor run` would produce for `manifest` and the test guest.
 fn default_measurement(manifest: Option<&Path>) -> Result<[u8; 48], String> {
-    use crate::partition;
-    let path = manifest.unwrap_or(Path::new(crate::manifest::DEFAULT_MANIFEST));
-    let m = crate::manifest::Manifest::load(path).map_err(|e| e.to_string())?;
+    use microkernel::partition;
+    let path = manifest.unwrap_or(Path::new(microkernel::manifest::DEFAULT_MANIFEST));
+    let m = microkernel::manifest::Manifest::load(path).map_err(|e| e.to_string())?;
     let bin_dir = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
@@ -807,7 +807,7 @@ fn default_measurement(manifest: Option<&Path>) -> Result<[u8; 48], String> {
         vcpus: 1,
         watchdog: Some(partition::TEST_GUEST_WATCHDOG),
     };
-    crate::measure::launch(&m, &bin_dir, Some(&guest))
+    microkernel::measure::launch(&m, &bin_dir, Some(&guest))
         .map(|l| l.measurement)
         .map_err(|e| e.to_string())
 }
@@ -882,16 +882,17 @@ fn run_inner(cmd: KbsCmd) -> Result<(), String> {
                 None => default_measurement(manifest.as_deref())?,
             };
             let platform =
-                crate::platform::Platform::open(&platform_dir).map_err(|e| e.to_string())?;
+                microkernel::platform::Platform::open(&platform_dir).map_err(|e| e.to_string())?;
             let key = fetch_key(addr, |report_data| {
                 platform
-                    .report(&crate::snp::ReportRequest {
+                    .report(&microkernel::snp::ReportRequest {
                         report_data: *report_data,
                         measurement,
                         host_data: [0; 32],
                         vmpl: 0,
-                        policy: crate::snp::POLICY,
-                        report_id: crate::platform::new_report_id().map_err(|e| e.to_string())?,
+                        policy: microkernel::snp::POLICY,
+                        report_id: microkernel::platform::new_report_id()
+                            .map_err(|e| e.to_string())?,
                     })
                     .map(|r| r.to_vec())
                     .map_err(|e| e.to_string())
@@ -912,7 +913,7 @@ fn run_inner(cmd: KbsCmd) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kbs_args::POLICY_HELP;
+    use microkernel::kbs_args::POLICY_HELP;
     use p384::ecdh::EphemeralSecret;
 
     /// The generator of P-384, SEC1 uncompressed: a valid transfer key.
@@ -1179,11 +1180,11 @@ microcode = 115
         assert_eq!(p.key_file, Path::new("/etc/kbs/tenant.key"));
         assert_eq!(p.max_nonce_age, Duration::from_secs(60));
         let good = ReportFacts {
-            policy: crate::snp::POLICY,
+            policy: microkernel::snp::POLICY,
             vmpl: 0,
             report_data: [0; 64],
             measurement: [0xab; 48],
-            reported_tcb: crate::platform::TCB,
+            reported_tcb: microkernel::platform::TCB,
         };
         p.admit(&good).unwrap();
         let e = p
@@ -1216,7 +1217,7 @@ microcode = 115
         ));
         let old = Tcb {
             snp: 7,
-            ..crate::platform::TCB
+            ..microkernel::platform::TCB
         };
         let e = p
             .admit(&ReportFacts {

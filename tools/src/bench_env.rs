@@ -22,7 +22,10 @@ impl BenchDir {
         for _ in 0..16 {
             let mut nonce = [0u8; 6];
             getrandom::getrandom(&mut nonce).map_err(std::io::Error::other)?;
-            let path = parent.join(format!("pv-bench-{what}-{}", crate::util::hex(&nonce)));
+            let path = parent.join(format!(
+                "pv-bench-{what}-{}",
+                microkernel::util::hex(&nonce)
+            ));
             match std::fs::DirBuilder::new().mode(0o700).create(&path) {
                 Ok(()) => return Ok(BenchDir { path }),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,

@@ -71,7 +71,7 @@ impl Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         if let Some(state) = &self.state {
-            if crate::control::send(state, &crate::control::Command::Shutdown).is_ok() {
+            if microkernel::control::send(state, &microkernel::control::Command::Shutdown).is_ok() {
                 let until = Instant::now() + STOP_GRACE;
                 while Instant::now() < until {
                     if let Ok(Some(_)) = self.child.try_wait() {
@@ -312,7 +312,7 @@ pub fn start_instance(
     let run_manifest = dir.join("manifest.toml");
     std::fs::write(&run_manifest, text)?;
     let state = dir.join("state");
-    let child = Command::new(std::env::current_exe()?)
+    let child = Command::new(microkernel::cli::paravisor())
         .arg("run")
         .arg("--no-guest")
         .arg(&run_manifest)
@@ -436,7 +436,7 @@ fn measure(
     };
     for _ in 0..kills {
         let before = Instant::now();
-        let status = Command::new(std::env::current_exe()?)
+        let status = Command::new(microkernel::cli::paravisor())
             .args(["kill", "vtpm", "--signal", "KILL", "--state-dir"])
             .arg(&state)
             .stdout(Stdio::null())
@@ -449,7 +449,7 @@ fn measure(
         // Let the restart policy's back-off window pass between kills.
         std::thread::sleep(Duration::from_millis(300));
     }
-    let _ = Command::new(std::env::current_exe()?)
+    let _ = Command::new(microkernel::cli::paravisor())
         .args(["stop", "--state-dir"])
         .arg(&state)
         .stdout(Stdio::null())

@@ -12,9 +12,9 @@ use sev::firmware::guest::AttestationReport;
 use sev::parser::ByteParser;
 use sha2::Digest;
 
-use crate::snp::REPORT_LEN;
-use crate::util::hex;
-use crate::util::read_at_most;
+use microkernel::snp::REPORT_LEN;
+use microkernel::util::hex;
+use microkernel::util::read_at_most;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -74,7 +74,7 @@ fn check_vcek_facts(vcek_der: &[u8], report: &AttestationReport) -> Result<(), V
     use x509_cert::der::Decode;
     let cert =
         x509_cert::Certificate::from_der(vcek_der).map_err(|e| VerifyError::Certificate {
-            file: crate::snp::VCEK_PEM.into(),
+            file: microkernel::snp::VCEK_PEM.into(),
             reason: e.to_string(),
         })?;
     let extensions = cert.tbs_certificate.extensions.unwrap_or_default();
@@ -198,13 +198,13 @@ pub fn check_raw_signature(vcek_der: &[u8], report: &[u8]) -> Result<(), VerifyE
     }
     let cert =
         x509_cert::Certificate::from_der(vcek_der).map_err(|e| VerifyError::Certificate {
-            file: crate::snp::VCEK_PEM.into(),
+            file: microkernel::snp::VCEK_PEM.into(),
             reason: e.to_string(),
         })?;
     let spki = cert.tbs_certificate.subject_public_key_info;
     let key = p384::ecdsa::VerifyingKey::from_sec1_bytes(spki.subject_public_key.raw_bytes())
         .map_err(|_| VerifyError::Certificate {
-            file: crate::snp::VCEK_PEM.into(),
+            file: microkernel::snp::VCEK_PEM.into(),
             reason: "its public key is not an ECDSA P-384 key".into(),
         })?;
     let scalar = |at: usize| -> Result<[u8; 48], VerifyError> {
@@ -225,13 +225,13 @@ pub fn check_raw_signature(vcek_der: &[u8], report: &[u8]) -> Result<(), VerifyE
     let signature = p384::ecdsa::Signature::from_scalars(r, s)
         .map_err(|_| VerifyError::Signature("R or S is not a valid P-384 scalar".into()))?;
     key.verify_digest(
-        sha2::Sha384::new_with_prefix(&report[..crate::snp::SIGNED_LEN]),
+        sha2::Sha384::new_with_prefix(&report[..microkernel::snp::SIGNED_LEN]),
         &signature,
     )
     .map_err(|_| {
         VerifyError::Signature(format!(
             "bytes 0..{:#x} are not what the VCEK signed",
-            crate::snp::SIGNED_LEN
+            microkernel::snp::SIGNED_LEN
         ))
     })
 }
@@ -385,7 +385,7 @@ pub fn parse_certificate(bytes: &[u8], file: &str) -> Result<Certificate, Verify
 
 /// SHA-256 of the ARK certificate (DER), as hex: what a verifier pins.
 pub fn ark_fingerprint(certs: &Path) -> Result<String, VerifyError> {
-    let (_, der) = certificate(certs, crate::snp::ARK_PEM)?;
+    let (_, der) = certificate(certs, microkernel::snp::ARK_PEM)?;
     Ok(hex(&sha2::Sha256::digest(&der)))
 }
 
@@ -459,7 +459,7 @@ fn run_checks(
         if pinned.len() != 64 || !pinned.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(VerifyError::BadPin(ark_pin.to_string()));
         }
-        let (ark, ark_der) = certificate(certs, crate::snp::ARK_PEM)?;
+        let (ark, ark_der) = certificate(certs, microkernel::snp::ARK_PEM)?;
         let found = hex(&sha2::Sha256::digest(&ark_der));
         if found != pinned {
             return Err(VerifyError::ArkFingerprint { found, pinned });
@@ -472,8 +472,8 @@ fn run_checks(
     let (ask, vcek, vcek_der) = checks.record(
         "certificates",
         (|| {
-            let (ask, _) = certificate(certs, crate::snp::ASK_PEM)?;
-            let (vcek, vcek_der) = certificate(certs, crate::snp::VCEK_PEM)?;
+            let (ask, _) = certificate(certs, microkernel::snp::ASK_PEM)?;
+            let (vcek, vcek_der) = certificate(certs, microkernel::snp::VCEK_PEM)?;
             Ok((ask, vcek, vcek_der))
         })(),
         |_| "ask.pem and vcek.pem are certificates".into(),
@@ -529,7 +529,7 @@ fn run_checks(
     checks.record("signature", check_raw_signature(&vcek_der, report), |_| {
         format!(
             "ECDSA P-384 over bytes 0..{:#x} verifies with the VCEK",
-            crate::snp::SIGNED_LEN
+            microkernel::snp::SIGNED_LEN
         )
     })?;
     let version = checks.record("reserved-bytes", check_reserved(report), |_| {
@@ -625,7 +625,7 @@ pub fn missing_references(measurement_given: bool, nonce: Option<&[u8]>) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snp::report_data_for;
+    use microkernel::snp::report_data_for;
 
     /// Found by fuzzing: `der`'s streaming PEM reader never returns on this body.
     #[test]

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::control::Latencies;
+use microkernel::control::Latencies;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -27,9 +27,12 @@ pub fn run(manifest: &Path, dir: &Path, quick: bool) -> std::io::Result<Report> 
     let (_paravisor, state) = crate::bench_vtpm::start_instance(&text, &dir.join("instance"), &[])?;
     let deadline = Instant::now() + Duration::from_secs(120);
     let latencies = loop {
-        match crate::control::send(&state, &crate::control::Command::AttestBench { samples }) {
-            Ok(crate::control::Reply::AttestBench(l)) => break l,
-            Ok(crate::control::Reply::Error { message }) if Instant::now() > deadline => {
+        match microkernel::control::send(
+            &state,
+            &microkernel::control::Command::AttestBench { samples },
+        ) {
+            Ok(microkernel::control::Reply::AttestBench(l)) => break l,
+            Ok(microkernel::control::Reply::Error { message }) if Instant::now() > deadline => {
                 return Err(std::io::Error::other(message))
             }
             _ if Instant::now() > deadline => {

@@ -64,7 +64,7 @@ fn one_run(
     // No TPM front ends: without `--listen` the run binds no port.
     let log = dir.join("paravisor.log");
     let started = Instant::now();
-    let mut child = Command::new(std::env::current_exe()?)
+    let mut child = Command::new(microkernel::cli::paravisor())
         .arg("run")
         .arg(run_manifest)
         .arg("--state-dir")

@@ -21,7 +21,7 @@ use pv_vmgs::FileStorage;
 use pv_vmgs::Key;
 use pv_vmgs::Vmgs;
 
-use crate::vmgs_args::*;
+use microkernel::vmgs_args::*;
 
 /// A failure: what went wrong with which file, and the exit code it maps to.
 struct Failure {
@@ -124,7 +124,7 @@ fn parse_image_size(text: Option<&str>) -> Result<u64, Failure> {
     let t = text.trim();
     let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
         Some(hex) => u64::from_str_radix(hex, 16).ok(),
-        None => crate::manifest::parse_size(t),
+        None => microkernel::manifest::parse_size(t),
     };
     let size = parsed.ok_or_else(|| {
         Failure::other(
@@ -426,7 +426,7 @@ pub fn create_vmgs_file_with(
             .mode(0o600)
             .open(&tmp)
             .map_err(|e| format!("{}: {e}", tmp.display()))?;
-        crate::state_files::fill_vmgs(file, path, size, key, plain_files)?
+        microkernel::state_files::fill_vmgs(file, path, size, key, plain_files)?
             .sync_all()
             .map_err(|e| format!("{}: {e}", tmp.display()))?;
         // Linked into place, never renamed over: a file that appeared meanwhile is never
@@ -581,5 +581,5 @@ fn headers_table(report: &pv_vmgs::store::HeaderReport) -> String {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    format!("0x{}", crate::util::hex(bytes))
+    format!("0x{}", microkernel::util::hex(bytes))
 }

@@ -26,25 +26,25 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn run(manifest: &Path, bin_dir: &Path, quick: bool) -> std::io::Result<Report> {
-    let m = crate::manifest::Manifest::load(manifest)
+    let m = microkernel::manifest::Manifest::load(manifest)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let guest = crate::partition::GuestConfig {
-        image: crate::partition::Image::TestGuest {
+    let guest = microkernel::partition::GuestConfig {
+        image: microkernel::partition::Image::TestGuest {
             path: None,
             command_line: String::new(),
         },
-        memory: crate::partition::TEST_GUEST_MEMORY,
+        memory: microkernel::partition::TEST_GUEST_MEMORY,
         vcpus: 1,
         watchdog: None,
     };
     // The baseline hashes the same files: every entry read from a file (the microkernel,
     // the service binaries, their libraries).
-    let (log, _) = crate::measure::launch_sealed(&m, bin_dir, Some(&guest))
+    let (log, _) = microkernel::measure::launch_sealed(&m, bin_dir, Some(&guest))
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let files: Vec<String> = log
         .entries
         .iter()
-        .filter(|e| e.kind != crate::measure::Kind::Manifest)
+        .filter(|e| e.kind != microkernel::measure::Kind::Manifest)
         .filter_map(|e| e.path.clone())
         .collect();
     let runs = if quick { 3 } else { 7 };
@@ -53,7 +53,7 @@ pub fn run(manifest: &Path, bin_dir: &Path, quick: bool) -> std::io::Result<Repo
     for _ in 0..runs {
         let t = Instant::now();
         // What `run` does: hash every byte and keep the sealed copies it executes.
-        let (log, _sealed) = crate::measure::launch_sealed(&m, bin_dir, Some(&guest))
+        let (log, _sealed) = microkernel::measure::launch_sealed(&m, bin_dir, Some(&guest))
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         ours.push(t.elapsed().as_secs_f64());
         bytes = log.bytes;

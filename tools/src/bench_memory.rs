@@ -262,13 +262,13 @@ pub fn measure(
 /// own), measures it, stops it.
 pub fn run(manifest: &Path, dir: &Path, bin_dir: &Path) -> std::io::Result<Report> {
     let text = std::fs::read_to_string(manifest)?;
-    let m = crate::manifest::Manifest::parse(manifest, &text).map_err(err)?;
+    let m = microkernel::manifest::Manifest::parse(manifest, &text).map_err(err)?;
     let instance_dir = dir.join("instance");
     let (mut paravisor, state) = crate::bench_vtpm::start_instance(&text, &instance_dir, &[])?;
     let deadline = Instant::now() + START_TIMEOUT;
     let services = loop {
-        if let Ok(crate::control::Reply::Ps { services, .. }) =
-            crate::control::send(&state, &crate::control::Command::Ps)
+        if let Ok(microkernel::control::Reply::Ps { services, .. }) =
+            microkernel::control::send(&state, &microkernel::control::Command::Ps)
         {
             if services.len() == m.services.len()
                 && services

@@ -1,0 +1,18 @@
+//! What an operator or a relying party runs, outside the paravisor's trusted core: the
+//! report and certificate verifier (`attest verify`), the tenant's key broker (`kbs`), the
+//! VMGS file tool (`vmgs`), and the benchmarks (`bench`). The `pv-tools` binary runs them;
+//! `paravisor` hands these commands to it, so none of this code is in the binary the launch
+//! measures.
+#![forbid(unsafe_code)]
+
+pub mod bench;
+pub mod bench_attest;
+pub mod bench_env;
+pub mod bench_guest;
+pub mod bench_measure;
+pub mod bench_memory;
+pub mod bench_vmgs;
+pub mod bench_vtpm;
+pub mod kbs;
+pub mod verify;
+pub mod vmgs_cli;
