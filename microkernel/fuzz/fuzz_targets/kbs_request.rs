@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use microkernel::kbs;
+use pv_tools::kbs;
 
 fuzz_target!(|data: &[u8]| {
     match kbs::parse_request(data) {
