@@ -536,20 +536,27 @@ fn launch_inner(
     if !refused.is_empty() {
         return Err(MeasureError::Environment(refused.join(", ")));
     }
-    // The microkernel first. A run measures its executable as running, and checks that it
-    // maps nothing but that and its libraries (measured below with the services'). A
-    // reference value (`measure`, a verifier, a tool) measures the `paravisor` file in
-    // `bin_dir`: what a run from there would be.
+    // Whoever measures checks first that it maps nothing but its executable and that
+    // executable's libraries (a library slipped in through LD_LIBRARY_PATH would make every
+    // value it computes suspect).
+    let running = Path::new("/proc/self/exe");
+    let running_code =
+        crate::libraries::resolve(running).map_err(|e| MeasureError::Code(e.to_string()))?;
+    crate::libraries::check_own_maps(running, &running_code).map_err(MeasureError::Code)?;
+    // The microkernel first (its libraries are measured below with the services'). A run
+    // measures its executable as running. A reference value (`measure`, a verifier, a tool)
+    // measures the `paravisor` file in `bin_dir`: what a run from there would be.
     let path = if keep_images {
-        PathBuf::from("/proc/self/exe")
+        running.to_path_buf()
     } else {
         bin_dir.join("paravisor")
     };
     let own = path.as_path();
-    let own_code = crate::libraries::resolve(own).map_err(|e| MeasureError::Code(e.to_string()))?;
-    if keep_images {
-        crate::libraries::check_own_maps(own, &own_code).map_err(MeasureError::Code)?;
-    }
+    let own_code = if keep_images {
+        running_code
+    } else {
+        crate::libraries::resolve(own).map_err(|e| MeasureError::Code(e.to_string()))?
+    };
     let read_err = |what: &'static str, path: &Path| {
         let path = path.display().to_string();
         move |error| MeasureError::Read { what, path, error }
