@@ -9,11 +9,6 @@ use std::process::Command;
 
 use common::*;
 
-fn run(args: &[&str]) -> (bool, String) {
-    let out = pv(args);
-    (out.status.success(), text(&out))
-}
-
 /// A provisioned platform, its chain in `certs`, and the pinned ARK fingerprint.
 struct Platform {
     dir: PathBuf,
@@ -24,10 +19,10 @@ struct Platform {
 fn platform(root: &Path, name: &str) -> Platform {
     let dir = root.join(name);
     let certs = root.join(format!("{name}-certs"));
-    let (ok, out) = run(&["platform", "init", "--platform-dir", dir.to_str().unwrap()]);
+    let (ok, out) = pv_result(&["platform", "init", "--platform-dir", dir.to_str().unwrap()]);
     assert!(ok, "{out}");
     assert!(out.contains("SIMULATED"), "{out}");
-    let (ok, out) = run(&[
+    let (ok, out) = pv_result(&[
         "attest",
         "certs",
         "--platform-dir",
@@ -36,7 +31,8 @@ fn platform(root: &Path, name: &str) -> Platform {
         certs.to_str().unwrap(),
     ]);
     assert!(ok, "{out}");
-    let (ok, fingerprint) = run(&["attest", "fingerprint", "--certs", certs.to_str().unwrap()]);
+    let (ok, fingerprint) =
+        pv_result(&["attest", "fingerprint", "--certs", certs.to_str().unwrap()]);
     assert!(ok, "{fingerprint}");
     Platform {
         dir,
@@ -46,7 +42,7 @@ fn platform(root: &Path, name: &str) -> Platform {
 }
 
 fn report(p: &Platform, nonce: &str, measurement: &str, out: &Path) {
-    let (ok, text) = run(&[
+    let (ok, text) = pv_result(&[
         "platform",
         "report",
         "--platform-dir",
@@ -72,7 +68,7 @@ fn verify(report: &Path, certs: &Path, fingerprint: &str, extra: &[&str]) -> (bo
         fingerprint,
     ];
     args.extend_from_slice(extra);
-    run(&args)
+    pv_result(&args)
 }
 
 #[test]
@@ -345,7 +341,7 @@ fn the_measurement_a_verifier_recomputes_from_the_manifest_matches_the_launch() 
     let root = scratch_dir("attest-measure");
     let a = platform(&root, "a");
     // What `paravisor run` would measure for the shipped manifest and the test guest.
-    let (ok, json) = run(&["measure", shipped_manifest().to_str().unwrap(), "--json"]);
+    let (ok, json) = pv_result(&["measure", shipped_manifest().to_str().unwrap(), "--json"]);
     assert!(ok, "{json}");
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     let m = v["measurement"].as_str().unwrap().to_string();
@@ -405,7 +401,7 @@ fn the_measurement_a_verifier_recomputes_from_the_manifest_matches_the_launch() 
 fn genuine_amd_milan_evidence_verifies() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/amd-milan");
     let certs = dir.to_str().unwrap();
-    let (ok, fp) = run(&["attest", "fingerprint", "--certs", certs]);
+    let (ok, fp) = pv_result(&["attest", "fingerprint", "--certs", certs]);
     assert!(ok, "{fp}");
     assert_eq!(
         fp.trim(),
@@ -413,7 +409,7 @@ fn genuine_amd_milan_evidence_verifies() {
         "AMD's Milan ARK"
     );
     let report = dir.join("report.bin");
-    let (ok, out) = run(&[
+    let (ok, out) = pv_result(&[
         "attest",
         "verify",
         report.to_str().unwrap(),
@@ -446,7 +442,7 @@ fn genuine_amd_milan_evidence_verifies() {
     bad[0x90] ^= 1;
     let bad_path = scratch.join("bad.bin");
     std::fs::write(&bad_path, &bad).unwrap();
-    let (ok, out) = run(&[
+    let (ok, out) = pv_result(&[
         "attest",
         "verify",
         bad_path.to_str().unwrap(),
@@ -456,7 +452,7 @@ fn genuine_amd_milan_evidence_verifies() {
         fp.trim(),
     ]);
     assert!(!ok && out.contains("signature"), "{out}");
-    let (ok, out) = run(&[
+    let (ok, out) = pv_result(&[
         "attest",
         "verify",
         report.to_str().unwrap(),

@@ -16,6 +16,7 @@ use std::time::Instant;
 use common::port;
 use common::sandbox_available;
 use common::scratch_dir;
+use common::text;
 use common::Instance;
 use sha2::Digest;
 
@@ -35,14 +36,6 @@ fn tools_available(test: &str) -> bool {
         );
     }
     ok
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// A tpm2-tools command against our TPM, in `dir`.

@@ -50,11 +50,6 @@ fn binding(nonce_hex: &str, key_hex: &str) -> String {
     hex(&h.finalize())
 }
 
-fn run(args: &[&str]) -> (bool, String) {
-    let out = pv(args);
-    (out.status.success(), text(&out))
-}
-
 /// Two provisioned platforms, made once for all tests of this binary (provisioning makes
 /// two RSA-4096 keys each): `a` is the one the policy trusts, `b` another machine.
 struct Platforms {
@@ -87,15 +82,15 @@ fn platforms() -> &'static Platforms {
         let init_b = {
             let b = b.clone();
             std::thread::spawn(move || {
-                run(&["platform", "init", "--platform-dir", b.to_str().unwrap()])
+                pv_result(&["platform", "init", "--platform-dir", b.to_str().unwrap()])
             })
         };
-        let (ok, out) = run(&["platform", "init", "--platform-dir", a.to_str().unwrap()]);
+        let (ok, out) = pv_result(&["platform", "init", "--platform-dir", a.to_str().unwrap()]);
         assert!(ok, "{out}");
         let (ok, out) = init_b.join().unwrap();
         assert!(ok, "{out}");
         let a_certs = root.join("a-certs");
-        let (ok, out) = run(&[
+        let (ok, out) = pv_result(&[
             "attest",
             "certs",
             "--platform-dir",
@@ -104,7 +99,7 @@ fn platforms() -> &'static Platforms {
             a_certs.to_str().unwrap(),
         ]);
         assert!(ok, "{out}");
-        let (ok, fp) = run(&[
+        let (ok, fp) = pv_result(&[
             "attest",
             "fingerprint",
             "--certs",
@@ -133,7 +128,7 @@ fn setup(tag: &str) -> (PathBuf, PathBuf, PathBuf) {
     let p = platforms();
     let dir = scratch_dir(tag);
     let key = dir.join("tenant.key");
-    let (ok, out) = run(&["kbs", "init-key", key.to_str().unwrap()]);
+    let (ok, out) = pv_result(&["kbs", "init-key", key.to_str().unwrap()]);
     assert!(ok, "{out}");
     let policy = dir.join("policy.toml");
     std::fs::write(
@@ -227,7 +222,7 @@ impl Broker {
     /// `name` in the broker's directory: (success, output, the key file).
     fn fetch(&self, measurement: &str, name: &str) -> (bool, String, PathBuf) {
         let out = self.dir.join(name);
-        let (ok, text) = run(&[
+        let (ok, text) = pv_result(&[
             "kbs",
             "fetch",
             "--kbs",
@@ -261,7 +256,7 @@ impl Drop for Broker {
 
 /// A report from `platform` whose REPORT_DATA is `data` (64 bytes, hex).
 fn report(platform: &Path, data: &str, measurement: &str, out: &Path) -> Vec<u8> {
-    let (ok, text) = run(&[
+    let (ok, text) = pv_result(&[
         "platform",
         "report",
         "--platform-dir",
@@ -402,7 +397,7 @@ fn a_report_bound_to_another_transfer_key_is_refused() {
 fn the_broker_listens_on_loopback_only() {
     let (dir, _key, policy) = setup("kbs-loopback");
     for addr in ["0.0.0.0:8700", "192.0.2.1:8700", "[::]:8700"] {
-        let (ok, text) = run(&[
+        let (ok, text) = pv_result(&[
             "kbs",
             "serve",
             "--policy",
@@ -421,7 +416,7 @@ fn a_key_file_others_can_read_is_refused_at_start() {
     use std::os::unix::fs::PermissionsExt;
     let (dir, key, policy) = setup("kbs-mode");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let (ok, text) = run(&[
+    let (ok, text) = pv_result(&[
         "kbs",
         "serve",
         "--policy",

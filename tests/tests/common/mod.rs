@@ -217,6 +217,12 @@ pub fn pv(args: &[&str]) -> Output {
         .expect("run paravisor")
 }
 
+/// `paravisor ARGS...`: whether it succeeded, and what it printed (stdout, then stderr).
+pub fn pv_result(args: &[&str]) -> (bool, String) {
+    let out = pv(args);
+    (out.status.success(), text(&out))
+}
+
 pub fn text(o: &Output) -> String {
     format!(
         "{}{}",
