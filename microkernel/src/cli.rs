@@ -554,13 +554,16 @@ pub fn usage_error(e: &clap::Error) -> ExitCode {
 
 impl Cmd {
     /// The commands that are not the trusted core's: the verifier (`attest verify`,
-    /// `attest fingerprint`), the key broker, the vmgs file tool and the benchmarks.
+    /// `attest fingerprint`), provisioning a simulated platform (`platform init`), the key
+    /// broker, the vmgs file tool and the benchmarks.
     /// `paravisor` runs them through [`TOOLS_BINARY`].
     pub fn is_tool(&self) -> bool {
         matches!(
             self,
             Cmd::Attest {
                 action: AttestCmd::Fingerprint { .. } | AttestCmd::Verify { .. }
+            } | Cmd::Platform {
+                action: PlatformCmd::Init { .. }
             } | Cmd::Bench { .. }
                 | Cmd::BenchPeer { .. }
                 | Cmd::Kbs { .. }

@@ -369,32 +369,6 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             }
         }
         Cmd::Platform {
-            action: PlatformCmd::Init { platform_dir },
-        } => {
-            let started = std::time::Instant::now();
-            match microkernel::platform::Platform::init(&platform_dir) {
-                Ok(p) => {
-                    println!(
-                        "SIMULATED platform provisioned in {} ({:.1} s): {}, {}, {} and {} \
-                         (the chip secret is a plain file: this platform is for development \
-                         and tests, never for secrets); chip id {}",
-                        platform_dir.display(),
-                        started.elapsed().as_secs_f64(),
-                        microkernel::snp::ARK_PEM,
-                        microkernel::snp::ASK_PEM,
-                        microkernel::snp::VCEK_PEM,
-                        microkernel::platform::CHIP_SECRET,
-                        &microkernel::util::hex(&p.chip_id())[..16]
-                    );
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => {
-                    eprintln!("paravisor: {e}");
-                    Err(ExitCode::FAILURE)
-                }
-            }
-        }
-        Cmd::Platform {
             action:
                 PlatformCmd::Report {
                     platform_dir,
@@ -588,7 +562,10 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 other => Err(unexpected(other)),
             }
         }
-        Cmd::Bench { .. }
+        Cmd::Platform {
+            action: PlatformCmd::Init { .. },
+        }
+        | Cmd::Bench { .. }
         | Cmd::BenchPeer { .. }
         | Cmd::Kbs { .. }
         | Cmd::Vmgs {

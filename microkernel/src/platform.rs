@@ -18,31 +18,11 @@
 use std::io::Read;
 use std::path::Path;
 use std::path::PathBuf;
-use std::str::FromStr;
-use std::time::Duration;
 
 use p384::ecdsa::SigningKey as EcdsaKey;
-use rsa::pss::SigningKey as PssKey;
-use rsa::RsaPrivateKey;
 use sha2::Digest;
 use sha2::Sha384;
 use sha2::Sha512;
-use x509_cert::builder::Builder;
-use x509_cert::builder::CertificateBuilder;
-use x509_cert::builder::Profile;
-use x509_cert::der::asn1::Ia5String;
-use x509_cert::der::asn1::OctetString;
-use x509_cert::der::oid::AssociatedOid;
-use x509_cert::der::oid::ObjectIdentifier;
-use x509_cert::der::Encode;
-use x509_cert::der::EncodePem;
-use x509_cert::ext::AsExtension;
-use x509_cert::ext::Extension;
-use x509_cert::name::Name;
-use x509_cert::serial_number::SerialNumber;
-use x509_cert::spki::EncodePublicKey;
-use x509_cert::spki::SubjectPublicKeyInfoOwned;
-use x509_cert::time::Validity;
 
 use crate::owned_dir::OwnedDir;
 // The SEV-SNP facts this simulator shares with the paravisor and the verifier.
@@ -51,9 +31,6 @@ pub use crate::snp::*;
 /// Files of a platform directory.
 pub const CHIP_SECRET: &str = "chip-secret.INSECURE";
 
-/// The product the simulated chip claims to be (a real generation, so that verifiers know
-/// the report layout): AMD EPYC Milan.
-pub const PRODUCT: &str = "Milan";
 /// The TCB the simulated firmware reports: boot loader, TEE, SNP, microcode SPLs.
 pub const TCB: Tcb = Tcb {
     bootloader: 3,
@@ -61,9 +38,6 @@ pub const TCB: Tcb = Tcb {
     snp: 8,
     microcode: 115,
 };
-
-/// How long the certificates are valid.
-const VALIDITY: Duration = Duration::from_secs(25 * 365 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlatformError {
@@ -88,9 +62,21 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PlatformError + '_ {
     }
 }
 
-fn crypto(e: impl std::fmt::Display) -> PlatformError {
+pub fn crypto(e: impl std::fmt::Display) -> PlatformError {
     PlatformError::Crypto(e.to_string())
 }
+
+/// A platform's certificate chain, PEM: what provisioning writes next to the chip secret.
+pub struct ChainPem {
+    pub ark: String,
+    pub ask: String,
+    pub vcek: String,
+}
+
+/// Makes the chain of a new platform (its VCEK from [`Platform::vcek_key`] and
+/// [`Platform::chip_id`]). Certificate building (RSA-4096 keys, X.509) is in the tools
+/// (`pv_tools::provision`), not in the trusted core, which only writes what it is given.
+pub type Certificates = dyn Fn(&Platform) -> Result<ChainPem, PlatformError>;
 
 /// A provisioned platform: its chip secret (and what derives from it), and its directory.
 pub struct Platform {
@@ -101,140 +87,11 @@ pub struct Platform {
 /// Largest certificate read from a platform directory.
 const MAX_CERT: u64 = 64 * 1024;
 
-/// A KDS extension of the VCEK: an OID and its DER value.
-struct KdsExtension {
-    oid: ObjectIdentifier,
-    der: Vec<u8>,
-}
-
-impl AssociatedOid for KdsExtension {
-    // Never used: `to_extension` below writes each extension's own OID.
-    const OID: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.4.1.3704.1");
-}
-
-impl x509_cert::der::Encode for KdsExtension {
-    fn encoded_len(&self) -> x509_cert::der::Result<x509_cert::der::Length> {
-        x509_cert::der::Length::try_from(self.der.len())
-    }
-
-    fn encode(&self, writer: &mut impl x509_cert::der::Writer) -> x509_cert::der::Result<()> {
-        writer.write(&self.der)
-    }
-}
-
-impl AsExtension for KdsExtension {
-    fn critical(&self, _: &Name, _: &[Extension]) -> bool {
-        false
-    }
-
-    fn to_extension(&self, _: &Name, _: &[Extension]) -> Result<Extension, x509_cert::der::Error> {
-        Ok(Extension {
-            extn_id: self.oid,
-            critical: false,
-            extn_value: OctetString::new(self.der.clone())?,
-        })
-    }
-}
-
-/// The VCEK's key-distribution-service extensions (OIDs 1.3.6.1.4.1.3704.1.*).
-fn kds_extensions(tcb: Tcb, hw_id: &[u8; 64]) -> Result<Vec<KdsExtension>, PlatformError> {
-    let int = |v: u8| x509_cert::der::asn1::Int::new(&[v]).and_then(|i| i.to_der());
-    let uint = |v: u8| -> Result<Vec<u8>, PlatformError> {
-        // A non-negative INTEGER: a leading zero byte when the top bit is set.
-        if v >= 0x80 {
-            x509_cert::der::asn1::Int::new(&[0, v])
-                .and_then(|i| i.to_der())
-                .map_err(crypto)
-        } else {
-            int(v).map_err(crypto)
-        }
-    };
-    let oid = |s: &str| ObjectIdentifier::from_str(s).map_err(crypto);
-    let mut out = vec![
-        KdsExtension {
-            oid: oid("1.3.6.1.4.1.3704.1.1")?,
-            der: uint(1)?,
-        },
-        KdsExtension {
-            oid: oid("1.3.6.1.4.1.3704.1.2")?,
-            der: Ia5String::new(&format!("{PRODUCT}-B0"))
-                .and_then(|s| s.to_der())
-                .map_err(crypto)?,
-        },
-    ];
-    for (n, v) in [
-        (1, tcb.bootloader),
-        (2, tcb.tee),
-        (3, tcb.snp),
-        (4, 0),
-        (5, 0),
-        (6, 0),
-        (7, 0),
-        (8, tcb.microcode),
-    ] {
-        out.push(KdsExtension {
-            oid: oid(&format!("1.3.6.1.4.1.3704.1.3.{n}"))?,
-            der: uint(v)?,
-        });
-    }
-    out.push(KdsExtension {
-        oid: oid("1.3.6.1.4.1.3704.1.4")?,
-        der: OctetString::new(hw_id.to_vec())
-            .and_then(|o| o.to_der())
-            .map_err(crypto)?,
-    });
-    Ok(out)
-}
-
-fn name(cn: &str) -> Result<Name, PlatformError> {
-    Name::from_str(&format!(
-        "CN={cn},OU=Engineering,O=SIMULATED PSP - NOT AMD,L=Santa Clara,ST=CA,C=US"
-    ))
-    .map_err(crypto)
-}
-
-/// From one day before now (a verifier whose clock is a little behind must not see a chain
-/// that is "not yet valid") for 25 years.
-fn validity() -> Result<Validity, PlatformError> {
-    const SLACK: Duration = Duration::from_secs(24 * 3600);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_err(crypto)?;
-    let start = now.saturating_sub(SLACK);
-    // RFC 5280: UTCTime through 2049, GeneralizedTime from 2050 on.
-    const Y2050: Duration = Duration::from_secs(2_524_608_000);
-    let time = |d: Duration| {
-        if d < Y2050 {
-            x509_cert::der::asn1::UtcTime::from_unix_duration(d).map(x509_cert::time::Time::from)
-        } else {
-            x509_cert::der::asn1::GeneralizedTime::from_unix_duration(d)
-                .map(x509_cert::time::Time::from)
-        }
-        .map_err(crypto)
-    };
-    Ok(Validity {
-        not_before: time(start)?,
-        not_after: time(start + SLACK + VALIDITY)?,
-    })
-}
-
-fn serial() -> Result<SerialNumber, PlatformError> {
-    let mut b = [0u8; 16];
-    getrandom::getrandom(&mut b).map_err(crypto)?;
-    b[0] &= 0x7f;
-    SerialNumber::new(&b).map_err(crypto)
-}
-
-fn pem(cert: &x509_cert::Certificate) -> Result<String, PlatformError> {
-    cert.to_pem(x509_cert::der::pem::LineEnding::LF)
-        .map_err(crypto)
-}
-
 impl Platform {
     /// Provisions a new platform identity in `dir` (which must not hold one). The directory
     /// above it may be shared (`/tmp`) but must be safe to make a directory in
     /// ([`crate::owned_dir::ParentDir`]).
-    pub fn init(dir: &Path) -> Result<Platform, PlatformError> {
+    pub fn init(dir: &Path, certificates: &Certificates) -> Result<Platform, PlatformError> {
         match Platform::open(dir) {
             Ok(_) => return Err(PlatformError::Exists(dir.display().to_string())),
             Err(PlatformError::Missing(_)) => {}
@@ -254,7 +111,7 @@ impl Platform {
         // complete or absent, and two first runs at once cannot mix their halves.
         let (tmp_name, tmp) =
             parent.new_private_dir(&format!(".{}.init-", name.to_string_lossy()))?;
-        let result = Self::init_in(&tmp).and_then(|()| {
+        let result = Self::init_in(&tmp, certificates).and_then(|()| {
             // An empty directory in the way is replaced; a platform already there wins.
             parent.rename(&tmp_name, Path::new(name)).map_err(|e| {
                 if Platform::open(dir).is_ok() {
@@ -274,77 +131,16 @@ impl Platform {
         Platform::open(dir)
     }
 
-    /// Writes a new identity into the empty private directory `dir`.
-    fn init_in(dir: &OwnedDir) -> Result<(), PlatformError> {
+    /// Writes a new identity into the empty private directory `dir`: a new chip secret, and
+    /// the chain `certificates` makes for it.
+    fn init_in(dir: &OwnedDir, certificates: &Certificates) -> Result<(), PlatformError> {
         let mut secret = zeroize::Zeroizing::new([0u8; 64]);
         getrandom::getrandom(&mut secret[..]).map_err(crypto)?;
         let platform = Platform {
             secret,
             dir: dir.try_clone().map_err(io(dir.path()))?,
         };
-        let mut rng = rand_core::OsRng;
-        let ark_key = RsaPrivateKey::new(&mut rng, 4096).map_err(crypto)?;
-        let ask_key = RsaPrivateKey::new(&mut rng, 4096).map_err(crypto)?;
-        let ark_signer = PssKey::<Sha384>::new(ark_key.clone());
-        let ask_signer = PssKey::<Sha384>::new(ask_key.clone());
-        let spki = |k: &RsaPrivateKey| {
-            k.to_public_key()
-                .to_public_key_der()
-                .map_err(crypto)
-                .and_then(|d| SubjectPublicKeyInfoOwned::try_from(d.as_bytes()).map_err(crypto))
-        };
-        let ark_name = name(&format!("ARK-{PRODUCT}-SIM"))?;
-        let ask_name = name(&format!("SEV-{PRODUCT}-SIM"))?;
-        let ark = CertificateBuilder::new(
-            Profile::Root,
-            serial()?,
-            validity()?,
-            ark_name.clone(),
-            spki(&ark_key)?,
-            &ark_signer,
-        )
-        .map_err(crypto)?
-        .build_with_rng::<rsa::pss::Signature>(&mut rng)
-        .map_err(crypto)?;
-        let ask = CertificateBuilder::new(
-            Profile::SubCA {
-                issuer: ark_name,
-                path_len_constraint: Some(0),
-            },
-            serial()?,
-            validity()?,
-            ask_name.clone(),
-            spki(&ask_key)?,
-            &ark_signer,
-        )
-        .map_err(crypto)?
-        .build_with_rng::<rsa::pss::Signature>(&mut rng)
-        .map_err(crypto)?;
-        let vcek_key = platform.vcek_key(TCB)?;
-        let vcek_spki = vcek_key
-            .verifying_key()
-            .to_public_key_der()
-            .map_err(crypto)
-            .and_then(|d| SubjectPublicKeyInfoOwned::try_from(d.as_bytes()).map_err(crypto))?;
-        let mut vcek = CertificateBuilder::new(
-            Profile::Leaf {
-                issuer: ask_name,
-                enable_key_agreement: false,
-                enable_key_encipherment: false,
-            },
-            serial()?,
-            validity()?,
-            name("VCEK-SIM")?,
-            vcek_spki,
-            &ask_signer,
-        )
-        .map_err(crypto)?;
-        for ext in kds_extensions(TCB, &platform.chip_id())? {
-            vcek.add_extension(&ext).map_err(crypto)?;
-        }
-        let vcek = vcek
-            .build_with_rng::<rsa::pss::Signature>(&mut rng)
-            .map_err(crypto)?;
+        let chain = certificates(&platform)?;
         let write = |file: &str, bytes: &[u8], mode: u32| {
             dir.create_new(Path::new(file), mode, |mut f| {
                 std::io::Write::write_all(&mut f, bytes)
@@ -353,8 +149,12 @@ impl Platform {
             })
             .map_err(|e| io(dir.path())(std::io::Error::other(e)))
         };
-        for (file, cert) in [(ARK_PEM, &ark), (ASK_PEM, &ask), (VCEK_PEM, &vcek)] {
-            write(file, pem(cert)?.as_bytes(), 0o644)?;
+        for (file, pem) in [
+            (ARK_PEM, &chain.ark),
+            (ASK_PEM, &chain.ask),
+            (VCEK_PEM, &chain.vcek),
+        ] {
+            write(file, pem.as_bytes(), 0o644)?;
         }
         // Last: a directory with a chip secret is a complete platform.
         write(CHIP_SECRET, &platform.secret[..], 0o600)
@@ -548,116 +348,7 @@ impl Platform {
 
 #[cfg(test)]
 mod tests {
-    use sev::certs::snp::ca;
-    use sev::certs::snp::Certificate;
-    use sev::certs::snp::Chain;
-    use sev::certs::snp::Verifiable;
-
     use super::*;
-
-    fn cert(dir: &Path, file: &str) -> Certificate {
-        Certificate::from_pem(&std::fs::read(dir.join(file)).unwrap()).unwrap()
-    }
-
-    #[test]
-    fn a_new_platform_has_a_chain_the_sev_crate_verifies() {
-        let dir = std::env::temp_dir().join(format!("pv-platform-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let platform = Platform::init(&dir).expect("init");
-        let chain = Chain {
-            ca: ca::Chain {
-                ark: cert(&dir, ARK_PEM),
-                ask: cert(&dir, ASK_PEM),
-            },
-            vek: cert(&dir, VCEK_PEM),
-        };
-        (&chain).verify().expect("the chain verifies");
-        // A second init refuses; opening gives the same chip.
-        assert!(matches!(
-            Platform::init(&dir),
-            Err(PlatformError::Exists(_))
-        ));
-        let again = Platform::open(&dir).unwrap();
-        assert_eq!(again.chip_id(), platform.chip_id());
-        // The VCEK certificate carries the key the chip derives.
-        let vcek_pub = again.vcek_key(TCB).unwrap();
-        let sec1 = vcek_pub.verifying_key().to_encoded_point(false);
-        assert_eq!(chain.vek.public_key_sec1(), sec1.as_bytes());
-        // A chain whose ASK another ARK signed does not verify.
-        let other = dir.join("other");
-        Platform::init(&other).unwrap();
-        let mixed = Chain {
-            ca: ca::Chain {
-                ark: cert(&other, ARK_PEM),
-                ask: cert(&dir, ASK_PEM),
-            },
-            vek: cert(&dir, VCEK_PEM),
-        };
-        assert!((&mixed).verify().is_err());
-
-        // A report: the sev crate parses it and verifies it against the chain.
-        let req = ReportRequest {
-            report_data: [0x5a; 64],
-            measurement: [0x11; 48],
-            host_data: [0; 32],
-            vmpl: 0,
-            policy: POLICY,
-            report_id: [7; 32],
-        };
-        let raw = platform.report(&req).unwrap();
-        let report =
-            <sev::firmware::guest::AttestationReport as sev::parser::ByteParser<()>>::from_bytes(
-                &raw,
-            )
-            .expect("parses");
-        assert_eq!(report.report_data, [0x5a; 64]);
-        assert_eq!(report.measurement, [0x11; 48]);
-        assert_eq!(report.chip_id, platform.chip_id());
-        (&chain, &report).verify().expect("the report verifies");
-        // Any flipped bit of the signed part breaks it.
-        for at in [0x00usize, 0x50, 0x90, 0x1A0, 0x29F] {
-            let mut bad = raw;
-            bad[at] ^= 1;
-            let ok = <sev::firmware::guest::AttestationReport as sev::parser::ByteParser<()>>::from_bytes(&bad)
-                .map(|r| (&chain, &r).verify().is_ok())
-                .unwrap_or(false);
-            assert!(!ok, "a flip at {at:#x} went unnoticed");
-        }
-        // Another platform's report does not verify with this chain.
-        let foreign = Platform::open(&other).unwrap().report(&req).unwrap();
-        let foreign =
-            <sev::firmware::guest::AttestationReport as sev::parser::ByteParser<()>>::from_bytes(
-                &foreign,
-            )
-            .unwrap();
-        assert!((&chain, &foreign).verify().is_err());
-        // Derived keys: bound to the measurement only when it is selected.
-        let facts = LaunchFacts {
-            measurement: [1; 48],
-            policy: POLICY,
-            guest_svn: 0,
-        };
-        let changed = LaunchFacts {
-            measurement: [2; 48],
-            ..facts
-        };
-        let by_m = FieldSelect {
-            measurement: true,
-            ..Default::default()
-        };
-        let k = platform.derived_key(by_m, &facts, b"VMGSKEY");
-        assert_eq!(k, again.derived_key(by_m, &facts, b"VMGSKEY"));
-        assert_ne!(k, platform.derived_key(by_m, &changed, b"VMGSKEY"));
-        assert_ne!(k, platform.derived_key(by_m, &facts, b"ISOHWKEY"));
-        let chip_only = FieldSelect::default();
-        assert_eq!(
-            platform.derived_key(chip_only, &facts, b"VMGSKEY"),
-            platform.derived_key(chip_only, &changed, b"VMGSKEY")
-        );
-        let foreign = Platform::open(&other).unwrap();
-        assert_ne!(k, foreign.derived_key(by_m, &facts, b"VMGSKEY"));
-        let _ = std::fs::remove_dir_all(&dir);
-    }
 
     /// SP 800-108 counter mode, HMAC-SHA-256, one block, against an independent computation
     /// (Python: hmac.new(key, b"\x00\x00\x00\x01" + label + b"\x00" + ctx +

@@ -14,5 +14,6 @@ pub mod bench_memory;
 pub mod bench_vmgs;
 pub mod bench_vtpm;
 pub mod kbs;
+pub mod provision;
 pub mod verify;
 pub mod vmgs_cli;

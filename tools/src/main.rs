@@ -41,6 +41,32 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
     match cli.command {
         Cmd::Attest { action } => attest(action),
+        Cmd::Platform {
+            action: PlatformCmd::Init { platform_dir },
+        } => {
+            let started = std::time::Instant::now();
+            match pv_tools::provision::init(&platform_dir) {
+                Ok(p) => {
+                    println!(
+                        "SIMULATED platform provisioned in {} ({:.1} s): {}, {}, {} and {} \
+                         (the chip secret is a plain file: this platform is for development \
+                         and tests, never for secrets); chip id {}",
+                        platform_dir.display(),
+                        started.elapsed().as_secs_f64(),
+                        microkernel::snp::ARK_PEM,
+                        microkernel::snp::ASK_PEM,
+                        microkernel::snp::VCEK_PEM,
+                        microkernel::platform::CHIP_SECRET,
+                        &microkernel::util::hex(&p.chip_id())[..16]
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("paravisor: {e}");
+                    Err(ExitCode::FAILURE)
+                }
+            }
+        }
         Cmd::Bench { what, .. }
             if ["vtpm", "guest", "measure", "attest", "memory"].contains(&what.as_str())
                 && !Path::new(DEFAULT_MANIFEST).is_file() =>

@@ -2,7 +2,6 @@
 //! change to the signed part, a set reserved byte, or a claim the VCEK does not certify is
 //! refused for its reason. (The platform's own tests check its chain with the sev crate.)
 
-use microkernel::platform::Platform;
 use microkernel::platform::TCB;
 use microkernel::snp::ReportRequest;
 use microkernel::snp::POLICY;
@@ -12,7 +11,7 @@ use microkernel::snp::SIGNED_LEN;
 fn the_verifier_refuses_every_change_to_a_simulated_report() {
     let dir = std::env::temp_dir().join(format!("pv-tools-platform-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let platform = Platform::init(&dir).expect("init");
+    let platform = pv_tools::provision::init(&dir).expect("init");
     let req = ReportRequest {
         report_data: [0x5a; 64],
         measurement: [0x11; 48],

@@ -580,6 +580,7 @@ pub fn default_platform_dir(state_dir: &Path) -> Result<PathBuf, String> {
 pub(super) fn open_or_init_platform(dir: &Path) -> Result<crate::platform::Platform, RunError> {
     use crate::platform::Platform;
     use crate::platform::PlatformError;
+    use std::os::unix::process::CommandExt;
     match Platform::open(dir) {
         Ok(p) => Ok(p),
         Err(PlatformError::Missing(_)) => {
@@ -587,11 +588,32 @@ pub(super) fn open_or_init_platform(dir: &Path) -> Result<crate::platform::Platf
                 "no platform in {}: provisioning a SIMULATED one (chip secret in a plain file: development only; `paravisor platform init` makes one explicitly)",
                 dir.display()
             );
-            match Platform::init(dir) {
+            // Certificate building (RSA, X.509) is not in the trusted binary: the tools
+            // binary next to it provisions, as `paravisor platform init` would.
+            let tools = crate::cli::bin_dir().join(crate::cli::TOOLS_BINARY);
+            let out = std::process::Command::new(&tools)
+                .arg0("paravisor")
+                .arg("platform")
+                .arg("init")
+                .arg("--platform-dir")
+                .arg(dir)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .map_err(|e| {
+                    RunError::Platform(PlatformError::Crypto(format!(
+                        "cannot run {} to provision the platform: {e}",
+                        tools.display()
+                    )))
+                })?;
+            match Platform::open(dir) {
+                // Provisioned (by it, or by another paravisor at the same moment).
                 Ok(p) => Ok(p),
-                // Another paravisor provisioned it at the same moment.
-                Err(PlatformError::Exists(_)) => Ok(Platform::open(dir)?),
-                Err(e) => Err(e.into()),
+                Err(e) if out.status.success() => Err(e.into()),
+                Err(_) => Err(RunError::Platform(PlatformError::Crypto(format!(
+                    "provisioning the platform failed ({}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )))),
             }
         }
         Err(e) => Err(e.into()),
