@@ -296,78 +296,13 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             json,
             live: false,
             ..
-        } => {
-            let m = load(manifest.as_deref())?;
-            if json {
-                let doc = serde_json::json!({
-                    "manifest": m.path.display().to_string(),
-                    "services": audit::rows(&m),
-                    "runner": microkernel::privilege::Runner::current().describe(),
-                    "securebits": microkernel::privilege::SECUREBIT_NAMES,
-                    "threads": audit::thread_profiles(&m),
-                    "configuration": audit::configuration(&m),
-                });
-                println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
-            } else {
-                print!("{}", audit::text(&m));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        } => audit_static(manifest.as_deref(), json),
         Cmd::Audit {
             manifest,
             json,
             live: true,
             state_dir,
-        } => {
-            let dir = client_state_dir(state_dir, manifest.as_deref())?;
-            match send(&dir, &Command::LiveAudit)? {
-                Reply::Audit {
-                    checked,
-                    checks,
-                    findings,
-                } => {
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::json!({ "checked": checked, "checks": checks, "findings": findings })
-                        );
-                    } else {
-                        let mut last = None;
-                        for c in &checks {
-                            if last != Some(&c.service) {
-                                println!("{}:", c.service);
-                                last = Some(&c.service);
-                            }
-                            let c = &c.check;
-                            if c.ok {
-                                println!("  ok    {} = {}", c.what, c.expected);
-                            } else {
-                                println!(
-                                    "  FAIL  {} = {} (plan: {})",
-                                    c.what, c.actual, c.expected
-                                );
-                            }
-                        }
-                        for f in &findings {
-                            println!("DIFF {}: {}", f.service, f.what);
-                        }
-                        println!(
-                            "live audit: {} services checked ({}), {} checks of identity, capabilities and seccomp listed above (namespaces, limits and descriptors too), {} difference(s)",
-                            checked.len(),
-                            checked.join(", "),
-                            checks.len(),
-                            findings.len()
-                        );
-                    }
-                    Ok(if findings.is_empty() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    })
-                }
-                other => Err(unexpected(other)),
-            }
-        }
+        } => audit_live(manifest.as_deref(), state_dir, json),
         Cmd::Platform {
             action:
                 PlatformCmd::Report {
@@ -376,46 +311,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                     measurement,
                     out,
                 },
-        } => {
-            let fail = |e: String| {
-                eprintln!("paravisor: {e}");
-                ExitCode::FAILURE
-            };
-            let platform = microkernel::platform::Platform::open(&platform_dir)
-                .map_err(|e| fail(e.to_string()))?;
-            let nonce = microkernel::util::parse_hex(&nonce)
-                .ok_or_else(|| fail("--nonce must be hex bytes, e.g. 00112233".into()))?;
-            let measurement: [u8; 48] = match measurement {
-                Some(m) => microkernel::util::parse_hex(&m)
-                    .and_then(|v| v.try_into().ok())
-                    .ok_or_else(|| fail("--measurement is not 48 bytes of hex".into()))?,
-                None => {
-                    let m = load(None)?;
-                    let guest = GuestArgs::default().config()?;
-                    microkernel::measure::launch(&m, &bin_dir(), guest.as_ref())
-                        .map_err(|e| fail(e.to_string()))?
-                        .measurement
-                }
-            };
-            let report = platform
-                .report(&microkernel::snp::ReportRequest {
-                    report_data: microkernel::snp::report_data_for(&nonce),
-                    measurement,
-                    host_data: [0; 32],
-                    vmpl: 0,
-                    policy: microkernel::snp::POLICY,
-                    report_id: microkernel::platform::new_report_id()
-                        .map_err(|e| fail(e.to_string()))?,
-                })
-                .map_err(|e| fail(e.to_string()))?;
-            std::fs::write(&out, report).map_err(|e| fail(format!("{}: {e}", out.display())))?;
-            println!(
-                "{}: SIMULATED SNP report, measurement {}",
-                out.display(),
-                microkernel::util::hex(&measurement)
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        } => platform_report(&platform_dir, &nonce, measurement.as_deref(), &out),
         Cmd::Attest { action } => attest(action),
         Cmd::Measure {
             manifest,
@@ -579,6 +475,124 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             done(send(&dir, &Command::Shutdown)?)
         }
     }
+}
+
+/// `audit`: the privilege matrix the manifest grants (text, or JSON).
+fn audit_static(manifest: Option<&Path>, json: bool) -> Result<ExitCode, ExitCode> {
+    let m = load(manifest)?;
+    if json {
+        let doc = serde_json::json!({
+            "manifest": m.path.display().to_string(),
+            "services": audit::rows(&m),
+            "runner": microkernel::privilege::Runner::current().describe(),
+            "securebits": microkernel::privilege::SECUREBIT_NAMES,
+            "threads": audit::thread_profiles(&m),
+            "configuration": audit::configuration(&m),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    } else {
+        print!("{}", audit::text(&m));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `audit --live`: the running instance checked against its plan; exit 1 on a difference.
+fn audit_live(
+    manifest: Option<&Path>,
+    state_dir: Option<PathBuf>,
+    json: bool,
+) -> Result<ExitCode, ExitCode> {
+    let dir = client_state_dir(state_dir, manifest)?;
+    match send(&dir, &Command::LiveAudit)? {
+        Reply::Audit {
+            checked,
+            checks,
+            findings,
+        } => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "checked": checked, "checks": checks, "findings": findings })
+                );
+            } else {
+                let mut last = None;
+                for c in &checks {
+                    if last != Some(&c.service) {
+                        println!("{}:", c.service);
+                        last = Some(&c.service);
+                    }
+                    let c = &c.check;
+                    if c.ok {
+                        println!("  ok    {} = {}", c.what, c.expected);
+                    } else {
+                        println!("  FAIL  {} = {} (plan: {})", c.what, c.actual, c.expected);
+                    }
+                }
+                for f in &findings {
+                    println!("DIFF {}: {}", f.service, f.what);
+                }
+                println!(
+                    "live audit: {} services checked ({}), {} checks of identity, capabilities and seccomp listed above (namespaces, limits and descriptors too), {} difference(s)",
+                    checked.len(),
+                    checked.join(", "),
+                    checks.len(),
+                    findings.len()
+                );
+            }
+            Ok(if findings.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `platform report`: a report signed by the SIMULATED platform directly (tests, demos).
+fn platform_report(
+    platform_dir: &Path,
+    nonce: &str,
+    measurement: Option<&str>,
+    out: &Path,
+) -> Result<ExitCode, ExitCode> {
+    let fail = |e: String| {
+        eprintln!("paravisor: {e}");
+        ExitCode::FAILURE
+    };
+    let platform =
+        microkernel::platform::Platform::open(platform_dir).map_err(|e| fail(e.to_string()))?;
+    let nonce = microkernel::util::parse_hex(nonce)
+        .ok_or_else(|| fail("--nonce must be hex bytes, e.g. 00112233".into()))?;
+    let measurement: [u8; 48] = match measurement {
+        Some(m) => microkernel::util::parse_hex(m)
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| fail("--measurement is not 48 bytes of hex".into()))?,
+        None => {
+            let m = load(None)?;
+            let guest = GuestArgs::default().config()?;
+            microkernel::measure::launch(&m, &bin_dir(), guest.as_ref())
+                .map_err(|e| fail(e.to_string()))?
+                .measurement
+        }
+    };
+    let report = platform
+        .report(&microkernel::snp::ReportRequest {
+            report_data: microkernel::snp::report_data_for(&nonce),
+            measurement,
+            host_data: [0; 32],
+            vmpl: 0,
+            policy: microkernel::snp::POLICY,
+            report_id: microkernel::platform::new_report_id().map_err(|e| fail(e.to_string()))?,
+        })
+        .map_err(|e| fail(e.to_string()))?;
+    std::fs::write(out, report).map_err(|e| fail(format!("{}: {e}", out.display())))?;
+    println!(
+        "{}: SIMULATED SNP report, measurement {}",
+        out.display(),
+        microkernel::util::hex(&measurement)
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Prints a `ps` reply as the table (or JSON).
