@@ -32,6 +32,7 @@ pub mod layout;
 #[allow(unsafe_code)]
 pub mod ring;
 pub mod services;
+pub mod snp;
 
 #[cfg(feature = "hosted")]
 pub mod hosted;

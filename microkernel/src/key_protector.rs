@@ -170,7 +170,7 @@ fn wrapping_key(
     select: FieldSelect,
 ) -> Zeroizing<[u8; 32]> {
     let platform_key = Zeroizing::new(platform.derived_key(select, facts, &DATASTORE_KEY_CONTEXT));
-    Zeroizing::new(crate::snp::kdf_sp800_108(
+    Zeroizing::new(pv_sim::kdf_sp800_108(
         &platform_key[..],
         b"VMGSKEY",
         b"ISOHWKEY",

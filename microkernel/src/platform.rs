@@ -1,5 +1,6 @@
-//! SIMULATED PLATFORM: the stand-in for the AMD secure processor (PSP), and the only place
-//! that plays hardware. Nothing here is secure: the chip secret is a file.
+//! SIMULATED PLATFORM: where the host keeps the simulated secure processor ([`pv_sim::Chip`],
+//! in `sim/`, the only code that plays hardware) and its certificate chain. Nothing here is
+//! secure: the chip secret is a file.
 //!
 //! `paravisor platform init` provisions a platform identity once, in its own directory
 //! (separate from the paravisor's state; private, 0700, and checked like the state directory
@@ -19,10 +20,8 @@ use std::io::Read;
 use std::path::Path;
 use std::path::PathBuf;
 
-use p384::ecdsa::SigningKey as EcdsaKey;
-use sha2::Digest;
-use sha2::Sha384;
-use sha2::Sha512;
+pub use pv_sim::Chip;
+pub use pv_sim::TCB;
 
 use crate::owned_dir::OwnedDir;
 // The SEV-SNP facts this simulator shares with the paravisor and the verifier.
@@ -30,14 +29,6 @@ pub use crate::snp::*;
 
 /// Files of a platform directory.
 pub const CHIP_SECRET: &str = "chip-secret.INSECURE";
-
-/// The TCB the simulated firmware reports: boot loader, TEE, SNP, microcode SPLs.
-pub const TCB: Tcb = Tcb {
-    bootloader: 3,
-    tee: 0,
-    snp: 8,
-    microcode: 115,
-};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlatformError {
@@ -53,6 +44,14 @@ pub enum PlatformError {
     Missing(String),
     #[error("{0}")]
     Dir(#[from] crate::owned_dir::DirError),
+}
+
+impl From<pv_sim::ChipError> for PlatformError {
+    fn from(e: pv_sim::ChipError) -> PlatformError {
+        match e {
+            pv_sim::ChipError::Crypto(m) => PlatformError::Crypto(m),
+        }
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PlatformError + '_ {
@@ -78,10 +77,23 @@ pub struct ChainPem {
 /// (`pv_tools::provision`), not in the trusted core, which only writes what it is given.
 pub type Certificates = dyn Fn(&Platform) -> Result<ChainPem, PlatformError>;
 
-/// A provisioned platform: its chip secret (and what derives from it), and its directory.
+/// A provisioned platform: its chip (the secret and what derives from it: reports, keys, the
+/// VCEK; a `Platform` derefs to it), and its directory.
 pub struct Platform {
-    secret: zeroize::Zeroizing<[u8; 64]>,
+    chip: Chip,
     dir: OwnedDir,
+}
+
+impl std::ops::Deref for Platform {
+    type Target = Chip;
+    fn deref(&self) -> &Chip {
+        &self.chip
+    }
+}
+
+/// A new guest's REPORT_ID (random; the hardware assigns one at launch).
+pub fn new_report_id() -> Result<[u8; 32], PlatformError> {
+    Ok(pv_sim::new_report_id()?)
 }
 
 /// Largest certificate read from a platform directory.
@@ -134,10 +146,8 @@ impl Platform {
     /// Writes a new identity into the empty private directory `dir`: a new chip secret, and
     /// the chain `certificates` makes for it.
     fn init_in(dir: &OwnedDir, certificates: &Certificates) -> Result<(), PlatformError> {
-        let mut secret = zeroize::Zeroizing::new([0u8; 64]);
-        getrandom::getrandom(&mut secret[..]).map_err(crypto)?;
         let platform = Platform {
-            secret,
+            chip: Chip::generate()?,
             dir: dir.try_clone().map_err(io(dir.path()))?,
         };
         let chain = certificates(&platform)?;
@@ -157,7 +167,7 @@ impl Platform {
             write(file, pem.as_bytes(), 0o644)?;
         }
         // Last: a directory with a chip secret is a complete platform.
-        write(CHIP_SECRET, &platform.secret[..], 0o600)
+        write(CHIP_SECRET, &platform.chip.secret()[..], 0o600)
     }
 
     /// Opens a provisioned platform: its directory must be ours and private (and the
@@ -184,42 +194,17 @@ impl Platform {
                 bytes.len().min(64)
             )));
         }
-        let mut secret = zeroize::Zeroizing::new([0u8; 64]);
+        let mut secret = zeroize::Zeroizing::new([0u8; pv_sim::SECRET_LEN]);
         secret.copy_from_slice(&bytes);
-        Ok(Platform { secret, dir: d })
+        Ok(Platform {
+            chip: Chip::from_secret(secret),
+            dir: d,
+        })
     }
 
     /// The platform's directory, as it was named.
     pub fn dir(&self) -> &Path {
         self.dir.path()
-    }
-
-    /// The chip id (the report's CHIP_ID and the VCEK's hwID): derived from the secret.
-    pub fn chip_id(&self) -> [u8; 64] {
-        Sha512::new()
-            .chain_update(b"PV-SIM chip id")
-            .chain_update(&self.secret[..])
-            .finalize()
-            .into()
-    }
-
-    /// The VCEK for `tcb`: a P-384 key derived from the chip secret and the TCB (a hash of
-    /// both, counter-extended until it is a valid scalar).
-    pub fn vcek_key(&self, tcb: Tcb) -> Result<EcdsaKey, PlatformError> {
-        for counter in 0u32..64 {
-            let d = Sha384::new()
-                .chain_update(b"PV-SIM VCEK")
-                .chain_update(&self.secret[..])
-                .chain_update(tcb.raw().to_le_bytes())
-                .chain_update(counter.to_le_bytes())
-                .finalize();
-            if let Ok(k) = EcdsaKey::from_slice(&d) {
-                return Ok(k);
-            }
-        }
-        Err(PlatformError::Crypto(
-            "no valid P-384 scalar from the chip secret".into(),
-        ))
     }
 }
 
@@ -247,118 +232,4 @@ fn chain_in(dir: &OwnedDir) -> Result<String, PlatformError> {
         );
     }
     Ok(out)
-}
-
-/// SIGNATURE_ALGO: ECDSA P-384 with SHA-384.
-const SIG_ALGO_ECDSA_P384_SHA384: u32 = 1;
-/// CPUID family / model / stepping of the claimed generation (Milan: family 19h, model 01h).
-const CPUID_FAMILY: u8 = 0x19;
-const CPUID_MODEL: u8 = 0x01;
-const CPUID_STEPPING: u8 = 0x01;
-
-/// A new guest's REPORT_ID (random; the hardware assigns one at launch).
-pub fn new_report_id() -> Result<[u8; 32], PlatformError> {
-    let mut id = [0u8; 32];
-    getrandom::getrandom(&mut id).map_err(crypto)?;
-    Ok(id)
-}
-
-impl Platform {
-    /// An SEV-SNP ATTESTATION_REPORT (version 3, little-endian, 0x4A0 bytes), signed with the
-    /// VCEK over bytes 0..0x2A0 (ECDSA P-384 / SHA-384; R and S little-endian, zero-padded
-    /// to 72 bytes, at 0x2A0 and 0x2E8). Reserved bytes are zero.
-    pub fn report(&self, req: &ReportRequest) -> Result<[u8; REPORT_LEN], PlatformError> {
-        let mut r = [0u8; REPORT_LEN];
-        let tcb = TCB.raw().to_le_bytes();
-        let put =
-            |r: &mut [u8; REPORT_LEN], at: usize, b: &[u8]| r[at..at + b.len()].copy_from_slice(b);
-        put(&mut r, 0x00, &REPORT_VERSION.to_le_bytes());
-        put(&mut r, 0x04, &0u32.to_le_bytes()); // guest SVN
-        put(&mut r, 0x08, &req.policy.to_le_bytes());
-        put(&mut r, 0x30, &req.vmpl.to_le_bytes());
-        put(&mut r, 0x34, &SIG_ALGO_ECDSA_P384_SHA384.to_le_bytes());
-        put(&mut r, 0x38, &tcb); // current TCB
-        put(&mut r, 0x40, &1u64.to_le_bytes()); // platform info: SMT enabled
-        put(&mut r, 0x48, &0u32.to_le_bytes()); // key info: signed by the VCEK, chip id shown
-        put(&mut r, 0x50, &req.report_data);
-        put(&mut r, 0x90, &req.measurement);
-        put(&mut r, 0xC0, &req.host_data);
-        put(&mut r, 0x140, &req.report_id);
-        put(&mut r, 0x180, &tcb); // reported TCB (the VCEK's)
-        put(&mut r, 0x188, &[CPUID_FAMILY, CPUID_MODEL, CPUID_STEPPING]);
-        put(&mut r, 0x1A0, &self.chip_id());
-        put(&mut r, 0x1E0, &tcb); // committed TCB
-        put(&mut r, 0x1E8, &[8, 55, 1]); // current firmware build, minor, major
-        put(&mut r, 0x1EC, &[8, 55, 1]); // committed
-        put(&mut r, 0x1F0, &tcb); // launch TCB
-        self.sign(&mut r)?;
-        Ok(r)
-    }
-
-    /// Signs bytes 0..0x2A0 of `r` with the VCEK, into its signature field (R and S
-    /// little-endian, zero-padded to 72 bytes, at 0x2A0 and 0x2E8).
-    pub fn sign(&self, r: &mut [u8; REPORT_LEN]) -> Result<(), PlatformError> {
-        let key = self.vcek_key(TCB)?;
-        let digest = Sha384::new_with_prefix(&r[..SIGNED_LEN]);
-        let sig: p384::ecdsa::Signature =
-            p384::ecdsa::signature::DigestSigner::try_sign_digest(&key, digest).map_err(crypto)?;
-        let (rb, sb) = sig.split_bytes();
-        r[0x2A0..0x330].fill(0);
-        let mut le = |at: usize, be: &[u8]| {
-            for (i, b) in be.iter().rev().enumerate() {
-                r[at + i] = *b;
-            }
-        };
-        le(0x2A0, &rb);
-        le(0x2E8, &sb);
-        Ok(())
-    }
-}
-
-impl Platform {
-    /// A 32-byte key from the chip secret mixed with the selected launch facts and the
-    /// caller's context: what the hardware's key request gives a guest. The chip and TCB are
-    /// always in it; the measurement only when selected.
-    pub fn derived_key(
-        &self,
-        select: FieldSelect,
-        facts: &LaunchFacts,
-        context: &[u8],
-    ) -> [u8; 32] {
-        let mut ctx = vec![select.bits()];
-        ctx.extend_from_slice(&self.chip_id());
-        ctx.extend_from_slice(&TCB.raw().to_le_bytes());
-        if select.policy {
-            ctx.extend_from_slice(&facts.policy.to_le_bytes());
-        }
-        if select.measurement {
-            ctx.extend_from_slice(&facts.measurement);
-        }
-        if select.guest_svn {
-            ctx.extend_from_slice(&facts.guest_svn.to_le_bytes());
-        }
-        if select.tcb {
-            ctx.extend_from_slice(&TCB.raw().to_le_bytes());
-        }
-        ctx.extend_from_slice(&(context.len() as u32).to_le_bytes());
-        ctx.extend_from_slice(context);
-        kdf_sp800_108(&self.secret[..], b"PV-SIM DERIVED KEY", &ctx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// SP 800-108 counter mode, HMAC-SHA-256, one block, against an independent computation
-    /// (Python: hmac.new(key, b"\x00\x00\x00\x01" + label + b"\x00" + ctx +
-    /// b"\x00\x00\x01\x00", "sha256")).
-    #[test]
-    fn kdf_matches_an_independent_computation() {
-        let k = kdf_sp800_108(b"key", b"VMGSKEY", b"ctx");
-        assert_eq!(
-            crate::util::hex(&k),
-            "f843b39f0608d8a98ecc1e63840ec5527474562d613b0105680c9af1b6a90eab"
-        );
-    }
 }

@@ -3,8 +3,8 @@
 //! facts the caller selects. Nothing else: the launch facts (measurement, policy, host data)
 //! are fixed by the microkernel at launch, never taken from a message.
 //!
-//! The microkernel serves this channel itself (the platform is simulated: see
-//! `microkernel/src/platform.rs`); the manifest lets exactly one service, the one that serves
+//! The microkernel serves this channel itself (the secure processor is simulated: see
+//! `sim/`, kept by `microkernel/src/platform.rs`); the manifest lets exactly one service, the one that serves
 //! `attest`, hold its calling end ([`crate::capability::CapabilityKind::Platform`]).
 //!
 //! Two things the platform does only for the microkernel itself, in-process, and refuses on
