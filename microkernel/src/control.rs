@@ -111,6 +111,13 @@ pub struct LogLine {
     pub text: String,
 }
 
+/// A command under way on the control thread, in `paravisor ps`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControlJob {
+    pub command: String,
+    pub running_ms: u64,
+}
+
 /// The guest partition in `paravisor ps`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GuestRow {
@@ -156,6 +163,9 @@ pub enum Reply {
         /// The guest partition, when there is one.
         #[serde(default)]
         guest: Option<GuestRow>,
+        /// The command the control thread runs now, if any.
+        #[serde(default)]
+        control: Option<ControlJob>,
     },
     Done {
         message: String,

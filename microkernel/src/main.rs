@@ -598,7 +598,11 @@ fn platform_report(
 /// Prints a `ps` reply as the table (or JSON).
 fn print_ps(reply: Reply, json: bool) -> Result<ExitCode, ExitCode> {
     match reply {
-        Reply::Ps { services, guest } => {
+        Reply::Ps {
+            services,
+            guest,
+            control,
+        } => {
             if json {
                 println!(
                     "{}",
@@ -654,6 +658,13 @@ fn print_ps(reply: Reply, json: bool) -> Result<ExitCode, ExitCode> {
                 if let Some(o) = &g.outcome {
                     println!("  ended: {o}");
                 }
+            }
+            if let Some(c) = control {
+                println!(
+                    "\ncontrol thread: {} (running {})",
+                    c.command,
+                    uptime(c.running_ms)
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

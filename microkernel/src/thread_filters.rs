@@ -1,9 +1,9 @@
 //! Seccomp filters of the microkernel's own threads: the supervisor (main thread), the
-//! spawner, the platform server and each vCPU. Services have theirs in [`crate::profiles`].
+//! spawner, the platform server, the control worker and each vCPU. Services have theirs in [`crate::profiles`].
 //!
 //! Filters belong to a thread and are inherited by every thread and process it creates
 //! afterwards, so the order of start-up decides what stacks on what:
-//! 1. `run` creates the *spawner* thread and the *platform* thread first; each installs its
+//! 1. `run` creates the *spawner*, *platform* and *control* threads first; each installs its
 //!    own filter before it does anything else.
 //! 2. the *supervisor* (main thread) then installs its own: it answers the control socket
 //!    and reads what services send it, but never mounts, changes identity or executes.
@@ -146,6 +146,12 @@ const KEY_RELEASE: &[&str] = &["connect", "getsockname", "getpeername"];
 /// The platform thread on top of [`THREAD_BASE`]: nothing. It waits on its ring and signs.
 const PLATFORM: &[&str] = &[];
 
+/// The control worker on top of [`THREAD_BASE`]: sending its answer on a control connection
+/// the supervisor accepted (std's socket writes are `sendto` with MSG_NOSIGNAL; the thread
+/// can neither make nor accept a socket), and the answer's send timeout (in [`control`]).
+/// Otherwise it calls services over their rings and signs (the attest benchmark's direct half).
+const CONTROL: &[&str] = &["sendto"];
+
 /// The vCPU threads on top of [`THREAD_BASE`] (and `ioctl` for exactly the requests below):
 /// they run the vCPU and call services over their rings. No file, socket or process call.
 const VCPU: &[&str] = &[];
@@ -221,6 +227,7 @@ pub enum Thread {
     Supervisor,
     Spawner,
     Platform,
+    Control,
     Vcpu,
 }
 
@@ -231,6 +238,7 @@ impl Thread {
             Thread::Supervisor => "paravisor",
             Thread::Spawner => SPAWNER_THREAD,
             Thread::Platform => "platform",
+            Thread::Control => CONTROL_THREAD,
             Thread::Vcpu => "vcpu",
         }
     }
@@ -240,7 +248,7 @@ impl Thread {
     pub fn filters(self) -> u32 {
         match self {
             Thread::Supervisor => 2,
-            Thread::Spawner | Thread::Platform => 1,
+            Thread::Spawner | Thread::Platform | Thread::Control => 1,
             Thread::Vcpu => 3,
         }
     }
@@ -248,6 +256,8 @@ impl Thread {
 
 /// The spawner thread's name.
 pub const SPAWNER_THREAD: &str = "pv-spawner";
+/// The control worker's name.
+pub const CONTROL_THREAD: &str = "control";
 
 /// One allowed syscall, with the argument values it is limited to (any of the alternatives;
 /// none: any arguments).
@@ -506,6 +516,21 @@ pub fn platform() -> ThreadProfile {
         .allow(PLATFORM)
 }
 
+/// The control worker's profile: its answer's send timeout is the one socket option it sets.
+pub fn control() -> ThreadProfile {
+    ThreadProfile::new(Thread::Control, SeccompAction::KillProcess)
+        .allow(THREAD_BASE)
+        .allow(CONTROL)
+        .allow_only(
+            "setsockopt",
+            "SOL_SOCKET, SO_SNDTIMEO",
+            vec![
+                eq(1, libc::SOL_SOCKET as u64),
+                eq(2, libc::SO_SNDTIMEO as u64),
+            ],
+        )
+}
+
 /// A vCPU thread's profile: `ioctl` only for the vCPU requests it makes.
 pub fn vcpu() -> ThreadProfile {
     let mut p = ThreadProfile::new(Thread::Vcpu, SeccompAction::KillProcess)
@@ -522,6 +547,7 @@ pub fn all(m: &Manifest, pid: u32) -> Vec<ThreadProfile> {
     vec![
         spawner(m),
         platform(),
+        control(),
         supervisor(pid, m.attest.key_release.is_some()),
         vcpu(),
     ]
@@ -532,6 +558,7 @@ pub struct ThreadFilters {
     pub supervisor: Vec<BpfProgram>,
     pub spawner: Vec<BpfProgram>,
     pub platform: Vec<BpfProgram>,
+    pub control: Vec<BpfProgram>,
     pub vcpu: Vec<BpfProgram>,
 }
 
@@ -541,6 +568,7 @@ impl ThreadFilters {
             supervisor: supervisor(pid, m.attest.key_release.is_some()).compile()?,
             spawner: spawner(m).compile()?,
             platform: platform().compile()?,
+            control: control().compile()?,
             vcpu: vcpu().compile()?,
         })
     }
@@ -548,9 +576,9 @@ impl ThreadFilters {
 
 /// The live audit's checks of the microkernel's own threads: each is in seccomp filter
 /// mode with no_new_privs and as many filters as its place in the start-up order gives it;
-/// a thread that is none of the known ones, or a missing spawner or platform thread (when
-/// `spawner` or `platform` says it runs), is a difference.
-pub fn check_threads(spawner: bool, platform: bool) -> Vec<Check> {
+/// a thread that is none of the known ones, or a missing spawner, platform or control thread
+/// (when `spawner`, `platform` or `control` says it runs), is a difference.
+pub fn check_threads(spawner: bool, platform: bool, control: bool) -> Vec<Check> {
     let missing = |what: &str, e: String| Check {
         what: what.into(),
         expected: "running".into(),
@@ -589,7 +617,7 @@ pub fn check_threads(spawner: bool, platform: bool) -> Vec<Check> {
         let thread = if tid == pid {
             Some(Thread::Supervisor)
         } else {
-            [Thread::Spawner, Thread::Platform]
+            [Thread::Spawner, Thread::Platform, Thread::Control]
                 .into_iter()
                 .find(|t| t.comm() == comm)
                 .or_else(|| {
@@ -625,7 +653,11 @@ pub fn check_threads(spawner: bool, platform: bool) -> Vec<Check> {
             ));
         }
     }
-    for (wanted, thread) in [(spawner, Thread::Spawner), (platform, Thread::Platform)] {
+    for (wanted, thread) in [
+        (spawner, Thread::Spawner),
+        (platform, Thread::Platform),
+        (control, Thread::Control),
+    ] {
         if wanted && !seen.contains(&thread) {
             out.push(missing(
                 &format!("{} thread", thread.comm()),
@@ -811,6 +843,36 @@ mod tests {
             assert_eq!(run(&platform, nr, [0; 6]), KILLED, "syscall {nr}");
         }
         assert_eq!(run(&platform, libc::SYS_getpid, [0; 6]), Exit::Code(0));
+    }
+
+    #[test]
+    fn the_control_worker_may_only_wait_sign_and_answer() {
+        let control = control().compile().unwrap();
+        // No file, socket, process or mount call: it answers on a connection the supervisor
+        // accepted, over rings the supervisor made.
+        for nr in [
+            libc::SYS_openat,
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_ioctl,
+            libc::SYS_execve,
+            libc::SYS_clone,
+            libc::SYS_kill,
+            libc::SYS_mount,
+        ] {
+            assert_eq!(run(&control, nr, [0; 6]), KILLED, "syscall {nr}");
+        }
+        assert_eq!(run(&control, libc::SYS_getpid, [0; 6]), Exit::Code(0));
+        // The answer's send timeout (on descriptor -1 here: EBADF), and no other option.
+        let option = |name: i32| [u64::MAX, libc::SOL_SOCKET as u64, name as u64, 0, 0, 0];
+        assert_eq!(
+            run(&control, libc::SYS_setsockopt, option(libc::SO_SNDTIMEO)),
+            Exit::Code(libc::EBADF)
+        );
+        assert_eq!(
+            run(&control, libc::SYS_setsockopt, option(libc::SO_SNDBUF)),
+            KILLED
+        );
     }
 
     #[test]

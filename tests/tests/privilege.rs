@@ -104,7 +104,10 @@ fn every_service_runs_under_a_uid_of_its_own_with_no_capability_and_the_live_aud
         .iter()
         .map(|t| t["thread"].as_str().unwrap())
         .collect();
-    assert_eq!(threads, ["spawner", "platform", "supervisor", "vcpu"]);
+    assert_eq!(
+        threads,
+        ["spawner", "platform", "control", "supervisor", "vcpu"]
+    );
 
     // The live audit passes and says what it compared, per service and per thread.
     let out = inst.pv(&["audit", "--live", "--json"]);
@@ -137,6 +140,7 @@ fn every_service_runs_under_a_uid_of_its_own_with_no_capability_and_the_live_aud
         "supervisor Seccomp_filters",
         "pv-spawner Seccomp_filters",
         "platform Seccomp_filters",
+        "control Seccomp_filters",
     ] {
         let c = checks
             .iter()

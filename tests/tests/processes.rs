@@ -584,3 +584,74 @@ fn ctrl_c_to_the_whole_process_group_stops_the_services_in_order() {
     }
     assert!(!log.contains("did not stop in time"), "{log}");
 }
+
+/// Commands that wait on a service run on the control thread: while `attest report` waits
+/// for a stopped attest service, the supervisor's loop still answers `ps` (which shows the
+/// command under way), and the report completes once the service runs again.
+#[test]
+fn the_supervisor_answers_while_a_control_command_waits_on_a_stopped_service() {
+    if !sandbox_available(
+        "the_supervisor_answers_while_a_control_command_waits_on_a_stopped_service",
+    ) {
+        return;
+    }
+    let mut inst = Instance::start("waiting", &shipped(), SERVICES.len());
+    let attest = inst.pid("attest");
+    let stop = |sig: &str| {
+        let out = std::process::Command::new("kill")
+            .args([sig, &attest.to_string()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "kill {sig}: {}", text(&out));
+    };
+    stop("-STOP");
+    let out_file = inst.dir.join("report.bin");
+    let state_dir = inst.state_dir();
+    let mut report = common::spawn_of(
+        std::process::Command::new(common::paravisor())
+            .args([
+                "attest",
+                "report",
+                "--nonce",
+                "00112233",
+                "--out",
+                out_file.to_str().unwrap(),
+                "--state-dir",
+                &state_dir,
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    );
+    // `ps` answers while the report waits, and names it. The report waits for the attest
+    // service's answer (up to its timeout, or until the watchdog restarts the service), so
+    // the loop polls without pausing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let seen = loop {
+        let out = inst.pv(&["ps"]);
+        let t = text(&out);
+        if t.contains("control thread: attest report (running") {
+            break t;
+        }
+        assert!(
+            report.try_wait().unwrap().is_none(),
+            "the report ended before ps showed it under way: {}\n{t}",
+            inst.log()
+        );
+        assert!(std::time::Instant::now() < deadline, "{t}\n{}", inst.log());
+    };
+    assert!(seen.contains("attest"), "{seen}");
+    stop("-CONT");
+    let status = report.wait().unwrap();
+    // Once answered (or refused after a restart), the thread is free: `ps` says nothing
+    // under way.
+    let t = text(&inst.pv(&["ps"]));
+    assert!(!t.contains("control thread:"), "{t}");
+    if status.success() {
+        assert_eq!(
+            std::fs::metadata(&out_file).unwrap().len(),
+            0x4A0,
+            "a whole report"
+        );
+    }
+    assert_eq!(inst.stop().code(), Some(0), "{}", inst.log());
+}

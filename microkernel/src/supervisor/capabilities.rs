@@ -33,7 +33,7 @@ impl Supervisor {
             shm_cap(
                 CapabilityKind::Control,
                 "control".into(),
-                s.control.memory().shm(),
+                s.control_mem.shm(),
             ),
         ];
         for link in &self.links {
@@ -108,7 +108,7 @@ impl Supervisor {
             caps.push(shm_cap(
                 CapabilityKind::Serve(Interface::Attest),
                 attest::PARAVISOR_CLIENT.into(),
-                link.client.memory().shm(),
+                link.mem.shm(),
             ));
         }
         if let Some(link) = self.platform_link.as_ref().filter(|l| l.holder == i) {

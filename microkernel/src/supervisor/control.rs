@@ -1,6 +1,7 @@
 //! The control socket's commands (ps, logs, probe, attest, audit --live), and the live checks
 //! of a running service against its plan.
 
+use super::worker::Answer;
 use super::*;
 
 impl Supervisor {
@@ -28,11 +29,14 @@ impl Supervisor {
         }
     }
 
-    pub(super) fn command(&mut self, cmd: Command) -> Reply {
-        match cmd {
+    /// Answers `cmd`: at once when it only reads or changes the supervisor's state, on the
+    /// control worker when it waits on a service ([`worker`]).
+    pub(super) fn command(&mut self, cmd: Command) -> Answer {
+        let now = match cmd {
             Command::Ps => Reply::Ps {
                 services: self.ps(),
                 guest: self.guest_row(),
+                control: self.worker.as_ref().and_then(|w| w.busy()),
             },
             Command::Restart { service } => self.operator_restart(&service),
             Command::Logs {
@@ -40,60 +44,77 @@ impl Supervisor {
                 after,
                 tail,
             } => self.logs(&service, after, tail),
-            Command::Kill { service, signal } => {
-                let Some(s) = self.services.iter().find(|s| s.spec.name == service) else {
-                    return Reply::Error {
-                        message: format!("no service named \"{service}\""),
-                    };
-                };
-                let Some(p) = &s.process else {
-                    return Reply::Error {
-                        message: format!(
-                            "service \"{service}\" is not running ({})",
-                            s.state.name()
-                        ),
-                    };
-                };
-                match sandbox::pidfd_signal(&p.pidfd, signal) {
-                    Ok(()) => Reply::Done {
-                        message: format!(
-                            "sent {} to {service} (pid {})",
-                            signal_name(signal),
-                            p.pid
-                        ),
-                    },
-                    Err(e) => Reply::Error {
-                        message: format!("cannot signal {service}: {e}"),
-                    },
+            Command::Kill { service, signal } => self.kill(&service, signal),
+            Command::LiveAudit => {
+                let (checked, checks, findings) = self.live_audit();
+                Reply::Audit {
+                    checked,
+                    checks,
+                    findings,
                 }
             }
-            Command::Probe { service, endpoint } => {
-                let Some(i) = self.services.iter().position(|s| s.spec.name == service) else {
-                    return Reply::Error {
-                        message: format!("no service named \"{service}\""),
-                    };
-                };
-                let Some(interface) = Interface::from_name(&endpoint) else {
-                    return Reply::Error {
-                        message: format!("unknown endpoint \"{endpoint}\""),
-                    };
-                };
-                // Only a running service answers on its control channel (a starting one's
-                // first answer belongs to its start).
-                if self.services[i].state != State::Running {
-                    return Reply::Error {
-                        message: format!(
-                            "service \"{service}\" is not running ({})",
-                            self.services[i].state.name()
-                        ),
-                    };
-                }
-                match self.services[i].control.call(
+            Command::Shutdown => Reply::Done {
+                message: "shutting down".into(),
+            },
+            Command::Probe { service, endpoint } => return self.probe(&service, &endpoint),
+            Command::AttestReport { report_data } => return self.attest_report(&report_data),
+            Command::AttestBench { samples } => return self.attest_bench(samples),
+        };
+        Answer::Now(now)
+    }
+
+    /// `paravisor kill SERVICE [SIGNAL]`.
+    fn kill(&self, service: &str, signal: i32) -> Reply {
+        let Some(s) = self.services.iter().find(|s| s.spec.name == service) else {
+            return Reply::Error {
+                message: format!("no service named \"{service}\""),
+            };
+        };
+        let Some(p) = &s.process else {
+            return Reply::Error {
+                message: format!("service \"{service}\" is not running ({})", s.state.name()),
+            };
+        };
+        match sandbox::pidfd_signal(&p.pidfd, signal) {
+            Ok(()) => Reply::Done {
+                message: format!("sent {} to {service} (pid {})", signal_name(signal), p.pid),
+            },
+            Err(e) => Reply::Error {
+                message: format!("cannot signal {service}: {e}"),
+            },
+        }
+    }
+
+    /// `paravisor probe SERVICE ENDPOINT`: the service calls the endpoint on its control
+    /// channel's say-so (on the worker: the call waits up to twice the control timeout).
+    fn probe(&self, service: &str, endpoint: &str) -> Answer {
+        let now = |message| Answer::Now(Reply::Error { message });
+        let Some(s) = self.services.iter().find(|s| s.spec.name == service) else {
+            return now(format!("no service named \"{service}\""));
+        };
+        let Some(interface) = Interface::from_name(endpoint) else {
+            return now(format!("unknown endpoint \"{endpoint}\""));
+        };
+        // Only a running service answers on its control channel (a starting one's first
+        // answer belongs to its start).
+        if s.state != State::Running {
+            return now(format!(
+                "service \"{service}\" is not running ({})",
+                s.state.name()
+            ));
+        }
+        let control = s.control.clone();
+        let service = service.to_string();
+        Answer::Later(
+            "probe",
+            Box::new(move || {
+                let outcome = worker::lock(&control).call(
                     &ctl::Request::Probe {
                         endpoint: interface,
                     },
                     CONTROL_TIMEOUT * 2,
-                ) {
+                );
+                match outcome {
                     Ok(ctl::Response::Probe(outcome)) => Reply::Probe {
                         result: crate::control::ProbeResult::of(&outcome),
                         message: probe_text(&service, interface, outcome),
@@ -105,159 +126,73 @@ impl Supervisor {
                         message: format!("{service} did not answer: {e}"),
                     },
                 }
-            }
-            Command::LiveAudit => {
-                let (checked, checks, findings) = self.live_audit();
-                Reply::Audit {
-                    checked,
-                    checks,
-                    findings,
-                }
-            }
-            Command::AttestBench { samples } => match self.attest_bench(samples.clamp(1, 1_000)) {
-                Ok(l) => Reply::AttestBench(l),
-                Err(message) => Reply::Error { message },
-            },
-            Command::AttestReport { report_data } => {
-                let Some(data) = crate::util::parse_hex(&report_data)
-                    .filter(|d| d.len() == attest::REPORT_DATA_LEN)
-                    .and_then(|d| Bytes::new(&d))
-                else {
-                    return Reply::Error {
-                        message: "report data must be 64 bytes of hex".into(),
-                    };
-                };
-                match self.attest_call(&attest::Request::GetExtendedReport {
-                    report_data: data,
-                    vmpl: attest::OUTSIDE_VMPL,
-                }) {
-                    Ok(attest::Response::ExtendedReport {
-                        report,
-                        chain_len,
-                        chain,
-                    }) => {
-                        // A chain is a few KiB; attest is a service, its numbers are checked.
-                        if chain_len as usize > MAX_CHAIN {
-                            return Reply::Error {
-                                message: format!("attest announced a {chain_len}-byte chain"),
-                            };
-                        }
-                        let mut certs = chain.as_slice().to_vec();
-                        while certs.len() < chain_len as usize {
-                            match self.attest_call(&attest::Request::GetCertChain {
-                                offset: certs.len() as u32,
-                            }) {
-                                Ok(attest::Response::Chunk { total, data })
-                                    if !data.is_empty() && total == chain_len =>
-                                {
-                                    certs.extend_from_slice(data.as_slice())
-                                }
-                                other => {
-                                    return Reply::Error {
-                                        message: format!("certificate chain: {other:?}"),
-                                    }
-                                }
-                            }
-                        }
-                        Reply::Report {
-                            report: crate::util::hex(report.as_slice()),
-                            certs: String::from_utf8_lossy(&certs).into_owned(),
-                        }
-                    }
-                    Ok(attest::Response::Error(e)) => Reply::Error {
-                        message: format!("attest refused: {e}"),
-                    },
-                    Ok(other) => Reply::Error {
-                        message: format!("attest answered {other:?}"),
-                    },
-                    Err(e) => Reply::Error { message: e },
-                }
-            }
-            Command::Shutdown => Reply::Done {
-                message: "shutting down".into(),
-            },
+            }),
+        )
+    }
+
+    /// `paravisor attest report`: a report from the attest service over 64 bytes, with its
+    /// chain (on the worker).
+    fn attest_report(&self, report_data: &str) -> Answer {
+        let Some(data) = crate::util::parse_hex(report_data)
+            .filter(|d| d.len() == attest::REPORT_DATA_LEN)
+            .and_then(|d| Bytes::new(&d))
+        else {
+            return Answer::Now(Reply::Error {
+                message: "report data must be 64 bytes of hex".into(),
+            });
+        };
+        match self.attest_client() {
+            Ok(client) => Answer::Later(
+                "attest report",
+                Box::new(move || extended_report(&client, data)),
+            ),
+            Err(message) => Answer::Now(Reply::Error { message }),
         }
     }
 
-    /// One call to the attest service on the microkernel's own channel.
-    pub(super) fn attest_call(
-        &mut self,
-        request: &attest::Request,
-    ) -> Result<attest::Response, String> {
+    /// `paravisor bench attest`: reports and derived keys through the attest service, then
+    /// on the platform directly (the microkernel's own handle), alternating (on the worker).
+    fn attest_bench(&self, samples: usize) -> Answer {
+        let ready = self.attest_client().and_then(|client| {
+            let (platform, launch) = self.own_platform().map_err(|e| e.to_string())?;
+            Ok((client, platform, launch.facts))
+        });
+        let measurement = self.measurement;
+        match ready {
+            Ok((client, platform, facts)) => Answer::Later(
+                "bench attest",
+                Box::new(move || {
+                    let direct = Direct {
+                        platform: &platform,
+                        facts,
+                        measurement,
+                    };
+                    match bench_attest(&client, &direct, samples.clamp(1, 1_000)) {
+                        Ok(l) => Reply::AttestBench(l),
+                        Err(message) => Reply::Error { message },
+                    }
+                }),
+            ),
+            Err(message) => Answer::Now(Reply::Error { message }),
+        }
+    }
+
+    /// The microkernel's own channel to the attest service, if that service runs.
+    fn attest_client(&self) -> Result<AttestClient, String> {
         let link = self
             .attest_link
-            .as_mut()
+            .as_ref()
             .ok_or("the manifest has no attest service")?;
-        let name = &self.services[link.server].spec.name;
+        let name = self.services[link.server].spec.name.clone();
         if self.services[link.server].state != State::Running {
             return Err(format!(
                 "the attest service \"{name}\" is not running ({})",
                 self.services[link.server].state.name()
             ));
         }
-        match link.client.call(
-            &ipc_defs::endpoint::Request::Service(request.clone()),
-            ATTEST_TIMEOUT,
-        ) {
-            Ok(ipc_defs::endpoint::Response::Service(r)) => Ok(r),
-            Ok(other) => Err(format!("attest service \"{name}\" answered {other:?}")),
-            Err(e) => Err(format!("attest service \"{name}\": {e}")),
-        }
-    }
-
-    /// The attest benchmark: each operation through the service, then on the platform
-    /// directly (the microkernel's own handle), alternating.
-    pub(super) fn attest_bench(
-        &mut self,
-        samples: usize,
-    ) -> Result<crate::control::Latencies, String> {
-        use crate::control::median;
-        let (platform, launch) = self.own_platform().map_err(|e| e.to_string())?;
-        let facts = launch.facts;
-        let select = crate::key_protector::sealing_select(crate::manifest::Sealing::Measurement);
-        let (mut rs, mut rd, mut ks, mut kd) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for i in 0..samples {
-            let mut data = [0u8; 64];
-            data[..8].copy_from_slice(&(i as u64).to_le_bytes());
-            let t = Instant::now();
-            // A service's VMPL: the platform channel signs no VMPL 0.
-            match self.attest_call(&attest::Request::GetReport {
-                report_data: Bytes::new(&data).expect("64 bytes"),
-                vmpl: attest::SERVICE_VMPL,
-            })? {
-                attest::Response::Report(_) => rs.push(t.elapsed().as_secs_f64() * 1e6),
-                other => return Err(describe(&other)),
-            }
-            let t = Instant::now();
-            platform
-                .report(&crate::snp::ReportRequest {
-                    report_data: data,
-                    measurement: self.measurement,
-                    host_data: [0; 32],
-                    vmpl: u32::from(attest::SERVICE_VMPL),
-                    policy: crate::snp::POLICY,
-                    report_id: [0; 32],
-                })
-                .map_err(|e| e.to_string())?;
-            rd.push(t.elapsed().as_secs_f64() * 1e6);
-            let t = Instant::now();
-            match self.attest_call(&attest::Request::GetDerivedKey {
-                select,
-                context: Bytes::new(&data[..8]).expect("8 bytes"),
-            })? {
-                attest::Response::Key(_) => ks.push(t.elapsed().as_secs_f64() * 1e6),
-                other => return Err(describe(&other)),
-            }
-            let t = Instant::now();
-            std::hint::black_box(platform.derived_key(select, &facts, &data[..32]));
-            kd.push(t.elapsed().as_secs_f64() * 1e6);
-        }
-        Ok(crate::control::Latencies {
-            samples,
-            report_service_us: median(rs),
-            report_direct_us: median(rd),
-            key_service_us: median(ks),
-            key_direct_us: median(kd),
+        Ok(AttestClient {
+            name,
+            end: link.client.clone(),
         })
     }
 
@@ -270,10 +205,9 @@ impl Supervisor {
             let answering =
                 self.services[i].last_answer.elapsed() < HEALTH_INTERVAL * 2 + HEALTH_TIMEOUT;
             if self.services[i].state == State::Running && answering {
-                if let Ok(ctl::Response::Stats(st)) = self.services[i]
-                    .control
-                    .call(&ctl::Request::Stats, STATS_TIMEOUT)
-                {
+                let stats = worker::try_lock(&self.services[i].control)
+                    .map(|mut c| c.call(&ctl::Request::Stats, STATS_TIMEOUT));
+                if let Some(Ok(ctl::Response::Stats(st))) = stats {
                     self.services[i].last_stats = st;
                 }
             }
@@ -350,6 +284,7 @@ impl Supervisor {
             self.platform_link
                 .as_ref()
                 .is_some_and(|l| l.server.is_some()),
+            self.worker.is_some(),
         ) {
             record(&mut checks, &mut findings, "paravisor", c);
         }
@@ -395,6 +330,146 @@ impl Supervisor {
         }
         (checked, checks, findings)
     }
+}
+
+/// The attest service's name and the microkernel's end of its channel, for a job.
+struct AttestClient {
+    name: String,
+    end: Arc<Mutex<AttestEnd>>,
+}
+
+impl AttestClient {
+    /// One call. A service that went down since the job was queued is named as such.
+    fn call(&self, request: &attest::Request) -> Result<attest::Response, String> {
+        let mut end = worker::lock(&self.end);
+        let name = &self.name;
+        if end.server_state() != ServerState::Up {
+            return Err(format!("the attest service \"{name}\" is not running"));
+        }
+        match end.call(
+            &ipc_defs::endpoint::Request::Service(request.clone()),
+            ATTEST_TIMEOUT,
+        ) {
+            Ok(ipc_defs::endpoint::Response::Service(r)) => Ok(r),
+            Ok(other) => Err(format!("attest service \"{name}\" answered {other:?}")),
+            Err(e) => Err(format!("attest service \"{name}\": {e}")),
+        }
+    }
+}
+
+/// A report over `data` at the outside VMPL, with the whole certificate chain.
+fn extended_report(client: &AttestClient, data: Bytes<{ attest::REPORT_DATA_LEN }>) -> Reply {
+    match client.call(&attest::Request::GetExtendedReport {
+        report_data: data,
+        vmpl: attest::OUTSIDE_VMPL,
+    }) {
+        Ok(attest::Response::ExtendedReport {
+            report,
+            chain_len,
+            chain,
+        }) => {
+            // A chain is a few KiB; attest is a service, its numbers are checked.
+            if chain_len as usize > MAX_CHAIN {
+                return Reply::Error {
+                    message: format!("attest announced a {chain_len}-byte chain"),
+                };
+            }
+            let mut certs = chain.as_slice().to_vec();
+            while certs.len() < chain_len as usize {
+                match client.call(&attest::Request::GetCertChain {
+                    offset: certs.len() as u32,
+                }) {
+                    Ok(attest::Response::Chunk { total, data })
+                        if !data.is_empty() && total == chain_len =>
+                    {
+                        certs.extend_from_slice(data.as_slice())
+                    }
+                    other => {
+                        return Reply::Error {
+                            message: format!("certificate chain: {other:?}"),
+                        }
+                    }
+                }
+            }
+            Reply::Report {
+                report: crate::util::hex(report.as_slice()),
+                certs: String::from_utf8_lossy(&certs).into_owned(),
+            }
+        }
+        Ok(attest::Response::Error(e)) => Reply::Error {
+            message: format!("attest refused: {e}"),
+        },
+        Ok(other) => Reply::Error {
+            message: format!("attest answered {other:?}"),
+        },
+        Err(e) => Reply::Error { message: e },
+    }
+}
+
+/// What the benchmark's direct half signs with: the platform, this launch's facts.
+struct Direct<'a> {
+    platform: &'a crate::platform::Platform,
+    facts: crate::snp::LaunchFacts,
+    measurement: [u8; 48],
+}
+
+/// The attest benchmark's samples: each operation through the service, then directly.
+fn bench_attest(
+    client: &AttestClient,
+    direct: &Direct,
+    samples: usize,
+) -> Result<crate::control::Latencies, String> {
+    use crate::control::median;
+    let select = crate::key_protector::sealing_select(crate::manifest::Sealing::Measurement);
+    let (mut rs, mut rd, mut ks, mut kd) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..samples {
+        let mut data = [0u8; 64];
+        data[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        let t = Instant::now();
+        // A service's VMPL: the platform channel signs no VMPL 0.
+        match client.call(&attest::Request::GetReport {
+            report_data: Bytes::new(&data).expect("64 bytes"),
+            vmpl: attest::SERVICE_VMPL,
+        })? {
+            attest::Response::Report(_) => rs.push(t.elapsed().as_secs_f64() * 1e6),
+            other => return Err(describe(&other)),
+        }
+        let t = Instant::now();
+        direct
+            .platform
+            .report(&crate::snp::ReportRequest {
+                report_data: data,
+                measurement: direct.measurement,
+                host_data: [0; 32],
+                vmpl: u32::from(attest::SERVICE_VMPL),
+                policy: crate::snp::POLICY,
+                report_id: [0; 32],
+            })
+            .map_err(|e| e.to_string())?;
+        rd.push(t.elapsed().as_secs_f64() * 1e6);
+        let t = Instant::now();
+        match client.call(&attest::Request::GetDerivedKey {
+            select,
+            context: Bytes::new(&data[..8]).expect("8 bytes"),
+        })? {
+            attest::Response::Key(_) => ks.push(t.elapsed().as_secs_f64() * 1e6),
+            other => return Err(describe(&other)),
+        }
+        let t = Instant::now();
+        std::hint::black_box(
+            direct
+                .platform
+                .derived_key(select, &direct.facts, &data[..32]),
+        );
+        kd.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(crate::control::Latencies {
+        samples,
+        report_service_us: median(rs),
+        report_direct_us: median(rd),
+        key_service_us: median(ks),
+        key_direct_us: median(kd),
+    })
 }
 
 pub fn signal_name(sig: i32) -> String {

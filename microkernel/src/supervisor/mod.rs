@@ -13,6 +13,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -70,6 +72,7 @@ mod guest;
 mod restart;
 mod sealing;
 mod shutdown;
+mod worker;
 
 pub use control::check_process;
 pub use control::parse_signal;
@@ -273,7 +276,11 @@ struct Service {
     code: Vec<(Option<OwnedFd>, u64, String)>,
     /// The binary exactly as measured (a sealed memfd), when the launch kept it.
     image: Option<OwnedFd>,
-    control: ClientEnd<ctl::Request, ctl::Response>,
+    /// Its control channel: the loop's pings and stats, and the control worker's probes.
+    control: Arc<Mutex<ControlEnd>>,
+    /// The channel itself (the client end maps it a second time), for what needs no lock:
+    /// its epoch, handing it to a new start.
+    control_mem: ChannelMemory,
     status: SharedMemory,
     regions: Vec<(String, SharedMemory)>,
     /// Sockets bound for the service (those the host asked for), kept across its restarts.
@@ -315,13 +322,26 @@ struct Service {
 }
 
 /// The microkernel's own channel to the attest service (client name `paravisor`): reports for
-/// `paravisor attest report`, the attest benchmark.
+/// `paravisor attest report`, the attest benchmark (both on the control worker).
 struct AttestLink {
     server: usize,
-    client: ClientEnd<
-        ipc_defs::endpoint::Request<attest::Request>,
-        ipc_defs::endpoint::Response<attest::Response>,
-    >,
+    client: Arc<Mutex<AttestEnd>>,
+    /// The channel itself (the client end maps it a second time), for its epoch and server
+    /// state without the lock, and the attest service's grant.
+    mem: ChannelMemory,
+}
+
+type ControlEnd = ClientEnd<ctl::Request, ctl::Response>;
+type AttestEnd = ClientEnd<
+    ipc_defs::endpoint::Request<attest::Request>,
+    ipc_defs::endpoint::Response<attest::Response>,
+>;
+
+/// Another mapping of the channel `mem` (the same memory: what one writes the other sees).
+fn second_mapping(mem: &ChannelMemory) -> Result<ChannelMemory, String> {
+    ipc_defs::hosted::sys::dup_inheritable(mem.shm())
+        .map_err(|e| e.to_string())
+        .and_then(|fd| ChannelMemory::open(fd).map_err(|e| e.to_string()))
 }
 
 /// The platform channel: the attest service calls, a thread of the microkernel answers.
@@ -373,6 +393,9 @@ pub struct Supervisor {
     /// The thread that clones services (started with the platform's, before the supervisor
     /// confines itself).
     spawner: Option<crate::spawner::Spawner>,
+    /// The thread that runs the control commands that wait on a service (started with the
+    /// spawner's).
+    worker: Option<worker::ControlWorker>,
 }
 
 fn create_err(what: impl Into<String>) -> impl FnOnce(String) -> RunError {
@@ -468,7 +491,12 @@ impl Supervisor {
                 binary,
                 image,
                 code,
-                control: ClientEnd::new(control_mem, WaitPolicy::default()),
+                control: Arc::new(Mutex::new(ClientEnd::new(
+                    second_mapping(&control_mem)
+                        .map_err(|e| create_err(format!("control channel of {}", spec.name))(e))?,
+                    WaitPolicy::default(),
+                ))),
+                control_mem,
                 status,
                 regions,
                 listeners,
@@ -535,9 +563,12 @@ impl Supervisor {
             Some(server) => {
                 let mem = ChannelMemory::create("pv-chan-paravisor-attest", m.ring_capacity)
                     .map_err(|e| create_err("channel paravisor -> attest")(e.to_string()))?;
+                let view =
+                    second_mapping(&mem).map_err(create_err("channel paravisor -> attest"))?;
                 Some(AttestLink {
                     server,
-                    client: ClientEnd::new(mem, WaitPolicy::default()),
+                    client: Arc::new(Mutex::new(ClientEnd::new(view, WaitPolicy::default()))),
+                    mem,
                 })
             }
         };
@@ -545,12 +576,7 @@ impl Supervisor {
             (Some(holder), Some(platform)) => {
                 let mem = ChannelMemory::create("pv-chan-attest-platform", m.ring_capacity)
                     .map_err(|e| create_err("platform channel")(e.to_string()))?;
-                let view = ipc_defs::hosted::sys::dup_inheritable(mem.shm())
-                    .map_err(|e| create_err("platform channel")(e.to_string()))
-                    .and_then(|fd| {
-                        ChannelMemory::open(fd)
-                            .map_err(|e| create_err("platform channel")(e.to_string()))
-                    })?;
+                let view = second_mapping(&mem).map_err(create_err("platform channel"))?;
                 let launch = crate::platform_server::Launch {
                     facts: crate::snp::LaunchFacts {
                         measurement: opts.launch_log.measurement,
@@ -592,6 +618,7 @@ impl Supervisor {
             ping_nonce: 0,
             filters,
             spawner: None,
+            worker: None,
         })
     }
 
@@ -748,7 +775,21 @@ impl Supervisor {
                                 message: "shutting down".into(),
                             }
                         }
-                        Ok(cmd) => self.command(cmd),
+                        Ok(cmd) => match self.command(cmd) {
+                            worker::Answer::Now(reply) => reply,
+                            worker::Answer::Later(command, job) => {
+                                match &self.worker {
+                                    Some(w) => w.submit(stream, command, job),
+                                    None => crate::control::write_reply(
+                                        &stream,
+                                        &Reply::Error {
+                                            message: "the control thread is not running".into(),
+                                        },
+                                    ),
+                                }
+                                continue;
+                            }
+                        },
                         Err(e) => Reply::Error { message: e },
                     };
                     crate::control::write_reply(&stream, &reply);
@@ -808,12 +849,15 @@ impl Supervisor {
             self.spawner = Some(spawner);
         }
         self.start_platform()?;
+        if self.worker.is_none() {
+            self.worker = Some(worker::ControlWorker::start(self.filters.control.clone())?);
+        }
         crate::thread_filters::install(&self.filters.supervisor).map_err(|e| RunError::Create {
             what: "the supervisor's seccomp filter".into(),
             reason: e.to_string(),
         })?;
         tracing::info!(
-            "microkernel threads confined: supervisor, spawner{}, vCPUs at start",
+            "microkernel threads confined: supervisor, spawner, control{}, vCPUs at start",
             if self.platform_link.is_some() {
                 ", platform"
             } else {
@@ -919,8 +963,7 @@ impl Supervisor {
         });
         self.ping_nonce += 1;
         let nonce = self.ping_nonce;
-        let ping = self.services[i]
-            .control
+        let ping = worker::lock(&self.services[i].control)
             .send(&ctl::Request::Ping { nonce })
             .map_err(|e| format!("cannot send its first ping: {e}"))?;
         let now = Instant::now();
@@ -943,7 +986,8 @@ impl Supervisor {
             };
             let (ping, nonce, deadline) = (p.ping, p.nonce, p.deadline);
             let now = Instant::now();
-            match self.services[i].control.try_reply(ping) {
+            let reply = worker::lock(&self.services[i].control).try_reply(ping);
+            match reply {
                 Ok(Some(ctl::Response::Pong { nonce: n })) if n == nonce => self.started(i),
                 Ok(Some(other)) => {
                     self.start_failed(i, format!("answered its first ping with {other:?}"))
@@ -993,7 +1037,7 @@ impl Supervisor {
             }
         }
         if let Some(link) = self.attest_link.as_ref().filter(|l| l.server == i) {
-            link.client.memory().set_server_state(ServerState::Up);
+            link.mem.set_server_state(ServerState::Up);
         }
         // Its clients, and theirs, may have waited for it: their silence counts from now,
         // so that each has its whole watchdog period to finish the call it was blocked in.

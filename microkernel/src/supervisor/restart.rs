@@ -24,10 +24,14 @@ impl Supervisor {
             if s.state != State::Running || s.kill_reason.is_some() || s.process.is_none() {
                 continue;
             }
-            match s
-                .control
-                .call(&ctl::Request::Ping { nonce: 0 }, HEALTH_TIMEOUT)
-            {
+            // A probe on the control worker holds the channel: this round skips the service
+            // (neither an answer nor a silence; the probe has its own timeout).
+            let Some(mut control) = worker::try_lock(&s.control) else {
+                continue;
+            };
+            let answer = control.call(&ctl::Request::Ping { nonce: 0 }, HEALTH_TIMEOUT);
+            drop(control);
+            match answer {
                 Ok(ctl::Response::Pong { .. }) => {
                     s.last_answer = Instant::now();
                     s.silence_counted_from = s.last_answer;
@@ -206,8 +210,7 @@ impl Supervisor {
         // Its channels say `Down` now, whatever the watchdog said of it.
         self.services[i].unresponsive = false;
         let _ = self.services[i]
-            .control
-            .memory()
+            .control_mem
             .restart_epoch(Direction::Requests);
         for link in &self.links {
             if link.server == i {
@@ -220,11 +223,8 @@ impl Supervisor {
             }
         }
         if let Some(link) = self.attest_link.as_ref().filter(|l| l.server == i) {
-            link.client
-                .memory()
-                .channel()
-                .set_server_state(ServerState::Down);
-            let _ = link.client.memory().restart_epoch(Direction::Requests);
+            link.mem.channel().set_server_state(ServerState::Down);
+            let _ = link.mem.restart_epoch(Direction::Requests);
         }
         if let Some(link) = self.platform_link.as_ref().filter(|l| l.holder == i) {
             let _ = link.mem.restart_epoch(Direction::Responses);
@@ -255,11 +255,8 @@ impl Supervisor {
                 }
             }
             if let Some(link) = self.attest_link.as_ref().filter(|l| l.server == i) {
-                link.client
-                    .memory()
-                    .channel()
-                    .set_server_state(ServerState::Gone);
-                let _ = link.client.memory().restart_epoch(Direction::Requests);
+                link.mem.channel().set_server_state(ServerState::Gone);
+                let _ = link.mem.restart_epoch(Direction::Requests);
             }
         }
     }
@@ -376,7 +373,7 @@ impl Supervisor {
                     }
                 }
                 if let Some(link) = self.attest_link.as_ref().filter(|l| l.server == i) {
-                    link.client.memory().set_server_state(ServerState::Down);
+                    link.mem.set_server_state(ServerState::Down);
                 }
                 format!("restarting {service} (it was {})", was.name())
             }

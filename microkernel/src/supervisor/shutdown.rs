@@ -49,8 +49,7 @@ impl Supervisor {
                 // A starting service gets the request after its first ping, and ends as
                 // soon as it serves.
                 if alive && matches!(s.state, State::Running | State::Starting) {
-                    let _ = s
-                        .control
+                    let _ = worker::lock(&s.control)
                         .call(&ctl::Request::Shutdown, Duration::from_millis(500));
                 }
             }
