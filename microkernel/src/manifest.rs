@@ -849,6 +849,44 @@ struct Validator<'a> {
     diagnostics: Vec<Diagnostic>,
 }
 
+/// What the per-service passes record for the passes that span services: names, endpoints,
+/// paths, addresses and device numbers already claimed (each later claim is checked against
+/// them), and what can only be judged once every service is known.
+#[derive(Default)]
+struct Seen {
+    /// Each service's name, where it is first defined.
+    names: BTreeMap<String, Range<usize>>,
+    /// Each served endpoint: its server and where it says so.
+    servers: BTreeMap<Interface, (String, Range<usize>)>,
+    /// Every call (client, endpoint, where), to check that some service serves it.
+    pending_calls: Vec<(String, Interface, Range<usize>)>,
+    /// Each service's last call that grants something: where a file-id clash points.
+    call_spans: BTreeMap<String, Range<usize>>,
+    /// Every granted file's path, and where.
+    file_paths: Vec<(PathBuf, Range<usize>)>,
+    /// Every key file's path, and where.
+    key_paths: Vec<(PathBuf, Range<usize>)>,
+    /// Every sealed key: (service, key, where).
+    sealed_keys: Vec<(String, String, Range<usize>)>,
+    /// The services that say `platform = true`, and where.
+    platform_holders: Vec<(String, Range<usize>)>,
+    /// TCP addresses listened on, and by which service.
+    addresses: Vec<(String, std::net::SocketAddr)>,
+    /// Listener names, and their service.
+    listener_names: Vec<(String, String)>,
+    /// Every service's valid mmio ranges, and where.
+    mmio: Vec<(String, DeviceRange, Range<usize>)>,
+    /// Every service's valid pio ranges, and where.
+    pio: Vec<(String, DeviceRange, Range<usize>)>,
+    /// PCI device numbers, and their owner.
+    pci_owners: Vec<(String, u8)>,
+    /// Each service's open-files limit and the service's span: the descriptors it needs
+    /// depend on who calls it.
+    pending_limits: Vec<(String, Spanned<i64>, Range<usize>)>,
+    /// Services with `user = {...}`: their ids, and where.
+    users: Vec<(String, UserSpec, Range<usize>)>,
+}
+
 impl Validator<'_> {
     fn error(&mut self, span: Range<usize>, message: impl Into<String>, help: impl Into<String>) {
         let (line, column) = line_col(self.source, span.start);
@@ -861,13 +899,50 @@ impl Validator<'_> {
         });
     }
 
+    /// Checks `raw` pass by pass, collecting every problem, and builds the manifest it
+    /// describes (meaningful only when no diagnostic was recorded). The passes run in this
+    /// order, which is the order `paravisor check` prints diagnostics in: the `[paravisor]`
+    /// table, each service on its own, the rules that span services, then `[attest]`.
     fn validate(&mut self, path: &Path, raw: RawManifest) -> Manifest {
+        let (state_dir, ring_capacity, ring_span) = self.paravisor_settings(raw.paravisor);
+        let mut seen = Seen::default();
+        let services = self.services(raw.service, &mut seen);
+        self.unserved_calls(seen.pending_calls, &seen.servers);
+        self.open_files_and_capabilities(seen.pending_limits, &services);
+        self.overlaps(&seen.mmio, "mmio");
+        self.overlaps(&seen.pio, "pio");
+        self.shared_ids(&seen.users);
+        self.service_count(&services);
+        self.state_paths(&seen.file_paths, &seen.key_paths, &services);
+        self.vmgs_file_owners(&services, &seen.call_spans);
+        self.vmgs_ring(ring_capacity, ring_span, &services);
+        let attest = self.attest_settings(
+            raw.attest,
+            &services,
+            &seen.sealed_keys,
+            &seen.platform_holders,
+        );
+        Manifest {
+            path: path.to_path_buf(),
+            state_dir,
+            ring_capacity,
+            services,
+            attest,
+            source: self.source.to_string(),
+        }
+    }
+
+    /// The `[paravisor]` table: a non-empty `state-dir`, and a `ring-capacity` that is a power
+    /// of two within the ring layout's bounds. Returns the state directory, the ring capacity
+    /// and where the capacity is written.
+    fn paravisor_settings(
+        &mut self,
+        raw: Option<RawParavisor>,
+    ) -> (PathBuf, u32, Option<Range<usize>>) {
         let mut state_dir = PathBuf::from(DEFAULT_STATE_DIR);
         let mut ring_capacity = DEFAULT_RING_CAPACITY;
         let mut ring_span: Option<Range<usize>> = None;
-        let mut call_spans: BTreeMap<String, Range<usize>> = BTreeMap::new();
-        let raw_attest = raw.attest;
-        if let Some(p) = raw.paravisor {
+        if let Some(p) = raw {
             if let Some(dir) = p.state_dir {
                 if dir.get_ref().is_empty() {
                     self.error(
@@ -901,589 +976,718 @@ impl Validator<'_> {
                 }
             }
         }
+        (state_dir, ring_capacity, ring_span)
+    }
 
-        if raw.service.is_empty() {
+    /// Every `[[service]]` table, in the order written; a manifest needs at least one.
+    fn services(&mut self, raw: Vec<Spanned<RawService>>, seen: &mut Seen) -> Vec<ServiceSpec> {
+        if raw.is_empty() {
             self.error(
                 0..0,
                 "the manifest describes no service",
                 "add [[service]] tables, one per service process",
             );
         }
-
         let mut services = Vec::new();
-        let mut names: BTreeMap<String, Range<usize>> = BTreeMap::new();
-        let mut servers: BTreeMap<Interface, (String, Range<usize>)> = BTreeMap::new();
-        let mut pending_calls: Vec<(String, Interface, Range<usize>)> = Vec::new();
-        let mut file_paths: Vec<(PathBuf, Range<usize>)> = Vec::new();
-        let mut addresses: Vec<(String, std::net::SocketAddr)> = Vec::new();
-        let mut key_paths: Vec<(PathBuf, Range<usize>)> = Vec::new();
-        let mut sealed_keys: Vec<(String, String, Range<usize>)> = Vec::new();
-        let mut platform_holders: Vec<(String, Range<usize>)> = Vec::new();
-        let mut mmio: Vec<(String, DeviceRange, Range<usize>)> = Vec::new();
-        let mut pio: Vec<(String, DeviceRange, Range<usize>)> = Vec::new();
-        let mut pending_limits: Vec<(String, Spanned<i64>, Range<usize>)> = Vec::new();
-        let mut pci_owners: Vec<(String, u8)> = Vec::new();
-        let mut listener_names: Vec<(String, String)> = Vec::new();
-        let mut users: Vec<(String, UserSpec, Range<usize>)> = Vec::new();
+        for raw_service in raw {
+            services.push(self.service(raw_service, seen));
+        }
+        services
+    }
 
-        for raw_service in raw.service {
-            let service_span = raw_service.span();
-            let s = raw_service.into_inner();
-            let name = s.name.get_ref().clone();
-            if !valid_name(&name) {
+    /// One `[[service]]` table on its own: its name, binary, endpoints (it must serve or call
+    /// something), grants, devices, limits, restart policy, syscalls, watchdog and user.
+    /// What can only be judged against the other services is recorded in `seen`.
+    fn service(&mut self, raw_service: Spanned<RawService>, seen: &mut Seen) -> ServiceSpec {
+        let service_span = raw_service.span();
+        let s = raw_service.into_inner();
+        let name = s.name.get_ref().clone();
+        self.service_name(&s.name, seen);
+        let binary = self.binary(&s.binary);
+        let serves = self.serves(&s.serves, &name, seen);
+        let (calls, mut grants) = self.calls(&s.calls, &name, &serves, seen);
+        if serves.is_empty() && calls.is_empty() {
+            self.error(
+                s.name.span(),
+                format!("service \"{name}\" serves nothing and calls nothing"),
+                "a disconnected service can do nothing useful; give it `serves` or `calls`, or remove it",
+            );
+        }
+        let files = self.files(&s.files, &s.keys, seen);
+        let keys = self.keys(&s.keys, &name, seen);
+        let listen = self.listeners(&s.listen, &name, &grants, seen);
+        let regions = self.regions(&s.regions);
+        let (mmio, pio, pci_device) = self.guest_devices(&s, &name, &serves, &service_span, seen);
+        let interrupts = self.own_interrupts(&s.interrupts, &name, &serves);
+        let limits = self.limits(s.limits.get_ref(), &name, &service_span, seen);
+        let restart = self.restart(s.restart.get_ref());
+        let syscalls = self.syscalls(&s.syscalls);
+        let watchdog = self.watchdog(s.watchdog.as_ref());
+
+        // A front end's TPM commands may use the localities its listeners are granted.
+        if let Some(Grant::Vtpm(g)) = grants.get_mut(&Interface::Vtpm) {
+            if !g.commands.is_empty() {
+                for l in &listen {
+                    g.commands = g.commands.union(l.localities);
+                }
+            }
+        }
+        let user = s.user.as_ref().and_then(|u| self.user(u));
+        if let (Some(spec), Some(raw)) = (user, &s.user) {
+            seen.users.push((name.clone(), spec, raw.span()));
+        }
+        if let Some(p) = s.platform.as_ref().filter(|p| *p.get_ref()) {
+            seen.platform_holders.push((name.clone(), p.span()));
+        }
+        ServiceSpec {
+            user,
+            name,
+            watchdog,
+            binary,
+            args: s.args,
+            serves,
+            calls,
+            files,
+            keys,
+            listen,
+            grants,
+            regions,
+            mmio,
+            pio,
+            interrupts,
+            pci_device,
+            limits,
+            restart,
+            syscalls,
+            platform: s.platform.as_ref().is_some_and(|p| *p.get_ref()),
+        }
+    }
+
+    /// A service's name: valid, not reserved for the paravisor, and not another service's.
+    fn service_name(&mut self, raw: &Spanned<String>, seen: &mut Seen) {
+        let name = raw.get_ref();
+        if !valid_name(name) {
+            self.error(
+                raw.span(),
+                format!("service name \"{name}\" is not a valid name"),
+                format!("use 1 to {MAX_NAME} characters from a-z, 0-9 and '-'"),
+            );
+        } else if RESERVED_NAMES.contains(&name.as_str()) {
+            self.error(
+                raw.span(),
+                format!("service name \"{name}\" is reserved"),
+                format!(
+                    "the paravisor itself uses {}; pick another name",
+                    RESERVED_NAMES.join(", ")
+                ),
+            );
+        }
+        if let Some(first) = seen.names.get(name) {
+            let (line, _) = line_col(self.source, first.start);
+            self.error(
+                raw.span(),
+                format!("service \"{name}\" is defined twice (first at line {line})"),
+                "give each service a unique name",
+            );
+        } else {
+            seen.names.insert(name.clone(), raw.span());
+        }
+    }
+
+    /// `binary`: a plain executable name (found next to the paravisor), not a path.
+    fn binary(&mut self, raw: &Spanned<String>) -> String {
+        let binary = raw.get_ref().clone();
+        if binary.is_empty() || binary.contains('/') || binary.starts_with('.') {
+            self.error(
+                raw.span(),
+                format!("binary \"{binary}\" must be a plain executable name"),
+                "binaries are found next to the paravisor executable; write e.g. \"pv-vmgs\"",
+            );
+        }
+        binary
+    }
+
+    /// `serves`: each endpoint known, and served by one service only.
+    fn serves(&mut self, raw: &[Spanned<String>], name: &str, seen: &mut Seen) -> Vec<Interface> {
+        let mut serves = Vec::new();
+        for ep in raw {
+            match Interface::from_name(ep.get_ref()) {
+                Some(i) => {
+                    if let Some((other, first)) = seen.servers.get(&i) {
+                        let (line, _) = line_col(self.source, first.start);
+                        self.error(
+                            ep.span(),
+                            format!(
+                                "endpoint \"{i}\" is served twice: by \"{other}\" (line {line}) and by \"{name}\""
+                            ),
+                            "exactly one service may serve an endpoint; remove one of the two",
+                        );
+                    } else {
+                        seen.servers.insert(i, (name.to_string(), ep.span()));
+                    }
+                    serves.push(i);
+                }
+                None => self.unknown_endpoint(ep),
+            }
+        }
+        serves
+    }
+
+    /// `calls`: each endpoint known, listed once and not served by the caller itself, with
+    /// what the call grants ([`Self::call_grant`]). That some service serves it is checked
+    /// once every service is known ([`Self::unserved_calls`]).
+    fn calls(
+        &mut self,
+        raw: &[Spanned<RawCall>],
+        name: &str,
+        serves: &[Interface],
+        seen: &mut Seen,
+    ) -> (Vec<Interface>, BTreeMap<Interface, Grant>) {
+        let mut calls = Vec::new();
+        let mut grants = BTreeMap::new();
+        for call in raw {
+            let ep = &call.get_ref().endpoint;
+            match Interface::from_name(ep.get_ref()) {
+                Some(i) if calls.contains(&i) => self.error(
+                    ep.span(),
+                    format!("service \"{name}\" lists a call to \"{i}\" twice"),
+                    "list each endpoint once",
+                ),
+                Some(i) if serves.contains(&i) => self.error(
+                    ep.span(),
+                    format!("service \"{name}\" calls \"{i}\", which it serves itself"),
+                    "a service handles its own endpoint internally; remove the call",
+                ),
+                Some(i) => {
+                    calls.push(i);
+                    seen.pending_calls.push((name.to_string(), i, ep.span()));
+                    if let Some(g) = self.call_grant(i, call.get_ref(), call.span()) {
+                        grants.insert(i, g);
+                        seen.call_spans.insert(name.to_string(), call.span());
+                    }
+                }
+                None => self.unknown_endpoint(ep),
+            }
+        }
+        (calls, grants)
+    }
+
+    /// `files`: valid names, paths inside the state directory, a known access and `missing`
+    /// mode (`key` and `size` only with "create-vmgs"), and no read-only file created when
+    /// missing. Paths shared with other grants are checked in [`Self::state_paths`].
+    fn files(
+        &mut self,
+        raw: &[Spanned<RawFile>],
+        keys: &[Spanned<RawKey>],
+        seen: &mut Seen,
+    ) -> Vec<FileGrant> {
+        let mut files = Vec::new();
+        for f in raw {
+            let f = f.get_ref();
+            let fname = f.name.get_ref();
+            if !valid_name(fname) {
                 self.error(
-                    s.name.span(),
-                    format!("service name \"{name}\" is not a valid name"),
+                    f.name.span(),
+                    format!("file name \"{fname}\" is not a valid name"),
                     format!("use 1 to {MAX_NAME} characters from a-z, 0-9 and '-'"),
                 );
-            } else if RESERVED_NAMES.contains(&name.as_str()) {
-                self.error(
-                    s.name.span(),
-                    format!("service name \"{name}\" is reserved"),
-                    format!(
-                        "the paravisor itself uses {}; pick another name",
-                        RESERVED_NAMES.join(", ")
-                    ),
-                );
             }
-            if let Some(first) = names.get(&name) {
-                let (line, _) = line_col(self.source, first.start);
-                self.error(
-                    s.name.span(),
-                    format!("service \"{name}\" is defined twice (first at line {line})"),
-                    "give each service a unique name",
-                );
-            } else {
-                names.insert(name.clone(), s.name.span());
-            }
-            let binary = s.binary.get_ref().clone();
-            if binary.is_empty() || binary.contains('/') || binary.starts_with('.') {
-                self.error(
-                    s.binary.span(),
-                    format!("binary \"{binary}\" must be a plain executable name"),
-                    "binaries are found next to the paravisor executable; write e.g. \"pv-vmgs\"",
-                );
-            }
-
-            let mut serves = Vec::new();
-            for ep in &s.serves {
-                match Interface::from_name(ep.get_ref()) {
-                    Some(i) => {
-                        if let Some((other, first)) = servers.get(&i) {
-                            let (line, _) = line_col(self.source, first.start);
-                            self.error(
-                                ep.span(),
-                                format!(
-                                    "endpoint \"{i}\" is served twice: by \"{other}\" (line {line}) and by \"{name}\""
-                                ),
-                                "exactly one service may serve an endpoint; remove one of the two",
-                            );
-                        } else {
-                            servers.insert(i, (name.clone(), ep.span()));
-                        }
-                        serves.push(i);
-                    }
-                    None => self.unknown_endpoint(ep),
-                }
-            }
-
-            let mut calls = Vec::new();
-            let mut grants = BTreeMap::new();
-            for call in &s.calls {
-                let ep = &call.get_ref().endpoint;
-                match Interface::from_name(ep.get_ref()) {
-                    Some(i) if calls.contains(&i) => self.error(
-                        ep.span(),
-                        format!("service \"{name}\" lists a call to \"{i}\" twice"),
-                        "list each endpoint once",
-                    ),
-                    Some(i) if serves.contains(&i) => self.error(
-                        ep.span(),
-                        format!("service \"{name}\" calls \"{i}\", which it serves itself"),
-                        "a service handles its own endpoint internally; remove the call",
-                    ),
-                    Some(i) => {
-                        calls.push(i);
-                        pending_calls.push((name.clone(), i, ep.span()));
-                        if let Some(g) = self.call_grant(i, call.get_ref(), call.span()) {
-                            grants.insert(i, g);
-                            call_spans.insert(name.clone(), call.span());
-                        }
-                    }
-                    None => self.unknown_endpoint(ep),
-                }
-            }
-            if serves.is_empty() && calls.is_empty() {
-                self.error(
-                    s.name.span(),
-                    format!("service \"{name}\" serves nothing and calls nothing"),
-                    "a disconnected service can do nothing useful; give it `serves` or `calls`, or remove it",
-                );
-            }
-
-            let mut files = Vec::new();
-            for f in &s.files {
-                let f = f.get_ref();
-                let fname = f.name.get_ref();
-                if !valid_name(fname) {
-                    self.error(
-                        f.name.span(),
-                        format!("file name \"{fname}\" is not a valid name"),
-                        format!("use 1 to {MAX_NAME} characters from a-z, 0-9 and '-'"),
-                    );
-                }
-                let p = PathBuf::from(f.path.get_ref());
-                self.check_state_path(&f.path, "file");
-                file_paths.push((p.clone(), f.path.span()));
-                let access = match f.access.get_ref().as_str() {
-                    "read-only" => FileAccess::ReadOnly,
-                    "read-write" => FileAccess::ReadWrite,
-                    other => {
-                        self.error(
-                            f.access.span(),
-                            format!("file access \"{other}\" is unknown"),
-                            "use \"read-only\" or \"read-write\"",
-                        );
-                        FileAccess::ReadOnly
-                    }
-                };
-                let missing = match f.missing.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
-                    None | Some(("error", _)) => Missing::Error,
-                    Some(("create", _)) => Missing::Create,
-                    Some(("create-vmgs", span)) => self.create_vmgs(f, span, &s.keys),
-                    Some((other, span)) => {
-                        self.error(
-                            span,
-                            format!("missing = \"{other}\" is unknown"),
-                            "use \"error\", \"create\" or \"create-vmgs\"",
-                        );
-                        Missing::Error
-                    }
-                };
-                if !matches!(missing, Missing::CreateVmgs { .. }) {
-                    for (what, field) in [("key", &f.key), ("size", &f.size)] {
-                        if let Some(field) = field {
-                            self.error(
-                                field.span(),
-                                format!("`{what}` applies only to missing = \"create-vmgs\""),
-                                "remove it, or set missing = \"create-vmgs\"",
-                            );
-                        }
-                    }
-                }
-                if missing != Missing::Error && access == FileAccess::ReadOnly {
+            let p = PathBuf::from(f.path.get_ref());
+            self.check_state_path(&f.path, "file");
+            seen.file_paths.push((p.clone(), f.path.span()));
+            let access = match f.access.get_ref().as_str() {
+                "read-only" => FileAccess::ReadOnly,
+                "read-write" => FileAccess::ReadWrite,
+                other => {
                     self.error(
                         f.access.span(),
-                        "a read-only file cannot be created when missing",
-                        "use access = \"read-write\" or missing = \"error\"",
+                        format!("file access \"{other}\" is unknown"),
+                        "use \"read-only\" or \"read-write\"",
                     );
+                    FileAccess::ReadOnly
                 }
-                files.push(FileGrant {
-                    name: fname.clone(),
-                    path: p,
-                    access,
-                    missing,
-                });
+            };
+            let missing = match f.missing.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
+                None | Some(("error", _)) => Missing::Error,
+                Some(("create", _)) => Missing::Create,
+                Some(("create-vmgs", span)) => self.create_vmgs(f, span, keys),
+                Some((other, span)) => {
+                    self.error(
+                        span,
+                        format!("missing = \"{other}\" is unknown"),
+                        "use \"error\", \"create\" or \"create-vmgs\"",
+                    );
+                    Missing::Error
+                }
+            };
+            if !matches!(missing, Missing::CreateVmgs { .. }) {
+                for (what, field) in [("key", &f.key), ("size", &f.size)] {
+                    if let Some(field) = field {
+                        self.error(
+                            field.span(),
+                            format!("`{what}` applies only to missing = \"create-vmgs\""),
+                            "remove it, or set missing = \"create-vmgs\"",
+                        );
+                    }
+                }
             }
+            if missing != Missing::Error && access == FileAccess::ReadOnly {
+                self.error(
+                    f.access.span(),
+                    "a read-only file cannot be created when missing",
+                    "use access = \"read-write\" or missing = \"error\"",
+                );
+            }
+            files.push(FileGrant {
+                name: fname.clone(),
+                path: p,
+                access,
+                missing,
+            });
+        }
+        files
+    }
 
-            let mut keys = Vec::new();
-            for k in &s.keys {
-                let k = k.get_ref();
-                let kname = k.name.get_ref();
-                if !valid_name(kname) {
+    /// `keys`: valid, unique names; each key either in a key file inside the state directory
+    /// or sealed (not both), with a known `missing` mode.
+    fn keys(&mut self, raw: &[Spanned<RawKey>], name: &str, seen: &mut Seen) -> Vec<KeyGrant> {
+        let mut keys = Vec::new();
+        for k in raw {
+            let k = k.get_ref();
+            let kname = k.name.get_ref();
+            if !valid_name(kname) {
+                self.error(
+                    k.name.span(),
+                    format!("key name \"{kname}\" is not a valid name"),
+                    format!("use 1 to {MAX_NAME} characters from a-z, 0-9 and '-'"),
+                );
+            }
+            if keys.iter().any(|x: &KeyGrant| &x.name == kname) {
+                self.error(
+                    k.name.span(),
+                    format!("key \"{kname}\" is listed twice"),
+                    "give each key a unique name",
+                );
+            }
+            let sealed = k.sealed.as_ref().is_some_and(|b| *b.get_ref());
+            let path = match (&k.path, sealed) {
+                (Some(p), false) => {
+                    self.check_state_path(p, "key");
+                    seen.key_paths.push((PathBuf::from(p.get_ref()), p.span()));
+                    Some(PathBuf::from(p.get_ref()))
+                }
+                (None, true) => {
+                    seen.sealed_keys
+                        .push((name.to_string(), kname.clone(), k.name.span()));
+                    None
+                }
+                _ => {
                     self.error(
                         k.name.span(),
-                        format!("key name \"{kname}\" is not a valid name"),
-                        format!("use 1 to {MAX_NAME} characters from a-z, 0-9 and '-'"),
+                        format!("key \"{kname}\" needs either a `path` or `sealed = true`"),
+                        "a key lives in a key file in the state directory (`path = \"...\"`) or sealed in its guest-state file (`sealed = true`), not both",
                     );
+                    None
                 }
-                if keys.iter().any(|x: &KeyGrant| &x.name == kname) {
+            };
+            let missing = match k.missing.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
+                None | Some(("error", _)) => MissingKey::Error,
+                Some(("create", _)) => MissingKey::Create,
+                Some((other, span)) => {
                     self.error(
-                        k.name.span(),
-                        format!("key \"{kname}\" is listed twice"),
-                        "give each key a unique name",
+                        span,
+                        format!("missing = \"{other}\" is unknown for a key"),
+                        "use \"error\" or \"create\"",
                     );
+                    MissingKey::Error
                 }
-                let sealed = k.sealed.as_ref().is_some_and(|b| *b.get_ref());
-                let path = match (&k.path, sealed) {
-                    (Some(p), false) => {
-                        self.check_state_path(p, "key");
-                        key_paths.push((PathBuf::from(p.get_ref()), p.span()));
-                        Some(PathBuf::from(p.get_ref()))
-                    }
-                    (None, true) => {
-                        sealed_keys.push((name.clone(), kname.clone(), k.name.span()));
-                        None
-                    }
-                    _ => {
-                        self.error(
-                            k.name.span(),
-                            format!("key \"{kname}\" needs either a `path` or `sealed = true`"),
-                            "a key lives in a key file in the state directory (`path = \"...\"`) or sealed in its guest-state file (`sealed = true`), not both",
-                        );
-                        None
-                    }
-                };
-                let missing = match k.missing.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
-                    None | Some(("error", _)) => MissingKey::Error,
-                    Some(("create", _)) => MissingKey::Create,
-                    Some((other, span)) => {
-                        self.error(
-                            span,
-                            format!("missing = \"{other}\" is unknown for a key"),
-                            "use \"error\" or \"create\"",
-                        );
-                        MissingKey::Error
-                    }
-                };
-                keys.push(KeyGrant {
-                    name: kname.clone(),
-                    path,
-                    missing,
-                });
-            }
+            };
+            keys.push(KeyGrant {
+                name: kname.clone(),
+                path,
+                missing,
+            });
+        }
+        keys
+    }
 
-            let mut listen: Vec<ListenGrant> = Vec::new();
-            for l in &s.listen {
-                let l = l.get_ref();
-                let lname = l.name.get_ref();
-                if !valid_name(lname) || listen.iter().any(|x| &x.name == lname) {
-                    self.error(
-                        l.name.span(),
-                        format!("listener name \"{lname}\" is invalid or listed twice"),
-                        format!(
-                            "use unique names of 1 to {MAX_NAME} characters from a-z, 0-9 and '-'"
-                        ),
-                    );
-                } else if let Some((_, other)) = listener_names.iter().find(|(n, _)| n == lname) {
-                    self.error(
-                        l.name.span(),
-                        format!("listener name \"{lname}\" is also a listener of \"{other}\""),
-                        "`paravisor run --listen NAME` names a listener: give each one a name of its own",
-                    );
-                }
-                listener_names.push((lname.clone(), name.clone()));
-                let localities = self.localities(l, &name, &grants);
-                match (&l.address, &l.path) {
-                    (Some(address), None) => match address.get_ref().parse::<std::net::SocketAddr>() {
-                        Ok(a) if a.ip().is_loopback() && a.port() != 0 => {
-                            if let Some((other, _)) = addresses.iter().find(|(_, x)| *x == a) {
-                                self.error(
-                                    address.span(),
-                                    format!("address {a} is already listened on by \"{other}\""),
-                                    "give each listener its own port",
-                                );
-                            }
-                            addresses.push((name.clone(), a));
-                            listen.push(ListenGrant {
-                                name: lname.clone(),
-                                address: ListenAddress::Tcp(a),
-                                localities,
-                            });
+    /// `listen`: names valid and unique across the manifest; each listener on exactly one of
+    /// a loopback TCP address (no address listened on twice) or a Unix socket inside the
+    /// state directory, with its TPM localities ([`Self::localities`]).
+    fn listeners(
+        &mut self,
+        raw: &[Spanned<RawListen>],
+        name: &str,
+        grants: &BTreeMap<Interface, Grant>,
+        seen: &mut Seen,
+    ) -> Vec<ListenGrant> {
+        let mut listen: Vec<ListenGrant> = Vec::new();
+        for l in raw {
+            let l = l.get_ref();
+            let lname = l.name.get_ref();
+            if !valid_name(lname) || listen.iter().any(|x| &x.name == lname) {
+                self.error(
+                    l.name.span(),
+                    format!("listener name \"{lname}\" is invalid or listed twice"),
+                    format!("use unique names of 1 to {MAX_NAME} characters from a-z, 0-9 and '-'"),
+                );
+            } else if let Some((_, other)) = seen.listener_names.iter().find(|(n, _)| n == lname) {
+                self.error(
+                    l.name.span(),
+                    format!("listener name \"{lname}\" is also a listener of \"{other}\""),
+                    "`paravisor run --listen NAME` names a listener: give each one a name of its own",
+                );
+            }
+            seen.listener_names.push((lname.clone(), name.to_string()));
+            let localities = self.localities(l, name, grants);
+            match (&l.address, &l.path) {
+                (Some(address), None) => match address.get_ref().parse::<std::net::SocketAddr>() {
+                    Ok(a) if a.ip().is_loopback() && a.port() != 0 => {
+                        if let Some((other, _)) = seen.addresses.iter().find(|(_, x)| *x == a) {
+                            self.error(
+                                address.span(),
+                                format!("address {a} is already listened on by \"{other}\""),
+                                "give each listener its own port",
+                            );
                         }
-                        Ok(a) => self.error(
-                            address.span(),
-                            format!("listen address {a} is not a loopback address with a port"),
-                            "listen on 127.0.0.1:PORT or [::1]:PORT only: the TPM is never exposed to the network",
-                        ),
-                        Err(_) => self.error(
-                            address.span(),
-                            format!("\"{}\" is not an address", address.get_ref()),
-                            "write e.g. \"127.0.0.1:2321\"",
-                        ),
-                    },
-                    (None, Some(path)) => {
-                        self.check_state_path(path, "listener");
+                        seen.addresses.push((name.to_string(), a));
                         listen.push(ListenGrant {
                             name: lname.clone(),
-                            address: ListenAddress::Unix(PathBuf::from(path.get_ref())),
+                            address: ListenAddress::Tcp(a),
                             localities,
                         });
                     }
-                    _ => self.error(
-                        l.name.span(),
-                        format!("listener \"{lname}\" needs exactly one of `address` (loopback TCP) and `path` (Unix socket)"),
-                        "write address = \"127.0.0.1:PORT\" or path = \"tpm/swtpm.sock\"",
+                    Ok(a) => self.error(
+                        address.span(),
+                        format!("listen address {a} is not a loopback address with a port"),
+                        "listen on 127.0.0.1:PORT or [::1]:PORT only: the TPM is never exposed to the network",
                     ),
-                }
-            }
-
-            let mut regions = Vec::new();
-            for r in &s.regions {
-                let r = r.get_ref();
-                let rname = r.name.get_ref();
-                if !valid_name(rname) {
-                    self.error(
-                        r.name.span(),
-                        format!("region name \"{rname}\" is not a valid name"),
-                        format!("use 1 to {MAX_NAME} characters from a-z, 0-9 and '-'"),
-                    );
-                }
-                if regions.iter().any(|x: &RegionGrant| &x.name == rname) {
-                    self.error(
-                        r.name.span(),
-                        format!("region \"{rname}\" is listed twice"),
-                        "give each region a unique name",
-                    );
-                }
-                match parse_size(r.size.get_ref()) {
-                    Some(n) if n > 0 && n <= MAX_MEMORY => regions.push(RegionGrant {
-                        name: rname.clone(),
-                        size: n,
-                    }),
-                    _ => self.error(
-                        r.size.span(),
-                        format!(
-                            "region size \"{}\" is zero, absurd or unreadable",
-                            r.size.get_ref()
-                        ),
-                        "write a size such as \"256K\" or \"4M\"",
+                    Err(_) => self.error(
+                        address.span(),
+                        format!("\"{}\" is not an address", address.get_ref()),
+                        "write e.g. \"127.0.0.1:2321\"",
                     ),
-                }
-            }
-
-            let ranges = |v: &mut Self,
-                          list: &[Spanned<RawRange>],
-                          what: &str|
-             -> Vec<(DeviceRange, Range<usize>)> {
-                let mut out = Vec::new();
-                for r in list {
-                    let range = DeviceRange {
-                        base: *r.get_ref().base.get_ref(),
-                        size: *r.get_ref().size.get_ref(),
-                    };
-                    let limit = if what == "pio" {
-                        1u64 << 16
-                    } else {
-                        1u64 << 52
-                    };
-                    if range.size == 0 {
-                        v.error(
-                            r.span(),
-                            format!("{what} range at {:#x} has size 0", range.base),
-                            "give the range a non-zero size",
-                        );
-                    } else if range
-                        .base
-                        .checked_add(range.size)
-                        .is_none_or(|end| end > limit)
-                    {
-                        v.error(r.span(), format!("{what} range {:#x}+{:#x} runs past the end of the {what} space ({limit:#x})", range.base, range.size), "fix base or size");
-                    } else if what == "pio"
-                        && (range.base..range.base + range.size)
-                            .contains(&u64::from(crate::partition::router::IN_THREAD_PORT))
-                    {
-                        v.error(
-                            r.span(),
-                            format!(
-                                "pio range {:#x}+{:#x} covers port {:#x}, which the partition answers itself",
-                                range.base,
-                                range.size,
-                                crate::partition::router::IN_THREAD_PORT
-                            ),
-                            "that port is the exit benchmark's in-thread baseline; move the range",
-                        );
-                    } else {
-                        out.push((range, r.span()));
-                    }
-                }
-                out
-            };
-            let my_mmio = ranges(self, &s.mmio, "mmio");
-            let my_pio = ranges(self, &s.pio, "pio");
-            for (r, span) in &my_mmio {
-                mmio.push((name.clone(), *r, span.clone()));
-            }
-            for (r, span) in &my_pio {
-                pio.push((name.clone(), *r, span.clone()));
-            }
-            let pci_device = match &s.pci_device {
-                None => None,
-                Some(d) => match u8::try_from(*d.get_ref()) {
-                    Ok(n) if (1..=31).contains(&n) => {
-                        if let Some((other, _)) = pci_owners.iter().find(|(_, x)| *x == n) {
-                            self.error(
-                                d.span(),
-                                format!("PCI device {n} is already owned by \"{other}\""),
-                                "give each device service its own device number",
-                            );
-                        }
-                        pci_owners.push((name.clone(), n));
-                        Some(n)
-                    }
-                    _ => {
-                        self.error(
-                            d.span(),
-                            format!("PCI device {} does not exist on bus 0", d.get_ref()),
-                            "use 1..=31 (00:00 is the host bridge)",
-                        );
-                        None
-                    }
                 },
-            };
-            if !my_mmio.is_empty() || !my_pio.is_empty() || pci_device.is_some() {
-                let device_interfaces: Vec<Interface> = serves
-                    .iter()
-                    .copied()
-                    .filter(|i| crate::partition::router::takes_guest_accesses(*i))
-                    .collect();
-                if device_interfaces.len() != 1 {
-                    let span = my_mmio
-                        .first()
-                        .or(my_pio.first())
-                        .map(|(_, s)| s.clone())
-                        .or(s.pci_device.as_ref().map(|d| d.span()))
-                        .unwrap_or(service_span.clone());
-                    self.error(
-                        span,
-                        format!(
-                            "service \"{name}\" owns guest address ranges or a PCI device but serves {} interface(s) that take guest accesses",
-                            device_interfaces.len()
-                        ),
-                        "a range's accesses go to the one interface of its service that takes them (intercept or vtpm); serve exactly one",
-                    );
+                (None, Some(path)) => {
+                    self.check_state_path(path, "listener");
+                    listen.push(ListenGrant {
+                        name: lname.clone(),
+                        address: ListenAddress::Unix(PathBuf::from(path.get_ref())),
+                        localities,
+                    });
                 }
-            }
-            let own_interrupts = self.interrupt_list(&s.interrupts);
-            if !own_interrupts.is_empty() && !serves.contains(&Interface::Intercept) {
-                self.error(
-                    s.interrupts[0].span(),
-                    format!("service \"{name}\" lists interrupts but does not serve intercept"),
-                    "only intercept holds interrupt lines; a device asks it: put `interrupts = [..]` in the device's call to intercept",
-                );
-            }
-
-            let limits = s.limits.get_ref();
-            let memory = match parse_size(limits.memory.get_ref()) {
-                Some(n) if (MIN_MEMORY..=MAX_MEMORY).contains(&n) => n,
-                Some(0) => {
-                    self.error(
-                        limits.memory.span(),
-                        "memory limit is zero",
-                        format!("give at least {}M", MIN_MEMORY >> 20),
-                    );
-                    0
-                }
-                Some(n) => {
-                    self.error(
-                        limits.memory.span(),
-                        format!("memory limit {} is absurd", format_size(n)),
-                        format!(
-                            "use between {}M and {}G",
-                            MIN_MEMORY >> 20,
-                            MAX_MEMORY >> 30
-                        ),
-                    );
-                    0
-                }
-                None => {
-                    self.error(
-                        limits.memory.span(),
-                        format!("memory limit \"{}\" is not a size", limits.memory.get_ref()),
-                        "write a size such as \"64M\"",
-                    );
-                    0
-                }
-            };
-            // Checked once every service is known: the serving channels depend on who calls.
-            pending_limits.push((
-                name.clone(),
-                limits.open_files.clone(),
-                service_span.clone(),
-            ));
-            let open_files = *limits.open_files.get_ref();
-
-            let restart = self.restart(s.restart.get_ref());
-
-            let mut syscalls = Vec::new();
-            for sc in &s.syscalls {
-                let sname = sc.get_ref();
-                if FORBIDDEN_SYSCALLS.contains(&sname.as_str()) {
-                    self.error(
-                        sc.span(),
-                        format!("syscall \"{sname}\" would let the service leave its sandbox"),
-                        "no service may be granted it; do the work in the microkernel and pass a capability instead",
-                    );
-                } else if sname.parse::<syscalls::Sysno>().is_err() {
-                    self.error(
-                        sc.span(),
-                        format!("\"{sname}\" is not an x86_64 syscall name"),
-                        "use the kernel's name, e.g. \"pwrite64\" or \"fdatasync\"",
-                    );
-                } else if syscalls.contains(sname) {
-                    self.error(
-                        sc.span(),
-                        format!("syscall \"{sname}\" is listed twice"),
-                        "list it once",
-                    );
-                } else {
-                    syscalls.push(sname.clone());
-                }
-            }
-
-            let watchdog = match &s.watchdog {
-                None => DEFAULT_WATCHDOG,
-                Some(w) => match parse_duration(w.get_ref()) {
-                    Some(d) if (MIN_WATCHDOG..=MAX_WATCHDOG).contains(&d) => d,
-                    _ => {
-                        self.error(
-                            w.span(),
-                            format!("watchdog \"{}\" is not a duration between 1s and 1h", w.get_ref()),
-                            "write e.g. \"10s\"; a hung service is killed after this long without answering",
-                        );
-                        DEFAULT_WATCHDOG
-                    }
-                },
-            };
-
-            // A front end's TPM commands may use the localities its listeners are granted.
-            if let Some(Grant::Vtpm(g)) = grants.get_mut(&Interface::Vtpm) {
-                if !g.commands.is_empty() {
-                    for l in &listen {
-                        g.commands = g.commands.union(l.localities);
-                    }
-                }
-            }
-            let user = s.user.as_ref().and_then(|u| self.user(u));
-            if let (Some(spec), Some(raw)) = (user, &s.user) {
-                users.push((name.clone(), spec, raw.span()));
-            }
-            services.push(ServiceSpec {
-                user,
-                name,
-                watchdog,
-                binary,
-                args: s.args,
-                serves,
-                calls,
-                files,
-                keys,
-                listen,
-                grants,
-                regions,
-                mmio: my_mmio.into_iter().map(|(r, _)| r).collect(),
-                pio: my_pio.into_iter().map(|(r, _)| r).collect(),
-                interrupts: own_interrupts,
-                pci_device,
-                limits: Limits {
-                    memory,
-                    open_files: open_files.max(0) as u64,
-                },
-                restart,
-                syscalls,
-                platform: s.platform.as_ref().is_some_and(|p| *p.get_ref()),
-            });
-            if let Some(p) = s.platform.as_ref().filter(|p| *p.get_ref()) {
-                platform_holders.push((
-                    services
-                        .last()
-                        .map(|x: &ServiceSpec| x.name.clone())
-                        .unwrap_or_default(),
-                    p.span(),
-                ));
+                _ => self.error(
+                    l.name.span(),
+                    format!("listener \"{lname}\" needs exactly one of `address` (loopback TCP) and `path` (Unix socket)"),
+                    "write address = \"127.0.0.1:PORT\" or path = \"tpm/swtpm.sock\"",
+                ),
             }
         }
+        listen
+    }
 
+    /// `regions`: valid, unique names, each with a size neither zero nor above MAX_MEMORY.
+    fn regions(&mut self, raw: &[Spanned<RawRegion>]) -> Vec<RegionGrant> {
+        let mut regions = Vec::new();
+        for r in raw {
+            let r = r.get_ref();
+            let rname = r.name.get_ref();
+            if !valid_name(rname) {
+                self.error(
+                    r.name.span(),
+                    format!("region name \"{rname}\" is not a valid name"),
+                    format!("use 1 to {MAX_NAME} characters from a-z, 0-9 and '-'"),
+                );
+            }
+            if regions.iter().any(|x: &RegionGrant| &x.name == rname) {
+                self.error(
+                    r.name.span(),
+                    format!("region \"{rname}\" is listed twice"),
+                    "give each region a unique name",
+                );
+            }
+            match parse_size(r.size.get_ref()) {
+                Some(n) if n > 0 && n <= MAX_MEMORY => regions.push(RegionGrant {
+                    name: rname.clone(),
+                    size: n,
+                }),
+                _ => self.error(
+                    r.size.span(),
+                    format!(
+                        "region size \"{}\" is zero, absurd or unreadable",
+                        r.size.get_ref()
+                    ),
+                    "write a size such as \"256K\" or \"4M\"",
+                ),
+            }
+        }
+        regions
+    }
+
+    /// What a service owns of the guest's address spaces: its `mmio` and `pio` ranges
+    /// ([`Self::device_ranges`]) and its `pci-device`; a service that owns any of them serves
+    /// exactly one interface that takes guest accesses. Overlaps between services are
+    /// checked once every service is known ([`Self::overlaps`]).
+    fn guest_devices(
+        &mut self,
+        s: &RawService,
+        name: &str,
+        serves: &[Interface],
+        service_span: &Range<usize>,
+        seen: &mut Seen,
+    ) -> (Vec<DeviceRange>, Vec<DeviceRange>, Option<u8>) {
+        let my_mmio = self.device_ranges(&s.mmio, "mmio");
+        let my_pio = self.device_ranges(&s.pio, "pio");
+        for (r, span) in &my_mmio {
+            seen.mmio.push((name.to_string(), *r, span.clone()));
+        }
+        for (r, span) in &my_pio {
+            seen.pio.push((name.to_string(), *r, span.clone()));
+        }
+        let pci_device = self.pci_device(s.pci_device.as_ref(), name, seen);
+        if !my_mmio.is_empty() || !my_pio.is_empty() || pci_device.is_some() {
+            let device_interfaces: Vec<Interface> = serves
+                .iter()
+                .copied()
+                .filter(|i| crate::partition::router::takes_guest_accesses(*i))
+                .collect();
+            if device_interfaces.len() != 1 {
+                let span = my_mmio
+                    .first()
+                    .or(my_pio.first())
+                    .map(|(_, s)| s.clone())
+                    .or(s.pci_device.as_ref().map(|d| d.span()))
+                    .unwrap_or(service_span.clone());
+                self.error(
+                    span,
+                    format!(
+                        "service \"{name}\" owns guest address ranges or a PCI device but serves {} interface(s) that take guest accesses",
+                        device_interfaces.len()
+                    ),
+                    "a range's accesses go to the one interface of its service that takes them (intercept or vtpm); serve exactly one",
+                );
+            }
+        }
+        (
+            my_mmio.into_iter().map(|(r, _)| r).collect(),
+            my_pio.into_iter().map(|(r, _)| r).collect(),
+            pci_device,
+        )
+    }
+
+    /// `mmio` or `pio` ranges (`what`): each non-empty, within its address space (2^52 or
+    /// 2^16) and, for ports, clear of the port the partition answers itself. Returns the
+    /// valid ones with where each is written.
+    fn device_ranges(
+        &mut self,
+        list: &[Spanned<RawRange>],
+        what: &str,
+    ) -> Vec<(DeviceRange, Range<usize>)> {
+        let mut out = Vec::new();
+        for r in list {
+            let range = DeviceRange {
+                base: *r.get_ref().base.get_ref(),
+                size: *r.get_ref().size.get_ref(),
+            };
+            let limit = if what == "pio" {
+                1u64 << 16
+            } else {
+                1u64 << 52
+            };
+            if range.size == 0 {
+                self.error(
+                    r.span(),
+                    format!("{what} range at {:#x} has size 0", range.base),
+                    "give the range a non-zero size",
+                );
+            } else if range
+                .base
+                .checked_add(range.size)
+                .is_none_or(|end| end > limit)
+            {
+                self.error(r.span(), format!("{what} range {:#x}+{:#x} runs past the end of the {what} space ({limit:#x})", range.base, range.size), "fix base or size");
+            } else if what == "pio"
+                && (range.base..range.base + range.size)
+                    .contains(&u64::from(crate::partition::router::IN_THREAD_PORT))
+            {
+                self.error(
+                    r.span(),
+                    format!(
+                        "pio range {:#x}+{:#x} covers port {:#x}, which the partition answers itself",
+                        range.base,
+                        range.size,
+                        crate::partition::router::IN_THREAD_PORT
+                    ),
+                    "that port is the exit benchmark's in-thread baseline; move the range",
+                );
+            } else {
+                out.push((range, r.span()));
+            }
+        }
+        out
+    }
+
+    /// `pci-device`: a device number on bus 0 (1..=31), owned by one service only.
+    fn pci_device(
+        &mut self,
+        raw: Option<&Spanned<i64>>,
+        name: &str,
+        seen: &mut Seen,
+    ) -> Option<u8> {
+        match raw {
+            None => None,
+            Some(d) => match u8::try_from(*d.get_ref()) {
+                Ok(n) if (1..=31).contains(&n) => {
+                    if let Some((other, _)) = seen.pci_owners.iter().find(|(_, x)| *x == n) {
+                        self.error(
+                            d.span(),
+                            format!("PCI device {n} is already owned by \"{other}\""),
+                            "give each device service its own device number",
+                        );
+                    }
+                    seen.pci_owners.push((name.to_string(), n));
+                    Some(n)
+                }
+                _ => {
+                    self.error(
+                        d.span(),
+                        format!("PCI device {} does not exist on bus 0", d.get_ref()),
+                        "use 1..=31 (00:00 is the host bridge)",
+                    );
+                    None
+                }
+            },
+        }
+    }
+
+    /// `interrupts`: the lines the service's own devices raise ([`Self::interrupt_list`]);
+    /// only the service that serves intercept holds interrupt lines.
+    fn own_interrupts(
+        &mut self,
+        raw: &[Spanned<i64>],
+        name: &str,
+        serves: &[Interface],
+    ) -> InterruptSet {
+        let own_interrupts = self.interrupt_list(raw);
+        if !own_interrupts.is_empty() && !serves.contains(&Interface::Intercept) {
+            self.error(
+                raw[0].span(),
+                format!("service \"{name}\" lists interrupts but does not serve intercept"),
+                "only intercept holds interrupt lines; a device asks it: put `interrupts = [..]` in the device's call to intercept",
+            );
+        }
+        own_interrupts
+    }
+
+    /// `limits`: a memory limit between MIN_MEMORY and MAX_MEMORY. The open-files limit is
+    /// checked once every service is known ([`Self::open_files_and_capabilities`]).
+    fn limits(
+        &mut self,
+        limits: &RawLimits,
+        name: &str,
+        service_span: &Range<usize>,
+        seen: &mut Seen,
+    ) -> Limits {
+        let memory = match parse_size(limits.memory.get_ref()) {
+            Some(n) if (MIN_MEMORY..=MAX_MEMORY).contains(&n) => n,
+            Some(0) => {
+                self.error(
+                    limits.memory.span(),
+                    "memory limit is zero",
+                    format!("give at least {}M", MIN_MEMORY >> 20),
+                );
+                0
+            }
+            Some(n) => {
+                self.error(
+                    limits.memory.span(),
+                    format!("memory limit {} is absurd", format_size(n)),
+                    format!(
+                        "use between {}M and {}G",
+                        MIN_MEMORY >> 20,
+                        MAX_MEMORY >> 30
+                    ),
+                );
+                0
+            }
+            None => {
+                self.error(
+                    limits.memory.span(),
+                    format!("memory limit \"{}\" is not a size", limits.memory.get_ref()),
+                    "write a size such as \"64M\"",
+                );
+                0
+            }
+        };
+        // Checked once every service is known: the serving channels depend on who calls.
+        seen.pending_limits.push((
+            name.to_string(),
+            limits.open_files.clone(),
+            service_span.clone(),
+        ));
+        let open_files = *limits.open_files.get_ref();
+        Limits {
+            memory,
+            open_files: open_files.max(0) as u64,
+        }
+    }
+
+    /// `syscalls`: kernel syscall names, each once, none of the FORBIDDEN_SYSCALLS that would
+    /// let a service leave its sandbox.
+    fn syscalls(&mut self, raw: &[Spanned<String>]) -> Vec<String> {
+        let mut syscalls = Vec::new();
+        for sc in raw {
+            let sname = sc.get_ref();
+            if FORBIDDEN_SYSCALLS.contains(&sname.as_str()) {
+                self.error(
+                    sc.span(),
+                    format!("syscall \"{sname}\" would let the service leave its sandbox"),
+                    "no service may be granted it; do the work in the microkernel and pass a capability instead",
+                );
+            } else if sname.parse::<syscalls::Sysno>().is_err() {
+                self.error(
+                    sc.span(),
+                    format!("\"{sname}\" is not an x86_64 syscall name"),
+                    "use the kernel's name, e.g. \"pwrite64\" or \"fdatasync\"",
+                );
+            } else if syscalls.contains(sname) {
+                self.error(
+                    sc.span(),
+                    format!("syscall \"{sname}\" is listed twice"),
+                    "list it once",
+                );
+            } else {
+                syscalls.push(sname.clone());
+            }
+        }
+        syscalls
+    }
+
+    /// `watchdog`: a duration between MIN_WATCHDOG and MAX_WATCHDOG (DEFAULT_WATCHDOG when
+    /// absent).
+    fn watchdog(&mut self, raw: Option<&Spanned<String>>) -> Duration {
+        match raw {
+            None => DEFAULT_WATCHDOG,
+            Some(w) => match parse_duration(w.get_ref()) {
+                Some(d) if (MIN_WATCHDOG..=MAX_WATCHDOG).contains(&d) => d,
+                _ => {
+                    self.error(
+                        w.span(),
+                        format!("watchdog \"{}\" is not a duration between 1s and 1h", w.get_ref()),
+                        "write e.g. \"10s\"; a hung service is killed after this long without answering",
+                    );
+                    DEFAULT_WATCHDOG
+                }
+            },
+        }
+    }
+
+    /// Every call has a server (checked once every service is known).
+    fn unserved_calls(
+        &mut self,
+        pending_calls: Vec<(String, Interface, Range<usize>)>,
+        servers: &BTreeMap<Interface, (String, Range<usize>)>,
+    ) {
         for (client, endpoint, span) in pending_calls {
             if !servers.contains_key(&endpoint) {
                 self.error(
@@ -1493,11 +1697,21 @@ impl Validator<'_> {
                 );
             }
         }
+    }
+
+    /// Each service's open-files limit is positive, at most MAX_OPEN_FILES and room for the
+    /// descriptors it holds, and its capabilities fit the bootstrap record. Both depend on
+    /// who calls it, so they are checked once every service is known.
+    fn open_files_and_capabilities(
+        &mut self,
+        pending_limits: Vec<(String, Spanned<i64>, Range<usize>)>,
+        services: &[ServiceSpec],
+    ) {
         for (name, open_files_spanned, service_span) in pending_limits {
             let Some(spec) = services.iter().find(|x: &&ServiceSpec| x.name == name) else {
                 continue;
             };
-            let capabilities = capability_slots(spec, &services);
+            let capabilities = capability_slots(spec, services);
             let open_files = *open_files_spanned.get_ref();
             let needed = BASE_DESCRIPTORS + capabilities as u64;
             if open_files <= 0 {
@@ -1527,9 +1741,10 @@ impl Validator<'_> {
                 );
             }
         }
-        self.overlaps(&mmio, "mmio");
-        self.overlaps(&pio, "pio");
-        self.shared_ids(&users);
+    }
+
+    /// At most MAX_SERVICES services.
+    fn service_count(&mut self, services: &[ServiceSpec]) {
         if services.len() > MAX_SERVICES {
             self.error(
                 0..0,
@@ -1537,6 +1752,16 @@ impl Validator<'_> {
                 format!("at most {MAX_SERVICES}: each runs under a uid of its own"),
             );
         }
+    }
+
+    /// Paths granted across services: a guest-state file is granted to one service only, a
+    /// key file is never also granted as a file, and no key file is listed twice.
+    fn state_paths(
+        &mut self,
+        file_paths: &[(PathBuf, Range<usize>)],
+        key_paths: &[(PathBuf, Range<usize>)],
+        services: &[ServiceSpec],
+    ) {
         for (i, (path, span)) in file_paths.iter().enumerate() {
             if file_paths[..i].iter().any(|(p, _)| p == path)
                 && services
@@ -1570,11 +1795,17 @@ impl Validator<'_> {
                 );
             }
         }
+    }
 
-        // Each VMGS file id belongs to one client: two clients writing the same id would
-        // overwrite each other (a retried write could even undo the other's newer one).
+    /// Each VMGS file id belongs to one client: two clients writing the same id would
+    /// overwrite each other (a retried write could even undo the other's newer one).
+    fn vmgs_file_owners(
+        &mut self,
+        services: &[ServiceSpec],
+        call_spans: &BTreeMap<String, Range<usize>>,
+    ) {
         let mut owners: BTreeMap<FileId, String> = BTreeMap::new();
-        for s in &services {
+        for s in services {
             if let Some(Grant::VmgsFiles(set)) = s.grants.get(&Interface::Vmgs) {
                 for id in set.iter() {
                     if let Some(other) = owners.insert(id, s.name.clone()) {
@@ -1591,11 +1822,20 @@ impl Validator<'_> {
                 }
             }
         }
+    }
+
+    /// With a vmgs endpoint, the ring capacity holds a full chunk (MIN_VMGS_RING).
+    fn vmgs_ring(
+        &mut self,
+        ring_capacity: u32,
+        ring_span: Option<Range<usize>>,
+        services: &[ServiceSpec],
+    ) {
         if ring_capacity < MIN_VMGS_RING
             && services.iter().any(|s| s.serves.contains(&Interface::Vmgs))
         {
             self.error(
-                ring_span.clone().unwrap_or(0..0),
+                ring_span.unwrap_or(0..0),
                 format!(
                     "ring-capacity {} is too small for the vmgs endpoint (its chunks need {})",
                     format_size(ring_capacity.into()),
@@ -1606,16 +1846,6 @@ impl Validator<'_> {
                     format_size(MIN_VMGS_RING.into())
                 ),
             );
-        }
-
-        let attest = self.attest_settings(raw_attest, &services, &sealed_keys, &platform_holders);
-        Manifest {
-            path: path.to_path_buf(),
-            state_dir,
-            ring_capacity,
-            services,
-            attest,
-            source: self.source.to_string(),
         }
     }
 
