@@ -1,11 +1,19 @@
 //! CAmkES-style bad-manifest cases: each one is refused by `paravisor check` with a non-zero
-//! exit and a message that names the line.
+//! exit and a message that names the line. A case is a good manifest with the keys it breaks
+//! changed as TOML (`common::edited`), so a case that names a key the manifest lacks fails
+//! instead of checking the good manifest.
 
 mod common;
 
+use common::add;
+use common::edited;
+use common::push;
 use common::pv;
+use common::remove;
 use common::scratch_dir;
+use common::set;
 use common::text;
+use toml_edit::DocumentMut;
 
 const GOOD: &str = r#"[[service]]
 name = "store"
@@ -23,6 +31,19 @@ mmio = [{ base = 0xfed40000, size = 0x5000 }]
 limits = { memory = "64M", open-files = 32 }
 restart = { policy = "on-failure", max = 3, window = "10s", backoff = "10ms" }
 "#;
+
+/// GOOD after `change`. A key added to "store" lands on line 7 (after its `restart`), one
+/// added to "tpm" on line 16 (its last).
+fn edit(change: impl FnOnce(&mut DocumentMut)) -> String {
+    edited(GOOD, change)
+}
+
+/// A case cannot silently check GOOD instead: an edit of a key GOOD lacks fails.
+#[test]
+#[should_panic(expected = "no service.tpm.serve to set")]
+fn an_edit_of_a_key_the_manifest_lacks_fails_the_case() {
+    edit(|m| set(m, "service.tpm.serve", r#"["tpmx"]"#));
+}
 
 /// Checks `manifest`; asserts failure with `needle` in the output at `line`.
 fn refused(manifest: &str, line: usize, needle: &str) {
@@ -62,7 +83,7 @@ fn good_manifest_and_shipped_manifest_pass() {
 #[test]
 fn unknown_endpoint_is_refused() {
     refused(
-        &GOOD.replace("serves = [\"vtpm\"]", "serves = [\"tpmx\"]"),
+        &edit(|m| set(m, "service.tpm.serves", r#"["tpmx"]"#)),
         11,
         "unknown endpoint \"tpmx\"",
     );
@@ -71,7 +92,7 @@ fn unknown_endpoint_is_refused() {
 #[test]
 fn endpoint_served_twice_is_refused() {
     refused(
-        &GOOD.replace("serves = [\"vtpm\"]", "serves = [\"vmgs\"]"),
+        &edit(|m| set(m, "service.tpm.serves", r#"["vmgs"]"#)),
         11,
         "served twice",
     );
@@ -80,10 +101,7 @@ fn endpoint_served_twice_is_refused() {
 #[test]
 fn call_to_an_endpoint_nobody_serves_is_refused() {
     refused(
-        &GOOD.replace(
-            "calls = [{ endpoint = \"vmgs\", file-ids = [\"TPM_NVRAM\", \"TPM_PPI\"] }]",
-            "calls = [{ endpoint = \"net\" }]",
-        ),
+        &edit(|m| set(m, "service.tpm.calls", r#"[{ endpoint = "net" }]"#)),
         12,
         "no service serves it",
     );
@@ -100,7 +118,7 @@ fn disconnected_service_is_refused() {
 #[test]
 fn duplicate_service_names_are_refused() {
     refused(
-        &GOOD.replace("name = \"tpm\"", "name = \"store\""),
+        &edit(|m| set(m, "service.tpm.name", r#""store""#)),
         9,
         "defined twice",
     );
@@ -109,7 +127,7 @@ fn duplicate_service_names_are_refused() {
 #[test]
 fn zero_memory_limit_is_refused() {
     refused(
-        &GOOD.replacen("memory = \"64M\"", "memory = \"0\"", 1),
+        &edit(|m| set(m, "service.store.limits.memory", r#""0""#)),
         5,
         "memory limit is zero",
     );
@@ -118,7 +136,7 @@ fn zero_memory_limit_is_refused() {
 #[test]
 fn absurd_memory_limit_is_refused() {
     refused(
-        &GOOD.replacen("memory = \"64M\"", "memory = \"9000G\"", 1),
+        &edit(|m| set(m, "service.store.limits.memory", r#""9000G""#)),
         5,
         "absurd",
     );
@@ -127,7 +145,7 @@ fn absurd_memory_limit_is_refused() {
 #[test]
 fn zero_open_files_is_refused() {
     refused(
-        &GOOD.replacen("open-files = 32", "open-files = 0", 1),
+        &edit(|m| set(m, "service.store.limits.open-files", "0")),
         5,
         "open-files limit 0",
     );
@@ -136,45 +154,33 @@ fn zero_open_files_is_refused() {
 #[test]
 fn absurd_restart_limits_are_refused() {
     refused(
-        &GOOD.replacen("max = 3", "max = 100000", 1),
+        &edit(|m| set(m, "service.store.restart.max", "100000")),
         6,
         "restart max 100000",
     );
     refused(
-        &GOOD.replacen("backoff = \"10ms\"", "backoff = \"0ms\"", 1),
+        &edit(|m| set(m, "service.store.restart.backoff", r#""0ms""#)),
         6,
         "backoff",
     );
     refused(
-        &GOOD.replacen("policy = \"always\"", "policy = \"sometimes\"", 1),
+        &edit(|m| set(m, "service.store.restart.policy", r#""sometimes""#)),
         6,
         "restart policy \"sometimes\"",
     );
     // The back-off's ceiling: a duration, not absurd, not below the back-off itself.
     refused(
-        &GOOD.replacen(
-            "backoff = \"10ms\" }",
-            "backoff = \"10ms\", max-backoff = \"5ms\" }",
-            1,
-        ),
+        &edit(|m| add(m, "service.store.restart.max-backoff", r#""5ms""#)),
         6,
         "restart max-backoff 5ms is below backoff 10ms",
     );
     refused(
-        &GOOD.replacen(
-            "backoff = \"10ms\" }",
-            "backoff = \"10ms\", max-backoff = \"1y\" }",
-            1,
-        ),
+        &edit(|m| add(m, "service.store.restart.max-backoff", r#""1y""#)),
         6,
         "restart max-backoff \"1y\" is not a duration",
     );
     refused(
-        &GOOD.replacen(
-            "backoff = \"10ms\" }",
-            "backoff = \"10ms\", max-backof = \"1s\" }",
-            1,
-        ),
+        &edit(|m| add(m, "service.store.restart.max-backof", r#""1s""#)),
         6,
         "max-backof",
     );
@@ -182,23 +188,22 @@ fn absurd_restart_limits_are_refused() {
 
 #[test]
 fn overlapping_device_ranges_are_refused() {
-    let m = GOOD.replacen(
-        "serves = [\"vmgs\"]",
-        "serves = [\"vmgs\"]\nmmio = [{ base = 0xfed44000, size = 0x2000 }]",
-        1,
-    );
+    // Refused at the later of the two ranges: "tpm"'s, a line down with "store" a line longer.
+    let m = edit(|m| {
+        add(
+            m,
+            "service.store.mmio",
+            "[{ base = 0xfed44000, size = 0x2000 }]",
+        )
+    });
     refused(&m, 14, "overlaps");
 }
 
 #[test]
 fn unknown_keys_are_refused() {
     refused(
-        &GOOD.replacen(
-            "binary = \"pv-vmgs\"",
-            "binary = \"pv-vmgs\"\nbinray = \"x\"",
-            1,
-        ),
-        4,
+        &edit(|m| add(m, "service.store.binray", r#""x""#)),
+        7,
         "unknown field",
     );
 }
@@ -206,21 +211,13 @@ fn unknown_keys_are_refused() {
 #[test]
 fn syscall_fragments_cannot_undo_the_sandbox() {
     refused(
-        &GOOD.replacen(
-            "serves = [\"vmgs\"]",
-            "serves = [\"vmgs\"]\nsyscalls = [\"ptrace\"]",
-            1,
-        ),
-        5,
+        &edit(|m| add(m, "service.store.syscalls", r#"["ptrace"]"#)),
+        7,
         "leave its sandbox",
     );
     refused(
-        &GOOD.replacen(
-            "serves = [\"vmgs\"]",
-            "serves = [\"vmgs\"]\nsyscalls = [\"frobnicate\"]",
-            1,
-        ),
-        5,
+        &edit(|m| add(m, "service.store.syscalls", r#"["frobnicate"]"#)),
+        7,
         "not an x86_64 syscall",
     );
 }
@@ -228,12 +225,14 @@ fn syscall_fragments_cannot_undo_the_sandbox() {
 #[test]
 fn files_must_stay_in_the_state_directory() {
     refused(
-        &GOOD.replacen(
-            "serves = [\"vmgs\"]",
-            "serves = [\"vmgs\"]\nfiles = [{ name = \"x\", path = \"../etc/passwd\", access = \"read-only\" }]",
-            1,
-        ),
-        5,
+        &edit(|m| {
+            add(
+                m,
+                "service.store.files",
+                r#"[{ name = "x", path = "../etc/passwd", access = "read-only" }]"#,
+            )
+        }),
+        7,
         "inside the state directory",
     );
 }
@@ -254,19 +253,16 @@ fn open_files_below_the_granted_descriptors_is_refused() {
     // "store" holds status, seccomp program, control and one serving channel per caller:
     // 4 slots + 8 for stdio, the record and the runtime = 12.
     refused(
-        &GOOD.replacen("open-files = 32", "open-files = 11", 1),
+        &edit(|m| set(m, "service.store.limits.open-files", "11")),
         5,
         "below the 12 descriptors",
     );
 }
 
-const VMGS_CALL: &str =
-    "calls = [{ endpoint = \"vmgs\", file-ids = [\"TPM_NVRAM\", \"TPM_PPI\"] }]";
-
 #[test]
 fn vmgs_call_without_file_ids_is_refused() {
     refused(
-        &GOOD.replace(VMGS_CALL, "calls = [{ endpoint = \"vmgs\" }]"),
+        &edit(|m| remove(m, "service.tpm.calls.0.file-ids")),
         12,
         "must say which file ids",
     );
@@ -274,61 +270,89 @@ fn vmgs_call_without_file_ids_is_refused() {
 
 #[test]
 fn unknown_or_reserved_vmgs_file_ids_are_refused() {
+    let file_ids = |ids: &str| edit(|m| set(m, "service.tpm.calls.0.file-ids", ids));
     refused(
-        &GOOD.replace("\"TPM_PPI\"", "\"TPM_PP\""),
+        &file_ids(r#"["TPM_NVRAM", "TPM_PP"]"#),
         12,
         "\"TPM_PP\" is not a VMGS file id",
     );
     refused(
-        &GOOD.replace("\"TPM_PPI\"", "\"FILE_TABLE\""),
+        &file_ids(r#"["TPM_NVRAM", "FILE_TABLE"]"#),
         12,
         "cannot be granted",
     );
     refused(
-        &GOOD.replace("\"TPM_PPI\"", "\"64\""),
+        &file_ids(r#"["TPM_NVRAM", "64"]"#),
         12,
         "not a VMGS file id",
     );
-    refused(&GOOD.replace("\"TPM_PPI\"", "\"3\""), 12, "listed twice");
+    refused(&file_ids(r#"["TPM_NVRAM", "3"]"#), 12, "listed twice");
 }
 
 #[test]
 fn file_ids_on_a_call_to_another_endpoint_are_refused() {
-    let m = GOOD.replace(
-        "serves = [\"vmgs\"]",
-        "serves = [\"vmgs\", \"net\"]",
-    )
-    .replace(
-        VMGS_CALL,
-        "calls = [{ endpoint = \"vmgs\", file-ids = [\"TPM_NVRAM\"] }, { endpoint = \"net\", file-ids = [\"TPM_NVRAM\"] }]",
-    );
+    let m = edit(|m| {
+        set(m, "service.store.serves", r#"["vmgs", "net"]"#);
+        set(
+            m,
+            "service.tpm.calls",
+            r#"[{ endpoint = "vmgs", file-ids = ["TPM_NVRAM"] }, { endpoint = "net", file-ids = ["TPM_NVRAM"] }]"#,
+        );
+    });
     refused(&m, 12, "file-ids applies to calls to \"vmgs\"");
 }
 
-const STORE_FILES: &str = "serves = [\"vmgs\"]\nfiles = [{ name = \"guest-state\", path = \"guest.vmgs\", access = \"read-write\", missing = \"create-vmgs\", key = \"datastore\" }]\nkeys = [{ name = \"datastore\", path = \"guest.vmgs.key\", missing = \"create\" }]";
+/// A guest-state file "store" creates on the first run, encrypted with its key "datastore":
+/// `files` on line 7, `keys` on line 8.
+fn store_files(m: &mut DocumentMut) {
+    add(
+        m,
+        "service.store.files",
+        r#"[{ name = "guest-state", path = "guest.vmgs", access = "read-write", missing = "create-vmgs", key = "datastore" }]"#,
+    );
+    add(
+        m,
+        "service.store.keys",
+        r#"[{ name = "datastore", path = "guest.vmgs.key", missing = "create" }]"#,
+    );
+}
 
 #[test]
 fn created_guest_state_needs_a_key_of_its_service() {
-    let good = GOOD.replace("serves = [\"vmgs\"]", STORE_FILES);
+    let good = edit(store_files);
     let dir = scratch_dir("vmgsgood");
     let path = dir.join("good.toml");
     std::fs::write(&path, &good).unwrap();
     let out = pv(&["check", path.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
-    refused(&good.replace(", key = \"datastore\"", ""), 5, "needs `key`");
     refused(
-        &good.replace("key = \"datastore\" }]", "key = \"other\" }]"),
-        5,
+        &edited(&good, |m| remove(m, "service.store.files.guest-state.key")),
+        7,
+        "needs `key`",
+    );
+    refused(
+        &edited(&good, |m| {
+            set(m, "service.store.files.guest-state.key", r#""other""#)
+        }),
+        7,
         "not one of this service's keys",
     );
     refused(
-        &good.replace("path = \"guest.vmgs.key\"", "path = \"guest.vmgs\""),
-        5,
+        &edited(&good, |m| {
+            set(m, "service.store.keys.datastore.path", r#""guest.vmgs""#)
+        }),
+        7,
         "is a key file",
     );
     refused(
-        &good.replace("path = \"guest.vmgs.key\"", "path = \"../guest.vmgs.key\""),
-        6,
+        &edited(&good, |m| {
+            set(
+                m,
+                "service.store.keys.datastore.path",
+                r#""../guest.vmgs.key""#,
+            )
+        }),
+        8,
         "must stay inside the state directory",
     );
 }
@@ -344,12 +368,16 @@ fn a_vmgs_file_id_granted_to_two_clients_is_refused() {
 
 #[test]
 fn the_guest_state_file_cannot_be_granted_to_another_service() {
-    let good = GOOD.replace("serves = [\"vmgs\"]", STORE_FILES);
-    let m = good.replace(
-        "serves = [\"vtpm\"]",
-        "serves = [\"vtpm\"]\nfiles = [{ name = \"steal\", path = \"guest.vmgs\", access = \"read-only\" }]",
-    );
-    refused(&m, 14, "is a guest-state file");
+    // With "store" two lines longer, "tpm"'s new last line is 18.
+    let m = edit(|m| {
+        store_files(m);
+        add(
+            m,
+            "service.tpm.files",
+            r#"[{ name = "steal", path = "guest.vmgs", access = "read-only" }]"#,
+        );
+    });
+    refused(&m, 18, "is a guest-state file");
 }
 
 #[test]
@@ -360,35 +388,30 @@ fn a_ring_too_small_for_vmgs_chunks_is_refused() {
 
 #[test]
 fn listeners_only_on_loopback_or_unix_sockets_in_the_state_directory() {
-    let with = |listen: &str| {
-        GOOD.replace(
-            "serves = [\"vtpm\"]",
-            &format!("serves = [\"vtpm\"]\nlisten = [{listen}]"),
-        )
-    };
+    let with = |listen: &str| edit(|m| add(m, "service.tpm.listen", &format!("[{listen}]")));
     refused(
         &with("{ name = \"mssim-command\", address = \"0.0.0.0:2321\" }"),
-        12,
+        16,
         "not a loopback address",
     );
     refused(
         &with("{ name = \"mssim-command\", address = \"10.0.0.1:2321\" }"),
-        12,
+        16,
         "not a loopback address",
     );
     refused(
         &with("{ name = \"x\", address = \"127.0.0.1:2321\", path = \"t.sock\" }"),
-        12,
+        16,
         "exactly one of",
     );
     refused(
         &with("{ name = \"x\", path = \"../t.sock\" }"),
-        12,
+        16,
         "must stay inside the state directory",
     );
     refused(
         &with("{ name = \"a\", address = \"127.0.0.1:2321\" }, { name = \"b\", address = \"127.0.0.1:2321\" }"),
-        12,
+        16,
         "already listened on",
     );
 }
@@ -396,7 +419,7 @@ fn listeners_only_on_loopback_or_unix_sockets_in_the_state_directory() {
 #[test]
 fn reserved_service_names_are_refused() {
     refused(
-        &GOOD.replace("name = \"tpm\"", "name = \"platform\""),
+        &edit(|m| set(m, "service.tpm.name", r#""platform""#)),
         9,
         "is reserved",
     );
@@ -412,15 +435,20 @@ limits = { memory = "64M", open-files = 32 }
 restart = { policy = "always", max = 3, window = "10s", backoff = "10ms" }
 "#;
 
+/// GOOD and INTERCEPT (lines 17-23) after `change`.
+fn edit_with_intercept(change: impl FnOnce(&mut DocumentMut)) -> String {
+    edited(&format!("{GOOD}{INTERCEPT}"), change)
+}
+
 #[test]
 fn interrupt_grants_pass_where_they_belong() {
-    let m = format!(
-        "{GOOD}{INTERCEPT}",
-        GOOD = GOOD.replace(
-            "calls = [{ endpoint = \"vmgs\", file-ids = [\"TPM_NVRAM\", \"TPM_PPI\"] }]",
-            "calls = [{ endpoint = \"vmgs\", file-ids = [\"TPM_NVRAM\", \"TPM_PPI\"] }, { endpoint = \"intercept\", interrupts = [5, 6] }]"
+    let m = edit_with_intercept(|m| {
+        push(
+            m,
+            "service.tpm.calls",
+            r#"{ endpoint = "intercept", interrupts = [5, 6] }"#,
         )
-    );
+    });
     let dir = scratch_dir("irq-good");
     let path = dir.join("good.toml");
     std::fs::write(&path, &m).unwrap();
@@ -438,19 +466,13 @@ fn interrupt_grants_pass_where_they_belong() {
 fn interrupt_lines_only_on_intercept_and_in_calls_to_it() {
     // Own lines on a service that does not serve intercept.
     refused(
-        &GOOD.replace(
-            "serves = [\"vtpm\"]",
-            "serves = [\"vtpm\"]\ninterrupts = [5]",
-        ),
-        12,
+        &edit(|m| add(m, "service.tpm.interrupts", "[5]")),
+        16,
         "does not serve intercept",
     );
     // A line grant in a call to another endpoint.
     refused(
-        &GOOD.replace(
-            "file-ids = [\"TPM_NVRAM\", \"TPM_PPI\"] }",
-            "file-ids = [\"TPM_NVRAM\", \"TPM_PPI\"], interrupts = [5] }",
-        ),
+        &edit(|m| add(m, "service.tpm.calls.0.interrupts", "[5]")),
         12,
         "interrupts applies to calls to \"intercept\"",
     );
@@ -458,48 +480,38 @@ fn interrupt_lines_only_on_intercept_and_in_calls_to_it() {
 
 #[test]
 fn interrupt_lines_that_do_not_exist_or_repeat_are_refused() {
-    let m = format!(
-        "{GOOD}{}",
-        INTERCEPT.replace("interrupts = [4]", "interrupts = [4, 24]")
-    );
+    let m = edit_with_intercept(|m| set(m, "service.platform-devices.interrupts", "[4, 24]"));
     refused(&m, 21, "interrupt line 24 does not exist");
-    let m = format!(
-        "{GOOD}{}",
-        INTERCEPT.replace("interrupts = [4]", "interrupts = [4, 4]")
-    );
+    let m = edit_with_intercept(|m| set(m, "service.platform-devices.interrupts", "[4, 4]"));
     refused(&m, 21, "listed twice");
 }
 
 #[test]
 fn a_range_whose_service_takes_no_guest_accesses_is_refused() {
-    let m = GOOD.replacen(
-        "serves = [\"vmgs\"]",
-        "serves = [\"vmgs\"]\npio = [{ base = 0x2f8, size = 8 }]",
-        1,
-    );
+    let m = edit(|m| add(m, "service.store.pio", "[{ base = 0x2f8, size = 8 }]"));
     refused(
         &m,
-        5,
+        7,
         "owns guest address ranges or a PCI device but serves 0 interface(s)",
     );
 }
 
 #[test]
 fn the_partitions_own_port_cannot_be_claimed() {
-    let m = format!(
-        "{GOOD}{}",
-        INTERCEPT.replace(
-            "interrupts = [4]",
-            "interrupts = [4]\npio = [{ base = 0xf0, size = 0x10 }]"
+    let m = edit_with_intercept(|m| {
+        add(
+            m,
+            "service.platform-devices.pio",
+            "[{ base = 0xf0, size = 0x10 }]",
         )
-    );
-    refused(&m, 22, "which the partition answers itself");
+    });
+    refused(&m, 24, "which the partition answers itself");
 }
 
 #[test]
 fn the_partitions_client_name_is_reserved() {
     refused(
-        &GOOD.replace("name = \"tpm\"", "name = \"guest\""),
+        &edit(|m| set(m, "service.tpm.name", r#""guest""#)),
         9,
         "is reserved",
     );
@@ -508,38 +520,25 @@ fn the_partitions_client_name_is_reserved() {
 #[test]
 fn pci_devices_must_exist_and_have_one_owner() {
     refused(
-        &GOOD.replace(
-            "mmio = [{ base = 0xfed40000, size = 0x5000 }]",
-            "mmio = [{ base = 0xfed40000, size = 0x5000 }]\npci-device = 0",
-        ),
-        14,
+        &edit(|m| add(m, "service.tpm.pci-device", "0")),
+        16,
         "PCI device 0 does not exist on bus 0",
     );
     refused(
-        &GOOD.replace(
-            "mmio = [{ base = 0xfed40000, size = 0x5000 }]",
-            "mmio = [{ base = 0xfed40000, size = 0x5000 }]\npci-device = 32",
-        ),
-        14,
+        &edit(|m| add(m, "service.tpm.pci-device", "32")),
+        16,
         "PCI device 32 does not exist on bus 0",
     );
-    let m = format!(
-        "{}{}",
-        GOOD.replace(
-            "mmio = [{ base = 0xfed40000, size = 0x5000 }]",
-            "mmio = [{ base = 0xfed40000, size = 0x5000 }]\npci-device = 3"
-        ),
-        INTERCEPT.replace("interrupts = [4]", "interrupts = [4]\npci-device = 3")
-    );
-    refused(&m, 23, "PCI device 3 is already owned by \"tpm\"");
+    // With "tpm" a line longer, the second owner's new last line is 25.
+    let m = edit_with_intercept(|m| {
+        add(m, "service.tpm.pci-device", "3");
+        add(m, "service.platform-devices.pci-device", "3");
+    });
+    refused(&m, 25, "PCI device 3 is already owned by \"tpm\"");
     // A store has no guest interface: it cannot own a device.
     refused(
-        &GOOD.replacen(
-            "serves = [\"vmgs\"]",
-            "serves = [\"vmgs\"]\npci-device = 4",
-            1,
-        ),
-        5,
+        &edit(|m| add(m, "service.store.pci-device", "4")),
+        7,
         "owns guest address ranges or a PCI device",
     );
 }
@@ -599,55 +598,51 @@ fn attestation_settings_are_checked() {
     );
     let _ = std::fs::remove_dir_all(dir);
 
-    // The platform only for the service that serves attest.
-    let m = SEALED.replace(
-        "serves = [\"vtpm\"]",
-        "serves = [\"vtpm\"]\nplatform = true",
-    );
-    refused(
-        &m,
-        line_of(&m, "serves = [\"vtpm\"]") + 1,
-        "holds the platform but does not serve attest",
-    );
-    let m = SEALED.replace("sealing = \"measurement\"", "sealing = \"tpm\"");
+    // The platform only for the service that serves attest ("tpm"'s new last line).
+    let m = edited(SEALED, |m| add(m, "service.tpm.platform", "true"));
+    refused(&m, 28, "holds the platform but does not serve attest");
+    let m = edited(SEALED, |m| set(m, "attest.sealing", r#""tpm""#));
     refused(&m, 2, "sealing = \"tpm\" is unknown");
-    let m = SEALED.replace(
-        "{ name = \"datastore\", sealed = true }",
-        "{ name = \"datastore\", path = \"k\", sealed = true }",
-    );
+    let m = edited(SEALED, |m| {
+        add(m, "service.store.keys.datastore.path", r#""k""#)
+    });
     refused(
         &m,
         line_of(&m, "sealed = true"),
         "needs either a `path` or `sealed = true`",
     );
-    let m = SEALED.replace("platform = true\n", "");
+    let m = edited(SEALED, |m| remove(m, "service.att.platform"));
     refused(
         &m,
         line_of(&m, "sealed = true"),
         "needs the attest service to hold the platform",
     );
-    let m = SEALED.replace(
-        "sealing = \"measurement\"",
-        &format!(
-            "sealing = \"measurement\"\nkey-release = \"10.0.0.1:8700\"\nkey-release-id = \"{}\"",
-            "ab".repeat(32)
-        ),
-    );
+    // Keys added to [attest] follow `sealing`, from line 3 on.
+    let m = edited(SEALED, |m| {
+        add(m, "attest.key-release", r#""10.0.0.1:8700""#);
+        add(
+            m,
+            "attest.key-release-id",
+            &format!("\"{}\"", "ab".repeat(32)),
+        );
+    });
     refused(&m, 3, "not a loopback address");
-    let m = SEALED.replace(
-        "sealing = \"measurement\"",
-        "sealing = \"measurement\"\nkey-release = \"127.0.0.1:8700\"",
-    );
+    let m = edited(SEALED, |m| {
+        add(m, "attest.key-release", r#""127.0.0.1:8700""#)
+    });
     refused(&m, 3, "key-release without key-release-id");
-    let m = SEALED.replace(
-        "sealing = \"measurement\"",
-        "sealing = \"measurement\"\nkey-release = \"127.0.0.1:8700\"\nkey-release-id = \"xyz\"",
-    );
+    let m = edited(SEALED, |m| {
+        add(m, "attest.key-release", r#""127.0.0.1:8700""#);
+        add(m, "attest.key-release-id", r#""xyz""#);
+    });
     refused(&m, 4, "key-release-id is not a key id");
-    let m = SEALED.replace(
-        "file-ids = [\"TPM_NVRAM\"]",
-        "file-ids = [\"TPM_NVRAM\", \"KEY_PROTECTOR\"]",
-    );
+    let m = edited(SEALED, |m| {
+        set(
+            m,
+            "service.tpm.calls.0.file-ids",
+            r#"["TPM_NVRAM", "KEY_PROTECTOR"]"#,
+        )
+    });
     refused(
         &m,
         line_of(&m, "sealed = true"),
@@ -741,13 +736,19 @@ fn listener_localities_exist_and_belong_to_tpm_front_ends() {
 
 #[test]
 fn listener_names_are_unique_across_the_manifest() {
-    let m = with_front_end(
-        "{ endpoint = \"vtpm\", tpm = [\"commands\"] }",
-        "{ name = \"mssim-command\", address = \"127.0.0.1:2321\" }",
-    )
-    .replace(
-        "serves = [\"vtpm\"]",
-        "serves = [\"vtpm\"]\nlisten = [{ name = \"mssim-command\", address = \"127.0.0.1:2400\" }]",
+    // "tpm" one line longer: the front end's listener is on line 22.
+    let m = edited(
+        &with_front_end(
+            "{ endpoint = \"vtpm\", tpm = [\"commands\"] }",
+            "{ name = \"mssim-command\", address = \"127.0.0.1:2321\" }",
+        ),
+        |m| {
+            add(
+                m,
+                "service.tpm.listen",
+                r#"[{ name = "mssim-command", address = "127.0.0.1:2400" }]"#,
+            )
+        },
     );
     refused(&m, 22, "is also a listener of \"tpm\"");
 }
@@ -755,43 +756,36 @@ fn listener_names_are_unique_across_the_manifest() {
 #[test]
 fn a_service_user_must_not_be_root_nobody_or_another_services() {
     for (user, needle) in [
-        ("user = { uid = 0 }", "uid 0 is root's"),
-        ("user = { uid = 61000, gid = 0 }", "gid 0 is root's"),
-        ("user = { uid = 65534 }", "is the overflow id"),
-        ("user = { uid = 4294967295 }", "is not a usable id"),
-        ("user = { uid = -5 }", "is not a usable id"),
-        ("user = { uid = 61000, name = \"x\" }", "unknown field"),
+        ("{ uid = 0 }", "uid 0 is root's"),
+        ("{ uid = 61000, gid = 0 }", "gid 0 is root's"),
+        ("{ uid = 65534 }", "is the overflow id"),
+        ("{ uid = 4294967295 }", "is not a usable id"),
+        ("{ uid = -5 }", "is not a usable id"),
+        (r#"{ uid = 61000, name = "x" }"#, "unknown field"),
     ] {
-        refused(
-            &GOOD.replace(
-                "serves = [\"vtpm\"]",
-                &format!("serves = [\"vtpm\"]\n{user}"),
-            ),
-            12,
-            needle,
-        );
+        refused(&edit(|m| add(m, "service.tpm.user", user)), 16, needle);
     }
-    // One uid (or gid) for two services: they could signal and trace each other.
-    let both = GOOD
-        .replace(
-            "serves = [\"vmgs\"]",
-            "serves = [\"vmgs\"]\nuser = { uid = 61000 }",
-        )
-        .replace(
-            "serves = [\"vtpm\"]",
-            "serves = [\"vtpm\"]\nuser = { uid = 61000, gid = 61001 }",
-        );
+    // One uid (or gid) for two services: they could signal and trace each other. "store"'s
+    // user is on line 7.
+    let users = |store: &str, tpm: &str| {
+        edit(|m| {
+            add(m, "service.store.user", store);
+            add(m, "service.tpm.user", tpm);
+        })
+    };
+    let both = users("{ uid = 61000 }", "{ uid = 61000, gid = 61001 }");
     refused(
         &both,
         line_of(&both, "gid = 61001"),
-        "has uid 61000, as \"store\" (line 5) has",
+        "has uid 61000, as \"store\" (line 7) has",
     );
-    let gids = both.replace("uid = 61000, gid = 61001", "uid = 61002, gid = 61000");
+    let gids = users("{ uid = 61000 }", "{ uid = 61002, gid = 61000 }");
     refused(&gids, line_of(&gids, "uid = 61002"), "has gid 61000");
     // Unless the operator says so for both.
-    let shared = both
-        .replace("{ uid = 61000 }", "{ uid = 61000, shared = true }")
-        .replace("gid = 61001 }", "gid = 61001, shared = true }");
+    let shared = users(
+        "{ uid = 61000, shared = true }",
+        "{ uid = 61000, gid = 61001, shared = true }",
+    );
     let dir = scratch_dir("user-shared");
     let path = dir.join("shared.toml");
     std::fs::write(&path, &shared).unwrap();
@@ -809,18 +803,11 @@ fn a_service_user_must_not_be_root_nobody_or_another_services() {
 #[test]
 fn check_fails_when_a_service_binary_does_not_exist() {
     // Valid in every other way: only the executable is missing (a typo, or not built).
-    refused(
-        &GOOD.replace("binary = \"pv-vtpm\"", "binary = \"pv-vtmp\""),
-        10,
-        "binary \"pv-vtmp\" of service \"tpm\"",
-    );
+    let typo = edit(|m| set(m, "service.tpm.binary", r#""pv-vtmp""#));
+    refused(&typo, 10, "binary \"pv-vtmp\" of service \"tpm\"");
     let dir = scratch_dir("missing-binary");
     let path = dir.join("bad.toml");
-    std::fs::write(
-        &path,
-        GOOD.replace("binary = \"pv-vtpm\"", "binary = \"pv-vtmp\""),
-    )
-    .unwrap();
+    std::fs::write(&path, &typo).unwrap();
     let out = pv(&["check", path.to_str().unwrap()]);
     let msg = text(&out);
     assert_eq!(out.status.code(), Some(1), "{msg}");
@@ -831,10 +818,7 @@ fn check_fails_when_a_service_binary_does_not_exist() {
     std::fs::write(&fake, b"#!/bin/sh\n").unwrap();
     std::fs::write(
         &path,
-        GOOD.replace(
-            "binary = \"pv-vtpm\"",
-            "binary = \"pv-not-executable-check\"",
-        ),
+        edit(|m| set(m, "service.tpm.binary", r#""pv-not-executable-check""#)),
     )
     .unwrap();
     let out = pv(&["check", path.to_str().unwrap()]);

@@ -9,10 +9,12 @@ use std::process::Command;
 use std::process::Output;
 use std::process::Stdio;
 
+use common::edited;
 use common::kvm_available;
 use common::paravisor;
 use common::sandbox_available;
 use common::scratch_dir;
+use common::set;
 use common::text;
 
 /// `paravisor bench ARGS...` run from `cwd` (benchmarks run the manifest.toml found there).
@@ -120,9 +122,10 @@ fn a_failed_benchmark_removes_its_directory_too() {
     }
     // A manifest whose vmgs executable is missing: the instance cannot start.
     let cwd = scratch_dir("bench-fails");
-    let manifest = std::fs::read_to_string(common::shipped_manifest())
-        .unwrap()
-        .replace("binary = \"pv-vmgs\"", "binary = \"pv-vmgs-missing\"");
+    let shipped = std::fs::read_to_string(common::shipped_manifest()).unwrap();
+    let manifest = edited(&shipped, |m| {
+        set(m, "service.vmgs.binary", r#""pv-vmgs-missing""#)
+    });
     std::fs::write(cwd.join("manifest.toml"), manifest).unwrap();
     let parent = cwd.join("benches");
     std::fs::create_dir(&parent).unwrap();

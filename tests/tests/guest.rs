@@ -261,11 +261,7 @@ fn config_accesses_of_a_pci_device_go_to_the_service_that_owns_it() {
     }
     // vtpm owns device 00:03 (it has no config space: it answers all ones, so the guest
     // sees no device there); intercept's host bridge forwards instead of answering.
-    let manifest = shipped_text().replacen(
-        "mmio = [{ base = 0xfed40000, size = 0x5000 }]",
-        "mmio = [{ base = 0xfed40000, size = 0x5000 }]\npci-device = 3",
-        1,
-    );
+    let manifest = edited(&shipped_text(), |m| add(m, "service.vtpm.pci-device", "3"));
     assert!(manifest.contains("pci-device = 3"));
     let mut run = GuestRun::start(
         "guest-pci-forward",

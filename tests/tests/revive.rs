@@ -20,28 +20,14 @@ use common::*;
 /// All seven services of the shipped manifest.
 const SHIPPED_SERVICES: usize = 7;
 
-/// The shipped manifest (on free ports), with `from` replaced by `to` in the restart policy
-/// of each of `services`.
-fn shipped_with(services: &[&str], from: &str, to: &str) -> String {
-    let text = shipped_text();
-    let mut out = String::new();
-    for (k, part) in text.split("[[service]]").enumerate() {
-        if k > 0 {
-            out.push_str("[[service]]");
+/// The shipped manifest (on free ports), with `max` restarts per window for each of
+/// `services`.
+fn shipped_with_max_restarts(services: &[&str], max: u32) -> String {
+    edited(&shipped_text(), |m| {
+        for name in services {
+            set(m, &format!("service.{name}.restart.max"), &max.to_string());
         }
-        let name = part
-            .split("name = \"")
-            .nth(1)
-            .and_then(|r| r.split('"').next())
-            .unwrap_or("");
-        if services.contains(&name) {
-            assert!(part.contains(from), "{name}: no {from:?} to replace");
-            out.push_str(&part.replacen(from, to, 1));
-        } else {
-            out.push_str(part);
-        }
-    }
-    out
+    })
 }
 
 /// `paravisor ps --json` row of `service`, as (state, pid, restarts, last exit).
@@ -224,7 +210,7 @@ fn restart_starts_a_running_service_again_and_revives_a_failed_one_with_a_fresh_
         return;
     }
     // storage may restart once per minute: the second kill marks it failed.
-    let manifest = shipped_with(&["storage"], "max = 5", "max = 1");
+    let manifest = shipped_with_max_restarts(&["storage"], 1);
     let inst = Instance::start("restart", &manifest, SHIPPED_SERVICES);
 
     // A running service: killed and started again at once, whatever its policy says.
@@ -492,16 +478,11 @@ fn a_service_waiting_for_a_server_in_its_back_off_is_not_killed_by_its_own_watch
         return;
     }
     // vmgs waits 4 s before its second restart within the minute; vtpm's watchdog is 1 s.
-    let manifest = shipped_with(
-        &["vmgs"],
-        "backoff = \"50ms\" }",
-        "backoff = \"4s\", max-backoff = \"4s\" }",
-    )
-    .replacen(
-        "args = [\"--startup-clear\"]",
-        "args = [\"--startup-clear\"]\nwatchdog = \"1s\"",
-        1,
-    );
+    let manifest = edited(&shipped_text(), |m| {
+        set(m, "service.vmgs.restart.backoff", r#""4s""#);
+        add(m, "service.vmgs.restart.max-backoff", r#""4s""#);
+        add(m, "service.vtpm.watchdog", r#""1s""#);
+    });
     let inst = Instance::start_with(
         "waiting",
         &manifest,
@@ -539,11 +520,9 @@ fn a_stopped_vtpm_gets_its_clients_a_retry_within_the_watchdog_period_and_only_i
         return;
     }
     // vtpm's watchdog: 12 s; the gateway tells its clients to retry after 3 s.
-    let manifest = shipped_text().replacen(
-        "args = [\"--startup-clear\"]",
-        "args = [\"--startup-clear\"]\nwatchdog = \"12s\"",
-        1,
-    );
+    let manifest = edited(&shipped_text(), |m| {
+        add(m, "service.vtpm.watchdog", r#""12s""#)
+    });
     let inst = Instance::start_with("sigstop", &manifest, SHIPPED_SERVICES, &["--listen", "all"]);
     let mut mssim = TpmClient::connect(port(&manifest, "mssim-command"), true);
     let mut swtpm = TpmClient::connect(port(&manifest, "swtpm-data"), false);
@@ -717,11 +696,7 @@ fn random_kills_of_vmgs_vtpm_and_attest_cost_tpm_clients_nothing() {
     eprintln!("random_kills_of_vmgs_vtpm_and_attest: PV_STRESS_SEED={seed} PV_STRESS_SECS={secs}");
     // Enough restarts that none of them is marked failed at this rate (one kill every 0.6 s
     // on average, a third of them each).
-    let manifest = shipped_with(
-        &["vmgs", "vtpm", "attest", "tpm-gateway"],
-        "max = 5",
-        "max = 1000",
-    );
+    let manifest = shipped_with_max_restarts(&["vmgs", "vtpm", "attest", "tpm-gateway"], 1000);
     let inst = Instance::start_with(
         "stress",
         &manifest,

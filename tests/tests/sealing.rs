@@ -59,10 +59,9 @@ fn release(tag: &str, sealing: &str) -> Release {
             std::fs::copy(&path, bin.join(&name)).unwrap();
         }
     }
-    let text = shipped_text().replace(
-        "sealing = \"measurement\"",
-        &format!("sealing = \"{sealing}\""),
-    );
+    let text = edited(&shipped_text(), |m| {
+        set(m, "attest.sealing", &format!("\"{sealing}\""))
+    });
     let manifest = dir.join("manifest.toml");
     std::fs::write(&manifest, text).unwrap();
     Release { dir, bin, manifest }
@@ -178,8 +177,14 @@ impl Release {
         text(&out)
     }
 
-    /// Replaces `from` by `to` in the release's manifest.
-    fn edit_manifest(&self, from: &str, to: &str) {
+    /// Changes the release's manifest as TOML (see `common::edited`).
+    fn edit_manifest(&self, change: impl FnOnce(&mut toml_edit::DocumentMut)) {
+        let text = std::fs::read_to_string(&self.manifest).unwrap();
+        std::fs::write(&self.manifest, edited(&text, change)).unwrap();
+    }
+
+    /// Replaces every `from` by `to` in the release's manifest's text.
+    fn edit_manifest_text(&self, from: &str, to: &str) {
         let text = std::fs::read_to_string(&self.manifest).unwrap();
         assert!(text.contains(from), "{from} not in the manifest");
         std::fs::write(&self.manifest, text.replace(from, to)).unwrap();
@@ -302,7 +307,7 @@ fn moving_to_a_stronger_policy_rotates_the_key() {
     }
     let r = release("seal-up", "platform");
     r.run_once("first.log");
-    r.edit_manifest("sealing = \"platform\"", "sealing = \"measurement\"");
+    r.edit_manifest(|m| set(m, "attest.sealing", r#""measurement""#));
     let log = r.run_once("second.log");
     assert!(
         log.contains("rotating to a new key sealed under it"),
@@ -325,10 +330,13 @@ fn another_platform_cannot_unseal() {
     r.run_once("first.log");
     // The same release and state on another chip.
     let other = r.dir.join("other-platform");
-    r.edit_manifest(
-        &format!("platform-dir = \"{}\"", test_platform_dir().display()),
-        &format!("platform-dir = \"{}\"", other.display()),
-    );
+    r.edit_manifest(|m| {
+        set(
+            m,
+            "attest.platform-dir",
+            &format!("\"{}\"", other.display()),
+        )
+    });
     let out = r.refused("second.log");
     assert!(
         out.contains("no platform in"),
@@ -776,10 +784,12 @@ fn a_refused_start_names_the_changed_field_writes_only_refused_and_gives_three_w
     let r = release("seal-diff", "measurement");
     r.run_once("first.log");
     let before = snapshot(&r.state());
-    r.edit_manifest(
-        "limits = { memory = \"128M\", open-files = 32 }",
-        "limits = { memory = \"256M\", open-files = 32 }",
-    );
+    // Every 128M limit doubled; intercept's, the first, is the one the refusal names.
+    r.edit_manifest(|m| {
+        for name in ["intercept", "vmgs", "attest", "vtpm", "storage", "net"] {
+            set(m, &format!("service.{name}.limits.memory"), r#""256M""#);
+        }
+    });
     let out = r.refused("second.log");
     for needle in [
         "refusing to start",
@@ -829,9 +839,16 @@ fn comments_layout_and_host_settings_leave_the_seal_opening() {
     }
     let r = release("seal-host", "measurement");
     r.run_once("first.log");
-    r.edit_manifest("state-dir = \"state\"", "state-dir = \"elsewhere\"");
-    r.edit_manifest("path = \"tpm/swtpm-sock\"", "path = \"tpm/other-sock\"");
-    r.edit_manifest(
+    r.edit_manifest(|m| {
+        set(m, "paravisor.state-dir", r#""elsewhere""#);
+        set(
+            m,
+            "service.tpm-gateway.listen.swtpm-control-unix.path",
+            r#""tpm/other-sock""#,
+        );
+    });
+    // Comments and layout are text, not TOML values: this edit stays a text replacement.
+    r.edit_manifest_text(
         "restart = { policy = \"always\", max = 5, window = \"60s\", backoff = \"50ms\" }",
         "# a comment\nrestart   = { backoff = \"50ms\", window = \"60s\", max = 5, policy = \"always\" }",
     );

@@ -14,6 +14,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use std::time::Instant;
 
+use toml_edit::DocumentMut;
+use toml_edit::Item;
+use toml_edit::TableLike;
+use toml_edit::Value;
+
 /// The directory holding `paravisor` and the service binaries (`target/<profile>`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -521,4 +526,121 @@ pub fn port(manifest: &str, listener: &str) -> u16 {
         .next()
         .and_then(|p| p.parse().ok())
         .expect("port")
+}
+
+// ---- Manifests edited as TOML ----
+
+/// `manifest` after `edit` has changed it as TOML, with [`set`], [`add`], [`remove`] and
+/// [`push`]: a test names the key it changes, and an edit of a key that is not there panics,
+/// where a text replacement that matched nothing would leave the manifest as it was and let
+/// the test pass for the wrong reason. What the edit does not touch keeps its text, and so
+/// its line.
+///
+/// A key's path is keys joined by dots; in an array of tables, the next key picks the table
+/// with that `name` (`service.tpm-gateway.listen.mssim-command.address`), or a number the
+/// table at that index (`service.vtpm.calls.0.file-ids`).
+pub fn edited(manifest: &str, edit: impl FnOnce(&mut DocumentMut)) -> String {
+    let mut doc: DocumentMut = manifest.parse().expect("the manifest to edit is TOML");
+    edit(&mut doc);
+    doc.to_string()
+}
+
+/// Sets the key at `path`, which must be there, to `value` (TOML, as the manifest would
+/// write it), on the key's line.
+pub fn set(doc: &mut DocumentMut, path: &str, value: &str) {
+    let (table, key, _) = holder(doc, path);
+    let old = table
+        .get_mut(key)
+        .and_then(Item::as_value_mut)
+        .unwrap_or_else(|| panic!("no {path} to set"));
+    let mut new = toml_value(value);
+    *new.decor_mut() = old.decor().clone();
+    *old = new;
+}
+
+/// Adds the key at `path`, which must not be there yet, with `value` (TOML): a table's new
+/// key goes on a line of its own after the table's last key; an inline table's, last
+/// between its braces.
+pub fn add(doc: &mut DocumentMut, path: &str, value: &str) {
+    let (table, key, inline) = holder(doc, path);
+    assert!(!table.contains_key(key), "{path} is there already");
+    table.insert(key, Item::Value(toml_value(value)));
+    if inline {
+        table.fmt();
+    }
+}
+
+/// Removes the key at `path`, which must be there.
+pub fn remove(doc: &mut DocumentMut, path: &str) {
+    let (table, key, inline) = holder(doc, path);
+    assert!(table.remove(key).is_some(), "no {path} to remove");
+    if inline {
+        table.fmt();
+    }
+}
+
+/// Appends `value` (TOML) to the array at `path`, which must be there.
+pub fn push(doc: &mut DocumentMut, path: &str, value: &str) {
+    let (table, key, _) = holder(doc, path);
+    table
+        .get_mut(key)
+        .and_then(Item::as_array_mut)
+        .unwrap_or_else(|| panic!("no array {path} to push to"))
+        .push(toml_value(value));
+}
+
+/// The table that holds the last key of `path`, that key, and whether the table is inline
+/// (`{ ... }`: kept on one line, as `{ a = 1, b = 2 }`).
+fn holder<'d, 'p>(
+    doc: &'d mut DocumentMut,
+    path: &'p str,
+) -> (&'d mut dyn TableLike, &'p str, bool) {
+    let (parents, key) = path.rsplit_once('.').unwrap_or(("", path));
+    let mut table: &mut dyn TableLike = doc.as_table_mut();
+    let mut inline = false;
+    let mut steps = parents.split('.').filter(|s| !s.is_empty());
+    while let Some(step) = steps.next() {
+        let item = table
+            .get_mut(step)
+            .unwrap_or_else(|| panic!("{path}: there is no {step}"));
+        inline = item.is_inline_table() || item.is_array();
+        let mut which = || {
+            steps
+                .next()
+                .unwrap_or_else(|| panic!("{path}: which {step}?"))
+        };
+        table = match item {
+            Item::Table(t) => t,
+            Item::Value(Value::InlineTable(t)) => t,
+            Item::ArrayOfTables(tables) => pick(tables.iter_mut(), step, which(), path),
+            Item::Value(Value::Array(values)) => pick(
+                values.iter_mut().filter_map(Value::as_inline_table_mut),
+                step,
+                which(),
+                path,
+            ),
+            _ => panic!("{path}: {step} is not a table"),
+        };
+    }
+    (table, key, inline)
+}
+
+/// The table of `tables` (the `step` of `path`) at index `which`, or the one whose `name`
+/// is `which`.
+fn pick<'t, T: TableLike + 't>(
+    mut tables: impl Iterator<Item = &'t mut T>,
+    step: &str,
+    which: &str,
+    path: &str,
+) -> &'t mut T {
+    match which.parse::<usize>() {
+        Ok(index) => tables.nth(index),
+        Err(_) => tables.find(|t| t.get("name").and_then(Item::as_str) == Some(which)),
+    }
+    .unwrap_or_else(|| panic!("{path}: there is no {step} {which}"))
+}
+
+fn toml_value(text: &str) -> Value {
+    text.parse()
+        .unwrap_or_else(|e| panic!("{text:?} is not a TOML value: {e}"))
 }
