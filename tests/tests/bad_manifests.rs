@@ -812,7 +812,11 @@ fn check_fails_when_a_service_binary_does_not_exist() {
     let msg = text(&out);
     assert_eq!(out.status.code(), Some(1), "{msg}");
     assert!(msg.contains("pv-vtmp does not exist"), "{msg}");
-    assert!(!msg.contains("valid"), "{msg}");
+    // It does not call the manifest valid (paths are left out: a checkout may be anywhere).
+    let words = msg
+        .replace(&common::bin_dir().display().to_string(), "BIN")
+        .replace(&dir.display().to_string(), "DIR");
+    assert!(!words.contains("valid"), "{msg}");
     // A file that is there but not executable is refused too.
     let fake = common::bin_dir().join("pv-not-executable-check");
     std::fs::write(&fake, b"#!/bin/sh\n").unwrap();
