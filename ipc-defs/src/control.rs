@@ -11,6 +11,7 @@ use crate::endpoint::ErrorCode;
 use crate::layout::Epoch;
 
 /// What the microkernel asks of a service.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     /// Liveness: answered with the same nonce.
@@ -23,6 +24,11 @@ pub enum Request {
     /// happened. This is how an operator (or a test) checks the connectivity the manifest
     /// grants, from inside the sandbox that enforces it.
     Probe { endpoint: Interface },
+    /// The guest-state file's key protectors, asked of `pv-vmgs` started as the
+    /// microkernel's broker (`--broker`: no key, no client) so that the privileged process
+    /// never parses the host's file itself. Any other service answers
+    /// [`ErrorCode::Unsupported`]; only the microkernel holds a control channel.
+    GuestState(crate::services::vmgs::BrokerRequest),
 }
 
 /// Counters a service keeps about its own traffic.
@@ -59,10 +65,12 @@ pub enum ProbeOutcome {
 
 /// What a service answers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[allow(clippy::large_enum_variant)]
 pub enum Response {
     Pong { nonce: u64 },
     Stats(Stats),
     ShuttingDown,
     Probe(ProbeOutcome),
+    GuestState(crate::services::vmgs::BrokerResponse),
     Error(ErrorCode),
 }

@@ -10,9 +10,10 @@
 //!   key broker releases to a report its policy accepts ([`TenantWrapped`]). It is what lets
 //!   a new measurement re-seal: the broker releases the tenant key to the new launch, which
 //!   unwraps the datastore key and seals it again.
-
-use std::fs::File;
-use std::path::Path;
+//!
+//! This module seals and wraps (in the microkernel, which holds the platform); reading and
+//! writing the protectors in the host's file is the guest-state broker's
+//! (`pv_vmgs::broker`, run as `pv-vmgs --broker` in the vmgs service's sandbox).
 
 use aes_gcm::aead::AeadInOut;
 use aes_gcm::aead::KeyInit;
@@ -21,7 +22,6 @@ use aes_gcm::Nonce;
 use aes_gcm::Tag;
 use ipc_defs::services::platform::FieldSelect;
 use ipc_defs::services::platform::DATASTORE_KEY_CONTEXT;
-use ipc_defs::services::vmgs::FileId;
 use zeroize::Zeroizing;
 
 use crate::platform::Platform;
@@ -286,62 +286,6 @@ impl TenantWrapped {
     }
 }
 
-/// Replaces the datastore key of the guest-state file `file` (shown as `path`; `old` opens
-/// it) by `new`, with `protectors` (what protects `new`) stored in the same commit that makes
-/// the old key stop opening it: the new key is added to the other header slot first (both
-/// open the file), then the protectors are written (only the new key opens it from this
-/// commit on), then the old slot is cleared. A crash at any point leaves protectors whose key
-/// opens the file.
-pub fn rotate(
-    file: File,
-    path: &Path,
-    old: &[u8; 32],
-    new: &[u8; 32],
-    protectors: &[(FileId, &[u8])],
-) -> Result<(), String> {
-    let err = |e: pv_vmgs::Error| format!("guest-state file {}: key rotation: {e}", path.display());
-    let old = pv_vmgs::Key::from_bytes(*old);
-    let new = pv_vmgs::Key::from_bytes(*new);
-    let mut vmgs = pv_vmgs::Vmgs::open(pv_vmgs::FileStorage::new(file), Some(&old)).map_err(err)?;
-    vmgs.add_key(&new).map_err(err)?;
-    vmgs.write_files_unencrypted(protectors).map_err(err)?;
-    vmgs.drop_other_key().map_err(err)
-}
-
-/// Largest key protector read from a guest-state file.
-pub const MAX_PROTECTOR: usize = 4096;
-
-/// An unencrypted file of the guest-state file `file` (shown as `path`), read without the
-/// key (`None`: the file has no such id).
-pub fn read_plain(file: File, path: &Path, id: FileId) -> Result<Option<Vec<u8>>, String> {
-    let mut vmgs = pv_vmgs::Vmgs::open(pv_vmgs::FileStorage::new(file), None)
-        .map_err(|e| format!("guest-state file {}: {e}", path.display()))?;
-    // A key protector is a few hundred bytes; the host's disk may claim gigabytes.
-    vmgs.set_read_limit(MAX_PROTECTOR as u64);
-    match vmgs.read_unauthenticated(id) {
-        Ok(b) => Ok(Some(b)),
-        Err(pv_vmgs::Error::NotFound(_)) => Ok(None),
-        Err(e) => Err(format!("guest-state file {}: {id}: {e}", path.display())),
-    }
-}
-
-/// Replaces file `id` of the guest-state file `file` (shown as `path`) with `data`,
-/// unencrypted, in one crash-consistent commit (the key unlocks the file: the commit
-/// rewrites its tables).
-pub fn write_plain(
-    file: File,
-    path: &Path,
-    key: &[u8; 32],
-    id: FileId,
-    data: &[u8],
-) -> Result<(), String> {
-    let vkey = pv_vmgs::Key::from_bytes(*key);
-    let mut vmgs = pv_vmgs::Vmgs::open(pv_vmgs::FileStorage::new(file), Some(&vkey))
-        .map_err(|e| format!("guest-state file {}: {e}", path.display()))?;
-    vmgs.write_file_unencrypted(id, data)
-        .map_err(|e| format!("guest-state file {}: {id}: {e}", path.display()))
-}
-
 /// The launch facts a sealing policy binds the datastore key to. Policy and TCB always (a
 /// debug-enabled launch or an older firmware cannot unseal); the measurement under
 /// `measurement`.
@@ -357,77 +301,6 @@ pub fn sealing_select(policy: crate::manifest::Sealing) -> FieldSelect {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tenant_wrap_round_trips_and_refuses_the_wrong_key_or_a_change() {
-        let w = TenantWrapped::wrap(&[1; 32], &[2; 32]).unwrap();
-        assert_eq!(w.key_id_hex(), crate::key_release::key_id(&[1; 32]));
-        let b = w.to_bytes();
-        let p = TenantWrapped::parse(&b).unwrap();
-        assert_eq!(*p.unwrap(&[1; 32]).unwrap(), [2; 32]);
-        assert!(p.unwrap(&[3; 32]).is_none());
-        // Any changed byte, the key id included, breaks it.
-        for i in 8..b.len() {
-            let mut bad = b;
-            bad[i] ^= 1;
-            assert!(TenantWrapped::parse(&bad)
-                .unwrap()
-                .unwrap(&[1; 32])
-                .is_none());
-        }
-        assert!(TenantWrapped::parse(&b[..b.len() - 1]).is_err());
-        let mut bad = b;
-        bad[0] = b'X';
-        assert!(TenantWrapped::parse(&bad).is_err());
-    }
-
-    #[test]
-    fn a_rotation_leaves_a_file_the_new_key_and_its_protectors_open() {
-        let dir = std::env::temp_dir().join(format!("pv-rotate-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("g.vmgs");
-        let (old, new) = ([7u8; 32], [9u8; 32]);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .unwrap();
-        crate::state_files::fill_vmgs(
-            file,
-            &path,
-            1 << 20,
-            Some(&pv_vmgs::Key::from_bytes(old)),
-            &[(FileId::HW_KEY_PROTECTOR, b"old protector")],
-        )
-        .unwrap();
-        let open = |write: bool| {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(write)
-                .open(&path)
-                .unwrap()
-        };
-        rotate(
-            open(true),
-            &path,
-            &old,
-            &new,
-            &[(FileId::HW_KEY_PROTECTOR, b"new protector")],
-        )
-        .unwrap();
-        assert_eq!(
-            read_plain(open(false), &path, FileId::HW_KEY_PROTECTOR)
-                .unwrap()
-                .unwrap(),
-            b"new protector"
-        );
-        let file = || pv_vmgs::FileStorage::new(open(false));
-        assert!(pv_vmgs::Vmgs::open(file(), Some(&pv_vmgs::Key::from_bytes(new))).is_ok());
-        assert!(pv_vmgs::Vmgs::open(file(), Some(&pv_vmgs::Key::from_bytes(old))).is_err());
-        let _ = std::fs::remove_dir_all(&dir);
-    }
     use crate::platform_server::tests::test_platform;
 
     const MEASUREMENT: FieldSelect = FieldSelect {
@@ -453,6 +326,29 @@ mod tests {
 
     fn hex_bytes(s: &str) -> Vec<u8> {
         crate::util::parse_hex(s).unwrap()
+    }
+
+    #[test]
+    fn tenant_wrap_round_trips_and_refuses_the_wrong_key_or_a_change() {
+        let w = TenantWrapped::wrap(&[1; 32], &[2; 32]).unwrap();
+        assert_eq!(w.key_id_hex(), crate::key_release::key_id(&[1; 32]));
+        let b = w.to_bytes();
+        let p = TenantWrapped::parse(&b).unwrap();
+        assert_eq!(*p.unwrap(&[1; 32]).unwrap(), [2; 32]);
+        assert!(p.unwrap(&[3; 32]).is_none());
+        // Any changed byte, the key id included, breaks it.
+        for i in 8..b.len() {
+            let mut bad = b;
+            bad[i] ^= 1;
+            assert!(TenantWrapped::parse(&bad)
+                .unwrap()
+                .unwrap(&[1; 32])
+                .is_none());
+        }
+        assert!(TenantWrapped::parse(&b[..b.len() - 1]).is_err());
+        let mut bad = b;
+        bad[0] = b'X';
+        assert!(TenantWrapped::parse(&bad).is_err());
     }
 
     #[test]

@@ -145,13 +145,9 @@ pub fn fill_vmgs(
     key: Option<&pv_vmgs::Key>,
     plain_files: &[(pv_vmgs::FileId, &[u8])],
 ) -> Result<std::fs::File, String> {
-    let mut vmgs = pv_vmgs::Vmgs::create(pv_vmgs::FileStorage::new(file), size, key)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    for (id, data) in plain_files {
-        vmgs.write_file_unencrypted(*id, data)
-            .map_err(|e| format!("{}: {id}: {e}", path.display()))?;
-    }
-    Ok(vmgs.into_storage().into_inner())
+    pv_vmgs::broker::create(pv_vmgs::FileStorage::new(file), size, key, plain_files)
+        .map(pv_vmgs::FileStorage::into_inner)
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Creates the guest-state file `rel` of the state directory, encrypted under `key`, with

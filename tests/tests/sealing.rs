@@ -1036,3 +1036,29 @@ fn run_with_the_guest_then_without_shares_the_sealed_state() {
     );
     let _ = std::fs::remove_dir_all(&r.dir);
 }
+
+/// The host's guest-state file is hostile input: the microkernel never parses it. A file
+/// whose headers the host overwrote is read by the broker (`pv-vmgs --broker`, in the vmgs
+/// service's sandbox), whose typed error the refusal names; the paravisor itself does not
+/// crash, and the file is left as the host made it.
+#[test]
+fn a_guest_state_file_the_host_mangled_is_parsed_by_the_broker_and_refused_by_name() {
+    if !sandbox_ok("mangled guest state") {
+        return;
+    }
+    let r = release("mangled", "measurement");
+    r.run_once("first.log");
+    let vmgs = r.state().join("guest.vmgs");
+    let mut bytes = std::fs::read(&vmgs).unwrap();
+    // Both VMGS headers (blocks 0 and 1, 4 KiB each) become noise.
+    for (i, b) in bytes.iter_mut().take(8192).enumerate() {
+        *b = (i as u8).wrapping_mul(31) ^ 0x5a;
+    }
+    std::fs::write(&vmgs, &bytes).unwrap();
+    let out = r.refused("second.log");
+    assert!(out.contains("broker:"), "the broker read the file: {out}");
+    assert!(out.contains("guest-state file"), "{out}");
+    assert!(!out.contains("panicked"), "{out}");
+    assert_eq!(std::fs::read(&vmgs).unwrap(), bytes, "left as the host made it");
+    let _ = std::fs::remove_dir_all(&r.dir);
+}

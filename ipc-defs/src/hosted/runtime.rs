@@ -76,7 +76,13 @@ pub struct Context {
     /// The calling end to the secure processor (attest only).
     pub platform:
         Option<ClientEnd<crate::services::platform::Request, crate::services::platform::Response>>,
+    /// What answers the microkernel's guest-state requests (`pv-vmgs --broker` only).
+    pub guest_state: Option<GuestStateHandler>,
 }
+
+/// Answers [`control::Request::GuestState`].
+pub type GuestStateHandler =
+    Box<dyn FnMut(crate::services::vmgs::BrokerRequest) -> crate::services::vmgs::BrokerResponse>;
 
 impl Context {
     /// Takes the calling end for `endpoint` for the service's own client code, leaving the
@@ -392,6 +398,7 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
         listener_grants: BTreeMap::new(),
         interrupts: BTreeMap::new(),
         platform: None,
+        guest_state: None,
     };
     let mut control = None;
     let mut served = Vec::new();
@@ -582,6 +589,10 @@ fn control_reply(
             stats.calls_out += 1;
             (control::Response::Probe(probe(context, endpoint)), false)
         }
+        control::Request::GuestState(request) => match context.guest_state.as_mut() {
+            Some(answer) => (control::Response::GuestState(answer(request)), false),
+            None => (control::Response::Error(ErrorCode::Unsupported), false),
+        },
     }
 }
 

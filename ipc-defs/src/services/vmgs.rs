@@ -241,6 +241,65 @@ pub enum Request {
     List,
 }
 
+/// Largest key protector (HW_KEY_PROTECTOR, KEY_PROTECTOR) a broker request carries: they
+/// are a few hundred bytes; the host's file may claim gigabytes.
+pub const MAX_PROTECTOR: usize = 4096;
+
+/// A key protector: an unencrypted file of the guest-state file.
+pub type ProtectorBytes = super::bytes::Bytes<MAX_PROTECTOR>;
+
+/// A datastore key in a broker request (it travels only on the microkernel's control
+/// channel to the broker, which is the process the key is for).
+pub type KeyBytes = super::bytes::Bytes<32>;
+
+/// Protectors written together, in one commit.
+pub type Protectors = heapless::Vec<(FileId, ProtectorBytes), 2>;
+
+/// What the microkernel asks `pv-vmgs --broker` about the guest-state file it was given:
+/// the operations of sealing and key release that touch the file. The broker parses the
+/// host's file in its sandbox; the microkernel sees only protector bytes and outcomes.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BrokerRequest {
+    /// An unencrypted file, read without the key (at most [`MAX_PROTECTOR`] bytes).
+    /// Answered with [`BrokerResponse::Plain`] (`None`: the file has no such id).
+    ReadPlain { file: FileId },
+    /// Replaces an unencrypted file in one crash-consistent commit; `key` unlocks the file.
+    /// Answered with [`BrokerResponse::Done`].
+    WritePlain {
+        key: KeyBytes,
+        file: FileId,
+        data: ProtectorBytes,
+    },
+    /// Replaces the datastore key `old` by `new`, with `protectors` (what protects `new`)
+    /// committed in the same step that makes `old` stop opening the file: `new` is added to
+    /// the other key slot first, then the protectors are written, then `old`'s slot is
+    /// cleared; a crash at any point leaves protectors whose key opens the file.
+    Rotate {
+        old: KeyBytes,
+        new: KeyBytes,
+        protectors: Protectors,
+    },
+    /// Makes a new image of `size` bytes in the (empty, new) file, encrypted under `key`,
+    /// with `protectors` written unencrypted.
+    Create {
+        size: u64,
+        key: KeyBytes,
+        protectors: Protectors,
+    },
+}
+
+/// What the broker answers. Requests are not idempotent in general (a repeated `Rotate`
+/// fails: `old` no longer opens the file); the microkernel sends each once.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BrokerResponse {
+    Plain(Option<ProtectorBytes>),
+    Done,
+    /// What went wrong, for the operator (names the file id, never key material).
+    Failed(heapless::String<256>),
+}
+
 /// A file as [`Request::List`] reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileInfo {

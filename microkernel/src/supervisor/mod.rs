@@ -42,8 +42,6 @@ use ipc_defs::services::bytes::Bytes;
 use ipc_defs::services::vmgs::FileId;
 use ipc_defs::Interface;
 
-use crate::key_protector::read_plain;
-use crate::key_protector::write_plain;
 use crate::key_protector::SealedKey;
 use crate::key_protector::TenantWrapped;
 use crate::owned_dir::Open;
@@ -66,6 +64,7 @@ use crate::sandbox::Exit;
 use crate::sandbox::Namespaces;
 use crate::sandbox::SpawnPlan;
 
+mod broker;
 mod capabilities;
 mod control;
 mod guest;

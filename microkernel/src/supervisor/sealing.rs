@@ -4,6 +4,13 @@
 
 use super::*;
 
+/// A sealed key's guest-state file: its name in the manifest and its path in the state
+/// directory.
+pub(super) struct GuestState {
+    file: String,
+    path: PathBuf,
+}
+
 impl Supervisor {
     /// `paravisor reseal`: unseals (re-sealing through the broker if needed) every sealed
     /// key under this launch, then stops the services it started. What happened, per key.
@@ -45,17 +52,17 @@ impl Supervisor {
             for k in s.spec.keys.iter().filter(|k| k.is_sealed()) {
                 let file = s.spec.files.iter().find_map(|f| match &f.missing {
                     Missing::CreateVmgs { key, size } if key == &k.name => {
-                        Some((f.path.clone(), *size))
+                        Some((f.name.clone(), f.path.clone(), *size))
                     }
                     _ => None,
                 });
-                let (path, size) = file.ok_or_else(|| {
+                let (file, path, size) = file.ok_or_else(|| {
                     RunError::SealedKey(format!(
                         "sealed key \"{}\" has no guest-state file",
                         k.name
                     ))
                 })?;
-                wanted.push((i, k.name.clone(), path, size));
+                wanted.push((i, k.name.clone(), GuestState { file, path }, size));
             }
         }
         if wanted.is_empty() {
@@ -68,11 +75,11 @@ impl Supervisor {
                 "sealing policy \"platform\": any paravisor on this platform (any build, any manifest) can unseal the datastore key; for development only (production: `[attest] sealing = \"measurement\"`)"
             );
         }
-        for (i, name, path, size) in wanted {
-            let key = if self.state.exists(&path)? {
-                self.open_sealed(&path, select)?
+        for (i, name, state, size) in wanted {
+            let key = if self.state.exists(&state.path)? {
+                self.open_sealed(i, &state, select)?
             } else {
-                self.create_sealed(&path, size, select)?
+                self.create_sealed(i, &state, size, select)?
             };
             self.unsealed.insert((i, name), key);
         }
@@ -84,10 +91,12 @@ impl Supervisor {
     /// guest-state file encrypted under it. The file appears only with its protectors.
     pub(super) fn create_sealed(
         &mut self,
-        path: &Path,
+        i: usize,
+        state: &GuestState,
         size: u64,
         select: attest::FieldSelect,
     ) -> Result<KeyBytes, RunError> {
+        let path = state.path.as_path();
         let mut key = KeyBytes([0; crate::manifest::KEY_BYTES]);
         getrandom::getrandom(&mut key.0)
             .map_err(|e| RunError::SealedKey(format!("no randomness for a key: {e}")))?;
@@ -98,18 +107,23 @@ impl Supervisor {
             let wrapped = TenantWrapped::wrap(&tenant, &key.0).map_err(RunError::SealedKey)?;
             protectors.push((FileId::KEY_PROTECTOR, wrapped.to_bytes().to_vec()));
         }
-        let plain: Vec<(FileId, &[u8])> = protectors
-            .iter()
-            .map(|(id, b)| (*id, b.as_slice()))
-            .collect();
-        crate::state_files::create_vmgs_in(
-            &self.state,
-            path,
-            size,
-            Some(&pv_vmgs::Key::from_bytes(key.0)),
-            &plain,
-        )
-        .map_err(RunError::SealedKey)?;
+        // Made by the broker in a new file that appears only once complete, with its
+        // protectors (a temporary file linked into place, never replacing one).
+        self.state
+            .create_new(path, 0o600, |file| {
+                let copy = file.try_clone().map_err(|e| e.to_string())?;
+                let broker = self.broker(i, &state.file, copy)?;
+                broker.create(size, &key.0, &protectors)?;
+                // Gone before the file appears.
+                drop(broker);
+                Ok(file)
+            })
+            .map_err(|e| {
+                RunError::SealedKey(format!(
+                    "guest-state file {}: {e}",
+                    self.state.shown(path).display()
+                ))
+            })?;
         self.keep_sealing_log();
         tracing::info!(
             "created encrypted guest-state file {} under a new random datastore key, sealed (policy {}) in its HW_KEY_PROTECTOR{}",
@@ -133,16 +147,20 @@ impl Supervisor {
     /// nothing afterwards, so the broker's policy can retire it.
     pub(super) fn open_sealed(
         &mut self,
-        path: &Path,
+        i: usize,
+        state: &GuestState,
         select: attest::FieldSelect,
     ) -> Result<KeyBytes, RunError> {
+        let path = state.path.as_path();
         let shown = self.state.shown(path);
-        let stored = read_plain(
-            self.guest_state(path, false)?,
-            &shown,
-            FileId::HW_KEY_PROTECTOR,
-        )
-        .map_err(RunError::SealedKey)?;
+        let file_error =
+            |e: String| RunError::SealedKey(format!("guest-state file {}: {e}", shown.display()));
+        let broker = self
+            .broker(i, &state.file, self.guest_state(path, true)?)
+            .map_err(RunError::SealedKey)?;
+        let stored = broker
+            .read_plain(FileId::HW_KEY_PROTECTOR)
+            .map_err(file_error)?;
         let (unsealed, refusal) = match &stored {
             None => (
                 None,
@@ -169,33 +187,25 @@ impl Supervisor {
                     Some(addr) => Some(self.release(addr)?),
                     None => None,
                 };
-                self.rotate(path, &key, select, tenant.as_deref())
+                self.rotate(&broker, &key, select, tenant.as_deref())
             }
             (Some((key, _)), None) => Ok(key),
             (Some((key, _)), Some(addr)) => {
                 let pinned = self.sealing.key_release_id.clone().unwrap_or_default();
-                let current = read_plain(
-                    self.guest_state(path, false)?,
-                    &shown,
-                    FileId::KEY_PROTECTOR,
-                )
-                .map_err(RunError::SealedKey)?
-                .and_then(|b| TenantWrapped::parse(&b).ok())
-                .is_some_and(|w| w.key_id_hex() == pinned);
+                let current = broker
+                    .read_plain(FileId::KEY_PROTECTOR)
+                    .map_err(file_error)?
+                    .and_then(|b| TenantWrapped::parse(&b).ok())
+                    .is_some_and(|w| w.key_id_hex() == pinned);
                 if !current {
                     // Key release added to an existing state, or a protector made under
                     // another tenant key: wrap the key for the broker now, while it opens.
                     let tenant = self.release(addr)?;
                     let wrapped =
                         TenantWrapped::wrap(&tenant, &key.0).map_err(RunError::SealedKey)?;
-                    write_plain(
-                        self.guest_state(path, true)?,
-                        &shown,
-                        &key.0,
-                        FileId::KEY_PROTECTOR,
-                        &wrapped.to_bytes(),
-                    )
-                    .map_err(RunError::SealedKey)?;
+                    broker
+                        .write_plain(&key.0, FileId::KEY_PROTECTOR, &wrapped.to_bytes())
+                        .map_err(file_error)?;
                     tracing::info!(
                         "datastore key of {} wrapped under the key broker's tenant key (KEY_PROTECTOR)",
                         shown.display()
@@ -205,12 +215,9 @@ impl Supervisor {
             }
             (None, None) => Err(RunError::SealedKey(refusal)),
             (None, Some(addr)) => {
-                let Some(kp) = read_plain(
-                    self.guest_state(path, false)?,
-                    &shown,
-                    FileId::KEY_PROTECTOR,
-                )
-                .map_err(RunError::SealedKey)?
+                let Some(kp) = broker
+                    .read_plain(FileId::KEY_PROTECTOR)
+                    .map_err(file_error)?
                 else {
                     return Err(RunError::SealedKey(format!(
                         "{refusal} (key release is configured, but {} has no KEY_PROTECTOR: it was sealed before key release was, so the broker cannot help)",
@@ -237,7 +244,7 @@ impl Supervisor {
                         kp.key_id_hex()
                     ))
                 })?;
-                let key = self.rotate(path, &KeyBytes(*key), select, Some(&tenant))?;
+                let key = self.rotate(&broker, &KeyBytes(*key), select, Some(&tenant))?;
                 tracing::warn!(
                     "datastore key of {} released by the key broker at {addr}, rotated and re-sealed (policy {}) to paravisor measurement {}",
                     shown.display(),
@@ -249,12 +256,12 @@ impl Supervisor {
         }
     }
 
-    /// Replaces the datastore key `old` of the guest-state file at `path` by a new random
+    /// Replaces the datastore key `old` of the guest-state file `broker` holds by a new random
     /// one, sealed under `select` (and wrapped under `tenant`), in a crash-safe sequence
-    /// ([`crate::key_protector::rotate`]).
+    /// ([`ipc_defs::services::vmgs::BrokerRequest::Rotate`]).
     pub(super) fn rotate(
         &mut self,
-        path: &Path,
+        broker: &super::broker::Broker,
         old: &KeyBytes,
         select: attest::FieldSelect,
         tenant: Option<&[u8; 32]>,
@@ -268,18 +275,9 @@ impl Supervisor {
             let wrapped = TenantWrapped::wrap(t, &key.0).map_err(RunError::SealedKey)?;
             protectors.push((FileId::KEY_PROTECTOR, wrapped.to_bytes().to_vec()));
         }
-        let plain: Vec<(FileId, &[u8])> = protectors
-            .iter()
-            .map(|(id, b)| (*id, b.as_slice()))
-            .collect();
-        crate::key_protector::rotate(
-            self.guest_state(path, true)?,
-            &self.state.shown(path),
-            &old.0,
-            &key.0,
-            &plain,
-        )
-        .map_err(RunError::SealedKey)?;
+        broker
+            .rotate(&old.0, &key.0, &protectors)
+            .map_err(|e| RunError::SealedKey(format!("key rotation: {e}")))?;
         self.keep_sealing_log();
         Ok(key)
     }

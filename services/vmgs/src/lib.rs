@@ -12,6 +12,7 @@
 //! or file contents.
 #![forbid(unsafe_code)]
 
+pub mod broker;
 pub mod crypto;
 pub mod error;
 pub mod fault;

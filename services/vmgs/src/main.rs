@@ -24,6 +24,9 @@ use pv_vmgs::FileStorage;
 use pv_vmgs::Key;
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("--broker") {
+        return broker();
+    }
     let mut started = match runtime::enter() {
         Ok(s) => s,
         Err(e) => {
@@ -65,6 +68,69 @@ fn main() -> ExitCode {
             Response::Service(response)
         },
     )
+}
+
+/// `pv-vmgs --broker`: started by the microkernel with the guest-state file and no key and
+/// no client, it answers the microkernel's guest-state requests on its control channel
+/// (reading and writing key protectors, rotating the key, making a new sealed file) until
+/// told to shut down. The host's file is parsed here, in the sandbox, not in the microkernel.
+fn broker() -> ExitCode {
+    let mut started = match runtime::enter() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vmgs broker: cannot start: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let context = &mut started.context;
+    if context.files.len() != 1 || !context.keys.is_empty() {
+        tracing::error!(
+            "the broker takes exactly one file and no key; got {} file(s), {} key(s)",
+            context.files.len(),
+            context.keys.len()
+        );
+        return ExitCode::FAILURE;
+    }
+    let (name, fd) = context.files.pop_first().expect("one file");
+    let mut storage = Some(FileStorage::new(std::fs::File::from(fd)));
+    context.guest_state = Some(Box::new(move |request| {
+        let what = describe_broker(&request);
+        let response = pv_vmgs::broker::answer(&mut storage, request);
+        match &response {
+            vmgs::BrokerResponse::Failed(why) => tracing::warn!(file = %name, "{what}: {why}"),
+            _ => tracing::info!(file = %name, "{what}: done"),
+        }
+        response
+    }));
+    // No client holds a vmgs channel to the broker: only its control channel is served.
+    started.serve(
+        Interface::Vmgs,
+        |_context, _caller, _request: vmgs::Request| {
+            Response::<vmgs::Response>::Error(ipc_defs::endpoint::ErrorCode::NotPermitted)
+        },
+    )
+}
+
+/// A broker request without keys or contents, for logs.
+fn describe_broker(request: &vmgs::BrokerRequest) -> String {
+    match request {
+        vmgs::BrokerRequest::ReadPlain { file } => format!("read key protector {file}"),
+        vmgs::BrokerRequest::WritePlain { file, data, .. } => {
+            format!("write key protector {file} ({} bytes)", data.len())
+        }
+        vmgs::BrokerRequest::Rotate { protectors, .. } => {
+            format!(
+                "rotate the datastore key ({} protector(s))",
+                protectors.len()
+            )
+        }
+        vmgs::BrokerRequest::Create {
+            size, protectors, ..
+        } => format!(
+            "create a {size}-byte sealed image ({} protector(s))",
+            protectors.len()
+        ),
+    }
 }
 
 /// The request without its contents, for logs.
