@@ -274,23 +274,7 @@ fn forward_to_tools() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
     match cli.command {
-        Cmd::Check { manifest } => {
-            let m = load(manifest.as_deref())?;
-            let missing = m.missing_binaries(&bin_dir());
-            if !missing.is_empty() {
-                for d in &missing {
-                    eprintln!("{d}");
-                }
-                return Err(ExitCode::FAILURE);
-            }
-            println!(
-                "{}: valid ({} services, {} channels)",
-                m.path.display(),
-                m.services.len(),
-                m.services.iter().map(|s| s.calls.len()).sum::<usize>()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        Cmd::Check { manifest } => check(manifest.as_deref()),
         Cmd::Audit {
             manifest,
             json,
@@ -317,21 +301,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             manifest,
             guest,
             json,
-        } => {
-            let m = load(manifest.as_deref())?;
-            let guest = guest.config()?;
-            let log =
-                microkernel::measure::launch(&m, &bin_dir(), guest.as_ref()).map_err(|e| {
-                    eprintln!("paravisor: {e}");
-                    ExitCode::FAILURE
-                })?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&log).unwrap_or_default());
-            } else {
-                print!("{}", microkernel::measure::text(&log));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        } => measure(manifest.as_deref(), &guest, json),
         Cmd::Run {
             manifest,
             state_dir,
@@ -340,22 +310,18 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             host,
             log,
             guest,
-        } => {
-            let flags = microkernel::host_config::Flags {
+        } => run_instance(
+            manifest,
+            host.as_deref(),
+            microkernel::host_config::Flags {
                 state_dir,
                 platform_dir,
                 listen,
                 log_format: log.log_format,
                 log_file: log.log_file,
-            };
-            let mut opts = launch(manifest, host.as_deref(), flags, guest, false)?;
-            let sup = supervisor::Supervisor::new(&opts).map_err(failed)?;
-            // The supervisor holds what it needs of the measured libraries; the rest (the
-            // microkernel's own, measured only) is let go.
-            opts.sealed.libraries.clear();
-            let summary = sup.run().map_err(failed)?;
-            Ok(guest_exit_code(summary.guest))
-        }
+            },
+            guest,
+        ),
         Cmd::Vmgs {
             command:
                 VmgsTop::Reseal {
@@ -365,24 +331,16 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                     host,
                     guest,
                 },
-        } => {
-            // A guest option that does not fit (2 under `run`) is a usage error here too.
-            if guest.config().is_err() {
-                return Err(ExitCode::from(microkernel::vmgs_args::exit::USAGE));
-            }
-            let flags = microkernel::host_config::Flags {
+        } => reseal(
+            manifest,
+            host.as_deref(),
+            microkernel::host_config::Flags {
                 state_dir,
                 platform_dir,
                 ..Default::default()
-            };
-            let opts = launch(manifest, host.as_deref(), flags, guest, true)?;
-            let sup = supervisor::Supervisor::new(&opts).map_err(failed)?;
-            let lines = sup.reseal().map_err(failed)?;
-            for line in lines {
-                println!("{line}");
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+            },
+            guest,
+        ),
         Cmd::Ps {
             state_dir,
             json,
@@ -475,6 +433,78 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             done(send(&dir, &Command::Shutdown)?)
         }
     }
+}
+
+/// `check`: the manifest is valid and every service's executable is there.
+fn check(manifest: Option<&Path>) -> Result<ExitCode, ExitCode> {
+    let m = load(manifest)?;
+    let missing = m.missing_binaries(&bin_dir());
+    if !missing.is_empty() {
+        for d in &missing {
+            eprintln!("{d}");
+        }
+        return Err(ExitCode::FAILURE);
+    }
+    println!(
+        "{}: valid ({} services, {} channels)",
+        m.path.display(),
+        m.services.len(),
+        m.services.iter().map(|s| s.calls.len()).sum::<usize>()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `measure`: the launch log and digest a verifier expects, without running anything.
+fn measure(manifest: Option<&Path>, guest: &GuestArgs, json: bool) -> Result<ExitCode, ExitCode> {
+    let m = load(manifest)?;
+    let guest = guest.config()?;
+    let log = microkernel::measure::launch(&m, &bin_dir(), guest.as_ref()).map_err(|e| {
+        eprintln!("paravisor: {e}");
+        ExitCode::FAILURE
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&log).unwrap_or_default());
+    } else {
+        print!("{}", microkernel::measure::text(&log));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `run`: the paravisor, until a signal, `stop`, or the end of its guest.
+fn run_instance(
+    manifest: Option<PathBuf>,
+    host: Option<&Path>,
+    flags: microkernel::host_config::Flags,
+    guest: GuestArgs,
+) -> Result<ExitCode, ExitCode> {
+    let mut opts = launch(manifest, host, flags, guest, false)?;
+    let sup = supervisor::Supervisor::new(&opts).map_err(failed)?;
+    // The supervisor holds what it needs of the measured libraries; the rest (the
+    // microkernel's own, measured only) is let go.
+    opts.sealed.libraries.clear();
+    let summary = sup.run().map_err(failed)?;
+    Ok(guest_exit_code(summary.guest))
+}
+
+/// `vmgs reseal`: unseal (or re-seal through the key broker) every sealed key under this
+/// launch, then stop.
+fn reseal(
+    manifest: Option<PathBuf>,
+    host: Option<&Path>,
+    flags: microkernel::host_config::Flags,
+    guest: GuestArgs,
+) -> Result<ExitCode, ExitCode> {
+    // A guest option that does not fit (2 under `run`) is a usage error here too.
+    if guest.config().is_err() {
+        return Err(ExitCode::from(microkernel::vmgs_args::exit::USAGE));
+    }
+    let opts = launch(manifest, host, flags, guest, true)?;
+    let sup = supervisor::Supervisor::new(&opts).map_err(failed)?;
+    let lines = sup.reseal().map_err(failed)?;
+    for line in lines {
+        println!("{line}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `audit`: the privilege matrix the manifest grants (text, or JSON).

@@ -1059,6 +1059,10 @@ fn a_guest_state_file_the_host_mangled_is_parsed_by_the_broker_and_refused_by_na
     assert!(out.contains("broker:"), "the broker read the file: {out}");
     assert!(out.contains("guest-state file"), "{out}");
     assert!(!out.contains("panicked"), "{out}");
-    assert_eq!(std::fs::read(&vmgs).unwrap(), bytes, "left as the host made it");
+    assert_eq!(
+        std::fs::read(&vmgs).unwrap(),
+        bytes,
+        "left as the host made it"
+    );
     let _ = std::fs::remove_dir_all(&r.dir);
 }
