@@ -263,60 +263,36 @@ impl Supervisor {
 
     pub(super) fn decide_restart(&mut self, i: usize, failure: bool) {
         let s = &mut self.services[i];
-        let restart = match s.spec.restart.policy {
-            RestartPolicy::Always => true,
-            RestartPolicy::OnFailure => failure,
-            RestartPolicy::Never => false,
-        };
-        if !restart {
-            s.state = if failure {
-                State::Failed
-            } else {
-                State::Stopped
-            };
-            return;
-        }
         let now = Instant::now();
-        let window = s.spec.restart.window;
-        while s
-            .recent
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > window)
-        {
-            s.recent.pop_front();
+        match restart_decision(&s.spec.restart, failure, &mut s.recent, now) {
+            Decision::Stay(state) => s.state = state,
+            Decision::CrashLoop { restarts } => {
+                s.state = State::Failed;
+                let msg = format!(
+                    "crash loop: {restarts} restarts within {}; marked failed (the other services keep running)",
+                    crate::manifest::format_duration(s.spec.restart.window)
+                );
+                tracing::error!(service = %s.spec.name, "{msg}");
+                s.output.note(format!(
+                    "{msg}; `paravisor restart {}` revives it",
+                    s.spec.name
+                ));
+                s.last_exit = Some(format!(
+                    "{}; {msg}",
+                    s.last_exit.clone().unwrap_or_default()
+                ));
+            }
+            Decision::RestartIn(delay) => {
+                s.restart_at = Some(now + delay);
+                s.backoff = Some(delay);
+                s.state = State::Backoff;
+                s.output.note(format!(
+                    "restarting in {}",
+                    crate::manifest::format_duration(delay)
+                ));
+                tracing::info!(service = %s.spec.name, "restarting in {delay:?}");
+            }
         }
-        if s.recent.len() as u32 >= s.spec.restart.max {
-            s.state = State::Failed;
-            let msg = format!(
-                "crash loop: {} restarts within {}; marked failed (the other services keep running)",
-                s.recent.len(),
-                crate::manifest::format_duration(window)
-            );
-            tracing::error!(service = %s.spec.name, "{msg}");
-            s.output.note(format!(
-                "{msg}; `paravisor restart {}` revives it",
-                s.spec.name
-            ));
-            s.last_exit = Some(format!(
-                "{}; {msg}",
-                s.last_exit.clone().unwrap_or_default()
-            ));
-            return;
-        }
-        // The first restart within the window is immediate (a single crash costs the
-        // service's clients no wait); repeated ones back off from `backoff`, doubling up to
-        // `max-backoff` (clients wait for a restarting server rather than fail, so the
-        // ceiling bounds their wait).
-        let delay = s.spec.restart.delay(s.recent.len() as u32);
-        s.recent.push_back(now);
-        s.restart_at = Some(now + delay);
-        s.backoff = Some(delay);
-        s.state = State::Backoff;
-        s.output.note(format!(
-            "restarting in {}",
-            crate::manifest::format_duration(delay)
-        ));
-        tracing::info!(service = %s.spec.name, "restarting in {delay:?}");
     }
 
     /// `paravisor restart SERVICE`: a running service is killed and started again at once; one
@@ -384,5 +360,152 @@ impl Supervisor {
         s.output.note(format!("{message}, asked by the operator"));
         tracing::info!(service = %service, "{message}, asked by the operator");
         Reply::Done { message }
+    }
+}
+
+/// What the restart policy says after an exit.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Decision {
+    /// Not restarted: `Failed` after a failure, `Stopped` after a clean exit.
+    Stay(State),
+    /// More than the policy's `max` restarts within its window: failed.
+    CrashLoop { restarts: usize },
+    /// Restarted after this delay (the restart is counted in `recent`).
+    RestartIn(Duration),
+}
+
+/// The restart policy `policy` applied to an exit at `now` (`failure`: not a clean exit),
+/// given the times of the restarts so far (`recent`, oldest first; those older than the
+/// window are forgotten, and a restart decided here is added).
+pub(super) fn restart_decision(
+    policy: &crate::manifest::Restart,
+    failure: bool,
+    recent: &mut VecDeque<Instant>,
+    now: Instant,
+) -> Decision {
+    let restart = match policy.policy {
+        RestartPolicy::Always => true,
+        RestartPolicy::OnFailure => failure,
+        RestartPolicy::Never => false,
+    };
+    if !restart {
+        return Decision::Stay(if failure {
+            State::Failed
+        } else {
+            State::Stopped
+        });
+    }
+    while recent
+        .front()
+        .is_some_and(|t| now.duration_since(*t) > policy.window)
+    {
+        recent.pop_front();
+    }
+    if recent.len() as u32 >= policy.max {
+        return Decision::CrashLoop {
+            restarts: recent.len(),
+        };
+    }
+    // The first restart within the window is immediate (a single crash costs the service's
+    // clients no wait); repeated ones back off from `backoff`, doubling up to `max-backoff`
+    // (clients wait for a restarting server rather than fail, so the ceiling bounds their
+    // wait).
+    let delay = policy.delay(recent.len() as u32);
+    recent.push_back(now);
+    Decision::RestartIn(delay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::Restart;
+
+    fn policy(policy: RestartPolicy) -> Restart {
+        Restart {
+            policy,
+            max: 3,
+            window: Duration::from_secs(10),
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(250),
+        }
+    }
+
+    #[test]
+    fn the_policy_decides_whether_an_exit_is_restarted() {
+        let now = Instant::now();
+        let mut recent = VecDeque::new();
+        let decide = |p, failure, recent: &mut VecDeque<Instant>| {
+            restart_decision(&policy(p), failure, recent, now)
+        };
+        assert_eq!(
+            decide(RestartPolicy::Never, true, &mut recent),
+            Decision::Stay(State::Failed)
+        );
+        assert_eq!(
+            decide(RestartPolicy::Never, false, &mut recent),
+            Decision::Stay(State::Stopped)
+        );
+        assert_eq!(
+            decide(RestartPolicy::OnFailure, false, &mut recent),
+            Decision::Stay(State::Stopped)
+        );
+        assert!(recent.is_empty(), "no restart, nothing counted");
+        assert_eq!(
+            decide(RestartPolicy::OnFailure, true, &mut recent),
+            Decision::RestartIn(Duration::ZERO)
+        );
+        assert_eq!(
+            decide(RestartPolicy::Always, false, &mut recent),
+            Decision::RestartIn(Duration::from_millis(100))
+        );
+    }
+
+    #[test]
+    fn restarts_back_off_to_the_ceiling_then_a_crash_loop_fails_the_service() {
+        let p = policy(RestartPolicy::Always);
+        let start = Instant::now();
+        let mut recent = VecDeque::new();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        // Immediate, then backoff, then doubled but capped at max-backoff.
+        assert_eq!(
+            restart_decision(&p, true, &mut recent, at(0)),
+            Decision::RestartIn(Duration::ZERO)
+        );
+        assert_eq!(
+            restart_decision(&p, true, &mut recent, at(10)),
+            Decision::RestartIn(Duration::from_millis(100))
+        );
+        assert_eq!(
+            restart_decision(&p, true, &mut recent, at(200)),
+            Decision::RestartIn(Duration::from_millis(200).min(p.max_backoff))
+        );
+        // The fourth exit inside the window: max (3) restarts already.
+        assert_eq!(
+            restart_decision(&p, true, &mut recent, at(500)),
+            Decision::CrashLoop { restarts: 3 }
+        );
+        assert_eq!(recent.len(), 3, "a refused restart is not counted");
+    }
+
+    #[test]
+    fn restarts_older_than_the_window_are_forgotten() {
+        let p = policy(RestartPolicy::Always);
+        let start = Instant::now();
+        let mut recent = VecDeque::new();
+        for ms in [0, 1, 2] {
+            restart_decision(&p, true, &mut recent, start + Duration::from_millis(ms));
+        }
+        // Just past the window of the first two: they no longer count, and the delay is that
+        // of the second restart in the window.
+        let later = start + p.window + Duration::from_millis(2);
+        assert_eq!(
+            restart_decision(&p, true, &mut recent, later),
+            Decision::RestartIn(Duration::from_millis(100))
+        );
+        assert_eq!(recent.len(), 2);
+        // Exactly at the window's end a restart still counts (older than, not as old as).
+        let mut recent = VecDeque::from([start]);
+        restart_decision(&p, true, &mut recent, start + p.window);
+        assert_eq!(recent.len(), 2);
     }
 }

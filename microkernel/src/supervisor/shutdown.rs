@@ -7,31 +7,8 @@ impl Supervisor {
     /// layering of the `calls` graph): a wave is every service none of whose clients is in
     /// a later wave. Services in a cycle of calls go one at a time, in reverse manifest order.
     pub(super) fn stop_waves(&self) -> Vec<Vec<usize>> {
-        let n = self.services.len();
-        let mut stopped = vec![false; n];
-        let mut waves = Vec::new();
-        let mut left = n;
-        while left > 0 {
-            let mut wave: Vec<usize> = (0..n)
-                .rev()
-                .filter(|&i| {
-                    !stopped[i]
-                        && !self
-                            .links
-                            .iter()
-                            .any(|l| l.server == i && l.client != i && !stopped[l.client])
-                })
-                .collect();
-            if wave.is_empty() {
-                wave.push((0..n).rev().find(|&i| !stopped[i]).expect("one left"));
-            }
-            for &i in &wave {
-                stopped[i] = true;
-            }
-            left -= wave.len();
-            waves.push(wave);
-        }
-        waves
+        let calls: Vec<(usize, usize)> = self.links.iter().map(|l| (l.client, l.server)).collect();
+        stop_waves(self.services.len(), &calls)
     }
 
     /// Stops every service: a shutdown request, a grace period, then SIGKILL; wave by wave,
@@ -71,5 +48,63 @@ impl Supervisor {
             }
         }
         tracing::info!("all services stopped");
+    }
+}
+
+/// The waves of [`Supervisor::stop_waves`] for `n` services and `calls` as (client, server)
+/// pairs: every client in an earlier wave than the services it calls; when only cycles are
+/// left, the last service of the manifest goes alone and the calls decide again.
+pub(super) fn stop_waves(n: usize, calls: &[(usize, usize)]) -> Vec<Vec<usize>> {
+    let mut stopped = vec![false; n];
+    let mut waves = Vec::new();
+    let mut left = n;
+    while left > 0 {
+        let mut wave: Vec<usize> = (0..n)
+            .rev()
+            .filter(|&i| {
+                !stopped[i]
+                    && !calls
+                        .iter()
+                        .any(|&(client, server)| server == i && client != i && !stopped[client])
+            })
+            .collect();
+        if wave.is_empty() {
+            wave.push((0..n).rev().find(|&i| !stopped[i]).expect("one left"));
+        }
+        for &i in &wave {
+            stopped[i] = true;
+        }
+        left -= wave.len();
+        waves.push(wave);
+    }
+    waves
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_stop_before_the_services_they_call() {
+        // The shipped shape: 0 vmgs <- 1 attest, 2 vtpm; 2 vtpm <- 3 gateway; 4 alone.
+        let calls = [(1, 0), (2, 0), (3, 2), (2, 1)];
+        assert_eq!(
+            stop_waves(5, &calls),
+            vec![vec![4, 3], vec![2], vec![1], vec![0]]
+        );
+        assert!(stop_waves(0, &[]).is_empty());
+        // A service calling itself does not wait for itself.
+        assert_eq!(stop_waves(1, &[(0, 0)]), vec![vec![0]]);
+    }
+
+    #[test]
+    fn a_cycle_of_calls_is_broken_at_its_last_service_then_the_calls_decide_again() {
+        // 0 -> 1 -> 2 -> 0, and 3 -> 0. After 3, nobody is free: 2 (the last of the cycle)
+        // goes alone; then 0, whose callers (2, 3) are gone, before 1, which 0 calls.
+        let calls = [(0, 1), (1, 2), (2, 0), (3, 0)];
+        assert_eq!(
+            stop_waves(4, &calls),
+            vec![vec![3], vec![2], vec![0], vec![1]]
+        );
     }
 }
