@@ -5,7 +5,8 @@ use super::*;
 impl Supervisor {
     /// The services in waves that stop every client before the services it calls (a
     /// layering of the `calls` graph): a wave is every service none of whose clients is in
-    /// a later wave. Services in a cycle of calls go one at a time, in reverse manifest order.
+    /// a later wave. When only cycles of calls are left, the last service of the manifest goes
+    /// alone (see [`stop_waves`]).
     pub(super) fn stop_waves(&self) -> Vec<Vec<usize>> {
         let calls: Vec<(usize, usize)> = self.links.iter().map(|l| (l.client, l.server)).collect();
         stop_waves(self.services.len(), &calls)
