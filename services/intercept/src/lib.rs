@@ -17,12 +17,14 @@
 #![forbid(unsafe_code)]
 
 pub mod console;
-pub mod pci;
 pub mod platform;
 pub mod policy;
 pub mod ratelimit;
 pub mod server;
-pub mod uart;
+
+// The device models it serves (libraries of their own: `devices/`).
+pub use pv_devices::pci_host as pci;
+pub use pv_devices::uart16550 as uart;
 
 pub use policy::GUEST_CRASHED;
 pub use policy::HALTED_FOREVER;

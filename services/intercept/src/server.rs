@@ -36,14 +36,14 @@ use ipc_defs::services::intercept::DEBUG_EXIT_PORT;
 
 use crate::low_byte;
 use crate::pci;
-use crate::pci::Pci;
 use crate::platform;
 use crate::platform::I8042;
 use crate::policy::Policy;
 use crate::ratelimit::worth_logging;
 use crate::uart;
-use crate::uart::Irq;
-use crate::uart::Uart;
+use pv_devices::pci_host::Pci;
+use pv_devices::uart16550::Irq;
+use pv_devices::uart16550::Uart;
 
 /// The client name of the guest partition (the microkernel's vCPU threads), the only caller
 /// that may send guest exits.
@@ -55,11 +55,7 @@ pub trait InterruptSink {
     fn raise(&mut self, irq: Interrupt) -> Result<(), RaiseError>;
 }
 
-/// Where the UART's output goes.
-pub trait Console {
-    /// The guest transmitted `byte`.
-    fn transmit(&mut self, byte: u8);
-}
+pub use pv_devices::uart16550::Console;
 
 /// Why an interrupt could not be raised.
 #[derive(Debug, thiserror::Error)]

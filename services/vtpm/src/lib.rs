@@ -15,5 +15,7 @@ pub mod gateway;
 pub mod libtpms;
 pub mod server;
 pub mod state;
-pub mod tis;
 pub mod tpm2;
+
+// The register model it serves (a library of its own: `devices/`).
+pub use pv_devices::tpm_tis as tis;

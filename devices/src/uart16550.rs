@@ -35,7 +35,11 @@ use std::collections::VecDeque;
 
 use ipc_defs::services::intercept::Interrupt;
 
-use crate::server::Console;
+/// Where the UART's output goes.
+pub trait Console {
+    /// The guest transmitted `byte`.
+    fn transmit(&mut self, byte: u8);
+}
 
 /// COM1's first port.
 pub const COM1: u16 = 0x3f8;

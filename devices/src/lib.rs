@@ -1,0 +1,16 @@
+//! Device models as libraries: each is a state machine over a device's registers that a
+//! service feeds the guest's accesses to and asks what to do next (raise an interrupt, run a
+//! TPM command, forward a configuration access). No process, no OS call, no channel: the
+//! services in `services/` own those, and these models are tested in-process (and fuzzed
+//! through their services' targets).
+//!
+//! - [`uart16550`]: the 16550 UART on COM1 (the guest's console), for `pv-intercept`.
+//! - [`pci_host`]: PCI configuration mechanism #1 and the host bridge at 00:00.0, for
+//!   `pv-intercept`.
+//! - [`tpm_tis`]: the TPM Interface Specification (TIS 1.3, FIFO) registers at 0xFED40000,
+//!   for `pv-vtpm`.
+#![forbid(unsafe_code)]
+
+pub mod pci_host;
+pub mod tpm_tis;
+pub mod uart16550;
