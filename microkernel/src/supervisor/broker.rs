@@ -72,7 +72,8 @@ impl Supervisor {
         ];
         let mut record = Bootstrap {
             magic: bootstrap::BOOTSTRAP_MAGIC,
-            service: name16(&s.spec.name),
+            // Its lines say it is the broker, not the service (cut to the record's 16).
+            service: name16(&format!("{}-broker", s.spec.name)),
             log_filter: HString::try_from(self.log_filter.as_str())
                 .unwrap_or_else(|_| HString::try_from("info").unwrap_or_default()),
             capabilities: heapless::Vec::new(),
