@@ -24,6 +24,9 @@ use crate::manifest::Missing;
 use crate::manifest::RegionGrant;
 use crate::manifest::RestartPolicy;
 use crate::manifest::Sealing;
+use crate::plan::CapabilityPlan;
+use crate::plan::Run;
+use crate::plan::Source;
 use crate::profiles;
 use crate::sandbox::Namespaces;
 
@@ -32,6 +35,9 @@ use crate::sandbox::Namespaces;
 pub struct Row {
     pub service: String,
     pub binary: String,
+    /// Its capability slots, as its bootstrap record lists them in a run with a guest
+    /// partition and every declared listener bound ([`crate::plan`]).
+    pub slots: Vec<SlotRow>,
     pub serves: Vec<&'static str>,
     /// Services that may call this one, by endpoint.
     pub callers: Vec<Caller>,
@@ -78,6 +84,14 @@ pub struct Row {
     pub securebits: Vec<&'static str>,
     /// Seccomp filters stacked on it (spawner's, loader, its own).
     pub seccomp_filters: u32,
+}
+
+/// One capability slot: its descriptor, kind (`serve:vtpm`, `file:rw`, ...) and name.
+#[derive(Debug, Serialize)]
+pub struct SlotRow {
+    pub slot: i32,
+    pub kind: String,
+    pub name: String,
 }
 
 /// A service that may call an endpoint of this one.
@@ -210,10 +224,12 @@ fn millis(d: std::time::Duration) -> u64 {
 
 pub fn rows(m: &Manifest) -> Vec<Row> {
     let plan = crate::privilege::plan(m, &crate::privilege::Runner::current());
+    let capabilities = CapabilityPlan::new(&m.services, Run::MOST);
     m.services
         .iter()
         .zip(plan)
-        .map(|(s, p)| Row {
+        .enumerate()
+        .map(|(i, (s, p))| Row {
             uid: p.uid,
             gid: p.gid,
             ids: p.source,
@@ -226,18 +242,26 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
             seccomp_filters: p.filters,
             service: s.name.clone(),
             binary: s.binary.clone(),
-            serves: s.serves.iter().map(|i| i.name()).collect(),
-            callers: m
-                .services
+            slots: capabilities
+                .slots(i)
                 .iter()
-                .flat_map(|c| {
-                    c.calls
-                        .iter()
-                        .filter(|i| s.serves.contains(i))
-                        .map(move |i| Caller {
-                            service: c.name.clone(),
-                            endpoint: i.name(),
-                        })
+                .map(|slot| SlotRow {
+                    slot: slot.slot,
+                    kind: slot.kind.to_string(),
+                    name: slot.name.clone(),
+                })
+                .collect(),
+            serves: s.serves.iter().map(|i| i.name()).collect(),
+            callers: capabilities
+                .slots(i)
+                .iter()
+                .filter_map(|slot| match slot.source {
+                    Source::Served(link) => Some(&capabilities.links[link.0]),
+                    _ => None,
+                })
+                .map(|link| Caller {
+                    service: m.services[link.client].name.clone(),
+                    endpoint: link.interface.name(),
                 })
                 .collect(),
             calls: s.calls.iter().map(|i| i.name()).collect(),
@@ -277,23 +301,21 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
                 .collect(),
             mmio: s.mmio.clone(),
             pio: s.pio.clone(),
-            interrupts: if s.serves.contains(&ipc_defs::Interface::Intercept) {
-                crate::manifest::guest_interrupts(&m.services)
-                    .into_iter()
-                    .map(InterruptRow::from)
-                    .collect()
-            } else {
-                Vec::new()
-            },
-            guest: if s.serves.contains(&ipc_defs::Interface::Intercept) {
+            interrupts: capabilities
+                .slots(i)
+                .iter()
+                .filter_map(|slot| match slot.source {
+                    Source::GuestInterrupt(irq) => Some(InterruptRow::from(irq)),
+                    _ => None,
+                })
+                .collect(),
+            guest: if capabilities.guest_interface(i) == Some(ipc_defs::Interface::Intercept) {
                 Some(
                     "accesses to its ranges and to every unowned port and MMIO address, MSRs, \
                      hypercalls, vCPU events"
                         .into(),
                 )
-            } else if s.serves.contains(&ipc_defs::Interface::Vtpm)
-                && (!s.mmio.is_empty() || !s.pio.is_empty())
-            {
+            } else if capabilities.guest_interface(i) == Some(ipc_defs::Interface::Vtpm) {
                 Some(
                     "accesses to its ranges, as client `guest` (the partition's channel; its grant \
                      comes from the microkernel, not from a manifest entry): the register interface \
@@ -302,12 +324,15 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
                      would change the TPM are refused"
                         .into(),
                 )
-            } else if !s.mmio.is_empty() || !s.pio.is_empty() {
+            } else if capabilities.guest_interface(i).is_some() {
                 Some("accesses to its ranges".into())
             } else {
                 None
             },
-            microkernel: match (s.platform, s.serves.contains(&ipc_defs::Interface::Attest)) {
+            microkernel: match (
+                capabilities.platform == Some(i),
+                capabilities.paravisor_attest == Some(i),
+            ) {
                 (true, _) => Some(format!(
                     "holds the platform (reports and derived keys, served by the microkernel); the microkernel calls it as client `paravisor` (seal/unseal of sealed keys, `attest report`); sealing policy {}{}",
                     m.attest.sealing.name(),
@@ -340,6 +365,16 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
 
 /// The text forms of a row's lists, as the matrix prints them.
 impl Row {
+    fn slots_text(&self) -> Vec<String> {
+        self.slots
+            .iter()
+            .map(|s| match s.name == s.kind {
+                true => format!("{} {}", s.slot, s.kind),
+                false => format!("{} {} {}", s.slot, s.kind, s.name),
+            })
+            .collect()
+    }
+
     fn callers_text(&self) -> Vec<String> {
         self.callers
             .iter()
@@ -491,9 +526,14 @@ pub fn text(m: &Manifest) -> String {
             }
         );
     }
+    let _ = writeln!(
+        out,
+        "\n(slots: the descriptors from 4 on, as each service's bootstrap record lists them when a guest runs and every declared listener is bound; without a guest its channel and interrupts are left out and the later slots move up; a listener the run does not bind is left out)"
+    );
     let _ = writeln!(out);
     for r in &rows {
         let _ = writeln!(out, "{} ({}):", r.service, r.binary);
+        let _ = writeln!(out, "  slots:   {}", r.slots_text().join(", "));
         let _ = writeln!(out, "  regions: {}", list(&r.regions_text()));
         let _ = writeln!(out, "  files:   {}", list(&r.files_text()));
         let _ = writeln!(out, "  keys:    {}", list(&r.keys_text()));

@@ -29,6 +29,7 @@ pub mod operator;
 pub mod output;
 pub mod owned_dir;
 pub mod partition;
+pub mod plan;
 pub mod platform;
 pub mod platform_server;
 pub mod privilege;

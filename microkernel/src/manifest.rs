@@ -30,6 +30,8 @@ use serde::Deserialize;
 use serde::Serialize;
 use toml::Spanned;
 
+use crate::plan::CapabilityPlan;
+use crate::plan::Run;
 use crate::privilege::UserSpec;
 
 /// The manifest every command uses unless told otherwise.
@@ -1707,11 +1709,13 @@ impl Validator<'_> {
         pending_limits: Vec<(String, Spanned<i64>, Range<usize>)>,
         services: &[ServiceSpec],
     ) {
+        // The most a run hands each service: a guest partition, every declared listener.
+        let plan = CapabilityPlan::new(services, Run::MOST);
         for (name, open_files_spanned, service_span) in pending_limits {
-            let Some(spec) = services.iter().find(|x: &&ServiceSpec| x.name == name) else {
+            let Some(i) = services.iter().position(|x| x.name == name) else {
                 continue;
             };
-            let capabilities = capability_slots(spec, services);
+            let capabilities = plan.slots(i).len();
             let open_files = *open_files_spanned.get_ref();
             let needed = BASE_DESCRIPTORS + capabilities as u64;
             if open_files <= 0 {
@@ -2452,49 +2456,6 @@ impl Validator<'_> {
     }
 }
 
-/// Descriptor slots a service's bootstrap record lists: status page, seccomp program, control
-/// channel, one serving channel per (client, endpoint) link, one per call, regions, files,
-/// keys, listeners.
-/// The supervisor grants exactly these, in this order.
-pub fn capability_slots(spec: &ServiceSpec, services: &[ServiceSpec]) -> usize {
-    capability_slots_with(spec, services, true)
-}
-
-/// [`capability_slots`] for a run with or without a guest partition (without one there is no
-/// partition channel and no interrupt eventfd).
-pub fn capability_slots_with(spec: &ServiceSpec, services: &[ServiceSpec], guest: bool) -> usize {
-    let served_links: usize = services
-        .iter()
-        .map(|c| c.calls.iter().filter(|i| spec.serves.contains(i)).count())
-        .sum();
-    // The guest partition's channel, to a device service or intercept, and intercept's
-    // interrupt eventfds.
-    let guest_link = usize::from(
-        guest
-            && (spec.serves.contains(&Interface::Intercept)
-                || !spec.mmio.is_empty()
-                || !spec.pio.is_empty()
-                || spec.pci_device.is_some()),
-    );
-    let interrupts = if guest && spec.serves.contains(&Interface::Intercept) {
-        guest_interrupts(services).len()
-    } else {
-        0
-    };
-    // The microkernel's own channel to attest, and the platform channel.
-    let microkernel_links =
-        usize::from(spec.serves.contains(&Interface::Attest)) + usize::from(spec.platform);
-    3 + served_links
-        + microkernel_links
-        + guest_link
-        + interrupts
-        + spec.calls.len()
-        + spec.regions.len()
-        + spec.files.len()
-        + spec.keys.len()
-        + spec.listen.len()
-}
-
 /// Every interrupt the microkernel wires for a guest: intercept's own lines and every line a
 /// call to intercept grants.
 pub fn guest_interrupts(services: &[ServiceSpec]) -> Vec<Interrupt> {
@@ -2960,6 +2921,22 @@ restart = { policy = "always", max = 3, window = "10s", backoff = "10ms" }
             .lines()
             .position(|l| l.contains(needle))
             .unwrap_or_else(|| panic!("{needle:?} is not in the manifest"))
+    }
+
+    /// The capability plan's slot count of `spec` with every declared listener, with or
+    /// without a guest partition.
+    fn capability_slots_with(spec: &ServiceSpec, services: &[ServiceSpec], guest: bool) -> usize {
+        let i = services.iter().position(|s| std::ptr::eq(s, spec)).unwrap();
+        let run = Run {
+            guest_vcpus: guest.then_some(1),
+            listening: None,
+        };
+        CapabilityPlan::new(services, run).slots(i).len()
+    }
+
+    /// [`capability_slots_with`] a guest partition: what the validator bounds.
+    fn capability_slots(spec: &ServiceSpec, services: &[ServiceSpec]) -> usize {
+        capability_slots_with(spec, services, true)
     }
 
     /// Each service's descriptor slots, counted by hand from the shipped manifest: 3 (status

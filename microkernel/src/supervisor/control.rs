@@ -260,8 +260,8 @@ impl Supervisor {
     }
 
     /// Checks every running service against the manifest: identity, capabilities,
-    /// no_new_privs, seccomp (each listed as a check made), descriptors, namespaces, limits;
-    /// and the microkernel's own threads' filters.
+    /// no_new_privs, seccomp (each listed as a check made), descriptors (against its
+    /// capability plan), namespaces, limits; and the microkernel's own threads' filters.
     pub(super) fn live_audit(&self) -> (Vec<String>, Vec<crate::control::Checked>, Vec<Finding>) {
         let mut checked = Vec::new();
         let mut checks = Vec::new();
@@ -288,7 +288,7 @@ impl Supervisor {
         ) {
             record(&mut checks, &mut findings, "paravisor", c);
         }
-        for s in &self.services {
+        for (i, s) in self.services.iter().enumerate() {
             let Some(p) = &s.process else {
                 if s.state != State::Stopped {
                     findings.push(Finding {
@@ -309,15 +309,15 @@ impl Supervisor {
             for c in crate::privilege::check_pid(p.pid, &s.privilege) {
                 record(&mut checks, &mut findings, &s.spec.name, c);
             }
-            let mut expect = ExpectedProcess {
+            let expect = ExpectedProcess {
                 namespaces: Namespaces::all() - Namespaces::USER,
                 memory: s.spec.limits.memory,
                 open_files: s.spec.limits.open_files,
-                descriptors: Vec::new(),
+                // Its capability plan's, not what the supervisor recorded handing over.
+                descriptors: self.expected_descriptors(i),
                 code: s.code.iter().map(|(_, _, path)| path.clone()).collect(),
                 listening: s.listeners.iter().map(|b| b.listening()).collect(),
             };
-            expect.descriptors = s.granted.clone();
             for what in check_process(p.pid, &expect)
                 .into_iter()
                 .chain(s.listeners.iter().flat_map(crate::listeners::check))

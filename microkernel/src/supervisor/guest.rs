@@ -5,9 +5,11 @@ use super::*;
 
 impl Supervisor {
     /// Creates the VM (with the interrupts the manifest grants wired) and the partition's
-    /// channels; the vCPUs start in [`Supervisor::run`], once the services are up.
+    /// channels, as `plan` lists them; the vCPUs start in [`Supervisor::run`], once the
+    /// services are up.
     pub(super) fn guest(
         config: &crate::partition::GuestConfig,
+        plan: &CapabilityPlan,
         m: &Manifest,
         keep_running: bool,
     ) -> Result<Guest, RunError> {
@@ -26,30 +28,17 @@ impl Supervisor {
                 );
             }
         }
-        let interrupts = crate::manifest::guest_interrupts(&m.services);
-        let partition = crate::partition::Partition::create(config.clone(), &interrupts)?;
+        let partition = crate::partition::Partition::create(config.clone(), &plan.interrupts)?;
         let mut links = Vec::new();
-        for (server, spec) in m.services.iter().enumerate() {
-            let owns_ranges =
-                !spec.mmio.is_empty() || !spec.pio.is_empty() || spec.pci_device.is_some();
-            let interface = if spec.serves.contains(&Interface::Intercept) {
-                Some(Interface::Intercept)
-            } else if owns_ranges {
-                spec.serves
-                    .iter()
-                    .copied()
-                    .find(|i| crate::partition::router::takes_guest_accesses(*i))
-            } else {
-                None
-            };
-            let Some(interface) = interface else { continue };
-            let mem = ChannelMemory::create(&format!("pv-guest-{}", spec.name), m.ring_capacity)
-                .map_err(|e| {
-                    create_err(format!("channel guest -> {}", spec.name))(e.to_string())
-                })?;
+        for link in &plan.guest_links {
+            let mem = ChannelMemory::create(&link.memfd, m.ring_capacity).map_err(|e| {
+                create_err(format!("channel guest -> {}", m.services[link.server].name))(
+                    e.to_string(),
+                )
+            })?;
             links.push(GuestLink {
-                server,
-                interface,
+                server: link.server,
+                interface: link.interface,
                 mem,
                 exits: Default::default(),
             });
@@ -86,7 +75,6 @@ impl Supervisor {
             watchdog: config.watchdog,
             progress: None,
             declared_hung: false,
-            vcpus: config.vcpus,
             description: format!(
                 "{description}, {} MiB, {} vCPU(s)",
                 config.memory >> 20,

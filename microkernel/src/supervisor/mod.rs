@@ -22,9 +22,7 @@ use heapless::String as HString;
 use ipc_defs::bootstrap;
 use ipc_defs::bootstrap::Bootstrap;
 use ipc_defs::bootstrap::Capability;
-use ipc_defs::capability::CapabilityKind;
 use ipc_defs::capability::FileAccess;
-use ipc_defs::capability::Grant;
 use ipc_defs::control as ctl;
 use ipc_defs::hosted::channel::ChannelMemory;
 use ipc_defs::hosted::ClientEnd;
@@ -58,6 +56,8 @@ use crate::manifest::RestartPolicy;
 use crate::manifest::ServiceSpec;
 use crate::output::ServiceOutput;
 use crate::output::Stream;
+use crate::plan::CapabilityPlan;
+use crate::plan::Run;
 use crate::profiles;
 use crate::sandbox;
 use crate::sandbox::Exit;
@@ -79,7 +79,6 @@ pub use control::signal_name;
 pub use control::ExpectedProcess;
 pub use sealing::default_platform_dir;
 
-use capabilities::capability_count;
 use capabilities::init_status;
 use capabilities::write_all_at;
 use capabilities::Grants;
@@ -199,6 +198,7 @@ struct Guest {
     /// Created with the supervisor, started once the services run.
     partition: Option<crate::partition::Partition>,
     running: Option<crate::partition::Running>,
+    /// As [`CapabilityPlan::guest_links`] lists them.
     links: Vec<GuestLink>,
     /// Readable once the guest's run has ended.
     ended: vmm_sys_util::eventfd::EventFd,
@@ -211,8 +211,6 @@ struct Guest {
     /// Exits seen by the watchdog, and since when.
     progress: Option<(u64, Instant)>,
     declared_hung: bool,
-    /// The partition's vCPUs (ids 0..vcpus): the register grant of its vtpm channel.
-    vcpus: u32,
 }
 
 /// The channel between two services.
@@ -298,8 +296,9 @@ struct Service {
     operator_restart: bool,
     last_exit: Option<String>,
     last_stats: ctl::Stats,
-    /// `(slot, /proc link)` of every descriptor the last start granted and the service keeps.
-    granted: Vec<(i32, String)>,
+    /// `(slot, /proc link)` of what the last start opened for it that the plan cannot know:
+    /// its output pipes (1 and 2), its files' resolved paths, its bound sockets.
+    opened: Vec<(i32, String)>,
     /// When the service last answered a ping.
     last_answer: Instant,
     /// Since when its silence counts for the watchdog: its last answer, or the last health
@@ -382,6 +381,9 @@ pub struct Supervisor {
     sandbox_root: PathBuf,
     log_filter: String,
     services: Vec<Service>,
+    /// Every service's capability slots and every channel, for this run.
+    plan: CapabilityPlan,
+    /// The channels between services, as [`CapabilityPlan::links`] lists them.
     links: Vec<Link>,
     ring_capacity: u32,
     guest: Option<Guest>,
@@ -419,6 +421,16 @@ impl Supervisor {
         };
         let enabled =
             crate::listeners::enabled(m, &opts.listen).map_err(|e| create_err("front ends")(e))?;
+        // What each service is handed, computed once: the channels below are made in its
+        // order, and every start hands over its slots.
+        let bound: Vec<String> = enabled.iter().map(|l| l.name.clone()).collect();
+        let plan = CapabilityPlan::new(
+            &m.services,
+            Run {
+                guest_vcpus: opts.guest.as_ref().map(|g| g.vcpus),
+                listening: Some(&bound),
+            },
+        );
         let mut services = Vec::new();
         let tag_width = m.services.iter().map(|s| s.name.len()).max().unwrap_or(0);
         // Who each service runs as: computed once, here, for spawn and the live audit.
@@ -434,16 +446,16 @@ impl Supervisor {
                 source,
             })?;
             let control_mem =
-                ChannelMemory::create(&format!("pv-control-{}", spec.name), m.ring_capacity)
+                ChannelMemory::create(&crate::plan::control_memfd(&spec.name), m.ring_capacity)
                     .map_err(|e| {
                         create_err(format!("control channel of {}", spec.name))(e.to_string())
                     })?;
-            let status = SharedMemory::create(&format!("pv-status-{}", spec.name), 4096)?;
+            let status = SharedMemory::create(&crate::plan::status_memfd(&spec.name), 4096)?;
             init_status(&status)?;
             let mut regions = Vec::new();
             for r in &spec.regions {
                 let shm = SharedMemory::create(
-                    &format!("pv-region-{}-{}", spec.name, r.name),
+                    &crate::plan::region_memfd(&spec.name, &r.name),
                     r.size as usize,
                 )?;
                 regions.push((r.name.clone(), shm));
@@ -463,14 +475,13 @@ impl Supervisor {
             })?;
             let bytes = profiles::program_bytes(&program);
             let program_fd = ipc_defs::hosted::sys::memfd(
-                &format!("pv-seccomp-{}", spec.name),
+                &crate::plan::seccomp_memfd(&spec.name),
                 bytes.len() as u64,
             )?;
             write_all_at(&program_fd, &bytes)?;
             ipc_defs::hosted::sys::seal_read_only(&program_fd)?;
-            // Declared listeners the host did not ask for are not granted.
-            let caps = capability_count(spec, m, opts.guest.is_some()) + listeners.len()
-                - spec.listen.len();
+            // The bootstrap record, then the service's slots: the binary comes after them.
+            let caps = 1 + plan.slots(services.len()).len();
             let loader_filter =
                 profiles::loader_program(&spec.syscalls, SpawnPlan::binary_slot(caps)).map_err(
                     |e| create_err(format!("loader profile of {}", spec.name))(e.to_string()),
@@ -510,7 +521,7 @@ impl Supervisor {
                 operator_restart: false,
                 last_exit: None,
                 last_stats: ctl::Stats::default(),
-                granted: Vec::new(),
+                opened: Vec::new(),
                 last_answer: Instant::now(),
                 silence_counted_from: Instant::now(),
                 unresponsive: false,
@@ -524,44 +535,30 @@ impl Supervisor {
             });
         }
         let mut links = Vec::new();
-        for (client, spec) in m.services.iter().enumerate() {
-            for interface in &spec.calls {
-                let server = m
-                    .services
-                    .iter()
-                    .position(|s| s.serves.contains(interface))
-                    .ok_or_else(|| RunError::Create {
-                        what: format!("channel {} -> {interface}", spec.name),
-                        reason: "no server (manifest validation should have caught this)".into(),
-                    })?;
-                let mem = ChannelMemory::create(
-                    &format!("pv-chan-{}-{interface}", spec.name),
-                    m.ring_capacity,
-                )
-                .map_err(|e| {
-                    create_err(format!("channel {} -> {interface}", spec.name))(e.to_string())
-                })?;
-                links.push(Link {
-                    client,
-                    server,
-                    interface: *interface,
-                    mem,
-                });
-            }
+        for link in &plan.links {
+            let what = format!(
+                "channel {} -> {}",
+                m.services[link.client].name, link.interface
+            );
+            let mem = ChannelMemory::create(&link.memfd, m.ring_capacity)
+                .map_err(|e| create_err(what)(e.to_string()))?;
+            links.push(Link {
+                client: link.client,
+                server: link.server,
+                interface: link.interface,
+                mem,
+            });
         }
         let guest = match &opts.guest {
             None => None,
-            Some(config) => Some(Self::guest(config, m, opts.keep_running)?),
+            Some(config) => Some(Self::guest(config, &plan, m, opts.keep_running)?),
         };
-        let attest_link = match m
-            .services
-            .iter()
-            .position(|s| s.serves.contains(&Interface::Attest))
-        {
+        let attest_link = match plan.paravisor_attest {
             None => None,
             Some(server) => {
-                let mem = ChannelMemory::create("pv-chan-paravisor-attest", m.ring_capacity)
-                    .map_err(|e| create_err("channel paravisor -> attest")(e.to_string()))?;
+                let mem =
+                    ChannelMemory::create(crate::plan::PARAVISOR_ATTEST_MEMFD, m.ring_capacity)
+                        .map_err(|e| create_err("channel paravisor -> attest")(e.to_string()))?;
                 let view =
                     second_mapping(&mem).map_err(create_err("channel paravisor -> attest"))?;
                 Some(AttestLink {
@@ -571,9 +568,9 @@ impl Supervisor {
                 })
             }
         };
-        let platform_link = match (m.services.iter().position(|s| s.platform), platform) {
+        let platform_link = match (plan.platform, platform) {
             (Some(holder), Some(platform)) => {
-                let mem = ChannelMemory::create("pv-chan-attest-platform", m.ring_capacity)
+                let mem = ChannelMemory::create(crate::plan::PLATFORM_MEMFD, m.ring_capacity)
                     .map_err(|e| create_err("platform channel")(e.to_string()))?;
                 let view = second_mapping(&mem).map_err(create_err("platform channel"))?;
                 let launch = crate::platform_server::Launch {
@@ -611,6 +608,7 @@ impl Supervisor {
             state_dir: opts.state_dir.clone(),
             log_filter: opts.log_filter.clone(),
             services,
+            plan,
             links,
             ring_capacity: m.ring_capacity,
             guest,
@@ -896,7 +894,7 @@ impl Supervisor {
         let Grants {
             record,
             mut fds,
-            mut expected,
+            mut opened,
         } = self.capabilities(i)?;
         // Its stdout and stderr: pipes of this start, read by the supervisor.
         let (stdout, stdout_end) =
@@ -906,9 +904,9 @@ impl Supervisor {
         for (slot, pipe) in [(1, &stdout), (2, &stderr)] {
             let link = std::fs::read_link(format!("/proc/self/fd/{}", pipe.as_raw_fd()))
                 .map_err(|e| format!("output pipe: {e}"))?;
-            expected.push((slot, link.display().to_string()));
+            opened.push((slot, link.display().to_string()));
         }
-        self.services[i].granted = expected;
+        self.services[i].opened = opened;
         let record_bytes =
             postcard::to_allocvec(&record).map_err(|e| format!("bootstrap record: {e}"))?;
         let record_fd = ipc_defs::hosted::sys::memfd(
