@@ -261,6 +261,24 @@ impl CapabilityPlan {
         self.slots.get(i).map_or(&[], Vec::as_slice)
     }
 
+    /// The slots of the guest-state broker started on service `i`'s slot for its file
+    /// `file` (`pv-vmgs --broker`, during sealing): its status page, seccomp program and
+    /// control channel, and that file; nothing else (no key, no channel to another service).
+    /// `None` if the service has no such file.
+    pub fn broker_slots(&self, i: usize, file: usize) -> Option<Vec<Slot>> {
+        let own = |wanted: Source| self.slots(i).iter().find(|s| s.source == wanted).cloned();
+        let mut slots = vec![
+            own(Source::StatusPage)?,
+            own(Source::SeccompProgram)?,
+            own(Source::Control)?,
+            own(Source::File(file))?,
+        ];
+        for (k, slot) in slots.iter_mut().enumerate() {
+            slot.slot = FIRST_CAPABILITY_SLOT + k as i32;
+        }
+        Some(slots)
+    }
+
     /// The interface of service `i` the guest partition's channel reaches, if it has one.
     pub fn guest_interface(&self, i: usize) -> Option<Interface> {
         self.guest_links
@@ -820,5 +838,31 @@ restart = { policy = "never", max = 0, window = "10s", backoff = "10ms" }
             panic!("no vtpm grant");
         };
         assert_eq!(g.commands, Localities::ZERO.with(2).with(3));
+    }
+
+    #[test]
+    fn the_broker_holds_the_services_own_pages_and_the_file_alone() {
+        let m = shipped();
+        let plan = CapabilityPlan::new(&m.services, Run::MOST);
+        let vmgs = m.services.iter().position(|s| s.name == "vmgs").unwrap();
+        let slots = plan.broker_slots(vmgs, 0).expect("vmgs has a file");
+        let kinds: Vec<_> = slots
+            .iter()
+            .map(|s| (s.slot, s.kind, s.name.as_str()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (4, CapabilityKind::Status, "status"),
+                (5, CapabilityKind::SeccompProgram, "seccomp"),
+                (6, CapabilityKind::Control, "control"),
+                (
+                    7,
+                    CapabilityKind::File(ipc_defs::capability::FileAccess::ReadWrite),
+                    "guest-state"
+                ),
+            ]
+        );
+        assert!(plan.broker_slots(vmgs, 1).is_none(), "vmgs has one file");
     }
 }

@@ -14,6 +14,7 @@ use ipc_defs::services::vmgs::ProtectorBytes;
 use ipc_defs::services::vmgs::Protectors;
 
 use super::capabilities::name16;
+use super::capabilities::Fd;
 use super::*;
 
 /// How long one broker request may take (a rotation commits three times, fsync each).
@@ -37,7 +38,9 @@ pub(super) struct Broker {
 
 impl Supervisor {
     /// Starts the broker for the guest-state file `file` (the manifest's file `name`) on
-    /// service `i`'s slot, and waits for its first answer.
+    /// service `i`'s slot, and waits for its first answer. Its capabilities are the plan's
+    /// [`crate::plan::CapabilityPlan::broker_slots`]; the file's descriptor is `file` (for
+    /// a new image, the temporary file that becomes it).
     pub(super) fn broker(
         &self,
         i: usize,
@@ -47,29 +50,18 @@ impl Supervisor {
         let s = &self.services[i];
         let fail =
             |e: &dyn std::fmt::Display| format!("the guest-state broker ({}): {e}", s.spec.name);
+        let index = s
+            .spec
+            .files
+            .iter()
+            .position(|f| f.name == name)
+            .ok_or_else(|| fail(&format_args!("no file \"{name}\"")))?;
+        let slots = self
+            .plan
+            .broker_slots(i, index)
+            .ok_or_else(|| fail(&format_args!("no broker plan for file \"{name}\"")))?;
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
         let file = OwnedFd::from(file);
-        let caps = [
-            (CapabilityKind::Status, "status", 4096, s.status.as_raw_fd()),
-            (
-                CapabilityKind::SeccompProgram,
-                "seccomp",
-                0,
-                s.service_program.as_raw_fd(),
-            ),
-            (
-                CapabilityKind::Control,
-                "control",
-                s.control_mem.shm().len() as u64,
-                s.control_mem.shm().as_raw_fd(),
-            ),
-            (
-                CapabilityKind::File(FileAccess::ReadWrite),
-                name,
-                len,
-                file.as_raw_fd(),
-            ),
-        ];
         let mut record = Bootstrap {
             magic: bootstrap::BOOTSTRAP_MAGIC,
             // Its lines say it is the broker, not the service (cut to the record's 16).
@@ -78,25 +70,37 @@ impl Supervisor {
                 .unwrap_or_else(|_| HString::try_from("info").unwrap_or_default()),
             capabilities: heapless::Vec::new(),
         };
-        for (k, (kind, name, size, _)) in caps.iter().enumerate() {
+        let mut raw = Vec::new();
+        for slot in &slots {
+            let (size, fd) = match slot.source {
+                crate::plan::Source::File(_) => (len, file.as_raw_fd()),
+                _ => {
+                    let (size, fd) = self.descriptor(i, slot)?;
+                    // The service's own pages and program: descriptors the supervisor keeps.
+                    let Fd::Borrowed(fd) = fd else {
+                        return Err(fail(&format_args!("{} is not kept", slot.name)));
+                    };
+                    (size, fd)
+                }
+            };
             record
                 .capabilities
                 .push(Capability {
-                    slot: bootstrap::FIRST_CAPABILITY_SLOT + k as i32,
-                    kind: *kind,
-                    name: name16(name),
-                    size: *size,
-                    grant: Grant::Interface,
+                    slot: slot.slot,
+                    kind: slot.kind,
+                    name: name16(&slot.name),
+                    size,
+                    grant: slot.grant,
                 })
                 .map_err(|_| fail(&"too many capabilities"))?;
+            raw.push(fd);
         }
         let bytes = postcard::to_allocvec(&record).map_err(|e| fail(&e))?;
         let record_fd = ipc_defs::hosted::sys::memfd("pv-bootstrap-broker", bytes.len() as u64)
             .map_err(|e| fail(&e))?;
         write_all_at(&record_fd, &bytes).map_err(|e| fail(&e))?;
         ipc_defs::hosted::sys::seal_read_only(&record_fd).map_err(|e| fail(&e))?;
-        let mut raw = vec![record_fd.as_raw_fd()];
-        raw.extend(caps.iter().map(|c| c.3));
+        raw.insert(0, record_fd.as_raw_fd());
         // Its executable sits right after its (fewer) capabilities: a loader filter of its own.
         let loader = profiles::loader_program(&s.spec.syscalls, SpawnPlan::binary_slot(raw.len()))
             .map_err(|e| fail(&e))?;

@@ -50,7 +50,7 @@ impl Supervisor {
     }
 
     /// The descriptor behind `slot` of service `i`, and the size its record gives.
-    fn descriptor(&self, i: usize, slot: &Slot) -> Result<(u64, Fd), String> {
+    pub(super) fn descriptor(&self, i: usize, slot: &Slot) -> Result<(u64, Fd), String> {
         let s = &self.services[i];
         let missing = || {
             format!(
