@@ -319,6 +319,14 @@ struct Service {
     privilege: crate::privilege::ServicePrivilege,
 }
 
+/// A descriptor the loop watches: service `service`'s process (`stream` None) or one of its
+/// output pipes.
+struct Watched {
+    service: usize,
+    stream: Option<Stream>,
+    fd: i32,
+}
+
 /// The microkernel's own channel to the attest service (client name `paravisor`): reports for
 /// `paravisor attest report`, the attest benchmark (both on the control worker).
 struct AttestLink {
@@ -438,101 +446,13 @@ impl Supervisor {
             crate::privilege::plan(m, &crate::privilege::Runner::current()).into_iter();
         let filters = crate::thread_filters::ThreadFilters::compile(m, std::process::id())
             .map_err(|e| create_err("the microkernel's thread filters")(e.to_string()))?;
-        for spec in &m.services {
-            let binary = opts.bin_dir.join(&spec.binary);
-            std::fs::metadata(&binary).map_err(|source| RunError::Binary {
-                service: spec.name.clone(),
-                path: binary.display().to_string(),
-                source,
+        for (i, spec) in m.services.iter().enumerate() {
+            let privilege = privileges.next().ok_or_else(|| {
+                create_err(format!("identity of {}", spec.name))("no plan".into())
             })?;
-            let control_mem =
-                ChannelMemory::create(&crate::plan::control_memfd(&spec.name), m.ring_capacity)
-                    .map_err(|e| {
-                        create_err(format!("control channel of {}", spec.name))(e.to_string())
-                    })?;
-            let status = SharedMemory::create(&crate::plan::status_memfd(&spec.name), 4096)?;
-            init_status(&status)?;
-            let mut regions = Vec::new();
-            for r in &spec.regions {
-                let shm = SharedMemory::create(
-                    &crate::plan::region_memfd(&spec.name, &r.name),
-                    r.size as usize,
-                )?;
-                regions.push((r.name.clone(), shm));
-            }
-            let mut listeners = Vec::new();
-            for l in enabled.iter().filter(|l| l.service == spec.name) {
-                let bound = crate::listeners::bind(l, &opts.state_dir).map_err(|e| {
-                    create_err(format!(
-                        "listener {} of {} on {}",
-                        l.name, spec.name, l.address
-                    ))(e)
-                })?;
-                listeners.push(bound);
-            }
-            let program = profiles::service_program(&spec.syscalls).map_err(|e| {
-                create_err(format!("seccomp profile of {}", spec.name))(e.to_string())
-            })?;
-            let bytes = profiles::program_bytes(&program);
-            let program_fd = ipc_defs::hosted::sys::memfd(
-                &crate::plan::seccomp_memfd(&spec.name),
-                bytes.len() as u64,
-            )?;
-            write_all_at(&program_fd, &bytes)?;
-            ipc_defs::hosted::sys::seal_read_only(&program_fd)?;
-            // The bootstrap record, then the service's slots: the binary comes after them.
-            let caps = 1 + plan.slots(services.len()).len();
-            let loader_filter =
-                profiles::loader_program(&spec.syscalls, SpawnPlan::binary_slot(caps)).map_err(
-                    |e| create_err(format!("loader profile of {}", spec.name))(e.to_string()),
-                )?;
-            let image = match opts.sealed.services.get(services.len()) {
-                Some(fd) => Some(fd.try_clone()?),
-                None => None,
-            };
-            let code = opts
-                .sealed
-                .code_of(services.len())
-                .into_iter()
-                .map(|(fd, length, path)| Ok((Some(fd.try_clone()?), length, path.to_string())))
-                .collect::<std::io::Result<Vec<_>>>()?;
-            services.push(Service {
-                spec: spec.clone(),
-                binary,
-                image,
-                code,
-                control: Arc::new(Mutex::new(ClientEnd::new(
-                    second_mapping(&control_mem)
-                        .map_err(|e| create_err(format!("control channel of {}", spec.name))(e))?,
-                    WaitPolicy::default(),
-                ))),
-                control_mem,
-                status,
-                regions,
-                listeners,
-                service_program: program_fd,
-                loader_filter,
-                state: State::Stopped,
-                process: None,
-                restarts: 0,
-                recent: VecDeque::new(),
-                restart_at: None,
-                backoff: None,
-                operator_restart: false,
-                last_exit: None,
-                last_stats: ctl::Stats::default(),
-                opened: Vec::new(),
-                last_answer: Instant::now(),
-                silence_counted_from: Instant::now(),
-                unresponsive: false,
-                kill_reason: None,
-                starting: None,
-                output: ServiceOutput::new(&spec.name, tag_width)
-                    .with_format(crate::logging::format()),
-                privilege: privileges.next().ok_or_else(|| {
-                    create_err(format!("identity of {}", spec.name))("no plan".into())
-                })?,
-            });
+            services.push(Self::service(
+                opts, i, &plan, &enabled, tag_width, privilege,
+            )?);
         }
         let mut links = Vec::new();
         for link in &plan.links {
@@ -553,44 +473,14 @@ impl Supervisor {
             None => None,
             Some(config) => Some(Self::guest(config, &plan, m, opts.keep_running)?),
         };
-        let attest_link = match plan.paravisor_attest {
-            None => None,
-            Some(server) => {
-                let mem =
-                    ChannelMemory::create(crate::plan::PARAVISOR_ATTEST_MEMFD, m.ring_capacity)
-                        .map_err(|e| create_err("channel paravisor -> attest")(e.to_string()))?;
-                let view =
-                    second_mapping(&mem).map_err(create_err("channel paravisor -> attest"))?;
-                Some(AttestLink {
-                    server,
-                    client: Arc::new(Mutex::new(ClientEnd::new(view, WaitPolicy::default()))),
-                    mem,
-                })
-            }
-        };
+        let attest_link = Self::attest_link(&plan, m.ring_capacity)?;
         let platform_link = match (plan.platform, platform) {
-            (Some(holder), Some(platform)) => {
-                let mem = ChannelMemory::create(crate::plan::PLATFORM_MEMFD, m.ring_capacity)
-                    .map_err(|e| create_err("platform channel")(e.to_string()))?;
-                let view = second_mapping(&mem).map_err(create_err("platform channel"))?;
-                let launch = crate::platform_server::Launch {
-                    facts: crate::snp::LaunchFacts {
-                        measurement: opts.launch_log.measurement,
-                        policy: crate::snp::POLICY,
-                        guest_svn: 0,
-                    },
-                    host_data: [0; 32],
-                    report_id: crate::platform::new_report_id()?,
-                };
-                Some(PlatformLink {
-                    holder,
-                    mem,
-                    platform: std::sync::Arc::new(platform),
-                    launch,
-                    pending: Some(view),
-                    server: None,
-                })
-            }
+            (Some(holder), Some(platform)) => Some(Self::platform_link(
+                holder,
+                platform,
+                opts,
+                m.ring_capacity,
+            )?),
             _ => None,
         };
         Ok(Supervisor {
@@ -616,6 +506,160 @@ impl Supervisor {
             filters,
             spawner: None,
             worker: None,
+        })
+    }
+
+    /// The microkernel's own channel to the attest service, if the manifest has one.
+    fn attest_link(
+        plan: &CapabilityPlan,
+        ring_capacity: u32,
+    ) -> Result<Option<AttestLink>, RunError> {
+        Ok(match plan.paravisor_attest {
+            None => None,
+            Some(server) => {
+                let mem = ChannelMemory::create(crate::plan::PARAVISOR_ATTEST_MEMFD, ring_capacity)
+                    .map_err(|e| create_err("channel paravisor -> attest")(e.to_string()))?;
+                let view =
+                    second_mapping(&mem).map_err(create_err("channel paravisor -> attest"))?;
+                Some(AttestLink {
+                    server,
+                    client: Arc::new(Mutex::new(ClientEnd::new(view, WaitPolicy::default()))),
+                    mem,
+                })
+            }
+        })
+    }
+
+    /// The platform channel held by service `holder`, served by a thread of the microkernel
+    /// with `platform` and this launch's facts.
+    fn platform_link(
+        holder: usize,
+        platform: crate::platform::Platform,
+        opts: &Options,
+        ring_capacity: u32,
+    ) -> Result<PlatformLink, RunError> {
+        let mem = ChannelMemory::create(crate::plan::PLATFORM_MEMFD, ring_capacity)
+            .map_err(|e| create_err("platform channel")(e.to_string()))?;
+        let view = second_mapping(&mem).map_err(create_err("platform channel"))?;
+        let launch = crate::platform_server::Launch {
+            facts: crate::snp::LaunchFacts {
+                measurement: opts.launch_log.measurement,
+                policy: crate::snp::POLICY,
+                guest_svn: 0,
+            },
+            host_data: [0; 32],
+            report_id: crate::platform::new_report_id()?,
+        };
+        Ok(PlatformLink {
+            holder,
+            mem,
+            platform: std::sync::Arc::new(platform),
+            launch,
+            pending: Some(view),
+            server: None,
+        })
+    }
+
+    /// Everything service `i` keeps across its starts: its channels to the microkernel
+    /// (control, status page), regions, bound listeners, seccomp programs, and the measured
+    /// copies of its code.
+    fn service(
+        opts: &Options,
+        i: usize,
+        plan: &CapabilityPlan,
+        enabled: &[crate::listeners::Enabled],
+        tag_width: usize,
+        privilege: crate::privilege::ServicePrivilege,
+    ) -> Result<Service, RunError> {
+        let m = &opts.manifest;
+        let spec = &m.services[i];
+        let binary = opts.bin_dir.join(&spec.binary);
+        std::fs::metadata(&binary).map_err(|source| RunError::Binary {
+            service: spec.name.clone(),
+            path: binary.display().to_string(),
+            source,
+        })?;
+        let control_mem =
+            ChannelMemory::create(&crate::plan::control_memfd(&spec.name), m.ring_capacity)
+                .map_err(|e| {
+                    create_err(format!("control channel of {}", spec.name))(e.to_string())
+                })?;
+        let status = SharedMemory::create(&crate::plan::status_memfd(&spec.name), 4096)?;
+        init_status(&status)?;
+        let mut regions = Vec::new();
+        for r in &spec.regions {
+            let shm = SharedMemory::create(
+                &crate::plan::region_memfd(&spec.name, &r.name),
+                r.size as usize,
+            )?;
+            regions.push((r.name.clone(), shm));
+        }
+        let mut listeners = Vec::new();
+        for l in enabled.iter().filter(|l| l.service == spec.name) {
+            let bound = crate::listeners::bind(l, &opts.state_dir).map_err(|e| {
+                create_err(format!(
+                    "listener {} of {} on {}",
+                    l.name, spec.name, l.address
+                ))(e)
+            })?;
+            listeners.push(bound);
+        }
+        let program = profiles::service_program(&spec.syscalls)
+            .map_err(|e| create_err(format!("seccomp profile of {}", spec.name))(e.to_string()))?;
+        let bytes = profiles::program_bytes(&program);
+        let program_fd = ipc_defs::hosted::sys::memfd(
+            &crate::plan::seccomp_memfd(&spec.name),
+            bytes.len() as u64,
+        )?;
+        write_all_at(&program_fd, &bytes)?;
+        ipc_defs::hosted::sys::seal_read_only(&program_fd)?;
+        // The bootstrap record, then the service's slots: the binary comes after them.
+        let caps = 1 + plan.slots(i).len();
+        let loader_filter = profiles::loader_program(&spec.syscalls, SpawnPlan::binary_slot(caps))
+            .map_err(|e| create_err(format!("loader profile of {}", spec.name))(e.to_string()))?;
+        let image = match opts.sealed.services.get(i) {
+            Some(fd) => Some(fd.try_clone()?),
+            None => None,
+        };
+        let code = opts
+            .sealed
+            .code_of(i)
+            .into_iter()
+            .map(|(fd, length, path)| Ok((Some(fd.try_clone()?), length, path.to_string())))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Service {
+            spec: spec.clone(),
+            binary,
+            image,
+            code,
+            control: Arc::new(Mutex::new(ClientEnd::new(
+                second_mapping(&control_mem)
+                    .map_err(|e| create_err(format!("control channel of {}", spec.name))(e))?,
+                WaitPolicy::default(),
+            ))),
+            control_mem,
+            status,
+            regions,
+            listeners,
+            service_program: program_fd,
+            loader_filter,
+            state: State::Stopped,
+            process: None,
+            restarts: 0,
+            recent: VecDeque::new(),
+            restart_at: None,
+            backoff: None,
+            operator_restart: false,
+            last_exit: None,
+            last_stats: ctl::Stats::default(),
+            opened: Vec::new(),
+            last_answer: Instant::now(),
+            silence_counted_from: Instant::now(),
+            unresponsive: false,
+            kill_reason: None,
+            starting: None,
+            output: ServiceOutput::new(&spec.name, tag_width).with_format(crate::logging::format()),
+            privilege,
         })
     }
 
@@ -664,63 +708,20 @@ impl Supervisor {
         let mut stop = false;
         let mut next_health = Instant::now() + HEALTH_INTERVAL;
         while !stop {
-            if !initial_done {
-                if initial_start.is_some_and(|i| self.services[i].state != State::Starting) {
-                    initial_start = None;
-                }
-                while initial_start.is_none() {
-                    let Some(i) = initial.pop_front() else {
-                        initial_done = true;
-                        if let Err(e) = self.services_started(&socket) {
-                            self.shutdown();
-                            let _ = std::fs::remove_file(&socket);
-                            return Err(e);
-                        }
-                        break;
-                    };
-                    self.start(i);
-                    if self.services[i].state == State::Starting {
-                        initial_start = Some(i);
-                    }
+            if !initial_done && self.next_initial_start(&mut initial, &mut initial_start) {
+                initial_done = true;
+                if let Err(e) = self.services_started(&socket) {
+                    self.shutdown();
+                    let _ = std::fs::remove_file(&socket);
+                    return Err(e);
                 }
             }
             let mut fds = vec![signals.as_raw_fd(), listener.as_raw_fd()];
             let guest_fd = self.guest.as_ref().map(|g| g.ended.as_raw_fd());
             // What each descriptor after the first two is.
-            let mut watched: Vec<(usize, Option<Stream>)> = Vec::new();
-            for (i, s) in self.services.iter().enumerate() {
-                if let Some(p) = &s.process {
-                    fds.push(p.pidfd.as_raw_fd());
-                    watched.push((i, None));
-                }
-                for (stream, fd) in s.output.fds() {
-                    fds.push(fd);
-                    watched.push((i, Some(stream)));
-                }
-            }
-            let now = Instant::now();
-            let next = self
-                .services
-                .iter()
-                .filter_map(|s| s.restart_at)
-                .chain(
-                    self.services
-                        .iter()
-                        .filter_map(|s| s.starting.as_ref())
-                        .map(|p| p.next_look.min(p.deadline)),
-                )
-                .chain([next_health])
-                .min();
-            // Rounded up: a poll that ends before the moment would only spin.
-            let mut timeout = next.map_or(-1, |t| {
-                t.saturating_duration_since(now)
-                    .as_micros()
-                    .div_ceil(1000)
-                    .min(60_000) as i32
-            });
-            if self.guest_watchdog_armed() {
-                timeout = if timeout < 0 { 1000 } else { timeout.min(1000) };
-            }
+            let watched = self.watched();
+            fds.extend(watched.iter().map(|w| w.fd));
+            let timeout = self.poll_timeout(next_health);
             if let Some(fd) = guest_fd {
                 fds.push(fd);
             }
@@ -736,14 +737,14 @@ impl Supervisor {
                 }
             }
             // Output first: a death drains what is left before it is reported.
-            for (k, (i, stream)) in watched.iter().enumerate() {
-                if let (true, Some(stream)) = (ready[2 + k], stream) {
-                    self.pump_output(*i, *stream);
+            for (k, w) in watched.iter().enumerate() {
+                if let (true, Some(stream)) = (ready[2 + k], w.stream) {
+                    self.pump_output(w.service, stream);
                 }
             }
-            for (k, (i, stream)) in watched.iter().enumerate() {
-                if ready[2 + k] && stream.is_none() {
-                    self.reap(*i);
+            for (k, w) in watched.iter().enumerate() {
+                if ready[2 + k] && w.stream.is_none() {
+                    self.reap(w.service);
                 }
             }
             self.check_starts();
@@ -762,35 +763,8 @@ impl Supervisor {
                     self.start(i);
                 }
             }
-            if ready[1] {
-                while let Ok((stream, _)) = listener.accept() {
-                    let _ = stream.set_nonblocking(false);
-                    let reply = match crate::control::read_command(&stream) {
-                        Ok(Command::Shutdown) => {
-                            stop = true;
-                            Reply::Done {
-                                message: "shutting down".into(),
-                            }
-                        }
-                        Ok(cmd) => match self.command(cmd) {
-                            worker::Answer::Now(reply) => reply,
-                            worker::Answer::Later(command, job) => {
-                                match &self.worker {
-                                    Some(w) => w.submit(stream, command, job),
-                                    None => crate::control::write_reply(
-                                        &stream,
-                                        &Reply::Error {
-                                            message: "the control thread is not running".into(),
-                                        },
-                                    ),
-                                }
-                                continue;
-                            }
-                        },
-                        Err(e) => Reply::Error { message: e },
-                    };
-                    crate::control::write_reply(&stream, &reply);
-                }
+            if ready[1] && self.answer_control(&listener) {
+                stop = true;
             }
         }
         self.stop_guest();
@@ -799,6 +773,115 @@ impl Supervisor {
         Ok(RunSummary {
             guest: self.guest.as_ref().and_then(|g| g.outcome.clone()),
         })
+    }
+
+    /// The descriptors the loop watches for each service: its process (pidfd: readable
+    /// once it ended) and its output pipes.
+    fn watched(&self) -> Vec<Watched> {
+        let mut watched = Vec::new();
+        for (i, s) in self.services.iter().enumerate() {
+            if let Some(p) = &s.process {
+                watched.push(Watched {
+                    service: i,
+                    stream: None,
+                    fd: p.pidfd.as_raw_fd(),
+                });
+            }
+            for (stream, fd) in s.output.fds() {
+                watched.push(Watched {
+                    service: i,
+                    stream: Some(stream),
+                    fd,
+                });
+            }
+        }
+        watched
+    }
+
+    /// How long the loop may sleep (ms, -1: until a descriptor is ready): until the next
+    /// restart, look at a start, health check or guest watchdog tick.
+    fn poll_timeout(&self, next_health: Instant) -> i32 {
+        let now = Instant::now();
+        let next = self
+            .services
+            .iter()
+            .filter_map(|s| s.restart_at)
+            .chain(
+                self.services
+                    .iter()
+                    .filter_map(|s| s.starting.as_ref())
+                    .map(|p| p.next_look.min(p.deadline)),
+            )
+            .chain([next_health])
+            .min();
+        // Rounded up: a poll that ends before the moment would only spin.
+        let mut timeout = next.map_or(-1, |t| {
+            t.saturating_duration_since(now)
+                .as_micros()
+                .div_ceil(1000)
+                .min(60_000) as i32
+        });
+        if self.guest_watchdog_armed() {
+            timeout = if timeout < 0 { 1000 } else { timeout.min(1000) };
+        }
+        timeout
+    }
+
+    /// Answers every connection waiting on the control socket: at once, or through the
+    /// control thread for a command that waits on a service. True if one asked to shut down.
+    fn answer_control(&mut self, listener: &UnixListener) -> bool {
+        let mut stop = false;
+        while let Ok((stream, _)) = listener.accept() {
+            let _ = stream.set_nonblocking(false);
+            let reply = match crate::control::read_command(&stream) {
+                Ok(Command::Shutdown) => {
+                    stop = true;
+                    Reply::Done {
+                        message: "shutting down".into(),
+                    }
+                }
+                Ok(cmd) => match self.command(cmd) {
+                    worker::Answer::Now(reply) => reply,
+                    worker::Answer::Later(command, job) => {
+                        match &self.worker {
+                            Some(w) => w.submit(stream, command, job),
+                            None => crate::control::write_reply(
+                                &stream,
+                                &Reply::Error {
+                                    message: "the control thread is not running".into(),
+                                },
+                            ),
+                        }
+                        continue;
+                    }
+                },
+                Err(e) => Reply::Error { message: e },
+            };
+            crate::control::write_reply(&stream, &reply);
+        }
+        stop
+    }
+
+    /// Moves the first starts on: once the service being started (`current`) answered or
+    /// failed, starts the next of `initial`. True when none is left to start.
+    fn next_initial_start(
+        &mut self,
+        initial: &mut VecDeque<usize>,
+        current: &mut Option<usize>,
+    ) -> bool {
+        if current.is_some_and(|i| self.services[i].state != State::Starting) {
+            *current = None;
+        }
+        while current.is_none() {
+            let Some(i) = initial.pop_front() else {
+                return true;
+            };
+            self.start(i);
+            if self.services[i].state == State::Starting {
+                *current = Some(i);
+            }
+        }
+        false
     }
 
     /// The initial starts have ended: says how many services run and starts the guest.
