@@ -42,33 +42,11 @@ fn platform(root: &Path, name: &str) -> Platform {
 }
 
 fn report(p: &Platform, nonce: &str, measurement: &str, out: &Path) {
-    let (ok, text) = pv_result(&[
-        "platform",
-        "report",
-        "--platform-dir",
-        p.dir.to_str().unwrap(),
-        "--nonce",
-        nonce,
-        "--measurement",
-        measurement,
-        "-o",
-        out.to_str().unwrap(),
-    ]);
-    assert!(ok, "{text}");
+    platform_report(&p.dir, nonce, measurement, out);
 }
 
 fn verify(report: &Path, certs: &Path, fingerprint: &str, extra: &[&str]) -> (bool, String) {
-    let mut args = vec![
-        "attest",
-        "verify",
-        report.to_str().unwrap(),
-        "--certs",
-        certs.to_str().unwrap(),
-        "--ark-fingerprint",
-        fingerprint,
-    ];
-    args.extend_from_slice(extra);
-    pv_result(&args)
+    pv_result(&verify_args(report, certs, fingerprint, extra))
 }
 
 #[test]

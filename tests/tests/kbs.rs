@@ -256,20 +256,7 @@ impl Drop for Broker {
 
 /// A report from `platform` whose REPORT_DATA is `data` (64 bytes, hex).
 fn report(platform: &Path, data: &str, measurement: &str, out: &Path) -> Vec<u8> {
-    let (ok, text) = pv_result(&[
-        "platform",
-        "report",
-        "--platform-dir",
-        platform.to_str().unwrap(),
-        "--nonce",
-        data,
-        "--measurement",
-        measurement,
-        "-o",
-        out.to_str().unwrap(),
-    ]);
-    assert!(ok, "{text}");
-    std::fs::read(out).unwrap()
+    platform_report(platform, data, measurement, out)
 }
 
 #[test]

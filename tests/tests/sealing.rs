@@ -353,16 +353,7 @@ fn verify(
     fingerprint: &str,
     extra: &[&str],
 ) -> (bool, String) {
-    let mut args = vec![
-        "attest",
-        "verify",
-        report.to_str().unwrap(),
-        "--certs",
-        certs.to_str().unwrap(),
-        "--ark-fingerprint",
-        fingerprint,
-    ];
-    args.extend_from_slice(extra);
+    let args = verify_args(report, certs, fingerprint, extra);
     let out = r.pv(&args);
     (out.status.success(), text(&out))
 }

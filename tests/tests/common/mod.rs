@@ -644,3 +644,43 @@ fn toml_value(text: &str) -> Value {
     text.parse()
         .unwrap_or_else(|e| panic!("{text:?} is not a TOML value: {e}"))
 }
+
+/// `paravisor platform report`: a report from the platform in `platform_dir` over `nonce`
+/// (hex) claiming `measurement` (hex), written to `out`; its bytes.
+pub fn platform_report(platform_dir: &Path, nonce: &str, measurement: &str, out: &Path) -> Vec<u8> {
+    let (ok, text) = pv_result(&[
+        "platform",
+        "report",
+        "--platform-dir",
+        platform_dir.to_str().unwrap(),
+        "--nonce",
+        nonce,
+        "--measurement",
+        measurement,
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    std::fs::read(out).unwrap()
+}
+
+/// The arguments of `paravisor attest verify REPORT --certs CERTS --ark-fingerprint FP`,
+/// then `extra`.
+pub fn verify_args<'a>(
+    report: &'a Path,
+    certs: &'a Path,
+    fingerprint: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "attest",
+        "verify",
+        report.to_str().unwrap(),
+        "--certs",
+        certs.to_str().unwrap(),
+        "--ark-fingerprint",
+        fingerprint,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
