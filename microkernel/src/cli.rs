@@ -181,31 +181,10 @@ pub enum Cmd {
     /// answered by a device service against one answered in the vCPU thread) or `memory`
     /// (an idle instance's footprint against Firecracker's). Warns when other processes kept
     /// the machine busy meanwhile.
-    Bench {
-        /// What to measure.
-        #[arg(value_parser = ["ipc", "vmgs", "vtpm", "guest", "measure", "attest", "memory"], default_value = "ipc")]
-        what: String,
-        /// Where the benchmark makes its temporary directory (unique, removed at the end; for
-        /// `vmgs`, the file system measured) [default: the system's temporary directory].
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Samples per latency measurement.
-        #[arg(long, default_value_t = 31)]
-        samples: usize,
-        /// Quick run with fewer samples (for smoke tests).
-        #[arg(long)]
-        quick: bool,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
-    },
+    Bench(ToolArgs),
     /// (internal) The peer side of a benchmark.
     #[command(name = "__bench-peer", hide = true)]
-    BenchPeer {
-        kind: String,
-        cpu: usize,
-        fds: Vec<i32>,
-    },
+    BenchPeer(ToolArgs),
     /// VMGS guest-state file tools (the reference vmgstool's commands, options and exit codes).
     Vmgs {
         #[command(subcommand)]
@@ -213,10 +192,7 @@ pub enum Cmd {
     },
     /// Key broker (KBS), run by the tenant outside the paravisor's trust boundary: releases
     /// the tenant key, wrapped, only to attestation evidence that verifies.
-    Kbs {
-        #[command(subcommand)]
-        command: crate::kbs_args::KbsCmd,
-    },
+    Kbs(ToolArgs),
     /// Stop the running instance (like SIGTERM).
     Stop {
         #[arg(long)]
@@ -294,11 +270,7 @@ pub struct LogArgs {
 #[derive(Subcommand, Debug)]
 pub enum PlatformCmd {
     /// Provision a platform identity once: chip secret (insecure file) and ARK/ASK/VCEK.
-    Init {
-        /// Where the platform lives (separate from the paravisor's state).
-        #[arg(long, default_value = DEFAULT_PLATFORM_DIR)]
-        platform_dir: PathBuf,
-    },
+    Init(ToolArgs),
     /// SIMULATED hardware call: a report signed by this platform's VCEK, as its secure
     /// processor would return one (for tests and demonstrations; a running paravisor's
     /// reports come through its attest service).
@@ -349,53 +321,18 @@ pub enum AttestCmd {
         manifest: Option<PathBuf>,
     },
     /// Print the SHA-256 fingerprint of the ARK in DIR (what a verifier pins).
-    Fingerprint {
-        #[arg(long)]
-        certs: PathBuf,
-    },
+    Fingerprint(ToolArgs),
     /// Verify a report: pinned ARK, chain and signature (sev crate), zero reserved bytes,
     /// the measurement (given, or recomputed from a manifest) and the nonce.
-    Verify {
-        report: PathBuf,
-        #[arg(long)]
-        certs: PathBuf,
-        /// SHA-256 of the ARK certificate (hex).
-        #[arg(long)]
-        ark_fingerprint: String,
-        /// The expected measurement (hex, 48 bytes).
-        #[arg(long, conflicts_with_all = ["manifest", "launch_log"])]
-        expected_measurement: Option<String>,
-        /// A launch log (`paravisor measure --json`, or `launch-log.json` in a run's state
-        /// directory): the measurement is recomputed from the log alone, and the log's entries
-        /// are printed as claims (check their hashes against the release you trust).
-        #[arg(long, conflicts_with = "manifest")]
-        launch_log: Option<PathBuf>,
-        /// Recompute the expected measurement from this manifest, its binaries next to
-        /// `paravisor`, and the guest options below (as `paravisor measure`). With no guest
-        /// option, the launch with the test guest and the launch without a guest are both
-        /// accepted, and the output says which one the report is from.
-        #[arg(long)]
-        manifest: Option<PathBuf>,
-        /// The nonce the report must carry (hex; see `platform report`).
-        #[arg(long)]
-        nonce: Option<String>,
-        /// Refuse the report (exit 1) unless a reference measurement and a non-empty nonce
-        /// were given: without them a genuine report proves neither what ran nor when.
-        #[arg(long)]
-        strict: bool,
-        /// Machine-readable output: every check made with its result, what was not checked,
-        /// and the claims (64-bit fields as hex strings); printed on refusal too.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        guest: Box<GuestArgs>,
-    },
+    Verify(ToolArgs),
 }
 
 /// The simulated platform's default directory (next to `state`, never inside it).
 pub const DEFAULT_PLATFORM_DIR: &str = "platform";
 
 /// `paravisor vmgs`: the reference tool's commands, and `reseal`.
+// Parsed once per command line: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum VmgsTop {
     /// Unseal the guest-state file's datastore key under this launch and stop: with
@@ -417,8 +354,83 @@ pub enum VmgsTop {
         #[command(flatten)]
         guest: GuestArgs,
     },
-    #[command(flatten)]
-    Tool(crate::vmgs_args::VmgsCmd),
+    /// Create a new VMGS file (a 4 MiB image by default), optionally encrypted.
+    Create(ToolArgs),
+    /// Write a file id's contents from a data file.
+    Write(ToolArgs),
+    /// Print a file id's contents as hex, or write them to a file (-d) or raw to stdout.
+    Dump(ToolArgs),
+    /// Print both headers, check them and say which is active.
+    DumpHeaders(ToolArgs),
+    /// Print the file table.
+    DumpFileTable(ToolArgs),
+    /// Print the size of a file id's contents (the number alone on stdout).
+    QuerySize(ToolArgs),
+    /// Say whether the file is encrypted (exit 2 if not).
+    QueryEncryption(ToolArgs),
+    /// Replace the datastore key of an encrypted file.
+    UpdateKey(ToolArgs),
+    /// Encrypt an unencrypted file (every existing file id is re-encrypted).
+    Encrypt(ToolArgs),
+    /// Remove a file id (no key needed, as with the reference tool: on an encrypted file
+    /// without -k only the file table changes).
+    Delete(ToolArgs),
+    /// Give a file id's contents another id.
+    Move(ToolArgs),
+}
+
+/// The subcommands of `paravisor vmgs` that are the vmgs file tool's (all but `reseal`).
+pub const VMGS_TOOL_COMMANDS: &[&str] = &[
+    "create",
+    "write",
+    "dump",
+    "dump-headers",
+    "dump-file-table",
+    "query-size",
+    "query-encryption",
+    "update-key",
+    "encrypt",
+    "delete",
+    "move",
+];
+
+/// `paravisor vmgs`'s exit code for a usage error (sysexits' EX_USAGE): 2 means "not
+/// encrypted" to scripts written for the reference vmgstool.
+pub const VMGS_USAGE: u8 = 64;
+
+/// A tool's command line, for `paravisor --help` to list: `paravisor` hands the command to
+/// the tools binary before parsing it ([`is_tool_command`]), which defines and checks its
+/// arguments (and prints its `--help`).
+#[derive(clap::Args, Debug)]
+#[command(disable_help_flag = true)]
+pub struct ToolArgs {
+    #[arg(num_args = 0.., trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    pub args: Vec<std::ffi::OsString>,
+}
+
+/// Whether `args` (the command line without the program name) is a tool's command, or
+/// `help` for one: the verifier (`attest verify`, `attest fingerprint`), provisioning a
+/// simulated platform (`platform init`), the key broker, the vmgs file tool and the
+/// benchmarks. `paravisor` runs them through [`TOOLS_BINARY`] with the command line as given.
+pub fn is_tool_command(args: &[std::ffi::OsString]) -> bool {
+    let words: Vec<&str> = args.iter().map(|a| a.to_str().unwrap_or("")).collect();
+    let words = match words.split_first() {
+        Some((&"help", rest)) => rest,
+        _ => &words[..],
+    };
+    // `paravisor GROUP help COMMAND` is the help of `GROUP COMMAND`.
+    let (group, rest) = match words {
+        [group, "help", rest @ ..] => (Some(*group), rest),
+        [group, rest @ ..] => (Some(*group), rest),
+        [] => (None, &[][..]),
+    };
+    match (group, rest) {
+        (Some("bench" | "__bench-peer" | "kbs"), _) => true,
+        (Some("attest"), ["verify" | "fingerprint", ..]) => true,
+        (Some("platform"), ["init", ..]) => true,
+        (Some("vmgs"), [command, ..]) => VMGS_TOOL_COMMANDS.contains(command),
+        _ => false,
+    }
 }
 
 /// What guest a run starts (shared by `run` and `measure`). Under `measure`, `attest
@@ -541,35 +553,29 @@ pub fn failed(e: impl std::fmt::Display) -> ExitCode {
 
 /// Prints a command-line error (or the help) and gives clap's exit code, except under
 /// `vmgs`: there 2 means "not encrypted" to scripts written for the reference tool, so a
-/// usage error is [`crate::vmgs_args::exit::USAGE`].
+/// usage error is [`VMGS_USAGE`].
 pub fn usage_error(e: &clap::Error) -> ExitCode {
     let _ = e.print();
     let under_vmgs = std::env::args_os().nth(1).is_some_and(|a| a == "vmgs");
     match e.exit_code() {
         0 => ExitCode::SUCCESS,
-        _ if under_vmgs => ExitCode::from(crate::vmgs_args::exit::USAGE),
+        _ if under_vmgs => ExitCode::from(VMGS_USAGE),
         code => ExitCode::from(u8::try_from(code).unwrap_or(2)),
     }
 }
 
 impl Cmd {
-    /// The commands that are not the trusted core's: the verifier (`attest verify`,
-    /// `attest fingerprint`), provisioning a simulated platform (`platform init`), the key
-    /// broker, the vmgs file tool and the benchmarks.
-    /// `paravisor` runs them through [`TOOLS_BINARY`].
+    /// The commands that are not the trusted core's (see [`is_tool_command`], which
+    /// `paravisor` asks first; this is its fallback for a command line clap rewrote).
     pub fn is_tool(&self) -> bool {
-        matches!(
-            self,
-            Cmd::Attest {
-                action: AttestCmd::Fingerprint { .. } | AttestCmd::Verify { .. }
-            } | Cmd::Platform {
-                action: PlatformCmd::Init { .. }
-            } | Cmd::Bench { .. }
-                | Cmd::BenchPeer { .. }
-                | Cmd::Kbs { .. }
-                | Cmd::Vmgs {
-                    command: VmgsTop::Tool(_)
-                }
-        )
+        match self {
+            Cmd::Attest { action } => {
+                matches!(action, AttestCmd::Fingerprint(_) | AttestCmd::Verify(_))
+            }
+            Cmd::Platform { action } => matches!(action, PlatformCmd::Init(_)),
+            Cmd::Bench(_) | Cmd::BenchPeer(_) | Cmd::Kbs(_) => true,
+            Cmd::Vmgs { command } => !matches!(command, VmgsTop::Reseal { .. }),
+            _ => false,
+        }
     }
 }

@@ -230,6 +230,11 @@ fn guest_exit_code(outcome: Option<microkernel::partition::vcpu::Outcome>) -> Ex
 const PARTITION_FAILED: u8 = ipc_defs::services::intercept::HYPERVISOR_FAILED;
 
 fn main() -> ExitCode {
+    // A tool's command line is the tools binary's to parse (its arguments are not in here).
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if microkernel::cli::is_tool_command(&args) {
+        return forward_to_tools();
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(&e),
@@ -416,15 +421,15 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 other => Err(unexpected(other)),
             }
         }
+        // Tools' commands are handed over before parsing; a rewritten command line that still
+        // names one is handed over here.
         Cmd::Platform {
-            action: PlatformCmd::Init { .. },
+            action: PlatformCmd::Init(_),
         }
-        | Cmd::Bench { .. }
-        | Cmd::BenchPeer { .. }
-        | Cmd::Kbs { .. }
-        | Cmd::Vmgs {
-            command: VmgsTop::Tool(_),
-        } => Ok(forward_to_tools()),
+        | Cmd::Bench(_)
+        | Cmd::BenchPeer(_)
+        | Cmd::Kbs(_)
+        | Cmd::Vmgs { .. } => Ok(forward_to_tools()),
         Cmd::Stop {
             state_dir,
             manifest,
@@ -496,7 +501,7 @@ fn reseal(
 ) -> Result<ExitCode, ExitCode> {
     // A guest option that does not fit (2 under `run`) is a usage error here too.
     if guest.config().is_err() {
-        return Err(ExitCode::from(microkernel::vmgs_args::exit::USAGE));
+        return Err(ExitCode::from(microkernel::cli::VMGS_USAGE));
     }
     let opts = launch(manifest, host, flags, guest, true)?;
     let sup = supervisor::Supervisor::new(&opts).map_err(failed)?;

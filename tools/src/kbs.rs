@@ -80,7 +80,7 @@ use microkernel::util::parse_hex;
 
 // The protocol and the client half live with the paravisor; the broker is built on them, and
 // their old paths (`kbs::parse_request`, `kbs::KbsError`...) stay valid.
-pub use microkernel::kbs_args::KbsCmd;
+pub use crate::kbs_args::KbsCmd;
 pub use microkernel::key_release::*;
 
 /// How long the broker waits for a client's whole request line: a silent or dribbling client
@@ -913,7 +913,7 @@ fn run_inner(cmd: KbsCmd) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use microkernel::kbs_args::POLICY_HELP;
+    use crate::kbs_args::POLICY_HELP;
     use p384::ecdh::EphemeralSecret;
 
     /// The generator of P-384, SEC1 uncompressed: a valid transfer key.

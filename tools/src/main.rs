@@ -1,16 +1,37 @@
 //! `pv-tools`: the commands of `paravisor` that are not the trusted core (the verifier,
 //! the key broker, the vmgs tool, the benchmarks). `paravisor` hands them over with the
-//! command line as given; both parse it with the same definitions (`microkernel::cli`).
+//! command line as given, before parsing it; their arguments are defined here
+//! (`pv_tools::cli`), not in the trusted binary.
 #![forbid(unsafe_code)]
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
-use microkernel::cli::*;
+use microkernel::cli::bin_dir;
+use microkernel::cli::load;
+use microkernel::cli::usage_error;
+use microkernel::cli::GuestArgs;
 use microkernel::manifest::DEFAULT_MANIFEST;
+use pv_tools::cli::AttestCmd;
+use pv_tools::cli::PlatformCmd;
+use pv_tools::cli::ToolCli as Cli;
+use pv_tools::cli::ToolCmd as Cmd;
 
 fn main() -> ExitCode {
+    // A core command (`check`, `run`, `vmgs reseal`, ...) is refused here, never run.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let core_command = args.first().and_then(|a| a.to_str()).is_some_and(|first| {
+        use clap::CommandFactory;
+        first != "help"
+            && microkernel::cli::Cli::command()
+                .find_subcommand(first)
+                .is_some()
+    });
+    if core_command && !microkernel::cli::is_tool_command(&args) {
+        eprintln!("paravisor: this command is the core's: run it as `paravisor`, not `pv-tools`");
+        return ExitCode::from(2);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(&e),
@@ -19,9 +40,7 @@ fn main() -> ExitCode {
         cli.command,
         Cmd::Attest {
             action: AttestCmd::Fingerprint { .. } | AttestCmd::Verify { .. }
-        } | Cmd::Vmgs {
-            command: VmgsTop::Tool(_)
-        }
+        } | Cmd::Vmgs { .. }
     );
     if prints_only {
         microkernel::sandbox::default_sigpipe();
@@ -158,16 +177,8 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Vmgs {
-            command: VmgsTop::Tool(command),
-        } => Ok(pv_tools::vmgs_cli::run(command)),
+        Cmd::Vmgs { command } => Ok(pv_tools::vmgs_cli::run(command)),
         Cmd::Kbs { command } => Ok(pv_tools::kbs::run(command)),
-        _ => {
-            eprintln!(
-                "paravisor: this command is the core's: run it as `paravisor`, not `pv-tools`"
-            );
-            Err(ExitCode::from(2))
-        }
     }
 }
 
@@ -278,12 +289,6 @@ fn attest(action: AttestCmd) -> Result<ExitCode, ExitCode> {
                     log: log.as_ref(),
                 },
             )
-        }
-        _ => {
-            eprintln!(
-                "paravisor: this command is the core's: run it as `paravisor`, not `pv-tools`"
-            );
-            Err(ExitCode::from(2))
         }
     }
 }

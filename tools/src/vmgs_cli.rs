@@ -21,7 +21,7 @@ use pv_vmgs::FileStorage;
 use pv_vmgs::Key;
 use pv_vmgs::Vmgs;
 
-use microkernel::vmgs_args::*;
+use crate::vmgs_args::*;
 
 /// A failure: what went wrong with which file, and the exit code it maps to.
 struct Failure {

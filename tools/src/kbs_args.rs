@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::key_release::DEFAULT_LISTEN;
+use microkernel::key_release::DEFAULT_LISTEN;
 
 /// The policy file's format, for `kbs serve --help`.
 pub const POLICY_HELP: &str = "\
