@@ -43,7 +43,7 @@ groups=(
     # The manifest's validation, tested through `paravisor check` (pv-tests' bad_manifests)
     # as well as by unit tests. (Its serialisation for audit and the measured configuration
     # are left to the measure and audit tests.)
-    "manifest|microkernel|-p microkernel -p pv-tests --lib --test cli --test bad_manifests -- --skip platform::|microkernel/src/manifest.rs::(Validator|capability_slots|guest_interrupts|valid_name|parse_size|parse_duration|line_col|Restart::delay|DeviceRange::end|parse_key_release|manifest.rs:[0-9]+:[0-9]+:\sreplace\s<<)"
+    "manifest|microkernel|-p microkernel -p pv-tests --lib --test cli --test bad_manifests -- --skip platform::|microkernel/src/manifest/**/*.rs::(Validator|capability_slots|guest_interrupts|valid_name|parse_size|parse_duration|line_col|Restart::delay|DeviceRange::end|parse_key_release|manifest/(mod|values).rs:[0-9]+:[0-9]+:\sreplace\s<<)"
 )
 
 iterate=false
