@@ -9,8 +9,11 @@
 //!   `pv-intercept`.
 //! - [`tpm_tis`]: the TPM Interface Specification (TIS 1.3, FIFO) registers at 0xFED40000,
 //!   for `pv-vtpm`.
+//! - [`block`]: the block back ends the storage models translate to: a raw image, and one
+//!   whose every block is sealed with AES-256-GCM (the host sees ciphertext only).
 #![forbid(unsafe_code)]
 
+pub mod block;
 pub mod pci_host;
 pub mod tpm_tis;
 pub mod uart16550;
