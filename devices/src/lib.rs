@@ -11,9 +11,11 @@
 //!   for `pv-vtpm`.
 //! - [`block`]: the block back ends the storage models translate to: a raw image, and one
 //!   whose every block is sealed with AES-256-GCM (the host sees ciphertext only).
+//! - [`virtio`]: virtio devices over rust-vmm's split virtqueues: [`virtio::blk`].
 #![forbid(unsafe_code)]
 
 pub mod block;
 pub mod pci_host;
 pub mod tpm_tis;
 pub mod uart16550;
+pub mod virtio;

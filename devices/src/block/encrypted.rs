@@ -179,6 +179,11 @@ impl<S: Store> EncryptedDisk<S> {
         })
     }
 
+    /// The image (tests change it as a host would).
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
     fn record_at(&self, lba: u64) -> u64 {
         BLOCK as u64 + lba * RECORD as u64
     }

@@ -611,8 +611,8 @@ mod tests {
         // Still pending: reading registers, acknowledging it, and enabling more raise nothing.
         inb(&mut i, uart::COM1 + uart::LSR);
         out(&mut i, uart::COM1 + uart::IER, 1, 0x03);
-        assert_eq!(inb(&mut i, iir), uart::IIR_THRI.into());
-        assert_eq!(inb(&mut i, iir), uart::IIR_NO_INT.into());
+        assert_eq!(inb(&mut i, iir), u64::from(uart::IIR_THRI));
+        assert_eq!(inb(&mut i, iir), u64::from(uart::IIR_NO_INT));
         assert_eq!(i.sink().raised.len(), 1);
         // Each THR write empties THR again: one new edge each.
         out(&mut i, uart::COM1, 1, b'a'.into());
@@ -639,7 +639,7 @@ mod tests {
         assert_eq!(i.counters.uart_interrupts_lost, 1);
         assert_eq!(
             inb(&mut i, uart::COM1 + uart::IIR_FCR),
-            uart::IIR_THRI.into()
+            u64::from(uart::IIR_THRI)
         );
     }
 
