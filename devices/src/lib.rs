@@ -11,7 +11,8 @@
 //!   for `pv-vtpm`.
 //! - [`block`]: the block back ends the storage models translate to: a raw image, and one
 //!   whose every block is sealed with AES-256-GCM (the host sees ciphertext only).
-//! - [`virtio`]: virtio devices over rust-vmm's split virtqueues: [`virtio::blk`].
+//! - [`virtio`]: virtio devices over rust-vmm's split virtqueues: [`virtio::blk`],
+//!   [`virtio::scsi`].
 //! - [`scsi`]: a SCSI direct-access disk (the commands Linux's `sd` sends) over a block back
 //!   end, for virtio-scsi and vhost-user-scsi.
 #![forbid(unsafe_code)]
