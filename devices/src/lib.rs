@@ -13,11 +13,14 @@
 //!   whose every block is sealed with AES-256-GCM (the host sees ciphertext only).
 //! - [`virtio`]: virtio devices over rust-vmm's split virtqueues: [`virtio::blk`],
 //!   [`virtio::scsi`].
+//! - [`nvme`]: an NVMe controller (admin and I/O queues, PRPs and PRP lists) over a block back
+//!   end, for the partition's NVMe function.
 //! - [`scsi`]: a SCSI direct-access disk (the commands Linux's `sd` sends) over a block back
 //!   end, for virtio-scsi and vhost-user-scsi.
 #![forbid(unsafe_code)]
 
 pub mod block;
+pub mod nvme;
 pub mod pci_host;
 pub mod scsi;
 pub mod tpm_tis;
