@@ -20,13 +20,13 @@ use crate::manifest::DEFAULT_MANIFEST;
 /// The tools binary, next to `paravisor`: it runs the commands [`Cmd::is_tool`] names.
 pub const TOOLS_BINARY: &str = "pv-tools";
 
+/// What `paravisor --help` says first (the tools' part of the command line says the same).
+pub const ABOUT: &str =
+    "A microkernel paravisor: every function in its own capability-restricted, supervised process.";
+
 /// A microkernel paravisor: every function in its own capability-restricted process.
 #[derive(Parser)]
-#[command(
-    name = "paravisor",
-    version,
-    about = "A microkernel paravisor: every function in its own capability-restricted, supervised process."
-)]
+#[command(name = "paravisor", version, about = ABOUT)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Cmd,

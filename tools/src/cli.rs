@@ -14,11 +14,7 @@ use microkernel::cli::DEFAULT_PLATFORM_DIR;
 
 /// The tools' part of `paravisor`.
 #[derive(Parser)]
-#[command(
-    name = "paravisor",
-    version,
-    about = "A microkernel paravisor: every function in its own capability-restricted, supervised process."
-)]
+#[command(name = "paravisor", version, about = microkernel::cli::ABOUT)]
 pub struct ToolCli {
     #[command(subcommand)]
     pub command: ToolCmd,

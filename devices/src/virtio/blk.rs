@@ -15,6 +15,7 @@ use virtio_queue::DescriptorChain;
 use virtio_queue::QueueT;
 use vm_memory::GuestMemory;
 
+pub use super::Outcome;
 use crate::block::BlockError;
 use crate::block::Disk;
 use crate::block::BLOCK;
@@ -43,17 +44,6 @@ pub const SIZE_MAX: u32 = 64 << 10;
 pub const SEG_MAX: u32 = (MAX_REQUEST as u32) / SIZE_MAX;
 /// Bytes of the answer to GET_ID.
 pub const ID_BYTES: usize = 20;
-
-/// What one request came to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    Done,
-    /// An error status went back to the guest, for this reason (for the service's log).
-    Failed(String),
-    /// The chain could not carry a status at all (no writable byte, or memory outside the
-    /// guest's): it is returned with nothing written.
-    Malformed(String),
-}
 
 /// A virtio-blk device over `disk`.
 pub struct VirtioBlk<D: Disk> {
@@ -94,28 +84,14 @@ impl<D: Disk> VirtioBlk<D> {
         &mut self.disk
     }
 
-    /// Answers every request available on `queue`: each goes on the used ring with the bytes
-    /// written into its buffers. The outcomes, in order (the service logs the failures).
-    /// Whether the driver wants an interrupt is the transport's to ask
-    /// (`QueueT::needs_notification`).
+    /// Answers every request available on `queue` ([`super::drain`]); the outcomes, in order
+    /// (the service logs the failures).
     pub fn process<M, Q>(&mut self, mem: &M, queue: &mut Q) -> Vec<Outcome>
     where
         M: GuestMemory,
         Q: QueueT,
     {
-        let mut outcomes = Vec::new();
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let (written, outcome) = self.request(mem, chain);
-            if queue.add_used(mem, head, written).is_err() {
-                outcomes.push(Outcome::Malformed(format!(
-                    "request {head}: the used ring is outside guest memory"
-                )));
-                break;
-            }
-            outcomes.push(outcome);
-        }
-        outcomes
+        super::drain(mem, queue, |chain| self.request(mem, chain))
     }
 
     /// One request: the bytes written into its buffers (data and status), and its outcome.
@@ -249,20 +225,14 @@ mod tests {
     use crate::block::encrypted::EncryptedDisk;
     use crate::block::raw::RawDisk;
     use crate::block::MemStore;
+    use crate::virtio::testing::desc;
+    use crate::virtio::testing::memory;
+    use crate::virtio::testing::NEXT;
+    use crate::virtio::testing::WRITE;
 
-    const NEXT: u16 = 1;
-    const WRITE: u16 = 2;
     const HEADER: u64 = 0x10_0000;
     const DATA: u64 = 0x20_0000;
     const STATUS: u64 = 0x30_0000;
-
-    fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()
-    }
-
-    fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
-    }
 
     fn device(blocks: usize) -> VirtioBlk<RawDisk<MemStore>> {
         let disk = RawDisk::new(MemStore {

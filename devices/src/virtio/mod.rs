@@ -7,8 +7,68 @@
 //! - [`blk`]: virtio-blk over a [`crate::block::Disk`].
 //! - [`scsi`]: virtio-scsi with one LUN, a [`crate::scsi::ScsiDisk`].
 
+use virtio_queue::DescriptorChain;
+use virtio_queue::QueueT;
+use vm_memory::GuestMemory;
+
 pub mod blk;
 pub mod scsi;
 
 /// VIRTIO_F_VERSION_1 (feature bit 32): a modern (1.x) device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// What one request came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    /// An error status went back to the guest, for this reason (for the service's log).
+    Failed(String),
+    /// The chain could not carry a status at all (no writable byte, or memory outside the
+    /// guest's): it is returned with nothing written.
+    Malformed(String),
+}
+
+/// Takes every chain available on `queue`, answers it with `answer` (the bytes it wrote into
+/// the chain's buffers, and the outcome) and puts it on the used ring; the outcomes, in
+/// order. Whether the driver wants an interrupt is the transport's to ask
+/// (`QueueT::needs_notification`).
+pub fn drain<'m, M: GuestMemory, Q: QueueT>(
+    mem: &'m M,
+    queue: &mut Q,
+    mut answer: impl FnMut(DescriptorChain<&'m M>) -> (u32, Outcome),
+) -> Vec<Outcome> {
+    let mut outcomes = Vec::new();
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        let (written, outcome) = answer(chain);
+        if queue.add_used(mem, head, written).is_err() {
+            outcomes.push(Outcome::Malformed(format!(
+                "request {head}: the used ring is outside guest memory"
+            )));
+            break;
+        }
+        outcomes.push(outcome);
+    }
+    outcomes
+}
+
+/// Guest memory and descriptors for the models' tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use vm_memory::GuestAddress;
+    use vm_memory::GuestMemoryMmap;
+
+    pub const NEXT: u16 = 1;
+    pub const WRITE: u16 = 2;
+
+    /// 4 MiB of guest memory; the mock queue sits at 0, buffers from 1 MiB.
+    pub fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()
+    }
+
+    pub fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+    }
+}

@@ -13,7 +13,7 @@ use virtio_queue::DescriptorChain;
 use virtio_queue::QueueT;
 use vm_memory::GuestMemory;
 
-use super::blk::Outcome;
+use super::Outcome;
 use crate::block::Disk;
 use crate::scsi::ScsiDisk;
 
@@ -82,19 +82,7 @@ impl<D: Disk> VirtioScsi<D> {
         mem: &M,
         queue: &mut Q,
     ) -> Vec<Outcome> {
-        let mut outcomes = Vec::new();
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let (written, outcome) = self.command(mem, chain);
-            if queue.add_used(mem, head, written).is_err() {
-                outcomes.push(Outcome::Malformed(
-                    "the used ring is outside guest memory".into(),
-                ));
-                break;
-            }
-            outcomes.push(outcome);
-        }
-        outcomes
+        super::drain(mem, queue, |chain| self.command(mem, chain))
     }
 
     /// Answers task management on the control queue: with one disk that completes every
@@ -104,19 +92,7 @@ impl<D: Disk> VirtioScsi<D> {
         mem: &M,
         queue: &mut Q,
     ) -> Vec<Outcome> {
-        let mut outcomes = Vec::new();
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let (written, outcome) = control(mem, chain);
-            if queue.add_used(mem, head, written).is_err() {
-                outcomes.push(Outcome::Malformed(
-                    "the used ring is outside guest memory".into(),
-                ));
-                break;
-            }
-            outcomes.push(outcome);
-        }
-        outcomes
+        super::drain(mem, queue, |chain| control(mem, chain))
     }
 
     fn command<M: GuestMemory>(&mut self, mem: &M, chain: DescriptorChain<&M>) -> (u32, Outcome) {
@@ -237,7 +213,6 @@ fn control<M: GuestMemory>(mem: &M, chain: DescriptorChain<&M>) -> (u32, Outcome
 
 #[cfg(test)]
 mod tests {
-    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::Queue;
@@ -250,21 +225,15 @@ mod tests {
     use crate::block::raw::RawDisk;
     use crate::block::MemStore;
     use crate::block::BLOCK;
+    use crate::virtio::testing::desc;
+    use crate::virtio::testing::memory;
+    use crate::virtio::testing::NEXT;
+    use crate::virtio::testing::WRITE;
 
-    const NEXT: u16 = 1;
-    const WRITE: u16 = 2;
     const CMD: u64 = 0x10_0000;
     const OUT: u64 = 0x18_0000;
     const RESP: u64 = 0x20_0000;
     const IN: u64 = 0x28_0000;
-
-    fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()
-    }
-
-    fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
-    }
 
     fn device() -> VirtioScsi<RawDisk<MemStore>> {
         let disk = RawDisk::new(MemStore {
