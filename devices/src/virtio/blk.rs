@@ -97,13 +97,9 @@ impl<D: Disk> VirtioBlk<D> {
     /// One request: the bytes written into its buffers (data and status), and its outcome.
     fn request<M: GuestMemory>(&mut self, mem: &M, chain: DescriptorChain<&M>) -> (u32, Outcome) {
         let malformed = |why: String| (0, Outcome::Malformed(why));
-        let mut reader = match chain.clone().reader(mem) {
-            Ok(r) => r,
-            Err(e) => return malformed(format!("readable part: {e}")),
-        };
-        let mut writer = match chain.writer(mem) {
-            Ok(w) => w,
-            Err(e) => return malformed(format!("writable part: {e}")),
+        let (mut reader, mut writer) = match super::parts(mem, chain) {
+            Ok(p) => p,
+            Err(outcome) => return (0, outcome),
         };
         let Some(data_len) = writer.available_bytes().checked_sub(1) else {
             return malformed("no byte for the status".into());

@@ -52,6 +52,31 @@ pub fn drain<'m, M: GuestMemory, Q: QueueT>(
     outcomes
 }
 
+/// The dirty-page bitmap slice a guest memory's buffers carry.
+type Slice<'a, M> = <<M as GuestMemory>::Bitmap as vm_memory::bitmap::WithBitmapSlice<'a>>::S;
+
+/// A chain's reader (what the driver gave) and writer (where the device answers).
+type Parts<'a, M> = (
+    virtio_queue::Reader<'a, Slice<'a, M>>,
+    virtio_queue::Writer<'a, Slice<'a, M>>,
+);
+
+/// The device-readable and device-writable parts of `chain` (every buffer checked against
+/// `mem`), or why the chain has none usable.
+pub(crate) fn parts<'a, M: GuestMemory>(
+    mem: &'a M,
+    chain: DescriptorChain<&'a M>,
+) -> Result<Parts<'a, M>, Outcome> {
+    let reader = chain
+        .clone()
+        .reader(mem)
+        .map_err(|e| Outcome::Malformed(format!("readable part: {e}")))?;
+    let writer = chain
+        .writer(mem)
+        .map_err(|e| Outcome::Malformed(format!("writable part: {e}")))?;
+    Ok((reader, writer))
+}
+
 /// Guest memory and descriptors for the models' tests.
 #[cfg(test)]
 pub(crate) mod testing {

@@ -97,13 +97,9 @@ impl<D: Disk> VirtioScsi<D> {
 
     fn command<M: GuestMemory>(&mut self, mem: &M, chain: DescriptorChain<&M>) -> (u32, Outcome) {
         let malformed = |why: String| (0, Outcome::Malformed(why));
-        let mut reader = match chain.clone().reader(mem) {
-            Ok(r) => r,
-            Err(e) => return malformed(format!("readable part: {e}")),
-        };
-        let mut writer = match chain.writer(mem) {
-            Ok(w) => w,
-            Err(e) => return malformed(format!("writable part: {e}")),
+        let (mut reader, mut writer) = match super::parts(mem, chain) {
+            Ok(p) => p,
+            Err(outcome) => return (0, outcome),
         };
         let mut header = [0u8; CMD_HEADER];
         if let Err(e) = reader.read_exact(&mut header) {

@@ -13,7 +13,7 @@ use ipc_defs::services::vmgs::KeyBytes as WireKey;
 use ipc_defs::services::vmgs::ProtectorBytes;
 use ipc_defs::services::vmgs::Protectors;
 
-use super::capabilities::name16;
+use super::capabilities::grant;
 use super::capabilities::Fd;
 use super::*;
 
@@ -62,14 +62,8 @@ impl Supervisor {
             .ok_or_else(|| fail(&format_args!("no broker plan for file \"{name}\"")))?;
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
         let file = OwnedFd::from(file);
-        let mut record = Bootstrap {
-            magic: bootstrap::BOOTSTRAP_MAGIC,
-            // Its lines say it is the broker, not the service (cut to the record's 16).
-            service: name16(&format!("{}-broker", s.spec.name)),
-            log_filter: HString::try_from(self.log_filter.as_str())
-                .unwrap_or_else(|_| HString::try_from("info").unwrap_or_default()),
-            capabilities: heapless::Vec::new(),
-        };
+        // Its lines say it is the broker, not the service (cut to the record's 16).
+        let mut record = self.bootstrap_record(&format!("{}-broker", s.spec.name));
         let mut raw = Vec::new();
         for slot in &slots {
             let (size, fd) = match slot.source {
@@ -83,16 +77,7 @@ impl Supervisor {
                     (size, fd)
                 }
             };
-            record
-                .capabilities
-                .push(Capability {
-                    slot: slot.slot,
-                    kind: slot.kind,
-                    name: name16(&slot.name),
-                    size,
-                    grant: slot.grant,
-                })
-                .map_err(|_| fail(&"too many capabilities"))?;
+            grant(&mut record, slot, size).map_err(|e| fail(&e))?;
             raw.push(fd);
         }
         let bytes = postcard::to_allocvec(&record).map_err(|e| fail(&e))?;

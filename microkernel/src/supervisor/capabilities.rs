@@ -14,13 +14,7 @@ impl Supervisor {
     /// record itself, added by the caller).
     pub(super) fn capabilities(&self, i: usize) -> Result<Grants, String> {
         let s = &self.services[i];
-        let mut record = Bootstrap {
-            magic: bootstrap::BOOTSTRAP_MAGIC,
-            service: name16(&s.spec.name),
-            log_filter: HString::try_from(self.log_filter.as_str())
-                .unwrap_or_else(|_| HString::try_from("info").unwrap_or_default()),
-            capabilities: heapless::Vec::new(),
-        };
+        let mut record = self.bootstrap_record(&s.spec.name);
         let mut fds = Vec::new();
         let mut opened = Vec::new();
         for slot in self.plan.slots(i) {
@@ -30,16 +24,7 @@ impl Supervisor {
                     opened.push((slot.slot, link.display().to_string()));
                 }
             }
-            record
-                .capabilities
-                .push(Capability {
-                    slot: slot.slot,
-                    kind: slot.kind,
-                    name: name16(&slot.name),
-                    size,
-                    grant: slot.grant,
-                })
-                .map_err(|_| "too many capabilities for the bootstrap record".to_string())?;
+            grant(&mut record, slot, size)?;
             fds.push(fd);
         }
         Ok(Grants {
@@ -47,6 +32,17 @@ impl Supervisor {
             fds,
             opened,
         })
+    }
+
+    /// An empty bootstrap record for a process called `name`, with this run's log filter.
+    pub(super) fn bootstrap_record(&self, name: &str) -> Bootstrap {
+        Bootstrap {
+            magic: bootstrap::BOOTSTRAP_MAGIC,
+            service: name16(name),
+            log_filter: HString::try_from(self.log_filter.as_str())
+                .unwrap_or_else(|_| HString::try_from("info").unwrap_or_default()),
+            capabilities: heapless::Vec::new(),
+        }
     }
 
     /// The descriptor behind `slot` of service `i`, and the size its record gives.
@@ -206,4 +202,18 @@ pub(super) fn write_all_at(fd: &OwnedFd, bytes: &[u8]) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
     let file = std::fs::File::from(fd.try_clone()?);
     file.write_all_at(bytes, 0)
+}
+
+/// Lists planned `slot` (with the size of what stands behind it) in `record`.
+pub(super) fn grant(record: &mut Bootstrap, slot: &Slot, size: u64) -> Result<(), String> {
+    record
+        .capabilities
+        .push(Capability {
+            slot: slot.slot,
+            kind: slot.kind,
+            name: name16(&slot.name),
+            size,
+            grant: slot.grant,
+        })
+        .map_err(|_| "too many capabilities for the bootstrap record".to_string())
 }
