@@ -43,6 +43,21 @@ pub trait Disk {
     fn flush(&mut self) -> Result<(), BlockError>;
 }
 
+impl<D: Disk + ?Sized> Disk for Box<D> {
+    fn blocks(&self) -> u64 {
+        (**self).blocks()
+    }
+    fn read(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        (**self).read(lba, buf)
+    }
+    fn write(&mut self, lba: u64, data: &[u8]) -> Result<(), BlockError> {
+        (**self).write(lba, data)
+    }
+    fn flush(&mut self) -> Result<(), BlockError> {
+        (**self).flush()
+    }
+}
+
 /// The image a back end keeps its bytes in (a file the manifest grants, or memory in tests).
 pub trait Store {
     /// Bytes of the image.

@@ -34,6 +34,8 @@ pub const VIRTIO_BLK_F_SIZE_MAX: u64 = 1 << 1;
 pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
 pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+/// More than one request queue (`num_queues` in the configuration space).
+pub const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
 
 /// Bytes of a sector (the unit of the header's `sector` and of `capacity`).
 pub const SECTOR: u64 = 512;
@@ -49,6 +51,7 @@ pub const ID_BYTES: usize = 20;
 pub struct VirtioBlk<D: Disk> {
     disk: D,
     id: [u8; ID_BYTES],
+    queues: u16,
 }
 
 impl<D: Disk> VirtioBlk<D> {
@@ -57,7 +60,20 @@ impl<D: Disk> VirtioBlk<D> {
         let mut id = [0u8; ID_BYTES];
         let n = serial.len().min(ID_BYTES);
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
-        VirtioBlk { disk, id }
+        VirtioBlk {
+            disk,
+            id,
+            queues: 1,
+        }
+    }
+
+    /// Offers `queues` request queues (at least 1); every queue is answered the same way.
+    pub fn set_queues(&mut self, queues: u16) {
+        self.queues = queues.max(1);
+    }
+
+    pub fn queues(&self) -> u16 {
+        self.queues
     }
 
     /// The features the device offers.
@@ -67,16 +83,19 @@ impl<D: Disk> VirtioBlk<D> {
             | VIRTIO_BLK_F_SEG_MAX
             | VIRTIO_BLK_F_BLK_SIZE
             | VIRTIO_BLK_F_FLUSH
+            | VIRTIO_BLK_F_MQ
     }
 
-    /// The configuration space (5.2.4) up to `blk_size`: capacity (sectors), size_max,
-    /// seg_max, geometry (none), blk_size.
-    pub fn config(&self) -> [u8; 24] {
-        let mut c = [0u8; 24];
+    /// The configuration space (5.2.4) up to `num_queues`: capacity (sectors), size_max,
+    /// seg_max, geometry (none), blk_size, topology (none), writeback (no: WCE is not
+    /// offered, every write is answered once the back end has it), num_queues.
+    pub fn config(&self) -> [u8; 36] {
+        let mut c = [0u8; 36];
         c[..8].copy_from_slice(&(self.disk.blocks() * (BLOCK as u64 / SECTOR)).to_le_bytes());
         c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
         c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         c[20..24].copy_from_slice(&(BLOCK as u32).to_le_bytes());
+        c[34..36].copy_from_slice(&self.queues.to_le_bytes());
         c
     }
 
@@ -91,11 +110,16 @@ impl<D: Disk> VirtioBlk<D> {
         M: GuestMemory,
         Q: QueueT,
     {
-        super::drain(mem, queue, |chain| self.request(mem, chain))
+        super::drain(mem, queue, |chain| self.answer(mem, chain))
     }
 
     /// One request: the bytes written into its buffers (data and status), and its outcome.
-    fn request<M: GuestMemory>(&mut self, mem: &M, chain: DescriptorChain<&M>) -> (u32, Outcome) {
+    /// For a transport that takes chains off the queue itself (to record them in flight).
+    pub fn answer<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        chain: DescriptorChain<&M>,
+    ) -> (u32, Outcome) {
         let malformed = |why: String| (0, Outcome::Malformed(why));
         let (mut reader, mut writer) = match super::parts(mem, chain) {
             Ok(p) => p,
@@ -420,5 +444,14 @@ mod tests {
         assert_eq!(u64::from_le_bytes(c[..8].try_into().unwrap()), 24);
         assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 4096);
         assert_ne!(dev.features() & VIRTIO_BLK_F_FLUSH, 0);
+        assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 1);
+        let mut dev = dev;
+        dev.set_queues(4);
+        assert_eq!(
+            u16::from_le_bytes(dev.config()[34..36].try_into().unwrap()),
+            4
+        );
+        dev.set_queues(0);
+        assert_eq!(dev.queues(), 1, "a device has at least one queue");
     }
 }

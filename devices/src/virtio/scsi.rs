@@ -82,7 +82,7 @@ impl<D: Disk> VirtioScsi<D> {
         mem: &M,
         queue: &mut Q,
     ) -> Vec<Outcome> {
-        super::drain(mem, queue, |chain| self.command(mem, chain))
+        super::drain(mem, queue, |chain| self.answer_request(mem, chain))
     }
 
     /// Answers task management on the control queue: with one disk that completes every
@@ -92,10 +92,15 @@ impl<D: Disk> VirtioScsi<D> {
         mem: &M,
         queue: &mut Q,
     ) -> Vec<Outcome> {
-        super::drain(mem, queue, |chain| control(mem, chain))
+        super::drain(mem, queue, |chain| answer_control(mem, chain))
     }
 
-    fn command<M: GuestMemory>(&mut self, mem: &M, chain: DescriptorChain<&M>) -> (u32, Outcome) {
+    /// One command of a request queue (for a transport that takes chains off the queue itself).
+    pub fn answer_request<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        chain: DescriptorChain<&M>,
+    ) -> (u32, Outcome) {
         let malformed = |why: String| (0, Outcome::Malformed(why));
         let (mut reader, mut writer) = match super::parts(mem, chain) {
             Ok(p) => p,
@@ -169,7 +174,7 @@ impl<D: Disk> VirtioScsi<D> {
 /// One control request: a task management function is answered FUNCTION_COMPLETE (nothing
 /// is ever pending); anything else (asynchronous notification, which the device does not
 /// offer) is rejected.
-fn control<M: GuestMemory>(mem: &M, chain: DescriptorChain<&M>) -> (u32, Outcome) {
+pub fn answer_control<M: GuestMemory>(mem: &M, chain: DescriptorChain<&M>) -> (u32, Outcome) {
     let malformed = |why: String| (0, Outcome::Malformed(why));
     let mut reader = match chain.clone().reader(mem) {
         Ok(r) => r,

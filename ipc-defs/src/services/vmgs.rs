@@ -61,6 +61,8 @@ impl FileId {
     pub const TPM_NVRAM_BACKUP: FileId = FileId(17);
     pub const PROVISIONING_MARKER: FileId = FileId(18);
     pub const EXTENDED_FILE_TABLE: FileId = FileId(63);
+    /// The storage service's disk keys (ours: the format leaves ids 19-62 unnamed).
+    pub const PV_STORAGE_KEYS: FileId = FileId(32);
 
     /// The ids that have a name in the format, with that name.
     pub const NAMED: [(FileId, &'static str); 19] = [
@@ -99,10 +101,14 @@ impl FileId {
         self.0 as usize
     }
 
-    /// The format's name of this id, if it has one.
+    /// Ids the paravisor defines in the range the format leaves unnamed, with their names.
+    pub const OURS: [(FileId, &'static str); 1] = [(FileId::PV_STORAGE_KEYS, "PV_STORAGE_KEYS")];
+
+    /// The name of this id (the format's, or one of [`FileId::OURS`]), if it has one.
     pub fn name(self) -> Option<&'static str> {
         FileId::NAMED
             .iter()
+            .chain(FileId::OURS.iter())
             .find(|(id, _)| *id == self)
             .map(|(_, n)| *n)
     }
@@ -116,6 +122,7 @@ impl FileId {
         if let Some(&(id, _)) = FileId::NAMED
             .iter()
             .chain(FileId::ALIASES.iter())
+            .chain(FileId::OURS.iter())
             .find(|(_, n)| n.eq_ignore_ascii_case(t))
         {
             return Some(id);
@@ -390,6 +397,11 @@ mod tests {
     fn file_ids_parse_by_name_or_number() {
         assert_eq!(FileId::parse("TPM_NVRAM"), Some(FileId::TPM_NVRAM));
         assert_eq!(FileId::parse("tpm_ppi"), Some(FileId::TPM_PPI));
+        assert_eq!(
+            FileId::parse("pv_storage_keys"),
+            Some(FileId::PV_STORAGE_KEYS)
+        );
+        assert_eq!(FileId::PV_STORAGE_KEYS.name(), Some("PV_STORAGE_KEYS"));
         assert_eq!(FileId::parse("3"), Some(FileId::TPM_NVRAM));
         assert_eq!(FileId::parse("0x3f"), Some(FileId::EXTENDED_FILE_TABLE));
         assert_eq!(FileId::parse("64"), None);

@@ -1,21 +1,263 @@
-//! `pv-storage`: the guest block device, translated to the backing store. It never sees TPM or VMGS secrets; it only answers storage::Request.
+//! `pv-storage`: the guest's disks, served to vhost-user front ends (QEMU's
+//! `vhost-user-blk-pci` and `vhost-user-scsi-pci`, or any other).
 //!
-//! Capabilities expected (from the bootstrap record): its control channel, the serving end of
-//! one `storage` channel per client the manifest allows, and the calling ends the manifest grants.
-//! The service's own requests arrive with the issue that defines `ipc_defs::services::storage`;
-//! until then its endpoint answers the common ping and the control interface, both handled by
-//! the runtime, and nothing else exists to be asked.
+//! Capabilities expected (from the bootstrap record): its control channel; one listener per
+//! `--device` (Unix sockets the microkernel bound, only those the host asked for with
+//! `paravisor run --listen`); one image file per `--device` (`files` grants); for encrypted
+//! disks, a vmgs channel granting PV_STORAGE_KEYS. Nothing else: it cannot open a file, create
+//! a socket or reach the TPM.
+//!
+//! One thread, one poll loop over the listeners, the front ends' sockets and the rings' kick
+//! eventfds, and the control channel between two waits. A front end that disconnects (QEMU
+//! stopping, or reconnecting) is dropped with everything it set up; the disk stays open.
+//! Killed and restarted, the service takes the next connection on the same listener (the
+//! microkernel keeps it) and the front end hands back its in-flight record: the requests the
+//! killed process had taken but not answered are answered then.
 #![forbid(unsafe_code)]
 
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixListener;
+use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
 
 use ipc_defs::hosted::runtime;
-use ipc_defs::services::storage;
+use ipc_defs::hosted::sys;
+use ipc_defs::hosted::vmgs_client::VmgsCallError;
+use ipc_defs::hosted::vmgs_client::VmgsClient;
+use ipc_defs::services::vmgs::FileId;
+use ipc_defs::services::vmgs::VmgsError;
 use ipc_defs::Interface;
+use pv_devices::scsi::ScsiDisk;
+use pv_devices::virtio::blk::VirtioBlk;
+use pv_devices::virtio::scsi::VirtioScsi;
+use pv_storage::disks;
+use pv_storage::disks::DeviceSpec;
+use pv_storage::disks::KeyStore;
+use pv_storage::disks::KeyTable;
+use pv_storage::disks::Model;
+use pv_storage::vhost::Backend;
+use pv_storage::vhost::Device;
+use pv_storage::vhost::BLK_QUEUES;
+use vhost::vhost_user::BackendReqHandler;
+
+/// How long the loop waits before it looks at the control channel again (the supervisor
+/// pings every second and gives the answer 100 ms).
+const POLL: Duration = Duration::from_millis(20);
+
+/// Disk keys in VMGS.
+struct VmgsKeys(VmgsClient);
+
+impl KeyStore for VmgsKeys {
+    fn load(&mut self) -> Result<KeyTable, String> {
+        match self.0.read(FileId::PV_STORAGE_KEYS) {
+            Ok(bytes) => KeyTable::decode(&bytes),
+            Err(VmgsCallError::Vmgs(VmgsError::NotFound(_))) => Ok(KeyTable::default()),
+            Err(e) => Err(format!("reading the disk keys: {e}")),
+        }
+    }
+
+    fn store(&mut self, table: &KeyTable) -> Result<(), String> {
+        self.0
+            .write(FileId::PV_STORAGE_KEYS, &table.encode())
+            .map_err(|e| format!("storing the disk keys: {e}"))
+    }
+}
+
+/// One device on one listener, and its front end when connected.
+struct Export {
+    name: String,
+    listener: UnixListener,
+    backend: Arc<Mutex<Backend>>,
+    front_end: Option<(BackendReqHandler<Mutex<Backend>>, UnixStream)>,
+}
 
 fn main() -> ExitCode {
-    runtime::run::<storage::Request, storage::Response>(
-        Interface::Storage,
-        |_context, _caller, request| match request {},
-    )
+    let mut started = match runtime::enter() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("storage: cannot start: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut exports = match setup(&mut started.context) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(devices = exports.len(), "disks ready");
+    let mut more = false;
+    loop {
+        if !started.answer_control() {
+            tracing::info!("shut down on request");
+            return ExitCode::SUCCESS;
+        }
+        more = match serve_once(&mut exports, if more { Duration::ZERO } else { POLL }) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+    }
+}
+
+/// Opens every device the arguments name whose listener the host asked for.
+fn setup(context: &mut runtime::Context) -> Result<Vec<Export>, String> {
+    let specs = DeviceSpec::from_args(std::env::args().skip(1))?;
+    let mut keys = None;
+    let mut exports = Vec::new();
+    for spec in specs {
+        let Some(listener) = context.listeners.remove(&spec.listen) else {
+            tracing::info!(listener = %spec.listen, "not serving this device: the host did not ask for its listener (paravisor run --listen)");
+            continue;
+        };
+        let file = context.files.remove(&spec.file).ok_or_else(|| {
+            format!(
+                "device on \"{}\": the manifest grants no file \"{}\"",
+                spec.listen, spec.file
+            )
+        })?;
+        if spec.encrypted && keys.is_none() {
+            let end = context
+                .clients
+                .remove(&Interface::Vmgs)
+                .ok_or("an encrypted disk needs a vmgs call granting PV_STORAGE_KEYS")?;
+            keys = Some(VmgsKeys(VmgsClient::new(end)));
+        }
+        let mut no_keys = NoKeys;
+        let store: &mut dyn KeyStore = match keys.as_mut() {
+            Some(k) if spec.encrypted => k,
+            _ => &mut no_keys,
+        };
+        let disk = disks::open(&spec, std::fs::File::from(file), store)?;
+        let device = match spec.model {
+            Model::Blk => {
+                let mut blk = VirtioBlk::new(disk, &spec.file);
+                blk.set_queues(BLK_QUEUES);
+                Device::Blk(blk)
+            }
+            Model::Scsi => Device::Scsi(VirtioScsi::new(ScsiDisk::new(disk, &spec.file))),
+        };
+        tracing::info!(listener = %spec.listen, image = %spec.file, encrypted = spec.encrypted, model = ?spec.model, "serving");
+        exports.push(Export {
+            name: spec.listen.clone(),
+            listener: UnixListener::from(listener),
+            backend: Arc::new(Mutex::new(Backend::new(&spec.listen, device))),
+            front_end: None,
+        });
+    }
+    Ok(exports)
+}
+
+/// Raw disks have no key.
+struct NoKeys;
+
+impl KeyStore for NoKeys {
+    fn load(&mut self) -> Result<KeyTable, String> {
+        Err("a raw disk has no key".into())
+    }
+    fn store(&mut self, _: &KeyTable) -> Result<(), String> {
+        Err("a raw disk has no key".into())
+    }
+}
+
+/// What one poll-set entry is.
+enum Source {
+    Listener(usize),
+    FrontEnd(usize),
+    Kick(usize, usize),
+}
+
+/// Waits up to `timeout` for a connection, a message or a kick, and handles what came;
+/// whether some ring has more work than one batch.
+fn serve_once(exports: &mut [Export], timeout: Duration) -> Result<bool, String> {
+    let ready = {
+        let backends: Vec<_> = exports
+            .iter()
+            .map(|e| e.backend.lock().expect("one thread"))
+            .collect();
+        let mut sources = Vec::new();
+        let mut fds = Vec::new();
+        for (i, e) in exports.iter().enumerate() {
+            sources.push(Source::Listener(i));
+            fds.push(e.listener.as_fd());
+            if let Some((_, stream)) = &e.front_end {
+                sources.push(Source::FrontEnd(i));
+                fds.push(stream.as_fd());
+                for (ring, kick) in backends[i].kicks() {
+                    sources.push(Source::Kick(i, ring));
+                    fds.push(kick);
+                }
+            }
+        }
+        let ready = sys::poll_readable(&fds, timeout).map_err(|e| format!("poll: {e}"))?;
+        sources
+            .into_iter()
+            .zip(ready)
+            .filter(|(_, r)| *r)
+            .map(|(s, _)| s)
+            .collect::<Vec<_>>()
+    };
+    for source in ready {
+        match source {
+            Source::Listener(i) => accept(&mut exports[i]),
+            Source::FrontEnd(i) => {
+                let e = &mut exports[i];
+                let Some((handler, _)) = e.front_end.as_mut() else {
+                    continue;
+                };
+                if let Err(err) = handler.handle_request() {
+                    match err {
+                        vhost::vhost_user::Error::Disconnected
+                        | vhost::vhost_user::Error::PartialMessage => {
+                            tracing::info!(device = %e.name, "front end disconnected")
+                        }
+                        other => {
+                            tracing::warn!(device = %e.name, "front end dropped: {other}")
+                        }
+                    }
+                    e.front_end = None;
+                    e.backend.lock().expect("one thread").disconnected();
+                }
+            }
+            Source::Kick(i, ring) => exports[i]
+                .backend
+                .lock()
+                .expect("one thread")
+                .take_kick(ring),
+        }
+    }
+    let mut more = false;
+    for e in exports.iter() {
+        more |= e.backend.lock().expect("one thread").serve_ready();
+    }
+    Ok(more)
+}
+
+/// Takes a front end's connection; a second one while the first is connected is refused.
+fn accept(e: &mut Export) {
+    let Ok((stream, _)) = e.listener.accept() else {
+        return;
+    };
+    if e.front_end.is_some() {
+        tracing::warn!(device = %e.name, "a second front end connected: refused (one per device)");
+        return;
+    }
+    let poll = match stream.try_clone() {
+        Ok(p) => p,
+        Err(err) => {
+            tracing::warn!(device = %e.name, "front end refused: {err}");
+            return;
+        }
+    };
+    tracing::info!(device = %e.name, "front end connected");
+    e.front_end = Some((
+        BackendReqHandler::from_stream(stream, e.backend.clone()),
+        poll,
+    ));
 }

@@ -1,0 +1,414 @@
+//! What pv-storage serves, as the manifest's `args` say it (`--device`), and the disks
+//! behind it: image files the microkernel opened for the service (`files` grants), raw or
+//! encrypted under a key the service keeps in VMGS (file id PV_STORAGE_KEYS, which the
+//! manifest grants to this service alone). The key is made on first use, and durably stored
+//! before the image is first written.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+
+use pv_devices::block::encrypted::EncryptedDisk;
+use pv_devices::block::encrypted::OpenError;
+use pv_devices::block::raw::RawDisk;
+use pv_devices::block::Disk;
+use pv_devices::block::FileStore;
+use pv_devices::block::Store;
+use pv_devices::block::BLOCK;
+use serde::Deserialize;
+use serde::Serialize;
+use zeroize::Zeroizing;
+
+/// The device model a listener's front end gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Model {
+    /// virtio-blk (`vhost-user-blk-pci` in QEMU).
+    Blk,
+    /// virtio-scsi with one LUN (`vhost-user-scsi-pci`).
+    Scsi,
+}
+
+/// One `--device` argument: `MODEL,listen=NAME,file=NAME[,encrypted][,size=SIZE]`, e.g.
+/// `vhost-user-blk,listen=blk,file=blk-disk,encrypted,size=256M`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSpec {
+    pub model: Model,
+    /// The listener (`listen` grant) its front end connects to.
+    pub listen: String,
+    /// The image (`files` grant).
+    pub file: String,
+    pub encrypted: bool,
+    /// The disk's size when the image is new (required then).
+    pub size: Option<u64>,
+}
+
+impl DeviceSpec {
+    pub fn parse(arg: &str) -> Result<DeviceSpec, String> {
+        let mut parts = arg.split(',');
+        let model = match parts.next().unwrap_or("") {
+            "vhost-user-blk" => Model::Blk,
+            "vhost-user-scsi" => Model::Scsi,
+            other => {
+                return Err(format!(
+                    "device model \"{other}\": use vhost-user-blk or vhost-user-scsi"
+                ))
+            }
+        };
+        let (mut listen, mut file, mut encrypted, mut size) = (None, None, false, None);
+        for part in parts {
+            match part.split_once('=') {
+                Some(("listen", v)) if !v.is_empty() => listen = Some(v.to_string()),
+                Some(("file", v)) if !v.is_empty() => file = Some(v.to_string()),
+                Some(("size", v)) => size = Some(parse_size(v)?),
+                None if part == "encrypted" => encrypted = true,
+                _ => {
+                    return Err(format!(
+                        "\"{part}\" in \"{arg}\": expected listen=NAME, file=NAME, encrypted or size=SIZE"
+                    ))
+                }
+            }
+        }
+        Ok(DeviceSpec {
+            model,
+            listen: listen.ok_or_else(|| format!("\"{arg}\" names no listener (listen=NAME)"))?,
+            file: file.ok_or_else(|| format!("\"{arg}\" names no image (file=NAME)"))?,
+            encrypted,
+            size,
+        })
+    }
+
+    /// Every `--device` of a command line.
+    pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<Vec<DeviceSpec>, String> {
+        let mut devices: Vec<DeviceSpec> = Vec::new();
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--device" => {
+                    let value = args.next().ok_or("--device needs a value")?;
+                    let spec = DeviceSpec::parse(&value)?;
+                    if devices.iter().any(|d| d.listen == spec.listen) {
+                        return Err(format!("listener \"{}\" serves two devices", spec.listen));
+                    }
+                    if devices.iter().any(|d| d.file == spec.file) {
+                        return Err(format!("image \"{}\" backs two devices", spec.file));
+                    }
+                    devices.push(spec);
+                }
+                other => return Err(format!("unknown argument \"{other}\"")),
+            }
+        }
+        Ok(devices)
+    }
+}
+
+/// `64M`, `1G`, `4096`: bytes, a whole number of 4 KiB blocks.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => text.split_at(i),
+        None => (text, ""),
+    };
+    let shift = match unit {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" | "m" => 20,
+        "G" | "g" => 30,
+        "T" | "t" => 40,
+        _ => return Err(format!("size \"{text}\": use bytes or K, M, G, T")),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("size \"{text}\" is not a number"))?;
+    let bytes = n
+        .checked_mul(1 << shift)
+        .filter(|b| *b > 0 && b % BLOCK as u64 == 0)
+        .ok_or_else(|| format!("size \"{text}\" is not a whole number of 4 KiB blocks"))?;
+    Ok(bytes)
+}
+
+/// Disk keys by image name, as kept in VMGS (postcard; the service reads only what it wrote,
+/// but the store is another process: a record that does not decode is an error, not a reset).
+#[derive(Default, Serialize, Deserialize)]
+pub struct KeyTable {
+    version: u8,
+    keys: BTreeMap<String, [u8; 32]>,
+}
+
+impl Drop for KeyTable {
+    fn drop(&mut self) {
+        for key in self.keys.values_mut() {
+            zeroize::Zeroize::zeroize(key);
+        }
+    }
+}
+
+pub const KEY_TABLE_VERSION: u8 = 1;
+
+impl KeyTable {
+    pub fn decode(bytes: &[u8]) -> Result<KeyTable, String> {
+        let table: KeyTable = postcard::from_bytes(bytes)
+            .map_err(|e| format!("the disk key record does not decode: {e}"))?;
+        if table.version != KEY_TABLE_VERSION {
+            return Err(format!(
+                "the disk key record is version {}, this build reads {KEY_TABLE_VERSION}",
+                table.version
+            ));
+        }
+        Ok(table)
+    }
+
+    pub fn encode(&self) -> Zeroizing<Vec<u8>> {
+        Zeroizing::new(postcard::to_allocvec(self).expect("a key table always encodes"))
+    }
+
+    pub fn get(&self, image: &str) -> Option<Zeroizing<[u8; 32]>> {
+        self.keys.get(image).map(|k| Zeroizing::new(*k))
+    }
+
+    /// Adds a fresh random key for `image`.
+    pub fn add(&mut self, image: &str) -> Result<Zeroizing<[u8; 32]>, String> {
+        let mut key = Zeroizing::new([0u8; 32]);
+        getrandom::getrandom(&mut key[..]).map_err(|e| format!("no randomness: {e}"))?;
+        self.version = KEY_TABLE_VERSION;
+        self.keys.insert(image.to_string(), *key);
+        Ok(key)
+    }
+}
+
+/// Where disk keys are kept (VMGS through the service's channel; memory in tests).
+pub trait KeyStore {
+    /// The key table, or an empty one if none was ever written.
+    fn load(&mut self) -> Result<KeyTable, String>;
+    /// Replaces the table durably.
+    fn store(&mut self, table: &KeyTable) -> Result<(), String>;
+}
+
+/// The key for `image`: the one kept, or a new one kept durably first (`new_image` says
+/// whether a new key may be made: never for an image that already holds data).
+fn key_for(
+    keys: &mut dyn KeyStore,
+    image: &str,
+    new_image: bool,
+) -> Result<Zeroizing<[u8; 32]>, String> {
+    let mut table = keys.load()?;
+    if let Some(key) = table.get(image) {
+        return Ok(key);
+    }
+    if !new_image {
+        return Err(format!(
+            "image \"{image}\" is encrypted, but the guest-state file holds no key for it \
+             (was the image copied from another VM, or the guest-state file replaced?)"
+        ));
+    }
+    let key = table.add(image)?;
+    keys.store(&table)?;
+    tracing::info!(image, "made a disk key (kept in VMGS PV_STORAGE_KEYS)");
+    Ok(key)
+}
+
+/// Whether the image holds nothing yet: empty, or a first block of zeros (an image whose
+/// creation stopped before its header was written: nothing was ever served from it).
+fn is_blank(store: &mut FileStore) -> Result<bool, String> {
+    let size = store.size().map_err(|e| e.to_string())?;
+    if size < BLOCK as u64 {
+        return Ok(size == 0);
+    }
+    let mut first = vec![0u8; BLOCK];
+    store.read_at(0, &mut first).map_err(|e| e.to_string())?;
+    Ok(first.iter().all(|b| *b == 0))
+}
+
+/// Opens the disk `spec` describes in `file`.
+pub fn open(
+    spec: &DeviceSpec,
+    file: File,
+    keys: &mut dyn KeyStore,
+) -> Result<Box<dyn Disk + Send>, String> {
+    let mut store = FileStore(file);
+    let what = |e: &dyn std::fmt::Display| format!("image \"{}\": {e}", spec.file);
+    if spec.encrypted {
+        let blank = is_blank(&mut store).map_err(|e| what(&e))?;
+        let key = key_for(keys, &spec.file, blank)?;
+        if blank {
+            let size = spec
+                .size
+                .ok_or_else(|| what(&"a new encrypted image needs size=SIZE in its --device"))?;
+            let disk =
+                EncryptedDisk::create(store, &key, size / BLOCK as u64).map_err(|e| what(&e))?;
+            tracing::info!(image = %spec.file, bytes = size, "new encrypted disk");
+            return Ok(Box::new(disk));
+        }
+        return match EncryptedDisk::open(store, &key) {
+            Ok(disk) => Ok(Box::new(disk)),
+            Err(OpenError::NotEncrypted) => Err(what(
+                &"holds data but no encrypted-disk header: refusing to serve a plaintext image as encrypted",
+            )),
+            Err(e) => Err(what(&e)),
+        };
+    }
+    if store.size().map_err(|e| what(&e))? == 0 {
+        let size = spec
+            .size
+            .ok_or_else(|| what(&"a new image needs size=SIZE in its --device"))?;
+        store.set_len(size).map_err(|e| what(&e))?;
+    }
+    let disk = RawDisk::new(store).map_err(|e| what(&e))?;
+    if disk.blocks() == 0 {
+        return Err(what(&"is smaller than one 4 KiB block"));
+    }
+    Ok(Box::new(disk))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct MemKeys(Option<Vec<u8>>, usize);
+
+    impl KeyStore for MemKeys {
+        fn load(&mut self) -> Result<KeyTable, String> {
+            self.0
+                .as_deref()
+                .map_or(Ok(KeyTable::default()), KeyTable::decode)
+        }
+        fn store(&mut self, table: &KeyTable) -> Result<(), String> {
+            self.0 = Some(table.encode().to_vec());
+            self.1 += 1;
+            Ok(())
+        }
+    }
+
+    fn spec(arg: &str) -> DeviceSpec {
+        DeviceSpec::parse(arg).unwrap()
+    }
+
+    #[test]
+    fn device_arguments_parse_and_bad_ones_say_why() {
+        let d = spec("vhost-user-scsi,listen=s,file=img,encrypted,size=64M");
+        assert_eq!(d.model, Model::Scsi);
+        assert_eq!((d.listen.as_str(), d.file.as_str()), ("s", "img"));
+        assert!(d.encrypted);
+        assert_eq!(d.size, Some(64 << 20));
+        for bad in [
+            "virtio-net,listen=a,file=b",
+            "vhost-user-blk,file=b",
+            "vhost-user-blk,listen=a",
+            "vhost-user-blk,listen=a,file=b,size=100",
+            "vhost-user-blk,listen=a,file=b,size=4X",
+            "vhost-user-blk,listen=a,file=b,size=0",
+            "vhost-user-blk,listen=a,file=b,bogus",
+        ] {
+            assert!(DeviceSpec::parse(bad).is_err(), "{bad}");
+        }
+        let args = |v: &[&str]| DeviceSpec::from_args(v.iter().map(|s| s.to_string()));
+        assert!(args(&[
+            "--device",
+            "vhost-user-blk,listen=a,file=b",
+            "--device",
+            "vhost-user-scsi,listen=a,file=c"
+        ])
+        .is_err());
+        assert!(args(&[
+            "--device",
+            "vhost-user-blk,listen=a,file=b",
+            "--device",
+            "vhost-user-scsi,listen=c,file=b"
+        ])
+        .is_err());
+        assert!(args(&["--device"]).is_err());
+        assert_eq!(args(&[]).unwrap(), vec![]);
+    }
+
+    fn temp_file() -> (File, std::path::PathBuf) {
+        let path = std::env::temp_dir().join(format!(
+            "pv-storage-test-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        (f, path)
+    }
+
+    #[test]
+    fn an_encrypted_disk_keeps_its_key_in_the_store_made_once_before_the_image() {
+        let (f, path) = temp_file();
+        let mut keys = MemKeys::default();
+        let d = spec("vhost-user-blk,listen=a,file=img,encrypted,size=64K");
+        let mut disk = open(&d, f.try_clone().unwrap(), &mut keys).unwrap();
+        assert_eq!(disk.blocks(), 16);
+        disk.write(3, &[0x5a; BLOCK]).unwrap();
+        disk.flush().unwrap();
+        drop(disk);
+        assert_eq!(keys.1, 1, "one key, stored once");
+        let raw = std::fs::read(&path).unwrap();
+        assert!(
+            !raw.windows(64).any(|w| w.iter().all(|b| *b == 0x5a)),
+            "plaintext in the image"
+        );
+        // Reopened: same key, same data, no new key.
+        let mut disk = open(&d, f.try_clone().unwrap(), &mut keys).unwrap();
+        let mut back = vec![0u8; BLOCK];
+        disk.read(3, &mut back).unwrap();
+        assert!(back.iter().all(|b| *b == 0x5a));
+        assert_eq!(keys.1, 1);
+        drop(disk);
+        // Without its key, the image is refused, not re-made.
+        let err = open(&d, f.try_clone().unwrap(), &mut MemKeys::default())
+            .err()
+            .unwrap();
+        assert!(err.contains("holds no key"), "{err}");
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn a_plaintext_image_is_not_served_as_encrypted_and_raw_images_are_sized() {
+        let (f, path) = temp_file();
+        let raw = spec("vhost-user-blk,listen=a,file=img,size=8K");
+        let mut disk = open(&raw, f.try_clone().unwrap(), &mut MemKeys::default()).unwrap();
+        assert_eq!(disk.blocks(), 2);
+        disk.write(0, &[1; BLOCK]).unwrap();
+        drop(disk);
+        let enc = spec("vhost-user-blk,listen=a,file=img,encrypted,size=8K");
+        let err = open(&enc, f.try_clone().unwrap(), &mut MemKeys::default())
+            .err()
+            .unwrap();
+        assert!(err.contains("no key"), "{err}");
+        let mut keys = MemKeys::default();
+        keys.store(&{
+            let mut t = KeyTable::default();
+            t.add("img").unwrap();
+            t
+        })
+        .unwrap();
+        let err = open(&enc, f.try_clone().unwrap(), &mut keys).err().unwrap();
+        assert!(err.contains("plaintext"), "{err}");
+        let unsized_spec = spec("vhost-user-blk,listen=a,file=other");
+        let (g, path2) = temp_file();
+        assert!(open(&unsized_spec, g, &mut MemKeys::default())
+            .err()
+            .unwrap()
+            .contains("size="));
+        let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_file(path2);
+    }
+
+    #[test]
+    fn a_key_record_that_does_not_decode_is_an_error() {
+        assert!(KeyTable::decode(&[9, 9, 9]).is_err());
+        let mut t = KeyTable::default();
+        t.add("x").unwrap();
+        let mut bytes = t.encode().to_vec();
+        bytes[0] = 2;
+        assert!(KeyTable::decode(&bytes)
+            .err()
+            .unwrap()
+            .contains("version 2"));
+    }
+}
