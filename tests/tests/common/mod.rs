@@ -2,6 +2,8 @@
 //! private state directory, talk to it through the `paravisor` command line.
 #![allow(dead_code)]
 
+pub mod linux;
+
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::path::PathBuf;
