@@ -1,6 +1,9 @@
 //! Helpers shared by the cross-process tests: find the binaries, run an instance in a
-//! private state directory, talk to it through the `paravisor` command line.
+//! private state directory, talk to it through the `paravisor` command line; [`linux`]: a
+//! Linux guest under QEMU.
 #![allow(dead_code)]
+
+pub mod linux;
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;

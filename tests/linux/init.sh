@@ -1,0 +1,45 @@
+#!/bin/sh
+# /init of the Linux test guest (busybox sh, PID 1). Mounts the kernel file systems, loads
+# the modules in /etc/pv-modules, then runs the host's test script /pv/test.sh (appended to
+# the initrd as a second cpio archive) and prints `PV-EXIT <status>` on the console, the line
+# the host reads the result from; then powers off. Without a test script it gives the console
+# a shell, for a person booting the image by hand.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+mkdir -p /dev/pts /root
+mount -t devpts devpts /dev/pts
+
+# Every device driver at once: loading one whose device is absent costs nothing.
+# shellcheck disable=SC2046
+modprobe -a $(cat /etc/pv-modules) || echo "pv-init: some modules did not load"
+
+# Helpers for test scripts.
+# pv_wait_dev PATH [SECONDS]: waits for a device node (SCSI disks are found asynchronously).
+pv_wait_dev() {
+	n=$((${2:-30} * 10))
+	while [ ! -e "$1" ] && [ "$n" -gt 0 ]; do
+		usleep 100000
+		n=$((n - 1))
+	done
+	[ -e "$1" ] || { echo "pv_wait_dev: no $1"; return 1; }
+}
+
+if [ -f /pv/test.sh ]; then
+	# A subshell, so that the script's `exit N` ends it with N and not PID 1.
+	# shellcheck disable=SC1091 # the host adds it
+	(. /pv/test.sh)
+	status=$?
+	# A line of its own, even after output without a newline.
+	echo
+	echo "PV-EXIT $status"
+else
+	echo "pv-init: no /pv/test.sh; a shell (exit powers off)"
+	setsid cttyhack sh -l
+fi
+sync
+poweroff -f

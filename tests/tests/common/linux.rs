@@ -1,0 +1,700 @@
+//! A Linux guest for the tests: Debian's cloud kernel and a busybox initramfs with fio
+//! (built by `tests/linux/build-image.sh`), booted by QEMU with a test script, its result read
+//! from the console. Devices are added as QEMU arguments: vhost-user disks have builder
+//! methods, anything else (a NIC, a TPM) goes in through [`Guest::extra_args`].
+//!
+//! ```ignore
+//! let Some(image) = linux::image(test) else { return };
+//! let exit = Guest::new(&image).script("uname -r").run();
+//! assert_eq!(exit.status, 0, "{}", exit.console);
+//! ```
+//!
+//! QEMU runs under TCG unless `PV_QEMU_ACCEL=kvm`: the KVM of the machines this project runs
+//! on (KVM on PVM) does not boot a stock Linux kernel (it stalls in early boot), so KVM is only
+//! tried when asked for. See docs/linux-harness.md.
+
+use std::io::BufRead;
+use std::io::BufReader;
+use std::io::Read;
+use std::io::Write;
+use std::path::Path;
+use std::path::PathBuf;
+use std::process::Child;
+use std::process::Command;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::Condvar;
+use std::sync::Mutex;
+use std::sync::OnceLock;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use std::time::Instant;
+
+/// The line `/init` prints after the test script, with the script's exit status.
+const EXIT_MARKER: &str = "PV-EXIT ";
+
+/// Guest memory unless a test asks for more: fio and the 90 MB initramfs fit with room.
+const DEFAULT_MEMORY_MIB: u64 = 512;
+
+/// How long a guest may run unless a test says otherwise: only there to end a hung guest (a
+/// boot takes ~2.5 s under TCG), so generous for a busy two-core machine.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Linux's command line: the console on the first serial port (QEMU's stdout), quiet so
+/// that kernel messages do not break the test's lines (warnings and panics still print), and
+/// a panic reboots, which `-no-reboot` turns into QEMU's exit.
+const KERNEL_ARGS: &str = "console=ttyS0 quiet loglevel=4 panic=-1";
+
+/// The kernel and initramfs built by `tests/linux/build-image.sh`.
+#[derive(Clone, Debug)]
+pub struct Image {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+/// The guest image, built (or found in the cache) once per test process; `None`, after a
+/// loud SKIPPED line naming `test`, when this machine cannot build or boot it (no QEMU, no
+/// apt, no Debian mirror and nothing cached). A failure of the build script itself panics.
+pub fn image(test: &str) -> Option<Image> {
+    static IMAGE: OnceLock<Result<Image, String>> = OnceLock::new();
+    match IMAGE.get_or_init(build_image) {
+        Ok(image) => Some(image.clone()),
+        Err(reason) => {
+            eprintln!("SKIPPED: {test}: {reason}");
+            None
+        }
+    }
+}
+
+fn build_image() -> Result<Image, String> {
+    if !runs("qemu-system-x86_64") {
+        return Err("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)".into());
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("linux/build-image.sh");
+    let started = Instant::now();
+    let out = Command::new("bash")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run bash {}: {e}", script.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    match out.status.code() {
+        Some(0) => {}
+        // The script's "this machine cannot build the image" (see its header).
+        Some(2) => {
+            let why = stderr.lines().last().unwrap_or("no reason given");
+            return Err(format!("cannot build the Linux guest image: {why}"));
+        }
+        _ => panic!(
+            "{} failed ({}):\n{stderr}{stdout}",
+            script.display(),
+            out.status
+        ),
+    }
+    let mut paths = stdout.lines().rev().take(2).map(PathBuf::from);
+    let (initrd, kernel) = (paths.next(), paths.next());
+    let (Some(kernel), Some(initrd)) = (kernel, initrd) else {
+        panic!("{} printed no image paths:\n{stdout}", script.display());
+    };
+    assert!(
+        kernel.is_file() && initrd.is_file(),
+        "{} printed {kernel:?} and {initrd:?}, which are not files",
+        script.display()
+    );
+    eprintln!(
+        "linux image: {} and {} ({:.1} s)",
+        kernel.display(),
+        initrd.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(Image { kernel, initrd })
+}
+
+/// Whether `program --version` runs.
+fn runs(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// How QEMU runs the guest's CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    /// QEMU's translator: slow but boots anywhere (~2.5 s to the test script here).
+    Tcg,
+    /// KVM, where it can boot Linux (not on this project's KVM-on-PVM machines).
+    Kvm,
+}
+
+impl Accel {
+    /// `PV_QEMU_ACCEL`: `tcg` (the default) or `kvm`.
+    pub fn from_env() -> Accel {
+        match std::env::var("PV_QEMU_ACCEL").as_deref() {
+            Err(_) | Ok("") | Ok("tcg") => Accel::Tcg,
+            Ok("kvm") => Accel::Kvm,
+            Ok(other) => panic!("PV_QEMU_ACCEL={other}: expected tcg or kvm"),
+        }
+    }
+
+    /// `-accel` and the CPU model: under TCG QEMU's default model (`-cpu max` boots 0.35 s
+    /// slower), under KVM the host's.
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Accel::Tcg => &["-accel", "tcg"],
+            Accel::Kvm => &["-accel", "kvm", "-cpu", "host"],
+        }
+    }
+}
+
+/// A file the guest finds in its initramfs, next to the image's own.
+struct GuestFile {
+    path: String,
+    contents: Vec<u8>,
+    mode: u32,
+}
+
+/// A guest to boot: the builder of QEMU's command line and of the test's files.
+pub struct Guest {
+    image: Image,
+    memory_mib: u64,
+    cpus: u32,
+    accel: Accel,
+    kernel_args: String,
+    devices: Vec<String>,
+    files: Vec<GuestFile>,
+    timeout: Duration,
+    /// For chardev ids: every device gets its own.
+    next_id: u32,
+}
+
+impl Guest {
+    pub fn new(image: &Image) -> Guest {
+        Guest {
+            image: image.clone(),
+            memory_mib: DEFAULT_MEMORY_MIB,
+            cpus: 1,
+            accel: Accel::from_env(),
+            kernel_args: KERNEL_ARGS.to_owned(),
+            devices: Vec::new(),
+            files: Vec::new(),
+            timeout: DEFAULT_TIMEOUT,
+            next_id: 0,
+        }
+    }
+
+    /// Guest RAM in MiB (512 unless set). It is always a shared memfd, as vhost-user needs.
+    pub fn memory_mib(mut self, mib: u64) -> Guest {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Virtual CPUs (1 unless set; Linux finds more through ACPI, which q35 has).
+    pub fn smp(mut self, cpus: u32) -> Guest {
+        self.cpus = cpus;
+        self
+    }
+
+    /// Overrides `PV_QEMU_ACCEL` for this guest.
+    pub fn accel(mut self, accel: Accel) -> Guest {
+        self.accel = accel;
+        self
+    }
+
+    /// More of Linux's command line (it also reaches `/init` as `/proc/cmdline`).
+    pub fn kernel_args(mut self, args: &str) -> Guest {
+        self.kernel_args.push(' ');
+        self.kernel_args.push_str(args);
+        self
+    }
+
+    /// A virtio-blk disk served by a vhost-user backend listening on `socket`. With
+    /// `reconnect`, QEMU reconnects to a backend that died and was started again on the same
+    /// socket (the guest sees I/O stall, not fail; requests in flight are sent again).
+    pub fn vhost_user_blk(mut self, socket: &Path, reconnect: bool) -> Guest {
+        let id = self.id("vublk");
+        let reconnect = if reconnect { ",reconnect=1" } else { "" };
+        self.devices.extend([
+            "-chardev".into(),
+            format!("socket,id={id},path={}{reconnect}", socket.display()),
+            "-device".into(),
+            format!("vhost-user-blk-pci,chardev={id}"),
+        ]);
+        self
+    }
+
+    /// A virtio-scsi controller served by a vhost-user backend listening on `socket`. QEMU 7.2
+    /// cannot reconnect this device (with `reconnect=` it fails to start), so there is no such
+    /// choice here. Its disks are found asynchronously: wait with `pv_wait_dev /dev/sda`.
+    pub fn vhost_user_scsi(mut self, socket: &Path) -> Guest {
+        let id = self.id("vuscsi");
+        self.devices.extend([
+            "-chardev".into(),
+            format!("socket,id={id},path={}", socket.display()),
+            "-device".into(),
+            format!("vhost-user-scsi-pci,chardev={id}"),
+        ]);
+        self
+    }
+
+    /// Any other QEMU arguments (a NIC, a TPM, `-cpu max`), after the harness's own.
+    pub fn extra_args<I, S>(mut self, args: I) -> Guest
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.devices.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// The test script, run by `/init` with busybox sh; its exit status is the guest's
+    /// [`GuestExit::status`]. It can call `pv_wait_dev PATH [SECONDS]` to wait for a device.
+    pub fn script(self, text: &str) -> Guest {
+        self.file("pv/test.sh", text.as_bytes(), 0o755)
+    }
+
+    /// A file at `path` (relative to `/`) in the guest, e.g. a fio job file.
+    pub fn file(mut self, path: &str, contents: &[u8], mode: u32) -> Guest {
+        self.files.push(GuestFile {
+            path: path.trim_start_matches('/').to_owned(),
+            contents: contents.to_vec(),
+            mode,
+        });
+        self
+    }
+
+    /// How long the guest may run before it is killed as hung (600 s unless set).
+    pub fn timeout(mut self, timeout: Duration) -> Guest {
+        self.timeout = timeout;
+        self
+    }
+
+    fn id(&mut self, kind: &str) -> String {
+        self.next_id += 1;
+        format!("{kind}{}", self.next_id)
+    }
+
+    /// QEMU's command line, for a test's failure message or to run it by hand.
+    pub fn command(&self, initrd: &Path) -> Command {
+        let mib = self.memory_mib;
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-nodefaults", "-no-user-config", "-display", "none"])
+            // A reboot (the panic=-1 of a kernel panic) ends QEMU instead.
+            .arg("-no-reboot")
+            .args(self.accel.args())
+            .args(["-machine", "q35,memory-backend=mem"])
+            .arg("-object")
+            .arg(format!("memory-backend-memfd,id=mem,size={mib}M,share=on"))
+            .arg("-m")
+            .arg(format!("{mib}M"))
+            .arg("-smp")
+            .arg(self.cpus.to_string())
+            .arg("-kernel")
+            .arg(&self.image.kernel)
+            .arg("-initrd")
+            .arg(initrd)
+            .arg("-append")
+            .arg(&self.kernel_args)
+            .args(["-serial", "stdio"])
+            .args(&self.devices);
+        cmd
+    }
+
+    /// Boots the guest: the image's initramfs with the test's files appended as a second
+    /// archive (Linux unpacks concatenated archives in turn, later files over earlier ones).
+    pub fn spawn(self) -> RunningGuest {
+        let dir = super::scratch_dir("linux");
+        let initrd = dir.join("initrd.img");
+        // A copy, not a link: QEMU loads one file, and the test's files go at its end.
+        std::fs::copy(&self.image.initrd, &initrd).expect("copy the initrd");
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&initrd)
+            .expect("open the initrd");
+        // Linux looks for an uncompressed archive only at a 4-byte boundary.
+        let len = file.metadata().expect("initrd size").len();
+        let pad = (4 - len % 4) % 4;
+        file.write_all(&[0; 3][..pad as usize])
+            .expect("pad the initrd");
+        file.write_all(&cpio_newc(&self.files))
+            .expect("append the test's files");
+        drop(file);
+
+        let mut cmd = self.command(&initrd);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let started = Instant::now();
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        let console = Arc::new(Console::default());
+        let readers = vec![
+            echo_lines(child.stdout.take().expect("stdout"), "guest| ", {
+                let console = console.clone();
+                move |line| console.push(line)
+            }),
+            echo_lines(child.stderr.take().expect("stderr"), "qemu| ", {
+                let console = console.clone();
+                move |line| console.lock().qemu.push(line)
+            }),
+        ];
+        RunningGuest {
+            child,
+            console,
+            readers,
+            dir,
+            started,
+            timeout: self.timeout,
+            cursor: 0,
+            command: format!("{cmd:?}"),
+        }
+    }
+
+    /// [`Guest::spawn`] and [`RunningGuest::wait`].
+    pub fn run(self) -> GuestExit {
+        self.spawn().wait()
+    }
+}
+
+/// An uncompressed cpio archive (the "newc" format Linux's initramfs reads) of `files`,
+/// with each file's directories before it, all owned by root.
+fn cpio_newc(files: &[GuestFile]) -> Vec<u8> {
+    fn entry(out: &mut Vec<u8>, ino: &mut u32, name: &str, mode: u32, data: &[u8]) {
+        *ino += 1;
+        let name_size = name.len() + 1;
+        // ino mode uid gid nlink mtime filesize devmajor devminor rdevmajor rdevminor
+        // namesize check, each eight hex digits.
+        let fields = [
+            *ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            u32::try_from(data.len()).expect("a guest file under 4 GiB"),
+            0,
+            0,
+            0,
+            0,
+            name_size as u32,
+            0,
+        ];
+        out.extend_from_slice(b"070701");
+        for field in fields {
+            out.extend_from_slice(format!("{field:08x}").as_bytes());
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        // The name, after the 110-byte header, and the data each end on a 4-byte boundary.
+        out.resize(out.len().next_multiple_of(4), 0);
+        out.extend_from_slice(data);
+        out.resize(out.len().next_multiple_of(4), 0);
+    }
+    const DIR: u32 = 0o040_000;
+    const FILE: u32 = 0o100_000;
+    let mut out = Vec::new();
+    let mut ino = 0;
+    let mut dirs: Vec<&str> = Vec::new();
+    for file in files {
+        let parents = file.path.match_indices('/').map(|(at, _)| &file.path[..at]);
+        for dir in parents {
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+                entry(&mut out, &mut ino, dir, DIR | 0o755, &[]);
+            }
+        }
+        entry(
+            &mut out,
+            &mut ino,
+            &file.path,
+            FILE | file.mode,
+            &file.contents,
+        );
+    }
+    entry(&mut out, &mut ino, "TRAILER!!!", 0, &[]);
+    out
+}
+
+/// Reads `from` line by line on a thread of its own, echoing each line to stderr after
+/// `prefix` (captured with the test's output) and handing it to `keep`.
+fn echo_lines(
+    from: impl Read + Send + 'static,
+    prefix: &'static str,
+    mut keep: impl FnMut(String) + Send + 'static,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(from);
+        let mut raw = Vec::new();
+        while reader.read_until(b'\n', &mut raw).is_ok_and(|n| n > 0) {
+            let line = String::from_utf8_lossy(&raw);
+            let line = line.trim_end_matches(['\n', '\r']).to_owned();
+            eprintln!("{prefix}{line}");
+            keep(line);
+            raw.clear();
+        }
+    })
+}
+
+/// What the guest and QEMU printed so far.
+#[derive(Default)]
+struct Console {
+    state: Mutex<ConsoleState>,
+    /// Signalled on every console line.
+    grew: Condvar,
+}
+
+#[derive(Default)]
+struct ConsoleState {
+    /// The guest's console (QEMU's stdout), line by line.
+    lines: Vec<String>,
+    /// When the `PV-EXIT` line came.
+    exited_at: Option<Instant>,
+    /// QEMU's own messages (its stderr).
+    qemu: Vec<String>,
+}
+
+impl Console {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConsoleState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, line: String) {
+        let mut state = self.lock();
+        if line.contains(EXIT_MARKER) {
+            state.exited_at = Some(Instant::now());
+        }
+        state.lines.push(line);
+        self.grew.notify_all();
+    }
+}
+
+/// A booted guest, killed when dropped.
+pub struct RunningGuest {
+    child: Child,
+    console: Arc<Console>,
+    readers: Vec<JoinHandle<()>>,
+    dir: PathBuf,
+    started: Instant,
+    timeout: Duration,
+    /// Lines before this one were looked at by an earlier [`RunningGuest::wait_for_line`].
+    cursor: usize,
+    command: String,
+}
+
+/// How a guest ended.
+#[derive(Debug)]
+pub struct GuestExit {
+    /// The test script's exit status, from `/init`'s `PV-EXIT` line.
+    pub status: i32,
+    /// Everything the guest printed on its console.
+    pub console: String,
+    /// From QEMU's start to the `PV-EXIT` line: boot, modules and the test script.
+    pub elapsed: Duration,
+}
+
+impl RunningGuest {
+    /// QEMU's process id (to signal it, or to find its threads).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The guest's console so far.
+    pub fn console(&self) -> String {
+        self.console.lock().lines.join("\n")
+    }
+
+    /// Waits for a console line containing `needle` that comes after the line an earlier
+    /// call found, and returns it; so successive calls follow the guest's output in order.
+    /// Panics, with the console, after `timeout` or when QEMU ends first.
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.console.lock();
+        loop {
+            if let Some(at) = state.lines[self.cursor..]
+                .iter()
+                .position(|l| l.contains(needle))
+            {
+                self.cursor += at + 1;
+                return state.lines[self.cursor - 1].clone();
+            }
+            let now = Instant::now();
+            let ended = state.exited_at.is_some() || self.readers.iter().all(|r| r.is_finished());
+            if now >= deadline || ended {
+                drop(state);
+                let why = if ended {
+                    "the guest ended"
+                } else {
+                    "timed out"
+                };
+                panic!(
+                    "no console line with {needle:?} ({why} after {:?}):\n{}",
+                    self.started.elapsed(),
+                    self.transcript()
+                );
+            }
+            // Woken by each line; the short period also notices QEMU's end.
+            let wait = (deadline - now).min(Duration::from_millis(200));
+            state = self
+                .console
+                .grew
+                .wait_timeout(state, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Waits for QEMU to end (the guest powers off after its script) and returns the
+    /// script's status. Panics, with the console, if the guest outlives its timeout or ends
+    /// without a `PV-EXIT` line (a kernel panic, a crash of QEMU).
+    pub fn wait(mut self) -> GuestExit {
+        let deadline = self.started + self.timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait for qemu") {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "the guest still ran after {:?}:\n{}",
+                    self.timeout,
+                    self.transcript()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        let state = self.console.lock();
+        let exit_status = state
+            .lines
+            .iter()
+            .rev()
+            .find_map(|l| l.split(EXIT_MARKER).nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok());
+        let console = state.lines.join("\n");
+        let elapsed = state.exited_at.unwrap_or_else(Instant::now) - self.started;
+        drop(state);
+        match exit_status {
+            Some(status) => GuestExit {
+                status,
+                console,
+                elapsed,
+            },
+            None => panic!(
+                "the guest ended ({status}) without a {EXIT_MARKER:?} line:\n{}",
+                self.transcript()
+            ),
+        }
+    }
+
+    /// QEMU's command line, the console and QEMU's messages, for a failure message.
+    fn transcript(&self) -> String {
+        let state = self.console.lock();
+        format!(
+            "{}\n--- console ---\n{}\n--- qemu ---\n{}",
+            self.command,
+            state.lines.join("\n"),
+            state.qemu.join("\n")
+        )
+    }
+}
+
+impl Drop for RunningGuest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Whether `qemu-storage-daemon` runs (it comes with qemu-system-x86, in
+/// qemu-system-common); a loud SKIPPED line for `test` if not.
+pub fn storage_daemon_available(test: &str) -> bool {
+    let ok = runs("qemu-storage-daemon");
+    if !ok {
+        eprintln!(
+            "SKIPPED: {test}: qemu-storage-daemon is not installed (apt-get install qemu-system-x86)"
+        );
+    }
+    ok
+}
+
+/// QEMU's own vhost-user disk server, the reference our storage service is compared with
+/// (for correctness and as the performance baseline). Killed when dropped.
+pub struct StorageDaemon {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl StorageDaemon {
+    /// Serves the raw image file `image` as a writable vhost-user-blk disk on `socket`;
+    /// returns once the socket listens.
+    pub fn vhost_user_blk(image: &Path, socket: &Path) -> StorageDaemon {
+        let _ = std::fs::remove_file(socket);
+        let log = socket.with_extension("log");
+        let log_file = std::fs::File::create(&log).expect("storage daemon log");
+        let mut child = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=file0,filename={}",
+                image.display()
+            ))
+            .args(["--blockdev", "driver=raw,node-name=disk0,file=file0"])
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on",
+                socket.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("storage daemon log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("run qemu-storage-daemon");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(status) = child.try_wait().expect("wait for qemu-storage-daemon") {
+                panic!("qemu-storage-daemon ended ({status}):\n{}", read_log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "qemu-storage-daemon made no {} in 30 s:\n{}",
+                socket.display(),
+                read_log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        StorageDaemon {
+            child,
+            socket: socket.to_path_buf(),
+            log,
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the daemon printed.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for StorageDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
