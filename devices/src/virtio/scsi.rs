@@ -35,6 +35,8 @@ pub const VIRTIO_SCSI_S_BAD_TARGET: u8 = 3;
 pub const VIRTIO_SCSI_S_FAILURE: u8 = 9;
 /// Task management (5.6.6.2): the request type, and the answer for a function done.
 pub const VIRTIO_SCSI_T_TMF: u32 = 0;
+/// The device may send VIRTIO_SCSI_T_PARAM_CHANGE events (feature bit 2).
+pub const VIRTIO_SCSI_F_CHANGE: u64 = 1 << 2;
 pub const VIRTIO_SCSI_S_FUNCTION_COMPLETE: u8 = 0;
 pub const VIRTIO_SCSI_S_FUNCTION_REJECTED: u8 = 11;
 
@@ -53,8 +55,12 @@ impl<D: Disk> VirtioScsi<D> {
         VirtioScsi { scsi }
     }
 
+    /// VERSION_1, and VIRTIO_SCSI_F_CHANGE: the device may report parameter changes on the
+    /// event queue. It never has one to report; the bit is offered because QEMU's own
+    /// virtio-scsi offers it to every driver and hands the driver's acknowledgement to a
+    /// vhost-user back end as is.
     pub fn features(&self) -> u64 {
-        super::VIRTIO_F_VERSION_1
+        super::VIRTIO_F_VERSION_1 | VIRTIO_SCSI_F_CHANGE
     }
 
     /// The configuration space (5.6.4): one request queue, one target, one LUN.

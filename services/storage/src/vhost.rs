@@ -68,6 +68,8 @@ pub const BLK_QUEUES: u16 = 8;
 pub const SCSI_REQUEST_QUEUES: u16 = 8;
 /// Most guest memory regions a front end may share.
 pub const MAX_REGIONS: usize = 32;
+/// Bytes of configuration space a front end may read (VHOST_USER_MAX_CONFIG_SIZE).
+pub const CONFIG_SPACE: usize = 256;
 /// Requests answered on one ring before the service looks at its other work.
 const BATCH: usize = 256;
 
@@ -418,16 +420,21 @@ impl Backend {
                 }
                 answered += 1;
                 counts.requests += 1;
-                match outcome {
-                    Outcome::Done => {}
+                // Counted exactly; logged one by one at first, then every thousandth (a
+                // driver scanning 255 SCSI targets, or a hostile one, must not flood the log).
+                let (what, n) = match outcome {
+                    Outcome::Done => continue,
                     Outcome::Failed(why) => {
                         counts.failed += 1;
-                        tracing::warn!(device = %name, ring = index, "request failed: {why}");
+                        (format!("request failed: {why}"), counts.failed)
                     }
                     Outcome::Malformed(why) => {
                         counts.malformed += 1;
-                        tracing::warn!(device = %name, ring = index, "malformed request: {why}");
+                        (format!("malformed request: {why}"), counts.malformed)
                     }
+                };
+                if n <= 20 || n.is_multiple_of(1000) {
+                    tracing::warn!(device = %name, ring = index, count = n, "{what}");
                 }
             }
             if !event_idx
@@ -699,7 +706,11 @@ impl VhostUserBackendReqHandlerMut for Backend {
         size: u32,
         _flags: VhostUserConfigFlags,
     ) -> VuResult<Vec<u8>> {
-        let config = self.device.config();
+        // A front end asks for its own idea of the structure (QEMU 7.2: the whole
+        // virtio_blk_config of its headers, fields of features never offered included): the
+        // bytes past the device's fields read as zero, up to the protocol's limit.
+        let mut config = self.device.config();
+        config.resize(CONFIG_SPACE, 0);
         let start = offset as usize;
         let end = start
             .checked_add(size as usize)
@@ -707,8 +718,7 @@ impl VhostUserBackendReqHandlerMut for Backend {
         match end {
             Some(end) => Ok(config[start..end].to_vec()),
             None => Err(invalid(format!(
-                "configuration bytes {offset}+{size}: the device has {}",
-                config.len()
+                "configuration bytes {offset}+{size}: the space is {CONFIG_SPACE} bytes"
             ))),
         }
     }

@@ -324,12 +324,13 @@ impl Guest {
         drop(file);
 
         let mut cmd = self.command(&initrd);
-        cmd.stdin(Stdio::null())
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let started = Instant::now();
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
         let console = Arc::new(Console::default());
+        let stdin = child.stdin.take();
         let readers = vec![
             echo_lines(child.stdout.take().expect("stdout"), "guest| ", {
                 let console = console.clone();
@@ -342,6 +343,7 @@ impl Guest {
         ];
         RunningGuest {
             child,
+            stdin,
             console,
             readers,
             dir,
@@ -473,6 +475,8 @@ impl Console {
 /// A booted guest, killed when dropped.
 pub struct RunningGuest {
     child: Child,
+    /// The serial console's input (the guest's script reads it with `read`).
+    stdin: Option<std::process::ChildStdin>,
     console: Arc<Console>,
     readers: Vec<JoinHandle<()>>,
     dir: PathBuf,
@@ -508,6 +512,15 @@ impl RunningGuest {
     /// Waits for a console line containing `needle` that comes after the line an earlier
     /// call found, and returns it; so successive calls follow the guest's output in order.
     /// Panics, with the console, after `timeout` or when QEMU ends first.
+    /// Types `line` on the guest's console (a script waits for it with `read -t N LINE`).
+    pub fn send_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("the console's input is open");
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| stdin.flush())
+            .expect("write to the guest's console");
+    }
+
     pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         let mut state = self.console.lock();

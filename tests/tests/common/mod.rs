@@ -262,30 +262,48 @@ impl Instance {
         let dir = scratch_dir(tag);
         let manifest = dir.join("manifest.toml");
         std::fs::write(&manifest, manifest_text).expect("write manifest");
-        let log = std::fs::File::create(dir.join("paravisor.log")).expect("log");
+        let mut inst = Instance {
+            dir,
+            manifest,
+            child: None,
+        };
+        inst.launch(expect_running, args);
+        inst
+    }
+
+    /// Starts `paravisor run --no-guest` on the instance's manifest and state directory
+    /// (appending to its log) and waits for `expect_running` services.
+    fn launch(&mut self, expect_running: usize, args: &[&str]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("paravisor.log"))
+            .expect("log");
         // Its own process group, as in a terminal, so that a test can send "Ctrl-C" to the
         // whole group without hitting the test harness.
         let child = Command::new(paravisor())
             .process_group(0)
             .arg("run")
             .arg("--no-guest")
-            .arg(&manifest)
+            .arg(&self.manifest)
             .arg("--state-dir")
-            .arg(dir.join("state"))
+            .arg(self.dir.join("state"))
             .args(args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("spawn paravisor run");
-        let inst = Instance {
-            dir,
-            manifest,
-            child: Some(child),
-        };
-        inst.wait_until(Duration::from_secs(30), |rows| {
+        self.child = Some(child);
+        self.wait_until(Duration::from_secs(30), |rows| {
             rows.iter().filter(|r| r["state"] == "running").count() >= expect_running
         });
-        inst
+    }
+
+    /// Stops the paravisor cleanly and starts it again on the same state directory.
+    pub fn restart(&mut self, expect_running: usize, args: &[&str]) {
+        let status = self.stop();
+        assert!(status.success(), "paravisor stopped with {status}:\n{}", self.log());
+        self.launch(expect_running, args);
     }
 
     pub fn state_dir(&self) -> String {
