@@ -34,7 +34,8 @@ fn sealed_offset(lba: u64) -> u64 {
 
 #[test]
 fn linux_runs_fio_and_a_file_system_on_our_blk_and_scsi_disks_and_the_host_sees_ciphertext() {
-    let test = "linux_runs_fio_and_a_file_system_on_our_blk_and_scsi_disks_and_the_host_sees_ciphertext";
+    let test =
+        "linux_runs_fio_and_a_file_system_on_our_blk_and_scsi_disks_and_the_host_sees_ciphertext";
     let Some(image) = ready(test) else { return };
     let inst = common::Instance::start_with("storage-linux", &common::shipped_text(), 7, LISTEN);
     let script = r#"
@@ -68,10 +69,21 @@ echo DISKS-OK
         .vhost_user_scsi(&socket(&inst, "vhost-user-scsi"))
         .script(script)
         .run();
-    assert_eq!(exit.status, 0, "guest failed:\n{}\n{}", exit.console, inst.log());
+    assert_eq!(
+        exit.status,
+        0,
+        "guest failed:\n{}\n{}",
+        exit.console,
+        inst.log()
+    );
     assert!(exit.console.contains("DISKS-OK"));
     // The guest saw 4 KiB blocks of the manifest's size.
-    assert!(exit.console.contains(&format!("vda: {} sectors of 4096 bytes", DISK_BLOCKS * 8)), "{}", exit.console);
+    assert!(
+        exit.console
+            .contains(&format!("vda: {} sectors of 4096 bytes", DISK_BLOCKS * 8)),
+        "{}",
+        exit.console
+    );
     for image in ["storage-blk.img", "storage-scsi.img"] {
         let bytes = std::fs::read(inst.dir.join("state").join(image)).unwrap();
         let marker = b"PV-PLAINTEXT-MARKER";
@@ -97,7 +109,10 @@ for b in 100 101 102; do
 done
 echo WRITTEN
 "#;
-    let exit = linux::Guest::new(&image).vhost_user_blk(&sock, false).script(write).run();
+    let exit = linux::Guest::new(&image)
+        .vhost_user_blk(&sock, false)
+        .script(write)
+        .run();
     assert_eq!(exit.status, 0, "{}", exit.console);
     // The host changes one byte of block 101's ciphertext.
     {
@@ -123,7 +138,10 @@ for b in 100 101 102; do
 done
 dmesg | grep -iE 'critical medium|I/O error' | head -3
 "#;
-    let exit = linux::Guest::new(&image).vhost_user_blk(&sock, false).script(read).run();
+    let exit = linux::Guest::new(&image)
+        .vhost_user_blk(&sock, false)
+        .script(read)
+        .run();
     assert_eq!(exit.status, 0, "{}", exit.console);
     for (block, outcome) in [(100, "OK"), (101, "FAILED"), (102, "OK")] {
         assert!(
@@ -134,7 +152,10 @@ dmesg | grep -iE 'critical medium|I/O error' | head -3
     }
     // The service says which block, in its log.
     let log = inst.log();
-    assert!(log.contains("lba 101") || log.contains("block 101"), "{log}");
+    assert!(
+        log.contains("lba 101") || log.contains("block 101"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -178,7 +199,11 @@ echo "ROUNDS $round"
         kill_9(pid);
         kills += 1;
         inst.wait_until(Duration::from_secs(30), |rows| {
-            rows.iter().any(|r| r["name"] == "storage" && r["state"] == "running" && r["pid"].as_i64() != Some(i64::from(pid)))
+            rows.iter().any(|r| {
+                r["name"] == "storage"
+                    && r["state"] == "running"
+                    && r["pid"].as_i64() != Some(i64::from(pid))
+            })
         });
         longest = longest.max(killed.elapsed());
         // QEMU reconnects within a second; the guest's I/O continues.
@@ -187,9 +212,31 @@ echo "ROUNDS $round"
     eprintln!("{kills} kills; longest kill-to-running {longest:?}");
     guest.send_line("stop");
     let exit = guest.wait();
-    assert_eq!(exit.status, 0, "guest failed:\n{}\n{}", exit.console, inst.log());
+    assert_eq!(
+        exit.status,
+        0,
+        "guest failed:\n{}\n{}",
+        exit.console,
+        inst.log()
+    );
     assert!(exit.console.contains("ROUNDS"), "{}", exit.console);
-    assert_eq!(inst.row("storage")["restarts"], 10, "{}", inst.row("storage"));
+    assert_eq!(
+        inst.row("storage")["restarts"],
+        10,
+        "{}",
+        inst.row("storage")
+    );
+    // Each new process took the front end's in-flight record back (and answered what it
+    // names: logged as "submitting again" when a kill fell inside a request).
+    let log = inst.log();
+    let handed_back = log
+        .matches("front end handed back its in-flight record")
+        .count();
+    let resubmitted = log
+        .matches("submitting again the requests in flight")
+        .count();
+    eprintln!("in-flight record handed back {handed_back} times; requests in flight at {resubmitted} kills");
+    assert!(handed_back >= 10, "{log}");
     // A clean shutdown and a new paravisor: everything the guest was told was written reads
     // back (fio checks each block's checksum and offset).
     inst.restart(7, LISTEN);
@@ -198,7 +245,11 @@ echo "ROUNDS $round"
         .vhost_user_blk(&sock, false)
         .script(&verify)
         .run();
-    assert_eq!(exit.status, 0, "verify after restart failed:\n{}", exit.console);
+    assert_eq!(
+        exit.status, 0,
+        "verify after restart failed:\n{}",
+        exit.console
+    );
 }
 
 fn kill_9(pid: i32) {

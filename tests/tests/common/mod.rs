@@ -302,7 +302,11 @@ impl Instance {
     /// Stops the paravisor cleanly and starts it again on the same state directory.
     pub fn restart(&mut self, expect_running: usize, args: &[&str]) {
         let status = self.stop();
-        assert!(status.success(), "paravisor stopped with {status}:\n{}", self.log());
+        assert!(
+            status.success(),
+            "paravisor stopped with {status}:\n{}",
+            self.log()
+        );
         self.launch(expect_running, args);
     }
 
