@@ -61,7 +61,7 @@ impl Status {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Sq {
     base: u64,
     size: u16,
@@ -70,13 +70,27 @@ struct Sq {
     cq: u16,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Cq {
     base: u64,
     size: u16,
     tail: u16,
     head: u16,
     phase: bool,
+}
+
+/// What a controller holds besides its disk: registers and queues. A service keeps it in a
+/// checkpoint after every access, so that a restarted process goes on where the last one
+/// stopped ([`NvmeController::state`], [`NvmeController::restore`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NvmeState {
+    cc: u32,
+    csts: u32,
+    aqa: u32,
+    asq: u64,
+    acq: u64,
+    sqs: Vec<Option<Sq>>,
+    cqs: Vec<Option<Cq>>,
 }
 
 /// An NVMe controller with one namespace over `disk`.
@@ -149,6 +163,50 @@ impl<D: Disk> NvmeController<D> {
 
     pub fn disk(&mut self) -> &mut D {
         &mut self.disk
+    }
+
+    /// The registers and queues.
+    pub fn state(&self) -> NvmeState {
+        NvmeState {
+            cc: self.cc,
+            csts: self.csts,
+            aqa: self.aqa,
+            asq: self.asq,
+            acq: self.acq,
+            sqs: self.sqs.clone(),
+            cqs: self.cqs.clone(),
+        }
+    }
+
+    /// Takes up `state` (from [`NvmeController::state`] of an earlier process); a state that
+    /// could not have come from a controller is refused whole.
+    pub fn restore(&mut self, state: NvmeState) -> Result<(), String> {
+        let queues = usize::from(MAX_IO_QUEUES) + 1;
+        if state.sqs.len() != queues || state.cqs.len() != queues {
+            return Err(format!("{} / {} queues recorded", state.sqs.len(), state.cqs.len()));
+        }
+        let sq_ok = state.sqs.iter().flatten().all(|q| {
+            (2..=MAX_QUEUE_ENTRIES).contains(&q.size)
+                && q.head < q.size
+                && q.tail < q.size
+                && usize::from(q.cq) < queues
+        });
+        let cq_ok = state
+            .cqs
+            .iter()
+            .flatten()
+            .all(|q| (2..=MAX_QUEUE_ENTRIES).contains(&q.size) && q.head < q.size && q.tail < q.size);
+        if !sq_ok || !cq_ok {
+            return Err("a recorded queue is out of range".into());
+        }
+        self.cc = state.cc;
+        self.csts = state.csts;
+        self.aqa = state.aqa;
+        self.asq = state.asq;
+        self.acq = state.acq;
+        self.sqs = state.sqs;
+        self.cqs = state.cqs;
+        Ok(())
     }
 
     fn cap(&self) -> u64 {

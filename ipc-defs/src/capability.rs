@@ -75,6 +75,11 @@ pub enum Grant {
     /// A listener of a TPM front end: its connections' commands may use these localities
     /// (locality 0 only unless the manifest grants more).
     Localities(crate::services::vtpm::Localities),
+    /// The guest partition's channel to a device service: the guest's accesses to what the
+    /// manifest gives the service (`Request::Guest`).
+    GuestPartition,
+    /// Guest memory a device may reach (DMA): `size` bytes at guest-physical `base`.
+    GuestMemory { base: u64, size: u64 },
 }
 
 /// How a granted file may be used.
@@ -108,8 +113,12 @@ pub enum CapabilityKind {
     /// connections on it, but never create, bind or connect a socket of its own.
     Listener,
     /// An eventfd wired to this guest interrupt (KVM irqfd): signalling it raises the
-    /// interrupt. Only intercept holds these; devices ask it.
+    /// interrupt. Intercept holds its own lines; a device service holds the lines the
+    /// manifest gives it (`interrupts`), others ask intercept.
     Interrupt(crate::services::intercept::Interrupt),
+    /// Guest memory for a device's DMA: a memfd holding the guest-physical range its grant
+    /// names (the partition's shared window, or all of guest RAM).
+    GuestMemory,
     /// The calling end of the channel to the secure processor (reports and derived keys:
     /// [`crate::services::platform`]), which the microkernel serves. Only the service that
     /// serves `attest` may hold it.
@@ -131,6 +140,7 @@ impl core::fmt::Display for CapabilityKind {
             CapabilityKind::Listener => write!(f, "listener"),
             CapabilityKind::Interrupt(i) => write!(f, "interrupt:{i}"),
             CapabilityKind::Platform => write!(f, "platform"),
+            CapabilityKind::GuestMemory => write!(f, "guest-memory"),
         }
     }
 }

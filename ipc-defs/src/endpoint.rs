@@ -22,14 +22,23 @@ pub enum Request<S> {
     Ping { nonce: u64 },
     /// The interface's own request.
     Service(S),
+    /// One access of the guest partition to a range or PCI function the manifest gives the
+    /// service (`mmio`, `pio`, `pci-device`): only on the partition's own channel (its grant
+    /// says [`crate::capability::Grant::GuestPartition`]); answered with
+    /// [`Response::Guest`]. Any interface's device service takes them the same way.
+    Guest(crate::services::guest::Access),
 }
 
 /// A response from a service endpoint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response<S> {
-    Pong { nonce: u64 },
+    Pong {
+        nonce: u64,
+    },
     Service(S),
     Error(ErrorCode),
+    /// The answer to [`Request::Guest`].
+    Guest(crate::services::guest::Reply),
 }
 
 /// Errors that any endpoint can return, on the wire.

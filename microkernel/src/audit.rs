@@ -188,6 +188,11 @@ fn ser_grant<S: serde::Serializer>(g: &Grant, s: S) -> Result<S::Ok, S::Error> {
         Localities {
             localities: Vec<u8>,
         },
+        GuestPartition,
+        GuestMemory {
+            base: u64,
+            size: u64,
+        },
     }
     let data = match g {
         Grant::Interface => Data::Interface,
@@ -213,6 +218,11 @@ fn ser_grant<S: serde::Serializer>(g: &Grant, s: S) -> Result<S::Ok, S::Error> {
         },
         Grant::Localities(l) => Data::Localities {
             localities: l.iter().collect(),
+        },
+        Grant::GuestPartition => Data::GuestPartition,
+        Grant::GuestMemory { base, size } => Data::GuestMemory {
+            base: *base,
+            size: *size,
         },
     };
     data.serialize(s)

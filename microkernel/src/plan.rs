@@ -28,6 +28,7 @@ use ipc_defs::services::vtpm::Localities;
 use ipc_defs::services::vtpm::VtpmGrant;
 use ipc_defs::Interface;
 
+use crate::manifest::GuestMemoryAccess;
 use crate::manifest::ServiceSpec;
 
 /// Name of the memfd of the microkernel's own channel to attest.
@@ -130,6 +131,8 @@ pub enum Source {
     Guest(GuestLinkId),
     /// The eventfd wired to this guest interrupt.
     GuestInterrupt(Interrupt),
+    /// Guest memory for a device's DMA.
+    GuestMemory(GuestMemoryAccess),
     /// The serving end of the microkernel's own channel to attest.
     ParavisorAttest,
     /// The calling end of the platform channel (the microkernel serves it).
@@ -343,7 +346,8 @@ impl CapabilityPlan {
                     registers: run.guest_vcpus.unwrap_or(0),
                     ..VtpmGrant::NONE
                 }),
-                _ => Grant::Interface,
+                // Any other device: the guest's accesses to its ranges.
+                _ => Grant::GuestPartition,
             };
             slots.push(
                 CapabilityKind::Serve(link.interface),
@@ -352,8 +356,20 @@ impl CapabilityPlan {
                 Source::Guest(GuestLinkId(id)),
                 Held::Memfd(link.memfd.clone()),
             );
-            if link.interface == Interface::Intercept {
-                for &irq in &self.interrupts {
+            // The lines this service raises itself: a device its own; intercept its own and
+            // those it raises for the devices whose calls grant them.
+            let devices_own = |irq: Interrupt| {
+                services.iter().any(|s| {
+                    !s.serves.contains(&Interface::Intercept) && s.interrupts.contains(irq)
+                })
+            };
+            for &irq in &self.interrupts {
+                let held = if link.interface == Interface::Intercept {
+                    !devices_own(irq)
+                } else {
+                    spec.interrupts.contains(irq)
+                };
+                if held {
                     slots.push(
                         CapabilityKind::Interrupt(irq),
                         &format!("irq-{irq}").replace(' ', "-"),
@@ -362,6 +378,27 @@ impl CapabilityPlan {
                         Held::Eventfd,
                     );
                 }
+            }
+            if let Some(access) = spec.guest_memory {
+                let (base, size, memfd) = match access {
+                    GuestMemoryAccess::SharedWindow => (
+                        crate::partition::memory::SHARED_WINDOW_BASE,
+                        crate::partition::memory::SHARED_WINDOW_SIZE,
+                        crate::partition::memory::SHARED_WINDOW_MEMFD,
+                    ),
+                    GuestMemoryAccess::All => (
+                        0,
+                        crate::partition::memory::MAX_RAM,
+                        crate::partition::memory::RAM_MEMFD,
+                    ),
+                };
+                slots.push(
+                    CapabilityKind::GuestMemory,
+                    "guest-memory",
+                    Grant::GuestMemory { base, size },
+                    Source::GuestMemory(access),
+                    Held::Memfd(memfd.into()),
+                );
             }
         }
         if self.paravisor_attest == Some(i) {
@@ -462,10 +499,7 @@ fn guest_link_interface(spec: &ServiceSpec) -> Option<Interface> {
     if spec.serves.contains(&Interface::Intercept) {
         Some(Interface::Intercept)
     } else if owns_ranges {
-        spec.serves
-            .iter()
-            .copied()
-            .find(|i| crate::partition::router::takes_guest_accesses(*i))
+        spec.serves.first().copied()
     } else {
         None
     }

@@ -620,7 +620,9 @@ pub fn peer(kind: &str, cpu: usize, fds: &[i32]) -> std::io::Result<()> {
                             Some(endpoint::Request::Service(n)) => {
                                 endpoint::Response::Service(n + 1)
                             }
-                            None => endpoint::Response::Error(endpoint::ErrorCode::Malformed),
+                            Some(endpoint::Request::Guest(_)) | None => {
+                                endpoint::Response::Error(endpoint::ErrorCode::Malformed)
+                            }
                         };
                         let _ = server.reply(&incoming, &reply, Duration::from_secs(1));
                     }
@@ -721,7 +723,9 @@ pub fn peer(kind: &str, cpu: usize, fds: &[i32]) -> std::io::Result<()> {
                             Some(endpoint::Request::Ping { nonce }) => {
                                 endpoint::Response::Pong { nonce }
                             }
-                            None => endpoint::Response::Error(endpoint::ErrorCode::Malformed),
+                            Some(endpoint::Request::Guest(_)) | None => {
+                                endpoint::Response::Error(endpoint::ErrorCode::Malformed)
+                            }
                         };
                         let _ = server.reply(&incoming, &reply, Duration::from_secs(1));
                     }

@@ -226,7 +226,9 @@ pub fn serve(channel: OwnedFd, file: OwnedFd, key: OwnedFd) -> std::io::Result<(
                     Some(endpoint::Request::Service(q)) => {
                         endpoint::Response::Service(server.handle("bench", granted, q))
                     }
-                    None => endpoint::Response::Error(endpoint::ErrorCode::Malformed),
+                    Some(endpoint::Request::Guest(_)) | None => {
+                        endpoint::Response::Error(endpoint::ErrorCode::Malformed)
+                    }
                 };
                 let _ = end.reply(&incoming, &reply, Duration::from_secs(1));
             }

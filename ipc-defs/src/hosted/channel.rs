@@ -789,6 +789,9 @@ mod tests {
                                 endpoint::Response::Service(n.wrapping_add(1))
                             }
                             endpoint::Request::Ping { nonce } => endpoint::Response::Pong { nonce },
+                            endpoint::Request::Guest(_) => {
+                                endpoint::Response::Error(endpoint::ErrorCode::Unsupported)
+                            }
                         };
                         if n_is_stop(&reply) {
                             let _ = server.reply(&incoming, &reply, Duration::from_secs(1));

@@ -7,6 +7,7 @@
 
 #[allow(unsafe_code)]
 pub mod channel;
+pub mod checkpoint;
 pub mod runtime;
 #[allow(unsafe_code)]
 pub mod shm;

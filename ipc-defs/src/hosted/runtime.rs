@@ -78,6 +78,81 @@ pub struct Context {
         Option<ClientEnd<crate::services::platform::Request, crate::services::platform::Response>>,
     /// What answers the microkernel's guest-state requests (`pv-vmgs --broker` only).
     pub guest_state: Option<GuestStateHandler>,
+    /// Guest memory a device service may reach (its `guest-memory` grant).
+    pub guest_memory: Option<GuestMemory>,
+}
+
+/// Guest memory granted to a device: a memfd whose byte 0 is guest-physical `base`.
+pub struct GuestMemory {
+    pub fd: OwnedFd,
+    pub base: u64,
+    pub size: u64,
+}
+
+/// The guest partition's channel to a device service (taken with
+/// [`Started::take_guest_link`]): the guest's accesses to the device's ranges, answered on
+/// a thread of the service's own so that a vCPU never waits behind the service's other work.
+pub struct GuestLink {
+    served: Served,
+    /// Accesses answered.
+    pub accesses: u64,
+    /// Requests that were not guest accesses (refused), and malformed ones.
+    pub refused: u64,
+}
+
+impl GuestLink {
+    /// Waits up to `wait` for the partition's requests and answers those there are with
+    /// `answer`; whether any came. Pings are answered; anything but a guest access is refused.
+    pub fn serve(
+        &mut self,
+        wait: Duration,
+        mut answer: impl FnMut(crate::services::guest::Access) -> crate::services::guest::Reply,
+    ) -> bool {
+        let mut any = false;
+        for _ in 0..BATCH {
+            if !self.served.usable() {
+                break;
+            }
+            let incoming = match self.served.end.try_next() {
+                Ok(Some(i)) => i,
+                Ok(None) => break,
+                Err(ServeError::Ring(e)) => {
+                    tracing::warn!("the partition corrupted its request ring ({e}); ignoring it until it restarts");
+                    self.served.broken_in = Some(self.served.end.memory().channel().epoch());
+                    break;
+                }
+                Err(_) => {
+                    self.refused += 1;
+                    continue;
+                }
+            };
+            any = true;
+            let reply: endpoint::Response<()> =
+                match self.served.end.decode::<endpoint::Request<()>>(&incoming) {
+                    Some(endpoint::Request::Guest(access)) => {
+                        self.accesses += 1;
+                        endpoint::Response::Guest(answer(access))
+                    }
+                    Some(endpoint::Request::Ping { nonce }) => endpoint::Response::Pong { nonce },
+                    _ => {
+                        self.refused += 1;
+                        endpoint::Response::Error(ErrorCode::Unsupported)
+                    }
+                };
+            // The vCPU waits for this answer: it is never dropped for want of room.
+            if let Err(e) = self.served.end.reply(&incoming, &reply, REPLY_TIMEOUT) {
+                tracing::warn!("answer to the partition not delivered: {e}");
+            }
+        }
+        if !any {
+            super::channel::wait_any(
+                &[self.served.end.request_ring()],
+                WaitPolicy::default(),
+                wait,
+            );
+        }
+        any
+    }
 }
 
 /// Answers [`control::Request::GuestState`].
@@ -221,8 +296,8 @@ impl Started {
         Q: DeserializeOwned,
         R: Serialize,
     {
+        let _ = interface;
         serve(
-            interface,
             &mut self.context,
             &mut self.served,
             &mut self.stats,
@@ -282,6 +357,58 @@ impl Started {
             }
         }
         true
+    }
+
+    /// The guest partition's channel, for a device service that answers the guest's
+    /// accesses on a thread of its own; `None` without a guest partition.
+    pub fn take_guest_link(&mut self) -> Option<GuestLink> {
+        let at = self
+            .served
+            .iter()
+            .position(|s| s.interface.is_some() && s.caller.grant == Grant::GuestPartition)?;
+        Some(GuestLink {
+            served: self.served.remove(at),
+            accesses: 0,
+            refused: 0,
+        })
+    }
+
+    /// Answers whatever requests are pending on the served channels (pings; the interface's
+    /// own requests with `handler`), without waiting: for a service with a loop of its own.
+    pub fn answer_served<Q, R>(
+        &mut self,
+        mut handler: impl FnMut(&mut Context, &mut Caller, Q) -> endpoint::Response<R>,
+    ) where
+        Q: DeserializeOwned,
+        R: Serialize,
+    {
+        for s in self.served.iter_mut().skip(1) {
+            for _ in 0..BATCH {
+                if !s.usable() {
+                    break;
+                }
+                let incoming = match s.end.try_next() {
+                    Ok(Some(i)) => i,
+                    Ok(None) => break,
+                    Err(ServeError::Ring(_)) => {
+                        s.broken_in = Some(s.end.memory().channel().epoch());
+                        break;
+                    }
+                    Err(_) => continue,
+                };
+                self.stats.requests_in += 1;
+                let reply = answer_endpoint(
+                    s,
+                    &incoming,
+                    &mut self.context,
+                    &mut self.stats,
+                    &mut handler,
+                );
+                if s.end.reply(&incoming, &reply, Duration::ZERO).is_ok() {
+                    self.stats.responses_out += 1;
+                }
+            }
+        }
     }
 
     /// Answers control requests until the first ping (the supervisor's start handshake), and
@@ -399,6 +526,7 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
         interrupts: BTreeMap::new(),
         platform: None,
         guest_state: None,
+        guest_memory: None,
     };
     let mut control = None;
     let mut served = Vec::new();
@@ -451,6 +579,13 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
             CapabilityKind::Platform => {
                 context.platform = Some(ClientEnd::new(open_channel()?, WaitPolicy::default()));
             }
+            CapabilityKind::GuestMemory => {
+                let Grant::GuestMemory { base, size } = cap.grant else {
+                    return Err(cap_error(cap, "guest memory without its range"));
+                };
+                let fd = sys::take_fd(cap.slot).map_err(|e| cap_error(cap, e))?;
+                context.guest_memory = Some(GuestMemory { fd, base, size });
+            }
             CapabilityKind::Status | CapabilityKind::SeccompProgram => {}
         }
     }
@@ -473,7 +608,6 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
 
 /// The server loop: answers every served channel until told to shut down.
 fn serve<Q, R>(
-    interface: Interface,
     context: &mut Context,
     served: &mut [Served],
     stats: &mut control::Stats,
@@ -527,19 +661,7 @@ fn serve<Q, R>(
                         sent
                     }
                     Some(_) => {
-                        let reply = match s.end.decode::<endpoint::Request<Q>>(&incoming) {
-                            Some(endpoint::Request::Ping { nonce }) => {
-                                endpoint::Response::Pong { nonce }
-                            }
-                            Some(endpoint::Request::Service(q)) => {
-                                handler(context, &mut s.caller, q)
-                            }
-                            None => {
-                                stats.malformed += 1;
-                                tracing::warn!(%interface, "malformed request (tag {})", incoming.tag);
-                                endpoint::Response::Error(ErrorCode::Malformed)
-                            }
-                        };
+                        let reply = answer_endpoint(s, &incoming, context, stats, handler);
                         // A client that does not drain its replies loses them rather than
                         // stalling the server for every other client.
                         s.end.reply(&incoming, &reply, Duration::ZERO)
@@ -558,6 +680,35 @@ fn serve<Q, R>(
                 .map(|s| s.end.request_ring())
                 .collect();
             super::channel::wait_any(&rings, policy, IDLE_RECHECK);
+        }
+    }
+}
+
+/// The answer to one request on a served channel (not the control channel).
+fn answer_endpoint<Q, R>(
+    s: &mut Served,
+    incoming: &Incoming,
+    context: &mut Context,
+    stats: &mut control::Stats,
+    handler: &mut impl FnMut(&mut Context, &mut Caller, Q) -> endpoint::Response<R>,
+) -> endpoint::Response<R>
+where
+    Q: DeserializeOwned,
+    R: Serialize,
+{
+    match s.end.decode::<endpoint::Request<Q>>(incoming) {
+        Some(endpoint::Request::Ping { nonce }) => endpoint::Response::Pong { nonce },
+        Some(endpoint::Request::Service(q)) => handler(context, &mut s.caller, q),
+        Some(endpoint::Request::Guest(_)) => {
+            // Guest accesses are answered on the link the service took for them.
+            s.caller
+                .refuse("a guest access on a channel that does not carry them");
+            endpoint::Response::Error(ErrorCode::NotPermitted)
+        }
+        None => {
+            stats.malformed += 1;
+            tracing::warn!(endpoint = ?s.interface, "malformed request (tag {})", incoming.tag);
+            endpoint::Response::Error(ErrorCode::Malformed)
         }
     }
 }

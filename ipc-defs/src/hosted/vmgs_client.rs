@@ -82,7 +82,9 @@ impl VmgsClient {
         match reply {
             endpoint::Response::Service(r) => Ok(r),
             endpoint::Response::Error(code) => Err(VmgsCallError::Endpoint(code)),
-            endpoint::Response::Pong { .. } => Err(VmgsCallError::Unexpected("a request")),
+            endpoint::Response::Pong { .. } | endpoint::Response::Guest(_) => {
+                Err(VmgsCallError::Unexpected("a request"))
+            }
         }
     }
 

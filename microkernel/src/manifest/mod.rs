@@ -252,6 +252,26 @@ pub struct Limits {
     pub open_files: u64,
 }
 
+/// What guest memory a device service may reach (`guest-memory`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GuestMemoryAccess {
+    /// The partition's shared window only: what a guest of a confidential VM shares with
+    /// devices (its private memory stays out of the device's reach).
+    SharedWindow,
+    /// All of guest RAM (a device of a guest that is not confidential).
+    All,
+}
+
+impl GuestMemoryAccess {
+    pub fn name(self) -> &'static str {
+        match self {
+            GuestMemoryAccess::SharedWindow => "shared-window",
+            GuestMemoryAccess::All => "all",
+        }
+    }
+}
+
 /// What a missing granted file means.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -430,12 +450,14 @@ pub struct ServiceSpec {
     pub regions: Vec<RegionGrant>,
     pub mmio: Vec<DeviceRange>,
     pub pio: Vec<DeviceRange>,
-    /// Interrupt lines its own devices raise (intercept only).
+    /// Interrupt lines its own devices raise (intercept, or a device service: it holds their eventfds).
     #[serde(serialize_with = "ser_interrupts")]
     pub interrupts: InterruptSet,
     /// The PCI device (bus 0) it owns: intercept's host bridge forwards that device's
     /// configuration accesses to it.
     pub pci_device: Option<u8>,
+    /// The guest memory the device may reach for DMA (`guest-memory`); `None`: none.
+    pub guest_memory: Option<GuestMemoryAccess>,
     pub limits: Limits,
     pub restart: Restart,
     /// The per-service syscall fragment (added to the common base).
@@ -480,6 +502,10 @@ pub fn grant_text(g: &Grant) -> String {
         ),
         Grant::Vtpm(g) => g.to_string(),
         Grant::Localities(l) => format!("TPM commands at localities {l}"),
+        Grant::GuestPartition => "the guest's accesses to its ranges".into(),
+        Grant::GuestMemory { base, size } => {
+            format!("guest memory {base:#x}+{size:#x}")
+        }
     }
 }
 

@@ -55,12 +55,15 @@ pub(super) struct RawService {
     pub(super) mmio: Vec<Spanned<RawRange>>,
     #[serde(default)]
     pub(super) pio: Vec<Spanned<RawRange>>,
-    /// IOAPIC lines the service's own devices raise (the intercept service only).
+    /// IOAPIC lines the service's own devices raise (intercept, or a device service).
     #[serde(default)]
     pub(super) interrupts: Vec<Spanned<i64>>,
     /// The PCI device (bus 0, 1..=31) whose configuration space the service answers.
     #[serde(default)]
     pub(super) pci_device: Option<Spanned<i64>>,
+    /// The guest memory a device service may reach: "shared-window" or "all".
+    #[serde(default)]
+    pub(super) guest_memory: Option<Spanned<String>>,
     pub(super) limits: Spanned<RawLimits>,
     pub(super) restart: Spanned<RawRestart>,
     #[serde(default)]

@@ -404,11 +404,11 @@ fn capability_slots_count_every_descriptor_a_service_holds() {
     // (name, with a guest, without one)
     let expected = [
         ("intercept", 3 + 1 + 1 + 3, 3 + 3), // guest channel, interrupt 4, 3 calls
-        ("vmgs", 3 + 2 + 1 + 1, 3 + 2 + 1 + 1), // served to attest and vtpm, a file, a key
+        ("vmgs", 3 + 3 + 1 + 1, 3 + 3 + 1 + 1), // served to attest, vtpm and storage, a file, a key
         ("attest", 3 + 1 + 2 + 1 + 2, 3 + 1 + 2 + 1 + 2), // served to vtpm, microkernel and platform, a call, 2 files
         ("vtpm", 3 + 2 + 1 + 2 + 1, 3 + 2 + 2 + 1), // served to intercept and the gateway, mmio, 2 calls, a region
         ("tpm-gateway", 3 + 1 + 5, 3 + 1 + 5),      // a call, 5 listeners
-        ("storage", 3 + 1, 3 + 1),                  // served to intercept
+        ("storage", 3 + 1 + 1 + 2 + 2, 3 + 1 + 1 + 2 + 2), // served to intercept, a call, 2 files, 2 listeners
     ];
     for (name, with_guest, without) in expected {
         assert_eq!(slots(name, true), with_guest, "{name} with a guest");
@@ -450,8 +450,8 @@ fn guest_interrupts_are_intercepts_lines_and_those_its_callers_are_granted() {
     assert_eq!(guest_interrupts(&m.services), [Interrupt::Line(4)]);
     let src = shipped()
         .replacen(
-            "serves = [\"storage\"]",
-            "serves = [\"storage\"]\ncalls = [{ endpoint = \"intercept\", interrupts = [10, 5] }]",
+            "calls = [{ endpoint = \"vmgs\", file-ids = [\"PV_STORAGE_KEYS\"] }]",
+            "calls = [{ endpoint = \"vmgs\", file-ids = [\"PV_STORAGE_KEYS\"] }, { endpoint = \"intercept\", interrupts = [10, 5] }]",
             1,
         )
         .replacen(
@@ -550,14 +550,14 @@ fn a_manifest_holds_at_most_max_services() {
 #[test]
 fn files_other_than_guest_state_may_be_shared_and_paths_stay_inside_the_state_dir() {
     let shared = shipped().replace(
-        "serves = [\"storage\"]",
-        "serves = [\"storage\"]\nfiles = [{ name = \"certs\", path = \"platform-certs.pem\", access = \"read-only\" }]",
+        "serves = [\"net\"]",
+        "serves = [\"net\"]\nfiles = [{ name = \"certs\", path = \"platform-certs.pem\", access = \"read-only\" }]",
     );
     accepted(&shared);
     let with = |path: &str| {
         shipped().replace(
-            "serves = [\"storage\"]",
-            &format!("serves = [\"storage\"]\nfiles = [{{ name = \"f\", path = \"{path}\", access = \"read-only\" }}]"),
+            "serves = [\"net\"]",
+            &format!("serves = [\"net\"]\nfiles = [{{ name = \"f\", path = \"{path}\", access = \"read-only\" }}]"),
         )
     };
     for bad in ["", "/etc/shadow", "../x", "a/../../x", "./x"] {
@@ -588,13 +588,13 @@ fn a_vmgs_ring_needs_room_for_its_chunks() {
 #[test]
 fn a_sealed_key_is_the_key_of_its_own_guest_state_file() {
     let src = shipped().replace(
-        "serves = [\"storage\"]",
-        "serves = [\"storage\"]\nkeys = [{ name = \"datastore\", sealed = true }]",
+        "serves = [\"net\"]",
+        "serves = [\"net\"]\nkeys = [{ name = \"datastore\", sealed = true }]",
     );
     refused_at(
         &src,
-        line_of(&src, "serves = [\"storage\"]") + 1,
-        "sealed key \"datastore\" is not the key of a guest-state file of \"storage\"",
+        line_of(&src, "serves = [\"net\"]") + 1,
+        "sealed key \"datastore\" is not the key of a guest-state file of \"net\"",
     );
     let size = |size: &str| shipped().replace("size = \"4M\"", &format!("size = \"{size}\""));
     accepted(&size("16K"));

@@ -271,7 +271,21 @@ impl Partition {
         })
     }
 
-    /// The eventfds wired to guest interrupts (for intercept's capabilities).
+    /// The memfds of guest memory a device may be given: the shared window and all of RAM.
+    pub fn memory_fds(&self) -> Vec<(crate::manifest::GuestMemoryAccess, RawFd)> {
+        vec![
+            (
+                crate::manifest::GuestMemoryAccess::SharedWindow,
+                self._ram.shared_window.as_raw_fd(),
+            ),
+            (
+                crate::manifest::GuestMemoryAccess::All,
+                self._ram.file.as_raw_fd(),
+            ),
+        ]
+    }
+
+    /// The eventfds wired to guest interrupts (for the capabilities of their holders).
     pub fn interrupt_fds(&self) -> Vec<(Interrupt, RawFd)> {
         self.interrupts
             .iter()

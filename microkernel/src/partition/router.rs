@@ -42,29 +42,29 @@ pub const GIVE_UP: Duration = Duration::from_secs(60);
 
 type End<Q, R> = ClientEnd<endpoint::Request<Q>, endpoint::Response<R>>;
 
-/// A channel to a service that handles guest accesses, in that service's message type.
+/// A channel to a service that handles guest accesses.
 pub enum DeviceEnd {
+    /// Intercept: guest accesses nobody else owns, and the partition's policy questions.
     Intercept(End<intercept::Request, intercept::Response>),
+    /// The vTPM takes its register accesses in its own interface (with its crash record).
     Vtpm(End<vtpm::Request, vtpm::Response>),
+    /// Any other device service: the generic guest access of every endpoint
+    /// (`endpoint::Request::Guest`), whatever its interface.
+    Device(End<(), ()>),
 }
 
 impl DeviceEnd {
-    /// The end for a service serving `interface`, if that interface takes guest accesses.
+    /// The end for a service serving `interface`.
     pub fn for_interface(
         interface: Interface,
         end: ClientEnd<endpoint::Request<()>, endpoint::Response<()>>,
-    ) -> Option<DeviceEnd> {
+    ) -> DeviceEnd {
         match interface {
-            Interface::Intercept => Some(DeviceEnd::Intercept(end.into_typed())),
-            Interface::Vtpm => Some(DeviceEnd::Vtpm(end.into_typed())),
-            _ => None,
+            Interface::Intercept => DeviceEnd::Intercept(end.into_typed()),
+            Interface::Vtpm => DeviceEnd::Vtpm(end.into_typed()),
+            _ => DeviceEnd::Device(end),
         }
     }
-}
-
-/// The interfaces whose services can own guest address ranges.
-pub fn takes_guest_accesses(interface: Interface) -> bool {
-    matches!(interface, Interface::Intercept | Interface::Vtpm)
 }
 
 pub struct Device {
@@ -111,15 +111,15 @@ pub struct Router {
     pub config_forwards: Arc<AtomicU64>,
 }
 
-/// One call, sent again (same request) while the service restarts.
+/// One call, sent again (same request) while the service restarts: the service's answer
+/// (its interface's, or a guest access's).
 fn call<Q: Serialize, R: DeserializeOwned>(
     end: &mut End<Q, R>,
     service: &str,
-    request: Q,
+    request: endpoint::Request<Q>,
     stop: &std::sync::atomic::AtomicBool,
-) -> Result<R, RouteError> {
+) -> Result<endpoint::Response<R>, RouteError> {
     let started = Instant::now();
-    let request = endpoint::Request::Service(request);
     loop {
         if stop.load(Ordering::Relaxed) {
             return Err(RouteError::Unreachable {
@@ -139,7 +139,6 @@ fn call<Q: Serialize, R: DeserializeOwned>(
             .saturating_sub(started.elapsed())
             .max(Duration::from_millis(1));
         let reason = match end.call(&request, left) {
-            Ok(endpoint::Response::Service(r)) => return Ok(r),
             Ok(endpoint::Response::Error(e)) => {
                 return Err(RouteError::BadAnswer {
                     service: service.into(),
@@ -152,6 +151,7 @@ fn call<Q: Serialize, R: DeserializeOwned>(
                     answer: "a pong".into(),
                 })
             }
+            Ok(answer) => return Ok(answer),
             Err(CallError::PeerRestarted { .. }) => "restarted".to_string(),
             Err(e) => {
                 return Err(RouteError::Unreachable {
@@ -170,6 +170,22 @@ fn call<Q: Serialize, R: DeserializeOwned>(
         }
         // Restarting (or in its back-off): the new process gets the same request.
         std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A call in the service's own interface: its answer.
+fn call_service<Q: Serialize, R: DeserializeOwned>(
+    end: &mut End<Q, R>,
+    service: &str,
+    request: Q,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<R, RouteError> {
+    match call(end, service, endpoint::Request::Service(request), stop)? {
+        endpoint::Response::Service(r) => Ok(r),
+        _ => Err(RouteError::BadAnswer {
+            service: service.into(),
+            answer: "an answer of another kind".into(),
+        }),
     }
 }
 
@@ -304,7 +320,7 @@ impl Router {
         d.exits.fetch_add(1, Ordering::Relaxed);
         match &mut d.end {
             DeviceEnd::Intercept(end) => {
-                match call(end, &d.service, intercept::Request::Io(access), &self.stop)? {
+                match call_service(end, &d.service, intercept::Request::Io(access), &self.stop)? {
                     intercept::Response::Io(reply) => Ok(reply),
                     other => Err(RouteError::BadAnswer {
                         service: d.service.clone(),
@@ -313,12 +329,30 @@ impl Router {
                 }
             }
             DeviceEnd::Vtpm(end) => {
-                match call(end, &d.service, vtpm::Request::Mmio(access), &self.stop)? {
+                match call_service(end, &d.service, vtpm::Request::Mmio(access), &self.stop)? {
                     vtpm::Response::Register(value) => Ok(Reply::read(value & mask(access.size))),
                     vtpm::Response::Done => Ok(Reply::WRITTEN),
                     other => Err(RouteError::BadAnswer {
                         service: d.service.clone(),
                         answer: format!("{other:?}"),
+                    }),
+                }
+            }
+            DeviceEnd::Device(end) => {
+                match call(
+                    end,
+                    &d.service,
+                    endpoint::Request::Guest(access),
+                    &self.stop,
+                )? {
+                    // A device answers its access; ending or resetting the run is intercept's.
+                    endpoint::Response::Guest(reply) if reply.next == Next::Resume => Ok(Reply {
+                        value: reply.value & mask(access.size),
+                        next: Next::Resume,
+                    }),
+                    _ => Err(RouteError::BadAnswer {
+                        service: d.service.clone(),
+                        answer: "an answer of another kind".into(),
                     }),
                 }
             }
@@ -339,7 +373,7 @@ impl Router {
         let DeviceEnd::Intercept(end) = &mut d.end else {
             unreachable!("the intercept device is an intercept end")
         };
-        call(end, &d.service, request, &self.stop)
+        call_service(end, &d.service, request, &self.stop)
     }
 
     pub fn msr(
@@ -911,7 +945,7 @@ mod tests {
     }
 
     #[test]
-    fn only_intercept_and_the_vtpm_take_guest_accesses() {
+    fn each_interface_gets_its_kind_of_device_end() {
         for interface in [
             Interface::Intercept,
             Interface::Vtpm,
@@ -920,15 +954,16 @@ mod tests {
             Interface::Storage,
             Interface::Net,
         ] {
-            let takes = matches!(interface, Interface::Intercept | Interface::Vtpm);
-            assert_eq!(takes_guest_accesses(interface), takes, "{interface:?}");
             let mem = ChannelMemory::create("test-router-end", 4096).unwrap();
             let end =
                 DeviceEnd::for_interface(interface, ClientEnd::new(mem, WaitPolicy::default()));
             match (interface, end) {
-                (Interface::Intercept, Some(DeviceEnd::Intercept(_))) => {}
-                (Interface::Vtpm, Some(DeviceEnd::Vtpm(_))) => {}
-                (_, None) if !takes => {}
+                (Interface::Intercept, DeviceEnd::Intercept(_)) => {}
+                (Interface::Vtpm, DeviceEnd::Vtpm(_)) => {}
+                (Interface::Intercept | Interface::Vtpm, _) => {
+                    panic!("{interface:?} got the wrong end")
+                }
+                (_, DeviceEnd::Device(_)) => {}
                 (i, _) => panic!("{i:?} got the wrong end"),
             }
         }

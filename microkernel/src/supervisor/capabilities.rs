@@ -73,6 +73,10 @@ impl Supervisor {
                 .and_then(|g| g.interrupts.iter().find(|(line, _)| *line == irq))
                 .map(|(_, fd)| (0, Fd::Borrowed(*fd)))
                 .ok_or_else(missing),
+            Source::GuestMemory(access) => guest
+                .and_then(|g| g.memory.iter().find(|(a, _)| *a == access))
+                .map(|(_, fd)| (0, Fd::Borrowed(*fd)))
+                .ok_or_else(missing),
             Source::ParavisorAttest => {
                 shm(self.attest_link.as_ref().ok_or_else(missing)?.mem.shm())
             }

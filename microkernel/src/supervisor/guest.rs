@@ -66,6 +66,7 @@ impl Supervisor {
         };
         Ok(Guest {
             interrupts: partition.interrupt_fds(),
+            memory: partition.memory_fds(),
             partition: Some(partition),
             running: None,
             links,
@@ -147,9 +148,7 @@ impl Supervisor {
                 },
             );
             let spec = &self.services[link.server].spec;
-            let Some(end) = router::DeviceEnd::for_interface(link.interface, end) else {
-                continue;
-            };
+            let end = router::DeviceEnd::for_interface(link.interface, end);
             let index = devices.len();
             if link.interface == Interface::Intercept {
                 intercept = Some(index);

@@ -209,6 +209,8 @@ struct Guest {
     ended: vmm_sys_util::eventfd::EventFd,
     /// The eventfds wired to guest interrupts, handed to intercept.
     interrupts: Vec<(ipc_defs::services::intercept::Interrupt, i32)>,
+    /// Guest memory a device may be given (the shared window, all of RAM): memfds.
+    memory: Vec<(crate::manifest::GuestMemoryAccess, i32)>,
     keep_running: bool,
     outcome: Option<crate::partition::vcpu::Outcome>,
     description: String,

@@ -25,15 +25,22 @@ pub enum Model {
     Blk,
     /// virtio-scsi with one LUN (`vhost-user-scsi-pci`).
     Scsi,
+    /// An NVMe controller on our own guest partition (a PCI function).
+    Nvme,
 }
 
-/// One `--device` argument: `MODEL,listen=NAME,file=NAME[,encrypted][,size=SIZE]`, e.g.
-/// `vhost-user-blk,listen=blk,file=blk-disk,encrypted,size=256M`.
+/// One `--device` argument: `MODEL,listen=NAME,file=NAME[,encrypted][,size=SIZE]` for the
+/// vhost-user models, e.g. `vhost-user-blk,listen=blk,file=blk-disk,encrypted,size=256M`, or
+/// `nvme,bar=ADDR,file=NAME[,encrypted][,size=SIZE]` for the partition's NVMe function with
+/// BAR 0 at ADDR (the start of the service's `mmio` range).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceSpec {
     pub model: Model,
-    /// The listener (`listen` grant) its front end connects to.
+    /// The listener (`listen` grant) its front end connects to (vhost-user models; the
+    /// partition's device gets the partition's channel).
     pub listen: String,
+    /// Where BAR 0 sits (the NVMe function).
+    pub bar: Option<u64>,
     /// The image (`files` grant).
     pub file: String,
     pub encrypted: bool,
@@ -47,29 +54,49 @@ impl DeviceSpec {
         let model = match parts.next().unwrap_or("") {
             "vhost-user-blk" => Model::Blk,
             "vhost-user-scsi" => Model::Scsi,
+            "nvme" => Model::Nvme,
             other => {
                 return Err(format!(
-                    "device model \"{other}\": use vhost-user-blk or vhost-user-scsi"
+                    "device model \"{other}\": use vhost-user-blk, vhost-user-scsi or nvme"
                 ))
             }
         };
-        let (mut listen, mut file, mut encrypted, mut size) = (None, None, false, None);
+        let (mut listen, mut file, mut encrypted, mut size, mut bar) = (None, None, false, None, None);
         for part in parts {
             match part.split_once('=') {
                 Some(("listen", v)) if !v.is_empty() => listen = Some(v.to_string()),
+                Some(("bar", v)) => {
+                    let hex = v.strip_prefix("0x").unwrap_or(v);
+                    bar = Some(
+                        u64::from_str_radix(hex, 16)
+                            .map_err(|_| format!("bar \"{v}\" is not a hex address"))?,
+                    );
+                }
                 Some(("file", v)) if !v.is_empty() => file = Some(v.to_string()),
                 Some(("size", v)) => size = Some(parse_size(v)?),
                 None if part == "encrypted" => encrypted = true,
                 _ => {
                     return Err(format!(
-                        "\"{part}\" in \"{arg}\": expected listen=NAME, file=NAME, encrypted or size=SIZE"
+                        "\"{part}\" in \"{arg}\": expected listen=NAME, bar=ADDR, file=NAME, encrypted or size=SIZE"
                     ))
                 }
             }
         }
+        let listen = match (model, listen, bar) {
+            (Model::Nvme, None, Some(_)) => String::new(),
+            (Model::Nvme, _, _) => {
+                return Err(format!(
+                    "\"{arg}\": the NVMe function is the partition's: it takes bar=ADDR and no listener"
+                ))
+            }
+            (_, Some(l), None) => l,
+            (_, _, Some(_)) => return Err(format!("\"{arg}\": bar= is for the NVMe function")),
+            (_, None, None) => return Err(format!("\"{arg}\" names no listener (listen=NAME)")),
+        };
         Ok(DeviceSpec {
             model,
-            listen: listen.ok_or_else(|| format!("\"{arg}\" names no listener (listen=NAME)"))?,
+            listen,
+            bar,
             file: file.ok_or_else(|| format!("\"{arg}\" names no image (file=NAME)"))?,
             encrypted,
             size,
@@ -85,7 +112,10 @@ impl DeviceSpec {
                 "--device" => {
                     let value = args.next().ok_or("--device needs a value")?;
                     let spec = DeviceSpec::parse(&value)?;
-                    if devices.iter().any(|d| d.listen == spec.listen) {
+                    if spec.model == Model::Nvme && devices.iter().any(|d| d.model == Model::Nvme) {
+                        return Err("one NVMe function per service (one BAR, one partition channel)".into());
+                    }
+                    if spec.model != Model::Nvme && devices.iter().any(|d| d.listen == spec.listen) {
                         return Err(format!("listener \"{}\" serves two devices", spec.listen));
                     }
                     if devices.iter().any(|d| d.file == spec.file) {
@@ -216,15 +246,18 @@ fn is_blank(store: &mut FileStore) -> Result<bool, String> {
     Ok(first.iter().all(|b| *b == 0))
 }
 
-/// Opens the disk `spec` describes in `file`.
+/// Opens the disk `spec` describes in `file`; an encrypted one's key is kept in `keys`.
 pub fn open(
     spec: &DeviceSpec,
     file: File,
-    keys: &mut dyn KeyStore,
+    keys: Option<&mut dyn KeyStore>,
 ) -> Result<Box<dyn Disk + Send>, String> {
     let mut store = FileStore(file);
     let what = |e: &dyn std::fmt::Display| format!("image \"{}\": {e}", spec.file);
     if spec.encrypted {
+        let keys = keys.ok_or_else(|| {
+            what(&"is encrypted: the service needs a vmgs call granting PV_STORAGE_KEYS")
+        })?;
         let blank = is_blank(&mut store).map_err(|e| what(&e))?;
         let key = key_for(keys, &spec.file, blank)?;
         if blank {
@@ -288,7 +321,13 @@ mod tests {
         assert_eq!((d.listen.as_str(), d.file.as_str()), ("s", "img"));
         assert!(d.encrypted);
         assert_eq!(d.size, Some(64 << 20));
+        let n = spec("nvme,bar=0xfe000000,file=img,size=1M");
+        assert_eq!((n.model, n.bar, n.listen.as_str()), (Model::Nvme, Some(0xfe00_0000), ""));
         for bad in [
+            "nvme,file=img",
+            "nvme,listen=a,bar=0x1000,file=img",
+            "vhost-user-blk,listen=a,bar=0x1000,file=img",
+            "nvme,bar=zz,file=img",
             "virtio-net,listen=a,file=b",
             "vhost-user-blk,file=b",
             "vhost-user-blk,listen=a",
@@ -341,7 +380,7 @@ mod tests {
         let (f, path) = temp_file();
         let mut keys = MemKeys::default();
         let d = spec("vhost-user-blk,listen=a,file=img,encrypted,size=64K");
-        let mut disk = open(&d, f.try_clone().unwrap(), &mut keys).unwrap();
+        let mut disk = open(&d, f.try_clone().unwrap(), Some(&mut keys)).unwrap();
         assert_eq!(disk.blocks(), 16);
         disk.write(3, &[0x5a; BLOCK]).unwrap();
         disk.flush().unwrap();
@@ -353,14 +392,14 @@ mod tests {
             "plaintext in the image"
         );
         // Reopened: same key, same data, no new key.
-        let mut disk = open(&d, f.try_clone().unwrap(), &mut keys).unwrap();
+        let mut disk = open(&d, f.try_clone().unwrap(), Some(&mut keys)).unwrap();
         let mut back = vec![0u8; BLOCK];
         disk.read(3, &mut back).unwrap();
         assert!(back.iter().all(|b| *b == 0x5a));
         assert_eq!(keys.1, 1);
         drop(disk);
         // Without its key, the image is refused, not re-made.
-        let err = open(&d, f.try_clone().unwrap(), &mut MemKeys::default())
+        let err = open(&d, f.try_clone().unwrap(), Some(&mut MemKeys::default()))
             .err()
             .unwrap();
         assert!(err.contains("holds no key"), "{err}");
@@ -371,12 +410,12 @@ mod tests {
     fn a_plaintext_image_is_not_served_as_encrypted_and_raw_images_are_sized() {
         let (f, path) = temp_file();
         let raw = spec("vhost-user-blk,listen=a,file=img,size=8K");
-        let mut disk = open(&raw, f.try_clone().unwrap(), &mut MemKeys::default()).unwrap();
+        let mut disk = open(&raw, f.try_clone().unwrap(), Some(&mut MemKeys::default())).unwrap();
         assert_eq!(disk.blocks(), 2);
         disk.write(0, &[1; BLOCK]).unwrap();
         drop(disk);
         let enc = spec("vhost-user-blk,listen=a,file=img,encrypted,size=8K");
-        let err = open(&enc, f.try_clone().unwrap(), &mut MemKeys::default())
+        let err = open(&enc, f.try_clone().unwrap(), Some(&mut MemKeys::default()))
             .err()
             .unwrap();
         assert!(err.contains("no key"), "{err}");
@@ -387,11 +426,11 @@ mod tests {
             t
         })
         .unwrap();
-        let err = open(&enc, f.try_clone().unwrap(), &mut keys).err().unwrap();
+        let err = open(&enc, f.try_clone().unwrap(), Some(&mut keys)).err().unwrap();
         assert!(err.contains("plaintext"), "{err}");
         let unsized_spec = spec("vhost-user-blk,listen=a,file=other");
         let (g, path2) = temp_file();
-        assert!(open(&unsized_spec, g, &mut MemKeys::default())
+        assert!(open(&unsized_spec, g, Some(&mut MemKeys::default()))
             .err()
             .unwrap()
             .contains("size="));

@@ -6,4 +6,5 @@
 
 pub mod disks;
 pub mod inflight;
+pub mod partition;
 pub mod vhost;

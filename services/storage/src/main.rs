@@ -28,6 +28,7 @@ use ipc_defs::hosted::sys;
 use ipc_defs::hosted::vmgs_client::VmgsCallError;
 use ipc_defs::hosted::vmgs_client::VmgsClient;
 use ipc_defs::services::vmgs::FileId;
+use ipc_defs::services::storage;
 use ipc_defs::services::vmgs::VmgsError;
 use ipc_defs::Interface;
 use pv_devices::scsi::ScsiDisk;
@@ -38,6 +39,7 @@ use pv_storage::disks::DeviceSpec;
 use pv_storage::disks::KeyStore;
 use pv_storage::disks::KeyTable;
 use pv_storage::disks::Model;
+use pv_storage::partition::PciNvme;
 use pv_storage::vhost::Backend;
 use pv_storage::vhost::Device;
 use pv_storage::vhost::BLK_QUEUES;
@@ -82,13 +84,34 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut exports = match setup(&mut started.context) {
+    // Disk keys live in VMGS; the channel is needed only while the disks open.
+    let mut keys = started
+        .context
+        .clients
+        .remove(&Interface::Vmgs)
+        .map(|end| VmgsKeys(VmgsClient::new(end)));
+    let mut exports = match setup(&mut started.context, &mut keys) {
         Ok(e) => e,
         Err(e) => {
             tracing::error!("{e}");
             return ExitCode::FAILURE;
         }
     };
+    let partition = match partition_device(&mut started, &mut keys) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(device) = partition {
+        // The partition's accesses are answered on a thread of their own: a vCPU waits for
+        // each, and must not wait behind a vhost-user front end's I/O.
+        if let Err(e) = std::thread::Builder::new().spawn(move || device.run()) {
+            tracing::error!("cannot start the partition's device thread: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     tracing::info!(devices = exports.len(), "disks ready");
     let mut more = false;
     loop {
@@ -96,6 +119,9 @@ fn main() -> ExitCode {
             tracing::info!("shut down on request");
             return ExitCode::SUCCESS;
         }
+        // Pings (and nothing else: the interface has no requests) from the services that call
+        // storage.
+        started.answer_served::<storage::Request, storage::Response>(|_, _, request| match request {});
         more = match serve_once(&mut exports, if more { Duration::ZERO } else { POLL }) {
             Ok(m) => m,
             Err(e) => {
@@ -107,11 +133,13 @@ fn main() -> ExitCode {
 }
 
 /// Opens every device the arguments name whose listener the host asked for.
-fn setup(context: &mut runtime::Context) -> Result<Vec<Export>, String> {
+fn setup(
+    context: &mut runtime::Context,
+    keys: &mut Option<VmgsKeys>,
+) -> Result<Vec<Export>, String> {
     let specs = DeviceSpec::from_args(std::env::args().skip(1))?;
-    let mut keys = None;
     let mut exports = Vec::new();
-    for spec in specs {
+    for spec in specs.into_iter().filter(|s| s.model != Model::Nvme) {
         let Some(listener) = context.listeners.remove(&spec.listen) else {
             tracing::info!(listener = %spec.listen, "not serving this device: the host did not ask for its listener (paravisor run --listen)");
             continue;
@@ -122,19 +150,7 @@ fn setup(context: &mut runtime::Context) -> Result<Vec<Export>, String> {
                 spec.listen, spec.file
             )
         })?;
-        if spec.encrypted && keys.is_none() {
-            let end = context
-                .clients
-                .remove(&Interface::Vmgs)
-                .ok_or("an encrypted disk needs a vmgs call granting PV_STORAGE_KEYS")?;
-            keys = Some(VmgsKeys(VmgsClient::new(end)));
-        }
-        let mut no_keys = NoKeys;
-        let store: &mut dyn KeyStore = match keys.as_mut() {
-            Some(k) if spec.encrypted => k,
-            _ => &mut no_keys,
-        };
-        let disk = disks::open(&spec, std::fs::File::from(file), store)?;
+        let disk = disks::open(&spec, std::fs::File::from(file), keys.as_mut().map(|k| k as &mut dyn KeyStore))?;
         let device = match spec.model {
             Model::Blk => {
                 let mut blk = VirtioBlk::new(disk, &spec.file);
@@ -142,6 +158,7 @@ fn setup(context: &mut runtime::Context) -> Result<Vec<Export>, String> {
                 Device::Blk(blk)
             }
             Model::Scsi => Device::Scsi(VirtioScsi::new(ScsiDisk::new(disk, &spec.file))),
+            Model::Nvme => unreachable!("filtered out above"),
         };
         tracing::info!(listener = %spec.listen, image = %spec.file, encrypted = spec.encrypted, model = ?spec.model, "serving");
         exports.push(Export {
@@ -154,16 +171,76 @@ fn setup(context: &mut runtime::Context) -> Result<Vec<Export>, String> {
     Ok(exports)
 }
 
-/// Raw disks have no key.
-struct NoKeys;
+/// The partition's NVMe function, ready to run on its thread.
+struct PartitionDevice {
+    link: runtime::GuestLink,
+    nvme: PciNvme<ipc_defs::hosted::SharedMemory>,
+}
 
-impl KeyStore for NoKeys {
-    fn load(&mut self) -> Result<KeyTable, String> {
-        Err("a raw disk has no key".into())
+/// Where the NVMe function keeps its checkpoint (a `regions` grant).
+const CHECKPOINT_REGION: &str = "nvme-checkpoint";
+
+impl PartitionDevice {
+    fn run(mut self) {
+        tracing::info!("NVMe function on the guest partition");
+        loop {
+            let nvme = &mut self.nvme;
+            self.link.serve(Duration::from_secs(1), |access| nvme.access(access));
+            for e in self.nvme.take_errors() {
+                tracing::warn!(device = "nvme", "{e}");
+            }
+        }
     }
-    fn store(&mut self, _: &KeyTable) -> Result<(), String> {
-        Err("a raw disk has no key".into())
-    }
+}
+
+/// The `nvme` device of the arguments, when there is a guest partition to serve it to.
+fn partition_device(
+    started: &mut runtime::Started,
+    keys: &mut Option<VmgsKeys>,
+) -> Result<Option<PartitionDevice>, String> {
+    let specs = DeviceSpec::from_args(std::env::args().skip(1))?;
+    let Some(spec) = specs.into_iter().find(|s| s.model == Model::Nvme) else {
+        return Ok(None);
+    };
+    let Some(link) = started.take_guest_link() else {
+        tracing::info!("no guest partition: the NVMe function is not served");
+        return Ok(None);
+    };
+    let context = &mut started.context;
+    let memory = context.guest_memory.take().ok_or(
+        "the NVMe function needs guest memory: give the service guest-memory = \"shared-window\"",
+    )?;
+    let file = std::fs::File::from(memory.fd);
+    let size = file
+        .metadata()
+        .map_err(|e| format!("guest memory: {e}"))?
+        .len()
+        .min(memory.size);
+    let region = vm_memory::GuestRegionMmap::new(
+        vm_memory::mmap::MmapRegion::from_file(vm_memory::FileOffset::new(file, 0), size as usize)
+            .map_err(|e| format!("mapping guest memory: {e}"))?,
+        vm_memory::GuestAddress(memory.base),
+    )
+    .ok_or("guest memory overflows the address space")?;
+    let memory = vm_memory::GuestMemoryMmap::from_regions(vec![region])
+        .map_err(|e| format!("guest memory: {e}"))?;
+    let irq = match std::mem::take(&mut context.interrupts).into_iter().next() {
+        Some((ipc_defs::services::intercept::Interrupt::Line(line), fd)) => {
+            Some((line, std::fs::File::from(fd)))
+        }
+        _ => None,
+    };
+    let checkpoint = context.regions.remove(CHECKPOINT_REGION).ok_or_else(|| {
+        format!("the NVMe function keeps its state in a region \"{CHECKPOINT_REGION}\": grant it")
+    })?;
+    let file = context.files.remove(&spec.file).ok_or_else(|| {
+        format!("the NVMe function: the manifest grants no file \"{}\"", spec.file)
+    })?;
+    let disk = disks::open(&spec, std::fs::File::from(file), keys.as_mut().map(|k| k as &mut dyn KeyStore))?;
+    let bar = spec.bar.ok_or("the NVMe function needs bar=ADDR")?;
+    let nvme = PciNvme::new(disk, &spec.file, bar, memory, irq, checkpoint)?;
+    tracing::info!(image = %spec.file, bar = format_args!("{bar:#x}"), "NVMe function ready");
+    Ok(Some(PartitionDevice { link, nvme }))
 }
 
 /// What one poll-set entry is.

@@ -50,7 +50,9 @@ fn main() -> ExitCode {
                 | Grant::Interrupts(_)
                 | Grant::PciDevices(_)
                 | Grant::Vtpm(_)
-                | Grant::Localities(_) => FileIdSet::EMPTY,
+                | Grant::Localities(_)
+                | Grant::GuestPartition
+                | Grant::GuestMemory { .. } => FileIdSet::EMPTY,
             };
             let what = describe(&request);
             let response = server.handle(&caller.name, granted, request);

@@ -251,7 +251,9 @@ impl Attester for AttestReports<'_> {
                     Err("the attest service answered GetReport with something else".into())
                 }
                 Ok(Response::Error(code)) => Err(format!("the attest endpoint: {code}")),
-                Ok(Response::Pong { .. }) => Err("the attest endpoint answered a ping".into()),
+                Ok(Response::Pong { .. } | Response::Guest(_)) => {
+                    Err("the attest endpoint answered with something else".into())
+                }
                 Err(CallError::PeerRestarted { .. }) if restarts < REPORT_RETRIES => {
                     restarts += 1;
                     self.keep_alive();

@@ -36,10 +36,10 @@ use crate::state::LastCommand;
 use crate::state::PermanentRecord;
 use crate::state::PermanentStore;
 use crate::state::SharedNv;
-use crate::state::SLOT_HEADER;
 use crate::tis;
 use crate::tis::Effect;
 use crate::tpm2::ST_NO_SESSIONS;
+use ipc_defs::hosted::checkpoint::SLOT_HEADER;
 
 /// Size of a TPM 2.0 command or response header (tag, size, code).
 pub const TPM_HEADER: usize = 10;
@@ -223,7 +223,7 @@ impl<P: PermanentStore, M: CheckpointMemory> Tpm<P, M> {
             })?),
         };
         let mut area = CheckpointArea::new(memory);
-        let mut checkpoint = area.load().unwrap_or_default();
+        let mut checkpoint: Checkpoint = area.load().unwrap_or_default();
         if let Some((client, last)) = record.as_ref().and_then(|r| r.command.clone()) {
             // The permanent state may be newer than the checkpoint (a crash between the two
             // writes): its command is then the client's last.

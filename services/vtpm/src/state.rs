@@ -131,62 +131,9 @@ pub struct LastAccess {
     pub value: u64,
 }
 
-/// Bytes of a slot header: magic, generation, length, CRC.
-pub const SLOT_HEADER: usize = 24;
-/// `"PVCK"`.
-const SLOT_MAGIC: u32 = 0x4b43_5650;
-
-/// A memory a checkpoint can live in (the region capability, or memory in tests).
-pub trait CheckpointMemory {
-    fn size(&self) -> usize;
-    fn read(&self, offset: usize, buf: &mut [u8]) -> bool;
-    fn write(&self, offset: usize, data: &[u8]) -> bool;
-}
-
-impl CheckpointMemory for ipc_defs::hosted::SharedMemory {
-    fn size(&self) -> usize {
-        ipc_defs::hosted::SharedMemory::len(self)
-    }
-    fn read(&self, offset: usize, buf: &mut [u8]) -> bool {
-        ipc_defs::hosted::SharedMemory::read(self, offset, buf).is_ok()
-    }
-    fn write(&self, offset: usize, data: &[u8]) -> bool {
-        ipc_defs::hosted::SharedMemory::write(self, offset, data).is_ok()
-    }
-}
-
-/// A checkpoint memory in the process (tests, fuzzing): shared, so a "restarted" TPM can be
-/// given the same memory.
-#[derive(Clone)]
-pub struct MemRegion(pub std::rc::Rc<std::cell::RefCell<Vec<u8>>>);
-
-impl MemRegion {
-    pub fn new(size: usize) -> MemRegion {
-        MemRegion(std::rc::Rc::new(std::cell::RefCell::new(vec![0; size])))
-    }
-}
-
-impl CheckpointMemory for MemRegion {
-    fn size(&self) -> usize {
-        self.0.borrow().len()
-    }
-    fn read(&self, offset: usize, buf: &mut [u8]) -> bool {
-        let m = self.0.borrow();
-        let Some(s) = m.get(offset..offset + buf.len()) else {
-            return false;
-        };
-        buf.copy_from_slice(s);
-        true
-    }
-    fn write(&self, offset: usize, data: &[u8]) -> bool {
-        let mut m = self.0.borrow_mut();
-        let Some(s) = m.get_mut(offset..offset + data.len()) else {
-            return false;
-        };
-        s.copy_from_slice(data);
-        true
-    }
-}
+pub use ipc_defs::hosted::checkpoint::CheckpointArea;
+pub use ipc_defs::hosted::checkpoint::CheckpointMemory;
+pub use ipc_defs::hosted::checkpoint::MemRegion;
 
 /// A permanent store in the process (tests, fuzzing), shared like [`MemRegion`].
 #[derive(Clone, Default)]
@@ -198,87 +145,6 @@ impl PermanentStore for MemPermanent {
     }
     fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(bytes.to_vec());
-        Ok(())
-    }
-}
-
-/// The two-slot checkpoint area.
-pub struct CheckpointArea<M: CheckpointMemory> {
-    memory: M,
-    generation: u64,
-}
-
-impl<M: CheckpointMemory> CheckpointArea<M> {
-    pub fn new(memory: M) -> Self {
-        CheckpointArea {
-            memory,
-            generation: 0,
-        }
-    }
-
-    fn slot_size(&self) -> usize {
-        self.memory.size() / 2
-    }
-
-    fn read_slot(&self, slot: usize) -> Option<(u64, Checkpoint)> {
-        let base = slot * self.slot_size();
-        let mut header = [0u8; SLOT_HEADER];
-        if !self.memory.read(base, &mut header) {
-            return None;
-        }
-        let word = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4"));
-        if word(0) != SLOT_MAGIC {
-            return None;
-        }
-        let generation = u64::from_le_bytes(header[8..16].try_into().expect("8"));
-        let len = word(16) as usize;
-        if len > self.slot_size().saturating_sub(SLOT_HEADER) {
-            return None;
-        }
-        let mut body = vec![0u8; len];
-        if !self.memory.read(base + SLOT_HEADER, &mut body) || crc32fast::hash(&body) != word(20) {
-            return None;
-        }
-        postcard::from_bytes(&body).ok().map(|c| (generation, c))
-    }
-
-    /// The newest intact checkpoint, if any.
-    pub fn load(&mut self) -> Option<Checkpoint> {
-        let newest = [0, 1]
-            .into_iter()
-            .filter_map(|s| self.read_slot(s))
-            .max_by_key(|(g, _)| *g)?;
-        self.generation = newest.0;
-        Some(newest.1)
-    }
-
-    /// Writes a checkpoint into the slot the newest one is not in.
-    pub fn store(&mut self, checkpoint: &Checkpoint) -> Result<(), String> {
-        let body = postcard::to_allocvec(checkpoint).map_err(|e| e.to_string())?;
-        if body.len() > self.slot_size().saturating_sub(SLOT_HEADER) {
-            return Err(format!(
-                "checkpoint of {} bytes does not fit a {}-byte slot",
-                body.len(),
-                self.slot_size()
-            ));
-        }
-        let generation = self.generation + 1;
-        let slot = (generation % 2) as usize;
-        let base = slot * self.slot_size();
-        let mut header = [0u8; SLOT_HEADER];
-        header[0..4].copy_from_slice(&SLOT_MAGIC.to_le_bytes());
-        header[8..16].copy_from_slice(&generation.to_le_bytes());
-        header[16..20].copy_from_slice(&(body.len() as u32).to_le_bytes());
-        header[20..24].copy_from_slice(&crc32fast::hash(&body).to_le_bytes());
-        // Invalidate, write the body, then the header: a crash leaves this slot invalid and
-        // the other one (the previous checkpoint) in force.
-        if !self.memory.write(base, &[0u8; 4])
-            || !self.memory.write(base + SLOT_HEADER, &body)
-            || !self.memory.write(base, &header)
-        {
-            return Err("checkpoint region write failed".into());
-        }
-        self.generation = generation;
         Ok(())
     }
 }
@@ -350,42 +216,6 @@ impl crate::libtpms::NvStore for SharedNv {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn checkpoint(n: u8) -> Checkpoint {
-        let mut c = Checkpoint {
-            volatile: Some(vec![n; 100]),
-            ..Checkpoint::default()
-        };
-        c.last.insert(
-            "gateway".into(),
-            LastCommand {
-                seq: n.into(),
-                response: vec![n],
-            },
-        );
-        c
-    }
-
-    #[test]
-    fn the_newest_intact_checkpoint_wins_and_a_torn_one_falls_back() {
-        let mem = MemRegion::new(8192);
-        let mut area = CheckpointArea::new(mem.clone());
-        assert_eq!(area.load(), None);
-        area.store(&checkpoint(1)).unwrap();
-        area.store(&checkpoint(2)).unwrap();
-        assert_eq!(CheckpointArea::new(mem.clone()).load(), Some(checkpoint(2)));
-        // A torn third checkpoint (a byte of its body flipped): the second one stays.
-        area.store(&checkpoint(3)).unwrap();
-        let slot = 4096; // generation 3 is in slot 1
-        mem.0.borrow_mut()[slot + SLOT_HEADER + 5] ^= 0xff;
-        assert_eq!(CheckpointArea::new(mem.clone()).load(), Some(checkpoint(2)));
-        // Too large for a slot: an error, the area unchanged.
-        let big = Checkpoint {
-            volatile: Some(vec![0; 5000]),
-            ..Checkpoint::default()
-        };
-        assert!(area.store(&big).is_err());
-    }
 
     #[test]
     fn permanent_records_round_trip_and_bare_blobs_are_not_records() {

@@ -515,7 +515,7 @@ fn a_checkpoint_with_records_of_unknown_clients_and_vcpus_resumes_with_them_drop
     // What an unbounded table left behind (as the code before the grants let any client
     // write): thousands of vCPUs and clients that are not there. It still fits its slot.
     let mut area = CheckpointArea::new(region.clone());
-    let mut bloated = area.load().expect("a checkpoint");
+    let mut bloated: pv_vtpm::state::Checkpoint = area.load().expect("a checkpoint");
     for vcpu in 1..6000 {
         bloated.accesses.insert(
             vcpu,
@@ -540,7 +540,7 @@ fn a_checkpoint_with_records_of_unknown_clients_and_vcpus_resumes_with_them_drop
     let mut tpm = start_for(&disk, &region, 1);
     assert!(tpm.resumed);
     assert_eq!(rc(&cmd(&mut tpm, 2, &GET_RANDOM_32)), 0);
-    let now = CheckpointArea::new(region.clone())
+    let now: pv_vtpm::state::Checkpoint = CheckpointArea::new(region.clone())
         .load()
         .expect("a checkpoint");
     assert!(
@@ -624,7 +624,7 @@ fn a_tpm_at_its_fullest_checkpoints_within_the_engine_reserve() {
     // state in the checkpoint.
     let shutdown_state = [0x80, 1, 0, 0, 0, 12, 0, 0, 1, 0x45, 0, 1];
     assert_eq!(rc(&cmd(&mut tpm, next(), &shutdown_state)), 0);
-    let c = CheckpointArea::new(region.clone())
+    let c: pv_vtpm::state::Checkpoint = CheckpointArea::new(region.clone())
         .load()
         .expect("a checkpoint");
     let engine = c.volatile.as_ref().map_or(0, Vec::len) + c.savestate.as_ref().map_or(0, Vec::len);

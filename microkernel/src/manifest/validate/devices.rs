@@ -4,6 +4,7 @@
 
 use std::ops::Range;
 
+use ipc_defs::capability::Grant;
 use ipc_defs::services::intercept::Interrupt;
 use ipc_defs::services::intercept::InterruptSet;
 use ipc_defs::Interface;
@@ -38,11 +39,13 @@ impl Validator<'_> {
         }
         let pci_device = self.pci_device(s.pci_device.as_ref(), name, seen);
         if !my_mmio.is_empty() || !my_pio.is_empty() || pci_device.is_some() {
-            let device_interfaces: Vec<Interface> = serves
-                .iter()
-                .copied()
-                .filter(|i| crate::partition::router::takes_guest_accesses(*i))
-                .collect();
+            // Intercept's own devices come on its channel; any other device service's
+            // accesses on the channel of its one interface.
+            let device_interfaces: Vec<Interface> = if serves.contains(&Interface::Intercept) {
+                vec![Interface::Intercept]
+            } else {
+                serves.to_vec()
+            };
             if device_interfaces.len() != 1 {
                 let span = my_mmio
                     .first()
@@ -53,10 +56,10 @@ impl Validator<'_> {
                 self.error(
                     span,
                     format!(
-                        "service \"{name}\" owns guest address ranges or a PCI device but serves {} interface(s) that take guest accesses",
+                        "service \"{name}\" owns guest address ranges or a PCI device but serves {} interfaces",
                         device_interfaces.len()
                     ),
-                    "a range's accesses go to the one interface of its service that takes them (intercept or vtpm); serve exactly one",
+                    "a range's accesses go to its service's one interface: serve exactly one",
                 );
             }
         }
@@ -152,23 +155,91 @@ impl Validator<'_> {
         }
     }
 
-    /// `interrupts`: the lines the service's own devices raise ([`Self::interrupt_list`]);
-    /// only the service that serves intercept holds interrupt lines.
+    /// `interrupts`: the lines the service's own devices raise ([`Self::interrupt_list`]):
+    /// intercept's, or those of a service that owns a guest device (it raises them itself,
+    /// through the eventfds the microkernel wires to them).
     pub(super) fn own_interrupts(
         &mut self,
         raw: &[Spanned<i64>],
         name: &str,
         serves: &[Interface],
+        owns_device: bool,
     ) -> InterruptSet {
         let own_interrupts = self.interrupt_list(raw);
-        if !own_interrupts.is_empty() && !serves.contains(&Interface::Intercept) {
+        if !own_interrupts.is_empty() && !serves.contains(&Interface::Intercept) && !owns_device {
             self.error(
                 raw[0].span(),
-                format!("service \"{name}\" lists interrupts but does not serve intercept"),
-                "only intercept holds interrupt lines; a device asks it: put `interrupts = [..]` in the device's call to intercept",
+                format!("service \"{name}\" lists interrupts but owns no guest device"),
+                "a service raises lines of its own only for a device it owns (mmio, pio or pci-device); otherwise it asks intercept: put `interrupts = [..]` in its call to intercept",
             );
         }
         own_interrupts
+    }
+
+    /// `guest-memory`: what a device may reach for DMA ("shared-window" or "all"); only for
+    /// a service that owns a guest device.
+    pub(super) fn guest_memory(
+        &mut self,
+        raw: Option<&Spanned<String>>,
+        name: &str,
+        owns_device: bool,
+    ) -> Option<crate::manifest::GuestMemoryAccess> {
+        use crate::manifest::GuestMemoryAccess;
+        let raw = raw?;
+        let access = match raw.get_ref().as_str() {
+            "shared-window" => GuestMemoryAccess::SharedWindow,
+            "all" => GuestMemoryAccess::All,
+            other => {
+                self.error(
+                    raw.span(),
+                    format!("guest-memory \"{other}\" is not a kind of guest memory"),
+                    "write \"shared-window\" (the partition's shared window: the confidential-VM model) or \"all\" (all of guest RAM)",
+                );
+                return None;
+            }
+        };
+        if !owns_device {
+            self.error(
+                raw.span(),
+                format!("service \"{name}\" asks for guest memory but owns no guest device"),
+                "guest memory is for a device's DMA: give the service its device (pci-device, mmio or pio), or remove guest-memory",
+            );
+            return None;
+        }
+        Some(access)
+    }
+
+    /// Each interrupt line has one holder: a service's own line is neither another service's
+    /// own nor granted in a call to intercept (two devices on one edge-triggered line would
+    /// lose each other's interrupts).
+    pub(super) fn line_holders(
+        &mut self,
+        own_lines: &[(String, Interrupt, Range<usize>)],
+        services: &[crate::manifest::ServiceSpec],
+    ) {
+        for (i, (name, line, span)) in own_lines.iter().enumerate() {
+            if let Some((other, _, _)) = own_lines[..i].iter().find(|(_, l, _)| l == line) {
+                self.error(
+                    span.clone(),
+                    format!("interrupt {line} is listed by both \"{other}\" and \"{name}\""),
+                    "give each device its own line",
+                );
+            }
+            for s in services {
+                if let Some(Grant::Interrupts(set)) = s.grants.get(&Interface::Intercept) {
+                    if set.contains(*line) {
+                        self.error(
+                            span.clone(),
+                            format!(
+                                "interrupt {line} of \"{name}\" is also granted to \"{}\" through intercept",
+                                s.name
+                            ),
+                            "give each device its own line",
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// A list of IOAPIC lines (0..24), each once.

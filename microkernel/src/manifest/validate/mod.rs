@@ -83,6 +83,12 @@ struct Seen {
     pio: Vec<(String, DeviceRange, Range<usize>)>,
     /// PCI device numbers, and their owner.
     pci_owners: Vec<(String, u8)>,
+    /// Every service's own interrupt lines (`interrupts`), and where.
+    own_lines: Vec<(
+        String,
+        ipc_defs::services::intercept::Interrupt,
+        Range<usize>,
+    )>,
     /// Each service's open-files limit and the service's span: the descriptors it needs
     /// depend on who calls it.
     pending_limits: Vec<(String, Spanned<i64>, Range<usize>)>,
@@ -123,6 +129,7 @@ impl Validator<'_> {
         self.service_count(&services);
         self.state_paths(&seen.file_paths, &seen.key_paths, &services);
         self.vmgs_file_owners(&services, &seen.call_spans);
+        self.line_holders(&seen.own_lines, &services);
         self.vmgs_ring(ring_capacity, ring_span, &services);
         let attest = self.attest_settings(
             raw.attest,
@@ -251,7 +258,16 @@ impl Validator<'_> {
         let listen = self.listeners(&s.listen, &name, &grants, seen);
         let regions = self.regions(&s.regions);
         let (mmio, pio, pci_device) = self.guest_devices(&s, &name, &serves, &service_span, seen);
-        let interrupts = self.own_interrupts(&s.interrupts, &name, &serves);
+        let owns_device = !mmio.is_empty() || !pio.is_empty() || pci_device.is_some();
+        let interrupts = self.own_interrupts(&s.interrupts, &name, &serves, owns_device);
+        for line in interrupts.iter() {
+            let span = s
+                .interrupts
+                .first()
+                .map_or(service_span.clone(), |l| l.span());
+            seen.own_lines.push((name.clone(), line, span));
+        }
+        let guest_memory = self.guest_memory(s.guest_memory.as_ref(), &name, owns_device);
         let limits = self.limits(s.limits.get_ref(), &name, &service_span, seen);
         let restart = self.restart(s.restart.get_ref());
         let syscalls = self.syscalls(&s.syscalls);
@@ -289,6 +305,7 @@ impl Validator<'_> {
             pio,
             interrupts,
             pci_device,
+            guest_memory,
             limits,
             restart,
             syscalls,

@@ -1,0 +1,352 @@
+//! The NVMe controller on our own guest partition: a PCI function whose configuration
+//! accesses intercept's host bridge forwards here, whose BAR 0 accesses the partition routes
+//! here (the manifest's `mmio` range, where the BAR sits fixed), whose interrupt is the line
+//! the manifest gives the service (an eventfd the microkernel wired as a KVM irqfd), and
+//! which reaches only the guest memory the manifest grants (`guest-memory`: the partition's
+//! shared window in the confidential-VM model).
+//!
+//! Every access is checkpointed (controller registers and queues, PCI state, each vCPU's
+//! last access and its answer) before it is answered, in a region the microkernel keeps
+//! across restarts: a process killed in the middle of an access is replaced by one that
+//! answers the partition's resent access from the record if it had completed, or performs it
+//! again from the state before it (commands a doorbell ran are run again: the same data to
+//! the same blocks, the same completions in the same slots).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+
+use ipc_defs::hosted::checkpoint::CheckpointArea;
+use ipc_defs::hosted::checkpoint::CheckpointMemory;
+use ipc_defs::services::guest::mask;
+use ipc_defs::services::guest::Access;
+use ipc_defs::services::guest::Reply;
+use ipc_defs::services::guest::Space;
+use pv_devices::block::Disk;
+use pv_devices::nvme::NvmeController;
+use pv_devices::nvme::NvmeState;
+use pv_devices::nvme::BAR_SIZE;
+use serde::Deserialize;
+use serde::Serialize;
+use vm_memory::GuestMemoryMmap;
+
+/// The function's identity: Red Hat's QEMU NVMe ids (Linux binds by class anyway), class
+/// 01:08:02 (mass storage, non-volatile memory, NVM Express), revision 2.
+const VENDOR: u32 = 0x1b36;
+const DEVICE: u32 = 0x0010;
+const CLASS_REVISION: u32 = 0x0108_0202;
+const COMMAND_MEMORY: u16 = 1 << 1;
+const COMMAND_BUS_MASTER: u16 = 1 << 2;
+/// Writable command bits: memory space, bus master, interrupt disable.
+const COMMAND_WRITABLE: u16 = COMMAND_MEMORY | COMMAND_BUS_MASTER | 1 << 10;
+const INTERRUPT_DISABLE: u16 = 1 << 10;
+/// BAR 0's type bits: 64-bit memory, not prefetchable.
+const BAR_64: u32 = 0x4;
+
+/// The PCI side's state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciState {
+    command: u16,
+    /// A sizing write (all ones) to BAR 0 / BAR 1 is pending its read.
+    sizing: [bool; 2],
+    interrupt_line: u8,
+}
+
+/// A vCPU's last access and what it was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct LastAccess {
+    seq: u64,
+    address: u64,
+    write: bool,
+    value: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Checkpoint {
+    nvme: NvmeState,
+    pci: PciState,
+    last: BTreeMap<u32, LastAccess>,
+}
+
+/// The NVMe function.
+pub struct PciNvme<M: CheckpointMemory> {
+    nvme: NvmeController<Box<dyn Disk + Send>>,
+    pci: PciState,
+    bar: u64,
+    memory: GuestMemoryMmap,
+    /// An empty memory: what the device reaches while the driver has bus mastering off.
+    no_memory: GuestMemoryMmap,
+    irq: Option<File>,
+    area: CheckpointArea<M>,
+    last: BTreeMap<u32, LastAccess>,
+    /// Accesses answered from the record after a restart.
+    pub repeats: u64,
+}
+
+impl<M: CheckpointMemory> PciNvme<M> {
+    /// The function for `disk` with BAR 0 at `bar`, DMA into `memory`, interrupt line `line`
+    /// (its eventfd `irq`), resumed from the checkpoint in `area` if there is one.
+    pub fn new(
+        disk: Box<dyn Disk + Send>,
+        serial: &str,
+        bar: u64,
+        memory: GuestMemoryMmap,
+        irq: Option<(u8, File)>,
+        area: M,
+    ) -> Result<PciNvme<M>, String> {
+        if !bar.is_multiple_of(BAR_SIZE) {
+            return Err(format!("BAR 0 at {bar:#x} is not {BAR_SIZE:#x}-aligned"));
+        }
+        let mut area = CheckpointArea::new(area);
+        let mut nvme = NvmeController::new(disk, serial);
+        let (line, irq) = match irq {
+            Some((line, fd)) => (line, Some(fd)),
+            None => (0xff, None),
+        };
+        let mut pci = PciState {
+            interrupt_line: line,
+            ..PciState::default()
+        };
+        let mut last = BTreeMap::new();
+        if let Some(c) = area.load::<Checkpoint>() {
+            nvme.restore(c.nvme)
+                .map_err(|e| format!("the controller's checkpoint: {e}"))?;
+            pci = c.pci;
+            last = c.last;
+            tracing::info!("NVMe controller resumed from its checkpoint");
+        }
+        Ok(PciNvme {
+            nvme,
+            pci,
+            bar,
+            memory,
+            no_memory: GuestMemoryMmap::default(),
+            irq,
+            area,
+            last,
+            repeats: 0,
+        })
+    }
+
+    /// Answers one access of the partition (and records it before the answer leaves).
+    pub fn access(&mut self, a: Access) -> Reply {
+        let write = a.write.is_some();
+        if let Some(l) = self.last.get(&a.vcpu) {
+            if l.seq == a.seq && l.address == a.address && l.write == write {
+                // Sent again after a restart: this access was done.
+                self.repeats += 1;
+                return Reply::read(l.value);
+            }
+        }
+        let value = match (a.space, a.written()) {
+            _ if !a.size_is_valid() => mask(a.size),
+            (Space::PciConfig, None) => self.config_read(a.address & 0xff, a.size),
+            (Space::PciConfig, Some(v)) => {
+                self.config_write(a.address & 0xff, a.size, v);
+                0
+            }
+            (Space::Mmio, None) => self.mmio_read(a.address, a.size),
+            (Space::Mmio, Some(v)) => {
+                self.mmio_write(a.address, a.size, v);
+                0
+            }
+            // Ports: the function has none.
+            (Space::Port, None) => mask(a.size),
+            (Space::Port, Some(_)) => 0,
+        };
+        self.last.insert(
+            a.vcpu,
+            LastAccess {
+                seq: a.seq,
+                address: a.address,
+                write,
+                value,
+            },
+        );
+        let checkpoint = Checkpoint {
+            nvme: self.nvme.state(),
+            pci: self.pci,
+            last: self.last.clone(),
+        };
+        if let Err(e) = self.area.store(&checkpoint) {
+            tracing::error!("NVMe checkpoint not written: {e}");
+        }
+        Reply::read(value)
+    }
+
+    /// The errors the controller met since the last look (a tampered block with its LBA, a
+    /// bad PRP), for the log.
+    pub fn take_errors(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.nvme.errors)
+    }
+
+    fn config_bytes(&self) -> [u8; 64] {
+        let mut c = [0u8; 64];
+        let mut put = |at: usize, v: u32| c[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        put(0x00, VENDOR | DEVICE << 16);
+        put(0x04, u32::from(self.pci.command));
+        put(0x08, CLASS_REVISION);
+        let bar0 = if self.pci.sizing[0] {
+            !(BAR_SIZE as u32 - 1) | BAR_64
+        } else {
+            (self.bar as u32 & !0xf) | BAR_64
+        };
+        put(0x10, bar0);
+        put(0x14, if self.pci.sizing[1] { u32::MAX } else { (self.bar >> 32) as u32 });
+        put(0x2c, VENDOR | DEVICE << 16);
+        // Interrupt line (the guest's to write), pin INTA.
+        put(0x3c, u32::from(self.pci.interrupt_line) | 1 << 8);
+        c
+    }
+
+    fn config_read(&self, offset: u64, size: u8) -> u64 {
+        let c = self.config_bytes();
+        let at = offset as usize;
+        match c.get(at..at + usize::from(size)) {
+            Some(bytes) => bytes
+                .iter()
+                .rev()
+                .fold(0u64, |v, b| v << 8 | u64::from(*b)),
+            None => 0,
+        }
+    }
+
+    fn config_write(&mut self, offset: u64, size: u8, value: u64) {
+        // Each byte written goes to its register.
+        for i in 0..u64::from(size) {
+            let byte = (value >> (8 * i)) as u8;
+            match offset + i {
+                0x04 => {
+                    self.pci.command = (self.pci.command & 0xff00 | u16::from(byte)) & COMMAND_WRITABLE
+                }
+                0x05 => {
+                    self.pci.command =
+                        (self.pci.command & 0x00ff | u16::from(byte) << 8) & COMMAND_WRITABLE
+                }
+                0x3c => self.pci.interrupt_line = byte,
+                _ => {}
+            }
+        }
+        // BARs: the address is fixed (the manifest's range); all ones asks the size.
+        for (bar, reg) in [(0, 0x10), (1, 0x14)] {
+            if offset == reg && size == 4 {
+                self.pci.sizing[bar] = value as u32 == u32::MAX;
+            }
+        }
+    }
+
+    fn mmio_read(&self, address: u64, size: u8) -> u64 {
+        let offset = address.wrapping_sub(self.bar);
+        if self.pci.command & COMMAND_MEMORY == 0 || offset >= BAR_SIZE || !matches!(size, 4 | 8) {
+            return mask(size);
+        }
+        self.nvme.mmio_read(offset, size)
+    }
+
+    fn mmio_write(&mut self, address: u64, size: u8, value: u64) {
+        let offset = address.wrapping_sub(self.bar);
+        if self.pci.command & COMMAND_MEMORY == 0 || offset >= BAR_SIZE || !matches!(size, 4 | 8) {
+            return;
+        }
+        let memory = if self.pci.command & COMMAND_BUS_MASTER != 0 {
+            &self.memory
+        } else {
+            &self.no_memory
+        };
+        let interrupt = self.nvme.mmio_write(memory, offset, size, value);
+        if interrupt && self.pci.command & INTERRUPT_DISABLE == 0 {
+            if let Some(irq) = self.irq.as_mut() {
+                let _ = irq.write_all(&1u64.to_ne_bytes());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ipc_defs::hosted::checkpoint::MemRegion;
+    use pv_devices::block::raw::RawDisk;
+    use pv_devices::block::MemStore;
+    use vm_memory::Bytes;
+    use vm_memory::GuestAddress;
+
+    use super::*;
+
+    const BAR: u64 = 0xfe00_0000;
+    const WINDOW: u64 = 0xb000_0000;
+
+    fn function(region: &MemRegion, memory: &GuestMemoryMmap) -> PciNvme<MemRegion> {
+        let disk = RawDisk::new(MemStore {
+            bytes: vec![0; 16 * 4096],
+        })
+        .unwrap();
+        PciNvme::new(Box::new(disk), "t", BAR, memory.clone(), None, region.clone()).unwrap()
+    }
+
+    fn access(vcpu: u32, seq: u64, space: Space, address: u64, size: u8, write: Option<u64>) -> Access {
+        Access {
+            vcpu,
+            seq,
+            space,
+            address,
+            size,
+            write,
+        }
+    }
+
+    #[test]
+    fn the_configuration_space_is_an_nvme_function_with_a_fixed_64_bit_bar() {
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(WINDOW), 0x10000)]).unwrap();
+        let mut f = function(&MemRegion::new(8192), &memory);
+        let mut seq = 0;
+        let mut cfg = |f: &mut PciNvme<MemRegion>, reg: u64, size: u8, write: Option<u64>| {
+            seq += 1;
+            f.access(access(0, seq, Space::PciConfig, 0x1800 | reg, size, write)).value
+        };
+        assert_eq!(cfg(&mut f, 0, 4, None), 0x0010_1b36);
+        assert_eq!(cfg(&mut f, 0x08, 4, None) >> 8, 0x01_08_02);
+        assert_eq!(cfg(&mut f, 0x10, 4, None), BAR | 4);
+        cfg(&mut f, 0x10, 4, Some(0xffff_ffff));
+        assert_eq!(cfg(&mut f, 0x10, 4, None), 0xffff_c004, "the size: 16 KiB");
+        cfg(&mut f, 0x10, 4, Some(0x1234_0000));
+        assert_eq!(cfg(&mut f, 0x10, 4, None), BAR | 4, "the address stays fixed");
+        assert_eq!(cfg(&mut f, 0x3d, 1, None), 1, "INTA");
+        // Memory decoding off: the BAR reads all ones.
+        assert_eq!(f.access(access(0, 100, Space::Mmio, BAR + 8, 4, None)).value, 0xffff_ffff);
+        cfg(&mut f, 0x04, 2, Some(0x0006));
+        assert_eq!(f.access(access(0, 101, Space::Mmio, BAR + 8, 4, None)).value, 0x0001_0400, "VS");
+    }
+
+    #[test]
+    fn a_restarted_function_resumes_from_its_checkpoint_and_answers_a_repeat_from_the_record() {
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(WINDOW), 0x10000)]).unwrap();
+        let region = MemRegion::new(16384);
+        let mut f = function(&region, &memory);
+        f.access(access(0, 1, Space::PciConfig, 0x1804, 2, Some(0x6)));
+        // An admin queue, enabled.
+        f.access(access(0, 2, Space::Mmio, BAR + 0x24, 4, Some(0x000f_000f)));
+        f.access(access(0, 3, Space::Mmio, BAR + 0x28, 4, Some(WINDOW)));
+        f.access(access(0, 4, Space::Mmio, BAR + 0x30, 4, Some(WINDOW + 0x1000)));
+        f.access(access(0, 5, Space::Mmio, BAR + 0x14, 4, Some(0x0046_0001)));
+        assert_eq!(f.access(access(0, 6, Space::Mmio, BAR + 0x1c, 4, None)).value & 1, 1);
+        // An Identify controller command, rung by a doorbell the restart replays.
+        let mut cmd = [0u8; 64];
+        cmd[0] = 0x06;
+        cmd[2] = 7;
+        cmd[24..32].copy_from_slice(&(WINDOW + 0x2000).to_le_bytes());
+        cmd[40] = 1;
+        memory.write_slice(&cmd, GuestAddress(WINDOW)).unwrap();
+        f.access(access(0, 7, Space::Mmio, BAR + 0x1000, 4, Some(1)));
+        let cqe: [u8; 16] = memory.read_obj(GuestAddress(WINDOW + 0x1000)).unwrap();
+        assert_eq!(u16::from_le_bytes([cqe[12], cqe[13]]), 7, "completed");
+        drop(f);
+        // A new process: enabled, with the queue where it was; the doorbell sent again is
+        // answered from the record, not run a second time.
+        let mut g = function(&region, &memory);
+        assert_eq!(g.access(access(0, 7, Space::Mmio, BAR + 0x1000, 4, Some(1))).value, 0);
+        assert_eq!(g.repeats, 1);
+        assert_eq!(g.access(access(0, 8, Space::Mmio, BAR + 0x1c, 4, None)).value & 1, 1);
+        let second: [u8; 16] = memory.read_obj(GuestAddress(WINDOW + 0x1010)).unwrap();
+        assert_eq!(second, [0; 16], "no second completion");
+    }
+}
