@@ -11,7 +11,15 @@ fn main() {
     let source = guest.join("src/main.rs");
     let script = guest.join("guest.ld");
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("test-guest.elf");
-    for f in ["src/main.rs", "src/arch.rs", "src/sha256.rs", "guest.ld"] {
+    for f in [
+        "src/main.rs",
+        "src/arch.rs",
+        "src/nvme.rs",
+        "src/nvme/pass.rs",
+        "src/nvme/queue.rs",
+        "src/sha256.rs",
+        "guest.ld",
+    ] {
         println!("cargo:rerun-if-changed={}", guest.join(f).display());
     }
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
