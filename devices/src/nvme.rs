@@ -183,7 +183,11 @@ impl<D: Disk> NvmeController<D> {
     pub fn restore(&mut self, state: NvmeState) -> Result<(), String> {
         let queues = usize::from(MAX_IO_QUEUES) + 1;
         if state.sqs.len() != queues || state.cqs.len() != queues {
-            return Err(format!("{} / {} queues recorded", state.sqs.len(), state.cqs.len()));
+            return Err(format!(
+                "{} / {} queues recorded",
+                state.sqs.len(),
+                state.cqs.len()
+            ));
         }
         let sq_ok = state.sqs.iter().flatten().all(|q| {
             (2..=MAX_QUEUE_ENTRIES).contains(&q.size)
@@ -191,11 +195,9 @@ impl<D: Disk> NvmeController<D> {
                 && q.tail < q.size
                 && usize::from(q.cq) < queues
         });
-        let cq_ok = state
-            .cqs
-            .iter()
-            .flatten()
-            .all(|q| (2..=MAX_QUEUE_ENTRIES).contains(&q.size) && q.head < q.size && q.tail < q.size);
+        let cq_ok = state.cqs.iter().flatten().all(|q| {
+            (2..=MAX_QUEUE_ENTRIES).contains(&q.size) && q.head < q.size && q.tail < q.size
+        });
         if !sq_ok || !cq_ok {
             return Err("a recorded queue is out of range".into());
         }

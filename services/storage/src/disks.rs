@@ -61,7 +61,8 @@ impl DeviceSpec {
                 ))
             }
         };
-        let (mut listen, mut file, mut encrypted, mut size, mut bar) = (None, None, false, None, None);
+        let (mut listen, mut file, mut encrypted, mut size, mut bar) =
+            (None, None, false, None, None);
         for part in parts {
             match part.split_once('=') {
                 Some(("listen", v)) if !v.is_empty() => listen = Some(v.to_string()),
@@ -113,9 +114,12 @@ impl DeviceSpec {
                     let value = args.next().ok_or("--device needs a value")?;
                     let spec = DeviceSpec::parse(&value)?;
                     if spec.model == Model::Nvme && devices.iter().any(|d| d.model == Model::Nvme) {
-                        return Err("one NVMe function per service (one BAR, one partition channel)".into());
+                        return Err(
+                            "one NVMe function per service (one BAR, one partition channel)".into(),
+                        );
                     }
-                    if spec.model != Model::Nvme && devices.iter().any(|d| d.listen == spec.listen) {
+                    if spec.model != Model::Nvme && devices.iter().any(|d| d.listen == spec.listen)
+                    {
                         return Err(format!("listener \"{}\" serves two devices", spec.listen));
                     }
                     if devices.iter().any(|d| d.file == spec.file) {
@@ -322,7 +326,10 @@ mod tests {
         assert!(d.encrypted);
         assert_eq!(d.size, Some(64 << 20));
         let n = spec("nvme,bar=0xfe000000,file=img,size=1M");
-        assert_eq!((n.model, n.bar, n.listen.as_str()), (Model::Nvme, Some(0xfe00_0000), ""));
+        assert_eq!(
+            (n.model, n.bar, n.listen.as_str()),
+            (Model::Nvme, Some(0xfe00_0000), "")
+        );
         for bad in [
             "nvme,file=img",
             "nvme,listen=a,bar=0x1000,file=img",
@@ -426,7 +433,9 @@ mod tests {
             t
         })
         .unwrap();
-        let err = open(&enc, f.try_clone().unwrap(), Some(&mut keys)).err().unwrap();
+        let err = open(&enc, f.try_clone().unwrap(), Some(&mut keys))
+            .err()
+            .unwrap();
         assert!(err.contains("plaintext"), "{err}");
         let unsized_spec = spec("vhost-user-blk,listen=a,file=other");
         let (g, path2) = temp_file();

@@ -27,8 +27,8 @@ use ipc_defs::hosted::runtime;
 use ipc_defs::hosted::sys;
 use ipc_defs::hosted::vmgs_client::VmgsCallError;
 use ipc_defs::hosted::vmgs_client::VmgsClient;
-use ipc_defs::services::vmgs::FileId;
 use ipc_defs::services::storage;
+use ipc_defs::services::vmgs::FileId;
 use ipc_defs::services::vmgs::VmgsError;
 use ipc_defs::Interface;
 use pv_devices::scsi::ScsiDisk;
@@ -48,6 +48,9 @@ use vhost::vhost_user::BackendReqHandler;
 /// How long the loop waits before it looks at the control channel again (the supervisor
 /// pings every second and gives the answer 100 ms).
 const POLL: Duration = Duration::from_millis(20);
+/// With the partition's device too: how long its ring is waited on before the sockets are
+/// looked at again while a vhost-user front end is connected.
+const PARTITION_SLICE: Duration = Duration::from_millis(1);
 
 /// Disk keys in VMGS.
 struct VmgsKeys(VmgsClient);
@@ -97,21 +100,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let partition = match partition_device(&mut started, &mut keys) {
+    let mut partition = match partition_device(&mut started, &mut keys) {
         Ok(p) => p,
         Err(e) => {
             tracing::error!("{e}");
             return ExitCode::FAILURE;
         }
     };
-    if let Some(device) = partition {
-        // The partition's accesses are answered on a thread of their own: a vCPU waits for
-        // each, and must not wait behind a vhost-user front end's I/O.
-        if let Err(e) = std::thread::Builder::new().spawn(move || device.run()) {
-            tracing::error!("cannot start the partition's device thread: {e}");
-            return ExitCode::FAILURE;
-        }
-    }
+    drop(keys);
     tracing::info!(devices = exports.len(), "disks ready");
     let mut more = false;
     loop {
@@ -121,8 +117,27 @@ fn main() -> ExitCode {
         }
         // Pings (and nothing else: the interface has no requests) from the services that call
         // storage.
-        started.answer_served::<storage::Request, storage::Response>(|_, _, request| match request {});
-        more = match serve_once(&mut exports, if more { Duration::ZERO } else { POLL }) {
+        started
+            .answer_served::<storage::Request, storage::Response>(|_, _, request| match request {});
+        // One thread: a vCPU waiting for the partition's device is answered within a wake-up
+        // of its request (the wait is on its ring); the sockets and kicks are looked at in
+        // between, at once while a front end is connected (a kick then waits at most
+        // PARTITION_SLICE), else every POLL.
+        let socket_wait = match partition.as_mut() {
+            Some(p) => {
+                let connected = exports.iter().any(|e| e.front_end.is_some());
+                let slice = if more || connected {
+                    PARTITION_SLICE
+                } else {
+                    POLL
+                };
+                p.serve(if more { Duration::ZERO } else { slice });
+                Duration::ZERO
+            }
+            None if more => Duration::ZERO,
+            None => POLL,
+        };
+        more = match serve_once(&mut exports, socket_wait) {
             Ok(m) => m,
             Err(e) => {
                 tracing::error!("{e}");
@@ -150,7 +165,11 @@ fn setup(
                 spec.listen, spec.file
             )
         })?;
-        let disk = disks::open(&spec, std::fs::File::from(file), keys.as_mut().map(|k| k as &mut dyn KeyStore))?;
+        let disk = disks::open(
+            &spec,
+            std::fs::File::from(file),
+            keys.as_mut().map(|k| k as &mut dyn KeyStore),
+        )?;
         let device = match spec.model {
             Model::Blk => {
                 let mut blk = VirtioBlk::new(disk, &spec.file);
@@ -181,14 +200,12 @@ struct PartitionDevice {
 const CHECKPOINT_REGION: &str = "nvme-checkpoint";
 
 impl PartitionDevice {
-    fn run(mut self) {
-        tracing::info!("NVMe function on the guest partition");
-        loop {
-            let nvme = &mut self.nvme;
-            self.link.serve(Duration::from_secs(1), |access| nvme.access(access));
-            for e in self.nvme.take_errors() {
-                tracing::warn!(device = "nvme", "{e}");
-            }
+    /// Answers the partition's accesses, waiting up to `wait` for the first.
+    fn serve(&mut self, wait: Duration) {
+        let nvme = &mut self.nvme;
+        self.link.serve(wait, |access| nvme.access(access));
+        for e in self.nvme.take_errors() {
+            tracing::warn!(device = "nvme", "{e}");
         }
     }
 }
@@ -234,9 +251,16 @@ fn partition_device(
         format!("the NVMe function keeps its state in a region \"{CHECKPOINT_REGION}\": grant it")
     })?;
     let file = context.files.remove(&spec.file).ok_or_else(|| {
-        format!("the NVMe function: the manifest grants no file \"{}\"", spec.file)
+        format!(
+            "the NVMe function: the manifest grants no file \"{}\"",
+            spec.file
+        )
     })?;
-    let disk = disks::open(&spec, std::fs::File::from(file), keys.as_mut().map(|k| k as &mut dyn KeyStore))?;
+    let disk = disks::open(
+        &spec,
+        std::fs::File::from(file),
+        keys.as_mut().map(|k| k as &mut dyn KeyStore),
+    )?;
     let bar = spec.bar.ok_or("the NVMe function needs bar=ADDR")?;
     let nvme = PciNvme::new(disk, &spec.file, bar, memory, irq, checkpoint)?;
     tracing::info!(image = %spec.file, bar = format_args!("{bar:#x}"), "NVMe function ready");

@@ -192,7 +192,14 @@ impl<M: CheckpointMemory> PciNvme<M> {
             (self.bar as u32 & !0xf) | BAR_64
         };
         put(0x10, bar0);
-        put(0x14, if self.pci.sizing[1] { u32::MAX } else { (self.bar >> 32) as u32 });
+        put(
+            0x14,
+            if self.pci.sizing[1] {
+                u32::MAX
+            } else {
+                (self.bar >> 32) as u32
+            },
+        );
         put(0x2c, VENDOR | DEVICE << 16);
         // Interrupt line (the guest's to write), pin INTA.
         put(0x3c, u32::from(self.pci.interrupt_line) | 1 << 8);
@@ -203,10 +210,7 @@ impl<M: CheckpointMemory> PciNvme<M> {
         let c = self.config_bytes();
         let at = offset as usize;
         match c.get(at..at + usize::from(size)) {
-            Some(bytes) => bytes
-                .iter()
-                .rev()
-                .fold(0u64, |v, b| v << 8 | u64::from(*b)),
+            Some(bytes) => bytes.iter().rev().fold(0u64, |v, b| v << 8 | u64::from(*b)),
             None => 0,
         }
     }
@@ -217,7 +221,8 @@ impl<M: CheckpointMemory> PciNvme<M> {
             let byte = (value >> (8 * i)) as u8;
             match offset + i {
                 0x04 => {
-                    self.pci.command = (self.pci.command & 0xff00 | u16::from(byte)) & COMMAND_WRITABLE
+                    self.pci.command =
+                        (self.pci.command & 0xff00 | u16::from(byte)) & COMMAND_WRITABLE
                 }
                 0x05 => {
                     self.pci.command =
@@ -280,10 +285,25 @@ mod tests {
             bytes: vec![0; 16 * 4096],
         })
         .unwrap();
-        PciNvme::new(Box::new(disk), "t", BAR, memory.clone(), None, region.clone()).unwrap()
+        PciNvme::new(
+            Box::new(disk),
+            "t",
+            BAR,
+            memory.clone(),
+            None,
+            region.clone(),
+        )
+        .unwrap()
     }
 
-    fn access(vcpu: u32, seq: u64, space: Space, address: u64, size: u8, write: Option<u64>) -> Access {
+    fn access(
+        vcpu: u32,
+        seq: u64,
+        space: Space,
+        address: u64,
+        size: u8,
+        write: Option<u64>,
+    ) -> Access {
         Access {
             vcpu,
             seq,
@@ -301,7 +321,8 @@ mod tests {
         let mut seq = 0;
         let mut cfg = |f: &mut PciNvme<MemRegion>, reg: u64, size: u8, write: Option<u64>| {
             seq += 1;
-            f.access(access(0, seq, Space::PciConfig, 0x1800 | reg, size, write)).value
+            f.access(access(0, seq, Space::PciConfig, 0x1800 | reg, size, write))
+                .value
         };
         assert_eq!(cfg(&mut f, 0, 4, None), 0x0010_1b36);
         assert_eq!(cfg(&mut f, 0x08, 4, None) >> 8, 0x01_08_02);
@@ -309,12 +330,25 @@ mod tests {
         cfg(&mut f, 0x10, 4, Some(0xffff_ffff));
         assert_eq!(cfg(&mut f, 0x10, 4, None), 0xffff_c004, "the size: 16 KiB");
         cfg(&mut f, 0x10, 4, Some(0x1234_0000));
-        assert_eq!(cfg(&mut f, 0x10, 4, None), BAR | 4, "the address stays fixed");
+        assert_eq!(
+            cfg(&mut f, 0x10, 4, None),
+            BAR | 4,
+            "the address stays fixed"
+        );
         assert_eq!(cfg(&mut f, 0x3d, 1, None), 1, "INTA");
         // Memory decoding off: the BAR reads all ones.
-        assert_eq!(f.access(access(0, 100, Space::Mmio, BAR + 8, 4, None)).value, 0xffff_ffff);
+        assert_eq!(
+            f.access(access(0, 100, Space::Mmio, BAR + 8, 4, None))
+                .value,
+            0xffff_ffff
+        );
         cfg(&mut f, 0x04, 2, Some(0x0006));
-        assert_eq!(f.access(access(0, 101, Space::Mmio, BAR + 8, 4, None)).value, 0x0001_0400, "VS");
+        assert_eq!(
+            f.access(access(0, 101, Space::Mmio, BAR + 8, 4, None))
+                .value,
+            0x0001_0400,
+            "VS"
+        );
     }
 
     #[test]
@@ -326,9 +360,21 @@ mod tests {
         // An admin queue, enabled.
         f.access(access(0, 2, Space::Mmio, BAR + 0x24, 4, Some(0x000f_000f)));
         f.access(access(0, 3, Space::Mmio, BAR + 0x28, 4, Some(WINDOW)));
-        f.access(access(0, 4, Space::Mmio, BAR + 0x30, 4, Some(WINDOW + 0x1000)));
+        f.access(access(
+            0,
+            4,
+            Space::Mmio,
+            BAR + 0x30,
+            4,
+            Some(WINDOW + 0x1000),
+        ));
         f.access(access(0, 5, Space::Mmio, BAR + 0x14, 4, Some(0x0046_0001)));
-        assert_eq!(f.access(access(0, 6, Space::Mmio, BAR + 0x1c, 4, None)).value & 1, 1);
+        assert_eq!(
+            f.access(access(0, 6, Space::Mmio, BAR + 0x1c, 4, None))
+                .value
+                & 1,
+            1
+        );
         // An Identify controller command, rung by a doorbell the restart replays.
         let mut cmd = [0u8; 64];
         cmd[0] = 0x06;
@@ -343,9 +389,18 @@ mod tests {
         // A new process: enabled, with the queue where it was; the doorbell sent again is
         // answered from the record, not run a second time.
         let mut g = function(&region, &memory);
-        assert_eq!(g.access(access(0, 7, Space::Mmio, BAR + 0x1000, 4, Some(1))).value, 0);
+        assert_eq!(
+            g.access(access(0, 7, Space::Mmio, BAR + 0x1000, 4, Some(1)))
+                .value,
+            0
+        );
         assert_eq!(g.repeats, 1);
-        assert_eq!(g.access(access(0, 8, Space::Mmio, BAR + 0x1c, 4, None)).value & 1, 1);
+        assert_eq!(
+            g.access(access(0, 8, Space::Mmio, BAR + 0x1c, 4, None))
+                .value
+                & 1,
+            1
+        );
         let second: [u8; 16] = memory.read_obj(GuestAddress(WINDOW + 0x1010)).unwrap();
         assert_eq!(second, [0; 16], "no second completion");
     }

@@ -13,7 +13,7 @@
 //!    value it checks against the hash chain it computes itself;
 //! 3. routes COM1's line 4 through the IOAPIC, enables the UART's transmit interrupt and
 //!    takes it;
-//! 4. optionally (`nvme=1`) drives the partition's NVMe function (`nvme.rs`): identify,
+//! 4. if the partition has one (or `nvme=1`), drives the partition's NVMe function (`nvme.rs`): identify,
 //!    an I/O queue pair in the shared window, and passes that write, flush, read back and
 //!    check every block of namespace 1;
 //! 5. optionally (`bench=N`) times N port reads handled by a service (COM1's scratch
@@ -24,7 +24,7 @@
 //! The boot command line (a NUL-terminated string, its address in RSI at entry) takes
 //! `extends=N` (default 8), `bench=N` (default 0), `interrupt=0|1` (default 1),
 //! `tpm=0|1` (default 1), `unowned=0|1` (default 1: accesses nothing owns, an unknown MSR),
-//! `triple-fault=1` (runs wild on purpose, first thing), and for NVMe `nvme=0|1` (default 0),
+//! `triple-fault=1` (runs wild on purpose, first thing), and for NVMe `nvme=0|1` (default: if there is one),
 //! `nvme-passes=N` (default 1), `nvme-blocks=N` (default 1024: the most blocks tested),
 //! `nvme-irq=0|1` (default 0), `window=0xADDR` (the shared window, default 0xb0000000).
 //! Numbers are decimal, or hexadecimal after `0x`.
@@ -553,7 +553,7 @@ fn options() -> Options {
             b"tpm" => o.tpm = n != 0,
             b"unowned" => o.unowned = n != 0,
             b"triple-fault" => o.crash = n != 0,
-            b"nvme" => o.nvme.enabled = n != 0,
+            b"nvme" => o.nvme.enabled = Some(n != 0),
             b"nvme-passes" => o.nvme.passes = n,
             b"nvme-blocks" => o.nvme.max_blocks = n,
             b"nvme-irq" => o.nvme.interrupt = n != 0,
@@ -583,7 +583,7 @@ extern "C" fn user_main() -> ! {
     if o.interrupt {
         interrupt_check();
     }
-    if o.nvme.enabled {
+    if o.nvme.enabled != Some(false) {
         nvme::run(&o.nvme);
     }
     if o.bench > 0 {
