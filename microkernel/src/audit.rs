@@ -63,6 +63,8 @@ pub struct Row {
     pub interrupts: Vec<InterruptRow>,
     /// What the guest partition sends it, when a guest runs.
     pub guest: Option<String>,
+    /// The guest memory it may reach (DMA), when a guest runs: base, size, kind.
+    pub dma: Option<DmaRow>,
     /// What the microkernel itself holds with it: the platform capability, its own channel.
     pub microkernel: Option<String>,
     /// Address-space limit in bytes.
@@ -232,6 +234,15 @@ fn millis(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Guest memory a device may reach.
+#[derive(Debug, Clone, Serialize)]
+pub struct DmaRow {
+    pub base: u64,
+    pub size: u64,
+    /// "shared-window" or "all".
+    pub kind: &'static str,
+}
+
 pub fn rows(m: &Manifest) -> Vec<Row> {
     let plan = crate::privilege::plan(m, &crate::privilege::Runner::current());
     let capabilities = CapabilityPlan::new(&m.services, Run::MOST);
@@ -335,10 +346,22 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
                         .into(),
                 )
             } else if capabilities.guest_interface(i).is_some() {
-                Some("accesses to its ranges".into())
+                let pci = s
+                    .pci_device
+                    .map(|d| format!(" and to PCI function 00:{d:02x}.0's configuration space"))
+                    .unwrap_or_default();
+                Some(format!("accesses to its ranges{pci}"))
             } else {
                 None
             },
+            dma: capabilities.slots(i).iter().find_map(|slot| match slot.grant {
+                Grant::GuestMemory { base, size } => Some(DmaRow {
+                    base,
+                    size,
+                    kind: s.guest_memory.map_or("", |g| g.name()),
+                }),
+                _ => None,
+            }),
             microkernel: match (
                 capabilities.platform == Some(i),
                 capabilities.paravisor_attest == Some(i),
@@ -577,6 +600,15 @@ pub fn text(m: &Manifest) -> String {
         }
         if let Some(g) = &r.guest {
             let _ = writeln!(out, "  guest:   {g}");
+        }
+        if let Some(d) = &r.dma {
+            let _ = writeln!(
+                out,
+                "  dma:     guest memory {:#x}..{:#x} only ({}); nothing else of the guest's",
+                d.base,
+                d.base + d.size,
+                d.kind
+            );
         }
         if let Some(k) = &r.microkernel {
             let _ = writeln!(out, "  microkernel: {k}");

@@ -584,6 +584,7 @@ mod tests {
             with(&[
                 "serve:vmgs attest",
                 "serve:vmgs vtpm",
+                "serve:vmgs storage",
                 "file:rw guest-state",
                 "key datastore",
             ])
@@ -623,7 +624,19 @@ mod tests {
         );
         assert_eq!(
             listed(&plan, &m, "storage"),
-            with(&["serve:storage intercept"])
+            with(&[
+                "serve:storage intercept",
+                "serve:storage guest",
+                "interrupt:line 10 irq-line-10",
+                "guest-memory guest-memory",
+                "call:vmgs vmgs",
+                "region nvme-checkpoint",
+                "file:rw nvme-image",
+                "file:rw blk-image",
+                "file:rw scsi-image",
+                "listener vhost-user-blk",
+                "listener vhost-user-scsi",
+            ])
         );
         assert_eq!(listed(&plan, &m, "net"), with(&["serve:net intercept"]));
 
@@ -639,7 +652,20 @@ mod tests {
             .filter(|s| s != "serve:vtpm guest")
             .collect();
         assert_eq!(listed(&without, &m, "vtpm"), vtpm);
-        for name in ["vmgs", "attest", "tpm-gateway", "storage", "net"] {
+        // The partition's device loses its partition channel, line and guest memory.
+        let storage: Vec<String> = listed(&plan, &m, "storage")
+            .into_iter()
+            .filter(|s| {
+                ![
+                    "serve:storage guest",
+                    "interrupt:line 10 irq-line-10",
+                    "guest-memory guest-memory",
+                ]
+                .contains(&s.as_str())
+            })
+            .collect();
+        assert_eq!(listed(&without, &m, "storage"), storage);
+        for name in ["vmgs", "attest", "tpm-gateway", "net"] {
             assert_eq!(
                 listed(&without, &m, name),
                 listed(&plan, &m, name),
@@ -686,6 +712,7 @@ mod tests {
                 "vtpm->vmgs pv-chan-vtpm-vmgs",
                 "vtpm->attest pv-chan-vtpm-attest",
                 "tpm-gateway->vtpm pv-chan-tpm-gateway-vtpm",
+                "storage->vmgs pv-chan-storage-vmgs",
             ]
         );
         // Each end of a link names the same memfd.
@@ -717,6 +744,7 @@ mod tests {
             [
                 ("intercept", Interface::Intercept, "pv-guest-intercept"),
                 ("vtpm", Interface::Vtpm, "pv-guest-vtpm"),
+                ("storage", Interface::Storage, "pv-guest-storage"),
             ]
         );
         assert_eq!(plan.paravisor_attest, Some(index(&m, "attest")));

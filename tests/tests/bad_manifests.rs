@@ -463,12 +463,31 @@ fn interrupt_grants_pass_where_they_belong() {
 }
 
 #[test]
-fn interrupt_lines_only_on_intercept_and_in_calls_to_it() {
-    // Own lines on a service that does not serve intercept.
+fn interrupt_lines_only_on_intercept_devices_and_in_calls_to_intercept() {
+    // Own lines on a service that owns no guest device.
     refused(
-        &edit(|m| add(m, "service.tpm.interrupts", "[5]")),
-        16,
-        "does not serve intercept",
+        &edit(|m| add(m, "service.store.interrupts", "[5]")),
+        7,
+        "lists interrupts but owns no guest device",
+    );
+    // A device's own line (tpm owns a range) is accepted, and shown by the audit.
+    let m = edit(|m| add(m, "service.tpm.interrupts", "[5]"));
+    let dir = common::scratch_dir("bad-manifest-own-line");
+    let path = dir.join("m.toml");
+    std::fs::write(&path, &m).unwrap();
+    let out = common::pv(&["audit", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("irq-line-5"), "{}", text(&out));
+    // Two holders of one line.
+    let m = edit(|m| {
+        add(m, "service.tpm.interrupts", "[5]");
+        add(m, "service.store.pio", "[{ base = 0x2f8, size = 8 }]");
+        add(m, "service.store.interrupts", "[5]");
+    });
+    refused(
+        &m,
+        18,
+        "interrupt line 5 is listed by both \"store\" and \"tpm\"",
     );
     // A line grant in a call to another endpoint.
     refused(
@@ -487,12 +506,40 @@ fn interrupt_lines_that_do_not_exist_or_repeat_are_refused() {
 }
 
 #[test]
-fn a_range_whose_service_takes_no_guest_accesses_is_refused() {
-    let m = edit(|m| add(m, "service.store.pio", "[{ base = 0x2f8, size = 8 }]"));
+fn a_range_of_a_service_with_two_interfaces_is_refused() {
+    let m = edit(|m| {
+        set(m, "service.store.serves", r#"["vmgs", "net"]"#);
+        add(m, "service.store.pio", "[{ base = 0x2f8, size = 8 }]");
+    });
     refused(
         &m,
         7,
-        "owns guest address ranges or a PCI device but serves 0 interface(s)",
+        "owns guest address ranges or a PCI device but serves 2 interfaces",
+    );
+}
+
+#[test]
+fn guest_memory_only_for_a_device_and_of_a_known_kind() {
+    refused(
+        &edit(|m| add(m, "service.store.guest-memory", r#""all""#)),
+        7,
+        "asks for guest memory but owns no guest device",
+    );
+    refused(
+        &edit(|m| add(m, "service.tpm.guest-memory", r#""private""#)),
+        16,
+        "guest-memory \"private\" is not a kind of guest memory",
+    );
+    let m = edit(|m| add(m, "service.tpm.guest-memory", r#""shared-window""#));
+    let dir = common::scratch_dir("bad-manifest-guest-memory");
+    let path = dir.join("m.toml");
+    std::fs::write(&path, &m).unwrap();
+    let out = common::pv(&["audit", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("dma:     guest memory 0xb0000000..0xb0400000 only (shared-window)"),
+        "{}",
+        text(&out)
     );
 }
 
@@ -535,11 +582,14 @@ fn pci_devices_must_exist_and_have_one_owner() {
         add(m, "service.platform-devices.pci-device", "3");
     });
     refused(&m, 25, "PCI device 3 is already owned by \"tpm\"");
-    // A store has no guest interface: it cannot own a device.
+    // A service with two interfaces cannot own a device (whose channel would carry it?).
     refused(
-        &edit(|m| add(m, "service.store.pci-device", "4")),
+        &edit(|m| {
+            set(m, "service.store.serves", r#"["vmgs", "net"]"#);
+            add(m, "service.store.pci-device", "4");
+        }),
         7,
-        "owns guest address ranges or a PCI device",
+        "owns guest address ranges or a PCI device but serves 2 interfaces",
     );
 }
 

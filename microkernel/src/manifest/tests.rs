@@ -408,7 +408,11 @@ fn capability_slots_count_every_descriptor_a_service_holds() {
         ("attest", 3 + 1 + 2 + 1 + 2, 3 + 1 + 2 + 1 + 2), // served to vtpm, microkernel and platform, a call, 2 files
         ("vtpm", 3 + 2 + 1 + 2 + 1, 3 + 2 + 2 + 1), // served to intercept and the gateway, mmio, 2 calls, a region
         ("tpm-gateway", 3 + 1 + 5, 3 + 1 + 5),      // a call, 5 listeners
-        ("storage", 3 + 1 + 1 + 2 + 2, 3 + 1 + 1 + 2 + 2), // served to intercept, a call, 2 files, 2 listeners
+        (
+            "storage",
+            3 + 2 + 1 + 1 + 1 + 1 + 3 + 2,
+            3 + 1 + 1 + 1 + 3 + 2,
+        ), // served to intercept and the partition, line 10, guest memory, a call, a region, 3 files, 2 listeners
     ];
     for (name, with_guest, without) in expected {
         assert_eq!(slots(name, true), with_guest, "{name} with a guest");
@@ -447,11 +451,12 @@ fn capability_slots_count_every_descriptor_a_service_holds() {
 #[test]
 fn guest_interrupts_are_intercepts_lines_and_those_its_callers_are_granted() {
     let m = accepted(&shipped());
-    assert_eq!(guest_interrupts(&m.services), [Interrupt::Line(4)]);
+    // Intercept's COM1, and storage's own line for its NVMe function.
+    assert_eq!(guest_interrupts(&m.services), [4, 10].map(Interrupt::Line));
     let src = shipped()
         .replacen(
             "calls = [{ endpoint = \"vmgs\", file-ids = [\"PV_STORAGE_KEYS\"] }]",
-            "calls = [{ endpoint = \"vmgs\", file-ids = [\"PV_STORAGE_KEYS\"] }, { endpoint = \"intercept\", interrupts = [10, 5] }]",
+            "calls = [{ endpoint = \"vmgs\", file-ids = [\"PV_STORAGE_KEYS\"] }, { endpoint = \"intercept\", interrupts = [12, 5] }]",
             1,
         )
         .replacen(
@@ -462,7 +467,7 @@ fn guest_interrupts_are_intercepts_lines_and_those_its_callers_are_granted() {
     let m = accepted(&src);
     assert_eq!(
         guest_interrupts(&m.services),
-        [4, 5, 10, 11].map(Interrupt::Line)
+        [4, 5, 10, 11, 12].map(Interrupt::Line)
     );
 }
 
