@@ -371,9 +371,13 @@ impl<D: Disk> NvmeController<D> {
                 s.head = sq.head;
             }
             if mem.read_slice(&mut raw, GuestAddress(at)).is_err() {
+                // The queue is where the device cannot reach (outside the memory it was
+                // given): nothing can be answered on it; the controller says it is fatally
+                // stopped (CSTS.CFS), which a driver notices, rather than leave it waiting.
                 self.errors.push(format!(
-                    "submission queue {qid}: entry outside guest memory"
+                    "submission queue {qid}: entry at {at:#x} is outside the guest memory this device may reach; controller fatal"
                 ));
+                self.csts |= 1 << 1;
                 break;
             }
             let cmd = Command::parse(&raw);

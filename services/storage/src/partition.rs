@@ -135,6 +135,11 @@ impl<M: CheckpointMemory> PciNvme<M> {
             if l.seq == a.seq && l.address == a.address && l.write == write {
                 // Sent again after a restart: this access was done.
                 self.repeats += 1;
+                tracing::info!(
+                    vcpu = a.vcpu,
+                    seq = a.seq,
+                    "access answered from the record (sent again after a restart)"
+                );
                 return Reply::read(l.value);
             }
         }
