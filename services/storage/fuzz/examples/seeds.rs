@@ -8,8 +8,14 @@
 //! GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, SET_OWNER, GET_INFLIGHT_FD, SET_MEM_TABLE,
 //! SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, SET_VRING_KICK, SET_VRING_CALL,
 //! SET_VRING_ENABLE) over a 1 MiB memfd, alone, with a write and a read the guest put on
-//! the ring, for virtio-scsi, without the protocol-features handshake, and a reconnection
-//! that hands the in-flight record back with a request marked in flight.
+//! the ring, for virtio-scsi, without the protocol-features handshake, a reconnection that
+//! hands the in-flight record back with a request marked in flight, every request the handler
+//! passes to the back end, and a ring with more than one batch waiting; and
+//! `vhost_user_messages.dict`, the header of every request. inflight_record: a fresh record
+//! served, one a back end left mid-request, one too small.
+//!
+//! `seeds/<target>/found_*` are not written here: they are inputs the fuzzers found (a bug
+//! since fixed), kept so that every run tries them again.
 
 use std::path::Path;
 
