@@ -51,6 +51,8 @@ pub enum RecordError {
     NoQueue(u16),
     #[error("queue {queue} has {size} descriptors; the in-flight record tracks {tracked}")]
     QueueTooLarge { queue: u16, size: u16, tracked: u16 },
+    #[error("descriptor {head} is not one of the {tracked} the in-flight record tracks for queue {queue}")]
+    NoHead { queue: u16, head: u16, tracked: u16 },
     #[error("the in-flight record of queue {queue} is version {version}, not {VERSION}")]
     Version { queue: u16, version: u16 },
     #[error("in-flight record access: {0}")]
@@ -123,6 +125,21 @@ impl Record {
         self.header(queue, HEADER + u64::from(head) * ENTRY + field)
     }
 
+    /// Checks that `head` of `queue` has an entry: a mark never lands in another queue's part.
+    fn check(&self, queue: u16, head: u16) -> Result<(), RecordError> {
+        if queue >= self.queues {
+            return Err(RecordError::NoQueue(queue));
+        }
+        if head >= self.queue_size {
+            return Err(RecordError::NoHead {
+                queue,
+                head,
+                tracked: self.queue_size,
+            });
+        }
+        Ok(())
+    }
+
     fn put<T: vm_memory::ByteValued>(&self, at: GuestAddress, v: T) -> Result<(), RecordError> {
         self.mem
             .write_obj(v, at)
@@ -161,6 +178,7 @@ impl Record {
 
     /// Request `head` of `queue` was taken off the ring (the `counter`-th request).
     pub fn start(&self, queue: u16, head: u16, counter: u64) -> Result<(), RecordError> {
+        self.check(queue, head)?;
         self.put(self.entry(queue, head, 8), counter)?;
         fence(Ordering::SeqCst);
         self.put(self.entry(queue, head, 0), 1u8)
@@ -168,6 +186,7 @@ impl Record {
 
     /// Request `head` is about to be published on the used ring.
     pub fn completing(&self, queue: u16, head: u16) -> Result<(), RecordError> {
+        self.check(queue, head)?;
         self.put(self.header(queue, 12), head)?;
         fence(Ordering::SeqCst);
         Ok(())
@@ -175,6 +194,7 @@ impl Record {
 
     /// Request `head` is on the used ring, whose index is now `used_idx`.
     pub fn completed(&self, queue: u16, head: u16, used_idx: u16) -> Result<(), RecordError> {
+        self.check(queue, head)?;
         self.put(self.entry(queue, head, 0), 0u8)?;
         fence(Ordering::SeqCst);
         self.put(self.header(queue, 14), used_idx)
@@ -222,6 +242,7 @@ impl Record {
     /// Forgets every mark of `queue` (the driver reset the device: nothing it had submitted
     /// is owed an answer).
     pub fn clear(&self, queue: u16) -> Result<(), RecordError> {
+        self.check(queue, 0)?;
         for head in 0..self.queue_size {
             self.put(self.entry(queue, head, 0), 0u8)?;
         }
@@ -318,6 +339,36 @@ mod tests {
         assert_eq!(r.recover(0, 8, 0).unwrap().heads, vec![2]);
         r.clear(0).unwrap();
         assert!(r.recover(0, 16, 0).unwrap().heads.is_empty());
+    }
+
+    #[test]
+    fn marks_outside_a_queue_are_refused_and_leave_the_other_queues_alone() {
+        let r = record(2, 16);
+        r.prepare(0, 16).unwrap();
+        r.prepare(1, 16).unwrap();
+        r.start(1, 4, 3).unwrap();
+        // Queue 0's part is 320 bytes: descriptor 19's entry would be queue 1's header.
+        assert_eq!(
+            r.start(0, 19, 7),
+            Err(RecordError::NoHead {
+                queue: 0,
+                head: 19,
+                tracked: 16
+            })
+        );
+        assert!(matches!(
+            r.completing(0, 16),
+            Err(RecordError::NoHead { .. })
+        ));
+        assert!(matches!(
+            r.completed(0, 16, 1),
+            Err(RecordError::NoHead { .. })
+        ));
+        assert_eq!(r.start(2, 0, 7), Err(RecordError::NoQueue(2)));
+        assert_eq!(r.clear(2), Err(RecordError::NoQueue(2)));
+        assert_eq!(r.prepare(1, 16), Ok(()), "queue 1's header is intact");
+        let found = r.recover(1, 16, 0).unwrap();
+        assert_eq!((found.heads, found.last_counter), (vec![4], 3));
     }
 
     #[test]

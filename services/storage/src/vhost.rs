@@ -13,8 +13,8 @@
 //! Everything the front end sends is checked: ring indexes and sizes, addresses that must
 //! fall inside the memory it shared, memory regions that must not overlap and must lie within
 //! their files, in-flight records that must hold what they claim. A bad message is refused
-//! with an error reply; a ring whose driver misbehaves (avail index beyond the ring, used ring
-//! outside memory) is stopped until the device is reset.
+//! with an error reply; a ring whose driver misbehaves (avail index beyond the ring, a head
+//! past it, used ring outside memory) is stopped until the device is reset.
 
 use std::fs::File;
 use std::io::Write;
@@ -396,12 +396,18 @@ impl Backend {
                     .pop_descriptor_chain(mem)
                     .ok_or("a request the avail index announced is not there")?;
                 let head = chain.head_index();
-                if !ring.resubmit.is_empty() {
-                    let expected = ring.resubmit.remove(0);
-                    counts.resubmitted += 1;
-                    if head != expected {
-                        tracing::warn!(device = %name, ring = index, head, expected, "the ring holds another request where the in-flight record expected one");
-                    }
+                // virtio-queue hands out a chain whose head is past the ring (it refuses
+                // only to follow it): that head must not be marked in flight, where its
+                // entry would be another queue's part of the record.
+                if head >= ring.queue.size() {
+                    return Err(format!(
+                        "the driver offered descriptor {head} on a ring of {}",
+                        ring.queue.size()
+                    ));
+                }
+                let resubmission = (!ring.resubmit.is_empty()).then(|| ring.resubmit.remove(0));
+                if let Some(expected) = resubmission.filter(|e| *e != head) {
+                    tracing::warn!(device = %name, ring = index, head, expected, "the ring holds another request where the in-flight record expected one");
                 }
                 *counter += 1;
                 if let Some(r) = record {
@@ -420,6 +426,11 @@ impl Backend {
                 }
                 answered += 1;
                 counts.requests += 1;
+                // A resubmission counts once answered (a ring that stops first answered
+                // nothing).
+                if resubmission.is_some() {
+                    counts.resubmitted += 1;
+                }
                 // Counted exactly; logged one by one at first, then every thousandth (a
                 // driver scanning 255 SCSI targets, or a hostile one, must not flood the log).
                 let (what, n) = match outcome {

@@ -392,3 +392,59 @@ fn a_driver_that_announces_more_requests_than_its_ring_holds_stops_only_that_rin
     );
     assert_eq!(backend.lock().unwrap().counts.requests, 0);
 }
+
+#[test]
+fn a_head_outside_the_ring_stops_it_before_the_in_flight_record_or_the_counts_change() {
+    let g = guest();
+    let vq = MockSplitQueue::new(&g.mem, QSIZE);
+    // A record for two rings, with ring 0's head 6 in flight when its back end stopped.
+    let first = Arc::new(Mutex::new(Backend::new("t", disk())));
+    let (mut fe, t) = connect(&first);
+    handshake(&mut fe);
+    let info = VhostUserInflight {
+        mmap_size: 0,
+        mmap_offset: 0,
+        num_queues: 2,
+        queue_size: QSIZE,
+    };
+    let (inflight, record_file) = fe.get_inflight_fd(&info).unwrap();
+    drop(fe);
+    t.join().unwrap();
+    let record_mem = || {
+        let region = MmapRegion::from_file(
+            FileOffset::new(record_file.try_clone().unwrap(), 0),
+            inflight.mmap_size as usize,
+        )
+        .unwrap();
+        GuestMemoryMmap::from_regions(vec![GuestRegionMmap::new(region, GuestAddress(0)).unwrap()])
+            .unwrap()
+    };
+    let record = Record::new(record_mem(), 2, QSIZE, 8).unwrap();
+    record.prepare(0, QSIZE).unwrap();
+    record.start(0, 6, 1).unwrap();
+    // The driver's next request names descriptor 19 of a ring of 16: its entry in the
+    // record would be ring 1's header.
+    g.mem
+        .write_obj(19u16, vq.avail_addr().unchecked_add(4))
+        .unwrap();
+    g.mem
+        .write_obj(1u16, vq.avail_addr().unchecked_add(2))
+        .unwrap();
+    let second = Arc::new(Mutex::new(Backend::new("t", disk())));
+    let (mut fe, _t) = connect(&second);
+    handshake(&mut fe);
+    let _rings = start(&mut fe, &g, &vq, Some((&inflight, &record_file)));
+    assert!(!second.lock().unwrap().serve_ready());
+    assert_eq!(used_idx(&g, &vq), 0, "nothing answered");
+    assert_eq!(
+        second.lock().unwrap().counts,
+        Default::default(),
+        "no request answered, so none resubmitted"
+    );
+    let ring1_part = pv_storage::inflight::queue_bytes(QSIZE);
+    let mut part = vec![0u8; ring1_part as usize];
+    record_mem()
+        .read_slice(&mut part, GuestAddress(ring1_part))
+        .unwrap();
+    assert!(part.iter().all(|b| *b == 0), "ring 1's part untouched");
+}
