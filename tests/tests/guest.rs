@@ -399,12 +399,15 @@ fn killed_storage_during_nvme_passes_loses_and_repeats_nothing() {
         let row = rows.as_array()?.iter().find(|r| r["name"] == "storage")?;
         Some((row["state"].as_str()?.to_string(), row["pid"].as_i64()?))
     };
+    // A kill as each of the first ten passes ends (the guest is already in the next one):
+    // paced by the guest, not by the clock, so a busy machine changes nothing.
     let mut kills = 0;
-    while kills < 10 && !run.console().contains("pass 60:") {
-        std::thread::sleep(Duration::from_millis(300 + 150 * (kills % 4)));
-        let Some((_, before)) = storage(&run) else {
-            continue;
-        };
+    for pass in 1..=10 {
+        run.wait_for_console(
+            &format!("guest: nvme: pass {pass}: "),
+            Duration::from_secs(300),
+        );
+        let (_, before) = storage(&run).expect("storage is in ps");
         let out = pv(&[
             "kill",
             "storage",
@@ -413,24 +416,21 @@ fn killed_storage_during_nvme_passes_loses_and_repeats_nothing() {
             "--state-dir",
             &run.state_dir(),
         ]);
-        if out.status.success() {
-            kills += 1;
-            // Until the new process runs, a second kill would only hit the back-off.
-            let until = Instant::now() + Duration::from_secs(30);
-            while !matches!(storage(&run), Some((state, pid)) if state == "running" && pid != before)
-            {
-                assert!(
-                    Instant::now() < until,
-                    "storage did not come back:\n{}",
-                    run.both()
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        assert!(out.status.success(), "{}", common::text(&out));
+        kills += 1;
+        // Until the new process runs, a second kill would only hit the back-off.
+        let until = Instant::now() + Duration::from_secs(60);
+        while !matches!(storage(&run), Some((state, pid)) if state == "running" && pid != before) {
+            assert!(
+                Instant::now() < until,
+                "storage did not come back:\n{}",
+                run.both()
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
     let status = run.wait(Duration::from_secs(300));
     let (console, log) = (run.console(), run.log());
-    assert_eq!(kills, 10, "the passes ended before ten kills:\n{console}");
     assert_eq!(status.code(), Some(0), "{console}\n--- log ---\n{log}");
     assert_eq!(
         console
