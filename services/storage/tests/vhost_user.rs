@@ -27,6 +27,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::mmap::MmapRegion;
+use vm_memory::Address;
 use vm_memory::Bytes;
 use vm_memory::FileOffset;
 use vm_memory::GuestAddress;
@@ -153,7 +154,16 @@ fn used_idx(g: &Guest, vq: &MockSplitQueue<GuestMemoryMmap>) -> u16 {
     g.mem.read_obj(vq.used_addr().unchecked_add(2)).unwrap()
 }
 
-use vm_memory::Address;
+/// QEMU's GET_INFLIGHT_FD for the one ring of QSIZE descriptors: the back end's record.
+fn record_for_one_ring(fe: &mut Frontend) -> (VhostUserInflight, File) {
+    let info = VhostUserInflight {
+        mmap_size: 0,
+        mmap_offset: 0,
+        num_queues: 1,
+        queue_size: QSIZE,
+    };
+    fe.get_inflight_fd(&info).unwrap()
+}
 
 #[test]
 fn a_front_end_writes_and_reads_a_block_through_shared_memory() {
@@ -162,13 +172,7 @@ fn a_front_end_writes_and_reads_a_block_through_shared_memory() {
     let backend = Arc::new(Mutex::new(Backend::new("t", disk())));
     let (mut fe, _t) = connect(&backend);
     handshake(&mut fe);
-    let info = VhostUserInflight {
-        mmap_size: 0,
-        mmap_offset: 0,
-        num_queues: 1,
-        queue_size: QSIZE,
-    };
-    let (inflight, record) = fe.get_inflight_fd(&info).unwrap();
+    let (inflight, record) = record_for_one_ring(&mut fe);
     let rings = start(&mut fe, &g, &vq, Some((&inflight, &record)));
     g.mem
         .write_slice(&[0x42; BLOCK], GuestAddress(DATA))
@@ -204,13 +208,7 @@ fn a_second_back_end_answers_exactly_the_request_the_first_left_in_flight() {
     let first = Arc::new(Mutex::new(Backend::new("t", disk())));
     let (mut fe, t) = connect(&first);
     handshake(&mut fe);
-    let info = VhostUserInflight {
-        mmap_size: 0,
-        mmap_offset: 0,
-        num_queues: 1,
-        queue_size: QSIZE,
-    };
-    let (inflight, record_file) = fe.get_inflight_fd(&info).unwrap();
+    let (inflight, record_file) = record_for_one_ring(&mut fe);
     let _rings = start(&mut fe, &g, &vq, Some((&inflight, &record_file)));
     // One request answered...
     g.mem
