@@ -201,7 +201,8 @@ fn device_service_is_refused_an_interrupt_it_was_not_granted() {
         "{intercept}"
     );
     let _ = pv(&["stop", "--state-dir", &run.state_dir()]);
-    assert_eq!(run.wait(Duration::from_secs(30)).code(), Some(0));
+    let status = run.wait(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{}", run.both());
 }
 
 #[test]

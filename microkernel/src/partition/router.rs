@@ -95,6 +95,9 @@ pub enum RouteError {
     BadAnswer { service: String, answer: String },
     #[error("no intercept service: {what} has nowhere to go")]
     NoIntercept { what: String },
+    /// The partition is stopping: the access is left unanswered and the vCPU ends.
+    #[error("service \"{service}\" not asked: the partition is stopping")]
+    Stopping { service: String },
 }
 
 pub struct Router {
@@ -122,10 +125,8 @@ fn call<Q: Serialize, R: DeserializeOwned>(
     let started = Instant::now();
     loop {
         if stop.load(Ordering::Relaxed) {
-            return Err(RouteError::Unreachable {
+            return Err(RouteError::Stopping {
                 service: service.into(),
-                waited: started.elapsed(),
-                reason: "the partition is stopping".into(),
             });
         }
         if end.memory().channel().server_state() == ServerState::Gone {
@@ -253,7 +254,7 @@ impl Router {
             };
         }
         match result {
-            Err(e) if !fatal => {
+            Err(e) if !fatal && !matches!(e, RouteError::Stopping { .. }) => {
                 // A device that cannot answer (failed, or answering nonsense) gets the unowned
                 // behaviour; the guest runs on. Without intercept's policy it cannot.
                 let n = self.unanswered.fetch_add(1, Ordering::Relaxed) + 1;
@@ -937,11 +938,14 @@ mod tests {
         // A tpm that never answers (it takes the request and dies), and a partition stopping.
         let (mut r, _i, _t) = tpm_router(intercept_answering(0, |_| None), |_| None);
         r.stop.store(true, Ordering::Relaxed);
-        let reply = r.access(access(Space::Mmio, TPM_BASE, 1, None)).unwrap();
-        assert_eq!(reply, Reply::read(0xff));
-        assert_eq!(r.unanswered.load(Ordering::Relaxed), 1);
+        // Neither a device's access nor intercept's is answered: the vCPU ends as stopped.
+        let e = r
+            .access(access(Space::Mmio, TPM_BASE, 1, None))
+            .unwrap_err();
+        assert!(matches!(e, RouteError::Stopping { .. }), "{e}");
+        assert_eq!(r.unanswered.load(Ordering::Relaxed), 0);
         let e = r.msr(0, 1, None).unwrap_err();
-        assert!(matches!(e, RouteError::Unreachable { .. }), "{e}");
+        assert!(matches!(e, RouteError::Stopping { .. }), "{e}");
     }
 
     #[test]

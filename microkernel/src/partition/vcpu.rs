@@ -301,9 +301,12 @@ pub fn run(
                     Ok(Next::Resume | Next::ForwardPciConfig { .. }) => Outcome::Failed(format!(
                         "vCPU {id}: {event:?} cannot be resumed\n{registers}"
                     )),
+                    Err(RouteError::Stopping { .. }) => Outcome::Stopped,
                     Err(e) => Outcome::Failed(format!("vCPU {id}: {event:?}; {e}\n{registers}")),
                 };
             }
+            // An exit met the stop on its way to a service: the run was stopped, not failed.
+            Err(RouteError::Stopping { .. }) => break Outcome::Stopped,
             Err(e) => break failed(&vcpu, id, e),
         }
     };
