@@ -1,6 +1,7 @@
 //! What an operator or a relying party runs, outside the paravisor's trusted core: the
 //! report and certificate verifier (`attest verify`), the tenant's key broker (`kbs`), the
-//! VMGS file tool (`vmgs`), and the benchmarks (`bench`). The `pv-tools` binary runs them;
+//! VMGS file tool (`vmgs`), and the benchmarks (`bench`); and the Linux guest the tests'
+//! harness boots (`linux_guest`), for benchmarks that boot it too. The `pv-tools` binary runs them;
 //! `paravisor` hands these commands to it, so none of this code is in the binary the launch
 //! measures.
 #![forbid(unsafe_code)]
@@ -16,6 +17,7 @@ pub mod bench_vtpm;
 pub mod cli;
 pub mod kbs;
 pub mod kbs_args;
+pub mod linux_guest;
 pub mod provision;
 pub mod verify;
 pub mod vmgs_args;
