@@ -315,7 +315,10 @@ impl Running {
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(qemu_log)?)
             .spawn()
-            .map_err(|e| std::io::Error::new(e.kind(), format!("qemu-system-x86_64: {e}")))?;
+            .map_err(|e| {
+                let program = cmd.get_program().to_string_lossy().into_owned();
+                std::io::Error::new(e.kind(), format!("{program}: {e}"))
+            })?;
         let stdout = child
             .stdout
             .take()
