@@ -1,6 +1,7 @@
 //! The benchmarks as a user runs them (issue 13, items 4 and 6): each works in a temporary
 //! directory of its own and removes it, whatever happens; `bench memory` reports every process
-//! and the shared memory of an idle instance; a benchmark says when the machine was busy.
+//! and the shared memory of an idle instance; `bench storage` measures every side and row; a
+//! benchmark says when the machine was busy.
 
 mod common;
 
@@ -169,6 +170,71 @@ fn bench_guest_provisions_once_in_its_own_directory_and_leaves_nothing() {
         "keep me"
     );
     let _ = std::fs::remove_dir_all(parent);
+}
+
+#[test]
+fn bench_storage_measures_ours_and_qemu_storage_daemon_and_the_restart_and_leaves_nothing() {
+    let test =
+        "bench_storage_measures_ours_and_qemu_storage_daemon_and_the_restart_and_leaves_nothing";
+    if !sandbox_available(test) {
+        return;
+    }
+    let parent = scratch_dir("bench-storage");
+    let out = bench(
+        &repository(),
+        &[
+            "storage",
+            "--quick",
+            "--json",
+            "--dir",
+            parent.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert!(left_in(&parent).is_empty(), "{:?}", left_in(&parent));
+    let _ = std::fs::remove_dir_all(&parent);
+    // Without a guest: ours on both back ends, always; fio when the host has it.
+    let host = r["host"]["rows"].as_array().unwrap();
+    assert_eq!(host.len(), 2, "{r}");
+    for row in host {
+        assert!(row["ours_raw_iops"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["ours_encrypted_iops"].as_f64().unwrap() > 0.0, "{row}");
+        assert_eq!(
+            row["fio_iops"].is_null(),
+            !r["host"]["fio_skipped"].is_null(),
+            "{r}"
+        );
+    }
+    if let Some(why) = r["guest_skipped"].as_str() {
+        eprintln!("SKIPPED: {test} (the guest rows): {why}");
+        return;
+    }
+    let rows = r["in_guest"]["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 6, "{r}");
+    for row in rows {
+        for side in ["ours_raw", "ours_encrypted", "qsd"] {
+            assert!(row[side].as_f64().unwrap() > 0.0, "{side}: {row}");
+            let cpu = row["cpu_us_per_request"][side].as_f64().unwrap();
+            assert!(cpu.is_finite() && cpu >= 0.0, "{side}: {row}");
+        }
+    }
+    // Each kill: the guest stalled for QEMU's one-second reconnection at least, and a new
+    // pv-storage answered a front end.
+    let restart = &r["restart"];
+    assert_eq!(restart["kills"], 2, "{restart}");
+    let stalls = restart["guest_stalls_ms"].as_array().unwrap();
+    assert_eq!(stalls.len(), 2, "{restart}");
+    assert!(
+        stalls.iter().all(|s| s.as_f64().unwrap() >= 900.0),
+        "{restart}"
+    );
+    let answered = restart["service_restarts_ms"].as_array().unwrap();
+    assert_eq!(answered.len(), 2, "{restart}");
+    assert!(
+        answered.iter().all(|s| s.as_f64().unwrap() > 0.0),
+        "{restart}"
+    );
 }
 
 #[test]

@@ -58,6 +58,11 @@ pub struct Guard {
 }
 
 impl Guard {
+    /// A process that is killed when the guard is dropped.
+    pub fn process(child: Child) -> Guard {
+        Guard { child, state: None }
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }

@@ -36,12 +36,13 @@ pub enum ToolCmd {
     /// Measure against baselines in the same run: `ipc` (our rings against the shared-memory
     /// floor, eventfd and Unix sockets), `vmgs` (the guest-state store against plain file
     /// I/O), `vtpm` (a running paravisor's TPM against swtpm), `guest` (a guest exit
-    /// answered by a device service against one answered in the vCPU thread) or `memory`
-    /// (an idle instance's footprint against Firecracker's). Warns when other processes kept
-    /// the machine busy meanwhile.
+    /// answered by a device service against one answered in the vCPU thread), `memory` (an
+    /// idle instance's footprint against Firecracker's) or `storage` (our vhost-user disks
+    /// under a Linux guest's fio against qemu-storage-daemon). Warns when other processes
+    /// kept the machine busy meanwhile.
     Bench {
         /// What to measure.
-        #[arg(value_parser = ["ipc", "vmgs", "vtpm", "guest", "measure", "attest", "memory"], default_value = "ipc")]
+        #[arg(value_parser = ["ipc", "vmgs", "vtpm", "guest", "measure", "attest", "memory", "storage"], default_value = "ipc")]
         what: String,
         /// Where the benchmark makes its temporary directory (unique, removed at the end; for
         /// `vmgs`, the file system measured) [default: the system's temporary directory].
@@ -56,6 +57,10 @@ pub enum ToolCmd {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// `storage`: the script that builds the Linux guest image (docs/linux-harness.md)
+        /// [default: tests/linux/build-image.sh of the repository pv-tools was built from].
+        #[arg(long)]
+        image_script: Option<PathBuf>,
     },
     /// (internal) The peer side of a benchmark.
     #[command(name = "__bench-peer", hide = true)]

@@ -1,6 +1,7 @@
 //! What an operator or a relying party runs, outside the paravisor's trusted core: the
 //! report and certificate verifier (`attest verify`), the tenant's key broker (`kbs`), the
-//! VMGS file tool (`vmgs`), and the benchmarks (`bench`). The `pv-tools` binary runs them;
+//! VMGS file tool (`vmgs`), and the benchmarks (`bench`), with the Linux guest some of them
+//! boot (`linux_guest`, shared with the tests' harness). The `pv-tools` binary runs them;
 //! `paravisor` hands these commands to it, so none of this code is in the binary the launch
 //! measures.
 #![forbid(unsafe_code)]
@@ -11,11 +12,16 @@ pub mod bench_env;
 pub mod bench_guest;
 pub mod bench_measure;
 pub mod bench_memory;
+pub mod bench_storage;
+pub mod bench_storage_guest;
+pub mod bench_storage_host;
+pub mod bench_storage_restart;
 pub mod bench_vmgs;
 pub mod bench_vtpm;
 pub mod cli;
 pub mod kbs;
 pub mod kbs_args;
+pub mod linux_guest;
 pub mod provision;
 pub mod verify;
 pub mod vmgs_args;

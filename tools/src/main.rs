@@ -87,7 +87,8 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             }
         }
         Cmd::Bench { what, .. }
-            if ["vtpm", "guest", "measure", "attest", "memory"].contains(&what.as_str())
+            if ["vtpm", "guest", "measure", "attest", "memory", "storage"]
+                .contains(&what.as_str())
                 && !Path::new(DEFAULT_MANIFEST).is_file() =>
         {
             eprintln!(
@@ -103,11 +104,38 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             samples,
             quick,
             json,
+            ..
         } if what == "vmgs" => {
             let dir = bench_dir(&what, dir.as_deref())?;
             let samples = if quick { 5 } else { samples };
             let report = pv_tools::bench_vmgs::run(dir.path(), samples);
             print_report(report, json, pv_tools::bench_vmgs::text)
+        }
+        Cmd::Bench {
+            what,
+            dir,
+            quick,
+            json,
+            image_script,
+            ..
+        } if what == "storage" => {
+            let dir = bench_dir(&what, dir.as_deref())?;
+            let script = image_script.unwrap_or_else(|| pv_tools::linux_guest::BUILD_SCRIPT.into());
+            let effort = if quick {
+                pv_tools::bench_storage::Effort::QUICK
+            } else {
+                pv_tools::bench_storage::Effort::FULL
+            };
+            print_report(
+                pv_tools::bench_storage::run(
+                    Path::new(DEFAULT_MANIFEST),
+                    dir.path(),
+                    &script,
+                    effort,
+                ),
+                json,
+                pv_tools::bench_storage::text,
+            )
         }
         Cmd::Bench {
             what, quick, json, ..
@@ -149,11 +177,10 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             }
         }
         Cmd::Bench {
-            what: _,
-            dir: _,
             samples,
             quick,
             json,
+            ..
         } => {
             let mut effort = pv_tools::bench::Effort {
                 samples,

@@ -11,7 +11,9 @@
 //!
 //! QEMU runs under TCG unless `PV_QEMU_ACCEL=kvm`: the KVM of the machines this project runs
 //! on (KVM on PVM) does not boot a stock Linux kernel (it stalls in early boot), so KVM is only
-//! tried when asked for. See docs/linux-harness.md.
+//! tried when asked for. See docs/linux-harness.md. The image, QEMU's base command line and
+//! the cpio writer are `pv_tools::linux_guest`'s (`bench storage` boots the same guest); this
+//! is the tests' builder on top, which panics with the console on failure.
 
 use std::io::BufRead;
 use std::io::BufReader;
@@ -30,8 +32,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use std::time::Instant;
 
-/// The line `/init` prints after the test script, with the script's exit status.
-const EXIT_MARKER: &str = "PV-EXIT ";
+pub use pv_tools::linux_guest::Accel;
+use pv_tools::linux_guest::GuestFile;
+pub use pv_tools::linux_guest::Image;
+use pv_tools::linux_guest::EXIT_MARKER;
+use pv_tools::linux_guest::KERNEL_ARGS;
 
 /// Guest memory unless a test asks for more: fio and the 90 MB initramfs fit with room.
 const DEFAULT_MEMORY_MIB: u64 = 512;
@@ -39,18 +44,6 @@ const DEFAULT_MEMORY_MIB: u64 = 512;
 /// How long a guest may run unless a test says otherwise: only there to end a hung guest (a
 /// boot takes ~2.5 s under TCG), so generous for a busy two-core machine.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// Linux's command line: the console on the first serial port (QEMU's stdout), quiet so
-/// that kernel messages do not break the test's lines (warnings and panics still print), and
-/// a panic reboots, which `-no-reboot` turns into QEMU's exit.
-const KERNEL_ARGS: &str = "console=ttyS0 quiet loglevel=4 panic=-1";
-
-/// The kernel and initramfs built by `tests/linux/build-image.sh`.
-#[derive(Clone, Debug)]
-pub struct Image {
-    pub kernel: PathBuf,
-    pub initrd: PathBuf,
-}
 
 /// The guest image, built (or found in the cache) once per test process; `None`, after a
 /// loud SKIPPED line naming `test`, when this machine cannot build or boot it (no QEMU, no
@@ -67,94 +60,21 @@ pub fn image(test: &str) -> Option<Image> {
 }
 
 fn build_image() -> Result<Image, String> {
-    if !runs("qemu-system-x86_64") {
-        return Err("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)".into());
-    }
+    use pv_tools::linux_guest::ImageError;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("linux/build-image.sh");
     let started = Instant::now();
-    let out = Command::new("bash")
-        .arg(&script)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run bash {}: {e}", script.display()))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    match out.status.code() {
-        Some(0) => {}
-        // The script's "this machine cannot build the image" (see its header).
-        Some(2) => {
-            let why = stderr.lines().last().unwrap_or("no reason given");
-            return Err(format!("cannot build the Linux guest image: {why}"));
-        }
-        _ => panic!(
-            "{} failed ({}):\n{stderr}{stdout}",
-            script.display(),
-            out.status
-        ),
-    }
-    let mut paths = stdout.lines().rev().take(2).map(PathBuf::from);
-    let (initrd, kernel) = (paths.next(), paths.next());
-    let (Some(kernel), Some(initrd)) = (kernel, initrd) else {
-        panic!("{} printed no image paths:\n{stdout}", script.display());
+    let image = match pv_tools::linux_guest::build_image(&script) {
+        Ok(image) => image,
+        Err(ImageError::Unavailable(reason)) => return Err(reason),
+        Err(ImageError::Failed(why)) => panic!("{why}"),
     };
-    assert!(
-        kernel.is_file() && initrd.is_file(),
-        "{} printed {kernel:?} and {initrd:?}, which are not files",
-        script.display()
-    );
     eprintln!(
         "linux image: {} and {} ({:.1} s)",
-        kernel.display(),
-        initrd.display(),
+        image.kernel.display(),
+        image.initrd.display(),
         started.elapsed().as_secs_f64()
     );
-    Ok(Image { kernel, initrd })
-}
-
-/// Whether `program --version` runs.
-fn runs(program: &str) -> bool {
-    Command::new(program)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// How QEMU runs the guest's CPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Accel {
-    /// QEMU's translator: slow but boots anywhere (~2.5 s to the test script here).
-    Tcg,
-    /// KVM, where it can boot Linux (not on this project's KVM-on-PVM machines).
-    Kvm,
-}
-
-impl Accel {
-    /// `PV_QEMU_ACCEL`: `tcg` (the default) or `kvm`.
-    pub fn from_env() -> Accel {
-        match std::env::var("PV_QEMU_ACCEL").as_deref() {
-            Err(_) | Ok("") | Ok("tcg") => Accel::Tcg,
-            Ok("kvm") => Accel::Kvm,
-            Ok(other) => panic!("PV_QEMU_ACCEL={other}: expected tcg or kvm"),
-        }
-    }
-
-    /// `-accel` and the CPU model: under TCG QEMU's default model (`-cpu max` boots 0.35 s
-    /// slower), under KVM the host's.
-    fn args(self) -> &'static [&'static str] {
-        match self {
-            Accel::Tcg => &["-accel", "tcg"],
-            Accel::Kvm => &["-accel", "kvm", "-cpu", "host"],
-        }
-    }
-}
-
-/// A file the guest finds in its initramfs, next to the image's own.
-struct GuestFile {
-    path: String,
-    contents: Vec<u8>,
-    mode: u32,
+    Ok(image)
 }
 
 /// A guest to boot: the builder of QEMU's command line and of the test's files.
@@ -177,7 +97,7 @@ impl Guest {
             image: image.clone(),
             memory_mib: DEFAULT_MEMORY_MIB,
             cpus: 1,
-            accel: Accel::from_env(),
+            accel: Accel::from_env().unwrap_or_else(|e| panic!("{e}")),
             kernel_args: KERNEL_ARGS.to_owned(),
             devices: Vec::new(),
             files: Vec::new(),
@@ -279,27 +199,15 @@ impl Guest {
 
     /// QEMU's command line, for a test's failure message or to run it by hand.
     pub fn command(&self, initrd: &Path) -> Command {
-        let mib = self.memory_mib;
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-nodefaults", "-no-user-config", "-display", "none"])
-            // A reboot (the panic=-1 of a kernel panic) ends QEMU instead.
-            .arg("-no-reboot")
-            .args(self.accel.args())
-            .args(["-machine", "q35,memory-backend=mem"])
-            .arg("-object")
-            .arg(format!("memory-backend-memfd,id=mem,size={mib}M,share=on"))
-            .arg("-m")
-            .arg(format!("{mib}M"))
-            .arg("-smp")
-            .arg(self.cpus.to_string())
-            .arg("-kernel")
-            .arg(&self.image.kernel)
-            .arg("-initrd")
-            .arg(initrd)
-            .arg("-append")
-            .arg(&self.kernel_args)
-            .args(["-serial", "stdio"])
-            .args(&self.devices);
+        let mut cmd = pv_tools::linux_guest::qemu_command(&pv_tools::linux_guest::Machine {
+            image: &self.image,
+            initrd,
+            memory_mib: self.memory_mib,
+            cpus: self.cpus,
+            accel: self.accel,
+            kernel_args: &self.kernel_args,
+        });
+        cmd.args(&self.devices);
         cmd
     }
 
@@ -308,20 +216,8 @@ impl Guest {
     pub fn spawn(self) -> RunningGuest {
         let dir = super::scratch_dir("linux");
         let initrd = dir.join("initrd.img");
-        // A copy, not a link: QEMU loads one file, and the test's files go at its end.
-        std::fs::copy(&self.image.initrd, &initrd).expect("copy the initrd");
-        let mut file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&initrd)
-            .expect("open the initrd");
-        // Linux looks for an uncompressed archive only at a 4-byte boundary.
-        let len = file.metadata().expect("initrd size").len();
-        let pad = (4 - len % 4) % 4;
-        file.write_all(&[0; 3][..pad as usize])
-            .expect("pad the initrd");
-        file.write_all(&cpio_newc(&self.files))
-            .expect("append the test's files");
-        drop(file);
+        pv_tools::linux_guest::initrd_with(&self.image.initrd, &self.files, &initrd)
+            .expect("the initrd with the test's files");
 
         let mut cmd = self.command(&initrd);
         cmd.stdin(Stdio::piped())
@@ -358,65 +254,6 @@ impl Guest {
     pub fn run(self) -> GuestExit {
         self.spawn().wait()
     }
-}
-
-/// An uncompressed cpio archive (the "newc" format Linux's initramfs reads) of `files`,
-/// with each file's directories before it, all owned by root.
-fn cpio_newc(files: &[GuestFile]) -> Vec<u8> {
-    fn entry(out: &mut Vec<u8>, ino: &mut u32, name: &str, mode: u32, data: &[u8]) {
-        *ino += 1;
-        let name_size = name.len() + 1;
-        // ino mode uid gid nlink mtime filesize devmajor devminor rdevmajor rdevminor
-        // namesize check, each eight hex digits.
-        let fields = [
-            *ino,
-            mode,
-            0,
-            0,
-            1,
-            0,
-            u32::try_from(data.len()).expect("a guest file under 4 GiB"),
-            0,
-            0,
-            0,
-            0,
-            name_size as u32,
-            0,
-        ];
-        out.extend_from_slice(b"070701");
-        for field in fields {
-            out.extend_from_slice(format!("{field:08x}").as_bytes());
-        }
-        out.extend_from_slice(name.as_bytes());
-        out.push(0);
-        // The name, after the 110-byte header, and the data each end on a 4-byte boundary.
-        out.resize(out.len().next_multiple_of(4), 0);
-        out.extend_from_slice(data);
-        out.resize(out.len().next_multiple_of(4), 0);
-    }
-    const DIR: u32 = 0o040_000;
-    const FILE: u32 = 0o100_000;
-    let mut out = Vec::new();
-    let mut ino = 0;
-    let mut dirs: Vec<&str> = Vec::new();
-    for file in files {
-        let parents = file.path.match_indices('/').map(|(at, _)| &file.path[..at]);
-        for dir in parents {
-            if !dirs.contains(&dir) {
-                dirs.push(dir);
-                entry(&mut out, &mut ino, dir, DIR | 0o755, &[]);
-            }
-        }
-        entry(
-            &mut out,
-            &mut ino,
-            &file.path,
-            FILE | file.mode,
-            &file.contents,
-        );
-    }
-    entry(&mut out, &mut ino, "TRAILER!!!", 0, &[]);
-    out
 }
 
 /// Reads `from` line by line on a thread of its own, echoing each line to stderr after
@@ -628,7 +465,7 @@ impl Drop for RunningGuest {
 /// Whether `qemu-storage-daemon` runs (it comes with qemu-system-x86, in
 /// qemu-system-common); a loud SKIPPED line for `test` if not.
 pub fn storage_daemon_available(test: &str) -> bool {
-    let ok = runs("qemu-storage-daemon");
+    let ok = pv_tools::linux_guest::runs("qemu-storage-daemon");
     if !ok {
         eprintln!(
             "SKIPPED: {test}: qemu-storage-daemon is not installed (apt-get install qemu-system-x86)"
