@@ -80,6 +80,10 @@ pub enum Grant {
     GuestPartition,
     /// Guest memory a device may reach (DMA): `size` bytes at guest-physical `base`.
     GuestMemory { base: u64, size: u64 },
+    /// A device's doorbells: the 4-byte registers in `size` bytes at guest-physical `base`,
+    /// whose writes the partition delivers as signals of one eventfd once the device arms
+    /// them (see [`CapabilityKind::Doorbells`]).
+    Doorbells { base: u64, size: u64 },
 }
 
 /// How a granted file may be used.
@@ -119,6 +123,12 @@ pub enum CapabilityKind {
     /// Guest memory for a device's DMA: a memfd holding the guest-physical range its grant
     /// names (the partition's shared window, or all of guest RAM).
     GuestMemory,
+    /// A device's doorbell eventfd. The partition signals it after every access it sends the
+    /// device (so the device waits on one descriptor), and, while the device has armed its
+    /// doorbells ([`crate::services::guest::Next::Doorbells`]), KVM signals it for each guest
+    /// write to a doorbell its grant names (a KVM ioeventfd: the value written is not
+    /// delivered; the device reads it from memory it shares with the driver).
+    Doorbells,
     /// The calling end of the channel to the secure processor (reports and derived keys:
     /// [`crate::services::platform`]), which the microkernel serves. Only the service that
     /// serves `attest` may hold it.
@@ -141,6 +151,7 @@ impl core::fmt::Display for CapabilityKind {
             CapabilityKind::Interrupt(i) => write!(f, "interrupt:{i}"),
             CapabilityKind::Platform => write!(f, "platform"),
             CapabilityKind::GuestMemory => write!(f, "guest-memory"),
+            CapabilityKind::Doorbells => write!(f, "doorbells"),
         }
     }
 }

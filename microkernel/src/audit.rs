@@ -65,6 +65,8 @@ pub struct Row {
     pub guest: Option<String>,
     /// The guest memory it may reach (DMA), when a guest runs: base, size, kind.
     pub dma: Option<DmaRow>,
+    /// Its doorbells (4-byte registers inside its own mmio), when a guest runs.
+    pub doorbells: Option<DeviceRange>,
     /// What the microkernel itself holds with it: the platform capability, its own channel.
     pub microkernel: Option<String>,
     /// Address-space limit in bytes.
@@ -195,6 +197,10 @@ fn ser_grant<S: serde::Serializer>(g: &Grant, s: S) -> Result<S::Ok, S::Error> {
             base: u64,
             size: u64,
         },
+        Doorbells {
+            base: u64,
+            size: u64,
+        },
     }
     let data = match g {
         Grant::Interface => Data::Interface,
@@ -223,6 +229,10 @@ fn ser_grant<S: serde::Serializer>(g: &Grant, s: S) -> Result<S::Ok, S::Error> {
         },
         Grant::GuestPartition => Data::GuestPartition,
         Grant::GuestMemory { base, size } => Data::GuestMemory {
+            base: *base,
+            size: *size,
+        },
+        Grant::Doorbells { base, size } => Data::Doorbells {
             base: *base,
             size: *size,
         },
@@ -360,6 +370,10 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
                     size,
                     kind: s.guest_memory.map_or("", |g| g.name()),
                 }),
+                _ => None,
+            }),
+            doorbells: capabilities.slots(i).iter().find_map(|slot| match slot.grant {
+                Grant::Doorbells { base, size } => Some(DeviceRange { base, size }),
                 _ => None,
             }),
             microkernel: match (
@@ -608,6 +622,15 @@ pub fn text(m: &Manifest) -> String {
                 d.base,
                 d.base + d.size,
                 d.kind
+            );
+        }
+        if let Some(d) = &r.doorbells {
+            let _ = writeln!(
+                out,
+                "  doorbells: {} at {:#x}..{:#x} (inside its own mmio), delivered as eventfd signals while the device arms them",
+                d.size / 4,
+                d.base,
+                d.base + d.size
             );
         }
         if let Some(k) = &r.microkernel {

@@ -133,6 +133,8 @@ pub enum Source {
     GuestInterrupt(Interrupt),
     /// Guest memory for a device's DMA.
     GuestMemory(GuestMemoryAccess),
+    /// The service's doorbell eventfd (the partition makes one per `doorbells` grant).
+    Doorbells,
     /// The serving end of the microkernel's own channel to attest.
     ParavisorAttest,
     /// The calling end of the platform channel (the microkernel serves it).
@@ -398,6 +400,18 @@ impl CapabilityPlan {
                     Grant::GuestMemory { base, size },
                     Source::GuestMemory(access),
                     Held::Memfd(memfd.into()),
+                );
+            }
+            if let Some(d) = spec.doorbells {
+                slots.push(
+                    CapabilityKind::Doorbells,
+                    "doorbells",
+                    Grant::Doorbells {
+                        base: d.base,
+                        size: d.size,
+                    },
+                    Source::Doorbells,
+                    Held::Eventfd,
                 );
             }
         }

@@ -191,11 +191,18 @@ pub const SANDBOX_CHILD: &[&str] = &[
 
 /// The requests a vCPU thread makes on its vCPU descriptor: run it, and read its registers
 /// for a failure report.
-fn vcpu_ioctls() -> [(&'static str, u64); 3] {
-    // _IO(KVMIO, 0x80), _IOR(KVMIO, 0x81, struct kvm_regs), _IOR(KVMIO, 0x83, struct kvm_sregs)
+fn vcpu_ioctls() -> [(&'static str, u64); 4] {
+    // _IO(KVMIO, 0x80), _IOR(KVMIO, 0x81, struct kvm_regs), _IOR(KVMIO, 0x83, struct kvm_sregs),
+    // _IOW(KVMIO, 0x79, struct kvm_ioeventfd): a device's answer arms or disarms its
+    // doorbells, on the vCPU thread that carried the access (before the guest goes on).
     const KVMIO: u64 = 0xAE;
     let ior = |nr: u64, size: usize| (2u64 << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr;
+    let iow = |nr: u64, size: usize| (1u64 << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr;
     [
+        (
+            "KVM_IOEVENTFD",
+            iow(0x79, std::mem::size_of::<kvm_bindings::kvm_ioeventfd>()),
+        ),
         ("KVM_RUN", KVMIO << 8 | 0x80),
         (
             "KVM_GET_REGS",

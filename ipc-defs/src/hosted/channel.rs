@@ -418,6 +418,23 @@ impl<Q: Serialize, R: DeserializeOwned> ClientEnd<Q, R> {
         self.call_with(request, timeout)
     }
 
+    /// [`ClientEnd::call`], running `notify` once the request is on the ring (the partition
+    /// signals a device's doorbell eventfd there: a device that waits on that descriptor,
+    /// not on the ring, is woken by it).
+    pub fn call_notifying(
+        &mut self,
+        request: &Q,
+        timeout: Duration,
+        notify: impl FnOnce(),
+    ) -> Result<R, CallError> {
+        let mut deadline = Deadline::new(timeout);
+        let epoch = self.mem.channel().epoch();
+        let (tag, encoded) = self.encode(request)?;
+        self.send_frame(epoch, encoded, &mut deadline, timeout)?;
+        notify();
+        self.await_reply(epoch, tag, &mut deadline, timeout)
+    }
+
     /// [`ClientEnd::call`] with message types of the caller's choosing: for a channel that a
     /// runtime handed out typed for pings, used by a service for its interface's messages.
     pub fn call_with<Q2: Serialize, R2: DeserializeOwned>(

@@ -80,6 +80,15 @@ pub struct Context {
     pub guest_state: Option<GuestStateHandler>,
     /// Guest memory a device service may reach (its `guest-memory` grant).
     pub guest_memory: Option<GuestMemory>,
+    /// A device's doorbell eventfd and the doorbells it covers (its `doorbells` grant).
+    pub doorbells: Option<Doorbells>,
+}
+
+/// A device's doorbell eventfd (see [`crate::capability::CapabilityKind::Doorbells`]).
+pub struct Doorbells {
+    pub fd: OwnedFd,
+    pub base: u64,
+    pub size: u64,
 }
 
 /// Guest memory granted to a device: a memfd whose byte 0 is guest-physical `base`.
@@ -527,6 +536,7 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
         platform: None,
         guest_state: None,
         guest_memory: None,
+        doorbells: None,
     };
     let mut control = None;
     let mut served = Vec::new();
@@ -585,6 +595,13 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
                 };
                 let fd = sys::take_fd(cap.slot).map_err(|e| cap_error(cap, e))?;
                 context.guest_memory = Some(GuestMemory { fd, base, size });
+            }
+            CapabilityKind::Doorbells => {
+                let Grant::Doorbells { base, size } = cap.grant else {
+                    return Err(cap_error(cap, "doorbells without their range"));
+                };
+                let fd = sys::take_fd(cap.slot).map_err(|e| cap_error(cap, e))?;
+                context.doorbells = Some(Doorbells { fd, base, size });
             }
             CapabilityKind::Status | CapabilityKind::SeccompProgram => {}
         }

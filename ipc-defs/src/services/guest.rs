@@ -76,6 +76,11 @@ pub enum Next {
     /// function another service owns: the partition sends it to that service as a
     /// [`Space::PciConfig`] access at `address`, and that answer is the access's answer.
     ForwardPciConfig { address: u32 },
+    /// (From a device with a `doorbells` grant only.) Resume, and deliver the device's
+    /// doorbell writes as signals of its doorbell eventfd (`armed`) or as accesses (not).
+    /// The device says it in every answer: the partition changes the wiring only when the
+    /// state differs, so an answer repeated after a restart is harmless.
+    Doorbells { armed: bool },
 }
 
 /// The answer to an [`Access`].

@@ -458,6 +458,9 @@ pub struct ServiceSpec {
     pub pci_device: Option<u8>,
     /// The guest memory the device may reach for DMA (`guest-memory`); `None`: none.
     pub guest_memory: Option<GuestMemoryAccess>,
+    /// Its doorbells (`doorbells`): 4-byte registers inside its own `mmio`, which the
+    /// partition delivers as signals of an eventfd while the device has them armed.
+    pub doorbells: Option<DeviceRange>,
     pub limits: Limits,
     pub restart: Restart,
     /// The per-service syscall fragment (added to the common base).
@@ -505,6 +508,9 @@ pub fn grant_text(g: &Grant) -> String {
         Grant::GuestPartition => "the guest's accesses to its ranges".into(),
         Grant::GuestMemory { base, size } => {
             format!("guest memory {base:#x}+{size:#x}")
+        }
+        Grant::Doorbells { base, size } => {
+            format!("{} doorbells at {base:#x}+{size:#x}", size / 4)
         }
     }
 }

@@ -64,6 +64,10 @@ pub(super) struct RawService {
     /// The guest memory a device service may reach: "shared-window" or "all".
     #[serde(default)]
     pub(super) guest_memory: Option<Spanned<String>>,
+    /// A device service's doorbells (4-byte registers inside its own `mmio`), delivered as
+    /// ioeventfd signals once the device arms them.
+    #[serde(default)]
+    pub(super) doorbells: Option<Spanned<RawRange>>,
     pub(super) limits: Spanned<RawLimits>,
     pub(super) restart: Spanned<RawRestart>,
     #[serde(default)]

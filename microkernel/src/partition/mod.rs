@@ -40,6 +40,7 @@ use self::memory::GuestRam;
 use self::router::Router;
 use self::vcpu::Outcome;
 use self::vcpu::VcpuStats;
+use crate::manifest::DeviceRange;
 
 /// The test guest, built from tests/guest by the build script.
 pub static TEST_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/test-guest.elf"));
@@ -115,7 +116,9 @@ pub struct Partition {
     // Field order is drop order: vCPUs and the VM before the RAM KVM maps.
     vcpus: Vec<VcpuFd>,
     interrupts: Vec<(Interrupt, EventFd)>,
-    _vm: VmFd,
+    /// Each device service's doorbell eventfd and doorbells, by service name.
+    doorbells: Vec<(String, EventFd, DeviceRange)>,
+    vm: Arc<VmFd>,
     _kvm: Kvm,
     _ram: GuestRam,
     pub config: GuestConfig,
@@ -123,9 +126,13 @@ pub struct Partition {
 
 impl Partition {
     /// Creates the VM, loads the image and wires `interrupts` (IOAPIC lines) as irqfds.
+    ///
+    /// `doorbells`: the doorbells each device service may arm (an eventfd each, not yet
+    /// registered with KVM: see [`DoorbellSwitch`]).
     pub fn create(
         config: GuestConfig,
         interrupts: &[Interrupt],
+        doorbells: &[(String, DeviceRange)],
     ) -> Result<Partition, PartitionError> {
         if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
             return Err(PartitionError::Setup {
@@ -189,6 +196,19 @@ impl Partition {
             vm.register_irqfd(&fd, u32::from(line))
                 .map_err(setup("registering an irqfd"))?;
             wired.push((*irq, fd));
+        }
+        if !doorbells.is_empty() && !kvm.check_extension(Cap::Ioeventfd) {
+            return Err(PartitionError::Missing("ioeventfd"));
+        }
+        let mut device_doorbells = Vec::new();
+        for (service, range) in doorbells {
+            let fd = EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK).map_err(|e| {
+                PartitionError::Setup {
+                    what: "eventfd",
+                    reason: e.to_string(),
+                }
+            })?;
+            device_doorbells.push((service.clone(), fd, *range));
         }
 
         boot::write_tables(&ram.memory)?;
@@ -264,7 +284,8 @@ impl Partition {
         Ok(Partition {
             vcpus,
             interrupts: wired,
-            _vm: vm,
+            doorbells: device_doorbells,
+            vm: Arc::new(vm),
             _kvm: kvm,
             _ram: ram,
             config,
@@ -283,6 +304,25 @@ impl Partition {
                 self._ram.file.as_raw_fd(),
             ),
         ]
+    }
+
+    /// Each device service's doorbell eventfd (for its capability), by service name.
+    pub fn doorbell_fds(&self) -> Vec<(String, RawFd)> {
+        self.doorbells
+            .iter()
+            .map(|(name, fd, _)| (name.clone(), fd.as_raw_fd()))
+            .collect()
+    }
+
+    /// The router's switch for `service`'s doorbells, if it has any.
+    pub fn doorbells(&self, service: &str) -> Option<DoorbellSwitch> {
+        let (_, fd, range) = self.doorbells.iter().find(|(n, _, _)| n == service)?;
+        Some(DoorbellSwitch {
+            vm: self.vm.clone(),
+            fd: fd.try_clone().ok()?,
+            range: *range,
+            armed: false,
+        })
     }
 
     /// The eventfds wired to guest interrupts (for the capabilities of their holders).
@@ -358,6 +398,68 @@ impl Partition {
             outcome,
             stats,
         })
+    }
+}
+
+/// A device's doorbells as the router holds them: the eventfd it signals after every access
+/// it sends the device ([`DoorbellSwitch::wake`]), and the KVM ioeventfds that, while armed,
+/// signal it for every guest write to a doorbell instead of an exit.
+///
+/// Armed only when the device asks ([`ipc_defs::services::guest::Next::Doorbells`]): a
+/// doorbell write's value is lost on the ioeventfd path, so the device arms them only once
+/// the driver keeps the values where the device reads them (NVMe's shadow doorbells).
+pub struct DoorbellSwitch {
+    vm: Arc<VmFd>,
+    fd: EventFd,
+    range: DeviceRange,
+    armed: bool,
+}
+
+impl DoorbellSwitch {
+    /// Wakes the device (it waits on this descriptor, not on its ring).
+    pub fn wake(&self) {
+        let _ = self.fd.write(1);
+    }
+
+    pub fn armed(&self) -> bool {
+        self.armed
+    }
+
+    /// Registers (or removes) an ioeventfd for each doorbell; the state is unchanged when
+    /// KVM refuses (arming is undone: the doorbells stay exits, which work too).
+    pub fn set(&mut self, armed: bool) -> Result<(), String> {
+        if armed == self.armed {
+            return Ok(());
+        }
+        let addresses: Vec<u64> = (self.range.base..self.range.base + self.range.size)
+            .step_by(4)
+            .collect();
+        for (i, &a) in addresses.iter().enumerate() {
+            let at = kvm_ioctls::IoEventAddress::Mmio(a);
+            let done = if armed {
+                self.vm
+                    .register_ioevent(&self.fd, &at, kvm_ioctls::NoDatamatch)
+            } else {
+                self.vm
+                    .unregister_ioevent(&self.fd, &at, kvm_ioctls::NoDatamatch)
+            };
+            if let Err(e) = done {
+                if armed {
+                    for &b in &addresses[..i] {
+                        let _ = self.vm.unregister_ioevent(
+                            &self.fd,
+                            &kvm_ioctls::IoEventAddress::Mmio(b),
+                            kvm_ioctls::NoDatamatch,
+                        );
+                    }
+                    return Err(format!("an ioeventfd at {a:#x}: {e}"));
+                }
+                // Disarming goes on: a doorbell left registered swallows writes.
+                tracing::error!("removing the ioeventfd at {a:#x}: {e}");
+            }
+        }
+        self.armed = armed;
+        Ok(())
     }
 }
 

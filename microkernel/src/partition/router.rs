@@ -72,6 +72,8 @@ pub struct Device {
     pub end: DeviceEnd,
     /// Exits this service answered (read by `paravisor ps`).
     pub exits: Arc<AtomicU64>,
+    /// Its doorbells, when the manifest gives it some.
+    pub doorbells: Option<super::DoorbellSwitch>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -116,11 +118,13 @@ pub struct Router {
 
 /// One call, sent again (same request) while the service restarts: the service's answer
 /// (its interface's, or a guest access's).
+/// `wake`: the device's doorbell eventfd, signalled once the request is on the ring.
 fn call<Q: Serialize, R: DeserializeOwned>(
     end: &mut End<Q, R>,
     service: &str,
     request: endpoint::Request<Q>,
     stop: &std::sync::atomic::AtomicBool,
+    wake: Option<&super::DoorbellSwitch>,
 ) -> Result<endpoint::Response<R>, RouteError> {
     let started = Instant::now();
     loop {
@@ -139,7 +143,12 @@ fn call<Q: Serialize, R: DeserializeOwned>(
         let left = GIVE_UP
             .saturating_sub(started.elapsed())
             .max(Duration::from_millis(1));
-        let reason = match end.call(&request, left) {
+        let sent = end.call_notifying(&request, left, || {
+            if let Some(w) = wake {
+                w.wake();
+            }
+        });
+        let reason = match sent {
             Ok(endpoint::Response::Error(e)) => {
                 return Err(RouteError::BadAnswer {
                     service: service.into(),
@@ -181,7 +190,13 @@ fn call_service<Q: Serialize, R: DeserializeOwned>(
     request: Q,
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<R, RouteError> {
-    match call(end, service, endpoint::Request::Service(request), stop)? {
+    match call(
+        end,
+        service,
+        endpoint::Request::Service(request),
+        stop,
+        None,
+    )? {
         endpoint::Response::Service(r) => Ok(r),
         _ => Err(RouteError::BadAnswer {
             service: service.into(),
@@ -345,12 +360,42 @@ impl Router {
                     &d.service,
                     endpoint::Request::Guest(access),
                     &self.stop,
+                    d.doorbells.as_ref(),
                 )? {
                     // A device answers its access; ending or resetting the run is intercept's.
                     endpoint::Response::Guest(reply) if reply.next == Next::Resume => Ok(Reply {
                         value: reply.value & mask(access.size),
                         next: Next::Resume,
                     }),
+                    // A device with doorbells says in each answer whether they are armed.
+                    endpoint::Response::Guest(Reply {
+                        value,
+                        next: Next::Doorbells { armed },
+                    }) if d.doorbells.is_some() => {
+                        if let Some(switch) = d.doorbells.as_mut() {
+                            if switch.armed() != armed {
+                                match switch.set(armed) {
+                                    Ok(()) => tracing::info!(
+                                        service = %d.service,
+                                        "doorbells {}",
+                                        if armed {
+                                            "armed: the guest's writes to them signal the device's eventfd"
+                                        } else {
+                                            "disarmed: the guest's writes to them are exits again"
+                                        }
+                                    ),
+                                    Err(e) => tracing::error!(
+                                        service = %d.service,
+                                        "doorbells not armed (they stay exits): {e}"
+                                    ),
+                                }
+                            }
+                        }
+                        Ok(Reply {
+                            value: value & mask(access.size),
+                            next: Next::Resume,
+                        })
+                    }
                     _ => Err(RouteError::BadAnswer {
                         service: d.service.clone(),
                         answer: "an answer of another kind".into(),
@@ -539,6 +584,7 @@ mod tests {
             service: service.into(),
             end,
             exits: Arc::default(),
+            doorbells: None,
         }
     }
 

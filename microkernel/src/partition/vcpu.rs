@@ -121,8 +121,8 @@ fn next_step(next: Next) -> Step {
         Next::Resume => Step::Resume,
         Next::Exit(status) => Step::End(Outcome::Exited(status)),
         Next::Reset => Step::End(Outcome::Reset),
-        // The router resolves forwards before the vCPU sees an answer.
-        Next::ForwardPciConfig { .. } => Step::Resume,
+        // The router resolves forwards and doorbell states before the vCPU sees an answer.
+        Next::ForwardPciConfig { .. } | Next::Doorbells { .. } => Step::Resume,
     }
 }
 
@@ -298,9 +298,11 @@ pub fn run(
                 break match next {
                     Ok(Next::Exit(status)) => Outcome::Exited(status),
                     Ok(Next::Reset) => Outcome::Reset,
-                    Ok(Next::Resume | Next::ForwardPciConfig { .. }) => Outcome::Failed(format!(
-                        "vCPU {id}: {event:?} cannot be resumed\n{registers}"
-                    )),
+                    Ok(Next::Resume | Next::ForwardPciConfig { .. } | Next::Doorbells { .. }) => {
+                        Outcome::Failed(format!(
+                            "vCPU {id}: {event:?} cannot be resumed\n{registers}"
+                        ))
+                    }
                     Err(RouteError::Stopping { .. }) => Outcome::Stopped,
                     Err(e) => Outcome::Failed(format!("vCPU {id}: {event:?}; {e}\n{registers}")),
                 };

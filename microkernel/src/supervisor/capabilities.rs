@@ -77,6 +77,10 @@ impl Supervisor {
                 .and_then(|g| g.memory.iter().find(|(a, _)| *a == access))
                 .map(|(_, fd)| (0, Fd::Borrowed(*fd)))
                 .ok_or_else(missing),
+            Source::Doorbells => guest
+                .and_then(|g| g.doorbells.iter().find(|(name, _)| *name == s.spec.name))
+                .map(|(_, fd)| (0, Fd::Borrowed(*fd)))
+                .ok_or_else(missing),
             Source::ParavisorAttest => {
                 shm(self.attest_link.as_ref().ok_or_else(missing)?.mem.shm())
             }

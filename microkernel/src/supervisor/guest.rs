@@ -28,7 +28,13 @@ impl Supervisor {
                 );
             }
         }
-        let partition = crate::partition::Partition::create(config.clone(), &plan.interrupts)?;
+        let doorbells: Vec<(String, crate::manifest::DeviceRange)> = m
+            .services
+            .iter()
+            .filter_map(|s| Some((s.name.clone(), s.doorbells?)))
+            .collect();
+        let partition =
+            crate::partition::Partition::create(config.clone(), &plan.interrupts, &doorbells)?;
         let mut links = Vec::new();
         for link in &plan.guest_links {
             let mem = ChannelMemory::create(&link.memfd, m.ring_capacity).map_err(|e| {
@@ -67,6 +73,7 @@ impl Supervisor {
         Ok(Guest {
             interrupts: partition.interrupt_fds(),
             memory: partition.memory_fds(),
+            doorbells: partition.doorbell_fds(),
             partition: Some(partition),
             running: None,
             links,
@@ -173,6 +180,7 @@ impl Supervisor {
                 service: spec.name.clone(),
                 end,
                 exits: link.exits.clone(),
+                doorbells: partition.doorbells(&spec.name),
             });
         }
         let ended = guest.ended.try_clone()?;

@@ -211,6 +211,8 @@ struct Guest {
     interrupts: Vec<(ipc_defs::services::intercept::Interrupt, i32)>,
     /// Guest memory a device may be given (the shared window, all of RAM): memfds.
     memory: Vec<(crate::manifest::GuestMemoryAccess, i32)>,
+    /// Each device service's doorbell eventfd, by service name.
+    doorbells: Vec<(String, i32)>,
     keep_running: bool,
     outcome: Option<crate::partition::vcpu::Outcome>,
     description: String,

@@ -16,6 +16,9 @@ use crate::manifest::schema::RawRange;
 use crate::manifest::schema::RawService;
 use crate::manifest::DeviceRange;
 
+/// The most doorbells one device may have wired as ioeventfds.
+pub const MAX_DOORBELLS: u64 = 64;
+
 impl Validator<'_> {
     /// What a service owns of the guest's address spaces: its `mmio` and `pio` ranges
     /// ([`Self::device_ranges`]) and its `pci-device`; a service that owns any of them serves
@@ -207,6 +210,72 @@ impl Validator<'_> {
             return None;
         }
         Some(access)
+    }
+
+    /// `doorbells`: 4-byte registers (base and size multiples of 4, at most
+    /// [`MAX_DOORBELLS`]) inside one of the service's own `mmio` ranges (a device can only
+    /// take over writes to its own registers), for a service whose accesses come as generic
+    /// guest accesses (not intercept or the vTPM, which answer in their own interfaces).
+    pub(super) fn doorbells(
+        &mut self,
+        raw: Option<&Spanned<RawRange>>,
+        name: &str,
+        serves: &[Interface],
+        mmio: &[DeviceRange],
+    ) -> Option<DeviceRange> {
+        let raw = raw?;
+        let range = DeviceRange {
+            base: *raw.get_ref().base.get_ref(),
+            size: *raw.get_ref().size.get_ref(),
+        };
+        let end = range.base.checked_add(range.size);
+        let inside = end.is_some_and(|end| {
+            mmio.iter()
+                .any(|m| m.base <= range.base && end <= m.base + m.size)
+        });
+        let problem = if range.size == 0
+            || !range.base.is_multiple_of(4)
+            || !range.size.is_multiple_of(4)
+        {
+            Some((
+                format!(
+                    "doorbells {:#x}+{:#x} are not whole 4-byte registers",
+                    range.base, range.size
+                ),
+                "give a base and a size that are multiples of 4, size not 0",
+            ))
+        } else if range.size / 4 > MAX_DOORBELLS {
+            Some((
+                format!(
+                    "{} doorbells: at most {MAX_DOORBELLS} are wired",
+                    range.size / 4
+                ),
+                "name fewer doorbells",
+            ))
+        } else if !inside {
+            Some((
+                format!(
+                    "doorbells {:#x}+{:#x} of \"{name}\" are not inside its own mmio ranges",
+                    range.base, range.size
+                ),
+                "a device takes over writes to its own registers only: put them inside one of its mmio ranges",
+            ))
+        } else if serves
+            .iter()
+            .any(|i| matches!(i, Interface::Intercept | Interface::Vtpm))
+        {
+            Some((
+                format!("service \"{name}\" has doorbells but answers guest accesses in its own interface"),
+                "doorbells are for a device service answering generic guest accesses; remove them",
+            ))
+        } else {
+            None
+        };
+        if let Some((what, hint)) = problem {
+            self.error(raw.span(), what, hint);
+            return None;
+        }
+        Some(range)
     }
 
     /// Each interrupt line has one holder: a service's own line is neither another service's

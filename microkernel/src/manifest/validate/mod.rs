@@ -268,6 +268,7 @@ impl Validator<'_> {
             seen.own_lines.push((name.clone(), line, span));
         }
         let guest_memory = self.guest_memory(s.guest_memory.as_ref(), &name, owns_device);
+        let doorbells = self.doorbells(s.doorbells.as_ref(), &name, &serves, &mmio);
         let limits = self.limits(s.limits.get_ref(), &name, &service_span, seen);
         let restart = self.restart(s.restart.get_ref());
         let syscalls = self.syscalls(&s.syscalls);
@@ -306,6 +307,7 @@ impl Validator<'_> {
             interrupts,
             pci_device,
             guest_memory,
+            doorbells,
             limits,
             restart,
             syscalls,
