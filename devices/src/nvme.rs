@@ -7,6 +7,19 @@
 //! says whether the interrupt should be raised. Every guest value is checked: a queue size,
 //! base or id out of range, a PRP outside guest memory or a list too long, a block past the
 //! namespace are completion errors, never a panic or an access outside guest memory.
+//!
+//! **Shadow doorbells** (Doorbell Buffer Config, admin opcode 0x7C, OACS bit 8): a driver
+//! that uses them keeps each I/O queue's SQ tail and CQ head in a page of its memory and
+//! writes the doorbell register only when the controller's event index (a second page) asks
+//! for it. A transport can then deliver those doorbell writes as bare signals (a KVM
+//! ioeventfd: no value, no exit to user space) and call [`NvmeController::stage_kick`],
+//! which reads the values from the shadow page. The admin queue keeps its registers.
+//!
+//! **Completions are staged**: the `stage_*` calls run commands and leave their completion
+//! entries in the state ([`NvmeState`]) until [`NvmeController::post`] writes them. A
+//! transport that keeps a crash checkpoint stores the state between the two: a restarted
+//! process posts the staged entries again (the same bytes in the same slots) instead of
+//! running commands the guest may already have seen completed.
 
 use vm_memory::Bytes;
 use vm_memory::GuestAddress;
@@ -26,6 +39,12 @@ pub const MAX_QUEUE_ENTRIES: u16 = 1024;
 pub const MDTS: u8 = 8;
 const PAGE: u64 = 4096;
 const DOORBELLS: u64 = 0x1000;
+/// OACS bit 8: the controller supports Doorbell Buffer Config.
+const OACS_DOORBELL_BUFFER: u16 = 1 << 8;
+/// Rounds of a kick: a shadow value the driver wrote while the event index was being
+/// updated is picked up by the next round (bounded: a driver racing forever waits for
+/// its next kick).
+const KICK_ROUNDS: usize = 4;
 
 /// Register offsets.
 const CAP: u64 = 0x00;
@@ -91,6 +110,20 @@ pub struct NvmeState {
     acq: u64,
     sqs: Vec<Option<Sq>>,
     cqs: Vec<Option<Cq>>,
+    /// The shadow doorbell and event index pages, once the driver configured them.
+    #[serde(default)]
+    shadow: Option<Shadow>,
+    /// Completion entries staged and not yet known to be posted: address and bytes.
+    #[serde(default)]
+    staged: Vec<(u64, [u8; 16])>,
+}
+
+/// Where a driver keeps its shadow doorbells and reads the controller's event indexes
+/// (each a page laid out as the doorbell registers, stride 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Shadow {
+    doorbells: u64,
+    event_index: u64,
 }
 
 /// An NVMe controller with one namespace over `disk`.
@@ -104,6 +137,8 @@ pub struct NvmeController<D: Disk> {
     acq: u64,
     sqs: Vec<Option<Sq>>,
     cqs: Vec<Option<Cq>>,
+    shadow: Option<Shadow>,
+    staged: Vec<(u64, [u8; 16])>,
     /// Failures the service logs (a tampered block with its LBA, a bad PRP...).
     pub errors: Vec<String>,
 }
@@ -157,8 +192,16 @@ impl<D: Disk> NvmeController<D> {
             acq: 0,
             sqs: vec![None; usize::from(MAX_IO_QUEUES) + 1],
             cqs: vec![None; usize::from(MAX_IO_QUEUES) + 1],
+            shadow: None,
+            staged: Vec::new(),
             errors: Vec::new(),
         }
+    }
+
+    /// Whether the driver configured shadow doorbells: its I/O queues' doorbell writes then
+    /// need not carry a value ([`NvmeController::stage_kick`]).
+    pub fn shadow_doorbells(&self) -> bool {
+        self.shadow.is_some()
     }
 
     pub fn disk(&mut self) -> &mut D {
@@ -175,6 +218,8 @@ impl<D: Disk> NvmeController<D> {
             acq: self.acq,
             sqs: self.sqs.clone(),
             cqs: self.cqs.clone(),
+            shadow: self.shadow,
+            staged: self.staged.clone(),
         }
     }
 
@@ -201,6 +246,12 @@ impl<D: Disk> NvmeController<D> {
         if !sq_ok || !cq_ok {
             return Err("a recorded queue is out of range".into());
         }
+        let shadow_ok = state
+            .shadow
+            .is_none_or(|s| s.doorbells.is_multiple_of(PAGE) && s.event_index.is_multiple_of(PAGE));
+        if !shadow_ok || state.staged.len() > queues * usize::from(MAX_QUEUE_ENTRIES) {
+            return Err("recorded shadow doorbells or staged completions out of range".into());
+        }
         self.cc = state.cc;
         self.csts = state.csts;
         self.aqa = state.aqa;
@@ -208,6 +259,8 @@ impl<D: Disk> NvmeController<D> {
         self.acq = state.acq;
         self.sqs = state.sqs;
         self.cqs = state.cqs;
+        self.shadow = state.shadow;
+        self.staged = state.staged;
         Ok(())
     }
 
@@ -240,7 +293,8 @@ impl<D: Disk> NvmeController<D> {
         }
     }
 
-    /// A write of BAR 0. True when a completion was posted (raise the interrupt).
+    /// A write of BAR 0, with its completions posted. True when a completion was posted
+    /// (raise the interrupt).
     pub fn mmio_write<M: GuestMemory>(
         &mut self,
         mem: &M,
@@ -248,55 +302,180 @@ impl<D: Disk> NvmeController<D> {
         size: u8,
         value: u64,
     ) -> bool {
+        self.stage_mmio_write(mem, offset, size, value);
+        self.post(mem)
+    }
+
+    /// A write of BAR 0; the completions it makes are staged ([`NvmeController::post`]).
+    pub fn stage_mmio_write<M: GuestMemory>(&mut self, mem: &M, offset: u64, size: u8, value: u64) {
         let low = value as u32;
         match offset {
-            CC => {
-                self.set_cc(low);
-                false
-            }
-            AQA => {
-                self.aqa = low;
-                false
-            }
-            ASQ if size == 8 => {
-                self.asq = value;
-                false
-            }
-            ASQ => {
-                self.asq = (self.asq & !0xffff_ffff) | u64::from(low);
-                false
-            }
-            0x2c => {
-                self.asq = (self.asq & 0xffff_ffff) | u64::from(low) << 32;
-                false
-            }
-            ACQ if size == 8 => {
-                self.acq = value;
-                false
-            }
-            ACQ => {
-                self.acq = (self.acq & !0xffff_ffff) | u64::from(low);
-                false
-            }
-            0x34 => {
-                self.acq = (self.acq & 0xffff_ffff) | u64::from(low) << 32;
-                false
-            }
+            CC => self.set_cc(low),
+            AQA => self.aqa = low,
+            ASQ if size == 8 => self.asq = value,
+            ASQ => self.asq = (self.asq & !0xffff_ffff) | u64::from(low),
+            0x2c => self.asq = (self.asq & 0xffff_ffff) | u64::from(low) << 32,
+            ACQ if size == 8 => self.acq = value,
+            ACQ => self.acq = (self.acq & !0xffff_ffff) | u64::from(low),
+            0x34 => self.acq = (self.acq & 0xffff_ffff) | u64::from(low) << 32,
             o if (DOORBELLS..BAR_SIZE).contains(&o) && self.csts & 1 == 1 => {
                 let index = (o - DOORBELLS) / 4;
                 let qid = usize::try_from(index / 2).unwrap_or(usize::MAX);
-                if index.is_multiple_of(2) {
-                    self.sq_doorbell(mem, qid, low)
+                if qid != 0 && self.shadow.is_some() {
+                    // The shadow page holds the value (the same one, for a driver that
+                    // keeps it); a transport that gets no value calls stage_kick alike.
+                    self.stage_kick(mem);
+                } else if index.is_multiple_of(2) {
+                    self.sq_doorbell(mem, qid, low);
                 } else {
                     if let Some(Some(cq)) = self.cqs.get_mut(qid) {
                         if u32::from(cq.size) > low {
                             cq.head = low as u16;
                         }
                     }
-                    false
+                    // Room on the queue: what waited for it runs now.
+                    self.run_waiting(mem);
                 }
             }
-            _ => false,
+            _ => {}
+        }
+    }
+
+    /// Writes the staged completion entries into guest memory. True when there were any
+    /// (raise the interrupt).
+    pub fn post<M: GuestMemory>(&mut self, mem: &M) -> bool {
+        let mut posted = false;
+        for (at, entry) in std::mem::take(&mut self.staged) {
+            if mem.write_slice(&entry, GuestAddress(at)).is_err() {
+                self.errors
+                    .push(format!("completion entry at {at:#x}: outside guest memory"));
+            } else {
+                posted = true;
+            }
+        }
+        posted
+    }
+
+    /// Whether completions are staged and not yet posted.
+    pub fn has_staged(&self) -> bool {
+        !self.staged.is_empty()
+    }
+
+    /// A doorbell rang without its value (or several did): with shadow doorbells on, reads
+    /// each I/O queue's SQ tail and CQ head from the shadow page, runs what was submitted
+    /// (completions staged), and updates the event indexes so that the driver rings again
+    /// when it submits more, or frees room a queue waits for. True when the controller's
+    /// state changed (a transport checkpoints it then).
+    pub fn stage_kick<M: GuestMemory>(&mut self, mem: &M) -> bool {
+        let Some(shadow) = self.shadow else {
+            return false;
+        };
+        if self.csts & 0b11 != 1 {
+            return false;
+        }
+        let before = (self.sqs.clone(), self.cqs.clone());
+        for _ in 0..KICK_ROUNDS {
+            let seen = self.read_shadow(mem, shadow);
+            // Heads first: the room that completions need.
+            for (qid, (_, head)) in seen.iter().enumerate().skip(1) {
+                if let (Some(Some(cq)), Some(head)) = (self.cqs.get_mut(qid), head) {
+                    cq.head = *head;
+                }
+            }
+            for (qid, (tail, _)) in seen.iter().enumerate().skip(1) {
+                if let Some(tail) = tail {
+                    self.sq_doorbell(mem, qid, u32::from(*tail));
+                }
+            }
+            self.write_event_indexes(mem, shadow);
+            // A value the driver wrote after it was read above, but before it saw the new
+            // event index, rang no doorbell: look once more.
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            if self.read_shadow(mem, shadow) == self.read_shadow_state() {
+                break;
+            }
+        }
+        before != (self.sqs.clone(), self.cqs.clone())
+    }
+
+    /// Each I/O queue's shadow SQ tail and CQ head (index = queue id; `None` for a queue that
+    /// does not exist or a value out of range, which is logged).
+    fn read_shadow<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        shadow: Shadow,
+    ) -> Vec<(Option<u16>, Option<u16>)> {
+        let mut out = vec![(None, None); usize::from(MAX_IO_QUEUES) + 1];
+        for (qid, slot) in out.iter_mut().enumerate().skip(1) {
+            let at = shadow.doorbells + 8 * qid as u64;
+            let mut value = |at: u64, size: Option<u16>, what: &str| -> Option<u16> {
+                let size = size?;
+                match mem.read_obj::<u32>(GuestAddress(at)) {
+                    Ok(v) if v < u32::from(size) => Some(v as u16),
+                    Ok(v) => {
+                        self.errors.push(format!(
+                            "queue {qid}: shadow {what} {v} past its {size} entries"
+                        ));
+                        None
+                    }
+                    Err(_) => None,
+                }
+            };
+            let sq_size = self.sqs[qid].map(|q| q.size);
+            let cq_size = self.cqs[qid].map(|q| q.size);
+            *slot = (
+                value(at, sq_size, "SQ tail"),
+                value(at + 4, cq_size, "CQ head"),
+            );
+        }
+        out
+    }
+
+    /// What [`Self::read_shadow`] reads when nothing changed since the last kick.
+    fn read_shadow_state(&self) -> Vec<(Option<u16>, Option<u16>)> {
+        (0..=usize::from(MAX_IO_QUEUES))
+            .map(|qid| {
+                if qid == 0 {
+                    return (None, None);
+                }
+                (self.sqs[qid].map(|q| q.tail), self.cqs[qid].map(|q| q.head))
+            })
+            .collect()
+    }
+
+    /// Event indexes: an SQ's is the tail taken (the driver rings when it goes past it); a
+    /// CQ's is its head while a submission queue waits for room on it (the driver rings
+    /// when it frees an entry), else one behind the head (it does not ring).
+    fn write_event_indexes<M: GuestMemory>(&mut self, mem: &M, shadow: Shadow) {
+        for qid in 1..=usize::from(MAX_IO_QUEUES) {
+            let at = shadow.event_index + 8 * qid as u64;
+            if let Some(sq) = self.sqs[qid] {
+                let _ = mem.write_obj(u32::from(sq.tail), GuestAddress(at));
+            }
+            if let Some(cq) = self.cqs[qid] {
+                let waiting = self
+                    .sqs
+                    .iter()
+                    .flatten()
+                    .any(|sq| usize::from(sq.cq) == qid && sq.head != sq.tail);
+                let index = if waiting {
+                    cq.head
+                } else {
+                    (cq.head + cq.size - 1) % cq.size
+                };
+                let _ = mem.write_obj(u32::from(index), GuestAddress(at + 4));
+            }
+        }
+    }
+
+    /// Runs the entries of submission queues that waited for room on their completion queue.
+    fn run_waiting<M: GuestMemory>(&mut self, mem: &M) {
+        for qid in 0..self.sqs.len() {
+            if let Some(sq) = self.sqs[qid] {
+                if sq.head != sq.tail {
+                    self.sq_doorbell(mem, qid, u32::from(sq.tail));
+                }
+            }
         }
     }
 
@@ -342,10 +521,13 @@ impl<D: Disk> NvmeController<D> {
     fn reset(&mut self) {
         self.sqs.iter_mut().for_each(|q| *q = None);
         self.cqs.iter_mut().for_each(|q| *q = None);
+        self.shadow = None;
+        self.staged.clear();
         self.csts = 0;
     }
 
-    /// New tail of submission queue `qid`: runs what it submitted.
+    /// New tail of submission queue `qid`: runs what it submitted, while its completion
+    /// queue has room (the rest waits for the driver to free some).
     fn sq_doorbell<M: GuestMemory>(&mut self, mem: &M, qid: usize, tail: u32) -> bool {
         let Some(Some(sq)) = self.sqs.get(qid).copied() else {
             self.errors.push(format!(
@@ -353,6 +535,9 @@ impl<D: Disk> NvmeController<D> {
             ));
             return false;
         };
+        if self.csts & 1 << 1 != 0 {
+            return false; // fatal: nothing runs until a reset
+        }
         if tail >= u32::from(sq.size) {
             self.errors.push(format!(
                 "submission queue {qid}: tail {tail} past its {} entries",
@@ -362,8 +547,20 @@ impl<D: Disk> NvmeController<D> {
         }
         let mut sq = sq;
         sq.tail = tail as u16;
+        if let Some(s) = self.sqs[qid].as_mut() {
+            s.tail = sq.tail;
+        }
         let mut posted = false;
         while sq.head != sq.tail {
+            let full = self
+                .cqs
+                .get(usize::from(sq.cq))
+                .copied()
+                .flatten()
+                .is_none_or(|cq| (cq.tail + 1) % cq.size == cq.head);
+            if full {
+                break;
+            }
             let mut raw = [0u8; 64];
             let at = sq.base + u64::from(sq.head) * 64;
             sq.head = (sq.head + 1) % sq.size;
@@ -417,12 +614,17 @@ impl<D: Disk> NvmeController<D> {
         let dw3 = u32::from(cid) | u32::from(cq.phase) << 16 | status.field();
         entry[12..].copy_from_slice(&dw3.to_le_bytes());
         let at = cq.base + u64::from(cq.tail) * 16;
-        if mem.write_slice(&entry, GuestAddress(at)).is_err() {
+        if !mem.check_range(
+            GuestAddress(at),
+            entry.len(),
+            vm_memory::Permissions::ReadWrite,
+        ) {
             self.errors.push(format!(
                 "completion queue {cqid}: entry outside guest memory"
             ));
             return false;
         }
+        self.staged.push((at, entry));
         cq.tail = (cq.tail + 1) % cq.size;
         if cq.tail == 0 {
             cq.phase = !cq.phase;
@@ -516,6 +718,28 @@ impl<D: Disk> NvmeController<D> {
                 }
             }
             0x0c => None,
+            0x7c => {
+                // Doorbell Buffer Config: two pages the device reaches, page-aligned.
+                let usable = |a: u64| {
+                    a != 0
+                        && a.is_multiple_of(PAGE)
+                        && mem.check_range(
+                            GuestAddress(a),
+                            PAGE as usize,
+                            vm_memory::Permissions::ReadWrite,
+                        )
+                };
+                if !usable(cmd.prp1) || !usable(cmd.prp2) || cmd.prp1 == cmd.prp2 {
+                    return Some((Status::INVALID_FIELD, 0));
+                }
+                let shadow = Shadow {
+                    doorbells: cmd.prp1,
+                    event_index: cmd.prp2,
+                };
+                self.shadow = Some(shadow);
+                self.write_event_indexes(mem, shadow);
+                ok
+            }
             _ => Some((Status::INVALID_OPCODE, 0)),
         }
     }
@@ -538,6 +762,7 @@ impl<D: Disk> NvmeController<D> {
                 page[64..72].copy_from_slice(b"0001    ");
                 page[77] = MDTS;
                 page[80..84].copy_from_slice(&0x0001_0400u32.to_le_bytes()); // VER
+                page[256..258].copy_from_slice(&OACS_DOORBELL_BUFFER.to_le_bytes()); // OACS
                 page[512] = 0x66; // SQES
                 page[513] = 0x44; // CQES
                 page[516..520].copy_from_slice(&1u32.to_le_bytes()); // NN
@@ -1047,5 +1272,174 @@ mod tests {
         assert_eq!(n.mmio_read(CSTS, 4), 2, "CFS, not ready");
         // Doorbells of a controller that is not ready do nothing.
         assert!(!n.mmio_write(&mem, DOORBELLS, 4, 1));
+    }
+
+    const SHADOW_AT: u64 = 0x6000;
+    const EVENT_AT: u64 = 0x7000;
+
+    impl<D: Disk> Host<D> {
+        /// Turns shadow doorbells on (Doorbell Buffer Config).
+        fn shadow_on(&mut self) {
+            let cmd = sqe(0x7c, 0, SHADOW_AT, EVENT_AT, [0; 3]);
+            assert_eq!(self.submit(0, cmd).0, Status::SUCCESS);
+            assert!(self.nvme.shadow_doorbells());
+        }
+
+        /// Puts `sqe` in the I/O queue's next slot and its new tail in the shadow page only.
+        fn queue_shadowed(&mut self, sqe: [u8; 64]) {
+            let slot = self.tails[1];
+            self.mem
+                .write_slice(&sqe, GuestAddress(IOSQ_AT + u64::from(slot) * 64))
+                .unwrap();
+            self.tails[1] = (slot + 1) % 8;
+            self.mem
+                .write_obj(u32::from(self.tails[1]), GuestAddress(SHADOW_AT + 8))
+                .unwrap();
+        }
+
+        fn event_index(&self, index: u64) -> u32 {
+            self.mem
+                .read_obj(GuestAddress(EVENT_AT + 4 * index))
+                .unwrap()
+        }
+
+        /// The I/O completion in slot `n`: its command id.
+        fn io_completion(&self, n: u64) -> u16 {
+            let cqe: [u8; 16] = self.mem.read_obj(GuestAddress(IOCQ_AT + 16 * n)).unwrap();
+            u16::from_le_bytes([cqe[12], cqe[13]])
+        }
+    }
+
+    fn cid(sqe: &[u8; 64]) -> u16 {
+        u16::from_le_bytes([sqe[2], sqe[3]])
+    }
+
+    #[test]
+    fn shadow_doorbells_run_what_the_shadow_page_holds_and_ask_for_the_next_ring() {
+        let mut h = Host::new(raw(32));
+        let (s, _) = h.admin(0x06, 1, 0, DATA_AT, 0);
+        assert_eq!(s, Status::SUCCESS);
+        let oacs: u16 = h.mem.read_obj(GuestAddress(DATA_AT + 256)).unwrap();
+        assert_ne!(
+            oacs & OACS_DOORBELL_BUFFER,
+            0,
+            "OACS: Doorbell Buffer Config"
+        );
+        h.shadow_on();
+        let read = rw(0x02, 0, 1, DATA_AT, 0);
+        h.queue_shadowed(read);
+        // The doorbell came without a value (an ioeventfd): the shadow page has it.
+        assert!(h.nvme.stage_kick(&h.mem));
+        assert!(h.nvme.has_staged());
+        assert_eq!(h.io_completion(0), 0, "staged, not yet posted");
+        assert!(h.nvme.post(&h.mem));
+        assert_eq!(h.io_completion(0), cid(&read));
+        // The SQ's event index is the tail taken (the next submission rings); the CQ's is one
+        // behind its head (freeing entries does not ring while nothing waits for room).
+        assert_eq!(h.event_index(2), 1);
+        assert_eq!(h.event_index(3), 7);
+        // Nothing new: a second kick changes nothing.
+        assert!(!h.nvme.stage_kick(&h.mem));
+        // A value written to the register itself is ignored for the shadow's.
+        let write = rw(0x01, 1, 1, DATA_AT, 0);
+        h.queue_shadowed(write);
+        h.nvme.stage_mmio_write(&h.mem, DOORBELLS + 8, 4, 5);
+        assert!(h.nvme.post(&h.mem));
+        assert_eq!(h.io_completion(1), cid(&write));
+    }
+
+    #[test]
+    fn a_full_completion_queue_holds_submissions_until_the_driver_frees_an_entry() {
+        let mut h = Host::new(raw(32));
+        h.shadow_on();
+        // 8-entry queues: the completion queue holds 7 unread entries.
+        let mut cids = Vec::new();
+        for k in 0..7 {
+            let c = rw(0x02, k, 1, DATA_AT, 0);
+            cids.push(cid(&c));
+            h.queue_shadowed(c);
+        }
+        h.nvme.stage_kick(&h.mem);
+        assert!(h.nvme.post(&h.mem));
+        let last = rw(0x02, 7, 1, DATA_AT, 0);
+        h.queue_shadowed(last);
+        h.nvme.stage_kick(&h.mem);
+        assert!(!h.nvme.post(&h.mem), "no room: nothing completes");
+        assert_eq!(
+            h.event_index(3),
+            0,
+            "the CQ's event index asks for its next head"
+        );
+        // The driver reads one entry and says so in the shadow page only.
+        h.mem.write_obj(1u32, GuestAddress(SHADOW_AT + 12)).unwrap();
+        h.nvme.stage_kick(&h.mem);
+        assert!(h.nvme.post(&h.mem));
+        assert_eq!(h.io_completion(7), cid(&last));
+        for (n, c) in cids.iter().enumerate() {
+            assert_eq!(h.io_completion(n as u64), *c);
+        }
+        assert!(h.nvme.errors.is_empty(), "{:?}", h.nvme.errors);
+    }
+
+    #[test]
+    fn staged_completions_are_posted_by_the_controller_that_restores_them() {
+        let mut h = Host::new(raw(32));
+        h.shadow_on();
+        let read = rw(0x02, 0, 1, DATA_AT, 0);
+        h.queue_shadowed(read);
+        assert!(h.nvme.stage_kick(&h.mem));
+        let state = h.nvme.state();
+        // The process dies before posting; the next one takes the state up.
+        let mut next = NvmeController::new(raw(32), "PV0001");
+        next.restore(state).unwrap();
+        assert!(next.shadow_doorbells());
+        assert!(next.post(&h.mem));
+        assert_eq!(h.io_completion(0), cid(&read));
+        // It does not run the command again.
+        assert!(!next.stage_kick(&h.mem));
+        assert!(!next.post(&h.mem));
+    }
+
+    #[test]
+    fn doorbell_buffer_config_takes_only_two_pages_the_device_reaches_and_a_reset_drops_them() {
+        let mut h = Host::new(raw(32));
+        for (shadow, events) in [
+            (SHADOW_AT + 8, EVENT_AT),
+            (SHADOW_AT, 0),
+            (SHADOW_AT, SHADOW_AT),
+            (SHADOW_AT, 0x40_0000),
+        ] {
+            let cmd = sqe(0x7c, 0, shadow, events, [0; 3]);
+            assert_eq!(h.submit(0, cmd).0, Status::INVALID_FIELD);
+            assert!(!h.nvme.shadow_doorbells());
+        }
+        h.shadow_on();
+        h.nvme.mmio_write(&h.mem, CC, 4, 0);
+        assert!(!h.nvme.shadow_doorbells(), "a reset forgets them");
+        let mut state = h.nvme.state();
+        state.shadow = Some(Shadow {
+            doorbells: SHADOW_AT + 1,
+            event_index: EVENT_AT,
+        });
+        assert!(NvmeController::new(raw(1), "x").restore(state).is_err());
+    }
+
+    #[test]
+    fn a_hostile_shadow_value_is_refused_and_logged() {
+        let mut h = Host::new(raw(32));
+        h.shadow_on();
+        h.mem
+            .write_obj(4000u32, GuestAddress(SHADOW_AT + 8))
+            .unwrap();
+        assert!(!h.nvme.stage_kick(&h.mem));
+        assert!(!h.nvme.post(&h.mem));
+        assert!(
+            h.nvme
+                .errors
+                .iter()
+                .any(|e| e.contains("shadow SQ tail 4000")),
+            "{:?}",
+            h.nvme.errors
+        );
     }
 }
