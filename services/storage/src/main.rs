@@ -194,16 +194,36 @@ fn setup(
 struct PartitionDevice {
     link: runtime::GuestLink,
     nvme: PciNvme<ipc_defs::hosted::SharedMemory>,
+    /// The doorbell eventfd (a `doorbells` grant): the partition signals it after each access
+    /// it sends, and KVM for each armed doorbell write. Without it, the wait is on the ring.
+    doorbells: Option<std::fs::File>,
 }
 
 /// Where the NVMe function keeps its checkpoint (a `regions` grant).
 const CHECKPOINT_REGION: &str = "nvme-checkpoint";
 
 impl PartitionDevice {
-    /// Answers the partition's accesses, waiting up to `wait` for the first.
+    /// Answers the partition's accesses and runs what rang doorbells, waiting up to `wait`
+    /// for either.
     fn serve(&mut self, wait: Duration) {
         let nvme = &mut self.nvme;
-        self.link.serve(wait, |access| nvme.access(access));
+        match self.doorbells.as_mut() {
+            Some(doorbells) => {
+                let signalled = sys::poll_readable(&[doorbells.as_fd()], wait)
+                    .is_ok_and(|ready| ready.first() == Some(&true));
+                if signalled {
+                    // Drained before the ring is looked at: a signal after this look stays.
+                    let mut count = [0u8; 8];
+                    let _ = std::io::Read::read(doorbells, &mut count);
+                }
+                self.link
+                    .serve(Duration::ZERO, |access| nvme.access(access));
+                nvme.kick();
+            }
+            None => {
+                self.link.serve(wait, |access| nvme.access(access));
+            }
+        }
         for e in self.nvme.take_errors() {
             tracing::warn!(device = "nvme", "{e}");
         }
@@ -262,9 +282,27 @@ fn partition_device(
         keys.as_mut().map(|k| k as &mut dyn KeyStore),
     )?;
     let bar = spec.bar.ok_or("the NVMe function needs bar=ADDR")?;
-    let nvme = PciNvme::new(disk, &spec.file, bar, memory, irq, checkpoint)?;
-    tracing::info!(image = %spec.file, bar = format_args!("{bar:#x}"), "NVMe function ready");
-    Ok(Some(PartitionDevice { link, nvme }))
+    let doorbells = context.doorbells.take().map(|d| std::fs::File::from(d.fd));
+    let nvme = PciNvme::new(
+        disk,
+        &spec.file,
+        bar,
+        memory,
+        irq,
+        checkpoint,
+        doorbells.is_some(),
+    )?;
+    tracing::info!(
+        image = %spec.file,
+        bar = format_args!("{bar:#x}"),
+        doorbells = doorbells.is_some(),
+        "NVMe function ready"
+    );
+    Ok(Some(PartitionDevice {
+        link,
+        nvme,
+        doorbells,
+    }))
 }
 
 /// What one poll-set entry is.

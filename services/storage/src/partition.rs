@@ -11,6 +11,14 @@
 //! answers the partition's resent access from the record if it had completed, or performs it
 //! again from the state before it (commands a doorbell ran are run again: the same data to
 //! the same blocks, the same completions in the same slots).
+//!
+//! **Doorbells through an ioeventfd.** With a `doorbells` grant, once the driver turns on
+//! shadow doorbells the function's answers ask the partition to arm the I/O queues'
+//! doorbells ([`Next::Doorbells`]): a doorbell write then only signals the service's eventfd
+//! (the vCPU goes on at once) and [`PciNvme::kick`] reads the values from the shadow page.
+//! Completions are checkpointed before they are posted (the controller stages them), so a
+//! process killed after the guest saw a completion never runs that command again: its
+//! successor posts the staged entries again, the same bytes in the same slots.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -20,6 +28,7 @@ use ipc_defs::hosted::checkpoint::CheckpointArea;
 use ipc_defs::hosted::checkpoint::CheckpointMemory;
 use ipc_defs::services::guest::mask;
 use ipc_defs::services::guest::Access;
+use ipc_defs::services::guest::Next;
 use ipc_defs::services::guest::Reply;
 use ipc_defs::services::guest::Space;
 use pv_devices::block::Disk;
@@ -79,13 +88,19 @@ pub struct PciNvme<M: CheckpointMemory> {
     irq: Option<File>,
     area: CheckpointArea<M>,
     last: BTreeMap<u32, LastAccess>,
+    /// Whether the partition delivers the doorbells as signals when asked (a `doorbells`
+    /// grant): every answer then says whether they should be.
+    doorbells: bool,
     /// Accesses answered from the record after a restart.
     pub repeats: u64,
+    /// Kicks that ran commands (doorbells that came as signals, not accesses).
+    pub kicks: u64,
 }
 
 impl<M: CheckpointMemory> PciNvme<M> {
     /// The function for `disk` with BAR 0 at `bar`, DMA into `memory`, interrupt line `line`
-    /// (its eventfd `irq`), resumed from the checkpoint in `area` if there is one.
+    /// (its eventfd `irq`), resumed from the checkpoint in `area` if there is one. With
+    /// `doorbells`, its answers arm the I/O doorbells once the driver uses shadow doorbells.
     pub fn new(
         disk: Box<dyn Disk + Send>,
         serial: &str,
@@ -93,6 +108,7 @@ impl<M: CheckpointMemory> PciNvme<M> {
         memory: GuestMemoryMmap,
         irq: Option<(u8, File)>,
         area: M,
+        doorbells: bool,
     ) -> Result<PciNvme<M>, String> {
         if !bar.is_multiple_of(BAR_SIZE) {
             return Err(format!("BAR 0 at {bar:#x} is not {BAR_SIZE:#x}-aligned"));
@@ -115,7 +131,7 @@ impl<M: CheckpointMemory> PciNvme<M> {
             last = c.last;
             tracing::info!("NVMe controller resumed from its checkpoint");
         }
-        Ok(PciNvme {
+        let mut function = PciNvme {
             nvme,
             pci,
             bar,
@@ -124,8 +140,73 @@ impl<M: CheckpointMemory> PciNvme<M> {
             irq,
             area,
             last,
+            doorbells,
             repeats: 0,
-        })
+            kicks: 0,
+        };
+        // Completions the last process checkpointed but may not have posted.
+        function.post();
+        Ok(function)
+    }
+
+    /// What the vCPU does after an access: resume, and (with doorbells) whether the I/O
+    /// doorbells should come as signals.
+    fn next(&self) -> Next {
+        if self.doorbells {
+            Next::Doorbells {
+                armed: self.nvme.shadow_doorbells(),
+            }
+        } else {
+            Next::Resume
+        }
+    }
+
+    /// Checkpoints the state (staged completions included) before anything of it is seen.
+    fn checkpoint(&mut self) {
+        let checkpoint = Checkpoint {
+            nvme: self.nvme.state(),
+            pci: self.pci,
+            last: self.last.clone(),
+        };
+        if let Err(e) = self.area.store(&checkpoint) {
+            tracing::error!("NVMe checkpoint not written: {e}");
+        }
+    }
+
+    /// Posts the staged completions and raises the interrupt for them.
+    fn post(&mut self) {
+        let memory = if self.pci.command & COMMAND_BUS_MASTER != 0 {
+            &self.memory
+        } else {
+            &self.no_memory
+        };
+        let interrupt = self.nvme.post(memory);
+        if interrupt && self.pci.command & INTERRUPT_DISABLE == 0 {
+            if let Some(irq) = self.irq.as_mut() {
+                let _ = irq.write_all(&1u64.to_ne_bytes());
+            }
+        }
+    }
+
+    /// The doorbell eventfd fired: runs what the shadow doorbells say was submitted
+    /// (checkpointed before its completions are posted). True when commands ran.
+    pub fn kick(&mut self) -> bool {
+        if self.pci.command & COMMAND_MEMORY == 0 {
+            return false;
+        }
+        let memory = if self.pci.command & COMMAND_BUS_MASTER != 0 {
+            &self.memory
+        } else {
+            &self.no_memory
+        };
+        let changed = self.nvme.stage_kick(memory);
+        if !changed && !self.nvme.has_staged() {
+            return false;
+        }
+        self.kicks += 1;
+        self.checkpoint();
+        self.post();
+        true
     }
 
     /// Answers one access of the partition (and records it before the answer leaves).
@@ -140,7 +221,10 @@ impl<M: CheckpointMemory> PciNvme<M> {
                     seq = a.seq,
                     "access answered from the record (sent again after a restart)"
                 );
-                return Reply::read(l.value);
+                return Reply {
+                    value: l.value,
+                    next: self.next(),
+                };
             }
         }
         let value = match (a.space, a.written()) {
@@ -168,15 +252,12 @@ impl<M: CheckpointMemory> PciNvme<M> {
                 value,
             },
         );
-        let checkpoint = Checkpoint {
-            nvme: self.nvme.state(),
-            pci: self.pci,
-            last: self.last.clone(),
-        };
-        if let Err(e) = self.area.store(&checkpoint) {
-            tracing::error!("NVMe checkpoint not written: {e}");
+        self.checkpoint();
+        self.post();
+        Reply {
+            value,
+            next: self.next(),
         }
-        Reply::read(value)
     }
 
     /// The errors the controller met since the last look (a tampered block with its LBA, a
@@ -263,12 +344,8 @@ impl<M: CheckpointMemory> PciNvme<M> {
         } else {
             &self.no_memory
         };
-        let interrupt = self.nvme.mmio_write(memory, offset, size, value);
-        if interrupt && self.pci.command & INTERRUPT_DISABLE == 0 {
-            if let Some(irq) = self.irq.as_mut() {
-                let _ = irq.write_all(&1u64.to_ne_bytes());
-            }
-        }
+        // Completions are staged: the access checkpoints before it posts them.
+        self.nvme.stage_mmio_write(memory, offset, size, value);
     }
 }
 
@@ -297,6 +374,7 @@ mod tests {
             memory.clone(),
             None,
             region.clone(),
+            false,
         )
         .unwrap()
     }
@@ -408,5 +486,108 @@ mod tests {
         );
         let second: [u8; 16] = memory.read_obj(GuestAddress(WINDOW + 0x1010)).unwrap();
         assert_eq!(second, [0; 16], "no second completion");
+    }
+
+    #[test]
+    fn shadow_doorbells_arm_the_partitions_doorbells_and_a_kick_runs_the_io_queue() {
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(WINDOW), 0x10000)]).unwrap();
+        let region = MemRegion::new(16384);
+        let disk = RawDisk::new(MemStore {
+            bytes: vec![0x33; 16 * 4096],
+        })
+        .unwrap();
+        let mut f = PciNvme::new(
+            Box::new(disk),
+            "t",
+            BAR,
+            memory.clone(),
+            None,
+            region.clone(),
+            true,
+        )
+        .unwrap();
+        let mut seq = 0;
+        let mut mmio = |f: &mut PciNvme<MemRegion>, offset: u64, write: Option<u64>| {
+            seq += 1;
+            f.access(access(0, seq, Space::Mmio, BAR + offset, 4, write))
+        };
+        f.access(access(0, 1000, Space::PciConfig, 0x1804, 2, Some(0x6)));
+        mmio(&mut f, 0x24, Some(0x000f_000f));
+        mmio(&mut f, 0x28, Some(WINDOW));
+        mmio(&mut f, 0x30, Some(WINDOW + 0x1000));
+        let reply = mmio(&mut f, 0x14, Some(0x0046_0001));
+        assert_eq!(reply.next, Next::Doorbells { armed: false });
+        // Admin commands: an I/O CQ at +0x3000, an I/O SQ at +0x4000 (8 entries each), then
+        // shadow doorbells at +0x5000 and event indexes at +0x6000.
+        let mut admin = |f: &mut PciNvme<MemRegion>, slot: u64, cmd: [u8; 64]| {
+            memory
+                .write_slice(&cmd, GuestAddress(WINDOW + slot * 64))
+                .unwrap();
+            mmio(f, 0x1000, Some(slot + 1))
+        };
+        let command = |opcode: u8, prp1: u64, prp2: u64, cdw10: u32, cdw11: u32| {
+            let mut c = [0u8; 64];
+            c[0] = opcode;
+            c[2] = opcode;
+            c[24..32].copy_from_slice(&prp1.to_le_bytes());
+            c[32..40].copy_from_slice(&prp2.to_le_bytes());
+            c[40..44].copy_from_slice(&cdw10.to_le_bytes());
+            c[44..48].copy_from_slice(&cdw11.to_le_bytes());
+            c
+        };
+        admin(&mut f, 0, command(0x05, WINDOW + 0x3000, 0, 1 | 7 << 16, 1));
+        admin(
+            &mut f,
+            1,
+            command(0x01, WINDOW + 0x4000, 0, 1 | 7 << 16, 1 | 1 << 16),
+        );
+        let reply = admin(
+            &mut f,
+            2,
+            command(0x7c, WINDOW + 0x5000, WINDOW + 0x6000, 0, 0),
+        );
+        assert_eq!(
+            reply.next,
+            Next::Doorbells { armed: true },
+            "the answer that turned shadow doorbells on arms them"
+        );
+        // A read of block 2 into +0x8000, its tail in the shadow page only; the doorbell
+        // came as a signal.
+        let mut read = command(0x02, WINDOW + 0x8000, 0, 2, 0);
+        read[2] = 0x44;
+        read[4] = 1; // namespace 1
+        memory
+            .write_slice(&read, GuestAddress(WINDOW + 0x4000))
+            .unwrap();
+        memory
+            .write_obj(1u32, GuestAddress(WINDOW + 0x5008))
+            .unwrap();
+        assert!(f.kick());
+        assert_eq!(f.kicks, 1);
+        let cqe: [u8; 16] = memory.read_obj(GuestAddress(WINDOW + 0x3000)).unwrap();
+        assert_eq!(cqe[12], 0x44, "completed");
+        assert_eq!(cqe[14] >> 1, 0, "success");
+        let data: [u8; 16] = memory.read_obj(GuestAddress(WINDOW + 0x8000)).unwrap();
+        assert_eq!(data, [0x33; 16]);
+        assert!(!f.kick(), "nothing new");
+        // A new process resumes armed, and runs nothing twice.
+        drop(f);
+        let disk = RawDisk::new(MemStore {
+            bytes: vec![0x33; 16 * 4096],
+        })
+        .unwrap();
+        let mut g = PciNvme::new(
+            Box::new(disk),
+            "t",
+            BAR,
+            memory.clone(),
+            None,
+            region.clone(),
+            true,
+        )
+        .unwrap();
+        assert!(!g.kick());
+        let reply = g.access(access(0, 500, Space::Mmio, BAR + 0x1c, 4, None));
+        assert_eq!(reply.next, Next::Doorbells { armed: true });
     }
 }

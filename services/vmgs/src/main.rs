@@ -52,7 +52,8 @@ fn main() -> ExitCode {
                 | Grant::Vtpm(_)
                 | Grant::Localities(_)
                 | Grant::GuestPartition
-                | Grant::GuestMemory { .. } => FileIdSet::EMPTY,
+                | Grant::GuestMemory { .. }
+                | Grant::Doorbells { .. } => FileIdSet::EMPTY,
             };
             let what = describe(&request);
             let response = server.handle(&caller.name, granted, request);
