@@ -544,6 +544,70 @@ fn guest_memory_only_for_a_device_and_of_a_known_kind() {
 }
 
 #[test]
+fn doorbells_are_whole_registers_inside_the_devices_own_mmio_of_a_generic_device() {
+    // "store" owns no range; give it one for the cases that need it.
+    let with_range = |doorbells: &str| {
+        let doorbells = doorbells.to_string();
+        edit(move |m| {
+            add(
+                m,
+                "service.store.mmio",
+                "[{ base = 0xfe000000, size = 0x4000 }]",
+            );
+            add(m, "service.store.doorbells", &doorbells);
+        })
+    };
+    refused(
+        &edit(|m| {
+            add(
+                m,
+                "service.store.doorbells",
+                "{ base = 0xfe001008, size = 0x20 }",
+            )
+        }),
+        7,
+        "are not inside its own mmio ranges",
+    );
+    refused(
+        &with_range("{ base = 0xfe003ff8, size = 0x10 }"),
+        8,
+        "are not inside its own mmio ranges",
+    );
+    refused(
+        &with_range("{ base = 0xfe001002, size = 0x20 }"),
+        8,
+        "are not whole 4-byte registers",
+    );
+    refused(
+        &with_range("{ base = 0xfe001000, size = 0x200 }"),
+        8,
+        "128 doorbells: at most 64 are wired",
+    );
+    refused(
+        &edit(|m| {
+            add(
+                m,
+                "service.tpm.doorbells",
+                "{ base = 0xfed40000, size = 4 }",
+            )
+        }),
+        16,
+        "answers guest accesses in its own interface",
+    );
+    let m = with_range("{ base = 0xfe001008, size = 0x20 }");
+    let dir = common::scratch_dir("doorbells-audit");
+    let path = dir.join("m.toml");
+    std::fs::write(&path, &m).unwrap();
+    let out = common::pv(&["audit", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("doorbells: 8 at 0xfe001008..0xfe001028 (inside its own mmio)"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
 fn the_partitions_own_port_cannot_be_claimed() {
     let m = edit_with_intercept(|m| {
         add(
