@@ -33,8 +33,10 @@ use crate::block::BLOCK;
 pub const BAR_SIZE: u64 = 0x4000;
 /// I/O queue pairs the controller offers.
 pub const MAX_IO_QUEUES: u16 = 4;
-/// Largest queue (entries), for admin and I/O queues (CAP.MQES + 1).
+/// Largest I/O queue (entries; CAP.MQES + 1).
 pub const MAX_QUEUE_ENTRIES: u16 = 1024;
+/// Largest admin queue (entries): what AQA's 12-bit sizes can say.
+const MAX_ADMIN_ENTRIES: u16 = 4096;
 /// Largest transfer: 2^MDTS pages of 4 KiB.
 pub const MDTS: u8 = 8;
 const PAGE: u64 = 4096;
@@ -234,14 +236,26 @@ impl<D: Disk> NvmeController<D> {
                 state.cqs.len()
             ));
         }
-        let sq_ok = state.sqs.iter().flatten().all(|q| {
-            (2..=MAX_QUEUE_ENTRIES).contains(&q.size)
-                && q.head < q.size
-                && q.tail < q.size
-                && usize::from(q.cq) < queues
+        // The admin queues may be as large as AQA says (4096 entries), I/O queues CAP.MQES.
+        let largest = |qid: usize| {
+            if qid == 0 {
+                MAX_ADMIN_ENTRIES
+            } else {
+                MAX_QUEUE_ENTRIES
+            }
+        };
+        let sq_ok = state.sqs.iter().enumerate().all(|(qid, q)| {
+            q.is_none_or(|q| {
+                (2..=largest(qid)).contains(&q.size)
+                    && q.head < q.size
+                    && q.tail < q.size
+                    && usize::from(q.cq) < queues
+            })
         });
-        let cq_ok = state.cqs.iter().flatten().all(|q| {
-            (2..=MAX_QUEUE_ENTRIES).contains(&q.size) && q.head < q.size && q.tail < q.size
+        let cq_ok = state.cqs.iter().enumerate().all(|(qid, q)| {
+            q.is_none_or(|q| {
+                (2..=largest(qid)).contains(&q.size) && q.head < q.size && q.tail < q.size
+            })
         });
         if !sq_ok || !cq_ok {
             return Err("a recorded queue is out of range".into());
@@ -249,7 +263,9 @@ impl<D: Disk> NvmeController<D> {
         let shadow_ok = state
             .shadow
             .is_none_or(|s| s.doorbells.is_multiple_of(PAGE) && s.event_index.is_multiple_of(PAGE));
-        if !shadow_ok || state.staged.len() > queues * usize::from(MAX_QUEUE_ENTRIES) {
+        let most_staged = usize::from(MAX_ADMIN_ENTRIES)
+            + usize::from(MAX_IO_QUEUES) * usize::from(MAX_QUEUE_ENTRIES);
+        if !shadow_ok || state.staged.len() > most_staged {
             return Err("recorded shadow doorbells or staged completions out of range".into());
         }
         self.cc = state.cc;
@@ -1441,5 +1457,20 @@ mod tests {
             "{:?}",
             h.nvme.errors
         );
+    }
+
+    #[test]
+    fn a_controller_with_the_largest_admin_queues_is_taken_up_by_its_successor() {
+        // Found by the fuzz target: AQA allows 4096 entries; a successor refused that state.
+        let mut n = NvmeController::new(raw(1), "x");
+        let mem = memory();
+        n.mmio_write(&mem, AQA, 4, 0x0fff_0fff);
+        n.mmio_write(&mem, ASQ, 8, 0x10_0000);
+        n.mmio_write(&mem, ACQ, 8, 0x20_0000);
+        n.mmio_write(&mem, CC, 4, 1);
+        assert_eq!(n.mmio_read(CSTS, 4), 1, "ready");
+        NvmeController::new(raw(1), "x")
+            .restore(n.state())
+            .expect("its own state");
     }
 }

@@ -1,7 +1,9 @@
 //! A guest that programs the NVMe controller with anything: register and doorbell writes
 //! from fuzz bytes, over 64 KiB of guest memory (queues, commands, PRP lists) that are fuzz
-//! bytes too. Every step ends in a value, a completion status or a noted error: never a
-//! panic, a hang or an access outside guest memory; the namespace keeps its size.
+//! bytes too, shadow doorbell kicks among them (a guest that turned shadow doorbells on with
+//! pages of fuzz bytes). Every step ends in a value, a completion status or a noted error:
+//! never a panic, a hang or an access outside guest memory; the namespace keeps its size,
+//! and the controller's state, staged completions included, is one a successor takes up.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -35,8 +37,24 @@ fuzz_target!(|data: &[u8]| {
         let offset = u64::from(u16::from_le_bytes([w[0], w[1]])) % 0x4000;
         let size = if w[2] & 1 == 0 { 4 } else { 8 };
         let value = u64::from_le_bytes(w[4..12].try_into().unwrap());
-        let _ = nvme.mmio_write(&mem, offset & !3, size, value);
+        if w[3] & 1 == 1 {
+            // A doorbell that came without its value (an ioeventfd).
+            nvme.stage_kick(&mem);
+            nvme.post(&mem);
+        } else {
+            let _ = nvme.mmio_write(&mem, offset & !3, size, value);
+        }
         let _ = nvme.mmio_read(offset & !3, size);
     }
     assert_eq!(nvme.disk().blocks(), 8);
+    let mut successor = NvmeController::new(
+        RawDisk::new(MemStore {
+            bytes: vec![0; 8 * BLOCK],
+        })
+        .unwrap(),
+        "fuzz",
+    );
+    successor
+        .restore(nvme.state())
+        .expect("a controller's own state is restorable");
 });
