@@ -26,7 +26,9 @@
 //! `tpm=0|1` (default 1), `unowned=0|1` (default 1: accesses nothing owns, an unknown MSR),
 //! `triple-fault=1` (runs wild on purpose, first thing), and for NVMe `nvme=0|1` (default: if there is one),
 //! `nvme-passes=N` (default 1), `nvme-blocks=N` (default 1024: the most blocks tested),
-//! `nvme-irq=0|1` (default 0), `window=0xADDR` (the shared window, default 0xb0000000).
+//! `nvme-irq=0|1` (default 0), `nvme-dbbuf=0|1` (default 1: shadow doorbells if the
+//! controller offers Doorbell Buffer Config; 0: MMIO doorbells only), `window=0xADDR` (the
+//! shared window, default 0xb0000000).
 //! Numbers are decimal, or hexadecimal after `0x`.
 #![no_std]
 #![no_main]
@@ -557,6 +559,7 @@ fn options() -> Options {
             b"nvme-passes" => o.nvme.passes = n,
             b"nvme-blocks" => o.nvme.max_blocks = n,
             b"nvme-irq" => o.nvme.interrupt = n != 0,
+            b"nvme-dbbuf" => o.nvme.shadow_doorbells = n != 0,
             b"window" => o.nvme.window = n,
             _ => {}
         }

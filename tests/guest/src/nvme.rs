@@ -5,14 +5,19 @@
 //!    and Bus Master Enable;
 //! 2. resets and enables the controller in the specification's order (CC.EN=0, wait RDY=0,
 //!    AQA/ASQ/ACQ, CC.EN=1, wait RDY=1), identifies the controller (model, serial) and
-//!    namespace 1 (size, 4 KiB blocks), asks for one I/O queue pair and creates it;
-//! 3. with `nvme-irq=1`, routes the INTx line through the IOAPIC and takes the interrupt of
+//!    namespace 1 (size, 4 KiB blocks);
+//! 3. if the controller offers Doorbell Buffer Config (Identify OACS bit 8) and
+//!    `nvme-dbbuf` is not 0, gives it a shadow doorbell page and an EventIdx page
+//!    ([`use_shadow_doorbells`]); then asks for one I/O queue pair and creates it;
+//! 4. with `nvme-irq=1`, routes the INTx line through the IOAPIC and takes the interrupt of
 //!    an I/O completion;
-//! 4. runs `nvme-passes` passes (`pass.rs`), each of which writes every block (up to
+//! 5. runs `nvme-passes` passes (`pass.rs`), each of which writes every block (up to
 //!    `nvme-blocks`) with a pattern of (run, pass, block, word), flushes, reads every block
 //!    back and compares every byte. Commands carry 1, 2, 8 and 3 blocks in turn, so PRP1
 //!    alone, PRP1 + PRP2 and PRP lists are all used, on data pages that are not contiguous;
-//!    [`SLOTS`] commands are in flight at once.
+//!    [`SLOTS`] commands are in flight at once;
+//! 6. prints how many MMIO writes of I/O queue doorbells it made and how many the shadow
+//!    doorbells let it skip.
 //!
 //! This file holds the contract's facts, the layout of the window and the set-up steps;
 //! `queue.rs` the submission and completion queues, doorbells and waits.
@@ -22,11 +27,18 @@
 //! ([`Layout`]), and nothing the device writes is read from anywhere else.
 //!
 //! Costs on PVM: guest memory is cheap to poll, every register access is an exit. So the
-//! driver touches registers to ring doorbells (once per batch), and, while a completion is
-//! late, to read CSTS now and then: that notices a fatal controller or a device that is gone
-//! (all ones), and its exits show the partition's watchdog that the guest is alive. Waits are
-//! bounded by elapsed TSC time ([`TIMEOUT_CYCLES`]), not by a number of polls: a device
-//! service restarted under the guest stalls a command for seconds, and that is no failure.
+//! driver touches registers to ring doorbells (once per batch, and with shadow doorbells
+//! only when the device's event index asks), and, while a completion is late, to read CSTS
+//! now and then: that notices a fatal controller or a device that is gone (all ones), and its
+//! exits show the partition's watchdog that the guest is alive. Waits are bounded by elapsed
+//! TSC time ([`TIMEOUT_CYCLES`]), not by a number of polls: a device service restarted under
+//! the guest stalls a command for seconds, and that is no failure.
+//!
+//! Nothing assumes that a command is done when its doorbell write returns: with shadow
+//! doorbells the device learns of I/O doorbells through an ioeventfd (the write returns at
+//! once, the device reads the shadow page later), or not at all until it looks (a skipped
+//! write). Every command, admin ones too, is waited for by its completion's phase tag, and
+//! the interrupt of `nvme-irq=1` by its own bounded wait.
 
 mod pass;
 mod queue;
@@ -71,6 +83,9 @@ pub struct Config {
     pub max_blocks: u64,
     /// `nvme-irq=1`: route the INTx line and check that a completion interrupts.
     pub interrupt: bool,
+    /// `nvme-dbbuf=1` (the default): use shadow doorbells if the controller offers them;
+    /// `nvme-dbbuf=0`: ring every doorbell by MMIO.
+    pub shadow_doorbells: bool,
     /// `window=0xADDR`: guest-physical base of the shared window.
     pub window: u64,
 }
@@ -82,6 +97,7 @@ impl Default for Config {
             passes: 1,
             max_blocks: DEFAULT_MAX_BLOCKS,
             interrupt: false,
+            shadow_doorbells: true,
             window: WINDOW,
         }
     }
@@ -138,9 +154,12 @@ const ADMIN_CREATE_SQ: u8 = 0x01;
 const ADMIN_CREATE_CQ: u8 = 0x05;
 const ADMIN_IDENTIFY: u8 = 0x06;
 const ADMIN_SET_FEATURES: u8 = 0x09;
+const ADMIN_DOORBELL_BUFFER_CONFIG: u8 = 0x7c;
 const FEATURE_NUMBER_OF_QUEUES: u32 = 0x07;
 const CNS_NAMESPACE: u32 = 0x00;
 const CNS_CONTROLLER: u32 = 0x01;
+/// Identify controller's OACS (bytes 256..258) bit 8: Doorbell Buffer Config is supported.
+const OACS_DOORBELL_BUFFER_CONFIG: u16 = 1 << 8;
 const IO_FLUSH: u8 = 0x00;
 const IO_WRITE: u8 = 0x01;
 const IO_READ: u8 = 0x02;
@@ -170,6 +189,10 @@ const ADMIN_CQ: u64 = 0x1000;
 const IO_SQ: u64 = 0x2000;
 const IO_CQ: u64 = 0x3000;
 const IDENTIFY: u64 = 0x4000;
+/// Doorbell Buffer Config's two pages: the shadow doorbells the driver writes, and the
+/// event indexes the device writes (each a doorbell's value at which it wants an MMIO write).
+const SHADOW_DOORBELLS: u64 = 0x5000;
+const EVENT_INDEXES: u64 = 0x6000;
 /// One PRP list page per slot.
 const PRP_LISTS: u64 = 0x8000;
 /// [`MAX_TRANSFER_BLOCKS`] pages per slot, interleaved (page k of slot s at k * SLOTS + s),
@@ -179,6 +202,7 @@ const DATA: u64 = 0x1_0000;
 const LAYOUT_END: u64 = DATA + SLOTS as u64 * MAX_TRANSFER_BLOCKS * PAGE;
 const _: () = assert!(LAYOUT_END <= WINDOW_SIZE);
 const _: () = assert!(PRP_LISTS + SLOTS as u64 * PAGE <= DATA);
+const _: () = assert!(EVENT_INDEXES + PAGE <= PRP_LISTS);
 const _: () = assert!(IO_ENTRIES as usize > SLOTS);
 
 /// The TSC rate the time bounds assume: no slower clock makes them shorter than they say.
@@ -345,11 +369,22 @@ fn steps(config: &Config) -> Result<(), Failure> {
     check_window(layout)?;
     let mut controller = enable(bar, layout)?;
     let identity = identify(&mut controller)?;
+    use_shadow_doorbells(&mut controller, config, &identity)?;
     create_io_queues(&mut controller)?;
-    if config.interrupt {
-        interrupt_check(&mut controller, line)?;
-    }
-    pass::run_passes(&mut controller, config, &identity)
+    let mut io = || {
+        if config.interrupt {
+            interrupt_check(&mut controller, line)?;
+        }
+        pass::run_passes(&mut controller, config, &identity)
+    };
+    let result = io();
+    let counts = controller.doorbell_counts();
+    puts("guest: nvme: I/O doorbells: ");
+    put_dec(counts.written);
+    puts(" written, ");
+    put_dec(counts.skipped);
+    puts(" skipped\n");
+    result
 }
 
 /// Reads the function's BAR and interrupt line, and turns on memory decoding and bus
@@ -472,7 +507,15 @@ fn enable(bar: usize, layout: Layout) -> Result<Controller, Failure> {
 
     reg_write32(bar, REG_CC, 0);
     wait_ready(bar, false, ready_cycles, "CSTS.RDY after CC.EN=0")?;
-    for offset in [ADMIN_SQ, ADMIN_CQ, IO_SQ, IO_CQ, IDENTIFY] {
+    for offset in [
+        ADMIN_SQ,
+        ADMIN_CQ,
+        IO_SQ,
+        IO_CQ,
+        IDENTIFY,
+        SHADOW_DOORBELLS,
+        EVENT_INDEXES,
+    ] {
         zero_page(layout.at(offset));
     }
     let aqa = u32::from(admin_entries - 1) << 16 | u32::from(admin_entries - 1);
@@ -503,6 +546,8 @@ struct Identity {
     blocks: u64,
     /// The largest transfer (MDTS) in blocks; u64::MAX when the controller sets no limit.
     max_transfer_blocks: u64,
+    /// OACS bit 8: the controller takes Doorbell Buffer Config.
+    doorbell_buffer_config: bool,
 }
 
 /// Identify controller and namespace 1, through the identify page of the window.
@@ -533,6 +578,8 @@ fn identify(c: &mut Controller) -> Result<Identity, Failure> {
         sqes & 0xf <= 6 && 6 <= sqes >> 4 && cqes & 0xf <= 4 && 4 <= cqes >> 4,
         "nvme: controller takes 64-byte submission and 16-byte completion entries",
     );
+    let oacs = u16::from_le_bytes([data[256], data[257]]);
+    let doorbell_buffer_config = oacs & OACS_DOORBELL_BUFFER_CONFIG != 0;
     let namespaces = u32::from_le_bytes([data[516], data[517], data[518], data[519]]);
     check(namespaces >= 1, "nvme: controller has a namespace");
     // MDTS: 2^MDTS pages of CAP.MPSMIN (4 KiB, checked), 0 for no limit.
@@ -581,6 +628,7 @@ fn identify(c: &mut Controller) -> Result<Identity, Failure> {
     Ok(Identity {
         blocks: nsze,
         max_transfer_blocks,
+        doorbell_buffer_config,
     })
 }
 
@@ -607,6 +655,49 @@ fn put_text(bytes: &[u8]) {
             b'?'
         });
     }
+}
+
+/// Doorbell Buffer Config (NVMe 1.3+, admin opcode 0x7C), before any I/O queue exists, as
+/// Linux sends it: PRP1 the shadow doorbell page, PRP2 the EventIdx page, both zeroed (a
+/// queue's doorbells start at 0). From then on I/O queue doorbells go through the shadow
+/// page (`queue.rs`); the admin queue keeps MMIO doorbells. Not offered, or `nvme-dbbuf=0`:
+/// MMIO doorbells throughout. A controller that offers the command and fails it is a failed
+/// check, and the driver goes on with MMIO doorbells (as Linux does).
+fn use_shadow_doorbells(
+    c: &mut Controller,
+    config: &Config,
+    identity: &Identity,
+) -> Result<(), Failure> {
+    if !config.shadow_doorbells {
+        puts("guest: nvme: doorbells: MMIO (nvme-dbbuf=0)\n");
+        return Ok(());
+    }
+    if !identity.doorbell_buffer_config {
+        puts("guest: nvme: doorbells: MMIO (the controller does not offer Doorbell Buffer Config, OACS bit 8)\n");
+        return Ok(());
+    }
+    if c.doorbell_bytes(IO_QID) > PAGE {
+        puts("guest: nvme: doorbells: MMIO (CAP.DSTRD spreads queue 1's doorbells past one shadow page)\n");
+        return Ok(());
+    }
+    let (shadow, events) = (c.layout.at(SHADOW_DOORBELLS), c.layout.at(EVENT_INDEXES));
+    let command = Command::new(ADMIN_DOORBELL_BUFFER_CONFIG, 0).prp(shadow, events);
+    match c.admin(command, "Doorbell Buffer Config") {
+        Ok(_) => {}
+        Err(f @ Failure::Status(..)) => {
+            f.report();
+            puts("guest: nvme: doorbells: MMIO (Doorbell Buffer Config failed)\n");
+            return Ok(());
+        }
+        Err(f) => return Err(f),
+    }
+    c.use_shadow_doorbells(shadow, events);
+    puts("guest: ok   nvme: shadow doorbells at ");
+    put_hex(shadow);
+    puts(" (event index at ");
+    put_hex(events);
+    puts(")\n");
+    Ok(())
 }
 
 /// Asks for one I/O queue pair, creates its completion queue (interrupts on) and its

@@ -1,6 +1,15 @@
 //! The NVMe driver's queues: submission entries written into the shared window, completions
 //! found by their phase tag, doorbells, and the waits (bounded by TSC time, with a CSTS read
 //! now and then) in which the driver spends its time.
+//!
+//! Doorbells: the admin queue's are always MMIO writes. An I/O queue's are too, until
+//! Doorbell Buffer Config gives the controller shadow doorbells
+//! ([`Controller::use_shadow_doorbells`]); then every new value goes to the shadow page
+//! first, and the MMIO write follows only when the device's event index asks for it
+//! ([`needs_event`]). The device may take such a write through an ioeventfd, which loses the
+//! value: it reads the shadow page instead, so the shadow is always current before any
+//! MMIO write. Either way a doorbell write starts work the device finishes when it will; the
+//! driver learns of the end only from a completion's phase tag.
 
 use core::sync::atomic::fence;
 use core::sync::atomic::Ordering;
@@ -136,6 +145,38 @@ pub(super) enum Which {
     Io,
 }
 
+/// The two doorbells of a queue pair.
+#[derive(Clone, Copy)]
+enum Doorbell {
+    SubmissionTail,
+    CompletionHead,
+}
+
+/// Where Doorbell Buffer Config put the shadow doorbells and the event indexes (guest-physical
+/// pages in the window; a doorbell's entry is at its offset from the first MMIO doorbell).
+#[derive(Clone, Copy)]
+struct ShadowDoorbells {
+    shadow: u64,
+    event_indexes: u64,
+}
+
+/// MMIO writes of I/O queue doorbells: made, and left out because the event index did not
+/// ask for them (always 0 with MMIO doorbells).
+#[derive(Clone, Copy, Default)]
+pub(super) struct DoorbellCounts {
+    pub(super) written: u64,
+    pub(super) skipped: u64,
+}
+
+/// Whether a doorbell that moved from `old` to `new` passed the device's event index
+/// `event`, i.e. `event` is in `old..new` (modulo 2^16): then the device asked for an MMIO
+/// write (Linux's `nvme_dbbuf_need_event`, the virtio event index rule). A queue index that
+/// wraps past its last entry reads as a move of nearly 2^16 and always rings: more writes
+/// than needed, never fewer.
+fn needs_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
 /// An enabled controller and its queues.
 pub(super) struct Controller {
     bar: usize,
@@ -145,6 +186,9 @@ pub(super) struct Controller {
     admin: Queue,
     pub(super) io: Queue,
     next_cid: u16,
+    /// Set once Doorbell Buffer Config succeeded: I/O queue doorbells go through it.
+    shadow: Option<ShadowDoorbells>,
+    io_doorbells: DoorbellCounts,
 }
 
 pub(super) fn reg_read32(bar: usize, offset: usize) -> u32 {
@@ -204,7 +248,70 @@ impl Controller {
             admin: Queue::new(0, layout.at(ADMIN_SQ), layout.at(ADMIN_CQ), admin_entries),
             io: Queue::new(IO_QID, layout.at(IO_SQ), layout.at(IO_CQ), io_entries),
             next_cid: 0,
+            shadow: None,
+            io_doorbells: DoorbellCounts::default(),
         }
+    }
+
+    /// Bytes from the first doorbell to past the last of queue pair `qid`: what a shadow
+    /// doorbell page must hold.
+    pub(super) fn doorbell_bytes(&self, qid: u16) -> u64 {
+        ((2 * usize::from(qid) + 2) * self.stride) as u64
+    }
+
+    /// From now on, the I/O queue's doorbells go through the shadow page at `shadow` and the
+    /// event indexes at `event_indexes`, which Doorbell Buffer Config gave the controller.
+    /// Both pages were zeroed before that command and the I/O queue does not exist yet, so
+    /// its shadow doorbells start at 0 as its doorbells do (the event index page is the
+    /// device's to write from then on).
+    pub(super) fn use_shadow_doorbells(&mut self, shadow: u64, event_indexes: u64) {
+        self.shadow = Some(ShadowDoorbells {
+            shadow,
+            event_indexes,
+        });
+    }
+
+    pub(super) fn doorbell_counts(&self) -> DoorbellCounts {
+        self.io_doorbells
+    }
+
+    /// Offset of a doorbell from the first (0x1000 in the BAR, 0 in the shadow page).
+    fn doorbell_offset(&self, qid: u16, doorbell: Doorbell) -> usize {
+        let index = 2 * usize::from(qid)
+            + match doorbell {
+                Doorbell::SubmissionTail => 0,
+                Doorbell::CompletionHead => 1,
+            };
+        index * self.stride
+    }
+
+    /// Tells the controller `value`, the new value of `doorbell` of queue pair `qid`: an MMIO
+    /// write, or with shadow doorbells (I/O queues only) a write of the shadow page and an
+    /// MMIO write only if the event index asks for one.
+    fn ring(&mut self, qid: u16, doorbell: Doorbell, value: u16) {
+        let offset = self.doorbell_offset(qid, doorbell);
+        if qid == 0 {
+            reg_write32(self.bar, DOORBELLS + offset, u32::from(value));
+            return;
+        }
+        if let Some(s) = self.shadow {
+            let at = s.shadow + offset as u64;
+            let old = shared_read32(at) as u16;
+            shared_write32(at, u32::from(value));
+            // A full barrier: the shadow value is visible before the event index is read.
+            // Without it the read may pass the write, and a device that moved its event index
+            // and then read the old shadow value would wait for a write that never comes.
+            // (Built without SSE2, this is `lock or [rsp], 0` rather than `mfence`: the same
+            // store-load ordering for the window's write-back memory.)
+            fence(Ordering::SeqCst);
+            let event = shared_read32(s.event_indexes + offset as u64) as u16;
+            if !needs_event(event, value, old) {
+                self.io_doorbells.skipped += 1;
+                return;
+            }
+        }
+        reg_write32(self.bar, DOORBELLS + offset, u32::from(value));
+        self.io_doorbells.written += 1;
     }
 
     fn queue(&mut self, which: Which) -> &mut Queue {
@@ -221,18 +328,21 @@ impl Controller {
         cid
     }
 
+    /// Submits what was pushed: the new tail. The commands run when the device gets to
+    /// them; only their completions say they are done.
     pub(super) fn ring_sq(&mut self, which: Which) {
         let q = self.queue(which);
-        let (qid, tail) = (usize::from(q.qid), u32::from(q.sq_tail));
+        let (qid, tail) = (q.qid, q.sq_tail);
         // The entries (and the data they point to) are in memory before the device looks.
         fence(Ordering::SeqCst);
-        reg_write32(self.bar, DOORBELLS + 2 * qid * self.stride, tail);
+        self.ring(qid, Doorbell::SubmissionTail, tail);
     }
 
+    /// Gives back the completion entries consumed: the new head.
     pub(super) fn ring_cq(&mut self, which: Which) {
         let q = self.queue(which);
-        let (qid, head) = (usize::from(q.qid), u32::from(q.cq_head));
-        reg_write32(self.bar, DOORBELLS + (2 * qid + 1) * self.stride, head);
+        let (qid, head) = (q.qid, q.cq_head);
+        self.ring(qid, Doorbell::CompletionHead, head);
     }
 
     /// The next completion of `which` (consumed; the head doorbell is rung separately), waited
