@@ -369,6 +369,67 @@ fn the_test_guest_drives_storages_nvme_function_through_the_shared_window() {
     );
 }
 
+/// The NVMe step with `nvme-dbbuf` as given, kept running: the guest's count of I/O doorbell
+/// writes, and the accesses the partition sent storage (`ps`).
+fn nvme_doorbells_and_exits(tag: &str, dbbuf: u8) -> (u64, u64, String) {
+    let mut run = GuestRun::start(
+        tag,
+        &shipped_text(),
+        &[
+            "--keep-running",
+            "--cmdline",
+            &format!("tpm=0 unowned=0 interrupt=0 nvme=1 nvme-passes=2 nvme-dbbuf={dbbuf}"),
+        ],
+    );
+    run.wait_for_console("guest: all checks passed", Duration::from_secs(180));
+    let out = pv(&["ps", "--json", "--state-dir", &run.state_dir()]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("ps json");
+    let storage = rows.iter().find(|r| r["name"] == "storage").unwrap();
+    let exits = storage["guest_exits"].as_u64().unwrap();
+    let _ = pv(&["stop", "--state-dir", &run.state_dir()]);
+    let status = run.wait(Duration::from_secs(60));
+    let (console, log) = (run.console(), run.log());
+    assert_eq!(status.code(), Some(0), "{console}\n--- log ---\n{log}");
+    assert!(!console.contains("FAIL"), "{console}");
+    let line = console
+        .lines()
+        .find_map(|l| l.split_once("guest: nvme: I/O doorbells: "))
+        .map(|(_, rest)| rest.to_string())
+        .unwrap_or_else(|| panic!("no doorbell count:\n{console}"));
+    let written: u64 = line.split_whitespace().next().unwrap().parse().unwrap();
+    (written, exits, format!("{console}\n--- log ---\n{log}"))
+}
+
+/// With shadow doorbells the I/O queue's doorbell writes reach storage as ioeventfd
+/// signals: none of them is an exit the partition sends the service, where each one is
+/// with plain doorbells.
+#[test]
+fn nvme_io_doorbells_are_ioeventfd_signals_not_exits_once_the_driver_shadows_them() {
+    let test = "nvme_io_doorbells_are_ioeventfd_signals_not_exits_once_the_driver_shadows_them";
+    if !kvm_available(test) {
+        return;
+    }
+    let (plain_writes, plain_exits, plain) = nvme_doorbells_and_exits("guest-nvme-mmio", 0);
+    let (shadow_writes, shadow_exits, shadowed) = nvme_doorbells_and_exits("guest-nvme-dbbuf", 1);
+    assert!(!plain.contains("doorbells armed"), "{plain}");
+    assert!(shadowed.contains("doorbells armed"), "{shadowed}");
+    assert!(
+        shadowed.contains("guest: ok   nvme: shadow doorbells at"),
+        "{shadowed}"
+    );
+    assert!(plain_writes > 0 && shadow_writes > 0);
+    eprintln!(
+        "plain doorbells: {plain_writes} I/O doorbell writes, {plain_exits} exits to storage; \
+         shadow doorbells: {shadow_writes} I/O doorbell writes, {shadow_exits} exits to storage"
+    );
+    // The shadowed run makes the same register and admin accesses plus one admin command
+    // (Doorbell Buffer Config: one doorbell and one completion-queue head write).
+    assert!(
+        shadow_exits + plain_writes <= plain_exits + 2,
+        "shadowed doorbells still reached storage as exits:\n{shadowed}"
+    );
+}
+
 /// kill -9 of storage ten times while the guest writes and verifies every block over and
 /// over: the vCPU waits out each restart, the controller resumes from its checkpoint, and
 /// every pass reads back what it wrote.
@@ -446,6 +507,12 @@ fn killed_storage_during_nvme_passes_loses_and_repeats_nothing() {
             .count()
             >= 10,
         "{log}"
+    );
+    // The I/O doorbells came as ioeventfd signals all along (the kills hit that path).
+    assert!(log.contains("doorbells armed"), "{log}");
+    assert!(
+        console.contains("guest: ok   nvme: shadow doorbells at"),
+        "{console}"
     );
     eprintln!(
         "storage killed {kills} times; {} accesses answered from the record after a restart",
