@@ -474,14 +474,20 @@ impl Row {
     }
 
     fn listen_text(&self) -> Vec<String> {
+        // Localities mean something to a TPM front end only.
+        let tpm = self.calls.contains(&"vtpm") || self.serves.contains(&"vtpm");
         self.listen
             .iter()
             .map(|l| {
                 format!(
-                    "{} = {} (localities {}; {}; off unless `run --listen {}`)",
+                    "{} = {} ({}{}; off unless `run --listen {}`)",
                     l.name,
                     l.address,
-                    l.localities,
+                    if tpm {
+                        format!("localities {}; ", l.localities)
+                    } else {
+                        String::new()
+                    },
                     match l.address {
                         ListenAddress::Tcp(_) => "TCP: every local user can reach it",
                         ListenAddress::Unix(_) => "socket 0600 in a 0700 directory",
