@@ -1,8 +1,11 @@
 //! `paravisor bench guest`: the cost of a guest exit handled by a device service (a port read
 //! of COM1's scratch register, answered by intercept in its own process) against the same exit
 //! answered in the microkernel's vCPU thread without IPC (the partition's in-thread port),
-//! both timed by the guest itself with `rdtsc` in the same run; and the time from starting
-//! `paravisor run` to the guest's first console line.
+//! both timed by the guest itself with `rdtsc` in the same run; the time from starting
+//! `paravisor run` to the guest's first console line; and the storage service's NVMe function
+//! under the guest's write-flush-verify passes, its I/O doorbells as exits (plain doorbells,
+//! the baseline) against ioeventfd signals (shadow doorbells), cycles per pass timed by the
+//! guest.
 //!
 //! Every run uses the same platform and state in the benchmark's directory: a first run, not
 //! counted, provisions them (the simulated platform's RSA-4096 keys take seconds; the sealed
@@ -35,6 +38,14 @@ pub struct Report {
     /// The first, uncounted run's time to its first console line (it provisioned the
     /// platform and the state), in milliseconds.
     pub provisioning_run_first_line_ms: f64,
+    /// NVMe passes per run (each writes, flushes and reads back every block of the disk).
+    pub nvme_passes: u64,
+    /// Median guest cycles per pass with plain doorbells (each an exit storage answers).
+    pub nvme_plain_cycles_per_pass: u64,
+    /// The same with shadow doorbells (I/O doorbells as ioeventfd signals).
+    pub nvme_shadow_cycles_per_pass: u64,
+    /// Median of the per-pair ratios (shadow / plain).
+    pub nvme_ratio: f64,
 }
 
 fn err(e: impl std::fmt::Display) -> std::io::Error {
@@ -72,7 +83,7 @@ fn one_run(
         .arg("--platform-dir")
         .arg(dir.join("platform"))
         .arg("--cmdline")
-        .arg(format!("bench={exits} tpm=0 interrupt=0 unowned=0"))
+        .arg(format!("bench={exits} tpm=0 interrupt=0 unowned=0 nvme=0"))
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log)?)
         .spawn()?;
@@ -112,6 +123,48 @@ fn one_run(
     Ok((service, in_thread, first_line.unwrap_or(whole), whole))
 }
 
+/// One run of the NVMe passes (`nvme-dbbuf=shadow`): the guest's cycles per pass.
+fn nvme_run(run_manifest: &Path, dir: &Path, passes: u64, shadow: bool) -> std::io::Result<u64> {
+    let log = dir.join("paravisor-nvme.log");
+    let out = Command::new(microkernel::cli::paravisor())
+        .arg("run")
+        .arg(run_manifest)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--platform-dir")
+        .arg(dir.join("platform"))
+        .arg("--cmdline")
+        .arg(format!(
+            "tpm=0 interrupt=0 unowned=0 nvme=1 nvme-passes={passes} nvme-dbbuf={}",
+            u8::from(shadow)
+        ))
+        .stderr(std::fs::File::create(&log)?)
+        .output()?;
+    let console = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || console.contains("FAIL") {
+        return Err(err(format!(
+            "the NVMe run failed ({}); its log ends:\n{}",
+            out.status,
+            log_tail(&log)
+        )));
+    }
+    // "guest: nvme: N passes in C cycles, P cycles/pass"
+    let shadowed = console.contains("nvme: shadow doorbells at");
+    if shadowed != shadow {
+        return Err(err(format!(
+            "asked for {} doorbells, the guest used the other kind",
+            if shadow { "shadow" } else { "plain" }
+        )));
+    }
+    console
+        .lines()
+        .find_map(|l| {
+            let (_, rest) = l.split_once(" cycles, ")?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .ok_or_else(|| err("the guest printed no cycles per pass"))
+}
+
 /// Runs the benchmark in `dir` (a fresh directory of its own).
 pub fn run(manifest: &Path, dir: &Path, quick: bool) -> std::io::Result<Report> {
     let (runs, exits) = if quick { (1, 400) } else { (5, 4000) };
@@ -131,6 +184,16 @@ pub fn run(manifest: &Path, dir: &Path, quick: bool) -> std::io::Result<Report> 
         first.push(f.as_secs_f64() * 1e3);
         whole.push(w.as_secs_f64() * 1e3);
     }
+    // Plain and shadow runs in turn, so that a busy spell hits both alike.
+    let nvme_passes = if quick { 2 } else { 20 };
+    let (mut plain, mut shadow, mut nvme_ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let p = nvme_run(&run_manifest, dir, nvme_passes, false)?;
+        let s = nvme_run(&run_manifest, dir, nvme_passes, true)?;
+        plain.push(p);
+        shadow.push(s);
+        nvme_ratios.push(s as f64 / p.max(1) as f64);
+    }
     Ok(Report {
         runs,
         exits_per_path: exits,
@@ -140,6 +203,10 @@ pub fn run(manifest: &Path, dir: &Path, quick: bool) -> std::io::Result<Report> 
         first_line_ms: median(first),
         whole_run_ms: median(whole),
         provisioning_run_first_line_ms: provisioning.as_secs_f64() * 1e3,
+        nvme_passes,
+        nvme_plain_cycles_per_pass: median(plain),
+        nvme_shadow_cycles_per_pass: median(shadow),
+        nvme_ratio: median(nvme_ratios),
     })
 }
 
@@ -150,7 +217,11 @@ pub fn text(r: &Report) -> String {
          \x20 answered in the vCPU thread (no IPC, baseline):          {:>8} cycles/exit\n\
          \x20 ratio service / in-thread: {:.2}x (target <= 1.5x: {})\n\
          `paravisor run` to the guest's first console line: {:.0} ms (whole run {:.0} ms; \
-         platform and state provisioned before, by a first run not counted: {:.0} ms)\n",
+         platform and state provisioned before, by a first run not counted: {:.0} ms)\n\
+         NVMe function (storage), {} write-flush-verify passes per run, cycles/pass timed by the guest, median of {} runs\n\
+         \x20 plain doorbells (each an exit storage answers, baseline): {:>12}\n\
+         \x20 shadow doorbells (I/O doorbells as ioeventfd signals):    {:>12}\n\
+         \x20 ratio shadow / plain: {:.2}x\n",
         r.runs,
         r.exits_per_path,
         r.service_cycles,
@@ -159,6 +230,11 @@ pub fn text(r: &Report) -> String {
         if r.ratio <= 1.5 { "met" } else { "NOT met" },
         r.first_line_ms,
         r.whole_run_ms,
-        r.provisioning_run_first_line_ms
+        r.provisioning_run_first_line_ms,
+        r.nvme_passes,
+        r.runs,
+        r.nvme_plain_cycles_per_pass,
+        r.nvme_shadow_cycles_per_pass,
+        r.nvme_ratio
     )
 }
