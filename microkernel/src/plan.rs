@@ -643,6 +643,7 @@ mod tests {
                 "serve:storage guest",
                 "interrupt:line 10 irq-line-10",
                 "guest-memory guest-memory",
+                "doorbells doorbells",
                 "call:vmgs vmgs",
                 "region nvme-checkpoint",
                 "file:rw nvme-image",
@@ -666,7 +667,7 @@ mod tests {
             .filter(|s| s != "serve:vtpm guest")
             .collect();
         assert_eq!(listed(&without, &m, "vtpm"), vtpm);
-        // The partition's device loses its partition channel, line and guest memory.
+        // The partition's device loses its partition channel, line, guest memory and doorbells.
         let storage: Vec<String> = listed(&plan, &m, "storage")
             .into_iter()
             .filter(|s| {
@@ -674,6 +675,7 @@ mod tests {
                     "serve:storage guest",
                     "interrupt:line 10 irq-line-10",
                     "guest-memory guest-memory",
+                    "doorbells doorbells",
                 ]
                 .contains(&s.as_str())
             })

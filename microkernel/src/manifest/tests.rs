@@ -410,9 +410,9 @@ fn capability_slots_count_every_descriptor_a_service_holds() {
         ("tpm-gateway", 3 + 1 + 5, 3 + 1 + 5),      // a call, 5 listeners
         (
             "storage",
-            3 + 2 + 1 + 1 + 1 + 1 + 3 + 2,
+            3 + 2 + 1 + 1 + 1 + 1 + 1 + 3 + 2,
             3 + 1 + 1 + 1 + 3 + 2,
-        ), // served to intercept and the partition, line 10, guest memory, a call, a region, 3 files, 2 listeners
+        ), // served to intercept and the partition, line 10, guest memory, doorbells, a call, a region, 3 files, 2 listeners
     ];
     for (name, with_guest, without) in expected {
         assert_eq!(slots(name, true), with_guest, "{name} with a guest");
