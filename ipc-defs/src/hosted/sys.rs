@@ -620,6 +620,71 @@ pub fn poll_readable(
         .collect())
 }
 
+/// Whether a write to `fd` would go through without waiting: for a Unix stream socket, whether
+/// at most a quarter of its send buffer is taken by bytes the peer has not read (the kernel's
+/// POLLOUT), so a message of a few KiB fits. A socket whose peer is gone counts as writable:
+/// the write fails at once.
+pub fn writable_now(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the call; the descriptor is borrowed, so it stays open.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    Ok(pfd.revents & (libc::POLLOUT | libc::POLLHUP | libc::POLLERR) != 0)
+}
+
+/// What [`peek_stream`] found at the head of a socket's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peeked {
+    /// Bytes copied: the first ones queued, still queued. 0 is end of file.
+    pub len: usize,
+    /// The copy ends with a write that carried descriptors (SCM_RIGHTS): the kernel stops a
+    /// look there, so bytes queued after it are not in the copy even if `buf` had room.
+    pub ends_at_descriptors: bool,
+}
+
+/// Copies the first bytes queued on a Unix stream socket into `buf` without taking them and
+/// without waiting (MSG_PEEK | MSG_DONTWAIT); nothing queued is an error of kind `WouldBlock`.
+/// No control buffer is given, so descriptors sent with the bytes are neither installed here
+/// nor lost: they stay queued for the read that takes the bytes (the kernel only reports
+/// that it left them, with MSG_CTRUNC).
+pub fn peek_stream(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Peeked> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: a zeroed msghdr is a valid "no name, no control" header; only the data vector
+    // is filled in below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    // SAFETY: `msg` points at `iov`, valid for `buf.len()` bytes, and both outlive the call;
+    // with no control buffer the kernel writes only into `buf` and `msg.msg_flags`.
+    let n = unsafe {
+        libc::recvmsg(
+            fd.as_raw_fd(),
+            &mut msg,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Peeked {
+        len: n as usize,
+        ends_at_descriptors: msg.msg_flags & libc::MSG_CTRUNC != 0,
+    })
+}
+
 /// Asks the kernel to acknowledge what arrives on a TCP socket at once rather than delay the
 /// ACK: a peer that sends a request in several small writes (the mssim protocol's code,
 /// locality, size, command) would otherwise stall on its Nagle timer for each request. The

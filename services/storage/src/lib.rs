@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod disks;
+pub mod front_end;
 pub mod inflight;
 pub mod partition;
 pub mod vhost;

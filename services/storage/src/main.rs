@@ -9,22 +9,22 @@
 //!
 //! One thread, one poll loop over the listeners, the front ends' sockets and the rings' kick
 //! eventfds, and the control channel between two waits. A front end that disconnects (QEMU
-//! stopping, or reconnecting) is dropped with everything it set up; the disk stays open.
+//! stopping, or reconnecting) is dropped with everything it set up; the disk stays open. No
+//! front end can stop the loop: its messages reach the handler only whole, with room for the
+//! reply, and one that leaves a message incomplete or its replies unread is dropped
+//! (`pv_storage::front_end`).
 //! Killed and restarted, the service takes the next connection on the same listener (the
 //! microkernel keeps it) and the front end hands back its in-flight record: the requests the
 //! killed process had taken but not answered are answered then.
 #![forbid(unsafe_code)]
 
-use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
-use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use ipc_defs::hosted::runtime;
-use ipc_defs::hosted::sys;
 use ipc_defs::hosted::vmgs_client::VmgsCallError;
 use ipc_defs::hosted::vmgs_client::VmgsClient;
 use ipc_defs::services::storage;
@@ -39,11 +39,12 @@ use pv_storage::disks::DeviceSpec;
 use pv_storage::disks::KeyStore;
 use pv_storage::disks::KeyTable;
 use pv_storage::disks::Model;
+use pv_storage::front_end::serve_once;
+use pv_storage::front_end::Export;
 use pv_storage::partition::PciNvme;
 use pv_storage::vhost::Backend;
 use pv_storage::vhost::Device;
 use pv_storage::vhost::BLK_QUEUES;
-use vhost::vhost_user::BackendReqHandler;
 
 /// How long the loop waits before it looks at the control channel again (the supervisor
 /// pings every second and gives the answer 100 ms).
@@ -69,14 +70,6 @@ impl KeyStore for VmgsKeys {
             .write(FileId::PV_STORAGE_KEYS, &table.encode())
             .map_err(|e| format!("storing the disk keys: {e}"))
     }
-}
-
-/// One device on one listener, and its front end when connected.
-struct Export {
-    name: String,
-    listener: UnixListener,
-    backend: Arc<Mutex<Backend>>,
-    front_end: Option<(BackendReqHandler<Mutex<Backend>>, UnixStream)>,
 }
 
 fn main() -> ExitCode {
@@ -303,100 +296,4 @@ fn partition_device(
         nvme,
         doorbells,
     }))
-}
-
-/// What one poll-set entry is.
-enum Source {
-    Listener(usize),
-    FrontEnd(usize),
-    Kick(usize, usize),
-}
-
-/// Waits up to `timeout` for a connection, a message or a kick, and handles what came;
-/// whether some ring has more work than one batch.
-fn serve_once(exports: &mut [Export], timeout: Duration) -> Result<bool, String> {
-    let ready = {
-        let backends: Vec<_> = exports
-            .iter()
-            .map(|e| e.backend.lock().expect("one thread"))
-            .collect();
-        let mut sources = Vec::new();
-        let mut fds = Vec::new();
-        for (i, e) in exports.iter().enumerate() {
-            sources.push(Source::Listener(i));
-            fds.push(e.listener.as_fd());
-            if let Some((_, stream)) = &e.front_end {
-                sources.push(Source::FrontEnd(i));
-                fds.push(stream.as_fd());
-                for (ring, kick) in backends[i].kicks() {
-                    sources.push(Source::Kick(i, ring));
-                    fds.push(kick);
-                }
-            }
-        }
-        let ready = sys::poll_readable(&fds, timeout).map_err(|e| format!("poll: {e}"))?;
-        sources
-            .into_iter()
-            .zip(ready)
-            .filter(|(_, r)| *r)
-            .map(|(s, _)| s)
-            .collect::<Vec<_>>()
-    };
-    for source in ready {
-        match source {
-            Source::Listener(i) => accept(&mut exports[i]),
-            Source::FrontEnd(i) => {
-                let e = &mut exports[i];
-                let Some((handler, _)) = e.front_end.as_mut() else {
-                    continue;
-                };
-                if let Err(err) = handler.handle_request() {
-                    match err {
-                        vhost::vhost_user::Error::Disconnected
-                        | vhost::vhost_user::Error::PartialMessage => {
-                            tracing::info!(device = %e.name, "front end disconnected")
-                        }
-                        other => {
-                            tracing::warn!(device = %e.name, "front end dropped: {other}")
-                        }
-                    }
-                    e.front_end = None;
-                    e.backend.lock().expect("one thread").disconnected();
-                }
-            }
-            Source::Kick(i, ring) => exports[i]
-                .backend
-                .lock()
-                .expect("one thread")
-                .take_kick(ring),
-        }
-    }
-    let mut more = false;
-    for e in exports.iter() {
-        more |= e.backend.lock().expect("one thread").serve_ready();
-    }
-    Ok(more)
-}
-
-/// Takes a front end's connection; a second one while the first is connected is refused.
-fn accept(e: &mut Export) {
-    let Ok((stream, _)) = e.listener.accept() else {
-        return;
-    };
-    if e.front_end.is_some() {
-        tracing::warn!(device = %e.name, "a second front end connected: refused (one per device)");
-        return;
-    }
-    let poll = match stream.try_clone() {
-        Ok(p) => p,
-        Err(err) => {
-            tracing::warn!(device = %e.name, "front end refused: {err}");
-            return;
-        }
-    };
-    tracing::info!(device = %e.name, "front end connected");
-    e.front_end = Some((
-        BackendReqHandler::from_stream(stream, e.backend.clone()),
-        poll,
-    ));
 }

@@ -1,21 +1,34 @@
 //! The back end against rust-vmm's vhost-user front end (what QEMU speaks), in one process:
 //! the handshake, a write and a read through a virtqueue in shared memory, the in-flight
-//! record handed to a second back end, and messages a hostile front end could send.
+//! record handed to a second back end, and messages a hostile front end could send; then
+//! `pv-storage`'s loop over several devices, with front ends that stop half-way through a
+//! message or never read their replies.
 
 use std::fs::File;
+use std::io::Write;
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use pv_devices::block::raw::RawDisk;
 use pv_devices::block::MemStore;
 use pv_devices::block::BLOCK;
 use pv_devices::virtio::blk::VirtioBlk;
+use pv_storage::front_end::serve_once;
+use pv_storage::front_end::Export;
 use pv_storage::inflight::Record;
 use pv_storage::vhost::Backend;
 use pv_storage::vhost::Device;
+use vhost::vhost_user::message::FrontendReq;
 use vhost::vhost_user::message::VhostUserInflight;
+use vhost::vhost_user::message::MAX_MSG_SIZE;
 use vhost::vhost_user::BackendReqHandler;
 use vhost::vhost_user::Frontend;
 use vhost::vhost_user::VhostUserFrontend;
@@ -33,6 +46,10 @@ use vm_memory::FileOffset;
 use vm_memory::GuestAddress;
 use vm_memory::GuestMemoryMmap;
 use vm_memory::GuestRegionMmap;
+use vmm_sys_util::epoll::ControlOperation;
+use vmm_sys_util::epoll::Epoll;
+use vmm_sys_util::epoll::EpollEvent;
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM: u64 = 4 << 20;
@@ -445,4 +462,240 @@ fn a_head_outside_the_ring_stops_it_before_the_in_flight_record_or_the_counts_ch
         .read_slice(&mut part, GuestAddress(ring1_part))
         .unwrap();
     assert!(part.iter().all(|b| *b == 0), "ring 1's part untouched");
+}
+
+/// Far longer than any step of these tests takes on a loaded machine: reached only when the
+/// service hangs, which then fails the test instead of stalling the suite.
+const HANG: Duration = Duration::from_secs(120);
+
+/// Runs `f` on a thread of its own; a panic if it has not finished within [`HANG`].
+fn within(f: impl FnOnce() + Send + 'static) {
+    let (done, finished) = mpsc::channel();
+    let t = std::thread::spawn(move || {
+        f();
+        let _ = done.send(());
+    });
+    match finished.recv_timeout(HANG) {
+        Ok(()) => t.join().unwrap(),
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            std::panic::resume_unwind(t.join().unwrap_err())
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("hung: the service stopped serving"),
+    }
+}
+
+/// `pv-storage`'s loop ([`serve_once`]) on a thread, over one virtio-blk disk per name, each
+/// on a listener of its own (as the microkernel binds them); stops when dropped.
+struct Service {
+    dir: PathBuf,
+    stop: Arc<AtomicBool>,
+}
+
+impl Service {
+    fn start(names: &[&str]) -> Service {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "pv-storage-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut exports: Vec<Export> = names
+            .iter()
+            .map(|name| Export {
+                name: name.to_string(),
+                listener: UnixListener::bind(dir.join(name)).unwrap(),
+                backend: Arc::new(Mutex::new(Backend::new(name, disk()))),
+                front_end: None,
+            })
+            .collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        // Not joined: a service that hangs must fail the test, not hold it.
+        std::thread::spawn(move || {
+            let mut more = false;
+            while !stopped.load(Ordering::Relaxed) {
+                let wait = if more {
+                    Duration::ZERO
+                } else {
+                    Duration::from_millis(20)
+                };
+                more = serve_once(&mut exports, wait).unwrap();
+            }
+        });
+        Service { dir, stop }
+    }
+
+    fn connect(&self, name: &str) -> UnixStream {
+        UnixStream::connect(self.dir.join(name)).unwrap()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A well-behaved front end with its guest and ring 0 started.
+struct Driver {
+    _fe: Frontend,
+    g: Guest,
+    vq: MockSplitQueue<'static, GuestMemoryMmap>,
+    rings: Rings,
+    sector: u64,
+}
+
+impl Driver {
+    fn connect(service: &Service, name: &str) -> Driver {
+        let mut fe = Frontend::from_stream(service.connect(name), 8);
+        handshake(&mut fe);
+        let g = guest();
+        // The queue is a view of the guest's memory (a mapping shared by its clones), kept
+        // for the test's life.
+        let vq = MockSplitQueue::new(Box::leak(Box::new(g.mem.clone())), QSIZE);
+        let rings = start(&mut fe, &g, &vq, None);
+        Driver {
+            _fe: fe,
+            g,
+            vq,
+            rings,
+            sector: 0,
+        }
+    }
+
+    /// Writes a block and reads it back through the service, each answered with an
+    /// interrupt.
+    fn round_trip(&mut self) {
+        let fill = 0x40 + self.sector as u8;
+        self.g
+            .mem
+            .write_slice(&[fill; BLOCK], GuestAddress(DATA))
+            .unwrap();
+        for kind in [1, 0] {
+            let before = used_idx(&self.g, &self.vq);
+            request(&self.g, &self.vq, kind, self.sector);
+            self.rings.kick.write(1).unwrap();
+            // The answer is awaited on the used index, not the interrupt: the mock queue lays
+            // its used ring over the avail ring's used_event, so EVENT_IDX suppression would
+            // read an answer's length there.
+            while used_idx(&self.g, &self.vq) == before {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(
+                self.g.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+                0,
+                "request {kind} answered OK"
+            );
+            if kind == 1 {
+                self.g
+                    .mem
+                    .write_slice(&[0; BLOCK], GuestAddress(DATA))
+                    .unwrap();
+            }
+        }
+        let mut back = [0u8; BLOCK];
+        self.g
+            .mem
+            .read_slice(&mut back, GuestAddress(DATA))
+            .unwrap();
+        assert!(back.iter().all(|b| *b == fill), "the block read back");
+        self.sector += 8;
+    }
+}
+
+/// A raw vhost-user header: `request`, version 1, `size` bytes of body to follow.
+fn header(request: FrontendReq, size: u32) -> Vec<u8> {
+    [request as u32, 1, size]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect()
+}
+
+/// Waits until the service has closed its end of `s` (without reading what it sent).
+fn wait_for_hang_up(s: &UnixStream) {
+    let epoll = Epoll::new().unwrap();
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            s.as_raw_fd(),
+            EpollEvent::new(EventSet::READ_HANG_UP, 0),
+        )
+        .unwrap();
+    let mut events = [EpollEvent::default()];
+    while epoll.wait(-1, &mut events).unwrap() == 0 {}
+}
+
+#[test]
+fn a_front_end_that_stops_mid_message_stalls_no_other_disk_and_is_dropped() {
+    within(|| {
+        let service = Service::start(&["hostile", "busy"]);
+        let mut busy = Driver::connect(&service, "busy");
+        let mut body = header(FrontendReq::SET_FEATURES, 8);
+        body.extend_from_slice(&[0; 3]);
+        let partial = [
+            (
+                "half a header",
+                header(FrontendReq::GET_FEATURES, 0)[..6].to_vec(),
+            ),
+            ("a header and no body", header(FrontendReq::SET_FEATURES, 8)),
+            ("3 of 8 body bytes", body),
+        ];
+        for (what, bytes) in partial {
+            let mut hostile = service.connect("hostile");
+            hostile.write_all(&bytes).unwrap();
+            // The other disk is served while that message waits for the rest...
+            busy.round_trip();
+            // ...and the front end that sent it is dropped (the next one is accepted only
+            // then), though it keeps its connection open.
+            wait_for_hang_up(&hostile);
+            eprintln!("dropped after {what}");
+        }
+        // Its disk serves the next front end.
+        Driver::connect(&service, "hostile").round_trip();
+        busy.round_trip();
+    });
+}
+
+#[test]
+fn a_header_announcing_an_absurd_body_drops_its_front_end_at_once() {
+    within(|| {
+        let service = Service::start(&["hostile", "busy"]);
+        let mut busy = Driver::connect(&service, "busy");
+        for size in [MAX_MSG_SIZE as u32 + 1, u32::MAX] {
+            let mut hostile = service.connect("hostile");
+            hostile
+                .write_all(&header(FrontendReq::SET_MEM_TABLE, size))
+                .unwrap();
+            wait_for_hang_up(&hostile);
+            busy.round_trip();
+        }
+        Driver::connect(&service, "hostile").round_trip();
+    });
+}
+
+#[test]
+fn a_front_end_that_never_reads_its_replies_stalls_no_other_disk_and_is_dropped() {
+    within(|| {
+        let service = Service::start(&["hostile", "busy"]);
+        let mut busy = Driver::connect(&service, "busy");
+        let hostile = service.connect("hostile");
+        // Far more replies than a socket buffers: the service's writes would block.
+        let flood: Vec<u8> = (0..20_000)
+            .flat_map(|_| header(FrontendReq::GET_FEATURES, 0))
+            .collect();
+        let writer = {
+            let mut hostile = hostile.try_clone().unwrap();
+            // It may block until the service drops the front end, then fails: either is fine.
+            std::thread::spawn(move || {
+                let _ = hostile.write_all(&flood);
+            })
+        };
+        busy.round_trip();
+        wait_for_hang_up(&hostile);
+        writer.join().unwrap();
+        busy.round_trip();
+        Driver::connect(&service, "hostile").round_trip();
+    });
 }

@@ -11,10 +11,12 @@
 //! Format: `pv_storage_fuzz::messages`. Seeds (`cargo run --example seeds`):
 //! `services/storage/fuzz/seeds/vhost_user_messages`.
 //!
-//! The handler reads a message with blocking reads (as in `pv-storage`), so the target hands
-//! it a message only once the whole of it is in the socket (header, and the body the header
-//! announces), and at the end of the input closes its side so that a partial message meets
-//! end of file rather than a wait.
+//! The handler reads a message with blocking reads, so the target hands it a message only when
+//! `pv-storage`'s gate (`pv_storage::front_end::Gate`, which peeks at the handler's socket)
+//! lets it through; a front end the gate refuses (an absurd size, descriptors with part of a
+//! message) is dropped as the service drops it. At the end of the input the target closes its
+//! side, so that a partial message meets end of file rather than a wait. The gate's clock is
+//! held still: a wait never times out here (the loop's tests cover that).
 #![no_main]
 
 use std::fs::File;
@@ -25,6 +27,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
 use pv_devices::block::raw::RawDisk;
@@ -34,6 +37,8 @@ use pv_devices::block::BLOCK;
 use pv_devices::scsi::ScsiDisk;
 use pv_devices::virtio::blk::VirtioBlk;
 use pv_devices::virtio::scsi::VirtioScsi;
+use pv_storage::front_end::Gate;
+use pv_storage::front_end::Next;
 use pv_storage::vhost::Backend;
 use pv_storage::vhost::Device;
 use pv_storage::vhost::BLK_QUEUES;
@@ -48,8 +53,6 @@ use vhost::vhost_user::BackendReqHandler;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-/// Bytes of a vhost-user message header (request, flags, size).
-const HEADER: usize = 12;
 /// Blocks of the disk behind the device.
 const DISK_BLOCKS: u64 = 16;
 
@@ -136,12 +139,13 @@ impl Pool {
     }
 }
 
-/// One front end's connection: our end of the socket, the handler on the other, and the
-/// bytes sent that the handler has not read yet.
+/// One front end's connection: our end of the socket, the handler on the other, and the gate
+/// that looks at the handler's socket (a second descriptor of it).
 struct Connection {
     front: UnixStream,
     handler: BackendReqHandler<Mutex<Backend>>,
-    unread: Vec<u8>,
+    back: UnixStream,
+    gate: Gate,
 }
 
 impl Connection {
@@ -150,8 +154,9 @@ impl Connection {
         front.set_nonblocking(true).unwrap();
         Connection {
             front,
-            handler: BackendReqHandler::from_stream(back, backend.clone()),
-            unread: Vec::new(),
+            handler: BackendReqHandler::from_stream(back.try_clone().unwrap(), backend.clone()),
+            back,
+            gate: Gate::default(),
         }
     }
 
@@ -160,34 +165,23 @@ impl Connection {
         if bytes.is_empty() {
             return true;
         }
-        match self.front.send_with_fds(&[bytes], fds) {
-            Ok(n) if n == bytes.len() => {
-                self.unread.extend_from_slice(bytes);
-                true
-            }
-            _ => false,
-        }
+        matches!(self.front.send_with_fds(&[bytes], fds), Ok(n) if n == bytes.len())
     }
 
-    /// Bytes the handler reads for the next message: its header, and the body the header
-    /// announces if the header is one it accepts the size of (otherwise it stops at the
-    /// header); `None` until a whole header is there.
-    fn next_message_len(&self) -> Option<usize> {
-        let header = self.unread.get(..HEADER)?;
-        let size = u32::from_ne_bytes(header[8..12].try_into().unwrap()) as usize;
-        Some(HEADER + if size <= MAX_MSG_SIZE { size } else { 0 })
-    }
-
-    /// Lets the handler take every whole message sent; false once it has dropped the
-    /// connection.
-    fn handle_ready(&mut self, backend: &Mutex<Backend>, pool: &mut Pool) -> bool {
-        while let Some(len) = self.next_message_len().filter(|n| *n <= self.unread.len()) {
-            if !self.handle_one(backend, pool) {
-                return false;
+    /// Lets the handler take every message the gate lets through; false once the gate or the
+    /// handler has dropped the connection.
+    fn handle_ready(&mut self, backend: &Mutex<Backend>, pool: &mut Pool, now: Instant) -> bool {
+        loop {
+            match self.gate.check(&self.back, now) {
+                Ok(Next::Ready) => {
+                    if !self.handle_one(backend, pool) {
+                        return false;
+                    }
+                }
+                Ok(Next::Waiting(_) | Next::Idle) => return true,
+                Ok(Next::Closed) | Err(_) => return false,
             }
-            self.unread.drain(..len);
         }
-        true
     }
 
     fn handle_one(&mut self, backend: &Mutex<Backend>, pool: &mut Pool) -> bool {
@@ -225,6 +219,7 @@ fuzz_target!(|data: &[u8]| {
     let mut pool = Pool::new(input.memfd_sizes);
     let backend = Arc::new(Mutex::new(Backend::new("fuzz", device(input.scsi))));
     let mut conn = Connection::new(&backend);
+    let now = Instant::now();
     for action in input {
         match action {
             Action::Write {
@@ -240,9 +235,9 @@ fuzz_target!(|data: &[u8]| {
                 if !conn.send(bytes, &fds) {
                     break;
                 }
-                if !conn.handle_ready(&backend, &mut pool) {
-                    // The handler dropped the front end: `pv-storage` forgets it and waits
-                    // for the next, which the rest of the input is.
+                if !conn.handle_ready(&backend, &mut pool, now) {
+                    // The gate or the handler dropped the front end: `pv-storage` forgets it
+                    // and waits for the next, which the rest of the input is.
                     backend.lock().unwrap().disconnected();
                     conn = Connection::new(&backend);
                 }
