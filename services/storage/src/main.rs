@@ -18,6 +18,7 @@
 //! killed process had taken but not answered are answered then.
 #![forbid(unsafe_code)]
 
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use ipc_defs::hosted::runtime;
+use ipc_defs::hosted::sys;
 use ipc_defs::hosted::vmgs_client::VmgsCallError;
 use ipc_defs::hosted::vmgs_client::VmgsClient;
 use ipc_defs::services::storage;
