@@ -162,7 +162,10 @@ fn bench_guest_provisions_once_in_its_own_directory_and_leaves_nothing() {
     assert!(r["first_line_ms"].as_f64().unwrap() > 0.0, "{r}");
     // Both NVMe doorbell kinds ran and were timed.
     assert!(r["nvme_plain_cycles_per_pass"].as_u64().unwrap() > 0, "{r}");
-    assert!(r["nvme_shadow_cycles_per_pass"].as_u64().unwrap() > 0, "{r}");
+    assert!(
+        r["nvme_shadow_cycles_per_pass"].as_u64().unwrap() > 0,
+        "{r}"
+    );
     assert!(
         r["provisioning_run_first_line_ms"].as_f64().unwrap() > 0.0,
         "{r}"
