@@ -12,7 +12,7 @@
 //! - [`block`]: the block back ends the storage models translate to: a raw image, and one
 //!   whose every block is sealed with AES-256-GCM (the host sees ciphertext only).
 //! - [`virtio`]: virtio devices over rust-vmm's split virtqueues: [`virtio::blk`],
-//!   [`virtio::scsi`].
+//!   [`virtio::scsi`], [`virtio::net`].
 //! - [`nvme`]: an NVMe controller (admin and I/O queues, PRPs and PRP lists) over a block back
 //!   end, for the partition's NVMe function.
 //! - [`scsi`]: a SCSI direct-access disk (the commands Linux's `sd` sends) over a block back

@@ -6,12 +6,15 @@
 //!
 //! - [`blk`]: virtio-blk over a [`crate::block::Disk`].
 //! - [`scsi`]: virtio-scsi with one LUN, a [`crate::scsi::ScsiDisk`].
+//! - [`net`]: virtio-net, one receive and one transmit queue, over a [`net::FrameIo`] that
+//!   carries Ethernet frames (the service's TAP device).
 
 use virtio_queue::DescriptorChain;
 use virtio_queue::QueueT;
 use vm_memory::GuestMemory;
 
 pub mod blk;
+pub mod net;
 pub mod scsi;
 
 /// VIRTIO_F_VERSION_1 (feature bit 32): a modern (1.x) device.
