@@ -5,6 +5,8 @@
 //! through their services' targets).
 //!
 //! - [`uart16550`]: the 16550 UART on COM1 (the guest's console), for `pv-intercept`.
+//! - [`pci_function`]: the configuration space of a PCI function a device service owns (a
+//!   fixed 64-bit BAR, INTx, a capability list), for the partition's NVMe and virtio functions.
 //! - [`pci_host`]: PCI configuration mechanism #1 and the host bridge at 00:00.0, for
 //!   `pv-intercept`.
 //! - [`tpm_tis`]: the TPM Interface Specification (TIS 1.3, FIFO) registers at 0xFED40000,
@@ -21,6 +23,7 @@
 
 pub mod block;
 pub mod nvme;
+pub mod pci_function;
 pub mod pci_host;
 pub mod scsi;
 pub mod tpm_tis;

@@ -35,31 +35,22 @@ use pv_devices::block::Disk;
 use pv_devices::nvme::NvmeController;
 use pv_devices::nvme::NvmeState;
 use pv_devices::nvme::BAR_SIZE;
+use pv_devices::pci_function::FunctionState;
+use pv_devices::pci_function::Identity;
+use pv_devices::pci_function::PciFunction;
 use serde::Deserialize;
 use serde::Serialize;
 use vm_memory::GuestMemoryMmap;
 
 /// The function's identity: Red Hat's QEMU NVMe ids (Linux binds by class anyway), class
 /// 01:08:02 (mass storage, non-volatile memory, NVM Express), revision 2.
-const VENDOR: u32 = 0x1b36;
-const DEVICE: u32 = 0x0010;
-const CLASS_REVISION: u32 = 0x0108_0202;
-const COMMAND_MEMORY: u16 = 1 << 1;
-const COMMAND_BUS_MASTER: u16 = 1 << 2;
-/// Writable command bits: memory space, bus master, interrupt disable.
-const COMMAND_WRITABLE: u16 = COMMAND_MEMORY | COMMAND_BUS_MASTER | 1 << 10;
-const INTERRUPT_DISABLE: u16 = 1 << 10;
-/// BAR 0's type bits: 64-bit memory, not prefetchable.
-const BAR_64: u32 = 0x4;
-
-/// The PCI side's state.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PciState {
-    command: u16,
-    /// A sizing write (all ones) to BAR 0 / BAR 1 is pending its read.
-    sizing: [bool; 2],
-    interrupt_line: u8,
-}
+const IDENTITY: Identity = Identity {
+    vendor: 0x1b36,
+    device: 0x0010,
+    class_revision: 0x0108_0202,
+    subsystem_vendor: 0x1b36,
+    subsystem: 0x0010,
+};
 
 /// A vCPU's last access and what it was answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,15 +64,14 @@ struct LastAccess {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Checkpoint {
     nvme: NvmeState,
-    pci: PciState,
+    pci: FunctionState,
     last: BTreeMap<u32, LastAccess>,
 }
 
 /// The NVMe function.
 pub struct PciNvme<M: CheckpointMemory> {
     nvme: NvmeController<Box<dyn Disk + Send>>,
-    pci: PciState,
-    bar: u64,
+    pci: PciFunction,
     memory: GuestMemoryMmap,
     /// An empty memory: what the device reaches while the driver has bus mastering off.
     no_memory: GuestMemoryMmap,
@@ -110,31 +100,24 @@ impl<M: CheckpointMemory> PciNvme<M> {
         area: M,
         doorbells: bool,
     ) -> Result<PciNvme<M>, String> {
-        if !bar.is_multiple_of(BAR_SIZE) {
-            return Err(format!("BAR 0 at {bar:#x} is not {BAR_SIZE:#x}-aligned"));
-        }
         let mut area = CheckpointArea::new(area);
         let mut nvme = NvmeController::new(disk, serial);
         let (line, irq) = match irq {
             Some((line, fd)) => (line, Some(fd)),
             None => (0xff, None),
         };
-        let mut pci = PciState {
-            interrupt_line: line,
-            ..PciState::default()
-        };
+        let mut pci = PciFunction::new(IDENTITY, bar, BAR_SIZE, line, Vec::new())?;
         let mut last = BTreeMap::new();
         if let Some(c) = area.load::<Checkpoint>() {
             nvme.restore(c.nvme)
                 .map_err(|e| format!("the controller's checkpoint: {e}"))?;
-            pci = c.pci;
+            pci.restore(c.pci);
             last = c.last;
             tracing::info!("NVMe controller resumed from its checkpoint");
         }
         let mut function = PciNvme {
             nvme,
             pci,
-            bar,
             memory,
             no_memory: GuestMemoryMmap::default(),
             irq,
@@ -165,7 +148,7 @@ impl<M: CheckpointMemory> PciNvme<M> {
     fn checkpoint(&mut self) {
         let checkpoint = Checkpoint {
             nvme: self.nvme.state(),
-            pci: self.pci,
+            pci: self.pci.state(),
             last: self.last.clone(),
         };
         if let Err(e) = self.area.store(&checkpoint) {
@@ -175,13 +158,13 @@ impl<M: CheckpointMemory> PciNvme<M> {
 
     /// Posts the staged completions and raises the interrupt for them.
     fn post(&mut self) {
-        let memory = if self.pci.command & COMMAND_BUS_MASTER != 0 {
+        let memory = if self.pci.bus_master() {
             &self.memory
         } else {
             &self.no_memory
         };
         let interrupt = self.nvme.post(memory);
-        if interrupt && self.pci.command & INTERRUPT_DISABLE == 0 {
+        if interrupt && !self.pci.interrupt_disabled() {
             if let Some(irq) = self.irq.as_mut() {
                 let _ = irq.write_all(&1u64.to_ne_bytes());
             }
@@ -191,10 +174,10 @@ impl<M: CheckpointMemory> PciNvme<M> {
     /// The doorbell eventfd fired: runs what the shadow doorbells say was submitted
     /// (checkpointed before its completions are posted). True when commands ran.
     pub fn kick(&mut self) -> bool {
-        if self.pci.command & COMMAND_MEMORY == 0 {
+        if !self.pci.memory_enabled() {
             return false;
         }
-        let memory = if self.pci.command & COMMAND_BUS_MASTER != 0 {
+        let memory = if self.pci.bus_master() {
             &self.memory
         } else {
             &self.no_memory
@@ -229,9 +212,9 @@ impl<M: CheckpointMemory> PciNvme<M> {
         }
         let value = match (a.space, a.written()) {
             _ if !a.size_is_valid() => mask(a.size),
-            (Space::PciConfig, None) => self.config_read(a.address & 0xff, a.size),
+            (Space::PciConfig, None) => self.pci.read(a.address & 0xff, a.size),
             (Space::PciConfig, Some(v)) => {
-                self.config_write(a.address & 0xff, a.size, v);
+                self.pci.write(a.address & 0xff, a.size, v);
                 0
             }
             (Space::Mmio, None) => self.mmio_read(a.address, a.size),
@@ -266,80 +249,26 @@ impl<M: CheckpointMemory> PciNvme<M> {
         std::mem::take(&mut self.nvme.errors)
     }
 
-    fn config_bytes(&self) -> [u8; 64] {
-        let mut c = [0u8; 64];
-        let mut put = |at: usize, v: u32| c[at..at + 4].copy_from_slice(&v.to_le_bytes());
-        put(0x00, VENDOR | DEVICE << 16);
-        put(0x04, u32::from(self.pci.command));
-        put(0x08, CLASS_REVISION);
-        let bar0 = if self.pci.sizing[0] {
-            !(BAR_SIZE as u32 - 1) | BAR_64
-        } else {
-            (self.bar as u32 & !0xf) | BAR_64
-        };
-        put(0x10, bar0);
-        put(
-            0x14,
-            if self.pci.sizing[1] {
-                u32::MAX
-            } else {
-                (self.bar >> 32) as u32
-            },
-        );
-        put(0x2c, VENDOR | DEVICE << 16);
-        // Interrupt line (the guest's to write), pin INTA.
-        put(0x3c, u32::from(self.pci.interrupt_line) | 1 << 8);
-        c
-    }
-
-    fn config_read(&self, offset: u64, size: u8) -> u64 {
-        let c = self.config_bytes();
-        let at = offset as usize;
-        match c.get(at..at + usize::from(size)) {
-            Some(bytes) => bytes.iter().rev().fold(0u64, |v, b| v << 8 | u64::from(*b)),
-            None => 0,
-        }
-    }
-
-    fn config_write(&mut self, offset: u64, size: u8, value: u64) {
-        // Each byte written goes to its register.
-        for i in 0..u64::from(size) {
-            let byte = (value >> (8 * i)) as u8;
-            match offset + i {
-                0x04 => {
-                    self.pci.command =
-                        (self.pci.command & 0xff00 | u16::from(byte)) & COMMAND_WRITABLE
-                }
-                0x05 => {
-                    self.pci.command =
-                        (self.pci.command & 0x00ff | u16::from(byte) << 8) & COMMAND_WRITABLE
-                }
-                0x3c => self.pci.interrupt_line = byte,
-                _ => {}
-            }
-        }
-        // BARs: the address is fixed (the manifest's range); all ones asks the size.
-        for (bar, reg) in [(0, 0x10), (1, 0x14)] {
-            if offset == reg && size == 4 {
-                self.pci.sizing[bar] = value as u32 == u32::MAX;
-            }
-        }
-    }
-
     fn mmio_read(&self, address: u64, size: u8) -> u64 {
-        let offset = address.wrapping_sub(self.bar);
-        if self.pci.command & COMMAND_MEMORY == 0 || offset >= BAR_SIZE || !matches!(size, 4 | 8) {
+        let Some(offset) = self
+            .pci
+            .bar_offset(address)
+            .filter(|_| matches!(size, 4 | 8))
+        else {
             return mask(size);
-        }
+        };
         self.nvme.mmio_read(offset, size)
     }
 
     fn mmio_write(&mut self, address: u64, size: u8, value: u64) {
-        let offset = address.wrapping_sub(self.bar);
-        if self.pci.command & COMMAND_MEMORY == 0 || offset >= BAR_SIZE || !matches!(size, 4 | 8) {
+        let Some(offset) = self
+            .pci
+            .bar_offset(address)
+            .filter(|_| matches!(size, 4 | 8))
+        else {
             return;
-        }
-        let memory = if self.pci.command & COMMAND_BUS_MASTER != 0 {
+        };
+        let memory = if self.pci.bus_master() {
             &self.memory
         } else {
             &self.no_memory
