@@ -15,6 +15,7 @@ use vm_memory::GuestMemory;
 
 pub mod blk;
 pub mod net;
+pub mod pci;
 pub mod scsi;
 
 /// VIRTIO_F_VERSION_1 (feature bit 32): a modern (1.x) device.
