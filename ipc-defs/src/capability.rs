@@ -133,6 +133,13 @@ pub enum CapabilityKind {
     /// [`crate::services::platform`]), which the microkernel serves. Only the service that
     /// serves `attest` may hold it.
     Platform,
+    /// A TAP device's descriptor (`/dev/net/tun` attached to one host interface, non-blocking,
+    /// no packet-information prefix, no virtio-net header): each `read` is one Ethernet frame
+    /// from the host, each `write` sends one. The microkernel created or attached it, in the
+    /// host's network namespace of choice, before the service started, and keeps it across
+    /// its restarts. The holder needs no socket and no ioctl for it (its profile has neither);
+    /// its name is the manifest's (`taps = [{ name = "net0" }]`), never the host interface's.
+    Tap,
 }
 
 impl core::fmt::Display for CapabilityKind {
@@ -152,6 +159,7 @@ impl core::fmt::Display for CapabilityKind {
             CapabilityKind::Platform => write!(f, "platform"),
             CapabilityKind::GuestMemory => write!(f, "guest-memory"),
             CapabilityKind::Doorbells => write!(f, "doorbells"),
+            CapabilityKind::Tap => write!(f, "tap"),
         }
     }
 }

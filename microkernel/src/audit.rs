@@ -24,6 +24,7 @@ use crate::manifest::Missing;
 use crate::manifest::RegionGrant;
 use crate::manifest::RestartPolicy;
 use crate::manifest::Sealing;
+use crate::manifest::TapGrant;
 use crate::plan::CapabilityPlan;
 use crate::plan::Run;
 use crate::plan::Source;
@@ -36,7 +37,8 @@ pub struct Row {
     pub service: String,
     pub binary: String,
     /// Its capability slots, as its bootstrap record lists them in a run with a guest
-    /// partition and every declared listener bound ([`crate::plan`]).
+    /// partition, every declared listener bound and every declared TAP attached
+    /// ([`crate::plan`]).
     pub slots: Vec<SlotRow>,
     pub serves: Vec<&'static str>,
     /// Services that may call this one, by endpoint.
@@ -51,6 +53,9 @@ pub struct Row {
     /// Declared TPM front ends: name, address (`{"tcp": "IP:PORT"}` or `{"unix": PATH}`),
     /// localities.
     pub listen: Vec<ListenGrant>,
+    /// Declared TAP devices (a NIC's back end, frames only): attached only to the host
+    /// interface `paravisor run --tap NAME=IFNAME[@NETNS]` names.
+    pub taps: Vec<TapGrant>,
     /// What each call reaches beyond its endpoint (e.g. the vmgs file ids).
     pub call_grants: Vec<CallGrant>,
     /// What each client may reach of this service's endpoints.
@@ -308,6 +313,7 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
                 })
                 .collect(),
             listen: s.listen.clone(),
+            taps: s.taps.clone(),
             client_grants: m
                 .services
                 .iter()
@@ -498,6 +504,18 @@ impl Row {
             .collect()
     }
 
+    fn taps_text(&self) -> Vec<String> {
+        self.taps
+            .iter()
+            .map(|t| {
+                format!(
+                    "{} (a TAP device the host names with `run --tap {}=IFNAME[@NETNS]`, none otherwise; frames only: no socket, no ioctl)",
+                    t.name, t.name
+                )
+            })
+            .collect()
+    }
+
     fn call_grants_text(&self) -> Vec<String> {
         self.call_grants
             .iter()
@@ -581,7 +599,7 @@ pub fn text(m: &Manifest) -> String {
     }
     let _ = writeln!(
         out,
-        "\n(slots: the descriptors from 4 on, as each service's bootstrap record lists them when a guest runs and every declared listener is bound; without a guest its channel and interrupts are left out and the later slots move up; a listener the run does not bind is left out)"
+        "\n(slots: the descriptors from 4 on, as each service's bootstrap record lists them when a guest runs, every declared listener is bound and every declared TAP attached; without a guest its channel and interrupts are left out and the later slots move up; a listener the run does not bind or a TAP it does not attach is left out)"
     );
     let _ = writeln!(out);
     for r in &rows {
@@ -600,6 +618,9 @@ pub fn text(m: &Manifest) -> String {
             for l in &r.listen_text() {
                 let _ = writeln!(out, "           {l}");
             }
+        }
+        if !r.taps.is_empty() {
+            let _ = writeln!(out, "  taps:    {}", r.taps_text().join("; "));
         }
         let _ = writeln!(out, "  grants:  {}", list(&r.call_grants_text()));
         if !r.client_grants.is_empty() {
@@ -763,6 +784,11 @@ pub fn configuration(m: &Manifest) -> serde_json::Value {
         .iter()
         .flat_map(|s| s.listen.iter().map(|l| format!("{} {}", l.name, l.address)))
         .collect();
+    let taps: Vec<String> = m
+        .services
+        .iter()
+        .flat_map(|s| s.taps.iter().map(|t| format!("{} ({})", t.name, s.name)))
+        .collect();
     let defaults = |key: &str| -> Option<String> {
         match key {
             "state-dir" => Some(m.state_dir.display().to_string()),
@@ -782,6 +808,11 @@ pub fn configuration(m: &Manifest) -> serde_json::Value {
                     "none bound unless asked; declared: {}",
                     listeners.join(", ")
                 )
+            }),
+            "taps" => Some(if taps.is_empty() {
+                "none declared".into()
+            } else {
+                format!("none attached unless named; declared: {}", taps.join(", "))
             }),
             "log-format" => Some("text".into()),
             _ => None,

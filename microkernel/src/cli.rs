@@ -71,9 +71,17 @@ pub enum Cmd {
         /// listens. A TCP front end is reachable by every local user.
         #[arg(long, value_name = "NAME[=ADDRESS|PATH]|all")]
         listen: Vec<String>,
-        /// The host configuration: state-dir, platform-dir, key-release, listen, log-format,
-        /// log-file (TOML; not measured: see `paravisor audit`). The flags above override it;
-        /// it overrides the manifest's defaults.
+        /// Attach TAP NAME (one the manifest declares, e.g. net0) to host interface IFNAME:
+        /// the TAP of that name (a persistent one, `ip tuntap add`), or a new one that lives
+        /// as long as this run; with @NETNS, in the network namespace /run/netns/NETNS (`ip
+        /// netns add`). Repeatable. Without it no TAP is attached and the service holding it
+        /// has no back end. The interface's state and addresses are the host's (`ip link set
+        /// IFNAME up`).
+        #[arg(long, value_name = "NAME=IFNAME[@NETNS]")]
+        tap: Vec<String>,
+        /// The host configuration: state-dir, platform-dir, key-release, listen, taps,
+        /// log-format, log-file (TOML; not measured: see `paravisor audit`). The flags above
+        /// override it; it overrides the manifest's defaults.
         #[arg(long, value_name = "FILE")]
         host: Option<PathBuf>,
         #[command(flatten)]
@@ -348,8 +356,8 @@ pub enum VmgsTop {
         state_dir: Option<PathBuf>,
         #[arg(long)]
         platform_dir: Option<PathBuf>,
-        /// The host configuration `run` uses (its listeners are never bound here: reseal is
-        /// offline).
+        /// The host configuration `run` uses (its listeners are never bound and its TAPs
+        /// never attached here: reseal is offline).
         #[arg(long, value_name = "FILE")]
         host: Option<PathBuf>,
         #[command(flatten)]

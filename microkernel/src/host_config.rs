@@ -1,6 +1,6 @@
 //! The host configuration: what the host chooses for one instance and the launch does not
-//! measure (where its state and platform live, which front ends it binds where, where the
-//! key broker is, how it logs).
+//! measure (where its state and platform live, which front ends it binds where, which host
+//! interface each TAP is, where the key broker is, how it logs).
 //!
 //! `manifest.toml` is the paravisor's identity: its measured configuration
 //! ([`crate::manifest::Manifest::measured_config`]) is the same on every host. It may name
@@ -18,6 +18,7 @@
 //! platform-dir = "/var/lib/pv/platform"
 //! key-release = "127.0.0.1:8700"
 //! listen = ["mssim-command=127.0.0.1:12321", "mssim-platform=127.0.0.1:12322"]
+//! taps = ["net0=pvtap0@guests"]
 //! log-format = "json"
 //! log-file = "/var/log/pv/b.log"
 //! ```
@@ -45,6 +46,8 @@ pub struct HostConfig {
     pub key_release: Option<String>,
     /// Front ends to bind, as `--listen` takes them (`NAME`, `NAME=ADDRESS|PATH`, `all`).
     pub listen: Option<Vec<String>>,
+    /// TAPs to attach, as `--tap` takes them (`NAME=IFNAME` or `NAME=IFNAME@NETNS`).
+    pub taps: Option<Vec<String>>,
     pub log_format: Option<LogFormat>,
     pub log_file: Option<PathBuf>,
 }
@@ -57,6 +60,8 @@ pub struct HostSettings {
     pub platform_dir: Option<PathBuf>,
     pub key_release: Option<std::net::SocketAddr>,
     pub listen: Vec<String>,
+    /// `NAME=IFNAME[@NETNS]` for each TAP to attach (none: no TAP is attached).
+    pub taps: Vec<String>,
     pub log_format: LogFormat,
     pub log_file: Option<PathBuf>,
 }
@@ -67,6 +72,7 @@ pub struct Flags {
     pub state_dir: Option<PathBuf>,
     pub platform_dir: Option<PathBuf>,
     pub listen: Vec<String>,
+    pub taps: Vec<String>,
     pub log_format: Option<LogFormat>,
     pub log_file: Option<PathBuf>,
 }
@@ -99,7 +105,7 @@ impl HostConfig {
     pub fn parse(text: &str) -> Result<HostConfig, String> {
         let config: HostConfig = toml::from_str(text).map_err(|e| {
             format!(
-                "{} (the keys a host file takes: state-dir, platform-dir, key-release, listen, log-format, log-file)",
+                "{} (the keys a host file takes: state-dir, platform-dir, key-release, listen, taps, log-format, log-file)",
                 e.message().trim()
             )
         })?;
@@ -156,6 +162,11 @@ impl HostConfig {
             } else {
                 flags.listen.clone()
             },
+            taps: if flags.taps.is_empty() {
+                self.taps.clone().unwrap_or_default()
+            } else {
+                flags.taps.clone()
+            },
             log_format: flags.log_format.or(self.log_format).unwrap_or_default(),
             log_file: flags.log_file.clone().or_else(|| self.log_file.clone()),
         })
@@ -192,24 +203,28 @@ mod tests {
         let none = HostConfig::default().settle(&m, &Flags::default()).unwrap();
         assert_eq!(none.state_dir, m.state_dir);
         assert_eq!(none.listen, Vec::<String>::new());
+        assert_eq!(none.taps, Vec::<String>::new());
         assert_eq!(none.log_format, LogFormat::Text);
         let file = HostConfig::parse(
-            "state-dir = \"b\"\nlisten = [\"mssim-command=127.0.0.1:9\"]\nlog-format = \"json\"\n",
+            "state-dir = \"b\"\nlisten = [\"mssim-command=127.0.0.1:9\"]\ntaps = [\"net0=tap0@ns\"]\nlog-format = \"json\"\n",
         )
         .unwrap();
         let s = file.settle(&m, &Flags::default()).unwrap();
         assert_eq!(s.state_dir, PathBuf::from("b"));
         assert_eq!(s.listen, vec!["mssim-command=127.0.0.1:9".to_string()]);
+        assert_eq!(s.taps, vec!["net0=tap0@ns".to_string()]);
         assert_eq!(s.log_format, LogFormat::Json);
         let flags = Flags {
             state_dir: Some("c".into()),
             listen: vec!["all".into()],
+            taps: vec!["net0=tap1".into()],
             log_format: Some(LogFormat::Text),
             ..Flags::default()
         };
         let s = file.settle(&m, &flags).unwrap();
         assert_eq!(s.state_dir, PathBuf::from("c"));
         assert_eq!(s.listen, vec!["all".to_string()]);
+        assert_eq!(s.taps, vec!["net0=tap1".to_string()]);
         assert_eq!(s.log_format, LogFormat::Text);
     }
 

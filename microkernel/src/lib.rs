@@ -6,11 +6,11 @@
 //! and runs the guest partition ([`partition`]: the KVM VM, whose exits it routes to the
 //! services that own them).
 //!
-//! `unsafe` is denied crate-wide and allowed, each block with a `// SAFETY:` note, in three
+//! `unsafe` is denied crate-wide and allowed, each block with a `// SAFETY:` note, in four
 //! modules only: [`sandbox`] (process creation: clone, pivot_root, execveat), `partition::kvm`
-//! (guest RAM registration, vCPU kicks) and [`partition::vcpu`] (reading the width of a port
-//! exit from the vCPU's `kvm_run` page). The ring and mapping code it uses is in
-//! `ipc_defs::hosted`.
+//! (guest RAM registration, vCPU kicks), [`partition::vcpu`] (reading the width of a port
+//! exit from the vCPU's `kvm_run` page) and `taps::tun` (setns into a network namespace,
+//! TUNSETIFF). The ring and mapping code it uses is in `ipc_defs::hosted`.
 #![deny(unsafe_code)]
 
 pub mod audit;
@@ -35,6 +35,7 @@ pub mod sandbox;
 pub mod snp;
 pub mod spawner;
 pub mod supervisor;
+pub mod taps;
 pub mod thread_filters;
 pub mod util;
 

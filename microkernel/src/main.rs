@@ -41,8 +41,10 @@ fn launch(
     };
     let mut settings = host.settle(&m, &flags).map_err(failed)?;
     if offline {
-        // `vmgs reseal` opens no listener, whatever the host file asks `run` for.
+        // `vmgs reseal` opens no listener and attaches no TAP, whatever the host file asks
+        // `run` for.
         settings.listen.clear();
+        settings.taps.clear();
     }
     settings.apply(&mut m);
     microkernel::logging::init(&microkernel::logging::LogOptions {
@@ -93,6 +95,7 @@ fn launch(
         sealed,
         lock: Some(lock),
         listen: microkernel::listeners::ListenRequest::parse(&settings.listen),
+        taps: microkernel::taps::TapRequest::parse(&settings.taps),
     })
 }
 
@@ -312,6 +315,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             state_dir,
             platform_dir,
             listen,
+            tap,
             host,
             log,
             guest,
@@ -322,6 +326,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 state_dir,
                 platform_dir,
                 listen,
+                taps: tap,
                 log_format: log.log_format,
                 log_file: log.log_file,
             },

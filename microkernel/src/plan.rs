@@ -70,15 +70,19 @@ pub struct Run<'a> {
     /// The declared listeners this run binds, by name (unique across a manifest); `None`:
     /// every declared one.
     pub listening: Option<&'a [String]>,
+    /// The declared TAPs this run attaches, by name (unique across a manifest); `None`:
+    /// every declared one.
+    pub taps: Option<&'a [String]>,
 }
 
 impl Run<'static> {
-    /// The most any run hands out: a guest partition of the largest size and every declared
-    /// listener. The manifest's bounds (open files, the bootstrap record) are checked
-    /// against it, and `audit` prints it.
+    /// The most any run hands out: a guest partition of the largest size, every declared
+    /// listener and every declared TAP. The manifest's bounds (open files, the bootstrap
+    /// record) are checked against it, and `audit` prints it.
     pub const MOST: Run<'static> = Run {
         guest_vcpus: Some(crate::partition::MAX_VCPUS),
         listening: None,
+        taps: None,
     };
 }
 
@@ -86,6 +90,10 @@ impl Run<'_> {
     fn binds(&self, listener: &str) -> bool {
         self.listening
             .is_none_or(|names| names.iter().any(|n| n == listener))
+    }
+
+    fn attaches(&self, tap: &str) -> bool {
+        self.taps.is_none_or(|names| names.iter().any(|n| n == tap))
     }
 }
 
@@ -149,6 +157,8 @@ pub enum Source {
     Key(usize),
     /// Its `listen[n]`, bound by the microkernel.
     Listener(usize),
+    /// Its `taps[n]`, attached by the microkernel to the host interface the run names.
+    Tap(usize),
 }
 
 /// What `/proc/PID/fd/N` of the service shows for a slot while it holds it.
@@ -158,8 +168,8 @@ pub enum Held {
     Memfd(String),
     /// An eventfd.
     Eventfd,
-    /// What this run opened for it (a file's resolved path, a bound socket's inode): known
-    /// only once opened.
+    /// What this run opened for it (a file's resolved path, a bound socket's inode,
+    /// `/dev/net/tun` for a TAP): known only once opened.
     Opened,
     /// Nothing: closed by the time the service answers (the runtime installs its seccomp
     /// program and closes it; a key is closed once read).
@@ -471,8 +481,8 @@ impl CapabilityPlan {
                 Held::Closed,
             );
         }
-        // Last: a run that binds fewer listeners than the manifest declares shifts no other
-        // slot.
+        // Last, what the host chooses: a run that binds fewer listeners or attaches fewer TAPs
+        // than the manifest declares shifts no slot before them.
         for (n, l) in spec.listen.iter().enumerate() {
             if run.binds(&l.name) {
                 slots.push(
@@ -480,6 +490,17 @@ impl CapabilityPlan {
                     &l.name,
                     Grant::Localities(l.localities),
                     Source::Listener(n),
+                    Held::Opened,
+                );
+            }
+        }
+        for (n, t) in spec.taps.iter().enumerate() {
+            if run.attaches(&t.name) {
+                slots.push(
+                    CapabilityKind::Tap,
+                    &t.name,
+                    Grant::Interface,
+                    Source::Tap(n),
                     Held::Opened,
                 );
             }
@@ -573,6 +594,7 @@ mod tests {
     const NO_GUEST: Run<'static> = Run {
         guest_vcpus: None,
         listening: None,
+        taps: None,
     };
 
     #[test]
@@ -653,7 +675,10 @@ mod tests {
                 "listener vhost-user-scsi",
             ])
         );
-        assert_eq!(listed(&plan, &m, "net"), with(&["serve:net intercept"]));
+        assert_eq!(
+            listed(&plan, &m, "net"),
+            with(&["serve:net intercept", "tap net0"])
+        );
 
         // Without a guest: no partition channel, no interrupt; nothing else moves but up.
         let without = CapabilityPlan::new(&m.services, NO_GUEST);
@@ -804,6 +829,7 @@ restart = { policy = "never", max = 0, window = "10s", backoff = "10ms" }
         let run = Run {
             guest_vcpus: Some(2),
             listening: Some(&bound),
+            taps: None,
         };
         let plan = CapabilityPlan::new(&m.services, run);
         let hub = plan.slots(0);
@@ -916,6 +942,38 @@ restart = { policy = "never", max = 0, window = "10s", backoff = "10ms" }
             panic!("no vtpm grant");
         };
         assert_eq!(g.commands, Localities::ZERO.with(2).with(3));
+    }
+
+    #[test]
+    fn a_tap_is_handed_over_only_when_the_run_attaches_it_and_comes_last() {
+        let m = shipped();
+        let net = index(&m, "net");
+        let named = ["net0".to_string()];
+        let run = |taps: &[String]| {
+            let run = Run {
+                guest_vcpus: Some(1),
+                listening: Some(&[]),
+                taps: Some(taps),
+            };
+            CapabilityPlan::new(&m.services, run)
+        };
+        // The host named nothing: no slot (the service's context simply lacks it).
+        let none = run(&[]);
+        assert!(none
+            .slots(net)
+            .iter()
+            .all(|s| s.kind != CapabilityKind::Tap));
+        let plan = run(&named);
+        let last = plan.slots(net).last().expect("slots").clone();
+        assert_eq!(
+            (last.kind, last.name.as_str(), last.source, last.held),
+            (CapabilityKind::Tap, "net0", Source::Tap(0), Held::Opened)
+        );
+        assert_eq!(plan.slots(net).len(), none.slots(net).len() + 1);
+        // Every other service's slots are the same either way.
+        for i in (0..m.services.len()).filter(|&i| i != net) {
+            assert_eq!(plan.slots(i), none.slots(i), "{}", m.services[i].name);
+        }
     }
 
     #[test]

@@ -935,4 +935,45 @@ restart = { policy = "always", max = 3, window = "10s", backoff = "10ms" }
             KILLED
         );
     }
+
+    /// TAPs are attached once, before any thread is confined (`crate::taps`): after that no
+    /// thread of the microkernel may enter a network namespace or attach a TAP, so a
+    /// compromised thread cannot reach another network through the paravisor.
+    #[test]
+    fn no_thread_may_enter_a_namespace_or_attach_a_tap_after_start() {
+        let m = Manifest::parse(
+            std::path::Path::new("m.toml"),
+            &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifest.toml"))
+                .unwrap(),
+        )
+        .unwrap();
+        let fd = u64::MAX;
+        for profile in all(&m, std::process::id()) {
+            let program = profile.compile().unwrap();
+            for (what, nr, args) in [
+                (
+                    "setns",
+                    libc::SYS_setns,
+                    [fd, libc::CLONE_NEWNET as u64, 0, 0, 0, 0],
+                ),
+                (
+                    "TUNSETIFF",
+                    libc::SYS_ioctl,
+                    [fd, libc::TUNSETIFF as u64, 0, 0, 0, 0],
+                ),
+                (
+                    "TUNSETPERSIST",
+                    libc::SYS_ioctl,
+                    [fd, libc::TUNSETPERSIST as u64, 0, 0, 0, 0],
+                ),
+            ] {
+                assert_eq!(
+                    run(&program, nr, args),
+                    KILLED,
+                    "{what} under {:?}",
+                    profile.thread
+                );
+            }
+        }
+    }
 }

@@ -82,6 +82,11 @@ pub struct Context {
     pub guest_memory: Option<GuestMemory>,
     /// A device's doorbell eventfd and the doorbells it covers (its `doorbells` grant).
     pub doorbells: Option<Doorbells>,
+    /// TAP devices the host attached (a NIC's back end: frames only, see
+    /// [`crate::capability::CapabilityKind::Tap`]), by the manifest's name. A TAP the
+    /// manifest declares but the host did not name (`paravisor run --tap NAME=IFNAME`) is
+    /// simply absent: the service then has no back end for it.
+    pub taps: BTreeMap<String, OwnedFd>,
 }
 
 /// A device's doorbell eventfd (see [`crate::capability::CapabilityKind::Doorbells`]).
@@ -537,6 +542,7 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
         guest_state: None,
         guest_memory: None,
         doorbells: None,
+        taps: BTreeMap::new(),
     };
     let mut control = None;
     let mut served = Vec::new();
@@ -602,6 +608,10 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
                 };
                 let fd = sys::take_fd(cap.slot).map_err(|e| cap_error(cap, e))?;
                 context.doorbells = Some(Doorbells { fd, base, size });
+            }
+            CapabilityKind::Tap => {
+                let fd = sys::take_fd(cap.slot).map_err(|e| cap_error(cap, e))?;
+                context.taps.insert(cap.name.to_string(), fd);
             }
             CapabilityKind::Status | CapabilityKind::SeccompProgram => {}
         }

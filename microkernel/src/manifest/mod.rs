@@ -412,6 +412,19 @@ fn ser_access<S: serde::Serializer>(a: &FileAccess, s: S) -> Result<S::Ok, S::Er
     })
 }
 
+/// A TAP device the service may be handed (`taps = [{ name = "net0" }]`): a NIC's back end,
+/// frames only. The manifest names the capability; the host configuration says which host
+/// interface it is (`paravisor run --tap net0=IFNAME[@NETNS]`, host file `taps`), and a TAP
+/// the host names nothing for is not attached at all ([`crate::taps`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TapGrant {
+    pub name: String,
+}
+
+/// Most TAPs one service may hold: one per guest NIC it serves. Eight is more NICs than any
+/// guest here has, and each is a descriptor, a capability slot and a poll source.
+pub const MAX_TAPS: usize = 8;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RegionGrant {
     pub name: String,
@@ -443,6 +456,8 @@ pub struct ServiceSpec {
     pub files: Vec<FileGrant>,
     pub keys: Vec<KeyGrant>,
     pub listen: Vec<ListenGrant>,
+    /// TAP devices (a NIC's back end), attached only when the host names them.
+    pub taps: Vec<TapGrant>,
     /// What each call may reach beyond the interface itself (e.g. the vmgs file ids), for
     /// the calls that are limited.
     #[serde(serialize_with = "ser_grants")]
@@ -674,13 +689,14 @@ impl Manifest {
 /// Names the canonical form of the measured configuration (changes if the form does).
 pub const MEASURED_CONFIG_FORMAT: &str = "pv-measured-config-1";
 
-/// What the manifest may name as a default but the host chooses, never measured: (key as
-/// written in the manifest or the host file, what it is).
+/// What the host chooses, never measured (the manifest may name a default for some): (key
+/// as written in the manifest or the host file, what it is).
 pub const HOST_SETTINGS: &[(&str, &str)] = &[
     ("state-dir", "the state directory"),
     ("platform-dir", "the simulated secure processor's directory"),
     ("key-release", "the key broker's loopback address (the tenant key's id is measured)"),
     ("listen", "which front ends are bound, and their addresses and socket paths (a listener's name and localities are measured)"),
+    ("taps", "which host interface (and network namespace) each declared TAP is; none is attached unless named (a TAP's name and holder are measured)"),
     ("log-format", "text or json"),
     ("log-file", "a file the log is appended to"),
 ];

@@ -51,6 +51,10 @@ pub(super) struct RawService {
     pub(super) listen: Vec<Spanned<RawListen>>,
     #[serde(default)]
     pub(super) regions: Vec<Spanned<RawRegion>>,
+    /// TAP devices (a NIC's back end) the microkernel attaches for it when the host names
+    /// their interfaces (`paravisor run --tap NAME=IFNAME[@NETNS]`).
+    #[serde(default)]
+    pub(super) taps: Vec<Spanned<RawTap>>,
     #[serde(default)]
     pub(super) mmio: Vec<Spanned<RawRange>>,
     #[serde(default)]
@@ -149,6 +153,14 @@ pub(super) struct RawFile {
     /// For `missing = "create-vmgs"`: the image size (default 4M).
     #[serde(default)]
     pub(super) size: Option<Spanned<String>>,
+}
+
+/// One TAP: only its name is the manifest's; which host interface it is, in which network
+/// namespace, is the host's choice (host configuration, never measured).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct RawTap {
+    pub(super) name: Spanned<String>,
 }
 
 #[derive(Deserialize)]

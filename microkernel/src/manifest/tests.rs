@@ -381,6 +381,7 @@ fn capability_slots_with(spec: &ServiceSpec, services: &[ServiceSpec], guest: bo
     let run = Run {
         guest_vcpus: guest.then_some(1),
         listening: None,
+        taps: None,
     };
     CapabilityPlan::new(services, run).slots(i).len()
 }

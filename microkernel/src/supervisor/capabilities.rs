@@ -94,6 +94,12 @@ impl Supervisor {
                 .find(|l| l.name == slot.name)
                 .map(|l| (0, Fd::Borrowed(l.socket.as_raw_fd())))
                 .ok_or_else(missing),
+            Source::Tap(_) => s
+                .taps
+                .iter()
+                .find(|t| t.name == slot.name)
+                .map(|t| (0, Fd::Borrowed(t.fd.as_raw_fd())))
+                .ok_or_else(missing),
         }
     }
 

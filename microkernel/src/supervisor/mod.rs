@@ -146,6 +146,8 @@ pub struct Options {
     pub lock: Option<std::fs::File>,
     /// The front ends the host asked for (`--listen`); none are bound otherwise.
     pub listen: crate::listeners::ListenRequest,
+    /// The TAPs the host named (`--tap`); none are attached otherwise.
+    pub taps: crate::taps::TapRequest,
 }
 
 /// How `paravisor run` ended.
@@ -291,6 +293,9 @@ struct Service {
     regions: Vec<(String, SharedMemory)>,
     /// Sockets bound for the service (those the host asked for), kept across its restarts.
     listeners: Vec<crate::listeners::Bound>,
+    /// TAPs attached for the service (those the host named), kept across its restarts: the
+    /// host's side of the link stays up while the service restarts.
+    taps: Vec<crate::taps::Attached>,
     service_program: OwnedFd,
     loader_filter: Vec<seccompiler::sock_filter>,
     state: State,

@@ -33,14 +33,17 @@ impl Supervisor {
         };
         let enabled =
             crate::listeners::enabled(m, &opts.listen).map_err(|e| create_err("front ends")(e))?;
+        let taps = crate::taps::enabled(m, &opts.taps).map_err(create_err("TAP devices"))?;
         // What each service is handed, computed once: the channels below are made in its
         // order, and every start hands over its slots.
         let bound: Vec<String> = enabled.iter().map(|l| l.name.clone()).collect();
+        let attached: Vec<String> = taps.iter().map(|t| t.name.clone()).collect();
         let plan = CapabilityPlan::new(
             &m.services,
             Run {
                 guest_vcpus: opts.guest.as_ref().map(|g| g.vcpus),
                 listening: Some(&bound),
+                taps: Some(&attached),
             },
         );
         let mut services = Vec::new();
@@ -55,7 +58,7 @@ impl Supervisor {
                 create_err(format!("identity of {}", spec.name))("no plan".into())
             })?;
             services.push(Self::service(
-                opts, i, &plan, &enabled, tag_width, privilege,
+                opts, i, &plan, &enabled, &taps, tag_width, privilege,
             )?);
         }
         let mut links = Vec::new();
@@ -165,13 +168,14 @@ impl Supervisor {
     }
 
     /// Everything service `i` keeps across its starts: its channels to the microkernel
-    /// (control, status page), regions, bound listeners, seccomp programs, and the measured
-    /// copies of its code.
+    /// (control, status page), regions, bound listeners, attached TAPs, seccomp programs,
+    /// and the measured copies of its code.
     pub(super) fn service(
         opts: &Options,
         i: usize,
         plan: &CapabilityPlan,
         enabled: &[crate::listeners::Enabled],
+        taps: &[crate::taps::Enabled],
         tag_width: usize,
         privilege: crate::privilege::ServicePrivilege,
     ) -> Result<Service, RunError> {
@@ -207,6 +211,25 @@ impl Supervisor {
                 ))(e)
             })?;
             listeners.push(bound);
+        }
+        // Before any thread is confined: attaching may enter a network namespace, which no
+        // thread filter allows later (see crate::taps).
+        let mut attached = Vec::new();
+        for t in taps.iter().filter(|t| t.service == spec.name) {
+            let tap = crate::taps::attach(t)
+                .map_err(create_err(format!("TAP {} of {}", t.name, spec.name)))?;
+            tracing::info!(
+                service = %spec.name,
+                tap = %t.name,
+                interface = %tap.host,
+                "TAP attached ({}; its admin state and addresses are the host's)",
+                if tap.persistent {
+                    "a persistent TAP: it stays after the run"
+                } else {
+                    "made for this run: it goes when the run ends"
+                }
+            );
+            attached.push(tap);
         }
         let program = profiles::service_program(&spec.syscalls)
             .map_err(|e| create_err(format!("seccomp profile of {}", spec.name))(e.to_string()))?;
@@ -245,6 +268,7 @@ impl Supervisor {
             status,
             regions,
             listeners,
+            taps: attached,
             service_program: program_fd,
             loader_filter,
             state: State::Stopped,

@@ -1,6 +1,6 @@
 //! The passes over what a service is handed besides its channels: files and keys (paths inside
 //! the state directory, never claimed twice), guest-state files created when missing,
-//! listeners with their TPM localities, and shared-memory regions.
+//! listeners with their TPM localities, shared-memory regions, and TAP devices.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -20,6 +20,7 @@ use crate::manifest::schema::RawFile;
 use crate::manifest::schema::RawKey;
 use crate::manifest::schema::RawListen;
 use crate::manifest::schema::RawRegion;
+use crate::manifest::schema::RawTap;
 use crate::manifest::values::parse_size;
 use crate::manifest::values::valid_name;
 use crate::manifest::FileGrant;
@@ -30,7 +31,15 @@ use crate::manifest::Missing;
 use crate::manifest::MissingKey;
 use crate::manifest::RegionGrant;
 use crate::manifest::ServiceSpec;
+use crate::manifest::TapGrant;
 use crate::manifest::MAX_MEMORY;
+use crate::manifest::MAX_TAPS;
+
+/// Syscalls a service that holds a TAP may not be granted. `ioctl` on a TAP's descriptor
+/// reconfigures the host's end of it (offloads, filters, queues, the virtio-net header): the
+/// microkernel sets it up before the service starts, and its holder reads and writes frames
+/// only. `socket` would give it a second way onto a network beside the one it is handed.
+pub const TAP_HOLDER_REFUSED: &[&str] = &["ioctl", "socket"];
 
 impl Validator<'_> {
     /// `files`: valid names, paths inside the state directory, a known access and `missing`
@@ -446,5 +455,82 @@ impl Validator<'_> {
             }
         }
         regions
+    }
+
+    /// `taps`: each a valid name, once in the manifest (`paravisor run --tap NAME=IFNAME`
+    /// names one); at most [`MAX_TAPS`]; held only by the service that serves `net` (a TAP is
+    /// the guest NIC's back end: no other service has any business with host frames); and
+    /// never next to a syscall of [`TAP_HOLDER_REFUSED`] (frames only: no ioctl, no socket).
+    pub(super) fn taps(
+        &mut self,
+        raw: &[Spanned<RawTap>],
+        name: &str,
+        serves: &[Interface],
+        syscalls: &[Spanned<String>],
+        seen: &mut Seen,
+    ) -> Vec<TapGrant> {
+        let mut taps: Vec<TapGrant> = Vec::new();
+        for t in raw {
+            let tname = t.get_ref().name.get_ref();
+            let span = t.get_ref().name.span();
+            if !valid_name(tname) {
+                self.error(
+                    span,
+                    format!("TAP name \"{tname}\" is not a valid name"),
+                    format!("use 1 to {MAX_NAME} characters from a-z, 0-9 and '-'"),
+                );
+                continue;
+            }
+            if taps.iter().any(|x| &x.name == tname) {
+                self.error(
+                    span,
+                    format!("TAP \"{tname}\" is listed twice"),
+                    "give each TAP of the service a name of its own",
+                );
+                continue;
+            }
+            if let Some((_, other)) = seen.tap_names.iter().find(|(n, _)| n == tname) {
+                self.error(
+                    span,
+                    format!("TAP name \"{tname}\" is also a TAP of \"{other}\""),
+                    "`paravisor run --tap NAME=IFNAME` names a TAP: give each one a name of its own",
+                );
+                continue;
+            }
+            seen.tap_names.push((tname.clone(), name.to_string()));
+            taps.push(TapGrant {
+                name: tname.clone(),
+            });
+        }
+        let Some(first) = raw.first() else {
+            return taps;
+        };
+        if !serves.contains(&Interface::Net) {
+            self.error(
+                first.span(),
+                format!("service \"{name}\" holds a TAP but does not serve net"),
+                "a TAP is the guest NIC's back end: only the service that serves `net` may hold one (give it serves = [\"net\"], or remove taps)",
+            );
+        }
+        if raw.len() > MAX_TAPS {
+            self.error(
+                first.span(),
+                format!("service \"{name}\" holds {} TAPs", raw.len()),
+                format!("at most {MAX_TAPS}: one per guest NIC the service serves"),
+            );
+        }
+        for sc in syscalls {
+            if TAP_HOLDER_REFUSED.contains(&sc.get_ref().as_str()) {
+                self.error(
+                    sc.span(),
+                    format!(
+                        "syscall \"{}\" is refused to \"{name}\", which holds a TAP",
+                        sc.get_ref()
+                    ),
+                    "the microkernel sets the TAP up before the service starts (no packet information, no virtio-net header); its holder reads and writes frames only, so it is granted neither ioctl nor socket",
+                );
+            }
+        }
+        taps
     }
 }

@@ -6,7 +6,7 @@
 //! then `[attest]`. Each pass is a method of [`Validator`], in the file of its subject:
 //! - `process`: name, binary, limits and descriptors, syscalls, watchdog, restart, user ids;
 //! - `endpoints`: what a service serves and calls, and what each call grants;
-//! - `grants`: files, keys, listeners and regions, and the state paths they claim;
+//! - `grants`: files, keys, listeners, regions and TAPs, and the state paths they claim;
 //! - `devices`: guest address ranges, the PCI device, interrupt lines;
 //! - `attest`: the `[attest]` table, the platform capability and sealed keys.
 //!
@@ -77,6 +77,8 @@ struct Seen {
     addresses: Vec<(String, std::net::SocketAddr)>,
     /// Listener names, and their service.
     listener_names: Vec<(String, String)>,
+    /// TAP names, and their service.
+    tap_names: Vec<(String, String)>,
     /// Every service's valid mmio ranges, and where.
     mmio: Vec<(String, DeviceRange, Range<usize>)>,
     /// Every service's valid pio ranges, and where.
@@ -257,6 +259,7 @@ impl Validator<'_> {
         let keys = self.keys(&s.keys, &name, seen);
         let listen = self.listeners(&s.listen, &name, &grants, seen);
         let regions = self.regions(&s.regions);
+        let taps = self.taps(&s.taps, &name, &serves, &s.syscalls, seen);
         let (mmio, pio, pci_device) = self.guest_devices(&s, &name, &serves, &service_span, seen);
         let owns_device = !mmio.is_empty() || !pio.is_empty() || pci_device.is_some();
         let interrupts = self.own_interrupts(&s.interrupts, &name, &serves, owns_device);
@@ -300,6 +303,7 @@ impl Validator<'_> {
             files,
             keys,
             listen,
+            taps,
             grants,
             regions,
             mmio,
