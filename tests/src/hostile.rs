@@ -27,11 +27,15 @@
 //! | `vtpm-seize S`      | for S seconds seizes the TPM's registers (locality 4) and writes its FIFO, as vCPU 0 | refused: the guest's session goes on |
 //! | `vtpm-vcpu-flood N` | N register writes to vtpm under invented vCPU ids 1000.. | refused; the checkpoint stays small |
 //! | `privileges`        | reads /proc/1/environ, then tries setuid(0), setresuid, setresgid, setgroups, capset, chown, chmod, a raw socket, raising a limit, sethostname, settimeofday (its manifest grants these syscalls, so the kernel answers, not seccomp); last init_module | each refused; killed at init_module |
+//! | `tap-responder NAME IP MAC` | on its TAP NAME, answers ARP and ICMP echo for IP as MAC and logs UDP to IP (see `tap_responder`); logs "no TAP" if the host named none | frames cross both ways with read/write/poll only |
+//! | `tap-ioctl NAME`    | asks whether its TAP NAME is a terminal (an ioctl, TCGETS, on the TAP's descriptor) | killed, reported as `ioctl` |
 //! | `serve`             | serves normally                                | runs                           |
 //!
 //! Exit status 0 means "every hostile attempt got the typed error it should"; 10 and up
 //! name an attempt that unexpectedly worked.
 #![forbid(unsafe_code)]
+
+mod tap_responder;
 
 use std::io::Read;
 use std::io::Seek;
@@ -141,6 +145,21 @@ fn main() -> ExitCode {
             let r = std::fs::File::open("/etc/hostname");
             eprintln!("pv-hostile: open returned {r:?} (should have been killed)");
             ExitCode::from(10)
+        }
+        "tap-responder" => tap_responder::run(&mut started, &args),
+        "tap-ioctl" => {
+            use std::io::IsTerminal;
+            let name = args.get(1).map(String::as_str).unwrap_or("net0");
+            started.answer_first_ping();
+            let Some(tap) = started.context.taps.get(name) else {
+                eprintln!("pv-hostile: no TAP {name} to probe");
+                return ExitCode::from(22);
+            };
+            let terminal = tap.is_terminal();
+            eprintln!(
+                "pv-hostile: ioctl on TAP {name} answered ({terminal}; should have been killed)"
+            );
+            ExitCode::from(23)
         }
         "socket" => {
             let r = std::net::UdpSocket::bind("127.0.0.1:0");

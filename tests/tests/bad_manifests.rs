@@ -945,3 +945,91 @@ fn check_fails_when_a_service_binary_does_not_exist() {
     assert!(text(&out).contains("is not executable"), "{}", text(&out));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// GOOD with the guest's NIC, `nic`, holding TAP net0 on line 21; a key added to it lands on
+/// line 24.
+fn with_nic(change: impl FnOnce(&mut DocumentMut)) -> String {
+    let m = format!(
+        "{GOOD}\n[[service]]\nname = \"nic\"\nbinary = \"pv-net\"\nserves = [\"net\"]\ntaps = [{{ name = \"net0\" }}]\nlimits = {{ memory = \"64M\", open-files = 32 }}\nrestart = {{ policy = \"never\", max = 0, window = \"10s\", backoff = \"10ms\" }}\n"
+    );
+    edited(&m, change)
+}
+
+#[test]
+fn taps_are_the_net_servers_alone_named_once_and_never_with_ioctl_or_socket() {
+    let dir = scratch_dir("taps-good");
+    let path = dir.join("good.toml");
+    std::fs::write(&path, with_nic(|_| {})).unwrap();
+    let out = pv(&["check", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    // A service that does not serve the guest's NIC has no business with host frames.
+    refused(
+        &with_nic(|m| add(m, "service.store.taps", r#"[{ name = "net1" }]"#)),
+        7,
+        "\"store\" holds a TAP but does not serve net",
+    );
+    // `run --tap NAME=...` names one TAP: a name is given once in the whole manifest (nic's
+    // taps move to line 22 with store's).
+    refused(
+        &with_nic(|m| add(m, "service.store.taps", r#"[{ name = "net0" }]"#)),
+        22,
+        "TAP name \"net0\" is also a TAP of \"store\"",
+    );
+    for (taps, needle) in [
+        (
+            r#"[{ name = "net0" }, { name = "net0" }]"#,
+            "TAP \"net0\" is listed twice",
+        ),
+        (
+            r#"[{ name = "Net_0" }]"#,
+            "TAP name \"Net_0\" is not a valid name",
+        ),
+        (
+            r#"[{ name = "a" }, { name = "b" }, { name = "c" }, { name = "d" }, { name = "e" }, { name = "f" }, { name = "g" }, { name = "h" }, { name = "i" }]"#,
+            "holds 9 TAPs",
+        ),
+        // The host interface is the host's choice, never the manifest's.
+        (
+            r#"[{ name = "net0", ifname = "tap0" }]"#,
+            "unknown field `ifname`",
+        ),
+    ] {
+        refused(&with_nic(|m| set(m, "service.nic.taps", taps)), 21, needle);
+    }
+    // Frames only: the TAP's holder gets neither ioctl (which would reconfigure the host's
+    // end) nor socket.
+    for syscall in ["ioctl", "socket"] {
+        refused(
+            &with_nic(|m| {
+                add(
+                    m,
+                    "service.nic.syscalls",
+                    &format!("[\"read\", \"{syscall}\"]"),
+                )
+            }),
+            24,
+            &format!("syscall \"{syscall}\" is refused to \"nic\", which holds a TAP"),
+        );
+    }
+    // audit shows the grant and who names the interface.
+    let out = pv(&["audit", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(
+            "taps:    net0 (a TAP device the host names with `run --tap net0=IFNAME[@NETNS]`, none otherwise; frames only: no socket, no ioctl)"
+        ),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&out).contains("7 tap net0"), "{}", text(&out));
+    let out = pv(&["audit", "--json", path.to_str().unwrap()]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let nic = doc["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["service"] == "nic")
+        .expect("nic's row");
+    assert_eq!(nic["taps"], serde_json::json!([{ "name": "net0" }]));
+    let _ = std::fs::remove_dir_all(dir);
+}
