@@ -959,12 +959,12 @@ restart = { policy = "always", max = 3, window = "10s", backoff = "10ms" }
                 (
                     "TUNSETIFF",
                     libc::SYS_ioctl,
-                    [fd, libc::TUNSETIFF as u64, 0, 0, 0, 0],
+                    [fd, libc::TUNSETIFF, 0, 0, 0, 0],
                 ),
                 (
                     "TUNSETPERSIST",
                     libc::SYS_ioctl,
-                    [fd, libc::TUNSETPERSIST as u64, 0, 0, 0, 0],
+                    [fd, libc::TUNSETPERSIST, 0, 0, 0, 0],
                 ),
             ] {
                 assert_eq!(

@@ -10,7 +10,6 @@ use std::io::Read;
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
-use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use ipc_defs::hosted::runtime;
@@ -46,7 +45,7 @@ pub fn run(started: &mut runtime::Started, args: &[String]) -> std::process::Exi
         "pv-hostile: tap {name}: ready, answering ARP and ICMP echo for {ip} as {}",
         mac_text(&mac)
     );
-    let mut tap = std::fs::File::from(OwnedFd::from(fd));
+    let mut tap = std::fs::File::from(fd);
     let mut frame = [0u8; MAX_FRAME];
     loop {
         if !started.answer_control() {
