@@ -1,11 +1,12 @@
-//! The vhost-user front ends of `pv-storage`'s devices: one listener per device, at most one
-//! connected front end on each, and one poll loop over them that no front end can stop.
+//! The vhost-user front ends of a service's devices: one listener per device, at most one
+//! connected front end on each, and one poll loop over them (their sockets, the rings' kicks
+//! and the devices' own descriptors) that no front end can stop.
 //!
 //! rust-vmm's handler ([`BackendReqHandler::handle_request`]) reads a message with blocking
 //! reads and writes its reply with blocking writes, and it retries both when a read or write
 //! times out (it takes EAGAIN for a passing signal). On the service's one thread, a front end
 //! that sent half a message, or that stopped reading our replies, would then hold every other
-//! disk and the partition's NVMe function with it. So a front end's message goes to the
+//! device of the service with it (storage's other disks and the partition's NVMe function). So a front end's message goes to the
 //! handler only when [`Gate`] has seen the whole of it queued on the socket (looked at, not
 //! taken) and room for the reply; until then the loop serves everything else. A message that
 //! stays incomplete or unanswerable for [`STALL_LIMIT`] drops its front end, and a header
@@ -32,7 +33,8 @@ use ipc_defs::hosted::sys;
 use vhost::vhost_user::message::MAX_MSG_SIZE;
 use vhost::vhost_user::BackendReqHandler;
 
-use crate::vhost::Backend;
+use crate::backend::Backend;
+use crate::device::VirtioDevice;
 
 /// Bytes of a vhost-user message header: request, flags and body size, u32 little-endian
 /// each.
@@ -229,18 +231,30 @@ impl Gate {
 
 /// A connected front end: the handler on its socket, a second descriptor of that socket to
 /// poll and look at, and the gate between them.
-pub struct FrontEnd {
-    handler: BackendReqHandler<Mutex<Backend>>,
+pub struct FrontEnd<D: VirtioDevice> {
+    handler: BackendReqHandler<Mutex<Backend<D>>>,
     socket: UnixStream,
     gate: Gate,
 }
 
 /// One device on one listener, and its front end when connected.
-pub struct Export {
+pub struct Export<D: VirtioDevice> {
     pub name: String,
     pub listener: UnixListener,
-    pub backend: Arc<Mutex<Backend>>,
-    pub front_end: Option<FrontEnd>,
+    pub backend: Arc<Mutex<Backend<D>>>,
+    pub front_end: Option<FrontEnd<D>>,
+}
+
+impl<D: VirtioDevice> Export<D> {
+    /// `device` on `listener`, no front end connected yet.
+    pub fn new(name: &str, listener: UnixListener, device: D) -> Export<D> {
+        Export {
+            name: name.to_string(),
+            listener,
+            backend: Arc::new(Mutex::new(Backend::new(name, device))),
+            front_end: None,
+        }
+    }
 }
 
 /// What one poll-set entry is.
@@ -248,11 +262,16 @@ enum Source {
     Listener(usize),
     FrontEnd(usize),
     Kick(usize, usize),
+    Device,
 }
 
-/// Waits up to `timeout` for a connection, a message or a kick, and handles what came;
-/// whether some ring has more work than one batch.
-pub fn serve_once(exports: &mut [Export], timeout: Duration) -> Result<bool, String> {
+/// Waits up to `timeout` for a connection, a message, a kick or a device's own descriptor, and
+/// handles what came; whether some ring has more work than one batch.
+pub fn serve_once<D: VirtioDevice>(
+    exports: &mut [Export<D>],
+    timeout: Duration,
+) -> Result<bool, String> {
+    let mut timeout = timeout;
     let mut waiting = Vec::new();
     let ready = {
         let backends: Vec<_> = exports
@@ -274,6 +293,15 @@ pub fn serve_once(exports: &mut [Export], timeout: Duration) -> Result<bool, Str
                 for (ring, kick) in backends[i].kicks() {
                     sources.push(Source::Kick(i, ring));
                     fds.push(kick);
+                }
+                // The device's own (a back end with frames for the guest): whatever came is
+                // served below with every ring.
+                for fd in backends[i].device_ref().wake_fds() {
+                    sources.push(Source::Device);
+                    fds.push(fd);
+                }
+                if let Some(limit) = backends[i].device_ref().wait_limit() {
+                    timeout = timeout.min(limit);
                 }
             }
         }
@@ -303,6 +331,7 @@ pub fn serve_once(exports: &mut [Export], timeout: Duration) -> Result<bool, Str
                 .lock()
                 .expect("one thread")
                 .take_kick(ring),
+            Source::Device => {}
         }
     }
     let mut more = false;
@@ -314,7 +343,7 @@ pub fn serve_once(exports: &mut [Export], timeout: Duration) -> Result<bool, Str
 
 /// Hands the front end's next message to the handler if the gate lets it through; drops the
 /// front end (with everything it set up) when the gate or the handler refuses it.
-fn take_message(e: &mut Export, now: Instant) {
+fn take_message<D: VirtioDevice>(e: &mut Export<D>, now: Instant) {
     let Some(fe) = e.front_end.as_mut() else {
         return;
     };
@@ -337,7 +366,7 @@ fn take_message(e: &mut Export, now: Instant) {
 }
 
 /// Takes a front end's connection; a second one while the first is connected is refused.
-fn accept(e: &mut Export) {
+fn accept<D: VirtioDevice>(e: &mut Export<D>) {
     let Ok((stream, _)) = e.listener.accept() else {
         return;
     };
