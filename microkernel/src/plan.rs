@@ -653,7 +653,10 @@ mod tests {
                 "listener vhost-user-scsi",
             ])
         );
-        assert_eq!(listed(&plan, &m, "net"), with(&["serve:net intercept"]));
+        assert_eq!(
+            listed(&plan, &m, "net"),
+            with(&["serve:net intercept", "listener vhost-user-net"])
+        );
 
         // Without a guest: no partition channel, no interrupt; nothing else moves but up.
         let without = CapabilityPlan::new(&m.services, NO_GUEST);

@@ -170,6 +170,18 @@ impl<D: VirtioDevice> Backend<D> {
         &self.device
     }
 
+    /// Whether the driver's features, with VHOST_USER_F_PROTOCOL_FEATURES, are set (rust-vmm's
+    /// handler takes SET_VRING_ENABLE only then; see `front_end`).
+    pub fn protocol_features_acked(&self) -> bool {
+        self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+    }
+
+    /// Whether the front end asked for REPLY_ACK's replies.
+    pub fn reply_ack_negotiated(&self) -> bool {
+        self.acked_protocol
+            .contains(VhostUserProtocolFeatures::REPLY_ACK)
+    }
+
     fn warn(&mut self, what: &str) {
         self.logged += 1;
         if self.logged <= 20 || self.logged.is_multiple_of(1000) {

@@ -172,8 +172,9 @@ pub fn assess(queued: &[u8], ends_at_descriptors: bool) -> Result<Queued, FrontE
 /// What a front end's socket allows now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
-    /// A whole message and room for its reply: the handler takes it without waiting.
-    Ready,
+    /// A whole message, with this header, and room for its reply: the handler takes it
+    /// without waiting.
+    Ready(Header),
     /// Part of a message, for less than [`STALL_LIMIT`] so far.
     Waiting(Missing),
     /// Nothing queued.
@@ -211,15 +212,15 @@ impl Gate {
         let missing = match assess(&buf[..peeked.len], peeked.ends_at_descriptors)? {
             Queued::Whole(header) => {
                 let room = sys::writable_now(socket.as_fd()).map_err(FrontEndError::Socket)?;
-                (!room).then_some(Missing::ReplyRoom {
+                if room {
+                    self.stalled_since = None;
+                    return Ok(Next::Ready(header));
+                }
+                Missing::ReplyRoom {
                     request: header.request,
-                })
+                }
             }
-            Queued::Partial(missing) => Some(missing),
-        };
-        let Some(missing) = missing else {
-            self.stalled_since = None;
-            return Ok(Next::Ready);
+            Queued::Partial(missing) => missing,
         };
         let since = *self.stalled_since.get_or_insert(now);
         if now.saturating_duration_since(since) >= STALL_LIMIT {
@@ -348,7 +349,20 @@ fn take_message<D: VirtioDevice>(e: &mut Export<D>, now: Instant) {
         return;
     };
     match fe.gate.check(&fe.socket, now) {
-        Ok(Next::Ready) => match fe.handler.handle_request() {
+        Ok(Next::Ready(header))
+            if header.request == SET_VRING_ENABLE
+                && !e
+                    .backend
+                    .lock()
+                    .expect("one thread")
+                    .protocol_features_acked() =>
+        {
+            match enable_before_features(&fe.socket, header, &e.backend) {
+                Ok(()) => return,
+                Err(why) => tracing::warn!(device = %e.name, "front end dropped: {why}"),
+            }
+        }
+        Ok(Next::Ready(_)) => match fe.handler.handle_request() {
             Ok(()) => return,
             Err(
                 vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
@@ -363,6 +377,78 @@ fn take_message<D: VirtioDevice>(e: &mut Export<D>, now: Instant) {
     }
     e.front_end = None;
     e.backend.lock().expect("one thread").disconnected();
+}
+
+/// VHOST_USER_SET_VRING_ENABLE.
+const SET_VRING_ENABLE: u32 = 18;
+/// A message header's flags: the protocol's version (1), a reply, a reply asked for.
+const VERSION_1: u32 = 0x1;
+const REPLY: u32 = 0x4;
+const NEED_REPLY: u32 = 0x8;
+
+/// SET_VRING_ENABLE before the features that negotiate it, which QEMU sends for
+/// vhost-user-net (its virtio-net device attaches and detaches queue pairs at reset, before
+/// the driver has features: QEMU counts the protocol features as negotiated once the back end
+/// offers them). rust-vmm's handler refuses the message then (the spec asks for
+/// VHOST_USER_F_PROTOCOL_FEATURES acknowledged first) and the front end would be dropped; the
+/// ring's enable flag is set here instead, with the reply REPLY_ACK asks for. The gate has
+/// seen the whole message queued, so the reads do not wait.
+fn enable_before_features<D: VirtioDevice>(
+    socket: &UnixStream,
+    header: Header,
+    backend: &Mutex<Backend<D>>,
+) -> Result<(), String> {
+    use std::io::Write;
+
+    use vhost::vhost_user::VhostUserBackendReqHandlerMut;
+
+    if header.size != 8 {
+        return Err(format!(
+            "SET_VRING_ENABLE with a body of {} bytes, not 8",
+            header.size
+        ));
+    }
+    // With recvmsg, as the handler reads (a service's profile need not allow recvfrom).
+    let mut message = [0u8; HEADER_LEN + 8];
+    let mut have = 0;
+    while have < message.len() {
+        match sys::recv_with_fds(socket, &mut message[have..]) {
+            Ok((0, _)) => return Err("the front end closed mid-message".into()),
+            Ok((n, _)) => have += n,
+            Err(e) => return Err(format!("reading SET_VRING_ENABLE: {e}")),
+        }
+    }
+    let word = |at: usize| {
+        u32::from_le_bytes([
+            message[at],
+            message[at + 1],
+            message[at + 2],
+            message[at + 3],
+        ])
+    };
+    let (index, num) = (word(HEADER_LEN), word(HEADER_LEN + 4));
+    let enable = match num {
+        0 => false,
+        1 => true,
+        other => return Err(format!("SET_VRING_ENABLE of ring {index} with {other}")),
+    };
+    let mut backend = backend.lock().expect("one thread");
+    let result = backend.set_vring_enable(index, enable);
+    if header.flags & NEED_REPLY != 0 && backend.reply_ack_negotiated() {
+        let mut reply = Vec::with_capacity(HEADER_LEN + 8);
+        for w in [SET_VRING_ENABLE, VERSION_1 | REPLY, 8] {
+            reply.extend_from_slice(&w.to_le_bytes());
+        }
+        reply.extend_from_slice(&u64::from(result.is_err()).to_le_bytes());
+        (&*socket)
+            .write_all(&reply)
+            .map_err(|e| format!("answering SET_VRING_ENABLE: {e}"))?;
+    }
+    // Refused as the handler refuses a bad ring index: with a reply, the front end kept.
+    if let Err(e) = result {
+        tracing::warn!("SET_VRING_ENABLE of ring {index} refused: {e}");
+    }
+    Ok(())
 }
 
 /// Takes a front end's connection; a second one while the first is connected is refused.

@@ -173,7 +173,7 @@ impl Connection {
     fn handle_ready(&mut self, backend: &Mutex<Backend<Device>>, pool: &mut Pool, now: Instant) -> bool {
         loop {
             match self.gate.check(&self.back, now) {
-                Ok(Next::Ready) => {
+                Ok(Next::Ready(_)) => {
                     if !self.handle_one(backend, pool) {
                         return false;
                     }
