@@ -677,7 +677,7 @@ mod tests {
         );
         assert_eq!(
             listed(&plan, &m, "net"),
-            with(&["serve:net intercept", "tap net0"])
+            with(&["serve:net intercept", "listener vhost-user-net", "tap net0"])
         );
 
         // Without a guest: no partition channel, no interrupt; nothing else moves but up.

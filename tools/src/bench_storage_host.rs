@@ -2,7 +2,7 @@
 //! a time, through pv-storage's vhost-user back end and its device model and disk, against
 //! `fio` (psync) on the same image file on the host.
 //!
-//! "Ours" runs in this process: [`pv_storage::vhost::Backend`] over a virtio-blk model and a
+//! "Ours" runs in this process: [`pv_vhost_user::Backend`] over a virtio-blk model and a
 //! raw or encrypted disk on a 256 MiB image file, opened by [`pv_storage::disks::open`] from a
 //! `--device` argument as the service opens its disks, set up by rust-vmm's vhost-user front end
 //! over a socket pair (features, memory table, in-flight record, ring addresses, kick and
@@ -35,8 +35,8 @@ use pv_devices::virtio::blk::VirtioBlk;
 use pv_storage::disks::DeviceSpec;
 use pv_storage::disks::KeyStore;
 use pv_storage::disks::KeyTable;
-use pv_storage::vhost::Backend;
 use pv_storage::vhost::Device;
+use pv_vhost_user::Backend;
 use serde::Serialize;
 use vhost::vhost_user::message::VhostUserInflight;
 use vhost::vhost_user::BackendReqHandler;
@@ -103,7 +103,7 @@ pub struct HostReport {
 
 /// A driver of one virtio-blk ring, and the back end it drives, in this process.
 struct Driver {
-    backend: Arc<Mutex<Backend>>,
+    backend: Arc<Mutex<Backend<Device>>>,
     frontend: Option<Frontend>,
     handler: Option<JoinHandle<()>>,
     mem: GuestMemoryMmap,
@@ -482,7 +482,7 @@ pub fn run(
     }
     drop(raw_file);
     Ok(HostReport {
-        ours: "pv-storage's vhost-user back end (pv_storage::vhost::Backend, virtio-blk model, \
+        ours: "pv-storage's vhost-user back end (pv_vhost_user::Backend, virtio-blk model, \
                the raw or encrypted disk pv_storage::disks::open makes of the image file) in \
                this process, set up by \
                rust-vmm's vhost-user front end over a socket pair with memfd guest memory; per \

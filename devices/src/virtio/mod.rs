@@ -20,6 +20,12 @@ pub mod scsi;
 
 /// VIRTIO_F_VERSION_1 (feature bit 32): a modern (1.x) device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// VIRTIO_RING_F_INDIRECT_DESC (bit 28): descriptor tables in guest memory (virtio-queue
+/// follows them). Offered by the transport for every model.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// VIRTIO_RING_F_EVENT_IDX (bit 29): the driver and device say when they want to be notified.
+/// Offered by the transport; a model reads the queue's `event_idx_enabled` where it matters.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// What one request came to.
 #[derive(Debug, Clone, PartialEq, Eq)]

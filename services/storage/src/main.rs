@@ -12,7 +12,7 @@
 //! stopping, or reconnecting) is dropped with everything it set up; the disk stays open. No
 //! front end can stop the loop: its messages reach the handler only whole, with room for the
 //! reply, and one that leaves a message incomplete or its replies unread is dropped
-//! (`pv_storage::front_end`).
+//! (`pv_vhost_user::front_end`).
 //! Killed and restarted, the service takes the next connection on the same listener (the
 //! microkernel keeps it) and the front end hands back its in-flight record: the requests the
 //! killed process had taken but not answered are answered then.
@@ -21,8 +21,6 @@
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use ipc_defs::hosted::runtime;
@@ -41,12 +39,11 @@ use pv_storage::disks::DeviceSpec;
 use pv_storage::disks::KeyStore;
 use pv_storage::disks::KeyTable;
 use pv_storage::disks::Model;
-use pv_storage::front_end::serve_once;
-use pv_storage::front_end::Export;
 use pv_storage::partition::PciNvme;
-use pv_storage::vhost::Backend;
 use pv_storage::vhost::Device;
 use pv_storage::vhost::BLK_QUEUES;
+use pv_vhost_user::front_end::serve_once;
+use pv_vhost_user::front_end::Export;
 
 /// How long the loop waits before it looks at the control channel again (the supervisor
 /// pings every second and gives the answer 100 ms).
@@ -146,7 +143,7 @@ fn main() -> ExitCode {
 fn setup(
     context: &mut runtime::Context,
     keys: &mut Option<VmgsKeys>,
-) -> Result<Vec<Export>, String> {
+) -> Result<Vec<Export<Device>>, String> {
     let specs = DeviceSpec::from_args(std::env::args().skip(1))?;
     let mut exports = Vec::new();
     for spec in specs.into_iter().filter(|s| s.model != Model::Nvme) {
@@ -175,12 +172,11 @@ fn setup(
             Model::Nvme => unreachable!("filtered out above"),
         };
         tracing::info!(listener = %spec.listen, image = %spec.file, encrypted = spec.encrypted, model = ?spec.model, "serving");
-        exports.push(Export {
-            name: spec.listen.clone(),
-            listener: UnixListener::from(listener),
-            backend: Arc::new(Mutex::new(Backend::new(&spec.listen, device))),
-            front_end: None,
-        });
+        exports.push(Export::new(
+            &spec.listen,
+            UnixListener::from(listener),
+            device,
+        ));
     }
     Ok(exports)
 }

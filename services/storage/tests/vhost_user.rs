@@ -1,7 +1,7 @@
 //! The back end against rust-vmm's vhost-user front end (what QEMU speaks), in one process:
 //! the handshake, a write and a read through a virtqueue in shared memory, the in-flight
 //! record handed to a second back end, and messages a hostile front end could send; then
-//! `pv-storage`'s loop over several devices, with front ends that stop half-way through a
+//! `pv-storage`'s loop (the shared transport's, `pv_vhost_user::front_end`) over several devices, with front ends that stop half-way through a
 //! message or never read their replies.
 
 use std::fs::File;
@@ -21,11 +21,11 @@ use pv_devices::block::raw::RawDisk;
 use pv_devices::block::MemStore;
 use pv_devices::block::BLOCK;
 use pv_devices::virtio::blk::VirtioBlk;
-use pv_storage::front_end::serve_once;
-use pv_storage::front_end::Export;
-use pv_storage::inflight::Record;
-use pv_storage::vhost::Backend;
 use pv_storage::vhost::Device;
+use pv_vhost_user::front_end::serve_once;
+use pv_vhost_user::front_end::Export;
+use pv_vhost_user::inflight::Record;
+use pv_vhost_user::Backend;
 use vhost::vhost_user::message::FrontendReq;
 use vhost::vhost_user::message::VhostUserInflight;
 use vhost::vhost_user::message::MAX_MSG_SIZE;
@@ -85,7 +85,7 @@ fn disk() -> Device {
 }
 
 /// A back end serving one end of a socket pair on a thread; the front end on the other.
-fn connect(backend: &Arc<Mutex<Backend>>) -> (Frontend, std::thread::JoinHandle<()>) {
+fn connect(backend: &Arc<Mutex<Backend<Device>>>) -> (Frontend, std::thread::JoinHandle<()>) {
     let (a, b) = UnixStream::pair().unwrap();
     let mut handler = BackendReqHandler::from_stream(a, backend.clone());
     let thread = std::thread::spawn(move || while handler.handle_request().is_ok() {});
@@ -456,7 +456,7 @@ fn a_head_outside_the_ring_stops_it_before_the_in_flight_record_or_the_counts_ch
         Default::default(),
         "no request answered, so none resubmitted"
     );
-    let ring1_part = pv_storage::inflight::queue_bytes(QSIZE);
+    let ring1_part = pv_vhost_user::inflight::queue_bytes(QSIZE);
     let mut part = vec![0u8; ring1_part as usize];
     record_mem()
         .read_slice(&mut part, GuestAddress(ring1_part))
@@ -500,7 +500,7 @@ impl Service {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut exports: Vec<Export> = names
+        let mut exports: Vec<Export<Device>> = names
             .iter()
             .map(|name| Export {
                 name: name.to_string(),

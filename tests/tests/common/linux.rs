@@ -160,6 +160,23 @@ impl Guest {
         self
     }
 
+    /// A virtio-net NIC served by a vhost-user-net back end listening on `socket`. QEMU 7.2's
+    /// vhost-user-net works only without MSI-X (`vectors=0`; with vectors it crashes). With
+    /// `reconnect`, QEMU reconnects to a back end started again on the same socket.
+    pub fn vhost_user_net(mut self, socket: &Path, reconnect: bool) -> Guest {
+        let id = self.id("vunet");
+        let reconnect = if reconnect { ",reconnect=1" } else { "" };
+        self.devices.extend([
+            "-chardev".into(),
+            format!("socket,id={id},path={}{reconnect}", socket.display()),
+            "-netdev".into(),
+            format!("vhost-user,id={id}n,chardev={id}"),
+            "-device".into(),
+            format!("virtio-net-pci,netdev={id}n,vectors=0"),
+        ]);
+        self
+    }
+
     /// Any other QEMU arguments (a NIC, a TPM, `-cpu max`), after the harness's own.
     pub fn extra_args<I, S>(mut self, args: I) -> Guest
     where

@@ -496,6 +496,11 @@ impl<B: FrameIo> VirtioNet<B> {
         &mut self.backend
     }
 
+    /// The back end, to look at (the descriptor a service polls for it).
+    pub fn backend_ref(&self) -> &B {
+        &self.backend
+    }
+
     fn header_len(&self) -> usize {
         if self.acked & (super::VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF) != 0 {
             HEADER_LEN

@@ -19,7 +19,7 @@
 
 use std::path::Path;
 
-use pv_storage::inflight::queue_bytes;
+use pv_vhost_user::inflight::queue_bytes;
 use pv_storage_fuzz::messages::Script;
 use pv_storage_fuzz::messages::POOL_DEV_NULL;
 use pv_storage_fuzz::messages::POOL_EVENTFD;

@@ -17,10 +17,10 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use libfuzzer_sys::fuzz_target;
-use pv_storage::inflight::queue_bytes;
-use pv_storage::inflight::Record;
-use pv_storage::inflight::RecordError;
-use pv_storage::inflight::VERSION;
+use pv_vhost_user::inflight::queue_bytes;
+use pv_vhost_user::inflight::Record;
+use pv_vhost_user::inflight::RecordError;
+use pv_vhost_user::inflight::VERSION;
 use pv_storage_fuzz::record::Call;
 use pv_storage_fuzz::record::Input;
 use vm_memory::mmap::MmapRegion;

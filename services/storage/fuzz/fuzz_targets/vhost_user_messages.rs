@@ -12,7 +12,7 @@
 //! `services/storage/fuzz/seeds/vhost_user_messages`.
 //!
 //! The handler reads a message with blocking reads, so the target hands it a message only when
-//! `pv-storage`'s gate (`pv_storage::front_end::Gate`, which peeks at the handler's socket)
+//! `pv-storage`'s gate (the shared transport's `pv_vhost_user::front_end::Gate`, which peeks at the handler's socket)
 //! lets it through; a front end the gate refuses (an absurd size, descriptors with part of a
 //! message) is dropped as the service drops it. At the end of the input the target closes its
 //! side, so that a partial message meets end of file rather than a wait. The gate's clock is
@@ -37,11 +37,11 @@ use pv_devices::block::BLOCK;
 use pv_devices::scsi::ScsiDisk;
 use pv_devices::virtio::blk::VirtioBlk;
 use pv_devices::virtio::scsi::VirtioScsi;
-use pv_storage::front_end::Gate;
-use pv_storage::front_end::Next;
-use pv_storage::vhost::Backend;
 use pv_storage::vhost::Device;
 use pv_storage::vhost::BLK_QUEUES;
+use pv_vhost_user::front_end::Gate;
+use pv_vhost_user::front_end::Next;
+use pv_vhost_user::Backend;
 use pv_storage_fuzz::messages::Action;
 use pv_storage_fuzz::messages::Input;
 use pv_storage_fuzz::messages::POOL;
@@ -73,7 +73,7 @@ fn device(scsi: bool) -> Device {
 }
 
 /// What no front end can change: the disk's size, and counts that add up.
-fn check(backend: &Mutex<Backend>) {
+fn check(backend: &Mutex<Backend<Device>>) {
     let mut b = backend.lock().unwrap();
     let c = b.counts;
     assert!(c.failed + c.malformed <= c.requests, "{c:?}");
@@ -143,13 +143,13 @@ impl Pool {
 /// that looks at the handler's socket (a second descriptor of it).
 struct Connection {
     front: UnixStream,
-    handler: BackendReqHandler<Mutex<Backend>>,
+    handler: BackendReqHandler<Mutex<Backend<Device>>>,
     back: UnixStream,
     gate: Gate,
 }
 
 impl Connection {
-    fn new(backend: &Arc<Mutex<Backend>>) -> Connection {
+    fn new(backend: &Arc<Mutex<Backend<Device>>>) -> Connection {
         let (front, back) = UnixStream::pair().unwrap();
         front.set_nonblocking(true).unwrap();
         Connection {
@@ -170,10 +170,10 @@ impl Connection {
 
     /// Lets the handler take every message the gate lets through; false once the gate or the
     /// handler has dropped the connection.
-    fn handle_ready(&mut self, backend: &Mutex<Backend>, pool: &mut Pool, now: Instant) -> bool {
+    fn handle_ready(&mut self, backend: &Mutex<Backend<Device>>, pool: &mut Pool, now: Instant) -> bool {
         loop {
             match self.gate.check(&self.back, now) {
-                Ok(Next::Ready) => {
+                Ok(Next::Ready(_)) => {
                     if !self.handle_one(backend, pool) {
                         return false;
                     }
@@ -184,7 +184,7 @@ impl Connection {
         }
     }
 
-    fn handle_one(&mut self, backend: &Mutex<Backend>, pool: &mut Pool) -> bool {
+    fn handle_one(&mut self, backend: &Mutex<Backend<Device>>, pool: &mut Pool) -> bool {
         let ok = self.handler.handle_request().is_ok();
         self.take_replies(pool);
         backend.lock().unwrap().serve_ready();
@@ -206,7 +206,7 @@ impl Connection {
 
     /// The front end closes its side: what is left is handled up to the end of file (a
     /// partial message is then an error, not a wait).
-    fn close(mut self, backend: &Mutex<Backend>, pool: &mut Pool) {
+    fn close(mut self, backend: &Mutex<Backend<Device>>, pool: &mut Pool) {
         self.front.shutdown(Shutdown::Write).unwrap();
         while self.handle_one(backend, pool) {}
     }

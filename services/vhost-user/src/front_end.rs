@@ -1,11 +1,12 @@
-//! The vhost-user front ends of `pv-storage`'s devices: one listener per device, at most one
-//! connected front end on each, and one poll loop over them that no front end can stop.
+//! The vhost-user front ends of a service's devices: one listener per device, at most one
+//! connected front end on each, and one poll loop over them (their sockets, the rings' kicks
+//! and the devices' own descriptors) that no front end can stop.
 //!
 //! rust-vmm's handler ([`BackendReqHandler::handle_request`]) reads a message with blocking
 //! reads and writes its reply with blocking writes, and it retries both when a read or write
 //! times out (it takes EAGAIN for a passing signal). On the service's one thread, a front end
 //! that sent half a message, or that stopped reading our replies, would then hold every other
-//! disk and the partition's NVMe function with it. So a front end's message goes to the
+//! device of the service with it (storage's other disks and the partition's NVMe function). So a front end's message goes to the
 //! handler only when [`Gate`] has seen the whole of it queued on the socket (looked at, not
 //! taken) and room for the reply; until then the loop serves everything else. A message that
 //! stays incomplete or unanswerable for [`STALL_LIMIT`] drops its front end, and a header
@@ -32,7 +33,8 @@ use ipc_defs::hosted::sys;
 use vhost::vhost_user::message::MAX_MSG_SIZE;
 use vhost::vhost_user::BackendReqHandler;
 
-use crate::vhost::Backend;
+use crate::backend::Backend;
+use crate::device::VirtioDevice;
 
 /// Bytes of a vhost-user message header: request, flags and body size, u32 little-endian
 /// each.
@@ -170,8 +172,9 @@ pub fn assess(queued: &[u8], ends_at_descriptors: bool) -> Result<Queued, FrontE
 /// What a front end's socket allows now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
-    /// A whole message and room for its reply: the handler takes it without waiting.
-    Ready,
+    /// A whole message, with this header, and room for its reply: the handler takes it
+    /// without waiting.
+    Ready(Header),
     /// Part of a message, for less than [`STALL_LIMIT`] so far.
     Waiting(Missing),
     /// Nothing queued.
@@ -209,15 +212,15 @@ impl Gate {
         let missing = match assess(&buf[..peeked.len], peeked.ends_at_descriptors)? {
             Queued::Whole(header) => {
                 let room = sys::writable_now(socket.as_fd()).map_err(FrontEndError::Socket)?;
-                (!room).then_some(Missing::ReplyRoom {
+                if room {
+                    self.stalled_since = None;
+                    return Ok(Next::Ready(header));
+                }
+                Missing::ReplyRoom {
                     request: header.request,
-                })
+                }
             }
-            Queued::Partial(missing) => Some(missing),
-        };
-        let Some(missing) = missing else {
-            self.stalled_since = None;
-            return Ok(Next::Ready);
+            Queued::Partial(missing) => missing,
         };
         let since = *self.stalled_since.get_or_insert(now);
         if now.saturating_duration_since(since) >= STALL_LIMIT {
@@ -229,18 +232,30 @@ impl Gate {
 
 /// A connected front end: the handler on its socket, a second descriptor of that socket to
 /// poll and look at, and the gate between them.
-pub struct FrontEnd {
-    handler: BackendReqHandler<Mutex<Backend>>,
+pub struct FrontEnd<D: VirtioDevice> {
+    handler: BackendReqHandler<Mutex<Backend<D>>>,
     socket: UnixStream,
     gate: Gate,
 }
 
 /// One device on one listener, and its front end when connected.
-pub struct Export {
+pub struct Export<D: VirtioDevice> {
     pub name: String,
     pub listener: UnixListener,
-    pub backend: Arc<Mutex<Backend>>,
-    pub front_end: Option<FrontEnd>,
+    pub backend: Arc<Mutex<Backend<D>>>,
+    pub front_end: Option<FrontEnd<D>>,
+}
+
+impl<D: VirtioDevice> Export<D> {
+    /// `device` on `listener`, no front end connected yet.
+    pub fn new(name: &str, listener: UnixListener, device: D) -> Export<D> {
+        Export {
+            name: name.to_string(),
+            listener,
+            backend: Arc::new(Mutex::new(Backend::new(name, device))),
+            front_end: None,
+        }
+    }
 }
 
 /// What one poll-set entry is.
@@ -248,11 +263,16 @@ enum Source {
     Listener(usize),
     FrontEnd(usize),
     Kick(usize, usize),
+    Device,
 }
 
-/// Waits up to `timeout` for a connection, a message or a kick, and handles what came;
-/// whether some ring has more work than one batch.
-pub fn serve_once(exports: &mut [Export], timeout: Duration) -> Result<bool, String> {
+/// Waits up to `timeout` for a connection, a message, a kick or a device's own descriptor, and
+/// handles what came; whether some ring has more work than one batch.
+pub fn serve_once<D: VirtioDevice>(
+    exports: &mut [Export<D>],
+    timeout: Duration,
+) -> Result<bool, String> {
+    let mut timeout = timeout;
     let mut waiting = Vec::new();
     let ready = {
         let backends: Vec<_> = exports
@@ -274,6 +294,15 @@ pub fn serve_once(exports: &mut [Export], timeout: Duration) -> Result<bool, Str
                 for (ring, kick) in backends[i].kicks() {
                     sources.push(Source::Kick(i, ring));
                     fds.push(kick);
+                }
+                // The device's own (a back end with frames for the guest): whatever came is
+                // served below with every ring.
+                for fd in backends[i].device_ref().wake_fds() {
+                    sources.push(Source::Device);
+                    fds.push(fd);
+                }
+                if let Some(limit) = backends[i].device_ref().wait_limit() {
+                    timeout = timeout.min(limit);
                 }
             }
         }
@@ -303,6 +332,7 @@ pub fn serve_once(exports: &mut [Export], timeout: Duration) -> Result<bool, Str
                 .lock()
                 .expect("one thread")
                 .take_kick(ring),
+            Source::Device => {}
         }
     }
     let mut more = false;
@@ -314,12 +344,25 @@ pub fn serve_once(exports: &mut [Export], timeout: Duration) -> Result<bool, Str
 
 /// Hands the front end's next message to the handler if the gate lets it through; drops the
 /// front end (with everything it set up) when the gate or the handler refuses it.
-fn take_message(e: &mut Export, now: Instant) {
+fn take_message<D: VirtioDevice>(e: &mut Export<D>, now: Instant) {
     let Some(fe) = e.front_end.as_mut() else {
         return;
     };
     match fe.gate.check(&fe.socket, now) {
-        Ok(Next::Ready) => match fe.handler.handle_request() {
+        Ok(Next::Ready(header))
+            if header.request == SET_VRING_ENABLE
+                && !e
+                    .backend
+                    .lock()
+                    .expect("one thread")
+                    .protocol_features_acked() =>
+        {
+            match enable_before_features(&fe.socket, header, &e.backend) {
+                Ok(()) => return,
+                Err(why) => tracing::warn!(device = %e.name, "front end dropped: {why}"),
+            }
+        }
+        Ok(Next::Ready(_)) => match fe.handler.handle_request() {
             Ok(()) => return,
             Err(
                 vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
@@ -336,8 +379,80 @@ fn take_message(e: &mut Export, now: Instant) {
     e.backend.lock().expect("one thread").disconnected();
 }
 
+/// VHOST_USER_SET_VRING_ENABLE.
+const SET_VRING_ENABLE: u32 = 18;
+/// A message header's flags: the protocol's version (1), a reply, a reply asked for.
+const VERSION_1: u32 = 0x1;
+const REPLY: u32 = 0x4;
+const NEED_REPLY: u32 = 0x8;
+
+/// SET_VRING_ENABLE before the features that negotiate it, which QEMU sends for
+/// vhost-user-net (its virtio-net device attaches and detaches queue pairs at reset, before
+/// the driver has features: QEMU counts the protocol features as negotiated once the back end
+/// offers them). rust-vmm's handler refuses the message then (the spec asks for
+/// VHOST_USER_F_PROTOCOL_FEATURES acknowledged first) and the front end would be dropped; the
+/// ring's enable flag is set here instead, with the reply REPLY_ACK asks for. The gate has
+/// seen the whole message queued, so the reads do not wait.
+fn enable_before_features<D: VirtioDevice>(
+    socket: &UnixStream,
+    header: Header,
+    backend: &Mutex<Backend<D>>,
+) -> Result<(), String> {
+    use std::io::Write;
+
+    use vhost::vhost_user::VhostUserBackendReqHandlerMut;
+
+    if header.size != 8 {
+        return Err(format!(
+            "SET_VRING_ENABLE with a body of {} bytes, not 8",
+            header.size
+        ));
+    }
+    // With recvmsg, as the handler reads (a service's profile need not allow recvfrom).
+    let mut message = [0u8; HEADER_LEN + 8];
+    let mut have = 0;
+    while have < message.len() {
+        match sys::recv_with_fds(socket, &mut message[have..]) {
+            Ok((0, _)) => return Err("the front end closed mid-message".into()),
+            Ok((n, _)) => have += n,
+            Err(e) => return Err(format!("reading SET_VRING_ENABLE: {e}")),
+        }
+    }
+    let word = |at: usize| {
+        u32::from_le_bytes([
+            message[at],
+            message[at + 1],
+            message[at + 2],
+            message[at + 3],
+        ])
+    };
+    let (index, num) = (word(HEADER_LEN), word(HEADER_LEN + 4));
+    let enable = match num {
+        0 => false,
+        1 => true,
+        other => return Err(format!("SET_VRING_ENABLE of ring {index} with {other}")),
+    };
+    let mut backend = backend.lock().expect("one thread");
+    let result = backend.set_vring_enable(index, enable);
+    if header.flags & NEED_REPLY != 0 && backend.reply_ack_negotiated() {
+        let mut reply = Vec::with_capacity(HEADER_LEN + 8);
+        for w in [SET_VRING_ENABLE, VERSION_1 | REPLY, 8] {
+            reply.extend_from_slice(&w.to_le_bytes());
+        }
+        reply.extend_from_slice(&u64::from(result.is_err()).to_le_bytes());
+        (&*socket)
+            .write_all(&reply)
+            .map_err(|e| format!("answering SET_VRING_ENABLE: {e}"))?;
+    }
+    // Refused as the handler refuses a bad ring index: with a reply, the front end kept.
+    if let Err(e) = result {
+        tracing::warn!("SET_VRING_ENABLE of ring {index} refused: {e}");
+    }
+    Ok(())
+}
+
 /// Takes a front end's connection; a second one while the first is connected is refused.
-fn accept(e: &mut Export) {
+fn accept<D: VirtioDevice>(e: &mut Export<D>) {
     let Ok((stream, _)) = e.listener.accept() else {
         return;
     };

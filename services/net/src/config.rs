@@ -1,0 +1,149 @@
+//! The service's arguments (the manifest's `args`):
+//!
+//! ```text
+//! --listen NAME      the listener (a `listen` grant) QEMU's vhost-user-net connects to;
+//!                    without it the service serves no NIC (it still answers its pings)
+//! --address IPV4     the in-service responder's address, used when no TAP is granted
+//! --mac MAC          the responder's MAC address (default 52:54:00:12:35:02)
+//! --device-mac MAC   the device's MAC in its configuration space (default 52:54:00:12:34:56)
+//! --mtu BYTES        the device's MTU (default 1500)
+//! ```
+
+use std::net::Ipv4Addr;
+
+use pv_devices::virtio::net::MacAddress;
+use pv_devices::virtio::net::ETH_DATA_LEN;
+
+/// The responder's MAC when none is given (the one QEMU's user network gives its host).
+pub const RESPONDER_MAC: MacAddress = MacAddress([0x52, 0x54, 0x00, 0x12, 0x35, 0x02]);
+/// The device's MAC when none is given (QEMU's first NIC's).
+pub const DEVICE_MAC: MacAddress = MacAddress([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
+
+/// What the arguments ask for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub listen: Option<String>,
+    pub address: Option<Ipv4Addr>,
+    pub responder_mac: MacAddress,
+    pub device_mac: MacAddress,
+    pub mtu: u16,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{0} needs a value")]
+    Missing(String),
+    #[error("unknown argument \"{0}\": use --listen, --address, --mac, --device-mac or --mtu")]
+    Unknown(String),
+    #[error("{flag} \"{value}\": {why}")]
+    Value {
+        flag: String,
+        value: String,
+        why: String,
+    },
+}
+
+fn mac(flag: &str, value: &str) -> Result<MacAddress, ConfigError> {
+    let bad = |why: &str| ConfigError::Value {
+        flag: flag.into(),
+        value: value.into(),
+        why: why.into(),
+    };
+    let parts: Vec<&str> = value.split(':').collect();
+    if parts.len() != 6 {
+        return Err(bad("six hexadecimal bytes separated by ':'"));
+    }
+    let mut b = [0u8; 6];
+    for (i, p) in parts.iter().enumerate() {
+        b[i] =
+            u8::from_str_radix(p, 16).map_err(|_| bad("six hexadecimal bytes separated by ':'"))?;
+    }
+    let m = MacAddress(b);
+    if !m.is_unicast() {
+        return Err(bad("a unicast address (first byte even, not all zero)"));
+    }
+    Ok(m)
+}
+
+impl Config {
+    pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<Config, ConfigError> {
+        let mut config = Config {
+            listen: None,
+            address: None,
+            responder_mac: RESPONDER_MAC,
+            device_mac: DEVICE_MAC,
+            mtu: ETH_DATA_LEN,
+        };
+        let mut args = args.into_iter();
+        while let Some(flag) = args.next() {
+            let mut value = || {
+                args.next()
+                    .ok_or_else(|| ConfigError::Missing(flag.clone()))
+            };
+            match flag.as_str() {
+                "--listen" => config.listen = Some(value()?),
+                "--address" => {
+                    let v = value()?;
+                    config.address = Some(v.parse().map_err(|_| ConfigError::Value {
+                        flag: flag.clone(),
+                        value: v.clone(),
+                        why: "an IPv4 address such as 10.0.2.2".into(),
+                    })?);
+                }
+                "--mac" => config.responder_mac = mac(&flag, &value()?)?,
+                "--device-mac" => config.device_mac = mac(&flag, &value()?)?,
+                "--mtu" => {
+                    let v = value()?;
+                    config.mtu = v.parse().map_err(|_| ConfigError::Value {
+                        flag: flag.clone(),
+                        value: v.clone(),
+                        why: "a number of bytes, 68 to 65535".into(),
+                    })?;
+                }
+                other => return Err(ConfigError::Unknown(other.into())),
+            }
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        Config::from_args(args.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn the_shipped_arguments_parse() {
+        let c = parse(&["--listen", "vhost-user-net", "--address", "10.0.2.2"]).unwrap();
+        assert_eq!(c.listen.as_deref(), Some("vhost-user-net"));
+        assert_eq!(c.address, Some(Ipv4Addr::new(10, 0, 2, 2)));
+        assert_eq!(
+            (c.responder_mac, c.device_mac, c.mtu),
+            (RESPONDER_MAC, DEVICE_MAC, 1500)
+        );
+    }
+
+    #[test]
+    fn bad_arguments_are_errors_that_name_them() {
+        assert_eq!(parse(&[]).unwrap().listen, None, "no NIC, not an error");
+        assert_eq!(
+            parse(&["--listen"]),
+            Err(ConfigError::Missing("--listen".into()))
+        );
+        assert!(matches!(parse(&["--bogus"]), Err(ConfigError::Unknown(_))));
+        for bad in [
+            &["--listen", "n", "--address", "10.0.2"][..],
+            &["--listen", "n", "--mac", "01:00:00:00:00:01"],
+            &["--listen", "n", "--mac", "52:54:00:12:35"],
+            &["--listen", "n", "--mtu", "70000"],
+        ] {
+            assert!(
+                matches!(parse(bad), Err(ConfigError::Value { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+}

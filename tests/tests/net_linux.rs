@@ -1,0 +1,58 @@
+//! An unmodified Linux (Debian's cloud kernel, its stock virtio_net driver, busybox `ip` and
+//! `ping`) under QEMU on our net service: a vhost-user-net NIC whose host side is pv-net's
+//! in-service responder (the shipped manifest's `--address 10.0.2.2`), so no host network
+//! set-up is needed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::linux;
+
+/// The listener the shipped manifest's net service serves, asked for.
+const LISTEN: &[&str] = &["--listen", "vhost-user-net"];
+
+#[test]
+fn linux_on_our_vhost_user_net_pings_the_responder_ten_times_without_loss() {
+    let test = "linux_on_our_vhost_user_net_pings_the_responder_ten_times_without_loss";
+    if !common::sandbox_available(test) {
+        return;
+    }
+    let Some(image) = linux::image(test) else {
+        return;
+    };
+    let inst = common::Instance::start_with("net-linux", &common::shipped_text(), 7, LISTEN);
+    let socket = inst.dir.join("state/net/vhost-user-net.sock");
+    let script = r#"
+set -e
+n=300
+while ! ip link show eth0 >/dev/null 2>&1 && [ "$n" -gt 0 ]; do usleep 100000; n=$((n - 1)); done
+ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0
+echo "NIC: $(cat /sys/class/net/eth0/address) mtu $(cat /sys/class/net/eth0/mtu) carrier $(cat /sys/class/net/eth0/carrier)"
+ping -c 10 -W 10 10.0.2.2 > /tmp/ping || true
+cat /tmp/ping
+grep -q '10 packets transmitted, 10 packets received, 0% packet loss' /tmp/ping
+cat /proc/net/arp
+echo PING-OK
+"#;
+    let exit = linux::Guest::new(&image)
+        .vhost_user_net(&socket, false)
+        .script(script)
+        // Only to end a hung guest: the boot takes seconds, the pings ten.
+        .timeout(Duration::from_secs(300))
+        .run();
+    assert_eq!(
+        exit.status,
+        0,
+        "guest failed:\n{}\n{}",
+        exit.console,
+        inst.log()
+    );
+    assert!(exit.console.contains("PING-OK"), "{}", exit.console);
+    assert!(
+        exit.console.contains("52:54:00:12:35:02"),
+        "the responder's MAC answered ARP:\n{}",
+        exit.console
+    );
+}
