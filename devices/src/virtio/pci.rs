@@ -49,8 +49,6 @@ pub const ISR_QUEUE: u8 = 1;
 pub const ISR_CONFIG: u8 = 2;
 /// The common configuration's length (up to queue_device, 4.1.4.3).
 const COMMON_LEN: u64 = 0x38;
-/// VIRTIO_RING_F_EVENT_IDX (feature bit 29).
-const RING_EVENT_IDX: u64 = 1 << 29;
 /// "No MSI-X vector": this transport has INTx only.
 const NO_VECTOR: u16 = 0xffff;
 
@@ -232,7 +230,7 @@ impl VirtioPci {
         q.set_desc_table_address(Some(c.desc as u32), Some((c.desc >> 32) as u32));
         q.set_avail_ring_address(Some(c.driver as u32), Some((c.driver >> 32) as u32));
         q.set_used_ring_address(Some(c.device as u32), Some((c.device >> 32) as u32));
-        q.set_event_idx(self.state.driver_features & RING_EVENT_IDX != 0);
+        q.set_event_idx(self.state.driver_features & crate::virtio::VIRTIO_RING_F_EVENT_IDX != 0);
         q.set_ready(true);
         q.is_valid(mem).then_some(q)
     }
