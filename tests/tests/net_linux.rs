@@ -56,3 +56,52 @@ echo PING-OK
         exit.console
     );
 }
+
+/// The same NIC with its frames on a TAP in a network namespace the test makes (the host side
+/// at 10.78.0.1 inside it, nothing addressed outside it): Linux pings the host side of the TAP,
+/// which the host's own stack answers.
+#[test]
+fn linux_on_our_vhost_user_net_pings_the_host_side_of_its_tap() {
+    let test = "linux_on_our_vhost_user_net_pings_the_host_side_of_its_tap";
+    if !common::netns::taps_available(test) {
+        return;
+    }
+    let Some(image) = linux::image(test) else {
+        return;
+    };
+    let ns = common::netns::Netns::new("net-linux");
+    let tap = format!("net0=pvtap0@{}", ns.name);
+    let args = ["--listen", "vhost-user-net", "--tap", &tap];
+    let inst = common::Instance::start_with("net-linux-tap", &common::shipped_text(), 7, &args);
+    ns.ip_ok(&["addr", "add", "10.78.0.1/24", "dev", "pvtap0"]);
+    ns.ip_ok(&["link", "set", "pvtap0", "up"]);
+    let socket = inst.dir.join("state/net/vhost-user-net.sock");
+    let script = r#"
+set -e
+n=300
+while ! ip link show eth0 >/dev/null 2>&1 && [ "$n" -gt 0 ]; do usleep 100000; n=$((n - 1)); done
+ip link set eth0 up
+ip addr add 10.78.0.15/24 dev eth0
+ping -c 10 -W 10 10.78.0.1 > /tmp/ping || true
+cat /tmp/ping
+grep -q '10 packets transmitted, 10 packets received, 0% packet loss' /tmp/ping
+echo PING-OK
+"#;
+    let exit = linux::Guest::new(&image)
+        .vhost_user_net(&socket, false)
+        .script(script)
+        // Only to end a hung guest: the boot takes seconds, the pings ten.
+        .timeout(Duration::from_secs(300))
+        .run();
+    assert_eq!(
+        exit.status,
+        0,
+        "guest failed:\n{}\n{}",
+        exit.console,
+        inst.log()
+    );
+    assert!(exit.console.contains("PING-OK"), "{}", exit.console);
+    // The host side saw the guest: its neighbour table holds the guest's address.
+    let neighbours = ns.ip_ok(&["neigh", "show", "dev", "pvtap0"]);
+    assert!(neighbours.contains("10.78.0.15"), "{neighbours}");
+}

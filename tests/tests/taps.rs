@@ -13,6 +13,8 @@ use std::process::Command;
 use std::time::Duration;
 use std::time::Instant;
 
+use common::netns::taps_available;
+use common::netns::Netns;
 use common::sandbox_available;
 use common::service;
 use common::text;
@@ -29,92 +31,11 @@ const HOST_CIDR: &str = "10.77.0.1/24";
 /// run, never a measure: every wait ends on the event itself).
 const BACKSTOP: Duration = Duration::from_secs(60);
 
-/// A network namespace of the test's own, removed (with every interface in it) on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("pvtest-{}-{tag}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .expect("ip");
-        assert!(out.status.success(), "ip netns add {name}: {}", text(&out));
-        Netns { name }
-    }
-
-    /// `ip -n NAME ARGS...`
-    fn ip(&self, args: &[&str]) -> std::process::Output {
-        Command::new("ip")
-            .args(["-n", &self.name])
-            .args(args)
-            .output()
-            .expect("ip")
-    }
-
-    /// `ip -n NAME ARGS...`, which must succeed; its output.
-    fn ip_ok(&self, args: &[&str]) -> String {
-        let out = self.ip(args);
-        assert!(
-            out.status.success(),
-            "ip -n {} {args:?}: {}",
-            self.name,
-            text(&out)
-        );
-        text(&out)
-    }
-
-    /// `COMMAND` run by bash inside the namespace.
-    fn bash(&self, command: &str) -> std::process::Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.name, "bash", "-c", command])
-            .output()
-            .expect("ip netns exec")
-    }
-
-    /// Sends one UDP datagram holding `payload` to the service's port 9, from inside the
-    /// namespace (bash's /dev/udp: no tool beyond bash and ip is needed).
-    fn send_udp(&self, payload: &str) {
-        let out = self.bash(&format!("echo -n {payload} > /dev/udp/{SERVICE_IP}/9"));
-        assert!(out.status.success(), "{}", text(&out));
-    }
-
-    /// A counter of `interface` from the namespace's sysfs.
-    fn counter(&self, interface: &str, name: &str) -> u64 {
-        let out = self.bash(&format!("cat /sys/class/net/{interface}/{name}"));
-        assert!(out.status.success(), "{}", text(&out));
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .expect("a number")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
-
-/// Root (the sandbox, namespaces, the TAP), `ip` and /dev/net/tun, or a loud SKIPPED.
-fn taps_available(test: &str) -> bool {
-    if !sandbox_available(test) {
-        return false;
-    }
-    let ip = Command::new("ip")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    let tun = std::path::Path::new("/dev/net/tun").exists();
-    if !ip || !tun {
-        eprintln!("SKIPPED: {test}: needs the `ip` command (iproute2) and /dev/net/tun");
-    }
-    ip && tun
+/// Sends one UDP datagram holding `payload` to the service's port 9, from inside the
+/// namespace (bash's /dev/udp: no tool beyond bash and ip is needed).
+fn send_udp(ns: &Netns, payload: &str) {
+    let out = ns.bash(&format!("echo -n {payload} > /dev/udp/{SERVICE_IP}/9"));
+    assert!(out.status.success(), "{}", text(&out));
 }
 
 /// A manifest of one service, `nic`, that serves net and holds TAP net0, running
@@ -195,7 +116,7 @@ fn frames_cross_a_tap_in_a_namespace_both_ways_and_the_link_stays_up_across_rest
     // The host's side: an address and the link up (the host's job, not the paravisor's).
     ns.ip_ok(&["addr", "add", HOST_CIDR, "dev", "pvtap0"]);
     ns.ip_ok(&["link", "set", "pvtap0", "up"]);
-    ns.send_udp("hello-from-host");
+    send_udp(&ns, "hello-from-host");
     // Host -> service: the ARP request and then the datagram reach the service...
     wait_for_log(&inst, "UDP from 10.77.0.1", 1);
     assert!(
@@ -238,7 +159,7 @@ fn frames_cross_a_tap_in_a_namespace_both_ways_and_the_link_stays_up_across_rest
         "the link went down with the service"
     );
     ns.ip_ok(&["neigh", "flush", "dev", "pvtap0"]);
-    ns.send_udp("again");
+    send_udp(&ns, "again");
     wait_for_log(&inst, "to port 9: \"again\"", 1);
     wait_for("the restarted service's ARP answer", || {
         ns.ip_ok(&["neigh", "show", SERVICE_IP])

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod linux;
+pub mod netns;
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
