@@ -12,33 +12,34 @@ use common::linux;
 /// The listener the shipped manifest's net service serves, asked for.
 const LISTEN: &[&str] = &["--listen", "vhost-user-net"];
 
-#[test]
-fn linux_on_our_vhost_user_net_pings_the_responder_ten_times_without_loss() {
-    let test = "linux_on_our_vhost_user_net_pings_the_responder_ten_times_without_loss";
-    if !common::sandbox_available(test) {
-        return;
-    }
-    let Some(image) = linux::image(test) else {
-        return;
-    };
-    let inst = common::Instance::start_with("net-linux", &common::shipped_text(), 7, LISTEN);
-    let socket = inst.dir.join("state/net/vhost-user-net.sock");
-    let script = r#"
+/// Boots Linux with our NIC on `socket`, gives eth0 `cidr` and pings `peer` ten times: all
+/// must be answered. The guest's exit (its console holds the NIC's line, the pings and the
+/// ARP table).
+fn ping_ten_times(
+    image: &linux::Image,
+    socket: &std::path::Path,
+    cidr: &str,
+    peer: &str,
+    inst: &common::Instance,
+) -> linux::GuestExit {
+    let script = format!(
+        r#"
 set -e
 n=300
 while ! ip link show eth0 >/dev/null 2>&1 && [ "$n" -gt 0 ]; do usleep 100000; n=$((n - 1)); done
 ip link set eth0 up
-ip addr add 10.0.2.15/24 dev eth0
+ip addr add {cidr} dev eth0
 echo "NIC: $(cat /sys/class/net/eth0/address) mtu $(cat /sys/class/net/eth0/mtu) carrier $(cat /sys/class/net/eth0/carrier)"
-ping -c 10 -W 10 10.0.2.2 > /tmp/ping || true
+ping -c 10 -W 10 {peer} > /tmp/ping || true
 cat /tmp/ping
 grep -q '10 packets transmitted, 10 packets received, 0% packet loss' /tmp/ping
 cat /proc/net/arp
 echo PING-OK
-"#;
-    let exit = linux::Guest::new(&image)
-        .vhost_user_net(&socket, false)
-        .script(script)
+"#
+    );
+    let exit = linux::Guest::new(image)
+        .vhost_user_net(socket, false)
+        .script(&script)
         // Only to end a hung guest: the boot takes seconds, the pings ten.
         .timeout(Duration::from_secs(300))
         .run();
@@ -50,6 +51,21 @@ echo PING-OK
         inst.log()
     );
     assert!(exit.console.contains("PING-OK"), "{}", exit.console);
+    exit
+}
+
+#[test]
+fn linux_on_our_vhost_user_net_pings_the_responder_ten_times_without_loss() {
+    let test = "linux_on_our_vhost_user_net_pings_the_responder_ten_times_without_loss";
+    if !common::sandbox_available(test) {
+        return;
+    }
+    let Some(image) = linux::image(test) else {
+        return;
+    };
+    let inst = common::Instance::start_with("net-linux", &common::shipped_text(), 7, LISTEN);
+    let socket = inst.dir.join("state/net/vhost-user-net.sock");
+    let exit = ping_ten_times(&image, &socket, "10.0.2.15/24", "10.0.2.2", &inst);
     assert!(
         exit.console.contains("52:54:00:12:35:02"),
         "the responder's MAC answered ARP:\n{}",
@@ -76,31 +92,7 @@ fn linux_on_our_vhost_user_net_pings_the_host_side_of_its_tap() {
     ns.ip_ok(&["addr", "add", "10.78.0.1/24", "dev", "pvtap0"]);
     ns.ip_ok(&["link", "set", "pvtap0", "up"]);
     let socket = inst.dir.join("state/net/vhost-user-net.sock");
-    let script = r#"
-set -e
-n=300
-while ! ip link show eth0 >/dev/null 2>&1 && [ "$n" -gt 0 ]; do usleep 100000; n=$((n - 1)); done
-ip link set eth0 up
-ip addr add 10.78.0.15/24 dev eth0
-ping -c 10 -W 10 10.78.0.1 > /tmp/ping || true
-cat /tmp/ping
-grep -q '10 packets transmitted, 10 packets received, 0% packet loss' /tmp/ping
-echo PING-OK
-"#;
-    let exit = linux::Guest::new(&image)
-        .vhost_user_net(&socket, false)
-        .script(script)
-        // Only to end a hung guest: the boot takes seconds, the pings ten.
-        .timeout(Duration::from_secs(300))
-        .run();
-    assert_eq!(
-        exit.status,
-        0,
-        "guest failed:\n{}\n{}",
-        exit.console,
-        inst.log()
-    );
-    assert!(exit.console.contains("PING-OK"), "{}", exit.console);
+    ping_ten_times(&image, &socket, "10.78.0.15/24", "10.78.0.1", &inst);
     // The host side saw the guest: its neighbour table holds the guest's address.
     let neighbours = ns.ip_ok(&["neigh", "show", "dev", "pvtap0"]);
     assert!(neighbours.contains("10.78.0.15"), "{neighbours}");

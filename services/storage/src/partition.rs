@@ -292,8 +292,18 @@ mod tests {
     const WINDOW: u64 = 0xb000_0000;
 
     fn function(region: &MemRegion, memory: &GuestMemoryMmap) -> PciNvme<MemRegion> {
+        function_with(region, memory, 0, false)
+    }
+
+    /// The function over a 16-block disk of `fill` bytes, with or without doorbells.
+    fn function_with(
+        region: &MemRegion,
+        memory: &GuestMemoryMmap,
+        fill: u8,
+        doorbells: bool,
+    ) -> PciNvme<MemRegion> {
         let disk = RawDisk::new(MemStore {
-            bytes: vec![0; 16 * 4096],
+            bytes: vec![fill; 16 * 4096],
         })
         .unwrap();
         PciNvme::new(
@@ -303,7 +313,7 @@ mod tests {
             memory.clone(),
             None,
             region.clone(),
-            false,
+            doorbells,
         )
         .unwrap()
     }
@@ -421,20 +431,7 @@ mod tests {
     fn shadow_doorbells_arm_the_partitions_doorbells_and_a_kick_runs_the_io_queue() {
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(WINDOW), 0x10000)]).unwrap();
         let region = MemRegion::new(16384);
-        let disk = RawDisk::new(MemStore {
-            bytes: vec![0x33; 16 * 4096],
-        })
-        .unwrap();
-        let mut f = PciNvme::new(
-            Box::new(disk),
-            "t",
-            BAR,
-            memory.clone(),
-            None,
-            region.clone(),
-            true,
-        )
-        .unwrap();
+        let mut f = function_with(&region, &memory, 0x33, true);
         let mut seq = 0;
         let mut mmio = |f: &mut PciNvme<MemRegion>, offset: u64, write: Option<u64>| {
             seq += 1;
@@ -501,20 +498,7 @@ mod tests {
         assert!(!f.kick(), "nothing new");
         // A new process resumes armed, and runs nothing twice.
         drop(f);
-        let disk = RawDisk::new(MemStore {
-            bytes: vec![0x33; 16 * 4096],
-        })
-        .unwrap();
-        let mut g = PciNvme::new(
-            Box::new(disk),
-            "t",
-            BAR,
-            memory.clone(),
-            None,
-            region.clone(),
-            true,
-        )
-        .unwrap();
+        let mut g = function_with(&region, &memory, 0x33, true);
         assert!(!g.kick());
         let reply = g.access(access(0, 500, Space::Mmio, BAR + 0x1c, 4, None));
         assert_eq!(reply.next, Next::Doorbells { armed: true });
