@@ -655,3 +655,45 @@ fn the_supervisor_answers_while_a_control_command_waits_on_a_stopped_service() {
     }
     assert_eq!(inst.stop().code(), Some(0), "{}", inst.log());
 }
+
+/// pv-net holds frames only: no channel to the vTPM, VMGS, storage or attest (probes through
+/// its own capabilities fail as "no capability"), and `audit` says so (no calls, a TAP with
+/// no socket and no ioctl).
+#[test]
+fn net_can_reach_no_tpm_vmgs_storage_or_attest() {
+    if !sandbox_available("net_can_reach_no_tpm_vmgs_storage_or_attest") {
+        return;
+    }
+    let inst = Instance::start("net-isolation", &shipped(), SERVICES.len());
+    for ep in ["vtpm", "vmgs", "storage", "attest"] {
+        let out = inst.pv(&["probe", "net", ep]);
+        assert_eq!(out.status.code(), Some(3), "net -> {ep}: {}", text(&out));
+        assert!(
+            text(&out).contains("no capability"),
+            "net -> {ep}: {}",
+            text(&out)
+        );
+    }
+    let out = inst.pv(&["audit", "--json", inst.manifest.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let audit: serde_json::Value = serde_json::from_slice(&out.stdout).expect("audit json");
+    let rows = audit["services"]
+        .as_array()
+        .or(audit.as_array())
+        .expect("rows");
+    let net = rows
+        .iter()
+        .find(|r| r["service"] == "net")
+        .expect("net's row");
+    assert_eq!(net["calls"], serde_json::json!([]), "{net}");
+    assert_eq!(
+        net["taps"],
+        serde_json::json!([{ "name": "net0" }]),
+        "{net}"
+    );
+    let syscalls = net.to_string();
+    assert!(
+        !syscalls.contains("\"ioctl\"") && !syscalls.contains("\"socket\""),
+        "{net}"
+    );
+}
