@@ -97,3 +97,76 @@ fn linux_on_our_vhost_user_net_pings_the_host_side_of_its_tap() {
     let neighbours = ns.ip_ok(&["neigh", "show", "dev", "pvtap0"]);
     assert!(neighbours.contains("10.78.0.15"), "{neighbours}");
 }
+
+/// kill -9 of pv-net under a running guest (QEMU reconnects, `reconnect=1`): the guest's link
+/// never goes down (`carrier_changes` unchanged: the harness turns QEMU's link status off),
+/// and pings are answered again by the restarted service.
+#[test]
+fn a_killed_net_service_comes_back_without_a_link_flap_for_the_guest() {
+    let test = "a_killed_net_service_comes_back_without_a_link_flap_for_the_guest";
+    if !common::sandbox_available(test) {
+        return;
+    }
+    let Some(image) = linux::image(test) else {
+        return;
+    };
+    let inst = common::Instance::start_with("net-linux-kill", &common::shipped_text(), 7, LISTEN);
+    let socket = inst.dir.join("state/net/vhost-user-net.sock");
+    let script = r#"
+n=300
+while ! ip link show eth0 >/dev/null 2>&1 && [ "$n" -gt 0 ]; do usleep 100000; n=$((n - 1)); done
+ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0
+ping -c 2 -W 10 10.0.2.2
+echo "BEFORE changes=$(cat /sys/class/net/eth0/carrier_changes)"
+read go
+n=120
+until ping -c 1 -W 5 10.0.2.2 >/dev/null 2>&1 || [ "$n" -eq 0 ]; do n=$((n - 1)); done
+ping -c 5 -W 10 10.0.2.2
+echo "AFTER changes=$(cat /sys/class/net/eth0/carrier_changes) carrier=$(cat /sys/class/net/eth0/carrier)"
+"#;
+    let mut guest = linux::Guest::new(&image)
+        .vhost_user_net(&socket, true)
+        .script(script)
+        .timeout(Duration::from_secs(600))
+        .spawn();
+    let before = guest.wait_for_line("BEFORE changes=", Duration::from_secs(300));
+    let old_pid = inst.row("net")["pid"].clone();
+    let out = inst.pv(&["kill", "net", "--signal", "KILL"]);
+    assert!(out.status.success(), "{}", common::text(&out));
+    // The new process runs before the guest looks again.
+    let until = std::time::Instant::now() + Duration::from_secs(120);
+    while !(inst.row("net")["state"] == "running" && inst.row("net")["pid"] != old_pid) {
+        assert!(
+            std::time::Instant::now() < until,
+            "net did not come back:\n{}",
+            inst.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    guest.send_line("go");
+    let after = guest.wait_for_line("AFTER changes=", Duration::from_secs(300));
+    let exit = guest.wait();
+    let changes = |line: &str| -> String {
+        line.split("changes=")
+            .nth(1)
+            .unwrap_or("")
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    };
+    assert_eq!(
+        changes(&before),
+        changes(&after),
+        "a link flap:\n{}",
+        exit.console
+    );
+    assert!(after.contains("carrier=1"), "{}", exit.console);
+    assert!(
+        exit.console
+            .contains("5 packets transmitted, 5 packets received, 0% packet loss"),
+        "{}",
+        exit.console
+    );
+}

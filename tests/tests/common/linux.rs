@@ -163,6 +163,9 @@ impl Guest {
     /// A virtio-net NIC served by a vhost-user-net back end listening on `socket`. QEMU 7.2's
     /// vhost-user-net works only without MSI-X (`vectors=0`; with vectors it crashes). With
     /// `reconnect`, QEMU reconnects to a back end started again on the same socket.
+    /// `status=off`: QEMU's vhost-user netdev marks its link down while the back end is gone,
+    /// which a guest that negotiated VIRTIO_NET_F_STATUS sees as a carrier flap on every
+    /// restart; without it the guest's link stays up (packets in between are just lost).
     pub fn vhost_user_net(mut self, socket: &Path, reconnect: bool) -> Guest {
         let id = self.id("vunet");
         let reconnect = if reconnect { ",reconnect=1" } else { "" };
@@ -172,7 +175,7 @@ impl Guest {
             "-netdev".into(),
             format!("vhost-user,id={id}n,chardev={id}"),
             "-device".into(),
-            format!("virtio-net-pci,netdev={id}n,vectors=0"),
+            format!("virtio-net-pci,netdev={id}n,vectors=0,status=off"),
         ]);
         self
     }
