@@ -170,3 +170,191 @@ echo "AFTER changes=$(cat /sys/class/net/eth0/carrier_changes) carrier=$(cat /sy
         exit.console
     );
 }
+
+/// The guest's side of one TCP round against `pv-netpeer` on 10.78.0.1:5001: 64 MiB of
+/// random bytes made in the guest, uploaded (`PUT`), downloaded again (`GET`), both checked
+/// against the guest's own SHA-256. Prints `LOCAL <sum>`, the peer's answer, the
+/// downloaded sum and, when both match, `TCP-OK`.
+const TCP_ROUND: &str = r#"
+dd if=/dev/urandom of=/tmp/d bs=1M count=64 2>/dev/null
+want=$(sha256sum /tmp/d | cut -d' ' -f1)
+echo "LOCAL $want"
+{ echo PUT; cat /tmp/d; } | nc 10.78.0.1 5001 > /tmp/put
+echo "PUT-ANSWER $(cat /tmp/put)"
+got=$(echo GET | nc 10.78.0.1 5001 | sha256sum | cut -d' ' -f1)
+echo "GOT $got"
+[ "$(cat /tmp/put)" = "stored 67108864 $want" ]
+[ "$got" = "$want" ]
+echo TCP-OK
+"#;
+
+/// Brings eth0 up at 10.78.0.15/24 once the driver made it, and prints its carrier changes.
+const TAP_NIC_UP: &str = r#"
+set -e
+n=300
+while ! ip link show eth0 >/dev/null 2>&1 && [ "$n" -gt 0 ]; do usleep 100000; n=$((n - 1)); done
+ip link set eth0 up
+ip addr add 10.78.0.15/24 dev eth0
+echo "BEFORE changes=$(cat /sys/class/net/eth0/carrier_changes)"
+"#;
+
+/// What a TCP test needs on the host: a namespace with pv-net's TAP at 10.78.0.1/24 and
+/// pv-netpeer listening there, and the paravisor serving vhost-user-net on that TAP.
+struct TcpSetUp {
+    // Dropped in this order: the peer and the paravisor before the namespace.
+    peer: common::netns::NetPeer,
+    inst: common::Instance,
+    _ns: common::netns::Netns,
+}
+
+impl TcpSetUp {
+    fn new(tag: &str, progress_every: u64) -> TcpSetUp {
+        let ns = common::netns::Netns::new(tag);
+        let tap = format!("net0=pvtap0@{}", ns.name);
+        let args = ["--listen", "vhost-user-net", "--tap", &tap];
+        // Restarts enough for the kill test (the shipped limit is 5 a minute).
+        let manifest = common::edited(&common::shipped_text(), |doc| {
+            common::set(doc, "service.net.restart.max", "40");
+        });
+        let inst = common::Instance::start_with(tag, &manifest, 7, &args);
+        ns.ip_ok(&["addr", "add", "10.78.0.1/24", "dev", "pvtap0"]);
+        ns.ip_ok(&["link", "set", "pvtap0", "up"]);
+        let peer = common::netns::NetPeer::start(&ns, "10.78.0.1:5001", progress_every);
+        TcpSetUp {
+            peer,
+            inst,
+            _ns: ns,
+        }
+    }
+
+    fn socket(&self) -> std::path::PathBuf {
+        self.inst.dir.join("state/net/vhost-user-net.sock")
+    }
+
+    /// The guest's sum (its `LOCAL` line) must be what the peer received and sent back.
+    fn check_sums(&mut self, console: &str) {
+        let local = console
+            .lines()
+            .find_map(|l| l.strip_prefix("LOCAL "))
+            .unwrap_or_else(|| panic!("no LOCAL line:\n{console}"))
+            .trim()
+            .to_string();
+        let put = self.peer.line("put ", Duration::from_secs(60));
+        let get = self.peer.line("get ", Duration::from_secs(60));
+        eprintln!("peer: {put}; {get}");
+        assert!(
+            put.starts_with(&format!("put 67108864 {local} ")),
+            "{put} vs {local}"
+        );
+        assert!(
+            get.starts_with(&format!("get 67108864 {local} ")),
+            "{get} vs {local}"
+        );
+    }
+}
+
+/// 64 MiB over TCP each way between Linux on our vhost-user-net and the host side of its
+/// TAP, checksummed on both ends.
+#[test]
+fn linux_on_our_vhost_user_net_moves_64_mib_over_tcp_both_ways() {
+    let test = "linux_on_our_vhost_user_net_moves_64_mib_over_tcp_both_ways";
+    if !common::netns::taps_available(test) {
+        return;
+    }
+    let Some(image) = linux::image(test) else {
+        return;
+    };
+    let mut setup = TcpSetUp::new("net-tcp", 4 << 20);
+    let exit = linux::Guest::new(&image)
+        .vhost_user_net(&setup.socket(), false)
+        .script(&format!("{TAP_NIC_UP}{TCP_ROUND}"))
+        .timeout(Duration::from_secs(900))
+        .run();
+    assert_eq!(
+        exit.status,
+        0,
+        "guest failed:\n{}\n{}",
+        exit.console,
+        setup.inst.log()
+    );
+    assert!(exit.console.contains("TCP-OK"), "{}", exit.console);
+    setup.check_sums(&exit.console);
+}
+
+/// kill -9 of pv-net ten times while the guest moves 64 MiB each way over TCP: each kill
+/// comes after the restarted service moved data (the peer's progress), six during the upload
+/// and four during the download. The transfer completes, both checksums match, and the
+/// guest's carrier never changed.
+#[test]
+fn ten_kills_of_the_net_service_during_a_tcp_transfer_lose_nothing_and_never_flap_the_link() {
+    let test =
+        "ten_kills_of_the_net_service_during_a_tcp_transfer_lose_nothing_and_never_flap_the_link";
+    if !common::netns::taps_available(test) {
+        return;
+    }
+    let Some(image) = linux::image(test) else {
+        return;
+    };
+    // A kill after each 10 MiB crossed: the tenth at 100 MiB at the latest of the 128.
+    let mut setup = TcpSetUp::new("net-tcp-kill", 10 << 20);
+    let script = format!(
+        "{TAP_NIC_UP}{TCP_ROUND}\necho \"AFTER changes=$(cat /sys/class/net/eth0/carrier_changes) carrier=$(cat /sys/class/net/eth0/carrier)\"\n"
+    );
+    let guest = linux::Guest::new(&image)
+        .vhost_user_net(&setup.socket(), true)
+        .script(&script)
+        .timeout(Duration::from_secs(1800))
+        .spawn();
+    let mut kills = Vec::new();
+    for _ in 0..10 {
+        setup.peer.drain();
+        let progress = setup.peer.wait_for("progress ", Duration::from_secs(600));
+        let old_pid = setup.inst.row("net")["pid"].clone();
+        let out = setup.inst.pv(&["kill", "net", "--signal", "KILL"]);
+        assert!(out.status.success(), "{}", common::text(&out));
+        kills.push(progress);
+        let until = std::time::Instant::now() + Duration::from_secs(120);
+        while !(setup.inst.row("net")["state"] == "running"
+            && setup.inst.row("net")["pid"] != old_pid)
+        {
+            assert!(
+                std::time::Instant::now() < until,
+                "net did not come back:\n{}",
+                setup.inst.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    eprintln!("kills at peer progress: {kills:?}");
+    let exit = guest.wait();
+    assert_eq!(
+        exit.status,
+        0,
+        "guest failed after kills at {kills:?}:\n{}\n{}",
+        exit.console,
+        setup.inst.log()
+    );
+    assert!(exit.console.contains("TCP-OK"), "{}", exit.console);
+    setup.check_sums(&exit.console);
+    let changes = |tag: &str| -> String {
+        exit.console
+            .lines()
+            .find_map(|l| l.split(tag).nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no {tag} line:\n{}", exit.console))
+            .to_string()
+    };
+    assert_eq!(
+        changes("BEFORE changes="),
+        changes("AFTER changes="),
+        "the guest saw its link flap:\n{}",
+        exit.console
+    );
+    assert!(exit.console.contains("carrier=1"), "{}", exit.console);
+    assert_eq!(
+        setup.inst.row("net")["restarts"],
+        10,
+        "{}",
+        setup.inst.log()
+    );
+}

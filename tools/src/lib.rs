@@ -22,6 +22,7 @@ pub mod cli;
 pub mod kbs;
 pub mod kbs_args;
 pub mod linux_guest;
+pub mod net_peer;
 pub mod provision;
 pub mod verify;
 pub mod vmgs_args;

@@ -86,3 +86,97 @@ pub fn taps_available(test: &str) -> bool {
     }
     ip && tun
 }
+
+/// `pv-netpeer` (the host side of a guest's TCP transfers: `PUT` keeps an upload, `GET` sends
+/// it back) listening on `listen` inside a namespace; its lines read as they come. Killed on
+/// drop.
+pub struct NetPeer {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl NetPeer {
+    /// Starts the peer in `ns` on `listen` (an address already on an interface there) and
+    /// waits until it listens.
+    pub fn start(ns: &Netns, listen: &str, progress_every: u64) -> NetPeer {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(super::bin_dir().join("pv-netpeer"))
+            .args(["--listen", listen, "--progress-every"])
+            .arg(progress_every.to_string())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("ip netns exec pv-netpeer");
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut peer = NetPeer {
+            child,
+            lines,
+            seen: Vec::new(),
+        };
+        peer.wait_for("listening ", std::time::Duration::from_secs(60));
+        peer
+    }
+
+    /// The next line starting with `prefix` (earlier lines are kept in [`NetPeer::seen`]);
+    /// panics with everything seen after `timeout`, which only catches a hang.
+    pub fn wait_for(&mut self, prefix: &str, timeout: std::time::Duration) -> String {
+        let until = std::time::Instant::now() + timeout;
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.starts_with(prefix) {
+                        return line;
+                    }
+                }
+                Err(e) => panic!(
+                    "pv-netpeer printed no `{prefix}` line ({e}); it printed:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// The first line starting with `prefix` the peer printed, read already or waited for.
+    pub fn line(&mut self, prefix: &str, timeout: std::time::Duration) -> String {
+        self.drain();
+        match self.seen.iter().find(|l| l.starts_with(prefix)) {
+            Some(line) => line.clone(),
+            None => self.wait_for(prefix, timeout),
+        }
+    }
+
+    /// Reads every line printed so far into [`NetPeer::seen`], so that the next
+    /// [`NetPeer::wait_for`] sees only what comes after.
+    pub fn drain(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+    }
+
+    /// Every line read so far.
+    pub fn seen(&self) -> &[String] {
+        &self.seen
+    }
+}
+
+impl Drop for NetPeer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
