@@ -509,7 +509,7 @@ impl Row {
             .iter()
             .map(|t| {
                 format!(
-                    "{} (a TAP device the host names with `run --tap {}=IFNAME[@NETNS]`, none otherwise; frames only: no socket, no ioctl)",
+                    "{} (a TAP device the host names with `run --tap {}=IFNAME[@NETNS]`, none otherwise; frames with a virtio-net header: no socket, no ioctl but TUNSETOFFLOAD)",
                     t.name, t.name
                 )
             })

@@ -125,20 +125,61 @@ fn compile(
         .map_err(|e: seccompiler::BackendError| ProfileError::Compile(e.to_string()))
 }
 
-/// The filter a service runs under for good: base plus its manifest fragment.
-pub fn service_program(fragment: &[String]) -> Result<BpfProgram, ProfileError> {
+/// The one ioctl a TAP's holder may make: `TUNSETOFFLOAD` (argument 1) with flags
+/// (argument 2) within [`ipc_defs::hosted::sys::TAP_OFFLOADS`], the offloads its guest's
+/// driver accepts. Any descriptor may be named: on one that is not a TAP the kernel refuses
+/// the request, and the holder has no other TAP than its own.
+fn tap_offload_rule() -> Result<SeccompRule, ProfileError> {
+    let compile_err = |e: seccompiler::BackendError| ProfileError::Compile(e.to_string());
+    SeccompRule::new(vec![
+        SeccompCondition::new(
+            1,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::TUNSETOFFLOAD as u64,
+        )
+        .map_err(compile_err)?,
+        // No flag outside the set: (flags & !set) == 0 over the whole argument.
+        SeccompCondition::new(
+            2,
+            SeccompCmpArgLen::Qword,
+            SeccompCmpOp::MaskedEq(!u64::from(ipc_defs::hosted::sys::TAP_OFFLOADS)),
+            0,
+        )
+        .map_err(compile_err)?,
+    ])
+    .map_err(compile_err)
+}
+
+/// What a service's grants add to its filter beyond the fragment: the TAP offload rule for a
+/// TAP's holder.
+fn grant_rules(tap_holder: bool) -> Result<BTreeMap<i64, Vec<SeccompRule>>, ProfileError> {
+    let mut extra = BTreeMap::new();
+    if tap_holder {
+        extra.insert(sysno("ioctl")?, vec![tap_offload_rule()?]);
+    }
+    Ok(extra)
+}
+
+/// The filter a service runs under for good: base plus its manifest fragment, and the TAP
+/// offload rule when it holds a TAP (`tap_holder`).
+pub fn service_program(fragment: &[String], tap_holder: bool) -> Result<BpfProgram, ProfileError> {
     compile(
         BASE.iter()
             .copied()
             .map(String::from)
             .chain(fragment.iter().cloned()),
-        BTreeMap::new(),
+        grant_rules(tap_holder)?,
     )
 }
 
 /// The filter installed before `execveat`: base, fragment, loader needs, and `execveat` of
 /// exactly the service binary's descriptor with `AT_EMPTY_PATH`.
-pub fn loader_program(fragment: &[String], binary_slot: i32) -> Result<BpfProgram, ProfileError> {
+pub fn loader_program(
+    fragment: &[String],
+    binary_slot: i32,
+    tap_holder: bool,
+) -> Result<BpfProgram, ProfileError> {
     let exec_rule = SeccompRule::new(vec![
         SeccompCondition::new(
             0,
@@ -156,7 +197,7 @@ pub fn loader_program(fragment: &[String], binary_slot: i32) -> Result<BpfProgra
         .map_err(|e| ProfileError::Compile(e.to_string()))?,
     ])
     .map_err(|e| ProfileError::Compile(e.to_string()))?;
-    let mut extra = BTreeMap::new();
+    let mut extra = grant_rules(tap_holder)?;
     extra.insert(sysno("execveat")?, vec![exec_rule]);
     compile(
         BASE.iter()
@@ -194,12 +235,14 @@ mod tests {
 
     #[test]
     fn programs_compile() {
-        let p = service_program(&["pwrite64".to_string()]).unwrap();
+        let p = service_program(&["pwrite64".to_string()], false).unwrap();
         assert!(!p.is_empty());
         assert_eq!(program_bytes(&p).len(), p.len() * 8);
-        loader_program(&[], 9).unwrap();
+        loader_program(&[], 9, false).unwrap();
+        assert!(service_program(&[], true).unwrap().len() > p.len());
+        loader_program(&[], 9, true).unwrap();
         assert!(matches!(
-            service_program(&["nosuchcall".into()]),
+            service_program(&["nosuchcall".into()], false),
             Err(ProfileError::UnknownSyscall(_))
         ));
     }

@@ -513,6 +513,22 @@ pub fn spawner(m: &Manifest) -> ThreadProfile {
         let names: Vec<&str> = s.syscalls.iter().map(String::as_str).collect();
         p = p.allow(&names);
     }
+    // A TAP's holder sets its TAP's offloads (its own filters allow that one request).
+    if m.services.iter().any(|s| !s.taps.is_empty()) {
+        p = p.allow_only(
+            "ioctl",
+            "TUNSETOFFLOAD within the NIC's offloads, for a TAP's holder",
+            vec![
+                eq(1, libc::TUNSETOFFLOAD as u64),
+                (
+                    2,
+                    SeccompCmpArgLen::Qword,
+                    SeccompCmpOp::MaskedEq(!u64::from(ipc_defs::hosted::sys::TAP_OFFLOADS)),
+                    0,
+                ),
+            ],
+        );
+    }
     p
 }
 

@@ -28,7 +28,7 @@
 //! | `vtpm-vcpu-flood N` | N register writes to vtpm under invented vCPU ids 1000.. | refused; the checkpoint stays small |
 //! | `privileges`        | reads /proc/1/environ, then tries setuid(0), setresuid, setresgid, setgroups, capset, chown, chmod, a raw socket, raising a limit, sethostname, settimeofday (its manifest grants these syscalls, so the kernel answers, not seccomp); last init_module | each refused; killed at init_module |
 //! | `tap-responder NAME IP MAC` | on its TAP NAME, answers ARP and ICMP echo for IP as MAC and logs UDP to IP (see `tap_responder`); logs "no TAP" if the host named none | frames cross both ways with read/write/poll only |
-//! | `tap-ioctl NAME`    | asks whether its TAP NAME is a terminal (an ioctl, TCGETS, on the TAP's descriptor) | killed, reported as `ioctl` |
+//! | `tap-ioctl NAME`    | sets its TAP NAME's offloads (TUNSETOFFLOAD, the one ioctl a TAP's holder has), then asks whether it is a terminal (TCGETS) | the first allowed, then killed, reported as `ioctl` |
 //! | `serve`             | serves normally                                | runs                           |
 //!
 //! Exit status 0 means "every hostile attempt got the typed error it should"; 10 and up
@@ -155,6 +155,15 @@ fn main() -> ExitCode {
                 eprintln!("pv-hostile: no TAP {name} to probe");
                 return ExitCode::from(22);
             };
+            // The one ioctl a TAP's holder has: its offloads, within the set.
+            use std::os::fd::AsFd;
+            match sys::tap_set_offloads(tap.as_fd(), sys::TAP_OFFLOADS) {
+                Ok(()) => eprintln!("pv-hostile: TUNSETOFFLOAD on TAP {name} allowed"),
+                Err(e) => {
+                    eprintln!("pv-hostile: TUNSETOFFLOAD on TAP {name} failed: {e}");
+                    return ExitCode::from(24);
+                }
+            }
             let terminal = tap.is_terminal();
             eprintln!(
                 "pv-hostile: ioctl on TAP {name} answered ({terminal}; should have been killed)"

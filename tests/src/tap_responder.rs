@@ -20,6 +20,8 @@ const ETHERTYPE_IPV4: u16 = 0x0800;
 const ETHERNET_HEADER: usize = 14;
 /// Longest frame read: the MTU (1500) and the Ethernet header, with room for a VLAN tag.
 const MAX_FRAME: usize = 1522;
+/// The virtio-net header in front of each frame on the microkernel's TAPs.
+const VNET_HEADER_LEN: usize = 12;
 /// How long the loop waits for a frame before it answers its control channel again.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -46,7 +48,7 @@ pub fn run(started: &mut runtime::Started, args: &[String]) -> std::process::Exi
         mac_text(&mac)
     );
     let mut tap = std::fs::File::from(fd);
-    let mut frame = [0u8; MAX_FRAME];
+    let mut frame = [0u8; VNET_HEADER_LEN + MAX_FRAME];
     loop {
         if !started.answer_control() {
             return std::process::ExitCode::SUCCESS;
@@ -69,10 +71,18 @@ pub fn run(started: &mut runtime::Started, args: &[String]) -> std::process::Exi
                     return std::process::ExitCode::from(21);
                 }
             };
-            let Some(answer) = answer(&frame[..n], ip, mac, name) else {
+            // The microkernel's TAPs put a virtio-net header in front of each frame; with
+            // no offload set none comes partial, so the header is skipped and an all-zero
+            // one sent.
+            let Some(received) = frame[..n].get(VNET_HEADER_LEN..) else {
                 continue;
             };
-            if let Err(e) = tap.write_all(&answer) {
+            let Some(answer) = answer(received, ip, mac, name) else {
+                continue;
+            };
+            let mut out = vec![0u8; VNET_HEADER_LEN];
+            out.extend_from_slice(&answer);
+            if let Err(e) = tap.write_all(&out) {
                 eprintln!("pv-hostile: tap {name}: write: {e}");
                 return std::process::ExitCode::from(21);
             }

@@ -1016,7 +1016,7 @@ fn taps_are_the_net_servers_alone_named_once_and_never_with_ioctl_or_socket() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         text(&out).contains(
-            "taps:    net0 (a TAP device the host names with `run --tap net0=IFNAME[@NETNS]`, none otherwise; frames only: no socket, no ioctl)"
+            "taps:    net0 (a TAP device the host names with `run --tap net0=IFNAME[@NETNS]`, none otherwise; frames with a virtio-net header: no socket, no ioctl but TUNSETOFFLOAD)"
         ),
         "{}",
         text(&out)

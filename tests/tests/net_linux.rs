@@ -196,7 +196,18 @@ while ! ip link show eth0 >/dev/null 2>&1 && [ "$n" -gt 0 ]; do usleep 100000; n
 ip link set eth0 up
 ip addr add 10.78.0.15/24 dev eth0
 echo "BEFORE changes=$(cat /sys/class/net/eth0/carrier_changes)"
+echo "FEATURES $(cat /sys/class/net/eth0/device/features)"
 "#;
+
+/// Whether the guest's driver negotiated feature `bit` (its `FEATURES` line: the virtio
+/// device's `features` file, one character per bit from bit 0).
+fn negotiated(console: &str, bit: usize) -> bool {
+    console
+        .lines()
+        .find_map(|l| l.strip_prefix("FEATURES "))
+        .and_then(|bits| bits.as_bytes().get(bit).copied())
+        == Some(b'1')
+}
 
 /// What a TCP test needs on the host: a namespace with pv-net's TAP at 10.78.0.1/24 and
 /// pv-netpeer listening there, and the paravisor serving vhost-user-net on that TAP.
@@ -279,6 +290,15 @@ fn linux_on_our_vhost_user_net_moves_64_mib_over_tcp_both_ways() {
     );
     assert!(exit.console.contains("TCP-OK"), "{}", exit.console);
     setup.check_sums(&exit.console);
+    // The offloads passed through the TAP: checksums and TCP segments both ways (bits 0, 1,
+    // 7 GUEST_TSO4, 11 HOST_TSO4).
+    for bit in [0, 1, 7, 11] {
+        assert!(
+            negotiated(&exit.console, bit),
+            "bit {bit}:\n{}",
+            exit.console
+        );
+    }
 }
 
 /// kill -9 of pv-net ten times while the guest moves 64 MiB each way over TCP: each kill

@@ -260,6 +260,14 @@ fn a_tap_holder_is_killed_for_a_socket_or_an_ioctl() {
             "{args}: {exit}\n{}",
             inst.log()
         );
+        if syscall == "ioctl" {
+            assert!(
+                inst.log()
+                    .contains("pv-hostile: TUNSETOFFLOAD on TAP net0 allowed"),
+                "{}",
+                inst.log()
+            );
+        }
     }
 }
 

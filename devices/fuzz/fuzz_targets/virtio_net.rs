@@ -2,15 +2,22 @@
 //! pair lives in: descriptor tables, available rings and buffers are all fuzz bytes, and the
 //! queues' size, the negotiated features and the frames the host sends too. Processing must
 //! end (loops bounded), never panic or touch memory outside the guest's 64 KiB, send only
-//! frames within the MTU, and keep every chain it takes on the used ring (nothing in flight
-//! between calls, which is what lets the service restart).
+//! frames within the MTU (or TCP segments within 64 KiB, when a back end carrying headers
+//! and segmentation were negotiated), and keep every chain it takes on the used ring
+//! (nothing in flight between calls, which is what lets the service restart). With a back
+//! end that carries headers, the host's headers are fuzz bytes too.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use pv_devices::virtio::net::MacAddress;
 use pv_devices::virtio::net::MemLink;
+use pv_devices::virtio::net::NetHeader;
 use pv_devices::virtio::net::VirtioNet;
 use pv_devices::virtio::net::ETH_HLEN;
+use pv_devices::virtio::net::GSO_FRAME_LIMIT;
+use pv_devices::virtio::net::HEADER_LEN;
+use pv_devices::virtio::net::OFFLOAD_FEATURES;
+use pv_devices::virtio::net::VIRTIO_NET_HDR_GSO_NONE;
 use pv_devices::virtio::net::VIRTIO_NET_F_MRG_RXBUF;
 use pv_devices::virtio::net::VIRTIO_NET_F_MTU;
 use pv_devices::virtio::VIRTIO_F_VERSION_1;
@@ -65,8 +72,19 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mtu = if knobs & 2 != 0 { 1500 } else { 9000 };
-    let mut dev = VirtioNet::new(MemLink::default(), MacAddress([2, 0, 0, 0, 0, 1]), mtu).unwrap();
+    let link = MemLink {
+        headers: knobs & 16 != 0,
+        ..MemLink::default()
+    };
+    let mut dev = VirtioNet::new(link, MacAddress([2, 0, 0, 0, 0, 1]), mtu).unwrap();
     let mut features = VIRTIO_NET_F_MTU;
+    if knobs & 16 != 0 {
+        // Any subset of the offloads, from the image's first bytes.
+        let mut bits = [0u8; 8];
+        let k = image.len().min(8);
+        bits[..k].copy_from_slice(&image[..k]);
+        features |= u64::from_le_bytes(bits) & OFFLOAD_FEATURES;
+    }
     if knobs & 4 != 0 {
         features |= VIRTIO_F_VERSION_1;
     }
@@ -85,6 +103,14 @@ fuzz_target!(|data: &[u8]| {
             _ => max + 1,
         };
         dev.backend().to_guest.push_back(vec![i; len]);
+        // The host's header for it: fuzz bytes from the image (all zero past its end).
+        let mut header = [0u8; HEADER_LEN];
+        let at = (usize::from(i) * HEADER_LEN + 0x20).min(image.len());
+        let k = (image.len() - at).min(HEADER_LEN);
+        header[..k].copy_from_slice(&image[at..at + k]);
+        dev.backend()
+            .to_guest_headers
+            .push_back(NetHeader::from_bytes(&header));
     }
     if dev.process_tx(&mem, &mut tx).is_ok() {
         assert_eq!(
@@ -93,11 +119,21 @@ fuzz_target!(|data: &[u8]| {
             "a transmit chain left in flight"
         );
     }
-    for frame in &dev.backend().from_guest {
+    let link = dev.backend_ref();
+    for (frame, header) in link.from_guest.iter().zip(&link.from_guest_headers) {
+        let limit = if header.gso_type & 0x7f == VIRTIO_NET_HDR_GSO_NONE {
+            max
+        } else {
+            GSO_FRAME_LIMIT
+        };
         assert!(
-            (ETH_HLEN..=max).contains(&frame.len()),
-            "sent {} bytes",
+            (ETH_HLEN..=limit).contains(&frame.len()),
+            "sent {} bytes with {header:?}",
             frame.len()
+        );
+        assert!(
+            link.headers || *header == NetHeader::default(),
+            "a header to a back end without: {header:?}"
         );
     }
     for _ in 0..3 {

@@ -231,7 +231,7 @@ impl Supervisor {
             );
             attached.push(tap);
         }
-        let program = profiles::service_program(&spec.syscalls)
+        let program = profiles::service_program(&spec.syscalls, !spec.taps.is_empty())
             .map_err(|e| create_err(format!("seccomp profile of {}", spec.name))(e.to_string()))?;
         let bytes = profiles::program_bytes(&program);
         let program_fd = ipc_defs::hosted::sys::memfd(
@@ -242,8 +242,12 @@ impl Supervisor {
         ipc_defs::hosted::sys::seal_read_only(&program_fd)?;
         // The bootstrap record, then the service's slots: the binary comes after them.
         let caps = 1 + plan.slots(i).len();
-        let loader_filter = profiles::loader_program(&spec.syscalls, SpawnPlan::binary_slot(caps))
-            .map_err(|e| create_err(format!("loader profile of {}", spec.name))(e.to_string()))?;
+        let loader_filter = profiles::loader_program(
+            &spec.syscalls,
+            SpawnPlan::binary_slot(caps),
+            !spec.taps.is_empty(),
+        )
+        .map_err(|e| create_err(format!("loader profile of {}", spec.name))(e.to_string()))?;
         let image = match opts.sealed.services.get(i) {
             Some(fd) => Some(fd.try_clone()?),
             None => None,

@@ -17,9 +17,12 @@
 //! Not here: the interface's admin state and addresses (`ip link set IFNAME up`, `ip addr`),
 //! bridges and routes: those are the host's; its carrier is up while the paravisor holds it.
 //!
-//! The service gets the descriptor only (non-blocking, `IFF_TAP | IFF_NO_PI`: one bare
-//! Ethernet frame per read or write; [`tun::TAP_FLAGS`] says why no virtio-net header); its
-//! profile has no ioctl or socket, which the manifest's validator keeps that way.
+//! The service gets the descriptor only (non-blocking, `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`:
+//! one Ethernet frame behind a 12-byte virtio-net header per read or write, so checksum and
+//! segmentation offloads pass through; [`tun::TAP_FLAGS`]). Its profile has no socket and
+//! one ioctl only: `TUNSETOFFLOAD` with flags within [`ipc_defs::hosted::sys::TAP_OFFLOADS`],
+//! for the offloads its guest's driver accepts (the seccomp rule checks the request and the
+//! flags: [`crate::profiles`]); the manifest's validator refuses `ioctl` and `socket` whole.
 
 use std::os::fd::AsFd;
 use std::os::fd::OwnedFd;

@@ -11,12 +11,16 @@ use std::os::fd::BorrowedFd;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
 
-/// The flags a TAP is attached with: a TAP (Ethernet frames), no packet-information prefix.
-/// No `IFF_VNET_HDR`: the virtio-net model negotiates every offload off, so a frame needs no
-/// header to go with it, and the service reads and writes bare Ethernet frames. Turning
-/// offloads on later means adding `IFF_VNET_HDR` here and `TUNSETVNETHDRSZ`/`TUNSETOFFLOAD`
-/// next to it: still the microkernel's work, before the service starts.
-pub const TAP_FLAGS: libc::c_int = libc::IFF_TAP | libc::IFF_NO_PI;
+/// The flags a TAP is attached with: a TAP (Ethernet frames), no packet-information prefix,
+/// and a virtio-net header in front of every frame either way (`IFF_VNET_HDR`, of
+/// [`VNET_HEADER_LEN`] bytes): the guest's checksum and segmentation offloads pass through
+/// it to the host's stack, and the host's to the guest, without the service finishing a
+/// checksum or cutting a segment.
+pub const TAP_FLAGS: libc::c_int = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+
+/// Bytes of the header in front of each frame: `struct virtio_net_hdr_v1` (with
+/// `num_buffers`), the header of a VERSION_1 driver, so the service passes it through as is.
+pub const VNET_HEADER_LEN: libc::c_int = 12;
 
 /// Moves the calling thread into the network namespace `ns` (an open `/run/netns/NAME`).
 /// Only this thread's namespace changes; the caller runs it on a thread that ends after.
@@ -59,6 +63,16 @@ pub fn open_tap(ifname: &str) -> io::Result<(OwnedFd, libc::c_int)> {
     // SAFETY: TUNSETIFF reads (and may write back the name of) one ifreq, which `request` is
     // and which outlives the call; `tun` is an open /dev/net/tun descriptor.
     if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut request) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TUNSETVNETHDRSZ reads one c_int through the pointer, which outlives the call.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETVNETHDRSZ, &VNET_HEADER_LEN) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // No offload towards the service until its guest's driver accepts some (the holder may
+    // set them, `TUNSETOFFLOAD` only): the kernel hands over whole, checksummed frames.
+    // SAFETY: TUNSETOFFLOAD takes its flags as the argument itself (no pointer).
+    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETOFFLOAD, 0 as libc::c_ulong) } != 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: as above: all zeroes is a valid ifreq.

@@ -18,6 +18,8 @@ use std::time::Duration;
 use pv_devices::virtio::net::BackendError;
 use pv_devices::virtio::net::Counters;
 use pv_devices::virtio::net::FrameIo;
+use pv_devices::virtio::net::GuestOffloads;
+use pv_devices::virtio::net::NetHeader;
 use pv_devices::virtio::net::RxProgress;
 use pv_devices::virtio::net::TxProgress;
 use pv_devices::virtio::net::VirtioNet;
@@ -52,14 +54,28 @@ pub enum HostLink {
 }
 
 impl FrameIo for HostLink {
-    fn send(&mut self, frame: &[u8]) -> Result<(), BackendError> {
+    fn carries_headers(&self) -> bool {
         match self {
-            HostLink::Tap(t) => t.send(frame),
-            HostLink::Responder(r) => r.send(frame),
+            HostLink::Tap(t) => t.carries_headers(),
+            HostLink::Responder(r) => r.carries_headers(),
         }
     }
 
-    fn recv(&mut self, buf: &mut [u8]) -> Result<Option<usize>, BackendError> {
+    fn accept_offloads(&mut self, offloads: GuestOffloads) -> Result<(), BackendError> {
+        match self {
+            HostLink::Tap(t) => t.accept_offloads(offloads),
+            HostLink::Responder(r) => r.accept_offloads(offloads),
+        }
+    }
+
+    fn send(&mut self, header: &NetHeader, frame: &[u8]) -> Result<(), BackendError> {
+        match self {
+            HostLink::Tap(t) => t.send(header, frame),
+            HostLink::Responder(r) => r.send(header, frame),
+        }
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> Result<Option<(NetHeader, usize)>, BackendError> {
         match self {
             HostLink::Tap(t) => t.recv(buf),
             HostLink::Responder(r) => r.recv(buf),

@@ -123,7 +123,7 @@ const TAP: &str = "net0";
 /// The host side: the granted TAP when the host named one, else the in-service responder.
 fn host_link(config: &Config, context: &mut runtime::Context) -> Result<HostLink, String> {
     if let Some(fd) = context.taps.remove(TAP) {
-        return Ok(HostLink::Tap(TapLink::new(fd)));
+        return Ok(HostLink::Tap(TapLink::new(fd, true)));
     }
     tracing::info!(
         tap = TAP,

@@ -14,6 +14,7 @@ use std::net::Ipv4Addr;
 use pv_devices::virtio::net::BackendError;
 use pv_devices::virtio::net::FrameIo;
 use pv_devices::virtio::net::MacAddress;
+use pv_devices::virtio::net::NetHeader;
 use serde::Serialize;
 
 /// Replies waiting for the guest's receive buffers: a guest that pings without posting
@@ -162,7 +163,7 @@ pub fn checksum(bytes: &[u8]) -> u16 {
 }
 
 impl FrameIo for Responder {
-    fn send(&mut self, frame: &[u8]) -> Result<(), BackendError> {
+    fn send(&mut self, _header: &NetHeader, frame: &[u8]) -> Result<(), BackendError> {
         let reply = match self.answer(frame) {
             Some(Reply::Arp(f)) => {
                 self.counters.arp_replies += 1;
@@ -185,11 +186,11 @@ impl FrameIo for Responder {
         Ok(())
     }
 
-    fn recv(&mut self, buf: &mut [u8]) -> Result<Option<usize>, BackendError> {
+    fn recv(&mut self, buf: &mut [u8]) -> Result<Option<(NetHeader, usize)>, BackendError> {
         Ok(self.pending.pop_front().map(|frame| {
             let n = frame.len().min(buf.len());
             buf[..n].copy_from_slice(&frame[..n]);
-            n
+            (NetHeader::default(), n)
         }))
     }
 }
@@ -250,13 +251,14 @@ mod tests {
 
     fn take(r: &mut Responder) -> Option<Vec<u8>> {
         let mut buf = [0u8; 1600];
-        r.recv(&mut buf).unwrap().map(|n| buf[..n].to_vec())
+        r.recv(&mut buf).unwrap().map(|(_, n)| buf[..n].to_vec())
     }
 
     #[test]
     fn an_arp_request_for_our_address_gets_our_mac() {
         let mut r = responder();
-        r.send(&arp_request([10, 0, 2, 2])).unwrap();
+        r.send(&NetHeader::default(), &arp_request([10, 0, 2, 2]))
+            .unwrap();
         let reply = take(&mut r).expect("a reply");
         assert_eq!(&reply[..6], &GUEST, "to the asker");
         assert_eq!(&reply[6..12], &OURS.0);
@@ -265,7 +267,8 @@ mod tests {
         assert_eq!(&reply[28..32], &[10, 0, 2, 2]);
         assert_eq!(&reply[32..38], &GUEST);
         assert_eq!(&reply[38..42], &[10, 0, 2, 15]);
-        r.send(&arp_request([10, 0, 2, 3])).unwrap();
+        r.send(&NetHeader::default(), &arp_request([10, 0, 2, 3]))
+            .unwrap();
         assert!(take(&mut r).is_none(), "another address is not ours");
         assert_eq!(r.counters().arp_replies, 1);
         assert_eq!(r.counters().ignored, 1);
@@ -275,7 +278,7 @@ mod tests {
     fn an_echo_request_comes_back_as_a_reply_with_valid_checksums() {
         let mut r = responder();
         let request = echo_request([10, 0, 2, 2], b"0123456789abcdef");
-        r.send(&request).unwrap();
+        r.send(&NetHeader::default(), &request).unwrap();
         let reply = take(&mut r).expect("a reply");
         assert_eq!(reply.len(), request.len());
         assert_eq!(&reply[..6], &GUEST);
@@ -313,7 +316,7 @@ mod tests {
             echo_request([10, 0, 2, 9], b"x"),
             arp_request([10, 0, 2, 2])[..40].to_vec(),
         ] {
-            r.send(&frame).unwrap();
+            r.send(&NetHeader::default(), &frame).unwrap();
         }
         assert!(take(&mut r).is_none());
         assert_eq!(r.counters().ignored, 8);
@@ -323,7 +326,8 @@ mod tests {
     fn replies_beyond_the_queue_are_dropped_and_counted() {
         let mut r = responder();
         for _ in 0..MAX_PENDING + 5 {
-            r.send(&arp_request([10, 0, 2, 2])).unwrap();
+            r.send(&NetHeader::default(), &arp_request([10, 0, 2, 2]))
+                .unwrap();
         }
         assert_eq!(r.counters().dropped, 5);
         let mut n = 0;

@@ -256,7 +256,7 @@ fn frames_cross_a_tap_descriptor_both_ways_and_a_full_one_holds_the_guests_frame
     let filler = UnixStream::from(ours.try_clone().unwrap());
     let backend = Arc::new(Mutex::new(Backend::new(
         "t",
-        device(HostLink::Tap(TapLink::new(ours))),
+        device(HostLink::Tap(TapLink::new(ours, false))),
     )));
     let mut fe = connect(&backend);
     let rings = start(&mut fe, &g);

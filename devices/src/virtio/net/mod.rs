@@ -9,15 +9,20 @@
 //! INDIRECT_DESC and EVENT_IDX, as it does for virtio-blk: virtio-queue follows indirect tables,
 //! and the model reads the queue's `event_idx_enabled` where it matters (below).
 //!
-//! **Not offered**: every checksum and segmentation offload (CSUM, GUEST_CSUM, HOST_TSO4/6,
-//! HOST_UFO, GUEST_TSO4/6, GUEST_UFO, HOST_ECN, GUEST_ECN, the USO bits), so the driver
-//! computes every checksum and sends nothing larger than the MTU, and the model never has to
-//! finish a checksum or cut a segment on the guest's behalf: a transmitted header must have
-//! `flags` and `gso_type` zero, and one that does not is dropped and counted
-//! ([`DropReason::Offload`]). No control queue (CTRL_VQ: no promiscuous, MAC filter or VLAN
-//! commands, the driver receives whatever the back end delivers), no multiqueue (MQ), no RSS,
-//! no SPEED_DUPLEX: each would add a parser of guest input and none is needed for a working
-//! NIC.
+//! **Offloads, over a back end that carries headers** ([`FrameIo::carries_headers`]: a TAP
+//! with a virtio-net header; [`OFFLOAD_FEATURES`]): CSUM and GUEST_CSUM (partial checksums
+//! both ways), HOST_TSO4/6 with HOST_ECN and GUEST_TSO4/6 with GUEST_ECN (TCP segments of up
+//! to 64 KiB both ways). The model passes each header through (the host's stack and the
+//! guest's finish checksums and cut segments), after checking it against what was negotiated
+//! (`check_tx_header` for the driver's, `VirtioNet::check_rx` for the host's, which is not
+//! trusted to honour [`FrameIo::accept_offloads`]); a partial checksum for a driver without
+//! GUEST_CSUM is finished here. Over a back end without headers (the responder, [`MemLink`]
+//! by default) no offload is offered and a transmitted header must be all zero.
+//!
+//! **Not offered**: UFO and USO, the control queue (CTRL_VQ: no promiscuous, MAC filter, VLAN
+//! or guest-offload commands, the driver receives whatever the back end delivers), no
+//! multiqueue (MQ), no RSS, no SPEED_DUPLEX: each would add a parser of guest input and none
+//! is needed for a working NIC.
 //!
 //! **The back end is a trait the model owns** ([`FrameIo`]: `send` a frame, `recv` a frame
 //! into a buffer), rather than a model that returns frames for the caller to carry. A single
@@ -31,7 +36,7 @@
 //!
 //! **Bounds.** The largest frame either way is [`VirtioNet::max_frame`]: the MTU plus the
 //! Ethernet header and one VLAN tag (the MTU is 1500 or more until the driver acknowledges
-//! MTU). A longer frame is dropped and counted ([`DropReason::Oversized`]); its length is
+//! MTU); a TCP segment, where negotiated, up to [`GSO_FRAME_LIMIT`]. A longer frame is dropped and counted ([`DropReason::Oversized`]); its length is
 //! known from the descriptors before a byte is copied, so nothing is buffered beyond one
 //! frame per direction. A chain that does not end (a loop, a `next` past its table, more
 //! descriptors than the queue holds), has no descriptor, reaches outside guest memory, has
@@ -77,6 +82,31 @@ use ring::publish;
 use ring::receive_buffer;
 use ring::shape;
 
+/// The device finishes checksums the driver left partial (NEEDS_CSUM on transmit).
+pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+/// The driver takes frames whose checksum is partial (NEEDS_CSUM) or already checked
+/// (DATA_VALID).
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
+/// The driver takes TCP segments of up to 64 KiB (IPv4, IPv6), and with ECN.
+pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+pub const VIRTIO_NET_F_GUEST_ECN: u64 = 1 << 9;
+/// The device takes TCP segments of up to 64 KiB (IPv4, IPv6), and with ECN.
+pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
+pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+pub const VIRTIO_NET_F_HOST_ECN: u64 = 1 << 13;
+/// Every offload the device offers over a back end that carries headers
+/// ([`FrameIo::carries_headers`]): checksums and TCP segmentation both ways. Not UFO or USO:
+/// Linux does not send UDP fragments through virtio-net any more, and UDP segmentation would
+/// be another parser for little.
+pub const OFFLOAD_FEATURES: u64 = VIRTIO_NET_F_CSUM
+    | VIRTIO_NET_F_GUEST_CSUM
+    | VIRTIO_NET_F_GUEST_TSO4
+    | VIRTIO_NET_F_GUEST_TSO6
+    | VIRTIO_NET_F_GUEST_ECN
+    | VIRTIO_NET_F_HOST_TSO4
+    | VIRTIO_NET_F_HOST_TSO6
+    | VIRTIO_NET_F_HOST_ECN;
 /// The device's MTU is in the configuration (5.1.3).
 pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
 /// The device's MAC address is in the configuration.
@@ -99,6 +129,19 @@ pub const QUEUES: u16 = 2;
 pub const HEADER_LEN: usize = 12;
 /// The header of a legacy driver that negotiated neither: no `num_buffers`.
 pub const LEGACY_HEADER_LEN: usize = 10;
+/// Header `flags`: the checksum from `csum_start` to the end is partial (its field at
+/// `csum_start + csum_offset` holds the pseudo-header's sum); the receiver finishes it.
+pub const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
+/// Header `flags` (towards the driver only): the frame's checksums were checked.
+pub const VIRTIO_NET_HDR_F_DATA_VALID: u8 = 2;
+/// Header `gso_type`: not a segment, a TCP/IPv4 segment, a TCP/IPv6 segment; the ECN bit.
+pub const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
+pub const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
+pub const VIRTIO_NET_HDR_GSO_TCPV6: u8 = 4;
+pub const VIRTIO_NET_HDR_GSO_ECN: u8 = 0x80;
+/// The largest frame a TCP segmentation offload carries: a 64 KiB IP packet behind an
+/// Ethernet header and a VLAN tag.
+pub const GSO_FRAME_LIMIT: usize = 65535 + ETH_HLEN + VLAN_HLEN;
 /// Bytes of an Ethernet header (destination, source, type): the shortest frame.
 pub const ETH_HLEN: usize = 14;
 /// Bytes of one 802.1Q tag: a VLAN interface over the NIC sends MTU-sized payloads behind it.
@@ -164,42 +207,85 @@ pub enum BackendError {
     Failed(String),
 }
 
+/// The offloads the guest's driver takes on receive: what the back end may hand over
+/// ([`FrameIo::accept_offloads`]; a TAP's `TUNSETOFFLOAD`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuestOffloads {
+    /// Partial checksums (and checked ones).
+    pub csum: bool,
+    /// TCP segments over IPv4, over IPv6, and with ECN.
+    pub tso4: bool,
+    pub tso6: bool,
+    pub ecn: bool,
+}
+
 /// Where frames go to and come from: the host's side of the NIC.
 pub trait FrameIo {
-    /// Sends one whole Ethernet frame (no virtio header).
-    fn send(&mut self, frame: &[u8]) -> Result<(), BackendError>;
+    /// Whether each frame goes with a virtio-net header that the other side honours (a TAP
+    /// with `IFF_VNET_HDR`): the device then offers [`OFFLOAD_FEATURES`]. Without, frames
+    /// are whole and checksummed both ways and every header it is given is all zero.
+    fn carries_headers(&self) -> bool {
+        false
+    }
+    /// The guest's driver takes these offloads: the back end may now hand over frames that
+    /// use them (and only them).
+    fn accept_offloads(&mut self, _offloads: GuestOffloads) -> Result<(), BackendError> {
+        Ok(())
+    }
+    /// Sends one Ethernet frame with its header (`num_buffers` zero; without
+    /// [`FrameIo::carries_headers`], all zero).
+    fn send(&mut self, header: &NetHeader, frame: &[u8]) -> Result<(), BackendError>;
     /// Writes the next frame waiting for the guest at the start of `buf` and returns its
-    /// length, or `None` when none waits. A frame longer than `buf` is cut to `buf.len()`;
-    /// the model passes a buffer one byte longer than the longest frame it takes, and drops a
-    /// frame that fills it.
-    fn recv(&mut self, buf: &mut [u8]) -> Result<Option<usize>, BackendError>;
+    /// header and length, or `None` when none waits. A frame longer than `buf` is cut to
+    /// `buf.len()`; the model passes a buffer one byte longer than the longest frame it takes,
+    /// and drops a frame that fills it.
+    fn recv(&mut self, buf: &mut [u8]) -> Result<Option<(NetHeader, usize)>, BackendError>;
 }
 
 /// An in-memory back end, for tests and fuzzing (as [`crate::block::MemStore`] is for disks):
-/// frames waiting for the guest, and the frames it sent.
+/// frames waiting for the guest (with their headers, when `headers` is on: all zero where
+/// `to_guest_headers` runs out), and the frames it sent with theirs.
 #[derive(Debug, Default)]
 pub struct MemLink {
     pub to_guest: VecDeque<Vec<u8>>,
+    pub to_guest_headers: VecDeque<NetHeader>,
     pub from_guest: Vec<Vec<u8>>,
+    pub from_guest_headers: Vec<NetHeader>,
     /// Answer every send with [`BackendError::Busy`].
     pub busy: bool,
+    /// Carry headers ([`FrameIo::carries_headers`]), as a TAP with a virtio-net header does.
+    pub headers: bool,
+    /// What the device last said the guest accepts.
+    pub accepted: GuestOffloads,
 }
 
 impl FrameIo for MemLink {
-    fn send(&mut self, frame: &[u8]) -> Result<(), BackendError> {
+    fn carries_headers(&self) -> bool {
+        self.headers
+    }
+
+    fn accept_offloads(&mut self, offloads: GuestOffloads) -> Result<(), BackendError> {
+        self.accepted = offloads;
+        Ok(())
+    }
+
+    fn send(&mut self, header: &NetHeader, frame: &[u8]) -> Result<(), BackendError> {
         if self.busy {
             return Err(BackendError::Busy);
         }
         self.from_guest.push(frame.to_vec());
+        self.from_guest_headers.push(*header);
         Ok(())
     }
 
-    fn recv(&mut self, buf: &mut [u8]) -> Result<Option<usize>, BackendError> {
-        Ok(self.to_guest.pop_front().map(|frame| {
-            let n = frame.len().min(buf.len());
-            buf[..n].copy_from_slice(&frame[..n]);
-            n
-        }))
+    fn recv(&mut self, buf: &mut [u8]) -> Result<Option<(NetHeader, usize)>, BackendError> {
+        let Some(frame) = self.to_guest.pop_front() else {
+            return Ok(None);
+        };
+        let header = self.to_guest_headers.pop_front().unwrap_or_default();
+        let n = frame.len().min(buf.len());
+        buf[..n].copy_from_slice(&frame[..n]);
+        Ok(Some((header, n)))
     }
 }
 
@@ -246,23 +332,109 @@ impl NetHeader {
         b
     }
 
-    /// The offload a transmitted header asks for, none of which is negotiated: a segmentation
-    /// type, or a flag (NEEDS_CSUM; DATA_VALID and RSC_INFO are the device's to set).
-    pub fn offload(&self) -> Option<String> {
-        if self.gso_type != 0 {
-            Some(format!(
-                "gso_type {:#x} (segmentation offload was not negotiated)",
-                self.gso_type
-            ))
-        } else if self.flags != 0 {
-            Some(format!(
-                "flags {:#x} (checksum offload was not negotiated)",
-                self.flags
-            ))
-        } else {
-            None
-        }
+    /// The segmentation type without its ECN bit.
+    fn gso(&self) -> u8 {
+        self.gso_type & !VIRTIO_NET_HDR_GSO_ECN
     }
+
+    /// Why the checksum request of a `len`-byte frame does not fit in it, if it does not.
+    fn checksum_outside(&self, len: usize) -> Option<String> {
+        let field = usize::from(self.csum_start) + usize::from(self.csum_offset) + 2;
+        (self.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 && field > len).then(|| {
+            format!(
+                "a checksum field at {}+{} outside the {len}-byte frame",
+                self.csum_start, self.csum_offset
+            )
+        })
+    }
+
+    /// Why a segment's fields do not describe one, if they do not: no segment size, or
+    /// headers longer than the frame.
+    fn segment_malformed(&self, len: usize) -> Option<String> {
+        if self.gso() == VIRTIO_NET_HDR_GSO_NONE {
+            return None;
+        }
+        if self.gso_size == 0 {
+            return Some(format!("gso_type {:#x} with gso_size 0", self.gso_type));
+        }
+        (usize::from(self.hdr_len) > len)
+            .then(|| format!("hdr_len {} past the {len}-byte frame", self.hdr_len))
+    }
+}
+
+/// What the driver may ask of the device in a transmitted header under `acked` features: the
+/// offload it asks for that was not negotiated (`Err((Offload, why))`), or a request that
+/// does not fit the frame (`Err((Malformed, why))`).
+fn check_tx_header(h: &NetHeader, len: usize, acked: u64) -> Result<(), (DropReason, String)> {
+    let offload = |why: String| Err((DropReason::Offload, why));
+    if h.flags & !VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+        return offload(format!(
+            "flags {:#x} (only NEEDS_CSUM is the driver's to set)",
+            h.flags
+        ));
+    }
+    if h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 && acked & VIRTIO_NET_F_CSUM == 0 {
+        return offload("NEEDS_CSUM (checksum offload was not negotiated)".into());
+    }
+    let needed = match h.gso() {
+        VIRTIO_NET_HDR_GSO_NONE => 0,
+        VIRTIO_NET_HDR_GSO_TCPV4 => VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_HDR_GSO_TCPV6 => VIRTIO_NET_F_HOST_TSO6,
+        other => return offload(format!("gso_type {other:#x} (not offered)")),
+    };
+    if needed != 0 && acked & needed == 0 {
+        return offload(format!(
+            "gso_type {:#x} (that segmentation offload was not negotiated)",
+            h.gso_type
+        ));
+    }
+    if h.gso_type & VIRTIO_NET_HDR_GSO_ECN != 0
+        && (needed == 0 || acked & VIRTIO_NET_F_HOST_ECN == 0)
+    {
+        return offload(format!(
+            "gso_type {:#x} (ECN segmentation was not negotiated)",
+            h.gso_type
+        ));
+    }
+    if let Some(why) = h.checksum_outside(len).or_else(|| h.segment_malformed(len)) {
+        return Err((DropReason::Malformed, why));
+    }
+    Ok(())
+}
+
+/// The offloads features `acked` say the guest takes on receive.
+fn guest_offloads(acked: u64) -> GuestOffloads {
+    let csum = acked & VIRTIO_NET_F_GUEST_CSUM != 0;
+    GuestOffloads {
+        csum,
+        // A segment's checksum is partial: no segments for a driver that does not take those.
+        tso4: csum && acked & VIRTIO_NET_F_GUEST_TSO4 != 0,
+        tso6: csum && acked & VIRTIO_NET_F_GUEST_TSO6 != 0,
+        ecn: csum
+            && acked & VIRTIO_NET_F_GUEST_ECN != 0
+            && acked & (VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6) != 0,
+    }
+}
+
+/// Finishes a partial checksum in `frame` as the guest's NIC would (the driver does not take
+/// partial ones): the ones' complement sum of everything from `start` to the end (the field
+/// included, which holds the pseudo-header's sum), complemented, into the field at `field`.
+/// The caller checked that the field is inside the frame.
+fn finish_checksum(frame: &mut [u8], start: usize, field: usize) {
+    let mut sum: u64 = 0;
+    let mut words = frame[start..].chunks_exact(2);
+    for w in &mut words {
+        sum += u64::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    if let [last] = words.remainder() {
+        sum += u64::from(u16::from_be_bytes([*last, 0]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    // At most 0xffff after folding.
+    let folded = !(sum as u16);
+    frame[field..field + 2].copy_from_slice(&folded.to_be_bytes());
 }
 
 /// Why a frame was dropped.
@@ -334,6 +506,9 @@ pub struct Counters {
     pub rx_malformed_chains: u64,
     /// Times a received frame had to wait for the guest to post buffers.
     pub rx_waits: u64,
+    /// Received frames whose partial checksum the device finished because the driver does not
+    /// take partial ones.
+    pub rx_checksums_finished: u64,
 }
 
 /// Where [`VirtioNet::process_tx`] stopped.
@@ -392,8 +567,8 @@ pub struct VirtioNet<B: FrameIo> {
     /// too long for it shows).
     tx_frame: Vec<u8>,
     rx_frame: Vec<u8>,
-    /// The length of the frame in `rx_frame` that waits for receive buffers.
-    rx_waiting: Option<usize>,
+    /// The header and length of the frame in `rx_frame` that waits for receive buffers.
+    rx_waiting: Option<(NetHeader, usize)>,
 }
 
 impl<B: FrameIo> VirtioNet<B> {
@@ -405,7 +580,11 @@ impl<B: FrameIo> VirtioNet<B> {
         if !mac.is_unicast() {
             return Err(NetError::Mac(mac));
         }
-        let largest = frame_limit(mtu.max(ETH_DATA_LEN));
+        // Segments of up to 64 KiB only over a back end that carries headers.
+        let mut largest = frame_limit(mtu.max(ETH_DATA_LEN));
+        if backend.carries_headers() {
+            largest = largest.max(GSO_FRAME_LIMIT);
+        }
         Ok(VirtioNet {
             backend,
             mac,
@@ -420,19 +599,40 @@ impl<B: FrameIo> VirtioNet<B> {
         })
     }
 
-    /// The features the device offers (the transport adds the ring features).
+    /// The features the device offers (the transport adds the ring features): the offloads
+    /// only over a back end that carries headers.
     pub fn features(&self) -> u64 {
+        let offloads = if self.backend.carries_headers() {
+            OFFLOAD_FEATURES
+        } else {
+            0
+        };
         super::VIRTIO_F_VERSION_1
             | VIRTIO_NET_F_MAC
             | VIRTIO_NET_F_MTU
             | VIRTIO_NET_F_STATUS
             | VIRTIO_NET_F_MRG_RXBUF
+            | offloads
     }
 
     /// The features the driver acknowledged (the transport has checked they were offered):
-    /// they set the header's size and whether a frame may span receive buffers.
+    /// they set the header's size, whether a frame may span receive buffers, and which
+    /// offloads each way (the back end is told which it may hand over).
     pub fn set_acked_features(&mut self, features: u64) {
         self.acked = features;
+        self.tell_backend_offloads();
+    }
+
+    /// Tells the back end what the driver takes on receive. A back end that cannot follow is
+    /// logged; what it hands over anyway is checked frame by frame ([`Self::process_rx`]).
+    fn tell_backend_offloads(&mut self) {
+        if !self.backend.carries_headers() {
+            return;
+        }
+        let offloads = guest_offloads(self.acked);
+        if let Err(e) = self.backend.accept_offloads(offloads) {
+            self.last_problem = Some(format!("setting the back end's offloads: {e}"));
+        }
     }
 
     /// The configuration space (5.1.4): mac, status, max_virtqueue_pairs (1), mtu; speed and
@@ -463,13 +663,15 @@ impl<B: FrameIo> VirtioNet<B> {
     /// dropped. Counters stay.
     pub fn reset(&mut self) {
         self.acked = 0;
+        self.tell_backend_offloads();
         if self.rx_waiting.take().is_some() {
             self.dropped(RX, DropReason::NoRxBuffers, "device reset".into());
         }
     }
 
-    /// The longest frame (without the header) the device takes or passes: the MTU, plus the
-    /// Ethernet header and a VLAN tag.
+    /// The longest frame (without the header) the device takes or passes that is not a
+    /// segment: the MTU, plus the Ethernet header and a VLAN tag. A TCP segment may be up to
+    /// [`GSO_FRAME_LIMIT`] where that offload was negotiated.
     pub fn max_frame(&self) -> usize {
         if self.acked & VIRTIO_NET_F_MTU != 0 {
             frame_limit(self.mtu)
@@ -583,14 +785,18 @@ impl<B: FrameIo> VirtioNet<B> {
                 shape.readable
             )));
         };
+        // A segment may be longer than the MTU (its header says, below); nothing is longer
+        // than the buffer.
+        let segments = self.acked & (VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_HOST_TSO6) != 0;
         let max = self.max_frame();
-        if len > max as u64 {
+        let limit = if segments { self.tx_frame.len() } else { max };
+        if len > limit as u64 {
             return Err(Unsent::Dropped(
                 DropReason::Oversized,
-                format!("a frame of {len} bytes, longer than the {max} the MTU allows"),
+                format!("a frame of {len} bytes, longer than the {limit} allowed"),
             ));
         }
-        // At most max_frame, which is at most the buffer's length.
+        // At most the buffer's length.
         let len = len as usize;
         if len < ETH_HLEN {
             return Err(Unsent::Dropped(
@@ -605,14 +811,22 @@ impl<B: FrameIo> VirtioNet<B> {
         reader
             .read_exact(&mut header[..header_len])
             .map_err(|e| malformed(format!("header: {e}")))?;
-        if let Some(why) = NetHeader::from_bytes(&header).offload() {
-            return Err(Unsent::Dropped(DropReason::Offload, why));
+        let mut header = NetHeader::from_bytes(&header);
+        // The driver's; never passed on.
+        header.num_buffers = 0;
+        check_tx_header(&header, len, self.acked)
+            .map_err(|(reason, why)| Unsent::Dropped(reason, why))?;
+        if header.gso() == VIRTIO_NET_HDR_GSO_NONE && len > max {
+            return Err(Unsent::Dropped(
+                DropReason::Oversized,
+                format!("a frame of {len} bytes, not a segment and longer than the {max} the MTU allows"),
+            ));
         }
         let frame = &mut self.tx_frame[..len];
         reader
             .read_exact(frame)
             .map_err(|e| malformed(format!("frame: {e}")))?;
-        match self.backend.send(frame) {
+        match self.backend.send(&header, frame) {
             Ok(()) => Ok(len),
             Err(BackendError::Busy) => Err(Unsent::Busy),
             Err(BackendError::Failed(why)) => Err(Unsent::Dropped(DropReason::Backend, why)),
@@ -632,10 +846,10 @@ impl<B: FrameIo> VirtioNet<B> {
             if handled == BATCH {
                 break RxProgress::More;
             }
-            let len = match self.rx_waiting.take() {
-                Some(len) => len,
+            let (header, len) = match self.rx_waiting.take() {
+                Some(waiting) => waiting,
                 None => match self.backend.recv(&mut self.rx_frame) {
-                    Ok(Some(len)) => len,
+                    Ok(Some(received)) => received,
                     Ok(None) | Err(BackendError::Busy) => break RxProgress::Idle,
                     Err(BackendError::Failed(why)) => {
                         self.last_problem = Some(format!("receive: {why}"));
@@ -644,26 +858,21 @@ impl<B: FrameIo> VirtioNet<B> {
                 },
             };
             handled += 1;
-            let max = self.max_frame();
-            if len > max {
-                let why =
-                    format!("a frame of {len} bytes or more, longer than the {max} the MTU allows");
-                self.dropped(RX, DropReason::Oversized, why);
-                continue;
-            }
-            if len < ETH_HLEN {
-                let why = format!("a frame of {len} bytes, shorter than an Ethernet header");
-                self.dropped(RX, DropReason::Runt, why);
-                continue;
-            }
+            let header = match self.check_rx(header, len) {
+                Ok(header) => header,
+                Err((reason, why)) => {
+                    self.dropped(RX, reason, why);
+                    continue;
+                }
+            };
             let frame = std::mem::take(&mut self.rx_frame);
-            let delivery = self.deliver(mem, queue, &frame[..len]);
+            let delivery = self.deliver(mem, queue, &header, &frame[..len]);
             self.rx_frame = frame;
             let delivery = match delivery {
                 Ok(d) => d,
                 Err(e) => {
                     // The queue stopped: the frame waits for the reset, which drops it.
-                    self.rx_waiting = Some(len);
+                    self.rx_waiting = Some((header, len));
                     return Err(e);
                 }
             };
@@ -674,12 +883,12 @@ impl<B: FrameIo> VirtioNet<B> {
                 }
                 Delivery::Dropped(reason, why) => self.dropped(RX, reason, why),
                 Delivery::NoRoom => {
-                    self.rx_waiting = Some(len);
+                    self.rx_waiting = Some((header, len));
                     self.counters.rx_waits += 1;
                     break RxProgress::WaitingForBuffers;
                 }
                 Delivery::Racing => {
-                    self.rx_waiting = Some(len);
+                    self.rx_waiting = Some((header, len));
                     break RxProgress::More;
                 }
             }
@@ -688,9 +897,85 @@ impl<B: FrameIo> VirtioNet<B> {
         Ok(RxReport { progress, notify })
     }
 
+    /// A frame from the back end (`len` bytes in `rx_frame`) as the driver may see it: its
+    /// size and header checked against what was negotiated (the host is not trusted to honour
+    /// `accept_offloads`), a partial checksum finished for a driver that does not take those.
+    /// The header to deliver, or why the frame is dropped.
+    fn check_rx(
+        &mut self,
+        mut header: NetHeader,
+        len: usize,
+    ) -> Result<NetHeader, (DropReason, String)> {
+        let max = self.max_frame();
+        if len < ETH_HLEN {
+            let why = format!("a frame of {len} bytes, shorter than an Ethernet header");
+            return Err((DropReason::Runt, why));
+        }
+        if !self.backend.carries_headers() {
+            header = NetHeader::default();
+        }
+        let offloads = guest_offloads(self.acked);
+        let allowed = match header.gso() {
+            VIRTIO_NET_HDR_GSO_NONE => true,
+            VIRTIO_NET_HDR_GSO_TCPV4 => offloads.tso4,
+            VIRTIO_NET_HDR_GSO_TCPV6 => offloads.tso6,
+            _ => false,
+        } && (header.gso_type & VIRTIO_NET_HDR_GSO_ECN == 0
+            || (header.gso() != VIRTIO_NET_HDR_GSO_NONE && offloads.ecn));
+        if !allowed {
+            return Err((
+                DropReason::Offload,
+                format!(
+                    "a segment (gso_type {:#x}) the driver does not take",
+                    header.gso_type
+                ),
+            ));
+        }
+        let limit = if header.gso() == VIRTIO_NET_HDR_GSO_NONE {
+            max
+        } else {
+            // One byte less than the buffer: a frame that filled it was cut.
+            self.rx_frame.len() - 1
+        };
+        if len > limit {
+            let why = format!("a frame of {len} bytes or more, longer than the {limit} allowed");
+            return Err((DropReason::Oversized, why));
+        }
+        if header.flags & !(VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID) != 0 {
+            return Err((
+                DropReason::Malformed,
+                format!("header flags {:#x}", header.flags),
+            ));
+        }
+        if let Some(why) = header
+            .checksum_outside(len)
+            .or_else(|| header.segment_malformed(len))
+        {
+            return Err((DropReason::Malformed, why));
+        }
+        if !offloads.csum {
+            if header.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+                let start = usize::from(header.csum_start);
+                let field = start + usize::from(header.csum_offset);
+                finish_checksum(&mut self.rx_frame[..len], start, field);
+                self.counters.rx_checksums_finished += 1;
+            }
+            // Not a segment either (those need partial checksums): nothing left to say.
+            header = NetHeader::default();
+        }
+        header.num_buffers = 0;
+        Ok(header)
+    }
+
     /// One frame into the receive buffers the driver posted: published whole, or nothing
     /// published and the buffers put back.
-    fn deliver<M, Q>(&mut self, mem: &M, queue: &mut Q, frame: &[u8]) -> Result<Delivery, NetError>
+    fn deliver<M, Q>(
+        &mut self,
+        mem: &M,
+        queue: &mut Q,
+        header: &NetHeader,
+        frame: &[u8],
+    ) -> Result<Delivery, NetError>
     where
         M: GuestMemory,
         Q: QueueT,
@@ -727,7 +1012,7 @@ impl<B: FrameIo> VirtioNet<B> {
                 }
             }
             if room >= need {
-                return self.fill(mem, queue, buffers, frame);
+                return self.fill(mem, queue, buffers, header, frame);
             }
             queue.set_next_avail(start);
             if !buffers.is_empty() && !self.mergeable() {
@@ -761,6 +1046,7 @@ impl<B: FrameIo> VirtioNet<B> {
         mem: &M,
         queue: &mut Q,
         mut buffers: Vec<(u16, Writer<'_, M>)>,
+        header: &NetHeader,
         frame: &[u8],
     ) -> Result<Delivery, NetError>
     where
@@ -771,7 +1057,7 @@ impl<B: FrameIo> VirtioNet<B> {
         // At most as many as the ring holds, which is at most 32768.
         let header = NetHeader {
             num_buffers: buffers.len() as u16,
-            ..NetHeader::default()
+            ..*header
         }
         .to_bytes();
         let mut rest = frame;

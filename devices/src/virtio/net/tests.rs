@@ -499,5 +499,242 @@ fn headers_round_trip() {
         num_buffers: 2,
     };
     assert_eq!(NetHeader::from_bytes(&h.to_bytes()), h);
-    assert!(h.offload().unwrap().starts_with("gso_type 0x3"));
+    let (reason, why) = check_tx_header(&h, 2000, OFFLOAD_FEATURES).unwrap_err();
+    assert_eq!(reason, DropReason::Offload);
+    assert!(why.starts_with("gso_type 0x3"), "{why}");
+}
+
+/// A device over a back end that carries headers, its driver acknowledging `acked`.
+fn offloading_device(acked: impl Fn(u64) -> u64) -> VirtioNet<MemLink> {
+    let link = MemLink {
+        headers: true,
+        ..MemLink::default()
+    };
+    let mut dev = VirtioNet::new(link, MAC, 1500).unwrap();
+    dev.set_acked_features(acked(dev.features()));
+    dev
+}
+
+/// A TCP segment's header as Linux sends one: partial checksum at the TCP header, 1448-byte
+/// segments behind 54 bytes of headers.
+const SEGMENT: NetHeader = NetHeader {
+    flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    gso_type: VIRTIO_NET_HDR_GSO_TCPV4,
+    hdr_len: 54,
+    gso_size: 1448,
+    csum_start: 34,
+    csum_offset: 16,
+    num_buffers: 0,
+};
+
+#[test]
+fn over_a_back_end_with_headers_the_offloads_are_offered_and_the_back_end_told() {
+    assert_eq!(device(1500).features() & OFFLOAD_FEATURES, 0);
+    let dev = offloading_device(|offered| offered);
+    assert_eq!(dev.features() & OFFLOAD_FEATURES, OFFLOAD_FEATURES);
+    let all = GuestOffloads {
+        csum: true,
+        tso4: true,
+        tso6: true,
+        ecn: true,
+    };
+    assert_eq!(dev.backend_ref().accepted, all);
+    // Segments only with partial checksums: TSO without GUEST_CSUM gives nothing.
+    let dev = offloading_device(|offered| offered & !VIRTIO_NET_F_GUEST_CSUM);
+    assert_eq!(dev.backend_ref().accepted, GuestOffloads::default());
+    let mut dev = offloading_device(|offered| offered);
+    dev.reset();
+    assert_eq!(dev.backend_ref().accepted, GuestOffloads::default());
+}
+
+#[test]
+fn a_tcp_segment_goes_to_the_back_end_whole_with_its_header() {
+    let mem = memory();
+    let mut dev = offloading_device(|offered| offered);
+    let data = frame(20_000);
+    let mut bytes = SEGMENT.to_bytes().to_vec();
+    bytes.extend_from_slice(&data);
+    mem.write_slice(&bytes, GuestAddress(BUF)).unwrap();
+    let (mut drv, mut q) = Driver::new(&mem);
+    drv.post(&[&[(BUF, bytes.len() as u32, false)]]);
+    dev.process_tx(&mem, &mut q).unwrap();
+    assert_eq!(dev.backend().from_guest, vec![data]);
+    assert_eq!(dev.backend().from_guest_headers, vec![SEGMENT]);
+    // Without HOST_TSO4 and 6 the same chain is too long for the MTU, and a short one asking
+    // for the segmentation is refused.
+    let mut dev =
+        offloading_device(|offered| offered & !(VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_HOST_TSO6));
+    let mut short = SEGMENT.to_bytes().to_vec();
+    short.extend_from_slice(&frame(1000));
+    mem.write_slice(&short, GuestAddress(BUF + 0x10000))
+        .unwrap();
+    drv.post(&[
+        &[(BUF, bytes.len() as u32, false)],
+        &[(BUF + 0x10000, short.len() as u32, false)],
+    ]);
+    dev.process_tx(&mem, &mut q).unwrap();
+    assert!(dev.backend().from_guest.is_empty());
+    let drops = dev.counters().tx_dropped;
+    assert_eq!((drops.oversized, drops.offload), (1, 1));
+}
+
+#[test]
+fn transmitted_headers_that_do_not_fit_their_frame_are_dropped() {
+    let cases = [
+        // The checksum field past the end of a 100-byte frame.
+        NetHeader {
+            csum_start: 90,
+            csum_offset: 16,
+            gso_type: 0,
+            ..SEGMENT
+        },
+        // A segment of size 0.
+        NetHeader {
+            gso_size: 0,
+            ..SEGMENT
+        },
+        // Headers longer than the frame.
+        NetHeader {
+            hdr_len: 101,
+            ..SEGMENT
+        },
+    ];
+    for h in cases {
+        let (reason, why) = check_tx_header(&h, 100, OFFLOAD_FEATURES).unwrap_err();
+        assert_eq!(reason, DropReason::Malformed, "{h:?}: {why}");
+    }
+    // ECN without segmentation, DATA_VALID from the driver: offloads not offered.
+    for h in [
+        NetHeader {
+            gso_type: VIRTIO_NET_HDR_GSO_ECN,
+            ..NetHeader::default()
+        },
+        NetHeader {
+            flags: VIRTIO_NET_HDR_F_DATA_VALID,
+            ..NetHeader::default()
+        },
+    ] {
+        let (reason, _) = check_tx_header(&h, 100, OFFLOAD_FEATURES).unwrap_err();
+        assert_eq!(reason, DropReason::Offload, "{h:?}");
+    }
+    check_tx_header(&SEGMENT, 100, OFFLOAD_FEATURES).unwrap();
+}
+
+#[test]
+fn a_segment_from_the_host_spans_mergeable_buffers_with_its_header() {
+    let mem = memory();
+    let mut dev = offloading_device(|offered| offered);
+    let data = frame(30_000);
+    dev.backend().to_guest.push_back(data.clone());
+    dev.backend().to_guest_headers.push_back(SEGMENT);
+    let (mut drv, mut q) = Driver::new(&mem);
+    let bufs: Vec<[Buf; 1]> = (0..8).map(|i| [(BUF + i * 0x2000, 4096, true)]).collect();
+    let chains: Vec<&[Buf]> = bufs.iter().map(|b| &b[..]).collect();
+    drv.post(&chains);
+    dev.process_rx(&mem, &mut q).unwrap();
+    // 30012 bytes with the header: eight buffers, the last partly.
+    assert_eq!(drv.used_idx(), 8);
+    assert_eq!(
+        header(&mem, BUF),
+        NetHeader {
+            num_buffers: 8,
+            ..SEGMENT
+        }
+    );
+    assert_eq!(dev.counters().rx_frames, 1);
+}
+
+/// The folded ones' complement sum of `bytes` (RFC 1071): 0xffff over a region whose
+/// checksum is right.
+fn ones_sum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+#[test]
+fn a_partial_checksum_is_finished_for_a_driver_that_does_not_take_them() {
+    let mem = memory();
+    let no_guest_offloads = VIRTIO_NET_F_GUEST_CSUM
+        | VIRTIO_NET_F_GUEST_TSO4
+        | VIRTIO_NET_F_GUEST_TSO6
+        | VIRTIO_NET_F_GUEST_ECN;
+    let mut dev = offloading_device(|offered| offered & !no_guest_offloads);
+    // An odd length, so the last byte is summed alone; the field holds some pseudo-header sum.
+    let mut data = frame(501);
+    data[50..52].copy_from_slice(&0x1234u16.to_be_bytes());
+    let partial = NetHeader {
+        gso_type: 0,
+        gso_size: 0,
+        hdr_len: 0,
+        ..SEGMENT
+    };
+    dev.backend().to_guest.push_back(data.clone());
+    dev.backend().to_guest_headers.push_back(partial);
+    // And a segment, which this driver cannot take.
+    dev.backend().to_guest.push_back(frame(3000));
+    dev.backend().to_guest_headers.push_back(SEGMENT);
+    let (mut drv, mut q) = Driver::new(&mem);
+    drv.post(&[&[(BUF, 2048, true)], &[(BUF + 0x1000, 2048, true)]]);
+    dev.process_rx(&mem, &mut q).unwrap();
+    assert_eq!(drv.used_idx(), 1);
+    assert_eq!(
+        header(&mem, BUF),
+        NetHeader {
+            num_buffers: 1,
+            ..NetHeader::default()
+        }
+    );
+    let mut back = vec![0u8; data.len()];
+    mem.read_slice(&mut back, GuestAddress(BUF + HEADER_LEN as u64))
+        .unwrap();
+    assert_eq!(back[..50], data[..50]);
+    assert_eq!(back[52..], data[52..]);
+    // The receiver adds the pseudo-header's sum (what the field held) to the region's.
+    let with_pseudo = u32::from(ones_sum(&back[34..])) + 0x1234;
+    let folded = (with_pseudo & 0xffff) + (with_pseudo >> 16);
+    assert_eq!(folded, 0xffff, "the finished checksum checks");
+    let c = dev.counters();
+    assert_eq!((c.rx_checksums_finished, c.rx_dropped.offload), (1, 1));
+}
+
+#[test]
+fn hostile_headers_from_the_host_are_dropped_and_counted() {
+    let mem = memory();
+    let mut dev = offloading_device(|offered| offered);
+    let bad = [
+        NetHeader {
+            flags: 0x40,
+            ..NetHeader::default()
+        },
+        NetHeader {
+            csum_start: 1000,
+            ..SEGMENT
+        },
+        NetHeader {
+            gso_size: 0,
+            ..SEGMENT
+        },
+        NetHeader {
+            gso_type: 3, // UDP fragments: not offered
+            ..SEGMENT
+        },
+    ];
+    for h in bad {
+        dev.backend().to_guest.push_back(frame(200));
+        dev.backend().to_guest_headers.push_back(h);
+    }
+    // Longer than the MTU without being a segment.
+    dev.backend().to_guest.push_back(frame(3000));
+    let (mut drv, mut q) = Driver::new(&mem);
+    drv.post(&[&[(BUF, 4096, true)]]);
+    dev.process_rx(&mem, &mut q).unwrap();
+    assert_eq!(drv.used_idx(), 0);
+    let d = dev.counters().rx_dropped;
+    assert_eq!((d.malformed, d.offload, d.oversized), (3, 1, 1));
 }

@@ -36,9 +36,11 @@ use crate::manifest::MAX_MEMORY;
 use crate::manifest::MAX_TAPS;
 
 /// Syscalls a service that holds a TAP may not be granted. `ioctl` on a TAP's descriptor
-/// reconfigures the host's end of it (offloads, filters, queues, the virtio-net header): the
-/// microkernel sets it up before the service starts, and its holder reads and writes frames
-/// only. `socket` would give it a second way onto a network beside the one it is handed.
+/// reconfigures the host's end of it (filters, queues, the virtio-net header, its owner):
+/// the microkernel sets it up before the service starts, and its holder gets one ioctl
+/// request only, `TUNSETOFFLOAD` within a fixed set of flags, checked by a seccomp rule of its
+/// own ([`crate::profiles::service_program`]). `socket` would give it a second way onto a
+/// network beside the one it is handed.
 pub const TAP_HOLDER_REFUSED: &[&str] = &["ioctl", "socket"];
 
 impl Validator<'_> {
@@ -527,7 +529,7 @@ impl Validator<'_> {
                         "syscall \"{}\" is refused to \"{name}\", which holds a TAP",
                         sc.get_ref()
                     ),
-                    "the microkernel sets the TAP up before the service starts (no packet information, no virtio-net header); its holder reads and writes frames only, so it is granted neither ioctl nor socket",
+                    "the microkernel sets the TAP up before the service starts (no packet information, a virtio-net header); its holder reads and writes frames and may only set the offloads its guest accepts (TUNSETOFFLOAD, allowed by a rule of its own), so it is granted neither ioctl nor socket",
                 );
             }
         }
