@@ -136,7 +136,7 @@ fn tap_offload_rule() -> Result<SeccompRule, ProfileError> {
             1,
             SeccompCmpArgLen::Dword,
             SeccompCmpOp::Eq,
-            libc::TUNSETOFFLOAD as u64,
+            libc::TUNSETOFFLOAD,
         )
         .map_err(compile_err)?,
         // No flag outside the set: (flags & !set) == 0 over the whole argument.

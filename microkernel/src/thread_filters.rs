@@ -519,7 +519,7 @@ pub fn spawner(m: &Manifest) -> ThreadProfile {
             "ioctl",
             "TUNSETOFFLOAD within the NIC's offloads, for a TAP's holder",
             vec![
-                eq(1, libc::TUNSETOFFLOAD as u64),
+                eq(1, libc::TUNSETOFFLOAD),
                 (
                     2,
                     SeccompCmpArgLen::Qword,
