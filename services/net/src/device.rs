@@ -133,6 +133,12 @@ impl<L: Link> NetDevice<L> {
         self.net.last_problem()
     }
 
+    /// Whether a frame from the host waits for the guest's receive buffers (the host side
+    /// is then not read).
+    pub fn has_waiting_frame(&self) -> bool {
+        self.net.has_waiting_frame()
+    }
+
     fn serve_rx(&mut self, ring: &mut Ring<'_>) -> Result<bool, String> {
         let (mem, queue) = ring.parts();
         let report = self.net.process_rx(mem, queue).map_err(|e| e.to_string())?;
