@@ -332,6 +332,23 @@ impl NetHeader {
         b
     }
 
+    /// The header with only the fields its flags and type give a meaning: checksum fields
+    /// only with NEEDS_CSUM, segment fields only for a segment, no `num_buffers` (the
+    /// driver's number of buffers means nothing to a back end).
+    pub fn meaningful(&self) -> NetHeader {
+        let checksum = self.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0;
+        let segment = self.gso() != VIRTIO_NET_HDR_GSO_NONE;
+        NetHeader {
+            flags: self.flags,
+            gso_type: self.gso_type,
+            hdr_len: if segment { self.hdr_len } else { 0 },
+            gso_size: if segment { self.gso_size } else { 0 },
+            csum_start: if checksum { self.csum_start } else { 0 },
+            csum_offset: if checksum { self.csum_offset } else { 0 },
+            num_buffers: 0,
+        }
+    }
+
     /// The segmentation type without its ECN bit.
     fn gso(&self) -> u8 {
         self.gso_type & !VIRTIO_NET_HDR_GSO_ECN
@@ -811,11 +828,15 @@ impl<B: FrameIo> VirtioNet<B> {
         reader
             .read_exact(&mut header[..header_len])
             .map_err(|e| malformed(format!("header: {e}")))?;
-        let mut header = NetHeader::from_bytes(&header);
-        // The driver's; never passed on.
-        header.num_buffers = 0;
+        let header = NetHeader::from_bytes(&header);
         check_tx_header(&header, len, self.acked)
             .map_err(|(reason, why)| Unsent::Dropped(reason, why))?;
+        // Only the fields that mean something go on (a back end without headers gets none).
+        let header = if self.backend.carries_headers() {
+            header.meaningful()
+        } else {
+            NetHeader::default()
+        };
         if header.gso() == VIRTIO_NET_HDR_GSO_NONE && len > max {
             return Err(Unsent::Dropped(
                 DropReason::Oversized,
@@ -963,8 +984,7 @@ impl<B: FrameIo> VirtioNet<B> {
             // Not a segment either (those need partial checksums): nothing left to say.
             header = NetHeader::default();
         }
-        header.num_buffers = 0;
-        Ok(header)
+        Ok(header.meaningful())
     }
 
     /// One frame into the receive buffers the driver posted: published whole, or nothing
