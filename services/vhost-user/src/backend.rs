@@ -85,6 +85,12 @@ struct RingState {
     broken: bool,
     /// In-flight requests of the last back end, still to be answered (oldest first).
     resubmit: Vec<u16>,
+    /// The driver is interrupted once when the ring starts serving (or gets a new call
+    /// descriptor), whatever the ring's notification state says: a back end killed between
+    /// publishing used entries and signalling them leaves a driver that waits for an
+    /// interrupt its successor would otherwise never send (the entries are already past the
+    /// driver's `used_event`). A spurious interrupt costs the driver one look at its ring.
+    owe_interrupt: bool,
 }
 
 impl RingState {
@@ -99,6 +105,7 @@ impl RingState {
             active: false,
             broken: false,
             resubmit: Vec::new(),
+            owe_interrupt: false,
         }
     }
 }
@@ -281,10 +288,11 @@ impl<D: VirtioDevice> Backend<D> {
             notify: false,
         };
         let served = device.serve(&mut ring);
-        let notify = ring.notify;
+        let notify = ring.notify || state.owe_interrupt;
         if notify {
             if let Some(call) = state.call.as_mut() {
                 let _ = call.write_all(&1u64.to_ne_bytes());
+                state.owe_interrupt = false;
             }
         }
         match served {
@@ -333,6 +341,7 @@ impl<D: VirtioDevice> Backend<D> {
             ring.resubmit = found.heads;
         }
         ring.active = true;
+        ring.owe_interrupt = true;
         Ok(())
     }
 
@@ -538,7 +547,9 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
-        self.ring(u32::from(index))?.call = fd;
+        let ring = self.ring(u32::from(index))?;
+        ring.owe_interrupt |= fd.is_some();
+        ring.call = fd;
         Ok(())
     }
 
