@@ -12,6 +12,8 @@ pub mod bench_env;
 pub mod bench_guest;
 pub mod bench_measure;
 pub mod bench_memory;
+pub mod bench_net;
+pub mod bench_net_restart;
 pub mod bench_storage;
 pub mod bench_storage_guest;
 pub mod bench_storage_host;

@@ -1,0 +1,165 @@
+//! `paravisor bench net`, the restart: `kill -9` of pv-net while a Linux guest sits on its
+//! NIC, and two times per kill, both from the moment `paravisor kill` has sent the signal:
+//!
+//! - **the first packet through the restarted service**: `pv-netpeer --probe` runs in the
+//!   TAP's namespace and knocks on a closed TCP port of the guest every [`PROBE_EVERY`] (each
+//!   knock in its own thread, waiting up to [`PROBE_TIMEOUT`]); the guest's kernel answers
+//!   each with a RST. The time is that of the first answer to a knock sent after the kill:
+//!   the SYN went through the new pv-net (or waited in the TAP's queue for it) and the RST
+//!   came back through it. Both times are the host's wall clock. The knocks' spacing is the
+//!   resolution. QEMU 7.2 reconnects a second after the disconnection (`reconnect=1` is
+//!   whole seconds, and pv-net needs QEMU's rings again), which bounds this from below.
+//! - **the service running again**: the microkernel's `ps` shows pv-net running with a new
+//!   pid and its socket bound (polled every 5 ms).
+//!
+//! The service's restart policy is [`RESTART_POLICY`], as for `bench storage`'s restart: with
+//! kills [`KILL_SPACING`] apart every restart is the first of its one-second window
+//! (immediate), so the back-off the shipped policy adds to repeated crashes is not counted.
+
+use std::time::Duration;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::bench_net::NetInstance;
+use crate::bench_net::NetPeer;
+use crate::bench_net::Netns;
+use crate::bench_net::GUEST_ADDRESS;
+use crate::bench_net::PROGRESS;
+use crate::bench_storage::err;
+use crate::bench_storage::median;
+use crate::net_peer::unix_seconds;
+
+/// pv-net's restart policy in the bench's manifest (the same reasoning as pv-storage's).
+pub const RESTART_POLICY: &str = crate::bench_storage_restart::RESTART_POLICY;
+/// Time between kills: QEMU's one-second reconnection, the handshake and a steady stretch of
+/// answered knocks.
+pub const KILL_SPACING: Duration = Duration::from_millis(3000);
+/// Time from one knock to the next: the resolution of the first-packet time.
+pub const PROBE_EVERY: Duration = Duration::from_millis(10);
+/// How long a knock waits for its answer (a guest under TCG answers in a few milliseconds;
+/// a knock waiting in the TAP's queue for the restarted service, longer).
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// The port knocked on: TCP's discard port, on which nothing listens in the guest.
+const PROBE_PORT: u16 = 9;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RestartReport {
+    pub kills: usize,
+    pub restart_policy: String,
+    pub probe_every_ms: f64,
+    /// Each kill's time to the first answer to a knock sent after it, in milliseconds.
+    pub first_packet_ms: Vec<f64>,
+    pub first_packet_median_ms: f64,
+    /// Each kill's time to the new pv-net running (its socket bound), in milliseconds.
+    pub service_running_ms: Vec<f64>,
+    pub service_running_median_ms: f64,
+}
+
+/// A probe's `reply SENT RECEIVED` line: both wall-clock seconds.
+pub fn reply_times(line: &str) -> Option<(f64, f64)> {
+    let mut words = line.strip_prefix("reply ")?.split_whitespace();
+    Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
+}
+
+/// `kills` kills of `instance`'s pv-net under a guest idle on its NIC (in `ns`).
+pub fn run(
+    instance: &mut NetInstance,
+    ns: &Netns,
+    kills: usize,
+) -> std::io::Result<RestartReport> {
+    let args = [
+        "--probe".to_string(),
+        format!("{GUEST_ADDRESS}:{PROBE_PORT}"),
+        "--every-ms".to_string(),
+        PROBE_EVERY.as_millis().to_string(),
+        "--timeout-ms".to_string(),
+        PROBE_TIMEOUT.as_millis().to_string(),
+    ];
+    let mut probe = NetPeer::start(ns, &args, "probing ")?;
+    // The guest answers before the first kill.
+    probe.wait_for("reply ", Instant::now() + Duration::from_secs(30))?;
+    let (mut first_packet, mut running) = (Vec::new(), Vec::new());
+    for k in 0..kills {
+        std::thread::sleep(KILL_SPACING);
+        let pid = instance.net_pid(None, Instant::now() + Duration::from_secs(10))?;
+        let reply = microkernel::control::send(
+            &instance.state,
+            &microkernel::control::Command::Kill {
+                service: "net".into(),
+                signal: 9,
+            },
+        )
+        .map_err(err)?;
+        let (killed, killed_wall) = (Instant::now(), unix_seconds());
+        if !matches!(reply, microkernel::control::Reply::Done { .. }) {
+            return Err(err(format!("paravisor kill net: {reply:?}")));
+        }
+        instance.net_pid(Some(pid), killed + Duration::from_secs(30))?;
+        running.push(killed.elapsed().as_secs_f64() * 1e3);
+        let deadline = killed + Duration::from_secs(30);
+        let received = loop {
+            let line = probe.wait_for("reply ", deadline).map_err(|e| {
+                err(format!(
+                    "no knock on the guest was answered within 30 s of kill {}: {e}",
+                    k + 1
+                ))
+            })?;
+            match reply_times(&line) {
+                Some((sent, received)) if sent >= killed_wall => break received,
+                Some(_) => continue,
+                None => return Err(err(format!("pv-netpeer --probe printed {line:?}"))),
+            }
+        };
+        first_packet.push((received - killed_wall) * 1e3);
+        eprintln!(
+            "{PROGRESS} kill {} of {kills}: pv-net running again after {:.1} ms, the first \
+             packet through it after {:.0} ms",
+            k + 1,
+            running[k],
+            first_packet[k]
+        );
+    }
+    Ok(RestartReport {
+        kills,
+        restart_policy: RESTART_POLICY.into(),
+        probe_every_ms: PROBE_EVERY.as_secs_f64() * 1e3,
+        first_packet_median_ms: median(first_packet.clone()),
+        first_packet_ms: first_packet,
+        service_running_median_ms: median(running.clone()),
+        service_running_ms: running,
+    })
+}
+
+pub fn text(r: &RestartReport) -> String {
+    format!(
+        "Restart: {} kill -9s of pv-net ({:.1} s apart; restart = {}) under an idle guest, \
+         probed from the TAP's host side every {:.0} ms (TCP knocks on a closed port)\n  kill \
+         to the first packet through the restarted service: median {:.0} ms (range {} ms; \
+         QEMU 7.2's reconnect=1 retries once a second: the floor)\n  kill to pv-net running \
+         again (new pid, socket bound): median {:.1} ms (range {} ms)\n",
+        r.kills,
+        KILL_SPACING.as_secs_f64(),
+        r.restart_policy,
+        r.probe_every_ms,
+        r.first_packet_median_ms,
+        crate::bench_net::range(&r.first_packet_ms, 0),
+        r.service_running_median_ms,
+        crate::bench_net::range(&r.service_running_ms, 1),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_probe_reply_gives_its_send_and_receive_times() {
+        assert_eq!(
+            reply_times("reply 1733380000.125000 1733380000.127500"),
+            Some((1733380000.125, 1733380000.1275))
+        );
+        assert_eq!(reply_times("probing 10.78.0.15:9"), None);
+        assert_eq!(reply_times("reply 1.0"), None);
+    }
+}
