@@ -297,7 +297,8 @@ impl NetPeer {
         Ok(peer)
     }
 
-    /// The next line after the last one returned that starts with `prefix`.
+    /// The next line after the last one returned that starts with `prefix`; an error of kind
+    /// `TimedOut` when `deadline` passes first.
     pub fn wait_for(&mut self, prefix: &str, deadline: Instant) -> std::io::Result<String> {
         loop {
             if self.cursor == self.seen.len() {
@@ -305,11 +306,19 @@ impl NetPeer {
                 match self.lines.recv_timeout(wait) {
                     Ok(line) => self.seen.push(line),
                     Err(e) => {
+                        // Timed out (the caller may wait again) or the peer ended.
+                        let kind = match e {
+                            mpsc::RecvTimeoutError::Timeout => std::io::ErrorKind::TimedOut,
+                            mpsc::RecvTimeoutError::Disconnected => std::io::ErrorKind::BrokenPipe,
+                        };
                         let tail = &self.seen[self.seen.len().saturating_sub(20)..];
-                        return Err(err(format!(
-                            "pv-netpeer printed no `{prefix}` line ({e}); its last lines:\n{}",
-                            tail.join("\n")
-                        )));
+                        return Err(std::io::Error::new(
+                            kind,
+                            format!(
+                                "pv-netpeer printed no `{prefix}` line ({e}); its last lines:\n{}",
+                                tail.join("\n")
+                            ),
+                        ));
                     }
                 }
             }
@@ -364,7 +373,14 @@ impl Transfer {
 pub fn ping_times(console: &[String]) -> Vec<f64> {
     console
         .iter()
-        .filter_map(|l| l.split_once("PVB-PING ")?.1.split_once("time=")?.1.split(' ').next())
+        .filter_map(|l| {
+            l.split_once("PVB-PING ")?
+                .1
+                .split_once("time=")?
+                .1
+                .split(' ')
+                .next()
+        })
         .filter_map(|t| t.parse().ok())
         .collect()
 }

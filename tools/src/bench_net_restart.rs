@@ -37,6 +37,9 @@ pub const RESTART_POLICY: &str = crate::bench_storage_restart::RESTART_POLICY;
 /// Time between kills: QEMU's one-second reconnection, the handshake and a steady stretch of
 /// answered knocks.
 pub const KILL_SPACING: Duration = Duration::from_millis(3000);
+/// How long a kill may take to its first packet before the bench calls it lost (and says so):
+/// thirty times QEMU's one-second reconnection.
+pub const FIRST_PACKET_LIMIT: Duration = Duration::from_secs(30);
 /// Time from one knock to the next: the resolution of the first-packet time.
 pub const PROBE_EVERY: Duration = Duration::from_millis(10);
 /// How long a knock waits for its answer (a guest under TCG answers in a few milliseconds;
@@ -50,12 +53,45 @@ pub struct RestartReport {
     pub kills: usize,
     pub restart_policy: String,
     pub probe_every_ms: f64,
-    /// Each kill's time to the first answer to a knock sent after it, in milliseconds.
-    pub first_packet_ms: Vec<f64>,
-    pub first_packet_median_ms: f64,
+    /// Each kill's time to the first answer to a knock sent after it, in milliseconds; `None`
+    /// (null) when none came within [`FIRST_PACKET_LIMIT`].
+    pub first_packet_ms: Vec<Option<f64>>,
+    /// Their median, the kills without an answer counted as longer than any other; `None` when
+    /// they are half or more.
+    pub first_packet_median_ms: Option<f64>,
     /// Each kill's time to the supervisor's saying the new pv-net runs, in milliseconds.
     pub service_running_ms: Vec<f64>,
     pub service_running_median_ms: f64,
+    /// What went wrong with a kill (no packet through the new process in time), with the
+    /// paravisor's log.
+    pub notes: Vec<String>,
+}
+
+/// The median (the upper one of an even count) of `v`, `None` counted as longer than any time.
+pub fn median_or_none(v: &[Option<f64>]) -> Option<f64> {
+    let mut sorted = v.to_vec();
+    sorted.sort_by(|a, b| match (a, b) {
+        (Some(a), Some(b)) => a.total_cmp(b),
+        (a, b) => a.is_none().cmp(&b.is_none()),
+    });
+    sorted.get(sorted.len() / 2).copied().flatten()
+}
+
+/// The paravisor log's lines from `since` (wall-clock seconds) on.
+fn log_after(instance: &NetInstance, since: f64) -> Vec<String> {
+    let log = std::fs::read_to_string(instance.dir.join("paravisor.log")).unwrap_or_default();
+    let lines: Vec<String> = log.lines().map(str::to_string).collect();
+    // Service lines start with the service's name; the time stamp is their first word after
+    // `|` or the line's first word.
+    let time = |l: &str| {
+        let stamp = l.rsplit_once("| ").map_or(l, |(_, rest)| rest);
+        log_time(stamp.split_whitespace().next().unwrap_or(""))
+    };
+    let from = lines
+        .iter()
+        .position(|l| time(l).is_some_and(|t| t >= since - 0.5))
+        .unwrap_or(lines.len().saturating_sub(20));
+    lines[from..].iter().take(40).cloned().collect()
 }
 
 /// A probe's `reply SENT RECEIVED` line: both wall-clock seconds.
@@ -65,11 +101,7 @@ pub fn reply_times(line: &str) -> Option<(f64, f64)> {
 }
 
 /// `kills` kills of `instance`'s pv-net under a guest idle on its NIC (in `ns`).
-pub fn run(
-    instance: &mut NetInstance,
-    ns: &Netns,
-    kills: usize,
-) -> std::io::Result<RestartReport> {
+pub fn run(instance: &mut NetInstance, ns: &Netns, kills: usize) -> std::io::Result<RestartReport> {
     let args = [
         "--probe".to_string(),
         format!("{GUEST_ADDRESS}:{PROBE_PORT}"),
@@ -81,7 +113,7 @@ pub fn run(
     let mut probe = NetPeer::start(ns, &args, "probing ")?;
     // The guest answers before the first kill.
     probe.wait_for("reply ", Instant::now() + Duration::from_secs(30))?;
-    let (mut first_packet, mut running) = (Vec::new(), Vec::new());
+    let (mut first_packet, mut running, mut notes) = (Vec::new(), Vec::new(), Vec::new());
     // `killed` is only a deadline's start: every reported time is on the wall clock.
     for k in 0..kills {
         std::thread::sleep(KILL_SPACING);
@@ -106,35 +138,50 @@ pub fn run(
             ))
         })?;
         running.push((started - killed_wall) * 1e3);
-        let deadline = killed + Duration::from_secs(30);
+        let deadline = killed + FIRST_PACKET_LIMIT;
         let received = loop {
-            let line = probe.wait_for("reply ", deadline).map_err(|e| {
-                err(format!(
-                    "no knock on the guest was answered within 30 s of kill {}: {e}",
-                    k + 1
-                ))
-            })?;
+            let line = match probe.wait_for("reply ", deadline) {
+                Ok(line) => line,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => break None,
+                Err(e) => return Err(e),
+            };
             match reply_times(&line) {
-                Some((sent, received)) if sent >= killed_wall => break received,
+                Some((sent, received)) if sent >= killed_wall => break Some(received),
                 Some(_) => continue,
                 None => return Err(err(format!("pv-netpeer --probe printed {line:?}"))),
             }
         };
-        first_packet.push((received - killed_wall) * 1e3);
-        eprintln!(
-            "{PROGRESS} kill {} of {kills}: pv-net running again after {:.1} ms, the first \
-             packet through it after {:.0} ms",
-            k + 1,
-            running[k],
-            first_packet[k]
-        );
+        let time = received.map(|r| (r - killed_wall) * 1e3);
+        first_packet.push(time);
+        match time {
+            Some(ms) => eprintln!(
+                "{PROGRESS} kill {} of {kills}: pv-net running again after {:.1} ms, the first \
+                 packet through it after {ms:.0} ms",
+                k + 1,
+                running[k],
+            ),
+            None => {
+                let net_log = log_after(instance, killed_wall);
+                let note = format!(
+                    "kill {}: pv-net ran again after {:.1} ms but no knock sent after the kill \
+                     was answered within {} s; the paravisor's log since the kill:\n{}",
+                    k + 1,
+                    running[k],
+                    FIRST_PACKET_LIMIT.as_secs(),
+                    net_log.join("\n")
+                );
+                eprintln!("{PROGRESS} {note}");
+                notes.push(note);
+            }
+        }
     }
     Ok(RestartReport {
         kills,
         restart_policy: RESTART_POLICY.into(),
         probe_every_ms: PROBE_EVERY.as_secs_f64() * 1e3,
-        first_packet_median_ms: median(first_packet.clone()),
+        first_packet_median_ms: median_or_none(&first_packet),
         first_packet_ms: first_packet,
+        notes,
         service_running_median_ms: median(running.clone()),
         service_running_ms: running,
     })
@@ -155,7 +202,10 @@ pub fn log_time(stamp: &str) -> Option<f64> {
     let mut ymd = date.split('-').map(|n| n.parse::<i64>().ok());
     let (y, m, d) = (ymd.next()??, ymd.next()??, ymd.next()??);
     let mut hms = time.split(':');
-    let (h, min) = (hms.next()?.parse::<i64>().ok()?, hms.next()?.parse::<i64>().ok()?);
+    let (h, min) = (
+        hms.next()?.parse::<i64>().ok()?,
+        hms.next()?.parse::<i64>().ok()?,
+    );
     let sec: f64 = hms.next()?.parse().ok()?;
     if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
         return None;
@@ -172,10 +222,16 @@ pub fn log_time(stamp: &str) -> Option<f64> {
 }
 
 pub fn text(r: &RestartReport) -> String {
-    format!(
+    let answered: Vec<f64> = r.first_packet_ms.iter().flatten().copied().collect();
+    let lost = r.kills - answered.len();
+    let median = match r.first_packet_median_ms {
+        Some(ms) => format!("{ms:.0} ms"),
+        None => "none".into(),
+    };
+    let mut out = format!(
         "Restart: {} kill -9s of pv-net ({:.1} s apart; restart = {}) under an idle guest, \
          probed from the TAP's host side every {:.0} ms (TCP knocks on a closed port)\n  kill \
-         to the first packet through the restarted service: median {:.0} ms (range {} ms; \
+         to the first packet through the restarted service: median {median} (range {} ms{}; \
          QEMU 7.2's reconnect=1 retries once a second: the floor)\n  kill to pv-net running \
          again (the supervisor's `running` line for the new process): median {:.1} ms (range {} \
          ms)\n",
@@ -183,11 +239,23 @@ pub fn text(r: &RestartReport) -> String {
         KILL_SPACING.as_secs_f64(),
         r.restart_policy,
         r.probe_every_ms,
-        r.first_packet_median_ms,
-        crate::bench_net::range(&r.first_packet_ms, 0),
+        crate::bench_net::range(&answered, 0),
+        if lost > 0 {
+            format!(
+                "; {lost} of {} kills: NO packet within {} s, counted as longest",
+                r.kills,
+                FIRST_PACKET_LIMIT.as_secs()
+            )
+        } else {
+            String::new()
+        },
         r.service_running_median_ms,
         crate::bench_net::range(&r.service_running_ms, 1),
-    )
+    );
+    for note in &r.notes {
+        out.push_str(&format!("  NOTE: {note}\n"));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -202,6 +270,14 @@ mod tests {
         );
         assert_eq!(reply_times("probing 10.78.0.15:9"), None);
         assert_eq!(reply_times("reply 1.0"), None);
+    }
+
+    #[test]
+    fn a_kill_without_a_packet_counts_as_longer_than_any_other() {
+        assert_eq!(median_or_none(&[Some(3.0), None, Some(1.0)]), Some(3.0));
+        assert_eq!(median_or_none(&[Some(3.0), None, None]), None);
+        assert_eq!(median_or_none(&[Some(2.0), Some(1.0)]), Some(2.0));
+        assert_eq!(median_or_none(&[]), None);
     }
 
     #[test]

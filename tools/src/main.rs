@@ -87,8 +87,10 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             }
         }
         Cmd::Bench { what, .. }
-            if ["vtpm", "guest", "measure", "attest", "memory", "storage", "net"]
-                .contains(&what.as_str())
+            if [
+                "vtpm", "guest", "measure", "attest", "memory", "storage", "net",
+            ]
+            .contains(&what.as_str())
                 && !Path::new(DEFAULT_MANIFEST).is_file() =>
         {
             eprintln!(
