@@ -551,7 +551,10 @@ fn measure_side(
     peer: &mut NetPeer,
     effort: &Effort,
 ) -> std::io::Result<Side> {
-    let budget = Duration::from_secs(120 + 60 * effort.rounds as u64 * effort.transfer_mib / 8);
+    // Only to end a hung guest: boot, pings and a minute for every 8 MiB each way (under TCG
+    // 8 MiB take ~3 s up and ~1 s down here), whatever the load.
+    let budget =
+        Duration::from_secs(120 + 60 * effort.rounds as u64 * effort.transfer_mib.div_ceil(8));
     let deadline = Instant::now() + budget;
     let local = guest.line_with("PVB-LOCAL ", deadline)?;
     let want = local
