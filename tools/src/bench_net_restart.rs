@@ -24,10 +24,10 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::bench_net::NetInstance;
-use crate::bench_net::NetPeer;
-use crate::bench_net::Netns;
 use crate::bench_net::GUEST_ADDRESS;
 use crate::bench_net::PROGRESS;
+use crate::bench_net_host::NetPeer;
+use crate::bench_net_host::Netns;
 use crate::bench_storage::err;
 use crate::bench_storage::median;
 use crate::net_peer::unix_seconds;

@@ -13,6 +13,7 @@ pub mod bench_guest;
 pub mod bench_measure;
 pub mod bench_memory;
 pub mod bench_net;
+pub mod bench_net_host;
 pub mod bench_net_restart;
 pub mod bench_storage;
 pub mod bench_storage_guest;
