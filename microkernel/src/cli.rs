@@ -187,9 +187,10 @@ pub enum Cmd {
     /// floor, eventfd and Unix sockets), `vmgs` (the guest-state store against plain file
     /// I/O), `vtpm` (a running paravisor's TPM against swtpm), `guest` (a guest exit
     /// answered by a device service against one answered in the vCPU thread), `memory` (an
-    /// idle instance's footprint against Firecracker's) or `storage` (our vhost-user disks
-    /// under a Linux guest's fio against qemu-storage-daemon). Warns when other processes
-    /// kept the machine busy meanwhile.
+    /// idle instance's footprint against Firecracker's), `storage` (our vhost-user disks
+    /// under a Linux guest's fio against qemu-storage-daemon) or `net` (a Linux guest's TCP
+    /// throughput and ping on our vhost-user NIC against QEMU's own `-netdev tap`, and pv-net's
+    /// restart; needs root). Warns when other processes kept the machine busy meanwhile.
     Bench(ToolArgs),
     /// (internal) The peer side of a benchmark.
     #[command(name = "__bench-peer", hide = true)]

@@ -150,17 +150,27 @@ pub fn storage_manifest(shipped: &str, encrypted: bool, restart: &str) -> Result
         SHIPPED_BLK_DEVICE.replace(",encrypted", "")
     };
     let text = shipped.replace(SHIPPED_BLK_DEVICE, &device);
-    // The storage service's section: from its name to the next service.
+    with_restart_policy(&text, "storage", restart)
+}
+
+/// `text` (a manifest) with the `restart = ` line of service `service` replaced by `restart`
+/// (the restart rows kill the service ten times: more than the shipped policy allows).
+pub(crate) fn with_restart_policy(
+    text: &str,
+    service: &str,
+    restart: &str,
+) -> Result<String, String> {
+    // The service's section: from its name to the next service.
     let start = text
-        .find("name = \"storage\"")
-        .ok_or("the manifest has no service named \"storage\"")?;
+        .find(&format!("name = \"{service}\""))
+        .ok_or(format!("the manifest has no service named \"{service}\""))?;
     let end = text[start..]
         .find("[[service]]")
         .map_or(text.len(), |e| start + e);
     let section = &text[start..end];
     let line_at = section
         .find("\nrestart = ")
-        .ok_or("the storage service has no `restart = ` line")?
+        .ok_or(format!("the {service} service has no `restart = ` line"))?
         + 1;
     let line_end = section[line_at..]
         .find('\n')

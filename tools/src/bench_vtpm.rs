@@ -313,6 +313,20 @@ pub fn start_instance(
     dir: &Path,
     listen: &[&str],
 ) -> std::io::Result<(Guard, std::path::PathBuf)> {
+    let args: Vec<String> = listen
+        .iter()
+        .flat_map(|l| ["--listen".to_string(), l.to_string()])
+        .collect();
+    start_instance_with(text, dir, &args)
+}
+
+/// [`start_instance`] with any further `paravisor run` arguments (`--listen NAME`, `--tap
+/// NAME=IFNAME@NETNS`).
+pub fn start_instance_with(
+    text: &str,
+    dir: &Path,
+    run_args: &[String],
+) -> std::io::Result<(Guard, std::path::PathBuf)> {
     std::fs::create_dir(dir)?;
     let run_manifest = dir.join("manifest.toml");
     std::fs::write(&run_manifest, text)?;
@@ -323,7 +337,7 @@ pub fn start_instance(
         .arg(&run_manifest)
         .arg("--state-dir")
         .arg(&state)
-        .args(listen.iter().flat_map(|l| ["--listen", l]))
+        .args(run_args)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("paravisor.log"))?)
         .spawn()?;

@@ -37,12 +37,13 @@ pub enum ToolCmd {
     /// floor, eventfd and Unix sockets), `vmgs` (the guest-state store against plain file
     /// I/O), `vtpm` (a running paravisor's TPM against swtpm), `guest` (a guest exit
     /// answered by a device service against one answered in the vCPU thread), `memory` (an
-    /// idle instance's footprint against Firecracker's) or `storage` (our vhost-user disks
-    /// under a Linux guest's fio against qemu-storage-daemon). Warns when other processes
-    /// kept the machine busy meanwhile.
+    /// idle instance's footprint against Firecracker's), `storage` (our vhost-user disks
+    /// under a Linux guest's fio against qemu-storage-daemon) or `net` (a Linux guest's TCP
+    /// throughput and ping on our vhost-user NIC against QEMU's own `-netdev tap`, and pv-net's
+    /// restart; needs root). Warns when other processes kept the machine busy meanwhile.
     Bench {
         /// What to measure.
-        #[arg(value_parser = ["ipc", "vmgs", "vtpm", "guest", "measure", "attest", "memory", "storage"], default_value = "ipc")]
+        #[arg(value_parser = ["ipc", "vmgs", "vtpm", "guest", "measure", "attest", "memory", "storage", "net"], default_value = "ipc")]
         what: String,
         /// Where the benchmark makes its temporary directory (unique, removed at the end; for
         /// `vmgs`, the file system measured) [default: the system's temporary directory].
@@ -57,7 +58,7 @@ pub enum ToolCmd {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
-        /// `storage`: the script that builds the Linux guest image (docs/linux-harness.md)
+        /// `storage`, `net`: the script that builds the Linux guest image (docs/linux-harness.md)
         /// [default: tests/linux/build-image.sh of the repository pv-tools was built from].
         #[arg(long)]
         image_script: Option<PathBuf>,

@@ -87,8 +87,10 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             }
         }
         Cmd::Bench { what, .. }
-            if ["vtpm", "guest", "measure", "attest", "memory", "storage"]
-                .contains(&what.as_str())
+            if [
+                "vtpm", "guest", "measure", "attest", "memory", "storage", "net",
+            ]
+            .contains(&what.as_str())
                 && !Path::new(DEFAULT_MANIFEST).is_file() =>
         {
             eprintln!(
@@ -135,6 +137,27 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 ),
                 json,
                 pv_tools::bench_storage::text,
+            )
+        }
+        Cmd::Bench {
+            what,
+            dir,
+            quick,
+            json,
+            image_script,
+            ..
+        } if what == "net" => {
+            let dir = bench_dir(&what, dir.as_deref())?;
+            let script = image_script.unwrap_or_else(|| pv_tools::linux_guest::BUILD_SCRIPT.into());
+            let effort = if quick {
+                pv_tools::bench_net::Effort::QUICK
+            } else {
+                pv_tools::bench_net::Effort::FULL
+            };
+            print_report(
+                pv_tools::bench_net::run(Path::new(DEFAULT_MANIFEST), dir.path(), &script, effort),
+                json,
+                pv_tools::bench_net::text,
             )
         }
         Cmd::Bench {

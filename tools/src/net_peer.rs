@@ -14,6 +14,14 @@
 //! `get`, until the guest closed its side after reading everything), and while bytes move
 //! `progress TOTAL` after every `progress_every` bytes, so that a test can act while a
 //! transfer is under way.
+//!
+//! [`probe`] is the other mode (`--probe ADDR:PORT`), for `bench net`'s restart: it knocks
+//! on a closed TCP port of the guest every few milliseconds, one knock at a time, and prints
+//! each answer (the guest kernel's RST, or an accept) as `reply SENT RECEIVED`, both wall-clock
+//! seconds: the bench finds the first packet through a restarted pv-net as the first reply to
+//! a knock sent after its kill. TCP rather than ICMP because std opens no ICMP socket, and
+//! rather than UDP because Linux rate-limits its port-unreachable answers to about one a
+//! second, which a TCP RST is not.
 
 use std::io::BufRead;
 use std::io::BufReader;
@@ -149,6 +157,45 @@ impl Peer {
         }
         Ok(())
     }
+}
+
+/// Knocks on `target` (a closed port: the guest's kernel answers with a RST) every `every`,
+/// each knock in a thread of its own that waits at most `timeout` for its answer (so that a
+/// slow answer delays no later knock), until stdout goes away; prints `probing TARGET` first
+/// and `reply SENT RECEIVED` (seconds since the Unix epoch) for every answered knock.
+pub fn probe(target: SocketAddr, every: Duration, timeout: Duration) -> std::io::Result<()> {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    say(&format!("probing {target}"))?;
+    let stdout_gone = Arc::new(AtomicBool::new(false));
+    let mut next = Instant::now();
+    while !stdout_gone.load(Ordering::Relaxed) {
+        let stdout_gone = stdout_gone.clone();
+        std::thread::spawn(move || {
+            let sent = unix_seconds();
+            let answered = match TcpStream::connect_timeout(&target, timeout) {
+                // A RST (the port is closed) or an accept (someone listens): either way a
+                // packet went to the guest and one came back.
+                Ok(_) => true,
+                Err(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+            };
+            if answered && say(&format!("reply {sent:.6} {:.6}", unix_seconds())).is_err() {
+                stdout_gone.store(true, Ordering::Relaxed);
+            }
+        });
+        next += every;
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    Ok(())
+}
+
+/// Wall-clock seconds since the Unix epoch (the bench compares them with its kills' times,
+/// taken on the same host's clock).
+pub fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// One line on stdout, flushed: a test reads it as it comes.
