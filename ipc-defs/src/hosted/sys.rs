@@ -620,6 +620,23 @@ pub fn poll_readable(
         .collect())
 }
 
+/// Makes reads and writes on `fd` return `WouldBlock` instead of waiting (O_NONBLOCK; the
+/// open file's flag, so every descriptor of it sees it).
+pub fn set_nonblocking(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: F_GETFL and F_SETFL take and return integers only; the descriptor is borrowed,
+    // so it stays open for both calls.
+    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) } as libc::c_long)?;
+    // SAFETY: as above.
+    cvt(unsafe {
+        libc::fcntl(
+            fd.as_raw_fd(),
+            libc::F_SETFL,
+            flags as libc::c_int | libc::O_NONBLOCK,
+        )
+    } as libc::c_long)?;
+    Ok(())
+}
+
 /// Whether a write to `fd` would go through without waiting: for a Unix stream socket, whether
 /// at most a quarter of its send buffer is taken by bytes the peer has not read (the kernel's
 /// POLLOUT), so a message of a few KiB fits. A socket whose peer is gone counts as writable:

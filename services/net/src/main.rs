@@ -123,7 +123,8 @@ const TAP: &str = "net0";
 /// The host side: the granted TAP when the host named one, else the in-service responder.
 fn host_link(config: &Config, context: &mut runtime::Context) -> Result<HostLink, String> {
     if let Some(fd) = context.taps.remove(TAP) {
-        return Ok(HostLink::Tap(TapLink::new(fd, true)));
+        let link = TapLink::new(fd, true).map_err(|e| format!("TAP {TAP}: {e}"))?;
+        return Ok(HostLink::Tap(link));
     }
     tracing::info!(
         tap = TAP,

@@ -8,10 +8,9 @@
 //! told the TAP which offloads the guest's driver takes (`TUNSETOFFLOAD`, the one ioctl its
 //! seccomp filter allows). The model checks every header either way.
 //!
-//! The descriptor is looked at before each read or write (a zero-timeout poll), so a read
-//! never waits for a frame and a write never waits for room, whether the microkernel handed it
-//! over non-blocking or not; a refused write leaves the guest's frame on its ring
-//! ([`BackendError::Busy`]). A frame longer than the buffer the model passes is cut by the
+//! The descriptor is made non-blocking (the microkernel hands a TAP over so already), so a
+//! read never waits for a frame and a write never waits for room, with one system call per
+//! frame; a refused write leaves the guest's frame on its ring ([`BackendError::Busy`]). A frame longer than the buffer the model passes is cut by the
 //! kernel and then dropped by the model as oversized.
 
 use std::fs::File;
@@ -23,7 +22,6 @@ use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::fd::BorrowedFd;
 use std::os::fd::OwnedFd;
-use std::time::Duration;
 
 use ipc_defs::hosted::sys;
 use pv_devices::virtio::net::BackendError;
@@ -44,14 +42,15 @@ pub struct TapLink {
 }
 
 impl TapLink {
-    /// A link over `fd`; `headers`: the descriptor carries a virtio-net header with each
-    /// frame (a TAP from the microkernel).
-    pub fn new(fd: OwnedFd, headers: bool) -> TapLink {
-        TapLink {
+    /// A link over `fd` (made non-blocking); `headers`: the descriptor carries a virtio-net
+    /// header with each frame (a TAP from the microkernel).
+    pub fn new(fd: OwnedFd, headers: bool) -> std::io::Result<TapLink> {
+        sys::set_nonblocking(fd.as_fd())?;
+        Ok(TapLink {
             file: File::from(fd),
             headers,
             closed: false,
-        }
+        })
     }
 
     /// The descriptor to poll for frames.
@@ -87,9 +86,6 @@ impl FrameIo for TapLink {
     }
 
     fn send(&mut self, header: &NetHeader, frame: &[u8]) -> Result<(), BackendError> {
-        if !sys::writable_now(self.file.as_fd()).map_err(|e| failed("polling", e))? {
-            return Err(BackendError::Busy);
-        }
         let header = header.to_bytes();
         let header: &[u8] = if self.headers { &header } else { &[] };
         // One write: a TAP takes a frame (and its header) per call.
@@ -110,11 +106,6 @@ impl FrameIo for TapLink {
     fn recv(&mut self, buf: &mut [u8]) -> Result<Option<(NetHeader, usize)>, BackendError> {
         if self.closed {
             return Err(BackendError::Failed("the TAP's other side closed".into()));
-        }
-        let ready = sys::poll_readable(&[self.file.as_fd()], Duration::ZERO)
-            .map_err(|e| failed("polling", e))?;
-        if ready.first() != Some(&true) {
-            return Ok(None);
         }
         let mut header = [0u8; HEADER_LEN];
         let header_len = if self.headers { HEADER_LEN } else { 0 };

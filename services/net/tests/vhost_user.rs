@@ -257,7 +257,7 @@ fn frames_cross_a_tap_descriptor_both_ways_and_a_full_one_holds_the_guests_frame
     let filler = UnixStream::from(ours.try_clone().unwrap());
     let backend = Arc::new(Mutex::new(Backend::new(
         "t",
-        device(HostLink::Tap(TapLink::new(ours, false))),
+        device(HostLink::Tap(TapLink::new(ours, false).unwrap())),
     )));
     let mut fe = connect(&backend);
     let rings = start(&mut fe, &g);
@@ -339,7 +339,7 @@ fn a_guest_without_receive_buffers_under_a_host_flood_holds_one_frame_and_loses_
     let host = UnixStream::from(host);
     let backend = Arc::new(Mutex::new(Backend::new(
         "t",
-        device(HostLink::Tap(TapLink::new(ours, false))),
+        device(HostLink::Tap(TapLink::new(ours, false).unwrap())),
     )));
     let mut fe = connect(&backend);
     let rings = start(&mut fe, &g);
