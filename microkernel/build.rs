@@ -14,6 +14,7 @@ fn main() {
     for f in [
         "src/main.rs",
         "src/arch.rs",
+        "src/net.rs",
         "src/nvme.rs",
         "src/nvme/pass.rs",
         "src/nvme/queue.rs",

@@ -619,3 +619,43 @@ fn a_stalling_vhost_user_front_end_does_not_stop_the_partitions_nvme() {
     );
     eprintln!("{stalls} stalls while the guest ran its 40 passes");
 }
+
+/// The shipped net service's virtio-net function on our partition, as the test guest's
+/// driver uses it: queues and frames in the shared window, an ARP request and echo requests
+/// answered by the in-service responder, every reply checked byte for byte in the guest.
+#[test]
+fn the_test_guest_pings_nets_responder_through_the_partitions_virtio_net_function() {
+    let test = "the_test_guest_pings_nets_responder_through_the_partitions_virtio_net_function";
+    if !kvm_available(test) {
+        return;
+    }
+    let mut run = GuestRun::start(
+        "guest-net",
+        &shipped_text(),
+        &[
+            "--cmdline",
+            "tpm=0 unowned=0 interrupt=0 nvme=0 net=1 net-pings=16",
+        ],
+    );
+    let status = run.wait(Duration::from_secs(180));
+    let (console, log) = (run.console(), run.log());
+    assert_eq!(status.code(), Some(0), "{console}\n--- log ---\n{log}");
+    assert_lines(
+        &console,
+        &log,
+        &[
+            "guest: ok   net: FEATURES_OK kept (VERSION_1 and MAC accepted, nothing unknown)",
+            "guest: ok   net: ARP 10.0.2.2 is 52:54:00:12:35:02",
+            "guest: ok   net: 16 echo replies checked",
+            "guest: all checks passed",
+        ],
+    );
+    assert!(!console.contains("FAIL"), "{console}");
+    assert!(log.contains("virtio-net PCI function ready"), "{log}");
+    for line in console
+        .lines()
+        .filter(|l| l.contains("guest: net: ") && !l.contains(" checked"))
+    {
+        eprintln!("{line}");
+    }
+}
