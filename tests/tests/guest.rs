@@ -808,3 +808,69 @@ fn killed_net_during_guest_pings_loses_no_echo_and_corrupts_no_frame() {
         eprintln!("{line}");
     }
 }
+
+/// One net process serves both transports: a vhost-user front end that stalls on its
+/// socket, again and again for as long as the guest pings, stops neither the partition's
+/// virtio-net function (every echo checked) nor the service (never restarted).
+#[test]
+fn a_stalling_vhost_user_front_end_does_not_stop_the_partitions_virtio_net() {
+    use std::io::Read;
+    use std::io::Write;
+    let test = "a_stalling_vhost_user_front_end_does_not_stop_the_partitions_virtio_net";
+    if !kvm_available(test) {
+        return;
+    }
+    let mut run = GuestRun::start(
+        "guest-net-stalling-front-end",
+        &shipped_text(),
+        &[
+            "--keep-running",
+            "--listen",
+            "vhost-user-net",
+            "--cmdline",
+            "tpm=0 unowned=0 interrupt=0 nvme=0 net=1 net-pings=3000",
+        ],
+    );
+    run.wait_for_console("guest: ok   net: ARP 10.0.2.2 is", Duration::from_secs(120));
+    let socket = run.dir.join("state/net/vhost-user-net.sock");
+    let mut stalls = 0;
+    while !run.console().contains("guest: all checks passed") {
+        assert!(
+            run.child.try_wait().unwrap().is_none(),
+            "the run ended:\n{}",
+            run.both()
+        );
+        // Half of a GET_FEATURES header, held until the service hangs up.
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        s.write_all(&[1, 0, 0, 0, 1, 0]).unwrap();
+        let mut buf = [0u8; 64];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("still connected: {e}\n{}", run.both()),
+            }
+        }
+        stalls += 1;
+    }
+    let out = pv(&["ps", "--json", "--state-dir", &run.state_dir()]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("ps json");
+    let net = rows.iter().find(|r| r["name"] == "net").unwrap();
+    assert_eq!(net["restarts"], 0, "{}", run.both());
+    let _ = pv(&["stop", "--state-dir", &run.state_dir()]);
+    let status = run.wait(Duration::from_secs(60));
+    let (console, log) = (run.console(), run.log());
+    assert_eq!(status.code(), Some(0), "{console}\n--- log ---\n{log}");
+    assert!(
+        console.contains("guest: ok   net: 3000 echo replies checked"),
+        "{console}"
+    );
+    assert!(!console.contains("FAIL"), "{console}");
+    assert!(
+        log.contains("only 6 of a message header's 12 bytes came"),
+        "{log}"
+    );
+    eprintln!("{stalls} stalls while the guest sent its 3000 echo requests");
+}
