@@ -366,3 +366,90 @@ fn hostile_set_ups_are_typed_errors_and_the_function_serves_on() {
     d.set_up(&mut f, MAC_FEATURE | VIRTIO_F_VERSION_1_HIGH << 32);
     assert!(f.take_errors().is_empty());
 }
+
+/// A guest that writes anything anywhere: random accesses of every size to BAR 0 and the
+/// configuration space, and random bytes into its rings and descriptors, with the queues
+/// served after each. The function must never panic, and must answer every access.
+#[test]
+fn random_accesses_and_scribbled_rings_never_panic_the_function() {
+    let memory = memory();
+    let region = MemRegion::new(16384);
+    let mut f = function(&region, &memory);
+    let mut d = Driver { seq: 0 };
+    let mut kicks = 0;
+    let mut malformed = 0;
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        // xorshift64*: reproducible, no dependency.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    for round in 0..20_000u32 {
+        if round % 2_000 == 0 {
+            // Now and then a proper set-up, so the queues are live while the rest is noise.
+            d.set_up(&mut f, MAC_FEATURE | VIRTIO_F_VERSION_1_HIGH << 32);
+        }
+        let r = next();
+        let size = [1u8, 2, 4, 8, 3][(r % 5) as usize];
+        let value = next();
+        match (r >> 8) % 8 {
+            0 => {
+                d.cfg(&mut f, (r >> 16) % 0x100, size, Some(value));
+            }
+            1 => {
+                d.cfg(&mut f, (r >> 16) % 0x100, size, None);
+            }
+            2 | 3 => {
+                d.write(&mut f, (r >> 16) % (BAR_SIZE + 0x100), size, value);
+            }
+            4 => {
+                d.read(&mut f, (r >> 16) % (BAR_SIZE + 0x100), size);
+            }
+            5 => {
+                // Chains announced on a random queue, often more than are there.
+                let (_, driver, _) = RINGS[(r >> 16) as usize % 2];
+                let idx: u16 = memory.read_obj(GuestAddress(driver + 2)).unwrap();
+                let head = (value >> 16) as u16 % (2 * SIZE);
+                let _ =
+                    memory.write_obj(head, GuestAddress(driver + 4 + 2 * u64::from(idx % SIZE)));
+                let _ =
+                    memory.write_obj(idx.wrapping_add(value as u16 % 4), GuestAddress(driver + 2));
+            }
+            6 => {
+                // A random descriptor: anywhere, any length, any flags, any next.
+                let (desc, _, _) = RINGS[(r >> 16) as usize % 2];
+                let at = desc + 16 * ((r >> 20) % u64::from(SIZE));
+                let addr = if value & 1 == 0 {
+                    WINDOW + (value >> 8) % 0x10000
+                } else {
+                    value >> 8
+                };
+                let _ = memory.write_obj(addr, GuestAddress(at));
+                let _ = memory.write_obj((next() % 0x3000) as u32, GuestAddress(at + 8));
+                let _ = memory.write_obj(next() as u32, GuestAddress(at + 12));
+            }
+            _ => {
+                // Scribble on the rings.
+                let at = WINDOW + (r >> 16) % 0x6000;
+                let _ = memory.write_obj(value as u32, GuestAddress(at & !3));
+            }
+        }
+        let mut calls = 0;
+        while f.serve_queues() && calls < 8 {
+            calls += 1;
+        }
+        let _ = f.take_errors();
+        if round % 5_000 == 4_999 {
+            // A restart from whatever was checkpointed.
+            kicks += f.counters().kicks;
+            malformed +=
+                f.net_counters().tx_dropped.malformed + f.net_counters().rx_malformed_chains;
+            drop(f);
+            f = function(&region, &memory);
+        }
+    }
+    eprintln!("{kicks} times the queues were served, {malformed} malformed chains returned");
+    assert!(kicks > 1000, "the queues were live for part of the run");
+}
