@@ -26,6 +26,7 @@
 use core::ptr::read_volatile;
 use core::ptr::write_volatile;
 use core::sync::atomic::fence;
+use core::sync::atomic::AtomicU32;
 use core::sync::atomic::AtomicU64;
 use core::sync::atomic::Ordering;
 
@@ -48,6 +49,9 @@ pub struct Config {
     pub pings: u64,
     /// `window=0xADDR`: guest-physical base of the shared window.
     pub window: u64,
+    /// `net-irq=1`: route the INTx line and check that a used ring interrupts (and that the
+    /// ISR then says "queue").
+    pub interrupt: bool,
 }
 
 impl Default for Config {
@@ -56,6 +60,7 @@ impl Default for Config {
             enabled: false,
             pings: 4,
             window: crate::nvme::WINDOW,
+            interrupt: false,
         }
     }
 }
@@ -147,6 +152,9 @@ const REPLY_WAIT_CYCLES: u64 = 2 * ASSUMED_TSC_HZ;
 const PROGRESS: u64 = 10;
 /// Sends of one request before it has failed (a service restart costs one or two).
 const ATTEMPTS: u32 = 8;
+
+/// Interrupts taken at [`crate::arch::NET_VECTOR`] (counted by the trap handler).
+pub static INTERRUPTS: AtomicU32 = AtomicU32::new(0);
 
 /// Notify writes made (each an exit unless the partition delivers them as doorbell signals).
 static NOTIFY_WRITES: AtomicU64 = AtomicU64::new(0);
@@ -326,6 +334,7 @@ impl Queue {
 /// Addresses of the structures the capabilities point at.
 struct Structures {
     common: u64,
+    isr: u64,
     notify: u64,
     notify_multiplier: u32,
     device: u64,
@@ -360,12 +369,15 @@ fn steps(config: &Config) -> Result<(), Failure> {
         check(false, "net: a virtio-net function (1af4:1041) on bus 0");
         return Ok(());
     };
-    let bar = enable_function(device)?;
+    let (bar, line) = enable_function(device)?;
     let s = structures(device, bar)?;
     let mut nic = negotiate(&s, area)?;
     let Some(host_mac) = arp(&mut nic)? else {
         return Ok(());
     };
+    if config.interrupt {
+        interrupt_check(&mut nic, &s, &host_mac, line)?;
+    }
     echoes(&mut nic, &host_mac, config.pings)?;
     puts("guest: net: ");
     put_dec(nic.sent);
@@ -382,8 +394,9 @@ fn steps(config: &Config) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Reads BAR 0/1 and turns on memory decoding and bus mastering; the BAR's address.
-fn enable_function(device: u32) -> Result<u64, Failure> {
+/// Reads BAR 0/1 and turns on memory decoding and bus mastering (INTx left enabled); the
+/// BAR's address and the interrupt line.
+fn enable_function(device: u32) -> Result<(u64, u8), Failure> {
     let bar0 = pci_read(0, device, 0, PCI_BAR0);
     if bar0 & 1 != 0 || (bar0 >> 1) & 3 != 2 {
         return Err(Failure::Value(
@@ -410,8 +423,8 @@ fn enable_function(device: u32) -> Result<u64, Failure> {
     put_hex(address);
     puts(", interrupt line ");
     put_dec(u64::from(line));
-    puts(" (not used: the driver polls its used rings)\n");
-    Ok(address)
+    puts(" (the driver polls its used rings; net-irq=1 checks the line once)\n");
+    Ok((address, line as u8))
 }
 
 fn config_byte(device: u32, offset: u32) -> u8 {
@@ -451,7 +464,7 @@ fn structures(device: u32, bar: u64) -> Result<Structures, Failure> {
     };
     let common = need(CAP_COMMON, "no common configuration capability")?;
     let notify = need(CAP_NOTIFY, "no notify capability")?;
-    let _isr = need(CAP_ISR, "no ISR capability")?;
+    let isr = need(CAP_ISR, "no ISR capability")?;
     let device_cfg = need(CAP_DEVICE, "no device configuration capability")?;
     if common.1 < 0x38 || device_cfg.1 < 6 {
         return Err(Failure::Value(
@@ -470,6 +483,7 @@ fn structures(device: u32, bar: u64) -> Result<Structures, Failure> {
     putc(b'\n');
     Ok(Structures {
         common: bar + u64::from(common.0),
+        isr: bar + u64::from(isr.0),
         notify: bar + u64::from(notify.0),
         notify_multiplier: multiplier,
         device: bar + u64::from(device_cfg.0),
@@ -718,6 +732,77 @@ fn arp(nic: &mut Nic) -> Result<Option<[u8; 6]>, Failure> {
         }
     }
     Err(Failure::NoReply("ARP request", 1))
+}
+
+/// Routes the INTx line through the IOAPIC, sends one echo request and checks that the used
+/// rings interrupt and that the ISR then has its queue bit (the read clears it). The line is
+/// masked again afterwards: the rest polls.
+fn interrupt_check(
+    nic: &mut Nic,
+    s: &Structures,
+    host_mac: &[u8; 6],
+    line: u8,
+) -> Result<(), Failure> {
+    if line >= crate::IOAPIC_LINES {
+        return Err(Failure::Value(
+            "the interrupt line is not an IOAPIC input",
+            u64::from(line),
+        ));
+    }
+    // What an earlier completion left in the ISR is cleared first.
+    let _ = read8(s.isr);
+    crate::route_line(line, crate::arch::NET_VECTOR);
+    let before = INTERRUPTS.load(Ordering::SeqCst);
+    crate::syscall(crate::SYS_STI, 0, 0);
+    let mut request = [0u8; 700];
+    let seq = 0xfffe;
+    let len = echo_request(nic, host_mac, seq, &mut request);
+    let sent = nic.send(&request[..len]);
+    let start = rdtsc();
+    let mut taken = false;
+    while sent.is_ok() && rdtsc().wrapping_sub(start) < REPLY_WAIT_CYCLES {
+        if INTERRUPTS.load(Ordering::SeqCst) != before {
+            taken = true;
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    crate::syscall(crate::SYS_CLI, 0, 0);
+    crate::mask_line(line);
+    sent?;
+    let isr = read8(s.isr);
+    puts("guest: net: interrupt line ");
+    put_dec(u64::from(line));
+    puts(" routed to vector 0x26: ");
+    put_dec(u64::from(
+        INTERRUPTS.load(Ordering::SeqCst).wrapping_sub(before),
+    ));
+    puts(" interrupts, ISR ");
+    put_hex(u64::from(isr));
+    putc(b'\n');
+    check(
+        taken && isr & 1 != 0,
+        "net: a used ring interrupts (INTx -> IOAPIC -> vector 0x26) and the ISR says queue",
+    );
+    // The reply is taken (and checked) like any other; a lost one is sent again.
+    let mut frame = [0u8; BUFFER as usize];
+    for attempt in 0..ATTEMPTS {
+        if attempt > 0 {
+            nic.resent += 1;
+            nic.send(&request[..len])?;
+        }
+        while let Some(n) = nic.receive(&mut frame)? {
+            match check_reply(nic, host_mac, &frame[..n])? {
+                Echo::Reply(r) if r == seq => return Ok(()),
+                Echo::Reply(_) => nic.stale += 1,
+                Echo::Other => nic.ignored += 1,
+            }
+        }
+    }
+    Err(Failure::NoReply(
+        "echo request (interrupt check)",
+        u64::from(seq),
+    ))
 }
 
 /// Echo request `seq`'s payload: its length and every byte follow from `seq`.
