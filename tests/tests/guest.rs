@@ -876,3 +876,56 @@ fn a_stalling_vhost_user_front_end_does_not_stop_the_partitions_virtio_net() {
     );
     eprintln!("{stalls} stalls while the guest sent its 3000 echo requests");
 }
+
+/// The partition's virtio-net function on a TAP the host attached: the guest's ARP request
+/// and echo requests reach the host's kernel (the TAP's interface holds 10.0.2.2 in a
+/// namespace the test makes), and the kernel's replies come back checked byte for byte.
+#[test]
+fn the_test_guest_pings_the_hosts_kernel_through_nets_tap() {
+    let test = "the_test_guest_pings_the_hosts_kernel_through_nets_tap";
+    if !kvm_available(test) || !common::netns::taps_available(test) {
+        return;
+    }
+    // A persistent TAP, addressed and up before the guest starts: nothing races its pings.
+    let ns = common::netns::Netns::new("pnet");
+    ns.ip_ok(&["tuntap", "add", "dev", "pvtap2", "mode", "tap"]);
+    ns.ip_ok(&["addr", "add", "10.0.2.2/24", "dev", "pvtap2"]);
+    ns.ip_ok(&["link", "set", "pvtap2", "up"]);
+    let link = ns.ip_ok(&["link", "show", "pvtap2"]);
+    let mac = link
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .expect("the TAP's MAC")
+        .to_string();
+    let tap = format!("net0=pvtap2@{}", ns.name);
+    let mut run = GuestRun::start(
+        "guest-net-tap",
+        &shipped_text(),
+        &[
+            "--tap",
+            &tap,
+            "--cmdline",
+            "tpm=0 unowned=0 interrupt=0 nvme=0 net=1 net-pings=16",
+        ],
+    );
+    let status = run.wait(Duration::from_secs(180));
+    let (console, log) = (run.console(), run.log());
+    assert_eq!(status.code(), Some(0), "{console}\n--- log ---\n{log}");
+    assert_lines(
+        &console,
+        &log,
+        &[
+            &format!("guest: ok   net: ARP 10.0.2.2 is {mac}"),
+            "guest: ok   net: 16 echo replies checked",
+            "guest: all checks passed",
+        ],
+    );
+    assert!(!console.contains("FAIL"), "{console}");
+    assert!(
+        log.contains("virtio-net PCI function ready on TAP net0"),
+        "{log}"
+    );
+    // (The kernel's neighbour entry for the guest is gone with the run's carrier; the
+    // replies, from the TAP's own MAC and checked byte for byte, are its answer.)
+}
