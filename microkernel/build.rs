@@ -15,6 +15,7 @@ fn main() {
         "src/main.rs",
         "src/arch.rs",
         "src/net.rs",
+        "src/net/ping.rs",
         "src/nvme.rs",
         "src/nvme/pass.rs",
         "src/nvme/queue.rs",
