@@ -181,6 +181,8 @@ impl PartitionDevice {
                 }
                 self.link.serve(Duration::ZERO, |access| net.access(access));
             }
+            // Without the grant the partition's ring is all there is to wait on: the TAP is
+            // looked at after each wait (a frame from the host waits at most `wait`).
             None => {
                 self.link.serve(wait, |access| net.access(access));
             }
