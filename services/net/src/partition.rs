@@ -54,6 +54,7 @@ use pv_devices::virtio::pci::Event;
 use pv_devices::virtio::pci::TransportState;
 use pv_devices::virtio::pci::VirtioPci;
 use pv_devices::virtio::pci::BAR_SIZE;
+use pv_devices::virtio::pci::FEATURES_OK;
 use pv_devices::virtio::VIRTIO_RING_F_EVENT_IDX;
 use pv_devices::virtio::VIRTIO_RING_F_INDIRECT_DESC;
 use serde::Deserialize;
@@ -91,6 +92,10 @@ pub enum PciNetError {
     /// The model stopped a queue (its ring is unusable) until the driver resets the device.
     #[error(transparent)]
     Ring(#[from] NetError),
+    /// DRIVER_OK without FEATURES_OK kept: the driver never had its features accepted (or
+    /// offered ones refused), so the device cannot know what header or buffers it uses.
+    #[error("DRIVER_OK with device status {status:#x}, without FEATURES_OK: the queues are not served until the driver resets the device and negotiates")]
+    FeaturesNotAccepted { status: u8 },
     /// The used index could not be read back on resuming after a restart.
     #[error("{queue} queue not resumed: its used index is unreadable: {why}")]
     Resume { queue: &'static str, why: String },
@@ -352,6 +357,16 @@ impl<M: CheckpointMemory, L: Link> PciNet<M, L> {
     /// Makes the queues the driver enabled, with the features it accepted; `resume`: at the
     /// used index in guest memory (a restarted process), else at 0.
     fn start_queues(&mut self, resume: bool) {
+        self.queues = [None, None];
+        self.reading = false;
+        let status = self.transport.status();
+        if status & FEATURES_OK == 0 {
+            // The features written were never checked against the offered ones: none is
+            // taken up.
+            self.errors
+                .push(PciNetError::FeaturesNotAccepted { status });
+            return;
+        }
         self.net
             .set_acked_features(self.transport.driver_features());
         for n in [RX_QUEUE, TX_QUEUE] {

@@ -305,6 +305,15 @@ fn hostile_set_ups_are_typed_errors_and_the_function_serves_on() {
         write: Some(1),
     });
     assert!(!f.serve_queues());
+    // DRIVER_OK without FEATURES_OK (features not offered written, never accepted): a typed
+    // error, nothing served, the written features never reach the model.
+    d.write(&mut f, 0x14, 1, u64::from(ACKNOWLEDGE | DRIVER | DRIVER_OK));
+    let errors = f.take_errors();
+    assert!(
+        matches!(errors.as_slice(), [PciNetError::FeaturesNotAccepted { .. }]),
+        "{errors:?}"
+    );
+    assert!(!f.serve_queues());
     // Rings outside the window: a typed error at DRIVER_OK, the queue not served.
     d.write(&mut f, 0x14, 1, 0);
     d.write(&mut f, 0x14, 1, u64::from(ACKNOWLEDGE | DRIVER));
