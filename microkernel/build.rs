@@ -14,6 +14,8 @@ fn main() {
     for f in [
         "src/main.rs",
         "src/arch.rs",
+        "src/net.rs",
+        "src/net/ping.rs",
         "src/nvme.rs",
         "src/nvme/pass.rs",
         "src/nvme/queue.rs",

@@ -677,7 +677,16 @@ mod tests {
         );
         assert_eq!(
             listed(&plan, &m, "net"),
-            with(&["serve:net intercept", "listener vhost-user-net", "tap net0"])
+            with(&[
+                "serve:net intercept",
+                "serve:net guest",
+                "interrupt:line 11 irq-line-11",
+                "guest-memory guest-memory",
+                "doorbells doorbells",
+                "region net-checkpoint",
+                "listener vhost-user-net",
+                "tap net0",
+            ])
         );
 
         // Without a guest: no partition channel, no interrupt; nothing else moves but up.
@@ -706,7 +715,21 @@ mod tests {
             })
             .collect();
         assert_eq!(listed(&without, &m, "storage"), storage);
-        for name in ["vmgs", "attest", "tpm-gateway", "net"] {
+        // So does net's virtio-net function.
+        let net: Vec<String> = listed(&plan, &m, "net")
+            .into_iter()
+            .filter(|s| {
+                ![
+                    "serve:net guest",
+                    "interrupt:line 11 irq-line-11",
+                    "guest-memory guest-memory",
+                    "doorbells doorbells",
+                ]
+                .contains(&s.as_str())
+            })
+            .collect();
+        assert_eq!(listed(&without, &m, "net"), net);
+        for name in ["vmgs", "attest", "tpm-gateway"] {
             assert_eq!(
                 listed(&without, &m, name),
                 listed(&plan, &m, name),
@@ -786,6 +809,7 @@ mod tests {
                 ("intercept", Interface::Intercept, "pv-guest-intercept"),
                 ("vtpm", Interface::Vtpm, "pv-guest-vtpm"),
                 ("storage", Interface::Storage, "pv-guest-storage"),
+                ("net", Interface::Net, "pv-guest-net"),
             ]
         );
         assert_eq!(plan.paravisor_attest, Some(index(&m, "attest")));

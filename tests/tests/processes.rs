@@ -696,4 +696,27 @@ fn net_can_reach_no_tpm_vmgs_storage_or_attest() {
         !syscalls.contains("\"ioctl\"") && !syscalls.contains("\"socket\""),
         "{net}"
     );
+    // Its partition function: its own PCI device, BAR, line and doorbells, DMA into the
+    // shared window only, and one checkpoint region.
+    assert_eq!(net["dma"]["kind"], "shared-window", "{net}");
+    assert_eq!(
+        net["interrupts"],
+        serde_json::json!([{ "line": 11 }]),
+        "{net}"
+    );
+    assert_eq!(
+        net["mmio"],
+        serde_json::json!([{ "base": 0xfe00_4000u64, "size": 0x4000 }]),
+        "{net}"
+    );
+    assert_eq!(
+        net["doorbells"],
+        serde_json::json!({ "base": 0xfe00_7000u64, "size": 8 }),
+        "{net}"
+    );
+    assert_eq!(
+        net["regions"],
+        serde_json::json!([{ "name": "net-checkpoint", "size": 65536 }]),
+        "{net}"
+    );
 }

@@ -452,8 +452,12 @@ fn capability_slots_count_every_descriptor_a_service_holds() {
 #[test]
 fn guest_interrupts_are_intercepts_lines_and_those_its_callers_are_granted() {
     let m = accepted(&shipped());
-    // Intercept's COM1, and storage's own line for its NVMe function.
-    assert_eq!(guest_interrupts(&m.services), [4, 10].map(Interrupt::Line));
+    // Intercept's COM1, storage's own line for its NVMe function and net's for its
+    // virtio-net function.
+    assert_eq!(
+        guest_interrupts(&m.services),
+        [4, 10, 11].map(Interrupt::Line)
+    );
     let src = shipped()
         .replacen(
             "calls = [{ endpoint = \"vmgs\", file-ids = [\"PV_STORAGE_KEYS\"] }]",
@@ -462,13 +466,13 @@ fn guest_interrupts_are_intercepts_lines_and_those_its_callers_are_granted() {
         )
         .replacen(
             "serves = [\"net\"]",
-            "serves = [\"net\"]\ncalls = [{ endpoint = \"intercept\", interrupts = [11] }]",
+            "serves = [\"net\"]\ncalls = [{ endpoint = \"intercept\", interrupts = [13] }]",
             1,
         );
     let m = accepted(&src);
     assert_eq!(
         guest_interrupts(&m.services),
-        [4, 5, 10, 11, 12].map(Interrupt::Line)
+        [4, 5, 10, 11, 12, 13].map(Interrupt::Line)
     );
 }
 

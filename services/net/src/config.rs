@@ -7,6 +7,10 @@
 //! --mac MAC          the responder's MAC address (default 52:54:00:12:35:02)
 //! --device-mac MAC   the device's MAC in its configuration space (default 52:54:00:12:34:56)
 //! --mtu BYTES        the device's MTU (default 1500)
+//! --device virtio-net-pci,bar=ADDR
+//!                    also serve a virtio-net PCI function on the guest partition, its BAR 0
+//!                    fixed at ADDR (the start of the manifest's `mmio` range, 16 KiB); only
+//!                    when a guest partition runs (`paravisor run` with a guest)
 //! ```
 
 use std::net::Ipv4Addr;
@@ -27,13 +31,24 @@ pub struct Config {
     pub responder_mac: MacAddress,
     pub device_mac: MacAddress,
     pub mtu: u16,
+    /// The partition's virtio-net function (`--device virtio-net-pci,bar=ADDR`).
+    pub partition: Option<PartitionFunction>,
+}
+
+/// The PCI function on the guest partition: where its BAR 0 sits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionFunction {
+    /// Guest-physical address of BAR 0 (the manifest's `mmio` range, fixed).
+    pub bar: u64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("{0} needs a value")]
     Missing(String),
-    #[error("unknown argument \"{0}\": use --listen, --address, --mac, --device-mac or --mtu")]
+    #[error(
+        "unknown argument \"{0}\": use --listen, --address, --mac, --device-mac, --mtu or --device"
+    )]
     Unknown(String),
     #[error("{flag} \"{value}\": {why}")]
     Value {
@@ -65,6 +80,40 @@ fn mac(flag: &str, value: &str) -> Result<MacAddress, ConfigError> {
     Ok(m)
 }
 
+/// `virtio-net-pci,bar=ADDR` (ADDR hexadecimal after `0x`, or decimal).
+fn partition_function(flag: &str, value: &str) -> Result<PartitionFunction, ConfigError> {
+    let bad = |why: &str| ConfigError::Value {
+        flag: flag.into(),
+        value: value.into(),
+        why: why.into(),
+    };
+    let mut parts = value.split(',');
+    if parts.next() != Some("virtio-net-pci") {
+        return Err(bad(
+            "the one model is virtio-net-pci: --device virtio-net-pci,bar=ADDR",
+        ));
+    }
+    let mut bar = None;
+    for part in parts {
+        match part.split_once('=') {
+            Some(("bar", v)) => {
+                let parsed = match v.strip_prefix("0x") {
+                    Some(hex) => u64::from_str_radix(hex, 16),
+                    None => v.parse(),
+                };
+                bar = Some(parsed.map_err(|_| bad("bar= takes an address such as 0xfe004000"))?);
+            }
+            _ => return Err(bad("the one key is bar=ADDR")),
+        }
+    }
+    let bar =
+        bar.ok_or_else(|| bad("bar=ADDR is required (the start of the manifest's mmio range)"))?;
+    if bar % pv_devices::virtio::pci::BAR_SIZE != 0 {
+        return Err(bad("bar= must be aligned to the BAR's 16 KiB"));
+    }
+    Ok(PartitionFunction { bar })
+}
+
 impl Config {
     pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<Config, ConfigError> {
         let mut config = Config {
@@ -73,6 +122,7 @@ impl Config {
             responder_mac: RESPONDER_MAC,
             device_mac: DEVICE_MAC,
             mtu: ETH_DATA_LEN,
+            partition: None,
         };
         let mut args = args.into_iter();
         while let Some(flag) = args.next() {
@@ -100,6 +150,7 @@ impl Config {
                         why: "a number of bytes, 68 to 65535".into(),
                     })?;
                 }
+                "--device" => config.partition = Some(partition_function(&flag, &value()?)?),
                 other => return Err(ConfigError::Unknown(other.into())),
             }
         }
@@ -124,6 +175,9 @@ mod tests {
             (c.responder_mac, c.device_mac, c.mtu),
             (RESPONDER_MAC, DEVICE_MAC, 1500)
         );
+        assert_eq!(c.partition, None);
+        let c = parse(&["--device", "virtio-net-pci,bar=0xfe004000"]).unwrap();
+        assert_eq!(c.partition, Some(PartitionFunction { bar: 0xfe00_4000 }));
     }
 
     #[test]
@@ -139,6 +193,11 @@ mod tests {
             &["--listen", "n", "--mac", "01:00:00:00:00:01"],
             &["--listen", "n", "--mac", "52:54:00:12:35"],
             &["--listen", "n", "--mtu", "70000"],
+            &["--device", "virtio-blk,bar=0xfe004000"],
+            &["--device", "virtio-net-pci"],
+            &["--device", "virtio-net-pci,bar=0xfe004100"],
+            &["--device", "virtio-net-pci,bar=zz"],
+            &["--device", "virtio-net-pci,bar=0xfe004000,irq=3"],
         ] {
             assert!(
                 matches!(parse(bad), Err(ConfigError::Value { .. })),

@@ -13,5 +13,6 @@
 
 pub mod config;
 pub mod device;
+pub mod partition;
 pub mod responder;
 pub mod tap;

@@ -17,6 +17,8 @@ pub const TSS_SELECTOR: u16 = 0x28;
 pub const UART_VECTOR: u8 = 0x24;
 /// The vector the IOAPIC delivers the NVMe function's INTx line at (`nvme-irq=1`).
 pub const NVME_VECTOR: u8 = 0x25;
+/// The vector the IOAPIC delivers the virtio-net function's INTx line at (`net-irq=1`).
+pub const NET_VECTOR: u8 = 0x26;
 /// The local APIC's spurious vector.
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 
@@ -109,7 +111,7 @@ global_asm!(
     "    jmp trap_common",
     ".endm",
     ".section .text",
-    ".irp n, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31,36,37,129,255",
+    ".irp n, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31,36,37,38,129,255",
     "TRAP_NOERR \\n",
     ".endr",
     ".irp n, 8,10,11,12,13,14,17,21,29,30",
@@ -143,14 +145,14 @@ global_asm!(
     ".balign 8",
     ".global trap_stubs",
     "trap_stubs:",
-    ".irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,36,37,129,255",
+    ".irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,36,37,129,255,38",
     "    .quad trap_stub_\\n",
     ".endr",
     handler = sym crate::trap,
 );
 
 extern "C" {
-    static trap_stubs: [u64; 36];
+    static trap_stubs: [u64; 37];
 }
 
 fn gate(handler: u64, user_callable: bool) -> [u64; 2] {
@@ -219,6 +221,7 @@ pub unsafe fn setup() {
     (*idt)[usize::from(NVME_VECTOR)] = gate(stubs[33], false);
     (*idt)[usize::from(SYSCALL_VECTOR)] = gate(stubs[34], true);
     (*idt)[usize::from(SPURIOUS_VECTOR)] = gate(stubs[35], false);
+    (*idt)[usize::from(NET_VECTOR)] = gate(stubs[36], false);
     let idt_pointer = DescriptorPointer {
         limit: (core::mem::size_of::<Idt>() - 1) as u16,
         base: idt as u64,
