@@ -233,35 +233,12 @@ fn partition_device(
         return Ok(None);
     };
     let context = &mut started.context;
-    let memory = context.guest_memory.take().ok_or(
-        "the virtio-net function needs guest memory: give the service guest-memory = \"shared-window\"",
+    let grants = pv_vhost_user::function::take_grants(
+        context,
+        "the virtio-net function",
+        CHECKPOINT_REGION,
     )?;
-    let file = std::fs::File::from(memory.fd);
-    let size = file
-        .metadata()
-        .map_err(|e| format!("guest memory: {e}"))?
-        .len()
-        .min(memory.size);
-    let region = vm_memory::GuestRegionMmap::new(
-        vm_memory::mmap::MmapRegion::from_file(vm_memory::FileOffset::new(file, 0), size as usize)
-            .map_err(|e| format!("mapping guest memory: {e}"))?,
-        vm_memory::GuestAddress(memory.base),
-    )
-    .ok_or("guest memory overflows the address space")?;
-    let memory = vm_memory::GuestMemoryMmap::from_regions(vec![region])
-        .map_err(|e| format!("guest memory: {e}"))?;
-    let irq = match std::mem::take(&mut context.interrupts).into_iter().next() {
-        Some((ipc_defs::services::intercept::Interrupt::Line(line), fd)) => {
-            Some((line, std::fs::File::from(fd)))
-        }
-        _ => None,
-    };
-    let checkpoint = context.regions.remove(CHECKPOINT_REGION).ok_or_else(|| {
-        format!(
-            "the virtio-net function keeps its state in a region \"{CHECKPOINT_REGION}\": grant it"
-        )
-    })?;
-    let doorbells = context.doorbells.take().map(|d| std::fs::File::from(d.fd));
+    let doorbells = grants.doorbells;
     let link_to_host = host_link(config, context)?;
     let what = describe(config, &link_to_host);
     let model =
@@ -269,9 +246,9 @@ fn partition_device(
     let net = PciNet::new(
         model,
         function.bar,
-        memory,
-        irq,
-        checkpoint,
+        grants.memory,
+        grants.irq,
+        grants.checkpoint,
         doorbells.is_some(),
     )
     .map_err(|e| e.to_string())?;

@@ -235,32 +235,8 @@ fn partition_device(
         return Ok(None);
     };
     let context = &mut started.context;
-    let memory = context.guest_memory.take().ok_or(
-        "the NVMe function needs guest memory: give the service guest-memory = \"shared-window\"",
-    )?;
-    let file = std::fs::File::from(memory.fd);
-    let size = file
-        .metadata()
-        .map_err(|e| format!("guest memory: {e}"))?
-        .len()
-        .min(memory.size);
-    let region = vm_memory::GuestRegionMmap::new(
-        vm_memory::mmap::MmapRegion::from_file(vm_memory::FileOffset::new(file, 0), size as usize)
-            .map_err(|e| format!("mapping guest memory: {e}"))?,
-        vm_memory::GuestAddress(memory.base),
-    )
-    .ok_or("guest memory overflows the address space")?;
-    let memory = vm_memory::GuestMemoryMmap::from_regions(vec![region])
-        .map_err(|e| format!("guest memory: {e}"))?;
-    let irq = match std::mem::take(&mut context.interrupts).into_iter().next() {
-        Some((ipc_defs::services::intercept::Interrupt::Line(line), fd)) => {
-            Some((line, std::fs::File::from(fd)))
-        }
-        _ => None,
-    };
-    let checkpoint = context.regions.remove(CHECKPOINT_REGION).ok_or_else(|| {
-        format!("the NVMe function keeps its state in a region \"{CHECKPOINT_REGION}\": grant it")
-    })?;
+    let grants =
+        pv_vhost_user::function::take_grants(context, "the NVMe function", CHECKPOINT_REGION)?;
     let file = context.files.remove(&spec.file).ok_or_else(|| {
         format!(
             "the NVMe function: the manifest grants no file \"{}\"",
@@ -273,14 +249,14 @@ fn partition_device(
         keys.as_mut().map(|k| k as &mut dyn KeyStore),
     )?;
     let bar = spec.bar.ok_or("the NVMe function needs bar=ADDR")?;
-    let doorbells = context.doorbells.take().map(|d| std::fs::File::from(d.fd));
+    let doorbells = grants.doorbells;
     let nvme = PciNvme::new(
         disk,
         &spec.file,
         bar,
-        memory,
-        irq,
-        checkpoint,
+        grants.memory,
+        grants.irq,
+        grants.checkpoint,
         doorbells.is_some(),
     )?;
     tracing::info!(

@@ -9,7 +9,9 @@
 //!   no front end can stop (a message reaches the handler only whole, with room for the
 //!   reply);
 //! - [`inflight`]: the split-queue in-flight record a restarted back end recovers requests
-//!   from.
+//!   from;
+//! - [`function`]: not vhost-user but shared by the same services: the grants of a device's
+//!   PCI function on our own partition (guest memory, line, checkpoint, doorbells).
 //!
 //! It holds no device logic and no process code: no capability is taken here, the service's
 //! `main` hands in its listeners. It never opens a file or a socket; the only descriptors it
@@ -19,6 +21,7 @@
 pub mod backend;
 pub mod device;
 pub mod front_end;
+pub mod function;
 pub mod inflight;
 
 pub use backend::Backend;
