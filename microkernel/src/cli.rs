@@ -481,6 +481,41 @@ pub struct GuestArgs {
     /// else never].
     #[arg(long)]
     pub guest_watchdog: Option<u64>,
+    /// Who runs the guest: our own KVM partition, or QEMU (the host's VMM, started by the
+    /// paravisor, with the vTPM, disks and NIC of the services; needs --kernel).
+    #[arg(long, value_enum, default_value_t = Vmm::Partition, requires_ifs = [("qemu", "kernel")])]
+    pub vmm: Vmm,
+    /// With --vmm qemu: QEMU's accelerator (auto: KVM where it boots a stock kernel, else TCG).
+    #[arg(long, value_enum, default_value_t = crate::host_vmm::Accel::Auto)]
+    pub accel: crate::host_vmm::Accel,
+    /// With --vmm qemu: the QEMU binary [default: qemu-system-x86_64].
+    #[arg(long, value_name = "PATH")]
+    pub qemu: Option<PathBuf>,
+    /// With --vmm qemu: UEFI firmware code, whose measured boot fills PCRs 0-7 and 9
+    /// [default: /usr/share/OVMF/OVMF_CODE_4M.fd, Debian's ovmf]; `seabios`: QEMU's own BIOS.
+    #[arg(long, value_name = "PATH|seabios")]
+    pub firmware: Option<PathBuf>,
+    /// With --vmm qemu: a disk on this vhost-user listener of the manifest (repeatable; `none`
+    /// for no disk) [default: every vhost-user-blk listener].
+    #[arg(long, value_name = "LISTENER")]
+    pub disk: Vec<String>,
+    /// With --vmm qemu: a NIC on this vhost-user listener of the manifest (repeatable; `none`
+    /// for no NIC) [default: every vhost-user-net listener].
+    #[arg(long, value_name = "LISTENER")]
+    pub nic: Vec<String>,
+    /// With --vmm qemu: one more QEMU argument, after the paravisor's (repeatable).
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    pub qemu_arg: Vec<String>,
+}
+
+/// Who runs the guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Vmm {
+    /// The paravisor's own KVM partition.
+    #[default]
+    Partition,
+    /// QEMU, the host's VMM, as a child of the paravisor.
+    Qemu,
 }
 
 impl GuestArgs {
@@ -495,11 +530,81 @@ impl GuestArgs {
             && self.memory.is_none()
             && self.vcpus <= 1
             && self.guest_watchdog.is_none()
+            && self.vmm == Vmm::Partition
+    }
+
+    /// With `--vmm qemu`: what QEMU boots (the partition then runs no guest).
+    pub fn qemu_config(&self) -> Result<Option<crate::host_vmm::QemuConfig>, ExitCode> {
+        use crate::host_vmm;
+        if self.vmm != Vmm::Qemu {
+            for (given, flag) in [
+                (self.qemu.is_some(), "--qemu"),
+                (self.firmware.is_some(), "--firmware"),
+                (!self.disk.is_empty(), "--disk"),
+                (!self.nic.is_empty(), "--nic"),
+                (!self.qemu_arg.is_empty(), "--qemu-arg"),
+                (self.accel != host_vmm::Accel::Auto, "--accel"),
+            ] {
+                if given {
+                    eprintln!("paravisor: {flag} is for --vmm qemu");
+                    return Err(ExitCode::from(2));
+                }
+            }
+            return Ok(None);
+        }
+        let usage = |why: &str| {
+            eprintln!("paravisor: --vmm qemu: {why}");
+            ExitCode::from(2)
+        };
+        if self.no_guest || self.guest.is_some() || self.guest_watchdog.is_some() {
+            return Err(usage(
+                "--no-guest, --guest and --guest-watchdog are for our own partition",
+            ));
+        }
+        let Some(kernel) = self.kernel.clone() else {
+            return Err(usage("--kernel is required"));
+        };
+        let firmware = match &self.firmware {
+            Some(p) if p.as_os_str() == "seabios" => None,
+            Some(p) => Some(p.clone()),
+            None => Some(PathBuf::from(host_vmm::DEFAULT_FIRMWARE)),
+        };
+        if let Some(f) = &firmware {
+            if !f.is_file() {
+                return Err(usage(&format!(
+                    "no firmware at {} (apt-get install ovmf, or --firmware PATH|seabios)",
+                    f.display()
+                )));
+            }
+        }
+        // Each class: None (not given) is its default; `none` alone is no device.
+        let chosen = |names: &Vec<String>| {
+            (!names.is_empty()).then(|| names.iter().filter(|n| *n != "none").cloned().collect())
+        };
+        Ok(Some(host_vmm::QemuConfig {
+            qemu: self
+                .qemu
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(host_vmm::DEFAULT_QEMU)),
+            accel: self.accel,
+            firmware,
+            kernel,
+            initrd: self.initrd.clone(),
+            cmdline: self
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| host_vmm::DEFAULT_CMDLINE.into()),
+            memory_mib: self.memory.unwrap_or(host_vmm::DEFAULT_MEMORY_MIB),
+            vcpus: self.vcpus.max(1),
+            disks: chosen(&self.disk),
+            nics: chosen(&self.nic),
+            extra: self.qemu_arg.clone(),
+        }))
     }
 
     pub fn config(&self) -> Result<Option<crate::partition::GuestConfig>, ExitCode> {
         use crate::partition;
-        let guest = if self.no_guest {
+        let guest = if self.no_guest || self.vmm == Vmm::Qemu {
             None
         } else {
             let cmdline = self.cmdline.clone();

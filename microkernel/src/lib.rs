@@ -17,6 +17,7 @@ pub mod audit;
 pub mod cli;
 pub mod control;
 pub mod host_config;
+pub mod host_vmm;
 pub mod launch;
 pub mod listeners;
 pub mod logging;

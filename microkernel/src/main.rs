@@ -25,6 +25,7 @@ fn launch(
     offline: bool,
 ) -> Result<supervisor::Options, ExitCode> {
     let keep_running = guest.keep_running;
+    let qemu = if offline { None } else { guest.qemu_config()? };
     let mut guest = guest.config()?;
     // Before the platform or any key is loaded: nothing of this process ends up in a core
     // file.
@@ -45,6 +46,15 @@ fn launch(
         // `run` for.
         settings.listen.clear();
         settings.taps.clear();
+    }
+    if let Some(q) = &qemu {
+        // QEMU's devices are on listeners: bound for it whatever else the host asked for.
+        for name in q.listeners(&m).map_err(failed)? {
+            let named = |l: &String| l == "all" || l == &name || l.starts_with(&format!("{name}="));
+            if !settings.listen.iter().any(named) {
+                settings.listen.push(name);
+            }
+        }
     }
     settings.apply(&mut m);
     microkernel::logging::init(&microkernel::logging::LogOptions {
@@ -96,6 +106,7 @@ fn launch(
         lock: Some(lock),
         listen: microkernel::listeners::ListenRequest::parse(&settings.listen),
         taps: microkernel::taps::TapRequest::parse(&settings.taps),
+        qemu,
     })
 }
 
@@ -226,6 +237,18 @@ fn guest_exit_code(outcome: Option<microkernel::partition::vcpu::Outcome>) -> Ex
             eprintln!("paravisor: the guest partition failed: {why}");
             ExitCode::from(PARTITION_FAILED)
         }
+    }
+}
+
+/// The exit code of a run under `--vmm qemu`: the guest's status line, else 0 for a guest
+/// that powered off and 1 for a QEMU that failed or was killed; a run stopped by the
+/// operator (Ctrl-C, `paravisor stop`) exits 0, as without QEMU.
+fn vmm_exit_code(outcome: microkernel::host_vmm::VmmOutcome) -> ExitCode {
+    use microkernel::host_vmm::VmmOutcome;
+    match outcome {
+        VmmOutcome::Status(status) => ExitCode::from(status),
+        VmmOutcome::Exited(0) | VmmOutcome::Stopped => ExitCode::SUCCESS,
+        VmmOutcome::Exited(_) | VmmOutcome::Signalled(_) => ExitCode::FAILURE,
     }
 }
 
@@ -493,6 +516,9 @@ fn run_instance(
     // microkernel's own, measured only) is let go.
     opts.sealed.libraries.clear();
     let summary = sup.run().map_err(failed)?;
+    if let Some(vmm) = summary.vmm {
+        return Ok(vmm_exit_code(vmm));
+    }
     Ok(guest_exit_code(summary.guest))
 }
 

@@ -1084,6 +1084,40 @@ fn write_id_maps(pid: libc::pid_t, identity: Option<Identity>) -> io::Result<()>
     Ok(())
 }
 
+/// A descriptor for process `pid`, a child of ours not reaped yet (so the number cannot
+/// have been reused).
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0u32) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a fresh descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Makes a program spawned by `command` die with this process's thread that spawns it
+/// (SIGKILL as its parent-death signal; a child whose parent already died exits at once).
+pub fn die_with_parent(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // async-signal-safe functions (prctl, getppid, _exit).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl: then another process is the
+            // parent and no signal will come.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Sends `signal` to the process behind `pidfd`.
 pub fn pidfd_signal(pidfd: &OwnedFd, signal: i32) -> io::Result<()> {
     // SAFETY: pidfd_send_signal with a pidfd we own and no siginfo.

@@ -126,6 +126,10 @@ pub struct LaunchLog {
     /// diff. Not trusted when read back: [`LaunchLog::checked_config`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<serde_json::Value>,
+    /// How the host's VMM was started (`run --vmm qemu`): a record, not measured (QEMU is
+    /// the host's, outside the paravisor's trust boundary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_vmm: Option<crate::host_vmm::HostVmmRecord>,
 }
 
 impl LaunchLog {
@@ -338,6 +342,7 @@ impl Measurer {
             entries: self.log,
             bytes: self.bytes,
             config: None,
+            host_vmm: None,
         }
     }
 }

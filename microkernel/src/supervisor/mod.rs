@@ -73,6 +73,7 @@ mod sealing;
 mod setup;
 mod shutdown;
 mod start;
+mod vmm;
 mod worker;
 
 pub use control::check_process;
@@ -148,6 +149,8 @@ pub struct Options {
     pub listen: crate::listeners::ListenRequest,
     /// The TAPs the host named (`--tap`); none are attached otherwise.
     pub taps: crate::taps::TapRequest,
+    /// `run --vmm qemu`: what QEMU boots (then `guest` is `None`).
+    pub qemu: Option<crate::host_vmm::QemuConfig>,
 }
 
 /// How `paravisor run` ended.
@@ -155,6 +158,8 @@ pub struct Options {
 pub struct RunSummary {
     /// The guest's run, if there was a guest.
     pub guest: Option<crate::partition::vcpu::Outcome>,
+    /// QEMU's run, under `--vmm qemu`.
+    pub vmm: Option<crate::host_vmm::VmmOutcome>,
 }
 
 /// Errors that stop `paravisor run`.
@@ -402,6 +407,11 @@ pub struct Supervisor {
     links: Vec<Link>,
     ring_capacity: u32,
     guest: Option<Guest>,
+    /// `run --vmm qemu`: what QEMU boots, until it is started ([`Supervisor::start_vmm`]).
+    qemu: Option<crate::host_vmm::QemuConfig>,
+    /// QEMU, once started.
+    vmm: Option<crate::host_vmm::HostVmm>,
+    keep_running: bool,
     /// The nonce of the next first ping.
     ping_nonce: u64,
     /// The microkernel's own threads' seccomp filters, compiled at start.
@@ -428,6 +438,11 @@ impl Supervisor {
         let listener = UnixListener::bind(&socket)?;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
+        // Before the threads are confined: QEMU would inherit the supervisor's filter.
+        if let Err(e) = self.start_vmm() {
+            let _ = std::fs::remove_file(&socket);
+            return Err(e);
+        }
         self.confine()?;
         tracing::info!(
             services = self.services.len(),
@@ -474,11 +489,29 @@ impl Supervisor {
             let watched = self.watched();
             fds.extend(watched.iter().map(|w| w.fd));
             let timeout = self.poll_timeout(next_health);
+            let vmm_at = fds.len();
+            let (vmm_process, vmm_console) = match self.vmm.as_ref() {
+                Some(v) if v.outcome.is_none() => {
+                    let (process, console) = v.fds();
+                    fds.push(process);
+                    fds.extend(console);
+                    (true, console.is_some())
+                }
+                _ => (false, false),
+            };
             if let Some(fd) = guest_fd {
                 fds.push(fd);
             }
             let ready = sandbox::poll_readable(&fds, timeout)?;
             if guest_fd.is_some() && ready.last() == Some(&true) && self.guest_ended() {
+                stop = true;
+            }
+            if vmm_console && ready[vmm_at + 1] {
+                if let Some(v) = self.vmm.as_mut() {
+                    v.pump_console();
+                }
+            }
+            if vmm_process && ready[vmm_at] && self.vmm_ended() {
                 stop = true;
             }
             self.check_guest_progress();
@@ -520,10 +553,12 @@ impl Supervisor {
             }
         }
         self.stop_guest();
+        self.stop_vmm();
         self.shutdown();
         let _ = std::fs::remove_file(&socket);
         Ok(RunSummary {
             guest: self.guest.as_ref().and_then(|g| g.outcome.clone()),
+            vmm: self.vmm.as_ref().and_then(|v| v.outcome.clone()),
         })
     }
 
