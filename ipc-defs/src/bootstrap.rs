@@ -11,6 +11,8 @@ use serde::Serialize;
 
 use crate::capability::CapabilityKind;
 use crate::capability::Grant;
+use crate::fd_store::Kept;
+use crate::fd_store::MAX_KEPT;
 
 /// Descriptor number of the bootstrap memfd in every service.
 pub const BOOTSTRAP_SLOT: i32 = 3;
@@ -20,8 +22,9 @@ pub const FIRST_CAPABILITY_SLOT: i32 = 4;
 pub const MAX_CAPABILITIES: usize = 48;
 /// Longest service, endpoint or region name.
 pub const MAX_NAME: usize = 32;
-/// Largest encoded bootstrap record.
-pub const MAX_RECORD: usize = 8192;
+/// Largest encoded bootstrap record: the most capabilities, and the most kept descriptors
+/// with their records.
+pub const MAX_RECORD: usize = 16384;
 /// `"PVBS"`.
 pub const BOOTSTRAP_MAGIC: u32 = 0x5342_5650;
 
@@ -50,6 +53,9 @@ pub struct Bootstrap {
     /// A `tracing` filter directive (e.g. `info`), from the microkernel's `RUST_LOG`.
     pub log_filter: String<64>,
     pub capabilities: Vec<Capability, MAX_CAPABILITIES>,
+    /// Descriptors the service's descriptor store kept across its last restart, each at its
+    /// slot (after every capability's) with the record the service gave it.
+    pub kept: Vec<Kept, MAX_KEPT>,
 }
 
 /// Why a bootstrap record cannot be used.
@@ -81,11 +87,14 @@ impl Bootstrap {
         if record.magic != BOOTSTRAP_MAGIC {
             return Err(BootstrapError::BadMagic(record.magic));
         }
-        for (i, cap) in record.capabilities.iter().enumerate() {
-            if cap.slot < FIRST_CAPABILITY_SLOT
-                || record.capabilities[..i].iter().any(|c| c.slot == cap.slot)
-            {
-                return Err(BootstrapError::BadSlot(cap.slot));
+        let slots = record
+            .capabilities
+            .iter()
+            .map(|c| c.slot)
+            .chain(record.kept.iter().map(|k| k.slot));
+        for (i, slot) in slots.clone().enumerate() {
+            if slot < FIRST_CAPABILITY_SLOT || slots.clone().take(i).any(|s| s == slot) {
+                return Err(BootstrapError::BadSlot(slot));
             }
         }
         Ok(record)
@@ -118,6 +127,7 @@ mod tests {
             service: Name::try_from("vtpm").unwrap(),
             log_filter: String::try_from("info").unwrap(),
             capabilities: caps,
+            kept: Vec::new(),
         };
         let bytes = postcard::to_allocvec(&rec).unwrap();
         assert_eq!(Bootstrap::decode(&bytes), Ok(rec.clone()));
@@ -130,5 +140,63 @@ mod tests {
         dup.capabilities.push(first).unwrap();
         let bytes = postcard::to_allocvec(&dup).unwrap();
         assert_eq!(Bootstrap::decode(&bytes), Err(BootstrapError::BadSlot(4)));
+        // A kept descriptor may not take a capability's slot either.
+        let mut kept = rec.clone();
+        kept.capabilities.pop();
+        kept.kept
+            .push(Kept {
+                slot: 4,
+                record: crate::fd_store::KeptRecord::new(1, "conn", b"").unwrap(),
+            })
+            .unwrap();
+        let bytes = postcard::to_allocvec(&kept).unwrap();
+        assert_eq!(Bootstrap::decode(&bytes), Err(BootstrapError::BadSlot(4)));
+    }
+
+    #[test]
+    fn the_largest_record_fits_its_bound() {
+        use crate::fd_store::KeptRecord;
+        use crate::fd_store::MAX_KEPT_NAME;
+        use crate::fd_store::MAX_STATE;
+        let name = Name::try_from("a".repeat(MAX_NAME).as_str()).unwrap();
+        let mut rec = Bootstrap {
+            magic: BOOTSTRAP_MAGIC,
+            service: name.clone(),
+            log_filter: String::try_from("x".repeat(64).as_str()).unwrap(),
+            capabilities: Vec::new(),
+            kept: Vec::new(),
+        };
+        for slot in 0..MAX_CAPABILITIES as i32 {
+            rec.capabilities
+                .push(Capability {
+                    slot: 4 + slot,
+                    kind: CapabilityKind::Interrupt(
+                        crate::services::intercept::Interrupt::Line(23),
+                    ),
+                    name: name.clone(),
+                    size: u64::MAX,
+                    grant: Grant::Doorbells {
+                        base: u64::MAX,
+                        size: u64::MAX,
+                    },
+                })
+                .unwrap();
+        }
+        for k in 0..MAX_KEPT as i32 {
+            rec.kept
+                .push(Kept {
+                    slot: 1000 + k,
+                    record: KeptRecord::new(
+                        u32::MAX,
+                        &"a".repeat(MAX_KEPT_NAME),
+                        &[0xff; MAX_STATE],
+                    )
+                    .unwrap(),
+                })
+                .unwrap();
+        }
+        let bytes = postcard::to_allocvec(&rec).unwrap();
+        assert!(bytes.len() <= MAX_RECORD, "{} bytes", bytes.len());
+        assert_eq!(Bootstrap::decode(&bytes), Ok(rec));
     }
 }

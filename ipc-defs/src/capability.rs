@@ -84,6 +84,8 @@ pub enum Grant {
     /// whose writes the partition delivers as signals of one eventfd once the device arms
     /// them (see [`CapabilityKind::Doorbells`]).
     Doorbells { base: u64, size: u64 },
+    /// A descriptor store ([`CapabilityKind::FdStore`]): it keeps at most `max` descriptors.
+    FdStore { max: u32 },
 }
 
 /// How a granted file may be used.
@@ -140,6 +142,11 @@ pub enum CapabilityKind {
     /// its restarts. The holder needs no socket and no ioctl for it (its profile has neither);
     /// its name is the manifest's (`taps = [{ name = "net0" }]`), never the host interface's.
     Tap,
+    /// The service's end of its descriptor store (a `SOCK_SEQPACKET` socket pair with the
+    /// microkernel, [`crate::fd_store`]): it may send descriptors it wants kept across its
+    /// restarts, and nothing else (its profile allows `sendmsg` on this slot only). What it
+    /// kept comes back at its next start as slots the bootstrap record lists in `kept`.
+    FdStore,
 }
 
 impl core::fmt::Display for CapabilityKind {
@@ -160,6 +167,7 @@ impl core::fmt::Display for CapabilityKind {
             CapabilityKind::GuestMemory => write!(f, "guest-memory"),
             CapabilityKind::Doorbells => write!(f, "doorbells"),
             CapabilityKind::Tap => write!(f, "tap"),
+            CapabilityKind::FdStore => write!(f, "fd-store"),
         }
     }
 }

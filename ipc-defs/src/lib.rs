@@ -28,6 +28,7 @@ pub mod bootstrap;
 pub mod capability;
 pub mod control;
 pub mod endpoint;
+pub mod fd_store;
 pub mod layout;
 #[allow(unsafe_code)]
 pub mod ring;

@@ -56,6 +56,9 @@ pub struct Row {
     /// Declared TAP devices (a NIC's back end, frames only): attached only to the host
     /// interface `paravisor run --tap NAME=IFNAME[@NETNS]` names.
     pub taps: Vec<TapGrant>,
+    /// Its descriptor store: how many descriptors it may keep across its restarts, at which
+    /// slot.
+    pub fd_store: Option<FdStoreRow>,
     /// What each call reaches beyond its endpoint (e.g. the vmgs file ids).
     pub call_grants: Vec<CallGrant>,
     /// What each client may reach of this service's endpoints.
@@ -82,6 +85,9 @@ pub struct Row {
     pub namespaces: Vec<&'static str>,
     pub syscalls_base: Vec<&'static str>,
     pub syscalls_extra: Vec<String>,
+    /// What its grants add, each one syscall with fixed arguments (a TAP's one ioctl, the
+    /// store's sendmsg on its own descriptor).
+    pub syscalls_granted: Vec<String>,
     /// The uid and gid it runs as, and where they come from.
     pub uid: u32,
     pub gid: u32,
@@ -101,6 +107,14 @@ pub struct SlotRow {
     pub slot: i32,
     pub kind: String,
     pub name: String,
+}
+
+/// A descriptor store: at most `max` descriptors (connected sockets, pipes) kept across the
+/// service's restarts, the store's socket at `slot`.
+#[derive(Debug, Serialize)]
+pub struct FdStoreRow {
+    pub max: u32,
+    pub slot: i32,
 }
 
 /// A service that may call an endpoint of this one.
@@ -206,6 +220,9 @@ fn ser_grant<S: serde::Serializer>(g: &Grant, s: S) -> Result<S::Ok, S::Error> {
             base: u64,
             size: u64,
         },
+        FdStore {
+            max: u32,
+        },
     }
     let data = match g {
         Grant::Interface => Data::Interface,
@@ -241,6 +258,7 @@ fn ser_grant<S: serde::Serializer>(g: &Grant, s: S) -> Result<S::Ok, S::Error> {
             base: *base,
             size: *size,
         },
+        Grant::FdStore { max } => Data::FdStore { max: *max },
     };
     data.serialize(s)
 }
@@ -314,6 +332,16 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
                 .collect(),
             listen: s.listen.clone(),
             taps: s.taps.clone(),
+            fd_store: capabilities
+                .slots(i)
+                .iter()
+                .find_map(|slot| match slot.grant {
+                    Grant::FdStore { max } => Some(FdStoreRow {
+                        max,
+                        slot: slot.slot,
+                    }),
+                    _ => None,
+                }),
             client_grants: m
                 .services
                 .iter()
@@ -412,6 +440,7 @@ pub fn rows(m: &Manifest) -> Vec<Row> {
             namespaces: (Namespaces::all() - Namespaces::USER).names(),
             syscalls_base: profiles::BASE.to_vec(),
             syscalls_extra: s.syscalls.clone(),
+            syscalls_granted: profiles::GrantRules::of(s, capabilities.slots(i)).describe(),
         })
         .collect()
 }
@@ -621,6 +650,20 @@ pub fn text(m: &Manifest) -> String {
         }
         if !r.taps.is_empty() {
             let _ = writeln!(out, "  taps:    {}", r.taps_text().join("; "));
+        }
+        if let Some(f) = &r.fd_store {
+            let _ = writeln!(
+                out,
+                "  fd-store: slot {}: keeps up to {} descriptors it sends (connected sockets, pipes; never a listener, a file or the store itself) across its restarts, handed back after its capabilities; dropped when it is given up or the paravisor stops",
+                f.slot, f.max
+            );
+        }
+        if !r.syscalls_granted.is_empty() {
+            let _ = writeln!(
+                out,
+                "  syscalls granted with it: {}",
+                r.syscalls_granted.join("; ")
+            );
         }
         let _ = writeln!(out, "  grants:  {}", list(&r.call_grants_text()));
         if !r.client_grants.is_empty() {

@@ -98,6 +98,18 @@ pub struct ServiceRow {
     /// It missed its last watchdog ping while nothing it calls was down.
     #[serde(default)]
     pub unresponsive: bool,
+    /// Its descriptor store, if it has one: what is kept now, its bound, and the packets it
+    /// refused since the paravisor started.
+    #[serde(default)]
+    pub fd_store: Option<FdStoreState>,
+}
+
+/// A descriptor store in `paravisor ps`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct FdStoreState {
+    pub kept: usize,
+    pub max: usize,
+    pub refused: u64,
 }
 
 /// One line of `paravisor logs`.

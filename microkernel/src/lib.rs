@@ -16,6 +16,7 @@
 pub mod audit;
 pub mod cli;
 pub mod control;
+pub mod fd_store;
 pub mod host_config;
 pub mod host_vmm;
 pub mod launch;

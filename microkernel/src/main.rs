@@ -685,7 +685,7 @@ fn print_ps(reply: Reply, json: bool) -> Result<ExitCode, ExitCode> {
                 })
             };
             println!(
-                "{:<11} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8} {:>7} {:>9} {:>7}  LAST EXIT",
+                "{:<11} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8} {:>7} {:>9} {:>7} {:>6}  LAST EXIT",
                 "SERVICE",
                 "PID",
                 "STATE",
@@ -695,11 +695,12 @@ fn print_ps(reply: Reply, json: bool) -> Result<ExitCode, ExitCode> {
                 "MSG-OUT",
                 "REFUSED",
                 "EXITS",
-                "DROPPED"
+                "DROPPED",
+                "KEPT"
             );
             for r in services {
                 println!(
-                    "{:<11} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8} {:>7} {:>9} {:>7}  {}",
+                    "{:<11} {:>8} {:<9} {:>8} {:>10} {:>8} {:>8} {:>7} {:>9} {:>7} {:>6}  {}",
                     r.name,
                     r.pid.map_or("-".into(), |p| p.to_string()),
                     r.state,
@@ -710,6 +711,8 @@ fn print_ps(reply: Reply, json: bool) -> Result<ExitCode, ExitCode> {
                     r.refused,
                     exits(&r.name).unwrap_or_else(|| "-".into()),
                     r.output_dropped,
+                    r.fd_store
+                        .map_or("-".into(), |f| format!("{}/{}", f.kept, f.max)),
                     r.last_exit.unwrap_or_else(|| "-".into())
                 );
             }

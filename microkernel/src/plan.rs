@@ -155,6 +155,8 @@ pub enum Source {
     File(usize),
     /// Its `keys[n]`, as a sealed memfd.
     Key(usize),
+    /// The service's end of its descriptor store (a socket pair made for the run).
+    FdStore,
     /// Its `listen[n]`, bound by the microkernel.
     Listener(usize),
     /// Its `taps[n]`, attached by the microkernel to the host interface the run names.
@@ -169,7 +171,7 @@ pub enum Held {
     /// An eventfd.
     Eventfd,
     /// What this run opened for it (a file's resolved path, a bound socket's inode,
-    /// `/dev/net/tun` for a TAP): known only once opened.
+    /// `/dev/net/tun` for a TAP, its descriptor store's socket): known only once opened.
     Opened,
     /// Nothing: closed by the time the service answers (the runtime installs its seccomp
     /// program and closes it; a key is closed once read).
@@ -481,6 +483,15 @@ impl CapabilityPlan {
                 Held::Closed,
             );
         }
+        if let Some(store) = spec.fd_store {
+            slots.push(
+                CapabilityKind::FdStore,
+                "fd-store",
+                Grant::FdStore { max: store.max },
+                Source::FdStore,
+                Held::Opened,
+            );
+        }
         // Last, what the host chooses: a run that binds fewer listeners or attaches fewer TAPs
         // than the manifest declares shifts no slot before them.
         for (n, l) in spec.listen.iter().enumerate() {
@@ -651,6 +662,8 @@ mod tests {
             listed(&plan, &m, "tpm-gateway"),
             with(&[
                 "call:vtpm vtpm",
+                "region tpm-gateway-journal",
+                "fd-store fd-store",
                 "listener mssim-command",
                 "listener mssim-platform",
                 "listener swtpm-data",

@@ -108,6 +108,7 @@ fn compile(
     extra: BTreeMap<i64, Vec<SeccompRule>>,
 ) -> Result<BpfProgram, ProfileError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = extra;
+    // A name allowed outright (no rule) wins over a grant's narrower rule for the same call.
     for n in names {
         rules.insert(sysno(n.as_ref())?, vec![]);
     }
@@ -151,34 +152,85 @@ fn tap_offload_rule() -> Result<SeccompRule, ProfileError> {
     .map_err(compile_err)
 }
 
-/// What a service's grants add to its filter beyond the fragment: the TAP offload rule for a
-/// TAP's holder.
-fn grant_rules(tap_holder: bool) -> Result<BTreeMap<i64, Vec<SeccompRule>>, ProfileError> {
-    let mut extra = BTreeMap::new();
-    if tap_holder {
-        extra.insert(sysno("ioctl")?, vec![tap_offload_rule()?]);
-    }
-    Ok(extra)
+/// What a service's grants add to its filter beyond its fragment: each allows one syscall
+/// with fixed arguments only, which a name in a fragment could not say.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GrantRules {
+    /// It holds a TAP: `ioctl(TUNSETOFFLOAD)` within the NIC's offloads.
+    pub tap_holder: bool,
+    /// It holds a descriptor store at this slot: `sendmsg` on that descriptor only (the
+    /// store's messages; its other sockets need their own `sendmsg` in the fragment).
+    pub fd_store_slot: Option<i32>,
 }
 
-/// The filter a service runs under for good: base plus its manifest fragment, and the TAP
-/// offload rule when it holds a TAP (`tap_holder`).
-pub fn service_program(fragment: &[String], tap_holder: bool) -> Result<BpfProgram, ProfileError> {
+impl GrantRules {
+    /// The rules of service `i` of `services`, from its capability plan `slots`.
+    pub fn of(spec: &crate::manifest::ServiceSpec, slots: &[crate::plan::Slot]) -> GrantRules {
+        GrantRules {
+            tap_holder: !spec.taps.is_empty(),
+            fd_store_slot: slots
+                .iter()
+                .find(|s| s.source == crate::plan::Source::FdStore)
+                .map(|s| s.slot),
+        }
+    }
+
+    /// The rules as `paravisor audit` prints them, e.g. `sendmsg (descriptor 9 only)`.
+    pub fn describe(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.tap_holder {
+            out.push("ioctl (TUNSETOFFLOAD within the NIC's offloads)".to_string());
+        }
+        if let Some(slot) = self.fd_store_slot {
+            out.push(format!("sendmsg (descriptor {slot} only: its fd store)"));
+        }
+        out
+    }
+
+    fn rules(&self) -> Result<BTreeMap<i64, Vec<SeccompRule>>, ProfileError> {
+        let mut extra = BTreeMap::new();
+        if self.tap_holder {
+            extra.insert(sysno("ioctl")?, vec![tap_offload_rule()?]);
+        }
+        if let Some(slot) = self.fd_store_slot {
+            extra.insert(sysno("sendmsg")?, vec![descriptor_rule(slot)?]);
+        }
+        Ok(extra)
+    }
+}
+
+/// A rule that matches a call on descriptor `slot` (argument 0) only.
+fn descriptor_rule(slot: i32) -> Result<SeccompRule, ProfileError> {
+    let compile_err = |e: seccompiler::BackendError| ProfileError::Compile(e.to_string());
+    SeccompRule::new(vec![SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        slot as u64,
+    )
+    .map_err(compile_err)?])
+    .map_err(compile_err)
+}
+
+/// The filter a service runs under for good: base plus its manifest fragment, and what its
+/// grants add ([`GrantRules`]).
+pub fn service_program(fragment: &[String], grants: GrantRules) -> Result<BpfProgram, ProfileError> {
     compile(
         BASE.iter()
             .copied()
             .map(String::from)
             .chain(fragment.iter().cloned()),
-        grant_rules(tap_holder)?,
+        grants.rules()?,
     )
 }
 
-/// The filter installed before `execveat`: base, fragment, loader needs, and `execveat` of
-/// exactly the service binary's descriptor with `AT_EMPTY_PATH`.
+/// The filter installed before `execveat`: base, fragment, loader needs, what its grants add
+/// (the service filter stacks on this one, so both must allow it), and `execveat` of exactly
+/// the service binary's descriptor with `AT_EMPTY_PATH`.
 pub fn loader_program(
     fragment: &[String],
     binary_slot: i32,
-    tap_holder: bool,
+    grants: GrantRules,
 ) -> Result<BpfProgram, ProfileError> {
     let exec_rule = SeccompRule::new(vec![
         SeccompCondition::new(
@@ -197,7 +249,7 @@ pub fn loader_program(
         .map_err(|e| ProfileError::Compile(e.to_string()))?,
     ])
     .map_err(|e| ProfileError::Compile(e.to_string()))?;
-    let mut extra = grant_rules(tap_holder)?;
+    let mut extra = grants.rules()?;
     extra.insert(sysno("execveat")?, vec![exec_rule]);
     compile(
         BASE.iter()
@@ -235,15 +287,61 @@ mod tests {
 
     #[test]
     fn programs_compile() {
-        let p = service_program(&["pwrite64".to_string()], false).unwrap();
+        let none = GrantRules::default();
+        let tap = GrantRules {
+            tap_holder: true,
+            ..GrantRules::default()
+        };
+        let p = service_program(&["pwrite64".to_string()], none).unwrap();
         assert!(!p.is_empty());
         assert_eq!(program_bytes(&p).len(), p.len() * 8);
-        loader_program(&[], 9, false).unwrap();
-        assert!(service_program(&[], true).unwrap().len() > p.len());
-        loader_program(&[], 9, true).unwrap();
+        loader_program(&[], 9, none).unwrap();
+        assert!(service_program(&[], tap).unwrap().len() > p.len());
+        loader_program(&[], 9, tap).unwrap();
         assert!(matches!(
-            service_program(&["nosuchcall".into()], false),
+            service_program(&["nosuchcall".into()], none),
             Err(ProfileError::UnknownSyscall(_))
         ));
+    }
+
+    /// The store's holder may send on its store's slot and nowhere else (its other sockets
+    /// are connections from listeners); a service without a store may not send at all.
+    #[test]
+    fn an_fd_store_allows_sendmsg_on_its_own_slot_only() {
+        use crate::sandbox::syscall_under_filters;
+        use crate::sandbox::Exit;
+        let store = GrantRules {
+            fd_store_slot: Some(900),
+            ..GrantRules::default()
+        };
+        let with = [service_program(&[], store).unwrap()];
+        let without = [service_program(&[], GrantRules::default()).unwrap()];
+        let on = |fd: u64| [fd, 0, 0, 0, 0, 0];
+        // Descriptor 900 is not open in the test child: the kernel, not the filter, answers.
+        assert_eq!(
+            syscall_under_filters(&with, libc::SYS_sendmsg, on(900)),
+            Exit::Code(libc::EBADF)
+        );
+        for fd in [899, 901, 0, 3] {
+            assert_eq!(
+                syscall_under_filters(&with, libc::SYS_sendmsg, on(fd)),
+                Exit::Signal(libc::SIGSYS),
+                "sendmsg on {fd}"
+            );
+        }
+        assert_eq!(
+            syscall_under_filters(&without, libc::SYS_sendmsg, on(900)),
+            Exit::Signal(libc::SIGSYS)
+        );
+        // A fragment that allows sendmsg outright keeps it outright.
+        let all = [service_program(&["sendmsg".into()], store).unwrap()];
+        assert_eq!(
+            syscall_under_filters(&all, libc::SYS_sendmsg, on(901)),
+            Exit::Code(libc::EBADF)
+        );
+        assert_eq!(
+            store.describe(),
+            ["sendmsg (descriptor 900 only: its fd store)"]
+        );
     }
 }

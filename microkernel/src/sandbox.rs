@@ -218,6 +218,10 @@ const STEPS: &[&str] = &[
 
 /// First descriptor the child uses for its temporary copies; above any slot.
 const SCRATCH_FD: RawFd = 256;
+/// Most descriptors a spawn places at slots 3, 4, ...: the bootstrap record, every
+/// capability and every kept descriptor ([`SpawnPlan::new`] refuses more).
+const MAX_SLOTS: usize =
+    1 + ipc_defs::bootstrap::MAX_CAPABILITIES + ipc_defs::fd_store::MAX_KEPT;
 
 fn cstr(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
@@ -239,6 +243,12 @@ impl SpawnPlan {
         hostname: &str,
     ) -> Result<SpawnPlan, SpawnError> {
         let prep = SpawnError::Prepare;
+        if caps.len() > MAX_SLOTS {
+            return Err(prep(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} descriptors to place (at most {MAX_SLOTS})", caps.len()),
+            )));
+        }
         // The measured image when there is one (a sealed memfd), else the file itself.
         let binary_fd = match image {
             Some(fd) => fd.try_clone().map_err(prep)?,
@@ -509,7 +519,7 @@ impl SpawnPlan {
             let n = self.slots.len();
             let binary_slot = Self::binary_slot(n);
             let err_slot = binary_slot + 1;
-            let mut scratch = [0 as RawFd; 64];
+            let mut scratch = [0 as RawFd; MAX_SLOTS];
             for (i, (src, _)) in self.slots.iter().enumerate() {
                 let fd = libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, SCRATCH_FD);
                 if fd < 0 {

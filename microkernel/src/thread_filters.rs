@@ -73,7 +73,9 @@ const THREAD_BASE: &[&str] = &[
 
 /// The supervisor on top of [`THREAD_BASE`]: the state directory and granted files (opened
 /// at every start), memfds for channels and keys, `/proc` for the live audit, the control
-/// socket, pidfds, and creating vCPU threads.
+/// socket, services' descriptor stores (`recvmsg` of their packets, `fstat` and
+/// `getsockopt(SO_ACCEPTCONN)` of each descriptor; the socket pairs are made before the
+/// thread is confined: no `socketpair`), pidfds, and creating vCPU threads.
 const SUPERVISOR: &[&str] = &[
     "openat",
     "pread64",
@@ -512,6 +514,11 @@ pub fn spawner(m: &Manifest) -> ThreadProfile {
     for s in &m.services {
         let names: Vec<&str> = s.syscalls.iter().map(String::as_str).collect();
         p = p.allow(&names);
+    }
+    // A store's holder sends on its store (its own filters allow that one descriptor, whose
+    // slot depends on the run: with a guest or without).
+    if m.services.iter().any(|s| s.fd_store.is_some()) {
+        p = p.allow(&["sendmsg"]);
     }
     // A TAP's holder sets its TAP's offloads (its own filters allow that one request).
     if m.services.iter().any(|s| !s.taps.is_empty()) {

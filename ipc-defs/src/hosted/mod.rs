@@ -8,6 +8,7 @@
 #[allow(unsafe_code)]
 pub mod channel;
 pub mod checkpoint;
+pub mod fd_store;
 pub mod runtime;
 #[allow(unsafe_code)]
 pub mod shm;

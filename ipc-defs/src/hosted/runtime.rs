@@ -87,6 +87,11 @@ pub struct Context {
     /// manifest declares but the host did not name (`paravisor run --tap NAME=IFNAME`) is
     /// simply absent: the service then has no back end for it.
     pub taps: BTreeMap<String, OwnedFd>,
+    /// The service's descriptor store, if the manifest grants one (`fd-store`).
+    pub fd_store: Option<super::fd_store::FdStore>,
+    /// What the store kept across the service's last restart: each descriptor with the
+    /// record the service gave it (empty at a first start). The service takes them.
+    pub kept: Vec<(crate::fd_store::KeptRecord, OwnedFd)>,
 }
 
 /// A device's doorbell eventfd (see [`crate::capability::CapabilityKind::Doorbells`]).
@@ -543,6 +548,8 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
         guest_memory: None,
         doorbells: None,
         taps: BTreeMap::new(),
+        fd_store: None,
+        kept: Vec::new(),
     };
     let mut control = None;
     let mut served = Vec::new();
@@ -613,8 +620,23 @@ fn start(record: &Bootstrap) -> Result<(Context, Vec<Served>), StartError> {
                 let fd = sys::take_fd(cap.slot).map_err(|e| cap_error(cap, e))?;
                 context.taps.insert(cap.name.to_string(), fd);
             }
+            CapabilityKind::FdStore => {
+                let Grant::FdStore { max } = cap.grant else {
+                    return Err(cap_error(cap, "a descriptor store without its bound"));
+                };
+                let fd = sys::take_fd(cap.slot).map_err(|e| cap_error(cap, e))?;
+                context.fd_store = Some(super::fd_store::FdStore::new(fd, max as usize));
+            }
             CapabilityKind::Status | CapabilityKind::SeccompProgram => {}
         }
+    }
+    for kept in record.kept.iter() {
+        let fd = sys::take_fd(kept.slot).map_err(|e| StartError::Capability {
+            name: kept.record.name.to_string(),
+            slot: kept.slot,
+            reason: format!("kept descriptor: {e}"),
+        })?;
+        context.kept.push((kept.record.clone(), fd));
     }
     let control = control.ok_or(StartError::NoControl)?;
     served.insert(

@@ -620,6 +620,19 @@ pub fn poll_readable(
         .collect())
 }
 
+/// Whether the peer of the socket `fd` has shut down its side or is gone (POLLRDHUP,
+/// POLLHUP, POLLERR now): a reader holding part of a request will get no more of it.
+pub fn peer_closed(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the call; the descriptor is borrowed, so it stays open.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
 /// Makes reads and writes on `fd` return `WouldBlock` instead of waiting (O_NONBLOCK; the
 /// open file's flag, so every descriptor of it sees it).
 pub fn set_nonblocking(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
@@ -757,7 +770,29 @@ pub fn tcp_quickack(fd: &impl AsRawFd) -> io::Result<()> {
 /// Reads from a Unix stream socket, also taking any descriptors sent with the bytes
 /// (SCM_RIGHTS): at most `MAX_PASSED_FDS`; more are closed.
 pub fn recv_with_fds(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    const MAX_PASSED_FDS: usize = 4;
+    let received = recv_message(fd, buf, libc::MSG_CMSG_CLOEXEC)?;
+    Ok((received.len, received.fds))
+}
+
+/// Most descriptors one received message may install (each message of the protocols here
+/// carries at most one or two); the kernel closes any beyond and says so (MSG_CTRUNC).
+const MAX_PASSED_FDS: usize = 4;
+
+/// What [`recv_message`] took.
+struct Received {
+    len: usize,
+    /// The kernel's msg_flags (MSG_TRUNC, MSG_CTRUNC).
+    flags: libc::c_int,
+    fds: Vec<OwnedFd>,
+}
+
+/// recvmsg(2) with `flags` into `buf` and a control buffer of [`MAX_PASSED_FDS`]
+/// descriptors; every descriptor installed is returned (owned, so none leaks).
+fn recv_message(
+    fd: &impl AsRawFd,
+    buf: &mut [u8],
+    flags: libc::c_int,
+) -> io::Result<Received> {
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -771,16 +806,18 @@ pub fn recv_with_fds(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<(usize, Ve
     msg.msg_control = control.as_mut_ptr().cast();
     // SAFETY: CMSG_SPACE only computes a size.
     msg.msg_controllen = unsafe { libc::CMSG_SPACE((MAX_PASSED_FDS * 4) as u32) } as usize;
+    debug_assert!(msg.msg_controllen <= std::mem::size_of_val(&control));
     // SAFETY: `msg` points at `iov` (valid for `buf.len()` bytes) and at `control`, which
-    // is larger than msg_controllen; both outlive the call. MSG_CMSG_CLOEXEC keeps received
-    // descriptors from leaking across exec.
-    let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    // is larger than msg_controllen; both outlive the call. Callers pass MSG_CMSG_CLOEXEC,
+    // so received descriptors do not leak across exec.
+    let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, flags) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
     let mut fds = Vec::new();
     // SAFETY: the CMSG_* macros walk the control buffer the kernel filled, within
-    // msg_controllen; each SCM_RIGHTS payload holds whole c_ints, read unaligned.
+    // msg_controllen; each SCM_RIGHTS payload holds whole c_ints, read unaligned; each is a
+    // descriptor the kernel just installed in this process, owned by nothing else.
     unsafe {
         let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
         while !cmsg.is_null() {
@@ -797,7 +834,210 @@ pub fn recv_with_fds(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<(usize, Ve
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
     }
-    Ok((n as usize, fds))
+    Ok(Received {
+        len: n as usize,
+        flags: msg.msg_flags,
+        fds,
+    })
+}
+
+/// [`peek_stream`], also taking copies of the descriptors sent with the bytes it copies (the
+/// originals stay queued with them, for the read that takes the bytes): what a service that
+/// must keep a passed descriptor before it takes the message needs.
+pub fn peek_stream_with_fds(
+    fd: &impl AsRawFd,
+    buf: &mut [u8],
+) -> io::Result<(Peeked, Vec<OwnedFd>)> {
+    let received = recv_message(
+        fd,
+        buf,
+        libc::MSG_PEEK | libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+    )?;
+    Ok((
+        Peeked {
+            len: received.len,
+            ends_at_descriptors: !received.fds.is_empty()
+                || received.flags & libc::MSG_CTRUNC != 0,
+        },
+        received.fds,
+    ))
+}
+
+/// A connected pair of `SOCK_SEQPACKET` Unix sockets (close-on-exec): message boundaries
+/// kept, descriptors passed with messages. A descriptor store is one.
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1 as libc::c_int; 2];
+    // SAFETY: socketpair writes two descriptors into the array it is given.
+    cvt(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    } as libc::c_long)?;
+    // SAFETY: both are fresh descriptors that nothing else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Sends `bytes` as one message on `sock`, with `fd` attached (SCM_RIGHTS) if given. Never
+/// raises SIGPIPE (MSG_NOSIGNAL): a peer that is gone is an error.
+pub fn send_with_fd(
+    sock: &impl AsRawFd,
+    bytes: &[u8],
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    let mut control = [0u64; 4];
+    // SAFETY: a zeroed msghdr is a valid "no name, no control" header, filled in below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if let Some(fd) = fd {
+        msg.msg_control = control.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE only computes a size (of one c_int: 24 bytes, within `control`).
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(4) } as usize;
+        // SAFETY: the header has a control buffer of msg_controllen bytes, so CMSG_FIRSTHDR
+        // points inside `control`, and CMSG_DATA of a header of CMSG_LEN(4) has room for one
+        // c_int, written unaligned.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(4) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), fd.as_raw_fd());
+        }
+    }
+    // SAFETY: `msg` points at `iov` (readable for `bytes.len()` bytes) and, if set, at
+    // `control`; all outlive the call. The kernel only reads them.
+    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n as usize != bytes.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "message sent in part",
+        ));
+    }
+    Ok(())
+}
+
+/// One message taken by [`recv_packet`].
+pub struct Packet {
+    /// Bytes copied into the buffer.
+    pub len: usize,
+    /// The message was longer than the buffer: the rest is gone (MSG_TRUNC).
+    pub truncated: bool,
+    /// More descriptors came than fit: the kernel closed the rest (MSG_CTRUNC).
+    pub descriptors_dropped: bool,
+    /// The descriptors that came with it (close-on-exec), owned here.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Takes the next message of a `SOCK_SEQPACKET` socket without waiting (`WouldBlock` if there
+/// is none): its bytes into `buf`, at most four descriptors (close-on-exec) installed.
+pub fn recv_packet(sock: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Packet> {
+    let received = recv_message(
+        sock,
+        buf,
+        libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+    )?;
+    Ok(Packet {
+        len: received.len.min(buf.len()),
+        truncated: received.flags & libc::MSG_TRUNC != 0,
+        descriptors_dropped: received.flags & libc::MSG_CTRUNC != 0,
+        fds: received.fds,
+    })
+}
+
+/// Whether `fd` is a listening socket (SO_ACCEPTCONN); an error if it is no socket.
+pub fn is_listening_socket(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<bool> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `value`, a live c_int.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    } as libc::c_long)?;
+    Ok(value != 0)
+}
+
+/// How long a send on `fd` may wait for room before it fails (SO_SNDTIMEO; a socket's
+/// option, so every descriptor of the socket sees it).
+pub fn set_send_timeout(fd: std::os::fd::BorrowedFd<'_>, timeout: Duration) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: setsockopt reads a live timeval of the size given.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    } as libc::c_long)?;
+    Ok(())
+}
+
+/// The fewest bytes a TCP socket must hold before poll calls it readable (SO_RCVLOWAT):
+/// a reader waiting for the rest of a request is not woken for each piece of it.
+pub fn set_receive_low_water(fd: std::os::fd::BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    let value = bytes.clamp(1, i32::MAX as usize) as libc::c_int;
+    // SAFETY: setsockopt reads a live c_int of the size given.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } as libc::c_long)?;
+    Ok(())
+}
+
+/// A pipe (read end, write end), close-on-exec.
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into the array it is given.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } as libc::c_long)?;
+    // SAFETY: both are fresh descriptors that nothing else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Moves up to `len` bytes from the pipe `from` to `to` in the kernel (splice(2)): what moved
+/// has left the pipe, what did not is still in it, whatever interrupts the call. Waits as
+/// `to` does for room (its send timeout), never for the pipe (an empty pipe moves 0 bytes).
+pub fn splice_from_pipe(
+    from: std::os::fd::BorrowedFd<'_>,
+    to: std::os::fd::BorrowedFd<'_>,
+    len: usize,
+) -> io::Result<usize> {
+    // SAFETY: splice with no offsets (both NULL) on descriptors we hold; it copies nothing
+    // into our memory.
+    let n = unsafe {
+        libc::splice(
+            from.as_raw_fd(),
+            std::ptr::null_mut(),
+            to.as_raw_fd(),
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE,
+        )
+    };
+    Ok(cvt(n as libc::c_long)? as usize)
 }
 
 /// A privileged operation, attempted by `pv-hostile` to show that a service holds no

@@ -425,6 +425,15 @@ pub struct TapGrant {
 /// guest here has, and each is a descriptor, a capability slot and a poll source.
 pub const MAX_TAPS: usize = 8;
 
+/// A descriptor store (`fd-store = { max = N }`): the service may hand the microkernel up to
+/// `max` descriptors (connected sockets, pipes) to keep across its restarts; its next start
+/// gets them back ([`ipc_defs::fd_store`]). A clean shutdown, or a service given up
+/// (failed, stopped), drops them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct FdStoreGrant {
+    pub max: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RegionGrant {
     pub name: String,
@@ -458,6 +467,8 @@ pub struct ServiceSpec {
     pub listen: Vec<ListenGrant>,
     /// TAP devices (a NIC's back end), attached only when the host names them.
     pub taps: Vec<TapGrant>,
+    /// Its descriptor store, if it has one.
+    pub fd_store: Option<FdStoreGrant>,
     /// What each call may reach beyond the interface itself (e.g. the vmgs file ids), for
     /// the calls that are limited.
     #[serde(serialize_with = "ser_grants")]
@@ -527,6 +538,7 @@ pub fn grant_text(g: &Grant) -> String {
         Grant::Doorbells { base, size } => {
             format!("{} doorbells at {base:#x}+{size:#x}", size / 4)
         }
+        Grant::FdStore { max } => format!("keeps up to {max} descriptors across restarts"),
     }
 }
 

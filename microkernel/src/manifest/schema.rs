@@ -55,6 +55,9 @@ pub(super) struct RawService {
     /// their interfaces (`paravisor run --tap NAME=IFNAME[@NETNS]`).
     #[serde(default)]
     pub(super) taps: Vec<Spanned<RawTap>>,
+    /// A descriptor store: descriptors the service sends it are kept across its restarts.
+    #[serde(default)]
+    pub(super) fd_store: Option<Spanned<RawFdStore>>,
     #[serde(default)]
     pub(super) mmio: Vec<Spanned<RawRange>>,
     #[serde(default)]
@@ -161,6 +164,13 @@ pub(super) struct RawFile {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub(super) struct RawTap {
     pub(super) name: Spanned<String>,
+}
+
+/// `fd-store = { max = 16 }`: how many descriptors the microkernel keeps for the service.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct RawFdStore {
+    pub(super) max: Spanned<i64>,
 }
 
 #[derive(Deserialize)]

@@ -11,13 +11,15 @@ use crate::plan::Source;
 
 impl Supervisor {
     /// The bootstrap record and the descriptors of service `i`, in slot order (slot 3 is the
-    /// record itself, added by the caller).
+    /// record itself, added by the caller): its planned slots, then what its descriptor store
+    /// kept, each with its record.
     pub(super) fn capabilities(&self, i: usize) -> Result<Grants, String> {
         let s = &self.services[i];
         let mut record = self.bootstrap_record(&s.spec.name);
         let mut fds = Vec::new();
         let mut opened = Vec::new();
-        for slot in self.plan.slots(i) {
+        let planned = self.plan.slots(i);
+        for slot in planned {
             let (size, fd) = self.descriptor(i, slot)?;
             if slot.held == Held::Opened {
                 if let Ok(link) = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw())) {
@@ -27,10 +29,26 @@ impl Supervisor {
             grant(&mut record, slot, size)?;
             fds.push(fd);
         }
+        let mut kept = 0;
+        if let Some(store) = &s.store {
+            let first = bootstrap::FIRST_CAPABILITY_SLOT + planned.len() as i32;
+            for (k, (kept_record, fd)) in store.kept().enumerate() {
+                record
+                    .kept
+                    .push(ipc_defs::fd_store::Kept {
+                        slot: first + k as i32,
+                        record: kept_record.clone(),
+                    })
+                    .map_err(|_| "too many kept descriptors for the bootstrap record")?;
+                fds.push(Fd::Borrowed(fd.as_raw_fd()));
+                kept += 1;
+            }
+        }
         Ok(Grants {
             record,
             fds,
             opened,
+            kept,
         })
     }
 
@@ -42,6 +60,7 @@ impl Supervisor {
             log_filter: HString::try_from(self.log_filter.as_str())
                 .unwrap_or_else(|_| HString::try_from("info").unwrap_or_default()),
             capabilities: heapless::Vec::new(),
+            kept: heapless::Vec::new(),
         }
     }
 
@@ -93,6 +112,11 @@ impl Supervisor {
                 .iter()
                 .find(|l| l.name == slot.name)
                 .map(|l| (0, Fd::Borrowed(l.socket.as_raw_fd())))
+                .ok_or_else(missing),
+            Source::FdStore => s
+                .store
+                .as_ref()
+                .map(|store| (0, Fd::Borrowed(store.service_end().as_raw_fd())))
                 .ok_or_else(missing),
             Source::Tap(_) => s
                 .taps
@@ -176,6 +200,8 @@ pub(super) struct Grants {
     /// `(slot, /proc link)` of what this start opened that only the run knows (a file's
     /// resolved path, a bound socket), for the live audit.
     pub(super) opened: Vec<(i32, String)>,
+    /// How many of `fds` (the last ones) are kept descriptors its store handed back.
+    pub(super) kept: usize,
 }
 
 /// A descriptor in a capability list: one the supervisor keeps, or one opened for this start.

@@ -254,6 +254,11 @@ impl Supervisor {
                     .restart_at
                     .map(|t| t.saturating_duration_since(Instant::now()).as_millis() as u64),
                 unresponsive: s.unresponsive,
+                fd_store: s.store.as_ref().map(|f| crate::control::FdStoreState {
+                    kept: f.len(),
+                    max: f.max(),
+                    refused: f.refused,
+                }),
             });
         }
         rows
@@ -309,6 +314,21 @@ impl Supervisor {
             for c in crate::privilege::check_pid(p.pid, &s.privilege) {
                 record(&mut checks, &mut findings, &s.spec.name, c);
             }
+            if let Some(store) = &s.store {
+                // Its bound holds (the store refuses past it; this is the audit saying so).
+                let kept = store.len();
+                record(
+                    &mut checks,
+                    &mut findings,
+                    &s.spec.name,
+                    crate::privilege::Check {
+                        what: "fd-store kept".into(),
+                        expected: format!("at most {}", store.max()),
+                        actual: kept.to_string(),
+                        ok: kept <= store.max(),
+                    },
+                );
+            }
             let expect = ExpectedProcess {
                 namespaces: Namespaces::all() - Namespaces::USER,
                 memory: s.spec.limits.memory,
@@ -317,6 +337,11 @@ impl Supervisor {
                 descriptors: self.expected_descriptors(i),
                 code: s.code.iter().map(|(_, _, path)| path.clone()).collect(),
                 listening: s.listeners.iter().map(|b| b.listening()).collect(),
+                kept: s
+                    .store
+                    .as_ref()
+                    .map(|f| f.kept_inodes())
+                    .unwrap_or_default(),
             };
             for what in check_process(p.pid, &expect)
                 .into_iter()
@@ -539,6 +564,9 @@ pub struct ExpectedProcess {
     /// Its listeners: it may hold connections accepted from them too
     /// ([`crate::listeners::accepted_sockets`]).
     pub listening: Vec<crate::listeners::Listening>,
+    /// The inodes of the sockets and pipes its descriptor store keeps: it may hold those
+    /// (what a restart handed back, what it gave the store since).
+    pub kept: std::collections::BTreeSet<u64>,
 }
 
 /// Why a freshly started service is not sandboxed as it must be, if it is not: the first of
@@ -616,9 +644,15 @@ pub fn check_process(pid: i32, expect: &ExpectedProcess) -> Vec<String> {
                             found
                         }
                     });
+                let kept = ["socket:[", "pipe:["]
+                    .iter()
+                    .find_map(|p| target.strip_prefix(p))
+                    .and_then(|t| t.strip_suffix(']'))
+                    .and_then(|i| i.parse::<u64>().ok())
+                    .is_some_and(|i| expect.kept.contains(&i));
                 match expect.descriptors.iter().find(|(slot, _)| *slot == fd) {
                     Some((_, want)) if &target == want => {}
-                    _ if accepted => {}
+                    _ if accepted || kept => {}
                     Some((_, want)) => out.push(format!(
                         "descriptor {fd} is {target}, but the manifest grants {want} there"
                     )),

@@ -68,6 +68,7 @@ mod broker;
 mod capabilities;
 mod control;
 mod guest;
+mod kept;
 mod restart;
 mod sealing;
 mod setup;
@@ -301,6 +302,12 @@ struct Service {
     /// TAPs attached for the service (those the host named), kept across its restarts: the
     /// host's side of the link stays up while the service restarts.
     taps: Vec<crate::taps::Attached>,
+    /// Its descriptor store (`fd-store`), kept for the whole run: what it holds goes back to
+    /// each restart.
+    store: Option<crate::fd_store::Store>,
+    /// What its grants add to its seccomp filters (the loader's is compiled again for a start
+    /// that hands back kept descriptors: its binary's slot moves).
+    grant_rules: profiles::GrantRules,
     service_program: OwnedFd,
     loader_filter: Vec<seccompiler::sock_filter>,
     state: State,
@@ -338,12 +345,21 @@ struct Service {
     privilege: crate::privilege::ServicePrivilege,
 }
 
-/// A descriptor the loop watches: service `service`'s process (`stream` None) or one of its
-/// output pipes.
+/// A descriptor the loop watches for service `service`.
 struct Watched {
     service: usize,
-    stream: Option<Stream>,
+    what: WatchedKind,
     fd: i32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WatchedKind {
+    /// Its process (a pidfd: readable once it ended).
+    Process,
+    /// One of its output pipes.
+    Output(Stream),
+    /// Its descriptor store: packets wait.
+    Store,
 }
 
 /// The microkernel's own channel to the attest service (client name `paravisor`): reports for
@@ -521,14 +537,18 @@ impl Supervisor {
                     stop = true;
                 }
             }
-            // Output first: a death drains what is left before it is reported.
+            // Output and stores first: a death drains what is left before it is reported.
             for (k, w) in watched.iter().enumerate() {
-                if let (true, Some(stream)) = (ready[2 + k], w.stream) {
-                    self.pump_output(w.service, stream);
+                match (ready[2 + k], w.what) {
+                    (true, WatchedKind::Output(stream)) => self.pump_output(w.service, stream),
+                    (true, WatchedKind::Store) => {
+                        self.take_kept(w.service, crate::fd_store::PACKETS_PER_LOOK)
+                    }
+                    _ => {}
                 }
             }
             for (k, w) in watched.iter().enumerate() {
-                if ready[2 + k] && w.stream.is_none() {
+                if ready[2 + k] && w.what == WatchedKind::Process {
                     self.reap(w.service);
                 }
             }
@@ -563,21 +583,28 @@ impl Supervisor {
     }
 
     /// The descriptors the loop watches for each service: its process (pidfd: readable
-    /// once it ended) and its output pipes.
+    /// once it ended), its output pipes, and its descriptor store while it runs.
     fn watched(&self) -> Vec<Watched> {
         let mut watched = Vec::new();
         for (i, s) in self.services.iter().enumerate() {
             if let Some(p) = &s.process {
                 watched.push(Watched {
                     service: i,
-                    stream: None,
+                    what: WatchedKind::Process,
                     fd: p.pidfd.as_raw_fd(),
                 });
+                if let Some(store) = &s.store {
+                    watched.push(Watched {
+                        service: i,
+                        what: WatchedKind::Store,
+                        fd: store.poll_fd(),
+                    });
+                }
             }
             for (stream, fd) in s.output.fds() {
                 watched.push(Watched {
                     service: i,
-                    stream: Some(stream),
+                    what: WatchedKind::Output(stream),
                     fd,
                 });
             }

@@ -137,8 +137,9 @@ impl Supervisor {
         };
         let uptime = p.started.elapsed();
         self.services[i].process = None;
-        // Its last words before the report of its end.
+        // Its last words before the report of its end, and everything it gave its store.
         self.drain_output(i);
+        self.take_kept_of_the_dead(i);
         // A service that dies before it answers its first ping failed to start, whatever its
         // exit status.
         let starting = self.services[i].state == State::Starting;
@@ -242,6 +243,8 @@ impl Supervisor {
     pub(super) fn schedule_restart(&mut self, i: usize, failure: bool) {
         self.decide_restart(i, failure);
         if matches!(self.services[i].state, State::Failed | State::Stopped) {
+            let why = format!("the service is {}", self.services[i].state.name());
+            self.drop_kept(i, &why);
             // No process will serve its channels again: callers stop waiting for one (the new
             // epoch wakes any that sleep in a call).
             for link in self.links.iter().filter(|l| l.server == i) {

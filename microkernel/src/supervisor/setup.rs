@@ -171,8 +171,8 @@ impl Supervisor {
     }
 
     /// Everything service `i` keeps across its starts: its channels to the microkernel
-    /// (control, status page), regions, bound listeners, attached TAPs, seccomp programs,
-    /// and the measured copies of its code.
+    /// (control, status page), regions, bound listeners, attached TAPs, descriptor store,
+    /// seccomp programs, and the measured copies of its code.
     pub(super) fn service(
         opts: &Options,
         i: usize,
@@ -234,7 +234,8 @@ impl Supervisor {
             );
             attached.push(tap);
         }
-        let program = profiles::service_program(&spec.syscalls, !spec.taps.is_empty())
+        let grant_rules = profiles::GrantRules::of(spec, plan.slots(i));
+        let program = profiles::service_program(&spec.syscalls, grant_rules)
             .map_err(|e| create_err(format!("seccomp profile of {}", spec.name))(e.to_string()))?;
         let bytes = profiles::program_bytes(&program);
         let program_fd = ipc_defs::hosted::sys::memfd(
@@ -245,12 +246,18 @@ impl Supervisor {
         ipc_defs::hosted::sys::seal_read_only(&program_fd)?;
         // The bootstrap record, then the service's slots: the binary comes after them.
         let caps = 1 + plan.slots(i).len();
-        let loader_filter = profiles::loader_program(
-            &spec.syscalls,
-            SpawnPlan::binary_slot(caps),
-            !spec.taps.is_empty(),
-        )
-        .map_err(|e| create_err(format!("loader profile of {}", spec.name))(e.to_string()))?;
+        let loader_filter =
+            profiles::loader_program(&spec.syscalls, SpawnPlan::binary_slot(caps), grant_rules)
+                .map_err(|e| {
+                    create_err(format!("loader profile of {}", spec.name))(e.to_string())
+                })?;
+        // Before any thread is confined (the supervisor's filter has no socketpair).
+        let store = match spec.fd_store {
+            Some(f) => Some(crate::fd_store::Store::new(f.max as usize).map_err(|e| {
+                create_err(format!("descriptor store of {}", spec.name))(e.to_string())
+            })?),
+            None => None,
+        };
         let image = match opts.sealed.services.get(i) {
             Some(fd) => Some(fd.try_clone()?),
             None => None,
@@ -276,6 +283,8 @@ impl Supervisor {
             regions,
             listeners,
             taps: attached,
+            store,
+            grant_rules,
             service_program: program_fd,
             loader_filter,
             state: State::Stopped,

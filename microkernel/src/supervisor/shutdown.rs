@@ -44,8 +44,10 @@ impl Supervisor {
                     self.services[i].state = State::Stopped;
                     self.services[i].starting = None;
                 }
-                // Its last words before the services it calls are asked to stop.
+                // Its last words before the services it calls are asked to stop; what its
+                // store kept closes with it (a clean shutdown hands nothing on).
                 self.drain_output(i);
+                self.drop_kept(i, "the paravisor stops");
             }
         }
         tracing::info!("all services stopped");

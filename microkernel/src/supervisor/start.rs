@@ -83,6 +83,7 @@ impl Supervisor {
             record,
             mut fds,
             mut opened,
+            kept,
         } = self.capabilities(i)?;
         // Its stdout and stderr: pipes of this start, read by the supervisor.
         let (stdout, stdout_end) =
@@ -107,6 +108,20 @@ impl Supervisor {
         let mut raw = vec![record_fd.as_raw_fd()];
         raw.extend(fds.iter().map(|f| f.as_raw()));
         let s = &self.services[i];
+        // Kept descriptors come after the planned slots and push the binary's slot on: the
+        // loader's filter names that slot.
+        let loader_filter = match kept {
+            0 => s.loader_filter.clone(),
+            _ => profiles::loader_program(
+                &s.spec.syscalls,
+                SpawnPlan::binary_slot(raw.len()),
+                s.grant_rules,
+            )
+            .map_err(|e| format!("loader profile: {e}"))?,
+        };
+        if kept > 0 {
+            tracing::info!(service = %s.spec.name, kept, "handing back what its fd store kept");
+        }
         let rlimits = vec![
             (libc::RLIMIT_AS, s.spec.limits.memory),
             (libc::RLIMIT_NOFILE, s.spec.limits.open_files),
@@ -120,7 +135,7 @@ impl Supervisor {
                 .iter()
                 .map(|(fd, length, path)| (fd.as_ref(), *length, path.as_str()))
                 .collect::<Vec<_>>(),
-            s.loader_filter.clone(),
+            loader_filter,
             rlimits,
             &self.sandbox_root,
             &format!("pv-{}", s.spec.name),

@@ -163,7 +163,7 @@ pub struct Connection {
 }
 
 /// Most bytes a connection may hold unparsed: one full mssim command with its framing.
-const MAX_BUFFERED: usize = MAX_COMMAND + 16;
+pub const MAX_BUFFERED: usize = MAX_COMMAND + 16;
 
 fn be32(b: &[u8]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
@@ -224,6 +224,20 @@ impl Connection {
 
     fn take(&mut self, n: usize) -> Vec<u8> {
         self.buffer.drain(..n).collect()
+    }
+
+    /// The first complete request in `queued` (bytes still queued on the connection: a
+    /// gateway that reads with MSG_PEEK takes a request off its connection only once it
+    /// recorded it), and how many of the bytes it is; `None` while it is incomplete. What
+    /// was fed before is forgotten.
+    pub fn parse_queued(&mut self, queued: &[u8]) -> Option<(Step, usize)> {
+        self.buffer.clear();
+        let queued = &queued[..queued.len().min(MAX_BUFFERED)];
+        self.buffer.extend_from_slice(queued);
+        let step = self.next_step()?;
+        let taken = queued.len() - self.buffer.len();
+        self.buffer.clear();
+        Some((step, taken))
     }
 
     /// The next complete request, if one has arrived.
@@ -526,6 +540,31 @@ mod tests {
         assert_eq!(k.signal_reply(true, true), vec![0, 0, 0, 0, 1, 0, 0, 0]);
         k.feed(&77u32.to_be_bytes());
         assert!(matches!(k.next_step(), Some(Step::ReplyAndClose(_))));
+    }
+
+    #[test]
+    fn a_queued_request_is_parsed_without_taking_what_follows_it() {
+        let cmd = [0x80, 1, 0, 0, 0, 12, 0, 0, 1, 0x7b, 0, 8];
+        let mut c = Connection::new(Protocol::MssimCommand);
+        let mut queued = mssim_frame(0, &cmd);
+        let one = queued.len();
+        assert_eq!(c.parse_queued(&queued[..one - 1]), None, "incomplete");
+        queued.extend_from_slice(&mssim_frame(0, &cmd)[..5]);
+        assert_eq!(
+            c.parse_queued(&queued),
+            Some((
+                Step::Command {
+                    locality: 0,
+                    command: cmd.to_vec()
+                },
+                one
+            ))
+        );
+        // A swtpm control message takes whatever came with it (as swtpm's one read does).
+        let mut k = Connection::new(Protocol::SwtpmControl);
+        let mut m = swtpm::SET_LOCALITY.to_be_bytes().to_vec();
+        m.extend_from_slice(&[0, 0, 0, 0]);
+        assert_eq!(k.parse_queued(&m), Some((Step::Reply(vec![0, 0, 0, 0]), 8)));
     }
 
     fn mssim_frame(locality: u8, command: &[u8]) -> Vec<u8> {

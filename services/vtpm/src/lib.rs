@@ -12,6 +12,7 @@
 
 pub mod binding;
 pub mod gateway;
+pub mod gateway_journal;
 pub mod libtpms;
 pub mod server;
 pub mod state;

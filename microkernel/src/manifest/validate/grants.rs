@@ -1,6 +1,7 @@
 //! The passes over what a service is handed besides its channels: files and keys (paths inside
 //! the state directory, never claimed twice), guest-state files created when missing,
-//! listeners with their TPM localities, shared-memory regions, and TAP devices.
+//! listeners with their TPM localities, shared-memory regions, TAP devices, and the
+//! descriptor store.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -10,12 +11,14 @@ use std::path::PathBuf;
 use ipc_defs::bootstrap::MAX_NAME;
 use ipc_defs::capability::FileAccess;
 use ipc_defs::capability::Grant;
+use ipc_defs::fd_store::MAX_KEPT;
 use ipc_defs::services::vtpm::Localities;
 use ipc_defs::Interface;
 use toml::Spanned;
 
 use super::Seen;
 use super::Validator;
+use crate::manifest::schema::RawFdStore;
 use crate::manifest::schema::RawFile;
 use crate::manifest::schema::RawKey;
 use crate::manifest::schema::RawListen;
@@ -23,6 +26,7 @@ use crate::manifest::schema::RawRegion;
 use crate::manifest::schema::RawTap;
 use crate::manifest::values::parse_size;
 use crate::manifest::values::valid_name;
+use crate::manifest::FdStoreGrant;
 use crate::manifest::FileGrant;
 use crate::manifest::KeyGrant;
 use crate::manifest::ListenAddress;
@@ -457,6 +461,25 @@ impl Validator<'_> {
             }
         }
         regions
+    }
+
+    /// `fd-store`: a bound of 1 to [`MAX_KEPT`] descriptors (each comes back as a slot of the
+    /// bootstrap record at a restart; the open-files limit must leave room for them, which
+    /// [`Self::open_files_and_capabilities`] checks).
+    pub(super) fn fd_store(&mut self, raw: Option<&Spanned<RawFdStore>>) -> Option<FdStoreGrant> {
+        let raw = raw?;
+        let max = raw.get_ref().max.get_ref();
+        match u32::try_from(*max) {
+            Ok(m) if (1..=MAX_KEPT as u32).contains(&m) => Some(FdStoreGrant { max: m }),
+            _ => {
+                self.error(
+                    raw.get_ref().max.span(),
+                    format!("fd-store max {max} is out of range"),
+                    format!("keep between 1 and {MAX_KEPT} descriptors, or remove fd-store"),
+                );
+                None
+            }
+        }
     }
 
     /// `taps`: each a valid name, once in the manifest (`paravisor run --tap NAME=IFNAME`

@@ -6,7 +6,8 @@
 //! then `[attest]`. Each pass is a method of [`Validator`], in the file of its subject:
 //! - `process`: name, binary, limits and descriptors, syscalls, watchdog, restart, user ids;
 //! - `endpoints`: what a service serves and calls, and what each call grants;
-//! - `grants`: files, keys, listeners, regions and TAPs, and the state paths they claim;
+//! - `grants`: files, keys, listeners, regions, TAPs and the descriptor store, and the state
+//!   paths they claim;
 //! - `devices`: guest address ranges, the PCI device, interrupt lines;
 //! - `attest`: the `[attest]` table, the platform capability and sealed keys.
 //!
@@ -260,6 +261,7 @@ impl Validator<'_> {
         let listen = self.listeners(&s.listen, &name, &grants, seen);
         let regions = self.regions(&s.regions);
         let taps = self.taps(&s.taps, &name, &serves, &s.syscalls, seen);
+        let fd_store = self.fd_store(s.fd_store.as_ref());
         let (mmio, pio, pci_device) = self.guest_devices(&s, &name, &serves, &service_span, seen);
         let owns_device = !mmio.is_empty() || !pio.is_empty() || pci_device.is_some();
         let interrupts = self.own_interrupts(&s.interrupts, &name, &serves, owns_device);
@@ -304,6 +306,7 @@ impl Validator<'_> {
             keys,
             listen,
             taps,
+            fd_store,
             grants,
             regions,
             mmio,

@@ -158,7 +158,9 @@ impl Validator<'_> {
             };
             let capabilities = plan.slots(i).len();
             let open_files = *open_files_spanned.get_ref();
-            let needed = BASE_DESCRIPTORS + capabilities as u64;
+            // A restart hands back every descriptor its store kept, besides its capabilities.
+            let kept = services[i].fd_store.map_or(0, |f| u64::from(f.max));
+            let needed = BASE_DESCRIPTORS + capabilities as u64 + kept;
             if open_files <= 0 {
                 self.error(
                     open_files_spanned.span(),
