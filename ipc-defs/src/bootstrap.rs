@@ -135,14 +135,13 @@ mod tests {
             Bootstrap::decode(&bytes[..3]),
             Err(BootstrapError::Malformed)
         );
-        let mut dup = rec;
+        let mut dup = rec.clone();
         let first = dup.capabilities[0].clone();
         dup.capabilities.push(first).unwrap();
         let bytes = postcard::to_allocvec(&dup).unwrap();
         assert_eq!(Bootstrap::decode(&bytes), Err(BootstrapError::BadSlot(4)));
         // A kept descriptor may not take a capability's slot either.
         let mut kept = rec.clone();
-        kept.capabilities.pop();
         kept.kept
             .push(Kept {
                 slot: 4,

@@ -394,8 +394,8 @@ fn capability_slots(spec: &ServiceSpec, services: &[ServiceSpec]) -> usize {
 /// Each service's descriptor slots, counted by hand from the shipped manifest: 3 (status
 /// page, seccomp program, control channel) + one per client link it serves + the
 /// microkernel's attest and platform channels + the guest partition's channel (intercept,
-/// or a device with ranges) + intercept's interrupt eventfds + calls, regions, files, keys
-/// and listeners.
+/// or a device with ranges) + intercept's interrupt eventfds + calls, regions, files, keys,
+/// the fd store and listeners.
 #[test]
 fn capability_slots_count_every_descriptor_a_service_holds() {
     let m = accepted(&shipped());
@@ -408,7 +408,7 @@ fn capability_slots_count_every_descriptor_a_service_holds() {
         ("vmgs", 3 + 3 + 1 + 1, 3 + 3 + 1 + 1), // served to attest, vtpm and storage, a file, a key
         ("attest", 3 + 1 + 2 + 1 + 2, 3 + 1 + 2 + 1 + 2), // served to vtpm, microkernel and platform, a call, 2 files
         ("vtpm", 3 + 2 + 1 + 2 + 1, 3 + 2 + 2 + 1), // served to intercept and the gateway, mmio, 2 calls, a region
-        ("tpm-gateway", 3 + 1 + 5, 3 + 1 + 5),      // a call, 5 listeners
+        ("tpm-gateway", 3 + 1 + 1 + 1 + 5, 3 + 1 + 1 + 1 + 5), // a call, a region, its fd store, 5 listeners
         (
             "storage",
             3 + 2 + 1 + 1 + 1 + 1 + 1 + 3 + 2,
@@ -770,5 +770,50 @@ fn line_and_column_point_at_the_value() {
             && d.column == 11
             && d.message.contains("unknown endpoint \"vmgz\"")),
         "{d:?}"
+    );
+}
+
+/// `fd-store = { max = N }`: 1 to MAX_KEPT descriptors, a typo in the table is an error, and
+/// the open-files limit leaves room for every descriptor a restart hands back.
+#[test]
+fn an_fd_store_keeps_a_bounded_number_of_descriptors_within_the_open_files_limit() {
+    use ipc_defs::fd_store::MAX_KEPT;
+    // The gateway's table with `store` (its line 14) and `open-files = n` (line 16).
+    let with_limit = |store: &str, n: usize| {
+        let src = TPM.replacen("listen = [", &format!("{store}\nlisten = ["), 1);
+        let at = src.rfind("open-files = 32").unwrap();
+        format!(
+            "{}open-files = {n}{}",
+            &src[..at],
+            &src[at + "open-files = 32".len()..]
+        )
+    };
+    let with = |store: &str| with_limit(store, 64);
+    let m = accepted(&with("fd-store = { max = 4 }"));
+    assert_eq!(
+        m.service("gw").unwrap().fd_store,
+        Some(FdStoreGrant { max: 4 })
+    );
+    assert_eq!(m.service("tpm").unwrap().fd_store, None);
+    accepted(&with(&format!("fd-store = {{ max = {MAX_KEPT} }}")));
+    for bad in ["0", "-1", &(MAX_KEPT + 1).to_string(), "4294967296"] {
+        refused_at(
+            &with(&format!("fd-store = {{ max = {bad} }}")),
+            14,
+            &format!("fd-store max {bad} is out of range"),
+        );
+    }
+    assert!(!errors(&with("fd-store = { max = 4, keep = 2 }")).is_empty());
+    assert!(!errors(&with("fd-store = 4")).is_empty());
+
+    // Every kept descriptor comes back at a restart: the limit must hold them all.
+    let m = accepted(&with("fd-store = { max = 20 }"));
+    let gw = m.service("gw").unwrap();
+    let needed = BASE_DESCRIPTORS as usize + capability_slots(gw, &m.services) + 20;
+    accepted(&with_limit("fd-store = { max = 20 }", needed));
+    refused_at(
+        &with_limit("fd-store = { max = 20 }", needed - 1),
+        16,
+        &format!("is below the {needed} descriptors this service holds"),
     );
 }
