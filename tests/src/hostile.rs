@@ -29,12 +29,15 @@
 //! | `privileges`        | reads /proc/1/environ, then tries setuid(0), setresuid, setresgid, setgroups, capset, chown, chmod, a raw socket, raising a limit, sethostname, settimeofday (its manifest grants these syscalls, so the kernel answers, not seccomp); last init_module | each refused; killed at init_module |
 //! | `tap-responder NAME IP MAC` | on its TAP NAME, answers ARP and ICMP echo for IP as MAC and logs UDP to IP (see `tap_responder`); logs "no TAP" if the host named none | frames cross both ways with read/write/poll only |
 //! | `tap-ioctl NAME`    | sets its TAP NAME's offloads (TUNSETOFFLOAD, the one ioctl a TAP's holder has), then asks whether it is a terminal (TCGETS) | the first allowed, then killed, reported as `ioctl` |
+//! | `fd-store-abuse L`  | accepts one connection on listener L, keeps it, then sends its fd store its listener, a memfd, /dev/null, the store itself, wrong descriptor counts, garbage, an oversized packet, unknown forgets and 1000 more keeps; started again, logs what it got back | the connection kept (up to the bound), the rest refused and logged; the supervisor serves on |
+//! | `fd-store-unsent`   | without a store, sends on the slot a store would have | killed, reported as `sendmsg` |
 //! | `serve`             | serves normally                                | runs                           |
 //!
 //! Exit status 0 means "every hostile attempt got the typed error it should"; 10 and up
 //! name an attempt that unexpectedly worked.
 #![forbid(unsafe_code)]
 
+mod fd_store_abuse;
 mod tap_responder;
 
 use std::io::Read;
@@ -147,6 +150,8 @@ fn main() -> ExitCode {
             ExitCode::from(10)
         }
         "tap-responder" => tap_responder::run(&mut started, &args),
+        "fd-store-abuse" => fd_store_abuse::abuse(&mut started, &args),
+        "fd-store-unsent" => fd_store_abuse::unsent(&mut started),
         "tap-ioctl" => {
             use std::io::IsTerminal;
             let name = args.get(1).map(String::as_str).unwrap_or("net0");

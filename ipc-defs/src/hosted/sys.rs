@@ -887,28 +887,49 @@ pub fn send_with_fd(
     bytes: &[u8],
     fd: Option<std::os::fd::BorrowedFd<'_>>,
 ) -> io::Result<()> {
+    send_with_fds(sock, bytes, fd.as_slice())
+}
+
+/// Most descriptors [`send_with_fds`] attaches to one message (the kernel takes up to 253).
+pub const MAX_SENT_FDS: usize = 16;
+
+/// [`send_with_fd`] with up to [`MAX_SENT_FDS`] descriptors attached.
+pub fn send_with_fds(
+    sock: &impl AsRawFd,
+    bytes: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> io::Result<()> {
+    if fds.len() > MAX_SENT_FDS {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
     let mut iov = libc::iovec {
         iov_base: bytes.as_ptr() as *mut libc::c_void,
         iov_len: bytes.len(),
     };
-    let mut control = [0u64; 4];
+    // CMSG_SPACE(16 * 4) = 80 bytes.
+    let mut control = [0u64; 10];
     // SAFETY: a zeroed msghdr is a valid "no name, no control" header, filled in below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    if let Some(fd) = fd {
+    if !fds.is_empty() {
+        let payload = (fds.len() * 4) as u32;
         msg.msg_control = control.as_mut_ptr().cast();
-        // SAFETY: CMSG_SPACE only computes a size (of one c_int: 24 bytes, within `control`).
-        msg.msg_controllen = unsafe { libc::CMSG_SPACE(4) } as usize;
+        // SAFETY: CMSG_SPACE only computes a size (at most 80 bytes: within `control`).
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(payload) } as usize;
+        debug_assert!(msg.msg_controllen <= std::mem::size_of_val(&control));
         // SAFETY: the header has a control buffer of msg_controllen bytes, so CMSG_FIRSTHDR
-        // points inside `control`, and CMSG_DATA of a header of CMSG_LEN(4) has room for one
-        // c_int, written unaligned.
+        // points inside `control`, and CMSG_DATA of a header of CMSG_LEN(payload) has room
+        // for `fds.len()` c_ints, written unaligned.
         unsafe {
             let cmsg = libc::CMSG_FIRSTHDR(&msg);
             (*cmsg).cmsg_level = libc::SOL_SOCKET;
             (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(4) as usize;
-            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), fd.as_raw_fd());
+            (*cmsg).cmsg_len = libc::CMSG_LEN(payload) as usize;
+            let data = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
+            for (i, fd) in fds.iter().enumerate() {
+                std::ptr::write_unaligned(data.add(i), fd.as_raw_fd());
+            }
         }
     }
     // SAFETY: `msg` points at `iov` (readable for `bytes.len()` bytes) and, if set, at

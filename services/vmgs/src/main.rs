@@ -53,7 +53,8 @@ fn main() -> ExitCode {
                 | Grant::Localities(_)
                 | Grant::GuestPartition
                 | Grant::GuestMemory { .. }
-                | Grant::Doorbells { .. } => FileIdSet::EMPTY,
+                | Grant::Doorbells { .. }
+                | Grant::FdStore { .. } => FileIdSet::EMPTY,
             };
             let what = describe(&request);
             let response = server.handle(&caller.name, granted, request);
