@@ -222,3 +222,88 @@ fn a_qemu_that_dies_ends_the_run_and_a_stopped_paravisor_stops_its_qemu() {
 fn run_again(image: &linux::Image, script: &str) -> CvmRun {
     run("vmm-stop", image, script, &[])
 }
+
+/// The guest keeps using its TPM (reads PCR 0 through sysfs, extends PCR 16 through
+/// /dev/tpm0) while the TPM gateway between QEMU and the vTPM is killed again and again:
+/// QEMU's connection survives each kill (the gateway's fd store), the guest sees no error,
+/// PCR 0 never changes, and PCR 16 is exactly the chain of the extends the guest made.
+#[test]
+fn the_guest_uses_its_tpm_without_an_error_while_the_gateway_is_killed() {
+    let test = "the_guest_uses_its_tpm_without_an_error_while_the_gateway_is_killed";
+    let Some(image) = ready(test) else { return };
+    // TPM2_PCR_Extend of PCR 16 with a SHA-256 digest of 32 bytes 0x01 (password session),
+    // written whole (one write) to /dev/tpm0; its response read whole.
+    let script = r#"
+        printf '\200\002\000\000\000\101\000\000\001\202\000\000\000\020\000\000\000\011\100\000\000\011\000\000\001\000\000\000\000\000\001\000\013' > /tmp/extend
+        i=0; while [ $i -lt 32 ]; do printf '\001' >> /tmp/extend; i=$((i+1)); done
+        first=$(cat /sys/class/tpm/tpm0/pcr-sha256/0) || { echo "READ-FAILED first"; exit 3; }
+        echo "PCR0=$first"
+        exec 3<>/dev/tpm0 || { echo "NO-TPM0"; exit 3; }
+        echo READY
+        reads=0; extends=0
+        end=$(( $(date +%s) + 30 ))
+        while [ "$(date +%s)" -lt "$end" ]; do
+            v=$(cat /sys/class/tpm/tpm0/pcr-sha256/0) || { echo "READ-FAILED $reads"; exit 4; }
+            [ "$v" = "$first" ] || { echo "PCR0-CHANGED $reads $v"; exit 5; }
+            reads=$((reads+1))
+            dd if=/tmp/extend bs=4096 count=1 >&3 2>/dev/null || { echo "EXTEND-FAILED $extends"; exit 6; }
+            r=$(dd bs=4096 count=1 <&3 2>/dev/null | od -An -tx1 | tr -d ' \n')
+            case "$r" in 80020000001300000000*) ;; *) echo "EXTEND-ANSWER $extends $r"; exit 6;; esac
+            extends=$((extends+1))
+        done
+        echo "READS=$reads EXTENDS=$extends"
+        echo "PCR16=$(cat /sys/class/tpm/tpm0/pcr-sha256/16)"
+        exit 7
+    "#;
+    let mut run = run("vmm-gw-kill", &image, script, &[]);
+    run.wait_for_console("READY", QUIET);
+    let mut killed = 0;
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_secs(4));
+        if run.console().contains("READS=") {
+            break;
+        }
+        let out = common::pv(&["kill", "tpm-gateway", "--state-dir", &run.state_dir()]);
+        assert!(out.status.success(), "{}", common::text(&out));
+        killed += 1;
+    }
+    let status = run.wait(QUIET);
+    let console = run.console();
+    assert_eq!(status.code(), Some(7), "{}", run.both());
+    assert!(killed >= 3, "the guest was done after {killed} kills");
+    for bad in ["tpm_transmit", "tpm_try_transmit", "tpm tpm0:"] {
+        assert!(!console.contains(bad), "the guest saw {bad}:\n{}", run.both());
+    }
+    let counts = console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("READS="))
+        .unwrap_or_else(|| panic!("no counts:\n{}", run.both()));
+    let extends: usize = counts
+        .split("EXTENDS=")
+        .nth(1)
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{counts}"));
+    assert!(extends > 0, "{counts}");
+    use sha2::Digest;
+    let mut pcr = [0u8; 32];
+    for _ in 0..extends {
+        let mut h = sha2::Sha256::new();
+        h.update(pcr);
+        h.update([1u8; 32]);
+        pcr = h.finalize().into();
+    }
+    let expected: String = pcr.iter().map(|b| format!("{b:02X}")).collect();
+    let got = console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("PCR16="))
+        .unwrap_or_else(|| panic!("no PCR16:\n{}", run.both()));
+    assert_eq!(
+        got.to_uppercase(),
+        expected,
+        "PCR 16 after {extends} extends ({counts}); {killed} kills:\n{}",
+        run.log()
+    );
+    eprintln!("{killed} kills of tpm-gateway under the guest: {counts}");
+    let restarts = run.log().matches("connection taken back").count();
+    assert!(restarts >= killed, "{}", run.log());
+}
