@@ -169,9 +169,9 @@ mod tests {
             rec.capabilities
                 .push(Capability {
                     slot: 4 + slot,
-                    kind: CapabilityKind::Interrupt(
-                        crate::services::intercept::Interrupt::Line(23),
-                    ),
+                    kind: CapabilityKind::Interrupt(crate::services::intercept::Interrupt::Line(
+                        23,
+                    )),
                     name: name.clone(),
                     size: u64::MAX,
                     grant: Grant::Doorbells {

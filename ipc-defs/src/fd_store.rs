@@ -119,8 +119,8 @@ impl StoreMessage {
         if bytes.len() > MAX_MESSAGE {
             return Err(StoreError::TooLong(bytes.len()));
         }
-        let (message, rest) = postcard::take_from_bytes::<StoreMessage>(bytes)
-            .map_err(|_| StoreError::Malformed)?;
+        let (message, rest) =
+            postcard::take_from_bytes::<StoreMessage>(bytes).map_err(|_| StoreError::Malformed)?;
         if !rest.is_empty() {
             return Err(StoreError::Malformed);
         }
@@ -150,12 +150,8 @@ mod tests {
 
     #[test]
     fn messages_round_trip_within_their_bound() {
-        let longest = KeptRecord::new(
-            u32::MAX,
-            &"a".repeat(MAX_KEPT_NAME),
-            &[0xff; MAX_STATE],
-        )
-        .unwrap();
+        let longest =
+            KeptRecord::new(u32::MAX, &"a".repeat(MAX_KEPT_NAME), &[0xff; MAX_STATE]).unwrap();
         for m in [
             StoreMessage::Keep(longest),
             StoreMessage::Forget { id: u32::MAX },
@@ -171,14 +167,14 @@ mod tests {
     #[test]
     fn hostile_packets_are_refused() {
         let mut buf = [0u8; MAX_MESSAGE];
-        let good = StoreMessage::Forget { id: 7 }.encode(&mut buf).unwrap().to_vec();
+        let good = StoreMessage::Forget { id: 7 }
+            .encode(&mut buf)
+            .unwrap()
+            .to_vec();
         // Trailing bytes, truncation, oversize, an unknown variant.
         let mut trailing = good.clone();
         trailing.push(0);
-        assert_eq!(
-            StoreMessage::decode(&trailing),
-            Err(StoreError::Malformed)
-        );
+        assert_eq!(StoreMessage::decode(&trailing), Err(StoreError::Malformed));
         assert_eq!(StoreMessage::decode(&good[..1]), Err(StoreError::Malformed));
         assert_eq!(StoreMessage::decode(&[]), Err(StoreError::Malformed));
         assert_eq!(
@@ -194,7 +190,11 @@ mod tests {
                 state: Vec::new(),
             });
             let bytes = m.encode(&mut buf).unwrap().to_vec();
-            assert_eq!(StoreMessage::decode(&bytes), Err(StoreError::BadName), "{name:?}");
+            assert_eq!(
+                StoreMessage::decode(&bytes),
+                Err(StoreError::BadName),
+                "{name:?}"
+            );
         }
         // State longer than its bound: postcard refuses the length.
         let mut long = vec![0u8, 1, 1, b'c', (MAX_STATE + 1) as u8];

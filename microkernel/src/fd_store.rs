@@ -77,7 +77,10 @@ impl std::fmt::Display for Refusal {
             Refusal::Malformed(e) => write!(f, "{e}"),
             Refusal::Truncated => write!(f, "a message longer than {MAX_MESSAGE} bytes"),
             Refusal::DescriptorsDropped => {
-                write!(f, "a message with more descriptors than fit (the rest closed)")
+                write!(
+                    f,
+                    "a message with more descriptors than fit (the rest closed)"
+                )
             }
             Refusal::DescriptorCount { carried } => {
                 write!(f, "a keep with {carried} descriptors (exactly one)")
@@ -172,9 +175,7 @@ impl<F> KeptTable<F> {
                             replaced: Some(old),
                         })
                     }
-                    None if self.entries.len() >= self.max => {
-                        Err(Refusal::Full { max: self.max })
-                    }
+                    None if self.entries.len() >= self.max => Err(Refusal::Full { max: self.max }),
                     None => {
                         self.entries.push((record, fd));
                         Ok(Applied::Kept { id, replaced: None })
@@ -447,7 +448,13 @@ mod tests {
     fn a_table_refuses_what_a_hostile_service_sends() {
         let mut t = KeptTable::<u32>::new(4);
         let cases: Vec<(Vec<u8>, bool, bool, Vec<u32>, Refusal)> = vec![
-            (keep(1), false, false, vec![], Refusal::DescriptorCount { carried: 0 }),
+            (
+                keep(1),
+                false,
+                false,
+                vec![],
+                Refusal::DescriptorCount { carried: 0 },
+            ),
             (
                 keep(1),
                 false,
@@ -455,7 +462,13 @@ mod tests {
                 vec![1, 2],
                 Refusal::DescriptorCount { carried: 2 },
             ),
-            (forget(1), false, false, vec![1], Refusal::UnexpectedDescriptor),
+            (
+                forget(1),
+                false,
+                false,
+                vec![1],
+                Refusal::UnexpectedDescriptor,
+            ),
             (keep(1), true, false, vec![1], Refusal::Truncated),
             (keep(1), false, true, vec![1], Refusal::DescriptorsDropped),
             (

@@ -214,7 +214,10 @@ fn descriptor_rule(slot: i32) -> Result<SeccompRule, ProfileError> {
 
 /// The filter a service runs under for good: base plus its manifest fragment, and what its
 /// grants add ([`GrantRules`]).
-pub fn service_program(fragment: &[String], grants: GrantRules) -> Result<BpfProgram, ProfileError> {
+pub fn service_program(
+    fragment: &[String],
+    grants: GrantRules,
+) -> Result<BpfProgram, ProfileError> {
     compile(
         BASE.iter()
             .copied()

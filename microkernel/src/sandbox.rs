@@ -220,8 +220,7 @@ const STEPS: &[&str] = &[
 const SCRATCH_FD: RawFd = 256;
 /// Most descriptors a spawn places at slots 3, 4, ...: the bootstrap record, every
 /// capability and every kept descriptor ([`SpawnPlan::new`] refuses more).
-const MAX_SLOTS: usize =
-    1 + ipc_defs::bootstrap::MAX_CAPABILITIES + ipc_defs::fd_store::MAX_KEPT;
+const MAX_SLOTS: usize = 1 + ipc_defs::bootstrap::MAX_CAPABILITIES + ipc_defs::fd_store::MAX_KEPT;
 
 fn cstr(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))

@@ -272,7 +272,11 @@ fn the_guest_uses_its_tpm_without_an_error_while_the_gateway_is_killed() {
     assert_eq!(status.code(), Some(7), "{}", run.both());
     assert!(killed >= 3, "the guest was done after {killed} kills");
     for bad in ["tpm_transmit", "tpm_try_transmit", "tpm tpm0:"] {
-        assert!(!console.contains(bad), "the guest saw {bad}:\n{}", run.both());
+        assert!(
+            !console.contains(bad),
+            "the guest saw {bad}:\n{}",
+            run.both()
+        );
     }
     let counts = console
         .lines()

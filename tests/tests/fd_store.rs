@@ -265,8 +265,14 @@ fn a_killed_gateway_keeps_its_connections_and_runs_each_command_exactly_once() {
         "{KILLS} kills: {swtpm_n} extends on the swtpm data channel, {mssim_n} on mssim; gateways {pids:?}"
     );
     assert!(swtpm_n > 0 && mssim_n > 0);
-    assert_eq!(swtpm_pcr, swtpm_expected, "PCR 16: an extend lost or doubled");
-    assert_eq!(mssim_pcr, mssim_expected, "PCR 23: an extend lost or doubled");
+    assert_eq!(
+        swtpm_pcr, swtpm_expected,
+        "PCR 16: an extend lost or doubled"
+    );
+    assert_eq!(
+        mssim_pcr, mssim_expected,
+        "PCR 23: an extend lost or doubled"
+    );
     let mut distinct = pids.clone();
     distinct.dedup();
     assert_eq!(distinct.len(), KILLS + 1, "every kill killed: {pids:?}");
@@ -335,9 +341,7 @@ fn a_hostile_store_holder_gets_nothing_past_its_bound_and_the_supervisor_serves_
     // Every packet taken (the last ones may still be on their way).
     inst.wait_until(Duration::from_secs(20), |rows| {
         rows.iter().any(|r| {
-            r["name"] == "hostile"
-                && r["fd_store"]["kept"] == 4
-                && r["fd_store"]["refused"] == 1010
+            r["name"] == "hostile" && r["fd_store"]["kept"] == 4 && r["fd_store"]["refused"] == 1010
         })
     });
     let row = inst.row("hostile");
@@ -356,16 +360,16 @@ fn a_hostile_store_holder_gets_nothing_past_its_bound_and_the_supervisor_serves_
         "a forget that carries descriptors",
         "which nothing is kept under",
         "not a store message",
-        &format!(
-            "longer than {} bytes",
-            ipc_defs::fd_store::MAX_MESSAGE
-        ),
+        &format!("longer than {} bytes", ipc_defs::fd_store::MAX_MESSAGE),
         "past its bound (4 kept already)",
     ] {
         assert!(log.contains(why), "no refusal of {why:?}:\n{log}");
     }
     // Logged one by one only at first: 1000 refusals are not 1000 lines.
-    let lines = log.lines().filter(|l| l.contains("fd store: refused")).count();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("fd store: refused"))
+        .count();
     assert!(lines <= 21, "{lines} refusal lines");
     // The supervisor answers at once, and the live audit finds the kept connection
     // explained and the bound held.

@@ -788,11 +788,7 @@ struct Received {
 
 /// recvmsg(2) with `flags` into `buf` and a control buffer of [`MAX_PASSED_FDS`]
 /// descriptors; every descriptor installed is returned (owned, so none leaks).
-fn recv_message(
-    fd: &impl AsRawFd,
-    buf: &mut [u8],
-    flags: libc::c_int,
-) -> io::Result<Received> {
+fn recv_message(fd: &impl AsRawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<Received> {
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -856,8 +852,7 @@ pub fn peek_stream_with_fds(
     Ok((
         Peeked {
             len: received.len,
-            ends_at_descriptors: !received.fds.is_empty()
-                || received.flags & libc::MSG_CTRUNC != 0,
+            ends_at_descriptors: !received.fds.is_empty() || received.flags & libc::MSG_CTRUNC != 0,
         },
         received.fds,
     ))
@@ -962,11 +957,7 @@ pub struct Packet {
 /// Takes the next message of a `SOCK_SEQPACKET` socket without waiting (`WouldBlock` if there
 /// is none): its bytes into `buf`, at most four descriptors (close-on-exec) installed.
 pub fn recv_packet(sock: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Packet> {
-    let received = recv_message(
-        sock,
-        buf,
-        libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
-    )?;
+    let received = recv_message(sock, buf, libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC)?;
     Ok(Packet {
         len: received.len.min(buf.len()),
         truncated: received.flags & libc::MSG_TRUNC != 0,

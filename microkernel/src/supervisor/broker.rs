@@ -87,13 +87,12 @@ impl Supervisor {
         ipc_defs::hosted::sys::seal_read_only(&record_fd).map_err(|e| fail(&e))?;
         raw.insert(0, record_fd.as_raw_fd());
         // Its executable sits right after its (fewer) capabilities: a loader filter of its own.
-        let loader =
-            profiles::loader_program(
-                &s.spec.syscalls,
-                SpawnPlan::binary_slot(raw.len()),
-                profiles::GrantRules::default(),
-            )
-            .map_err(|e| fail(&e))?;
+        let loader = profiles::loader_program(
+            &s.spec.syscalls,
+            SpawnPlan::binary_slot(raw.len()),
+            profiles::GrantRules::default(),
+        )
+        .map_err(|e| fail(&e))?;
         let (stdout, stdout_end) = sandbox::output_pipe().map_err(|e| fail(&e))?;
         let (stderr, stderr_end) = sandbox::output_pipe().map_err(|e| fail(&e))?;
         let mut plan = SpawnPlan::new(

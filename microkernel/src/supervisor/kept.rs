@@ -60,7 +60,8 @@ impl Supervisor {
             let n = store.clear();
             if n > 0 {
                 tracing::info!(service = %s.spec.name, "fd store: {n} kept descriptors closed ({why})");
-                s.output.note(format!("{n} kept descriptors closed ({why})"));
+                s.output
+                    .note(format!("{n} kept descriptors closed ({why})"));
             }
         }
     }

@@ -93,7 +93,9 @@ pub enum InFlight {
     },
     /// The reply to connection `owner`'s request is in the outbox (all of it, or what is left
     /// of it after part was sent).
-    Answered { owner: u32 },
+    Answered {
+        owner: u32,
+    },
 }
 
 /// What a successor finds in the journal.
@@ -279,10 +281,7 @@ mod tests {
 
     #[test]
     fn a_journal_that_is_not_one_is_dropped_not_trusted() {
-        assert_eq!(
-            Journal::open(vec![0u8; 16]).err(),
-            Some(TooSmall(16))
-        );
+        assert_eq!(Journal::open(vec![0u8; 16]).err(), Some(TooSmall(16)));
         // Garbage: not a journal, made one.
         let (j, r) = Journal::open(vec![0xa5u8; JOURNAL_SIZE]).unwrap();
         assert_eq!(r.in_flight, InFlight::Idle);

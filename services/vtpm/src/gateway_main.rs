@@ -575,10 +575,7 @@ impl Gateway {
         };
         stream.set_up();
         if self.ids.len() >= self.capacity() {
-            tracing::warn!(
-                "{} connections already; refusing another",
-                self.capacity()
-            );
+            tracing::warn!("{} connections already; refusing another", self.capacity());
             return;
         }
         let id = self.free_id();
@@ -814,7 +811,10 @@ impl Gateway {
             return true;
         }
         if self.ids.len() >= self.capacity() {
-            tracing::warn!("{} connections already; refusing a data channel", self.capacity());
+            tracing::warn!(
+                "{} connections already; refusing a data channel",
+                self.capacity()
+            );
             return false;
         }
         let id = self.free_id();
@@ -874,9 +874,7 @@ impl Gateway {
                 // Our numbering is behind the TPM's record (the clock went back across a
                 // restart of this gateway): the command was refused unrun; number it past
                 // the record, recorded before it is sent.
-                Outcome::Answer(vtpm::Response::Error(vtpm::VtpmError::StaleSequence {
-                    last,
-                })) => {
+                Outcome::Answer(vtpm::Response::Error(vtpm::VtpmError::StaleSequence { last })) => {
                     self.seq = self.seq.max(last);
                     *seq = self.next_number();
                     if let Some(d) = self.durable.as_mut() {

@@ -68,8 +68,7 @@ impl Outbox {
 
     /// Whether something waits in the outbox.
     pub(crate) fn has_data(&self) -> bool {
-        sys::poll_readable(&[self.read.as_fd()], std::time::Duration::ZERO)
-            .is_ok_and(|r| r[0])
+        sys::poll_readable(&[self.read.as_fd()], std::time::Duration::ZERO).is_ok_and(|r| r[0])
     }
 
     /// Moves everything in the outbox to `to` (waiting for room as long as `to`'s send
@@ -116,9 +115,7 @@ pub(crate) struct KeptConnection {
 impl Durable {
     /// The store and the journal region the manifest grants, with what the last process kept
     /// and journaled; `None` (and everything kept closed) without both.
-    pub(crate) fn open(
-        context: &mut Context,
-    ) -> Option<(Durable, Recovered, Vec<KeptConnection>)> {
+    pub(crate) fn open(context: &mut Context) -> Option<(Durable, Recovered, Vec<KeptConnection>)> {
         let kept = std::mem::take(&mut context.kept);
         let region = context.regions.remove(JOURNAL_REGION);
         let (store, region) = match (context.fd_store.take(), region) {
@@ -159,7 +156,9 @@ impl Durable {
                     })
                 }
                 (name, id) => {
-                    tracing::warn!("the fd store kept {name} {id}, which this gateway does not use: closed");
+                    tracing::warn!(
+                        "the fd store kept {name} {id}, which this gateway does not use: closed"
+                    );
                     let _ = store.forget(id);
                 }
             }
@@ -183,7 +182,9 @@ impl Durable {
                 ] {
                     let record = KeptRecord::new(id, name, &[]).expect("a valid record");
                     if let Err(e) = store.keep(&record, fd.as_fd()) {
-                        tracing::error!("connections are not kept across restarts: the outbox: {e}");
+                        tracing::error!(
+                            "connections are not kept across restarts: the outbox: {e}"
+                        );
                         return None;
                     }
                 }
@@ -212,14 +213,20 @@ impl Durable {
             return;
         };
         if let Err(e) = self.store.keep(&record, fd) {
-            tracing::warn!(id, "connection not kept (it ends if the gateway restarts): {e}");
+            tracing::warn!(
+                id,
+                "connection not kept (it ends if the gateway restarts): {e}"
+            );
         }
     }
 
     /// Forgets connection `id` (it ended): its peer sees it end once the gateway closes it.
     pub(crate) fn forget(&self, id: u32) {
         if let Err(e) = self.store.forget(id) {
-            tracing::warn!(id, "connection not forgotten (it stays open until the gateway restarts): {e}");
+            tracing::warn!(
+                id,
+                "connection not forgotten (it stays open until the gateway restarts): {e}"
+            );
         }
     }
 }
