@@ -446,8 +446,10 @@ mod tests {
 
     #[test]
     fn a_table_refuses_what_a_hostile_service_sends() {
+        /// (bytes, cut by the kernel, descriptors dropped, descriptors, the refusal)
+        type Case = (Vec<u8>, bool, bool, Vec<u32>, Refusal);
         let mut t = KeptTable::<u32>::new(4);
-        let cases: Vec<(Vec<u8>, bool, bool, Vec<u32>, Refusal)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 keep(1),
                 false,

@@ -194,7 +194,7 @@ fn extend_until(
         assert_eq!(rc(&r), 0, "extend {n} of PCR {pcr}: {r:02x?}");
         expected = extended(expected, &digest);
         n += 1;
-        if n % 50 == 0 {
+        if n.is_multiple_of(50) {
             let r = send(&get_random(16));
             assert_eq!((rc(&r), r.len()), (0, 10 + 2 + 16), "GetRandom");
         }

@@ -506,10 +506,9 @@ impl Gateway {
                     }
                 }
             };
-            for f in 0..self.fronts.len() {
-                if ready[f] {
-                    self.accept(f);
-                }
+            let accepting: Vec<usize> = (0..self.fronts.len()).filter(|&f| ready[f]).collect();
+            for f in accepting {
+                self.accept(f);
             }
             // A Unix connection whose next look is due is looked at, readable or not.
             let mut due = vec![false; self.clients.len()];
