@@ -39,20 +39,14 @@
 // The process's own modules, next to it (a binary's root looks for them in src/).
 #[path = "gateway_main/durable.rs"]
 mod durable;
+#[path = "gateway_main/sockets.rs"]
+mod sockets;
 #[path = "gateway_main/tpm_link.rs"]
 mod tpm_link;
 
 use std::collections::BTreeSet;
-use std::io::Read;
-use std::io::Write;
-use std::net::TcpListener;
-use std::net::TcpStream;
 use std::os::fd::AsFd;
-use std::os::fd::BorrowedFd;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixListener;
-use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::time::Duration;
 use std::time::Instant;
@@ -73,6 +67,8 @@ use pv_vtpm::gateway::MAX_BUFFERED;
 use pv_vtpm::gateway::RC_LOCALITY;
 use pv_vtpm::gateway_journal::InFlight;
 use pv_vtpm::server::error_response;
+use sockets::Listener;
+use sockets::Stream;
 use tpm_link::Outcome;
 use tpm_link::TpmLink;
 
@@ -84,9 +80,6 @@ const MAX_CLIENTS: usize = 32;
 /// How long the gateway spins for the TPM's answer before it sleeps (about one RSA-2048
 /// signature; key generation takes longer and is answered through the sleep).
 const CALL_SPIN: Duration = Duration::from_millis(2);
-/// How long a reply may wait for a client that does not read: a client that stalls longer
-/// is dropped rather than stalling everyone else.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the loop sleeps between looks at the control channel.
 const POLL: Duration = Duration::from_millis(50);
 /// How long a Unix connection holding part of a request is left out of the poll (poll
@@ -97,127 +90,6 @@ const PARTIAL_RETRY: Duration = Duration::from_millis(2);
 const REQUESTS_PER_TURN: usize = 16;
 /// TPM_RC_FAILURE.
 const RC_FAILURE: u32 = 0x101;
-
-/// A listening socket: TCP on loopback, or a Unix socket in the state directory.
-enum Listener {
-    Tcp(TcpListener),
-    Unix(UnixListener),
-}
-
-impl Listener {
-    /// Tells the two kinds apart by the socket's own address family.
-    fn from_fd(fd: OwnedFd) -> Listener {
-        let unix = UnixListener::from(fd);
-        if unix.local_addr().is_ok() {
-            Listener::Unix(unix)
-        } else {
-            Listener::Tcp(TcpListener::from(OwnedFd::from(unix)))
-        }
-    }
-
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        match self {
-            Listener::Tcp(l) => l.as_fd(),
-            Listener::Unix(l) => l.as_fd(),
-        }
-    }
-
-    fn accept(&self) -> Option<Stream> {
-        match self {
-            Listener::Tcp(l) => l.accept().ok().map(|(s, _)| Stream::Tcp(s)),
-            Listener::Unix(l) => l.accept().ok().map(|(s, _)| Stream::Unix(s)),
-        }
-    }
-}
-
-/// A connection of either kind.
-enum Stream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Stream {
-    /// A connection the store handed back (or QEMU handed over): its kind from its own
-    /// address family, set up as an accepted one is.
-    fn from_fd(fd: OwnedFd) -> Stream {
-        let unix = UnixStream::from(fd);
-        let stream = if unix.local_addr().is_ok() {
-            Stream::Unix(unix)
-        } else {
-            Stream::Tcp(TcpStream::from(OwnedFd::from(unix)))
-        };
-        stream.set_up();
-        stream
-    }
-
-    fn set_up(&self) {
-        match self {
-            Stream::Tcp(s) => {
-                let _ = s.set_nodelay(true);
-                let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
-            }
-            Stream::Unix(s) => {
-                let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
-            }
-        }
-    }
-
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        match self {
-            Stream::Tcp(s) => s.as_fd(),
-            Stream::Unix(s) => s.as_fd(),
-        }
-    }
-
-    /// Copies what is queued into `buf` without taking it (with copies of the descriptors
-    /// passed with it, if `with_fds`); 0 bytes is end of file.
-    fn peek(&self, buf: &mut [u8], with_fds: bool) -> std::io::Result<(usize, Vec<OwnedFd>)> {
-        match self {
-            Stream::Unix(s) if with_fds => {
-                sys::peek_stream_with_fds(s, buf).map(|(p, fds)| (p.len, fds))
-            }
-            Stream::Unix(s) => sys::peek_stream(s, buf).map(|p| (p.len, Vec::new())),
-            Stream::Tcp(s) => sys::peek_stream(s, buf).map(|p| (p.len, Vec::new())),
-        }
-    }
-
-    /// Takes `n` bytes that are queued (descriptors passed with them are closed).
-    fn take(&mut self, mut n: usize) -> std::io::Result<()> {
-        let mut buf = [0u8; 4096];
-        while n > 0 {
-            let want = n.min(buf.len());
-            let got = match self {
-                Stream::Tcp(s) => {
-                    let got = s.read(&mut buf[..want])?;
-                    let _ = sys::tcp_quickack(s);
-                    got
-                }
-                Stream::Unix(s) => sys::recv_with_fds(s, &mut buf[..want])?.0,
-            };
-            if got == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            n -= got;
-        }
-        Ok(())
-    }
-
-    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.write_all(bytes),
-            Stream::Unix(s) => s.write_all(bytes),
-        }
-    }
-
-    /// The socket's inode (one connection, however many descriptors name it).
-    fn inode(&self) -> u64 {
-        self.as_fd()
-            .try_clone_to_owned()
-            .map(std::fs::File::from)
-            .and_then(|f| f.metadata())
-            .map_or(0, |m| m.ino())
-    }
-}
 
 struct Client {
     /// Its id in the fd store (unique among the connections).
@@ -389,10 +261,15 @@ impl Gateway {
             };
             let stream = Stream::from_fd(k.fd);
             let inode = stream.inode();
-            if !self.ids.insert(k.id) || !self.inodes.insert(inode) {
-                tracing::warn!(id = k.id, "a kept connection named twice: closed");
+            if self.inodes.contains(&inode) || !self.ids.insert(k.id) {
+                // One connection kept under two ids: served once, the copy forgotten.
+                tracing::warn!(id = k.id, "a connection kept twice: the copy is forgotten");
+                if let Some(d) = &self.durable {
+                    d.forget(k.id);
+                }
                 continue;
             }
+            self.inodes.insert(inode);
             tracing::info!(id = k.id, listener = %k.listener, data_channel = k.data_channel, "connection taken back");
             self.clients.push(Client {
                 id: k.id,
