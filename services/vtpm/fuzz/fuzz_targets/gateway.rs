@@ -1,5 +1,8 @@
 //! Arbitrary bytes from a network client of each TPM protocol, in arbitrary pieces: the
 //! parser yields steps or asks to close, never panics, never holds more than one command.
+//! Read as the gateway reads (MSG_PEEK: what is queued, parsed without taking it), a request
+//! takes no more than was queued, and the bytes it takes (what the journal keeps, and a
+//! restarted gateway parses again) are the same request.
 #![no_main]
 
 use ipc_defs::services::vtpm::Localities;
@@ -22,6 +25,14 @@ fuzz_target!(|data: &[u8]| {
     } else {
         Localities::ZERO
     };
+    let mut peeker = Connection::granted(protocol, granted);
+    if let Some((step, taken)) = peeker.parse_queued(rest) {
+        assert!(taken <= rest.len());
+        if taken > 0 {
+            let mut again = Connection::granted(protocol, granted);
+            assert_eq!(again.parse_queued(&rest[..taken]), Some((step, taken)));
+        }
+    }
     let mut conn = Connection::granted(protocol, granted);
     // Pieces of varying size, as reads would deliver them.
     let mut at = 0;
