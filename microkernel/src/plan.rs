@@ -841,6 +841,7 @@ interrupts = [4]
 regions = [{ name = "scratch", size = "4K" }]
 files = [{ name = "log", path = "hub.log", access = "read-write", missing = "create" }]
 keys = [{ name = "secret", path = "hub.key", missing = "create" }]
+fd-store = { max = 2 }
 listen = [
   { name = "front", address = "127.0.0.1:2321", localities = [0, 3] },
   { name = "back", path = "hub/back-sock", localities = [2] },
@@ -912,6 +913,11 @@ restart = { policy = "never", max = 0, window = "10s", backoff = "10ms" }
                 Grant::Interface,
             ),
             (CapabilityKind::Key, "secret", Grant::Interface),
+            (
+                CapabilityKind::FdStore,
+                "fd-store",
+                Grant::FdStore { max: 2 },
+            ),
             // Only the listener this run binds.
             (
                 CapabilityKind::Listener,
@@ -942,11 +948,17 @@ restart = { policy = "never", max = 0, window = "10s", backoff = "10ms" }
                 None,
                 None,
                 None,
+                None,
             ]
         );
         assert_eq!(hub[11].held, Held::Opened);
         assert_eq!(hub[12].held, Held::Closed);
-        assert_eq!(hub[13].source, Source::Listener(0));
+        // The store's socket pair is made for the run: its link is known once made.
+        assert_eq!(
+            (hub[13].source, &hub[13].held),
+            (Source::FdStore, &Held::Opened)
+        );
+        assert_eq!(hub[14].source, Source::Listener(0));
 
         // The TPM: its client's commands at the localities of the listeners this run binds
         // (not `back`'s 2); the partition's channel drives the registers of its 2 vCPUs.
@@ -973,7 +985,7 @@ restart = { policy = "never", max = 0, window = "10s", backoff = "10ms" }
 
         // Every declared listener, when the run binds them all: still the last slots.
         let all = CapabilityPlan::new(&m.services, Run::MOST);
-        let last: Vec<&str> = all.slots(0)[13..].iter().map(|s| s.name.as_str()).collect();
+        let last: Vec<&str> = all.slots(0)[14..].iter().map(|s| s.name.as_str()).collect();
         assert_eq!(last, ["front", "back"]);
         let Grant::Vtpm(g) = all.slots(1)[3].grant else {
             panic!("no vtpm grant");
