@@ -480,3 +480,80 @@ fn a_service_without_the_grant_has_no_store_and_cannot_send() {
     let audit = text(&common::pv(&["audit", inst.manifest.to_str().unwrap()]));
     assert!(!audit.contains("fd-store:"), "{audit}");
 }
+
+/// A request half sent when the gateway dies is answered whole by its successor (the first
+/// half was only looked at, never taken), and what follows it on the same connection too:
+/// on TCP a 4-byte mssim request after a longer one (the successor must not inherit the
+/// "wait for more" mark its predecessor set on the socket), on the swtpm data channel the
+/// next command.
+#[test]
+fn a_request_half_sent_when_the_gateway_dies_is_answered_whole_after_it_restarts() {
+    let test = "a_request_half_sent_when_the_gateway_dies_is_answered_whole_after_it_restarts";
+    if !sandbox_available(test) {
+        return;
+    }
+    let manifest = common::shipped_text();
+    let inst = Instance::start_with(
+        "fdstore-half",
+        &manifest,
+        7,
+        &[
+            "--listen",
+            "swtpm-control-unix",
+            "--listen",
+            "mssim-command",
+        ],
+    );
+    let mut swtpm = Swtpm::connect(&inst.dir.join("state/tpm/swtpm-sock"));
+    let mut mssim = Mssim::connect(common::port(&manifest, "mssim-command"));
+    let before16 = pcr_value(&swtpm.command(&pcr_read(16)));
+    let before23 = pcr_value(&mssim.command(&pcr_read(23)));
+    let digest = digest_of(7);
+    // Half of an extend on each connection.
+    let extend16 = pcr_extend(16, &digest);
+    let extend23 = pcr_extend(23, &digest);
+    let mut frame23 = 8u32.to_be_bytes().to_vec();
+    frame23.push(0);
+    frame23.extend_from_slice(&(extend23.len() as u32).to_be_bytes());
+    frame23.extend_from_slice(&extend23);
+    let (head16, tail16) = extend16.split_at(20);
+    let (head23, tail23) = frame23.split_at(30);
+    swtpm.data.write_all(head16).unwrap();
+    mssim.0.write_all(head23).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = inst.pv(&["kill", "tpm-gateway"]);
+    assert!(out.status.success(), "{}", text(&out));
+    inst.wait_until(Duration::from_secs(20), |rows| {
+        rows.iter()
+            .any(|r| r["name"] == "tpm-gateway" && r["state"] == "running" && r["restarts"] == 1)
+    });
+    // The rest; each answered once, whole.
+    swtpm.data.write_all(tail16).unwrap();
+    mssim.0.write_all(tail23).unwrap();
+    let mut header = [0u8; 10];
+    swtpm.data.read_exact(&mut header).unwrap();
+    let mut rest = vec![0u8; u32::from_be_bytes(header[2..6].try_into().unwrap()) as usize - 10];
+    swtpm.data.read_exact(&mut rest).unwrap();
+    assert_eq!(rc(&header), 0);
+    let mut size = [0u8; 4];
+    mssim.0.read_exact(&mut size).unwrap();
+    let mut response = vec![0u8; u32::from_be_bytes(size) as usize + 4];
+    mssim.0.read_exact(&mut response).unwrap();
+    assert_eq!(rc(&response), 0);
+    // What follows: a 4-byte request (mssim NV_ON, answered with 4 zero bytes), commands.
+    mssim.0.write_all(&11u32.to_be_bytes()).unwrap();
+    let mut answer = [0xffu8; 4];
+    mssim
+        .0
+        .read_exact(&mut answer)
+        .expect("the short request after the half-sent one is answered");
+    assert_eq!(answer, [0; 4]);
+    assert_eq!(
+        pcr_value(&swtpm.command(&pcr_read(16))),
+        extended(before16, &digest)
+    );
+    assert_eq!(
+        pcr_value(&mssim.command(&pcr_read(23))),
+        extended(before23, &digest)
+    );
+}

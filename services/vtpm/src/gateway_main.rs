@@ -82,10 +82,12 @@ const MAX_CLIENTS: usize = 32;
 const CALL_SPIN: Duration = Duration::from_millis(2);
 /// How long the loop sleeps between looks at the control channel.
 const POLL: Duration = Duration::from_millis(50);
-/// How long a Unix connection holding part of a request is left out of the poll (poll
-/// cannot wait for more bytes on a Unix socket that holds some): its client sends the rest
-/// within microseconds, or a gateway that looked at once would spin.
-const PARTIAL_RETRY: Duration = Duration::from_millis(2);
+/// How long a Unix connection holding part of a request is left out of the poll at first
+/// (poll cannot wait for more bytes on a Unix socket that holds some): its client sends the
+/// rest within microseconds, or a gateway that looked at once would spin. The pause grows
+/// with the wait (a quarter of it), up to [`PARTIAL_RETRY_MAX`], for a client that stalls.
+const PARTIAL_RETRY: Duration = Duration::from_millis(1);
+const PARTIAL_RETRY_MAX: Duration = Duration::from_millis(50);
 /// Requests of one connection answered in a row before the others get their turn.
 const REQUESTS_PER_TURN: usize = 16;
 /// TPM_RC_FAILURE.
@@ -100,8 +102,9 @@ struct Client {
     /// logs and for its grant when it is handed back.
     listener: String,
     /// A Unix connection holding part of a request: when to look at it again (poll cannot
-    /// wait for more on a Unix socket that holds some).
+    /// wait for more on a Unix socket that holds some), and since when it waits.
     retry_at: Option<Instant>,
+    partial_since: Option<Instant>,
     /// A TCP connection holding part of a request: its low-water mark is raised, so poll
     /// says readable only once more has come.
     low_water: bool,
@@ -277,6 +280,7 @@ impl Gateway {
                 conn: Connection::granted(protocol, front.localities),
                 listener: k.listener,
                 retry_at: None,
+                partial_since: None,
                 low_water: false,
             });
         }
@@ -467,6 +471,7 @@ impl Gateway {
             conn: Connection::granted(front.protocol, front.localities),
             listener: front.name.clone(),
             retry_at: None,
+            partial_since: None,
             low_water: false,
         });
     }
@@ -489,6 +494,7 @@ impl Gateway {
                 return self.wait_for_more(client, n);
             };
             client.retry_at = None;
+            client.partial_since = None;
             if std::mem::take(&mut client.low_water) {
                 let _ = sys::set_receive_low_water(client.stream.as_fd(), 1);
             }
@@ -512,7 +518,13 @@ impl Gateway {
                 let _ = sys::set_receive_low_water(s.as_fd(), n + 1);
                 client.low_water = true;
             }
-            Stream::Unix(_) => client.retry_at = Some(Instant::now() + PARTIAL_RETRY),
+            Stream::Unix(_) => {
+                let now = Instant::now();
+                let since = *client.partial_since.get_or_insert(now);
+                let pause = (now.saturating_duration_since(since) / 4)
+                    .clamp(PARTIAL_RETRY, PARTIAL_RETRY_MAX);
+                client.retry_at = Some(now + pause);
+            }
         }
         Served::Keep
     }
@@ -705,6 +717,7 @@ impl Gateway {
             conn: Connection::granted(Protocol::SwtpmData, control.conn.granted),
             listener: control.listener.clone(),
             retry_at: None,
+            partial_since: None,
             low_water: false,
         });
         true

@@ -130,6 +130,12 @@ impl Durable {
                         format!("a `{JOURNAL_REGION}` region but no fd store")
                     }
                 );
+                // Nothing is kept for a process that cannot use it.
+                for (record, _) in &kept {
+                    if let Some(store) = &store {
+                        let _ = store.forget(record.id);
+                    }
+                }
                 return None;
             }
         };
@@ -137,6 +143,9 @@ impl Durable {
             Ok(j) => j,
             Err(e) => {
                 tracing::error!("connections are not kept across restarts: {e}");
+                for (record, _) in &kept {
+                    let _ = store.forget(record.id);
+                }
                 return None;
             }
         };

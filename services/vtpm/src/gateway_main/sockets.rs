@@ -77,6 +77,9 @@ impl Stream {
             Stream::Tcp(s) => {
                 let _ = s.set_nodelay(true);
                 let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
+                // A predecessor killed while it waited for the rest of a request left the
+                // socket's low-water mark raised: a shorter request would never wake poll.
+                let _ = sys::set_receive_low_water(s.as_fd(), 1);
             }
             Stream::Unix(s) => {
                 let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
