@@ -12,9 +12,10 @@
 //!    very bytes) or taken, and runs it again: the TPM answers a command it ran from its
 //!    record of that number (never twice), platform signals are idempotent, the rest is
 //!    answered by the parser alone.
-//! 2. `Answered { owner }`: the reply is whole in the outbox (a pipe the fd store keeps); a
-//!    pipe write of a reply is all or nothing, and a successor that finds a `Received`
-//!    request with a non-empty outbox knows its reply is there. From the outbox it moves to
+//! 2. `Answered { owner }`: the reply is whole in the outbox (a pipe the fd store keeps). Its
+//!    length is recorded before it is written there: a successor that finds a `Received`
+//!    request with that many bytes in the outbox knows its reply is there whole (anything
+//!    else is thrown away and the request carried out again). From the outbox it moves to
 //!    the connection with splice(2): what moved is gone from the pipe, what did not is still
 //!    there, so a successor sends exactly the rest: never twice, never lost.
 //! 3. `Idle` once the outbox is empty.
@@ -49,6 +50,7 @@ const OFF_PHASE: usize = 20;
 const OFF_OWNER: usize = 24;
 const OFF_SEQ: usize = 32;
 const OFF_LEN: usize = 40;
+const OFF_REPLY_LEN: usize = 44;
 const REQUEST: usize = 48;
 
 const IDLE: u32 = 0;
@@ -85,11 +87,13 @@ impl JournalMemory for Vec<u8> {
 pub enum InFlight {
     Idle,
     /// `request` of connection `owner` (its fd-store id), numbered `seq` if a TPM command
-    /// (else 0): maybe still queued on the connection, maybe carried out; its reply not made.
+    /// (else 0): maybe still queued on the connection, maybe carried out; its reply not made,
+    /// or being written to the outbox (`reply_len` bytes; 0: not yet).
     Received {
         owner: u32,
         seq: u64,
         request: Vec<u8>,
+        reply_len: u32,
     },
     /// The reply to connection `owner`'s request is in the outbox (all of it, or what is left
     /// of it after part was sent).
@@ -183,6 +187,7 @@ impl<M: JournalMemory> Journal<M> {
                     owner,
                     seq: u64_at(mem, OFF_SEQ),
                     request,
+                    reply_len: u32_at(mem, OFF_REPLY_LEN),
                 }
             }
             ANSWERED => InFlight::Answered { owner },
@@ -212,6 +217,7 @@ impl<M: JournalMemory> Journal<M> {
         self.mem.write(OFF_SEQ, &seq.to_le_bytes());
         self.mem
             .write(OFF_LEN, &(request.len() as u32).to_le_bytes());
+        self.mem.write(OFF_REPLY_LEN, &0u32.to_le_bytes());
         self.mem.write(REQUEST, request);
         self.mem.publish(OFF_PHASE, RECEIVED);
         true
@@ -220,6 +226,14 @@ impl<M: JournalMemory> Journal<M> {
     /// The request's number changed before it was sent (the TPM's record was ahead).
     pub fn renumbered(&mut self, seq: u64) {
         self.mem.write(OFF_SEQ, &seq.to_le_bytes());
+    }
+
+    /// The reply, `len` bytes, is about to be written to the outbox.
+    pub fn replying(&mut self, len: usize) {
+        self.mem.write(
+            OFF_REPLY_LEN,
+            &(len.min(u32::MAX as usize) as u32).to_le_bytes(),
+        );
     }
 
     /// The reply to `owner`'s request is whole in the outbox.
@@ -266,9 +280,12 @@ mod tests {
             InFlight::Received {
                 owner: 7,
                 seq: 100,
-                request: b"request".to_vec()
+                request: b"request".to_vec(),
+                reply_len: 0,
             }
         );
+        j.replying(19);
+        assert!(matches!(j.peek(), InFlight::Received { reply_len: 19, .. }));
         j.renumbered(500);
         assert!(matches!(j.peek(), InFlight::Received { seq: 500, .. }));
         j.answered(7);

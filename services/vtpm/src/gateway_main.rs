@@ -302,9 +302,13 @@ impl Gateway {
             return Served::Keep;
         };
         let mut client = self.clients.remove(at);
-        let outbox_full = self.durable.as_ref().is_some_and(|d| d.outbox.has_data());
         let served = match in_flight {
-            InFlight::Received { seq, request, .. } if !outbox_full => {
+            InFlight::Received {
+                seq,
+                request,
+                reply_len,
+                ..
+            } if !self.reply_made(reply_len) => {
                 tracing::info!(id = owner, seq, "resuming the request in flight");
                 self.resume_request(&mut client, seq, &request)
             }
@@ -321,6 +325,29 @@ impl Gateway {
             }
         };
         self.settle(client, served)
+    }
+
+    /// Whether the outbox holds the whole reply, `len` bytes, to the request in flight (its
+    /// predecessor died after writing it, before recording it written); anything else found
+    /// there is thrown away, and the request is carried out again.
+    fn reply_made(&mut self, len: u32) -> bool {
+        let Some(d) = self.durable.as_mut() else {
+            return false;
+        };
+        if !d.outbox.has_data() {
+            return false;
+        }
+        let reply = d.outbox.take_all(len as usize);
+        if len == 0 || reply.len() != len as usize {
+            d.outbox.drain();
+            tracing::warn!(
+                found = reply.len(),
+                recorded = len,
+                "a reply cut short in the outbox: thrown away"
+            );
+            return false;
+        }
+        d.outbox.put(&reply).is_ok()
     }
 
     /// Carries out `request` of `client` again, numbered `seq`: first taken off the
@@ -654,6 +681,7 @@ impl Gateway {
         };
         let sent = match self.durable.as_mut() {
             Some(d) => {
+                d.journal.replying(bytes.len());
                 if d.outbox.put(&bytes).is_err() {
                     return Served::Drop;
                 }

@@ -82,6 +82,23 @@ impl Outbox {
         Ok(())
     }
 
+    /// Takes everything in the outbox out of it (at most `limit` bytes are looked for).
+    pub(crate) fn take_all(&self, limit: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let Ok(fd) = self.read.try_clone() else {
+            return out;
+        };
+        let mut file = std::fs::File::from(fd);
+        let mut buf = [0u8; 4096];
+        while out.len() <= limit && self.has_data() {
+            match file.read(&mut buf) {
+                Ok(n) if n > 0 => out.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+        out
+    }
+
     /// Throws away what is in the outbox (its connection is gone).
     pub(crate) fn drain(&self) {
         let Ok(fd) = self.read.try_clone() else {
