@@ -40,10 +40,12 @@ pub enum ToolCmd {
     /// idle instance's footprint against Firecracker's), `storage` (our vhost-user disks
     /// under a Linux guest's fio against qemu-storage-daemon) or `net` (a Linux guest's TCP
     /// throughput and ping on our vhost-user NIC against QEMU's own `-netdev tap`, and pv-net's
-    /// restart; needs root). Warns when other processes kept the machine busy meanwhile.
+    /// restart; needs root) or `boot` (`run --vmm qemu` to Linux's first user-space line
+    /// against QEMU with its own devices and swtpm). Warns when other processes kept the
+    /// machine busy meanwhile.
     Bench {
         /// What to measure.
-        #[arg(value_parser = ["ipc", "vmgs", "vtpm", "guest", "measure", "attest", "memory", "storage", "net"], default_value = "ipc")]
+        #[arg(value_parser = ["ipc", "vmgs", "vtpm", "guest", "measure", "attest", "memory", "storage", "net", "boot"], default_value = "ipc")]
         what: String,
         /// Where the benchmark makes its temporary directory (unique, removed at the end; for
         /// `vmgs`, the file system measured) [default: the system's temporary directory].

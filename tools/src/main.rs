@@ -88,7 +88,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
         }
         Cmd::Bench { what, .. }
             if [
-                "vtpm", "guest", "measure", "attest", "memory", "storage", "net",
+                "vtpm", "guest", "measure", "attest", "memory", "storage", "net", "boot",
             ]
             .contains(&what.as_str())
                 && !Path::new(DEFAULT_MANIFEST).is_file() =>
@@ -158,6 +158,28 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 pv_tools::bench_net::run(Path::new(DEFAULT_MANIFEST), dir.path(), &script, effort),
                 json,
                 pv_tools::bench_net::text,
+            )
+        }
+        Cmd::Bench {
+            what,
+            dir,
+            quick,
+            json,
+            image_script,
+            ..
+        } if what == "boot" => {
+            let dir = bench_dir(&what, dir.as_deref())?;
+            let script = image_script.unwrap_or_else(|| pv_tools::linux_guest::BUILD_SCRIPT.into());
+            print_report(
+                pv_tools::bench_boot::run(
+                    Path::new(DEFAULT_MANIFEST),
+                    &bin_dir(),
+                    dir.path(),
+                    &script,
+                    quick,
+                ),
+                json,
+                pv_tools::bench_boot::text,
             )
         }
         Cmd::Bench {
