@@ -23,6 +23,7 @@ pub mod bench_storage_restart;
 pub mod bench_vmgs;
 pub mod bench_vtpm;
 pub mod cli;
+pub mod cvm;
 pub mod kbs;
 pub mod kbs_args;
 pub mod linux_guest;
