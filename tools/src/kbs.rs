@@ -532,6 +532,14 @@ impl Broker {
         self.guest_secret.as_deref().map(|s| &s[..])
     }
 
+    /// Issues `nonce` as if it had been a challenge (tests replaying captured evidence).
+    #[cfg(test)]
+    pub(crate) fn issue_nonce(&self, nonce: [u8; NONCE_LEN], now: Instant) {
+        self.nonces()
+            .issued
+            .insert(nonce, Issued { at: now, used: false });
+    }
+
     /// Consumes a challenge nonce: it must be known, unexpired and unused.
     pub(crate) fn consume_nonce(
         &self,
