@@ -535,9 +535,13 @@ impl Broker {
     /// Issues `nonce` as if it had been a challenge (tests replaying captured evidence).
     #[cfg(test)]
     pub(crate) fn issue_nonce(&self, nonce: [u8; NONCE_LEN], now: Instant) {
-        self.nonces()
-            .issued
-            .insert(nonce, Issued { at: now, used: false });
+        self.nonces().issued.insert(
+            nonce,
+            Issued {
+                at: now,
+                used: false,
+            },
+        );
     }
 
     /// Consumes a challenge nonce: it must be known, unexpired and unused.
@@ -546,8 +550,7 @@ impl Broker {
         nonce: &[u8; NONCE_LEN],
         now: Instant,
     ) -> Result<(), KbsError> {
-        self.nonces()
-            .consume(nonce, now, self.policy.max_nonce_age)
+        self.nonces().consume(nonce, now, self.policy.max_nonce_age)
     }
 
     fn nonces(&self) -> std::sync::MutexGuard<'_, Nonces> {

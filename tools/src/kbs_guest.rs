@@ -367,12 +367,8 @@ fn field(name: &'static str, s: &str, max: usize) -> Result<Vec<u8>, Refusal> {
 fn exact<const N: usize>(name: &'static str, s: &str) -> Result<[u8; N], Refusal> {
     let v = field(name, s, N)?;
     let len = v.len();
-    v.try_into().map_err(|_| {
-        Refusal::new(
-            Check::Request,
-            format!("{name} is {len} bytes, not {N}"),
-        )
-    })
+    v.try_into()
+        .map_err(|_| Refusal::new(Check::Request, format!("{name} is {len} bytes, not {N}")))
 }
 
 /// Decodes a request line if it is a guest-key request: `Ok(None)` for any other line
@@ -402,11 +398,7 @@ pub fn parse_guest_request(line: &[u8]) -> Result<Option<GuestKeyRequest>, Refus
             pcrs: field("pcrs", &w.pcrs, MAX_PCR_VALUES)?,
             transfer_key: field("transfer_key", &w.transfer_key, MAX_TPM_STRUCTURE)?,
             certify: field("certify", &w.certify, MAX_TPM_STRUCTURE)?,
-            certify_signature: field(
-                "certify_signature",
-                &w.certify_signature,
-                MAX_TPM_STRUCTURE,
-            )?,
+            certify_signature: field("certify_signature", &w.certify_signature, MAX_TPM_STRUCTURE)?,
         },
     }))
 }
@@ -491,8 +483,8 @@ fn signed_attest(
 ) -> Result<tpm::Attest, Refusal> {
     let refuse = |m: String| Refusal::new(check, m);
     let attest = tpm::parse_attest(message).map_err(|e| refuse(format!("the {what}: {e}")))?;
-    let sig =
-        tpm::parse_signature(signature).map_err(|e| refuse(format!("the {what}'s signature: {e}")))?;
+    let sig = tpm::parse_signature(signature)
+        .map_err(|e| refuse(format!("the {what}'s signature: {e}")))?;
     tpm::verify_rsassa_sha256(ak, message, &sig).map_err(|e| {
         refuse(format!(
             "the {what} is not signed by the AK in the claims ({AK_KID}): {e}"
@@ -547,7 +539,10 @@ pub fn check_quote(
         pcr_digest,
     } = quote.attested
     else {
-        return Err(Refusal::new(Check::QuoteSignature, "the quote holds no quote"));
+        return Err(Refusal::new(
+            Check::QuoteSignature,
+            "the quote holds no quote",
+        ));
     };
     let values = tpm::split_pcr_values(&selection, &evidence.pcrs)
         .map_err(|m| Refusal::new(Check::PcrDigest, m))?;

@@ -87,10 +87,7 @@ pub enum TpmParseError {
         max: usize,
     },
     #[error("{what}: {message}")]
-    Invalid {
-        what: &'static str,
-        message: String,
-    },
+    Invalid { what: &'static str, message: String },
 }
 
 /// A cursor over hostile bytes: every read is bounds-checked, big-endian as the TPM writes.
@@ -423,7 +420,10 @@ pub fn parse_rsa_public(bytes: &[u8]) -> Result<RsaPublicArea, TpmParseError> {
     let mut r = Reader::new("TPMT_PUBLIC", area);
     let kind = r.u16()?;
     if kind != alg::RSA {
-        return Err(r.invalid(format!("type {kind:#06x} is not an RSA key ({:#06x})", alg::RSA)));
+        return Err(r.invalid(format!(
+            "type {kind:#06x} is not an RSA key ({:#06x})",
+            alg::RSA
+        )));
     }
     let name_alg = r.u16()?;
     let attributes = r.u32()?;
@@ -676,8 +676,14 @@ mod tests {
         values.extend_from_slice(&[0xCC; 20]);
         let v = split_pcr_values(&sel, &values).unwrap();
         assert_eq!(v.len(), 3);
-        assert_eq!((v[1].hash, v[1].index, v[1].value[0]), (alg::SHA256, 7, 0xBB));
-        assert_eq!((v[2].hash, v[2].index, v[2].value.len()), (alg::SHA1, 1, 20));
+        assert_eq!(
+            (v[1].hash, v[1].index, v[1].value[0]),
+            (alg::SHA256, 7, 0xBB)
+        );
+        assert_eq!(
+            (v[2].hash, v[2].index, v[2].value.len()),
+            (alg::SHA1, 1, 20)
+        );
         assert!(split_pcr_values(&sel, &values[..83]).is_err());
         let mut more = values.clone();
         more.push(0);
@@ -694,7 +700,10 @@ mod tests {
         let mut sig = vec![0x00, 0x14, 0x00, 0x0b, 0x01, 0x00];
         sig.extend_from_slice(&[7; 256]);
         let s = parse_signature(&sig).unwrap();
-        assert_eq!((s.scheme, s.hash, s.signature.len()), (alg::RSASSA, alg::SHA256, 256));
+        assert_eq!(
+            (s.scheme, s.hash, s.signature.len()),
+            (alg::RSASSA, alg::SHA256, 256)
+        );
         sig[1] = 0x18; // ECDSA
         assert!(parse_signature(&sig).is_err());
         sig[1] = 0x14;

@@ -84,11 +84,15 @@ fn real_evidence_from_pv_vtpm_passes_every_tpm_check() {
     ]
     .into();
     let mut seen = Vec::new();
-    let verified =
-        check_tpm_evidence(&nonce, &report_data, &evidence, &policy, |p| seen = p.to_vec())
-            .unwrap();
+    let verified = check_tpm_evidence(&nonce, &report_data, &evidence, &policy, |p| {
+        seen = p.to_vec()
+    })
+    .unwrap();
     assert_eq!(verified.pcrs.len(), 10, "sha256:0-9 quoted");
-    assert_eq!(seen, verified.pcrs, "the quoted PCRs are shown before the policy");
+    assert_eq!(
+        seen, verified.pcrs,
+        "the quoted PCRs are shown before the policy"
+    );
     assert_eq!(verified.pcrs[7].value, pcr7);
     let described = describe_pcrs(&verified.pcrs);
     assert!(
@@ -176,7 +180,10 @@ fn a_change_to_any_byte_of_the_quote_or_its_signature_is_refused_as_quote_signat
     e.quote_signature = evidence.certify_signature.clone();
     let r = refused(check(&nonce, &report_data, &e, &PcrPolicy::new()));
     assert_eq!(r.check, Check::QuoteSignature);
-    assert!(r.message.contains("ATTEST_CREATION, not ATTEST_QUOTE"), "{r}");
+    assert!(
+        r.message.contains("ATTEST_CREATION, not ATTEST_QUOTE"),
+        "{r}"
+    );
 }
 
 #[test]
@@ -373,7 +380,13 @@ fn synthetic(
 
 fn transfer_public(attributes: u32) -> Vec<u8> {
     let modulus = keys().1.n().to_bytes_be();
-    public(attributes, alg::SHA256, &alg::NULL.to_be_bytes(), 2048, &modulus)
+    public(
+        attributes,
+        alg::SHA256,
+        &alg::NULL.to_be_bytes(),
+        2048,
+        &modulus,
+    )
 }
 
 #[test]
@@ -389,7 +402,10 @@ fn a_secret_wrapped_to_a_certified_key_opens_with_that_key_by_rsa_oaep_sha256() 
         let opened = keys().1.decrypt(Oaep::new::<Sha256>(), &wrapped).unwrap();
         assert_eq!(opened, secret);
         // Two wraps differ (OAEP is randomised); a byte more than one block carries fails.
-        assert_ne!(wrap_secret(secret, &verified.transfer_key).unwrap(), wrapped);
+        assert_ne!(
+            wrap_secret(secret, &verified.transfer_key).unwrap(),
+            wrapped
+        );
         let too_long = vec![1u8; MAX_SECRET_LEN + 1];
         assert_eq!(
             wrap_secret(&too_long, &verified.transfer_key)
@@ -448,7 +464,13 @@ fn a_transfer_key_that_could_leave_the_tpm_or_is_not_for_decryption_is_refused()
         ),
         (
             "PKCS#1 v1.5 scheme",
-            public(TRANSFER, alg::SHA256, &alg::RSAES.to_be_bytes(), 2048, &modulus),
+            public(
+                TRANSFER,
+                alg::SHA256,
+                &alg::RSAES.to_be_bytes(),
+                2048,
+                &modulus,
+            ),
             "must be NULL or OAEP with sha256",
         ),
     ];
@@ -465,8 +487,12 @@ fn a_transfer_key_that_could_leave_the_tpm_or_is_not_for_decryption_is_refused()
     let (data, evidence) = synthetic(&nonce, key, tpm::st::ATTEST_CREATION, &nonce);
     check(&nonce, &data, &evidence, &PcrPolicy::new()).unwrap();
     // A certification over another nonce.
-    let (data, evidence) =
-        synthetic(&nonce, transfer_public(TRANSFER), tpm::st::ATTEST_CERTIFY, &[1; 32]);
+    let (data, evidence) = synthetic(
+        &nonce,
+        transfer_public(TRANSFER),
+        tpm::st::ATTEST_CERTIFY,
+        &[1; 32],
+    );
     let r = refused(check(&nonce, &data, &evidence, &PcrPolicy::new()));
     assert_eq!(r.check, Check::TransferKey);
     assert!(r.message.contains("another challenge"), "{r}");
@@ -477,13 +503,20 @@ fn a_structure_the_tpm_did_not_make_is_refused_though_the_ak_signed_it() {
     // A restricted AK never signs a message starting with TPM_GENERATED_VALUE that the TPM
     // did not make; a message with another magic proves nothing about the TPM.
     let nonce = [0x5A; 32];
-    let (data, mut evidence) =
-        synthetic(&nonce, transfer_public(TRANSFER), tpm::st::ATTEST_CREATION, &nonce);
+    let (data, mut evidence) = synthetic(
+        &nonce,
+        transfer_public(TRANSFER),
+        tpm::st::ATTEST_CREATION,
+        &nonce,
+    );
     evidence.quote[0] = 0x00;
     evidence.quote_signature = sign(&keys().0, &evidence.quote);
     let r = refused(check(&nonce, &data, &evidence, &PcrPolicy::new()));
     assert_eq!(r.check, Check::QuoteSignature);
-    assert!(r.message.contains("not TPM_GENERATED_VALUE 0xff544347"), "{r}");
+    assert!(
+        r.message.contains("not TPM_GENERATED_VALUE 0xff544347"),
+        "{r}"
+    );
 }
 
 #[test]
@@ -569,7 +602,10 @@ fn guest_key_requests_parse_strictly_and_other_requests_pass_through() {
     bad(with("nonce", "00".into()), "nonce is 1 bytes, not 32");
     bad(with("quote", "0x00".into()), "quote is not hex");
     bad(with("pcrs", "abc".into()), "pcrs is not hex");
-    bad(with("report", "00".repeat(REPORT_LEN - 1).into()), "report is");
+    bad(
+        with("report", "00".repeat(REPORT_LEN - 1).into()),
+        "report is",
+    );
     bad(
         with("claims", "00".repeat(MAX_CLAIMS + 1).into()),
         "more than the 4096",
@@ -604,9 +640,18 @@ fn the_guest_table_parses_and_bad_ones_are_refused_with_their_reason() {
     let s = "secret-file = \"s\"\n";
     bad(format!("{s}vmpl = 0"), "VMPL 0 is the paravisor's own");
     bad(format!("{s}vmpl = 4"), "not 1, 2 or 3");
-    bad(format!("{s}pcrs = {{ \"24\" = \"{}\" }}", v(0)), "not a PCR index");
-    bad(format!("{s}pcrs = {{ \"x\" = \"{}\" }}", v(0)), "not a PCR index");
-    bad(format!("{s}pcrs = {{ \"1\" = \"abcd\" }}"), "not a sha256 value");
+    bad(
+        format!("{s}pcrs = {{ \"24\" = \"{}\" }}", v(0)),
+        "not a PCR index",
+    );
+    bad(
+        format!("{s}pcrs = {{ \"x\" = \"{}\" }}", v(0)),
+        "not a PCR index",
+    );
+    bad(
+        format!("{s}pcrs = {{ \"1\" = \"abcd\" }}"),
+        "not a sha256 value",
+    );
     bad(format!("{s}pcrs = {{ \"1\" = [] }}"), "allows no value");
     bad(format!("{s}secret = \"x\""), "unknown field");
     bad("vmpl = 1".into(), "secret-file");
@@ -624,7 +669,9 @@ fn a_guest_secret_must_be_private_and_fit_one_oaep_block() {
         p
     };
     assert_eq!(
-        load_secret(&write("ok", MAX_SECRET_LEN, 0o600)).unwrap().len(),
+        load_secret(&write("ok", MAX_SECRET_LEN, 0o600))
+            .unwrap()
+            .len(),
         190
     );
     assert!(matches!(
@@ -711,8 +758,14 @@ fn the_broker_releases_the_secret_to_real_guest_evidence_once() {
     let req = real_request();
     let released = verdict(&b, &req).unwrap();
     assert_eq!(released.wrapped_secret.len(), 256);
-    assert_eq!(hex(&released.facts.measurement), fixture_hex("measurement.hex"));
-    assert_eq!(released.facts.vmpl, 1, "pv-vtpm's report comes through attest at VMPL 1");
+    assert_eq!(
+        hex(&released.facts.measurement),
+        fixture_hex("measurement.hex")
+    );
+    assert_eq!(
+        released.facts.vmpl, 1,
+        "pv-vtpm's report comes through attest at VMPL 1"
+    );
     // The same request again: its nonce is spent.
     let r = b.release_guest(&req, Instant::now(), "test").unwrap_err();
     assert_eq!((r.check, r.retry), (Check::Nonce, false));
@@ -720,7 +773,9 @@ fn the_broker_releases_the_secret_to_real_guest_evidence_once() {
     // A nonce the broker never issued (or that expired): a new challenge may succeed.
     let mut unknown = real_request();
     unknown.nonce[0] ^= 1;
-    let r = b.release_guest(&unknown, Instant::now(), "test").unwrap_err();
+    let r = b
+        .release_guest(&unknown, Instant::now(), "test")
+        .unwrap_err();
     assert_eq!((r.check, r.retry), (Check::Nonce, true));
     let later = Instant::now() + Duration::from_secs(3600);
     let fresh = real_request();
@@ -732,7 +787,11 @@ fn the_broker_releases_the_secret_to_real_guest_evidence_once() {
     b.issue_nonce(req.nonce, Instant::now());
     let reply: serde_json::Value =
         serde_json::from_str(&b.handle_line(line.as_bytes(), Instant::now(), "test")).unwrap();
-    assert_eq!(reply["wrapped_secret"].as_str().unwrap().len(), 512, "{reply}");
+    assert_eq!(
+        reply["wrapped_secret"].as_str().unwrap().len(),
+        512,
+        "{reply}"
+    );
     let reply: serde_json::Value =
         serde_json::from_str(&b.handle_line(line.as_bytes(), Instant::now(), "test")).unwrap();
     assert_eq!(reply["check"], "nonce", "{reply}");
