@@ -28,10 +28,17 @@
 //! tee = 0
 //! snp = 8
 //! microcode = 115
+//!
+//! [guest]                          # guest-key (crate::kbs_guest) [optional]
+//! secret-file = "disk.secret"      # 1 to 190 bytes, no group/other access
+//! vmpl = 1                         # the VMPL guest reports come from [default 1]
+//! pcrs = { "7" = ["…"] }           # sha256 PCR index -> allowed value(s)
 //! ```
 //!
-//! # Protocol (TCP, loopback only, one request line and one reply line per connection)
+//! # Protocol (TCP, one request line and one reply line per connection)
 //!
+//! The broker listens on loopback unless `--listen` names another address (never every
+//! interface): guests reach it on the host's end of their TAP.
 //! Lines are JSON objects ended by `\n`, at most [`MAX_LINE`] bytes; byte strings are
 //! lowercase hex. A client that sends nothing is dropped after [`REQUEST_DEADLINE`].
 //!
@@ -47,6 +54,9 @@
 //!    nonce and transfer key, carry an allowed measurement, and satisfy the VMPL, guest
 //!    policy and TCB of the policy.
 //! 4. Any refusal: `{"error":"<the reason>"}` (also logged by the broker).
+//! 5. `{"request":"guest-key",...}`: a guest's own evidence through its vTPM, answered with
+//!    its `[guest]` secret wrapped to a key in that TPM, or a refusal that names its check
+//!    (`{"check":"…","error":"…"}`); see [`crate::kbs_guest`].
 //!
 //! The wrap: ECDH between a fresh server key and the transfer key; HKDF-SHA-384 (salt
 //! "pv-kbs-v1", info "pv-kbs-v1 key wrap" ‖ nonce ‖ server_key ‖ transfer_key) gives a
@@ -1082,10 +1092,14 @@ mod tests {
             .map(|l| format!("{}\n", l.strip_prefix("  ").unwrap_or(l)))
             .collect::<String>()
             .replace("9f3c...", &"ab".repeat(32))
+            .replace("<sha256>", &"ef".repeat(32))
             .replace("[\"...\"]", &format!("[\"{}\"]", "cd".repeat(48)));
         let p = Policy::parse(&text, Path::new("/etc/kbs"), "help").unwrap();
         assert_eq!(p.key_file, Path::new("/etc/kbs/tenant.key"));
         assert_eq!(p.max_nonce_age, Duration::from_secs(60));
+        let guest = p.guest.unwrap();
+        assert_eq!(guest.secret_file, Path::new("/etc/kbs/disk.secret"));
+        assert_eq!(guest.pcrs[&7], vec![[0xef; 32]]);
     }
 
     /// Python: hashlib.sha512(b"pv-kbs-v1" + b"\x11" * 32 + G).hexdigest()

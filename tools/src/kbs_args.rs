@@ -27,20 +27,29 @@ Policy file (TOML; relative paths are relative to the policy file; unknown keys 
   snp = 8
   microcode = 115
 
+  [guest]                          # guest-key: guests' own vTPM evidence [optional]
+  secret-file = \"disk.secret\"      # 1 to 190 bytes, mode 0600: wrapped to the guest's TPM
+  vmpl = 1                         # the VMPL guest reports come from [default 1]
+  pcrs = { \"7\" = [\"<sha256>\"] }    # sha256 PCR -> allowed value(s) [default: none pinned]
+
 Required: key-file, certs, ark-fingerprint, allowed-measurements, and [minimum-tcb] with all
-four components.";
+four components. allowed-measurements, [guest-policy] and [minimum-tcb] judge guest reports
+too. Each quote's PCR values are logged: pin them from a boot you trust.";
 
 /// `paravisor kbs ...`
 #[derive(clap::Subcommand, Debug)]
 pub enum KbsCmd {
-    /// Run the key broker in the foreground (loopback only): it releases the tenant key,
-    /// wrapped, to reports that verify and satisfy the policy.
+    /// Run the key broker in the foreground: it releases the tenant key, wrapped, to reports
+    /// that verify and satisfy the policy, and (with `[guest]`) the guest secret to a guest's
+    /// vTPM evidence (`tools/guest/pv-attest.sh`).
     #[command(after_help = POLICY_HELP)]
     Serve {
         /// The policy file (TOML; its keys are below).
         #[arg(long)]
         policy: PathBuf,
-        /// Address to listen on: a loopback IP address and port.
+        /// Address to listen on: an IP address and port, loopback unless you name another
+        /// (guests reach the broker on the host's end of their TAP: `ip netns exec NS
+        /// paravisor kbs serve --listen 10.0.2.2:8700`); never every interface.
         #[arg(long, default_value = DEFAULT_LISTEN)]
         listen: String,
     },
