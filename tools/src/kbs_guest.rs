@@ -342,9 +342,10 @@ struct WireGuestKey {
     certify_signature: String,
 }
 
-/// Hex with nothing else (no prefix, separators or spaces), either case.
+/// Hex with nothing else (no prefix, separators or spaces), either case; an odd number of
+/// digits does not decode.
 fn strict_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     microkernel::util::parse_hex(s)
