@@ -20,9 +20,9 @@
 #   2. tpm2_nvread 0x01400001 (the SNP report) and 0x01400002 (the runtime claims, whose
 #      SHA-256 is the report's report_data; they carry the AK as "HCLAkPub").
 #   3. A transfer key: an RSA-2048 decrypt key made in the TPM (fixedtpm|fixedparent|
-#      sensitivedataorigin) under an ECC primary of the null hierarchy (whose seed changes
-#      at every TPM reset): its private part never leaves the TPM, and nothing can load it
-#      again once this run has flushed it.
+#      sensitivedataorigin) under an ECC primary of the null hierarchy: its private part
+#      leaves the TPM only wrapped under that parent, whose seed the TPM replaces at every
+#      reset, and that blob goes with the work directory.
 #   4. tpm2_certifycreation by the AK over the nonce: the TPM says it made that key.
 #      (tpm2-tools 5.4's tpm2_certify cannot set qualifying data, so it could not carry the
 #      nonce; the broker accepts either.)
