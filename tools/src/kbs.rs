@@ -67,7 +67,6 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::io::Write;
 use std::net::Shutdown;
-use std::net::SocketAddr;
 use std::net::TcpListener;
 use std::net::TcpStream;
 use std::os::unix::fs::OpenOptionsExt;
@@ -90,7 +89,10 @@ use microkernel::util::parse_hex;
 
 // The protocol and the client half live with the paravisor; the broker is built on them, and
 // their old paths (`kbs::parse_request`, `kbs::KbsError`...) stay valid.
+pub use crate::kbs_args::listen_address;
 pub use crate::kbs_args::KbsCmd;
+pub use crate::kbs_args::Listen;
+pub use crate::kbs_args::ListenError;
 pub use microkernel::key_release::*;
 
 /// How long the broker waits for a client's whole request line: a silent or dribbling client
@@ -689,39 +691,6 @@ fn send_and_close(mut stream: TcpStream, reply: &str, seat: &Seat) {
             Ok(n) => drained += n,
         }
     }
-}
-
-/// Why `--listen` is refused.
-#[derive(Debug, thiserror::Error)]
-pub enum ListenError {
-    #[error("\"{0}\" is not an IP address and port (such as {DEFAULT_LISTEN}, or 10.0.2.2:8700 for guests behind a TAP)")]
-    BadAddress(String),
-    #[error("{0} is every interface of this host: the broker listens on loopback, or on the one address you name (such as 10.0.2.2:8700, the host's end of the guests' TAP)")]
-    EveryInterface(SocketAddr),
-}
-
-/// Where the broker listens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Listen {
-    pub addr: SocketAddr,
-    /// Not loopback: reachable from a network (guests reach the broker over a TAP).
-    pub network: bool,
-}
-
-/// Parses a listen address: an IP address and port, loopback or one named address (never
-/// the unspecified address, which is every interface).
-pub fn listen_address(s: &str) -> Result<Listen, ListenError> {
-    let addr: SocketAddr = s
-        .trim()
-        .parse()
-        .map_err(|_| ListenError::BadAddress(s.to_string()))?;
-    if addr.ip().is_unspecified() {
-        return Err(ListenError::EveryInterface(addr));
-    }
-    Ok(Listen {
-        addr,
-        network: !addr.ip().is_loopback(),
-    })
 }
 
 /// What an evictable connection is doing; the first kind goes first.
@@ -1381,26 +1350,6 @@ microcode = 115
             ),
             "unknown field",
         );
-    }
-
-    #[test]
-    fn the_broker_listens_on_loopback_or_one_named_address_never_on_every_interface() {
-        assert!(!listen_address("127.0.0.1:8700").unwrap().network);
-        assert!(!listen_address("[::1]:8700").unwrap().network);
-        // The host's end of a guests' TAP: allowed, and marked as reachable from a network.
-        let tap = listen_address("10.0.2.2:8700").unwrap();
-        assert!(tap.network);
-        assert_eq!(tap.addr.to_string(), "10.0.2.2:8700");
-        for every in ["0.0.0.0:8700", "[::]:8700"] {
-            assert!(matches!(
-                listen_address(every),
-                Err(ListenError::EveryInterface(_))
-            ));
-        }
-        assert!(matches!(
-            listen_address("localhost"),
-            Err(ListenError::BadAddress(_))
-        ));
     }
 
     #[test]

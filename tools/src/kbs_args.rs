@@ -1,6 +1,8 @@
-//! `paravisor kbs ...`'s arguments. The key broker runs in the tools binary (`pv-tools`):
-//! it belongs to the tenant, outside the paravisor's trust boundary.
+//! `paravisor kbs ...`'s arguments, and what `--listen` accepts. The key broker runs in the
+//! tools binary (`pv-tools`): it belongs to the tenant, outside the paravisor's trust
+//! boundary.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use microkernel::key_release::DEFAULT_LISTEN;
@@ -74,4 +76,62 @@ pub enum KbsCmd {
         #[arg(short, long)]
         out: PathBuf,
     },
+}
+
+/// Why `--listen` is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("\"{0}\" is not an IP address and port (such as {DEFAULT_LISTEN}, or 10.0.2.2:8700 for guests behind a TAP)")]
+    BadAddress(String),
+    #[error("{0} is every interface of this host: the broker listens on loopback, or on the one address you name (such as 10.0.2.2:8700, the host's end of the guests' TAP)")]
+    EveryInterface(SocketAddr),
+}
+
+/// Where the broker listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen {
+    pub addr: SocketAddr,
+    /// Not loopback: reachable from a network (guests reach the broker over a TAP).
+    pub network: bool,
+}
+
+/// Parses a listen address: an IP address and port, loopback or one named address (never
+/// the unspecified address, which is every interface).
+pub fn listen_address(s: &str) -> Result<Listen, ListenError> {
+    let addr: SocketAddr = s
+        .trim()
+        .parse()
+        .map_err(|_| ListenError::BadAddress(s.to_string()))?;
+    if addr.ip().is_unspecified() {
+        return Err(ListenError::EveryInterface(addr));
+    }
+    Ok(Listen {
+        addr,
+        network: !addr.ip().is_loopback(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_broker_listens_on_loopback_or_one_named_address_never_on_every_interface() {
+        assert!(!listen_address("127.0.0.1:8700").unwrap().network);
+        assert!(!listen_address("[::1]:8700").unwrap().network);
+        // The host's end of a guests' TAP: allowed, and marked as reachable from a network.
+        let tap = listen_address("10.0.2.2:8700").unwrap();
+        assert!(tap.network);
+        assert_eq!(tap.addr.to_string(), "10.0.2.2:8700");
+        for every in ["0.0.0.0:8700", "[::]:8700"] {
+            assert!(matches!(
+                listen_address(every),
+                Err(ListenError::EveryInterface(_))
+            ));
+        }
+        assert!(matches!(
+            listen_address("localhost"),
+            Err(ListenError::BadAddress(_))
+        ));
+    }
 }
