@@ -63,9 +63,16 @@ pv_die() {
 	exit "$pv_code"
 }
 
+PV_USAGE="usage: $PV_PROG --kbs HOST:PORT --secret-out FILE [--pcrs 0,1,2,3,4,5,6,7,8,9] [--ak 0x81000003] [--work DIR]"
+
+# pv_usage CODE: the usage line (on stdout for --help, else on stderr); exits.
 pv_usage() {
-	echo "usage: $PV_PROG --kbs HOST:PORT --secret-out FILE [--pcrs 0,1,2,3,4,5,6,7,8,9] [--ak 0x81000003] [--work DIR]" >&2
-	exit 1
+	if [ "$1" -eq 0 ]; then
+		echo "$PV_USAGE"
+	else
+		echo "$PV_USAGE" >&2
+	fi
+	exit "$1"
 }
 
 # pv_args ARGS...: sets PV_KBS, PV_HOST, PV_PORT, PV_SECRET_OUT, PV_PCRS, PV_AK, PV_WORK.
@@ -88,7 +95,7 @@ pv_args() {
 			esac
 			shift 2
 			;;
-		-h | --help) pv_usage ;;
+		-h | --help) pv_usage 0 ;;
 		*) pv_die 1 "unknown argument \"$1\" (--help for usage)" ;;
 		esac
 	done
@@ -102,7 +109,9 @@ pv_args() {
 	case $PV_PORT in
 	'' | *[!0-9]*) pv_die 1 "--kbs \"$PV_KBS\" is not HOST:PORT" ;;
 	esac
-	[ -n "$PV_HOST" ] && [ "$PV_HOST" != "$PV_KBS" ] || pv_die 1 "--kbs \"$PV_KBS\" is not HOST:PORT"
+	if [ -z "$PV_HOST" ] || [ "$PV_HOST" = "$PV_KBS" ]; then
+		pv_die 1 "--kbs \"$PV_KBS\" is not HOST:PORT"
+	fi
 	case $PV_PCRS in
 	'' | *[!0-9,]* | ,* | *, | *,,*) pv_die 1 "--pcrs \"$PV_PCRS\" is not a list of PCR numbers such as 0,1,7" ;;
 	esac
@@ -289,8 +298,9 @@ pv_unwrap() {
 	PV_SECRET_TMP=$(mktemp "$pv_dir/.pv-attest.XXXXXX") || pv_die 1 "cannot write in $pv_dir"
 	pv_tpm "tpm2_rsadecrypt (unwrapping the secret in the TPM)" \
 		tpm2_rsadecrypt -Q -c transfer.ctx -s oaep -o "$PV_SECRET_TMP" wrapped.bin
-	chmod 600 "$PV_SECRET_TMP" && mv -f "$PV_SECRET_TMP" "$PV_SECRET_OUT" ||
+	if ! { chmod 600 "$PV_SECRET_TMP" && mv -f "$PV_SECRET_TMP" "$PV_SECRET_OUT"; }; then
 		pv_die 1 "cannot write $PV_SECRET_OUT"
+	fi
 	PV_SECRET_TMP=
 }
 
