@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
 # Builds the Linux test guest from Debian packages: Debian's cloud kernel (`vmlinuz`) and an
-# uncompressed initramfs (`initrd.img`, cpio newc) holding busybox, fio, e2fsprogs and the
-# virtio modules, whose /init runs the test script a host appends as a second cpio archive
-# (see init.sh beside this file and docs/linux-harness.md).
+# uncompressed initramfs (`initrd.img`, cpio newc), which is also the confidential VM image
+# of issue 18. It holds:
+# - busybox, fio and e2fsprogs (mke2fs, e2fsck), as before;
+# - Debian's stock tpm2-tools (the `tpm2` program and its `tpm2_*` names, over the kernel's
+#   own TPM driver: /dev/tpmrm0) and cryptsetup (LUKS2 on dm-crypt);
+# - the virtio, device-mapper and crypto modules (see `modules` below);
+# - /init (init.sh beside this file), which brings the NIC up, attests, unlocks and mounts the
+#   data disk when the kernel command line asks (pv-cvm-init, from cvm-init.sh beside this
+#   file), then runs the test script a host appends as a second cpio archive;
+# - every file of the repository's tools/guest/ (the attestation client pv-attest, ...) in
+#   /usr/sbin, without its .sh suffix (none when the directory is absent or empty).
+# See docs/linux-harness.md.
 #
 # Usage: build-image.sh            (as root, on Debian 12, with `apt-get update` done or doable)
 # Prints the kernel's and the initrd's paths as its last two lines. Exits 2 when this machine
@@ -10,9 +19,10 @@
 #
 # Everything is kept in a cache outside the work tree, ${PV_LINUX_CACHE:-$HOME/.cache/pv-linux}:
 # the downloaded .debs in debs/ (a second run downloads nothing), the image in out/ with the
-# key it was built for (this script's and init.sh's sha256 and every package's version). A
-# run whose key matches prints the cached paths at once; when the mirror cannot be asked
-# (no package lists, no network) a cached image is used as it is.
+# key it was built for (the sha256 of this script, init.sh, cvm-init.sh and each tools/guest/
+# file with its name, and every package's version). A run whose key matches prints the
+# cached paths at once; when the mirror cannot be asked (no package lists, no network) a
+# cached image is used as it is.
 #
 # Only the Debian mirror is reached, through `apt-get download`. The files come out of the
 # downloaded packages, not from the host's installed ones, so the image does not depend on
@@ -24,12 +34,18 @@ cache="${PV_LINUX_CACHE:-$HOME/.cache/pv-linux}"
 debs="$cache/debs"
 out="$cache/out"
 
-# The packages the image is made of. fio's and e2fsprogs' shared libraries are found by
-# following their library dependencies (see resolve_libraries).
+# The repository's guest programs (tools/guest/*), staged as /usr/sbin/NAME.
+guest_tools="$(cd "$here/../.." && pwd)/tools/guest"
+
+# The packages the image is made of. The programs' shared libraries are found by following
+# their library dependencies (see resolve_libraries). libtss2-tcti-device0 is named here
+# because nothing links it: libtss2-tctildr loads the TCTI with dlopen.
 kernel_meta=linux-image-cloud-amd64
-tools=(busybox-static fio e2fsprogs libc6)
-# The programs whose shared libraries the image must hold.
-elf_programs=(usr/bin/fio sbin/mke2fs sbin/e2fsck)
+tools=(busybox-static fio e2fsprogs libc6 tpm2-tools libtss2-tcti-device0 cryptsetup-bin)
+# The programs (and the dlopened TCTI) whose shared libraries the image must hold. Of
+# tpm2-tools only `tpm2`: `tss2` (the FAPI tool) would bring libtss2-fapi's closure.
+tcti_device=usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0
+elf_programs=(usr/bin/fio sbin/mke2fs sbin/e2fsck usr/bin/tpm2 sbin/cryptsetup "$tcti_device")
 # Everything else these packages install that the guest uses: mke2fs' defaults and its
 # mkfs.ext*/fsck.ext* names.
 extra_files=(etc/mke2fs.conf sbin/mkfs.ext2 sbin/mkfs.ext3 sbin/mkfs.ext4
@@ -37,8 +53,13 @@ extra_files=(etc/mke2fs.conf sbin/mkfs.ext2 sbin/mkfs.ext3 sbin/mkfs.ext4
 # Kernel modules /init loads, with what they depend on. In this kernel all of virtio is
 # modular while ext4 (which also mounts ext2), jbd2 and crc32c are built in. virtio_net,
 # virtio_console and vsock are for the NIC, serial and socket tests that come later.
+# For LUKS2 (aes-xts-plain64): device-mapper and dm-crypt, the xts template over ecb(aes)
+# (AES itself, CBC, SHA-256 and HMAC are built in, as are the TPM's CRB and TIS drivers),
+# and algif_skcipher, through which cryptsetup encrypts the keyslot area (without it,
+# cryptsetup falls back to a temporary dm-crypt mapping). Loaded explicitly: the kernel's
+# own module requests look for /sbin/modprobe, which the image does not have.
 modules=(virtio_pci virtio_blk virtio_scsi sd_mod virtio_net virtio_console
-  vmw_vsock_virtio_transport)
+  vmw_vsock_virtio_transport dm_mod dm_crypt xts ecb algif_skcipher)
 
 log() { echo "build-image: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -124,10 +145,18 @@ fetch() {
   done <<<"$lines"
 }
 
-# The key an image is built for: both scripts and every package version that went into it.
+# The files of tools/guest/ the image holds (none when the directory is absent).
+guest_files() {
+  [ -d "$guest_tools" ] || return 0
+  find "$guest_tools" -maxdepth 1 -type f | LC_ALL=C sort
+}
+
+# The key an image is built for: the scripts, each guest program with its name (the name is
+# the command in the guest) and every package version that went into it.
 image_key() {
   {
-    sha256sum "$here/build-image.sh" "$here/init.sh" | awk '{print $1}'
+    sha256sum "$here/build-image.sh" "$here/init.sh" "$here/cvm-init.sh" | awk '{print $1}'
+    guest_files | while read -r f; do echo "$(sha256sum <"$f" | awk '{print $1}') ${f##*/}"; done
     candidates "$@" | sort
   } | sha256sum | awk '{print $1}'
 }
@@ -254,14 +283,28 @@ log "staging the initramfs"
 for rel in bin/busybox "${elf_programs[@]}" "${extra_files[@]}" lib64/ld-linux-x86-64.so.2; do
   stage "$rel"
 done
+# tpm2-tools' programs are links to the one `tpm2`.
+for link in "$x"/usr/bin/tpm2_*; do
+  [ "$(readlink "$link")" = tpm2 ] || die "${link#"$x"/} is not a link to tpm2"
+  stage "usr/bin/${link##*/}"
+done
 while read -r _ rel; do stage "$rel"; done < <(library_closure)
 # busybox's applets as links, in /bin: fio and e2fsprogs' programs in /usr/bin and /sbin come
 # first in /init's PATH.
 for applet in $("$root/bin/busybox" --list); do
   [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
 done
-mkdir -p "$root"/{dev,proc,sys,tmp,run,mnt,pv,etc}
+mkdir -p "$root"/{dev,proc,sys,tmp,run,mnt,pv,etc,usr/sbin}
 install -m 0755 "$here/init.sh" "$root/init"
+install -m 0755 "$here/cvm-init.sh" "$root/usr/sbin/pv-cvm-init"
+guest_programs=()
+while read -r f; do
+  name="${f##*/}"
+  name="${name%.sh}"
+  [ -e "$root/usr/sbin/$name" ] && die "tools/guest/${f##*/}: /usr/sbin/$name is in the image already"
+  install -m 0755 "$f" "$root/usr/sbin/$name"
+  guest_programs+=("$name")
+done < <(guest_files)
 
 # The modules and everything they depend on, with a modules.dep for busybox's modprobe
 # (Debian's .deb ships none: busybox depmod writes it, here over the whole tree to find the
@@ -299,5 +342,5 @@ mv "$work/vmlinuz" "$out/vmlinuz"
 mv "$work/initrd.img" "$out/initrd.img"
 printf '%s\n' "${libraries[@]}" >"$out/libraries"
 image_key "${roots[@]}" "${libraries[@]}" >"$out/key"
-log "built: kernel $kver, initrd $(du -h "$out/initrd.img" | cut -f1), ${#libraries[@]} library packages"
+log "built: kernel $kver, initrd $(du -h "$out/initrd.img" | cut -f1), ${#libraries[@]} library packages, guest programs: ${guest_programs[*]:-none}"
 print_outputs
