@@ -194,7 +194,9 @@ unlock() {
 			return 1
 			;;
 	esac
-	if [ -n "$provisioned" ] && ! out="$(mke2fs -q -t ext4 -L "$MAPPING" "/dev/mapper/$MAPPING" 2>&1)"; then
+	# By its path: busybox sh runs its own applet of a name before looking in PATH, and its
+	# mke2fs makes no ext4.
+	if [ -n "$provisioned" ] && ! out="$(/sbin/mke2fs -q -t ext4 -L "$MAPPING" "/dev/mapper/$MAPPING" 2>&1)"; then
 		status disk "error mke2fs: $out"
 		say "data disk: making its file system failed: $out"
 		return 1
