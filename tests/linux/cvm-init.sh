@@ -212,7 +212,7 @@ unlock() {
 }
 
 boot() {
-	ip= gw= kbs= disk= provision=
+	ip='' gw='' kbs='' disk='' provision=''
 	# Word by word, without globbing what the command line holds.
 	set -f
 	# shellcheck disable=SC2013 # words, not lines
@@ -240,6 +240,8 @@ boot() {
 			say "data disk: left locked: the broker released no secret"
 		else
 			unlock "$disk" "$KEY" "$provision" 1
+			# Gone on every path, also where unlock returned before using it.
+			rm -f "$KEY"
 		fi
 	fi
 	return 0
