@@ -2,7 +2,7 @@
 # Builds the Linux test guest from Debian packages: Debian's cloud kernel (`vmlinuz`) and an
 # uncompressed initramfs (`initrd.img`, cpio newc), which is also the confidential VM image
 # of issue 18. It holds:
-# - busybox, fio and e2fsprogs (mke2fs, e2fsck), as before;
+# - busybox, fio and e2fsprogs (mke2fs, e2fsck);
 # - Debian's stock tpm2-tools (the `tpm2` program and its `tpm2_*` names, over the kernel's
 #   own TPM driver: /dev/tpmrm0) and cryptsetup (LUKS2 on dm-crypt);
 # - the virtio, device-mapper and crypto modules (see `modules` below);
@@ -145,10 +145,11 @@ fetch() {
   done <<<"$lines"
 }
 
-# The files of tools/guest/ the image holds (none when the directory is absent).
+# The files of tools/guest/ the image holds (none when the directory is absent; not hidden
+# ones such as a .gitkeep).
 guest_files() {
   [ -d "$guest_tools" ] || return 0
-  find "$guest_tools" -maxdepth 1 -type f | LC_ALL=C sort
+  find "$guest_tools" -maxdepth 1 -type f ! -name '.*' | LC_ALL=C sort
 }
 
 # The key an image is built for: the scripts, each guest program with its name (the name is
@@ -290,7 +291,8 @@ for link in "$x"/usr/bin/tpm2_*; do
 done
 while read -r _ rel; do stage "$rel"; done < <(library_closure)
 # busybox's applets as links, in /bin: fio and e2fsprogs' programs in /usr/bin and /sbin come
-# first in /init's PATH.
+# first in /init's PATH (but busybox sh runs an applet of its own before it looks in PATH:
+# e2fsprogs' mke2fs is /sbin/mke2fs, or mkfs.ext4).
 for applet in $("$root/bin/busybox" --list); do
   [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
 done
