@@ -26,9 +26,15 @@ const REPORT_LEN: usize = 0x4A0;
 /// responder address; the stand-ins do not connect to it).
 const KBS: &str = "pv.kbs=10.0.2.2:8080";
 
-/// How many times /init runs a pv-attest that keeps answering "retryable" (cvm-init.sh's
-/// ATTEST_ATTEMPTS).
-const ATTEST_ATTEMPTS: usize = 6;
+/// How many times /init runs a pv-attest that keeps answering "retryable": `ATTEST_ATTEMPTS`
+/// of the cvm-init.sh the image is built from.
+fn attest_attempts() -> usize {
+    include_str!("../linux/cvm-init.sh")
+        .lines()
+        .find_map(|l| l.strip_prefix("ATTEST_ATTEMPTS="))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("cvm-init.sh sets ATTEST_ATTEMPTS to a number")
+}
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -311,11 +317,12 @@ ip -4 addr show dev eth0 | grep -q 'inet 10.0.2.15/24'
             .unwrap_or_else(|| panic!("no {needle:?}:\n{console}"))
     };
     let up = at("pv-init: network: eth0 10.0.2.15/24 up, default route via 10.0.2.2");
+    let attempts = attest_attempts();
     let first = at(&format!(
-        "pv-init: attestation: retryable (attempt 1 of {ATTEST_ATTEMPTS}): the broker is starting"
+        "pv-init: attestation: retryable (attempt 1 of {attempts}): the broker is starting"
     ));
     let second = at(&format!(
-        "pv-init: attestation: retryable (attempt 2 of {ATTEST_ATTEMPTS}): the broker is starting"
+        "pv-init: attestation: retryable (attempt 2 of {attempts}): the broker is starting"
     ));
     let released = at("pv-init: attestation: released");
     assert!(
@@ -409,18 +416,19 @@ exit 75
         .run();
     let console = &exit.console;
     assert_eq!(exit.status, 0, "{console}");
-    for attempt in 1..ATTEST_ATTEMPTS {
+    let attempts = attest_attempts();
+    for attempt in 1..attempts {
         assert!(
             console.contains(&format!(
-                "pv-init: attestation: retryable (attempt {attempt} of {ATTEST_ATTEMPTS})"
+                "pv-init: attestation: retryable (attempt {attempt} of {attempts})"
             )),
             "{console}"
         );
     }
-    assert!(console.contains(&format!("STUB-RUN {ATTEST_ATTEMPTS}")));
-    assert!(!console.contains(&format!("STUB-RUN {}", ATTEST_ATTEMPTS + 1)));
+    assert!(console.contains(&format!("STUB-RUN {attempts}")));
+    assert!(!console.contains(&format!("STUB-RUN {}", attempts + 1)));
     let gave_up = format!(
-        "still retryable after {ATTEST_ATTEMPTS} attempts: connect 10.0.2.2:8080: no route to host"
+        "still retryable after {attempts} attempts: connect 10.0.2.2:8080: no route to host"
     );
     assert_eq!(field(console, "ATTEST"), format!("error {gave_up}"));
     assert!(console.contains(&format!("pv-init: attestation: error: {gave_up}")));
