@@ -5,7 +5,8 @@
 # - busybox, fio and e2fsprogs (mke2fs, e2fsck);
 # - Debian's stock tpm2-tools (the `tpm2` program and its `tpm2_*` names, over the kernel's
 #   own TPM driver: /dev/tpmrm0) and cryptsetup (LUKS2 on dm-crypt);
-# - the virtio, device-mapper and crypto modules (see `modules` below);
+# - the virtio modules, loaded at boot, and the device-mapper and crypto ones, loaded for the
+#   data disk (see `modules` and `disk_modules` below);
 # - /init (init.sh beside this file), which brings the NIC up, attests, unlocks and mounts the
 #   data disk when the kernel command line asks (pv-cvm-init, from cvm-init.sh beside this
 #   file), then runs the test script a host appends as a second cpio archive;
@@ -53,13 +54,16 @@ extra_files=(etc/mke2fs.conf sbin/mkfs.ext2 sbin/mkfs.ext3 sbin/mkfs.ext4
 # Kernel modules /init loads, with what they depend on. In this kernel all of virtio is
 # modular while ext4 (which also mounts ext2), jbd2 and crc32c are built in. virtio_net,
 # virtio_console and vsock are for the NIC, serial and socket tests that come later.
-# For LUKS2 (aes-xts-plain64): device-mapper and dm-crypt, the xts template over ecb(aes)
-# (AES itself, CBC, SHA-256 and HMAC are built in, as are the TPM's CRB and TIS drivers),
-# and algif_skcipher, through which cryptsetup encrypts the keyslot area (without it,
-# cryptsetup falls back to a temporary dm-crypt mapping). Loaded explicitly: the kernel's
-# own module requests look for /sbin/modprobe, which the image does not have.
 modules=(virtio_pci virtio_blk virtio_scsi sd_mod virtio_net virtio_console
-  vmw_vsock_virtio_transport dm_mod dm_crypt xts ecb algif_skcipher)
+  vmw_vsock_virtio_transport)
+# Kernel modules pv-cvm-init loads before it opens a LUKS2 (aes-xts-plain64) data disk, listed
+# in /etc/pv-modules-disk: device-mapper and dm-crypt, the xts template over ecb(aes) (AES
+# itself, CBC, SHA-256 and HMAC are built in, as are the TPM's CRB and TIS drivers), and
+# algif_skcipher, through which cryptsetup encrypts the keyslot area (without it, cryptsetup
+# falls back to a temporary dm-crypt mapping). Loaded explicitly, since the kernel's own
+# module requests look for /sbin/modprobe, which the image does not have; and only then,
+# since loading them costs every boot ~0.1 s under TCG.
+disk_modules=(dm_mod dm_crypt xts ecb algif_skcipher)
 
 log() { echo "build-image: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -323,7 +327,7 @@ stage_module() {
   done
   stage "$moddir/$1"
 }
-for m in "${modules[@]}"; do
+for m in "${modules[@]}" "${disk_modules[@]}"; do
   # The module's file, named with - or _.
   file="$(awk -F: -v m="$m" '{ f = $1; sub(/.*\//, "", f); sub(/\.ko$/, "", f); gsub(/-/, "_", f)
                                if (f == m) { print $1; exit } }' "$x/$moddir/modules.dep")"
@@ -333,6 +337,7 @@ done
 cp "$x/$moddir/modules.builtin" "$x/$moddir/modules.order" "$root/$moddir/"
 "$x/bin/busybox" depmod -b "$root" "$kver"
 printf '%s\n' "${modules[@]}" >"$root/etc/pv-modules"
+printf '%s\n' "${disk_modules[@]}" >"$root/etc/pv-modules-disk"
 
 log "writing the images"
 # Owned by root, in a stable order. Not compressed: under TCG the kernel unpacks gzip at

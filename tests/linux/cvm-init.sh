@@ -155,6 +155,13 @@ unlock() {
 		return 1
 	fi
 	mkdir -p /run/cryptsetup
+	# dm-crypt and the ciphers, only now: /init does not load them (it would cost every boot).
+	# shellcheck disable=SC2046 # one module a word
+	if ! out="$(modprobe -a $(cat /etc/pv-modules-disk) 2>&1)"; then
+		status disk "error modprobe: $out"
+		say "data disk: loading dm-crypt failed: $out"
+		return 1
+	fi
 	if ! cryptsetup isLuks "$disk" 2>/dev/null; then
 		if [ "$provision" != 1 ]; then
 			[ "$consume" = 1 ] && rm -f "$key"
