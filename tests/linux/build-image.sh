@@ -62,7 +62,7 @@ modules=(virtio_pci virtio_blk virtio_scsi sd_mod virtio_net virtio_console
 # algif_skcipher, through which cryptsetup encrypts the keyslot area (without it, cryptsetup
 # falls back to a temporary dm-crypt mapping). Loaded explicitly, since the kernel's own
 # module requests look for /sbin/modprobe, which the image does not have; and only then,
-# since loading them costs every boot ~0.1 s under TCG.
+# since loading them costs every boot 0.1-0.2 s under TCG.
 disk_modules=(dm_mod dm_crypt xts ecb algif_skcipher)
 
 log() { echo "build-image: $*" >&2; }
