@@ -392,27 +392,6 @@ impl Instance {
             .expect("running service has a pid") as i32
     }
 
-    /// Waits for pv-vtpm to say how its attestation binding went; panics (with the log) if
-    /// it has none.
-    pub fn wait_for_vtpm_binding(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let log = self.log();
-            if log.contains("attestation binding:") {
-                return;
-            }
-            assert!(
-                !log.contains("no attestation binding"),
-                "the vTPM has no binding:\n{log}"
-            );
-            assert!(
-                Instant::now() < deadline,
-                "the vTPM said nothing of its binding in 60 s:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
     /// Sends SIGTERM to `paravisor run` and returns its exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
