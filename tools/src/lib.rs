@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod bench_attest;
 pub mod bench_boot;
+pub mod bench_chaos;
 pub mod bench_env;
 pub mod bench_guest;
 pub mod bench_measure;
