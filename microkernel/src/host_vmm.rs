@@ -15,7 +15,8 @@
 //! inherited through exec): its devices wait on the sockets' backlog until the services
 //! answer. It dies with the paravisor (parent-death signal); a paravisor that stops stops it
 //! first; a QEMU that ends ends the run. Its console (the guest's first serial port) is
-//! copied to the paravisor's stdout; a console line `PV-EXIT <status>` sets the run's exit
+//! copied to the paravisor's stdout (and reads the paravisor's stdin when that is a
+//! terminal); a console line `PV-EXIT <status>` sets the run's exit
 //! status (the convention of the guest image's /init).
 
 use std::io;
@@ -377,9 +378,17 @@ impl HostVmm {
     /// Starts QEMU with `args`; its console comes back through a pipe.
     pub fn spawn(program: &Path, args: &[String], accel: Accel) -> io::Result<HostVmm> {
         let mut command = std::process::Command::new(program);
+        // An operator at a terminal types on the guest's console (QEMU puts the terminal in
+        // raw mode: Ctrl-C goes to the guest, which powers off to end the run); anything else
+        // gives the guest no input.
+        let stdin = if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+            std::process::Stdio::inherit()
+        } else {
+            std::process::Stdio::null()
+        };
         command
             .args(args)
-            .stdin(std::process::Stdio::null())
+            .stdin(stdin)
             .stdout(std::process::Stdio::piped())
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");

@@ -30,7 +30,7 @@ pub const PROGRESS: &str = "chaos:";
 const VICTIMS: &[&str] = &["vtpm", "vmgs", "attest", "storage", "net"];
 /// Restart limits for the run: the shipped ones allow 5 a minute, the chaos makes ~20.
 const RESTART_POLICY: &str =
-    "{ policy = \"always\", max = 10000, window = \"60s\", backoff = \"50ms\" }";
+    "{ policy = \"always\", max = 1000, window = \"60s\", backoff = \"50ms\" }";
 /// Every kill waits this long at least, at most [`KILL_MAX`].
 const KILL_MIN: Duration = Duration::from_secs(2);
 const KILL_MAX: Duration = Duration::from_secs(5);
@@ -164,7 +164,11 @@ pub fn run(
     let mut broker = cvm::Broker::prepare(&paravisor, &dir.join("tenant"), &platform)?;
     let cmdline = cvm::guest_cmdline(true);
     let initrd = dir.join("initrd.img");
-    linux_guest::initrd_with(&image.initrd, &[GuestFile::script(&script(seconds))], &initrd)?;
+    linux_guest::initrd_with(
+        &image.initrd,
+        &[GuestFile::script(&script(seconds))],
+        &initrd,
+    )?;
     let pcr9 = cvm::expected_pcr9(&cmdline, &std::fs::read(&initrd)?);
     let measurement = cvm::measurement(&paravisor, &manifest, &image.kernel)?;
     broker.serve(
@@ -208,7 +212,9 @@ pub fn run(
                 return Err(guest.failure(&format!("the guest failed: {line}")));
             }
             Ok(line) if line.starts_with("chaos: kernel: ") => {
-                report.kernel_io_errors.push(line["chaos: kernel: ".len()..].to_string());
+                report
+                    .kernel_io_errors
+                    .push(line["chaos: kernel: ".len()..].to_string());
             }
             Ok(_) => {}
             Err("timed out") => {}
