@@ -30,7 +30,7 @@
 # what this machine happens to have installed.
 set -euo pipefail
 
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 cache="${PV_LINUX_CACHE:-$HOME/.cache/pv-linux}"
 debs="$cache/debs"
 out="$cache/out"
@@ -149,10 +149,10 @@ fetch() {
   done <<<"$lines"
 }
 
-# The files of tools/guest/ the image holds (none when the directory is absent; not hidden
-# ones such as a .gitkeep).
+# The files of tools/guest/ the image holds (not hidden ones such as a .gitkeep). The
+# attestation client must be among them: an image without it boots, but can never attest.
 guest_files() {
-  [ -d "$guest_tools" ] || return 0
+  [ -f "$guest_tools/pv-attest.sh" ] || die "no $guest_tools/pv-attest.sh: run this script from the repository it belongs to"
   find "$guest_tools" -maxdepth 1 -type f ! -name '.*' | LC_ALL=C sort
 }
 
