@@ -190,7 +190,11 @@ pub enum Cmd {
     /// idle instance's footprint against Firecracker's), `storage` (our vhost-user disks
     /// under a Linux guest's fio against qemu-storage-daemon) or `net` (a Linux guest's TCP
     /// throughput and ping on our vhost-user NIC against QEMU's own `-netdev tap`, and pv-net's
-    /// restart; needs root). Warns when other processes kept the machine busy meanwhile.
+    /// restart; needs root), `boot` (`run --vmm qemu` to Linux's first user-space line
+    /// against QEMU with its own devices and swtpm) or `chaos` (the confidential VM attesting,
+    /// writing its disk and extending a PCR while its services are killed at random every
+    /// 2-5 s; needs root; exit 1 if an invariant broke). Warns when other processes kept the
+    /// machine busy meanwhile.
     Bench(ToolArgs),
     /// (internal) The peer side of a benchmark.
     #[command(name = "__bench-peer", hide = true)]

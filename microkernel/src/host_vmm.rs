@@ -15,7 +15,8 @@
 //! inherited through exec): its devices wait on the sockets' backlog until the services
 //! answer. It dies with the paravisor (parent-death signal); a paravisor that stops stops it
 //! first; a QEMU that ends ends the run. Its console (the guest's first serial port) is
-//! copied to the paravisor's stdout; a console line `PV-EXIT <status>` sets the run's exit
+//! copied to the paravisor's stdout (and reads the paravisor's stdin when that is a
+//! terminal); a console line `PV-EXIT <status>` sets the run's exit
 //! status (the convention of the guest image's /init).
 
 use std::io;
@@ -232,6 +233,55 @@ pub fn command_line(
             )),
         }
     };
+    let mut a = base_args(config, vars)?;
+    let mut push = |args: &[&str]| a.extend(args.iter().map(|s| s.to_string()));
+    // The vTPM, as swtpm's protocol on the Unix front end; CRB on q35.
+    let tpm = socket(TPM_LISTENER)?;
+    push(&[
+        "-chardev",
+        &format!("socket,id=tpm,path={tpm}"),
+        "-tpmdev",
+        "emulator,id=tpm0,chardev=tpm",
+        "-device",
+        "tpm-crb,tpmdev=tpm0",
+    ]);
+    for (n, d) in attached.iter().enumerate() {
+        let path = socket(&d.listener)?;
+        match d.kind {
+            DeviceKind::Blk => push(&[
+                "-chardev",
+                &format!("socket,id=disk{n},path={path},reconnect=1"),
+                "-device",
+                &format!("vhost-user-blk-pci,chardev=disk{n}"),
+            ]),
+            // QEMU 7.2 refuses reconnect= on vhost-user-scsi.
+            DeviceKind::Scsi => push(&[
+                "-chardev",
+                &format!("socket,id=disk{n},path={path}"),
+                "-device",
+                &format!("vhost-user-scsi-pci,chardev=disk{n}"),
+            ]),
+            // vectors=0: QEMU 7.2's vhost-user-net crashes with MSI-X. status=off: no carrier
+            // flap for the guest while pv-net restarts. romfile=: no iPXE option ROM (it
+            // would only slow the firmware and be measured into PCR 2).
+            DeviceKind::Net => push(&[
+                "-chardev",
+                &format!("socket,id=nic{n},path={path},reconnect=1"),
+                "-netdev",
+                &format!("vhost-user,id=net{n},chardev=nic{n}"),
+                "-device",
+                &format!("virtio-net-pci,netdev=net{n},vectors=0,status=off,romfile="),
+            ]),
+        }
+    }
+    a.extend(config.extra.iter().cloned());
+    Ok(a)
+}
+
+/// The part of QEMU's command line that is not the paravisor's devices: machine, memory,
+/// accelerator, firmware (with its variable store `vars`), kernel, initrd, command line and
+/// the console on stdout. A baseline QEMU (`bench boot`) starts the same way.
+pub fn base_args(config: &QemuConfig, vars: Option<&Path>) -> Result<Vec<String>, String> {
     let mib = config.memory_mib;
     let accel = match config.resolved_accel() {
         Accel::Kvm => "kvm",
@@ -284,46 +334,6 @@ pub fn command_line(
         "-serial",
         "chardev:console",
     ]);
-    // The vTPM, as swtpm's protocol on the Unix front end; CRB on q35.
-    let tpm = socket(TPM_LISTENER)?;
-    push(&[
-        "-chardev",
-        &format!("socket,id=tpm,path={tpm}"),
-        "-tpmdev",
-        "emulator,id=tpm0,chardev=tpm",
-        "-device",
-        "tpm-crb,tpmdev=tpm0",
-    ]);
-    for (n, d) in attached.iter().enumerate() {
-        let path = socket(&d.listener)?;
-        match d.kind {
-            DeviceKind::Blk => push(&[
-                "-chardev",
-                &format!("socket,id=disk{n},path={path},reconnect=1"),
-                "-device",
-                &format!("vhost-user-blk-pci,chardev=disk{n}"),
-            ]),
-            // QEMU 7.2 refuses reconnect= on vhost-user-scsi.
-            DeviceKind::Scsi => push(&[
-                "-chardev",
-                &format!("socket,id=disk{n},path={path}"),
-                "-device",
-                &format!("vhost-user-scsi-pci,chardev=disk{n}"),
-            ]),
-            // vectors=0: QEMU 7.2's vhost-user-net crashes with MSI-X. status=off: no carrier
-            // flap for the guest while pv-net restarts. romfile=: no iPXE option ROM (it
-            // would only slow the firmware and be measured into PCR 2).
-            DeviceKind::Net => push(&[
-                "-chardev",
-                &format!("socket,id=nic{n},path={path},reconnect=1"),
-                "-netdev",
-                &format!("vhost-user,id=net{n},chardev=nic{n}"),
-                "-device",
-                &format!("virtio-net-pci,netdev=net{n},vectors=0,status=off,romfile="),
-            ]),
-        }
-    }
-    a.extend(config.extra.iter().cloned());
     Ok(a)
 }
 
@@ -368,9 +378,17 @@ impl HostVmm {
     /// Starts QEMU with `args`; its console comes back through a pipe.
     pub fn spawn(program: &Path, args: &[String], accel: Accel) -> io::Result<HostVmm> {
         let mut command = std::process::Command::new(program);
+        // An operator at a terminal types on the guest's console (QEMU puts the terminal in
+        // raw mode: Ctrl-C goes to the guest, which powers off to end the run); anything else
+        // gives the guest no input.
+        let stdin = if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+            std::process::Stdio::inherit()
+        } else {
+            std::process::Stdio::null()
+        };
         command
             .args(args)
-            .stdin(std::process::Stdio::null())
+            .stdin(stdin)
             .stdout(std::process::Stdio::piped())
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");

@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
 # Builds the Linux test guest from Debian packages: Debian's cloud kernel (`vmlinuz`) and an
-# uncompressed initramfs (`initrd.img`, cpio newc) holding busybox, fio, e2fsprogs and the
-# virtio modules, whose /init runs the test script a host appends as a second cpio archive
-# (see init.sh beside this file and docs/linux-harness.md).
+# uncompressed initramfs (`initrd.img`, cpio newc), which is also the confidential VM image
+# of issue 18. It holds:
+# - busybox, fio and e2fsprogs (mke2fs, e2fsck);
+# - Debian's stock tpm2-tools (the `tpm2` program and its `tpm2_*` names, over the kernel's
+#   own TPM driver: /dev/tpmrm0) and cryptsetup (LUKS2 on dm-crypt);
+# - the virtio modules, loaded at boot, and the device-mapper and crypto ones, loaded for the
+#   data disk (see `modules` and `disk_modules` below);
+# - /init (init.sh beside this file), which brings the NIC up, attests, unlocks and mounts the
+#   data disk when the kernel command line asks (pv-cvm-init, from cvm-init.sh beside this
+#   file), then runs the test script a host appends as a second cpio archive;
+# - every file of the repository's tools/guest/ (the attestation client pv-attest, ...) in
+#   /usr/sbin, without its .sh suffix (none when the directory is absent or empty).
+# See docs/linux-harness.md.
 #
 # Usage: build-image.sh            (as root, on Debian 12, with `apt-get update` done or doable)
 # Prints the kernel's and the initrd's paths as its last two lines. Exits 2 when this machine
@@ -10,26 +20,33 @@
 #
 # Everything is kept in a cache outside the work tree, ${PV_LINUX_CACHE:-$HOME/.cache/pv-linux}:
 # the downloaded .debs in debs/ (a second run downloads nothing), the image in out/ with the
-# key it was built for (this script's and init.sh's sha256 and every package's version). A
-# run whose key matches prints the cached paths at once; when the mirror cannot be asked
-# (no package lists, no network) a cached image is used as it is.
+# key it was built for (the sha256 of this script, init.sh, cvm-init.sh and each tools/guest/
+# file with its name, and every package's version). A run whose key matches prints the
+# cached paths at once; when the mirror cannot be asked (no package lists, no network) a
+# cached image is used as it is.
 #
 # Only the Debian mirror is reached, through `apt-get download`. The files come out of the
 # downloaded packages, not from the host's installed ones, so the image does not depend on
 # what this machine happens to have installed.
 set -euo pipefail
 
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 cache="${PV_LINUX_CACHE:-$HOME/.cache/pv-linux}"
 debs="$cache/debs"
 out="$cache/out"
 
-# The packages the image is made of. fio's and e2fsprogs' shared libraries are found by
-# following their library dependencies (see resolve_libraries).
+# The repository's guest programs (tools/guest/*), staged as /usr/sbin/NAME.
+guest_tools="$(cd "$here/../.." && pwd)/tools/guest"
+
+# The packages the image is made of. The programs' shared libraries are found by following
+# their library dependencies (see resolve_libraries). libtss2-tcti-device0 is named here
+# because nothing links it: libtss2-tctildr loads the TCTI with dlopen.
 kernel_meta=linux-image-cloud-amd64
-tools=(busybox-static fio e2fsprogs libc6)
-# The programs whose shared libraries the image must hold.
-elf_programs=(usr/bin/fio sbin/mke2fs sbin/e2fsck)
+tools=(busybox-static fio e2fsprogs libc6 tpm2-tools libtss2-tcti-device0 cryptsetup-bin)
+# The programs (and the dlopened TCTI) whose shared libraries the image must hold. Of
+# tpm2-tools only `tpm2`: `tss2` (the FAPI tool) would bring libtss2-fapi's closure.
+tcti_device=usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0
+elf_programs=(usr/bin/fio sbin/mke2fs sbin/e2fsck usr/bin/tpm2 sbin/cryptsetup "$tcti_device")
 # Everything else these packages install that the guest uses: mke2fs' defaults and its
 # mkfs.ext*/fsck.ext* names.
 extra_files=(etc/mke2fs.conf sbin/mkfs.ext2 sbin/mkfs.ext3 sbin/mkfs.ext4
@@ -39,6 +56,14 @@ extra_files=(etc/mke2fs.conf sbin/mkfs.ext2 sbin/mkfs.ext3 sbin/mkfs.ext4
 # virtio_console and vsock are for the NIC, serial and socket tests that come later.
 modules=(virtio_pci virtio_blk virtio_scsi sd_mod virtio_net virtio_console
   vmw_vsock_virtio_transport)
+# Kernel modules pv-cvm-init loads before it opens a LUKS2 (aes-xts-plain64) data disk, listed
+# in /etc/pv-modules-disk: device-mapper and dm-crypt, the xts template over ecb(aes) (AES
+# itself, CBC, SHA-256 and HMAC are built in, as are the TPM's CRB and TIS drivers), and
+# algif_skcipher, through which cryptsetup encrypts the keyslot area (without it, cryptsetup
+# falls back to a temporary dm-crypt mapping). Loaded explicitly, since the kernel's own
+# module requests look for /sbin/modprobe, which the image does not have; and only then,
+# since loading them costs every boot 0.1-0.2 s under TCG.
+disk_modules=(dm_mod dm_crypt xts ecb algif_skcipher)
 
 log() { echo "build-image: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -124,10 +149,19 @@ fetch() {
   done <<<"$lines"
 }
 
-# The key an image is built for: both scripts and every package version that went into it.
+# The files of tools/guest/ the image holds (not hidden ones such as a .gitkeep). The
+# attestation client must be among them: an image without it boots, but can never attest.
+guest_files() {
+  [ -f "$guest_tools/pv-attest.sh" ] || die "no $guest_tools/pv-attest.sh: run this script from the repository it belongs to"
+  find "$guest_tools" -maxdepth 1 -type f ! -name '.*' | LC_ALL=C sort
+}
+
+# The key an image is built for: the scripts, each guest program with its name (the name is
+# the command in the guest) and every package version that went into it.
 image_key() {
   {
-    sha256sum "$here/build-image.sh" "$here/init.sh" | awk '{print $1}'
+    sha256sum "$here/build-image.sh" "$here/init.sh" "$here/cvm-init.sh" | awk '{print $1}'
+    guest_files | while read -r f; do echo "$(sha256sum <"$f" | awk '{print $1}') ${f##*/}"; done
     candidates "$@" | sort
   } | sha256sum | awk '{print $1}'
 }
@@ -254,14 +288,29 @@ log "staging the initramfs"
 for rel in bin/busybox "${elf_programs[@]}" "${extra_files[@]}" lib64/ld-linux-x86-64.so.2; do
   stage "$rel"
 done
+# tpm2-tools' programs are links to the one `tpm2`.
+for link in "$x"/usr/bin/tpm2_*; do
+  [ "$(readlink "$link")" = tpm2 ] || die "${link#"$x"/} is not a link to tpm2"
+  stage "usr/bin/${link##*/}"
+done
 while read -r _ rel; do stage "$rel"; done < <(library_closure)
 # busybox's applets as links, in /bin: fio and e2fsprogs' programs in /usr/bin and /sbin come
-# first in /init's PATH.
+# first in /init's PATH (but busybox sh runs an applet of its own before it looks in PATH:
+# e2fsprogs' mke2fs is /sbin/mke2fs, or mkfs.ext4).
 for applet in $("$root/bin/busybox" --list); do
   [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
 done
-mkdir -p "$root"/{dev,proc,sys,tmp,run,mnt,pv,etc}
+mkdir -p "$root"/{dev,proc,sys,tmp,run,mnt,pv,etc,usr/sbin}
 install -m 0755 "$here/init.sh" "$root/init"
+install -m 0755 "$here/cvm-init.sh" "$root/usr/sbin/pv-cvm-init"
+guest_programs=()
+while read -r f; do
+  name="${f##*/}"
+  name="${name%.sh}"
+  [ -e "$root/usr/sbin/$name" ] && die "tools/guest/${f##*/}: /usr/sbin/$name is in the image already"
+  install -m 0755 "$f" "$root/usr/sbin/$name"
+  guest_programs+=("$name")
+done < <(guest_files)
 
 # The modules and everything they depend on, with a modules.dep for busybox's modprobe
 # (Debian's .deb ships none: busybox depmod writes it, here over the whole tree to find the
@@ -278,7 +327,7 @@ stage_module() {
   done
   stage "$moddir/$1"
 }
-for m in "${modules[@]}"; do
+for m in "${modules[@]}" "${disk_modules[@]}"; do
   # The module's file, named with - or _.
   file="$(awk -F: -v m="$m" '{ f = $1; sub(/.*\//, "", f); sub(/\.ko$/, "", f); gsub(/-/, "_", f)
                                if (f == m) { print $1; exit } }' "$x/$moddir/modules.dep")"
@@ -288,6 +337,7 @@ done
 cp "$x/$moddir/modules.builtin" "$x/$moddir/modules.order" "$root/$moddir/"
 "$x/bin/busybox" depmod -b "$root" "$kver"
 printf '%s\n' "${modules[@]}" >"$root/etc/pv-modules"
+printf '%s\n' "${disk_modules[@]}" >"$root/etc/pv-modules-disk"
 
 log "writing the images"
 # Owned by root, in a stable order. Not compressed: under TCG the kernel unpacks gzip at
@@ -299,5 +349,5 @@ mv "$work/vmlinuz" "$out/vmlinuz"
 mv "$work/initrd.img" "$out/initrd.img"
 printf '%s\n' "${libraries[@]}" >"$out/libraries"
 image_key "${roots[@]}" "${libraries[@]}" >"$out/key"
-log "built: kernel $kver, initrd $(du -h "$out/initrd.img" | cut -f1), ${#libraries[@]} library packages"
+log "built: kernel $kver, initrd $(du -h "$out/initrd.img" | cut -f1), ${#libraries[@]} library packages, guest programs: ${guest_programs[*]:-none}"
 print_outputs

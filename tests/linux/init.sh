@@ -1,10 +1,15 @@
 #!/bin/sh
 # /init of the Linux test guest (busybox sh, PID 1). Mounts the kernel file systems, loads
-# the modules in /etc/pv-modules, then runs the host's test script /pv/test.sh (appended to
-# the initrd as a second cpio archive) and prints `PV-EXIT <status>` on the console, the line
-# the host reads the result from; then powers off. Without a test script it gives the console
-# a shell, for a person booting the image by hand.
+# the modules in /etc/pv-modules, runs the confidential-VM steps the kernel command line asks
+# for (pv-cvm-init: the NIC, attestation, the LUKS data disk; nothing without pv.*
+# parameters), then runs the host's test script /pv/test.sh (appended to the initrd as a
+# second cpio archive) and prints `PV-EXIT <status>` on the console, the line the host reads
+# the result from; then unmounts the data disk and powers off. Without a test script it gives
+# the console a shell, for a person booting the image by hand.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
+# tpm2-tools talk to the kernel's TPM resource manager (libtss2-tctildr would otherwise try
+# tpm2-abrmd first, which the image does not have, and say so).
+export TPM2TOOLS_TCTI=device:/dev/tpmrm0
 mount -t devtmpfs devtmpfs /dev
 exec </dev/console >/dev/console 2>&1
 mount -t proc proc /proc
@@ -29,6 +34,9 @@ pv_wait_dev() {
 	[ -e "$1" ] || { echo "pv_wait_dev: no $1"; return 1; }
 }
 
+# The NIC, attestation and the data disk, as /proc/cmdline asks (status in /run/pv/).
+pv-cvm-init boot
+
 if [ -f /pv/test.sh ]; then
 	# A subshell, so that the script's `exit N` ends it with N and not PID 1.
 	# shellcheck disable=SC1091 # the host adds it
@@ -41,5 +49,6 @@ else
 	echo "pv-init: no /pv/test.sh; a shell (exit powers off)"
 	setsid cttyhack sh -l
 fi
+pv-cvm-init stop
 sync
 poweroff -f

@@ -11,7 +11,6 @@ use std::process::Command;
 use std::process::Output;
 use std::process::Stdio;
 use std::time::Duration;
-use std::time::Instant;
 
 use common::port;
 use common::sandbox_available;
@@ -133,26 +132,6 @@ fn run_with_platform(tag: &str) -> (Instance, String) {
     (inst, manifest_text)
 }
 
-/// Waits for pv-vtpm to say how its binding went; panics (with the log) if it has none.
-fn wait_for_binding(inst: &Instance) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let log = inst.log();
-        if log.contains("attestation binding:") {
-            return;
-        }
-        assert!(
-            !log.contains("no attestation binding"),
-            "the vTPM has no binding:\n{log}"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "the vTPM said nothing of its binding in 60 s:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn the_vtpm_ak_is_bound_to_a_platform_report_and_its_quotes_verify() {
     let test = "the_vtpm_ak_is_bound_to_a_platform_report_and_its_quotes_verify";
@@ -163,7 +142,7 @@ fn the_vtpm_ak_is_bound_to_a_platform_report_and_its_quotes_verify() {
     let platform = inst.dir.join("platform");
     let work = inst.dir.join("work");
     std::fs::create_dir_all(&work).unwrap();
-    wait_for_binding(&inst);
+    inst.wait_for_vtpm_binding();
     let tcti = format!(
         "mssim:host=127.0.0.1,port={}",
         port(&manifest, "mssim-command")

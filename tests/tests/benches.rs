@@ -351,3 +351,76 @@ fn a_benchmark_on_a_busy_machine_says_so() {
         text(&out)
     );
 }
+
+#[test]
+fn bench_chaos_kills_services_under_the_confidential_vm_and_its_invariants_hold() {
+    let test = "bench_chaos_kills_services_under_the_confidential_vm_and_its_invariants_hold";
+    if !common::netns::taps_available(test) || common::linux::image(test).is_none() {
+        return;
+    }
+    if !std::path::Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd").exists() {
+        eprintln!("SKIPPED: {test}: no UEFI firmware (apt-get install ovmf)");
+        return;
+    }
+    let parent = scratch_dir("bench-chaos");
+    let out = bench(
+        &repository(),
+        &[
+            "chaos",
+            "--seconds",
+            "20",
+            "--json",
+            "--dir",
+            parent.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert!(left_in(&parent).is_empty(), "{:?}", left_in(&parent));
+    let _ = std::fs::remove_dir_all(&parent);
+    assert_eq!(r["held"], true, "{r}");
+    assert!(r["rounds"].as_u64().unwrap() > 0, "{r}");
+    let kills: u64 = r["kills"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k[1].as_u64().unwrap())
+        .sum();
+    assert!(kills >= 2, "a kill every 2-5 s for 20 s: {r}");
+    assert_eq!(r["io_errors"], 0, "{r}");
+    assert_eq!(r["pcr_violations"], 0, "{r}");
+}
+
+#[test]
+fn bench_boot_times_run_vmm_qemu_against_plain_qemu_and_swtpm() {
+    let test = "bench_boot_times_run_vmm_qemu_against_plain_qemu_and_swtpm";
+    if !common::sandbox_available(test) || common::linux::image(test).is_none() {
+        return;
+    }
+    if !std::path::Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd").exists() {
+        eprintln!("SKIPPED: {test}: no UEFI firmware (apt-get install ovmf)");
+        return;
+    }
+    let parent = scratch_dir("bench-boot");
+    let out = bench(
+        &repository(),
+        &[
+            "boot",
+            "--quick",
+            "--json",
+            "--dir",
+            parent.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert!(left_in(&parent).is_empty(), "{:?}", left_in(&parent));
+    let _ = std::fs::remove_dir_all(&parent);
+    let (ours, qemu) = (
+        r["ours_median"].as_f64().unwrap(),
+        r["qemu_median"].as_f64().unwrap(),
+    );
+    assert!(ours > 0.0 && qemu > 0.0, "{r}");
+    let ratio = r["ratio"].as_f64().unwrap();
+    assert!((ratio - ours / qemu).abs() < 1e-9, "{r}");
+}

@@ -380,10 +380,13 @@ fn a_report_bound_to_another_transfer_key_is_refused() {
     assert!(why.contains("does not bind"), "{why}");
 }
 
+/// The broker listens where it is told, loopback by default; never on every interface at
+/// once. Guests reach it over their TAP: `ip netns exec NS paravisor kbs serve --listen
+/// 10.0.2.2:8700` listens there, saying that the listener is reachable from that network.
 #[test]
-fn the_broker_listens_on_loopback_only() {
-    let (dir, _key, policy) = setup("kbs-loopback");
-    for addr in ["0.0.0.0:8700", "192.0.2.1:8700", "[::]:8700"] {
+fn the_broker_listens_on_loopback_or_one_named_address_never_on_every_interface() {
+    let (dir, _key, policy) = setup("kbs-listen");
+    for addr in ["0.0.0.0:8700", "[::]:8700"] {
         let (ok, text) = pv_result(&[
             "kbs",
             "serve",
@@ -393,8 +396,55 @@ fn the_broker_listens_on_loopback_only() {
             addr,
         ]);
         assert!(!ok, "{addr}: {text}");
-        assert!(text.contains("loopback only"), "{text}");
+        assert!(text.contains("is every interface"), "{text}");
     }
+    let test = "the_broker_listens_on_loopback_or_one_named_address_never_on_every_interface";
+    if !sandbox_available(test) {
+        let _ = std::fs::remove_dir_all(dir);
+        return;
+    }
+    // The host's end of the guests' network, in a namespace of the test's own.
+    let ns = netns::Netns::new("kbs");
+    ns.ip_ok(&["addr", "add", "10.0.2.2/32", "dev", "lo"]);
+    ns.ip_ok(&["link", "set", "lo", "up"]);
+    let log_path = dir.join("kbs-net.log");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(paravisor())
+        .args(["kbs", "serve", "--policy"])
+        .arg(&policy)
+        .args(["--listen", "10.0.2.2:8700"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .expect("ip netns exec paravisor kbs serve");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if log.contains("key broker listening on 10.0.2.2:8700") {
+            break log;
+        }
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            panic!("kbs serve did not listen on 10.0.2.2:8700:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        log.contains("not loopback") && log.contains("anyone on that network can reach"),
+        "{log}"
+    );
+    // A client on that network gets a challenge.
+    let reply = ns.bash(
+        "exec 3<>/dev/tcp/10.0.2.2/8700; echo '{\"request\":\"challenge\"}' >&3; head -n 1 <&3",
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        String::from_utf8_lossy(&reply.stdout).contains("\"nonce\""),
+        "{}",
+        text(&reply)
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -40,10 +40,14 @@ pub enum ToolCmd {
     /// idle instance's footprint against Firecracker's), `storage` (our vhost-user disks
     /// under a Linux guest's fio against qemu-storage-daemon) or `net` (a Linux guest's TCP
     /// throughput and ping on our vhost-user NIC against QEMU's own `-netdev tap`, and pv-net's
-    /// restart; needs root). Warns when other processes kept the machine busy meanwhile.
+    /// restart; needs root), `boot` (`run --vmm qemu` to Linux's first user-space line
+    /// against QEMU with its own devices and swtpm) or `chaos` (the confidential VM attesting,
+    /// writing its disk and extending a PCR while its services are killed at random every
+    /// 2-5 s; needs root; exit 1 if an invariant broke). Warns when other processes kept the
+    /// machine busy meanwhile.
     Bench {
         /// What to measure.
-        #[arg(value_parser = ["ipc", "vmgs", "vtpm", "guest", "measure", "attest", "memory", "storage", "net"], default_value = "ipc")]
+        #[arg(value_parser = ["ipc", "vmgs", "vtpm", "guest", "measure", "attest", "memory", "storage", "net", "boot", "chaos"], default_value = "ipc")]
         what: String,
         /// Where the benchmark makes its temporary directory (unique, removed at the end; for
         /// `vmgs`, the file system measured) [default: the system's temporary directory].
@@ -62,6 +66,10 @@ pub enum ToolCmd {
         /// [default: tests/linux/build-image.sh of the repository pv-tools was built from].
         #[arg(long)]
         image_script: Option<PathBuf>,
+        /// `chaos`: how long the guest's loop runs under the kills [default: 600; 60 with
+        /// --quick].
+        #[arg(long)]
+        seconds: Option<u64>,
     },
     /// (internal) The peer side of a benchmark.
     #[command(name = "__bench-peer", hide = true)]

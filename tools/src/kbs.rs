@@ -28,10 +28,17 @@
 //! tee = 0
 //! snp = 8
 //! microcode = 115
+//!
+//! [guest]                          # guest-key (crate::kbs_guest) [optional]
+//! secret-file = "disk.secret"      # 1 to 190 bytes, no group/other access
+//! vmpl = 1                         # the VMPL guest reports come from [default 1]
+//! pcrs = { "7" = ["…"] }           # sha256 PCR index -> allowed value(s)
 //! ```
 //!
-//! # Protocol (TCP, loopback only, one request line and one reply line per connection)
+//! # Protocol (TCP, one request line and one reply line per connection)
 //!
+//! The broker listens on loopback unless `--listen` names another address (never every
+//! interface): guests reach it on the host's end of their TAP.
 //! Lines are JSON objects ended by `\n`, at most [`MAX_LINE`] bytes; byte strings are
 //! lowercase hex. A client that sends nothing is dropped after [`REQUEST_DEADLINE`].
 //!
@@ -47,6 +54,9 @@
 //!    nonce and transfer key, carry an allowed measurement, and satisfy the VMPL, guest
 //!    policy and TCB of the policy.
 //! 4. Any refusal: `{"error":"<the reason>"}` (also logged by the broker).
+//! 5. `{"request":"guest-key",...}`: a guest's own evidence through its vTPM, answered with
+//!    its `[guest]` secret wrapped to a key in that TPM, or a refusal that names its check
+//!    (`{"check":"…","error":"…"}`); see [`crate::kbs_guest`].
 //!
 //! The wrap: ECDH between a fresh server key and the transfer key; HKDF-SHA-384 (salt
 //! "pv-kbs-v1", info "pv-kbs-v1 key wrap" ‖ nonce ‖ server_key ‖ transfer_key) gives a
@@ -57,7 +67,6 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::io::Write;
 use std::net::Shutdown;
-use std::net::SocketAddr;
 use std::net::TcpListener;
 use std::net::TcpStream;
 use std::os::unix::fs::OpenOptionsExt;
@@ -80,7 +89,10 @@ use microkernel::util::parse_hex;
 
 // The protocol and the client half live with the paravisor; the broker is built on them, and
 // their old paths (`kbs::parse_request`, `kbs::KbsError`...) stay valid.
+pub use crate::kbs_args::listen_address;
 pub use crate::kbs_args::KbsCmd;
+pub use crate::kbs_args::Listen;
+pub use crate::kbs_args::ListenError;
 pub use microkernel::key_release::*;
 
 /// How long the broker waits for a client's whole request line: a silent or dribbling client
@@ -127,6 +139,8 @@ struct PolicyFile {
     #[serde(default)]
     guest_policy: GuestPolicy,
     minimum_tcb: MinimumTcb,
+    #[serde(default)]
+    guest: Option<crate::kbs_guest::GuestFile>,
 }
 
 fn default_nonce_age() -> u64 {
@@ -173,6 +187,9 @@ pub struct Policy {
     pub vmpl: u32,
     pub guest_policy: GuestPolicy,
     pub minimum_tcb: Tcb,
+    /// `[guest]`: what guest-key requests get, and what their evidence must show (none:
+    /// guest-key is refused).
+    pub guest: Option<crate::kbs_guest::GuestRelease>,
 }
 
 /// The facts of a verified report that the policy judges.
@@ -276,6 +293,10 @@ impl Policy {
                 file.max_nonce_age
             )));
         }
+        let guest = match file.guest {
+            Some(g) => Some(g.validate(base).map_err(invalid)?),
+            None => None,
+        };
         Ok(Policy {
             key_file: base.join(file.key_file),
             certs: base.join(file.certs),
@@ -290,18 +311,24 @@ impl Policy {
                 snp: file.minimum_tcb.snp,
                 microcode: file.minimum_tcb.microcode,
             },
+            guest,
         })
     }
 
     /// Whether a verified report's facts satisfy the policy (the binding is checked apart).
     pub fn admit(&self, facts: &ReportFacts) -> Result<(), KbsError> {
+        self.admit_at(facts, self.vmpl)
+    }
+
+    /// [`Policy::admit`] for reports that must come from `vmpl` (a guest's: `[guest] vmpl`).
+    pub fn admit_at(&self, facts: &ReportFacts, vmpl: u32) -> Result<(), KbsError> {
         if !self.allowed_measurements.contains(&facts.measurement) {
             return Err(KbsError::MeasurementNotAllowed(hex(&facts.measurement)));
         }
-        if facts.vmpl != self.vmpl {
+        if facts.vmpl != vmpl {
             return Err(KbsError::Vmpl {
                 found: facts.vmpl,
-                required: self.vmpl,
+                required: vmpl,
             });
         }
         let p = facts.policy;
@@ -463,35 +490,79 @@ impl Nonces {
     }
 }
 
-/// The broker: the policy, the tenant key and the issued nonces.
+/// Why a broker cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(transparent)]
+    Kbs(#[from] KbsError),
+    #[error(transparent)]
+    Secret(#[from] crate::kbs_guest::SecretFileError),
+}
+
+/// The broker: the policy, the tenant key, the guest secret and the issued nonces.
 pub struct Broker {
     policy: Policy,
     key: Zeroizing<[u8; 32]>,
+    /// `[guest] secret-file`'s bytes, if the policy has `[guest]`.
+    guest_secret: Option<Zeroizing<Vec<u8>>>,
     nonces: Mutex<Nonces>,
 }
 
 impl Broker {
-    /// A broker for `policy`: reads the key file and checks the certificate directory's ARK
-    /// against the pin now, so that a misconfiguration fails at start, not per request.
-    pub fn new(policy: Policy) -> Result<Broker, KbsError> {
+    /// A broker for `policy`: reads the key file (and the guest secret) and checks the
+    /// certificate directory's ARK against the pin now, so that a misconfiguration fails at
+    /// start, not per request.
+    pub fn new(policy: Policy) -> Result<Broker, BrokerError> {
         let key = load_key(&policy.key_file)?;
-        let found = crate::verify::ark_fingerprint(&policy.certs)?;
+        let guest_secret = match &policy.guest {
+            Some(g) => Some(crate::kbs_guest::load_secret(&g.secret_file)?),
+            None => None,
+        };
+        let found = crate::verify::ark_fingerprint(&policy.certs).map_err(KbsError::from)?;
         if found != policy.ark_fingerprint {
             return Err(KbsError::ArkNotPinned {
                 certs: policy.certs.display().to_string(),
                 found,
                 pinned: policy.ark_fingerprint.clone(),
-            });
+            }
+            .into());
         }
         Ok(Broker {
             policy,
             key,
+            guest_secret,
             nonces: Mutex::default(),
         })
     }
 
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// The guest secret, if the policy releases one.
+    pub(crate) fn guest_secret(&self) -> Option<&[u8]> {
+        self.guest_secret.as_deref().map(|s| &s[..])
+    }
+
+    /// Issues `nonce` as if it had been a challenge (tests replaying captured evidence).
+    #[cfg(test)]
+    pub(crate) fn issue_nonce(&self, nonce: [u8; NONCE_LEN], now: Instant) {
+        self.nonces().issued.insert(
+            nonce,
+            Issued {
+                at: now,
+                used: false,
+            },
+        );
+    }
+
+    /// Consumes a challenge nonce: it must be known, unexpired and unused.
+    pub(crate) fn consume_nonce(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        now: Instant,
+    ) -> Result<(), KbsError> {
+        self.nonces().consume(nonce, now, self.policy.max_nonce_age)
     }
 
     fn nonces(&self) -> std::sync::MutexGuard<'_, Nonces> {
@@ -507,8 +578,7 @@ impl Broker {
 
     /// Judges a key request; the wrapped key if everything holds.
     pub fn release(&self, req: &KeyRequest, now: Instant) -> Result<Wrapped, KbsError> {
-        self.nonces()
-            .consume(&req.nonce, now, self.policy.max_nonce_age)?;
+        self.consume_nonce(&req.nonce, now)?;
         crate::verify::verify(
             &req.report[..],
             &self.policy.certs,
@@ -530,6 +600,14 @@ impl Broker {
 
     /// Answers one request line with one reply line (without the newline), and logs it.
     pub fn handle_line(&self, line: &[u8], now: Instant, peer: &str) -> String {
+        match crate::kbs_guest::parse_guest_request(line) {
+            Ok(Some(req)) => return self.handle_guest(&req, now, peer),
+            Ok(None) => {}
+            Err(refusal) => {
+                tracing::warn!(%peer, "guest-key refused: {refusal}");
+                return refusal.reply();
+            }
+        }
         let outcome = parse_request(line).and_then(|req| match req {
             Request::Challenge => self.challenge(now).map(|nonce| {
                 tracing::debug!(%peer, "challenge issued");
@@ -613,18 +691,6 @@ fn send_and_close(mut stream: TcpStream, reply: &str, seat: &Seat) {
             Ok(n) => drained += n,
         }
     }
-}
-
-/// Parses a listen address: an IP address and port, loopback only.
-pub fn listen_address(s: &str) -> Result<SocketAddr, KbsError> {
-    let addr: SocketAddr = s
-        .trim()
-        .parse()
-        .map_err(|_| KbsError::BadAddress(s.to_string()))?;
-    if !addr.ip().is_loopback() {
-        return Err(KbsError::NotLoopback(addr));
-    }
-    Ok(addr)
 }
 
 /// What an evictable connection is doing; the first kind goes first.
@@ -836,13 +902,20 @@ pub fn run(cmd: KbsCmd) -> ExitCode {
 fn run_inner(cmd: KbsCmd) -> Result<(), String> {
     match cmd {
         KbsCmd::Serve { policy, listen } => {
-            let addr = listen_address(&listen).map_err(|e| e.to_string())?;
+            let Listen { addr, network } = listen_address(&listen).map_err(|e| e.to_string())?;
             init_logging();
             let policy = Policy::load(&policy).map_err(|e| e.to_string())?;
             let broker = Broker::new(policy).map_err(|e| e.to_string())?;
             let listener = TcpListener::bind(addr)
                 .map_err(|error| KbsError::Listen { addr, error }.to_string())?;
             let p = broker.policy();
+            if network {
+                tracing::warn!(
+                    "listening on {addr}, not loopback: the protocol is safe on an untrusted \
+                     network (one-time nonces; keys and secrets leave only wrapped to attested \
+                     keys), but anyone on that network can reach this listener"
+                );
+            }
             tracing::info!(
                 "key broker listening on {} (key id {}; {} allowed measurement(s), nonces valid {} s, ARK {})",
                 listener.local_addr().unwrap_or(addr),
@@ -851,6 +924,14 @@ fn run_inner(cmd: KbsCmd) -> Result<(), String> {
                 p.max_nonce_age.as_secs(),
                 p.ark_fingerprint
             );
+            if let Some(g) = &p.guest {
+                tracing::info!(
+                    "guest-key: releasing {} to guest evidence at VMPL {} ({} PCR(s) pinned)",
+                    g.secret_file.display(),
+                    g.vmpl,
+                    g.pcrs.len()
+                );
+            }
             serve(Arc::new(broker), listener);
             Ok(())
         }
@@ -980,10 +1061,14 @@ mod tests {
             .map(|l| format!("{}\n", l.strip_prefix("  ").unwrap_or(l)))
             .collect::<String>()
             .replace("9f3c...", &"ab".repeat(32))
+            .replace("<sha256>", &"ef".repeat(32))
             .replace("[\"...\"]", &format!("[\"{}\"]", "cd".repeat(48)));
         let p = Policy::parse(&text, Path::new("/etc/kbs"), "help").unwrap();
         assert_eq!(p.key_file, Path::new("/etc/kbs/tenant.key"));
         assert_eq!(p.max_nonce_age, Duration::from_secs(60));
+        let guest = p.guest.unwrap();
+        assert_eq!(guest.secret_file, Path::new("/etc/kbs/disk.secret"));
+        assert_eq!(guest.pcrs[&7], vec![[0xef; 32]]);
     }
 
     /// Python: hashlib.sha512(b"pv-kbs-v1" + b"\x11" * 32 + G).hexdigest()
@@ -1265,24 +1350,6 @@ microcode = 115
             ),
             "unknown field",
         );
-    }
-
-    #[test]
-    fn only_loopback_addresses_are_listened_on() {
-        assert!(listen_address("127.0.0.1:8700").is_ok());
-        assert!(listen_address("[::1]:8700").is_ok());
-        assert!(matches!(
-            listen_address("0.0.0.0:8700"),
-            Err(KbsError::NotLoopback(_))
-        ));
-        assert!(matches!(
-            listen_address("192.0.2.1:1"),
-            Err(KbsError::NotLoopback(_))
-        ));
-        assert!(matches!(
-            listen_address("localhost"),
-            Err(KbsError::BadAddress(_))
-        ));
     }
 
     #[test]

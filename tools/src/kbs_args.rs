@@ -1,6 +1,8 @@
-//! `paravisor kbs ...`'s arguments. The key broker runs in the tools binary (`pv-tools`):
-//! it belongs to the tenant, outside the paravisor's trust boundary.
+//! `paravisor kbs ...`'s arguments, and what `--listen` accepts. The key broker runs in the
+//! tools binary (`pv-tools`): it belongs to the tenant, outside the paravisor's trust
+//! boundary.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use microkernel::key_release::DEFAULT_LISTEN;
@@ -27,20 +29,29 @@ Policy file (TOML; relative paths are relative to the policy file; unknown keys 
   snp = 8
   microcode = 115
 
+  [guest]                          # guest-key: guests' own vTPM evidence [optional]
+  secret-file = \"disk.secret\"      # 1 to 190 bytes, mode 0600: wrapped to the guest's TPM
+  vmpl = 1                         # the VMPL guest reports come from [default 1]
+  pcrs = { \"7\" = [\"<sha256>\"] }    # sha256 PCR -> allowed value(s) [default: none pinned]
+
 Required: key-file, certs, ark-fingerprint, allowed-measurements, and [minimum-tcb] with all
-four components.";
+four components. allowed-measurements, [guest-policy] and [minimum-tcb] judge guest reports
+too. Each quote's PCR values are logged: pin them from a boot you trust.";
 
 /// `paravisor kbs ...`
 #[derive(clap::Subcommand, Debug)]
 pub enum KbsCmd {
-    /// Run the key broker in the foreground (loopback only): it releases the tenant key,
-    /// wrapped, to reports that verify and satisfy the policy.
+    /// Run the key broker in the foreground: it releases the tenant key, wrapped, to reports
+    /// that verify and satisfy the policy, and (with `[guest]`) the guest secret to a guest's
+    /// vTPM evidence (`tools/guest/pv-attest.sh`).
     #[command(after_help = POLICY_HELP)]
     Serve {
         /// The policy file (TOML; its keys are below).
         #[arg(long)]
         policy: PathBuf,
-        /// Address to listen on: a loopback IP address and port.
+        /// Address to listen on: an IP address and port, loopback unless you name another
+        /// (guests reach the broker on the host's end of their TAP: `ip netns exec NS
+        /// paravisor kbs serve --listen 10.0.2.2:8700`); never every interface.
         #[arg(long, default_value = DEFAULT_LISTEN)]
         listen: String,
     },
@@ -65,4 +76,62 @@ pub enum KbsCmd {
         #[arg(short, long)]
         out: PathBuf,
     },
+}
+
+/// Why `--listen` is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("\"{0}\" is not an IP address and port (such as {DEFAULT_LISTEN}, or 10.0.2.2:8700 for guests behind a TAP)")]
+    BadAddress(String),
+    #[error("{0} is every interface of this host: the broker listens on loopback, or on the one address you name (such as 10.0.2.2:8700, the host's end of the guests' TAP)")]
+    EveryInterface(SocketAddr),
+}
+
+/// Where the broker listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen {
+    pub addr: SocketAddr,
+    /// Not loopback: reachable from a network (guests reach the broker over a TAP).
+    pub network: bool,
+}
+
+/// Parses a listen address: an IP address and port, loopback or one named address (never
+/// the unspecified address, which is every interface).
+pub fn listen_address(s: &str) -> Result<Listen, ListenError> {
+    let addr: SocketAddr = s
+        .trim()
+        .parse()
+        .map_err(|_| ListenError::BadAddress(s.to_string()))?;
+    if addr.ip().is_unspecified() {
+        return Err(ListenError::EveryInterface(addr));
+    }
+    Ok(Listen {
+        addr,
+        network: !addr.ip().is_loopback(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_broker_listens_on_loopback_or_one_named_address_never_on_every_interface() {
+        assert!(!listen_address("127.0.0.1:8700").unwrap().network);
+        assert!(!listen_address("[::1]:8700").unwrap().network);
+        // The host's end of a guests' TAP: allowed, and marked as reachable from a network.
+        let tap = listen_address("10.0.2.2:8700").unwrap();
+        assert!(tap.network);
+        assert_eq!(tap.addr.to_string(), "10.0.2.2:8700");
+        for every in ["0.0.0.0:8700", "[::]:8700"] {
+            assert!(matches!(
+                listen_address(every),
+                Err(ListenError::EveryInterface(_))
+            ));
+        }
+        assert!(matches!(
+            listen_address("localhost"),
+            Err(ListenError::BadAddress(_))
+        ));
+    }
 }

@@ -8,6 +8,8 @@
 
 pub mod bench;
 pub mod bench_attest;
+pub mod bench_boot;
+pub mod bench_chaos;
 pub mod bench_env;
 pub mod bench_guest;
 pub mod bench_measure;
@@ -22,11 +24,14 @@ pub mod bench_storage_restart;
 pub mod bench_vmgs;
 pub mod bench_vtpm;
 pub mod cli;
+pub mod cvm;
 pub mod kbs;
 pub mod kbs_args;
+pub mod kbs_guest;
 pub mod linux_guest;
 pub mod net_peer;
 pub mod provision;
+pub mod tpm_evidence;
 pub mod verify;
 pub mod vmgs_args;
 pub mod vmgs_cli;

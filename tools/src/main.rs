@@ -88,7 +88,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
         }
         Cmd::Bench { what, .. }
             if [
-                "vtpm", "guest", "measure", "attest", "memory", "storage", "net",
+                "vtpm", "guest", "measure", "attest", "memory", "storage", "net", "boot", "chaos",
             ]
             .contains(&what.as_str())
                 && !Path::new(DEFAULT_MANIFEST).is_file() =>
@@ -158,6 +158,55 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 pv_tools::bench_net::run(Path::new(DEFAULT_MANIFEST), dir.path(), &script, effort),
                 json,
                 pv_tools::bench_net::text,
+            )
+        }
+        Cmd::Bench {
+            what,
+            dir,
+            quick,
+            json,
+            image_script,
+            seconds,
+            ..
+        } if what == "chaos" => {
+            let dir = bench_dir(&what, dir.as_deref())?;
+            let script = image_script.unwrap_or_else(|| pv_tools::linux_guest::BUILD_SCRIPT.into());
+            let seconds = seconds.unwrap_or(if quick { 60 } else { 600 });
+            let report = pv_tools::bench_chaos::run(
+                Path::new(DEFAULT_MANIFEST),
+                &bin_dir(),
+                dir.path(),
+                &script,
+                seconds,
+            );
+            let held = report.as_ref().is_ok_and(|r| r.held);
+            let code = print_report(report, json, pv_tools::bench_chaos::text)?;
+            if held {
+                Ok(code)
+            } else {
+                Err(ExitCode::FAILURE)
+            }
+        }
+        Cmd::Bench {
+            what,
+            dir,
+            quick,
+            json,
+            image_script,
+            ..
+        } if what == "boot" => {
+            let dir = bench_dir(&what, dir.as_deref())?;
+            let script = image_script.unwrap_or_else(|| pv_tools::linux_guest::BUILD_SCRIPT.into());
+            print_report(
+                pv_tools::bench_boot::run(
+                    Path::new(DEFAULT_MANIFEST),
+                    &bin_dir(),
+                    dir.path(),
+                    &script,
+                    quick,
+                ),
+                json,
+                pv_tools::bench_boot::text,
             )
         }
         Cmd::Bench {

@@ -79,8 +79,6 @@ pub enum KbsError {
         found: String,
         pinned: String,
     },
-    #[error("the broker listens on loopback only; {0} is not a loopback address (use 127.0.0.1 or [::1])")]
-    NotLoopback(SocketAddr),
     #[error("\"{0}\" is not an IP address and port (such as {DEFAULT_LISTEN})")]
     BadAddress(String),
     #[error("listening on {addr}: {error}")]

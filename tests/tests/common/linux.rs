@@ -180,6 +180,23 @@ impl Guest {
         self
     }
 
+    /// A TPM 2.0 with the CRB interface (q35's), whose back end speaks swtpm's control
+    /// protocol on the Unix socket `socket`: our vTPM's `swtpm-control-unix` front end, or
+    /// swtpm itself. The guest's built-in driver makes /dev/tpm0 and /dev/tpmrm0, which the
+    /// image's tpm2-tools use; the firmware (SeaBIOS) measures the boot into PCRs 0-7 first.
+    pub fn tpm_crb(mut self, socket: &Path) -> Guest {
+        let id = self.id("tpm");
+        self.devices.extend([
+            "-chardev".into(),
+            format!("socket,id={id}c,path={}", socket.display()),
+            "-tpmdev".into(),
+            format!("emulator,id={id},chardev={id}c"),
+            "-device".into(),
+            format!("tpm-crb,tpmdev={id}"),
+        ]);
+        self
+    }
+
     /// Any other QEMU arguments (a NIC, a TPM, `-cpu max`), after the harness's own.
     pub fn extra_args<I, S>(mut self, args: I) -> Guest
     where

@@ -327,6 +327,28 @@ impl Instance {
         std::fs::read_to_string(self.dir.join("paravisor.log")).unwrap_or_default()
     }
 
+    /// Waits for pv-vtpm to say its attestation binding is in place (the report and the
+    /// claims in NV, the AK persistent); panics, with the log, if it has none or says
+    /// nothing of it in 60 s.
+    pub fn wait_for_vtpm_binding(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let log = self.log();
+            if log.contains("attestation binding:") {
+                return;
+            }
+            assert!(
+                !log.contains("no attestation binding"),
+                "the vTPM has no binding:\n{log}"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "the vTPM said nothing of its binding in 60 s:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// `paravisor ps --json`, or None while the instance is not answering yet.
     pub fn ps(&self) -> Option<Vec<serde_json::Value>> {
         let out = self.pv(&["ps", "--json"]);
