@@ -355,11 +355,7 @@ fn a_benchmark_on_a_busy_machine_says_so() {
 #[test]
 fn bench_chaos_kills_services_under_the_confidential_vm_and_its_invariants_hold() {
     let test = "bench_chaos_kills_services_under_the_confidential_vm_and_its_invariants_hold";
-    if !common::netns::taps_available(test) || common::linux::image(test).is_none() {
-        return;
-    }
-    if !std::path::Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd").exists() {
-        eprintln!("SKIPPED: {test}: no UEFI firmware (apt-get install ovmf)");
+    if !common::netns::taps_available(test) || common::linux::uefi_image(test, &[]).is_none() {
         return;
     }
     let parent = scratch_dir("bench-chaos");
@@ -394,11 +390,7 @@ fn bench_chaos_kills_services_under_the_confidential_vm_and_its_invariants_hold(
 #[test]
 fn bench_boot_times_run_vmm_qemu_against_plain_qemu_and_swtpm() {
     let test = "bench_boot_times_run_vmm_qemu_against_plain_qemu_and_swtpm";
-    if !common::sandbox_available(test) || common::linux::image(test).is_none() {
-        return;
-    }
-    if !std::path::Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd").exists() {
-        eprintln!("SKIPPED: {test}: no UEFI firmware (apt-get install ovmf)");
+    if !common::sandbox_available(test) || common::linux::uefi_image(test, &[]).is_none() {
         return;
     }
     let parent = scratch_dir("bench-boot");

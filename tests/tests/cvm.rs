@@ -23,16 +23,7 @@ fn ready(test: &str) -> Option<linux::Image> {
     if !common::sandbox_available(test) {
         return None;
     }
-    for (path, package) in [
-        ("/usr/share/OVMF/OVMF_CODE_4M.fd", "ovmf"),
-        ("/usr/bin/qemu-system-x86_64", "qemu-system-x86"),
-    ] {
-        if !Path::new(path).exists() {
-            eprintln!("SKIPPED: {test}: no {path} (apt-get install {package})");
-            return None;
-        }
-    }
-    linux::image(test)
+    linux::uefi_image(test, &[])
 }
 
 /// The image's initrd with `script` as the test script, in `dir`.

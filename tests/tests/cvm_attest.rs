@@ -42,17 +42,7 @@ fn ready(test: &str) -> Option<linux::Image> {
     if !common::sandbox_available(test) {
         return None;
     }
-    for (path, package) in [
-        ("/usr/share/OVMF/OVMF_CODE_4M.fd", "ovmf"),
-        ("/usr/bin/qemu-system-x86_64", "qemu-system-x86"),
-        ("/usr/sbin/ip", "iproute2"),
-    ] {
-        if !Path::new(path).exists() {
-            eprintln!("SKIPPED: {test}: no {path} (apt-get install {package})");
-            return None;
-        }
-    }
-    linux::image(test)
+    linux::uefi_image(test, &[("/usr/sbin/ip", "iproute2")])
 }
 
 /// One tenant's world: its directory, network, broker.

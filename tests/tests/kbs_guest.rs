@@ -10,17 +10,13 @@
 
 mod common;
 
-use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::path::PathBuf;
 use std::process::Child;
 use std::process::Command;
 use std::process::Output;
-use std::process::Stdio;
 use std::sync::OnceLock;
-use std::time::Duration;
-use std::time::Instant;
 
 use common::*;
 
@@ -319,27 +315,7 @@ impl Broker {
             ),
         )
         .unwrap();
-        let port = free_port();
-        let log = std::fs::File::create(dir.join("kbs.log")).unwrap();
-        let mut child = Command::new(paravisor())
-            .args(["kbs", "serve", "--policy"])
-            .arg(&policy)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn kbs serve");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "kbs serve exited ({status}):\n{}",
-                    std::fs::read_to_string(dir.join("kbs.log")).unwrap_or_default()
-                );
-            }
-            assert!(Instant::now() < deadline, "kbs serve did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let (child, port) = serve_kbs(&dir, &policy);
         Broker {
             dir,
             secret,

@@ -119,95 +119,61 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             quick,
             json,
             image_script,
-            ..
-        } if what == "storage" => {
-            let dir = bench_dir(&what, dir.as_deref())?;
-            let script = image_script.unwrap_or_else(|| pv_tools::linux_guest::BUILD_SCRIPT.into());
-            let effort = if quick {
-                pv_tools::bench_storage::Effort::QUICK
-            } else {
-                pv_tools::bench_storage::Effort::FULL
-            };
-            print_report(
-                pv_tools::bench_storage::run(
-                    Path::new(DEFAULT_MANIFEST),
-                    dir.path(),
-                    &script,
-                    effort,
-                ),
-                json,
-                pv_tools::bench_storage::text,
-            )
-        }
-        Cmd::Bench {
-            what,
-            dir,
-            quick,
-            json,
-            image_script,
-            ..
-        } if what == "net" => {
-            let dir = bench_dir(&what, dir.as_deref())?;
-            let script = image_script.unwrap_or_else(|| pv_tools::linux_guest::BUILD_SCRIPT.into());
-            let effort = if quick {
-                pv_tools::bench_net::Effort::QUICK
-            } else {
-                pv_tools::bench_net::Effort::FULL
-            };
-            print_report(
-                pv_tools::bench_net::run(Path::new(DEFAULT_MANIFEST), dir.path(), &script, effort),
-                json,
-                pv_tools::bench_net::text,
-            )
-        }
-        Cmd::Bench {
-            what,
-            dir,
-            quick,
-            json,
-            image_script,
             seconds,
             ..
-        } if what == "chaos" => {
+        } if ["storage", "net", "chaos", "boot"].contains(&what.as_str()) => {
+            // The benches that boot a Linux guest: one image, one temporary directory.
             let dir = bench_dir(&what, dir.as_deref())?;
             let script = image_script.unwrap_or_else(|| pv_tools::linux_guest::BUILD_SCRIPT.into());
-            let seconds = seconds.unwrap_or(if quick { 60 } else { 600 });
-            let report = pv_tools::bench_chaos::run(
-                Path::new(DEFAULT_MANIFEST),
-                &bin_dir(),
-                dir.path(),
-                &script,
-                seconds,
-            );
-            let held = report.as_ref().is_ok_and(|r| r.held);
-            let code = print_report(report, json, pv_tools::bench_chaos::text)?;
-            if held {
-                Ok(code)
-            } else {
-                Err(ExitCode::FAILURE)
-            }
-        }
-        Cmd::Bench {
-            what,
-            dir,
-            quick,
-            json,
-            image_script,
-            ..
-        } if what == "boot" => {
-            let dir = bench_dir(&what, dir.as_deref())?;
-            let script = image_script.unwrap_or_else(|| pv_tools::linux_guest::BUILD_SCRIPT.into());
-            print_report(
-                pv_tools::bench_boot::run(
-                    Path::new(DEFAULT_MANIFEST),
-                    &bin_dir(),
-                    dir.path(),
-                    &script,
-                    quick,
+            let manifest = Path::new(DEFAULT_MANIFEST);
+            match what.as_str() {
+                "storage" => {
+                    let effort = if quick {
+                        pv_tools::bench_storage::Effort::QUICK
+                    } else {
+                        pv_tools::bench_storage::Effort::FULL
+                    };
+                    print_report(
+                        pv_tools::bench_storage::run(manifest, dir.path(), &script, effort),
+                        json,
+                        pv_tools::bench_storage::text,
+                    )
+                }
+                "net" => {
+                    let effort = if quick {
+                        pv_tools::bench_net::Effort::QUICK
+                    } else {
+                        pv_tools::bench_net::Effort::FULL
+                    };
+                    print_report(
+                        pv_tools::bench_net::run(manifest, dir.path(), &script, effort),
+                        json,
+                        pv_tools::bench_net::text,
+                    )
+                }
+                "chaos" => {
+                    let seconds = seconds.unwrap_or(if quick { 60 } else { 600 });
+                    let report = pv_tools::bench_chaos::run(
+                        manifest,
+                        &bin_dir(),
+                        dir.path(),
+                        &script,
+                        seconds,
+                    );
+                    let held = report.as_ref().is_ok_and(|r| r.held);
+                    let code = print_report(report, json, pv_tools::bench_chaos::text)?;
+                    if held {
+                        Ok(code)
+                    } else {
+                        Err(ExitCode::FAILURE)
+                    }
+                }
+                _ => print_report(
+                    pv_tools::bench_boot::run(manifest, &bin_dir(), dir.path(), &script, quick),
+                    json,
+                    pv_tools::bench_boot::text,
                 ),
-                json,
-                pv_tools::bench_boot::text,
-            )
+            }
         }
         Cmd::Bench {
             what, quick, json, ..

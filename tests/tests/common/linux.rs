@@ -59,6 +59,22 @@ pub fn image(test: &str) -> Option<Image> {
     }
 }
 
+/// The image for a guest booted by QEMU under UEFI (Debian's OVMF), or a SKIPPED line for
+/// what is missing: the image, QEMU, the firmware or a program in `more` (path, package).
+pub fn uefi_image(test: &str, more: &[(&str, &str)]) -> Option<Image> {
+    let needed = [
+        ("/usr/share/OVMF/OVMF_CODE_4M.fd", "ovmf"),
+        ("/usr/bin/qemu-system-x86_64", "qemu-system-x86"),
+    ];
+    for (path, package) in needed.iter().chain(more) {
+        if !Path::new(path).exists() {
+            eprintln!("SKIPPED: {test}: no {path} (apt-get install {package})");
+            return None;
+        }
+    }
+    image(test)
+}
+
 fn build_image() -> Result<Image, String> {
     use pv_tools::linux_guest::ImageError;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("linux/build-image.sh");

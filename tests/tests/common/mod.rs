@@ -107,6 +107,34 @@ pub fn free_port() -> u16 {
     reserve_ports(1)
 }
 
+/// `paravisor kbs serve --policy POLICY` on a free loopback port, its stderr in
+/// `dir/kbs.log`, once it accepts connections: the child and its port.
+pub fn serve_kbs(dir: &Path, policy: &Path) -> (Child, u16) {
+    let port = free_port();
+    let log = std::fs::File::create(dir.join("kbs.log")).unwrap();
+    let mut child = Command::new(paravisor())
+        .args(["kbs", "serve", "--policy"])
+        .arg(policy)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn kbs serve");
+    // Only catches a hang: a loaded machine may take seconds to start it.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "kbs serve exited ({status}):\n{}",
+                std::fs::read_to_string(dir.join("kbs.log")).unwrap_or_default()
+            );
+        }
+        assert!(Instant::now() < deadline, "kbs serve did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, port)
+}
+
 /// A different starting point for every port search.
 fn port_seed() -> u32 {
     static CALLS: AtomicU32 = AtomicU32::new(0);
