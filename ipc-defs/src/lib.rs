@@ -30,6 +30,7 @@ pub mod control;
 pub mod endpoint;
 pub mod fd_store;
 pub mod layout;
+pub mod metal;
 #[allow(unsafe_code)]
 pub mod ring;
 pub mod services;
