@@ -221,7 +221,7 @@ impl core::fmt::Display for TableError {
 }
 
 fn page_aligned(v: u64) -> bool {
-    v % PAGE == 0
+    v.is_multiple_of(PAGE)
 }
 
 impl<'a> TaskTable<'a> {
