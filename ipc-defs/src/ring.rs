@@ -27,10 +27,14 @@ use crate::layout::Direction;
 use crate::layout::Epoch;
 use crate::layout::ProducerLine;
 use crate::layout::RingHeader;
+use crate::layout::RingInfo;
 use crate::layout::ServerState;
 use crate::layout::SleepLine;
+use crate::layout::CHANNEL_MAGIC;
 use crate::layout::FRAME_ALIGN;
 use crate::layout::FRAME_HEADER_SIZE;
+use crate::layout::LAYOUT_VERSION;
+use crate::layout::RING_MAGIC;
 
 /// What can go wrong moving a frame through a ring.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -168,6 +172,45 @@ impl<'a> Channel<'a> {
     pub fn set_server_state(&self, state: ServerState) {
         self.header_u32(offset_of!(ChannelHeader, server_state))
             .store(state as u32, Ordering::Release);
+    }
+
+    /// Supervisor: rewrites the header's static fields (magic, version, ring capacities),
+    /// which a peer may have scribbled over, from the layout the supervisor sized the region
+    /// with; the epoch and the server state are left as they are.
+    pub fn repair_header(&self) {
+        self.header_u32(offset_of!(ChannelHeader, magic))
+            .store(CHANNEL_MAGIC, Ordering::Relaxed);
+        self.header_u32(offset_of!(ChannelHeader, version))
+            .store(LAYOUT_VERSION, Ordering::Relaxed);
+        self.header_u32(offset_of!(ChannelHeader, ring_capacity))
+            .store(self.layout.ring_capacity, Ordering::Relaxed);
+        for dir in [Direction::Requests, Direction::Responses] {
+            let ring = self.ring(dir);
+            ring.u32_at(offset_of!(RingHeader, info) + offset_of!(RingInfo, magic))
+                .store(RING_MAGIC, Ordering::Relaxed);
+            ring.u32_at(offset_of!(RingHeader, info) + offset_of!(RingInfo, capacity))
+                .store(self.layout.ring_capacity, Ordering::Release);
+        }
+    }
+
+    /// Supervisor: one end of the channel died, the end that consumed `consumed`. Repairs the
+    /// header, drops what it left unread on the ring it consumed, points the ring it produced
+    /// at the slot its peer waits at, moves the channel to a new epoch and bumps every wake
+    /// word (the caller then wakes the sleepers its platform has). Returns the new epoch.
+    pub fn restart_epoch(&self, consumed: Direction) -> Epoch {
+        let produced = match consumed {
+            Direction::Requests => Direction::Responses,
+            Direction::Responses => Direction::Requests,
+        };
+        self.repair_header();
+        let _ = self.ring(consumed).discard_all();
+        let _ = self.ring(produced).recover_producer();
+        let next = self.epoch().next();
+        self.set_epoch(next);
+        for dir in [Direction::Requests, Direction::Responses] {
+            self.ring(dir).bump_all();
+        }
+        next
     }
 
     /// The ring for `dir`.

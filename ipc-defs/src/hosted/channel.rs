@@ -157,18 +157,7 @@ impl ChannelMemory {
     /// Supervisor: rewrites the header's static fields (magic, version, capacities), which a
     /// peer may have scribbled over; the epoch and server state are left as they are.
     pub fn repair_header(&self) {
-        let mut fresh = vec![0u8; self.layout.region_size()];
-        if self.layout.initialise(&mut fresh).is_err() {
-            return;
-        }
-        // Magic, version (the first 8 bytes), and the capacity word.
-        let _ = self.shm.write(0, &fresh[..8]);
-        let cap = core::mem::offset_of!(crate::layout::ChannelHeader, ring_capacity);
-        let _ = self.shm.write(cap, &fresh[cap..cap + 4]);
-        for dir in [Direction::Requests, Direction::Responses] {
-            let at = self.layout.ring_header(dir);
-            let _ = self.shm.write(at, &fresh[at..at + 8]);
-        }
+        self.channel().repair_header();
     }
 
     /// The channel, for as long as this mapping is borrowed.
@@ -187,15 +176,7 @@ impl ChannelMemory {
     /// unread on the ring it consumed; point the ring it produced at the slot its peer waits
     /// at), move the channel to a new epoch, and wake everyone so that survivors notice.
     pub fn restart_epoch(&self, consumed: Direction) -> Epoch {
-        let produced = match consumed {
-            Direction::Requests => Direction::Responses,
-            Direction::Responses => Direction::Requests,
-        };
-        self.repair_header();
-        let _ = self.channel().ring(consumed).discard_all();
-        let _ = self.channel().ring(produced).recover_producer();
-        let next = self.channel().epoch().next();
-        self.channel().set_epoch(next);
+        let next = self.channel().restart_epoch(consumed);
         self.wake_all();
         next
     }
