@@ -23,6 +23,7 @@ pub mod launch;
 pub mod listeners;
 pub mod logging;
 pub mod manifest;
+pub mod metal;
 pub mod operator;
 pub mod output;
 pub mod owned_dir;

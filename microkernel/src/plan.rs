@@ -555,18 +555,30 @@ fn guest_link_interface(spec: &ServiceSpec) -> Option<Interface> {
 /// with a front end's TPM commands at locality 0 and the localities of the listeners this run
 /// binds, not of every listener the manifest declares.
 fn served_grant(client: &ServiceSpec, interface: Interface, run: &Run) -> Grant {
-    let mut grant = client
-        .grants
-        .get(&interface)
-        .copied()
-        .unwrap_or(Grant::Interface);
+    let bound: Vec<Localities> = client
+        .listen
+        .iter()
+        .filter(|l| run.binds(&l.name))
+        .map(|l| l.localities)
+        .collect();
+    channel_grant(&client.grants, &bound, interface)
+}
+
+/// The server's side of a channel: what the client's `calls` entry for `interface` grants
+/// (the whole interface when it names nothing), with TPM commands at locality 0 and at the
+/// localities of `listeners` (those the client holds). The hosted plan and the metal task
+/// table both compute it here; a metal task holds no listener.
+pub fn channel_grant(
+    grants: &std::collections::BTreeMap<Interface, Grant>,
+    listeners: &[Localities],
+    interface: Interface,
+) -> Grant {
+    let mut grant = grants.get(&interface).copied().unwrap_or(Grant::Interface);
     if let Grant::Vtpm(g) = &mut grant {
         if !g.commands.is_empty() {
-            g.commands = client
-                .listen
+            g.commands = listeners
                 .iter()
-                .filter(|l| run.binds(&l.name))
-                .fold(Localities::ZERO, |all, l| all.union(l.localities));
+                .fold(Localities::ZERO, |all, l| all.union(*l));
         }
     }
     grant

@@ -440,6 +440,61 @@ pub struct RegionGrant {
     pub size: u64,
 }
 
+/// Heap of a metal task that does not say (`heap`): room for a service's tables and a few
+/// requests in flight; a task that keeps more says so.
+pub const DEFAULT_TASK_HEAP: u64 = 256 << 10;
+/// Stack of a metal task that does not say (`stack`): the tasks are event loops without
+/// recursion.
+pub const DEFAULT_TASK_STACK: u64 = 64 << 10;
+/// Largest heap: the task's heap window (`HEAP_BASE..SLOT_BASE`).
+pub const MAX_TASK_HEAP: u64 = ipc_defs::metal::SLOT_BASE - ipc_defs::metal::HEAP_BASE;
+/// Largest stack: far more than an event loop needs; what is left of the slot window below
+/// the stack holds the task's channels and regions.
+pub const MAX_TASK_STACK: u64 = 16 << 20;
+/// Longest `args` of a metal task: it travels in the task's one-page boot record with its
+/// slots' names.
+pub const MAX_TASK_ARGS: usize = 1024;
+
+/// One task of the metal image (`[[metal.task]]`) with what it is granted there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MetalTask {
+    pub name: String,
+    /// Its program: a bin of the task package (`services/metal`).
+    pub program: String,
+    /// Its command line (boot record).
+    pub args: String,
+    /// Heap and stack bytes, whole pages.
+    pub heap: u64,
+    pub stack: u64,
+    /// Whether it is the `[[service]]` of its name (its endpoints, regions, RAM disks and
+    /// restart policy are that service's), or states its own.
+    pub from_service: bool,
+    #[serde(serialize_with = "ser_interfaces")]
+    pub serves: Vec<Interface>,
+    #[serde(serialize_with = "ser_interfaces")]
+    pub calls: Vec<Interface>,
+    /// What each call may reach beyond the interface (as a service's `grants`).
+    #[serde(serialize_with = "ser_grants")]
+    pub grants: BTreeMap<Interface, Grant>,
+    /// Its regions (kept across its restarts), whole pages.
+    pub regions: Vec<RegionGrant>,
+    /// Its service's files that have a size (a guest-state file), each a RAM disk region of
+    /// the file's name and size, after `regions`.
+    pub ram_disks: Vec<RegionGrant>,
+    pub restart: Restart,
+    /// What its service holds on the hosted platform that has no counterpart on metal, and
+    /// so is left out of the image.
+    pub hosted_only: Vec<HostedOnly>,
+}
+
+/// A grant of a service that the metal image leaves out: the key as the manifest writes it,
+/// and what it names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HostedOnly {
+    pub key: &'static str,
+    pub what: String,
+}
+
 /// A guest-physical MMIO range or an I/O-port range a service handles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct DeviceRange {
@@ -560,6 +615,11 @@ pub struct Manifest {
     pub ring_capacity: u32,
     pub services: Vec<ServiceSpec>,
     pub attest: AttestSettings,
+    /// The metal platform's tasks (`[[metal.task]]`, in the order written: their task
+    /// indices). Not measured: the hosted platform runs none of them, and a metal image
+    /// carries its own task table (`paravisor audit --metal`).
+    #[serde(skip)]
+    pub metal: Vec<MetalTask>,
     /// The text that was validated (what the launch measurement hashes: never read again).
     #[serde(skip)]
     pub source: String,

@@ -14,6 +14,43 @@ pub(super) struct RawManifest {
     pub(super) service: Vec<Spanned<RawService>>,
     #[serde(default)]
     pub(super) attest: Option<RawAttest>,
+    /// The metal platform's tasks (`[[metal.task]]`); the hosted platform ignores them.
+    #[serde(default)]
+    pub(super) metal: Option<RawMetal>,
+}
+
+/// `[metal]`: what the metal image holds.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct RawMetal {
+    #[serde(default)]
+    pub(super) task: Vec<Spanned<RawMetalTask>>,
+}
+
+/// One `[[metal.task]]`: a ring-3 task of the metal image. A task named like a
+/// `[[service]]` takes that service's endpoints, regions and restart policy; any other task
+/// states them here, with the service's syntax.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct RawMetalTask {
+    pub(super) name: Spanned<String>,
+    /// A program (bin) of the task package (`services/metal`).
+    pub(super) program: Spanned<String>,
+    /// Its command line, in its boot record.
+    #[serde(default)]
+    pub(super) args: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) heap: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) stack: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) serves: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    pub(super) calls: Option<Spanned<Vec<Spanned<RawCall>>>>,
+    #[serde(default)]
+    pub(super) regions: Option<Spanned<Vec<Spanned<RawRegion>>>>,
+    #[serde(default)]
+    pub(super) restart: Option<Spanned<RawRestart>>,
 }
 
 #[derive(Deserialize)]
@@ -210,6 +247,8 @@ pub(super) struct RawRestart {
 pub(super) fn parse_help(message: &str) -> String {
     if message.contains("unknown field") {
         "remove the key or fix its spelling; the accepted keys are listed in the message".into()
+    } else if message.contains("missing field `program`") {
+        "add the key; every [[metal.task]] needs name and program".into()
     } else if message.contains("missing field") {
         "add the key; every service needs name, binary, limits and restart".into()
     } else {

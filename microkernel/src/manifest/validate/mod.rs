@@ -3,13 +3,15 @@
 //!
 //! [`Validator::validate`] runs the passes in the order `paravisor check` prints them: the
 //! `[paravisor]` table (here), each `[[service]]` on its own, the rules that span services,
-//! then `[attest]`. Each pass is a method of [`Validator`], in the file of its subject:
+//! then `[attest]`, then `[metal]`. Each pass is a method of [`Validator`], in the file of its subject:
 //! - `process`: name, binary, limits and descriptors, syscalls, watchdog, restart, user ids;
 //! - `endpoints`: what a service serves and calls, and what each call grants;
 //! - `grants`: files, keys, listeners, regions, TAPs and the descriptor store, and the state
 //!   paths they claim;
 //! - `devices`: guest address ranges, the PCI device, interrupt lines;
-//! - `attest`: the `[attest]` table, the platform capability and sealed keys.
+//! - `attest`: the `[attest]` table, the platform capability and sealed keys;
+//! - `metal`: `[[metal.task]]`, the metal image's tasks and their grants, judged against
+//!   each other only (the hosted platform ignores them).
 //!
 //! What a service's passes claim is recorded in [`Seen`] for the passes that span services.
 
@@ -43,6 +45,7 @@ mod attest;
 mod devices;
 mod endpoints;
 mod grants;
+mod metal;
 mod process;
 
 /// Checks a parsed manifest and records each problem, with its place in `source`, in
@@ -119,7 +122,7 @@ impl Validator<'_> {
     /// Checks `raw` pass by pass, collecting every problem, and builds the manifest it
     /// describes (meaningful only when no diagnostic was recorded). The passes run in this
     /// order, which is the order `paravisor check` prints diagnostics in: the `[paravisor]`
-    /// table, each service on its own, the rules that span services, then `[attest]`.
+    /// table, each service on its own, the rules that span services, `[attest]`, then `[metal]`.
     pub(super) fn validate(&mut self, path: &Path, raw: RawManifest) -> Manifest {
         let (state_dir, ring_capacity, ring_span) = self.paravisor_settings(raw.paravisor);
         let mut seen = Seen::default();
@@ -140,12 +143,14 @@ impl Validator<'_> {
             &seen.sealed_keys,
             &seen.platform_holders,
         );
+        let metal = self.metal(raw.metal, &services, ring_capacity);
         Manifest {
             path: path.to_path_buf(),
             state_dir,
             ring_capacity,
             services,
             attest,
+            metal,
             source: self.source.to_string(),
         }
     }
