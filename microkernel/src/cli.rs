@@ -52,6 +52,10 @@ pub enum Cmd {
         /// State directory of the running instance (for --live).
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// Print the task table a metal kernel image carries instead (its .pv_tasks section,
+        /// as `paravisor metal build` wrote it), checked as the kernel checks it.
+        #[arg(long, value_name = "IMAGE", conflicts_with_all = ["manifest", "live", "state_dir"])]
+        metal: Option<PathBuf>,
     },
     /// Run the paravisor in the foreground: start and supervise every service.
     Run {
@@ -207,6 +211,10 @@ pub enum Cmd {
     /// Key broker (KBS), run by the tenant outside the paravisor's trust boundary: releases
     /// the tenant key, wrapped, only to attestation evidence that verifies.
     Kbs(ToolArgs),
+    /// The metal platform (work in progress): build the kernel image with the manifest's
+    /// [[metal.task]] tasks (`metal build`), decode its defmt log (`metal log`), boot it
+    /// under QEMU or our own partition (`metal run`).
+    Metal(ToolArgs),
     /// Stop the running instance (like SIGTERM).
     Stop {
         #[arg(long)]
@@ -424,8 +432,8 @@ pub struct ToolArgs {
 
 /// Whether `args` (the command line without the program name) is a tool's command, or
 /// `help` for one: the verifier (`attest verify`, `attest fingerprint`), provisioning a
-/// simulated platform (`platform init`), the key broker, the vmgs file tool and the
-/// benchmarks. `paravisor` runs them through [`TOOLS_BINARY`] with the command line as given.
+/// simulated platform (`platform init`), the key broker, the vmgs file tool, the
+/// benchmarks and the metal image's tools. `paravisor` runs them through [`TOOLS_BINARY`] with the command line as given.
 pub fn is_tool_command(args: &[std::ffi::OsString]) -> bool {
     let words: Vec<&str> = args.iter().map(|a| a.to_str().unwrap_or("")).collect();
     let words = match words.split_first() {
@@ -439,7 +447,7 @@ pub fn is_tool_command(args: &[std::ffi::OsString]) -> bool {
         [] => (None, &[][..]),
     };
     match (group, rest) {
-        (Some("bench" | "__bench-peer" | "kbs"), _) => true,
+        (Some("bench" | "__bench-peer" | "kbs" | "metal"), _) => true,
         (Some("attest"), ["verify" | "fingerprint", ..]) => true,
         (Some("platform"), ["init", ..]) => true,
         (Some("vmgs"), [command, ..]) => VMGS_TOOL_COMMANDS.contains(command),
@@ -692,7 +700,7 @@ impl Cmd {
                 matches!(action, AttestCmd::Fingerprint(_) | AttestCmd::Verify(_))
             }
             Cmd::Platform { action } => matches!(action, PlatformCmd::Init(_)),
-            Cmd::Bench(_) | Cmd::BenchPeer(_) | Cmd::Kbs(_) => true,
+            Cmd::Bench(_) | Cmd::BenchPeer(_) | Cmd::Kbs(_) | Cmd::Metal(_) => true,
             Cmd::Vmgs { command } => !matches!(command, VmgsTop::Reseal { .. }),
             _ => false,
         }

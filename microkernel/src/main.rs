@@ -307,6 +307,11 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
     match cli.command {
         Cmd::Check { manifest } => check(manifest.as_deref()),
         Cmd::Audit {
+            metal: Some(image),
+            json,
+            ..
+        } => audit_metal(&image, json),
+        Cmd::Audit {
             manifest,
             json,
             live: false,
@@ -317,6 +322,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             json,
             live: true,
             state_dir,
+            metal: None,
         } => audit_live(manifest.as_deref(), state_dir, json),
         Cmd::Platform {
             action:
@@ -457,6 +463,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
         | Cmd::Bench(_)
         | Cmd::BenchPeer(_)
         | Cmd::Kbs(_)
+        | Cmd::Metal(_)
         | Cmd::Vmgs { .. } => Ok(forward_to_tools()),
         Cmd::Stop {
             state_dir,
@@ -558,6 +565,20 @@ fn audit_static(manifest: Option<&Path>, json: bool) -> Result<ExitCode, ExitCod
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
         print!("{}", audit::text(&m));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `audit --metal IMAGE`: the task table a metal kernel image carries.
+fn audit_metal(image: &Path, json: bool) -> Result<ExitCode, ExitCode> {
+    let audit = microkernel::metal::image::audit_file(image).map_err(failed)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&audit).unwrap_or_default()
+        );
+    } else {
+        print!("{}", microkernel::metal::image::text(&audit));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,6 @@
 //! The tools' command line: the commands `paravisor` hands to `pv-tools` as given
 //! (`microkernel::cli::is_tool_command`): the verifier, provisioning a simulated platform,
-//! the key broker, the vmgs file tool and the benchmarks. Their arguments are defined here
+//! the key broker, the vmgs file tool, the benchmarks and the metal image's tools. Their arguments are defined here
 //! only, so that the trusted binary holds none of them: `paravisor` lists these commands
 //! with one line each (checked against these definitions by a test) and forwards even their
 //! `--help`.
@@ -88,6 +88,62 @@ pub enum ToolCmd {
     Kbs {
         #[command(subcommand)]
         command: crate::kbs_args::KbsCmd,
+    },
+    /// The metal platform (work in progress): build the kernel image with the manifest's
+    /// [[metal.task]] tasks (`metal build`), decode its defmt log (`metal log`), boot it
+    /// under QEMU or our own partition (`metal run`).
+    Metal {
+        #[command(subcommand)]
+        action: MetalCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MetalCmd {
+    /// Validate the manifest, build its [[metal.task]] programs and the kernel with their
+    /// task table (cargo, in the repository pv-tools was built from, into its target/metal),
+    /// and write the image; print what each task is granted and what was left out.
+    Build {
+        /// The manifest [default: manifest.toml]
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// Where the image goes [default: target/metal/pv-metal.elf of that repository]; its
+        /// task table goes next to it (IMAGE with the extension .tasks).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Decode a metal kernel's log: each `#d:` line (anywhere in a line: a console's prefix
+    /// stays) with the image's defmt table; other lines pass through.
+    Log {
+        /// The kernel image the log is of [default: target/metal/pv-metal.elf]
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// The captured log; `-` or none: standard input.
+        file: Option<PathBuf>,
+    },
+    /// Boot a metal image under QEMU (TCG, PVH) or our own partition (`paravisor run
+    /// --guest`), its log decoded as it comes; exit with the kernel's status.
+    Run {
+        /// The kernel image [default: target/metal/pv-metal.elf]
+        #[arg(long)]
+        image: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "qemu")]
+        vmm: crate::metal::run::Vmm,
+        /// RAM in MiB [default: 128 under QEMU, 64 in the partition]
+        #[arg(long, value_name = "MIB")]
+        memory: Option<u32>,
+        /// More of the kernel's command line.
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        /// The partition's manifest (`paravisor run` reads it) [default: manifest.toml]
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// Print the log as it comes, without decoding it.
+        #[arg(long)]
+        raw: bool,
+        /// Stop the VM after this many seconds (0: never).
+        #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+        timeout: u64,
     },
 }
 
@@ -193,8 +249,8 @@ mod tests {
         }
         assert_eq!(
             checked,
-            3 + 1 + 2 + 11,
-            "bench, __bench-peer, kbs; init; verify, fingerprint; 11 vmgs"
+            4 + 1 + 2 + 11,
+            "bench, __bench-peer, kbs, metal; init; verify, fingerprint; 11 vmgs"
         );
         // The core's own commands are never handed over.
         for core_own in [

@@ -1,7 +1,8 @@
 //! What an operator or a relying party runs, outside the paravisor's trusted core: the
 //! report and certificate verifier (`attest verify`), the tenant's key broker (`kbs`), the
-//! VMGS file tool (`vmgs`), and the benchmarks (`bench`), with the Linux guest some of them
-//! boot (`linux_guest`, shared with the tests' harness). The `pv-tools` binary runs them;
+//! VMGS file tool (`vmgs`), the benchmarks (`bench`), with the Linux guest some of them
+//! boot (`linux_guest`, shared with the tests' harness), and the metal image's build, log
+//! decoder and runner (`metal`). The `pv-tools` binary runs them;
 //! `paravisor` hands these commands to it, so none of this code is in the binary the launch
 //! measures.
 #![forbid(unsafe_code)]
@@ -29,6 +30,7 @@ pub mod kbs;
 pub mod kbs_args;
 pub mod kbs_guest;
 pub mod linux_guest;
+pub mod metal;
 pub mod net_peer;
 pub mod provision;
 pub mod tpm_evidence;

@@ -244,6 +244,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
         }
         Cmd::Vmgs { command } => Ok(pv_tools::vmgs_cli::run(command)),
         Cmd::Kbs { command } => Ok(pv_tools::kbs::run(command)),
+        Cmd::Metal { action } => pv_tools::metal::command(action),
     }
 }
 

@@ -39,6 +39,8 @@ use schema::parse_help;
 use schema::RawManifest;
 use validate::Validator;
 
+#[cfg(test)]
+mod metal_tests;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -711,6 +713,53 @@ impl Manifest {
                 format!(
                     "services run the executables next to paravisor ({}): build them (cargo build --release) or fix the name",
                     bin_dir.display()
+                ),
+            );
+        }
+        v.diagnostics
+    }
+
+    /// The metal tasks whose `program` is not one of `programs` (the task package's bins,
+    /// which `paravisor metal build` reads), each pointing at its `program` line.
+    pub fn unknown_programs(&self, programs: &[String], package: &str) -> Vec<Diagnostic> {
+        /// Only where each `program` is (the text was validated already).
+        #[derive(Deserialize)]
+        struct Programs {
+            #[serde(default)]
+            metal: Option<MetalPrograms>,
+        }
+        #[derive(Deserialize)]
+        struct MetalPrograms {
+            #[serde(default)]
+            task: Vec<ProgramAt>,
+        }
+        #[derive(Deserialize)]
+        struct ProgramAt {
+            program: Spanned<String>,
+        }
+        let spans: Vec<Range<usize>> = toml::from_str::<Programs>(&self.source)
+            .ok()
+            .and_then(|p| p.metal)
+            .map(|m| m.task.iter().map(|t| t.program.span()).collect())
+            .unwrap_or_default();
+        let mut v = Validator {
+            file: self.path.display().to_string(),
+            source: &self.source,
+            diagnostics: Vec::new(),
+        };
+        for (i, t) in self.metal.iter().enumerate() {
+            if programs.contains(&t.program) {
+                continue;
+            }
+            v.error(
+                spans.get(i).cloned().unwrap_or(0..0),
+                format!(
+                    "program \"{}\" of task \"{}\" is not a program of {package}",
+                    t.program, t.name
+                ),
+                format!(
+                    "its programs are {}; add a [[bin]] to its Cargo.toml, or fix the name",
+                    programs.join(", ")
                 ),
             );
         }

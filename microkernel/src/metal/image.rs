@@ -107,15 +107,22 @@ pub struct SlotRow {
     /// "client" (the calling end of a channel), "server" (the serving end) or "region".
     pub kind: &'static str,
     /// Channels: the interface and the peer task's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub interface: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub channel: Option<u16>,
     /// Channels: what the client may reach, as the server enforces it.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub grant: Option<String>,
     /// Channels limited to VMGS file ids: those ids (numbers, ascending).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub file_ids: Option<Vec<u8>>,
     /// Regions: its name and index.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub region_index: Option<u16>,
     /// Where the task sees it, and its bytes.
     pub address: u64,
@@ -129,6 +136,7 @@ pub struct ChannelRow {
     pub client: String,
     pub server: String,
     pub grant: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub file_ids: Option<Vec<u8>>,
     pub ring_capacity: u32,
 }
@@ -326,21 +334,28 @@ fn rows(path: &str, elf: &[u8], table_bytes: usize, table: &TaskTable) -> Audit 
     }
 }
 
+fn count(n: usize, what: &str) -> String {
+    match n {
+        1 => format!("1 {what}"),
+        n => format!("{n} {what}s"),
+    }
+}
+
 /// The audit as text.
 pub fn text(a: &Audit) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "metal image {} ({} bytes, sha256 {})\ntask table version {}, {} bytes: {} tasks, {} channels, {} regions, {} images",
+        "metal image {} ({} bytes, sha256 {})\ntask table version {}, {} bytes: {}, {}, {}, {}",
         a.image.path,
         a.image.bytes,
         a.image.sha256,
         a.table_version,
         a.table_bytes,
-        a.tasks.len(),
-        a.channels.len(),
-        a.regions.len(),
-        a.images.len()
+        count(a.tasks.len(), "task"),
+        count(a.channels.len(), "channel"),
+        count(a.regions.len(), "region"),
+        count(a.images.len(), "image")
     );
     for t in &a.tasks {
         let r = &t.restart;

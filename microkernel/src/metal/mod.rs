@@ -12,3 +12,6 @@ pub mod table;
 
 pub use table::MetalPlan;
 pub use table::PlanError;
+
+#[cfg(test)]
+mod tests;

@@ -256,8 +256,8 @@ impl Validator<'_> {
             let (line, _) = line_col(self.source, first.start);
             self.error(
                 span,
-                format!("endpoint \"{i}\" is served by two metal tasks: \"{other}\" (line {line}) and \"{name}\""),
-                "exactly one task may serve an endpoint; remove one of the two",
+                format!("endpoint \"{i}\" is served twice: by \"{other}\" (line {line}) and by \"{name}\""),
+                "exactly one metal task may serve an endpoint; remove one of the two",
             );
         } else {
             seen.servers.insert(i, (name.to_string(), span));
