@@ -370,11 +370,19 @@ impl Kernel {
                     self.table.regions[usize::from(region)].name,
                 ),
             };
+            // A channel's record gives the channel's exact size (its layout follows from
+            // it); the mapping itself is whole pages.
+            let size = match slot.grant {
+                Grant::Client { channel } | Grant::Server { channel } => {
+                    self.channels[usize::from(channel)].layout.region_size() as u64
+                }
+                Grant::Region { .. } => slot.size,
+            };
             let _ = boot.slots.push(BootSlot {
                 grant,
                 name,
                 address: slot.address,
-                size: slot.size,
+                size,
             });
         }
         // SAFETY: `page` is the boot record's fresh frame, a page long, identity mapped.
