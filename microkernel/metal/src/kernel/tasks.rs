@@ -420,7 +420,55 @@ impl Kernel {
         let name = self.table.tasks[t].name;
         match why {
             Stop::Exit(status) => defmt::info!("task {=str} exited with {=u64}", name, status),
-            other => defmt::warn!("task {=str} stopped: {}", name, other),
+            Stop::Exception {
+                vector,
+                error,
+                rip,
+                address,
+            } => {
+                let what = match vector {
+                    0 => "divide error",
+                    6 => "invalid opcode",
+                    13 => "general protection fault",
+                    14 => "page fault",
+                    17 => "alignment check",
+                    19 => "SIMD exception",
+                    _ => "exception",
+                };
+                if vector == 14 {
+                    defmt::warn!(
+                        "task {=str} stopped: {=str} at {=u64:#x} on {=u64:#x} (error {=u64:#x})",
+                        name,
+                        what,
+                        rip,
+                        address,
+                        error
+                    );
+                } else {
+                    defmt::warn!(
+                        "task {=str} stopped: {=str} ({=u64}) at {=u64:#x} (error {=u64:#x})",
+                        name,
+                        what,
+                        vector,
+                        rip,
+                        error
+                    );
+                }
+            }
+            Stop::BadSyscall(n) => {
+                defmt::warn!("task {=str} stopped: unknown system call {=u64}", name, n)
+            }
+            Stop::BadSlot(slot) => defmt::warn!(
+                "task {=str} stopped: capability slot {=u64} is not one it holds",
+                name,
+                slot
+            ),
+            Stop::BadBuffer(at) => defmt::warn!(
+                "task {=str} stopped: buffer at {=u64:#x} is not its memory",
+                name,
+                at
+            ),
+            Stop::LoadFailed => defmt::error!("task {=str} could not be loaded", name),
         }
         if let Some(space) = self.tasks[t].space.take() {
             // Off its tables before they are freed (they may be the ones loaded).
