@@ -31,7 +31,7 @@ fn main(boot: &TaskBoot) -> u64 {
         boot.restarts,
         boot.slots.len()
     );
-    let mut failures = 0;
+    let mut failures = check_clock();
     let mut checked = 0;
     for (slot, s) in boot.slots.iter().enumerate() {
         let BootGrant::Client(interface) = s.grant else {
@@ -62,6 +62,24 @@ fn main(boot: &TaskBoot) -> u64 {
         log!("FAIL: {} checks failed", failures);
         1
     }
+}
+
+/// A wait on no bit returns at its deadline, not before; `yield` returns.
+fn check_clock() -> u32 {
+    let start = sys::now_ns();
+    let bits = sys::wait(0, start + 50_000_000);
+    sys::yield_now();
+    let waited = sys::now_ns() - start;
+    if bits != 0 || waited < 50_000_000 {
+        log!(
+            "FAIL wait: bits {} after {} ns (deadline 50 ms)",
+            bits,
+            waited
+        );
+        return 1;
+    }
+    log!("wait: deadline of 50 ms kept ({} ms)", waited / 1_000_000);
+    0
 }
 
 /// Round trips, then each kind of fault on request: the call in flight fails with

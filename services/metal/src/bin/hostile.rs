@@ -18,6 +18,19 @@ pv_metal_tasks::task_main!(main);
 fn main(boot: &TaskBoot) -> u64 {
     let attempt = boot.args;
     log!("attempting {}", attempt);
+    if attempt == "hog" {
+        // Keeps the CPU without a system call that gives it up, for two seconds: the timer
+        // must preempt it, and every other task carry on meanwhile.
+        let until = pv_metal_tasks::sys::now_ns() + 2_000_000_000;
+        let mut spins = 0u64;
+        while pv_metal_tasks::sys::now_ns() < until {
+            for _ in 0..100_000 {
+                spins = core::hint::black_box(spins + 1);
+            }
+        }
+        log!("hog: done after {} spins", spins);
+        return 0;
+    }
     // SAFETY (each): every one of these is meant to fault; the kernel stops this task.
     unsafe {
         match attempt {
