@@ -209,3 +209,29 @@ impl Storage for FileStorage {
         Ok(self.file.sync_data()?)
     }
 }
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use super::*;
+
+    /// The hosted log names an I/O failure as `std::io::Error` did before the library had its
+    /// own error type, and a conversion back keeps the kind.
+    #[test]
+    fn io_errors_keep_their_kind_and_message() {
+        let eio = std::io::Error::from_raw_os_error(5);
+        let text = eio.to_string();
+        let e = StorageError::from(eio);
+        assert_eq!((e.kind(), e.to_string()), (StorageErrorKind::Other, text));
+        let eof = StorageError::from(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+        assert_eq!(eof.kind(), StorageErrorKind::UnexpectedEof);
+        assert_eq!(
+            std::io::Error::from(eof).kind(),
+            std::io::ErrorKind::UnexpectedEof
+        );
+        let short = MemStorage::new(vec![0; 4]).read_at(2, &mut [0; 4]).unwrap_err();
+        assert_eq!(
+            short.to_string(),
+            std::io::Error::from(std::io::ErrorKind::UnexpectedEof).to_string()
+        );
+    }
+}
