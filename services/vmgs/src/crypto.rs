@@ -16,6 +16,11 @@ use crate::format::KEY_BYTES;
 use crate::format::NONCE_BYTES;
 use crate::format::TAG_BYTES;
 
+/// Draws before a source that gives only all-zero keys is taken for broken. A working source
+/// gives one with probability 2^-256, so a second draw is already proof; a few more cost
+/// nothing and an endless loop would hang the store.
+const ZERO_KEY_DRAWS: usize = 4;
+
 /// A 32-byte AES-256 key. Never printed; wiped on drop.
 #[derive(Clone)]
 pub struct Key([u8; KEY_BYTES]);
@@ -38,13 +43,22 @@ impl Key {
 
     /// A fresh random key (never all zero: that would be the reference writer's defect).
     pub fn try_random() -> Result<Key, RandomError> {
-        loop {
+        Key::drawn_from(fill_random)
+    }
+
+    fn drawn_from(
+        mut fill: impl FnMut(&mut [u8]) -> Result<(), RandomError>,
+    ) -> Result<Key, RandomError> {
+        for _ in 0..ZERO_KEY_DRAWS {
             let mut k = Key([0u8; KEY_BYTES]);
-            fill_random(&mut k.0)?;
+            fill(&mut k.0)?;
             if !k.is_zero() {
                 return Ok(k);
             }
         }
+        Err(RandomError::Failed(Cow::Borrowed(
+            "it gave only all-zero keys (a broken source)",
+        )))
     }
 
     /// A fresh random key from getrandom(2), for hosted tools. The kernel's CSPRNG does not
@@ -113,9 +127,8 @@ pub fn set_random_source(source: RandomSource) -> Result<(), RandomError> {
 /// Fills `buf` from the kernel's CSPRNG (getrandom(2)).
 #[cfg(feature = "std")]
 pub fn fill_random(buf: &mut [u8]) -> Result<(), RandomError> {
-    getrandom::getrandom(buf).map_err(|e| {
-        RandomError::Failed(alloc::format!("no randomness from the kernel ({e})").into())
-    })
+    getrandom::getrandom(buf)
+        .map_err(|e| RandomError::Failed(alloc::format!("getrandom(2): {e}").into()))
 }
 
 /// Fills `buf` from the installed source; without one, an error (never zeros).
@@ -212,6 +225,21 @@ mod tests {
         let next = next_nonce(&n).unwrap();
         assert_eq!(&next[4..], &[0, 1, 0, 0, 0, 0, 0, 0]);
         assert_eq!(&new_nonce().unwrap()[4..], &[0; 8]);
+    }
+
+    #[test]
+    fn a_source_of_only_zeros_is_an_error_not_an_endless_loop() {
+        let mut draws = 0;
+        let zeros = |buf: &mut [u8]| {
+            draws += 1;
+            buf.fill(0);
+            Ok(())
+        };
+        assert!(matches!(
+            Key::drawn_from(zeros),
+            Err(RandomError::Failed(_))
+        ));
+        assert_eq!(draws, ZERO_KEY_DRAWS);
     }
 
     #[test]

@@ -228,7 +228,9 @@ mod tests {
             std::io::Error::from(eof).kind(),
             std::io::ErrorKind::UnexpectedEof
         );
-        let short = MemStorage::new(vec![0; 4]).read_at(2, &mut [0; 4]).unwrap_err();
+        let short = MemStorage::new(vec![0; 4])
+            .read_at(2, &mut [0; 4])
+            .unwrap_err();
         assert_eq!(
             short.to_string(),
             std::io::Error::from(std::io::ErrorKind::UnexpectedEof).to_string()
