@@ -1,7 +1,7 @@
 //! AES-256-GCM as the format uses it (12-byte nonce, 16-byte tag kept apart from the
 //! ciphertext, no associated data), keys that wipe themselves, and where randomness comes
 //! from: the kernel's CSPRNG (getrandom(2)) on the hosted platform, or the source the platform
-//! shell installs ([`set_random_source`]) without `std`.
+//! shell installs (`set_random_source`) without `std`.
 
 use alloc::borrow::Cow;
 

@@ -13,13 +13,13 @@
 //!
 //! # Platforms
 //!
-//! With the default `std` feature (the hosted platform) the library adds [`FileStorage`],
+//! With the default `std` feature (the hosted platform) the library adds `FileStorage`,
 //! takes keys and nonces from getrandom(2), and logs through `tracing`. Without it the library
 //! is `#![no_std]` + `alloc`, for the metal platform, where the store runs as a ring-3 task of
 //! the kernel over a RAM-disk region ([`MemStorage`]). The platform shell then must:
 //!
 //! - install a random source once, before the first key or nonce is made
-//!   ([`crypto::set_random_source`]; the metal shell's is RDRAND). Until then every operation
+//!   (`crypto::set_random_source`, without `std`; the metal shell's is RDRAND). Until then every operation
 //!   that needs randomness fails with [`Error::Random`], never with a predictable key;
 //! - build with the RustCrypto crates forced to their constant-time software backends, since
 //!   ring-3 tasks there run without SSE (`-C target-feature=-sse,-sse2,...,+soft-float`) and
@@ -33,7 +33,11 @@
 //!   (add `--cfg aes_backend_soft="compact"` for smaller, slower code); `polyval_backend="soft"`
 //!   makes `polyval` (0.7), which `ghash` is built on, skip CLMUL. crc32fast needs no flag: its
 //!   PCLMULQDQ path is chosen at compile time without `std`, and a target without SSE has none.
-//!   Neither cfg is set in the hosted build.
+//!   Neither cfg is set in the hosted build. Give them with an explicit `--target`, so that
+//!   they (and the target features) do not reach proc macros built for the host. Built that
+//!   way with `-C target-feature=-sse,-sse2,+soft-float`, the library's object code and that
+//!   of aes, polyval, ghash, ctr and crc32fast hold no AES-NI, PCLMULQDQ or XMM instruction
+//!   (`objdump -d`; the hosted build's hold hundreds of `aesenc`).
 #![cfg_attr(not(feature = "std"), no_std)]
 #![forbid(unsafe_code)]
 
