@@ -19,16 +19,20 @@ pub enum Interface {
     Storage,
     /// The guest NIC.
     Net,
+    /// Echo: answers with what it is sent (the metal platform's smallest service, and its
+    /// fault-injection target).
+    Echo,
 }
 
 impl Interface {
-    pub const ALL: [Interface; 6] = [
+    pub const ALL: [Interface; 7] = [
         Interface::Intercept,
         Interface::Vmgs,
         Interface::Vtpm,
         Interface::Attest,
         Interface::Storage,
         Interface::Net,
+        Interface::Echo,
     ];
 
     /// The name used in `manifest.toml` and in diagnostics.
@@ -40,6 +44,7 @@ impl Interface {
             Interface::Attest => "attest",
             Interface::Storage => "storage",
             Interface::Net => "net",
+            Interface::Echo => "echo",
         }
     }
 

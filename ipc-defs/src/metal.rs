@@ -337,6 +337,8 @@ pub struct BootSlot<'a> {
     /// The peer task's name (channels) or the region's name.
     pub name: &'a str,
     pub address: u64,
+    /// Bytes: a channel's exact size (its ring layout follows from it; the mapping is whole
+    /// pages), or a region's.
     pub size: u64,
 }
 

@@ -24,6 +24,7 @@ macro_rules! interface {
 
 pub mod attest;
 pub mod bytes;
+pub mod echo;
 pub mod guest;
 pub mod intercept;
 pub mod platform;

@@ -12,6 +12,7 @@ extern crate alloc;
 // The C runtime's memory functions (a task image has no C library).
 extern crate pv_freestanding;
 
+pub mod channel;
 pub mod sys;
 
 pub use ipc_defs::metal::TaskBoot;

@@ -4,6 +4,9 @@
 //! ([`ipc_defs::services::vmgs::BrokerRequest`]), so that the host's file, which is hostile
 //! input, is parsed in this service's sandbox and never in the privileged process.
 
+use alloc::string::ToString;
+use alloc::vec::Vec;
+
 use ipc_defs::services::vmgs::BrokerRequest;
 use ipc_defs::services::vmgs::BrokerResponse;
 use ipc_defs::services::vmgs::KeyBytes;
@@ -143,7 +146,7 @@ fn failed(why: core::fmt::Arguments) -> BrokerResponse {
     BrokerResponse::Failed(heapless::String::try_from(&text[..end]).unwrap_or_default())
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "std"))]
 mod tests {
     use super::*;
     use crate::MemStorage;

@@ -2,9 +2,12 @@
 //! names the file id where one is concerned. Nothing read from a VMGS file can make the
 //! library panic; it ends in one of these.
 
-use std::io;
+use alloc::string::String;
 
 use ipc_defs::services::vmgs::FileId;
+
+use crate::crypto::RandomError;
+use crate::storage::StorageError;
 
 /// What is wrong with the VHD container around the image.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -53,7 +56,7 @@ pub enum Error {
     Io {
         what: &'static str,
         #[source]
-        source: io::Error,
+        source: StorageError,
     },
     #[error("the file is empty (zero length or no header written)")]
     Empty,
@@ -112,10 +115,12 @@ pub enum Error {
     SameKey,
     #[error("the store failed in the middle of a commit; reopen the file to continue")]
     Poisoned,
+    #[error("no randomness for keys or nonces: {0}")]
+    Random(#[from] RandomError),
 }
 
 impl Error {
-    pub(crate) fn io(what: &'static str) -> impl FnOnce(io::Error) -> Error {
+    pub(crate) fn io(what: &'static str) -> impl FnOnce(StorageError) -> Error {
         move |source| Error::Io { what, source }
     }
 
@@ -135,4 +140,4 @@ impl Error {
     }
 }
 
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub type Result<T, E = Error> = core::result::Result<T, E>;

@@ -5,10 +5,12 @@
 //! flush may or may not have reached the medium. [`FaultyStorage::crash_images`] gives the
 //! images a crash can leave behind.
 
-use std::io;
+use alloc::vec::Vec;
 
 use crate::storage::MemStorage;
 use crate::storage::Storage;
+use crate::storage::StorageError;
+use crate::storage::StorageResult;
 
 /// One device operation, as recorded.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,23 +96,23 @@ impl FaultyStorage {
     }
 
     /// Counts an operation; says whether to perform it and whether to report an error.
-    fn next(&mut self) -> (bool, io::Result<()>) {
+    fn next(&mut self) -> (bool, StorageResult<()>) {
         if self.stopped {
-            return (false, Err(io::Error::other("device stopped")));
+            return (false, Err(StorageError::other("device stopped")));
         }
         let n = self.ops;
         self.ops += 1;
         match self.fault_at {
             Some((at, Fault::Stop)) if at == n => {
                 self.stopped = true;
-                (false, Err(io::Error::other("device stopped")))
+                (false, Err(StorageError::other("device stopped")))
             }
             Some((at, Fault::Fail)) if at == n => {
-                (false, Err(io::Error::other("injected I/O error")))
+                (false, Err(StorageError::other("injected I/O error")))
             }
             Some((at, Fault::FailAfter)) if at == n => (
                 true,
-                Err(io::Error::other("injected I/O error after the fact")),
+                Err(StorageError::other("injected I/O error after the fact")),
             ),
             _ => (true, Ok(())),
         }
@@ -118,18 +120,18 @@ impl FaultyStorage {
 }
 
 impl Storage for FaultyStorage {
-    fn size(&self) -> io::Result<u64> {
+    fn size(&self) -> StorageResult<u64> {
         self.current.size()
     }
 
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> StorageResult<()> {
         if self.stopped {
-            return Err(io::Error::other("device stopped"));
+            return Err(StorageError::other("device stopped"));
         }
         self.current.read_at(offset, buf)
     }
 
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> StorageResult<()> {
         let (perform, result) = self.next();
         if perform {
             self.current.write_at(offset, buf)?;
@@ -141,7 +143,7 @@ impl Storage for FaultyStorage {
         result
     }
 
-    fn flush(&mut self) -> io::Result<()> {
+    fn flush(&mut self) -> StorageResult<()> {
         let (perform, result) = self.next();
         if perform {
             self.durable = self.current.clone();

@@ -189,7 +189,7 @@ impl core::fmt::Debug for ExtendedFileTable {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "std"))]
 mod tests {
     use super::*;
 

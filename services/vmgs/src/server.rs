@@ -2,7 +2,10 @@
 //! which file id, chunked reads from a snapshot, chunked writes staged until complete and
 //! acknowledged only after their commit, and recovery of a store whose commit failed.
 
-use std::collections::BTreeMap;
+use alloc::collections::BTreeMap;
+use alloc::string::String;
+use alloc::string::ToString;
+use alloc::vec::Vec;
 
 use ipc_defs::services::vmgs::Chunk;
 use ipc_defs::services::vmgs::FileId;
@@ -17,6 +20,8 @@ use zeroize::Zeroize;
 
 use crate::crypto::Key;
 use crate::error::Error;
+use crate::log::log_error;
+use crate::log::log_warn;
 use crate::storage::Storage;
 use crate::store::Vmgs;
 
@@ -131,11 +136,11 @@ impl<S: Storage> Server<S> {
         });
         match reopened {
             Ok(v) => {
-                tracing::warn!("a commit failed midway; reopened the guest-state file");
+                log_warn!("a commit failed midway; reopened the guest-state file");
                 self.vmgs = Some(v);
             }
             Err(e) => {
-                tracing::error!("a commit failed midway and the file cannot be reopened: {e}")
+                log_error!("a commit failed midway and the file cannot be reopened: {e}")
             }
         }
     }
@@ -161,7 +166,7 @@ fn map_error(file: FileId, e: Error) -> VmgsError {
         Error::TooLarge { bytes, .. } => VmgsError::TooLarge { file, bytes },
         Error::Unauthenticated(_) => VmgsError::Authentication(file),
         other => {
-            tracing::error!("{file}: {other}");
+            log_error!("{file}: {other}");
             VmgsError::Storage(file)
         }
     }

@@ -9,6 +9,13 @@
 //! the two. A commit that fails after its header write began poisons the handle: what is on
 //! disk is then only known after reopening.
 
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
+use alloc::string::ToString;
+use alloc::vec;
+use alloc::vec::Vec;
+
 use ipc_defs::services::vmgs::FileId;
 use zerocopy::little_endian::U16;
 use zerocopy::little_endian::U32;
@@ -51,7 +58,7 @@ pub struct HeaderReport {
     pub headers: [Header; 2],
     pub problems: [Option<HeaderProblem>; 2],
     /// The active slot, or why none is.
-    pub active: std::result::Result<usize, String>,
+    pub active: core::result::Result<usize, String>,
 }
 
 /// The extended file table in the clear: it holds every file's key, so it is wiped on drop.
@@ -91,8 +98,8 @@ pub struct Vmgs<S: Storage> {
     warnings: Vec<String>,
 }
 
-impl<S: Storage> std::fmt::Debug for Vmgs<S> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl<S: Storage> core::fmt::Debug for Vmgs<S> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Vmgs")
             .field("image_size", &self.image_size)
             .field("active_slot", &self.active_slot)
@@ -144,7 +151,7 @@ fn read_header_pair<S: Storage>(storage: &mut S) -> Result<[Header; 2]> {
     Ok([h(0), h(HEADER_SECTOR)])
 }
 
-fn check_header(h: &Header) -> std::result::Result<(), HeaderProblem> {
+fn check_header(h: &Header) -> core::result::Result<(), HeaderProblem> {
     if h.as_bytes().iter().all(|b| *b == 0) {
         return Err(HeaderProblem::Empty);
     }
@@ -486,7 +493,7 @@ impl<S: Storage> Vmgs<S> {
         // two header blocks, the file table and the extended file table.
         const _: () = assert!(vhd::MIN_IMAGE / BLOCK_SIZE >= FIRST_DATA_BLOCK as u64 + 2);
         let mut unique_id = [0u8; 16];
-        crypto::fill_random(&mut unique_id);
+        crypto::fill_random(&mut unique_id)?;
         let footer = Footer::new(image_size, unique_id);
         storage
             .write_at(image_size, footer.as_bytes())
@@ -959,7 +966,7 @@ impl<S: Storage> Vmgs<S> {
         }
         let metadata_key = self.metadata_key()?;
         let mut header = self.header;
-        wrap_into(&mut header.key_slots[new_slot], new_key, &metadata_key);
+        wrap_into(&mut header.key_slots[new_slot], new_key, &metadata_key)?;
         self.commit_header(header)?;
         if let Some(u) = &mut self.unlocked {
             u.datastore = new_key.clone();
@@ -1031,10 +1038,15 @@ impl<S: Storage> Vmgs<S> {
                 valid_data_size: U64::new(f.data.len() as u64),
                 ..FileEntry::default()
             };
-            let mut bytes = std::mem::take(&mut f.data);
-            if plan.encrypted && !f.plain {
-                let key = Key::random();
-                entry.nonce = crypto::new_nonce();
+            // Key and nonce first: a failure to draw them must not drop unwiped plaintext.
+            let sealing = if plan.encrypted && !f.plain {
+                Some((Key::try_random()?, crypto::new_nonce()?))
+            } else {
+                None
+            };
+            let mut bytes = core::mem::take(&mut f.data);
+            if let Some((key, nonce)) = sealing {
+                entry.nonce = nonce;
                 entry.tag = crypto::seal(&key, &entry.nonce, &mut bytes);
                 entry.attributes = U32::new(ATTR_ENCRYPTED | ATTR_AUTHENTICATED);
                 if let Some(ext) = &mut plan.ext {
@@ -1064,6 +1076,9 @@ impl<S: Storage> Vmgs<S> {
             };
             let mut bytes = vec![0u8; FILE_TABLE_BYTES];
             if let (true, Some(ext)) = (plan.encrypted, &mut plan.ext) {
+                // Key and nonce before the table (every file's key) is copied in the clear.
+                let metadata_key = Key::try_random()?;
+                let nonce = crypto::new_nonce()?;
                 ext.0.entries[0] = ExtendedFileEntry::default();
                 // As the reference writer: the table's own entry is marked encrypted, with
                 // no key (readers ignore it).
@@ -1072,8 +1087,7 @@ impl<S: Storage> Vmgs<S> {
                     ..ExtendedFileEntry::default()
                 };
                 bytes.copy_from_slice(ext.0.as_bytes());
-                let metadata_key = Key::random();
-                entry.nonce = crypto::new_nonce();
+                entry.nonce = nonce;
                 entry.tag = crypto::seal(&metadata_key, &entry.nonce, &mut bytes);
                 entry.attributes = U32::new(ATTR_ENCRYPTED | ATTR_AUTHENTICATED);
                 let u = self.unlocked.as_ref().ok_or(Error::NeedsKey)?;
@@ -1081,7 +1095,7 @@ impl<S: Storage> Vmgs<S> {
                     &mut new_header.key_slots[u.slot],
                     &u.datastore,
                     &metadata_key,
-                );
+                )?;
             }
             plan.table.entries[ext_id.index()] = entry;
             writes.push((u64::from(at) * BLOCK_SIZE, bytes));
@@ -1153,11 +1167,11 @@ impl<S: Storage> Vmgs<S> {
 }
 
 /// Wraps `metadata_key` with `datastore` into `slot`, with the slot's next nonce.
-fn wrap_into(slot: &mut KeySlot, datastore: &Key, metadata_key: &Key) {
+fn wrap_into(slot: &mut KeySlot, datastore: &Key, metadata_key: &Key) -> Result<()> {
     let nonce = if slot.nonce == [0; NONCE_BYTES] {
-        crypto::new_slot_nonce()
+        crypto::new_slot_nonce()?
     } else {
-        crypto::next_nonce(&slot.nonce)
+        crypto::next_nonce(&slot.nonce)?
     };
     let mut wrapped = *metadata_key.as_bytes();
     let tag = crypto::seal(datastore, &nonce, &mut wrapped);
@@ -1167,9 +1181,10 @@ fn wrap_into(slot: &mut KeySlot, datastore: &Key, metadata_key: &Key) {
         tag,
         wrapped_key: wrapped,
     };
+    Ok(())
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "std"))]
 mod tests {
     use super::*;
 

@@ -110,15 +110,15 @@ boot_gdt_pointer:
 
     .section .bss.boot, "aw", @nobits
     .p2align 12
+boot_stack:
+    .space 524288
+boot_stack_top:
 boot_pml4:
     .space 4096
 boot_pdpt:
     .space 4096
 boot_pd:
     .space 4096
-boot_stack:
-    .space 65536
-boot_stack_top:
     .text
     "#,
     options(att_syntax)

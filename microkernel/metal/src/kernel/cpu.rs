@@ -112,6 +112,8 @@ global_asm!(
     "cld",
     "mov rdi, rsp",
     "call trap",
+    ".global trap_return",
+    "trap_return:",
     "pop r15",
     "pop r14",
     "pop r13",
@@ -160,7 +162,7 @@ extern "C" {
     fn trap_255();
 }
 
-const TRAP_STACK: usize = 64 * 1024;
+const TRAP_STACK: usize = 256 * 1024;
 const FAULT_STACK: usize = 16 * 1024;
 
 #[repr(C, align(16))]
@@ -182,6 +184,11 @@ static TSS: spin::Once<TaskStateSegment> = spin::Once::new();
 static GDT: spin::Once<Gdt> = spin::Once::new();
 static IDT: spin::Once<InterruptDescriptorTable> = spin::Once::new();
 
+/// The top of the stack every trap from ring 3 lands on (the TSS's RSP0).
+pub fn trap_stack_top() -> u64 {
+    (&raw const TRAP_STACK_MEMORY) as u64 + TRAP_STACK as u64
+}
+
 /// The selectors a task runs with (code, data).
 pub fn user_selectors() -> (u64, u64) {
     let g = GDT.get().expect("cpu::init ran");
@@ -202,8 +209,8 @@ pub fn init() {
         let mut gdt = GlobalDescriptorTable::new();
         let kernel_code = gdt.append(Descriptor::kernel_code_segment());
         let kernel_data = gdt.append(Descriptor::kernel_data_segment());
-        let user_data = gdt.append(Descriptor::user_data_segment());
         let user_code = gdt.append(Descriptor::user_code_segment());
+        let user_data = gdt.append(Descriptor::user_data_segment());
         let tss = gdt.append(Descriptor::tss_segment(tss));
         Gdt {
             gdt,
@@ -214,6 +221,17 @@ pub fn init() {
             tss,
         }
     });
+    g.gdt.load();
+    // SAFETY: the selectors index the GDT just loaded; the TSS descriptor is its own.
+    unsafe {
+        CS::set_reg(g.kernel_code);
+        DS::set_reg(g.kernel_data);
+        ES::set_reg(g.kernel_data);
+        SS::set_reg(g.kernel_data);
+        load_tss(g.tss);
+    }
+    // The gates take the code selector CS holds when they are made: the GDT just loaded
+    // (not the loader's, whose 0x08 may be anything).
     let idt = IDT.call_once(|| {
         let mut idt = InterruptDescriptorTable::new();
         let gate = |f: unsafe extern "C" fn()| VirtAddr::new(f as usize as u64);
@@ -265,14 +283,5 @@ pub fn init() {
         }
         idt
     });
-    g.gdt.load();
-    // SAFETY: the selectors index the GDT just loaded; the TSS descriptor is its own.
-    unsafe {
-        CS::set_reg(g.kernel_code);
-        DS::set_reg(g.kernel_data);
-        ES::set_reg(g.kernel_data);
-        SS::set_reg(g.kernel_data);
-        load_tss(g.tss);
-    }
     idt.load();
 }
