@@ -34,11 +34,14 @@ pub const TARGET: &str = "x86_64-unknown-linux-gnu";
 pub const RUSTFLAGS_VAR: &str = "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS";
 /// Freestanding code at fixed addresses: no position independence (the linker scripts place
 /// it), the small code model (everything under 2 GiB), no red zone (the kernel takes traps
-/// on the same stack), no SSE (ring-0 SSE fails under KVM-on-PVM; tasks save no SSE state),
-/// and a static link with no C runtime or library.
+/// on the same stack), no SSE in our code (ring-0 SSE fails under KVM-on-PVM), and a static
+/// link with no C runtime or library. The RustCrypto crates take their constant-time
+/// software backends (`aes_backend`, `polyval_backend`: no AES-NI or CLMUL, which need XMM
+/// registers), as pv-vmgs asks of a platform that builds it without SSE.
 pub const RUSTFLAGS: &str = "-C relocation-model=static -C code-model=small -C no-redzone=yes \
      -C target-feature=-sse,-sse2 -C link-arg=-nostartfiles -C link-arg=-static \
-     -C link-arg=-nostdlib -C link-arg=-Wl,--build-id=none";
+     -C link-arg=-nostdlib -C link-arg=-Wl,--build-id=none \
+     --cfg aes_backend=\"soft\" --cfg polyval_backend=\"soft\"";
 /// The profile settings of both builds: no unwinding (there is nothing to unwind to), and
 /// symbols kept (the defmt table is found by them), debug information stripped.
 pub const PROFILE: [&str; 2] = [
