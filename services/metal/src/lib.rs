@@ -13,6 +13,7 @@ extern crate alloc;
 extern crate pv_freestanding;
 
 pub mod channel;
+pub mod rng;
 pub mod sys;
 
 pub use ipc_defs::metal::TaskBoot;

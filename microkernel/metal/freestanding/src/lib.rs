@@ -9,8 +9,8 @@
 //! The loops of `memcmp` are plain Rust; the compiler does not turn them into calls of
 //! themselves because the crate is `no_builtins`.
 //!
-//! `rust_eh_personality` is here too: the host target's `core` refers to it, and with
-//! `panic = "abort"` nothing ever calls it.
+//! `rust_eh_personality` and `_Unwind_Resume` are here too: the host target's prebuilt `core`
+//! and `alloc` refer to them, and with `panic = "abort"` nothing ever calls them.
 #![no_std]
 #![no_builtins]
 
@@ -96,4 +96,13 @@ mod export {
     /// Referred to by the host target's `core`; never called with `panic = "abort"`.
     #[no_mangle]
     pub extern "C" fn rust_eh_personality() {}
+
+    /// Referred to by the host target's prebuilt `alloc` (its landing pads); nothing unwinds
+    /// with `panic = "abort"`. Were it ever reached, `ud2` stops the image (a task is
+    /// stopped by the kernel; the kernel ends the run), never resuming into garbage.
+    #[no_mangle]
+    pub extern "C" fn _Unwind_Resume() -> ! {
+        // SAFETY: `ud2` only raises #UD.
+        unsafe { asm!("ud2", options(noreturn)) }
+    }
 }

@@ -8,6 +8,8 @@ extern crate alloc;
 use ipc_defs::metal::BootGrant;
 use ipc_defs::services::bytes::Bytes;
 use ipc_defs::services::echo;
+use ipc_defs::services::vmgs;
+use ipc_defs::services::vmgs::FileId;
 use ipc_defs::Interface;
 use pv_metal_tasks::channel::CallError;
 use pv_metal_tasks::channel::Client;
@@ -45,6 +47,13 @@ fn main(boot: &TaskBoot) -> u64 {
                     failures += 1;
                 }
             },
+            Interface::Vmgs => match Client::at(boot, slot) {
+                Some(mut vmgs) => failures += check_vmgs(&mut vmgs, file_arg(boot)),
+                None => {
+                    log!("slot {}: cannot open the vmgs channel", slot);
+                    failures += 1;
+                }
+            },
             other => {
                 log!("slot {}: no check for {}", slot, other);
                 continue;
@@ -62,6 +71,95 @@ fn main(boot: &TaskBoot) -> u64 {
         log!("FAIL: {} checks failed", failures);
         1
     }
+}
+
+/// The VMGS file this client was granted (`vmgs-file=N` in its arguments; default 5,
+/// ATTEST).
+fn file_arg(boot: &TaskBoot) -> FileId {
+    let id = boot
+        .args
+        .split_ascii_whitespace()
+        .find_map(|w| w.strip_prefix("vmgs-file=")?.parse::<u32>().ok())
+        .and_then(FileId::new);
+    id.unwrap_or(FileId::ATTEST)
+}
+
+/// One call, retried once if the store restarted under it (a write or read is idempotent).
+fn vmgs_call(
+    vmgs: &mut Client<vmgs::Request, vmgs::Response>,
+    request: vmgs::Request,
+    what: &str,
+) -> Result<vmgs::Response, CallError> {
+    match vmgs.call(request.clone(), deadline()) {
+        Err(CallError::PeerRestarted) => {
+            log!(
+                "vmgs {}: PeerRestarted (the store restarted); retrying",
+                what
+            );
+            vmgs.call(request, deadline())
+        }
+        other => other,
+    }
+}
+
+/// Writes a file, reads it back, reads it again (across a restart of the store, if it is
+/// configured to fault), and is refused a file it was not granted.
+fn check_vmgs(vmgs: &mut Client<vmgs::Request, vmgs::Response>, file: FileId) -> u32 {
+    let mut failures = 0;
+    let content: alloc::vec::Vec<u8> = (0..3000u32).map(|i| (i * 7 + 3) as u8).collect();
+    let write = vmgs::Request::Write {
+        file,
+        total: content.len() as u32,
+        offset: 0,
+        data: vmgs::Chunk::new(&content).unwrap(),
+    };
+    match vmgs_call(vmgs, write, "write") {
+        Ok(vmgs::Response::Written) => log!(
+            "vmgs: wrote {} bytes to file {}",
+            content.len(),
+            file.index()
+        ),
+        other => {
+            log!("FAIL vmgs write: {:?}", other);
+            failures += 1;
+        }
+    }
+    for round in ["read back", "read again"] {
+        match vmgs_call(vmgs, vmgs::Request::Read { file, offset: 0 }, round) {
+            Ok(vmgs::Response::Data { total, data })
+                if total as usize == content.len() && data.as_slice() == content.as_slice() =>
+            {
+                log!(
+                    "vmgs: {}: {} bytes, as written (epoch {})",
+                    round,
+                    total,
+                    vmgs.epoch().0
+                )
+            }
+            other => {
+                log!("FAIL vmgs {}: {:?}", round, other);
+                failures += 1;
+            }
+        }
+    }
+    let forbidden = FileId::HW_KEY_PROTECTOR;
+    match vmgs_call(
+        vmgs,
+        vmgs::Request::Read {
+            file: forbidden,
+            offset: 0,
+        },
+        "forbidden read",
+    ) {
+        Ok(vmgs::Response::Error(vmgs::VmgsError::NotPermitted(f))) if f == forbidden => {
+            log!("vmgs: a file not granted is refused")
+        }
+        other => {
+            log!("FAIL vmgs read of a file not granted: {:?}", other);
+            failures += 1;
+        }
+    }
+    failures
 }
 
 /// A wait on no bit returns at its deadline, not before; `yield` returns.
