@@ -511,7 +511,7 @@ fn audit_of_the_built_image_is_what_the_manifest_grants() {
     let said = text(&out);
     assert!(out.status.success(), "{said}");
     assert!(said.contains("serves vmgs to \"metal-client\""), "{said}");
-    assert!(said.contains("file-ids [TPM_PPI, TPM_NVRAM]"), "{said}");
+    assert!(said.contains("file-ids [ATTEST]"), "{said}");
 }
 
 #[test]

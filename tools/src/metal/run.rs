@@ -1,8 +1,9 @@
 //! `paravisor metal run`: boots a metal image, shows its log decoded as it comes, and ends
 //! with the kernel's exit status.
 //!
-//! - QEMU (TCG, PVH `-kernel`): the portable way; COM1 is QEMU's standard output, and the
-//!   kernel's status comes back through `isa-debug-exit` as `2 * status + 1`.
+//! - QEMU (TCG, PVH `-kernel`, `-cpu max` for RDRAND): the portable way; COM1 is QEMU's
+//!   standard output, and the kernel's status comes back through `isa-debug-exit` as
+//!   `2 * status + 1`.
 //! - our own partition (`paravisor run --guest IMAGE`, KVM): the kernel enters at its ELF
 //!   entry with `mem=` MiB of RAM; the console's lines carry the partition's prefix, and the
 //!   run's exit status is the kernel's.
@@ -135,7 +136,8 @@ fn qemu_status(status: std::process::ExitStatus, stderr: &str) -> Result<u8, Run
 fn qemu(opts: &RunOptions) -> Result<Child, RunError> {
     let memory = opts.memory.unwrap_or(DEFAULT_QEMU_MIB);
     Command::new(QEMU)
-        .args(["-machine", "q35", "-accel", "tcg", "-m"])
+        // `max`: the CPU TCG emulates best, with RDRAND (the VMGS task's random source).
+        .args(["-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m"])
         .arg(memory.to_string())
         .args(["-nodefaults", "-no-reboot", "-display", "none", "-kernel"])
         .arg(&opts.image)
