@@ -485,8 +485,12 @@ fn check(manifest: Option<&Path>) -> Result<ExitCode, ExitCode> {
         }
         return Err(ExitCode::FAILURE);
     }
+    let metal = match m.metal.len() {
+        0 => String::new(),
+        n => format!("; {n} metal tasks (`paravisor metal build` makes their image)"),
+    };
     println!(
-        "{}: valid ({} services, {} channels)",
+        "{}: valid ({} services, {} channels{metal})",
         m.path.display(),
         m.services.len(),
         m.services.iter().map(|s| s.calls.len()).sum::<usize>()
