@@ -431,5 +431,6 @@ fn the_shipped_manifest_has_a_store_on_a_ram_disk_and_its_client() {
     let keys: Vec<&str> = vmgs.hosted_only.iter().map(|h| h.key).collect();
     assert_eq!(keys, ["keys", "syscalls"]);
     let client = task(&m, "metal-client");
-    assert_eq!(client.calls, vec![Interface::Vmgs]);
+    assert_eq!(client.calls, vec![Interface::Vmgs, Interface::Echo]);
+    assert_eq!(task(&m, "echo").serves, vec![Interface::Echo]);
 }
