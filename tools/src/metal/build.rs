@@ -154,6 +154,14 @@ pub fn build(
         path: out.display().to_string(),
         source,
     })?;
+    if out.extension().is_some_and(|e| e == "tasks") {
+        return Err(BuildError::Write {
+            path: out.display().to_string(),
+            source: std::io::Error::other(
+                "the task table goes next to the image as IMAGE.tasks: name the image otherwise, e.g. pv-metal.elf",
+            ),
+        });
+    }
 
     progress(&format!(
         "building {} ({}) in {}",
