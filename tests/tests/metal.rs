@@ -655,3 +655,184 @@ fn the_image_boots_under_qemu_and_logs_its_tasks() {
         .collect();
     assert_eq!(via_cli, want);
 }
+
+// ---- Booting the image: its tasks, a store restarted under its client, hostile tasks ----
+
+/// The shipped manifest with the VMGS task told to fault on its third request (the client's
+/// second read: a restart under its feet), and `extra` appended (more tasks).
+fn boot_manifest(extra: &str) -> String {
+    let shipped = shipped();
+    let at = shipped
+        .find("program = \"pv-vmgs-metal\"")
+        .expect("the shipped vmgs task");
+    let mut text = shipped.clone();
+    text.insert_str(at, "args = \"fault-after=3\"\n");
+    text.push_str(extra);
+    text
+}
+
+/// Every attempt of the hostile program, and the kernel's words for stopping it.
+const ATTEMPTS: &[(&str, &str)] = &[
+    ("read-kernel", "page fault at"),
+    ("read-other-task", "page fault at"),
+    ("write-page-tables", "page fault at"),
+    ("write-cr3", "general protection fault"),
+    ("privileged", "general protection fault"),
+    ("port-io", "general protection fault"),
+    ("write-code", "page fault at"),
+    ("write-boot-record", "page fault at"),
+    ("execute-heap", "page fault at"),
+    ("bad-slot", "capability slot 15 is not one it holds"),
+    ("bad-syscall", "unknown system call 99"),
+    ("bad-buffer", "buffer at 0x100000 is not its memory"),
+];
+
+fn hostile_tasks() -> String {
+    let mut text = String::new();
+    for (attempt, _) in ATTEMPTS {
+        text.push_str(&format!(
+            "\n[[metal.task]]\nname = \"h-{attempt}\"\nprogram = \"pv-metal-hostile\"\n\
+             args = \"{attempt}\"\nrestart = {{ policy = \"never\", max = 1, window = \"60s\", backoff = \"50ms\" }}\n"
+        ));
+    }
+    // One that keeps the CPU for 2 s without giving it up: the timer preempts it.
+    text.push_str(
+        "\n[[metal.task]]\nname = \"hog\"\nprogram = \"pv-metal-hostile\"\nargs = \"hog\"\n\
+         restart = { policy = \"never\", max = 1, window = \"60s\", backoff = \"50ms\" }\n",
+    );
+    text
+}
+
+/// The image of the boot manifest (with the hostile tasks), built once.
+fn boot_image() -> &'static PathBuf {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let dir = scratch_dir("metal-boot");
+        let manifest = dir.join("manifest.toml");
+        std::fs::write(&manifest, boot_manifest(&hostile_tasks())).unwrap();
+        let image = dir.join("pv-metal.elf");
+        let out = Command::new(common::paravisor())
+            .args(["metal", "build", "--manifest"])
+            .arg(&manifest)
+            .arg("--out")
+            .arg(&image)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "metal build:\n{}", text(&out));
+        image
+    })
+}
+
+/// What a boot of the boot image must show, whichever way it was booted.
+fn check_boot(log: &str) {
+    let has = |needle: &str| log.lines().any(|l| l.contains(needle));
+    for task in ["vmgs", "echo", "metal-client", "hog"] {
+        assert!(
+            has(&format!("task {task} started (restart 0)")),
+            "no start of {task}:\n{log}"
+        );
+    }
+    // The store: written, read back, restarted under the client, read again from the RAM
+    // disk its predecessor wrote, and a file not granted refused.
+    for line in [
+        "metal-client: vmgs: wrote 3000 bytes to file 5",
+        "metal-client: vmgs: read back: 3000 bytes, as written (epoch 1)",
+        "vmgs: faulting on request 3 as configured",
+        "task vmgs stopped: invalid opcode (6)",
+        "task vmgs started (restart 1)",
+        "metal-client: vmgs read again: PeerRestarted (the store restarted); retrying",
+        "metal-client: vmgs: read again: 3000 bytes, as written (epoch 2)",
+        "metal-client: vmgs: a file not granted is refused",
+        "metal-client: wait: deadline of 50 ms kept",
+    ] {
+        assert!(has(line), "no {line:?}:\n{log}");
+    }
+    // Echo faulted on request in four ways; each time the call in flight failed with
+    // PeerRestarted and the next one was served by its successor.
+    for kind in ["InvalidOpcode", "PageFault", "Privileged", "Exit"] {
+        assert!(
+            has(&format!(
+                "metal-client: echo fault {kind}: PeerRestarted, then served"
+            )),
+            "{kind}:\n{log}"
+        );
+    }
+    assert!(has("metal-client: PASS: 2 services checked"), "{log}");
+    // Every hostile attempt stopped, with the kernel's reason, and none survived.
+    for (attempt, reason) in ATTEMPTS {
+        assert!(
+            has(&format!("task h-{attempt} stopped: {reason}")),
+            "h-{attempt} not stopped with {reason:?}:\n{log}"
+        );
+        assert!(
+            !has(&format!("survived {attempt}")),
+            "{attempt} survived:\n{log}"
+        );
+    }
+    // The client finished while the hog still held the CPU it was given.
+    let at = |needle: &str| log.lines().position(|l| l.contains(needle)).unwrap();
+    assert!(at("metal-client: PASS") < at("hog: hog: done"), "{log}");
+    assert!(
+        has("no task can run any more: the run ends (clean: false)"),
+        "{log}"
+    );
+    assert!(
+        !has("undecodable") && !has("kernel fault") && !has("kernel panic"),
+        "{log}"
+    );
+}
+
+#[test]
+fn under_qemu_tasks_run_isolated_a_restarted_store_keeps_its_data_and_every_hostile_attempt_is_stopped(
+) {
+    let test = "under_qemu_tasks_run_isolated_a_restarted_store_keeps_its_data_and_every_hostile_attempt_is_stopped";
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: {test}: no qemu-system-x86_64 (apt-get install qemu-system-x86)");
+        return;
+    }
+    let image = boot_image();
+    // The timeout only catches a hang: the run ends by itself in about 3 s.
+    let out = pv(&[
+        "metal",
+        "run",
+        "--image",
+        image.to_str().unwrap(),
+        "--timeout",
+        "600",
+    ]);
+    let log = String::from_utf8_lossy(&out.stdout).into_owned();
+    // Hostile tasks ended badly (on purpose): the kernel says so in its status.
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(log.contains("entered by Pvh"), "{log}");
+    check_boot(&log);
+}
+
+#[test]
+fn in_our_own_partition_the_same_image_does_the_same() {
+    let test = "in_our_own_partition_the_same_image_does_the_same";
+    if !common::kvm_available(test) {
+        return;
+    }
+    let image = boot_image();
+    let mut run = common::GuestRun::start(
+        "metal-partition",
+        &common::shipped_text(),
+        &[
+            "--guest",
+            image.to_str().unwrap(),
+            "--memory",
+            "128",
+            "--cmdline",
+            "mem=128",
+        ],
+    );
+    let status = run.wait(std::time::Duration::from_secs(300));
+    let log = pv_tools::metal::log::decode(image, &run.console()).unwrap();
+    assert_eq!(status.code(), Some(1), "{log}\n{}", run.log());
+    assert!(log.contains("entered by Partition"), "{log}");
+    check_boot(&log);
+}
