@@ -59,7 +59,7 @@ fn gateway_survives(manifest_text: &str) -> bool {
         return false;
     };
     let section = &manifest_text[at..];
-    let section = &section[..section.find("[[service]]").unwrap_or(section.len())];
+    let section = &section[..section.find("\n[[").unwrap_or(section.len())];
     section.contains("fd-store")
 }
 

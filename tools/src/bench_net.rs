@@ -662,7 +662,7 @@ mod tests {
         let policy = crate::bench_net_restart::RESTART_POLICY;
         let text = crate::bench_storage::with_restart_policy(&shipped, "net", policy).unwrap();
         let net = &text[text.find("name = \"net\"").unwrap()..];
-        let net = &net[..net.find("[[service]]").unwrap_or(net.len())];
+        let net = &net[..net.find("\n[[").unwrap_or(net.len())];
         assert!(net.contains(&format!("restart = {policy}\n")), "{net}");
         assert_eq!(text.matches(policy).count(), 1);
         assert_eq!(text.lines().count(), shipped.lines().count());

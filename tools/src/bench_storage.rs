@@ -160,13 +160,11 @@ pub(crate) fn with_restart_policy(
     service: &str,
     restart: &str,
 ) -> Result<String, String> {
-    // The service's section: from its name to the next service.
+    // The service's section: from its name to the next table (a service or a metal task).
     let start = text
         .find(&format!("name = \"{service}\""))
         .ok_or(format!("the manifest has no service named \"{service}\""))?;
-    let end = text[start..]
-        .find("[[service]]")
-        .map_or(text.len(), |e| start + e);
+    let end = text[start..].find("\n[[").map_or(text.len(), |e| start + e);
     let section = &text[start..end];
     let line_at = section
         .find("\nrestart = ")
@@ -459,7 +457,7 @@ mod tests {
                 shipped.matches("restart = ").count()
             );
             let storage = &text[text.find("name = \"storage\"").unwrap()..];
-            let storage = &storage[..storage.find("[[service]]").unwrap_or(storage.len())];
+            let storage = &storage[..storage.find("\n[[").unwrap_or(storage.len())];
             assert!(
                 storage.contains(&format!("restart = {policy}\n")),
                 "{storage}"
