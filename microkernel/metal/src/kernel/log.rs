@@ -6,9 +6,10 @@
 //! frame's bytes in hex; `paravisor metal log --image K` (defmt's decoder and the image's
 //! table) turns those lines back into messages and passes every other line through.
 //!
-//! The kernel runs with interrupts off except while it idles, so a frame is never
-//! interleaved with another; a log call from the idle loop's interrupt handler would be, and
-//! there is none.
+//! The kernel runs with interrupts off except while it idles (and its interrupt handler there
+//! logs nothing), so frames do not nest. One that did (a fault inside the logger) would end
+//! the unfinished line first: the outer frame's line is then cut short (the decoder says it
+//! cannot decode it) and the nested one stands whole on its own line.
 
 use core::sync::atomic::AtomicBool;
 use core::sync::atomic::Ordering;
@@ -66,13 +67,13 @@ static TAKEN: AtomicBool = AtomicBool::new(false);
 #[defmt::global_logger]
 struct Logger;
 
-// SAFETY: `acquire` makes the logger exclusive (a nested log, which only a fault inside the
-// logger could cause, is dropped rather than interleaved); `write` only runs between
-// `acquire` and `release`, as defmt guarantees.
+// SAFETY: one CPU, and no logging from the idle loop's interrupt handler: `acquire`,
+// `write` and `release` run in that order for one frame at a time; a nested frame (a fault
+// inside the logger) ends the outer frame's line first, so no line holds two frames.
 unsafe impl defmt::Logger for Logger {
     fn acquire() {
         if TAKEN.swap(true, Ordering::Acquire) {
-            return;
+            put(b'\n');
         }
         put_all(FRAME_PREFIX);
     }
