@@ -33,12 +33,14 @@ fn main(boot: &TaskBoot) -> u64 {
 /// Stops this task the way `kind` says.
 fn fault(kind: echo::Fault) -> ! {
     match kind {
-        // SAFETY (each): the point is to fault; the kernel stops this task.
+        // SAFETY: `ud2` only raises #UD; the kernel stops this task.
         echo::Fault::InvalidOpcode => unsafe { asm!("ud2", options(noreturn)) },
         echo::Fault::PageFault => {
-            // Below the task window: the kernel's own memory, never mapped for ring 3.
+            // SAFETY: below the task window is the kernel's memory, never mapped for ring 3:
+            // the read faults (#PF) and the kernel stops this task before it returns.
             let _ = unsafe { core::ptr::read_volatile(0x10_0000 as *const u64) };
         }
+        // SAFETY: `hlt` in ring 3 raises #GP; the kernel stops this task.
         echo::Fault::Privileged => unsafe { asm!("hlt", options(noreturn)) },
         echo::Fault::Exit => sys::exit(3),
     }
