@@ -588,15 +588,22 @@ fn metal_log_passes_other_lines_and_names_undecodable_frames() {
     assert_eq!(out.status.code(), Some(1));
 }
 
+/// Whether QEMU is installed; a SKIPPED line if not.
+fn qemu_available(test: &str) -> bool {
+    let there = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !there {
+        eprintln!("SKIPPED: {test}: no qemu-system-x86_64 (apt-get install qemu-system-x86)");
+    }
+    there
+}
+
 #[test]
 fn the_image_boots_under_qemu_and_logs_its_tasks() {
     let test = "the_image_boots_under_qemu_and_logs_its_tasks";
-    if Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIPPED: {test}: no qemu-system-x86_64 (apt-get install qemu-system-x86)");
+    if !qemu_available(test) {
         return;
     }
     let (image, _) = built();
@@ -786,12 +793,7 @@ fn check_boot(log: &str) {
 fn under_qemu_tasks_run_isolated_a_restarted_store_keeps_its_data_and_every_hostile_attempt_is_stopped(
 ) {
     let test = "under_qemu_tasks_run_isolated_a_restarted_store_keeps_its_data_and_every_hostile_attempt_is_stopped";
-    if Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIPPED: {test}: no qemu-system-x86_64 (apt-get install qemu-system-x86)");
+    if !qemu_available(test) {
         return;
     }
     let image = boot_image();
